@@ -1,0 +1,8 @@
+"""qvl: a local runtime for the Qwen2-VL and Qwen2.5-VL vision-language models.
+
+The repository root is the `qvl` package: `convert/` (Hugging Face -> GGUF and the
+quantizers), `kernels/` (Triton kernels with their torch references), `runtime/`
+(loading, model, generation, CLI, model store).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""ggml-exact quantizers: one table of formats, one entry point.
+
+`quantize(rows, qtype)` turns float32 rows into the bytes ggml's reference quantizer writes
+(`quantize_row_*_ref`, no importance matrix). Block sizes and bytes come from gguf-py's
+`GGML_QUANT_SIZES`, the single source of truth; `dequantize` is gguf-py's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as _gguf_dequantize
+
+from .k_minmax import quantize_q4_k, quantize_q5_k
+from .legacy import quantize_q4_0, quantize_q4_1, quantize_q5_0, quantize_q5_1, quantize_q8_0
+from .q6_k import quantize_q6_k
+
+T = GGMLQuantizationType
+
+BLOCK_QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
+    T.Q8_0: quantize_q8_0,
+    T.Q4_0: quantize_q4_0,
+    T.Q4_1: quantize_q4_1,
+    T.Q5_0: quantize_q5_0,
+    T.Q5_1: quantize_q5_1,
+    T.Q4_K: quantize_q4_k,
+    T.Q5_K: quantize_q5_k,
+    T.Q6_K: quantize_q6_k,
+}
+
+FLOAT_TYPES: dict[GGMLQuantizationType, np.dtype] = {
+    T.F32: np.dtype(np.float32),
+    T.F16: np.dtype(np.float16),
+}
+
+# Elements per call of a block quantizer: bounds the temporaries (about 60 bytes per element
+# for the K-quants) while keeping numpy's per-call overhead small.
+CHUNK_ELEMENTS = 1 << 20
+
+
+class QuantError(ValueError):
+    """A tensor that cannot take the requested type (row length not a multiple of the block)."""
+
+
+def block_size(qtype: GGMLQuantizationType) -> int:
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def row_bytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
+    """Bytes of one row of `n_per_row` elements in `qtype`."""
+    if qtype == T.BF16:
+        return 2 * n_per_row
+    blk, size = GGML_QUANT_SIZES[qtype]
+    if n_per_row % blk:
+        raise QuantError(f"row of {n_per_row} elements is not a multiple of {qtype.name}'s block of {blk}")
+    return n_per_row // blk * size
+
+
+def can_hold(qtype: GGMLQuantizationType, n_per_row: int) -> bool:
+    return n_per_row % block_size(qtype) == 0
+
+
+def to_bf16(rows: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (round to nearest even, NaN kept quiet), as gguf-py does."""
+    bits = np.ascontiguousarray(rows, dtype=np.float32).view(np.uint32)
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = (bits.astype(np.uint64) + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    out = np.where(nan, (bits >> 16) | 64, rounded).astype(np.uint16)
+    return out.view(np.uint8).reshape(*rows.shape[:-1], rows.shape[-1] * 2)
+
+
+def quantize(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """float32 `(n_rows, n_per_row)` -> uint8 `(n_rows, row_bytes)` in `qtype`'s ggml layout."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n_rows, n_per_row = rows.shape
+    if qtype in FLOAT_TYPES:
+        return rows.astype(FLOAT_TYPES[qtype]).view(np.uint8).reshape(n_rows, -1)
+    if qtype == T.BF16:
+        return to_bf16(rows)
+    fn = BLOCK_QUANTIZERS.get(qtype)
+    if fn is None:
+        raise QuantError(f"qvl has no quantizer for {qtype.name}")
+    nbytes = row_bytes(qtype, n_per_row)
+    blk = block_size(qtype)
+    out = np.empty((n_rows, nbytes), dtype=np.uint8)
+    step = max(1, CHUNK_ELEMENTS // n_per_row)
+    # Zero, huge and flat groups divide by zero on purpose (ggml's branches pick the result).
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for start in range(0, n_rows, step):
+            chunk = rows[start : start + step]
+            blocks = fn(chunk.reshape(-1, blk))
+            out[start : start + step] = blocks.reshape(chunk.shape[0], nbytes)
+    return out
+
+
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """uint8 rows in `qtype` -> float32 (gguf-py's dequantizers)."""
+    return _gguf_dequantize(data, qtype).astype(np.float32, copy=False)

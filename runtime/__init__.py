@@ -1,0 +1,1 @@
+"""Loading GGUF files, the model, generation, the CLIs and the model store."""
