@@ -1,0 +1,129 @@
+"""`qvl-convert`: Hugging Face checkpoint -> GGUF in one streaming step."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import ConvertError
+from .pipeline import ConvertOptions, Job, check_destination, plan_job, run_job
+from .plan import PlannedTensor
+
+err = Console(stderr=True)
+out = Console()
+
+HELP = """Convert a Qwen2-VL / Qwen2.5-VL checkpoint to GGUF.
+
+SRC is a local checkpoint folder (config.json, tokenizer.json, *.safetensors) or a Hugging Face
+repo id such as Qwen/Qwen2.5-VL-3B-Instruct (downloaded into the normal HF cache).
+
+With --layout llamacpp (default) two files are written: OUT (the `qwen2vl` text model) and
+mmproj-OUT (the `clip` vision projector), as llama.cpp's own converter lays them out. With
+--layout ollama one `qwen25vl` file is written, as Ollama does (Qwen2.5-VL only).
+
+Types (--type): f32, f16, bf16, q8_0 convert every matrix; q4_k (llama.cpp's Q4_K_S mix),
+q4_k_m and q6_k pick per-tensor types exactly as llama-quantize does. Quantized bytes are
+identical to ggml's reference quantizers. Norms and biases stay F32.
+
+Example: qvl-convert Qwen/Qwen2.5-VL-3B-Instruct --type q4_k_m -o qwen2.5-vl-3b-q4_k_m.gguf
+"""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def print_plan(job: Job) -> None:
+    for f in job.files:
+        table = Table(title=f"{f.path}  ({f.arch})", title_justify="left")
+        for col in ("tensor", "type", "shape (ggml ne)", "size"):
+            table.add_column(col, justify="right" if col == "size" else "left")
+        counts: dict[str, int] = {}
+        for p in f.plan:
+            ne = list(reversed(p.tensor.shape))
+            table.add_row(p.tensor.name, p.qtype.name, str(ne), _human(p.nbytes))
+            counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
+        out.print(table)
+        mix = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        out.print(f"{len(f.plan)} tensors, {_human(f.nbytes)} ({mix})\n")
+    out.print(f"total: {_human(job.nbytes)} in {len(job.files)} file(s)")
+
+
+def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool) -> None:
+    job = plan_job(opts)
+    if dry_run:
+        print_plan(job)
+        return
+    check_destination(job, opts.force)
+    n_tensors = sum(len(f.plan) for f in job.files)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tensors"),
+        console=err,
+        disable=quiet,
+        transient=False,
+    )
+    bytes_progress = Progress(BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=err, disable=quiet)
+    t0 = time.perf_counter()
+    done: dict[str, int] = {}
+    with progress, bytes_progress:
+        tensors_task = progress.add_task("converting", total=n_tensors)
+        bytes_task = bytes_progress.add_task("bytes", total=job.nbytes)
+
+        def on_bytes(p: PlannedTensor, n: int) -> None:
+            bytes_progress.advance(bytes_task, n)
+            done[p.tensor.name] = done.get(p.tensor.name, 0) + n
+            if done[p.tensor.name] == p.nbytes:
+                progress.update(tensors_task, advance=1, description=p.tensor.name)
+
+        run_job(job, on_bytes, opts.workers)
+    dt = time.perf_counter() - t0
+    for f in job.files:
+        err.print(f"wrote {f.path} ({_human(f.path.stat().st_size)})")
+    err.print(f"done in {dt:.1f} s")
+
+
+def command(
+    src: str = typer.Argument(..., help="Checkpoint folder or Hugging Face repo id.", show_default=False),
+    out_path: Optional[Path] = typer.Option(None, "-o", "--out", help="Output GGUF (default: ./<name>-<TYPE>.gguf)."),
+    type_: str = typer.Option("f16", "--type", help="f32|f16|bf16|q8_0|q4_k|q4_k_m|q6_k"),
+    layout: str = typer.Option("llamacpp", "--layout", help="llamacpp (model + mmproj) | ollama (one file)"),
+    vision_type: str = typer.Option("f16", "--vision-type", help="f16|f32|q8_0 for the vision projector"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print every tensor's type and size; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+) -> None:
+    opts = ConvertOptions(source=src, out=out_path, type=type_.lower(), layout=layout.lower(),
+                          vision_type=vision_type.lower(), revision=revision, force=force)
+    try:
+        _convert(opts, dry_run, quiet)
+    except ConvertError as e:
+        err.print(f"qvl-convert: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("qvl-convert: interrupted; nothing was written", markup=False)
+        raise typer.Exit(130) from None
+
+
+def main() -> None:
+    app = typer.Typer(add_completion=False, help=HELP, rich_markup_mode=None)
+    app.command(help=HELP)(command)
+    app(prog_name="qvl-convert")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

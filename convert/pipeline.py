@@ -1,0 +1,192 @@
+"""The conversion job: checkpoint folder (or hub id) -> planned output files -> GGUF on disk.
+
+Everything that can be wrong with the input is checked before the first byte is written:
+config, tokenizer, shards, every tensor's presence and shape, the output folder and the free
+space. Files are written as `<name>.partial` and renamed into place together at the end; on any
+error (a full disk included) the partial files are removed and existing outputs are untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConvertError
+from .hf_config import CheckpointConfig, load_config
+from .layout import check_tensors, mmproj_tensors, ollama_tensors, text_tensors
+from .metadata import KV, mmproj_kv, ollama_kv, text_kv
+from .plan import TEXT_TYPES, VISION_TYPES, PlannedTensor, plan_text, plan_vision
+from .safetensors_io import Checkpoint
+from .vocab import load_vocab
+from .writer import GGUFStream
+
+LAYOUTS = ("llamacpp", "ollama")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    source: str
+    out: Path | None
+    type: str = "f16"
+    layout: str = "llamacpp"
+    vision_type: str = "f16"
+    revision: str | None = None
+    force: bool = False
+    workers: int = max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    path: Path
+    arch: str
+    kvs: list[KV]
+    plan: list[PlannedTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.plan)
+
+
+@dataclass(frozen=True)
+class Job:
+    folder: Path
+    config: CheckpointConfig
+    files: list[OutputFile]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+
+def resolve_source(source: str, revision: str | None) -> Path:
+    """A local checkpoint folder, or a hub repo id downloaded into the Hugging Face cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConvertError(f"{source}: not a checkpoint folder")
+    parts = source.split("/")
+    if len(parts) != 2 or not all(parts) or source.startswith((".", "/", "~")):
+        raise ConvertError(f"{source}: no such folder, and not a hub repo id like 'Qwen/Qwen2.5-VL-3B-Instruct'")
+    return _download(source, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    except ImportError:  # pragma: no cover - a dependency
+        raise ConvertError("huggingface_hub is not installed; pass a local checkpoint folder") from None
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError):
+        raise ConvertError(f"{repo_id}: not in the Hugging Face cache and the hub cannot be reached "
+                           "(offline); download it or pass a local folder") from None
+    except HfHubHTTPError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConvertError(f"{repo_id}: download failed: {first}") from None
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{repo_id}: download failed: {e}") from None
+
+
+def default_out(folder: Path, type_name: str) -> Path:
+    return Path.cwd() / f"{folder.name}-{type_name.upper()}.gguf"
+
+
+def mmproj_path(out: Path) -> Path:
+    return out.with_name(f"mmproj-{out.name}")
+
+
+def plan_job(opts: ConvertOptions) -> Job:
+    if opts.type not in TEXT_TYPES:
+        raise ConvertError(f"--type {opts.type!r}: choose one of {', '.join(TEXT_TYPES)}")
+    if opts.vision_type not in VISION_TYPES:
+        raise ConvertError(f"--vision-type {opts.vision_type!r}: choose one of {', '.join(VISION_TYPES)}")
+    if opts.layout not in LAYOUTS:
+        raise ConvertError(f"--layout {opts.layout!r}: choose one of {', '.join(LAYOUTS)}")
+    folder = resolve_source(opts.source, opts.revision)
+    cfg = load_config(folder)
+    if opts.layout == "ollama" and not cfg.is_qwen2_5:
+        raise ConvertError("--layout ollama: Ollama's single-file format exists for Qwen2.5-VL only; "
+                           "use --layout llamacpp for Qwen2-VL")
+    vocab = load_vocab(folder, cfg.text.vocab_size, cfg.text.bos_token_id)
+    ckpt = Checkpoint(folder)
+    try:
+        check_tensors(cfg, {n: ckpt.shape(n) for n in ckpt.names()}, str(folder))
+    finally:
+        ckpt.close()
+    kind = TEXT_TYPES[opts.type]
+    out = (opts.out or default_out(folder, opts.type)).expanduser()
+    if out.suffix != ".gguf":
+        out = out.with_name(out.name + ".gguf")
+    name = folder.name
+    n_layer = cfg.text.num_hidden_layers
+    if opts.layout == "ollama":
+        tensors = ollama_tensors(cfg)
+        text_part = [t for t in tensors if not t.name.startswith("v.")]
+        vision_part = [t for t in tensors if t.name.startswith("v.")]
+        plan = plan_text(text_part, kind, n_layer) + plan_vision(vision_part, opts.vision_type)
+        files = [OutputFile(out, "qwen25vl", ollama_kv(cfg, vocab, kind.file_type, name), plan)]
+    else:
+        vft = VISION_TYPES[opts.vision_type][0]
+        files = [
+            OutputFile(out, "qwen2vl", text_kv(cfg, vocab, kind.file_type, name),
+                       plan_text(text_tensors(cfg), kind, n_layer)),
+            OutputFile(mmproj_path(out), "clip", mmproj_kv(cfg, vft, name),
+                       plan_vision(mmproj_tensors(cfg), opts.vision_type)),
+        ]
+    return Job(folder, cfg, files)
+
+
+def check_destination(job: Job, force: bool) -> None:
+    for f in job.files:
+        parent = f.path.parent
+        if not parent.is_dir():
+            raise ConvertError(f"{parent}: output folder does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConvertError(f"{parent}: output folder is not writable")
+        if f.path.exists() and not force:
+            raise ConvertError(f"{f.path}: already exists (use --force to overwrite)")
+    free = shutil.disk_usage(job.files[0].path.parent).free
+    need = job.nbytes + (64 << 20)  # metadata and alignment, generously
+    if free < need:
+        raise ConvertError(f"{job.files[0].path.parent}: not enough free space "
+                           f"({free / 2**30:.2f} GiB free, {need / 2**30:.2f} GiB needed)")
+
+
+def run_job(job: Job, on_bytes: Callable[[PlannedTensor, int], None], workers: int) -> None:
+    """Write every file of the job; rename into place only when all are complete."""
+    partials = [f.path.with_name(f.path.name + ".partial") for f in job.files]
+    ckpt = Checkpoint(job.folder)
+    try:
+        for f, tmp in zip(job.files, partials):
+            stream = GGUFStream(tmp, f.arch, f.kvs, f.plan)
+            try:
+                stream.write(ckpt, on_bytes, workers)
+            finally:
+                stream.abort()
+        for f, tmp in zip(job.files, partials):
+            os.replace(tmp, f.path)
+    except OSError as e:
+        _remove(partials)
+        if e.errno == errno.ENOSPC:
+            raise ConvertError(f"{job.files[0].path.parent}: no space left on device; nothing was written") from None
+        raise ConvertError(f"writing {job.files[0].path}: {e.strerror or e}") from None
+    except BaseException:
+        _remove(partials)
+        raise
+    finally:
+        ckpt.close()
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
