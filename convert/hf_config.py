@@ -7,6 +7,7 @@ Unknown keys are ignored; a missing required key is an error naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -215,15 +216,20 @@ def _vision_config(cfg: dict[str, Any], family: str, text: TextConfig, where: st
     )
 
 
-def load_config(folder: Path) -> CheckpointConfig:
-    """Read config.json (and preprocessor_config.json when present) of a checkpoint folder."""
-    where = str(folder / "config.json")
-    cfg = _read_json(folder / "config.json")
+def parse_config(cfg: dict[str, Any], where: str = "config.json") -> CheckpointConfig:
+    """A config.json dict (either layout) with the CLIP image statistics."""
     family = _family(cfg, where)
     text = _text_config(cfg, where)
     vision = _vision_config(cfg, family, text, where)
     if vision.out_hidden_size != text.hidden_size:
         raise ConvertError(f"{where}: vision out_hidden_size {vision.out_hidden_size} != text hidden_size {text.hidden_size}")
+    return CheckpointConfig(family=family, text=text, vision=vision, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+
+def load_config(folder: Path) -> CheckpointConfig:
+    """Read config.json (and preprocessor_config.json when present) of a checkpoint folder."""
+    where = str(folder / "config.json")
+    parsed = parse_config(_read_json(folder / "config.json"), where)
     mean, std = CLIP_MEAN, CLIP_STD
     pre_path = folder / "preprocessor_config.json"
     if pre_path.exists():
@@ -232,4 +238,4 @@ def load_config(folder: Path) -> CheckpointConfig:
         std = tuple(float(x) for x in pre.get("image_std", std))
     else:
         log.debug("%s absent: using CLIP mean/std", pre_path)
-    return CheckpointConfig(family=family, text=text, vision=vision, image_mean=mean, image_std=std)
+    return dataclasses.replace(parsed, image_mean=mean, image_std=std)

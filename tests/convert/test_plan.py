@@ -1,0 +1,87 @@
+"""Our per-tensor type choices against llama-quantize's own (fixtures/q4_k_m-plans.json)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from qvl.convert.hf_config import parse_config
+from qvl.convert.layout import OutTensor, mmproj_tensors, text_tensors
+from qvl.convert.official import MODELS, official_config
+from qvl.convert.plan import TEXT_TYPES, fallback, plan_text, plan_vision
+
+
+@pytest.fixture(scope="module")
+def llama_plans(fixtures_dir):
+    return json.loads((fixtures_dir / "q4_k_m-plans.json").read_text())
+
+
+def _plan(model: str, type_name: str):
+    cfg = parse_config(official_config(model))
+    return plan_text(text_tensors(cfg), TEXT_TYPES[type_name], cfg.text.num_hidden_layers)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_q4_k_m_plan_equals_llama_quantize(llama_plans, model):
+    ours = {p.tensor.name: p.qtype.name for p in _plan(model, "q4_k_m")}
+    theirs = llama_plans[model]
+    assert set(ours) == set(theirs)
+    wrong = {n: (ours[n], theirs[n]) for n in ours if ours[n] != theirs[n]}
+    assert not wrong, f"{len(wrong)} tensors differ, e.g. {list(wrong.items())[:5]}"
+
+
+def test_72b_ffn_down_falls_back():
+    plan = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-72b", "q4_k_m")}
+    # 29568 is a multiple of 32 but not of 256
+    assert plan["blk.0.ffn_down.weight"] == T.Q8_0  # Q6_K -> Q8_0
+    assert plan["blk.11.ffn_down.weight"] == T.Q5_0  # Q4_K -> Q5_0 (layer 11 of 80: no extra bits)
+    assert plan["blk.1.ffn_gate.weight"] == T.Q4_K
+
+
+def test_fallback_chain():
+    assert fallback(T.Q4_K, 3420) == T.F16  # Q5_0 needs a multiple of 32 too
+    assert fallback(T.Q6_K, 29568) == T.Q8_0
+    assert fallback(T.Q5_K, 29568) == T.Q5_1
+    assert fallback(T.Q8_0, 120) == T.F16
+    assert fallback(T.Q4_K, 2048) == T.Q4_K
+
+
+def test_q6_k_and_q4_k_s_plans():
+    q6 = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-7b", "q6_k")}
+    assert q6["output.weight"] == T.Q6_K and q6["blk.3.ffn_up.weight"] == T.Q6_K
+    assert q6["token_embd.weight"] == T.Q6_K and q6["blk.0.attn_norm.weight"] == T.F32
+    q4s = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-7b", "q4_k")}
+    # Q4_K_S: first four attn_v and the first n/8 ffn_down get Q5_K, output Q6_K
+    assert [q4s[f"blk.{i}.attn_v.weight"] for i in range(5)] == [T.Q5_K] * 4 + [T.Q4_K]
+    assert [q4s[f"blk.{i}.ffn_down.weight"] for i in range(4)] == [T.Q5_K] * 3 + [T.Q4_K]
+    assert q4s["output.weight"] == T.Q6_K and q4s["token_embd.weight"] == T.Q4_K
+
+
+def test_tied_embedding_takes_output_type():
+    plan = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-3b", "q4_k_m")}
+    assert "output.weight" not in plan
+    assert plan["token_embd.weight"] == T.Q6_K
+
+
+@pytest.mark.parametrize("vision_type,ffn_down,patch,attn_q", [
+    ("f16", T.F16, T.F16, T.F16),
+    ("f32", T.F32, T.F32, T.F32),
+    ("q8_0", T.F16, T.F32, T.Q8_0),  # 3420 cannot take Q8_0; the patch embedding is never quantized
+])
+def test_vision_plan(vision_type, ffn_down, patch, attn_q):
+    cfg = parse_config(official_config("qwen2.5-vl-3b"))
+    plan = {p.tensor.name: p.qtype for p in plan_vision(mmproj_tensors(cfg), vision_type)}
+    assert plan["v.blk.0.ffn_down.weight"] == ffn_down
+    assert plan["v.patch_embd.weight"] == patch and plan["v.patch_embd.weight.1"] == patch
+    assert plan["v.blk.0.attn_q.weight"] == attn_q
+    assert plan["v.blk.0.ln1.weight"] == T.F32 and plan["mm.0.bias"] == T.F32
+
+
+def test_float_types_keep_vectors_f32():
+    t = [OutTensor("blk.0.attn_q.bias", (64,), "x"), OutTensor("blk.0.attn_q.weight", (48, 64), "y")]
+    plan = plan_text(t, TEXT_TYPES["q8_0"], 1)
+    assert [p.qtype for p in plan] == [T.F32, T.Q8_0]
+    plan = plan_text([OutTensor("blk.0.attn_q.weight", (64, 40), "y")], TEXT_TYPES["q8_0"], 1)
+    assert plan[0].qtype == T.F16  # 40 is not a multiple of 32: converter falls back to F16
