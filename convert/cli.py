@@ -10,7 +10,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from .errors import ConvertError
 from .pipeline import ConvertOptions, Job, check_destination, plan_job, run_job
@@ -45,19 +44,19 @@ def _human(n: float) -> str:
 
 
 def print_plan(job: Job) -> None:
+    """Every tensor with its type, ggml shape and size, then per-file and overall totals."""
     for f in job.files:
-        table = Table(title=f"{f.path}  ({f.arch})", title_justify="left")
-        for col in ("tensor", "type", "shape (ggml ne)", "size"):
-            table.add_column(col, justify="right" if col == "size" else "left")
+        out.print(f"{f.path}  ({f.arch})", markup=False, highlight=False)
+        width = max(len(p.tensor.name) for p in f.plan)
         counts: dict[str, int] = {}
         for p in f.plan:
-            ne = list(reversed(p.tensor.shape))
-            table.add_row(p.tensor.name, p.qtype.name, str(ne), _human(p.nbytes))
+            ne = str(list(reversed(p.tensor.shape)))
+            out.print(f"  {p.tensor.name:<{width}}  {p.qtype.name:<5}  {ne:<22} {_human(p.nbytes):>10}",
+                      markup=False, highlight=False, soft_wrap=True)
             counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
-        out.print(table)
         mix = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        out.print(f"{len(f.plan)} tensors, {_human(f.nbytes)} ({mix})\n")
-    out.print(f"total: {_human(job.nbytes)} in {len(job.files)} file(s)")
+        out.print(f"  {len(f.plan)} tensors, {_human(f.nbytes)} ({mix})\n", markup=False, highlight=False)
+    out.print(f"total: {_human(job.nbytes)} in {len(job.files)} file(s)", markup=False, highlight=False)
 
 
 def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool) -> None:
@@ -119,9 +118,11 @@ def command(
         raise typer.Exit(130) from None
 
 
+app = typer.Typer(add_completion=False, help=HELP, rich_markup_mode=None)
+app.command(help=HELP)(command)
+
+
 def main() -> None:
-    app = typer.Typer(add_completion=False, help=HELP, rich_markup_mode=None)
-    app.command(help=HELP)(command)
     app(prog_name="qvl-convert")
 
 

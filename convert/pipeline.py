@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -148,8 +149,10 @@ def check_destination(job: Job, force: bool) -> None:
         parent = f.path.parent
         if not parent.is_dir():
             raise ConvertError(f"{parent}: output folder does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ConvertError(f"{parent}: output folder is not writable")
+        try:  # os.access says yes to root even on a read-only file system: really try
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as e:
+            raise ConvertError(f"{parent}: output folder is not writable ({e.strerror})") from None
         if f.path.exists() and not force:
             raise ConvertError(f"{f.path}: already exists (use --force to overwrite)")
     free = shutil.disk_usage(job.files[0].path.parent).free
