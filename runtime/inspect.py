@@ -1,0 +1,63 @@
+"""`qvl inspect FILE.gguf`: metadata (long arrays summarised) and the tensor table of any GGUF."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, TextIO
+
+from gguf import GGUFValueType
+
+from .gguf_file import GGUFFile, KeyValue
+
+MAX_ITEMS = 6
+MAX_CHARS = 72
+
+
+def _short(text: str, full: bool) -> str:
+    if full or len(text) <= MAX_CHARS:
+        return repr(text)
+    return f"{text[:MAX_CHARS]!r}... ({len(text)} chars)"
+
+
+def format_value(kv: KeyValue, full: bool = False) -> str:
+    v: Any = kv.value
+    if kv.type == GGUFValueType.STRING:
+        return _short(v, full)
+    if kv.type == GGUFValueType.ARRAY:
+        sub = kv.sub_type.name.lower() if kv.sub_type is not None else "?"
+        shown = v if full else v[:MAX_ITEMS]
+        items = ", ".join(_short(x, full) if isinstance(x, str) else f"{x:g}" if isinstance(x, float) else str(x)
+                          for x in shown)
+        more = "" if len(shown) == len(v) else ", ..."
+        return f"[{items}{more}] ({len(v)} x {sub})"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def inspect_file(path: str, out: TextIO, full: bool = False) -> None:
+    with GGUFFile(path) as f:
+        out.write(f"{f.path}: GGUF v{f.version}, {len(f.fields)} metadata keys, {len(f.tensors)} tensors, "
+                  f"data at byte {f.data_start}\n\nmetadata:\n")
+        width = max((len(k) for k in f.fields), default=0)
+        for key, kv in f.fields.items():
+            out.write(f"  {key:<{width}}  {kv.type.name.lower():<7} {format_value(kv, full)}\n")
+        out.write("\ntensors:\n")
+        nwidth = max((len(n) for n in f.tensors), default=0)
+        total = 0
+        types: Counter[str] = Counter()
+        for name, t in f.tensors.items():
+            out.write(f"  {name:<{nwidth}}  {t.type.name:<5} {str(list(t.ne)):<24} {_human(t.nbytes):>10}\n")
+            total += t.nbytes
+            types[t.type.name] += 1
+        mix = ", ".join(f"{k} {v}" for k, v in sorted(types.items()))
+        out.write(f"\n{len(f.tensors)} tensors, {_human(total)} ({mix})\n")

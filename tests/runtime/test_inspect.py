@@ -1,0 +1,39 @@
+"""`qvl inspect` on llama.cpp's files and on junk."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from qvl.runtime.cli import app
+
+runner = CliRunner()
+
+
+def test_inspect_llama_cpp_file(fixtures_dir):
+    r = runner.invoke(app, ["inspect", str(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")])
+    assert r.exit_code == 0, r.output
+    assert "general.architecture" in r.output and "'qwen2vl'" in r.output
+    assert "(151936 x string)" in r.output  # the vocabulary is summarised, not dumped
+    assert "(294166 x string)" in r.output
+    assert len(r.output.splitlines()) < 80
+    assert "token_embd.weight" in r.output and "[64, 151936]" in r.output and "18.5 MiB" in r.output
+    assert "38 tensors" in r.output
+
+
+def test_inspect_full_prints_arrays(fixtures_dir):
+    r = runner.invoke(app, ["inspect", "--full", str(fixtures_dir / "tiny-qwen2-vl" / "llamacpp" / "mmproj-tiny-qwen2-vl-f16.gguf")])
+    assert r.exit_code == 0, r.output
+    assert "clip.vision.image_mean" in r.output and "0.481455" in r.output
+
+
+def test_inspect_rejects_non_gguf(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_text("hello, not a model")
+    r = runner.invoke(app, ["inspect", str(bad)])
+    assert r.exit_code == 2
+    assert r.stderr.strip().startswith("qvl inspect: error:") and "not a GGUF" in r.stderr
+
+
+def test_run_stub_says_what_is_missing():
+    r = runner.invoke(app, ["run", "model.gguf", "--image", "a.png"])
+    assert r.exit_code == 2 and "not implemented yet" in r.stderr
