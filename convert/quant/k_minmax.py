@@ -22,6 +22,28 @@ from .common import F32, f16_round, nearest_int, seq_sum, to_f16_bits, u16_bytes
 QK_K = 256
 
 
+def _levels(x: np.ndarray, mn: np.ndarray, iscale: np.ndarray, nmax: int, out: np.ndarray) -> np.ndarray:
+    """clamp(nearest_int(iscale * (x - min)), 0, nmax) into `out` (float32).
+
+    The argument lies in [0, nmax + 1], where round-half-even `rint` equals ggml's nearest_int.
+    """
+    np.subtract(x, mn, out=out)
+    np.multiply(out, iscale, out=out)
+    np.rint(out, out=out)
+    return np.clip(out, 0, nmax, out=out)
+
+
+def _weighted_error(x: np.ndarray, w: np.ndarray, L: np.ndarray, scale: np.ndarray, mn: np.ndarray,
+                    out: np.ndarray) -> np.ndarray:
+    """Sequential sum of w * (scale*L + min - x)^2, evaluated in ggml's order."""
+    np.multiply(L, scale, out=out)
+    np.add(out, mn, out=out)
+    np.subtract(out, x, out=out)
+    np.multiply(out, out, out=out)
+    np.multiply(out, w, out=out)
+    return seq_sum(out)
+
+
 def make_qkx2_quants(
     x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -40,35 +62,39 @@ def make_qkx2_quants(
 
     iscale = (F32(nmax) / rng).astype(F32)
     scale = (F32(1) / iscale).astype(F32)
-    L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(F32)
-    best_error = seq_sum(w * np.square((scale * L + mn) - x))
+    L = _levels(x, mn, iscale, nmax, np.empty_like(x))
+    tmp = np.empty_like(x)
+    best_error = _weighted_error(x, w, L, scale, mn, tmp)
+    laux = np.empty_like(x)
+    # w*L, w*L*L, w*L*x side by side so one sequential pass sums all three
+    stacked = np.empty((x.shape[0], 3, x.shape[1]), dtype=F32)
+    wl, wll, wlx = stacked[:, 0], stacked[:, 1], stacked[:, 2]
 
     for step in range(nstep + 1):
         # ggml updates `min` on every improvement, and later steps use the new one.
         rng = np.where(flat, F32(1), mx - mn).astype(F32)
         iscale = ((F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / rng).astype(F32)
-        laux = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(F32)
-        wl = w * laux
-        sum_l = seq_sum(wl)
-        sum_l2 = seq_sum(wl * laux)
-        sum_xl = seq_sum(wl * x)
+        _levels(x, mn, iscale, nmax, laux)
+        np.multiply(w, laux, out=wl)
+        np.multiply(wl, laux, out=wll)
+        np.multiply(wl, x, out=wlx)
+        sum_l, sum_l2, sum_xl = seq_sum(stacked)
         det = sum_w * sum_l2 - sum_l * sum_l
-        with np.errstate(divide="ignore", invalid="ignore"):
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            clamp = this_min > 0
-            this_scale = np.where(clamp, sum_xl / sum_l2, this_scale).astype(F32)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        clamp = this_min > 0
+        this_scale = np.where(clamp, sum_xl / sum_l2, this_scale).astype(F32)
         this_min = np.where(clamp, F32(0), this_min).astype(F32)
-        cur_error = seq_sum(w * np.square((this_scale * laux + this_min) - x))
+        cur_error = _weighted_error(x, w, laux, this_scale, this_min, tmp)
         better = (det > 0) & (cur_error < best_error)
-        L = np.where(better, laux, L)
+        np.copyto(L, laux, where=better)
         best_error = np.where(better, cur_error, best_error)
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
 
     scale = np.where(flat, F32(0), scale).astype(F32)
     mn = np.where(flat, mn_flat, mn)
-    L = np.where(flat, F32(0), L)
+    np.copyto(L, F32(0), where=flat)
     return scale, (-mn).astype(F32), L.astype(np.uint8)
 
 
