@@ -62,10 +62,12 @@ def make_qkx2_quants(
 
     iscale = (F32(nmax) / rng).astype(F32)
     scale = (F32(1) / iscale).astype(F32)
-    L = _levels(x, mn, iscale, nmax, np.empty_like(x))
     tmp = np.empty_like(x)
-    best_error = _weighted_error(x, w, L, scale, mn, tmp)
     laux = np.empty_like(x)
+    _levels(x, mn, iscale, nmax, laux)
+    best_error = _weighted_error(x, w, laux, scale, mn, tmp)
+    # L is a pure function of (min, iscale): remember the winning pair, build L once at the end.
+    l_min, l_iscale = mn, iscale
     # w*L, w*L*L, w*L*x side by side so one sequential pass sums all three
     stacked = np.empty((x.shape[0], 3, x.shape[1]), dtype=F32)
     wl, wll, wlx = stacked[:, 0], stacked[:, 1], stacked[:, 2]
@@ -87,14 +89,16 @@ def make_qkx2_quants(
         this_min = np.where(clamp, F32(0), this_min).astype(F32)
         cur_error = _weighted_error(x, w, laux, this_scale, this_min, tmp)
         better = (det > 0) & (cur_error < best_error)
-        np.copyto(L, laux, where=better)
+        l_min = np.where(better, mn, l_min)
+        l_iscale = np.where(better, iscale, l_iscale)
         best_error = np.where(better, cur_error, best_error)
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
 
+    L = _levels(x, l_min, l_iscale, nmax, laux)
+    L[:, flat] = 0
     scale = np.where(flat, F32(0), scale).astype(F32)
     mn = np.where(flat, mn_flat, mn)
-    np.copyto(L, F32(0), where=flat)
     return scale, (-mn).astype(F32), L.astype(np.uint8)
 
 
