@@ -1,0 +1,5 @@
+"""`python -m qvl.convert` is `qvl-convert`."""
+
+from .cli import main
+
+main()
