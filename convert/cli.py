@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..runtime.inspect import human_bytes
 from .errors import ConvertError
 from .pipeline import ConvertOptions, Job, check_destination, plan_job, run_job
 from .plan import PlannedTensor
@@ -35,14 +36,6 @@ Example: qvl-convert Qwen/Qwen2.5-VL-3B-Instruct --type q4_k_m -o qwen2.5-vl-3b-
 """
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def print_plan(job: Job) -> None:
     """Every tensor with its type, ggml shape and size, then per-file and overall totals."""
     for f in job.files:
@@ -51,12 +44,12 @@ def print_plan(job: Job) -> None:
         counts: dict[str, int] = {}
         for p in f.plan:
             ne = str(list(reversed(p.tensor.shape)))
-            out.print(f"  {p.tensor.name:<{width}}  {p.qtype.name:<5}  {ne:<22} {_human(p.nbytes):>10}",
+            out.print(f"  {p.tensor.name:<{width}}  {p.qtype.name:<5}  {ne:<22} {human_bytes(p.nbytes):>10}",
                       markup=False, highlight=False, soft_wrap=True)
             counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
         mix = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        out.print(f"  {len(f.plan)} tensors, {_human(f.nbytes)} ({mix})\n", markup=False, highlight=False)
-    out.print(f"total: {_human(job.nbytes)} in {len(job.files)} file(s)", markup=False, highlight=False)
+        out.print(f"  {len(f.plan)} tensors, {human_bytes(f.nbytes)} ({mix})\n", markup=False, highlight=False)
+    out.print(f"total: {human_bytes(job.nbytes)} in {len(job.files)} file(s)", markup=False, highlight=False)
 
 
 def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool) -> None:
@@ -91,7 +84,7 @@ def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool) -> None:
         run_job(job, on_bytes, opts.workers)
     dt = time.perf_counter() - t0
     for f in job.files:
-        err.print(f"wrote {f.path} ({_human(f.path.stat().st_size)})")
+        err.print(f"wrote {f.path} ({human_bytes(f.path.stat().st_size)})")
     err.print(f"done in {dt:.1f} s")
 
 

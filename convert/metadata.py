@@ -12,6 +12,7 @@ from typing import Any
 from gguf import GGUFValueType as V
 from gguf import LlamaFileType
 
+from .errors import ConvertError
 from .hf_config import CheckpointConfig
 from .vocab import Vocab
 
@@ -40,7 +41,7 @@ def _arr(key: str, v: list[Any], sub: V) -> KV:
     return KV(key, list(v), V.ARRAY, sub)
 
 
-def _general(arch: str, kind: str, name: str) -> list[KV]:
+def _general(kind: str, name: str) -> list[KV]:
     # general.architecture is written by the GGUF writer itself, first.
     return [_str("general.type", kind), _str("general.name", name)]
 
@@ -68,7 +69,7 @@ def _special_ids(vocab: Vocab) -> list[KV]:
 def text_kv(cfg: CheckpointConfig, vocab: Vocab, file_type: LlamaFileType, name: str) -> list[KV]:
     """llama.cpp's `qwen2vl` text model."""
     t = cfg.text
-    kv = _general("qwen2vl", "model", name) + _text_params("qwen2vl", cfg)
+    kv = _general("model", name) + _text_params("qwen2vl", cfg)
     sections = list(t.mrope_section) + [0] * (4 - len(t.mrope_section))
     kv += [
         _arr("qwen2vl.rope.dimension_sections", sections, V.INT32),
@@ -93,7 +94,7 @@ def text_kv(cfg: CheckpointConfig, vocab: Vocab, file_type: LlamaFileType, name:
 def mmproj_kv(cfg: CheckpointConfig, file_type: LlamaFileType, name: str) -> list[KV]:
     """llama.cpp's `clip` projector file."""
     v = cfg.vision
-    kv = _general("clip", "mmproj", name) + [
+    kv = _general("mmproj", name) + [
         _u32("general.file_type", int(file_type)),
         KV("clip.has_vision_encoder", True, V.BOOL),
         _u32("clip.vision.projection_dim", cfg.text.hidden_size),
@@ -123,8 +124,6 @@ def mmproj_kv(cfg: CheckpointConfig, file_type: LlamaFileType, name: str) -> lis
 
 def window_pattern(cfg: CheckpointConfig) -> int:
     """llama.cpp's n_wa_pattern: full attention every n-th block, from fullatt_block_indexes."""
-    from .errors import ConvertError
-
     idx = cfg.vision.fullatt_block_indexes
     if not idx:
         raise ConvertError("config.json: vision_config.fullatt_block_indexes is empty")
@@ -139,7 +138,7 @@ def ollama_kv(cfg: CheckpointConfig, vocab: Vocab, file_type: LlamaFileType, nam
     """Ollama's single `qwen25vl` file (convert_qwen25vl.go)."""
     t, v = cfg.text, cfg.vision
     tokens, scores, types = vocab.ollama_tokens()
-    kv = _general("qwen25vl", "model", name) + [
+    kv = _general("model", name) + [
         _u32("general.file_type", int(file_type)),
         _u32("general.quantization_version", 2),
         *_text_params("qwen25vl", cfg),

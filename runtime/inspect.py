@@ -35,7 +35,8 @@ def format_value(kv: KeyValue, full: bool = False) -> str:
     return str(v)
 
 
-def _human(n: int) -> str:
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -56,8 +57,8 @@ def inspect_file(path: str, out: TextIO, full: bool = False) -> None:
         total = 0
         types: Counter[str] = Counter()
         for name, t in f.tensors.items():
-            out.write(f"  {name:<{nwidth}}  {t.type.name:<5} {str(list(t.ne)):<24} {_human(t.nbytes):>10}\n")
+            out.write(f"  {name:<{nwidth}}  {t.type.name:<5} {str(list(t.ne)):<24} {human_bytes(t.nbytes):>10}\n")
             total += t.nbytes
             types[t.type.name] += 1
         mix = ", ".join(f"{k} {v}" for k, v in sorted(types.items()))
-        out.write(f"\n{len(f.tensors)} tensors, {_human(total)} ({mix})\n")
+        out.write(f"\n{len(f.tensors)} tensors, {human_bytes(total)} ({mix})\n")
