@@ -37,7 +37,7 @@ FLOAT_TYPES: dict[GGMLQuantizationType, np.dtype] = {
 
 # Elements per call of a block quantizer: small enough that the K-quants' few temporaries stay
 # in cache (measured fastest here), large enough that numpy's per-call overhead does not show.
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 17
 
 
 class QuantError(ValueError):

@@ -61,7 +61,7 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     nb = x.shape[0]
-    sub = x.reshape(nb * 16, 16).T  # (16, nb*16)
+    sub = np.ascontiguousarray(x.reshape(nb * 16, 16).T)  # (16, nb*16), contiguous
     scales, L = make_qx_quants_rmse1(sub, 32)
     scales = scales.reshape(nb, 16)  # (nb, 16)
     L = L.T.reshape(nb, 16, 16)
