@@ -33,28 +33,43 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     safe_max = np.where(zero, F32(1), mx).astype(F32)
     w = x * x
     wx = w * x
+    # |iscale * x| <= nmax + 1 here, where round-half-even `rint` equals ggml's nearest_int
+    sums = np.empty((x.shape[0], 2, x.shape[1]), dtype=F32)  # w*x*l and w*l*l, summed in one pass
 
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lv = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
-        return seq_sum(wx * lv), seq_sum(w * lv * lv), lv
+    lv = np.empty_like(x)
 
-    sumlx, suml2, lv = trial((F32(-nmax) / safe_max).astype(F32))
+    def levels(iscale: np.ndarray) -> np.ndarray:
+        np.multiply(x, iscale, out=lv)
+        np.rint(lv, out=lv)
+        return np.clip(lv, -nmax, nmax - 1, out=lv)
+
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        levels(iscale)
+        np.multiply(wx, lv, out=sums[:, 0])
+        np.multiply(w, lv, out=sums[:, 1])
+        np.multiply(sums[:, 1], lv, out=sums[:, 1])
+        sumlx, suml2 = seq_sum(sums)
+        return sumlx, suml2
+
+    # L is a pure function of iscale: remember the winning iscale, build L once at the end.
+    best_iscale = (F32(-nmax) / safe_max).astype(F32)
+    sumlx, suml2 = trial(best_iscale)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
     best = scale * sumlx
-    L = lv
     for step in range(-9, 10):
         if step == 0:
             continue
         iscale = (-(F32(nmax) + F32(0.1) * F32(step)) / safe_max).astype(F32)
-        sumlx, suml2, lv = trial(iscale)
+        sumlx, suml2 = trial(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = np.where(better, lv, L)
+        best_iscale = np.where(better, iscale, best_iscale)
         with np.errstate(divide="ignore", invalid="ignore"):
             new_scale = (sumlx / suml2).astype(F32)
         scale = np.where(better, new_scale, scale)
         best = np.where(better, scale * sumlx, best)
-    L = np.where(zero, 0, L.astype(np.int32) + nmax)
+    L = levels(best_iscale).astype(np.int32) + nmax
+    L[:, zero] = 0
     scale = np.where(zero, F32(0), scale).astype(F32)
     return scale, L
 
