@@ -42,14 +42,15 @@ def _tensor_bytes(name: str, shape: tuple[int, ...], pool: np.ndarray, rng: np.r
     return np.resize(np.roll(pool, -int(rng.integers(0, POOL))), n)
 
 
-def write_checkpoint(model: str, dst: Path, seed: int = 0) -> None:
-    config = official_config(model)
+def write_checkpoint(config: dict, dst: Path, seed: int = 0, tokenizer: Path = TOKENIZER_SRC) -> None:
+    """Random bf16 weights for every tensor `config` implies, plus tokenizer files."""
     shapes = expected_hf_tensors(parse_config(config))
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
                  "generation_config.json"):
-        shutil.copy(TOKENIZER_SRC / name, dst / name)
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, dst / name)
     names = sorted(shapes)
     shards: list[list[str]] = [[]]
     size = 0
@@ -86,11 +87,18 @@ def write_checkpoint(model: str, dst: Path, seed: int = 0) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", choices=MODELS)
+    ap.add_argument("model", help=f"one of {', '.join(MODELS)}, or a config.json path")
     ap.add_argument("dst", type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", type=Path, default=TOKENIZER_SRC, help="folder with tokenizer files")
     args = ap.parse_args()
-    write_checkpoint(args.model, args.dst, args.seed)
+    if args.model in MODELS:
+        config = official_config(args.model)
+    elif Path(args.model).is_file():
+        config = json.loads(Path(args.model).read_text())
+    else:
+        sys.exit(f"{args.model}: not an official model name nor a config.json file")
+    write_checkpoint(config, args.dst, args.seed, args.tokenizer)
 
 
 if __name__ == "__main__":
