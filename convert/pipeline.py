@@ -95,8 +95,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise ConvertError(f"{repo_id}: download failed: {e}") from None
 
 
-def default_out(folder: Path, type_name: str) -> Path:
-    return Path.cwd() / f"{folder.name}-{type_name.upper()}.gguf"
+def default_out(name: str, type_name: str) -> Path:
+    return Path.cwd() / f"{name}-{type_name.upper()}.gguf"
 
 
 def mmproj_path(out: Path) -> Path:
@@ -111,6 +111,8 @@ def plan_job(opts: ConvertOptions) -> Job:
     if opts.layout not in LAYOUTS:
         raise ConvertError(f"--layout {opts.layout!r}: choose one of {', '.join(LAYOUTS)}")
     folder = resolve_source(opts.source, opts.revision)
+    # a hub snapshot folder is named by its commit hash: name the model after the repo instead
+    name = folder.name if Path(opts.source).expanduser().is_dir() else opts.source.split("/")[-1]
     cfg = load_config(folder)
     if opts.layout == "ollama" and not cfg.is_qwen2_5:
         raise ConvertError("--layout ollama: Ollama's single-file format exists for Qwen2.5-VL only; "
@@ -122,10 +124,9 @@ def plan_job(opts: ConvertOptions) -> Job:
     finally:
         ckpt.close()
     kind = TEXT_TYPES[opts.type]
-    out = (opts.out or default_out(folder, opts.type)).expanduser()
+    out = (opts.out or default_out(name, opts.type)).expanduser()
     if out.suffix != ".gguf":
         out = out.with_name(out.name + ".gguf")
-    name = folder.name
     n_layer = cfg.text.num_hidden_layers
     if opts.layout == "ollama":
         tensors = ollama_tensors(cfg)

@@ -159,3 +159,24 @@ def test_bad_type_names(ckpt, outdir):
     fails([str(ckpt), "-o", str(outdir / "m.gguf"), "--type", "q3_k"], outdir, "--type 'q3_k'")
     fails([str(ckpt), "-o", str(outdir / "m.gguf"), "--vision-type", "q4_k"], outdir, "--vision-type")
     fails([str(ckpt), "-o", str(outdir / "m.gguf"), "--layout", "mlx"], outdir, "--layout 'mlx'")
+
+
+def test_hub_source_is_named_after_the_repo(fixtures_dir, tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub; outputs are named after the repo, not the snapshot hash."""
+    snapshot = tmp_path / "snapshots" / "0123abcd"
+    shutil.copytree(fixtures_dir / "tiny-qwen2-vl" / "hf", snapshot)
+    calls = []
+
+    def fake_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        return str(snapshot)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["Qwen/Qwen2-VL-2B-Instruct", "--revision", "main", "-q"])
+    assert r.exit_code == 0, r.output
+    assert calls == [("Qwen/Qwen2-VL-2B-Instruct", "main")]
+    assert (tmp_path / "Qwen2-VL-2B-Instruct-F16.gguf").exists()
+    assert (tmp_path / "mmproj-Qwen2-VL-2B-Instruct-F16.gguf").exists()
