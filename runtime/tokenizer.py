@@ -1,0 +1,69 @@
+"""The Qwen2 tokenizer rebuilt from GGUF metadata with the `tokenizers` library.
+
+GGUF files carry the byte-level BPE as `tokenizer.ggml.tokens` / `.token_type` / `.merges`
+(model `gpt2`, pre-tokenizer `qwen2`). We rebuild what the original tokenizer.json describes:
+NFC normalization, Qwen2's split regex, byte-level mapping, BPE with `ignore_merges` (a
+pre-token that is itself in the vocabulary is taken whole), and the added tokens (control ones
+special) with their original ids.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gguf import TokenType
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from .gguf_file import GGUFFile
+
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PAD = re.compile(r"\[PAD\d+\]")
+
+
+class TokenizerError(ValueError):
+    """The GGUF's tokenizer metadata is missing or not one qvl can rebuild."""
+
+
+def _require(g: GGUFFile, key: str) -> object:
+    value = g.get(key)
+    if value is None:
+        raise TokenizerError(f"{g.path}: missing tokenizer key '{key}'")
+    return value
+
+
+def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
+    model = _require(g, "tokenizer.ggml.model")
+    pre = _require(g, "tokenizer.ggml.pre")
+    if model != "gpt2" or pre != "qwen2":
+        raise TokenizerError(f"{g.path}: tokenizer {model!r}/{pre!r} is not Qwen2's byte-level BPE (gpt2/qwen2)")
+    tokens: list[str] = _require(g, "tokenizer.ggml.tokens")  # type: ignore[assignment]
+    types: list[int] = _require(g, "tokenizer.ggml.token_type")  # type: ignore[assignment]
+    merges: list[str] = _require(g, "tokenizer.ggml.merges")  # type: ignore[assignment]
+    if len(types) != len(tokens):
+        raise TokenizerError(f"{g.path}: {len(tokens)} tokens but {len(types)} token types")
+
+    vocab: dict[str, int] = {}
+    added: list[tuple[int, AddedToken]] = []
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind == TokenType.NORMAL:
+            vocab[tok] = i
+        elif kind == TokenType.CONTROL or (kind == TokenType.USER_DEFINED and not _PAD.fullmatch(tok)):
+            added.append((i, AddedToken(tok, special=kind == TokenType.CONTROL, normalized=False)))
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=True, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    # added tokens take the next free ids in the order given: add them in id order, then check
+    tok.add_tokens([a for _, a in sorted(added, key=lambda p: p[0])])
+    for i, a in added:
+        if tok.token_to_id(a.content) != i:
+            raise TokenizerError(f"{g.path}: added token {a.content!r} would get id "
+                                 f"{tok.token_to_id(a.content)}, the file says {i}")
+    return tok
