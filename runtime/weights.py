@@ -1,0 +1,101 @@
+"""Weights straight from a memory-mapped GGUF, kept in their file type.
+
+`Matrix` holds one weight as stored (F32/F16/BF16 as a tensor view of the mapping, quantized
+types as their raw blocks) and multiplies by it; quantized blocks are dequantized a slice of
+rows at a time, so the model is never held dequantized in memory. The torch path here is the
+reference; the Triton kernels (kernels issue) replace `Matrix.matmul` on a GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+from .gguf_file import GGUFFile, TensorInfo
+
+# Rows dequantized per step of a quantized matmul: ~16 MB of float32 for a 4096-wide weight.
+ROWS_PER_STEP = 1024
+
+
+def _as_torch(raw: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    with warnings.catch_warnings():  # the mapping is read-only; we never write through it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw).view(dtype)
+
+
+class Matrix:
+    """A 2-D weight `(rows, cols)` in its GGUF type; `x @ W.T` without a full float copy."""
+
+    def __init__(self, info: TensorInfo, raw: np.ndarray):
+        if len(info.ne) != 2:
+            raise ValueError(f"tensor '{info.name}' is not 2-D: ne = {list(info.ne)}")
+        self.name = info.name
+        self.qtype = info.type
+        self.rows, self.cols = info.shape
+        self.raw = raw.reshape(self.rows, -1)
+        self._dense: torch.Tensor | None = None
+        if self.qtype == T.F32:
+            self._dense = _as_torch(self.raw, torch.float32)
+        elif self.qtype == T.F16:
+            self._dense = _as_torch(self.raw, torch.float16)
+        elif self.qtype == T.BF16:
+            self._dense = _as_torch(self.raw, torch.bfloat16)
+
+    def rows_f32(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as float32."""
+        if self._dense is not None:
+            return self._dense[start:stop].float()
+        return torch.from_numpy(dequantize(self.raw[start:stop], self.qtype).reshape(stop - start, self.cols))
+
+    def take_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows by index (embedding lookup), float32."""
+        if self._dense is not None:
+            return self._dense[ids].float()
+        idx = ids.cpu().numpy()
+        return torch.from_numpy(dequantize(self.raw[idx], self.qtype).reshape(len(idx), self.cols))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., cols) float32 -> (..., rows) float32."""
+        if self._dense is not None and self._dense.dtype == torch.float32:
+            return x @ self._dense.T
+        out = torch.empty(*x.shape[:-1], self.rows, dtype=torch.float32)
+        for start in range(0, self.rows, ROWS_PER_STEP):
+            stop = min(start + ROWS_PER_STEP, self.rows)
+            out[..., start:stop] = x @ self.rows_f32(start, stop).T
+        return out
+
+
+class Weights:
+    """Named tensors of one or more GGUF files."""
+
+    def __init__(self, *files: GGUFFile):
+        self.files = files
+
+    def _find(self, name: str) -> tuple[GGUFFile, TensorInfo]:
+        for f in self.files:
+            if name in f.tensors:
+                return f, f.tensors[name]
+        raise KeyError(f"tensor '{name}' not found in {', '.join(str(f.path) for f in self.files)}")
+
+    def has(self, name: str) -> bool:
+        return any(name in f.tensors for f in self.files)
+
+    def matrix(self, name: str) -> Matrix:
+        f, info = self._find(name)
+        return Matrix(info, f.raw(name))
+
+    def vector(self, name: str) -> torch.Tensor:
+        """A small tensor (norm weight, bias, patch embedding) as float32, any shape."""
+        f, info = self._find(name)
+        raw = f.raw(name)
+        if info.type == T.F32:
+            data = raw.view(np.float32)
+        elif info.type == T.F16:
+            data = raw.view(np.float16).astype(np.float32)
+        else:
+            data = dequantize(raw, info.type)
+        return torch.from_numpy(np.array(data, dtype=np.float32).reshape(info.shape))
