@@ -1,0 +1,254 @@
+"""The vision tower of both families, in float32 torch, from a GGUF projector.
+
+Qwen2.5-VL: RMSNorm blocks with SwiGLU MLPs, attention inside 112-pixel windows (4x4 merge
+units) except on the `fullatt_block_indexes` blocks, RMSNorm + 2-layer GELU merger.
+Qwen2-VL: LayerNorm blocks with quick-GELU MLPs, full attention per image, LayerNorm merger.
+Both: a Conv3d patch embedding (a matmul over flattened patches), 2-D rotary embedding (rows on
+the first half of the frequencies, columns on the second), patches ordered by 2x2 merge unit.
+Reads llama.cpp's `clip` projector and the vision half of Ollama's `qwen25vl` file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError
+from .decoder import rms_norm
+from .gguf_file import GGUFFile
+from .weights import Matrix, Weights
+
+WINDOW_SIZE = 112  # llama.cpp does not store these two; both families use them
+MERGE = 2
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    qwen2_5: bool
+    depth: int
+    embed_dim: int
+    n_head: int
+    patch_size: int
+    out_dim: int
+    eps: float
+    fullatt_blocks: tuple[int, ...]
+    window_size: int
+    tokens_per_second: float
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    layout: str  # "llamacpp" or "ollama": tensor naming
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.n_head
+
+
+def _get(g: GGUFFile, key: str) -> object:
+    v = g.get(key)
+    if v is None:
+        raise ConfigError(f"{g.path}: missing metadata key '{key}'")
+    return v
+
+
+def vision_config(g: GGUFFile) -> VisionConfig:
+    clip_mean = (0.48145466, 0.4578275, 0.40821073)
+    clip_std = (0.26862954, 0.26130258, 0.27577711)
+    if g.architecture == "clip":
+        proj = _get(g, "clip.projector_type")
+        if proj not in ("qwen2vl_merger", "qwen2.5vl_merger"):
+            raise ConfigError(f"{g.path}: projector {proj!r} is not a Qwen2-VL / Qwen2.5-VL merger")
+        q25 = proj == "qwen2.5vl_merger"
+        depth = int(_get(g, "clip.vision.block_count"))  # type: ignore[arg-type]
+        full: tuple[int, ...] = ()
+        if q25:
+            n = int(_get(g, "clip.vision.n_wa_pattern"))  # type: ignore[arg-type]
+            full = tuple(i for i in range(depth) if (i + 1) % n == 0)
+        return VisionConfig(
+            qwen2_5=q25, depth=depth,
+            embed_dim=int(_get(g, "clip.vision.embedding_length")),  # type: ignore[arg-type]
+            n_head=int(_get(g, "clip.vision.attention.head_count")),  # type: ignore[arg-type]
+            patch_size=int(_get(g, "clip.vision.patch_size")),  # type: ignore[arg-type]
+            out_dim=int(_get(g, "clip.vision.projection_dim")),  # type: ignore[arg-type]
+            eps=float(g.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
+            fullatt_blocks=full, window_size=WINDOW_SIZE, tokens_per_second=2.0,
+            image_mean=tuple(g.get("clip.vision.image_mean", clip_mean)),
+            image_std=tuple(g.get("clip.vision.image_std", clip_std)),
+            layout="llamacpp",
+        )
+    if g.architecture == "qwen25vl":
+        p = "qwen25vl.vision."
+        return VisionConfig(
+            qwen2_5=True,
+            depth=int(_get(g, p + "block_count")),  # type: ignore[arg-type]
+            embed_dim=int(_get(g, p + "embedding_length")),  # type: ignore[arg-type]
+            n_head=int(_get(g, p + "attention.head_count")),  # type: ignore[arg-type]
+            patch_size=int(_get(g, p + "patch_size")),  # type: ignore[arg-type]
+            out_dim=int(_get(g, "qwen25vl.embedding_length")),  # type: ignore[arg-type]
+            eps=float(g.get(p + "attention.layer_norm_epsilon", 1e-6)),
+            fullatt_blocks=tuple(_get(g, p + "fullatt_block_indexes")),  # type: ignore[arg-type]
+            window_size=int(g.get(p + "window_size", WINDOW_SIZE)),
+            tokens_per_second=2.0, image_mean=clip_mean, image_std=clip_std, layout="ollama",
+        )
+    raise ConfigError(f"{g.path}: architecture {g.architecture!r} carries no Qwen vision tower")
+
+
+_NAMES = {  # role -> (llama.cpp name, Ollama name)
+    "patch0": ("v.patch_embd.weight", "v.patch_embd_0.weight"),
+    "patch1": ("v.patch_embd.weight.1", "v.patch_embd_1.weight"),
+    "post_ln": ("v.post_ln", "v.merger.ln_q"),
+    "mm0": ("mm.0", "v.merger.mlp.0"),
+    "mm2": ("mm.2", "v.merger.mlp.2"),
+}
+
+
+@dataclass
+class Block:
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor | None
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor | None
+    q: Matrix
+    k: Matrix
+    v: Matrix
+    qb: torch.Tensor
+    kb: torch.Tensor
+    vb: torch.Tensor
+    out: Matrix
+    out_b: torch.Tensor
+    up: Matrix
+    up_b: torch.Tensor
+    down: Matrix
+    down_b: torch.Tensor
+    gate: Matrix | None
+    gate_b: torch.Tensor | None
+
+
+def vision_rope(grid_thw: list[tuple[int, int, int]], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (patches, head_dim) with patches in merge-unit order."""
+    pos = []
+    for t, h, w in grid_thw:
+        hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        shape = (h // MERGE, MERGE, w // MERGE, MERGE)
+        hh = hh.reshape(shape).transpose(1, 2).flatten()
+        ww = ww.reshape(shape).transpose(1, 2).flatten()
+        pos.append(torch.stack([hh, ww], dim=-1).repeat(t, 1))
+    p = torch.cat(pos).float()
+    spatial = head_dim // 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float32) / spatial))
+    freqs = p[..., None] * inv_freq  # (n, 2, head_dim/4)
+    freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def window_index(grid_thw: list[tuple[int, int, int]], window: int, patch: int) -> tuple[torch.Tensor, list[int]]:
+    """Merge-unit order -> window order, and the cumulative patch counts of the windows."""
+    per = window // MERGE // patch
+    unit = MERGE * MERGE
+    index, cu, offset = [], [0], 0
+    for t, h, w in grid_thw:
+        gh, gw = h // MERGE, w // MERGE
+        ids = torch.arange(t * gh * gw).reshape(t, gh, gw)
+        ph, pw = per - gh % per, per - gw % per
+        padded = F.pad(ids, (0, pw, 0, ph), value=-100)
+        nh, nw = (gh + ph) // per, (gw + pw) // per
+        padded = padded.reshape(t, nh, per, nw, per).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, per, per)
+        counts = (padded != -100).sum([2, 3]).reshape(-1)
+        flat = padded.reshape(-1)
+        index.append(flat[flat != -100] + offset)
+        for c in counts.tolist():
+            if c:
+                cu.append(cu[-1] + c * unit)
+        offset += t * gh * gw
+    return torch.cat(index), cu
+
+
+class VisionTower:
+    def __init__(self, cfg: VisionConfig, w: Weights):
+        self.cfg = cfg
+        pick = 0 if cfg.layout == "llamacpp" else 1
+
+        def name(role: str) -> str:
+            return _NAMES[role][pick]
+
+        def opt(n: str) -> torch.Tensor | None:
+            return w.vector(n) if w.has(n) else None
+
+        p0, p1 = w.vector(name("patch0")), w.vector(name("patch1"))  # (E, C, P, P) each
+        self.patch = torch.stack([p0, p1], dim=2).reshape(cfg.embed_dim, -1)  # (E, C*2*P*P)
+        self.blocks = []
+        for i in range(cfg.depth):
+            b = f"v.blk.{i}."
+            self.blocks.append(Block(
+                ln1_w=w.vector(b + "ln1.weight"), ln1_b=opt(b + "ln1.bias"),
+                ln2_w=w.vector(b + "ln2.weight"), ln2_b=opt(b + "ln2.bias"),
+                q=w.matrix(b + "attn_q.weight"), k=w.matrix(b + "attn_k.weight"), v=w.matrix(b + "attn_v.weight"),
+                qb=w.vector(b + "attn_q.bias"), kb=w.vector(b + "attn_k.bias"), vb=w.vector(b + "attn_v.bias"),
+                out=w.matrix(b + "attn_out.weight"), out_b=w.vector(b + "attn_out.bias"),
+                up=w.matrix(b + "ffn_up.weight"), up_b=w.vector(b + "ffn_up.bias"),
+                down=w.matrix(b + "ffn_down.weight"), down_b=w.vector(b + "ffn_down.bias"),
+                gate=w.matrix(b + "ffn_gate.weight") if w.has(b + "ffn_gate.weight") else None,
+                gate_b=opt(b + "ffn_gate.bias"),
+            ))
+        self.post_w, self.post_b = w.vector(name("post_ln") + ".weight"), opt(name("post_ln") + ".bias")
+        self.mm0, self.mm0_b = w.matrix(name("mm0") + ".weight"), w.vector(name("mm0") + ".bias")
+        self.mm2, self.mm2_b = w.matrix(name("mm2") + ".weight"), w.vector(name("mm2") + ".bias")
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.qwen2_5:
+            return rms_norm(x, weight, self.cfg.eps)
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.eps)
+
+    def _attention(self, b: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   cu: list[int]) -> torch.Tensor:
+        n, heads, hd = x.shape[0], self.cfg.n_head, self.cfg.head_dim
+        q = (b.q.matmul(x) + b.qb).view(n, heads, hd)
+        k = (b.k.matmul(x) + b.kb).view(n, heads, hd)
+        v = (b.v.matmul(x) + b.vb).view(n, heads, hd)
+        c, s = cos[:, None], sin[:, None]
+        q = q * c + torch.cat((-q[..., hd // 2:], q[..., :hd // 2]), -1) * s
+        k = k * c + torch.cat((-k[..., hd // 2:], k[..., :hd // 2]), -1) * s
+        out = torch.empty(n, heads, hd)
+        for lo, hi in zip(cu[:-1], cu[1:]):
+            o = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1)[None], k[lo:hi].transpose(0, 1)[None],
+                                               v[lo:hi].transpose(0, 1)[None])
+            out[lo:hi] = o[0].transpose(0, 1)
+        return b.out.matmul(out.reshape(n, -1)) + b.out_b
+
+    def _mlp(self, b: Block, x: torch.Tensor) -> torch.Tensor:
+        up = b.up.matmul(x) + b.up_b
+        if b.gate is not None:
+            assert b.gate_b is not None
+            h = F.silu(b.gate.matmul(x) + b.gate_b) * up
+        else:
+            h = up * torch.sigmoid(1.702 * up)  # quick GELU
+        return b.down.matmul(h) + b.down_b
+
+    def forward(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Patches (n, C*2*P*P) of one or more images -> merged tokens (n / 4, out_dim)."""
+        cfg = self.cfg
+        x = pixels.float() @ self.patch.T
+        n = x.shape[0]
+        cos, sin = vision_rope(grid_thw, cfg.head_dim)
+        full_cu = [0]  # full attention: each frame of each image attends to itself
+        for t, h, w in grid_thw:
+            for _ in range(t):
+                full_cu.append(full_cu[-1] + h * w)
+        unit = MERGE * MERGE
+        order = None
+        win_cu = full_cu
+        if cfg.qwen2_5:
+            order, win_cu = window_index(grid_thw, cfg.window_size, cfg.patch_size)
+            perm = (order[:, None] * unit + torch.arange(unit)).reshape(-1)
+            x, cos, sin = x[perm], cos[perm], sin[perm]
+        for i, b in enumerate(self.blocks):
+            cu = full_cu if (not cfg.qwen2_5 or i in cfg.fullatt_blocks) else win_cu
+            x = x + self._attention(b, self._norm(x, b.ln1_w, b.ln1_b), cos, sin, cu)
+            x = x + self._mlp(b, self._norm(x, b.ln2_w, b.ln2_b))
+        x = self._norm(x, self.post_w, self.post_b).reshape(n // unit, -1)
+        x = self.mm2.matmul(F.gelu(self.mm0.matmul(x) + self.mm0_b)) + self.mm2_b
+        if order is not None:
+            x = x[torch.argsort(order)]
+        return x
