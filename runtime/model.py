@@ -1,0 +1,246 @@
+"""`qvl.load(...)` and the Model: prompts with images -> logits, generation, chat.
+
+A prompt is a chat turn rendered with the model's own template; each image becomes
+`<|vision_start|><|image_pad|>...<|vision_end|>` with one pad per merged patch, the pads'
+embeddings are replaced by the vision tower's output, and positions follow M-RoPE
+(`positions.py`). Torch on the CPU in float32; the GPU path arrives with the kernels issue.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .chat import render
+from .config import TextConfig, text_config
+from .decoder import Decoder, KVCache
+from .gguf_file import GGUFFile
+from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess
+from .positions import Span, rope_positions
+from .sampling import SamplingParams, sample
+from .tokenizer import tokenizer_from_gguf
+from .vision import VisionConfig, VisionTower, vision_config
+from .weights import Weights
+
+IMAGE_PAD = "<|image_pad|>"
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+PREFILL_CHUNK = 512
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or a request it cannot serve; one line, names the file."""
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def find_mmproj(model: Path) -> Path | None:
+    """llama.cpp's pairing: mmproj-<stem>.gguf beside the model, else the folder's single mmproj*.gguf."""
+    named = model.with_name(f"mmproj-{model.name}")
+    if named.exists():
+        return named
+    candidates = sorted(p for p in model.parent.glob("mmproj*.gguf") if p != model)
+    return candidates[0] if len(candidates) == 1 else None
+
+
+ImageLike = str | Path | Image.Image
+
+
+class Model:
+    def __init__(self, text_file: GGUFFile, vision_file: GGUFFile | None):
+        self.text_file = text_file
+        self.cfg: TextConfig = text_config(text_file)
+        self.tokenizer = tokenizer_from_gguf(text_file)
+        self.chat_template: str | None = text_file.get("tokenizer.chat_template")
+        self.decoder = Decoder(self.cfg, Weights(text_file))
+        self.vision_cfg: VisionConfig | None = None
+        self.vision: VisionTower | None = None
+        if vision_file is not None:
+            self.vision_cfg = vision_config(vision_file)
+            self.vision = VisionTower(self.vision_cfg, Weights(vision_file))
+        self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
+        self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
+
+    # --- prompt building ---------------------------------------------------------------------
+
+    def messages_for(self, prompt: str, n_images: int, system: str | None = None) -> list[dict[str, Any]]:
+        """A user turn with the images first, or where `{image1}`, `{image2}`... say."""
+        content: list[dict[str, Any]] = []
+        parts = re.split(r"\{image(\d+)\}", prompt)
+        if len(parts) == 1:
+            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+        else:
+            for k, piece in enumerate(parts):
+                if k % 2 == 0:
+                    if piece:
+                        content.append({"type": "text", "text": piece})
+                else:
+                    idx = int(piece)
+                    if not 1 <= idx <= n_images:
+                        raise ModelError(f"prompt refers to {{image{idx}}} but {n_images} image(s) were given")
+                    content.append({"type": "image"})
+        messages = [{"role": "system", "content": system}] if system else []
+        return messages + [{"role": "user", "content": content}]
+
+    def _images(self, images: list[ImageLike], min_pixels: int, max_pixels: int):
+        if images and self.vision is None:
+            raise ModelError(f"{self.text_file.path}: this model has no vision projector (mmproj); "
+                             "images need one (pass --mmproj)")
+        out = []
+        for im in images:
+            pil = im if isinstance(im, Image.Image) else load_image(im)
+            assert self.vision_cfg is not None
+            out.append(preprocess(pil, min_pixels, max_pixels, self.vision_cfg.image_mean, self.vision_cfg.image_std))
+        return out
+
+    def tokenize(self, text: str, images: list[ImageLike], min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[list[int], list[Span], list]:
+        """Rendered prompt (one <|image_pad|> per image) -> ids with pads expanded, spans, images."""
+        pre = self._images(images, min_pixels, max_pixels)
+        pieces = text.split(IMAGE_PAD)
+        if len(pieces) - 1 != len(pre):
+            raise ModelError(f"prompt has {len(pieces) - 1} image slots for {len(pre)} image(s)")
+        ids: list[int] = []
+        spans: list[Span] = []
+        for k, piece in enumerate(pieces):
+            t_ids = self.tokenizer.encode(piece, add_special_tokens=False).ids
+            ids += t_ids
+            spans.append(Span(len(t_ids)))
+            if k < len(pre):
+                t, h, w = pre[k].grid_thw
+                n = t * (h // 2) * (w // 2)
+                ids += [self.image_pad_id] * n
+                spans.append(Span(n, grid=(t, h // 2, w // 2)))
+        return ids, spans, pre
+
+    def encode(self, text: str, images: list[ImageLike], min_pixels: int = MIN_PIXELS,
+               max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Rendered prompt text (with one <|image_pad|> per image) -> (embeddings, positions, timings)."""
+        ids, spans, pre = self.tokenize(text, images, min_pixels, max_pixels)
+        timings: dict[str, float] = {}
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        embeds = self.decoder.embed_tokens(ids_t)
+        if pre:
+            assert self.vision is not None
+            t0 = time.perf_counter()
+            pixels = torch.from_numpy(np.concatenate([p.pixels for p in pre]))
+            feats = self.vision.forward(pixels, [p.grid_thw for p in pre])
+            timings["vision_ms"] = 1e3 * (time.perf_counter() - t0)
+            embeds[ids_t == self.image_pad_id] = feats
+        return embeds, rope_positions(spans), timings
+
+    def _prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 all_logits: bool) -> torch.Tensor:
+        outs = []
+        for lo in range(0, embeds.shape[0], PREFILL_CHUNK):
+            hi = min(lo + PREFILL_CHUNK, embeds.shape[0])
+            h = self.decoder.forward(embeds[lo:hi], positions[:, lo:hi], cache)
+            outs.append(self.decoder.logits(h if all_logits else h[-1:]))
+        return torch.cat(outs) if all_logits else outs[-1]
+
+    # --- public API ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prompt_logits(self, prompt: str, images: list[ImageLike] | None = None, *, template: bool = True,
+                      min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+        """float32 logits (n_prompt_tokens, vocab) of every prompt position."""
+        images = list(images or [])
+        text = render(self.chat_template, self.messages_for(prompt, len(images))) if template else prompt
+        embeds, positions, _ = self.encode(text, images, min_pixels, max_pixels)
+        cache = KVCache(self.cfg, embeds.shape[0])
+        return self._prefill(embeds, positions, cache, all_logits=True)
+
+    def generate(self, prompt: str, images: list[ImageLike] | None = None, *, max_new_tokens: int = 512,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 min_p: float | None = None, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+                 seed: int = 299792458, stream: bool = False, system: str | None = None, template: bool = True,
+                 ctx_size: int | None = None, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> Generation | Iterator[str]:
+        images = list(images or [])
+        text = render(self.chat_template, self.messages_for(prompt, len(images), system)) if template else prompt
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        it = self._run(text, images, max_new_tokens, params, ctx_size, min_pixels, max_pixels)
+        if stream:
+            return (piece for piece in it if isinstance(piece, str))
+        result = None
+        for item in it:
+            if isinstance(item, Generation):
+                result = item
+        assert result is not None
+        return result
+
+    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Generation:
+        """Multi-turn chat in transformers' message format; images as {"type": "image", "image": path}."""
+        images = [c.get("image") or c.get("image_url") for m in messages if isinstance(m["content"], list)
+                  for c in m["content"] if c.get("type") == "image" or "image" in c or "image_url" in c]
+        text = render(self.chat_template, messages)
+        out = self.generate(text, images, template=False, **kwargs)
+        assert isinstance(out, Generation)
+        return out
+
+    @torch.no_grad()
+    def _run(self, text: str, images: list[ImageLike], max_new_tokens: int, params: SamplingParams,
+             ctx_size: int | None, min_pixels: int, max_pixels: int) -> Iterator[str | Generation]:
+        t0 = time.perf_counter()
+        embeds, positions, timings = self.encode(text, images, min_pixels, max_pixels)
+        n_prompt = embeds.shape[0]
+        capacity = ctx_size or min(self.cfg.context_length, n_prompt + max_new_tokens)
+        if n_prompt >= capacity:
+            raise ModelError(f"prompt of {n_prompt} tokens does not fit a context of {capacity}")
+        cache = KVCache(self.cfg, min(capacity, n_prompt + max_new_tokens))
+        logits = self._prefill(embeds, positions, cache, all_logits=False)[-1]
+        timings["prefill_s"] = time.perf_counter() - t0
+        next_pos = int(positions.max()) + 1 if n_prompt else 0
+        gen = torch.Generator().manual_seed(params.seed)
+        history: list[int] = []
+        out_ids: list[int] = []
+        emitted = ""
+        t1 = time.perf_counter()
+        for _ in range(max_new_tokens):
+            tok = sample(logits, history, params, gen)
+            if tok in self.stop_ids:
+                break
+            out_ids.append(tok)
+            history.append(tok)
+            decoded = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield decoded[len(emitted):]
+                emitted = decoded
+            if cache.length >= cache.capacity:
+                break
+            pos = torch.full((3, 1), next_pos, dtype=torch.long)
+            next_pos += 1
+            h = self.decoder.forward(self.decoder.embed_tokens(torch.tensor([tok])), pos, cache)
+            logits = self.decoder.logits(h)[-1]
+        timings["decode_s"] = time.perf_counter() - t1
+        final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+        if final != emitted:
+            yield final[len(emitted):]
+        yield Generation(final, out_ids, n_prompt, timings)
+
+
+def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,
+         mmproj: str | Path | None = None) -> Model:
+    """Load a GGUF model (llama.cpp pair, Ollama single file, or qvl-convert's output)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ModelError(f"device {device!r}: choose auto, cpu or cuda")
+    if device == "cuda":
+        raise ModelError("the CUDA path arrives with the kernels issue; use device='cpu'")
+    path = Path(path)
+    text = GGUFFile(path)
+    if text.architecture == "qwen25vl":
+        return Model(text, text)  # Ollama: vision in the same file
+    vision_path = Path(mmproj) if mmproj else find_mmproj(path)
+    return Model(text, GGUFFile(vision_path) if vision_path else None)

@@ -1,0 +1,127 @@
+"""The whole pipeline against transformers on tiny generated models, with images.
+
+transformers gets the same input_ids, pixel_values, image_grid_thw and mm_token_type_ids (1 on
+image pads; without them transformers 5 silently uses 1-D positions, docs/testing.md).
+Tolerance: max |delta logit| <= 1e-3 * max |logit|, float32 on both sides.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvl.convert.cli import app as convert_app
+from qvl.runtime.chat import render
+from qvl.runtime.model import Generation, ModelError, load
+from tiny_models import TinySpec, build_model, make_checkpoint
+
+rng = np.random.default_rng(0)
+IMG_A = Image.fromarray(rng.integers(0, 256, (120, 170, 3), dtype=np.uint8))  # 4x6 merged grid
+IMG_B = Image.fromarray(rng.integers(0, 256, (60, 250, 3), dtype=np.uint8))  # wide, other size
+
+SPECS = {
+    "qwen2.5-untied": TinySpec(dtype=torch.float32, vision_depth=4),
+    "qwen2.5-tied-8heads": TinySpec(tied=True, heads=8, kv_heads=2, hidden=128, dtype=torch.float32, seed=3),
+    "qwen2-untied": TinySpec(family="qwen2_vl", dtype=torch.float32, seed=4),
+    "qwen2-tied-mqa": TinySpec(family="qwen2_vl", tied=True, kv_heads=1, dtype=torch.float32, seed=5),
+}
+
+PROMPTS = {
+    "text only": ("Describe the weather in two words.", []),
+    "one image": ("What is in this picture?", [IMG_A]),
+    "two images": ("{image1} and {image2}: which is wider?", [IMG_A, IMG_B]),
+    "image between text": ("Look at this: {image1} then tell me about it.", [IMG_B]),
+}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = {}
+    for name, spec in SPECS.items():
+        d = tmp_path_factory.mktemp(name)
+        src = make_checkpoint(d / "ckpt", spec)
+        r = CliRunner().invoke(convert_app, [str(src), "-o", str(d / "m.gguf"), "--type", "f32",
+                                             "--vision-type", "f32", "-q"])
+        assert r.exit_code == 0, r.output
+        out[name] = (d / "m.gguf", build_model(spec).float().eval())
+    return out
+
+
+def _reference_inputs(model, prompt, images):
+    text = render(model.chat_template, model.messages_for(prompt, len(images)))
+    ids, _, pre = model.tokenize(text, images)
+    input_ids = torch.tensor([ids])
+    kwargs = {"input_ids": input_ids, "mm_token_type_ids": (input_ids == model.image_pad_id).int()}
+    if pre:
+        kwargs["pixel_values"] = torch.from_numpy(np.concatenate([p.pixels for p in pre]))
+        kwargs["image_grid_thw"] = torch.tensor([p.grid_thw for p in pre])
+    return kwargs
+
+
+@pytest.mark.parametrize("prompt_name", PROMPTS)
+@pytest.mark.parametrize("spec_name", SPECS)
+def test_prompt_logits_match_transformers(converted, spec_name, prompt_name):
+    path, hf = converted[spec_name]
+    model = load(path)
+    prompt, images = PROMPTS[prompt_name]
+    ours = model.prompt_logits(prompt, images)
+    with torch.no_grad():
+        ref = hf(**_reference_inputs(model, prompt, images)).logits[0]
+    assert ours.shape == ref.shape
+    err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= 1e-3 * scale, (err, scale)
+
+
+@pytest.mark.parametrize("spec_name", ["qwen2.5-untied", "qwen2-tied-mqa"])
+def test_greedy_generation_matches_transformers(converted, spec_name):
+    path, hf = converted[spec_name]
+    model = load(path)
+    prompt, images = PROMPTS["two images"]
+    out = model.generate(prompt, images, max_new_tokens=32)
+    assert isinstance(out, Generation)
+    kwargs = _reference_inputs(model, prompt, images)
+    with torch.no_grad():
+        ref = hf.generate(**kwargs, max_new_tokens=32, do_sample=False, eos_token_id=sorted(model.stop_ids))
+    ref_new = ref[0, kwargs["input_ids"].shape[1]:].tolist()
+    ref_new = [t for t in ref_new if t not in model.stop_ids]
+    assert out.token_ids == ref_new[: len(out.token_ids)] and len(out.token_ids) == len(ref_new)
+    assert len(set(out.token_ids)) > 3  # std-0.15 weights: not one repeated token
+
+
+def test_streaming_yields_the_same_text(converted):
+    path, _ = converted["qwen2.5-untied"]
+    model = load(path)
+    whole = model.generate("Hello there", max_new_tokens=12)
+    pieces = list(model.generate("Hello there", max_new_tokens=12, stream=True))
+    assert "".join(pieces) == whole.text
+
+
+def test_sampling_is_seeded(converted):
+    path, _ = converted["qwen2.5-untied"]
+    model = load(path)
+    a = model.generate("Tell me", max_new_tokens=10, temperature=0.8, top_p=0.9, top_k=40, seed=7)
+    b = model.generate("Tell me", max_new_tokens=10, temperature=0.8, top_p=0.9, top_k=40, seed=7)
+    c = model.generate("Tell me", max_new_tokens=10, temperature=0.8, top_p=0.9, top_k=40, seed=8)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_text_only_model_refuses_images(converted, tmp_path):
+    path, _ = converted["qwen2.5-untied"]
+    lone = tmp_path / "lone.gguf"
+    lone.write_bytes(path.read_bytes())
+    model = load(lone)
+    assert model.vision is None
+    assert isinstance(model.generate("hi", max_new_tokens=2), Generation)
+    with pytest.raises(ModelError, match="no vision projector"):
+        model.prompt_logits("what?", [IMG_A])
+
+
+def test_llama_cpp_fixture_pair_loads(fixtures_dir):
+    model = load(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")
+    assert model.vision is not None and model.vision_cfg.fullatt_blocks == (1, 3)
+    logits = model.prompt_logits("What is this?", [IMG_A])
+    assert torch.isfinite(logits).all()
