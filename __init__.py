@@ -6,3 +6,10 @@ quantizers), `kernels/` (Triton kernels with their torch references), `runtime/`
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, device="auto", dtype=None, mmproj=None):
+    """Load a GGUF model; see qvl.runtime.model.load (imported lazily: the converter needs no torch)."""
+    from .runtime.model import load as _load
+
+    return _load(path, device=device, dtype=dtype, mmproj=mmproj)

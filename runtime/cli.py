@@ -32,8 +32,4 @@ def inspect_cmd(
         sys.stderr.close()
 
 
-@app.command("run", help="Run a model (not implemented yet; see qvl-run).",
-             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def run_cmd(ctx: typer.Context) -> None:
-    typer.echo(run_cli.MISSING, err=True)
-    raise typer.Exit(2)
+app.command("run", help=run_cli.HELP)(run_cli.run)

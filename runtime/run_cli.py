@@ -1,21 +1,161 @@
-"""`qvl-run`: the runtime arrives with its own issue; until then this says so."""
+"""`qvl-run MODEL [options]`: ask a picture a question.
+
+Flags follow candle's `qwen2_5_vl` example (names and defaults), plus llama.cpp-style extras.
+The answer alone goes to stdout; everything else (progress, --verbose figures) to stderr. Bad
+input is one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+
+from .config import ConfigError
+from .gguf_file import GGUFError
+from .image import MAX_PIXELS, MIN_PIXELS, ImageError
+from .model import Generation, Model, ModelError, load
+from .tokenizer import TokenizerError
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
-MISSING = ("qvl-run: the inference runtime is not implemented yet (model loading, vision encoder, "
-           "decoder and sampling arrive with the runtime issue); today qvl converts models: "
-           "see qvl-convert --help")
+DEFAULT_PROMPT = "Describe this image in detail."
+HELP = """Run a Qwen2-VL / Qwen2.5-VL GGUF on images and a prompt.
+
+MODEL is a GGUF file: llama.cpp's text model (its mmproj-*.gguf is found beside it), Ollama's
+single qwen25vl file, or what qvl-convert wrote. Images come before the text unless the prompt
+places them with {image1}, {image2}, ... Without --prompt and with a terminal on stdin, an
+interactive chat starts.
+
+Example: qvl-run qwen2.5-vl-3b-q4_k_m.gguf --image cat.png --prompt "What is the cat doing?"
+"""
 
 
-@app.command(help="Run a Qwen2-VL / Qwen2.5-VL GGUF on images and a prompt (not implemented yet).",
-             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def run(ctx: typer.Context, model: str = typer.Argument(None, help="GGUF file")) -> None:
-    typer.echo(MISSING, err=True)
+def _fail(message: str) -> None:
+    typer.echo(f"qvl-run: error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str]) -> None:
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    pending = list(images)
+    typer.echo("qvl chat: type a message, /image PATH to attach a picture, Ctrl-D to leave", err=True)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            typer.echo("", err=True)
+            return
+        if not line:
+            continue
+        if line.startswith("/image "):
+            pending.append(line[len("/image "):].strip())
+            continue
+        content = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
+        pending = []
+        messages.append({"role": "user", "content": content})
+        try:
+            out = model.chat(messages, **gen_kwargs)
+        except (ModelError, ImageError) as e:
+            typer.echo(f"qvl-run: error: {e}", err=True)
+            messages.pop()
+            continue
+        typer.echo(out.text)
+        messages.append({"role": "assistant", "content": out.text})
+
+
+@app.command(help=HELP)
+def run(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="GGUF model file."),
+    image: List[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
+    video: List[Path] = typer.Option([], "--video", help="Video file (not yet supported)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help=f"Question (default: {DEFAULT_PROMPT!r})."),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="Hub model id (store names arrive with `qvl pull`)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision, with --model-id."),
+    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU (the only path today)."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 activations (GPU path; float32 on the CPU)."),
+    max_length: int = typer.Option(512, "--max-length", help="Most tokens to generate."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature; greedy when absent."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling probability."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for repeated tokens (1.0 = none)."),
+    repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Context size for the repeat penalty."),
+    seed: int = typer.Option(299792458, "--seed", help="Random seed for sampling."),
+    stream: bool = typer.Option(False, "--stream", help="Print tokens as they come."),
+    flash_attn: bool = typer.Option(False, "--flash-attn", help="Accepted for candle compatibility (no effect on the CPU)."),
+    sliding_window: bool = typer.Option(False, "--sliding-window", help="Accepted for candle compatibility (Qwen2-VL/2.5-VL checkpoints do not use it)."),
+    sliding_window_size: int = typer.Option(4096, "--sliding-window-size", help="With --sliding-window."),
+    max_window_layers: Optional[int] = typer.Option(None, "--max-window-layers", help="With --sliding-window."),
+    video_fps: float = typer.Option(2.0, "--video-fps", help="Frames per second sampled from a video."),
+    max_frames: int = typer.Option(32, "--max-frames", help="Most frames sampled from a video."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF (default: found beside MODEL)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    min_pixels: int = typer.Option(MIN_PIXELS, "--min-pixels", help="Smallest image area after resizing."),
+    max_pixels: int = typer.Option(MAX_PIXELS, "--max-pixels", help="Largest image area after resizing."),
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="KV cache size in tokens (default: prompt + --max-length)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, timings."),
+    verbose: bool = typer.Option(False, "--verbose", help="Load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
+) -> None:
+    del cpu, bf16, flash_attn, sliding_window_size, max_window_layers, video_fps, max_frames, revision
+    if video:
+        _fail("--video is not supported yet (video arrives with its own issue)")
+    if sliding_window:
+        _fail("--sliding-window: Qwen2-VL / Qwen2.5-VL checkpoints set use_sliding_window false; not supported")
+    if model_id is not None:
+        _fail("--model-id: loading by hub id or store name arrives with `qvl pull`; pass a GGUF file")
+    for p in image:
+        if not p.is_file():
+            _fail(f"{p}: image not found")
+    if mmproj is not None and not mmproj.is_file():
+        _fail(f"{mmproj}: mmproj file not found")
+    t0 = time.perf_counter()
+    try:
+        model = load(model_path, device="cpu", mmproj=mmproj)
+    except (GGUFError, ConfigError, TokenizerError, ModelError, KeyError) as e:
+        _fail(str(e).strip("'\""))
+    load_s = time.perf_counter() - t0
+    gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                      repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, ctx_size=ctx_size,
+                      min_pixels=min_pixels, max_pixels=max_pixels)
+    if prompt is None and sys.stdin.isatty() and not json_out:
+        _interactive(model, gen_kwargs, [str(p) for p in image], system)
+        return
+    text = prompt if prompt is not None else DEFAULT_PROMPT
+    try:
+        if stream and not json_out:
+            for piece in model.generate(text, [str(p) for p in image], stream=True, system=system, **gen_kwargs):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return
+        out = model.generate(text, [str(p) for p in image], system=system, **gen_kwargs)
+    except (ModelError, ImageError) as e:
+        _fail(str(e))
+    assert isinstance(out, Generation)
+    timings = {"load_s": round(load_s, 3), **{k: round(v, 3) for k, v in out.timings.items()}}
+    n_new = len(out.token_ids)
+    if out.timings.get("prefill_s"):
+        timings["prefill_tok_s"] = round(out.prompt_tokens / out.timings["prefill_s"], 2)
+    if n_new and out.timings.get("decode_s"):
+        timings["decode_tok_s"] = round(n_new / out.timings["decode_s"], 2)
+    if json_out:
+        typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
+                               "timings": timings}, ensure_ascii=False))
+    else:
+        typer.echo(out.text)
+    if verbose:
+        figures = ", ".join(f"{k} {v}" for k, v in timings.items())
+        typer.echo(f"qvl-run: {figures}, peak RSS {_peak_rss_mib():.0f} MiB", err=True)
 
 
 def main() -> None:

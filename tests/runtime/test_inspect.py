@@ -34,6 +34,6 @@ def test_inspect_rejects_non_gguf(tmp_path):
     assert r.stderr.strip().startswith("qvl inspect: error:") and "not a GGUF" in r.stderr
 
 
-def test_run_stub_says_what_is_missing():
-    r = runner.invoke(app, ["run", "model.gguf", "--image", "a.png"])
-    assert r.exit_code == 2 and "not implemented yet" in r.stderr
+def test_run_rejects_a_missing_model(tmp_path):
+    r = runner.invoke(app, ["run", str(tmp_path / "model.gguf"), "--prompt", "hi"])
+    assert r.exit_code == 2 and r.stderr.startswith("qvl-run: error:") and "not found" in r.stderr

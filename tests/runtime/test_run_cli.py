@@ -1,0 +1,73 @@
+"""`qvl-run`: answers on stdout, figures on stderr, bad input one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvl.runtime.run_cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_path(fixtures_dir):
+    return str(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("img") / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 130, 3), dtype=np.uint8)).save(p)
+    return str(p)
+
+
+def test_json_output(model_path, image_path):
+    r = runner.invoke(app, [model_path, "--image", image_path, "--max-length", "6", "--json"])
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["token_ids"]) == 6 and out["prompt_tokens"] > 20
+    assert {"prefill_s", "decode_s", "vision_ms"} <= set(out["timings"])
+
+
+def test_plain_output_is_only_the_answer(model_path):
+    r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "4", "--verbose"])
+    assert r.exit_code == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1
+    assert "decode_tok_s" in r.stderr and "peak RSS" in r.stderr
+
+
+def test_greedy_is_deterministic_and_stream_matches(model_path):
+    a = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "8"])
+    b = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "8", "--stream"])
+    assert a.exit_code == b.exit_code == 0
+    assert a.stdout == b.stdout
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["{model}", "--image", "/nonexistent.png"], "image not found"),
+    (["{model}", "--image", "{junk}"], "not a readable image"),
+    (["{junk}", "--prompt", "x"], "not a GGUF"),
+    (["{truncated}", "--prompt", "x"], "truncated"),
+    (["{mmproj}", "--prompt", "x"], "not a Qwen2-VL text model"),
+    (["{model}", "--video", "clip.mp4"], "not supported yet"),
+    (["{model}", "--prompt", "word " * 300, "--ctx-size", "64"], "does not fit a context of 64"),
+    (["{model}", "--prompt", "{image2} here", "--image", "{image}"], "refers to {image2}"),
+])
+def test_bad_input(tmp_path, fixtures_dir, model_path, image_path, args, expect):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"hello, not a thing")
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(open(model_path, "rb").read()[:20_000_000])
+    subst = {"model": model_path, "junk": str(junk), "truncated": str(truncated), "image": image_path,
+             "mmproj": str(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "mmproj-tiny-qwen2.5-vl-f16.gguf")}
+    r = runner.invoke(app, [a.format(**subst) if a.startswith("{") and a.endswith("}") and a[1:-1] in subst else a
+                            for a in args])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qvl-run: error:") and expect in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
