@@ -1,0 +1,71 @@
+"""Chat template rendering identical to transformers' apply_chat_template; model.chat turns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qvl.runtime.chat import render
+from qvl.runtime.gguf_file import GGUFFile
+from qvl.runtime.model import load
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}, {"type": "image"}]},
+     {"role": "assistant", "content": "Two cats."}, {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "And this?"}]}],
+]
+
+
+@pytest.fixture(scope="module")
+def template(fixtures_dir):
+    with GGUFFile(fixtures_dir / "tiny-qwen2-vl" / "llamacpp" / "tiny-qwen2-vl-f16.gguf") as g:
+        return g.get("tokenizer.chat_template")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(fixtures_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(fixtures_dir / "tiny-qwen2-vl" / "hf")
+
+
+@pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("vision_id", [False, True])
+@pytest.mark.parametrize("gen_prompt", [False, True])
+def test_render_equals_transformers(hf_tokenizer, template, conv, vision_id, gen_prompt):
+    tok = hf_tokenizer
+    msgs = CONVERSATIONS[conv]
+    ref = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt, add_vision_id=vision_id)
+    assert render(template, msgs, gen_prompt, vision_id) == ref
+    assert render(None, msgs, gen_prompt, vision_id) == ref  # built-in template for files without one
+
+
+def test_llama_cpp_fixture_and_our_conversion_agree(fixtures_dir, tmp_path):
+    """llama.cpp's F16 pair and qvl-convert's F16 pair of the same checkpoint give the same logits."""
+    from typer.testing import CliRunner
+
+    from qvl.convert.cli import app
+
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    for model in ("tiny-qwen2.5-vl", "tiny-qwen2-vl"):
+        ours_path = tmp_path / f"{model}.gguf"
+        r = CliRunner().invoke(app, [str(fixtures_dir / model / "hf"), "-o", str(ours_path), "-q"])
+        assert r.exit_code == 0, r.output
+        theirs = load(fixtures_dir / model / "llamacpp" / f"{model}-f16.gguf").prompt_logits("Look: {image1} ok?", [img])
+        ours = load(ours_path).prompt_logits("Look: {image1} ok?", [img])
+        assert torch.equal(ours, theirs)
+
+
+def test_multi_turn_chat(fixtures_dir, tmp_path):
+    model = load(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((60, 60, 3), dtype=np.uint8)).save(path)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "Hi"}]}]
+    first = model.chat(msgs, max_new_tokens=4)
+    msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "More?"}]
+    second = model.chat(msgs, max_new_tokens=4)
+    assert second.prompt_tokens > first.prompt_tokens + 4
+    assert len(second.token_ids) <= 4
