@@ -36,13 +36,6 @@ class TextConfig:
         return self.n_embd // self.n_head
 
 
-def _key(g: GGUFFile, key: str) -> object:
-    value = g.get(key)
-    if value is None:
-        raise ConfigError(f"{g.path}: missing metadata key '{key}'")
-    return value
-
-
 def text_config(g: GGUFFile) -> TextConfig:
     arch = g.architecture
     if arch not in TEXT_ARCHES:
@@ -50,25 +43,25 @@ def text_config(g: GGUFFile) -> TextConfig:
                           f"(expected one of {', '.join(TEXT_ARCHES)})")
     p = arch
     if arch == "qwen2vl":
-        sections = list(_key(g, f"{p}.rope.dimension_sections"))  # type: ignore[arg-type]
+        sections = list(g.require(f"{p}.rope.dimension_sections"))
     else:
-        sections = list(_key(g, f"{p}.rope.mrope_section"))  # type: ignore[arg-type]
+        sections = list(g.require(f"{p}.rope.mrope_section"))
     sections = [int(s) for s in sections if s][:3]  # llama.cpp pads to four with 0
     if len(sections) != 3:
         raise ConfigError(f"{g.path}: rope sections {sections} are not three M-RoPE sections")
-    tokens = _key(g, "tokenizer.ggml.tokens")
+    tokens = g.require("tokenizer.ggml.tokens")
     cfg = TextConfig(
         arch=arch,
-        n_layer=int(_key(g, f"{p}.block_count")),  # type: ignore[arg-type]
-        n_embd=int(_key(g, f"{p}.embedding_length")),  # type: ignore[arg-type]
-        n_ff=int(_key(g, f"{p}.feed_forward_length")),  # type: ignore[arg-type]
-        n_head=int(_key(g, f"{p}.attention.head_count")),  # type: ignore[arg-type]
-        n_head_kv=int(_key(g, f"{p}.attention.head_count_kv")),  # type: ignore[arg-type]
-        context_length=int(_key(g, f"{p}.context_length")),  # type: ignore[arg-type]
-        rope_theta=float(_key(g, f"{p}.rope.freq_base")),  # type: ignore[arg-type]
-        rms_eps=float(_key(g, f"{p}.attention.layer_norm_rms_epsilon")),  # type: ignore[arg-type]
+        n_layer=int(g.require(f"{p}.block_count")),
+        n_embd=int(g.require(f"{p}.embedding_length")),
+        n_ff=int(g.require(f"{p}.feed_forward_length")),
+        n_head=int(g.require(f"{p}.attention.head_count")),
+        n_head_kv=int(g.require(f"{p}.attention.head_count_kv")),
+        context_length=int(g.require(f"{p}.context_length")),
+        rope_theta=float(g.require(f"{p}.rope.freq_base")),
+        rms_eps=float(g.require(f"{p}.attention.layer_norm_rms_epsilon")),
         mrope_section=(sections[0], sections[1], sections[2]),
-        n_vocab=len(tokens),  # type: ignore[arg-type]
+        n_vocab=len(tokens),
     )
     if 2 * sum(cfg.mrope_section) != cfg.head_dim:
         raise ConfigError(f"{g.path}: rope sections {list(cfg.mrope_section)} do not cover head dim {cfg.head_dim}")

@@ -162,6 +162,13 @@ class GGUFFile:
         kv = self.fields.get(key)
         return default if kv is None else kv.value
 
+    def require(self, key: str) -> Any:
+        """A metadata value that must be there; a GGUFError naming the key and file otherwise."""
+        kv = self.fields.get(key)
+        if kv is None:
+            raise GGUFError(f"{self.path}: missing metadata key '{key}'")
+        return kv.value
+
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes (uint8, read-only view of the mapping), rows as the first axis."""
         t = self.tensors[name]

@@ -27,21 +27,14 @@ class TokenizerError(ValueError):
     """The GGUF's tokenizer metadata is missing or not one qvl can rebuild."""
 
 
-def _require(g: GGUFFile, key: str) -> object:
-    value = g.get(key)
-    if value is None:
-        raise TokenizerError(f"{g.path}: missing tokenizer key '{key}'")
-    return value
-
-
 def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
-    model = _require(g, "tokenizer.ggml.model")
-    pre = _require(g, "tokenizer.ggml.pre")
+    model = g.require("tokenizer.ggml.model")
+    pre = g.require("tokenizer.ggml.pre")
     if model != "gpt2" or pre != "qwen2":
         raise TokenizerError(f"{g.path}: tokenizer {model!r}/{pre!r} is not Qwen2's byte-level BPE (gpt2/qwen2)")
-    tokens: list[str] = _require(g, "tokenizer.ggml.tokens")  # type: ignore[assignment]
-    types: list[int] = _require(g, "tokenizer.ggml.token_type")  # type: ignore[assignment]
-    merges: list[str] = _require(g, "tokenizer.ggml.merges")  # type: ignore[assignment]
+    tokens: list[str] = g.require("tokenizer.ggml.tokens")
+    types: list[int] = g.require("tokenizer.ggml.token_type")
+    merges: list[str] = g.require("tokenizer.ggml.merges")
     if len(types) != len(tokens):
         raise TokenizerError(f"{g.path}: {len(tokens)} tokens but {len(types)} token types")
 

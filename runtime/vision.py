@@ -45,32 +45,25 @@ class VisionConfig:
         return self.embed_dim // self.n_head
 
 
-def _get(g: GGUFFile, key: str) -> object:
-    v = g.get(key)
-    if v is None:
-        raise ConfigError(f"{g.path}: missing metadata key '{key}'")
-    return v
-
-
 def vision_config(g: GGUFFile) -> VisionConfig:
     clip_mean = (0.48145466, 0.4578275, 0.40821073)
     clip_std = (0.26862954, 0.26130258, 0.27577711)
     if g.architecture == "clip":
-        proj = _get(g, "clip.projector_type")
+        proj = g.require("clip.projector_type")
         if proj not in ("qwen2vl_merger", "qwen2.5vl_merger"):
             raise ConfigError(f"{g.path}: projector {proj!r} is not a Qwen2-VL / Qwen2.5-VL merger")
         q25 = proj == "qwen2.5vl_merger"
-        depth = int(_get(g, "clip.vision.block_count"))  # type: ignore[arg-type]
+        depth = int(g.require("clip.vision.block_count"))
         full: tuple[int, ...] = ()
         if q25:
-            n = int(_get(g, "clip.vision.n_wa_pattern"))  # type: ignore[arg-type]
+            n = int(g.require("clip.vision.n_wa_pattern"))
             full = tuple(i for i in range(depth) if (i + 1) % n == 0)
         return VisionConfig(
             qwen2_5=q25, depth=depth,
-            embed_dim=int(_get(g, "clip.vision.embedding_length")),  # type: ignore[arg-type]
-            n_head=int(_get(g, "clip.vision.attention.head_count")),  # type: ignore[arg-type]
-            patch_size=int(_get(g, "clip.vision.patch_size")),  # type: ignore[arg-type]
-            out_dim=int(_get(g, "clip.vision.projection_dim")),  # type: ignore[arg-type]
+            embed_dim=int(g.require("clip.vision.embedding_length")),
+            n_head=int(g.require("clip.vision.attention.head_count")),
+            patch_size=int(g.require("clip.vision.patch_size")),
+            out_dim=int(g.require("clip.vision.projection_dim")),
             eps=float(g.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
             fullatt_blocks=full, window_size=WINDOW_SIZE, tokens_per_second=2.0,
             image_mean=tuple(g.get("clip.vision.image_mean", clip_mean)),
@@ -81,13 +74,13 @@ def vision_config(g: GGUFFile) -> VisionConfig:
         p = "qwen25vl.vision."
         return VisionConfig(
             qwen2_5=True,
-            depth=int(_get(g, p + "block_count")),  # type: ignore[arg-type]
-            embed_dim=int(_get(g, p + "embedding_length")),  # type: ignore[arg-type]
-            n_head=int(_get(g, p + "attention.head_count")),  # type: ignore[arg-type]
-            patch_size=int(_get(g, p + "patch_size")),  # type: ignore[arg-type]
-            out_dim=int(_get(g, "qwen25vl.embedding_length")),  # type: ignore[arg-type]
+            depth=int(g.require(p + "block_count")),
+            embed_dim=int(g.require(p + "embedding_length")),
+            n_head=int(g.require(p + "attention.head_count")),
+            patch_size=int(g.require(p + "patch_size")),
+            out_dim=int(g.require("qwen25vl.embedding_length")),
             eps=float(g.get(p + "attention.layer_norm_epsilon", 1e-6)),
-            fullatt_blocks=tuple(_get(g, p + "fullatt_block_indexes")),  # type: ignore[arg-type]
+            fullatt_blocks=tuple(g.require(p + "fullatt_block_indexes")),
             window_size=int(g.get(p + "window_size", WINDOW_SIZE)),
             tokens_per_second=2.0, image_mean=clip_mean, image_std=clip_std, layout="ollama",
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from qvl.runtime.gguf_file import GGUFFile
+from qvl.runtime.gguf_file import GGUFError, GGUFFile
 from qvl.runtime.tokenizer import TokenizerError, tokenizer_from_gguf
 
 CORPUS = [
@@ -73,5 +73,14 @@ def test_rejects_other_tokenizers(tmp_path, fixtures_dir):
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
-    with GGUFFile(path) as g, pytest.raises(TokenizerError, match="tokenizer.ggml.pre|not Qwen2"):
+    with GGUFFile(path) as g, pytest.raises(GGUFError, match="missing metadata key 'tokenizer.ggml.pre'"):
+        tokenizer_from_gguf(g)
+    w = GGUFWriter(path, "llama")
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    with GGUFFile(path) as g, pytest.raises(TokenizerError, match="not Qwen2"):
         tokenizer_from_gguf(g)
