@@ -26,10 +26,13 @@ from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess
 from .positions import Span, rope_positions
 from .sampling import SamplingParams, sample
 from .tokenizer import tokenizer_from_gguf
+from .video import VideoInput, VideoOptions, load_video
 from .vision import VisionConfig, VisionTower, vision_config
 from .weights import Weights
 
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+_PADS = re.compile(r"(<\|image_pad\|>|<\|video_pad\|>)")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 PREFILL_CHUNK = 512
 
@@ -75,22 +78,24 @@ class Model:
 
     # --- prompt building ---------------------------------------------------------------------
 
-    def messages_for(self, prompt: str, n_images: int, system: str | None = None) -> list[dict[str, Any]]:
-        """A user turn with the images first, or where `{image1}`, `{image2}`... say."""
+    def messages_for(self, prompt: str, n_images: int, system: str | None = None,
+                     n_videos: int = 0) -> list[dict[str, Any]]:
+        """A user turn with images then videos first, or where `{image1}` / `{video1}`... say."""
         content: list[dict[str, Any]] = []
-        parts = re.split(r"\{image(\d+)\}", prompt)
+        parts = re.split(r"\{(image|video)(\d+)\}", prompt)
         if len(parts) == 1:
-            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "video"} for _ in range(n_videos)]
+            content.append({"type": "text", "text": prompt})
         else:
-            for k, piece in enumerate(parts):
-                if k % 2 == 0:
-                    if piece:
-                        content.append({"type": "text", "text": piece})
-                else:
-                    idx = int(piece)
-                    if not 1 <= idx <= n_images:
-                        raise ModelError(f"prompt refers to {{image{idx}}} but {n_images} image(s) were given")
-                    content.append({"type": "image"})
+            for k in range(0, len(parts), 3):
+                if parts[k]:
+                    content.append({"type": "text", "text": parts[k]})
+                if k + 2 < len(parts):
+                    kind, idx = parts[k + 1], int(parts[k + 2])
+                    have = n_images if kind == "image" else n_videos
+                    if not 1 <= idx <= have:
+                        raise ModelError(f"prompt refers to {{{kind}{idx}}} but {have} {kind}(s) were given")
+                    content.append({"type": kind})
         messages = [{"role": "system", "content": system}] if system else []
         return messages + [{"role": "user", "content": content}]
 
@@ -105,40 +110,65 @@ class Model:
             out.append(preprocess(pil, min_pixels, max_pixels, self.vision_cfg.image_mean, self.vision_cfg.image_std))
         return out
 
+    def _videos(self, videos: list[str | Path], opts: VideoOptions) -> list[VideoInput]:
+        if videos and self.vision is None:
+            raise ModelError(f"{self.text_file.path}: this model has no vision projector (mmproj); "
+                             "videos need one (pass --mmproj)")
+        assert self.vision_cfg is not None or not videos
+        return [load_video(v, opts, self.vision_cfg.image_mean, self.vision_cfg.image_std)  # type: ignore[union-attr]
+                for v in videos]
+
     def tokenize(self, text: str, images: list[ImageLike], min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> tuple[list[int], list[Span], list]:
-        """Rendered prompt (one <|image_pad|> per image) -> ids with pads expanded, spans, images."""
+                 max_pixels: int = MAX_PIXELS, videos: list[VideoInput] | None = None
+                 ) -> tuple[list[int], list[Span], list]:
+        """Rendered prompt (one pad per image / video) -> ids with pads expanded, spans, images."""
         pre = self._images(images, min_pixels, max_pixels)
-        pieces = text.split(IMAGE_PAD)
-        if len(pieces) - 1 != len(pre):
-            raise ModelError(f"prompt has {len(pieces) - 1} image slots for {len(pre)} image(s)")
+        videos = list(videos or [])
+        pieces = _PADS.split(text)
+        n_img = sum(1 for p in pieces if p == IMAGE_PAD)
+        n_vid = sum(1 for p in pieces if p == VIDEO_PAD)
+        if n_img != len(pre) or n_vid != len(videos):
+            raise ModelError(f"prompt has {n_img} image and {n_vid} video slots for "
+                             f"{len(pre)} image(s) and {len(videos)} video(s)")
         ids: list[int] = []
         spans: list[Span] = []
-        for k, piece in enumerate(pieces):
-            t_ids = self.tokenizer.encode(piece, add_special_tokens=False).ids
-            ids += t_ids
-            spans.append(Span(len(t_ids)))
-            if k < len(pre):
-                t, h, w = pre[k].grid_thw
+        it_img, it_vid = iter(pre), iter(videos)
+        for piece in pieces:
+            if piece in (IMAGE_PAD, VIDEO_PAD):
+                item = next(it_img) if piece == IMAGE_PAD else next(it_vid)
+                t, h, w = item.grid_thw
                 n = t * (h // 2) * (w // 2)
-                ids += [self.image_pad_id] * n
-                spans.append(Span(n, grid=(t, h // 2, w // 2)))
+                interval = 1.0
+                if piece == VIDEO_PAD and self.vision_cfg is not None and self.vision_cfg.qwen2_5:
+                    # float32 as transformers computes tokens_per_second * second_per_grid_t
+                    interval = float(torch.tensor(item.second_per_grid_t, dtype=torch.float32)
+                                     * self.vision_cfg.tokens_per_second)
+                ids += [self.tokenizer.token_to_id(piece)] * n
+                spans.append(Span(n, grid=(t, h // 2, w // 2), interval=interval))
+            else:
+                t_ids = self.tokenizer.encode(piece, add_special_tokens=False).ids
+                ids += t_ids
+                spans.append(Span(len(t_ids)))
         return ids, spans, pre
 
     def encode(self, text: str, images: list[ImageLike], min_pixels: int = MIN_PIXELS,
-               max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Rendered prompt text (with one <|image_pad|> per image) -> (embeddings, positions, timings)."""
-        ids, spans, pre = self.tokenize(text, images, min_pixels, max_pixels)
+               max_pixels: int = MAX_PIXELS, videos: list[VideoInput] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Rendered prompt text (one pad per image / video) -> (embeddings, positions, timings)."""
+        videos = list(videos or [])
+        ids, spans, pre = self.tokenize(text, images, min_pixels, max_pixels, videos)
         timings: dict[str, float] = {}
         ids_t = torch.tensor(ids, dtype=torch.long)
         embeds = self.decoder.embed_tokens(ids_t)
-        if pre:
+        for items, pad in ((pre, IMAGE_PAD), (videos, VIDEO_PAD)):
+            if not items:
+                continue
             assert self.vision is not None
             t0 = time.perf_counter()
-            pixels = torch.from_numpy(np.concatenate([p.pixels for p in pre]))
-            feats = self.vision.forward(pixels, [p.grid_thw for p in pre])
-            timings["vision_ms"] = 1e3 * (time.perf_counter() - t0)
-            embeds[ids_t == self.image_pad_id] = feats
+            pixels = torch.from_numpy(np.concatenate([p.pixels for p in items]))
+            feats = self.vision.forward(pixels, [p.grid_thw for p in items])
+            timings["vision_ms"] = timings.get("vision_ms", 0.0) + 1e3 * (time.perf_counter() - t0)
+            embeds[ids_t == self.tokenizer.token_to_id(pad)] = feats
         return embeds, rope_positions(spans), timings
 
     def _prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -154,11 +184,15 @@ class Model:
 
     @torch.no_grad()
     def prompt_logits(self, prompt: str, images: list[ImageLike] | None = None, *, template: bool = True,
-                      min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+                      min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                      videos: list[str | Path] | None = None,
+                      video_options: VideoOptions = VideoOptions()) -> torch.Tensor:
         """float32 logits (n_prompt_tokens, vocab) of every prompt position."""
         images = list(images or [])
-        text = render(self.chat_template, self.messages_for(prompt, len(images))) if template else prompt
-        embeds, positions, _ = self.encode(text, images, min_pixels, max_pixels)
+        vids = self._videos(list(videos or []), video_options)
+        text = render(self.chat_template, self.messages_for(prompt, len(images), None, len(vids))) \
+            if template else prompt
+        embeds, positions, _ = self.encode(text, images, min_pixels, max_pixels, vids)
         cache = KVCache(self.cfg, embeds.shape[0])
         return self._prefill(embeds, positions, cache, all_logits=True)
 
@@ -166,12 +200,15 @@ class Model:
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  min_p: float | None = None, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                  seed: int = 299792458, stream: bool = False, system: str | None = None, template: bool = True,
-                 ctx_size: int | None = None, min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> Generation | Iterator[str]:
+                 ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                 videos: list[str | Path] | None = None,
+                 video_options: VideoOptions = VideoOptions()) -> Generation | Iterator[str]:
         images = list(images or [])
-        text = render(self.chat_template, self.messages_for(prompt, len(images), system)) if template else prompt
+        vids = self._videos(list(videos or []), video_options)
+        text = render(self.chat_template, self.messages_for(prompt, len(images), system, len(vids))) \
+            if template else prompt
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
-        it = self._run(text, images, max_new_tokens, params, ctx_size, min_pixels, max_pixels)
+        it = self._run(text, images, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids)
         if stream:
             return (piece for piece in it if isinstance(piece, str))
         result = None
@@ -183,18 +220,21 @@ class Model:
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Generation:
         """Multi-turn chat in transformers' message format; images as {"type": "image", "image": path}."""
-        images = [c.get("image") or c.get("image_url") for m in messages if isinstance(m["content"], list)
-                  for c in m["content"] if c.get("type") == "image" or "image" in c or "image_url" in c]
+        parts = [c for m in messages if isinstance(m["content"], list) for c in m["content"]]
+        images = [c.get("image") or c.get("image_url") for c in parts
+                  if c.get("type") == "image" or "image" in c or "image_url" in c]
+        videos = [c["video"] for c in parts if c.get("type") == "video" or "video" in c]
         text = render(self.chat_template, messages)
-        out = self.generate(text, images, template=False, **kwargs)
+        out = self.generate(text, images, template=False, videos=videos, **kwargs)
         assert isinstance(out, Generation)
         return out
 
     @torch.no_grad()
     def _run(self, text: str, images: list[ImageLike], max_new_tokens: int, params: SamplingParams,
-             ctx_size: int | None, min_pixels: int, max_pixels: int) -> Iterator[str | Generation]:
+             ctx_size: int | None, min_pixels: int, max_pixels: int,
+             videos: list[VideoInput]) -> Iterator[str | Generation]:
         t0 = time.perf_counter()
-        embeds, positions, timings = self.encode(text, images, min_pixels, max_pixels)
+        embeds, positions, timings = self.encode(text, images, min_pixels, max_pixels, videos)
         n_prompt = embeds.shape[0]
         capacity = ctx_size or min(self.cfg.context_length, n_prompt + max_new_tokens)
         if n_prompt >= capacity:

@@ -21,6 +21,7 @@ from .gguf_file import GGUFError
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError
 from .model import Generation, Model, ModelError, load
 from .tokenizer import TokenizerError
+from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VideoError, VideoOptions
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
@@ -46,6 +47,7 @@ def _peak_rss_mib() -> float:
 
 
 def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str]) -> None:
+    gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "videos"}
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     pending = list(images)
     typer.echo("qvl chat: type a message, /image PATH to attach a picture, Ctrl-D to leave", err=True)
@@ -65,7 +67,7 @@ def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Opti
         messages.append({"role": "user", "content": content})
         try:
             out = model.chat(messages, **gen_kwargs)
-        except (ModelError, ImageError) as e:
+        except (ModelError, ImageError, VideoError) as e:
             typer.echo(f"qvl-run: error: {e}", err=True)
             messages.pop()
             continue
@@ -77,7 +79,7 @@ def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Opti
 def run(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="GGUF model file."),
     image: List[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
-    video: List[Path] = typer.Option([], "--video", help="Video file (not yet supported)."),
+    video: List[Path] = typer.Option([], "--video", help="Video file (any container/codec PyAV reads); repeatable."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help=f"Question (default: {DEFAULT_PROMPT!r})."),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="Hub model id (store names arrive with `qvl pull`)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision, with --model-id."),
@@ -97,7 +99,11 @@ def run(
     sliding_window_size: int = typer.Option(4096, "--sliding-window-size", help="With --sliding-window."),
     max_window_layers: Optional[int] = typer.Option(None, "--max-window-layers", help="With --sliding-window."),
     video_fps: float = typer.Option(2.0, "--video-fps", help="Frames per second sampled from a video."),
-    max_frames: int = typer.Option(32, "--max-frames", help="Most frames sampled from a video."),
+    max_frames: int = typer.Option(32, "--max-frames", help="Most frames sampled from a video (4..768)."),
+    video_start: Optional[float] = typer.Option(None, "--video-start", help="Start of the video clip, seconds."),
+    video_end: Optional[float] = typer.Option(None, "--video-end", help="End of the video clip, seconds."),
+    video_min_pixels: int = typer.Option(VIDEO_MIN_PIXELS, "--video-min-pixels", help="Smallest frame area."),
+    video_max_pixels: int = typer.Option(VIDEO_MAX_PIXELS, "--video-max-pixels", help="Largest frame area."),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF (default: found beside MODEL)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     min_pixels: int = typer.Option(MIN_PIXELS, "--min-pixels", help="Smallest image area after resizing."),
@@ -106,9 +112,7 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, timings."),
     verbose: bool = typer.Option(False, "--verbose", help="Load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
 ) -> None:
-    del cpu, bf16, flash_attn, sliding_window_size, max_window_layers, video_fps, max_frames, revision
-    if video:
-        _fail("--video is not supported yet (video arrives with its own issue)")
+    del cpu, bf16, flash_attn, sliding_window_size, max_window_layers, revision
     if sliding_window:
         _fail("--sliding-window: Qwen2-VL / Qwen2.5-VL checkpoints set use_sliding_window false; not supported")
     if model_id is not None:
@@ -116,6 +120,9 @@ def run(
     for p in image:
         if not p.is_file():
             _fail(f"{p}: image not found")
+    for p in video:
+        if not p.is_file():
+            _fail(f"{p}: video not found")
     if mmproj is not None and not mmproj.is_file():
         _fail(f"{mmproj}: mmproj file not found")
     t0 = time.perf_counter()
@@ -126,7 +133,10 @@ def run(
     load_s = time.perf_counter() - t0
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, ctx_size=ctx_size,
-                      min_pixels=min_pixels, max_pixels=max_pixels)
+                      min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
+                      video_options=VideoOptions(fps=video_fps, max_frames=max_frames, start=video_start,
+                                                 end=video_end, min_pixels=video_min_pixels,
+                                                 max_pixels=video_max_pixels))
     if prompt is None and sys.stdin.isatty() and not json_out:
         _interactive(model, gen_kwargs, [str(p) for p in image], system)
         return
@@ -139,7 +149,7 @@ def run(
             sys.stdout.write("\n")
             return
         out = model.generate(text, [str(p) for p in image], system=system, **gen_kwargs)
-    except (ModelError, ImageError) as e:
+    except (ModelError, ImageError, VideoError) as e:
         _fail(str(e))
     assert isinstance(out, Generation)
     timings = {"load_s": round(load_s, 3), **{k: round(v, 3) for k, v in out.timings.items()}}

@@ -54,7 +54,8 @@ def test_greedy_is_deterministic_and_stream_matches(model_path):
     (["{junk}", "--prompt", "x"], "not a GGUF"),
     (["{truncated}", "--prompt", "x"], "truncated"),
     (["{mmproj}", "--prompt", "x"], "not a Qwen2-VL text model"),
-    (["{model}", "--video", "clip.mp4"], "not supported yet"),
+    (["{model}", "--video", "clip.mp4"], "video not found"),
+    (["{model}", "--video", "{junk}"], "not a readable video"),
     (["{model}", "--prompt", "word " * 300, "--ctx-size", "64"], "does not fit a context of 64"),
     (["{model}", "--prompt", "{image2} here", "--image", "{image}"], "refers to {image2}"),
 ])

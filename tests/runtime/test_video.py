@@ -1,0 +1,164 @@
+"""Video: sampling and sizing equal qwen-vl-utils' own functions; the pipeline equals transformers.
+
+qwen-vl-utils imports torchvision at module level (not installable here); its pure functions
+(`smart_nframes`, `calculate_video_frame_range`, `smart_resize`) do not use it, so the test
+imports the module with a stand-in torchvision and calls those functions.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvl.convert.cli import app as convert_app
+from qvl.runtime.model import load
+from qvl.runtime.video import VideoError, VideoOptions, frame_range, frame_size, load_video, sample_indices, smart_nframes
+from tiny_models import TinySpec, build_model, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def qvu():
+    tv = types.ModuleType("torchvision")
+    tv.__version__ = "0.0.0"
+    tv.io = types.ModuleType("torchvision.io")
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    tv.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
+    stubs = {"torchvision": tv, "torchvision.io": tv.io, "torchvision.transforms": tv.transforms}
+    sys.modules.update(stubs)
+    try:
+        from qwen_vl_utils import vision_process
+    finally:  # transformers probes for torchvision; it must not find the stand-in
+        for name in stubs:
+            sys.modules.pop(name, None)
+    return vision_process
+
+
+def make_video(path, frames: int, fps: int, size=(96, 128), codec="mpeg4"):
+    h, w = size
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        rng = np.random.default_rng(frames)
+        for i in range(frames):
+            img = (rng.integers(0, 256, (h, w, 3)) // 64 * 64).astype(np.uint8)
+            img[: 8 + i % 40] = 255  # a moving bar so frames differ
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+@pytest.mark.parametrize("total,video_fps,fps,max_frames,start,end", [
+    (30, 10.0, 2.0, 32, None, None),
+    (300, 30.0, 2.0, 32, None, None),       # 10 s at 2 fps = 20 frames
+    (3000, 25.0, 2.0, 32, None, None),      # capped at 32
+    (7, 7.0, 2.0, 32, None, None),          # short: min frames 4
+    (600, 29.97, 1.0, 768, 2.5, 11.0),      # a window of the video
+    (91, 30.0, 4.0, 10, 0.4, None),
+])
+def test_sampling_equals_qwen_vl_utils(qvu, total, video_fps, fps, max_frames, start, end):
+    ele = {"fps": fps, "max_frames": max_frames}
+    if start is not None:
+        ele["video_start"] = start
+    if end is not None:
+        ele["video_end"] = end
+    s0, s1, count = qvu.calculate_video_frame_range(ele, total, video_fps)
+    n_ref = qvu.smart_nframes(ele, total_frames=count, video_fps=video_fps)
+    idx_ref = torch.linspace(s0, s1, n_ref).round().long().tolist()
+    first, last = frame_range(total, video_fps, start, end)
+    n = smart_nframes(last - first + 1, video_fps, fps, 4, max_frames)
+    assert (first, last, n) == (s0, s1, n_ref)
+    assert sample_indices(first, last, n) == idx_ref
+
+
+@pytest.mark.parametrize("h,w,n", [(1080, 1920, 32), (480, 640, 8), (90, 3000, 4), (2000, 2000, 768)])
+def test_frame_size_equals_qwen_vl_utils(qvu, h, w, n):
+    min_pixels = qvu.VIDEO_MIN_TOKEN_NUM * 28 * 28
+    total = qvu.MODEL_SEQ_LEN * 28 * 28 * 0.9
+    max_pixels = max(min(qvu.VIDEO_MAX_TOKEN_NUM * 28 * 28, total / n * 2), int(min_pixels * 1.05))
+    assert frame_size(h, w, n, VideoOptions()) == qvu.smart_resize(h, w, factor=28, min_pixels=min_pixels,
+                                                                   max_pixels=max_pixels)
+
+
+def test_load_video_decodes_the_sampled_frames(tmp_path):
+    path = make_video(tmp_path / "a.mp4", frames=30, fps=10)
+    v = load_video(path, VideoOptions(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert v.frame_indices == tuple(torch.linspace(0, 29, 6).round().long().tolist())
+    assert v.grid_thw == (3, v.size[0] // 14, v.size[1] // 14)
+    assert v.second_per_grid_t == pytest.approx(2 / (6 / 30 * 10))
+    assert v.pixels.shape == (3 * (v.size[0] // 14) * (v.size[1] // 14), 3 * 2 * 14 * 14)
+
+
+@pytest.mark.parametrize("codec,suffix", [("libvpx-vp9", "webm"), ("gif", "gif")])
+def test_other_containers(tmp_path, codec, suffix):
+    path = make_video(tmp_path / f"a.{suffix}", frames=12, fps=6, codec=codec) if codec != "gif" else None
+    if path is None:
+        path = tmp_path / "a.gif"
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("gif", rate=6)
+            s.width, s.height, s.pix_fmt = 64, 64, "rgb8"
+            for i in range(12):
+                img = np.full((64, 64, 3), i * 20, np.uint8)
+                for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+    v = load_video(path, VideoOptions(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert v.grid_thw[0] == 2 and len(v.frame_indices) == 4
+
+
+def test_bad_videos(tmp_path):
+    with pytest.raises(VideoError, match="not found"):
+        load_video(tmp_path / "none.mp4", VideoOptions(), (0.5,) * 3, (0.5,) * 3)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all" * 10)
+    with pytest.raises(VideoError, match="not a readable video|no decodable"):
+        load_video(junk, VideoOptions(), (0.5,) * 3, (0.5,) * 3)
+    path = make_video(tmp_path / "a.mp4", frames=30, fps=10)
+    with pytest.raises(VideoError, match="not before"):
+        load_video(path, VideoOptions(start=2.5, end=1.0), (0.5,) * 3, (0.5,) * 3)
+    short = make_video(tmp_path / "one.mp4", frames=1, fps=10)
+    with pytest.raises(VideoError):
+        load_video(short, VideoOptions(), (0.5,) * 3, (0.5,) * 3)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_video_prompt_logits_match_transformers(tmp_path, family):
+    spec = TinySpec(family=family, dtype=torch.float32, seed=9)
+    src = make_checkpoint(tmp_path / "ckpt", spec)
+    r = CliRunner().invoke(convert_app, [str(src), "-o", str(tmp_path / "m.gguf"), "--type", "f32",
+                                         "--vision-type", "f32", "-q"])
+    assert r.exit_code == 0, r.output
+    model = load(tmp_path / "m.gguf")
+    video = make_video(tmp_path / "v.mp4", frames=40, fps=8, size=(84, 112))
+    from qvl.runtime.chat import render
+
+    opts = VideoOptions(fps=1.5, min_pixels=64 * 28 * 28)  # 6 frames, 1.67 s per temporal step
+    img = Image.new("RGB", (90, 60), "red")
+    prompt = "What happens in {video1}? Compare with {image1}."
+    ours = model.prompt_logits(prompt, [img], videos=[video], video_options=opts)
+    vid = model._videos([video], opts)[0]
+    text = render(model.chat_template, model.messages_for(prompt, 1, None, 1))
+    ids, _, pre = model.tokenize(text, [img], videos=[vid])
+    input_ids = torch.tensor([ids])
+    video_id = model.tokenizer.token_to_id("<|video_pad|>")
+    mm = (input_ids == model.image_pad_id).int() + 2 * (input_ids == video_id).int()
+    hf = build_model(spec).float().eval()
+    kwargs = dict(input_ids=input_ids, mm_token_type_ids=mm,
+                  pixel_values=torch.from_numpy(pre[0].pixels), image_grid_thw=torch.tensor([pre[0].grid_thw]),
+                  pixel_values_videos=torch.from_numpy(vid.pixels), video_grid_thw=torch.tensor([vid.grid_thw]))
+    if family == "qwen2_5_vl":
+        kwargs["second_per_grid_ts"] = torch.tensor([vid.second_per_grid_t])
+    with torch.no_grad():
+        ref = hf(**kwargs).logits[0]
+    assert (ours - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
+    assert vid.grid_thw[0] >= 2  # several temporal steps, so the time positions matter
+    assert vid.second_per_grid_t == pytest.approx(2 / (6 / 40 * 8))  # fractional time steps
