@@ -47,6 +47,7 @@ class Generation:
     token_ids: list[int]
     prompt_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    videos: list[VideoInput] = field(default_factory=list)  # what was sampled, for --verbose
 
 
 def find_mmproj(model: Path) -> Path | None:
@@ -268,7 +269,7 @@ class Model:
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         if final != emitted:
             yield final[len(emitted):]
-        yield Generation(final, out_ids, n_prompt, timings)
+        yield Generation(final, out_ids, n_prompt, timings, list(videos))
 
 
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,

@@ -164,6 +164,11 @@ def run(
     else:
         typer.echo(out.text)
     if verbose:
+        for k, v in enumerate(out.videos):
+            typer.echo(f"qvl-run: video {k + 1}: {len(v.frame_indices)} frames at "
+                       f"{', '.join(f'{t:.2f}' for t in v.timestamps)} s, grid {list(v.grid_thw)}, "
+                       f"{v.grid_thw[0] * (v.grid_thw[1] // 2) * (v.grid_thw[2] // 2)} tokens, "
+                       f"{v.second_per_grid_t:.3f} s per temporal step", err=True)
         figures = ", ".join(f"{k} {v}" for k, v in timings.items())
         typer.echo(f"qvl-run: {figures}, peak RSS {_peak_rss_mib():.0f} MiB", err=True)
 

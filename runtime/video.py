@@ -120,12 +120,14 @@ def _open(path: str | Path):
 
 
 def probe(path: str | Path) -> tuple[int, float]:
-    """(decodable frame count, average fps). Counts by decoding when the container does not say."""
+    """(frame count, average fps): the container's count, or a count of decoded frames when it has none."""
     container = _open(path)
     try:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0)
-        count = sum(1 for _ in container.decode(stream))
+        count = stream.frames or sum(1 for _ in container.decode(stream))
+    except Exception as e:  # PyAV raises its own error types from decoding
+        raise VideoError(f"{path}: cannot decode ({e})") from None
     finally:
         container.close()
     if count == 0 or fps <= 0:
