@@ -97,7 +97,8 @@ def test_load_video_decodes_the_sampled_frames(tmp_path):
     assert v.pixels.shape == (3 * (v.size[0] // 14) * (v.size[1] // 14), 3 * 2 * 14 * 14)
 
 
-@pytest.mark.parametrize("codec,suffix", [("libvpx-vp9", "webm"), ("gif", "gif")])
+@pytest.mark.parametrize("codec,suffix", [("libvpx-vp9", "webm"), ("gif", "gif"), ("libx264", "mp4"),
+                                          ("libx264", "mkv"), ("mpeg4", "mov"), ("mpeg4", "avi")])
 def test_other_containers(tmp_path, codec, suffix):
     path = make_video(tmp_path / f"a.{suffix}", frames=12, fps=6, codec=codec) if codec != "gif" else None
     if path is None:
@@ -113,6 +114,20 @@ def test_other_containers(tmp_path, codec, suffix):
                 c.mux(p)
     v = load_video(path, VideoOptions(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert v.grid_thw[0] == 2 and len(v.frame_indices) == 4
+
+
+def test_audio_only_file_is_refused(tmp_path):
+    path = tmp_path / "a.m4a"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for p in s.encode(frame):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with pytest.raises(VideoError, match="no video stream"):
+        load_video(path, VideoOptions(), (0.5,) * 3, (0.5,) * 3)
 
 
 def test_bad_videos(tmp_path):
