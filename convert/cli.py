@@ -52,7 +52,14 @@ def print_plan(job: Job) -> None:
     out.print(f"total: {human_bytes(job.nbytes)} in {len(job.files)} file(s)", markup=False, highlight=False)
 
 
-def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool) -> None:
+def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool, store_name: Optional[str] = None) -> None:
+    if store_name is not None:
+        from ..runtime.store import ModelName, StoreError
+
+        try:
+            ModelName.parse(store_name)
+        except StoreError as e:
+            raise ConvertError(str(e)) from None
     job = plan_job(opts)
     if dry_run:
         print_plan(job)
@@ -86,6 +93,13 @@ def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool) -> None:
     for f in job.files:
         err.print(f"wrote {f.path} ({human_bytes(f.path.stat().st_size)})")
     err.print(f"done in {dt:.1f} s")
+    if store_name is not None:
+        from ..runtime.store import Store
+
+        text, rest = job.files[0].path, job.files[1:]
+        entry = Store().create(store_name, text, rest[0].path if rest else None,
+                               config={"model_family": job.files[0].arch, "file_type": opts.type.upper()})
+        err.print(f"stored as {entry.name}")
 
 
 def command(
@@ -98,11 +112,12 @@ def command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every tensor's type and size; write nothing."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+    name: Optional[str] = typer.Option(None, "--name", help="Also store the result in the model store under NAME."),
 ) -> None:
     opts = ConvertOptions(source=src, out=out_path, type=type_.lower(), layout=layout.lower(),
                           vision_type=vision_type.lower(), revision=revision, force=force)
     try:
-        _convert(opts, dry_run, quiet)
+        _convert(opts, dry_run, quiet, name)
     except ConvertError as e:
         err.print(f"qvl-convert: error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 from ..convert import cli as convert_cli
 from . import run_cli
-from .gguf_file import GGUFError
-from .inspect import inspect_file
+from .gguf_file import GGUFError, GGUFFile
+from .inspect import human_bytes, inspect_file
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True,
                   help="qvl: a local runtime for Qwen2-VL and Qwen2.5-VL.")
@@ -33,3 +36,112 @@ def inspect_cmd(
 
 
 app.command("run", help=run_cli.HELP)(run_cli.run)
+
+
+def _store_fail(e: Exception) -> None:
+    typer.echo(f"qvl: error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("create", help="Store local GGUF files under a name (like `ollama create`).\n\n"
+                            "Example: qvl create qwen2.5-vl:3b-q4_k_m model.gguf --mmproj mmproj-model.gguf")
+def create_cmd(
+    name: str = typer.Argument(..., help="[host/][namespace/]model[:tag]"),
+    model: Path = typer.Argument(..., help="Text model GGUF."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF (default: found beside MODEL)."),
+    template: Optional[Path] = typer.Option(None, "--template", help="Chat template file."),
+    params: Optional[str] = typer.Option(None, "--params", help="Default parameters as JSON."),
+) -> None:
+    from .model import find_mmproj
+    from .store import ModelName, Store, StoreError
+
+    try:
+        ModelName.parse(name)
+        projector = mmproj or find_mmproj(model)
+        extra = json.loads(params) if params else None
+        entry = Store().create(name, model, projector, template.read_text() if template else None, extra,
+                               config=_model_config(model))
+    except (StoreError, GGUFError, OSError, json.JSONDecodeError) as e:
+        _store_fail(e)
+    typer.echo(f"created {entry.name} ({len(entry.manifest['layers'])} layers, {human_bytes(entry.size)})", err=True)
+
+
+def _model_config(model: Path) -> dict:
+    from gguf import LlamaFileType
+
+    with GGUFFile(model) as g:
+        ft = g.get("general.file_type")
+        return {"model_family": g.architecture, "model_families": [g.architecture],
+                "model_type": g.get("general.size_label", ""),
+                "file_type": LlamaFileType(ft).name.replace("MOSTLY_", "").replace("ALL_", "") if ft is not None else ""}
+
+
+@app.command("list", help="List stored models: name, id, size, modified.")
+def list_cmd() -> None:
+    from .store import Store, StoreError, human_time
+
+    try:
+        entries = Store().list()
+    except StoreError as e:
+        _store_fail(e)
+    width = max([len(str(e.name)) for e in entries] + [4])
+    typer.echo(f"{'NAME':<{width}}  {'ID':<12}  {'SIZE':>10}  MODIFIED")
+    for e in entries:
+        typer.echo(f"{str(e.name):<{width}}  {e.digest[7:19]:<12}  {human_bytes(e.size):>10}  {human_time(e.modified)}")
+
+
+@app.command("show", help="Architecture, parameters, quantization, context, projector, template, license of a stored model.")
+def show_cmd(name: str = typer.Argument(...)) -> None:
+    from gguf import LlamaFileType
+
+    from .store import Store, StoreError
+
+    try:
+        store = Store()
+        entry = store.get(name)
+        model, proj = store.resolve(name)
+        with GGUFFile(model) as g:
+            arch = g.architecture
+            ft = g.get("general.file_type")
+            rows = [("architecture", arch), ("parameters", g.get("general.size_label", "?")),
+                    ("quantization", LlamaFileType(ft).name if ft is not None else "?"),
+                    ("context length", g.get(f"{arch}.context_length", "?")),
+                    ("embedding length", g.get(f"{arch}.embedding_length", "?"))]
+        if proj is not None:
+            with GGUFFile(proj) as p:
+                rows.append(("projector", p.get("clip.projector_type", p.architecture)))
+        elif arch == "qwen25vl":
+            rows.append(("projector", "in the model file (Ollama layout)"))
+        else:
+            rows.append(("projector", "none (text only)"))
+        for kind in ("template", "license", "params"):
+            layer = entry.layer(kind)
+            if layer is not None:
+                text = store.blob_path(layer["digest"]).read_text(errors="replace")
+                rows.append((kind, text if len(text) < 70 else text[:67] + "..."))
+    except (StoreError, GGUFError) as e:
+        _store_fail(e)
+    for k, v in rows:
+        typer.echo(f"  {k:<18}{v}")
+
+
+@app.command("rm", help="Remove a stored model; blobs go when no other model uses them.")
+def rm_cmd(name: str = typer.Argument(...)) -> None:
+    from .store import Store, StoreError
+
+    try:
+        removed = Store().remove(name)
+    except StoreError as e:
+        _store_fail(e)
+    typer.echo(f"deleted {name} ({len(removed)} blobs freed)", err=True)
+
+
+@app.command("cp", help="Copy a stored model to another name (no data is copied).")
+def cp_cmd(src: str = typer.Argument(...), dst: str = typer.Argument(...)) -> None:
+    from .store import Store, StoreError
+
+    try:
+        Store().copy(src, dst)
+    except StoreError as e:
+        _store_fail(e)
+    typer.echo(f"copied {src} to {dst}", err=True)

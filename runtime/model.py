@@ -280,6 +280,19 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
     if device == "cuda":
         raise ModelError("the CUDA path arrives with the kernels issue; use device='cpu'")
     path = Path(path)
+    if not path.exists() and mmproj is None:
+        from .store import ModelName, Store, StoreError
+
+        try:
+            ModelName.parse(str(path))
+        except StoreError:
+            pass
+        else:  # a store name: qwen2.5-vl:3b, library/x:tag, host/ns/x:tag
+            stored, stored_proj = Store().resolve(str(path))
+            text = GGUFFile(stored)
+            if text.architecture == "qwen25vl":
+                return Model(text, text)
+            return Model(text, GGUFFile(stored_proj) if stored_proj else None)
     text = GGUFFile(path)
     if text.architecture == "qwen25vl":
         return Model(text, text)  # Ollama: vision in the same file

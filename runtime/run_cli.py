@@ -20,6 +20,7 @@ from .config import ConfigError
 from .gguf_file import GGUFError
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError
 from .model import Generation, Model, ModelError, load
+from .store import StoreError
 from .tokenizer import TokenizerError
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VideoError, VideoOptions
 
@@ -128,7 +129,7 @@ def run(
     t0 = time.perf_counter()
     try:
         model = load(model_path, device="cpu", mmproj=mmproj)
-    except (GGUFError, ConfigError, TokenizerError, ModelError, KeyError) as e:
+    except (GGUFError, ConfigError, TokenizerError, ModelError, KeyError, StoreError) as e:
         _fail(str(e).strip("'\""))
     load_s = time.perf_counter() - t0
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
