@@ -145,3 +145,46 @@ def cp_cmd(src: str = typer.Argument(...), dst: str = typer.Argument(...)) -> No
     except StoreError as e:
         _store_fail(e)
     typer.echo(f"copied {src} to {dst}", err=True)
+
+
+@app.command("pull", help="Download a model from an OCI / Ollama registry into the store (resumable, verified).\n\n"
+                          "Example: qvl pull localhost:5000/me/qwen2.5-vl:3b --insecure")
+def pull_cmd(
+    name: str = typer.Argument(..., help="[host/]namespace/model[:tag]"),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP (local registries)."),
+) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from .registry import pull
+    from .store import Store, StoreError
+
+    progress = Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True,
+                        console=Console(stderr=True))
+    try:
+        with progress:
+            task = progress.add_task("pull", total=None)
+            done = pull(name, Store(), insecure, lambda got, total: progress.update(task, completed=got, total=total))
+    except StoreError as e:
+        _store_fail(e)
+    except KeyboardInterrupt:
+        typer.echo("qvl: pull interrupted; run it again to resume", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"pulled {done}", err=True)
+
+
+@app.command("push", help="Upload a stored model to an OCI registry (blobs it has are skipped).\n\n"
+                          "Example: qvl push qwen2.5-vl:3b localhost:5000/me/qwen2.5-vl:3b --insecure")
+def push_cmd(
+    name: str = typer.Argument(...),
+    target: str = typer.Argument(..., help="host/namespace/model[:tag]"),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP (local registries)."),
+) -> None:
+    from .registry import push
+    from .store import Store, StoreError
+
+    try:
+        sent = push(name, target, Store(), insecure)
+    except StoreError as e:
+        _store_fail(e)
+    typer.echo(f"pushed {name} to {target} ({human_bytes(sent)} uploaded)", err=True)
