@@ -147,8 +147,10 @@ def cp_cmd(src: str = typer.Argument(...), dst: str = typer.Argument(...)) -> No
     typer.echo(f"copied {src} to {dst}", err=True)
 
 
-@app.command("pull", help="Download a model from an OCI / Ollama registry into the store (resumable, verified).\n\n"
-                          "Example: qvl pull localhost:5000/me/qwen2.5-vl:3b --insecure")
+@app.command("pull", help="Get a model into the store: from an OCI / Ollama registry (resumable, verified), "
+                          "hf.co/<org>/<repo>:<quant> (GGUF repos as is, checkpoints converted), a short alias "
+                          "(qwen2.5-vl:3b, qwen2-vl:7b-q8_0) or ollama://model:tag (a local Ollama install, "
+                          "hard-linked).\n\nExample: qvl pull localhost:5000/me/qwen2.5-vl:3b --insecure")
 def pull_cmd(
     name: str = typer.Argument(..., help="[host/]namespace/model[:tag]"),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP (local registries)."),
@@ -156,7 +158,7 @@ def pull_cmd(
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from .registry import pull
+    from .sources import pull_any
     from .store import Store, StoreError
 
     progress = Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True,
@@ -164,7 +166,8 @@ def pull_cmd(
     try:
         with progress:
             task = progress.add_task("pull", total=None)
-            done = pull(name, Store(), insecure, lambda got, total: progress.update(task, completed=got, total=total))
+            done = pull_any(name, Store(), insecure,
+                            lambda got, total: progress.update(task, completed=got, total=total))
     except StoreError as e:
         _store_fail(e)
     except KeyboardInterrupt:

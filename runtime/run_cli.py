@@ -76,6 +76,29 @@ def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Opti
         messages.append({"role": "assistant", "content": out.text})
 
 
+def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
+    """A store name that is not in the store is pulled first (unless --no-pull)."""
+    from .sources import pull_any
+    from .store import ModelName, Store
+
+    try:
+        ModelName.parse(name)
+    except StoreError:
+        return  # not a name: load() reports the missing file
+    store = Store()
+    try:
+        store.get(name)
+        return
+    except StoreError:
+        if no_pull:
+            _fail(f"model {name!r} is not in the store {store.root} (and --no-pull was given)")
+    typer.echo(f"qvl-run: pulling {name}", err=True)
+    try:
+        pull_any(name, store, insecure)
+    except StoreError as e:
+        _fail(str(e))
+
+
 @app.command(help=HELP)
 def run(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="GGUF model file."),
@@ -112,6 +135,8 @@ def run(
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="KV cache size in tokens (default: prompt + --max-length)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, timings."),
     verbose: bool = typer.Option(False, "--verbose", help="Load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
+    no_pull: bool = typer.Option(False, "--no-pull", help="Do not pull a store name that is not in the store."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP when pulling from a local registry."),
 ) -> None:
     del cpu, bf16, flash_attn, sliding_window_size, max_window_layers, revision
     if sliding_window:
@@ -126,6 +151,8 @@ def run(
             _fail(f"{p}: video not found")
     if mmproj is not None and not mmproj.is_file():
         _fail(f"{mmproj}: mmproj file not found")
+    if not model_path.exists() and mmproj is None:
+        _pull_if_missing(str(model_path), no_pull, insecure)
     t0 = time.perf_counter()
     try:
         model = load(model_path, device="cpu", mmproj=mmproj)

@@ -97,3 +97,55 @@ def test_convert_stores_by_name(store, fixtures_dir, tmp_path):
     model_path, proj = store.resolve("conv:f16")
     assert model_path.read_bytes() == (tmp_path / "m.gguf").read_bytes()
     assert proj is not None and proj.read_bytes() == (tmp_path / "mmproj-m.gguf").read_bytes()
+
+
+def test_aliases():
+    from qvl.runtime.sources import alias_source
+
+    assert alias_source("qwen2.5-vl:3b") == ("Qwen/Qwen2.5-VL-3B-Instruct", "q4_k_m")
+    assert alias_source("qwen2-vl:7b-q8_0") == ("Qwen/Qwen2-VL-7B-Instruct", "q8_0")
+    assert alias_source("me/model:3b") is None
+    with pytest.raises(StoreError, match="no official model"):
+        alias_source("qwen2.5-vl:5b")
+    with pytest.raises(StoreError, match="quantization"):
+        alias_source("qwen2.5-vl:3b-q2_k")
+
+
+def test_ollama_import_hard_links(store, fixtures_dir, tmp_path, monkeypatch):
+    from qvl.runtime.sources import pull_any
+
+    ollama = Store(tmp_path / "ollama")
+    f = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp"
+    ollama.create("tiny:latest", f / "tiny-qwen2.5-vl-f16.gguf", f / "mmproj-tiny-qwen2.5-vl-f16.gguf")
+    monkeypatch.setenv("OLLAMA_MODELS", str(ollama.root))
+    pull_any("ollama://tiny", store)
+    ours, _ = store.resolve("tiny")
+    theirs, _ = ollama.resolve("tiny")
+    assert ours.stat().st_ino == theirs.stat().st_ino  # same file system: a hard link, no copy
+
+
+def test_hf_checkpoint_is_converted_and_stored(store, fixtures_dir, monkeypatch):
+    """hf.co/<repo>:<quant> of a checkpoint repo: downloaded (stubbed here) and converted."""
+    import huggingface_hub
+
+    from qvl.runtime.sources import pull_any
+
+    hf_dir = fixtures_dir / "tiny-qwen2-vl" / "hf"
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: [p.name for p in hf_dir.iterdir()])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, revision=None, allow_patterns=None: str(hf_dir))
+    pull_any("hf.co/Qwen/tiny-qwen2-vl:q8_0", store)
+    model, proj = store.resolve("hf.co/Qwen/tiny-qwen2-vl:q8_0")
+    from qvl.runtime.gguf_file import GGUFFile
+
+    with GGUFFile(model) as g:
+        assert g.get("general.file_type") == 7 and g.architecture == "qwen2vl"
+    assert proj is not None
+
+
+def test_run_pulls_missing_names_unless_no_pull(store, tmp_path):
+    from qvl.runtime.run_cli import app as run_app
+
+    r = runner.invoke(run_app, ["me/absent:v1", "--no-pull", "--prompt", "x"])
+    assert r.exit_code == 2 and "--no-pull" in r.stderr
+    r = runner.invoke(run_app, ["127.0.0.1:9/me/absent:v1", "--prompt", "x", "--insecure"])
+    assert r.exit_code == 2 and "pulling" in r.stderr and "failed" in r.stderr
