@@ -155,19 +155,11 @@ def pull_cmd(
     name: str = typer.Argument(..., help="[host/]namespace/model[:tag]"),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP (local registries)."),
 ) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-    from .sources import pull_any
+    from .sources import pull_with_progress
     from .store import Store, StoreError
 
-    progress = Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True,
-                        console=Console(stderr=True))
     try:
-        with progress:
-            task = progress.add_task("pull", total=None)
-            done = pull_any(name, Store(), insecure,
-                            lambda got, total: progress.update(task, completed=got, total=total))
+        done = pull_with_progress(name, Store(), insecure)
     except StoreError as e:
         _store_fail(e)
     except KeyboardInterrupt:

@@ -287,8 +287,15 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
             ModelName.parse(str(path))
         except StoreError:
             pass
-        else:  # a store name: qwen2.5-vl:3b, library/x:tag, host/ns/x:tag
-            stored, stored_proj = Store().resolve(str(path))
+        else:  # a store name: qwen2.5-vl:3b, library/x:tag, host/ns/x:tag; pulled when missing
+            store = Store()
+            try:
+                store.get(str(path))
+            except StoreError:
+                from .sources import pull_any
+
+                pull_any(str(path), store)
+            stored, stored_proj = store.resolve(str(path))
             text = GGUFFile(stored)
             if text.architecture == "qwen25vl":
                 return Model(text, text)

@@ -78,7 +78,7 @@ def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Opti
 
 def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
     """A store name that is not in the store is pulled first (unless --no-pull)."""
-    from .sources import pull_any
+    from .sources import pull_with_progress
     from .store import ModelName, Store
 
     try:
@@ -94,7 +94,7 @@ def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
             _fail(f"model {name!r} is not in the store {store.root} (and --no-pull was given)")
     typer.echo(f"qvl-run: pulling {name}", err=True)
     try:
-        pull_any(name, store, insecure)
+        pull_with_progress(name, store, insecure)
     except StoreError as e:
         _fail(str(e))
 

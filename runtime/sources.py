@@ -122,3 +122,14 @@ def pull_any(text: str, store: Store, insecure: bool = False,
 
     return pull(text, store, insecure, progress)
 
+
+
+def pull_with_progress(text: str, store: Store, insecure: bool = False) -> ModelName:
+    """pull_any with a byte progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    bar = Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True, console=Console(stderr=True))
+    with bar:
+        task = bar.add_task("pull", total=None)
+        return pull_any(text, store, insecure, lambda got, total: bar.update(task, completed=got, total=total))

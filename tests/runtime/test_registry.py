@@ -179,3 +179,65 @@ def test_concurrent_pulls(registry_host, stores, tmp_path):
 def test_missing_model_is_a_clear_error(registry_host, tmp_path):
     with pytest.raises(RegistryError, match="HTTP 404"):
         pull(f"{registry_host}/me/nothing:here", Store(tmp_path / "s"), insecure=True)
+
+
+def test_bearer_token_challenge(tmp_path, stores):
+    """A registry that answers 401 with a Bearer challenge: the client fetches a token and retries."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    src, dst = stores
+    entry = src.get("tiny:f16")
+    blobs = {x["digest"]: src.blob_path(x["digest"]).read_bytes()
+             for x in entry.manifest["layers"] + [entry.manifest["config"]]}
+    seen = {"token_requests": 0, "unauthorized": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            host = self.headers["Host"]
+            if self.path.startswith("/token"):
+                seen["token_requests"] += 1
+                assert "scope=repository" in self.path and "service=test" in self.path
+                body = json.dumps({"token": "sesame"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            if self.headers.get("Authorization") != "Bearer sesame":
+                seen["unauthorized"] += 1
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", f'Bearer realm="http://{host}/token",service="test",'
+                                                     f'scope="repository:me/tiny:pull"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if "/manifests/" in self.path:
+                body = json.dumps(entry.manifest).encode()
+            else:
+                body = blobs[self.path.rsplit("/", 1)[-1]]
+                if "Range" in self.headers:
+                    lo, hi = map(int, self.headers["Range"].split("=")[1].split("-"))
+                    body = body[lo:hi + 1]
+                    self.send_response(206)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{server.server_address[1]}"
+        pull(f"{host}/me/tiny:v1", dst, insecure=True)
+    finally:
+        server.shutdown()
+    assert seen["token_requests"] >= 1 and seen["unauthorized"] >= 1
+    assert dst.get(f"{host}/me/tiny:v1").manifest == entry.manifest

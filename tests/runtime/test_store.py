@@ -149,3 +149,20 @@ def test_run_pulls_missing_names_unless_no_pull(store, tmp_path):
     assert r.exit_code == 2 and "--no-pull" in r.stderr
     r = runner.invoke(run_app, ["127.0.0.1:9/me/absent:v1", "--prompt", "x", "--insecure"])
     assert r.exit_code == 2 and "pulling" in r.stderr and "failed" in r.stderr
+
+
+def test_hf_gguf_repo_is_downloaded_as_is(store, fixtures_dir, monkeypatch):
+    import huggingface_hub
+
+    from qvl.runtime.sources import pull_any
+
+    f = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp"
+    files = {"tiny-Q8_0.gguf": f / "tiny-qwen2.5-vl-f16.gguf", "tiny-F16.gguf": f / "tiny-qwen2.5-vl-f16.gguf",
+             "mmproj-tiny-f16.gguf": f / "mmproj-tiny-qwen2.5-vl-f16.gguf", "README.md": None}
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: list(files))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: asked.append(name) or str(files[name]))
+    pull_any("hf.co/ggml-org/tiny-GGUF:Q8_0", store)
+    assert asked == ["tiny-Q8_0.gguf", "mmproj-tiny-f16.gguf"]
+    model, proj = store.resolve("hf.co/ggml-org/tiny-GGUF:Q8_0")
+    assert model.read_bytes() == files["tiny-Q8_0.gguf"].read_bytes() and proj is not None
