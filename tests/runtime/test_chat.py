@@ -69,3 +69,22 @@ def test_multi_turn_chat(fixtures_dir, tmp_path):
     second = model.chat(msgs, max_new_tokens=4)
     assert second.prompt_tokens > first.prompt_tokens + 4
     assert len(second.token_ids) <= 4
+
+
+def test_ollama_single_file_gives_the_same_logits(fixtures_dir, tmp_path):
+    """Ollama's one-file qwen25vl layout (text + vision in one GGUF) runs like llama.cpp's pair."""
+    from typer.testing import CliRunner
+
+    from qvl.convert.cli import app
+
+    out = tmp_path / "ollama.gguf"
+    r = CliRunner().invoke(app, [str(fixtures_dir / "tiny-qwen2.5-vl" / "hf"), "-o", str(out), "--layout", "ollama",
+                                 "-q"])
+    assert r.exit_code == 0, r.output
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    single = load(out)
+    assert single.vision is not None and single.vision_cfg.layout == "ollama"
+    pair = load(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")
+    a = single.prompt_logits("Look: {image1} ok?", [img])
+    b = pair.prompt_logits("Look: {image1} ok?", [img])
+    assert torch.equal(a, b)
