@@ -156,7 +156,9 @@ def load_video(path: str | Path, opts: VideoOptions, mean: tuple[float, ...], st
                 break
             if i not in wanted:
                 continue
-            img = frame.to_image()  # applies no rotation; PyAV gives the coded orientation
+            img = frame.to_image()
+            if frame.rotation:  # display matrix (phone videos): counter-clockwise degrees to show upright
+                img = img.rotate(frame.rotation, expand=True)
             if size is None:
                 size = frame_size(img.height, img.width, n, opts)
             arr = np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC))

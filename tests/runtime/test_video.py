@@ -177,3 +177,27 @@ def test_video_prompt_logits_match_transformers(tmp_path, family):
     assert (ours - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
     assert vid.grid_thw[0] >= 2  # several temporal steps, so the time positions matter
     assert vid.second_per_grid_t == pytest.approx(2 / (6 / 40 * 8))  # fractional time steps
+
+
+def test_rotation_metadata_is_applied(tmp_path):
+    path = tmp_path / "rot.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 448, 224, "yuv420p"
+        s.set_display_rotation(90)  # stored landscape, shown portrait
+        for _ in range(8):
+            img = np.zeros((224, 448, 3), np.uint8)
+            img[:, :112] = 255  # white band on the left of the stored frame
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    v = load_video(path, VideoOptions(min_pixels=4 * 28 * 28), (0.0,) * 3, (1.0,) * 3)
+    h, w = v.size
+    assert h > w  # portrait after rotation
+    # counter-clockwise quarter turn: the stored left edge ends up at the bottom
+    t, gh, gw = v.grid_thw
+    patches = v.pixels.reshape(t, gh // 2, gw // 2, 2, 2, 3, 2, 14, 14)
+    first_row = patches[0, 0, :, 0, :].mean()
+    last_row = patches[0, -1, :, 1, :].mean()
+    assert last_row > 0.9 and first_row < 0.1
