@@ -201,3 +201,26 @@ def test_rotation_metadata_is_applied(tmp_path):
     first_row = patches[0, 0, :, 0, :].mean()
     last_row = patches[0, -1, :, 1, :].mean()
     assert last_row > 0.9 and first_row < 0.1
+
+
+def test_variable_frame_rate(tmp_path):
+    """Irregular timestamps: frames are sampled by decode order, as qwen-vl-utils' readers do."""
+    from fractions import Fraction
+
+    path = tmp_path / "vfr.mkv"
+    times = [0.0, 0.1, 0.15, 0.5, 0.55, 0.6, 1.2, 1.25, 1.3, 2.0, 2.1, 2.5]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 112, 112, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        for k, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((112, 112, 3), 20 * k, np.uint8), format="rgb24")
+            frame.pts = int(t * 1000)
+            frame.time_base = Fraction(1, 1000)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    v = load_video(path, VideoOptions(fps=2.0), (0.0,) * 3, (1.0,) * 3)
+    assert len(v.frame_indices) % 2 == 0 and max(v.frame_indices) <= len(times) - 1
+    assert v.frame_indices == tuple(sorted(v.frame_indices))
