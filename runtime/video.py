@@ -169,14 +169,19 @@ def load_video(path: str | Path, opts: VideoOptions, mean: tuple[float, ...], st
         container.close()
     if size is None or any(f is None for f in frames):
         raise VideoError(f"{path}: fewer decodable frames than the container reported")
-    video = np.stack(frames).astype(np.float32) * np.float32(1 / 255)  # (T, H, W, C)
-    video = (video - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    video = video.transpose(0, 3, 1, 2)  # (T, C, H, W)
-    t, c, h, w = video.shape
-    gt, gh, gw = t // FRAME_FACTOR, h // patch, w // patch
-    p = video.reshape(gt, FRAME_FACTOR, c, gh // merge, merge, patch, gw // merge, merge, patch)
-    p = p.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    pixels = np.ascontiguousarray(p.reshape(gt * gh * gw, c * FRAME_FACTOR * patch * patch), dtype=np.float32)
+    # Normalize and patchify one temporal pair at a time: only the output is held in float32.
+    h, w = size
+    c = 3
+    gt, gh, gw = n // FRAME_FACTOR, h // patch, w // patch
+    per_pair = gh * gw
+    pixels = np.empty((gt * per_pair, c * FRAME_FACTOR * patch * patch), dtype=np.float32)
+    mean_a, std_a = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    for k in range(gt):
+        pair = np.stack(frames[FRAME_FACTOR * k:FRAME_FACTOR * (k + 1)]).astype(np.float32) * np.float32(1 / 255)
+        pair = ((pair - mean_a) / std_a).transpose(0, 3, 1, 2)  # (2, C, H, W)
+        p = pair.reshape(FRAME_FACTOR, c, gh // merge, merge, patch, gw // merge, merge, patch)
+        p = p.transpose(2, 5, 3, 6, 1, 0, 4, 7)  # merge rows, merge cols, in-unit row, col, C, t, py, px
+        pixels[k * per_pair:(k + 1) * per_pair] = p.reshape(per_pair, -1)
     sample_fps = n / max(count, 1e-6) * video_fps
     return VideoInput(pixels, (gt, gh, gw), FRAME_FACTOR / sample_fps, tuple(idx),
                       tuple(i / video_fps for i in idx), size)
