@@ -4,9 +4,9 @@ Sampling (qwen-vl-utils `smart_nframes`, `calculate_video_frame_range`): the fra
 `start` and `end` seconds, `fps` per second of video, clamped to [min_frames, max_frames] and to
 the frames available, rounded down to an even count (the temporal patch is 2); indices are
 `linspace(first, last, n).round()`. Each frame is resized to one size inside the per-frame pixel
-limits and the total budget, normalized, and frame pairs are cut into patches. Frames are
-decoded in order and only the sampled ones are kept, resized, so memory stays at the size of
-the model input. (qwen-vl-utils resizes with torchvision's antialiased bicubic; we use PIL's
+limits and the total budget, normalized, and frame pairs are cut into patches. Long
+constant-rate videos are read by seeking to the sampled frames (others are decoded in order);
+only the sampled frames are kept, resized, so memory stays at the size of the model input. (qwen-vl-utils resizes with torchvision's antialiased bicubic; we use PIL's
 bicubic, so pixel values differ slightly from its output while indices and sizes are equal.)
 """
 
@@ -15,10 +15,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import av
 
 from .image import smart_resize
 
@@ -135,6 +139,67 @@ def probe(path: str | Path) -> tuple[int, float]:
     return count, fps
 
 
+# Seek only when decoding everything would cost much more than the sampled frames need.
+SEEK_WHEN_FRAMES_PER_SAMPLE = 24
+
+
+def _sequential_frames(path: str | Path, idx: list[int]) -> list[tuple[int, "av.VideoFrame"]]:
+    """Decode in order, keep the wanted indices (right for any frame timing)."""
+    wanted, out = set(idx), []
+    container = _open(path)
+    try:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
+            if i > idx[-1]:
+                break
+            if i in wanted:
+                out.append((i, frame))
+    except Exception as e:  # PyAV's decode errors
+        raise VideoError(f"{path}: cannot decode ({e})") from None
+    finally:
+        container.close()
+    return out
+
+
+def _seek_frames(path: str | Path, idx: list[int], fps: float, total: int) -> list | None:
+    """Frames by seeking, for long constant-frame-rate videos; None when not safe or not worth it.
+
+    A frame's index is taken from its timestamp (exact at a constant rate); the container's frame
+    count must agree with duration x rate, and any frame whose timestamp does not land on the
+    wanted index makes the caller fall back to decoding in order.
+    """
+    if total < SEEK_WHEN_FRAMES_PER_SAMPLE * len(idx):
+        return None
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        tb = stream.time_base
+        if not stream.frames or stream.duration is None or tb is None:
+            return None
+        if abs(float(stream.duration * tb) * fps - stream.frames) > 2:
+            return None  # variable frame rate: timestamps do not give decode order
+        start = stream.start_time or 0
+        out = []
+        for i in sorted(set(idx)):
+            container.seek(start + int(i / fps / tb), stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    return None
+                j = round(float((frame.pts - start) * tb) * fps)
+                if j < i:
+                    continue
+                if j > i:
+                    return None
+                out.append((i, frame))
+                break
+            else:
+                return None
+        return out
+    except Exception:  # any seek/decode trouble: decode in order instead
+        return None
+    finally:
+        container.close()
+
+
 def load_video(path: str | Path, opts: VideoOptions, mean: tuple[float, ...], std: tuple[float, ...],
                patch: int = 14, merge: int = 2) -> VideoInput:
     total, video_fps = probe(path)
@@ -143,30 +208,19 @@ def load_video(path: str | Path, opts: VideoOptions, mean: tuple[float, ...], st
     max_frames = max(FPS_MIN_FRAMES, min(opts.max_frames, FPS_MAX_FRAMES))
     n = smart_nframes(count, video_fps, opts.fps, opts.min_frames, max_frames)
     idx = sample_indices(first, last, n)
-    wanted: dict[int, int] = {}
-    for k, i in enumerate(idx):
-        wanted.setdefault(i, k)
     frames: list[np.ndarray | None] = [None] * n
     size: tuple[int, int] | None = None
-    container = _open(path)
-    try:
-        stream = container.streams.video[0]
-        for i, frame in enumerate(container.decode(stream)):
-            if i > idx[-1]:
-                break
-            if i not in wanted:
-                continue
-            img = frame.to_image()
-            if frame.rotation:  # display matrix (phone videos): counter-clockwise degrees to show upright
-                img = img.rotate(frame.rotation, expand=True)
-            if size is None:
-                size = frame_size(img.height, img.width, n, opts)
-            arr = np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC))
-            for k, j in enumerate(idx):
-                if j == i:
-                    frames[k] = arr
-    finally:
-        container.close()
+    picked = _seek_frames(path, idx, video_fps, total) or _sequential_frames(path, idx)
+    for i, frame in picked:
+        img = frame.to_image()
+        if frame.rotation:  # display matrix (phone videos): counter-clockwise degrees to show upright
+            img = img.rotate(frame.rotation, expand=True)
+        if size is None:
+            size = frame_size(img.height, img.width, n, opts)
+        arr = np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC))
+        for k, j in enumerate(idx):
+            if j == i:
+                frames[k] = arr
     if size is None or any(f is None for f in frames):
         raise VideoError(f"{path}: fewer decodable frames than the container reported")
     # Normalize and patchify one temporal pair at a time: only the output is held in float32.

@@ -224,3 +224,17 @@ def test_variable_frame_rate(tmp_path):
     v = load_video(path, VideoOptions(fps=2.0), (0.0,) * 3, (1.0,) * 3)
     assert len(v.frame_indices) % 2 == 0 and max(v.frame_indices) <= len(times) - 1
     assert v.frame_indices == tuple(sorted(v.frame_indices))
+
+
+def test_seeking_gives_the_frames_decoding_in_order_gives(tmp_path):
+    from qvl.runtime import video as V
+
+    path = make_video(tmp_path / "long.mp4", frames=900, fps=30, size=(64, 96))
+    idx = V.sample_indices(0, 899, 32)
+    by_seek = V._seek_frames(path, idx, 30.0, 900)
+    assert by_seek is not None  # long, constant rate: the seeking path is taken
+    in_order = V._sequential_frames(path, idx)
+    assert [i for i, _ in by_seek] == [i for i, _ in in_order] == sorted(set(idx))
+    for (_, a), (_, b) in zip(by_seek, in_order):
+        np.testing.assert_array_equal(a.to_ndarray(format="rgb24"), b.to_ndarray(format="rgb24"))
+    assert V._seek_frames(path, idx[:4], 30.0, 60) is None  # short videos decode in order
