@@ -111,6 +111,12 @@ class Model:
             out.append(preprocess(pil, min_pixels, max_pixels, self.vision_cfg.image_mean, self.vision_cfg.image_std))
         return out
 
+    @staticmethod
+    def placement(prompt: str, items: list, kind: str) -> list:
+        """Media in the order the prompt's `{image2}`/`{video1}`... placeholders use them."""
+        order = [int(m) - 1 for m in re.findall(r"\{" + kind + r"(\d+)\}", prompt)]
+        return [items[i] for i in order if 0 <= i < len(items)] if order else items
+
     def _videos(self, videos: list[str | Path], opts: VideoOptions) -> list[VideoInput]:
         if videos and self.vision is None:
             raise ModelError(f"{self.text_file.path}: this model has no vision projector (mmproj); "
@@ -191,8 +197,11 @@ class Model:
         """float32 logits (n_prompt_tokens, vocab) of every prompt position."""
         images = list(images or [])
         vids = self._videos(list(videos or []), video_options)
-        text = render(self.chat_template, self.messages_for(prompt, len(images), None, len(vids))) \
-            if template else prompt
+        if template:
+            text = render(self.chat_template, self.messages_for(prompt, len(images), None, len(vids)))
+            images, vids = self.placement(prompt, images, "image"), self.placement(prompt, vids, "video")
+        else:
+            text = prompt
         embeds, positions, _ = self.encode(text, images, min_pixels, max_pixels, vids)
         cache = KVCache(self.cfg, embeds.shape[0])
         return self._prefill(embeds, positions, cache, all_logits=True)
@@ -206,8 +215,11 @@ class Model:
                  video_options: VideoOptions = VideoOptions()) -> Generation | Iterator[str]:
         images = list(images or [])
         vids = self._videos(list(videos or []), video_options)
-        text = render(self.chat_template, self.messages_for(prompt, len(images), system, len(vids))) \
-            if template else prompt
+        if template:
+            text = render(self.chat_template, self.messages_for(prompt, len(images), system, len(vids)))
+            images, vids = self.placement(prompt, images, "image"), self.placement(prompt, vids, "video")
+        else:
+            text = prompt
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         it = self._run(text, images, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids)
         if stream:

@@ -91,6 +91,14 @@ def test_greedy_generation_matches_transformers(converted, spec_name):
     assert len(set(out.token_ids)) > 3  # std-0.15 weights: not one repeated token
 
 
+def test_placeholders_pick_the_named_image(converted):
+    path, _ = converted["qwen2.5-untied"]
+    model = load(path)
+    swapped = model.prompt_logits("{image2} and {image1}: which is wider?", [IMG_A, IMG_B])
+    in_order = model.prompt_logits("{image1} and {image2}: which is wider?", [IMG_B, IMG_A])
+    assert torch.equal(swapped, in_order)
+
+
 def test_streaming_yields_the_same_text(converted):
     path, _ = converted["qwen2.5-untied"]
     model = load(path)

@@ -238,3 +238,21 @@ def test_seeking_gives_the_frames_decoding_in_order_gives(tmp_path):
     for (_, a), (_, b) in zip(by_seek, in_order):
         np.testing.assert_array_equal(a.to_ndarray(format="rgb24"), b.to_ndarray(format="rgb24"))
     assert V._seek_frames(path, idx[:4], 30.0, 60) is None  # short videos decode in order
+
+
+def test_two_videos_and_placeholders(tmp_path, fixtures_dir):
+    model = load(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")
+    a = make_video(tmp_path / "a.mp4", frames=20, fps=10, size=(56, 84))
+    b = make_video(tmp_path / "b.webm", frames=12, fps=6, size=(84, 56), codec="libvpx-vp9")
+    opts = VideoOptions(min_pixels=16 * 28 * 28)
+    vids = model._videos([a, b], opts)
+    from qvl.runtime.chat import render
+
+    text = render(model.chat_template, model.messages_for("First {video2}, then {video1}.", 0, None, 2))
+    assert text.count("<|video_pad|>") == 2
+    assert model.placement("First {video2}, then {video1}.", vids, "video") == [vids[1], vids[0]]
+    ids, spans, _ = model.tokenize(text, [], videos=[vids[1], vids[0]])
+    pads = sum(1 for i in ids if i == model.tokenizer.token_to_id("<|video_pad|>"))
+    assert pads == sum(t * (h // 2) * (w // 2) for t, h, w in (v.grid_thw for v in vids))
+    logits = model.prompt_logits("First {video2}, then {video1}.", videos=[a, b], video_options=opts)
+    assert logits.shape[0] == len(ids)
