@@ -1,0 +1,122 @@
+"""Dequantizing matmul straight from GGUF blocks: `y = x @ dequant(W).T`, W never materialized.
+
+The blocked algorithm: program (pid_m, pid_n) owns a BLOCK_M x BLOCK_N tile of y. It walks K in
+steps of 256 elements (one Q4_K super-block, or eight Q8_0 blocks), loads the raw bytes of the
+BLOCK_N weight rows for that step, decodes them in registers into a (BLOCK_N, 256) float32 tile,
+and accumulates `x_tile @ w_tile.T` in float32.
+
+Decoding, per element e of a 256-element step (layouts in convert/quant/):
+  Q8_0: block b = e // 32 at byte 34*b: f16 d, then int8 q[e % 32];      w = d * q
+  Q4_K: 144 bytes: f16 d, f16 dmin, scales[12], qs[128]; with g = e // 64, hi = (e % 64) >= 32,
+        j = 2g + hi: byte = qs[32g + e % 32], q = hi ? byte >> 4 : byte & 15, and the 6-bit
+        (sc, m) of sub-block j;                                            w = d*sc*q - dmin*m
+
+The torch reference beside it (`qmatmul_ref`) dequantizes with gguf-py and multiplies in float32.
+Launch parameters are the caller's (`qmatmul`); the CI runs these kernels under
+TRITON_INTERPRET=1 on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+STEP = 256  # elements of K per loop iteration
+
+
+@triton.jit
+def _f16_at(ptr):
+    lo = tl.load(ptr).to(tl.uint16)
+    hi = tl.load(ptr + 1).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _decode_q8_0(row_ptr, e):
+    """row_ptr: (BLOCK_N, 1) pointers to the step's first block; e: (1, 256) element indices."""
+    blk = row_ptr + (e // 32) * 34
+    d = _f16_at(blk)
+    q = tl.load(blk + 2 + e % 32).to(tl.int8, bitcast=True).to(tl.float32)
+    return d * q
+
+
+@triton.jit
+def _decode_q4_k(row_ptr, e):
+    d = _f16_at(row_ptr + 0 * e)
+    dmin = _f16_at(row_ptr + 2 + 0 * e)
+    s = row_ptr + 4
+    g = e // 64
+    hi = (e % 64) >= 32
+    j = 2 * g + hi.to(tl.int32)
+    low = j < 4
+    s_j = tl.load(s + j).to(tl.int32)
+    s_j4 = tl.load(s + j + 4).to(tl.int32)
+    s_jm4 = tl.load(s + tl.where(low, j, j - 4)).to(tl.int32)
+    sc = tl.where(low, s_j & 63, (s_j4 & 15) | ((s_jm4 >> 6) << 4))
+    m = tl.where(low, s_j4 & 63, (s_j4 >> 4) | ((s_j >> 6) << 4))
+    byte = tl.load(row_ptr + 16 + 32 * g + e % 32).to(tl.int32)
+    q = tl.where(hi, byte >> 4, byte & 15)
+    return d * sc.to(tl.float32) * q.to(tl.float32) - dmin * m.to(tl.float32)
+
+
+@triton.jit
+def qmatmul_kernel(
+    # pointers
+    x_ptr, w_ptr, y_ptr,
+    # dimensions
+    M, N, K, row_bytes, step_bytes,
+    # strides
+    stride_xm, stride_ym,
+    # meta-parameters
+    IS_Q4_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = tl.arange(0, 256)
+    rn_safe = tl.where(rn < N, rn, 0)  # masked rows decode row 0 and are never stored
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K // 256):
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kb * 256 + e[None, :], mask=rm[:, None] < M, other=0.0)
+        row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
+        if IS_Q4_K:
+            w = _decode_q4_k(row_ptr, e[None, :])
+        else:
+            w = _decode_q8_0(row_ptr, e[None, :])
+        acc += tl.dot(x.to(tl.float32), tl.trans(w))
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+SUPPORTED = (T.Q8_0, T.Q4_K)
+
+
+def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
+            block_m: int = 16, block_n: int = 16) -> torch.Tensor:
+    """x (M, K) float, raw (N, row_bytes) uint8 GGUF blocks -> y (M, N) float32."""
+    if qtype not in SUPPORTED:
+        raise ValueError(f"qmatmul supports {', '.join(t.name for t in SUPPORTED)}, not {qtype.name}")
+    if k % STEP:
+        raise ValueError(f"K = {k} is not a multiple of {STEP}")
+    blk, size = GGML_QUANT_SIZES[qtype]
+    row_bytes = k // blk * size
+    if raw.shape != (n, row_bytes) or raw.dtype != torch.uint8:
+        raise ValueError(f"weight bytes should be uint8 ({n}, {row_bytes}), got {raw.dtype} {tuple(raw.shape)}")
+    x = x.contiguous().float()
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
+                         IS_Q4_K=qtype == T.Q4_K, BLOCK_M=block_m, BLOCK_N=block_n)
+    return y
+
+
+def qmatmul_ref(x: torch.Tensor, raw: torch.Tensor, qtype: T) -> torch.Tensor:
+    """The torch reference: gguf-py's dequantization, float32 matmul."""
+    w = torch.from_numpy(np.asarray(dequantize(raw.cpu().numpy(), qtype), dtype=np.float32))
+    return x.float().cpu() @ w.reshape(raw.shape[0], -1).T

@@ -1,0 +1,62 @@
+"""The dequantizing matmul against its torch reference (gguf-py dequantization + float32 matmul).
+
+Tolerance table (float32 accumulation on both sides; only the summation order differs):
+| weights | inputs | rtol on max |y| | why |
+| Q8_0, Q4_K | float32 N(0,1) | 1e-5 | K <= 768 float32 adds in another order: ~K * 2^-24 relative |
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from qvl.convert.quant import quantize
+from qvl.kernels.qmatmul import qmatmul, qmatmul_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RTOL = {T.Q8_0: 1e-5, T.Q4_K: 1e-5}
+
+
+def _weights(n: int, k: int, qtype: T, kind: str, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if kind == "zero-blocks":
+        w[:, :256] = 0
+    elif kind == "huge":
+        w *= 3e4
+    elif kind == "tiny":
+        w *= 1e-5
+    return torch.from_numpy(quantize(w, qtype))
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 256), (1, 33, 512), (3, 7, 256), (8, 17, 768), (5, 16, 256)])
+def test_matches_reference(qtype, m, n, k):
+    raw = _weights(n, k, qtype, "normal", seed=m * 100 + n)
+    x = torch.from_numpy(np.random.default_rng(k).standard_normal((m, k)).astype(np.float32))
+    ref = qmatmul_ref(x, raw, qtype)
+    got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k).cpu()
+    err = (got - ref).abs().max().item()
+    assert err <= RTOL[qtype] * max(ref.abs().max().item(), 1e-30) + 1e-30, err
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K])
+@pytest.mark.parametrize("kind", ["zero-blocks", "huge", "tiny"])
+def test_awkward_values(qtype, kind):
+    n, k = 9, 512
+    raw = _weights(n, k, qtype, kind, seed=3)
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((2, k)).astype(np.float32))
+    ref = qmatmul_ref(x, raw, qtype)
+    got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k).cpu()
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max().item() <= RTOL[qtype] * ref.abs().max().item()
+
+
+def test_rejects_bad_shapes():
+    raw = _weights(4, 256, T.Q8_0, "normal", 0)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        qmatmul(torch.zeros(1, 128), raw[:, :136], T.Q8_0, 4, 128)
+    with pytest.raises(ValueError, match="supports"):
+        qmatmul(torch.zeros(1, 256), raw, T.Q6_K, 4, 256)
