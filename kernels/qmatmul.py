@@ -10,6 +10,11 @@ Decoding, per element e of a 256-element step (layouts in convert/quant/):
   Q4_K: 144 bytes: f16 d, f16 dmin, scales[12], qs[128]; with g = e // 64, hi = (e % 64) >= 32,
         j = 2g + hi: byte = qs[32g + e % 32], q = hi ? byte >> 4 : byte & 15, and the 6-bit
         (sc, m) of sub-block j;                                            w = d*sc*q - dmin*m
+  Q6_K: 210 bytes: ql[128], qh[64], int8 scales[16], f16 d; h = e // 128, r = e % 128,
+        quarter = r // 32, l = r % 32: nibble of ql[64h + l + 32*(quarter % 2)] (low for
+        quarter < 2), bits 2*quarter of qh[32h + l] on top;               w = d*scale[e//16]*(q-32)
+  Q5_0: 22-byte blocks of 32: f16 d, u32 qh, qs[16]; j = e % 32: nibble of qs[j % 16] (low for
+        j < 16), bit j of qh on top;                                       w = d*(q - 16)
 
 The torch reference beside it (`qmatmul_ref`) dequantizes with gguf-py and multiplies in float32.
 Launch parameters are the caller's (`qmatmul`); the CI runs these kernels under
@@ -65,6 +70,33 @@ def _decode_q4_k(row_ptr, e):
 
 
 @triton.jit
+def _decode_q6_k(row_ptr, e):
+    h = e // 128
+    within = e % 128
+    quarter = within // 32
+    l = within % 32
+    ql = tl.load(row_ptr + 64 * h + l + 32 * (quarter % 2)).to(tl.int32)
+    nib = tl.where(quarter < 2, ql & 15, ql >> 4)
+    qh = tl.load(row_ptr + 128 + 32 * h + l).to(tl.int32)
+    q = nib | (((qh >> (2 * quarter)) & 3) << 4)
+    sc = tl.load(row_ptr + 192 + e // 16).to(tl.int8, bitcast=True).to(tl.float32)
+    d = _f16_at(row_ptr + 208 + 0 * e)
+    return d * sc * (q - 32).to(tl.float32)
+
+
+@triton.jit
+def _decode_q5_0(row_ptr, e):
+    blk = row_ptr + (e // 32) * 22
+    j = e % 32
+    d = _f16_at(blk)
+    byte = tl.load(blk + 6 + j % 16).to(tl.int32)
+    nib = tl.where(j < 16, byte & 15, byte >> 4)
+    qh = tl.load(blk + 2 + j // 8).to(tl.int32)  # little-endian u32: bit j is bit j % 8 of byte j // 8
+    q = nib | (((qh >> (j % 8)) & 1) << 4)
+    return d * (q - 16).to(tl.float32)
+
+
+@triton.jit
 def qmatmul_kernel(
     # pointers
     x_ptr, w_ptr, y_ptr,
@@ -73,7 +105,8 @@ def qmatmul_kernel(
     # strides
     stride_xm, stride_ym,
     # meta-parameters
-    IS_Q4_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -87,13 +120,17 @@ def qmatmul_kernel(
         row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
         if IS_Q4_K:
             w = _decode_q4_k(row_ptr, e[None, :])
+        elif IS_Q6_K:
+            w = _decode_q6_k(row_ptr, e[None, :])
+        elif IS_Q5_0:
+            w = _decode_q5_0(row_ptr, e[None, :])
         else:
             w = _decode_q8_0(row_ptr, e[None, :])
         acc += tl.dot(x.to(tl.float32), tl.trans(w))
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-SUPPORTED = (T.Q8_0, T.Q4_K)
+SUPPORTED = (T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0)  # the Q4_K_M mix and its fallbacks
 
 
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
@@ -112,7 +149,8 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
-                         IS_Q4_K=qtype == T.Q4_K, BLOCK_M=block_m, BLOCK_N=block_n)
+                         IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0,
+                         BLOCK_M=block_m, BLOCK_N=block_n)
     return y
 
 

@@ -2,7 +2,7 @@
 
 Tolerance table (float32 accumulation on both sides; only the summation order differs):
 | weights | inputs | rtol on max |y| | why |
-| Q8_0, Q4_K | float32 N(0,1) | 1e-5 | K <= 768 float32 adds in another order: ~K * 2^-24 relative |
+| Q8_0, Q4_K, Q6_K, Q5_0 | float32 N(0,1) | 1e-5 | K <= 768 float32 adds in another order: ~K * 2^-24 relative |
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from qvl.convert.quant import quantize
 from qvl.kernels.qmatmul import qmatmul, qmatmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-RTOL = {T.Q8_0: 1e-5, T.Q4_K: 1e-5}
+RTOL = {T.Q8_0: 1e-5, T.Q4_K: 1e-5, T.Q6_K: 1e-5, T.Q5_0: 1e-5}
+TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0]
 
 
 def _weights(n: int, k: int, qtype: T, kind: str, seed: int) -> torch.Tensor:
@@ -31,7 +32,7 @@ def _weights(n: int, k: int, qtype: T, kind: str, seed: int) -> torch.Tensor:
     return torch.from_numpy(quantize(w, qtype))
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K])
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("m,n,k", [(1, 1, 256), (1, 33, 512), (3, 7, 256), (8, 17, 768), (5, 16, 256)])
 def test_matches_reference(qtype, m, n, k):
     raw = _weights(n, k, qtype, "normal", seed=m * 100 + n)
@@ -42,7 +43,7 @@ def test_matches_reference(qtype, m, n, k):
     assert err <= RTOL[qtype] * max(ref.abs().max().item(), 1e-30) + 1e-30, err
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K])
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("kind", ["zero-blocks", "huge", "tiny"])
 def test_awkward_values(qtype, kind):
     n, k = 9, 512
@@ -59,4 +60,4 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of 256"):
         qmatmul(torch.zeros(1, 128), raw[:, :136], T.Q8_0, 4, 128)
     with pytest.raises(ValueError, match="supports"):
-        qmatmul(torch.zeros(1, 256), raw, T.Q6_K, 4, 256)
+        qmatmul(torch.zeros(1, 256), raw, T.Q5_1, 4, 256)
