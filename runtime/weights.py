@@ -30,7 +30,7 @@ def _as_torch(raw: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 class Matrix:
     """A 2-D weight `(rows, cols)` in its GGUF type; `x @ W.T` without a full float copy."""
 
-    def __init__(self, info: TensorInfo, raw: np.ndarray):
+    def __init__(self, info: TensorInfo, raw: np.ndarray, triton: bool = False):
         if len(info.ne) != 2:
             raise ValueError(f"tensor '{info.name}' is not 2-D: ne = {list(info.ne)}")
         self.name = info.name
@@ -38,6 +38,12 @@ class Matrix:
         self.rows, self.cols = info.shape
         self.raw = raw.reshape(self.rows, -1)
         self._dense: torch.Tensor | None = None
+        self._kernel_raw: torch.Tensor | None = None
+        if triton:
+            from ..kernels.qmatmul import STEP, SUPPORTED
+
+            if self.qtype in SUPPORTED and self.cols % STEP == 0:
+                self._kernel_raw = _as_torch(self.raw, torch.uint8)
         if self.qtype == T.F32:
             self._dense = _as_torch(self.raw, torch.float32)
         elif self.qtype == T.F16:
@@ -60,6 +66,12 @@ class Matrix:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., cols) float32 -> (..., rows) float32."""
+        if self._kernel_raw is not None:
+            from ..kernels.qmatmul import qmatmul
+
+            flat = x.reshape(-1, self.cols)
+            y = qmatmul(flat, self._kernel_raw, self.qtype, self.rows, self.cols, block_m=32, block_n=128)
+            return y.reshape(*x.shape[:-1], self.rows)
         if self._dense is not None and self._dense.dtype == torch.float32:
             return x @ self._dense.T
         out = torch.empty(*x.shape[:-1], self.rows, dtype=torch.float32)
@@ -72,8 +84,9 @@ class Matrix:
 class Weights:
     """Named tensors of one or more GGUF files."""
 
-    def __init__(self, *files: GGUFFile):
+    def __init__(self, *files: GGUFFile, triton: bool = False):
         self.files = files
+        self.triton = triton  # quantized matmuls through kernels/qmatmul.py
 
     def _find(self, name: str) -> tuple[GGUFFile, TensorInfo]:
         for f in self.files:
@@ -86,7 +99,7 @@ class Weights:
 
     def matrix(self, name: str) -> Matrix:
         f, info = self._find(name)
-        return Matrix(info, f.raw(name))
+        return Matrix(info, f.raw(name), self.triton)
 
     def vector(self, name: str) -> torch.Tensor:
         """A small tensor (norm weight, bias, patch embedding) as float32, any shape."""

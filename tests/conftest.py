@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("QVL_SHARED", REPO.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
+from paths import FIXTURES
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import FIXTURES
+from paths import FIXTURES
 
 N_BASE = 1000  # ordinary tokens kept from the real vocabulary
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
-from conftest import REPO
+from paths import REPO
 from tiny_models import TinySpec, flat_config, write_small_tokenizer
 
 PEAK = """

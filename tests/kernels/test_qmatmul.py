@@ -7,6 +7,8 @@ Tolerance table (float32 accumulation on both sides; only the summation order di
 
 from __future__ import annotations
 
+import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
+
 import numpy as np
 import pytest
 import torch

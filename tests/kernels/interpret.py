@@ -1,4 +1,4 @@
-"""Kernel tests run the Triton kernels under the interpreter on the CPU unless a GPU is present."""
+"""Imported first by kernel tests: without a GPU, Triton kernels run in its interpreter on the CPU."""
 
 import os
 
