@@ -1,0 +1,66 @@
+"""Rotary embedding applied to q or k in place, for M-RoPE (text) and the 2-D vision rotary.
+
+Both are the rotate-half form `x' = x * cos + rotate_half(x) * sin` with per-token angles; they
+differ only in where the angles come from, so the kernel takes a per-token table of half-angles
+`theta (tokens, head_dim / 2)` built by the caller (`mrope_angles`, `vision_angles`):
+M-RoPE sections take the temporal / height / width position for their frequency pairs; the
+vision rotary takes the row for the first half of the frequencies and the column for the rest.
+One program per (token, head); head_dim need not be a power of two (80 for the vision tower).
+Torch reference: qvl.runtime.decoder.apply_rope with cos/sin of the same angles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rope_kernel(
+    # pointers
+    x_ptr, theta_ptr,
+    # dimensions
+    n_heads, half,
+    # strides
+    stride_tok, stride_head, stride_theta,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    i = tl.arange(0, BLOCK)
+    mask = i < half
+    base = x_ptr + tok * stride_tok + head * stride_head
+    x1 = tl.load(base + i, mask=mask, other=0.0)
+    x2 = tl.load(base + half + i, mask=mask, other=0.0)
+    ang = tl.load(theta_ptr + tok * stride_theta + i, mask=mask, other=0.0)
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    tl.store(base + i, x1 * c - x2 * s, mask=mask)
+    tl.store(base + half + i, x2 * c + x1 * s, mask=mask)
+
+
+def apply_rope_(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """x (tokens, heads, head_dim) float32, rotated in place by theta (tokens, head_dim / 2)."""
+    tokens, heads, hd = x.shape
+    assert x.stride(-1) == 1 and theta.shape == (tokens, hd // 2)
+    theta = theta.contiguous().float()
+    rope_kernel[(tokens, heads)](x, theta, heads, hd // 2, x.stride(0), x.stride(1), theta.stride(0),
+                                 BLOCK=triton.next_power_of_2(hd // 2))
+    return x
+
+
+def mrope_angles(positions: torch.Tensor, head_dim: int, theta: float, sections: tuple[int, int, int]) -> torch.Tensor:
+    """(3, tokens) positions -> (tokens, head_dim / 2) angles, sections as transformers assigns them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    parts = freqs.split(list(sections), dim=-1)
+    return torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)
+
+
+def vision_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Patch rows / columns -> (patches, head_dim / 2) angles of the 2-D vision rotary."""
+    spatial = head_dim // 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float32) / spatial))
+    return torch.cat([rows[:, None].float() * inv_freq, cols[:, None].float() * inv_freq], dim=-1)

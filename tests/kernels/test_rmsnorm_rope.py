@@ -1,0 +1,59 @@
+"""RMSNorm and rotary kernels against their torch references (interpreted on the CPU).
+
+Tolerance table:
+| kernel | dtype | atol | why |
+| rmsnorm | float32 | 1e-5 x max|y| | the mean of squares is summed in another order |
+| rope | float32 | 2e-5 | cos/sin of the kernel's math library vs torch's, angles up to ~1e3 rad |
+"""
+
+from __future__ import annotations
+
+import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
+import pytest
+import torch
+
+from qvl.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+from qvl.kernels.rope import apply_rope_, mrope_angles, vision_angles
+from qvl.runtime.decoder import apply_rope, mrope_cos_sin
+from qvl.runtime.vision import vision_rope
+
+
+@pytest.mark.parametrize("rows,n", [(1, 64), (3, 80), (131, 120), (2, 1280), (5, 3584)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rmsnorm(rows, n, with_residual):
+    g = torch.Generator().manual_seed(rows * n)
+    x = torch.randn(rows, n, generator=g) * 3
+    res = torch.randn(rows, n, generator=g) if with_residual else None
+    w = 1 + 0.1 * torch.randn(n, generator=g)
+    y, h = rmsnorm(x, w, 1e-6, res)
+    y_ref, h_ref = rmsnorm_ref(x, w, 1e-6, res)
+    assert (y - y_ref).abs().max().item() <= 1e-5 * y_ref.abs().max().item()
+    assert torch.equal(h, h_ref)
+
+
+@pytest.mark.parametrize("tokens,heads,hd,sections", [(1, 4, 16, (2, 3, 3)), (131, 2, 128, (16, 24, 24)),
+                                                      (7, 7, 64, (8, 12, 12))])
+def test_mrope(tokens, heads, hd, sections):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, heads, hd, generator=g)
+    pos = torch.stack([torch.arange(tokens) * 2, torch.arange(tokens) % 5 + 3, torch.arange(tokens) % 7 + 3])
+    cos, sin = mrope_cos_sin(pos, hd, 1e6, sections)
+    ref = apply_rope(x.transpose(0, 1), cos, sin).transpose(0, 1)
+    out = apply_rope_(x.clone(), mrope_angles(pos, hd, 1e6, sections))
+    assert (out - ref).abs().max().item() <= 2e-5
+
+
+@pytest.mark.parametrize("grid", [(1, 4, 6), (1, 2, 2), (2, 6, 4)])
+def test_vision_rope_head_dim_80(grid):
+    hd, heads = 80, 3
+    cos, sin = vision_rope([grid], hd)
+    n = cos.shape[0]
+    x = torch.randn(n, heads, hd, generator=torch.Generator().manual_seed(n))
+    ref = x * cos[:, None] + torch.cat((-x[..., hd // 2:], x[..., :hd // 2]), -1) * sin[:, None]
+    t, h, w = grid
+    hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    shape = (h // 2, 2, w // 2, 2)
+    rows = hh.reshape(shape).transpose(1, 2).flatten().repeat(t)
+    cols = ww.reshape(shape).transpose(1, 2).flatten().repeat(t)
+    out = apply_rope_(x.clone(), vision_angles(rows, cols, hd))
+    assert (out - ref).abs().max().item() <= 2e-5
