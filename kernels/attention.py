@@ -1,0 +1,102 @@
+"""Attention over variable-length segments, non-causal (vision windows) or causal (text), with GQA.
+
+Flash-attention's blocked algorithm: a program owns BLOCK_M queries of one segment and one
+query head; it walks that segment's keys BLOCK_N at a time, keeping a running max `m`, a running
+sum `l` and an unnormalized output `acc` (online softmax), all float32, and writes `acc / l`.
+Segments are given by cumulative lengths: `cu_q` for queries and `cu_k` for keys (equal for the
+vision tower's windows; for text prefill the keys include the KV cache, and with `causal` query
+i of a segment sees keys up to `k_len - q_len + i`). Query head h reads KV head h // group.
+The head dim is padded to a power of two with masks (80 for the vision tower).
+Torch reference: `attention_ref` (F.scaled_dot_product_attention per segment).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attention_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, cu_k_ptr,
+    # dimensions
+    head_dim, group, scale,
+    # strides (tokens, heads); the last dimension is contiguous
+    sq_t, sq_h, sk_t, sk_h, so_t, so_h,
+    # meta-parameters
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    seg = tl.program_id(2)
+    q0 = tl.load(cu_q_ptr + seg)
+    q_len = tl.load(cu_q_ptr + seg + 1) - q0
+    k0 = tl.load(cu_k_ptr + seg)
+    k_len = tl.load(cu_k_ptr + seg + 1) - k0
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if pid_m * BLOCK_M < q_len:
+        rd = tl.arange(0, BLOCK_D)
+        kv_head = head // group
+        q = tl.load(q_ptr + (q0 + rm)[:, None] * sq_t + head * sq_h + rd[None, :],
+                    mask=(rm[:, None] < q_len) & (rd[None, :] < head_dim), other=0.0)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for start in range(0, k_len, BLOCK_N):
+            rn = start + tl.arange(0, BLOCK_N)
+            kv_mask = (rn[:, None] < k_len) & (rd[None, :] < head_dim)
+            k = tl.load(k_ptr + (k0 + rn)[:, None] * sk_t + kv_head * sk_h + rd[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            valid = rn[None, :] < k_len
+            if CAUSAL:
+                valid = valid & (rn[None, :] <= (k_len - q_len) + rm[:, None])
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + (k0 + rn)[:, None] * sk_t + kv_head * sk_h + rd[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
+        tl.store(o_ptr + (q0 + rm)[:, None] * so_t + head * so_h + rd[None, :], out,
+                 mask=(rm[:, None] < q_len) & (rd[None, :] < head_dim))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int],
+              causal: bool, block_m: int = 16, block_n: int = 16) -> torch.Tensor:
+    """q (tokens_q, heads, d), k/v (tokens_k, kv_heads, d) float32 -> (tokens_q, heads, d)."""
+    tq, heads, d = q.shape
+    kv_heads = k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+    q, k, v = q.contiguous().float(), k.contiguous().float(), v.contiguous().float()
+    out = torch.empty_like(q)
+    cq = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
+    ck = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
+    longest = max(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
+    grid = (triton.cdiv(longest, block_m), heads, len(cu_q) - 1)
+    attention_kernel[grid](q, k, v, out, cq, ck, d, heads // kv_heads, d ** -0.5,
+                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+                           CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
+                           BLOCK_D=max(16, triton.next_power_of_2(d)))
+    return out
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int],
+                  causal: bool) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q, dtype=torch.float32)
+    for (a, b), (c, e) in zip(zip(cu_q[:-1], cu_q[1:]), zip(cu_k[:-1], cu_k[1:])):
+        qs = q[a:b].transpose(0, 1).float()
+        ks = k[c:e].transpose(0, 1).float().repeat_interleave(group, 0)
+        vs = v[c:e].transpose(0, 1).float().repeat_interleave(group, 0)
+        mask = None
+        if causal:
+            mask = torch.ones(b - a, e - c, dtype=torch.bool).tril(diagonal=(e - c) - (b - a))
+        out[a:b] = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask)[0].transpose(0, 1)
+    return out
