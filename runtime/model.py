@@ -187,6 +187,17 @@ class Model:
             outs.append(self.decoder.logits(h if all_logits else h[-1:]))
         return torch.cat(outs) if all_logits else outs[-1]
 
+    def _prepare(self, prompt: str, images: list[ImageLike] | None, videos: list[str | Path] | None,
+                 video_options: VideoOptions, system: str | None,
+                 template: bool) -> tuple[str, list[ImageLike], list[VideoInput]]:
+        """The rendered prompt and the media in the order its slots use them."""
+        images = list(images or [])
+        vids = self._videos(list(videos or []), video_options)
+        if not template:
+            return prompt, images, vids
+        text = render(self.chat_template, self.messages_for(prompt, len(images), system, len(vids)))
+        return text, self.placement(prompt, images, "image"), self.placement(prompt, vids, "video")
+
     # --- public API ---------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -195,13 +206,7 @@ class Model:
                       videos: list[str | Path] | None = None,
                       video_options: VideoOptions = VideoOptions()) -> torch.Tensor:
         """float32 logits (n_prompt_tokens, vocab) of every prompt position."""
-        images = list(images or [])
-        vids = self._videos(list(videos or []), video_options)
-        if template:
-            text = render(self.chat_template, self.messages_for(prompt, len(images), None, len(vids)))
-            images, vids = self.placement(prompt, images, "image"), self.placement(prompt, vids, "video")
-        else:
-            text = prompt
+        text, images, vids = self._prepare(prompt, images, videos, video_options, None, template)
         embeds, positions, _ = self.encode(text, images, min_pixels, max_pixels, vids)
         cache = KVCache(self.cfg, embeds.shape[0])
         return self._prefill(embeds, positions, cache, all_logits=True)
@@ -213,13 +218,7 @@ class Model:
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  videos: list[str | Path] | None = None,
                  video_options: VideoOptions = VideoOptions()) -> Generation | Iterator[str]:
-        images = list(images or [])
-        vids = self._videos(list(videos or []), video_options)
-        if template:
-            text = render(self.chat_template, self.messages_for(prompt, len(images), system, len(vids)))
-            images, vids = self.placement(prompt, images, "image"), self.placement(prompt, vids, "video")
-        else:
-            text = prompt
+        text, images, vids = self._prepare(prompt, images, videos, video_options, system, template)
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         it = self._run(text, images, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids)
         if stream:
