@@ -23,7 +23,6 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .store import MANIFEST_TYPE, ModelName, Store, StoreError
@@ -67,6 +66,8 @@ class Registry:
             h = dict(headers or {})
             if self.token:
                 h["Authorization"] = f"Bearer {self.token}"
+            if hasattr(data, "seek"):  # a streamed upload: a retry must send the body from its start
+                data.seek(0)
             req = urllib.request.Request(url, data=data, headers=h, method=method)
             try:
                 resp = urllib.request.urlopen(req, timeout=60)
