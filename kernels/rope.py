@@ -2,7 +2,7 @@
 
 Both are the rotate-half form `x' = x * cos + rotate_half(x) * sin` with per-token angles; they
 differ only in where the angles come from, so the kernel takes a per-token table of half-angles
-`theta (tokens, head_dim / 2)` built by the caller (`mrope_angles`, `vision_angles`):
+`theta (tokens, head_dim / 2)` built by the caller (`mrope_angles`, `vision_angles`, re-exported here from the runtime):
 M-RoPE sections take the temporal / height / width position for their frequency pairs; the
 vision rotary takes the row for the first half of the frequencies and the column for the rest.
 One program per (token, head); head_dim need not be a power of two (80 for the vision tower).
@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..runtime.decoder import mrope_angles  # noqa: F401  (angle tables for apply_rope_)
+from ..runtime.vision import merge_unit_positions, vision_angles  # noqa: F401
 
 
 @triton.jit
@@ -49,18 +52,3 @@ def apply_rope_(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     rope_kernel[(tokens, heads)](x, theta, heads, hd // 2, x.stride(0), x.stride(1), theta.stride(0),
                                  BLOCK=triton.next_power_of_2(hd // 2))
     return x
-
-
-def mrope_angles(positions: torch.Tensor, head_dim: int, theta: float, sections: tuple[int, int, int]) -> torch.Tensor:
-    """(3, tokens) positions -> (tokens, head_dim / 2) angles, sections as transformers assigns them."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = positions[..., None].float() * inv_freq
-    parts = freqs.split(list(sections), dim=-1)
-    return torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)
-
-
-def vision_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Patch rows / columns -> (patches, head_dim / 2) angles of the 2-D vision rotary."""
-    spatial = head_dim // 2
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float32) / spatial))
-    return torch.cat([rows[:, None].float() * inv_freq, cols[:, None].float() * inv_freq], dim=-1)

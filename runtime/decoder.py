@@ -22,13 +22,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
-                  sections: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin `(seq, head_dim)` for positions `(3, seq)`."""
+def mrope_angles(positions: torch.Tensor, head_dim: int, theta: float,
+                 sections: tuple[int, int, int]) -> torch.Tensor:
+    """Rotation angles `(seq, head_dim / 2)` for positions `(3, seq)`: each section of frequency
+    pairs takes the temporal, height or width position, as transformers assigns them."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = positions[..., None].float() * inv_freq  # (3, seq, head_dim/2)
     parts = freqs.split(list(sections), dim=-1)
-    freqs = torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)  # (seq, head_dim/2)
+    return torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)
+
+
+def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                  sections: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `(seq, head_dim)` for positions `(3, seq)`."""
+    freqs = mrope_angles(positions, head_dim, theta, sections)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .decoder import rms_norm
+from .decoder import apply_rope, rms_norm
 from .gguf_file import GGUFFile
 from .weights import Matrix, Weights
 
@@ -118,20 +118,28 @@ class Block:
     gate_b: torch.Tensor | None
 
 
-def vision_rope(grid_thw: list[tuple[int, int, int]], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin (patches, head_dim) with patches in merge-unit order."""
-    pos = []
+def merge_unit_positions(grid_thw: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every patch, patches in merge-unit order, frames repeated."""
+    rows, cols = [], []
     for t, h, w in grid_thw:
         hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         shape = (h // MERGE, MERGE, w // MERGE, MERGE)
-        hh = hh.reshape(shape).transpose(1, 2).flatten()
-        ww = ww.reshape(shape).transpose(1, 2).flatten()
-        pos.append(torch.stack([hh, ww], dim=-1).repeat(t, 1))
-    p = torch.cat(pos).float()
+        rows.append(hh.reshape(shape).transpose(1, 2).flatten().repeat(t))
+        cols.append(ww.reshape(shape).transpose(1, 2).flatten().repeat(t))
+    return torch.cat(rows), torch.cat(cols)
+
+
+def vision_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Angles `(patches, head_dim / 2)` of the 2-D rotary: rows on the first half of the
+    frequencies, columns on the second."""
     spatial = head_dim // 2
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float32) / spatial))
-    freqs = p[..., None] * inv_freq  # (n, 2, head_dim/4)
-    freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+    return torch.cat([rows[:, None].float() * inv_freq, cols[:, None].float() * inv_freq], dim=-1)
+
+
+def vision_rope(grid_thw: list[tuple[int, int, int]], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (patches, head_dim) with patches in merge-unit order."""
+    freqs = vision_angles(*merge_unit_positions(grid_thw), head_dim)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -200,9 +208,7 @@ class VisionTower:
         q = (b.q.matmul(x) + b.qb).view(n, heads, hd)
         k = (b.k.matmul(x) + b.kb).view(n, heads, hd)
         v = (b.v.matmul(x) + b.vb).view(n, heads, hd)
-        c, s = cos[:, None], sin[:, None]
-        q = q * c + torch.cat((-q[..., hd // 2:], q[..., :hd // 2]), -1) * s
-        k = k * c + torch.cat((-k[..., hd // 2:], k[..., :hd // 2]), -1) * s
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         out = torch.empty(n, heads, hd)
         for lo, hi in zip(cu[:-1], cu[1:]):
             o = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1)[None], k[lo:hi].transpose(0, 1)[None],

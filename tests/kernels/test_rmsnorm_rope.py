@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qvl.kernels.rmsnorm import rmsnorm, rmsnorm_ref
-from qvl.kernels.rope import apply_rope_, mrope_angles, vision_angles
+from qvl.kernels.rope import apply_rope_, merge_unit_positions, mrope_angles, vision_angles
 from qvl.runtime.decoder import apply_rope, mrope_cos_sin
 from qvl.runtime.vision import vision_rope
 
@@ -50,10 +50,5 @@ def test_vision_rope_head_dim_80(grid):
     n = cos.shape[0]
     x = torch.randn(n, heads, hd, generator=torch.Generator().manual_seed(n))
     ref = x * cos[:, None] + torch.cat((-x[..., hd // 2:], x[..., :hd // 2]), -1) * sin[:, None]
-    t, h, w = grid
-    hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    shape = (h // 2, 2, w // 2, 2)
-    rows = hh.reshape(shape).transpose(1, 2).flatten().repeat(t)
-    cols = ww.reshape(shape).transpose(1, 2).flatten().repeat(t)
-    out = apply_rope_(x.clone(), vision_angles(rows, cols, hd))
+    out = apply_rope_(x.clone(), vision_angles(*merge_unit_positions([grid]), hd))
     assert (out - ref).abs().max().item() <= 2e-5
