@@ -175,6 +175,13 @@ class GGUFFile:
         data = np.frombuffer(self._map, dtype=np.uint8, count=t.nbytes, offset=t.offset)
         return data.reshape(*t.shape[:-1], -1) if len(t.ne) > 1 else data
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's resident memory (they stay in the page
+        cache; a later read faults them back in). For weights that were copied elsewhere."""
+        t = self.tensors[name]
+        start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+
     @property
     def architecture(self) -> str | None:
         return self.get("general.architecture")

@@ -28,7 +28,7 @@ from .sampling import SamplingParams, sample
 from .tokenizer import tokenizer_from_gguf
 from .video import VideoInput, VideoOptions, load_video
 from .vision import VisionConfig, VisionTower, vision_config
-from .weights import Weights
+from .weights import EXACT, PACKED, STREAMED, Weights
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -63,17 +63,18 @@ ImageLike = str | Path | Image.Image
 
 
 class Model:
-    def __init__(self, text_file: GGUFFile, vision_file: GGUFFile | None):
+    def __init__(self, text_file: GGUFFile, vision_file: GGUFFile | None, fast: bool = True):
         self.text_file = text_file
+        self.fast = fast  # bf16 matmuls on repacked non-F32 weights; False: float32 throughout
         self.cfg: TextConfig = text_config(text_file)
         self.tokenizer = tokenizer_from_gguf(text_file)
         self.chat_template: str | None = text_file.get("tokenizer.chat_template")
-        self.decoder = Decoder(self.cfg, Weights(text_file))
+        self.decoder = Decoder(self.cfg, Weights(text_file, mode=PACKED if fast else EXACT))
         self.vision_cfg: VisionConfig | None = None
         self.vision: VisionTower | None = None
         if vision_file is not None:
             self.vision_cfg = vision_config(vision_file)
-            self.vision = VisionTower(self.vision_cfg, Weights(vision_file))
+            self.vision = VisionTower(self.vision_cfg, Weights(vision_file, mode=STREAMED if fast else EXACT))
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
 
@@ -253,7 +254,7 @@ class Model:
             raise ModelError(f"prompt of {n_prompt} tokens does not fit a context of {capacity}")
         cache = KVCache(self.cfg, min(capacity, n_prompt + max_new_tokens))
         logits = self._prefill(embeds, positions, cache, all_logits=False)[-1]
-        timings["prefill_s"] = time.perf_counter() - t0
+        timings["prefill_s"] = time.perf_counter() - t0 - timings.get("vision_ms", 0.0) / 1e3
         next_pos = int(positions.max()) + 1 if n_prompt else 0
         gen = torch.Generator().manual_seed(params.seed)
         history: list[int] = []
@@ -290,6 +291,9 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
         raise ModelError(f"device {device!r}: choose auto, cpu or cuda")
     if device == "cuda":
         raise ModelError("the CUDA path arrives with the kernels issue; use device='cpu'")
+    if dtype not in (None, torch.bfloat16, torch.float32):
+        raise ModelError(f"dtype {dtype}: choose torch.bfloat16 (the default) or torch.float32")
+    fast = dtype != torch.float32
     path = Path(path)
     if not path.exists() and mmproj is None:
         from .store import ModelName, Store, StoreError
@@ -309,10 +313,10 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
             stored, stored_proj = store.resolve(str(path))
             text = GGUFFile(stored)
             if text.architecture == "qwen25vl":
-                return Model(text, text)
-            return Model(text, GGUFFile(stored_proj) if stored_proj else None)
+                return Model(text, text, fast)
+            return Model(text, GGUFFile(stored_proj) if stored_proj else None, fast)
     text = GGUFFile(path)
     if text.architecture == "qwen25vl":
-        return Model(text, text)  # Ollama: vision in the same file
+        return Model(text, text, fast)  # Ollama: vision in the same file
     vision_path = Path(mmproj) if mmproj else find_mmproj(path)
-    return Model(text, GGUFFile(vision_path) if vision_path else None)
+    return Model(text, GGUFFile(vision_path) if vision_path else None, fast)

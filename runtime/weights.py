@@ -3,12 +3,14 @@
 `Matrix` holds one weight as stored (F32/F16/BF16 as a tensor view of the mapping, quantized
 types as their raw blocks) and multiplies by it; quantized blocks are dequantized a slice of
 rows at a time, so the model is never held dequantized in memory. The torch path here is the
-reference; the Triton kernels (kernels issue) replace `Matrix.matmul` on a GPU.
+reference; the PACKED and STREAMED modes run bf16 CPU matmuls (packed.py), and the Triton
+kernels replace `Matrix.matmul` on a GPU.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from .gguf_file import GGUFFile, TensorInfo
+from .packed import PackedMatrix
 
 # Rows dequantized per step of a quantized matmul: ~16 MB of float32 for a 4096-wide weight.
 ROWS_PER_STEP = 1024
@@ -27,10 +30,18 @@ def _as_torch(raw: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(raw).view(dtype)
 
 
+# How non-F32 weights are multiplied (F32 weights are always float32 matmuls):
+EXACT = "exact"  # float32, dequantized a slice of rows at a time: the reference
+PACKED = "packed"  # repacked once for bf16 CPU matmuls (packed.py): decoders, many small-M calls
+STREAMED = "streamed"  # read and converted to bf16 per call, pages released after: vision (large M)
+MODES = (EXACT, PACKED, STREAMED)
+
+
 class Matrix:
     """A 2-D weight `(rows, cols)` in its GGUF type; `x @ W.T` without a full float copy."""
 
-    def __init__(self, info: TensorInfo, raw: np.ndarray, triton: bool = False):
+    def __init__(self, info: TensorInfo, raw: np.ndarray, triton: bool = False, mode: str = EXACT,
+                 release: Callable[[], None] | None = None):
         if len(info.ne) != 2:
             raise ValueError(f"tensor '{info.name}' is not 2-D: ne = {list(info.ne)}")
         self.name = info.name
@@ -39,6 +50,13 @@ class Matrix:
         self.raw = raw.reshape(self.rows, -1)
         self._dense: torch.Tensor | None = None
         self._kernel_raw: torch.Tensor | None = None
+        self._packed: PackedMatrix | None = None
+        self._release = release
+        self.mode = EXACT if self.qtype == T.F32 else mode
+        if self.mode == PACKED:
+            self._packed = PackedMatrix(self.qtype, self.raw, self.rows, self.cols)
+            if release is not None:
+                release()  # the packed copy serves matmuls; row lookups fault pages back in
         if triton:
             from ..kernels.qmatmul import STEP, SUPPORTED
 
@@ -66,6 +84,17 @@ class Matrix:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., cols) float32 -> (..., rows) float32."""
+        if self._packed is not None:
+            return self._packed.matmul(x)
+        if self.mode == STREAMED:
+            if self._dense is not None:
+                w = self._dense.to(torch.bfloat16)
+            else:
+                w = torch.from_numpy(dequantize(self.raw, self.qtype).reshape(self.rows, self.cols)).to(torch.bfloat16)
+            y = (x.to(torch.bfloat16) @ w.T).float()
+            if self._release is not None:
+                self._release()
+            return y
         if self._kernel_raw is not None:
             from ..kernels.qmatmul import qmatmul
 
@@ -84,9 +113,12 @@ class Matrix:
 class Weights:
     """Named tensors of one or more GGUF files."""
 
-    def __init__(self, *files: GGUFFile, triton: bool = False):
+    def __init__(self, *files: GGUFFile, triton: bool = False, mode: str = EXACT):
+        if mode not in MODES:
+            raise ValueError(f"weights mode {mode!r}: one of {', '.join(MODES)}")
         self.files = files
         self.triton = triton  # quantized matmuls through kernels/qmatmul.py
+        self.mode = mode
 
     def _find(self, name: str) -> tuple[GGUFFile, TensorInfo]:
         for f in self.files:
@@ -99,7 +131,7 @@ class Weights:
 
     def matrix(self, name: str) -> Matrix:
         f, info = self._find(name)
-        return Matrix(info, f.raw(name), self.triton)
+        return Matrix(info, f.raw(name), self.triton, self.mode, lambda: f.release(name))
 
     def vector(self, name: str) -> torch.Tensor:
         """A small tensor (norm weight, bias, patch embedding) as float32, any shape."""

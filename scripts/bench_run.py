@@ -48,7 +48,7 @@ prompt = llm.tokenize(("<|im_start|>user\\n" + "word " * 256 + "<|im_end|>\\n<|i
 t0 = time.perf_counter(); llm.eval(prompt); prefill = time.perf_counter() - t0
 t1 = time.perf_counter()
 for _ in range(n):  # greedy, one token per eval: the same work as qvl's decode loop
-    tok = int(np.argmax(llm.eval_logits[-1]))
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # not eval_logits: it lists every row, seconds a call
     llm.eval([tok])
 decode = time.perf_counter() - t1
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,0 +1,149 @@
+"""The CPU fast path: GGUF blocks repacked once into torch's int4 matmul layout.
+
+`torch._weight_int4pack_mm_for_cpu` multiplies bf16 activations by 4-bit weights stored as
+`w = (q - 8) * scale + zero` with one (scale, zero) per 32 weights of a row. GGUF's 4-bit types
+map onto that exactly (up to bf16 rounding of scale and zero):
+
+- Q4_K: sub-block scale d*sc and min dmin*m: scale = d*sc, zero = 8*scale - dmin*m.
+- Q4_0: scale = d, zero = 0.  Q4_1: scale = d, zero = 8*d + m.
+- Q6_K: q = lo + 16*hi has 6 bits and one scale per 16 weights. Each 16-weight sub-block becomes
+  one 32-group [lo(16), 2*hi + 5 (16)] with scale s = d*sc and zero 0, and the activations are
+  doubled to match, [x, 8*x] per sub-block: (lo - 8)*s*x + (2*hi + 5 - 8)*s*8x
+  = (lo + 16*hi - 32)*s*x, exactly. Twice the int4 work of Q4_K, ~2x faster than bf16 weights.
+
+Every other type (Q8_0, Q5_*, Q2_K.., F16, BF16) is dequantized once to bf16. Activations are
+rounded to bf16 and so is the int4 op's output (relative 2^-9); accumulation is float32.
+The exact float32 path is `weights.EXACT` (`qvl.load(..., dtype=torch.float32)`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+GROUP = 32  # weights per (scale, zero) pair of the int4 op
+ROWS_PER_STEP = 2048  # rows decoded per step while packing (a multiple of 64): bounded temporaries
+INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2) uint8 little-endian halves -> float32 (...)."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def q4_k_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K rows (R, nb*144) uint8 -> q (R, K) in 0..15, scale and min (R, K/32): w = q*scale - min."""
+    b = raw.reshape(raw.shape[0], -1, 144)
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    s = b[..., 4:16].to(torch.int32)
+    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)
+    m = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+    qs = b[..., 16:144].reshape(*b.shape[:2], 4, 1, 32)
+    q = torch.cat([qs & 15, qs >> 4], dim=3).reshape(raw.shape[0], -1)  # 64-chunks: low then high nibbles
+    scale = (d[..., None] * sc).reshape(raw.shape[0], -1)
+    mins = (dmin[..., None] * m).reshape(raw.shape[0], -1)
+    return q, scale, mins
+
+
+def q6_k_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K rows (R, nb*210) -> lo (R, K) 0..15, hi (R, K) 0..3, scale (R, K/16): w = (lo + 16*hi - 32)*scale."""
+    R = raw.shape[0]
+    b = raw.reshape(R, -1, 210)
+    ql = b[..., 0:128].reshape(R, -1, 2, 1, 2, 32)  # half, (nibble), quarter-pair, l
+    qh = b[..., 128:192].reshape(R, -1, 2, 1, 32)
+    lo = torch.cat([ql & 15, ql >> 4], dim=3).reshape(R, -1)  # per half: ql[0:32]&15, ql[32:64]&15, ql>>4...
+    hi = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=3).reshape(R, -1)
+    sc = b[..., 192:208].contiguous().view(torch.int8).float()
+    scale = (_f16(b[..., 208:210])[..., None] * sc).reshape(R, -1)
+    return lo, hi, scale
+
+
+def q4_0_fields(raw: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 rows -> q (R, K) 0..15, scale (R, K/32), offset (R, K/32): w = q*scale + offset."""
+    R = raw.shape[0]
+    size = 20 if with_min else 18
+    b = raw.reshape(R, -1, size)
+    d = _f16(b[..., 0:2])
+    qs = b[..., size - 16:size].reshape(R, -1, 1, 16)
+    q = torch.cat([qs & 15, qs >> 4], dim=2).reshape(R, -1)
+    offset = _f16(b[..., 2:4]) if with_min else -8 * d
+    return q, d, offset
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(R, K) 4-bit values -> the layout of `torch._convert_weight_to_int4pack_for_cpu`, built
+    with byte operations (no int32 copy): per block of 64 rows, for each k, 32 bytes holding rows
+    j (low nibble) and j + 32 (high). Rows are padded to a multiple of 64 with zeros."""
+    q = q.to(torch.uint8)
+    q = F.pad(q, (0, 0, 0, -q.shape[0] % 64)) if q.shape[0] % 64 else q
+    blocks = q.reshape(-1, 64, q.shape[1]).transpose(1, 2)  # (R/64, K, 64)
+    return (blocks[..., :32] | (blocks[..., 32:] << 4)).reshape(q.shape[0], -1)
+
+
+class PackedMatrix:
+    """`x @ W.T` for one GGUF weight `(rows, cols)`, repacked once; float32 in and out."""
+
+    def __init__(self, qtype: T, raw: np.ndarray, rows: int, cols: int):
+        self.qtype, self.rows, self.cols = qtype, rows, cols
+        self.int4 = qtype in INT4_TYPES and cols % 256 == 0
+        packs, scales, zeros, dense = [], [], [], []
+        for start in range(0, rows, ROWS_PER_STEP):
+            part = raw[start:start + ROWS_PER_STEP]
+            if not self.int4:
+                if qtype == T.F16:
+                    dense.append(torch.from_numpy(np.ascontiguousarray(part).view(np.float16)).to(torch.bfloat16))
+                elif qtype == T.BF16:
+                    dense.append(torch.from_numpy(np.ascontiguousarray(part).view(np.int16)).view(torch.bfloat16).clone())
+                else:
+                    rows_f32 = dequantize(np.ascontiguousarray(part), qtype).reshape(len(part), cols)
+                    dense.append(torch.from_numpy(rows_f32).to(torch.bfloat16))
+                continue
+            with warnings.catch_warnings():  # read-only mapping; only read here
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(np.ascontiguousarray(part))
+            if qtype == T.Q6_K:
+                lo, hi, s = q6_k_fields(t)
+                q = torch.stack([lo.reshape(len(t), -1, 16), (2 * hi + 5).reshape(len(t), -1, 16)], dim=2)
+                packs.append(pack_int4(q.reshape(len(t), -1)))
+                scales.append(s)
+                zeros.append(torch.zeros_like(s))
+            else:
+                if qtype == T.Q4_K:
+                    q, s, mins = q4_k_fields(t)
+                    offset = -mins
+                else:
+                    q, s, offset = q4_0_fields(t, with_min=qtype == T.Q4_1)
+                packs.append(pack_int4(q))
+                scales.append(s)
+                zeros.append(8 * s + offset)  # (q - 8)*s + zero = q*s + offset
+        if not self.int4:
+            self.dense = torch.cat(dense)
+            return
+        self.packed = torch.cat(packs)
+        pad = (0, self.packed.shape[0] - rows)  # zero scale and zero for the padding rows
+        scale, zero = F.pad(torch.cat(scales).T, pad), F.pad(torch.cat(zeros).T, pad)
+        self.scale_zero = torch.stack([scale, zero], dim=-1).to(torch.bfloat16).contiguous()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., cols) float32 -> (..., rows) float32."""
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.cols).to(torch.bfloat16)
+        if not self.int4:
+            y = flat @ self.dense.T
+        elif self.qtype != T.Q6_K:
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scale_zero)
+        else:
+            sub = flat.reshape(flat.shape[0], -1, 16)
+            doubled = torch.cat([sub, sub * 8], dim=-1).reshape(flat.shape[0], -1)
+            y = torch._weight_int4pack_mm_for_cpu(doubled, self.packed, GROUP, self.scale_zero)
+        return y[:, :self.rows].float().reshape(*lead, self.rows)
+
+    def nbytes(self) -> int:
+        if not self.int4:
+            return self.dense.numel() * 2
+        return self.packed.numel() + self.scale_zero.numel() * 2

@@ -1,0 +1,105 @@
+"""The CPU fast path (runtime/packed.py) against gguf-py's dequantization.
+
+Tolerances, relative to sum_k |x_k| |W_nk| per output (the scale of its rounding errors):
+- bf16 dense (Q8_0, Q5_K, F16, BF16 dequantized once): activation, weight and output each
+  rounded to bf16 (2^-9 each), so at most 3 * 2^-9 = 5.9e-3, a worst-case bound.
+- int4 types (Q4_K, Q4_0, Q4_1, Q6_K): bf16 activations, scale and zero point (2^-9 each; the
+  zero point 8*s - min can be twice |w|) and output -> 2^-7 = 7.8e-3. Measured: under 0.3 * 2^-8.
+A wrong nibble, row or group order gives errors of the size of the output itself (checked by
+hand: swapping Q6_K's halves or Q4_K's nibbles fails every case here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+from qvl.convert.quant import quantize
+from qvl.runtime.gguf_file import GGUFFile, TensorInfo
+from qvl.runtime.packed import PackedMatrix, pack_int4, q4_0_fields, q4_k_fields, q6_k_fields
+from qvl.runtime.weights import EXACT, PACKED, STREAMED, Matrix, Weights
+
+TOL = {T.Q8_0: 3 * 2**-9, T.Q5_K: 3 * 2**-9, T.F16: 3 * 2**-9, T.BF16: 3 * 2**-9,
+       T.Q4_K: 2**-7, T.Q4_0: 2**-7, T.Q4_1: 2**-7, T.Q6_K: 2**-7}
+
+
+def _raw(qtype: T, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    w[0, :256] = 0.0  # a zero block
+    w[1] *= 1e3  # huge and tiny scales
+    w[2] *= 1e-4
+    if qtype == T.F16:
+        raw = w.astype(np.float16).view(np.uint8)
+    elif qtype == T.BF16:
+        raw = (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    else:
+        raw = quantize(w, qtype).reshape(rows, -1)
+    return raw, torch.from_numpy(dequantize(raw, qtype).reshape(rows, cols).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (128, 256), (192, 2048), (80, 64)])
+def test_pack_int4_is_torch_layout(shape):
+    q = torch.randint(0, 16, shape, dtype=torch.int32)
+    ours = pack_int4(q)
+    theirs = torch._convert_weight_to_int4pack_for_cpu(torch.nn.functional.pad(q, (0, 0, 0, -shape[0] % 64)), 2)
+    assert torch.equal(ours, theirs)
+
+
+def test_block_fields_equal_dequantization():
+    rows, cols = 8, 512
+    raw, ref = _raw(T.Q4_K, rows, cols)
+    q, scale, mins = q4_k_fields(torch.from_numpy(raw))
+    w = q.float() * scale.repeat_interleave(32, 1) - mins.repeat_interleave(32, 1)
+    torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
+    raw, ref = _raw(T.Q6_K, rows, cols)
+    lo, hi, scale = q6_k_fields(torch.from_numpy(raw))
+    assert lo.max() <= 15 and hi.max() <= 3
+    torch.testing.assert_close((lo.int() + 16 * hi.int() - 32).float() * scale.repeat_interleave(16, 1), ref, rtol=1e-6, atol=1e-6)
+    for qtype, with_min in ((T.Q4_0, False), (T.Q4_1, True)):
+        raw, ref = _raw(qtype, rows, cols)
+        q, scale, offset = q4_0_fields(torch.from_numpy(raw), with_min)
+        w = q.float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
+        torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("rows,cols", [(64, 256), (70, 512), (130, 768)])  # 70, 130: padded to 64s
+@pytest.mark.parametrize("qtype", list(TOL), ids=lambda t: t.name)
+def test_packed_matmul_matches_dequantized(qtype, rows, cols, m):
+    raw, w = _raw(qtype, rows, cols, seed=rows + cols)
+    packed = PackedMatrix(qtype, raw, rows, cols)
+    assert packed.int4 == (qtype in (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K))
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
+    y, ref = packed.matmul(x), x @ w.T
+    assert y.shape == (m, rows) and y.dtype == torch.float32
+    err = ((y - ref).abs() / (x.abs() @ w.abs().T).clamp_min(1e-30)).max().item()
+    assert err <= TOL[qtype], err
+
+
+def test_int4_weights_take_a_third_of_bf16():
+    raw, _ = _raw(T.Q4_K, 128, 1024)
+    assert PackedMatrix(T.Q4_K, raw, 128, 1024).nbytes() == 128 * 1024 * (0.5 + 4 / 32)
+    raw, _ = _raw(T.Q6_K, 128, 1024)
+    assert PackedMatrix(T.Q6_K, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 4 / 16)
+
+
+def test_modes_through_weights(fixtures_dir):
+    path = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"
+    with GGUFFile(path) as f:
+        name = "blk.0.ffn_up.weight"
+        before = f.raw(name).copy()
+        x = torch.randn(3, f.tensors[name].shape[1])
+        exact = Weights(f, mode=EXACT).matrix(name).matmul(x)
+        for mode in (PACKED, STREAMED):
+            y = Weights(f, mode=mode).matrix(name).matmul(x)  # both release the tensor's pages
+            scale = x.abs() @ Weights(f).matrix(name).rows_f32(0, len(before)).abs().T
+            assert ((y - exact).abs() / scale).max().item() <= TOL[T.F16]
+        assert np.array_equal(f.raw(name), before)  # released pages read back the same bytes
+        with pytest.raises(ValueError, match="weights mode 'fast'"):
+            Weights(f, mode="fast")
+    w = np.arange(32, dtype=np.float32).reshape(4, 8)  # F32 weights stay float32 in every mode
+    m = Matrix(TensorInfo("w", T.F32, (8, 4), 0, 128), w.view(np.uint8), mode=PACKED)
+    assert m.mode == EXACT and torch.equal(m.matmul(torch.eye(8)), torch.from_numpy(w).T)
