@@ -10,7 +10,7 @@ kernels replace `Matrix.matmul` on a GPU.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

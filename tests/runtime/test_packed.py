@@ -16,10 +16,15 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
-
 from qvl.convert.quant import quantize
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
-from qvl.runtime.packed import PackedMatrix, pack_int4, q4_0_fields, q4_k_fields, q6_k_fields
+from qvl.runtime.packed import (
+    PackedMatrix,
+    pack_int4,
+    q4_0_fields,
+    q4_k_fields,
+    q6_k_fields,
+)
 from qvl.runtime.weights import EXACT, PACKED, STREAMED, Matrix, Weights
 
 TOL = {T.Q8_0: 3 * 2**-9, T.Q5_K: 3 * 2**-9, T.F16: 3 * 2**-9, T.BF16: 3 * 2**-9,
