@@ -38,21 +38,45 @@ print(json.dumps({"load_s": load_s, "vision_s": t.get("vision_ms", 0) / 1e3,
 """
 
 LLAMA = """
-import json, resource, sys, time
+import ctypes, json, resource, sys, time
 import numpy as np
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
 from llama_cpp import Llama
-model_path, n = sys.argv[1], int(sys.argv[2])
-llm = Llama(model_path=model_path, n_ctx=2048, n_threads=2, verbose=False, logits_all=False)
-prompt = llm.tokenize(("<|im_start|>user\\n" + "word " * 256 + "<|im_end|>\\n<|im_start|>assistant\\n").encode(),
-                      add_bos=False, special=True)
-t0 = time.perf_counter(); llm.eval(prompt); prefill = time.perf_counter() - t0
+model_path, mmproj_path, image_path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+llm = Llama(model_path=model_path, n_ctx=4096, n_threads=2, n_batch=512, verbose=False)
+params = mtmd.mtmd_context_params_default()
+params.use_gpu, params.n_threads, params.print_timings, params.warmup = False, 2, False, False
+mctx = mtmd.mtmd_init_from_file(mmproj_path.encode(), llm.model, params)
+bitmap = mtmd.mtmd_helper_bitmap_init_from_file(mctx, image_path.encode(), False)
+text = mtmd.mtmd_input_text()
+prompt = ("<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n"
+          + mtmd.mtmd_default_marker().decode() + "Describe this image in detail.<|im_end|>\\n<|im_start|>assistant\\n")
+text.text, text.text_len, text.add_special, text.parse_special = prompt.encode(), len(prompt.encode()), False, True
+chunks = mtmd.mtmd_input_chunks_init()
+assert mtmd.mtmd_tokenize(mctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+n_prompt = sum(mtmd.mtmd_input_chunk_get_n_tokens(mtmd.mtmd_input_chunks_get(chunks, i))
+               for i in range(mtmd.mtmd_input_chunks_size(chunks)))
+vision = 0.0
+for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+    chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+    if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+        t0 = time.perf_counter(); assert mtmd.mtmd_encode_chunk(mctx, chunk) == 0; vision += time.perf_counter() - t0
+n_past = llama_cpp.llama_pos(0)
+t0 = time.perf_counter()  # the helper encodes the image again: its time is subtracted
+assert mtmd.mtmd_helper_eval_chunks(mctx, llm.ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
+prefill = time.perf_counter() - t0 - vision
+logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+tok = int(np.argmax(logits))
+llm.n_tokens = n_past.value
 t1 = time.perf_counter()
 for _ in range(n):  # greedy, one token per eval: the same work as qvl's decode loop
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # not eval_logits: it lists every row, seconds a call
     llm.eval([tok])
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # not eval_logits: it lists every row, seconds a call
 decode = time.perf_counter() - t1
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({"prefill_tok_s": len(prompt) / prefill, "decode_tok_s": n / decode, "peak_rss_gib": rss}))
+print(json.dumps({"vision_s": vision, "prefill_tok_s": n_prompt / prefill, "decode_tok_s": n / decode,
+                  "prompt_tokens": n_prompt, "peak_rss_gib": rss}))
 """
 
 
@@ -78,13 +102,17 @@ def main() -> None:
         except ImportError:
             result["llama.cpp"] = "llama-cpp-python not installed"
         else:
-            ll = subprocess.run([sys.executable, "-c", LLAMA, str(args.model), str(args.tokens)],
+            from qvl.runtime.model import find_mmproj
+
+            ll = subprocess.run([sys.executable, "-c", LLAMA, str(args.model), str(find_mmproj(args.model)),
+                                 str(image), str(args.tokens)],
                                 capture_output=True, text=True)
             result["llama.cpp"] = json.loads(ll.stdout.splitlines()[-1]) if ll.returncode == 0 else ll.stderr[-500:]
         ours, theirs = result["qvl"], result["llama.cpp"]
         if isinstance(theirs, dict):
             result["ratios_qvl_over_llama_cpp"] = {
-                k: round(ours[k] / theirs[k], 3) for k in ("prefill_tok_s", "decode_tok_s") if ours.get(k) and theirs.get(k)}
+                k: round(ours[k] / theirs[k], 3) for k in ("vision_s", "prefill_tok_s", "decode_tok_s", "peak_rss_gib")
+                if ours.get(k) and theirs.get(k)}
     print(json.dumps(result, indent=2))
 
 
