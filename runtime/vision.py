@@ -166,6 +166,18 @@ def window_index(grid_thw: list[tuple[int, int, int]], window: int, patch: int) 
     return torch.cat(index), cu
 
 
+def _runs(cu: list[int]) -> list[tuple[int, int, int]]:
+    """Cumulative window bounds -> (start, window size, count) for runs of equal windows."""
+    runs: list[tuple[int, int, int]] = []
+    for lo, hi in zip(cu[:-1], cu[1:]):
+        if runs and runs[-1][1] == hi - lo:
+            start, size, count = runs[-1]
+            runs[-1] = (start, size, count + 1)
+        else:
+            runs.append((lo, hi - lo, 1))
+    return runs
+
+
 class VisionTower:
     def __init__(self, cfg: VisionConfig, w: Weights):
         self.cfg = cfg
@@ -210,10 +222,14 @@ class VisionTower:
         v = (b.v.matmul(x) + b.vb).view(n, heads, hd)
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         out = torch.empty(n, heads, hd)
-        for lo, hi in zip(cu[:-1], cu[1:]):
-            o = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1)[None], k[lo:hi].transpose(0, 1)[None],
-                                               v[lo:hi].transpose(0, 1)[None])
-            out[lo:hi] = o[0].transpose(0, 1)
+        for lo, size, count in _runs(cu):  # equal windows side by side: one batched call
+            hi = lo + size * count
+
+            def split(t: torch.Tensor) -> torch.Tensor:
+                return t[lo:hi].view(count, size, heads, hd).transpose(1, 2)
+
+            o = F.scaled_dot_product_attention(split(q), split(k), split(v))
+            out[lo:hi] = o.transpose(1, 2).reshape(hi - lo, heads, hd)
         return b.out.matmul(out.reshape(n, -1)) + b.out_b
 
     def _mlp(self, b: Block, x: torch.Tensor) -> torch.Tensor:
