@@ -119,11 +119,14 @@ class Decoder:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = cache.length
         keys, values = cache.append(i, k, v)
-        # causal over the whole cache: query j (absolute past + j) sees keys 0..past + j; one
-        # query (decode) sees them all. enable_gqa: each KV head serves n_head / n_head_kv heads.
-        mask = None if seq == 1 else torch.ones(seq, past + seq, dtype=torch.bool).tril(diagonal=past)[None, None]
-        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
-                                             enable_gqa=cfg.n_head != cfg.n_head_kv)
+        if seq == 1:  # decode: the query sees every key; heads of one KV head as one matmul
+            qg = q.reshape(cfg.n_head_kv, -1, cfg.head_dim)  # heads h*g..h*g+g-1 use KV head h
+            probs = torch.softmax((qg @ keys.transpose(1, 2)) * cfg.head_dim ** -0.5, dim=-1)
+            out = (probs @ values).reshape(1, cfg.n_head, 1, cfg.head_dim)
+        else:  # causal over the whole cache: query j (absolute past + j) sees keys 0..past + j
+            mask = torch.ones(seq, past + seq, dtype=torch.bool).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask[None, None],
+                                                 enable_gqa=cfg.n_head != cfg.n_head_kv)
         return layer.wo.matmul(out[0].transpose(0, 1).reshape(seq, cfg.n_embd))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
