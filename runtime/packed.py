@@ -75,6 +75,13 @@ def q4_0_fields(raw: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.
     return q, d, offset
 
 
+def _bytes(part: np.ndarray) -> torch.Tensor:
+    """Rows of a read-only mapping as a uint8 tensor (only ever read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(part))
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(R, K) 4-bit values -> the layout of `torch._convert_weight_to_int4pack_for_cpu`, built
     with byte operations (no int32 copy): per block of 64 rows, for each k, 32 bytes holding rows
@@ -95,17 +102,14 @@ class PackedMatrix:
         for start in range(0, rows, ROWS_PER_STEP):
             part = raw[start:start + ROWS_PER_STEP]
             if not self.int4:
-                if qtype == T.F16:
-                    dense.append(torch.from_numpy(np.ascontiguousarray(part).view(np.float16)).to(torch.bfloat16))
-                elif qtype == T.BF16:
-                    dense.append(torch.from_numpy(np.ascontiguousarray(part).view(np.int16)).view(torch.bfloat16).clone())
+                if qtype in (T.F16, T.BF16):
+                    half = _bytes(part).view(torch.float16 if qtype == T.F16 else torch.bfloat16)
+                    dense.append(half.to(torch.bfloat16, copy=True))
                 else:
                     rows_f32 = dequantize(np.ascontiguousarray(part), qtype).reshape(len(part), cols)
                     dense.append(torch.from_numpy(rows_f32).to(torch.bfloat16))
                 continue
-            with warnings.catch_warnings():  # read-only mapping; only read here
-                warnings.simplefilter("ignore", UserWarning)
-                t = torch.from_numpy(np.ascontiguousarray(part))
+            t = _bytes(part)
             if qtype == T.Q6_K:
                 lo, hi, s = q6_k_fields(t)
                 q = torch.stack([lo.reshape(len(t), -1, 16), (2 * hi + 5).reshape(len(t), -1, 16)], dim=2)

@@ -8,12 +8,14 @@ input is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import json
+import re
 import resource
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 import typer
 
 from .config import ConfigError
@@ -101,14 +103,18 @@ def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
 
 @app.command(help=HELP)
 def run(
-    model_path: Path = typer.Argument(..., metavar="MODEL", help="GGUF model file."),
+    model_path: Optional[Path] = typer.Argument(
+        None, metavar="MODEL", help="GGUF model file or store name (qwen2.5-vl:3b, hf.co/org/repo:q4_k_m...)."),
     image: List[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
     video: List[Path] = typer.Option([], "--video", help="Video file (any container/codec PyAV reads); repeatable."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help=f"Question (default: {DEFAULT_PROMPT!r})."),
-    model_id: Optional[str] = typer.Option(None, "--model-id", help="Hub model id (store names arrive with `qvl pull`)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision, with --model-id."),
+    model_id: Optional[str] = typer.Option(
+        None, "--model-id", help="Instead of MODEL: a Hugging Face id (Qwen/Qwen2.5-VL-3B-Instruct, pulled and "
+        "converted to q4_k_m into the store) or a store name."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision, with --model-id (main only)."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU (the only path today)."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 activations (GPU path; float32 on the CPU)."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 matmuls: the default for F16/BF16/quantized weights."),
+    f32: bool = typer.Option(False, "--f32", help="float32 matmuls throughout (exact, slower; F32 weights always are)."),
     max_length: int = typer.Option(512, "--max-length", help="Most tokens to generate."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature; greedy when absent."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling probability."),
@@ -138,11 +144,20 @@ def run(
     no_pull: bool = typer.Option(False, "--no-pull", help="Do not pull a store name that is not in the store."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP when pulling from a local registry."),
 ) -> None:
-    del cpu, bf16, flash_attn, sliding_window_size, max_window_layers, revision
+    del cpu, flash_attn, sliding_window_size, max_window_layers
     if sliding_window:
         _fail("--sliding-window: Qwen2-VL / Qwen2.5-VL checkpoints set use_sliding_window false; not supported")
+    if bf16 and f32:
+        _fail("--bf16 and --f32: choose one")
+    if (model_path is None) == (model_id is None):
+        _fail("give a MODEL (GGUF file or store name) or --model-id, not both" if model_path else
+              "no model: give a GGUF file or store name, or --model-id (see --help)")
+    if revision not in (None, "main"):
+        _fail(f"--revision {revision}: only the hub's default branch can be pulled")
     if model_id is not None:
-        _fail("--model-id: loading by hub id or store name arrives with `qvl pull`; pass a GGUF file")
+        hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) is not None and not model_id.startswith("hf.co/")
+        model_path = Path(f"hf.co/{model_id}" if hub_id else model_id)
+    assert model_path is not None
     for p in image:
         if not p.is_file():
             _fail(f"{p}: image not found")
@@ -155,7 +170,7 @@ def run(
         _pull_if_missing(str(model_path), no_pull, insecure)
     t0 = time.perf_counter()
     try:
-        model = load(model_path, device="cpu", mmproj=mmproj)
+        model = load(model_path, device="cpu", mmproj=mmproj, dtype=torch.float32 if f32 else None)
     except (GGUFError, ConfigError, TokenizerError, ModelError, KeyError, StoreError) as e:
         _fail(str(e).strip("'\""))
     load_s = time.perf_counter() - t0

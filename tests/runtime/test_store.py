@@ -166,3 +166,31 @@ def test_hf_gguf_repo_is_downloaded_as_is(store, fixtures_dir, monkeypatch):
     assert asked == ["tiny-Q8_0.gguf", "mmproj-tiny-f16.gguf"]
     model, proj = store.resolve("hf.co/ggml-org/tiny-GGUF:Q8_0")
     assert model.read_bytes() == files["tiny-Q8_0.gguf"].read_bytes() and proj is not None
+
+
+def test_run_model_id_pulls_a_hub_id_or_runs_a_store_name(store, fixtures_dir, monkeypatch):
+    """candle's --model-id: ORG/REPO is a Hugging Face id (pulled as q4_k_m, stubbed hub here)."""
+    import huggingface_hub
+
+    from qvl.runtime.run_cli import app as run_app
+
+    hf_dir = fixtures_dir / "tiny-qwen2-vl" / "hf"
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: [p.name for p in hf_dir.iterdir()])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, revision=None, allow_patterns=None: str(hf_dir))
+    r = runner.invoke(run_app, ["--model-id", "Qwen/tiny-qwen2-vl", "--prompt", "Hi", "--max-length", "3", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert len(json.loads(r.stdout)["token_ids"]) == 3
+    assert [str(e.name) for e in store.list()] == ["hf.co/Qwen/tiny-qwen2-vl:latest"]
+    model, _ = store.resolve("hf.co/Qwen/tiny-qwen2-vl:latest")
+    from qvl.runtime.gguf_file import GGUFFile
+
+    with GGUFFile(model) as g:
+        assert g.get("general.file_type") == 15  # Q4_K_M, the default quant
+    r = runner.invoke(run_app, ["--model-id", "hf.co/Qwen/tiny-qwen2-vl", "--prompt", "Hi", "--max-length", "2"])
+    assert r.exit_code == 0, r.stderr  # a store name as is, already there: no second pull
+    for args, expect in ((["--prompt", "x"], "no model"),
+                         (["m.gguf", "--model-id", "a/b", "--prompt", "x"], "not both"),
+                         (["--model-id", "a/b", "--revision", "v2", "--prompt", "x"], "--revision v2"),
+                         (["--model-id", "a/b", "--bf16", "--f32", "--prompt", "x"], "choose one")):
+        r = runner.invoke(run_app, args)
+        assert r.exit_code == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
