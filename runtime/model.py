@@ -23,7 +23,7 @@ from .config import TextConfig, text_config
 from .decoder import Decoder, KVCache
 from .gguf_file import GGUFFile
 from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess
-from .memory import give_back_free_memory, large_buffers_in_own_mappings
+from .memory import give_back_free_memory
 from .positions import Span, rope_positions
 from .sampling import SamplingParams, sample
 from .tokenizer import tokenizer_from_gguf
@@ -295,7 +295,6 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
     if dtype not in (None, torch.bfloat16, torch.float32):
         raise ModelError(f"dtype {dtype}: choose torch.bfloat16 (the default) or torch.float32")
     fast = dtype != torch.float32
-    large_buffers_in_own_mappings()
     model = _open(Path(path), fast, mmproj)
     give_back_free_memory()
     return model
