@@ -65,8 +65,7 @@ ImageLike = str | Path | Image.Image
 
 class Model:
     def __init__(self, text_file: GGUFFile, vision_file: GGUFFile | None, fast: bool = True):
-        self.text_file = text_file
-        self.fast = fast  # bf16 matmuls on repacked non-F32 weights; False: float32 throughout
+        self.text_file = text_file  # fast: bf16 matmuls on non-F32 weights; False: float32 throughout
         self.cfg: TextConfig = text_config(text_file)
         self.tokenizer = tokenizer_from_gguf(text_file)
         self.chat_template: str | None = text_file.get("tokenizer.chat_template")

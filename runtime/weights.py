@@ -87,11 +87,7 @@ class Matrix:
         if self._packed is not None:
             return self._packed.matmul(x)
         if self.mode == STREAMED:
-            if self._dense is not None:
-                w = self._dense.to(torch.bfloat16)
-            else:
-                w = torch.from_numpy(dequantize(self.raw, self.qtype).reshape(self.rows, self.cols)).to(torch.bfloat16)
-            y = (x.to(torch.bfloat16) @ w.T).float()
+            y = (x.to(torch.bfloat16) @ self.rows_f32(0, self.rows).to(torch.bfloat16).T).float()
             if self._release is not None:
                 self._release()
             return y
