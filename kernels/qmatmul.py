@@ -3,7 +3,8 @@
 The blocked algorithm: program (pid_m, pid_n) owns a BLOCK_M x BLOCK_N tile of y. It walks K in
 steps of 256 elements (one Q4_K super-block, or eight Q8_0 blocks), loads the raw bytes of the
 BLOCK_N weight rows for that step, decodes them in registers into a (BLOCK_N, 256) float32 tile,
-and accumulates `x_tile @ w_tile.T` in float32.
+and accumulates `x_tile @ w_tile.T` in float32. For decode (M <= 8) a split-K GEMV kernel
+spreads the K steps of each row block over several programs instead (`qgemv_kernel`).
 
 Decoding, per element e of a 256-element step (layouts in convert/quant/):
   Q8_0: block b = e // 32 at byte 34*b: f16 d, then int8 q[e % 32];      w = d * q
@@ -130,12 +131,54 @@ def qmatmul_kernel(
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def qgemv_kernel(
+    x_ptr, w_ptr, part_ptr,
+    M, N, K, row_bytes, step_bytes, steps_per_split,
+    stride_xm,
+    IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Decode (M <= 8): program (pid_n, split) sums the K-steps [split * steps_per_split, ...)
+    of BLOCK_N rows for every row of x, and writes its partial (M, BLOCK_N) to part[split].
+    Many splits let a few hundred rows still fill the GPU; the partials are summed after (in a
+    fixed order, so the result does not depend on scheduling)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = tl.arange(0, 256)
+    rn_safe = tl.where(rn < N, rn, 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    first = split * steps_per_split
+    last = tl.minimum(first + steps_per_split, K // 256)
+    for kb in range(first, last):
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kb * 256 + e[None, :], mask=rm[:, None] < M, other=0.0)
+        row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
+        if IS_Q4_K:
+            w = _decode_q4_k(row_ptr, e[None, :])
+        elif IS_Q6_K:
+            w = _decode_q6_k(row_ptr, e[None, :])
+        elif IS_Q5_0:
+            w = _decode_q5_0(row_ptr, e[None, :])
+        else:
+            w = _decode_q8_0(row_ptr, e[None, :])
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    out = part_ptr + split * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
 SUPPORTED = (T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0)  # the Q4_K_M mix and its fallbacks
+GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel
+GEMV_BLOCK_N = 16  # weight rows per GEMV program (not tuned on a GPU yet)
 
 
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
-            block_m: int = 16, block_n: int = 16) -> torch.Tensor:
-    """x (M, K) float, raw (N, row_bytes) uint8 GGUF blocks -> y (M, N) float32."""
+            block_m: int = 16, block_n: int = 16, split_k: int | None = None) -> torch.Tensor:
+    """x (M, K) float, raw (N, row_bytes) uint8 GGUF blocks -> y (M, N) float32.
+
+    M <= GEMV_MAX_M takes the split-K GEMV kernel with `split_k` K-ranges (default: enough
+    programs for ~4 per GPU core, at most one per 256-element step); larger M the tiled GEMM."""
     if qtype not in SUPPORTED:
         raise ValueError(f"qmatmul supports {', '.join(t.name for t in SUPPORTED)}, not {qtype.name}")
     if k % STEP:
@@ -146,11 +189,24 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
         raise ValueError(f"weight bytes should be uint8 ({n}, {row_bytes}), got {raw.dtype} {tuple(raw.shape)}")
     x = x.contiguous().float()
     m = x.shape[0]
+    flags = dict(IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0)
+    if m <= GEMV_MAX_M:
+        block_n = min(block_n, GEMV_BLOCK_N)  # (M, BLOCK_N, 256) products live in registers
+        steps = k // STEP
+        n_blocks = triton.cdiv(n, block_n)
+        if split_k is None:
+            cores = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+            split_k = max(1, min(steps, 4 * cores // n_blocks))
+        per = triton.cdiv(steps, split_k)
+        splits = triton.cdiv(steps, per)
+        parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        qgemv_kernel[(n_blocks, splits)](x, raw, parts, m, n, k, row_bytes, STEP // blk * size, per, x.stride(0),
+                                         **flags, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n)
+        return parts.sum(0)
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
-                         IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0,
-                         BLOCK_M=block_m, BLOCK_N=block_n)
+                         **flags, BLOCK_M=block_m, BLOCK_N=block_n)
     return y
 
 

@@ -1,4 +1,5 @@
-"""The dequantizing matmul against its torch reference (gguf-py dequantization + float32 matmul).
+"""The dequantizing matmul (tiled GEMM for M > 8, split-K GEMV for M <= 8) against its torch
+reference (gguf-py dequantization + float32 matmul).
 
 Tolerance table (float32 accumulation on both sides; only the summation order differs):
 | weights | inputs | rtol on max |y| | why |
@@ -35,7 +36,8 @@ def _weights(n: int, k: int, qtype: T, kind: str, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 1, 256), (1, 33, 512), (3, 7, 256), (8, 17, 768), (5, 16, 256)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 256), (1, 33, 512), (3, 7, 256), (8, 17, 768), (5, 16, 256),  # GEMV
+                                   (9, 7, 256), (17, 33, 512), (33, 17, 768)])  # M > 8: the tiled GEMM
 def test_matches_reference(qtype, m, n, k):
     raw = _weights(n, k, qtype, "normal", seed=m * 100 + n)
     x = torch.from_numpy(np.random.default_rng(k).standard_normal((m, k)).astype(np.float32))
@@ -47,10 +49,11 @@ def test_matches_reference(qtype, m, n, k):
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("kind", ["zero-blocks", "huge", "tiny"])
-def test_awkward_values(qtype, kind):
+@pytest.mark.parametrize("m", [2, 12])  # GEMV and GEMM
+def test_awkward_values(qtype, kind, m):
     n, k = 9, 512
     raw = _weights(n, k, qtype, kind, seed=3)
-    x = torch.from_numpy(np.random.default_rng(4).standard_normal((2, k)).astype(np.float32))
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((m, k)).astype(np.float32))
     ref = qmatmul_ref(x, raw, qtype)
     got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k).cpu()
     assert torch.isfinite(got).all()
@@ -63,3 +66,15 @@ def test_rejects_bad_shapes():
         qmatmul(torch.zeros(1, 128), raw[:, :136], T.Q8_0, 4, 128)
     with pytest.raises(ValueError, match="supports"):
         qmatmul(torch.zeros(1, 256), raw, T.Q5_1, 4, 256)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 1, 256, 1), (1, 33, 768, 3), (3, 17, 1280, 2), (8, 7, 512, 4),
+                                           (5, 16, 768, 2), (2, 9, 1280, 3)])  # 5 steps / 3 splits: a short last one
+def test_split_k_gemv_matches_reference(qtype, m, n, k, split_k):
+    raw = _weights(n, k, qtype, "normal", seed=m * 7 + n)
+    x = torch.from_numpy(np.random.default_rng(k + m).standard_normal((m, k)).astype(np.float32))
+    ref = qmatmul_ref(x, raw, qtype)
+    got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k, block_n=16, split_k=split_k).cpu()
+    assert got.shape == (m, n)
+    assert (got - ref).abs().max().item() <= RTOL[qtype] * ref.abs().max().item()
