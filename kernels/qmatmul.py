@@ -98,6 +98,23 @@ def _decode_q5_0(row_ptr, e):
 
 
 @triton.jit
+def _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes,
+               IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr):
+    """K-step kb: the (BLOCK_M, 256) slice of x and the decoded (BLOCK_N, 256) weight tile."""
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + kb * 256 + e[None, :], mask=rm[:, None] < M, other=0.0)
+    row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
+    if IS_Q4_K:
+        w = _decode_q4_k(row_ptr, e[None, :])
+    elif IS_Q6_K:
+        w = _decode_q6_k(row_ptr, e[None, :])
+    elif IS_Q5_0:
+        w = _decode_q5_0(row_ptr, e[None, :])
+    else:
+        w = _decode_q8_0(row_ptr, e[None, :])
+    return x, w
+
+
+@triton.jit
 def qmatmul_kernel(
     # pointers
     x_ptr, w_ptr, y_ptr,
@@ -117,16 +134,8 @@ def qmatmul_kernel(
     rn_safe = tl.where(rn < N, rn, 0)  # masked rows decode row 0 and are never stored
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // 256):
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kb * 256 + e[None, :], mask=rm[:, None] < M, other=0.0)
-        row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
-        if IS_Q4_K:
-            w = _decode_q4_k(row_ptr, e[None, :])
-        elif IS_Q6_K:
-            w = _decode_q6_k(row_ptr, e[None, :])
-        elif IS_Q5_0:
-            w = _decode_q5_0(row_ptr, e[None, :])
-        else:
-            w = _decode_q8_0(row_ptr, e[None, :])
+        x, w = _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes,
+                          IS_Q4_K, IS_Q6_K, IS_Q5_0)
         acc += tl.dot(x.to(tl.float32), tl.trans(w))
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -153,16 +162,8 @@ def qgemv_kernel(
     first = split * steps_per_split
     last = tl.minimum(first + steps_per_split, K // 256)
     for kb in range(first, last):
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kb * 256 + e[None, :], mask=rm[:, None] < M, other=0.0)
-        row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
-        if IS_Q4_K:
-            w = _decode_q4_k(row_ptr, e[None, :])
-        elif IS_Q6_K:
-            w = _decode_q6_k(row_ptr, e[None, :])
-        elif IS_Q5_0:
-            w = _decode_q5_0(row_ptr, e[None, :])
-        else:
-            w = _decode_q8_0(row_ptr, e[None, :])
+        x, w = _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes,
+                          IS_Q4_K, IS_Q6_K, IS_Q5_0)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     out = part_ptr + split * M * N + rm[:, None] * N + rn[None, :]
     tl.store(out, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))

@@ -75,11 +75,11 @@ def q4_0_fields(raw: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.
     return q, d, offset
 
 
-def _bytes(part: np.ndarray) -> torch.Tensor:
-    """Rows of a read-only mapping as a uint8 tensor (only ever read)."""
+def as_torch(raw: np.ndarray, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Bytes of the read-only mapping as a tensor of `dtype`, without a copy; never written through."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(part))
+        return torch.from_numpy(np.ascontiguousarray(raw)).view(dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -103,13 +103,13 @@ class PackedMatrix:
             part = raw[start:start + ROWS_PER_STEP]
             if not self.int4:
                 if qtype in (T.F16, T.BF16):
-                    half = _bytes(part).view(torch.float16 if qtype == T.F16 else torch.bfloat16)
+                    half = as_torch(part).view(torch.float16 if qtype == T.F16 else torch.bfloat16)
                     dense.append(half.to(torch.bfloat16, copy=True))
                 else:
                     rows_f32 = dequantize(np.ascontiguousarray(part), qtype).reshape(len(part), cols)
                     dense.append(torch.from_numpy(rows_f32).to(torch.bfloat16))
                 continue
-            t = _bytes(part)
+            t = as_torch(part)
             if qtype == T.Q6_K:
                 lo, hi, s = q6_k_fields(t)
                 q = torch.stack([lo.reshape(len(t), -1, 16), (2 * hi + 5).reshape(len(t), -1, 16)], dim=2)

@@ -9,7 +9,6 @@ kernels replace `Matrix.matmul` on a GPU.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -18,16 +17,10 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from .gguf_file import GGUFFile, TensorInfo
-from .packed import PackedMatrix
+from .packed import PackedMatrix, as_torch
 
 # Rows dequantized per step of a quantized matmul: ~16 MB of float32 for a 4096-wide weight.
 ROWS_PER_STEP = 1024
-
-
-def _as_torch(raw: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    with warnings.catch_warnings():  # the mapping is read-only; we never write through it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(raw).view(dtype)
 
 
 # How non-F32 weights are multiplied (F32 weights are always float32 matmuls):
@@ -61,13 +54,13 @@ class Matrix:
             from ..kernels.qmatmul import STEP, SUPPORTED
 
             if self.qtype in SUPPORTED and self.cols % STEP == 0:
-                self._kernel_raw = _as_torch(self.raw, torch.uint8)
+                self._kernel_raw = as_torch(self.raw, torch.uint8)
         if self.qtype == T.F32:
-            self._dense = _as_torch(self.raw, torch.float32)
+            self._dense = as_torch(self.raw, torch.float32)
         elif self.qtype == T.F16:
-            self._dense = _as_torch(self.raw, torch.float16)
+            self._dense = as_torch(self.raw, torch.float16)
         elif self.qtype == T.BF16:
-            self._dense = _as_torch(self.raw, torch.bfloat16)
+            self._dense = as_torch(self.raw, torch.bfloat16)
 
     def rows_f32(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as float32."""
