@@ -8,13 +8,18 @@ the last `[2]` by the width (rotate-half layout).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import TextConfig
-from .weights import Matrix, Weights
+from .weights import EXACT, Matrix, Weights
+
+CPU = torch.device("cpu")
+KV_TYPES = ("f32", "bf16", "q8_0")  # KV cache element types
+Q8_BLOCK = 32  # values per scale in a q8_0 cache (as ggml's Q8_0)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,47 +69,122 @@ class Layer:
     gate: Matrix
     up: Matrix
     down: Matrix
+    device: torch.device = CPU
+    kernels: bool = False  # Triton attention for prefill (the layer is on an accelerator)
+
+
+def kv_bytes_per_token(cfg: TextConfig, kind: str) -> int:
+    """Bytes one token adds to one layer's cache (keys and values)."""
+    values = 2 * cfg.n_head_kv * cfg.head_dim
+    if kind == "q8_0":
+        return values + values // Q8_BLOCK * 2  # int8 values, a float16 scale per block
+    return values * (4 if kind == "f32" else 2)
+
+
+class _Q8:
+    """int8 values with a float16 scale per 32 of the last dimension: (heads, capacity, dim)."""
+
+    def __init__(self, heads: int, capacity: int, dim: int, device: torch.device):
+        if dim % Q8_BLOCK:
+            raise ValueError(f"a q8_0 KV cache needs a head dim that is a multiple of {Q8_BLOCK}, not {dim}")
+        self.q = torch.zeros(heads, capacity, dim // Q8_BLOCK, Q8_BLOCK, dtype=torch.int8, device=device)
+        self.d = torch.zeros(heads, capacity, dim // Q8_BLOCK, 1, dtype=torch.float16, device=device)
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        blocks = x.float().unflatten(-1, (-1, Q8_BLOCK))
+        d = blocks.abs().amax(-1, keepdim=True) / 127
+        q = torch.where(d > 0, blocks / d.clamp_min(1e-30), 0).round()
+        self.q[:, start:start + x.shape[1]] = q.to(torch.int8)
+        self.d[:, start:start + x.shape[1]] = d.to(torch.float16)
+
+    def read(self, end: int) -> torch.Tensor:
+        return (self.q[:, :end].float() * self.d[:, :end].float()).flatten(-2)
 
 
 class KVCache:
-    """Per-layer keys and values `(n_head_kv, capacity, head_dim)`, filled left to right."""
+    """Per-layer keys and values `(n_head_kv, capacity, head_dim)`, filled left to right, each
+    layer's on that layer's device. `kind`: f32, bf16 or q8_0; default float32 on the CPU and
+    bf16 on an accelerator."""
 
-    def __init__(self, cfg: TextConfig, capacity: int):
-        shape = (cfg.n_layer, cfg.n_head_kv, capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=torch.float32)
-        self.v = torch.zeros(shape, dtype=torch.float32)
+    def __init__(self, cfg: TextConfig, capacity: int, devices: Sequence[torch.device] | None = None,
+                 kind: str | None = None):
+        if kind is not None and kind not in KV_TYPES:
+            raise ValueError(f"KV cache type {kind!r}: one of {', '.join(KV_TYPES)}")
+        devices = list(devices) if devices is not None else [CPU] * cfg.n_layer
+        self.k: list[torch.Tensor | _Q8] = []
+        self.v: list[torch.Tensor | _Q8] = []
+        shape = (cfg.n_head_kv, capacity, cfg.head_dim)
+        for dev in devices:
+            layer_kind = kind or ("f32" if dev.type == "cpu" else "bf16")
+            for store in (self.k, self.v):
+                if layer_kind == "q8_0":
+                    store.append(_Q8(*shape, dev))
+                else:
+                    dtype = torch.float32 if layer_kind == "f32" else torch.bfloat16
+                    store.append(torch.zeros(shape, dtype=dtype, device=dev))
         self.capacity = capacity
         self.length = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (n_head_kv, n, head_dim) after the cached tokens; all keys and values so far."""
         n = k.shape[1]
         end = self.length + n
         if end > self.capacity:
             raise ValueError(f"context full: {end} tokens > capacity {self.capacity}")
-        self.k[layer, :, self.length:end] = k
-        self.v[layer, :, self.length:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        out = []
+        for store, x in ((self.k[layer], k), (self.v[layer], v)):
+            if isinstance(store, _Q8):
+                store.write(self.length, x)
+                out.append(store.read(end))
+            else:
+                store[:, self.length:end] = x
+                out.append(store[:, :end])
+        return out[0], out[1]
 
 
 class Decoder:
-    def __init__(self, cfg: TextConfig, w: Weights):
+    """`accel`/`gpu_layers`: the last `gpu_layers` layers live on `accel` (the output layer too
+    when gpu_layers > n_layer, as llama.cpp's -ngl counts it), their matmuls through the Triton
+    kernels when `kernels`; the token embeddings always stay in the mapped file."""
+
+    def __init__(self, cfg: TextConfig, w: Weights, accel: torch.device | None = None, gpu_layers: int = 0,
+                 kernels: bool = True):
         self.cfg = cfg
+        first = cfg.n_layer - gpu_layers if accel is not None else cfg.n_layer
         self.embed = w.matrix("token_embd.weight")
-        self.output = w.matrix("output.weight") if w.has("output.weight") else self.embed
-        self.norm = w.vector("output_norm.weight")
+        if accel is not None and gpu_layers > cfg.n_layer:
+            name = "output.weight" if w.has("output.weight") else "token_embd.weight"
+            self.output = w.matrix(name, EXACT).to_device(accel, kernels)
+            self.norm = w.vector("output_norm.weight").to(accel)
+        else:
+            self.output = w.matrix("output.weight") if w.has("output.weight") else self.embed
+            self.norm = w.vector("output_norm.weight")
         self.layers = []
         for i in range(cfg.n_layer):
             p = f"blk.{i}."
+            on_accel = accel is not None and i >= first
+            dev = accel if accel is not None and on_accel else CPU
+
+            def mat(name: str) -> Matrix:
+                return w.matrix(p + name, EXACT).to_device(dev, kernels) if on_accel else w.matrix(p + name)
+
+            def vec(name: str) -> torch.Tensor:
+                return w.vector(p + name).to(dev)
+
             self.layers.append(Layer(
-                attn_norm=w.vector(p + "attn_norm.weight"),
-                wq=w.matrix(p + "attn_q.weight"), bq=w.vector(p + "attn_q.bias"),
-                wk=w.matrix(p + "attn_k.weight"), bk=w.vector(p + "attn_k.bias"),
-                wv=w.matrix(p + "attn_v.weight"), bv=w.vector(p + "attn_v.bias"),
-                wo=w.matrix(p + "attn_output.weight"),
-                ffn_norm=w.vector(p + "ffn_norm.weight"),
-                gate=w.matrix(p + "ffn_gate.weight"), up=w.matrix(p + "ffn_up.weight"),
-                down=w.matrix(p + "ffn_down.weight"),
+                attn_norm=vec("attn_norm.weight"),
+                wq=mat("attn_q.weight"), bq=vec("attn_q.bias"),
+                wk=mat("attn_k.weight"), bk=vec("attn_k.bias"),
+                wv=mat("attn_v.weight"), bv=vec("attn_v.bias"),
+                wo=mat("attn_output.weight"),
+                ffn_norm=vec("ffn_norm.weight"),
+                gate=mat("ffn_gate.weight"), up=mat("ffn_up.weight"), down=mat("ffn_down.weight"),
+                device=dev, kernels=kernels and on_accel,
             ))
+
+    def new_cache(self, capacity: int, kind: str | None = None) -> KVCache:
+        """A KV cache with each layer's part on that layer's device."""
+        return KVCache(self.cfg, capacity, [layer.device for layer in self.layers], kind)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed.take_rows(ids)
@@ -119,27 +199,38 @@ class Decoder:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = cache.length
         keys, values = cache.append(i, k, v)
+        kd = keys.dtype  # float32, or bf16 in an accelerator's cache
         if seq == 1:  # decode: the query sees every key; heads of one KV head as one matmul
-            qg = q.reshape(cfg.n_head_kv, -1, cfg.head_dim)  # heads h*g..h*g+g-1 use KV head h
-            probs = torch.softmax((qg @ keys.transpose(1, 2)) * cfg.head_dim ** -0.5, dim=-1)
-            out = (probs @ values).reshape(1, cfg.n_head, 1, cfg.head_dim)
+            qg = q.reshape(cfg.n_head_kv, -1, cfg.head_dim).to(kd)  # heads h*g..h*g+g-1 use KV head h
+            probs = torch.softmax((qg @ keys.transpose(1, 2)).float() * cfg.head_dim ** -0.5, dim=-1)
+            out = (probs.to(kd) @ values).float().reshape(cfg.n_head, 1, cfg.head_dim).transpose(0, 1)
+        elif layer.kernels:  # causal over the whole cache in one varlen kernel call
+            from ..kernels.attention import attention
+
+            out = attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), [0, seq],
+                            [0, past + seq], causal=True)
         else:  # causal over the whole cache: query j (absolute past + j) sees keys 0..past + j
-            mask = torch.ones(seq, past + seq, dtype=torch.bool).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask[None, None],
-                                                 enable_gqa=cfg.n_head != cfg.n_head_kv)
-        return layer.wo.matmul(out[0].transpose(0, 1).reshape(seq, cfg.n_embd))
+            mask = torch.ones(seq, past + seq, dtype=torch.bool, device=q.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q.to(kd)[None], keys[None], values[None], attn_mask=mask[None, None],
+                                                 enable_gqa=cfg.n_head != cfg.n_head_kv)[0].float().transpose(0, 1)
+        return layer.wo.matmul(out.reshape(seq, cfg.n_embd))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embeddings (seq, n_embd) at positions (3, seq) -> final-norm hidden states (seq, n_embd)."""
         cfg = self.cfg
-        cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        trig = {CPU: mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)}
         for i, layer in enumerate(self.layers):
+            if layer.device not in trig:
+                trig[layer.device] = tuple(t.to(layer.device) for t in trig[CPU])
+            x = x.to(layer.device)
+            cos, sin = trig[layer.device]
             h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
             x = x + self._attention(i, layer, h, cos, sin, cache)
             h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)
             x = x + layer.down.matmul(F.silu(layer.gate.matmul(h)) * layer.up.matmul(h))
         cache.length += x.shape[0]
-        return rms_norm(x, self.norm, cfg.rms_eps)
+        return rms_norm(x.to(self.norm.device), self.norm, cfg.rms_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.output.matmul(hidden)
+        """float32 logits on the CPU."""
+        return self.output.matmul(hidden.to(self.norm.device)).cpu()

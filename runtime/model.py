@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +24,9 @@ from .chat import render
 from .config import TextConfig, text_config
 from .decoder import Decoder, KVCache
 from .gguf_file import GGUFFile
-from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess
+from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess, smart_resize
 from .memory import give_back_free_memory
+from .placement import Placement, PlacementError, Plan, footprint, make_plan
 from .positions import Span, rope_positions
 from .sampling import SamplingParams, sample
 from .tokenizer import tokenizer_from_gguf
@@ -64,17 +67,35 @@ ImageLike = str | Path | Image.Image
 
 
 class Model:
-    def __init__(self, text_file: GGUFFile, vision_file: GGUFFile | None, fast: bool = True):
-        self.text_file = text_file  # fast: bf16 matmuls on non-F32 weights; False: float32 throughout
+    def __init__(self, text_file: GGUFFile, vision_file: GGUFFile | None, fast: bool = True,
+                 placement: Placement = Placement(), max_vram: int | None = None, plan_ctx: int = 4096):
+        """fast: bf16 matmuls on non-F32 CPU weights (False: float32 throughout). `placement`
+        puts layers and the vision tower on an accelerator; with `max_vram` (bytes) a plan for
+        a `plan_ctx`-token cache decides how many layers and whether the vision tower go there."""
+        self.text_file = text_file
         self.cfg: TextConfig = text_config(text_file)
         self.tokenizer = tokenizer_from_gguf(text_file)
         self.chat_template: str | None = text_file.get("tokenizer.chat_template")
-        self.decoder = Decoder(self.cfg, Weights(text_file, mode=PACKED if fast else EXACT))
+        self.plan: Plan | None = None
+        if placement.accel is not None:
+            fp = footprint(self.cfg, text_file, vision_file, placement.kernels, placement.kv_type or "bf16")
+            self.plan = make_plan(fp, plan_ctx, max_vram, placement.gpu_layers, placement.vision_on_accel,
+                                  placement.vision_max_pixels)
+            if max_vram is not None:
+                placement = replace(placement, gpu_layers=self.plan.gpu_layers, vision_on_accel=self.plan.vision_on_gpu,
+                                    vision_max_pixels=self.plan.vision_max_pixels)
+        self.placement = placement
+        self.on_warning: Callable[[str], None] = warnings.warn  # the CLI prints these on stderr
+        accel = torch.device(placement.accel) if placement.accel is not None else None
+        self.decoder = Decoder(self.cfg, Weights(text_file, mode=PACKED if fast else EXACT), accel,
+                               placement.gpu_layers, placement.kernels)
         self.vision_cfg: VisionConfig | None = None
         self.vision: VisionTower | None = None
         if vision_file is not None:
             self.vision_cfg = vision_config(vision_file)
-            self.vision = VisionTower(self.vision_cfg, Weights(vision_file, mode=STREAMED if fast else EXACT))
+            on_accel = accel if placement.vision_on_accel else None
+            self.vision = VisionTower(self.vision_cfg, Weights(vision_file, mode=STREAMED if fast else EXACT),
+                                      on_accel, placement.kernels)
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
 
@@ -106,14 +127,23 @@ class Model:
             raise ModelError(f"{self.text_file.path}: this model has no vision projector (mmproj); "
                              "images need one (pass --mmproj)")
         out = []
+        limit = self.placement.vision_max_pixels
         for im in images:
             pil = im if isinstance(im, Image.Image) else load_image(im)
             assert self.vision_cfg is not None
-            out.append(preprocess(pil, min_pixels, max_pixels, self.vision_cfg.image_mean, self.vision_cfg.image_std))
+            use_max = max_pixels
+            if limit is not None and max_pixels > limit:
+                h, w = smart_resize(pil.height, pil.width, min_pixels=min_pixels, max_pixels=max_pixels)
+                if h * w > limit:
+                    use_max = max(limit, min_pixels)
+                    h2, w2 = smart_resize(pil.height, pil.width, min_pixels=min_pixels, max_pixels=use_max)
+                    self.on_warning(f"image {pil.width}x{pil.height} downscaled to {w2}x{h2} "
+                                    f"(instead of {w}x{h}) to fit the GPU memory budget")
+            out.append(preprocess(pil, min_pixels, use_max, self.vision_cfg.image_mean, self.vision_cfg.image_std))
         return out
 
     @staticmethod
-    def placement(prompt: str, items: list, kind: str) -> list:
+    def media_order(prompt: str, items: list, kind: str) -> list:
         """Media in the order the prompt's `{image2}`/`{video1}`... placeholders use them."""
         order = [int(m) - 1 for m in re.findall(r"\{" + kind + r"(\d+)\}", prompt)]
         return [items[i] for i in order if 0 <= i < len(items)] if order else items
@@ -197,7 +227,7 @@ class Model:
         if not template:
             return prompt, images, vids
         text = render(self.chat_template, self.messages_for(prompt, len(images), system, len(vids)))
-        return text, self.placement(prompt, images, "image"), self.placement(prompt, vids, "video")
+        return text, self.media_order(prompt, images, "image"), self.media_order(prompt, vids, "video")
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -209,7 +239,7 @@ class Model:
         """float32 logits (n_prompt_tokens, vocab) of every prompt position."""
         text, images, vids = self._prepare(prompt, images, videos, video_options, None, template)
         embeds, positions, _ = self.encode(text, images, min_pixels, max_pixels, vids)
-        cache = KVCache(self.cfg, embeds.shape[0])
+        cache = self.decoder.new_cache(embeds.shape[0], self.placement.kv_type)
         return self._prefill(embeds, positions, cache, all_logits=True)
 
     def generate(self, prompt: str, images: list[ImageLike] | None = None, *, max_new_tokens: int = 512,
@@ -252,7 +282,7 @@ class Model:
         capacity = ctx_size or min(self.cfg.context_length, n_prompt + max_new_tokens)
         if n_prompt >= capacity:
             raise ModelError(f"prompt of {n_prompt} tokens does not fit a context of {capacity}")
-        cache = KVCache(self.cfg, min(capacity, n_prompt + max_new_tokens))
+        cache = self.decoder.new_cache(min(capacity, n_prompt + max_new_tokens), self.placement.kv_type)
         logits = self._prefill(embeds, positions, cache, all_logits=False)[-1]
         timings["prefill_s"] = time.perf_counter() - t0 - timings.get("vision_ms", 0.0) / 1e3
         next_pos = int(positions.max()) + 1 if n_prompt else 0
@@ -284,22 +314,47 @@ class Model:
         yield Generation(final, out_ids, n_prompt, timings, list(videos))
 
 
+ALL_LAYERS = 1 << 20  # --gpu-layers default on a GPU: every layer and the output layer
+
+
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,
-         mmproj: str | Path | None = None) -> Model:
-    """Load a GGUF model (llama.cpp pair, Ollama single file, or qvl-convert's output)."""
+         mmproj: str | Path | None = None, placement: Placement | None = None,
+         max_vram: float | None = None, plan_ctx: int = 4096) -> Model:
+    """Load a GGUF model (llama.cpp pair, Ollama single file, or qvl-convert's output).
+
+    device "auto" takes CUDA when torch sees a GPU. On CUDA the default placement is the whole
+    model on the GPU through the Triton kernels; `placement` says otherwise (layers, vision
+    tower, kernels, KV cache type) and `max_vram` (GB) fits it into a budget for a
+    `plan_ctx`-token context."""
     if device not in ("auto", "cpu", "cuda"):
         raise ModelError(f"device {device!r}: choose auto, cpu or cuda")
-    if device == "cuda":
-        raise ModelError("the CUDA path arrives with the kernels issue; use device='cpu'")
     if dtype not in (None, torch.bfloat16, torch.float32):
         raise ModelError(f"dtype {dtype}: choose torch.bfloat16 (the default) or torch.float32")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise ModelError("device 'cuda': torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    use_cuda = device == "cuda" or (device == "auto" and has_cuda)
+    if placement is None:
+        placement = Placement("cuda", ALL_LAYERS, vision_on_accel=True) if use_cuda else Placement()
+    if placement.accel == "cuda" and not use_cuda:
+        raise ModelError(f"device {device!r} with a CUDA placement: choose device='cuda'")
+    if max_vram is not None and placement.accel is None:
+        raise ModelError("max_vram plans GPU memory: it needs a GPU placement")
     fast = dtype != torch.float32
-    model = _open(Path(path), fast, mmproj)
+    try:
+        model = _open(Path(path), fast, mmproj, placement,
+                      None if max_vram is None else int(max_vram * 2**30), plan_ctx)
+    except PlacementError as e:
+        raise ModelError(str(e)) from None
     give_back_free_memory()
     return model
 
 
-def _open(path: Path, fast: bool, mmproj: str | Path | None) -> Model:
+def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placement, max_vram: int | None,
+          plan_ctx: int) -> Model:
+    def model(text: GGUFFile, vision: GGUFFile | None) -> Model:
+        return Model(text, vision, fast, placement, max_vram, plan_ctx)
+
     if not path.exists() and mmproj is None:
         from .store import ModelName, Store, StoreError
 
@@ -318,10 +373,10 @@ def _open(path: Path, fast: bool, mmproj: str | Path | None) -> Model:
             stored, stored_proj = store.resolve(str(path))
             text = GGUFFile(stored)
             if text.architecture == "qwen25vl":
-                return Model(text, text, fast)
-            return Model(text, GGUFFile(stored_proj) if stored_proj else None, fast)
+                return model(text, text)
+            return model(text, GGUFFile(stored_proj) if stored_proj else None)
     text = GGUFFile(path)
     if text.architecture == "qwen25vl":
-        return Model(text, text, fast)  # Ollama: vision in the same file
+        return model(text, text)  # Ollama: vision in the same file
     vision_path = Path(mmproj) if mmproj else find_mmproj(path)
-    return Model(text, GGUFFile(vision_path) if vision_path else None, fast)
+    return model(text, GGUFFile(vision_path) if vision_path else None)

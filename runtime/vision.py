@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import ConfigError
 from .decoder import apply_rope, rms_norm
 from .gguf_file import GGUFFile
-from .weights import Matrix, Weights
+from .weights import EXACT, Matrix, Weights
 
 WINDOW_SIZE = 112  # llama.cpp does not store these two; both families use them
 MERGE = 2
@@ -179,35 +179,46 @@ def _runs(cu: list[int]) -> list[tuple[int, int, int]]:
 
 
 class VisionTower:
-    def __init__(self, cfg: VisionConfig, w: Weights):
+    """On the CPU, or wholly on `accel` (matmuls through the Triton kernels and the windows
+    through the varlen attention kernel when `kernels`); features come back to the CPU."""
+
+    def __init__(self, cfg: VisionConfig, w: Weights, accel: torch.device | None = None, kernels: bool = True):
         self.cfg = cfg
+        self.device = accel or torch.device("cpu")
+        self.kernels = kernels and accel is not None
         pick = 0 if cfg.layout == "llamacpp" else 1
 
         def name(role: str) -> str:
             return _NAMES[role][pick]
 
-        def opt(n: str) -> torch.Tensor | None:
-            return w.vector(n) if w.has(n) else None
+        def vec(n: str) -> torch.Tensor:
+            return w.vector(n).to(self.device)
 
-        p0, p1 = w.vector(name("patch0")), w.vector(name("patch1"))  # (E, C, P, P) each
+        def opt(n: str) -> torch.Tensor | None:
+            return vec(n) if w.has(n) else None
+
+        def mat(n: str) -> Matrix:
+            return w.matrix(n, EXACT).to_device(self.device, kernels) if accel is not None else w.matrix(n)
+
+        p0, p1 = vec(name("patch0")), vec(name("patch1"))  # (E, C, P, P) each
         self.patch = torch.stack([p0, p1], dim=2).reshape(cfg.embed_dim, -1)  # (E, C*2*P*P)
         self.blocks = []
         for i in range(cfg.depth):
             b = f"v.blk.{i}."
             self.blocks.append(Block(
-                ln1_w=w.vector(b + "ln1.weight"), ln1_b=opt(b + "ln1.bias"),
-                ln2_w=w.vector(b + "ln2.weight"), ln2_b=opt(b + "ln2.bias"),
-                q=w.matrix(b + "attn_q.weight"), k=w.matrix(b + "attn_k.weight"), v=w.matrix(b + "attn_v.weight"),
-                qb=w.vector(b + "attn_q.bias"), kb=w.vector(b + "attn_k.bias"), vb=w.vector(b + "attn_v.bias"),
-                out=w.matrix(b + "attn_out.weight"), out_b=w.vector(b + "attn_out.bias"),
-                up=w.matrix(b + "ffn_up.weight"), up_b=w.vector(b + "ffn_up.bias"),
-                down=w.matrix(b + "ffn_down.weight"), down_b=w.vector(b + "ffn_down.bias"),
-                gate=w.matrix(b + "ffn_gate.weight") if w.has(b + "ffn_gate.weight") else None,
+                ln1_w=vec(b + "ln1.weight"), ln1_b=opt(b + "ln1.bias"),
+                ln2_w=vec(b + "ln2.weight"), ln2_b=opt(b + "ln2.bias"),
+                q=mat(b + "attn_q.weight"), k=mat(b + "attn_k.weight"), v=mat(b + "attn_v.weight"),
+                qb=vec(b + "attn_q.bias"), kb=vec(b + "attn_k.bias"), vb=vec(b + "attn_v.bias"),
+                out=mat(b + "attn_out.weight"), out_b=vec(b + "attn_out.bias"),
+                up=mat(b + "ffn_up.weight"), up_b=vec(b + "ffn_up.bias"),
+                down=mat(b + "ffn_down.weight"), down_b=vec(b + "ffn_down.bias"),
+                gate=mat(b + "ffn_gate.weight") if w.has(b + "ffn_gate.weight") else None,
                 gate_b=opt(b + "ffn_gate.bias"),
             ))
-        self.post_w, self.post_b = w.vector(name("post_ln") + ".weight"), opt(name("post_ln") + ".bias")
-        self.mm0, self.mm0_b = w.matrix(name("mm0") + ".weight"), w.vector(name("mm0") + ".bias")
-        self.mm2, self.mm2_b = w.matrix(name("mm2") + ".weight"), w.vector(name("mm2") + ".bias")
+        self.post_w, self.post_b = vec(name("post_ln") + ".weight"), opt(name("post_ln") + ".bias")
+        self.mm0, self.mm0_b = mat(name("mm0") + ".weight"), vec(name("mm0") + ".bias")
+        self.mm2, self.mm2_b = mat(name("mm2") + ".weight"), vec(name("mm2") + ".bias")
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.qwen2_5:
@@ -221,7 +232,12 @@ class VisionTower:
         k = (b.k.matmul(x) + b.kb).view(n, heads, hd)
         v = (b.v.matmul(x) + b.vb).view(n, heads, hd)
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-        out = torch.empty(n, heads, hd)
+        if self.kernels:
+            from ..kernels.attention import attention
+
+            out = attention(q, k, v, cu, cu, causal=False)
+            return b.out.matmul(out.reshape(n, -1)) + b.out_b
+        out = torch.empty(n, heads, hd, device=x.device)
         for lo, size, count in _runs(cu):  # equal windows side by side: one batched call
             hi = lo + size * count
 
@@ -244,9 +260,10 @@ class VisionTower:
     def forward(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """Patches (n, C*2*P*P) of one or more images -> merged tokens (n / 4, out_dim)."""
         cfg = self.cfg
-        x = pixels.float() @ self.patch.T
+        dev = self.device
+        x = pixels.to(dev).float() @ self.patch.T
         n = x.shape[0]
-        cos, sin = vision_rope(grid_thw, cfg.head_dim)
+        cos, sin = (t.to(dev) for t in vision_rope(grid_thw, cfg.head_dim))
         full_cu = [0]  # full attention: each frame of each image attends to itself
         for t, h, w in grid_thw:
             for _ in range(t):
@@ -256,7 +273,7 @@ class VisionTower:
         win_cu = full_cu
         if cfg.qwen2_5:
             order, win_cu = window_index(grid_thw, cfg.window_size, cfg.patch_size)
-            perm = (order[:, None] * unit + torch.arange(unit)).reshape(-1)
+            perm = (order[:, None] * unit + torch.arange(unit)).reshape(-1).to(dev)
             x, cos, sin = x[perm], cos[perm], sin[perm]
         for i, b in enumerate(self.blocks):
             cu = full_cu if (not cfg.qwen2_5 or i in cfg.fullatt_blocks) else win_cu
@@ -265,5 +282,5 @@ class VisionTower:
         x = self._norm(x, self.post_w, self.post_b).reshape(n // unit, -1)
         x = self.mm2.matmul(F.gelu(self.mm0.matmul(x) + self.mm0_b)) + self.mm2_b
         if order is not None:
-            x = x[torch.argsort(order)]
-        return x
+            x = x[torch.argsort(order).to(dev)]
+        return x.cpu()

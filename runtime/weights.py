@@ -3,8 +3,9 @@
 `Matrix` holds one weight as stored (F32/F16/BF16 as a tensor view of the mapping, quantized
 types as their raw blocks) and multiplies by it; quantized blocks are dequantized a slice of
 rows at a time, so the model is never held dequantized in memory. The torch path here is the
-reference; the PACKED and STREAMED modes run bf16 CPU matmuls (packed.py), and the Triton
-kernels replace `Matrix.matmul` on a GPU.
+reference; the PACKED and STREAMED modes run bf16 CPU matmuls (packed.py). `Matrix.to_device`
+moves a weight to an accelerator once: supported GGUF blocks as they are, multiplied by the
+Triton kernel (kernels/qmatmul.py), anything else as a dense bf16 copy (float32 for F32).
 """
 
 from __future__ import annotations
@@ -30,10 +31,27 @@ STREAMED = "streamed"  # read and converted to bf16 per call, pages released aft
 MODES = (EXACT, PACKED, STREAMED)
 
 
+def kernel_reads(qtype: T, cols: int) -> bool:
+    """Whether kernels/qmatmul.py multiplies by these GGUF blocks directly."""
+    from ..kernels.qmatmul import STEP, SUPPORTED
+
+    return qtype in SUPPORTED and cols % STEP == 0
+
+
+def device_bytes(info: TensorInfo, kernels: bool) -> int:
+    """Bytes a tensor takes on an accelerator once moved (`Matrix.to_device`, `Weights.vector`)."""
+    if len(info.ne) == 2 and kernels and kernel_reads(info.type, info.shape[1]):
+        return info.nbytes
+    n = 1
+    for d in info.ne:
+        n *= int(d)
+    return n * (4 if info.type == T.F32 or len(info.ne) != 2 else 2)
+
+
 class Matrix:
     """A 2-D weight `(rows, cols)` in its GGUF type; `x @ W.T` without a full float copy."""
 
-    def __init__(self, info: TensorInfo, raw: np.ndarray, triton: bool = False, mode: str = EXACT,
+    def __init__(self, info: TensorInfo, raw: np.ndarray, mode: str = EXACT,
                  release: Callable[[], None] | None = None):
         if len(info.ne) != 2:
             raise ValueError(f"tensor '{info.name}' is not 2-D: ne = {list(info.ne)}")
@@ -42,7 +60,9 @@ class Matrix:
         self.rows, self.cols = info.shape
         self.raw = raw.reshape(self.rows, -1)
         self._dense: torch.Tensor | None = None
-        self._kernel_raw: torch.Tensor | None = None
+        self._kernel_raw: torch.Tensor | None = None  # GGUF blocks on self.device, for qmatmul
+        self._device_dense: torch.Tensor | None = None  # bf16 (or float32) copy on self.device
+        self.device = torch.device("cpu")
         self._packed: PackedMatrix | None = None
         self._release = release
         self.mode = EXACT if self.qtype == T.F32 else mode
@@ -50,17 +70,31 @@ class Matrix:
             self._packed = PackedMatrix(self.qtype, self.raw, self.rows, self.cols)
             if release is not None:
                 release()  # the packed copy serves matmuls; row lookups fault pages back in
-        if triton:
-            from ..kernels.qmatmul import STEP, SUPPORTED
-
-            if self.qtype in SUPPORTED and self.cols % STEP == 0:
-                self._kernel_raw = as_torch(self.raw, torch.uint8)
         if self.qtype == T.F32:
             self._dense = as_torch(self.raw, torch.float32)
         elif self.qtype == T.F16:
             self._dense = as_torch(self.raw, torch.float16)
         elif self.qtype == T.BF16:
             self._dense = as_torch(self.raw, torch.bfloat16)
+
+    def to_device(self, device: torch.device | str, kernels: bool = True) -> Matrix:
+        """Hold this weight on `device` from now on (matmuls take x there): GGUF blocks of the
+        types kernels/qmatmul.py reads when `kernels`, else a dense copy (float32 for F32
+        weights, bf16 for the rest). Row lookups keep reading the mapped file."""
+        self.device = torch.device(device)
+        self._packed = None
+        if kernels and kernel_reads(self.qtype, self.cols):
+            self._kernel_raw = as_torch(self.raw, torch.uint8).to(self.device)
+        else:
+            dtype = torch.float32 if self.qtype == T.F32 else torch.bfloat16
+            dense = torch.empty(self.rows, self.cols, dtype=dtype, device=self.device)
+            for start in range(0, self.rows, ROWS_PER_STEP):
+                stop = min(start + ROWS_PER_STEP, self.rows)
+                dense[start:stop] = self.rows_f32(start, stop).to(self.device, dtype)
+            self._device_dense = dense
+        if self._release is not None:
+            self._release()
+        return self
 
     def rows_f32(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as float32."""
@@ -76,7 +110,15 @@ class Matrix:
         return torch.from_numpy(dequantize(self.raw[idx], self.qtype).reshape(len(idx), self.cols))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., cols) float32 -> (..., rows) float32."""
+        """x (..., cols) float32 -> (..., rows) float32, on this weight's device."""
+        if self._kernel_raw is not None:
+            from ..kernels.qmatmul import qmatmul
+
+            flat = x.reshape(-1, self.cols)
+            y = qmatmul(flat, self._kernel_raw, self.qtype, self.rows, self.cols, block_m=32, block_n=128)
+            return y.reshape(*x.shape[:-1], self.rows)
+        if self._device_dense is not None:
+            return (x.to(self._device_dense.dtype) @ self._device_dense.T).float()
         if self._packed is not None:
             return self._packed.matmul(x)
         if self.mode == STREAMED:
@@ -84,12 +126,6 @@ class Matrix:
             if self._release is not None:
                 self._release()
             return y
-        if self._kernel_raw is not None:
-            from ..kernels.qmatmul import qmatmul
-
-            flat = x.reshape(-1, self.cols)
-            y = qmatmul(flat, self._kernel_raw, self.qtype, self.rows, self.cols, block_m=32, block_n=128)
-            return y.reshape(*x.shape[:-1], self.rows)
         if self._dense is not None and self._dense.dtype == torch.float32:
             return x @ self._dense.T
         out = torch.empty(*x.shape[:-1], self.rows, dtype=torch.float32)
@@ -102,11 +138,10 @@ class Matrix:
 class Weights:
     """Named tensors of one or more GGUF files."""
 
-    def __init__(self, *files: GGUFFile, triton: bool = False, mode: str = EXACT):
+    def __init__(self, *files: GGUFFile, mode: str = EXACT):
         if mode not in MODES:
             raise ValueError(f"weights mode {mode!r}: one of {', '.join(MODES)}")
         self.files = files
-        self.triton = triton  # quantized matmuls through kernels/qmatmul.py
         self.mode = mode
 
     def _find(self, name: str) -> tuple[GGUFFile, TensorInfo]:
@@ -118,9 +153,10 @@ class Weights:
     def has(self, name: str) -> bool:
         return any(name in f.tensors for f in self.files)
 
-    def matrix(self, name: str) -> Matrix:
+    def matrix(self, name: str, mode: str | None = None) -> Matrix:
+        """A weight in this set's mode, or in `mode` (EXACT for one that moves to a device)."""
         f, info = self._find(name)
-        return Matrix(info, f.raw(name), self.triton, self.mode, lambda: f.release(name))
+        return Matrix(info, f.raw(name), mode or self.mode, lambda: f.release(name))
 
     def vector(self, name: str) -> torch.Tensor:
         """A small tensor (norm weight, bias, patch embedding) as float32, any shape."""

@@ -250,7 +250,7 @@ def test_two_videos_and_placeholders(tmp_path, fixtures_dir):
 
     text = render(model.chat_template, model.messages_for("First {video2}, then {video1}.", 0, None, 2))
     assert text.count("<|video_pad|>") == 2
-    assert model.placement("First {video2}, then {video1}.", vids, "video") == [vids[1], vids[0]]
+    assert model.media_order("First {video2}, then {video1}.", vids, "video") == [vids[1], vids[0]]
     ids, spans, _ = model.tokenize(text, [], videos=[vids[1], vids[0]])
     pads = sum(1 for i in ids if i == model.tokenizer.token_to_id("<|video_pad|>"))
     assert pads == sum(t * (h // 2) * (w // 2) for t, h, w in (v.grid_thw for v in vids))

@@ -1,0 +1,187 @@
+"""Where the model runs: which decoder layers and whether the vision tower live on the GPU, and a
+plan that fits them into a memory budget (`--max-vram`).
+
+The footprint is read from the GGUF tensor table (bytes each tensor takes once uploaded: GGUF
+blocks for the types the Triton matmul reads, bf16 otherwise, float32 for F32 and vectors). The
+transient parts are estimates from the model's dimensions:
+
+- decoder activations: one prefill chunk of `PREFILL_CHUNK` tokens, float32, through the widest
+  layer (residual, norm, q/k/v, attention output, gate/up/SwiGLU) plus one row of logits;
+- vision peak: per patch, float32, the residual, norm, q/k/v, attention output and the MLP's
+  up/gate/hidden (flash-style attention keeps no patches x patches matrix);
+- `CUDA_OVERHEAD`: the CUDA context and allocator slack; an estimate, to be measured on a GPU.
+
+The vision tower runs before prefill and frees its activations, so the budget must hold
+overhead + all weights + max(vision peak, KV cache + decoder activations).
+
+Policy under a budget: (1) the vision tower, when its weights and the peak of a 1024x1024
+image fit in half of what is left after the overhead and the decoder's activations; (2) decoder
+layers, last first, each with its KV cache, as llama.cpp's -ngl counts them; (3) the output
+layer once every layer is on the GPU. Images larger than what the budget leaves for the vision
+peak are downscaled (`vision_max_pixels`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .config import TextConfig
+from .decoder import KV_TYPES, kv_bytes_per_token
+from .gguf_file import GGUFFile
+from .weights import device_bytes
+
+PREFILL_CHUNK = 512  # tokens per prefill step (model.py uses the same)
+CUDA_OVERHEAD = 512 * 2**20
+REFERENCE_PIXELS = 1024 * 1024  # the image the vision reservation is sized for
+PATCH_PIXELS = 14 * 14
+GIB = 2**30
+
+
+class PlacementError(ValueError):
+    """A budget or device request that cannot be met; one line."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What runs where. `accel` is "cuda" (or "cpu": the kernel path on the CPU, for tests)."""
+
+    accel: str | None = None  # None: everything on the CPU
+    gpu_layers: int = 0  # the last N decoder layers on accel; N > n_layer puts the output layer there too
+    vision_on_accel: bool = False
+    kernels: bool = True  # Triton kernels on accel (False: torch with bf16 weights, --no-triton)
+    kv_type: str | None = None  # None: float32 on the CPU, bf16 on accel; or "q8_0"
+    vision_max_pixels: int | None = None  # larger images are downscaled (from a --max-vram plan)
+
+    def __post_init__(self) -> None:
+        if self.kv_type is not None and self.kv_type not in KV_TYPES:
+            raise PlacementError(f"cache type {self.kv_type!r}: one of {', '.join(KV_TYPES)}")
+        if self.gpu_layers < 0:
+            raise PlacementError(f"--gpu-layers {self.gpu_layers}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What the model takes on an accelerator, from its GGUF files."""
+
+    layer_bytes: tuple[int, ...]  # weights of each decoder layer
+    output_bytes: int  # the output layer and final norm
+    vision_bytes: int  # vision tower and merger (0 without a projector)
+    kv_bytes_per_token: int  # one layer, keys and values
+    activation_bytes: int  # decoder, one prefill chunk
+    vision_bytes_per_pixel: float  # transient, per image pixel
+
+
+def footprint(cfg: TextConfig, text: GGUFFile, vision: GGUFFile | None, kernels: bool = True,
+              kv_type: str = "bf16") -> Footprint:
+    layers = [0] * cfg.n_layer
+    output = 0
+    for name, info in text.tensors.items():
+        if name.startswith("v.") or name.startswith("mm."):
+            continue
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m:
+            layers[int(m.group(1))] += device_bytes(info, kernels)
+        elif name in ("output.weight", "output_norm.weight") or (
+                name == "token_embd.weight" and "output.weight" not in text.tensors):
+            output += device_bytes(info, kernels)  # tied: a second copy of the embeddings goes up
+    vis_bytes, per_pixel = 0, 0.0
+    if vision is not None:
+        names = [n for n in vision.tensors if n.startswith("v.") or n.startswith("mm.")]
+        vis_bytes = sum(device_bytes(vision.tensors[n], kernels) for n in names)
+        embed = vision.tensors["v.blk.0.attn_q.weight"].shape[0]
+        ffn = vision.tensors["v.blk.0.ffn_up.weight"].shape[0]
+        per_pixel = 4 * (6 * embed + 3 * ffn) / PATCH_PIXELS
+    width = 8 * cfg.n_embd + 3 * cfg.n_ff
+    act = 4 * (PREFILL_CHUNK * width + 2 * cfg.n_vocab)
+    return Footprint(tuple(layers), output, vis_bytes, kv_bytes_per_token(cfg, kv_type), act, per_pixel)
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int | None
+    ctx: int
+    n_layer: int
+    gpu_layers: int  # as --gpu-layers counts: n_layer + 1 = every layer and the output
+    vision_on_gpu: bool
+    vision_max_pixels: int | None
+    weights: int  # bytes on the GPU
+    kv: int
+    activations: int
+    vision_peak: int  # at vision_max_pixels, or at REFERENCE_PIXELS without a limit
+
+    @property
+    def total(self) -> int:
+        return CUDA_OVERHEAD + self.weights + max(self.vision_peak, self.kv + self.activations)
+
+    def table(self) -> str:
+        """The plan, a line per part, for --verbose."""
+        def gib(n: int) -> str:
+            return f"{n / GIB:6.2f} GiB"
+
+        layers = min(self.gpu_layers, self.n_layer)
+        out = "yes" if self.gpu_layers > self.n_layer else "no"
+        pixels = "no limit" if self.vision_max_pixels is None else f"{self.vision_max_pixels} pixels"
+        lines = [
+            f"plan: {layers}/{self.n_layer} decoder layers on the GPU (output layer: {out}), "
+            f"vision tower on the {'GPU' if self.vision_on_gpu else 'CPU'}, images up to {pixels}",
+            f"  weights      {gib(self.weights)}",
+            f"  KV cache     {gib(self.kv)}  ({self.ctx} tokens)",
+            f"  activations  {gib(self.activations)}",
+            f"  vision peak  {gib(self.vision_peak)}",
+            f"  CUDA context {gib(CUDA_OVERHEAD)}  (estimate)",
+            f"  total        {gib(self.total)}"
+            + (f" of {gib(self.budget).strip()} budget" if self.budget is not None else ""),
+        ]
+        return "\n".join(lines)
+
+
+def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, want_vision: bool,
+              vision_max_pixels: int | None = None) -> Plan:
+    """Fit at most `want_layers` layers (as --gpu-layers counts) and the vision tower when
+    `want_vision` into `budget` bytes; without a budget, exactly what was asked. See the module doc."""
+    n = len(fp.layer_bytes)
+    want_layers = min(want_layers, n + 1)
+    want_vision = want_vision and fp.vision_bytes > 0
+
+    def peak(pixels: int) -> int:
+        return int(fp.vision_bytes_per_pixel * pixels)
+
+    def layer_need(i: int) -> tuple[int, int]:  # (weights, kv) of the i-th layer from the end
+        return fp.layer_bytes[n - 1 - i], ctx * fp.kv_bytes_per_token
+
+    if budget is None:
+        weights = sum(layer_need(i)[0] for i in range(min(want_layers, n)))
+        weights += fp.output_bytes if want_layers > n else 0
+        weights += fp.vision_bytes if want_vision else 0
+        kv = min(want_layers, n) * ctx * fp.kv_bytes_per_token
+        return Plan(None, ctx, n, want_layers, want_vision, vision_max_pixels, weights, kv, fp.activation_bytes,
+                    peak(vision_max_pixels or REFERENCE_PIXELS) if want_vision else 0)
+    free = budget - CUDA_OVERHEAD - fp.activation_bytes
+    if free <= 0:
+        raise PlacementError(f"--max-vram {budget / GIB:.2f} GB is below the "
+                             f"{(CUDA_OVERHEAD + fp.activation_bytes) / GIB:.2f} GB the CUDA context and "
+                             "activations take")
+    vision_on = want_vision and fp.vision_bytes + peak(REFERENCE_PIXELS) <= free / 2
+    weights = fp.vision_bytes if vision_on else 0
+    left = free - (fp.vision_bytes + peak(REFERENCE_PIXELS) if vision_on else 0)
+    layers = kv = 0
+    while layers < min(want_layers, n):
+        w, k = layer_need(layers)
+        if w + k > left:
+            break
+        left -= w + k
+        layers += 1
+        weights += w
+        kv += k
+    if layers == n and want_layers > n and fp.output_bytes <= left:
+        layers += 1
+        weights += fp.output_bytes
+    max_pixels = None
+    vision_peak = 0
+    if vision_on:  # the peak is transient: everything but the weights and overhead is its room
+        max_pixels = int((budget - CUDA_OVERHEAD - weights) / fp.vision_bytes_per_pixel)
+        if vision_max_pixels is not None:
+            max_pixels = min(max_pixels, vision_max_pixels)
+        vision_peak = peak(max_pixels)
+    return Plan(budget, ctx, n, layers, vision_on, max_pixels, weights, kv, fp.activation_bytes, vision_peak)
