@@ -19,7 +19,11 @@ from .weights import EXACT, Matrix, Weights
 
 CPU = torch.device("cpu")
 KV_TYPES = ("f32", "bf16", "q8_0")  # KV cache element types
-Q8_BLOCK = 32  # values per scale in a q8_0 cache (as ggml's Q8_0)
+Q8_BLOCK = 32  # values per scale in a q8_0 cache (as ggml's Q8_0; a whole head when its dim is not a multiple)
+
+
+def q8_block(dim: int) -> int:
+    return Q8_BLOCK if dim % Q8_BLOCK == 0 else dim
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,21 +81,20 @@ def kv_bytes_per_token(cfg: TextConfig, kind: str) -> int:
     """Bytes one token adds to one layer's cache (keys and values)."""
     values = 2 * cfg.n_head_kv * cfg.head_dim
     if kind == "q8_0":
-        return values + values // Q8_BLOCK * 2  # int8 values, a float16 scale per block
+        return values + values // q8_block(cfg.head_dim) * 2  # int8 values, a float16 scale per block
     return values * (4 if kind == "f32" else 2)
 
 
 class _Q8:
-    """int8 values with a float16 scale per 32 of the last dimension: (heads, capacity, dim)."""
+    """int8 values with a float16 scale per block of the last dimension: (heads, capacity, dim)."""
 
     def __init__(self, heads: int, capacity: int, dim: int, device: torch.device):
-        if dim % Q8_BLOCK:
-            raise ValueError(f"a q8_0 KV cache needs a head dim that is a multiple of {Q8_BLOCK}, not {dim}")
-        self.q = torch.zeros(heads, capacity, dim // Q8_BLOCK, Q8_BLOCK, dtype=torch.int8, device=device)
-        self.d = torch.zeros(heads, capacity, dim // Q8_BLOCK, 1, dtype=torch.float16, device=device)
+        self.block = q8_block(dim)
+        self.q = torch.zeros(heads, capacity, dim // self.block, self.block, dtype=torch.int8, device=device)
+        self.d = torch.zeros(heads, capacity, dim // self.block, 1, dtype=torch.float16, device=device)
 
     def write(self, start: int, x: torch.Tensor) -> None:
-        blocks = x.float().unflatten(-1, (-1, Q8_BLOCK))
+        blocks = x.float().unflatten(-1, (-1, self.block))
         d = blocks.abs().amax(-1, keepdim=True) / 127
         q = torch.where(d > 0, blocks / d.clamp_min(1e-30), 0).round()
         self.q[:, start:start + x.shape[1]] = q.to(torch.int8)

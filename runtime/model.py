@@ -78,7 +78,8 @@ class Model:
         self.chat_template: str | None = text_file.get("tokenizer.chat_template")
         self.plan: Plan | None = None
         if placement.accel is not None:
-            fp = footprint(self.cfg, text_file, vision_file, placement.kernels, placement.kv_type or "bf16")
+            fp = footprint(self.cfg, text_file.tensors, vision_file.tensors if vision_file else None,
+                           placement.kernels, placement.kv_type or "bf16")
             self.plan = make_plan(fp, plan_ctx, max_vram, placement.gpu_layers, placement.vision_on_accel,
                                   placement.vision_max_pixels)
             if max_vram is not None:

@@ -24,11 +24,12 @@ peak are downscaled (`vision_max_pixels`).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import TextConfig
 from .decoder import KV_TYPES, kv_bytes_per_token
-from .gguf_file import GGUFFile
+from .gguf_file import TensorInfo
 from .weights import device_bytes
 
 PREFILL_CHUNK = 512  # tokens per prefill step (model.py uses the same)
@@ -72,25 +73,26 @@ class Footprint:
     vision_bytes_per_pixel: float  # transient, per image pixel
 
 
-def footprint(cfg: TextConfig, text: GGUFFile, vision: GGUFFile | None, kernels: bool = True,
-              kv_type: str = "bf16") -> Footprint:
+def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[str, TensorInfo] | None,
+              kernels: bool = True, kv_type: str = "bf16") -> Footprint:
+    """From the tensor tables of the text and vision files (`GGUFFile.tensors`)."""
     layers = [0] * cfg.n_layer
     output = 0
-    for name, info in text.tensors.items():
+    for name, info in text.items():
         if name.startswith("v.") or name.startswith("mm."):
             continue
         m = re.match(r"blk\.(\d+)\.", name)
         if m:
             layers[int(m.group(1))] += device_bytes(info, kernels)
         elif name in ("output.weight", "output_norm.weight") or (
-                name == "token_embd.weight" and "output.weight" not in text.tensors):
+                name == "token_embd.weight" and "output.weight" not in text):
             output += device_bytes(info, kernels)  # tied: a second copy of the embeddings goes up
     vis_bytes, per_pixel = 0, 0.0
     if vision is not None:
-        names = [n for n in vision.tensors if n.startswith("v.") or n.startswith("mm.")]
-        vis_bytes = sum(device_bytes(vision.tensors[n], kernels) for n in names)
-        embed = vision.tensors["v.blk.0.attn_q.weight"].shape[0]
-        ffn = vision.tensors["v.blk.0.ffn_up.weight"].shape[0]
+        names = [n for n in vision if n.startswith("v.") or n.startswith("mm.")]
+        vis_bytes = sum(device_bytes(vision[n], kernels) for n in names)
+        embed = vision["v.blk.0.attn_q.weight"].shape[0]
+        ffn = vision["v.blk.0.ffn_up.weight"].shape[0]
         per_pixel = 4 * (6 * embed + 3 * ffn) / PATCH_PIXELS
     width = 8 * cfg.n_embd + 3 * cfg.n_ff
     act = 4 * (PREFILL_CHUNK * width + 2 * cfg.n_vocab)

@@ -21,7 +21,9 @@ import typer
 from .config import ConfigError
 from .gguf_file import GGUFError
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError
-from .model import Generation, Model, ModelError, load
+from .decoder import KV_TYPES
+from .model import ALL_LAYERS, Generation, Model, ModelError, load
+from .placement import Placement
 from .store import StoreError
 from .tokenizer import TokenizerError
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VideoError, VideoOptions
@@ -35,6 +37,9 @@ MODEL is a GGUF file: llama.cpp's text model (its mmproj-*.gguf is found beside 
 single qwen25vl file, or what qvl-convert wrote. Images come before the text unless the prompt
 places them with {image1}, {image2}, ... Without --prompt and with a terminal on stdin, an
 interactive chat starts.
+
+With a CUDA GPU the whole model runs there through qvl's Triton kernels; --gpu-layers,
+--vision-device and --max-vram share it with the CPU when it is small.
 
 Example: qvl-run qwen2.5-vl-3b-q4_k_m.gguf --image cat.png --prompt "What is the cat doing?"
 """
@@ -101,6 +106,34 @@ def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
         _fail(str(e))
 
 
+PLAN_CTX = 4096  # context a --max-vram plan reserves KV cache for when --ctx-size is absent
+
+
+def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: float | None, no_triton: bool,
+               cache_type: str | None) -> tuple[str, Placement]:
+    """The device and placement the flags ask for; GPU flags without a GPU warn and run on the CPU."""
+    if vision_device not in ("auto", "cpu", "cuda"):
+        _fail(f"--vision-device {vision_device}: choose auto, cpu or cuda")
+    if cache_type is not None and cache_type not in KV_TYPES:
+        _fail(f"--cache-type {cache_type}: choose {', '.join(KV_TYPES)}")
+    if max_vram is not None and max_vram <= 0:
+        _fail(f"--max-vram {max_vram}: a budget in GB above 0")
+    if gpu_layers is not None and gpu_layers < 0:
+        _fail(f"--gpu-layers {gpu_layers}: 0 or more")
+    gpu_flags = [f for f, on in (("--gpu-layers", gpu_layers is not None), ("--max-vram", max_vram is not None),
+                                 ("--vision-device cuda", vision_device == "cuda")) if on]
+    if cpu and gpu_flags:
+        _fail(f"--cpu with {', '.join(gpu_flags)}: choose one")
+    if cpu or not torch.cuda.is_available():
+        if gpu_flags:
+            typer.echo(f"qvl-run: warning: no CUDA GPU found; {', '.join(gpu_flags)} ignored, running on the CPU",
+                       err=True)
+        return "cpu", Placement(kv_type=cache_type)
+    layers = ALL_LAYERS if gpu_layers is None else gpu_layers
+    return "cuda", Placement("cuda", layers, vision_on_accel=vision_device != "cpu", kernels=not no_triton,
+                             kv_type=cache_type)
+
+
 @app.command(help=HELP)
 def run(
     model_path: Optional[Path] = typer.Argument(
@@ -112,7 +145,7 @@ def run(
         None, "--model-id", help="Instead of MODEL: a Hugging Face id (Qwen/Qwen2.5-VL-3B-Instruct, pulled and "
         "converted to q4_k_m into the store) or a store name."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision, with --model-id (main only)."),
-    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU (the only path today)."),
+    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a CUDA GPU is there."),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 matmuls: the default for F16/BF16/quantized weights."),
     f32: bool = typer.Option(False, "--f32", help="float32 matmuls throughout (exact, slower; F32 weights always are)."),
     max_length: int = typer.Option(512, "--max-length", help="Most tokens to generate."),
@@ -124,7 +157,7 @@ def run(
     repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Context size for the repeat penalty."),
     seed: int = typer.Option(299792458, "--seed", help="Random seed for sampling."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they come."),
-    flash_attn: bool = typer.Option(False, "--flash-attn", help="Accepted for candle compatibility (no effect on the CPU)."),
+    flash_attn: bool = typer.Option(False, "--flash-attn", help="Accepted for candle compatibility: attention is always flash-style on a GPU (Triton) and SDPA on the CPU."),
     sliding_window: bool = typer.Option(False, "--sliding-window", help="Accepted for candle compatibility (Qwen2-VL/2.5-VL checkpoints do not use it)."),
     sliding_window_size: int = typer.Option(4096, "--sliding-window-size", help="With --sliding-window."),
     max_window_layers: Optional[int] = typer.Option(None, "--max-window-layers", help="With --sliding-window."),
@@ -141,10 +174,22 @@ def run(
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="KV cache size in tokens (default: prompt + --max-length)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, timings."),
     verbose: bool = typer.Option(False, "--verbose", help="Load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
+    gpu_layers: Optional[int] = typer.Option(
+        None, "--gpu-layers", help="Decoder layers on the GPU, counted from the last as llama.cpp's -ngl "
+        "(n_layer + 1 puts the output layer there too; default: all)."),
+    vision_device: str = typer.Option("auto", "--vision-device", help="Where the vision tower runs: auto (the GPU "
+                                      "when there is one), cpu or cuda."),
+    max_vram: Optional[float] = typer.Option(
+        None, "--max-vram", help="GPU memory budget in GB: fit layers, vision tower and KV cache into it "
+        "(the plan is printed with --verbose; larger images are downscaled)."),
+    no_triton: bool = typer.Option(False, "--no-triton", help="On a GPU, torch matmuls on bf16 weights instead "
+                                   "of the Triton kernels (more memory; for comparison)."),
+    cache_type: Optional[str] = typer.Option(None, "--cache-type", help="KV cache type: f32, bf16 or q8_0 "
+                                             "(default: f32 on the CPU, bf16 on the GPU)."),
     no_pull: bool = typer.Option(False, "--no-pull", help="Do not pull a store name that is not in the store."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP when pulling from a local registry."),
 ) -> None:
-    del cpu, flash_attn, sliding_window_size, max_window_layers
+    del flash_attn, sliding_window_size, max_window_layers
     if sliding_window:
         _fail("--sliding-window: Qwen2-VL / Qwen2.5-VL checkpoints set use_sliding_window false; not supported")
     if bf16 and f32:
@@ -168,12 +213,18 @@ def run(
         _fail(f"{mmproj}: mmproj file not found")
     if not model_path.exists() and mmproj is None:
         _pull_if_missing(str(model_path), no_pull, insecure)
+    device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type)
     t0 = time.perf_counter()
     try:
-        model = load(model_path, device="cpu", mmproj=mmproj, dtype=torch.float32 if f32 else None)
+        model = load(model_path, device=device, mmproj=mmproj, dtype=torch.float32 if f32 else None,
+                     placement=placement, max_vram=max_vram if device == "cuda" else None,
+                     plan_ctx=ctx_size or PLAN_CTX)
     except (GGUFError, ConfigError, TokenizerError, ModelError, KeyError, StoreError) as e:
         _fail(str(e).strip("'\""))
     load_s = time.perf_counter() - t0
+    model.on_warning = lambda message: typer.echo(f"qvl-run: warning: {message}", err=True)
+    if verbose and model.plan is not None:
+        typer.echo(model.plan.table(), err=True)
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, ctx_size=ctx_size,
                       min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
@@ -213,7 +264,8 @@ def run(
                        f"{v.grid_thw[0] * (v.grid_thw[1] // 2) * (v.grid_thw[2] // 2)} tokens, "
                        f"{v.second_per_grid_t:.3f} s per temporal step", err=True)
         figures = ", ".join(f"{k} {v}" for k, v in timings.items())
-        typer.echo(f"qvl-run: {figures}, peak RSS {_peak_rss_mib():.0f} MiB", err=True)
+        vram = f", peak VRAM {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device == "cuda" else ""
+        typer.echo(f"qvl-run: {figures}, peak RSS {_peak_rss_mib():.0f} MiB{vram}", err=True)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -58,6 +59,11 @@ def test_greedy_is_deterministic_and_stream_matches(model_path):
     (["{model}", "--video", "{junk}"], "not a readable video"),
     (["{model}", "--prompt", "word " * 300, "--ctx-size", "64"], "does not fit a context of 64"),
     (["{model}", "--prompt", "{image2} here", "--image", "{image}"], "refers to {image2}"),
+    (["{model}", "--prompt", "x", "--cache-type", "q4"], "--cache-type q4: choose f32, bf16, q8_0"),
+    (["{model}", "--prompt", "x", "--vision-device", "tpu"], "--vision-device tpu: choose"),
+    (["{model}", "--prompt", "x", "--max-vram", "0"], "--max-vram 0.0: a budget"),
+    (["{model}", "--prompt", "x", "--gpu-layers", "-1"], "--gpu-layers -1: 0 or more"),
+    (["{model}", "--prompt", "x", "--cpu", "--gpu-layers", "4"], "--cpu with --gpu-layers: choose one"),
 ])
 def test_bad_input(tmp_path, fixtures_dir, model_path, image_path, args, expect):
     junk = tmp_path / "junk.bin"
@@ -72,3 +78,20 @@ def test_bad_input(tmp_path, fixtures_dir, model_path, image_path, args, expect)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qvl-run: error:") and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without a GPU")
+def test_gpu_flags_without_a_gpu_warn_and_run_on_the_cpu(model_path):
+    base = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6"])
+    r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6", "--gpu-layers", "99",
+                            "--max-vram", "4", "--vision-device", "cuda"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.strip() == ("qvl-run: warning: no CUDA GPU found; --gpu-layers, --max-vram, "
+                                "--vision-device cuda ignored, running on the CPU")
+    assert r.stdout == base.stdout
+
+
+def test_q8_0_cache_runs(model_path):
+    r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6", "--cache-type", "q8_0", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert len(json.loads(r.stdout)["token_ids"]) == 6

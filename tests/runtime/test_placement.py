@@ -1,0 +1,136 @@
+"""The --max-vram plan on the official model shapes (tensor sizes from our Q4_K_M plan) and on a
+tiny model, where the plan's layer split and image downscaling must be what the model does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvl.convert.cli import app as convert_app
+from qvl.convert.hf_config import parse_config
+from qvl.convert.layout import mmproj_tensors, text_tensors
+from qvl.convert.official import official_config
+from qvl.convert.plan import TEXT_TYPES, plan_text, plan_vision
+from qvl.runtime.config import TextConfig, text_config
+from qvl.runtime.gguf_file import GGUFFile, TensorInfo
+from qvl.runtime.image import smart_resize
+from qvl.runtime.model import ALL_LAYERS, load
+from qvl.runtime.placement import (CUDA_OVERHEAD, GIB, REFERENCE_PIXELS, Placement, PlacementError, footprint,
+                                   make_plan)
+from tiny_models import TinySpec, make_checkpoint
+
+
+def _official(name: str, kv_type: str = "bf16"):
+    ck = parse_config(official_config(name))
+    t = ck.text
+    cfg = TextConfig("qwen2vl", t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
+                     t.num_key_value_heads, t.max_position_embeddings, t.rope_theta, t.rms_norm_eps,
+                     t.mrope_section, t.vocab_size)
+
+    def table(planned) -> dict[str, TensorInfo]:
+        return {p.tensor.name: TensorInfo(p.tensor.name, p.qtype, tuple(reversed(p.tensor.shape)), 0, p.nbytes)
+                for p in planned}
+
+    text = table(plan_text(text_tensors(ck), TEXT_TYPES["q4_k_m"], t.num_hidden_layers))
+    vision = table(plan_vision(mmproj_tensors(ck), "f16"))
+    return cfg, footprint(cfg, text, vision, kernels=True, kv_type=kv_type)
+
+
+def test_7b_q4_k_m_footprint():
+    cfg, fp = _official("qwen2.5-vl-7b")
+    weights = sum(fp.layer_bytes) + fp.output_bytes
+    assert 4.0 * GIB < weights < 4.6 * GIB  # llama.cpp's 7B Q4_K_M text file is 4.36 GiB with embeddings
+    assert 1.2 * GIB < fp.vision_bytes < 1.4 * GIB  # the F16 mmproj (675M parameters)
+    assert fp.kv_bytes_per_token == 2 * 4 * 128 * 2  # k and v, 4 KV heads of 128, bf16
+    plan = make_plan(fp, 4096, None, ALL_LAYERS, True)
+    print(f"\n7B Q4_K_M + 1024x1024 image + 4k context, whole model on the GPU:\n{plan.table()}")
+    assert plan.gpu_layers == cfg.n_layer + 1 and plan.vision_on_gpu
+    assert plan.total <= 7 * 10**9  # the issue's budget for this job (an estimate until measured on a GPU)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-7b"])
+def test_budgets(name):
+    cfg, fp = _official(name)
+    n = cfg.n_layer
+    assert make_plan(fp, 4096, 24 * GIB, ALL_LAYERS, True).gpu_layers == n + 1  # a big GPU takes everything
+    previous = -1
+    for gb in (1.5, 2, 3, 4, 5, 6, 8):
+        plan = make_plan(fp, 4096, int(gb * GIB), ALL_LAYERS, True)
+        assert plan.total <= plan.budget, plan.table()
+        assert plan.weights >= previous  # more memory never means less on the GPU
+        previous = plan.weights
+        if plan.vision_on_gpu:
+            assert plan.vision_max_pixels >= REFERENCE_PIXELS  # a 1024x1024 image always fits
+        if plan.gpu_layers <= n:  # the output layer only joins once every layer is there
+            assert plan.weights == sum(fp.layer_bytes[n - plan.gpu_layers:]) + (fp.vision_bytes if plan.vision_on_gpu
+                                                                                else 0)
+    small = make_plan(fp, 4096, int(1.5 * GIB), ALL_LAYERS, True)
+    assert not small.vision_on_gpu and small.vision_max_pixels is None and 0 < small.gpu_layers < n
+    with pytest.raises(PlacementError, match="below"):
+        make_plan(fp, 4096, CUDA_OVERHEAD, ALL_LAYERS, True)
+
+
+def test_q8_0_cache_and_longer_context():
+    _, fp16 = _official("qwen2.5-vl-7b", "bf16")
+    _, fp8 = _official("qwen2.5-vl-7b", "q8_0")
+    assert fp8.kv_bytes_per_token == 2 * 4 * 128 + 2 * 4 * 128 // 32 * 2
+    budget = int(5 * GIB)
+    long16 = make_plan(fp16, 32768, budget, ALL_LAYERS, True)
+    long8 = make_plan(fp8, 32768, budget, ALL_LAYERS, True)
+    assert long8.gpu_layers > long16.gpu_layers  # half the cache: room for more layers
+    assert make_plan(fp16, 32768, budget, 10, True).gpu_layers == 10  # never more than asked
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    src = make_checkpoint(d / "ckpt", TinySpec(dtype=torch.float32, layers=3, seed=2))
+    path = d / "m.gguf"
+    r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", "f32", "--vision-type", "f32", "-q"])
+    assert r.exit_code == 0, r.output
+    return path
+
+
+def _tiny_footprint(tiny):
+    with GGUFFile(tiny) as g, GGUFFile(tiny.with_name("mmproj-m.gguf")) as v:
+        return footprint(text_config(g), dict(g.tensors), dict(v.tensors), kernels=True, kv_type="f32")
+
+
+def test_model_takes_the_planned_layers(tiny):
+    fp = _tiny_footprint(tiny)
+    kv = 4096 * fp.kv_bytes_per_token
+    budget = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + 1000  # two of three layers
+    model = load(tiny, device="cpu", dtype=torch.float32, placement=Placement("cpu", ALL_LAYERS, kv_type="f32"),
+                 max_vram=budget / GIB)
+    assert model.plan == make_plan(fp, 4096, budget, ALL_LAYERS, False)
+    assert model.plan.gpu_layers == 2 and not model.plan.vision_on_gpu
+    assert [layer.kernels for layer in model.decoder.layers] == [False, True, True]
+    assert not model.vision.kernels
+
+
+def test_images_over_the_planned_limit_are_downscaled(tiny):
+    fp = _tiny_footprint(tiny)
+    weights = sum(fp.layer_bytes) + fp.output_bytes + fp.vision_bytes
+    budget = CUDA_OVERHEAD + weights + int(fp.vision_bytes_per_pixel * 3 * REFERENCE_PIXELS)  # ~3M pixels of peak
+    model = load(tiny, device="cpu", dtype=torch.float32,
+                 placement=Placement("cpu", ALL_LAYERS, vision_on_accel=True, kv_type="f32"), max_vram=budget / GIB)
+    plan = model.plan
+    assert plan == make_plan(fp, 4096, budget, ALL_LAYERS, True)
+    assert plan.gpu_layers == 4 and plan.vision_on_gpu and model.vision.kernels
+    limit = plan.vision_max_pixels
+    assert REFERENCE_PIXELS <= limit < 4 * REFERENCE_PIXELS
+    side = int(np.sqrt(limit)) + 300  # an image over the limit
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    warnings: list[str] = []
+    model.on_warning = warnings.append
+    _, _, pre = model.tokenize("<|image_pad|>", [image])
+    h, w = smart_resize(side, side, max_pixels=limit)
+    assert pre[0].grid_thw == (1, h // 14, w // 14) and h * w <= limit
+    assert len(warnings) == 1 and "downscaled" in warnings[0]
+    small = Image.fromarray(np.zeros((56, 84, 3), dtype=np.uint8))
+    model.tokenize("<|image_pad|>", [small])
+    assert len(warnings) == 1  # images within the limit are left alone
