@@ -49,6 +49,9 @@ def test_7b_q4_k_m_footprint():
     plan = make_plan(fp, 4096, None, ALL_LAYERS, True)
     print(f"\n7B Q4_K_M + 1024x1024 image + 4k context, whole model on the GPU:\n{plan.table()}")
     assert plan.gpu_layers == cfg.n_layer + 1 and plan.vision_on_gpu
+    lines = plan.table().splitlines()
+    assert lines[0].startswith("plan: 28/28 decoder layers on the GPU (output layer: yes), vision tower on the GPU")
+    assert [line.split()[0] for line in lines[1:]] == ["weights", "KV", "activations", "vision", "CUDA", "total"]
     assert plan.total <= 7 * 10**9  # the budget for this job (an estimate until measured on a GPU)
 
 
