@@ -18,6 +18,7 @@ from .config import TextConfig
 from .weights import EXACT, Matrix, Weights
 
 CPU = torch.device("cpu")
+PREFILL_CHUNK = 512  # prompt tokens per forward pass (model.py's prefill; placement.py sizes activations by it)
 KV_TYPES = ("f32", "bf16", "q8_0")  # KV cache element types
 Q8_BLOCK = 32  # values per scale in a q8_0 cache (as ggml's Q8_0; a whole head when its dim is not a multiple)
 

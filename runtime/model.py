@@ -22,7 +22,7 @@ from PIL import Image
 
 from .chat import render
 from .config import TextConfig, text_config
-from .decoder import Decoder, KVCache
+from .decoder import PREFILL_CHUNK, Decoder, KVCache
 from .gguf_file import GGUFFile
 from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess, smart_resize
 from .memory import give_back_free_memory
@@ -38,7 +38,6 @@ IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 _PADS = re.compile(r"(<\|image_pad\|>|<\|video_pad\|>)")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
-PREFILL_CHUNK = 512
 
 
 class ModelError(ValueError):

@@ -28,11 +28,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import TextConfig
-from .decoder import KV_TYPES, kv_bytes_per_token
+from .decoder import KV_TYPES, PREFILL_CHUNK, kv_bytes_per_token
 from .gguf_file import TensorInfo
 from .weights import device_bytes
 
-PREFILL_CHUNK = 512  # tokens per prefill step (model.py uses the same)
 CUDA_OVERHEAD = 512 * 2**20
 REFERENCE_PIXELS = 1024 * 1024  # the image the vision reservation is sized for
 PATCH_PIXELS = 14 * 14
