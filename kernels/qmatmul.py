@@ -24,6 +24,8 @@ TRITON_INTERPRET=1 on the CPU.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import triton
@@ -171,7 +173,8 @@ def qgemv_kernel(
 
 SUPPORTED = (T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0)  # the Q4_K_M mix and its fallbacks
 GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel
-GEMV_BLOCK_N = 16  # weight rows per GEMV program (not tuned on a GPU yet)
+GEMV_BLOCK_N = 16  # weight rows per GEMV program on a GPU (not tuned on one yet)
+INTERPRETED_GEMV_BLOCK_N = 128  # in Triton's interpreter, where each program costs milliseconds
 
 
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
@@ -179,7 +182,9 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
     """x (M, K) float, raw (N, row_bytes) uint8 GGUF blocks -> y (M, N) float32.
 
     M <= GEMV_MAX_M takes the split-K GEMV kernel with `split_k` K-ranges (default: enough
-    programs for ~4 per GPU core, at most one per 256-element step); larger M the tiled GEMM."""
+    programs for ~4 per GPU core, at most one per 256-element step) and at most GEMV_BLOCK_N
+    rows per program (the kernel tests call it with block_n = 16, as a GPU runs it; whole models
+    in the interpreter with 128); larger M the tiled GEMM."""
     if qtype not in SUPPORTED:
         raise ValueError(f"qmatmul supports {', '.join(t.name for t in SUPPORTED)}, not {qtype.name}")
     if k % STEP:
@@ -192,7 +197,8 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
     m = x.shape[0]
     flags = dict(IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0)
     if m <= GEMV_MAX_M:
-        block_n = min(block_n, GEMV_BLOCK_N)  # (M, BLOCK_N, 256) products live in registers
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        block_n = min(block_n, INTERPRETED_GEMV_BLOCK_N if interpreted else GEMV_BLOCK_N)  # (M, BLOCK_N, 256) in registers
         steps = k // STEP
         n_blocks = triton.cdiv(n, block_n)
         if split_k is None:

@@ -8,8 +8,9 @@ the last `[2]` by the width (rotate-half layout).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -94,15 +95,32 @@ class _Q8:
         self.q = torch.zeros(heads, capacity, dim // self.block, self.block, dtype=torch.int8, device=device)
         self.d = torch.zeros(heads, capacity, dim // self.block, 1, dtype=torch.float16, device=device)
 
-    def write(self, start: int, x: torch.Tensor) -> None:
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = x.float().unflatten(-1, (-1, self.block))
         d = blocks.abs().amax(-1, keepdim=True) / 127
         q = torch.where(d > 0, blocks / d.clamp_min(1e-30), 0).round()
-        self.q[:, start:start + x.shape[1]] = q.to(torch.int8)
-        self.d[:, start:start + x.shape[1]] = d.to(torch.float16)
+        return q.to(torch.int8), d.to(torch.float16)
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        q, d = self._quantize(x)
+        self.q[:, start:start + x.shape[1]] = q
+        self.d[:, start:start + x.shape[1]] = d
+
+    def write_at(self, index: torch.Tensor, x: torch.Tensor) -> None:
+        q, d = self._quantize(x)
+        self.q.index_copy_(1, index, q)
+        self.d.index_copy_(1, index, d)
 
     def read(self, end: int) -> torch.Tensor:
         return (self.q[:, :end].float() * self.d[:, :end].float()).flatten(-2)
+
+    def values(self) -> torch.Tensor:
+        """int8 (heads, capacity, dim), a view."""
+        return self.q.flatten(-2)
+
+    def scales(self) -> torch.Tensor:
+        """float16 (heads, capacity, dim // block), a view."""
+        return self.d[..., 0]
 
 
 class KVCache:
@@ -129,21 +147,44 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (n_head_kv, n, head_dim) after the cached tokens; all keys and values so far."""
-        n = k.shape[1]
-        end = self.length + n
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Store k, v (n_head_kv, n, head_dim) after the cached tokens; the length with them
+        (`length` itself moves once per forward pass, after every layer)."""
+        end = self.length + k.shape[1]
         if end > self.capacity:
             raise ValueError(f"context full: {end} tokens > capacity {self.capacity}")
-        out = []
         for store, x in ((self.k[layer], k), (self.v[layer], v)):
             if isinstance(store, _Q8):
                 store.write(self.length, x)
-                out.append(store.read(end))
             else:
                 store[:, self.length:end] = x
-                out.append(store[:, :end])
-        return out[0], out[1]
+        return end
+
+    def write_at(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one token's k, v (n_head_kv, 1, head_dim) at `index`, a long tensor (1,) on the
+        layer's device (no host synchronization: a CUDA graph can hold it)."""
+        for store, x in ((self.k[layer], k), (self.v[layer], v)):
+            if isinstance(store, _Q8):
+                store.write_at(index, x)
+            else:
+                store.index_copy_(1, index, x.to(store.dtype))
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of tokens [0, end), as stored (q8_0 dequantized to float32)."""
+        return tuple(s.read(end) if isinstance(s, _Q8) else s[:, :end]  # type: ignore[return-value]
+                     for s in (self.k[layer], self.v[layer]))
+
+    def stored(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The whole buffers as kernels/decode_attention.py reads them: k, v and, for q8_0, their scales."""
+        k, v = self.k[layer], self.v[layer]
+        if isinstance(k, _Q8) and isinstance(v, _Q8):
+            return k.values(), v.values(), k.scales(), v.scales()
+        assert isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+        return k, v, None, None
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v after the cached tokens; all keys and values so far."""
+        return self.read(layer, self.write(layer, k, v))
 
 
 class Decoder:
@@ -156,7 +197,8 @@ class Decoder:
         self.cfg = cfg
         first = cfg.n_layer - gpu_layers if accel is not None else cfg.n_layer
         self.embed = w.matrix("token_embd.weight")
-        if accel is not None and gpu_layers > cfg.n_layer:
+        self.output_on_accel = accel is not None and gpu_layers > cfg.n_layer
+        if self.output_on_accel:
             name = "output.weight" if w.has("output.weight") else "token_embd.weight"
             self.output = w.matrix(name, EXACT).to_device(accel, kernels)
             self.norm = w.vector("output_norm.weight").to(accel)
@@ -193,31 +235,50 @@ class Decoder:
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed.take_rows(ids)
 
-    def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   cache: KVCache) -> torch.Tensor:
+    def layer_forward(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One decoder layer on x (seq, n_embd); `attend(q, k, v)` with q (n_head, seq, head_dim)
+        and k, v (n_head_kv, seq, head_dim) after M-RoPE stores k, v in a cache and returns the
+        attention output (seq, n_head, head_dim)."""
         cfg = self.cfg
         seq = x.shape[0]
-        q = (layer.wq.matmul(x) + layer.bq).view(seq, cfg.n_head, cfg.head_dim).transpose(0, 1)
-        k = (layer.wk.matmul(x) + layer.bk).view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
-        v = (layer.wv.matmul(x) + layer.bv).view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
+        h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
+        q = (layer.wq.matmul(h) + layer.bq).view(seq, cfg.n_head, cfg.head_dim).transpose(0, 1)
+        k = (layer.wk.matmul(h) + layer.bk).view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
+        v = (layer.wv.matmul(h) + layer.bv).view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        x = x + layer.wo.matmul(attend(q, k, v).reshape(seq, cfg.n_embd))
+        h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)
+        return x + layer.down.matmul(F.silu(layer.gate.matmul(h)) * layer.up.matmul(h))
+
+    def _attend(self, i: int, layer: Layer, cache: KVCache, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over the cache after storing k, v there -> (seq, n_head, head_dim)."""
+        cfg = self.cfg
+        seq = q.shape[1]
         past = cache.length
-        keys, values = cache.append(i, k, v)
+        end = cache.write(i, k, v)
+        if seq == 1 and layer.kernels:  # decode: split-K over the cache as stored (q8_0 included)
+            from ..kernels.decode_attention import decode_attention
+
+            n = torch.tensor([end], dtype=torch.int32, device=q.device)
+            return decode_attention(q[:, 0], *cache.stored(i)[:2], n, *cache.stored(i)[2:])[None]
+        keys, values = cache.read(i, end)
         kd = keys.dtype  # float32, or bf16 in an accelerator's cache
         if seq == 1:  # decode: the query sees every key; heads of one KV head as one matmul
             qg = q.reshape(cfg.n_head_kv, -1, cfg.head_dim).to(kd)  # heads h*g..h*g+g-1 use KV head h
             probs = torch.softmax((qg @ keys.transpose(1, 2)).float() * cfg.head_dim ** -0.5, dim=-1)
-            out = (probs.to(kd) @ values).float().reshape(cfg.n_head, 1, cfg.head_dim).transpose(0, 1)
-        elif layer.kernels:  # causal over the whole cache in one varlen kernel call
+            return (probs.to(kd) @ values).float().reshape(cfg.n_head, 1, cfg.head_dim).transpose(0, 1)
+        if layer.kernels:  # causal over the whole cache in one varlen kernel call
             from ..kernels.attention import attention
 
-            out = attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), [0, seq],
-                            [0, past + seq], causal=True)
-        else:  # causal over the whole cache: query j (absolute past + j) sees keys 0..past + j
-            mask = torch.ones(seq, past + seq, dtype=torch.bool, device=q.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q.to(kd)[None], keys[None], values[None], attn_mask=mask[None, None],
-                                                 enable_gqa=cfg.n_head != cfg.n_head_kv)[0].float().transpose(0, 1)
-        return layer.wo.matmul(out.reshape(seq, cfg.n_embd))
+            return attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), [0, seq],
+                             [0, end], causal=True)
+        # causal over the whole cache: query j (absolute past + j) sees keys 0..past + j
+        mask = torch.ones(seq, end, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        out = F.scaled_dot_product_attention(q.to(kd)[None], keys[None], values[None], attn_mask=mask[None, None],
+                                             enable_gqa=cfg.n_head != cfg.n_head_kv)[0]
+        return out.float().transpose(0, 1)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embeddings (seq, n_embd) at positions (3, seq) -> final-norm hidden states (seq, n_embd)."""
@@ -226,12 +287,8 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             if layer.device not in trig:
                 trig[layer.device] = tuple(t.to(layer.device) for t in trig[CPU])
-            x = x.to(layer.device)
             cos, sin = trig[layer.device]
-            h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
-            x = x + self._attention(i, layer, h, cos, sin, cache)
-            h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)
-            x = x + layer.down.matmul(F.silu(layer.gate.matmul(h)) * layer.up.matmul(h))
+            x = self.layer_forward(layer, x.to(layer.device), cos, sin, partial(self._attend, i, layer, cache))
         cache.length += x.shape[0]
         return rms_norm(x.to(self.norm.device), self.norm, cfg.rms_eps)
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from .chat import render
 from .config import TextConfig, text_config
+from .decode_graph import DecodeGraph
 from .decoder import PREFILL_CHUNK, Decoder, KVCache
 from .gguf_file import GGUFFile
 from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess, smart_resize
@@ -96,6 +97,7 @@ class Model:
             on_accel = accel if placement.vision_on_accel else None
             self.vision = VisionTower(self.vision_cfg, Weights(vision_file, mode=STREAMED if fast else EXACT),
                                       on_accel, placement.kernels)
+        self._graph: DecodeGraph | None = None  # the last generation's cache and captured decode step
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
 
@@ -218,6 +220,27 @@ class Model:
             outs.append(self.decoder.logits(h if all_logits else h[-1:]))
         return torch.cat(outs) if all_logits else outs[-1]
 
+    def _generation_cache(self, capacity: int) -> KVCache:
+        """A cache for one generation. A decoder wholly on the accelerator decodes through a
+        DecodeGraph; its cache (and the graph captured on it) is kept for the next generation
+        that fits in it."""
+        if not DecodeGraph.supports(self.decoder):
+            return self.decoder.new_cache(capacity, self.placement.kv_type)
+        if self._graph is None or self._graph.cache.capacity < capacity:
+            self._graph = None  # let the old cache go before the new one is allocated
+            cache = self.decoder.new_cache(capacity, self.placement.kv_type)
+            self._graph = DecodeGraph(self.decoder, cache, self.placement.cuda_graph, lambda m: self.on_warning(m))
+        self._graph.cache.length = 0
+        return self._graph.cache
+
+    def _decode(self, cache: KVCache, token: int, position: int) -> torch.Tensor:
+        """Logits (vocab,) of the token after `token`, a text token at `position`."""
+        embedding = self.decoder.embed_tokens(torch.tensor([token]))
+        if self._graph is not None and self._graph.cache is cache:
+            return self._graph.step(embedding, position)[-1]
+        pos = torch.full((3, 1), position, dtype=torch.long)
+        return self.decoder.logits(self.decoder.forward(embedding, pos, cache))[-1]
+
     def _prepare(self, prompt: str, images: list[ImageLike] | None, videos: list[str | Path] | None,
                  video_options: VideoOptions, system: str | None,
                  template: bool) -> tuple[str, list[ImageLike], list[VideoInput]]:
@@ -282,7 +305,8 @@ class Model:
         capacity = ctx_size or min(self.cfg.context_length, n_prompt + max_new_tokens)
         if n_prompt >= capacity:
             raise ModelError(f"prompt of {n_prompt} tokens does not fit a context of {capacity}")
-        cache = self.decoder.new_cache(min(capacity, n_prompt + max_new_tokens), self.placement.kv_type)
+        limit = min(capacity, n_prompt + max_new_tokens)
+        cache = self._generation_cache(limit)
         logits = self._prefill(embeds, positions, cache, all_logits=False)[-1]
         timings["prefill_s"] = time.perf_counter() - t0 - timings.get("vision_ms", 0.0) / 1e3
         next_pos = int(positions.max()) + 1 if n_prompt else 0
@@ -301,12 +325,10 @@ class Model:
             if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 yield decoded[len(emitted):]
                 emitted = decoded
-            if cache.length >= cache.capacity:
+            if cache.length >= limit:
                 break
-            pos = torch.full((3, 1), next_pos, dtype=torch.long)
+            logits = self._decode(cache, tok, next_pos)
             next_pos += 1
-            h = self.decoder.forward(self.decoder.embed_tokens(torch.tensor([tok])), pos, cache)
-            logits = self.decoder.logits(h)[-1]
         timings["decode_s"] = time.perf_counter() - t1
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         if final != emitted:

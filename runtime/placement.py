@@ -52,6 +52,7 @@ class Placement:
     kernels: bool = True  # Triton kernels on accel (False: torch with bf16 weights, --no-triton)
     kv_type: str | None = None  # None: float32 on the CPU, bf16 on accel; or "q8_0"
     vision_max_pixels: int | None = None  # larger images are downscaled (from a --max-vram plan)
+    cuda_graph: bool = True  # decode captured in a CUDA graph when the whole decoder is on the GPU
 
     def __post_init__(self) -> None:
         if self.kv_type is not None and self.kv_type not in KV_TYPES:

@@ -110,7 +110,7 @@ PLAN_CTX = 4096  # context a --max-vram plan reserves KV cache for when --ctx-si
 
 
 def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: float | None, no_triton: bool,
-               cache_type: str | None) -> tuple[str, Placement]:
+               cache_type: str | None, no_cuda_graph: bool) -> tuple[str, Placement]:
     """The device and placement the flags ask for; GPU flags without a GPU warn and run on the CPU."""
     if vision_device not in ("auto", "cpu", "cuda"):
         _fail(f"--vision-device {vision_device}: choose auto, cpu or cuda")
@@ -131,7 +131,7 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
         return "cpu", Placement(kv_type=cache_type)
     layers = ALL_LAYERS if gpu_layers is None else gpu_layers
     return "cuda", Placement("cuda", layers, vision_on_accel=vision_device != "cpu", kernels=not no_triton,
-                             kv_type=cache_type)
+                             kv_type=cache_type, cuda_graph=not no_cuda_graph)
 
 
 @app.command(help=HELP)
@@ -184,6 +184,8 @@ def run(
         "(the plan is printed with --verbose; larger images are downscaled)."),
     no_triton: bool = typer.Option(False, "--no-triton", help="On a GPU, torch matmuls on bf16 weights instead "
                                    "of the Triton kernels (more memory; for comparison)."),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="On a GPU, launch each decode step's kernels "
+                                       "one by one instead of replaying a captured CUDA graph (for comparison)."),
     cache_type: Optional[str] = typer.Option(None, "--cache-type", help="KV cache type: f32, bf16 or q8_0 "
                                              "(default: f32 on the CPU, bf16 on the GPU)."),
     no_pull: bool = typer.Option(False, "--no-pull", help="Do not pull a store name that is not in the store."),
@@ -213,7 +215,7 @@ def run(
         _fail(f"{mmproj}: mmproj file not found")
     if not model_path.exists() and mmproj is None:
         _pull_if_missing(str(model_path), no_pull, insecure)
-    device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type)
+    device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type, no_cuda_graph)
     t0 = time.perf_counter()
     try:
         model = load(model_path, device=device, mmproj=mmproj, dtype=torch.float32 if f32 else None,

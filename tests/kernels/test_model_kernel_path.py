@@ -13,6 +13,8 @@ Tolerances (logits, relative to max |logit| of the torch path):
 
 from __future__ import annotations
 
+import copy
+
 import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 
 import numpy as np
@@ -123,3 +125,48 @@ def test_q8_0_kv_cache_is_close(q8_model, torch_path):
     cache = model.decoder.new_cache(16, "q8_0")
     assert cache.k[0].q.dtype == torch.int8 and cache.k[0].d.dtype == torch.float16
     assert 0 < errors["bf16"] < errors["q8_0"] <= 8 * errors["bf16"]
+
+
+def test_decode_step_matches_decoder_forward(q8_model):
+    """DecodeGraph's fixed step (what a CUDA graph captures: slot, position and length read from
+    device buffers) against Decoder.forward on the same cache contents, float32 and q8_0 caches.
+    Tolerance 1e-5 of max |logit|: the same kernels and weights, only the rotary angles come
+    from another table (rope_tables) and the cache slot is written by index_copy_."""
+    from qvl.runtime.decode_graph import DecodeGraph
+
+    model = load(q8_model, device="cpu", dtype=torch.float32, placement=PLACEMENTS["all"])
+    dec = model.decoder
+    assert DecodeGraph.supports(dec)
+    ids = torch.tensor([5, 77, 300, 9, 1200, 41])
+    prompt = torch.arange(ids.numel()).expand(3, -1).contiguous()
+    for kind in ("f32", "q8_0"):
+        cache = dec.new_cache(16, kind)
+        dec.forward(dec.embed_tokens(ids), prompt, cache)
+        caches = [cache, copy.deepcopy(cache)]
+        graph = DecodeGraph(dec, caches[0])
+        for step, token in enumerate([17, 600]):
+            pos = ids.numel() + step
+            got = graph.step(dec.embed_tokens(torch.tensor([token])), pos)
+            want = dec.logits(dec.forward(dec.embed_tokens(torch.tensor([token])), torch.full((3, 1), pos), caches[1]))
+            assert _rel(got, want) <= 1e-5, (kind, step)
+        assert caches[0].length == caches[1].length == ids.numel() + 2
+        k0, k1 = caches[0].stored(1)[0], caches[1].stored(1)[0]
+        assert torch.equal(k0[:, :caches[0].length], k1[:, :caches[1].length])
+
+
+def test_generation_keeps_its_graph_and_cache(q8_model):
+    """A decoder wholly on the accelerator decodes through one DecodeGraph, kept while later
+    generations fit its cache (their tokens unchanged by what the cache held); a longer one gets
+    a new cache. A split decoder keeps none. (Text prompts: the vision tower is tested above.)"""
+    model = load(q8_model, device="cpu", dtype=torch.float32, placement=PLACEMENTS["all"])
+    first = model.generate("Hello", max_new_tokens=4)
+    graph = model._graph
+    assert graph is not None and graph.cache.length > first.prompt_tokens
+    again = model.generate("Hello", max_new_tokens=4)
+    assert again.token_ids == first.token_ids and len(first.token_ids) == 4
+    assert model._graph is graph
+    model.generate("Hello", max_new_tokens=6)
+    assert model._graph is not graph and model._graph.cache.capacity == graph.cache.capacity + 2
+    split = load(q8_model, device="cpu", dtype=torch.float32, placement=PLACEMENTS["one-layer"])
+    split.generate("Hello", max_new_tokens=1)
+    assert split._graph is None

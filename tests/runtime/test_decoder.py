@@ -102,3 +102,16 @@ def test_llama_cpp_fixture_equals_transformers(fixtures_dir, model):
         ref = hf(input_ids=ids[None]).logits[0]
     assert (ours - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_rope_tables_give_mrope_angles():
+    """The decode graph's angle table (position[section] * inv_freq) equals mrope_angles for a
+    position whose t, h and w differ, for both families' sections."""
+    from qvl.runtime.decode_graph import rope_tables
+    from qvl.runtime.decoder import mrope_angles
+
+    for head_dim, sections in ((128, (16, 24, 24)), (64, (8, 12, 12)), (16, (2, 3, 3))):
+        pos = torch.tensor([[7], [3], [11]])
+        inv_freq, section = rope_tables(head_dim, 1e6, sections)
+        got = pos[:, 0].float()[section] * inv_freq
+        assert torch.equal(got, mrope_angles(pos, head_dim, 1e6, sections)[0])

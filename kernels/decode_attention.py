@@ -1,0 +1,156 @@
+"""Decode attention: one new query token per head against the KV cache, split over the cache
+(flash-decoding), reading a float32, bf16 or q8_0 cache as stored.
+
+Pass 1 (`decode_attention_kernel`): program (kv_head, split) takes the `group` query heads that
+share one KV head (GQA) and the keys [split * keys_per_split, ...) of that head, below `length`;
+it walks them BLOCK_N at a time with an online softmax in float32 (running max m, sum l,
+unnormalized output acc) and writes its partial (m, l, acc). A q8_0 cache is int8 values with a
+float16 scale per block of Q8_BLOCK values of the head dimension, multiplied in as keys and
+values are loaded. Pass 2 (`combine_kernel`): per query head, weights each split by
+exp(m_split - max m) and writes sum(w * acc) / sum(w * l); splits past `length` have m = -inf
+and weigh nothing.
+
+`length` is read from a device tensor, and the number of splits depends only on the cache's
+capacity, so a step can be captured once in a CUDA graph and replayed as the cache grows.
+Torch reference: `decode_attention_ref` (dequantize, softmax over the first `length` keys).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # keys per inner step
+MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its share of the cache
+
+
+@triton.jit
+def decode_attention_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr,
+    # dimensions
+    head_dim, group, scale, keys_per_split, n_splits,
+    # strides (head, token) of q, of the caches (k and v alike) and of their scales
+    sq_h, sk_h, sk_t, ss_h, ss_t,
+    # meta-parameters
+    IS_Q8: tl.constexpr, Q8_BLOCK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    length = tl.load(len_ptr)
+    rg = tl.arange(0, BLOCK_G)
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd[None, :] < head_dim
+    heads = kv_head * group + rg
+    q = tl.load(q_ptr + heads[:, None] * sq_h + rd[None, :], mask=(rg[:, None] < group) & d_ok, other=0.0)
+    q = q.to(tl.float32)
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    start = split * keys_per_split
+    stop = tl.minimum(start + keys_per_split, length)
+    for s0 in range(start, stop, BLOCK_N):
+        rn = s0 + tl.arange(0, BLOCK_N)
+        kv_mask = (rn[:, None] < stop) & d_ok
+        offs = kv_head * sk_h + rn[:, None] * sk_t + rd[None, :]
+        k = tl.load(k_ptr + offs, mask=kv_mask, other=0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=kv_mask, other=0).to(tl.float32)
+        if IS_Q8:
+            s_offs = kv_head * ss_h + rn[:, None] * ss_t + rd[None, :] // Q8_BLOCK
+            k = k * tl.load(ks_ptr + s_offs, mask=kv_mask, other=0.0).to(tl.float32)
+            v = v * tl.load(vs_ptr + s_offs, mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        s = tl.where(rn[None, :] < stop, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+    row = heads * n_splits + split
+    g_ok = rg < group
+    tl.store(pm_ptr + row, m_i, mask=g_ok)
+    tl.store(pl_ptr + row, l_i, mask=g_ok)
+    tl.store(po_ptr + row[:, None] * head_dim + rd[None, :], acc, mask=g_ok[:, None] & d_ok)
+
+
+@triton.jit
+def combine_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, head_dim, n_splits,
+                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    head = tl.program_id(0)
+    rs = tl.arange(0, BLOCK_S)
+    rd = tl.arange(0, BLOCK_D)
+    s_ok = rs < n_splits
+    m = tl.load(pm_ptr + head * n_splits + rs, mask=s_ok, other=float("-inf"))
+    l = tl.load(pl_ptr + head * n_splits + rs, mask=s_ok, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))  # split 0 always holds key 0, so the max is finite
+    o = tl.load(po_ptr + (head * n_splits + rs)[:, None] * head_dim + rd[None, :],
+                mask=s_ok[:, None] & (rd[None, :] < head_dim), other=0.0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l, axis=0)
+    tl.store(o_ptr + head * head_dim + rd, out, mask=rd < head_dim)
+
+
+def default_splits(capacity: int, kv_heads: int, device: torch.device) -> int:
+    """Enough (kv_head, split) programs for ~2 per GPU core, each with at least
+    MIN_KEYS_PER_SPLIT keys of the cache's capacity."""
+    cores = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), triton.cdiv(2 * cores, kv_heads)))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     splits: int | None = None) -> torch.Tensor:
+    """q (heads, d); k, v caches (kv_heads, capacity, d), float or int8 with k_scale / v_scale
+    (kv_heads, capacity, d // block) for q8_0; length: int tensor (1,) on q's device, the
+    number of keys to attend to -> (heads, d) float32. `splits` defaults to
+    `default_splits(capacity, ...)` (never to anything that depends on `length`)."""
+    heads, d = q.shape
+    kv_heads, capacity, _ = k.shape
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+    if k.shape != v.shape or k.shape[2] != d:
+        raise ValueError(f"cache shapes {tuple(k.shape)} / {tuple(v.shape)} do not fit queries of dim {d}")
+    is_q8 = k.dtype == torch.int8
+    if is_q8 != (k_scale is not None and v_scale is not None):
+        raise ValueError("an int8 (q8_0) cache needs k_scale and v_scale, a float cache none")
+    assert k.stride() == v.stride() and k.stride(-1) == 1 and q.stride(-1) == 1
+    group = heads // kv_heads
+    splits = splits or default_splits(capacity, kv_heads, q.device)
+    per = triton.cdiv(triton.cdiv(capacity, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(capacity, per)
+    part_o = torch.empty(heads * splits, d, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(heads * splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(heads * splits, dtype=torch.float32, device=q.device)
+    block = d // k_scale.shape[-1] if k_scale is not None else d
+    ks = k_scale if k_scale is not None else k
+    vs = v_scale if v_scale is not None else v
+    block_d = max(16, triton.next_power_of_2(d))
+    decode_attention_kernel[(kv_heads, splits)](
+        q, k, v, ks, vs, length, part_o, part_m, part_l,
+        d, group, d ** -0.5, per, splits,
+        q.stride(0), k.stride(0), k.stride(1), ks.stride(0), ks.stride(1),
+        IS_Q8=is_q8, Q8_BLOCK=block, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d)
+    out = torch.empty(heads, d, dtype=torch.float32, device=q.device)
+    combine_kernel[(heads,)](part_o, part_m, part_l, out, d, splits,
+                             BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize the first `length` keys and values, softmax in float32."""
+    def dense(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        x = x[:, :length].float()
+        if scale is None:
+            return x
+        block = x.shape[-1] // scale.shape[-1]
+        return (x.unflatten(-1, (-1, block)) * scale[:, :length].float()[..., None]).flatten(-2)
+
+    keys, values = dense(k, k_scale), dense(v, v_scale)
+    group = q.shape[0] // k.shape[0]
+    keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    probs = torch.softmax((keys @ q.float()[:, :, None])[..., 0] * q.shape[1] ** -0.5, dim=-1)
+    return (probs[:, None, :] @ values)[:, 0]

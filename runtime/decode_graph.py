@@ -1,0 +1,116 @@
+"""Batch-1 decode as one fixed step, captured once in a CUDA graph and replayed per token.
+
+A decode token on a GPU is ~30 small kernels per layer: launched one by one from Python, their
+launch cost, not the weights they stream, would set the speed. `DecodeGraph` keeps every input
+of a step in a fixed device buffer (the token's embedding, its M-RoPE position, the cache slot
+it takes) and reads the cache length from one of them (kernels/decode_attention.py), so the step
+launches the same kernels on the same addresses every time: it is captured as a CUDA graph on
+its first call and replayed after. Elsewhere (the kernel path on the CPU, in Triton's
+interpreter) the same step runs eagerly, which is how the tests check what the graph holds.
+
+It serves a decoder wholly on one accelerator with the Triton kernels (every layer and the
+output layer); anything else decodes through `Decoder.forward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from .decoder import Decoder, KVCache, rms_norm
+
+
+def rope_tables(head_dim: int, theta: float, sections: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """inv_freq (head_dim / 2,) and, per frequency pair, which of (t, h, w) rotates it: the
+    angles are `position[section] * inv_freq`, as `decoder.mrope_angles` builds them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    section = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(sections)])
+    return inv_freq, section
+
+
+class DecodeGraph:
+    """Decode steps for `cache` (which it serves until the cache is replaced)."""
+
+    def __init__(self, decoder: Decoder, cache: KVCache, graphs: bool = True,
+                 on_warning: Callable[[str], None] | None = None):
+        if not self.supports(decoder):
+            raise ValueError("DecodeGraph needs every decoder layer and the output layer on one accelerator "
+                             "with the Triton kernels")
+        cfg = decoder.cfg
+        dev = decoder.norm.device
+        self.decoder = decoder
+        self.cache = cache
+        self.x = torch.zeros(1, cfg.n_embd, device=dev)
+        self.pos = torch.zeros(3, device=dev)  # the token's (t, h, w) position
+        self.index = torch.zeros(1, dtype=torch.long, device=dev)  # its slot in the cache
+        inv_freq, section = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        self.inv_freq, self.section = inv_freq.to(dev), section.to(dev)
+        self.use_graph = graphs and dev.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.on_warning = on_warning
+
+    @staticmethod
+    def supports(decoder: Decoder) -> bool:
+        dev = decoder.norm.device
+        return decoder.output_on_accel and all(layer.kernels and layer.device == dev for layer in decoder.layers)
+
+    def _attend(self, i: int, length: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from ..kernels.decode_attention import decode_attention
+
+        self.cache.write_at(i, self.index, k, v)
+        keys, values, k_scale, v_scale = self.cache.stored(i)
+        return decode_attention(q[:, 0], keys, values, length, k_scale, v_scale)[None]
+
+    def _step(self) -> torch.Tensor:
+        """Logits (1, vocab) for the token in self.x at self.pos, stored at self.index."""
+        dec = self.decoder
+        angles = self.pos[self.section] * self.inv_freq
+        emb = torch.cat((angles, angles))[None]
+        cos, sin = emb.cos(), emb.sin()
+        length = (self.index + 1).to(torch.int32)
+        x = self.x
+        for i, layer in enumerate(dec.layers):
+            x = dec.layer_forward(layer, x, cos, sin, partial(self._attend, i, length))
+        return dec.output.matmul(rms_norm(x, dec.norm, dec.cfg.rms_eps))
+
+    def _capture(self) -> None:
+        """Run the step once on a side stream (Triton compiles its kernels, the allocator warms
+        up; it writes only the cache slot the replay writes again), then capture it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._step()
+        self.graph = graph
+
+    def step(self, embedding: torch.Tensor, position: int) -> torch.Tensor:
+        """The next token's embedding (1, n_embd) at `position` (a text token: t = h = w) ->
+        float32 logits (1, vocab) on the CPU; the cache grows by one."""
+        cache = self.cache
+        if cache.length >= cache.capacity:
+            raise ValueError(f"context full: {cache.length + 1} tokens > capacity {cache.capacity}")
+        self.x.copy_(embedding)
+        self.pos.fill_(float(position))
+        self.index.fill_(cache.length)
+        out: torch.Tensor | None = None
+        if self.use_graph and self.graph is None:
+            try:
+                self._capture()
+            except RuntimeError as e:  # run on without the graph rather than stop the answer
+                self.use_graph = False
+                if self.on_warning is not None:
+                    self.on_warning(f"CUDA graph capture failed ({str(e).splitlines()[0]}); decoding without it")
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.logits
+        else:
+            out = self._step()
+        cache.length += 1
+        assert out is not None
+        return out.float().cpu()
