@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .dot import dot, interpreted
+
 
 @triton.jit
 def attention_kernel(
@@ -27,7 +29,7 @@ def attention_kernel(
     # strides (tokens, heads); the last dimension is contiguous
     sq_t, sq_h, sk_t, sk_h, so_t, so_h,
     # meta-parameters
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -49,7 +51,7 @@ def attention_kernel(
             rn = start + tl.arange(0, BLOCK_N)
             kv_mask = (rn[:, None] < k_len) & (rd[None, :] < head_dim)
             k = tl.load(k_ptr + (k0 + rn)[:, None] * sk_t + kv_head * sk_h + rd[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = dot(q, tl.trans(k), LOW, EMULATE) * scale
             valid = rn[None, :] < k_len
             if CAUSAL:
                 valid = valid & (rn[None, :] <= (k_len - q_len) + rm[:, None])
@@ -60,7 +62,7 @@ def attention_kernel(
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + (k0 + rn)[:, None] * sk_t + kv_head * sk_h + rd[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, LOW, EMULATE)  # p rounded as FlashAttention-2 does
             m_i = m_new
         out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
         tl.store(o_ptr + (q0 + rm)[:, None] * so_t + head * so_h + rd[None, :], out,
@@ -68,21 +70,26 @@ def attention_kernel(
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int],
-              causal: bool, block_m: int = 16, block_n: int = 16) -> torch.Tensor:
-    """q (tokens_q, heads, d), k/v (tokens_k, kv_heads, d) float32 -> (tokens_q, heads, d)."""
+              causal: bool, dtype: torch.dtype = torch.float32, block_m: int = 16, block_n: int = 16) -> torch.Tensor:
+    """q (tokens_q, heads, d), k/v (tokens_k, kv_heads, d) -> (tokens_q, heads, d) float32.
+
+    `dtype`: what q, k, v are multiplied in: float32 (exact products), or bfloat16 / float16
+    (tensor cores; the softmax probabilities are rounded to it too). Accumulation is float32."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"attention in {dtype}: float32, bfloat16 or float16")
     tq, heads, d = q.shape
     kv_heads = k.shape[1]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
-    q, k, v = q.contiguous().float(), k.contiguous().float(), v.contiguous().float()
-    out = torch.empty_like(q)
+    q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     cq = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
     ck = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
     longest = max(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
     grid = (triton.cdiv(longest, block_m), heads, len(cu_q) - 1)
     attention_kernel[grid](q, k, v, out, cq, ck, d, heads // kv_heads, d ** -0.5,
                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-                           CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
+                           CAUSAL=causal, LOW=dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m, BLOCK_N=block_n,
                            BLOCK_D=max(16, triton.next_power_of_2(d)))
     return out
 

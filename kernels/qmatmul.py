@@ -24,8 +24,6 @@ TRITON_INTERPRET=1 on the CPU.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import triton
@@ -33,6 +31,8 @@ import triton.language as tl
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
+
+from .dot import dot, interpreted
 
 STEP = 256  # elements of K per loop iteration
 
@@ -125,7 +125,7 @@ def qmatmul_kernel(
     # strides
     stride_xm, stride_ym,
     # meta-parameters
-    IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr,
+    IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -138,7 +138,7 @@ def qmatmul_kernel(
     for kb in range(0, K // 256):
         x, w = _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes,
                           IS_Q4_K, IS_Q6_K, IS_Q5_0)
-        acc += tl.dot(x.to(tl.float32), tl.trans(w))
+        acc += dot(x, tl.trans(w.to(x.dtype)), LOW, EMULATE)  # LOW: the decoded tile rounded to x's type
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -179,7 +179,11 @@ INTERPRETED_GEMV_BLOCK_N = 128  # in Triton's interpreter, where each program co
 
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
             block_m: int = 16, block_n: int = 16, split_k: int | None = None) -> torch.Tensor:
-    """x (M, K) float, raw (N, row_bytes) uint8 GGUF blocks -> y (M, N) float32.
+    """x (M, K), raw (N, row_bytes) uint8 GGUF blocks -> y (M, N) float32.
+
+    x in bfloat16 / float16: the tiled GEMM multiplies on tensor cores (the decoded weights
+    rounded to x's type); in float32 (or anything else, converted): exact float32 products.
+    Accumulation is float32 either way; the GEMV always multiplies in float32.
 
     M <= GEMV_MAX_M takes the split-K GEMV kernel with `split_k` K-ranges (default: enough
     programs for ~4 per GPU core, at most one per 256-element step) and at most GEMV_BLOCK_N
@@ -193,12 +197,13 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
     row_bytes = k // blk * size
     if raw.shape != (n, row_bytes) or raw.dtype != torch.uint8:
         raise ValueError(f"weight bytes should be uint8 ({n}, {row_bytes}), got {raw.dtype} {tuple(raw.shape)}")
-    x = x.contiguous().float()
+    x = x.contiguous()
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        x = x.float()
     m = x.shape[0]
     flags = dict(IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0)
     if m <= GEMV_MAX_M:
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        block_n = min(block_n, INTERPRETED_GEMV_BLOCK_N if interpreted else GEMV_BLOCK_N)  # (M, BLOCK_N, 256) in registers
+        block_n = min(block_n, INTERPRETED_GEMV_BLOCK_N if interpreted() else GEMV_BLOCK_N)  # (M, BLOCK_N, 256) in registers
         steps = k // STEP
         n_blocks = triton.cdiv(n, block_n)
         if split_k is None:
@@ -213,7 +218,8 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
-                         **flags, BLOCK_M=block_m, BLOCK_N=block_n)
+                         **flags, LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m,
+                         BLOCK_N=block_n)
     return y
 
 

@@ -190,17 +190,21 @@ class KVCache:
 class Decoder:
     """`accel`/`gpu_layers`: the last `gpu_layers` layers live on `accel` (the output layer too
     when gpu_layers > n_layer, as llama.cpp's -ngl counts it), their matmuls through the Triton
-    kernels when `kernels`; the token embeddings always stay in the mapped file."""
+    kernels when `kernels`; the token embeddings always stay in the mapped file. Weights in
+    EXACT mode keep the kernels' products in float32; otherwise prefill's GEMMs and attention
+    on the accelerator take bf16 operands (float32 accumulation)."""
 
     def __init__(self, cfg: TextConfig, w: Weights, accel: torch.device | None = None, gpu_layers: int = 0,
                  kernels: bool = True):
         self.cfg = cfg
         first = cfg.n_layer - gpu_layers if accel is not None else cfg.n_layer
+        exact = w.mode == EXACT  # float32 products in the kernels too (else bf16 GEMMs and prefill attention)
+        self.attn_dtype = torch.float32 if exact else torch.bfloat16
         self.embed = w.matrix("token_embd.weight")
         self.output_on_accel = accel is not None and gpu_layers > cfg.n_layer
         if self.output_on_accel:
             name = "output.weight" if w.has("output.weight") else "token_embd.weight"
-            self.output = w.matrix(name, EXACT).to_device(accel, kernels)
+            self.output = w.matrix(name, EXACT).to_device(accel, kernels, exact)
             self.norm = w.vector("output_norm.weight").to(accel)
         else:
             self.output = w.matrix("output.weight") if w.has("output.weight") else self.embed
@@ -212,7 +216,7 @@ class Decoder:
             dev = accel if accel is not None and on_accel else CPU
 
             def mat(name: str) -> Matrix:
-                return w.matrix(p + name, EXACT).to_device(dev, kernels) if on_accel else w.matrix(p + name)
+                return w.matrix(p + name, EXACT).to_device(dev, kernels, exact) if on_accel else w.matrix(p + name)
 
             def vec(name: str) -> torch.Tensor:
                 return w.vector(p + name).to(dev)
@@ -273,7 +277,7 @@ class Decoder:
             from ..kernels.attention import attention
 
             return attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), [0, seq],
-                             [0, end], causal=True)
+                             [0, end], causal=True, dtype=self.attn_dtype)
         # causal over the whole cache: query j (absolute past + j) sees keys 0..past + j
         mask = torch.ones(seq, end, dtype=torch.bool, device=q.device).tril(diagonal=past)
         out = F.scaled_dot_product_attention(q.to(kd)[None], keys[None], values[None], attn_mask=mask[None, None],

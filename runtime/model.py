@@ -31,7 +31,7 @@ from .placement import Placement, PlacementError, Plan, footprint, make_plan
 from .positions import Span, rope_positions
 from .sampling import SamplingParams, sample
 from .tokenizer import tokenizer_from_gguf
-from .video import VideoInput, VideoOptions, load_video
+from .video import VideoInput, VideoOptions, frame_size, load_video
 from .vision import VisionConfig, VisionTower, vision_config
 from .weights import EXACT, PACKED, STREAMED, Weights
 
@@ -154,9 +154,22 @@ class Model:
         if videos and self.vision is None:
             raise ModelError(f"{self.text_file.path}: this model has no vision projector (mmproj); "
                              "videos need one (pass --mmproj)")
-        assert self.vision_cfg is not None or not videos
-        return [load_video(v, opts, self.vision_cfg.image_mean, self.vision_cfg.image_std)  # type: ignore[union-attr]
-                for v in videos]
+        if not videos:
+            return []
+        assert self.vision_cfg is not None
+        mean, std = self.vision_cfg.image_mean, self.vision_cfg.image_std
+        limit = self.placement.vision_max_pixels  # pixels the vision tower's peak may take, over all frame pairs
+        if limit is None or limit >= opts.total_pixels:
+            return [load_video(v, opts, mean, std) for v in videos]
+        out = []
+        for v in videos:
+            item = load_video(v, replace(opts, total_pixels=limit), mean, std)
+            h, w = frame_size(*item.source_size, len(item.frame_indices), opts)
+            if (h, w) != item.size:
+                self.on_warning(f"video {v}: frames downscaled to {item.size[1]}x{item.size[0]} (instead of "
+                                f"{w}x{h}) to fit the GPU memory budget")
+            out.append(item)
+        return out
 
     def tokenize(self, text: str, images: list[ImageLike], min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS, videos: list[VideoInput] | None = None

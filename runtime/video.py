@@ -57,7 +57,8 @@ class VideoInput:
     second_per_grid_t: float
     frame_indices: tuple[int, ...]
     timestamps: tuple[float, ...]
-    size: tuple[int, int]
+    size: tuple[int, int]  # (height, width) of the frames as resized
+    source_size: tuple[int, int] = (0, 0)  # (height, width) as decoded (upright)
 
 
 def _round(n: float, f: int) -> int:
@@ -210,12 +211,14 @@ def load_video(path: str | Path, opts: VideoOptions, mean: tuple[float, ...], st
     idx = sample_indices(first, last, n)
     frames: list[np.ndarray | None] = [None] * n
     size: tuple[int, int] | None = None
+    source = (0, 0)
     picked = _seek_frames(path, idx, video_fps, total) or _sequential_frames(path, idx)
     for i, frame in picked:
         img = frame.to_image()
         if frame.rotation:  # display matrix (phone videos): counter-clockwise degrees to show upright
             img = img.rotate(frame.rotation, expand=True)
         if size is None:
+            source = (img.height, img.width)
             size = frame_size(img.height, img.width, n, opts)
         arr = np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC))
         for k, j in enumerate(idx):
@@ -238,4 +241,4 @@ def load_video(path: str | Path, opts: VideoOptions, mean: tuple[float, ...], st
         pixels[k * per_pair:(k + 1) * per_pair] = p.reshape(per_pair, -1)
     sample_fps = n / max(count, 1e-6) * video_fps
     return VideoInput(pixels, (gt, gh, gw), FRAME_FACTOR / sample_fps, tuple(idx),
-                      tuple(i / video_fps for i in idx), size)
+                      tuple(i / video_fps for i in idx), size, source)

@@ -186,6 +186,8 @@ class VisionTower:
         self.cfg = cfg
         self.device = accel or torch.device("cpu")
         self.kernels = kernels and accel is not None
+        exact = w.mode == EXACT  # float32 products in the kernels too (else bf16 GEMMs and attention)
+        self.attn_dtype = torch.float32 if exact else torch.bfloat16
         pick = 0 if cfg.layout == "llamacpp" else 1
 
         def name(role: str) -> str:
@@ -198,7 +200,7 @@ class VisionTower:
             return vec(n) if w.has(n) else None
 
         def mat(n: str) -> Matrix:
-            return w.matrix(n, EXACT).to_device(self.device, kernels) if accel is not None else w.matrix(n)
+            return w.matrix(n, EXACT).to_device(self.device, kernels, exact) if accel is not None else w.matrix(n)
 
         p0, p1 = vec(name("patch0")), vec(name("patch1"))  # (E, C, P, P) each
         self.patch = torch.stack([p0, p1], dim=2).reshape(cfg.embed_dim, -1)  # (E, C*2*P*P)
@@ -235,7 +237,7 @@ class VisionTower:
         if self.kernels:
             from ..kernels.attention import attention
 
-            out = attention(q, k, v, cu, cu, causal=False)
+            out = attention(q, k, v, cu, cu, causal=False, dtype=self.attn_dtype)
             return b.out.matmul(out.reshape(n, -1)) + b.out_b
         out = torch.empty(n, heads, hd, device=x.device)
         for lo, size, count in _runs(cu):  # equal windows side by side: one batched call

@@ -63,6 +63,7 @@ class Matrix:
         self._kernel_raw: torch.Tensor | None = None  # GGUF blocks on self.device, for qmatmul
         self._device_dense: torch.Tensor | None = None  # bf16 (or float32) copy on self.device
         self.device = torch.device("cpu")
+        self._exact = True  # on a device: float32 x for the kernel's GEMM too
         self._packed: PackedMatrix | None = None
         self._release = release
         self.mode = EXACT if self.qtype == T.F32 else mode
@@ -77,11 +78,13 @@ class Matrix:
         elif self.qtype == T.BF16:
             self._dense = as_torch(self.raw, torch.bfloat16)
 
-    def to_device(self, device: torch.device | str, kernels: bool = True) -> Matrix:
+    def to_device(self, device: torch.device | str, kernels: bool = True, exact: bool = False) -> Matrix:
         """Hold this weight on `device` from now on (matmuls take x there): GGUF blocks of the
         types kernels/qmatmul.py reads when `kernels`, else a dense copy (float32 for F32
-        weights, bf16 for the rest). Row lookups keep reading the mapped file."""
+        weights, bf16 for the rest). Row lookups keep reading the mapped file. Unless `exact`,
+        the kernel's tiled GEMM (more than GEMV_MAX_M rows of x) takes x in bf16."""
         self.device = torch.device(device)
+        self._exact = exact
         self._packed = None
         if kernels and kernel_reads(self.qtype, self.cols):
             self._kernel_raw = as_torch(self.raw, torch.uint8).to(self.device)
@@ -112,9 +115,11 @@ class Matrix:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., cols) float32 -> (..., rows) float32, on this weight's device."""
         if self._kernel_raw is not None:
-            from ..kernels.qmatmul import qmatmul
+            from ..kernels.qmatmul import GEMV_MAX_M, qmatmul
 
             flat = x.reshape(-1, self.cols)
+            if not self._exact and flat.shape[0] > GEMV_MAX_M:
+                flat = flat.to(torch.bfloat16)
             y = qmatmul(flat, self._kernel_raw, self.qtype, self.rows, self.cols, block_m=32, block_n=128)
             return y.reshape(*x.shape[:-1], self.rows)
         if self._device_dense is not None:

@@ -136,3 +136,26 @@ def test_images_over_the_planned_limit_are_downscaled(tiny):
     small = Image.fromarray(np.zeros((56, 84, 3), dtype=np.uint8))
     model.tokenize("<|image_pad|>", [small])
     assert len(warnings) == 1  # images within the limit are left alone
+
+
+def test_videos_over_the_planned_limit_are_downscaled(tiny, tmp_path):
+    """The limit counts every frame pair's pixels (the vision tower takes them in one pass); it
+    is kept above the frames' floor (1.05 x --video-min-pixels each), which wins over it."""
+    from test_video import make_video
+
+    from qvl.runtime.video import VideoOptions
+
+    limit = 600_000
+    model = load(tiny, device="cpu", dtype=torch.float32, placement=Placement(vision_max_pixels=limit))
+    warnings: list[str] = []
+    model.on_warning = warnings.append
+    big, small = tmp_path / "big.mp4", tmp_path / "small.mp4"
+    make_video(big, frames=8, fps=2, size=(480, 640))
+    make_video(small, frames=8, fps=2)
+    (video,) = model._videos([big], VideoOptions())
+    t, h, w = video.grid_thw
+    assert t == 4 and t * h * w * 14 * 14 <= limit < 4 * 480 * 640
+    assert len(warnings) == 1 and "big.mp4: frames downscaled" in warnings[0]
+    (video,) = model._videos([small], VideoOptions())
+    unlimited = load(tiny, device="cpu", dtype=torch.float32)._videos([small], VideoOptions())[0]
+    assert video.size == unlimited.size and len(warnings) == 1  # within the limit: as without one
