@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Kernel timings on a GPU against torch baselines measured in the same run.
 
-For the 3B and 7B shapes: the dequantizing matmul (Q4_K, Q6_K, Q8_0; M = 1 decode and M = 512
-prefill) against torch.matmul on the dequantized weight, with achieved GB/s of weight bytes and
-% of the measured device-to-device copy bandwidth; attention (vision windows, head dim 80, and
-causal prefill) against F.scaled_dot_product_attention. Median of triton.testing.do_bench.
-Validates every kernel against its reference before timing it. Needs CUDA.
+For the 3B and 7B shapes, each kernel in the precision the model runs it in by default:
+- qmatmul (Q4_K, Q6_K, Q8_0): M = 1 (decode GEMV, float32 x) with achieved GB/s of weight bytes
+  and % of the measured device-to-device copy bandwidth; M = 512 (prefill GEMM, bf16 x) with
+  TFLOP/s; both against torch.matmul on the dequantized weight in bf16;
+- attention (bf16): vision windows and a full-attention image (head dim 80), causal prefill
+  with GQA, against F.scaled_dot_product_attention in bf16;
+- decode attention over a 4k cache (bf16 and q8_0) against F.scaled_dot_product_attention on
+  the bf16 cache (enable_gqa).
+Every kernel is checked against its reference before it is timed. Median of
+triton.testing.do_bench. Needs CUDA.
 
     python scripts/bench_kernels.py > docs/bench-kernels.json
 """
@@ -14,65 +19,135 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+Timer = Callable[[Callable[[], object]], float]  # milliseconds per call
 
-def main() -> None:
-    if not torch.cuda.is_available():
-        sys.exit("bench_kernels.py needs a CUDA GPU (the kernels run interpreted on the CPU only for tests)")
-    import triton.testing
+QMATMUL_SHAPES = {"3b": [(2048, 2048), (11008, 2048), (2048, 11008)],
+                  "7b": [(3584, 3584), (18944, 3584), (3584, 18944)]}
+ATTENTION_CASES = (  # name, segment lengths, heads, kv heads, head dim, causal
+    ("vision windows", [256] * 50, 16, 16, 80, False),
+    ("vision full 1000x2530", [12960], 16, 16, 80, False),
+    ("text prefill 7b", [2048], 28, 4, 128, True),
+)
+DECODE_CASES = (("3b", 16, 2, 128), ("7b", 28, 4, 128))  # name, heads, kv heads, head dim
+
+
+def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (1, 512)) -> list[dict]:
     from gguf import GGMLQuantizationType as T
 
     from qvl.convert.quant import dequantize, quantize
-    from qvl.kernels.attention import attention, attention_ref
     from qvl.kernels.qmatmul import qmatmul
 
-    dev = "cuda"
-    buf = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-    copy_ms = triton.testing.do_bench(lambda: buf.clone())
-    copy_gbs = 2 * buf.numel() / copy_ms / 1e6
     rows = []
-    shapes = {"3b": [(2048, 2048), (11008, 2048), (2048, 11008)], "7b": [(3584, 3584), (18944, 3584), (3584, 18944)]}
     for model, mats in shapes.items():
         for n, k in mats:
             w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
             for qt in (T.Q4_K, T.Q6_K, T.Q8_0):
                 raw = torch.from_numpy(quantize(w, qt)).to(dev)
                 dense = torch.from_numpy(dequantize(raw.cpu().numpy(), qt).reshape(n, k)).to(dev)
-                for m in (1, 512):
-                    x = torch.randn(m, k, device=dev)
-                    ref = x @ dense.T
+                dense16 = dense.to(torch.bfloat16)
+                for m in ms_:
+                    x = torch.randn(m, k, device=dev, dtype=torch.float32 if m == 1 else torch.bfloat16)
+                    ref = x.float() @ dense.T
                     got = qmatmul(x, raw, qt, n, k, block_m=16 if m == 1 else 64, block_n=64)
-                    assert (got - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
-                    ms = triton.testing.do_bench(lambda: qmatmul(x, raw, qt, n, k, block_m=16 if m == 1 else 64,
-                                                                 block_n=64))
-                    base = triton.testing.do_bench(lambda: x @ dense.T)
-                    gbs = raw.numel() / ms / 1e6
-                    rows.append({"model": model, "kernel": f"qmatmul {qt.name}", "m": m, "n": n, "k": k,
-                                 "ms": round(ms, 4), "weight_GB_s": round(gbs, 1),
-                                 "pct_copy_bw": round(100 * gbs / copy_gbs, 1),
-                                 "vs_torch_matmul_dequantized": round(base / ms, 2)})
-    for name, segs, heads, d, causal in (("vision windows", [64] * 50, 16, 80, False),
-                                         ("vision full", [3200], 16, 80, False),
-                                         ("text prefill 3b", [2048], 16, 128, True)):
+                    tol = 1e-4 if m == 1 else 1e-2  # float32 products / bf16 operands
+                    assert (got - ref).abs().max().item() <= tol * ref.abs().max().item(), (qt.name, m, n, k)
+                    ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_m=16 if m == 1 else 64, block_n=64))
+                    base = timer(lambda: x.to(torch.bfloat16) @ dense16.T)
+                    row = {"model": model, "kernel": f"qmatmul {qt.name}", "m": m, "n": n, "k": k,
+                           "ms": round(ms, 4), "vs_torch_bf16_matmul": round(base / ms, 2)}
+                    if m == 1:
+                        row["weight_GB_s"] = round(raw.numel() / ms / 1e6, 1)
+                    else:
+                        row["TFLOP_s"] = round(2 * m * n * k / ms / 1e9, 1)
+                    rows.append(row)
+    return rows
+
+
+def bench_attention(dev: str, timer: Timer, cases=ATTENTION_CASES) -> list[dict]:
+    from qvl.kernels.attention import attention, attention_ref
+
+    rows = []
+    bf16 = torch.bfloat16
+    for name, segs, heads, kv_heads, d, causal in cases:
         cu = [0]
         for s in segs:
             cu.append(cu[-1] + s)
-        q = torch.randn(cu[-1], heads, d, device=dev)
-        kv_heads = 2 if causal else heads
-        k = torch.randn(cu[-1], kv_heads, d, device=dev)
-        v = torch.randn(cu[-1], kv_heads, d, device=dev)
-        ref = attention_ref(q.cpu(), k.cpu(), v.cpu(), cu, cu, causal)
-        assert (attention(q, k, v, cu, cu, causal).cpu() - ref).abs().max().item() < 1e-3
-        ms = triton.testing.do_bench(lambda: attention(q, k, v, cu, cu, causal, 64, 64))
-        kk, vv = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
-        base = triton.testing.do_bench(lambda: [F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1)[None], kk[a:b].transpose(0, 1)[None], vv[a:b].transpose(0, 1)[None],
-            is_causal=causal) for a, b in zip(cu[:-1], cu[1:])])
-        rows.append({"kernel": f"attention {name}", "ms": round(ms, 4), "vs_sdpa": round(base / ms, 2)})
+        q = torch.randn(cu[-1], heads, d, device=dev, dtype=bf16)
+        k = torch.randn(cu[-1], kv_heads, d, device=dev, dtype=bf16)
+        v = torch.randn(cu[-1], kv_heads, d, device=dev, dtype=bf16)
+        check = slice(0, cu[min(2, len(segs))])  # the reference is slow: the first segments
+        cut = [c for c in cu if c <= check.stop]
+        ref = attention_ref(q[check].cpu().float(), k[check].cpu().float(), v[check].cpu().float(), cut, cut, causal)
+        got = attention(q[check], k[check], v[check], cut, cut, causal, dtype=bf16, block_m=64, block_n=64)
+        assert (got.cpu() - ref).abs().max().item() < 2e-2, name
+        ms = timer(lambda: attention(q, k, v, cu, cu, causal, dtype=bf16, block_m=64, block_n=64))
+        sizes = sorted(set(segs))
+        qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
+
+        def sdpa() -> None:
+            if len(sizes) == 1:  # equal segments: one batched call
+                s = sizes[0]
+                F.scaled_dot_product_attention(*(t[0].unflatten(1, (-1, s)).transpose(0, 1) for t in (qt, kt, vt)),
+                                               is_causal=causal, enable_gqa=heads != kv_heads)
+            else:
+                for a, b in zip(cu[:-1], cu[1:]):
+                    F.scaled_dot_product_attention(qt[..., a:b, :], kt[..., a:b, :], vt[..., a:b, :],
+                                                   is_causal=causal, enable_gqa=heads != kv_heads)
+
+        base = timer(sdpa)
+        rows.append({"kernel": f"attention {name}", "tokens": cu[-1], "ms": round(ms, 4), "vs_sdpa": round(base / ms, 2)})
+    return rows
+
+
+def bench_decode_attention(dev: str, timer: Timer, cases=DECODE_CASES, capacity: int = 4096) -> list[dict]:
+    from qvl.kernels.decode_attention import decode_attention, decode_attention_ref
+
+    rows = []
+    for name, heads, kv_heads, d in cases:
+        q = torch.randn(heads, d, device=dev)
+        k = torch.randn(kv_heads, capacity, d, device=dev)
+        v = torch.randn(kv_heads, capacity, d, device=dev)
+        kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
+        scales = [(t.unflatten(-1, (-1, 32)).abs().amax(-1) / 127).to(torch.float16) for t in (k, v)]
+        k8, v8 = ((t.unflatten(-1, (-1, 32)) / s.float()[..., None]).round().to(torch.int8).flatten(-2)
+                  for t, s in zip((k, v), scales))
+        for length in (capacity // 4, capacity):
+            n = torch.tensor([length], dtype=torch.int32, device=dev)
+            for kind, args in (("bf16", (kb, vb, n)), ("q8_0", (k8, v8, n, *scales))):
+                ref = decode_attention_ref(q, *args[:2], length, *args[3:])
+                assert (decode_attention(q, *args) - ref).abs().max().item() <= 1e-4, (name, kind)
+                ms = timer(lambda: decode_attention(q, *args))
+                qq = q.to(torch.bfloat16)[None, :, None]
+                base = timer(lambda: F.scaled_dot_product_attention(qq, kb[None, :, :length], vb[None, :, :length],
+                                                                    enable_gqa=True))
+                cache_bytes = sum(t[:, :length].numel() * t.element_size() for t in args[:2])
+                rows.append({"model": name, "kernel": f"decode attention {kind} cache", "context": length,
+                             "ms": round(ms, 4), "cache_GB_s": round(cache_bytes / ms / 1e6, 1),
+                             "vs_sdpa_bf16": round(base / ms, 2)})
+    return rows
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU (the kernels run interpreted on the CPU only for tests)")
+    import triton.testing
+
+    dev = "cuda"
+    buf = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+    copy_ms = triton.testing.do_bench(lambda: buf.clone())
+    copy_gbs = 2 * buf.numel() / copy_ms / 1e6
+    rows = bench_qmatmul(dev, triton.testing.do_bench, QMATMUL_SHAPES)
+    for row in rows:
+        if "weight_GB_s" in row:
+            row["pct_copy_bw"] = round(100 * row["weight_GB_s"] / copy_gbs, 1)
+    rows += bench_attention(dev, triton.testing.do_bench)
+    rows += bench_decode_attention(dev, triton.testing.do_bench)
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GB_s": round(copy_gbs, 1), "rows": rows},
                      indent=1))
 
