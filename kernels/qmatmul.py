@@ -214,7 +214,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
         parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         qgemv_kernel[(n_blocks, splits)](x, raw, parts, m, n, k, row_bytes, STEP // blk * size, per, x.stride(0),
                                          **flags, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n)
-        return parts.sum(0)
+        return parts[0] if splits == 1 else parts.sum(0)  # one split: no summing kernel
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),

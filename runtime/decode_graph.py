@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from .decoder import Decoder, KVCache, rms_norm
+from .decoder import Decoder, KVCache, Rope, rms_norm
 
 
 def rope_tables(head_dim: int, theta: float, sections: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,13 +67,11 @@ class DecodeGraph:
     def _step(self) -> torch.Tensor:
         """Logits (1, vocab) for the token in self.x at self.pos, stored at self.index."""
         dec = self.decoder
-        angles = self.pos[self.section] * self.inv_freq
-        emb = torch.cat((angles, angles))[None]
-        cos, sin = emb.cos(), emb.sin()
+        rope = Rope.from_angles((self.pos[self.section] * self.inv_freq)[None])
         length = (self.index + 1).to(torch.int32)
         x = self.x
         for i, layer in enumerate(dec.layers):
-            x = dec.layer_forward(layer, x, cos, sin, partial(self._attend, i, length))
+            x = dec.layer_forward(layer, x, rope, partial(self._attend, i, length))
         return dec.output.matmul(rms_norm(x, dec.norm, dec.cfg.rms_eps))
 
     def _capture(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (heads, seq, head_dim)."""
     return x * cos + rotate_half(x) * sin
+
+
+class Rope(NamedTuple):
+    """M-RoPE for a run of tokens: cos/sin (seq, head_dim) for the torch path, the angles
+    (seq, head_dim / 2) for kernels/rope.py."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    angles: torch.Tensor
+
+    @staticmethod
+    def from_angles(angles: torch.Tensor) -> Rope:
+        emb = torch.cat((angles, angles), dim=-1)
+        return Rope(emb.cos(), emb.sin(), angles.contiguous())
+
+    @staticmethod
+    def at(positions: torch.Tensor, cfg: TextConfig) -> Rope:
+        """For positions (3, seq)."""
+        return Rope.from_angles(mrope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section))
+
+    def to(self, device: torch.device) -> Rope:
+        return Rope(*(t.to(device) for t in self))
 
 
 @dataclass
@@ -239,20 +262,36 @@ class Decoder:
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed.take_rows(ids)
 
-    def layer_forward(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def layer_forward(self, layer: Layer, x: torch.Tensor, rope: Rope,
                       attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """One decoder layer on x (seq, n_embd); `attend(q, k, v)` with q (n_head, seq, head_dim)
         and k, v (n_head_kv, seq, head_dim) after M-RoPE stores k, v in a cache and returns the
-        attention output (seq, n_head, head_dim)."""
+        attention output (seq, n_head, head_dim). A layer on the kernel path normalizes and
+        rotates through kernels/rmsnorm.py and kernels/rope.py (one launch each)."""
         cfg = self.cfg
         seq = x.shape[0]
-        h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
-        q = (layer.wq.matmul(h) + layer.bq).view(seq, cfg.n_head, cfg.head_dim).transpose(0, 1)
-        k = (layer.wk.matmul(h) + layer.bk).view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
+        if layer.kernels:
+            from ..kernels.rmsnorm import rmsnorm
+            from ..kernels.rope import apply_rope_
+
+            def norm(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                return rmsnorm(t, weight, cfg.rms_eps)[0]
+
+            def rotate(t: torch.Tensor) -> torch.Tensor:  # (seq, heads, head_dim) -> (heads, seq, head_dim)
+                return apply_rope_(t, rope.angles).transpose(0, 1)
+        else:
+            def norm(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                return rms_norm(t, weight, cfg.rms_eps)
+
+            def rotate(t: torch.Tensor) -> torch.Tensor:
+                return apply_rope(t.transpose(0, 1), rope.cos, rope.sin)
+
+        h = norm(x, layer.attn_norm)
+        q = rotate((layer.wq.matmul(h) + layer.bq).view(seq, cfg.n_head, cfg.head_dim))
+        k = rotate((layer.wk.matmul(h) + layer.bk).view(seq, cfg.n_head_kv, cfg.head_dim))
         v = (layer.wv.matmul(h) + layer.bv).view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         x = x + layer.wo.matmul(attend(q, k, v).reshape(seq, cfg.n_embd))
-        h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)
+        h = norm(x, layer.ffn_norm)
         return x + layer.down.matmul(F.silu(layer.gate.matmul(h)) * layer.up.matmul(h))
 
     def _attend(self, i: int, layer: Layer, cache: KVCache, q: torch.Tensor, k: torch.Tensor,
@@ -287,12 +326,11 @@ class Decoder:
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embeddings (seq, n_embd) at positions (3, seq) -> final-norm hidden states (seq, n_embd)."""
         cfg = self.cfg
-        trig = {CPU: mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)}
+        ropes = {CPU: Rope.at(positions, cfg)}
         for i, layer in enumerate(self.layers):
-            if layer.device not in trig:
-                trig[layer.device] = tuple(t.to(layer.device) for t in trig[CPU])
-            cos, sin = trig[layer.device]
-            x = self.layer_forward(layer, x.to(layer.device), cos, sin, partial(self._attend, i, layer, cache))
+            if layer.device not in ropes:
+                ropes[layer.device] = ropes[CPU].to(layer.device)
+            x = self.layer_forward(layer, x.to(layer.device), ropes[layer.device], partial(self._attend, i, layer, cache))
         cache.length += x.shape[0]
         return rms_norm(x.to(self.norm.device), self.norm, cfg.rms_eps)
 
