@@ -3,7 +3,8 @@
 A prompt is a chat turn rendered with the model's own template; each image becomes
 `<|vision_start|><|image_pad|>...<|vision_end|>` with one pad per merged patch, the pads'
 embeddings are replaced by the vision tower's output, and positions follow M-RoPE
-(`positions.py`). Torch on the CPU in float32; the GPU path arrives with the kernels issue.
+(`positions.py`). Torch on the CPU; on a GPU (placement.py) the Triton kernels, with decode
+through a captured CUDA graph when the whole decoder is there (decode_graph.py).
 """
 
 from __future__ import annotations
