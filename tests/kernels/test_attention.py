@@ -41,7 +41,8 @@ def test_varlen_non_causal(segments, heads, d, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q_len,past,heads,kv_heads", [(131, 0, 4, 2), (1, 37, 7, 1), (5, 20, 14, 2),
-                                                       (17, 0, 4, 4), (1, 0, 2, 1)])
+                                                       (17, 0, 4, 4), (1, 0, 2, 1),
+                                                       (40, 10, 4, 2)])  # query blocks end mid key block
 def test_causal_gqa_with_cache(q_len, past, heads, kv_heads, dtype):
     d = 16
     q, k, v = _qkv(q_len, past + q_len, heads, kv_heads, d, seed=q_len + past)
