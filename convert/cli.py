@@ -113,9 +113,15 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
     name: Optional[str] = typer.Option(None, "--name", help="Also store the result in the model store under NAME."),
+    threads: Optional[int] = typer.Option(None, "-t", "--threads", help="Quantizing threads (default: the CPU "
+                                          "count, at most 4).", show_default=False),
 ) -> None:
+    if threads is not None and threads < 1:
+        err.print(f"qvl-convert: error: --threads {threads}: 1 or more", markup=False)
+        raise typer.Exit(2)
     opts = ConvertOptions(source=src, out=out_path, type=type_.lower(), layout=layout.lower(),
-                          vision_type=vision_type.lower(), revision=revision, force=force)
+                          vision_type=vision_type.lower(), revision=revision, force=force,
+                          workers=threads or ConvertOptions.workers)
     try:
         _convert(opts, dry_run, quiet, name)
     except ConvertError as e:

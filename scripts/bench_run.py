@@ -9,7 +9,9 @@ Make the files with scripts/make_random_checkpoint.py and qvl-convert --type q4_
     python scripts/bench_run.py /tmp/q3b-q4_k_m.gguf --tokens 16
 
 On a GPU (`--device cuda`, the default where there is one) qvl runs a short warm-up first so
-that Triton's compilation is not timed, and reports peak VRAM. Each side runs in its own process so that its peak RSS is its own. Reference (issue 3, this
+that Triton's compilation is not timed, and reports peak VRAM; `--ctx 4096` adds a run decoding
+until the context holds 4096 tokens (peak VRAM with a 4k cache); `--size 2530x1000` for the
+issue's wide image. Each side runs in its own process so that its peak RSS is its own. Reference (issue 3, this
 machine, 2 threads): llama.cpp decodes 8.6 tok/s, prefills 17.4 tok/s, encodes the image in 78 s.
 """
 
@@ -28,7 +30,7 @@ import numpy as np
 from PIL import Image
 import qvl
 import torch
-model_path, image_path, n, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+model_path, image_path, n, device, ctx = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 t0 = time.perf_counter(); m = qvl.load(model_path, device=device); load_s = time.perf_counter() - t0
 cuda = m.placement.accel == "cuda"
 if cuda:  # compile the Triton kernels for every shape first: a warm run, then the measured one
@@ -42,6 +44,12 @@ print(json.dumps({"device": device, "load_s": load_s, "vision_s": t.get("vision_
                   "decode_tok_s": len(out.token_ids) / t["decode_s"] if out.token_ids else None,
                   "prompt_tokens": out.prompt_tokens, "peak_rss_gib": rss,
                   "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
+if cuda and ctx > out.prompt_tokens:  # the same prompt decoded until the context is full: peak VRAM at ctx
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    full = m.generate("Describe this image in detail.", [image_path], max_new_tokens=ctx - out.prompt_tokens)
+    print(json.dumps({"device": device, "ctx": ctx, "tokens": len(full.token_ids),
+                      "decode_tok_s": len(full.token_ids) / full.timings["decode_s"],
+                      "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30}))
 """
 
 LLAMA = """
@@ -91,21 +99,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--size", type=int, default=1008, help="square test image side in pixels")
+    ap.add_argument("--size", default="1008", help="test image: N (N x N pixels) or WxH, e.g. 2530x1000")
+    ap.add_argument("--ctx", type=int, default=0, help="on a GPU, decode the same prompt on until this many "
+                    "tokens too and report peak VRAM there (the issue's 4096)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="qvl's device (llama.cpp runs only with --device cpu: the installed build is CPU-only)")
     args = ap.parse_args()
+    width, _, height = args.size.partition("x")
+    size = (int(height or width), int(width))  # (rows, columns)
     import numpy as np
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "bench.png"
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)).save(image)
-        qvl = subprocess.run([sys.executable, "-c", QVL, str(args.model), str(image), str(args.tokens), args.device],
-                             capture_output=True, text=True)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)).save(image)
+        qvl = subprocess.run([sys.executable, "-c", QVL, str(args.model), str(image), str(args.tokens), args.device,
+                              str(args.ctx)], capture_output=True, text=True)
         if qvl.returncode:
             sys.exit(qvl.stderr[-2000:])
-        result = {"qvl": json.loads(qvl.stdout.splitlines()[-1])}
+        lines = [json.loads(line) for line in qvl.stdout.splitlines() if line.startswith("{")]
+        result = {"image": f"{size[1]}x{size[0]}", "qvl": lines[0]}
+        if len(lines) > 1:
+            result["qvl_to_ctx"] = lines[1]
         try:
             import llama_cpp  # noqa: F401
         except ImportError:

@@ -162,6 +162,19 @@ def test_quantized_conversion(tmp_path, quant_checkpoint, type_name, file_type, 
     assert vision["v.patch_embd.weight"][0] == T.F32
 
 
+def test_threads_do_not_change_the_bytes(tmp_path, quant_checkpoint):
+    """--threads quantizes chunks in parallel; the files are the same byte for byte."""
+    outs = []
+    for n in (1, 3):
+        out = tmp_path / f"t{n}" / "m.gguf"
+        out.parent.mkdir()
+        r = convert(str(quant_checkpoint), "-o", str(out), "--type", "q4_k_m", "--threads", str(n))
+        assert r.exit_code == 0, r.output
+        outs.append(out)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert (outs[0].parent / "mmproj-m.gguf").read_bytes() == (outs[1].parent / "mmproj-m.gguf").read_bytes()
+
+
 def test_ollama_layout(tmp_path, quant_checkpoint):
     out = tmp_path / "o.gguf"
     r = convert(str(quant_checkpoint), "-o", str(out), "--layout", "ollama", "--type", "q4_k_m")

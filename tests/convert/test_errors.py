@@ -159,6 +159,7 @@ def test_bad_type_names(ckpt, outdir):
     fails([str(ckpt), "-o", str(outdir / "m.gguf"), "--type", "q3_k"], outdir, "--type 'q3_k'")
     fails([str(ckpt), "-o", str(outdir / "m.gguf"), "--vision-type", "q4_k"], outdir, "--vision-type")
     fails([str(ckpt), "-o", str(outdir / "m.gguf"), "--layout", "mlx"], outdir, "--layout 'mlx'")
+    fails([str(ckpt), "-o", str(outdir / "m.gguf"), "--threads", "0"], outdir, "--threads 0")
 
 
 def test_hub_source_is_named_after_the_repo(fixtures_dir, tmp_path, monkeypatch):
