@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine (the device tool) should run, in as few calls as possible.
+#
+# Here, once per checkout (fills .gpu/, which .git/info/exclude keeps out of git):
+#     bash scripts/gpu_session.sh prepare
+# Then each stage is one device call, with `carry: [".gpu"]`, writing its logs and JSON to $OUT:
+#     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA + scripts/bench_kernels.py
+#     bash scripts/gpu_session.sh e2e       # random 7B -> Q4_K_M -> scripts/bench_run.py (three images/contexts)
+# The device image has torch and triton; gguf travels as a wheel, the Qwen tokenizer files for
+# the random checkpoint from ../shared (which does not travel).
+set -uo pipefail
+stage=${1:?stage: prepare, kernels or e2e}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+if [ "$stage" = prepare ]; then
+    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+    mkdir -p .gpu/whl .gpu/tokenizer
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl gguf==0.19.0 || exit 1
+    for f in tokenizer.json tokenizer_config.json chat_template.json preprocessor_config.json generation_config.json; do
+        cp "../shared/fixtures/tiny-qwen2.5-vl/hf/$f" .gpu/tokenizer/ || exit 1
+    done
+    du -sh .gpu
+    exit 0
+fi
+
+out=${OUT:-/tmp/gpu-out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+mkdir -p /tmp/pkg && ln -sfn "$repo" /tmp/pkg/qvl  # the repository root is the package
+export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
+
+case "$stage" in
+kernels)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$out/kernel-tests.log" | tail -30
+    timeout 300 python3 scripts/bench_kernels.py > "$out/bench-kernels.json" 2> "$out/bench-kernels.err"
+    tail -5 "$out/bench-kernels.err"; head -c 3000 "$out/bench-kernels.json"
+    ;;
+e2e)
+    timeout 150 python3 scripts/make_random_checkpoint.py qwen2.5-vl-7b /tmp/q7b --tokenizer .gpu/tokenizer || exit 1
+    timeout 300 python3 -m qvl.convert /tmp/q7b --type q4_k_m -o /tmp/q7b-q4_k_m.gguf -q --threads 16 || exit 1
+    rm -rf /tmp/q7b
+    for args in "--size 1008" "--size 2530x1000 --tokens 8" "--size 1024 --ctx 4096"; do
+        name=$(echo "$args" | tr -c 'a-z0-9\n' '_')
+        timeout 200 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 $args \
+            > "$out/bench-run$name.json" 2>&1
+        cat "$out/bench-run$name.json"
+    done
+    ;;
+*)
+    echo "unknown stage $stage"; exit 2
+    ;;
+esac
