@@ -19,15 +19,7 @@ from functools import partial
 
 import torch
 
-from .decoder import Decoder, KVCache, Rope, rms_norm
-
-
-def rope_tables(head_dim: int, theta: float, sections: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """inv_freq (head_dim / 2,) and, per frequency pair, which of (t, h, w) rotates it: the
-    angles are `position[section] * inv_freq`, as `decoder.mrope_angles` builds them."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    section = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(sections)])
-    return inv_freq, section
+from .decoder import Decoder, KVCache, Rope, rms_norm, rope_tables
 
 
 class DecodeGraph:
@@ -67,7 +59,7 @@ class DecodeGraph:
     def _step(self) -> torch.Tensor:
         """Logits (1, vocab) for the token in self.x at self.pos, stored at self.index."""
         dec = self.decoder
-        rope = Rope.from_angles((self.pos[self.section] * self.inv_freq)[None])
+        rope = Rope.from_angles((self.pos[self.section] * self.inv_freq)[None])  # mrope_angles, from the tables
         length = (self.index + 1).to(torch.int32)
         x = self.x
         for i, layer in enumerate(dec.layers):

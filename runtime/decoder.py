@@ -34,22 +34,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def rope_tables(head_dim: int, theta: float, sections: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """inv_freq (head_dim / 2,) and, per frequency pair, which of (t, h, w) rotates it."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    section = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(sections)])
+    return inv_freq, section
+
+
 def mrope_angles(positions: torch.Tensor, head_dim: int, theta: float,
                  sections: tuple[int, int, int]) -> torch.Tensor:
     """Rotation angles `(seq, head_dim / 2)` for positions `(3, seq)`: each section of frequency
     pairs takes the temporal, height or width position, as transformers assigns them."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = positions[..., None].float() * inv_freq  # (3, seq, head_dim/2)
-    parts = freqs.split(list(sections), dim=-1)
-    return torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)
+    inv_freq, section = rope_tables(head_dim, theta, sections)
+    return positions.float()[section.to(positions.device)].T * inv_freq.to(positions.device)
 
 
 def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                   sections: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin `(seq, head_dim)` for positions `(3, seq)`."""
-    freqs = mrope_angles(positions, head_dim, theta, sections)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    rope = Rope.from_angles(mrope_angles(positions, head_dim, theta, sections))
+    return rope.cos, rope.sin
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -304,8 +308,9 @@ class Decoder:
         if seq == 1 and layer.kernels:  # decode: split-K over the cache as stored (q8_0 included)
             from ..kernels.decode_attention import decode_attention
 
+            keys, values, k_scale, v_scale = cache.stored(i)
             n = torch.tensor([end], dtype=torch.int32, device=q.device)
-            return decode_attention(q[:, 0], *cache.stored(i)[:2], n, *cache.stored(i)[2:])[None]
+            return decode_attention(q[:, 0], keys, values, n, k_scale, v_scale)[None]
         keys, values = cache.read(i, end)
         kd = keys.dtype  # float32, or bf16 in an accelerator's cache
         if seq == 1:  # decode: the query sees every key; heads of one KV head as one matmul

@@ -104,14 +104,17 @@ def test_llama_cpp_fixture_equals_transformers(fixtures_dir, model):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-def test_rope_tables_give_mrope_angles():
-    """The decode graph's angle table (position[section] * inv_freq) equals mrope_angles for a
-    position whose t, h and w differ, for both families' sections."""
-    from qvl.runtime.decode_graph import rope_tables
-    from qvl.runtime.decoder import mrope_angles
+
+def test_mrope_angles_take_each_section_from_its_axis():
+    """Frequency pairs of section 0 rotate by t, section 1 by h, section 2 by w (transformers'
+    assignment), for both families' sections; the decode graph reads the same tables."""
+    from qvl.runtime.decoder import mrope_angles, rope_tables
 
     for head_dim, sections in ((128, (16, 24, 24)), (64, (8, 12, 12)), (16, (2, 3, 3))):
         pos = torch.tensor([[7], [3], [11]])
         inv_freq, section = rope_tables(head_dim, 1e6, sections)
-        got = pos[:, 0].float()[section] * inv_freq
-        assert torch.equal(got, mrope_angles(pos, head_dim, 1e6, sections)[0])
+        got = mrope_angles(pos, head_dim, 1e6, sections)[0]
+        a, b = sections[0], sections[0] + sections[1]
+        assert torch.equal(got[:a], 7 * inv_freq[:a]) and torch.equal(got[a:b], 3 * inv_freq[a:b])
+        assert torch.equal(got[b:], 11 * inv_freq[b:])
+        assert section.tolist() == [0] * sections[0] + [1] * sections[1] + [2] * sections[2]
