@@ -29,7 +29,8 @@ def attention_kernel(
     # strides (tokens, heads); the last dimension is contiguous
     sq_t, sq_h, sk_t, sk_h, so_t, so_h,
     # meta-parameters
-    CAUSAL: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -97,7 +98,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
     grid = (triton.cdiv(longest, block_m), heads, len(cu_q) - 1)
     attention_kernel[grid](q, k, v, out, cq, ck, d, heads // kv_heads, d ** -0.5,
                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-                           CAUSAL=causal, LOW=dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m, BLOCK_N=block_n,
+                           CAUSAL=causal, LOW=dtype != torch.float32, EMULATE=interpreted(),
+                           BLOCK_M=block_m, BLOCK_N=block_n,
                            BLOCK_D=max(16, triton.next_power_of_2(d)))
     return out
 

@@ -203,7 +203,8 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
     m = x.shape[0]
     flags = dict(IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0)
     if m <= GEMV_MAX_M:
-        block_n = min(block_n, INTERPRETED_GEMV_BLOCK_N if interpreted() else GEMV_BLOCK_N)  # (M, BLOCK_N, 256) in registers
+        # (M, BLOCK_N, 256) products live in registers
+        block_n = min(block_n, INTERPRETED_GEMV_BLOCK_N if interpreted() else GEMV_BLOCK_N)
         steps = k // STEP
         n_blocks = triton.cdiv(n, block_n)
         if split_k is None:

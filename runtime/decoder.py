@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TextConfig
-from .weights import EXACT, Matrix, Weights
+from .weights import EXACT, Matrix, Weights, kernel_dtype
 
 CPU = torch.device("cpu")
 PREFILL_CHUNK = 512  # prompt tokens per forward pass (model.py's prefill; placement.py sizes activations by it)
@@ -103,7 +103,7 @@ class Layer:
     up: Matrix
     down: Matrix
     device: torch.device = CPU
-    kernels: bool = False  # Triton attention for prefill (the layer is on an accelerator)
+    kernels: bool = False  # Triton kernels for its norms, rotary and attention (the layer is on an accelerator)
 
 
 def kv_bytes_per_token(cfg: TextConfig, kind: str) -> int:
@@ -225,13 +225,12 @@ class Decoder:
                  kernels: bool = True):
         self.cfg = cfg
         first = cfg.n_layer - gpu_layers if accel is not None else cfg.n_layer
-        exact = w.mode == EXACT  # float32 products in the kernels too (else bf16 GEMMs and prefill attention)
-        self.attn_dtype = torch.float32 if exact else torch.bfloat16
+        self.attn_dtype = kernel_dtype(w.mode)  # prefill GEMMs and attention on the accelerator
         self.embed = w.matrix("token_embd.weight")
         self.output_on_accel = accel is not None and gpu_layers > cfg.n_layer
         if self.output_on_accel:
             name = "output.weight" if w.has("output.weight") else "token_embd.weight"
-            self.output = w.matrix(name, EXACT).to_device(accel, kernels, exact)
+            self.output = w.matrix(name, EXACT).to_device(accel, kernels, self.attn_dtype)
             self.norm = w.vector("output_norm.weight").to(accel)
         else:
             self.output = w.matrix("output.weight") if w.has("output.weight") else self.embed
@@ -243,7 +242,9 @@ class Decoder:
             dev = accel if accel is not None and on_accel else CPU
 
             def mat(name: str) -> Matrix:
-                return w.matrix(p + name, EXACT).to_device(dev, kernels, exact) if on_accel else w.matrix(p + name)
+                if not on_accel:
+                    return w.matrix(p + name)
+                return w.matrix(p + name, EXACT).to_device(dev, kernels, self.attn_dtype)
 
             def vec(name: str) -> torch.Tensor:
                 return w.vector(p + name).to(dev)

@@ -160,13 +160,13 @@ class Model:
         assert self.vision_cfg is not None
         mean, std = self.vision_cfg.image_mean, self.vision_cfg.image_std
         limit = self.placement.vision_max_pixels  # pixels the vision tower's peak may take, over all frame pairs
-        if limit is None or limit >= opts.total_pixels:
-            return [load_video(v, opts, mean, std) for v in videos]
+        limited = limit is not None and limit < opts.total_pixels
+        use = replace(opts, total_pixels=limit) if limited else opts
         out = []
         for v in videos:
-            item = load_video(v, replace(opts, total_pixels=limit), mean, std)
+            item = load_video(v, use, mean, std)
             h, w = frame_size(*item.source_size, len(item.frame_indices), opts)
-            if (h, w) != item.size:
+            if limited and (h, w) != item.size:
                 self.on_warning(f"video {v}: frames downscaled to {item.size[1]}x{item.size[0]} (instead of "
                                 f"{w}x{h}) to fit the GPU memory budget")
             out.append(item)

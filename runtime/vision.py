@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import ConfigError
 from .decoder import apply_rope, rms_norm
 from .gguf_file import GGUFFile
-from .weights import EXACT, Matrix, Weights
+from .weights import EXACT, Matrix, Weights, kernel_dtype
 
 WINDOW_SIZE = 112  # llama.cpp does not store these two; both families use them
 MERGE = 2
@@ -186,8 +186,7 @@ class VisionTower:
         self.cfg = cfg
         self.device = accel or torch.device("cpu")
         self.kernels = kernels and accel is not None
-        exact = w.mode == EXACT  # float32 products in the kernels too (else bf16 GEMMs and attention)
-        self.attn_dtype = torch.float32 if exact else torch.bfloat16
+        self.attn_dtype = kernel_dtype(w.mode)  # GEMMs and attention on the accelerator
         pick = 0 if cfg.layout == "llamacpp" else 1
 
         def name(role: str) -> str:
@@ -200,7 +199,9 @@ class VisionTower:
             return vec(n) if w.has(n) else None
 
         def mat(n: str) -> Matrix:
-            return w.matrix(n, EXACT).to_device(self.device, kernels, exact) if accel is not None else w.matrix(n)
+            if accel is None:
+                return w.matrix(n)
+            return w.matrix(n, EXACT).to_device(self.device, kernels, self.attn_dtype)
 
         p0, p1 = vec(name("patch0")), vec(name("patch1"))  # (E, C, P, P) each
         self.patch = torch.stack([p0, p1], dim=2).reshape(cfg.embed_dim, -1)  # (E, C*2*P*P)

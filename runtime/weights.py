@@ -31,6 +31,12 @@ STREAMED = "streamed"  # read and converted to bf16 per call, pages released aft
 MODES = (EXACT, PACKED, STREAMED)
 
 
+def kernel_dtype(mode: str) -> torch.dtype:
+    """What an accelerator's GEMMs and attention multiply in for weights in `mode`: float32 for
+    EXACT (products as exact as the CPU's), else bf16 (tensor cores); accumulation is float32."""
+    return torch.float32 if mode == EXACT else torch.bfloat16
+
+
 def kernel_reads(qtype: T, cols: int) -> bool:
     """Whether kernels/qmatmul.py multiplies by these GGUF blocks directly."""
     from ..kernels.qmatmul import STEP, SUPPORTED
@@ -63,7 +69,7 @@ class Matrix:
         self._kernel_raw: torch.Tensor | None = None  # GGUF blocks on self.device, for qmatmul
         self._device_dense: torch.Tensor | None = None  # bf16 (or float32) copy on self.device
         self.device = torch.device("cpu")
-        self._exact = True  # on a device: float32 x for the kernel's GEMM too
+        self._gemm_dtype = torch.float32  # on a device: what x is multiplied in by the kernel's GEMM
         self._packed: PackedMatrix | None = None
         self._release = release
         self.mode = EXACT if self.qtype == T.F32 else mode
@@ -78,13 +84,14 @@ class Matrix:
         elif self.qtype == T.BF16:
             self._dense = as_torch(self.raw, torch.bfloat16)
 
-    def to_device(self, device: torch.device | str, kernels: bool = True, exact: bool = False) -> Matrix:
+    def to_device(self, device: torch.device | str, kernels: bool = True,
+                  dtype: torch.dtype = torch.bfloat16) -> Matrix:
         """Hold this weight on `device` from now on (matmuls take x there): GGUF blocks of the
         types kernels/qmatmul.py reads when `kernels`, else a dense copy (float32 for F32
-        weights, bf16 for the rest). Row lookups keep reading the mapped file. Unless `exact`,
-        the kernel's tiled GEMM (more than GEMV_MAX_M rows of x) takes x in bf16."""
+        weights, bf16 for the rest). Row lookups keep reading the mapped file. The kernel's tiled
+        GEMM (more than GEMV_MAX_M rows of x) takes x in `dtype` (`kernel_dtype`)."""
         self.device = torch.device(device)
-        self._exact = exact
+        self._gemm_dtype = dtype
         self._packed = None
         if kernels and kernel_reads(self.qtype, self.cols):
             self._kernel_raw = as_torch(self.raw, torch.uint8).to(self.device)
@@ -118,8 +125,8 @@ class Matrix:
             from ..kernels.qmatmul import GEMV_MAX_M, qmatmul
 
             flat = x.reshape(-1, self.cols)
-            if not self._exact and flat.shape[0] > GEMV_MAX_M:
-                flat = flat.to(torch.bfloat16)
+            if flat.shape[0] > GEMV_MAX_M:
+                flat = flat.to(self._gemm_dtype)
             y = qmatmul(flat, self._kernel_raw, self.qtype, self.rows, self.cols, block_m=32, block_n=128)
             return y.reshape(*x.shape[:-1], self.rows)
         if self._device_dense is not None:
