@@ -3,8 +3,8 @@
 The blocked algorithm: program (pid_m, pid_n) owns a BLOCK_M x BLOCK_N tile of y. It walks K in
 steps of 256 elements (one Q4_K super-block, or eight Q8_0 blocks), loads the raw bytes of the
 BLOCK_N weight rows for that step, decodes them in registers into a (BLOCK_N, 256) float32 tile,
-and accumulates `x_tile @ w_tile.T` in float32. For decode (M <= 8) a split-K GEMV kernel
-spreads the K steps of each row block over several programs instead (`qgemv_kernel`).
+and accumulates `x_tile @ w_tile.T` in float32. Decode (M <= 8) goes to qgemv.py's split-K
+GEMV instead, which regroups the same layouts so that scales apply once per sub-block.
 
 Decoding, per element e of a 256-element step (layouts in convert/quant/):
   Q8_0: block b = e // 32 at byte 34*b: f16 d, then int8 q[e % 32];      w = d * q
@@ -33,43 +33,28 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from .dot import dot, interpreted
-
-STEP = 256  # elements of K per loop iteration
-
-
-@triton.jit
-def _f16_at(ptr):
-    lo = tl.load(ptr).to(tl.uint16)
-    hi = tl.load(ptr + 1).to(tl.uint16)
-    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+from .qgemv import STEP, default_block_n, f16_at, q4_k_scale_min, qgemv
 
 
 @triton.jit
 def _decode_q8_0(row_ptr, e):
     """row_ptr: (BLOCK_N, 1) pointers to the step's first block; e: (1, 256) element indices."""
     blk = row_ptr + (e // 32) * 34
-    d = _f16_at(blk)
+    d = f16_at(blk)
     q = tl.load(blk + 2 + e % 32).to(tl.int8, bitcast=True).to(tl.float32)
     return d * q
 
 
 @triton.jit
 def _decode_q4_k(row_ptr, e):
-    d = _f16_at(row_ptr + 0 * e)
-    dmin = _f16_at(row_ptr + 2 + 0 * e)
-    s = row_ptr + 4
+    d = f16_at(row_ptr + 0 * e)
+    dmin = f16_at(row_ptr + 2 + 0 * e)
     g = e // 64
     hi = (e % 64) >= 32
-    j = 2 * g + hi.to(tl.int32)
-    low = j < 4
-    s_j = tl.load(s + j).to(tl.int32)
-    s_j4 = tl.load(s + j + 4).to(tl.int32)
-    s_jm4 = tl.load(s + tl.where(low, j, j - 4)).to(tl.int32)
-    sc = tl.where(low, s_j & 63, (s_j4 & 15) | ((s_jm4 >> 6) << 4))
-    m = tl.where(low, s_j4 & 63, (s_j4 >> 4) | ((s_j >> 6) << 4))
+    sc, m = q4_k_scale_min(row_ptr + 4, 2 * g + hi.to(tl.int32))
     byte = tl.load(row_ptr + 16 + 32 * g + e % 32).to(tl.int32)
     q = tl.where(hi, byte >> 4, byte & 15)
-    return d * sc.to(tl.float32) * q.to(tl.float32) - dmin * m.to(tl.float32)
+    return d * sc * q.to(tl.float32) - dmin * m
 
 
 @triton.jit
@@ -83,7 +68,7 @@ def _decode_q6_k(row_ptr, e):
     qh = tl.load(row_ptr + 128 + 32 * h + l).to(tl.int32)
     q = nib | (((qh >> (2 * quarter)) & 3) << 4)
     sc = tl.load(row_ptr + 192 + e // 16).to(tl.int8, bitcast=True).to(tl.float32)
-    d = _f16_at(row_ptr + 208 + 0 * e)
+    d = f16_at(row_ptr + 208 + 0 * e)
     return d * sc * (q - 32).to(tl.float32)
 
 
@@ -91,7 +76,7 @@ def _decode_q6_k(row_ptr, e):
 def _decode_q5_0(row_ptr, e):
     blk = row_ptr + (e // 32) * 22
     j = e % 32
-    d = _f16_at(blk)
+    d = f16_at(blk)
     byte = tl.load(blk + 6 + j % 16).to(tl.int32)
     nib = tl.where(j < 16, byte & 15, byte >> 4)
     qh = tl.load(blk + 2 + j // 8).to(tl.int32)  # little-endian u32: bit j is bit j % 8 of byte j // 8
@@ -142,53 +127,24 @@ def qmatmul_kernel(
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.jit
-def qgemv_kernel(
-    x_ptr, w_ptr, part_ptr,
-    M, N, K, row_bytes, step_bytes, steps_per_split,
-    stride_xm,
-    IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Decode (M <= 8): program (pid_n, split) sums the K-steps [split * steps_per_split, ...)
-    of BLOCK_N rows for every row of x, and writes its partial (M, BLOCK_N) to part[split].
-    Many splits let a few hundred rows still fill the GPU; the partials are summed after (in a
-    fixed order, so the result does not depend on scheduling)."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    e = tl.arange(0, 256)
-    rn_safe = tl.where(rn < N, rn, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    first = split * steps_per_split
-    last = tl.minimum(first + steps_per_split, K // 256)
-    for kb in range(first, last):
-        x, w = _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes,
-                          IS_Q4_K, IS_Q6_K, IS_Q5_0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    out = part_ptr + split * M * N + rm[:, None] * N + rn[None, :]
-    tl.store(out, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
 SUPPORTED = (T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0)  # the Q4_K_M mix and its fallbacks
-GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel
-GEMV_BLOCK_N = 16  # weight rows per GEMV program on a GPU (not tuned on one yet)
-INTERPRETED_GEMV_BLOCK_N = 128  # in Triton's interpreter, where each program costs milliseconds
+GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel (qgemv.py)
 
 
-def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
-            block_m: int = 16, block_n: int = 16, split_k: int | None = None) -> torch.Tensor:
-    """x (M, K), raw (N, row_bytes) uint8 GGUF blocks -> y (M, N) float32.
+def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None, swiglu: bool = False, block_m: int = 16, block_n: int = 16,
+            split_k: int | None = None) -> torch.Tensor:
+    """x (M, K), raw (N, row_bytes) uint8 GGUF blocks -> `x @ dequant(raw).T + bias + residual`
+    (M, N) float32; with `swiglu` the N rows are [gate; up] stacked and the result is
+    `silu(x @ gate.T) * (x @ up.T)` (M, N / 2).
 
     x in bfloat16 / float16: the tiled GEMM multiplies on tensor cores (the decoded weights
     rounded to x's type); in float32 (or anything else, converted): exact float32 products.
     Accumulation is float32 either way; the GEMV always multiplies in float32.
 
-    M <= GEMV_MAX_M takes the split-K GEMV kernel with `split_k` K-ranges (default: enough
-    programs for ~4 per GPU core, at most one per 256-element step) and at most GEMV_BLOCK_N
-    rows per program (the kernel tests call it with block_n = 16, as a GPU runs it; whole models
-    in the interpreter with 128); larger M the tiled GEMM."""
+    M <= GEMV_MAX_M takes qgemv.py's split-K GEMV (`split_k` K-ranges, at most `block_n` rows a
+    program; its epilogue fused), larger M the tiled GEMM (`block_m` x `block_n` tiles; the
+    epilogue in torch after it)."""
     if qtype not in SUPPORTED:
         raise ValueError(f"qmatmul supports {', '.join(t.name for t in SUPPORTED)}, not {qtype.name}")
     if k % STEP:
@@ -197,30 +153,25 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int,
     row_bytes = k // blk * size
     if raw.shape != (n, row_bytes) or raw.dtype != torch.uint8:
         raise ValueError(f"weight bytes should be uint8 ({n}, {row_bytes}), got {raw.dtype} {tuple(raw.shape)}")
+    if swiglu and (n % 2 or bias is not None or residual is not None):
+        raise ValueError(f"swiglu takes an even number of stacked [gate; up] rows (got {n}) and no bias or residual")
     x = x.contiguous()
     if x.dtype not in (torch.bfloat16, torch.float16):
         x = x.float()
     m = x.shape[0]
-    flags = dict(IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0)
     if m <= GEMV_MAX_M:
-        # (M, BLOCK_N, 256) products live in registers
-        block_n = min(block_n, INTERPRETED_GEMV_BLOCK_N if interpreted() else GEMV_BLOCK_N)
-        steps = k // STEP
-        n_blocks = triton.cdiv(n, block_n)
-        if split_k is None:
-            cores = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-            split_k = max(1, min(steps, 4 * cores // n_blocks))
-        per = triton.cdiv(steps, split_k)
-        splits = triton.cdiv(steps, per)
-        parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-        qgemv_kernel[(n_blocks, splits)](x, raw, parts, m, n, k, row_bytes, STEP // blk * size, per, x.stride(0),
-                                         **flags, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n)
-        return parts[0] if splits == 1 else parts.sum(0)  # one split: no summing kernel
+        return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, min(block_n, default_block_n()), split_k)
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
-                         **flags, LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m,
-                         BLOCK_N=block_n)
+                         IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0,
+                         LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m, BLOCK_N=block_n)
+    if swiglu:
+        return torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]
+    if bias is not None:
+        y += bias
+    if residual is not None:
+        y += residual
     return y
 
 

@@ -1,9 +1,11 @@
-"""The dequantizing matmul (tiled GEMM for M > 8, split-K GEMV for M <= 8) against its torch
-reference (gguf-py dequantization + float32 matmul).
+"""The dequantizing matmul (tiled GEMM for M > 8, split-K GEMV for M <= 8, kernels/qgemv.py)
+against its torch reference (gguf-py dequantization + float32 matmul), and its epilogue (bias,
+residual, SwiGLU over stacked [gate; up] rows) against the same in torch.
 
 Tolerance table (float32 accumulation on both sides; only the summation order differs):
 | weights | inputs | rtol on max |y| | why |
 | Q8_0, Q4_K, Q6_K, Q5_0 | float32 N(0,1) | 1e-5 | K <= 768 float32 adds in another order: ~K * 2^-24 relative |
+| Q8_0, Q4_K, Q6_K, Q5_0 | float32, epilogue | 1e-5 | the same sums; bias, residual and silu add one rounding each |
 | Q8_0, Q4_K, Q6_K, Q5_0 | bfloat16 (GEMM) | 1e-2 | each decoded weight rounded to bf16 (2^-9 relative); measured <= 4.2e-3 |
 """
 
@@ -82,6 +84,33 @@ def test_rejects_bad_shapes():
         qmatmul(torch.zeros(1, 128), raw[:, :136], T.Q8_0, 4, 128)
     with pytest.raises(ValueError, match="supports"):
         qmatmul(torch.zeros(1, 256), raw, T.Q5_1, 4, 256)
+    with pytest.raises(ValueError, match="swiglu"):
+        qmatmul(torch.zeros(1, 256), raw, T.Q8_0, 4, 256, bias=torch.zeros(4), swiglu=True)
+    with pytest.raises(ValueError, match="swiglu"):
+        qmatmul(torch.zeros(1, 256), raw[:3], T.Q8_0, 3, 256, swiglu=True)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 34, 512, 1), (1, 34, 768, 3), (3, 18, 512, 2),  # GEMV: fused epilogue
+                                           (8, 18, 256, None), (11, 34, 512, None)])  # and in combine; GEMM
+@pytest.mark.parametrize("epilogue", ["bias", "residual", "both", "swiglu"])
+def test_epilogue_matches_torch(qtype, m, n, k, split_k, epilogue):
+    raw = _weights(n, k, qtype, "normal", seed=n + k)
+    rng = np.random.default_rng(m)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * 10 if epilogue in ("bias", "both") else None
+    res = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32)) * 10 if epilogue in ("residual", "both") \
+        else None
+    y = qmatmul_ref(x, raw, qtype)
+    if epilogue == "swiglu":
+        ref = torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]
+    else:
+        ref = y + (bias if bias is not None else 0) + (res if res is not None else 0)
+    on = (lambda t: t.to(DEVICE) if t is not None else None)  # noqa: E731
+    got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k, bias=on(bias), residual=on(res),
+                  swiglu=epilogue == "swiglu", split_k=split_k).cpu()
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= RTOL[qtype] * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("qtype", TYPES)

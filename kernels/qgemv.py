@@ -1,0 +1,253 @@
+"""Decode's dequantizing matrix-vector product (M <= 8 rows of x) straight from GGUF blocks.
+
+Batch-1 decode streams every weight byte once per token, so this kernel is bound by memory
+bandwidth: it should read each byte of a block once, in contiguous runs, and do as little
+arithmetic per weight as it can. So, unlike the tiled GEMM in qmatmul.py (which decodes a
+(BLOCK_N, 256) float tile in element order for the tensor cores), it never forms the weights:
+
+- the quant bytes of one 256-element step are loaded as (BLOCK_N, A, B) tiles with B the
+  contiguous run of a sub-block (Q4_K: the 4 x 32 bytes of qs once, low and high nibbles split
+  after the load; Q6_K: ql and qh once, the four 2+4-bit quarters split after; Q8_0 / Q5_0: the
+  8 blocks of 32);
+- x is loaded in the matching element order, and a sub-block contributes
+  `scale * sum(q * x)` (Q4_K: minus `min * sum(x)`), so the scales are applied once per 16 or
+  32 weights instead of once per weight.
+
+Element layouts (the same as qmatmul.py's decoders, regrouped):
+  Q8_0: block a (34 bytes: f16 d, 32 int8)                    e = 32a + b,            w = d*q
+  Q4_K: group g, byte l of qs[32g + l]: low nibble e = 64g + l (sub-block 2g), high nibble
+        e = 64g + 32 + l (sub-block 2g + 1);                  w = d*sc*q - dmin*m
+  Q6_K: a = 2h + (l // 16), b = l % 16 for half h, lane l: quarter t takes the low (t < 2) or
+        high nibble of ql[64h + 32(t % 2) + l] and bits 2t of qh[32h + l];
+        e = 128h + 32t + l, scale index 8h + 2t + (l // 16);  w = d*scale*(q - 32)
+  Q5_0: block a (22 bytes: f16 d, u32 qh, 16 qs): byte b, low nibble e = 32a + b with bit b
+        of qh, high nibble e = 32a + 16 + b with bit 16 + b;   w = d*(q - 16)
+
+Split-K: program (row block, split) sums a range of the K steps; with more than one split the
+partial sums go to a (splits, M, N) buffer and `combine_kernel` adds them in a fixed order
+(results do not depend on scheduling). The epilogue (bias, residual, SwiGLU's
+`silu(gate) * up` over stacked [gate; up] rows) runs in the kernel when there is one split and
+nothing crosses row blocks, else in the combine: a decode layer's projections cost one or two
+launches, not four or five.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from .dot import interpreted
+
+STEP = 256  # elements of K per loop iteration
+QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3}
+BLOCK_N = 16  # weight rows per program on a GPU (not tuned on one yet)
+INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs milliseconds
+COMBINE_BLOCK = 256
+
+
+@triton.jit
+def f16_at(ptr):
+    """The little-endian float16 at byte pointer(s) `ptr`, as float32."""
+    lo = tl.load(ptr).to(tl.uint16)
+    hi = tl.load(ptr + 1).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def q4_k_scale_min(s, j):
+    """The 6-bit scale and min of Q4_K sub-block(s) j (0..7) from the 12 packed bytes at s."""
+    low = j < 4
+    s_j = tl.load(s + j).to(tl.int32)
+    s_j4 = tl.load(s + j + 4).to(tl.int32)
+    s_jm4 = tl.load(s + tl.where(low, j, j - 4)).to(tl.int32)
+    sc = tl.where(low, s_j & 63, (s_j4 & 15) | ((s_jm4 >> 6) << 4))
+    m = tl.where(low, s_j4 & 63, (s_j4 >> 4) | ((s_j >> 6) << 4))
+    return sc.to(tl.float32), m.to(tl.float32)
+
+
+@triton.jit
+def _rows(acc, x_step, stride_xm, M, rows, offs, q, scale, mins, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc[i, n] += sum_a scale[n, a] * sum_b q[n, a, b] * x[i, offs[a, b]]
+    (- sum_a mins[n, a] * sum_b x[i, offs[a, b]] with HAS_MIN), for each row i < M of x."""
+    for i in tl.static_range(BLOCK_M):
+        x = tl.load(x_step + i * stride_xm + offs, mask=offs < tl.where(M > i, 256, 0), other=0.0).to(tl.float32)
+        part = tl.sum(tl.sum(q * x[None, :, :], axis=2) * scale, axis=1)
+        if HAS_MIN:
+            part -= tl.sum(mins * tl.sum(x, axis=1)[None, :], axis=1)
+        acc = tl.where(rows[:, None] == i, acc + part[None, :], acc)
+    return acc
+
+
+@triton.jit
+def _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
+    a = tl.arange(0, 8)
+    b = tl.arange(0, 32)
+    blk = row[:, None] + a[None, :] * 34  # (BLOCK_N, 8)
+    q = tl.load(blk[:, :, None] + 2 + b[None, None, :]).to(tl.int8, bitcast=True).to(tl.float32)
+    d = f16_at(blk)
+    return _rows(acc, x_step, stride_xm, M, rows, a[:, None] * 32 + b[None, :], q, d, d, False, BLOCK_M)
+
+
+@triton.jit
+def _step_q4_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
+    g = tl.arange(0, 4)
+    l = tl.arange(0, 32)
+    byte = tl.load(row[:, None, None] + 16 + 32 * g[None, :, None] + l[None, None, :]).to(tl.int32)
+    d = f16_at(row)[:, None]
+    dmin = f16_at(row + 2)[:, None]
+    s = row[:, None] + 4
+    offs = 64 * g[:, None] + l[None, :]
+    sc, m = q4_k_scale_min(s, 2 * g[None, :])
+    acc = _rows(acc, x_step, stride_xm, M, rows, offs, (byte & 15).to(tl.float32), d * sc, dmin * m, True, BLOCK_M)
+    sc, m = q4_k_scale_min(s, 2 * g[None, :] + 1)
+    return _rows(acc, x_step, stride_xm, M, rows, offs + 32, (byte >> 4).to(tl.float32), d * sc, dmin * m, True,
+                 BLOCK_M)
+
+
+@triton.jit
+def _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, q, t: tl.constexpr, BLOCK_M: tl.constexpr):
+    scale = tl.load(row[:, None] + 192 + 8 * (a // 2) + 2 * t + a % 2).to(tl.int8, bitcast=True).to(tl.float32)
+    offs = (128 * (a // 2) + 32 * t + 16 * (a % 2))[:, None] + b[None, :]
+    return _rows(acc, x_step, stride_xm, M, rows, offs, (q - 32).to(tl.float32), d * scale, d, False, BLOCK_M)
+
+
+@triton.jit
+def _step_q6_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
+    a = tl.arange(0, 4)
+    b = tl.arange(0, 16)
+    lane = (64 * (a // 2) + 16 * (a % 2))[None, :, None] + b[None, None, :]  # ql byte of quarters 0 and 2
+    r = row[:, None, None]
+    ql0 = tl.load(r + lane).to(tl.int32)
+    ql1 = tl.load(r + lane + 32).to(tl.int32)
+    qh = tl.load(r + 128 + (32 * (a // 2) + 16 * (a % 2))[None, :, None] + b[None, None, :]).to(tl.int32)
+    d = f16_at(row + 208)[:, None]
+    acc = _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, (ql0 & 15) | ((qh & 3) << 4), 0, BLOCK_M)
+    acc = _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, (ql1 & 15) | (((qh >> 2) & 3) << 4), 1,
+                        BLOCK_M)
+    acc = _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, (ql0 >> 4) | (((qh >> 4) & 3) << 4), 2,
+                        BLOCK_M)
+    return _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, (ql1 >> 4) | ((qh >> 6) << 4), 3, BLOCK_M)
+
+
+@triton.jit
+def _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
+    a = tl.arange(0, 8)
+    b = tl.arange(0, 16)
+    blk = row[:, None] + a[None, :] * 22  # (BLOCK_N, 8)
+    d = f16_at(blk)
+    p = blk[:, :, None]
+    byte = tl.load(p + 6 + b[None, None, :]).to(tl.int32)
+    bit_lo = (tl.load(p + 2 + (b // 8)[None, None, :]).to(tl.int32) >> (b % 8)[None, None, :]) & 1
+    bit_hi = (tl.load(p + 4 + (b // 8)[None, None, :]).to(tl.int32) >> (b % 8)[None, None, :]) & 1
+    offs = 32 * a[:, None] + b[None, :]
+    acc = _rows(acc, x_step, stride_xm, M, rows, offs, ((byte & 15) | (bit_lo << 4)).to(tl.float32) - 16, d, d,
+                False, BLOCK_M)
+    return _rows(acc, x_step, stride_xm, M, rows, offs + 16, ((byte >> 4) | (bit_hi << 4)).to(tl.float32) - 16, d,
+                 d, False, BLOCK_M)
+
+
+@triton.jit
+def qgemv_kernel(
+    x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr,
+    M, N, steps, row_bytes, step_bytes, steps_per_split, stride_xm,
+    QTYPE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (pid_n, split): BLOCK_N weight rows over K steps [split * steps_per_split, ...),
+    for every row of x, into out[split] (M, N); EPILOGUE (one split) adds bias and residual."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_safe = tl.where(rn < N, rn, 0)  # masked rows read row 0 and are never stored
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    first = split * steps_per_split
+    last = tl.minimum(first + steps_per_split, steps)
+    for kb in range(first, last):
+        row = w_ptr + rn_safe.to(tl.int64) * row_bytes + kb * step_bytes
+        x_step = x_ptr + kb * 256
+        if QTYPE == 1:
+            acc = _step_q4_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
+        elif QTYPE == 2:
+            acc = _step_q6_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
+        elif QTYPE == 3:
+            acc = _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
+        else:
+            acc = _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
+    mask = (rows[:, None] < M) & (rn[None, :] < N)
+    if EPILOGUE:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        if HAS_RES:
+            acc += tl.load(res_ptr + rows[:, None] * N + rn[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + split * M * N + rows[:, None] * N + rn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def combine_kernel(part_ptr, bias_ptr, res_ptr, y_ptr, splits, M, N, N_OUT,
+                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    """y (M, N_OUT) from the partials (splits, M, N), summed in split order: plus bias and
+    residual, or with SWIGLU (N = 2 N_OUT: gate columns, then up) silu(gate) * up."""
+    m = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N_OUT
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(splits):
+        p = part_ptr + s * M * N + m * N
+        acc += tl.load(p + cols, mask=mask, other=0.0)
+        if SWIGLU:
+            up += tl.load(p + N_OUT + cols, mask=mask, other=0.0)
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * up
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            acc += tl.load(res_ptr + m * N_OUT + cols, mask=mask, other=0.0)
+    tl.store(y_ptr + m * N_OUT + cols, acc, mask=mask)
+
+
+def default_block_n() -> int:
+    return INTERPRETED_BLOCK_N if interpreted() else BLOCK_N
+
+
+def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
+          residual: torch.Tensor | None = None, swiglu: bool = False, block_n: int | None = None,
+          split_k: int | None = None) -> torch.Tensor:
+    """x (M <= 8, K) float, raw (N, row_bytes) uint8 -> float32 `x @ dequant(raw).T + bias +
+    residual` (M, N); with `swiglu` the N rows are [gate; up] and the result is
+    `silu(x @ gate.T) * (x @ up.T)` (M, N / 2). Checks are the caller's (qmatmul.qmatmul).
+
+    `split_k` K-ranges (default: enough programs for ~4 per GPU core, at most one per step)
+    of `block_n` rows (default BLOCK_N on a GPU, INTERPRETED_BLOCK_N in the interpreter)."""
+    blk, size = GGML_QUANT_SIZES[qtype]
+    m = x.shape[0]
+    block_n = block_n or default_block_n()
+    steps = k // STEP
+    n_blocks = triton.cdiv(n, block_n)
+    if split_k is None:
+        cores = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        split_k = max(1, min(steps, 4 * cores // n_blocks))
+    per = triton.cdiv(steps, split_k)
+    splits = triton.cdiv(steps, per)
+    n_out = n // 2 if swiglu else n
+    epilogue = splits == 1 and not swiglu
+    dummy = x  # a pointer for absent operands (never read)
+    bias_arg = bias.float().contiguous() if bias is not None else dummy
+    res_arg = residual.float().contiguous() if residual is not None else dummy
+    parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    qgemv_kernel[(n_blocks, splits)](
+        x, raw, parts, bias_arg, res_arg, m, n, steps, k // blk * size, STEP // blk * size, per, x.stride(0),
+        QTYPE=QTYPE_IDS[qtype], EPILOGUE=epilogue, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n)
+    if epilogue:
+        return parts[0]
+    y = torch.empty(m, n_out, dtype=torch.float32, device=x.device)
+    combine_kernel[(triton.cdiv(n_out, COMBINE_BLOCK), m)](
+        parts, bias_arg, res_arg, y, splits, m, n, n_out, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, SWIGLU=swiglu, BLOCK=COMBINE_BLOCK)
+    return y
