@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TextConfig
+from .stack import Stack
 from .weights import EXACT, Matrix, Weights, kernel_dtype
 
 CPU = torch.device("cpu")
@@ -104,6 +105,11 @@ class Layer:
     down: Matrix
     device: torch.device = CPU
     kernels: bool = False  # Triton kernels for its norms, rotary and attention (the layer is on an accelerator)
+
+    def __post_init__(self) -> None:
+        # stacked where they are GGUF blocks of one type on an accelerator (stack.py)
+        self.qkv = Stack([self.wq, self.wk, self.wv], [self.bq, self.bk, self.bv])
+        self.gate_up = Stack([self.gate, self.up])
 
 
 def kv_bytes_per_token(cfg: TextConfig, kind: str) -> int:
@@ -291,13 +297,12 @@ class Decoder:
             def rotate(t: torch.Tensor) -> torch.Tensor:
                 return apply_rope(t.transpose(0, 1), rope.cos, rope.sin)
 
-        h = norm(x, layer.attn_norm)
-        q = rotate((layer.wq.matmul(h) + layer.bq).view(seq, cfg.n_head, cfg.head_dim))
-        k = rotate((layer.wk.matmul(h) + layer.bk).view(seq, cfg.n_head_kv, cfg.head_dim))
-        v = (layer.wv.matmul(h) + layer.bv).view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
-        x = x + layer.wo.matmul(attend(q, k, v).reshape(seq, cfg.n_embd))
-        h = norm(x, layer.ffn_norm)
-        return x + layer.down.matmul(F.silu(layer.gate.matmul(h)) * layer.up.matmul(h))
+        q, k, v = layer.qkv.matmul(norm(x, layer.attn_norm))
+        q = rotate(q.view(seq, cfg.n_head, cfg.head_dim))
+        k = rotate(k.view(seq, cfg.n_head_kv, cfg.head_dim))
+        v = v.view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
+        x = layer.wo.matmul(attend(q, k, v).reshape(seq, cfg.n_embd), residual=x)
+        return layer.down.matmul(layer.gate_up.swiglu(norm(x, layer.ffn_norm)), residual=x)
 
     def _attend(self, i: int, layer: Layer, cache: KVCache, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:

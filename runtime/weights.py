@@ -54,6 +54,42 @@ def device_bytes(info: TensorInfo, kernels: bool) -> int:
     return n * (4 if info.type == T.F32 or len(info.ne) != 2 else 2)
 
 
+class DeviceBlocks:
+    """A weight's GGUF blocks on an accelerator, multiplied by kernels/qmatmul.py: (rows,
+    row_bytes) uint8. `gemm_dtype`: what x is multiplied in by the tiled GEMM (more than
+    GEMV_MAX_M rows of x); the GEMV takes float32."""
+
+    def __init__(self, raw: torch.Tensor, qtype: T, rows: int, cols: int, gemm_dtype: torch.dtype):
+        self.raw, self.qtype, self.rows, self.cols, self.gemm_dtype = raw, qtype, rows, cols, gemm_dtype
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+               swiglu: bool = False) -> torch.Tensor:
+        """x (..., cols) -> float32 `x @ W.T + bias + residual` (..., rows), or with `swiglu`
+        (rows stacked as [gate; up]) `silu(x @ gate.T) * (x @ up.T)` (..., rows / 2)."""
+        from ..kernels.qmatmul import GEMV_MAX_M, qmatmul
+
+        flat = x.reshape(-1, self.cols)
+        if flat.shape[0] > GEMV_MAX_M:
+            flat = flat.to(self.gemm_dtype)
+        if residual is not None:
+            residual = residual.reshape(flat.shape[0], self.rows)
+        y = qmatmul(flat, self.raw, self.qtype, self.rows, self.cols, bias, residual, swiglu, block_m=32,
+                    block_n=128)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def stack(parts: list[DeviceBlocks]) -> DeviceBlocks:
+        """One block of rows holding `parts` in order (same type and columns); each part's raw
+        becomes a view into it, so the stack costs no memory beyond the parts'."""
+        first = parts[0]
+        raw = torch.cat([p.raw for p in parts])
+        start = 0
+        for p in parts:
+            p.raw = raw[start:start + p.rows]
+            start += p.rows
+        return DeviceBlocks(raw, first.qtype, start, first.cols, first.gemm_dtype)
+
+
 class Matrix:
     """A 2-D weight `(rows, cols)` in its GGUF type; `x @ W.T` without a full float copy."""
 
@@ -66,10 +102,9 @@ class Matrix:
         self.rows, self.cols = info.shape
         self.raw = raw.reshape(self.rows, -1)
         self._dense: torch.Tensor | None = None
-        self._kernel_raw: torch.Tensor | None = None  # GGUF blocks on self.device, for qmatmul
+        self.kernel: DeviceBlocks | None = None  # GGUF blocks on self.device, for qmatmul
         self._device_dense: torch.Tensor | None = None  # bf16 (or float32) copy on self.device
         self.device = torch.device("cpu")
-        self._gemm_dtype = torch.float32  # on a device: what x is multiplied in by the kernel's GEMM
         self._packed: PackedMatrix | None = None
         self._release = release
         self.mode = EXACT if self.qtype == T.F32 else mode
@@ -91,10 +126,10 @@ class Matrix:
         weights, bf16 for the rest). Row lookups keep reading the mapped file. The kernel's tiled
         GEMM (more than GEMV_MAX_M rows of x) takes x in `dtype` (`kernel_dtype`)."""
         self.device = torch.device(device)
-        self._gemm_dtype = dtype
         self._packed = None
         if kernels and kernel_reads(self.qtype, self.cols):
-            self._kernel_raw = as_torch(self.raw, torch.uint8).to(self.device)
+            raw = as_torch(self.raw, torch.uint8).to(self.device)
+            self.kernel = DeviceBlocks(raw, self.qtype, self.rows, self.cols, dtype)
         else:
             dtype = torch.float32 if self.qtype == T.F32 else torch.bfloat16
             dense = torch.empty(self.rows, self.cols, dtype=dtype, device=self.device)
@@ -119,16 +154,18 @@ class Matrix:
         idx = ids.cpu().numpy()
         return torch.from_numpy(dequantize(self.raw[idx], self.qtype).reshape(len(idx), self.cols))
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., cols) float32 -> (..., rows) float32, on this weight's device."""
-        if self._kernel_raw is not None:
-            from ..kernels.qmatmul import GEMV_MAX_M, qmatmul
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., cols) float32 -> `x @ W.T + bias + residual` (..., rows) float32, on this
+        weight's device (bias and residual added by the kernel on the kernel path)."""
+        if self.kernel is not None:
+            return self.kernel.matmul(x, bias, residual)
+        y = self._product(x)
+        if bias is not None:
+            y = y + bias
+        return y if residual is None else residual + y
 
-            flat = x.reshape(-1, self.cols)
-            if flat.shape[0] > GEMV_MAX_M:
-                flat = flat.to(self._gemm_dtype)
-            y = qmatmul(flat, self._kernel_raw, self.qtype, self.rows, self.cols, block_m=32, block_n=128)
-            return y.reshape(*x.shape[:-1], self.rows)
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self._device_dense is not None:
             return (x.to(self._device_dense.dtype) @ self._device_dense.T).float()
         if self._packed is not None:

@@ -109,8 +109,8 @@ def test_layers_are_where_the_placement_says(q8_model):
     model = load(q8_model, device=ACCEL, placement=Placement(ACCEL, 1))
     layers = model.decoder.layers
     assert [layer.kernels for layer in layers] == [False, True]  # llama.cpp's -ngl: the last layers
-    assert layers[1].wq._kernel_raw is not None and layers[0].wq._kernel_raw is None
-    assert model.decoder.output is model.decoder.embed or model.decoder.output._kernel_raw is None
+    assert layers[1].wq.kernel is not None and layers[0].wq.kernel is None
+    assert model.decoder.output is model.decoder.embed or model.decoder.output.kernel is None
     assert not model.vision.kernels
 
 

@@ -5,7 +5,7 @@ residual, SwiGLU over stacked [gate; up] rows) against the same in torch.
 Tolerance table (float32 accumulation on both sides; only the summation order differs):
 | weights | inputs | rtol on max |y| | why |
 | Q8_0, Q4_K, Q6_K, Q5_0 | float32 N(0,1) | 1e-5 | K <= 768 float32 adds in another order: ~K * 2^-24 relative |
-| Q8_0, Q4_K, Q6_K, Q5_0 | float32, epilogue | 1e-5 | the same sums; bias, residual and silu add one rounding each |
+| Q8_0, Q4_K, Q6_K, Q5_0 | float32, epilogue | 1e-5 | the same sums; bias, residual, silu: a rounding each |
 | Q8_0, Q4_K, Q6_K, Q5_0 | bfloat16 (GEMM) | 1e-2 | each decoded weight rounded to bf16 (2^-9 relative); measured <= 4.2e-3 |
 """
 

@@ -1,0 +1,67 @@
+"""Weights that multiply the same input (a layer's q, k and v; its gate and up), as few launches.
+
+On an accelerator with the kernels, neighbouring weights of one GGUF type are stacked into one
+block of rows (weights.DeviceBlocks.stack: the parts become views, no extra memory) and
+multiplied in one launch, their biases concatenated and added by the kernel; a decode token's
+q/k/v then costs one GEMV (two where the Q4_K_M mix gives v another type), and gate/up one GEMV
+whose epilogue is `silu(gate) * up`. Anywhere else each weight multiplies alone, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .weights import DeviceBlocks, Matrix
+
+
+class Stack:
+    """`mats` with their `biases` (None for none), multiplied by one input."""
+
+    def __init__(self, mats: Sequence[Matrix], biases: Sequence[torch.Tensor | None] | None = None):
+        biases = list(biases) if biases is not None else [None] * len(mats)
+        # groups of neighbours: (the weight to multiply by, its bias, how many outputs it holds)
+        self.groups: list[tuple[Matrix | DeviceBlocks, torch.Tensor | None, list[int]]] = []
+        run: list[tuple[Matrix, torch.Tensor | None]] = []
+        for mat, bias in [*zip(mats, biases), (None, None)]:
+            if run and (mat is None or not self._joins(run[-1][0], mat, run[-1][1], bias)):
+                self._close(run)
+                run = []
+            if mat is not None:
+                run.append((mat, bias))
+
+    @staticmethod
+    def _joins(prev: Matrix, mat: Matrix, prev_bias: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+        a, b = prev.kernel, mat.kernel
+        return (a is not None and b is not None and a.qtype == b.qtype and a.cols == b.cols
+                and a.raw.device == b.raw.device and (prev_bias is None) == (bias is None))
+
+    def _close(self, run: list[tuple[Matrix, torch.Tensor | None]]) -> None:
+        if len(run) == 1:
+            self.groups.append((run[0][0], run[0][1], [run[0][0].rows]))
+            return
+        kernels = [m.kernel for m, _ in run]
+        assert all(k is not None for k in kernels)
+        blocks = DeviceBlocks.stack(kernels)  # type: ignore[arg-type]
+        bias = torch.cat([b for _, b in run]) if run[0][1] is not None else None  # type: ignore[misc]
+        self.groups.append((blocks, bias, [m.rows for m, _ in run]))
+
+    def matmul(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (..., cols) -> each weight's `x @ W.T + bias` (..., rows_i), float32."""
+        out: list[torch.Tensor] = []
+        for weight, bias, rows in self.groups:
+            y = weight.matmul(x, bias)
+            out.extend(y.split(rows, dim=-1) if len(rows) > 1 else [y])
+        return out
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """For [gate, up] without biases: `silu(x @ gate.T) * (x @ up.T)`, in the kernel's
+        epilogue when they are one stacked group of equal halves."""
+        if len(self.groups) == 1 and isinstance(self.groups[0][0], DeviceBlocks) and self.groups[0][1] is None:
+            rows = self.groups[0][2]
+            if len(rows) == 2 and rows[0] == rows[1]:
+                return self.groups[0][0].matmul(x, swiglu=True)
+        gate, up = self.matmul(x)
+        return F.silu(gate) * up
