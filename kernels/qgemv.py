@@ -44,6 +44,7 @@ from .dot import interpreted
 STEP = 256  # elements of K per loop iteration
 QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3}
 BLOCK_N = 16  # weight rows per program on a GPU (not tuned on one yet)
+NUM_WARPS = 4
 INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs milliseconds
 COMBINE_BLOCK = 256
 
@@ -211,22 +212,19 @@ def combine_kernel(part_ptr, bias_ptr, res_ptr, y_ptr, splits, M, N, N_OUT,
     tl.store(y_ptr + m * N_OUT + cols, acc, mask=mask)
 
 
-def default_block_n() -> int:
-    return INTERPRETED_BLOCK_N if interpreted() else BLOCK_N
-
-
 def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
           residual: torch.Tensor | None = None, swiglu: bool = False, block_n: int | None = None,
-          split_k: int | None = None) -> torch.Tensor:
+          split_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """x (M <= 8, K) float, raw (N, row_bytes) uint8 -> float32 `x @ dequant(raw).T + bias +
     residual` (M, N); with `swiglu` the N rows are [gate; up] and the result is
     `silu(x @ gate.T) * (x @ up.T)` (M, N / 2). Checks are the caller's (qmatmul.qmatmul).
 
     `split_k` K-ranges (default: enough programs for ~4 per GPU core, at most one per step)
-    of `block_n` rows (default BLOCK_N on a GPU, INTERPRETED_BLOCK_N in the interpreter)."""
+    of `block_n` rows (default BLOCK_N on a GPU, INTERPRETED_BLOCK_N in the interpreter), with
+    `num_warps` (default NUM_WARPS)."""
     blk, size = GGML_QUANT_SIZES[qtype]
     m = x.shape[0]
-    block_n = block_n or default_block_n()
+    block_n = block_n or (INTERPRETED_BLOCK_N if interpreted() else BLOCK_N)
     steps = k // STEP
     n_blocks = triton.cdiv(n, block_n)
     if split_k is None:
@@ -243,7 +241,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     qgemv_kernel[(n_blocks, splits)](
         x, raw, parts, bias_arg, res_arg, m, n, steps, k // blk * size, STEP // blk * size, per, x.stride(0),
         QTYPE=QTYPE_IDS[qtype], EPILOGUE=epilogue, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n)
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
     if epilogue:
         return parts[0]
     y = torch.empty(m, n_out, dtype=torch.float32, device=x.device)

@@ -33,7 +33,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from .dot import dot, interpreted
-from .qgemv import STEP, default_block_n, f16_at, q4_k_scale_min, qgemv
+from .qgemv import STEP, f16_at, q4_k_scale_min, qgemv
 
 
 @triton.jit
@@ -87,7 +87,8 @@ def _decode_q5_0(row_ptr, e):
 @triton.jit
 def _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes,
                IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr):
-    """K-step kb: the (BLOCK_M, 256) slice of x and the decoded (BLOCK_N, 256) weight tile."""
+    """Elements e (any of 0..255) of K-step kb: the (BLOCK_M, len(e)) slice of x and the decoded
+    (BLOCK_N, len(e)) weight tile."""
     x = tl.load(x_ptr + rm[:, None] * stride_xm + kb * 256 + e[None, :], mask=rm[:, None] < M, other=0.0)
     row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
     if IS_Q4_K:
@@ -111,16 +112,20 @@ def qmatmul_kernel(
     stride_xm, stride_ym,
     # meta-parameters
     IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Program (pid_m, pid_n): the (BLOCK_M, BLOCK_N) tile of y, BLOCK_K (64, 128 or 256)
+    elements of K a time, so that a quarter of a super-block is decoded at once, not all of it."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    e = tl.arange(0, 256)
     rn_safe = tl.where(rn < N, rn, 0)  # masked rows decode row 0 and are never stored
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, K // 256):
+    per_step: tl.constexpr = 256 // BLOCK_K
+    for c in range(0, K // BLOCK_K):
+        kb = c // per_step
+        e = (c % per_step) * BLOCK_K + tl.arange(0, BLOCK_K)
         x, w = _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes,
                           IS_Q4_K, IS_Q6_K, IS_Q5_0)
         acc += dot(x, tl.trans(w.to(x.dtype)), LOW, EMULATE)  # LOW: the decoded tile rounded to x's type
@@ -129,10 +134,15 @@ def qmatmul_kernel(
 
 SUPPORTED = (T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0)  # the Q4_K_M mix and its fallbacks
 GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel (qgemv.py)
+# GEMM launch on a GPU (not tuned on one yet): 128 x 128 tiles share each decoded weight among 128
+# rows of x; 64 elements of K a time keep the decoded (128, 64) tile in registers.
+GEMM_TILES = (128, 128, 64, 8)  # block_m, block_n, block_k, num_warps
+INTERPRETED_GEMM_TILES = (32, 128, 256, 4)  # in the interpreter: fewer, larger numpy operations
 
 
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
-            residual: torch.Tensor | None = None, swiglu: bool = False, block_m: int = 16, block_n: int = 16,
+            residual: torch.Tensor | None = None, swiglu: bool = False, block_m: int | None = None,
+            block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
             split_k: int | None = None) -> torch.Tensor:
     """x (M, K), raw (N, row_bytes) uint8 GGUF blocks -> `x @ dequant(raw).T + bias + residual`
     (M, N) float32; with `swiglu` the N rows are [gate; up] stacked and the result is
@@ -142,9 +152,10 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     rounded to x's type); in float32 (or anything else, converted): exact float32 products.
     Accumulation is float32 either way; the GEMV always multiplies in float32.
 
-    M <= GEMV_MAX_M takes qgemv.py's split-K GEMV (`split_k` K-ranges, at most `block_n` rows a
-    program; its epilogue fused), larger M the tiled GEMM (`block_m` x `block_n` tiles; the
-    epilogue in torch after it)."""
+    M <= GEMV_MAX_M takes qgemv.py's split-K GEMV (`split_k` K-ranges, `block_n` rows a program;
+    its epilogue fused), larger M the tiled GEMM (`block_m` x `block_n` tiles, `block_k` elements
+    of K a time: 64, 128 or 256; the epilogue in torch after it). Unset launch parameters take
+    the defaults below for a GPU or for the interpreter."""
     if qtype not in SUPPORTED:
         raise ValueError(f"qmatmul supports {', '.join(t.name for t in SUPPORTED)}, not {qtype.name}")
     if k % STEP:
@@ -160,12 +171,18 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
         x = x.float()
     m = x.shape[0]
     if m <= GEMV_MAX_M:
-        return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, min(block_n, default_block_n()), split_k)
+        return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps)
+    tiles = INTERPRETED_GEMM_TILES if interpreted() else GEMM_TILES
+    block_m, block_n, block_k, num_warps = (given or default for given, default in
+                                            zip((block_m, block_n, block_k, num_warps), tiles))
+    if block_k not in (64, 128, 256):
+        raise ValueError(f"block_k = {block_k}: one of 64, 128, 256")
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
                          IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0,
-                         LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m, BLOCK_N=block_n)
+                         LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m, BLOCK_N=block_n,
+                         BLOCK_K=block_k, num_warps=num_warps)
     if swiglu:
         return torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]
     if bias is not None:

@@ -73,8 +73,7 @@ class DeviceBlocks:
             flat = flat.to(self.gemm_dtype)
         if residual is not None:
             residual = residual.reshape(flat.shape[0], self.rows)
-        y = qmatmul(flat, self.raw, self.qtype, self.rows, self.cols, bias, residual, swiglu, block_m=32,
-                    block_n=128)
+        y = qmatmul(flat, self.raw, self.qtype, self.rows, self.cols, bias, residual, swiglu)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod

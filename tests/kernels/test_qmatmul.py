@@ -78,6 +78,21 @@ def test_bf16_gemm(qtype, m, n, k, kind):
     assert (got - ref).abs().max().item() <= RTOL_BF16 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("block_m,block_n,block_k", [(16, 16, 64), (16, 32, 128), (32, 16, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_tiles(qtype, block_m, block_n, block_k, dtype):
+    """The GEMM decoding a quarter, a half or all of each super-block at a time (a GPU takes 64),
+    with tiles that leave partial blocks of M and N."""
+    m, n, k = 33, 17, 768
+    raw = _weights(n, k, qtype, "normal", seed=block_k)
+    x = torch.from_numpy(np.random.default_rng(block_m).standard_normal((m, k)).astype(np.float32)).to(dtype)
+    ref = qmatmul_ref(x.float(), raw, qtype)
+    got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k, block_m=block_m, block_n=block_n, block_k=block_k).cpu()
+    rtol = RTOL[qtype] if dtype == torch.float32 else RTOL_BF16
+    assert (got - ref).abs().max().item() <= rtol * ref.abs().max().item()
+
+
 def test_rejects_bad_shapes():
     raw = _weights(4, 256, T.Q8_0, "normal", 0)
     with pytest.raises(ValueError, match="multiple of 256"):
@@ -88,6 +103,8 @@ def test_rejects_bad_shapes():
         qmatmul(torch.zeros(1, 256), raw, T.Q8_0, 4, 256, bias=torch.zeros(4), swiglu=True)
     with pytest.raises(ValueError, match="swiglu"):
         qmatmul(torch.zeros(1, 256), raw[:3], T.Q8_0, 3, 256, swiglu=True)
+    with pytest.raises(ValueError, match="block_k"):
+        qmatmul(torch.zeros(9, 256), raw, T.Q8_0, 4, 256, block_k=32)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
