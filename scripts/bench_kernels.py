@@ -13,6 +13,11 @@ Every kernel is checked against its reference before it is timed. Median of
 triton.testing.do_bench. Needs CUDA.
 
     python scripts/bench_kernels.py > docs/bench-kernels.json
+    python scripts/bench_kernels.py --sweep   # launch parameters of the GEMV and GEMM, best first
+
+`--sweep` times the 7B's largest decode GEMVs (Q4_K gate/up stacked, Q6_K down) over rows per
+program, warps and K splits, and its prefill GEMM over tile shapes, as GB/s (GEMV) or TFLOP/s
+(GEMM), so the defaults in kernels/qgemv.py and kernels/qmatmul.py can be set from one run.
 """
 
 from __future__ import annotations
@@ -54,10 +59,10 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
                 for m in ms_:
                     x = torch.randn(m, k, device=dev, dtype=torch.float32 if m == 1 else torch.bfloat16)
                     ref = x.float() @ dense.T
-                    got = qmatmul(x, raw, qt, n, k, block_m=16 if m == 1 else 64, block_n=64)
+                    got = qmatmul(x, raw, qt, n, k)
                     tol = 1e-4 if m == 1 else 1e-2  # float32 products / bf16 operands
                     assert (got - ref).abs().max().item() <= tol * ref.abs().max().item(), (qt.name, m, n, k)
-                    ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_m=16 if m == 1 else 64, block_n=64))
+                    ms = timer(lambda: qmatmul(x, raw, qt, n, k))
                     base = timer(lambda: x.to(torch.bfloat16) @ dense16.T)
                     row = {"model": model, "kernel": f"qmatmul {qt.name}", "m": m, "n": n, "k": k,
                            "ms": round(ms, 4), "vs_torch_bf16_matmul": round(base / ms, 2)}
@@ -133,6 +138,57 @@ def bench_decode_attention(dev: str, timer: Timer, cases=DECODE_CASES, capacity:
     return rows
 
 
+SWEEP_CASES = (("Q4_K", 2 * 18944, 3584), ("Q6_K", 3584, 18944))  # 7B: gate/up stacked, down
+GEMV_SWEEP = {"block_n": (4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8), "split_k": (None, 1, 2, 4, 8)}
+GEMM_TILES = ((64, 64, 64, 4), (128, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64, 4), (128, 128, 64, 8),
+              (128, 128, 128, 8), (128, 256, 64, 8))  # block_m, block_n, block_k, num_warps
+
+
+def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SWEEP, tiles=GEMM_TILES) -> list[dict]:
+    """GEMV: every (block_n, num_warps) with the default split, then every split for the best
+    pair; GEMM: each tile shape at M = 2048."""
+    from gguf import GGMLQuantizationType as T
+
+    from qvl.convert.quant import quantize
+    from qvl.kernels.qmatmul import qmatmul
+
+    rows = []
+    for qtype, n, k in cases:
+        qt = T[qtype]
+        raw = torch.from_numpy(quantize(np.random.default_rng(0).standard_normal((n, k)).astype(np.float32), qt))
+        raw = raw.to(dev)
+        x = torch.randn(1, k, device=dev)
+        ref = qmatmul(x, raw, qt, n, k, block_n=16, num_warps=4)
+        found = []
+        for block_n in gemv["block_n"]:
+            for warps in gemv["num_warps"]:
+                got = qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps)
+                assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), (qt.name, block_n, warps)
+                ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps))
+                found.append((ms, block_n, warps, None))
+        _, block_n, warps, _ = min(found)
+        for split in gemv["split_k"][1:]:
+            ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps, split_k=split))
+            found.append((ms, block_n, warps, split))
+        for ms, block_n, warps, split in sorted(found):
+            rows.append({"kernel": f"GEMV {qt.name}", "n": n, "k": k, "block_n": block_n, "num_warps": warps,
+                         "split_k": split or "default", "ms": round(ms, 4),
+                         "weight_GB_s": round(raw.numel() / ms / 1e6, 1)})
+        xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        found = []
+        for bm, bn, bk, warps in tiles:
+            try:
+                ms = timer(lambda: qmatmul(xb, raw, qt, n, k, block_m=bm, block_n=bn, block_k=bk, num_warps=warps))
+            except Exception as e:  # a tile too large for shared memory / registers on this GPU
+                print(f"GEMM {qt.name} {bm}x{bn}x{bk}/{warps}: {str(e).splitlines()[0]}", file=sys.stderr)
+                continue
+            found.append((ms, bm, bn, bk, warps))
+        for ms, bm, bn, bk, warps in sorted(found):
+            rows.append({"kernel": f"GEMM {qt.name}", "m": m, "n": n, "k": k, "tiles": [bm, bn, bk], "num_warps": warps,
+                         "ms": round(ms, 4), "TFLOP_s": round(2 * m * n * k / ms / 1e9, 1)})
+    return rows
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU (the kernels run interpreted on the CPU only for tests)")
@@ -142,12 +198,15 @@ def main() -> None:
     buf = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
     copy_ms = triton.testing.do_bench(lambda: buf.clone())
     copy_gbs = 2 * buf.numel() / copy_ms / 1e6
-    rows = bench_qmatmul(dev, triton.testing.do_bench, QMATMUL_SHAPES)
+    if "--sweep" in sys.argv[1:]:
+        rows = sweep(dev, triton.testing.do_bench)
+    else:
+        rows = bench_qmatmul(dev, triton.testing.do_bench, QMATMUL_SHAPES)
+        rows += bench_attention(dev, triton.testing.do_bench)
+        rows += bench_decode_attention(dev, triton.testing.do_bench)
     for row in rows:
         if "weight_GB_s" in row:
             row["pct_copy_bw"] = round(100 * row["weight_GB_s"] / copy_gbs, 1)
-    rows += bench_attention(dev, triton.testing.do_bench)
-    rows += bench_decode_attention(dev, triton.testing.do_bench)
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GB_s": round(copy_gbs, 1), "rows": rows},
                      indent=1))
 

@@ -5,11 +5,12 @@
 #     bash scripts/gpu_session.sh prepare
 # Then each stage is one device call, with `carry: [".gpu"]`, writing its logs and JSON to $OUT:
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA + scripts/bench_kernels.py
+#     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
 #     bash scripts/gpu_session.sh e2e       # random 7B -> Q4_K_M -> scripts/bench_run.py (three images/contexts)
 # The device image has torch and triton; gguf travels as a wheel, the Qwen tokenizer files for
 # the random checkpoint from ../shared (which does not travel).
 set -uo pipefail
-stage=${1:?stage: prepare, kernels or e2e}
+stage=${1:?stage: prepare, kernels, sweep or e2e}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
@@ -38,6 +39,10 @@ kernels)
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$out/kernel-tests.log" | tail -30
     timeout 300 python3 scripts/bench_kernels.py > "$out/bench-kernels.json" 2> "$out/bench-kernels.err"
     tail -5 "$out/bench-kernels.err"; head -c 3000 "$out/bench-kernels.json"
+    ;;
+sweep)
+    timeout 500 python3 scripts/bench_kernels.py --sweep > "$out/bench-sweep.json" 2> "$out/bench-sweep.err"
+    tail -5 "$out/bench-sweep.err"; head -c 6000 "$out/bench-sweep.json"
     ;;
 e2e)
     timeout 150 python3 scripts/make_random_checkpoint.py qwen2.5-vl-7b /tmp/q7b --tokenizer .gpu/tokenizer || exit 1
