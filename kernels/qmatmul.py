@@ -122,10 +122,9 @@ def qmatmul_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_safe = tl.where(rn < N, rn, 0)  # masked rows decode row 0 and are never stored
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    per_step: tl.constexpr = 256 // BLOCK_K
     for c in range(0, K // BLOCK_K):
-        kb = c // per_step
-        e = (c % per_step) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kb = c // (256 // BLOCK_K)  # chunk c of K: part c % (256 // BLOCK_K) of super-block kb
+        e = (c % (256 // BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
         x, w = _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes,
                           IS_Q4_K, IS_Q6_K, IS_Q5_0)
         acc += dot(x, tl.trans(w.to(x.dtype)), LOW, EMULATE)  # LOW: the decoded tile rounded to x's type
