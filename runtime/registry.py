@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
@@ -133,8 +133,16 @@ def _download_blob(reg: Registry, store: Store, name: ModelName, layer: dict,
 
             todo = [p for p in parts if p[0] not in done]
             with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-                for lo in pool.map(fetch, todo):
-                    done.add(lo)
+                futures = [pool.submit(fetch, p) for p in todo]
+                try:
+                    for fut in as_completed(futures):
+                        done.add(fut.result())  # the first failure (or Ctrl-C) stops here
+                        record.write_text(json.dumps(sorted(done)))
+                finally:  # on a failure: parts still running finish, and count for the resume
+                    for fut in futures:
+                        fut.cancel()
+                    pool.shutdown(wait=True)
+                    done.update(f.result() for f in futures if f.done() and not f.cancelled() and f.exception() is None)
                     record.write_text(json.dumps(sorted(done)))
             os.fsync(fd)
         finally:
