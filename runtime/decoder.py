@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from .config import TextConfig
 from .stack import Stack
-from .weights import EXACT, Matrix, Weights, kernel_dtype
+from .weights import EXACT, Matrix, Weights, half_dtype, kernel_dtype
 
 CPU = torch.device("cpu")
 PREFILL_CHUNK = 512  # prompt tokens per forward pass (model.py's prefill; placement.py sizes activations by it)
-KV_TYPES = ("f32", "bf16", "q8_0")  # KV cache element types
+KV_TYPES = ("f32", "bf16", "f16", "q8_0")  # KV cache element types
 Q8_BLOCK = 32  # values per scale in a q8_0 cache (as ggml's Q8_0; a whole head when its dim is not a multiple)
 
 
@@ -158,8 +158,8 @@ class _Q8:
 
 class KVCache:
     """Per-layer keys and values `(n_head_kv, capacity, head_dim)`, filled left to right, each
-    layer's on that layer's device. `kind`: f32, bf16 or q8_0; default float32 on the CPU and
-    bf16 on an accelerator."""
+    layer's on that layer's device. `kind`: f32, bf16, f16 or q8_0; default float32 on the CPU
+    and the accelerator's `half_dtype` (bf16, or f16 on GPUs before Ampere) there."""
 
     def __init__(self, cfg: TextConfig, capacity: int, devices: Sequence[torch.device] | None = None,
                  kind: str | None = None):
@@ -170,12 +170,13 @@ class KVCache:
         self.v: list[torch.Tensor | _Q8] = []
         shape = (cfg.n_head_kv, capacity, cfg.head_dim)
         for dev in devices:
-            layer_kind = kind or ("f32" if dev.type == "cpu" else "bf16")
+            layer_kind = kind or ("f32" if dev.type == "cpu" else
+                                  "bf16" if half_dtype(dev) == torch.bfloat16 else "f16")
             for store in (self.k, self.v):
                 if layer_kind == "q8_0":
                     store.append(_Q8(*shape, dev))
                 else:
-                    dtype = torch.float32 if layer_kind == "f32" else torch.bfloat16
+                    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[layer_kind]
                     store.append(torch.zeros(shape, dtype=dtype, device=dev))
         self.capacity = capacity
         self.length = 0
@@ -231,7 +232,7 @@ class Decoder:
                  kernels: bool = True):
         self.cfg = cfg
         first = cfg.n_layer - gpu_layers if accel is not None else cfg.n_layer
-        self.attn_dtype = kernel_dtype(w.mode)  # prefill GEMMs and attention on the accelerator
+        self.attn_dtype = kernel_dtype(w.mode, accel or CPU)  # prefill GEMMs and attention on the accelerator
         self.embed = w.matrix("token_embd.weight")
         self.output_on_accel = accel is not None and gpu_layers > cfg.n_layer
         if self.output_on_accel:

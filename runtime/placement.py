@@ -50,7 +50,7 @@ class Placement:
     gpu_layers: int = 0  # the last N decoder layers on accel; N > n_layer puts the output layer there too
     vision_on_accel: bool = False
     kernels: bool = True  # Triton kernels on accel (False: torch with bf16 weights, --no-triton)
-    kv_type: str | None = None  # None: float32 on the CPU, bf16 on accel; or "q8_0"
+    kv_type: str | None = None  # None: float32 on the CPU, bf16 (f16 before Ampere) on accel; or one of KV_TYPES
     vision_max_pixels: int | None = None  # larger images are downscaled (from a --max-vram plan)
     cuda_graph: bool = True  # decode captured in a CUDA graph when the whole decoder is on the GPU
 

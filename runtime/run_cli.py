@@ -186,8 +186,9 @@ def run(
                                    "of the Triton kernels (more memory; for comparison)."),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="On a GPU, launch each decode step's kernels "
                                        "one by one instead of replaying a captured CUDA graph (for comparison)."),
-    cache_type: Optional[str] = typer.Option(None, "--cache-type", help="KV cache type: f32, bf16 or q8_0 "
-                                             "(default: f32 on the CPU, bf16 on the GPU)."),
+    cache_type: Optional[str] = typer.Option(None, "--cache-type", help="KV cache type: f32, bf16, f16 or q8_0 "
+                                             "(default: f32 on the CPU, bf16 on the GPU; f16 on GPUs "
+                                             "without bf16, before Ampere)."),
     no_pull: bool = typer.Option(False, "--no-pull", help="Do not pull a store name that is not in the store."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP when pulling from a local registry."),
 ) -> None:

@@ -186,7 +186,7 @@ class VisionTower:
         self.cfg = cfg
         self.device = accel or torch.device("cpu")
         self.kernels = kernels and accel is not None
-        self.attn_dtype = kernel_dtype(w.mode)  # GEMMs and attention on the accelerator
+        self.attn_dtype = kernel_dtype(w.mode, self.device)  # GEMMs and attention on the accelerator
         pick = 0 if cfg.layout == "llamacpp" else 1
 
         def name(role: str) -> str:

@@ -31,10 +31,21 @@ STREAMED = "streamed"  # read and converted to bf16 per call, pages released aft
 MODES = (EXACT, PACKED, STREAMED)
 
 
-def kernel_dtype(mode: str) -> torch.dtype:
+def half_dtype(device: torch.device | str) -> torch.dtype:
+    """The 16-bit type an accelerator multiplies natively: bf16 on CUDA compute capability 8.0
+    and up (Ampere, Hopper) and on the CPU, float16 on older GPUs (Turing, Volta, Pascal: no
+    bf16 tensor cores, and Triton does not compile bf16 dots for them)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return torch.float16
+    return torch.bfloat16
+
+
+def kernel_dtype(mode: str, device: torch.device | str) -> torch.dtype:
     """What an accelerator's GEMMs and attention multiply in for weights in `mode`: float32 for
-    EXACT (products as exact as the CPU's), else bf16 (tensor cores); accumulation is float32."""
-    return torch.float32 if mode == EXACT else torch.bfloat16
+    EXACT (products as exact as the CPU's), else `half_dtype` (tensor cores); accumulation is
+    float32."""
+    return torch.float32 if mode == EXACT else half_dtype(device)
 
 
 def kernel_reads(qtype: T, cols: int) -> bool:
@@ -122,7 +133,7 @@ class Matrix:
                   dtype: torch.dtype = torch.bfloat16) -> Matrix:
         """Hold this weight on `device` from now on (matmuls take x there): GGUF blocks of the
         types kernels/qmatmul.py reads when `kernels`, else a dense copy (float32 for F32
-        weights, bf16 for the rest). Row lookups keep reading the mapped file. The kernel's tiled
+        weights, `half_dtype` for the rest). Row lookups keep reading the mapped file. The kernel's tiled
         GEMM (more than GEMV_MAX_M rows of x) takes x in `dtype` (`kernel_dtype`)."""
         self.device = torch.device(device)
         self._packed = None
@@ -130,7 +141,7 @@ class Matrix:
             raw = as_torch(self.raw, torch.uint8).to(self.device)
             self.kernel = DeviceBlocks(raw, self.qtype, self.rows, self.cols, dtype)
         else:
-            dtype = torch.float32 if self.qtype == T.F32 else torch.bfloat16
+            dtype = torch.float32 if self.qtype == T.F32 else half_dtype(self.device)
             dense = torch.empty(self.rows, self.cols, dtype=dtype, device=self.device)
             for start in range(0, self.rows, ROWS_PER_STEP):
                 stop = min(start + ROWS_PER_STEP, self.rows)

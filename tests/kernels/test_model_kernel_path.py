@@ -187,3 +187,35 @@ def test_bf16_kernel_path_is_close(q8_model, torch_path):
     agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"bf16 kernel path: max |dlogit| {_rel(logits, ref):.2e} of max |logit|, top-1 agreement {agree:.3f}")
     assert 0 < _rel(logits, ref) <= 1e-1 and agree >= 0.9
+
+
+def test_half_type_follows_the_gpu(monkeypatch):
+    """bf16 on Ampere and later (and the CPU), float16 on older GPUs that lack bf16 tensor cores."""
+    from qvl.runtime import weights
+
+    for capability, want in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert weights.half_dtype("cuda") == want
+        assert weights.kernel_dtype(weights.PACKED, "cuda") == want
+        assert weights.kernel_dtype(weights.EXACT, "cuda") == torch.float32
+    assert weights.half_dtype("cpu") == torch.bfloat16
+
+
+def test_f16_kernel_path_before_ampere(q8_model, torch_path, monkeypatch):
+    """As a pre-Ampere GPU runs it: float16 operands for the GEMMs and attention, and a float16
+    KV cache (its default there; the CPU standing in for the GPU here defaults to f32). Same bound as bf16 (float16 keeps 3 more mantissa bits, so its error is
+    smaller: measured here 4.2e-3 of max |logit| against 4.5e-2 for bf16, top-1 1.0)."""
+    from qvl.runtime import decoder, weights
+
+    for module in (weights, decoder):
+        monkeypatch.setattr(module, "half_dtype", lambda device: torch.float16)
+    model = load(q8_model, device=ACCEL, placement=Placement(ACCEL, ALL_LAYERS, vision_on_accel=True, kv_type="f16"))
+    assert model.decoder.attn_dtype == model.vision.attn_dtype == torch.float16
+    assert model.decoder.new_cache(4, "f16").k[0].dtype == torch.float16
+    logits = model.prompt_logits(PROMPT, [IMAGE])
+    ref = torch_path[1]
+    agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"f16 kernel path: max |dlogit| {_rel(logits, ref):.2e} of max |logit|, top-1 agreement {agree:.3f}")
+    assert 0 < _rel(logits, ref) <= 1e-1 and agree >= 0.9
+    out = model.generate(PROMPT, [IMAGE], max_new_tokens=3)  # decode through the graph step with an f16 cache
+    assert isinstance(out, Generation) and len(out.token_ids) == 3

@@ -59,7 +59,7 @@ def test_greedy_is_deterministic_and_stream_matches(model_path):
     (["{model}", "--video", "{junk}"], "not a readable video"),
     (["{model}", "--prompt", "word " * 300, "--ctx-size", "64"], "does not fit a context of 64"),
     (["{model}", "--prompt", "{image2} here", "--image", "{image}"], "refers to {image2}"),
-    (["{model}", "--prompt", "x", "--cache-type", "q4"], "--cache-type q4: choose f32, bf16, q8_0"),
+    (["{model}", "--prompt", "x", "--cache-type", "q4"], "--cache-type q4: choose f32, bf16, f16, q8_0"),
     (["{model}", "--prompt", "x", "--vision-device", "tpu"], "--vision-device tpu: choose"),
     (["{model}", "--prompt", "x", "--max-vram", "0"], "--max-vram 0.0: a budget"),
     (["{model}", "--prompt", "x", "--gpu-layers", "-1"], "--gpu-layers -1: 0 or more"),
