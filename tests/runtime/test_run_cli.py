@@ -91,6 +91,25 @@ def test_gpu_flags_without_a_gpu_warn_and_run_on_the_cpu(model_path):
     assert r.stdout == base.stdout
 
 
+@pytest.mark.parametrize("capability,kernels", [((6, 1), False), ((7, 0), True), ((9, 0), True)])
+def test_gpus_older_than_triton_take_the_torch_path(monkeypatch, capsys, capability, kernels):
+    """A Pascal card (Triton compiles for 7.0 and later) runs torch matmuls on the GPU, with one
+    warning that names it; newer ones keep the kernels."""
+    from qvl.runtime import run_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    device, placement = run_cli._placement(False, None, "auto", None, False, None, False)
+    assert device == "cuda" and placement.accel == "cuda" and placement.kernels == kernels
+    err = capsys.readouterr().err
+    if kernels:
+        assert err == ""
+    else:
+        assert err.strip() == ("qvl-run: warning: NVIDIA GeForce GTX 1080 (compute capability 6.1) is older than "
+                               "Triton supports (7.0); using torch matmuls on the GPU (as --no-triton)")
+
+
 def test_q8_0_cache_runs(model_path):
     r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6", "--cache-type", "q8_0", "--json"])
     assert r.exit_code == 0, r.stderr
