@@ -6,7 +6,9 @@ sum `l` and an unnormalized output `acc` (online softmax), all float32, and writ
 Segments are given by cumulative lengths: `cu_q` for queries and `cu_k` for keys (equal for the
 vision tower's windows; for text prefill the keys include the KV cache, and with `causal` query
 i of a segment sees keys up to `k_len - q_len + i`). Query head h reads KV head h // group.
-The head dim is padded to a power of two with masks (80 for the vision tower).
+The head dim is padded to a power of two with masks (80 for the vision tower). Keys and values
+may be strided views (prefill reads the KV cache in place), and a q8_0 cache is read as stored:
+int8 values times a float16 scale per Q8_BLOCK of the head dim, multiplied in as they load.
 Torch reference: `attention_ref` (F.scaled_dot_product_attention per segment).
 """
 
@@ -21,15 +23,24 @@ from .dot import dot, interpreted
 
 
 @triton.jit
+def _load_kv(ptr, s_ptr, offs, s_offs, mask, IS_Q8: tl.constexpr):
+    """Keys or values as stored; q8_0: int8 times its block's float16 scale, in float32."""
+    x = tl.load(ptr + offs, mask=mask, other=0)
+    if IS_Q8:
+        x = x.to(tl.float32) * tl.load(s_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def attention_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, cu_k_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, cu_q_ptr, cu_k_ptr,
     # dimensions
     head_dim, group, scale,
-    # strides (tokens, heads); the last dimension is contiguous
-    sq_t, sq_h, sk_t, sk_h, so_t, so_h,
+    # strides (tokens, heads) of q, of k and v alike, of their q8_0 scales, of o; the last dimension is contiguous
+    sq_t, sq_h, sk_t, sk_h, ss_t, ss_h, so_t, so_h,
     # meta-parameters
-    CAUSAL: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
+    CAUSAL: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr, IS_Q8: tl.constexpr, Q8_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -54,7 +65,9 @@ def attention_kernel(
         for start in range(0, hi, BLOCK_N):
             rn = start + tl.arange(0, BLOCK_N)
             kv_mask = (rn[:, None] < k_len) & (rd[None, :] < head_dim)
-            k = tl.load(k_ptr + (k0 + rn)[:, None] * sk_t + kv_head * sk_h + rd[None, :], mask=kv_mask, other=0.0)
+            offs = (k0 + rn)[:, None] * sk_t + kv_head * sk_h + rd[None, :]
+            s_offs = (k0 + rn)[:, None] * ss_t + kv_head * ss_h + rd[None, :] // Q8_BLOCK
+            k = _load_kv(k_ptr, ks_ptr, offs, s_offs, kv_mask, IS_Q8).to(q.dtype)
             s = dot(q, tl.trans(k), LOW, EMULATE) * scale
             valid = rn[None, :] < k_len
             if CAUSAL:
@@ -65,8 +78,8 @@ def attention_kernel(
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + (k0 + rn)[:, None] * sk_t + kv_head * sk_h + rd[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, LOW, EMULATE)  # p rounded as FlashAttention-2 does
+            v = _load_kv(v_ptr, vs_ptr, offs, s_offs, kv_mask, IS_Q8).to(q.dtype)
+            acc = acc * alpha[:, None] + dot(p.to(q.dtype), v, LOW, EMULATE)  # p rounded as FlashAttention-2 does
             m_i = m_new
         out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
         tl.store(o_ptr + (q0 + rm)[:, None] * so_t + head * so_h + rd[None, :], out,
@@ -75,8 +88,12 @@ def attention_kernel(
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int],
               causal: bool, dtype: torch.dtype = torch.float32, block_m: int | None = None,
-              block_n: int | None = None) -> torch.Tensor:
+              block_n: int | None = None, k_scale: torch.Tensor | None = None,
+              v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q (tokens_q, heads, d), k/v (tokens_k, kv_heads, d) -> (tokens_q, heads, d) float32.
+    k and v: float, or int8 with `k_scale` / `v_scale` (tokens_k, kv_heads, d // block) float16
+    for a q8_0 cache; views with a contiguous last dimension are read in place (a KV cache's
+    (kv_heads, capacity, d) buffer transposed and cut to the keys), as are q8_0 caches.
 
     `dtype`: what q, k, v are multiplied in: float32 (exact products), or bfloat16 / float16
     (tensor cores; the softmax probabilities are rounded to it too). Accumulation is float32.
@@ -90,15 +107,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
     kv_heads = k.shape[1]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
-    q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
+    is_q8 = k.dtype == torch.int8
+    if is_q8 != (k_scale is not None and v_scale is not None):
+        raise ValueError("int8 (q8_0) keys and values need k_scale and v_scale, float ones none")
+    q = q.to(dtype).contiguous()
+    if not is_q8 and (k.dtype != dtype or k.stride(-1) != 1 or k.stride() != v.stride()):
+        k, v = k.to(dtype).contiguous(), v.to(dtype).contiguous()  # else read in place
+    assert k.stride() == v.stride() and k.stride(-1) == 1
+    ks = k_scale if k_scale is not None else k
+    vs = v_scale if v_scale is not None else v
+    if is_q8:
+        assert ks.stride() == vs.stride() and ks.stride(-1) == 1
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     cq = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
     ck = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
     longest = max(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
     grid = (triton.cdiv(longest, block_m), heads, len(cu_q) - 1)
-    attention_kernel[grid](q, k, v, out, cq, ck, d, heads // kv_heads, d ** -0.5,
-                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-                           CAUSAL=causal, LOW=dtype != torch.float32, EMULATE=interpreted(),
+    attention_kernel[grid](q, k, v, ks, vs, out, cq, ck, d, heads // kv_heads, d ** -0.5,
+                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), ks.stride(0), ks.stride(1),
+                           out.stride(0), out.stride(1),
+                           CAUSAL=causal, LOW=dtype != torch.float32, EMULATE=interpreted(), IS_Q8=is_q8,
+                           Q8_BLOCK=d // k_scale.shape[-1] if k_scale is not None else d,
                            BLOCK_M=block_m, BLOCK_N=block_n,
                            BLOCK_D=max(16, triton.next_power_of_2(d)))
     return out

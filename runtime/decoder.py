@@ -312,23 +312,25 @@ class Decoder:
         seq = q.shape[1]
         past = cache.length
         end = cache.write(i, k, v)
-        if seq == 1 and layer.kernels:  # decode: split-K over the cache as stored (q8_0 included)
+        if layer.kernels:  # the cache read where it is stored (q8_0 included), no dequantized copy
+            from ..kernels.attention import attention
             from ..kernels.decode_attention import decode_attention
 
             keys, values, k_scale, v_scale = cache.stored(i)
-            n = torch.tensor([end], dtype=torch.int32, device=q.device)
-            return decode_attention(q[:, 0], keys, values, n, k_scale, v_scale)[None]
+            if seq == 1:  # decode: split-K over the cache
+                n = torch.tensor([end], dtype=torch.int32, device=q.device)
+                return decode_attention(q[:, 0], keys, values, n, k_scale, v_scale)[None]
+            # prefill: causal over the keys so far in one varlen call, on (tokens, heads, d) views
+            keys, values, k_scale, v_scale = (t.transpose(0, 1)[:end] if t is not None else None
+                                              for t in (keys, values, k_scale, v_scale))
+            return attention(q.transpose(0, 1), keys, values, [0, seq], [0, end], causal=True, dtype=self.attn_dtype,
+                             k_scale=k_scale, v_scale=v_scale)
         keys, values = cache.read(i, end)
-        kd = keys.dtype  # float32, or bf16 in an accelerator's cache
+        kd = keys.dtype  # float32, or bf16 / f16 in an accelerator's cache
         if seq == 1:  # decode: the query sees every key; heads of one KV head as one matmul
             qg = q.reshape(cfg.n_head_kv, -1, cfg.head_dim).to(kd)  # heads h*g..h*g+g-1 use KV head h
             probs = torch.softmax((qg @ keys.transpose(1, 2)).float() * cfg.head_dim ** -0.5, dim=-1)
             return (probs.to(kd) @ values).float().reshape(cfg.n_head, 1, cfg.head_dim).transpose(0, 1)
-        if layer.kernels:  # causal over the whole cache in one varlen kernel call
-            from ..kernels.attention import attention
-
-            return attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), [0, seq],
-                             [0, end], causal=True, dtype=self.attn_dtype)
         # causal over the whole cache: query j (absolute past + j) sees keys 0..past + j
         mask = torch.ones(seq, end, dtype=torch.bool, device=q.device).tril(diagonal=past)
         out = F.scaled_dot_product_attention(q.to(kd)[None], keys[None], values[None], attn_mask=mask[None, None],

@@ -52,7 +52,48 @@ def test_causal_gqa_with_cache(q_len, past, heads, kv_heads, dtype):
     assert (got - ref).abs().max().item() <= ATOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0"])
+@pytest.mark.parametrize("q_len,past,d", [(5, 20, 64), (33, 0, 80), (1, 47, 32)])
+def test_causal_reads_the_cache_in_place(kind, dtype, q_len, past, d):
+    """Prefill over a KV cache as decoder.KVCache stores it: (kv_heads, capacity, d) buffers
+    transposed and cut to the keys so far, not copied; q8_0 as int8 with a float16 scale per
+    32 values (per head when d is not a multiple of 32: d = 80 here takes 16-value blocks so
+    the scale index varies inside a row). Against the reference on the dequantized keys."""
+    heads, kv_heads, capacity = 4, 2, 64
+    end = past + q_len
+    q, k, v = _qkv(q_len, end, heads, kv_heads, d, seed=d + q_len)
+    bufs, scales = [], []
+    for x in (k, v):
+        buf = torch.zeros(kv_heads, capacity, d)
+        buf[:, :end] = x.transpose(0, 1)
+        if kind == "q8_0":
+            block = 32 if d % 32 == 0 else 16
+            blocks = buf.unflatten(-1, (-1, block))
+            scale = (blocks.abs().amax(-1) / 127).to(torch.float16)
+            q8 = torch.where(scale[..., None] > 0, blocks / scale.float()[..., None].clamp_min(1e-30), 0)
+            bufs.append(q8.round().to(torch.int8).flatten(-2))
+            scales.append(scale)
+        else:
+            bufs.append(buf.to(torch.float32 if kind == "f32" else torch.bfloat16))
+    views = [b.transpose(0, 1)[:end] for b in bufs]
+    scale_views = [sc.transpose(0, 1)[:end] for sc in scales] if scales else [None, None]
+    if kind == "q8_0":
+        dense = [(b.float().unflatten(-1, (sc.shape[-1], -1)) * sc.float()[..., None]).flatten(-2)
+                 for b, sc in zip(views, scale_views)]
+    else:
+        dense = [b.float() for b in views]
+        assert views[0].stride(-1) == 1 and not views[0].is_contiguous()  # read in place, not copied
+    got = attention(q, *views, [0, q_len], [0, end], causal=True, dtype=dtype, k_scale=scale_views[0],
+                    v_scale=scale_views[1])
+    ref = attention_ref(q, *dense, [0, q_len], [0, end], causal=True)
+    assert (got - ref).abs().max().item() <= ATOL[dtype]
+
+
 def test_rejects_bad_gqa():
     q, k, v = _qkv(4, 4, 3, 2, 16, 0)
     with pytest.raises(ValueError, match="multiple"):
         attention(q, k, v, [0, 4], [0, 4], causal=True)
+    q, k, v = _qkv(4, 4, 2, 2, 32, 0)
+    with pytest.raises(ValueError, match="k_scale"):
+        attention(q, k.to(torch.int8), v.to(torch.int8), [0, 4], [0, 4], causal=True)
