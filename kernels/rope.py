@@ -5,7 +5,8 @@ differ only in where the angles come from, so the kernel takes a per-token table
 `theta (tokens, head_dim / 2)` built by the caller (`mrope_angles`, `vision_angles`, re-exported here from the runtime):
 M-RoPE sections take the temporal / height / width position for their frequency pairs; the
 vision rotary takes the row for the first half of the frequencies and the column for the rest.
-One program per (token, head); head_dim need not be a power of two (80 for the vision tower).
+One program per (token, head), q's heads and k's in one launch when both are given; head_dim
+need not be a power of two (80 for the vision tower).
 Torch reference: qvl.runtime.decoder.apply_rope with cos/sin of the same angles.
 """
 
@@ -22,11 +23,11 @@ from ..runtime.vision import merge_unit_positions, vision_angles  # noqa: F401
 @triton.jit
 def rope_kernel(
     # pointers
-    x_ptr, theta_ptr,
-    # dimensions
+    x_ptr, y_ptr, theta_ptr,
+    # dimensions: heads of x; heads from n_heads on are y's
     n_heads, half,
     # strides
-    stride_tok, stride_head, stride_theta,
+    sx_tok, sx_head, sy_tok, sy_head, stride_theta,
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
@@ -34,7 +35,10 @@ def rope_kernel(
     head = tl.program_id(1)
     i = tl.arange(0, BLOCK)
     mask = i < half
-    base = x_ptr + tok * stride_tok + head * stride_head
+    if head < n_heads:
+        base = x_ptr + tok * sx_tok + head * sx_head
+    else:
+        base = y_ptr + tok * sy_tok + (head - n_heads) * sy_head
     x1 = tl.load(base + i, mask=mask, other=0.0)
     x2 = tl.load(base + half + i, mask=mask, other=0.0)
     ang = tl.load(theta_ptr + tok * stride_theta + i, mask=mask, other=0.0)
@@ -44,11 +48,15 @@ def rope_kernel(
     tl.store(base + half + i, x2 * c + x1 * s, mask=mask)
 
 
-def apply_rope_(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """x (tokens, heads, head_dim) float32, rotated in place by theta (tokens, head_dim / 2)."""
+def apply_rope_(x: torch.Tensor, theta: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """x (tokens, heads, head_dim) float32, rotated in place by theta (tokens, head_dim / 2); y
+    (tokens, heads_y, head_dim), if given, too, in the same launch (q and k of a layer)."""
     tokens, heads, hd = x.shape
     assert x.stride(-1) == 1 and theta.shape == (tokens, hd // 2)
+    other = x if y is None else y
+    assert other.shape[0] == tokens and other.shape[2] == hd and other.stride(-1) == 1 and other.dtype == x.dtype
     theta = theta.contiguous().float()
-    rope_kernel[(tokens, heads)](x, theta, heads, hd // 2, x.stride(0), x.stride(1), theta.stride(0),
-                                 BLOCK=triton.next_power_of_2(hd // 2))
+    rope_kernel[(tokens, heads + (0 if y is None else y.shape[1]))](
+        x, other, theta, heads, hd // 2, x.stride(0), x.stride(1), other.stride(0), other.stride(1), theta.stride(0),
+        BLOCK=triton.next_power_of_2(hd // 2))
     return x

@@ -279,7 +279,8 @@ class Decoder:
         """One decoder layer on x (seq, n_embd); `attend(q, k, v)` with q (n_head, seq, head_dim)
         and k, v (n_head_kv, seq, head_dim) after M-RoPE stores k, v in a cache and returns the
         attention output (seq, n_head, head_dim). A layer on the kernel path normalizes and
-        rotates through kernels/rmsnorm.py and kernels/rope.py (one launch each)."""
+        rotates through kernels/rmsnorm.py and kernels/rope.py (one launch per norm, one for q
+        and k together)."""
         cfg = self.cfg
         seq = x.shape[0]
         if layer.kernels:
@@ -289,18 +290,19 @@ class Decoder:
             def norm(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                 return rmsnorm(t, weight, cfg.rms_eps)[0]
 
-            def rotate(t: torch.Tensor) -> torch.Tensor:  # (seq, heads, head_dim) -> (heads, seq, head_dim)
-                return apply_rope_(t, rope.angles).transpose(0, 1)
+            def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                apply_rope_(q, rope.angles, k)  # (seq, heads, head_dim), in place
+                return q.transpose(0, 1), k.transpose(0, 1)
         else:
             def norm(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                 return rms_norm(t, weight, cfg.rms_eps)
 
-            def rotate(t: torch.Tensor) -> torch.Tensor:
-                return apply_rope(t.transpose(0, 1), rope.cos, rope.sin)
+            def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return (apply_rope(q.transpose(0, 1), rope.cos, rope.sin),
+                        apply_rope(k.transpose(0, 1), rope.cos, rope.sin))
 
         q, k, v = layer.qkv.matmul(norm(x, layer.attn_norm))
-        q = rotate(q.view(seq, cfg.n_head, cfg.head_dim))
-        k = rotate(k.view(seq, cfg.n_head_kv, cfg.head_dim))
+        q, k = rotate(q.view(seq, cfg.n_head, cfg.head_dim), k.view(seq, cfg.n_head_kv, cfg.head_dim))
         v = v.view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
         x = layer.wo.matmul(attend(q, k, v).reshape(seq, cfg.n_embd), residual=x)
         return layer.down.matmul(layer.gate_up.swiglu(norm(x, layer.ffn_norm)), residual=x)

@@ -43,6 +43,25 @@ def test_mrope(tokens, heads, hd, sections):
     assert (out - ref).abs().max().item() <= 2e-5
 
 
+@pytest.mark.parametrize("tokens,heads,kv_heads", [(1, 7, 1), (5, 4, 2)])
+def test_mrope_q_and_k_in_one_launch(tokens, heads, kv_heads):
+    """q and k as the stacked q/k/v projection leaves them: strided views of one (tokens, 3 parts)
+    buffer, rotated in place together; v, between them in memory, untouched."""
+    hd, sections = 32, (4, 6, 6)
+    g = torch.Generator().manual_seed(heads)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * hd, generator=g)
+    before = qkv.clone()
+    q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    pos = torch.stack([torch.arange(tokens) + 4, torch.arange(tokens) % 3, torch.arange(tokens) % 2])
+    cos, sin = mrope_cos_sin(pos, hd, 1e6, sections)
+    apply_rope_(q.view(tokens, heads, hd), mrope_angles(pos, hd, 1e6, sections), k.view(tokens, kv_heads, hd))
+    for got, ref_in, n in ((q, before[:, :heads * hd], heads), (k, before[:, heads * hd:(heads + kv_heads) * hd],
+                                                                 kv_heads)):
+        ref = apply_rope(ref_in.reshape(tokens, n, hd).transpose(0, 1), cos, sin).transpose(0, 1)
+        assert (got.reshape(tokens, n, hd) - ref).abs().max().item() <= 2e-5
+    assert torch.equal(v, before[:, (heads + kv_heads) * hd:])
+
+
 @pytest.mark.parametrize("grid", [(1, 4, 6), (1, 2, 2), (2, 6, 4)])
 def test_vision_rope_head_dim_80(grid):
     hd, heads = 80, 3
