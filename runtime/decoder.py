@@ -196,12 +196,17 @@ class KVCache:
 
     def write_at(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one token's k, v (n_head_kv, 1, head_dim) at `index`, a long tensor (1,) on the
-        layer's device (no host synchronization: a CUDA graph can hold it)."""
-        for store, x in ((self.k[layer], k), (self.v[layer], v)):
-            if isinstance(store, _Q8):
-                store.write_at(index, x)
-            else:
-                store.index_copy_(1, index, x.to(store.dtype))
+        layer's device (no host synchronization: a CUDA graph can hold it). For the kernel path
+        (decode_graph.py): float caches through kernels/kv_store.py, one launch for both."""
+        kc, vc = self.k[layer], self.v[layer]
+        if isinstance(kc, torch.Tensor) and isinstance(vc, torch.Tensor):
+            from ..kernels.kv_store import kv_store
+
+            kv_store(k, v, kc, vc, index)
+            return
+        for store, x in ((kc, k), (vc, v)):
+            assert isinstance(store, _Q8)
+            store.write_at(index, x)
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of tokens [0, end), as stored (q8_0 dequantized to float32)."""

@@ -131,9 +131,10 @@ def test_q8_0_kv_cache_is_close(q8_model, torch_path):
 
 def test_decode_step_matches_decoder_forward(q8_model):
     """DecodeGraph's fixed step (what a CUDA graph captures: slot, position and length read from
-    device buffers) against Decoder.forward on the same cache contents, float32 and q8_0 caches.
-    Tolerance 1e-5 of max |logit|: the same kernels and weights, only the rotary angles come
-    from another table (rope_tables) and the cache slot is written by index_copy_."""
+    device buffers) against Decoder.forward on the same cache contents, float32, bf16 and q8_0
+    caches. Tolerance 1e-5 of max |logit|: the same kernels and weights, only the rotary angles
+    come from another table (rope_tables) and the cache slot is written by kernels/kv_store.py
+    (q8_0: index_copy_); the stored keys are identical."""
     from qvl.runtime.decode_graph import DecodeGraph
 
     model = load(q8_model, device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"])
@@ -141,7 +142,7 @@ def test_decode_step_matches_decoder_forward(q8_model):
     assert DecodeGraph.supports(dec)
     ids = torch.tensor([5, 77, 300, 9, 1200, 41])
     prompt = torch.arange(ids.numel()).expand(3, -1).contiguous()
-    for kind in ("f32", "q8_0"):
+    for kind in ("f32", "bf16", "q8_0"):
         cache = dec.new_cache(16, kind)
         dec.forward(dec.embed_tokens(ids), prompt, cache)
         caches = [cache, copy.deepcopy(cache)]
