@@ -189,7 +189,8 @@ def run(
     max_vram: Optional[float] = typer.Option(
         None, "--max-vram", help="GPU memory budget in GB: fit layers, vision tower and KV cache into it "
         "(the plan is printed with --verbose; larger images are downscaled)."),
-    no_triton: bool = typer.Option(False, "--no-triton", help="On a GPU, torch matmuls on bf16 weights instead "
+    no_triton: bool = typer.Option(False, "--no-triton", help="On a GPU, torch matmuls on 16-bit weights "
+                                   "(bf16; f16 before Ampere) instead "
                                    "of the Triton kernels (more memory; for comparison)."),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="On a GPU, launch each decode step's kernels "
                                        "one by one instead of replaying a captured CUDA graph (for comparison)."),
