@@ -23,7 +23,7 @@ from .dot import dot, interpreted
 
 
 @triton.jit
-def _load_kv(ptr, s_ptr, offs, s_offs, mask, IS_Q8: tl.constexpr):
+def load_kv(ptr, s_ptr, offs, s_offs, mask, IS_Q8: tl.constexpr):
     """Keys or values as stored; q8_0: int8 times its block's float16 scale, in float32."""
     x = tl.load(ptr + offs, mask=mask, other=0)
     if IS_Q8:
@@ -67,7 +67,7 @@ def attention_kernel(
             kv_mask = (rn[:, None] < k_len) & (rd[None, :] < head_dim)
             offs = (k0 + rn)[:, None] * sk_t + kv_head * sk_h + rd[None, :]
             s_offs = (k0 + rn)[:, None] * ss_t + kv_head * ss_h + rd[None, :] // Q8_BLOCK
-            k = _load_kv(k_ptr, ks_ptr, offs, s_offs, kv_mask, IS_Q8).to(q.dtype)
+            k = load_kv(k_ptr, ks_ptr, offs, s_offs, kv_mask, IS_Q8).to(q.dtype)
             s = dot(q, tl.trans(k), LOW, EMULATE) * scale
             valid = rn[None, :] < k_len
             if CAUSAL:
@@ -78,7 +78,7 @@ def attention_kernel(
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = _load_kv(v_ptr, vs_ptr, offs, s_offs, kv_mask, IS_Q8).to(q.dtype)
+            v = load_kv(v_ptr, vs_ptr, offs, s_offs, kv_mask, IS_Q8).to(q.dtype)
             acc = acc * alpha[:, None] + dot(p.to(q.dtype), v, LOW, EMULATE)  # p rounded as FlashAttention-2 does
             m_i = m_new
         out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import load_kv
+
 BLOCK_N = 64  # keys per inner step
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its share of the cache
 
@@ -55,12 +57,9 @@ def decode_attention_kernel(
         rn = s0 + tl.arange(0, BLOCK_N)
         kv_mask = (rn[:, None] < stop) & d_ok
         offs = kv_head * sk_h + rn[:, None] * sk_t + rd[None, :]
-        k = tl.load(k_ptr + offs, mask=kv_mask, other=0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=kv_mask, other=0).to(tl.float32)
-        if IS_Q8:
-            s_offs = kv_head * ss_h + rn[:, None] * ss_t + rd[None, :] // Q8_BLOCK
-            k = k * tl.load(ks_ptr + s_offs, mask=kv_mask, other=0.0).to(tl.float32)
-            v = v * tl.load(vs_ptr + s_offs, mask=kv_mask, other=0.0).to(tl.float32)
+        s_offs = kv_head * ss_h + rn[:, None] * ss_t + rd[None, :] // Q8_BLOCK  # read only for q8_0
+        k = load_kv(k_ptr, ks_ptr, offs, s_offs, kv_mask, IS_Q8).to(tl.float32)
+        v = load_kv(v_ptr, vs_ptr, offs, s_offs, kv_mask, IS_Q8).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         s = tl.where(rn[None, :] < stop, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
