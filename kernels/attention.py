@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .dot import dot, interpreted
+from .target import INTERPRETER, Target, target
 
 
 @triton.jit
@@ -86,6 +87,24 @@ def attention_kernel(
                  mask=(rm[:, None] < q_len) & (rd[None, :] < head_dim))
 
 
+def launch(gpu: Target, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages) for products in `dtype`. Not timed on a GPU yet:
+    tiles that compile for sm_75 ... sm_90 without register spills or too much shared memory
+    (scripts/compile_kernels.py). bf16 / f16 on tensor cores (sm_80+): 64 x 64, 8 warps, no
+    software pipelining (Triton's default 3 stages need 112 KiB of shared memory on sm_90 and
+    spill for q8_0 caches on sm_86); float32 (FMA): 32 x 32, 8 warps, 2 stages (64 x 64 spilled
+    10 KB a thread); sm_75, where Triton emits FMA code for f16 dots too: 16 x 32 (32 x 32
+    spills there). In the interpreter: 16 x 16, so the tests' short segments span several key
+    blocks."""
+    if gpu == INTERPRETER:
+        return 16, 16, 4, 1
+    if not gpu.tensor_cores:
+        return 16, 32, 8, 2
+    if dtype == torch.float32:
+        return 32, 32, 8, 2
+    return 64, 64, 8, 1
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int],
               causal: bool, dtype: torch.dtype = torch.float32, block_m: int | None = None,
               block_n: int | None = None, k_scale: torch.Tensor | None = None,
@@ -97,12 +116,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
 
     `dtype`: what q, k, v are multiplied in: float32 (exact products), or bfloat16 / float16
     (tensor cores; the softmax probabilities are rounded to it too). Accumulation is float32.
-    Tiles default to 64 x 64 on a GPU (not tuned on one yet) and 16 x 16 in the interpreter, where
-    the tests' short segments then still span several key blocks."""
-    block = 16 if interpreted() else 64
-    block_m, block_n = block_m or block, block_n or block
+    Unset tiles take `launch`'s defaults for the GPU (or the interpreter)."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"attention in {dtype}: float32, bfloat16 or float16")
+    default_m, default_n, num_warps, num_stages = launch(target(q.device), dtype)
+    block_m, block_n = block_m or default_m, block_n or default_n
     tq, heads, d = q.shape
     kv_heads = k.shape[1]
     if heads % kv_heads:
@@ -129,7 +147,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
                            CAUSAL=causal, LOW=dtype != torch.float32, EMULATE=interpreted(), IS_Q8=is_q8,
                            Q8_BLOCK=d // k_scale.shape[-1] if k_scale is not None else d,
                            BLOCK_M=block_m, BLOCK_N=block_n,
-                           BLOCK_D=max(16, triton.next_power_of_2(d)))
+                           BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=num_warps, num_stages=num_stages)
     return out
 
 

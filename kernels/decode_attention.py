@@ -22,9 +22,19 @@ import triton
 import triton.language as tl
 
 from .attention import load_kv
+from .target import INTERPRETER, Target, target
 
-BLOCK_N = 64  # keys per inner step
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its share of the cache
+
+
+def launch(gpu: Target) -> tuple[int, int, int]:
+    """(keys per inner step, num_warps, num_stages). Not timed on a GPU yet: compiled for
+    sm_75 ... sm_90 (scripts/compile_kernels.py), 32 keys, 4 warps and no software pipelining
+    spill no registers for float, bf16 and q8_0 caches and take 40 KiB of shared memory; Triton's
+    default 3 stages (64 keys) spilled 3.5 KB a thread on sm_90 for bf16 / q8_0 caches and needed
+    139 KiB of shared memory, more than an RTX 30xx / 40xx has (99 KiB). In the interpreter: 64
+    keys, so the tests' short caches still span several steps and splits."""
+    return (64, 4, 1) if gpu == INTERPRETER else (32, 4, 1)
 
 
 @triton.jit
@@ -91,11 +101,10 @@ def combine_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, head_dim, n_splits,
     tl.store(o_ptr + head * head_dim + rd, out, mask=rd < head_dim)
 
 
-def default_splits(capacity: int, kv_heads: int, device: torch.device) -> int:
+def default_splits(capacity: int, kv_heads: int, gpu: Target) -> int:
     """Enough (kv_head, split) programs for ~2 per GPU core, each with at least
     MIN_KEYS_PER_SPLIT keys of the cache's capacity."""
-    cores = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), triton.cdiv(2 * cores, kv_heads)))
+    return max(1, min(triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), triton.cdiv(2 * gpu.cores, kv_heads)))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor,
@@ -116,8 +125,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: 
         raise ValueError("an int8 (q8_0) cache needs k_scale and v_scale, a float cache none")
     assert k.stride() == v.stride() and k.stride(-1) == 1 and q.stride(-1) == 1
     group = heads // kv_heads
-    splits = splits or default_splits(capacity, kv_heads, q.device)
-    per = triton.cdiv(triton.cdiv(capacity, splits), BLOCK_N) * BLOCK_N
+    gpu = target(q.device)
+    block_n, num_warps, num_stages = launch(gpu)
+    splits = splits or default_splits(capacity, kv_heads, gpu)
+    per = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
     splits = triton.cdiv(capacity, per)
     part_o = torch.empty(heads * splits, d, dtype=torch.float32, device=q.device)
     part_m = torch.empty(heads * splits, dtype=torch.float32, device=q.device)
@@ -130,8 +141,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: 
         q, k, v, ks, vs, length, part_o, part_m, part_l,
         d, group, d ** -0.5, per, splits,
         q.stride(0), k.stride(0), k.stride(1), ks.stride(0), ks.stride(1),
-        IS_Q8=is_q8, Q8_BLOCK=block, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        BLOCK_D=block_d)
+        IS_Q8=is_q8, Q8_BLOCK=block, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(heads, d, dtype=torch.float32, device=q.device)
     combine_kernel[(heads,)](part_o, part_m, part_l, out, d, splits,
                              BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)

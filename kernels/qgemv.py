@@ -39,7 +39,7 @@ import triton.language as tl
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from .dot import interpreted
+from .target import INTERPRETER, target
 
 STEP = 256  # elements of K per loop iteration
 QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3}
@@ -224,12 +224,12 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     `num_warps` (default NUM_WARPS)."""
     blk, size = GGML_QUANT_SIZES[qtype]
     m = x.shape[0]
-    block_n = block_n or (INTERPRETED_BLOCK_N if interpreted() else BLOCK_N)
+    gpu = target(x.device)
+    block_n = block_n or (INTERPRETED_BLOCK_N if gpu == INTERPRETER else BLOCK_N)
     steps = k // STEP
     n_blocks = triton.cdiv(n, block_n)
     if split_k is None:
-        cores = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        split_k = max(1, min(steps, 4 * cores // n_blocks))
+        split_k = max(1, min(steps, 4 * gpu.cores // n_blocks))
     per = triton.cdiv(steps, split_k)
     splits = triton.cdiv(steps, per)
     n_out = n // 2 if swiglu else n

@@ -33,6 +33,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from .dot import dot, interpreted
+from .target import INTERPRETER, Target, target
 from .qgemv import STEP, f16_at, q4_k_scale_min, qgemv
 
 
@@ -133,16 +134,32 @@ def qmatmul_kernel(
 
 SUPPORTED = (T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0)  # the Q4_K_M mix and its fallbacks
 GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel (qgemv.py)
-# GEMM launch on a GPU (not tuned on one yet): 128 x 128 tiles share each decoded weight among 128
-# rows of x; 64 elements of K a time keep the decoded (128, 64) tile in registers.
-GEMM_TILES = (128, 128, 64, 8)  # block_m, block_n, block_k, num_warps
-INTERPRETED_GEMM_TILES = (32, 128, 256, 4)  # in the interpreter: fewer, larger numpy operations
+
+
+def gemm_tiles(gpu: Target, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """GEMM launch defaults (block_m, block_n, block_k, num_warps, num_stages) for x in `dtype`.
+
+    Not timed on a GPU yet: the largest tiles that compile for sm_75 ... sm_90 without register
+    spills or too much shared memory (scripts/compile_kernels.py, docs/benchmarks.md). Tensor
+    cores (bf16 / f16 on sm_80+): 128 x 128 tiles share each decoded weight among 128 rows of x,
+    64 elements of K a time keep the decoded (128, 64) tile in registers. FMA products (float32
+    anywhere, f16 on sm_75 where Triton emits no tensor-core code) hold the partial products in
+    registers: 32 x 64 tiles, 8 warps and no software pipelining for float32 (64 x 64 spills on
+    sm_80, 2 stages spill 190+ bytes a thread), 16 x 32 on sm_75 (32 x 32 spills there). In the interpreter: fewer, larger numpy
+    operations."""
+    if gpu == INTERPRETER:
+        return 32, 128, 256, 4, 1
+    if dtype == torch.float32:
+        return 32, 64, 64, 8, 1
+    if not gpu.tensor_cores:
+        return 16, 32, 64, 4, 1
+    return 128, 128, 64, 8, 3
 
 
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
             residual: torch.Tensor | None = None, swiglu: bool = False, block_m: int | None = None,
             block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-            split_k: int | None = None) -> torch.Tensor:
+            split_k: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """x (M, K), raw (N, row_bytes) uint8 GGUF blocks -> `x @ dequant(raw).T + bias + residual`
     (M, N) float32; with `swiglu` the N rows are [gate; up] stacked and the result is
     `silu(x @ gate.T) * (x @ up.T)` (M, N / 2).
@@ -154,7 +171,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     M <= GEMV_MAX_M takes qgemv.py's split-K GEMV (`split_k` K-ranges, `block_n` rows a program;
     its epilogue fused), larger M the tiled GEMM (`block_m` x `block_n` tiles, `block_k` elements
     of K a time: 64, 128 or 256; the epilogue in torch after it). Unset launch parameters take
-    the defaults below for a GPU or for the interpreter."""
+    `gemm_tiles`' defaults for the GPU (or the interpreter)."""
     if qtype not in SUPPORTED:
         raise ValueError(f"qmatmul supports {', '.join(t.name for t in SUPPORTED)}, not {qtype.name}")
     if k % STEP:
@@ -171,9 +188,9 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     m = x.shape[0]
     if m <= GEMV_MAX_M:
         return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps)
-    tiles = INTERPRETED_GEMM_TILES if interpreted() else GEMM_TILES
-    block_m, block_n, block_k, num_warps = (given or default for given, default in
-                                            zip((block_m, block_n, block_k, num_warps), tiles))
+    tiles = gemm_tiles(target(x.device), x.dtype)
+    block_m, block_n, block_k, num_warps, num_stages = (
+        given or default for given, default in zip((block_m, block_n, block_k, num_warps, num_stages), tiles))
     if block_k not in (64, 128, 256):
         raise ValueError(f"block_k = {block_k}: one of 64, 128, 256")
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
@@ -181,7 +198,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
                          IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0,
                          LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_K=block_k, num_warps=num_warps)
+                         BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     if swiglu:
         return torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]
     if bias is not None:

@@ -89,9 +89,9 @@ def bench_attention(dev: str, timer: Timer, cases=ATTENTION_CASES) -> list[dict]
         check = slice(0, cu[min(2, len(segs))])  # the reference is slow: the first segments
         cut = [c for c in cu if c <= check.stop]
         ref = attention_ref(q[check].cpu().float(), k[check].cpu().float(), v[check].cpu().float(), cut, cut, causal)
-        got = attention(q[check], k[check], v[check], cut, cut, causal, dtype=bf16, block_m=64, block_n=64)
+        got = attention(q[check], k[check], v[check], cut, cut, causal, dtype=bf16)
         assert (got.cpu() - ref).abs().max().item() < 2e-2, name
-        ms = timer(lambda: attention(q, k, v, cu, cu, causal, dtype=bf16, block_m=64, block_n=64))
+        ms = timer(lambda: attention(q, k, v, cu, cu, causal, dtype=bf16))
         sizes = sorted(set(segs))
         qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
 

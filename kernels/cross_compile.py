@@ -1,0 +1,218 @@
+"""Compile every kernel for a GPU that is not here, with the launches the runtime makes.
+
+The CI has no GPU: its kernel tests run in Triton's interpreter, which neither compiles the
+kernels nor knows a GPU's limits. Triton's compiler itself needs no GPU (it ships LLVM and
+ptxas), so this module compiles each kernel to a cubin for a chosen compute capability through
+the kernels' own Python entry points (qmatmul, attention, ...), on CPU tensors shaped like the
+3B / 7B models' work, with the launch parameters those entry points pick on a GPU. Nothing runs:
+Triton is pointed at a stand-in driver that reports the target, and every launch is turned
+into Triton's compile-only `warmup`. What comes back per launch: registers per thread, stack
+(register spills and local arrays) and shared memory, checked against the GPU's limits — a
+kernel that needs more shared memory than the GPU has fails there at its first launch.
+
+Must run in a process where TRITON_INTERPRET is unset when the kernels are imported
+(`scripts/compile_kernels.py`; the test runs it in a subprocess).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+from gguf import GGML_QUANT_SIZES
+
+from .target import Target, pretending
+
+# compute capability -> (GPUs, shared memory a block may use in bytes from CUDA's tables, SMs of the first GPU named)
+ARCHS: dict[int, tuple[str, int, int]] = {
+    75: ("T4, RTX 20xx", 64 * 1024, 40),
+    80: ("A100", 163 * 1024, 108),
+    86: ("RTX 3090, A10", 99 * 1024, 82),
+    89: ("RTX 4090, L4", 99 * 1024, 128),
+    90: ("H100, H200", 227 * 1024, 132),
+}
+REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, all of these GPUs: a block must fit
+# Stack bytes per thread let pass: ptxas 13.4, under the --regAllocOptLevel=2 Triton 3.9 gives
+# it, spills 8 bytes of the Q4_K GEMV on sm_90 at 56 registers (0 without that flag); the
+# spills this check is for were 3-10 KB a thread (decode attention, float32 GEMM and attention).
+STACK_ALLOWANCE = 16
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """One kernel compiled for one launch case."""
+
+    case: str
+    kernel: str
+    arch: int
+    num_warps: int
+    registers: int
+    stack: int  # bytes per thread of local memory (spills, local arrays)
+    shared: int  # bytes per block
+
+    def problems(self) -> list[str]:
+        """Why this launch would fail (or spill) on the GPU; empty when it fits."""
+        limit = ARCHS[self.arch][1]
+        found = []
+        if self.shared > limit:
+            found.append(f"needs {self.shared} bytes of shared memory, sm_{self.arch} has {limit}")
+        if self.registers * 32 * self.num_warps > REGISTER_FILE:
+            found.append(f"{self.registers} registers x {32 * self.num_warps} threads exceed {REGISTER_FILE}")
+        if self.stack > STACK_ALLOWANCE:
+            found.append(f"{self.stack} bytes of stack per thread (register spills)")
+        return found
+
+
+class _TargetDriver:
+    """Stands in for Triton's CUDA driver: reports one compile target, launches nothing."""
+
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.arch = arch
+
+    def get_current_target(self):  # a triton GPUTarget
+        return self.target
+
+    def get_current_device(self) -> int:
+        return self.arch  # Triton keeps a kernel cache per device: one per target
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def is_active(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def _compile_only(arch: int) -> Iterator[list[tuple[str, object]]]:
+    """Within: every Triton launch compiles for sm_`arch` and is recorded, none runs."""
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("cross-compiling needs TRITON_INTERPRET unset (the kernels were built for the interpreter)")
+    launched: list[tuple[str, object]] = []
+    run = JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **options):
+        kernel = run(self, *args, grid=grid, warmup=True, **options)
+        launched.append((self.fn.__name__, kernel))
+        return kernel
+
+    previous = driver._active  # None here without a GPU; reset_active() would then fail
+    driver.set_active(_TargetDriver(arch))
+    JITFunction.run = compile_instead
+    try:
+        yield launched
+    finally:
+        JITFunction.run = run
+        driver._active = previous
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) per thread from cuobjdump's resource usage of a cubin."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {out[:200]!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
+    """(name, call) for each launch worth compiling: the runtime's calls at 3B / 7B shapes,
+    activations in `half` (bfloat16, or float16 below sm_80) where the runtime uses it."""
+    from gguf import GGMLQuantizationType as T
+
+    from .attention import attention
+    from .decode_attention import decode_attention
+    from .kv_store import kv_store
+    from .qmatmul import SUPPORTED, qmatmul
+    from .rmsnorm import rmsnorm
+    from .rope import apply_rope_
+
+    def raw(qtype: T, n: int, k: int) -> torch.Tensor:
+        blk, size = GGML_QUANT_SIZES[qtype]
+        return torch.zeros(n, k // blk * size, dtype=torch.uint8)
+
+    def z(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype)
+
+    cases: list[tuple[str, Callable[[], object]]] = []
+    hidden, inter = 3584, 18944  # 7B
+    for qt in SUPPORTED:
+        cases += [
+            (f"{qt.name} GEMV M=1, bias + residual", lambda qt=qt: qmatmul(
+                z(1, hidden), raw(qt, 4608, hidden), qt, 4608, hidden, z(4608), z(1, 4608))),
+            (f"{qt.name} GEMV M=1, SwiGLU", lambda qt=qt: qmatmul(
+                z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True)),
+            (f"{qt.name} GEMV M=5, K split in 4", lambda qt=qt: qmatmul(
+                z(5, inter), raw(qt, hidden, inter), qt, hidden, inter, split_k=4)),
+            (f"{qt.name} GEMM M=512 {half}", lambda qt=qt: qmatmul(
+                z(512, hidden, dtype=half), raw(qt, hidden, hidden), qt, hidden, hidden)),
+            (f"{qt.name} GEMM M=512 float32", lambda qt=qt: qmatmul(
+                z(512, hidden), raw(qt, hidden, hidden), qt, hidden, hidden)),
+        ]
+    for dtype in (half, torch.float32):
+        cases += [
+            (f"vision window attention d=80 {dtype}", lambda dtype=dtype: attention(
+                z(400, 16, 80), z(400, 16, 80), z(400, 16, 80), [0, 64, 400], [0, 64, 400], False, dtype)),
+            (f"prefill attention GQA 28/4 d=128 {dtype}", lambda dtype=dtype: attention(
+                z(300, 28, 128), z(300, 4, 128, dtype=dtype), z(300, 4, 128, dtype=dtype), [0, 300], [0, 300],
+                True, dtype)),
+        ]
+    cases += [
+        ("prefill attention GQA 16/2 d=128, q8_0 cache", lambda: attention(
+            z(300, 16, 128), z(300, 2, 128, dtype=torch.int8), z(300, 2, 128, dtype=torch.int8), [0, 300], [0, 300],
+            True, half, k_scale=z(300, 2, 4, dtype=torch.float16), v_scale=z(300, 2, 4, dtype=torch.float16))),
+    ]
+    length = torch.tensor([1000], dtype=torch.int32)
+    for cache in (half, torch.float32):
+        cases.append((f"decode attention GQA 28/4 d=128, {cache} cache", lambda cache=cache: decode_attention(
+            z(28, 128), z(4, 4096, 128, dtype=cache), z(4, 4096, 128, dtype=cache), length)))
+    cases.append(("decode attention GQA 16/2 d=128, q8_0 cache", lambda: decode_attention(
+        z(16, 128), z(2, 4096, 128, dtype=torch.int8), z(2, 4096, 128, dtype=torch.int8), length,
+        z(2, 4096, 4, dtype=torch.float16), z(2, 4096, 4, dtype=torch.float16))))
+    index = torch.tensor([7])
+    for cache in (half, torch.float32):
+        cases.append((f"kv store d=128, {cache} cache", lambda cache=cache: kv_store(
+            z(4, 1, 128), z(4, 1, 128), z(4, 4096, 128, dtype=cache), z(4, 4096, 128, dtype=cache), index)))
+    cases += [
+        ("rmsnorm 3584", lambda: rmsnorm(z(1, hidden), z(hidden), 1e-6)),
+        ("rmsnorm 3584 + residual", lambda: rmsnorm(z(7, hidden), z(hidden), 1e-6, z(7, hidden))),
+        ("rope q and k d=128", lambda: apply_rope_(z(3, 28, 128), z(3, 64), z(3, 4, 128))),
+        ("rope d=80", lambda: apply_rope_(z(3, 16, 80), z(3, 40))),
+    ]
+    return cases
+
+
+def cross_compile(arch: int, progress: Callable[[str], None] | None = None) -> list[Compiled]:
+    """Compile every case's launches for sm_`arch` (a key of ARCHS); one Compiled per launch."""
+    if arch not in ARCHS:
+        raise ValueError(f"sm_{arch}: one of {', '.join(f'sm_{a}' for a in ARCHS)}")
+    half = torch.bfloat16 if arch >= 80 else torch.float16  # as weights.half_dtype picks on the GPU
+    results = []
+    with _compile_only(arch) as launched, pretending(Target(arch, ARCHS[arch][2])):
+        for name, call in _cases(half):
+            if progress:
+                progress(name)
+            launched.clear()
+            call()
+            for kernel_name, kernel in launched:
+                registers, stack = _resources(kernel.asm["cubin"])
+                results.append(Compiled(name, kernel_name, arch, kernel.metadata.num_warps, registers, stack,
+                                        kernel.metadata.shared))
+    return results

@@ -1,0 +1,53 @@
+"""The GPU a kernel launches on, as far as its launch parameters care: compute capability and
+number of SMs. Launch defaults (tile sizes, warps, pipeline stages, split counts) are picked
+from it, so one table per kernel serves every GPU, Triton's interpreter, and cross-compiling
+for a GPU that is not here (`pretending`, used by cross_compile.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .dot import interpreted
+
+
+@dataclass(frozen=True)
+class Target:
+    arch: int  # compute capability x 10 (90: H100); 0: Triton's interpreter on the CPU
+    cores: int  # streaming multiprocessors
+
+    @property
+    def tensor_cores(self) -> bool:
+        """Whether Triton (3.9) lowers tl.dot to tensor-core instructions here: from sm_80 on.
+        On sm_75 it emits FMA loops (no mma in the PTX), so tiles must be FMA-sized."""
+        return self.arch >= 80
+
+
+INTERPRETER = Target(0, 1)
+_pretended: list[Target] = []
+
+
+def target(device: torch.device) -> Target:
+    """Where kernels on `device` run: the interpreter, the GPU cross_compile.py pretends to be
+    there, or the CUDA device itself."""
+    if interpreted():
+        return INTERPRETER
+    if _pretended:
+        return _pretended[-1]
+    if device.type != "cuda":
+        raise ValueError(f"Triton kernels need a CUDA device or TRITON_INTERPRET=1, not {device}")
+    props = torch.cuda.get_device_properties(device)
+    return Target(props.major * 10 + props.minor, props.multi_processor_count)
+
+
+@contextlib.contextmanager
+def pretending(gpu: Target) -> Iterator[None]:
+    """Within: launch defaults are picked for `gpu`, whatever the tensors' device."""
+    _pretended.append(gpu)
+    try:
+        yield
+    finally:
+        _pretended.pop()

@@ -1,0 +1,51 @@
+"""Compile every Triton kernel for GPUs that are not here and print what each launch needs.
+
+    python scripts/compile_kernels.py            # sm_75, 80, 86, 89, 90
+    python scripts/compile_kernels.py --arch 90 --json
+
+Per launch (the runtime's calls at 3B / 7B shapes, kernels/cross_compile.py): registers per
+thread, stack bytes (spills), shared memory against the GPU's limit. Exit status 1 when a launch
+does not fit its GPU (too much shared memory, registers, or spills)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are imported: compile, not interpret
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+from qvl.kernels.cross_compile import ARCHS, cross_compile  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS),
+                        help="compute capability x 10 (repeatable; default: all)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per launch instead of a table")
+    args = parser.parse_args()
+    bad = 0
+    for arch in args.arch or sorted(ARCHS):
+        start = time.perf_counter()
+        results = cross_compile(arch, None if args.json else lambda name: print(f"  compiling {name}", file=sys.stderr))
+        if not args.json:
+            print(f"\nsm_{arch} ({ARCHS[arch][0]}; {ARCHS[arch][1] // 1024} KiB shared a block, {ARCHS[arch][2]} SMs): "
+                  f"{len(results)} launches in {time.perf_counter() - start:.0f} s")
+            print(f"{'case':<48} {'kernel':<24} {'warps':>5} {'regs':>5} {'stack':>5} {'shared':>7}  problems")
+        for r in results:
+            problems = r.problems()
+            bad += bool(problems)
+            if args.json:
+                print(json.dumps(dataclasses.asdict(r) | {"problems": problems}))
+            else:
+                print(f"{r.case:<48} {r.kernel:<24} {r.num_warps:>5} {r.registers:>5} {r.stack:>5} {r.shared:>7}  "
+                      + "; ".join(problems))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Every kernel compiled to a cubin for sm_75, 80, 86, 89 and 90 with the launches the runtime
+makes (kernels/cross_compile.py, through scripts/compile_kernels.py in a process without
+TRITON_INTERPRET): the compiles succeed, and no launch needs more shared memory or registers
+than its GPU has, or spills registers. The interpreter tests check what the kernels compute;
+these check what the interpreter cannot: that they build for the GPUs, and fit there."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
+import pytest
+from paths import REPO
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from qvl.kernels.cross_compile import ARCHS, STACK_ALLOWANCE, Compiled
+
+KERNEL_MODULES = ("attention", "decode_attention", "kv_store", "qgemv", "qmatmul", "rmsnorm", "rope")
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[int, tuple[int, list[dict], str]]:
+    """arch -> (exit status, one record per launch, stderr); the arches compile concurrently."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {arch: subprocess.Popen([sys.executable, str(REPO / "scripts" / "compile_kernels.py"), "--json",
+                                     "--arch", str(arch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env)
+             for arch in ARCHS}
+    out = {}
+    for arch, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=900)
+        out[arch] = proc.returncode, [json.loads(line) for line in stdout.splitlines()], stderr
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_launch_compiles_and_fits(compiled, arch):
+    rc, records, stderr = compiled[arch]
+    bad = [f"{r['case']} / {r['kernel']}: {'; '.join(r['problems'])}" for r in records if r["problems"]]
+    assert not bad, "\n".join(bad)
+    assert rc == 0, stderr[-2000:]
+    assert len(records) >= 45  # the cases' launches (a GEMV with split K adds its combine)
+
+
+def test_every_kernel_is_compiled(compiled):
+    """Each @triton.jit kernel the runtime launches (the *_kernel functions) is in the check, for every arch."""
+    kernels = {name for module in KERNEL_MODULES
+               for name, obj in vars(importlib.import_module(f"qvl.kernels.{module}")).items()
+               if isinstance(obj, (JITFunction, InterpretedFunction)) and name.endswith("_kernel")}
+    assert {"qgemv_kernel", "qmatmul_kernel", "attention_kernel", "decode_attention_kernel"} <= kernels
+    for arch, (_, records, _) in compiled.items():
+        assert {r["kernel"] for r in records} == kernels, arch
+
+
+def test_problems_name_each_limit():
+    fits = Compiled("case", "k", 86, num_warps=8, registers=255, stack=STACK_ALLOWANCE, shared=99 * 1024)
+    assert fits.problems() == []
+    over = Compiled("case", "k", 86, num_warps=8, registers=255, stack=STACK_ALLOWANCE + 8, shared=99 * 1024 + 1)
+    problems = over.problems()
+    assert len(problems) == 2 and "shared memory" in problems[0] and "stack" in problems[1]
+    # 255 registers x 512 threads is more than an SM's 65536
+    assert "registers" in Compiled("case", "k", 75, 16, 255, 0, 0).problems()[0]
