@@ -139,7 +139,7 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
 
     from .attention import attention
     from .decode_attention import decode_attention
-    from .kv_store import kv_store
+    from .kv_store import kv_store, kv_store_q8
     from .qmatmul import SUPPORTED, qmatmul
     from .rmsnorm import rmsnorm
     from .rope import apply_rope_
@@ -190,6 +190,9 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     for cache in (half, torch.float32):
         cases.append((f"kv store d=128, {cache} cache", lambda cache=cache: kv_store(
             z(4, 1, 128), z(4, 1, 128), z(4, 4096, 128, dtype=cache), z(4, 4096, 128, dtype=cache), index)))
+    cases.append(("kv store d=128, q8_0 cache", lambda: kv_store_q8(
+        z(4, 1, 128), z(4, 1, 128), z(4, 4096, 128, dtype=torch.int8), z(4, 4096, 128, dtype=torch.int8),
+        z(4, 4096, 4, dtype=torch.float16), z(4, 4096, 4, dtype=torch.float16), index)))
     cases += [
         ("rmsnorm 3584", lambda: rmsnorm(z(1, hidden), z(hidden), 1e-6)),
         ("rmsnorm 3584 + residual", lambda: rmsnorm(z(7, hidden), z(hidden), 1e-6, z(7, hidden))),

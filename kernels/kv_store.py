@@ -1,11 +1,13 @@
-"""Store one decode token's keys and values into a float KV cache at a slot read from the device.
+"""Store one decode token's keys and values into the KV cache at a slot read from the device.
 
 A decode step writes k and v (kv_heads, 1, head_dim) float32 into the cache's (kv_heads,
 capacity, head_dim) buffers at the slot `index` (a device tensor, so a CUDA graph can hold the
-step): in torch that is a conversion and an index_copy_ for each, four launches a layer; here
-one, program (kv head, k or v), converting to the cache's type (float32, bf16, float16; rounded
-to nearest even, as torch's `.to`) as it stores.
-Torch reference: `kv_store_ref` (index_copy_).
+step): in torch that is a conversion and an index_copy_ for each, four launches a layer (a
+q8_0 cache: about sixteen, quantizing); here one, program (kv head, k or v), converting to the
+cache's type as it stores: float32, bf16, float16 rounded to nearest even as torch's `.to`, or
+q8_0 exactly as the runtime's torch quantizer (decoder._Q8): per block of the head dimension
+d = amax|x| / 127, q = round-half-even(x / d) as int8, d stored as float16.
+Torch references: `kv_store_ref` (index_copy_), `kv_store_q8_ref` (the runtime's quantize_q8).
 """
 
 from __future__ import annotations
@@ -42,6 +44,46 @@ def kv_store_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, index_ptr, head_dim, sk_h, sv_
         tl.store(vc_ptr + head * sc_h + slot * sc_t + d, _to_cache_type(x, vc_ptr), mask=mask)
 
 
+@triton.jit
+def kv_store_q8_kernel(k_ptr, v_ptr, kq_ptr, vq_ptr, kd_ptr, vd_ptr, index_ptr, sk_h, sv_h, sq_h, sq_t, sd_h, sd_t,
+                       Q8_BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr, BLOCK_B: tl.constexpr,
+                       BLOCK_E: tl.constexpr):
+    head = tl.program_id(0)
+    slot = tl.load(index_ptr)
+    b = tl.arange(0, BLOCK_B)[:, None]  # block of the head dimension
+    e = tl.arange(0, BLOCK_E)[None, :]  # element within the block
+    mask = (b < N_BLOCKS) & (e < Q8_BLOCK)
+    offs = b * Q8_BLOCK + e
+    if tl.program_id(1) == 0:
+        x = tl.load(k_ptr + head * sk_h + offs, mask=mask, other=0.0)
+        q_ptr, d_ptr = kq_ptr, kd_ptr
+    else:
+        x = tl.load(v_ptr + head * sv_h + offs, mask=mask, other=0.0)
+        q_ptr, d_ptr = vq_ptr, vd_ptr
+    d = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)  # IEEE division, as torch's
+    y = tl.math.div_rn(x, tl.maximum(d, 1e-30)[:, None])
+    y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: float32 addition rounds y half to even, as torch.round
+    q = tl.where(d[:, None] > 0, y, 0.0)
+    tl.store(q_ptr + head * sq_h + slot * sq_t + offs, q.to(tl.int8), mask=mask)
+    tl.store(d_ptr + head * sd_h + slot * sd_t + tl.arange(0, BLOCK_B), d.to(tl.float16),
+             mask=tl.arange(0, BLOCK_B) < N_BLOCKS)
+
+
+def kv_store_q8(k: torch.Tensor, v: torch.Tensor, k_values: torch.Tensor, v_values: torch.Tensor,
+                k_scales: torch.Tensor, v_scales: torch.Tensor, index: torch.Tensor) -> None:
+    """k, v (kv_heads, 1, head_dim) float32 (any head stride) -> a q8_0 cache at slot index[0]:
+    int8 values (kv_heads, capacity, head_dim) and float16 scales (kv_heads, capacity, blocks)."""
+    heads, _, d = k_values.shape
+    blocks = k_scales.shape[-1]
+    assert k.shape == v.shape == (heads, 1, d) and k.stride(-1) == v.stride(-1) == 1 and d % blocks == 0
+    assert k_values.stride() == v_values.stride() and k_values.stride(-1) == 1 and k_values.dtype == torch.int8
+    assert k_scales.stride() == v_scales.stride() and k_scales.stride(-1) == 1 and k_scales.dtype == torch.float16
+    kv_store_q8_kernel[(heads, 2)](k, v, k_values, v_values, k_scales, v_scales, index, k.stride(0), v.stride(0),
+                                   k_values.stride(0), k_values.stride(1), k_scales.stride(0), k_scales.stride(1),
+                                   Q8_BLOCK=d // blocks, N_BLOCKS=blocks, BLOCK_B=triton.next_power_of_2(blocks),
+                                   BLOCK_E=triton.next_power_of_2(d // blocks))
+
+
 def kv_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              index: torch.Tensor) -> None:
     """k, v (kv_heads, 1, head_dim) float32 (any head stride) -> k_cache / v_cache
@@ -57,3 +99,14 @@ def kv_store_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
                  index: torch.Tensor) -> None:
     k_cache.index_copy_(1, index, k.to(k_cache.dtype))
     v_cache.index_copy_(1, index, v.to(v_cache.dtype))
+
+
+def kv_store_q8_ref(k: torch.Tensor, v: torch.Tensor, k_values: torch.Tensor, v_values: torch.Tensor,
+                    k_scales: torch.Tensor, v_scales: torch.Tensor, index: torch.Tensor) -> None:
+    from ..runtime.decoder import quantize_q8
+
+    block = k_values.shape[-1] // k_scales.shape[-1]
+    for x, values, scales in ((k, k_values, k_scales), (v, v_values, v_scales)):
+        q, d = quantize_q8(x, block)
+        values.index_copy_(1, index, q.flatten(-2))
+        scales.index_copy_(1, index, d[..., 0])

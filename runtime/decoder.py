@@ -30,6 +30,15 @@ def q8_block(dim: int) -> int:
     return Q8_BLOCK if dim % Q8_BLOCK == 0 else dim
 
 
+def quantize_q8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., dim) -> int8 (..., dim // block, block) and float16 scales (..., dim // block, 1):
+    d = amax|x| / 127 per block, q = round(x / d) (half to even)."""
+    blocks = x.float().unflatten(-1, (-1, block))
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, blocks / d.clamp_min(1e-30), 0).round()
+    return q.to(torch.int8), d.to(torch.float16)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
@@ -128,21 +137,10 @@ class _Q8:
         self.q = torch.zeros(heads, capacity, dim // self.block, self.block, dtype=torch.int8, device=device)
         self.d = torch.zeros(heads, capacity, dim // self.block, 1, dtype=torch.float16, device=device)
 
-    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = x.float().unflatten(-1, (-1, self.block))
-        d = blocks.abs().amax(-1, keepdim=True) / 127
-        q = torch.where(d > 0, blocks / d.clamp_min(1e-30), 0).round()
-        return q.to(torch.int8), d.to(torch.float16)
-
     def write(self, start: int, x: torch.Tensor) -> None:
-        q, d = self._quantize(x)
+        q, d = quantize_q8(x, self.block)
         self.q[:, start:start + x.shape[1]] = q
         self.d[:, start:start + x.shape[1]] = d
-
-    def write_at(self, index: torch.Tensor, x: torch.Tensor) -> None:
-        q, d = self._quantize(x)
-        self.q.index_copy_(1, index, q)
-        self.d.index_copy_(1, index, d)
 
     def read(self, end: int) -> torch.Tensor:
         return (self.q[:, :end].float() * self.d[:, :end].float()).flatten(-2)
@@ -197,16 +195,17 @@ class KVCache:
     def write_at(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one token's k, v (n_head_kv, 1, head_dim) at `index`, a long tensor (1,) on the
         layer's device (no host synchronization: a CUDA graph can hold it). For the kernel path
-        (decode_graph.py): float caches through kernels/kv_store.py, one launch for both."""
+        (decode_graph.py): through kernels/kv_store.py, one launch for both."""
         kc, vc = self.k[layer], self.v[layer]
-        if isinstance(kc, torch.Tensor) and isinstance(vc, torch.Tensor):
-            from ..kernels.kv_store import kv_store
+        if isinstance(kc, _Q8) and isinstance(vc, _Q8):
+            from ..kernels.kv_store import kv_store_q8
 
-            kv_store(k, v, kc, vc, index)
+            kv_store_q8(k, v, kc.values(), vc.values(), kc.scales(), vc.scales(), index)
             return
-        for store, x in ((kc, k), (vc, v)):
-            assert isinstance(store, _Q8)
-            store.write_at(index, x)
+        assert isinstance(kc, torch.Tensor) and isinstance(vc, torch.Tensor)
+        from ..kernels.kv_store import kv_store
+
+        kv_store(k, v, kc, vc, index)
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of tokens [0, end), as stored (q8_0 dequantized to float32)."""

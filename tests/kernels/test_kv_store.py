@@ -1,14 +1,18 @@
-"""kernels/kv_store.py against index_copy_ (its reference): bit-identical caches, because both
-round float32 to the cache type to nearest even and nothing else is computed."""
+"""kernels/kv_store.py against its references: float caches bit-identical to index_copy_ (both
+round float32 to the cache type to nearest even and nothing else is computed); q8_0 caches
+bit-identical to the runtime's torch quantizer (same IEEE divisions, same half-to-even rounding)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 
 import pytest
 import torch
 
-from qvl.kernels.kv_store import kv_store, kv_store_ref
+from qvl.kernels.kv_store import kv_store, kv_store_q8, kv_store_q8_ref, kv_store_ref
+from qvl.runtime.decoder import KVCache, q8_block
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -34,3 +38,48 @@ def test_matches_index_copy(dtype, heads, d, slot):
     assert not torch.equal(got[0][:, slot], cache[0][:, slot])  # the slot changed...
     others = [i for i in range(capacity) if i != slot]
     assert torch.equal(got[1][:, others], cache[1][:, others])  # ...and nothing else
+
+
+@pytest.mark.parametrize("heads,d,slot", [(1, 32, 0), (2, 80, 5), (4, 128, 7), (3, 64, 2)])
+def test_q8_0_matches_torch_quantizer(heads, d, slot):
+    """d = 80: one block of 80 (not a power of two); d = 128: four blocks of 32."""
+    capacity, block = 8, q8_block(d)
+    g = torch.Generator().manual_seed(d * 10 + slot)
+    qkv = torch.randn(1, 3 * heads * d, generator=g) * 10
+    k = qkv[:, heads * d:2 * heads * d].view(1, heads, d).transpose(0, 1)
+    v = qkv[:, 2 * heads * d:].view(1, heads, d).transpose(0, 1)
+    # a block with amax 127 (d = 1): exact halves, which round to the even integer (2.5 -> 2, -3.5 -> -4)
+    k[0, 0, :block] = 0.0
+    k[0, 0, :5] = torch.tensor([127.0, 2.5, -3.5, 0.5, -126.5])
+    v[-1, 0, :block] = 0.0  # an all-zero block: scale 0, values 0
+    index = torch.tensor([slot])
+
+    def cache():
+        g2 = torch.Generator().manual_seed(1)
+        values = [torch.randint(-127, 128, (heads, capacity, d), generator=g2, dtype=torch.int8) for _ in range(2)]
+        scales = [torch.rand(heads, capacity, d // block, generator=g2).half() for _ in range(2)]
+        return values + scales
+
+    got, want = cache(), cache()
+    kv_store_q8(k, v, *got, index)
+    kv_store_q8_ref(k, v, *want, index)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert got[0][0, slot, :5].tolist() == [127, 2, -4, 0, -126]
+    assert (got[3][-1, slot, 0] == 0).item() and not got[1][-1, slot, :block].any()
+    others = [i for i in range(capacity) if i != slot]
+    assert torch.equal(got[2][:, others], cache()[2][:, others])  # only the slot changed
+
+
+def test_cache_write_at_uses_the_kernel_for_q8_0():
+    """KVCache.write_at (the graph path's store) fills a q8_0 cache as KVCache.write does."""
+    cfg = SimpleNamespace(n_head_kv=2, head_dim=64, n_layer=1)  # what KVCache reads of a TextConfig
+    a, b = KVCache(cfg, 4, kind="q8_0"), KVCache(cfg, 4, kind="q8_0")
+    g = torch.Generator().manual_seed(0)
+    for slot in range(3):
+        k, v = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 64, generator=g)
+        a.write_at(0, torch.tensor([slot]), k, v)
+        b.write(0, k, v)
+        b.length += 1
+    for x, y in zip(a.stored(0), b.stored(0)):
+        assert torch.equal(x, y)
