@@ -8,7 +8,8 @@ the kernels' own Python entry points (qmatmul, attention, ...), on CPU tensors s
 Triton is pointed at a stand-in driver that reports the target, and every launch is turned
 into Triton's compile-only `warmup`. What comes back per launch: registers per thread, stack
 (register spills and local arrays) and shared memory, checked against the GPU's limits — a
-kernel that needs more shared memory than the GPU has fails there at its first launch.
+kernel that needs more shared memory than the GPU has fails there at its first launch — and
+the number of tensor-core instructions in its PTX.
 
 Must run in a process where TRITON_INTERPRET is unset when the kernels are imported
 (`scripts/compile_kernels.py`; the test runs it in a subprocess).
@@ -43,6 +44,7 @@ REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, all of these GPUs: a block
 # it, spills 8 bytes of the Q4_K GEMV on sm_90 at 56 registers (0 without that flag); the
 # spills this check is for were 3-10 KB a thread (decode attention, float32 GEMM and attention).
 STACK_ALLOWANCE = 16
+TENSOR_CORE_OP = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Compiled:
     registers: int
     stack: int  # bytes per thread of local memory (spills, local arrays)
     shared: int  # bytes per block
+    tensor_core_ops: int  # mma.sync (sm_80+) / wgmma.mma_async (sm_90) instructions in the PTX
 
     def problems(self) -> list[str]:
         """Why this launch would fail (or spill) on the GPU; empty when it fits."""
@@ -175,7 +178,7 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
                 True, dtype)),
         ]
     cases += [
-        ("prefill attention GQA 16/2 d=128, q8_0 cache", lambda: attention(
+        (f"prefill attention GQA 16/2 d=128 {half}, q8_0 cache", lambda: attention(
             z(300, 16, 128), z(300, 2, 128, dtype=torch.int8), z(300, 2, 128, dtype=torch.int8), [0, 300], [0, 300],
             True, half, k_scale=z(300, 2, 4, dtype=torch.float16), v_scale=z(300, 2, 4, dtype=torch.float16))),
     ]
@@ -217,5 +220,5 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None) -> l
             for kernel_name, kernel in launched:
                 registers, stack = _resources(kernel.asm["cubin"])
                 results.append(Compiled(name, kernel_name, arch, kernel.metadata.num_warps, registers, stack,
-                                        kernel.metadata.shared))
+                                        kernel.metadata.shared, len(TENSOR_CORE_OP.findall(kernel.asm["ptx"]))))
     return results

@@ -4,7 +4,8 @@
     python scripts/compile_kernels.py --arch 90 --json
 
 Per launch (the runtime's calls at 3B / 7B shapes, kernels/cross_compile.py): registers per
-thread, stack bytes (spills), shared memory against the GPU's limit. Exit status 1 when a launch
+thread, stack bytes (spills), shared memory against the GPU's limit, tensor-core instructions
+in the PTX (tc). Exit status 1 when a launch
 does not fit its GPU (too much shared memory, registers, or spills)."""
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ def main() -> int:
         if not args.json:
             print(f"\nsm_{arch} ({ARCHS[arch][0]}; {ARCHS[arch][1] // 1024} KiB shared a block, {ARCHS[arch][2]} SMs): "
                   f"{len(results)} launches in {time.perf_counter() - start:.0f} s")
-            print(f"{'case':<48} {'kernel':<24} {'warps':>5} {'regs':>5} {'stack':>5} {'shared':>7}  problems")
+            print(f"{'case':<48} {'kernel':<24} {'warps':>5} {'regs':>5} {'stack':>5} {'shared':>7} {'tc':>4}  problems")
         for r in results:
             problems = r.problems()
             bad += bool(problems)
             if args.json:
                 print(json.dumps(dataclasses.asdict(r) | {"problems": problems}))
             else:
-                print(f"{r.case:<48} {r.kernel:<24} {r.num_warps:>5} {r.registers:>5} {r.stack:>5} {r.shared:>7}  "
+                print(f"{r.case:<48} {r.kernel:<24} {r.num_warps:>5} {r.registers:>5} {r.stack:>5} {r.shared:>7} {r.tensor_core_ops:>4}  "
                       + "; ".join(problems))
     return 1 if bad else 0
 

@@ -57,11 +57,30 @@ def test_every_kernel_is_compiled(compiled):
         assert {r["kernel"] for r in records} == kernels, arch
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_half_precision_products_use_tensor_cores(compiled, arch):
+    """bf16 / f16 GEMMs and prefill / vision attention get mma (sm_80+) or wgmma (sm_90)
+    instructions; float32 ones none (exact FMA products, as documented in kernels/dot.py). On
+    sm_75 Triton 3.9 emits none for f16 either: the launch tables size those tiles for FMA
+    (Target.tensor_cores), and this fails if a Triton upgrade changes that."""
+    _, records, _ = compiled[arch]
+    products = [r for r in records if r["kernel"] in ("qmatmul_kernel", "attention_kernel")]
+    half = [r for r in products if "float16" in r["case"]]  # bfloat16 or float16
+    full = [r for r in products if "float32" in r["case"]]
+    assert len(half) == 7 and len(full) == 6
+    assert all(r["tensor_core_ops"] > 0 for r in half) == (arch >= 80)
+    assert not any(r["tensor_core_ops"] for r in full)
+    if arch < 80:
+        assert not any(r["tensor_core_ops"] for r in half)
+
+
 def test_problems_name_each_limit():
-    fits = Compiled("case", "k", 86, num_warps=8, registers=255, stack=STACK_ALLOWANCE, shared=99 * 1024)
+    fits = Compiled("case", "k", 86, num_warps=8, registers=255, stack=STACK_ALLOWANCE, shared=99 * 1024,
+                    tensor_core_ops=0)
     assert fits.problems() == []
-    over = Compiled("case", "k", 86, num_warps=8, registers=255, stack=STACK_ALLOWANCE + 8, shared=99 * 1024 + 1)
+    over = Compiled("case", "k", 86, num_warps=8, registers=255, stack=STACK_ALLOWANCE + 8, shared=99 * 1024 + 1,
+                    tensor_core_ops=0)
     problems = over.problems()
     assert len(problems) == 2 and "shared memory" in problems[0] and "stack" in problems[1]
     # 255 registers x 512 threads is more than an SM's 65536
-    assert "registers" in Compiled("case", "k", 75, 16, 255, 0, 0).problems()[0]
+    assert "registers" in Compiled("case", "k", 75, 16, 255, 0, 0, 0).problems()[0]
