@@ -160,6 +160,8 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         cases += [
             (f"{qt.name} GEMV M=1, bias + residual", lambda qt=qt: qmatmul(
                 z(1, hidden), raw(qt, 4608, hidden), qt, 4608, hidden, z(4608), z(1, 4608))),
+            (f"{qt.name} GEMV M=1, one split, bias + residual", lambda qt=qt: qmatmul(
+                z(1, hidden), raw(qt, 4608, hidden), qt, 4608, hidden, z(4608), z(1, 4608), split_k=1)),
             (f"{qt.name} GEMV M=1, SwiGLU", lambda qt=qt: qmatmul(
                 z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True)),
             (f"{qt.name} GEMV M=5, K split in 4", lambda qt=qt: qmatmul(

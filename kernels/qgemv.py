@@ -46,6 +46,13 @@ QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3}
 BLOCK_N = 16  # weight rows per program on a GPU (not tuned on one yet)
 NUM_WARPS = 4
 INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs milliseconds
+# Default K splits aim for this many programs per SM: what fits resident at once (128 threads at
+# 56-80 registers: 6-9 programs of 65536 registers; docs/benchmarks.md's compile table), so
+# that enough weight bytes are in flight to cover memory latency. With 4 (the first guess) the
+# 7B's q/k/v, o and down projections got 2-3.4 programs per H100 SM. Partial sums cost
+# splits * M * N * 8 bytes, ~1-2% of the weight bytes at these shapes. Not timed on a GPU yet.
+PROGRAMS_PER_CORE = 8
+INTERPRETED_PROGRAMS = 4  # in the interpreter (one "core"): a few splits, each costs milliseconds
 COMBINE_BLOCK = 256
 
 
@@ -219,7 +226,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     residual` (M, N); with `swiglu` the N rows are [gate; up] and the result is
     `silu(x @ gate.T) * (x @ up.T)` (M, N / 2). Checks are the caller's (qmatmul.qmatmul).
 
-    `split_k` K-ranges (default: enough programs for ~4 per GPU core, at most one per step)
+    `split_k` K-ranges (default: ~PROGRAMS_PER_CORE programs per GPU core, at most one per step)
     of `block_n` rows (default BLOCK_N on a GPU, INTERPRETED_BLOCK_N in the interpreter), with
     `num_warps` (default NUM_WARPS)."""
     blk, size = GGML_QUANT_SIZES[qtype]
@@ -229,7 +236,8 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     steps = k // STEP
     n_blocks = triton.cdiv(n, block_n)
     if split_k is None:
-        split_k = max(1, min(steps, 4 * gpu.cores // n_blocks))
+        programs = INTERPRETED_PROGRAMS if gpu == INTERPRETER else PROGRAMS_PER_CORE * gpu.cores
+        split_k = max(1, min(steps, programs // n_blocks))
     per = triton.cdiv(steps, split_k)
     splits = triton.cdiv(steps, per)
     n_out = n // 2 if swiglu else n
