@@ -33,6 +33,8 @@ launches, not four or five.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -58,10 +60,9 @@ COMBINE_BLOCK = 256
 
 @triton.jit
 def f16_at(ptr):
-    """The little-endian float16 at byte pointer(s) `ptr`, as float32."""
-    lo = tl.load(ptr).to(tl.uint16)
-    hi = tl.load(ptr + 1).to(tl.uint16)
-    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    """The little-endian float16 at byte pointer(s) `ptr`, as float32: one 2-byte load (every
+    float16 of these block types sits at an even offset of an even-length row)."""
+    return tl.load(ptr.to(tl.pointer_type(tl.float16))).to(tl.float32)
 
 
 @triton.jit
@@ -160,12 +161,15 @@ def _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
 @triton.jit
 def qgemv_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr,
-    M, N, steps, row_bytes, step_bytes, steps_per_split, stride_xm,
-    QTYPE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, steps, row_units, steps_per_split, stride_xm,
+    QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, EPILOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (pid_n, split): BLOCK_N weight rows over K steps [split * steps_per_split, ...),
-    for every row of x, into out[split] (M, N); EPILOGUE (one split) adds bias and residual."""
+    for every row of x, into out[split] (M, N); EPILOGUE (one split) adds bias and residual.
+    A row is `row_units * ROW_ALIGN` bytes and a step STEP_BYTES, both constant multiples, so the
+    compiler knows how far block addresses are aligned and loads runs of 2+ bytes at once
+    (Q6_K's 210-byte blocks: 2-byte loads; passed as plain integers it assumed 1)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -175,7 +179,7 @@ def qgemv_kernel(
     first = split * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
     for kb in range(first, last):
-        row = w_ptr + rn_safe.to(tl.int64) * row_bytes + kb * step_bytes
+        row = w_ptr + rn_safe.to(tl.int64) * row_units * ROW_ALIGN + kb * STEP_BYTES
         x_step = x_ptr + kb * 256
         if QTYPE == 1:
             acc = _step_q4_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
@@ -234,6 +238,8 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     gpu = target(x.device)
     block_n = block_n or (INTERPRETED_BLOCK_N if gpu == INTERPRETER else BLOCK_N)
     steps = k // STEP
+    row_bytes = k // blk * size
+    align = math.gcd(row_bytes, 16)
     n_blocks = triton.cdiv(n, block_n)
     if split_k is None:
         programs = INTERPRETED_PROGRAMS if gpu == INTERPRETER else PROGRAMS_PER_CORE * gpu.cores
@@ -247,9 +253,9 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     res_arg = residual.float().contiguous() if residual is not None else dummy
     parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     qgemv_kernel[(n_blocks, splits)](
-        x, raw, parts, bias_arg, res_arg, m, n, steps, k // blk * size, STEP // blk * size, per, x.stride(0),
-        QTYPE=QTYPE_IDS[qtype], EPILOGUE=epilogue, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
+        x, raw, parts, bias_arg, res_arg, m, n, steps, row_bytes // align, per, x.stride(0),
+        QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, EPILOGUE=epilogue,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
     if epilogue:
         return parts[0]
     y = torch.empty(m, n_out, dtype=torch.float32, device=x.device)

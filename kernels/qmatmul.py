@@ -180,6 +180,8 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     row_bytes = k // blk * size
     if raw.shape != (n, row_bytes) or raw.dtype != torch.uint8:
         raise ValueError(f"weight bytes should be uint8 ({n}, {row_bytes}), got {raw.dtype} {tuple(raw.shape)}")
+    if raw.data_ptr() % 2 or raw.stride() != (row_bytes, 1):
+        raise ValueError("weight bytes should be contiguous rows from an even address (float16 fields are read whole)")
     if swiglu and (n % 2 or bias is not None or residual is not None):
         raise ValueError(f"swiglu takes an even number of stacked [gate; up] rows (got {n}) and no bias or residual")
     x = x.contiguous()

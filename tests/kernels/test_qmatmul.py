@@ -105,6 +105,9 @@ def test_rejects_bad_shapes():
         qmatmul(torch.zeros(1, 256), raw[:3], T.Q8_0, 3, 256, swiglu=True)
     with pytest.raises(ValueError, match="block_k"):
         qmatmul(torch.zeros(9, 256), raw, T.Q8_0, 4, 256, block_k=32)
+    odd = torch.zeros(4 * 272 + 1, dtype=torch.uint8)[1:].view(4, 272)  # rows from an odd address
+    with pytest.raises(ValueError, match="even address"):
+        qmatmul(torch.zeros(1, 256), odd, T.Q8_0, 4, 256)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
