@@ -141,6 +141,7 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from gguf import GGMLQuantizationType as T
 
     from .attention import attention
+    from .dequant import dequant
     from .decode_attention import decode_attention
     from .kv_store import kv_store, kv_store_q8
     from .qmatmul import SUPPORTED, qmatmul
@@ -166,10 +167,12 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
                 z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True)),
             (f"{qt.name} GEMV M=5, K split in 4", lambda qt=qt: qmatmul(
                 z(5, inter), raw(qt, hidden, inter), qt, hidden, inter, split_k=4)),
-            (f"{qt.name} GEMM M=512 {half}", lambda qt=qt: qmatmul(
-                z(512, hidden, dtype=half), raw(qt, hidden, hidden), qt, hidden, hidden)),
-            (f"{qt.name} GEMM M=512 float32", lambda qt=qt: qmatmul(
-                z(512, hidden), raw(qt, hidden, hidden), qt, hidden, hidden)),
+            (f"{qt.name} GEMM M=64 {half}", lambda qt=qt: qmatmul(  # sm_75: dequant.py's route
+                z(64, hidden, dtype=half), raw(qt, hidden, hidden), qt, hidden, hidden)),
+            (f"{qt.name} GEMM M=64 float32", lambda qt=qt: qmatmul(
+                z(64, hidden), raw(qt, hidden, hidden), qt, hidden, hidden)),
+            (f"{qt.name} dequantize to float16", lambda qt=qt: dequant(raw(qt, 64, hidden), qt, 64, hidden,
+                                                                      torch.float16)),
         ]
     for dtype in (half, torch.float32):
         cases += [

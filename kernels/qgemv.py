@@ -255,7 +255,8 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     qgemv_kernel[(n_blocks, splits)](
         x, raw, parts, bias_arg, res_arg, m, n, steps, row_bytes // align, per, x.stride(0),
         QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, EPILOGUE=epilogue,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_M=max(1, triton.next_power_of_2(m)),
+        BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
     if epilogue:
         return parts[0]
     y = torch.empty(m, n_out, dtype=torch.float32, device=x.device)

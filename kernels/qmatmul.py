@@ -91,6 +91,13 @@ def _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_b
     """Elements e (any of 0..255) of K-step kb: the (BLOCK_M, len(e)) slice of x and the decoded
     (BLOCK_N, len(e)) weight tile."""
     x = tl.load(x_ptr + rm[:, None] * stride_xm + kb * 256 + e[None, :], mask=rm[:, None] < M, other=0.0)
+    return x, decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes, IS_Q4_K, IS_Q6_K, IS_Q5_0)
+
+
+@triton.jit
+def decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes,
+                IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr):
+    """Elements e (any of 0..255) of K-step kb of weight rows rn_safe, decoded: (len(rn_safe), len(e)) float32."""
     row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
     if IS_Q4_K:
         w = _decode_q4_k(row_ptr, e[None, :])
@@ -100,7 +107,7 @@ def _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_b
         w = _decode_q5_0(row_ptr, e[None, :])
     else:
         w = _decode_q8_0(row_ptr, e[None, :])
-    return x, w
+    return w
 
 
 @triton.jit
@@ -145,8 +152,9 @@ def gemm_tiles(gpu: Target, dtype: torch.dtype) -> tuple[int, int, int, int, int
     64 elements of K a time keep the decoded (128, 64) tile in registers. FMA products (float32
     anywhere, f16 on sm_75 where Triton emits no tensor-core code) hold the partial products in
     registers: 32 x 64 tiles, 8 warps and no software pipelining for float32 (64 x 64 spills on
-    sm_80, 2 stages spill 190+ bytes a thread), 16 x 32 on sm_75 (32 x 32 spills there). In the interpreter: fewer, larger numpy
-    operations."""
+    sm_80, 2 stages spill 190+ bytes a thread), 16 x 32 on sm_75 (32 x 32 spills there; used
+    when tiles are asked for: by default sm_75's float16 GEMMs go to dequant.py). In the
+    interpreter: fewer, larger numpy operations."""
     if gpu == INTERPRETER:
         return 32, 128, 256, 4, 1
     if dtype == torch.float32:
@@ -171,7 +179,9 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     M <= GEMV_MAX_M takes qgemv.py's split-K GEMV (`split_k` K-ranges, `block_n` rows a program;
     its epilogue fused), larger M the tiled GEMM (`block_m` x `block_n` tiles, `block_k` elements
     of K a time: 64, 128 or 256; the epilogue in torch after it). Unset launch parameters take
-    `gemm_tiles`' defaults for the GPU (or the interpreter)."""
+    `gemm_tiles`' defaults for the GPU (or the interpreter). float16 x on a GPU where Triton
+    emits no tensor-core code (sm_75) and no tiles given: dequant.py's dequantize-then-cuBLAS
+    instead of the tiled GEMM."""
     if qtype not in SUPPORTED:
         raise ValueError(f"qmatmul supports {', '.join(t.name for t in SUPPORTED)}, not {qtype.name}")
     if k % STEP:
@@ -190,17 +200,23 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     m = x.shape[0]
     if m <= GEMV_MAX_M:
         return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps)
-    tiles = gemm_tiles(target(x.device), x.dtype)
-    block_m, block_n, block_k, num_warps, num_stages = (
-        given or default for given, default in zip((block_m, block_n, block_k, num_warps, num_stages), tiles))
-    if block_k not in (64, 128, 256):
-        raise ValueError(f"block_k = {block_k}: one of 64, 128, 256")
-    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
-                         IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0,
-                         LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    gpu = target(x.device)
+    if gpu != INTERPRETER and not gpu.tensor_cores and x.dtype == torch.float16 and block_m is None:
+        from .dequant import dequant_matmul  # sm_75: cuBLAS has the tensor cores Triton does not use
+
+        y = dequant_matmul(x, raw, qtype, n, k)
+    else:
+        block_m, block_n, block_k, num_warps, num_stages = (
+            given or default for given, default in
+            zip((block_m, block_n, block_k, num_warps, num_stages), gemm_tiles(gpu, x.dtype)))
+        if block_k not in (64, 128, 256):
+            raise ValueError(f"block_k = {block_k}: one of 64, 128, 256")
+        y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
+                             IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0,
+                             LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m,
+                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     if swiglu:
         return torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]
     if bias is not None:

@@ -31,12 +31,12 @@ _pretended: list[Target] = []
 
 
 def target(device: torch.device) -> Target:
-    """Where kernels on `device` run: the interpreter, the GPU cross_compile.py pretends to be
-    there, or the CUDA device itself."""
-    if interpreted():
-        return INTERPRETER
+    """Where kernels on `device` run: the GPU cross_compile.py (or a test) pretends is there,
+    the interpreter, or the CUDA device itself."""
     if _pretended:
         return _pretended[-1]
+    if interpreted():
+        return INTERPRETER
     if device.type != "cuda":
         raise ValueError(f"Triton kernels need a CUDA device or TRITON_INTERPRET=1, not {device}")
     props = torch.cuda.get_device_properties(device)

@@ -34,17 +34,19 @@ def main() -> int:
         start = time.perf_counter()
         results = cross_compile(arch, None if args.json else lambda name: print(f"  compiling {name}", file=sys.stderr))
         if not args.json:
-            print(f"\nsm_{arch} ({ARCHS[arch][0]}; {ARCHS[arch][1] // 1024} KiB shared a block, {ARCHS[arch][2]} SMs): "
+            gpus, shared, cores = ARCHS[arch]
+            print(f"\nsm_{arch} ({gpus}; {shared // 1024} KiB shared a block, {cores} SMs): "
                   f"{len(results)} launches in {time.perf_counter() - start:.0f} s")
-            print(f"{'case':<48} {'kernel':<24} {'warps':>5} {'regs':>5} {'stack':>5} {'shared':>7} {'tc':>4}  problems")
+            print(f"{'case':<52} {'kernel':<24} {'warps':>5} {'regs':>5} {'stack':>5} {'shared':>7} {'tc':>4}  "
+                  "problems")
         for r in results:
             problems = r.problems()
             bad += bool(problems)
             if args.json:
                 print(json.dumps(dataclasses.asdict(r) | {"problems": problems}))
             else:
-                print(f"{r.case:<48} {r.kernel:<24} {r.num_warps:>5} {r.registers:>5} {r.stack:>5} {r.shared:>7} {r.tensor_core_ops:>4}  "
-                      + "; ".join(problems))
+                print(f"{r.case:<52} {r.kernel:<24} {r.num_warps:>5} {r.registers:>5} {r.stack:>5} {r.shared:>7} "
+                      f"{r.tensor_core_ops:>4}  " + "; ".join(problems))
     return 1 if bad else 0
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from quant_weights import quant_weights
 
-from qvl.convert.quant import quantize
 from qvl.kernels.qmatmul import qmatmul, qmatmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,23 +27,11 @@ RTOL_BF16 = 1e-2
 TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0]
 
 
-def _weights(n: int, k: int, qtype: T, kind: str, seed: int) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    if kind == "zero-blocks":
-        w[:, :256] = 0
-    elif kind == "huge":
-        w *= 3e4
-    elif kind == "tiny":
-        w *= 1e-5
-    return torch.from_numpy(quantize(w, qtype))
-
-
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("m,n,k", [(1, 1, 256), (1, 33, 512), (3, 7, 256), (8, 17, 768), (5, 16, 256),  # GEMV
                                    (9, 7, 256), (17, 33, 512), (33, 17, 768)])  # M > 8: the tiled GEMM
 def test_matches_reference(qtype, m, n, k):
-    raw = _weights(n, k, qtype, "normal", seed=m * 100 + n)
+    raw = quant_weights(n, k, qtype, "normal", seed=m * 100 + n)
     x = torch.from_numpy(np.random.default_rng(k).standard_normal((m, k)).astype(np.float32))
     ref = qmatmul_ref(x, raw, qtype)
     got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k).cpu()
@@ -56,7 +44,7 @@ def test_matches_reference(qtype, m, n, k):
 @pytest.mark.parametrize("m", [2, 12])  # GEMV and GEMM
 def test_awkward_values(qtype, kind, m):
     n, k = 9, 512
-    raw = _weights(n, k, qtype, kind, seed=3)
+    raw = quant_weights(n, k, qtype, kind, seed=3)
     x = torch.from_numpy(np.random.default_rng(4).standard_normal((m, k)).astype(np.float32))
     ref = qmatmul_ref(x, raw, qtype)
     got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k).cpu()
@@ -70,7 +58,7 @@ def test_awkward_values(qtype, kind, m):
 def test_bf16_gemm(qtype, m, n, k, kind):
     """bf16 activations (prefill, vision tower on a GPU): tensor-core products of x and the
     decoded tile rounded to bf16, against the float32 reference on the same bf16 x."""
-    raw = _weights(n, k, qtype, kind, seed=m + n)
+    raw = quant_weights(n, k, qtype, kind, seed=m + n)
     x = torch.from_numpy(np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)).to(torch.bfloat16)
     ref = qmatmul_ref(x.float(), raw, qtype)
     got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k).cpu()
@@ -85,7 +73,7 @@ def test_gemm_tiles(qtype, block_m, block_n, block_k, dtype):
     """The GEMM decoding a quarter, a half or all of each super-block at a time (a GPU takes 64),
     with tiles that leave partial blocks of M and N."""
     m, n, k = 33, 17, 768
-    raw = _weights(n, k, qtype, "normal", seed=block_k)
+    raw = quant_weights(n, k, qtype, "normal", seed=block_k)
     x = torch.from_numpy(np.random.default_rng(block_m).standard_normal((m, k)).astype(np.float32)).to(dtype)
     ref = qmatmul_ref(x.float(), raw, qtype)
     got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k, block_m=block_m, block_n=block_n, block_k=block_k).cpu()
@@ -94,7 +82,7 @@ def test_gemm_tiles(qtype, block_m, block_n, block_k, dtype):
 
 
 def test_rejects_bad_shapes():
-    raw = _weights(4, 256, T.Q8_0, "normal", 0)
+    raw = quant_weights(4, 256, T.Q8_0, "normal", 0)
     with pytest.raises(ValueError, match="multiple of 256"):
         qmatmul(torch.zeros(1, 128), raw[:, :136], T.Q8_0, 4, 128)
     with pytest.raises(ValueError, match="supports"):
@@ -115,7 +103,7 @@ def test_rejects_bad_shapes():
                                            (8, 18, 256, None), (11, 34, 512, None)])  # and in combine; GEMM
 @pytest.mark.parametrize("epilogue", ["bias", "residual", "both", "swiglu"])
 def test_epilogue_matches_torch(qtype, m, n, k, split_k, epilogue):
-    raw = _weights(n, k, qtype, "normal", seed=n + k)
+    raw = quant_weights(n, k, qtype, "normal", seed=n + k)
     rng = np.random.default_rng(m)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
     bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * 10 if epilogue in ("bias", "both") else None
@@ -137,7 +125,7 @@ def test_epilogue_matches_torch(qtype, m, n, k, split_k, epilogue):
 @pytest.mark.parametrize("m,n,k,split_k", [(1, 1, 256, 1), (1, 33, 768, 3), (3, 17, 1280, 2), (8, 7, 512, 4),
                                            (5, 16, 768, 2), (2, 9, 1280, 3)])  # 5 steps / 3 splits: a short last one
 def test_split_k_gemv_matches_reference(qtype, m, n, k, split_k):
-    raw = _weights(n, k, qtype, "normal", seed=m * 7 + n)
+    raw = quant_weights(n, k, qtype, "normal", seed=m * 7 + n)
     x = torch.from_numpy(np.random.default_rng(k + m).standard_normal((m, k)).astype(np.float32))
     ref = qmatmul_ref(x, raw, qtype)
     got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k, block_n=16, split_k=split_k).cpu()

@@ -1,0 +1,72 @@
+"""Prefill on GPUs where Triton's GEMM would run on CUDA cores: dequantize, then cuBLAS.
+
+Triton 3.9 emits no tensor-core instructions for dots on sm_75 (T4, RTX 20xx; seen in the PTX
+by scripts/compile_kernels.py), so qmatmul.py's tiled GEMM runs there as FMA loops, at a
+fraction of the card's float16 tensor-core rate that cuBLAS reaches. There, prefill's
+`x @ dequant(W).T` (float16 x, M > 8) decodes a slab of weight rows to float16 with
+`dequant_kernel` (qmatmul.py's block decoders; values rounded to nearest float16, as the tiled
+GEMM rounds its decoded tile) and multiplies with torch.matmul, slab by slab so the decoded
+copy stays under SLAB_ELEMENTS (32 MiB in float16) whatever the matrix. Decode (M <= 8) keeps
+the GEMV, which has no dot. torch.matmul returns float16 here (float32 accumulation inside
+cuBLAS), widened to float32 after: a product beyond 65504 would overflow, as in llama.cpp's
+float16 cuBLAS path.
+Torch reference: gguf-py's dequantization (`dequant_ref`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+from .qgemv import STEP
+from .qmatmul import decode_tile
+
+SLAB_ELEMENTS = 16 * 1024 * 1024
+BLOCK_N = 32  # rows and elements of K per program
+BLOCK_K = 64
+
+
+@triton.jit
+def dequant_kernel(w_ptr, out_ptr, N, row_bytes, step_bytes, stride_o,
+                   IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row block, chunk c of K): the (BLOCK_N, BLOCK_K) tile, in out's type."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1)
+    kb = c // (256 // BLOCK_K)
+    e = (c % (256 // BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
+    w = decode_tile(w_ptr, tl.where(rn < N, rn, 0), e, kb, row_bytes, step_bytes, IS_Q4_K, IS_Q6_K, IS_Q5_0)
+    tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + (kb * 256 + e)[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=rn[:, None] < N)
+
+
+def dequant(raw: torch.Tensor, qtype: T, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """raw (n, row_bytes) uint8 GGUF rows -> (n, k) `dtype` (float16 or float32)."""
+    blk, size = GGML_QUANT_SIZES[qtype]
+    out = torch.empty(n, k, dtype=dtype, device=raw.device)
+    dequant_kernel[(triton.cdiv(n, BLOCK_N), k // BLOCK_K)](
+        raw, out, n, k // blk * size, STEP // blk * size, out.stride(0),
+        IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return out
+
+
+def dequant_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int) -> torch.Tensor:
+    """x (M, K) float16 -> `x @ dequant(raw).T` (M, N) float32, a slab of weight rows at a time.
+    Checks are the caller's (qmatmul.qmatmul)."""
+    y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    rows = max(1, SLAB_ELEMENTS // k)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        y[:, r0:r1] = x @ dequant(raw[r0:r1], qtype, r1 - r0, k, x.dtype).T
+    return y
+
+
+def dequant_ref(raw: torch.Tensor, qtype: T) -> torch.Tensor:
+    """gguf-py's dequantization, float32 (n, k)."""
+    w = np.asarray(dequantize(raw.cpu().numpy(), qtype), dtype=np.float32)
+    return torch.from_numpy(w).reshape(raw.shape[0], -1)

@@ -1,0 +1,71 @@
+"""kernels/dequant.py: GGUF rows decoded by Triton against gguf-py's dequantization, and the
+dequantize-then-matmul route qmatmul takes for float16 prefill on sm_75 (pretended here).
+
+Tolerance table:
+| what | tolerance | why |
+| dequant, float32 | 1e-6 of max |w| | the same products (d * scale * q - dmin * m), fused or not |
+| dequant, float16 | 2^-11 rel. + 2^-24 | float32 rounded to nearest float16: half a unit; inf past 65504 |
+| sm_75 route | 1e-2 of max |y| | weights and x rounded to float16 (2^-11 each); as the bf16 GEMM's |
+"""
+
+from __future__ import annotations
+
+import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from quant_weights import quant_weights
+
+import qvl.kernels.dequant as dequant_module
+from qvl.kernels.dequant import dequant, dequant_ref
+from qvl.kernels.qmatmul import qmatmul, qmatmul_ref
+from qvl.kernels.target import Target, pretending
+
+TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # "huge" in float16
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n,k,kind", [(1, 256, "normal"), (33, 512, "zero-blocks"), (40, 768, "huge"),
+                                      (7, 256, "tiny")])
+def test_dequant_matches_gguf(qtype, n, k, kind):
+    raw = quant_weights(n, k, qtype, kind, seed=n + k)
+    ref = dequant_ref(raw, qtype)
+    got = dequant(raw, qtype, n, k, torch.float32)
+    assert got.shape == (n, k)
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+    half = dequant(raw, qtype, n, k, torch.float16).float()
+    big = torch.isinf(ref.half())  # "huge": beyond float16's 65504, infinite as torch's .half() makes it
+    assert torch.equal(torch.isinf(half), big)
+    assert ((half - ref).abs() <= ref.abs() * 2 ** -11 + 2 ** -24)[~big].all()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_sm75_float16_prefill_goes_through_dequant(qtype, monkeypatch):
+    """On a (pretended) sm_75, float16 x with M > 8 takes dequant_matmul, a slab of rows at a
+    time (SLAB_ELEMENTS shrunk to make three slabs, the last one short), epilogue after it."""
+    n, k, m = 40, 512, 11
+    raw = quant_weights(n, k, qtype, "normal", seed=5)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((m, k)).astype(np.float32))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    calls = []
+    matmul = dequant_module.dequant_matmul
+    monkeypatch.setattr(dequant_module, "dequant_matmul", lambda *a: calls.append(a[3]) or matmul(*a))
+    monkeypatch.setattr(dequant_module, "SLAB_ELEMENTS", 16 * k)  # 16 rows a slab: 16, 16, 8
+    with pretending(Target(75, 1)):
+        got = qmatmul(x.half(), raw, qtype, n, k, bias=bias)
+    assert calls == [n]
+    ref = qmatmul_ref(x, raw, qtype) + bias
+    assert (got - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+def test_other_gpus_and_float32_keep_the_tiled_gemm(monkeypatch):
+    raw = quant_weights(16, 256, T.Q4_K, "normal", seed=0)
+    x = torch.randn(9, 256)
+    monkeypatch.setattr(dequant_module, "dequant_matmul", lambda *a: pytest.fail("dequant route taken"))
+    for gpu, dtype in ((Target(75, 1), torch.float32), (Target(80, 1), torch.float16)):
+        with pretending(gpu):
+            got = qmatmul(x.to(dtype), raw, T.Q4_K, 16, 256)
+        ref = qmatmul_ref(x, raw, T.Q4_K)
+        assert (got - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
