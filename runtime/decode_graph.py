@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from .decoder import Decoder, KVCache, Rope, rms_norm, rope_tables
+from .decoder import Decoder, KVCache, Rope, rope_tables
 
 
 class DecodeGraph:
@@ -37,6 +37,7 @@ class DecodeGraph:
         self.x = torch.zeros(1, cfg.n_embd, device=dev)
         self.pos = torch.zeros(3, device=dev)  # the token's (t, h, w) position
         self.index = torch.zeros(1, dtype=torch.long, device=dev)  # its slot in the cache
+        self.length = torch.zeros(1, dtype=torch.int32, device=dev)  # the cache's length with it
         inv_freq, section = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         self.inv_freq, self.section = inv_freq.to(dev), section.to(dev)
         self.use_graph = graphs and dev.type == "cuda"
@@ -58,13 +59,14 @@ class DecodeGraph:
 
     def _step(self) -> torch.Tensor:
         """Logits (1, vocab) for the token in self.x at self.pos, stored at self.index."""
+        from ..kernels.rmsnorm import rmsnorm
+
         dec = self.decoder
         rope = Rope.from_angles((self.pos[self.section] * self.inv_freq)[None])  # mrope_angles, from the tables
-        length = (self.index + 1).to(torch.int32)
         x = self.x
         for i, layer in enumerate(dec.layers):
-            x = dec.layer_forward(layer, x, rope, partial(self._attend, i, length))
-        return dec.output.matmul(rms_norm(x, dec.norm, dec.cfg.rms_eps))
+            x = dec.layer_forward(layer, x, rope, partial(self._attend, i, self.length))
+        return dec.output.matmul(rmsnorm(x, dec.norm, dec.cfg.rms_eps)[0])
 
     def _capture(self) -> None:
         """Run the step once on a side stream (Triton compiles its kernels, the allocator warms
@@ -88,6 +90,7 @@ class DecodeGraph:
         self.x.copy_(embedding)
         self.pos.fill_(float(position))
         self.index.fill_(cache.length)
+        self.length.fill_(cache.length + 1)
         out: torch.Tensor | None = None
         if self.use_graph and self.graph is None:
             try:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import NamedTuple
+from functools import cached_property, partial
 
 import torch
 import torch.nn.functional as F
@@ -76,26 +75,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-class Rope(NamedTuple):
-    """M-RoPE for a run of tokens: cos/sin (seq, head_dim) for the torch path, the angles
-    (seq, head_dim / 2) for kernels/rope.py."""
+@dataclass(frozen=True)
+class Rope:
+    """M-RoPE for a run of tokens: the angles (seq, head_dim / 2) for kernels/rope.py, and
+    cos/sin (seq, head_dim) for the torch path, computed on first use (the kernel path, a
+    captured decode step included, never pays for them)."""
 
-    cos: torch.Tensor
-    sin: torch.Tensor
     angles: torch.Tensor
 
     @staticmethod
     def from_angles(angles: torch.Tensor) -> Rope:
-        emb = torch.cat((angles, angles), dim=-1)
-        return Rope(emb.cos(), emb.sin(), angles.contiguous())
+        return Rope(angles.contiguous())
 
     @staticmethod
     def at(positions: torch.Tensor, cfg: TextConfig) -> Rope:
         """For positions (3, seq)."""
         return Rope.from_angles(mrope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section))
 
+    @cached_property
+    def cos(self) -> torch.Tensor:
+        return torch.cat((self.angles, self.angles), dim=-1).cos()
+
+    @cached_property
+    def sin(self) -> torch.Tensor:
+        return torch.cat((self.angles, self.angles), dim=-1).sin()
+
     def to(self, device: torch.device) -> Rope:
-        return Rope(*(t.to(device) for t in self))
+        return Rope(self.angles.to(device))
 
 
 @dataclass
