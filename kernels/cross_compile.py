@@ -96,7 +96,7 @@ class _TargetDriver:
 
 
 @contextlib.contextmanager
-def _compile_only(arch: int) -> Iterator[list[tuple[str, object]]]:
+def compile_only(arch: int) -> Iterator[list[tuple[str, object]]]:
     """Within: every Triton launch compiles for sm_`arch` and is recorded, none runs."""
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
@@ -216,7 +216,7 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None) -> l
         raise ValueError(f"sm_{arch}: one of {', '.join(f'sm_{a}' for a in ARCHS)}")
     half = torch.bfloat16 if arch >= 80 else torch.float16  # as weights.half_dtype picks on the GPU
     results = []
-    with _compile_only(arch) as launched, pretending(Target(arch, ARCHS[arch][2])):
+    with compile_only(arch) as launched, pretending(Target(arch, ARCHS[arch][2])):
         for name, call in _cases(half):
             if progress:
                 progress(name)

@@ -1,0 +1,54 @@
+"""What a captured decode step launches, counted without a GPU (scripts/count_launches.py: the
+kernels compiled for sm_90 and sm_75, never run): per layer one RMSNorm before attention and
+one before the MLP, four dequantizing GEMVs (q/k/v stacked, o, gate/up stacked, down), one
+rotary for q and k, one KV store, one decode attention, and split-K combines; per step one
+final RMSNorm, the output GEMV and two torch kernels (the rotary angles from the position
+buffer). A torch op that creeps into the step (a dtype conversion, a norm in torch) fails here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from paths import REPO
+from tiny_models import TinySpec, make_checkpoint
+from typer.testing import CliRunner
+
+from qvl.convert.cli import app as convert_app
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("launches")
+    spec = TinySpec(hidden=256, intermediate=512, heads=4, kv_heads=2, layers=LAYERS, vocab_size=1280,
+                    dtype=torch.float32, std=0.15, seed=3)
+    path = d / "m.gguf"
+    r = CliRunner().invoke(convert_app, [str(make_checkpoint(d / "ckpt", spec)), "-o", str(path), "--type", "q8_0",
+                                         "-q"])
+    assert r.exit_code == 0, r.output
+    return path
+
+
+@pytest.mark.parametrize("arch,cache", [(90, "bf16"), (75, "q8_0")])
+def test_decode_step_launches(model, arch, cache):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "count_launches.py"), str(model), "--json",
+                          "--arch", str(arch), "--cache-type", cache], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = json.loads(out.stdout)
+    triton, torch_ops, n = found["triton"], found["torch"], found["layers"]
+    assert n == LAYERS
+    assert triton.pop("qgemv_kernel") == 4 * n + 1
+    assert triton.pop("rmsnorm_kernel") == 2 * n + 1
+    assert triton.pop("rope_kernel") == triton.pop("decode_attention_kernel") == n
+    assert triton.pop("kv_store_q8_kernel" if cache == "q8_0" else "kv_store_kernel") == n
+    assert n <= triton.pop("combine_kernel", 0) <= 5 * n + 1  # decode attention's, and split GEMVs'
+    assert triton == {}
+    assert sum(torch_ops.values()) <= 2, torch_ops
