@@ -119,8 +119,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
     Unset tiles take `launch`'s defaults for the GPU (or the interpreter)."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"attention in {dtype}: float32, bfloat16 or float16")
-    default_m, default_n, num_warps, num_stages = launch(target(q.device), dtype)
-    block_m, block_n = block_m or default_m, block_n or default_n
     tq, heads, d = q.shape
     kv_heads = k.shape[1]
     if heads % kv_heads:
@@ -128,6 +126,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
     is_q8 = k.dtype == torch.int8
     if is_q8 != (k_scale is not None and v_scale is not None):
         raise ValueError("int8 (q8_0) keys and values need k_scale and v_scale, float ones none")
+    default_m, default_n, num_warps, num_stages = launch(target(q.device), dtype)
+    block_m, block_n = block_m or default_m, block_n or default_n
     q = q.to(dtype).contiguous()
     if not is_q8 and (k.dtype != dtype or k.stride(-1) != 1 or k.stride() != v.stride()):
         k, v = k.to(dtype).contiguous(), v.to(dtype).contiguous()  # else read in place
@@ -161,6 +161,6 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[
         vs = v[c:e].transpose(0, 1).float().repeat_interleave(group, 0)
         mask = None
         if causal:
-            mask = torch.ones(b - a, e - c, dtype=torch.bool).tril(diagonal=(e - c) - (b - a))
+            mask = torch.ones(b - a, e - c, dtype=torch.bool, device=q.device).tril(diagonal=(e - c) - (b - a))
         out[a:b] = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask)[0].transpose(0, 1)
     return out

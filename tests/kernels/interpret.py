@@ -7,4 +7,4 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ACCEL = "cuda" if torch.cuda.is_available() else "cpu"  # where whole-model kernel tests put the accelerator's part
+ACCEL = "cuda" if torch.cuda.is_available() else "cpu"  # where kernel tests put their tensors (the accelerator's part)

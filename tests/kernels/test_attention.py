@@ -11,6 +11,7 @@ from __future__ import annotations
 import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import pytest
 import torch
+from interpret import ACCEL
 
 from qvl.kernels.attention import attention, attention_ref
 
@@ -19,8 +20,8 @@ ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 def _qkv(tq, tk, heads, kv_heads, d, seed):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(tq, heads, d, generator=g), torch.randn(tk, kv_heads, d, generator=g),
-            torch.randn(tk, kv_heads, d, generator=g))
+    return (torch.randn(tq, heads, d, generator=g).to(ACCEL), torch.randn(tk, kv_heads, d, generator=g).to(ACCEL),
+            torch.randn(tk, kv_heads, d, generator=g).to(ACCEL))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -65,7 +66,7 @@ def test_causal_reads_the_cache_in_place(kind, dtype, q_len, past, d):
     q, k, v = _qkv(q_len, end, heads, kv_heads, d, seed=d + q_len)
     bufs, scales = [], []
     for x in (k, v):
-        buf = torch.zeros(kv_heads, capacity, d)
+        buf = torch.zeros(kv_heads, capacity, d, device=ACCEL)
         buf[:, :end] = x.transpose(0, 1)
         if kind == "q8_0":
             block = 32 if d % 32 == 0 else 16

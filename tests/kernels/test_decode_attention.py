@@ -12,6 +12,7 @@ from __future__ import annotations
 import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import pytest
 import torch
+from interpret import ACCEL
 
 from qvl.kernels.decode_attention import decode_attention, decode_attention_ref
 
@@ -19,7 +20,7 @@ ATOL = {"f32": 2e-5, "bf16": 2e-5, "q8_0": 2e-5}
 
 
 def _cache(kv_heads, capacity, d, kind, g):
-    x = torch.randn(kv_heads, capacity, d, generator=g) * 2
+    x = (torch.randn(kv_heads, capacity, d, generator=g) * 2).to(ACCEL)
     if kind == "f32":
         return x, None
     if kind == "bf16":
@@ -40,10 +41,10 @@ def _cache(kv_heads, capacity, d, kind, g):
 ])
 def test_matches_reference(kind, heads, kv_heads, d, capacity, length, splits):
     g = torch.Generator().manual_seed(heads * 1000 + length)
-    q = torch.randn(heads, d, generator=g)
+    q = torch.randn(heads, d, generator=g).to(ACCEL)
     k, ks = _cache(kv_heads, capacity, d, kind, g)
     v, vs = _cache(kv_heads, capacity, d, kind, g)
-    got = decode_attention(q, k, v, torch.tensor([length], dtype=torch.int32), ks, vs, splits=splits)
+    got = decode_attention(q, k, v, torch.tensor([length], dtype=torch.int32, device=ACCEL), ks, vs, splits=splits)
     ref = decode_attention_ref(q, k, v, length, ks, vs)
     assert got.shape == (heads, d)
     assert (got - ref).abs().max().item() <= ATOL[kind]
@@ -52,9 +53,9 @@ def test_matches_reference(kind, heads, kv_heads, d, capacity, length, splits):
 def test_keys_past_length_are_ignored():
     """The same cache read to two lengths: garbage after `length` changes nothing."""
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(4, 32, generator=g)
-    k, v = torch.randn(2, 160, 32, generator=g), torch.randn(2, 160, 32, generator=g)
-    n = torch.tensor([70], dtype=torch.int32)
+    q = torch.randn(4, 32, generator=g).to(ACCEL)
+    k, v = torch.randn(2, 160, 32, generator=g).to(ACCEL), torch.randn(2, 160, 32, generator=g).to(ACCEL)
+    n = torch.tensor([70], dtype=torch.int32, device=ACCEL)
     before = decode_attention(q, k, v, n, splits=2)
     k[:, 70:] = 1e4
     v[:, 70:] = float("nan")
@@ -64,9 +65,9 @@ def test_keys_past_length_are_ignored():
 def test_large_scores_do_not_overflow():
     """Scores of ~1e4 (huge keys): the running max keeps exp() finite."""
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 16, generator=g) * 100
-    k, v = torch.randn(1, 100, 16, generator=g) * 100, torch.randn(1, 100, 16, generator=g)
-    n = torch.tensor([100], dtype=torch.int32)
+    q = (torch.randn(2, 16, generator=g) * 100).to(ACCEL)
+    k, v = (torch.randn(1, 100, 16, generator=g) * 100).to(ACCEL), torch.randn(1, 100, 16, generator=g).to(ACCEL)
+    n = torch.tensor([100], dtype=torch.int32, device=ACCEL)
     got = decode_attention(q, k, v, n, splits=3)
     assert torch.isfinite(got).all()
     assert (got - decode_attention_ref(q, k, v, 100)).abs().max().item() <= 2e-5

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from interpret import ACCEL
 from quant_weights import quant_weights
 
 import qvl.kernels.dequant as dequant_module
@@ -32,10 +33,11 @@ TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0]
 def test_dequant_matches_gguf(qtype, n, k, kind):
     raw = quant_weights(n, k, qtype, kind, seed=n + k)
     ref = dequant_ref(raw, qtype)
-    got = dequant(raw, qtype, n, k, torch.float32)
+    raw = raw.to(ACCEL)
+    got = dequant(raw, qtype, n, k, torch.float32).cpu()
     assert got.shape == (n, k)
     assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
-    half = dequant(raw, qtype, n, k, torch.float16).float()
+    half = dequant(raw, qtype, n, k, torch.float16).float().cpu()
     big = torch.isinf(ref.half())  # "huge": beyond float16's 65504, infinite as torch's .half() makes it
     assert torch.equal(torch.isinf(half), big)
     assert ((half - ref).abs() <= ref.abs() * 2 ** -11 + 2 ** -24)[~big].all()
@@ -54,7 +56,7 @@ def test_sm75_float16_prefill_goes_through_dequant(qtype, monkeypatch):
     monkeypatch.setattr(dequant_module, "dequant_matmul", lambda *a: calls.append(a[3]) or matmul(*a))
     monkeypatch.setattr(dequant_module, "SLAB_ELEMENTS", 16 * k)  # 16 rows a slab: 16, 16, 8
     with pretending(Target(75, 1)):
-        got = qmatmul(x.half(), raw, qtype, n, k, bias=bias)
+        got = qmatmul(x.half().to(ACCEL), raw.to(ACCEL), qtype, n, k, bias=bias.to(ACCEL)).cpu()
     assert calls == [n]
     ref = qmatmul_ref(x, raw, qtype) + bias
     assert (got - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
@@ -66,6 +68,6 @@ def test_other_gpus_and_float32_keep_the_tiled_gemm(monkeypatch):
     monkeypatch.setattr(dequant_module, "dequant_matmul", lambda *a: pytest.fail("dequant route taken"))
     for gpu, dtype in ((Target(75, 1), torch.float32), (Target(80, 1), torch.float16)):
         with pretending(gpu):
-            got = qmatmul(x.to(dtype), raw, T.Q4_K, 16, 256)
+            got = qmatmul(x.to(ACCEL, dtype), raw.to(ACCEL), T.Q4_K, 16, 256).cpu()
         ref = qmatmul_ref(x, raw, T.Q4_K)
         assert (got - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()

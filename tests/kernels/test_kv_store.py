@@ -10,6 +10,7 @@ import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 
 import pytest
 import torch
+from interpret import ACCEL
 
 from qvl.kernels.kv_store import kv_store, kv_store_q8, kv_store_q8_ref, kv_store_ref
 from qvl.runtime.decoder import KVCache, q8_block
@@ -20,16 +21,17 @@ from qvl.runtime.decoder import KVCache, q8_block
 def test_matches_index_copy(dtype, heads, d, slot):
     capacity = 8
     g = torch.Generator().manual_seed(d + slot)
-    cache = [torch.randn(heads, capacity, d, generator=g).to(dtype) for _ in range(2)]
+    cache = [torch.randn(heads, capacity, d, generator=g).to(ACCEL, dtype) for _ in range(2)]
     # k and v as the decoder leaves them: head-strided views of one projection output
     qkv = torch.randn(1, 3 * heads * d, generator=g) * 100
     # exact ties between two bf16 values (round to the even one), a float16 tie, inf (not float32
     # denormals: Triton's interpreter flushes them to zero in the bf16 conversion)
     qkv[0, heads * d:heads * d + 5] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -11,
                                                     float("inf")])
+    qkv = qkv.to(ACCEL)
     k = qkv[:, heads * d:2 * heads * d].view(1, heads, d).transpose(0, 1)
     v = qkv[:, 2 * heads * d:].view(1, heads, d).transpose(0, 1)
-    index = torch.tensor([slot])
+    index = torch.tensor([slot], device=ACCEL)
     got = [c.clone() for c in cache]
     want = [c.clone() for c in cache]
     kv_store(k, v, *got, index)
@@ -52,13 +54,14 @@ def test_q8_0_matches_torch_quantizer(heads, d, slot):
     k[0, 0, :block] = 0.0
     k[0, 0, :5] = torch.tensor([127.0, 2.5, -3.5, 0.5, -126.5])
     v[-1, 0, :block] = 0.0  # an all-zero block: scale 0, values 0
-    index = torch.tensor([slot])
+    k, v = k.to(ACCEL), v.to(ACCEL)
+    index = torch.tensor([slot], device=ACCEL)
 
     def cache():
         g2 = torch.Generator().manual_seed(1)
         values = [torch.randint(-127, 128, (heads, capacity, d), generator=g2, dtype=torch.int8) for _ in range(2)]
         scales = [torch.rand(heads, capacity, d // block, generator=g2).half() for _ in range(2)]
-        return values + scales
+        return [t.to(ACCEL) for t in values + scales]
 
     got, want = cache(), cache()
     kv_store_q8(k, v, *got, index)
@@ -74,11 +77,11 @@ def test_q8_0_matches_torch_quantizer(heads, d, slot):
 def test_cache_write_at_uses_the_kernel_for_q8_0():
     """KVCache.write_at (the graph path's store) fills a q8_0 cache as KVCache.write does."""
     cfg = SimpleNamespace(n_head_kv=2, head_dim=64, n_layer=1)  # what KVCache reads of a TextConfig
-    a, b = KVCache(cfg, 4, kind="q8_0"), KVCache(cfg, 4, kind="q8_0")
+    a, b = (KVCache(cfg, 4, [torch.device(ACCEL)], kind="q8_0") for _ in range(2))
     g = torch.Generator().manual_seed(0)
     for slot in range(3):
-        k, v = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 64, generator=g)
-        a.write_at(0, torch.tensor([slot]), k, v)
+        k, v = torch.randn(2, 1, 64, generator=g).to(ACCEL), torch.randn(2, 1, 64, generator=g).to(ACCEL)
+        a.write_at(0, torch.tensor([slot], device=ACCEL), k, v)
         b.write(0, k, v)
         b.length += 1
     for x, y in zip(a.stored(0), b.stored(0)):

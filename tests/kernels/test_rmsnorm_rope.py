@@ -11,6 +11,7 @@ from __future__ import annotations
 import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import pytest
 import torch
+from interpret import ACCEL
 
 from qvl.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from qvl.kernels.rope import apply_rope_, merge_unit_positions, mrope_angles, vision_angles
@@ -25,7 +26,7 @@ def test_rmsnorm(rows, n, with_residual):
     x = torch.randn(rows, n, generator=g) * 3
     res = torch.randn(rows, n, generator=g) if with_residual else None
     w = 1 + 0.1 * torch.randn(n, generator=g)
-    y, h = rmsnorm(x, w, 1e-6, res)
+    y, h = (t.cpu() for t in rmsnorm(x.to(ACCEL), w.to(ACCEL), 1e-6, res.to(ACCEL) if res is not None else None))
     y_ref, h_ref = rmsnorm_ref(x, w, 1e-6, res)
     assert (y - y_ref).abs().max().item() <= 1e-5 * y_ref.abs().max().item()
     assert torch.equal(h, h_ref)
@@ -39,7 +40,7 @@ def test_mrope(tokens, heads, hd, sections):
     pos = torch.stack([torch.arange(tokens) * 2, torch.arange(tokens) % 5 + 3, torch.arange(tokens) % 7 + 3])
     cos, sin = mrope_cos_sin(pos, hd, 1e6, sections)
     ref = apply_rope(x.transpose(0, 1), cos, sin).transpose(0, 1)
-    out = apply_rope_(x.clone(), mrope_angles(pos, hd, 1e6, sections))
+    out = apply_rope_(x.to(ACCEL), mrope_angles(pos, hd, 1e6, sections).to(ACCEL)).cpu()
     assert (out - ref).abs().max().item() <= 2e-5
 
 
@@ -49,16 +50,16 @@ def test_mrope_q_and_k_in_one_launch(tokens, heads, kv_heads):
     buffer, rotated in place together; v, between them in memory, untouched."""
     hd, sections = 32, (4, 6, 6)
     g = torch.Generator().manual_seed(heads)
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * hd, generator=g)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * hd, generator=g).to(ACCEL)
     before = qkv.clone()
     q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
     pos = torch.stack([torch.arange(tokens) + 4, torch.arange(tokens) % 3, torch.arange(tokens) % 2])
     cos, sin = mrope_cos_sin(pos, hd, 1e6, sections)
-    apply_rope_(q.view(tokens, heads, hd), mrope_angles(pos, hd, 1e6, sections), k.view(tokens, kv_heads, hd))
+    apply_rope_(q.view(tokens, heads, hd), mrope_angles(pos, hd, 1e6, sections).to(ACCEL), k.view(tokens, kv_heads, hd))
     for got, ref_in, n in ((q, before[:, :heads * hd], heads), (k, before[:, heads * hd:(heads + kv_heads) * hd],
                                                                  kv_heads)):
-        ref = apply_rope(ref_in.reshape(tokens, n, hd).transpose(0, 1), cos, sin).transpose(0, 1)
-        assert (got.reshape(tokens, n, hd) - ref).abs().max().item() <= 2e-5
+        ref = apply_rope(ref_in.cpu().reshape(tokens, n, hd).transpose(0, 1), cos, sin).transpose(0, 1)
+        assert (got.cpu().reshape(tokens, n, hd) - ref).abs().max().item() <= 2e-5
     assert torch.equal(v, before[:, (heads + kv_heads) * hd:])
 
 
@@ -69,5 +70,5 @@ def test_vision_rope_head_dim_80(grid):
     n = cos.shape[0]
     x = torch.randn(n, heads, hd, generator=torch.Generator().manual_seed(n))
     ref = x * cos[:, None] + torch.cat((-x[..., hd // 2:], x[..., :hd // 2]), -1) * sin[:, None]
-    out = apply_rope_(x.clone(), vision_angles(*merge_unit_positions([grid]), hd))
+    out = apply_rope_(x.to(ACCEL), vision_angles(*merge_unit_positions([grid]), hd).to(ACCEL)).cpu()
     assert (out - ref).abs().max().item() <= 2e-5
