@@ -36,7 +36,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 case "$stage" in
 kernels)
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$out/kernel-tests.log" | tail -30
+    # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels --ignore=tests/kernels/test_cross_compile.py \
+        --ignore=tests/kernels/test_decode_launches.py 2>&1 | tee "$out/kernel-tests.log" | tail -30
     timeout 300 python3 scripts/bench_kernels.py > "$out/bench-kernels.json" 2> "$out/bench-kernels.err"
     tail -5 "$out/bench-kernels.err"; head -c 3000 "$out/bench-kernels.json"
     ;;
