@@ -99,7 +99,8 @@ class _TargetDriver:
 
 @contextlib.contextmanager
 def compile_only(arch: int) -> Iterator[list[tuple[str, object]]]:
-    """Within: every Triton launch compiles for sm_`arch` and is recorded, none runs."""
+    """Within: every Triton launch compiles for sm_`arch` and is recorded, none runs; a launch
+    whose tensors are on more than one device raises."""
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
@@ -109,6 +110,9 @@ def compile_only(arch: int) -> Iterator[list[tuple[str, object]]]:
     run = JITFunction.run
 
     def compile_instead(self, *args, grid, warmup, **options):
+        devices = {str(a.device) for a in args if isinstance(a, torch.Tensor)}
+        if len(devices) > 1:  # on a GPU: a host pointer in a kernel, an illegal memory access
+            raise RuntimeError(f"{self.fn.__name__}: tensors on {', '.join(sorted(devices))} in one launch")
         kernel = run(self, *args, grid=grid, warmup=True, **options)
         launched.append((self.fn.__name__, kernel))
         return kernel

@@ -2,11 +2,13 @@
 
     python scripts/count_launches.py model.gguf [--arch 90] [--cache-type bf16] [--json]
 
-Loads the model wholly "on the accelerator" (the CPU standing in, kernels compiled for sm_ARCH
-and never run: kernels/cross_compile.py), runs DecodeGraph's step once to compile, then once
-more counting what a CUDA graph of it would hold: Triton launches by kernel, and the torch
-operations that launch a CUDA kernel (views and allocations do not). Use a small model: the
-weights are allocated on the CPU."""
+Loads the model wholly "on the accelerator", with torch's meta device standing in for the GPU
+(tensors with shapes and no data: an operation that mixes a CPU tensor into the accelerator's
+work fails here as it would on a GPU) and the kernels compiled for sm_ARCH and never run
+(kernels/cross_compile.py). It prefills 20 tokens (the tiled GEMM and prefill attention), runs
+DecodeGraph's step once to compile, then once more counting what a CUDA graph of it would hold:
+Triton launches by kernel, and the torch operations that launch a CUDA kernel (views and
+allocations do not)."""
 
 from __future__ import annotations
 
@@ -50,9 +52,12 @@ def count(path: str, arch: int, cache_type: str) -> dict:
 
     with compile_only(arch) as launched, pretending(Target(arch, ARCHS[arch][2])):
         model = load(path, device="cpu", dtype=torch.bfloat16,
-                     placement=Placement("cpu", ALL_LAYERS, vision_on_accel=False, kv_type=cache_type))
+                     placement=Placement("meta", ALL_LAYERS, vision_on_accel=False, kv_type=cache_type))
         dec = model.decoder
-        graph = DecodeGraph(dec, dec.new_cache(64, cache_type), graphs=False)
+        cache = dec.new_cache(64, cache_type)
+        prompt = torch.arange(20)
+        dec.forward(dec.embed_tokens(prompt), prompt.expand(3, -1).contiguous(), cache)
+        graph = DecodeGraph(dec, cache, graphs=False)
         graph._step()  # compiles
         launched.clear()
         torch_kernels = _TorchKernels()
@@ -65,7 +70,7 @@ def count(path: str, arch: int, cache_type: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a GGUF text model (small: its weights are allocated on the CPU)")
+    parser.add_argument("model", help="a GGUF text model")
     parser.add_argument("--arch", type=int, default=90, choices=sorted(ARCHS), help="compute capability x 10")
     parser.add_argument("--cache-type", default="bf16", choices=["f32", "bf16", "f16", "q8_0"])
     parser.add_argument("--json", action="store_true")

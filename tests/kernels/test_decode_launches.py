@@ -3,7 +3,10 @@ kernels compiled for sm_90 and sm_75, never run): per layer one RMSNorm before a
 one before the MLP, four dequantizing GEMVs (q/k/v stacked, o, gate/up stacked, down), one
 rotary for q and k, one KV store, one decode attention, and split-K combines; per step one
 final RMSNorm, the output GEMV and two torch kernels (the rotary angles from the position
-buffer). A torch op that creeps into the step (a dtype conversion, a norm in torch) fails here."""
+buffer). A torch op that creeps into the step (a dtype conversion, a norm in torch) fails here.
+The accelerator is torch's meta device and a 20-token prefill runs first, so a CPU tensor mixed
+into the accelerator's work (a torch op, or a Triton launch's arguments) fails here too, as it
+would on a GPU: the CPU-only kernel tests cannot see that."""
 
 from __future__ import annotations
 
