@@ -220,7 +220,7 @@ class Model:
             assert self.vision is not None
             t0 = time.perf_counter()
             pixels = torch.from_numpy(np.concatenate([p.pixels for p in items]))
-            feats = self.vision.forward(pixels, [p.grid_thw for p in items])
+            feats = self.vision.forward(pixels, [p.grid_thw for p in items]).to(embeds.device)  # waits for it
             timings["vision_ms"] = timings.get("vision_ms", 0.0) + 1e3 * (time.perf_counter() - t0)
             embeds[ids_t == self.tokenizer.token_to_id(pad)] = feats
         return embeds, rope_positions(spans), timings

@@ -261,7 +261,8 @@ class VisionTower:
         return b.down.matmul(h) + b.down_b
 
     def forward(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Patches (n, C*2*P*P) of one or more images -> merged tokens (n / 4, out_dim)."""
+        """Patches (n, C*2*P*P) of one or more images -> merged tokens (n / 4, out_dim), on the
+        tower's device."""
         cfg = self.cfg
         dev = self.device
         x = pixels.to(dev).float() @ self.patch.T
@@ -286,4 +287,4 @@ class VisionTower:
         x = self.mm2.matmul(F.gelu(self.mm0.matmul(x) + self.mm0_b)) + self.mm2_b
         if order is not None:
             x = x[torch.argsort(order).to(dev)]
-        return x.cpu()
+        return x

@@ -5,7 +5,8 @@
 Loads the model wholly "on the accelerator", with torch's meta device standing in for the GPU
 (tensors with shapes and no data: an operation that mixes a CPU tensor into the accelerator's
 work fails here as it would on a GPU) and the kernels compiled for sm_ARCH and never run
-(kernels/cross_compile.py). It prefills 20 tokens (the tiled GEMM and prefill attention), runs
+(kernels/cross_compile.py). It runs the vision tower on a 280x420 image when the model has one
+(its window attention), prefills 20 tokens (the tiled GEMM and prefill attention), runs
 DecodeGraph's step once to compile, then once more counting what a CUDA graph of it would hold:
 Triton launches by kernel, and the torch operations that launch a CUDA kernel (views and
 allocations do not)."""
@@ -46,13 +47,20 @@ class _TorchKernels(TorchDispatchMode):
 
 
 def count(path: str, arch: int, cache_type: str) -> dict:
+    from PIL import Image
+
     from qvl.runtime.decode_graph import DecodeGraph
+    from qvl.runtime.image import preprocess
     from qvl.runtime.model import ALL_LAYERS, load
     from qvl.runtime.placement import Placement
 
     with compile_only(arch) as launched, pretending(Target(arch, ARCHS[arch][2])):
         model = load(path, device="cpu", dtype=torch.bfloat16,
-                     placement=Placement("meta", ALL_LAYERS, vision_on_accel=False, kv_type=cache_type))
+                     placement=Placement("meta", ALL_LAYERS, vision_on_accel=True, kv_type=cache_type))
+        if model.vision is not None:
+            image = preprocess(Image.new("RGB", (420, 280)))
+            feats = model.vision.forward(torch.from_numpy(image.pixels), [image.grid_thw])
+            assert feats.device.type == "meta"
         dec = model.decoder
         cache = dec.new_cache(64, cache_type)
         prompt = torch.arange(20)
@@ -64,8 +72,8 @@ def count(path: str, arch: int, cache_type: str) -> dict:
         with torch_kernels:
             graph._step()
     triton_kernels = collections.Counter(name for name, _ in launched)
-    return {"arch": arch, "layers": len(dec.layers), "triton": dict(triton_kernels), "torch": dict(torch_kernels.ops),
-            "total": sum(triton_kernels.values()) + sum(torch_kernels.ops.values())}
+    return {"arch": arch, "layers": len(dec.layers), "vision": model.vision is not None, "triton": dict(triton_kernels),
+            "torch": dict(torch_kernels.ops), "total": sum(triton_kernels.values()) + sum(torch_kernels.ops.values())}
 
 
 def main() -> int:

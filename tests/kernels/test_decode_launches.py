@@ -4,9 +4,9 @@ one before the MLP, four dequantizing GEMVs (q/k/v stacked, o, gate/up stacked, 
 rotary for q and k, one KV store, one decode attention, and split-K combines; per step one
 final RMSNorm, the output GEMV and two torch kernels (the rotary angles from the position
 buffer). A torch op that creeps into the step (a dtype conversion, a norm in torch) fails here.
-The accelerator is torch's meta device and a 20-token prefill runs first, so a CPU tensor mixed
-into the accelerator's work (a torch op, or a Triton launch's arguments) fails here too, as it
-would on a GPU: the CPU-only kernel tests cannot see that."""
+The accelerator is torch's meta device, and the vision tower (an image) and a 20-token prefill
+run first, so a CPU tensor mixed into the accelerator's work (a torch op, or a Triton launch's
+arguments) fails here too, as it would on a GPU: the CPU-only kernel tests cannot see that."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_decode_step_launches(model, arch, cache):
     assert out.returncode == 0, out.stderr[-2000:]
     found = json.loads(out.stdout)
     triton, torch_ops, n = found["triton"], found["torch"], found["layers"]
-    assert n == LAYERS
+    assert n == LAYERS and found["vision"]
     assert triton.pop("qgemv_kernel") == 4 * n + 1
     assert triton.pop("rmsnorm_kernel") == 2 * n + 1
     assert triton.pop("rope_kernel") == triton.pop("decode_attention_kernel") == n
