@@ -93,12 +93,16 @@ class Rope:
         return Rope.from_angles(mrope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section))
 
     @cached_property
+    def _doubled(self) -> torch.Tensor:
+        return torch.cat((self.angles, self.angles), dim=-1)  # each frequency for both halves
+
+    @cached_property
     def cos(self) -> torch.Tensor:
-        return torch.cat((self.angles, self.angles), dim=-1).cos()
+        return self._doubled.cos()
 
     @cached_property
     def sin(self) -> torch.Tensor:
-        return torch.cat((self.angles, self.angles), dim=-1).sin()
+        return self._doubled.sin()
 
     def to(self, device: torch.device) -> Rope:
         return Rope(self.angles.to(device))
