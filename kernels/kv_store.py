@@ -5,7 +5,7 @@ capacity, head_dim) buffers at the slot `index` (a device tensor, so a CUDA grap
 step): in torch that is a conversion and an index_copy_ for each, four launches a layer (a
 q8_0 cache: about sixteen, quantizing); here one, program (kv head, k or v), converting to the
 cache's type as it stores: float32, bf16, float16 rounded to nearest even as torch's `.to`, or
-q8_0 exactly as the runtime's torch quantizer (decoder._Q8): per block of the head dimension
+q8_0 exactly as the runtime's torch quantizer (decoder.quantize_q8): per block of the head dimension
 d = amax|x| / 127, q = round-half-even(x / d) as int8, d stored as float16.
 Torch references: `kv_store_ref` (index_copy_), `kv_store_q8_ref` (the runtime's quantize_q8).
 """
