@@ -47,6 +47,7 @@ REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, all of these GPUs: a block
 # and attention).
 STACK_ALLOWANCE = 32
 TENSOR_CORE_OP = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)")
+ATOMIC_OP = re.compile(r"\batom(?:\.[\w:]+)+")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Compiled:
     stack: int  # bytes per thread of local memory (spills, local arrays)
     shared: int  # bytes per block
     tensor_core_ops: int  # mma.sync (sm_80+) / wgmma.mma_async (sm_90) instructions in the PTX
+    atomics: int = 0  # atom instructions in the PTX
+    unordered_atomics: int = 0  # of which without acq_rel semantics at GPU scope
 
     def problems(self) -> list[str]:
         """Why this launch would fail (or spill) on the GPU; empty when it fits."""
@@ -72,7 +75,15 @@ class Compiled:
             found.append(f"{self.registers} registers x {32 * self.num_warps} threads exceed {REGISTER_FILE}")
         if self.stack > STACK_ALLOWANCE:
             found.append(f"{self.stack} bytes of stack per thread (register spills)")
+        if self.unordered_atomics:  # qgemv's split arrival count orders the partial sums around it
+            found.append(f"{self.unordered_atomics} atomic(s) without acquire-release ordering at GPU scope")
         return found
+
+
+def unordered_atomics(ptx: str) -> int:
+    """Atomic instructions in `ptx` that neither publish earlier stores nor see other
+    programs' (not `.acq_rel` at `.gpu` scope)."""
+    return sum(1 for op in ATOMIC_OP.findall(ptx) if ".acq_rel" not in op or ".gpu" not in op)
 
 
 class _TargetDriver:
@@ -171,6 +182,8 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
                 z(1, hidden), raw(qt, 4608, hidden), qt, 4608, hidden, z(4608), z(1, 4608), split_k=1)),
             (f"{qt.name} GEMV M=1, SwiGLU", lambda qt=qt: qmatmul(
                 z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True)),
+            (f"{qt.name} GEMV M=1, SwiGLU, K split in 2", lambda qt=qt: qmatmul(
+                z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True, split_k=2)),
             (f"{qt.name} GEMV M=5, K split in 4", lambda qt=qt: qmatmul(
                 z(5, inter), raw(qt, hidden, inter), qt, hidden, inter, split_k=4)),
             (f"{qt.name} GEMM M=64 {half}", lambda qt=qt: qmatmul(  # sm_75: dequant.py's route
@@ -231,5 +244,6 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None) -> l
             for kernel_name, kernel in launched:
                 registers, stack = _resources(kernel.asm["cubin"])
                 results.append(Compiled(name, kernel_name, arch, kernel.metadata.num_warps, registers, stack,
-                                        kernel.metadata.shared, len(TENSOR_CORE_OP.findall(kernel.asm["ptx"]))))
+                                        kernel.metadata.shared, len(TENSOR_CORE_OP.findall(kernel.asm["ptx"])),
+                                        len(ATOMIC_OP.findall(kernel.asm["ptx"])), unordered_atomics(kernel.asm["ptx"])))
     return results

@@ -23,12 +23,17 @@ Element layouts (the same as qmatmul.py's decoders, regrouped):
   Q5_0: block a (22 bytes: f16 d, u32 qh, 16 qs): byte b, low nibble e = 32a + b with bit b
         of qh, high nibble e = 32a + 16 + b with bit 16 + b;   w = d*(q - 16)
 
-Split-K: program (row block, split) sums a range of the K steps; with more than one split the
-partial sums go to a (splits, M, N) buffer and `combine_kernel` adds them in a fixed order
-(results do not depend on scheduling). The epilogue (bias, residual, SwiGLU's
-`silu(gate) * up` over stacked [gate; up] rows) runs in the kernel when there is one split and
-nothing crosses row blocks, else in the combine: a decode layer's projections cost one or two
-launches, not four or five.
+Split-K: program (row block, split) sums a range of the K steps. With one split it finishes
+its rows itself; with more it writes its partial sums to a (splits, M, row blocks * BLOCK_N)
+buffer and counts itself done on its row block's counter (an atomic add, acquire-release at GPU
+scope, after a barrier so the whole program's stores are ordered before it): the program that
+arrives last adds the partials in split order (results do not depend on scheduling), resets
+the counter for the next launch and finishes the rows. Finishing is the epilogue: bias and
+residual, or SwiGLU's `silu(gate) * up` over stacked [gate; up] rows, for which a program takes
+BLOCK_N / 2 gate rows and the up rows of the same outputs (interleaved: gate, up, gate, ...), so
+no output needs rows of two programs. A decode layer's projections cost one launch each (a
+separate combine launch per split GEMV before: 4-5 a layer of a 7B Q4_K_M step on sm_90,
+scripts/count_launches.py).
 """
 
 from __future__ import annotations
@@ -55,7 +60,6 @@ INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs m
 # splits * M * N * 8 bytes, ~1-2% of the weight bytes at these shapes. Not timed on a GPU yet.
 PROGRAMS_PER_CORE = 8
 INTERPRETED_PROGRAMS = 4  # in the interpreter (one "core"): a few splits, each costs milliseconds
-COMBINE_BLOCK = 256
 
 
 @triton.jit
@@ -159,22 +163,53 @@ def _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+            SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store a program's sums acc (BLOCK_M, BLOCK_N) to y (M, N_OUT): plus bias and residual,
+    or with SWIGLU (columns interleaved gate, up) silu(gate) * up."""
+    if SWIGLU:
+        pair = tl.reshape(acc, (acc.shape[0], BLOCK_N // 2, 2))
+        half = tl.arange(0, 2)[None, None, :]
+        gate = tl.sum(tl.where(half == 0, pair, 0.0), axis=2)
+        up = tl.sum(tl.where(half == 1, pair, 0.0), axis=2)
+        out = gate / (1.0 + tl.exp(-gate)) * up
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    else:
+        out = acc
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N_OUT)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=cols < N_OUT, other=0.0)[None, :]
+    if HAS_RES:
+        out += tl.load(res_ptr + rows[:, None] * N_OUT + cols[None, :], mask=mask, other=0.0)
+    tl.store(y_ptr + rows[:, None] * N_OUT + cols[None, :], out, mask=mask)
+
+
+@triton.jit
 def qgemv_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr,
-    M, N, steps, row_units, steps_per_split, stride_xm,
-    QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, EPILOGUE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr,
+    M, N_OUT, steps, row_units, steps_per_split, splits, stride_xm,
+    QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
+    SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Program (pid_n, split): BLOCK_N weight rows over K steps [split * steps_per_split, ...),
-    for every row of x, into out[split] (M, N); EPILOGUE (one split) adds bias and residual.
-    A row is `row_units * ROW_ALIGN` bytes and a step STEP_BYTES, both constant multiples, so the
-    compiler knows how far block addresses are aligned and loads runs of 2+ bytes at once
-    (Q6_K's 210-byte blocks: 2-byte loads; passed as plain integers it assumed 1)."""
+    for every row of x; with SPLIT the last of a row block's `splits` programs adds their
+    partials (module doc). A row is `row_units * ROW_ALIGN` bytes and a step STEP_BYTES, both
+    constant multiples, so the compiler knows how far block addresses are aligned and loads
+    runs of 2+ bytes at once (Q6_K's 210-byte blocks: 2-byte loads; passed as plain integers it
+    assumed 1)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_safe = tl.where(rn < N, rn, 0)  # masked rows read row 0 and are never stored
+    j = tl.arange(0, BLOCK_N)
+    if SWIGLU:  # output c's gate row c and up row N_OUT + c side by side
+        out_col = pid_n * (BLOCK_N // 2) + j // 2
+        rn = out_col + (j % 2) * N_OUT
+    else:
+        out_col = pid_n * BLOCK_N + j
+        rn = out_col
+    rn_safe = tl.where(out_col < N_OUT, rn, 0)  # rows past the end read row 0 and are never stored
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first = split * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
@@ -189,38 +224,35 @@ def qgemv_kernel(
             acc = _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
         else:
             acc = _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
-    mask = (rows[:, None] < M) & (rn[None, :] < N)
-    if EPILOGUE:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
-        if HAS_RES:
-            acc += tl.load(res_ptr + rows[:, None] * N + rn[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + split * M * N + rows[:, None] * N + rn[None, :], acc, mask=mask)
-
-
-@triton.jit
-def combine_kernel(part_ptr, bias_ptr, res_ptr, y_ptr, splits, M, N, N_OUT,
-                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
-    """y (M, N_OUT) from the partials (splits, M, N), summed in split order: plus bias and
-    residual, or with SWIGLU (N = 2 N_OUT: gate columns, then up) silu(gate) * up."""
-    m = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N_OUT
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    up = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(splits):
-        p = part_ptr + s * M * N + m * N
-        acc += tl.load(p + cols, mask=mask, other=0.0)
-        if SWIGLU:
-            up += tl.load(p + N_OUT + cols, mask=mask, other=0.0)
-    if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * up
+    if SPLIT:
+        # partials: (splits, BLOCK_M, row blocks * BLOCK_N), every slot written (padding rows too)
+        width = tl.num_programs(0) * BLOCK_N
+        slot = part_ptr + rows[:, None] * width + (pid_n * BLOCK_N + j)[None, :]
+        tl.store(slot + split * BLOCK_M * width, acc)
+        tl.debug_barrier()  # every thread's partial is written before the count says so
+        done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == splits - 1:  # the last of the row block: add all partials in split order
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(splits):
+                acc += tl.load(slot + s * BLOCK_M * width, cache_modifier=".cg")  # not L1: other SMs wrote it
+            tl.store(count_ptr + pid_n, 0)  # ready for the next launch
+            _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=mask, other=0.0)
-        if HAS_RES:
-            acc += tl.load(res_ptr + m * N_OUT + cols, mask=mask, other=0.0)
-    tl.store(y_ptr + m * N_OUT + cols, acc, mask=mask)
+        _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
+
+
+_counters: dict[torch.device, list[torch.Tensor]] = {}
+MIN_COUNTERS = 1 << 16  # row blocks; the largest split GEMV of the official models has ~2400
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """n zero int32 arrival counters on `device`, left at zero by every launch that used them,
+    so one buffer serves every launch there. Never freed or replaced: a CUDA graph may hold it
+    (a larger one is added beside it when a launch needs more)."""
+    held = _counters.setdefault(device, [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device))
+    return held[-1][:n]
 
 
 def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
@@ -240,27 +272,24 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     steps = k // STEP
     row_bytes = k // blk * size
     align = math.gcd(row_bytes, 16)
-    n_blocks = triton.cdiv(n, block_n)
+    n_out = n // 2 if swiglu else n
+    n_blocks = triton.cdiv(n_out, block_n // 2 if swiglu else block_n)
     if split_k is None:
         programs = INTERPRETED_PROGRAMS if gpu == INTERPRETER else PROGRAMS_PER_CORE * gpu.cores
         split_k = max(1, min(steps, programs // n_blocks))
     per = triton.cdiv(steps, split_k)
     splits = triton.cdiv(steps, per)
-    n_out = n // 2 if swiglu else n
-    epilogue = splits == 1 and not swiglu
+    block_m = max(1, triton.next_power_of_2(m))
     dummy = x  # a pointer for absent operands (never read)
     bias_arg = bias.float().contiguous() if bias is not None else dummy
     res_arg = residual.float().contiguous() if residual is not None else dummy
-    parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    qgemv_kernel[(n_blocks, splits)](
-        x, raw, parts, bias_arg, res_arg, m, n, steps, row_bytes // align, per, x.stride(0),
-        QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, EPILOGUE=epilogue,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_M=max(1, triton.next_power_of_2(m)),
-        BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
-    if epilogue:
-        return parts[0]
     y = torch.empty(m, n_out, dtype=torch.float32, device=x.device)
-    combine_kernel[(triton.cdiv(n_out, COMBINE_BLOCK), m)](
-        parts, bias_arg, res_arg, y, splits, m, n, n_out, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, SWIGLU=swiglu, BLOCK=COMBINE_BLOCK)
+    parts = torch.empty(splits, block_m, n_blocks * block_n, dtype=torch.float32, device=x.device) \
+        if splits > 1 else y
+    count = counters(x.device, n_blocks) if splits > 1 else y
+    qgemv_kernel[(n_blocks, splits)](
+        x, raw, y, parts, count, bias_arg, res_arg, m, n_out, steps, row_bytes // align, per, splits, x.stride(0),
+        QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1, SWIGLU=swiglu,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps or NUM_WARPS)
     return y

@@ -18,7 +18,7 @@ from paths import REPO
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from qvl.kernels.cross_compile import ARCHS, STACK_ALLOWANCE, Compiled
+from qvl.kernels.cross_compile import ARCHS, STACK_ALLOWANCE, Compiled, unordered_atomics
 
 KERNEL_MODULES = ("attention", "decode_attention", "dequant", "kv_store", "qgemv", "qmatmul", "rmsnorm", "rope")
 
@@ -44,7 +44,20 @@ def test_every_launch_compiles_and_fits(compiled, arch):
     bad = [f"{r['case']} / {r['kernel']}: {'; '.join(r['problems'])}" for r in records if r["problems"]]
     assert not bad, "\n".join(bad)
     assert rc == 0, stderr[-2000:]
-    assert len(records) >= 50  # the cases' launches (a GEMV with split K adds its combine)
+    assert len(records) >= 50  # the cases' launches (a decode attention adds its combine)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_split_gemv_counts_arrivals_with_ordering(compiled, arch):
+    """A GEMV with K split counts its programs in with an atomic (qgemv.py: the last one adds
+    the partials), and the check sees each such atomic's ordering (a relaxed one is a problem,
+    test_problems_name_each_limit); one split needs none."""
+    _, records, _ = compiled[arch]
+    gemv = {r["case"]: r for r in records if r["kernel"] == "qgemv_kernel"}
+    split = [r for case, r in gemv.items() if "K split" in case]
+    single = [r for case, r in gemv.items() if "one split" in case]
+    assert len(split) == 8 and all(r["atomics"] == 1 and r["unordered_atomics"] == 0 for r in split)
+    assert len(single) == 4 and all(r["atomics"] == 0 for r in single)
 
 
 def test_every_kernel_is_compiled(compiled):
@@ -86,3 +99,11 @@ def test_problems_name_each_limit():
     assert len(problems) == 2 and "shared memory" in problems[0] and "stack" in problems[1]
     # 255 registers x 512 threads is more than an SM's 65536
     assert "registers" in Compiled("case", "k", 75, 16, 255, 0, 0, 0).problems()[0]
+    assert "atomic" in Compiled("case", "k", 90, 4, 64, 0, 0, 0, 1, unordered_atomics=1).problems()[0]
+
+
+def test_unordered_atomics_read_from_ptx():
+    assert unordered_atomics("@%p7 atom.global.gpu.acq_rel.add.u32 %r314, [ %rd38 + 0 ], %r315;") == 0
+    assert unordered_atomics("atom.global.gpu.relaxed.add.u32 %r1, [%rd1], %r2;") == 1
+    assert unordered_atomics("atom.global.cta.acq_rel.add.u32 %r1, [%rd1], %r2;") == 1
+    assert unordered_atomics("st.shared::cta.b32 [%r1], %r2; bar.sync 0;") == 0

@@ -131,3 +131,57 @@ def test_split_k_gemv_matches_reference(qtype, m, n, k, split_k):
     got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k, block_n=16, split_k=split_k).cpu()
     assert got.shape == (m, n)
     assert (got - ref).abs().max().item() <= RTOL[qtype] * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K])
+@pytest.mark.parametrize("m,n_out,k,block_n,split_k", [(1, 7, 512, 4, 1), (1, 7, 768, 4, 3), (3, 9, 1280, 8, 2),
+                                                       (8, 5, 512, 2, 2), (2, 16, 768, 32, 3)])
+def test_swiglu_pairs_within_a_program(qtype, m, n_out, k, block_n, split_k):
+    """SwiGLU over [gate; up] with programs of block_n / 2 outputs (gate and up rows
+    interleaved): output counts that leave a partial last program, one split (finished in the
+    program) and several (finished by the last to arrive), against torch."""
+    n = 2 * n_out
+    raw = quant_weights(n, k, qtype, "normal", seed=n + block_n)
+    x = torch.from_numpy(np.random.default_rng(k).standard_normal((m, k)).astype(np.float32))
+    y = qmatmul_ref(x, raw, qtype)
+    ref = torch.nn.functional.silu(y[:, :n_out]) * y[:, n_out:]
+    got = qmatmul(x.to(DEVICE), raw.to(DEVICE), qtype, n, k, swiglu=True, block_n=block_n, split_k=split_k).cpu()
+    assert got.shape == (m, n_out)
+    assert (got - ref).abs().max().item() <= RTOL[qtype] * ref.abs().max().item()
+
+
+def test_split_counters_left_at_zero():
+    """The last program of each row block resets its arrival counter, so the next launch (or a
+    CUDA graph's replay) starts from zero: three launches of different shapes on one buffer give
+    the same bits as each alone, and the buffer ends all zeros."""
+    from qvl.kernels.qgemv import counters
+
+    dev = torch.device(DEVICE)
+    cases = [(T.Q4_K, 1, 33, 1280, 5, False), (T.Q8_0, 3, 18, 768, 3, True), (T.Q4_K, 1, 33, 1280, 5, False)]
+    outs = []
+    for qtype, m, n, k, split_k, swiglu in cases:
+        raw = quant_weights(n, k, qtype, "normal", seed=n)
+        x = torch.from_numpy(np.random.default_rng(m).standard_normal((m, k)).astype(np.float32))
+        outs.append(qmatmul(x.to(dev), raw.to(dev), qtype, n, k, swiglu=swiglu, block_n=4, split_k=split_k).cpu())
+        assert not counters(dev, 64).any()
+    assert torch.equal(outs[0], outs[2])
+
+
+def test_split_gemv_same_bits_every_launch():
+    """The last-to-arrive program adds the partials in split order whichever program arrives last,
+    so repeated launches give identical bits. On a GPU (the device's kernel stage) this runs a
+    7B projection 200 times with its default split, where a partial read before it is written
+    (a wrong memory order around the arrival count) would show as a changed result; in the
+    interpreter (programs in order) a small one 3 times."""
+    gpu = DEVICE == "cuda"
+    n, k, repeats = (3584, 3584, 200) if gpu else (33, 1280, 3)
+    raw = quant_weights(n, k, T.Q4_K, "normal", seed=5)
+    x = torch.from_numpy(np.random.default_rng(6).standard_normal((1, k)).astype(np.float32))
+    res = torch.from_numpy(np.random.default_rng(7).standard_normal((1, n)).astype(np.float32))
+    ref = qmatmul_ref(x, raw, T.Q4_K) + res
+    xd, rawd, resd = x.to(DEVICE), raw.to(DEVICE), res.to(DEVICE)
+    split_k = None if gpu else 5
+    first = qmatmul(xd, rawd, T.Q4_K, n, k, residual=resd, block_n=16, split_k=split_k)
+    assert (first.cpu() - ref).abs().max().item() <= RTOL[T.Q4_K] * ref.abs().max().item()
+    for _ in range(repeats):
+        assert torch.equal(qmatmul(xd, rawd, T.Q4_K, n, k, residual=resd, block_n=16, split_k=split_k), first)
