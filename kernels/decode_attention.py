@@ -4,11 +4,12 @@
 Pass 1 (`decode_attention_kernel`): program (kv_head, split) takes the `group` query heads that
 share one KV head (GQA) and the keys [split * keys_per_split, ...) of that head, below `length`;
 it walks them BLOCK_N at a time with an online softmax in float32 (running max m, sum l,
-unnormalized output acc) and writes its partial (m, l, acc). A q8_0 cache is int8 values with a
-float16 scale per block of Q8_BLOCK values of the head dimension, multiplied in as keys and
-values are loaded. Pass 2 (`combine_kernel`): per query head, weights each split by
-exp(m_split - max m) and writes sum(w * acc) / sum(w * l); splits past `length` have m = -inf
-and weigh nothing.
+unnormalized output acc). A q8_0 cache is int8 values with a float16 scale per block of
+Q8_BLOCK values of the head dimension, multiplied in as keys and values are loaded. With one
+split the program writes acc / l; with more it writes its partial (m, l, acc), and the last of
+a KV head's splits to arrive (arrival.py) combines them for the head's query heads: each split
+weighed by exp(m_split - max m), out = sum(w * acc) / sum(w * l), in split order; splits past
+`length` have m = -inf and weigh nothing. One launch either way.
 
 `length` is read from a device tensor, and the number of splits depends only on the cache's
 capacity, so a step can be captured once in a CUDA graph and replayed as the cache grows.
@@ -21,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrival import counters, last_to_arrive
 from .attention import load_kv
 from .target import INTERPRETER, Target, target
 
@@ -38,15 +40,21 @@ def launch(gpu: Target) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _store_normalized(ptrs, acc, l, g_ok, mask):
+    """acc / l for the group's heads (padding rows past the group, where l = 0, divide by 1)."""
+    tl.store(ptrs, acc / tl.where(g_ok, l, 1.0)[:, None], mask=mask)
+
+
+@triton.jit
 def decode_attention_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, count_ptr, o_ptr,
     # dimensions
     head_dim, group, scale, keys_per_split, n_splits,
     # strides (head, token) of q, of the caches (k and v alike) and of their scales
     sq_h, sk_h, sk_t, ss_h, ss_t,
     # meta-parameters
-    IS_Q8: tl.constexpr, Q8_BLOCK: tl.constexpr,
+    IS_Q8: tl.constexpr, Q8_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
@@ -78,27 +86,28 @@ def decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
-    row = heads * n_splits + split
     g_ok = rg < group
-    tl.store(pm_ptr + row, m_i, mask=g_ok)
-    tl.store(pl_ptr + row, l_i, mask=g_ok)
-    tl.store(po_ptr + row[:, None] * head_dim + rd[None, :], acc, mask=g_ok[:, None] & d_ok)
-
-
-@triton.jit
-def combine_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, head_dim, n_splits,
-                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    head = tl.program_id(0)
-    rs = tl.arange(0, BLOCK_S)
-    rd = tl.arange(0, BLOCK_D)
-    s_ok = rs < n_splits
-    m = tl.load(pm_ptr + head * n_splits + rs, mask=s_ok, other=float("-inf"))
-    l = tl.load(pl_ptr + head * n_splits + rs, mask=s_ok, other=0.0)
-    w = tl.exp(m - tl.max(m, axis=0))  # split 0 always holds key 0, so the max is finite
-    o = tl.load(po_ptr + (head * n_splits + rs)[:, None] * head_dim + rd[None, :],
-                mask=s_ok[:, None] & (rd[None, :] < head_dim), other=0.0)
-    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l, axis=0)
-    tl.store(o_ptr + head * head_dim + rd, out, mask=rd < head_dim)
+    out_mask = g_ok[:, None] & d_ok
+    if SPLIT:
+        row = heads * n_splits + split
+        tl.store(pm_ptr + row, m_i, mask=g_ok)
+        tl.store(pl_ptr + row, l_i, mask=g_ok)
+        tl.store(po_ptr + row[:, None] * head_dim + rd[None, :], acc, mask=out_mask)
+        if last_to_arrive(count_ptr + kv_head, n_splits):  # combine the KV head's splits, in order
+            first = heads * n_splits
+            m_max = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+            for s in range(n_splits):
+                m_max = tl.maximum(m_max, tl.load(pm_ptr + first + s, mask=g_ok, other=0.0, cache_modifier=".cg"))
+            l_sum = tl.zeros((BLOCK_G,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+            for s in range(n_splits):  # split 0 always holds key 0, so m_max is finite
+                w = tl.exp(tl.load(pm_ptr + first + s, mask=g_ok, other=0.0, cache_modifier=".cg") - m_max)
+                l_sum += w * tl.load(pl_ptr + first + s, mask=g_ok, other=0.0, cache_modifier=".cg")
+                acc += w[:, None] * tl.load(po_ptr + (first + s)[:, None] * head_dim + rd[None, :], mask=out_mask,
+                                            other=0.0, cache_modifier=".cg")
+            _store_normalized(o_ptr + heads[:, None] * head_dim + rd[None, :], acc, l_sum, g_ok, out_mask)
+    else:
+        _store_normalized(o_ptr + heads[:, None] * head_dim + rd[None, :], acc, l_i, g_ok, out_mask)
 
 
 def default_splits(capacity: int, kv_heads: int, gpu: Target) -> int:
@@ -130,22 +139,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: 
     splits = splits or default_splits(capacity, kv_heads, gpu)
     per = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
     splits = triton.cdiv(capacity, per)
-    part_o = torch.empty(heads * splits, d, dtype=torch.float32, device=q.device)
-    part_m = torch.empty(heads * splits, dtype=torch.float32, device=q.device)
-    part_l = torch.empty(heads * splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(heads, d, dtype=torch.float32, device=q.device)
+    part_o = torch.empty(heads * splits, d, dtype=torch.float32, device=q.device) if splits > 1 else out
+    part_m = torch.empty(heads * splits, dtype=torch.float32, device=q.device) if splits > 1 else out
+    part_l = torch.empty(heads * splits, dtype=torch.float32, device=q.device) if splits > 1 else out
+    count = counters(q.device, kv_heads) if splits > 1 else out
     block = d // k_scale.shape[-1] if k_scale is not None else d
     ks = k_scale if k_scale is not None else k
     vs = v_scale if v_scale is not None else v
     block_d = max(16, triton.next_power_of_2(d))
     decode_attention_kernel[(kv_heads, splits)](
-        q, k, v, ks, vs, length, part_o, part_m, part_l,
+        q, k, v, ks, vs, length, part_o, part_m, part_l, count, out,
         d, group, d ** -0.5, per, splits,
         q.stride(0), k.stride(0), k.stride(1), ks.stride(0), ks.stride(1),
-        IS_Q8=is_q8, Q8_BLOCK=block, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        IS_Q8=is_q8, Q8_BLOCK=block, SPLIT=splits > 1, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
-    out = torch.empty(heads, d, dtype=torch.float32, device=q.device)
-    combine_kernel[(heads,)](part_o, part_m, part_l, out, d, splits,
-                             BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
     return out
 
 

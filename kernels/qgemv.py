@@ -25,10 +25,9 @@ Element layouts (the same as qmatmul.py's decoders, regrouped):
 
 Split-K: program (row block, split) sums a range of the K steps. With one split it finishes
 its rows itself; with more it writes its partial sums to a (splits, M, row blocks * BLOCK_N)
-buffer and counts itself done on its row block's counter (an atomic add, acquire-release at GPU
-scope, after a barrier so the whole program's stores are ordered before it): the program that
-arrives last adds the partials in split order (results do not depend on scheduling), resets
-the counter for the next launch and finishes the rows. Finishing is the epilogue: bias and
+buffer and counts itself in on its row block's counter (arrival.py): the program that arrives
+last adds the partials in split order (results do not depend on scheduling) and finishes the
+rows. Finishing is the epilogue: bias and
 residual, or SwiGLU's `silu(gate) * up` over stacked [gate; up] rows, for which a program takes
 BLOCK_N / 2 gate rows and the up rows of the same outputs (interleaved: gate, up, gate, ...), so
 no output needs rows of two programs. A decode layer's projections cost one launch each (a
@@ -46,6 +45,7 @@ import triton.language as tl
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from .arrival import counters, last_to_arrive
 from .target import INTERPRETER, target
 
 STEP = 256  # elements of K per loop iteration
@@ -229,30 +229,13 @@ def qgemv_kernel(
         width = tl.num_programs(0) * BLOCK_N
         slot = part_ptr + rows[:, None] * width + (pid_n * BLOCK_N + j)[None, :]
         tl.store(slot + split * BLOCK_M * width, acc)
-        tl.debug_barrier()  # every thread's partial is written before the count says so
-        done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == splits - 1:  # the last of the row block: add all partials in split order
+        if last_to_arrive(count_ptr + pid_n, splits):  # add the row block's partials in split order
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(splits):
                 acc += tl.load(slot + s * BLOCK_M * width, cache_modifier=".cg")  # not L1: other SMs wrote it
-            tl.store(count_ptr + pid_n, 0)  # ready for the next launch
             _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
     else:
         _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
-
-
-_counters: dict[torch.device, list[torch.Tensor]] = {}
-MIN_COUNTERS = 1 << 16  # row blocks; the largest split GEMV of the official models has ~2400
-
-
-def counters(device: torch.device, n: int) -> torch.Tensor:
-    """n zero int32 arrival counters on `device`, left at zero by every launch that used them,
-    so one buffer serves every launch there. Never freed or replaced: a CUDA graph may hold it
-    (a larger one is added beside it when a launch needs more)."""
-    held = _counters.setdefault(device, [])
-    if not held or held[-1].numel() < n:
-        held.append(torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device))
-    return held[-1][:n]
 
 
 def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,

@@ -36,6 +36,7 @@ def _cache(kv_heads, capacity, d, kind, g):
 @pytest.mark.parametrize("heads,kv_heads,d,capacity,length,splits", [
     (2, 1, 64, 300, 1, None),       # one key: the first token after an empty prompt; GQA 2
     (7, 1, 80, 131, 131, 3),        # GQA 7, head dim 80 (q8_0: one scale per head), a full cache
+    (3, 1, 80, 131, 100, 1),        # one split: the program normalizes its own output
     (4, 4, 16, 200, 131, 4),        # no GQA; splits past `length` hold no keys
     (14, 2, 128, 1000, 517, None),  # GQA 7 with two KV heads, the default split count
 ])
@@ -60,6 +61,24 @@ def test_keys_past_length_are_ignored():
     k[:, 70:] = 1e4
     v[:, 70:] = float("nan")
     assert torch.equal(decode_attention(q, k, v, n, splits=2), before)
+
+
+def test_same_bits_every_launch():
+    """The last split to arrive combines in split order, so repeated launches give identical bits.
+    On a GPU (the device's kernel stage): the 7B's 28 / 4 heads over 3000 of 4096 cached keys,
+    200 launches with the default split count, where a partial read before it is written would
+    show; in the interpreter (programs in order) a small cache 3 times."""
+    gpu = ACCEL == "cuda"
+    heads, kv_heads, d, capacity, length, repeats = (28, 4, 128, 4096, 3000, 200) if gpu else (4, 2, 32, 300, 250, 3)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(heads, d, generator=g).to(ACCEL)
+    k, _ = _cache(kv_heads, capacity, d, "bf16", g)
+    v, _ = _cache(kv_heads, capacity, d, "bf16", g)
+    n = torch.tensor([length], dtype=torch.int32, device=ACCEL)
+    first = decode_attention(q, k, v, n, splits=None if gpu else 3)
+    assert (first - decode_attention_ref(q, k, v, length)).abs().max().item() <= ATOL["bf16"]
+    for _ in range(repeats):
+        assert torch.equal(decode_attention(q, k, v, n, splits=None if gpu else 3), first)
 
 
 def test_large_scores_do_not_overflow():

@@ -154,7 +154,7 @@ def test_split_counters_left_at_zero():
     """The last program of each row block resets its arrival counter, so the next launch (or a
     CUDA graph's replay) starts from zero: three launches of different shapes on one buffer give
     the same bits as each alone, and the buffer ends all zeros."""
-    from qvl.kernels.qgemv import counters
+    from qvl.kernels.arrival import counters
 
     dev = torch.device(DEVICE)
     cases = [(T.Q4_K, 1, 33, 1280, 5, False), (T.Q8_0, 3, 18, 768, 3, True), (T.Q4_K, 1, 33, 1280, 5, False)]
