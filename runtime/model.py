@@ -55,6 +55,18 @@ class Generation:
     videos: list[VideoInput] = field(default_factory=list)  # what was sampled, for --verbose
 
 
+def dequant_slab_bytes(accel: str | None, kernels: bool, fast: bool) -> int:
+    """GPU memory for the float16 weight slab kernels/dequant.py decodes per prefill / vision
+    GEMM where Triton's dots get no tensor cores (sm_75); 0 elsewhere (and in float32, fast=False)."""
+    if accel != "cuda" or not kernels or not fast or not torch.cuda.is_available():
+        return 0
+    if torch.cuda.get_device_capability()[0] >= 8:
+        return 0
+    from ..kernels.dequant import SLAB_ELEMENTS
+
+    return 2 * SLAB_ELEMENTS
+
+
 def find_mmproj(model: Path) -> Path | None:
     """llama.cpp's pairing: mmproj-<stem>.gguf beside the model, else the folder's single mmproj*.gguf."""
     named = model.with_name(f"mmproj-{model.name}")
@@ -80,7 +92,8 @@ class Model:
         self.plan: Plan | None = None
         if placement.accel is not None:
             fp = footprint(self.cfg, text_file.tensors, vision_file.tensors if vision_file else None,
-                           placement.kernels, placement.kv_type or "bf16")
+                           placement.kernels, placement.kv_type or "bf16",
+                           dequant_slab_bytes(placement.accel, placement.kernels, fast))
             self.plan = make_plan(fp, plan_ctx, max_vram, placement.gpu_layers, placement.vision_on_accel,
                                   placement.vision_max_pixels)
             if max_vram is not None:

@@ -9,10 +9,12 @@ transient parts are estimates from the model's dimensions:
   layer (residual, norm, q/k/v, attention output, gate/up/SwiGLU) plus one row of logits;
 - vision peak: per patch, float32, the residual, norm, q/k/v, attention output and the MLP's
   up/gate/hidden (flash-style attention keeps no patches x patches matrix);
-- `CUDA_OVERHEAD`: the CUDA context and allocator slack; an estimate, to be measured on a GPU.
+- `CUDA_OVERHEAD`: the CUDA context and allocator slack; an estimate, to be measured on a GPU;
+- on GPUs without tensor cores for Triton (sm_75: T4, RTX 20xx), the float16 weight slab that
+  kernels/dequant.py decodes for each prefill / vision GEMM (32 MiB at most), beside either.
 
 The vision tower runs before prefill and frees its activations, so the budget must hold
-overhead + all weights + max(vision peak, KV cache + decoder activations).
+overhead + all weights + dequant slab + max(vision peak, KV cache + decoder activations).
 
 Policy under a budget: (1) the vision tower, when its weights and the peak of a 1024x1024
 image fit in half of what is left after the overhead and the decoder's activations; (2) decoder
@@ -71,11 +73,13 @@ class Footprint:
     kv_bytes_per_token: int  # one layer, keys and values
     activation_bytes: int  # decoder, one prefill chunk
     vision_bytes_per_pixel: float  # transient, per image pixel
+    dequant_slab: int = 0  # transient, the GEMMs' dequantized weight rows (sm_75's float16 prefill route)
 
 
 def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[str, TensorInfo] | None,
-              kernels: bool = True, kv_type: str = "bf16") -> Footprint:
-    """From the tensor tables of the text and vision files (`GGUFFile.tensors`)."""
+              kernels: bool = True, kv_type: str = "bf16", dequant_slab: int = 0) -> Footprint:
+    """From the tensor tables of the text and vision files (`GGUFFile.tensors`); `dequant_slab`
+    bytes where the GPU's GEMMs dequantize weights first (model.dequant_slab_bytes)."""
     layers = [0] * cfg.n_layer
     output = 0
     for name, info in text.items():
@@ -96,7 +100,7 @@ def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[s
         per_pixel = 4 * (6 * embed + 3 * ffn) / PATCH_PIXELS
     width = 8 * cfg.n_embd + 3 * cfg.n_ff
     act = 4 * (PREFILL_CHUNK * width + 2 * cfg.n_vocab)
-    return Footprint(tuple(layers), output, vis_bytes, kv_bytes_per_token(cfg, kv_type), act, per_pixel)
+    return Footprint(tuple(layers), output, vis_bytes, kv_bytes_per_token(cfg, kv_type), act, per_pixel, dequant_slab)
 
 
 @dataclass(frozen=True)
@@ -111,10 +115,11 @@ class Plan:
     kv: int
     activations: int
     vision_peak: int  # at vision_max_pixels, or at REFERENCE_PIXELS without a limit
+    dequant_slab: int = 0
 
     @property
     def total(self) -> int:
-        return CUDA_OVERHEAD + self.weights + max(self.vision_peak, self.kv + self.activations)
+        return CUDA_OVERHEAD + self.weights + self.dequant_slab + max(self.vision_peak, self.kv + self.activations)
 
     def table(self) -> str:
         """The plan, a line per part, for --verbose."""
@@ -131,6 +136,8 @@ class Plan:
             f"  KV cache     {gib(self.kv)}  ({self.ctx} tokens)",
             f"  activations  {gib(self.activations)}",
             f"  vision peak  {gib(self.vision_peak)}",
+            *([f"  dequant slab {gib(self.dequant_slab)}  (float16 GEMMs without tensor cores in Triton)"]
+              if self.dequant_slab else []),
             f"  CUDA context {gib(CUDA_OVERHEAD)}  (estimate)",
             f"  total        {gib(self.total)}"
             + (f" of {gib(self.budget).strip()} budget" if self.budget is not None else ""),
@@ -158,11 +165,12 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
         weights += fp.vision_bytes if want_vision else 0
         kv = min(want_layers, n) * ctx * fp.kv_bytes_per_token
         return Plan(None, ctx, n, want_layers, want_vision, vision_max_pixels, weights, kv, fp.activation_bytes,
-                    peak(vision_max_pixels or REFERENCE_PIXELS) if want_vision else 0)
-    free = budget - CUDA_OVERHEAD - fp.activation_bytes
+                    peak(vision_max_pixels or REFERENCE_PIXELS) if want_vision else 0, fp.dequant_slab)
+    fixed = CUDA_OVERHEAD + fp.dequant_slab  # present whatever runs where
+    free = budget - fixed - fp.activation_bytes
     if free <= 0:
         raise PlacementError(f"--max-vram {budget / GIB:.2f} GB is below the "
-                             f"{(CUDA_OVERHEAD + fp.activation_bytes) / GIB:.2f} GB the CUDA context and "
+                             f"{(fixed + fp.activation_bytes) / GIB:.2f} GB the CUDA context and "
                              "activations take")
     vision_on = want_vision and fp.vision_bytes + peak(REFERENCE_PIXELS) <= free / 2
     weights = fp.vision_bytes if vision_on else 0
@@ -182,8 +190,9 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
     max_pixels = None
     vision_peak = 0
     if vision_on:  # the peak is transient: everything but the weights and overhead is its room
-        max_pixels = int((budget - CUDA_OVERHEAD - weights) / fp.vision_bytes_per_pixel)
+        max_pixels = int((budget - fixed - weights) / fp.vision_bytes_per_pixel)
         if vision_max_pixels is not None:
             max_pixels = min(max_pixels, vision_max_pixels)
         vision_peak = peak(max_pixels)
-    return Plan(budget, ctx, n, layers, vision_on, max_pixels, weights, kv, fp.activation_bytes, vision_peak)
+    return Plan(budget, ctx, n, layers, vision_on, max_pixels, weights, kv, fp.activation_bytes, vision_peak,
+                fp.dequant_slab)

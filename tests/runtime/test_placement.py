@@ -23,7 +23,7 @@ from qvl.runtime.placement import (CUDA_OVERHEAD, GIB, REFERENCE_PIXELS, Placeme
 from tiny_models import TinySpec, make_checkpoint
 
 
-def _official(name: str, kv_type: str = "bf16"):
+def _official(name: str, kv_type: str = "bf16", dequant_slab: int = 0):
     ck = parse_config(official_config(name))
     t = ck.text
     cfg = TextConfig("qwen2vl", t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
@@ -36,7 +36,7 @@ def _official(name: str, kv_type: str = "bf16"):
 
     text = table(plan_text(text_tensors(ck), TEXT_TYPES["q4_k_m"], t.num_hidden_layers))
     vision = table(plan_vision(mmproj_tensors(ck), "f16"))
-    return cfg, footprint(cfg, text, vision, kernels=True, kv_type=kv_type)
+    return cfg, footprint(cfg, text, vision, kernels=True, kv_type=kv_type, dequant_slab=dequant_slab)
 
 
 def test_7b_q4_k_m_footprint():
@@ -159,3 +159,28 @@ def test_videos_over_the_planned_limit_are_downscaled(tiny, tmp_path):
     (video,) = model._videos([small], VideoOptions())
     unlimited = load(tiny, device="cpu", dtype=torch.float32)._videos([small], VideoOptions())[0]
     assert video.size == unlimited.size and len(warnings) == 1  # within the limit: as without one
+
+
+def test_dequant_slab_counted_where_the_gemms_use_it(monkeypatch):
+    """sm_75's float16 prefill GEMMs decode up to 32 MiB of weight rows first (kernels/dequant.py):
+    the plan counts it there, in its total, its budget and its table; not on sm_80+, nor in
+    float32 or without the kernels."""
+    from qvl.kernels.dequant import SLAB_ELEMENTS
+    from qvl.runtime.model import dequant_slab_bytes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert dequant_slab_bytes("cuda", True, True) == 2 * SLAB_ELEMENTS == 32 * 2**20
+    assert dequant_slab_bytes("cuda", False, True) == dequant_slab_bytes("cuda", True, False) == 0
+    assert dequant_slab_bytes("cpu", True, True) == 0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert dequant_slab_bytes("cuda", True, True) == 0
+
+    _, fp = _official("qwen2.5-vl-3b")
+    _, slab = _official("qwen2.5-vl-3b", dequant_slab=32 * 2**20)
+    plain, with_slab = make_plan(fp, 4096, None, ALL_LAYERS, True), make_plan(slab, 4096, None, ALL_LAYERS, True)
+    assert with_slab.total - plain.total == 32 * 2**20
+    assert "dequant slab" in with_slab.table() and "dequant slab" not in plain.table()
+    for gb in (2, 3, 4):
+        fitted = make_plan(slab, 4096, int(gb * GIB), ALL_LAYERS, True)
+        assert fitted.total <= fitted.budget, fitted.table()
