@@ -161,7 +161,7 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from .dequant import dequant
     from .decode_attention import decode_attention
     from .kv_store import kv_store, kv_store_q8
-    from .qmatmul import SUPPORTED, qmatmul
+    from .qmatmul import SUPPORTED, qmatmul, qmatmul_norm
     from .rmsnorm import rmsnorm
     from .rope import apply_rope_
 
@@ -184,6 +184,8 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
                 z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True)),
             (f"{qt.name} GEMV M=1, SwiGLU, K split in 2", lambda qt=qt: qmatmul(
                 z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True, split_k=2)),
+            (f"{qt.name} GEMV M=1, residual + RMSNorm", lambda qt=qt: qmatmul_norm(
+                z(1, hidden), raw(qt, hidden, hidden), qt, hidden, hidden, z(hidden), 1e-6, residual=z(1, hidden))),
             (f"{qt.name} GEMV M=5, K split in 4", lambda qt=qt: qmatmul(
                 z(5, inter), raw(qt, hidden, inter), qt, hidden, inter, split_k=4)),
             (f"{qt.name} GEMM M=64 {half}", lambda qt=qt: qmatmul(  # sm_75: dequant.py's route

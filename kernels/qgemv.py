@@ -30,7 +30,11 @@ last adds the partials in split order (results do not depend on scheduling) and 
 rows. Finishing is the epilogue: bias and
 residual, or SwiGLU's `silu(gate) * up` over stacked [gate; up] rows, for which a program takes
 BLOCK_N / 2 gate rows and the up rows of the same outputs (interleaved: gate, up, gate, ...), so
-no output needs rows of two programs. A decode layer's projections cost one launch each (a
+no output needs rows of two programs. With NORM (a projection adding to the residual stream
+whose result feeds an RMSNorm: the o projection before the MLP's norm, down before the next
+layer's), each finishing program counts itself in again on a launch-wide counter, and the last
+normalizes the finished rows (rmsnorm.norm_row), so the norm needs no launch of its own.
+A decode layer's projections cost one launch each (a
 separate combine launch per split GEMV before: 4-5 a layer of a 7B Q4_K_M step on sm_90,
 scripts/count_launches.py).
 """
@@ -46,6 +50,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from .arrival import counters, last_to_arrive
+from .rmsnorm import CHUNK as NORM_CHUNK
+from .rmsnorm import norm_row
 from .target import INTERPRETER, target
 
 STEP = 256  # elements of K per loop iteration
@@ -187,11 +193,11 @@ def _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS: tl.c
 
 @triton.jit
 def qgemv_kernel(
-    x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr,
-    M, N_OUT, steps, row_units, steps_per_split, splits, stride_xm,
+    x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr,
+    M, N_OUT, steps, row_units, steps_per_split, splits, stride_xm, eps,
     QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
-    SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr,
 ):
     """Program (pid_n, split): BLOCK_N weight rows over K steps [split * steps_per_split, ...),
     for every row of x; with SPLIT the last of a row block's `splits` programs adds their
@@ -234,16 +240,34 @@ def qgemv_kernel(
             for s in range(splits):
                 acc += tl.load(slot + s * BLOCK_M * width, cache_modifier=".cg")  # not L1: other SMs wrote it
             _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
+            if NORM:
+                _norm_if_last(y_ptr, norm_w_ptr, normed_ptr, count_ptr + tl.num_programs(0), M, N_OUT, eps, BLOCK_M,
+                              NORM_CHUNK)
     else:
         _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
+        if NORM:
+            _norm_if_last(y_ptr, norm_w_ptr, normed_ptr, count_ptr + tl.num_programs(0), M, N_OUT, eps, BLOCK_M,
+                          NORM_CHUNK)
+
+
+@triton.jit
+def _norm_if_last(y_ptr, w_ptr, normed_ptr, count_ptr, M, N_OUT, eps, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """The last row block to finish (of the launch's) writes RMSNorm(y) for every row of y."""
+    if last_to_arrive(count_ptr, tl.num_programs(0)):
+        for i in tl.static_range(BLOCK_M):
+            if i < M:
+                norm_row(y_ptr + i * N_OUT, y_ptr, w_ptr, normed_ptr + i * N_OUT, y_ptr, N_OUT, eps, False, CHUNK,
+                         ".cg")
 
 
 def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
           residual: torch.Tensor | None = None, swiglu: bool = False, block_n: int | None = None,
-          split_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """x (M <= 8, K) float, raw (N, row_bytes) uint8 -> float32 `x @ dequant(raw).T + bias +
-    residual` (M, N); with `swiglu` the N rows are [gate; up] and the result is
-    `silu(x @ gate.T) * (x @ up.T)` (M, N / 2). Checks are the caller's (qmatmul.qmatmul).
+          split_k: int | None = None, num_warps: int | None = None, norm_weight: torch.Tensor | None = None,
+          norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x (M <= 8, K) float, raw (N, row_bytes) uint8 -> float32 `y = x @ dequant(raw).T + bias +
+    residual` (M, N); with `swiglu` the N rows are [gate; up] and y is
+    `silu(x @ gate.T) * (x @ up.T)` (M, N / 2). Returns (y, RMSNorm(y) * norm_weight with
+    `norm_eps`, or None without a norm_weight). Checks are the caller's (qmatmul.qmatmul).
 
     `split_k` K-ranges (default: ~PROGRAMS_PER_CORE programs per GPU core, at most one per step)
     of `block_n` rows (default BLOCK_N on a GPU, INTERPRETED_BLOCK_N in the interpreter), with
@@ -269,10 +293,13 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     y = torch.empty(m, n_out, dtype=torch.float32, device=x.device)
     parts = torch.empty(splits, block_m, n_blocks * block_n, dtype=torch.float32, device=x.device) \
         if splits > 1 else y
-    count = counters(x.device, n_blocks) if splits > 1 else y
+    norm = norm_weight is not None
+    count = counters(x.device, n_blocks + norm) if splits > 1 or norm else y  # row blocks', then the launch's
+    normed = torch.empty_like(y) if norm else None
     qgemv_kernel[(n_blocks, splits)](
-        x, raw, y, parts, count, bias_arg, res_arg, m, n_out, steps, row_bytes // align, per, splits, x.stride(0),
-        QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1, SWIGLU=swiglu,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps or NUM_WARPS)
-    return y
+        x, raw, y, parts, count, bias_arg, res_arg, norm_weight.float().contiguous() if norm else dummy,
+        normed if normed is not None else dummy, m, n_out, steps, row_bytes // align, per, splits, x.stride(0),
+        norm_eps, QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
+        SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm, BLOCK_M=block_m,
+        BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), num_warps=num_warps or NUM_WARPS)
+    return y, normed

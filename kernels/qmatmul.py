@@ -182,16 +182,9 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     `gemm_tiles`' defaults for the GPU (or the interpreter). float16 x on a GPU where Triton
     emits no tensor-core code (sm_75) and no tiles given: dequant.py's dequantize-then-cuBLAS
     instead of the tiled GEMM."""
-    if qtype not in SUPPORTED:
-        raise ValueError(f"qmatmul supports {', '.join(t.name for t in SUPPORTED)}, not {qtype.name}")
-    if k % STEP:
-        raise ValueError(f"K = {k} is not a multiple of {STEP}")
+    _check_weights(raw, qtype, n, k)
     blk, size = GGML_QUANT_SIZES[qtype]
     row_bytes = k // blk * size
-    if raw.shape != (n, row_bytes) or raw.dtype != torch.uint8:
-        raise ValueError(f"weight bytes should be uint8 ({n}, {row_bytes}), got {raw.dtype} {tuple(raw.shape)}")
-    if raw.data_ptr() % 2 or raw.stride() != (row_bytes, 1):
-        raise ValueError("weight bytes should be contiguous rows from an even address (float16 fields are read whole)")
     if swiglu and (n % 2 or bias is not None or residual is not None):
         raise ValueError(f"swiglu takes an even number of stacked [gate; up] rows (got {n}) and no bias or residual")
     x = x.contiguous()
@@ -199,7 +192,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
         x = x.float()
     m = x.shape[0]
     if m <= GEMV_MAX_M:
-        return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps)
+        return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps)[0]
     gpu = target(x.device)
     if gpu != INTERPRETER and not gpu.tensor_cores and x.dtype == torch.float16 and block_m is None:
         from .dequant import dequant_matmul  # sm_75: cuBLAS has the tensor cores Triton does not use
@@ -224,6 +217,41 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     if residual is not None:
         y += residual
     return y
+
+
+def qmatmul_norm(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, norm_weight: torch.Tensor,
+                 eps: float, bias: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, RMSNorm(y) * norm_weight) with y = `qmatmul(x, raw, ..., bias, residual)`: a
+    projection onto the residual stream and the norm that reads it. M <= GEMV_MAX_M: one
+    launch (the GEMV's last program normalizes, qgemv.py); larger M: the GEMM, then
+    kernels/rmsnorm.py."""
+    if x.shape[0] > GEMV_MAX_M:
+        from .rmsnorm import rmsnorm
+
+        y = qmatmul(x, raw, qtype, n, k, bias, residual)
+        return y, rmsnorm(y, norm_weight, eps)[0]
+    _check_weights(raw, qtype, n, k)
+    if norm_weight.shape != (n,):
+        raise ValueError(f"norm weight of shape {tuple(norm_weight.shape)} for {n} outputs")
+    x = x.contiguous()
+    y, normed = qgemv(x if x.dtype in (torch.bfloat16, torch.float16) else x.float(), raw, qtype, n, k, bias,
+                      residual, norm_weight=norm_weight, norm_eps=eps)
+    assert normed is not None
+    return y, normed
+
+
+def _check_weights(raw: torch.Tensor, qtype: T, n: int, k: int) -> None:
+    if qtype not in SUPPORTED:
+        raise ValueError(f"qmatmul supports {', '.join(t.name for t in SUPPORTED)}, not {qtype.name}")
+    if k % STEP:
+        raise ValueError(f"K = {k} is not a multiple of {STEP}")
+    blk, size = GGML_QUANT_SIZES[qtype]
+    row_bytes = k // blk * size
+    if raw.shape != (n, row_bytes) or raw.dtype != torch.uint8:
+        raise ValueError(f"weight bytes should be uint8 ({n}, {row_bytes}), got {raw.dtype} {tuple(raw.shape)}")
+    if raw.data_ptr() % 2 or raw.stride() != (row_bytes, 1):
+        raise ValueError("weight bytes should be contiguous rows from an even address (float16 fields are read whole)")
 
 
 def qmatmul_ref(x: torch.Tensor, raw: torch.Tensor, qtype: T) -> torch.Tensor:

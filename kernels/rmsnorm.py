@@ -1,8 +1,11 @@
 """Fused residual add + RMSNorm: `h = x + residual; y = weight * h / sqrt(mean(h^2) + eps)`.
 
-One program per row; the row (up to BLOCK columns, a power of two >= n) is loaded once, the
-mean of squares accumulated in float32. Returns (y, h) so the caller keeps the new residual.
-Torch reference: `rmsnorm_ref` (qvl.runtime.decoder.rms_norm after the add).
+One program per row, in chunks of CHUNK columns (`norm_row`): a first pass sums h^2 in float32
+(and stores h), a second normalizes. The same `norm_row` runs at the end of a decode GEMV whose
+output feeds a norm (qgemv.py: the last program normalizes the finished rows, so the norm costs
+no launch of its own); chunks keep its registers off the GEMV's loop. Returns (y, h) so the
+caller keeps the new residual. Torch reference: `rmsnorm_ref` (qvl.runtime.decoder.rms_norm
+after the add).
 """
 
 from __future__ import annotations
@@ -10,6 +13,33 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+CHUNK = 1024  # columns per pass step: 8 float32 registers a thread at 4 warps
+
+
+@triton.jit
+def norm_row(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, n_cols, eps, HAS_RESIDUAL: tl.constexpr, CHUNK: tl.constexpr,
+             CACHE: tl.constexpr):
+    """One row: y = w * h * rsqrt(mean(h^2) + eps) with h = x (+ res, then stored at h_ptr).
+    CACHE: the load cache modifier for x ("" or ".cg" where another SM just wrote it)."""
+    sq = tl.zeros((CHUNK,), dtype=tl.float32)
+    for c0 in range(0, n_cols, CHUNK):
+        cols = c0 + tl.arange(0, CHUNK)
+        mask = cols < n_cols
+        h = tl.load(x_ptr + cols, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
+        if HAS_RESIDUAL:
+            h += tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(h_ptr + cols, h, mask=mask)
+        sq += h * h
+    scale = tl.rsqrt(tl.sum(sq, axis=0) / n_cols + eps)
+    for c0 in range(0, n_cols, CHUNK):
+        cols = c0 + tl.arange(0, CHUNK)
+        mask = cols < n_cols
+        h = tl.load(x_ptr + cols, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
+        if HAS_RESIDUAL:
+            h += tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + cols, w * (h * scale), mask=mask)
 
 
 @triton.jit
@@ -21,18 +51,10 @@ def rmsnorm_kernel(
     # strides
     stride_row,
     # meta-parameters
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    h = tl.load(x_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        h += tl.load(res_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(h_ptr + row * stride_row + cols, h, mask=mask)
-    mean_sq = tl.sum(h * h, axis=0) / n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_row + cols, w * (h * tl.rsqrt(mean_sq + eps)), mask=mask)
+    at = tl.program_id(0).to(tl.int64) * stride_row
+    norm_row(x_ptr + at, res_ptr + at, w_ptr, y_ptr + at, h_ptr + at, n_cols, eps, HAS_RESIDUAL, CHUNK, "")
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -44,7 +66,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     h = torch.empty_like(x) if residual is not None else x
     res = residual.contiguous().float() if residual is not None else x
     rmsnorm_kernel[(rows,)](x, res, weight.float().contiguous(), y, h, n, eps, x.stride(0),
-                            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+                            HAS_RESIDUAL=residual is not None, CHUNK=min(CHUNK, triton.next_power_of_2(n)))
     return y, h
 
 

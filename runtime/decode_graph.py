@@ -59,14 +59,10 @@ class DecodeGraph:
 
     def _step(self) -> torch.Tensor:
         """Logits (1, vocab) for the token in self.x at self.pos, stored at self.index."""
-        from ..kernels.rmsnorm import rmsnorm
-
         dec = self.decoder
         rope = Rope.from_angles((self.pos[self.section] * self.inv_freq)[None])  # mrope_angles, from the tables
-        x = self.x
-        for i, layer in enumerate(dec.layers):
-            x = dec.layer_forward(layer, x, rope, partial(self._attend, i, self.length))
-        return dec.output.matmul(rmsnorm(x, dec.norm, dec.cfg.rms_eps)[0])
+        hidden = dec.layers_forward(self.x, lambda device: rope, lambda i, layer: partial(self._attend, i, self.length))
+        return dec.output.matmul(hidden)
 
     def _capture(self) -> None:
         """Run the step once on a side stream (Triton compiles its kernels, the allocator warms

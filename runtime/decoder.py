@@ -289,12 +289,16 @@ class Decoder:
         return self.embed.take_rows(ids)
 
     def layer_forward(self, layer: Layer, x: torch.Tensor, rope: Rope,
-                      attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                      attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                      normed: torch.Tensor | None = None,
+                      next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decoder layer on x (seq, n_embd); `attend(q, k, v)` with q (n_head, seq, head_dim)
         and k, v (n_head_kv, seq, head_dim) after M-RoPE stores k, v in a cache and returns the
-        attention output (seq, n_head, head_dim). A layer on the kernel path normalizes and
-        rotates through kernels/rmsnorm.py and kernels/rope.py (one launch per norm, one for q
-        and k together)."""
+        attention output (seq, n_head, head_dim). `normed`: x through this layer's attn_norm
+        already (the previous layer's down projection did it). Returns (x, x through
+        `next_norm`, or None without one). A layer on the kernel path normalizes and rotates
+        through kernels/rmsnorm.py and kernels/rope.py (one launch for q and k together), and
+        the o and down projections' GEMVs apply the norm after them in their own launch."""
         cfg = self.cfg
         seq = x.shape[0]
         if layer.kernels:
@@ -315,11 +319,27 @@ class Decoder:
                 return (apply_rope(q.transpose(0, 1), rope.cos, rope.sin),
                         apply_rope(k.transpose(0, 1), rope.cos, rope.sin))
 
-        q, k, v = layer.qkv.matmul(norm(x, layer.attn_norm))
+        q, k, v = layer.qkv.matmul(normed if normed is not None else norm(x, layer.attn_norm))
         q, k = rotate(q.view(seq, cfg.n_head, cfg.head_dim), k.view(seq, cfg.n_head_kv, cfg.head_dim))
         v = v.view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
-        x = layer.wo.matmul(attend(q, k, v).reshape(seq, cfg.n_embd), residual=x)
-        return layer.down.matmul(layer.gate_up.swiglu(norm(x, layer.ffn_norm)), residual=x)
+        x, h = layer.wo.matmul_norm(attend(q, k, v).reshape(seq, cfg.n_embd), layer.ffn_norm, cfg.rms_eps, residual=x)
+        mlp = layer.gate_up.swiglu(h)
+        if next_norm is None:
+            return layer.down.matmul(mlp, residual=x), None
+        return layer.down.matmul_norm(mlp, next_norm, cfg.rms_eps, residual=x)
+
+    def layers_forward(self, x: torch.Tensor, rope_on: Callable[[torch.device], Rope],
+                       attend_for: Callable[[int, Layer], Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                                   torch.Tensor]]) -> torch.Tensor:
+        """x (seq, n_embd) through every layer (`rope_on(device)`: the rotary angles there,
+        `attend_for(i, layer)`: layer i's attention) -> the final-norm hidden states. Each
+        layer hands the next its input already normalized where both are on one device."""
+        normed = None
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+            x, normed = self.layer_forward(layer, x.to(layer.device), rope_on(layer.device), attend_for(i, layer),
+                                           normed, nxt if nxt.device == layer.device else None)
+        return normed if normed is not None else rms_norm(x.to(self.norm.device), self.norm, self.cfg.rms_eps)
 
     def _attend(self, i: int, layer: Layer, cache: KVCache, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:
@@ -355,14 +375,16 @@ class Decoder:
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embeddings (seq, n_embd) at positions (3, seq) -> final-norm hidden states (seq, n_embd)."""
-        cfg = self.cfg
-        ropes = {CPU: Rope.at(positions, cfg)}
-        for i, layer in enumerate(self.layers):
-            if layer.device not in ropes:
-                ropes[layer.device] = ropes[CPU].to(layer.device)
-            x = self.layer_forward(layer, x.to(layer.device), ropes[layer.device], partial(self._attend, i, layer, cache))
+        ropes = {CPU: Rope.at(positions, self.cfg)}
+
+        def rope_on(device: torch.device) -> Rope:
+            if device not in ropes:
+                ropes[device] = ropes[CPU].to(device)
+            return ropes[device]
+
+        out = self.layers_forward(x, rope_on, lambda i, layer: partial(self._attend, i, layer, cache))
         cache.length += x.shape[0]
-        return rms_norm(x.to(self.norm.device), self.norm, cfg.rms_eps)
+        return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits on the CPU."""

@@ -87,6 +87,21 @@ class DeviceBlocks:
         y = qmatmul(flat, self.raw, self.qtype, self.rows, self.cols, bias, residual, swiglu)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
+    def matmul_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, RMSNorm(y) * norm_weight) for y = `x @ W.T + residual` (..., rows): one launch
+        for decode (kernels/qmatmul.qmatmul_norm)."""
+        from ..kernels.qmatmul import GEMV_MAX_M, qmatmul_norm
+
+        flat = x.reshape(-1, self.cols)
+        if flat.shape[0] > GEMV_MAX_M:
+            flat = flat.to(self.gemm_dtype)
+        if residual is not None:
+            residual = residual.reshape(flat.shape[0], self.rows)
+        y, normed = qmatmul_norm(flat, self.raw, self.qtype, self.rows, self.cols, norm_weight, eps,
+                                 residual=residual)
+        return y.reshape(*x.shape[:-1], self.rows), normed.reshape(*x.shape[:-1], self.rows)
+
     @staticmethod
     def stack(parts: list[DeviceBlocks]) -> DeviceBlocks:
         """One block of rows holding `parts` in order (same type and columns); each part's raw
@@ -174,6 +189,17 @@ class Matrix:
         if bias is not None:
             y = y + bias
         return y if residual is None else residual + y
+
+    def matmul_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, rms_norm(y) * norm_weight) for y = `self.matmul(x, residual=residual)`: the
+        residual stream and the norm that reads it next, fused on the kernel path."""
+        if self.kernel is not None:
+            return self.kernel.matmul_norm(x, norm_weight, eps, residual)
+        from .decoder import rms_norm
+
+        y = self.matmul(x, residual=residual)
+        return y, rms_norm(y, norm_weight, eps)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self._device_dense is not None:

@@ -50,9 +50,9 @@ def test_every_launch_compiles_and_fits(compiled, arch):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_split_launches_count_arrivals_with_ordering(compiled, arch):
     """A GEMV with K split, and decode attention split over the cache, count their programs in
-    with an atomic (arrival.py: the last one combines the partials), and the check sees each
-    such atomic's ordering (a relaxed one is a problem, test_problems_name_each_limit); a GEMV
-    with one split needs none."""
+    with an atomic (arrival.py: the last one combines the partials), as do GEMVs that apply an
+    RMSNorm after them; the check sees each such atomic's ordering (a relaxed one is a problem,
+    test_problems_name_each_limit); a GEMV with one split and no norm needs none."""
     _, records, _ = compiled[arch]
     decode = [r for r in records if r["kernel"] == "decode_attention_kernel"]
     assert len(decode) == 3 and all(r["atomics"] == 1 and r["unordered_atomics"] == 0 for r in decode)
@@ -61,6 +61,8 @@ def test_split_launches_count_arrivals_with_ordering(compiled, arch):
     single = [r for case, r in gemv.items() if "one split" in case]
     assert len(split) == 8 and all(r["atomics"] == 1 and r["unordered_atomics"] == 0 for r in split)
     assert len(single) == 4 and all(r["atomics"] == 0 for r in single)
+    normed = [r for case, r in gemv.items() if "RMSNorm" in case]  # the launch-wide count (and the row blocks')
+    assert len(normed) == 4 and all(r["atomics"] >= 1 and r["unordered_atomics"] == 0 for r in normed)
 
 
 def test_every_kernel_is_compiled(compiled):

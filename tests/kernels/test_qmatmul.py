@@ -185,3 +185,49 @@ def test_split_gemv_same_bits_every_launch():
     assert (first.cpu() - ref).abs().max().item() <= RTOL[T.Q4_K] * ref.abs().max().item()
     for _ in range(repeats):
         assert torch.equal(qmatmul(xd, rawd, T.Q4_K, n, k, residual=resd, block_n=16, split_k=split_k), first)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0])
+@pytest.mark.parametrize("m,n,k,block_n,split_k", [(1, 33, 512, 16, 1), (1, 1100, 256, 128, 1),  # 2 norm chunks
+                                                   (3, 40, 768, 8, 3), (8, 17, 1280, 4, 2), (2, 7, 256, 128, 1)])
+def test_gemv_with_norm(qtype, m, n, k, block_n, split_k):
+    """The GEMV's last row block normalizes the finished rows (o / down projection + the next
+    RMSNorm in one launch): y as without the norm, bit for bit; the norm against torch's
+    (rmsnorm_kernel's tolerance: the mean of squares summed in another order). One or several
+    row blocks and splits, a norm wider than one chunk."""
+    from qvl.kernels.qgemv import qgemv
+    from qvl.kernels.rmsnorm import rmsnorm_ref
+
+    raw = quant_weights(n, k, qtype, "normal", seed=n + m)
+    rng = np.random.default_rng(n)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    res = torch.from_numpy(rng.standard_normal((m, n)).astype(np.float32)) * 3
+    w = torch.from_numpy(1 + 0.1 * rng.standard_normal(n).astype(np.float32))
+    d = torch.device(DEVICE)
+    plain, none = qgemv(x.to(d), raw.to(d), qtype, n, k, residual=res.to(d), block_n=block_n, split_k=split_k)
+    y, normed = qgemv(x.to(d), raw.to(d), qtype, n, k, residual=res.to(d), block_n=block_n, split_k=split_k,
+                      norm_weight=w.to(d), norm_eps=1e-6)
+    assert none is None and torch.equal(y, plain)
+    ref = rmsnorm_ref(y.cpu(), w, 1e-6)[0]
+    assert (normed.cpu() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("m", [1, 12])  # the GEMV's fused norm, and the GEMM then rmsnorm_kernel
+def test_qmatmul_norm(m):
+    from qvl.kernels.qmatmul import qmatmul_norm
+    from qvl.kernels.rmsnorm import rmsnorm_ref
+
+    n, k = 40, 512
+    raw = quant_weights(n, k, T.Q4_K, "normal", seed=m)
+    rng = np.random.default_rng(m)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    bias, res = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in (n, (m, n)))
+    w = torch.from_numpy(1 + 0.1 * rng.standard_normal(n).astype(np.float32))
+    d = torch.device(DEVICE)
+    y, normed = qmatmul_norm(x.to(d), raw.to(d), T.Q4_K, n, k, w.to(d), 1e-6, bias.to(d), res.to(d))
+    y_ref = qmatmul_ref(x, raw, T.Q4_K) + bias + res
+    assert (y.cpu() - y_ref).abs().max().item() <= RTOL[T.Q4_K] * y_ref.abs().max().item()
+    ref = rmsnorm_ref(y.cpu(), w, 1e-6)[0]
+    assert (normed.cpu() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    with pytest.raises(ValueError, match="norm weight"):
+        qmatmul_norm(x[:1].to(d), raw.to(d), T.Q4_K, n, k, w[:-1].to(d), 1e-6)
