@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from .decoder import Decoder, KVCache, Rope, rope_tables
+from .decoder import Decoder, KVCache, rope_tables
 
 
 class DecodeGraph:
@@ -50,18 +50,20 @@ class DecodeGraph:
         dev = decoder.norm.device
         return decoder.output_on_accel and all(layer.kernels and layer.device == dev for layer in decoder.layers)
 
-    def _attend(self, i: int, length: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, i: int, angles: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, n_head, head_dim), k, v (1, n_head_kv, head_dim) before the rotary: rotated and
+        stored in one launch (kernels/kv_store.py), then decode attention over the cache."""
         from ..kernels.decode_attention import decode_attention
 
-        self.cache.write_at(i, self.index, k, v)
+        self.cache.write_at(i, self.index, k.transpose(0, 1), v.transpose(0, 1), q.transpose(0, 1), angles)
         keys, values, k_scale, v_scale = self.cache.stored(i)
-        return decode_attention(q[:, 0], keys, values, length, k_scale, v_scale)[None]
+        return decode_attention(q[0], keys, values, self.length, k_scale, v_scale)[None]
 
     def _step(self) -> torch.Tensor:
         """Logits (1, vocab) for the token in self.x at self.pos, stored at self.index."""
         dec = self.decoder
-        rope = Rope.from_angles((self.pos[self.section] * self.inv_freq)[None])  # mrope_angles, from the tables
-        hidden = dec.layers_forward(self.x, lambda device: rope, lambda i, layer: partial(self._attend, i, self.length))
+        angles = self.pos[self.section] * self.inv_freq  # mrope_angles (head_dim / 2), from the tables
+        hidden = dec.layers_forward(self.x, lambda i, layer: partial(self._attend, i, angles))
         return dec.output.matmul(hidden)
 
     def _capture(self) -> None:

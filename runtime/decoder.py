@@ -202,20 +202,23 @@ class KVCache:
                 store[:, self.length:end] = x
         return end
 
-    def write_at(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_at(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 q: torch.Tensor | None = None, angles: torch.Tensor | None = None) -> None:
         """Store one token's k, v (n_head_kv, 1, head_dim) at `index`, a long tensor (1,) on the
         layer's device (no host synchronization: a CUDA graph can hold it). For the kernel path
-        (decode_graph.py): through kernels/kv_store.py, one launch for both."""
+        (decode_graph.py): through kernels/kv_store.py, one launch for both, which with the
+        token's rotary `angles` (head_dim / 2) and its q (n_head, 1, head_dim) also rotates k
+        before storing it and q in place."""
         kc, vc = self.k[layer], self.v[layer]
         if isinstance(kc, _Q8) and isinstance(vc, _Q8):
             from ..kernels.kv_store import kv_store_q8
 
-            kv_store_q8(k, v, kc.values(), vc.values(), kc.scales(), vc.scales(), index)
+            kv_store_q8(k, v, kc.values(), vc.values(), kc.scales(), vc.scales(), index, q, angles)
             return
         assert isinstance(kc, torch.Tensor) and isinstance(vc, torch.Tensor)
         from ..kernels.kv_store import kv_store
 
-        kv_store(k, v, kc, vc, index)
+        kv_store(k, v, kc, vc, index, q, angles)
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of tokens [0, end), as stored (q8_0 dequantized to float32)."""
@@ -288,64 +291,67 @@ class Decoder:
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed.take_rows(ids)
 
-    def layer_forward(self, layer: Layer, x: torch.Tensor, rope: Rope,
+    def layer_forward(self, layer: Layer, x: torch.Tensor,
                       attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                       normed: torch.Tensor | None = None,
                       next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One decoder layer on x (seq, n_embd); `attend(q, k, v)` with q (n_head, seq, head_dim)
-        and k, v (n_head_kv, seq, head_dim) after M-RoPE stores k, v in a cache and returns the
-        attention output (seq, n_head, head_dim). `normed`: x through this layer's attn_norm
-        already (the previous layer's down projection did it). Returns (x, x through
-        `next_norm`, or None without one). A layer on the kernel path normalizes and rotates
-        through kernels/rmsnorm.py and kernels/rope.py (one launch for q and k together), and
-        the o and down projections' GEMVs apply the norm after them in their own launch."""
+        """One decoder layer on x (seq, n_embd); `attend(q, k, v)` with q (seq, n_head, head_dim)
+        and k, v (seq, n_head_kv, head_dim) before M-RoPE rotates q and k, stores k and v in a
+        cache and returns the attention output (seq, n_head, head_dim). `normed`: x through this
+        layer's attn_norm already (the previous layer's down projection did it). Returns (x, x
+        through `next_norm`, or None without one). A layer on the kernel path normalizes through
+        kernels/rmsnorm.py, and the o and down projections' GEMVs apply the norm after them in
+        their own launch."""
         cfg = self.cfg
         seq = x.shape[0]
-        if layer.kernels:
-            from ..kernels.rmsnorm import rmsnorm
-            from ..kernels.rope import apply_rope_
+        if normed is None:
+            if layer.kernels:
+                from ..kernels.rmsnorm import rmsnorm
 
-            def norm(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-                return rmsnorm(t, weight, cfg.rms_eps)[0]
-
-            def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                apply_rope_(q, rope.angles, k)  # (seq, heads, head_dim), in place
-                return q.transpose(0, 1), k.transpose(0, 1)
-        else:
-            def norm(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-                return rms_norm(t, weight, cfg.rms_eps)
-
-            def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return (apply_rope(q.transpose(0, 1), rope.cos, rope.sin),
-                        apply_rope(k.transpose(0, 1), rope.cos, rope.sin))
-
-        q, k, v = layer.qkv.matmul(normed if normed is not None else norm(x, layer.attn_norm))
-        q, k = rotate(q.view(seq, cfg.n_head, cfg.head_dim), k.view(seq, cfg.n_head_kv, cfg.head_dim))
-        v = v.view(seq, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
-        x, h = layer.wo.matmul_norm(attend(q, k, v).reshape(seq, cfg.n_embd), layer.ffn_norm, cfg.rms_eps, residual=x)
+                normed = rmsnorm(x, layer.attn_norm, cfg.rms_eps)[0]
+            else:
+                normed = rms_norm(x, layer.attn_norm, cfg.rms_eps)
+        q, k, v = layer.qkv.matmul(normed)
+        out = attend(q.view(seq, cfg.n_head, cfg.head_dim), k.view(seq, cfg.n_head_kv, cfg.head_dim),
+                     v.view(seq, cfg.n_head_kv, cfg.head_dim))
+        x, h = layer.wo.matmul_norm(out.reshape(seq, cfg.n_embd), layer.ffn_norm, cfg.rms_eps, residual=x)
         mlp = layer.gate_up.swiglu(h)
         if next_norm is None:
             return layer.down.matmul(mlp, residual=x), None
         return layer.down.matmul_norm(mlp, next_norm, cfg.rms_eps, residual=x)
 
-    def layers_forward(self, x: torch.Tensor, rope_on: Callable[[torch.device], Rope],
+    def layers_forward(self, x: torch.Tensor,
                        attend_for: Callable[[int, Layer], Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                                                                    torch.Tensor]]) -> torch.Tensor:
-        """x (seq, n_embd) through every layer (`rope_on(device)`: the rotary angles there,
-        `attend_for(i, layer)`: layer i's attention) -> the final-norm hidden states. Each
-        layer hands the next its input already normalized where both are on one device."""
+        """x (seq, n_embd) through every layer (`attend_for(i, layer)`: layer i's rotary and
+        attention) -> the final-norm hidden states. Each layer hands the next its input already
+        normalized where both are on one device."""
         normed = None
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
-            x, normed = self.layer_forward(layer, x.to(layer.device), rope_on(layer.device), attend_for(i, layer),
-                                           normed, nxt if nxt.device == layer.device else None)
+            x, normed = self.layer_forward(layer, x.to(layer.device), attend_for(i, layer), normed,
+                                           nxt if nxt.device == layer.device else None)
         return normed if normed is not None else rms_norm(x.to(self.norm.device), self.norm, self.cfg.rms_eps)
 
-    def _attend(self, i: int, layer: Layer, cache: KVCache, q: torch.Tensor, k: torch.Tensor,
+    @staticmethod
+    def rotate(layer: Layer, rope: Rope, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE on q (seq, n_head, head_dim) and k (seq, n_head_kv, head_dim) -> (heads, seq,
+        head_dim) each; on the kernel path in place, q and k in one launch (kernels/rope.py)."""
+        if layer.kernels:
+            from ..kernels.rope import apply_rope_
+
+            apply_rope_(q, rope.angles, k)
+            return q.transpose(0, 1), k.transpose(0, 1)
+        return apply_rope(q.transpose(0, 1), rope.cos, rope.sin), apply_rope(k.transpose(0, 1), rope.cos, rope.sin)
+
+    def _attend(self, i: int, layer: Layer, cache: KVCache, rope: Rope, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:
-        """Causal attention over the cache after storing k, v there -> (seq, n_head, head_dim)."""
+        """M-RoPE, then causal attention over the cache after storing k, v there -> (seq,
+        n_head, head_dim)."""
         cfg = self.cfg
-        seq = q.shape[1]
+        seq = q.shape[0]
+        q, k = self.rotate(layer, rope, q, k)
+        v = v.transpose(0, 1)
         past = cache.length
         end = cache.write(i, k, v)
         if layer.kernels:  # the cache read where it is stored (q8_0 included), no dequantized copy
@@ -382,7 +388,7 @@ class Decoder:
                 ropes[device] = ropes[CPU].to(device)
             return ropes[device]
 
-        out = self.layers_forward(x, rope_on, lambda i, layer: partial(self._attend, i, layer, cache))
+        out = self.layers_forward(x, lambda i, layer: partial(self._attend, i, layer, cache, rope_on(layer.device)))
         cache.length += x.shape[0]
         return out
 

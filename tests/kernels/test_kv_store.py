@@ -86,3 +86,53 @@ def test_cache_write_at_uses_the_kernel_for_q8_0():
         b.length += 1
     for x, y in zip(a.stored(0), b.stored(0)):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0"])
+@pytest.mark.parametrize("heads,kv_heads,d,slot", [(2, 1, 16, 0), (7, 1, 80, 3), (4, 2, 128, 5), (28, 4, 64, 1)])
+def test_rotary_in_the_store(kind, heads, kv_heads, d, slot):
+    """The decode step's rotary in the store's launch: q (heads of the stacked projection
+    output) rotated in place and k rotated as stored, against rope.py's kernel on the same views
+    then the plain store. q: the same expressions (tolerance 2e-6 of max|q| for cos/sin and
+    contraction); k: the same value up to a float32 rounding before the cache's rounding: one
+    bf16 unit (2^-8 relative), a q8_0 step (one scale d) at most."""
+    from qvl.kernels.rope import apply_rope_
+
+    g = torch.Generator().manual_seed(heads * d + slot)
+    qkv = (torch.randn(1, (heads + 2 * kv_heads) * d, generator=g) * 3).to(ACCEL)
+    theta = (torch.rand(1, d // 2, generator=g) * 1000).to(ACCEL)
+    index = torch.tensor([slot], device=ACCEL)
+
+    def views(t):
+        q = t[:, :heads * d].view(1, heads, d).transpose(0, 1)
+        k = t[:, heads * d:(heads + kv_heads) * d].view(1, kv_heads, d).transpose(0, 1)
+        return q, k, t[:, (heads + kv_heads) * d:].view(1, kv_heads, d).transpose(0, 1)
+
+    def cache():
+        if kind == "q8_0":
+            block = q8_block(d)
+            return ([torch.zeros(kv_heads, 8, d, dtype=torch.int8, device=ACCEL) for _ in range(2)]
+                    + [torch.zeros(kv_heads, 8, d // block, dtype=torch.float16, device=ACCEL) for _ in range(2)])
+        dtype = torch.float32 if kind == "f32" else torch.bfloat16
+        return [torch.zeros(kv_heads, 8, d, dtype=dtype, device=ACCEL) for _ in range(2)]
+
+    store = kv_store_q8 if kind == "q8_0" else kv_store
+    fused, plain = qkv.clone(), qkv.clone()
+    got, want = cache(), cache()
+    q, k, v = views(fused)
+    store(k, v, *got, index, q=q, theta=theta[0])
+    q_ref, k_ref, v_ref = views(plain)
+    apply_rope_(q_ref.transpose(0, 1), theta, k_ref.transpose(0, 1))
+    store(k_ref, v_ref, *want, index)
+    assert (q - q_ref).abs().max().item() <= 2e-6 * q_ref.abs().max().item()
+    assert torch.equal(fused[:, heads * d:], qkv[:, heads * d:])  # k rotated into the cache only, v untouched
+    if kind == "q8_0":
+        deq = [(c[0].float().unflatten(-1, (-1, q8_block(d))) * c[1].float()[..., None]).flatten(-2)
+               for c in ((got[0], got[2]), (want[0], want[2]), (got[1], got[3]), (want[1], want[3]))]
+        step = want[2].float().repeat_interleave(q8_block(d), -1)
+        assert ((deq[0] - deq[1]).abs() <= step * 1.01 + 1e-6).all()  # k: a quantization step at most
+        assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])  # v: the same bits
+    else:
+        assert torch.equal(got[1], want[1])
+        tol = 2e-6 if kind == "f32" else 2 ** -8
+        assert ((got[0].float() - want[0].float()).abs() <= tol * want[0].float().abs().max()).all()

@@ -133,8 +133,9 @@ def test_decode_step_matches_decoder_forward(q8_model):
     """DecodeGraph's fixed step (what a CUDA graph captures: slot, position and length read from
     device buffers) against Decoder.forward on the same cache contents, float32, bf16 and q8_0
     caches. Tolerance 1e-5 of max |logit|: the same kernels and weights, only the rotary angles
-    come from another table (rope_tables) and the cache slot is written by kernels/kv_store.py
-    (q8_0: its quantizing store); the stored keys are identical."""
+    come from another table (rope_tables) and the cache slot is written by kernels/kv_store.py,
+    which rotates q and k in the same launch (rope_kernel's expressions; q8_0: its quantizing
+    store); the stored keys are identical."""
     from qvl.runtime.decode_graph import DecodeGraph
 
     model = load(q8_model, device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"])
