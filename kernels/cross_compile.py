@@ -222,6 +222,14 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     cases.append(("kv store d=128, q8_0 cache", lambda: kv_store_q8(
         z(4, 1, 128), z(4, 1, 128), z(4, 4096, 128, dtype=torch.int8), z(4, 4096, 128, dtype=torch.int8),
         z(4, 4096, 4, dtype=torch.float16), z(4, 4096, 4, dtype=torch.float16), index)))
+    q, theta = z(28, 1, 128), z(64)
+    cases += [
+        (f"kv store + rotary d=128, {half} cache", lambda: kv_store(
+            z(4, 1, 128), z(4, 1, 128), z(4, 4096, 128, dtype=half), z(4, 4096, 128, dtype=half), index, q, theta)),
+        ("kv store + rotary d=128, q8_0 cache", lambda: kv_store_q8(
+            z(4, 1, 128), z(4, 1, 128), z(4, 4096, 128, dtype=torch.int8), z(4, 4096, 128, dtype=torch.int8),
+            z(4, 4096, 4, dtype=torch.float16), z(4, 4096, 4, dtype=torch.float16), index, q, theta)),
+    ]
     cases += [
         ("rmsnorm 3584", lambda: rmsnorm(z(1, hidden), z(hidden), 1e-6)),
         ("rmsnorm 3584 + residual", lambda: rmsnorm(z(7, hidden), z(hidden), 1e-6, z(7, hidden))),
