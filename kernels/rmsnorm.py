@@ -18,26 +18,30 @@ CHUNK = 1024  # columns per pass step: 8 float32 registers a thread at 4 warps
 
 
 @triton.jit
+def _chunk(x_ptr, res_ptr, c0, n_cols, HAS_RESIDUAL: tl.constexpr, CHUNK: tl.constexpr, CACHE: tl.constexpr):
+    """Columns c0 .. c0 + CHUNK of h = x (+ res), float32, with their indices and mask."""
+    cols = c0 + tl.arange(0, CHUNK)
+    mask = cols < n_cols
+    h = tl.load(x_ptr + cols, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return h, cols, mask
+
+
+@triton.jit
 def norm_row(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, n_cols, eps, HAS_RESIDUAL: tl.constexpr, CHUNK: tl.constexpr,
              CACHE: tl.constexpr):
     """One row: y = w * h * rsqrt(mean(h^2) + eps) with h = x (+ res, then stored at h_ptr).
     CACHE: the load cache modifier for x ("" or ".cg" where another SM just wrote it)."""
     sq = tl.zeros((CHUNK,), dtype=tl.float32)
     for c0 in range(0, n_cols, CHUNK):
-        cols = c0 + tl.arange(0, CHUNK)
-        mask = cols < n_cols
-        h = tl.load(x_ptr + cols, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
+        h, cols, mask = _chunk(x_ptr, res_ptr, c0, n_cols, HAS_RESIDUAL, CHUNK, CACHE)
         if HAS_RESIDUAL:
-            h += tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(h_ptr + cols, h, mask=mask)
         sq += h * h
     scale = tl.rsqrt(tl.sum(sq, axis=0) / n_cols + eps)
-    for c0 in range(0, n_cols, CHUNK):
-        cols = c0 + tl.arange(0, CHUNK)
-        mask = cols < n_cols
-        h = tl.load(x_ptr + cols, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
-        if HAS_RESIDUAL:
-            h += tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    for c0 in range(0, n_cols, CHUNK):  # h again from x (+ res): another thread may have stored it
+        h, cols, mask = _chunk(x_ptr, res_ptr, c0, n_cols, HAS_RESIDUAL, CHUNK, CACHE)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + cols, w * (h * scale), mask=mask)
 
