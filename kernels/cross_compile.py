@@ -64,6 +64,8 @@ class Compiled:
     tensor_core_ops: int  # mma.sync (sm_80+) / wgmma.mma_async (sm_90) instructions in the PTX
     atomics: int = 0  # atom instructions in the PTX
     unordered_atomics: int = 0  # of which without acq_rel semantics at GPU scope
+    loop_instructions: int = 0  # SASS instructions in the longest loop body (the kernel's main loop)
+    loop_barriers: int = 0  # of which BAR (a block-wide wait each iteration)
 
     def problems(self) -> list[str]:
         """Why this launch would fail (or spill) on the GPU; empty when it fits."""
@@ -138,14 +140,39 @@ def compile_only(arch: int) -> Iterator[list[tuple[str, object]]]:
         driver._active = previous
 
 
-def _resources(cubin: bytes) -> tuple[int, int]:
-    """(registers, stack bytes) per thread from cuobjdump's resource usage of a cubin."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def main_loop(sass: str) -> list[str]:
+    """The SASS instructions (opcode and operands) of the longest loop in `sass`: the span from
+    a backward branch's target to the branch."""
+    code = [(int(m.group(1), 16), m.group(2).strip()) for m in map(SASS_LINE.match, sass.splitlines()) if m]
+    best: list[str] = []
+    for at, ins in code:
+        target = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < at:
+            body = [i for a, i in code if int(target.group(1), 16) <= a <= at]
+            best = max(best, body, key=len)
+    return best
+
+
+def _loop_counts(cubin: bytes) -> tuple[int, int]:
+    """(instructions, barriers) of the cubin's main loop."""
+    body = main_loop(_cuobjdump(cubin, "-sass"))
+    return len(body), sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?BAR\b", i))
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) per thread from cuobjdump's resource usage of a cubin."""
+    out = _cuobjdump(cubin, "--dump-resource-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if found is None:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {out[:200]!r}")
@@ -253,7 +280,9 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None) -> l
             call()
             for kernel_name, kernel in launched:
                 registers, stack = _resources(kernel.asm["cubin"])
+                loop, barriers = _loop_counts(kernel.asm["cubin"])
                 results.append(Compiled(name, kernel_name, arch, kernel.metadata.num_warps, registers, stack,
                                         kernel.metadata.shared, len(TENSOR_CORE_OP.findall(kernel.asm["ptx"])),
-                                        len(ATOMIC_OP.findall(kernel.asm["ptx"])), unordered_atomics(kernel.asm["ptx"])))
+                                        len(ATOMIC_OP.findall(kernel.asm["ptx"])), unordered_atomics(kernel.asm["ptx"]),
+                                        loop, barriers))
     return results

@@ -88,15 +88,33 @@ def q4_k_scale_min(s, j):
 
 
 @triton.jit
-def _rows(acc, x_step, stride_xm, M, rows, offs, q, scale, mins, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """acc[i, n] += sum_a scale[n, a] * sum_b q[n, a, b] * x[i, offs[a, b]]
-    (- sum_a mins[n, a] * sum_b x[i, offs[a, b]] with HAS_MIN), for each row i < M of x."""
-    for i in tl.static_range(BLOCK_M):
-        x = tl.load(x_step + i * stride_xm + offs, mask=offs < tl.where(M > i, 256, 0), other=0.0).to(tl.float32)
-        part = tl.sum(tl.sum(q * x[None, :, :], axis=2) * scale, axis=1)
+def _rows(acc, x_step, stride_xm, M, rows, offs, q, scale, mins, OFFSET: tl.constexpr, HAS_MIN: tl.constexpr,
+          BLOCK_M: tl.constexpr):
+    """For weights w[n, a, b] = (q[n, a, b] - OFFSET) * scale[n, a] (- mins[n, a] with HAS_MIN),
+    q integer codes: acc[i, n] += sum_ab w[n, a, b] * x[i, offs[a, b]] for each row i < M of x,
+    with the scales applied once per sub-block (sum of q * x, then times scale).
+    With one row of x (BLOCK_M = 1: batch-1 decode) acc is per lane instead, (BLOCK_N, A, B),
+    summed once after the K loop: acc[n, a, b] += w * x, a multiply (an FMA with a min) and an
+    FMA a weight, and no cross-thread reduction (shuffles, shared memory, barriers) in the loop:
+    on sm_90 the Q4_K loop is 231 SASS instructions a step with no barrier, 296 with 12 barriers
+    and 20 shuffles when each step reduced (docs/benchmarks.md)."""
+    if OFFSET == 0:
+        qf = q.to(tl.float32)
+    else:
+        qf = (q - OFFSET).to(tl.float32)
+    if BLOCK_M == 1:  # x loaded straight into the weights' layout (no exchange through shared memory)
+        x = tl.load(x_step + tl.broadcast_to(offs[None, :, :], q.shape)).to(tl.float32)
+        w = qf * scale[:, :, None]
         if HAS_MIN:
-            part -= tl.sum(mins * tl.sum(x, axis=1)[None, :], axis=1)
-        acc = tl.where(rows[:, None] == i, acc + part[None, :], acc)
+            w -= mins[:, :, None]
+        acc += w * x
+    else:
+        for i in tl.static_range(BLOCK_M):
+            x = tl.load(x_step + i * stride_xm + offs, mask=offs < tl.where(M > i, 256, 0), other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(qf * x[None, :, :], axis=2) * scale, axis=1)
+            if HAS_MIN:
+                part -= tl.sum(mins * tl.sum(x, axis=1)[None, :], axis=1)
+            acc = tl.where(rows[:, None] == i, acc + part[None, :], acc)
     return acc
 
 
@@ -105,9 +123,9 @@ def _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
     a = tl.arange(0, 8)
     b = tl.arange(0, 32)
     blk = row[:, None] + a[None, :] * 34  # (BLOCK_N, 8)
-    q = tl.load(blk[:, :, None] + 2 + b[None, None, :]).to(tl.int8, bitcast=True).to(tl.float32)
+    q = tl.load(blk[:, :, None] + 2 + b[None, None, :]).to(tl.int8, bitcast=True)
     d = f16_at(blk)
-    return _rows(acc, x_step, stride_xm, M, rows, a[:, None] * 32 + b[None, :], q, d, d, False, BLOCK_M)
+    return _rows(acc, x_step, stride_xm, M, rows, a[:, None] * 32 + b[None, :], q, d, d, 0, False, BLOCK_M)
 
 
 @triton.jit
@@ -120,17 +138,16 @@ def _step_q4_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
     s = row[:, None] + 4
     offs = 64 * g[:, None] + l[None, :]
     sc, m = q4_k_scale_min(s, 2 * g[None, :])
-    acc = _rows(acc, x_step, stride_xm, M, rows, offs, (byte & 15).to(tl.float32), d * sc, dmin * m, True, BLOCK_M)
+    acc = _rows(acc, x_step, stride_xm, M, rows, offs, byte & 15, d * sc, dmin * m, 0, True, BLOCK_M)
     sc, m = q4_k_scale_min(s, 2 * g[None, :] + 1)
-    return _rows(acc, x_step, stride_xm, M, rows, offs + 32, (byte >> 4).to(tl.float32), d * sc, dmin * m, True,
-                 BLOCK_M)
+    return _rows(acc, x_step, stride_xm, M, rows, offs + 32, byte >> 4, d * sc, dmin * m, 0, True, BLOCK_M)
 
 
 @triton.jit
 def _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, q, t: tl.constexpr, BLOCK_M: tl.constexpr):
     scale = tl.load(row[:, None] + 192 + 8 * (a // 2) + 2 * t + a % 2).to(tl.int8, bitcast=True).to(tl.float32)
     offs = (128 * (a // 2) + 32 * t + 16 * (a % 2))[:, None] + b[None, :]
-    return _rows(acc, x_step, stride_xm, M, rows, offs, (q - 32).to(tl.float32), d * scale, d, False, BLOCK_M)
+    return _rows(acc, x_step, stride_xm, M, rows, offs, q, d * scale, d, 32, False, BLOCK_M)
 
 
 @triton.jit
@@ -162,10 +179,8 @@ def _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
     bit_lo = (tl.load(p + 2 + (b // 8)[None, None, :]).to(tl.int32) >> (b % 8)[None, None, :]) & 1
     bit_hi = (tl.load(p + 4 + (b // 8)[None, None, :]).to(tl.int32) >> (b % 8)[None, None, :]) & 1
     offs = 32 * a[:, None] + b[None, :]
-    acc = _rows(acc, x_step, stride_xm, M, rows, offs, ((byte & 15) | (bit_lo << 4)).to(tl.float32) - 16, d, d,
-                False, BLOCK_M)
-    return _rows(acc, x_step, stride_xm, M, rows, offs + 16, ((byte >> 4) | (bit_hi << 4)).to(tl.float32) - 16, d,
-                 d, False, BLOCK_M)
+    acc = _rows(acc, x_step, stride_xm, M, rows, offs, (byte & 15) | (bit_lo << 4), d, d, 16, False, BLOCK_M)
+    return _rows(acc, x_step, stride_xm, M, rows, offs + 16, (byte >> 4) | (bit_hi << 4), d, d, 16, False, BLOCK_M)
 
 
 @triton.jit
@@ -216,7 +231,17 @@ def qgemv_kernel(
         out_col = pid_n * BLOCK_N + j
         rn = out_col
     rn_safe = tl.where(out_col < N_OUT, rn, 0)  # rows past the end read row 0 and are never stored
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:  # per lane (_rows): the (A, B) tile of a step's sub-blocks
+        if QTYPE == 1:
+            acc = tl.zeros((BLOCK_N, 4, 32), dtype=tl.float32)
+        elif QTYPE == 2:
+            acc = tl.zeros((BLOCK_N, 4, 16), dtype=tl.float32)
+        elif QTYPE == 3:
+            acc = tl.zeros((BLOCK_N, 8, 16), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, 8, 32), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first = split * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
     for kb in range(first, last):
@@ -230,6 +255,8 @@ def qgemv_kernel(
             acc = _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
         else:
             acc = _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
+    if BLOCK_M == 1:
+        acc = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     if SPLIT:
         # partials: (splits, BLOCK_M, row blocks * BLOCK_N), every slot written (padding rows too)
         width = tl.num_programs(0) * BLOCK_N

@@ -5,7 +5,8 @@
 
 Per launch (the runtime's calls at 3B / 7B shapes, kernels/cross_compile.py): registers per
 thread, stack bytes (spills), shared memory against the GPU's limit, tensor-core instructions
-in the PTX (tc). Exit status 1 when a launch
+in the PTX (tc), and the SASS instructions and barriers of the kernel's main loop (loop, bar:
+work per iteration, a proxy for speed where nothing can be timed). Exit status 1 when a launch
 does not fit its GPU (too much shared memory, registers, or spills)."""
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def main() -> int:
             gpus, shared, cores = ARCHS[arch]
             print(f"\nsm_{arch} ({gpus}; {shared // 1024} KiB shared a block, {cores} SMs): "
                   f"{len(results)} launches in {time.perf_counter() - start:.0f} s")
-            print(f"{'case':<52} {'kernel':<24} {'warps':>5} {'regs':>5} {'stack':>5} {'shared':>7} {'tc':>4}  "
-                  "problems")
+            print(f"{'case':<52} {'kernel':<24} {'warps':>5} {'regs':>5} {'stack':>5} {'shared':>7} {'tc':>4} "
+                  f"{'loop':>5} {'bar':>3}  problems")
         for r in results:
             problems = r.problems()
             bad += bool(problems)
@@ -46,7 +47,7 @@ def main() -> int:
                 print(json.dumps(dataclasses.asdict(r) | {"problems": problems}))
             else:
                 print(f"{r.case:<52} {r.kernel:<24} {r.num_warps:>5} {r.registers:>5} {r.stack:>5} {r.shared:>7} "
-                      f"{r.tensor_core_ops:>4}  " + "; ".join(problems))
+                      f"{r.tensor_core_ops:>4} {r.loop_instructions:>5} {r.loop_barriers:>3}  " + "; ".join(problems))
     return 1 if bad else 0
 
 
