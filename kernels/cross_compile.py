@@ -41,10 +41,10 @@ ARCHS: dict[int, tuple[str, int, int]] = {
 }
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, all of these GPUs: a block must fit
 # Stack bytes per thread let pass, a few registers' worth: ptxas 13.4, under the
-# --regAllocOptLevel=2 Triton 3.9 gives it, keeps the Q4_K GEMV on sm_90 at 56 registers with a
-# 16-byte stack frame (12 bytes spilled; none without that flag, or with .maxnreg 128 at 79
-# registers); the spills this check is for were 3-10 KB a thread (decode attention, float32 GEMM
-# and attention).
+# --regAllocOptLevel=2 Triton 3.9 gives it, kept the reduce-every-step Q4_K GEMV on sm_90 at 56
+# registers with a 16-byte stack frame, and keeps the bf16 decode attention there at 64 with
+# one; the spills this check is for were 3-10 KB a thread (decode attention, float32 GEMM and
+# attention).
 STACK_ALLOWANCE = 32
 TENSOR_CORE_OP = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)")
 ATOMIC_OP = re.compile(r"\batom(?:\.[\w:]+)+")

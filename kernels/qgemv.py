@@ -60,7 +60,7 @@ BLOCK_N = 16  # weight rows per program on a GPU (not tuned on one yet)
 NUM_WARPS = 4
 INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs milliseconds
 # Default K splits aim for this many programs per SM: what fits resident at once (128 threads at
-# 56-80 registers: 6-9 programs of 65536 registers; docs/benchmarks.md's compile table), so
+# 64-96 registers for batch 1: 5-8 programs of 65536 registers; docs/benchmarks.md), so
 # that enough weight bytes are in flight to cover memory latency. With 4 (the first guess) the
 # 7B's q/k/v, o and down projections got 2-3.4 programs per H100 SM. Partial sums cost
 # splits * M * N * 8 bytes, ~1-2% of the weight bytes at these shapes. Not timed on a GPU yet.
