@@ -166,11 +166,11 @@ def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SW
                 assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), (qt.name, block_n, warps)
                 ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps))
                 found.append((ms, block_n, warps, None))
-        _, block_n, warps, _ = min(found)
+        _, block_n, warps, _ = min(found, key=lambda f: f[0])  # ties: the first measured
         for split in gemv["split_k"][1:]:
             ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps, split_k=split))
             found.append((ms, block_n, warps, split))
-        for ms, block_n, warps, split in sorted(found):
+        for ms, block_n, warps, split in sorted(found, key=lambda f: f[0]):
             rows.append({"kernel": f"GEMV {qt.name}", "n": n, "k": k, "block_n": block_n, "num_warps": warps,
                          "split_k": split or "default", "ms": round(ms, 4),
                          "weight_GB_s": round(raw.numel() / ms / 1e6, 1)})
@@ -183,7 +183,7 @@ def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SW
                 print(f"GEMM {qt.name} {bm}x{bn}x{bk}/{warps}: {str(e).splitlines()[0]}", file=sys.stderr)
                 continue
             found.append((ms, bm, bn, bk, warps))
-        for ms, bm, bn, bk, warps in sorted(found):
+        for ms, bm, bn, bk, warps in sorted(found, key=lambda f: f[0]):
             rows.append({"kernel": f"GEMM {qt.name}", "m": m, "n": n, "k": k, "tiles": [bm, bn, bk], "num_warps": warps,
                          "ms": round(ms, 4), "TFLOP_s": round(2 * m * n * k / ms / 1e9, 1)})
     return rows
