@@ -2,7 +2,7 @@
 
 A decode token on a GPU is ~30 small kernels per layer: launched one by one from Python, their
 launch cost, not the weights they stream, would set the speed. `DecodeGraph` keeps every input
-of a step in a fixed device buffer (the token's embedding, its M-RoPE position, the cache slot
+of a step in a fixed device buffer (the token's embedding, its M-RoPE angles, the cache slot
 it takes) and reads the cache length from one of them (kernels/decode_attention.py), so the step
 launches the same kernels on the same addresses every time: it is captured as a CUDA graph on
 its first call and replayed after. Elsewhere (the kernel path on the CPU, in Triton's
@@ -35,11 +35,10 @@ class DecodeGraph:
         self.decoder = decoder
         self.cache = cache
         self.x = torch.zeros(1, cfg.n_embd, device=dev)
-        self.pos = torch.zeros(3, device=dev)  # the token's (t, h, w) position
+        self.angles = torch.zeros(cfg.head_dim // 2, device=dev)  # the token's M-RoPE angles
         self.index = torch.zeros(1, dtype=torch.long, device=dev)  # its slot in the cache
         self.length = torch.zeros(1, dtype=torch.int32, device=dev)  # the cache's length with it
-        inv_freq, section = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-        self.inv_freq, self.section = inv_freq.to(dev), section.to(dev)
+        self.inv_freq = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)[0]  # on the CPU
         self.use_graph = graphs and dev.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -60,10 +59,9 @@ class DecodeGraph:
         return decode_attention(q[0], keys, values, self.length, k_scale, v_scale)[None]
 
     def _step(self) -> torch.Tensor:
-        """Logits (1, vocab) for the token in self.x at self.pos, stored at self.index."""
+        """Logits (1, vocab) for the token in self.x with the angles in self.angles, stored at self.index."""
         dec = self.decoder
-        angles = self.pos[self.section] * self.inv_freq  # mrope_angles (head_dim / 2), from the tables
-        hidden = dec.layers_forward(self.x, lambda i, layer: partial(self._attend, i, angles))
+        hidden = dec.layers_forward(self.x, lambda i, layer: partial(self._attend, i, self.angles))
         return dec.output.matmul(hidden)
 
     def _capture(self) -> None:
@@ -86,7 +84,9 @@ class DecodeGraph:
         if cache.length >= cache.capacity:
             raise ValueError(f"context full: {cache.length + 1} tokens > capacity {cache.capacity}")
         self.x.copy_(embedding)
-        self.pos.fill_(float(position))
+        # a text token's t, h and w positions are equal, so every M-RoPE section rotates by it:
+        # mrope_angles is position * inv_freq (float32, computed here, copied with the embedding)
+        self.angles.copy_(float(position) * self.inv_freq)
         self.index.fill_(cache.length)
         self.length.fill_(cache.length + 1)
         out: torch.Tensor | None = None
