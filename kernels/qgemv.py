@@ -262,15 +262,14 @@ def qgemv_kernel(
         width = tl.num_programs(0) * BLOCK_N
         slot = part_ptr + rows[:, None] * width + (pid_n * BLOCK_N + j)[None, :]
         tl.store(slot + split * BLOCK_M * width, acc)
-        if last_to_arrive(count_ptr + pid_n, splits):  # add the row block's partials in split order
+        finisher = last_to_arrive(count_ptr + pid_n, splits)
+        if finisher:  # add the row block's partials in split order
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(splits):
                 acc += tl.load(slot + s * BLOCK_M * width, cache_modifier=".cg")  # not L1: other SMs wrote it
-            _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
-            if NORM:
-                _norm_if_last(y_ptr, norm_w_ptr, normed_ptr, count_ptr + tl.num_programs(0), M, N_OUT, eps, BLOCK_M,
-                              NORM_CHUNK)
     else:
+        finisher = True
+    if finisher:
         _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
         if NORM:
             _norm_if_last(y_ptr, norm_w_ptr, normed_ptr, count_ptr + tl.num_programs(0), M, N_OUT, eps, BLOCK_M,

@@ -187,9 +187,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     row_bytes = k // blk * size
     if swiglu and (n % 2 or bias is not None or residual is not None):
         raise ValueError(f"swiglu takes an even number of stacked [gate; up] rows (got {n}) and no bias or residual")
-    x = x.contiguous()
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        x = x.float()
+    x = _activations(x)
     m = x.shape[0]
     if m <= GEMV_MAX_M:
         return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps)[0]
@@ -234,11 +232,15 @@ def qmatmul_norm(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, n
     _check_weights(raw, qtype, n, k)
     if norm_weight.shape != (n,):
         raise ValueError(f"norm weight of shape {tuple(norm_weight.shape)} for {n} outputs")
-    x = x.contiguous()
-    y, normed = qgemv(x if x.dtype in (torch.bfloat16, torch.float16) else x.float(), raw, qtype, n, k, bias,
-                      residual, norm_weight=norm_weight, norm_eps=eps)
+    y, normed = qgemv(_activations(x), raw, qtype, n, k, bias, residual, norm_weight=norm_weight, norm_eps=eps)
     assert normed is not None
     return y, normed
+
+
+def _activations(x: torch.Tensor) -> torch.Tensor:
+    """x contiguous, in bfloat16 / float16 as given or else float32."""
+    x = x.contiguous()
+    return x if x.dtype in (torch.bfloat16, torch.float16) else x.float()
 
 
 def _check_weights(raw: torch.Tensor, qtype: T, n: int, k: int) -> None:

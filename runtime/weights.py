@@ -77,27 +77,28 @@ class DeviceBlocks:
                swiglu: bool = False) -> torch.Tensor:
         """x (..., cols) -> float32 `x @ W.T + bias + residual` (..., rows), or with `swiglu`
         (rows stacked as [gate; up]) `silu(x @ gate.T) * (x @ up.T)` (..., rows / 2)."""
-        from ..kernels.qmatmul import GEMV_MAX_M, qmatmul
+        from ..kernels.qmatmul import qmatmul
+
+        flat, residual = self._operands(x, residual)
+        y = qmatmul(flat, self.raw, self.qtype, self.rows, self.cols, bias, residual, swiglu)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _operands(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x as (M, cols) rows (in the GEMM's dtype past the GEMV's M) and residual as (M, rows)."""
+        from ..kernels.qmatmul import GEMV_MAX_M
 
         flat = x.reshape(-1, self.cols)
         if flat.shape[0] > GEMV_MAX_M:
             flat = flat.to(self.gemm_dtype)
-        if residual is not None:
-            residual = residual.reshape(flat.shape[0], self.rows)
-        y = qmatmul(flat, self.raw, self.qtype, self.rows, self.cols, bias, residual, swiglu)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return flat, residual.reshape(flat.shape[0], self.rows) if residual is not None else None
 
     def matmul_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, RMSNorm(y) * norm_weight) for y = `x @ W.T + residual` (..., rows): one launch
         for decode (kernels/qmatmul.qmatmul_norm)."""
-        from ..kernels.qmatmul import GEMV_MAX_M, qmatmul_norm
+        from ..kernels.qmatmul import qmatmul_norm
 
-        flat = x.reshape(-1, self.cols)
-        if flat.shape[0] > GEMV_MAX_M:
-            flat = flat.to(self.gemm_dtype)
-        if residual is not None:
-            residual = residual.reshape(flat.shape[0], self.rows)
+        flat, residual = self._operands(x, residual)
         y, normed = qmatmul_norm(flat, self.raw, self.qtype, self.rows, self.cols, norm_weight, eps,
                                  residual=residual)
         return y.reshape(*x.shape[:-1], self.rows), normed.reshape(*x.shape[:-1], self.rows)
