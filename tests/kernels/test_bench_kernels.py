@@ -1,5 +1,5 @@
-"""scripts/bench_kernels.py's measurements run end to end on tiny shapes in Triton's interpreter
-(a stand-in timer), so a GPU session does not find them broken: each checks its kernel against
+"""scripts/bench_kernels.py's measurements run end to end on tiny shapes (in Triton's interpreter
+here, compiled on a GPU; a stand-in timer), so a GPU session does not find them broken: each checks its kernel against
 its reference before timing, and each row carries the fields docs/benchmarks.md reports."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import importlib.util
 
 import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import pytest
+from interpret import ACCEL
 from paths import REPO
 
 
@@ -29,26 +30,26 @@ def bench():
 
 
 def test_qmatmul_rows(bench):
-    rows = bench.bench_qmatmul("cpu", _timer, {"tiny": [(24, 256)]}, ms_=(1, 9))
+    rows = bench.bench_qmatmul(ACCEL, _timer, {"tiny": [(24, 256)]}, ms_=(1, 9))
     assert len(rows) == 6  # Q4_K, Q6_K, Q8_0 x (GEMV, GEMM)
     assert all("weight_GB_s" in r for r in rows if r["m"] == 1)
     assert all("TFLOP_s" in r and r["vs_torch_bf16_matmul"] == 1.0 for r in rows if r["m"] == 9)
 
 
 def test_attention_rows(bench):
-    rows = bench.bench_attention("cpu", _timer, (("windows", [16, 16], 2, 2, 80, False),
+    rows = bench.bench_attention(ACCEL, _timer, (("windows", [16, 16], 2, 2, 80, False),
                                                  ("prefill", [24], 4, 2, 32, True)))
     assert [r["tokens"] for r in rows] == [32, 24]
 
 
 def test_decode_attention_rows(bench):
-    rows = bench.bench_decode_attention("cpu", _timer, (("tiny", 4, 2, 64),), capacity=256)
+    rows = bench.bench_decode_attention(ACCEL, _timer, (("tiny", 4, 2, 64),), capacity=256)
     assert {r["kernel"] for r in rows} == {"decode attention bf16 cache", "decode attention q8_0 cache"}
     assert {r["context"] for r in rows} == {64, 256}
 
 
 def test_sweep_rows(bench):
-    rows = bench.sweep("cpu", _timer, (("Q4_K", 32, 512),), m=16,
+    rows = bench.sweep(ACCEL, _timer, (("Q4_K", 32, 512),), m=16,
                        gemv={"block_n": (4, 16), "num_warps": (4,), "split_k": (None, 2)},
                        tiles=((16, 16, 64, 4),))
     gemv = [r for r in rows if r["kernel"] == "GEMV Q4_K"]
