@@ -4,13 +4,14 @@
 # Here, once per checkout (fills .gpu/, which .git/info/exclude keeps out of git):
 #     bash scripts/gpu_session.sh prepare
 # Then each stage is one device call, with `carry: [".gpu"]`, writing its logs and JSON to $OUT:
-#     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA + scripts/bench_kernels.py
+#     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
+#     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
 #     bash scripts/gpu_session.sh e2e       # random 7B -> Q4_K_M -> scripts/bench_run.py (three images/contexts)
 # The device image has torch and triton; gguf travels as a wheel, the Qwen tokenizer files for
 # the random checkpoint from ../shared (which does not travel).
 set -uo pipefail
-stage=${1:?stage: prepare, kernels, sweep or e2e}
+stage=${1:?stage: prepare, kernels, bench, sweep or e2e}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
@@ -37,9 +38,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 case "$stage" in
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels --ignore=tests/kernels/test_cross_compile.py \
+    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/kernels --ignore=tests/kernels/test_cross_compile.py \
         --ignore=tests/kernels/test_decode_launches.py 2>&1 | tee "$out/kernel-tests.log" | tail -30
-    timeout 300 python3 scripts/bench_kernels.py > "$out/bench-kernels.json" 2> "$out/bench-kernels.err"
+    ;;
+bench)
+    timeout 560 python3 scripts/bench_kernels.py > "$out/bench-kernels.json" 2> "$out/bench-kernels.err"
     tail -5 "$out/bench-kernels.err"; head -c 3000 "$out/bench-kernels.json"
     ;;
 sweep)
