@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rope import rotate_half_
+
 
 @triton.jit
 def _to_cache_type(x, ptr):
@@ -46,22 +48,6 @@ def _rotated(x, head_ptr, offs, mask, theta_ptr, head_dim):
 
 
 @triton.jit
-def _rotate_q(q_ptr, theta_ptr, head_dim, BLOCK_D: tl.constexpr):
-    """One query head rotated in place (rope_kernel's program: each thread reads and writes the
-    same pair of elements)."""
-    half = head_dim // 2
-    i = tl.arange(0, BLOCK_D // 2)
-    mask = i < half
-    x1 = tl.load(q_ptr + i, mask=mask, other=0.0)
-    x2 = tl.load(q_ptr + half + i, mask=mask, other=0.0)
-    ang = tl.load(theta_ptr + i, mask=mask, other=0.0)
-    c = tl.cos(ang)
-    s = tl.sin(ang)
-    tl.store(q_ptr + i, x1 * c - x2 * s, mask=mask)
-    tl.store(q_ptr + half + i, x2 * c + x1 * s, mask=mask)
-
-
-@triton.jit
 def kv_store_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, index_ptr, q_ptr, theta_ptr, head_dim, group, sk_h, sv_h, sq_h,
                     sc_h, sc_t, ROTATE: tl.constexpr, BLOCK_D: tl.constexpr):
     head = tl.program_id(0)
@@ -78,7 +64,7 @@ def kv_store_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, index_ptr, q_ptr, theta_ptr, h
         x = tl.load(v_ptr + head * sv_h + d, mask=mask)
         tl.store(vc_ptr + head * sc_h + slot * sc_t + d, _to_cache_type(x, vc_ptr), mask=mask)
     else:
-        _rotate_q(q_ptr + (head * group + part - 2) * sq_h, theta_ptr, head_dim, BLOCK_D)
+        rotate_half_(q_ptr + (head * group + part - 2) * sq_h, theta_ptr, head_dim // 2, BLOCK_D // 2)
 
 
 @triton.jit
@@ -88,7 +74,8 @@ def kv_store_q8_kernel(k_ptr, v_ptr, kq_ptr, vq_ptr, kd_ptr, vd_ptr, index_ptr, 
     head = tl.program_id(0)
     part = tl.program_id(1)
     if part >= 2:
-        _rotate_q(query_ptr + (head * group + part - 2) * squery_h, theta_ptr, N_BLOCKS * Q8_BLOCK, BLOCK_D)
+        rotate_half_(query_ptr + (head * group + part - 2) * squery_h, theta_ptr, N_BLOCKS * Q8_BLOCK // 2,
+                     BLOCK_D // 2)
     else:
         _store_q8(k_ptr, v_ptr, kq_ptr, vq_ptr, kd_ptr, vd_ptr, index_ptr, theta_ptr, sk_h, sv_h, sq_h, sq_t, sd_h,
                   sd_t, head, part, ROTATE, Q8_BLOCK, N_BLOCKS, BLOCK_B, BLOCK_E)

@@ -21,6 +21,22 @@ from ..runtime.vision import merge_unit_positions, vision_angles  # noqa: F401
 
 
 @triton.jit
+def rotate_half_(base, theta_ptr, half, BLOCK: tl.constexpr):
+    """One head at base (2 * half values) rotated in place by the half-angles at theta_ptr:
+    each thread reads and writes the same pair (i, half + i), so no thread reads what another
+    writes."""
+    i = tl.arange(0, BLOCK)
+    mask = i < half
+    x1 = tl.load(base + i, mask=mask, other=0.0)
+    x2 = tl.load(base + half + i, mask=mask, other=0.0)
+    ang = tl.load(theta_ptr + i, mask=mask, other=0.0)
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    tl.store(base + i, x1 * c - x2 * s, mask=mask)
+    tl.store(base + half + i, x2 * c + x1 * s, mask=mask)
+
+
+@triton.jit
 def rope_kernel(
     # pointers
     x_ptr, y_ptr, theta_ptr,
@@ -33,19 +49,11 @@ def rope_kernel(
 ):
     tok = tl.program_id(0)
     head = tl.program_id(1)
-    i = tl.arange(0, BLOCK)
-    mask = i < half
     if head < n_heads:
         base = x_ptr + tok * sx_tok + head * sx_head
     else:
         base = y_ptr + tok * sy_tok + (head - n_heads) * sy_head
-    x1 = tl.load(base + i, mask=mask, other=0.0)
-    x2 = tl.load(base + half + i, mask=mask, other=0.0)
-    ang = tl.load(theta_ptr + tok * stride_theta + i, mask=mask, other=0.0)
-    c = tl.cos(ang)
-    s = tl.sin(ang)
-    tl.store(base + i, x1 * c - x2 * s, mask=mask)
-    tl.store(base + half + i, x2 * c + x1 * s, mask=mask)
+    rotate_half_(base, theta_ptr + tok * stride_theta, half, BLOCK)
 
 
 def apply_rope_(x: torch.Tensor, theta: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
