@@ -6,7 +6,9 @@ sum `l` and an unnormalized output `acc` (online softmax), all float32, and writ
 Segments are given by cumulative lengths: `cu_q` for queries and `cu_k` for keys (equal for the
 vision tower's windows; for text prefill the keys include the KV cache, and with `causal` query
 i of a segment sees keys up to `k_len - q_len + i`). Query head h reads KV head h // group.
-The head dim is padded to a power of two with masks (80 for the vision tower). Keys and values
+A head dim that is not a power of two (80 for the vision tower) is taken as a power of two
+plus a tail (64 + 16, `head_dim_split`), each multiplied separately, instead of padded to 128:
+37.5% fewer tensor-core products at d = 80. Keys and values
 may be strided views (prefill reads the KV cache in place), and a q8_0 cache is read as stored:
 int8 values times a float16 scale per Q8_BLOCK of the head dim, multiplied in as they load.
 Torch reference: `attention_ref` (F.scaled_dot_product_attention per segment).
@@ -33,6 +35,14 @@ def load_kv(ptr, s_ptr, offs, s_offs, mask, IS_Q8: tl.constexpr):
 
 
 @triton.jit
+def _cols(ptr, s_ptr, rows, s_rows, rd, valid_rows, head_dim, IS_Q8: tl.constexpr, Q8_BLOCK: tl.constexpr):
+    """Columns rd of a block of keys or values (rows: element offsets of its rows; s_rows: of
+    their q8_0 scales)."""
+    mask = valid_rows[:, None] & (rd[None, :] < head_dim)
+    return load_kv(ptr, s_ptr, rows[:, None] + rd[None, :], s_rows[:, None] + rd[None, :] // Q8_BLOCK, mask, IS_Q8)
+
+
+@triton.jit
 def attention_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, cu_q_ptr, cu_k_ptr,
@@ -42,8 +52,11 @@ def attention_kernel(
     sq_t, sq_h, sk_t, sk_h, ss_t, ss_h, so_t, so_h,
     # meta-parameters
     CAUSAL: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr, IS_Q8: tl.constexpr, Q8_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_D: tl.constexpr,
 ):
+    """Program (query block, head, segment). The head dim is BLOCK_D columns (a power of two)
+    and, where it is not a power of two, TAIL_D more (80 = 64 + 16): products over the two
+    parts summed, so no tensor-core work is spent on padding up to 128."""
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     seg = tl.program_id(2)
@@ -55,21 +68,29 @@ def attention_kernel(
     if pid_m * BLOCK_M < q_len:
         rd = tl.arange(0, BLOCK_D)
         kv_head = head // group
-        q = tl.load(q_ptr + (q0 + rm)[:, None] * sq_t + head * sq_h + rd[None, :],
-                    mask=(rm[:, None] < q_len) & (rd[None, :] < head_dim), other=0.0)
+        q_rows = (q0 + rm)[:, None] * sq_t + head * sq_h
+        q_valid = rm[:, None] < q_len
+        q = tl.load(q_ptr + q_rows + rd[None, :], mask=q_valid & (rd[None, :] < head_dim), other=0.0)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        if TAIL_D > 0:
+            rt = BLOCK_D + tl.arange(0, TAIL_D)
+            q_t = tl.load(q_ptr + q_rows + rt[None, :], mask=q_valid & (rt[None, :] < head_dim), other=0.0)
+            acc_t = tl.zeros((BLOCK_M, TAIL_D), dtype=tl.float32)
         hi = k_len
         if CAUSAL:  # keys after this block's last query are all masked: stop before them
             hi = tl.minimum(k_len, k_len - q_len + (pid_m + 1) * BLOCK_M)
         for start in range(0, hi, BLOCK_N):
             rn = start + tl.arange(0, BLOCK_N)
-            kv_mask = (rn[:, None] < k_len) & (rd[None, :] < head_dim)
-            offs = (k0 + rn)[:, None] * sk_t + kv_head * sk_h + rd[None, :]
-            s_offs = (k0 + rn)[:, None] * ss_t + kv_head * ss_h + rd[None, :] // Q8_BLOCK
-            k = load_kv(k_ptr, ks_ptr, offs, s_offs, kv_mask, IS_Q8).to(q.dtype)
-            s = dot(q, tl.trans(k), LOW, EMULATE) * scale
+            k_rows = (k0 + rn) * sk_t + kv_head * sk_h
+            s_rows = (k0 + rn) * ss_t + kv_head * ss_h
+            k = _cols(k_ptr, ks_ptr, k_rows, s_rows, rd, rn < k_len, head_dim, IS_Q8, Q8_BLOCK).to(q.dtype)
+            s = dot(q, tl.trans(k), LOW, EMULATE)
+            if TAIL_D > 0:
+                k_t = _cols(k_ptr, ks_ptr, k_rows, s_rows, rt, rn < k_len, head_dim, IS_Q8, Q8_BLOCK).to(q.dtype)
+                s += dot(q_t, tl.trans(k_t), LOW, EMULATE)
+            s *= scale
             valid = rn[None, :] < k_len
             if CAUSAL:
                 valid = valid & (rn[None, :] <= (k_len - q_len) + rm[:, None])
@@ -79,30 +100,48 @@ def attention_kernel(
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = load_kv(v_ptr, vs_ptr, offs, s_offs, kv_mask, IS_Q8).to(q.dtype)
-            acc = acc * alpha[:, None] + dot(p.to(q.dtype), v, LOW, EMULATE)  # p rounded as FlashAttention-2 does
+            p_low = p.to(q.dtype)  # p rounded as FlashAttention-2 does
+            v = _cols(v_ptr, vs_ptr, k_rows, s_rows, rd, rn < k_len, head_dim, IS_Q8, Q8_BLOCK).to(q.dtype)
+            acc = acc * alpha[:, None] + dot(p_low, v, LOW, EMULATE)
+            if TAIL_D > 0:
+                v_t = _cols(v_ptr, vs_ptr, k_rows, s_rows, rt, rn < k_len, head_dim, IS_Q8, Q8_BLOCK).to(q.dtype)
+                acc_t = acc_t * alpha[:, None] + dot(p_low, v_t, LOW, EMULATE)
             m_i = m_new
-        out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
-        tl.store(o_ptr + (q0 + rm)[:, None] * so_t + head * so_h + rd[None, :], out,
-                 mask=(rm[:, None] < q_len) & (rd[None, :] < head_dim))
+        norm = tl.where(l_i == 0, 1.0, l_i)[:, None]
+        o_rows = (q0 + rm)[:, None] * so_t + head * so_h
+        tl.store(o_ptr + o_rows + rd[None, :], acc / norm, mask=q_valid & (rd[None, :] < head_dim))
+        if TAIL_D > 0:
+            tl.store(o_ptr + o_rows + rt[None, :], acc_t / norm, mask=q_valid & (rt[None, :] < head_dim))
 
 
-def launch(gpu: Target, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def head_dim_split(d: int) -> tuple[int, int]:
+    """(BLOCK_D, TAIL_D): the largest power of two in d (at least 16, tl.dot's least K), and
+    what is left padded to a power of two of at least 16 (0 when nothing is left): 80 -> (64,
+    16), 128 -> (128, 0), 72 -> (64, 16), 8 -> (16, 0)."""
+    main = max(16, 1 << (d.bit_length() - 1))
+    rest = d - main
+    return main, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+def launch(gpu: Target, dtype: torch.dtype, q8_cache: bool) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages) for products in `dtype`. Not timed on a GPU yet:
     tiles that compile for sm_75 ... sm_90 without register spills or too much shared memory
-    (scripts/compile_kernels.py). bf16 / f16 on tensor cores (sm_80+): 64 x 64, 8 warps, no
-    software pipelining (Triton's default 3 stages need 112 KiB of shared memory on sm_90 and
-    spill for q8_0 caches on sm_86); float32 (FMA): 32 x 32, 8 warps, 2 stages (64 x 64 spilled
-    10 KB a thread); sm_75, where Triton emits FMA code for f16 dots too: 16 x 32 (32 x 32
-    spills there). In the interpreter: 16 x 16, so the tests' short segments span several key
-    blocks."""
+    (scripts/compile_kernels.py). bf16 / f16 on tensor cores (sm_80+): 64 x 64, no software
+    pipelining (Triton's default 3 stages need 112 KiB of shared memory on sm_90 and spill for
+    q8_0 caches on sm_86), 4 warps: with 8 Triton gives the 64 query rows to two sm_90 warp
+    groups that each compute the whole q k^T (1.5x the tensor-core instructions a block at d =
+    128 and d = 80), and on sm_80 to warps of 8 rows each doing 16 (2x at d = 80); a q8_0
+    cache keeps 8 warps (4 spill 56-216 bytes a thread). float32 (FMA): 32 x 32, 8 warps, 2
+    stages (64 x 64 spilled 10 KB a thread); sm_75, where Triton emits FMA code for f16 dots
+    too: 16 x 32 (32 x 32 spills there). In the interpreter: 16 x 16, so the tests' short
+    segments span several key blocks."""
     if gpu == INTERPRETER:
         return 16, 16, 4, 1
     if not gpu.tensor_cores:
         return 16, 32, 8, 2
     if dtype == torch.float32:
         return 32, 32, 8, 2
-    return 64, 64, 8, 1
+    return 64, 64, 8 if q8_cache else 4, 1
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int],
@@ -126,7 +165,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
     is_q8 = k.dtype == torch.int8
     if is_q8 != (k_scale is not None and v_scale is not None):
         raise ValueError("int8 (q8_0) keys and values need k_scale and v_scale, float ones none")
-    default_m, default_n, num_warps, num_stages = launch(target(q.device), dtype)
+    default_m, default_n, num_warps, num_stages = launch(target(q.device), dtype, is_q8)
     block_m, block_n = block_m or default_m, block_n or default_n
     q = q.to(dtype).contiguous()
     if not is_q8 and (k.dtype != dtype or k.stride(-1) != 1 or k.stride() != v.stride()):
@@ -140,14 +179,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
     cq = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
     ck = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
     longest = max(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
+    block_d, tail_d = head_dim_split(d)
     grid = (triton.cdiv(longest, block_m), heads, len(cu_q) - 1)
     attention_kernel[grid](q, k, v, ks, vs, out, cq, ck, d, heads // kv_heads, d ** -0.5,
                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), ks.stride(0), ks.stride(1),
                            out.stride(0), out.stride(1),
                            CAUSAL=causal, LOW=dtype != torch.float32, EMULATE=interpreted(), IS_Q8=is_q8,
                            Q8_BLOCK=d // k_scale.shape[-1] if k_scale is not None else d,
-                           BLOCK_M=block_m, BLOCK_N=block_n,
-                           BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=num_warps, num_stages=num_stages)
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, TAIL_D=tail_d,
+                           num_warps=num_warps, num_stages=num_stages)
     return out
 
 

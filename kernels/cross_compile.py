@@ -47,6 +47,7 @@ REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, all of these GPUs: a block
 # attention).
 STACK_ALLOWANCE = 32
 TENSOR_CORE_OP = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)")
+TENSOR_CORE_SHAPE = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\S*?\.m(\d+)n(\d+)k(\d+)")
 ATOMIC_OP = re.compile(r"\batom(?:\.[\w:]+)+")
 
 
@@ -66,6 +67,7 @@ class Compiled:
     unordered_atomics: int = 0  # of which without acq_rel semantics at GPU scope
     loop_instructions: int = 0  # SASS instructions in the longest loop body (the kernel's main loop)
     loop_barriers: int = 0  # of which BAR (a block-wide wait each iteration)
+    tensor_core_macs: int = 0  # multiply-adds of those instructions for one pass of the program (tensor_core_macs)
 
     def problems(self) -> list[str]:
         """Why this launch would fail (or spill) on the GPU; empty when it fits."""
@@ -86,6 +88,19 @@ def unordered_atomics(ptx: str) -> int:
     """Atomic instructions in `ptx` that neither publish earlier stores nor see other
     programs' (not `.acq_rel` at `.gpu` scope)."""
     return sum(1 for op in ATOMIC_OP.findall(ptx) if ".acq_rel" not in op or ".gpu" not in op)
+
+
+def tensor_core_macs(ptx: str, num_warps: int) -> int:
+    """Multiply-adds the tensor-core instructions in `ptx` do when the program runs through
+    each once (a loop body once): m x n x k each, times the warps that issue it (mma.sync is
+    a warp's, wgmma a warp group's of 4). Compared with a tile's useful work (BLOCK_M x
+    BLOCK_N x head dim for q k^T), it shows padded columns and products that several warps
+    repeat."""
+    total = 0
+    for op, m, n, k in TENSOR_CORE_SHAPE.findall(ptx):
+        issuers = num_warps if op == "mma.sync" else max(1, num_warps // 4)
+        total += int(m) * int(n) * int(k) * issuers
+    return total
 
 
 class _TargetDriver:
@@ -284,5 +299,6 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None) -> l
                 results.append(Compiled(name, kernel_name, arch, kernel.metadata.num_warps, registers, stack,
                                         kernel.metadata.shared, len(TENSOR_CORE_OP.findall(kernel.asm["ptx"])),
                                         len(ATOMIC_OP.findall(kernel.asm["ptx"])), unordered_atomics(kernel.asm["ptx"]),
-                                        loop, barriers))
+                                        loop, barriers,
+                                        tensor_core_macs(kernel.asm["ptx"], kernel.metadata.num_warps)))
     return results

@@ -13,7 +13,7 @@ import pytest
 import torch
 from interpret import ACCEL
 
-from qvl.kernels.attention import attention, attention_ref
+from qvl.kernels.attention import attention, attention_ref, head_dim_split
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -29,6 +29,8 @@ def _qkv(tq, tk, heads, kv_heads, d, seed):
     ([64, 16, 80, 4], 2, 80),   # vision windows of unequal size, head dim 80
     ([131], 3, 80),             # one full-attention image, odd length
     ([1], 1, 16),               # a single patch
+    ([20, 9], 2, 72),           # 64 + a tail of 8 padded to 16
+    ([33], 1, 96),              # 64 + a tail of 32
 ])
 def test_varlen_non_causal(segments, heads, d, dtype):
     cu = [0]
@@ -98,3 +100,12 @@ def test_rejects_bad_gqa():
     q, k, v = _qkv(4, 4, 2, 2, 32, 0)
     with pytest.raises(ValueError, match="k_scale"):
         attention(q, k.to(torch.int8), v.to(torch.int8), [0, 4], [0, 4], causal=True)
+
+
+@pytest.mark.parametrize("d,split", [(80, (64, 16)), (128, (128, 0)), (72, (64, 16)), (96, (64, 32)), (8, (16, 0)),
+                                     (16, (16, 0)), (130, (128, 16))])
+def test_head_dim_split_covers_d_with_little_padding(d, split):
+    """The vision tower's 80 is 64 + 16 (not padded to 128); every part is a power of two >= 16."""
+    main, tail = head_dim_split(d)
+    assert (main, tail) == split
+    assert main + tail >= d and (tail == 0 or main < d)

@@ -14,11 +14,15 @@ import sys
 
 import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import pytest
+import torch
 from paths import REPO
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from qvl.kernels.cross_compile import ARCHS, STACK_ALLOWANCE, Compiled, main_loop, unordered_atomics
+from qvl.kernels.attention import head_dim_split, launch
+from qvl.kernels.cross_compile import ARCHS, STACK_ALLOWANCE, Compiled, main_loop, tensor_core_macs, unordered_atomics
+from qvl.kernels.qmatmul import gemm_tiles
+from qvl.kernels.target import Target
 
 KERNEL_MODULES = ("attention", "decode_attention", "dequant", "kv_store", "qgemv", "qmatmul", "rmsnorm", "rope")
 
@@ -92,6 +96,33 @@ def test_half_precision_products_use_tensor_cores(compiled, arch):
         assert len(half) == 3 and not any(r["tensor_core_ops"] for r in half)
         routed = [r for r in records if "GEMM" in r["case"] and "float16" in r["case"]]
         assert len(routed) == 4 and {r["kernel"] for r in routed} == {"dequant_kernel"}
+
+
+@pytest.mark.parametrize("arch", [a for a in sorted(ARCHS) if a >= 80])
+def test_tensor_cores_do_only_the_tiles_work(compiled, arch):
+    """The tensor-core multiply-adds of one pass through a kernel equal its tile's products:
+    attention's q k^T and p v over BLOCK_M x BLOCK_N at the head dim as split (80 = 64 + 16,
+    not padded to 128), the GEMM's BLOCK_M x BLOCK_N x BLOCK_K; no product repeated by two
+    warps (groups). With 8 warps, sm_90's two warp groups each computed the whole q k^T
+    (1.5x at d = 128, 2.4x at d = 80 with the padding) and sm_80's warps of 8 rows did 16."""
+    _, records, _ = compiled[arch]
+    gpu = Target(arch, ARCHS[arch][2])
+    block_m, block_n, _, _ = launch(gpu, torch.bfloat16, False)
+    attn = {r["case"]: r for r in records if r["kernel"] == "attention_kernel" and "bfloat16" in r["case"]
+            and "q8_0" not in r["case"]}
+    for d in (80, 128):
+        (case,) = [c for c in attn if f"d={d}" in c]
+        assert attn[case]["tensor_core_macs"] == 2 * block_m * block_n * sum(head_dim_split(d)), case
+    tm, tn, tk, _, _ = gemm_tiles(gpu, torch.bfloat16)
+    gemms = [r for r in records if r["kernel"] == "qmatmul_kernel" and "bfloat16" in r["case"]]
+    assert len(gemms) == 4 and all(r["tensor_core_macs"] == tm * tn * tk for r in gemms)
+
+
+def test_tensor_core_macs_read_from_ptx():
+    ptx = """mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%r1}, {%r2}, {%r3}, {%r4};
+    wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, p, 1, 1, 0, 1;"""
+    assert tensor_core_macs(ptx, 8) == 16 * 8 * 16 * 8 + 64 * 32 * 16 * 2
+    assert tensor_core_macs("fma.rn.f32 %f1, %f2, %f3, %f4;", 4) == 0
 
 
 def test_problems_name_each_limit():
