@@ -2,10 +2,11 @@
 
 A decode token on a GPU is ~30 small kernels per layer: launched one by one from Python, their
 launch cost, not the weights they stream, would set the speed. `DecodeGraph` keeps every input
-of a step in a fixed device buffer (the token's embedding, its M-RoPE angles, the cache slot
-it takes) and reads the cache length from one of them (kernels/decode_attention.py), so the step
-launches the same kernels on the same addresses every time: it is captured as a CUDA graph on
-its first call and replayed after. Elsewhere (the kernel path on the CPU, in Triton's
+of a step in one fixed device buffer (the cache slot the token takes and the cache's length
+with it, the token's embedding, the embedding through the first layer's RMSNorm, its M-RoPE
+angles: all computed on the host, sent in one copy a token) and reads the cache length from it
+(kernels/decode_attention.py), so the step launches the same kernels on the same addresses
+every time: it is captured as a CUDA graph on its first call and replayed after. Elsewhere (the kernel path on the CPU, in Triton's
 interpreter) the same step runs eagerly, which is how the tests check what the graph holds.
 
 It serves a decoder wholly on one accelerator with the Triton kernels (every layer and the
@@ -19,7 +20,17 @@ from functools import partial
 
 import torch
 
-from .decoder import Decoder, KVCache, rope_tables
+from .decoder import Decoder, KVCache, rms_norm, rope_tables
+
+_HEADER = 16  # bytes before the floats: the slot (int64), the length (int32), padding
+
+
+def _fields(buf: torch.Tensor, n_embd: int, half_dim: int) -> tuple[torch.Tensor, ...]:
+    """Typed views of a step's input buffer (uint8): (slot, length, embedding (1, n_embd),
+    normalized embedding (1, n_embd), angles (half_dim,))."""
+    floats = buf[_HEADER:].view(torch.float32)
+    return (buf[0:8].view(torch.int64), buf[8:12].view(torch.int32), floats[:n_embd].view(1, n_embd),
+            floats[n_embd:2 * n_embd].view(1, n_embd), floats[2 * n_embd:2 * n_embd + half_dim])
 
 
 class DecodeGraph:
@@ -34,10 +45,13 @@ class DecodeGraph:
         dev = decoder.norm.device
         self.decoder = decoder
         self.cache = cache
-        self.x = torch.zeros(1, cfg.n_embd, device=dev)
-        self.angles = torch.zeros(cfg.head_dim // 2, device=dev)  # the token's M-RoPE angles
-        self.index = torch.zeros(1, dtype=torch.long, device=dev)  # its slot in the cache
-        self.length = torch.zeros(1, dtype=torch.int32, device=dev)  # the cache's length with it
+        size = _HEADER + 4 * (2 * cfg.n_embd + cfg.head_dim // 2)
+        self.inputs = torch.zeros(size, dtype=torch.uint8, device=dev)
+        # written on the host, then copied in one transfer (pinned: without a staging copy of its own)
+        self.host_inputs = torch.zeros(size, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+        self.index, self.length, self.x, self.normed, self.angles = _fields(self.inputs, cfg.n_embd,
+                                                                           cfg.head_dim // 2)
+        self.host_fields = _fields(self.host_inputs, cfg.n_embd, cfg.head_dim // 2)
         self.inv_freq = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)[0]  # on the CPU
         self.use_graph = graphs and dev.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -61,7 +75,7 @@ class DecodeGraph:
     def _step(self) -> torch.Tensor:
         """Logits (1, vocab) for the token in self.x with the angles in self.angles, stored at self.index."""
         dec = self.decoder
-        hidden = dec.layers_forward(self.x, lambda i, layer: partial(self._attend, i, self.angles))
+        hidden = dec.layers_forward(self.x, lambda i, layer: partial(self._attend, i, self.angles), self.normed)
         return dec.output.matmul(hidden)
 
     def _capture(self) -> None:
@@ -77,18 +91,26 @@ class DecodeGraph:
             self.logits = self._step()
         self.graph = graph
 
+    def stage(self, embedding: torch.Tensor, position: int) -> None:
+        """Write the next step's inputs on the host and send them in one copy."""
+        index, length, x, normed, angles = self.host_fields
+        index.fill_(self.cache.length)
+        length.fill_(self.cache.length + 1)
+        x.copy_(embedding)
+        normed.copy_(rms_norm(embedding, self.decoder.first_norm_host, self.decoder.cfg.rms_eps))
+        # a text token's t, h and w positions are equal, so every M-RoPE section rotates by it:
+        # mrope_angles is position * inv_freq
+        angles.copy_(float(position) * self.inv_freq)
+        # the host buffer is written again only after the step's logits came back (a sync)
+        self.inputs.copy_(self.host_inputs, non_blocking=True)
+
     def step(self, embedding: torch.Tensor, position: int) -> torch.Tensor:
         """The next token's embedding (1, n_embd) at `position` (a text token: t = h = w) ->
         float32 logits (1, vocab) on the CPU; the cache grows by one."""
         cache = self.cache
         if cache.length >= cache.capacity:
             raise ValueError(f"context full: {cache.length + 1} tokens > capacity {cache.capacity}")
-        self.x.copy_(embedding)
-        # a text token's t, h and w positions are equal, so every M-RoPE section rotates by it:
-        # mrope_angles is position * inv_freq (float32, computed here, copied with the embedding)
-        self.angles.copy_(float(position) * self.inv_freq)
-        self.index.fill_(cache.length)
-        self.length.fill_(cache.length + 1)
+        self.stage(embedding, position)
         out: torch.Tensor | None = None
         if self.use_graph and self.graph is None:
             try:

@@ -283,6 +283,8 @@ class Decoder:
                 gate=mat("ffn_gate.weight"), up=mat("ffn_up.weight"), down=mat("ffn_down.weight"),
                 device=dev, kernels=kernels and on_accel,
             ))
+        # the first layer's attn_norm on the host too, where the embedding is (DecodeGraph normalizes there)
+        self.first_norm_host = w.vector("blk.0.attn_norm.weight").float()
 
     def new_cache(self, capacity: int, kind: str | None = None) -> KVCache:
         """A KV cache with each layer's part on that layer's device."""
@@ -322,11 +324,12 @@ class Decoder:
 
     def layers_forward(self, x: torch.Tensor,
                        attend_for: Callable[[int, Layer], Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                                                                   torch.Tensor]]) -> torch.Tensor:
+                                                                   torch.Tensor]],
+                       normed: torch.Tensor | None = None) -> torch.Tensor:
         """x (seq, n_embd) through every layer (`attend_for(i, layer)`: layer i's rotary and
         attention) -> the final-norm hidden states. Each layer hands the next its input already
-        normalized where both are on one device."""
-        normed = None
+        normalized where both are on one device; `normed`: x through the first layer's
+        attn_norm, where the caller has it."""
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
             x, normed = self.layer_forward(layer, x.to(layer.device), attend_for(i, layer), normed,

@@ -9,7 +9,8 @@ work fails here as it would on a GPU) and the kernels compiled for sm_ARCH and n
 (its window attention), prefills 20 tokens (the tiled GEMM and prefill attention), runs
 DecodeGraph's step once to compile, then once more counting what a CUDA graph of it would hold:
 Triton launches by kernel, and the torch operations that launch a CUDA kernel (views and
-allocations do not)."""
+allocations do not, nor work on the host); and what sends a step's inputs before the graph
+replays (`DecodeGraph.stage`)."""
 
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ class _TorchKernels(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
-        if name not in NO_KERNEL:
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in (*args, *(kwargs or {}).values(), out) if isinstance(t, torch.Tensor)]
+        if name not in NO_KERNEL and any(t.device.type != "cpu" for t in tensors):  # host work launches nothing
             self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 def count(path: str, arch: int, cache_type: str) -> dict:
@@ -66,14 +69,17 @@ def count(path: str, arch: int, cache_type: str) -> dict:
         prompt = torch.arange(20)
         dec.forward(dec.embed_tokens(prompt), prompt.expand(3, -1).contiguous(), cache)
         graph = DecodeGraph(dec, cache, graphs=False)
+        graph.stage(dec.embed_tokens(torch.tensor([5])), 20)
         graph._step()  # compiles
         launched.clear()
-        torch_kernels = _TorchKernels()
+        inputs, torch_kernels = _TorchKernels(), _TorchKernels()
+        with inputs:
+            graph.stage(dec.embed_tokens(torch.tensor([5])), 20)
         with torch_kernels:
             graph._step()
     triton_kernels = collections.Counter(name for name, _ in launched)
     return {"arch": arch, "layers": len(dec.layers), "vision": model.vision is not None, "triton": dict(triton_kernels),
-            "torch": dict(torch_kernels.ops), "total": sum(triton_kernels.values()) + sum(torch_kernels.ops.values())}
+            "torch": dict(torch_kernels.ops), "inputs": dict(inputs.ops), "total": sum(triton_kernels.values()) + sum(torch_kernels.ops.values())}
 
 
 def main() -> int:
@@ -95,6 +101,7 @@ def main() -> int:
         for kind in ("triton", "torch"):
             for name, n in sorted(found[kind].items(), key=lambda kv: -kv[1]):
                 print(f"  {kind:<6} {name:<28} {n}")
+        print(f"  before it, the step's inputs: {found['inputs']}")
     return 0
 
 
