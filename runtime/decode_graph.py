@@ -6,8 +6,9 @@ of a step in one fixed device buffer (the cache slot the token takes and the cac
 with it, the token's embedding, the embedding through the first layer's RMSNorm, its M-RoPE
 angles: all computed on the host, sent in one copy a token) and reads the cache length from it
 (kernels/decode_attention.py), so the step launches the same kernels on the same addresses
-every time: it is captured as a CUDA graph on its first call and replayed after. Elsewhere (the kernel path on the CPU, in Triton's
-interpreter) the same step runs eagerly, which is how the tests check what the graph holds.
+every time: it is captured as a CUDA graph on its first call and replayed after. Elsewhere
+(the kernel path on the CPU, in Triton's interpreter) the same step runs eagerly, which is how
+the tests check what the graph holds.
 
 It serves a decoder wholly on one accelerator with the Triton kernels (every layer and the
 output layer); anything else decodes through `Decoder.forward`.
