@@ -46,8 +46,8 @@ REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, all of these GPUs: a block
 # one; the spills this check is for were 3-10 KB a thread (decode attention, float32 GEMM and
 # attention).
 STACK_ALLOWANCE = 32
-TENSOR_CORE_OP = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)")
-TENSOR_CORE_SHAPE = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\S*?\.m(\d+)n(\d+)k(\d+)")
+# a tensor-core instruction and its shape: (opcode, m, n, k)
+TENSOR_CORE_OP = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\S*?\.m(\d+)n(\d+)k(\d+)")
 ATOMIC_OP = re.compile(r"\batom(?:\.[\w:]+)+")
 
 
@@ -97,7 +97,7 @@ def tensor_core_macs(ptx: str, num_warps: int) -> int:
     BLOCK_N x head dim for q k^T), it shows padded columns and products that several warps
     repeat."""
     total = 0
-    for op, m, n, k in TENSOR_CORE_SHAPE.findall(ptx):
+    for op, m, n, k in TENSOR_CORE_OP.findall(ptx):
         issuers = num_warps if op == "mma.sync" else max(1, num_warps // 4)
         total += int(m) * int(n) * int(k) * issuers
     return total
