@@ -11,7 +11,12 @@ arithmetic per weight as it can. So, unlike the tiled GEMM in qmatmul.py (which 
   8 blocks of 32);
 - x is loaded in the matching element order, and a sub-block contributes
   `scale * sum(q * x)` (Q4_K: minus `min * sum(x)`), so the scales are applied once per 16 or
-  32 weights instead of once per weight.
+  32 weights instead of once per weight (M > 1; batch 1 in _rows);
+- at batch 1 on a GPU, Q4_K and Q6_K codes become floats through inline PTX: four bytes a
+  register, their nibbles (Q6_K: and qh's bits) masked at once, each byte moved by one `prmt`
+  into the float 2^23 + 65536 q (bits 0x4B0q0000), so that w = f * (scale / 65536) -
+  (128 scale + min) (Q6_K: - 160 scale) is one FMA with no int-to-float conversion. In Triton's
+  interpreter (no inline assembly) the same floats come from plain integer ops (`_magic`).
 
 Element layouts (the same as qmatmul.py's decoders, regrouped):
   Q8_0: block a (34 bytes: f16 d, 32 int8)                    e = 32a + b,            w = d*q
@@ -91,23 +96,34 @@ def q4_k_scale_min(s, j):
 def _rows(acc, x_step, stride_xm, M, rows, offs, q, scale, mins, OFFSET: tl.constexpr, HAS_MIN: tl.constexpr,
           BLOCK_M: tl.constexpr):
     """For weights w[n, a, b] = (q[n, a, b] - OFFSET) * scale[n, a] (- mins[n, a] with HAS_MIN),
-    q integer codes: acc[i, n] += sum_ab w[n, a, b] * x[i, offs[a, b]] for each row i < M of x,
-    with the scales applied once per sub-block (sum of q * x, then times scale).
-    With one row of x (BLOCK_M = 1: batch-1 decode) acc is per lane instead, (BLOCK_N, A, B),
-    summed once after the K loop: acc[n, a, b] += w * x, a multiply (an FMA with a min) and an
-    FMA a weight, and no cross-thread reduction (shuffles, shared memory, barriers) in the loop:
-    on sm_90 the Q4_K loop is 231 SASS instructions a step with no barrier, 296 with 12 barriers
-    and 20 shuffles when each step reduced (docs/benchmarks.md)."""
+    q integer codes (or floats): acc[i, n] += sum_ab w[n, a, b] * x[i, offs[a, b]] for each row
+    i < M of x, with the scales applied once per sub-block (sum of q * x, then times scale).
+    With one row of x (BLOCK_M = 1: batch-1 decode) no thread reduces across threads in the
+    loop (shuffles, shared memory, barriers); acc is per lane, summed once after the K loop:
+    - HAS_MIN (Q4_K, and Q6_K's magic floats, whose offset is a min): acc (BLOCK_N, A, B),
+      acc[n, a, b] += (q * scale - min) * x, two FMAs a weight;
+    - otherwise (Q8_0, Q5_0): acc (BLOCK_N, A, B // V, 1) with V = B // acc.shape[2]: each
+      thread sums its run of V consecutive products (V = 4, the run one thread holds in these
+      layouts) and scales the sum once.
+    On sm_90 the Q4_K loop is 183 SASS instructions a step with no barrier; 296 with 12
+    barriers and 20 shuffles when each step reduced (docs/benchmarks.md)."""
     if OFFSET == 0:
         qf = q.to(tl.float32)
     else:
         qf = (q - OFFSET).to(tl.float32)
     if BLOCK_M == 1:  # x loaded straight into the weights' layout (no exchange through shared memory)
         x = tl.load(x_step + tl.broadcast_to(offs[None, :, :], q.shape)).to(tl.float32)
-        w = qf * scale[:, :, None]
         if HAS_MIN:
+            w = qf * scale[:, :, None]
             w -= mins[:, :, None]
-        acc += w * x
+            acc += w * x
+        else:
+            BN: tl.constexpr = q.shape[0]
+            A: tl.constexpr = q.shape[1]
+            B: tl.constexpr = q.shape[2]
+            V: tl.constexpr = B // acc.shape[2]
+            dot = tl.sum(tl.reshape(qf * x, (BN, A, B // V, V)), axis=3)
+            acc += tl.reshape(dot * scale[:, :, None], (BN, A, B // V, 1))
     else:
         for i in tl.static_range(BLOCK_M):
             x = tl.load(x_step + i * stride_xm + offs, mask=offs < tl.where(M > i, 256, 0), other=0.0).to(tl.float32)
@@ -120,67 +136,153 @@ def _rows(acc, x_step, stride_xm, M, rows, offs, q, scale, mins, OFFSET: tl.cons
 
 @triton.jit
 def _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
-    a = tl.arange(0, 8)
     b = tl.arange(0, 32)
-    blk = row[:, None] + a[None, :] * 34  # (BLOCK_N, 8)
-    q = tl.load(blk[:, :, None] + 2 + b[None, None, :]).to(tl.int8, bitcast=True)
-    d = f16_at(blk)
-    return _rows(acc, x_step, stride_xm, M, rows, a[:, None] * 32 + b[None, :], q, d, d, 0, False, BLOCK_M)
+    for h in tl.static_range(2):
+        a = 4 * h + tl.arange(0, 4)
+        blk = row[:, None] + a[None, :] * 34  # (BLOCK_N, 4)
+        q = tl.load(blk[:, :, None] + 2 + b[None, None, :]).to(tl.int8, bitcast=True)
+        d = f16_at(blk)
+        acc = _rows(acc, x_step, stride_xm, M, rows, a[:, None] * 32 + b[None, :], q, d, d, 0, False, BLOCK_M)
+    return acc
+
+
+# Four bytes of qs in a 32-bit register (byte j: element j of the pack) -> the magic floats
+# 2^23 + 65536 * nibble (exactly; module doc) of the low nibbles ($0..$3) and the high ($4..$7):
+# a mask (and a shift) per 4 bytes and one byte permutation per weight, where compiled Triton
+# took a byte extract, a shift and a mask (or an int-to-float conversion) per weight.
+Q4_K_MAGIC_ASM = tl.constexpr("{.reg .b32 t; and.b32 t, $8, 0x0F0F0F0F; " + " ".join(
+    f"prmt.b32 ${j}, t, 0x4B000000, 0x7{j}54;" for j in range(4)) + " shr.b32 t, $8, 4; and.b32 t, t, 0x0F0F0F0F; " + \
+    " ".join(f"prmt.b32 ${4 + j}, t, 0x4B000000, 0x7{j}54;" for j in range(4)) + "}")
 
 
 @triton.jit
-def _step_q4_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
+def _magic(nib):
+    """2^23 + 65536 * nib as a float32, nib in 0..15: the bits 0x4B0n0000."""
+    return ((nib.to(tl.int32) << 16) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _step_q4_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr, ASM: tl.constexpr):
     g = tl.arange(0, 4)
     l = tl.arange(0, 32)
-    byte = tl.load(row[:, None, None] + 16 + 32 * g[None, :, None] + l[None, None, :]).to(tl.int32)
+    byte = tl.load(row[:, None, None] + 16 + 32 * g[None, :, None] + l[None, None, :])
     d = f16_at(row)[:, None]
     dmin = f16_at(row + 2)[:, None]
     s = row[:, None] + 4
     offs = 64 * g[:, None] + l[None, :]
-    sc, m = q4_k_scale_min(s, 2 * g[None, :])
-    acc = _rows(acc, x_step, stride_xm, M, rows, offs, byte & 15, d * sc, dmin * m, 0, True, BLOCK_M)
-    sc, m = q4_k_scale_min(s, 2 * g[None, :] + 1)
-    return _rows(acc, x_step, stride_xm, M, rows, offs + 32, byte >> 4, d * sc, dmin * m, 0, True, BLOCK_M)
+    sc_lo, m_lo = q4_k_scale_min(s, 2 * g[None, :])
+    sc_hi, m_hi = q4_k_scale_min(s, 2 * g[None, :] + 1)
+    if BLOCK_M == 1:
+        if ASM:
+            f_lo, f_hi = tl.inline_asm_elementwise(Q4_K_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte],
+                                                   dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            f_lo = _magic(byte & 15)
+            f_hi = _magic(byte >> 4)
+        # w = nib * d*sc - dmin*m = f * (d*sc / 65536) - (128 * d*sc + dmin*m)
+        d_f = d * (1.0 / 65536)  # exact
+        scale = d_f * sc_lo
+        acc = _rows(acc, x_step, stride_xm, M, rows, offs, f_lo, scale, scale * (128.0 * 65536) + dmin * m_lo, 0,
+                    True, BLOCK_M)
+        scale = d_f * sc_hi
+        acc = _rows(acc, x_step, stride_xm, M, rows, offs + 32, f_hi, scale, scale * (128.0 * 65536) + dmin * m_hi,
+                    0, True, BLOCK_M)
+    else:
+        q = byte.to(tl.int32)
+        acc = _rows(acc, x_step, stride_xm, M, rows, offs, q & 15, d * sc_lo, dmin * m_lo, 0, True, BLOCK_M)
+        acc = _rows(acc, x_step, stride_xm, M, rows, offs + 32, q >> 4, d * sc_hi, dmin * m_hi, 0, True, BLOCK_M)
+    return acc
+
+
+def _q6_k_asm(t: int) -> str:
+    """Quarter t of a Q6_K half: 4 bytes of ql ($4) and of qh ($5) -> the magic floats
+    2^23 + 65536 * q of their 6-bit values q (the nibble of ql, qh's bits 2t, 2t + 1 above it)."""
+    nib = "and.b32 n, $4, 0x0F0F0F0F;" if t < 2 else "shr.b32 n, $4, 4; and.b32 n, n, 0x0F0F0F0F;"
+    high = {0: "shl.b32 h, $5, 4;", 1: "shl.b32 h, $5, 2;", 2: "mov.b32 h, $5;", 3: "shr.b32 h, $5, 2;"}[t]
+    return ("{.reg .b32 n, h; " + nib + " " + high + " and.b32 h, h, 0x30303030; or.b32 n, n, h; "
+            + " ".join(f"prmt.b32 ${j}, n, 0x4B000000, 0x7{j}54;" for j in range(4)) + "}")
+
+
+Q6_K_ASM_0 = tl.constexpr(_q6_k_asm(0))
+Q6_K_ASM_1 = tl.constexpr(_q6_k_asm(1))
+Q6_K_ASM_2 = tl.constexpr(_q6_k_asm(2))
+Q6_K_ASM_3 = tl.constexpr(_q6_k_asm(3))
 
 
 @triton.jit
-def _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, q, t: tl.constexpr, BLOCK_M: tl.constexpr):
+def _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, ql, qh, t: tl.constexpr, BLOCK_M: tl.constexpr,
+                  ASM: tl.constexpr):
+    """Quarter t (0..3) of the step's two halves: ql holds its nibbles (low for t < 2), qh its
+    2 high bits (bits 2t, 2t + 1)."""
     scale = tl.load(row[:, None] + 192 + 8 * (a // 2) + 2 * t + a % 2).to(tl.int8, bitcast=True).to(tl.float32)
     offs = (128 * (a // 2) + 32 * t + 16 * (a % 2))[:, None] + b[None, :]
-    return _rows(acc, x_step, stride_xm, M, rows, offs, q, d * scale, d, 32, False, BLOCK_M)
+    if BLOCK_M == 1:
+        # w = d*scale*(q - 32) = f * (d*scale / 65536) - 160 * d*scale, f = 2^23 + 65536 q
+        if ASM:
+            if t == 0:
+                code: tl.constexpr = Q6_K_ASM_0
+            elif t == 1:
+                code: tl.constexpr = Q6_K_ASM_1
+            elif t == 2:
+                code: tl.constexpr = Q6_K_ASM_2
+            else:
+                code: tl.constexpr = Q6_K_ASM_3
+            f = tl.inline_asm_elementwise(code, "=r,=r,=r,=r,r,r", [ql, qh], dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            f = _magic(_q6_k_value(ql.to(tl.int32), qh.to(tl.int32), t))
+        scale = d * scale  # d / 65536 (exact) by the caller
+        acc = _rows(acc, x_step, stride_xm, M, rows, offs, f, scale, scale * (160.0 * 65536), 0, True, BLOCK_M)
+    else:
+        acc = _rows(acc, x_step, stride_xm, M, rows, offs, _q6_k_value(ql.to(tl.int32), qh.to(tl.int32), t),
+                    d * scale, d, 32, False, BLOCK_M)
+    return acc
 
 
 @triton.jit
-def _step_q6_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
+def _q6_k_value(ql, qh, t: tl.constexpr):
+    if t < 2:
+        nib = ql & 15
+    else:
+        nib = ql >> 4
+    return nib | (((qh >> (2 * t)) & 3) << 4)
+
+
+@triton.jit
+def _step_q6_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr, ASM: tl.constexpr):
     a = tl.arange(0, 4)
     b = tl.arange(0, 16)
     lane = (64 * (a // 2) + 16 * (a % 2))[None, :, None] + b[None, None, :]  # ql byte of quarters 0 and 2
     r = row[:, None, None]
-    ql0 = tl.load(r + lane).to(tl.int32)
-    ql1 = tl.load(r + lane + 32).to(tl.int32)
-    qh = tl.load(r + 128 + (32 * (a // 2) + 16 * (a % 2))[None, :, None] + b[None, None, :]).to(tl.int32)
+    ql0 = tl.load(r + lane)
+    ql1 = tl.load(r + lane + 32)
+    qh = tl.load(r + 128 + (32 * (a // 2) + 16 * (a % 2))[None, :, None] + b[None, None, :])
     d = f16_at(row + 208)[:, None]
-    acc = _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, (ql0 & 15) | ((qh & 3) << 4), 0, BLOCK_M)
-    acc = _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, (ql1 & 15) | (((qh >> 2) & 3) << 4), 1,
-                        BLOCK_M)
-    acc = _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, (ql0 >> 4) | (((qh >> 4) & 3) << 4), 2,
-                        BLOCK_M)
-    return _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, (ql1 >> 4) | ((qh >> 6) << 4), 3, BLOCK_M)
+    if BLOCK_M == 1:
+        d *= 1.0 / 65536  # _q6_k_quarter's scale of the magic floats
+    acc = _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, ql0, qh, 0, BLOCK_M, ASM)
+    acc = _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, ql1, qh, 1, BLOCK_M, ASM)
+    acc = _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, ql0, qh, 2, BLOCK_M, ASM)
+    return _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, ql1, qh, 3, BLOCK_M, ASM)
 
 
 @triton.jit
 def _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
-    a = tl.arange(0, 8)
     b = tl.arange(0, 16)
-    blk = row[:, None] + a[None, :] * 22  # (BLOCK_N, 8)
-    d = f16_at(blk)
-    p = blk[:, :, None]
-    byte = tl.load(p + 6 + b[None, None, :]).to(tl.int32)
-    bit_lo = (tl.load(p + 2 + (b // 8)[None, None, :]).to(tl.int32) >> (b % 8)[None, None, :]) & 1
-    bit_hi = (tl.load(p + 4 + (b // 8)[None, None, :]).to(tl.int32) >> (b % 8)[None, None, :]) & 1
-    offs = 32 * a[:, None] + b[None, :]
-    acc = _rows(acc, x_step, stride_xm, M, rows, offs, (byte & 15) | (bit_lo << 4), d, d, 16, False, BLOCK_M)
-    return _rows(acc, x_step, stride_xm, M, rows, offs + 16, (byte >> 4) | (bit_hi << 4), d, d, 16, False, BLOCK_M)
+    for h in tl.static_range(2):
+        a = 4 * h + tl.arange(0, 4)
+        blk = row[:, None] + a[None, :] * 22  # (BLOCK_N, 4)
+        d = f16_at(blk)
+        p = blk[:, :, None]
+        byte = tl.load(p + 6 + b[None, None, :]).to(tl.int32)
+        qh_lo = tl.load((p + 2).to(tl.pointer_type(tl.uint16))).to(tl.int32)  # bits of elements 0..15
+        qh_hi = tl.load((p + 4).to(tl.pointer_type(tl.uint16))).to(tl.int32)  # 16..31
+        shift = b[None, None, :]
+        offs = 32 * a[:, None] + b[None, :]
+        acc = _rows(acc, x_step, stride_xm, M, rows, offs, (byte & 15) | (((qh_lo >> shift) << 4) & 16), d, d, 16,
+                    False, BLOCK_M)
+        acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, (byte >> 4) | (((qh_hi >> shift) << 4) & 16), d, d,
+                    16, False, BLOCK_M)
+    return acc
 
 
 @triton.jit
@@ -212,7 +314,7 @@ def qgemv_kernel(
     M, N_OUT, steps, row_units, steps_per_split, splits, stride_xm, eps,
     QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr, VEC: tl.constexpr = 4,
 ):
     """Program (pid_n, split): BLOCK_N weight rows over K steps [split * steps_per_split, ...),
     for every row of x; with SPLIT the last of a row block's `splits` programs adds their
@@ -237,9 +339,9 @@ def qgemv_kernel(
         elif QTYPE == 2:
             acc = tl.zeros((BLOCK_N, 4, 16), dtype=tl.float32)
         elif QTYPE == 3:
-            acc = tl.zeros((BLOCK_N, 8, 16), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, 4, 16 // VEC, 1), dtype=tl.float32)
         else:
-            acc = tl.zeros((BLOCK_N, 8, 32), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, 4, 32 // VEC, 1), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first = split * steps_per_split
@@ -248,15 +350,18 @@ def qgemv_kernel(
         row = w_ptr + rn_safe.to(tl.int64) * row_units * ROW_ALIGN + kb * STEP_BYTES
         x_step = x_ptr + kb * 256
         if QTYPE == 1:
-            acc = _step_q4_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
+            acc = _step_q4_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M, ASM)
         elif QTYPE == 2:
-            acc = _step_q6_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
+            acc = _step_q6_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M, ASM)
         elif QTYPE == 3:
             acc = _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
         else:
             acc = _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
     if BLOCK_M == 1:
-        acc = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+        if QTYPE == 1 or QTYPE == 2:
+            acc = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+        else:
+            acc = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)[None, :]
     if SPLIT:
         # partials: (splits, BLOCK_M, row blocks * BLOCK_N), every slot written (padding rows too)
         width = tl.num_programs(0) * BLOCK_N
@@ -327,5 +432,5 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
         normed if normed is not None else dummy, m, n_out, steps, row_bytes // align, per, splits, x.stride(0),
         norm_eps, QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
         SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm, BLOCK_M=block_m,
-        BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), num_warps=num_warps or NUM_WARPS)
+        BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu != INTERPRETER, num_warps=num_warps or NUM_WARPS)
     return y, normed

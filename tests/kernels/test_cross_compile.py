@@ -138,18 +138,25 @@ def test_problems_name_each_limit():
     assert "atomic" in Compiled("case", "k", 90, 4, 64, 0, 0, 0, 1, unordered_atomics=1).problems()[0]
 
 
+# Ceilings on the batch-1 GEMV's SASS instructions per 256-element K step, sm_75 ... sm_90
+# (measured: Q4_K 183-184, Q6_K 216-218, Q8_0 175-186, Q5_0 315-332). Q4_K and Q6_K turn their
+# codes into floats with inline PTX (qgemv.py); in plain Triton they took 231-234 and 312-331.
+LOOP_CEILING = {"Q4_K": 200, "Q6_K": 240, "Q8_0": 200, "Q5_0": 350}
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_decode_gemv_loop_has_no_barrier(compiled, arch):
-    """Batch-1 decode's Q4_K / Q6_K GEMV accumulates per lane and reduces once after its K loop
-    (qgemv._rows): the loop body waits on no barrier and stays near the 231 / 331 SASS
-    instructions a 256-element step takes on sm_90 (296 / 532, with 12 / 8 barriers and 20 / 80
-    shuffles, when each step reduced across threads)."""
+    """Batch-1 decode's GEMV accumulates per lane (or per lane's run of 4 weights) and reduces
+    once after its K loop (qgemv._rows): the loop body waits on no barrier (Q4_K / Q6_K: 296 /
+    532 instructions with 12 / 8 barriers and 20 / 80 shuffles when each step reduced across
+    threads; Q8_0 / Q5_0 had 2 while their scales went through shared memory) and stays under
+    LOOP_CEILING."""
     _, records, _ = compiled[arch]
-    m1 = [r for r in records if r["kernel"] == "qgemv_kernel" and "M=1" in r["case"]
-          and r["case"].split()[0] in ("Q4_K", "Q6_K")]
-    assert len(m1) == 10
+    m1 = [r for r in records if r["kernel"] == "qgemv_kernel" and "M=1" in r["case"]]
+    assert {r["case"].split()[0] for r in m1} == set(LOOP_CEILING)
+    assert len(m1) == 5 * len(LOOP_CEILING)
     for r in m1:
-        assert r["loop_barriers"] == 0 and 0 < r["loop_instructions"] <= 400, r
+        assert r["loop_barriers"] == 0 and 0 < r["loop_instructions"] <= LOOP_CEILING[r["case"].split()[0]], r
 
 
 def test_main_loop_read_from_sass():

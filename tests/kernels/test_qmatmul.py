@@ -41,7 +41,7 @@ def test_matches_reference(qtype, m, n, k):
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("kind", ["zero-blocks", "huge", "tiny"])
-@pytest.mark.parametrize("m", [2, 12])  # GEMV and GEMM
+@pytest.mark.parametrize("m", [1, 2, 12])  # GEMV (batch 1: its own loop), GEMV, GEMM
 def test_awkward_values(qtype, kind, m):
     n, k = 9, 512
     raw = quant_weights(n, k, qtype, kind, seed=3)

@@ -1,0 +1,108 @@
+"""The inline PTX of the batch-1 GEMV (kernels/qgemv.py: Q4_K's and Q6_K's weights as magic
+floats 2^23 + 65536 q, four bytes a register) run through a small PTX evaluator here, against
+the formula the interpreter path computes in plain Triton. The interpreter cannot run inline
+assembly, so this is what checks the assembly text itself in CI: each instruction's
+semantics as the PTX ISA defines them (prmt.b32 default mode: result byte i is byte c[4i+2:4i]
+of {b, a}, b the high word). On a GPU the kernel tests run the assembly for real."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from qvl.kernels.qgemv import Q4_K_MAGIC_ASM, Q6_K_ASM_0, Q6_K_ASM_1, Q6_K_ASM_2, Q6_K_ASM_3
+
+MASK = 0xFFFFFFFF
+
+
+def run_ptx(code: str, inputs: dict[int, int], n_out: int) -> list[int]:
+    """Evaluate the subset of PTX the GEMV uses (.reg, and/or/shl/shr/mov/prmt .b32) on operand
+    registers $k = inputs[k]; returns $0 .. $(n_out - 1)."""
+    regs: dict[str, int] = {f"${k}": v for k, v in inputs.items()}
+
+    def value(operand: str) -> int:
+        operand = operand.strip()
+        if operand in regs:
+            return regs[operand]
+        if re.fullmatch(r"0x[0-9A-Fa-f]+|\d+", operand):
+            return int(operand, 0)
+        raise KeyError(f"register {operand} read before it is written")
+
+    body = code.strip()
+    assert body.startswith("{") and body.endswith("}"), code
+    for statement in body[1:-1].split(";"):
+        statement = statement.strip()
+        if not statement or statement.startswith(".reg"):
+            continue
+        op, rest = statement.split(None, 1)
+        dst, *src = [s.strip() for s in rest.split(",")]
+        a = [value(s) for s in src]
+        if op == "and.b32":
+            out = a[0] & a[1]
+        elif op == "or.b32":
+            out = a[0] | a[1]
+        elif op == "shl.b32":
+            out = (a[0] << a[1]) & MASK
+        elif op == "shr.b32":
+            out = a[0] >> a[1]
+        elif op == "mov.b32":
+            out = a[0]
+        elif op == "prmt.b32":
+            source = a[0] | (a[1] << 32)  # bytes 0-3 from a, 4-7 from b
+            out = 0
+            for i in range(4):
+                sel = (a[2] >> (4 * i)) & 0xF
+                assert sel < 8, "sign-replicating selectors are not used"
+                out |= ((source >> (8 * sel)) & 0xFF) << (8 * i)
+        else:
+            raise AssertionError(f"instruction {op} is outside the evaluator's subset")
+        regs[dst] = out
+    return [regs[f"${k}"] for k in range(n_out)]
+
+
+def magic(q: int) -> int:
+    """The interpreter path's bits (qgemv._magic): 0x4B000000 | q << 16."""
+    return 0x4B000000 | (q << 16)
+
+
+def packed(values: np.ndarray) -> int:
+    """Four bytes in one register, element j in byte j (Triton's <4 x i8> bitcast to i32)."""
+    return int.from_bytes(bytes(int(v) for v in values), "little")
+
+
+def test_magic_bits_are_the_float_2_23_plus_65536_q():
+    q = np.arange(64, dtype=np.uint32)
+    floats = (np.uint32(0x4B000000) | (q << 16)).view(np.float32)
+    assert np.array_equal(floats, np.float32(2 ** 23) + 65536 * q.astype(np.float32))
+
+
+def test_q4_k_low_and_high_nibbles():
+    rng = np.random.default_rng(0)
+    words = [np.array([b, 255 - b, (b * 7) % 256, (b * 13 + 5) % 256]) for b in range(256)]
+    words += [rng.integers(0, 256, 4) for _ in range(200)]
+    for word in words:
+        got = run_ptx(Q4_K_MAGIC_ASM.value, {8: packed(word)}, 8)
+        assert got[:4] == [magic(int(b) & 15) for b in word], word
+        assert got[4:] == [magic(int(b) >> 4) for b in word], word
+
+
+@pytest.mark.parametrize("t,code", enumerate([Q6_K_ASM_0, Q6_K_ASM_1, Q6_K_ASM_2, Q6_K_ASM_3]))
+def test_q6_k_quarter(t, code):
+    """Quarter t: the low (t < 2) or high nibble of ql, and bits 2t, 2t + 1 of qh as bits 4, 5."""
+    rng = np.random.default_rng(t)
+    for _ in range(500):
+        ql, qh = rng.integers(0, 256, 4), rng.integers(0, 256, 4)
+        got = run_ptx(code.value, {4: packed(ql), 5: packed(qh)}, 4)
+        nib = [int(v) & 15 if t < 2 else int(v) >> 4 for v in ql]
+        assert got == [magic(n | (((int(h) >> (2 * t)) & 3) << 4)) for n, h in zip(nib, qh)], (ql, qh)
+
+
+def test_evaluator_knows_prmt_and_rejects_the_unknown():
+    # PTX ISA example: prmt.b32 with selector 0x3210 returns a unchanged, 0x7654 returns b
+    assert run_ptx("{mov.b32 $0, $1; prmt.b32 $0, $1, $2, 0x3210;}", {1: 0x11223344, 2: 0x55667788}, 1) == [0x11223344]
+    assert run_ptx("{prmt.b32 $0, $1, $2, 0x7654;}", {1: 0x11223344, 2: 0x55667788}, 1) == [0x55667788]
+    assert run_ptx("{prmt.b32 $0, $1, $2, 0x0123;}", {1: 0x11223344, 2: 0}, 1) == [0x44332211]
+    with pytest.raises(AssertionError):
+        run_ptx("{add.u32 $0, $1, 1;}", {1: 0}, 1)
