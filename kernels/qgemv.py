@@ -71,6 +71,7 @@ INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs m
 # splits * M * N * 8 bytes, ~1-2% of the weight bytes at these shapes. Not timed on a GPU yet.
 PROGRAMS_PER_CORE = 8
 INTERPRETED_PROGRAMS = 4  # in the interpreter (one "core"): a few splits, each costs milliseconds
+RUN = tl.constexpr(4)  # batch 1, Q8_0 / Q5_0: consecutive products a thread sums before scaling (_rows)
 
 
 @triton.jit
@@ -103,7 +104,7 @@ def _rows(acc, x_step, stride_xm, M, rows, offs, q, scale, mins, OFFSET: tl.cons
     - HAS_MIN (Q4_K, and Q6_K's magic floats, whose offset is a min): acc (BLOCK_N, A, B),
       acc[n, a, b] += (q * scale - min) * x, two FMAs a weight;
     - otherwise (Q8_0, Q5_0): acc (BLOCK_N, A, B // V, 1) with V = B // acc.shape[2]: each
-      thread sums its run of V consecutive products (V = 4, the run one thread holds in these
+      thread sums its run of V consecutive products (V = RUN = 4, the run one thread holds in these
       layouts) and scales the sum once.
     On sm_90 the Q4_K loop is 183 SASS instructions a step with no barrier; 296 with 12
     barriers and 20 shuffles when each step reduced (docs/benchmarks.md)."""
@@ -146,13 +147,19 @@ def _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
     return acc
 
 
-# Four bytes of qs in a 32-bit register (byte j: element j of the pack) -> the magic floats
-# 2^23 + 65536 * nibble (exactly; module doc) of the low nibbles ($0..$3) and the high ($4..$7):
-# a mask (and a shift) per 4 bytes and one byte permutation per weight, where compiled Triton
-# took a byte extract, a shift and a mask (or an int-to-float conversion) per weight.
-Q4_K_MAGIC_ASM = tl.constexpr("{.reg .b32 t; and.b32 t, $8, 0x0F0F0F0F; " + " ".join(
-    f"prmt.b32 ${j}, t, 0x4B000000, 0x7{j}54;" for j in range(4)) + " shr.b32 t, $8, 4; and.b32 t, t, 0x0F0F0F0F; " + \
-    " ".join(f"prmt.b32 ${4 + j}, t, 0x4B000000, 0x7{j}54;" for j in range(4)) + "}")
+def _magic_prmt(src: str, first: int) -> str:
+    """PTX: the four bytes of register `src` (each 0..63) as the magic floats 2^23 + 65536 * byte,
+    bits 0x4B0q0000, into operands $first .. $first + 3 (byte j: element j of the pack), one
+    byte permutation each."""
+    return " ".join(f"prmt.b32 ${first + j}, {src}, 0x4B000000, 0x7{j}54;" for j in range(4))
+
+
+# Four bytes of qs in a 32-bit register ($8) -> the magic floats of their low nibbles ($0..$3)
+# and high nibbles ($4..$7): a mask (and a shift) per 4 bytes and one byte permutation per
+# weight, where compiled Triton took a byte extract, a shift and a mask (or an int-to-float
+# conversion) per weight.
+Q4_K_MAGIC_ASM = tl.constexpr("{.reg .b32 t; and.b32 t, $8, 0x0F0F0F0F; " + _magic_prmt("t", 0)
+                              + " shr.b32 t, $8, 4; and.b32 t, t, 0x0F0F0F0F; " + _magic_prmt("t", 4) + "}")
 
 
 @triton.jit
@@ -199,8 +206,8 @@ def _q6_k_asm(t: int) -> str:
     2^23 + 65536 * q of their 6-bit values q (the nibble of ql, qh's bits 2t, 2t + 1 above it)."""
     nib = "and.b32 n, $4, 0x0F0F0F0F;" if t < 2 else "shr.b32 n, $4, 4; and.b32 n, n, 0x0F0F0F0F;"
     high = {0: "shl.b32 h, $5, 4;", 1: "shl.b32 h, $5, 2;", 2: "mov.b32 h, $5;", 3: "shr.b32 h, $5, 2;"}[t]
-    return ("{.reg .b32 n, h; " + nib + " " + high + " and.b32 h, h, 0x30303030; or.b32 n, n, h; "
-            + " ".join(f"prmt.b32 ${j}, n, 0x4B000000, 0x7{j}54;" for j in range(4)) + "}")
+    return "{.reg .b32 n, h; " + nib + " " + high + " and.b32 h, h, 0x30303030; or.b32 n, n, h; " + \
+        _magic_prmt("n", 0) + "}"
 
 
 Q6_K_ASM_0 = tl.constexpr(_q6_k_asm(0))
@@ -314,7 +321,7 @@ def qgemv_kernel(
     M, N_OUT, steps, row_units, steps_per_split, splits, stride_xm, eps,
     QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr, VEC: tl.constexpr = 4,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr,
 ):
     """Program (pid_n, split): BLOCK_N weight rows over K steps [split * steps_per_split, ...),
     for every row of x; with SPLIT the last of a row block's `splits` programs adds their
@@ -339,9 +346,9 @@ def qgemv_kernel(
         elif QTYPE == 2:
             acc = tl.zeros((BLOCK_N, 4, 16), dtype=tl.float32)
         elif QTYPE == 3:
-            acc = tl.zeros((BLOCK_N, 4, 16 // VEC, 1), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, 4, 16 // RUN, 1), dtype=tl.float32)
         else:
-            acc = tl.zeros((BLOCK_N, 4, 32 // VEC, 1), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, 4, 32 // RUN, 1), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first = split * steps_per_split
@@ -432,5 +439,6 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
         normed if normed is not None else dummy, m, n_out, steps, row_bytes // align, per, splits, x.stride(0),
         norm_eps, QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
         SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm, BLOCK_M=block_m,
-        BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu != INTERPRETER, num_warps=num_warps or NUM_WARPS)
+        BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu != INTERPRETER,
+        num_warps=num_warps or NUM_WARPS)
     return y, normed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import numpy as np
 import pytest
 
