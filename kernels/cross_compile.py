@@ -67,7 +67,9 @@ class Compiled:
     unordered_atomics: int = 0  # of which without acq_rel semantics at GPU scope
     loop_instructions: int = 0  # SASS instructions in the longest loop body (the kernel's main loop)
     loop_barriers: int = 0  # of which BAR (a block-wide wait each iteration)
+    loop_conversions: int = 0  # of which int-to-float conversions (I2F*: a quarter of the FMA rate or less)
     tensor_core_macs: int = 0  # multiply-adds of those instructions for one pass of the program (tensor_core_macs)
+    scattered_packs: int = 0  # packed inline assembly whose pack is not a run of consecutive elements (packed_runs)
 
     def problems(self) -> list[str]:
         """Why this launch would fail (or spill) on the GPU; empty when it fits."""
@@ -81,6 +83,9 @@ class Compiled:
             found.append(f"{self.stack} bytes of stack per thread (register spills)")
         if self.unordered_atomics:  # qgemv's split arrival count orders the partial sums around it
             found.append(f"{self.unordered_atomics} atomic(s) without acquire-release ordering at GPU scope")
+        if self.scattered_packs:  # qgemv's Q5_0 assembly reads one qh shift for its pack of 4
+            found.append(f"{self.scattered_packs} packed inline assembly op(s) whose packs are not runs of "
+                         "consecutive elements of the last axis")
         return found
 
 
@@ -101,6 +106,28 @@ def tensor_core_macs(ptx: str, num_warps: int) -> int:
         issuers = num_warps if op == "mma.sync" else max(1, num_warps // 4)
         total += int(m) * int(n) * int(k) * issuers
     return total
+
+
+LAYOUT_DEF = re.compile(r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\].*?order = \[([\d, ]+)\]", re.M)
+PACKED_ASM = re.compile(r"tt\.elementwise_inline_asm .*?packed_element = (\d+) : i32.*?\} %[^:]*: tensor<[^,>]*, (#\w+)>")
+
+
+def packed_runs(ttgir: str) -> tuple[int, int]:
+    """(packed inline assembly ops, of which scattered) in a kernel's TTGIR. Triton hands a
+    packed op the next `pack` elements a thread holds; they are a run of consecutive elements
+    of the last axis when that axis is the layout's fastest and a thread holds a multiple of
+    `pack` of it (sizePerThread). Assembly that treats its pack as such a run (qgemv's Q5_0:
+    one qh shift for 4 codes) is right only then; an op whose first operand has another layout
+    (a linear layout, a pack split across rows) counts as scattered."""
+    layouts = {name: ([int(v) for v in size.split(",")], [int(v) for v in order.split(",")])
+               for name, size, order in LAYOUT_DEF.findall(ttgir)}
+    total = scattered = 0
+    for pack, layout in PACKED_ASM.findall(ttgir):
+        total += 1
+        size, order = layouts.get(layout, ([], []))
+        if not size or order[0] != len(size) - 1 or size[-1] % int(pack):
+            scattered += 1
+    return total, scattered
 
 
 class _TargetDriver:
@@ -179,10 +206,11 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
-def _loop_counts(cubin: bytes) -> tuple[int, int]:
-    """(instructions, barriers) of the cubin's main loop."""
+def _loop_counts(cubin: bytes) -> tuple[int, int, int]:
+    """(instructions, barriers, int-to-float conversions) of the cubin's main loop."""
     body = main_loop(_cuobjdump(cubin, "-sass"))
-    return len(body), sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?BAR\b", i))
+    return (len(body), sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?BAR\b", i)),
+            sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?I2F", i)))
 
 
 def _resources(cubin: bytes) -> tuple[int, int]:
@@ -295,10 +323,11 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None) -> l
             call()
             for kernel_name, kernel in launched:
                 registers, stack = _resources(kernel.asm["cubin"])
-                loop, barriers = _loop_counts(kernel.asm["cubin"])
+                loop, barriers, conversions = _loop_counts(kernel.asm["cubin"])
                 results.append(Compiled(name, kernel_name, arch, kernel.metadata.num_warps, registers, stack,
                                         kernel.metadata.shared, len(TENSOR_CORE_OP.findall(kernel.asm["ptx"])),
                                         len(ATOMIC_OP.findall(kernel.asm["ptx"])), unordered_atomics(kernel.asm["ptx"]),
-                                        loop, barriers,
-                                        tensor_core_macs(kernel.asm["ptx"], kernel.metadata.num_warps)))
+                                        loop, barriers, conversions,
+                                        tensor_core_macs(kernel.asm["ptx"], kernel.metadata.num_warps),
+                                        packed_runs(kernel.asm["ttgir"])[1]))
     return results

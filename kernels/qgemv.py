@@ -136,22 +136,39 @@ def _rows(acc, x_step, stride_xm, M, rows, offs, q, scale, mins, OFFSET: tl.cons
 
 
 @triton.jit
-def _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
+def _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr, ASM: tl.constexpr):
     b = tl.arange(0, 32)
     for h in tl.static_range(2):
         a = 4 * h + tl.arange(0, 4)
         blk = row[:, None] + a[None, :] * 34  # (BLOCK_N, 4)
-        q = tl.load(blk[:, :, None] + 2 + b[None, None, :]).to(tl.int8, bitcast=True)
+        byte = tl.load(blk[:, :, None] + 2 + b[None, None, :])
         d = f16_at(blk)
+        if BLOCK_M == 1:
+            # q = f - (2^23 + 128), exactly, f = 2^23 + (q + 128): a permutation and an add a
+            # weight where an int-to-float conversion (a quarter of the FMA rate or less) was
+            if ASM:
+                f = tl.inline_asm_elementwise(Q8_0_MAGIC_ASM, "=r,=r,=r,=r,r", [byte], dtype=tl.float32, is_pure=True,
+                                              pack=4)
+            else:
+                f = ((byte ^ 0x80).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+            q = f - 8388736.0
+        else:
+            q = byte.to(tl.int8, bitcast=True)
         acc = _rows(acc, x_step, stride_xm, M, rows, a[:, None] * 32 + b[None, :], q, d, d, 0, False, BLOCK_M)
     return acc
 
 
-def _magic_prmt(src: str, first: int) -> str:
-    """PTX: the four bytes of register `src` (each 0..63) as the magic floats 2^23 + 65536 * byte,
-    bits 0x4B0q0000, into operands $first .. $first + 3 (byte j: element j of the pack), one
-    byte permutation each."""
-    return " ".join(f"prmt.b32 ${first + j}, {src}, 0x4B000000, 0x7{j}54;" for j in range(4))
+def _magic_prmt(src: str, first: int, low: bool = False) -> str:
+    """PTX: the four bytes of register `src` as magic floats into operands $first .. $first + 3
+    (byte j: element j of the pack), one byte permutation each: 2^23 + 65536 * byte (bits
+    0x4B0q0000, bytes 0..127), or with `low` 2^23 + byte (bits 0x4B0000qq, any byte)."""
+    select = "0x754{}" if low else "0x7{}54"
+    return " ".join(f"prmt.b32 ${first + j}, {src}, 0x4B000000, {select.format(j)};" for j in range(4))
+
+
+# Four int8 codes in a 32-bit register ($4) -> 2^23 + 128 + q each: the sign bits flipped
+# (q + 128 as an unsigned byte) and each byte moved under the exponent.
+Q8_0_MAGIC_ASM = tl.constexpr("{.reg .b32 t; xor.b32 t, $4, 0x80808080; " + _magic_prmt("t", 0, low=True) + "}")
 
 
 # Four bytes of qs in a 32-bit register ($8) -> the magic floats of their low nibbles ($0..$3)
@@ -272,23 +289,58 @@ def _step_q6_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr, ASM:
     return _q6_k_quarter(acc, x_step, stride_xm, M, rows, row, d, a, b, ql1, qh, 3, BLOCK_M, ASM)
 
 
+def _q5_0_asm() -> str:
+    """4 bytes of qs ($8: the low nibbles are elements j0..j0+3 of the block, the high nibbles
+    j0+16..j0+19), the block's qh halves ($9: bits of elements 0..15, $13: 16..31) and j0 ($17)
+    -> the magic floats 2^23 + 65536 q of the 5-bit codes (qh's bit above the nibble): qh's 4 bits
+    of the run are spread to bit 4 of each byte by one multiply (shifted copies at bits 4, 12,
+    20, 28 that do not overlap, then a mask). The other elements' copies of the run's qh and j0
+    ($10-$12, $14-$16, $18-$20) are unused: the 4 elements of a pack are a run j0..j0+3 in the
+    GEMV's layout (checked from the compiled layout by tests/kernels/test_cross_compile.py)."""
+    def half(qh: str, nib: str) -> str:
+        return (f"shr.b32 h, {qh}, $17; and.b32 h, h, 15; mul.lo.u32 h, h, 0x02040810; and.b32 h, h, 0x10101010; "
+                + nib + " and.b32 n, n, 0x0F0F0F0F; or.b32 n, n, h;")
+    return ("{.reg .b32 n, h; " + half("$9", "mov.b32 n, $8;") + " " + _magic_prmt("n", 0) + " "
+            + half("$13", "shr.b32 n, $8, 4;") + " " + _magic_prmt("n", 4) + "}")
+
+
+Q5_0_MAGIC_ASM = tl.constexpr(_q5_0_asm())
+
+
 @triton.jit
-def _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr):
+def _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr, ASM: tl.constexpr):
     b = tl.arange(0, 16)
     for h in tl.static_range(2):
         a = 4 * h + tl.arange(0, 4)
         blk = row[:, None] + a[None, :] * 22  # (BLOCK_N, 4)
         d = f16_at(blk)
         p = blk[:, :, None]
-        byte = tl.load(p + 6 + b[None, None, :]).to(tl.int32)
+        byte = tl.load(p + 6 + b[None, None, :])
         qh_lo = tl.load((p + 2).to(tl.pointer_type(tl.uint16))).to(tl.int32)  # bits of elements 0..15
         qh_hi = tl.load((p + 4).to(tl.pointer_type(tl.uint16))).to(tl.int32)  # 16..31
         shift = b[None, None, :]
         offs = 32 * a[:, None] + b[None, :]
-        acc = _rows(acc, x_step, stride_xm, M, rows, offs, (byte & 15) | (((qh_lo >> shift) << 4) & 16), d, d, 16,
-                    False, BLOCK_M)
-        acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, (byte >> 4) | (((qh_hi >> shift) << 4) & 16), d, d,
-                    16, False, BLOCK_M)
+        if BLOCK_M == 1:
+            # w = (q - 16) * d = f * (d / 65536) - 144 d, f = 2^23 + 65536 q (both constants exact)
+            if ASM:
+                run = tl.broadcast_to(shift & 12, byte.shape)
+                f_lo, f_hi = tl.inline_asm_elementwise(
+                    Q5_0_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                    [byte, tl.broadcast_to(qh_lo, byte.shape), tl.broadcast_to(qh_hi, byte.shape), run],
+                    dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+            else:
+                q = byte.to(tl.int32)
+                f_lo = _magic((q & 15) | (((qh_lo >> shift) << 4) & 16))
+                f_hi = _magic((q >> 4) | (((qh_hi >> shift) << 4) & 16))
+            scale = d * (1.0 / 65536)
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs, f_lo, scale, d * 144.0, 0, True, BLOCK_M)
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, f_hi, scale, d * 144.0, 0, True, BLOCK_M)
+        else:
+            q = byte.to(tl.int32)
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs, (q & 15) | (((qh_lo >> shift) << 4) & 16), d, d, 16,
+                        False, BLOCK_M)
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, (q >> 4) | (((qh_hi >> shift) << 4) & 16), d, d,
+                        16, False, BLOCK_M)
     return acc
 
 
@@ -343,10 +395,8 @@ def qgemv_kernel(
     if BLOCK_M == 1:  # per lane (_rows): the (A, B) tile of a step's sub-blocks
         if QTYPE == 1:
             acc = tl.zeros((BLOCK_N, 4, 32), dtype=tl.float32)
-        elif QTYPE == 2:
+        elif QTYPE == 2 or QTYPE == 3:
             acc = tl.zeros((BLOCK_N, 4, 16), dtype=tl.float32)
-        elif QTYPE == 3:
-            acc = tl.zeros((BLOCK_N, 4, 16 // RUN, 1), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_N, 4, 32 // RUN, 1), dtype=tl.float32)
     else:
@@ -361,11 +411,11 @@ def qgemv_kernel(
         elif QTYPE == 2:
             acc = _step_q6_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M, ASM)
         elif QTYPE == 3:
-            acc = _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
+            acc = _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M, ASM)
         else:
-            acc = _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M)
+            acc = _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M, ASM)
     if BLOCK_M == 1:
-        if QTYPE == 1 or QTYPE == 2:
+        if QTYPE == 1 or QTYPE == 2 or QTYPE == 3:
             acc = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
         else:
             acc = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)[None, :]

@@ -5,9 +5,11 @@
 
 Per launch (the runtime's calls at 3B / 7B shapes, kernels/cross_compile.py): registers per
 thread, stack bytes (spills), shared memory against the GPU's limit, tensor-core instructions
-in the PTX (tc), and the SASS instructions and barriers of the kernel's main loop (loop, bar:
-work per iteration, a proxy for speed where nothing can be timed). Exit status 1 when a launch
-does not fit its GPU (too much shared memory, registers, or spills)."""
+in the PTX (tc), and the SASS instructions, barriers and int-to-float conversions of the
+kernel's main loop (loop, bar, i2f: work per iteration, a proxy for speed where nothing can be
+timed; a conversion issues at a quarter of the FMA rate or less). Exit status 1 when a launch
+does not fit its GPU (too much shared memory, registers, or spills) or packs inline assembly
+over elements that are not a run."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def main() -> int:
             print(f"\nsm_{arch} ({gpus}; {shared // 1024} KiB shared a block, {cores} SMs): "
                   f"{len(results)} launches in {time.perf_counter() - start:.0f} s")
             print(f"{'case':<52} {'kernel':<24} {'warps':>5} {'regs':>5} {'stack':>5} {'shared':>7} {'tc':>4} "
-                  f"{'loop':>5} {'bar':>3}  problems")
+                  f"{'loop':>5} {'bar':>3} {'i2f':>3}  problems")
         for r in results:
             problems = r.problems()
             bad += bool(problems)
@@ -47,7 +49,8 @@ def main() -> int:
                 print(json.dumps(dataclasses.asdict(r) | {"problems": problems}))
             else:
                 print(f"{r.case:<52} {r.kernel:<24} {r.num_warps:>5} {r.registers:>5} {r.stack:>5} {r.shared:>7} "
-                      f"{r.tensor_core_ops:>4} {r.loop_instructions:>5} {r.loop_barriers:>3}  " + "; ".join(problems))
+                      f"{r.tensor_core_ops:>4} {r.loop_instructions:>5} {r.loop_barriers:>3} {r.loop_conversions:>3}  "
+                      + "; ".join(problems))
     return 1 if bad else 0
 
 

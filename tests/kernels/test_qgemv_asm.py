@@ -1,5 +1,5 @@
-"""The inline PTX of the batch-1 GEMV (kernels/qgemv.py: Q4_K's and Q6_K's weights as magic
-floats 2^23 + 65536 q, four bytes a register) run through a small PTX evaluator here, against
+"""The inline PTX of the batch-1 GEMV (kernels/qgemv.py: Q4_K's, Q6_K's and Q5_0's codes as
+magic floats 2^23 + 65536 q, Q8_0's as 2^23 + 128 + q, four bytes a register) run through a small PTX evaluator here, against
 the formula the interpreter path computes in plain Triton. The interpreter cannot run inline
 assembly, so this is what checks the assembly text itself in CI: each instruction's
 semantics as the PTX ISA defines them (prmt.b32 default mode: result byte i is byte c[4i+2:4i]
@@ -13,13 +13,13 @@ import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import numpy as np
 import pytest
 
-from qvl.kernels.qgemv import Q4_K_MAGIC_ASM, Q6_K_ASM_0, Q6_K_ASM_1, Q6_K_ASM_2, Q6_K_ASM_3
+from qvl.kernels.qgemv import Q4_K_MAGIC_ASM, Q5_0_MAGIC_ASM, Q6_K_ASM_0, Q6_K_ASM_1, Q6_K_ASM_2, Q6_K_ASM_3, Q8_0_MAGIC_ASM
 
 MASK = 0xFFFFFFFF
 
 
 def run_ptx(code: str, inputs: dict[int, int], n_out: int) -> list[int]:
-    """Evaluate the subset of PTX the GEMV uses (.reg, and/or/shl/shr/mov/prmt .b32) on operand
+    """Evaluate the subset of PTX the GEMV uses (.reg, and/or/xor/shl/shr/mov/prmt .b32, mul.lo.u32) on operand
     registers $k = inputs[k]; returns $0 .. $(n_out - 1)."""
     regs: dict[str, int] = {f"${k}": v for k, v in inputs.items()}
 
@@ -44,10 +44,14 @@ def run_ptx(code: str, inputs: dict[int, int], n_out: int) -> list[int]:
             out = a[0] & a[1]
         elif op == "or.b32":
             out = a[0] | a[1]
+        elif op == "xor.b32":
+            out = a[0] ^ a[1]
+        elif op == "mul.lo.u32":
+            out = (a[0] * a[1]) & MASK
         elif op == "shl.b32":
             out = (a[0] << a[1]) & MASK
         elif op == "shr.b32":
-            out = a[0] >> a[1]
+            out = a[0] >> a[1] if a[1] < 32 else 0  # shift amounts past the width clamp (PTX ISA)
         elif op == "mov.b32":
             out = a[0]
         elif op == "prmt.b32":
@@ -98,6 +102,33 @@ def test_q6_k_quarter(t, code):
         got = run_ptx(code.value, {4: packed(ql), 5: packed(qh)}, 4)
         nib = [int(v) & 15 if t < 2 else int(v) >> 4 for v in ql]
         assert got == [magic(n | (((int(h) >> (2 * t)) & 3) << 4)) for n, h in zip(nib, qh)], (ql, qh)
+
+
+def test_q8_0_signed_bytes():
+    """Every int8 code q: the float of the bits is 2^23 + 128 + q, so that f - (2^23 + 128) = q
+    exactly (the kernel's next instruction)."""
+    codes = np.arange(-128, 128).reshape(64, 4)
+    for word in codes:
+        got = run_ptx(Q8_0_MAGIC_ASM.value, {4: packed(word.astype(np.int8).view(np.uint8))}, 4)
+        assert got == [0x4B000000 | (int(q) + 128) for q in word], word
+        floats = np.array(got, dtype=np.uint32).view(np.float32)
+        assert np.array_equal(floats - np.float32(2 ** 23 + 128), word.astype(np.float32))
+
+
+def test_q5_0_codes_of_a_run():
+    """A run j0 .. j0 + 3 (j0 = 0, 4, 8, 12) of a Q5_0 block: the low nibbles of qs with qh's bits
+    j0 .. j0 + 3 above them, the high nibbles with bits 16 + j0 ..; the other elements' copies
+    of qh and j0 (operands $10-$12, $14-$16, $18-$20) must not matter, so they hold junk."""
+    rng = np.random.default_rng(5)
+    for trial in range(600):
+        qs = rng.integers(0, 256, 4)
+        qh = int(rng.integers(0, 2 ** 32)) if trial else 0xFFFFFFFF
+        j0 = 4 * (trial % 4)
+        junk = {k: int(rng.integers(0, 2 ** 32)) for k in (10, 11, 12, 14, 15, 16, 18, 19, 20)}
+        got = run_ptx(Q5_0_MAGIC_ASM.value, {8: packed(qs), 9: qh & 0xFFFF, 13: qh >> 16, 17: j0} | junk, 8)
+        low = [(int(b) & 15) | (((qh >> (j0 + i)) & 1) << 4) for i, b in enumerate(qs)]
+        high = [(int(b) >> 4) | (((qh >> (16 + j0 + i)) & 1) << 4) for i, b in enumerate(qs)]
+        assert got == [magic(q) for q in low + high], (qs, hex(qh), j0)
 
 
 def test_evaluator_knows_prmt_and_rejects_the_unknown():
