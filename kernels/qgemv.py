@@ -12,11 +12,13 @@ arithmetic per weight as it can. So, unlike the tiled GEMM in qmatmul.py (which 
 - x is loaded in the matching element order, and a sub-block contributes
   `scale * sum(q * x)` (Q4_K: minus `min * sum(x)`), so the scales are applied once per 16 or
   32 weights instead of once per weight (M > 1; batch 1 in _rows);
-- at batch 1 on a GPU, Q4_K and Q6_K codes become floats through inline PTX: four bytes a
-  register, their nibbles (Q6_K: and qh's bits) masked at once, each byte moved by one `prmt`
-  into the float 2^23 + 65536 q (bits 0x4B0q0000), so that w = f * (scale / 65536) -
-  (128 scale + min) (Q6_K: - 160 scale) is one FMA with no int-to-float conversion. In Triton's
-  interpreter (no inline assembly) the same floats come from plain integer ops (`_magic`).
+- at batch 1 on a GPU, codes become floats through inline PTX, never an int-to-float
+  conversion (16 a clock per SM: it bounded Q8_0's loop): four bytes a register, their
+  nibbles (Q6_K, Q5_0: and qh's bits) masked at once, each byte moved by one `prmt` into the
+  float 2^23 + 65536 q (bits 0x4B0q0000), so that w = f * (scale / 65536) - (128 scale + min)
+  (Q6_K: - 160 scale, Q5_0: - 144 d) is one FMA; Q8_0's signed bytes (sign bit flipped) go to
+  the low byte, 2^23 + 128 + q, and one exact add gives q. In Triton's interpreter (no inline
+  assembly) the same floats come from plain integer ops (`_magic`).
 
 Element layouts (the same as qmatmul.py's decoders, regrouped):
   Q8_0: block a (34 bytes: f16 d, 32 int8)                    e = 32a + b,            w = d*q
@@ -71,7 +73,7 @@ INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs m
 # splits * M * N * 8 bytes, ~1-2% of the weight bytes at these shapes. Not timed on a GPU yet.
 PROGRAMS_PER_CORE = 8
 INTERPRETED_PROGRAMS = 4  # in the interpreter (one "core"): a few splits, each costs milliseconds
-RUN = tl.constexpr(4)  # batch 1, Q8_0 / Q5_0: consecutive products a thread sums before scaling (_rows)
+RUN = tl.constexpr(4)  # batch 1, Q8_0: consecutive products a thread sums before scaling (_rows)
 
 
 @triton.jit
@@ -101,10 +103,10 @@ def _rows(acc, x_step, stride_xm, M, rows, offs, q, scale, mins, OFFSET: tl.cons
     i < M of x, with the scales applied once per sub-block (sum of q * x, then times scale).
     With one row of x (BLOCK_M = 1: batch-1 decode) no thread reduces across threads in the
     loop (shuffles, shared memory, barriers); acc is per lane, summed once after the K loop:
-    - HAS_MIN (Q4_K, and Q6_K's magic floats, whose offset is a min): acc (BLOCK_N, A, B),
-      acc[n, a, b] += (q * scale - min) * x, two FMAs a weight;
-    - otherwise (Q8_0, Q5_0): acc (BLOCK_N, A, B // V, 1) with V = B // acc.shape[2]: each
-      thread sums its run of V consecutive products (V = RUN = 4, the run one thread holds in these
+    - HAS_MIN (Q4_K, and the magic floats of Q6_K and Q5_0, whose offset is a min): acc
+      (BLOCK_N, A, B), acc[n, a, b] += (q * scale - min) * x, two FMAs a weight;
+    - otherwise (Q8_0): acc (BLOCK_N, A, B // V, 1) with V = B // acc.shape[2]: each thread
+      sums its run of V consecutive products (V = RUN = 4, the run one thread holds in these
       layouts) and scales the sum once.
     On sm_90 the Q4_K loop is 183 SASS instructions a step with no barrier; 296 with 12
     barriers and 20 shuffles when each step reduced (docs/benchmarks.md)."""
