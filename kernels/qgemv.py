@@ -96,6 +96,26 @@ def q4_k_scale_min(s, j):
 
 
 @triton.jit
+def q4_k_scale_pairs(row, g):
+    """Scales and mins of sub-blocks 2g and 2g + 1 (g (G,) in 0..3) of the Q4_K blocks at byte
+    pointers row (BN,): (sc_lo, m_lo, sc_hi, m_hi), each (BN, G) float32. The 12 packed bytes
+    are read as three 32-bit words (a block and its scales are 4-byte aligned) and unpacked four
+    sub-blocks a word at once: sc0..3 = s0 & 63 (per byte), m0..3 = s1 & 63, sc4..7 = s2's low
+    nibbles with s0's top 2 bits above, m4..7 = s2's high nibbles with s1's; a sub-block's value
+    is then one byte of a word (q4_k_scale_min reads byte by byte: 6 byte loads a pair)."""
+    w = row.to(tl.pointer_type(tl.int32))
+    s0 = tl.load(w + 1)[:, None]
+    s1 = tl.load(w + 2)[:, None]
+    s2 = tl.load(w + 3)[:, None]
+    low = (g < 2)[None, :]
+    sc = tl.where(low, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
+    m = tl.where(low, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
+    shift = (16 * (g % 2))[None, :]  # sub-block 2g's byte: 2g mod 4
+    return (((sc >> shift) & 255).to(tl.float32), ((m >> shift) & 255).to(tl.float32),
+            ((sc >> (shift + 8)) & 255).to(tl.float32), ((m >> (shift + 8)) & 255).to(tl.float32))
+
+
+@triton.jit
 def _rows(acc, x_step, stride_xm, M, rows, offs, q, scale, mins, OFFSET: tl.constexpr, HAS_MIN: tl.constexpr,
           BLOCK_M: tl.constexpr):
     """For weights w[n, a, b] = (q[n, a, b] - OFFSET) * scale[n, a] (- mins[n, a] with HAS_MIN),
@@ -194,10 +214,8 @@ def _step_q4_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr, ASM:
     byte = tl.load(row[:, None, None] + 16 + 32 * g[None, :, None] + l[None, None, :])
     d = f16_at(row)[:, None]
     dmin = f16_at(row + 2)[:, None]
-    s = row[:, None] + 4
     offs = 64 * g[:, None] + l[None, :]
-    sc_lo, m_lo = q4_k_scale_min(s, 2 * g[None, :])
-    sc_hi, m_hi = q4_k_scale_min(s, 2 * g[None, :] + 1)
+    sc_lo, m_lo, sc_hi, m_hi = q4_k_scale_pairs(row, g)
     if BLOCK_M == 1:
         if ASM:
             f_lo, f_hi = tl.inline_asm_elementwise(Q4_K_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte],
