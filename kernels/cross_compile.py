@@ -68,6 +68,7 @@ class Compiled:
     loop_instructions: int = 0  # SASS instructions in the longest loop body (the kernel's main loop)
     loop_barriers: int = 0  # of which BAR (a block-wide wait each iteration)
     loop_conversions: int = 0  # of which int-to-float conversions (I2F*: a quarter of the FMA rate or less)
+    loop_prefetches: int = 0  # of which prefetches into a cache (CCTL...PF*)
     tensor_core_macs: int = 0  # multiply-adds of those instructions for one pass of the program (tensor_core_macs)
     scattered_packs: int = 0  # packed inline assembly whose pack is not a run of consecutive elements (packed_runs)
 
@@ -206,11 +207,12 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
-def _loop_counts(cubin: bytes) -> tuple[int, int, int]:
-    """(instructions, barriers, int-to-float conversions) of the cubin's main loop."""
+def _loop_counts(cubin: bytes) -> tuple[int, int, int, int]:
+    """(instructions, barriers, int-to-float conversions, prefetches) of the cubin's main loop."""
     body = main_loop(_cuobjdump(cubin, "-sass"))
     return (len(body), sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?BAR\b", i)),
-            sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?I2F", i)))
+            sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?I2F", i)),
+            sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?CCTL\S*\.PF", i)))
 
 
 def _resources(cubin: bytes) -> tuple[int, int]:
@@ -323,11 +325,11 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None) -> l
             call()
             for kernel_name, kernel in launched:
                 registers, stack = _resources(kernel.asm["cubin"])
-                loop, barriers, conversions = _loop_counts(kernel.asm["cubin"])
+                loop, barriers, conversions, prefetches = _loop_counts(kernel.asm["cubin"])
                 results.append(Compiled(name, kernel_name, arch, kernel.metadata.num_warps, registers, stack,
                                         kernel.metadata.shared, len(TENSOR_CORE_OP.findall(kernel.asm["ptx"])),
                                         len(ATOMIC_OP.findall(kernel.asm["ptx"])), unordered_atomics(kernel.asm["ptx"]),
-                                        loop, barriers, conversions,
+                                        loop, barriers, conversions, prefetches,
                                         tensor_core_macs(kernel.asm["ptx"], kernel.metadata.num_warps),
                                         packed_runs(kernel.asm["ttgir"])[1]))
     return results

@@ -18,7 +18,10 @@ arithmetic per weight as it can. So, unlike the tiled GEMM in qmatmul.py (which 
   float 2^23 + 65536 q (bits 0x4B0q0000), so that w = f * (scale / 65536) - (128 scale + min)
   (Q6_K: - 160 scale, Q5_0: - 144 d) is one FMA; Q8_0's signed bytes (sign bit flipped) go to
   the low byte, 2^23 + 128 + q, and one exact add gives q. In Triton's interpreter (no inline
-  assembly) the same floats come from plain integer ops (`_magic`).
+  assembly) the same floats come from plain integer ops (`_magic`);
+- on a GPU each program also asks L2 (`prefetch.global.L2`, one a thread, every 32-byte sector
+  of its rows' step) for the step PREFETCH steps ahead, so that more than the one 16-byte load a
+  thread has in flight per step keeps DRAM busy while it computes.
 
 Element layouts (the same as qmatmul.py's decoders, regrouped):
   Q8_0: block a (34 bytes: f16 d, 32 int8)                    e = 32a + b,            w = d*q
@@ -65,6 +68,11 @@ STEP = 256  # elements of K per loop iteration
 QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3}
 BLOCK_N = 16  # weight rows per program on a GPU (not tuned on one yet)
 NUM_WARPS = 4
+# On a GPU, each program asks L2 for the weight bytes of the step this many steps ahead of the
+# one it loads (0: no prefetch). A thread's loop loads one 16-byte run of weights a step, so
+# without it a warp has 512 bytes in flight at a time; the prefetches keep later steps moving
+# while it computes. Not timed on a GPU yet (bench_kernels.py --sweep tries 0, 1, 2, 4).
+PREFETCH = 2
 INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs milliseconds
 # Default K splits aim for this many programs per SM: what fits resident at once (128 threads at
 # 64-96 registers for batch 1: 5-8 programs of 65536 registers; docs/benchmarks.md), so
@@ -365,6 +373,28 @@ def _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr, ASM:
 
 
 @triton.jit
+def _weight_row(pid_n, j, N_OUT, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(output column, weight row) of a program's row slot(s) j (0 .. BLOCK_N - 1): with SWIGLU,
+    output c's gate row c and up row N_OUT + c side by side."""
+    if SWIGLU:
+        out_col = pid_n * (BLOCK_N // 2) + j // 2
+        rn = out_col + (j % 2) * N_OUT
+    else:
+        out_col = pid_n * BLOCK_N + j
+        rn = out_col
+    return out_col, tl.where(out_col < N_OUT, rn, 0)  # rows past the end read row 0 and are never stored
+
+
+@triton.jit
+def _prefetch_l2(row_start, kb, STEP_BYTES: tl.constexpr):
+    """Ask L2 for step kb of the weight rows at `row_start` (pointers, one per thread): a
+    `prefetch.global.L2`, which neither waits nor takes a register until the step's loads."""
+    ptr = row_start + kb * STEP_BYTES
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
             SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
     """Store a program's sums acc (BLOCK_M, BLOCK_N) to y (M, N_OUT): plus bias and residual,
@@ -394,6 +424,7 @@ def qgemv_kernel(
     QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr,
+    PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr,
 ):
     """Program (pid_n, split): BLOCK_N weight rows over K steps [split * steps_per_split, ...),
     for every row of x; with SPLIT the last of a row block's `splits` programs adds their
@@ -405,13 +436,7 @@ def qgemv_kernel(
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     j = tl.arange(0, BLOCK_N)
-    if SWIGLU:  # output c's gate row c and up row N_OUT + c side by side
-        out_col = pid_n * (BLOCK_N // 2) + j // 2
-        rn = out_col + (j % 2) * N_OUT
-    else:
-        out_col = pid_n * BLOCK_N + j
-        rn = out_col
-    rn_safe = tl.where(out_col < N_OUT, rn, 0)  # rows past the end read row 0 and are never stored
+    out_col, rn_safe = _weight_row(pid_n, j, N_OUT, SWIGLU, BLOCK_N)
     if BLOCK_M == 1:  # per lane (_rows): the (A, B) tile of a step's sub-blocks
         if QTYPE == 1:
             acc = tl.zeros((BLOCK_N, 4, 32), dtype=tl.float32)
@@ -423,8 +448,18 @@ def qgemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first = split * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
+    if PREFETCH > 0:
+        # one address a thread: every 32-byte sector of a row's step (its start + 32 c, the
+        # last at its last byte), for the BLOCK_N rows; row r's sectors are PREFETCH_CHUNKS
+        # consecutive slots of a flat range, so no thread holds two or the same one
+        slot = tl.arange(0, BLOCK_N * PREFETCH_CHUNKS)
+        sector = tl.minimum(32 * (slot % PREFETCH_CHUNKS), STEP_BYTES - 1)
+        prefetch_start = (w_ptr + _weight_row(pid_n, slot // PREFETCH_CHUNKS, N_OUT, SWIGLU, BLOCK_N)[1].to(tl.int64)
+                          * row_units * ROW_ALIGN + sector)
     for kb in range(first, last):
         row = w_ptr + rn_safe.to(tl.int64) * row_units * ROW_ALIGN + kb * STEP_BYTES
+        if PREFETCH > 0:  # a later step of this program's range (the last one again near its end)
+            _prefetch_l2(prefetch_start, tl.minimum(kb + PREFETCH, last - 1), STEP_BYTES)
         x_step = x_ptr + kb * 256
         if QTYPE == 1:
             acc = _step_q4_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M, ASM)
@@ -471,7 +506,7 @@ def _norm_if_last(y_ptr, w_ptr, normed_ptr, count_ptr, M, N_OUT, eps, BLOCK_M: t
 def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
           residual: torch.Tensor | None = None, swiglu: bool = False, block_n: int | None = None,
           split_k: int | None = None, num_warps: int | None = None, norm_weight: torch.Tensor | None = None,
-          norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+          norm_eps: float = 0.0, prefetch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x (M <= 8, K) float, raw (N, row_bytes) uint8 -> float32 `y = x @ dequant(raw).T + bias +
     residual` (M, N); with `swiglu` the N rows are [gate; up] and y is
     `silu(x @ gate.T) * (x @ up.T)` (M, N / 2). Returns (y, RMSNorm(y) * norm_weight with
@@ -479,7 +514,8 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
 
     `split_k` K-ranges (default: ~PROGRAMS_PER_CORE programs per GPU core, at most one per step)
     of `block_n` rows (default BLOCK_N on a GPU, INTERPRETED_BLOCK_N in the interpreter), with
-    `num_warps` (default NUM_WARPS)."""
+    `num_warps` (default NUM_WARPS), each prefetching into L2 the step `prefetch` steps ahead
+    (default PREFETCH on a GPU; Triton's interpreter has no inline assembly: none)."""
     blk, size = GGML_QUANT_SIZES[qtype]
     m = x.shape[0]
     gpu = target(x.device)
@@ -510,5 +546,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
         norm_eps, QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
         SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm, BLOCK_M=block_m,
         BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu != INTERPRETER,
+        PREFETCH=0 if gpu == INTERPRETER else PREFETCH if prefetch is None else prefetch,
+        PREFETCH_CHUNKS=triton.next_power_of_2(triton.cdiv(STEP // blk * size, 32) + 1),
         num_warps=num_warps or NUM_WARPS)
     return y, normed

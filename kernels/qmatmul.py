@@ -167,7 +167,7 @@ def gemm_tiles(gpu: Target, dtype: torch.dtype) -> tuple[int, int, int, int, int
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
             residual: torch.Tensor | None = None, swiglu: bool = False, block_m: int | None = None,
             block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-            split_k: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+            split_k: int | None = None, num_stages: int | None = None, prefetch: int | None = None) -> torch.Tensor:
     """x (M, K), raw (N, row_bytes) uint8 GGUF blocks -> `x @ dequant(raw).T + bias + residual`
     (M, N) float32; with `swiglu` the N rows are [gate; up] stacked and the result is
     `silu(x @ gate.T) * (x @ up.T)` (M, N / 2).
@@ -176,8 +176,8 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     rounded to x's type); in float32 (or anything else, converted): exact float32 products.
     Accumulation is float32 either way; the GEMV always multiplies in float32.
 
-    M <= GEMV_MAX_M takes qgemv.py's split-K GEMV (`split_k` K-ranges, `block_n` rows a program;
-    its epilogue fused), larger M the tiled GEMM (`block_m` x `block_n` tiles, `block_k` elements
+    M <= GEMV_MAX_M takes qgemv.py's split-K GEMV (`split_k` K-ranges, `block_n` rows a program,
+    L2 prefetches `prefetch` steps ahead; its epilogue fused), larger M the tiled GEMM (`block_m` x `block_n` tiles, `block_k` elements
     of K a time: 64, 128 or 256; the epilogue in torch after it). Unset launch parameters take
     `gemm_tiles`' defaults for the GPU (or the interpreter). float16 x on a GPU where Triton
     emits no tensor-core code (sm_75) and no tiles given: dequant.py's dequantize-then-cuBLAS
@@ -190,7 +190,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     x = _activations(x)
     m = x.shape[0]
     if m <= GEMV_MAX_M:
-        return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps)[0]
+        return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps, prefetch=prefetch)[0]
     gpu = target(x.device)
     if gpu != INTERPRETER and not gpu.tensor_cores and x.dtype == torch.float16 and block_m is None:
         from .dequant import dequant_matmul  # sm_75: cuBLAS has the tensor cores Triton does not use

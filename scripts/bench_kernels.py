@@ -16,7 +16,7 @@ triton.testing.do_bench. Needs CUDA.
     python scripts/bench_kernels.py --sweep   # launch parameters of the GEMV and GEMM, best first
 
 `--sweep` times the 7B's largest decode GEMVs (Q4_K gate/up stacked, Q6_K down) over rows per
-program, warps and K splits, and its prefill GEMM over tile shapes, as GB/s (GEMV) or TFLOP/s
+program, warps, L2 prefetch distance and K splits, and its prefill GEMM over tile shapes, as GB/s (GEMV) or TFLOP/s
 (GEMM), so the defaults in kernels/qgemv.py and kernels/qmatmul.py can be set from one run.
 """
 
@@ -139,14 +139,16 @@ def bench_decode_attention(dev: str, timer: Timer, cases=DECODE_CASES, capacity:
 
 
 SWEEP_CASES = (("Q4_K", 2 * 18944, 3584), ("Q6_K", 3584, 18944))  # 7B: gate/up stacked, down
-GEMV_SWEEP = {"block_n": (4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8), "split_k": (None, 1, 2, 4, 8)}
+GEMV_SWEEP = {"block_n": (4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8), "prefetch": (None, 0, 1, 4),
+              "split_k": (None, 1, 2, 4, 8)}
 GEMM_TILES = ((64, 64, 64, 4), (128, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64, 4), (128, 128, 64, 8),
               (128, 128, 128, 8), (128, 256, 64, 8))  # block_m, block_n, block_k, num_warps
 
 
 def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SWEEP, tiles=GEMM_TILES) -> list[dict]:
-    """GEMV: every (block_n, num_warps) with the default split, then every split for the best
-    pair; GEMM: each tile shape at M = 2048."""
+    """GEMV: every (block_n, num_warps) with the default split and L2 prefetch distance, then
+    every prefetch distance for the best pair, then every split for the best of those; GEMM:
+    each tile shape at M = 2048."""
     from gguf import GGMLQuantizationType as T
 
     from qvl.convert.quant import quantize
@@ -165,14 +167,20 @@ def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SW
                 got = qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps)
                 assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), (qt.name, block_n, warps)
                 ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps))
-                found.append((ms, block_n, warps, None))
-        _, block_n, warps, _ = min(found, key=lambda f: f[0])  # ties: the first measured
+                found.append((ms, block_n, warps, None, None))
+        _, block_n, warps, _, _ = min(found, key=lambda f: f[0])  # ties: the first measured
+        for ahead in gemv["prefetch"][1:]:
+            ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead))
+            found.append((ms, block_n, warps, ahead, None))
+        _, _, _, ahead, _ = min(found, key=lambda f: f[0])
         for split in gemv["split_k"][1:]:
-            ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps, split_k=split))
-            found.append((ms, block_n, warps, split))
-        for ms, block_n, warps, split in sorted(found, key=lambda f: f[0]):
+            ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead,
+                                       split_k=split))
+            found.append((ms, block_n, warps, ahead, split))
+        for ms, block_n, warps, ahead, split in sorted(found, key=lambda f: f[0]):
             rows.append({"kernel": f"GEMV {qt.name}", "n": n, "k": k, "block_n": block_n, "num_warps": warps,
-                         "split_k": split or "default", "ms": round(ms, 4),
+                         "prefetch": "default" if ahead is None else ahead, "split_k": split or "default",
+                         "ms": round(ms, 4),
                          "weight_GB_s": round(raw.numel() / ms / 1e6, 1)})
         xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         found = []

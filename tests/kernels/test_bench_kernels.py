@@ -50,8 +50,9 @@ def test_decode_attention_rows(bench):
 
 def test_sweep_rows(bench):
     rows = bench.sweep(ACCEL, _timer, (("Q4_K", 32, 512),), m=16,
-                       gemv={"block_n": (4, 16), "num_warps": (4,), "split_k": (None, 2)},
+                       gemv={"block_n": (4, 16), "num_warps": (4,), "prefetch": (None, 0), "split_k": (None, 2)},
                        tiles=((16, 16, 64, 4),))
     gemv = [r for r in rows if r["kernel"] == "GEMV Q4_K"]
-    assert len(gemv) == 3 and {r["split_k"] for r in gemv} == {"default", 2}
+    assert len(gemv) == 4 and {r["split_k"] for r in gemv} == {"default", 2}
+    assert {r["prefetch"] for r in gemv} == {"default", 0}
     assert [r["tiles"] for r in rows if r["kernel"] == "GEMM Q4_K"] == [[16, 16, 64]]
