@@ -515,7 +515,8 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     `split_k` K-ranges (default: ~PROGRAMS_PER_CORE programs per GPU core, at most one per step)
     of `block_n` rows (default BLOCK_N on a GPU, INTERPRETED_BLOCK_N in the interpreter), with
     `num_warps` (default NUM_WARPS), each prefetching into L2 the step `prefetch` steps ahead
-    (default PREFETCH on a GPU; Triton's interpreter has no inline assembly: none)."""
+    (default PREFETCH on an NVIDIA GPU; none where inline PTX cannot run: Triton's interpreter,
+    ROCm)."""
     blk, size = GGML_QUANT_SIZES[qtype]
     m = x.shape[0]
     gpu = target(x.device)
@@ -545,8 +546,8 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
         normed if normed is not None else dummy, m, n_out, steps, row_bytes // align, per, splits, x.stride(0),
         norm_eps, QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
         SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm, BLOCK_M=block_m,
-        BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu != INTERPRETER,
-        PREFETCH=0 if gpu == INTERPRETER else PREFETCH if prefetch is None else prefetch,
+        BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu.ptx,
+        PREFETCH=0 if not gpu.ptx else PREFETCH if prefetch is None else prefetch,
         PREFETCH_CHUNKS=triton.next_power_of_2(triton.cdiv(STEP // blk * size, 32) + 1),
         num_warps=num_warps or NUM_WARPS)
     return y, normed

@@ -18,6 +18,7 @@ from .dot import interpreted
 class Target:
     arch: int  # compute capability x 10 (90: H100); 0: Triton's interpreter on the CPU
     cores: int  # streaming multiprocessors
+    ptx: bool = True  # an NVIDIA GPU: kernels may carry inline PTX (not the interpreter, not ROCm's HIP)
 
     @property
     def tensor_cores(self) -> bool:
@@ -26,7 +27,7 @@ class Target:
         return self.arch >= 80
 
 
-INTERPRETER = Target(0, 1)
+INTERPRETER = Target(0, 1, ptx=False)
 _pretended: list[Target] = []
 
 
@@ -40,7 +41,7 @@ def target(device: torch.device) -> Target:
     if device.type != "cuda":
         raise ValueError(f"Triton kernels need a CUDA device or TRITON_INTERPRET=1, not {device}")
     props = torch.cuda.get_device_properties(device)
-    return Target(props.major * 10 + props.minor, props.multi_processor_count)
+    return Target(props.major * 10 + props.minor, props.multi_processor_count, ptx=torch.version.hip is None)
 
 
 @contextlib.contextmanager

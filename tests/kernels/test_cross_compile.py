@@ -70,6 +70,29 @@ def test_split_launches_count_arrivals_with_ordering(compiled, arch):
     assert len(normed) == 4 and all(r["atomics"] >= 1 and r["unordered_atomics"] == 0 for r in normed)
 
 
+NO_PTX_PROBE = """
+import torch
+from gguf import GGMLQuantizationType as T
+from qvl.kernels.cross_compile import compile_only
+from qvl.kernels.qmatmul import qmatmul
+from qvl.kernels.target import Target, pretending
+for ptx in (True, False):
+    with compile_only(90) as launched, pretending(Target(90, 132, ptx=ptx)):
+        qmatmul(torch.zeros(1, 512), torch.zeros(16, 2 * 144, dtype=torch.uint8), T.Q4_K, 16, 512)
+    code = launched[-1][1].asm["ptx"]
+    print(ptx, "prmt.b32" in code and "0x4B000000" in code, "prefetch.global.L2" in code)
+"""
+
+
+def test_inline_ptx_only_for_nvidia():
+    """A GPU where inline PTX cannot run (ROCm: Target.ptx False) gets the GEMV without it: the
+    plain-Triton magic floats, no prefetch; an NVIDIA one gets both."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", NO_PTX_PROBE], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True", "True", "False", "False", "False"]
+
+
 def test_every_kernel_is_compiled(compiled):
     """Each @triton.jit kernel the runtime launches (the *_kernel functions) is in the check, for every arch."""
     kernels = {name for module in KERNEL_MODULES
