@@ -12,16 +12,16 @@ arithmetic per weight as it can. So, unlike the tiled GEMM in qmatmul.py (which 
 - x is loaded in the matching element order, and a sub-block contributes
   `scale * sum(q * x)` (Q4_K: minus `min * sum(x)`), so the scales are applied once per 16 or
   32 weights instead of once per weight (M > 1; batch 1 in _rows);
-- at batch 1 on a GPU, codes become floats through inline PTX, never an int-to-float
+- at batch 1 on an NVIDIA GPU, codes become floats through inline PTX, never an int-to-float
   conversion (16 a clock per SM: it bounded Q8_0's loop): four bytes a register, their
   nibbles (Q6_K, Q5_0: and qh's bits) masked at once, each byte moved by one `prmt` into the
   float 2^23 + 65536 q (bits 0x4B0q0000), so that w = f * (scale / 65536) - (128 scale + min)
   (Q6_K: - 160 scale, Q5_0: - 144 d) is one FMA; Q8_0's signed bytes (sign bit flipped) go to
-  the low byte, 2^23 + 128 + q, and one exact add gives q. In Triton's interpreter (no inline
-  assembly) the same floats come from plain integer ops (`_magic`);
-- on a GPU each program also asks L2 (`prefetch.global.L2`, one a thread, every 32-byte sector
-  of its rows' step) for the step PREFETCH steps ahead, so that more than the one 16-byte load a
-  thread has in flight per step keeps DRAM busy while it computes.
+  the low byte, 2^23 + 128 + q, and one exact add gives q. In Triton's interpreter and on ROCm
+  (no inline PTX: Target.ptx) the same floats come from plain integer ops (`_magic`);
+- on an NVIDIA GPU each program also asks L2 (`prefetch.global.L2`, one a thread, every 32-byte
+  sector of its rows' step) for the step PREFETCH steps ahead, so that more than the one 16-byte
+  load a thread has in flight per step keeps DRAM busy while it computes.
 
 Element layouts (the same as qmatmul.py's decoders, regrouped):
   Q8_0: block a (34 bytes: f16 d, 32 int8)                    e = 32a + b,            w = d*q
