@@ -136,7 +136,7 @@ def _rows(acc, x_step, stride_xm, M, rows, offs, q, scale, mins, OFFSET: tl.cons
     - otherwise (Q8_0): acc (BLOCK_N, A, B // V, 1) with V = B // acc.shape[2]: each thread
       sums its run of V consecutive products (V = RUN = 4, the run one thread holds in these
       layouts) and scales the sum once.
-    On sm_90 the Q4_K loop is 183 SASS instructions a step with no barrier; 296 with 12
+    On sm_90 the Q4_K loop is 172-178 SASS instructions a step with no barrier; 296 with 12
     barriers and 20 shuffles when each step reduced (docs/benchmarks.md)."""
     if OFFSET == 0:
         qf = q.to(tl.float32)
@@ -348,27 +348,27 @@ def _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr, ASM:
         qh_hi = tl.load((p + 4).to(tl.pointer_type(tl.uint16))).to(tl.int32)  # 16..31
         shift = b[None, None, :]
         offs = 32 * a[:, None] + b[None, :]
+        if BLOCK_M == 1 and ASM:
+            run = tl.broadcast_to(shift & 12, byte.shape)
+            f_lo, f_hi = tl.inline_asm_elementwise(
+                Q5_0_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                [byte, tl.broadcast_to(qh_lo, byte.shape), tl.broadcast_to(qh_hi, byte.shape), run],
+                dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            q = byte.to(tl.int32)
+            code_lo = (q & 15) | (((qh_lo >> shift) << 4) & 16)
+            code_hi = (q >> 4) | (((qh_hi >> shift) << 4) & 16)
+            if BLOCK_M == 1:
+                f_lo = _magic(code_lo)
+                f_hi = _magic(code_hi)
         if BLOCK_M == 1:
             # w = (q - 16) * d = f * (d / 65536) - 144 d, f = 2^23 + 65536 q (both constants exact)
-            if ASM:
-                run = tl.broadcast_to(shift & 12, byte.shape)
-                f_lo, f_hi = tl.inline_asm_elementwise(
-                    Q5_0_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                    [byte, tl.broadcast_to(qh_lo, byte.shape), tl.broadcast_to(qh_hi, byte.shape), run],
-                    dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-            else:
-                q = byte.to(tl.int32)
-                f_lo = _magic((q & 15) | (((qh_lo >> shift) << 4) & 16))
-                f_hi = _magic((q >> 4) | (((qh_hi >> shift) << 4) & 16))
             scale = d * (1.0 / 65536)
             acc = _rows(acc, x_step, stride_xm, M, rows, offs, f_lo, scale, d * 144.0, 0, True, BLOCK_M)
             acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, f_hi, scale, d * 144.0, 0, True, BLOCK_M)
         else:
-            q = byte.to(tl.int32)
-            acc = _rows(acc, x_step, stride_xm, M, rows, offs, (q & 15) | (((qh_lo >> shift) << 4) & 16), d, d, 16,
-                        False, BLOCK_M)
-            acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, (q >> 4) | (((qh_hi >> shift) << 4) & 16), d, d,
-                        16, False, BLOCK_M)
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs, code_lo, d, d, 16, False, BLOCK_M)
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, code_hi, d, d, 16, False, BLOCK_M)
     return acc
 
 
