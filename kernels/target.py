@@ -6,6 +6,7 @@ for a GPU that is not here (`pretending`, used by cross_compile.py)."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,7 +19,9 @@ from .dot import interpreted
 class Target:
     arch: int  # compute capability x 10 (90: H100); 0: Triton's interpreter on the CPU
     cores: int  # streaming multiprocessors
-    ptx: bool = True  # an NVIDIA GPU: kernels may carry inline PTX (not the interpreter, not ROCm's HIP)
+    # kernels may carry inline PTX: an NVIDIA GPU (not the interpreter, not ROCm's HIP), unless
+    # QVL_NO_PTX=1 asks for the plain-Triton code (to rule the assembly out, or compare with it)
+    ptx: bool = True
 
     @property
     def tensor_cores(self) -> bool:
@@ -41,7 +44,8 @@ def target(device: torch.device) -> Target:
     if device.type != "cuda":
         raise ValueError(f"Triton kernels need a CUDA device or TRITON_INTERPRET=1, not {device}")
     props = torch.cuda.get_device_properties(device)
-    return Target(props.major * 10 + props.minor, props.multi_processor_count, ptx=torch.version.hip is None)
+    return Target(props.major * 10 + props.minor, props.multi_processor_count,
+                  ptx=torch.version.hip is None and os.environ.get("QVL_NO_PTX", "") != "1")
 
 
 @contextlib.contextmanager

@@ -3,8 +3,10 @@
 
 For the 3B and 7B shapes, each kernel in the precision the model runs it in by default:
 - qmatmul (Q4_K, Q6_K, Q8_0): M = 1 (decode GEMV, float32 x) with achieved GB/s of weight bytes
-  and % of the measured device-to-device copy bandwidth; M = 512 (prefill GEMM, bf16 x) with
-  TFLOP/s; both against torch.matmul on the dequantized weight in bf16;
+  and % of the measured device-to-device copy bandwidth, and its time without inline PTX (the
+  plain-Triton codes and no L2 prefetch, as on ROCm: what the assembly gains); M = 512
+  (prefill GEMM, bf16 x) with TFLOP/s; both against torch.matmul on the dequantized weight in
+  bf16;
 - attention (bf16): vision windows and a full-attention image (head dim 80), causal prefill
   with GQA, against F.scaled_dot_product_attention in bf16;
 - decode attention over a 4k cache (bf16 and q8_0) against F.scaled_dot_product_attention on
@@ -22,6 +24,7 @@ program, warps, L2 prefetch distance and K splits, and its prefill GEMM over til
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -47,6 +50,7 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
 
     from qvl.convert.quant import dequantize, quantize
     from qvl.kernels.qmatmul import qmatmul
+    from qvl.kernels.target import pretending, target
 
     rows = []
     for model, mats in shapes.items():
@@ -68,6 +72,10 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
                            "ms": round(ms, 4), "vs_torch_bf16_matmul": round(base / ms, 2)}
                     if m == 1:
                         row["weight_GB_s"] = round(raw.numel() / ms / 1e6, 1)
+                        with pretending(dataclasses.replace(target(x.device), ptx=False)):
+                            plain = qmatmul(x, raw, qt, n, k)
+                            assert (plain - ref).abs().max().item() <= tol * ref.abs().max().item(), (qt.name, n, k)
+                            row["vs_no_ptx"] = round(timer(lambda: qmatmul(x, raw, qt, n, k)) / ms, 2)
                     else:
                         row["TFLOP_s"] = round(2 * m * n * k / ms / 1e9, 1)
                     rows.append(row)

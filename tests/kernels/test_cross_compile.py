@@ -93,6 +93,27 @@ def test_inline_ptx_only_for_nvidia():
     assert out.stdout.split() == ["True", "True", "True", "False", "False", "False"]
 
 
+def test_target_ptx_only_on_nvidia_unless_turned_off(monkeypatch):
+    """target() on a CUDA device (faked: compute capability 8.9, 128 SMs): inline PTX on an
+    NVIDIA build, not under ROCm's HIP, not with QVL_NO_PTX=1."""
+    from types import SimpleNamespace
+
+    import qvl.kernels.target as target_module
+
+    monkeypatch.setattr(target_module, "interpreted", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(major=8, minor=9, multi_processor_count=128))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.delenv("QVL_NO_PTX", raising=False)
+    cuda = torch.device("cuda")
+    assert target_module.target(cuda) == Target(89, 128, ptx=True)
+    monkeypatch.setenv("QVL_NO_PTX", "1")
+    assert target_module.target(cuda) == Target(89, 128, ptx=False)
+    monkeypatch.delenv("QVL_NO_PTX")
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert target_module.target(cuda) == Target(89, 128, ptx=False)
+
+
 def test_every_kernel_is_compiled(compiled):
     """Each @triton.jit kernel the runtime launches (the *_kernel functions) is in the check, for every arch."""
     kernels = {name for module in KERNEL_MODULES
