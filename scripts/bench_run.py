@@ -9,7 +9,9 @@ Make the files with scripts/make_random_checkpoint.py and qvl-convert --type q4_
     python scripts/bench_run.py /tmp/q3b-q4_k_m.gguf --tokens 16
 
 On a GPU (`--device cuda`, the default where there is one) qvl runs a short warm-up first so
-that Triton's compilation is not timed, and reports peak VRAM; `--ctx 4096` adds a run decoding
+that Triton's compilation is not timed, and reports peak VRAM (torch's peak allocated and
+reserved bytes, and the device's used memory after the run, CUDA context included, as
+nvidia-smi counts it); `--ctx 4096` adds a run decoding
 until the context holds 4096 tokens (peak VRAM with a 4k cache); `--size 2530x1000` for the
 issue's wide image. Each side runs in its own process so that its peak RSS is its own. Reference (issue 3, this
 machine, 2 threads): llama.cpp decodes 8.6 tok/s, prefills 17.4 tok/s, encodes the image in 78 s.
@@ -31,6 +33,9 @@ from PIL import Image
 import qvl
 import torch
 model_path, image_path, n, device, ctx = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+def used_gib():  # the whole device as nvidia-smi sees it: CUDA context, allocator pool, any other process
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
 t0 = time.perf_counter(); m = qvl.load(model_path, device=device); load_s = time.perf_counter() - t0
 cuda = m.placement.accel == "cuda"
 if cuda:  # compile the Triton kernels for every shape first: a warm run, then the measured one
@@ -43,13 +48,16 @@ print(json.dumps({"device": device, "load_s": load_s, "vision_s": t.get("vision_
                   "prefill_tok_s": out.prompt_tokens / t["prefill_s"],
                   "decode_tok_s": len(out.token_ids) / t["decode_s"] if out.token_ids else None,
                   "prompt_tokens": out.prompt_tokens, "peak_rss_gib": rss,
-                  "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
+                  "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                  "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+                  "device_used_gib": used_gib() if cuda else None}))
 if cuda and ctx > out.prompt_tokens:  # the same prompt decoded until the context is full: peak VRAM at ctx
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     full = m.generate("Describe this image in detail.", [image_path], max_new_tokens=ctx - out.prompt_tokens)
     print(json.dumps({"device": device, "ctx": ctx, "tokens": len(full.token_ids),
                       "decode_tok_s": len(full.token_ids) / full.timings["decode_s"],
-                      "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30}))
+                      "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30,
+                      "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "device_used_gib": used_gib()}))
 """
 
 LLAMA = """
