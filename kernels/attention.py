@@ -133,12 +133,13 @@ def launch(gpu: Target, dtype: torch.dtype, q8_cache: bool) -> tuple[int, int, i
     128 and d = 80), and on sm_80 to warps of 8 rows each doing 16 (2x at d = 80); a q8_0
     cache keeps 8 warps (4 spill 56-216 bytes a thread). float32 (FMA): 32 x 32, 8 warps, 2
     stages (64 x 64 spilled 10 KB a thread); sm_75, where Triton emits FMA code for f16 dots
-    too: 16 x 32 (32 x 32 spills there). In the interpreter: 16 x 16, so the tests' short
+    too: 16 x 32 (32 x 32 spills there), 16 x 16 and one stage for a q8_0 cache (16 x 32 spills
+    192 bytes a thread under Triton 3.6). In the interpreter: 16 x 16, so the tests' short
     segments span several key blocks."""
     if gpu == INTERPRETER:
         return 16, 16, 4, 1
     if not gpu.tensor_cores:
-        return 16, 32, 8, 2
+        return (16, 16, 8, 1) if q8_cache else (16, 32, 8, 2)
     if dtype == torch.float32:
         return 32, 32, 8, 2
     return 64, 64, 8 if q8_cache else 4, 1

@@ -29,14 +29,19 @@ from .target import INTERPRETER, Target, target
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its share of the cache
 
 
-def launch(gpu: Target) -> tuple[int, int, int]:
-    """(keys per inner step, num_warps, num_stages). Not timed on a GPU yet: compiled for
-    sm_75 ... sm_90 (scripts/compile_kernels.py), 32 keys, 4 warps and no software pipelining
-    spill no registers for float, bf16 and q8_0 caches and take 40 KiB of shared memory; Triton's
-    default 3 stages (64 keys) spilled 3.5 KB a thread on sm_90 for bf16 / q8_0 caches and needed
-    139 KiB of shared memory, more than an RTX 30xx / 40xx has (99 KiB). In the interpreter: 64
-    keys, so the tests' short caches still span several steps and splits."""
-    return (64, 4, 1) if gpu == INTERPRETER else (32, 4, 1)
+def launch(gpu: Target, cache: torch.dtype) -> tuple[int, int, int]:
+    """(keys per inner step, num_warps, num_stages) for a cache of `cache` values (int8: q8_0).
+    Not timed on a GPU yet: compiled for sm_75 ... sm_90 (scripts/compile_kernels.py) with
+    Triton 3.9 and 3.6, 32 keys and no software pipelining spill no registers and take 40 KiB
+    of shared memory: 4 warps for a bf16 / f16 cache, 8 for float32 and q8_0 (with 4, Triton 3.6
+    spills 40-200 bytes a thread for those on sm_86 / sm_90; 8 warps cost the bf16 cache ~12%
+    more instructions a block). Triton's default 3 stages (64 keys) spilled 3.5 KB a thread on
+    sm_90 for bf16 / q8_0 caches and needed 139 KiB of shared memory, more than an RTX 30xx /
+    40xx has (99 KiB). In the interpreter: 64 keys, so the tests' short caches still span
+    several steps and splits."""
+    if gpu == INTERPRETER:
+        return 64, 4, 1
+    return 32, 4 if cache in (torch.bfloat16, torch.float16) else 8, 1
 
 
 @triton.jit
@@ -135,7 +140,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: 
     assert k.stride() == v.stride() and k.stride(-1) == 1 and q.stride(-1) == 1
     group = heads // kv_heads
     gpu = target(q.device)
-    block_n, num_warps, num_stages = launch(gpu)
+    block_n, num_warps, num_stages = launch(gpu, k.dtype)
     splits = splits or default_splits(capacity, kv_heads, gpu)
     per = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
     splits = triton.cdiv(capacity, per)

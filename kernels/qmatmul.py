@@ -151,14 +151,15 @@ def gemm_tiles(gpu: Target, dtype: torch.dtype) -> tuple[int, int, int, int, int
     cores (bf16 / f16 on sm_80+): 128 x 128 tiles share each decoded weight among 128 rows of x,
     64 elements of K a time keep the decoded (128, 64) tile in registers. FMA products (float32
     anywhere, f16 on sm_75 where Triton emits no tensor-core code) hold the partial products in
-    registers: 32 x 64 tiles, 8 warps and no software pipelining for float32 (64 x 64 spills on
-    sm_80, 2 stages spill 190+ bytes a thread), 16 x 32 on sm_75 (32 x 32 spills there; used
+    registers: 32 x 32 tiles, 8 warps and no software pipelining for float32 (64 x 64 spills on
+    sm_80, 2 stages spill 190+ bytes a thread, 32 x 64 spills 144-392 bytes under Triton 3.6),
+    16 x 32 on sm_75 (32 x 32 spills there; used
     when tiles are asked for: by default sm_75's float16 GEMMs go to dequant.py). In the
     interpreter: fewer, larger numpy operations."""
     if gpu == INTERPRETER:
         return 32, 128, 256, 4, 1
     if dtype == torch.float32:
-        return 32, 64, 64, 8, 1
+        return 32, 32, 64, 8, 1
     if not gpu.tensor_cores:
         return 16, 32, 64, 4, 1
     return 128, 128, 64, 8, 3
