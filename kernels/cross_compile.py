@@ -110,7 +110,8 @@ def tensor_core_macs(ptx: str, num_warps: int) -> int:
 
 
 LAYOUT_DEF = re.compile(r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\].*?order = \[([\d, ]+)\]", re.M)
-PACKED_ASM = re.compile(r"tt\.elementwise_inline_asm .*?packed_element = (\d+) : i32.*?\} %[^:]*: tensor<[^,>]*, (#\w+)>")
+PACKED_ASM = re.compile(r"tt\.elementwise_inline_asm .*?packed_element = (\d+) : i32"
+                        r".*?\} %[^:]*: tensor<[^,>]*, (#\w+)>")
 
 
 def packed_runs(ttgir: str) -> tuple[int, int]:

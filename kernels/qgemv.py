@@ -373,16 +373,18 @@ def _step_q5_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M: tl.constexpr, ASM:
 
 
 @triton.jit
-def _weight_row(pid_n, j, N_OUT, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(output column, weight row) of a program's row slot(s) j (0 .. BLOCK_N - 1): with SWIGLU,
-    output c's gate row c and up row N_OUT + c side by side."""
+def _weight_row(w_ptr, pid_n, j, N_OUT, row_bytes, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(output column, first byte of its weight row) of a program's row slot(s) j (0 ..
+    BLOCK_N - 1), rows `row_bytes` apart: with SWIGLU, output c's gate row c and up row
+    N_OUT + c side by side."""
     if SWIGLU:
         out_col = pid_n * (BLOCK_N // 2) + j // 2
         rn = out_col + (j % 2) * N_OUT
     else:
         out_col = pid_n * BLOCK_N + j
         rn = out_col
-    return out_col, tl.where(out_col < N_OUT, rn, 0)  # rows past the end read row 0 and are never stored
+    rn_safe = tl.where(out_col < N_OUT, rn, 0)  # rows past the end read row 0 and are never stored
+    return out_col, w_ptr + rn_safe.to(tl.int64) * row_bytes
 
 
 @triton.jit
@@ -436,7 +438,7 @@ def qgemv_kernel(
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     j = tl.arange(0, BLOCK_N)
-    out_col, rn_safe = _weight_row(pid_n, j, N_OUT, SWIGLU, BLOCK_N)
+    out_col, row_start = _weight_row(w_ptr, pid_n, j, N_OUT, row_units * ROW_ALIGN, SWIGLU, BLOCK_N)
     if BLOCK_M == 1:  # per lane (_rows): the (A, B) tile of a step's sub-blocks
         if QTYPE == 1:
             acc = tl.zeros((BLOCK_N, 4, 32), dtype=tl.float32)
@@ -454,10 +456,10 @@ def qgemv_kernel(
         # consecutive slots of a flat range, so no thread holds two or the same one
         slot = tl.arange(0, BLOCK_N * PREFETCH_CHUNKS)
         sector = tl.minimum(32 * (slot % PREFETCH_CHUNKS), STEP_BYTES - 1)
-        prefetch_start = (w_ptr + _weight_row(pid_n, slot // PREFETCH_CHUNKS, N_OUT, SWIGLU, BLOCK_N)[1].to(tl.int64)
-                          * row_units * ROW_ALIGN + sector)
+        prefetch_start = _weight_row(w_ptr, pid_n, slot // PREFETCH_CHUNKS, N_OUT, row_units * ROW_ALIGN, SWIGLU,
+                                     BLOCK_N)[1] + sector
     for kb in range(first, last):
-        row = w_ptr + rn_safe.to(tl.int64) * row_units * ROW_ALIGN + kb * STEP_BYTES
+        row = row_start + kb * STEP_BYTES
         if PREFETCH > 0:  # a later step of this program's range (the last one again near its end)
             _prefetch_l2(prefetch_start, tl.minimum(kb + PREFETCH, last - 1), STEP_BYTES)
         x_step = x_ptr + kb * 256

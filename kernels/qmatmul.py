@@ -178,8 +178,9 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     Accumulation is float32 either way; the GEMV always multiplies in float32.
 
     M <= GEMV_MAX_M takes qgemv.py's split-K GEMV (`split_k` K-ranges, `block_n` rows a program,
-    L2 prefetches `prefetch` steps ahead; its epilogue fused), larger M the tiled GEMM (`block_m` x `block_n` tiles, `block_k` elements
-    of K a time: 64, 128 or 256; the epilogue in torch after it). Unset launch parameters take
+    L2 prefetches `prefetch` steps ahead; its epilogue fused), larger M the tiled GEMM (`block_m`
+    x `block_n` tiles, `block_k` elements of K a time: 64, 128 or 256; the epilogue in torch
+    after it). Unset launch parameters take
     `gemm_tiles`' defaults for the GPU (or the interpreter). float16 x on a GPU where Triton
     emits no tensor-core code (sm_75) and no tiles given: dequant.py's dequantize-then-cuBLAS
     instead of the tiled GEMM."""

@@ -238,7 +238,8 @@ def test_packed_runs_read_from_ttgir():
             "#blocked1 = #ttg.blocked<{sizePerThread = [1, 2, 1], threadsPerWarp = [2, 4, 4], warpsPerCTA = [4, 1, 1], "
             "order = [2, 1, 0]}>\n")
     op = ('%f:2 = tt.elementwise_inline_asm "{prmt.b32 $0, $8, 0x4B000000, 0x7054;}" {constraints = "=r,r", '
-          'packed_element = 4 : i32, pure = true} %byte, %qh : tensor<16x4x16xi8, LAYOUT>, tensor<16x4x16xi32, LAYOUT> -> '
+          'packed_element = 4 : i32, pure = true} %byte, %qh : tensor<16x4x16xi8, LAYOUT>, '
+          'tensor<16x4x16xi32, LAYOUT> -> '
           'tensor<16x4x16xf32, LAYOUT>\n')
     assert packed_runs(head + op.replace("LAYOUT", "#blocked")) == (1, 0)
     assert packed_runs(head + op.replace("LAYOUT", "#blocked1")) == (1, 1)  # the last axis 1 a thread

@@ -1,7 +1,8 @@
 """The inline PTX of the batch-1 GEMV (kernels/qgemv.py: Q4_K's, Q6_K's and Q5_0's codes as
-magic floats 2^23 + 65536 q, Q8_0's as 2^23 + 128 + q, four bytes a register) run through a small PTX evaluator here, against
-the formula the interpreter path computes in plain Triton. The interpreter cannot run inline
-assembly, so this is what checks the assembly text itself in CI: each instruction's
+magic floats 2^23 + 65536 q, Q8_0's as 2^23 + 128 + q, four bytes a register) run through a
+small PTX evaluator here, against the formula the interpreter path computes in plain Triton.
+The interpreter cannot run inline assembly, so this is what checks the assembly text itself in
+CI: each instruction's
 semantics as the PTX ISA defines them (prmt.b32 default mode: result byte i is byte c[4i+2:4i]
 of {b, a}, b the high word). On a GPU the kernel tests run the assembly for real."""
 
@@ -13,7 +14,8 @@ import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import numpy as np
 import pytest
 
-from qvl.kernels.qgemv import Q4_K_MAGIC_ASM, Q5_0_MAGIC_ASM, Q6_K_ASM_0, Q6_K_ASM_1, Q6_K_ASM_2, Q6_K_ASM_3, Q8_0_MAGIC_ASM
+from qvl.kernels.qgemv import (Q4_K_MAGIC_ASM, Q5_0_MAGIC_ASM, Q6_K_ASM_0, Q6_K_ASM_1, Q6_K_ASM_2, Q6_K_ASM_3,
+                               Q8_0_MAGIC_ASM)
 
 MASK = 0xFFFFFFFF
 
