@@ -33,6 +33,8 @@ class Preprocessed:
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    if not 0 < max_pixels or min_pixels > max_pixels:
+        raise ImageError(f"pixel limits min {min_pixels}, max {max_pixels}: want 0 < max and min <= max")
     if min(height, width) < 1:
         raise ImageError(f"image of {width}x{height} pixels has no area")
     if max(height, width) / min(height, width) > MAX_RATIO:

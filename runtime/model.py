@@ -30,7 +30,7 @@ from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess, smart_resize
 from .memory import give_back_free_memory
 from .placement import Placement, PlacementError, Plan, footprint, make_plan
 from .positions import Span, rope_positions
-from .sampling import SamplingParams, sample
+from .sampling import SamplingError, SamplingParams, sample
 from .tokenizer import tokenizer_from_gguf
 from .video import VideoInput, VideoOptions, frame_size, load_video
 from .vision import VisionConfig, VisionTower, vision_config
@@ -299,8 +299,15 @@ class Model:
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  videos: list[str | Path] | None = None,
                  video_options: VideoOptions = VideoOptions()) -> Generation | Iterator[str]:
+        if max_new_tokens < 0:
+            raise ModelError(f"max_new_tokens {max_new_tokens}: 0 or more")
+        if ctx_size is not None and ctx_size < 0:
+            raise ModelError(f"ctx_size {ctx_size}: 0 (the prompt plus max_new_tokens) or more")
+        try:
+            params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        except SamplingError as e:
+            raise ModelError(str(e)) from None
         text, images, vids = self._prepare(prompt, images, videos, video_options, system, template)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         it = self._run(text, images, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids)
         if stream:
             return (piece for piece in it if isinstance(piece, str))
@@ -329,7 +336,7 @@ class Model:
         t0 = time.perf_counter()
         embeds, positions, timings = self.encode(text, images, min_pixels, max_pixels, videos)
         n_prompt = embeds.shape[0]
-        capacity = ctx_size or min(self.cfg.context_length, n_prompt + max_new_tokens)
+        capacity = ctx_size or min(self.cfg.context_length, n_prompt + max(max_new_tokens, 1))
         if n_prompt >= capacity:
             raise ModelError(f"prompt of {n_prompt} tokens does not fit a context of {capacity}")
         limit = min(capacity, n_prompt + max_new_tokens)

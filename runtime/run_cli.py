@@ -24,6 +24,7 @@ from .image import MAX_PIXELS, MIN_PIXELS, ImageError
 from .decoder import KV_TYPES
 from .model import ALL_LAYERS, Generation, Model, ModelError, load
 from .placement import Placement
+from .sampling import SamplingError, SamplingParams
 from .store import StoreError
 from .tokenizer import TokenizerError
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VideoError, VideoOptions
@@ -88,6 +89,8 @@ def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
     from .sources import pull_with_progress
     from .store import ModelName, Store
 
+    if name.lower().endswith(".gguf") or name.startswith(("/", "./", "../", "~")):
+        _fail(f"{name}: file not found")
     try:
         ModelName.parse(name)
     except StoreError:
@@ -155,13 +158,13 @@ def run(
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a CUDA GPU is there."),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 matmuls: the default for F16/BF16/quantized weights."),
     f32: bool = typer.Option(False, "--f32", help="float32 matmuls throughout (exact, slower; F32 weights always are)."),
-    max_length: int = typer.Option(512, "--max-length", help="Most tokens to generate."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature; greedy when absent."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling probability."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for repeated tokens (1.0 = none)."),
-    repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Context size for the repeat penalty."),
+    max_length: int = typer.Option(512, "--max-length", help="Most tokens to generate (0: only read the prompt)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature; greedy when absent or 0 or below."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this probability (0..1; 1 = off)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability (0..1; 0 = off)."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for repeated tokens (above 0; 1.0 = none)."),
+    repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Last generated tokens the repeat penalty sees (0 = off, -1 = all)."),
     seed: int = typer.Option(299792458, "--seed", help="Random seed for sampling."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they come."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Accepted for candle compatibility: attention is always flash-style on a GPU (Triton) and SDPA on the CPU."),
@@ -169,7 +172,7 @@ def run(
     sliding_window_size: int = typer.Option(4096, "--sliding-window-size", help="With --sliding-window."),
     max_window_layers: Optional[int] = typer.Option(None, "--max-window-layers", help="With --sliding-window."),
     video_fps: float = typer.Option(2.0, "--video-fps", help="Frames per second sampled from a video."),
-    max_frames: int = typer.Option(32, "--max-frames", help="Most frames sampled from a video (4..768)."),
+    max_frames: int = typer.Option(32, "--max-frames", help="Most frames sampled from a video (2 or more)."),
     video_start: Optional[float] = typer.Option(None, "--video-start", help="Start of the video clip, seconds."),
     video_end: Optional[float] = typer.Option(None, "--video-end", help="End of the video clip, seconds."),
     video_min_pixels: int = typer.Option(VIDEO_MIN_PIXELS, "--video-min-pixels", help="Smallest frame area."),
@@ -178,7 +181,7 @@ def run(
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     min_pixels: int = typer.Option(MIN_PIXELS, "--min-pixels", help="Smallest image area after resizing."),
     max_pixels: int = typer.Option(MAX_PIXELS, "--max-pixels", help="Largest image area after resizing."),
-    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="KV cache size in tokens (default: prompt + --max-length)."),
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="KV cache size in tokens (default or 0: prompt + --max-length)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, timings."),
     verbose: bool = typer.Option(False, "--verbose", help="Load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
     gpu_layers: Optional[int] = typer.Option(
@@ -222,6 +225,18 @@ def run(
             _fail(f"{p}: video not found")
     if mmproj is not None and not mmproj.is_file():
         _fail(f"{mmproj}: mmproj file not found")
+    if max_length < 0:
+        _fail(f"--max-length {max_length}: 0 or more")
+    if ctx_size is not None and ctx_size < 0:
+        _fail(f"--ctx-size {ctx_size}: 0 (prompt + --max-length) or more")
+    if not 0 < max_pixels or min_pixels > max_pixels:
+        _fail(f"--min-pixels {min_pixels}, --max-pixels {max_pixels}: want 0 < max and min <= max")
+    try:  # the options' own checks, before a model is loaded
+        SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        video_options = VideoOptions(fps=video_fps, max_frames=max_frames, start=video_start, end=video_end,
+                                     min_pixels=video_min_pixels, max_pixels=video_max_pixels)
+    except (SamplingError, VideoError) as e:
+        _fail(str(e))
     if not model_path.exists() and mmproj is None:
         _pull_if_missing(str(model_path), no_pull, insecure)
     device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type, no_cuda_graph)
@@ -239,9 +254,7 @@ def run(
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, ctx_size=ctx_size,
                       min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
-                      video_options=VideoOptions(fps=video_fps, max_frames=max_frames, start=video_start,
-                                                 end=video_end, min_pixels=video_min_pixels,
-                                                 max_pixels=video_max_pixels))
+                      video_options=video_options)
     if prompt is None and sys.stdin.isatty() and not json_out:
         _interactive(model, gen_kwargs, [str(p) for p in image], system)
         return

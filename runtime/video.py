@@ -49,6 +49,15 @@ class VideoOptions:
     max_pixels: int = VIDEO_MAX_PIXELS
     total_pixels: int = VIDEO_TOTAL_PIXELS
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise VideoError(f"fps {self.fps}: frames a second must be above 0")
+        if self.max_frames < FRAME_FACTOR:
+            raise VideoError(f"max_frames {self.max_frames}: at least {FRAME_FACTOR} (frames go in pairs)")
+        if not 0 < self.max_pixels or self.min_pixels > self.max_pixels:
+            raise VideoError(f"frame pixel limits min {self.min_pixels}, max {self.max_pixels}: want 0 < max and "
+                             "min <= max")
+
 
 @dataclass(frozen=True)
 class VideoInput:
@@ -204,6 +213,9 @@ def _seek_frames(path: str | Path, idx: list[int], fps: float, total: int) -> li
 def load_video(path: str | Path, opts: VideoOptions, mean: tuple[float, ...], std: tuple[float, ...],
                patch: int = 14, merge: int = 2) -> VideoInput:
     total, video_fps = probe(path)
+    if total < FRAME_FACTOR:
+        raise VideoError(f"{path}: {total} frame(s); a video needs {FRAME_FACTOR} or more (a picture goes in as an "
+                         "image)")
     first, last = frame_range(total, video_fps, opts.start, opts.end)
     count = last - first + 1
     max_frames = max(FPS_MIN_FRAMES, min(opts.max_frames, FPS_MAX_FRAMES))

@@ -117,6 +117,18 @@ def test_sampling_is_seeded(converted):
     assert a.token_ids != c.token_ids
 
 
+def test_generation_parameters_are_checked(converted):
+    model = load(converted["qwen2.5-untied"][0])
+    with pytest.raises(ModelError, match="^max_new_tokens -1: 0 or more"):
+        model.generate("hi", max_new_tokens=-1)
+    with pytest.raises(ModelError, match="^ctx_size -1"):
+        model.generate("hi", ctx_size=-1)
+    with pytest.raises(ModelError, match="^top_p 3"):
+        model.generate("hi", temperature=1.0, top_p=3.0)
+    out = model.generate("hi", max_new_tokens=0)
+    assert out.token_ids == [] and out.text == "" and out.prompt_tokens > 0
+
+
 def test_text_only_model_refuses_images(converted, tmp_path):
     path, _ = converted["qwen2.5-untied"]
     lone = tmp_path / "lone.gguf"

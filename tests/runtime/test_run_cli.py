@@ -49,6 +49,17 @@ def test_greedy_is_deterministic_and_stream_matches(model_path):
     assert a.stdout == b.stdout
 
 
+def test_negative_temperature_is_greedy_and_max_length_zero_only_reads_the_prompt(model_path):
+    greedy = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6", "--json"])
+    negative = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6", "--json", "--temperature", "-1"])
+    none = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "0", "--json"])
+    assert greedy.exit_code == negative.exit_code == none.exit_code == 0, (negative.stderr, none.stderr)
+    assert json.loads(negative.stdout)["token_ids"] == json.loads(greedy.stdout)["token_ids"]
+    out = json.loads(none.stdout)
+    assert out["token_ids"] == [] and out["text"] == "" and out["prompt_tokens"] == json.loads(greedy.stdout)[
+        "prompt_tokens"]
+
+
 @pytest.mark.parametrize("args,expect", [
     (["{model}", "--image", "/nonexistent.png"], "image not found"),
     (["{model}", "--image", "{junk}"], "not a readable image"),
@@ -64,6 +75,24 @@ def test_greedy_is_deterministic_and_stream_matches(model_path):
     (["{model}", "--prompt", "x", "--max-vram", "0"], "--max-vram 0.0: a budget"),
     (["{model}", "--prompt", "x", "--gpu-layers", "-1"], "--gpu-layers -1: 0 or more"),
     (["{model}", "--prompt", "x", "--cpu", "--gpu-layers", "4"], "--cpu with --gpu-layers: choose one"),
+    (["/nowhere/model.gguf", "--prompt", "x"], "/nowhere/model.gguf: file not found"),
+    (["missing.gguf", "--prompt", "x"], "missing.gguf: file not found"),  # a file name, never pulled
+    (["{model}", "--prompt", "x", "--temperature", "1", "--top-p", "2"], "top_p 2.0: between 0 and 1"),
+    (["{model}", "--prompt", "x", "--top-k", "-3"], "top_k -3: 0 (off) or more"),
+    (["{model}", "--prompt", "x", "--min-p", "5"], "min_p 5.0: between 0 (off) and 1"),
+    (["{model}", "--prompt", "x", "--repeat-penalty", "0"], "repeat_penalty 0.0: above 0"),
+    (["{model}", "--prompt", "x", "--repeat-last-n", "-2"], "repeat_last_n -2: -1"),
+    (["{model}", "--prompt", "x", "--temperature", "nan"], "temperature nan: a finite number"),
+    (["{model}", "--prompt", "x", "--max-length", "-3"], "--max-length -3: 0 or more"),
+    (["{model}", "--prompt", "x", "--ctx-size", "-5"], "--ctx-size -5: 0"),
+    (["{model}", "--image", "{image}", "--min-pixels", "2000", "--max-pixels", "1000"],
+     "--min-pixels 2000, --max-pixels 1000: want 0 < max and min <= max"),
+    (["{model}", "--image", "{image}", "--max-pixels", "0"], "--max-pixels 0: want 0 < max"),
+    (["{model}", "--video", "{image}", "--video-fps", "0"], "fps 0.0: frames a second must be above 0"),
+    (["{model}", "--video", "{image}", "--max-frames", "1"], "max_frames 1: at least 2"),
+    (["{model}", "--video", "{image}", "--video-min-pixels", "9", "--video-max-pixels", "8"],
+     "frame pixel limits min 9, max 8"),
+    (["{model}", "--video", "{image}"], "1 frame(s); a video needs 2 or more"),
 ])
 def test_bad_input(tmp_path, fixtures_dir, model_path, image_path, args, expect):
     junk = tmp_path / "junk.bin"

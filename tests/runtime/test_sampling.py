@@ -1,0 +1,95 @@
+"""Next-token sampling: each filter keeps exactly the tokens llama.cpp's sampler keeps, draws follow
+the distribution left, and out-of-range parameters are refused by name."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qvl.runtime.sampling import SamplingError, SamplingParams, apply_repeat_penalty, sample
+
+# probabilities 0.5, 0.3, 0.15, 0.05 at temperature 1 (ids 3, 0, 2, 1: not in id order)
+PROBS = {3: 0.5, 0: 0.3, 2: 0.15, 1: 0.05}
+LOGITS = torch.tensor([math.log(PROBS[i]) for i in range(4)])
+
+
+def draws(params: SamplingParams, n: int = 2000, logits: torch.Tensor = LOGITS) -> list[int]:
+    gen = torch.Generator().manual_seed(params.seed)
+    return [sample(logits, [], params, gen) for _ in range(n)]
+
+
+@pytest.mark.parametrize("temperature", [None, 0.0, -1.0])
+def test_greedy_when_temperature_is_absent_zero_or_negative(temperature):
+    assert set(draws(SamplingParams(temperature=temperature), 50)) == {3}
+
+
+@pytest.mark.parametrize("params,kept", [
+    (SamplingParams(temperature=1.0), {3, 0, 2, 1}),
+    (SamplingParams(temperature=1.0, top_k=2), {3, 0}),
+    (SamplingParams(temperature=1.0, top_k=1), {3}),
+    (SamplingParams(temperature=1.0, top_k=0), {3, 0, 2, 1}),  # 0: off
+    (SamplingParams(temperature=1.0, top_p=0.6), {3, 0}),  # 0.5 < 0.6 keeps the second, 0.8 stops
+    (SamplingParams(temperature=1.0, top_p=0.85), {3, 0, 2}),
+    (SamplingParams(temperature=1.0, top_p=0.0), {3}),  # the most likely token always stays
+    (SamplingParams(temperature=1.0, top_p=1.0), {3, 0, 2, 1}),
+    (SamplingParams(temperature=1.0, min_p=0.5), {3, 0}),  # >= 0.25
+    (SamplingParams(temperature=1.0, min_p=0.09), {3, 0, 2, 1}),  # >= 0.045
+])
+def test_filters_keep_the_right_tokens(params, kept):
+    assert set(draws(params)) == kept
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_draws_follow_the_tempered_distribution(temperature):
+    n = 4000
+    got = draws(SamplingParams(temperature=temperature, seed=11), n)
+    want = torch.softmax(LOGITS / temperature, dim=0)
+    for i in range(4):
+        # binomial standard deviation is at most sqrt(0.25 / 4000) = 0.008: 0.03 is over 3.5 of them
+        assert abs(got.count(i) / n - float(want[i])) < 0.03, (i, got.count(i) / n, float(want[i]))
+
+
+def test_top_p_renormalizes_what_it_keeps():
+    n = 4000
+    got = draws(SamplingParams(temperature=1.0, top_p=0.6, seed=5), n)
+    assert abs(got.count(3) / n - 0.5 / 0.8) < 0.03
+
+
+def test_same_seed_same_draws():
+    p = SamplingParams(temperature=1.0, seed=42)
+    assert draws(p, 100) == draws(p, 100)
+    assert draws(p, 100) != draws(SamplingParams(temperature=1.0, seed=43), 100)
+
+
+def test_repeat_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    out = apply_repeat_penalty(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+    assert logits.tolist() == [2.0, -2.0, 1.0, 0.5]  # not in place
+
+
+@pytest.mark.parametrize("last_n,penalized", [(2, {1, 2}), (0, set()), (-1, {0, 1, 2}), (10, {0, 1, 2})])
+def test_repeat_last_n_picks_the_window(last_n, penalized):
+    # history 0, 1, 2 (oldest first); a penalty of 100 puts a penalized token below every other
+    params = SamplingParams(repeat_penalty=100.0, repeat_last_n=last_n)
+    for logits in ([1.0, 0.2, 0.3, 0.9], [0.1, 0.2, 0.3, 0.05], [0.1, 0.3, 0.2, 0.05]):
+        best = max((v, i) for i, v in enumerate(logits) if i not in penalized)[1]
+        assert sample(torch.tensor(logits), [0, 1, 2], params, torch.Generator()) == best
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_p": -0.1}, "top_p"),
+    ({"min_p": 2.0}, "min_p"),
+    ({"repeat_penalty": 0.0}, "repeat_penalty"),
+    ({"repeat_penalty": -1.0}, "repeat_penalty"),
+    ({"repeat_last_n": -2}, "repeat_last_n"),
+])
+def test_out_of_range_parameters_are_refused_by_name(kwargs, name):
+    with pytest.raises(SamplingError, match=f"^{name} "):
+        SamplingParams(**kwargs)
