@@ -189,6 +189,18 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
 
+    def take_prefix(self, other: KVCache, n: int) -> None:
+        """Hold `other`'s first n tokens (same model and cache type, capacity >= n) and no more."""
+        for mine, theirs in zip(self.k + self.v, other.k + other.v):
+            if isinstance(mine, _Q8) and isinstance(theirs, _Q8):
+                mine.q[:, :n] = theirs.q[:, :n]
+                mine.d[:, :n] = theirs.d[:, :n]
+            elif isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor):
+                mine[:, :n] = theirs[:, :n]
+            else:
+                raise ValueError("KV caches of different types")
+        self.length = n
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
         """Store k, v (n_head_kv, n, head_dim) after the cached tokens; the length with them
         (`length` itself moves once per forward pass, after every layer)."""

@@ -30,6 +30,7 @@ from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess, smart_resize
 from .memory import give_back_free_memory
 from .placement import Placement, PlacementError, Plan, footprint, make_plan
 from .positions import Span, rope_positions
+from .prompt_cache import MediaSpan, PromptKeys
 from .sampling import SamplingError, SamplingParams, sample
 from .tokenizer import tokenizer_from_gguf
 from .video import VideoInput, VideoOptions, frame_size, load_video
@@ -53,6 +54,7 @@ class Generation:
     prompt_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
     videos: list[VideoInput] = field(default_factory=list)  # what was sampled, for --verbose
+    reused_tokens: int = 0  # prompt tokens the last generation's cache already held (prompt_cache.py)
 
 
 def dequant_slab_bytes(accel: str | None, kernels: bool, fast: bool) -> int:
@@ -112,6 +114,9 @@ class Model:
             self.vision = VisionTower(self.vision_cfg, Weights(vision_file, mode=STREAMED if fast else EXACT),
                                       on_accel, placement.kernels)
         self._graph: DecodeGraph | None = None  # the last generation's cache and captured decode step
+        self._kept: KVCache | None = None  # without a graph: the last generation's cache, for the next
+        self._prompt_keys = PromptKeys()  # what the kept cache holds (prompt_cache.py)
+        self._generation = 0  # counts generations: a stale one neither continues nor records its cache
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
 
@@ -224,19 +229,39 @@ class Model:
         """Rendered prompt text (one pad per image / video) -> (embeddings, positions, timings)."""
         videos = list(videos or [])
         ids, spans, pre = self.tokenize(text, images, min_pixels, max_pixels, videos)
+        embeds, timings = self._embed(ids, self._media(ids, spans, pre, videos), 0)
+        return embeds, rope_positions(spans), timings
+
+    def _media(self, ids: list[int], spans: list[Span], pre: list, videos: list[VideoInput]) -> list[MediaSpan]:
+        """The prompt's pictures and videos in order, each with its run of pad tokens."""
+        out: list[MediaSpan] = []
+        it_img, it_vid = iter(pre), iter(videos)
+        start = 0
+        for span in spans:
+            if span.grid is not None:
+                video = ids[start] != self.image_pad_id
+                item = next(it_vid) if video else next(it_img)
+                out.append(MediaSpan(start, span.length, video, item.pixels, tuple(item.grid_thw)))
+            start += span.length
+        return out
+
+    def _embed(self, ids: list[int], media: list[MediaSpan], start: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Embeddings of prompt tokens `start`.. (never inside a picture), the vision tower run on
+        the pictures among them: (embeddings, timings)."""
         timings: dict[str, float] = {}
-        ids_t = torch.tensor(ids, dtype=torch.long)
+        ids_t = torch.tensor(ids[start:], dtype=torch.long)
         embeds = self.decoder.embed_tokens(ids_t)
-        for items, pad in ((pre, IMAGE_PAD), (videos, VIDEO_PAD)):
+        for video, pad in ((False, IMAGE_PAD), (True, VIDEO_PAD)):
+            items = [m for m in media if m.video == video and m.start >= start]
             if not items:
                 continue
             assert self.vision is not None
             t0 = time.perf_counter()
-            pixels = torch.from_numpy(np.concatenate([p.pixels for p in items]))
-            feats = self.vision.forward(pixels, [p.grid_thw for p in items]).to(embeds.device)  # waits for it
+            pixels = torch.from_numpy(np.concatenate([m.pixels for m in items]))
+            feats = self.vision.forward(pixels, [m.grid_thw for m in items]).to(embeds.device)  # waits for it
             timings["vision_ms"] = timings.get("vision_ms", 0.0) + 1e3 * (time.perf_counter() - t0)
             embeds[ids_t == self.tokenizer.token_to_id(pad)] = feats
-        return embeds, rope_positions(spans), timings
+        return embeds, timings
 
     def _prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  all_logits: bool) -> torch.Tensor:
@@ -247,18 +272,28 @@ class Model:
             outs.append(self.decoder.logits(h if all_logits else h[-1:]))
         return torch.cat(outs) if all_logits else outs[-1]
 
-    def _generation_cache(self, capacity: int) -> KVCache:
-        """A cache for one generation. A decoder wholly on the accelerator decodes through a
-        DecodeGraph; its cache (and the graph captured on it) is kept for the next generation
-        that fits in it."""
-        if not DecodeGraph.supports(self.decoder):
-            return self.decoder.new_cache(capacity, self.placement.kv_type)
-        if self._graph is None or self._graph.cache.capacity < capacity:
-            self._graph = None  # let the old cache go before the new one is allocated
-            cache = self.decoder.new_cache(capacity, self.placement.kv_type)
+    def _generation_cache(self, capacity: int, reuse: int) -> KVCache:
+        """A cache for one generation holding the kept cache's first `reuse` tokens. The cache is
+        kept for the next generation, and grown (through host memory, so that the old and new
+        never take accelerator memory at once) when that needs more room. A decoder wholly on
+        the accelerator decodes through a DecodeGraph captured on its cache."""
+        old = self._graph.cache if self._graph is not None else self._kept
+        if old is not None and old.capacity >= capacity:
+            old.length = reuse
+            return old
+        staged = None
+        if old is not None and reuse:
+            staged = KVCache(self.cfg, reuse, None, self.placement.kv_type)
+            staged.take_prefix(old, reuse)
+        self._graph = self._kept = old = None  # let the old cache go before the new one is allocated
+        cache = self.decoder.new_cache(capacity, self.placement.kv_type)
+        if staged is not None:
+            cache.take_prefix(staged, reuse)
+        if DecodeGraph.supports(self.decoder):
             self._graph = DecodeGraph(self.decoder, cache, self.placement.cuda_graph, lambda m: self.on_warning(m))
-        self._graph.cache.length = 0
-        return self._graph.cache
+        else:
+            self._kept = cache
+        return cache
 
     def _decode(self, cache: KVCache, token: int, position: int) -> torch.Tensor:
         """Logits (vocab,) of the token after `token`, a text token at `position`."""
@@ -318,56 +353,67 @@ class Model:
         assert result is not None
         return result
 
-    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Generation:
-        """Multi-turn chat in transformers' message format; images as {"type": "image", "image": path}."""
+    def chat(self, messages: list[dict[str, Any]], stream: bool = False, **kwargs: Any) -> Generation | Iterator[str]:
+        """Multi-turn chat in transformers' message format; images as {"type": "image", "image": path}.
+        Takes generate's keyword arguments; with `stream`, an iterator of text pieces."""
         parts = [c for m in messages if isinstance(m["content"], list) for c in m["content"]]
         images = [c.get("image") or c.get("image_url") for c in parts
                   if c.get("type") == "image" or "image" in c or "image_url" in c]
         videos = [c["video"] for c in parts if c.get("type") == "video" or "video" in c]
         text = render(self.chat_template, messages)
-        out = self.generate(text, images, template=False, videos=videos, **kwargs)
-        assert isinstance(out, Generation)
-        return out
+        return self.generate(text, images, template=False, videos=videos, stream=stream, **kwargs)
 
     @torch.no_grad()
     def _run(self, text: str, images: list[ImageLike], max_new_tokens: int, params: SamplingParams,
              ctx_size: int | None, min_pixels: int, max_pixels: int,
              videos: list[VideoInput]) -> Iterator[str | Generation]:
         t0 = time.perf_counter()
-        embeds, positions, timings = self.encode(text, images, min_pixels, max_pixels, videos)
-        n_prompt = embeds.shape[0]
+        ids, spans, pre = self.tokenize(text, images, min_pixels, max_pixels, videos)
+        media = self._media(ids, spans, pre, videos)
+        n_prompt = len(ids)
         capacity = ctx_size or min(self.cfg.context_length, n_prompt + max(max_new_tokens, 1))
         if n_prompt >= capacity:
             raise ModelError(f"prompt of {n_prompt} tokens does not fit a context of {capacity}")
         limit = min(capacity, n_prompt + max_new_tokens)
-        cache = self._generation_cache(limit)
-        logits = self._prefill(embeds, positions, cache, all_logits=False)[-1]
-        timings["prefill_s"] = time.perf_counter() - t0 - timings.get("vision_ms", 0.0) / 1e3
-        next_pos = int(positions.max()) + 1 if n_prompt else 0
-        gen = torch.Generator().manual_seed(params.seed)
-        history: list[int] = []
+        keys = self._prompt_keys.keys(ids, media)
+        reuse = self._prompt_keys.reusable(keys, media)
+        self._generation += 1
+        this = self._generation
+        self._prompt_keys.kept = []  # until this generation says what its cache holds
+        cache = self._generation_cache(limit, reuse)
         out_ids: list[int] = []
-        emitted = ""
-        t1 = time.perf_counter()
-        for _ in range(max_new_tokens):
-            tok = sample(logits, history, params, gen)
-            if tok in self.stop_ids:
-                break
-            out_ids.append(tok)
-            history.append(tok)
-            decoded = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield decoded[len(emitted):]
-                emitted = decoded
-            if cache.length >= limit:
-                break
-            logits = self._decode(cache, tok, next_pos)
-            next_pos += 1
-        timings["decode_s"] = time.perf_counter() - t1
+        try:
+            embeds, timings = self._embed(ids, media, reuse)
+            positions = rope_positions(spans)
+            logits = self._prefill(embeds, positions[:, reuse:], cache, all_logits=False)[-1]
+            timings["prefill_s"] = time.perf_counter() - t0 - timings.get("vision_ms", 0.0) / 1e3
+            next_pos = int(positions.max()) + 1 if n_prompt else 0
+            gen = torch.Generator().manual_seed(params.seed)
+            emitted = ""
+            t1 = time.perf_counter()
+            for _ in range(max_new_tokens):
+                tok = sample(logits, out_ids, params, gen)
+                if tok in self.stop_ids:
+                    break
+                out_ids.append(tok)
+                decoded = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    yield decoded[len(emitted):]
+                    emitted = decoded
+                if cache.length >= limit:
+                    break
+                if self._generation != this:
+                    raise ModelError("another generation started on this model; this one cannot go on")
+                logits = self._decode(cache, tok, next_pos)
+                next_pos += 1
+            timings["decode_s"] = time.perf_counter() - t1
+        finally:
+            if self._generation == this:  # the cache holds the prompt and the answer fed so far
+                self._prompt_keys.kept = (keys + out_ids)[:cache.length]
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         if final != emitted:
             yield final[len(emitted):]
-        yield Generation(final, out_ids, n_prompt, timings, list(videos))
+        yield Generation(final, out_ids, n_prompt, timings, list(videos), reused_tokens=reuse)
 
 
 ALL_LAYERS = 1 << 20  # --gpu-layers default on a GPU: every layer and the output layer

@@ -55,33 +55,68 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+CHAT_HELP = """/image PATH  attach a picture to your next message
+/clear       forget the conversation (and pictures not yet sent)
+/bye         leave (also /exit, /quit, Ctrl-D)
+/help        this list
+Ctrl-C stops an answer; earlier turns' prompt is reused, not read again."""
+
+
 def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str]) -> None:
+    """A chat on the terminal, as `ollama run`: answers stream, commands start with a slash."""
     gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "videos"}
-    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    first: list[dict] = [{"role": "system", "content": system}] if system else []
+    messages = list(first)
     pending = list(images)
-    typer.echo("qvl chat: type a message, /image PATH to attach a picture, Ctrl-D to leave", err=True)
+    typer.echo("qvl chat: type a message; /image PATH attaches a picture, /help lists commands, /bye leaves",
+               err=True)
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
             typer.echo("", err=True)
             return
+        except KeyboardInterrupt:
+            typer.echo("\n(use /bye or Ctrl-D to leave)", err=True)
+            continue
         if not line:
             continue
-        if line.startswith("/image "):
-            pending.append(line[len("/image "):].strip())
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command in ("/bye", "/exit", "/quit"):
+                return
+            if command in ("/help", "/?"):
+                typer.echo(CHAT_HELP, err=True)
+            elif command == "/clear":
+                messages, pending = list(first), []
+                typer.echo("(conversation cleared)", err=True)
+            elif command == "/image" and arg.strip():
+                path = Path(arg.strip()).expanduser()
+                if path.is_file():
+                    pending.append(str(path))
+                    typer.echo(f"(attached {path}: it goes with your next message)", err=True)
+                else:
+                    typer.echo(f"qvl-run: error: {path}: image not found", err=True)
+            else:
+                typer.echo(f"unknown command {line!r}; /help lists them", err=True)
             continue
         content = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
-        pending = []
         messages.append({"role": "user", "content": content})
+        answer = ""
         try:
-            out = model.chat(messages, **gen_kwargs)
+            for piece in model.chat(messages, stream=True, **gen_kwargs):
+                answer += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
         except (ModelError, ImageError, VideoError) as e:
             typer.echo(f"qvl-run: error: {e}", err=True)
             messages.pop()
             continue
-        typer.echo(out.text)
-        messages.append({"role": "assistant", "content": out.text})
+        except KeyboardInterrupt:
+            typer.echo("\n(stopped)", err=True)
+        sys.stdout.write("\n")
+        pending = []
+        messages.append({"role": "assistant", "content": answer})
 
 
 def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:

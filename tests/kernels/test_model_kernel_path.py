@@ -176,6 +176,22 @@ def test_generation_keeps_its_graph_and_cache(q8_model):
     assert split._graph is None
 
 
+@pytest.mark.parametrize("kv_type", ["f32", "q8_0"])
+def test_a_reused_prompt_on_the_graph_path_gives_a_fresh_prompts_tokens(q8_model, kv_type):
+    """runtime/prompt_cache.py through DecodeGraph's cache: the second turn of a chat reuses the
+    first turn's prompt and answer (its cache grown through host memory: the first generation's
+    cache is too small) and gives the tokens of a model that reads the whole second turn."""
+    placement = Placement(ACCEL, ALL_LAYERS, vision_on_accel=True, kv_type=kv_type)
+    model = load(q8_model, device=ACCEL, dtype=torch.float32, placement=placement)
+    turn = [{"role": "user", "content": "Hello"}]
+    first = model.chat(turn, max_new_tokens=4)
+    turn += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
+    second = model.chat(turn, max_new_tokens=4)
+    assert second.reused_tokens >= first.prompt_tokens and model._graph is not None
+    fresh = load(q8_model, device=ACCEL, dtype=torch.float32, placement=placement).chat(turn, max_new_tokens=4)
+    assert second.token_ids == fresh.token_ids and fresh.reused_tokens == 0
+
+
 def test_bf16_kernel_path_is_close(q8_model, torch_path):
     """Default (not float32) weights on the accelerator: the prefill GEMMs and attention of the
     decoder and the vision tower take bf16 operands (float32 accumulation). Against the float32

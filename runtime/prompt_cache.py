@@ -1,0 +1,72 @@
+"""Prompt reuse between generations: the KV cache a generation leaves behind serves the next one as
+far as the two token sequences agree, as llama.cpp's server and Ollama do. A chat turn then reads
+only what the conversation added (the last answer as text, the new question), not the whole
+conversation and its pictures again.
+
+Tokens are compared by identity: a text token by its id, an image or video token by what the
+vision tower would see (a hash of its pixel patches and grid) and its place in that picture, so
+that a different picture of the same size is not mistaken for the one in the cache. The reused
+part stops before the last prompt token (its logits start the answer) and never inside a picture
+(the part after it would need the picture's features: it is read again whole).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_MEDIA = 256  # distinct pictures remembered by hash before the table starts again
+
+
+@dataclass(frozen=True)
+class MediaSpan:
+    """A picture or video's run of pad tokens in a prompt."""
+
+    start: int
+    length: int
+    video: bool
+    pixels: np.ndarray
+    grid_thw: tuple[int, int, int]
+
+
+class PromptKeys:
+    """Per-token identities of prompts, and the identities of what a kept cache holds."""
+
+    def __init__(self) -> None:
+        self._media: dict[bytes, int] = {}
+        self.kept: list[int] = []  # identities of the kept cache's tokens, in order
+
+    def _media_key(self, span: MediaSpan) -> int:
+        digest = hashlib.blake2b(np.ascontiguousarray(span.pixels).view(np.uint8).data,
+                                 digest_size=16, person=b"video" if span.video else b"image")
+        digest.update(np.asarray(span.grid_thw, dtype=np.int64).tobytes())
+        key = digest.digest()
+        if key not in self._media:
+            if len(self._media) >= MAX_MEDIA:
+                self._media.clear()
+                self.kept = []  # its media identities are gone with the table
+            self._media[key] = len(self._media)
+        return self._media[key]
+
+    def keys(self, ids: list[int], media: list[MediaSpan]) -> list[int]:
+        """Token ids (>= 0) with each picture's pads replaced by its own negative identities:
+        -(1 + 2**20 * picture + offset) for the pad at `offset` in the picture."""
+        out = list(ids)
+        for span in media:
+            base = 1 + (1 << 20) * self._media_key(span)
+            out[span.start:span.start + span.length] = [-(base + i) for i in range(span.length)]
+        return out
+
+    def reusable(self, keys: list[int], media: list[MediaSpan]) -> int:
+        """How many leading tokens of a prompt with these keys the kept cache already holds, at
+        most all but the prompt's last, never ending inside a picture."""
+        limit = min(len(keys) - 1, len(self.kept))
+        n = 0
+        while n < limit and keys[n] == self.kept[n]:
+            n += 1
+        for span in media:
+            if span.start < n < span.start + span.length:
+                n = span.start
+        return max(n, 0)
