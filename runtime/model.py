@@ -332,8 +332,12 @@ class Model:
                  min_p: float | None = None, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                  seed: int = 299792458, stream: bool = False, system: str | None = None, template: bool = True,
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                 videos: list[str | Path] | None = None,
-                 video_options: VideoOptions = VideoOptions()) -> Generation | Iterator[str]:
+                 videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
+                 cache_prompt: bool = True) -> Generation | Iterator[str]:
+        """An answer to `prompt` (a user turn, rendered with the chat template unless `template`
+        is False) about `images` and `videos`: a Generation, or with `stream` an iterator of text
+        pieces. With `cache_prompt` the prompt's start that the last generation's KV cache holds
+        is not read again (Generation.reused_tokens says how much)."""
         if max_new_tokens < 0:
             raise ModelError(f"max_new_tokens {max_new_tokens}: 0 or more")
         if ctx_size is not None and ctx_size < 0:
@@ -343,7 +347,7 @@ class Model:
         except SamplingError as e:
             raise ModelError(str(e)) from None
         text, images, vids = self._prepare(prompt, images, videos, video_options, system, template)
-        it = self._run(text, images, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids)
+        it = self._run(text, images, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids, cache_prompt)
         if stream:
             return (piece for piece in it if isinstance(piece, str))
         result = None
@@ -366,7 +370,9 @@ class Model:
     @torch.no_grad()
     def _run(self, text: str, images: list[ImageLike], max_new_tokens: int, params: SamplingParams,
              ctx_size: int | None, min_pixels: int, max_pixels: int,
-             videos: list[VideoInput]) -> Iterator[str | Generation]:
+             videos: list[VideoInput], cache_prompt: bool) -> Iterator[str | Generation]:
+        """Generation from a rendered prompt; with `cache_prompt` on the part of the last
+        generation's cache that the prompt starts with (prompt_cache.py)."""
         t0 = time.perf_counter()
         ids, spans, pre = self.tokenize(text, images, min_pixels, max_pixels, videos)
         media = self._media(ids, spans, pre, videos)
@@ -376,7 +382,7 @@ class Model:
             raise ModelError(f"prompt of {n_prompt} tokens does not fit a context of {capacity}")
         limit = min(capacity, n_prompt + max_new_tokens)
         keys = self._prompt_keys.keys(ids, media)
-        reuse = self._prompt_keys.reusable(keys, media)
+        reuse = self._prompt_keys.reusable(keys, media) if cache_prompt else 0
         self._generation += 1
         this = self._generation
         self._prompt_keys.kept = []  # until this generation says what its cache holds

@@ -41,7 +41,8 @@ cuda = m.placement.accel == "cuda"
 if cuda:  # compile the Triton kernels for every shape first: a warm run, then the measured one
     m.generate("Describe this image in detail.", [image_path], max_new_tokens=4)
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-out = m.generate("Describe this image in detail.", [image_path], max_new_tokens=n)
+# cache_prompt=False: the warm-up's cache would otherwise serve the whole prompt (prompt_cache.py)
+out = m.generate("Describe this image in detail.", [image_path], max_new_tokens=n, cache_prompt=False)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 t = out.timings
 print(json.dumps({"device": device, "load_s": load_s, "vision_s": t.get("vision_ms", 0) / 1e3,
@@ -53,7 +54,8 @@ print(json.dumps({"device": device, "load_s": load_s, "vision_s": t.get("vision_
                   "device_used_gib": used_gib() if cuda else None}))
 if cuda and ctx > out.prompt_tokens:  # the same prompt decoded until the context is full: peak VRAM at ctx
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    full = m.generate("Describe this image in detail.", [image_path], max_new_tokens=ctx - out.prompt_tokens)
+    full = m.generate("Describe this image in detail.", [image_path], max_new_tokens=ctx - out.prompt_tokens,
+                      cache_prompt=False)
     print(json.dumps({"device": device, "ctx": ctx, "tokens": len(full.token_ids),
                       "decode_tok_s": len(full.token_ids) / full.timings["decode_s"],
                       "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30,

@@ -8,6 +8,7 @@
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
 #     bash scripts/gpu_session.sh e2e       # random 7B -> Q4_K_M -> scripts/bench_run.py (three images/contexts;
+#                                           # then scripts/bench_chat.py;
 #                                           # what finishes inside the call's 600 s comes back)
 # The device image has torch and triton; gguf travels as a wheel, the Qwen tokenizer files for
 # the random checkpoint from ../shared (which does not travel).
@@ -62,6 +63,10 @@ e2e)
             > "$out/bench-run$name.json" 2>&1
         cat "$out/bench-run$name.json"
     done
+    # a chat's second turn about a picture, with and without prompt reuse (turn 1 compiles)
+    timeout 150 python3 scripts/bench_chat.py /tmp/q7b-q4_k_m.gguf --device cuda --size 1008 \
+        > "$out/bench-chat.json" 2>&1
+    cat "$out/bench-chat.json"
     ;;
 *)
     echo "unknown stage $stage"; exit 2

@@ -133,6 +133,13 @@ def test_reused_generation_equals_a_fresh_one(path, monkeypatch, change):
     _same(reused, _run(load(path), monkeypatch, after))
 
 
+def test_cache_prompt_false_reads_everything(path):
+    model = load(path)
+    model.generate("Describe it.", [IMG], max_new_tokens=2)
+    again = model.generate("Describe it.", [IMG], max_new_tokens=2, cache_prompt=False)
+    assert again.reused_tokens == 0 and "vision_ms" in again.timings
+
+
 def test_a_stopped_stream_leaves_a_cache_the_next_turn_can_use(path, monkeypatch):
     model = load(path)
     messages = [_user("Tell me a story.")]
