@@ -69,4 +69,4 @@ class PromptKeys:
         for span in media:
             if span.start < n < span.start + span.length:
                 n = span.start
-        return max(n, 0)
+        return n
