@@ -31,9 +31,14 @@ class Preprocessed:
     size: tuple[int, int]  # resized (height, width)
 
 
+def pixel_limits_ok(min_pixels: int, max_pixels: int) -> bool:
+    """Whether an area range can be met: a positive largest area, no smaller than the smallest."""
+    return 0 < max_pixels and min_pixels <= max_pixels
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    if not 0 < max_pixels or min_pixels > max_pixels:
+    if not pixel_limits_ok(min_pixels, max_pixels):
         raise ImageError(f"pixel limits min {min_pixels}, max {max_pixels}: want 0 < max and min <= max")
     if min(height, width) < 1:
         raise ImageError(f"image of {width}x{height} pixels has no area")

@@ -20,7 +20,7 @@ import typer
 
 from .config import ConfigError
 from .gguf_file import GGUFError
-from .image import MAX_PIXELS, MIN_PIXELS, ImageError
+from .image import MAX_PIXELS, MIN_PIXELS, ImageError, pixel_limits_ok
 from .decoder import KV_TYPES
 from .model import ALL_LAYERS, Generation, Model, ModelError, load
 from .placement import Placement
@@ -264,7 +264,7 @@ def run(
         _fail(f"--max-length {max_length}: 0 or more")
     if ctx_size is not None and ctx_size < 0:
         _fail(f"--ctx-size {ctx_size}: 0 (prompt + --max-length) or more")
-    if not 0 < max_pixels or min_pixels > max_pixels:
+    if not pixel_limits_ok(min_pixels, max_pixels):
         _fail(f"--min-pixels {min_pixels}, --max-pixels {max_pixels}: want 0 < max and min <= max")
     try:  # the options' own checks, before a model is loaded
         SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)

@@ -24,7 +24,7 @@ from PIL import Image
 if TYPE_CHECKING:
     import av
 
-from .image import smart_resize
+from .image import pixel_limits_ok, smart_resize
 
 FRAME_FACTOR = 2
 FPS_MIN_FRAMES = 4
@@ -54,7 +54,7 @@ class VideoOptions:
             raise VideoError(f"fps {self.fps}: frames a second must be above 0")
         if self.max_frames < FRAME_FACTOR:
             raise VideoError(f"max_frames {self.max_frames}: at least {FRAME_FACTOR} (frames go in pairs)")
-        if not 0 < self.max_pixels or self.min_pixels > self.max_pixels:
+        if not pixel_limits_ok(self.min_pixels, self.max_pixels):
             raise VideoError(f"frame pixel limits min {self.min_pixels}, max {self.max_pixels}: want 0 < max and "
                              "min <= max")
 
