@@ -23,8 +23,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from .qgemv import STEP
-from .qmatmul import decode_tile
+from .qblocks import QTYPE_IDS, STEP, decode_tile
 
 SLAB_ELEMENTS = 16 * 1024 * 1024
 BLOCK_N = 32  # rows and elements of K per program
@@ -33,14 +32,13 @@ BLOCK_K = 64
 
 @triton.jit
 def dequant_kernel(w_ptr, out_ptr, N, row_bytes, step_bytes, stride_o,
-                   IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, chunk c of K): the (BLOCK_N, BLOCK_K) tile, in out's type."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1)
     kb = c // (256 // BLOCK_K)
     e = (c % (256 // BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = decode_tile(w_ptr, tl.where(rn < N, rn, 0), e, kb, row_bytes, step_bytes, IS_Q4_K, IS_Q6_K, IS_Q5_0)
+    w = decode_tile(w_ptr, tl.where(rn < N, rn, 0), e, kb, row_bytes, step_bytes, QTYPE)
     tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + (kb * 256 + e)[None, :], w.to(out_ptr.dtype.element_ty),
              mask=rn[:, None] < N)
 
@@ -51,7 +49,7 @@ def dequant(raw: torch.Tensor, qtype: T, n: int, k: int, dtype: torch.dtype) -> 
     out = torch.empty(n, k, dtype=dtype, device=raw.device)
     dequant_kernel[(triton.cdiv(n, BLOCK_N), k // BLOCK_K)](
         raw, out, n, k // blk * size, STEP // blk * size, out.stride(0),
-        IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        QTYPE=QTYPE_IDS[qtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return out
 
 

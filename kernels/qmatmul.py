@@ -6,16 +6,7 @@ BLOCK_N weight rows for that step, decodes them in registers into a (BLOCK_N, 25
 and accumulates `x_tile @ w_tile.T` in float32. Decode (M <= 8) goes to qgemv.py's split-K
 GEMV instead, which regroups the same layouts so that scales apply once per sub-block.
 
-Decoding, per element e of a 256-element step (layouts in convert/quant/):
-  Q8_0: block b = e // 32 at byte 34*b: f16 d, then int8 q[e % 32];      w = d * q
-  Q4_K: 144 bytes: f16 d, f16 dmin, scales[12], qs[128]; with g = e // 64, hi = (e % 64) >= 32,
-        j = 2g + hi: byte = qs[32g + e % 32], q = hi ? byte >> 4 : byte & 15, and the 6-bit
-        (sc, m) of sub-block j;                                            w = d*sc*q - dmin*m
-  Q6_K: 210 bytes: ql[128], qh[64], int8 scales[16], f16 d; h = e // 128, r = e % 128,
-        quarter = r // 32, l = r % 32: nibble of ql[64h + l + 32*(quarter % 2)] (low for
-        quarter < 2), bits 2*quarter of qh[32h + l] on top;               w = d*scale[e//16]*(q-32)
-  Q5_0: 22-byte blocks of 32: f16 d, u32 qh, qs[16]; j = e % 32: nibble of qs[j % 16] (low for
-        j < 16), bit j of qh on top;                                       w = d*(q - 16)
+Decoding: qblocks.py's `decode_tile` (its doc has the layouts of every type taken).
 
 The torch reference beside it (`qmatmul_ref`) dequantizes with gguf-py and multiplies in float32.
 Launch parameters are the caller's (`qmatmul`); the CI runs these kernels under
@@ -33,81 +24,17 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from .dot import dot, interpreted
+from .qblocks import QTYPE_IDS, STEP, SUPPORTED, decode_tile
+from .qgemv import qgemv
 from .target import INTERPRETER, Target, target
-from .qgemv import STEP, f16_at, q4_k_scale_min, qgemv
 
 
 @triton.jit
-def _decode_q8_0(row_ptr, e):
-    """row_ptr: (BLOCK_N, 1) pointers to the step's first block; e: (1, 256) element indices."""
-    blk = row_ptr + (e // 32) * 34
-    d = f16_at(blk)
-    q = tl.load(blk + 2 + e % 32).to(tl.int8, bitcast=True).to(tl.float32)
-    return d * q
-
-
-@triton.jit
-def _decode_q4_k(row_ptr, e):
-    d = f16_at(row_ptr + 0 * e)
-    dmin = f16_at(row_ptr + 2 + 0 * e)
-    g = e // 64
-    hi = (e % 64) >= 32
-    sc, m = q4_k_scale_min(row_ptr + 4, 2 * g + hi.to(tl.int32))
-    byte = tl.load(row_ptr + 16 + 32 * g + e % 32).to(tl.int32)
-    q = tl.where(hi, byte >> 4, byte & 15)
-    return d * sc * q.to(tl.float32) - dmin * m
-
-
-@triton.jit
-def _decode_q6_k(row_ptr, e):
-    h = e // 128
-    within = e % 128
-    quarter = within // 32
-    l = within % 32
-    ql = tl.load(row_ptr + 64 * h + l + 32 * (quarter % 2)).to(tl.int32)
-    nib = tl.where(quarter < 2, ql & 15, ql >> 4)
-    qh = tl.load(row_ptr + 128 + 32 * h + l).to(tl.int32)
-    q = nib | (((qh >> (2 * quarter)) & 3) << 4)
-    sc = tl.load(row_ptr + 192 + e // 16).to(tl.int8, bitcast=True).to(tl.float32)
-    d = f16_at(row_ptr + 208 + 0 * e)
-    return d * sc * (q - 32).to(tl.float32)
-
-
-@triton.jit
-def _decode_q5_0(row_ptr, e):
-    blk = row_ptr + (e // 32) * 22
-    j = e % 32
-    d = f16_at(blk)
-    byte = tl.load(blk + 6 + j % 16).to(tl.int32)
-    nib = tl.where(j < 16, byte & 15, byte >> 4)
-    qh = tl.load(blk + 2 + j // 8).to(tl.int32)  # little-endian u32: bit j is bit j % 8 of byte j // 8
-    q = nib | (((qh >> (j % 8)) & 1) << 4)
-    return d * (q - 16).to(tl.float32)
-
-
-@triton.jit
-def _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes,
-               IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr):
+def _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes, QTYPE: tl.constexpr):
     """Elements e (any of 0..255) of K-step kb: the (BLOCK_M, len(e)) slice of x and the decoded
     (BLOCK_N, len(e)) weight tile."""
     x = tl.load(x_ptr + rm[:, None] * stride_xm + kb * 256 + e[None, :], mask=rm[:, None] < M, other=0.0)
-    return x, decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes, IS_Q4_K, IS_Q6_K, IS_Q5_0)
-
-
-@triton.jit
-def decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes,
-                IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr):
-    """Elements e (any of 0..255) of K-step kb of weight rows rn_safe, decoded: (len(rn_safe), len(e)) float32."""
-    row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
-    if IS_Q4_K:
-        w = _decode_q4_k(row_ptr, e[None, :])
-    elif IS_Q6_K:
-        w = _decode_q6_k(row_ptr, e[None, :])
-    elif IS_Q5_0:
-        w = _decode_q5_0(row_ptr, e[None, :])
-    else:
-        w = _decode_q8_0(row_ptr, e[None, :])
-    return w
+    return x, decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes, QTYPE)
 
 
 @triton.jit
@@ -119,7 +46,7 @@ def qmatmul_kernel(
     # strides
     stride_xm, stride_ym,
     # meta-parameters
-    IS_Q4_K: tl.constexpr, IS_Q6_K: tl.constexpr, IS_Q5_0: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
+    QTYPE: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (pid_m, pid_n): the (BLOCK_M, BLOCK_N) tile of y, BLOCK_K (64, 128 or 256)
@@ -133,13 +60,11 @@ def qmatmul_kernel(
     for c in range(0, K // BLOCK_K):
         kb = c // (256 // BLOCK_K)  # chunk c of K: part c % (256 // BLOCK_K) of super-block kb
         e = (c % (256 // BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
-        x, w = _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes,
-                          IS_Q4_K, IS_Q6_K, IS_Q5_0)
+        x, w = _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes, QTYPE)
         acc += dot(x, tl.trans(w.to(x.dtype)), LOW, EMULATE)  # LOW: the decoded tile rounded to x's type
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-SUPPORTED = (T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0)  # the Q4_K_M mix and its fallbacks
 GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel (qgemv.py)
 
 
@@ -207,8 +132,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
         y = torch.empty(m, n, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
-                             IS_Q4_K=qtype == T.Q4_K, IS_Q6_K=qtype == T.Q6_K, IS_Q5_0=qtype == T.Q5_0,
-                             LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m,
+                             QTYPE=QTYPE_IDS[qtype], LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m,
                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     if swiglu:
         return torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]

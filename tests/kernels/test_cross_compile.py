@@ -22,6 +22,7 @@ from triton.runtime.jit import JITFunction
 from qvl.kernels.attention import head_dim_split, launch
 from qvl.kernels.cross_compile import (ARCHS, STACK_ALLOWANCE, Compiled, main_loop, packed_runs, tensor_core_macs,
                                       unordered_atomics)
+from qvl.kernels.qblocks import SUPPORTED
 from qvl.kernels.qmatmul import gemm_tiles
 from qvl.kernels.target import Target
 
@@ -64,10 +65,11 @@ def test_split_launches_count_arrivals_with_ordering(compiled, arch):
     gemv = {r["case"]: r for r in records if r["kernel"] == "qgemv_kernel"}
     split = [r for case, r in gemv.items() if "K split" in case]
     single = [r for case, r in gemv.items() if "one split" in case]
-    assert len(split) == 8 and all(r["atomics"] == 1 and r["unordered_atomics"] == 0 for r in split)
-    assert len(single) == 4 and all(r["atomics"] == 0 for r in single)
+    n_types = len(SUPPORTED)
+    assert len(split) == 2 * n_types and all(r["atomics"] == 1 and r["unordered_atomics"] == 0 for r in split)
+    assert len(single) == n_types and all(r["atomics"] == 0 for r in single)
     normed = [r for case, r in gemv.items() if "RMSNorm" in case]  # the launch-wide count (and the row blocks')
-    assert len(normed) == 4 and all(r["atomics"] >= 1 and r["unordered_atomics"] == 0 for r in normed)
+    assert len(normed) == n_types and all(r["atomics"] >= 1 and r["unordered_atomics"] == 0 for r in normed)
 
 
 NO_PTX_PROBE = """
@@ -134,13 +136,13 @@ def test_half_precision_products_use_tensor_cores(compiled, arch):
     products = [r for r in records if r["kernel"] in ("qmatmul_kernel", "attention_kernel")]
     half = [r for r in products if "float16" in r["case"]]  # bfloat16 or float16
     full = [r for r in products if "float32" in r["case"]]
-    assert len(full) == 6 and not any(r["tensor_core_ops"] for r in full)
+    assert len(full) == len(SUPPORTED) + 2 and not any(r["tensor_core_ops"] for r in full)  # GEMMs, 2 attentions
     if arch >= 80:
-        assert len(half) == 7 and all(r["tensor_core_ops"] > 0 for r in half)
+        assert len(half) == len(SUPPORTED) + 3 and all(r["tensor_core_ops"] > 0 for r in half)
     else:  # float16 GEMMs go to dequant.py (then cuBLAS); attention stays, on CUDA cores
         assert len(half) == 3 and not any(r["tensor_core_ops"] for r in half)
         routed = [r for r in records if "GEMM" in r["case"] and "float16" in r["case"]]
-        assert len(routed) == 4 and {r["kernel"] for r in routed} == {"dequant_kernel"}
+        assert len(routed) == len(SUPPORTED) and {r["kernel"] for r in routed} == {"dequant_kernel"}
 
 
 @pytest.mark.parametrize("arch", [a for a in sorted(ARCHS) if a >= 80])
@@ -160,7 +162,7 @@ def test_tensor_cores_do_only_the_tiles_work(compiled, arch):
         assert attn[case]["tensor_core_macs"] == 2 * block_m * block_n * sum(head_dim_split(d)), case
     tm, tn, tk, _, _ = gemm_tiles(gpu, torch.bfloat16)
     gemms = [r for r in records if r["kernel"] == "qmatmul_kernel" and "bfloat16" in r["case"]]
-    assert len(gemms) == 4 and all(r["tensor_core_macs"] == tm * tn * tk for r in gemms)
+    assert len(gemms) == len(SUPPORTED) and all(r["tensor_core_macs"] == tm * tn * tk for r in gemms)
 
 
 def test_tensor_core_macs_read_from_ptx():
@@ -185,26 +187,29 @@ def test_problems_name_each_limit():
 
 
 # Ceilings on the batch-1 GEMV's SASS instructions per 256-element K step, sm_75 ... sm_90
-# (measured: Q4_K 172-180, Q6_K 226-254, Q8_0 201-228, Q5_0 212-234, of which the L2 prefetch
-# of a later step takes ~5-8 and moves the register allocation; without it Q4_K 167-182,
-# Q6_K 216-236, Q8_0 189-203, Q5_0 202-212). All four turn their codes into floats with inline
-# PTX (qgemv.py); in plain Triton Q4_K, Q6_K and Q5_0 took 231-234, 317-334 and 315-461
-# without the prefetch. Q8_0 with int-to-float conversions took fewer instructions (175-186),
-# but 32 conversions, which CONVERSIONS now rules out.
-LOOP_CEILING = {"Q4_K": 190, "Q6_K": 265, "Q8_0": 240, "Q5_0": 245}
-# Int-to-float conversions in that loop: the sub-block scales' only (Q4_K: 4 a thread, Q6_K: 8);
-# a code converted this way costs a conversion a weight, at 16 a clock per SM (a quarter of
-# integer, an eighth of float throughput), the bound of the Q8_0 loop before (32 a step).
-CONVERSIONS = {"Q4_K": 4, "Q6_K": 8, "Q8_0": 0, "Q5_0": 0}
-# L2 prefetches a thread a step: a row's step spans up to 6 (Q4_K), 8 (Q6_K, Q5_0) or 10 (Q8_0:
-# 272 bytes) 32-byte sectors, slots rounded to a power of 2 (8 or 16), 16 rows over 128 threads
-PREFETCHES = {"Q4_K": 1, "Q6_K": 1, "Q8_0": 2, "Q5_0": 1}
+# (measured: Q4_K 172-180, Q6_K 226-254, Q8_0 201-228, Q5_0 212-234, Q4_0 172-194, Q5_K 193-204,
+# of which the L2 prefetch of a later step takes ~5-8 and moves the register allocation; without
+# it Q4_K 167-182, Q6_K 216-236, Q8_0 189-203, Q5_0 202-212). All six turn their codes into
+# floats with inline PTX (qgemv_steps.py); in plain Triton Q4_K, Q6_K and Q5_0 took 231-234,
+# 317-334 and 315-461 without the prefetch. Q8_0 with int-to-float conversions took fewer
+# instructions (175-186), but 32 conversions, which CONVERSIONS now rules out. Q5_K's qh loaded
+# once and broadcast over its four groups cost 3 barriers and 240 instructions (sm_90): the
+# layout change went through shared memory.
+LOOP_CEILING = {"Q4_K": 190, "Q6_K": 265, "Q8_0": 240, "Q5_0": 245, "Q4_0": 210, "Q5_K": 215}
+# Int-to-float conversions in that loop: the sub-block scales' only (Q4_K, Q5_K: 4 a thread,
+# Q6_K: 8); a code converted this way costs a conversion a weight, at 16 a clock per SM (a
+# quarter of integer, an eighth of float throughput), the bound of the Q8_0 loop before (32 a step).
+CONVERSIONS = {"Q4_K": 4, "Q6_K": 8, "Q8_0": 0, "Q5_0": 0, "Q4_0": 0, "Q5_K": 4}
+# L2 prefetches a thread a step: a row's step spans up to 6 (Q4_K, Q4_0), 7 (Q5_K), 8 (Q6_K,
+# Q5_0) or 10 (Q8_0: 272 bytes) 32-byte sectors, slots rounded to a power of 2 (8 or 16), 16
+# rows over 128 threads
+PREFETCHES = {"Q4_K": 1, "Q6_K": 1, "Q8_0": 2, "Q5_0": 1, "Q4_0": 1, "Q5_K": 1}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_decode_gemv_loop_has_no_barrier(compiled, arch):
     """Batch-1 decode's GEMV accumulates per lane (or per lane's run of 4 weights) and reduces
-    once after its K loop (qgemv._rows): the loop body waits on no barrier (Q4_K / Q6_K: 296 /
+    once after its K loop (qgemv_steps._rows): the loop body waits on no barrier (Q4_K / Q6_K: 296 /
     532 instructions with 12 / 8 barriers and 20 / 80 shuffles when each step reduced across
     threads; Q8_0 / Q5_0 had 2 while their scales went through shared memory), stays under
     LOOP_CEILING, converts no quantized code with an int-to-float instruction, and asks L2 for a

@@ -23,11 +23,11 @@ from qvl.kernels.dequant import dequant, dequant_ref
 from qvl.kernels.qmatmul import qmatmul, qmatmul_ref
 from qvl.kernels.target import Target, pretending
 
-TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0]
+TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0, T.Q4_0, T.Q5_K]
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # "huge" in float16
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n,k,kind", [(1, 256, "normal"), (33, 512, "zero-blocks"), (40, 768, "huge"),
                                       (7, 256, "tiny")])
 def test_dequant_matches_gguf(qtype, n, k, kind):
@@ -43,7 +43,7 @@ def test_dequant_matches_gguf(qtype, n, k, kind):
     assert ((half - ref).abs() <= ref.abs() * 2 ** -11 + 2 ** -24)[~big].all()
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_sm75_float16_prefill_goes_through_dequant(qtype, monkeypatch):
     """On a (pretended) sm_75, float16 x with M > 8 takes dequant_matmul, a slab of rows at a
     time (SLAB_ELEMENTS shrunk to make three slabs, the last one short), epilogue after it."""

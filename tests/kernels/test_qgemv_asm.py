@@ -1,6 +1,6 @@
-"""The inline PTX of the batch-1 GEMV (kernels/qgemv.py: Q4_K's, Q6_K's and Q5_0's codes as
-magic floats 2^23 + 65536 q, Q8_0's as 2^23 + 128 + q, four bytes a register) run through a
-small PTX evaluator here, against the formula the interpreter path computes in plain Triton.
+"""The inline PTX of the batch-1 GEMV (kernels/qgemv_steps.py: Q4_K's (and Q4_0's), Q5_K's,
+Q6_K's and Q5_0's codes as magic floats 2^23 + 65536 q, Q8_0's as 2^23 + 128 + q, four bytes a
+register) run through a small PTX evaluator here, against the formula the interpreter path computes in plain Triton.
 The interpreter cannot run inline assembly, so this is what checks the assembly text itself in
 CI: each instruction's
 semantics as the PTX ISA defines them (prmt.b32 default mode: result byte i is byte c[4i+2:4i]
@@ -14,8 +14,8 @@ import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import numpy as np
 import pytest
 
-from qvl.kernels.qgemv import (Q4_K_MAGIC_ASM, Q5_0_MAGIC_ASM, Q6_K_ASM_0, Q6_K_ASM_1, Q6_K_ASM_2, Q6_K_ASM_3,
-                               Q8_0_MAGIC_ASM)
+from qvl.kernels.qgemv_steps import (Q4_K_MAGIC_ASM, Q5_0_MAGIC_ASM, Q5_K_MAGIC_ASM, Q6_K_ASM_0, Q6_K_ASM_1,
+                                     Q6_K_ASM_2, Q6_K_ASM_3, Q8_0_MAGIC_ASM)
 
 MASK = 0xFFFFFFFF
 
@@ -70,7 +70,7 @@ def run_ptx(code: str, inputs: dict[int, int], n_out: int) -> list[int]:
 
 
 def magic(q: int) -> int:
-    """The interpreter path's bits (qgemv._magic): 0x4B000000 | q << 16."""
+    """The interpreter path's bits (qgemv_steps._magic): 0x4B000000 | q << 16."""
     return 0x4B000000 | (q << 16)
 
 
@@ -131,6 +131,23 @@ def test_q5_0_codes_of_a_run():
         low = [(int(b) & 15) | (((qh >> (j0 + i)) & 1) << 4) for i, b in enumerate(qs)]
         high = [(int(b) >> 4) | (((qh >> (16 + j0 + i)) & 1) << 4) for i, b in enumerate(qs)]
         assert got == [magic(q) for q in low + high], (qs, hex(qh), j0)
+
+
+def test_q5_k_codes_of_a_group():
+    """Four lanes of group g (shift 2g = 0, 2, 4, 6): the low nibbles of qs with bit 2g of each
+    lane's qh byte above them, the high nibbles with bit 2g + 1; the other elements' copies of
+    the shift ($11-$13) hold junk."""
+    rng = np.random.default_rng(7)
+    for trial in range(800):
+        qs, qh = rng.integers(0, 256, 4), rng.integers(0, 256, 4)
+        if trial == 0:
+            qh[:] = 255
+        g = trial % 4
+        junk = {k: int(rng.integers(0, 2 ** 32)) for k in (11, 12, 13)}
+        got = run_ptx(Q5_K_MAGIC_ASM.value, {8: packed(qs), 9: packed(qh), 10: 2 * g} | junk, 8)
+        low = [(int(b) & 15) | (((int(h) >> (2 * g)) & 1) << 4) for b, h in zip(qs, qh)]
+        high = [(int(b) >> 4) | (((int(h) >> (2 * g + 1)) & 1) << 4) for b, h in zip(qs, qh)]
+        assert got == [magic(q) for q in low + high], (qs, qh, g)
 
 
 def test_evaluator_knows_prmt_and_rejects_the_unknown():

@@ -4,9 +4,9 @@ residual, SwiGLU over stacked [gate; up] rows) against the same in torch.
 
 Tolerance table (float32 accumulation on both sides; only the summation order differs):
 | weights | inputs | rtol on max |y| | why |
-| Q8_0, Q4_K, Q6_K, Q5_0 | float32 N(0,1) | 1e-5 | K <= 768 float32 adds in another order: ~K * 2^-24 relative |
-| Q8_0, Q4_K, Q6_K, Q5_0 | float32, epilogue | 1e-5 | the same sums; bias, residual, silu: a rounding each |
-| Q8_0, Q4_K, Q6_K, Q5_0 | bfloat16 (GEMM) | 1e-2 | each decoded weight rounded to bf16 (2^-9 relative); measured <= 4.2e-3 |
+| every type | float32 N(0,1) | 1e-5 | K <= 768 float32 adds in another order: ~K * 2^-24 relative |
+| every type | float32, epilogue | 1e-5 | the same sums; bias, residual, silu: a rounding each |
+| every type | bfloat16 (GEMM) | 1e-2 | each decoded weight rounded to bf16 (2^-9 relative); measured <= 4.2e-3 |
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from quant_weights import quant_weights
 from qvl.kernels.qmatmul import qmatmul, qmatmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-RTOL = {T.Q8_0: 1e-5, T.Q4_K: 1e-5, T.Q6_K: 1e-5, T.Q5_0: 1e-5}
+TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0, T.Q4_0, T.Q5_K]
+RTOL = {qtype: 1e-5 for qtype in TYPES}
 RTOL_BF16 = 1e-2
-TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0]
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("m,n,k", [(1, 1, 256), (1, 33, 512), (3, 7, 256), (8, 17, 768), (5, 16, 256),  # GEMV
                                    (9, 7, 256), (17, 33, 512), (33, 17, 768)])  # M > 8: the tiled GEMM
 def test_matches_reference(qtype, m, n, k):
@@ -39,7 +39,7 @@ def test_matches_reference(qtype, m, n, k):
     assert err <= RTOL[qtype] * max(ref.abs().max().item(), 1e-30) + 1e-30, err
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("kind", ["zero-blocks", "huge", "tiny"])
 @pytest.mark.parametrize("m", [1, 2, 12])  # GEMV (batch 1: its own loop), GEMV, GEMM
 def test_awkward_values(qtype, kind, m):
@@ -52,7 +52,7 @@ def test_awkward_values(qtype, kind, m):
     assert (got - ref).abs().max().item() <= RTOL[qtype] * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("m,n,k,kind", [(9, 7, 256, "normal"), (33, 17, 768, "normal"), (12, 9, 512, "huge"),
                                         (12, 9, 512, "zero-blocks")])
 def test_bf16_gemm(qtype, m, n, k, kind):
@@ -66,7 +66,7 @@ def test_bf16_gemm(qtype, m, n, k, kind):
     assert (got - ref).abs().max().item() <= RTOL_BF16 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("block_m,block_n,block_k", [(16, 16, 64), (16, 32, 128), (32, 16, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemm_tiles(qtype, block_m, block_n, block_k, dtype):
@@ -86,7 +86,7 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of 256"):
         qmatmul(torch.zeros(1, 128), raw[:, :136], T.Q8_0, 4, 128)
     with pytest.raises(ValueError, match="supports"):
-        qmatmul(torch.zeros(1, 256), raw, T.Q5_1, 4, 256)
+        qmatmul(torch.zeros(1, 256), raw, T.Q3_K, 4, 256)
     with pytest.raises(ValueError, match="swiglu"):
         qmatmul(torch.zeros(1, 256), raw, T.Q8_0, 4, 256, bias=torch.zeros(4), swiglu=True)
     with pytest.raises(ValueError, match="swiglu"):
@@ -98,7 +98,7 @@ def test_rejects_bad_shapes():
         qmatmul(torch.zeros(1, 256), odd, T.Q8_0, 4, 256)
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("m,n,k,split_k", [(1, 34, 512, 1), (1, 34, 768, 3), (3, 18, 512, 2),  # GEMV: fused epilogue
                                            (8, 18, 256, None), (11, 34, 512, None)])  # and in combine; GEMM
 @pytest.mark.parametrize("epilogue", ["bias", "residual", "both", "swiglu"])
@@ -121,7 +121,7 @@ def test_epilogue_matches_torch(qtype, m, n, k, split_k, epilogue):
     assert (got - ref).abs().max().item() <= RTOL[qtype] * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("m,n,k,split_k", [(1, 1, 256, 1), (1, 33, 768, 3), (3, 17, 1280, 2), (8, 7, 512, 4),
                                            (5, 16, 768, 2), (2, 9, 1280, 3)])  # 5 steps / 3 splits: a short last one
 def test_split_k_gemv_matches_reference(qtype, m, n, k, split_k):
@@ -133,7 +133,7 @@ def test_split_k_gemv_matches_reference(qtype, m, n, k, split_k):
     assert (got - ref).abs().max().item() <= RTOL[qtype] * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K])
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("m,n_out,k,block_n,split_k", [(1, 7, 512, 4, 1), (1, 7, 768, 4, 3), (3, 9, 1280, 8, 2),
                                                        (8, 5, 512, 2, 2), (2, 16, 768, 32, 3)])
 def test_swiglu_pairs_within_a_program(qtype, m, n_out, k, block_n, split_k):
@@ -187,7 +187,7 @@ def test_split_gemv_same_bits_every_launch():
         assert torch.equal(qmatmul(xd, rawd, T.Q4_K, n, k, residual=resd, block_n=16, split_k=split_k), first)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0])
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("m,n,k,block_n,split_k", [(1, 33, 512, 16, 1), (1, 1100, 256, 128, 1),  # 2 norm chunks
                                                    (3, 40, 768, 8, 3), (8, 17, 1280, 4, 2), (2, 7, 256, 128, 1)])
 def test_gemv_with_norm(qtype, m, n, k, block_n, split_k):

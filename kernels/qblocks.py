@@ -1,0 +1,160 @@
+"""GGUF quant blocks read in Triton: the types the kernels take, and each one's decoder.
+
+The kernels walk K in steps of STEP = 256 elements (a K-quant super-block, or eight 32-element
+blocks). Layouts (byte offsets within a block; convert/quant/ writes them):
+  Q8_0 (34 B / 32):  f16 d | int8 q[32]                                   w = d * q
+  Q4_0 (18 B / 32):  f16 d | qs[16]: element j < 16 the low nibble of qs[j], j >= 16 the high
+                     nibble of qs[j - 16]                                 w = d * (q - 8)
+  Q5_0 (22 B / 32):  f16 d | u32 qh | qs[16]: Q4_0's nibble, bit j of qh on top
+                                                                          w = d * (q - 16)
+  Q4_K (144 B / 256): f16 d | f16 dmin | scales[12] | qs[128]: with g = e // 64, l = e % 32,
+                     hi = (e % 64) >= 32: the low (hi: high) nibble of qs[32g + l], and the
+                     6-bit (sc, m) of sub-block j = 2g + hi                w = d*sc*q - dmin*m
+  Q5_K (176 B / 256): f16 d | f16 dmin | scales[12] | qh[32] | qs[128]: Q4_K's nibble and
+                     scales, bit 2g + hi of qh[l] on top                   w = d*sc*q - dmin*m
+  Q6_K (210 B / 256): ql[128] | qh[64] | int8 scales[16] | f16 d: h = e // 128, r = e % 128,
+                     quarter = r // 32, l = r % 32: the nibble of ql[64h + l + 32*(quarter % 2)]
+                     (low for quarter < 2), bits 2*quarter of qh[32h + l] on top
+                                                                          w = d*scale[e//16]*(q-32)
+
+`decode_tile` decodes any elements of a step in element order (the tiled GEMM in qmatmul.py,
+dequant.py); the decode GEMV (qgemv_steps.py) regroups the same bytes by sub-block instead.
+Torch reference for all of them: gguf-py's `dequantize`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from gguf import GGMLQuantizationType as T
+
+STEP = 256  # elements of K per loop iteration
+# The types the kernels read (the Q4_K_M / Q5_K_M mixes, their fallbacks, and Q4_0 files)
+# and the id a kernel's QTYPE constexpr takes for each.
+QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3, T.Q4_0: 4, T.Q5_K: 5}
+SUPPORTED = tuple(QTYPE_IDS)
+
+
+@triton.jit
+def f16_at(ptr):
+    """The little-endian float16 at byte pointer(s) `ptr`, as float32: one 2-byte load (every
+    float16 of these block types sits at an even offset of an even-length row)."""
+    return tl.load(ptr.to(tl.pointer_type(tl.float16))).to(tl.float32)
+
+
+@triton.jit
+def q4_k_scale_min(s, j):
+    """The 6-bit scale and min of Q4_K / Q5_K sub-block(s) j (0..7) from the 12 packed bytes at s."""
+    low = j < 4
+    s_j = tl.load(s + j).to(tl.int32)
+    s_j4 = tl.load(s + j + 4).to(tl.int32)
+    s_jm4 = tl.load(s + tl.where(low, j, j - 4)).to(tl.int32)
+    sc = tl.where(low, s_j & 63, (s_j4 & 15) | ((s_jm4 >> 6) << 4))
+    m = tl.where(low, s_j4 & 63, (s_j4 >> 4) | ((s_j >> 6) << 4))
+    return sc.to(tl.float32), m.to(tl.float32)
+
+
+@triton.jit
+def q4_k_scale_pairs(row, g):
+    """Scales and mins of sub-blocks 2g and 2g + 1 (g (G,) in 0..3) of the Q4_K / Q5_K blocks at
+    byte pointers row (BN,): (sc_lo, m_lo, sc_hi, m_hi), each (BN, G) float32. The 12 packed
+    bytes are read as three 32-bit words (a block and its scales are 4-byte aligned) and
+    unpacked four sub-blocks a word at once: sc0..3 = s0 & 63 (per byte), m0..3 = s1 & 63,
+    sc4..7 = s2's low nibbles with s0's top 2 bits above, m4..7 = s2's high nibbles with s1's; a
+    sub-block's value is then one byte of a word (q4_k_scale_min reads byte by byte: 6 byte
+    loads a pair)."""
+    w = row.to(tl.pointer_type(tl.int32))
+    s0 = tl.load(w + 1)[:, None]
+    s1 = tl.load(w + 2)[:, None]
+    s2 = tl.load(w + 3)[:, None]
+    low = (g < 2)[None, :]
+    sc = tl.where(low, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
+    m = tl.where(low, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
+    shift = (16 * (g % 2))[None, :]  # sub-block 2g's byte: 2g mod 4
+    return (((sc >> shift) & 255).to(tl.float32), ((m >> shift) & 255).to(tl.float32),
+            ((sc >> (shift + 8)) & 255).to(tl.float32), ((m >> (shift + 8)) & 255).to(tl.float32))
+
+
+@triton.jit
+def _decode_q8_0(row_ptr, e):
+    """row_ptr: (BLOCK_N, 1) pointers to the step's first block; e: (1, len) element indices."""
+    blk = row_ptr + (e // 32) * 34
+    d = f16_at(blk)
+    q = tl.load(blk + 2 + e % 32).to(tl.int8, bitcast=True).to(tl.float32)
+    return d * q
+
+
+@triton.jit
+def _nibble_32(blk, j):
+    """Code j (0..31) of the 32-element block whose qs[16] start at byte pointer blk."""
+    byte = tl.load(blk + j % 16).to(tl.int32)
+    return tl.where(j < 16, byte & 15, byte >> 4)
+
+
+@triton.jit
+def _decode_q4_0(row_ptr, e):
+    blk = row_ptr + (e // 32) * 18
+    return f16_at(blk) * (_nibble_32(blk + 2, e % 32) - 8).to(tl.float32)
+
+
+@triton.jit
+def _decode_q5_0(row_ptr, e):
+    blk = row_ptr + (e // 32) * 22
+    j = e % 32
+    qh = tl.load(blk + 2 + j // 8).to(tl.int32)  # little-endian u32: bit j is bit j % 8 of byte j // 8
+    q = _nibble_32(blk + 6, j) | (((qh >> (j % 8)) & 1) << 4)
+    return f16_at(blk) * (q - 16).to(tl.float32)
+
+
+@triton.jit
+def _decode_k_quant_4_5(row_ptr, e, HIGH_BIT: tl.constexpr):
+    """Q4_K (HIGH_BIT False) or Q5_K: the same scales and nibbles, Q5_K's qh bit above."""
+    d = f16_at(row_ptr + 0 * e)
+    dmin = f16_at(row_ptr + 2 + 0 * e)
+    g = e // 64
+    hi = ((e % 64) >= 32).to(tl.int32)
+    sc, m = q4_k_scale_min(row_ptr + 4, 2 * g + hi)
+    l = e % 32
+    if HIGH_BIT:
+        byte = tl.load(row_ptr + 48 + 32 * g + l).to(tl.int32)
+        qh = tl.load(row_ptr + 16 + l).to(tl.int32)
+        q = tl.where(hi == 1, byte >> 4, byte & 15) | (((qh >> (2 * g + hi)) & 1) << 4)
+    else:
+        byte = tl.load(row_ptr + 16 + 32 * g + l).to(tl.int32)
+        q = tl.where(hi == 1, byte >> 4, byte & 15)
+    return d * sc * q.to(tl.float32) - dmin * m
+
+
+@triton.jit
+def _decode_q6_k(row_ptr, e):
+    h = e // 128
+    within = e % 128
+    quarter = within // 32
+    l = within % 32
+    ql = tl.load(row_ptr + 64 * h + l + 32 * (quarter % 2)).to(tl.int32)
+    nib = tl.where(quarter < 2, ql & 15, ql >> 4)
+    qh = tl.load(row_ptr + 128 + 32 * h + l).to(tl.int32)
+    q = nib | (((qh >> (2 * quarter)) & 3) << 4)
+    sc = tl.load(row_ptr + 192 + e // 16).to(tl.int8, bitcast=True).to(tl.float32)
+    d = f16_at(row_ptr + 208 + 0 * e)
+    return d * sc * (q - 32).to(tl.float32)
+
+
+@triton.jit
+def decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes, QTYPE: tl.constexpr):
+    """Elements e (any of 0..255) of K-step kb of weight rows rn_safe, decoded: (len(rn_safe),
+    len(e)) float32. QTYPE: QTYPE_IDS of the rows' type."""
+    row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
+    if QTYPE == 1:
+        w = _decode_k_quant_4_5(row_ptr, e[None, :], False)
+    elif QTYPE == 2:
+        w = _decode_q6_k(row_ptr, e[None, :])
+    elif QTYPE == 3:
+        w = _decode_q5_0(row_ptr, e[None, :])
+    elif QTYPE == 4:
+        w = _decode_q4_0(row_ptr, e[None, :])
+    elif QTYPE == 5:
+        w = _decode_k_quant_4_5(row_ptr, e[None, :], True)
+    else:
+        w = _decode_q8_0(row_ptr, e[None, :])
+    return w
