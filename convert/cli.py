@@ -28,8 +28,8 @@ With --layout llamacpp (default) two files are written: OUT (the `qwen2vl` text 
 mmproj-OUT (the `clip` vision projector), as llama.cpp's own converter lays them out. With
 --layout ollama one `qwen25vl` file is written, as Ollama does (Qwen2.5-VL only).
 
-Types (--type): f32, f16, bf16, q8_0 convert every matrix; q4_k (llama.cpp's Q4_K_S mix),
-q4_k_m and q6_k pick per-tensor types exactly as llama-quantize does. Quantized bytes are
+Types (--type): f32, f16, bf16, q8_0 convert every matrix; q4_0, q4_k (llama.cpp's Q4_K_S
+mix), q4_k_m, q5_k_m and q6_k pick per-tensor types exactly as llama-quantize does. Quantized bytes are
 identical to ggml's reference quantizers. Norms and biases stay F32.
 
 Example: qvl-convert Qwen/Qwen2.5-VL-3B-Instruct --type q4_k_m -o qwen2.5-vl-3b-q4_k_m.gguf
@@ -105,7 +105,7 @@ def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool, store_name: Optio
 def command(
     src: str = typer.Argument(..., help="Checkpoint folder or Hugging Face repo id.", show_default=False),
     out_path: Optional[Path] = typer.Option(None, "-o", "--out", help="Output GGUF (default: ./<name>-<TYPE>.gguf)."),
-    type_: str = typer.Option("f16", "--type", help="f32|f16|bf16|q8_0|q4_k|q4_k_m|q6_k"),
+    type_: str = typer.Option("f16", "--type", help="f32|f16|bf16|q8_0|q4_0|q4_k|q4_k_m|q5_k_m|q6_k"),
     layout: str = typer.Option("llamacpp", "--layout", help="llamacpp (model + mmproj) | ollama (one file)"),
     vision_type: str = typer.Option("f16", "--vision-type", help="f16|f32|q8_0 for the vision projector"),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),

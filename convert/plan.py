@@ -1,9 +1,10 @@
 """The ggml type of every output tensor: llama.cpp's rules, ported.
 
 Text model: `--type` picks a llama.cpp file type. f32/f16/bf16/q8_0 convert every matrix to that
-type, as convert_hf_to_gguf.py does. q4_k (llama.cpp's Q4_K_S), q4_k_m and q6_k follow
-`llama_tensor_get_type` in llama-quant.cpp: the output (or the tied token embedding) takes Q6_K,
-`attn_v` and `ffn_down` take more bits on the layers llama.cpp picks, and a row length that is not
+type, as convert_hf_to_gguf.py does. q4_0, q4_k (llama.cpp's Q4_K_S), q4_k_m, q5_k_m and q6_k
+follow `llama_tensor_get_type` in llama-quant.cpp: the output (or the tied token embedding) takes
+Q6_K, `attn_v` and `ffn_down` take more bits on the layers llama.cpp picks (Q4_K_S: Q5_K on the
+first ones; Q4_K_M, Q5_K_M: Q6_K on use_more_bits' layers), and a row length that is not
 a multiple of the block falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, else F16).
 Vectors and norms stay F32 in every mode.
 
@@ -38,8 +39,10 @@ TEXT_TYPES: dict[str, TextType] = {
     "f16": TextType("f16", FT.MOSTLY_F16, T.F16, False),
     "bf16": TextType("bf16", FT.MOSTLY_BF16, T.BF16, False),
     "q8_0": TextType("q8_0", FT.MOSTLY_Q8_0, T.Q8_0, False),
+    "q4_0": TextType("q4_0", FT.MOSTLY_Q4_0, T.Q4_0, True),
     "q4_k": TextType("q4_k", FT.MOSTLY_Q4_K_S, T.Q4_K, True),
     "q4_k_m": TextType("q4_k_m", FT.MOSTLY_Q4_K_M, T.Q4_K, True),
+    "q5_k_m": TextType("q5_k_m", FT.MOSTLY_Q5_K_M, T.Q5_K, True),
     "q6_k": TextType("q6_k", FT.MOSTLY_Q6_K, T.Q6_K, True),
 }
 
@@ -50,6 +53,7 @@ VISION_TYPES: dict[str, tuple[FT, T]] = {
 }
 
 _FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+_MORE_BITS = (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M)  # Q6_K for attn_v / ffn_down on use_more_bits' layers
 
 
 @dataclass(frozen=True)
@@ -106,13 +110,13 @@ def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int) -> list[Pl
             elif qtype != T.Q8_0:
                 qtype = T.Q6_K
         elif "attn_v.weight" in t.name:
-            if ft == FT.MOSTLY_Q4_K_M and _use_more_bits(i_attn_v, n_attn_v):
+            if ft in _MORE_BITS and _use_more_bits(i_attn_v, n_attn_v):
                 qtype = T.Q6_K
             elif ft == FT.MOSTLY_Q4_K_S and i_attn_v < 4:
                 qtype = T.Q5_K
             i_attn_v += 1
         elif "ffn_down" in t.name:
-            if ft == FT.MOSTLY_Q4_K_M and _use_more_bits(i_ffn_down, n_layer):
+            if ft in _MORE_BITS and _use_more_bits(i_ffn_down, n_layer):
                 qtype = T.Q6_K
             elif ft == FT.MOSTLY_Q4_K_S and i_ffn_down < n_layer // 8:
                 qtype = T.Q5_K

@@ -22,7 +22,7 @@ from typing import Callable
 from ..convert.official import HUB_REPOS
 from .store import ModelName, Store, StoreError
 
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k", "q4_k_m", "q6_k")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q4_k_m", "q5_k_m", "q6_k")
 DEFAULT_QUANT = "q4_k_m"
 
 

@@ -39,7 +39,7 @@ def greedy(path: Path, n: int = 24) -> list[int]:
     return out
 
 
-FTYPES = {"q8_0": 7, "q4_k": 14, "q4_k_m": 15, "q6_k": 18}
+FTYPES = {"q4_0": 2, "q8_0": 7, "q4_k": 14, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 
 
 def llama_quantize(src: Path, dst: Path, type_name: str) -> None:

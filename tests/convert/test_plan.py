@@ -59,6 +59,27 @@ def test_q6_k_and_q4_k_s_plans():
     assert q4s["output.weight"] == T.Q6_K and q4s["token_embd.weight"] == T.Q4_K
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_q5_k_m_plan_is_q4_k_m_one_step_up(llama_plans, model):
+    """llama-quant.cpp treats Q5_K_M as Q4_K_M with Q5_K as the base type (the same attn_v /
+    ffn_down layers take Q6_K): llama-quantize's Q4_K_M plan with Q4_K -> Q5_K and its fallback
+    Q5_0 -> Q5_1 (72B's 29568-wide ffn_down). (Bytes identical to llama-quantize's Q5_K_M on a
+    256-wide checkpoint: scripts/check_llamacpp.py, docs/benchmarks.md.)"""
+    ours = {p.tensor.name: p.qtype.name for p in _plan(model, "q5_k_m")}
+    step_up = {"Q4_K": "Q5_K", "Q5_0": "Q5_1"}
+    assert ours == {n: step_up.get(t, t) for n, t in llama_plans[model].items()}
+
+
+def test_q4_0_plan():
+    """Q4_0 everywhere but the output (Q6_K, as llama-quantize picks for it) and the norms."""
+    plan = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-7b", "q4_0")}
+    assert plan["output.weight"] == T.Q6_K and plan["token_embd.weight"] == T.Q4_0
+    assert plan["blk.0.attn_v.weight"] == T.Q4_0 and plan["blk.0.ffn_down.weight"] == T.Q4_0
+    assert plan["blk.0.attn_norm.weight"] == T.F32
+    tied = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-3b", "q4_0")}
+    assert tied["token_embd.weight"] == T.Q6_K
+
+
 def test_tied_embedding_takes_output_type():
     plan = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-3b", "q4_k_m")}
     assert "output.weight" not in plan

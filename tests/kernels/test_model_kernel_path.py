@@ -35,20 +35,29 @@ PROMPT = "What is in this picture?"
 TOKENS = 8
 
 
+def _convert(src, path, qtype: str):
+    r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", qtype, "--vision-type", "f32", "-q"])
+    assert r.exit_code == 0, r.output
+    return path
+
+
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Untied and tied, hidden 256 so the decoder's Q8_0 rows are whole kernel steps; the
-    vision tower in F32."""
+def checkpoints(tmp_path_factory):
+    """Untied and tied, hidden 256 so the decoder's quantized rows are whole kernel steps."""
     out = {}
     for name in ("untied", "tied"):
-        d = tmp_path_factory.mktemp(name)
         spec = TinySpec(hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2, vocab_size=1280,
                         tied=name == "tied", dtype=torch.float32, std=0.15, seed=11)
-        src = make_checkpoint(d / "ckpt", spec)
-        path = d / "m.gguf"
-        r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", "q8_0", "--vision-type", "f32",
-                                             "-q"])
-        assert r.exit_code == 0, r.output
+        out[name] = make_checkpoint(tmp_path_factory.mktemp(name) / "ckpt", spec)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    """The checkpoints in Q8_0; the vision tower in F32."""
+    out = {}
+    for name, src in checkpoints.items():
+        path = _convert(src, src.parent / "m.gguf", "q8_0")
         with GGUFFile(path) as g:
             assert g.tensors["blk.0.ffn_up.weight"].type.name == "Q8_0"  # the kernel reads these
             assert ("output.weight" in g.tensors) == (name == "untied")
@@ -101,6 +110,27 @@ def test_kernel_path_matches_torch_path(models, model, name):
     tokens, logits = _run(models[model], PLACEMENTS[name])
     ref_tokens, ref_logits = _torch_path(models[model])
     assert len(set(ref_tokens)) > 2  # std-0.15 weights: not one repeated token
+    assert tokens == ref_tokens
+    assert _rel(logits, ref_logits) <= 1e-4
+
+
+@pytest.mark.parametrize("file_type,types", [("q5_k_m", {"Q5_K", "Q6_K"}), ("q4_0", {"Q4_0", "Q6_K"})])
+def test_other_quant_mixes_through_the_kernels(checkpoints, file_type, types):
+    """A Q5_K_M file (Q5_K, Q6_K on attn_v / ffn_down of the last layer and the output) and a
+    Q4_0 one (Q6_K output) wholly through the kernels, every matrix read from its blocks (none
+    made a dense copy): the torch path's tokens, logits within 1e-4 (as above)."""
+    src = checkpoints["untied"]
+    path = _convert(src, src.parent / f"m-{file_type}.gguf", file_type)
+    with GGUFFile(path) as g:
+        assert {t.type.name for n, t in g.tensors.items() if n.startswith(("blk.", "output."))
+                and n.endswith(".weight") and "norm" not in n} == types
+    model = load(path, device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"])
+    layer = model.decoder.layers[0]
+    for w in (layer.wq, layer.wv, layer.down, model.decoder.output):
+        assert w.kernel is not None and w.kernel.qtype.name in types
+    tokens, logits = _run(path, PLACEMENTS["all"])
+    ref_tokens, ref_logits = _torch_path(path)
+    assert len(set(ref_tokens)) > 2
     assert tokens == ref_tokens
     assert _rel(logits, ref_logits) <= 1e-4
 
