@@ -2,7 +2,7 @@
 """Kernel timings on a GPU against torch baselines measured in the same run.
 
 For the 3B and 7B shapes, each kernel in the precision the model runs it in by default:
-- qmatmul (Q4_K, Q6_K, Q8_0): M = 1 (decode GEMV, float32 x) with achieved GB/s of weight bytes
+- qmatmul (Q4_K, Q6_K, Q8_0, and Q5_K / Q4_0 of Q5_K_M / Q4_0 files): M = 1 (decode GEMV, float32 x) with achieved GB/s of weight bytes
   and % of the measured device-to-device copy bandwidth, and its time without inline PTX (the
   plain-Triton codes and no L2 prefetch, as on ROCm: what the assembly gains); M = 512
   (prefill GEMM, bf16 x) with TFLOP/s; both against torch.matmul on the dequantized weight in
@@ -45,7 +45,8 @@ ATTENTION_CASES = (  # name, segment lengths, heads, kv heads, head dim, causal
 DECODE_CASES = (("3b", 16, 2, 128), ("7b", 28, 4, 128))  # name, heads, kv heads, head dim
 
 
-def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (1, 512)) -> list[dict]:
+def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (1, 512),
+                  types: tuple[str, ...] = ("Q4_K", "Q6_K", "Q8_0", "Q5_K", "Q4_0")) -> list[dict]:
     from gguf import GGMLQuantizationType as T
 
     from qvl.convert.quant import dequantize, quantize
@@ -56,7 +57,7 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
     for model, mats in shapes.items():
         for n, k in mats:
             w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
-            for qt in (T.Q4_K, T.Q6_K, T.Q8_0):
+            for qt in (T[name] for name in types):
                 raw = torch.from_numpy(quantize(w, qt)).to(dev)
                 dense = torch.from_numpy(dequantize(raw.cpu().numpy(), qt).reshape(n, k)).to(dev)
                 dense16 = dense.to(torch.bfloat16)

@@ -31,7 +31,7 @@ def bench():
 
 def test_qmatmul_rows(bench):
     rows = bench.bench_qmatmul(ACCEL, _timer, {"tiny": [(24, 256)]}, ms_=(1, 9))
-    assert len(rows) == 6  # Q4_K, Q6_K, Q8_0 x (GEMV, GEMM)
+    assert len(rows) == 10  # Q4_K, Q6_K, Q8_0, Q5_K, Q4_0 x (GEMV, GEMM)
     assert all("weight_GB_s" in r and r["vs_no_ptx"] == 1.0 for r in rows if r["m"] == 1)
     assert all("TFLOP_s" in r and r["vs_torch_bf16_matmul"] == 1.0 for r in rows if r["m"] == 9)
 
