@@ -185,7 +185,7 @@ def run(
         None, metavar="MODEL", help="GGUF model file or store name (qwen2.5-vl:3b, hf.co/org/repo:q4_k_m...)."),
     image: List[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
     video: List[Path] = typer.Option([], "--video", help="Video file (any container/codec PyAV reads); repeatable."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help=f"Question (default: {DEFAULT_PROMPT!r})."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help=f"Question (default: {DEFAULT_PROMPT!r})."),
     model_id: Optional[str] = typer.Option(
         None, "--model-id", help="Instead of MODEL: a Hugging Face id (Qwen/Qwen2.5-VL-3B-Instruct, pulled and "
         "converted to q4_k_m into the store) or a store name."),
@@ -193,14 +193,15 @@ def run(
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a CUDA GPU is there."),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 matmuls: the default for F16/BF16/quantized weights."),
     f32: bool = typer.Option(False, "--f32", help="float32 matmuls throughout (exact, slower; F32 weights always are)."),
-    max_length: int = typer.Option(512, "--max-length", help="Most tokens to generate (0: only read the prompt)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature; greedy when absent or 0 or below."),
+    max_length: int = typer.Option(512, "--max-length", "-n", "--n-predict", help="Most tokens to generate (0: only "
+                                   "read the prompt; -1: until the answer ends or the context is full)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "--temp", help="Sampling temperature; greedy when absent or 0 or below."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this probability (0..1; 1 = off)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
     min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability (0..1; 0 = off)."),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for repeated tokens (above 0; 1.0 = none)."),
     repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Last generated tokens the repeat penalty sees (0 = off, -1 = all)."),
-    seed: int = typer.Option(299792458, "--seed", help="Random seed for sampling."),
+    seed: int = typer.Option(299792458, "--seed", "-s", help="Random seed for sampling."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they come."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Accepted for candle compatibility: attention is always flash-style on a GPU (Triton) and SDPA on the CPU."),
     sliding_window: bool = typer.Option(False, "--sliding-window", help="Accepted for candle compatibility (Qwen2-VL/2.5-VL checkpoints do not use it)."),
@@ -213,14 +214,15 @@ def run(
     video_min_pixels: int = typer.Option(VIDEO_MIN_PIXELS, "--video-min-pixels", help="Smallest frame area."),
     video_max_pixels: int = typer.Option(VIDEO_MAX_PIXELS, "--video-max-pixels", help="Largest frame area."),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF (default: found beside MODEL)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    system: Optional[str] = typer.Option(None, "--system", "-sys", "--system-prompt", help="System prompt."),
     min_pixels: int = typer.Option(MIN_PIXELS, "--min-pixels", help="Smallest image area after resizing."),
     max_pixels: int = typer.Option(MAX_PIXELS, "--max-pixels", help="Largest image area after resizing."),
-    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="KV cache size in tokens (default or 0: prompt + --max-length)."),
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c", help="KV cache size in tokens (default or 0: prompt + --max-length; "
+                                            f"with --max-length -1: {PLAN_CTX})."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, timings."),
     verbose: bool = typer.Option(False, "--verbose", help="Load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
     gpu_layers: Optional[int] = typer.Option(
-        None, "--gpu-layers", help="Decoder layers on the GPU, counted from the last as llama.cpp's -ngl "
+        None, "--gpu-layers", "-ngl", "--n-gpu-layers", help="Decoder layers on the GPU, counted from the last as llama.cpp's -ngl "
         "(n_layer + 1 puts the output layer there too; default: all)."),
     vision_device: str = typer.Option("auto", "--vision-device", help="Where the vision tower runs: auto (the GPU "
                                       "when there is one), cpu or cuda."),
@@ -237,6 +239,8 @@ def run(
                                              "without bf16, before Ampere)."),
     no_pull: bool = typer.Option(False, "--no-pull", help="Do not pull a store name that is not in the store."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP when pulling from a local registry."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads for the matmuls (default: "
+                                          "torch's, one a physical core)."),
 ) -> None:
     del flash_attn, sliding_window_size, max_window_layers
     if sliding_window:
@@ -260,10 +264,17 @@ def run(
             _fail(f"{p}: video not found")
     if mmproj is not None and not mmproj.is_file():
         _fail(f"{mmproj}: mmproj file not found")
-    if max_length < 0:
-        _fail(f"--max-length {max_length}: 0 or more")
+    if max_length < -1:
+        _fail(f"--max-length {max_length}: 0 or more, or -1 (until the answer ends or the context is full)")
+    if max_length == -1:  # llama.cpp's -n -1: the context bounds the answer
+        ctx_size = ctx_size or PLAN_CTX
+        max_length = ctx_size
     if ctx_size is not None and ctx_size < 0:
         _fail(f"--ctx-size {ctx_size}: 0 (prompt + --max-length) or more")
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads {threads}: 1 or more")
+        torch.set_num_threads(threads)
     if not pixel_limits_ok(min_pixels, max_pixels):
         _fail(f"--min-pixels {min_pixels}, --max-pixels {max_pixels}: want 0 < max and min <= max")
     try:  # the options' own checks, before a model is loaded

@@ -60,6 +60,28 @@ def test_negative_temperature_is_greedy_and_max_length_zero_only_reads_the_promp
         "prompt_tokens"]
 
 
+def test_llama_cpp_flag_names(model_path):
+    """llama.cpp's names (-p, -n/--n-predict, --temp, -s, -c, -sys, -t, -ngl) do what the long
+    ones do; -n -1 generates until the answer ends or the context is full."""
+    long = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "5", "--temperature", "0.8", "--seed",
+                               "3", "--ctx-size", "256", "--system", "Be brief.", "--json"])
+    threads = torch.get_num_threads()
+    try:
+        short = runner.invoke(app, [model_path, "-p", "Hi", "-n", "5", "--temp", "0.8", "-s", "3", "-c", "256", "-sys",
+                                    "Be brief.", "-t", "1", "--json"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert long.exit_code == short.exit_code == 0, short.stderr
+    assert json.loads(short.stdout)["token_ids"] == json.loads(long.stdout)["token_ids"]
+    assert json.loads(short.stdout)["prompt_tokens"] == json.loads(long.stdout)["prompt_tokens"]
+    other = runner.invoke(app, [model_path, "-p", "Hi", "--n-predict", "5", "--json", "--system-prompt", "Be brief."])
+    assert other.exit_code == 0 and len(json.loads(other.stdout)["token_ids"]) == 5
+    full = runner.invoke(app, [model_path, "-p", "Hi", "-n", "-1", "-c", "64", "--json"])  # no end-of-turn soon
+    out = json.loads(full.stdout)
+    assert out["prompt_tokens"] + len(out["token_ids"]) == 64 + 1  # the last token sampled, never fed back
+
+
 @pytest.mark.parametrize("args,expect", [
     (["{model}", "--image", "/nonexistent.png"], "image not found"),
     (["{model}", "--image", "{junk}"], "not a readable image"),
@@ -83,7 +105,8 @@ def test_negative_temperature_is_greedy_and_max_length_zero_only_reads_the_promp
     (["{model}", "--prompt", "x", "--repeat-penalty", "0"], "repeat_penalty 0.0: above 0"),
     (["{model}", "--prompt", "x", "--repeat-last-n", "-2"], "repeat_last_n -2: -1"),
     (["{model}", "--prompt", "x", "--temperature", "nan"], "temperature nan: a finite number"),
-    (["{model}", "--prompt", "x", "--max-length", "-3"], "--max-length -3: 0 or more"),
+    (["{model}", "--prompt", "x", "--max-length", "-3"], "--max-length -3: 0 or more, or -1"),
+    (["{model}", "--prompt", "x", "-t", "0"], "--threads 0: 1 or more"),
     (["{model}", "--prompt", "x", "--ctx-size", "-5"], "--ctx-size -5: 0"),
     (["{model}", "--image", "{image}", "--min-pixels", "2000", "--max-pixels", "1000"],
      "--min-pixels 2000, --max-pixels 1000: want 0 < max and min <= max"),
