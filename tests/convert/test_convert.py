@@ -135,6 +135,9 @@ def quant_checkpoint(tmp_path_factory):
                     "blk.0.attn_v.weight": T.Q4_K, "blk.2.ffn_down.weight": T.Q6_K, "blk.1.ffn_up.weight": T.Q4_K}),
     ("q4_k", 14, {"blk.0.attn_v.weight": T.Q5_K, "blk.1.ffn_down.weight": T.Q4_K, "output.weight": T.Q6_K}),
     ("q6_k", 18, {"blk.1.ffn_gate.weight": T.Q6_K, "token_embd.weight": T.Q6_K}),
+    ("q5_k_m", 17, {"token_embd.weight": T.Q5_K, "output.weight": T.Q6_K, "blk.2.attn_v.weight": T.Q6_K,
+                    "blk.0.attn_v.weight": T.Q5_K, "blk.2.ffn_down.weight": T.Q6_K, "blk.1.ffn_up.weight": T.Q5_K}),
+    ("q4_0", 2, {"token_embd.weight": T.Q4_0, "output.weight": T.Q6_K, "blk.2.attn_v.weight": T.Q4_0}),
     ("bf16", 32, {"blk.1.ffn_gate.weight": T.BF16}),
 ])
 def test_quantized_conversion(tmp_path, quant_checkpoint, type_name, file_type, expect):
@@ -155,11 +158,22 @@ def test_quantized_conversion(tmp_path, quant_checkpoint, type_name, file_type, 
         assert np.array_equal(data.reshape(-1), quantize(want, qtype).reshape(-1)), name
         approx = dequantize(data.reshape(want.shape[0], -1), qtype)
         rel = np.abs(approx - want).max() / np.abs(want).max()
-        assert rel < {T.Q8_0: 0.01, T.Q6_K: 0.03, T.Q4_K: 0.15, T.Q5_K: 0.08, T.BF16: 0.01}[qtype], (name, rel)
+        assert rel < {T.Q8_0: 0.01, T.Q6_K: 0.03, T.Q4_K: 0.15, T.Q5_K: 0.08, T.Q4_0: 0.1, T.BF16: 0.01}[qtype], \
+            (name, rel)
     vision = _read(tmp_path / "mmproj-m.gguf")
     assert vision["v.blk.0.attn_q.weight"][0] == T.Q8_0
     assert vision["v.blk.0.ffn_down.weight"][0] == T.Q8_0  # 96 is a multiple of 32
     assert vision["v.patch_embd.weight"][0] == T.F32
+
+
+def test_convert_hf_to_gguf_flag_names(fixtures_dir, tmp_path):
+    """--outfile / --outtype (llama.cpp's convert_hf_to_gguf.py) are -o / --type."""
+    src = str(fixtures_dir / "tiny-qwen2.5-vl" / "hf")
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert convert(src, "-o", str(a), "--type", "q8_0").exit_code == 0
+    r = convert(src, "--outfile", str(b), "--outtype", "q8_0")
+    assert r.exit_code == 0, r.output
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_threads_do_not_change_the_bytes(tmp_path, quant_checkpoint):
