@@ -178,8 +178,12 @@ def _check_weights(raw: torch.Tensor, qtype: T, n: int, k: int) -> None:
     row_bytes = k // blk * size
     if raw.shape != (n, row_bytes) or raw.dtype != torch.uint8:
         raise ValueError(f"weight bytes should be uint8 ({n}, {row_bytes}), got {raw.dtype} {tuple(raw.shape)}")
-    if raw.data_ptr() % 2 or raw.stride() != (row_bytes, 1):
-        raise ValueError("weight bytes should be contiguous rows from an even address (float16 fields are read whole)")
+    if raw.stride() != (row_bytes, 1):
+        raise ValueError("weight bytes should be contiguous rows")
+    align = 4 if qtype in (T.Q4_K, T.Q5_K) else 2  # their scales are read as 32-bit words, float16 fields whole
+    if raw.data_ptr() % align:
+        raise ValueError(f"{qtype.name} weight bytes should start at an address divisible by {align} "
+                         f"(fields of {8 * align} bits are read whole)")
 
 
 def qmatmul_ref(x: torch.Tensor, raw: torch.Tensor, qtype: T) -> torch.Tensor:

@@ -94,8 +94,12 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="block_k"):
         qmatmul(torch.zeros(9, 256), raw, T.Q8_0, 4, 256, block_k=32)
     odd = torch.zeros(4 * 272 + 1, dtype=torch.uint8)[1:].view(4, 272)  # rows from an odd address
-    with pytest.raises(ValueError, match="even address"):
+    with pytest.raises(ValueError, match="divisible by 2"):
         qmatmul(torch.zeros(1, 256), odd, T.Q8_0, 4, 256)
+    k_quant = torch.zeros(2 * 144 + 2, dtype=torch.uint8)[2:].view(2, 144)  # 2 mod 4: scales read as 32-bit words
+    assert k_quant.data_ptr() % 4 == 2
+    with pytest.raises(ValueError, match="Q4_K weight bytes should start at an address divisible by 4"):
+        qmatmul(torch.zeros(1, 256), k_quant, T.Q4_K, 2, 256)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
