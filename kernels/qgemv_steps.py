@@ -9,8 +9,8 @@ weights:
 
 - the quant bytes of one step are loaded as (BLOCK_N, A, B) tiles with B the contiguous run of
   a sub-block (Q4_K / Q5_K: the 4 x 32 bytes of qs once, low and high nibbles split after the
-  load, Q5_K's qh once for all four groups; Q6_K: ql and qh once, the four 2+4-bit quarters
-  split after; Q8_0 / Q5_0 / Q4_0: the 8 blocks of 32);
+  load, Q5_K's qh[32] again for each of the four groups, in the codes' layout; Q6_K: ql and qh
+  once, the four 2+4-bit quarters split after; Q8_0 / Q5_0 / Q4_0: the 8 blocks of 32);
 - x is loaded in the matching element order, and a sub-block contributes
   `scale * sum(q * x)` (K-quants: minus `min * sum(x)`), so the scales are applied once per 16
   or 32 weights instead of once per weight (M > 1; batch 1 in _rows);
