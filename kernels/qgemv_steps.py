@@ -171,22 +171,26 @@ def _step_k_quant_4_5(acc, x_step, stride_xm, M, rows, row, HIGH_BIT: tl.constex
     dmin = f16_at(row + 2)[:, None]
     offs = 64 * g[:, None] + l[None, :]
     sc_lo, m_lo, sc_hi, m_hi = q4_k_scale_pairs(row, g)
-    if BLOCK_M == 1:
-        if ASM:
-            if HIGH_BIT:
-                f_lo, f_hi = tl.inline_asm_elementwise(Q5_K_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r",
-                                                       [byte, qh, shift], dtype=(tl.float32, tl.float32),
-                                                       is_pure=True, pack=4)
-            else:
-                f_lo, f_hi = tl.inline_asm_elementwise(Q4_K_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte],
-                                                       dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-        elif HIGH_BIT:
-            h = qh.to(tl.int32) >> shift
-            f_lo = _magic((byte & 15).to(tl.int32) | ((h & 1) << 4))
-            f_hi = _magic((byte >> 4).to(tl.int32) | ((h & 2) << 3))
+    if BLOCK_M == 1 and ASM:
+        if HIGH_BIT:
+            f_lo, f_hi = tl.inline_asm_elementwise(Q5_K_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r",
+                                                   [byte, qh, shift], dtype=(tl.float32, tl.float32),
+                                                   is_pure=True, pack=4)
         else:
-            f_lo = _magic(byte & 15)
-            f_hi = _magic(byte >> 4)
+            f_lo, f_hi = tl.inline_asm_elementwise(Q4_K_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte],
+                                                   dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    else:
+        q = byte.to(tl.int32)
+        q_lo = q & 15
+        q_hi = q >> 4
+        if HIGH_BIT:
+            h = qh.to(tl.int32) >> shift
+            q_lo |= (h & 1) << 4
+            q_hi |= (h & 2) << 3
+        if BLOCK_M == 1:
+            f_lo = _magic(q_lo)
+            f_hi = _magic(q_hi)
+    if BLOCK_M == 1:
         # w = q * d*sc - dmin*m = f * (d*sc / 65536) - (128 * d*sc + dmin*m)
         d_f = d * (1.0 / 65536)  # exact
         scale = d_f * sc_lo
@@ -196,13 +200,6 @@ def _step_k_quant_4_5(acc, x_step, stride_xm, M, rows, row, HIGH_BIT: tl.constex
         acc = _rows(acc, x_step, stride_xm, M, rows, offs + 32, f_hi, scale, scale * (128.0 * 65536) + dmin * m_hi,
                     0, True, BLOCK_M)
     else:
-        q = byte.to(tl.int32)
-        q_lo = q & 15
-        q_hi = q >> 4
-        if HIGH_BIT:
-            h = qh.to(tl.int32) >> shift
-            q_lo |= (h & 1) << 4
-            q_hi |= (h & 2) << 3
         acc = _rows(acc, x_step, stride_xm, M, rows, offs, q_lo, d * sc_lo, dmin * m_lo, 0, True, BLOCK_M)
         acc = _rows(acc, x_step, stride_xm, M, rows, offs + 32, q_hi, d * sc_hi, dmin * m_hi, 0, True, BLOCK_M)
     return acc
