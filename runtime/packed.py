@@ -11,6 +11,12 @@ map onto that exactly (up to bf16 rounding of scale and zero):
   doubled to match, [x, 8*x] per sub-block: (lo - 8)*s*x + (2*hi + 5 - 8)*s*8x
   = (lo + 16*hi - 32)*s*x, exactly. Twice the int4 work of Q4_K, ~2x faster than bf16 weights.
 
+The int4 op is the fastest for few rows of x (decode: 4.7x bf16 weights at one row, for a
+fraction of their memory) but does about 2.6x the work of a bf16 GEMM per row; from
+DENSE_FROM_M rows on (prefill chunks), a call decodes TILE_ROWS weight rows at a time back to
+bf16 (float32 arithmetic, one rounding) and runs bf16 GEMMs on them: 2-3x faster at 512 rows,
+with one tile of extra memory (scripts/bench_packed.py).
+
 Every other type (Q8_0, Q5_*, Q2_K.., F16, BF16) is dequantized once to bf16. Activations are
 rounded to bf16 and so is the int4 op's output (relative 2^-9); accumulation is float32.
 The exact float32 path is `weights.EXACT` (`qvl.load(..., dtype=torch.float32)`).
@@ -29,6 +35,10 @@ from gguf.quants import dequantize
 GROUP = 32  # weights per (scale, zero) pair of the int4 op
 ROWS_PER_STEP = 2048  # rows decoded per step while packing (a multiple of 64): bounded temporaries
 INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K)
+# Rows of x from which tiles of bf16 weights beat the int4 op (scripts/bench_packed.py, 3B shapes,
+# 2 threads: tiled / int4 ~1.0 at 160-192 rows for Q4, 0.6-0.95 at 96 for Q6_K's doubled op).
+DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96}
+TILE_ROWS = 256  # weight rows decoded to bf16 per GEMM (a multiple of 64): 1 MB for a 2048-wide weight
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -92,6 +102,18 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (blocks[..., :32] | (blocks[..., 32:] << 4)).reshape(q.shape[0], -1)
 
 
+class _TileWork:
+    """Buffers for decoding tiles of up to `rows` weight rows (a multiple of 64) of width `cols`."""
+
+    def __init__(self, rows: int, cols: int, q6_k: bool):
+        blocks = rows // 64
+        self.codes = torch.empty(blocks, 2 * cols if q6_k else cols, 2, 32, dtype=torch.uint8)
+        self.q6 = torch.empty(blocks, cols // 16, 16, 64, dtype=torch.uint8) if q6_k else None
+        self.f32 = torch.empty(blocks, cols // (16 if q6_k else 32), 16 if q6_k else 32, 64)
+        self.packed_order = torch.empty(blocks, cols, 64, dtype=torch.bfloat16)
+        self.bf16 = torch.empty(rows, cols, dtype=torch.bfloat16)
+
+
 class PackedMatrix:
     """`x @ W.T` for one GGUF weight `(rows, cols)`, repacked once; float32 in and out."""
 
@@ -139,13 +161,59 @@ class PackedMatrix:
         flat = x.reshape(-1, self.cols).to(torch.bfloat16)
         if not self.int4:
             y = flat @ self.dense.T
-        elif self.qtype != T.Q6_K:
-            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scale_zero)
+        elif flat.shape[0] >= DENSE_FROM_M[self.qtype]:
+            y = self.tiled_product(flat)
         else:
-            sub = flat.reshape(flat.shape[0], -1, 16)
-            doubled = torch.cat([sub, sub * 8], dim=-1).reshape(flat.shape[0], -1)
-            y = torch._weight_int4pack_mm_for_cpu(doubled, self.packed, GROUP, self.scale_zero)
+            y = self.int4_product(flat)
         return y[:, :self.rows].float().reshape(*lead, self.rows)
+
+    def int4_product(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat (M, cols) bf16 -> (M, padded rows) bf16 through torch's int4 op."""
+        if self.qtype == T.Q6_K:
+            sub = flat.reshape(flat.shape[0], -1, 16)
+            flat = torch.cat([sub, sub * 8], dim=-1).reshape(flat.shape[0], -1)
+        return torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scale_zero)
+
+    def tiled_product(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat (M, cols) bf16 -> (M, padded rows) bf16 through bf16 GEMMs on TILE_ROWS-row tiles."""
+        total = self.packed.shape[0]
+        out = torch.empty(total, flat.shape[0], dtype=torch.bfloat16)
+        work = _TileWork(min(TILE_ROWS, total), self.cols, self.qtype == T.Q6_K)
+        xt = flat.T
+        for start in range(0, total, TILE_ROWS):
+            stop = min(start + TILE_ROWS, total)
+            torch.mm(self.tile(start, stop, work), xt, out=out[start:stop])
+        return out.T
+
+    def tile(self, start: int, stop: int, work: _TileWork | None = None) -> torch.Tensor:
+        """Weight rows [start, stop) of the padded matrix (multiples of 64) as bf16 (stop - start,
+        cols): the int4 op's weights, (q - 8) * scale + zero computed in float32 and rounded once
+        (q * scale is exact in float32: 4 bits times bf16's 8). Decoded in the packed order (per
+        64 rows, for each k the 64 rows' codes), where a group's scale varies along the inner
+        dimension, then transposed; every pass writes into `work`'s buffers, as fresh ones would
+        cost a page fault per 4 KiB (half the time of a tile)."""
+        n, blocks = stop - start, (stop - start) // 64
+        work = work or _TileWork(n, self.cols, self.qtype == T.Q6_K)
+        p = self.packed[start:stop].view(torch.int32).view(blocks, -1, 1, 8)  # (blocks, k, 1, 32 bytes)
+        codes = work.codes[:blocks]  # (blocks, k, 2, 32): rows j, j + 32; nibbles 4 bytes at a time
+        torch.bitwise_and(p, 0x0F0F0F0F, out=codes.view(torch.int32)[:, :, :1])
+        torch.bitwise_right_shift(p, 4, out=codes.view(torch.int32)[:, :, 1:]).bitwise_and_(0x0F0F0F0F)
+        codes = codes.view(blocks, -1, GROUP, 64)  # (blocks, groups, 32, rows)
+        sz = self.scale_zero[:, start:stop].float().view(-1, blocks, 64, 2).permute(3, 1, 0, 2)
+        scale = sz[0].unsqueeze(2).contiguous()  # (blocks, groups, 1, rows)
+        w = work.f32[:blocks]
+        if self.qtype == T.Q6_K:  # [lo, 2*hi + 5] halves, zero 0: w = (lo + 8*(2*hi + 5) - 72) * scale
+            torch.add(codes[:, :, :16], codes[:, :, 16:], alpha=8, out=work.q6[:blocks])
+            w.copy_(work.q6[:blocks])
+            w.mul_(scale).add_(-72 * scale)
+        else:
+            w.copy_(codes)
+            w.mul_(scale).add_((sz[1] - 8 * sz[0]).unsqueeze(2))
+        packed_order = work.packed_order[:blocks]
+        packed_order.copy_(w.view(blocks, self.cols, 64))
+        tile = work.bf16[:n]  # [b, j, k] <- [b, k, j], copied by 64 x 64 squares
+        tile.view(blocks, 64, -1, 64).copy_(packed_order.view(blocks, -1, 64, 64).permute(0, 3, 1, 2))
+        return tile
 
     def nbytes(self) -> int:
         if not self.int4:

@@ -19,6 +19,8 @@ from gguf.quants import dequantize
 from qvl.convert.quant import quantize
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.packed import (
+    DENSE_FROM_M,
+    INT4_TYPES,
     PackedMatrix,
     pack_int4,
     q4_0_fields,
@@ -70,8 +72,8 @@ def test_block_fields_equal_dequantization():
         torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("rows,cols", [(64, 256), (70, 512), (130, 768)])  # 70, 130: padded to 64s
+@pytest.mark.parametrize("m", [1, 5, 200])  # 200: bf16 tiles for every int4 type (DENSE_FROM_M)
+@pytest.mark.parametrize("rows,cols", [(64, 256), (70, 512), (300, 768)])  # 70, 300: padded to 64s; 300: two tiles
 @pytest.mark.parametrize("qtype", list(TOL), ids=lambda t: t.name)
 def test_packed_matmul_matches_dequantized(qtype, rows, cols, m):
     raw, w = _raw(qtype, rows, cols, seed=rows + cols)
@@ -82,6 +84,22 @@ def test_packed_matmul_matches_dequantized(qtype, rows, cols, m):
     assert y.shape == (m, rows) and y.dtype == torch.float32
     err = ((y - ref).abs() / (x.abs() @ w.abs().T).clamp_min(1e-30)).max().item()
     assert err <= TOL[qtype], err
+
+
+@pytest.mark.parametrize("qtype", INT4_TYPES, ids=lambda t: t.name)
+def test_tiles_are_the_int4_ops_weights(qtype):
+    """The prefill path's bf16 tiles hold exactly the weights the int4 op multiplies by (its
+    product with the identity), for whole and partial tiles, padding rows included."""
+    raw, _ = _raw(qtype, 300, 512)
+    packed = PackedMatrix(qtype, raw, 300, 512)
+    weights = packed.int4_product(torch.eye(512, dtype=torch.bfloat16)).T  # (320, 512)
+    assert torch.equal(packed.tile(0, 320), weights)
+    assert torch.equal(packed.tile(64, 192), weights[64:192])
+    assert torch.equal(packed.tile(256, 320), weights[256:320])
+    x = torch.randn(DENSE_FROM_M[qtype], 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    tiled, int4 = packed.tiled_product(x).float()[:, :300], packed.int4_product(x).float()[:, :300]
+    scale = (x.float().abs() @ weights[:300].float().abs().T).clamp_min(1e-30)
+    assert ((tiled - int4).abs() / scale).max() <= 2 * 2**-8  # each output rounded to bf16 once
 
 
 def test_int4_weights_take_a_third_of_bf16():

@@ -1,0 +1,68 @@
+"""The CPU's two ways to multiply by int4-packed weights (runtime/packed.py), timed per rows of x.
+
+    python scripts/bench_packed.py [--threads 2] [--model 3b]
+
+For each 4-bit type and each matrix shape of the model's decoder, the int4 op
+(`torch._weight_int4pack_mm_for_cpu`) against decoding TILE_ROWS-row tiles to bf16 and running bf16
+GEMMs, for M = 1 .. 1024 rows of x, and the dense bf16 GEMM on a weight decoded beforehand as
+the bound (what 2 bytes a weight would buy). Prints a JSON line per case; `tiled / int4` below 1
+means the tiles win: packed.DENSE_FROM_M should be the first M where they do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from qvl.convert.quant import quantize
+from qvl.runtime.packed import DENSE_FROM_M, PackedMatrix
+
+SHAPES = {  # (rows, cols) of the decoder's matrices: attn_q/o, ffn_gate/up, ffn_down
+    "3b": [(2048, 2048), (11008, 2048), (2048, 11008)],
+    "7b": [(3584, 3584), (18944, 3584), (3584, 18944)],
+}
+
+
+def _time(f, repeat: int) -> float:
+    f()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        f()
+    return (time.perf_counter() - start) / repeat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", choices=list(SHAPES), default="3b")
+    ap.add_argument("--types", default="Q4_K,Q6_K")
+    ap.add_argument("--m", default="1,16,64,96,128,192,256,512,1024")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    for name in args.types.split(","):
+        qtype = T[name]
+        for rows, cols in SHAPES[args.model]:
+            w = rng.standard_normal((rows, cols), dtype=np.float32)
+            packed = PackedMatrix(qtype, quantize(w, qtype), rows, cols)
+            dense = torch.cat([packed.tile(s, min(s + 1024, packed.packed.shape[0]))
+                               for s in range(0, packed.packed.shape[0], 1024)])
+            for m in (int(v) for v in args.m.split(",")):
+                x = torch.randn(m, cols).to(torch.bfloat16)
+                repeat = max(1, min(20, int(2e9 / (m * rows * cols))))
+                int4 = _time(lambda: packed.int4_product(x), repeat)
+                tiled = _time(lambda: packed.tiled_product(x), repeat)
+                bound = _time(lambda: x @ dense.T, repeat)
+                print(json.dumps({"type": name, "rows": rows, "cols": cols, "m": m, "int4_ms": round(1e3 * int4, 2),
+                                  "tiled_ms": round(1e3 * tiled, 2), "dense_bf16_ms": round(1e3 * bound, 2),
+                                  "tiled / int4": round(tiled / int4, 3), "uses": "tiled" if m >= DENSE_FROM_M[qtype] else "int4"}),
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
