@@ -231,15 +231,15 @@ class VisionTower:
     def _attention(self, b: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    cu: list[int]) -> torch.Tensor:
         n, heads, hd = x.shape[0], self.cfg.n_head, self.cfg.head_dim
-        q = (b.q.matmul(x) + b.qb).view(n, heads, hd)
-        k = (b.k.matmul(x) + b.kb).view(n, heads, hd)
-        v = (b.v.matmul(x) + b.vb).view(n, heads, hd)
+        q = b.q.matmul(x, b.qb).view(n, heads, hd)
+        k = b.k.matmul(x, b.kb).view(n, heads, hd)
+        v = b.v.matmul(x, b.vb).view(n, heads, hd)
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         if self.kernels:
             from ..kernels.attention import attention
 
             out = attention(q, k, v, cu, cu, causal=False, dtype=self.attn_dtype)
-            return b.out.matmul(out.reshape(n, -1)) + b.out_b
+            return b.out.matmul(out.reshape(n, -1), b.out_b)
         out = torch.empty(n, heads, hd, device=x.device)
         for lo, size, count in _runs(cu):  # equal windows side by side: one batched call
             hi = lo + size * count
@@ -249,16 +249,17 @@ class VisionTower:
 
             o = F.scaled_dot_product_attention(split(q), split(k), split(v))
             out[lo:hi] = o.transpose(1, 2).reshape(hi - lo, heads, hd)
-        return b.out.matmul(out.reshape(n, -1)) + b.out_b
+        return b.out.matmul(out.reshape(n, -1), b.out_b)
 
     def _mlp(self, b: Block, x: torch.Tensor) -> torch.Tensor:
-        up = b.up.matmul(x) + b.up_b
+        """The hidden layer stays in the products' precision (bf16 on the CPU's STREAMED
+        weights: half the bytes through the elementwise ops; float32 for EXACT)."""
+        up = b.up.linear(x, b.up_b)
         if b.gate is not None:
-            assert b.gate_b is not None
-            h = F.silu(b.gate.matmul(x) + b.gate_b) * up
+            h = F.silu(b.gate.linear(x, b.gate_b)).mul_(up)
         else:
             h = up * torch.sigmoid(1.702 * up)  # quick GELU
-        return b.down.matmul(h) + b.down_b
+        return b.down.matmul(h, b.down_b)
 
     def forward(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """Patches (n, C*2*P*P) of one or more images -> merged tokens (n / 4, out_dim), on the

@@ -191,6 +191,32 @@ class Matrix:
             y = y + bias
         return y if residual is None else residual + y
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x @ W.T + bias` (..., rows) left in the product's own precision: bf16 / f16 where
+        the weight is multiplied as a dense half copy (STREAMED, or on a device without the
+        kernels), the bias added by the GEMM (one rounding, no float32 pass over the output);
+        float32 otherwise, as `matmul`. For activations that feed the next matmul (the vision
+        MLP's hidden layer), which rounds them to its half type anyway."""
+        half = None
+        if self.kernel is None and self._packed is None:
+            if self._device_dense is not None and self._device_dense.dtype != torch.float32:
+                half = self._device_dense
+            elif self.mode == STREAMED and self.qtype != T.F32:
+                half = self._streamed()
+        if half is None:
+            return self.matmul(x, bias)
+        flat = x.reshape(-1, self.cols).to(half.dtype)
+        y = flat @ half.T if bias is None else torch.addmm(bias.to(half.dtype), flat, half.T)
+        if half is not self._device_dense and self._release is not None:
+            self._release()
+        return y.reshape(*x.shape[:-1], self.rows)
+
+    def _streamed(self) -> torch.Tensor:
+        """The whole weight as bf16, converted now (F16 in one pass)."""
+        if self._dense is not None:
+            return self._dense.to(torch.bfloat16)
+        return self.rows_f32(0, self.rows).to(torch.bfloat16)
+
     def matmul_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, rms_norm(y) * norm_weight) for y = `self.matmul(x, residual=residual)`: the
@@ -208,7 +234,7 @@ class Matrix:
         if self._packed is not None:
             return self._packed.matmul(x)
         if self.mode == STREAMED:
-            y = (x.to(torch.bfloat16) @ self.rows_f32(0, self.rows).to(torch.bfloat16).T).float()
+            y = (x.to(torch.bfloat16) @ self._streamed().T).float()
             if self._release is not None:
                 self._release()
             return y
