@@ -48,7 +48,7 @@ def dequant(raw: torch.Tensor, qtype: T, n: int, k: int, dtype: torch.dtype) -> 
     blk, size = GGML_QUANT_SIZES[qtype]
     out = torch.empty(n, k, dtype=dtype, device=raw.device)
     dequant_kernel[(triton.cdiv(n, BLOCK_N), k // BLOCK_K)](
-        raw, out, n, k // blk * size, STEP // blk * size, out.stride(0),
+        raw, out, n, raw.stride(0), STEP // blk * size, out.stride(0),
         QTYPE=QTYPE_IDS[qtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return out
 

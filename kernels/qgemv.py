@@ -180,7 +180,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
           residual: torch.Tensor | None = None, swiglu: bool = False, block_n: int | None = None,
           split_k: int | None = None, num_warps: int | None = None, norm_weight: torch.Tensor | None = None,
           norm_eps: float = 0.0, prefetch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x (M <= 8, K) float, raw (N, row_bytes) uint8 -> float32 `y = x @ dequant(raw).T + bias +
+    """x (M <= 8, K) float, raw (N, K's bytes; rows raw.stride(0) apart) uint8 -> float32 `y = x @ dequant(raw).T + bias +
     residual` (M, N); with `swiglu` the N rows are [gate; up] and y is
     `silu(x @ gate.T) * (x @ up.T)` (M, N / 2). Returns (y, RMSNorm(y) * norm_weight with
     `norm_eps`, or None without a norm_weight). Checks are the caller's (qmatmul.qmatmul).
@@ -195,7 +195,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     gpu = target(x.device)
     block_n = block_n or (INTERPRETED_BLOCK_N if gpu == INTERPRETER else BLOCK_N)
     steps = k // STEP
-    row_bytes = k // blk * size
+    row_bytes = raw.stride(0)
     align = math.gcd(row_bytes, 16)
     n_out = n // 2 if swiglu else n
     n_blocks = triton.cdiv(n_out, block_n // 2 if swiglu else block_n)

@@ -94,8 +94,9 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
             residual: torch.Tensor | None = None, swiglu: bool = False, block_m: int | None = None,
             block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
             split_k: int | None = None, num_stages: int | None = None, prefetch: int | None = None) -> torch.Tensor:
-    """x (M, K), raw (N, row_bytes) uint8 GGUF blocks -> `x @ dequant(raw).T + bias + residual`
-    (M, N) float32; with `swiglu` the N rows are [gate; up] stacked and the result is
+    """x (M, K), raw (N, K's bytes) uint8 GGUF blocks -> `x @ dequant(raw).T + bias + residual`
+    (M, N) float32 (raw's rows may be further apart than K's bytes: the first K columns of a
+    wider weight, as a view); with `swiglu` the N rows are [gate; up] stacked and the result is
     `silu(x @ gate.T) * (x @ up.T)` (M, N / 2).
 
     x in bfloat16 / float16: the tiled GEMM multiplies on tensor cores (the decoded weights
@@ -111,7 +112,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     instead of the tiled GEMM."""
     _check_weights(raw, qtype, n, k)
     blk, size = GGML_QUANT_SIZES[qtype]
-    row_bytes = k // blk * size
+    row_bytes = raw.stride(0)
     if swiglu and (n % 2 or bias is not None or residual is not None):
         raise ValueError(f"swiglu takes an even number of stacked [gate; up] rows (got {n}) and no bias or residual")
     x = _activations(x)
@@ -178,11 +179,11 @@ def _check_weights(raw: torch.Tensor, qtype: T, n: int, k: int) -> None:
     row_bytes = k // blk * size
     if raw.shape != (n, row_bytes) or raw.dtype != torch.uint8:
         raise ValueError(f"weight bytes should be uint8 ({n}, {row_bytes}), got {raw.dtype} {tuple(raw.shape)}")
-    if raw.stride() != (row_bytes, 1):
-        raise ValueError("weight bytes should be contiguous rows")
+    if raw.stride(1) != 1 or (n > 1 and raw.stride(0) < row_bytes):
+        raise ValueError("weight bytes should be rows of contiguous bytes")
     align = 4 if qtype in (T.Q4_K, T.Q5_K) else 2  # their scales are read as 32-bit words, float16 fields whole
-    if raw.data_ptr() % align:
-        raise ValueError(f"{qtype.name} weight bytes should start at an address divisible by {align} "
+    if raw.data_ptr() % align or raw.stride(0) % align:
+        raise ValueError(f"{qtype.name} weight rows should start at addresses divisible by {align} "
                          f"(fields of {8 * align} bits are read whole)")
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
@@ -49,16 +50,21 @@ def kernel_dtype(mode: str, device: torch.device | str) -> torch.dtype:
 
 
 def kernel_reads(qtype: T, cols: int) -> bool:
-    """Whether kernels/qmatmul.py multiplies by these GGUF blocks directly."""
+    """Whether kernels/qmatmul.py multiplies by these GGUF blocks directly: the kernels walk K
+    in steps of STEP; past the last whole step (32-weight types in rows that are not a multiple
+    of 256 wide, as the 72B's 29568-wide ffn_down fallbacks) a dense tail makes up the rest
+    (`DeviceBlocks`)."""
     from ..kernels.qmatmul import STEP, SUPPORTED
 
-    return qtype in SUPPORTED and cols % STEP == 0
+    return qtype in SUPPORTED and cols >= STEP
 
 
 def device_bytes(info: TensorInfo, kernels: bool) -> int:
     """Bytes a tensor takes on an accelerator once moved (`Matrix.to_device`, `Weights.vector`)."""
     if len(info.ne) == 2 and kernels and kernel_reads(info.type, info.shape[1]):
-        return info.nbytes
+        from ..kernels.qmatmul import STEP
+
+        return info.nbytes + info.shape[0] * (info.shape[1] % STEP) * 2  # the tail in bf16 / f16
     n = 1
     for d in info.ne:
         n *= int(d)
@@ -66,12 +72,26 @@ def device_bytes(info: TensorInfo, kernels: bool) -> int:
 
 
 class DeviceBlocks:
-    """A weight's GGUF blocks on an accelerator, multiplied by kernels/qmatmul.py: (rows,
+    """A weight's GGUF blocks on an accelerator, multiplied by kernels/qmatmul.py: raw (rows,
     row_bytes) uint8. `gemm_dtype`: what x is multiplied in by the tiled GEMM (more than
-    GEMV_MAX_M rows of x); the GEMV takes float32."""
+    GEMV_MAX_M rows of x); the GEMV takes float32. The kernels read the first `head` columns
+    (whole 256-weight steps); `tail` (rows, cols - head) in gemm_dtype, or None when head =
+    cols, holds the rest dense, multiplied by torch and added before the epilogue."""
 
-    def __init__(self, raw: torch.Tensor, qtype: T, rows: int, cols: int, gemm_dtype: torch.dtype):
+    def __init__(self, raw: torch.Tensor, qtype: T, rows: int, cols: int, gemm_dtype: torch.dtype,
+                 tail: torch.Tensor | None = None):
+        from ..kernels.qmatmul import STEP
+
         self.raw, self.qtype, self.rows, self.cols, self.gemm_dtype = raw, qtype, rows, cols, gemm_dtype
+        self.head = cols - cols % STEP
+        self.tail = tail
+        if (tail is None) != (self.head == cols) or (tail is not None and tail.shape != (rows, cols - self.head)):
+            raise ValueError(f"a {rows} x {cols} weight needs a ({rows}, {cols - self.head}) tail past column "
+                             f"{self.head}, got {None if tail is None else tuple(tail.shape)}")
+
+    def _head_raw(self) -> torch.Tensor:
+        blk, size = GGML_QUANT_SIZES[self.qtype]
+        return self.raw if self.tail is None else self.raw[:, :self.head // blk * size]
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                swiglu: bool = False) -> torch.Tensor:
@@ -79,15 +99,33 @@ class DeviceBlocks:
         (rows stacked as [gate; up]) `silu(x @ gate.T) * (x @ up.T)` (..., rows / 2)."""
         from ..kernels.qmatmul import qmatmul
 
+        if self.tail is not None:
+            y = self._with_tail(x)
+            if swiglu:
+                y = torch.nn.functional.silu(y[..., :self.rows // 2]) * y[..., self.rows // 2:]
+            if bias is not None:
+                y = y + bias
+            return y if residual is None else y + residual
         flat, residual = self._operands(x, residual)
         y = qmatmul(flat, self.raw, self.qtype, self.rows, self.cols, bias, residual, swiglu)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
+    def _with_tail(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T` float32 (..., rows): the kernels on the head columns, torch on the tail."""
+        from ..kernels.qmatmul import qmatmul
+
+        assert self.tail is not None
+        flat = x.reshape(-1, self.cols)
+        head, _ = self._operands(flat[:, :self.head], None)
+        y = qmatmul(head, self._head_raw(), self.qtype, self.rows, self.head)
+        y += (flat[:, self.head:].to(self.tail.dtype) @ self.tail.T).float()
+        return y.reshape(*x.shape[:-1], self.rows)
+
     def _operands(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x as (M, cols) rows (in the GEMM's dtype past the GEMV's M) and residual as (M, rows)."""
+        """x as (M, K) rows (in the GEMM's dtype past the GEMV's M) and residual as (M, rows)."""
         from ..kernels.qmatmul import GEMV_MAX_M
 
-        flat = x.reshape(-1, self.cols)
+        flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] > GEMV_MAX_M:
             flat = flat.to(self.gemm_dtype)
         return flat, residual.reshape(flat.shape[0], self.rows) if residual is not None else None
@@ -98,6 +136,11 @@ class DeviceBlocks:
         for decode (kernels/qmatmul.qmatmul_norm)."""
         from ..kernels.qmatmul import qmatmul_norm
 
+        if self.tail is not None:  # the norm after the tail's share: the rmsnorm kernel
+            from ..kernels.rmsnorm import rmsnorm
+
+            y = self.matmul(x, residual=residual)
+            return y, rmsnorm(y.reshape(-1, self.rows), norm_weight, eps)[0].reshape(y.shape)
         flat, residual = self._operands(x, residual)
         y, normed = qmatmul_norm(flat, self.raw, self.qtype, self.rows, self.cols, norm_weight, eps,
                                  residual=residual)
@@ -109,11 +152,14 @@ class DeviceBlocks:
         becomes a view into it, so the stack costs no memory beyond the parts'."""
         first = parts[0]
         raw = torch.cat([p.raw for p in parts])
+        tail = torch.cat([p.tail for p in parts]) if first.tail is not None else None  # type: ignore[misc]
         start = 0
         for p in parts:
             p.raw = raw[start:start + p.rows]
+            if tail is not None:
+                p.tail = tail[start:start + p.rows]
             start += p.rows
-        return DeviceBlocks(raw, first.qtype, start, first.cols, first.gemm_dtype)
+        return DeviceBlocks(raw, first.qtype, start, first.cols, first.gemm_dtype, tail)
 
 
 class Matrix:
@@ -154,8 +200,17 @@ class Matrix:
         self.device = torch.device(device)
         self._packed = None
         if kernels and kernel_reads(self.qtype, self.cols):
+            from ..kernels.qmatmul import STEP
+
             raw = as_torch(self.raw, torch.uint8).to(self.device)
-            self.kernel = DeviceBlocks(raw, self.qtype, self.rows, self.cols, dtype)
+            head = self.cols - self.cols % STEP
+            tail = None
+            if head < self.cols:
+                tail = torch.empty(self.rows, self.cols - head, dtype=dtype, device=self.device)
+                for start in range(0, self.rows, ROWS_PER_STEP):
+                    stop = min(start + ROWS_PER_STEP, self.rows)
+                    tail[start:stop] = self.rows_f32(start, stop)[:, head:].to(self.device, dtype)
+            self.kernel = DeviceBlocks(raw, self.qtype, self.rows, self.cols, dtype, tail)
         else:
             dtype = torch.float32 if self.qtype == T.F32 else half_dtype(self.device)
             dense = torch.empty(self.rows, self.cols, dtype=dtype, device=self.device)

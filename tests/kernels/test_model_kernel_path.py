@@ -267,3 +267,20 @@ def test_f16_kernel_path_before_ampere(q8_model, torch_path, monkeypatch):
     assert 0 < _rel(logits, ref) <= 1e-1 and agree >= 0.9
     out = model.generate(PROMPT, [IMAGE], max_new_tokens=3)  # decode through the graph step with an f16 cache
     assert isinstance(out, Generation) and len(out.token_ids) == 3
+
+
+def test_rows_that_are_not_whole_steps_keep_their_blocks(tmp_path):
+    """intermediate 288 (as the 72B's 29568, not a multiple of 256): ffn_down's Q8_0 rows are one
+    kernel step and a 32-column dense tail on the device, not a dense copy of the whole matrix;
+    the torch path's tokens, logits within 1e-4 (as above)."""
+    spec = TinySpec(hidden=256, intermediate=288, heads=4, kv_heads=2, layers=2, vocab_size=1280,
+                    dtype=torch.float32, std=0.15, seed=12)
+    path = _convert(make_checkpoint(tmp_path / "ckpt", spec), tmp_path / "m.gguf", "q8_0")
+    model = load(path, device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"])
+    down = model.decoder.layers[0].down.kernel
+    assert down is not None and down.head == 256 and down.tail is not None and down.tail.shape == (256, 32)
+    tokens, logits = _run(path, PLACEMENTS["all"])
+    ref_tokens, ref_logits = _torch_path(path)
+    assert len(set(ref_tokens)) > 2
+    assert tokens == ref_tokens
+    assert _rel(logits, ref_logits) <= 1e-4

@@ -81,6 +81,24 @@ def test_gemm_tiles(qtype, block_m, block_n, block_k, dtype):
     assert (got - ref).abs().max().item() <= rtol * ref.abs().max().item()
 
 
+WIDE_TYPES = [T.Q8_0, T.Q5_0, T.Q4_0]  # 32-weight blocks: rows need not be whole 256-weight steps
+
+
+@pytest.mark.parametrize("qtype", WIDE_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 3, 12])  # batch-1 GEMV, GEMV, GEMM
+def test_head_columns_of_a_wider_row(qtype, m):
+    """The first 512 columns of 7 rows 800 wide (25 blocks of 32: 3 steps and 32 weights past
+    them), read in place through a strided view: the 72B's 29568-wide ffn_down rows."""
+    raw = quant_weights(7, 800, qtype, "normal", seed=m)
+    head = raw[:, :raw.shape[1] * 512 // 800]
+    assert not head.is_contiguous()
+    x = torch.from_numpy(np.random.default_rng(m).standard_normal((m, 512)).astype(np.float32))
+    ref = qmatmul_ref(x, head.contiguous(), qtype)
+    got = qmatmul(x.to(DEVICE), head.to(DEVICE) if DEVICE == "cpu" else raw.to(DEVICE)[:, :head.shape[1]],
+                  qtype, 7, 512).cpu()
+    assert (got - ref).abs().max().item() <= RTOL[qtype] * ref.abs().max().item()
+
+
 def test_rejects_bad_shapes():
     raw = quant_weights(4, 256, T.Q8_0, "normal", 0)
     with pytest.raises(ValueError, match="multiple of 256"):
@@ -98,7 +116,7 @@ def test_rejects_bad_shapes():
         qmatmul(torch.zeros(1, 256), odd, T.Q8_0, 4, 256)
     k_quant = torch.zeros(2 * 144 + 2, dtype=torch.uint8)[2:].view(2, 144)  # 2 mod 4: scales read as 32-bit words
     assert k_quant.data_ptr() % 4 == 2
-    with pytest.raises(ValueError, match="Q4_K weight bytes should start at an address divisible by 4"):
+    with pytest.raises(ValueError, match="Q4_K weight rows should start at addresses divisible by 4"):
         qmatmul(torch.zeros(1, 256), k_quant, T.Q4_K, 2, 256)
 
 

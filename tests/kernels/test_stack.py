@@ -76,3 +76,44 @@ def test_torch_path_keeps_weights_apart():
     assert [g[0] for g in stack.groups] == mats
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, K)).astype(np.float32))
     assert torch.equal(stack.swiglu(x), torch.nn.functional.silu(mats[0].matmul(x)) * mats[1].matmul(x))
+
+
+TAIL_K = 800  # 3 whole 256-weight steps for the kernels, 32 columns past them for the dense tail
+
+
+def _wide(rows: int, qtype: T, seed: int) -> tuple[Matrix, torch.Tensor]:
+    w = np.random.default_rng(seed).standard_normal((rows, TAIL_K)).astype(np.float32)
+    raw = quantize(w, qtype)
+    return Matrix(TensorInfo(f"w{seed}", qtype, (TAIL_K, rows), 0, raw.nbytes), raw), torch.from_numpy(w)
+
+
+@pytest.mark.parametrize("m", [1, 3, 11])
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0], ids=lambda t: t.name)  # the Q4_K_M / Q6_K fallbacks
+def test_rows_past_the_last_step_take_a_dense_tail(qtype, m):
+    """A weight whose K is not a multiple of 256 keeps its blocks on the device (the kernels
+    read the first 768 columns in place) with only the last 32 columns dense; every epilogue
+    (bias, residual, SwiGLU of a stacked pair, the next RMSNorm) comes after the tail's share."""
+    cpu, _ = _wide(48, qtype, 1)
+    dev, _ = _wide(48, qtype, 1)
+    dev.to_device(ACCEL, True, torch.float32)
+    blocks = dev.kernel
+    assert blocks is not None and blocks.head == 768 and blocks.tail is not None and blocks.tail.shape == (48, 32)
+    assert blocks.raw.shape == (48, cpu.raw.shape[1])  # all of the blocks, no dense copy of the head
+    rng = np.random.default_rng(m)
+    x = torch.from_numpy(rng.standard_normal((m, TAIL_K)).astype(np.float32))
+    bias = torch.from_numpy(rng.standard_normal(48).astype(np.float32))
+    res = torch.from_numpy(rng.standard_normal((m, 48)).astype(np.float32))
+    ref = cpu.matmul(x)
+    assert _close(dev.matmul(x.to(ACCEL)), ref)
+    assert _close(dev.matmul(x.to(ACCEL), bias.to(ACCEL), res.to(ACCEL)), ref + bias + res)
+    norm_w = torch.from_numpy(rng.standard_normal(48).astype(np.float32))
+    y, normed = dev.matmul_norm(x.to(ACCEL), norm_w.to(ACCEL), 1e-6, res.to(ACCEL))
+    y_ref = ref + res
+    assert _close(y, y_ref)
+    assert _close(normed, norm_w * y_ref * torch.rsqrt(y_ref.pow(2).mean(-1, keepdim=True) + 1e-6))
+    gate_up = [_wide(24, qtype, s)[0].to_device(ACCEL, True, torch.float32) for s in (2, 3)]
+    stack = Stack(gate_up)
+    assert len(stack.groups) == 1 and isinstance(stack.groups[0][0], DeviceBlocks)
+    gate, up = (_wide(24, qtype, s)[0].matmul(x) for s in (2, 3))
+    assert _close(stack.swiglu(x.to(ACCEL)), torch.nn.functional.silu(gate) * up)
+    assert _close(gate_up[1].matmul(x.to(ACCEL)), up)  # a part still multiplies alone, tail view included

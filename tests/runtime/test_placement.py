@@ -54,6 +54,17 @@ def test_7b_q4_k_m_footprint():
     assert plan.total <= 7 * 10**9  # the issue's budget for this job (an estimate until measured on a GPU)
 
 
+@pytest.mark.parametrize("name", ["qwen2.5-vl-72b", "qwen2-vl-72b"])
+def test_72b_keeps_its_ffn_down_in_blocks(name):
+    """ffn_down's 29568-wide rows are not whole 256-weight steps: Q4_K_M stores them as Q5_0 /
+    Q8_0 fallbacks, which the kernels read in place with a 128-column dense tail; as dense bf16
+    copies the GPU would hold 63.8 GiB of weights instead of 43.6 (llama.cpp's 72B Q4_K_M text
+    file is 44.2 GiB)."""
+    _, fp = _official(name)
+    assert 42 * GIB < sum(fp.layer_bytes) + fp.output_bytes < 45 * GIB
+    assert max(fp.layer_bytes) < 600 * 2**20  # 590 MiB a layer (805 with dense ffn_down)
+
+
 @pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-7b"])
 def test_budgets(name):
     cfg, fp = _official(name)
