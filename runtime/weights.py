@@ -203,13 +203,11 @@ class Matrix:
             from ..kernels.qmatmul import STEP
 
             raw = as_torch(self.raw, torch.uint8).to(self.device)
-            head = self.cols - self.cols % STEP
             tail = None
-            if head < self.cols:
-                tail = torch.empty(self.rows, self.cols - head, dtype=dtype, device=self.device)
-                for start in range(0, self.rows, ROWS_PER_STEP):
-                    stop = min(start + ROWS_PER_STEP, self.rows)
-                    tail[start:stop] = self.rows_f32(start, stop)[:, head:].to(self.device, dtype)
+            if self.cols % STEP:  # only the tail's own blocks are dequantized
+                blk, size = GGML_QUANT_SIZES[self.qtype]
+                tail_blocks = np.ascontiguousarray(self.raw[:, (self.cols - self.cols % STEP) // blk * size:])
+                tail = torch.from_numpy(dequantize(tail_blocks, self.qtype).reshape(self.rows, -1)).to(self.device, dtype)
             self.kernel = DeviceBlocks(raw, self.qtype, self.rows, self.cols, dtype, tail)
         else:
             dtype = torch.float32 if self.qtype == T.F32 else half_dtype(self.device)
