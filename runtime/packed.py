@@ -10,6 +10,9 @@ map onto that exactly (up to bf16 rounding of scale and zero):
   one 32-group [lo(16), 2*hi + 5 (16)] with scale s = d*sc and zero 0, and the activations are
   doubled to match, [x, 8*x] per sub-block: (lo - 8)*s*x + (2*hi + 5 - 8)*s*8x
   = (lo + 16*hi - 32)*s*x, exactly. Twice the int4 work of Q4_K, ~2x faster than bf16 weights.
+- Q5_K: Q4_K's scales and nibbles, a fifth bit hb on top. Each 32-weight sub-block becomes two
+  32-groups, [lo (32)] with Q4_K's scale and zero and [2*hb + 8 (32)] with the same scale and
+  zero 0, against [x, 8*x]: (lo - 8)*s*x + zero*x + 2*hb*s*8x = (s*(lo + 16*hb) - min)*x.
 
 The int4 op is the fastest for few rows of x (decode: 4.7x bf16 weights at one row, for a
 fraction of their memory) but does about 2.6x the work of a bf16 GEMM per row; from
@@ -34,10 +37,11 @@ from gguf.quants import dequantize
 
 GROUP = 32  # weights per (scale, zero) pair of the int4 op
 ROWS_PER_STEP = 2048  # rows decoded per step while packing (a multiple of 64): bounded temporaries
-INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K)
+INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K)
+DOUBLED = {T.Q6_K: 16, T.Q5_K: 32}  # types whose sub-blocks of this many weights take two 4-bit groups
 # Rows of x from which tiles of bf16 weights beat the int4 op (scripts/bench_packed.py, 3B shapes,
 # 2 threads: tiled / int4 ~1.0 at 160-192 rows for Q4, 0.6-0.95 at 96 for Q6_K's doubled op).
-DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96}
+DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96, T.Q5_K: 96}
 TILE_ROWS = 256  # weight rows decoded to bf16 per GEMM (a multiple of 64): 1 MB for a 2048-wide weight
 
 
@@ -46,18 +50,27 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).squeeze(-1).float()
 
 
-def q4_k_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_K rows (R, nb*144) uint8 -> q (R, K) in 0..15, scale and min (R, K/32): w = q*scale - min."""
-    b = raw.reshape(raw.shape[0], -1, 144)
+def q4_k_fields(raw: torch.Tensor, size: int = 144) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K rows (R, nb*144) uint8 -> q (R, K) in 0..15, scale and min (R, K/32): w = q*scale - min.
+    With size 176, Q5_K rows: the same scales and nibbles (qs after qh[32]), q's fifth bit not
+    included (`q5_k_high_bits`)."""
+    b = raw.reshape(raw.shape[0], -1, size)
     d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
     s = b[..., 4:16].to(torch.int32)
     sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)
     m = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
-    qs = b[..., 16:144].reshape(*b.shape[:2], 4, 1, 32)
+    qs = b[..., size - 128:size].reshape(*b.shape[:2], 4, 1, 32)
     q = torch.cat([qs & 15, qs >> 4], dim=3).reshape(raw.shape[0], -1)  # 64-chunks: low then high nibbles
     scale = (d[..., None] * sc).reshape(raw.shape[0], -1)
     mins = (dmin[..., None] * m).reshape(raw.shape[0], -1)
     return q, scale, mins
+
+
+def q5_k_high_bits(raw: torch.Tensor) -> torch.Tensor:
+    """Q5_K rows (R, nb*176) -> the fifth bit of every code (R, K) 0..1: element 32j + l's is bit
+    j of qh[l]."""
+    qh = raw.reshape(raw.shape[0], -1, 1, 176)[..., 16:48]  # (R, nb, 1, 32)
+    return torch.cat([(qh >> j) & 1 for j in range(8)], dim=2).reshape(raw.shape[0], -1)
 
 
 def q6_k_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,11 +118,13 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 class _TileWork:
     """Buffers for decoding tiles of up to `rows` weight rows (a multiple of 64) of width `cols`."""
 
-    def __init__(self, rows: int, cols: int, q6_k: bool):
+    def __init__(self, rows: int, cols: int, doubled: int):
+        """doubled: DOUBLED's sub-block size for the types whose codes come in halves, else 0."""
         blocks = rows // 64
-        self.codes = torch.empty(blocks, 2 * cols if q6_k else cols, 2, 32, dtype=torch.uint8)
-        self.q6 = torch.empty(blocks, cols // 16, 16, 64, dtype=torch.uint8) if q6_k else None
-        self.f32 = torch.empty(blocks, cols // (16 if q6_k else 32), 16 if q6_k else 32, 64)
+        self.codes = torch.empty(blocks, 2 * cols if doubled else cols, 2, 32, dtype=torch.uint8)
+        per = doubled or GROUP  # weights a scale
+        self.combined = torch.empty(blocks, cols // per, per, 64, dtype=torch.uint8) if doubled else None
+        self.f32 = torch.empty(blocks, cols // per, per, 64)
         self.packed_order = torch.empty(blocks, cols, 64, dtype=torch.bfloat16)
         self.bf16 = torch.empty(rows, cols, dtype=torch.bfloat16)
 
@@ -132,7 +147,14 @@ class PackedMatrix:
                     dense.append(torch.from_numpy(rows_f32).to(torch.bfloat16))
                 continue
             t = as_torch(part)
-            if qtype == T.Q6_K:
+            if qtype == T.Q5_K:  # [lo, 2*hb + 8] per 32-weight sub-block, both with the sub-block's scale
+                q, s, mins = q4_k_fields(t, 176)
+                hb = q5_k_high_bits(t)
+                pairs = torch.stack([q.reshape(len(t), -1, 32), (2 * hb + 8).reshape(len(t), -1, 32)], dim=2)
+                packs.append(pack_int4(pairs.reshape(len(t), -1)))
+                scales.append(s.repeat_interleave(2, dim=1))
+                zeros.append(torch.stack([8 * s - mins, torch.zeros_like(s)], dim=2).reshape(len(t), -1))
+            elif qtype == T.Q6_K:
                 lo, hi, s = q6_k_fields(t)
                 q = torch.stack([lo.reshape(len(t), -1, 16), (2 * hi + 5).reshape(len(t), -1, 16)], dim=2)
                 packs.append(pack_int4(q.reshape(len(t), -1)))
@@ -169,8 +191,8 @@ class PackedMatrix:
 
     def int4_product(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (M, cols) bf16 -> (M, padded rows) bf16 through torch's int4 op."""
-        if self.qtype == T.Q6_K:
-            sub = flat.reshape(flat.shape[0], -1, 16)
+        if self.qtype in DOUBLED:
+            sub = flat.reshape(flat.shape[0], -1, DOUBLED[self.qtype])
             flat = torch.cat([sub, sub * 8], dim=-1).reshape(flat.shape[0], -1)
         return torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scale_zero)
 
@@ -178,7 +200,7 @@ class PackedMatrix:
         """flat (M, cols) bf16 -> (M, padded rows) bf16 through bf16 GEMMs on TILE_ROWS-row tiles."""
         total = self.packed.shape[0]
         out = torch.empty(total, flat.shape[0], dtype=torch.bfloat16)
-        work = _TileWork(min(TILE_ROWS, total), self.cols, self.qtype == T.Q6_K)
+        work = _TileWork(min(TILE_ROWS, total), self.cols, DOUBLED.get(self.qtype, 0))
         xt = flat.T
         for start in range(0, total, TILE_ROWS):
             stop = min(start + TILE_ROWS, total)
@@ -193,7 +215,7 @@ class PackedMatrix:
         dimension, then transposed; every pass writes into `work`'s buffers, as fresh ones would
         cost a page fault per 4 KiB (half the time of a tile)."""
         n, blocks = stop - start, (stop - start) // 64
-        work = work or _TileWork(n, self.cols, self.qtype == T.Q6_K)
+        work = work or _TileWork(n, self.cols, DOUBLED.get(self.qtype, 0))
         p = self.packed[start:stop].view(torch.int32).view(blocks, -1, 1, 8)  # (blocks, k, 1, 32 bytes)
         codes = work.codes[:blocks]  # (blocks, k, 2, 32): rows j, j + 32; nibbles 4 bytes at a time
         torch.bitwise_and(p, 0x0F0F0F0F, out=codes.view(torch.int32)[:, :, :1])
@@ -202,10 +224,15 @@ class PackedMatrix:
         sz = self.scale_zero[:, start:stop].float().view(-1, blocks, 64, 2).permute(3, 1, 0, 2)
         scale = sz[0].unsqueeze(2).contiguous()  # (blocks, groups, 1, rows)
         w = work.f32[:blocks]
-        if self.qtype == T.Q6_K:  # [lo, 2*hi + 5] halves, zero 0: w = (lo + 8*(2*hi + 5) - 72) * scale
-            torch.add(codes[:, :, :16], codes[:, :, 16:], alpha=8, out=work.q6[:blocks])
-            w.copy_(work.q6[:blocks])
-            w.mul_(scale).add_(-72 * scale)
+        if self.qtype in DOUBLED:  # halves [lo, c] of one scale, zero z (0 for Q6_K) on lo's only, x and 8x:
+            # w = (lo - 8)*scale + z + 8*(c - 8)*scale = (lo + 8c - 72)*scale + z, lo + 8c <= 103
+            half = DOUBLED[self.qtype]
+            pairs = codes.view(blocks, -1, 2, half, 64)  # (blocks, sub-blocks, lo | c, half, rows)
+            torch.add(pairs[:, :, 0], pairs[:, :, 1], alpha=8, out=work.combined[:blocks])
+            w.copy_(work.combined[:blocks])
+            pair_sz = sz.view(2, blocks, -1, 2 * half // GROUP, 1, 64)[:, :, :, 0]  # lo's group of each pair
+            pair_scale = pair_sz[0].contiguous()
+            w.mul_(pair_scale).add_(pair_sz[1] - 72 * pair_scale)
         else:
             w.copy_(codes)
             w.mul_(scale).add_((sz[1] - 8 * sz[0]).unsqueeze(2))

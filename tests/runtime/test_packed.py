@@ -1,9 +1,9 @@
 """The CPU fast path (runtime/packed.py) against gguf-py's dequantization.
 
 Tolerances, relative to sum_k |x_k| |W_nk| per output (the scale of its rounding errors):
-- bf16 dense (Q8_0, Q5_K, F16, BF16 dequantized once): activation, weight and output each
+- bf16 dense (Q8_0, F16, BF16 dequantized once): activation, weight and output each
   rounded to bf16 (2^-9 each), so at most 3 * 2^-9 = 5.9e-3, a worst-case bound.
-- int4 types (Q4_K, Q4_0, Q4_1, Q6_K): bf16 activations, scale and zero point (2^-9 each; the
+- int4 types (Q4_K, Q4_0, Q4_1, Q6_K, Q5_K): bf16 activations, scale and zero point (2^-9 each; the
   zero point 8*s - min can be twice |w|) and output -> 2^-7 = 7.8e-3. Measured: under 0.3 * 2^-8.
 A wrong nibble, row or group order gives errors of the size of the output itself (checked by
 hand: swapping Q6_K's halves or Q4_K's nibbles fails every case here).
@@ -25,12 +25,13 @@ from qvl.runtime.packed import (
     pack_int4,
     q4_0_fields,
     q4_k_fields,
+    q5_k_high_bits,
     q6_k_fields,
 )
 from qvl.runtime.weights import EXACT, PACKED, STREAMED, Matrix, Weights
 
-TOL = {T.Q8_0: 3 * 2**-9, T.Q5_K: 3 * 2**-9, T.F16: 3 * 2**-9, T.BF16: 3 * 2**-9,
-       T.Q4_K: 2**-7, T.Q4_0: 2**-7, T.Q4_1: 2**-7, T.Q6_K: 2**-7}
+TOL = {T.Q8_0: 3 * 2**-9, T.F16: 3 * 2**-9, T.BF16: 3 * 2**-9,
+       T.Q4_K: 2**-7, T.Q4_0: 2**-7, T.Q4_1: 2**-7, T.Q6_K: 2**-7, T.Q5_K: 2**-7}
 
 
 def _raw(qtype: T, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
@@ -65,6 +66,12 @@ def test_block_fields_equal_dequantization():
     lo, hi, scale = q6_k_fields(torch.from_numpy(raw))
     assert lo.max() <= 15 and hi.max() <= 3
     torch.testing.assert_close((lo.int() + 16 * hi.int() - 32).float() * scale.repeat_interleave(16, 1), ref, rtol=1e-6, atol=1e-6)
+    raw, ref = _raw(T.Q5_K, rows, cols)
+    q, scale, mins = q4_k_fields(torch.from_numpy(raw), 176)
+    hb = q5_k_high_bits(torch.from_numpy(raw))
+    assert hb.max() == 1 and q.max() <= 15
+    w = (q + 16 * hb).float() * scale.repeat_interleave(32, 1) - mins.repeat_interleave(32, 1)
+    torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
     for qtype, with_min in ((T.Q4_0, False), (T.Q4_1, True)):
         raw, ref = _raw(qtype, rows, cols)
         q, scale, offset = q4_0_fields(torch.from_numpy(raw), with_min)
@@ -78,7 +85,7 @@ def test_block_fields_equal_dequantization():
 def test_packed_matmul_matches_dequantized(qtype, rows, cols, m):
     raw, w = _raw(qtype, rows, cols, seed=rows + cols)
     packed = PackedMatrix(qtype, raw, rows, cols)
-    assert packed.int4 == (qtype in (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K))
+    assert packed.int4 == (qtype in (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K))
     x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
     y, ref = packed.matmul(x), x @ w.T
     assert y.shape == (m, rows) and y.dtype == torch.float32
@@ -107,6 +114,8 @@ def test_int4_weights_take_a_third_of_bf16():
     assert PackedMatrix(T.Q4_K, raw, 128, 1024).nbytes() == 128 * 1024 * (0.5 + 4 / 32)
     raw, _ = _raw(T.Q6_K, 128, 1024)
     assert PackedMatrix(T.Q6_K, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 4 / 16)
+    raw, _ = _raw(T.Q5_K, 128, 1024)  # two 4-bit groups a 32-weight sub-block: 0.63 of bf16's bytes
+    assert PackedMatrix(T.Q5_K, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 2 * 4 / 32)
 
 
 def test_modes_through_weights(fixtures_dir):
