@@ -20,7 +20,7 @@ DENSE_FROM_M rows on (prefill chunks), a call decodes TILE_ROWS weight rows at a
 bf16 (float32 arithmetic, one rounding) and runs bf16 GEMMs on them: 2-3x faster at 512 rows,
 with one tile of extra memory (scripts/bench_packed.py).
 
-Every other type (Q8_0, Q5_*, Q2_K.., F16, BF16) is dequantized once to bf16. Activations are
+Every other type (Q8_0, Q5_0, Q5_1, Q2_K.., F16, BF16) is dequantized once to bf16. Activations are
 rounded to bf16 and so is the int4 op's output (relative 2^-9); accumulation is float32.
 The exact float32 path is `weights.EXACT` (`qvl.load(..., dtype=torch.float32)`).
 """
