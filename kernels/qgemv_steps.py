@@ -135,6 +135,13 @@ Q4_K_MAGIC_ASM = tl.constexpr("{.reg .b32 t; and.b32 t, $8, 0x0F0F0F0F; " + _mag
 
 
 @triton.jit
+def _magic_nibbles(byte):
+    """Bytes of codes (low and high nibbles) -> their magic floats (low, high), Q4_K_MAGIC_ASM."""
+    return tl.inline_asm_elementwise(Q4_K_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+
+
+@triton.jit
 def _magic(nib):
     """2^23 + 65536 * nib as a float32, nib in 0..15: the bits 0x4B0n0000."""
     return ((nib.to(tl.int32) << 16) | 0x4B000000).to(tl.float32, bitcast=True)
@@ -177,8 +184,7 @@ def _step_k_quant_4_5(acc, x_step, stride_xm, M, rows, row, HIGH_BIT: tl.constex
                                                    [byte, qh, shift], dtype=(tl.float32, tl.float32),
                                                    is_pure=True, pack=4)
         else:
-            f_lo, f_hi = tl.inline_asm_elementwise(Q4_K_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte],
-                                                   dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+            f_lo, f_hi = _magic_nibbles(byte)
     else:
         q = byte.to(tl.int32)
         q_lo = q & 15
@@ -322,8 +328,7 @@ def _step_32(acc, x_step, stride_xm, M, rows, row, HIGH_BIT: tl.constexpr, BLOCK
                     [byte, tl.broadcast_to(qh_lo, byte.shape), tl.broadcast_to(qh_hi, byte.shape), run],
                     dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
             else:
-                f_lo, f_hi = tl.inline_asm_elementwise(Q4_K_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte],
-                                                       dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+                f_lo, f_hi = _magic_nibbles(byte)
         else:
             q = byte.to(tl.int32)
             code_lo = q & 15

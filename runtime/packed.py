@@ -222,7 +222,6 @@ class PackedMatrix:
         torch.bitwise_right_shift(p, 4, out=codes.view(torch.int32)[:, :, 1:]).bitwise_and_(0x0F0F0F0F)
         codes = codes.view(blocks, -1, GROUP, 64)  # (blocks, groups, 32, rows)
         sz = self.scale_zero[:, start:stop].float().view(-1, blocks, 64, 2).permute(3, 1, 0, 2)
-        scale = sz[0].unsqueeze(2).contiguous()  # (blocks, groups, 1, rows)
         w = work.f32[:blocks]
         if self.qtype in DOUBLED:  # halves [lo, c] of one scale, zero z (0 for Q6_K) on lo's only, x and 8x:
             # w = (lo - 8)*scale + z + 8*(c - 8)*scale = (lo + 8c - 72)*scale + z, lo + 8c <= 103
@@ -234,6 +233,7 @@ class PackedMatrix:
             pair_scale = pair_sz[0].contiguous()
             w.mul_(pair_scale).add_(pair_sz[1] - 72 * pair_scale)
         else:
+            scale = sz[0].unsqueeze(2).contiguous()  # (blocks, groups, 1, rows)
             w.copy_(codes)
             w.mul_(scale).add_((sz[1] - 8 * sz[0]).unsqueeze(2))
         packed_order = work.packed_order[:blocks]

@@ -287,10 +287,7 @@ class Matrix:
         if self._packed is not None:
             return self._packed.matmul(x)
         if self.mode == STREAMED:
-            y = (x.to(torch.bfloat16) @ self._streamed().T).float()
-            if self._release is not None:
-                self._release()
-            return y
+            return self.linear(x).float()
         if self._dense is not None and self._dense.dtype == torch.float32:
             return x @ self._dense.T
         out = torch.empty(*x.shape[:-1], self.rows, dtype=torch.float32)
