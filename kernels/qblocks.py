@@ -7,6 +7,15 @@ blocks). Layouts (byte offsets within a block; convert/quant/ writes them):
                      nibble of qs[j - 16]                                 w = d * (q - 8)
   Q5_0 (22 B / 32):  f16 d | u32 qh | qs[16]: Q4_0's nibble, bit j of qh on top
                                                                           w = d * (q - 16)
+  Q4_1 (20 B / 32), Q5_1 (24 B / 32): f16 d | f16 m | then Q4_0's qs (Q5_0's qh, qs)
+                                                                          w = d * q + m
+  Q2_K (84 B / 256): scales[16] | qs[64] | f16 d | f16 dmin: with h = e // 128, j = (e % 128)
+                     // 32, l = e % 32: bits 2j of qs[32h + l]; scales[e // 16] holds sc (low
+                     nibble) and m (high)                                  w = d*sc*q - dmin*m
+  Q3_K (110 B / 256): hmask[32] | qs[64] | scales[12] | f16 d: Q2_K's 2 bits, bit 4h + j of
+                     hmask[l] above them; 6-bit scale s = e // 16: the nibble s // 8 of
+                     scales[s % 8], bits 2 (s // 4) of scales[8 + s % 4] above
+                                                                          w = d*(sc - 32)*(q - 4)
   Q4_K (144 B / 256): f16 d | f16 dmin | scales[12] | qs[128]: with g = e // 64, l = e % 32,
                      hi = (e % 64) >= 32: the low (hi: high) nibble of qs[32g + l], and the
                      6-bit (sc, m) of sub-block j = 2g + hi                w = d*sc*q - dmin*m
@@ -29,9 +38,10 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 STEP = 256  # elements of K per loop iteration
-# The types the kernels read (the Q4_K_M / Q5_K_M mixes, their fallbacks, and Q4_0 files)
-# and the id a kernel's QTYPE constexpr takes for each.
-QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3, T.Q4_0: 4, T.Q5_K: 5}
+# The types the kernels read (the Q4_K_M / Q5_K_M / Q3_K / Q2_K mixes, their fallbacks, and
+# Q4_0 / Q4_1 files) and the id a kernel's QTYPE constexpr takes for each.
+QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3, T.Q4_0: 4, T.Q5_K: 5, T.Q4_1: 6, T.Q5_1: 7, T.Q2_K: 8,
+             T.Q3_K: 9}
 SUPPORTED = tuple(QTYPE_IDS)
 
 
@@ -107,6 +117,39 @@ def _decode_q5_0(row_ptr, e):
 
 
 @triton.jit
+def _decode_q4_1_q5_1(row_ptr, e, HIGH_BIT: tl.constexpr):
+    """Q4_1 (HIGH_BIT False) or Q5_1: Q4_0's (Q5_0's) codes after d and m, w = d * q + m."""
+    blk = row_ptr + (e // 32) * (24 if HIGH_BIT else 20)
+    j = e % 32
+    if HIGH_BIT:
+        qh = tl.load(blk + 4 + j // 8).to(tl.int32)
+        q = _nibble_32(blk + 8, j) | (((qh >> (j % 8)) & 1) << 4)
+    else:
+        q = _nibble_32(blk + 4, j)
+    return f16_at(blk) * q.to(tl.float32) + f16_at(blk + 2)
+
+
+@triton.jit
+def _decode_q2_k(row_ptr, e):
+    q = (tl.load(row_ptr + 16 + 32 * (e // 128) + e % 32).to(tl.int32) >> (2 * ((e % 128) // 32))) & 3
+    s = tl.load(row_ptr + e // 16).to(tl.int32)
+    return f16_at(row_ptr + 80 + 0 * e) * (s & 15).to(tl.float32) * q.to(tl.float32) - \
+        f16_at(row_ptr + 82 + 0 * e) * (s >> 4).to(tl.float32)
+
+
+@triton.jit
+def _decode_q3_k(row_ptr, e):
+    j = (e % 128) // 32
+    l = e % 32
+    q = (tl.load(row_ptr + 32 + 32 * (e // 128) + l).to(tl.int32) >> (2 * j)) & 3
+    q |= ((tl.load(row_ptr + l).to(tl.int32) >> (4 * (e // 128) + j)) & 1) << 2
+    s = e // 16
+    sc = (tl.load(row_ptr + 96 + s % 8).to(tl.int32) >> (4 * (s // 8))) & 15
+    sc |= ((tl.load(row_ptr + 104 + s % 4).to(tl.int32) >> (2 * (s // 4))) & 3) << 4
+    return f16_at(row_ptr + 108 + 0 * e) * (sc - 32).to(tl.float32) * (q - 4).to(tl.float32)
+
+
+@triton.jit
 def _decode_k_quant_4_5(row_ptr, e, HIGH_BIT: tl.constexpr):
     """Q4_K (HIGH_BIT False) or Q5_K: the same scales and nibbles, Q5_K's qh bit above."""
     d = f16_at(row_ptr + 0 * e)
@@ -155,6 +198,14 @@ def decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes, QTYPE: tl.constexp
         w = _decode_q4_0(row_ptr, e[None, :])
     elif QTYPE == 5:
         w = _decode_k_quant_4_5(row_ptr, e[None, :], True)
+    elif QTYPE == 6:
+        w = _decode_q4_1_q5_1(row_ptr, e[None, :], False)
+    elif QTYPE == 7:
+        w = _decode_q4_1_q5_1(row_ptr, e[None, :], True)
+    elif QTYPE == 8:
+        w = _decode_q2_k(row_ptr, e[None, :])
+    elif QTYPE == 9:
+        w = _decode_q3_k(row_ptr, e[None, :])
     else:
         w = _decode_q8_0(row_ptr, e[None, :])
     return w

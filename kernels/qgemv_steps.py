@@ -10,15 +10,17 @@ weights:
 - the quant bytes of one step are loaded as (BLOCK_N, A, B) tiles with B the contiguous run of
   a sub-block (Q4_K / Q5_K: the 4 x 32 bytes of qs once, low and high nibbles split after the
   load, Q5_K's qh[32] again for each of the four groups, in the codes' layout; Q6_K: ql and qh
-  once, the four 2+4-bit quarters split after; Q8_0 / Q5_0 / Q4_0: the 8 blocks of 32);
+  once, the four 2+4-bit quarters split after; Q2_K / Q3_K: qs (and hmask) once, the four
+  2-bit fields split after; Q8_0 / Q5_0 / Q4_0 / Q5_1 / Q4_1: the 8 blocks of 32);
 - x is loaded in the matching element order, and a sub-block contributes
   `scale * sum(q * x)` (K-quants: minus `min * sum(x)`), so the scales are applied once per 16
   or 32 weights instead of once per weight (M > 1; batch 1 in _rows);
 - at batch 1 on an NVIDIA GPU, codes become floats through inline PTX, never an int-to-float
   conversion (16 a clock per SM: it bounded Q8_0's loop): four bytes a register, their
-  nibbles (Q6_K, Q5_0, Q5_K: and qh's bits) masked at once, each byte moved by one `prmt` into
+  nibbles or 2-bit fields (Q6_K, Q5_0, Q5_K, Q3_K: and the high bits) masked at once, each byte moved by one `prmt` into
   the float 2^23 + 65536 q (bits 0x4B0q0000), so that w = f * (scale / 65536) - (128 scale + min)
-  (Q6_K: - 160 scale, Q5_0: - 144 d, Q4_0: - 136 d) is one FMA; Q8_0's signed bytes (sign bit
+  (Q6_K: - 160 scale, Q5_0: - 144 d, Q4_0: - 136 d, Q4_1 / Q5_1: - (128 d - m), Q3_K: - 132
+  scale) is one FMA; Q8_0's signed bytes (sign bit
   flipped) go to the low byte, 2^23 + 128 + q, and one exact add gives q. In Triton's
   interpreter and on ROCm (no inline PTX: Target.ptx) the same floats come from plain integer
   ops (`_magic`).
@@ -33,6 +35,10 @@ Element layouts (qblocks.py's, regrouped):
         e = 128h + 32t + l, scale index 8h + 2t + (l // 16);  w = d*scale*(q - 32)
   Q5_0 / Q4_0: block a (f16 d, Q5_0: u32 qh, 16 qs): byte b, low nibble e = 32a + b (Q5_0:
         with bit b of qh), high nibble e = 32a + 16 + b (bit 16 + b); w = d*(q - 16) / d*(q - 8)
+  Q5_1 / Q4_1: the same after f16 d, f16 m                    w = d*q + m
+  Q2_K / Q3_K: Q6_K's (a, b); field j (bits 2j) of qs[32h + l] (Q3_K: bit 4h + j of hmask[l]
+        above it): e = 128h + 32j + l, sub-block 8h + 2j + (l // 16)
+                                                  w = d*sc*q - dmin*m / d*(sc - 32)*(q - 4)
 
 `step` dispatches on QTYPE (qblocks.QTYPE_IDS); `lane_sums` / `row_sums` are the batch-1
 accumulator a type's steps add to and its reduction after the K loop.
@@ -301,23 +307,26 @@ Q5_0_MAGIC_ASM = tl.constexpr(_q5_0_asm())
 
 
 @triton.jit
-def _step_32(acc, x_step, stride_xm, M, rows, row, HIGH_BIT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _step_32(acc, x_step, stride_xm, M, rows, row, HIGH_BIT: tl.constexpr, MIN: tl.constexpr, BLOCK_M: tl.constexpr,
              ASM: tl.constexpr):
-    """A step of eight 32-element blocks: Q4_0 (18 bytes: d, qs[16]), or with HIGH_BIT Q5_0
-    (22 bytes: d, u32 qh, qs[16])."""
-    BYTES: tl.constexpr = 22 if HIGH_BIT else 18
-    QS: tl.constexpr = 6 if HIGH_BIT else 2
-    OFFSET: tl.constexpr = 16 if HIGH_BIT else 8  # w = d * (q - OFFSET)
+    """A step of eight 32-element blocks: Q4_0 (18 bytes: d, qs[16]), with HIGH_BIT Q5_0 (22
+    bytes: d, u32 qh, qs[16]); with MIN Q4_1 / Q5_1 (f16 m after d: 20 / 24 bytes, w = d*q + m)."""
+    BYTES: tl.constexpr = (24 if HIGH_BIT else 20) if MIN else (22 if HIGH_BIT else 18)
+    QH: tl.constexpr = 4 if MIN else 2
+    QS: tl.constexpr = QH + 4 if HIGH_BIT else QH
+    OFFSET: tl.constexpr = 0 if MIN else (16 if HIGH_BIT else 8)  # w = d * (q - OFFSET) (+ m)
     b = tl.arange(0, 16)
     for h in tl.static_range(2):
         a = 4 * h + tl.arange(0, 4)
         blk = row[:, None] + a[None, :] * BYTES  # (BLOCK_N, 4)
         d = f16_at(blk)
+        if MIN:
+            mn = f16_at(blk + 2)
         p = blk[:, :, None]
         byte = tl.load(p + QS + b[None, None, :])
         if HIGH_BIT:
-            qh_lo = tl.load((p + 2).to(tl.pointer_type(tl.uint16))).to(tl.int32)  # bits of elements 0..15
-            qh_hi = tl.load((p + 4).to(tl.pointer_type(tl.uint16))).to(tl.int32)  # 16..31
+            qh_lo = tl.load((p + QH).to(tl.pointer_type(tl.uint16))).to(tl.int32)  # bits of elements 0..15
+            qh_hi = tl.load((p + QH + 2).to(tl.pointer_type(tl.uint16))).to(tl.int32)  # 16..31
         shift = b[None, None, :]
         offs = 32 * a[:, None] + b[None, :]
         if BLOCK_M == 1 and ASM:
@@ -340,14 +349,91 @@ def _step_32(acc, x_step, stride_xm, M, rows, row, HIGH_BIT: tl.constexpr, BLOCK
                 f_lo = _magic(code_lo)
                 f_hi = _magic(code_hi)
         if BLOCK_M == 1:
-            # w = (q - OFFSET) * d = f * (d / 65536) - (128 + OFFSET) d, f = 2^23 + 65536 q (both exact)
-            scale = d * (1.0 / 65536)
-            acc = _rows(acc, x_step, stride_xm, M, rows, offs, f_lo, scale, d * (128.0 + OFFSET), 0, True, BLOCK_M)
-            acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, f_hi, scale, d * (128.0 + OFFSET), 0, True,
-                        BLOCK_M)
+            # w = (q - OFFSET) * d (+ m) = f * (d / 65536) - ((128 + OFFSET) d (- m)), f = 2^23 + 65536 q
+            scale = d * (1.0 / 65536)  # exact
+            mins = d * (128.0 + OFFSET)
+            if MIN:
+                mins -= mn
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs, f_lo, scale, mins, 0, True, BLOCK_M)
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, f_hi, scale, mins, 0, True, BLOCK_M)
+        elif MIN:
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs, code_lo, d, -mn, 0, True, BLOCK_M)
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, code_hi, d, -mn, 0, True, BLOCK_M)
         else:
             acc = _rows(acc, x_step, stride_xm, M, rows, offs, code_lo, d, d, OFFSET, False, BLOCK_M)
             acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, code_hi, d, d, OFFSET, False, BLOCK_M)
+    return acc
+
+
+# Q2_K's 2-bit codes at bit $5 of four bytes of qs ($4; $6-$8 the other elements' copies of the
+# shift, unused: a pack is a run of 4 bytes of one field) -> their magic floats ($0..$3); Q3_K's
+# with bit $10 of four bytes of hmask ($5) above them (the shifts $6 and $10: Q3_K's operands
+# are qs, hmask, then the two shifts).
+Q2_K_MAGIC_ASM = tl.constexpr("{.reg .b32 n; shr.b32 n, $4, $5; and.b32 n, n, 0x03030303; "
+                              + _magic_prmt("n", 0) + "}")
+Q3_K_MAGIC_ASM = tl.constexpr("{.reg .b32 n, h; shr.b32 n, $4, $6; and.b32 n, n, 0x03030303; shr.b32 h, $5, $10; "
+                              "and.b32 h, h, 0x01010101; shl.b32 h, h, 2; or.b32 n, n, h; " + _magic_prmt("n", 0) + "}")
+
+
+@triton.jit
+def _step_q2_q3_k(acc, x_step, stride_xm, M, rows, row, Q3: tl.constexpr, BLOCK_M: tl.constexpr, ASM: tl.constexpr):
+    """A Q2_K step, or with Q3 a Q3_K step (qblocks.py's layouts), in Q6_K's tile: a = 2h +
+    (l // 16), b = l % 16 for half h and byte l of its 32 bytes of qs; the four 2-bit fields
+    of a byte (shift 2j) are elements 128h + 32j + l, in 16-element sub-blocks
+    8h + 2j + (l // 16), each with its own scale (Q2_K: and min); Q3_K's bit 4h + j of hmask[l]
+    is the code's third. At batch 1 on an NVIDIA GPU the codes of four bytes become magic floats
+    at once (Q2_K_MAGIC_ASM, Q3_K_MAGIC_ASM)."""
+    a = tl.arange(0, 4)
+    b = tl.arange(0, 16)
+    lane = (16 * (a % 2))[None, :, None] + b[None, None, :]  # l
+    byte = tl.load(row[:, None, None] + (32 if Q3 else 16) + (32 * (a // 2))[None, :, None] + lane)
+    if Q3:
+        hmask = tl.load(row[:, None, None] + lane)
+        d = f16_at(row + 108)[:, None]
+        # the scales of sub-blocks 8h + 2j + (a % 2): low nibbles in bytes 2j + (a % 2) (nibble h),
+        # high bits in bytes 8 + 2 (j % 2) + (a % 2) (bits 4h + 2 (j // 2)); read as 16-bit pairs
+        words = row[:, None] + 96
+        pick = (8 * (a % 2) + 4 * (a // 2))[None, :]
+    else:
+        d = f16_at(row + 80)[:, None]
+        dmin = f16_at(row + 82)[:, None]
+    for j in tl.static_range(4):
+        sub = 8 * (a // 2) + 2 * j + a % 2  # (4,) sub-block of each a
+        offs = (128 * (a // 2) + 32 * j + 16 * (a % 2))[:, None] + b[None, :]
+        high = (4 * (a // 2) + j)[None, :, None]  # Q3_K: the bit of hmask
+        if BLOCK_M == 1 and ASM:
+            shift = tl.full(byte.shape, 2 * j, tl.int32)
+            if Q3:
+                f = tl.inline_asm_elementwise(Q3_K_MAGIC_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+                                              [byte, hmask, shift, tl.broadcast_to(high, byte.shape)],
+                                              dtype=tl.float32, is_pure=True, pack=4)
+            else:
+                f = tl.inline_asm_elementwise(Q2_K_MAGIC_ASM, "=r,=r,=r,=r,r,r,r,r,r", [byte, shift],
+                                              dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            code = (byte.to(tl.int32) >> (2 * j)) & 3
+            if Q3:
+                code |= ((hmask.to(tl.int32) >> high) & 1) << 2
+            f = _magic(code)
+        if Q3:
+            low = tl.load((words + 2 * j).to(tl.pointer_type(tl.uint16))).to(tl.int32)
+            top = tl.load((words + 8 + 2 * (j % 2)).to(tl.pointer_type(tl.uint16))).to(tl.int32)
+            sc = ((low >> pick) & 15) | (((top >> (pick + 2 * (j // 2))) & 3) << 4)
+            scale = d * (sc - 32).to(tl.float32)
+            if BLOCK_M == 1:  # w = scale * (q - 4) = f * (scale / 65536) - 132 scale, f = 2^23 + 65536 q
+                acc = _rows(acc, x_step, stride_xm, M, rows, offs, f, scale * (1.0 / 65536), scale * 132.0, 0, True,
+                            BLOCK_M)
+            else:
+                acc = _rows(acc, x_step, stride_xm, M, rows, offs, code, scale, scale, 4, False, BLOCK_M)
+        else:
+            packed = tl.load(row[:, None] + sub[None, :]).to(tl.int32)
+            scale = d * (packed & 15).to(tl.float32)
+            mins = dmin * (packed >> 4).to(tl.float32)
+            if BLOCK_M == 1:  # w = scale * q - min = f * (scale / 65536) - (128 scale + min)
+                acc = _rows(acc, x_step, stride_xm, M, rows, offs, f, scale * (1.0 / 65536), scale * 128.0 + mins, 0,
+                            True, BLOCK_M)
+            else:
+                acc = _rows(acc, x_step, stride_xm, M, rows, offs, code, scale, mins, 0, True, BLOCK_M)
     return acc
 
 
@@ -381,11 +467,19 @@ def step(acc, x_step, stride_xm, M, rows, row, QTYPE: tl.constexpr, BLOCK_M: tl.
     elif QTYPE == 2:
         acc = _step_q6_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M, ASM)
     elif QTYPE == 3:
-        acc = _step_32(acc, x_step, stride_xm, M, rows, row, True, BLOCK_M, ASM)
+        acc = _step_32(acc, x_step, stride_xm, M, rows, row, True, False, BLOCK_M, ASM)
     elif QTYPE == 4:
-        acc = _step_32(acc, x_step, stride_xm, M, rows, row, False, BLOCK_M, ASM)
+        acc = _step_32(acc, x_step, stride_xm, M, rows, row, False, False, BLOCK_M, ASM)
     elif QTYPE == 5:
         acc = _step_k_quant_4_5(acc, x_step, stride_xm, M, rows, row, True, BLOCK_M, ASM)
+    elif QTYPE == 6:
+        acc = _step_32(acc, x_step, stride_xm, M, rows, row, False, True, BLOCK_M, ASM)
+    elif QTYPE == 7:
+        acc = _step_32(acc, x_step, stride_xm, M, rows, row, True, True, BLOCK_M, ASM)
+    elif QTYPE == 8:
+        acc = _step_q2_q3_k(acc, x_step, stride_xm, M, rows, row, False, BLOCK_M, ASM)
+    elif QTYPE == 9:
+        acc = _step_q2_q3_k(acc, x_step, stride_xm, M, rows, row, True, BLOCK_M, ASM)
     else:
         acc = _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M, ASM)
     return acc

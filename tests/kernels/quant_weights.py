@@ -4,20 +4,101 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from qvl.convert.quant import quantize
 
 
+# "huge" multiplies N(0, 1) rows by 3e4; Q4_1 / Q5_1 store each block's minimum (about -3e4 x 3
+# here) as a float16, which overflows to -inf past 65504 (ggml's quantizers do the same), so
+# theirs by 1e4
+HUGE = {T.Q4_1: 1e4, T.Q5_1: 1e4}
+# Where the super-scale(s) sit in the types built from random bytes (byte offsets in a block)
+RANDOM_BLOCK_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,)}
+# their range: weights of about N(0, 1)'s size (Q3_K's 6-bit scales, less 32, are 16 on average)
+RANDOM_BLOCK_D = {T.Q2_K: (0.02, 0.08), T.Q3_K: (0.01, 0.04)}
+
+
 def quant_weights(n: int, k: int, qtype: T, kind: str, seed: int) -> torch.Tensor:
     """(n, row_bytes) uint8 of N(0, 1) rows; `kind`: normal, zero-blocks (the first 256 columns
-    zero), huge (x 3e4) or tiny (x 1e-5) scales."""
+    zero), huge (x 3e4; Q4_1, Q5_1: HUGE) or tiny (x 1e-5) scales. Q2_K / Q3_K (no quantizer here): random_blocks."""
     rng = np.random.default_rng(seed)
+    if qtype in RANDOM_BLOCK_SCALES:
+        return random_blocks(n, k, qtype, kind, rng)
     w = rng.standard_normal((n, k)).astype(np.float32)
     if kind == "zero-blocks":
         w[:, :256] = 0
     elif kind == "huge":
-        w *= 3e4
+        w *= HUGE.get(qtype, 3e4)
     elif kind == "tiny":
         w *= 1e-5
     return torch.from_numpy(quantize(w, qtype))
+
+
+def random_blocks(n: int, k: int, qtype: T, kind: str, rng: np.random.Generator) -> torch.Tensor:
+    """(n, row_bytes) uint8 of 256-weight blocks with random bytes (codes, sub-block scales,
+    masks: every bit pattern is a valid block) and float16 super-scales in RANDOM_BLOCK_D (Q2_K's
+    d and dmin, Q3_K's d), scaled by 3e4 for huge and 1e-5 for tiny (float16 subnormals); with
+    zero-blocks each row's first block is all zero bytes (d = 0: zero weights)."""
+    size = GGML_QUANT_SIZES[qtype][1]
+    blocks = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+    factor = {"huge": 3e4, "tiny": 1e-5}.get(kind, 1.0)
+    for at in RANDOM_BLOCK_SCALES[qtype]:
+        d = (rng.uniform(*RANDOM_BLOCK_D[qtype], (n, k // 256)) * factor).astype(np.float16)
+        blocks[:, :, at:at + 2] = d[:, :, None].view(np.uint8)
+    if kind == "zero-blocks":
+        blocks[:, 0] = 0
+    return torch.from_numpy(blocks.reshape(n, -1))
+
+
+def encode_q2_k(w: np.ndarray) -> np.ndarray:
+    """(n, k) float32 rows -> Q2_K blocks by plain rounding (not ggml's search, which qvl does
+    not port: it writes no Q2_K): a 16-weight sub-block's min (at most 0) and scale (its range
+    / 3) as 4-bit multiples of the super-block's dmin and d. For models in llama.cpp's Q2_K
+    layout (qblocks.py), whose bytes both of qvl's paths read."""
+    n, k = w.shape
+    b = w.reshape(n, k // 256, 16, 16).astype(np.float32)
+    low = np.minimum(b.min(-1), 0)
+    scale = (b.max(-1) - low) / 3
+    d = (scale.max(-1) / 15).astype(np.float16)
+    dmin = ((-low).max(-1) / 15).astype(np.float16)
+    sc = np.clip(np.round(_ratio(scale, d.astype(np.float32)[..., None])), 0, 15)
+    m = np.clip(np.round(_ratio(-low, dmin.astype(np.float32)[..., None])), 0, 15)
+    step = (d.astype(np.float32)[..., None] * sc)[..., None]
+    base = (dmin.astype(np.float32)[..., None] * m)[..., None]
+    q = np.clip(np.round(_ratio(b + base, step)), 0, 3).astype(np.uint8).reshape(n, k // 256, 2, 4, 32)  # h, j, l
+    qs = (q[:, :, :, 0] | q[:, :, :, 1] << 2 | q[:, :, :, 2] << 4 | q[:, :, :, 3] << 6).reshape(n, k // 256, 64)
+    scales = sc.astype(np.uint8) | m.astype(np.uint8) << 4
+    return np.concatenate([scales, qs, d[..., None].view(np.uint8), dmin[..., None].view(np.uint8)],
+                          axis=-1).reshape(n, -1)
+
+
+def encode_q3_k(w: np.ndarray) -> np.ndarray:
+    """(n, k) float32 rows -> Q3_K blocks by plain rounding (as encode_q2_k): a 16-weight
+    sub-block's scale max|w| / 4 as a 6-bit multiple (stored + 32) of the super-block's d,
+    codes q - 4 in -4..3 (q's bit 2 in hmask)."""
+    n, k = w.shape
+    b = w.reshape(n, k // 256, 16, 16).astype(np.float32)
+    scale = np.abs(b).max(-1) / 4
+    d = (scale.max(-1) / 31).astype(np.float16)
+    sc = np.clip(np.round(_ratio(scale, d.astype(np.float32)[..., None])), 0, 31)
+    step = (d.astype(np.float32)[..., None] * sc)[..., None]
+    q = (np.clip(np.round(_ratio(b, step)), -4, 3) + 4).astype(np.uint8).reshape(n, k // 256, 2, 4, 32)
+    low = q & 3
+    qs = (low[:, :, :, 0] | low[:, :, :, 1] << 2 | low[:, :, :, 2] << 4 | low[:, :, :, 3] << 6).reshape(n, k // 256, 64)
+    hmask = np.zeros((n, k // 256, 32), dtype=np.uint8)
+    for h in range(2):
+        for j in range(4):
+            hmask |= (q[:, :, h, j] >> 2) << (4 * h + j)
+    v = sc.astype(np.uint8) + 32  # (n, S, 16) 6-bit
+    scales = np.zeros((n, k // 256, 12), dtype=np.uint8)
+    scales[..., :8] = (v[..., :8] & 15) | (v[..., 8:] & 15) << 4
+    for t in range(4):
+        scales[..., 8:] |= ((v[..., 4 * t:4 * t + 4] >> 4) & 3) << (2 * t)
+    return np.concatenate([hmask, qs, scales, d[..., None].view(np.uint8)], axis=-1).reshape(n, -1)
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a / b, 0 where b is 0."""
+    return np.divide(a, b, out=np.zeros(np.broadcast_shapes(a.shape, b.shape), dtype=np.float32), where=b > 0)

@@ -21,10 +21,12 @@ from interpret import ACCEL
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as T
 from PIL import Image
 from typer.testing import CliRunner
 
 from qvl.convert.cli import app as convert_app
+from qvl.convert.plan import plan_text
 from qvl.runtime.gguf_file import GGUFFile
 from qvl.runtime.model import ALL_LAYERS, Generation, load
 from qvl.runtime.placement import Placement
@@ -128,6 +130,42 @@ def test_other_quant_mixes_through_the_kernels(checkpoints, file_type, types):
     layer = model.decoder.layers[0]
     for w in (layer.wq, layer.wv, layer.down, model.decoder.output):
         assert w.kernel is not None and w.kernel.qtype.name in types
+    tokens, logits = _run(path, PLACEMENTS["all"])
+    ref_tokens, ref_logits = _torch_path(path)
+    assert len(set(ref_tokens)) > 2
+    assert tokens == ref_tokens
+    assert _rel(logits, ref_logits) <= 1e-4
+
+
+def test_q2_k_q3_k_mix_through_the_kernels(checkpoints, monkeypatch):
+    """llama.cpp's Q2_K / Q3_K_M files hold Q2_K and Q3_K matrices, which qvl-convert does not
+    write: a file with attention in Q3_K and the MLP in Q2_K (quant_weights' round-to-nearest
+    encoders, llama.cpp's block layouts; output Q6_K) wholly through the kernels, read from
+    its blocks: the torch path's tokens, logits within 1e-4 (as above)."""
+    from quant_weights import encode_q2_k, encode_q3_k
+
+    from qvl.convert import pipeline
+    from qvl.convert.plan import PlannedTensor
+    from qvl.convert.quant import BLOCK_QUANTIZERS
+
+    def plan_low_bits(tensors, kind, n_layer):
+        return [PlannedTensor(p.tensor, T.Q3_K if ".attn_" in p.tensor.name else T.Q2_K if ".ffn_" in p.tensor.name
+                              else p.qtype) if p.qtype == T.Q4_K else p
+                for p in plan_text(tensors, kind, n_layer)]
+
+    monkeypatch.setattr(pipeline, "plan_text", plan_low_bits)
+    monkeypatch.setitem(BLOCK_QUANTIZERS, T.Q2_K, encode_q2_k)
+    monkeypatch.setitem(BLOCK_QUANTIZERS, T.Q3_K, encode_q3_k)
+    src = checkpoints["untied"]
+    path = _convert(src, src.parent / "m-q2_k-q3_k.gguf", "q4_k_m")
+    with GGUFFile(path) as g:
+        types = {n: t.type.name for n, t in g.tensors.items() if n.startswith("blk.") and n.endswith(".weight")
+                 and "norm" not in n}
+    assert types["blk.0.attn_q.weight"] == "Q3_K" and types["blk.0.ffn_up.weight"] == "Q2_K"
+    assert {"Q2_K", "Q3_K"} <= set(types.values())
+    model = load(path, device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"])
+    layer = model.decoder.layers[0]
+    assert layer.wq.kernel is not None and layer.wq.kernel.qtype == T.Q3_K
     tokens, logits = _run(path, PLACEMENTS["all"])
     ref_tokens, ref_logits = _torch_path(path)
     assert len(set(ref_tokens)) > 2

@@ -1,5 +1,5 @@
-"""The inline PTX of the batch-1 GEMV (kernels/qgemv_steps.py: Q4_K's (and Q4_0's), Q5_K's,
-Q6_K's and Q5_0's codes as magic floats 2^23 + 65536 q, Q8_0's as 2^23 + 128 + q, four bytes a
+"""The inline PTX of the batch-1 GEMV (kernels/qgemv_steps.py: Q4_K's (and Q4_0's, Q4_1's), Q5_K's,
+Q6_K's, Q5_0's (Q5_1's), Q2_K's and Q3_K's codes as magic floats 2^23 + 65536 q, Q8_0's as 2^23 + 128 + q, four bytes a
 register) run through a small PTX evaluator here, against the formula the interpreter path computes in plain Triton.
 The interpreter cannot run inline assembly, so this is what checks the assembly text itself in
 CI: each instruction's
@@ -14,8 +14,8 @@ import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import numpy as np
 import pytest
 
-from qvl.kernels.qgemv_steps import (Q4_K_MAGIC_ASM, Q5_0_MAGIC_ASM, Q5_K_MAGIC_ASM, Q6_K_ASM_0, Q6_K_ASM_1,
-                                     Q6_K_ASM_2, Q6_K_ASM_3, Q8_0_MAGIC_ASM)
+from qvl.kernels.qgemv_steps import (Q2_K_MAGIC_ASM, Q3_K_MAGIC_ASM, Q4_K_MAGIC_ASM, Q5_0_MAGIC_ASM, Q5_K_MAGIC_ASM,
+                                     Q6_K_ASM_0, Q6_K_ASM_1, Q6_K_ASM_2, Q6_K_ASM_3, Q8_0_MAGIC_ASM)
 
 MASK = 0xFFFFFFFF
 
@@ -148,6 +148,24 @@ def test_q5_k_codes_of_a_group():
         low = [(int(b) & 15) | (((int(h) >> (2 * g)) & 1) << 4) for b, h in zip(qs, qh)]
         high = [(int(b) >> 4) | (((int(h) >> (2 * g + 1)) & 1) << 4) for b, h in zip(qs, qh)]
         assert got == [magic(q) for q in low + high], (qs, qh, g)
+
+
+def test_q2_k_q3_k_codes_of_a_run():
+    """Four bytes of qs at field j (shift 2j = 0, 2, 4, 6): Q2_K's 2-bit codes; Q3_K's with bit
+    4h + j (0..7) of each lane's hmask byte as bit 2. The other elements' copies of the shifts
+    (Q2_K $6-$8, Q3_K $7-$9 and $11-$13) hold junk."""
+    rng = np.random.default_rng(9)
+    for trial in range(800):
+        qs, hmask = rng.integers(0, 256, 4), rng.integers(0, 256, 4)
+        if trial == 0:
+            qs[:] = hmask[:] = 255
+        j, bit = trial % 4, (trial // 4) % 8
+        junk = {k: int(rng.integers(0, 2 ** 32)) for k in range(6, 14)}
+        codes = [(int(b) >> (2 * j)) & 3 for b in qs]
+        got = run_ptx(Q2_K_MAGIC_ASM.value, junk | {4: packed(qs), 5: 2 * j}, 4)
+        assert got == [magic(q) for q in codes], (qs, j)
+        got = run_ptx(Q3_K_MAGIC_ASM.value, junk | {4: packed(qs), 5: packed(hmask), 6: 2 * j, 10: bit}, 4)
+        assert got == [magic(q | (((int(h) >> bit) & 1) << 2)) for q, h in zip(codes, hmask)], (qs, hmask, j, bit)
 
 
 def test_evaluator_knows_prmt_and_rejects_the_unknown():

@@ -88,7 +88,7 @@ def _wide(rows: int, qtype: T, seed: int) -> tuple[Matrix, torch.Tensor]:
 
 
 @pytest.mark.parametrize("m", [1, 3, 11])
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0], ids=lambda t: t.name)  # the Q4_K_M / Q6_K fallbacks
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0, T.Q5_1], ids=lambda t: t.name)  # Q6_K / Q4_K / Q5_K fallbacks
 def test_rows_past_the_last_step_take_a_dense_tail(qtype, m):
     """A weight whose K is not a multiple of 256 keeps its blocks on the device (the kernels
     read the first 768 columns in place) with only the last 32 columns dense; every epilogue

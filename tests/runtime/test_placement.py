@@ -23,7 +23,7 @@ from qvl.runtime.placement import (CUDA_OVERHEAD, GIB, REFERENCE_PIXELS, Placeme
 from tiny_models import TinySpec, make_checkpoint
 
 
-def _official(name: str, kv_type: str = "bf16", dequant_slab: int = 0):
+def _official(name: str, kv_type: str = "bf16", dequant_slab: int = 0, file_type: str = "q4_k_m"):
     ck = parse_config(official_config(name))
     t = ck.text
     cfg = TextConfig("qwen2vl", t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
@@ -34,7 +34,7 @@ def _official(name: str, kv_type: str = "bf16", dequant_slab: int = 0):
         return {p.tensor.name: TensorInfo(p.tensor.name, p.qtype, tuple(reversed(p.tensor.shape)), 0, p.nbytes)
                 for p in planned}
 
-    text = table(plan_text(text_tensors(ck), TEXT_TYPES["q4_k_m"], t.num_hidden_layers))
+    text = table(plan_text(text_tensors(ck), TEXT_TYPES[file_type], t.num_hidden_layers))
     vision = table(plan_vision(mmproj_tensors(ck), "f16"))
     return cfg, footprint(cfg, text, vision, kernels=True, kv_type=kv_type, dequant_slab=dequant_slab)
 
@@ -55,14 +55,16 @@ def test_7b_q4_k_m_footprint():
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-vl-72b", "qwen2-vl-72b"])
-def test_72b_keeps_its_ffn_down_in_blocks(name):
+@pytest.mark.parametrize("file_type,gib,layer_mib", [("q4_k_m", (42, 45), 600), ("q5_k_m", (49, 51.5), 680)])
+def test_72b_keeps_its_ffn_down_in_blocks(name, file_type, gib, layer_mib):
     """ffn_down's 29568-wide rows are not whole 256-weight steps: Q4_K_M stores them as Q5_0 /
-    Q8_0 fallbacks, which the kernels read in place with a 128-column dense tail; as dense bf16
-    copies the GPU would hold 63.8 GiB of weights instead of 43.6 (llama.cpp's 72B Q4_K_M text
-    file is 44.2 GiB)."""
-    _, fp = _official(name)
-    assert 42 * GIB < sum(fp.layer_bytes) + fp.output_bytes < 45 * GIB
-    assert max(fp.layer_bytes) < 600 * 2**20  # 590 MiB a layer (805 with dense ffn_down)
+    Q8_0 fallbacks, Q5_K_M as Q5_1 / Q8_0, which the kernels read in place with a 128-column
+    dense tail. As dense bf16 copies the GPU would hold 63.8 GiB of weights instead of 43.6
+    (Q4_K_M; llama.cpp's 72B Q4_K_M text file is 44.2 GiB), 61.3 instead of 50.1 (Q5_K_M, whose
+    Q5_1 halves were dense before the kernels read Q5_1)."""
+    _, fp = _official(name, file_type=file_type)
+    assert gib[0] * GIB < sum(fp.layer_bytes) + fp.output_bytes < gib[1] * GIB
+    assert max(fp.layer_bytes) < layer_mib * 2**20  # Q4_K_M 590 MiB a layer (805 dense), Q5_K_M 665 (879)
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-7b"])
