@@ -16,6 +16,11 @@ blocks). Layouts (byte offsets within a block; convert/quant/ writes them):
                      hmask[l] above them; 6-bit scale s = e // 16: the nibble s // 8 of
                      scales[s % 8], bits 2 (s // 4) of scales[8 + s % 4] above
                                                                           w = d*(sc - 32)*(q - 4)
+  IQ4_NL (18 B / 32): Q4_0's layout                                       w = d * KVALUES[q]
+  IQ4_XS (136 B / 256): f16 d | u16 scales_h | scales_l[4] | qs[128]: sub-block ib = e // 32
+                     takes Q4_0's nibbles of the 16 bytes at 8 + 16 ib, 6-bit scale ls from
+                     nibble ib % 2 of scales_l[ib // 2], bits 2 ib of scales_h above
+                                                                          w = d*(ls - 32)*KVALUES[q]
   Q4_K (144 B / 256): f16 d | f16 dmin | scales[12] | qs[128]: with g = e // 64, l = e % 32,
                      hi = (e % 64) >= 32: the low (hi: high) nibble of qs[32g + l], and the
                      6-bit (sc, m) of sub-block j = 2g + hi                w = d*sc*q - dmin*m
@@ -38,11 +43,22 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 STEP = 256  # elements of K per loop iteration
-# The types the kernels read (the Q4_K_M / Q5_K_M / Q3_K / Q2_K mixes, their fallbacks, and
-# Q4_0 / Q4_1 files) and the id a kernel's QTYPE constexpr takes for each.
+# The types the kernels read (the Q4_K_M / Q5_K_M / Q3_K / Q2_K / IQ4_XS mixes, their fallbacks
+# (IQ4_NL: Q2_K's, Q3_K's and IQ4_XS's), and Q4_0 / Q4_1 files) and the id a kernel's QTYPE
+# constexpr takes for each.
 QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3, T.Q4_0: 4, T.Q5_K: 5, T.Q4_1: 6, T.Q5_1: 7, T.Q2_K: 8,
-             T.Q3_K: 9}
+             T.Q3_K: 9, T.IQ4_NL: 10, T.IQ4_XS: 11}
 SUPPORTED = tuple(QTYPE_IDS)
+# IQ4_NL / IQ4_XS's 16 non-linear levels (ggml's kvalues_iq4nl), and the same plus 128 as bytes
+# packed four to a 32-bit word (entry i in byte i % 4 of word i // 4) for lookups by shifts
+# (`iq4_level`) or byte permutations (qgemv_steps.py), as signed 32-bit values
+KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+KVALUE_WORDS = tuple(int.from_bytes(bytes(v + 128 for v in KVALUES[4 * i:4 * i + 4]), "little", signed=True)
+                     for i in range(4))
+_W0 = tl.constexpr(KVALUE_WORDS[0])
+_W1 = tl.constexpr(KVALUE_WORDS[1])
+_W2 = tl.constexpr(KVALUE_WORDS[2])
+_W3 = tl.constexpr(KVALUE_WORDS[3])
 
 
 @triton.jit
@@ -150,6 +166,29 @@ def _decode_q3_k(row_ptr, e):
 
 
 @triton.jit
+def iq4_byte(code):
+    """KVALUES[code] + 128 (1..241) for int32 codes 0..15: three selects and a shift of the
+    packed table."""
+    word = tl.where(code < 8, tl.where(code < 4, _W0, _W1), tl.where(code < 12, _W2, _W3))
+    return (word >> ((code & 3) * 8)) & 255
+
+
+@triton.jit
+def _decode_iq4_nl(row_ptr, e):
+    blk = row_ptr + (e // 32) * 18
+    return f16_at(blk) * (iq4_byte(_nibble_32(blk + 2, e % 32)) - 128).to(tl.float32)
+
+
+@triton.jit
+def _decode_iq4_xs(row_ptr, e):
+    ib = e // 32
+    high = (tl.load((row_ptr + 2 + 0 * e).to(tl.pointer_type(tl.uint16))).to(tl.int32) >> (2 * ib)) & 3
+    ls = ((tl.load(row_ptr + 4 + ib // 2).to(tl.int32) >> (4 * (ib % 2))) & 15) | (high << 4)
+    q = iq4_byte(_nibble_32(row_ptr + 8 + 16 * ib, e % 32)) - 128
+    return f16_at(row_ptr + 0 * e) * (ls - 32).to(tl.float32) * q.to(tl.float32)
+
+
+@triton.jit
 def _decode_k_quant_4_5(row_ptr, e, HIGH_BIT: tl.constexpr):
     """Q4_K (HIGH_BIT False) or Q5_K: the same scales and nibbles, Q5_K's qh bit above."""
     d = f16_at(row_ptr + 0 * e)
@@ -206,6 +245,10 @@ def decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes, QTYPE: tl.constexp
         w = _decode_q2_k(row_ptr, e[None, :])
     elif QTYPE == 9:
         w = _decode_q3_k(row_ptr, e[None, :])
+    elif QTYPE == 10:
+        w = _decode_iq4_nl(row_ptr, e[None, :])
+    elif QTYPE == 11:
+        w = _decode_iq4_xs(row_ptr, e[None, :])
     else:
         w = _decode_q8_0(row_ptr, e[None, :])
     return w

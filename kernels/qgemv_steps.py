@@ -21,7 +21,8 @@ weights:
   the float 2^23 + 65536 q (bits 0x4B0q0000), so that w = f * (scale / 65536) - (128 scale + min)
   (Q6_K: - 160 scale, Q5_0: - 144 d, Q4_0: - 136 d, Q4_1 / Q5_1: - (128 d - m), Q3_K: - 132
   scale) is one FMA; Q8_0's signed bytes (sign bit
-  flipped) go to the low byte, 2^23 + 128 + q, and one exact add gives q. In Triton's
+  flipped) go to the low byte, 2^23 + 128 + q, and one exact add gives q (IQ4's levels too, looked
+  up by byte permutations in a table held in registers). In Triton's
   interpreter and on ROCm (no inline PTX: Target.ptx) the same floats come from plain integer
   ops (`_magic`).
 
@@ -39,6 +40,8 @@ Element layouts (qblocks.py's, regrouped):
   Q2_K / Q3_K: Q6_K's (a, b); field j (bits 2j) of qs[32h + l] (Q3_K: bit 4h + j of hmask[l]
         above it): e = 128h + 32j + l, sub-block 8h + 2j + (l // 16)
                                                   w = d*sc*q - dmin*m / d*(sc - 32)*(q - 4)
+  IQ4_NL / IQ4_XS: Q4_0's (a, b) (IQ4_XS: sub-block a's 16 bytes at 8 + 16a)
+                                                  w = d*KVALUES[q] / d*(ls - 32)*KVALUES[q]
 
 `step` dispatches on QTYPE (qblocks.QTYPE_IDS); `lane_sums` / `row_sums` are the batch-1
 accumulator a type's steps add to and its reduction after the K loop.
@@ -49,7 +52,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .qblocks import f16_at, q4_k_scale_pairs
+from .qblocks import KVALUE_WORDS, f16_at, iq4_byte, q4_k_scale_pairs
 
 RUN = tl.constexpr(4)  # batch 1, Q8_0: consecutive products a thread sums before scaling (_rows)
 
@@ -437,6 +440,68 @@ def _step_q2_q3_k(acc, x_step, stride_xm, M, rows, row, Q3: tl.constexpr, BLOCK_
     return acc
 
 
+def _iq4_asm() -> str:
+    """Four bytes of qs ($8: codes of elements j0..j0+3 in the low nibbles, j0+16.. in the high)
+    -> the floats 2^23 + 128 + KVALUES[code] of the low nibbles ($0..$3) and of the high ones
+    ($4..$7): byte permutations look the codes up in the table (KVALUE_WORDS, in registers),
+    eight entries at a time by a code's low 3 bits (a selector's top bit would replicate a
+    sign), then pick the half its bit 3 names; one more permutation a code moves the byte under
+    the exponent (low mode: any byte value, like Q8_0)."""
+    table = " ".join(f"mov.b32 t{i}, {w & 0xFFFFFFFF:#010x};" for i, w in enumerate(KVALUE_WORDS))
+    look = "prmt.b32 lo, t0, t1, s; prmt.b32 hi, t2, t3, s; prmt.b32 v, lo, hi, p;"
+
+    def spread(first: int) -> str:  # v = [lo_j, hi_j, lo_j+1, hi_j+1] -> $first, $first + 4, $first + 1, $first + 5
+        return " ".join(f"prmt.b32 ${out}, v, 0x4B000000, 0x754{byte};"
+                        for byte, out in enumerate((first, first + 4, first + 1, first + 5)))
+    return ("{.reg .b32 s, p, t0, t1, t2, t3, lo, hi, v; " + table + " and.b32 s, $8, 0x77777777; "
+            "and.b32 p, $8, 0x88888888; shr.b32 p, p, 1; or.b32 p, p, 0x32103210; " + look + " " + spread(0)
+            + " shr.b32 s, s, 16; shr.b32 p, p, 16; " + look + " " + spread(2) + "}")
+
+
+IQ4_MAGIC_ASM = tl.constexpr(_iq4_asm())
+
+
+@triton.jit
+def _step_iq4(acc, x_step, stride_xm, M, rows, row, XS: tl.constexpr, BLOCK_M: tl.constexpr, ASM: tl.constexpr):
+    """A step of IQ4_NL (eight 18-byte blocks: Q4_0's layout) or with XS of IQ4_XS (one 136-byte
+    block: eight 32-weight sub-blocks of 16 bytes from byte 8, 6-bit scales less 32): codes
+    looked up in KVALUES, then Q8_0's batch-1 sum (runs of products scaled once: the levels are
+    integers up to 127, exact in the float 2^23 + 128 + level less 2^23 + 128)."""
+    b = tl.arange(0, 16)
+    if XS:
+        d = f16_at(row)[:, None]
+        high = tl.load((row + 2).to(tl.pointer_type(tl.uint16))).to(tl.int32)[:, None]
+    for h in tl.static_range(2):
+        a = 4 * h + tl.arange(0, 4)
+        if XS:
+            low = tl.load(row[:, None] + 4 + (a // 2)[None, :]).to(tl.int32)
+            ls = ((low >> (4 * (a % 2))[None, :]) & 15) | (((high >> (2 * a)[None, :]) & 3) << 4)
+            scale = d * (ls - 32).to(tl.float32)
+            qs = row[:, None] + 8 + 16 * a[None, :]  # (BLOCK_N, 4)
+        else:
+            blk = row[:, None] + a[None, :] * 18
+            scale = f16_at(blk)
+            qs = blk + 2
+        byte = tl.load(qs[:, :, None] + b[None, None, :])
+        offs = 32 * a[:, None] + b[None, :]
+        if BLOCK_M == 1 and ASM:
+            f_lo, f_hi = tl.inline_asm_elementwise(IQ4_MAGIC_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte],
+                                                   dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            q = byte.to(tl.int32)
+            u_lo = iq4_byte(q & 15)
+            u_hi = iq4_byte(q >> 4)
+            f_lo = (u_lo | 0x4B000000).to(tl.float32, bitcast=True)
+            f_hi = (u_hi | 0x4B000000).to(tl.float32, bitcast=True)
+        if BLOCK_M == 1:
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs, f_lo - 8388736.0, scale, scale, 0, False, BLOCK_M)
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, f_hi - 8388736.0, scale, scale, 0, False, BLOCK_M)
+        else:
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs, u_lo, scale, scale, 128, False, BLOCK_M)
+            acc = _rows(acc, x_step, stride_xm, M, rows, offs + 16, u_hi, scale, scale, 128, False, BLOCK_M)
+    return acc
+
+
 @triton.jit
 def lane_sums(QTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Batch 1's zeroed per-lane accumulator for a type's steps (_rows): the (A, B) tile of a
@@ -445,6 +510,8 @@ def lane_sums(QTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
         acc = tl.zeros((BLOCK_N, 4, 32), dtype=tl.float32)
     elif QTYPE == 0:
         acc = tl.zeros((BLOCK_N, 4, 32 // RUN, 1), dtype=tl.float32)
+    elif QTYPE == 10 or QTYPE == 11:
+        acc = tl.zeros((BLOCK_N, 4, 16 // RUN, 1), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, 4, 16), dtype=tl.float32)
     return acc
@@ -453,7 +520,7 @@ def lane_sums(QTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def row_sums(acc, QTYPE: tl.constexpr):
     """lane_sums' accumulator after the K loop -> (1, BLOCK_N) sums a row."""
-    if QTYPE == 0:
+    if QTYPE == 0 or QTYPE == 10 or QTYPE == 11:
         acc = tl.sum(acc, axis=3)
     return tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
 
@@ -480,6 +547,10 @@ def step(acc, x_step, stride_xm, M, rows, row, QTYPE: tl.constexpr, BLOCK_M: tl.
         acc = _step_q2_q3_k(acc, x_step, stride_xm, M, rows, row, False, BLOCK_M, ASM)
     elif QTYPE == 9:
         acc = _step_q2_q3_k(acc, x_step, stride_xm, M, rows, row, True, BLOCK_M, ASM)
+    elif QTYPE == 10:
+        acc = _step_iq4(acc, x_step, stride_xm, M, rows, row, False, BLOCK_M, ASM)
+    elif QTYPE == 11:
+        acc = _step_iq4(acc, x_step, stride_xm, M, rows, row, True, BLOCK_M, ASM)
     else:
         acc = _step_q8_0(acc, x_step, stride_xm, M, rows, row, BLOCK_M, ASM)
     return acc

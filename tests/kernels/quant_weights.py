@@ -8,21 +8,25 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from qvl.convert.quant import quantize
+from qvl.kernels.qblocks import KVALUES
 
 
 # "huge" multiplies N(0, 1) rows by 3e4; Q4_1 / Q5_1 store each block's minimum (about -3e4 x 3
 # here) as a float16, which overflows to -inf past 65504 (ggml's quantizers do the same), so
 # theirs by 1e4
 HUGE = {T.Q4_1: 1e4, T.Q5_1: 1e4}
-# Where the super-scale(s) sit in the types built from random bytes (byte offsets in a block)
-RANDOM_BLOCK_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,)}
-# their range: weights of about N(0, 1)'s size (Q3_K's 6-bit scales, less 32, are 16 on average)
-RANDOM_BLOCK_D = {T.Q2_K: (0.02, 0.08), T.Q3_K: (0.01, 0.04)}
+# Where the float16 (super-)scale(s) sit in the types built from random bytes (byte offsets in a
+# block; no quantizer of qvl's writes these types)
+RANDOM_BLOCK_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
+# their range: weights of about N(0, 1)'s size (Q3_K's and IQ4_XS's 6-bit scales, less 32, are
+# 16 on average; the IQ4 levels 64)
+RANDOM_BLOCK_D = {T.Q2_K: (0.02, 0.08), T.Q3_K: (0.01, 0.04), T.IQ4_NL: (0.005, 0.02), T.IQ4_XS: (0.0005, 0.002)}
 
 
 def quant_weights(n: int, k: int, qtype: T, kind: str, seed: int) -> torch.Tensor:
     """(n, row_bytes) uint8 of N(0, 1) rows; `kind`: normal, zero-blocks (the first 256 columns
-    zero), huge (x 3e4; Q4_1, Q5_1: HUGE) or tiny (x 1e-5) scales. Q2_K / Q3_K (no quantizer here): random_blocks."""
+    zero), huge (x 3e4; Q4_1, Q5_1: HUGE) or tiny (x 1e-5) scales. Q2_K, Q3_K, IQ4_NL, IQ4_XS:
+    random_blocks."""
     rng = np.random.default_rng(seed)
     if qtype in RANDOM_BLOCK_SCALES:
         return random_blocks(n, k, qtype, kind, rng)
@@ -37,18 +41,18 @@ def quant_weights(n: int, k: int, qtype: T, kind: str, seed: int) -> torch.Tenso
 
 
 def random_blocks(n: int, k: int, qtype: T, kind: str, rng: np.random.Generator) -> torch.Tensor:
-    """(n, row_bytes) uint8 of 256-weight blocks with random bytes (codes, sub-block scales,
-    masks: every bit pattern is a valid block) and float16 super-scales in RANDOM_BLOCK_D (Q2_K's
-    d and dmin, Q3_K's d), scaled by 3e4 for huge and 1e-5 for tiny (float16 subnormals); with
-    zero-blocks each row's first block is all zero bytes (d = 0: zero weights)."""
-    size = GGML_QUANT_SIZES[qtype][1]
-    blocks = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+    """(n, row_bytes) uint8 of blocks with random bytes (codes, sub-block scales, masks: every
+    bit pattern is a valid block) and float16 (super-)scales in RANDOM_BLOCK_D (Q2_K's d and
+    dmin, the others' d), scaled by 3e4 for huge and 1e-5 for tiny (float16 subnormals); with
+    zero-blocks the first 256 weights of each row are all zero bytes (d = 0: zero weights)."""
+    blk, size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (n, k // blk, size), dtype=np.uint8)
     factor = {"huge": 3e4, "tiny": 1e-5}.get(kind, 1.0)
     for at in RANDOM_BLOCK_SCALES[qtype]:
-        d = (rng.uniform(*RANDOM_BLOCK_D[qtype], (n, k // 256)) * factor).astype(np.float16)
+        d = (rng.uniform(*RANDOM_BLOCK_D[qtype], (n, k // blk)) * factor).astype(np.float16)
         blocks[:, :, at:at + 2] = d[:, :, None].view(np.uint8)
     if kind == "zero-blocks":
-        blocks[:, 0] = 0
+        blocks[:, :256 // blk] = 0
     return torch.from_numpy(blocks.reshape(n, -1))
 
 
@@ -102,3 +106,35 @@ def encode_q3_k(w: np.ndarray) -> np.ndarray:
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a / b, 0 where b is 0."""
     return np.divide(a, b, out=np.zeros(np.broadcast_shapes(a.shape, b.shape), dtype=np.float32), where=b > 0)
+
+
+def encode_iq4(w: np.ndarray, xs: bool) -> np.ndarray:
+    """(n, k) float32 rows -> IQ4_NL blocks (xs False) or IQ4_XS (True) by plain rounding (as
+    encode_q2_k): a 32-weight block's scale maps its largest-magnitude weight to level -127 (IQ4_XS:
+    as a 6-bit multiple, stored + 32, of the super-block's d), each weight takes the nearest level."""
+    n, k = w.shape
+    levels = np.array(KVALUES, dtype=np.float32)
+    b = w.reshape(n, k // 32, 32).astype(np.float32)
+    extreme = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)[..., 0]
+    scale = extreme / levels[0]
+    if xs:
+        s = scale.reshape(n, k // 256, 8)
+        d = (np.abs(s).max(-1) / 31).astype(np.float16)
+        ls = np.clip(np.round(_ratio(s, d.astype(np.float32)[..., None])), -32, 31)
+        scale = (d.astype(np.float32)[..., None] * ls).reshape(n, k // 32)
+    else:
+        d = scale.astype(np.float16)
+        scale = d.astype(np.float32)
+    ratio = _ratio(b, np.abs(scale)[..., None]) * np.sign(scale)[..., None]
+    q = np.abs(ratio[..., None] - levels).argmin(-1).astype(np.uint8)  # (n, blocks, 32)
+    qs = q[..., :16] | q[..., 16:] << 4  # (n, blocks, 16)
+    if not xs:
+        return np.concatenate([d[..., None].view(np.uint8), qs], axis=-1).reshape(n, -1)
+    v = (ls + 32).astype(np.uint16)  # (n, S, 8) 6-bit
+    scales_h = np.zeros((n, k // 256), dtype=np.uint16)
+    for ib in range(8):
+        scales_h |= (v[..., ib] >> 4) << (2 * ib)
+    low = (v & 15).astype(np.uint8)
+    scales_l = low[..., 0::2] | low[..., 1::2] << 4
+    return np.concatenate([d[..., None].view(np.uint8), scales_h[..., None].view(np.uint8), scales_l,
+                           qs.reshape(n, k // 256, 128)], axis=-1).reshape(n, -1)

@@ -188,9 +188,9 @@ def test_problems_name_each_limit():
 
 # Ceilings on the batch-1 GEMV's SASS instructions per 256-element K step, sm_75 ... sm_90
 # (measured: Q4_K 172-180, Q6_K 226-254, Q8_0 201-228, Q5_0 212-234, Q4_0 172-194, Q5_K 193-204,
-# Q4_1 168-195, Q5_1 196-221, Q2_K 239-262, Q3_K 278-321,
+# Q4_1 168-195, Q5_1 196-221, Q2_K 239-262, Q3_K 278-321, IQ4_NL 226-251, IQ4_XS 232-268,
 # of which the L2 prefetch of a later step takes ~5-8 and moves the register allocation; without
-# it Q4_K 167-182, Q6_K 216-236, Q8_0 189-203, Q5_0 202-212). All ten turn their codes into
+# it Q4_K 167-182, Q6_K 216-236, Q8_0 189-203, Q5_0 202-212). All twelve turn their codes into
 # floats with inline PTX (qgemv_steps.py); in plain Triton Q4_K, Q6_K and Q5_0 took 231-234,
 # 317-334 and 315-461 without the prefetch. Q8_0 with int-to-float conversions took fewer
 # instructions (175-186), but 32 conversions, which CONVERSIONS now rules out. Q5_K's qh loaded
@@ -199,19 +199,19 @@ def test_problems_name_each_limit():
 # Q2_K / Q3_K took 286-318 / 411-517 with their codes made in plain Triton and Q3_K's scales
 # read a byte at a time (sm_90: 482; 287 now).
 LOOP_CEILING = {"Q4_K": 190, "Q6_K": 265, "Q8_0": 240, "Q5_0": 245, "Q4_0": 210, "Q5_K": 215, "Q4_1": 210,
-                "Q5_1": 235, "Q2_K": 275, "Q3_K": 335}
-# Int-to-float conversions in that loop: the sub-block scales' only (Q4_K, Q5_K: 4 a thread,
-# Q6_K, Q3_K: 8, Q2_K: 16, its scales and mins; as magic floats they cost more instructions
+                "Q5_1": 235, "Q2_K": 275, "Q3_K": 335, "IQ4_NL": 265, "IQ4_XS": 285}
+# Int-to-float conversions in that loop: the sub-block scales' only (IQ4_XS: 2 a thread, Q4_K,
+# Q5_K: 4, Q6_K, Q3_K: 8, Q2_K: 16, its scales and mins; as magic floats they cost more instructions
 # than they save: Q2_K 256, Q3_K 309 on sm_90); a code converted this way costs a conversion a
 # weight, at 16 a clock per SM (a quarter of integer, an eighth of float throughput), the bound
 # of the Q8_0 loop before (32 a step).
 CONVERSIONS = {"Q4_K": 4, "Q6_K": 8, "Q8_0": 0, "Q5_0": 0, "Q4_0": 0, "Q5_K": 4, "Q4_1": 0, "Q5_1": 0, "Q2_K": 16,
-               "Q3_K": 8}
-# L2 prefetches a thread a step: a row's step spans up to 4 (Q2_K), 5 (Q3_K), 6 (Q4_K, Q4_0,
-# Q4_1), 7 (Q5_K), 8 (Q6_K, Q5_0, Q5_1) or 10 (Q8_0: 272 bytes) 32-byte sectors, slots rounded
+               "Q3_K": 8, "IQ4_NL": 0, "IQ4_XS": 2}
+# L2 prefetches a thread a step: a row's step spans up to 4 (Q2_K), 5 (Q3_K, IQ4_XS), 6 (Q4_K,
+# Q4_0, Q4_1, IQ4_NL), 7 (Q5_K), 8 (Q6_K, Q5_0, Q5_1) or 10 (Q8_0: 272 bytes) 32-byte sectors, slots rounded
 # to a power of 2 (8 or 16), 16 rows over 128 threads
 PREFETCHES = {"Q4_K": 1, "Q6_K": 1, "Q8_0": 2, "Q5_0": 1, "Q4_0": 1, "Q5_K": 1, "Q4_1": 1, "Q5_1": 1, "Q2_K": 1,
-              "Q3_K": 1}
+              "Q3_K": 1, "IQ4_NL": 1, "IQ4_XS": 1}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -137,35 +137,44 @@ def test_other_quant_mixes_through_the_kernels(checkpoints, file_type, types):
     assert _rel(logits, ref_logits) <= 1e-4
 
 
-def test_q2_k_q3_k_mix_through_the_kernels(checkpoints, monkeypatch):
-    """llama.cpp's Q2_K / Q3_K_M files hold Q2_K and Q3_K matrices, which qvl-convert does not
-    write: a file with attention in Q3_K and the MLP in Q2_K (quant_weights' round-to-nearest
-    encoders, llama.cpp's block layouts; output Q6_K) wholly through the kernels, read from
-    its blocks: the torch path's tokens, logits within 1e-4 (as above)."""
-    from quant_weights import encode_q2_k, encode_q3_k
+LOW_BIT = (("attn_output", T.IQ4_NL), ("attn_", T.Q3_K), ("ffn_down", T.IQ4_XS), ("ffn_", T.Q2_K))
+
+
+def test_low_bit_and_iq4_mix_through_the_kernels(checkpoints, monkeypatch):
+    """llama.cpp's Q2_K / Q3_K_M / IQ4_XS files hold Q2_K, Q3_K, IQ4_XS and IQ4_NL matrices,
+    which qvl-convert does not write: a file with them (LOW_BIT: Q3_K q/k/v, IQ4_NL attn_output,
+    Q2_K gate/up, IQ4_XS ffn_down where Q4_K_M has Q4_K, the token embedding kept Q4_K;
+    quant_weights' round-to-nearest
+    encoders in llama.cpp's block layouts; output Q6_K) wholly through the kernels, read from its
+    blocks: the torch path's tokens, logits within 1e-4 (as above)."""
+    from functools import partial
+
+    from quant_weights import encode_iq4, encode_q2_k, encode_q3_k
 
     from qvl.convert import pipeline
     from qvl.convert.plan import PlannedTensor
     from qvl.convert.quant import BLOCK_QUANTIZERS
 
-    def plan_low_bits(tensors, kind, n_layer):
-        return [PlannedTensor(p.tensor, T.Q3_K if ".attn_" in p.tensor.name else T.Q2_K if ".ffn_" in p.tensor.name
-                              else p.qtype) if p.qtype == T.Q4_K else p
-                for p in plan_text(tensors, kind, n_layer)]
+    def low_bit(p: PlannedTensor) -> PlannedTensor:
+        if p.qtype != T.Q4_K:
+            return p
+        return PlannedTensor(p.tensor, next((qt for part, qt in LOW_BIT if f".{part}" in p.tensor.name), p.qtype))
 
-    monkeypatch.setattr(pipeline, "plan_text", plan_low_bits)
-    monkeypatch.setitem(BLOCK_QUANTIZERS, T.Q2_K, encode_q2_k)
-    monkeypatch.setitem(BLOCK_QUANTIZERS, T.Q3_K, encode_q3_k)
+    monkeypatch.setattr(pipeline, "plan_text", lambda *args: [low_bit(p) for p in plan_text(*args)])
+    for qt, encode in ((T.Q2_K, encode_q2_k), (T.Q3_K, encode_q3_k), (T.IQ4_NL, partial(encode_iq4, xs=False)),
+                       (T.IQ4_XS, partial(encode_iq4, xs=True))):
+        monkeypatch.setitem(BLOCK_QUANTIZERS, qt, encode)
     src = checkpoints["untied"]
-    path = _convert(src, src.parent / "m-q2_k-q3_k.gguf", "q4_k_m")
+    path = _convert(src, src.parent / "m-low-bit.gguf", "q4_k_m")
     with GGUFFile(path) as g:
-        types = {n: t.type.name for n, t in g.tensors.items() if n.startswith("blk.") and n.endswith(".weight")
+        types = {n: t.type.name for n, t in g.tensors.items() if n.startswith("blk.0.") and n.endswith(".weight")
                  and "norm" not in n}
-    assert types["blk.0.attn_q.weight"] == "Q3_K" and types["blk.0.ffn_up.weight"] == "Q2_K"
-    assert {"Q2_K", "Q3_K"} <= set(types.values())
+    assert types == {"blk.0.attn_q.weight": "Q3_K", "blk.0.attn_k.weight": "Q3_K", "blk.0.attn_v.weight": "Q3_K",
+                     "blk.0.attn_output.weight": "IQ4_NL", "blk.0.ffn_gate.weight": "Q2_K",
+                     "blk.0.ffn_up.weight": "Q2_K", "blk.0.ffn_down.weight": "IQ4_XS"}
     model = load(path, device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"])
     layer = model.decoder.layers[0]
-    assert layer.wq.kernel is not None and layer.wq.kernel.qtype == T.Q3_K
+    assert [w.kernel.qtype for w in (layer.wq, layer.wo, layer.down)] == [T.Q3_K, T.IQ4_NL, T.IQ4_XS]
     tokens, logits = _run(path, PLACEMENTS["all"])
     ref_tokens, ref_logits = _torch_path(path)
     assert len(set(ref_tokens)) > 2

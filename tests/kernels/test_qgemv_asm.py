@@ -1,10 +1,11 @@
-"""The inline PTX of the batch-1 GEMV (kernels/qgemv_steps.py: Q4_K's (and Q4_0's, Q4_1's), Q5_K's,
-Q6_K's, Q5_0's (Q5_1's), Q2_K's and Q3_K's codes as magic floats 2^23 + 65536 q, Q8_0's as 2^23 + 128 + q, four bytes a
-register) run through a small PTX evaluator here, against the formula the interpreter path computes in plain Triton.
-The interpreter cannot run inline assembly, so this is what checks the assembly text itself in
-CI: each instruction's
-semantics as the PTX ISA defines them (prmt.b32 default mode: result byte i is byte c[4i+2:4i]
-of {b, a}, b the high word). On a GPU the kernel tests run the assembly for real."""
+"""The inline PTX of the batch-1 GEMV (kernels/qgemv_steps.py: the codes of Q4_K, Q4_0, Q4_1,
+Q5_K, Q6_K, Q5_0, Q5_1, Q2_K and Q3_K as magic floats 2^23 + 65536 q, Q8_0's as 2^23 + 128 + q,
+IQ4_NL / IQ4_XS's levels as 2^23 + 128 + level, four bytes a register) run through a small PTX
+evaluator here, against the formula the interpreter path computes in plain Triton. The
+interpreter cannot run inline assembly, so this is what checks the assembly text itself in CI:
+each instruction's semantics as the PTX ISA defines them (prmt.b32 default mode: result byte i
+is byte c[4i+2:4i] of {b, a}, b the high word). On a GPU the kernel tests run the assembly for
+real."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import numpy as np
 import pytest
 
-from qvl.kernels.qgemv_steps import (Q2_K_MAGIC_ASM, Q3_K_MAGIC_ASM, Q4_K_MAGIC_ASM, Q5_0_MAGIC_ASM, Q5_K_MAGIC_ASM,
-                                     Q6_K_ASM_0, Q6_K_ASM_1, Q6_K_ASM_2, Q6_K_ASM_3, Q8_0_MAGIC_ASM)
+from qvl.kernels.qblocks import KVALUES
+from qvl.kernels.qgemv_steps import (IQ4_MAGIC_ASM, Q2_K_MAGIC_ASM, Q3_K_MAGIC_ASM, Q4_K_MAGIC_ASM, Q5_0_MAGIC_ASM,
+                                     Q5_K_MAGIC_ASM, Q6_K_ASM_0, Q6_K_ASM_1, Q6_K_ASM_2, Q6_K_ASM_3, Q8_0_MAGIC_ASM)
 
 MASK = 0xFFFFFFFF
 
@@ -166,6 +168,20 @@ def test_q2_k_q3_k_codes_of_a_run():
         assert got == [magic(q) for q in codes], (qs, j)
         got = run_ptx(Q3_K_MAGIC_ASM.value, junk | {4: packed(qs), 5: packed(hmask), 6: 2 * j, 10: bit}, 4)
         assert got == [magic(q | (((int(h) >> bit) & 1) << 2)) for q, h in zip(codes, hmask)], (qs, hmask, j, bit)
+
+
+def test_iq4_levels_of_every_byte():
+    """Every byte of qs in every lane: the low nibble's level (KVALUES, ggml's kvalues_iq4nl) as
+    2^23 + 128 + level in $0..$3, the high nibble's in $4..$7; selectors never ask prmt to
+    replicate a sign (the evaluator asserts it)."""
+    rng = np.random.default_rng(11)
+    for trial in range(256):
+        qs = np.array([trial, *rng.integers(0, 256, 3)])[np.roll(np.arange(4), trial % 4)]
+        got = run_ptx(IQ4_MAGIC_ASM.value, {8: packed(qs)}, 8)
+        want = [KVALUES[int(b) & 15] for b in qs] + [KVALUES[int(b) >> 4] for b in qs]
+        assert got == [0x4B000000 | (v + 128) for v in want], qs
+        floats = np.array(got, dtype=np.uint32).view(np.float32)
+        assert np.array_equal(floats - np.float32(2 ** 23 + 128), np.array(want, dtype=np.float32))
 
 
 def test_evaluator_knows_prmt_and_rejects_the_unknown():

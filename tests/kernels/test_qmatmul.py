@@ -22,7 +22,7 @@ from quant_weights import quant_weights
 from qvl.kernels.qmatmul import qmatmul, qmatmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0, T.Q4_0, T.Q5_K, T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K]
+TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0, T.Q4_0, T.Q5_K, T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
 RTOL = {qtype: 1e-5 for qtype in TYPES}
 RTOL_BF16 = 1e-2
 
@@ -81,7 +81,7 @@ def test_gemm_tiles(qtype, block_m, block_n, block_k, dtype):
     assert (got - ref).abs().max().item() <= rtol * ref.abs().max().item()
 
 
-WIDE_TYPES = [T.Q8_0, T.Q5_0, T.Q4_0, T.Q4_1, T.Q5_1]  # 32-weight blocks: rows need not be whole 256-weight steps
+WIDE_TYPES = [T.Q8_0, T.Q5_0, T.Q4_0, T.Q4_1, T.Q5_1, T.IQ4_NL]  # 32-weight blocks: rows need not be whole 256-weight steps
 
 
 @pytest.mark.parametrize("qtype", WIDE_TYPES, ids=lambda t: t.name)
@@ -104,7 +104,7 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of 256"):
         qmatmul(torch.zeros(1, 128), raw[:, :136], T.Q8_0, 4, 128)
     with pytest.raises(ValueError, match="supports"):
-        qmatmul(torch.zeros(1, 256), raw, T.IQ4_XS, 4, 256)
+        qmatmul(torch.zeros(1, 256), raw, T.IQ2_XS, 4, 256)
     with pytest.raises(ValueError, match="swiglu"):
         qmatmul(torch.zeros(1, 256), raw, T.Q8_0, 4, 256, bias=torch.zeros(4), swiglu=True)
     with pytest.raises(ValueError, match="swiglu"):
