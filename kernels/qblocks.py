@@ -1,7 +1,7 @@
 """GGUF quant blocks read in Triton: the types the kernels take, and each one's decoder.
 
 The kernels walk K in steps of STEP = 256 elements (a K-quant super-block, or eight 32-element
-blocks). Layouts (byte offsets within a block; convert/quant/ writes them):
+blocks). Layouts (byte offsets within a block; convert/quant/ writes all but Q2_K, Q3_K and IQ4):
   Q8_0 (34 B / 32):  f16 d | int8 q[32]                                   w = d * q
   Q4_0 (18 B / 32):  f16 d | qs[16]: element j < 16 the low nibble of qs[j], j >= 16 the high
                      nibble of qs[j - 16]                                 w = d * (q - 8)
@@ -51,7 +51,7 @@ QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3, T.Q4_0: 4, T.Q5_K: 5, T
 SUPPORTED = tuple(QTYPE_IDS)
 # IQ4_NL / IQ4_XS's 16 non-linear levels (ggml's kvalues_iq4nl), and the same plus 128 as bytes
 # packed four to a 32-bit word (entry i in byte i % 4 of word i // 4) for lookups by shifts
-# (`iq4_level`) or byte permutations (qgemv_steps.py), as signed 32-bit values
+# (`iq4_byte`) or byte permutations (qgemv_steps.py), as signed 32-bit values
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 KVALUE_WORDS = tuple(int.from_bytes(bytes(v + 128 for v in KVALUES[4 * i:4 * i + 4]), "little", signed=True)
                      for i in range(4))
@@ -118,31 +118,23 @@ def _nibble_32(blk, j):
 
 
 @triton.jit
-def _decode_q4_0(row_ptr, e):
-    blk = row_ptr + (e // 32) * 18
-    return f16_at(blk) * (_nibble_32(blk + 2, e % 32) - 8).to(tl.float32)
-
-
-@triton.jit
-def _decode_q5_0(row_ptr, e):
-    blk = row_ptr + (e // 32) * 22
+def _decode_32(row_ptr, e, HIGH_BIT: tl.constexpr, MIN: tl.constexpr):
+    """The 32-weight blocks with Q4_0's nibbles: Q4_0 (18 bytes: d, qs), with HIGH_BIT Q5_0 (22:
+    d, qh, qs); with MIN Q4_1 / Q5_1 (20 / 24: m after d, w = d * q + m)."""
+    BYTES: tl.constexpr = (24 if HIGH_BIT else 20) if MIN else (22 if HIGH_BIT else 18)
+    QH: tl.constexpr = 4 if MIN else 2
+    QS: tl.constexpr = QH + 4 if HIGH_BIT else QH
+    blk = row_ptr + (e // 32) * BYTES
     j = e % 32
-    qh = tl.load(blk + 2 + j // 8).to(tl.int32)  # little-endian u32: bit j is bit j % 8 of byte j // 8
-    q = _nibble_32(blk + 6, j) | (((qh >> (j % 8)) & 1) << 4)
-    return f16_at(blk) * (q - 16).to(tl.float32)
-
-
-@triton.jit
-def _decode_q4_1_q5_1(row_ptr, e, HIGH_BIT: tl.constexpr):
-    """Q4_1 (HIGH_BIT False) or Q5_1: Q4_0's (Q5_0's) codes after d and m, w = d * q + m."""
-    blk = row_ptr + (e // 32) * (24 if HIGH_BIT else 20)
-    j = e % 32
+    q = _nibble_32(blk + QS, j)
     if HIGH_BIT:
-        qh = tl.load(blk + 4 + j // 8).to(tl.int32)
-        q = _nibble_32(blk + 8, j) | (((qh >> (j % 8)) & 1) << 4)
+        qh = tl.load(blk + QH + j // 8).to(tl.int32)  # little-endian u32: bit j is bit j % 8 of byte j // 8
+        q |= ((qh >> (j % 8)) & 1) << 4
+    if MIN:
+        w = f16_at(blk) * q.to(tl.float32) + f16_at(blk + 2)
     else:
-        q = _nibble_32(blk + 4, j)
-    return f16_at(blk) * q.to(tl.float32) + f16_at(blk + 2)
+        w = f16_at(blk) * (q - (16 if HIGH_BIT else 8)).to(tl.float32)
+    return w
 
 
 @triton.jit
@@ -232,15 +224,15 @@ def decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes, QTYPE: tl.constexp
     elif QTYPE == 2:
         w = _decode_q6_k(row_ptr, e[None, :])
     elif QTYPE == 3:
-        w = _decode_q5_0(row_ptr, e[None, :])
+        w = _decode_32(row_ptr, e[None, :], True, False)
     elif QTYPE == 4:
-        w = _decode_q4_0(row_ptr, e[None, :])
+        w = _decode_32(row_ptr, e[None, :], False, False)
     elif QTYPE == 5:
         w = _decode_k_quant_4_5(row_ptr, e[None, :], True)
     elif QTYPE == 6:
-        w = _decode_q4_1_q5_1(row_ptr, e[None, :], False)
+        w = _decode_32(row_ptr, e[None, :], False, True)
     elif QTYPE == 7:
-        w = _decode_q4_1_q5_1(row_ptr, e[None, :], True)
+        w = _decode_32(row_ptr, e[None, :], True, True)
     elif QTYPE == 8:
         w = _decode_q2_k(row_ptr, e[None, :])
     elif QTYPE == 9:

@@ -17,14 +17,13 @@ weights:
   or 32 weights instead of once per weight (M > 1; batch 1 in _rows);
 - at batch 1 on an NVIDIA GPU, codes become floats through inline PTX, never an int-to-float
   conversion (16 a clock per SM: it bounded Q8_0's loop): four bytes a register, their
-  nibbles or 2-bit fields (Q6_K, Q5_0, Q5_K, Q3_K: and the high bits) masked at once, each byte moved by one `prmt` into
-  the float 2^23 + 65536 q (bits 0x4B0q0000), so that w = f * (scale / 65536) - (128 scale + min)
-  (Q6_K: - 160 scale, Q5_0: - 144 d, Q4_0: - 136 d, Q4_1 / Q5_1: - (128 d - m), Q3_K: - 132
-  scale) is one FMA; Q8_0's signed bytes (sign bit
-  flipped) go to the low byte, 2^23 + 128 + q, and one exact add gives q (IQ4's levels too, looked
-  up by byte permutations in a table held in registers). In Triton's
-  interpreter and on ROCm (no inline PTX: Target.ptx) the same floats come from plain integer
-  ops (`_magic`).
+  nibbles or 2-bit fields (Q6_K, Q5_0, Q5_K, Q3_K: and the high bits) masked at once, each
+  byte moved by one `prmt` into the float 2^23 + 65536 q (bits 0x4B0q0000), so that
+  w = f * (scale / 65536) - (128 scale + min) (Q6_K: - 160 scale, Q5_0: - 144 d, Q4_0: - 136 d,
+  Q4_1 / Q5_1: - (128 d - m), Q3_K: - 132 scale) is one FMA; Q8_0's signed bytes (sign bit
+  flipped) go to the low byte, 2^23 + 128 + q, and one exact add gives q (IQ4's levels too,
+  looked up by byte permutations in a table held in registers). In Triton's interpreter and on
+  ROCm (no inline PTX: Target.ptx) the same floats come from plain integer ops (`_magic`).
 
 Element layouts (qblocks.py's, regrouped):
   Q8_0: block a (34 bytes: f16 d, 32 int8)                    e = 32a + b,            w = d*q
@@ -54,7 +53,7 @@ import triton.language as tl
 
 from .qblocks import KVALUE_WORDS, f16_at, iq4_byte, q4_k_scale_pairs
 
-RUN = tl.constexpr(4)  # batch 1, Q8_0: consecutive products a thread sums before scaling (_rows)
+RUN = tl.constexpr(4)  # batch 1, Q8_0 / IQ4: consecutive products a thread sums before scaling (_rows)
 
 
 @triton.jit
@@ -401,7 +400,6 @@ def _step_q2_q3_k(acc, x_step, stride_xm, M, rows, row, Q3: tl.constexpr, BLOCK_
         d = f16_at(row + 80)[:, None]
         dmin = f16_at(row + 82)[:, None]
     for j in tl.static_range(4):
-        sub = 8 * (a // 2) + 2 * j + a % 2  # (4,) sub-block of each a
         offs = (128 * (a // 2) + 32 * j + 16 * (a % 2))[:, None] + b[None, :]
         high = (4 * (a // 2) + j)[None, :, None]  # Q3_K: the bit of hmask
         if BLOCK_M == 1 and ASM:
@@ -429,6 +427,7 @@ def _step_q2_q3_k(acc, x_step, stride_xm, M, rows, row, Q3: tl.constexpr, BLOCK_
             else:
                 acc = _rows(acc, x_step, stride_xm, M, rows, offs, code, scale, scale, 4, False, BLOCK_M)
         else:
+            sub = 8 * (a // 2) + 2 * j + a % 2  # (4,) sub-block of each a
             packed = tl.load(row[:, None] + sub[None, :]).to(tl.int32)
             scale = d * (packed & 15).to(tl.float32)
             mins = dmin * (packed >> 4).to(tl.float32)
@@ -505,7 +504,7 @@ def _step_iq4(acc, x_step, stride_xm, M, rows, row, XS: tl.constexpr, BLOCK_M: t
 @triton.jit
 def lane_sums(QTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Batch 1's zeroed per-lane accumulator for a type's steps (_rows): the (A, B) tile of a
-    step's sub-blocks for each of BLOCK_N rows (Q8_0: runs of RUN products summed)."""
+    step's sub-blocks for each of BLOCK_N rows (Q8_0, IQ4: runs of RUN products summed)."""
     if QTYPE == 1 or QTYPE == 5:
         acc = tl.zeros((BLOCK_N, 4, 32), dtype=tl.float32)
     elif QTYPE == 0:
