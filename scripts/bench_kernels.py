@@ -16,6 +16,11 @@ triton.testing.do_bench. Needs CUDA.
 
     python scripts/bench_kernels.py > docs/bench-kernels.json
     python scripts/bench_kernels.py --sweep   # launch parameters of the GEMV and GEMM, best first
+    python scripts/bench_kernels.py --low-bit # the decode GEMV of the other types (LOW_BIT_TYPES)
+
+`--low-bit` times the batch-1 GEMV of the types of Q2_K / Q3_K_M / IQ4_XS / Q4_1 / Q5_K_M files
+on the 3B and 7B shapes. qvl writes no Q2_K, Q3_K or IQ4 blocks: those weights are random
+blocks with set scales (tests/kernels/quant_weights.py), which a GEMV streams as it streams any.
 
 `--sweep` times the 7B's largest decode GEMVs (Q4_K gate/up stacked, Q6_K down) over rows per
 program, warps, L2 prefetch distance and K splits, and its prefill GEMM over tile shapes, as GB/s (GEMV) or TFLOP/s
@@ -28,6 +33,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,22 +49,25 @@ ATTENTION_CASES = (  # name, segment lengths, heads, kv heads, head dim, causal
     ("text prefill 7b", [2048], 28, 4, 128, True),
 )
 DECODE_CASES = (("3b", 16, 2, 128), ("7b", 28, 4, 128))  # name, heads, kv heads, head dim
+LOW_BIT_TYPES = ("Q4_1", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")
 
 
 def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (1, 512),
                   types: tuple[str, ...] = ("Q4_K", "Q6_K", "Q8_0", "Q5_K", "Q4_0")) -> list[dict]:
     from gguf import GGMLQuantizationType as T
 
-    from qvl.convert.quant import dequantize, quantize
+    from qvl.convert.quant import dequantize
     from qvl.kernels.qmatmul import qmatmul
     from qvl.kernels.target import pretending, target
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
+    from quant_weights import quant_weights  # N(0, 1) rows by qvl's quantizers, else random blocks
 
     rows = []
     for model, mats in shapes.items():
         for n, k in mats:
-            w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
             for qt in (T[name] for name in types):
-                raw = torch.from_numpy(quantize(w, qt)).to(dev)
+                raw = quant_weights(n, k, qt, "normal", seed=0).to(dev)
                 dense = torch.from_numpy(dequantize(raw.cpu().numpy(), qt).reshape(n, k)).to(dev)
                 dense16 = dense.to(torch.bfloat16)
                 for m in ms_:
@@ -217,6 +226,8 @@ def main() -> None:
     copy_gbs = 2 * buf.numel() / copy_ms / 1e6
     if "--sweep" in sys.argv[1:]:
         rows = sweep(dev, triton.testing.do_bench)
+    elif "--low-bit" in sys.argv[1:]:
+        rows = bench_qmatmul(dev, triton.testing.do_bench, QMATMUL_SHAPES, ms_=(1,), types=LOW_BIT_TYPES)
     else:
         rows = bench_qmatmul(dev, triton.testing.do_bench, QMATMUL_SHAPES)
         rows += bench_attention(dev, triton.testing.do_bench)

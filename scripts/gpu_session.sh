@@ -5,7 +5,7 @@
 #     bash scripts/gpu_session.sh prepare
 # Then each stage is one device call, with `carry: [".gpu"]`, writing its logs and JSON to $OUT:
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
-#     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py
+#     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
 #     bash scripts/gpu_session.sh e2e       # random 7B -> Q4_K_M -> scripts/bench_run.py (three images/contexts;
 #                                           # then scripts/bench_chat.py;
@@ -44,8 +44,10 @@ kernels)
         --ignore=tests/kernels/test_decode_launches.py 2>&1 | tee "$out/kernel-tests.log" | tail -30
     ;;
 bench)
-    timeout 560 python3 scripts/bench_kernels.py > "$out/bench-kernels.json" 2> "$out/bench-kernels.err"
+    timeout 420 python3 scripts/bench_kernels.py > "$out/bench-kernels.json" 2> "$out/bench-kernels.err"
     tail -5 "$out/bench-kernels.err"; head -c 3000 "$out/bench-kernels.json"
+    timeout 140 python3 scripts/bench_kernels.py --low-bit > "$out/bench-low-bit.json" 2> "$out/bench-low-bit.err"
+    tail -5 "$out/bench-low-bit.err"; head -c 2000 "$out/bench-low-bit.json"
     ;;
 sweep)
     timeout 500 python3 scripts/bench_kernels.py --sweep > "$out/bench-sweep.json" 2> "$out/bench-sweep.err"

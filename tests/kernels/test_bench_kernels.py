@@ -36,6 +36,14 @@ def test_qmatmul_rows(bench):
     assert all("TFLOP_s" in r and r["vs_torch_bf16_matmul"] == 1.0 for r in rows if r["m"] == 9)
 
 
+def test_low_bit_gemv_rows(bench):
+    """--low-bit: the batch-1 GEMV of every type outside the default list, Q2_K / Q3_K / IQ4
+    from random blocks (no quantizer of qvl's writes them), each checked before it is timed."""
+    rows = bench.bench_qmatmul(ACCEL, _timer, {"tiny": [(24, 256)]}, ms_=(1,), types=bench.LOW_BIT_TYPES)
+    assert [r["kernel"] for r in rows] == [f"qmatmul {t}" for t in bench.LOW_BIT_TYPES]
+    assert all("weight_GB_s" in r and r["vs_no_ptx"] == 1.0 for r in rows)
+
+
 def test_attention_rows(bench):
     rows = bench.bench_attention(ACCEL, _timer, (("windows", [16, 16], 2, 2, 80, False),
                                                  ("prefill", [24], 4, 2, 32, True)))
