@@ -13,6 +13,10 @@ map onto that exactly (up to bf16 rounding of scale and zero):
 - Q5_K: Q4_K's scales and nibbles, a fifth bit hb on top. Each 32-weight sub-block becomes two
   32-groups, [lo (32)] with Q4_K's scale and zero and [2*hb + 8 (32)] with the same scale and
   zero 0, against [x, 8*x]: (lo - 8)*s*x + zero*x + 2*hb*s*8x = (s*(lo + 16*hb) - min)*x.
+- Q3_K / Q2_K: 3- / 2-bit codes q with a scale (Q2_K: and a min) per 16 weights, w = q*s + offset
+  (Q3_K: offset -4s; Q2_K: -min). Each 16-weight sub-block becomes one 32-group [q + 8 (16),
+  8 (16)] with zero = offset, against [x, 0]: the second half is padding the op multiplies by 0.
+  (Codes q with zero 8*s + offset would round a zero up to 8/3 of the weights' size to bf16.)
 
 The int4 op is the fastest for few rows of x (decode: 4.7x bf16 weights at one row, for a
 fraction of their memory) but does about 2.6x the work of a bf16 GEMM per row; from
@@ -20,7 +24,7 @@ DENSE_FROM_M rows on (prefill chunks), a call decodes TILE_ROWS weight rows at a
 bf16 (float32 arithmetic, one rounding) and runs bf16 GEMMs on them: 2-3x faster at 512 rows,
 with one tile of extra memory (scripts/bench_packed.py).
 
-Every other type (Q8_0, Q5_0, Q5_1, Q2_K.., F16, BF16) is dequantized once to bf16. Activations are
+Every other type (Q8_0, Q5_0, Q5_1, IQ4_.., F16, BF16) is dequantized once to bf16. Activations are
 rounded to bf16 and so is the int4 op's output (relative 2^-9); accumulation is float32.
 The exact float32 path is `weights.EXACT` (`qvl.load(..., dtype=torch.float32)`).
 """
@@ -37,11 +41,13 @@ from gguf.quants import dequantize
 
 GROUP = 32  # weights per (scale, zero) pair of the int4 op
 ROWS_PER_STEP = 2048  # rows decoded per step while packing (a multiple of 64): bounded temporaries
-INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K)
-DOUBLED = {T.Q6_K: 16, T.Q5_K: 32}  # types whose sub-blocks of this many weights take two 4-bit groups
+INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K)
+DOUBLED = {T.Q6_K: 16, T.Q5_K: 32, T.Q3_K: 16, T.Q2_K: 16}  # sub-blocks of this many weights take two 4-bit halves
+SECOND_HALF_X = {T.Q6_K: 8, T.Q5_K: 8, T.Q3_K: 0, T.Q2_K: 0}  # what a doubled type's second half multiplies: c * x
 # Rows of x from which tiles of bf16 weights beat the int4 op (scripts/bench_packed.py, 3B shapes,
-# 2 threads: tiled / int4 ~1.0 at 160-192 rows for Q4, 0.6-0.95 at 96 for Q6_K's doubled op).
-DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96, T.Q5_K: 96}
+# 2 threads: tiled / int4 ~1.0 at 160-192 rows for Q4, 0.6-0.95 at 96 for Q6_K's doubled op,
+# which Q3_K / Q2_K take too).
+DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96, T.Q5_K: 96, T.Q3_K: 96, T.Q2_K: 96}
 TILE_ROWS = 256  # weight rows decoded to bf16 per GEMM (a multiple of 64): 1 MB for a 2048-wide weight
 
 
@@ -96,6 +102,30 @@ def q4_0_fields(raw: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.
     q = torch.cat([qs & 15, qs >> 4], dim=2).reshape(R, -1)
     offset = _f16(b[..., 2:4]) if with_min else -8 * d
     return q, d, offset
+
+
+def q2_q3_k_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q2_K (84-byte) or Q3_K (110-byte) rows -> q (R, K) 0..3 / 0..7, scale and offset (R, K/16):
+    w = q*scale + offset. Element 128h + 32j + l: bits 2j of qs[32h + l] (Q3_K: bit 4h + j of
+    hmask[l] above them)."""
+    R = raw.shape[0]
+    q3 = qtype == T.Q3_K
+    b = raw.reshape(R, -1, 110 if q3 else 84)
+    qs = b[..., 32:96] if q3 else b[..., 16:80]
+    qs = qs.reshape(R, -1, 2, 1, 32)
+    q = torch.cat([(qs >> (2 * j)) & 3 for j in range(4)], dim=3).reshape(R, -1)
+    if not q3:
+        d, dmin = _f16(b[..., 80:82]), _f16(b[..., 82:84])
+        sc = b[..., 0:16].to(torch.int32)
+        scale = d[..., None] * (sc & 15)
+        return q, scale.reshape(R, -1), (-dmin[..., None] * (sc >> 4)).reshape(R, -1)
+    hmask = b[..., 0:32].reshape(R, -1, 1, 32)
+    q |= torch.cat([((hmask >> bit) & 1) << 2 for bit in range(8)], dim=2).reshape(R, -1)
+    s = b[..., 96:108].to(torch.int32)
+    low = torch.cat([s[..., 0:8] & 15, s[..., 0:8] >> 4], -1)
+    high = torch.cat([(s[..., 8:12] >> (2 * t)) & 3 for t in range(4)], -1)
+    scale = (_f16(b[..., 108:110])[..., None] * ((low | high << 4) - 32)).reshape(R, -1)
+    return q, scale, -4 * scale
 
 
 def as_torch(raw: np.ndarray, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
@@ -154,6 +184,13 @@ class PackedMatrix:
                 packs.append(pack_int4(pairs.reshape(len(t), -1)))
                 scales.append(s.repeat_interleave(2, dim=1))
                 zeros.append(torch.stack([8 * s - mins, torch.zeros_like(s)], dim=2).reshape(len(t), -1))
+            elif qtype in (T.Q3_K, T.Q2_K):  # [q + 8, 8] per 16-weight sub-block, against [x, 0]
+                q, s, offset = q2_q3_k_fields(t, qtype)
+                pairs = torch.stack([(q + 8).reshape(len(t), -1, 16), torch.full_like(q, 8).reshape(len(t), -1, 16)],
+                                    dim=2)
+                packs.append(pack_int4(pairs.reshape(len(t), -1)))
+                scales.append(s)
+                zeros.append(offset)  # (q + 8 - 8)*s + offset: a zero no larger than the weights
             elif qtype == T.Q6_K:
                 lo, hi, s = q6_k_fields(t)
                 q = torch.stack([lo.reshape(len(t), -1, 16), (2 * hi + 5).reshape(len(t), -1, 16)], dim=2)
@@ -193,7 +230,7 @@ class PackedMatrix:
         """flat (M, cols) bf16 -> (M, padded rows) bf16 through torch's int4 op."""
         if self.qtype in DOUBLED:
             sub = flat.reshape(flat.shape[0], -1, DOUBLED[self.qtype])
-            flat = torch.cat([sub, sub * 8], dim=-1).reshape(flat.shape[0], -1)
+            flat = torch.cat([sub, sub * SECOND_HALF_X[self.qtype]], dim=-1).reshape(flat.shape[0], -1)
         return torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scale_zero)
 
     def tiled_product(self, flat: torch.Tensor) -> torch.Tensor:
@@ -223,15 +260,16 @@ class PackedMatrix:
         codes = codes.view(blocks, -1, GROUP, 64)  # (blocks, groups, 32, rows)
         sz = self.scale_zero[:, start:stop].float().view(-1, blocks, 64, 2).permute(3, 1, 0, 2)
         w = work.f32[:blocks]
-        if self.qtype in DOUBLED:  # halves [lo, c] of one scale, zero z (0 for Q6_K) on lo's only, x and 8x:
-            # w = (lo - 8)*scale + z + 8*(c - 8)*scale = (lo + 8c - 72)*scale + z, lo + 8c <= 103
-            half = DOUBLED[self.qtype]
+        if self.qtype in DOUBLED:  # halves [lo, c] of one scale, zero z on lo's only (0 on c's where
+            # c multiplies 8x), against x and a*x (a = SECOND_HALF_X: 8, or 0 where z is not 0):
+            # w = (lo - 8)*scale + z + a*(c - 8)*scale = (lo + a*c - 8 - 8a)*scale + z, lo + a*c <= 103
+            half, a = DOUBLED[self.qtype], SECOND_HALF_X[self.qtype]
             pairs = codes.view(blocks, -1, 2, half, 64)  # (blocks, sub-blocks, lo | c, half, rows)
-            torch.add(pairs[:, :, 0], pairs[:, :, 1], alpha=8, out=work.combined[:blocks])
+            torch.add(pairs[:, :, 0], pairs[:, :, 1], alpha=a, out=work.combined[:blocks])
             w.copy_(work.combined[:blocks])
             pair_sz = sz.view(2, blocks, -1, 2 * half // GROUP, 1, 64)[:, :, :, 0]  # lo's group of each pair
             pair_scale = pair_sz[0].contiguous()
-            w.mul_(pair_scale).add_(pair_sz[1] - 72 * pair_scale)
+            w.mul_(pair_scale).add_(pair_sz[1] - (8 + 8 * a) * pair_scale)
         else:
             scale = sz[0].unsqueeze(2).contiguous()  # (blocks, groups, 1, rows)
             w.copy_(codes)

@@ -20,7 +20,7 @@ triton.testing.do_bench. Needs CUDA.
 
 `--low-bit` times the batch-1 GEMV of the types of Q2_K / Q3_K_M / IQ4_XS / Q4_1 / Q5_K_M files
 on the 3B and 7B shapes. qvl writes no Q2_K, Q3_K or IQ4 blocks: those weights are random
-blocks with set scales (tests/kernels/quant_weights.py), which a GEMV streams as it streams any.
+blocks with set scales (tests/quant_weights.py), which a GEMV streams as it streams any.
 
 `--sweep` times the 7B's largest decode GEMVs (Q4_K gate/up stacked, Q6_K down) over rows per
 program, warps, L2 prefetch distance and K splits, and its prefill GEMM over tile shapes, as GB/s (GEMV) or TFLOP/s
@@ -60,7 +60,7 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
     from qvl.kernels.qmatmul import qmatmul
     from qvl.kernels.target import pretending, target
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from quant_weights import quant_weights  # N(0, 1) rows by qvl's quantizers, else random blocks
 
     rows = []

@@ -1,6 +1,6 @@
 """The CPU's two ways to multiply by int4-packed weights (runtime/packed.py), timed per rows of x.
 
-    python scripts/bench_packed.py [--threads 2] [--model 3b]
+    python scripts/bench_packed.py [--threads 2] [--model 3b] [--types Q4_K,Q6_K,Q3_K,Q2_K]
 
 For each 4-bit type and each matrix shape of the model's decoder, the int4 op
 (`torch._weight_int4pack_mm_for_cpu`) against decoding TILE_ROWS-row tiles to bf16 and running bf16
@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from qvl.convert.quant import quantize
 from qvl.runtime.packed import DENSE_FROM_M, PackedMatrix
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from quant_weights import quant_weights  # noqa: E402  (qvl's quantizers; Q2_K / Q3_K: random blocks)
 
 SHAPES = {  # (rows, cols) of the decoder's matrices: attn_q/o, ffn_gate/up, ffn_down
     "3b": [(2048, 2048), (11008, 2048), (2048, 11008)],
@@ -44,12 +47,10 @@ def main() -> None:
     ap.add_argument("--m", default="1,16,64,96,128,192,256,512,1024")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
     for name in args.types.split(","):
         qtype = T[name]
         for rows, cols in SHAPES[args.model]:
-            w = rng.standard_normal((rows, cols), dtype=np.float32)
-            packed = PackedMatrix(qtype, quantize(w, qtype), rows, cols)
+            packed = PackedMatrix(qtype, quant_weights(rows, cols, qtype, "normal", seed=0).numpy(), rows, cols)
             dense = torch.cat([packed.tile(s, min(s + 1024, packed.packed.shape[0]))
                                for s in range(0, packed.packed.shape[0], 1024)])
             for m in (int(v) for v in args.m.split(",")):

@@ -26,7 +26,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qvl.convert.cli import app as convert_app
-from qvl.convert.plan import plan_text
 from qvl.runtime.gguf_file import GGUFFile
 from qvl.runtime.model import ALL_LAYERS, Generation, load
 from qvl.runtime.placement import Placement
@@ -137,33 +136,16 @@ def test_other_quant_mixes_through_the_kernels(checkpoints, file_type, types):
     assert _rel(logits, ref_logits) <= 1e-4
 
 
-LOW_BIT = (("attn_output", T.IQ4_NL), ("attn_", T.Q3_K), ("ffn_down", T.IQ4_XS), ("ffn_", T.Q2_K))
-
-
 def test_low_bit_and_iq4_mix_through_the_kernels(checkpoints, monkeypatch):
     """llama.cpp's Q2_K / Q3_K_M / IQ4_XS files hold Q2_K, Q3_K, IQ4_XS and IQ4_NL matrices,
-    which qvl-convert does not write: a file with them (LOW_BIT: Q3_K q/k/v, IQ4_NL attn_output,
-    Q2_K gate/up, IQ4_XS ffn_down where Q4_K_M has Q4_K, the token embedding kept Q4_K;
-    quant_weights' round-to-nearest
-    encoders in llama.cpp's block layouts; output Q6_K) wholly through the kernels, read from its
-    blocks: the torch path's tokens, logits within 1e-4 (as above)."""
-    from functools import partial
+    which qvl-convert does not write: a file with them (quant_weights.LOW_BIT: Q3_K q/k/v,
+    IQ4_NL attn_output, Q2_K gate/up, IQ4_XS ffn_down where Q4_K_M has Q4_K, the token embedding
+    kept Q4_K; round-to-nearest encoders in llama.cpp's block layouts; output Q6_K) wholly
+    through the kernels, read from its blocks: the torch path's tokens, logits within 1e-4 (as
+    above)."""
+    from quant_weights import use_low_bit_types
 
-    from quant_weights import encode_iq4, encode_q2_k, encode_q3_k
-
-    from qvl.convert import pipeline
-    from qvl.convert.plan import PlannedTensor
-    from qvl.convert.quant import BLOCK_QUANTIZERS
-
-    def low_bit(p: PlannedTensor) -> PlannedTensor:
-        if p.qtype != T.Q4_K:
-            return p
-        return PlannedTensor(p.tensor, next((qt for part, qt in LOW_BIT if f".{part}" in p.tensor.name), p.qtype))
-
-    monkeypatch.setattr(pipeline, "plan_text", lambda *args: [low_bit(p) for p in plan_text(*args)])
-    for qt, encode in ((T.Q2_K, encode_q2_k), (T.Q3_K, encode_q3_k), (T.IQ4_NL, partial(encode_iq4, xs=False)),
-                       (T.IQ4_XS, partial(encode_iq4, xs=True))):
-        monkeypatch.setitem(BLOCK_QUANTIZERS, qt, encode)
+    use_low_bit_types(monkeypatch)
     src = checkpoints["untied"]
     path = _convert(src, src.parent / "m-low-bit.gguf", "q4_k_m")
     with GGUFFile(path) as g:

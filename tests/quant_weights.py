@@ -1,4 +1,6 @@
-"""GGUF weight rows for kernel tests, quantized by our ggml-exact quantizers."""
+"""GGUF weight rows for tests and benchmarks: quantized by qvl's ggml-exact quantizers, or (the
+types qvl does not write: Q2_K, Q3_K, IQ4_NL, IQ4_XS) random blocks and round-to-nearest
+encoders in llama.cpp's layouts."""
 
 from __future__ import annotations
 
@@ -6,10 +8,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
+from gguf.quants import IQ4_NL
 
 from qvl.convert.quant import quantize
-from qvl.kernels.qblocks import KVALUES
-
 
 # "huge" multiplies N(0, 1) rows by 3e4; Q4_1 / Q5_1 store each block's minimum (about -3e4 x 3
 # here) as a float16, which overflows to -inf past 65504 (ggml's quantizers do the same), so
@@ -113,7 +114,8 @@ def encode_iq4(w: np.ndarray, xs: bool) -> np.ndarray:
     encode_q2_k): a 32-weight block's scale maps its largest-magnitude weight to level -127 (IQ4_XS:
     as a 6-bit multiple, stored + 32, of the super-block's d), each weight takes the nearest level."""
     n, k = w.shape
-    levels = np.array(KVALUES, dtype=np.float32)
+    levels = np.array(IQ4_NL.kvalues, dtype=np.float32)  # gguf-py's: importing qvl.kernels here would
+    # create the Triton kernels before a kernel test sets TRITON_INTERPRET
     b = w.reshape(n, k // 32, 32).astype(np.float32)
     extreme = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)[..., 0]
     scale = extreme / levels[0]
@@ -138,3 +140,29 @@ def encode_iq4(w: np.ndarray, xs: bool) -> np.ndarray:
     scales_l = low[..., 0::2] | low[..., 1::2] << 4
     return np.concatenate([d[..., None].view(np.uint8), scales_h[..., None].view(np.uint8), scales_l,
                            qs.reshape(n, k // 256, 128)], axis=-1).reshape(n, -1)
+
+
+# A low-bit mix of llama.cpp's types that qvl-convert does not write, by the tensor names'
+# parts (first match): where a q4_k_m conversion plans Q4_K, Q3_K q/k/v, IQ4_NL attn_output,
+# Q2_K gate/up and IQ4_XS ffn_down (the token embedding stays Q4_K)
+LOW_BIT = (("attn_output", T.IQ4_NL), ("attn_", T.Q3_K), ("ffn_down", T.IQ4_XS), ("ffn_", T.Q2_K))
+
+
+def use_low_bit_types(monkeypatch) -> None:
+    """Make a q4_k_m conversion write LOW_BIT's types with this module's encoders (pytest's
+    monkeypatch undoes it after the test)."""
+    from functools import partial
+
+    from qvl.convert import pipeline
+    from qvl.convert.plan import PlannedTensor, plan_text
+    from qvl.convert.quant import BLOCK_QUANTIZERS
+
+    def low_bit(p: PlannedTensor) -> PlannedTensor:
+        if p.qtype != T.Q4_K:
+            return p
+        return PlannedTensor(p.tensor, next((qt for part, qt in LOW_BIT if f".{part}" in p.tensor.name), p.qtype))
+
+    monkeypatch.setattr(pipeline, "plan_text", lambda *args: [low_bit(p) for p in plan_text(*args)])
+    for qt, encode in ((T.Q2_K, encode_q2_k), (T.Q3_K, encode_q3_k), (T.IQ4_NL, partial(encode_iq4, xs=False)),
+                       (T.IQ4_XS, partial(encode_iq4, xs=True))):
+        monkeypatch.setitem(BLOCK_QUANTIZERS, qt, encode)
