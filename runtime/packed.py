@@ -13,6 +13,10 @@ map onto that exactly (up to bf16 rounding of scale and zero):
 - Q5_K: Q4_K's scales and nibbles, a fifth bit hb on top. Each 32-weight sub-block becomes two
   32-groups, [lo (32)] with Q4_K's scale and zero and [2*hb + 8 (32)] with the same scale and
   zero 0, against [x, 8*x]: (lo - 8)*s*x + zero*x + 2*hb*s*8x = (s*(lo + 16*hb) - min)*x.
+- IQ4_NL / IQ4_XS: 4-bit codes of 16 non-linear levels, level + 128 = u = lo + 16*hi in 1..241,
+  a scale s per 32 weights (IQ4_NL: d; IQ4_XS: d * (ls - 32)). Each 32-weight block becomes two
+  32-groups, [lo] with scale s and zero 8*s and [hi] with scale s and zero 0, against [x, 16*x]:
+  (lo - 8)*s*x + 8*s*x + (hi - 8)*s*16x = (u - 128)*s*x, exactly.
 - Q3_K / Q2_K: 3- / 2-bit codes q with a scale (Q2_K: and a min) per 16 weights, w = q*s + offset
   (Q3_K: offset -4s; Q2_K: -min). Each 16-weight sub-block becomes one 32-group [q + 8 (16),
   8 (16)] with zero = offset, against [x, 0]: the second half is padding the op multiplies by 0.
@@ -24,7 +28,7 @@ DENSE_FROM_M rows on (prefill chunks), a call decodes TILE_ROWS weight rows at a
 bf16 (float32 arithmetic, one rounding) and runs bf16 GEMMs on them: 2-3x faster at 512 rows,
 with one tile of extra memory (scripts/bench_packed.py).
 
-Every other type (Q8_0, Q5_0, Q5_1, IQ4_.., F16, BF16) is dequantized once to bf16. Activations are
+Every other type (Q8_0, Q5_0, Q5_1, IQ1-3, F16, BF16) is dequantized once to bf16. Activations are
 rounded to bf16 and so is the int4 op's output (relative 2^-9); accumulation is float32.
 The exact float32 path is `weights.EXACT` (`qvl.load(..., dtype=torch.float32)`).
 """
@@ -37,17 +41,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
-from gguf.quants import dequantize
+from gguf.quants import IQ4_NL, dequantize
 
 GROUP = 32  # weights per (scale, zero) pair of the int4 op
 ROWS_PER_STEP = 2048  # rows decoded per step while packing (a multiple of 64): bounded temporaries
-INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K)
-DOUBLED = {T.Q6_K: 16, T.Q5_K: 32, T.Q3_K: 16, T.Q2_K: 16}  # sub-blocks of this many weights take two 4-bit halves
-SECOND_HALF_X = {T.Q6_K: 8, T.Q5_K: 8, T.Q3_K: 0, T.Q2_K: 0}  # what a doubled type's second half multiplies: c * x
+INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS)
+# sub-blocks of this many weights take two 4-bit halves, and what the second half multiplies: c * x
+DOUBLED = {T.Q6_K: 16, T.Q5_K: 32, T.Q3_K: 16, T.Q2_K: 16, T.IQ4_NL: 32, T.IQ4_XS: 32}
+SECOND_HALF_X = {T.Q6_K: 8, T.Q5_K: 8, T.Q3_K: 0, T.Q2_K: 0, T.IQ4_NL: 16, T.IQ4_XS: 16}
 # Rows of x from which tiles of bf16 weights beat the int4 op (scripts/bench_packed.py, 3B shapes,
 # 2 threads: tiled / int4 ~1.0 at 160-192 rows for Q4, 0.6-0.95 at 96 for Q6_K's doubled op,
 # which Q3_K / Q2_K take too).
-DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96, T.Q5_K: 96, T.Q3_K: 96, T.Q2_K: 96}
+DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96, T.Q5_K: 96, T.Q3_K: 96, T.Q2_K: 96, T.IQ4_NL: 96,
+                T.IQ4_XS: 96}
+IQ4_BYTES = torch.tensor([v + 128 for v in IQ4_NL.kvalues], dtype=torch.uint8)  # ggml's kvalues_iq4nl + 128
 TILE_ROWS = 256  # weight rows decoded to bf16 per GEMM (a multiple of 64): 1 MB for a 2048-wide weight
 
 
@@ -102,6 +109,23 @@ def q4_0_fields(raw: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.
     q = torch.cat([qs & 15, qs >> 4], dim=2).reshape(R, -1)
     offset = _f16(b[..., 2:4]) if with_min else -8 * d
     return q, d, offset
+
+
+def iq4_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ4_NL (18-byte) or IQ4_XS (136-byte) rows -> u (R, K) = level + 128 (1..241), scale (R,
+    K/32): w = (u - 128)*scale. A 32-weight block's codes are Q4_0's nibbles of its 16 bytes."""
+    R = raw.shape[0]
+    if qtype == T.IQ4_NL:
+        code, scale, _ = q4_0_fields(raw, with_min=False)
+    else:
+        b = raw.reshape(R, -1, 136)
+        qs = b[..., 8:136].reshape(R, -1, 8, 1, 16)
+        code = torch.cat([qs & 15, qs >> 4], dim=3).reshape(R, -1)
+        high = b[..., 2:4].contiguous().view(torch.int16).to(torch.int32)  # (R, nb, 1) little-endian u16
+        low = b[..., 4:8].to(torch.int32)
+        ls = torch.stack([low & 15, low >> 4], -1).reshape(R, -1, 8) | (((high >> (2 * torch.arange(8))) & 3) << 4)
+        scale = (_f16(b[..., 0:2])[..., None] * (ls - 32)).reshape(R, -1)
+    return IQ4_BYTES[code.long()], scale
 
 
 def q2_q3_k_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,6 +208,12 @@ class PackedMatrix:
                 packs.append(pack_int4(pairs.reshape(len(t), -1)))
                 scales.append(s.repeat_interleave(2, dim=1))
                 zeros.append(torch.stack([8 * s - mins, torch.zeros_like(s)], dim=2).reshape(len(t), -1))
+            elif qtype in (T.IQ4_NL, T.IQ4_XS):  # [lo, hi] of level + 128 per 32-weight block, against [x, 16x]
+                u, s = iq4_fields(t, qtype)
+                pairs = torch.stack([(u & 15).reshape(len(t), -1, 32), (u >> 4).reshape(len(t), -1, 32)], dim=2)
+                packs.append(pack_int4(pairs.reshape(len(t), -1)))
+                scales.append(s.repeat_interleave(2, dim=1))
+                zeros.append(torch.stack([8 * s, torch.zeros_like(s)], dim=2).reshape(len(t), -1))
             elif qtype in (T.Q3_K, T.Q2_K):  # [q + 8, 8] per 16-weight sub-block, against [x, 0]
                 q, s, offset = q2_q3_k_fields(t, qtype)
                 pairs = torch.stack([(q + 8).reshape(len(t), -1, 16), torch.full_like(q, 8).reshape(len(t), -1, 16)],
@@ -261,8 +291,8 @@ class PackedMatrix:
         sz = self.scale_zero[:, start:stop].float().view(-1, blocks, 64, 2).permute(3, 1, 0, 2)
         w = work.f32[:blocks]
         if self.qtype in DOUBLED:  # halves [lo, c] of one scale, zero z on lo's only (0 on c's where
-            # c multiplies 8x), against x and a*x (a = SECOND_HALF_X: 8, or 0 where z is not 0):
-            # w = (lo - 8)*scale + z + a*(c - 8)*scale = (lo + a*c - 8 - 8a)*scale + z, lo + a*c <= 103
+            # c multiplies a*x), against x and a*x (a = SECOND_HALF_X: 8 or 16, or 0 where z is not 0):
+            # w = (lo - 8)*scale + z + a*(c - 8)*scale = (lo + a*c - 8 - 8a)*scale + z, lo + a*c <= 241
             half, a = DOUBLED[self.qtype], SECOND_HALF_X[self.qtype]
             pairs = codes.view(blocks, -1, 2, half, 64)  # (blocks, sub-blocks, lo | c, half, rows)
             torch.add(pairs[:, :, 0], pairs[:, :, 1], alpha=a, out=work.combined[:blocks])

@@ -3,7 +3,7 @@
 Tolerances, relative to sum_k |x_k| |W_nk| per output (the scale of its rounding errors):
 - bf16 dense (Q8_0, F16, BF16 dequantized once): activation, weight and output each
   rounded to bf16 (2^-9 each), so at most 3 * 2^-9 = 5.9e-3, a worst-case bound.
-- int4 types (Q4_K, Q4_0, Q4_1, Q6_K, Q5_K, Q3_K, Q2_K): bf16 activations, scale and zero point
+- int4 types (Q4_K, Q4_0, Q4_1, Q6_K, Q5_K, Q3_K, Q2_K, IQ4_NL, IQ4_XS): bf16 activations, scale and zero point
   (2^-9 each; the zero point 8*s - min can be twice |w|) and output -> 2^-7 = 7.8e-3. Measured
   (2026-11-23): at most 0.43 * 2^-8, Q2_K 0.69 * 2^-8 (its zero, -min, rounded as Q4_K's).
 A wrong nibble, row or group order gives errors of the size of the output itself (checked by
@@ -12,12 +12,14 @@ hand: swapping Q6_K's halves or Q4_K's nibbles fails every case here).
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
-from quant_weights import encode_q2_k, encode_q3_k
+from quant_weights import encode_iq4, encode_q2_k, encode_q3_k
 from qvl.convert.quant import quantize
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.packed import (
@@ -26,6 +28,7 @@ from qvl.runtime.packed import (
     PackedMatrix,
     pack_int4,
     q4_0_fields,
+    iq4_fields,
     q2_q3_k_fields,
     q4_k_fields,
     q5_k_high_bits,
@@ -34,9 +37,11 @@ from qvl.runtime.packed import (
 from qvl.runtime.weights import EXACT, PACKED, STREAMED, Matrix, Weights
 
 TOL = {T.Q8_0: 3 * 2**-9, T.F16: 3 * 2**-9, T.BF16: 3 * 2**-9,
-       T.Q4_K: 2**-7, T.Q4_0: 2**-7, T.Q4_1: 2**-7, T.Q6_K: 2**-7, T.Q5_K: 2**-7, T.Q3_K: 2**-7, T.Q2_K: 2**-7}
-# qvl writes no Q3_K / Q2_K: llama.cpp's layouts by the tests' round-to-nearest encoders
-ENCODERS = {T.Q3_K: encode_q3_k, T.Q2_K: encode_q2_k}
+       T.Q4_K: 2**-7, T.Q4_0: 2**-7, T.Q4_1: 2**-7, T.Q6_K: 2**-7, T.Q5_K: 2**-7, T.Q3_K: 2**-7, T.Q2_K: 2**-7,
+       T.IQ4_NL: 2**-7, T.IQ4_XS: 2**-7}
+# qvl writes no Q3_K / Q2_K / IQ4: llama.cpp's layouts by the tests' round-to-nearest encoders
+ENCODERS = {T.Q3_K: encode_q3_k, T.Q2_K: encode_q2_k, T.IQ4_NL: partial(encode_iq4, xs=False),
+            T.IQ4_XS: partial(encode_iq4, xs=True)}
 
 
 def _raw(qtype: T, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
@@ -83,6 +88,11 @@ def test_block_fields_equal_dequantization():
         q, scale, offset = q4_0_fields(torch.from_numpy(raw), with_min)
         w = q.float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
         torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
+    for qtype in (T.IQ4_NL, T.IQ4_XS):
+        raw, ref = _raw(qtype, rows, cols)
+        u, scale = iq4_fields(torch.from_numpy(raw), qtype)
+        assert u.min() == 1  # level -127, each block's largest-magnitude weight in these encoders
+        torch.testing.assert_close((u.float() - 128) * scale.repeat_interleave(32, 1), ref, rtol=1e-6, atol=1e-6)
     for qtype, top in ((T.Q3_K, 7), (T.Q2_K, 3)):
         raw, ref = _raw(qtype, rows, cols)
         q, scale, offset = q2_q3_k_fields(torch.from_numpy(raw), qtype)
@@ -97,7 +107,7 @@ def test_block_fields_equal_dequantization():
 def test_packed_matmul_matches_dequantized(qtype, rows, cols, m):
     raw, w = _raw(qtype, rows, cols, seed=rows + cols)
     packed = PackedMatrix(qtype, raw, rows, cols)
-    assert packed.int4 == (qtype in (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K))
+    assert packed.int4 == (qtype in (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS))
     x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
     y, ref = packed.matmul(x), x @ w.T
     assert y.shape == (m, rows) and y.dtype == torch.float32
@@ -128,6 +138,9 @@ def test_int4_weights_take_a_third_of_bf16():
     assert PackedMatrix(T.Q6_K, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 4 / 16)
     raw, _ = _raw(T.Q5_K, 128, 1024)  # two 4-bit groups a 32-weight sub-block: 0.63 of bf16's bytes
     assert PackedMatrix(T.Q5_K, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 2 * 4 / 32)
+    for qtype in (T.IQ4_NL, T.IQ4_XS):  # two 4-bit groups a 32-weight block, as Q5_K
+        raw, _ = _raw(qtype, 128, 1024)
+        assert PackedMatrix(qtype, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 2 * 4 / 32)
     for qtype in (T.Q3_K, T.Q2_K):  # a 32-group a 16-weight sub-block, as Q6_K: 0.63 of bf16's bytes
         raw, _ = _raw(qtype, 128, 1024)
         assert PackedMatrix(qtype, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 4 / 16)
