@@ -105,10 +105,15 @@ def q4_0_fields(raw: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.
     size = 20 if with_min else 18
     b = raw.reshape(R, -1, size)
     d = _f16(b[..., 0:2])
-    qs = b[..., size - 16:size].reshape(R, -1, 1, 16)
-    q = torch.cat([qs & 15, qs >> 4], dim=2).reshape(R, -1)
     offset = _f16(b[..., 2:4]) if with_min else -8 * d
-    return q, d, offset
+    return _block_nibbles(b[..., size - 16:size]), d, offset
+
+
+def _block_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(R, ..., 16 * n) uint8, the 16 bytes of each 32-weight block of a row in order -> codes
+    (R, 32 * n) 0..15: Q4_0's order, a block's low nibbles then its high ones."""
+    qs = qs.reshape(qs.shape[0], -1, 1, 16)
+    return torch.cat([qs & 15, qs >> 4], dim=2).reshape(qs.shape[0], -1)
 
 
 def iq4_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,13 +124,12 @@ def iq4_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor]
         code, scale, _ = q4_0_fields(raw, with_min=False)
     else:
         b = raw.reshape(R, -1, 136)
-        qs = b[..., 8:136].reshape(R, -1, 8, 1, 16)
-        code = torch.cat([qs & 15, qs >> 4], dim=3).reshape(R, -1)
+        code = _block_nibbles(b[..., 8:136])
         high = b[..., 2:4].contiguous().view(torch.int16).to(torch.int32)  # (R, nb, 1) little-endian u16
         low = b[..., 4:8].to(torch.int32)
         ls = torch.stack([low & 15, low >> 4], -1).reshape(R, -1, 8) | (((high >> (2 * torch.arange(8))) & 3) << 4)
         scale = (_f16(b[..., 0:2])[..., None] * (ls - 32)).reshape(R, -1)
-    return IQ4_BYTES[code.long()], scale
+    return IQ4_BYTES[code.int()], scale  # int32 indices: a 4-byte temporary a weight, not int64's 8
 
 
 def q2_q3_k_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,6 +161,13 @@ def as_torch(raw: np.ndarray, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.ascontiguousarray(raw)).view(dtype)
+
+
+def pack_halves(lo: torch.Tensor, c: torch.Tensor, half: int) -> torch.Tensor:
+    """Codes (R, K) of a doubled type's two halves -> pack_int4 of [lo (half), c (half)] per
+    `half` weights (DOUBLED's sub-block)."""
+    rows = lo.shape[0]
+    return pack_int4(torch.stack([lo.reshape(rows, -1, half), c.reshape(rows, -1, half)], dim=2).reshape(rows, -1))
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -203,28 +214,22 @@ class PackedMatrix:
             t = as_torch(part)
             if qtype == T.Q5_K:  # [lo, 2*hb + 8] per 32-weight sub-block, both with the sub-block's scale
                 q, s, mins = q4_k_fields(t, 176)
-                hb = q5_k_high_bits(t)
-                pairs = torch.stack([q.reshape(len(t), -1, 32), (2 * hb + 8).reshape(len(t), -1, 32)], dim=2)
-                packs.append(pack_int4(pairs.reshape(len(t), -1)))
+                packs.append(pack_halves(q, 2 * q5_k_high_bits(t) + 8, 32))
                 scales.append(s.repeat_interleave(2, dim=1))
                 zeros.append(torch.stack([8 * s - mins, torch.zeros_like(s)], dim=2).reshape(len(t), -1))
             elif qtype in (T.IQ4_NL, T.IQ4_XS):  # [lo, hi] of level + 128 per 32-weight block, against [x, 16x]
                 u, s = iq4_fields(t, qtype)
-                pairs = torch.stack([(u & 15).reshape(len(t), -1, 32), (u >> 4).reshape(len(t), -1, 32)], dim=2)
-                packs.append(pack_int4(pairs.reshape(len(t), -1)))
+                packs.append(pack_halves(u & 15, u >> 4, 32))
                 scales.append(s.repeat_interleave(2, dim=1))
                 zeros.append(torch.stack([8 * s, torch.zeros_like(s)], dim=2).reshape(len(t), -1))
             elif qtype in (T.Q3_K, T.Q2_K):  # [q + 8, 8] per 16-weight sub-block, against [x, 0]
                 q, s, offset = q2_q3_k_fields(t, qtype)
-                pairs = torch.stack([(q + 8).reshape(len(t), -1, 16), torch.full_like(q, 8).reshape(len(t), -1, 16)],
-                                    dim=2)
-                packs.append(pack_int4(pairs.reshape(len(t), -1)))
+                packs.append(pack_halves(q + 8, torch.full_like(q, 8), 16))
                 scales.append(s)
                 zeros.append(offset)  # (q + 8 - 8)*s + offset: a zero no larger than the weights
             elif qtype == T.Q6_K:
                 lo, hi, s = q6_k_fields(t)
-                q = torch.stack([lo.reshape(len(t), -1, 16), (2 * hi + 5).reshape(len(t), -1, 16)], dim=2)
-                packs.append(pack_int4(q.reshape(len(t), -1)))
+                packs.append(pack_halves(lo, 2 * hi + 5, 16))
                 scales.append(s)
                 zeros.append(torch.zeros_like(s))
             else:

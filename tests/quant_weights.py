@@ -73,7 +73,7 @@ def encode_q2_k(w: np.ndarray) -> np.ndarray:
     step = (d.astype(np.float32)[..., None] * sc)[..., None]
     base = (dmin.astype(np.float32)[..., None] * m)[..., None]
     q = np.clip(np.round(_ratio(b + base, step)), 0, 3).astype(np.uint8).reshape(n, k // 256, 2, 4, 32)  # h, j, l
-    qs = (q[:, :, :, 0] | q[:, :, :, 1] << 2 | q[:, :, :, 2] << 4 | q[:, :, :, 3] << 6).reshape(n, k // 256, 64)
+    qs = _qs_2bit(q)
     scales = sc.astype(np.uint8) | m.astype(np.uint8) << 4
     return np.concatenate([scales, qs, d[..., None].view(np.uint8), dmin[..., None].view(np.uint8)],
                           axis=-1).reshape(n, -1)
@@ -90,8 +90,7 @@ def encode_q3_k(w: np.ndarray) -> np.ndarray:
     sc = np.clip(np.round(_ratio(scale, d.astype(np.float32)[..., None])), 0, 31)
     step = (d.astype(np.float32)[..., None] * sc)[..., None]
     q = (np.clip(np.round(_ratio(b, step)), -4, 3) + 4).astype(np.uint8).reshape(n, k // 256, 2, 4, 32)
-    low = q & 3
-    qs = (low[:, :, :, 0] | low[:, :, :, 1] << 2 | low[:, :, :, 2] << 4 | low[:, :, :, 3] << 6).reshape(n, k // 256, 64)
+    qs = _qs_2bit(q & 3)
     hmask = np.zeros((n, k // 256, 32), dtype=np.uint8)
     for h in range(2):
         for j in range(4):
@@ -102,6 +101,12 @@ def encode_q3_k(w: np.ndarray) -> np.ndarray:
     for t in range(4):
         scales[..., 8:] |= ((v[..., 4 * t:4 * t + 4] >> 4) & 3) << (2 * t)
     return np.concatenate([hmask, qs, scales, d[..., None].view(np.uint8)], axis=-1).reshape(n, -1)
+
+
+def _qs_2bit(q: np.ndarray) -> np.ndarray:
+    """2-bit codes (n, blocks, 2, 4, 32) indexed (h, j, l) -> Q2_K / Q3_K's qs (n, blocks, 64):
+    field j (bits 2j) of byte 32h + l."""
+    return (q[:, :, :, 0] | q[:, :, :, 1] << 2 | q[:, :, :, 2] << 4 | q[:, :, :, 3] << 6).reshape(*q.shape[:2], 64)
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
