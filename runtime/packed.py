@@ -13,10 +13,16 @@ map onto that exactly (up to bf16 rounding of scale and zero):
 - Q5_K: Q4_K's scales and nibbles, a fifth bit hb on top. Each 32-weight sub-block becomes two
   32-groups, [lo (32)] with Q4_K's scale and zero and [2*hb + 8 (32)] with the same scale and
   zero 0, against [x, 8*x]: (lo - 8)*s*x + zero*x + 2*hb*s*8x = (s*(lo + 16*hb) - min)*x.
-- IQ4_NL / IQ4_XS: 4-bit codes of 16 non-linear levels, level + 128 = u = lo + 16*hi in 1..241,
-  a scale s per 32 weights (IQ4_NL: d; IQ4_XS: d * (ls - 32)). Each 32-weight block becomes two
-  32-groups, [lo] with scale s and zero 8*s and [hi] with scale s and zero 0, against [x, 16*x]:
-  (lo - 8)*s*x + 8*s*x + (hi - 8)*s*16x = (u - 128)*s*x, exactly.
+- Integer levels: IQ4_NL / IQ4_XS (4-bit codes of 16 non-linear levels, -127..113) and the grid
+  types IQ1_S ... IQ3_S (iq_grids.py: levels of up to +-62), w = v * s with a scale s per
+  `half` = 16 or 32 weights (IQ4_NL: d; IQ4_XS: d * (ls - 32); grid types: SCALE_GROUP). With
+  u = v + 136 = lo + 16*hi (9..249), each `half` weights become [lo (half), hi (half)] with scale
+  s and zero 0 (one 32-group, or two where half is 32), against [x, 16*x]:
+  (lo - 8)*s*x + (hi - 8)*s*16x = (u - 136)*s*x, exactly.
+- Except where the levels are a uniform 4-bit code: IQ3_S's v are the odd numbers -15..15, so
+  q = (v + 15) / 2 in 0..15 with scale 2s and zero s; IQ1_S's v = 8g + o with g in -1..1 and one
+  o = +-1 per 32 weights (its delta), so q = g + 8 with scale 8s and zero o*s. One 32-group per
+  32 weights, as Q4_K: half the int4 work and memory of the doubled layout.
 - Q3_K / Q2_K: 3- / 2-bit codes q with a scale (Q2_K: and a min) per 16 weights, w = q*s + offset
   (Q3_K: offset -4s; Q2_K: -min). Each 16-weight sub-block becomes one 32-group [q + 8 (16),
   8 (16)] with zero = offset, against [x, 0]: the second half is padding the op multiplies by 0.
@@ -28,7 +34,7 @@ DENSE_FROM_M rows on (prefill chunks), a call decodes TILE_ROWS weight rows at a
 bf16 (float32 arithmetic, one rounding) and runs bf16 GEMMs on them: 2-3x faster at 512 rows,
 with one tile of extra memory (scripts/bench_packed.py).
 
-Every other type (Q8_0, Q5_0, Q5_1, IQ1-3, F16, BF16) is dequantized once to bf16. Activations are
+Every other type (Q8_0, Q5_0, Q5_1, F16, BF16) is dequantized once to bf16. Activations are
 rounded to bf16 and so is the int4 op's output (relative 2^-9); accumulation is float32.
 The exact float32 path is `weights.EXACT` (`qvl.load(..., dtype=torch.float32)`).
 """
@@ -43,18 +49,24 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from gguf.quants import IQ4_NL, dequantize
 
+from .iq_grids import GRID_TYPES, SCALE_GROUP, grid_fields
+
 GROUP = 32  # weights per (scale, zero) pair of the int4 op
 ROWS_PER_STEP = 2048  # rows decoded per step while packing (a multiple of 64): bounded temporaries
-INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS)
+LEVEL_TYPES = (T.IQ4_NL, T.IQ4_XS, *GRID_TYPES)  # w = v * scale, integer levels v (|v| <= 127)
+LEVEL_OFFSET = 136  # u = v + LEVEL_OFFSET = lo + 16 hi; with zero 0, (lo - 8) + 16 (hi - 8) = v
+UNIFORM_LEVELS = (T.IQ3_S, T.IQ1_S)  # levels that are one 4-bit code: no halves
+INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K, *LEVEL_TYPES)
 # sub-blocks of this many weights take two 4-bit halves, and what the second half multiplies: c * x
-DOUBLED = {T.Q6_K: 16, T.Q5_K: 32, T.Q3_K: 16, T.Q2_K: 16, T.IQ4_NL: 32, T.IQ4_XS: 32}
-SECOND_HALF_X = {T.Q6_K: 8, T.Q5_K: 8, T.Q3_K: 0, T.Q2_K: 0, T.IQ4_NL: 16, T.IQ4_XS: 16}
+DOUBLED = {T.Q6_K: 16, T.Q5_K: 32, T.Q3_K: 16, T.Q2_K: 16, T.IQ4_NL: 32, T.IQ4_XS: 32,
+           **{qt: n for qt, n in SCALE_GROUP.items() if qt not in UNIFORM_LEVELS}}
+SECOND_HALF_X = {T.Q6_K: 8, T.Q5_K: 8, T.Q3_K: 0, T.Q2_K: 0, **{qt: 16 for qt in LEVEL_TYPES}}
 # Rows of x from which tiles of bf16 weights beat the int4 op (scripts/bench_packed.py, 3B shapes,
 # 2 threads: tiled / int4 ~1.0 at 160-192 rows for Q4, 0.6-0.95 at 96 for Q6_K's doubled op,
 # which Q3_K / Q2_K take too).
-DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96, T.Q5_K: 96, T.Q3_K: 96, T.Q2_K: 96, T.IQ4_NL: 96,
-                T.IQ4_XS: 96}
-IQ4_BYTES = torch.tensor([v + 128 for v in IQ4_NL.kvalues], dtype=torch.uint8)  # ggml's kvalues_iq4nl + 128
+DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96, T.Q5_K: 96, T.Q3_K: 96, T.Q2_K: 96,
+                **{qt: 192 if qt in UNIFORM_LEVELS else 96 for qt in LEVEL_TYPES}}
+IQ4_LEVELS = torch.tensor(IQ4_NL.kvalues, dtype=torch.int16)  # ggml's kvalues_iq4nl
 TILE_ROWS = 256  # weight rows decoded to bf16 per GEMM (a multiple of 64): 1 MB for a 2048-wide weight
 
 
@@ -117,8 +129,8 @@ def _block_nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 
 def iq4_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor]:
-    """IQ4_NL (18-byte) or IQ4_XS (136-byte) rows -> u (R, K) = level + 128 (1..241), scale (R,
-    K/32): w = (u - 128)*scale. A 32-weight block's codes are Q4_0's nibbles of its 16 bytes."""
+    """IQ4_NL (18-byte) or IQ4_XS (136-byte) rows -> v (R, K) int16 levels (-127..113), scale (R,
+    K/32): w = v*scale. A 32-weight block's codes are Q4_0's nibbles of its 16 bytes."""
     R = raw.shape[0]
     if qtype == T.IQ4_NL:
         code, scale, _ = q4_0_fields(raw, with_min=False)
@@ -129,7 +141,7 @@ def iq4_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor]
         low = b[..., 4:8].to(torch.int32)
         ls = torch.stack([low & 15, low >> 4], -1).reshape(R, -1, 8) | (((high >> (2 * torch.arange(8))) & 3) << 4)
         scale = (_f16(b[..., 0:2])[..., None] * (ls - 32)).reshape(R, -1)
-    return IQ4_BYTES[code.int()], scale  # int32 indices: a 4-byte temporary a weight, not int64's 8
+    return IQ4_LEVELS[code.int()], scale  # int32 indices: a 4-byte temporary a weight, not int64's 8
 
 
 def q2_q3_k_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,6 +166,16 @@ def q2_q3_k_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Ten
     high = torch.cat([(s[..., 8:12] >> (2 * t)) & 3 for t in range(4)], -1)
     scale = (_f16(b[..., 108:110])[..., None] * ((low | high << 4) - 32)).reshape(R, -1)
     return q, scale, -4 * scale
+
+
+def uniform_codes(v: torch.Tensor, s: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IQ3_S's or IQ1_S's grid_fields (v (R, K), s (R, K/32)) -> int4 codes q (R, K) with the
+    int4 op's scale and zero (R, K/32): (q - 8)*scale + zero = v*s."""
+    rows = v.shape[0]
+    if qtype == T.IQ3_S:  # v odd, -15..15
+        return (v + 15) >> 1, 2 * s, s
+    g = (v + 4) >> 3  # IQ1_S: v = 8g + o, o = +-1 the same for a block's 32 weights
+    return g + 8, 8 * s, (v - 8 * g).reshape(rows, -1, 32)[..., 0] * s
 
 
 def as_torch(raw: np.ndarray, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
@@ -217,11 +239,17 @@ class PackedMatrix:
                 packs.append(pack_halves(q, 2 * q5_k_high_bits(t) + 8, 32))
                 scales.append(s.repeat_interleave(2, dim=1))
                 zeros.append(torch.stack([8 * s - mins, torch.zeros_like(s)], dim=2).reshape(len(t), -1))
-            elif qtype in (T.IQ4_NL, T.IQ4_XS):  # [lo, hi] of level + 128 per 32-weight block, against [x, 16x]
-                u, s = iq4_fields(t, qtype)
-                packs.append(pack_halves(u & 15, u >> 4, 32))
-                scales.append(s.repeat_interleave(2, dim=1))
-                zeros.append(torch.stack([8 * s, torch.zeros_like(s)], dim=2).reshape(len(t), -1))
+            elif qtype in UNIFORM_LEVELS:
+                q, s, zero = uniform_codes(*grid_fields(t, qtype), qtype)
+                packs.append(pack_int4(q))
+                scales.append(s)
+                zeros.append(zero)
+            elif qtype in LEVEL_TYPES:  # [lo, hi] of v + 136 per scale's weights, zero 0, against [x, 16x]
+                v, s = iq4_fields(t, qtype) if qtype in (T.IQ4_NL, T.IQ4_XS) else grid_fields(t, qtype)
+                u = (v + LEVEL_OFFSET).to(torch.uint8)
+                packs.append(pack_halves(u & 15, u >> 4, DOUBLED[qtype]))
+                scales.append(s.repeat_interleave(2 * DOUBLED[qtype] // GROUP, dim=1))
+                zeros.append(torch.zeros_like(scales[-1]))
             elif qtype in (T.Q3_K, T.Q2_K):  # [q + 8, 8] per 16-weight sub-block, against [x, 0]
                 q, s, offset = q2_q3_k_fields(t, qtype)
                 packs.append(pack_halves(q + 8, torch.full_like(q, 8), 16))

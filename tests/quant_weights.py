@@ -1,6 +1,6 @@
 """GGUF weight rows for tests and benchmarks: quantized by qvl's ggml-exact quantizers, or (the
 types qvl does not write: Q2_K, Q3_K, IQ4_NL, IQ4_XS) random blocks and round-to-nearest
-encoders in llama.cpp's layouts."""
+encoders in llama.cpp's layouts (the grid types IQ1_S ... IQ3_S: grid_encoders.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import IQ4_NL
 
+from grid_encoders import GROUP as GRID_TYPES
+from grid_encoders import encode_grid
 from qvl.convert.quant import quantize
 
 # "huge" multiplies N(0, 1) rows by 3e4; Q4_1 / Q5_1 store each block's minimum (about -3e4 x 3
@@ -27,7 +29,7 @@ RANDOM_BLOCK_D = {T.Q2_K: (0.02, 0.08), T.Q3_K: (0.01, 0.04), T.IQ4_NL: (0.005, 
 def quant_weights(n: int, k: int, qtype: T, kind: str, seed: int) -> torch.Tensor:
     """(n, row_bytes) uint8 of N(0, 1) rows; `kind`: normal, zero-blocks (the first 256 columns
     zero), huge (x 3e4; Q4_1, Q5_1: HUGE) or tiny (x 1e-5) scales. Q2_K, Q3_K, IQ4_NL, IQ4_XS:
-    random_blocks."""
+    random_blocks; the grid types: encode_grid."""
     rng = np.random.default_rng(seed)
     if qtype in RANDOM_BLOCK_SCALES:
         return random_blocks(n, k, qtype, kind, rng)
@@ -38,7 +40,7 @@ def quant_weights(n: int, k: int, qtype: T, kind: str, seed: int) -> torch.Tenso
         w *= HUGE.get(qtype, 3e4)
     elif kind == "tiny":
         w *= 1e-5
-    return torch.from_numpy(quantize(w, qtype))
+    return torch.from_numpy(encode_grid(w, qtype) if qtype in GRID_TYPES else quantize(w, qtype))
 
 
 def random_blocks(n: int, k: int, qtype: T, kind: str, rng: np.random.Generator) -> torch.Tensor:
@@ -151,11 +153,14 @@ def encode_iq4(w: np.ndarray, xs: bool) -> np.ndarray:
 # parts (first match): where a q4_k_m conversion plans Q4_K, Q3_K q/k/v, IQ4_NL attn_output,
 # Q2_K gate/up and IQ4_XS ffn_down (the token embedding stays Q4_K)
 LOW_BIT = (("attn_output", T.IQ4_NL), ("attn_", T.Q3_K), ("ffn_down", T.IQ4_XS), ("ffn_", T.Q2_K))
+# and one of every grid type (llama.cpp's IQ1_S ... IQ3_M files)
+GRID_MIX = (("attn_q", T.IQ3_S), ("attn_k", T.IQ3_XXS), ("attn_v", T.IQ2_S), ("attn_output", T.IQ2_XS),
+            ("ffn_gate", T.IQ2_XXS), ("ffn_up", T.IQ1_M), ("ffn_down", T.IQ1_S))
 
 
-def use_low_bit_types(monkeypatch) -> None:
-    """Make a q4_k_m conversion write LOW_BIT's types with this module's encoders (pytest's
-    monkeypatch undoes it after the test)."""
+def use_low_bit_types(monkeypatch, mix: tuple[tuple[str, T], ...] = LOW_BIT) -> None:
+    """Make a q4_k_m conversion write `mix`'s types where it plans Q4_K, with this module's
+    encoders (pytest's monkeypatch undoes it after the test)."""
     from functools import partial
 
     from qvl.convert import pipeline
@@ -165,9 +170,10 @@ def use_low_bit_types(monkeypatch) -> None:
     def low_bit(p: PlannedTensor) -> PlannedTensor:
         if p.qtype != T.Q4_K:
             return p
-        return PlannedTensor(p.tensor, next((qt for part, qt in LOW_BIT if f".{part}" in p.tensor.name), p.qtype))
+        return PlannedTensor(p.tensor, next((qt for part, qt in mix if f".{part}" in p.tensor.name), p.qtype))
 
     monkeypatch.setattr(pipeline, "plan_text", lambda *args: [low_bit(p) for p in plan_text(*args)])
-    for qt, encode in ((T.Q2_K, encode_q2_k), (T.Q3_K, encode_q3_k), (T.IQ4_NL, partial(encode_iq4, xs=False)),
-                       (T.IQ4_XS, partial(encode_iq4, xs=True))):
-        monkeypatch.setitem(BLOCK_QUANTIZERS, qt, encode)
+    encoders = {T.Q2_K: encode_q2_k, T.Q3_K: encode_q3_k, T.IQ4_NL: partial(encode_iq4, xs=False),
+                T.IQ4_XS: partial(encode_iq4, xs=True), **{qt: partial(encode_grid, qtype=qt) for qt in GRID_TYPES}}
+    for _, qt in mix:
+        monkeypatch.setitem(BLOCK_QUANTIZERS, qt, encoders[qt])

@@ -3,9 +3,10 @@
 Tolerances, relative to sum_k |x_k| |W_nk| per output (the scale of its rounding errors):
 - bf16 dense (Q8_0, F16, BF16 dequantized once): activation, weight and output each
   rounded to bf16 (2^-9 each), so at most 3 * 2^-9 = 5.9e-3, a worst-case bound.
-- int4 types (Q4_K, Q4_0, Q4_1, Q6_K, Q5_K, Q3_K, Q2_K, IQ4_NL, IQ4_XS): bf16 activations, scale and zero point
-  (2^-9 each; the zero point 8*s - min can be twice |w|) and output -> 2^-7 = 7.8e-3. Measured
-  (2026-11-23): at most 0.43 * 2^-8, Q2_K 0.69 * 2^-8 (its zero, -min, rounded as Q4_K's).
+- int4 types (Q4_K, Q4_0, Q4_1, Q6_K, Q5_K, Q3_K, Q2_K, IQ4_NL, IQ4_XS, the grid types IQ1_S ...
+  IQ3_S): bf16 activations, scale and zero point (2^-9 each; the zero point 8*s - min can be
+  twice |w|) and output -> 2^-7 = 7.8e-3. Measured (2026-11-23): at most 0.43 * 2^-8, Q2_K
+  0.69 * 2^-8 (its zero, -min, rounded as Q4_K's).
 A wrong nibble, row or group order gives errors of the size of the output itself (checked by
 hand: swapping Q6_K's halves or Q4_K's nibbles fails every case here).
 """
@@ -19,12 +20,14 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
+from grid_encoders import encode_grid
 from quant_weights import encode_iq4, encode_q2_k, encode_q3_k
 from qvl.convert.quant import quantize
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.packed import (
     DENSE_FROM_M,
     INT4_TYPES,
+    LEVEL_TYPES,
     PackedMatrix,
     pack_int4,
     q4_0_fields,
@@ -34,14 +37,15 @@ from qvl.runtime.packed import (
     q5_k_high_bits,
     q6_k_fields,
 )
+from qvl.runtime.iq_grids import BLOCK_BYTES, GRID_TYPES, SCALE_GROUP, grid_fields
 from qvl.runtime.weights import EXACT, PACKED, STREAMED, Matrix, Weights
 
 TOL = {T.Q8_0: 3 * 2**-9, T.F16: 3 * 2**-9, T.BF16: 3 * 2**-9,
        T.Q4_K: 2**-7, T.Q4_0: 2**-7, T.Q4_1: 2**-7, T.Q6_K: 2**-7, T.Q5_K: 2**-7, T.Q3_K: 2**-7, T.Q2_K: 2**-7,
-       T.IQ4_NL: 2**-7, T.IQ4_XS: 2**-7}
-# qvl writes no Q3_K / Q2_K / IQ4: llama.cpp's layouts by the tests' round-to-nearest encoders
+       T.IQ4_NL: 2**-7, T.IQ4_XS: 2**-7, **{qt: 2**-7 for qt in GRID_TYPES}}
+# qvl writes no Q3_K / Q2_K / IQ types: llama.cpp's layouts by the tests' round-to-nearest encoders
 ENCODERS = {T.Q3_K: encode_q3_k, T.Q2_K: encode_q2_k, T.IQ4_NL: partial(encode_iq4, xs=False),
-            T.IQ4_XS: partial(encode_iq4, xs=True)}
+            T.IQ4_XS: partial(encode_iq4, xs=True), **{qt: partial(encode_grid, qtype=qt) for qt in GRID_TYPES}}
 
 
 def _raw(qtype: T, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
@@ -90,9 +94,9 @@ def test_block_fields_equal_dequantization():
         torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
     for qtype in (T.IQ4_NL, T.IQ4_XS):
         raw, ref = _raw(qtype, rows, cols)
-        u, scale = iq4_fields(torch.from_numpy(raw), qtype)
-        assert u.min() == 1  # level -127, each block's largest-magnitude weight in these encoders
-        torch.testing.assert_close((u.float() - 128) * scale.repeat_interleave(32, 1), ref, rtol=1e-6, atol=1e-6)
+        v, scale = iq4_fields(torch.from_numpy(raw), qtype)
+        assert v.min() == -127  # each block's largest-magnitude weight in these encoders
+        torch.testing.assert_close(v.float() * scale.repeat_interleave(32, 1), ref, rtol=1e-6, atol=1e-6)
     for qtype, top in ((T.Q3_K, 7), (T.Q2_K, 3)):
         raw, ref = _raw(qtype, rows, cols)
         q, scale, offset = q2_q3_k_fields(torch.from_numpy(raw), qtype)
@@ -101,13 +105,33 @@ def test_block_fields_equal_dequantization():
         torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("qtype", GRID_TYPES, ids=lambda t: t.name)
+def test_grid_fields_equal_dequantization(qtype):
+    """Integer levels times scales are gguf-py's weights bit for bit, on random bytes (every grid
+    index, sign pattern, scale and delta bit) and on the encoders' rows (zero, huge, tiny)."""
+    rng = np.random.default_rng(int(qtype))
+    blocks = rng.integers(0, 256, (16, 6, BLOCK_BYTES[qtype]), dtype=np.uint8)
+    d = rng.uniform(1e-3, 1e-2, (16, 6)).astype(np.float16)
+    if qtype == T.IQ1_M:  # d's 16 bits in the top nibbles of the four scale words
+        sc = blocks[..., 48:56].copy().view(np.uint16) & 0x0FFF
+        sc |= ((d.view(np.uint16)[..., None] >> (4 * np.arange(4, dtype=np.uint16))) & 15) << 12
+        blocks[..., 48:56] = sc.view(np.uint8)
+    else:
+        blocks[..., 0:2] = d[..., None].view(np.uint8)
+    for raw in (blocks.reshape(16, -1), _raw(qtype, 8, 512)[0]):
+        v, scale = grid_fields(torch.from_numpy(raw), qtype)
+        assert v.dtype == torch.int16 and v.abs().max() <= 62
+        w = v.float() * scale.repeat_interleave(SCALE_GROUP[qtype], 1)
+        assert torch.equal(w, torch.from_numpy(dequantize(raw, qtype).reshape(len(raw), -1)))
+
+
 @pytest.mark.parametrize("m", [1, 5, 200])  # 200: bf16 tiles for every int4 type (DENSE_FROM_M)
 @pytest.mark.parametrize("rows,cols", [(64, 256), (70, 512), (300, 768)])  # 70, 300: padded to 64s; 300: two tiles
 @pytest.mark.parametrize("qtype", list(TOL), ids=lambda t: t.name)
 def test_packed_matmul_matches_dequantized(qtype, rows, cols, m):
     raw, w = _raw(qtype, rows, cols, seed=rows + cols)
     packed = PackedMatrix(qtype, raw, rows, cols)
-    assert packed.int4 == (qtype in (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS))
+    assert packed.int4 == (qtype in (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K, *LEVEL_TYPES))
     x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
     y, ref = packed.matmul(x), x @ w.T
     assert y.shape == (m, rows) and y.dtype == torch.float32
@@ -144,6 +168,10 @@ def test_int4_weights_take_a_third_of_bf16():
     for qtype in (T.Q3_K, T.Q2_K):  # a 32-group a 16-weight sub-block, as Q6_K: 0.63 of bf16's bytes
         raw, _ = _raw(qtype, 128, 1024)
         assert PackedMatrix(qtype, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 4 / 16)
+    for qtype in GRID_TYPES:  # two 4-bit halves a weight, a scale pair per 32 or a 32-group per 16 weights;
+        raw, _ = _raw(qtype, 128, 1024)  # IQ3_S, IQ1_S: one 4-bit code, as Q4_K
+        one_code = qtype in (T.IQ3_S, T.IQ1_S)
+        assert PackedMatrix(qtype, raw, 128, 1024).nbytes() == 128 * 1024 * ((0.5 + 4 / 32) if one_code else (1 + 4 / 16))
 
 
 def test_modes_through_weights(fixtures_dir):
