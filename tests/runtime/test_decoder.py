@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
 from typer.testing import CliRunner
 
 from qvl.convert.cli import app as convert_app

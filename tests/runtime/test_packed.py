@@ -24,6 +24,7 @@ from grid_encoders import encode_grid
 from quant_weights import encode_iq4, encode_q2_k, encode_q3_k
 from qvl.convert.quant import quantize
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
+from qvl.runtime.iq_grids import BLOCK_BYTES, GRID_TYPES, SCALE_GROUP, grid_fields
 from qvl.runtime.packed import (
     DENSE_FROM_M,
     INT4_TYPES,
@@ -37,7 +38,6 @@ from qvl.runtime.packed import (
     q5_k_high_bits,
     q6_k_fields,
 )
-from qvl.runtime.iq_grids import BLOCK_BYTES, GRID_TYPES, SCALE_GROUP, grid_fields
 from qvl.runtime.weights import EXACT, PACKED, STREAMED, Matrix, Weights
 
 TOL = {T.Q8_0: 3 * 2**-9, T.F16: 3 * 2**-9, T.BF16: 3 * 2**-9,
