@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from .qblocks import QTYPE_IDS, STEP, decode_tile
+from .qgrids import type_grid
 
 SLAB_ELEMENTS = 16 * 1024 * 1024
 BLOCK_N = 32  # rows and elements of K per program
@@ -31,14 +32,14 @@ BLOCK_K = 64
 
 
 @triton.jit
-def dequant_kernel(w_ptr, out_ptr, N, row_bytes, step_bytes, stride_o,
+def dequant_kernel(w_ptr, g_ptr, out_ptr, N, row_bytes, step_bytes, stride_o,
                    QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, chunk c of K): the (BLOCK_N, BLOCK_K) tile, in out's type."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1)
     kb = c // (256 // BLOCK_K)
     e = (c % (256 // BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = decode_tile(w_ptr, tl.where(rn < N, rn, 0), e, kb, row_bytes, step_bytes, QTYPE)
+    w = decode_tile(w_ptr, g_ptr, tl.where(rn < N, rn, 0), e, kb, row_bytes, step_bytes, QTYPE)
     tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + (kb * 256 + e)[None, :], w.to(out_ptr.dtype.element_ty),
              mask=rn[:, None] < N)
 
@@ -48,7 +49,7 @@ def dequant(raw: torch.Tensor, qtype: T, n: int, k: int, dtype: torch.dtype) -> 
     blk, size = GGML_QUANT_SIZES[qtype]
     out = torch.empty(n, k, dtype=dtype, device=raw.device)
     dequant_kernel[(triton.cdiv(n, BLOCK_N), k // BLOCK_K)](
-        raw, out, n, raw.stride(0), STEP // blk * size, out.stride(0),
+        raw, type_grid(qtype, raw.device, raw), out, n, raw.stride(0), STEP // blk * size, out.stride(0),
         QTYPE=QTYPE_IDS[qtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return out
 

@@ -31,6 +31,9 @@ blocks). Layouts (byte offsets within a block; convert/quant/ writes all but Q2_
                      (low for quarter < 2), bits 2*quarter of qh[32h + l] on top
                                                                           w = d*scale[e//16]*(q-32)
 
+  IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: grid types, qgrids.py (layouts in
+                     runtime/iq_grids.py)
+
 `decode_tile` decodes any elements of a step in element order (the tiled GEMM in qmatmul.py,
 dequant.py); the decode GEMV (qgemv_steps.py) regroups the same bytes by sub-block instead.
 Torch reference for all of them: gguf-py's `dequantize`.
@@ -42,12 +45,14 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
+from .qgrids import GRID_IDS, decode_grid
+
 STEP = 256  # elements of K per loop iteration
 # The types the kernels read (the Q4_K_M / Q5_K_M / Q3_K / Q2_K / IQ4_XS mixes, their fallbacks
 # (IQ4_NL: Q2_K's, Q3_K's and IQ4_XS's), and Q4_0 / Q4_1 files) and the id a kernel's QTYPE
 # constexpr takes for each.
 QTYPE_IDS = {T.Q8_0: 0, T.Q4_K: 1, T.Q6_K: 2, T.Q5_0: 3, T.Q4_0: 4, T.Q5_K: 5, T.Q4_1: 6, T.Q5_1: 7, T.Q2_K: 8,
-             T.Q3_K: 9, T.IQ4_NL: 10, T.IQ4_XS: 11}
+             T.Q3_K: 9, T.IQ4_NL: 10, T.IQ4_XS: 11, **GRID_IDS}
 SUPPORTED = tuple(QTYPE_IDS)
 # IQ4_NL / IQ4_XS's 16 non-linear levels (ggml's kvalues_iq4nl), and the same plus 128 as bytes
 # packed four to a 32-bit word (entry i in byte i % 4 of word i // 4) for lookups by shifts
@@ -215,11 +220,14 @@ def _decode_q6_k(row_ptr, e):
 
 
 @triton.jit
-def decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes, QTYPE: tl.constexpr):
+def decode_tile(w_ptr, g_ptr, rn_safe, e, kb, row_bytes, step_bytes, QTYPE: tl.constexpr):
     """Elements e (any of 0..255) of K-step kb of weight rows rn_safe, decoded: (len(rn_safe),
-    len(e)) float32. QTYPE: QTYPE_IDS of the rows' type."""
+    len(e)) float32. QTYPE: QTYPE_IDS of the rows' type; g_ptr: its grid (qgrids.type_grid;
+    any pointer for the other types)."""
     row_ptr = w_ptr + rn_safe[:, None].to(tl.int64) * row_bytes + kb * step_bytes
-    if QTYPE == 1:
+    if QTYPE >= 12:
+        w = decode_grid(row_ptr, g_ptr, e[None, :] // 8, e[None, :] % 8, QTYPE)
+    elif QTYPE == 1:
         w = _decode_k_quant_4_5(row_ptr, e[None, :], False)
     elif QTYPE == 2:
         w = _decode_q6_k(row_ptr, e[None, :])

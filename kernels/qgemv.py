@@ -37,6 +37,7 @@ from gguf import GGMLQuantizationType as T
 from .arrival import counters, last_to_arrive
 from .qblocks import QTYPE_IDS, STEP
 from .qgemv_steps import lane_sums, row_sums, step
+from .qgrids import type_grid
 from .rmsnorm import CHUNK as NORM_CHUNK
 from .rmsnorm import norm_row
 from .target import INTERPRETER, target
@@ -107,7 +108,7 @@ def _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS: tl.c
 
 @triton.jit
 def qgemv_kernel(
-    x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr,
+    x_ptr, w_ptr, g_ptr, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr,
     M, N_OUT, steps, row_units, steps_per_split, splits, stride_xm, eps,
     QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
@@ -144,7 +145,7 @@ def qgemv_kernel(
         if PREFETCH > 0:  # a later step of this program's range (the last one again near its end)
             _prefetch_l2(prefetch_start, tl.minimum(kb + PREFETCH, last - 1), STEP_BYTES)
         x_step = x_ptr + kb * 256
-        acc = step(acc, x_step, stride_xm, M, rows, row, QTYPE, BLOCK_M, ASM)
+        acc = step(acc, x_step, stride_xm, M, rows, row, g_ptr, QTYPE, BLOCK_M, ASM)
     if BLOCK_M == 1:
         acc = row_sums(acc, QTYPE)
     if SPLIT:
@@ -215,9 +216,9 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     count = counters(x.device, n_blocks + norm) if splits > 1 or norm else y  # row blocks', then the launch's
     normed = torch.empty_like(y) if norm else None
     qgemv_kernel[(n_blocks, splits)](
-        x, raw, y, parts, count, bias_arg, res_arg, norm_weight.float().contiguous() if norm else dummy,
-        normed if normed is not None else dummy, m, n_out, steps, row_bytes // align, per, splits, x.stride(0),
-        norm_eps, QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
+        x, raw, type_grid(qtype, raw.device, raw), y, parts, count, bias_arg, res_arg,
+        norm_weight.float().contiguous() if norm else dummy, normed if normed is not None else dummy, m, n_out,
+        steps, row_bytes // align, per, splits, x.stride(0), norm_eps, QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
         SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm, BLOCK_M=block_m,
         BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu.ptx,
         PREFETCH=0 if not gpu.ptx else PREFETCH if prefetch is None else prefetch,

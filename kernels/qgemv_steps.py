@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from .qblocks import KVALUE_WORDS, f16_at, iq4_byte, q4_k_scale_pairs
+from .qgrids import decode_grid
 
 RUN = tl.constexpr(4)  # batch 1, Q8_0 / IQ4: consecutive products a thread sums before scaling (_rows)
 
@@ -502,6 +503,24 @@ def _step_iq4(acc, x_step, stride_xm, M, rows, row, XS: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
+def _step_grid(acc, x_step, stride_xm, M, rows, row, g_ptr, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A step (one 256-weight block) of a grid type (qgrids.py): the weights decoded element by
+    element as a (BLOCK_N, 32, 8) tile of 8-weight chunks, multiplied by x, each chunk summed
+    (batch 1: per lane, acc (BLOCK_N, 32))."""
+    e = tl.arange(0, 32)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    w = decode_grid(row[:, None, None], g_ptr, e // 8, e % 8, QTYPE)
+    if BLOCK_M == 1:
+        x = tl.load(x_step + tl.broadcast_to(e, w.shape)).to(tl.float32)  # in w's layout (as _rows)
+        acc += tl.sum(w * x, axis=2)
+    else:
+        for i in tl.static_range(BLOCK_M):
+            x = tl.load(x_step + i * stride_xm + e, mask=e < tl.where(M > i, 256, 0), other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(w * x, axis=2), axis=1)
+            acc = tl.where(rows[:, None] == i, acc + part[None, :], acc)
+    return acc
+
+
+@triton.jit
 def lane_sums(QTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Batch 1's zeroed per-lane accumulator for a type's steps (_rows): the (A, B) tile of a
     step's sub-blocks for each of BLOCK_N rows (Q8_0, IQ4: runs of RUN products summed)."""
@@ -511,6 +530,8 @@ def lane_sums(QTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
         acc = tl.zeros((BLOCK_N, 4, 32 // RUN, 1), dtype=tl.float32)
     elif QTYPE == 10 or QTYPE == 11:
         acc = tl.zeros((BLOCK_N, 4, 16 // RUN, 1), dtype=tl.float32)
+    elif QTYPE >= 12:
+        acc = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, 4, 16), dtype=tl.float32)
     return acc
@@ -519,16 +540,24 @@ def lane_sums(QTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def row_sums(acc, QTYPE: tl.constexpr):
     """lane_sums' accumulator after the K loop -> (1, BLOCK_N) sums a row."""
-    if QTYPE == 0 or QTYPE == 10 or QTYPE == 11:
-        acc = tl.sum(acc, axis=3)
-    return tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    if QTYPE >= 12:
+        sums = tl.sum(acc, axis=1)
+    elif QTYPE == 0 or QTYPE == 10 or QTYPE == 11:
+        sums = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    else:
+        sums = tl.sum(tl.sum(acc, axis=2), axis=1)
+    return sums[None, :]
 
 
 @triton.jit
-def step(acc, x_step, stride_xm, M, rows, row, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, ASM: tl.constexpr):
+def step(acc, x_step, stride_xm, M, rows, row, g_ptr, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+         ASM: tl.constexpr):
     """acc plus the products of the K step whose weight bytes start at `row` (BLOCK_N pointers)
-    with x's step at x_step: (BLOCK_M, BLOCK_N) sums, or lane_sums' tile at batch 1."""
-    if QTYPE == 1:
+    with x's step at x_step: (BLOCK_M, BLOCK_N) sums, or lane_sums' tile at batch 1. g_ptr: the
+    grid types' table (qgrids.type_grid)."""
+    if QTYPE >= 12:
+        acc = _step_grid(acc, x_step, stride_xm, M, rows, row, g_ptr, QTYPE, BLOCK_M)
+    elif QTYPE == 1:
         acc = _step_k_quant_4_5(acc, x_step, stride_xm, M, rows, row, False, BLOCK_M, ASM)
     elif QTYPE == 2:
         acc = _step_q6_k(acc, x_step, stride_xm, M, rows, row, BLOCK_M, ASM)

@@ -26,21 +26,22 @@ from gguf.quants import dequantize
 from .dot import dot, interpreted
 from .qblocks import QTYPE_IDS, STEP, SUPPORTED, decode_tile
 from .qgemv import qgemv
+from .qgrids import type_grid
 from .target import INTERPRETER, Target, target
 
 
 @triton.jit
-def _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes, QTYPE: tl.constexpr):
+def _load_step(x_ptr, w_ptr, g_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes, QTYPE: tl.constexpr):
     """Elements e (any of 0..255) of K-step kb: the (BLOCK_M, len(e)) slice of x and the decoded
     (BLOCK_N, len(e)) weight tile."""
     x = tl.load(x_ptr + rm[:, None] * stride_xm + kb * 256 + e[None, :], mask=rm[:, None] < M, other=0.0)
-    return x, decode_tile(w_ptr, rn_safe, e, kb, row_bytes, step_bytes, QTYPE)
+    return x, decode_tile(w_ptr, g_ptr, rn_safe, e, kb, row_bytes, step_bytes, QTYPE)
 
 
 @triton.jit
 def qmatmul_kernel(
     # pointers
-    x_ptr, w_ptr, y_ptr,
+    x_ptr, w_ptr, g_ptr, y_ptr,
     # dimensions
     M, N, K, row_bytes, step_bytes,
     # strides
@@ -60,7 +61,7 @@ def qmatmul_kernel(
     for c in range(0, K // BLOCK_K):
         kb = c // (256 // BLOCK_K)  # chunk c of K: part c % (256 // BLOCK_K) of super-block kb
         e = (c % (256 // BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
-        x, w = _load_step(x_ptr, w_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes, QTYPE)
+        x, w = _load_step(x_ptr, w_ptr, g_ptr, rm, rn_safe, e, kb, M, stride_xm, row_bytes, step_bytes, QTYPE)
         acc += dot(x, tl.trans(w.to(x.dtype)), LOW, EMULATE)  # LOW: the decoded tile rounded to x's type
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -132,7 +133,8 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
             raise ValueError(f"block_k = {block_k}: one of 64, 128, 256")
         y = torch.empty(m, n, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        qmatmul_kernel[grid](x, raw, y, m, n, k, row_bytes, STEP // blk * size, x.stride(0), y.stride(0),
+        qmatmul_kernel[grid](x, raw, type_grid(qtype, raw.device, raw), y, m, n, k, row_bytes, STEP // blk * size,
+                             x.stride(0), y.stride(0),
                              QTYPE=QTYPE_IDS[qtype], LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m,
                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     if swiglu:

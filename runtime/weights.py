@@ -202,6 +202,10 @@ class Matrix:
         if kernels and kernel_reads(self.qtype, self.cols):
             from ..kernels.qmatmul import STEP
 
+            from ..kernels.qgrids import GRID_IDS, grid_table
+
+            if self.qtype in GRID_IDS:  # the grid types' level table, made now: not inside a CUDA graph capture
+                grid_table(self.device)
             raw = as_torch(self.raw, torch.uint8).to(self.device)
             tail = None
             if self.cols % STEP:  # only the tail's own blocks are dequantized

@@ -19,8 +19,9 @@ triton.testing.do_bench. Needs CUDA.
     python scripts/bench_kernels.py --low-bit # the decode GEMV of the other types (LOW_BIT_TYPES)
 
 `--low-bit` times the batch-1 GEMV of the types of Q2_K / Q3_K_M / IQ4_XS / Q4_1 / Q5_K_M files
-on the 3B and 7B shapes. qvl writes no Q2_K, Q3_K or IQ4 blocks: those weights are random
-blocks with set scales (tests/quant_weights.py), which a GEMV streams as it streams any.
+and of llama.cpp's IQ1-IQ3 files (the grid types) on the 3B and 7B shapes. qvl writes none of
+Q2_K, Q3_K, IQ4 and the grid types: those weights are random blocks with set scales
+(tests/quant_weights.py), which a GEMV streams as it streams any.
 
 `--sweep` times the 7B's largest decode GEMVs (Q4_K gate/up stacked, Q6_K down) over rows per
 program, warps, L2 prefetch distance and K splits, and its prefill GEMM over tile shapes, as GB/s (GEMV) or TFLOP/s
@@ -49,7 +50,8 @@ ATTENTION_CASES = (  # name, segment lengths, heads, kv heads, head dim, causal
     ("text prefill 7b", [2048], 28, 4, 128, True),
 )
 DECODE_CASES = (("3b", 16, 2, 128), ("7b", 28, 4, 128))  # name, heads, kv heads, head dim
-LOW_BIT_TYPES = ("Q4_1", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")
+LOW_BIT_TYPES = ("Q4_1", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
+                 "IQ1_M", "IQ1_S")
 
 
 def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (1, 512),
@@ -61,13 +63,17 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
     from qvl.kernels.target import pretending, target
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from quant_weights import quant_weights  # N(0, 1) rows by qvl's quantizers, else random blocks
+    from grid_encoders import GROUP as GRID_TYPES
+    from quant_weights import quant_weights, random_grid_blocks  # N(0, 1) rows by qvl's quantizers, else random blocks
 
     rows = []
     for model, mats in shapes.items():
         for n, k in mats:
             for qt in (T[name] for name in types):
-                raw = quant_weights(n, k, qt, "normal", seed=0).to(dev)
+                if qt in GRID_TYPES:  # random bytes: the encoders' grid search takes minutes at these shapes
+                    raw = torch.from_numpy(random_grid_blocks(n, k, qt, np.random.default_rng(0))).to(dev)
+                else:
+                    raw = quant_weights(n, k, qt, "normal", seed=0).to(dev)
                 dense = torch.from_numpy(dequantize(raw.cpu().numpy(), qt).reshape(n, k)).to(dev)
                 dense16 = dense.to(torch.bfloat16)
                 for m in ms_:

@@ -59,6 +59,23 @@ def random_blocks(n: int, k: int, qtype: T, kind: str, rng: np.random.Generator)
     return torch.from_numpy(blocks.reshape(n, -1))
 
 
+def random_grid_blocks(n: int, k: int, qtype: T, rng: np.random.Generator) -> np.ndarray:
+    """(n, row_bytes) uint8 of a grid type's blocks (IQ1_S ... IQ3_S) with random bytes (every
+    grid index, sign pattern, scale and delta bit) and float16 super-scales d in [1e-3, 1e-2)
+    (IQ1_M's d: the top nibbles of its four scale words). For tests of every bit pattern and
+    for benchmarks, which need no encoder's search."""
+    blk, size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (n, k // blk, size), dtype=np.uint8)
+    d = rng.uniform(1e-3, 1e-2, (n, k // blk)).astype(np.float16)
+    if qtype == T.IQ1_M:
+        sc = blocks[..., 48:56].copy().view(np.uint16) & 0x0FFF
+        sc |= ((d.view(np.uint16)[..., None] >> (4 * np.arange(4, dtype=np.uint16))) & 15) << 12
+        blocks[..., 48:56] = sc.view(np.uint8)
+    else:
+        blocks[..., 0:2] = d[..., None].view(np.uint8)
+    return blocks.reshape(n, -1)
+
+
 def encode_q2_k(w: np.ndarray) -> np.ndarray:
     """(n, k) float32 rows -> Q2_K blocks by plain rounding (not ggml's search, which qvl does
     not port: it writes no Q2_K): a 16-weight sub-block's min (at most 0) and scale (its range

@@ -198,20 +198,27 @@ def test_problems_name_each_limit():
 # layout change went through shared memory.
 # Q2_K / Q3_K took 286-318 / 411-517 with their codes made in plain Triton and Q3_K's scales
 # read a byte at a time (sm_90: 482; 287 now).
+# The grid types (qgrids.py, decoded a weight at a time with a table lookup, no inline PTX):
+# IQ2_XXS 364-391, IQ2_XS 376-402, IQ2_S 359-401, IQ3_XXS 527-554, IQ3_S 529-573, IQ1_S 360-380,
+# IQ1_M 412-462; first 431-671 with 8-34 barriers a step (a chunk's fields in another layout
+# than its weights, and x loaded in a third) and 36-96 int-to-float conversions.
 LOOP_CEILING = {"Q4_K": 190, "Q6_K": 265, "Q8_0": 240, "Q5_0": 245, "Q4_0": 210, "Q5_K": 215, "Q4_1": 210,
-                "Q5_1": 235, "Q2_K": 275, "Q3_K": 335, "IQ4_NL": 265, "IQ4_XS": 285}
+                "Q5_1": 235, "Q2_K": 275, "Q3_K": 335, "IQ4_NL": 265, "IQ4_XS": 285, "IQ2_XXS": 410,
+                "IQ2_XS": 420, "IQ2_S": 420, "IQ3_XXS": 580, "IQ3_S": 600, "IQ1_S": 400, "IQ1_M": 485}
 # Int-to-float conversions in that loop: the sub-block scales' only (IQ4_XS: 2 a thread, Q4_K,
 # Q5_K: 4, Q6_K, Q3_K: 8, Q2_K: 16, its scales and mins; as magic floats they cost more instructions
 # than they save: Q2_K 256, Q3_K 309 on sm_90); a code converted this way costs a conversion a
 # weight, at 16 a clock per SM (a quarter of integer, an eighth of float throughput), the bound
 # of the Q8_0 loop before (32 a step).
 CONVERSIONS = {"Q4_K": 4, "Q6_K": 8, "Q8_0": 0, "Q5_0": 0, "Q4_0": 0, "Q5_K": 4, "Q4_1": 0, "Q5_1": 0, "Q2_K": 16,
-               "Q3_K": 8, "IQ4_NL": 0, "IQ4_XS": 2}
+               "Q3_K": 8, "IQ4_NL": 0, "IQ4_XS": 2, **dict.fromkeys(("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+                                                                    "IQ1_S", "IQ1_M"), 0)}
 # L2 prefetches a thread a step: a row's step spans up to 4 (Q2_K), 5 (Q3_K, IQ4_XS), 6 (Q4_K,
 # Q4_0, Q4_1, IQ4_NL), 7 (Q5_K), 8 (Q6_K, Q5_0, Q5_1) or 10 (Q8_0: 272 bytes) 32-byte sectors, slots rounded
 # to a power of 2 (8 or 16), 16 rows over 128 threads
 PREFETCHES = {"Q4_K": 1, "Q6_K": 1, "Q8_0": 2, "Q5_0": 1, "Q4_0": 1, "Q5_K": 1, "Q4_1": 1, "Q5_1": 1, "Q2_K": 1,
-              "Q3_K": 1, "IQ4_NL": 1, "IQ4_XS": 1}
+              "Q3_K": 1, "IQ4_NL": 1, "IQ4_XS": 1, **dict.fromkeys(("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+                                                                   "IQ1_S", "IQ1_M"), 1)}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -22,8 +22,9 @@ import qvl.kernels.dequant as dequant_module
 from qvl.kernels.dequant import dequant, dequant_ref
 from qvl.kernels.qmatmul import qmatmul, qmatmul_ref
 from qvl.kernels.target import Target, pretending
+from qvl.runtime.iq_grids import GRID_TYPES
 
-TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0, T.Q4_0, T.Q5_K, T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
+TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0, T.Q4_0, T.Q5_K, T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, *GRID_TYPES]
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # "huge" in float16

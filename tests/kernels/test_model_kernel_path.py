@@ -21,7 +21,6 @@ from interpret import ACCEL
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -136,27 +135,33 @@ def test_other_quant_mixes_through_the_kernels(checkpoints, file_type, types):
     assert _rel(logits, ref_logits) <= 1e-4
 
 
-def test_low_bit_and_iq4_mix_through_the_kernels(checkpoints, monkeypatch):
-    """llama.cpp's Q2_K / Q3_K_M / IQ4_XS files hold Q2_K, Q3_K, IQ4_XS and IQ4_NL matrices,
-    which qvl-convert does not write: a file with them (quant_weights.LOW_BIT: Q3_K q/k/v,
-    IQ4_NL attn_output, Q2_K gate/up, IQ4_XS ffn_down where Q4_K_M has Q4_K, the token embedding
-    kept Q4_K; round-to-nearest encoders in llama.cpp's block layouts; output Q6_K) wholly
-    through the kernels, read from its blocks: the torch path's tokens, logits within 1e-4 (as
-    above)."""
-    from quant_weights import use_low_bit_types
+@pytest.mark.parametrize("mix", ["LOW_BIT", "GRID_MIX"])
+def test_low_bit_and_iq_mixes_through_the_kernels(checkpoints, monkeypatch, mix):
+    """llama.cpp's Q2_K / Q3_K_M / IQ4_XS files hold Q2_K, Q3_K, IQ4_XS and IQ4_NL matrices, and
+    its IQ1-IQ3 files the grid types, none of which qvl-convert writes: a file with them
+    (quant_weights.LOW_BIT: Q3_K q/k/v, IQ4_NL attn_output, Q2_K gate/up, IQ4_XS ffn_down where
+    Q4_K_M has Q4_K; GRID_MIX: one grid type a matrix; the token embedding kept Q4_K;
+    round-to-nearest encoders in llama.cpp's block layouts; output Q6_K) wholly through the
+    kernels, read from its blocks: the torch path's tokens, logits within 1e-4 (as above)."""
+    import quant_weights
 
-    use_low_bit_types(monkeypatch)
+    parts = getattr(quant_weights, mix)
+    quant_weights.use_low_bit_types(monkeypatch, parts)
     src = checkpoints["untied"]
-    path = _convert(src, src.parent / "m-low-bit.gguf", "q4_k_m")
+    path = _convert(src, src.parent / f"m-{mix}.gguf", "q4_k_m")
+    names = {"attn_": ("attn_q", "attn_k", "attn_v"), "ffn_": ("ffn_gate", "ffn_up")}
+    want = {}
+    for part, qtype in parts:
+        for name in names.get(part, (part,)):
+            want.setdefault(f"blk.0.{name}.weight", qtype.name)
     with GGUFFile(path) as g:
         types = {n: t.type.name for n, t in g.tensors.items() if n.startswith("blk.0.") and n.endswith(".weight")
                  and "norm" not in n}
-    assert types == {"blk.0.attn_q.weight": "Q3_K", "blk.0.attn_k.weight": "Q3_K", "blk.0.attn_v.weight": "Q3_K",
-                     "blk.0.attn_output.weight": "IQ4_NL", "blk.0.ffn_gate.weight": "Q2_K",
-                     "blk.0.ffn_up.weight": "Q2_K", "blk.0.ffn_down.weight": "IQ4_XS"}
+    assert types == want
     model = load(path, device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"])
     layer = model.decoder.layers[0]
-    assert [w.kernel.qtype for w in (layer.wq, layer.wo, layer.down)] == [T.Q3_K, T.IQ4_NL, T.IQ4_XS]
+    for w, name in ((layer.wq, "attn_q"), (layer.wo, "attn_output"), (layer.down, "ffn_down")):
+        assert w.kernel is not None and w.kernel.qtype.name == want[f"blk.0.{name}.weight"]
     tokens, logits = _run(path, PLACEMENTS["all"])
     ref_tokens, ref_logits = _torch_path(path)
     assert len(set(ref_tokens)) > 2

@@ -20,9 +20,10 @@ from gguf import GGMLQuantizationType as T
 from quant_weights import quant_weights
 
 from qvl.kernels.qmatmul import qmatmul, qmatmul_ref
+from qvl.runtime.iq_grids import GRID_TYPES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0, T.Q4_0, T.Q5_K, T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
+TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0, T.Q4_0, T.Q5_K, T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, *GRID_TYPES]
 RTOL = {qtype: 1e-5 for qtype in TYPES}
 RTOL_BF16 = 1e-2
 

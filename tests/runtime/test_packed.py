@@ -21,10 +21,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 from grid_encoders import encode_grid
-from quant_weights import encode_iq4, encode_q2_k, encode_q3_k
+from quant_weights import encode_iq4, encode_q2_k, encode_q3_k, random_grid_blocks
 from qvl.convert.quant import quantize
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
-from qvl.runtime.iq_grids import BLOCK_BYTES, GRID_TYPES, SCALE_GROUP, grid_fields
+from qvl.runtime.iq_grids import GRID_TYPES, SCALE_GROUP, grid_fields
 from qvl.runtime.packed import (
     DENSE_FROM_M,
     INT4_TYPES,
@@ -109,16 +109,8 @@ def test_block_fields_equal_dequantization():
 def test_grid_fields_equal_dequantization(qtype):
     """Integer levels times scales are gguf-py's weights bit for bit, on random bytes (every grid
     index, sign pattern, scale and delta bit) and on the encoders' rows (zero, huge, tiny)."""
-    rng = np.random.default_rng(int(qtype))
-    blocks = rng.integers(0, 256, (16, 6, BLOCK_BYTES[qtype]), dtype=np.uint8)
-    d = rng.uniform(1e-3, 1e-2, (16, 6)).astype(np.float16)
-    if qtype == T.IQ1_M:  # d's 16 bits in the top nibbles of the four scale words
-        sc = blocks[..., 48:56].copy().view(np.uint16) & 0x0FFF
-        sc |= ((d.view(np.uint16)[..., None] >> (4 * np.arange(4, dtype=np.uint16))) & 15) << 12
-        blocks[..., 48:56] = sc.view(np.uint8)
-    else:
-        blocks[..., 0:2] = d[..., None].view(np.uint8)
-    for raw in (blocks.reshape(16, -1), _raw(qtype, 8, 512)[0]):
+    blocks = random_grid_blocks(16, 6 * 256, qtype, np.random.default_rng(int(qtype)))
+    for raw in (blocks, _raw(qtype, 8, 512)[0]):
         v, scale = grid_fields(torch.from_numpy(raw), qtype)
         assert v.dtype == torch.int16 and v.abs().max() <= 62
         w = v.float() * scale.repeat_interleave(SCALE_GROUP[qtype], 1)
