@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,7 +25,8 @@ from qvl.runtime.placement import (CUDA_OVERHEAD, GIB, REFERENCE_PIXELS, Placeme
 from tiny_models import TinySpec, make_checkpoint
 
 
-def _official(name: str, kv_type: str = "bf16", dequant_slab: int = 0, file_type: str = "q4_k_m"):
+def _official(name: str, kv_type: str = "bf16", dequant_slab: int = 0, file_type: str = "q4_k_m",
+              retype: dict | None = None):
     ck = parse_config(official_config(name))
     t = ck.text
     cfg = TextConfig("qwen2vl", t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
@@ -31,8 +34,13 @@ def _official(name: str, kv_type: str = "bf16", dequant_slab: int = 0, file_type
                      t.mrope_section, t.vocab_size)
 
     def table(planned) -> dict[str, TensorInfo]:
-        return {p.tensor.name: TensorInfo(p.tensor.name, p.qtype, tuple(reversed(p.tensor.shape)), 0, p.nbytes)
-                for p in planned}
+        infos = {}
+        for p in planned:
+            qtype = (retype or {}).get(p.qtype, p.qtype)
+            blk, size = GGML_QUANT_SIZES[qtype]
+            nbytes = p.nbytes if qtype == p.qtype else int(np.prod(p.tensor.shape)) // blk * size
+            infos[p.tensor.name] = TensorInfo(p.tensor.name, qtype, tuple(reversed(p.tensor.shape)), 0, nbytes)
+        return infos
 
     text = table(plan_text(text_tensors(ck), TEXT_TYPES[file_type], t.num_hidden_layers))
     vision = table(plan_vision(mmproj_tensors(ck), "f16"))
@@ -65,6 +73,20 @@ def test_72b_keeps_its_ffn_down_in_blocks(name, file_type, gib, layer_mib):
     _, fp = _official(name, file_type=file_type)
     assert gib[0] * GIB < sum(fp.layer_bytes) + fp.output_bytes < gib[1] * GIB
     assert max(fp.layer_bytes) < layer_mib * 2**20  # Q4_K_M 590 MiB a layer (805 dense), Q5_K_M 665 (879)
+
+
+def test_72b_grid_types_stay_in_blocks():
+    """A 72B in an IQ2 mix (the q4_k_m plan's Q4_K matrices as IQ2_XS, its Q5_0 / Q8_0 fallbacks
+    as IQ4_NL, llama.cpp's fallback for the grid types; Q6_K kept): the kernels read the grid
+    types in their blocks (kernels/qgrids.py), so the GPU holds the file's bytes plus ffn_down's
+    dense 128-column tails, not bf16 copies of the IQ2_XS matrices (3.5x as much before)."""
+    _, fp = _official("qwen2.5-vl-72b", retype={T.Q4_K: T.IQ2_XS, T.Q5_0: T.IQ4_NL, T.Q8_0: T.IQ4_NL})
+    weights = sum(fp.layer_bytes) + fp.output_bytes
+    _, dense = _official("qwen2.5-vl-72b", retype={T.Q4_K: T.F16, T.Q5_0: T.IQ4_NL, T.Q8_0: T.IQ4_NL})
+    before = sum(dense.layer_bytes) + dense.output_bytes
+    print(f"72B IQ2_XS mix: {weights / GIB:.1f} GiB of weights on the GPU ({before / GIB:.1f} as bf16 copies), "
+          f"{max(fp.layer_bytes) / 2**20:.0f} MiB a layer")
+    assert 24 * GIB < weights < 26 * GIB and before > 3.4 * weights
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-7b"])
