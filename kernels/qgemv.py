@@ -218,7 +218,8 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     qgemv_kernel[(n_blocks, splits)](
         x, raw, type_grid(qtype, raw.device, raw), y, parts, count, bias_arg, res_arg,
         norm_weight.float().contiguous() if norm else dummy, normed if normed is not None else dummy, m, n_out,
-        steps, row_bytes // align, per, splits, x.stride(0), norm_eps, QTYPE=QTYPE_IDS[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
+        steps, row_bytes // align, per, splits, x.stride(0), norm_eps, QTYPE=QTYPE_IDS[qtype],
+        STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
         SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm, BLOCK_M=block_m,
         BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu.ptx,
         PREFETCH=0 if not gpu.ptx else PREFETCH if prefetch is None else prefetch,

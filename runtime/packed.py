@@ -19,7 +19,7 @@ map onto that exactly (up to bf16 rounding of scale and zero):
   u = v + 136 = lo + 16*hi (9..249), each `half` weights become [lo (half), hi (half)] with scale
   s and zero 0 (one 32-group, or two where half is 32), against [x, 16*x]:
   (lo - 8)*s*x + (hi - 8)*s*16x = (u - 136)*s*x, exactly.
-- Except where the levels are a uniform 4-bit code: IQ3_S's v are the odd numbers -15..15, so
+- IQ3_S and IQ1_S, whose levels are a uniform 4-bit code: IQ3_S's v are the odd numbers -15..15, so
   q = (v + 15) / 2 in 0..15 with scale 2s and zero s; IQ1_S's v = 8g + o with g in -1..1 and one
   o = +-1 per 32 weights (its delta), so q = g + 8 with scale 8s and zero o*s. One 32-group per
   32 weights, as Q4_K: half the int4 work and memory of the doubled layout.
@@ -325,7 +325,8 @@ class PackedMatrix:
         w = work.f32[:blocks]
         if self.qtype in DOUBLED:  # halves [lo, c] of one scale, zero z on lo's only (0 on c's where
             # c multiplies a*x), against x and a*x (a = SECOND_HALF_X: 8 or 16, or 0 where z is not 0):
-            # w = (lo - 8)*scale + z + a*(c - 8)*scale = (lo + a*c - 8 - 8a)*scale + z, lo + a*c <= 241
+            # w = (lo - 8)*scale + z + a*(c - 8)*scale = (lo + a*c - 8 - 8a)*scale + z,
+            # lo + a*c <= 249 (a byte)
             half, a = DOUBLED[self.qtype], SECOND_HALF_X[self.qtype]
             pairs = codes.view(blocks, -1, 2, half, 64)  # (blocks, sub-blocks, lo | c, half, rows)
             torch.add(pairs[:, :, 0], pairs[:, :, 1], alpha=a, out=work.combined[:blocks])

@@ -130,5 +130,6 @@ def _pack_iq1(qtype: T, d: np.ndarray, ls: np.ndarray, index: np.ndarray, minus:
     qh = (nib[..., 0::2] | nib[..., 1::2] << 4).astype(np.uint8)
     l4 = ls.reshape(n, nb, 4, 4)
     d16 = d.view(np.uint16).astype(np.int64)
-    sc = l4[..., 0] | l4[..., 1] << 3 | l4[..., 2] << 6 | l4[..., 3] << 9 | ((d16[..., None] >> (4 * np.arange(4))) & 15) << 12
+    d_nibbles = (d16[..., None] >> (4 * np.arange(4))) & 15  # d's bits 4t..4t+3 atop word t
+    sc = l4[..., 0] | l4[..., 1] << 3 | l4[..., 2] << 6 | l4[..., 3] << 9 | d_nibbles << 12
     return np.concatenate([(index & 255).astype(np.uint8), qh, _words(sc, np.uint16)], -1).reshape(n, -1)

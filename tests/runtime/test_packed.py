@@ -163,7 +163,8 @@ def test_int4_weights_take_a_third_of_bf16():
     for qtype in GRID_TYPES:  # two 4-bit halves a weight, a scale pair per 32 or a 32-group per 16 weights;
         raw, _ = _raw(qtype, 128, 1024)  # IQ3_S, IQ1_S: one 4-bit code, as Q4_K
         one_code = qtype in (T.IQ3_S, T.IQ1_S)
-        assert PackedMatrix(qtype, raw, 128, 1024).nbytes() == 128 * 1024 * ((0.5 + 4 / 32) if one_code else (1 + 4 / 16))
+        per_weight = (0.5 + 4 / 32) if one_code else (1 + 4 / 16)
+        assert PackedMatrix(qtype, raw, 128, 1024).nbytes() == 128 * 1024 * per_weight
 
 
 def test_modes_through_weights(fixtures_dir):
