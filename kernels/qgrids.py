@@ -21,12 +21,11 @@ import torch
 import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as T
-from gguf import quants
+
+from ..runtime.iq_grids import grid
 
 GRID_IDS = {T.IQ2_XXS: 12, T.IQ2_XS: 13, T.IQ2_S: 14, T.IQ3_XXS: 15, T.IQ3_S: 16, T.IQ1_S: 17, T.IQ1_M: 18}
 # byte offset of each grid in grid_table, by kernel QTYPE id; IQ1_S and IQ1_M share theirs
-_GRID_CLASSES = ((12, quants.IQ2_XXS), (13, quants.IQ2_XS), (14, quants.IQ2_S), (15, quants.IQ3_XXS),
-                 (16, quants.IQ3_S), (17, quants.IQ1_S))
 GRID_OFFSET = {12: 0, 13: 2048, 14: 6144, 15: 14336, 16: 15360, 17: 17408, 18: 17408}
 _tables: dict[torch.device, torch.Tensor] = {}
 
@@ -35,11 +34,11 @@ def grid_bytes() -> np.ndarray:
     """Every grid's level vectors as bytes, concatenated at GRID_OFFSET (IQ1's -1 / 0 / 1 stored
     plus 1)."""
     parts = []
-    for qid, cls in _GRID_CLASSES:
-        cls.init_grid()
-        levels = np.asarray(cls.grid, dtype=np.float32).reshape(-1)
-        assert sum(len(p) for p in parts) == GRID_OFFSET[qid]
-        parts.append((levels + (1 if qid == 17 else 0)).astype(np.uint8))
+    for qtype, qid in GRID_IDS.items():
+        if qtype != T.IQ1_M:  # IQ1_S's grid
+            assert sum(len(p) for p in parts) == GRID_OFFSET[qid]
+            levels = grid(qtype).numpy().reshape(-1)
+            parts.append((levels + (1 if qtype == T.IQ1_S else 0)).astype(np.uint8))
     return np.concatenate(parts)
 
 

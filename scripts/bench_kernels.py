@@ -61,9 +61,9 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
     from qvl.convert.quant import dequantize
     from qvl.kernels.qmatmul import qmatmul
     from qvl.kernels.target import pretending, target
+    from qvl.runtime.iq_grids import GRID_TYPES
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from grid_encoders import GROUP as GRID_TYPES
     from quant_weights import quant_weights, random_grid_blocks  # N(0, 1) rows by qvl's quantizers, else random blocks
 
     rows = []

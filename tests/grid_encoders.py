@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import quants
 
-_CLASS = {T.IQ2_XXS: quants.IQ2_XXS, T.IQ2_XS: quants.IQ2_XS, T.IQ2_S: quants.IQ2_S, T.IQ3_XXS: quants.IQ3_XXS,
-          T.IQ3_S: quants.IQ3_S, T.IQ1_S: quants.IQ1_S, T.IQ1_M: quants.IQ1_M}
-# per type: weights a scale, largest |v| (iq_grids' integer levels), scale = d * (2 ls + 1) / DIV,
-# largest ls
-GROUP = {T.IQ2_XXS: 32, T.IQ2_XS: 16, T.IQ2_S: 16, T.IQ3_XXS: 32, T.IQ3_S: 32, T.IQ1_S: 32, T.IQ1_M: 16}
+from qvl.runtime.iq_grids import SCALE_GROUP, grid
+
+# per type: largest |v| (iq_grids' integer levels), scale = d * (2 ls + 1) / DIV
 TOP = {T.IQ2_XXS: 43, T.IQ2_XS: 43, T.IQ2_S: 43, T.IQ3_XXS: 62, T.IQ3_S: 15, T.IQ1_S: 9, T.IQ1_M: 9}
 DIV = {T.IQ2_XXS: 8, T.IQ2_XS: 8, T.IQ2_S: 8, T.IQ3_XXS: 4, T.IQ3_S: 1, T.IQ1_S: 8, T.IQ1_M: 8}
 KSIGNS = (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS)
-
-
-def _grid(qtype: T) -> np.ndarray:
-    cls = _CLASS[qtype]
-    cls.init_grid()
-    return np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)
 
 
 def _nearest(target: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +39,7 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def encode_grid(w: np.ndarray, qtype: T) -> np.ndarray:
     """(n, k) float32 rows -> (n, k / 256 * block bytes) uint8 blocks of `qtype`."""
     n, k = w.shape
-    nb, group = k // 256, GROUP[qtype]
+    nb, group = k // 256, SCALE_GROUP[qtype]
     top_ls = 7 if qtype in (T.IQ1_S, T.IQ1_M) else 15
     b = w.reshape(n, nb, 256 // group, group).astype(np.float32)
     want = np.abs(b).max(-1) / TOP[qtype]  # (n, nb, groups) scale in v units
@@ -57,7 +48,7 @@ def encode_grid(w: np.ndarray, qtype: T) -> np.ndarray:
     ls = np.clip(np.round((_ratio(want * DIV[qtype], d32) - 1) / 2), 0, top_ls).astype(np.int64)
     scale = d32 * (2 * ls + 1) / DIV[qtype]
     t = _ratio(b, scale[..., None]).reshape(n, nb, 256)  # w in v units
-    table = _grid(qtype)
+    table = grid(qtype).numpy().astype(np.float32)
     width = table.shape[1]
     if qtype in (T.IQ1_S, T.IQ1_M):
         chunks = t.reshape(-1, 8)

@@ -10,9 +10,9 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import IQ4_NL
 
-from grid_encoders import GROUP as GRID_TYPES
 from grid_encoders import encode_grid
 from qvl.convert.quant import quantize
+from qvl.runtime.iq_grids import GRID_TYPES
 
 # "huge" multiplies N(0, 1) rows by 3e4; Q4_1 / Q5_1 store each block's minimum (about -3e4 x 3
 # here) as a float16, which overflows to -inf past 65504 (ggml's quantizers do the same), so
