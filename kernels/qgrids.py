@@ -46,6 +46,8 @@ def grid_table(device: torch.device | str) -> torch.Tensor:
     """grid_bytes on `device`, made once per device (before a CUDA graph is captured: the
     weights' upload asks for it)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one table a GPU, however it is named
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in _tables:
         _tables[device] = torch.from_numpy(grid_bytes()).to(device)
     return _tables[device]

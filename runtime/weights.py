@@ -204,9 +204,9 @@ class Matrix:
 
             from ..kernels.qgrids import GRID_IDS, grid_table
 
-            if self.qtype in GRID_IDS:  # the grid types' level table, made now: not inside a CUDA graph capture
-                grid_table(self.device)
             raw = as_torch(self.raw, torch.uint8).to(self.device)
+            if self.qtype in GRID_IDS:  # the grid types' level table, made now: not inside a CUDA graph capture
+                grid_table(raw.device)
             tail = None
             if self.cols % STEP:  # only the tail's own blocks are dequantized
                 blk, size = GGML_QUANT_SIZES[self.qtype]
