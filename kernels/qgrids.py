@@ -4,13 +4,16 @@ These code 8 weights (IQ3: 4) by an index into a fixed table of level vectors, w
 weight and a scale per 16 or 32 weights (layouts: runtime/iq_grids.py). The kernels read them
 from their blocks like the other types (qblocks.py), looking levels up in one byte table on the
 GPU (`grid_table`, 33 KB, every type's grid at GRID_OFFSET: L1 / L2 resident; a kernel gets a
-pointer to its type's, `type_grid`) and working the
-sign bits out of the 7-bit sign indices (bit 7 is their parity) instead of a second table.
+pointer to its type's, `type_grid`), working the sign bits out of the 7-bit sign indices (bit 7
+is their parity) instead of a second table, and making levels and scales floats by magic-float
+subtraction (no int-to-float conversion) and signs by an xor of the sign bit.
 
 `decode_grid` gives the weights of chunks c (0..31: 8 weights each, of a 256-weight block) at
-positions j (0..7) within them, for any broadcastable shapes of c and j: the tiled GEMM passes
-element indices (c = e // 8, j = e % 8), the GEMV (qgemv_steps.py) a (32, 8) tile so that a
-chunk's fields are decoded once per thread that holds it, not once per weight.
+positions j (0..7) within them, for any broadcastable shapes of c and j. Both the tiled GEMM
+(c = e // 8, j = e % 8 of its element indices) and the GEMV (qgemv_steps.py: a (rows, 32, 8)
+tile) pass full-shaped indices, so that every field is decoded per weight in the weights' own
+layout: a chunk's fields computed once in a (rows, 32, 1) layout and broadcast cost the GEMV
+8-34 barriers a step (layout changes through shared memory) and more instructions in all.
 Torch reference: gguf-py's `dequantize` (the module's tests, tests/kernels).
 """
 
