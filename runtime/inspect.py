@@ -54,10 +54,11 @@ def inspect_file(path: str, out: TextIO, full: bool = False) -> None:
             out.write(f"  {key:<{width}}  {kv.type.name.lower():<7} {format_value(kv, full)}\n")
         out.write("\ntensors:\n")
         nwidth = max((len(n) for n in f.tensors), default=0)
+        twidth = max((len(t.type.name) for t in f.tensors.values()), default=0)  # IQ2_XXS: 7
         total = 0
         types: Counter[str] = Counter()
         for name, t in f.tensors.items():
-            out.write(f"  {name:<{nwidth}}  {t.type.name:<5} {str(list(t.ne)):<24} {human_bytes(t.nbytes):>10}\n")
+            out.write(f"  {name:<{nwidth}}  {t.type.name:<{twidth}} {str(list(t.ne)):<24} {human_bytes(t.nbytes):>10}\n")
             total += t.nbytes
             types[t.type.name] += 1
         mix = ", ".join(f"{k} {v}" for k, v in sorted(types.items()))
