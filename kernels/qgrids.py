@@ -31,6 +31,7 @@ GRID_IDS = {T.IQ2_XXS: 12, T.IQ2_XS: 13, T.IQ2_S: 14, T.IQ3_XXS: 15, T.IQ3_S: 16
 # byte offset of each grid in grid_table, by kernel QTYPE id; IQ1_S and IQ1_M share theirs
 GRID_OFFSET = {12: 0, 13: 2048, 14: 6144, 15: 14336, 16: 15360, 17: 17408, 18: 17408}
 _tables: dict[torch.device, torch.Tensor] = {}
+_views: dict[tuple[T, torch.device], torch.Tensor] = {}  # type_grid's, made once: it runs every matmul
 
 
 def grid_bytes() -> np.ndarray:
@@ -59,7 +60,12 @@ def grid_table(device: torch.device | str) -> torch.Tensor:
 def type_grid(qtype: T, device: torch.device | str, other: torch.Tensor) -> torch.Tensor:
     """The part of grid_table that `qtype`'s kernels read (a view: its grid first); `other`
     (a pointer the kernels never read) for the types that are not grid types."""
-    return grid_table(device)[GRID_OFFSET[GRID_IDS[qtype]]:] if qtype in GRID_IDS else other
+    if qtype not in GRID_IDS:
+        return other
+    key = (qtype, device if isinstance(device, torch.device) else torch.device(device))
+    if key not in _views:
+        _views[key] = grid_table(device)[GRID_OFFSET[GRID_IDS[qtype]]:]
+    return _views[key]
 
 
 @triton.jit

@@ -33,12 +33,12 @@ from functools import cache
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 GRID_TYPES = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M)
 SCALE_GROUP = {T.IQ2_XXS: 32, T.IQ2_XS: 16, T.IQ2_S: 16, T.IQ3_XXS: 32, T.IQ3_S: 32, T.IQ1_S: 32, T.IQ1_M: 16}
-BLOCK_BYTES = {T.IQ2_XXS: 66, T.IQ2_XS: 74, T.IQ2_S: 82, T.IQ3_XXS: 98, T.IQ3_S: 110, T.IQ1_S: 50, T.IQ1_M: 56}
 _GRID_CLASS = {T.IQ2_XXS: quants.IQ2_XXS, T.IQ2_XS: quants.IQ2_XS, T.IQ2_S: quants.IQ2_S, T.IQ3_XXS: quants.IQ3_XXS,
                T.IQ3_S: quants.IQ3_S, T.IQ1_S: quants.IQ1_S, T.IQ1_M: quants.IQ1_M}
 
@@ -57,7 +57,7 @@ def sign_bytes() -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(quants.IQ2_XXS.ksigns, dtype=np.uint8).copy())
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:
+def f16_field(b: torch.Tensor) -> torch.Tensor:
     """(..., 2) uint8 little-endian halves -> float32 (...)."""
     return b.contiguous().view(torch.float16).squeeze(-1).float()
 
@@ -86,10 +86,10 @@ def _apply_signs(levels: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
 
 
 def grid_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, nb * BLOCK_BYTES) uint8 rows of a GRID_TYPES type -> v (R, K) int16 and scale
+    """(R, nb * block bytes) uint8 rows of a GRID_TYPES type -> v (R, K) int16 and scale
     (R, K / SCALE_GROUP) float32: w = v * scale (the module's table)."""
     R = raw.shape[0]
-    b = raw.reshape(R, -1, BLOCK_BYTES[qtype])
+    b = raw.reshape(R, -1, GGML_QUANT_SIZES[qtype][1])
     table = grid(qtype)
     if qtype == T.IQ2_XXS or qtype == T.IQ3_XXS:
         if qtype == T.IQ2_XXS:
@@ -100,21 +100,21 @@ def grid_fields(raw: torch.Tensor, qtype: T) -> tuple[torch.Tensor, torch.Tensor
         sign_index = (aux[..., None] >> (7 * torch.arange(4))) & 127  # (R, nb, 8, 4): 8 weights each
         negative = _bits(sign_bytes()[sign_index.int()]).reshape(R, -1)
         ls = (aux >> 28) & 15
-        scale = _f16(b[..., 0:2])[..., None] * (2 * ls + 1) / (8 if qtype == T.IQ2_XXS else 4)
+        scale = f16_field(b[..., 0:2])[..., None] * (2 * ls + 1) / (8 if qtype == T.IQ2_XXS else 4)
     elif qtype == T.IQ2_XS:
         qs = _words(b[..., 2:66], torch.int16)  # (R, nb, 32)
         index = qs & 511
         negative = _bits(sign_bytes()[(qs >> 9).int()]).reshape(R, -1)
-        scale = _f16(b[..., 0:2])[..., None] * (2 * _nibbles(b[..., 66:74]) + 1) / 8
+        scale = f16_field(b[..., 0:2])[..., None] * (2 * _nibbles(b[..., 66:74]) + 1) / 8
     elif qtype == T.IQ2_S:
         qh = b[..., 66:74].to(torch.int32)
         index = b[..., 2:34].to(torch.int32) | ((((qh[..., None] >> (2 * torch.arange(4))) & 3) << 8).flatten(-2))
         negative = _bits(b[..., 34:66]).reshape(R, -1)
-        scale = _f16(b[..., 0:2])[..., None] * (2 * _nibbles(b[..., 74:82]) + 1) / 8
+        scale = f16_field(b[..., 0:2])[..., None] * (2 * _nibbles(b[..., 74:82]) + 1) / 8
     elif qtype == T.IQ3_S:
         index = b[..., 2:66].to(torch.int32) | (_bits(b[..., 66:74]).to(torch.int32) << 8)
         negative = _bits(b[..., 74:106]).reshape(R, -1)
-        scale = _f16(b[..., 0:2])[..., None] * (2 * _nibbles(b[..., 106:110]) + 1)
+        scale = f16_field(b[..., 0:2])[..., None] * (2 * _nibbles(b[..., 106:110]) + 1)
     else:
         return _iq1_fields(b, qtype, table)
     levels = table[index.int()].reshape(R, -1)
@@ -130,7 +130,7 @@ def _iq1_fields(b: torch.Tensor, qtype: T, table: torch.Tensor) -> tuple[torch.T
         index = b[..., 2:34].to(torch.int32) | (high << 8)
         minus = ((qh >> 15) & 1)[..., None].expand(*qh.shape, 4).flatten(-2)  # the delta's sign, per grid
         ls = (qh >> 12) & 7
-        d = _f16(b[..., 0:2])[..., None]
+        d = f16_field(b[..., 0:2])[..., None]
     else:
         nib = _nibbles(b[..., 32:48])  # (R, nb, 32): one a grid
         index = b[..., 0:32].to(torch.int32) | ((nib & 7) << 8)

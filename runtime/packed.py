@@ -50,6 +50,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import IQ4_NL, dequantize
 
 from .iq_grids import GRID_TYPES, SCALE_GROUP, grid_fields
+from .iq_grids import f16_field as _f16
 
 GROUP = 32  # weights per (scale, zero) pair of the int4 op
 ROWS_PER_STEP = 2048  # rows decoded per step while packing (a multiple of 64): bounded temporaries
@@ -68,11 +69,6 @@ DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96, T.Q5_K: 96, T
                 **{qt: 192 if qt in UNIFORM_LEVELS else 96 for qt in LEVEL_TYPES}}
 IQ4_LEVELS = torch.tensor(IQ4_NL.kvalues, dtype=torch.int16)  # ggml's kvalues_iq4nl
 TILE_ROWS = 256  # weight rows decoded to bf16 per GEMM (a multiple of 64): 1 MB for a 2048-wide weight
-
-
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """(..., 2) uint8 little-endian halves -> float32 (...)."""
-    return b.contiguous().view(torch.float16).squeeze(-1).float()
 
 
 def q4_k_fields(raw: torch.Tensor, size: int = 144) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,6 +4,8 @@ encoders in llama.cpp's layouts (the grid types IQ1_S ... IQ3_S: grid_encoders.p
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
@@ -166,6 +168,11 @@ def encode_iq4(w: np.ndarray, xs: bool) -> np.ndarray:
                            qs.reshape(n, k // 256, 128)], axis=-1).reshape(n, -1)
 
 
+# The encoders of the types qvl-convert does not write, float32 rows -> blocks
+ENCODERS = {T.Q2_K: encode_q2_k, T.Q3_K: encode_q3_k, T.IQ4_NL: partial(encode_iq4, xs=False),
+            T.IQ4_XS: partial(encode_iq4, xs=True), **{qt: partial(encode_grid, qtype=qt) for qt in GRID_TYPES}}
+
+
 # A low-bit mix of llama.cpp's types that qvl-convert does not write, by the tensor names'
 # parts (first match): where a q4_k_m conversion plans Q4_K, Q3_K q/k/v, IQ4_NL attn_output,
 # Q2_K gate/up and IQ4_XS ffn_down (the token embedding stays Q4_K)
@@ -178,8 +185,6 @@ GRID_MIX = (("attn_q", T.IQ3_S), ("attn_k", T.IQ3_XXS), ("attn_v", T.IQ2_S), ("a
 def use_low_bit_types(monkeypatch, mix: tuple[tuple[str, T], ...] = LOW_BIT) -> None:
     """Make a q4_k_m conversion write `mix`'s types where it plans Q4_K, with this module's
     encoders (pytest's monkeypatch undoes it after the test)."""
-    from functools import partial
-
     from qvl.convert import pipeline
     from qvl.convert.plan import PlannedTensor, plan_text
     from qvl.convert.quant import BLOCK_QUANTIZERS
@@ -190,7 +195,5 @@ def use_low_bit_types(monkeypatch, mix: tuple[tuple[str, T], ...] = LOW_BIT) -> 
         return PlannedTensor(p.tensor, next((qt for part, qt in mix if f".{part}" in p.tensor.name), p.qtype))
 
     monkeypatch.setattr(pipeline, "plan_text", lambda *args: [low_bit(p) for p in plan_text(*args)])
-    encoders = {T.Q2_K: encode_q2_k, T.Q3_K: encode_q3_k, T.IQ4_NL: partial(encode_iq4, xs=False),
-                T.IQ4_XS: partial(encode_iq4, xs=True), **{qt: partial(encode_grid, qtype=qt) for qt in GRID_TYPES}}
     for _, qt in mix:
-        monkeypatch.setitem(BLOCK_QUANTIZERS, qt, encoders[qt])
+        monkeypatch.setitem(BLOCK_QUANTIZERS, qt, ENCODERS[qt])

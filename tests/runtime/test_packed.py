@@ -13,15 +13,13 @@ hand: swapping Q6_K's halves or Q4_K's nibbles fails every case here).
 
 from __future__ import annotations
 
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
-from grid_encoders import encode_grid
-from quant_weights import encode_iq4, encode_q2_k, encode_q3_k, random_grid_blocks
+from quant_weights import ENCODERS, random_grid_blocks
 from qvl.convert.quant import quantize
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.iq_grids import GRID_TYPES, SCALE_GROUP, grid_fields
@@ -43,9 +41,6 @@ from qvl.runtime.weights import EXACT, PACKED, STREAMED, Matrix, Weights
 TOL = {T.Q8_0: 3 * 2**-9, T.F16: 3 * 2**-9, T.BF16: 3 * 2**-9,
        T.Q4_K: 2**-7, T.Q4_0: 2**-7, T.Q4_1: 2**-7, T.Q6_K: 2**-7, T.Q5_K: 2**-7, T.Q3_K: 2**-7, T.Q2_K: 2**-7,
        T.IQ4_NL: 2**-7, T.IQ4_XS: 2**-7, **{qt: 2**-7 for qt in GRID_TYPES}}
-# qvl writes no Q3_K / Q2_K / IQ types: llama.cpp's layouts by the tests' round-to-nearest encoders
-ENCODERS = {T.Q3_K: encode_q3_k, T.Q2_K: encode_q2_k, T.IQ4_NL: partial(encode_iq4, xs=False),
-            T.IQ4_XS: partial(encode_iq4, xs=True), **{qt: partial(encode_grid, qtype=qt) for qt in GRID_TYPES}}
 
 
 def _raw(qtype: T, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
@@ -58,6 +53,7 @@ def _raw(qtype: T, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, tor
     elif qtype == T.BF16:
         raw = (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     else:
+        # qvl writes no Q3_K / Q2_K / IQ types: llama.cpp's layouts by the tests' round-to-nearest encoders
         raw = ENCODERS[qtype](w) if qtype in ENCODERS else quantize(w, qtype)
         raw = raw.reshape(rows, -1)
     return raw, torch.from_numpy(dequantize(raw, qtype).reshape(rows, cols).astype(np.float32))
