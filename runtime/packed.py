@@ -13,6 +13,10 @@ map onto that exactly (up to bf16 rounding of scale and zero):
 - Q5_K: Q4_K's scales and nibbles, a fifth bit hb on top. Each 32-weight sub-block becomes two
   32-groups, [lo (32)] with Q4_K's scale and zero and [2*hb + 8 (32)] with the same scale and
   zero 0, against [x, 8*x]: (lo - 8)*s*x + zero*x + 2*hb*s*8x = (s*(lo + 16*hb) - min)*x.
+  Q5_0 / Q5_1 the same on Q4_0's / Q4_1's codes and scales (zero 8*d - 16*d / 8*d + m).
+- Q8_0: u = v + 128 = lo + 16*hi (0..255) per 32-weight block becomes [lo (32)] with scale d and
+  zero 8*d and [hi (32)] with scale d and zero 0, against [x, 16*x]: (lo - 8)*d*x + 8*d*x +
+  (hi - 8)*d*16x = (u - 128)*d*x = v*d*x, exactly. 1.25 bytes a weight instead of bf16's 2.
 - Integer levels: IQ4_NL / IQ4_XS (4-bit codes of 16 non-linear levels, -127..113) and the grid
   types IQ1_S ... IQ3_S (iq_grids.py: levels of up to +-62), w = v * s with a scale s per
   `half` = 16 or 32 weights (IQ4_NL: d; IQ4_XS: d * (ls - 32); grid types: SCALE_GROUP). With
@@ -32,15 +36,21 @@ The int4 op is the fastest for few rows of x (decode: 4.7x bf16 weights at one r
 fraction of their memory) but does about 2.6x the work of a bf16 GEMM per row; from
 DENSE_FROM_M rows on (prefill chunks), a call decodes TILE_ROWS weight rows at a time back to
 bf16 (float32 arithmetic, one rounding) and runs bf16 GEMMs on them: 2-3x faster at 512 rows,
-with one tile of extra memory (scripts/bench_packed.py).
+with one tile of extra memory (scripts/bench_packed.py). On CPUs without native bf16 GEMMs
+(cpu_gemm.py: AVX2) the tiles stay float32 and so do their GEMMs, from DENSE_FROM_M_F32 rows.
 
-Every other type (Q8_0, Q5_0, Q5_1, F16, BF16) is dequantized once to bf16. Activations are
-rounded to bf16 and so is the int4 op's output (relative 2^-9); accumulation is float32.
-The exact float32 path is `weights.EXACT` (`qvl.load(..., dtype=torch.float32)`).
+torch's int4 layout depends on the CPU's vector width (int4_layout: 64-row blocks for AVX-512,
+32 for AVX2); pack_int4 and the tiles read it off torch's own converter once per process.
+
+Every other type (F16, BF16) is kept as bf16 (from DENSE_TILES_FROM_M rows, in float32 tiles
+where bf16 GEMMs are not native). Activations are rounded to bf16 for the int4 op and so is its
+output (relative 2^-9); accumulation is float32. The exact float32 path is `weights.EXACT`
+(`qvl.load(..., dtype=torch.float32)`).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -49,6 +59,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from gguf.quants import IQ4_NL, dequantize
 
+from .cpu_gemm import bf16_gemms, gemm_dtype
 from .iq_grids import GRID_TYPES, SCALE_GROUP, grid_fields
 from .iq_grids import f16_field as _f16
 
@@ -57,16 +68,25 @@ ROWS_PER_STEP = 2048  # rows decoded per step while packing (a multiple of 64): 
 LEVEL_TYPES = (T.IQ4_NL, T.IQ4_XS, *GRID_TYPES)  # w = v * scale, integer levels v (|v| <= 127)
 LEVEL_OFFSET = 136  # u = v + LEVEL_OFFSET = lo + 16 hi; with zero 0, (lo - 8) + 16 (hi - 8) = v
 UNIFORM_LEVELS = (T.IQ3_S, T.IQ1_S)  # levels that are one 4-bit code: no halves
-INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K, *LEVEL_TYPES)
+FIFTH_BIT_TYPES = (T.Q5_K, T.Q5_0, T.Q5_1)  # a 4-bit type's codes and scales with a fifth bit on top
+INT4_TYPES = (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, *FIFTH_BIT_TYPES, T.Q8_0, T.Q3_K, T.Q2_K, *LEVEL_TYPES)
 # sub-blocks of this many weights take two 4-bit halves, and what the second half multiplies: c * x
-DOUBLED = {T.Q6_K: 16, T.Q5_K: 32, T.Q3_K: 16, T.Q2_K: 16, T.IQ4_NL: 32, T.IQ4_XS: 32,
-           **{qt: n for qt, n in SCALE_GROUP.items() if qt not in UNIFORM_LEVELS}}
-SECOND_HALF_X = {T.Q6_K: 8, T.Q5_K: 8, T.Q3_K: 0, T.Q2_K: 0, **{qt: 16 for qt in LEVEL_TYPES}}
+DOUBLED = {T.Q6_K: 16, T.Q5_K: 32, T.Q5_0: 32, T.Q5_1: 32, T.Q8_0: 32, T.Q3_K: 16, T.Q2_K: 16,
+           T.IQ4_NL: 32, T.IQ4_XS: 32, **{qt: n for qt, n in SCALE_GROUP.items() if qt not in UNIFORM_LEVELS}}
+SECOND_HALF_X = {T.Q6_K: 8, T.Q5_K: 8, T.Q5_0: 8, T.Q5_1: 8, T.Q8_0: 16, T.Q3_K: 0, T.Q2_K: 0,
+                 **{qt: 16 for qt in LEVEL_TYPES}}
 # Rows of x from which tiles of bf16 weights beat the int4 op (scripts/bench_packed.py, 3B shapes,
 # 2 threads: tiled / int4 ~1.0 at 160-192 rows for Q4, 0.6-0.95 at 96 for Q6_K's doubled op,
 # which Q3_K / Q2_K take too).
-DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96, T.Q5_K: 96, T.Q3_K: 96, T.Q2_K: 96,
+DENSE_FROM_M = {T.Q4_K: 192, T.Q4_0: 192, T.Q4_1: 192, T.Q6_K: 96, T.Q3_K: 96, T.Q2_K: 96, T.Q8_0: 96,
+                **{qt: 96 for qt in FIFTH_BIT_TYPES},
                 **{qt: 192 if qt in UNIFORM_LEVELS else 96 for qt in LEVEL_TYPES}}
+# The same where GEMMs run in float32 (cpu_gemm.py: no native bf16; 2-core AVX2 EPYC, 3B shapes,
+# 2026-12-04): float32 tiles / int4 0.86-0.96 at 128 rows for one code a weight, 0.70-0.78 at 64
+# (1.13-1.29 at 32) for the doubled ones. And from how many rows bf16 weights (F16, BF16) go
+# through float32 tiles rather than a bf16 GEMM: 0.53-0.69 at 4 rows, 2.8-4.3 at one.
+DENSE_FROM_M_F32 = {qt: 128 if m == 192 else 48 for qt, m in DENSE_FROM_M.items()}
+DENSE_TILES_FROM_M = 3
 IQ4_LEVELS = torch.tensor(IQ4_NL.kvalues, dtype=torch.int16)  # ggml's kvalues_iq4nl
 TILE_ROWS = 256  # weight rows decoded to bf16 per GEMM (a multiple of 64): 1 MB for a 2048-wide weight
 
@@ -115,6 +135,26 @@ def q4_0_fields(raw: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.
     d = _f16(b[..., 0:2])
     offset = _f16(b[..., 2:4]) if with_min else -8 * d
     return _block_nibbles(b[..., size - 16:size]), d, offset
+
+
+def q5_0_fields(raw: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, ...]:
+    """Q5_0 (22-byte) / Q5_1 (24-byte) rows -> q (R, K) 0..15 and the fifth bit hb (R, K) 0..1,
+    scale and offset (R, K/32): w = (q + 16*hb)*scale + offset. Bit j of a block's
+    little-endian qh is element j's."""
+    R = raw.shape[0]
+    size = 24 if with_min else 22
+    b = raw.reshape(R, -1, size)
+    d = _f16(b[..., 0:2])
+    offset = _f16(b[..., 2:4]) if with_min else -16 * d
+    qh = b[..., size - 20:size - 16].reshape(R, -1, 4, 1)
+    hb = ((qh >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(R, -1)
+    return _block_nibbles(b[..., size - 16:size]), hb, d, offset
+
+
+def q8_0_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 rows (R, nb*34) -> v (R, K) int8, scale (R, K/32): w = v*scale."""
+    b = raw.reshape(raw.shape[0], -1, 34)
+    return b[..., 2:34].contiguous().view(torch.int8).reshape(raw.shape[0], -1), _f16(b[..., 0:2])
 
 
 def _block_nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -188,28 +228,60 @@ def pack_halves(lo: torch.Tensor, c: torch.Tensor, half: int) -> torch.Tensor:
     return pack_int4(torch.stack([lo.reshape(rows, -1, half), c.reshape(rows, -1, half)], dim=2).reshape(rows, -1))
 
 
+@functools.cache
+def int4_layout() -> tuple[int, torch.Tensor | None] | None:
+    """torch's CPU int4 layout on this machine, which depends on the kernel's vector width: per
+    block of B rows, for each k, B/2 bytes whose low nibbles hold rows order[:B/2] and high
+    nibbles rows order[B/2:]. AVX-512: B = 64, order = 0..63 (rows j and j + 32 share a byte);
+    AVX2: B = 32, order = 0..31; without vectors: B = 32, rows 2p and 2p + 1. Read off torch's own
+    converter on a probe whose columns 0 and 1 spell each row's number -> (B, order, or None where
+    it is 0..B-1); None for a layout none of these (the weights then stay bf16)."""
+    row = torch.arange(64, dtype=torch.int32)
+    probe = torch.zeros(64, 32, dtype=torch.int32)
+    probe[:, 0], probe[:, 1] = row & 15, row >> 4
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 2).flatten()
+    for block in (64, 32, 16):
+        k0, k1 = packed[:block // 2], packed[block // 2:block]
+        order = (torch.cat([k0 & 15, k0 >> 4]) | (torch.cat([k1 & 15, k1 >> 4]) << 4)).long()
+        if torch.equal(order.sort().values, torch.arange(block)):
+            return block, None if torch.equal(order, torch.arange(block)) else order
+    return None
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(R, K) 4-bit values -> the layout of `torch._convert_weight_to_int4pack_for_cpu`, built
-    with byte operations (no int32 copy): per block of 64 rows, for each k, 32 bytes holding rows
-    j (low nibble) and j + 32 (high). Rows are padded to a multiple of 64 with zeros."""
+    """(R, K) 4-bit values -> the layout of `torch._convert_weight_to_int4pack_for_cpu` on this
+    CPU (int4_layout), built with byte operations (no int32 copy). Rows are padded to a multiple
+    of 64 (of every layout's block) with zeros."""
+    block, order = int4_layout()
     q = q.to(torch.uint8)
     q = F.pad(q, (0, 0, 0, -q.shape[0] % 64)) if q.shape[0] % 64 else q
-    blocks = q.reshape(-1, 64, q.shape[1]).transpose(1, 2)  # (R/64, K, 64)
-    return (blocks[..., :32] | (blocks[..., 32:] << 4)).reshape(q.shape[0], -1)
+    blocks = q.reshape(-1, block, q.shape[1]).transpose(1, 2)  # (R/B, K, B)
+    if order is not None:
+        blocks = blocks[..., order]
+    return (blocks[..., :block // 2] | (blocks[..., block // 2:] << 4)).reshape(q.shape[0], -1)
+
+
+def _first_half_zero(zero: torch.Tensor) -> torch.Tensor:
+    """Zero points (R, n) of n 32-weight sub-blocks -> (R, 2n): each on its sub-block's first
+    half, 0 on the second (the half whose codes multiply a multiple of x)."""
+    return torch.stack([zero, torch.zeros_like(zero)], dim=2).reshape(zero.shape[0], -1)
 
 
 class _TileWork:
-    """Buffers for decoding tiles of up to `rows` weight rows (a multiple of 64) of width `cols`."""
+    """Buffers for decoding tiles of up to `rows` weight rows (a multiple of 64) of width `cols`,
+    in blocks of int4_layout's B rows, to `dtype` (gemm_dtype)."""
 
-    def __init__(self, rows: int, cols: int, doubled: int):
+    def __init__(self, rows: int, cols: int, doubled: int, dtype: torch.dtype):
         """doubled: DOUBLED's sub-block size for the types whose codes come in halves, else 0."""
-        blocks = rows // 64
-        self.codes = torch.empty(blocks, 2 * cols if doubled else cols, 2, 32, dtype=torch.uint8)
+        block = int4_layout()[0]
+        blocks = rows // block
+        self.codes = torch.empty(blocks, 2 * cols if doubled else cols, 2, block // 2, dtype=torch.uint8)
         per = doubled or GROUP  # weights a scale
-        self.combined = torch.empty(blocks, cols // per, per, 64, dtype=torch.uint8) if doubled else None
-        self.f32 = torch.empty(blocks, cols // per, per, 64)
-        self.packed_order = torch.empty(blocks, cols, 64, dtype=torch.bfloat16)
-        self.bf16 = torch.empty(rows, cols, dtype=torch.bfloat16)
+        self.combined = torch.empty(blocks, cols // per, per, block, dtype=torch.uint8) if doubled else None
+        self.f32 = torch.empty(blocks, cols // per, per, block)
+        # bf16 tiles are rounded before the transpose (half its bytes); float32 ones transpose f32
+        self.packed_order = torch.empty(blocks, cols, block, dtype=dtype) if dtype != torch.float32 else None
+        self.out = torch.empty(rows, cols, dtype=dtype)
 
 
 class PackedMatrix:
@@ -217,7 +289,7 @@ class PackedMatrix:
 
     def __init__(self, qtype: T, raw: np.ndarray, rows: int, cols: int):
         self.qtype, self.rows, self.cols = qtype, rows, cols
-        self.int4 = qtype in INT4_TYPES and cols % 256 == 0
+        self.int4 = qtype in INT4_TYPES and cols % 256 == 0 and int4_layout() is not None
         packs, scales, zeros, dense = [], [], [], []
         for start in range(0, rows, ROWS_PER_STEP):
             part = raw[start:start + ROWS_PER_STEP]
@@ -230,11 +302,21 @@ class PackedMatrix:
                     dense.append(torch.from_numpy(rows_f32).to(torch.bfloat16))
                 continue
             t = as_torch(part)
-            if qtype == T.Q5_K:  # [lo, 2*hb + 8] per 32-weight sub-block, both with the sub-block's scale
-                q, s, mins = q4_k_fields(t, 176)
-                packs.append(pack_halves(q, 2 * q5_k_high_bits(t) + 8, 32))
+            if qtype in FIFTH_BIT_TYPES:  # [q, 2*hb + 8] per 32 weights, one scale, zero on q's half
+                if qtype == T.Q5_K:
+                    q, s, mins = q4_k_fields(t, 176)
+                    hb, offset = q5_k_high_bits(t), -mins
+                else:
+                    q, hb, s, offset = q5_0_fields(t, with_min=qtype == T.Q5_1)
+                packs.append(pack_halves(q, 2 * hb + 8, 32))
                 scales.append(s.repeat_interleave(2, dim=1))
-                zeros.append(torch.stack([8 * s - mins, torch.zeros_like(s)], dim=2).reshape(len(t), -1))
+                zeros.append(_first_half_zero(8 * s + offset))  # (q - 8)*s + zero + 16*hb*s
+            elif qtype == T.Q8_0:  # [lo, hi] of v + 128 per 32 weights, zero 8*s on lo's half, against [x, 16x]
+                v, s = q8_0_fields(t)
+                u = (v.to(torch.int16) + 128).to(torch.uint8)
+                packs.append(pack_halves(u & 15, u >> 4, 32))
+                scales.append(s.repeat_interleave(2, dim=1))
+                zeros.append(_first_half_zero(8 * s))  # (lo - 8)*s + 8*s + 16*(hi - 8)*s = (u - 128)*s
             elif qtype in UNIFORM_LEVELS:
                 q, s, zero = uniform_codes(*grid_fields(t, qtype), qtype)
                 packs.append(pack_int4(q))
@@ -276,14 +358,21 @@ class PackedMatrix:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., cols) float32 -> (..., rows) float32."""
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.cols).to(torch.bfloat16)
-        if not self.int4:
-            y = flat @ self.dense.T
-        elif flat.shape[0] >= DENSE_FROM_M[self.qtype]:
+        flat = x.reshape(-1, self.cols)
+        if flat.shape[0] >= self.tiles_from_m():
             y = self.tiled_product(flat)
+        elif self.int4:
+            y = self.int4_product(flat.to(torch.bfloat16))
         else:
-            y = self.int4_product(flat)
+            y = flat.to(torch.bfloat16) @ self.dense.T
         return y[:, :self.rows].float().reshape(*lead, self.rows)
+
+    def tiles_from_m(self) -> int | float:
+        """Rows of x from which tiles of weights decoded for GEMMs beat the int4 op (or, for
+        bf16 weights where GEMMs run in float32, a bf16 GEMM)."""
+        if bf16_gemms():
+            return DENSE_FROM_M[self.qtype] if self.int4 else float("inf")
+        return DENSE_FROM_M_F32[self.qtype] if self.int4 else DENSE_TILES_FROM_M
 
     def int4_product(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (M, cols) bf16 -> (M, padded rows) bf16 through torch's int4 op."""
@@ -293,51 +382,58 @@ class PackedMatrix:
         return torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scale_zero)
 
     def tiled_product(self, flat: torch.Tensor) -> torch.Tensor:
-        """flat (M, cols) bf16 -> (M, padded rows) bf16 through bf16 GEMMs on TILE_ROWS-row tiles."""
-        total = self.packed.shape[0]
-        out = torch.empty(total, flat.shape[0], dtype=torch.bfloat16)
-        work = _TileWork(min(TILE_ROWS, total), self.cols, DOUBLED.get(self.qtype, 0))
-        xt = flat.T
+        """flat (M, cols) -> (M, padded rows) through GEMMs in gemm_dtype on TILE_ROWS-row tiles."""
+        dtype = gemm_dtype()
+        total = self.packed.shape[0] if self.int4 else self.rows
+        out = torch.empty(total, flat.shape[0], dtype=dtype)
+        work = _TileWork(min(TILE_ROWS, total), self.cols, DOUBLED.get(self.qtype, 0), dtype) if self.int4 else None
+        xt = flat.to(dtype).T
         for start in range(0, total, TILE_ROWS):
             stop = min(start + TILE_ROWS, total)
             torch.mm(self.tile(start, stop, work), xt, out=out[start:stop])
         return out.T
 
     def tile(self, start: int, stop: int, work: _TileWork | None = None) -> torch.Tensor:
-        """Weight rows [start, stop) of the padded matrix (multiples of 64) as bf16 (stop - start,
-        cols): the int4 op's weights, (q - 8) * scale + zero computed in float32 and rounded once
-        (q * scale is exact in float32: 4 bits times bf16's 8). Decoded in the packed order (per
-        64 rows, for each k the 64 rows' codes), where a group's scale varies along the inner
+        """Weight rows [start, stop) of the padded matrix (multiples of 64) in gemm_dtype (stop -
+        start, cols): the int4 op's weights, (q - 8) * scale + zero computed in float32 (for bf16,
+        rounded once; q * scale is exact in float32: 4 bits times bf16's 8). Decoded in the packed order (per
+        block of B rows, for each k the B rows' codes), where a group's scale varies along the inner
         dimension, then transposed; every pass writes into `work`'s buffers, as fresh ones would
         cost a page fault per 4 KiB (half the time of a tile)."""
-        n, blocks = stop - start, (stop - start) // 64
-        work = work or _TileWork(n, self.cols, DOUBLED.get(self.qtype, 0))
-        p = self.packed[start:stop].view(torch.int32).view(blocks, -1, 1, 8)  # (blocks, k, 1, 32 bytes)
-        codes = work.codes[:blocks]  # (blocks, k, 2, 32): rows j, j + 32; nibbles 4 bytes at a time
+        if not self.int4:
+            return self.dense[start:stop].to(gemm_dtype())
+        block, order = int4_layout()
+        n, blocks = stop - start, (stop - start) // block
+        work = work or _TileWork(n, self.cols, DOUBLED.get(self.qtype, 0), gemm_dtype())
+        p = self.packed[start:stop].view(torch.int32).view(blocks, -1, 1, block // 8)  # (blocks, k, 1, B/2 bytes)
+        codes = work.codes[:blocks]  # (blocks, k, 2, B/2): low then high nibbles, 4 bytes at a time
         torch.bitwise_and(p, 0x0F0F0F0F, out=codes.view(torch.int32)[:, :, :1])
         torch.bitwise_right_shift(p, 4, out=codes.view(torch.int32)[:, :, 1:]).bitwise_and_(0x0F0F0F0F)
-        codes = codes.view(blocks, -1, GROUP, 64)  # (blocks, groups, 32, rows)
-        sz = self.scale_zero[:, start:stop].float().view(-1, blocks, 64, 2).permute(3, 1, 0, 2)
+        if order is not None:  # rows in their natural order within the block
+            codes = codes.view(blocks, -1, block)[..., order.argsort()]
+        codes = codes.view(blocks, -1, GROUP, block)  # (blocks, groups, 32, rows)
+        sz = self.scale_zero[:, start:stop].float().view(-1, blocks, block, 2).permute(3, 1, 0, 2)
         w = work.f32[:blocks]
         if self.qtype in DOUBLED:  # halves [lo, c] of one scale, zero z on lo's only (0 on c's where
             # c multiplies a*x), against x and a*x (a = SECOND_HALF_X: 8 or 16, or 0 where z is not 0):
             # w = (lo - 8)*scale + z + a*(c - 8)*scale = (lo + a*c - 8 - 8a)*scale + z,
             # lo + a*c <= 249 (a byte)
             half, a = DOUBLED[self.qtype], SECOND_HALF_X[self.qtype]
-            pairs = codes.view(blocks, -1, 2, half, 64)  # (blocks, sub-blocks, lo | c, half, rows)
+            pairs = codes.view(blocks, -1, 2, half, block)  # (blocks, sub-blocks, lo | c, half, rows)
             torch.add(pairs[:, :, 0], pairs[:, :, 1], alpha=a, out=work.combined[:blocks])
             w.copy_(work.combined[:blocks])
-            pair_sz = sz.view(2, blocks, -1, 2 * half // GROUP, 1, 64)[:, :, :, 0]  # lo's group of each pair
+            pair_sz = sz.view(2, blocks, -1, 2 * half // GROUP, 1, block)[:, :, :, 0]  # lo's group of each pair
             pair_scale = pair_sz[0].contiguous()
             w.mul_(pair_scale).add_(pair_sz[1] - (8 + 8 * a) * pair_scale)
         else:
             scale = sz[0].unsqueeze(2).contiguous()  # (blocks, groups, 1, rows)
             w.copy_(codes)
             w.mul_(scale).add_((sz[1] - 8 * sz[0]).unsqueeze(2))
-        packed_order = work.packed_order[:blocks]
-        packed_order.copy_(w.view(blocks, self.cols, 64))
-        tile = work.bf16[:n]  # [b, j, k] <- [b, k, j], copied by 64 x 64 squares
-        tile.view(blocks, 64, -1, 64).copy_(packed_order.view(blocks, -1, 64, 64).permute(0, 3, 1, 2))
+        packed_order = w.view(blocks, self.cols, block)
+        if work.packed_order is not None:
+            packed_order = work.packed_order[:blocks].copy_(packed_order)
+        tile = work.out[:n]  # [b, j, k] <- [b, k, j], copied by B x B squares
+        tile.view(blocks, block, -1, block).copy_(packed_order.view(blocks, -1, block, block).permute(0, 3, 1, 2))
         return tile
 
     def nbytes(self) -> int:

@@ -253,7 +253,8 @@ class VisionTower:
 
     def _mlp(self, b: Block, x: torch.Tensor) -> torch.Tensor:
         """The hidden layer stays in the products' precision (bf16 on the CPU's STREAMED
-        weights: half the bytes through the elementwise ops; float32 for EXACT)."""
+        weights where bf16 GEMMs are native: half the bytes through the elementwise ops;
+        float32 for EXACT and on other CPUs)."""
         up = b.up.linear(x, b.up_b)
         if b.gate is not None:
             h = F.silu(b.gate.linear(x, b.gate_b)).mul_(up)

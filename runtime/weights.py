@@ -3,7 +3,8 @@
 `Matrix` holds one weight as stored (F32/F16/BF16 as a tensor view of the mapping, quantized
 types as their raw blocks) and multiplies by it; quantized blocks are dequantized a slice of
 rows at a time, so the model is never held dequantized in memory. The torch path here is the
-reference; the PACKED and STREAMED modes run bf16 CPU matmuls (packed.py). `Matrix.to_device`
+reference; the PACKED and STREAMED modes run bf16 CPU matmuls (packed.py; float32 GEMMs on CPUs
+without native bf16, cpu_gemm.py). `Matrix.to_device`
 moves a weight to an accelerator once: supported GGUF blocks as they are, multiplied by the
 Triton kernel (kernels/qmatmul.py), anything else as a dense bf16 copy (float32 for F32).
 """
@@ -18,6 +19,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
+from .cpu_gemm import gemm_dtype
 from .gguf_file import GGUFFile, TensorInfo
 from .packed import PackedMatrix, as_torch
 
@@ -28,7 +30,7 @@ ROWS_PER_STEP = 1024
 # How non-F32 weights are multiplied (F32 weights are always float32 matmuls):
 EXACT = "exact"  # float32, dequantized a slice of rows at a time: the reference
 PACKED = "packed"  # repacked once for bf16 CPU matmuls (packed.py): decoders, many small-M calls
-STREAMED = "streamed"  # read and converted to bf16 per call, pages released after: vision (large M)
+STREAMED = "streamed"  # converted to bf16 (cpu_gemm) per call, pages released after: vision (large M)
 MODES = (EXACT, PACKED, STREAMED)
 
 
@@ -269,10 +271,12 @@ class Matrix:
         return y.reshape(*x.shape[:-1], self.rows)
 
     def _streamed(self) -> torch.Tensor:
-        """The whole weight as bf16, converted now (F16 in one pass)."""
+        """The whole weight in the CPU's GEMM type (cpu_gemm.py: bf16, or float32 where bf16
+        GEMMs are emulated), converted now (F16 in one pass)."""
+        dtype = gemm_dtype()
         if self._dense is not None:
-            return self._dense.to(torch.bfloat16)
-        return self.rows_f32(0, self.rows).to(torch.bfloat16)
+            return self._dense.to(dtype)
+        return self.rows_f32(0, self.rows).to(dtype)
 
     def matmul_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

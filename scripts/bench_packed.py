@@ -1,12 +1,14 @@
 """The CPU's two ways to multiply by int4-packed weights (runtime/packed.py), timed per rows of x.
 
-    python scripts/bench_packed.py [--threads 2] [--model 3b] [--types Q4_K,Q6_K,Q3_K,Q2_K]
+    python scripts/bench_packed.py [--threads 2] [--model 3b] [--types Q4_K,Q6_K,Q8_0,F16]
 
-For each 4-bit type and each matrix shape of the model's decoder, the int4 op
-(`torch._weight_int4pack_mm_for_cpu`) against decoding TILE_ROWS-row tiles to bf16 and running bf16
-GEMMs, for M = 1 .. 1024 rows of x, and the dense bf16 GEMM on a weight decoded beforehand as
-the bound (what 2 bytes a weight would buy). Prints a JSON line per case; `tiled / int4` below 1
-means the tiles win: packed.DENSE_FROM_M should be the first M where they do.
+For each type and each matrix shape of the model's decoder, the int4 op
+(`torch._weight_int4pack_mm_for_cpu`; for F16 / BF16 weights, their bf16 GEMM) against decoding
+TILE_ROWS-row tiles and running GEMMs on them, in the CPU's GEMM type (runtime/cpu_gemm.py: bf16
+where native, else float32; QVL_CPU_BF16=0/1 forces one), for M = 1 .. 1024 rows of x, and the
+dense GEMM on a weight decoded beforehand as the bound. Prints a JSON line per case; `tiled /
+int4` below 1 means the tiles win: packed.DENSE_FROM_M (DENSE_FROM_M_F32, DENSE_TILES_FROM_M)
+should be the first M where they do.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 from gguf import GGMLQuantizationType as T
 
-from qvl.runtime.packed import DENSE_FROM_M, PackedMatrix
+from qvl.runtime.packed import PackedMatrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from quant_weights import quant_weights  # noqa: E402  (qvl's quantizers; Q2_K / Q3_K: random blocks)
@@ -51,17 +53,21 @@ def main() -> None:
         qtype = T[name]
         for rows, cols in SHAPES[args.model]:
             packed = PackedMatrix(qtype, quant_weights(rows, cols, qtype, "normal", seed=0).numpy(), rows, cols)
-            dense = torch.cat([packed.tile(s, min(s + 1024, packed.packed.shape[0]))
-                               for s in range(0, packed.packed.shape[0], 1024)])
+            total = packed.packed.shape[0] if packed.int4 else rows
+            dense = torch.cat([packed.tile(s, min(s + 1024, total)) for s in range(0, total, 1024)])
             for m in (int(v) for v in args.m.split(",")):
                 x = torch.randn(m, cols).to(torch.bfloat16)
                 repeat = max(1, min(20, int(2e9 / (m * rows * cols))))
-                int4 = _time(lambda: packed.int4_product(x), repeat)
+                if packed.int4:
+                    int4 = _time(lambda: packed.int4_product(x), repeat)
+                else:  # bf16 weights: their bf16 GEMM
+                    int4 = _time(lambda: x @ packed.dense.T, repeat)
                 tiled = _time(lambda: packed.tiled_product(x), repeat)
-                bound = _time(lambda: x @ dense.T, repeat)
+                xd = x.to(dense.dtype)
+                bound = _time(lambda: xd @ dense.T, repeat)
                 print(json.dumps({"type": name, "rows": rows, "cols": cols, "m": m, "int4_ms": round(1e3 * int4, 2),
-                                  "tiled_ms": round(1e3 * tiled, 2), "dense_bf16_ms": round(1e3 * bound, 2),
-                                  "tiled / int4": round(tiled / int4, 3), "uses": "tiled" if m >= DENSE_FROM_M[qtype] else "int4"}),
+                                  "tiled_ms": round(1e3 * tiled, 2), "dense_ms": round(1e3 * bound, 2), "gemm": str(dense.dtype)[6:],
+                                  "tiled / int4": round(tiled / int4, 3), "uses": "tiled" if m >= packed.tiles_from_m() else "int4"}),
                       flush=True)
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+# `python -m pytest` puts the repository root on sys.path, where kernels/ (qvl.kernels) would
+# shadow the PyPI package `kernels` that transformers 5.25 and later import.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
 from paths import FIXTURES
+from qvl.runtime import cpu_gemm
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +21,13 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"shared fixtures not found at {FIXTURES} (set QVL_SHARED)")
     return FIXTURES
+
+
+@pytest.fixture(params=["bf16", "f32"])
+def cpu_gemms(request, monkeypatch) -> str:
+    """Each of the CPU's two GEMM types (runtime/cpu_gemm.py), whichever this host has: bf16
+    (native bf16 instructions) or float32 (AVX2: tiles decoded to float32)."""
+    monkeypatch.setenv(cpu_gemm.ENV, "1" if request.param == "bf16" else "0")
+    cpu_gemm.bf16_gemms.cache_clear()
+    yield request.param
+    cpu_gemm.bf16_gemms.cache_clear()

@@ -1,10 +1,10 @@
 """The CPU fast path (runtime/packed.py) against gguf-py's dequantization.
 
 Tolerances, relative to sum_k |x_k| |W_nk| per output (the scale of its rounding errors):
-- bf16 dense (Q8_0, F16, BF16 dequantized once): activation, weight and output each
-  rounded to bf16 (2^-9 each), so at most 3 * 2^-9 = 5.9e-3, a worst-case bound.
-- int4 types (Q4_K, Q4_0, Q4_1, Q6_K, Q5_K, Q3_K, Q2_K, IQ4_NL, IQ4_XS, the grid types IQ1_S ...
-  IQ3_S): bf16 activations, scale and zero point (2^-9 each; the zero point 8*s - min can be
+- bf16 dense (F16, BF16): activation, weight and output each rounded to bf16 (2^-9 each), so at
+  most 3 * 2^-9 = 5.9e-3, a worst-case bound.
+- int4 types (Q4_K, Q4_0, Q4_1, Q6_K, Q5_K, Q5_0, Q5_1, Q8_0, Q3_K, Q2_K, IQ4_NL, IQ4_XS, the grid
+  types IQ1_S ... IQ3_S): bf16 activations, scale and zero point (2^-9 each; the zero point 8*s - min can be
   twice |w|) and output -> 2^-7 = 7.8e-3. Measured (2026-11-23): at most 0.43 * 2^-8, Q2_K
   0.69 * 2^-8 (its zero, -min, rounded as Q4_K's).
 A wrong nibble, row or group order gives errors of the size of the output itself (checked by
@@ -13,6 +13,10 @@ hand: swapping Q6_K's halves or Q4_K's nibbles fails every case here).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,21 +29,24 @@ from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.iq_grids import GRID_TYPES, SCALE_GROUP, grid_fields
 from qvl.runtime.packed import (
     DENSE_FROM_M,
+    DENSE_FROM_M_F32,
     INT4_TYPES,
-    LEVEL_TYPES,
     PackedMatrix,
     pack_int4,
     q4_0_fields,
     iq4_fields,
     q2_q3_k_fields,
     q4_k_fields,
+    q5_0_fields,
     q5_k_high_bits,
+    q8_0_fields,
     q6_k_fields,
 )
 from qvl.runtime.weights import EXACT, PACKED, STREAMED, Matrix, Weights
 
-TOL = {T.Q8_0: 3 * 2**-9, T.F16: 3 * 2**-9, T.BF16: 3 * 2**-9,
-       T.Q4_K: 2**-7, T.Q4_0: 2**-7, T.Q4_1: 2**-7, T.Q6_K: 2**-7, T.Q5_K: 2**-7, T.Q3_K: 2**-7, T.Q2_K: 2**-7,
+TOL = {T.F16: 3 * 2**-9, T.BF16: 3 * 2**-9,
+       T.Q4_K: 2**-7, T.Q4_0: 2**-7, T.Q4_1: 2**-7, T.Q6_K: 2**-7, T.Q5_K: 2**-7, T.Q5_0: 2**-7, T.Q5_1: 2**-7,
+       T.Q8_0: 2**-7, T.Q3_K: 2**-7, T.Q2_K: 2**-7,
        T.IQ4_NL: 2**-7, T.IQ4_XS: 2**-7, **{qt: 2**-7 for qt in GRID_TYPES}}
 
 
@@ -88,6 +95,16 @@ def test_block_fields_equal_dequantization():
         q, scale, offset = q4_0_fields(torch.from_numpy(raw), with_min)
         w = q.float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
         torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
+    for qtype, with_min in ((T.Q5_0, False), (T.Q5_1, True)):
+        raw, ref = _raw(qtype, rows, cols)
+        q, hb, scale, offset = q5_0_fields(torch.from_numpy(raw), with_min)
+        assert q.max() <= 15 and hb.min() == 0 and hb.max() == 1
+        w = (q + 16 * hb).float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
+        torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6)
+    raw, ref = _raw(T.Q8_0, rows, cols)
+    v, scale = q8_0_fields(torch.from_numpy(raw))
+    assert v.min() == -127 and v.max() == 127  # ggml's Q8_0 scales each block's largest |w| to 127
+    torch.testing.assert_close(v.float() * scale.repeat_interleave(32, 1), ref, rtol=1e-6, atol=1e-6)
     for qtype in (T.IQ4_NL, T.IQ4_XS):
         raw, ref = _raw(qtype, rows, cols)
         v, scale = iq4_fields(torch.from_numpy(raw), qtype)
@@ -113,13 +130,15 @@ def test_grid_fields_equal_dequantization(qtype):
         assert torch.equal(w, torch.from_numpy(dequantize(raw, qtype).reshape(len(raw), -1)))
 
 
-@pytest.mark.parametrize("m", [1, 5, 200])  # 200: bf16 tiles for every int4 type (DENSE_FROM_M)
+# 200: tiles for every int4 type (DENSE_FROM_M, DENSE_FROM_M_F32); 5: float32 tiles for F16 / BF16 where
+# GEMMs run in float32 (DENSE_TILES_FROM_M), the int4 op for the rest
+@pytest.mark.parametrize("m", [1, 5, 200])
 @pytest.mark.parametrize("rows,cols", [(64, 256), (70, 512), (300, 768)])  # 70, 300: padded to 64s; 300: two tiles
 @pytest.mark.parametrize("qtype", list(TOL), ids=lambda t: t.name)
-def test_packed_matmul_matches_dequantized(qtype, rows, cols, m):
+def test_packed_matmul_matches_dequantized(qtype, rows, cols, m, cpu_gemms):
     raw, w = _raw(qtype, rows, cols, seed=rows + cols)
     packed = PackedMatrix(qtype, raw, rows, cols)
-    assert packed.int4 == (qtype in (T.Q4_K, T.Q4_0, T.Q4_1, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K, *LEVEL_TYPES))
+    assert packed.int4 == (qtype in INT4_TYPES)
     x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
     y, ref = packed.matmul(x), x @ w.T
     assert y.shape == (m, rows) and y.dtype == torch.float32
@@ -128,16 +147,20 @@ def test_packed_matmul_matches_dequantized(qtype, rows, cols, m):
 
 
 @pytest.mark.parametrize("qtype", INT4_TYPES, ids=lambda t: t.name)
-def test_tiles_are_the_int4_ops_weights(qtype):
-    """The prefill path's bf16 tiles hold exactly the weights the int4 op multiplies by (its
-    product with the identity), for whole and partial tiles, padding rows included."""
+def test_tiles_are_the_int4_ops_weights(qtype, cpu_gemms):
+    """The prefill path's tiles hold exactly the weights the int4 op multiplies by (its product
+    with the identity, rounded to bf16), for whole and partial tiles, padding rows included: bf16
+    tiles, or float32 ones that round to them."""
     raw, _ = _raw(qtype, 300, 512)
     packed = PackedMatrix(qtype, raw, 300, 512)
     weights = packed.int4_product(torch.eye(512, dtype=torch.bfloat16)).T  # (320, 512)
-    assert torch.equal(packed.tile(0, 320), weights)
-    assert torch.equal(packed.tile(64, 192), weights[64:192])
-    assert torch.equal(packed.tile(256, 320), weights[256:320])
-    x = torch.randn(DENSE_FROM_M[qtype], 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    dtype = torch.bfloat16 if cpu_gemms == "bf16" else torch.float32
+    assert packed.tile(0, 320).dtype == dtype
+    assert torch.equal(packed.tile(0, 320).bfloat16(), weights)
+    assert torch.equal(packed.tile(64, 192).bfloat16(), weights[64:192])
+    assert torch.equal(packed.tile(256, 320).bfloat16(), weights[256:320])
+    assert packed.tiles_from_m() == (DENSE_FROM_M if cpu_gemms == "bf16" else DENSE_FROM_M_F32)[qtype]
+    x = torch.randn(int(packed.tiles_from_m()), 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     tiled, int4 = packed.tiled_product(x).float()[:, :300], packed.int4_product(x).float()[:, :300]
     scale = (x.float().abs() @ weights[:300].float().abs().T).clamp_min(1e-30)
     assert ((tiled - int4).abs() / scale).max() <= 2 * 2**-8  # each output rounded to bf16 once
@@ -150,7 +173,7 @@ def test_int4_weights_take_a_third_of_bf16():
     assert PackedMatrix(T.Q6_K, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 4 / 16)
     raw, _ = _raw(T.Q5_K, 128, 1024)  # two 4-bit groups a 32-weight sub-block: 0.63 of bf16's bytes
     assert PackedMatrix(T.Q5_K, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 2 * 4 / 32)
-    for qtype in (T.IQ4_NL, T.IQ4_XS):  # two 4-bit groups a 32-weight block, as Q5_K
+    for qtype in (T.IQ4_NL, T.IQ4_XS, T.Q5_0, T.Q5_1, T.Q8_0):  # two 4-bit groups a 32-weight block, as Q5_K
         raw, _ = _raw(qtype, 128, 1024)
         assert PackedMatrix(qtype, raw, 128, 1024).nbytes() == 128 * 1024 * (1 + 2 * 4 / 32)
     for qtype in (T.Q3_K, T.Q2_K):  # a 32-group a 16-weight sub-block, as Q6_K: 0.63 of bf16's bytes
@@ -180,3 +203,49 @@ def test_modes_through_weights(fixtures_dir):
     w = np.arange(32, dtype=np.float32).reshape(4, 8)  # F32 weights stay float32 in every mode
     m = Matrix(TensorInfo("w", T.F32, (8, 4), 0, 128), w.view(np.uint8), mode=PACKED)
     assert m.mode == EXACT and torch.equal(m.matmul(torch.eye(8)), torch.from_numpy(w).T)
+
+
+_CAPABILITY_CHECK = """
+import sys
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+from quant_weights import quant_weights
+from qvl.runtime.packed import PackedMatrix, int4_layout, pack_int4
+assert torch.backends.cpu.get_cpu_capability() == sys.argv[1].upper(), torch.backends.cpu.get_cpu_capability()
+q = torch.randint(0, 16, (192, 64), dtype=torch.int32)
+assert torch.equal(pack_int4(q), torch._convert_weight_to_int4pack_for_cpu(q, 2)), int4_layout()
+for qtype in (T.Q4_K, T.Q6_K, T.Q8_0):
+    raw = quant_weights(300, 512, qtype, "normal", seed=0).numpy()
+    w = torch.from_numpy(dequantize(raw, qtype).reshape(300, 512))
+    packed = PackedMatrix(qtype, raw, 300, 512)
+    assert packed.int4
+    x = torch.randn(3, 512)
+    err = ((packed.matmul(x) - x @ w.T).abs() / (x.abs() @ w.abs().T)).max().item()
+    assert err <= 2**-7, (qtype.name, err)
+    assert torch.equal(packed.tile(0, 320).bfloat16(), packed.int4_product(torch.eye(512, dtype=torch.bfloat16)).T)
+print(int4_layout()[0])
+"""
+
+
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+@pytest.mark.parametrize("capability,block", [("default", 32), ("avx2", 32), ("avx512", 64)])
+def test_int4_layout_of_each_cpu_kernel(capability, block):
+    """torch's int4 weight layout depends on the vector width its kernels were dispatched for
+    (AVX-512: 64-row blocks, AVX2: 32, none: 32 with neighbouring rows in a byte); packing, the
+    int4 op's products and the tiles agree under each, forced with ATEN_CPU_CAPABILITY in a fresh
+    process. A capability this CPU lacks cannot run here (forcing it dies of an illegal
+    instruction); the in-process tests above run on the host's own."""
+    needs = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}.get(capability, set())
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU has no {capability}")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", _CAPABILITY_CHECK, capability], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(block)]
