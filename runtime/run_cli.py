@@ -191,7 +191,8 @@ def run(
         "converted to q4_k_m into the store) or a store name."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision, with --model-id (main only)."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a CUDA GPU is there."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 matmuls: the default for F16/BF16/quantized weights."),
+    bf16: bool = typer.Option(False, "--bf16", help="Fast matmuls, the default: quantized weights with bf16 activations, "
+                              "GEMMs in bf16 (float32 on CPUs without native bf16)."),
     f32: bool = typer.Option(False, "--f32", help="float32 matmuls throughout (exact, slower; F32 weights always are)."),
     max_length: int = typer.Option(512, "--max-length", "-n", "--n-predict", help="Most tokens to generate (0: only "
                                    "read the prompt; -1: until the answer ends or the context is full)."),
