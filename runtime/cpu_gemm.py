@@ -21,17 +21,22 @@ NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo's names
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where there is none: not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split())
+
+
+@functools.cache
 def bf16_gemms() -> bool:
     """Whether this CPU runs bf16 GEMMs natively (Linux's CPU flags; elsewhere float32 is assumed)."""
     forced = os.environ.get(ENV)
     if forced in ("0", "1"):
         return forced == "1"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-    return bool(flags & NATIVE_BF16_FLAGS)
+    return bool(cpu_flags() & NATIVE_BF16_FLAGS)
 
 
 def gemm_dtype() -> torch.dtype:

@@ -248,6 +248,12 @@ def int4_layout() -> tuple[int, torch.Tensor | None] | None:
     return None
 
 
+@functools.cache
+def _slot_of_row() -> torch.Tensor:
+    """For a layout with a row order: the nibble slot of each row (the inverse of the order)."""
+    return int4_layout()[1].argsort()
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(R, K) 4-bit values -> the layout of `torch._convert_weight_to_int4pack_for_cpu` on this
     CPU (int4_layout), built with byte operations (no int32 copy). Rows are padded to a multiple
@@ -367,6 +373,11 @@ class PackedMatrix:
             y = flat.to(torch.bfloat16) @ self.dense.T
         return y[:, :self.rows].float().reshape(*lead, self.rows)
 
+    @property
+    def padded_rows(self) -> int:
+        """Rows of the products and tiles: a multiple of 64 for the int4 layout, else `rows`."""
+        return self.packed.shape[0] if self.int4 else self.rows
+
     def tiles_from_m(self) -> int | float:
         """Rows of x from which tiles of weights decoded for GEMMs beat the int4 op (or, for
         bf16 weights where GEMMs run in float32, a bf16 GEMM)."""
@@ -384,7 +395,7 @@ class PackedMatrix:
     def tiled_product(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (M, cols) -> (M, padded rows) through GEMMs in gemm_dtype on TILE_ROWS-row tiles."""
         dtype = gemm_dtype()
-        total = self.packed.shape[0] if self.int4 else self.rows
+        total = self.padded_rows
         out = torch.empty(total, flat.shape[0], dtype=dtype)
         work = _TileWork(min(TILE_ROWS, total), self.cols, DOUBLED.get(self.qtype, 0), dtype) if self.int4 else None
         xt = flat.to(dtype).T
@@ -410,7 +421,7 @@ class PackedMatrix:
         torch.bitwise_and(p, 0x0F0F0F0F, out=codes.view(torch.int32)[:, :, :1])
         torch.bitwise_right_shift(p, 4, out=codes.view(torch.int32)[:, :, 1:]).bitwise_and_(0x0F0F0F0F)
         if order is not None:  # rows in their natural order within the block
-            codes = codes.view(blocks, -1, block)[..., order.argsort()]
+            codes = codes.view(blocks, -1, block)[..., _slot_of_row()]
         codes = codes.view(blocks, -1, GROUP, block)  # (blocks, groups, 32, rows)
         sz = self.scale_zero[:, start:stop].float().view(-1, blocks, block, 2).permute(3, 1, 0, 2)
         w = work.f32[:blocks]

@@ -53,7 +53,7 @@ def main() -> None:
         qtype = T[name]
         for rows, cols in SHAPES[args.model]:
             packed = PackedMatrix(qtype, quant_weights(rows, cols, qtype, "normal", seed=0).numpy(), rows, cols)
-            total = packed.packed.shape[0] if packed.int4 else rows
+            total = packed.padded_rows
             dense = torch.cat([packed.tile(s, min(s + 1024, total)) for s in range(0, total, 1024)])
             for m in (int(v) for v in args.m.split(",")):
                 x = torch.randn(m, cols).to(torch.bfloat16)

@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 from quant_weights import ENCODERS, random_grid_blocks
 from qvl.convert.quant import quantize
+from qvl.runtime.cpu_gemm import cpu_flags
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.iq_grids import GRID_TYPES, SCALE_GROUP, grid_fields
 from qvl.runtime.packed import (
@@ -229,11 +230,6 @@ print(int4_layout()[0])
 """
 
 
-def _cpu_flags() -> set[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-
-
 @pytest.mark.parametrize("capability,block", [("default", 32), ("avx2", 32), ("avx512", 64)])
 def test_int4_layout_of_each_cpu_kernel(capability, block):
     """torch's int4 weight layout depends on the vector width its kernels were dispatched for
@@ -242,7 +238,7 @@ def test_int4_layout_of_each_cpu_kernel(capability, block):
     process. A capability this CPU lacks cannot run here (forcing it dies of an illegal
     instruction); the in-process tests above run on the host's own."""
     needs = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}.get(capability, set())
-    if not needs <= _cpu_flags():
+    if not needs <= cpu_flags():
         pytest.skip(f"this CPU has no {capability}")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", _CAPABILITY_CHECK, capability], env=env, capture_output=True,
