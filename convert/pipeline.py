@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,7 @@ from .metadata import KV, mmproj_kv, ollama_kv, text_kv
 from .plan import TEXT_TYPES, VISION_TYPES, PlannedTensor, plan_text, plan_vision
 from .safetensors_io import Checkpoint
 from .vocab import load_vocab
-from .writer import GGUFStream
+from .writer import ChunkSource, GGUFStream, tensor_bytes
 
 LAYOUTS = ("llamacpp", "ollama")
 
@@ -103,26 +104,37 @@ def mmproj_path(out: Path) -> Path:
     return out.with_name(f"mmproj-{out.name}")
 
 
-def plan_job(opts: ConvertOptions) -> Job:
+def check_options(opts: ConvertOptions) -> None:
     if opts.type not in TEXT_TYPES:
         raise ConvertError(f"--type {opts.type!r}: choose one of {', '.join(TEXT_TYPES)}")
     if opts.vision_type not in VISION_TYPES:
         raise ConvertError(f"--vision-type {opts.vision_type!r}: choose one of {', '.join(VISION_TYPES)}")
     if opts.layout not in LAYOUTS:
         raise ConvertError(f"--layout {opts.layout!r}: choose one of {', '.join(LAYOUTS)}")
+
+
+def plan_job(opts: ConvertOptions) -> Job:
+    check_options(opts)
     folder = resolve_source(opts.source, opts.revision)
     # a hub snapshot folder is named by its commit hash: name the model after the repo instead
     name = folder.name if Path(opts.source).expanduser().is_dir() else opts.source.split("/")[-1]
     cfg = load_config(folder)
-    if opts.layout == "ollama" and not cfg.is_qwen2_5:
-        raise ConvertError("--layout ollama: Ollama's single-file format exists for Qwen2.5-VL only; "
-                           "use --layout llamacpp for Qwen2-VL")
-    vocab = load_vocab(folder, cfg.text.vocab_size, cfg.text.bos_token_id)
     ckpt = Checkpoint(folder)
     try:
         check_tensors(cfg, {n: ckpt.shape(n) for n in ckpt.names()}, str(folder))
     finally:
         ckpt.close()
+    return Job(folder, cfg, plan_files(folder, cfg, name, opts))
+
+
+def plan_files(folder: Path, cfg: CheckpointConfig, name: str, opts: ConvertOptions) -> list[OutputFile]:
+    """The output files of converting the checkpoint described by `cfg` (its tokenizer in
+    `folder`): paths, metadata and every tensor's type. Reads no tensor data; `opts` as
+    `check_options` passed them."""
+    if opts.layout == "ollama" and not cfg.is_qwen2_5:
+        raise ConvertError("--layout ollama: Ollama's single-file format exists for Qwen2.5-VL only; "
+                           "use --layout llamacpp for Qwen2-VL")
+    vocab = load_vocab(folder, cfg.text.vocab_size, cfg.text.bos_token_id)
     kind = TEXT_TYPES[opts.type]
     out = (opts.out or default_out(name, opts.type)).expanduser()
     if out.suffix != ".gguf":
@@ -133,16 +145,14 @@ def plan_job(opts: ConvertOptions) -> Job:
         text_part = [t for t in tensors if not t.name.startswith("v.")]
         vision_part = [t for t in tensors if t.name.startswith("v.")]
         plan = plan_text(text_part, kind, n_layer) + plan_vision(vision_part, opts.vision_type)
-        files = [OutputFile(out, "qwen25vl", ollama_kv(cfg, vocab, kind.file_type, name), plan)]
-    else:
-        vft = VISION_TYPES[opts.vision_type][0]
-        files = [
-            OutputFile(out, "qwen2vl", text_kv(cfg, vocab, kind.file_type, name),
-                       plan_text(text_tensors(cfg), kind, n_layer)),
-            OutputFile(mmproj_path(out), "clip", mmproj_kv(cfg, vft, name),
-                       plan_vision(mmproj_tensors(cfg), opts.vision_type)),
-        ]
-    return Job(folder, cfg, files)
+        return [OutputFile(out, "qwen25vl", ollama_kv(cfg, vocab, kind.file_type, name), plan)]
+    vft = VISION_TYPES[opts.vision_type][0]
+    return [
+        OutputFile(out, "qwen2vl", text_kv(cfg, vocab, kind.file_type, name),
+                   plan_text(text_tensors(cfg), kind, n_layer)),
+        OutputFile(mmproj_path(out), "clip", mmproj_kv(cfg, vft, name),
+                   plan_vision(mmproj_tensors(cfg), opts.vision_type)),
+    ]
 
 
 def check_destination(job: Job, force: bool) -> None:
@@ -163,15 +173,17 @@ def check_destination(job: Job, force: bool) -> None:
                            f"({free / 2**30:.2f} GiB free, {need / 2**30:.2f} GiB needed)")
 
 
-def run_job(job: Job, on_bytes: Callable[[PlannedTensor, int], None], workers: int) -> None:
-    """Write every file of the job; rename into place only when all are complete."""
+def run_job(job: Job, on_bytes: Callable[[PlannedTensor, int], None], workers: int,
+            chunks: ChunkSource | None = None) -> None:
+    """Write every file of the job; rename into place only when all are complete. Tensor data
+    comes from the checkpoint's safetensors, quantized, unless `chunks` gives it."""
     partials = [f.path.with_name(f.path.name + ".partial") for f in job.files]
-    ckpt = Checkpoint(job.folder)
+    ckpt = Checkpoint(job.folder) if chunks is None else None
     try:
         for f, tmp in zip(job.files, partials):
             stream = GGUFStream(tmp, f.arch, f.kvs, f.plan)
             try:
-                stream.write(ckpt, on_bytes, workers)
+                stream.write(partial(tensor_bytes, ckpt) if ckpt is not None else chunks, on_bytes, workers)
             finally:
                 stream.abort()
         for f, tmp in zip(job.files, partials):
@@ -185,7 +197,8 @@ def run_job(job: Job, on_bytes: Callable[[PlannedTensor, int], None], workers: i
         _remove(partials)
         raise
     finally:
-        ckpt.close()
+        if ckpt is not None:
+            ckpt.close()
 
 
 def _remove(paths: list[Path]) -> None:

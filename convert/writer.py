@@ -21,6 +21,9 @@ from .plan import PlannedTensor
 from .quant import quantize, row_bytes
 from .safetensors_io import Checkpoint
 
+# Rows [start, stop) of a planned tensor in its ggml type (uint8): the tensor data a stream writes
+ChunkSource = Callable[[PlannedTensor, int, int], np.ndarray]
+
 # Rows read and quantized per task: about 4M elements (16 MB of float32 input).
 CHUNK_ELEMENTS = 1 << 22
 
@@ -50,7 +53,9 @@ def tensor_bytes(ckpt: Checkpoint, p: PlannedTensor, start: int, stop: int) -> n
 
 
 class GGUFStream:
-    """One output file. `write(ckpt, progress)` streams every tensor's data in plan order."""
+    """One output file. `write(chunks, on_bytes, workers)` streams every tensor's data in plan
+    order, rows [start, stop) at a time as `chunks(planned, start, stop)` gives them (with
+    `tensor_bytes`: read from a checkpoint and quantized)."""
 
     def __init__(self, path: Path, arch: str, kvs: list[KV], plan: list[PlannedTensor]):
         self.path = path
@@ -63,7 +68,7 @@ class GGUFStream:
         total = self.writer.get_total_parameter_count()
         self.writer.add_size_label(size_label(*total))
 
-    def write(self, ckpt: Checkpoint, on_bytes: Callable[[PlannedTensor, int], None], workers: int) -> None:
+    def write(self, chunks: ChunkSource, on_bytes: Callable[[PlannedTensor, int], None], workers: int) -> None:
         w = self.writer
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -73,7 +78,7 @@ class GGUFStream:
             for p in self.plan:
                 w.write_padding(fout, fout.tell())
                 written = 0
-                for data in _ordered_results(pool, ckpt, p, 2 * workers):
+                for data in _ordered_results(pool, chunks, p, 2 * workers):
                     data.tofile(fout)
                     written += data.nbytes
                     on_bytes(p, data.nbytes)
@@ -88,11 +93,12 @@ class GGUFStream:
         self.writer.close()
 
 
-def _ordered_results(pool: ThreadPoolExecutor, ckpt: Checkpoint, p: PlannedTensor, window: int) -> Iterator[np.ndarray]:
-    """Quantize chunks in parallel (numpy releases the GIL) and yield them in order."""
+def _ordered_results(pool: ThreadPoolExecutor, chunks: ChunkSource, p: PlannedTensor,
+                     window: int) -> Iterator[np.ndarray]:
+    """Make chunks in parallel (numpy releases the GIL while it quantizes) and yield them in order."""
     pending = []
     for start, stop in _chunks(p):
-        pending.append(pool.submit(tensor_bytes, ckpt, p, start, stop))
+        pending.append(pool.submit(chunks, p, start, stop))
         if len(pending) >= window:
             yield pending.pop(0).result()
     for fut in pending:

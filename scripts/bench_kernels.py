@@ -17,6 +17,7 @@ triton.testing.do_bench. Needs CUDA.
     python scripts/bench_kernels.py > docs/bench-kernels.json
     python scripts/bench_kernels.py --sweep   # launch parameters of the GEMV and GEMM, best first
     python scripts/bench_kernels.py --low-bit # the decode GEMV of the other types (LOW_BIT_TYPES)
+    python scripts/bench_kernels.py --quick   # the 7B's Q4_K and Q6_K decode GEMVs only (a minute)
 
 `--low-bit` times the batch-1 GEMV of the types of Q2_K / Q3_K_M / IQ4_XS / Q4_1 / Q5_K_M files
 and of llama.cpp's IQ1-IQ3 files (the grid types) on the 3B and 7B shapes. qvl writes none of
@@ -232,6 +233,9 @@ def main() -> None:
     copy_gbs = 2 * buf.numel() / copy_ms / 1e6
     if "--sweep" in sys.argv[1:]:
         rows = sweep(dev, triton.testing.do_bench)
+    elif "--quick" in sys.argv[1:]:
+        rows = bench_qmatmul(dev, triton.testing.do_bench, {"7b": QMATMUL_SHAPES["7b"]}, ms_=(1,),
+                             types=("Q4_K", "Q6_K"))
     elif "--low-bit" in sys.argv[1:]:
         rows = bench_qmatmul(dev, triton.testing.do_bench, QMATMUL_SHAPES, ms_=(1,), types=LOW_BIT_TYPES)
     else:

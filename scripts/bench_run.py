@@ -2,10 +2,10 @@
 """End-to-end figures: vision encode of a 1008x1008 image, prefill tok/s, decode tok/s, peak
 RSS, for qvl and (where llama-cpp-python is installed) llama.cpp on the same GGUF files.
 
-Make the files with scripts/make_random_checkpoint.py and qvl-convert --type q4_k_m, e.g.
+Make the files with scripts/make_random_gguf.py (seconds: the tensor table qvl-convert writes,
+random blocks), or the long way with scripts/make_random_checkpoint.py and qvl-convert, e.g.
 
-    python scripts/make_random_checkpoint.py qwen2.5-vl-3b /tmp/q3b
-    qvl-convert /tmp/q3b --type q4_k_m -o /tmp/q3b-q4_k_m.gguf
+    python scripts/make_random_gguf.py qwen2.5-vl-3b /tmp/q3b-q4_k_m.gguf --type q4_k_m
     python scripts/bench_run.py /tmp/q3b-q4_k_m.gguf --tokens 16
 
 On a GPU (`--device cuda`, the default where there is one) qvl runs a short warm-up first so

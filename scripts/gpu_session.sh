@@ -3,17 +3,25 @@
 #
 # Here, once per checkout (fills .gpu/, which .git/info/exclude keeps out of git):
 #     bash scripts/gpu_session.sh prepare
-# Then each stage is one device call, with `carry: [".gpu"]`, writing its logs and JSON to $OUT:
+# Then each stage is one device call, with `carry: [".gpu"]`, writing its logs and JSON to $OUT.
+# A session's device time (15 min, the machine's start included) holds one full call and a
+# short second one, so the first call is `targets`: the issue's four figures and a correctness
+# check in one go; the others go deeper when there is time left.
+#     bash scripts/gpu_session.sh targets   # ~8 min: Q4_K/Q6_K GEMV bandwidth (bench_kernels.py --quick),
+#                                           # random 7B Q4_K_M (make_random_gguf.py, seconds) through
+#                                           # bench_run.py: decode tok/s + peak VRAM (1024x1024, 4k
+#                                           # context), the 2530x1000 image's vision time; then the
+#                                           # whole-model kernel-path tests on CUDA
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
-#     bash scripts/gpu_session.sh e2e       # random 7B -> Q4_K_M -> scripts/bench_run.py (three images/contexts;
+#     bash scripts/gpu_session.sh e2e       # random 7B Q4_K_M -> scripts/bench_run.py (three images/contexts;
 #                                           # then scripts/bench_chat.py;
 #                                           # what finishes inside the call's 600 s comes back)
 # The device image has torch and triton; gguf travels as a wheel, the Qwen tokenizer files for
 # the random checkpoint from ../shared (which does not travel).
 set -uo pipefail
-stage=${1:?stage: prepare, kernels, bench, sweep or e2e}
+stage=${1:?stage: prepare, targets, kernels, bench, sweep or e2e}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
@@ -37,7 +45,25 @@ export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
 
+random_7b() {  # the GGUF pair qvl-convert would write for Qwen2.5-VL-7B at Q4_K_M, random blocks
+    [ -f /tmp/q7b-q4_k_m.gguf ] || timeout 120 python3 scripts/make_random_gguf.py qwen2.5-vl-7b \
+        /tmp/q7b-q4_k_m.gguf --type q4_k_m --tokenizer .gpu/tokenizer
+}
+
 case "$stage" in
+targets)
+    timeout 100 python3 scripts/bench_kernels.py --quick > "$out/bench-quick.json" 2> "$out/bench-quick.err"
+    tail -5 "$out/bench-quick.err"; cat "$out/bench-quick.json"
+    random_7b || exit 1
+    for args in "--size 1024 --ctx 4096" "--size 2530x1000 --tokens 8"; do
+        name=$(echo "$args" | tr -c 'a-z0-9\n' '_')
+        timeout 150 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 $args \
+            > "$out/bench-run$name.json" 2>&1
+        cat "$out/bench-run$name.json"
+    done
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_model_kernel_path.py 2>&1 \
+        | tee "$out/model-kernel-path.log" | tail -15
+    ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time
     timeout 560 python3 -m pytest -q -p no:cacheprovider tests/kernels --ignore=tests/kernels/test_cross_compile.py \
@@ -54,9 +80,7 @@ sweep)
     tail -5 "$out/bench-sweep.err"; head -c 6000 "$out/bench-sweep.json"
     ;;
 e2e)
-    timeout 150 python3 scripts/make_random_checkpoint.py qwen2.5-vl-7b /tmp/q7b --tokenizer .gpu/tokenizer || exit 1
-    timeout 300 python3 -m qvl.convert /tmp/q7b --type q4_k_m -o /tmp/q7b-q4_k_m.gguf -q --threads 16 || exit 1
-    rm -rf /tmp/q7b
+    random_7b || exit 1
     # the issue's targets first (decode tok/s and peak VRAM with a 1024x1024 image and a 4k
     # context, then the 2530x1000 image's vision time), should the call run out of time
     for args in "--size 1024 --ctx 4096" "--size 2530x1000 --tokens 8" "--size 1008"; do

@@ -42,15 +42,29 @@ def _tensor_bytes(name: str, shape: tuple[int, ...], pool: np.ndarray, rng: np.r
     return np.resize(np.roll(pool, -int(rng.integers(0, POOL))), n)
 
 
-def write_checkpoint(config: dict, dst: Path, seed: int = 0, tokenizer: Path = TOKENIZER_SRC) -> None:
-    """Random bf16 weights for every tensor `config` implies, plus tokenizer files."""
-    shapes = expected_hf_tensors(parse_config(config))
+def write_config(config: dict, dst: Path, tokenizer: Path = TOKENIZER_SRC) -> None:
+    """A checkpoint folder without weights: config.json and the tokenizer files."""
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
                  "generation_config.json"):
         if (tokenizer / name).exists():
             shutil.copy(tokenizer / name, dst / name)
+
+
+def load_model_config(model: str) -> dict:
+    """An official model's config.json (by name, e.g. qwen2.5-vl-7b) or one read from a path."""
+    if model in MODELS:
+        return official_config(model)
+    if Path(model).is_file():
+        return json.loads(Path(model).read_text())
+    sys.exit(f"{model}: not an official model name ({', '.join(MODELS)}) nor a config.json file")
+
+
+def write_checkpoint(config: dict, dst: Path, seed: int = 0, tokenizer: Path = TOKENIZER_SRC) -> None:
+    """Random bf16 weights for every tensor `config` implies, plus tokenizer files."""
+    shapes = expected_hf_tensors(parse_config(config))
+    write_config(config, dst, tokenizer)
     names = sorted(shapes)
     shards: list[list[str]] = [[]]
     size = 0
@@ -92,13 +106,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", type=Path, default=TOKENIZER_SRC, help="folder with tokenizer files")
     args = ap.parse_args()
-    if args.model in MODELS:
-        config = official_config(args.model)
-    elif Path(args.model).is_file():
-        config = json.loads(Path(args.model).read_text())
-    else:
-        sys.exit(f"{args.model}: not an official model name nor a config.json file")
-    write_checkpoint(config, args.dst, args.seed, args.tokenizer)
+    write_checkpoint(load_model_config(args.model), args.dst, args.seed, args.tokenizer)
 
 
 if __name__ == "__main__":
