@@ -105,6 +105,23 @@ print(json.dumps({"vision_s": vision, "prefill_tok_s": n_prompt / prefill, "deco
 """
 
 
+def _run_qvl(argv: list[str], tmp: Path) -> list[dict]:
+    """qvl's measurements, each also echoed to stderr as it comes: a run stopped by a time
+    limit (the GPU sessions' `timeout`) still leaves the figures it had."""
+    with open(tmp / "qvl.err", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", QVL, *argv], stdout=subprocess.PIPE, stderr=err, text=True)
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("{"):
+                print(f"qvl: {line.strip()}", file=sys.stderr, flush=True)
+                lines.append(json.loads(line))
+        if proc.wait():
+            err.seek(0)
+            sys.exit(err.read()[-2000:])
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -123,11 +140,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "bench.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)).save(image)
-        qvl = subprocess.run([sys.executable, "-c", QVL, str(args.model), str(image), str(args.tokens), args.device,
-                              str(args.ctx)], capture_output=True, text=True)
-        if qvl.returncode:
-            sys.exit(qvl.stderr[-2000:])
-        lines = [json.loads(line) for line in qvl.stdout.splitlines() if line.startswith("{")]
+        lines = _run_qvl([str(args.model), str(image), str(args.tokens), args.device, str(args.ctx)], Path(tmp))
         result = {"image": f"{size[1]}x{size[0]}", "qvl": lines[0]}
         if len(lines) > 1:
             result["qvl_to_ctx"] = lines[1]
