@@ -12,19 +12,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
-
-def _time(fn: Callable[[], object], repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t) / repeats
+from bench_packed import _time  # one warm-up call, then the mean of `repeat`
 
 
 def main() -> None:
@@ -53,11 +44,11 @@ def main() -> None:
         compiled = torch.compile(fn, dynamic=False)
         got = compiled(x, w, d)
         assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), name
-        rows[name] = _time(lambda: compiled(x, w, d))
+        rows[name] = _time(lambda: compiled(x, w, d), 20)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
     scales_zeros = torch.rand(k // 32, n, 2).bfloat16()
     xb = x.bfloat16()[None]
-    rows["int4 op"] = _time(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, scales_zeros))
+    rows["int4 op"] = _time(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, scales_zeros), 20)
     base = rows["int4 op"]
     print(json.dumps({"n": n, "k": k, "threads": torch.get_num_threads(),
                       "rows": [{"gemv": name, "ms": round(s * 1e3, 3), "G_weights_s": round(n * k / s / 1e9, 2),
