@@ -179,11 +179,12 @@ def run_job(job: Job, on_bytes: Callable[[PlannedTensor, int], None], workers: i
     comes from the checkpoint's safetensors, quantized, unless `chunks` gives it."""
     partials = [f.path.with_name(f.path.name + ".partial") for f in job.files]
     ckpt = Checkpoint(job.folder) if chunks is None else None
+    source = chunks if chunks is not None else partial(tensor_bytes, ckpt)
     try:
         for f, tmp in zip(job.files, partials):
             stream = GGUFStream(tmp, f.arch, f.kvs, f.plan)
             try:
-                stream.write(partial(tensor_bytes, ckpt) if ckpt is not None else chunks, on_bytes, workers)
+                stream.write(source, on_bytes, workers)
             finally:
                 stream.abort()
         for f, tmp in zip(job.files, partials):
