@@ -35,9 +35,14 @@ def _bf16_pool(rng: np.random.Generator) -> np.ndarray:
     return (x.view(np.uint32) >> 16).astype(np.uint16)
 
 
+def is_norm_weight(name: str) -> bool:
+    """A vector of the checkpoint (by HF name) that is a norm's weight: these are written as 1."""
+    return ("norm" in name or "ln_q" in name) and name.endswith("weight")
+
+
 def _tensor_bytes(name: str, shape: tuple[int, ...], pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     n = int(np.prod(shape))
-    if len(shape) == 1 and ("norm" in name or "ln_q" in name) and name.endswith("weight"):
+    if len(shape) == 1 and is_norm_weight(name):
         return np.full(n, 0x3F80, dtype=np.uint16)  # 1.0
     return np.resize(np.roll(pool, -int(rng.integers(0, POOL))), n)
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from gguf_compare import differences
 from paths import REPO
 from qvl.convert.cli import app
+from qvl.convert.errors import ConvertError
 from qvl.convert.quant import dequantize
 from qvl.runtime.gguf_file import GGUFFile
 from tiny_models import TinySpec, make_checkpoint
@@ -92,6 +93,6 @@ def test_existing_output_is_refused(script, checkpoint, tmp_path):
     out = tmp_path / "tiny.gguf"
     out.write_text("old")
     config = json.loads((checkpoint / "config.json").read_text())
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(ConvertError, match="already exists"):
         script.make_random_gguf(config, out, "q8_0", tokenizer=checkpoint)
     assert out.read_text() == "old"
