@@ -16,6 +16,8 @@ Torch reference: `attention_ref` (F.scaled_dot_product_attention per segment).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -124,7 +126,9 @@ def head_dim_split(d: int) -> tuple[int, int]:
 
 
 def launch(gpu: Target, dtype: torch.dtype, q8_cache: bool) -> tuple[int, int, int, int]:
-    """(block_m, block_n, num_warps, num_stages) for products in `dtype`. Not timed on a GPU yet:
+    """(block_m, block_n, num_warps, num_stages) for products in `dtype`; QVL_ATTENTION_LAUNCH
+    ("block_m,block_n,num_warps,num_stages") overrides them on a GPU, so that a lent machine
+    can try others without a code change (scripts/gpu_session.sh). Not timed on a GPU yet:
     tiles that compile for sm_75 ... sm_90 without register spills or too much shared memory
     (scripts/compile_kernels.py). bf16 / f16 on tensor cores (sm_80+): 64 x 64, no software
     pipelining (Triton's default 3 stages need 112 KiB of shared memory on sm_90 and spill for
@@ -138,6 +142,13 @@ def launch(gpu: Target, dtype: torch.dtype, q8_cache: bool) -> tuple[int, int, i
     segments span several key blocks."""
     if gpu == INTERPRETER:
         return 16, 16, 4, 1
+    given = os.environ.get("QVL_ATTENTION_LAUNCH")
+    if given:
+        try:
+            block_m, block_n, warps, stages = (int(v) for v in given.split(","))
+        except ValueError:
+            raise ValueError(f"QVL_ATTENTION_LAUNCH={given!r}: four integers block_m,block_n,num_warps,num_stages")
+        return block_m, block_n, warps, stages
     if not gpu.tensor_cores:
         return (16, 16, 8, 1) if q8_cache else (16, 32, 8, 2)
     if dtype == torch.float32:
@@ -148,7 +159,8 @@ def launch(gpu: Target, dtype: torch.dtype, q8_cache: bool) -> tuple[int, int, i
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int],
               causal: bool, dtype: torch.dtype = torch.float32, block_m: int | None = None,
               block_n: int | None = None, k_scale: torch.Tensor | None = None,
-              v_scale: torch.Tensor | None = None) -> torch.Tensor:
+              v_scale: torch.Tensor | None = None, num_warps: int | None = None,
+              num_stages: int | None = None) -> torch.Tensor:
     """q (tokens_q, heads, d), k/v (tokens_k, kv_heads, d) -> (tokens_q, heads, d) float32.
     k and v: float, or int8 with `k_scale` / `v_scale` (tokens_k, kv_heads, d // block) float16
     for a q8_0 cache; views with a contiguous last dimension are read in place (a KV cache's
@@ -156,7 +168,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
 
     `dtype`: what q, k, v are multiplied in: float32 (exact products), or bfloat16 / float16
     (tensor cores; the softmax probabilities are rounded to it too). Accumulation is float32.
-    Unset tiles take `launch`'s defaults for the GPU (or the interpreter)."""
+    Unset launch parameters take `launch`'s defaults for the GPU (or the interpreter)."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"attention in {dtype}: float32, bfloat16 or float16")
     tq, heads, d = q.shape
@@ -166,8 +178,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
     is_q8 = k.dtype == torch.int8
     if is_q8 != (k_scale is not None and v_scale is not None):
         raise ValueError("int8 (q8_0) keys and values need k_scale and v_scale, float ones none")
-    default_m, default_n, num_warps, num_stages = launch(target(q.device), dtype, is_q8)
-    block_m, block_n = block_m or default_m, block_n or default_n
+    defaults = launch(target(q.device), dtype, is_q8)
+    block_m, block_n, num_warps, num_stages = (given or default for given, default in
+                                               zip((block_m, block_n, num_warps, num_stages), defaults))
     q = q.to(dtype).contiguous()
     if not is_q8 and (k.dtype != dtype or k.stride(-1) != 1 or k.stride() != v.stride()):
         k, v = k.to(dtype).contiguous(), v.to(dtype).contiguous()  # else read in place

@@ -12,7 +12,12 @@ For the 3B and 7B shapes, each kernel in the precision the model runs it in by d
 - decode attention over a 4k cache (bf16 and q8_0) against F.scaled_dot_product_attention on
   the bf16 cache (enable_gqa).
 Every kernel is checked against its reference before it is timed. Median of
-triton.testing.do_bench. Needs CUDA.
+triton.testing.do_bench, except the GEMVs (M = 1, and the sweep's): their calls are replayed
+from a CUDA graph, as the runtime replays its decode step (`graph_ms`), each call reading its own
+copy of the weight so that together they overflow L2 and every call streams its weight from
+memory, as decode does. do_bench launches each call from Python: a GEMV's few microseconds
+hide behind the launch's tens (first H200 run: every 7B GEMV took 43-77 us that way).
+Needs CUDA.
 
     python scripts/bench_kernels.py > docs/bench-kernels.json
     python scripts/bench_kernels.py --sweep   # launch parameters of the GEMV and GEMM, best first
@@ -42,6 +47,42 @@ import torch
 import torch.nn.functional as F
 
 Timer = Callable[[Callable[[], object]], float]  # milliseconds per call
+GemvTimer = Callable[[Callable[[torch.Tensor], Callable[[], object]], torch.Tensor], float]  # graph_ms's signature
+
+
+def graph_ms(make_call: Callable[[torch.Tensor], Callable[[], object]], weight: torch.Tensor,
+             rounds: int = 20, repeats: int = 10) -> float:
+    """Milliseconds per call of `make_call(w)()`, replayed from a CUDA graph that holds `rounds`
+    passes over copies of `weight` (at least 3x the L2 cache together): the median of `repeats`
+    replays, over the calls in one."""
+    import math
+    import statistics
+
+    l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 64 << 20)
+    copies = max(1, math.ceil(3 * l2 / (weight.numel() * weight.element_size())))
+    calls = [make_call(w) for w in [weight] + [weight.clone() for _ in range(copies - 1)]]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and warms up outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for call in calls:
+                call()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph, calls
+    return statistics.median(times) / (rounds * copies)
 
 QMATMUL_SHAPES = {"3b": [(2048, 2048), (11008, 2048), (2048, 11008)],
                   "7b": [(3584, 3584), (18944, 3584), (3584, 18944)]}
@@ -56,7 +97,8 @@ LOW_BIT_TYPES = ("Q4_1", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "I
 
 
 def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (1, 512),
-                  types: tuple[str, ...] = ("Q4_K", "Q6_K", "Q8_0", "Q5_K", "Q4_0")) -> list[dict]:
+                  types: tuple[str, ...] = ("Q4_K", "Q6_K", "Q8_0", "Q5_K", "Q4_0"),
+                  gemv_timer: GemvTimer = graph_ms) -> list[dict]:
     from gguf import GGMLQuantizationType as T
 
     from qvl.convert.quant import dequantize
@@ -83,8 +125,12 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
                     got = qmatmul(x, raw, qt, n, k)
                     tol = 1e-4 if m == 1 else 1e-2  # float32 products / bf16 operands
                     assert (got - ref).abs().max().item() <= tol * ref.abs().max().item(), (qt.name, m, n, k)
-                    ms = timer(lambda: qmatmul(x, raw, qt, n, k))
-                    base = timer(lambda: x.to(torch.bfloat16) @ dense16.T)
+                    if m == 1:  # replayed: a GEMV is shorter than its launch from Python
+                        ms = gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k), raw)
+                        base = gemv_timer(lambda w: lambda: x.to(torch.bfloat16) @ w.T, dense16)
+                    else:
+                        ms = timer(lambda: qmatmul(x, raw, qt, n, k))
+                        base = timer(lambda: x.to(torch.bfloat16) @ dense16.T)
                     row = {"model": model, "kernel": f"qmatmul {qt.name}", "m": m, "n": n, "k": k,
                            "ms": round(ms, 4), "vs_torch_bf16_matmul": round(base / ms, 2)}
                     if m == 1:
@@ -92,7 +138,7 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
                         with pretending(dataclasses.replace(target(x.device), ptx=False)):
                             plain = qmatmul(x, raw, qt, n, k)
                             assert (plain - ref).abs().max().item() <= tol * ref.abs().max().item(), (qt.name, n, k)
-                            row["vs_no_ptx"] = round(timer(lambda: qmatmul(x, raw, qt, n, k)) / ms, 2)
+                            row["vs_no_ptx"] = round(gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k), raw) / ms, 2)
                     else:
                         row["TFLOP_s"] = round(2 * m * n * k / ms / 1e9, 1)
                     rows.append(row)
@@ -170,7 +216,8 @@ GEMM_TILES = ((64, 64, 64, 4), (128, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64
               (128, 128, 128, 8), (128, 256, 64, 8))  # block_m, block_n, block_k, num_warps
 
 
-def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SWEEP, tiles=GEMM_TILES) -> list[dict]:
+def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SWEEP, tiles=GEMM_TILES,
+          gemv_timer: GemvTimer = graph_ms) -> list[dict]:
     """GEMV: every (block_n, num_warps) with the default split and L2 prefetch distance, then
     every prefetch distance for the best pair, then every split for the best of those; GEMM:
     each tile shape at M = 2048."""
@@ -191,16 +238,17 @@ def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SW
             for warps in gemv["num_warps"]:
                 got = qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps)
                 assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), (qt.name, block_n, warps)
-                ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps))
+                ms = gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k, block_n=block_n, num_warps=warps), raw)
                 found.append((ms, block_n, warps, None, None))
         _, block_n, warps, _, _ = min(found, key=lambda f: f[0])  # ties: the first measured
         for ahead in gemv["prefetch"][1:]:
-            ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead))
+            ms = gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead),
+                          raw)
             found.append((ms, block_n, warps, ahead, None))
         _, _, _, ahead, _ = min(found, key=lambda f: f[0])
         for split in gemv["split_k"][1:]:
-            ms = timer(lambda: qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead,
-                                       split_k=split))
+            ms = gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead,
+                                                    split_k=split), raw)
             found.append((ms, block_n, warps, ahead, split))
         for ms, block_n, warps, ahead, split in sorted(found, key=lambda f: f[0]):
             rows.append({"kernel": f"GEMV {qt.name}", "n": n, "k": k, "block_n": block_n, "num_warps": warps,

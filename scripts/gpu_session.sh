@@ -7,11 +7,14 @@
 # A session's device time (15 min, the machine's start included) holds one full call and a
 # short second one, so the first call is `targets`: the issue's four figures and a correctness
 # check in one go; the others go deeper when there is time left.
-#     bash scripts/gpu_session.sh targets   # at most 9.5 min (timeout_s 600): Q4_K/Q6_K GEMV bandwidth (bench_kernels.py --quick),
-#                                           # random 7B Q4_K_M (make_random_gguf.py, seconds) through
-#                                           # bench_run.py: decode tok/s + peak VRAM (1024x1024, 4k
-#                                           # context), the 2530x1000 image's vision time; then the
-#                                           # whole-model kernel-path tests on CUDA
+#     bash scripts/gpu_session.sh targets   # at most 12.5 min: each kernel once at the models' shapes
+#                                           # (check_gpu_kernels.py, attention under several launches),
+#                                           # the whole-model kernel-path tests on CUDA, random 7B
+#                                           # Q4_K_M (make_random_gguf.py, seconds) through bench_run.py:
+#                                           # decode tok/s + peak VRAM (1024x1024, 4k context), Q4_K/Q6_K
+#                                           # GEMV bandwidth (bench_kernels.py --quick), the 2530x1000
+#                                           # image's vision time. Failures end steps early; run it with
+#                                           # the time the session has left: what finished comes back
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -27,11 +30,12 @@ cd "$repo"
 
 if [ "$stage" = prepare ]; then
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-    mkdir -p .gpu/whl .gpu/tokenizer
+    tok=.gpu/shared/fixtures/tiny-qwen2.5-vl/hf  # the tests' QVL_SHARED there, and the random 7B's tokenizer
+    rm -rf .gpu/tokenizer; mkdir -p .gpu/whl "$tok"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl gguf==0.19.0 || exit 1
     for f in tokenizer.json tokenizer_config.json chat_template.json preprocessor_config.json generation_config.json; do
-        cp "../shared/fixtures/tiny-qwen2.5-vl/hf/$f" .gpu/tokenizer/ || exit 1
+        cp "../shared/fixtures/tiny-qwen2.5-vl/hf/$f" "$tok/" || exit 1
     done
     du -sh .gpu
     exit 0
@@ -41,30 +45,49 @@ out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
 mkdir -p /tmp/pkg && ln -sfn "$repo" /tmp/pkg/qvl  # the repository root is the package
-export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 QVL_SHARED="$repo/.gpu/shared"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
 
 random_7b() {  # the GGUF pair qvl-convert would write for Qwen2.5-VL-7B at Q4_K_M, random blocks
     [ -f /tmp/q7b-q4_k_m.gguf ] || timeout 120 python3 scripts/make_random_gguf.py qwen2.5-vl-7b \
-        /tmp/q7b-q4_k_m.gguf --type q4_k_m --tokenizer .gpu/tokenizer
+        /tmp/q7b-q4_k_m.gguf --type q4_k_m --tokenizer .gpu/shared/fixtures/tiny-qwen2.5-vl/hf
+}
+
+pick_attention() {  # the first attention launch that ran right on this GPU, when the defaults did not
+    grep -q '"case": "attention vision d80 bf16 default", "ok": true' "$out/check.jsonl" && \
+        grep -q '"case": "attention text d128 GQA 28/4 causal bf16 default", "ok": true' "$out/check.jsonl" && return
+    for l in 64x64w8:64,64,8,1 32x32w4:32,32,4,1 64x64w4s2:64,64,4,2 128x64w8:128,64,8,1; do
+        if grep -q "\"case\": \"attention vision d80 bf16 ${l%%:*}\", \"ok\": true" "$out/check.jsonl" && \
+           grep -q "\"case\": \"attention text d128 GQA 28/4 causal bf16 ${l%%:*}\", \"ok\": true" "$out/check.jsonl"; then
+            export QVL_ATTENTION_LAUNCH=${l#*:}; echo "attention launch: $QVL_ATTENTION_LAUNCH"; return
+        fi
+    done
+    echo "no attention launch ran right"
 }
 
 case "$stage" in
 targets)
-    timeout 100 python3 scripts/bench_kernels.py --quick > "$out/bench-quick.json" 2> "$out/bench-quick.err"
-    tail -5 "$out/bench-quick.err"; cat "$out/bench-quick.json"
+    # each kernel once, each in its own process (an illegal address poisons a process)
+    timeout 150 python3 scripts/check_gpu_kernels.py > "$out/check.jsonl"
+    cat "$out/check.jsonl"
+    pick_attention
+    timeout 110 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_model_kernel_path.py 2>&1 \
+        | tee "$out/model-kernel-path.log" | tail -15
     random_7b || exit 1
     # the first run compiles every kernel of the model (Triton's cache serves the second)
-    for run in "200 --size 1024 --ctx 4096" "120 --size 2530x1000 --tokens 8"; do
+    for run in "200 --size 1024 --ctx 4096" "quick" "100 --size 2530x1000 --tokens 8"; do
+        if [ "$run" = quick ]; then
+            timeout 90 python3 scripts/bench_kernels.py --quick > "$out/bench-quick.json" 2> "$out/bench-quick.err"
+            tail -5 "$out/bench-quick.err"; cat "$out/bench-quick.json"
+            continue
+        fi
         limit=${run%% *}; args=${run#* }
         name=$(echo "$args" | tr -c 'a-z0-9\n' '_')
         timeout "$limit" python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 $args \
             > "$out/bench-run$name.json" 2>&1
         cat "$out/bench-run$name.json"
     done
-    timeout 110 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_model_kernel_path.py 2>&1 \
-        | tee "$out/model-kernel-path.log" | tail -15
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time
