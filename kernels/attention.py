@@ -128,8 +128,8 @@ def head_dim_split(d: int) -> tuple[int, int]:
 def launch(gpu: Target, dtype: torch.dtype, q8_cache: bool) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages) for products in `dtype`; QVL_ATTENTION_LAUNCH
     ("block_m,block_n,num_warps,num_stages") overrides them on a GPU, so that a lent machine
-    can try others without a code change (scripts/gpu_session.sh). Not timed on a GPU yet:
-    tiles that compile for sm_75 ... sm_90 without register spills or too much shared memory
+    can try others without a code change (scripts/gpu_session.sh). Tiles that compile for
+    sm_75 ... sm_90 without register spills or too much shared memory
     (scripts/compile_kernels.py). bf16 / f16 on tensor cores (sm_80+): 64 x 64, no software
     pipelining (Triton's default 3 stages need 112 KiB of shared memory on sm_90 and spill for
     q8_0 caches on sm_86), 4 warps: with 8 Triton gives the 64 query rows to two sm_90 warp
@@ -139,7 +139,13 @@ def launch(gpu: Target, dtype: torch.dtype, q8_cache: bool) -> tuple[int, int, i
     stages (64 x 64 spilled 10 KB a thread); sm_75, where Triton emits FMA code for f16 dots
     too: 16 x 32 (32 x 32 spills there), 16 x 16 and one stage for a q8_0 cache (16 x 32 spills
     192 bytes a thread under Triton 3.6). In the interpreter: 16 x 16, so the tests' short
-    segments span several key blocks."""
+    segments span several key blocks.
+
+    sm_90 (H200, Triton 3.6, 2026-12-04, scripts/check_gpu_kernels.py): with a head-dim tail
+    (d = 80: the 16-wide products) 64 x 64 on 4 warps in one stage computes wrong values
+    (error 1.16 of max |out|) and, at the vision tower's sizes, made an illegal memory access;
+    so did 128 x 64 on 8 warps. 64 x 64 on 4 warps in 2 stages, on 8 warps in one, and 32 x 32
+    on 4 are right, as is d = 64 or 128 (no tail) under the sm_80 launch. sm_90 takes 2 stages."""
     if gpu == INTERPRETER:
         return 16, 16, 4, 1
     given = os.environ.get("QVL_ATTENTION_LAUNCH")
@@ -153,7 +159,9 @@ def launch(gpu: Target, dtype: torch.dtype, q8_cache: bool) -> tuple[int, int, i
         return (16, 16, 8, 1) if q8_cache else (16, 32, 8, 2)
     if dtype == torch.float32:
         return 32, 32, 8, 2
-    return 64, 64, 8 if q8_cache else 4, 1
+    if q8_cache:
+        return 64, 64, 8, 1
+    return 64, 64, 4, 2 if gpu.arch >= 90 else 1
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int],

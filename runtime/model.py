@@ -103,7 +103,7 @@ class Model:
                                     vision_max_pixels=self.plan.vision_max_pixels)
         self.placement = placement
         self.on_warning: Callable[[str], None] = warnings.warn  # the CLI prints these on stderr
-        accel = torch.device(placement.accel) if placement.accel is not None else None
+        accel = _indexed(torch.device(placement.accel)) if placement.accel is not None else None
         self.decoder = Decoder(self.cfg, Weights(text_file, mode=PACKED if fast else EXACT), accel,
                                placement.gpu_layers, placement.kernels)
         self.vision_cfg: VisionConfig | None = None
@@ -423,6 +423,15 @@ class Model:
 
 
 ALL_LAYERS = 1 << 20  # --gpu-layers default on a GPU: every layer and the output layer
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:N` (the current GPU): tensors report their device with its index, and
+    placement checks compare them with the layers' device (`cuda` != `cuda:0`: compared
+    unindexed, the first H200 run never captured decode in a CUDA graph nor fused the norms)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,

@@ -220,41 +220,54 @@ def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SW
           gemv_timer: GemvTimer = graph_ms) -> list[dict]:
     """GEMV: every (block_n, num_warps) with the default split and L2 prefetch distance, then
     every prefetch distance for the best pair, then every split for the best of those; GEMM:
-    each tile shape at M = 2048."""
+    each tile shape at M = 2048. Every case's GEMVs come before any GEMM, and each row goes to
+    stderr as it is measured, so a run stopped by a time limit keeps what it measured. The
+    weights are 64 quantized N(0, 1) rows repeated (quantizing the 7B's 136 M-weight stack
+    takes longer than timing it; the bytes streamed are the same)."""
     from gguf import GGMLQuantizationType as T
 
     from qvl.convert.quant import quantize
     from qvl.kernels.qmatmul import qmatmul
 
-    rows = []
+    def log(row: dict) -> dict:
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        return row
+
+    weights = []
     for qtype, n, k in cases:
         qt = T[qtype]
-        raw = torch.from_numpy(quantize(np.random.default_rng(0).standard_normal((n, k)).astype(np.float32), qt))
-        raw = raw.to(dev)
+        pool = quantize(np.random.default_rng(0).standard_normal((min(n, 64), k)).astype(np.float32), qt)
+        weights.append((qt, n, k, torch.from_numpy(pool[np.arange(n) % len(pool)]).to(dev)))
+    rows = []
+    for qt, n, k, raw in weights:
         x = torch.randn(1, k, device=dev)
         ref = qmatmul(x, raw, qt, n, k, block_n=16, num_warps=4)
         found = []
+
+        def measure(block_n: int, warps: int, ahead: int | None, split: int | None) -> None:
+            got = qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead, split_k=split)
+            assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), (qt.name, block_n, warps)
+            ms = gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k, block_n=block_n, num_warps=warps,
+                                                      prefetch=ahead, split_k=split), raw)
+            found.append((ms, block_n, warps, ahead, split))
+            log({"kernel": f"GEMV {qt.name}", "n": n, "k": k, "block_n": block_n, "num_warps": warps,
+                 "prefetch": "default" if ahead is None else ahead, "split_k": split or "default",
+                 "ms": round(ms, 4), "weight_GB_s": round(raw.numel() / ms / 1e6, 1)})
+
         for block_n in gemv["block_n"]:
             for warps in gemv["num_warps"]:
-                got = qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps)
-                assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), (qt.name, block_n, warps)
-                ms = gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k, block_n=block_n, num_warps=warps), raw)
-                found.append((ms, block_n, warps, None, None))
+                measure(block_n, warps, None, None)
         _, block_n, warps, _, _ = min(found, key=lambda f: f[0])  # ties: the first measured
         for ahead in gemv["prefetch"][1:]:
-            ms = gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead),
-                          raw)
-            found.append((ms, block_n, warps, ahead, None))
+            measure(block_n, warps, ahead, None)
         _, _, _, ahead, _ = min(found, key=lambda f: f[0])
         for split in gemv["split_k"][1:]:
-            ms = gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead,
-                                                    split_k=split), raw)
-            found.append((ms, block_n, warps, ahead, split))
+            measure(block_n, warps, ahead, split)
         for ms, block_n, warps, ahead, split in sorted(found, key=lambda f: f[0]):
             rows.append({"kernel": f"GEMV {qt.name}", "n": n, "k": k, "block_n": block_n, "num_warps": warps,
                          "prefetch": "default" if ahead is None else ahead, "split_k": split or "default",
-                         "ms": round(ms, 4),
-                         "weight_GB_s": round(raw.numel() / ms / 1e6, 1)})
+                         "ms": round(ms, 4), "weight_GB_s": round(raw.numel() / ms / 1e6, 1)})
+    for qt, n, k, raw in weights:
         xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         found = []
         for bm, bn, bk, warps in tiles:
@@ -264,6 +277,7 @@ def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SW
                 print(f"GEMM {qt.name} {bm}x{bn}x{bk}/{warps}: {str(e).splitlines()[0]}", file=sys.stderr)
                 continue
             found.append((ms, bm, bn, bk, warps))
+            log({"kernel": f"GEMM {qt.name}", "tiles": [bm, bn, bk], "num_warps": warps, "ms": round(ms, 4)})
         for ms, bm, bn, bk, warps in sorted(found, key=lambda f: f[0]):
             rows.append({"kernel": f"GEMM {qt.name}", "m": m, "n": n, "k": k, "tiles": [bm, bn, bk], "num_warps": warps,
                          "ms": round(ms, 4), "TFLOP_s": round(2 * m * n * k / ms / 1e9, 1)})

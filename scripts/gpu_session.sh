@@ -75,19 +75,23 @@ targets)
     timeout 110 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_model_kernel_path.py 2>&1 \
         | tee "$out/model-kernel-path.log" | tail -15
     random_7b || exit 1
-    # the first run compiles every kernel of the model (Triton's cache serves the second)
-    for run in "200 --size 1024 --ctx 4096" "quick" "100 --size 2530x1000 --tokens 8"; do
-        if [ "$run" = quick ]; then
-            timeout 90 python3 scripts/bench_kernels.py --quick > "$out/bench-quick.json" 2> "$out/bench-quick.err"
-            tail -5 "$out/bench-quick.err"; cat "$out/bench-quick.json"
-            continue
-        fi
-        limit=${run%% *}; args=${run#* }
-        name=$(echo "$args" | tr -c 'a-z0-9\n' '_')
-        timeout "$limit" python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 $args \
-            > "$out/bench-run$name.json" 2>&1
-        cat "$out/bench-run$name.json"
+    # the first run compiles every kernel of the model (Triton's cache serves the later ones)
+    timeout 200 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
+        > "$out/run-1024-ctx4096.json" 2>&1
+    cat "$out/run-1024-ctx4096.json"
+    # the vision image, under the default attention launch and under 8 warps in one stage
+    for launch in default 64,64,8,1; do
+        echo "attention launch: $launch" >> "$out/run-2530x1000.json"
+        ( [ "$launch" = default ] || export QVL_ATTENTION_LAUNCH=$launch
+          timeout 100 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 8 --size 2530x1000 \
+              >> "$out/run-2530x1000.json" 2>&1 )
     done
+    cat "$out/run-2530x1000.json"
+    timeout 90 python3 scripts/bench_kernels.py --quick > "$out/bench-quick.json"
+    cat "$out/bench-quick.json"
+    # GEMV launch parameters, rows logged as measured (what finishes inside the call comes back)
+    timeout 150 python3 scripts/bench_kernels.py --sweep > "$out/sweep.json" 2> "$out/sweep.log"
+    tail -3 "$out/sweep.log"
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time
