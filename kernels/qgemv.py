@@ -40,21 +40,31 @@ from .qgemv_steps import lane_sums, row_sums, step
 from .qgrids import type_grid
 from .rmsnorm import CHUNK as NORM_CHUNK
 from .rmsnorm import norm_row
-from .target import INTERPRETER, target
+from .target import INTERPRETER, Target, target
 
-BLOCK_N = 16  # weight rows per program on a GPU (not tuned on one yet)
+BLOCK_N = 16  # weight rows per program on a GPU (see gemv_launch for sm_90)
 NUM_WARPS = 4
 # On a GPU, each program asks L2 for the weight bytes of the step this many steps ahead of the
 # one it loads (0: no prefetch). A thread's loop loads one 16-byte run of weights a step, so
 # without it a warp has 512 bytes in flight at a time; the prefetches keep later steps moving
-# while it computes. Not timed on a GPU yet (bench_kernels.py --sweep tries 0, 1, 2, 4).
+# while it computes. H200 sweep (2026-12-04), 7B Q4_K gate/up at 4 rows on one warp: 0, 1, 2, 4
+# steps ahead gave 1829, 1892, 1917, 1844 GB/s.
 PREFETCH = 2
 INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs milliseconds
+# sm_90 batch-1 (block_n, num_warps, prefetch) per type, from bench_kernels.py --sweep on an H200
+# (Triton 3.6, 2026-12-04, CUDA-graph replay; docs/benchmarks.md). 7B gate/up stacked (Q4_K
+# 37888 x 3584): 4 rows on one warp 1917 GB/s, against 1515 GB/s at (16, 4) (same work a thread,
+# 72 registers, no spill). Q6_K's best, 32 rows on one warp with prefetch 1 (1504 against 1174
+# GB/s for down, 3584 x 18944), takes 255 registers and spills (compile_kernels.py): not taken.
+# Other types, GPUs and M > 1 keep (BLOCK_N, NUM_WARPS, PREFETCH): not measured.
+SM90_LAUNCH = {T.Q4_K: (4, 1, PREFETCH)}
 # Default K splits aim for this many programs per SM: what fits resident at once (128 threads at
 # 64-96 registers for batch 1: 5-8 programs of 65536 registers; docs/benchmarks.md), so
 # that enough weight bytes are in flight to cover memory latency. With 4 (the first guess) the
 # 7B's q/k/v, o and down projections got 2-3.4 programs per H100 SM. Partial sums cost
-# splits * M * N * 8 bytes, ~1-2% of the weight bytes at these shapes. Not timed on a GPU yet.
+# splits * M * N * 8 bytes, ~1-2% of the weight bytes at these shapes. H200 sweep (2026-12-04),
+# 7B Q6_K down at 32 rows a program: the default (9 splits) 1504 GB/s, 8 splits 1489, 4 1146,
+# 1 345.
 PROGRAMS_PER_CORE = 8
 INTERPRETED_PROGRAMS = 4  # in the interpreter (one "core"): a few splits, each costs milliseconds
 
@@ -187,14 +197,14 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     `norm_eps`, or None without a norm_weight). Checks are the caller's (qmatmul.qmatmul).
 
     `split_k` K-ranges (default: ~PROGRAMS_PER_CORE programs per GPU core, at most one per step)
-    of `block_n` rows (default BLOCK_N on a GPU, INTERPRETED_BLOCK_N in the interpreter), with
-    `num_warps` (default NUM_WARPS), each prefetching into L2 the step `prefetch` steps ahead
-    (default PREFETCH on an NVIDIA GPU; none where inline PTX cannot run: Triton's interpreter,
+    of `block_n` rows with `num_warps`, each prefetching into L2 the step `prefetch` steps ahead
+    (defaults: `gemv_launch`; no prefetch where inline PTX cannot run: Triton's interpreter,
     ROCm)."""
     blk, size = GGML_QUANT_SIZES[qtype]
     m = x.shape[0]
     gpu = target(x.device)
-    block_n = block_n or (INTERPRETED_BLOCK_N if gpu == INTERPRETER else BLOCK_N)
+    default_n, default_warps, default_prefetch = gemv_launch(gpu, qtype, m)
+    block_n, num_warps = block_n or default_n, num_warps or default_warps
     steps = k // STEP
     row_bytes = raw.stride(0)
     align = math.gcd(row_bytes, 16)
@@ -222,7 +232,16 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
         STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
         SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm, BLOCK_M=block_m,
         BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu.ptx,
-        PREFETCH=0 if not gpu.ptx else PREFETCH if prefetch is None else prefetch,
+        PREFETCH=0 if not gpu.ptx else default_prefetch if prefetch is None else prefetch,
         PREFETCH_CHUNKS=triton.next_power_of_2(triton.cdiv(STEP // blk * size, 32) + 1),
-        num_warps=num_warps or NUM_WARPS)
+        num_warps=num_warps)
     return y, normed
+
+
+def gemv_launch(gpu: Target, qtype: T, m: int) -> tuple[int, int, int]:
+    """Default (block_n, num_warps, prefetch) of a GEMV of `qtype` weights by `m` rows of x on `gpu`."""
+    if gpu == INTERPRETER:
+        return INTERPRETED_BLOCK_N, NUM_WARPS, 0
+    if gpu.arch >= 90 and m == 1 and qtype in SM90_LAUNCH:
+        return SM90_LAUNCH[qtype]
+    return BLOCK_N, NUM_WARPS, PREFETCH

@@ -69,10 +69,11 @@ def qmatmul_kernel(
 GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel (qgemv.py)
 
 
-def gemm_tiles(gpu: Target, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """GEMM launch defaults (block_m, block_n, block_k, num_warps, num_stages) for x in `dtype`.
+def gemm_tiles(gpu: Target, dtype: torch.dtype, qtype: T | None = None) -> tuple[int, int, int, int, int]:
+    """GEMM launch defaults (block_m, block_n, block_k, num_warps, num_stages) for x in `dtype`
+    (and weights of `qtype`, where that matters).
 
-    Not timed on a GPU yet: the largest tiles that compile for sm_75 ... sm_90 without register
+    The largest tiles that compile for sm_75 ... sm_90 without register
     spills or too much shared memory (scripts/compile_kernels.py, docs/benchmarks.md). Tensor
     cores (bf16 / f16 on sm_80+): 128 x 128 tiles share each decoded weight among 128 rows of x,
     64 elements of K a time keep the decoded (128, 64) tile in registers. FMA products (float32
@@ -81,14 +82,20 @@ def gemm_tiles(gpu: Target, dtype: torch.dtype) -> tuple[int, int, int, int, int
     sm_80, 2 stages spill 190+ bytes a thread, 32 x 64 spills 144-392 bytes under Triton 3.6),
     16 x 32 on sm_75 (32 x 32 spills there; used
     when tiles are asked for: by default sm_75's float16 GEMMs go to dequant.py). In the
-    interpreter: fewer, larger numpy operations."""
+    interpreter: fewer, larger numpy operations.
+
+    sm_90 (H200, Triton 3.6, 2026-12-04, bench_kernels.py --sweep at M = 2048): 128 x 128 x 64
+    on 4 warps was the fastest of seven tiles for the 7B's Q4_K gate/up (235 TFLOP/s, 3.6x the 8
+    warps' 8.6 ms) and its Q6_K down (102 TFLOP/s, 1.26x). On 4 warps most types spill 16-240
+    bytes a thread (compile_kernels.py, Triton 3.8; Q6_K 48), Q4_K (253 registers), Q8_0 and
+    Q5_K none: Q4_K takes 4 warps there (`qtype`), the rest keep 8 until measured."""
     if gpu == INTERPRETER:
         return 32, 128, 256, 4, 1
     if dtype == torch.float32:
         return 32, 32, 64, 8, 1
     if not gpu.tensor_cores:
         return 16, 32, 64, 4, 1
-    return 128, 128, 64, 8, 3
+    return 128, 128, 64, 4 if gpu.arch >= 90 and qtype == T.Q4_K else 8, 3
 
 
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
@@ -128,7 +135,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     else:
         block_m, block_n, block_k, num_warps, num_stages = (
             given or default for given, default in
-            zip((block_m, block_n, block_k, num_warps, num_stages), gemm_tiles(gpu, x.dtype)))
+            zip((block_m, block_n, block_k, num_warps, num_stages), gemm_tiles(gpu, x.dtype, qtype)))
         if block_k not in (64, 128, 256):
             raise ValueError(f"block_k = {block_k}: one of 64, 128, 256")
         y = torch.empty(m, n, dtype=torch.float32, device=x.device)

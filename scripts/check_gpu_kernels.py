@@ -31,6 +31,12 @@ ATTENTION_LAUNCHES = {"default": None, "64x64w8": (64, 64, 8, 1), "32x32w4": (32
                       "64x64w4s2": (64, 64, 4, 2), "128x64w8": (128, 64, 8, 1)}
 WINDOWS = [64] * 40 + [32, 16, 48, 64]  # a window layer: full 8 x 8 windows and the image edge's smaller ones
 TOL = {"bf16": 2e-2, "f32": 1e-4}  # of max |ref|: bf16 operands and probabilities / float32 products
+DEVICE = "cuda"  # where the kernels run (the tests run the cases in Triton's interpreter on the CPU)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def _attention_case(segs: list[int], heads: int, kv_heads: int, d: int, causal: bool, launch: tuple | None,
@@ -44,9 +50,9 @@ def _attention_case(segs: list[int], heads: int, kv_heads: int, d: int, causal: 
             cu.append(cu[-1] + s)
         q, k, v = (torch.randn(cu[-1], h, d, generator=g) for h in (heads, kv_heads, kv_heads))
         bm, bn, warps, stages = launch or (None, None, None, None)
-        got = attention(q.cuda(), k.cuda(), v.cuda(), cu, cu, causal, dtype=dtype, block_m=bm, block_n=bn,
-                        num_warps=warps, num_stages=stages)
-        torch.cuda.synchronize()
+        got = attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cu, cu, causal, dtype=dtype, block_m=bm,
+                        block_n=bn, num_warps=warps, num_stages=stages)
+        _sync()
         ref = attention_ref(q, k, v, cu, cu, causal)
         return ((got.cpu() - ref).abs().max() / ref.abs().max()).item()
     return run
@@ -66,9 +72,9 @@ def _qmatmul_case(qtype: str, m: int, n: int, k: int) -> Callable[[], float]:
         raw = quant_weights(n, k, qt, "normal", seed=0)
         dense = torch.from_numpy(dequantize(raw.numpy(), qt).reshape(n, k))
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
-        xd = x.cuda() if m <= 8 else x.cuda().to(torch.bfloat16)
-        got = qmatmul(xd, raw.cuda(), qt, n, k)
-        torch.cuda.synchronize()
+        xd = x.to(DEVICE) if m <= 8 else x.to(DEVICE, torch.bfloat16)
+        got = qmatmul(xd, raw.to(DEVICE), qt, n, k)
+        _sync()
         ref = xd.float().cpu() @ dense.T
         return ((got.cpu() - ref).abs().max() / ref.abs().max()).item()
     return run

@@ -219,3 +219,18 @@ def test_dequant_slab_counted_where_the_gemms_use_it(monkeypatch):
     for gb in (2, 3, 4):
         fitted = make_plan(slab, 4096, int(gb * GIB), ALL_LAYERS, True)
         assert fitted.total <= fitted.budget, fitted.table()
+
+
+def test_cuda_is_resolved_to_the_current_gpu(monkeypatch):
+    """load() places layers on `cuda:N`, the device its tensors report: compared with an
+    unindexed `cuda`, DecodeGraph.supports was false on the first GPU run (no CUDA graph, no
+    fused norms: decode at 51 tok/s instead of 133 on an H200)."""
+    import torch
+
+    from qvl.runtime.model import _indexed
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert torch.device("cuda") != torch.device("cuda", 3)  # why it matters
+    assert _indexed(torch.device("cuda")) == torch.device("cuda", 3)
+    assert _indexed(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert _indexed(torch.device("cpu")) == torch.device("cpu")
