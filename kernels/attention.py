@@ -153,7 +153,8 @@ def launch(gpu: Target, dtype: torch.dtype, q8_cache: bool) -> tuple[int, int, i
         try:
             block_m, block_n, warps, stages = (int(v) for v in given.split(","))
         except ValueError:
-            raise ValueError(f"QVL_ATTENTION_LAUNCH={given!r}: four integers block_m,block_n,num_warps,num_stages")
+            raise ValueError(f"QVL_ATTENTION_LAUNCH={given!r}: four integers "
+                             "block_m,block_n,num_warps,num_stages") from None
         return block_m, block_n, warps, stages
     if not gpu.tensor_cores:
         return (16, 16, 8, 1) if q8_cache else (16, 32, 8, 2)

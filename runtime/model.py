@@ -32,7 +32,7 @@ from .placement import Placement, PlacementError, Plan, footprint, make_plan
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
 from .sampling import SamplingError, SamplingParams, sample
-from .tokenizer import tokenizer_from_gguf
+from .tokenizer import TextStream, tokenizer_from_gguf
 from .video import VideoInput, VideoOptions, frame_size, load_video
 from .vision import VisionConfig, VisionTower, vision_config
 from .weights import EXACT, PACKED, STREAMED, Weights
@@ -395,17 +395,16 @@ class Model:
             timings["prefill_s"] = time.perf_counter() - t0 - timings.get("vision_ms", 0.0) / 1e3
             next_pos = int(positions.max()) + 1 if n_prompt else 0
             gen = torch.Generator().manual_seed(params.seed)
-            emitted = ""
+            answer = TextStream(self.tokenizer)
             t1 = time.perf_counter()
             for _ in range(max_new_tokens):
                 tok = sample(logits, out_ids, params, gen)
                 if tok in self.stop_ids:
                     break
                 out_ids.append(tok)
-                decoded = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-                if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    yield decoded[len(emitted):]
-                    emitted = decoded
+                piece = answer.push(tok)
+                if piece is not None:  # None: the token ends inside a multi-byte character
+                    yield piece
                 if cache.length >= limit:
                     break
                 if self._generation != this:
@@ -417,8 +416,8 @@ class Model:
             if self._generation == this:  # the cache holds the prompt and the answer fed so far
                 self._prompt_keys.kept = (keys + out_ids)[:cache.length]
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-        if final != emitted:
-            yield final[len(emitted):]
+        if final != answer.text:  # a character the answer ended inside of
+            yield final[len(answer.text):]
         yield Generation(final, out_ids, n_prompt, timings, list(videos), reused_tokens=reuse)
 
 

@@ -60,3 +60,26 @@ def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
             raise TokenizerError(f"{g.path}: added token {a.content!r} would get id "
                                  f"{tok.token_to_id(a.content)}, the file says {i}")
     return tok
+
+
+class TextStream:
+    """The text of a growing answer, a piece per token: decodes only the tokens since the last
+    piece (whole characters: a token that ends inside a multi-byte character waits for the
+    rest). Decoding the whole answer again each token cost O(length): 0.6 ms a token at 2700
+    tokens on the 2-core development CPU, against decode steps of 7.5 ms on an H200."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str | None:
+        """The text `token` completes ("" for a special token), or None while it ends inside a
+        character."""
+        self.pending.append(token)
+        piece = self.tokenizer.decode(self.pending, skip_special_tokens=True)
+        if piece.endswith("\ufffd"):
+            return None
+        self.pending = []
+        self.text += piece
+        return piece

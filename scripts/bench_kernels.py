@@ -12,10 +12,10 @@ For the 3B and 7B shapes, each kernel in the precision the model runs it in by d
 - decode attention over a 4k cache (bf16 and q8_0) against F.scaled_dot_product_attention on
   the bf16 cache (enable_gqa).
 Every kernel is checked against its reference before it is timed. Median of
-triton.testing.do_bench, except the GEMVs (M = 1, and the sweep's): their calls are replayed
-from a CUDA graph, as the runtime replays its decode step (`graph_ms`), each call reading its own
-copy of the weight so that together they overflow L2 and every call streams its weight from
-memory, as decode does. do_bench launches each call from Python: a GEMV's few microseconds
+triton.testing.do_bench, except the GEMVs (M = 1, and the sweep's) and decode attention: their
+calls are replayed from a CUDA graph, as the runtime replays its decode step (`graph_ms`), each
+call reading its own copy of the weight (or cache) so that together they overflow L2 and every
+call streams its operands from memory, as decode does. do_bench launches each call from Python: a GEMV's few microseconds
 hide behind the launch's tens (first H200 run: every 7B GEMV took 43-77 us that way).
 Needs CUDA.
 
@@ -47,20 +47,26 @@ import torch
 import torch.nn.functional as F
 
 Timer = Callable[[Callable[[], object]], float]  # milliseconds per call
-GemvTimer = Callable[[Callable[[torch.Tensor], Callable[[], object]], torch.Tensor], float]  # graph_ms's signature
+Operands = torch.Tensor | tuple[torch.Tensor, ...]  # what a timed call streams: a weight, or a cache's k, v, ...
+GraphTimer = Callable[[Callable[[Operands], Callable[[], object]], Operands], float]  # graph_ms's signature
 
 
-def graph_ms(make_call: Callable[[torch.Tensor], Callable[[], object]], weight: torch.Tensor,
+def graph_ms(make_call: Callable[[Operands], Callable[[], object]], operands: Operands,
              rounds: int = 20, repeats: int = 10) -> float:
-    """Milliseconds per call of `make_call(w)()`, replayed from a CUDA graph that holds `rounds`
-    passes over copies of `weight` (at least 3x the L2 cache together): the median of `repeats`
-    replays, over the calls in one."""
+    """Milliseconds per call of `make_call(ops)()`, replayed from a CUDA graph that holds `rounds`
+    passes over copies of `operands` (at least 3x the L2 cache together): the median of
+    `repeats` replays, over the calls in one."""
     import math
     import statistics
 
-    l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 64 << 20)
-    copies = max(1, math.ceil(3 * l2 / (weight.numel() * weight.element_size())))
-    calls = [make_call(w) for w in [weight] + [weight.clone() for _ in range(copies - 1)]]
+    parts = operands if isinstance(operands, tuple) else (operands,)
+    l2 = getattr(torch.cuda.get_device_properties(parts[0].device), "L2_cache_size", 64 << 20)
+    copies = max(1, math.ceil(3 * l2 / sum(t.numel() * t.element_size() for t in parts)))
+
+    def copy() -> Operands:
+        return tuple(t.clone() for t in operands) if isinstance(operands, tuple) else operands.clone()
+
+    calls = [make_call(ops) for ops in [operands] + [copy() for _ in range(copies - 1)]]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compiles and warms up outside the capture
@@ -98,7 +104,7 @@ LOW_BIT_TYPES = ("Q4_1", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "I
 
 def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (1, 512),
                   types: tuple[str, ...] = ("Q4_K", "Q6_K", "Q8_0", "Q5_K", "Q4_0"),
-                  gemv_timer: GemvTimer = graph_ms) -> list[dict]:
+                  graph_timer: GraphTimer = graph_ms) -> list[dict]:
     from gguf import GGMLQuantizationType as T
 
     from qvl.convert.quant import dequantize
@@ -126,8 +132,8 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
                     tol = 1e-4 if m == 1 else 1e-2  # float32 products / bf16 operands
                     assert (got - ref).abs().max().item() <= tol * ref.abs().max().item(), (qt.name, m, n, k)
                     if m == 1:  # replayed: a GEMV is shorter than its launch from Python
-                        ms = gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k), raw)
-                        base = gemv_timer(lambda w: lambda: x.to(torch.bfloat16) @ w.T, dense16)
+                        ms = graph_timer(lambda w: lambda: qmatmul(x, w, qt, n, k), raw)
+                        base = graph_timer(lambda w: lambda: x.to(torch.bfloat16) @ w.T, dense16)
                     else:
                         ms = timer(lambda: qmatmul(x, raw, qt, n, k))
                         base = timer(lambda: x.to(torch.bfloat16) @ dense16.T)
@@ -138,7 +144,7 @@ def bench_qmatmul(dev: str, timer: Timer, shapes: dict, ms_: tuple[int, ...] = (
                         with pretending(dataclasses.replace(target(x.device), ptx=False)):
                             plain = qmatmul(x, raw, qt, n, k)
                             assert (plain - ref).abs().max().item() <= tol * ref.abs().max().item(), (qt.name, n, k)
-                            row["vs_no_ptx"] = round(gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k), raw) / ms, 2)
+                            row["vs_no_ptx"] = round(graph_timer(lambda w: lambda: qmatmul(x, w, qt, n, k), raw) / ms, 2)
                     else:
                         row["TFLOP_s"] = round(2 * m * n * k / ms / 1e9, 1)
                     rows.append(row)
@@ -181,7 +187,10 @@ def bench_attention(dev: str, timer: Timer, cases=ATTENTION_CASES) -> list[dict]
     return rows
 
 
-def bench_decode_attention(dev: str, timer: Timer, cases=DECODE_CASES, capacity: int = 4096) -> list[dict]:
+def bench_decode_attention(dev: str, cases=DECODE_CASES, capacity: int = 4096,
+                           graph_timer: GraphTimer = graph_ms) -> list[dict]:
+    """Replayed from a CUDA graph (`graph_ms`, copies of the cache): a 4k cache is a few
+    microseconds of reads, less than a launch from Python. SDPA in bf16, timed the same way."""
     from qvl.kernels.decode_attention import decode_attention, decode_attention_ref
 
     rows = []
@@ -198,10 +207,11 @@ def bench_decode_attention(dev: str, timer: Timer, cases=DECODE_CASES, capacity:
             for kind, args in (("bf16", (kb, vb, n)), ("q8_0", (k8, v8, n, *scales))):
                 ref = decode_attention_ref(q, *args[:2], length, *args[3:])
                 assert (decode_attention(q, *args) - ref).abs().max().item() <= 1e-4, (name, kind)
-                ms = timer(lambda: decode_attention(q, *args))
+                ms = graph_timer(lambda ops: lambda: decode_attention(q, ops[0], ops[1], n, *ops[2:]),
+                                 (args[0], args[1], *args[3:]))
                 qq = q.to(torch.bfloat16)[None, :, None]
-                base = timer(lambda: F.scaled_dot_product_attention(qq, kb[None, :, :length], vb[None, :, :length],
-                                                                    enable_gqa=True))
+                base = graph_timer(lambda ops: lambda: F.scaled_dot_product_attention(
+                    qq, ops[0][None, :, :length], ops[1][None, :, :length], enable_gqa=True), (kb, vb))
                 cache_bytes = sum(t[:, :length].numel() * t.element_size() for t in args[:2])
                 rows.append({"model": name, "kernel": f"decode attention {kind} cache", "context": length,
                              "ms": round(ms, 4), "cache_GB_s": round(cache_bytes / ms / 1e6, 1),
@@ -217,7 +227,7 @@ GEMM_TILES = ((64, 64, 64, 4), (128, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64
 
 
 def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SWEEP, tiles=GEMM_TILES,
-          gemv_timer: GemvTimer = graph_ms) -> list[dict]:
+          graph_timer: GraphTimer = graph_ms) -> list[dict]:
     """GEMV: every (block_n, num_warps) with the default split and L2 prefetch distance, then
     every prefetch distance for the best pair, then every split for the best of those; GEMM:
     each tile shape at M = 2048. Every case's GEMVs come before any GEMM, and each row goes to
@@ -247,7 +257,7 @@ def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SW
         def measure(block_n: int, warps: int, ahead: int | None, split: int | None) -> None:
             got = qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead, split_k=split)
             assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), (qt.name, block_n, warps)
-            ms = gemv_timer(lambda w: lambda: qmatmul(x, w, qt, n, k, block_n=block_n, num_warps=warps,
+            ms = graph_timer(lambda w: lambda: qmatmul(x, w, qt, n, k, block_n=block_n, num_warps=warps,
                                                       prefetch=ahead, split_k=split), raw)
             found.append((ms, block_n, warps, ahead, split))
             log({"kernel": f"GEMV {qt.name}", "n": n, "k": k, "block_n": block_n, "num_warps": warps,
@@ -303,7 +313,7 @@ def main() -> None:
     else:
         rows = bench_qmatmul(dev, triton.testing.do_bench, QMATMUL_SHAPES)
         rows += bench_attention(dev, triton.testing.do_bench)
-        rows += bench_decode_attention(dev, triton.testing.do_bench)
+        rows += bench_decode_attention(dev)
     for row in rows:
         if "weight_GB_s" in row:
             row["pct_copy_bw"] = round(100 * row["weight_GB_s"] / copy_gbs, 1)

@@ -11,10 +11,11 @@
 #                                           # (check_gpu_kernels.py, attention under several launches),
 #                                           # the whole-model kernel-path tests on CUDA, random 7B
 #                                           # Q4_K_M (make_random_gguf.py, seconds) through bench_run.py:
-#                                           # decode tok/s + peak VRAM (1024x1024, 4k context), Q4_K/Q6_K
-#                                           # GEMV bandwidth (bench_kernels.py --quick), the 2530x1000
-#                                           # image's vision time. Failures end steps early; run it with
-#                                           # the time the session has left: what finished comes back
+#                                           # decode tok/s + peak VRAM (1024x1024, 4k context), a decode
+#                                           # token split into host / graph / kernels (profile_decode.py),
+#                                           # the 2530x1000 image's vision time, Q4_K/Q6_K GEMV bandwidth
+#                                           # (bench_kernels.py --quick). Failures end steps early; run it
+#                                           # with the time the session has left: what finished comes back
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -79,19 +80,16 @@ targets)
     timeout 200 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
         > "$out/run-1024-ctx4096.json" 2>&1
     cat "$out/run-1024-ctx4096.json"
-    # the vision image, under the default attention launch and under 8 warps in one stage
-    for launch in default 64,64,8,1; do
-        echo "attention launch: $launch" >> "$out/run-2530x1000.json"
-        ( [ "$launch" = default ] || export QVL_ATTENTION_LAUNCH=$launch
-          timeout 100 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 8 --size 2530x1000 \
-              >> "$out/run-2530x1000.json" 2>&1 )
-    done
+    # where a decode token's time goes: host parts, the graph's replay, device time per kernel
+    timeout 90 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 \
+        > "$out/profile-decode.json" 2>&1
+    cat "$out/profile-decode.json"
+    # the vision image
+    timeout 100 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 8 --size 2530x1000 \
+        > "$out/run-2530x1000.json" 2>&1
     cat "$out/run-2530x1000.json"
     timeout 90 python3 scripts/bench_kernels.py --quick > "$out/bench-quick.json"
     cat "$out/bench-quick.json"
-    # GEMV launch parameters, rows logged as measured (what finishes inside the call comes back)
-    timeout 150 python3 scripts/bench_kernels.py --sweep > "$out/sweep.json" 2> "$out/sweep.log"
-    tail -3 "$out/sweep.log"
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time

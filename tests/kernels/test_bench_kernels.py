@@ -24,7 +24,7 @@ def _timer(fn) -> float:
     return 1.0
 
 
-def _gemv_timer(make_call, weight) -> float:  # bench_kernels.graph_ms's stand-in
+def _graph_timer(make_call, weight) -> float:  # bench_kernels.graph_ms's stand-in
     return _timer(make_call(weight))
 
 
@@ -34,7 +34,7 @@ def bench():
 
 
 def test_qmatmul_rows(bench):
-    rows = bench.bench_qmatmul(ACCEL, _timer, {"tiny": [(24, 256)]}, ms_=(1, 9), gemv_timer=_gemv_timer)
+    rows = bench.bench_qmatmul(ACCEL, _timer, {"tiny": [(24, 256)]}, ms_=(1, 9), graph_timer=_graph_timer)
     assert len(rows) == 10  # Q4_K, Q6_K, Q8_0, Q5_K, Q4_0 x (GEMV, GEMM)
     assert all("weight_GB_s" in r and r["vs_no_ptx"] == 1.0 for r in rows if r["m"] == 1)
     assert all("TFLOP_s" in r and r["vs_torch_bf16_matmul"] == 1.0 for r in rows if r["m"] == 9)
@@ -44,7 +44,7 @@ def test_low_bit_gemv_rows(bench):
     """--low-bit: the batch-1 GEMV of every type outside the default list, Q2_K / Q3_K / IQ4
     from random blocks (no quantizer of qvl's writes them), each checked before it is timed."""
     rows = bench.bench_qmatmul(ACCEL, _timer, {"tiny": [(24, 256)]}, ms_=(1,), types=bench.LOW_BIT_TYPES,
-                               gemv_timer=_gemv_timer)
+                               graph_timer=_graph_timer)
     assert [r["kernel"] for r in rows] == [f"qmatmul {t}" for t in bench.LOW_BIT_TYPES]
     assert all("weight_GB_s" in r and r["vs_no_ptx"] == 1.0 for r in rows)
 
@@ -56,7 +56,7 @@ def test_attention_rows(bench):
 
 
 def test_decode_attention_rows(bench):
-    rows = bench.bench_decode_attention(ACCEL, _timer, (("tiny", 4, 2, 64),), capacity=256)
+    rows = bench.bench_decode_attention(ACCEL, (("tiny", 4, 2, 64),), capacity=256, graph_timer=_graph_timer)
     assert {r["kernel"] for r in rows} == {"decode attention bf16 cache", "decode attention q8_0 cache"}
     assert {r["context"] for r in rows} == {64, 256}
 
@@ -64,7 +64,7 @@ def test_decode_attention_rows(bench):
 def test_sweep_rows(bench):
     rows = bench.sweep(ACCEL, _timer, (("Q4_K", 32, 512),), m=16,
                        gemv={"block_n": (4, 16), "num_warps": (4,), "prefetch": (None, 0), "split_k": (None, 2)},
-                       tiles=((16, 16, 64, 4),), gemv_timer=_gemv_timer)
+                       tiles=((16, 16, 64, 4),), graph_timer=_graph_timer)
     gemv = [r for r in rows if r["kernel"] == "GEMV Q4_K"]
     assert len(gemv) == 4 and {r["split_k"] for r in gemv} == {"default", 2}
     assert {r["prefetch"] for r in gemv} == {"default", 0}

@@ -145,3 +145,27 @@ def test_llama_cpp_fixture_pair_loads(fixtures_dir):
     assert model.vision is not None and model.vision_cfg.fullatt_blocks == (1, 3)
     logits = model.prompt_logits("What is this?", [IMG_A])
     assert torch.isfinite(logits).all()
+
+
+def test_profile_decode_splits_the_token_and_restores_the_runtime(converted):
+    """scripts/profile_decode.py on the CPU (no graph: the step is Model._decode): each part
+    timed, the parts and `other` sum to the measured time a token, nothing left patched."""
+    import importlib.util
+
+    import qvl.runtime.model as model_module
+    from paths import REPO
+    from qvl.runtime.sampling import sample
+    from qvl.runtime.tokenizer import TextStream
+
+    spec = importlib.util.spec_from_file_location("profile_decode", REPO / "scripts" / "profile_decode.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    push = TextStream.push
+    report = script.profile(str(converted["qwen2.5-untied"][0]), "cpu", 6)
+    assert 0 < report["tokens"] <= 6 and "kernels_one_token" not in report
+    parts = report["ms_per_token"]
+    assert set(parts) == {"sample", "text", "embed", "step", "other"}
+    assert all(parts[k] > 0 for k in ("sample", "text", "step"))
+    total = sum(parts.values())
+    assert abs(total - 1e3 / report["decode_tok_s"]) <= 0.01 * total + 0.01
+    assert model_module.sample is sample and TextStream.push is push

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from qvl.runtime.gguf_file import GGUFError, GGUFFile
-from qvl.runtime.tokenizer import TokenizerError, tokenizer_from_gguf
+from qvl.runtime.tokenizer import TextStream, TokenizerError, tokenizer_from_gguf
 
 CORPUS = [
     "Describe this image in detail.",
@@ -84,3 +84,21 @@ def test_rejects_other_tokenizers(tmp_path, fixtures_dir):
     w.close()
     with GGUFFile(path) as g, pytest.raises(TokenizerError, match="not Qwen2"):
         tokenizer_from_gguf(g)
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_text_stream_pieces_join_to_the_whole_answer(reference, text):
+    """Token by token (CJK, emoji and combining marks split across tokens, special tokens
+    skipped), the pieces join to the whole decode, no piece holds a half character, and each
+    push decodes only the few tokens since the last piece."""
+    ids = reference.encode(text, add_special_tokens=False).ids
+    stream = TextStream(reference)
+    pieces, longest = [], 0
+    for i in ids:
+        piece = stream.push(i)
+        longest = max(longest, len(stream.pending))
+        if piece is not None:
+            assert "\ufffd" not in piece
+            pieces.append(piece)
+    assert "".join(pieces) == stream.text == reference.decode(ids, skip_special_tokens=True)
+    assert longest <= 4  # a character is at most 4 bytes: never the whole answer again

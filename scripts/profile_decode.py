@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Where a decode token's time goes: the host's parts against the device's.
+
+On an H200 a random 7B Q4_K_M decoded at 133 tok/s (7.5 ms a token) while its GEMVs alone
+would take ~3.3 ms (docs/benchmarks.md); this splits the token. A text-only prompt is answered
+once to warm up (Triton compiles, the decode step is captured), then `--tokens` more are
+generated with each part timed:
+
+- `sample`: picking the token from the logits (greedy: an argmax over the vocabulary);
+- `text`: the streamed text's piece (runtime/tokenizer.TextStream);
+- `embed`: the next token's embedding row, dequantized on the host;
+- `step`: the decode step as the caller sees it: staging its inputs, the step (the captured
+  graph's replay on a GPU, eagerly elsewhere), the logits back on the host;
+  - `replay` (CUDA only): the graph's own time between CUDA events around the replay;
+- `other`: the rest of the loop (the total minus the parts).
+
+Then, on CUDA, one profiled token per kernel (torch.profiler): the device time of each kernel
+name, largest first. One JSON object on stdout.
+
+    python scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+
+def timed(parts: dict[str, float], name: str, fn: Callable, cuda: bool) -> Callable:
+    """`fn` that adds its wall seconds to parts[name] (the GPU synchronized after it on CUDA,
+    so that queued work is charged to the part that queued it)."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        parts[name] += time.perf_counter() - start
+        return out
+    return wrapper
+
+
+def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a long story about a lighthouse.",
+            kernels: int = 15) -> dict:
+    import qvl
+    import qvl.runtime.model as model_module
+    from qvl.runtime.decode_graph import DecodeGraph
+    from qvl.runtime.tokenizer import TextStream
+
+    m = qvl.load(model_path, device=device)
+    cuda = m.placement.accel == "cuda"
+    m.generate(prompt, max_new_tokens=4)  # compiles and captures
+    parts: dict[str, float] = defaultdict(float)
+    replay_ms: list[float] = []
+    real_replay = torch.cuda.CUDAGraph.replay
+
+    def replay(graph: torch.cuda.CUDAGraph) -> None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        real_replay(graph)
+        end.record()
+        end.synchronize()
+        replay_ms.append(start.elapsed_time(end))
+
+    patches = [(model_module, "sample", timed(parts, "sample", model_module.sample, False)),
+               (TextStream, "push", timed(parts, "text", TextStream.push, False)),
+               (m.decoder, "embed_tokens", timed(parts, "embed", m.decoder.embed_tokens, cuda)),
+               (DecodeGraph, "step", timed(parts, "step", DecodeGraph.step, cuda)),
+               (model_module.Model, "_decode", timed(parts, "_decode", model_module.Model._decode, cuda))]
+    if cuda:
+        patches.append((torch.cuda.CUDAGraph, "replay", replay))
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, fn in patches:
+            setattr(obj, name, fn)
+        out = m.generate(prompt, max_new_tokens=tokens, cache_prompt=False)
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+    n = len(out.token_ids)
+    decode_s = out.timings["decode_s"]
+    per_token = {k: round(1e3 * v / max(n, 1), 3) for k, v in parts.items() if k != "_decode"}
+    per_token["embed"] = per_token.get("embed", 0.0)
+    if "step" not in parts:  # no DecodeGraph (part of the decoder off the accelerator): _decode less its embedding
+        per_token["step"] = round(1e3 * parts["_decode"] / max(n, 1) - per_token["embed"], 3)
+    per_token["other"] = round(1e3 * decode_s / max(n, 1) - sum(per_token[k] for k in ("sample", "text", "step", "embed")),
+                               3)
+    if replay_ms:
+        per_token["replay"] = round(sum(replay_ms) / len(replay_ms), 3)
+    report = {"device": device, "tokens": n, "decode_tok_s": round(n / decode_s, 2), "ms_per_token": per_token}
+    if cuda:
+        report["kernels_one_token"] = kernel_table(m, prompt, kernels)
+    return report
+
+
+def kernel_table(m, prompt: str, top: int) -> list[dict]:
+    """Device time per kernel name over one generated token after the prompt (the prefill is
+    run before the profiler starts: the table is the decode step's)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    stream = m.generate(prompt, max_new_tokens=3, stream=True, cache_prompt=False)
+    next(stream)  # prefill and the first token: outside the profile
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        next(stream, None)
+        torch.cuda.synchronize()
+    for _ in stream:
+        pass
+    rows = [{"kernel": e.key[:80], "calls": e.count, "us": round(e.device_time_total, 1)}
+            for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r["us"])
+    total = sum(r["us"] for r in rows)
+    return [{"kernel": "(all)", "calls": sum(r["calls"] for r in rows), "us": round(total, 1)}] + rows[:top]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="GGUF (an mmproj beside it is loaded too, not used)")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens generated while timed (default 64)")
+    args = ap.parse_args()
+    print(json.dumps(profile(args.model, args.device, args.tokens), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
