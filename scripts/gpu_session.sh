@@ -4,10 +4,10 @@
 # Here, once per checkout (fills .gpu/, which .git/info/exclude keeps out of git):
 #     bash scripts/gpu_session.sh prepare
 # Then each stage is one device call, with `carry: [".gpu"]`, writing its logs and JSON to $OUT.
-# A session's device time (15 min, the machine's start included) holds one full call and a
-# short second one, so the first call is `targets`: the issue's four figures and a correctness
-# check in one go; the others go deeper when there is time left.
-#     bash scripts/gpu_session.sh targets   # at most 12.5 min: each kernel once at the models' shapes
+# A session's device time (15 min, the machine's start included: ~30 s on 2026-12-04) holds a
+# few calls, so the first call is `targets`: the issue's four figures and a correctness check in
+# one go; the others go deeper when there is time left.
+#     bash scripts/gpu_session.sh targets   # ~5 min (its steps' limits add up to 14): each kernel once at the models' shapes
 #                                           # (check_gpu_kernels.py, attention under several launches),
 #                                           # the whole-model kernel-path tests on CUDA, random 7B
 #                                           # Q4_K_M (make_random_gguf.py, seconds) through bench_run.py:
