@@ -15,8 +15,9 @@ Every kernel is checked against its reference before it is timed. Median of
 triton.testing.do_bench, except the GEMVs (M = 1, and the sweep's) and decode attention: their
 calls are replayed from a CUDA graph, as the runtime replays its decode step (`graph_ms`), each
 call reading its own copy of the weight (or cache) so that together they overflow L2 and every
-call streams its operands from memory, as decode does. do_bench launches each call from Python: a GEMV's few microseconds
-hide behind the launch's tens (first H200 run: every 7B GEMV took 43-77 us that way).
+call streams its operands from memory, as decode does. do_bench launches each call from Python:
+a GEMV's few microseconds hide behind the launch's tens (first H200 run: every 7B GEMV took
+43-77 us that way).
 Needs CUDA.
 
     python scripts/bench_kernels.py > docs/bench-kernels.json
@@ -38,6 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -56,9 +59,6 @@ def graph_ms(make_call: Callable[[Operands], Callable[[], object]], operands: Op
     """Milliseconds per call of `make_call(ops)()`, replayed from a CUDA graph that holds `rounds`
     passes over copies of `operands` (at least 3x the L2 cache together): the median of
     `repeats` replays, over the calls in one."""
-    import math
-    import statistics
-
     parts = operands if isinstance(operands, tuple) else (operands,)
     l2 = getattr(torch.cuda.get_device_properties(parts[0].device), "L2_cache_size", 64 << 20)
     copies = max(1, math.ceil(3 * l2 / sum(t.numel() * t.element_size() for t in parts)))
@@ -252,31 +252,31 @@ def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SW
     for qt, n, k, raw in weights:
         x = torch.randn(1, k, device=dev)
         ref = qmatmul(x, raw, qt, n, k, block_n=16, num_warps=4)
-        found = []
+        found = []  # (ms, (block_n, warps, prefetch, split), row)
 
         def measure(block_n: int, warps: int, ahead: int | None, split: int | None) -> None:
             got = qmatmul(x, raw, qt, n, k, block_n=block_n, num_warps=warps, prefetch=ahead, split_k=split)
             assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), (qt.name, block_n, warps)
             ms = graph_timer(lambda w: lambda: qmatmul(x, w, qt, n, k, block_n=block_n, num_warps=warps,
                                                       prefetch=ahead, split_k=split), raw)
-            found.append((ms, block_n, warps, ahead, split))
-            log({"kernel": f"GEMV {qt.name}", "n": n, "k": k, "block_n": block_n, "num_warps": warps,
+            found.append((ms, (block_n, warps, ahead, split), log(
+                {"kernel": f"GEMV {qt.name}", "n": n, "k": k, "block_n": block_n, "num_warps": warps,
                  "prefetch": "default" if ahead is None else ahead, "split_k": split or "default",
-                 "ms": round(ms, 4), "weight_GB_s": round(raw.numel() / ms / 1e6, 1)})
+                 "ms": round(ms, 4), "weight_GB_s": round(raw.numel() / ms / 1e6, 1)})))
+
+        def best() -> tuple[int, int, int | None, int | None]:
+            return min(found, key=lambda f: f[0])[1]  # ties: the first measured
 
         for block_n in gemv["block_n"]:
             for warps in gemv["num_warps"]:
                 measure(block_n, warps, None, None)
-        _, block_n, warps, _, _ = min(found, key=lambda f: f[0])  # ties: the first measured
+        block_n, warps, _, _ = best()
         for ahead in gemv["prefetch"][1:]:
             measure(block_n, warps, ahead, None)
-        _, _, _, ahead, _ = min(found, key=lambda f: f[0])
+        _, _, ahead, _ = best()
         for split in gemv["split_k"][1:]:
             measure(block_n, warps, ahead, split)
-        for ms, block_n, warps, ahead, split in sorted(found, key=lambda f: f[0]):
-            rows.append({"kernel": f"GEMV {qt.name}", "n": n, "k": k, "block_n": block_n, "num_warps": warps,
-                         "prefetch": "default" if ahead is None else ahead, "split_k": split or "default",
-                         "ms": round(ms, 4), "weight_GB_s": round(raw.numel() / ms / 1e6, 1)})
+        rows += [row for _, _, row in sorted(found, key=lambda f: f[0])]
     for qt, n, k, raw in weights:
         xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         found = []
@@ -286,11 +286,10 @@ def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SW
             except Exception as e:  # a tile too large for shared memory / registers on this GPU
                 print(f"GEMM {qt.name} {bm}x{bn}x{bk}/{warps}: {str(e).splitlines()[0]}", file=sys.stderr)
                 continue
-            found.append((ms, bm, bn, bk, warps))
-            log({"kernel": f"GEMM {qt.name}", "tiles": [bm, bn, bk], "num_warps": warps, "ms": round(ms, 4)})
-        for ms, bm, bn, bk, warps in sorted(found, key=lambda f: f[0]):
-            rows.append({"kernel": f"GEMM {qt.name}", "m": m, "n": n, "k": k, "tiles": [bm, bn, bk], "num_warps": warps,
-                         "ms": round(ms, 4), "TFLOP_s": round(2 * m * n * k / ms / 1e9, 1)})
+            found.append((ms, log({"kernel": f"GEMM {qt.name}", "m": m, "n": n, "k": k, "tiles": [bm, bn, bk],
+                                   "num_warps": warps, "ms": round(ms, 4),
+                                   "TFLOP_s": round(2 * m * n * k / ms / 1e9, 1)})))
+        rows += [row for _, row in sorted(found, key=lambda f: f[0])]
     return rows
 
 

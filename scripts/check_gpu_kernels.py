@@ -34,9 +34,11 @@ TOL = {"bf16": 2e-2, "f32": 1e-4}  # of max |ref|: bf16 operands and probabiliti
 DEVICE = "cuda"  # where the kernels run (the tests run the cases in Triton's interpreter on the CPU)
 
 
-def _sync() -> None:
+def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| over max |ref|, got brought back from DEVICE (after its work finished)."""
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+    return ((got.cpu() - ref).abs().max() / ref.abs().max()).item()
 
 
 def _attention_case(segs: list[int], heads: int, kv_heads: int, d: int, causal: bool, launch: tuple | None,
@@ -52,9 +54,7 @@ def _attention_case(segs: list[int], heads: int, kv_heads: int, d: int, causal: 
         bm, bn, warps, stages = launch or (None, None, None, None)
         got = attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cu, cu, causal, dtype=dtype, block_m=bm,
                         block_n=bn, num_warps=warps, num_stages=stages)
-        _sync()
-        ref = attention_ref(q, k, v, cu, cu, causal)
-        return ((got.cpu() - ref).abs().max() / ref.abs().max()).item()
+        return _relative_error(got, attention_ref(q, k, v, cu, cu, causal))
     return run
 
 
@@ -74,9 +74,7 @@ def _qmatmul_case(qtype: str, m: int, n: int, k: int) -> Callable[[], float]:
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
         xd = x.to(DEVICE) if m <= 8 else x.to(DEVICE, torch.bfloat16)
         got = qmatmul(xd, raw.to(DEVICE), qt, n, k)
-        _sync()
-        ref = xd.float().cpu() @ dense.T
-        return ((got.cpu() - ref).abs().max() / ref.abs().max()).item()
+        return _relative_error(got, xd.float().cpu() @ dense.T)
     return run
 
 
@@ -116,9 +114,9 @@ def _subprocess(name: str, sanitize: bool = False) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240 if sanitize else 120)
     except subprocess.TimeoutExpired:
         return {"case": name, "ok": False, "max_err": None, "error": "timed out"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if sanitize:
         return {"case": name, "sanitizer": (proc.stdout + proc.stderr)[-3000:]}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         return {"case": name, "ok": False, "max_err": None, "error": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
     return json.loads(lines[-1])
