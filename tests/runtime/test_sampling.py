@@ -3,12 +3,16 @@ the distribution left, and out-of-range parameters are refused by name."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from qvl.runtime.sampling import SamplingError, SamplingParams, apply_repeat_penalty, sample
+from qvl.runtime.sampling import SamplingError, SamplingParams, apply_repeat_penalty, candidates, sample
+
+REPO = Path(__file__).resolve().parents[2]
 
 # probabilities 0.5, 0.3, 0.15, 0.05 at temperature 1 (ids 3, 0, 2, 1: not in id order)
 PROBS = {3: 0.5, 0: 0.3, 2: 0.15, 1: 0.05}
@@ -93,3 +97,57 @@ def test_repeat_last_n_picks_the_window(last_n, penalized):
 def test_out_of_range_parameters_are_refused_by_name(kwargs, name):
     with pytest.raises(SamplingError, match=f"^{name} "):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("params,kept", [
+    (SamplingParams(temperature=0.8), 152_064),
+    (SamplingParams(temperature=0.8, top_k=40), 40),
+    (SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1), 31),
+    (SamplingParams(temperature=0.4, top_p=0.9), 24),  # top-p's cut inside the first 64 taken
+    (SamplingParams(temperature=0.45, top_p=0.9), 97),  # past 64: 512 are taken
+    (SamplingParams(temperature=0.6, top_p=0.9), 2556),  # past 512
+    (SamplingParams(temperature=0.7, top_p=0.9), 8004),  # past 4096
+    (SamplingParams(temperature=1.5, top_p=0.999), 146_112),  # past 32768: the whole vocabulary
+    (SamplingParams(temperature=1.0, top_p=0.5, min_p=0.01), 1033),
+    (SamplingParams(temperature=1.0, min_p=0.2), 9),
+    (SamplingParams(temperature=1.0, top_k=151_000, top_p=0.8), 18_346),
+])
+def test_candidates_match_the_filters_over_the_sorted_vocabulary(params, kept):
+    """Against the sampler as first written (scripts/bench_sampling.py, its baseline), which
+    sorted the whole vocabulary."""
+    spec = importlib.util.spec_from_file_location("bench_sampling", REPO / "scripts" / "bench_sampling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(152_064, generator=gen) * 2  # Qwen's vocabulary, a spread-out distribution
+    history = torch.randint(0, 152_064, (100,), generator=gen).tolist()
+    want = bench.full_vocab_distribution(logits, history, params)
+    assert int((want > 0).sum()) == kept  # the case exercises what its comment says
+    ids, probs = candidates(logits, history, params)
+    got = torch.zeros_like(want)
+    if ids is None:
+        got = probs
+    else:
+        got[ids] = probs
+    # top-p compares a float32 running sum of thousands of probabilities with top_p: the token
+    # at the cut can fall either side (8005 against 8004 kept at temperature 0.7)
+    differ = (got > 0) != (want > 0)
+    assert int(differ.sum()) <= (1 if params.top_p else 0), (int((got > 0).sum()), kept)
+    got[differ], want[differ] = 0.0, 0.0
+    # the normalizer: a float32 sum over up to 152k terms in another order (logsumexp against
+    # softmax), ~sqrt(152k) ulps: 2.5e-5 relative seen
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_top_k_keeps_the_tokens_tied_with_the_kth():
+    logits = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.5])
+    ids, probs = candidates(logits, [], SamplingParams(temperature=1.0, top_k=2))
+    assert sorted(ids[probs > 0].tolist()) == [0, 2, 3, 4]
+
+
+def test_a_draw_never_picks_a_token_min_p_dropped():
+    # the last id has no probability left: a uniform draw close to 1 must still land before it
+    logits = torch.tensor([0.0, 0.0, -30.0])
+    params = SamplingParams(temperature=1.0, min_p=0.5)
+    gen = torch.Generator().manual_seed(0)
+    assert {sample(logits, [], params, gen) for _ in range(2000)} == {0, 1}
