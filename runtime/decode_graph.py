@@ -56,6 +56,8 @@ class DecodeGraph:
         self.inv_freq = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)[0]  # on the CPU
         self.use_graph = graphs and dev.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
+        # the last step's input copy: the host buffer is written again only once it is done
+        self.sent: torch.cuda.Event | None = None
         self.logits: torch.Tensor | None = None
         self.on_warning = on_warning
 
@@ -95,6 +97,8 @@ class DecodeGraph:
     def stage(self, embedding: torch.Tensor, position: int) -> None:
         """Write the next step's inputs on the host and send them in one copy."""
         index, length, x, normed, angles = self.host_fields
+        if self.sent is not None:
+            self.sent.synchronize()
         index.fill_(self.cache.length)
         length.fill_(self.cache.length + 1)
         x.copy_(embedding)
@@ -102,12 +106,16 @@ class DecodeGraph:
         # a text token's t, h and w positions are equal, so every M-RoPE section rotates by it:
         # mrope_angles is position * inv_freq
         angles.copy_(float(position) * self.inv_freq)
-        # the host buffer is written again only after the step's logits came back (a sync)
         self.inputs.copy_(self.host_inputs, non_blocking=True)
+        if self.inputs.device.type == "cuda":
+            self.sent = torch.cuda.Event()
+            self.sent.record()
 
     def step(self, embedding: torch.Tensor, position: int) -> torch.Tensor:
         """The next token's embedding (1, n_embd) at `position` (a text token: t = h = w) ->
-        float32 logits (1, vocab) on the CPU; the cache grows by one."""
+        float32 logits (1, vocab) on the accelerator (a copy: the graph's own buffer is
+        written again by the next replay), left there for sampling (an argmax there and one
+        id back, not 600 KB of logits to the host); the cache grows by one."""
         cache = self.cache
         if cache.length >= cache.capacity:
             raise ValueError(f"context full: {cache.length + 1} tokens > capacity {cache.capacity}")
@@ -127,4 +135,4 @@ class DecodeGraph:
             out = self._step()
         cache.length += 1
         assert out is not None
-        return out.float().cpu()
+        return out.clone() if out is self.logits else out.float()

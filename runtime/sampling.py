@@ -56,7 +56,7 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float
     if penalty == 1.0 or not recent:
         return logits
     logits = logits.clone()
-    ids = torch.tensor(sorted(set(recent)))
+    ids = torch.tensor(sorted(set(recent)), device=logits.device)
     vals = logits[ids]
     logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
     return logits
@@ -91,7 +91,7 @@ def _top_p_prefix(scaled: torch.Tensor, log_norm: torch.Tensor, top_p: float) ->
     below = (log_p.max() - log_p) * (LOG_BINS / LOG_RANGE)
     bins = below.clamp(max=LOG_BINS - 1).long()  # the last bin: everything below the range
     mass = torch.cumsum(torch.bincount(bins, weights=torch.exp(log_p).double(), minlength=LOG_BINS), 0)
-    last = min(int(torch.searchsorted(mass, torch.tensor([top_p], dtype=mass.dtype))) + 1, LOG_BINS - 1)
+    last = min(int(torch.searchsorted(mass, mass.new_tensor([top_p]))) + 1, LOG_BINS - 1)
     ids = torch.nonzero(bins <= last).flatten()
     vals, order = torch.sort(scaled[ids], descending=True)
     return vals, ids[order]
@@ -131,7 +131,7 @@ def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams) -> t
 
 
 def sample(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: torch.Generator) -> int:
-    """One token id from float32 logits (vocab,): the argmax, or one uniform number from `gen`
+    """One token id from float32 logits (vocab,), on any device: the argmax, or one uniform number from `gen`
     against the cumulative probabilities of the `candidates` (a multinomial draw over the
     whole vocabulary costs ~5-25 ms on a CPU)."""
     if p.greedy:

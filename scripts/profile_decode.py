@@ -6,11 +6,12 @@ would take ~3.3 ms (docs/benchmarks.md); this splits the token. A text-only prom
 once to warm up (Triton compiles, the decode step is captured), then `--tokens` more are
 generated with each part timed:
 
-- `sample`: picking the token from the logits (greedy: an argmax over the vocabulary);
+- `sample`: picking the token from the logits (greedy: an argmax over the vocabulary, on the
+  device, and the id back);
 - `text`: the streamed text's piece (runtime/tokenizer.TextStream);
 - `embed`: the next token's embedding row, dequantized on the host;
 - `step`: the decode step as the caller sees it: staging its inputs, the step (the captured
-  graph's replay on a GPU, eagerly elsewhere), the logits back on the host;
+  graph's replay on a GPU, eagerly elsewhere), a copy of the logits, left on the device;
   - `replay` (CUDA only): the graph's own time between CUDA events around the replay;
 - `other`: the rest of the loop (the total minus the parts).
 

@@ -158,3 +158,24 @@ def test_mrope_angles_take_each_section_from_its_axis():
         assert torch.equal(got[:a], 7 * inv_freq[:a]) and torch.equal(got[a:b], 3 * inv_freq[a:b])
         assert torch.equal(got[b:], 11 * inv_freq[b:])
         assert section.tolist() == [0] * sections[0] + [1] * sections[1] + [2] * sections[2]
+
+
+def test_decode_embedding_rows_come_from_a_bounded_cache(tmp_path, monkeypatch):
+    """One token's row (a decode step's) is kept: the same values as dequantizing it again, a
+    copy the caller may write to, at most EMBED_CACHE_BYTES of rows, least recently used
+    dropped first."""
+    import qvl.runtime.decoder as decoder_module
+
+    spec = TinySpec(hidden=256, intermediate=512, heads=4, kv_heads=2, layers=1, vocab_size=1280,
+                    dtype=torch.float32, std=0.05)
+    g = GGUFFile(_convert(tmp_path, spec, "q4_k_m"))
+    dec = Decoder(text_config(g), Weights(g))
+    monkeypatch.setattr(decoder_module, "EMBED_CACHE_BYTES", 3 * 256 * 4)  # three rows
+    want = dec.embed.take_rows(torch.arange(1280))
+    for token in (5, 9, 5, 700, 11, 5):
+        row = dec.embed_tokens(torch.tensor([token]))
+        assert torch.equal(row, want[token:token + 1])
+        row.fill_(1e9)  # the caller's copy
+    assert list(dec._embed_rows) == [700, 11, 5]  # 9 dropped: the least recently used
+    assert torch.equal(dec.embed_tokens(torch.tensor([700])), want[700:701])
+    assert torch.equal(dec.embed_tokens(torch.tensor([3, 5])), want[[3, 5]])  # a prompt: not cached
