@@ -13,7 +13,8 @@
 #                                           # Q4_K_M (make_random_gguf.py, seconds) through bench_run.py:
 #                                           # decode tok/s + peak VRAM (1024x1024, 4k context), a decode
 #                                           # token split into host / graph / kernels (profile_decode.py),
-#                                           # the 2530x1000 image's vision time, Q4_K/Q6_K GEMV bandwidth
+#                                           # the 2530x1000 image's vision time split into parts, ops and
+#                                           # kernels (profile_vision.py), Q4_K/Q6_K GEMV bandwidth
 #                                           # (bench_kernels.py --quick). Failures end steps early; run it
 #                                           # with the time the session has left: what finished comes back
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
@@ -84,10 +85,10 @@ targets)
     timeout 90 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 \
         > "$out/profile-decode.json" 2>&1
     cat "$out/profile-decode.json"
-    # the vision image
-    timeout 100 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 8 --size 2530x1000 \
-        > "$out/run-2530x1000.json" 2>&1
-    cat "$out/run-2530x1000.json"
+    # the vision image: the tower's median over 3 encodes, its parts, device time per op and kernel
+    timeout 100 python3 scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size 2530x1000 \
+        > "$out/profile-vision.json" 2>&1
+    cat "$out/profile-vision.json"
     timeout 90 python3 scripts/bench_kernels.py --quick > "$out/bench-quick.json"
     cat "$out/bench-quick.json"
     ;;

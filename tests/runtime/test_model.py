@@ -169,3 +169,25 @@ def test_profile_decode_splits_the_token_and_restores_the_runtime(converted):
     total = sum(parts.values())
     assert abs(total - 1e3 / report["decode_tok_s"]) <= 0.01 * total + 0.01
     assert model_module.sample is sample and TextStream.push is push
+
+
+def test_profile_vision_splits_the_encode_and_restores_the_tower(converted):
+    """scripts/profile_vision.py on the CPU: window and full attention, MLP and norms timed, the
+    parts and `other` sum to the profiled encode, nothing left patched."""
+    import importlib.util
+
+    from paths import REPO
+    from qvl.runtime.vision import VisionTower
+
+    spec = importlib.util.spec_from_file_location("profile_vision", REPO / "scripts" / "profile_vision.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    saved = VisionTower._attention, VisionTower._mlp, VisionTower._norm
+    report = script.profile(str(converted["qwen2.5-untied"][0]), "cpu", (252, 140), runs=2)
+    assert report["grid_thw"] == [1, 10, 18] and report["patches"] == 180 and "ops" not in report
+    parts = report["parts_ms"]
+    assert set(parts) == {"attention_window", "attention_full", "mlp", "norm", "other"}
+    assert all(parts[k] > 0 for k in ("attention_window", "attention_full", "mlp", "norm"))
+    assert abs(sum(parts.values()) - report["parts_total_ms"]) <= 0.05
+    assert len(report["encode_s_runs"]) == 2
+    assert (VisionTower._attention, VisionTower._mlp, VisionTower._norm) == saved

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Where the vision tower's time goes, for one image: the parts of its forward pass, and on
+CUDA the device time of each torch op and each kernel.
+
+On an H200 the 7B's tower took 0.20-0.27 s for a 2530x1000 image against the 0.15 s target
+(docs/benchmarks.md), unprofiled. This encodes a random image of `--size` once to warm up
+(Triton compiles), then `--runs` more, timed whole (median), then one more with each part timed
+(the device synchronized after each, so that queued work is charged to the part that queued it):
+
+- `attention_window` / `attention_full`: a block's attention half (norm excluded): q/k/v
+  projections, rotary, attention over the windows (or the whole image), the out projection;
+- `mlp`: a block's MLP half (norm excluded);
+- `norm`: the blocks' norms;
+- `other`: the rest (patch embedding, rotary tables, window order, merger).
+
+Then (CUDA) one profiled encode: device time per torch op (its kernels' self time) and per
+kernel name, largest first. One JSON object on stdout.
+
+    python scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size 2530x1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def timed(parts: dict[str, float], name: Callable[..., str] | str, fn: Callable, cuda: bool) -> Callable:
+    """`fn` that adds its wall seconds to parts[name] (name: or a function of fn's arguments)."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        parts[name(*args) if callable(name) else name] += time.perf_counter() - start
+        return out
+    return wrapper
+
+
+def op_tables(encode: Callable[[], object], top: int) -> dict[str, list[dict]]:
+    """Device time (us) of one `encode` by torch op (self time of the op's kernels) and by
+    kernel name, largest first, each led by the total."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        encode()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    ops = [{"op": e.key[:60], "calls": e.count, "us": round(e.self_device_time_total, 1)}
+           for e in events if e.self_device_time_total > 0 and e.device_type.name == "CPU"]
+    kernels = [{"kernel": e.key[:80], "calls": e.count, "us": round(e.device_time_total, 1)}
+               for e in events if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    tables = {}
+    for name, rows, key in (("ops", ops, "op"), ("kernels", kernels, "kernel")):
+        rows.sort(key=lambda r: -r["us"])
+        total = {key: "(all)", "calls": sum(r["calls"] for r in rows), "us": round(sum(r["us"] for r in rows), 1)}
+        tables[name] = [total] + rows[:top]
+    return tables
+
+
+def profile(model_path: str, device: str, size: tuple[int, int], runs: int = 3, top: int = 15) -> dict:
+    import qvl
+    from qvl.runtime.image import preprocess
+    from qvl.runtime.vision import VisionTower
+
+    m = qvl.load(model_path, device=device)
+    if m.vision is None:
+        raise SystemExit(f"{model_path}: no vision projector beside it")
+    tower = m.vision
+    cuda = tower.device.type == "cuda"
+    cfg = tower.cfg
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    pre = preprocess(Image.fromarray(pixels), mean=cfg.image_mean, std=cfg.image_std, patch=cfg.patch_size)
+    patches = torch.from_numpy(pre.pixels)
+
+    def encode() -> torch.Tensor:
+        out = tower.forward(patches, [pre.grid_thw])
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    encode()  # compiles
+    wall = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        encode()
+        wall.append(time.perf_counter() - start)
+    parts: dict[str, float] = defaultdict(float)
+
+    def attention_kind(_self, _b, _x, _cos, _sin, cu) -> str:
+        return "attention_full" if len(cu) - 1 == sum(t for t, _, _ in [pre.grid_thw]) else "attention_window"
+
+    patches_ = [(VisionTower, "_attention", timed(parts, attention_kind, VisionTower._attention, cuda)),
+                (VisionTower, "_mlp", timed(parts, "mlp", VisionTower._mlp, cuda)),
+                (VisionTower, "_norm", timed(parts, "norm", VisionTower._norm, cuda))]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches_]
+    try:
+        for obj, name, fn in patches_:
+            setattr(obj, name, fn)
+        start = time.perf_counter()
+        encode()
+        total = time.perf_counter() - start
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+    ms = {k: round(1e3 * v, 2) for k, v in sorted(parts.items())}
+    ms["other"] = round(1e3 * total - sum(ms.values()), 2)
+    report = {"device": str(tower.device), "size": f"{size[0]}x{size[1]}", "grid_thw": list(pre.grid_thw),
+              "patches": int(patches.shape[0]), "encode_s_median": round(statistics.median(wall), 4),
+              "encode_s_runs": [round(w, 4) for w in wall], "parts_ms": ms, "parts_total_ms": round(1e3 * total, 2)}
+    if cuda:
+        report.update(op_tables(encode, top))
+    return report
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="GGUF with its mmproj beside it")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--size", default="2530x1000", help="image WIDTHxHEIGHT (default 2530x1000)")
+    ap.add_argument("--runs", type=int, default=3, help="encodes timed whole (median reported)")
+    args = ap.parse_args()
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    print(json.dumps(profile(args.model, args.device, (w, h), args.runs), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
