@@ -228,18 +228,23 @@ class VisionTower:
             return rms_norm(x, weight, self.cfg.eps)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.eps)
 
-    def _attention(self, b: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   cu: list[int]) -> torch.Tensor:
+    def _attention(self, b: Block, x: torch.Tensor, rot: torch.Tensor, cu: list[int]) -> torch.Tensor:
+        """`rot`: the rotary's (2, patches, head_dim) cos and sin, or on the kernel path its
+        half-angles (patches, head_dim / 2) for kernels/rope.py (q and k rotated in place, one
+        launch, where torch took ~10 elementwise passes over them)."""
         n, heads, hd = x.shape[0], self.cfg.n_head, self.cfg.head_dim
         q = b.q.matmul(x, b.qb).view(n, heads, hd)
         k = b.k.matmul(x, b.kb).view(n, heads, hd)
         v = b.v.matmul(x, b.vb).view(n, heads, hd)
-        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         if self.kernels:
             from ..kernels.attention import attention
+            from ..kernels.rope import apply_rope_
 
+            apply_rope_(q, rot, k)
             out = attention(q, k, v, cu, cu, causal=False, dtype=self.attn_dtype)
             return b.out.matmul(out.reshape(n, -1), b.out_b)
+        cos, sin = rot[0][:, None], rot[1][:, None]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = torch.empty(n, heads, hd, device=x.device)
         for lo, size, count in _runs(cu):  # equal windows side by side: one batched call
             hi = lo + size * count
@@ -269,7 +274,10 @@ class VisionTower:
         dev = self.device
         x = pixels.to(dev).float() @ self.patch.T
         n = x.shape[0]
-        cos, sin = (t.to(dev) for t in vision_rope(grid_thw, cfg.head_dim))
+        if self.kernels:
+            rot = vision_angles(*merge_unit_positions(grid_thw), cfg.head_dim).to(dev)
+        else:
+            rot = torch.stack(vision_rope(grid_thw, cfg.head_dim)).to(dev)
         full_cu = [0]  # full attention: each frame of each image attends to itself
         for t, h, w in grid_thw:
             for _ in range(t):
@@ -280,10 +288,10 @@ class VisionTower:
         if cfg.qwen2_5:
             order, win_cu = window_index(grid_thw, cfg.window_size, cfg.patch_size)
             perm = (order[:, None] * unit + torch.arange(unit)).reshape(-1).to(dev)
-            x, cos, sin = x[perm], cos[perm], sin[perm]
+            x, rot = x[perm], rot[perm] if self.kernels else rot[:, perm]
         for i, b in enumerate(self.blocks):
             cu = full_cu if (not cfg.qwen2_5 or i in cfg.fullatt_blocks) else win_cu
-            x = x + self._attention(b, self._norm(x, b.ln1_w, b.ln1_b), cos, sin, cu)
+            x = x + self._attention(b, self._norm(x, b.ln1_w, b.ln1_b), rot, cu)
             x = x + self._mlp(b, self._norm(x, b.ln2_w, b.ln2_b))
         x = self._norm(x, self.post_w, self.post_b).reshape(n // unit, -1)
         x = self.mm2.matmul(F.gelu(self.mm0.matmul(x) + self.mm0_b)) + self.mm2_b

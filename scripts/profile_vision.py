@@ -97,7 +97,7 @@ def profile(model_path: str, device: str, size: tuple[int, int], runs: int = 3, 
         wall.append(time.perf_counter() - start)
     parts: dict[str, float] = defaultdict(float)
 
-    def attention_kind(_self, _b, _x, _cos, _sin, cu) -> str:
+    def attention_kind(_self, _b, _x, _rot, cu) -> str:
         return "attention_full" if len(cu) - 1 == sum(t for t, _, _ in [pre.grid_thw]) else "attention_window"
 
     patches_ = [(VisionTower, "_attention", timed(parts, attention_kind, VisionTower._attention, cuda)),
