@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .config import ConfigError
 from .decoder import apply_rope, rms_norm
 from .gguf_file import GGUFFile
+from .stack import Stack
 from .weights import EXACT, Matrix, Weights, kernel_dtype
 
 WINDOW_SIZE = 112  # llama.cpp does not store these two; both families use them
@@ -116,6 +117,9 @@ class Block:
     down_b: torch.Tensor
     gate: Matrix | None
     gate_b: torch.Tensor | None
+
+    def __post_init__(self) -> None:
+        self.qkv = Stack([self.q, self.k, self.v], [self.qb, self.kb, self.vb])  # one GEMM on an accelerator
 
 
 def merge_unit_positions(grid_thw: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,9 +237,7 @@ class VisionTower:
         half-angles (patches, head_dim / 2) for kernels/rope.py (q and k rotated in place, one
         launch, where torch took ~10 elementwise passes over them)."""
         n, heads, hd = x.shape[0], self.cfg.n_head, self.cfg.head_dim
-        q = b.q.matmul(x, b.qb).view(n, heads, hd)
-        k = b.k.matmul(x, b.kb).view(n, heads, hd)
-        v = b.v.matmul(x, b.vb).view(n, heads, hd)
+        q, k, v = (t.view(n, heads, hd) for t in b.qkv.matmul(x))
         if self.kernels:
             from ..kernels.attention import attention
             from ..kernels.rope import apply_rope_

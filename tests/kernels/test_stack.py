@@ -117,3 +117,32 @@ def test_rows_past_the_last_step_take_a_dense_tail(qtype, m):
     gate, up = (_wide(24, qtype, s)[0].matmul(x) for s in (2, 3))
     assert _close(stack.swiglu(x.to(ACCEL)), torch.nn.functional.silu(gate) * up)
     assert _close(gate_up[1].matmul(x.to(ACCEL)), up)  # a part still multiplies alone, tail view included
+
+
+@pytest.mark.parametrize("qtype", [T.F16, T.F32], ids=lambda t: t.name)
+def test_dense_copies_stack_into_one_gemm(qtype):
+    """The vision tower's F16 / F32 weights on an accelerator are dense copies (bf16 / float32):
+    q/k/v stack into one (rows, cols) tensor, each part's copy a view into it, and the products
+    (biases added after) are each weight's own."""
+    from qvl.runtime.stack import DenseStack
+
+    rng = np.random.default_rng(7)
+    rows = (40, 24, 24)
+    w = [rng.standard_normal((r, K)).astype(np.float32) for r in rows]
+    raws = [a.astype(np.float16).view(np.uint8) if qtype == T.F16 else a.view(np.uint8) for a in w]
+
+    def mats() -> list[Matrix]:
+        return [Matrix(TensorInfo(n, qtype, (K, r), 0, raw.nbytes), raw) for n, r, raw in zip("qkv", rows, raws)]
+
+    alone = [m.to_device(ACCEL, True, torch.bfloat16) for m in mats()]
+    dev = [m.to_device(ACCEL, True, torch.bfloat16) for m in mats()]
+    biases = [torch.from_numpy(rng.standard_normal(r).astype(np.float32)).to(ACCEL) for r in rows]
+    stack = Stack(dev, biases)
+    assert len(stack.groups) == 1 and isinstance(stack.groups[0][0], DenseStack)
+    dense = stack.groups[0][0].dense
+    assert dense.dtype == (torch.float32 if qtype == T.F32 else torch.bfloat16) and dense.shape == (88, K)
+    assert dev[1]._device_dense.data_ptr() == dense.data_ptr() + 40 * K * dense.element_size()
+    x = torch.from_numpy(rng.standard_normal((5, K)).astype(np.float32)).to(ACCEL)
+    for got, mat, b in zip(stack.matmul(x), alone, biases):
+        assert _close(got, mat.matmul(x, b).cpu())
+    assert _close(dev[2].matmul(x), alone[2].matmul(x).cpu())  # a part still multiplies alone
