@@ -65,7 +65,7 @@ class Compiled:
     tensor_core_ops: int  # mma.sync (sm_80+) / wgmma.mma_async (sm_90) instructions in the PTX
     atomics: int = 0  # atom instructions in the PTX
     unordered_atomics: int = 0  # of which without acq_rel semantics at GPU scope
-    loop_instructions: int = 0  # SASS instructions in the longest loop body (the kernel's main loop)
+    loop_instructions: int = 0  # SASS instructions in the longest loop body (the kernel's main loop; 0: not read)
     loop_barriers: int = 0  # of which BAR (a block-wide wait each iteration)
     loop_conversions: int = 0  # of which int-to-float conversions (I2F*: a quarter of the FMA rate or less)
     loop_prefetches: int = 0  # of which prefetches into a cache (CCTL...PF*)
@@ -312,8 +312,11 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     return cases
 
 
-def cross_compile(arch: int, progress: Callable[[str], None] | None = None) -> list[Compiled]:
-    """Compile every case's launches for sm_`arch` (a key of ARCHS); one Compiled per launch."""
+def cross_compile(arch: int, progress: Callable[[str], None] | None = None,
+                  loops_of: tuple[str, ...] | None = None) -> list[Compiled]:
+    """Compile every case's launches for sm_`arch` (a key of ARCHS); one Compiled per launch.
+    The main loop's counts are read (a SASS disassembly: ~0.5 s a launch, most of the time
+    taken) for the launches of the kernels named in `loops_of`, or all of them without it."""
     if arch not in ARCHS:
         raise ValueError(f"sm_{arch}: one of {', '.join(f'sm_{a}' for a in ARCHS)}")
     half = torch.bfloat16 if arch >= 80 else torch.float16  # as weights.half_dtype picks on the GPU
@@ -326,7 +329,8 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None) -> l
             call()
             for kernel_name, kernel in launched:
                 registers, stack = _resources(kernel.asm["cubin"])
-                loop, barriers, conversions, prefetches = _loop_counts(kernel.asm["cubin"])
+                loop, barriers, conversions, prefetches = (_loop_counts(kernel.asm["cubin"])
+                                                           if loops_of is None or kernel_name in loops_of else (0, 0, 0, 0))
                 results.append(Compiled(name, kernel_name, arch, kernel.metadata.num_warps, registers, stack,
                                         kernel.metadata.shared, len(TENSOR_CORE_OP.findall(kernel.asm["ptx"])),
                                         len(ATOMIC_OP.findall(kernel.asm["ptx"])), unordered_atomics(kernel.asm["ptx"]),

@@ -31,11 +31,15 @@ def main() -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS),
                         help="compute capability x 10 (repeatable; default: all)")
     parser.add_argument("--json", action="store_true", help="one JSON object per launch instead of a table")
+    parser.add_argument("--loops-of", metavar="KERNEL", action="append",
+                        help="read the main loop (a SASS disassembly, ~0.5 s a launch: most of the time taken) "
+                             "only for this kernel's launches (repeatable; default: every kernel's); 0 for the rest")
     args = parser.parse_args()
     bad = 0
     for arch in args.arch or sorted(ARCHS):
         start = time.perf_counter()
-        results = cross_compile(arch, None if args.json else lambda name: print(f"  compiling {name}", file=sys.stderr))
+        results = cross_compile(arch, None if args.json else lambda name: print(f"  compiling {name}", file=sys.stderr),
+                                loops_of=tuple(args.loops_of) if args.loops_of else None)
         if not args.json:
             gpus, shared, cores = ARCHS[arch]
             print(f"\nsm_{arch} ({gpus}; {shared // 1024} KiB shared a block, {cores} SMs): "
