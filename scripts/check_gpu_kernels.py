@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 ATTENTION_LAUNCHES = {"default": None, "64x64w8": (64, 64, 8, 1), "32x32w4": (32, 32, 4, 1),
                       "64x64w4s2": (64, 64, 4, 2), "128x64w8": (128, 64, 8, 1)}
 WINDOWS = [64] * 40 + [32, 16, 48, 64]  # a window layer: full 8 x 8 windows and the image edge's smaller ones
+GEMV_NK = [3584, 3584]  # the GEMV cases' weight (n, k): the 7B's q / o projection
 TOL = {"bf16": 2e-2, "f32": 1e-4}  # of max |ref|: bf16 operands and probabilities / float32 products
 DEVICE = "cuda"  # where the kernels run (the tests run the cases in Triton's interpreter on the CPU)
 
@@ -92,7 +93,7 @@ def cases() -> dict[str, tuple[Callable[[], float], float]]:
         _attention_case(WINDOWS, 16, 16, 80, False, None, torch.float32), TOL["f32"])
     for qtype in ("Q4_K", "Q6_K", "Q8_0"):
         out[f"qmatmul {qtype} gemm m=300"] = (_qmatmul_case(qtype, 300, 1024, 3584), TOL["bf16"])
-        out[f"qmatmul {qtype} gemv m=3"] = (_qmatmul_case(qtype, 3, 3584, 3584), TOL["f32"])
+        out[f"qmatmul {qtype} gemv m=3"] = (_qmatmul_case(qtype, 3, *GEMV_NK), TOL["f32"])
     return out
 
 
