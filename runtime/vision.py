@@ -232,6 +232,18 @@ class VisionTower:
             return rms_norm(x, weight, self.cfg.eps)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.eps)
 
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm(h)) for the residual stream h = x + delta: on the kernel path Qwen2.5-VL's
+        RMSNorm and the add in one launch (kernels/rmsnorm.py; torch: ~6 passes over h)."""
+        if self.kernels and self.cfg.qwen2_5:
+            from ..kernels.rmsnorm import rmsnorm
+
+            normed, h = rmsnorm(delta, weight, self.cfg.eps, residual=x)
+            return h, normed
+        h = x + delta
+        return h, self._norm(h, weight, bias)
+
     def _attention(self, b: Block, x: torch.Tensor, rot: torch.Tensor, cu: list[int]) -> torch.Tensor:
         """`rot`: the rotary's (2, patches, head_dim) cos and sin, or on the kernel path its
         half-angles (patches, head_dim / 2) for kernels/rope.py (q and k rotated in place, one
@@ -291,11 +303,14 @@ class VisionTower:
             order, win_cu = window_index(grid_thw, cfg.window_size, cfg.patch_size)
             perm = (order[:, None] * unit + torch.arange(unit)).reshape(-1).to(dev)
             x, rot = x[perm], rot[perm] if self.kernels else rot[:, perm]
+        normed = self._norm(x, self.blocks[0].ln1_w, self.blocks[0].ln1_b)
         for i, b in enumerate(self.blocks):
             cu = full_cu if (not cfg.qwen2_5 or i in cfg.fullatt_blocks) else win_cu
-            x = x + self._attention(b, self._norm(x, b.ln1_w, b.ln1_b), rot, cu)
-            x = x + self._mlp(b, self._norm(x, b.ln2_w, b.ln2_b))
-        x = self._norm(x, self.post_w, self.post_b).reshape(n // unit, -1)
+            x, normed = self._add_norm(x, self._attention(b, normed, rot, cu), b.ln2_w, b.ln2_b)
+            after = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
+            x, normed = self._add_norm(x, self._mlp(b, normed), *((after.ln1_w, after.ln1_b) if after is not None
+                                                                   else (self.post_w, self.post_b)))
+        x = normed.reshape(n // unit, -1)
         x = self.mm2.matmul(F.gelu(self.mm0.matmul(x) + self.mm0_b)) + self.mm2_b
         if order is not None:
             x = x[torch.argsort(order).to(dev)]

@@ -10,7 +10,7 @@ On an H200 the 7B's tower took 0.20-0.27 s for a 2530x1000 image against the 0.1
 - `attention_window` / `attention_full`: a block's attention half (norm excluded): q/k/v
   projections, rotary, attention over the windows (or the whole image), the out projection;
 - `mlp`: a block's MLP half (norm excluded);
-- `norm`: the blocks' norms;
+- `norm`: the blocks' norms, with the residual adds before them;
 - `other`: the rest (patch embedding, rotary tables, window order, merger).
 
 Then (CUDA) one profiled encode: device time per torch op (its kernels' self time) and per
@@ -34,13 +34,22 @@ import torch
 from PIL import Image
 
 
-def timed(parts: dict[str, float], name: Callable[..., str] | str, fn: Callable, cuda: bool) -> Callable:
-    """`fn` that adds its wall seconds to parts[name] (name: or a function of fn's arguments)."""
+def timed(parts: dict[str, float], name: Callable[..., str] | str, fn: Callable, cuda: bool,
+          depth: list[int]) -> Callable:
+    """`fn` that adds its wall seconds to parts[name] (name: or a function of fn's arguments),
+    unless it runs inside another timed part (`depth`, shared: the residual add's norm calls
+    `_norm`)."""
     def wrapper(*args, **kwargs):
+        if depth[0]:
+            return fn(*args, **kwargs)
+        depth[0] += 1
         start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
+        try:
+            out = fn(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+        finally:
+            depth[0] -= 1
         parts[name(*args) if callable(name) else name] += time.perf_counter() - start
         return out
     return wrapper
@@ -100,9 +109,11 @@ def profile(model_path: str, device: str, size: tuple[int, int], runs: int = 3, 
     def attention_kind(_self, _b, _x, _rot, cu) -> str:
         return "attention_full" if len(cu) - 1 == sum(t for t, _, _ in [pre.grid_thw]) else "attention_window"
 
-    patches_ = [(VisionTower, "_attention", timed(parts, attention_kind, VisionTower._attention, cuda)),
-                (VisionTower, "_mlp", timed(parts, "mlp", VisionTower._mlp, cuda)),
-                (VisionTower, "_norm", timed(parts, "norm", VisionTower._norm, cuda))]
+    depth = [0]
+    patches_ = [(VisionTower, "_attention", timed(parts, attention_kind, VisionTower._attention, cuda, depth)),
+                (VisionTower, "_mlp", timed(parts, "mlp", VisionTower._mlp, cuda, depth)),
+                (VisionTower, "_norm", timed(parts, "norm", VisionTower._norm, cuda, depth)),
+                (VisionTower, "_add_norm", timed(parts, "norm", VisionTower._add_norm, cuda, depth))]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches_]
     try:
         for obj, name, fn in patches_:

@@ -172,8 +172,9 @@ def test_profile_decode_splits_the_token_and_restores_the_runtime(converted):
 
 
 def test_profile_vision_splits_the_encode_and_restores_the_tower(converted):
-    """scripts/profile_vision.py on the CPU: window and full attention, MLP and norms timed, the
-    parts and `other` sum to the profiled encode, nothing left patched."""
+    """scripts/profile_vision.py on the CPU: window and full attention, MLP and norms timed, none
+    counted twice (`other`, the encode less the parts, is not negative: the residual add's norm
+    calls `_norm`), nothing left patched."""
     import importlib.util
 
     from paths import REPO
@@ -182,12 +183,13 @@ def test_profile_vision_splits_the_encode_and_restores_the_tower(converted):
     spec = importlib.util.spec_from_file_location("profile_vision", REPO / "scripts" / "profile_vision.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    saved = VisionTower._attention, VisionTower._mlp, VisionTower._norm
+    saved = VisionTower._attention, VisionTower._mlp, VisionTower._norm, VisionTower._add_norm
     report = script.profile(str(converted["qwen2.5-untied"][0]), "cpu", (252, 140), runs=2)
     assert report["grid_thw"] == [1, 10, 18] and report["patches"] == 180 and "ops" not in report
     parts = report["parts_ms"]
     assert set(parts) == {"attention_window", "attention_full", "mlp", "norm", "other"}
     assert all(parts[k] > 0 for k in ("attention_window", "attention_full", "mlp", "norm"))
+    assert 0 <= parts["other"] < report["parts_total_ms"]
     assert abs(sum(parts.values()) - report["parts_total_ms"]) <= 0.05
     assert len(report["encode_s_runs"]) == 2
-    assert (VisionTower._attention, VisionTower._mlp, VisionTower._norm) == saved
+    assert (VisionTower._attention, VisionTower._mlp, VisionTower._norm, VisionTower._add_norm) == saved
