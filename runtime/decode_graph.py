@@ -56,8 +56,8 @@ class DecodeGraph:
         self.inv_freq = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)[0]  # on the CPU
         self.use_graph = graphs and dev.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
-        # the last step's input copy: the host buffer is written again only once it is done
-        self.sent: torch.cuda.Event | None = None
+        # recorded after each step's input copy: the host buffer is written again only once it is done
+        self.sent = torch.cuda.Event() if dev.type == "cuda" else None
         self.logits: torch.Tensor | None = None
         self.on_warning = on_warning
 
@@ -107,8 +107,7 @@ class DecodeGraph:
         # mrope_angles is position * inv_freq
         angles.copy_(float(position) * self.inv_freq)
         self.inputs.copy_(self.host_inputs, non_blocking=True)
-        if self.inputs.device.type == "cuda":
-            self.sent = torch.cuda.Event()
+        if self.sent is not None:
             self.sent.record()
 
     def step(self, embedding: torch.Tensor, position: int) -> torch.Tensor:

@@ -33,15 +33,26 @@ from collections.abc import Callable
 import torch
 
 
-def timed(parts: dict[str, float], name: str, fn: Callable, cuda: bool) -> Callable:
-    """`fn` that adds its wall seconds to parts[name] (the GPU synchronized after it on CUDA,
-    so that queued work is charged to the part that queued it)."""
+def timed(parts: dict[str, float], name: Callable[..., str] | str, fn: Callable, cuda: bool,
+          depth: list[int] | None = None) -> Callable:
+    """`fn` that adds its wall seconds to parts[name] (name: or a function of fn's arguments;
+    the GPU synchronized after it on CUDA, so that queued work is charged to the part that
+    queued it). With `depth` (shared by the parts): a call inside another timed part is not
+    counted again."""
+    inside = depth if depth is not None else [0]
+
     def wrapper(*args, **kwargs):
+        if depth is not None and inside[0]:
+            return fn(*args, **kwargs)
+        inside[0] += 1
         start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
-        parts[name] += time.perf_counter() - start
+        try:
+            out = fn(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+        finally:
+            inside[0] -= 1
+        parts[name(*args) if callable(name) else name] += time.perf_counter() - start
         return out
     return wrapper
 

@@ -28,31 +28,14 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-
-def timed(parts: dict[str, float], name: Callable[..., str] | str, fn: Callable, cuda: bool,
-          depth: list[int]) -> Callable:
-    """`fn` that adds its wall seconds to parts[name] (name: or a function of fn's arguments),
-    unless it runs inside another timed part (`depth`, shared: the residual add's norm calls
-    `_norm`)."""
-    def wrapper(*args, **kwargs):
-        if depth[0]:
-            return fn(*args, **kwargs)
-        depth[0] += 1
-        start = time.perf_counter()
-        try:
-            out = fn(*args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-        finally:
-            depth[0] -= 1
-        parts[name(*args) if callable(name) else name] += time.perf_counter() - start
-        return out
-    return wrapper
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_decode import timed  # noqa: E402  (beside this script)
 
 
 def op_tables(encode: Callable[[], object], top: int) -> dict[str, list[dict]]:
