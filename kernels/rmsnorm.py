@@ -61,13 +61,16 @@ def rmsnorm_kernel(
     norm_row(x_ptr + at, res_ptr + at, w_ptr, y_ptr + at, h_ptr + at, n_cols, eps, HAS_RESIDUAL, CHUNK, "")
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-            residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual (rows, n) float32 -> (normed, x + residual)."""
-    x = x.contiguous().float()
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+            out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, n) float32, bfloat16 or float16, residual (rows, n) -> (normed in `out_dtype`,
+    x + residual in float32; x itself without a residual). x is read in its own type (a
+    product's bf16 output: no float32 copy first), the sums are float32; a normed output that
+    feeds a bf16 GEMM is stored in bf16 (no conversion pass before it)."""
+    x = x.contiguous()
     rows, n = x.shape
-    y = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else x
+    y = torch.empty(rows, n, dtype=out_dtype, device=x.device)
+    h = torch.empty(rows, n, dtype=torch.float32, device=x.device) if residual is not None else x
     res = residual.contiguous().float() if residual is not None else x
     rmsnorm_kernel[(rows,)](x, res, weight.float().contiguous(), y, h, n, eps, x.stride(0),
                             HAS_RESIDUAL=residual is not None, CHUNK=min(CHUNK, triton.next_power_of_2(n)))

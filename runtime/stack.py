@@ -36,6 +36,13 @@ class DenseStack:
         y = (x.to(self.dense.dtype) @ self.dense.T).float()
         return y if bias is None else y + bias
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x @ W.T + bias` left in the copies' dtype, the bias added by the GEMM (Matrix.linear):
+        no float32 output pass, no bias pass."""
+        flat = x.reshape(-1, self.dense.shape[1]).to(self.dense.dtype)
+        y = flat @ self.dense.T if bias is None else torch.addmm(bias.to(self.dense.dtype), flat, self.dense.T)
+        return y.reshape(*x.shape[:-1], self.dense.shape[0])
+
 
 class Stack:
     """`mats` with their `biases` (None for none), multiplied by one input."""
@@ -80,6 +87,15 @@ class Stack:
         out: list[torch.Tensor] = []
         for weight, bias, rows in self.groups:
             y = weight.matmul(x, bias)
+            out.extend(y.split(rows, dim=-1) if len(rows) > 1 else [y])
+        return out
+
+    def linear(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """As `matmul`, each output left in its product's precision (Matrix.linear: bf16 / f16
+        where the weights are dense half copies, float32 from quantized blocks)."""
+        out: list[torch.Tensor] = []
+        for weight, bias, rows in self.groups:
+            y = weight.matmul(x, bias) if isinstance(weight, DeviceBlocks) else weight.linear(x, bias)
             out.extend(y.split(rows, dim=-1) if len(rows) > 1 else [y])
         return out
 

@@ -235,28 +235,34 @@ class VisionTower:
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, norm(h)) for the residual stream h = x + delta: on the kernel path Qwen2.5-VL's
-        RMSNorm and the add in one launch (kernels/rmsnorm.py; torch: ~6 passes over h)."""
+        RMSNorm and the add in one launch (kernels/rmsnorm.py; torch: ~6 passes over h), h
+        float32 and norm(h) in the GEMMs' type (their input: no conversion pass before them)."""
         if self.kernels and self.cfg.qwen2_5:
             from ..kernels.rmsnorm import rmsnorm
 
-            normed, h = rmsnorm(delta, weight, self.cfg.eps, residual=x)
+            normed, h = rmsnorm(delta, weight, self.cfg.eps, residual=x, out_dtype=self.attn_dtype)
             return h, normed
         h = x + delta
         return h, self._norm(h, weight, bias)
 
     def _attention(self, b: Block, x: torch.Tensor, rot: torch.Tensor, cu: list[int]) -> torch.Tensor:
         """`rot`: the rotary's (2, patches, head_dim) cos and sin, or on the kernel path its
-        half-angles (patches, head_dim / 2) for kernels/rope.py (q and k rotated in place, one
-        launch, where torch took ~10 elementwise passes over them)."""
+        half-angles (patches, head_dim / 2) for kernels/rope.py. On the kernel path q, k and v
+        stay the bf16 / f16 views of one product with its bias (Stack.linear): q and k rotated
+        in place in one launch, read in place by the attention, whose output is in that type
+        too, as the o projection's product. (Before: float32 products, a bias pass, ~10
+        elementwise passes of torch's rotary, and conversions before each GEMM and the
+        attention.)"""
         n, heads, hd = x.shape[0], self.cfg.n_head, self.cfg.head_dim
-        q, k, v = (t.view(n, heads, hd) for t in b.qkv.matmul(x))
         if self.kernels:
             from ..kernels.attention import attention
             from ..kernels.rope import apply_rope_
 
+            q, k, v = (t.view(n, heads, hd) for t in b.qkv.linear(x))
             apply_rope_(q, rot, k)
-            out = attention(q, k, v, cu, cu, causal=False, dtype=self.attn_dtype)
-            return b.out.matmul(out.reshape(n, -1), b.out_b)
+            out = attention(q, k, v, cu, cu, causal=False, dtype=self.attn_dtype, out_dtype=self.attn_dtype)
+            return b.out.linear(out.reshape(n, -1), b.out_b)
+        q, k, v = (t.view(n, heads, hd) for t in b.qkv.matmul(x))
         cos, sin = rot[0][:, None], rot[1][:, None]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = torch.empty(n, heads, hd, device=x.device)
@@ -273,13 +279,14 @@ class VisionTower:
     def _mlp(self, b: Block, x: torch.Tensor) -> torch.Tensor:
         """The hidden layer stays in the products' precision (bf16 on the CPU's STREAMED
         weights where bf16 GEMMs are native: half the bytes through the elementwise ops;
-        float32 for EXACT and on other CPUs)."""
+        float32 for EXACT and on other CPUs), and on the kernel path the output too (added to
+        the float32 residual by _add_norm's kernel)."""
         up = b.up.linear(x, b.up_b)
         if b.gate is not None:
             h = F.silu(b.gate.linear(x, b.gate_b)).mul_(up)
         else:
             h = up * torch.sigmoid(1.702 * up)  # quick GELU
-        return b.down.matmul(h, b.down_b)
+        return b.down.linear(h, b.down_b) if self.kernels else b.down.matmul(h, b.down_b)
 
     def forward(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """Patches (n, C*2*P*P) of one or more images -> merged tokens (n / 4, out_dim), on the

@@ -13,7 +13,7 @@ import pytest
 import torch
 from interpret import ACCEL
 
-from qvl.kernels.attention import attention, attention_ref, head_dim_split
+from qvl.kernels.attention import _BOUNDS_KEPT, attention, attention_ref, bounds_on, head_dim_split
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -109,3 +109,37 @@ def test_head_dim_split_covers_d_with_little_padding(d, split):
     main, tail = head_dim_split(d)
     assert (main, tail) == split
     assert main + tail >= d and (tail == 0 or main < d)
+
+
+@pytest.mark.parametrize("segments", [[64, 16, 51], [1]])
+def test_views_of_one_product_in_place_bf16_out(segments):
+    """The vision tower's kernel path: q, k and v are bf16 views into one (tokens, 3 * heads *
+    d) product (token stride 3 x heads x d), read where they are, and the output is bf16 (the o
+    projection's input). Against the reference on the same bf16 values: bf16's tolerance
+    (table) plus the output's own rounding to bf16 (2^-8 of |out| <= ~1 when rounded to
+    nearest, 2^-7 when Triton's interpreter truncates)."""
+    heads, d = 2, 80
+    cu = [0]
+    for n in segments:
+        cu.append(cu[-1] + n)
+    g = torch.Generator().manual_seed(cu[-1])
+    qkv = torch.randn(cu[-1], 3 * heads * d, generator=g).bfloat16().to(ACCEL)
+    q, k, v = (t.view(cu[-1], heads, d) for t in qkv.split(heads * d, dim=-1))
+    assert cu[-1] == 1 or not q.is_contiguous()
+    got = attention(q, k, v, cu, cu, causal=False, dtype=torch.bfloat16, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    ref = attention_ref(q.cpu().float(), k.cpu().float(), v.cpu().float(), cu, cu, causal=False)
+    assert (got.cpu().float() - ref).abs().max().item() <= ATOL[torch.bfloat16] + 2 ** -7
+
+
+def test_segment_bounds_made_once_and_bounded():
+    """bounds_on gives the same device tensor for the same list (one host copy, not one a
+    layer), the list's values, and keeps at most _BOUNDS_KEPT lists."""
+    dev = torch.device(ACCEL)
+    a = bounds_on([0, 5, 9], dev)
+    assert a is bounds_on([0, 5, 9], dev) and a.tolist() == [0, 5, 9] and a.dtype == torch.int32
+    for n in range(_BOUNDS_KEPT):
+        bounds_on([0, 100 + n], dev)
+    assert bounds_on([0, 5, 9], dev) is not a  # the oldest was let go
+    from qvl.kernels import attention as module
+    assert len(module._bounds) <= _BOUNDS_KEPT

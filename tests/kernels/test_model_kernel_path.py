@@ -79,7 +79,7 @@ def _run(path, placement: Placement | None, dtype: torch.dtype = torch.float32) 
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item() / b.abs().max().item()
+    return (a.to(b.device) - b).abs().max().item() / b.abs().max().item()  # a DecodeGraph's logits stay on its device
 
 
 _torch_runs: dict = {}

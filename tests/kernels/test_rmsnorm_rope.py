@@ -4,6 +4,8 @@ Tolerance table:
 | kernel | dtype | atol | why |
 | rmsnorm | float32 | 1e-5 x max|y| | the mean of squares is summed in another order |
 | rope | float32 | 2e-5 | cos/sin of the kernel's math library vs torch's, angles up to ~1e3 rad |
+| rmsnorm | bf16 in, bf16 out | 1 bf16 ulp of y (2^-7 x |y|) + 1e-5 x max|y| | the float32 y rounded once to bf16: Triton's interpreter truncates (a GPU rounds to nearest, half that) |
+| rope | bf16 | 1 bf16 ulp (2^-7 x |x'|) + 2e-5 x max | rotated in float32 from the bf16 values, rounded once (truncated when interpreted) |
 """
 
 from __future__ import annotations
@@ -72,3 +74,42 @@ def test_vision_rope_head_dim_80(grid):
     ref = x * cos[:, None] + torch.cat((-x[..., hd // 2:], x[..., :hd // 2]), -1) * sin[:, None]
     out = apply_rope_(x.to(ACCEL), vision_angles(*merge_unit_positions([grid]), hd).to(ACCEL)).cpu()
     assert (out - ref).abs().max().item() <= 2e-5
+
+
+@pytest.mark.parametrize("rows,n", [(1, 80), (131, 1280)])
+def test_rmsnorm_bf16_delta_and_output(rows, n):
+    """The vision tower's fused add: a bf16 product added to the float32 residual stream, the
+    normed output in bf16 for the next GEMM. h is the float32 sum of the bf16 values exactly."""
+    g = torch.Generator().manual_seed(rows + n)
+    x = (torch.randn(rows, n, generator=g) * 3).bfloat16()
+    res = torch.randn(rows, n, generator=g)
+    w = 1 + 0.1 * torch.randn(n, generator=g)
+    y, h = rmsnorm(x.to(ACCEL), w.to(ACCEL), 1e-6, res.to(ACCEL), out_dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    y_ref, h_ref = rmsnorm_ref(x, w, 1e-6, res)
+    assert torch.equal(h.cpu(), h_ref)
+    err = (y.cpu().float() - y_ref).abs()
+    assert (err <= 2 ** -7 * y_ref.abs() + 1e-5 * y_ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("tokens", [1, 17, 131])
+def test_rope_bf16_views_of_one_product(tokens):
+    """q and k as the vision tower has them on the GPU: bf16 views (token stride 3 x 80 x heads)
+    into one q/k/v product, rotated where they are in one launch; v untouched. Tokens not a
+    multiple of the kernel's token block."""
+    hd, heads = 80, 3
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, 3 * heads * hd, generator=g).bfloat16()
+    before = qkv.clone()
+    rows = torch.arange(tokens) % 5
+    theta = vision_angles(rows, torch.arange(tokens) // 5, hd)
+    dev = qkv.to(ACCEL)
+    q, k, v = (t.view(tokens, heads, hd) for t in dev.split(heads * hd, dim=-1))
+    apply_rope_(q, theta.to(ACCEL), k)
+    cos, sin = torch.cat([theta, theta], -1).cos()[:, None], torch.cat([theta, theta], -1).sin()[:, None]
+    for got, part in ((q, 0), (k, 1)):
+        x = before[:, part * heads * hd:(part + 1) * heads * hd].view(tokens, heads, hd).float()
+        ref = x * cos + torch.cat((-x[..., hd // 2:], x[..., :hd // 2]), -1) * sin
+        err = (got.cpu().float() - ref).abs()
+        assert (err <= 2 ** -7 * ref.abs() + 2e-5 * ref.abs().max()).all()
+    assert torch.equal(v.cpu(), before[:, 2 * heads * hd:].view(tokens, heads, hd))
