@@ -27,6 +27,7 @@ scripts/count_launches.py).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -58,14 +59,17 @@ INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs m
 # GB/s for down, 3584 x 18944), takes 255 registers and spills (compile_kernels.py): not taken.
 # Other types, GPUs and M > 1 keep (BLOCK_N, NUM_WARPS, PREFETCH): not measured.
 SM90_LAUNCH = {T.Q4_K: (4, 1, PREFETCH)}
-# Default K splits aim for this many programs per SM: what fits resident at once (128 threads at
-# 64-96 registers for batch 1: 5-8 programs of 65536 registers; docs/benchmarks.md), so
-# that enough weight bytes are in flight to cover memory latency. With 4 (the first guess) the
-# 7B's q/k/v, o and down projections got 2-3.4 programs per H100 SM. Partial sums cost
-# splits * M * N * 8 bytes, ~1-2% of the weight bytes at these shapes. H200 sweep (2026-12-04),
-# 7B Q6_K down at 32 rows a program: the default (9 splits) 1504 GB/s, 8 splits 1489, 4 1146,
-# 1 345.
-PROGRAMS_PER_CORE = 8
+# Default K splits aim for this many warps per SM (programs of num_warps warps each), so that
+# enough weight bytes are in flight to cover memory latency: a warp's loop has one 16-byte
+# load a thread in flight, plus its L2 prefetches. Counted in programs before (8 a core, for
+# 4-warp programs): with SM90_LAUNCH's 1-warp Q4_K programs that left 3584-row GEMVs (the
+# 7B's q, o and down) unsplit, 896 programs of one warp, ~7 warps an SM: 598 GB/s for Q4_K
+# down (3584 x 18944) where the gate/up stack, 9472 programs, reached 1917 (H200,
+# 2026-12-04, bench_kernels.py --quick). 32 keeps 4-warp programs where they were (8 a core;
+# H200 sweep, 7B Q6_K down at 32 rows a program: the default (9 splits) 1504 GB/s, 8 splits
+# 1489, 4 1146, 1 345). Partial sums cost splits * M * N * 8 bytes, ~1-2% of the weight bytes
+# at these shapes. QVL_GEMV_WARPS_PER_CORE sets it (benchmarks).
+WARPS_PER_CORE = int(os.environ.get("QVL_GEMV_WARPS_PER_CORE", "32"))
 INTERPRETED_PROGRAMS = 4  # in the interpreter (one "core"): a few splits, each costs milliseconds
 
 
@@ -196,7 +200,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     `silu(x @ gate.T) * (x @ up.T)` (M, N / 2). Returns (y, RMSNorm(y) * norm_weight with
     `norm_eps`, or None without a norm_weight). Checks are the caller's (qmatmul.qmatmul).
 
-    `split_k` K-ranges (default: ~PROGRAMS_PER_CORE programs per GPU core, at most one per step)
+    `split_k` K-ranges (default: ~WARPS_PER_CORE warps per GPU core, at most one range per step)
     of `block_n` rows with `num_warps`, each prefetching into L2 the step `prefetch` steps ahead
     (defaults: `gemv_launch`; no prefetch where inline PTX cannot run: Triton's interpreter,
     ROCm)."""
@@ -211,7 +215,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     n_out = n // 2 if swiglu else n
     n_blocks = triton.cdiv(n_out, block_n // 2 if swiglu else block_n)
     if split_k is None:
-        programs = INTERPRETED_PROGRAMS if gpu == INTERPRETER else PROGRAMS_PER_CORE * gpu.cores
+        programs = INTERPRETED_PROGRAMS if gpu == INTERPRETER else WARPS_PER_CORE * gpu.cores // num_warps
         split_k = max(1, min(steps, programs // n_blocks))
     per = triton.cdiv(steps, split_k)
     splits = triton.cdiv(steps, per)

@@ -16,6 +16,7 @@ output layer); anything else decodes through `Decoder.forward`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -59,6 +60,7 @@ class DecodeGraph:
         # recorded after each step's input copy: the host buffer is written again only once it is done
         self.sent = torch.cuda.Event() if dev.type == "cuda" else None
         self.logits: torch.Tensor | None = None
+        self.capture_s: float | None = None  # the capture's wall time (warm-up step included), once captured
         self.on_warning = on_warning
 
     @staticmethod
@@ -84,6 +86,7 @@ class DecodeGraph:
     def _capture(self) -> None:
         """Run the step once on a side stream (Triton compiles its kernels, the allocator warms
         up; it writes only the cache slot the replay writes again), then capture it."""
+        start = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -93,6 +96,7 @@ class DecodeGraph:
         with torch.cuda.graph(graph):
             self.logits = self._step()
         self.graph = graph
+        self.capture_s = time.perf_counter() - start
 
     def stage(self, embedding: torch.Tensor, position: int) -> None:
         """Write the next step's inputs on the host and send them in one copy."""

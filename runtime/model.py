@@ -396,6 +396,8 @@ class Model:
             next_pos = int(positions.max()) + 1 if n_prompt else 0
             gen = torch.Generator().manual_seed(params.seed)
             answer = TextStream(self.tokenizer)
+            graph = self._graph if self._graph is not None and self._graph.cache is cache else None
+            fresh = graph is not None and graph.graph is None  # captured on this generation's first step
             t1 = time.perf_counter()
             for _ in range(max_new_tokens):
                 tok = sample(logits, out_ids, params, gen)
@@ -412,6 +414,8 @@ class Model:
                 logits = self._decode(cache, tok, next_pos)
                 next_pos += 1
             timings["decode_s"] = time.perf_counter() - t1
+            if fresh and graph is not None and graph.capture_s is not None:
+                timings["capture_s"] = graph.capture_s  # inside decode_s
         finally:
             if self._generation == this:  # the cache holds the prompt and the answer fed so far
                 self._prompt_keys.kept = (keys + out_ids)[:cache.length]

@@ -24,6 +24,7 @@ Needs CUDA.
     python scripts/bench_kernels.py --sweep   # launch parameters of the GEMV and GEMM, best first
     python scripts/bench_kernels.py --low-bit # the decode GEMV of the other types (LOW_BIT_TYPES)
     python scripts/bench_kernels.py --quick   # the 7B's Q4_K and Q6_K decode GEMVs only (a minute)
+    python scripts/bench_kernels.py --splits  # every 7B Q4_K_M decode GEMV shape over K splits
 
 `--low-bit` times the batch-1 GEMV of the types of Q2_K / Q3_K_M / IQ4_XS / Q4_1 / Q5_K_M files
 and of llama.cpp's IQ1-IQ3 files (the grid types) on the 3B and 7B shapes. qvl writes none of
@@ -293,6 +294,42 @@ def sweep(dev: str, timer: Timer, cases=SWEEP_CASES, m: int = 2048, gemv=GEMV_SW
     return rows
 
 
+# the 7B Q4_K_M decode step's GEMVs (type, rows, columns, SwiGLU): q+k(+v) stacked, v, o, the
+# gate/up stack, down (Q4_K or Q6_K: the mix gives some layers' attn_v and ffn_down Q6_K), the output
+DECODE_GEMVS = (("Q4_K", 4608, 3584, False), ("Q4_K", 4096, 3584, False), ("Q6_K", 512, 3584, False),
+                ("Q4_K", 3584, 3584, False), ("Q4_K", 2 * 18944, 3584, True), ("Q4_K", 3584, 18944, False),
+                ("Q6_K", 3584, 18944, False), ("Q6_K", 152064, 3584, False))
+SPLITS = (None, 1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def splits(dev: str, cases=DECODE_GEMVS, choices=SPLITS, graph_timer: GraphTimer = graph_ms) -> list[dict]:
+    """Each decode GEMV shape at the default launch (rows a program, warps, prefetch) over K
+    splits (None: the default, kernels/qgemv.py's WARPS_PER_CORE): GB/s of weight bytes, each
+    shape's rows best first with the default's GB/s beside them. The stacked gate/up rows
+    multiply as SwiGLU, as in decode. Weights: 64 quantized rows repeated (as `sweep`)."""
+    from gguf import GGMLQuantizationType as T
+
+    from qvl.convert.quant import quantize
+    from qvl.kernels.qmatmul import qmatmul
+
+    rows = []
+    for qtype, n, k, swiglu in cases:
+        qt = T[qtype]
+        pool = quantize(np.random.default_rng(0).standard_normal((min(n, 64), k)).astype(np.float32), qt)
+        raw = torch.from_numpy(pool[np.arange(n) % len(pool)]).to(dev)
+        x = torch.randn(1, k, device=dev)
+        found = []
+        for split in choices:
+            ms = graph_timer(lambda w, split=split: lambda: qmatmul(x, w, qt, n, k, split_k=split, swiglu=swiglu), raw)
+            found.append({"kernel": f"GEMV {qtype}{' swiglu' if swiglu else ''}", "n": n, "k": k,
+                          "split_k": split or "default", "ms": round(ms, 4),
+                          "weight_GB_s": round(raw.numel() / ms / 1e6, 1)})
+            print(json.dumps(found[-1]), file=sys.stderr, flush=True)
+        default = found[0]["weight_GB_s"]
+        rows += [dict(r, default_GB_s=default) for r in sorted(found, key=lambda r: r["ms"])]
+    return rows
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU (the kernels run interpreted on the CPU only for tests)")
@@ -304,6 +341,8 @@ def main() -> None:
     copy_gbs = 2 * buf.numel() / copy_ms / 1e6
     if "--sweep" in sys.argv[1:]:
         rows = sweep(dev, triton.testing.do_bench)
+    elif "--splits" in sys.argv[1:]:
+        rows = splits(dev)
     elif "--quick" in sys.argv[1:]:
         rows = bench_qmatmul(dev, triton.testing.do_bench, {"7b": QMATMUL_SHAPES["7b"]}, ms_=(1,),
                              types=("Q4_K", "Q6_K"))

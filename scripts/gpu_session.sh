@@ -17,6 +17,12 @@
 #                                           # kernels (profile_vision.py), Q4_K/Q6_K GEMV bandwidth
 #                                           # (bench_kernels.py --quick). Failures end steps early; run it
 #                                           # with the time the session has left: what finished comes back
+#     bash scripts/gpu_session.sh followup  # ~6 min, after changes to what `targets` timed: the kernel
+#                                           # tests those changes touch on CUDA (rope, rmsnorm,
+#                                           # attention, the whole-model kernel path), the 2530x1000
+#                                           # image's vision split, decode split at the default GEMV
+#                                           # split and at QVL_GEMV_WARPS_PER_CORE=64, bench_run
+#                                           # (decode tok/s, VRAM), the decode GEMVs over K splits
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -26,7 +32,7 @@
 # The device image has torch and triton; gguf travels as a wheel, the Qwen tokenizer files for
 # the random checkpoint from ../shared (which does not travel).
 set -uo pipefail
-stage=${1:?stage: prepare, targets, kernels, bench, sweep or e2e}
+stage=${1:?stage: prepare, targets, followup, kernels, bench, sweep or e2e}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
@@ -91,6 +97,25 @@ targets)
     cat "$out/profile-vision.json"
     timeout 90 python3 scripts/bench_kernels.py --quick > "$out/bench-quick.json"
     cat "$out/bench-quick.json"
+    ;;
+followup)
+    timeout 170 python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/kernels/test_rmsnorm_rope.py \
+        tests/kernels/test_attention.py tests/kernels/test_model_kernel_path.py 2>&1 | tee "$out/tests.log" | tail -15
+    random_7b || exit 1
+    timeout 100 python3 scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size 2530x1000 \
+        > "$out/profile-vision.json" 2>&1
+    cat "$out/profile-vision.json"
+    timeout 90 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 \
+        > "$out/profile-decode.json" 2>&1
+    cat "$out/profile-decode.json"
+    QVL_GEMV_WARPS_PER_CORE=64 timeout 70 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda \
+        --tokens 64 > "$out/profile-decode-64.json" 2>&1
+    head -c 400 "$out/profile-decode-64.json"
+    timeout 150 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
+        > "$out/run-1024-ctx4096.json" 2>&1
+    cat "$out/run-1024-ctx4096.json"
+    timeout 100 python3 scripts/bench_kernels.py --splits > "$out/splits.json" 2> "$out/splits.err"
+    cat "$out/splits.err"
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time

@@ -12,7 +12,9 @@ generated with each part timed:
 - `embed`: the next token's embedding row, dequantized on the host;
 - `step`: the decode step as the caller sees it: staging its inputs, the step (the captured
   graph's replay on a GPU, eagerly elsewhere), a copy of the logits, left on the device;
+  - `stage`: the host's part of staging (the input buffer written and its copy queued);
   - `replay` (CUDA only): the graph's own time between CUDA events around the replay;
+  - `launch` (CUDA only): the host's time in the replay call (cudaGraphLaunch);
 - `other`: the rest of the loop (the total minus the parts).
 
 Then, on CUDA, one profiled token per kernel (torch.profiler): the device time of each kernel
@@ -66,15 +68,21 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
 
     m = qvl.load(model_path, device=device)
     cuda = m.placement.accel == "cuda"
-    m.generate(prompt, max_new_tokens=4)  # compiles and captures
+    # compiles and captures: as many tokens as the timed run, whose cache (and captured step) it
+    # then reuses, so that no capture is timed (it was: ~1 ms a token over 64 before)
+    warm = m.generate(prompt, max_new_tokens=tokens)
     parts: dict[str, float] = defaultdict(float)
     replay_ms: list[float] = []
     real_replay = torch.cuda.CUDAGraph.replay
 
+    launch_s: list[float] = []
+
     def replay(graph: torch.cuda.CUDAGraph) -> None:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         real_replay(graph)
+        launch_s.append(time.perf_counter() - t0)
         end.record()
         end.synchronize()
         replay_ms.append(start.elapsed_time(end))
@@ -83,6 +91,7 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
                (TextStream, "push", timed(parts, "text", TextStream.push, False)),
                (m.decoder, "embed_tokens", timed(parts, "embed", m.decoder.embed_tokens, cuda)),
                (DecodeGraph, "step", timed(parts, "step", DecodeGraph.step, cuda)),
+               (DecodeGraph, "stage", timed(parts, "stage", DecodeGraph.stage, False)),
                (model_module.Model, "_decode", timed(parts, "_decode", model_module.Model._decode, cuda))]
     if cuda:
         patches.append((torch.cuda.CUDAGraph, "replay", replay))
@@ -96,15 +105,19 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
             setattr(obj, name, fn)
     n = len(out.token_ids)
     decode_s = out.timings["decode_s"]
-    per_token = {k: round(1e3 * v / max(n, 1), 3) for k, v in parts.items() if k != "_decode"}
+    per_token = {k: round(1e3 * v / max(n, 1), 3) for k, v in parts.items() if k not in ("_decode", "stage")}
     per_token["embed"] = per_token.get("embed", 0.0)
     if "step" not in parts:  # no DecodeGraph (part of the decoder off the accelerator): _decode less its embedding
         per_token["step"] = round(1e3 * parts["_decode"] / max(n, 1) - per_token["embed"], 3)
     per_token["other"] = round(1e3 * decode_s / max(n, 1) - sum(per_token[k] for k in ("sample", "text", "step", "embed")),
                                3)
+    if "stage" in parts:
+        per_token["stage"] = round(1e3 * parts["stage"] / max(n, 1), 3)
     if replay_ms:
         per_token["replay"] = round(sum(replay_ms) / len(replay_ms), 3)
-    report = {"device": device, "tokens": n, "decode_tok_s": round(n / decode_s, 2), "ms_per_token": per_token}
+        per_token["launch"] = round(1e3 * sum(launch_s) / len(launch_s), 3)
+    report = {"device": device, "tokens": n, "decode_tok_s": round(n / decode_s, 2), "ms_per_token": per_token,
+              "capture_ms": round(1e3 * warm.timings["capture_s"], 1) if "capture_s" in warm.timings else None}
     if cuda:
         report["kernels_one_token"] = kernel_table(m, prompt, kernels)
     return report

@@ -69,3 +69,15 @@ def test_sweep_rows(bench):
     assert len(gemv) == 4 and {r["split_k"] for r in gemv} == {"default", 2}
     assert {r["prefetch"] for r in gemv} == {"default", 0}
     assert [r["tiles"] for r in rows if r["kernel"] == "GEMM Q4_K"] == [[16, 16, 64]]
+
+
+def test_split_rows(bench):
+    """--splits: each shape's rows, best first, every split asked for, the default's GB/s beside them."""
+    rows = bench.splits(ACCEL, (("Q4_K", 16, 512, False), ("Q6_K", 32, 256, True)), choices=(None, 1, 2),
+                        graph_timer=_graph_timer)
+    assert [r["kernel"] for r in rows] == ["GEMV Q4_K"] * 3 + ["GEMV Q6_K swiglu"] * 3
+    for part in (rows[:3], rows[3:]):
+        assert {r["split_k"] for r in part} == {"default", 1, 2}
+        assert [r["ms"] for r in part] == sorted(r["ms"] for r in part)
+        default = next(r for r in part if r["split_k"] == "default")
+        assert all(r["default_GB_s"] == default["weight_GB_s"] for r in part)
