@@ -52,20 +52,24 @@ NUM_WARPS = 4
 # steps ahead gave 1829, 1892, 1917, 1844 GB/s.
 PREFETCH = 2
 INTERPRETED_BLOCK_N = 128  # in Triton's interpreter, where each program costs milliseconds
-# sm_90 batch-1 (block_n, num_warps, prefetch) per type, from bench_kernels.py --sweep on an H200
-# (Triton 3.6, 2026-12-04, CUDA-graph replay; docs/benchmarks.md). 7B gate/up stacked (Q4_K
-# 37888 x 3584): 4 rows on one warp 1917 GB/s, against 1515 GB/s at (16, 4) (same work a thread,
-# 72 registers, no spill). Q6_K's best, 32 rows on one warp with prefetch 1 (1504 against 1174
-# GB/s for down, 3584 x 18944), takes 255 registers and spills (compile_kernels.py): not taken.
-# Other types, GPUs and M > 1 keep (BLOCK_N, NUM_WARPS, PREFETCH): not measured.
-SM90_LAUNCH = {T.Q4_K: (4, 1, PREFETCH)}
+# sm_90 batch-1 (block_n, num_warps, prefetch) by (type, SwiGLU stack), from bench_kernels.py
+# --sweep on an H200 (Triton 3.6, 2026-12-04, CUDA-graph replay; docs/benchmarks.md). 7B gate/up
+# stacked (Q4_K 37888 x 3584): 4 rows on one warp 1917 GB/s, against 1515 GB/s at (16, 4) (same
+# work a thread, 72 registers, no spill). Taken for every Q4_K GEMV at first, it made the
+# 3584-row ones slower (a later H200 call, bench_kernels.py --quick: 3584 x 18944 63.8 us
+# against 25.6 at (16, 4), 3584 x 3584 11.7 against 8.5; unsplit 1-warp programs, see
+# WARPS_PER_CORE), so it is the stack's alone until those are measured again. Q6_K's best, 32
+# rows on one warp with prefetch 1 (1504 against 1174 GB/s for down, 3584 x 18944), takes 255
+# registers and spills (compile_kernels.py): not taken. Other types, GPUs and M > 1 keep
+# (BLOCK_N, NUM_WARPS, PREFETCH): not measured.
+SM90_LAUNCH = {(T.Q4_K, True): (4, 1, PREFETCH)}
 # Default K splits aim for this many warps per SM (programs of num_warps warps each), so that
 # enough weight bytes are in flight to cover memory latency: a warp's loop has one 16-byte
 # load a thread in flight, plus its L2 prefetches. Counted in programs before (8 a core, for
-# 4-warp programs): with SM90_LAUNCH's 1-warp Q4_K programs that left 3584-row GEMVs (the
-# 7B's q, o and down) unsplit, 896 programs of one warp, ~7 warps an SM: 598 GB/s for Q4_K
-# down (3584 x 18944) where the gate/up stack, 9472 programs, reached 1917 (H200,
-# 2026-12-04, bench_kernels.py --quick). 32 keeps 4-warp programs where they were (8 a core;
+# 4-warp programs): with 1-warp Q4_K programs that left 3584-row GEMVs (the 7B's q, o and
+# down) unsplit, 896 programs of one warp, ~7 warps an SM: 598 GB/s for Q4_K down (3584 x
+# 18944) where the gate/up stack, 9472 programs, reached 1917 (H200, 2026-12-04,
+# bench_kernels.py --quick). 32 keeps 4-warp programs where they were (8 a core;
 # H200 sweep, 7B Q6_K down at 32 rows a program: the default (9 splits) 1504 GB/s, 8 splits
 # 1489, 4 1146, 1 345). Partial sums cost splits * M * N * 8 bytes, ~1-2% of the weight bytes
 # at these shapes. QVL_GEMV_WARPS_PER_CORE sets it (benchmarks).
@@ -207,7 +211,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     blk, size = GGML_QUANT_SIZES[qtype]
     m = x.shape[0]
     gpu = target(x.device)
-    default_n, default_warps, default_prefetch = gemv_launch(gpu, qtype, m)
+    default_n, default_warps, default_prefetch = gemv_launch(gpu, qtype, m, swiglu)
     block_n, num_warps = block_n or default_n, num_warps or default_warps
     steps = k // STEP
     row_bytes = raw.stride(0)
@@ -242,10 +246,11 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     return y, normed
 
 
-def gemv_launch(gpu: Target, qtype: T, m: int) -> tuple[int, int, int]:
-    """Default (block_n, num_warps, prefetch) of a GEMV of `qtype` weights by `m` rows of x on `gpu`."""
+def gemv_launch(gpu: Target, qtype: T, m: int, swiglu: bool = False) -> tuple[int, int, int]:
+    """Default (block_n, num_warps, prefetch) of a GEMV of `qtype` weights by `m` rows of x on
+    `gpu` (`swiglu`: of a stacked [gate; up])."""
     if gpu == INTERPRETER:
         return INTERPRETED_BLOCK_N, NUM_WARPS, 0
-    if gpu.arch >= 90 and m == 1 and qtype in SM90_LAUNCH:
-        return SM90_LAUNCH[qtype]
+    if gpu.arch >= 90 and m == 1 and (qtype, swiglu) in SM90_LAUNCH:
+        return SM90_LAUNCH[qtype, swiglu]
     return BLOCK_N, NUM_WARPS, PREFETCH

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .config import ConfigError
 from .decoder import apply_rope, rms_norm
 from .gguf_file import GGUFFile
+from .dense_mlp import DenseMLP
 from .stack import Stack
 from .weights import EXACT, Matrix, Weights, kernel_dtype
 
@@ -117,6 +118,7 @@ class Block:
     down_b: torch.Tensor
     gate: Matrix | None
     gate_b: torch.Tensor | None
+    mlp: DenseMLP | None = None  # on the kernel path, over dense copies (dense_mlp.py)
 
     def __post_init__(self) -> None:
         self.qkv = Stack([self.q, self.k, self.v], [self.qb, self.kb, self.vb])  # one GEMM on an accelerator
@@ -223,6 +225,11 @@ class VisionTower:
                 gate=mat(b + "ffn_gate.weight") if w.has(b + "ffn_gate.weight") else None,
                 gate_b=opt(b + "ffn_gate.bias"),
             ))
+        if self.kernels:
+            for blk in self.blocks:
+                if DenseMLP.supports(blk.gate, blk.up, blk.down):
+                    blk.mlp = DenseMLP(blk.gate, blk.up, blk.down, blk.gate_b, blk.up_b,  # type: ignore[arg-type]
+                                       blk.down_b)
         self.post_w, self.post_b = vec(name("post_ln") + ".weight"), opt(name("post_ln") + ".bias")
         self.mm0, self.mm0_b = mat(name("mm0") + ".weight"), vec(name("mm0") + ".bias")
         self.mm2, self.mm2_b = mat(name("mm2") + ".weight"), vec(name("mm2") + ".bias")
@@ -280,7 +287,10 @@ class VisionTower:
         """The hidden layer stays in the products' precision (bf16 on the CPU's STREAMED
         weights where bf16 GEMMs are native: half the bytes through the elementwise ops;
         float32 for EXACT and on other CPUs), and on the kernel path the output too (added to
-        the float32 residual by _add_norm's kernel)."""
+        the float32 residual by _add_norm's kernel), through DenseMLP's aligned GEMMs where it
+        has one."""
+        if self.kernels and b.mlp is not None:
+            return b.mlp.forward(x)
         up = b.up.linear(x, b.up_b)
         if b.gate is not None:
             h = F.silu(b.gate.linear(x, b.gate_b)).mul_(up)

@@ -146,3 +146,23 @@ def test_dense_copies_stack_into_one_gemm(qtype):
     for got, mat, b in zip(stack.matmul(x), alone, biases):
         assert _close(got, mat.matmul(x, b).cpu())
     assert _close(dev[2].matmul(x), alone[2].matmul(x).cpu())  # a part still multiplies alone
+
+
+def test_linear_keeps_each_products_precision():
+    """Stack.linear (the vision tower's kernel path): dense bf16 copies give bf16 products with
+    the bias added by the GEMM (bf16's 2^-8 of max |y| against the float32 `matmul`: one rounding
+    of the output), quantized blocks float32 products equal to `matmul`'s."""
+    rng = np.random.default_rng(11)
+    rows = (40, 24)
+    raws = [rng.standard_normal((r, K)).astype(np.float16).view(np.uint8) for r in rows]
+    dense = [Matrix(TensorInfo(n, T.F16, (K, r), 0, raw.nbytes), raw).to_device(ACCEL, True, torch.bfloat16)
+             for n, r, raw in zip("qk", rows, raws)]
+    biases = [torch.from_numpy(rng.standard_normal(r).astype(np.float32)).to(ACCEL) for r in rows]
+    x = torch.from_numpy(rng.standard_normal((5, K)).astype(np.float32)).to(ACCEL)
+    stack = Stack(dense, biases)
+    for got, ref in zip(stack.linear(x), stack.matmul(x)):
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - ref).abs().max().item() <= 2 ** -8 * ref.abs().max().item()
+    quant = Stack([_matrix(n, 32, T.Q4_K, i).to_device(ACCEL, True, torch.float32) for i, n in enumerate("qk")])
+    for got, ref in zip(quant.linear(x), quant.matmul(x)):
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
