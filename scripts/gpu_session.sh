@@ -74,6 +74,17 @@ pick_attention() {  # the first attention launch that ran right on this GPU, whe
     echo "no attention launch ran right"
 }
 
+profiles() {
+    # where a decode token's time goes: host parts, the graph's replay, device time per kernel
+    timeout 90 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 \
+        > "$out/profile-decode.json" 2>&1
+    cat "$out/profile-decode.json"
+    # the vision image: the tower's median over 3 encodes, its parts, device time per op and kernel
+    timeout 100 python3 scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size 2530x1000 \
+        > "$out/profile-vision.json" 2>&1
+    cat "$out/profile-vision.json"
+}
+
 case "$stage" in
 targets)
     # each kernel once, each in its own process (an illegal address poisons a process)
@@ -87,14 +98,7 @@ targets)
     timeout 200 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
         > "$out/run-1024-ctx4096.json" 2>&1
     cat "$out/run-1024-ctx4096.json"
-    # where a decode token's time goes: host parts, the graph's replay, device time per kernel
-    timeout 90 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 \
-        > "$out/profile-decode.json" 2>&1
-    cat "$out/profile-decode.json"
-    # the vision image: the tower's median over 3 encodes, its parts, device time per op and kernel
-    timeout 100 python3 scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size 2530x1000 \
-        > "$out/profile-vision.json" 2>&1
-    cat "$out/profile-vision.json"
+    profiles
     timeout 90 python3 scripts/bench_kernels.py --quick > "$out/bench-quick.json"
     cat "$out/bench-quick.json"
     ;;
@@ -102,12 +106,7 @@ followup)
     timeout 170 python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/kernels/test_rmsnorm_rope.py \
         tests/kernels/test_attention.py tests/kernels/test_model_kernel_path.py 2>&1 | tee "$out/tests.log" | tail -15
     random_7b || exit 1
-    timeout 100 python3 scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size 2530x1000 \
-        > "$out/profile-vision.json" 2>&1
-    cat "$out/profile-vision.json"
-    timeout 90 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 \
-        > "$out/profile-decode.json" 2>&1
-    cat "$out/profile-decode.json"
+    profiles
     QVL_GEMV_WARPS_PER_CORE=64 timeout 70 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda \
         --tokens 64 > "$out/profile-decode-64.json" 2>&1
     head -c 400 "$out/profile-decode-64.json"

@@ -150,8 +150,9 @@ def test_dense_copies_stack_into_one_gemm(qtype):
 
 def test_linear_keeps_each_products_precision():
     """Stack.linear (the vision tower's kernel path): dense bf16 copies give bf16 products with
-    the bias added by the GEMM (bf16's 2^-8 of max |y| against the float32 `matmul`: one rounding
-    of the output), quantized blocks float32 products equal to `matmul`'s."""
+    the bias added by the GEMM (2^-7 of max |y| against `matmul`, which rounds the product to bf16
+    and adds the bias in float32: here the bias and the sum are rounded, half a bf16 ulp each, up
+    to three such roundings apart), quantized blocks float32 products equal to `matmul`'s."""
     rng = np.random.default_rng(11)
     rows = (40, 24)
     raws = [rng.standard_normal((r, K)).astype(np.float16).view(np.uint8) for r in rows]
@@ -162,7 +163,7 @@ def test_linear_keeps_each_products_precision():
     stack = Stack(dense, biases)
     for got, ref in zip(stack.linear(x), stack.matmul(x)):
         assert got.dtype == torch.bfloat16
-        assert (got.float() - ref).abs().max().item() <= 2 ** -8 * ref.abs().max().item()
+        assert (got.float() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()
     quant = Stack([_matrix(n, 32, T.Q4_K, i).to_device(ACCEL, True, torch.float32) for i, n in enumerate("qk")])
     for got, ref in zip(quant.linear(x), quant.matmul(x)):
         assert got.dtype == torch.float32 and torch.equal(got, ref)
