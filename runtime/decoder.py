@@ -266,6 +266,7 @@ class Decoder:
         self.embed = w.matrix("token_embd.weight")
         self._embed_rows: dict[int, torch.Tensor] = {}  # token -> row, least recently used first
         self.output_on_accel = accel is not None and gpu_layers > cfg.n_layer
+        self.output_is_embed = not w.has("output.weight")  # tied: the output layer multiplies by the embeddings
         if self.output_on_accel:
             name = "output.weight" if w.has("output.weight") else "token_embd.weight"
             self.output = w.matrix(name, EXACT).to_device(accel, kernels, self.attn_dtype)
@@ -297,8 +298,6 @@ class Decoder:
                 gate=mat("ffn_gate.weight"), up=mat("ffn_up.weight"), down=mat("ffn_down.weight"),
                 device=dev, kernels=kernels and on_accel,
             ))
-        # the first layer's attn_norm on the host too, where the embedding is (DecodeGraph normalizes there)
-        self.first_norm_host = w.vector("blk.0.attn_norm.weight").float()
 
     def new_cache(self, capacity: int, kind: str | None = None) -> KVCache:
         """A KV cache with each layer's part on that layer's device."""

@@ -297,9 +297,9 @@ class Model:
 
     def _decode(self, cache: KVCache, token: int, position: int) -> torch.Tensor:
         """Logits (vocab,) of the token after `token`, a text token at `position`."""
-        embedding = self.decoder.embed_tokens(torch.tensor([token]))
         if self._graph is not None and self._graph.cache is cache:
-            return self._graph.step(embedding, position)[-1]
+            return self._graph.step(token, position)[-1]
+        embedding = self.decoder.embed_tokens(torch.tensor([token]))
         pos = torch.full((3, 1), position, dtype=torch.long)
         return self.decoder.logits(self.decoder.forward(embedding, pos, cache))[-1]
 
@@ -386,6 +386,8 @@ class Model:
         self._generation += 1
         this = self._generation
         self._prompt_keys.kept = []  # until this generation says what its cache holds
+        if self._graph is not None:
+            self._graph.drain()  # a step the last generation queued ahead (it may not have finished)
         cache = self._generation_cache(limit, reuse)
         out_ids: list[int] = []
         try:
@@ -398,9 +400,12 @@ class Model:
             answer = TextStream(self.tokenizer)
             graph = self._graph if self._graph is not None and self._graph.cache is cache else None
             fresh = graph is not None and graph.graph is None  # captured on this generation's first step
+            # greedy with no penalty: the step's own argmax, the next step queued before it is read
+            ahead = graph is not None and params.greedy and params.repeat_penalty == 1.0
+            chosen: int | None = None
             t1 = time.perf_counter()
-            for _ in range(max_new_tokens):
-                tok = sample(logits, out_ids, params, gen)
+            for i in range(max_new_tokens):
+                tok = chosen if chosen is not None else sample(logits, out_ids, params, gen)
                 if tok in self.stop_ids:
                     break
                 out_ids.append(tok)
@@ -411,12 +416,17 @@ class Model:
                     break
                 if self._generation != this:
                     raise ModelError("another generation started on this model; this one cannot go on")
-                logits = self._decode(cache, tok, next_pos)
+                if ahead and graph is not None:
+                    chosen = graph.decode_greedy(tok, next_pos, i + 1 < max_new_tokens and cache.length + 1 < limit)
+                else:
+                    logits = self._decode(cache, tok, next_pos)
                 next_pos += 1
             timings["decode_s"] = time.perf_counter() - t1
             if fresh and graph is not None and graph.capture_s is not None:
                 timings["capture_s"] = graph.capture_s  # inside decode_s
         finally:
+            if self._graph is not None:
+                self._graph.drain()  # a greedy step queued past the answer's end
             if self._generation == this:  # the cache holds the prompt and the answer fed so far
                 self._prompt_keys.kept = (keys + out_ids)[:cache.length]
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)

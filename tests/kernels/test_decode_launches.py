@@ -3,10 +3,11 @@ kernels compiled for sm_90 and sm_75, never run): per layer four dequantizing GE
 stacked, o, gate/up stacked, down), one KV store that rotates q and k too, one decode attention;
 split GEMVs and decode attention combine their splits in their last program, and the o and
 down GEMVs apply the RMSNorm that follows them (the MLP's, the next layer's, the final one), so
-per step the output GEMV and nothing else: no RMSNorm launch and no torch kernel (the first
-layer's normalized input and the rotary angles come in the step's input buffer, computed on
-the host with the embedding and sent in one copy). A torch op that creeps into the step (a
-dtype conversion, a norm in torch) fails here.
+per step the output GEMV, the token's embedding row and first RMSNorm (kernels/decode_inputs.py,
+kernels/rmsnorm.py), the argmax (torch) and one launch that makes the next step's inputs from it
+(decode_inputs.advance), and nothing else: the token id, slot, length, position and angles come
+in the step's input buffer, sent in one copy when the host stages a step. A torch op that
+creeps into the step (a dtype conversion, a norm in torch) fails here.
 The accelerator is torch's meta device, and the vision tower (an image) and a 20-token prefill
 run first, so a CPU tensor mixed into the accelerator's work (a torch op, or a Triton launch's
 arguments) fails here too, as it would on a GPU: the CPU-only kernel tests cannot see that."""
@@ -54,6 +55,9 @@ def test_decode_step_launches(model, arch, cache):
     assert triton.pop("qgemv_kernel") == 4 * n + 1
     assert triton.pop("decode_attention_kernel") == n
     assert triton.pop("kv_store_q8_kernel" if cache == "q8_0" else "kv_store_kernel") == n
+    # the step's own inputs: the token's embedding row, its first RMSNorm, and at the end the
+    # next step's (the argmax's token, slot, length, position, angles)
+    assert triton.pop("embed_row_kernel") == triton.pop("rmsnorm_kernel") == triton.pop("advance_kernel") == 1
     assert triton == {}
-    assert torch_ops == {}, torch_ops
-    assert found["inputs"] == {"copy_": 1}  # slot, length, embedding, its norm, angles: one transfer
+    assert torch_ops == {"argmax": 1}, torch_ops
+    assert found["inputs"] == {"copy_": 1}  # token, slot, length, position, angles: one transfer

@@ -195,9 +195,10 @@ def test_q8_0_kv_cache_is_close(q8_model, torch_path):
 
 def test_decode_step_matches_decoder_forward(q8_model):
     """DecodeGraph's fixed step (what a CUDA graph captures: slot, position and length read from
-    device buffers) against Decoder.forward on the same cache contents, float32, bf16 and q8_0
-    caches. Tolerance 1e-5 of max |logit|: the same kernels and weights, only the rotary angles
-    come from another table (rope_tables) and the cache slot is written by kernels/kv_store.py,
+    device buffers, the embedding row by kernels/decode_inputs.py from the token id) against
+    Decoder.forward on the same cache contents, float32, bf16 and q8_0 caches. Tolerance 1e-5 of
+    max |logit|: the same kernels and weights, only the rotary angles come from another table
+    (rope_tables), the first RMSNorm is kernels/rmsnorm.py's, and the cache slot is written by kernels/kv_store.py,
     which rotates q and k in the same launch (rope_kernel's expressions; q8_0: its quantizing
     store); the stored keys are identical."""
     from qvl.runtime.decode_graph import DecodeGraph
@@ -214,12 +215,44 @@ def test_decode_step_matches_decoder_forward(q8_model):
         graph = DecodeGraph(dec, caches[0])
         for step, token in enumerate([17, 600]):
             pos = ids.numel() + step
-            got = graph.step(dec.embed_tokens(torch.tensor([token])), pos)
+            got = graph.step(token, pos)
             want = dec.logits(dec.forward(dec.embed_tokens(torch.tensor([token])), torch.full((3, 1), pos), caches[1]))
             assert _rel(got, want) <= 1e-5, (kind, step)
         assert caches[0].length == caches[1].length == ids.numel() + 2
         k0, k1 = caches[0].stored(1)[0], caches[1].stored(1)[0]
         assert torch.equal(k0[:, :caches[0].length], k1[:, :caches[1].length])
+
+
+def test_greedy_steps_queued_ahead_match_step_by_step(q8_model):
+    """DecodeGraph.decode_greedy (the step's own argmax; the next step queued before the host
+    reads the token) against `step` and the host's argmax on a copy of the cache, token by
+    token: the same tokens, cache lengths and stored keys. A call for another token than the
+    queued step decodes drops that step and stages its own; `drain` leaves nothing queued."""
+    from qvl.runtime.decode_graph import DecodeGraph
+
+    model = load(q8_model, device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"])
+    dec = model.decoder
+    ids = torch.tensor([5, 77, 300, 9, 1200, 41])
+    cache = dec.new_cache(16, "f32")
+    dec.forward(dec.embed_tokens(ids), torch.arange(ids.numel()).expand(3, -1).contiguous(), cache)
+    caches = [cache, copy.deepcopy(cache)]
+    pipe, ref = DecodeGraph(dec, caches[0]), DecodeGraph(dec, caches[1])
+    tok, pos = 17, ids.numel()
+    for step in range(5):
+        want = int(torch.argmax(ref.step(tok, pos)[-1]))
+        tok = pipe.decode_greedy(tok, pos, ahead=True)
+        assert tok == want and caches[0].length == caches[1].length == pos + 1, step
+        pos += 1
+    assert len(pipe.queued) == 1  # the step for `tok`, queued
+    other = (tok + 1) % dec.embed.rows
+    got = pipe.decode_greedy(other, pos, ahead=False)
+    assert got == int(torch.argmax(ref.step(other, pos)[-1])) and not pipe.queued
+    assert caches[0].length == caches[1].length == pos + 1
+    k0, k1 = caches[0].stored(1)[0], caches[1].stored(1)[0]
+    assert torch.equal(k0[:, :caches[0].length], k1[:, :caches[1].length])
+    pipe.decode_greedy(got, pos + 1, ahead=True)
+    pipe.drain()
+    assert not pipe.queued and pipe.expect is None
 
 
 def test_generation_keeps_its_graph_and_cache(q8_model):

@@ -1,6 +1,7 @@
-"""kernels/embed_row.py against gguf-py's dequantization of the same row (interpreted).
+"""kernels/decode_inputs.py: embed_row against gguf-py's dequantization of the same row (interpreted).
 
-Tolerance: exact. The kernel decodes each weight with the GEMMs' expressions (float32 scale x
+Tolerance: exact (advance: the angles are the float32 product the host computes when it stages
+a step). The kernel decodes each weight with the GEMMs' expressions (float32 scale x
 code, as gguf-py) or widens F16 / BF16 / F32; no sums.
 """
 
@@ -14,7 +15,8 @@ from gguf import GGMLQuantizationType as T
 from interpret import ACCEL
 
 from qvl.convert.quant import quantize
-from qvl.kernels.embed_row import embed_row, embed_row_ref, supported
+from qvl.kernels.decode_inputs import advance, embed_row, embed_row_ref, supported
+from qvl.runtime.decoder import rope_tables
 from quant_weights import random_grid_blocks
 
 
@@ -41,3 +43,16 @@ def test_row_by_device_token(qtype, cols, token):
     out = torch.full((1, cols), float("nan"), device=ACCEL)
     embed_row(torch.from_numpy(raw).to(ACCEL), qtype, cols, torch.tensor([token], device=ACCEL), out)
     assert torch.equal(out.cpu()[0], embed_row_ref(raw, qtype, token))
+
+
+def test_advance_moves_the_step_on():
+    """advance: the argmax becomes the token, slot / length / position move on by one, and the
+    angles are (position + 1) * inv_freq exactly as the host computes them (float(p) * inv_freq)."""
+    inv_freq = rope_tables(128, 1e6, (16, 24, 24))[0]
+    dev = torch.device(ACCEL)
+    token, slot = torch.tensor([7], device=dev), torch.tensor([41], device=dev)
+    length, pos = torch.tensor([42], dtype=torch.int32, device=dev), torch.tensor([1500.0], device=dev)
+    angles = torch.zeros(64, device=dev)
+    advance(torch.tensor([151643], device=dev), token, slot, length, pos, inv_freq.to(dev), angles)
+    assert (token.item(), slot.item(), length.item(), pos.item()) == (151643, 42, 43, 1501.0)
+    assert torch.equal(angles.cpu(), float(1501) * inv_freq)
