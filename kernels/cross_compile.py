@@ -231,8 +231,9 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from gguf import GGMLQuantizationType as T
 
     from .attention import attention
-    from .dequant import dequant
     from .decode_attention import decode_attention
+    from .decode_inputs import advance, embed_row
+    from .dequant import dequant
     from .kv_store import kv_store, kv_store_q8
     from .qmatmul import SUPPORTED, qmatmul, qmatmul_norm
     from .rmsnorm import rmsnorm
@@ -308,7 +309,15 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         ("rmsnorm 3584 + residual", lambda: rmsnorm(z(7, hidden), z(hidden), 1e-6, z(7, hidden))),
         ("rope q and k d=128", lambda: apply_rope_(z(3, 28, 128), z(3, 64), z(3, 4, 128))),
         ("rope d=80", lambda: apply_rope_(z(3, 16, 80), z(3, 40))),
+        ("rope d=80 bf16 views", lambda: apply_rope_(z(3, 48, 80, dtype=half)[:, :16], z(3, 40),
+                                                     z(3, 48, 80, dtype=half)[:, 16:32])),
     ]
+    token = torch.zeros(1, dtype=torch.int64)
+    cases += [(f"embedding row {qt.name}", lambda qt=qt: embed_row(raw(qt, 1024, hidden), qt, hidden, token,
+                                                                    z(1, hidden)))
+              for qt in (T.Q4_K, T.Q6_K, T.Q8_0, T.F16)]
+    cases.append(("next step's inputs", lambda: advance(token, token.clone(), token.clone(),
+                                                         torch.zeros(1, dtype=torch.int32), z(1), z(64), z(64))))
     return cases
 
 

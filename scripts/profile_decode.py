@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
 """Where a decode token's time goes: the host's parts against the device's.
 
-On an H200 a random 7B Q4_K_M decoded at 133 tok/s (7.5 ms a token) while its GEMVs alone
-would take ~3.3 ms (docs/benchmarks.md); this splits the token. A text-only prompt is answered
+On an H200 a random 7B Q4_K_M decoded at 155 tok/s (6.4 ms a token) while the graph's replay
+took 4.7 ms (docs/benchmarks.md); this splits the token. A text-only prompt is answered
 once to warm up (Triton compiles, the decode step is captured), then `--tokens` more are
 generated with each part timed:
 
-- `sample`: picking the token from the logits (greedy: an argmax over the vocabulary, on the
-  device, and the id back);
+- `sample`: picking the token from the logits on the host's side (greedy through DecodeGraph:
+  only the prefill's token; the steps choose the rest themselves);
 - `text`: the streamed text's piece (runtime/tokenizer.TextStream);
-- `embed`: the next token's embedding row, dequantized on the host;
-- `step`: the decode step as the caller sees it: staging its inputs, the step (the captured
-  graph's replay on a GPU, eagerly elsewhere), a copy of the logits, left on the device;
+- `embed`: the next token's embedding row, dequantized on the host (not on the DecodeGraph
+  path: the step reads it from the token id);
+- `step`: the decode step as the caller sees it, host wall time: staging its inputs when it
+  must, the step (the captured graph's replay on a GPU, eagerly elsewhere) and, greedy, the
+  wait for the chosen token (the next step is queued before it: DecodeGraph.decode_greedy);
   - `stage`: the host's part of staging (the input buffer written and its copy queued);
-  - `replay` (CUDA only): the graph's own time between CUDA events around the replay;
+  - `replay` (CUDA only): the graph's own time between CUDA events around each replay
+    (recorded, not waited for: the wait would stop the step queued ahead);
   - `launch` (CUDA only): the host's time in the replay call (cudaGraphLaunch);
 - `other`: the rest of the loop (the total minus the parts).
 
@@ -72,9 +75,8 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
     # then reuses, so that no capture is timed (it was: ~1 ms a token over 64 before)
     warm = m.generate(prompt, max_new_tokens=tokens)
     parts: dict[str, float] = defaultdict(float)
-    replay_ms: list[float] = []
+    replay_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     real_replay = torch.cuda.CUDAGraph.replay
-
     launch_s: list[float] = []
 
     def replay(graph: torch.cuda.CUDAGraph) -> None:
@@ -84,13 +86,13 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
         real_replay(graph)
         launch_s.append(time.perf_counter() - t0)
         end.record()
-        end.synchronize()
-        replay_ms.append(start.elapsed_time(end))
+        replay_events.append((start, end))
 
+    steps = [(DecodeGraph, name, timed(parts, "step", getattr(DecodeGraph, name), False))
+             for name in ("step", "decode_greedy")]
     patches = [(model_module, "sample", timed(parts, "sample", model_module.sample, False)),
                (TextStream, "push", timed(parts, "text", TextStream.push, False)),
-               (m.decoder, "embed_tokens", timed(parts, "embed", m.decoder.embed_tokens, cuda)),
-               (DecodeGraph, "step", timed(parts, "step", DecodeGraph.step, cuda)),
+               (m.decoder, "embed_tokens", timed(parts, "embed", m.decoder.embed_tokens, cuda)), *steps,
                (DecodeGraph, "stage", timed(parts, "stage", DecodeGraph.stage, False)),
                (model_module.Model, "_decode", timed(parts, "_decode", model_module.Model._decode, cuda))]
     if cuda:
@@ -113,7 +115,9 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
                                3)
     if "stage" in parts:
         per_token["stage"] = round(1e3 * parts["stage"] / max(n, 1), 3)
-    if replay_ms:
+    if replay_events:
+        torch.cuda.synchronize()
+        replay_ms = [start.elapsed_time(end) for start, end in replay_events]
         per_token["replay"] = round(sum(replay_ms) / len(replay_ms), 3)
         per_token["launch"] = round(1e3 * sum(launch_s) / len(launch_s), 3)
     report = {"device": device, "tokens": n, "decode_tok_s": round(n / decode_s, 2), "ms_per_token": per_token,
