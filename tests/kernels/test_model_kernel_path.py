@@ -351,3 +351,21 @@ def test_rows_that_are_not_whole_steps_keep_their_blocks(tmp_path):
     assert len(set(ref_tokens)) > 2
     assert tokens == ref_tokens
     assert _rel(logits, ref_logits) <= 1e-4
+
+
+def test_step_reads_embeddings_where_they_are(models):
+    """DecodeGraph's embedding table: tied, the output layer's blocks already on the
+    accelerator (no second copy); untied, the file's blocks copied once (page-locked on a GPU;
+    here, the CPU standing in for one, a plain copy) and shared by the decoder's later graphs."""
+    from qvl.runtime.decode_graph import embedding_table
+    from qvl.runtime.packed import as_torch
+
+    for name in ("tied", "untied"):
+        dec = load(models[name], device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"]).decoder
+        dev = dec.norm.device
+        table = embedding_table(dec, dev)
+        if name == "tied":
+            assert dec.output_is_embed and table is dec.output.kernel.raw
+        else:
+            assert not dec.output_is_embed and torch.equal(table.cpu(), as_torch(dec.embed.raw))
+        assert embedding_table(dec, dev) is table
