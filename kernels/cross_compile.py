@@ -235,6 +235,7 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from .decode_inputs import advance, embed_row
     from .dequant import dequant
     from .kv_store import kv_store, kv_store_q8
+    from .qgemv_q8 import qgemv_q8
     from .qmatmul import SUPPORTED, qmatmul, qmatmul_norm
     from .rmsnorm import rmsnorm
     from .rope import apply_rope_
@@ -316,6 +317,8 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     cases += [(f"embedding row {qt.name}", lambda qt=qt: embed_row(raw(qt, 1024, hidden), qt, hidden, token,
                                                                     z(1, hidden)))
               for qt in (T.Q4_K, T.Q6_K, T.Q8_0, T.F16)]
+    cases += [(f"Q4_K GEMV M=1 on int8 x (prototype), {n} x {k}", lambda n=n, k=k: qgemv_q8(
+        z(1, k), raw(T.Q4_K, n, k), n, k)) for n, k in ((2 * inter, hidden), (hidden, inter))]
     cases.append(("next step's inputs", lambda: advance(token, token.clone(), token.clone(),
                                                          torch.zeros(1, dtype=torch.int32), z(1), z(64), z(64))))
     return cases

@@ -25,6 +25,7 @@ Needs CUDA.
     python scripts/bench_kernels.py --low-bit # the decode GEMV of the other types (LOW_BIT_TYPES)
     python scripts/bench_kernels.py --quick   # the 7B's Q4_K and Q6_K decode GEMVs only (a minute)
     python scripts/bench_kernels.py --splits  # every 7B Q4_K_M decode GEMV shape over K splits
+    python scripts/bench_kernels.py --int8    # the Q4_K GEMV on int8 activations (prototype) against qgemv
 
 `--low-bit` times the batch-1 GEMV of the types of Q2_K / Q3_K_M / IQ4_XS / Q4_1 / Q5_K_M files
 and of llama.cpp's IQ1-IQ3 files (the grid types) on the 3B and 7B shapes. qvl writes none of
@@ -330,6 +331,37 @@ def splits(dev: str, cases=DECODE_GEMVS, choices=SPLITS, graph_timer: GraphTimer
     return rows
 
 
+INT8_SHAPES = ((3584, 3584), (2 * 18944, 3584), (3584, 18944), (2048, 2048), (2 * 11008, 2048), (2048, 11008))
+
+
+def int8_gemv(dev: str, shapes=INT8_SHAPES, graph_timer: GraphTimer = graph_ms) -> list[dict]:
+    """Q4_K at M = 1: kernels/qgemv_q8.py (x quantized to int8 in its own launch, then dp4a)
+    against qgemv.py's float GEMV at its default launch, both replayed from a CUDA graph over
+    copies of the weight, GB/s of weight bytes; and the int8 result's error against the float
+    one relative to its max |y| (x's rounding)."""
+    from gguf import GGMLQuantizationType as T
+
+    from qvl.convert.quant import quantize
+    from qvl.kernels.qgemv_q8 import qgemv_q8
+    from qvl.kernels.qmatmul import qmatmul
+
+    rows = []
+    for n, k in shapes:
+        pool = quantize(np.random.default_rng(0).standard_normal((min(n, 64), k)).astype(np.float32), T.Q4_K)
+        raw = torch.from_numpy(pool[np.arange(n) % len(pool)]).to(dev)
+        x = torch.randn(1, k, device=dev)
+        exact = qmatmul(x, raw, T.Q4_K, n, k)
+        err = ((qgemv_q8(x, raw, n, k) - exact).abs().max() / exact.abs().max()).item()
+        ms_float = graph_timer(lambda w: lambda: qmatmul(x, w, T.Q4_K, n, k), raw)
+        ms_int8 = graph_timer(lambda w: lambda: qgemv_q8(x, w, n, k), raw)
+        row = {"kernel": "GEMV Q4_K int8 x", "n": n, "k": k, "ms": round(ms_int8, 4),
+               "weight_GB_s": round(raw.numel() / ms_int8 / 1e6, 1), "float_ms": round(ms_float, 4),
+               "vs_float": round(ms_float / ms_int8, 2), "rel_err_vs_float": float(f"{err:.2e}")}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU (the kernels run interpreted on the CPU only for tests)")
@@ -341,6 +373,8 @@ def main() -> None:
     copy_gbs = 2 * buf.numel() / copy_ms / 1e6
     if "--sweep" in sys.argv[1:]:
         rows = sweep(dev, triton.testing.do_bench)
+    elif "--int8" in sys.argv[1:]:
+        rows = int8_gemv(dev)
     elif "--splits" in sys.argv[1:]:
         rows = splits(dev)
     elif "--quick" in sys.argv[1:]:

@@ -22,7 +22,8 @@
 #                                           # attention, the whole-model kernel path), the 2530x1000
 #                                           # image's vision split, decode split at the default GEMV
 #                                           # split and at QVL_GEMV_WARPS_PER_CORE=64, bench_run
-#                                           # (decode tok/s, VRAM), the decode GEMVs over K splits
+#                                           # (decode tok/s, VRAM), the int8-activation Q4_K GEMV
+#                                           # against the float one, the decode GEMVs over K splits
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -103,8 +104,9 @@ targets)
     cat "$out/bench-quick.json"
     ;;
 followup)
-    timeout 170 python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/kernels/test_rmsnorm_rope.py \
-        tests/kernels/test_attention.py tests/kernels/test_model_kernel_path.py 2>&1 | tee "$out/tests.log" | tail -15
+    timeout 200 python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/kernels/test_rmsnorm_rope.py \
+        tests/kernels/test_attention.py tests/kernels/test_decode_inputs.py tests/kernels/test_qgemv_q8.py \
+        tests/kernels/test_model_kernel_path.py 2>&1 | tee "$out/tests.log" | tail -15
     random_7b || exit 1
     profiles
     QVL_GEMV_WARPS_PER_CORE=64 timeout 70 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda \
@@ -113,8 +115,10 @@ followup)
     timeout 150 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
         > "$out/run-1024-ctx4096.json" 2>&1
     cat "$out/run-1024-ctx4096.json"
-    timeout 100 python3 scripts/bench_kernels.py --splits > "$out/splits.json" 2> "$out/splits.err"
-    cat "$out/splits.err"
+    timeout 60 python3 scripts/bench_kernels.py --int8 > "$out/int8.json" 2>&1
+    cat "$out/int8.json"
+    timeout 100 python3 scripts/bench_kernels.py --splits > "$out/splits.json" 2>&1  # rows as measured, then all
+    head -c 3000 "$out/splits.json"
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time

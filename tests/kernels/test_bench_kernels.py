@@ -81,3 +81,11 @@ def test_split_rows(bench):
         assert [r["ms"] for r in part] == sorted(r["ms"] for r in part)
         default = next(r for r in part if r["split_k"] == "default")
         assert all(r["default_GB_s"] == default["weight_GB_s"] for r in part)
+
+
+def test_int8_rows(bench):
+    """--int8: one row a shape, both kernels timed, the int8 result's error against the float
+    GEMV small (x rounded to 8 bits: under 2^-5 of max |y| on N(0, 1) rows)."""
+    rows = bench.int8_gemv(ACCEL, ((16, 512), (40, 256)), graph_timer=_graph_timer)
+    assert [(r["n"], r["k"]) for r in rows] == [(16, 512), (40, 256)]
+    assert all(r["ms"] > 0 and r["float_ms"] > 0 and 0 < r["rel_err_vs_float"] < 2 ** -5 for r in rows)

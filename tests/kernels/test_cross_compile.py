@@ -26,7 +26,7 @@ from qvl.kernels.qblocks import SUPPORTED
 from qvl.kernels.qmatmul import gemm_tiles
 from qvl.kernels.target import Target
 
-KERNEL_MODULES = ("attention", "decode_attention", "decode_inputs", "dequant", "kv_store", "qgemv", "qmatmul", "rmsnorm", "rope")
+KERNEL_MODULES = ("attention", "decode_attention", "decode_inputs", "dequant", "kv_store", "qgemv", "qgemv_q8", "qmatmul", "rmsnorm", "rope")
 
 
 @pytest.fixture(scope="module")
