@@ -79,6 +79,43 @@ def _qmatmul_case(qtype: str, m: int, n: int, k: int) -> Callable[[], float]:
     return run
 
 
+def _embed_row_case(qtype: str) -> Callable[[], float]:
+    """decode_inputs.embed_row of a 7B-wide row from a page-locked host table (what
+    DecodeGraph reads on a GPU: the kernel reads host memory over the bus), token id on DEVICE."""
+    def run() -> float:
+        from gguf import GGMLQuantizationType as T
+
+        from qvl.kernels.decode_inputs import embed_row, embed_row_ref
+
+        sys.path.insert(0, str(REPO / "tests"))
+        from quant_weights import quant_weights
+
+        qt = T[qtype]
+        raw = quant_weights(64, 3584, qt, "normal", seed=0)
+        table = raw.pin_memory() if DEVICE == "cuda" else raw
+        out = torch.zeros(1, 3584, device=DEVICE)
+        embed_row(table, qt, 3584, torch.tensor([37], device=DEVICE), out)
+        return _relative_error(out[0], embed_row_ref(raw.numpy(), qt, 37))
+    return run
+
+
+def _int8_gemv_case() -> Callable[[], float]:
+    """qgemv_q8 (dp4a: inline assembly a GPU alone runs) against its float64 reference."""
+    def run() -> float:
+        from qvl.kernels.qgemv_q8 import qgemv_q8, qgemv_q8_ref
+
+        sys.path.insert(0, str(REPO / "tests"))
+        from gguf import GGMLQuantizationType as T
+        from quant_weights import quant_weights
+
+        n, k = GEMV_NK
+        raw = quant_weights(n, k, T.Q4_K, "normal", seed=0)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
+        got = qgemv_q8(x.to(DEVICE), raw.to(DEVICE), n, k)
+        return _relative_error(got, qgemv_q8_ref(x, raw.numpy()).float())
+    return run
+
+
 def cases() -> dict[str, tuple[Callable[[], float], float]]:
     """name -> (run, tolerance)."""
     out: dict[str, tuple[Callable[[], float], float]] = {}
@@ -94,6 +131,8 @@ def cases() -> dict[str, tuple[Callable[[], float], float]]:
     for qtype in ("Q4_K", "Q6_K", "Q8_0"):
         out[f"qmatmul {qtype} gemm m=300"] = (_qmatmul_case(qtype, 300, 1024, 3584), TOL["bf16"])
         out[f"qmatmul {qtype} gemv m=3"] = (_qmatmul_case(qtype, 3, *GEMV_NK), TOL["f32"])
+        out[f"embedding row {qtype} from page-locked memory"] = (_embed_row_case(qtype), 0.0)  # exact
+    out["qgemv_q8 Q4_K int8 x"] = (_int8_gemv_case(), TOL["f32"])
     return out
 
 
