@@ -55,7 +55,7 @@ def embedding_table(decoder: Decoder, dev: torch.device,
     out = decoder.output
     if decoder.output_is_embed and out.kernel is not None and out.kernel.raw.device == dev:
         return out.kernel.raw
-    kept = getattr(decoder, "_embed_table", None)
+    kept = decoder.embed_table
     if kept is not None and kept.device.type in ("cpu", dev.type):
         return kept
     raw = as_torch(decoder.embed.raw)
@@ -77,7 +77,7 @@ def embedding_table(decoder: Decoder, dev: torch.device,
                 on_warning(f"the GPU cannot read the token embeddings from host memory ({why}); "
                            f"copying them to the GPU ({table.numel() / 2**30:.2f} GiB)")
             table = raw.to(dev)
-    decoder._embed_table = table  # type: ignore[attr-defined]  # one copy for the decoder's caches
+    decoder.embed_table = table  # one copy for the decoder's caches
     return table
 
 

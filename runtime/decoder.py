@@ -267,6 +267,7 @@ class Decoder:
         self._embed_rows: dict[int, torch.Tensor] = {}  # token -> row, least recently used first
         self.output_on_accel = accel is not None and gpu_layers > cfg.n_layer
         self.output_is_embed = not w.has("output.weight")  # tied: the output layer multiplies by the embeddings
+        self.embed_table: torch.Tensor | None = None  # where DecodeGraph's steps read rows (decode_graph.embedding_table)
         if self.output_on_accel:
             name = "output.weight" if w.has("output.weight") else "token_embd.weight"
             self.output = w.matrix(name, EXACT).to_device(accel, kernels, self.attn_dtype)
