@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .weights import Matrix
+from .weights import Matrix, dense_linear
 
 ALIGN = 8  # hidden units: 16 bytes of bf16 / f16 (32 of float32)
 
@@ -55,6 +55,6 @@ class DenseMLP:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, cols) -> (n, down rows) in the copies' dtype."""
-        gu = torch.addmm(self.gate_up_b, x.to(self.gate_up.dtype), self.gate_up.T)
+        gu = dense_linear(x, self.gate_up, self.gate_up_b)
         h = F.silu(gu[:, :self.width]).mul_(gu[:, self.width:])
-        return torch.addmm(self.down_b, h, self.down.T)
+        return dense_linear(h, self.down, self.down_b)

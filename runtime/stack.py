@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .weights import DeviceBlocks, Matrix
+from .weights import DeviceBlocks, Matrix, dense_linear
 
 
 class DenseStack:
@@ -39,9 +39,7 @@ class DenseStack:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`x @ W.T + bias` left in the copies' dtype, the bias added by the GEMM (Matrix.linear):
         no float32 output pass, no bias pass."""
-        flat = x.reshape(-1, self.dense.shape[1]).to(self.dense.dtype)
-        y = flat @ self.dense.T if bias is None else torch.addmm(bias.to(self.dense.dtype), flat, self.dense.T)
-        return y.reshape(*x.shape[:-1], self.dense.shape[0])
+        return dense_linear(x, self.dense, bias)
 
 
 class Stack:

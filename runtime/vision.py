@@ -289,7 +289,7 @@ class VisionTower:
         float32 for EXACT and on other CPUs), and on the kernel path the output too (added to
         the float32 residual by _add_norm's kernel), through DenseMLP's aligned GEMMs where it
         has one."""
-        if self.kernels and b.mlp is not None:
+        if b.mlp is not None:  # made on the kernel path only
             return b.mlp.forward(x)
         up = b.up.linear(x, b.up_b)
         if b.gate is not None:

@@ -51,6 +51,14 @@ def kernel_dtype(mode: str, device: torch.device | str) -> torch.dtype:
     return torch.float32 if mode == EXACT else half_dtype(device)
 
 
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ w.T + bias` (..., rows) in w's dtype, x converted to it, the bias added by the GEMM
+    (addmm: one rounding of the output, no pass of its own)."""
+    flat = x.reshape(-1, w.shape[1]).to(w.dtype)
+    y = flat @ w.T if bias is None else torch.addmm(bias.to(w.dtype), flat, w.T)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 def kernel_reads(qtype: T, cols: int) -> bool:
     """Whether kernels/qmatmul.py multiplies by these GGUF blocks directly: the kernels walk K
     in steps of STEP; past the last whole step (32-weight types in rows that are not a multiple
@@ -264,11 +272,10 @@ class Matrix:
                 half = self._streamed()
         if half is None:
             return self.matmul(x, bias)
-        flat = x.reshape(-1, self.cols).to(half.dtype)
-        y = flat @ half.T if bias is None else torch.addmm(bias.to(half.dtype), flat, half.T)
+        y = dense_linear(x, half, bias)
         if half is not self._device_dense and self._release is not None:
             self._release()
-        return y.reshape(*x.shape[:-1], self.rows)
+        return y
 
     def _streamed(self) -> torch.Tensor:
         """The whole weight in the CPU's GEMM type (cpu_gemm.py: bf16, or float32 where bf16
