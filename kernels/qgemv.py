@@ -218,11 +218,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     align = math.gcd(row_bytes, 16)
     n_out = n // 2 if swiglu else n
     n_blocks = triton.cdiv(n_out, block_n // 2 if swiglu else block_n)
-    if split_k is None:
-        programs = INTERPRETED_PROGRAMS if gpu == INTERPRETER else WARPS_PER_CORE * gpu.cores // num_warps
-        split_k = max(1, min(steps, programs // n_blocks))
-    per = triton.cdiv(steps, split_k)
-    splits = triton.cdiv(steps, per)
+    per, splits = k_splits(gpu, steps, n_blocks, num_warps, split_k)
     block_m = max(1, triton.next_power_of_2(m))
     dummy = x  # a pointer for absent operands (never read)
     bias_arg = bias.float().contiguous() if bias is not None else dummy
@@ -244,6 +240,17 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
         PREFETCH_CHUNKS=triton.next_power_of_2(triton.cdiv(STEP // blk * size, 32) + 1),
         num_warps=num_warps)
     return y, normed
+
+
+def k_splits(gpu: Target, steps: int, n_blocks: int, num_warps: int, split_k: int | None) -> tuple[int, int]:
+    """(K steps a split, splits) for `n_blocks` row blocks of `num_warps` warps over `steps`
+    K steps: `split_k` ranges, or by default ~WARPS_PER_CORE warps a GPU core (at most one
+    range a step); the last range may be shorter, none empty."""
+    if split_k is None:
+        programs = INTERPRETED_PROGRAMS if gpu == INTERPRETER else WARPS_PER_CORE * gpu.cores // num_warps
+        split_k = max(1, min(steps, programs // n_blocks))
+    per = triton.cdiv(steps, split_k)
+    return per, triton.cdiv(steps, per)
 
 
 def gemv_launch(gpu: Target, qtype: T, m: int, swiglu: bool = False) -> tuple[int, int, int]:

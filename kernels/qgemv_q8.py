@@ -41,12 +41,12 @@ from gguf import GGMLQuantizationType as T
 
 from .arrival import counters, last_to_arrive
 from .qblocks import STEP, f16_at, q4_k_scale_pairs
-from .target import INTERPRETER, target
+from .qgemv import k_splits
+from .target import target
 
 Q8_BLOCK = 32  # activations a scale
 BLOCK_N = 8
 NUM_WARPS = 1
-WARPS_PER_CORE = 32  # as qgemv.WARPS_PER_CORE
 Q4_K_BYTES = 144
 
 
@@ -143,7 +143,7 @@ def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, y_ptr, part_ptr, count_ptr, N
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, n: int, k: int, block_n: int | None = None,
              num_warps: int | None = None, split_k: int | None = None) -> torch.Tensor:
     """x (1, K) float, raw (N, K / 256 * 144) uint8 Q4_K rows (contiguous) -> float32 (1, N) =
-    q8(x) @ dequant(raw).T. Default splits: ~WARPS_PER_CORE warps a GPU core, as qgemv."""
+    q8(x) @ dequant(raw).T. Default splits as qgemv's (qgemv.k_splits)."""
     if x.shape[0] != 1 or k % STEP or raw.shape != (n, k // STEP * Q4_K_BYTES) or not raw.is_contiguous():
         raise ValueError(f"qgemv_q8: x (1, {k}) and contiguous Q4_K rows ({n}, {k // STEP * Q4_K_BYTES}), "
                          f"K a multiple of {STEP}; got x {tuple(x.shape)}, raw {tuple(raw.shape)}")
@@ -151,11 +151,7 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, n: int, k: int, block_n: int | 
     block_n, num_warps = block_n or BLOCK_N, num_warps or NUM_WARPS
     steps = k // STEP
     blocks = triton.cdiv(n, block_n)
-    if split_k is None:
-        programs = 4 if gpu == INTERPRETER else WARPS_PER_CORE * gpu.cores // num_warps
-        split_k = max(1, min(steps, programs // blocks))
-    per = triton.cdiv(steps, split_k)
-    splits = triton.cdiv(steps, per)
+    per, splits = k_splits(gpu, steps, blocks, num_warps, split_k)
     xq, dx, sx = quantize_q8(x.reshape(-1).float())
     y = torch.empty(1, n, dtype=torch.float32, device=x.device)
     parts = torch.empty(splits, blocks * block_n, dtype=torch.float32, device=x.device) if splits > 1 else y
