@@ -92,13 +92,13 @@ def _dp4a(a, b, ASM: tl.constexpr):
 
 
 @triton.jit
-def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, y_ptr, part_ptr, count_ptr, N, steps, steps_per_split, splits,
-                    BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, y_ptr, part_ptr, count_ptr, N, steps, row_words, steps_per_split,
+                    splits, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """Program (row block, split): rows pid_n * BLOCK_N ... over K steps [split * steps_per_split, ...)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row0 = w_ptr + tl.where(rn < N, rn, 0).to(tl.int64) * (steps * 144)  # rows past N read row 0, never stored
+    row0 = w_ptr + tl.where(rn < N, rn, 0).to(tl.int64) * (row_words * 4)  # rows past N read row 0, never stored
     g = tl.arange(0, 4)  # groups: sub-blocks 2g (low nibbles) and 2g + 1 (high)
     v = tl.arange(0, 4)  # a run of 4 words (16 bytes: one load)
     word = 8 * g[:, None] + v[None, :]  # (4, 4): words of qs, first half of each group's 8
@@ -142,11 +142,14 @@ def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, y_ptr, part_ptr, count_ptr, N
 
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, n: int, k: int, block_n: int | None = None,
              num_warps: int | None = None, split_k: int | None = None) -> torch.Tensor:
-    """x (1, K) float, raw (N, K / 256 * 144) uint8 Q4_K rows (contiguous) -> float32 (1, N) =
+    """x (1, K) float, raw (N, K / 256 * 144) uint8 Q4_K rows (rows of contiguous bytes, 4-byte
+    aligned, possibly further apart: the first K columns of a wider weight) -> float32 (1, N) =
     q8(x) @ dequant(raw).T. Default splits as qgemv's (qgemv.k_splits)."""
-    if x.shape[0] != 1 or k % STEP or raw.shape != (n, k // STEP * Q4_K_BYTES) or not raw.is_contiguous():
-        raise ValueError(f"qgemv_q8: x (1, {k}) and contiguous Q4_K rows ({n}, {k // STEP * Q4_K_BYTES}), "
-                         f"K a multiple of {STEP}; got x {tuple(x.shape)}, raw {tuple(raw.shape)}")
+    row_bytes = k // STEP * Q4_K_BYTES
+    if (x.shape[0] != 1 or k % STEP or raw.shape != (n, row_bytes) or raw.stride(-1) != 1
+            or raw.stride(0) % 4 or raw.data_ptr() % 4 or (n > 1 and raw.stride(0) < row_bytes)):
+        raise ValueError(f"qgemv_q8: x (1, {k}) and 4-byte aligned Q4_K rows ({n}, {row_bytes}), K a multiple of "
+                         f"{STEP}; got x {tuple(x.shape)}, raw {tuple(raw.shape)} with strides {raw.stride()}")
     gpu = target(x.device)
     block_n, num_warps = block_n or BLOCK_N, num_warps or NUM_WARPS
     steps = k // STEP
@@ -156,8 +159,8 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, n: int, k: int, block_n: int | 
     y = torch.empty(1, n, dtype=torch.float32, device=x.device)
     parts = torch.empty(splits, blocks * block_n, dtype=torch.float32, device=x.device) if splits > 1 else y
     count = counters(x.device, blocks) if splits > 1 else y
-    qgemv_q8_kernel[(blocks, splits)](xq, dx, sx, raw, y, parts, count, n, steps, per, splits, BLOCK_N=block_n,
-                                      ASM=gpu.ptx, num_warps=num_warps)
+    qgemv_q8_kernel[(blocks, splits)](xq, dx, sx, raw, y, parts, count, n, steps, raw.stride(0) // 4, per, splits,
+                                      BLOCK_N=block_n, ASM=gpu.ptx, num_warps=num_warps)
     return y
 
 

@@ -15,6 +15,8 @@ TRITON_INTERPRET=1 on the CPU.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import triton
@@ -67,6 +69,10 @@ def qmatmul_kernel(
 
 
 GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel (qgemv.py)
+# QVL_INT8_GEMV=1: batch-1 Q4_K products through the int8-activation prototype (qgemv_q8.py), its
+# epilogue (bias, residual, SwiGLU, the next RMSNorm) in torch and kernels/rmsnorm.py after it:
+# for measuring it end to end on a GPU (speed, and what 8-bit activations do to the logits)
+INT8_GEMV = os.environ.get("QVL_INT8_GEMV") == "1"
 
 
 def gemm_tiles(gpu: Target, dtype: torch.dtype, qtype: T | None = None) -> tuple[int, int, int, int, int]:
@@ -125,6 +131,10 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
         raise ValueError(f"swiglu takes an even number of stacked [gate; up] rows (got {n}) and no bias or residual")
     x = _activations(x)
     m = x.shape[0]
+    if _int8(x, qtype):
+        from .qgemv_q8 import qgemv_q8
+
+        return _epilogue(qgemv_q8(x, raw, n, k), n, bias, residual, swiglu)
     if m <= GEMV_MAX_M:
         return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps, prefetch=prefetch)[0]
     gpu = target(x.device)
@@ -144,6 +154,12 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
                              x.stride(0), y.stride(0),
                              QTYPE=QTYPE_IDS[qtype], LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m,
                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return _epilogue(y, n, bias, residual, swiglu)
+
+
+def _epilogue(y: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None,
+              swiglu: bool) -> torch.Tensor:
+    """y (M, N) float32 of a product -> + bias + residual, or SwiGLU over its [gate; up] halves, in torch."""
     if swiglu:
         return torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]
     if bias is not None:
@@ -153,6 +169,11 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     return y
 
 
+def _int8(x: torch.Tensor, qtype: T) -> bool:
+    """Whether this product takes the int8-activation prototype (INT8_GEMV, batch-1 Q4_K)."""
+    return INT8_GEMV and qtype == T.Q4_K and x.shape[0] == 1
+
+
 def qmatmul_norm(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, norm_weight: torch.Tensor,
                  eps: float, bias: torch.Tensor | None = None,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +181,7 @@ def qmatmul_norm(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, n
     projection onto the residual stream and the norm that reads it. M <= GEMV_MAX_M: one
     launch (the GEMV's last program normalizes, qgemv.py); larger M: the GEMM, then
     kernels/rmsnorm.py."""
-    if x.shape[0] > GEMV_MAX_M:
+    if x.shape[0] > GEMV_MAX_M or _int8(x, qtype):
         from .rmsnorm import rmsnorm
 
         y = qmatmul(x, raw, qtype, n, k, bias, residual)

@@ -20,8 +20,8 @@
 #     bash scripts/gpu_session.sh followup  # ~6 min, after changes to what `targets` timed: the kernel
 #                                           # tests those changes touch on CUDA (rope, rmsnorm,
 #                                           # attention, the whole-model kernel path), the 2530x1000
-#                                           # image's vision split, decode split at the default GEMV
-#                                           # split and at QVL_GEMV_WARPS_PER_CORE=64, bench_run
+#                                           # image's vision split, decode split (and with
+#                                           # QVL_INT8_GEMV=1: the int8-activation GEMVs), bench_run
 #                                           # (decode tok/s, VRAM), the int8-activation Q4_K GEMV
 #                                           # against the float one, the decode GEMVs over K splits
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
@@ -109,9 +109,10 @@ followup)
         tests/kernels/test_model_kernel_path.py 2>&1 | tee "$out/tests.log" | tail -15
     random_7b || exit 1
     profiles
-    QVL_GEMV_WARPS_PER_CORE=64 timeout 70 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda \
-        --tokens 64 > "$out/profile-decode-64.json" 2>&1
-    head -c 400 "$out/profile-decode-64.json"
+    # the Q4_K GEMVs on int8 activations (kernels/qgemv_q8.py, epilogues in torch): decode end to end
+    QVL_INT8_GEMV=1 timeout 70 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda \
+        --tokens 64 > "$out/profile-decode-int8.json" 2>&1
+    head -c 1500 "$out/profile-decode-int8.json"
     timeout 150 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
         > "$out/run-1024-ctx4096.json" 2>&1
     cat "$out/run-1024-ctx4096.json"

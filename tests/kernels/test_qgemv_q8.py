@@ -60,3 +60,46 @@ def test_rejects_other_shapes():
         qgemv_q8(torch.zeros(2, 256), raw, 4, 256)
     with pytest.raises(ValueError, match="qgemv_q8"):
         qgemv_q8(torch.zeros(1, 300), raw, 4, 300)
+
+
+def test_rows_further_apart():
+    """The first K columns of a wider weight (a view, rows further apart), as qmatmul passes them."""
+    raw = _weights(9, 512, 5)
+    wide = torch.from_numpy(np.concatenate([raw, raw[:, :144]], axis=1))
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2))
+    view = wide.to(ACCEL)[:, :144]
+    y = qgemv_q8(x.to(ACCEL), view, 9, 256, block_n=8).cpu()
+    ref = qgemv_q8_ref(x, np.ascontiguousarray(raw[:, :144]))
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_qmatmul_takes_it_when_asked(monkeypatch):
+    """QVL_INT8_GEMV (qmatmul.INT8_GEMV): batch-1 Q4_K products, their bias / residual / SwiGLU
+    and the next RMSNorm, against the float GEMV within x's rounding (table: 2^-7 of
+    sum |w| max |x|; SwiGLU and the norm rescale it, checked at 2^-4 of max |y|); Q6_K and two
+    rows of x stay on the float GEMV (equal results)."""
+    import qvl.kernels.qmatmul as qm
+
+    n, k = 24, 512
+    raw = torch.from_numpy(_weights(n, k, 7)).to(ACCEL)
+    g = torch.Generator().manual_seed(3)
+    x, bias, res = torch.randn(1, k, generator=g), torch.randn(n, generator=g), torch.randn(1, n, generator=g)
+    w = torch.rand(n, generator=g) + 0.5
+    x = x.to(ACCEL)
+    plain = [qm.qmatmul(x, raw, T.Q4_K, n, k, bias.to(ACCEL), res.to(ACCEL)).cpu(),
+             qm.qmatmul(x, raw, T.Q4_K, n, k, swiglu=True).cpu(),
+             qm.qmatmul_norm(x, raw, T.Q4_K, n, k, w.to(ACCEL), 1e-6)[1].cpu()]
+    six = torch.from_numpy(quantize(np.random.default_rng(1).standard_normal((n, k)).astype(np.float32), T.Q6_K))
+    six_plain = qm.qmatmul(x, six.to(ACCEL), T.Q6_K, n, k).cpu()
+    monkeypatch.setattr(qm, "INT8_GEMV", True)
+    got = [qm.qmatmul(x, raw, T.Q4_K, n, k, bias.to(ACCEL), res.to(ACCEL)).cpu(),
+           qm.qmatmul(x, raw, T.Q4_K, n, k, swiglu=True).cpu(),
+           qm.qmatmul_norm(x, raw, T.Q4_K, n, k, w.to(ACCEL), 1e-6)[1].cpu()]
+    wsum = np.abs(np.asarray(dequantize(raw.cpu().numpy(), T.Q4_K)).reshape(n, k)).sum(axis=1)
+    bound = torch.from_numpy(2 ** -7 * wsum * x.abs().max().item()).float()
+    assert ((got[0] - plain[0]).abs()[0] <= bound).all() and not torch.equal(got[0], plain[0])
+    for a, b in zip(got[1:], plain[1:]):
+        assert (a - b).abs().max().item() <= 2 ** -4 * b.abs().max().item()
+    assert torch.equal(qm.qmatmul(x, six.to(ACCEL), T.Q6_K, n, k).cpu(), six_plain)
+    x2 = torch.cat([x, x])
+    assert torch.equal(qm.qmatmul(x2, raw, T.Q4_K, n, k).cpu()[:1], qm.qgemv(x2, raw, T.Q4_K, n, k)[0].cpu()[:1])
