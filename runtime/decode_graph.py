@@ -180,8 +180,8 @@ class DecodeGraph:
             self.sent.record()
 
     def _run(self) -> torch.Tensor:
-        """One step on the inputs in the buffer (captured on the first; after a capture the
-        inputs are staged again by the caller, so it runs only staged steps)."""
+        """One step on the inputs in the buffer: the captured graph's replay, or the step run
+        eagerly where there is no graph (`_ready` captures it)."""
         if self.graph is not None:
             self.graph.replay()
             assert self.logits is not None
