@@ -69,6 +69,7 @@ class Compiled:
     loop_barriers: int = 0  # of which BAR (a block-wide wait each iteration)
     loop_conversions: int = 0  # of which int-to-float conversions (I2F*: a quarter of the FMA rate or less)
     loop_prefetches: int = 0  # of which prefetches into a cache (CCTL...PF*)
+    loop_shuffles: int = 0  # of which exchanges between a warp's threads (SHFL)
     tensor_core_macs: int = 0  # multiply-adds of those instructions for one pass of the program (tensor_core_macs)
     scattered_packs: int = 0  # packed inline assembly whose pack is not a run of consecutive elements (packed_runs)
 
@@ -208,12 +209,13 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
-def _loop_counts(cubin: bytes) -> tuple[int, int, int, int]:
-    """(instructions, barriers, int-to-float conversions, prefetches) of the cubin's main loop."""
+def _loop_counts(cubin: bytes) -> tuple[int, int, int, int, int]:
+    """(instructions, barriers, int-to-float conversions, prefetches, shuffles) of the cubin's main loop."""
     body = main_loop(_cuobjdump(cubin, "-sass"))
     return (len(body), sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?BAR\b", i)),
             sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?I2F", i)),
-            sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?CCTL\S*\.PF", i)))
+            sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?CCTL\S*\.PF", i)),
+            sum(1 for i in body if re.match(r"(@!?U?P\w+\s+)?SHFL\b", i)))
 
 
 def _resources(cubin: bytes) -> tuple[int, int]:
@@ -317,8 +319,16 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     cases += [(f"embedding row {qt.name}", lambda qt=qt: embed_row(raw(qt, 1024, hidden), qt, hidden, token,
                                                                     z(1, hidden)))
               for qt in (T.Q4_K, T.Q6_K, T.Q8_0, T.F16)]
-    cases += [(f"Q4_K GEMV M=1 on int8 x (prototype), {n} x {k}", lambda n=n, k=k: qgemv_q8(
-        z(1, k), raw(T.Q4_K, n, k), n, k)) for n, k in ((2 * inter, hidden), (hidden, inter))]
+    for qt in (T.Q4_K, T.Q6_K):
+        cases += [
+            (f"{qt.name} GEMV M=1 on int8 x, SwiGLU", lambda qt=qt: qgemv_q8(
+                z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True)),
+            (f"{qt.name} GEMV M=1 on int8 x, residual + RMSNorm", lambda qt=qt: qgemv_q8(
+                z(1, inter), raw(qt, hidden, inter), qt, hidden, inter, residual=z(1, hidden), norm_weight=z(hidden),
+                norm_eps=1e-6)),
+            (f"{qt.name} GEMV M=1 on int8 x, bias, one split", lambda qt=qt: qgemv_q8(
+                z(1, hidden), raw(qt, 4608, hidden), qt, 4608, hidden, z(4608), split_k=1)),
+        ]
     cases.append(("next step's inputs", lambda: advance(token, token.clone(), token.clone(),
                                                          torch.zeros(1, dtype=torch.int32), z(1), z(64), z(64))))
     return cases
@@ -341,12 +351,12 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None,
             call()
             for kernel_name, kernel in launched:
                 registers, stack = _resources(kernel.asm["cubin"])
-                loop, barriers, conversions, prefetches = (_loop_counts(kernel.asm["cubin"])
-                                                           if loops_of is None or kernel_name in loops_of else (0, 0, 0, 0))
+                loop, barriers, conversions, prefetches, shuffles = (
+                    _loop_counts(kernel.asm["cubin"]) if loops_of is None or kernel_name in loops_of else (0,) * 5)
                 results.append(Compiled(name, kernel_name, arch, kernel.metadata.num_warps, registers, stack,
                                         kernel.metadata.shared, len(TENSOR_CORE_OP.findall(kernel.asm["ptx"])),
                                         len(ATOMIC_OP.findall(kernel.asm["ptx"])), unordered_atomics(kernel.asm["ptx"]),
-                                        loop, barriers, conversions, prefetches,
+                                        loop, barriers, conversions, prefetches, shuffles,
                                         tensor_core_macs(kernel.asm["ptx"], kernel.metadata.num_warps),
                                         packed_runs(kernel.asm["ttgir"])[1]))
     return results

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -166,10 +167,23 @@ def qgemv_kernel(
         acc = step(acc, x_step, stride_xm, M, rows, row, g_ptr, QTYPE, BLOCK_M, ASM)
     if BLOCK_M == 1:
         acc = row_sums(acc, QTYPE)
+    finish_rows(acc, pid_n, split, splits, rows, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr,
+                normed_ptr, M, N_OUT, eps, SPLIT, SWIGLU, HAS_BIAS, HAS_RES, NORM, BLOCK_M, BLOCK_N, NORM_CHUNK)
+
+
+@triton.jit
+def finish_rows(acc, pid_n, split, splits, rows, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr,
+                M, N_OUT, eps, SPLIT: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                NORM_CHUNK: tl.constexpr):
+    """After a program's K range: its sums acc (BLOCK_M, BLOCK_N) to the rows' outputs (module
+    doc). With SPLIT, acc goes to the partials (splits, BLOCK_M, row blocks * BLOCK_N, every
+    slot written, padding rows too) and the row block's last program to arrive adds them in
+    split order; the finishing program applies the epilogue (`_finish`) and, with NORM, counts
+    itself in for the launch's norm (`_norm_if_last`). Shared with qgemv_q8.py."""
     if SPLIT:
-        # partials: (splits, BLOCK_M, row blocks * BLOCK_N), every slot written (padding rows too)
         width = tl.num_programs(0) * BLOCK_N
-        slot = part_ptr + rows[:, None] * width + (pid_n * BLOCK_N + j)[None, :]
+        slot = part_ptr + rows[:, None] * width + (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
         tl.store(slot + split * BLOCK_M * width, acc)
         finisher = last_to_arrive(count_ptr + pid_n, splits)
         if finisher:  # add the row block's partials in split order
@@ -220,27 +234,50 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     n_blocks = triton.cdiv(n_out, block_n // 2 if swiglu else block_n)
     per, splits = k_splits(gpu, steps, n_blocks, num_warps, split_k)
     block_m = max(1, triton.next_power_of_2(m))
-    dummy = x  # a pointer for absent operands (never read)
-    bias_arg = bias.float().contiguous() if bias is not None else dummy
-    res_arg = residual.float().contiguous() if residual is not None else dummy
-    y = torch.empty(m, n_out, dtype=torch.float32, device=x.device)
-    parts = torch.empty(splits, block_m, n_blocks * block_n, dtype=torch.float32, device=x.device) \
-        if splits > 1 else y
-    norm = norm_weight is not None
-    count = counters(x.device, n_blocks + norm) if splits > 1 or norm else y  # row blocks', then the launch's
-    normed = torch.empty_like(y) if norm else None
+    out = Outputs.make(x, block_m, n_out, n_blocks, block_n, splits, bias, residual, norm_weight)
     qgemv_kernel[(n_blocks, splits)](
-        x, raw, type_grid(qtype, raw.device, raw), y, parts, count, bias_arg, res_arg,
-        norm_weight.float().contiguous() if norm else dummy, normed if normed is not None else dummy, m, n_out,
+        x, raw, type_grid(qtype, raw.device, raw), *out.args(), m, n_out,
         steps, row_bytes // align, per, splits, x.stride(0), norm_eps, QTYPE=QTYPE_IDS[qtype],
-        STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1,
-        SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm, BLOCK_M=block_m,
+        STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1, SWIGLU=swiglu,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=out.normed is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu.ptx,
         PREFETCH=0 if not gpu.ptx else default_prefetch if prefetch is None else prefetch,
         PREFETCH_CHUNKS=triton.next_power_of_2(triton.cdiv(STEP // blk * size, 32) + 1),
         num_warps=num_warps)
-    return y, normed
+    return out.y, out.normed
 
+
+@dataclass(frozen=True)
+class Outputs:
+    """A decode GEMV launch's output side (`finish_rows`): y, the split partials and counters,
+    the epilogue's operands (x itself stands for absent ones: a pointer never read)."""
+
+    y: torch.Tensor
+    parts: torch.Tensor
+    count: torch.Tensor
+    bias: torch.Tensor
+    residual: torch.Tensor
+    norm_weight: torch.Tensor
+    normed: torch.Tensor | None
+
+    @staticmethod
+    def make(x: torch.Tensor, block_m: int, n_out: int, n_blocks: int, block_n: int, splits: int,
+             bias: torch.Tensor | None, residual: torch.Tensor | None, norm_weight: torch.Tensor | None) -> Outputs:
+        """For x's M rows (block_m with padding), n_out outputs, `n_blocks` row blocks of
+        `block_n` weight rows, `splits` K ranges."""
+        y = torch.empty(x.shape[0], n_out, dtype=torch.float32, device=x.device)
+        parts = torch.empty(splits, block_m, n_blocks * block_n, dtype=torch.float32, device=x.device) \
+            if splits > 1 else y
+        norm = norm_weight is not None
+        count = counters(x.device, n_blocks + norm) if splits > 1 or norm else y  # row blocks', then the launch's
+        return Outputs(y, parts, count, bias.float().contiguous() if bias is not None else x,
+                       residual.float().contiguous() if residual is not None else x,
+                       norm_weight.float().contiguous() if norm else x, torch.empty_like(y) if norm else None)
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        """y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr."""
+        return (self.y, self.parts, self.count, self.bias, self.residual, self.norm_weight,
+                self.normed if self.normed is not None else self.y)
 
 def k_splits(gpu: Target, steps: int, n_blocks: int, num_warps: int, split_k: int | None) -> tuple[int, int]:
     """(K steps a split, splits) for `n_blocks` row blocks of `num_warps` warps over `steps`

@@ -1,33 +1,32 @@
-"""Batch-1 Q4_K GEMV on int8 activations: four products an instruction (`dp4a`), as llama.cpp's
-CUDA `mul_mat_vec_q` does. A prototype beside qgemv.py, not on the decode path yet.
+"""Batch-1 Q4_K and Q6_K GEMVs on int8 activations: four products an instruction (`dp4a`), as
+llama.cpp's CUDA `mul_mat_vec_q` does; the epilogues (bias, residual, SwiGLU, the next RMSNorm)
+and split-K finishing are qgemv.py's own (`finish_rows`). Taken by qmatmul.py with
+QVL_INT8_GEMV=1; not the default until a GPU has timed it and its effect on logits is weighed.
 
-qgemv.py turns every 4-bit code into a float and multiplies it by a float32 activation: on an
-H200 its Q4_K loop is ~178 SASS instructions a 256-weight step of 16 rows (~5.6 a weight), so it
-is bound by issuing instructions at ~46 % of the copy bandwidth (docs/benchmarks.md), where the
-issue asks for 75 %. Here x is first quantized per 32 values to int8 (`quantize_q8`: a scale
-dx = max|x| / 127 and the sum dx * sum(q) per block, as ggml's q8_1), and a Q4_K sub-block of 32
-weights contributes
+qgemv.py turns every code into a float and multiplies it by a float32 activation: on an H200
+its Q4_K loop is ~178 SASS instructions a 256-weight step of 16 rows (~5.6 a weight), so it is
+bound by issuing instructions at ~46 % of the copy bandwidth (docs/benchmarks.md), where the
+issue asks for 75 %. Here x is first quantized per 32 values to int8 (`quantize_q8`, its own
+launch: a scale dx = max|x| / 127 and the sum dx * sum(q) per block, as ggml's q8_1, and the
+integer sums per 16), and
 
-    d * sc * dx * sum(code * q)  -  dmin * m * (dx * sum(q))
+    Q4_K, a sub-block of 32:  d * sc * dx * sum(code * q)  -  dmin * m * (dx * sum(q))
+    Q6_K, a sub-block of 16:  d * scale * dx * (sum(code * q) - 32 * sum(q))
 
-with sum(code * q) over 8 words of 4 codes by `dp4a.u32.s32` (the codes are nibbles, the
-activations signed bytes): the codes never become floats, one integer-to-float conversion a
-thread's 4 words. The result differs from qgemv's by x's rounding to 8 bits (a relative error
-of ~2^-8 of each block's largest |x| per value; tolerance in the tests), which is why this is
-not the default: it must first be measured on a GPU, against the float path, for speed and
-for what it does to a model's logits. In Triton's interpreter and without inline PTX (ASM
-False) the dot products come from plain integer ops.
+with sum(code * q) over words of 4 codes by `dp4a.u32.s32` (codes unsigned: nibbles, or Q6_K's
+6 bits without its offset 32; activations signed bytes): the codes never become floats. The
+result differs from qgemv's by x's rounding to 8 bits (a relative error of ~2^-8 of each
+block's largest |x| per value; tolerance in the tests). In Triton's interpreter and without
+inline PTX (ASM False) the dot products come from plain integer ops.
 
-Work layout: program (row block, K split) walks its steps; a step's codes are two (BLOCK_N, 4
-groups, 4 words) int32 tiles, the halves of each group's 8 words, loaded in one layout so that a
-thread holds a group's 8 words of its row (2 x 16-byte loads) and sums their products in
-registers; the float accumulator is per lane (no reduction across threads inside the loop);
-splits combine by last-to-arrive (arrival.py), in split order. Compiled for sm_90
-(scripts/compile_kernels.py, Triton 3.8 here): 115 SASS instructions a step of 8 rows on one
-warp (16 of them IDP.4A, 4 I2F, no barrier or shuffle), 64 weights a thread: ~1.8 a weight,
-against ~5.6 for qgemv.py's float loop (178 a step, 32 weights a thread). An earlier layout
-(each thread 4 of a group's words, reduced across threads each step) took 100 a step for 32
-weights (SHFL.BFLY 4), ~3.1 a weight.
+Work layout: program (row block, K split) walks its steps, 8 rows on one warp, 64 weights a
+thread a step, accumulated per lane (no reduction across threads inside the loop). Q4_K: a
+thread holds a group's 8 words of its row (2 x 16-byte loads). Q6_K: its blocks are 210 bytes,
+2-byte aligned, so a word is two 16-bit loads (12 words of codes and high bits a thread).
+Compiled for sm_90 (scripts/compile_kernels.py, Triton 3.8 here): Q4_K 115 SASS instructions a
+step (16 IDP.4A, 4 I2F, no barrier or shuffle), ~1.8 a weight, against ~5.6 for qgemv.py's
+float loop; Q6_K 191 (24 16-bit loads), ~3.0 a weight, against ~7.2 (226-235 a step of 32
+weights a thread).
 Torch reference: `qgemv_q8_ref` (float64 of the same integer sums and scales).
 """
 
@@ -39,22 +38,25 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from .arrival import counters, last_to_arrive
 from .qblocks import STEP, f16_at, q4_k_scale_pairs
-from .qgemv import k_splits
+from .qgemv import Outputs, _weight_row, finish_rows, k_splits
+from .rmsnorm import CHUNK as NORM_CHUNK
 from .target import target
 
 Q8_BLOCK = 32  # activations a scale
 BLOCK_N = 8
 NUM_WARPS = 1
+TYPES = {T.Q4_K: 1, T.Q6_K: 2}  # the weight types taken, and the kernel's QTYPE for each
 Q4_K_BYTES = 144
 
 
 @triton.jit
-def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, BLOCKS: tl.constexpr):
-    """Program p: BLOCKS blocks of 32 values of x -> int8 codes, dx (max|x| / 127) and dx * sum(q)."""
+def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, s16_ptr, K, BLOCKS: tl.constexpr):
+    """Program p: BLOCKS blocks of 32 values of x -> int8 codes, dx (max|x| / 127), dx * sum(q)
+    and the integer sums of q's halves (16 values each)."""
     b = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     i = tl.arange(0, 32)
     offs = b[:, None] * 32 + i[None, :]
@@ -67,22 +69,27 @@ def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, BLOCKS: tl.constexpr):
     tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(d_ptr + b, d, mask=b * 32 < K)
     tl.store(s_ptr + b, d * tl.sum(q, axis=1).to(tl.float32), mask=b * 32 < K)
+    halves = tl.sum(tl.reshape(q, (BLOCKS, 2, 16)), axis=2)
+    h = 2 * b[:, None] + tl.arange(0, 2)[None, :]
+    tl.store(s16_ptr + h, halves, mask=h * 16 < K)
 
 
-def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (K,) float, K a multiple of 32 -> (codes (K,) int8, dx (K / 32,) float32, dx * sum(codes) (K / 32,))."""
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (K,) float, K a multiple of 32 -> (codes (K,) int8, dx (K / 32,) float32, dx * sum(codes)
+    (K / 32,), sum(codes) per 16 (K / 16,) int32)."""
     k = x.numel()
     q = torch.empty(k, dtype=torch.int8, device=x.device)
     d = torch.empty(k // Q8_BLOCK, dtype=torch.float32, device=x.device)
     s = torch.empty_like(d)
+    s16 = torch.empty(k // 16, dtype=torch.int32, device=x.device)
     blocks = 8
-    quantize_q8_kernel[(triton.cdiv(k // Q8_BLOCK, blocks),)](x.contiguous(), q, d, s, k, BLOCKS=blocks)
-    return q, d, s
+    quantize_q8_kernel[(triton.cdiv(k // Q8_BLOCK, blocks),)](x.contiguous(), q, d, s, s16, k, BLOCKS=blocks)
+    return q, d, s, s16
 
 
 @triton.jit
 def _dp4a(a, b, ASM: tl.constexpr):
-    """sum over the 4 bytes of unsigned a (codes < 16) times signed b, per element (int32)."""
+    """sum over the 4 bytes of unsigned a (codes < 64) times signed b, per element (int32)."""
     if ASM:
         return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, tl.zeros_like(a)],
                                          dtype=tl.int32, is_pure=True, pack=1)
@@ -94,85 +101,159 @@ def _dp4a(a, b, ASM: tl.constexpr):
 
 
 @triton.jit
-def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, y_ptr, part_ptr, count_ptr, N, steps, row_units, steps_per_split,
-                    splits, ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-    """Program (row block, split): rows pid_n * BLOCK_N ... over K steps [split * steps_per_split,
-    ...). Rows are row_units * ROW_ALIGN bytes apart: with the constant factor (16 where the
-    stride allows) the compiler knows the codes' 16-byte runs are aligned and loads each in one
-    instruction (as a plain integer stride it assumed 4 bytes: 288 instructions a step, not 115)."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row0 = w_ptr + tl.where(rn < N, rn, 0).to(tl.int64) * (row_units * ROW_ALIGN)  # rows past N: row 0, not stored
-    g = tl.arange(0, 4)  # groups: sub-blocks 2g (low nibbles) and 2g + 1 (high)
+def _q4_k_step(acc, row, x32, dx_ptr, sx_ptr, kb, ASM: tl.constexpr):
+    """acc (BLOCK_N, 4) += step kb of the Q4_K rows at byte pointers row (BLOCK_N,). Thread
+    (row, g) takes group g: sub-blocks 2g (low nibbles) and 2g + 1 (high) of qs's 32 bytes at
+    16 + 32g, two 16-byte runs (the halves of the group's 8 words, loaded in one layout)."""
+    g = tl.arange(0, 4)
     v = tl.arange(0, 4)  # a run of 4 words (16 bytes: one load)
     word = 8 * g[:, None] + v[None, :]  # (4, 4): words of qs, first half of each group's 8
     xword = 16 * g[:, None] + v[None, :]  # x's words for sub-block 2g, first half
-    acc = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+    dot_lo = tl.zeros(acc.shape, dtype=tl.int32)
+    dot_hi = tl.zeros(acc.shape, dtype=tl.int32)
+    for h in tl.static_range(2):
+        qs = tl.load(row.to(tl.pointer_type(tl.int32))[:, None, None] + 4 + 4 * h + word[None, :, :])
+        xlo = tl.load(x32 + kb * 64 + 4 * h + xword)[None, :, :]
+        xhi = tl.load(x32 + kb * 64 + 8 + 4 * h + xword)[None, :, :]
+        dot_lo += tl.sum(_dp4a(qs & 0x0F0F0F0F, xlo, ASM), axis=2)
+        dot_hi += tl.sum(_dp4a((qs >> 4) & 0x0F0F0F0F, xhi, ASM), axis=2)
+    d = f16_at(row)[:, None]
+    dmin = f16_at(row + 2)[:, None]
+    sc_lo, m_lo, sc_hi, m_hi = q4_k_scale_pairs(row, g)  # (BLOCK_N, 4)
+    dx_lo = tl.load(dx_ptr + kb * 8 + 2 * g)[None, :]
+    dx_hi = tl.load(dx_ptr + kb * 8 + 2 * g + 1)[None, :]
+    sx_lo = tl.load(sx_ptr + kb * 8 + 2 * g)[None, :]
+    sx_hi = tl.load(sx_ptr + kb * 8 + 2 * g + 1)[None, :]
+    return acc + (d * (sc_lo * dx_lo * dot_lo.to(tl.float32) + sc_hi * dx_hi * dot_hi.to(tl.float32))
+                  - dmin * (m_lo * sx_lo + m_hi * sx_hi))
+
+
+@triton.jit
+def _words_at(half_ptr):
+    """32-bit little-endian words from pairs of 16-bit loads at int16 pointers half_ptr (Q6_K's
+    210-byte blocks are 2-byte aligned)."""
+    lo = tl.load(half_ptr).to(tl.int32) & 0xFFFF
+    hi = tl.load(half_ptr + 1).to(tl.int32)
+    return lo | (hi << 16)
+
+
+@triton.jit
+def _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, ASM: tl.constexpr):
+    """acc (4, BLOCK_N) += step kb of the Q6_K rows at byte pointers row (BLOCK_N,). Thread
+    (t, row) takes half t // 2 of the 32 positions l of 128-weight half h = t % 2: words vv =
+    4 (t // 2) + v (v < 4) of ql's 64 bytes at 64h (A), at 64h + 32 (B) and of qh's 32 at 128 +
+    32h (H). Weight 128h + 32 quarter + l has the code (0..63) of quarter 0: A's low nibble
+    with H's bits 0-1 above, 1: B's low nibble, bits 2-3, 2: A's high nibble, bits 4-5, 3: B's
+    high nibble, bits 6-7; dp4a takes the codes unsigned and the offset 32 comes off as 32 x
+    the sum of x's codes per 16 (quantize_q8), once per sub-block (8h + 2 quarter + t // 2).
+
+    The blocks are 2-byte aligned (210 bytes), so a word is two 16-bit loads; tensors are (v,
+    t, row), rows last: as (row, t, v) Triton spread a thread's 4 words (not one contiguous
+    load) over 4 threads, and the step took 302 SASS instructions with 32 shuffles and 4
+    barriers."""
+    t = tl.arange(0, 4)
+    v = tl.arange(0, 4)
+    h = (t % 2)[None, :]
+    vv = (4 * (t // 2))[None, :] + v[:, None]  # (v, t)
+    halves = row.to(tl.pointer_type(tl.int16))[None, None, :]
+    a = _words_at(halves + (32 * h + 2 * vv)[:, :, None])  # (v, t, row)
+    b = _words_at(halves + (32 * h + 16 + 2 * vv)[:, :, None])
+    hb = _words_at(halves + (64 + 16 * h + 2 * vv)[:, :, None])
+    sub = 8 * (t % 2) + t // 2  # quarter 0's sub-block; quarter q's is sub + 2q
+    xw = x32 + kb * 64 + (32 * h + vv)[:, :, None]  # quarter 0's x words; quarter q's + 8q
+    part0 = _q6_k_quarter(a, hb, xw, row, s16_ptr, dx_ptr, kb, sub, t, 0, ASM)
+    part1 = _q6_k_quarter(b, hb, xw, row, s16_ptr, dx_ptr, kb, sub, t, 1, ASM)
+    part2 = _q6_k_quarter(a >> 4, hb, xw, row, s16_ptr, dx_ptr, kb, sub, t, 2, ASM)
+    part3 = _q6_k_quarter(b >> 4, hb, xw, row, s16_ptr, dx_ptr, kb, sub, t, 3, ASM)
+    return acc + f16_at(row + 208)[None, :] * ((part0 + part1) + (part2 + part3))
+
+
+@triton.jit
+def _q6_k_quarter(nib, hb, xw, row, s16_ptr, dx_ptr, kb, sub, t, QUARTER: tl.constexpr, ASM: tl.constexpr):
+    """A quarter's share of a Q6_K step, without d: (4, BLOCK_N) sums scale * dx * (code . q -
+    32 sum(q)) over each thread's 16 weights (4 words) of sub-block sub + 2 QUARTER."""
+    codes = (nib & 0x0F0F0F0F) | (((hb >> (2 * QUARTER)) << 4) & 0x30303030)
+    dot = tl.sum(_dp4a(codes, tl.load(xw + 8 * QUARTER), ASM), axis=0)
+    s16 = tl.load(s16_ptr + kb * 16 + sub + 2 * QUARTER)[:, None]
+    # t's order (t = half * 2 + h) keeps sub without runs: as 2h + half, the analysis read runs of 2 in
+    # this load and gave it another order of threads, and every quarter's product took a shuffle
+    scale = tl.load(row[None, :] + 192 + sub[:, None] + 2 * QUARTER).to(tl.int8, bitcast=True).to(tl.float32)
+    dx = tl.load(dx_ptr + kb * 8 + 4 * (t % 2) + QUARTER)[:, None]
+    return scale * dx * (dot - 32 * s16).to(tl.float32)
+
+
+@triton.jit
+def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, s16_ptr, w_ptr, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr,
+                    norm_w_ptr, normed_ptr, N_OUT, steps, row_units, steps_per_split, splits, eps,
+                    QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
+                    SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                    BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr):
+    """Program (row block, split): BLOCK_N weight rows (qgemv._weight_row: with SWIGLU gate and
+    up rows interleaved) over K steps [split * steps_per_split, ...), then qgemv.finish_rows
+    (partials, epilogue, norm). Rows are row_units * ROW_ALIGN bytes apart: with the constant
+    factor (16 where the stride allows) the compiler knows the codes' 16-byte runs are aligned
+    and loads each in one instruction (as a plain integer stride it assumed 4 bytes: 288
+    instructions a step, not 115)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    _, row_start = _weight_row(w_ptr, pid_n, tl.arange(0, BLOCK_N), N_OUT, row_units * ROW_ALIGN, SWIGLU, BLOCK_N)
+    # per lane: no reduction across threads in the loop; Q4_K (row, group), Q6_K (group, row)
+    acc = tl.zeros((BLOCK_N, 4) if QTYPE == 1 else (4, BLOCK_N), dtype=tl.float32)
     first = split * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
     x32 = xq_ptr.to(tl.pointer_type(tl.int32))
     for kb in range(first, last):
-        row = row0 + kb * 144
-        dot_lo = tl.zeros((BLOCK_N, 4), dtype=tl.int32)
-        dot_hi = tl.zeros((BLOCK_N, 4), dtype=tl.int32)
-        for h in tl.static_range(2):  # the two halves as two loads of one layout: a thread holds both
-            qs = tl.load(row.to(tl.pointer_type(tl.int32))[:, None, None] + 4 + 4 * h + word[None, :, :])
-            xlo = tl.load(x32 + kb * 64 + 4 * h + xword)[None, :, :]
-            xhi = tl.load(x32 + kb * 64 + 8 + 4 * h + xword)[None, :, :]
-            dot_lo += tl.sum(_dp4a(qs & 0x0F0F0F0F, xlo, ASM), axis=2)
-            dot_hi += tl.sum(_dp4a((qs >> 4) & 0x0F0F0F0F, xhi, ASM), axis=2)
-        d = f16_at(row)[:, None]
-        dmin = f16_at(row + 2)[:, None]
-        sc_lo, m_lo, sc_hi, m_hi = q4_k_scale_pairs(row, g)  # (BLOCK_N, 4)
-        dx_lo = tl.load(dx_ptr + kb * 8 + 2 * g)[None, :]
-        dx_hi = tl.load(dx_ptr + kb * 8 + 2 * g + 1)[None, :]
-        sx_lo = tl.load(sx_ptr + kb * 8 + 2 * g)[None, :]
-        sx_hi = tl.load(sx_ptr + kb * 8 + 2 * g + 1)[None, :]
-        acc += (d * (sc_lo * dx_lo * dot_lo.to(tl.float32) + sc_hi * dx_hi * dot_hi.to(tl.float32))
-                - dmin * (m_lo * sx_lo + m_hi * sx_hi))
-    y = tl.sum(acc, axis=1)
-    if splits > 1:
-        slot = part_ptr + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        width = tl.num_programs(0) * BLOCK_N
-        tl.store(slot + split * width, y)
-        if last_to_arrive(count_ptr + pid_n, splits):
-            y = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for s in range(splits):
-                y += tl.load(slot + s * width, cache_modifier=".cg")
-            tl.store(y_ptr + rn, y, mask=rn < N)
-    else:
-        tl.store(y_ptr + rn, y, mask=rn < N)
+        row = row_start + kb * STEP_BYTES
+        if QTYPE == 1:
+            acc = _q4_k_step(acc, row, x32, dx_ptr, sx_ptr, kb, ASM)
+        else:
+            acc = _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, ASM)
+    finish_rows(tl.sum(acc, axis=1 if QTYPE == 1 else 0)[None, :], pid_n, split, splits, tl.arange(0, 1), y_ptr, part_ptr, count_ptr,
+                bias_ptr, res_ptr, norm_w_ptr, normed_ptr, 1, N_OUT, eps, SPLIT, SWIGLU, HAS_BIAS, HAS_RES, NORM, 1,
+                BLOCK_N, NORM_CHUNK)
 
 
-def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, n: int, k: int, block_n: int | None = None,
-             num_warps: int | None = None, split_k: int | None = None) -> torch.Tensor:
-    """x (1, K) float, raw (N, K / 256 * 144) uint8 Q4_K rows (rows of contiguous bytes, 4-byte
-    aligned, possibly further apart: the first K columns of a wider weight) -> float32 (1, N) =
-    q8(x) @ dequant(raw).T. Default splits as qgemv's (qgemv.k_splits)."""
-    row_bytes = k // STEP * Q4_K_BYTES
+def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None, swiglu: bool = False, norm_weight: torch.Tensor | None = None,
+             norm_eps: float = 0.0, block_n: int | None = None, num_warps: int | None = None,
+             split_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x (1, K) float, raw (N, K's bytes) uint8 Q4_K or Q6_K rows (rows of contiguous bytes,
+    4-byte (Q6_K: 2-byte) aligned, possibly further apart: the first K columns of a wider
+    weight) -> float32 (1, N) `q8(x) @ dequant(raw).T + bias + residual`, or with `swiglu` (N
+    rows [gate; up]) `silu(q8(x) @ gate.T) * (q8(x) @ up.T)` (1, N / 2); and RMSNorm(y) *
+    norm_weight, or None (qgemv.qgemv's epilogues). Default splits as qgemv's (qgemv.k_splits)."""
+    if qtype not in TYPES:
+        raise ValueError(f"qgemv_q8 takes {', '.join(t.name for t in TYPES)} weights, not {qtype.name}")
+    blk, size = GGML_QUANT_SIZES[qtype]
+    row_bytes = k // blk * size
+    align = 4 if qtype == T.Q4_K else 2
     if (x.shape[0] != 1 or k % STEP or raw.shape != (n, row_bytes) or raw.stride(-1) != 1
-            or raw.stride(0) % 4 or raw.data_ptr() % 4 or (n > 1 and raw.stride(0) < row_bytes)):
-        raise ValueError(f"qgemv_q8: x (1, {k}) and 4-byte aligned Q4_K rows ({n}, {row_bytes}), K a multiple of "
-                         f"{STEP}; got x {tuple(x.shape)}, raw {tuple(raw.shape)} with strides {raw.stride()}")
+            or raw.stride(0) % align or raw.data_ptr() % align or (n > 1 and raw.stride(0) < row_bytes)
+            or (swiglu and n % 2)):
+        raise ValueError(f"qgemv_q8: x (1, {k}) and {align}-byte aligned {qtype.name} rows ({n}, {row_bytes}), K a "
+                         f"multiple of {STEP}{', N even for SwiGLU' if swiglu else ''}; got x {tuple(x.shape)}, raw "
+                         f"{tuple(raw.shape)} with strides {raw.stride()}")
     gpu = target(x.device)
     block_n, num_warps = block_n or BLOCK_N, num_warps or NUM_WARPS
     steps = k // STEP
-    blocks = triton.cdiv(n, block_n)
+    n_out = n // 2 if swiglu else n
+    blocks = triton.cdiv(n_out, block_n // 2 if swiglu else block_n)
     per, splits = k_splits(gpu, steps, blocks, num_warps, split_k)
-    xq, dx, sx = quantize_q8(x.reshape(-1).float())
-    y = torch.empty(1, n, dtype=torch.float32, device=x.device)
-    parts = torch.empty(splits, blocks * block_n, dtype=torch.float32, device=x.device) if splits > 1 else y
-    count = counters(x.device, blocks) if splits > 1 else y
-    align = math.gcd(raw.stride(0), 16)
-    qgemv_q8_kernel[(blocks, splits)](xq, dx, sx, raw, y, parts, count, n, steps, raw.stride(0) // align, per, splits,
-                                      ROW_ALIGN=align, BLOCK_N=block_n, ASM=gpu.ptx, num_warps=num_warps)
-    return y
+    xq, dx, sx, s16 = quantize_q8(x.reshape(-1).float())
+    out = Outputs.make(x, 1, n_out, blocks, block_n, splits, bias, residual, norm_weight)
+    row_align = math.gcd(raw.stride(0), 16)
+    qgemv_q8_kernel[(blocks, splits)](
+        xq, dx, sx, s16, raw, *out.args(), n_out, steps, raw.stride(0) // row_align, per, splits, norm_eps,
+        QTYPE=TYPES[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=row_align, SPLIT=splits > 1, SWIGLU=swiglu,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=out.normed is not None, BLOCK_N=block_n,
+        NORM_CHUNK=min(NORM_CHUNK, 256 * num_warps, triton.next_power_of_2(n_out)),  # 8 values a thread
+        ASM=gpu.ptx, num_warps=num_warps)
+    return out.y, out.normed
 
 
-def qgemv_q8_ref(x: torch.Tensor, raw: np.ndarray) -> torch.Tensor:
+def qgemv_q8_ref(x: torch.Tensor, raw: np.ndarray, qtype: T) -> torch.Tensor:
     """The same arithmetic in numpy float64: x's int8 codes and scales as quantize_q8 makes them
-    (float32 scale, round half away from zero), Q4_K's scales and codes from the blocks."""
+    (float32 scale, round half away from zero), the weights dequantized by gguf-py."""
     from gguf.quants import dequantize
 
     xs = x.reshape(-1, Q8_BLOCK).double().numpy()
@@ -181,5 +262,5 @@ def qgemv_q8_ref(x: torch.Tensor, raw: np.ndarray) -> torch.Tensor:
     inv = np.where(amax > 0, np.float32(127.0) / safe, 0).astype(np.float32)
     q = np.trunc(xs.astype(np.float32) * inv + np.where(xs >= 0, 0.5, -0.5).astype(np.float32))
     dx = (amax.astype(np.float32) / np.float32(127.0)).astype(np.float64)
-    w = np.asarray(dequantize(raw, T.Q4_K), dtype=np.float64).reshape(raw.shape[0], -1)
+    w = np.asarray(dequantize(raw, qtype), dtype=np.float64).reshape(raw.shape[0], -1)
     return torch.from_numpy(w @ (q * dx).reshape(-1))[None]

@@ -69,9 +69,9 @@ def qmatmul_kernel(
 
 
 GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel (qgemv.py)
-# QVL_INT8_GEMV=1: batch-1 Q4_K products through the int8-activation prototype (qgemv_q8.py), its
-# epilogue (bias, residual, SwiGLU, the next RMSNorm) in torch and kernels/rmsnorm.py after it:
-# for measuring it end to end on a GPU (speed, and what 8-bit activations do to the logits)
+# QVL_INT8_GEMV=1: batch-1 Q4_K and Q6_K products on int8 activations (qgemv_q8.py), their
+# epilogues fused as the float GEMV's; off by default until a GPU has timed it end to end and
+# its effect on logits is weighed (scripts/int8_logits.py measures that on the CPU)
 INT8_GEMV = os.environ.get("QVL_INT8_GEMV") == "1"
 
 
@@ -134,7 +134,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     if _int8(x, qtype):
         from .qgemv_q8 import qgemv_q8
 
-        return _epilogue(qgemv_q8(x, raw, n, k), n, bias, residual, swiglu)
+        return qgemv_q8(x, raw, qtype, n, k, bias, residual, swiglu)[0]
     if m <= GEMV_MAX_M:
         return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps, prefetch=prefetch)[0]
     gpu = target(x.device)
@@ -170,8 +170,10 @@ def _epilogue(y: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torc
 
 
 def _int8(x: torch.Tensor, qtype: T) -> bool:
-    """Whether this product takes the int8-activation prototype (INT8_GEMV, batch-1 Q4_K)."""
-    return INT8_GEMV and qtype == T.Q4_K and x.shape[0] == 1
+    """Whether this product takes the int8-activation GEMV (INT8_GEMV, batch 1, its types)."""
+    from .qgemv_q8 import TYPES
+
+    return INT8_GEMV and qtype in TYPES and x.shape[0] == 1
 
 
 def qmatmul_norm(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, norm_weight: torch.Tensor,
@@ -181,7 +183,7 @@ def qmatmul_norm(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, n
     projection onto the residual stream and the norm that reads it. M <= GEMV_MAX_M: one
     launch (the GEMV's last program normalizes, qgemv.py); larger M: the GEMM, then
     kernels/rmsnorm.py."""
-    if x.shape[0] > GEMV_MAX_M or _int8(x, qtype):
+    if x.shape[0] > GEMV_MAX_M:
         from .rmsnorm import rmsnorm
 
         y = qmatmul(x, raw, qtype, n, k, bias, residual)
@@ -189,7 +191,12 @@ def qmatmul_norm(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, n
     _check_weights(raw, qtype, n, k)
     if norm_weight.shape != (n,):
         raise ValueError(f"norm weight of shape {tuple(norm_weight.shape)} for {n} outputs")
-    y, normed = qgemv(_activations(x), raw, qtype, n, k, bias, residual, norm_weight=norm_weight, norm_eps=eps)
+    if _int8(x, qtype):
+        from .qgemv_q8 import qgemv_q8
+
+        y, normed = qgemv_q8(_activations(x), raw, qtype, n, k, bias, residual, norm_weight=norm_weight, norm_eps=eps)
+    else:
+        y, normed = qgemv(_activations(x), raw, qtype, n, k, bias, residual, norm_weight=norm_weight, norm_eps=eps)
     assert normed is not None
     return y, normed
 

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""What int8 activations (kernels/qgemv_q8.py, QVL_INT8_GEMV=1) do to a model's decode logits.
+
+A prompt of random token ids is prefilled once; then `--steps` decode steps are run twice from
+copies of that cache, with the same token fed to both at each step (the float path's greedy
+choice), through the decode step (runtime/decode_graph.DecodeGraph: every batch-1 product of
+a Q4_K or Q6_K weight by a GEMV): once with the float GEMVs (qgemv.py), once with the int8
+ones. Printed, one JSON object: the largest |logit difference| relative to the float path's
+largest |logit| over all steps, its median over the steps, the mean KL divergence of the
+int8 path's next-token distribution from the float one's, and the share of steps whose
+argmax agrees. On a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1; small
+models only).
+
+    TRITON_INTERPRET=1 python scripts/int8_logits.py tiny-q4_k_m.gguf --device cpu --steps 16
+    python scripts/int8_logits.py /tmp/q7b-q4_k_m.gguf --device cuda --steps 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+
+import torch
+
+
+def compare(path: str, device: str, steps: int, prompt: int, seed: int) -> dict:
+    import qvl.kernels.qmatmul as qm
+    from qvl.runtime.decode_graph import DecodeGraph
+    from qvl.runtime.model import ALL_LAYERS, load
+    from qvl.runtime.placement import Placement
+
+    model = load(path, device=device, dtype=torch.float32,
+                 placement=Placement(torch.device(device), ALL_LAYERS, kv_type="f32"))
+    dec = model.decoder
+    ids = torch.randint(0, dec.embed.rows, (prompt,), generator=torch.Generator().manual_seed(seed))
+    cache = dec.new_cache(prompt + steps + 1, "f32")
+    dec.forward(dec.embed_tokens(ids), torch.arange(prompt).expand(3, -1).contiguous(), cache)
+    graphs = {}
+    for int8 in (False, True):  # a graph each: a captured step keeps the kernels it was captured with
+        qm.INT8_GEMV = int8
+        graphs[int8] = DecodeGraph(dec, copy.deepcopy(cache))
+    token = int(ids[-1])
+    errors, kls, agree, scale = [], [], 0, 0.0
+    for step in range(steps):
+        logits = {}
+        for int8, graph in graphs.items():
+            qm.INT8_GEMV = int8
+            logits[int8] = graph.step(token, prompt + step)[-1].float().cpu()
+        ref, got = logits[False], logits[True]
+        scale = max(scale, ref.abs().max().item())
+        errors.append((got - ref).abs().max().item())
+        kls.append(torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                              reduction="sum").item())
+        agree += int(got.argmax()) == int(ref.argmax())
+        token = int(ref.argmax())
+    qm.INT8_GEMV = False
+    return {"model": path, "device": device, "steps": steps, "prompt_tokens": prompt,
+            "max_abs_dlogit_rel": max(errors) / scale, "median_step_max_dlogit_rel": statistics.median(errors) / scale,
+            "mean_kl": sum(kls) / steps, "top1_agreement": agree / steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a GGUF text model with Q4_K / Q6_K matrices (a Q4_K_M file)")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1")
+    parser.add_argument("--steps", type=int, default=64, help="decode steps compared")
+    parser.add_argument("--prompt", type=int, default=32, help="random prompt tokens prefilled first")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(json.dumps(compare(args.model, args.device, args.steps, args.prompt, args.seed)))
+
+
+if __name__ == "__main__":
+    main()
