@@ -42,9 +42,9 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from .qblocks import STEP, f16_at, q4_k_scale_pairs
-from .qgemv import Outputs, _weight_row, finish_rows, k_splits
+from .qgemv import INTERPRETED_BLOCK_N, Outputs, _weight_row, finish_rows, k_splits
 from .rmsnorm import CHUNK as NORM_CHUNK
-from .target import target
+from .target import INTERPRETER, target
 
 Q8_BLOCK = 32  # activations a scale
 BLOCK_N = 8
@@ -234,7 +234,8 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias:
                          f"multiple of {STEP}{', N even for SwiGLU' if swiglu else ''}; got x {tuple(x.shape)}, raw "
                          f"{tuple(raw.shape)} with strides {raw.stride()}")
     gpu = target(x.device)
-    block_n, num_warps = block_n or BLOCK_N, num_warps or NUM_WARPS
+    block_n = block_n or (INTERPRETED_BLOCK_N if gpu == INTERPRETER else BLOCK_N)
+    num_warps = num_warps or NUM_WARPS
     steps = k // STEP
     n_out = n // 2 if swiglu else n
     blocks = triton.cdiv(n_out, block_n // 2 if swiglu else block_n)

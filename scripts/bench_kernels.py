@@ -332,13 +332,14 @@ def splits(dev: str, cases=DECODE_GEMVS, choices=SPLITS, graph_timer: GraphTimer
 
 
 INT8_SHAPES = ((3584, 3584), (2 * 18944, 3584), (3584, 18944), (2048, 2048), (2 * 11008, 2048), (2048, 11008))
+INT8_TYPES = ("Q4_K", "Q6_K")  # Q6_K: the 7B Q4_K_M's ffn_down / attn_v in 12 of 28 layers, and its output
 
 
 def int8_gemv(dev: str, shapes=INT8_SHAPES, graph_timer: GraphTimer = graph_ms) -> list[dict]:
-    """Q4_K at M = 1: kernels/qgemv_q8.py (x quantized to int8 in its own launch, then dp4a)
-    against qgemv.py's float GEMV at its default launch, both replayed from a CUDA graph over
-    copies of the weight, GB/s of weight bytes; and the int8 result's error against the float
-    one relative to its max |y| (x's rounding)."""
+    """Q4_K and Q6_K at M = 1: kernels/qgemv_q8.py (x quantized to int8 in its own launch, then
+    dp4a) against qgemv.py's float GEMV at its default launch, plain products, both replayed
+    from a CUDA graph over copies of the weight, GB/s of weight bytes; and the int8 result's
+    error against the float one relative to its max |y| (x's rounding)."""
     from gguf import GGMLQuantizationType as T
 
     from qvl.convert.quant import quantize
@@ -346,19 +347,21 @@ def int8_gemv(dev: str, shapes=INT8_SHAPES, graph_timer: GraphTimer = graph_ms) 
     from qvl.kernels.qmatmul import qmatmul
 
     rows = []
-    for n, k in shapes:
-        pool = quantize(np.random.default_rng(0).standard_normal((min(n, 64), k)).astype(np.float32), T.Q4_K)
-        raw = torch.from_numpy(pool[np.arange(n) % len(pool)]).to(dev)
-        x = torch.randn(1, k, device=dev)
-        exact = qmatmul(x, raw, T.Q4_K, n, k)
-        err = ((qgemv_q8(x, raw, n, k) - exact).abs().max() / exact.abs().max()).item()
-        ms_float = graph_timer(lambda w: lambda: qmatmul(x, w, T.Q4_K, n, k), raw)
-        ms_int8 = graph_timer(lambda w: lambda: qgemv_q8(x, w, n, k), raw)
-        row = {"kernel": "GEMV Q4_K int8 x", "n": n, "k": k, "ms": round(ms_int8, 4),
-               "weight_GB_s": round(raw.numel() / ms_int8 / 1e6, 1), "float_ms": round(ms_float, 4),
-               "vs_float": round(ms_float / ms_int8, 2), "rel_err_vs_float": float(f"{err:.2e}")}
-        print(json.dumps(row), file=sys.stderr, flush=True)
-        rows.append(row)
+    for name in INT8_TYPES:
+        qt = T[name]
+        for n, k in shapes:
+            pool = quantize(np.random.default_rng(0).standard_normal((min(n, 64), k)).astype(np.float32), qt)
+            raw = torch.from_numpy(pool[np.arange(n) % len(pool)]).to(dev)
+            x = torch.randn(1, k, device=dev)
+            exact = qmatmul(x, raw, qt, n, k)
+            err = ((qgemv_q8(x, raw, qt, n, k)[0] - exact).abs().max() / exact.abs().max()).item()
+            ms_float = graph_timer(lambda w, qt=qt: lambda: qmatmul(x, w, qt, n, k), raw)
+            ms_int8 = graph_timer(lambda w, qt=qt: lambda: qgemv_q8(x, w, qt, n, k), raw)
+            row = {"kernel": f"GEMV {name} int8 x", "n": n, "k": k, "ms": round(ms_int8, 4),
+                   "weight_GB_s": round(raw.numel() / ms_int8 / 1e6, 1), "float_ms": round(ms_float, 4),
+                   "vs_float": round(ms_float / ms_int8, 2), "rel_err_vs_float": float(f"{err:.2e}")}
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
     return rows
 
 

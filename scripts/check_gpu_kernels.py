@@ -99,7 +99,7 @@ def _embed_row_case(qtype: str) -> Callable[[], float]:
     return run
 
 
-def _int8_gemv_case() -> Callable[[], float]:
+def _int8_gemv_case(qtype: str) -> Callable[[], float]:
     """qgemv_q8 (dp4a: inline assembly a GPU alone runs) against its float64 reference."""
     def run() -> float:
         from qvl.kernels.qgemv_q8 import qgemv_q8, qgemv_q8_ref
@@ -109,10 +109,10 @@ def _int8_gemv_case() -> Callable[[], float]:
         from quant_weights import quant_weights
 
         n, k = GEMV_NK
-        raw = quant_weights(n, k, T.Q4_K, "normal", seed=0)
+        raw = quant_weights(n, k, T[qtype], "normal", seed=0)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
-        got = qgemv_q8(x.to(DEVICE), raw.to(DEVICE), n, k)
-        return _relative_error(got, qgemv_q8_ref(x, raw.numpy()).float())
+        got = qgemv_q8(x.to(DEVICE), raw.to(DEVICE), T[qtype], n, k)[0]
+        return _relative_error(got, qgemv_q8_ref(x, raw.numpy(), T[qtype]).float())
     return run
 
 
@@ -132,7 +132,8 @@ def cases() -> dict[str, tuple[Callable[[], float], float]]:
         out[f"qmatmul {qtype} gemm m=300"] = (_qmatmul_case(qtype, 300, 1024, 3584), TOL["bf16"])
         out[f"qmatmul {qtype} gemv m=3"] = (_qmatmul_case(qtype, 3, *GEMV_NK), TOL["f32"])
         out[f"embedding row {qtype} from page-locked memory"] = (_embed_row_case(qtype), 0.0)  # exact
-    out["qgemv_q8 Q4_K int8 x"] = (_int8_gemv_case(), TOL["f32"])
+    for qtype in ("Q4_K", "Q6_K"):
+        out[f"qgemv_q8 {qtype} int8 x"] = (_int8_gemv_case(qtype), TOL["f32"])
     return out
 
 

@@ -21,9 +21,10 @@
 #                                           # tests those changes touch on CUDA (rope, rmsnorm,
 #                                           # attention, the whole-model kernel path), the 2530x1000
 #                                           # image's vision split, decode split (and with
-#                                           # QVL_INT8_GEMV=1: the int8-activation GEMVs), bench_run
-#                                           # (decode tok/s, VRAM), the int8-activation Q4_K GEMV
-#                                           # against the float one, the decode GEMVs over K splits
+#                                           # QVL_INT8_GEMV=1: the int8-activation GEMVs, and their
+#                                           # logits against the float ones), bench_run (decode tok/s,
+#                                           # VRAM), the int8-activation Q4_K / Q6_K GEMVs against the
+#                                           # float ones, the decode GEMVs over K splits
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -109,10 +110,14 @@ followup)
         tests/kernels/test_model_kernel_path.py 2>&1 | tee "$out/tests.log" | tail -15
     random_7b || exit 1
     profiles
-    # the Q4_K GEMVs on int8 activations (kernels/qgemv_q8.py, epilogues in torch): decode end to end
+    # the Q4_K / Q6_K GEMVs on int8 activations (kernels/qgemv_q8.py, epilogues fused): decode end to
+    # end, and what they do to the logits (random weights: no real model travels)
     QVL_INT8_GEMV=1 timeout 70 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda \
         --tokens 64 > "$out/profile-decode-int8.json" 2>&1
     head -c 1500 "$out/profile-decode-int8.json"
+    timeout 60 python3 scripts/int8_logits.py /tmp/q7b-q4_k_m.gguf --device cuda --steps 32 \
+        > "$out/int8-logits.json" 2>&1
+    tail -c 600 "$out/int8-logits.json"
     timeout 150 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
         > "$out/run-1024-ctx4096.json" 2>&1
     cat "$out/run-1024-ctx4096.json"

@@ -25,12 +25,12 @@ def check():
 
 def test_every_case_is_named_once(check):
     names = list(check.cases())
-    assert len(names) == len(set(names)) == 2 * len(check.ATTENTION_LAUNCHES) + 2 + 9 + 1
+    assert len(names) == len(set(names)) == 2 * len(check.ATTENTION_LAUNCHES) + 2 + 9 + 2
 
 
 @pytest.mark.parametrize("name", ["attention vision d80 bf16 default", "attention vision d80 f32 default",
                                   "qmatmul Q4_K gemv m=3", "embedding row Q4_K from page-locked memory",
-                                  "qgemv_q8 Q4_K int8 x"])
+                                  "qgemv_q8 Q4_K int8 x", "qgemv_q8 Q6_K int8 x"])
 def test_case_matches_its_reference(check, name):
     result = check.run_one(name)
     assert result["ok"] and result["error"] is None and result["max_err"] <= check.cases()[name][1], result
