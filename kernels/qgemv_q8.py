@@ -41,12 +41,12 @@ import triton.language as tl
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from .q8_activations import Q8_BLOCK, Q8Activations, recall, remember, store_q8
 from .qblocks import STEP, f16_at, q4_k_scale_pairs
 from .qgemv import INTERPRETED_BLOCK_N, Outputs, _weight_row, finish_rows, k_splits
 from .rmsnorm import CHUNK as NORM_CHUNK
 from .target import INTERPRETER, target
 
-Q8_BLOCK = 32  # activations a scale
 BLOCK_N = 8
 NUM_WARPS = 1
 TYPES = {T.Q4_K: 1, T.Q6_K: 2}  # the weight types taken, and the kernel's QTYPE for each
@@ -55,36 +55,21 @@ Q4_K_BYTES = 144
 
 @triton.jit
 def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, s16_ptr, K, BLOCKS: tl.constexpr):
-    """Program p: BLOCKS blocks of 32 values of x -> int8 codes, dx (max|x| / 127), dx * sum(q)
-    and the integer sums of q's halves (16 values each)."""
-    b = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-    i = tl.arange(0, 32)
-    offs = b[:, None] * 32 + i[None, :]
-    mask = offs < K
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    d = amax / 127.0
-    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
-    q = (x * inv[:, None] + tl.where(x >= 0, 0.5, -0.5)).to(tl.int32)  # rounded half away from zero
-    tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
-    tl.store(d_ptr + b, d, mask=b * 32 < K)
-    tl.store(s_ptr + b, d * tl.sum(q, axis=1).to(tl.float32), mask=b * 32 < K)
-    halves = tl.sum(tl.reshape(q, (BLOCKS, 2, 16)), axis=2)
-    h = 2 * b[:, None] + tl.arange(0, 2)[None, :]
-    tl.store(s16_ptr + h, halves, mask=h * 16 < K)
+    """Program p: BLOCKS blocks of 32 values of x (q8_activations.store_q8)."""
+    start = tl.program_id(0) * BLOCKS * 32
+    offs = start + tl.arange(0, BLOCKS * 32)
+    store_q8(tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32), start, K, q_ptr, d_ptr, s_ptr,
+             s16_ptr, BLOCKS)
 
 
-def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (K,) float, K a multiple of 32 -> (codes (K,) int8, dx (K / 32,) float32, dx * sum(codes)
-    (K / 32,), sum(codes) per 16 (K / 16,) int32)."""
+def quantize_q8(x: torch.Tensor) -> Q8Activations:
+    """x (K,) float, K a multiple of 32 -> its Q8Activations, in a launch of its own."""
     k = x.numel()
-    q = torch.empty(k, dtype=torch.int8, device=x.device)
-    d = torch.empty(k // Q8_BLOCK, dtype=torch.float32, device=x.device)
-    s = torch.empty_like(d)
-    s16 = torch.empty(k // 16, dtype=torch.int32, device=x.device)
+    out = Q8Activations.empty(k, x.device)
     blocks = 8
-    quantize_q8_kernel[(triton.cdiv(k // Q8_BLOCK, blocks),)](x.contiguous(), q, d, s, s16, k, BLOCKS=blocks)
-    return q, d, s, s16
+    quantize_q8_kernel[(triton.cdiv(k // Q8_BLOCK, blocks),)](x.contiguous(), out.q, out.d, out.s, out.s16, k,
+                                                              BLOCKS=blocks)
+    return out
 
 
 @triton.jit
@@ -184,10 +169,10 @@ def _q6_k_quarter(nib, hb, xw, row, s16_ptr, dx_ptr, kb, sub, t, QUARTER: tl.con
 
 @triton.jit
 def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, s16_ptr, w_ptr, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr,
-                    norm_w_ptr, normed_ptr, N_OUT, steps, row_units, steps_per_split, splits, eps,
+                    norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, N_OUT, steps, row_units, steps_per_split, splits, eps,
                     QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
                     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-                    BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr):
+                    NORM_Q8: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr):
     """Program (row block, split): BLOCK_N weight rows (qgemv._weight_row: with SWIGLU gate and
     up rows interleaved) over K steps [split * steps_per_split, ...), then qgemv.finish_rows
     (partials, epilogue, norm). Rows are row_units * ROW_ALIGN bytes apart: with the constant
@@ -209,19 +194,21 @@ def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, s16_ptr, w_ptr, y_ptr, part_ptr, cou
         else:
             acc = _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, ASM)
     finish_rows(tl.sum(acc, axis=1 if QTYPE == 1 else 0)[None, :], pid_n, split, splits, tl.arange(0, 1), y_ptr, part_ptr, count_ptr,
-                bias_ptr, res_ptr, norm_w_ptr, normed_ptr, 1, N_OUT, eps, SPLIT, SWIGLU, HAS_BIAS, HAS_RES, NORM, 1,
-                BLOCK_N, NORM_CHUNK)
+                bias_ptr, res_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, 1, N_OUT, eps, SPLIT,
+                SWIGLU, HAS_BIAS, HAS_RES, NORM, NORM_Q8, 1, BLOCK_N, NORM_CHUNK)
 
 
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
              residual: torch.Tensor | None = None, swiglu: bool = False, norm_weight: torch.Tensor | None = None,
              norm_eps: float = 0.0, block_n: int | None = None, num_warps: int | None = None,
-             split_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             split_k: int | None = None, norm_q8: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x (1, K) float, raw (N, K's bytes) uint8 Q4_K or Q6_K rows (rows of contiguous bytes,
     4-byte (Q6_K: 2-byte) aligned, possibly further apart: the first K columns of a wider
     weight) -> float32 (1, N) `q8(x) @ dequant(raw).T + bias + residual`, or with `swiglu` (N
     rows [gate; up]) `silu(q8(x) @ gate.T) * (q8(x) @ up.T)` (1, N / 2); and RMSNorm(y) *
-    norm_weight, or None (qgemv.qgemv's epilogues). Default splits as qgemv's (qgemv.k_splits)."""
+    norm_weight, or None (qgemv.qgemv's epilogues; `norm_q8`: the norm's int8 form made by the
+    same launch, for the next int8 GEMV, q8_activations.py). Default splits as qgemv's
+    (qgemv.k_splits)."""
     if qtype not in TYPES:
         raise ValueError(f"qgemv_q8 takes {', '.join(t.name for t in TYPES)} weights, not {qtype.name}")
     blk, size = GGML_QUANT_SIZES[qtype]
@@ -240,13 +227,17 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias:
     n_out = n // 2 if swiglu else n
     blocks = triton.cdiv(n_out, block_n // 2 if swiglu else block_n)
     per, splits = k_splits(gpu, steps, blocks, num_warps, split_k)
-    xq, dx, sx, s16 = quantize_q8(x.reshape(-1).float())
-    out = Outputs.make(x, 1, n_out, blocks, block_n, splits, bias, residual, norm_weight)
+    xq = recall(x)  # a norm's output quantized by the GEMV that wrote it, or an x quantized for another GEMV
+    if xq is None:
+        xq = quantize_q8(x.reshape(-1).float())
+        remember(x, xq)
+    out = Outputs.make(x, 1, n_out, blocks, block_n, splits, bias, residual, norm_weight, norm_q8)
     row_align = math.gcd(raw.stride(0), 16)
     qgemv_q8_kernel[(blocks, splits)](
-        xq, dx, sx, s16, raw, *out.args(), n_out, steps, raw.stride(0) // row_align, per, splits, norm_eps,
+        xq.q, xq.d, xq.s, xq.s16, raw, *out.args(), n_out, steps, raw.stride(0) // row_align, per, splits, norm_eps,
         QTYPE=TYPES[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=row_align, SPLIT=splits > 1, SWIGLU=swiglu,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=out.normed is not None, BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=out.normed is not None,
+        NORM_Q8=out.normed_q8 is not None, BLOCK_N=block_n,
         NORM_CHUNK=min(NORM_CHUNK, 256 * num_warps, triton.next_power_of_2(n_out)),  # 8 values a thread
         ASM=gpu.ptx, num_warps=num_warps)
     return out.y, out.normed

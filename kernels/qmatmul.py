@@ -196,7 +196,9 @@ def qmatmul_norm(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, n
 
         y, normed = qgemv_q8(_activations(x), raw, qtype, n, k, bias, residual, norm_weight=norm_weight, norm_eps=eps)
     else:
-        y, normed = qgemv(_activations(x), raw, qtype, n, k, bias, residual, norm_weight=norm_weight, norm_eps=eps)
+        # a norm feeding int8 GEMVs: its int8 form written by the same launch (q8_activations.py)
+        y, normed = qgemv(_activations(x), raw, qtype, n, k, bias, residual, norm_weight=norm_weight, norm_eps=eps,
+                          norm_q8=INT8_GEMV)
     assert normed is not None
     return y, normed
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .q8_activations import store_q8
+
 CHUNK = 1024  # columns per pass step: 8 float32 registers a thread at 4 warps
 
 
@@ -30,9 +32,10 @@ def _chunk(x_ptr, res_ptr, c0, n_cols, HAS_RESIDUAL: tl.constexpr, CHUNK: tl.con
 
 @triton.jit
 def norm_row(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, n_cols, eps, HAS_RESIDUAL: tl.constexpr, CHUNK: tl.constexpr,
-             CACHE: tl.constexpr):
+             CACHE: tl.constexpr, q_ptr=None, d_ptr=None, s_ptr=None, s16_ptr=None, Q8: tl.constexpr = False):
     """One row: y = w * h * rsqrt(mean(h^2) + eps) with h = x (+ res, then stored at h_ptr).
-    CACHE: the load cache modifier for x ("" or ".cg" where another SM just wrote it)."""
+    CACHE: the load cache modifier for x ("" or ".cg" where another SM just wrote it). With Q8
+    (n_cols a multiple of 32), y's int8 form for the next GEMV too (q8_activations.store_q8)."""
     sq = tl.zeros((CHUNK,), dtype=tl.float32)
     for c0 in range(0, n_cols, CHUNK):
         h, cols, mask = _chunk(x_ptr, res_ptr, c0, n_cols, HAS_RESIDUAL, CHUNK, CACHE)
@@ -43,7 +46,10 @@ def norm_row(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, n_cols, eps, HAS_RESIDUAL: tl.
     for c0 in range(0, n_cols, CHUNK):  # h again from x (+ res): another thread may have stored it
         h, cols, mask = _chunk(x_ptr, res_ptr, c0, n_cols, HAS_RESIDUAL, CHUNK, CACHE)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + cols, w * (h * scale), mask=mask)
+        y = w * (h * scale)
+        tl.store(y_ptr + cols, y, mask=mask)
+        if Q8:
+            store_q8(y, c0, n_cols, q_ptr, d_ptr, s_ptr, s16_ptr, CHUNK // 32)
 
 
 @triton.jit

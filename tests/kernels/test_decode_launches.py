@@ -61,3 +61,23 @@ def test_decode_step_launches(model, arch, cache):
     assert triton == {}
     assert torch_ops == {"argmax": 1}, torch_ops
     assert found["inputs"] == {"copy_": 1}  # token, slot, length, position, angles: one transfer
+
+
+def test_int8_decode_step_launches(model, tmp_path):
+    """QVL_INT8_GEMV=1 on a Q4_K_M file: every quantized product is an int8 GEMV (4 a layer, 5
+    where attn_v's Q6_K splits q/k/v, and the output), x quantized in a launch of its own only
+    for the first layer's q/k/v (after kernels/rmsnorm.py), each o and each down; the o and down
+    GEMVs' norms write the next GEMV's int8 input themselves (q8_activations.py), and a layer's
+    q/k stack and v share one quantization."""
+    src = model.parent / "ckpt"
+    path = tmp_path / "m-q4_k_m.gguf"
+    r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", "q4_k_m", "-q"])
+    assert r.exit_code == 0, r.output
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"QVL_INT8_GEMV": "1"}
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "count_launches.py"), str(path), "--json"],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    triton = json.loads(out.stdout)["triton"]
+    assert "qgemv_kernel" not in triton
+    assert 4 * LAYERS + 1 <= triton["qgemv_q8_kernel"] <= 5 * LAYERS + 1
+    assert triton["quantize_q8_kernel"] == 2 * LAYERS + 1

@@ -83,8 +83,8 @@ def test_epilogues_fused(qtype, split):
 
 def test_quantize_q8_blocks():
     x = torch.tensor([[0.5, -0.5, 1.0, -1.0] * 8, [0.0] * 32, [1e-30] + [0.0] * 31]).reshape(-1)
-    q, d, s, s16 = quantize_q8(x.to(ACCEL))
-    q, d, s, s16 = q.cpu(), d.cpu(), s.cpu(), s16.cpu()
+    out = quantize_q8(x.to(ACCEL))
+    q, d, s, s16 = out.q.cpu(), out.d.cpu(), out.s.cpu(), out.s16.cpu()
     assert q[:4].tolist() == [64, -64, 127, -127]  # 63.5 rounds away from zero
     assert d[0].item() == pytest.approx(1 / 127) and d[1].item() == 0 and (q[32:64] == 0).all()
     assert s[0].item() == pytest.approx(d[0].item() * int(q[:32].sum()))
@@ -139,3 +139,55 @@ def test_qmatmul_takes_it_when_asked(monkeypatch):
         x2 = torch.cat([x, x])
         assert torch.equal(qm.qmatmul(x2, raw, qt, n, k), qm.qgemv(x2, raw, qt, n, k)[0])
     assert torch.equal(qm.qmatmul(x, raws[T.Q8_0], T.Q8_0, n, k).cpu(), eight)
+
+
+@pytest.mark.parametrize("gemv", ["int8", "float"])
+def test_norm_writes_its_int8_form(gemv, monkeypatch):
+    """A GEMV whose norm feeds int8 GEMVs (norm_q8) writes the norm's int8 form in the same
+    launch: equal to quantize_q8 of the normed output (codes, scales and sums exact: the same
+    float32 values), and the next int8 GEMV on it quantizes nothing."""
+    import qvl.kernels.qgemv_q8 as q8
+    from qvl.kernels.q8_activations import recall
+    from qvl.kernels.qgemv import qgemv
+
+    n, k = 256, 512  # n: the next GEMV's K, a whole step
+    raw = torch.from_numpy(_weights(n, k, 9)).to(ACCEL)
+    x, w = _x(k, 8).to(ACCEL), (torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5).to(ACCEL)
+    if gemv == "int8":
+        _, normed = qgemv_q8(x, raw, T.Q4_K, n, k, norm_weight=w, norm_eps=1e-6, split_k=2)
+    else:
+        _, normed = qgemv(x, raw, T.Q4_K, n, k, norm_weight=w, norm_eps=1e-6, split_k=2, norm_q8=True)
+    kept = recall(normed)
+    assert kept is not None
+    fresh = quantize_q8(normed.reshape(-1))
+    for a, b in zip((kept.q, kept.d, kept.s, kept.s16), (fresh.q, fresh.d, fresh.s, fresh.s16)):
+        assert torch.equal(a, b)
+    calls = []
+    monkeypatch.setattr(q8, "quantize_q8", lambda *a: calls.append(1) or quantize_q8(*a))
+    nxt = _weights(8, n, 3)
+    y, _ = qgemv_q8(normed, torch.from_numpy(nxt).to(ACCEL), T.Q4_K, 8, n)
+    assert not calls and _close(y.cpu(), qgemv_q8_ref(normed.cpu(), nxt, T.Q4_K))
+
+
+def test_quantized_x_is_kept_while_unchanged(monkeypatch):
+    """q8_activations.recall: one quantization of an x for several GEMVs (a layer's q/k stack and
+    its Q6_K v), found from a view of the whole of x; none after x is written or for another
+    tensor at the same values."""
+    import qvl.kernels.qgemv_q8 as q8
+    from qvl.kernels.q8_activations import recall
+
+    calls = []
+    real = q8.quantize_q8
+    monkeypatch.setattr(q8, "quantize_q8", lambda *a: calls.append(1) or real(*a))
+    raws = {qt: torch.from_numpy(_weights(8, 256, 4, qt)).to(ACCEL) for qt in TYPES}
+    x = _x(256, 6).to(ACCEL)
+    first = qgemv_q8(x, raws[T.Q4_K], T.Q4_K, 8, 256)[0]
+    second = qgemv_q8(x.reshape(1, 256), raws[T.Q6_K], T.Q6_K, 8, 256)[0]
+    assert len(calls) == 1 and recall(x.view(-1)) is not None
+    assert recall(x[:, :128]) is None  # part of x: not its form
+    assert _close(second.cpu(), qgemv_q8_ref(x.cpu(), raws[T.Q6_K].cpu().numpy(), T.Q6_K))
+    x.mul_(2)  # written: quantized again, and the result follows
+    again = qgemv_q8(x, raws[T.Q4_K], T.Q4_K, 8, 256)[0]
+    assert len(calls) == 2 and _close(again.cpu(), 2 * first.cpu())
+    qgemv_q8(x.clone(), raws[T.Q4_K], T.Q4_K, 8, 256)
+    assert len(calls) == 3
