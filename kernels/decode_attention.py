@@ -22,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import q8_activations
 from .arrival import counters, last_to_arrive
 from .attention import load_kv
+from .q8_activations import Q8Activations, remember, store_q8
 from .target import INTERPRETER, Target, target
 
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its share of the cache
@@ -45,21 +47,30 @@ def launch(gpu: Target, cache: torch.dtype) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _store_normalized(ptrs, acc, l, g_ok, mask):
-    """acc / l for the group's heads (padding rows past the group, where l = 0, divide by 1)."""
-    tl.store(ptrs, acc / tl.where(g_ok, l, 1.0)[:, None], mask=mask)
+def _store_normalized(o_ptr, heads, rd, acc, l, g_ok, mask, kv_head, group, head_dim, q_ptr, d_ptr, s_ptr, s16_ptr,
+                      Q8: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """acc / l for the group's heads (padding rows past the group, where l = 0, divide by 1);
+    with Q8 (BLOCK_D = head_dim, a multiple of 32) their int8 form for the o projection's GEMV
+    too (q8_activations.py): the group's heads are one run of the output."""
+    out = acc / tl.where(g_ok, l, 1.0)[:, None]
+    tl.store(o_ptr + heads[:, None] * head_dim + rd[None, :], out, mask=mask)
+    if Q8:
+        start = kv_head * group * head_dim
+        store_q8(tl.reshape(out, (BLOCK_G * BLOCK_D,)), start, start + group * head_dim, q_ptr, d_ptr, s_ptr,
+                 s16_ptr, BLOCK_G * BLOCK_D // 32)
 
 
 @triton.jit
 def decode_attention_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, count_ptr, o_ptr,
+    oq_ptr, od_ptr, os_ptr, os16_ptr,
     # dimensions
     head_dim, group, scale, keys_per_split, n_splits,
     # strides (head, token) of q, of the caches (k and v alike) and of their scales
     sq_h, sk_h, sk_t, ss_h, ss_t,
     # meta-parameters
-    IS_Q8: tl.constexpr, Q8_BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    IS_Q8: tl.constexpr, Q8_BLOCK: tl.constexpr, SPLIT: tl.constexpr, OUT_Q8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
@@ -110,9 +121,11 @@ def decode_attention_kernel(
                 l_sum += w * tl.load(pl_ptr + first + s, mask=g_ok, other=0.0, cache_modifier=".cg")
                 acc += w[:, None] * tl.load(po_ptr + (first + s)[:, None] * head_dim + rd[None, :], mask=out_mask,
                                             other=0.0, cache_modifier=".cg")
-            _store_normalized(o_ptr + heads[:, None] * head_dim + rd[None, :], acc, l_sum, g_ok, out_mask)
+            _store_normalized(o_ptr, heads, rd, acc, l_sum, g_ok, out_mask, kv_head, group, head_dim, oq_ptr, od_ptr,
+                              os_ptr, os16_ptr, OUT_Q8, BLOCK_G, BLOCK_D)
     else:
-        _store_normalized(o_ptr + heads[:, None] * head_dim + rd[None, :], acc, l_i, g_ok, out_mask)
+        _store_normalized(o_ptr, heads, rd, acc, l_i, g_ok, out_mask, kv_head, group, head_dim, oq_ptr, od_ptr,
+                          os_ptr, os16_ptr, OUT_Q8, BLOCK_G, BLOCK_D)
 
 
 def default_splits(capacity: int, kv_heads: int, gpu: Target) -> int:
@@ -123,11 +136,13 @@ def default_splits(capacity: int, kv_heads: int, gpu: Target) -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor,
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, q8_out: bool | None = None) -> torch.Tensor:
     """q (heads, d); k, v caches (kv_heads, capacity, d), float or int8 with k_scale / v_scale
     (kv_heads, capacity, d // block) for q8_0; length: int tensor (1,) on q's device, the
     number of keys to attend to -> (heads, d) float32. `splits` defaults to
-    `default_splits(capacity, ...)` (never to anything that depends on `length`)."""
+    `default_splits(capacity, ...)` (never to anything that depends on `length`). `q8_out`
+    (default: q8_activations.ENABLED; d a power of 2 from 32): the output's int8 form made too,
+    remembered as the output's for the o projection's int8 GEMV."""
     heads, d = q.shape
     kv_heads, capacity, _ = k.shape
     if heads % kv_heads:
@@ -153,11 +168,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: 
     ks = k_scale if k_scale is not None else k
     vs = v_scale if v_scale is not None else v
     block_d = max(16, triton.next_power_of_2(d))
+    if q8_out is None:
+        q8_out = q8_activations.ENABLED
+    q8 = Q8Activations.empty(heads * d, q.device) if q8_out and block_d == d and d % 32 == 0 else None
+    if q8 is not None:
+        remember(out, q8)
     decode_attention_kernel[(kv_heads, splits)](
         q, k, v, ks, vs, length, part_o, part_m, part_l, count, out,
+        *((q8.q, q8.d, q8.s, q8.s16) if q8 is not None else (out,) * 4),
         d, group, d ** -0.5, per, splits,
         q.stride(0), k.stride(0), k.stride(1), ks.stride(0), ks.stride(1),
-        IS_Q8=is_q8, Q8_BLOCK=block, SPLIT=splits > 1, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        IS_Q8=is_q8, Q8_BLOCK=block, SPLIT=splits > 1, OUT_Q8=q8 is not None, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
     return out
 

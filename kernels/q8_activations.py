@@ -7,6 +7,11 @@ sums of q's two halves. `q8_blocks` computes them inside any kernel (qgemv_q8.qu
 launch, and the RMSNorm that a decode GEMV applies to its output, rmsnorm.norm_row, so the next
 GEMV's input needs no launch of its own).
 
+ENABLED (QVL_INT8_GEMV=1; off by default): decode's batch-1 Q4_K / Q6_K products take the int8
+GEMV (kernels/qmatmul.py), and the kernels whose outputs feed them write those outputs' int8
+form too: the RMSNorm after an o / down GEMV, the SwiGLU GEMV (the down projection's x), decode
+attention (the o projection's x). Read at each call, so a test or script may set it.
+
 `remember(x, q8)` / `recall(x)`: the quantized form of a tensor, found again from the tensor or a
 view of all of it, while it lives and is not written to (its version counter unchanged): a
 layer's q / k / v, whose types may differ (Q4_K_M's attn_v is Q6_K in some layers) and so be
@@ -15,6 +20,7 @@ two GEMVs on one x, quantize it once, and a norm's output is not quantized again
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -23,6 +29,7 @@ import triton
 import triton.language as tl
 
 Q8_BLOCK = 32  # activations a scale
+ENABLED = os.environ.get("QVL_INT8_GEMV") == "1"
 
 
 @dataclass(frozen=True)
@@ -56,17 +63,17 @@ def q8_blocks(x, BLOCKS: tl.constexpr):
 
 
 @triton.jit
-def store_q8(x, start, K, q_ptr, d_ptr, s_ptr, s16_ptr, BLOCKS: tl.constexpr):
-    """Quantize x (BLOCKS * 32,), values start ... of a vector of K (start a multiple of 32), and
-    store its blocks' codes, scales and sums (those past K are not stored)."""
+def store_q8(x, start, end, q_ptr, d_ptr, s_ptr, s16_ptr, BLOCKS: tl.constexpr):
+    """Quantize x (BLOCKS * 32,), values start ... of a vector (start and end multiples of 32),
+    and store its blocks' codes, scales and sums: those before `end` only."""
     q, d, s, halves = q8_blocks(tl.reshape(x, (BLOCKS, 32)), BLOCKS)
     b = start // 32 + tl.arange(0, BLOCKS)
     offs = b[:, None] * 32 + tl.arange(0, 32)[None, :]
-    tl.store(q_ptr + offs, q, mask=offs < K)
-    tl.store(d_ptr + b, d, mask=b * 32 < K)
-    tl.store(s_ptr + b, s, mask=b * 32 < K)
+    tl.store(q_ptr + offs, q, mask=offs < end)
+    tl.store(d_ptr + b, d, mask=b * 32 < end)
+    tl.store(s_ptr + b, s, mask=b * 32 < end)
     h = 2 * b[:, None] + tl.arange(0, 2)[None, :]
-    tl.store(s16_ptr + h, halves, mask=h * 16 < K)
+    tl.store(s16_ptr + h, halves, mask=h * 16 < end)
 
 
 _known: dict[int, tuple[weakref.ref, int, int, int, Q8Activations]] = {}

@@ -37,7 +37,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from .arrival import counters, last_to_arrive
-from .q8_activations import Q8Activations, remember
+from .q8_activations import Q8Activations, remember, store_q8
 from .qblocks import QTYPE_IDS, STEP
 from .qgemv_steps import lane_sums, row_sums, step
 from .qgrids import type_grid
@@ -124,6 +124,7 @@ def _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS: tl.c
     if HAS_RES:
         out += tl.load(res_ptr + rows[:, None] * N_OUT + cols[None, :], mask=mask, other=0.0)
     tl.store(y_ptr + rows[:, None] * N_OUT + cols[None, :], out, mask=mask)
+    return out
 
 
 @triton.jit
@@ -131,7 +132,7 @@ def qgemv_kernel(
     x_ptr, w_ptr, g_ptr, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr,
     nq_ptr, nd_ptr, ns_ptr, ns16_ptr, M, N_OUT, steps, row_units, steps_per_split, splits, stride_xm, eps,
     QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
-    SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, NORM_Q8: tl.constexpr,
+    SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, Q8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr,
     PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr,
 ):
@@ -170,20 +171,21 @@ def qgemv_kernel(
         acc = row_sums(acc, QTYPE)
     finish_rows(acc, pid_n, split, splits, rows, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr,
                 normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, M, N_OUT, eps, SPLIT, SWIGLU, HAS_BIAS, HAS_RES, NORM,
-                NORM_Q8, BLOCK_M, BLOCK_N, NORM_CHUNK)
+                Q8, BLOCK_M, BLOCK_N, NORM_CHUNK)
 
 
 @triton.jit
 def finish_rows(acc, pid_n, split, splits, rows, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr,
                 nq_ptr, nd_ptr, ns_ptr, ns16_ptr, M, N_OUT, eps, SPLIT: tl.constexpr, SWIGLU: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, NORM_Q8: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, Q8: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr):
     """After a program's K range: its sums acc (BLOCK_M, BLOCK_N) to the rows' outputs (module
     doc). With SPLIT, acc goes to the partials (splits, BLOCK_M, row blocks * BLOCK_N, every
     slot written, padding rows too) and the row block's last program to arrive adds them in
     split order; the finishing program applies the epilogue (`_finish`) and, with NORM, counts
-    itself in for the launch's norm (`_norm_if_last`; with NORM_Q8 the norm's int8 form for the
-    next GEMV too, nq_ptr ..., q8_activations.py). Shared with qgemv_q8.py."""
+    itself in for the launch's norm (`_norm_if_last`). With Q8 the int8 form of what feeds the
+    next GEMV (the norm's output, else y: `_quantize_outputs`) goes to nq_ptr ...
+    (q8_activations.py). Shared with qgemv_q8.py."""
     if SPLIT:
         width = tl.num_programs(0) * BLOCK_N
         slot = part_ptr + rows[:, None] * width + (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
@@ -196,10 +198,29 @@ def finish_rows(acc, pid_n, split, splits, rows, y_ptr, part_ptr, count_ptr, bia
     else:
         finisher = True
     if finisher:
-        _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
+        out = _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
         if NORM:
             _norm_if_last(y_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, count_ptr + tl.num_programs(0),
-                          M, N_OUT, eps, NORM_Q8, BLOCK_M, NORM_CHUNK)
+                          M, N_OUT, eps, Q8, BLOCK_M, NORM_CHUNK)
+        elif Q8:
+            _quantize_outputs(out, y_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, count_ptr + tl.num_programs(0) + 1, pid_n,
+                              N_OUT, BLOCK_N // 2 if SWIGLU else BLOCK_N)
+
+
+@triton.jit
+def _quantize_outputs(out, y_ptr, q_ptr, d_ptr, s_ptr, s16_ptr, count_ptr, pid_n, N_OUT, OUTS: tl.constexpr):
+    """y's int8 form (M = 1; q8_activations.store_q8) from the finishing programs' OUTS outputs
+    each (out (1, OUTS), columns pid_n * OUTS ...; a power of 2). OUTS from 32: each program its
+    own; fewer: the last of a 32-column block's programs to arrive (counters from
+    count_ptr, one a block) reads the block back and quantizes it."""
+    if OUTS >= 32:
+        store_q8(tl.reshape(out, (OUTS,)), pid_n * OUTS, N_OUT, q_ptr, d_ptr, s_ptr, s16_ptr, OUTS // 32)
+    else:
+        block = pid_n * OUTS // 32
+        if last_to_arrive(count_ptr + block, 32 // OUTS):
+            offs = block * 32 + tl.arange(0, 32)
+            y = tl.load(y_ptr + offs, cache_modifier=".cg")  # not L1: other SMs wrote it
+            store_q8(y, block * 32, N_OUT, q_ptr, d_ptr, s_ptr, s16_ptr, 1)
 
 
 @triton.jit
@@ -218,7 +239,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
           residual: torch.Tensor | None = None, swiglu: bool = False, block_n: int | None = None,
           split_k: int | None = None, num_warps: int | None = None, norm_weight: torch.Tensor | None = None,
           norm_eps: float = 0.0, prefetch: int | None = None,
-          norm_q8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+          q8_out: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x (M <= 8, K) float, raw (N, K's bytes; rows raw.stride(0) apart) uint8 -> float32 `y = x @ dequant(raw).T + bias +
     residual` (M, N); with `swiglu` the N rows are [gate; up] and y is
     `silu(x @ gate.T) * (x @ up.T)` (M, N / 2). Returns (y, RMSNorm(y) * norm_weight with
@@ -240,13 +261,13 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: to
     n_blocks = triton.cdiv(n_out, block_n // 2 if swiglu else block_n)
     per, splits = k_splits(gpu, steps, n_blocks, num_warps, split_k)
     block_m = max(1, triton.next_power_of_2(m))
-    out = Outputs.make(x, block_m, n_out, n_blocks, block_n, splits, bias, residual, norm_weight, norm_q8)
+    out = Outputs.make(x, block_m, n_out, n_blocks, block_n, splits, bias, residual, norm_weight, q8_out)
     qgemv_kernel[(n_blocks, splits)](
         x, raw, type_grid(qtype, raw.device, raw), *out.args(), m, n_out,
         steps, row_bytes // align, per, splits, x.stride(0), norm_eps, QTYPE=QTYPE_IDS[qtype],
         STEP_BYTES=STEP // blk * size, ROW_ALIGN=align, SPLIT=splits > 1, SWIGLU=swiglu,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=out.normed is not None,
-        NORM_Q8=out.normed_q8 is not None, BLOCK_M=block_m,
+        Q8=out.q8 is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, NORM_CHUNK=min(NORM_CHUNK, triton.next_power_of_2(n_out)), ASM=gpu.ptx,
         PREFETCH=0 if not gpu.ptx else default_prefetch if prefetch is None else prefetch,
         PREFETCH_CHUNKS=triton.next_power_of_2(triton.cdiv(STEP // blk * size, 32) + 1),
@@ -266,36 +287,39 @@ class Outputs:
     residual: torch.Tensor
     norm_weight: torch.Tensor
     normed: torch.Tensor | None
-    normed_q8: Q8Activations | None
+    q8: Q8Activations | None  # the int8 form of normed (or of y, without a norm)
 
     @staticmethod
     def make(x: torch.Tensor, block_m: int, n_out: int, n_blocks: int, block_n: int, splits: int,
              bias: torch.Tensor | None, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
-             norm_q8: bool = False) -> Outputs:
+             q8_out: bool = False) -> Outputs:
         """For x's M rows (block_m with padding), n_out outputs, `n_blocks` row blocks of
-        `block_n` weight rows, `splits` K ranges; `norm_q8` (M = 1, n_out a multiple of 32):
-        the norm's int8 form too, remembered as the normed output's (q8_activations.py)."""
+        `block_n` weight rows (a power of 2), `splits` K ranges. `q8_out` (M = 1, n_out a
+        multiple of 32): the int8 form of the norm's output, or of y, made by the launch too and
+        remembered as that tensor's (q8_activations.py)."""
         y = torch.empty(x.shape[0], n_out, dtype=torch.float32, device=x.device)
         parts = torch.empty(splits, block_m, n_blocks * block_n, dtype=torch.float32, device=x.device) \
             if splits > 1 else y
         norm = norm_weight is not None
-        count = counters(x.device, n_blocks + norm) if splits > 1 or norm else y  # row blocks', then the launch's
         normed = torch.empty_like(y) if norm else None
-        normed_q8 = None
-        if normed is not None and norm_q8 and x.shape[0] == 1 and n_out % 32 == 0:
-            normed_q8 = Q8Activations.empty(n_out, x.device)
-            remember(normed, normed_q8)
+        q8 = Q8Activations.empty(n_out, x.device) if q8_out and x.shape[0] == 1 and n_out % 32 == 0 else None
+        if q8 is not None:
+            remember(normed if normed is not None else y, q8)
+        # counters: the row blocks', the launch's (the norm), then one a 32-column block of y (its int8 form)
+        wanted = n_blocks + 1 + (n_out // 32 if q8 is not None and not norm else 0)
+        count = counters(x.device, wanted) if splits > 1 or norm or q8 is not None else y
         return Outputs(y, parts, count, bias.float().contiguous() if bias is not None else x,
                        residual.float().contiguous() if residual is not None else x,
-                       norm_weight.float().contiguous() if norm else x, normed, normed_q8)
+                       norm_weight.float().contiguous() if norm else x, normed, q8)
 
     def args(self) -> tuple[torch.Tensor, ...]:
         """y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr,
         ns_ptr, ns16_ptr."""
-        q8 = self.normed_q8
+        q8 = self.q8
         return (self.y, self.parts, self.count, self.bias, self.residual, self.norm_weight,
                 self.normed if self.normed is not None else self.y,
                 *((q8.q, q8.d, q8.s, q8.s16) if q8 is not None else (self.y,) * 4))
+
 
 def k_splits(gpu: Target, steps: int, n_blocks: int, num_warps: int, split_k: int | None) -> tuple[int, int]:
     """(K steps a split, splits) for `n_blocks` row blocks of `num_warps` warps over `steps`

@@ -172,7 +172,7 @@ def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, s16_ptr, w_ptr, y_ptr, part_ptr, cou
                     norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, N_OUT, steps, row_units, steps_per_split, splits, eps,
                     QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
                     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-                    NORM_Q8: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr):
+                    Q8: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr):
     """Program (row block, split): BLOCK_N weight rows (qgemv._weight_row: with SWIGLU gate and
     up rows interleaved) over K steps [split * steps_per_split, ...), then qgemv.finish_rows
     (partials, epilogue, norm). Rows are row_units * ROW_ALIGN bytes apart: with the constant
@@ -195,20 +195,20 @@ def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, s16_ptr, w_ptr, y_ptr, part_ptr, cou
             acc = _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, ASM)
     finish_rows(tl.sum(acc, axis=1 if QTYPE == 1 else 0)[None, :], pid_n, split, splits, tl.arange(0, 1), y_ptr, part_ptr, count_ptr,
                 bias_ptr, res_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, 1, N_OUT, eps, SPLIT,
-                SWIGLU, HAS_BIAS, HAS_RES, NORM, NORM_Q8, 1, BLOCK_N, NORM_CHUNK)
+                SWIGLU, HAS_BIAS, HAS_RES, NORM, Q8, 1, BLOCK_N, NORM_CHUNK)
 
 
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,
              residual: torch.Tensor | None = None, swiglu: bool = False, norm_weight: torch.Tensor | None = None,
              norm_eps: float = 0.0, block_n: int | None = None, num_warps: int | None = None,
-             split_k: int | None = None, norm_q8: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+             split_k: int | None = None, q8_out: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x (1, K) float, raw (N, K's bytes) uint8 Q4_K or Q6_K rows (rows of contiguous bytes,
     4-byte (Q6_K: 2-byte) aligned, possibly further apart: the first K columns of a wider
     weight) -> float32 (1, N) `q8(x) @ dequant(raw).T + bias + residual`, or with `swiglu` (N
     rows [gate; up]) `silu(q8(x) @ gate.T) * (q8(x) @ up.T)` (1, N / 2); and RMSNorm(y) *
-    norm_weight, or None (qgemv.qgemv's epilogues; `norm_q8`: the norm's int8 form made by the
-    same launch, for the next int8 GEMV, q8_activations.py). Default splits as qgemv's
-    (qgemv.k_splits)."""
+    norm_weight, or None (qgemv.qgemv's epilogues; `q8_out`: the int8 form of the norm's output,
+    or of y, made by the same launch for the next int8 GEMV, q8_activations.py). Default splits
+    as qgemv's (qgemv.k_splits)."""
     if qtype not in TYPES:
         raise ValueError(f"qgemv_q8 takes {', '.join(t.name for t in TYPES)} weights, not {qtype.name}")
     blk, size = GGML_QUANT_SIZES[qtype]
@@ -231,13 +231,13 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias:
     if xq is None:
         xq = quantize_q8(x.reshape(-1).float())
         remember(x, xq)
-    out = Outputs.make(x, 1, n_out, blocks, block_n, splits, bias, residual, norm_weight, norm_q8)
+    out = Outputs.make(x, 1, n_out, blocks, block_n, splits, bias, residual, norm_weight, q8_out)
     row_align = math.gcd(raw.stride(0), 16)
     qgemv_q8_kernel[(blocks, splits)](
         xq.q, xq.d, xq.s, xq.s16, raw, *out.args(), n_out, steps, raw.stride(0) // row_align, per, splits, norm_eps,
         QTYPE=TYPES[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=row_align, SPLIT=splits > 1, SWIGLU=swiglu,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=out.normed is not None,
-        NORM_Q8=out.normed_q8 is not None, BLOCK_N=block_n,
+        Q8=out.q8 is not None, BLOCK_N=block_n,
         NORM_CHUNK=min(NORM_CHUNK, 256 * num_warps, triton.next_power_of_2(n_out)),  # 8 values a thread
         ASM=gpu.ptx, num_warps=num_warps)
     return out.y, out.normed

@@ -15,7 +15,6 @@ TRITON_INTERPRET=1 on the CPU.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
+from . import q8_activations
 from .dot import dot, interpreted
 from .qblocks import QTYPE_IDS, STEP, SUPPORTED, decode_tile
 from .qgemv import qgemv
@@ -69,10 +69,6 @@ def qmatmul_kernel(
 
 
 GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel (qgemv.py)
-# QVL_INT8_GEMV=1: batch-1 Q4_K and Q6_K products on int8 activations (qgemv_q8.py), their
-# epilogues fused as the float GEMV's; off by default until a GPU has timed it end to end and
-# its effect on logits is weighed (scripts/int8_logits.py measures that on the CPU)
-INT8_GEMV = os.environ.get("QVL_INT8_GEMV") == "1"
 
 
 def gemm_tiles(gpu: Target, dtype: torch.dtype, qtype: T | None = None) -> tuple[int, int, int, int, int]:
@@ -134,9 +130,10 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     if _int8(x, qtype):
         from .qgemv_q8 import qgemv_q8
 
-        return qgemv_q8(x, raw, qtype, n, k, bias, residual, swiglu)[0]
+        return qgemv_q8(x, raw, qtype, n, k, bias, residual, swiglu, q8_out=swiglu)[0]  # SwiGLU's y: down's x
     if m <= GEMV_MAX_M:
-        return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps, prefetch=prefetch)[0]
+        return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps, prefetch=prefetch,
+                     q8_out=swiglu and q8_activations.ENABLED)[0]
     gpu = target(x.device)
     if gpu != INTERPRETER and not gpu.tensor_cores and x.dtype == torch.float16 and block_m is None:
         from .dequant import dequant_matmul  # sm_75: cuBLAS has the tensor cores Triton does not use
@@ -170,10 +167,13 @@ def _epilogue(y: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torc
 
 
 def _int8(x: torch.Tensor, qtype: T) -> bool:
-    """Whether this product takes the int8-activation GEMV (INT8_GEMV, batch 1, its types)."""
+    """Whether this product takes the int8-activation GEMV (q8_activations.ENABLED: QVL_INT8_GEMV=1,
+    off by default until a GPU has timed it and its effect on logits is weighed; batch 1, its
+    types)."""
+    from . import q8_activations
     from .qgemv_q8 import TYPES
 
-    return INT8_GEMV and qtype in TYPES and x.shape[0] == 1
+    return q8_activations.ENABLED and qtype in TYPES and x.shape[0] == 1
 
 
 def qmatmul_norm(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, norm_weight: torch.Tensor,
@@ -194,11 +194,12 @@ def qmatmul_norm(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, n
     if _int8(x, qtype):
         from .qgemv_q8 import qgemv_q8
 
-        y, normed = qgemv_q8(_activations(x), raw, qtype, n, k, bias, residual, norm_weight=norm_weight, norm_eps=eps)
+        y, normed = qgemv_q8(_activations(x), raw, qtype, n, k, bias, residual, norm_weight=norm_weight, norm_eps=eps,
+                             q8_out=True)
     else:
         # a norm feeding int8 GEMVs: its int8 form written by the same launch (q8_activations.py)
         y, normed = qgemv(_activations(x), raw, qtype, n, k, bias, residual, norm_weight=norm_weight, norm_eps=eps,
-                          norm_q8=INT8_GEMV)
+                          q8_out=q8_activations.ENABLED)
     assert normed is not None
     return y, normed
 

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .q8_activations import store_q8
+from . import q8_activations
+from .q8_activations import Q8Activations, remember, store_q8
 
 CHUNK = 1024  # columns per pass step: 8 float32 registers a thread at 4 warps
 
@@ -60,26 +61,38 @@ def rmsnorm_kernel(
     n_cols, eps,
     # strides
     stride_row,
+    q_ptr, d_ptr, s_ptr, s16_ptr,
     # meta-parameters
-    HAS_RESIDUAL: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, CHUNK: tl.constexpr, Q8: tl.constexpr,
 ):
     at = tl.program_id(0).to(tl.int64) * stride_row
-    norm_row(x_ptr + at, res_ptr + at, w_ptr, y_ptr + at, h_ptr + at, n_cols, eps, HAS_RESIDUAL, CHUNK, "")
+    norm_row(x_ptr + at, res_ptr + at, w_ptr, y_ptr + at, h_ptr + at, n_cols, eps, HAS_RESIDUAL, CHUNK, "", q_ptr,
+             d_ptr, s_ptr, s16_ptr, Q8)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-            out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+            out_dtype: torch.dtype = torch.float32, q8_out: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (rows, n) float32, bfloat16 or float16, residual (rows, n) -> (normed in `out_dtype`,
     x + residual in float32; x itself without a residual). x is read in its own type (a
     product's bf16 output: no float32 copy first), the sums are float32; a normed output that
-    feeds a bf16 GEMM is stored in bf16 (no conversion pass before it)."""
+    feeds a bf16 GEMM is stored in bf16 (no conversion pass before it). `q8_out` (default:
+    q8_activations.ENABLED; one float32 row, n a multiple of 32): the normed row's int8 form
+    too, remembered as its (the next int8 GEMV's x)."""
     x = x.contiguous()
     rows, n = x.shape
     y = torch.empty(rows, n, dtype=out_dtype, device=x.device)
     h = torch.empty(rows, n, dtype=torch.float32, device=x.device) if residual is not None else x
     res = residual.contiguous().float() if residual is not None else x
+    if q8_out is None:
+        q8_out = q8_activations.ENABLED
+    q8 = (Q8Activations.empty(n, x.device) if q8_out and rows == 1 and n % 32 == 0 and out_dtype == torch.float32
+          else None)
+    if q8 is not None:
+        remember(y, q8)
     rmsnorm_kernel[(rows,)](x, res, weight.float().contiguous(), y, h, n, eps, x.stride(0),
-                            HAS_RESIDUAL=residual is not None, CHUNK=min(CHUNK, triton.next_power_of_2(n)))
+                            *((q8.q, q8.d, q8.s, q8.s16) if q8 is not None else (y,) * 4),
+                            HAS_RESIDUAL=residual is not None, CHUNK=min(CHUNK, triton.next_power_of_2(n)),
+                            Q8=q8 is not None)
     return y, h
 
 

@@ -65,7 +65,7 @@ def timed(parts: dict[str, float], name: Callable[..., str] | str, fn: Callable,
 def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a long story about a lighthouse.",
             kernels: int = 15) -> dict:
     import qvl
-    import qvl.kernels.qmatmul as qmatmul_module
+    import qvl.kernels.q8_activations as q8_activations
     import qvl.runtime.model as model_module
     from qvl.runtime.decode_graph import DecodeGraph
     from qvl.runtime.tokenizer import TextStream
@@ -123,7 +123,7 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
         per_token["launch"] = round(1e3 * sum(launch_s) / len(launch_s), 3)
     report = {"device": device, "tokens": n, "decode_tok_s": round(n / decode_s, 2), "ms_per_token": per_token,
               "capture_ms": round(1e3 * warm.timings["capture_s"], 1) if "capture_s" in warm.timings else None,
-              "int8_gemv": qmatmul_module.INT8_GEMV}  # QVL_INT8_GEMV: Q4_K GEMVs on int8 activations
+              "int8_gemv": q8_activations.ENABLED}  # QVL_INT8_GEMV: Q4_K / Q6_K GEMVs on int8 activations
     if cuda:
         report["kernels_one_token"] = kernel_table(m, prompt, kernels)
     return report

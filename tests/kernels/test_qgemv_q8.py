@@ -116,9 +116,10 @@ def test_rows_further_apart(qtype):
 
 
 def test_qmatmul_takes_it_when_asked(monkeypatch):
-    """QVL_INT8_GEMV (qmatmul.INT8_GEMV): batch-1 Q4_K and Q6_K products, their bias / residual /
+    """QVL_INT8_GEMV (q8_activations.ENABLED): batch-1 Q4_K and Q6_K products, their bias / residual /
     SwiGLU and the next RMSNorm, equal to qgemv_q8's own; Q8_0 and two rows of x stay on the
     float GEMV (equal results)."""
+    import qvl.kernels.q8_activations as q8_activations
     import qvl.kernels.qmatmul as qm
 
     n, k = 24, 512
@@ -128,7 +129,7 @@ def test_qmatmul_takes_it_when_asked(monkeypatch):
     x, bias, res, w = (t.to(ACCEL) for t in (x, bias, res, w))
     raws = {qt: torch.from_numpy(_weights(n, k, 7, qt)).to(ACCEL) for qt in (T.Q4_K, T.Q6_K, T.Q8_0)}
     eight = qm.qmatmul(x, raws[T.Q8_0], T.Q8_0, n, k).cpu()
-    monkeypatch.setattr(qm, "INT8_GEMV", True)
+    monkeypatch.setattr(q8_activations, "ENABLED", True)
     for qt in TYPES:
         raw = raws[qt]
         assert torch.equal(qm.qmatmul(x, raw, qt, n, k, bias, res), qgemv_q8(x, raw, qt, n, k, bias, res)[0])
@@ -141,27 +142,52 @@ def test_qmatmul_takes_it_when_asked(monkeypatch):
     assert torch.equal(qm.qmatmul(x, raws[T.Q8_0], T.Q8_0, n, k).cpu(), eight)
 
 
+def _same_as_quantized(y: torch.Tensor) -> None:
+    """The int8 form remembered for y equals quantize_q8's of y: codes, scales and sums exact."""
+    from qvl.kernels.q8_activations import recall
+
+    kept = recall(y)
+    assert kept is not None
+    fresh = quantize_q8(y.reshape(-1))
+    for a, b in zip((kept.q, kept.d, kept.s, kept.s16), (fresh.q, fresh.d, fresh.s, fresh.s16)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("gemv,block_n,split", [("int8", 8, 1), ("int8", 4, 3), ("int8", 128, 2), ("float", 4, 2),
+                                                ("float", 16, 1), ("float", 128, 3)])
+def test_swiglu_writes_its_int8_form(gemv, block_n, split):
+    """A SwiGLU GEMV (the down projection's x) with q8_out: its output's int8 form from the same
+    launch, whether a program finishes 2, 4 or 8 of a 32-output block (the block's last program
+    to arrive quantizes it) or 64 (each its own)."""
+    from qvl.kernels.qgemv import qgemv
+
+    n, k = 2 * 96, 512
+    raw = torch.from_numpy(_weights(n, k, 12)).to(ACCEL)
+    x = _x(k, 10).to(ACCEL)
+    if gemv == "int8":
+        y, _ = qgemv_q8(x, raw, T.Q4_K, n, k, swiglu=True, block_n=block_n, split_k=split, q8_out=True)
+    else:
+        y, _ = qgemv(x, raw, T.Q4_K, n, k, swiglu=True, block_n=block_n, split_k=split, q8_out=True)
+    assert y.shape == (1, 96)
+    _same_as_quantized(y)
+
+
 @pytest.mark.parametrize("gemv", ["int8", "float"])
 def test_norm_writes_its_int8_form(gemv, monkeypatch):
-    """A GEMV whose norm feeds int8 GEMVs (norm_q8) writes the norm's int8 form in the same
+    """A GEMV whose norm feeds int8 GEMVs (q8_out) writes the norm's int8 form in the same
     launch: equal to quantize_q8 of the normed output (codes, scales and sums exact: the same
     float32 values), and the next int8 GEMV on it quantizes nothing."""
     import qvl.kernels.qgemv_q8 as q8
-    from qvl.kernels.q8_activations import recall
     from qvl.kernels.qgemv import qgemv
 
     n, k = 256, 512  # n: the next GEMV's K, a whole step
     raw = torch.from_numpy(_weights(n, k, 9)).to(ACCEL)
     x, w = _x(k, 8).to(ACCEL), (torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5).to(ACCEL)
     if gemv == "int8":
-        _, normed = qgemv_q8(x, raw, T.Q4_K, n, k, norm_weight=w, norm_eps=1e-6, split_k=2)
+        _, normed = qgemv_q8(x, raw, T.Q4_K, n, k, norm_weight=w, norm_eps=1e-6, split_k=2, q8_out=True)
     else:
-        _, normed = qgemv(x, raw, T.Q4_K, n, k, norm_weight=w, norm_eps=1e-6, split_k=2, norm_q8=True)
-    kept = recall(normed)
-    assert kept is not None
-    fresh = quantize_q8(normed.reshape(-1))
-    for a, b in zip((kept.q, kept.d, kept.s, kept.s16), (fresh.q, fresh.d, fresh.s, fresh.s16)):
-        assert torch.equal(a, b)
+        _, normed = qgemv(x, raw, T.Q4_K, n, k, norm_weight=w, norm_eps=1e-6, split_k=2, q8_out=True)
+    _same_as_quantized(normed)
     calls = []
     monkeypatch.setattr(q8, "quantize_q8", lambda *a: calls.append(1) or quantize_q8(*a))
     nxt = _weights(8, n, 3)
@@ -191,3 +217,24 @@ def test_quantized_x_is_kept_while_unchanged(monkeypatch):
     assert len(calls) == 2 and _close(again.cpu(), 2 * first.cpu())
     qgemv_q8(x.clone(), raws[T.Q4_K], T.Q4_K, 8, 256)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention_and_rmsnorm_write_their_int8_forms(splits):
+    """Decode attention (the o projection's x; GQA 7, one KV head's 7 query heads a run of the
+    output) and the step's first RMSNorm (the first q/k/v's x) with q8_out: their outputs' int8
+    forms, exact; without it none is remembered."""
+    from qvl.kernels.decode_attention import decode_attention
+    from qvl.kernels.q8_activations import recall
+    from qvl.kernels.rmsnorm import rmsnorm
+
+    g = torch.Generator().manual_seed(splits)
+    q, k, v = torch.randn(28, 128, generator=g), torch.randn(4, 64, 128, generator=g), torch.randn(4, 64, 128, generator=g)
+    n = torch.tensor([50], dtype=torch.int32)
+    out = decode_attention(q.to(ACCEL), k.to(ACCEL), v.to(ACCEL), n.to(ACCEL), splits=splits, q8_out=True)
+    _same_as_quantized(out[None].reshape(1, -1))
+    assert recall(decode_attention(q.to(ACCEL), k.to(ACCEL), v.to(ACCEL), n.to(ACCEL), splits=splits,
+                                   q8_out=False)) is None
+    x, w = torch.randn(1, 3584, generator=g).to(ACCEL), torch.rand(3584, generator=g).to(ACCEL)
+    _same_as_quantized(rmsnorm(x, w, 1e-6, q8_out=True)[0])
+    assert recall(rmsnorm(x, w, 1e-6, q8_out=False)[0]) is None
