@@ -237,6 +237,7 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     from .decode_inputs import advance, embed_row
     from .dequant import dequant
     from .kv_store import kv_store, kv_store_q8
+    from .qgemv import qgemv
     from .qgemv_q8 import qgemv_q8
     from .qmatmul import SUPPORTED, qmatmul, qmatmul_norm
     from .rmsnorm import rmsnorm
@@ -321,14 +322,24 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
               for qt in (T.Q4_K, T.Q6_K, T.Q8_0, T.F16)]
     for qt in (T.Q4_K, T.Q6_K):
         cases += [
-            (f"{qt.name} GEMV M=1 on int8 x, SwiGLU", lambda qt=qt: qgemv_q8(
-                z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True)),
-            (f"{qt.name} GEMV M=1 on int8 x, residual + RMSNorm", lambda qt=qt: qgemv_q8(
+            (f"{qt.name} GEMV M=1 on int8 x, SwiGLU, int8 output", lambda qt=qt: qgemv_q8(
+                z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True, q8_out=True)),
+            (f"{qt.name} GEMV M=1 on int8 x, residual + RMSNorm, int8 output", lambda qt=qt: qgemv_q8(
                 z(1, inter), raw(qt, hidden, inter), qt, hidden, inter, residual=z(1, hidden), norm_weight=z(hidden),
-                norm_eps=1e-6)),
+                norm_eps=1e-6, q8_out=True)),
             (f"{qt.name} GEMV M=1 on int8 x, bias, one split", lambda qt=qt: qgemv_q8(
                 z(1, hidden), raw(qt, 4608, hidden), qt, 4608, hidden, z(4608), split_k=1)),
         ]
+    cases += [  # what writes an int8 GEMV's x writes its int8 form too (q8_activations.py)
+        ("Q4_K GEMV M=1, SwiGLU, int8 output", lambda: qgemv(
+            z(1, hidden), raw(T.Q4_K, 2 * inter, hidden), T.Q4_K, 2 * inter, hidden, swiglu=True, q8_out=True)),
+        ("Q4_K GEMV M=1, residual + RMSNorm, int8 output", lambda: qgemv(
+            z(1, hidden), raw(T.Q4_K, hidden, hidden), T.Q4_K, hidden, hidden, residual=z(1, hidden),
+            norm_weight=z(hidden), norm_eps=1e-6, q8_out=True)),
+        ("decode attention GQA 28/4 d=128, int8 output", lambda: decode_attention(
+            z(28, 128), z(4, 4096, 128, dtype=half), z(4, 4096, 128, dtype=half), length, q8_out=True)),
+        ("rmsnorm 3584, int8 output", lambda: rmsnorm(z(1, hidden), z(hidden), 1e-6, q8_out=True)),
+    ]
     cases.append(("next step's inputs", lambda: advance(token, token.clone(), token.clone(),
                                                          torch.zeros(1, dtype=torch.int32), z(1), z(64), z(64))))
     return cases

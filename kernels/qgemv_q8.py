@@ -6,9 +6,10 @@ QVL_INT8_GEMV=1; not the default until a GPU has timed it and its effect on logi
 qgemv.py turns every code into a float and multiplies it by a float32 activation: on an H200
 its Q4_K loop is ~178 SASS instructions a 256-weight step of 16 rows (~5.6 a weight), so it is
 bound by issuing instructions at ~46 % of the copy bandwidth (docs/benchmarks.md), where the
-issue asks for 75 %. Here x is first quantized per 32 values to int8 (`quantize_q8`, its own
-launch: a scale dx = max|x| / 127 and the sum dx * sum(q) per block, as ggml's q8_1, and the
-integer sums per 16), and
+issue asks for 75 %. Here x is quantized per 32 values to int8 (a scale dx = max|x| / 127 and
+the sum dx * sum(q) per block, as ggml's q8_1, and the integer sums per 16: q8_activations.py)
+by whatever wrote x on the decode step (the norms, the SwiGLU GEMV, decode attention), or else
+in a launch of its own (`quantize_q8`), and
 
     Q4_K, a sub-block of 32:  d * sc * dx * sum(code * q)  -  dmin * m * (dx * sum(q))
     Q6_K, a sub-block of 16:  d * scale * dx * (sum(code * q) - 32 * sum(q))

@@ -149,8 +149,10 @@ TRITON_MIN_CAPABILITY = (7, 0)  # Triton compiles for Volta and later; Pascal an
 
 
 def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: float | None, no_triton: bool,
-               cache_type: str | None, no_cuda_graph: bool) -> tuple[str, Placement]:
-    """The device and placement the flags ask for; GPU flags without a GPU warn and run on the CPU."""
+               cache_type: str | None, no_cuda_graph: bool, int8: bool = False) -> tuple[str, Placement]:
+    """The device and placement the flags ask for; GPU flags without a GPU warn and run on the CPU.
+    `int8` (--int8-activations) turns on the int8-activation GEMVs (kernels/q8_activations.ENABLED)
+    where the Triton kernels run."""
     if vision_device not in ("auto", "cpu", "cuda"):
         _fail(f"--vision-device {vision_device}: choose auto, cpu or cuda")
     if cache_type is not None and cache_type not in KV_TYPES:
@@ -159,8 +161,11 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
         _fail(f"--max-vram {max_vram}: a budget in GB above 0")
     if gpu_layers is not None and gpu_layers < 0:
         _fail(f"--gpu-layers {gpu_layers}: 0 or more")
+    if int8 and no_triton:
+        _fail("--int8-activations needs the Triton kernels: not with --no-triton")
     gpu_flags = [f for f, on in (("--gpu-layers", gpu_layers is not None), ("--max-vram", max_vram is not None),
-                                 ("--vision-device cuda", vision_device == "cuda")) if on]
+                                 ("--vision-device cuda", vision_device == "cuda"), ("--int8-activations", int8))
+                 if on]
     if cpu and gpu_flags:
         _fail(f"--cpu with {', '.join(gpu_flags)}: choose one")
     if cpu or not torch.cuda.is_available():
@@ -175,6 +180,12 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
         typer.echo(f"qvl-run: warning: {name} (compute capability {major}.{minor}) is older than Triton supports "
                    f"(7.0); using torch matmuls on the GPU (as --no-triton)", err=True)
         kernels = False
+    if int8 and kernels:
+        from ..kernels import q8_activations
+
+        q8_activations.ENABLED = True
+    elif int8:
+        typer.echo("qvl-run: warning: --int8-activations ignored: the Triton kernels do not run here", err=True)
     return "cuda", Placement("cuda", layers, vision_on_accel=vision_device != "cpu", kernels=kernels,
                              kv_type=cache_type, cuda_graph=not no_cuda_graph)
 
@@ -242,6 +253,10 @@ def run(
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP when pulling from a local registry."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads for the matmuls (default: "
                                           "torch's, one a physical core)."),
+    int8_activations: bool = typer.Option(
+        False, "--int8-activations", help="On a GPU, decode's Q4_K / Q6_K matrix-vector products on activations "
+        "rounded to int8 per 32 values (dp4a, as llama.cpp's CUDA kernels do): fewer instructions a weight; the "
+        "logits move slightly, so greedy tokens can differ from the default's exact float32 products."),
 ) -> None:
     del flash_attn, sliding_window_size, max_window_layers
     if sliding_window:
@@ -286,7 +301,8 @@ def run(
         _fail(str(e))
     if not model_path.exists() and mmproj is None:
         _pull_if_missing(str(model_path), no_pull, insecure)
-    device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type, no_cuda_graph)
+    device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type, no_cuda_graph,
+                                   int8_activations)
     t0 = time.perf_counter()
     try:
         model = load(model_path, device=device, mmproj=mmproj, dtype=torch.float32 if f32 else None,

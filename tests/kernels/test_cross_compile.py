@@ -233,7 +233,8 @@ def test_decode_gemv_loop_has_no_barrier(compiled, arch):
     LOOP_CEILING, converts no quantized code with an int-to-float instruction, and asks L2 for a
     later step (PREFETCHES a thread: qgemv.PREFETCH)."""
     _, records, _ = compiled[arch]
-    m1 = [r for r in records if r["kernel"] == "qgemv_kernel" and "M=1" in r["case"]]
+    m1 = [r for r in records if r["kernel"] == "qgemv_kernel" and "M=1" in r["case"]
+          and "int8 output" not in r["case"]]  # those: the same K loop (a norm's loop may be longer)
     assert {r["case"].split()[0] for r in m1} == set(LOOP_CEILING)
     assert len(m1) == 5 * len(LOOP_CEILING)
     for r in m1:

@@ -97,6 +97,7 @@ def test_llama_cpp_flag_names(model_path):
     (["{model}", "--prompt", "x", "--max-vram", "0"], "--max-vram 0.0: a budget"),
     (["{model}", "--prompt", "x", "--gpu-layers", "-1"], "--gpu-layers -1: 0 or more"),
     (["{model}", "--prompt", "x", "--cpu", "--gpu-layers", "4"], "--cpu with --gpu-layers: choose one"),
+    (["{model}", "--prompt", "x", "--int8-activations", "--no-triton"], "--int8-activations needs the Triton kernels"),
     (["/nowhere/model.gguf", "--prompt", "x"], "/nowhere/model.gguf: file not found"),
     (["missing.gguf", "--prompt", "x"], "missing.gguf: file not found"),  # a file name, never pulled
     (["{model}", "--prompt", "x", "--temperature", "1", "--top-p", "2"], "top_p 2.0: between 0 and 1"),
@@ -136,10 +137,10 @@ def test_bad_input(tmp_path, fixtures_dir, model_path, image_path, args, expect)
 def test_gpu_flags_without_a_gpu_warn_and_run_on_the_cpu(model_path):
     base = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6"])
     r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6", "--gpu-layers", "99",
-                            "--max-vram", "4", "--vision-device", "cuda"])
+                            "--max-vram", "4", "--vision-device", "cuda", "--int8-activations"])
     assert r.exit_code == 0, r.stderr
     assert r.stderr.strip() == ("qvl-run: warning: no CUDA GPU found; --gpu-layers, --max-vram, "
-                                "--vision-device cuda ignored, running on the CPU")
+                                "--vision-device cuda, --int8-activations ignored, running on the CPU")
     assert r.stdout == base.stdout
 
 
@@ -160,6 +161,22 @@ def test_gpus_older_than_triton_take_the_torch_path(monkeypatch, capsys, capabil
     else:
         assert err.strip() == ("qvl-run: warning: NVIDIA GeForce GTX 1080 (compute capability 6.1) is older than "
                                "Triton supports (7.0); using torch matmuls on the GPU (as --no-triton)")
+
+
+@pytest.mark.parametrize("capability,int8", [((9, 0), True), ((6, 1), False)])
+def test_int8_activations_where_the_kernels_run(monkeypatch, capsys, capability, int8):
+    """--int8-activations turns on the int8-activation GEMVs (q8_activations.ENABLED) on a GPU
+    that runs the Triton kernels; on one that does not, a warning says it is ignored."""
+    from qvl.kernels import q8_activations
+    from qvl.runtime import run_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    monkeypatch.setattr(q8_activations, "ENABLED", False)
+    device, placement = run_cli._placement(False, None, "auto", None, False, None, False, int8=True)
+    assert device == "cuda" and q8_activations.ENABLED == int8 == placement.kernels
+    assert ("--int8-activations ignored" in capsys.readouterr().err) != int8
 
 
 def test_q8_0_cache_runs(model_path):
