@@ -93,7 +93,9 @@ def remember(x: torch.Tensor, q8: Q8Activations) -> None:
 
 def recall(x: torch.Tensor) -> Q8Activations | None:
     """The quantized form remembered for x (or for the tensor x views, with the same start and
-    size), if that tensor is alive and unchanged since."""
+    size), if that tensor is alive and unchanged since. Unchanged as torch counts writes (its
+    version): a kernel's later store into the tensor would not count, so only outputs are
+    remembered, when made, by the launch that writes both them and their int8 form."""
     base = _whole(x)
     entry = _known.get(id(base))
     if entry is None:

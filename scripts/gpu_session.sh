@@ -18,13 +18,13 @@
 #                                           # (bench_kernels.py --quick). Failures end steps early; run it
 #                                           # with the time the session has left: what finished comes back
 #     bash scripts/gpu_session.sh followup  # ~6 min, after changes to what `targets` timed: the kernel
-#                                           # tests those changes touch on CUDA (rope, rmsnorm,
-#                                           # attention, the whole-model kernel path), the 2530x1000
-#                                           # image's vision split, decode split (and with
-#                                           # QVL_INT8_GEMV=1: the int8-activation GEMVs, and their
-#                                           # logits against the float ones), bench_run (decode tok/s,
-#                                           # VRAM), the int8-activation Q4_K / Q6_K GEMVs against the
-#                                           # float ones, the decode GEMVs over K splits
+#                                           # tests those changes touch on CUDA (int8 GEMVs, decode
+#                                           # inputs, rmsnorm / rope, the whole-model kernel path);
+#                                           # decode with QVL_INT8_GEMV=1 (profile_decode), its logits
+#                                           # against the float GEMVs' (int8_logits), the int8 Q4_K /
+#                                           # Q6_K GEMVs against the float ones; the vision and decode
+#                                           # splits; bench_run (decode tok/s, VRAM), and again with
+#                                           # expandable segments (whole-device VRAM)
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -105,26 +105,28 @@ targets)
     cat "$out/bench-quick.json"
     ;;
 followup)
-    timeout 200 python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/kernels/test_rmsnorm_rope.py \
-        tests/kernels/test_attention.py tests/kernels/test_decode_inputs.py tests/kernels/test_qgemv_q8.py \
-        tests/kernels/test_model_kernel_path.py 2>&1 | tee "$out/tests.log" | tail -15
+    timeout 170 python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/kernels/test_qgemv_q8.py \
+        tests/kernels/test_decode_inputs.py tests/kernels/test_rmsnorm_rope.py tests/kernels/test_model_kernel_path.py \
+        2>&1 | tee "$out/tests.log" | tail -15
     random_7b || exit 1
-    profiles
-    # the Q4_K / Q6_K GEMVs on int8 activations (kernels/qgemv_q8.py, epilogues fused): decode end to
-    # end, and what they do to the logits (random weights: no real model travels)
+    # the Q4_K / Q6_K GEMVs on int8 activations (kernels/qgemv_q8.py; x's int8 form written by what
+    # wrote x): decode end to end, and what they do to the logits (random weights: no real model travels)
     QVL_INT8_GEMV=1 timeout 70 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda \
         --tokens 64 > "$out/profile-decode-int8.json" 2>&1
     head -c 1500 "$out/profile-decode-int8.json"
-    timeout 60 python3 scripts/int8_logits.py /tmp/q7b-q4_k_m.gguf --device cuda --steps 32 \
+    timeout 50 python3 scripts/int8_logits.py /tmp/q7b-q4_k_m.gguf --device cuda --steps 32 \
         > "$out/int8-logits.json" 2>&1
     tail -c 600 "$out/int8-logits.json"
-    timeout 150 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
-        > "$out/run-1024-ctx4096.json" 2>&1
-    cat "$out/run-1024-ctx4096.json"
     timeout 60 python3 scripts/bench_kernels.py --int8 > "$out/int8.json" 2>&1
     cat "$out/int8.json"
-    timeout 100 python3 scripts/bench_kernels.py --splits > "$out/splits.json" 2>&1  # rows as measured, then all
-    head -c 3000 "$out/splits.json"
+    profiles
+    # VRAM: the default allocator, then expandable segments (less reserved beyond what is allocated)
+    timeout 120 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
+        > "$out/run-1024-ctx4096.json" 2>&1
+    cat "$out/run-1024-ctx4096.json"
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 90 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf \
+        --device cuda --tokens 64 --size 1024 --ctx 4096 > "$out/run-expandable.json" 2>&1
+    cat "$out/run-expandable.json"
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time
