@@ -336,10 +336,11 @@ INT8_TYPES = ("Q4_K", "Q6_K")  # Q6_K: the 7B Q4_K_M's ffn_down / attn_v in 12 o
 
 
 def int8_gemv(dev: str, shapes=INT8_SHAPES, graph_timer: GraphTimer = graph_ms) -> list[dict]:
-    """Q4_K and Q6_K at M = 1: kernels/qgemv_q8.py (x quantized to int8 in its own launch, then
-    dp4a) against qgemv.py's float GEMV at its default launch, plain products, both replayed
-    from a CUDA graph over copies of the weight, GB/s of weight bytes; and the int8 result's
-    error against the float one relative to its max |y| (x's rounding)."""
+    """Q4_K and Q6_K at M = 1: kernels/qgemv_q8.py against qgemv.py's float GEMV at its default
+    launch, plain products, both replayed from a CUDA graph over copies of the weight, GB/s of
+    weight bytes; and the int8 result's error against the float one relative to its max |y|
+    (x's rounding). x's int8 form is made once, before the timing (q8_activations.recall), as on
+    the decode step, where the kernel that writes x writes it: the GEMV's launch alone is timed."""
     from gguf import GGMLQuantizationType as T
 
     from qvl.convert.quant import quantize
