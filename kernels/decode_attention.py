@@ -25,7 +25,7 @@ import triton.language as tl
 from . import q8_activations
 from .arrival import counters, last_to_arrive
 from .attention import load_kv
-from .q8_activations import Q8Activations, remember, store_q8
+from .q8_activations import form_for, pointers, store_q8
 from .target import INTERPRETER, Target, target
 
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its share of the cache
@@ -170,16 +170,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: 
     block_d = max(16, triton.next_power_of_2(d))
     if q8_out is None:
         q8_out = q8_activations.ENABLED
-    q8 = Q8Activations.empty(heads * d, q.device) if q8_out and block_d == d and d % 32 == 0 else None
-    if q8 is not None:
-        remember(out, q8)
+    q8 = form_for(out, q8_out and block_d == d and d % 32 == 0)
     decode_attention_kernel[(kv_heads, splits)](
-        q, k, v, ks, vs, length, part_o, part_m, part_l, count, out,
-        *((q8.q, q8.d, q8.s, q8.s16) if q8 is not None else (out,) * 4),
+        q, k, v, ks, vs, length, part_o, part_m, part_l, count, out, *pointers(q8, out),
         d, group, d ** -0.5, per, splits,
         q.stride(0), k.stride(0), k.stride(1), ks.stride(0), ks.stride(1),
-        IS_Q8=is_q8, Q8_BLOCK=block, SPLIT=splits > 1, OUT_Q8=q8 is not None, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+        IS_Q8=is_q8, Q8_BLOCK=block, SPLIT=splits > 1, OUT_Q8=q8 is not None,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 

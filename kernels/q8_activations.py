@@ -76,6 +76,22 @@ def store_q8(x, start, end, q_ptr, d_ptr, s_ptr, s16_ptr, BLOCKS: tl.constexpr):
     tl.store(s16_ptr + h, halves, mask=h * 16 < end)
 
 
+def form_for(out: torch.Tensor, wanted: bool) -> Q8Activations | None:
+    """A launch's output `out` (a vector's worth of values) to be written with its int8 form:
+    that form's buffers, remembered as out's; None when not `wanted`."""
+    if not wanted:
+        return None
+    q8 = Q8Activations.empty(out.numel(), out.device)
+    remember(out, q8)
+    return q8
+
+
+def pointers(q8: Q8Activations | None, dummy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A kernel's four int8-form pointer arguments (codes, dx, dx * sum, sums per 16): `dummy`
+    (never written) for each without a form."""
+    return (q8.q, q8.d, q8.s, q8.s16) if q8 is not None else (dummy,) * 4
+
+
 _known: dict[int, tuple[weakref.ref, int, int, int, Q8Activations]] = {}
 
 

@@ -37,7 +37,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from .arrival import counters, last_to_arrive
-from .q8_activations import Q8Activations, remember, store_q8
+from .q8_activations import Q8Activations, form_for, pointers, store_q8
 from .qblocks import QTYPE_IDS, STEP
 from .qgemv_steps import lane_sums, row_sums, step
 from .qgrids import type_grid
@@ -200,8 +200,8 @@ def finish_rows(acc, pid_n, split, splits, rows, y_ptr, part_ptr, count_ptr, bia
     if finisher:
         out = _finish(acc, y_ptr, bias_ptr, res_ptr, M, N_OUT, pid_n, rows, HAS_BIAS, HAS_RES, SWIGLU, BLOCK_N)
         if NORM:
-            _norm_if_last(y_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, count_ptr + tl.num_programs(0),
-                          M, N_OUT, eps, Q8, BLOCK_M, NORM_CHUNK)
+            _norm_if_last(y_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr,
+                          count_ptr + tl.num_programs(0), M, N_OUT, eps, Q8, BLOCK_M, NORM_CHUNK)
         elif Q8:
             _quantize_outputs(out, y_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, count_ptr + tl.num_programs(0) + 1, pid_n,
                               N_OUT, BLOCK_N // 2 if SWIGLU else BLOCK_N)
@@ -302,9 +302,7 @@ class Outputs:
             if splits > 1 else y
         norm = norm_weight is not None
         normed = torch.empty_like(y) if norm else None
-        q8 = Q8Activations.empty(n_out, x.device) if q8_out and x.shape[0] == 1 and n_out % 32 == 0 else None
-        if q8 is not None:
-            remember(normed if normed is not None else y, q8)
+        q8 = form_for(normed if normed is not None else y, q8_out and x.shape[0] == 1 and n_out % 32 == 0)
         # counters: the row blocks', the launch's (the norm), then one a 32-column block of y (its int8 form)
         wanted = n_blocks + 1 + (n_out // 32 if q8 is not None and not norm else 0)
         count = counters(x.device, wanted) if splits > 1 or norm or q8 is not None else y
@@ -315,10 +313,8 @@ class Outputs:
     def args(self) -> tuple[torch.Tensor, ...]:
         """y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr,
         ns_ptr, ns16_ptr."""
-        q8 = self.q8
         return (self.y, self.parts, self.count, self.bias, self.residual, self.norm_weight,
-                self.normed if self.normed is not None else self.y,
-                *((q8.q, q8.d, q8.s, q8.s16) if q8 is not None else (self.y,) * 4))
+                self.normed if self.normed is not None else self.y, *pointers(self.q8, self.y))
 
 
 def k_splits(gpu: Target, steps: int, n_blocks: int, num_warps: int, split_k: int | None) -> tuple[int, int]:

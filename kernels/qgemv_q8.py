@@ -51,7 +51,6 @@ from .target import INTERPRETER, target
 BLOCK_N = 8
 NUM_WARPS = 1
 TYPES = {T.Q4_K: 1, T.Q6_K: 2}  # the weight types taken, and the kernel's QTYPE for each
-Q4_K_BYTES = 144
 
 
 @triton.jit
@@ -170,7 +169,8 @@ def _q6_k_quarter(nib, hb, xw, row, s16_ptr, dx_ptr, kb, sub, t, QUARTER: tl.con
 
 @triton.jit
 def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, s16_ptr, w_ptr, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr,
-                    norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, N_OUT, steps, row_units, steps_per_split, splits, eps,
+                    norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, N_OUT, steps, row_units, steps_per_split,
+                    splits, eps,
                     QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
                     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                     Q8: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr):
@@ -194,9 +194,9 @@ def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, s16_ptr, w_ptr, y_ptr, part_ptr, cou
             acc = _q4_k_step(acc, row, x32, dx_ptr, sx_ptr, kb, ASM)
         else:
             acc = _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, ASM)
-    finish_rows(tl.sum(acc, axis=1 if QTYPE == 1 else 0)[None, :], pid_n, split, splits, tl.arange(0, 1), y_ptr, part_ptr, count_ptr,
-                bias_ptr, res_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, 1, N_OUT, eps, SPLIT,
-                SWIGLU, HAS_BIAS, HAS_RES, NORM, Q8, 1, BLOCK_N, NORM_CHUNK)
+    finish_rows(tl.sum(acc, axis=1 if QTYPE == 1 else 0)[None, :], pid_n, split, splits, tl.arange(0, 1), y_ptr,
+                part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, 1,
+                N_OUT, eps, SPLIT, SWIGLU, HAS_BIAS, HAS_RES, NORM, Q8, 1, BLOCK_N, NORM_CHUNK)
 
 
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,

@@ -15,7 +15,6 @@ TRITON_INTERPRET=1 on the CPU.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import triton
@@ -170,7 +169,6 @@ def _int8(x: torch.Tensor, qtype: T) -> bool:
     """Whether this product takes the int8-activation GEMV (q8_activations.ENABLED: QVL_INT8_GEMV=1,
     off by default until a GPU has timed it and its effect on logits is weighed; batch 1, its
     types)."""
-    from . import q8_activations
     from .qgemv_q8 import TYPES
 
     return q8_activations.ENABLED and qtype in TYPES and x.shape[0] == 1

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import q8_activations
-from .q8_activations import Q8Activations, remember, store_q8
+from .q8_activations import form_for, pointers, store_q8
 
 CHUNK = 1024  # columns per pass step: 8 float32 registers a thread at 4 warps
 
@@ -85,12 +85,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     res = residual.contiguous().float() if residual is not None else x
     if q8_out is None:
         q8_out = q8_activations.ENABLED
-    q8 = (Q8Activations.empty(n, x.device) if q8_out and rows == 1 and n % 32 == 0 and out_dtype == torch.float32
-          else None)
-    if q8 is not None:
-        remember(y, q8)
-    rmsnorm_kernel[(rows,)](x, res, weight.float().contiguous(), y, h, n, eps, x.stride(0),
-                            *((q8.q, q8.d, q8.s, q8.s16) if q8 is not None else (y,) * 4),
+    q8 = form_for(y, q8_out and rows == 1 and n % 32 == 0 and out_dtype == torch.float32)
+    rmsnorm_kernel[(rows,)](x, res, weight.float().contiguous(), y, h, n, eps, x.stride(0), *pointers(q8, y),
                             HAS_RESIDUAL=residual is not None, CHUNK=min(CHUNK, triton.next_power_of_2(n)),
                             Q8=q8 is not None)
     return y, h

@@ -229,7 +229,8 @@ def test_decode_attention_and_rmsnorm_write_their_int8_forms(splits):
     from qvl.kernels.rmsnorm import rmsnorm
 
     g = torch.Generator().manual_seed(splits)
-    q, k, v = torch.randn(28, 128, generator=g), torch.randn(4, 64, 128, generator=g), torch.randn(4, 64, 128, generator=g)
+    q = torch.randn(28, 128, generator=g)
+    k, v = torch.randn(4, 64, 128, generator=g), torch.randn(4, 64, 128, generator=g)
     n = torch.tensor([50], dtype=torch.int32)
     out = decode_attention(q.to(ACCEL), k.to(ACCEL), v.to(ACCEL), n.to(ACCEL), splits=splits, q8_out=True)
     _same_as_quantized(out[None].reshape(1, -1))
