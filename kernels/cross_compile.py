@@ -320,7 +320,7 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     cases += [(f"embedding row {qt.name}", lambda qt=qt: embed_row(raw(qt, 1024, hidden), qt, hidden, token,
                                                                     z(1, hidden)))
               for qt in (T.Q4_K, T.Q6_K, T.Q8_0, T.F16)]
-    for qt in (T.Q4_K, T.Q6_K):
+    for qt in (T.Q4_K, T.Q5_K, T.Q6_K):
         cases += [
             (f"{qt.name} GEMV M=1 on int8 x, SwiGLU, int8 output", lambda qt=qt: qgemv_q8(
                 z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True, q8_out=True)),

@@ -1,4 +1,4 @@
-"""Batch-1 Q4_K and Q6_K GEMVs on int8 activations: four products an instruction (`dp4a`), as
+"""Batch-1 Q4_K, Q5_K and Q6_K GEMVs on int8 activations: four products an instruction (`dp4a`), as
 llama.cpp's CUDA `mul_mat_vec_q` does; the epilogues (bias, residual, SwiGLU, the next RMSNorm)
 and split-K finishing are qgemv.py's own (`finish_rows`). Taken by qmatmul.py with
 QVL_INT8_GEMV=1; not the default until a GPU has timed it and its effect on logits is weighed.
@@ -11,7 +11,7 @@ the sum dx * sum(q) per block, as ggml's q8_1, and the integer sums per 16: q8_a
 by whatever wrote x on the decode step (the norms, the SwiGLU GEMV, decode attention), or else
 in a launch of its own (`quantize_q8`), and
 
-    Q4_K, a sub-block of 32:  d * sc * dx * sum(code * q)  -  dmin * m * (dx * sum(q))
+    Q4_K, Q5_K, a sub-block of 32:  d * sc * dx * sum(code * q)  -  dmin * m * (dx * sum(q))
     Q6_K, a sub-block of 16:  d * scale * dx * (sum(code * q) - 32 * sum(q))
 
 with sum(code * q) over words of 4 codes by `dp4a.u32.s32` (codes unsigned: nibbles, or Q6_K's
@@ -26,7 +26,8 @@ thread holds a group's 8 words of its row (2 x 16-byte loads). Q6_K: its blocks 
 2-byte aligned, so a word is two 16-bit loads (12 words of codes and high bits a thread).
 Compiled for sm_90 (scripts/compile_kernels.py, Triton 3.8 here): Q4_K 115 SASS instructions a
 step (16 IDP.4A, 4 I2F, no barrier or shuffle), ~1.8 a weight, against ~5.6 for qgemv.py's
-float loop; Q6_K 191 (24 16-bit loads), ~3.0 a weight, against ~7.2 (226-235 a step of 32
+float loop; Q5_K 163 (its fifth bits from qh, the same 8 words for a row's 4 threads), ~2.5,
+against ~6.2; Q6_K 191 (24 16-bit loads), ~3.0 a weight, against ~7.2 (226-235 a step of 32
 weights a thread).
 Torch reference: `qgemv_q8_ref` (float64 of the same integer sums and scales).
 """
@@ -50,7 +51,7 @@ from .target import INTERPRETER, target
 
 BLOCK_N = 8
 NUM_WARPS = 1
-TYPES = {T.Q4_K: 1, T.Q6_K: 2}  # the weight types taken, and the kernel's QTYPE for each
+TYPES = {T.Q4_K: 1, T.Q6_K: 2, T.Q5_K: 3}  # the weight types taken, and the kernel's QTYPE for each
 
 
 @triton.jit
@@ -86,22 +87,35 @@ def _dp4a(a, b, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q4_k_step(acc, row, x32, dx_ptr, sx_ptr, kb, ASM: tl.constexpr):
-    """acc (BLOCK_N, 4) += step kb of the Q4_K rows at byte pointers row (BLOCK_N,). Thread
-    (row, g) takes group g: sub-blocks 2g (low nibbles) and 2g + 1 (high) of qs's 32 bytes at
-    16 + 32g, two 16-byte runs (the halves of the group's 8 words, loaded in one layout)."""
+def _q4_k_step(acc, row, x32, dx_ptr, sx_ptr, kb, Q5: tl.constexpr, ASM: tl.constexpr):
+    """acc (BLOCK_N, 4) += step kb of the Q4_K (Q5: Q5_K) rows at byte pointers row (BLOCK_N,).
+    Thread (row, g) takes group g: sub-blocks 2g (low nibbles) and 2g + 1 (high) of qs's 32
+    bytes at 16 + 32g (Q5_K: 48 + 32g), two 16-byte runs (the halves of the group's 8 words,
+    loaded in one layout). Q5_K's fifth bits: bits 2g and 2g + 1 of qh's byte l (qh at 16, the
+    same 8 words for every group), each set under its nibble (code 0..31); scales, mins and
+    the rest are Q4_K's."""
     g = tl.arange(0, 4)
     v = tl.arange(0, 4)  # a run of 4 words (16 bytes: one load)
     word = 8 * g[:, None] + v[None, :]  # (4, 4): words of qs, first half of each group's 8
     xword = 16 * g[:, None] + v[None, :]  # x's words for sub-block 2g, first half
     dot_lo = tl.zeros(acc.shape, dtype=tl.int32)
     dot_hi = tl.zeros(acc.shape, dtype=tl.int32)
+    words = row.to(tl.pointer_type(tl.int32))[:, None, None]
     for h in tl.static_range(2):
-        qs = tl.load(row.to(tl.pointer_type(tl.int32))[:, None, None] + 4 + 4 * h + word[None, :, :])
+        qs = tl.load(words + (12 if Q5 else 4) + 4 * h + word[None, :, :])
+        lo = qs & 0x0F0F0F0F
+        hi = (qs >> 4) & 0x0F0F0F0F
+        if Q5:
+            # l = 16h + 4v ..., loaded whole by each group's thread (as (row, 1, v) the load took
+            # another layout: 295 SASS a step, 32 shuffles, 5 barriers)
+            qh = tl.load(words + 4 + 4 * h + (word - 8 * g[:, None])[None, :, :])
+            shift = 2 * g[None, :, None]
+            lo |= ((qh >> shift) & 0x01010101) << 4
+            hi |= ((qh >> (shift + 1)) & 0x01010101) << 4
         xlo = tl.load(x32 + kb * 64 + 4 * h + xword)[None, :, :]
         xhi = tl.load(x32 + kb * 64 + 8 + 4 * h + xword)[None, :, :]
-        dot_lo += tl.sum(_dp4a(qs & 0x0F0F0F0F, xlo, ASM), axis=2)
-        dot_hi += tl.sum(_dp4a((qs >> 4) & 0x0F0F0F0F, xhi, ASM), axis=2)
+        dot_lo += tl.sum(_dp4a(lo, xlo, ASM), axis=2)
+        dot_hi += tl.sum(_dp4a(hi, xhi, ASM), axis=2)
     d = f16_at(row)[:, None]
     dmin = f16_at(row + 2)[:, None]
     sc_lo, m_lo, sc_hi, m_hi = q4_k_scale_pairs(row, g)  # (BLOCK_N, 4)
@@ -183,18 +197,18 @@ def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, s16_ptr, w_ptr, y_ptr, part_ptr, cou
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     _, row_start = _weight_row(w_ptr, pid_n, tl.arange(0, BLOCK_N), N_OUT, row_units * ROW_ALIGN, SWIGLU, BLOCK_N)
-    # per lane: no reduction across threads in the loop; Q4_K (row, group), Q6_K (group, row)
-    acc = tl.zeros((BLOCK_N, 4) if QTYPE == 1 else (4, BLOCK_N), dtype=tl.float32)
+    # per lane: no reduction across threads in the loop; Q4_K, Q5_K (row, group), Q6_K (group, row)
+    acc = tl.zeros((4, BLOCK_N) if QTYPE == 2 else (BLOCK_N, 4), dtype=tl.float32)
     first = split * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
     x32 = xq_ptr.to(tl.pointer_type(tl.int32))
     for kb in range(first, last):
         row = row_start + kb * STEP_BYTES
-        if QTYPE == 1:
-            acc = _q4_k_step(acc, row, x32, dx_ptr, sx_ptr, kb, ASM)
+        if QTYPE != 2:
+            acc = _q4_k_step(acc, row, x32, dx_ptr, sx_ptr, kb, QTYPE == 3, ASM)
         else:
             acc = _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, ASM)
-    finish_rows(tl.sum(acc, axis=1 if QTYPE == 1 else 0)[None, :], pid_n, split, splits, tl.arange(0, 1), y_ptr,
+    finish_rows(tl.sum(acc, axis=0 if QTYPE == 2 else 1)[None, :], pid_n, split, splits, tl.arange(0, 1), y_ptr,
                 part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, 1,
                 N_OUT, eps, SPLIT, SWIGLU, HAS_BIAS, HAS_RES, NORM, Q8, 1, BLOCK_N, NORM_CHUNK)
 
@@ -203,7 +217,7 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias:
              residual: torch.Tensor | None = None, swiglu: bool = False, norm_weight: torch.Tensor | None = None,
              norm_eps: float = 0.0, block_n: int | None = None, num_warps: int | None = None,
              split_k: int | None = None, q8_out: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x (1, K) float, raw (N, K's bytes) uint8 Q4_K or Q6_K rows (rows of contiguous bytes,
+    """x (1, K) float, raw (N, K's bytes) uint8 Q4_K, Q5_K or Q6_K rows (rows of contiguous bytes,
     4-byte (Q6_K: 2-byte) aligned, possibly further apart: the first K columns of a wider
     weight) -> float32 (1, N) `q8(x) @ dequant(raw).T + bias + residual`, or with `swiglu` (N
     rows [gate; up]) `silu(q8(x) @ gate.T) * (q8(x) @ up.T)` (1, N / 2); and RMSNorm(y) *
@@ -214,7 +228,7 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias:
         raise ValueError(f"qgemv_q8 takes {', '.join(t.name for t in TYPES)} weights, not {qtype.name}")
     blk, size = GGML_QUANT_SIZES[qtype]
     row_bytes = k // blk * size
-    align = 4 if qtype == T.Q4_K else 2
+    align = 2 if qtype == T.Q6_K else 4
     if (x.shape[0] != 1 or k % STEP or raw.shape != (n, row_bytes) or raw.stride(-1) != 1
             or raw.stride(0) % align or raw.data_ptr() % align or (n > 1 and raw.stride(0) < row_bytes)
             or (swiglu and n % 2)):

@@ -332,11 +332,12 @@ def splits(dev: str, cases=DECODE_GEMVS, choices=SPLITS, graph_timer: GraphTimer
 
 
 INT8_SHAPES = ((3584, 3584), (2 * 18944, 3584), (3584, 18944), (2048, 2048), (2 * 11008, 2048), (2048, 11008))
-INT8_TYPES = ("Q4_K", "Q6_K")  # Q6_K: the 7B Q4_K_M's ffn_down / attn_v in 12 of 28 layers, and its output
+# Q6_K: the 7B Q4_K_M's ffn_down / attn_v in 12 of 28 layers, and its output; Q5_K: Q5_K_M files
+INT8_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 
 
 def int8_gemv(dev: str, shapes=INT8_SHAPES, graph_timer: GraphTimer = graph_ms) -> list[dict]:
-    """Q4_K and Q6_K at M = 1: kernels/qgemv_q8.py against qgemv.py's float GEMV at its default
+    """Q4_K, Q5_K and Q6_K at M = 1: kernels/qgemv_q8.py against qgemv.py's float GEMV at its default
     launch, plain products, both replayed from a CUDA graph over copies of the weight, GB/s of
     weight bytes; and the int8 result's error against the float one relative to its max |y|
     (x's rounding). x's int8 form is made once, before the timing (q8_activations.recall), as on

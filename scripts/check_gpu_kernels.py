@@ -132,7 +132,7 @@ def cases() -> dict[str, tuple[Callable[[], float], float]]:
         out[f"qmatmul {qtype} gemm m=300"] = (_qmatmul_case(qtype, 300, 1024, 3584), TOL["bf16"])
         out[f"qmatmul {qtype} gemv m=3"] = (_qmatmul_case(qtype, 3, *GEMV_NK), TOL["f32"])
         out[f"embedding row {qtype} from page-locked memory"] = (_embed_row_case(qtype), 0.0)  # exact
-    for qtype in ("Q4_K", "Q6_K"):
+    for qtype in ("Q4_K", "Q5_K", "Q6_K"):
         out[f"qgemv_q8 {qtype} int8 x"] = (_int8_gemv_case(qtype), TOL["f32"])
     return out
 

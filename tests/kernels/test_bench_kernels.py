@@ -88,5 +88,5 @@ def test_int8_rows(bench):
     GEMV small (x rounded to 8 bits: under 2^-5 of max |y| on N(0, 1) rows)."""
     rows = bench.int8_gemv(ACCEL, ((16, 512), (40, 256)), graph_timer=_graph_timer)
     assert [(r["kernel"].split()[1], r["n"], r["k"]) for r in rows] == [
-        (t, n, k) for t in ("Q4_K", "Q6_K") for n, k in ((16, 512), (40, 256))]
+        (t, n, k) for t in ("Q4_K", "Q5_K", "Q6_K") for n, k in ((16, 512), (40, 256))]
     assert all(r["ms"] > 0 and r["float_ms"] > 0 and 0 < r["rel_err_vs_float"] < 2 ** -5 for r in rows)

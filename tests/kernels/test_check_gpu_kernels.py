@@ -25,7 +25,7 @@ def check():
 
 def test_every_case_is_named_once(check):
     names = list(check.cases())
-    assert len(names) == len(set(names)) == 2 * len(check.ATTENTION_LAUNCHES) + 2 + 9 + 2
+    assert len(names) == len(set(names)) == 2 * len(check.ATTENTION_LAUNCHES) + 2 + 9 + 3
 
 
 @pytest.mark.parametrize("name", ["attention vision d80 bf16 default", "attention vision d80 f32 default",

@@ -67,7 +67,7 @@ def test_split_launches_count_arrivals_with_ordering(compiled, arch):
     decode = [r for r in records if r["kernel"] == "decode_attention_kernel"]
     assert len(decode) == 4 and all(r["atomics"] == 1 and r["unordered_atomics"] == 0 for r in decode)
     int8_out = [r for r in records if r["kernel"] in ("qgemv_kernel", "qgemv_q8_kernel") and "int8 output" in r["case"]]
-    assert len(int8_out) == 6 and all(r["atomics"] >= 1 and r["unordered_atomics"] == 0 for r in int8_out)
+    assert len(int8_out) == 2 * 3 + 2 and all(r["atomics"] >= 1 and r["unordered_atomics"] == 0 for r in int8_out)
     gemv = {r["case"]: r for r in records if r["kernel"] == "qgemv_kernel"}
     split = [r for case, r in gemv.items() if "K split" in case]
     single = [r for case, r in gemv.items() if "one split" in case]
@@ -248,11 +248,11 @@ def test_decode_gemv_loop_has_no_barrier(compiled, arch):
 
 
 # The int8-activation GEMVs' loops (qgemv_q8.py, 8 rows on one warp, 64 weights a thread a step):
-# Q4_K 115 SASS instructions (16 IDP.4A, 4 I2F), Q6_K 191 (24 16-bit loads, 16 IDP.4A, 8 I2F) on
-# sm_90. The ceilings catch a layout falling apart: with the row stride's 16-byte alignment
+# Q4_K 115 SASS instructions (16 IDP.4A, 4 I2F), Q5_K 163 (its fifth bits: ~3 more a word), Q6_K
+# 191 (24 16-bit loads, 16 IDP.4A, 8 I2F) on sm_90. The ceilings catch a layout falling apart: with the row stride's 16-byte alignment
 # unknown to the compiler the Q4_K loop took 288, with 32 shuffles; Q6_K's tensors as (row, t,
 # word) spread a thread's words over 4 threads: 302, 32 shuffles and 4 barriers.
-INT8_CEILING = {"Q4_K": 130, "Q6_K": 210}
+INT8_CEILING = {"Q4_K": 130, "Q5_K": 180, "Q6_K": 210}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -1,4 +1,4 @@
-"""kernels/qgemv_q8.py (Q4_K / Q6_K GEMV on int8 activations) in Triton's interpreter.
+"""kernels/qgemv_q8.py (Q4_K / Q5_K / Q6_K GEMVs on int8 activations) in Triton's interpreter.
 
 Tolerance table:
 | check | tolerance | why |
@@ -23,7 +23,7 @@ from qvl.kernels.qgemv_q8 import qgemv_q8, qgemv_q8_ref, quantize_q8
 from qvl.kernels.qmatmul import qmatmul
 from qvl.kernels.rmsnorm import rmsnorm_ref
 
-TYPES = (T.Q4_K, T.Q6_K)
+TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
 
 
 def _weights(n: int, k: int, seed: int, qtype: T = T.Q4_K) -> np.ndarray:
@@ -116,7 +116,7 @@ def test_rows_further_apart(qtype):
 
 
 def test_qmatmul_takes_it_when_asked(monkeypatch):
-    """QVL_INT8_GEMV (q8_activations.ENABLED): batch-1 Q4_K and Q6_K products, their bias / residual /
+    """QVL_INT8_GEMV (q8_activations.ENABLED): batch-1 Q4_K, Q5_K and Q6_K products, their bias / residual /
     SwiGLU and the next RMSNorm, equal to qgemv_q8's own; Q8_0 and two rows of x stay on the
     float GEMV (equal results)."""
     import qvl.kernels.q8_activations as q8_activations
@@ -127,7 +127,7 @@ def test_qmatmul_takes_it_when_asked(monkeypatch):
     x, bias, res = torch.randn(1, k, generator=g), torch.randn(n, generator=g), torch.randn(1, n, generator=g)
     w = torch.rand(n, generator=g) + 0.5
     x, bias, res, w = (t.to(ACCEL) for t in (x, bias, res, w))
-    raws = {qt: torch.from_numpy(_weights(n, k, 7, qt)).to(ACCEL) for qt in (T.Q4_K, T.Q6_K, T.Q8_0)}
+    raws = {qt: torch.from_numpy(_weights(n, k, 7, qt)).to(ACCEL) for qt in (*TYPES, T.Q8_0)}
     eight = qm.qmatmul(x, raws[T.Q8_0], T.Q8_0, n, k).cpu()
     monkeypatch.setattr(q8_activations, "ENABLED", True)
     for qt in TYPES:
