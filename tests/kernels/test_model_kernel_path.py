@@ -189,7 +189,7 @@ def test_int8_activations_through_k_quant_models(checkpoints, monkeypatch, file_
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     src = checkpoints["untied"]
-    path = _convert(src, src.parent / f"m-{file_type}.gguf", file_type)
+    path = _convert(src, src.parent / f"m-int8-{file_type}.gguf", file_type)  # not the other tests' file
     calls = []
     real = q8.qgemv_q8
     monkeypatch.setattr(q8, "qgemv_q8", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
