@@ -25,7 +25,7 @@ Needs CUDA.
     python scripts/bench_kernels.py --low-bit # the decode GEMV of the other types (LOW_BIT_TYPES)
     python scripts/bench_kernels.py --quick   # the 7B's Q4_K and Q6_K decode GEMVs only (a minute)
     python scripts/bench_kernels.py --splits  # every 7B Q4_K_M decode GEMV shape over K splits
-    python scripts/bench_kernels.py --int8    # the Q4_K GEMV on int8 activations (prototype) against qgemv
+    python scripts/bench_kernels.py --int8    # the Q4_K / Q5_K / Q6_K GEMVs on int8 activations against qgemv
 
 `--low-bit` times the batch-1 GEMV of the types of Q2_K / Q3_K_M / IQ4_XS / Q4_1 / Q5_K_M files
 and of llama.cpp's IQ1-IQ3 files (the grid types) on the 3B and 7B shapes. qvl writes none of

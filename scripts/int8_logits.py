@@ -26,7 +26,7 @@ import torch
 
 
 def compare(path: str, device: str, steps: int, prompt: int, seed: int) -> dict:
-    import qvl.kernels.q8_activations as qm
+    import qvl.kernels.q8_activations as q8
     from qvl.runtime.decode_graph import DecodeGraph
     from qvl.runtime.model import ALL_LAYERS, load
     from qvl.runtime.placement import Placement
@@ -39,14 +39,14 @@ def compare(path: str, device: str, steps: int, prompt: int, seed: int) -> dict:
     dec.forward(dec.embed_tokens(ids), torch.arange(prompt).expand(3, -1).contiguous(), cache)
     graphs = {}
     for int8 in (False, True):  # a graph each: a captured step keeps the kernels it was captured with
-        qm.ENABLED = int8
+        q8.ENABLED = int8
         graphs[int8] = DecodeGraph(dec, copy.deepcopy(cache))
     token = int(ids[-1])
     errors, kls, agree, scale = [], [], 0, 0.0
     for step in range(steps):
         logits = {}
         for int8, graph in graphs.items():
-            qm.ENABLED = int8
+            q8.ENABLED = int8
             logits[int8] = graph.step(token, prompt + step)[-1].float().cpu()
         ref, got = logits[False], logits[True]
         scale = max(scale, ref.abs().max().item())
@@ -55,7 +55,7 @@ def compare(path: str, device: str, steps: int, prompt: int, seed: int) -> dict:
                                               reduction="sum").item())
         agree += int(got.argmax()) == int(ref.argmax())
         token = int(ref.argmax())
-    qm.ENABLED = False
+    q8.ENABLED = False
     return {"model": path, "device": device, "steps": steps, "prompt_tokens": prompt,
             "max_abs_dlogit_rel": max(errors) / scale, "median_step_max_dlogit_rel": statistics.median(errors) / scale,
             "mean_kl": sum(kls) / steps, "top1_agreement": agree / steps}
