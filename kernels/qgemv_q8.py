@@ -22,13 +22,15 @@ inline PTX (ASM False) the dot products come from plain integer ops.
 
 Work layout: program (row block, K split) walks its steps, 8 rows on one warp, 64 weights a
 thread a step, accumulated per lane (no reduction across threads inside the loop). Q4_K: a
-thread holds a group's 8 words of its row (2 x 16-byte loads). Q6_K: its blocks are 210 bytes,
-2-byte aligned, so a word is two 16-bit loads (12 words of codes and high bits a thread).
+thread holds a group's 8 words of its row (2 x 16-byte loads). Q6_K: 12 words of codes and
+high bits a thread; its blocks are 210 bytes, so where rows are 4-byte aligned the loop takes
+steps in pairs: the even step's words are 32-bit loads, the odd step's (2 bytes off) each
+funnel-shifted from the two aligned words it straddles; else each word is two 16-bit loads.
 Compiled for sm_90 (scripts/compile_kernels.py, Triton 3.8 here): Q4_K 115 SASS instructions a
 step (16 IDP.4A, 4 I2F, no barrier or shuffle), ~1.8 a weight, against ~5.6 for qgemv.py's
 float loop; Q5_K 163 (its fifth bits from qh, the same 8 words for a row's 4 threads), ~2.5,
-against ~6.2; Q6_K 191 (24 16-bit loads), ~3.0 a weight, against ~7.2 (226-235 a step of 32
-weights a thread).
+against ~6.2; Q6_K 340-347 a pair of steps, ~2.7 a weight (186-191 a step with 16-bit loads,
+~3.0), against ~7.2 (226-235 a step of 32 weights a thread).
 Torch reference: `qgemv_q8_ref` (float64 of the same integer sums and scales).
 """
 
@@ -137,7 +139,21 @@ def _words_at(half_ptr):
 
 
 @triton.jit
-def _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, ASM: tl.constexpr):
+def _q6_k_words(row, offs, ALIGN: tl.constexpr):
+    """Words of a Q6_K block at byte pointers row (BLOCK_N,), at word offsets offs (v, t). ALIGN
+    4: rows 4-byte aligned, one 32-bit load a word; 2: rows 2 bytes past a 4-byte boundary, each
+    word from the two aligned words it straddles (two 32-bit loads and a funnel shift); 0:
+    two 16-bit loads a word."""
+    if ALIGN == 4:
+        return tl.load(row.to(tl.pointer_type(tl.int32))[None, None, :] + offs[:, :, None])
+    if ALIGN == 2:
+        words = (row - 2).to(tl.pointer_type(tl.int32))[None, None, :] + offs[:, :, None]
+        return ((tl.load(words) >> 16) & 0xFFFF) | (tl.load(words + 1) << 16)
+    return _words_at(row.to(tl.pointer_type(tl.int16))[None, None, :] + 2 * offs[:, :, None])
+
+
+@triton.jit
+def _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, one, ALIGN: tl.constexpr, ASM: tl.constexpr):
     """acc (4, BLOCK_N) += step kb of the Q6_K rows at byte pointers row (BLOCK_N,). Thread
     (t, row) takes half t // 2 of the 32 positions l of 128-weight half h = t % 2: words vv =
     4 (t // 2) + v (v < 4) of ql's 64 bytes at 64h (A), at 64h + 32 (B) and of qh's 32 at 128 +
@@ -146,18 +162,20 @@ def _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, ASM: tl.constexpr):
     high nibble, bits 6-7; dp4a takes the codes unsigned and the offset 32 comes off as 32 x
     the sum of x's codes per 16 (quantize_q8), once per sub-block (8h + 2 quarter + t // 2).
 
-    The blocks are 2-byte aligned (210 bytes), so a word is two 16-bit loads; tensors are (v,
-    t, row), rows last: as (row, t, v) Triton spread a thread's 4 words (not one contiguous
-    load) over 4 threads, and the step took 302 SASS instructions with 32 shuffles and 4
-    barriers."""
+    The blocks are 210 bytes, so a step's words are 4-byte aligned or 2 bytes off (ALIGN,
+    _q6_k_words). Tensors are (v, t, row), rows last: as (row, t, v) Triton spread a thread's
+    4 words (not one contiguous load) over 4 threads, and the step took 302 SASS instructions
+    with 32 shuffles and 4 barriers. For the same reason the word offsets are multiplied by
+    `one` (1 as x // x of a kernel argument, which LLVM folds): seen as constants, their runs of
+    4 consecutive 4-byte words made Triton spread each run over 4 threads for coalescing (486
+    instructions a pair of steps, 32 shuffles, 4 barriers, against 342)."""
     t = tl.arange(0, 4)
     v = tl.arange(0, 4)
     h = (t % 2)[None, :]
     vv = (4 * (t // 2))[None, :] + v[:, None]  # (v, t)
-    halves = row.to(tl.pointer_type(tl.int16))[None, None, :]
-    a = _words_at(halves + (32 * h + 2 * vv)[:, :, None])  # (v, t, row)
-    b = _words_at(halves + (32 * h + 16 + 2 * vv)[:, :, None])
-    hb = _words_at(halves + (64 + 16 * h + 2 * vv)[:, :, None])
+    a = _q6_k_words(row, (16 * h + vv) * one, ALIGN)  # (v, t, row)
+    b = _q6_k_words(row, (16 * h + 8 + vv) * one, ALIGN)
+    hb = _q6_k_words(row, (32 + 8 * h + vv) * one, ALIGN)
     sub = 8 * (t % 2) + t // 2  # quarter 0's sub-block; quarter q's is sub + 2q
     xw = x32 + kb * 64 + (32 * h + vv)[:, :, None]  # quarter 0's x words; quarter q's + 8q
     part0 = _q6_k_quarter(a, hb, xw, row, s16_ptr, dx_ptr, kb, sub, t, 0, ASM)
@@ -185,7 +203,8 @@ def _q6_k_quarter(nib, hb, xw, row, s16_ptr, dx_ptr, kb, sub, t, QUARTER: tl.con
 def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, s16_ptr, w_ptr, y_ptr, part_ptr, count_ptr, bias_ptr, res_ptr,
                     norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, N_OUT, steps, row_units, steps_per_split,
                     splits, eps,
-                    QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
+                    QTYPE: tl.constexpr, STEP_BYTES: tl.constexpr, ROW_ALIGN: tl.constexpr, PAIRED: tl.constexpr,
+                    SPLIT: tl.constexpr,
                     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                     Q8: tl.constexpr, BLOCK_N: tl.constexpr, NORM_CHUNK: tl.constexpr, ASM: tl.constexpr):
     """Program (row block, split): BLOCK_N weight rows (qgemv._weight_row: with SWIGLU gate and
@@ -202,12 +221,21 @@ def qgemv_q8_kernel(xq_ptr, dx_ptr, sx_ptr, s16_ptr, w_ptr, y_ptr, part_ptr, cou
     first = split * steps_per_split
     last = tl.minimum(first + steps_per_split, steps)
     x32 = xq_ptr.to(tl.pointer_type(tl.int32))
-    for kb in range(first, last):
-        row = row_start + kb * STEP_BYTES
-        if QTYPE != 2:
-            acc = _q4_k_step(acc, row, x32, dx_ptr, sx_ptr, kb, QTYPE == 3, ASM)
-        else:
-            acc = _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, ASM)
+    if QTYPE != 2:
+        for kb in range(first, last):
+            acc = _q4_k_step(acc, row_start + kb * STEP_BYTES, x32, dx_ptr, sx_ptr, kb, QTYPE == 3, ASM)
+    elif PAIRED:  # Q6_K rows 4-byte aligned, splits starting at even steps: steps in pairs, the even
+        # one 4-byte aligned, the odd one 2 bytes past (STEP_BYTES 210)
+        one = (row_units * 16) // (row_units * 16)  # 1, unknown to Triton's analysis: see _q6_k_step
+        for kb in range(first, last - 1, 2):
+            row = row_start + (kb // 2) * (2 * STEP_BYTES)
+            acc = _q6_k_step(acc, row, x32, dx_ptr, s16_ptr, kb, one, 4, ASM)
+            acc = _q6_k_step(acc, row + STEP_BYTES, x32, dx_ptr, s16_ptr, kb + 1, one, 2, ASM)
+        if (last - first) % 2:  # an even last step
+            acc = _q6_k_step(acc, row_start + (last - 1) * STEP_BYTES, x32, dx_ptr, s16_ptr, last - 1, one, 4, ASM)
+    else:
+        for kb in range(first, last):
+            acc = _q6_k_step(acc, row_start + kb * STEP_BYTES, x32, dx_ptr, s16_ptr, kb, 1, 0, ASM)
     finish_rows(tl.sum(acc, axis=0 if QTYPE == 2 else 1)[None, :], pid_n, split, splits, tl.arange(0, 1), y_ptr,
                 part_ptr, count_ptr, bias_ptr, res_ptr, norm_w_ptr, normed_ptr, nq_ptr, nd_ptr, ns_ptr, ns16_ptr, 1,
                 N_OUT, eps, SPLIT, SWIGLU, HAS_BIAS, HAS_RES, NORM, Q8, 1, BLOCK_N, NORM_CHUNK)
@@ -242,6 +270,11 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias:
     n_out = n // 2 if swiglu else n
     blocks = triton.cdiv(n_out, block_n // 2 if swiglu else block_n)
     per, splits = k_splits(gpu, steps, blocks, num_warps, split_k)
+    # Q6_K rows 4-byte aligned: steps in pairs, so that even steps read 32-bit words; splits start even
+    paired = qtype == T.Q6_K and raw.data_ptr() % 4 == 0 and raw.stride(0) % 4 == 0
+    if paired and per % 2 and per < steps:
+        per += 1
+        splits = triton.cdiv(steps, per)
     xq = recall(x)  # a norm's output quantized by the GEMV that wrote it, or an x quantized for another GEMV
     if xq is None:
         xq = quantize_q8(x.reshape(-1).float())
@@ -250,7 +283,8 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias:
     row_align = math.gcd(raw.stride(0), 16)
     qgemv_q8_kernel[(blocks, splits)](
         xq.q, xq.d, xq.s, xq.s16, raw, *out.args(), n_out, steps, raw.stride(0) // row_align, per, splits, norm_eps,
-        QTYPE=TYPES[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=row_align, SPLIT=splits > 1, SWIGLU=swiglu,
+        QTYPE=TYPES[qtype], STEP_BYTES=STEP // blk * size, ROW_ALIGN=row_align, PAIRED=paired,
+        SPLIT=splits > 1, SWIGLU=swiglu,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=out.normed is not None,
         Q8=out.q8 is not None, BLOCK_N=block_n,
         NORM_CHUNK=min(NORM_CHUNK, 256 * num_warps, triton.next_power_of_2(n_out)),  # 8 values a thread

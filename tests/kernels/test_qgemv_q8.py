@@ -43,7 +43,7 @@ def _close(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> bool:
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("n,k,split,block_n", [(1, 256, None, 8), (19, 512, None, 16), (33, 768, 2, 8),
-                                               (16, 1024, 3, 16)])
+                                               (16, 1024, 3, 16), (5, 1280, 2, 8)])
 def test_int8_gemv_matches_its_reference(qtype, n, k, split, block_n):
     raw = _weights(n, k, n + k, qtype)
     x = _x(k, k)
@@ -102,17 +102,17 @@ def test_rejects_other_shapes_and_types():
         qgemv_q8(torch.zeros(1, 256), raw, T.Q8_0, 4, 256)
 
 
-@pytest.mark.parametrize("qtype", TYPES)
-def test_rows_further_apart(qtype):
-    """The first K columns of a wider weight (a view, rows further apart), as qmatmul passes them;
-    Q6_K rows 2-byte aligned only (210-byte blocks, one step: odd multiples of 2)."""
-    raw = _weights(9, 512, 5, qtype)
-    step = raw.shape[1] // 2
-    wide = torch.from_numpy(np.concatenate([raw, raw[:, :step]], axis=1))
-    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(2))
-    view = wide.to(ACCEL)[:, :step]
-    y, _ = qgemv_q8(x.to(ACCEL), view, qtype, 9, 256, block_n=8)
-    assert _close(y.cpu(), qgemv_q8_ref(x, np.ascontiguousarray(raw[:, :step]), qtype))
+@pytest.mark.parametrize("qtype,wide_steps", [(T.Q4_K, 3), (T.Q5_K, 3), (T.Q6_K, 3), (T.Q6_K, 4)])
+def test_rows_further_apart(qtype, wide_steps):
+    """The first 2 steps of K of a wider weight (a view, rows further apart), as qmatmul passes
+    them. Q6_K's 210-byte blocks: 3 steps a row leave rows 2-byte aligned only (two 16-bit loads
+    a word), 4 steps 4-byte aligned (steps in pairs: 32-bit words, the odd step's shifted)."""
+    raw = _weights(9, 256 * wide_steps, 5, qtype)
+    step = raw.shape[1] // wide_steps
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2))
+    view = torch.from_numpy(raw).to(ACCEL)[:, :2 * step]
+    y, _ = qgemv_q8(x.to(ACCEL), view, qtype, 9, 512, block_n=8)
+    assert _close(y.cpu(), qgemv_q8_ref(x, np.ascontiguousarray(raw[:, :2 * step]), qtype))
 
 
 def test_qmatmul_takes_it_when_asked(monkeypatch):
