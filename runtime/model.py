@@ -272,20 +272,30 @@ class Model:
             outs.append(self.decoder.logits(h if all_logits else h[-1:]))
         return torch.cat(outs) if all_logits else outs[-1]
 
-    def _generation_cache(self, capacity: int, reuse: int) -> KVCache:
-        """A cache for one generation holding the kept cache's first `reuse` tokens. The cache is
-        kept for the next generation, and grown (through host memory, so that the old and new
-        never take accelerator memory at once) when that needs more room. A decoder wholly on
-        the accelerator decodes through a DecodeGraph captured on its cache."""
+    def _let_cache_go(self, capacity: int, reuse: int, always: bool) -> KVCache | None:
+        """Before a generation's media are encoded: the kept cache stays when it holds `capacity`
+        tokens (unless `always`); otherwise its first `reuse` tokens are copied to host memory
+        (returned, or None) and it is let go, so that the vision tower's work and the old and new
+        caches never take accelerator memory at once (placement.py's plan counts the vision
+        tower's peak or the cache, not both)."""
         old = self._graph.cache if self._graph is not None else self._kept
-        if old is not None and old.capacity >= capacity:
-            old.length = reuse
-            return old
+        if old is None or (old.capacity >= capacity and not always):
+            return None
         staged = None
-        if old is not None and reuse:
+        if reuse:
             staged = KVCache(self.cfg, reuse, None, self.placement.kv_type)
             staged.take_prefix(old, reuse)
-        self._graph = self._kept = old = None  # let the old cache go before the new one is allocated
+        self._graph = self._kept = None
+        return staged
+
+    def _generation_cache(self, capacity: int, reuse: int, staged: KVCache | None) -> KVCache:
+        """A cache for one generation holding the first `reuse` tokens of the kept cache, or after
+        `_let_cache_go` of `staged`. The cache is kept for the next generation. A decoder wholly
+        on the accelerator decodes through a DecodeGraph captured on its cache."""
+        old = self._graph.cache if self._graph is not None else self._kept
+        if old is not None:  # _let_cache_go kept it: it holds `capacity`
+            old.length = reuse
+            return old
         cache = self.decoder.new_cache(capacity, self.placement.kv_type)
         if staged is not None:
             cache.take_prefix(staged, reuse)
@@ -294,6 +304,12 @@ class Model:
         else:
             self._kept = cache
         return cache
+
+    def _vision_planned_alone(self) -> bool:
+        """Whether a --max-vram plan counted the vision tower's peak instead of the KV cache (the
+        tower on the accelerator): then the two must not hold its memory at once."""
+        return (self.plan is not None and self.plan.budget is not None and self.vision is not None
+                and self.vision.device.type != "cpu")
 
     def _decode(self, cache: KVCache, token: int, position: int) -> torch.Tensor:
         """Logits (vocab,) of the token after `token`, a text token at `position`."""
@@ -388,10 +404,15 @@ class Model:
         self._prompt_keys.kept = []  # until this generation says what its cache holds
         if self._graph is not None:
             self._graph.drain()  # a step the last generation queued ahead (it may not have finished)
-        cache = self._generation_cache(limit, reuse)
+        # media are encoded before the cache is made; a kept cache stays through the encoding,
+        # except under a --max-vram plan with the vision tower on the accelerator
+        encodes = self.vision is not None and any(m.start >= reuse for m in media)
+        staged = self._let_cache_go(limit, reuse, encodes and self._vision_planned_alone())
         out_ids: list[int] = []
+        cache: KVCache | None = None
         try:
             embeds, timings = self._embed(ids, media, reuse)
+            cache = self._generation_cache(limit, reuse, staged)
             positions = rope_positions(spans)
             logits = self._prefill(embeds, positions[:, reuse:], cache, all_logits=False)[-1]
             timings["prefill_s"] = time.perf_counter() - t0 - timings.get("vision_ms", 0.0) / 1e3
@@ -427,7 +448,7 @@ class Model:
         finally:
             if self._graph is not None:
                 self._graph.drain()  # a greedy step queued past the answer's end
-            if self._generation == this:  # the cache holds the prompt and the answer fed so far
+            if self._generation == this and cache is not None:  # it holds the prompt and the answer fed so far
                 self._prompt_keys.kept = (keys + out_ids)[:cache.length]
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         if final != answer.text:  # a character the answer ended inside of

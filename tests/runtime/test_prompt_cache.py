@@ -156,3 +156,40 @@ def test_a_stale_stream_stops_when_another_generation_starts(path):
     model.generate("Something else.", max_new_tokens=2)
     with pytest.raises(ModelError, match="another generation started"):
         list(stream)
+
+
+def _caches_held_while_encoding(model, monkeypatch) -> list[int]:
+    """Records, at each vision tower run, the capacity of the KV cache the model holds (0: none)."""
+    held = []
+    real = model.vision.forward
+
+    def forward(pixels, grids):
+        kept = model._graph.cache if model._graph is not None else model._kept
+        held.append(kept.capacity if kept is not None else 0)
+        return real(pixels, grids)
+
+    monkeypatch.setattr(model.vision, "forward", forward)
+    return held
+
+
+@pytest.mark.parametrize("planned_alone", [False, True])
+def test_the_vision_tower_runs_before_a_new_cache_is_made(path, monkeypatch, planned_alone):
+    """Media are encoded before the generation's cache is made, and a kept cache too small for
+    the generation is let go (its reused tokens staged through host memory) before they are, so
+    that the two never take accelerator memory at once, as placement.py's plan counts them. A
+    kept cache large enough stays, unless a --max-vram plan counted the vision tower alone
+    (forced here: the CPU has no plan). The answers equal fresh generations'."""
+    model = load(path)
+    monkeypatch.setattr(model, "_vision_planned_alone", lambda: planned_alone)
+    held = _caches_held_while_encoding(model, monkeypatch)
+    before = [_user("Describe it.", IMG)]
+    first = model.chat(before, max_new_tokens=4)
+    other = [_user("Describe it.", SAME_SIZE)]  # reused up to the picture, which is read again
+    grown = _run(model, monkeypatch, other)  # needs TOKENS new tokens: more than the kept cache holds
+    assert grown[0].reused_tokens > 0 and "vision_ms" in grown[0].timings
+    _same(grown, _run(load(path), monkeypatch, other))
+    capacity = first.prompt_tokens + TOKENS  # the cache the second generation made
+    again = _run(model, monkeypatch, before)  # fits the kept cache
+    assert again[0].reused_tokens > 0
+    _same(again, _run(load(path), monkeypatch, before))
+    assert held == [0, 0, 0 if planned_alone else capacity]
