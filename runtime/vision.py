@@ -20,6 +20,7 @@ from .decoder import apply_rope, rms_norm
 from .gguf_file import GGUFFile
 from .dense_mlp import DenseMLP
 from .stack import Stack
+from .vision_stream import BlockStream
 from .weights import EXACT, Matrix, Weights, kernel_dtype
 
 WINDOW_SIZE = 112  # llama.cpp does not store these two; both families use them
@@ -186,9 +187,14 @@ def _runs(cu: list[int]) -> list[tuple[int, int, int]]:
 
 class VisionTower:
     """On the CPU, or wholly on `accel` (matmuls through the Triton kernels and the windows
-    through the varlen attention kernel when `kernels`); features come back to the CPU."""
+    through the varlen attention kernel when `kernels`); features come back to the CPU. With
+    `stream` (on `accel`) the blocks' matrices stay in host memory and are copied to `accel` a
+    block ahead while the tower runs (vision_stream.py)."""
 
-    def __init__(self, cfg: VisionConfig, w: Weights, accel: torch.device | None = None, kernels: bool = True):
+    def __init__(self, cfg: VisionConfig, w: Weights, accel: torch.device | None = None, kernels: bool = True,
+                 stream: bool = False):
+        if stream and accel is None:
+            raise ValueError("a streamed vision tower runs on an accelerator: give `accel`")
         self.cfg = cfg
         self.device = accel or torch.device("cpu")
         self.kernels = kernels and accel is not None
@@ -212,9 +218,10 @@ class VisionTower:
         p0, p1 = vec(name("patch0")), vec(name("patch1"))  # (E, C, P, P) each
         self.patch = torch.stack([p0, p1], dim=2).reshape(cfg.embed_dim, -1)  # (E, C*2*P*P)
         self.blocks = []
+        self.stream = BlockStream(self.device) if stream else None
         for i in range(cfg.depth):
             b = f"v.blk.{i}."
-            self.blocks.append(Block(
+            blk = Block(
                 ln1_w=vec(b + "ln1.weight"), ln1_b=opt(b + "ln1.bias"),
                 ln2_w=vec(b + "ln2.weight"), ln2_b=opt(b + "ln2.bias"),
                 q=mat(b + "attn_q.weight"), k=mat(b + "attn_k.weight"), v=mat(b + "attn_v.weight"),
@@ -224,12 +231,12 @@ class VisionTower:
                 down=mat(b + "ffn_down.weight"), down_b=vec(b + "ffn_down.bias"),
                 gate=mat(b + "ffn_gate.weight") if w.has(b + "ffn_gate.weight") else None,
                 gate_b=opt(b + "ffn_gate.bias"),
-            ))
-        if self.kernels:
-            for blk in self.blocks:
-                if DenseMLP.supports(blk.gate, blk.up, blk.down):
-                    blk.mlp = DenseMLP(blk.gate, blk.up, blk.down, blk.gate_b, blk.up_b,  # type: ignore[arg-type]
-                                       blk.down_b)
+            )
+            if self.kernels and DenseMLP.supports(blk.gate, blk.up, blk.down):
+                blk.mlp = DenseMLP(blk.gate, blk.up, blk.down, blk.gate_b, blk.up_b, blk.down_b)  # type: ignore[arg-type]
+            if self.stream is not None:
+                self.stream.offload(blk)  # a block at a time: the device holds one while they load
+            self.blocks.append(blk)
         self.post_w, self.post_b = vec(name("post_ln") + ".weight"), opt(name("post_ln") + ".bias")
         self.mm0, self.mm0_b = mat(name("mm0") + ".weight"), vec(name("mm0") + ".bias")
         self.mm2, self.mm2_b = mat(name("mm2") + ".weight"), vec(name("mm2") + ".bias")
@@ -321,7 +328,8 @@ class VisionTower:
             perm = (order[:, None] * unit + torch.arange(unit)).reshape(-1).to(dev)
             x, rot = x[perm], rot[perm] if self.kernels else rot[:, perm]
         normed = self._norm(x, self.blocks[0].ln1_w, self.blocks[0].ln1_b)
-        for i, b in enumerate(self.blocks):
+        for i in (self.stream.each() if self.stream is not None else range(len(self.blocks))):
+            b = self.blocks[i]
             cu = full_cu if (not cfg.qwen2_5 or i in cfg.fullatt_blocks) else win_cu
             x, normed = self._add_norm(x, self._attention(b, normed, rot, cu), b.ln2_w, b.ln2_b)
             after = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
