@@ -97,10 +97,11 @@ class Model:
                            placement.kernels, placement.kv_type or "bf16",
                            dequant_slab_bytes(placement.accel, placement.kernels, fast))
             self.plan = make_plan(fp, plan_ctx, max_vram, placement.gpu_layers, placement.vision_on_accel,
-                                  placement.vision_max_pixels)
+                                  placement.vision_max_pixels, placement.vision_stream)
             if max_vram is not None:
                 placement = replace(placement, gpu_layers=self.plan.gpu_layers, vision_on_accel=self.plan.vision_on_gpu,
-                                    vision_max_pixels=self.plan.vision_max_pixels)
+                                    vision_max_pixels=self.plan.vision_max_pixels,
+                                    vision_stream=self.plan.vision_streamed)
         self.placement = placement
         self.on_warning: Callable[[str], None] = warnings.warn  # the CLI prints these on stderr
         accel = _indexed(torch.device(placement.accel)) if placement.accel is not None else None
@@ -112,7 +113,7 @@ class Model:
             self.vision_cfg = vision_config(vision_file)
             on_accel = accel if placement.vision_on_accel else None
             self.vision = VisionTower(self.vision_cfg, Weights(vision_file, mode=STREAMED if fast else EXACT),
-                                      on_accel, placement.kernels)
+                                      on_accel, placement.kernels, placement.vision_stream and on_accel is not None)
         self._graph: DecodeGraph | None = None  # the last generation's cache and captured decode step
         self._kept: KVCache | None = None  # without a graph: the last generation's cache, for the next
         self._prompt_keys = PromptKeys()  # what the kept cache holds (prompt_cache.py)

@@ -17,10 +17,12 @@ The vision tower runs before prefill and frees its activations, so the budget mu
 overhead + all weights + dequant slab + max(vision peak, KV cache + decoder activations).
 
 Policy under a budget: (1) the vision tower, when its weights and the peak of a 1024x1024
-image fit in half of what is left after the overhead and the decoder's activations; (2) decoder
-layers, last first, each with its KV cache, as llama.cpp's -ngl counts them; (3) the output
-layer once every layer is on the GPU. Images larger than what the budget leaves for the vision
-peak are downscaled (`vision_max_pixels`).
+image fit in half of what is left after the overhead and the decoder's activations; streamed
+(vision_stream.py: its blocks' matrices in host memory, two blocks on the GPU at a time) when
+only that fits, or when streaming puts more decoder layers on the GPU than the whole tower
+leaves room for; (2) decoder layers, last first, each with its KV cache, as llama.cpp's -ngl
+counts them; (3) the output layer once every layer is on the GPU. Images larger than what the
+budget leaves for the vision peak are downscaled (`vision_max_pixels`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Placement:
     kv_type: str | None = None  # None: float32 on the CPU, bf16 (f16 before Ampere) on accel; or one of KV_TYPES
     vision_max_pixels: int | None = None  # larger images are downscaled (from a --max-vram plan)
     cuda_graph: bool = True  # decode captured in a CUDA graph when the whole decoder is on the GPU
+    vision_stream: bool = False  # the vision tower on accel with its blocks' matrices in host memory
 
     def __post_init__(self) -> None:
         if self.kv_type is not None and self.kv_type not in KV_TYPES:
@@ -74,6 +77,7 @@ class Footprint:
     activation_bytes: int  # decoder, one prefill chunk
     vision_bytes_per_pixel: float  # transient, per image pixel
     dequant_slab: int = 0  # transient, the GEMMs' dequantized weight rows (sm_75's float16 prefill route)
+    vision_stream_bytes: int = 0  # the vision tower streamed: all but its blocks' matrices, and two blocks'
 
 
 def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[str, TensorInfo] | None,
@@ -91,16 +95,26 @@ def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[s
         elif name in ("output.weight", "output_norm.weight") or (
                 name == "token_embd.weight" and "output.weight" not in text):
             output += device_bytes(info, kernels)  # tied: a second copy of the embeddings goes up
-    vis_bytes, per_pixel = 0, 0.0
+    vis_bytes, per_pixel, stream_bytes = 0, 0.0, 0
     if vision is not None:
         names = [n for n in vision if n.startswith("v.") or n.startswith("mm.")]
         vis_bytes = sum(device_bytes(vision[n], kernels) for n in names)
+        block_matrices: dict[int, int] = {}
+        for n in names:
+            m = re.match(r"v\.blk\.(\d+)\.", n)
+            if m and len(vision[n].shape) == 2:
+                block_matrices[int(m.group(1))] = block_matrices.get(int(m.group(1)), 0) + device_bytes(vision[n],
+                                                                                                        kernels)
+        stream_bytes = vis_bytes
+        if block_matrices:
+            stream_bytes += min(2, len(block_matrices)) * max(block_matrices.values()) - sum(block_matrices.values())
         embed = vision["v.blk.0.attn_q.weight"].shape[0]
         ffn = vision["v.blk.0.ffn_up.weight"].shape[0]
         per_pixel = 4 * (6 * embed + 3 * ffn) / PATCH_PIXELS
     width = 8 * cfg.n_embd + 3 * cfg.n_ff
     act = 4 * (PREFILL_CHUNK * width + 2 * cfg.n_vocab)
-    return Footprint(tuple(layers), output, vis_bytes, kv_bytes_per_token(cfg, kv_type), act, per_pixel, dequant_slab)
+    return Footprint(tuple(layers), output, vis_bytes, kv_bytes_per_token(cfg, kv_type), act, per_pixel, dequant_slab,
+                     stream_bytes)
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,7 @@ class Plan:
     activations: int
     vision_peak: int  # at vision_max_pixels, or at REFERENCE_PIXELS without a limit
     dequant_slab: int = 0
+    vision_streamed: bool = False  # on the GPU with its blocks' matrices in host memory (vision_stream.py)
 
     @property
     def total(self) -> int:
@@ -131,7 +146,8 @@ class Plan:
         pixels = "no limit" if self.vision_max_pixels is None else f"{self.vision_max_pixels} pixels"
         lines = [
             f"plan: {layers}/{self.n_layer} decoder layers on the GPU (output layer: {out}), "
-            f"vision tower on the {'GPU' if self.vision_on_gpu else 'CPU'}, images up to {pixels}",
+            f"vision tower on the {'GPU' if self.vision_on_gpu else 'CPU'}"
+            f"{' (its blocks streamed from host memory)' if self.vision_streamed else ''}, images up to {pixels}",
             f"  weights      {gib(self.weights)}",
             f"  KV cache     {gib(self.kv)}  ({self.ctx} tokens)",
             f"  activations  {gib(self.activations)}",
@@ -146,9 +162,10 @@ class Plan:
 
 
 def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, want_vision: bool,
-              vision_max_pixels: int | None = None) -> Plan:
+              vision_max_pixels: int | None = None, vision_stream: bool = False) -> Plan:
     """Fit at most `want_layers` layers (as --gpu-layers counts) and the vision tower when
-    `want_vision` into `budget` bytes; without a budget, exactly what was asked. See the module doc."""
+    `want_vision` (streamed when `vision_stream`, or when the plan finds that better) into
+    `budget` bytes; without a budget, exactly what was asked. See the module doc."""
     n = len(fp.layer_bytes)
     want_layers = min(want_layers, n + 1)
     want_vision = want_vision and fp.vision_bytes > 0
@@ -156,43 +173,57 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
     def peak(pixels: int) -> int:
         return int(fp.vision_bytes_per_pixel * pixels)
 
-    def layer_need(i: int) -> tuple[int, int]:  # (weights, kv) of the i-th layer from the end
-        return fp.layer_bytes[n - 1 - i], ctx * fp.kv_bytes_per_token
-
+    kv_layer = ctx * fp.kv_bytes_per_token
     if budget is None:
-        weights = sum(layer_need(i)[0] for i in range(min(want_layers, n)))
+        weights = sum(fp.layer_bytes[n - 1 - i] for i in range(min(want_layers, n)))
         weights += fp.output_bytes if want_layers > n else 0
-        weights += fp.vision_bytes if want_vision else 0
-        kv = min(want_layers, n) * ctx * fp.kv_bytes_per_token
+        weights += (fp.vision_stream_bytes if vision_stream else fp.vision_bytes) if want_vision else 0
+        kv = min(want_layers, n) * kv_layer
         return Plan(None, ctx, n, want_layers, want_vision, vision_max_pixels, weights, kv, fp.activation_bytes,
-                    peak(vision_max_pixels or REFERENCE_PIXELS) if want_vision else 0, fp.dequant_slab)
+                    peak(vision_max_pixels or REFERENCE_PIXELS) if want_vision else 0, fp.dequant_slab,
+                    want_vision and vision_stream)
     fixed = CUDA_OVERHEAD + fp.dequant_slab  # present whatever runs where
     free = budget - fixed - fp.activation_bytes
     if free <= 0:
         raise PlacementError(f"--max-vram {budget / GIB:.2f} GB is below the "
                              f"{(fixed + fp.activation_bytes) / GIB:.2f} GB the CUDA context and "
                              "activations take")
-    vision_on = want_vision and fp.vision_bytes + peak(REFERENCE_PIXELS) <= free / 2
-    weights = fp.vision_bytes if vision_on else 0
-    left = free - (fp.vision_bytes + peak(REFERENCE_PIXELS) if vision_on else 0)
-    layers = kv = 0
-    while layers < min(want_layers, n):
-        w, k = layer_need(layers)
-        if w + k > left:
-            break
-        left -= w + k
-        layers += 1
-        weights += w
-        kv += k
-    if layers == n and want_layers > n and fp.output_bytes <= left:
-        layers += 1
-        weights += fp.output_bytes
+
+    def layers_with(vision_weights: int | None) -> tuple[int, int, int]:
+        """(layers as --gpu-layers counts, their weights, their KV cache) beside the vision tower's
+        `vision_weights` and a 1024x1024 image's peak (None: the tower on the CPU)."""
+        left = free - (vision_weights + peak(REFERENCE_PIXELS) if vision_weights is not None else 0)
+        layers = weights = kv = 0
+        while layers < min(want_layers, n) and fp.layer_bytes[n - 1 - layers] + kv_layer <= left:
+            left -= fp.layer_bytes[n - 1 - layers] + kv_layer
+            weights += fp.layer_bytes[n - 1 - layers]
+            kv += kv_layer
+            layers += 1
+        if layers == n and want_layers > n and fp.output_bytes <= left:
+            layers += 1
+            weights += fp.output_bytes
+        return layers, weights, kv
+
+    def fits(vision_weights: int) -> bool:
+        return want_vision and vision_weights + peak(REFERENCE_PIXELS) <= free / 2
+
+    vision_weights: int | None = None  # on the CPU
+    streamed = False
+    if fits(fp.vision_bytes) and not vision_stream:
+        vision_weights = fp.vision_bytes
+        if fits(fp.vision_stream_bytes) and (layers_with(fp.vision_stream_bytes)[0]
+                                             > layers_with(fp.vision_bytes)[0]):
+            vision_weights, streamed = fp.vision_stream_bytes, True
+    elif fits(fp.vision_stream_bytes):
+        vision_weights, streamed = fp.vision_stream_bytes, True
+    layers, weights, kv = layers_with(vision_weights)
     max_pixels = None
     vision_peak = 0
-    if vision_on:  # the peak is transient: everything but the weights and overhead is its room
+    if vision_weights is not None:  # the peak is transient: everything but the weights and overhead is its room
+        weights += vision_weights
         max_pixels = int((budget - fixed - weights) / fp.vision_bytes_per_pixel)
         if vision_max_pixels is not None:
             max_pixels = min(max_pixels, vision_max_pixels)
         vision_peak = peak(max_pixels)
-    return Plan(budget, ctx, n, layers, vision_on, max_pixels, weights, kv, fp.activation_bytes, vision_peak,
-                fp.dequant_slab)
+    return Plan(budget, ctx, n, layers, vision_weights is not None, max_pixels, weights, kv, fp.activation_bytes,
+                vision_peak, fp.dequant_slab, streamed)

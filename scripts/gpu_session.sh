@@ -23,8 +23,9 @@
 #                                           # decode with QVL_INT8_GEMV=1 (profile_decode), its logits
 #                                           # against the float GEMVs' (int8_logits), the int8 Q4_K /
 #                                           # Q6_K GEMVs against the float ones; the vision and decode
-#                                           # splits; bench_run (decode tok/s, VRAM), and again with
-#                                           # expandable segments (whole-device VRAM)
+#                                           # splits; the vision tower streamed from host memory
+#                                           # (profile_vision --stream); bench_run (decode tok/s, VRAM),
+#                                           # and again with expandable segments (whole-device VRAM)
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -106,8 +107,8 @@ targets)
     ;;
 followup)
     timeout 170 python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/kernels/test_qgemv_q8.py \
-        tests/kernels/test_decode_inputs.py tests/kernels/test_rmsnorm_rope.py tests/kernels/test_model_kernel_path.py \
-        2>&1 | tee "$out/tests.log" | tail -15
+        tests/kernels/test_decode_inputs.py tests/kernels/test_rmsnorm_rope.py tests/kernels/test_vision_stream.py \
+        tests/kernels/test_model_kernel_path.py 2>&1 | tee "$out/tests.log" | tail -15
     random_7b || exit 1
     # the Q4_K / Q6_K GEMVs on int8 activations (kernels/qgemv_q8.py; x's int8 form written by what
     # wrote x): decode end to end, and what they do to the logits (random weights: no real model travels)
@@ -120,6 +121,13 @@ followup)
     timeout 60 python3 scripts/bench_kernels.py --int8 > "$out/int8.json" 2>&1
     cat "$out/int8.json"
     profiles
+    # the vision tower streamed from host memory (runtime/vision_stream.py): what the copies add to an encode
+    for size in 2530x1000 1024x1024; do
+        timeout 60 python3 scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size $size --stream \
+            > "$out/profile-vision-stream-$size.json" 2>&1
+        grep -E '"(encode_s_median|encode_s_runs|streamed|streamed_host_mib|model_allocated_gib|encode_peak_over_rest_gib)"' \
+            "$out/profile-vision-stream-$size.json"
+    done
     # VRAM: the default allocator, then expandable segments (less reserved beyond what is allocated)
     timeout 120 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
         > "$out/run-1024-ctx4096.json" 2>&1

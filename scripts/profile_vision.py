@@ -14,9 +14,12 @@ On an H200 the 7B's tower took 0.20-0.27 s for a 2530x1000 image against the 0.1
 - `other`: the rest (patch embedding, rotary tables, window order, merger).
 
 Then (CUDA) one profiled encode: device time per torch op (its kernels' self time) and per
-kernel name, largest first. One JSON object on stdout.
+kernel name, largest first, and the GPU memory the tower holds at rest and at its peak. With
+`--stream` the tower's blocks stay in host memory and are copied in a block ahead
+(runtime/vision_stream.py): the encode's time then includes what the copies add. One JSON
+object on stdout.
 
-    python scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size 2530x1000
+    python scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size 2530x1000 [--stream]
 """
 
 from __future__ import annotations
@@ -60,12 +63,16 @@ def op_tables(encode: Callable[[], object], top: int) -> dict[str, list[dict]]:
     return tables
 
 
-def profile(model_path: str, device: str, size: tuple[int, int], runs: int = 3, top: int = 15) -> dict:
+def profile(model_path: str, device: str, size: tuple[int, int], runs: int = 3, top: int = 15,
+            stream: bool = False) -> dict:
     import qvl
     from qvl.runtime.image import preprocess
+    from qvl.runtime.model import ALL_LAYERS
+    from qvl.runtime.placement import Placement
     from qvl.runtime.vision import VisionTower
 
-    m = qvl.load(model_path, device=device)
+    placement = Placement("cuda", ALL_LAYERS, vision_on_accel=True, vision_stream=True) if stream else None
+    m = qvl.load(model_path, device=device, placement=placement)
     if m.vision is None:
         raise SystemExit(f"{model_path}: no vision projector beside it")
     tower = m.vision
@@ -81,7 +88,11 @@ def profile(model_path: str, device: str, size: tuple[int, int], runs: int = 3, 
             torch.cuda.synchronize()
         return out
 
+    at_rest = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     encode()  # compiles
+    peak = torch.cuda.max_memory_allocated() - at_rest if cuda else 0
     wall = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -111,7 +122,12 @@ def profile(model_path: str, device: str, size: tuple[int, int], runs: int = 3, 
     ms["other"] = round(1e3 * total - sum(ms.values()), 2)
     report = {"device": str(tower.device), "size": f"{size[0]}x{size[1]}", "grid_thw": list(pre.grid_thw),
               "patches": int(patches.shape[0]), "encode_s_median": round(statistics.median(wall), 4),
-              "encode_s_runs": [round(w, 4) for w in wall], "parts_ms": ms, "parts_total_ms": round(1e3 * total, 2)}
+              "encode_s_runs": [round(w, 4) for w in wall], "parts_ms": ms, "parts_total_ms": round(1e3 * total, 2),
+              "streamed": tower.stream is not None,
+              "streamed_host_mib": round(tower.stream.host_bytes / 2**20, 1) if tower.stream is not None else 0}
+    if cuda:
+        report["model_allocated_gib"] = round(at_rest / 2**30, 3)  # text and vision weights, before the encode
+        report["encode_peak_over_rest_gib"] = round(peak / 2**30, 3)
     if cuda:
         report.update(op_tables(encode, top))
     return report
@@ -123,9 +139,10 @@ def main() -> int:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--size", default="2530x1000", help="image WIDTHxHEIGHT (default 2530x1000)")
     ap.add_argument("--runs", type=int, default=3, help="encodes timed whole (median reported)")
+    ap.add_argument("--stream", action="store_true", help="the tower's blocks in host memory (--vision-stream)")
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.lower().split("x"))
-    print(json.dumps(profile(args.model, args.device, (w, h), args.runs), indent=1))
+    print(json.dumps(profile(args.model, args.device, (w, h), args.runs, stream=args.stream), indent=1))
     return 0
 
 

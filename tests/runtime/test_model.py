@@ -191,5 +191,5 @@ def test_profile_vision_splits_the_encode_and_restores_the_tower(converted):
     assert all(parts[k] > 0 for k in ("attention_window", "attention_full", "mlp", "norm"))
     assert 0 <= parts["other"] < report["parts_total_ms"]
     assert abs(sum(parts.values()) - report["parts_total_ms"]) <= 0.05
-    assert len(report["encode_s_runs"]) == 2
+    assert len(report["encode_s_runs"]) == 2 and report["streamed"] is False
     assert (VisionTower._attention, VisionTower._mlp, VisionTower._norm, VisionTower._add_norm) == saved

@@ -3,6 +3,8 @@ tiny model, where the plan's layer split and image downscaling must be what the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -102,13 +104,46 @@ def test_budgets(name):
         previous = plan.weights
         if plan.vision_on_gpu:
             assert plan.vision_max_pixels >= REFERENCE_PIXELS  # a 1024x1024 image always fits
+        vision = fp.vision_stream_bytes if plan.vision_streamed else fp.vision_bytes if plan.vision_on_gpu else 0
+        assert plan.vision_on_gpu or not plan.vision_streamed
         if plan.gpu_layers <= n:  # the output layer only joins once every layer is there
-            assert plan.weights == sum(fp.layer_bytes[n - plan.gpu_layers:]) + (fp.vision_bytes if plan.vision_on_gpu
-                                                                                else 0)
+            assert plan.weights == sum(fp.layer_bytes[n - plan.gpu_layers:]) + vision
     small = make_plan(fp, 4096, int(1.5 * GIB), ALL_LAYERS, True)
     assert not small.vision_on_gpu and small.vision_max_pixels is None and 0 < small.gpu_layers < n
     with pytest.raises(PlacementError, match="below"):
         make_plan(fp, 4096, CUDA_OVERHEAD, ALL_LAYERS, True)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-7b"])
+def test_streamed_vision_tower(name):
+    """Streamed (vision_stream.py), the tower keeps two blocks' matrices on the GPU, not all of
+    them: for these towers (32 blocks; Qwen2-VL's are wider) ~1.1 GiB less. A budget where the
+    whole tower fits but not every layer beside it streams the tower when that places more
+    layers; one where everything fits keeps it whole; asked to stream, the plan streams."""
+    cfg, fp = _official(name)
+    n = cfg.n_layer
+    assert fp.vision_bytes - fp.vision_stream_bytes > 0.9 * GIB
+    print(f"{name}: vision tower {fp.vision_bytes / GIB:.2f} GiB, streamed {fp.vision_stream_bytes / 2**20:.0f} MiB")
+    assert make_plan(fp, 4096, 24 * GIB, ALL_LAYERS, True).vision_streamed is False
+    asked = make_plan(fp, 4096, 24 * GIB, ALL_LAYERS, True, vision_stream=True)
+    assert asked.vision_streamed and asked.gpu_layers == n + 1
+    assert asked.weights == make_plan(fp, 4096, 24 * GIB, ALL_LAYERS, True).weights - fp.vision_bytes \
+        + fp.vision_stream_bytes
+    unbudgeted = make_plan(fp, 4096, None, ALL_LAYERS, True, vision_stream=True)
+    assert unbudgeted.vision_streamed and unbudgeted.weights == asked.weights
+    unstreamable = dataclasses.replace(fp, vision_stream_bytes=fp.vision_bytes)  # the policy before streaming
+    streamed = []
+    for gb in (1.5, 2, 3, 4, 5, 6, 8):
+        plan = make_plan(fp, 4096, int(gb * GIB), ALL_LAYERS, True)
+        before = make_plan(unstreamable, 4096, int(gb * GIB), ALL_LAYERS, True)
+        assert plan.total <= plan.budget, plan.table()
+        if plan.vision_streamed:
+            streamed.append(gb)  # the tower on the GPU where it was on the CPU, or more layers beside it
+            assert not before.vision_on_gpu or plan.gpu_layers > before.gpu_layers
+        else:
+            assert plan == before
+    print(f"{name}: streamed at {streamed} GB")
+    assert streamed and 8 not in streamed
 
 
 def test_q8_0_cache_and_longer_context():
@@ -126,6 +161,17 @@ def test_q8_0_cache_and_longer_context():
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     src = make_checkpoint(d / "ckpt", TinySpec(dtype=torch.float32, layers=3, seed=2))
+    path = d / "m.gguf"
+    r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", "f32", "--vision-type", "f32", "-q"])
+    assert r.exit_code == 0, r.output
+    return path
+
+
+@pytest.fixture(scope="module")
+def deep_vision(tmp_path_factory):
+    """As `tiny` with 4 vision blocks: streaming keeps 2 of them on the accelerator."""
+    d = tmp_path_factory.mktemp("deep")
+    src = make_checkpoint(d / "ckpt", TinySpec(dtype=torch.float32, layers=3, vision_depth=4, seed=2))
     path = d / "m.gguf"
     r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", "f32", "--vision-type", "f32", "-q"])
     assert r.exit_code == 0, r.output
@@ -171,6 +217,25 @@ def test_images_over_the_planned_limit_are_downscaled(tiny):
     small = Image.fromarray(np.zeros((56, 84, 3), dtype=np.uint8))
     model.tokenize("<|image_pad|>", [small])
     assert len(warnings) == 1  # images within the limit are left alone
+
+
+def test_model_streams_the_vision_tower_the_plan_streams(deep_vision):
+    """A budget whose half (after the context and activations) holds the streamed tower and an
+    image's peak but not the whole tower: the model streams it (vision_stream.py), its blocks'
+    matrices in host memory until it runs."""
+    fp = _tiny_footprint(deep_vision)
+    peak = int(fp.vision_bytes_per_pixel * REFERENCE_PIXELS)
+    assert fp.vision_stream_bytes < fp.vision_bytes
+    budget = CUDA_OVERHEAD + fp.activation_bytes + 2 * (fp.vision_stream_bytes + peak) + 2
+    model = load(deep_vision, device="cpu", dtype=torch.float32,
+                 placement=Placement("cpu", ALL_LAYERS, vision_on_accel=True, kv_type="f32"), max_vram=budget / GIB)
+    assert model.plan == make_plan(fp, 4096, budget, ALL_LAYERS, True)
+    assert model.plan.vision_on_gpu and model.plan.vision_streamed and model.placement.vision_stream
+    assert model.vision.stream is not None and model.vision.stream.resident() == []
+    assert "its blocks streamed from host memory" in model.plan.table().splitlines()[0]
+    whole = load(deep_vision, device="cpu", dtype=torch.float32,
+                 placement=Placement("cpu", ALL_LAYERS, vision_on_accel=True, kv_type="f32"), max_vram=100)
+    assert whole.vision.stream is None and not whole.plan.vision_streamed  # room for everything: kept whole
 
 
 def test_videos_over_the_planned_limit_are_downscaled(tiny, tmp_path):

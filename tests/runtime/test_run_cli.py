@@ -98,6 +98,7 @@ def test_llama_cpp_flag_names(model_path):
     (["{model}", "--prompt", "x", "--gpu-layers", "-1"], "--gpu-layers -1: 0 or more"),
     (["{model}", "--prompt", "x", "--cpu", "--gpu-layers", "4"], "--cpu with --gpu-layers: choose one"),
     (["{model}", "--prompt", "x", "--int8-activations", "--no-triton"], "--int8-activations needs the Triton kernels"),
+    (["{model}", "--prompt", "x", "--vision-stream", "--vision-device", "cpu"], "not with --vision-device cpu"),
     (["/nowhere/model.gguf", "--prompt", "x"], "/nowhere/model.gguf: file not found"),
     (["missing.gguf", "--prompt", "x"], "missing.gguf: file not found"),  # a file name, never pulled
     (["{model}", "--prompt", "x", "--temperature", "1", "--top-p", "2"], "top_p 2.0: between 0 and 1"),
@@ -137,10 +138,10 @@ def test_bad_input(tmp_path, fixtures_dir, model_path, image_path, args, expect)
 def test_gpu_flags_without_a_gpu_warn_and_run_on_the_cpu(model_path):
     base = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6"])
     r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6", "--gpu-layers", "99",
-                            "--max-vram", "4", "--vision-device", "cuda", "--int8-activations"])
+                            "--max-vram", "4", "--vision-device", "cuda", "--int8-activations", "--vision-stream"])
     assert r.exit_code == 0, r.stderr
     assert r.stderr.strip() == ("qvl-run: warning: no CUDA GPU found; --gpu-layers, --max-vram, "
-                                "--vision-device cuda, --int8-activations ignored, running on the CPU")
+                                "--vision-device cuda, --int8-activations, --vision-stream ignored, running on the CPU")
     assert r.stdout == base.stdout
 
 
@@ -177,6 +178,16 @@ def test_int8_activations_where_the_kernels_run(monkeypatch, capsys, capability,
     device, placement = run_cli._placement(False, None, "auto", None, False, None, False, int8=True)
     assert device == "cuda" and q8_activations.ENABLED == int8 == placement.kernels
     assert ("--int8-activations ignored" in capsys.readouterr().err) != int8
+
+
+def test_vision_stream_on_a_gpu(monkeypatch):
+    from qvl.runtime import run_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    device, placement = run_cli._placement(False, None, "auto", None, False, None, False, vision_stream=True)
+    assert device == "cuda" and placement.vision_stream and placement.vision_on_accel
+    assert not run_cli._placement(False, None, "auto", None, False, None, False)[1].vision_stream
 
 
 def test_q8_0_cache_runs(model_path):
