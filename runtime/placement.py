@@ -77,7 +77,7 @@ class Footprint:
     activation_bytes: int  # decoder, one prefill chunk
     vision_bytes_per_pixel: float  # transient, per image pixel
     dequant_slab: int = 0  # transient, the GEMMs' dequantized weight rows (sm_75's float16 prefill route)
-    vision_stream_bytes: int = 0  # the vision tower streamed: all but its blocks' matrices, and two blocks'
+    vision_stream_bytes: int = 0  # the tower streamed: all but its blocks' matrices, two blocks' and a placeholder
 
 
 def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[str, TensorInfo] | None,
@@ -100,14 +100,20 @@ def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[s
         names = [n for n in vision if n.startswith("v.") or n.startswith("mm.")]
         vis_bytes = sum(device_bytes(vision[n], kernels) for n in names)
         block_matrices: dict[int, int] = {}
+        stacks: dict[tuple[int, str], int] = {}  # a block's matrices as the device stacks them (one storage each)
         for n in names:
-            m = re.match(r"v\.blk\.(\d+)\.", n)
+            m = re.match(r"v\.blk\.(\d+)\.(\w+?)(?:\.weight)?$", n)
             if m and len(vision[n].shape) == 2:
-                block_matrices[int(m.group(1))] = block_matrices.get(int(m.group(1)), 0) + device_bytes(vision[n],
-                                                                                                        kernels)
+                i, role = int(m.group(1)), m.group(2)
+                size = device_bytes(vision[n], kernels)
+                block_matrices[i] = block_matrices.get(i, 0) + size
+                stack = "qkv" if role in ("attn_q", "attn_k", "attn_v") else "gate_up" if role in (
+                    "ffn_gate", "ffn_up") else role
+                stacks[i, stack] = stacks.get((i, stack), 0) + size
         stream_bytes = vis_bytes
-        if block_matrices:
-            stream_bytes += min(2, len(block_matrices)) * max(block_matrices.values()) - sum(block_matrices.values())
+        if block_matrices:  # two blocks' matrices, and the placeholder blocks at rest view (the largest stack)
+            stream_bytes += (min(2, len(block_matrices)) * max(block_matrices.values()) + max(stacks.values())
+                             - sum(block_matrices.values()))
         embed = vision["v.blk.0.attn_q.weight"].shape[0]
         ffn = vision["v.blk.0.ffn_up.weight"].shape[0]
         per_pixel = 4 * (6 * embed + 3 * ffn) / PATCH_PIXELS

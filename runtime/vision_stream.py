@@ -10,11 +10,14 @@ The cost is the copy: 1.26 GiB over the bus an encode (~50 ms at 25 GB/s), hidde
 blocks' work where that is longer.
 
 Mechanics: every tensor of a block's matrices (dense copies, GGUF blocks, the q/k/v and gate/up
-stacks and the views into them) is grouped by the storage it views. Offloading gives each
-storage a host copy and points the tensors at it (`Tensor.set_`: the same tensor objects, so
-the Matrix, Stack and DenseMLP objects need not know); fetching points them at a fresh GPU copy
-of that host storage; releasing points them back. On the CPU (the tests' stand-in accelerator)
-the same swaps happen between two host copies.
+stacks and the views into them) is grouped by the storage it views. Offloading copies each
+storage to host memory and points its tensors (`Tensor.set_`: the same tensor objects, so the
+Matrix, Stack and DenseMLP objects need not know) at one placeholder buffer on the device, as
+large as the largest storage, that every block at rest shares (torch lets a tensor's storage be
+swapped only for one on the same device); fetching points them at a fresh device copy of their
+host storage, releasing back at the placeholder. On the CPU (the tests' stand-in accelerator)
+the same swaps happen, the host copies in ordinary memory: a weight read at rest reads the
+placeholder, so the tests see it.
 """
 
 from __future__ import annotations
@@ -70,27 +73,28 @@ class _Storage:
     def __init__(self, tensors: list[torch.Tensor], pinned: bool):
         storage = tensors[0].untyped_storage()
         self.tensors = tensors
-        self.host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pinned)
+        self.nbytes = storage.nbytes()
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pinned)
         self.host.copy_(torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage))
         self.gpu: torch.Tensor | None = None
-        self._point(self.host)
 
-    def _point(self, buffer: torch.Tensor) -> None:
+    def point(self, buffer: torch.Tensor) -> None:
+        """The tensors view `buffer` (on their device, at least nbytes) as they viewed their storage."""
         storage = buffer.untyped_storage()
         for t in self.tensors:
             t.set_(storage, t.storage_offset(), t.size(), t.stride())
 
     def fetch(self, device: torch.device, copy_stream: torch.cuda.Stream | None) -> None:
-        self.gpu = torch.empty_like(self.host, device=device)
+        self.gpu = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         self.gpu.copy_(self.host, non_blocking=copy_stream is not None)
-        self._point(self.gpu)
+        self.point(self.gpu)
 
-    def release(self, compute_stream: torch.cuda.Stream | None) -> None:
+    def release(self, compute_stream: torch.cuda.Stream | None, rest: torch.Tensor) -> None:
         if self.gpu is None:
             return
         if compute_stream is not None:
             self.gpu.record_stream(compute_stream)  # freed for reuse once the queued work is done
-        self._point(self.host)
+        self.point(rest)
         self.gpu = None
 
 
@@ -104,6 +108,7 @@ class BlockStream:
         self._copy = torch.cuda.Stream(device) if self._cuda else None
         self._parts: list[list[_Storage]] = []
         self._ready: list[torch.cuda.Event | None] = []
+        self._rest = torch.empty(0, dtype=torch.uint8, device=device)  # what blocks at rest view
 
     def offload(self, block: Block) -> None:
         """Move `block`'s matrices to host memory (page-locked on a GPU machine); appended in order."""
@@ -116,15 +121,25 @@ class BlockStream:
             if t.device != self.device:
                 raise ValueError(f"vision block {len(self._parts)}: a weight on {t.device}, not {self.device}")
             groups.setdefault(t.untyped_storage().data_ptr(), []).append(t)
-        self._parts.append([_Storage(ts, self._cuda) for ts in groups.values()])
+        part = [_Storage(ts, self._cuda) for ts in groups.values()]
+        largest = max((st.nbytes for st in part), default=0)
+        if largest > self._rest.numel():  # a larger placeholder: every block at rest moves to it
+            self._rest = torch.empty(largest, dtype=torch.uint8, device=self.device)
+            for earlier in self._parts:
+                for st in earlier:
+                    st.point(self._rest)
+        for st in part:
+            st.point(self._rest)  # the device copies go when nothing else holds them
+        self._parts.append(part)
         self._ready.append(None)
 
     @property
     def host_bytes(self) -> int:
-        return sum(s.host.numel() for part in self._parts for s in part)
+        return sum(s.nbytes for part in self._parts for s in part)
 
-    def block_bytes(self, i: int) -> int:
-        return sum(s.host.numel() for s in self._parts[i])
+    @property
+    def placeholder_bytes(self) -> int:
+        return self._rest.numel()
 
     def resident(self) -> list[int]:
         """Indices of the blocks whose weights are on the device now."""
@@ -143,7 +158,7 @@ class BlockStream:
     def _release(self, i: int) -> None:
         compute = torch.cuda.current_stream(self.device) if self._cuda else None
         for s in self._parts[i]:
-            s.release(compute)
+            s.release(compute, self._rest)
         self._ready[i] = None
 
     def each(self) -> Iterator[int]:

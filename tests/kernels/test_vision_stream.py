@@ -28,18 +28,19 @@ def _pixels(tower: VisionTower, grid: list[tuple[int, int, int]]) -> torch.Tenso
     return torch.from_numpy(np.random.default_rng(0).standard_normal((n, tower.patch.shape[1]), dtype=np.float32))
 
 
-def _storage_bytes(block) -> int:
+def _storage_bytes(block, largest: bool = False) -> int:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in block_weights(block)}
-    return sum(s.nbytes() for s in storages.values())
+    sizes = [s.nbytes() for s in storages.values()]
+    return max(sizes) if largest else sum(sizes)
 
 
 def _where(stream, i: int) -> str:
-    """Where block i's matrices point: its host copies or its device copies (the CPU stands in
-    for the device here, so by address)."""
+    """What block i's matrices view: the placeholder blocks at rest share, or their own device
+    copies (the CPU stands in for the device here, so by address)."""
     parts = stream._parts[i]
     ptrs = {t.untyped_storage().data_ptr() for s in parts for t in s.tensors}
-    if ptrs == {s.host.data_ptr() for s in parts}:
-        return "host"
+    if ptrs == {stream._rest.data_ptr()}:
+        return "rest"
     if all(s.gpu is not None for s in parts) and ptrs == {s.gpu.data_ptr() for s in parts}:
         return "device"
     return "mixed"
@@ -59,8 +60,9 @@ def test_streamed_tower_equals_the_resident_one(fixtures_dir, model, kernels, mo
         streamed = VisionTower(cfg, Weights(g, mode=mode), DEVICE, kernels, stream=True)
         stream = streamed.stream
         assert stream is not None and stream.resident() == []
-        assert [_where(stream, i) for i in range(len(streamed.blocks))] == ["host"] * len(streamed.blocks)
+        assert [_where(stream, i) for i in range(len(streamed.blocks))] == ["rest"] * len(streamed.blocks)
         assert stream.host_bytes == sum(_storage_bytes(b) for b in whole.blocks)
+        assert stream.placeholder_bytes == max(_storage_bytes(b, largest=True) for b in whole.blocks)
         seen = []
         real = streamed._attention
 
@@ -77,7 +79,7 @@ def test_streamed_tower_equals_the_resident_one(fixtures_dir, model, kernels, mo
         assert torch.equal(y.cpu(), ref.cpu())
         depth = len(streamed.blocks)
         assert seen == [[i, i + 1] if i + 1 < depth else [i] for i in range(depth)]
-        assert stream.resident() == [] and _where(stream, depth - 1) == "host"
+        assert stream.resident() == [] and _where(stream, depth - 1) == "rest"
         assert torch.equal(streamed.forward(pixels, grid).cpu(), ref.cpu())  # and again, from host memory
 
 
