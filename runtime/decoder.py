@@ -21,6 +21,9 @@ from .weights import EXACT, Matrix, Weights, half_dtype, kernel_dtype
 
 CPU = torch.device("cpu")
 PREFILL_CHUNK = 512  # prompt tokens per forward pass (model.py's prefill; placement.py sizes activations by it)
+# a forward pass of at least this many tokens runs the CPU's layers on the accelerator, each
+# copied there for the pass (Decoder.prefill_offload; llama.cpp offloads a batch of 32 or more)
+OFFLOAD_MIN_TOKENS = 32
 EMBED_CACHE_BYTES = 16 << 20  # decode's embedding rows kept (Decoder.embed_tokens): 1170 of the 7B's
 KV_TYPES = ("f32", "bf16", "f16", "q8_0")  # KV cache element types
 Q8_BLOCK = 32  # values per scale in a q8_0 cache (as ggml's Q8_0; a whole head when its dim is not a multiple)
@@ -259,8 +262,15 @@ class Decoder:
     on the accelerator take bf16 operands (float32 accumulation)."""
 
     def __init__(self, cfg: TextConfig, w: Weights, accel: torch.device | None = None, gpu_layers: int = 0,
-                 kernels: bool = True):
+                 kernels: bool = True, prefill_offload: bool = True):
+        """`prefill_offload`: with layers on the CPU and the rest on `accel`, a forward pass of
+        OFFLOAD_MIN_TOKENS or more (a prompt) runs each CPU layer on `accel` from a copy of its
+        GGUF blocks made for the pass and let go after it, as llama.cpp's op offload does; the
+        layer's KV cache stays on the CPU. Decode steps stay where the layers live."""
         self.cfg = cfg
+        self._weights = w
+        self._accel = accel
+        self._kernels = kernels
         first = cfg.n_layer - gpu_layers if accel is not None else cfg.n_layer
         self.attn_dtype = kernel_dtype(w.mode, accel or CPU)  # prefill GEMMs and attention on the accelerator
         self.embed = w.matrix("token_embd.weight")
@@ -275,30 +285,34 @@ class Decoder:
         else:
             self.output = w.matrix("output.weight") if w.has("output.weight") else self.embed
             self.norm = w.vector("output_norm.weight")
-        self.layers = []
-        for i in range(cfg.n_layer):
-            p = f"blk.{i}."
-            on_accel = accel is not None and i >= first
-            dev = accel if accel is not None and on_accel else CPU
+        self.layers = [self._layer(i, accel if accel is not None and i >= first else None) for i in range(cfg.n_layer)]
+        self.first_on_accel = first  # layers before it live on the CPU
+        self.prefill_offload = prefill_offload and accel is not None and first > 0
 
-            def mat(name: str) -> Matrix:
-                if not on_accel:
-                    return w.matrix(p + name)
-                return w.matrix(p + name, EXACT).to_device(dev, kernels, self.attn_dtype)
+    def _layer(self, i: int, accel: torch.device | None) -> Layer:
+        """Decoder layer i from the file: on the CPU, or on `accel` (its GGUF blocks or dense
+        copies uploaded, through the kernels when the decoder uses them)."""
+        w, p = self._weights, f"blk.{i}."
+        dev = accel or CPU
 
-            def vec(name: str) -> torch.Tensor:
-                return w.vector(p + name).to(dev)
+        def mat(name: str) -> Matrix:
+            if accel is None:
+                return w.matrix(p + name)
+            return w.matrix(p + name, EXACT).to_device(dev, self._kernels, self.attn_dtype)
 
-            self.layers.append(Layer(
-                attn_norm=vec("attn_norm.weight"),
-                wq=mat("attn_q.weight"), bq=vec("attn_q.bias"),
-                wk=mat("attn_k.weight"), bk=vec("attn_k.bias"),
-                wv=mat("attn_v.weight"), bv=vec("attn_v.bias"),
-                wo=mat("attn_output.weight"),
-                ffn_norm=vec("ffn_norm.weight"),
-                gate=mat("ffn_gate.weight"), up=mat("ffn_up.weight"), down=mat("ffn_down.weight"),
-                device=dev, kernels=kernels and on_accel,
-            ))
+        def vec(name: str) -> torch.Tensor:
+            return w.vector(p + name).to(dev)
+
+        return Layer(
+            attn_norm=vec("attn_norm.weight"),
+            wq=mat("attn_q.weight"), bq=vec("attn_q.bias"),
+            wk=mat("attn_k.weight"), bk=vec("attn_k.bias"),
+            wv=mat("attn_v.weight"), bv=vec("attn_v.bias"),
+            wo=mat("attn_output.weight"),
+            ffn_norm=vec("ffn_norm.weight"),
+            gate=mat("ffn_gate.weight"), up=mat("ffn_up.weight"), down=mat("ffn_down.weight"),
+            device=dev, kernels=self._kernels and accel is not None,
+        )
 
     def new_cache(self, capacity: int, kind: str | None = None) -> KVCache:
         """A KV cache with each layer's part on that layer's device."""
@@ -351,15 +365,20 @@ class Decoder:
     def layers_forward(self, x: torch.Tensor,
                        attend_for: Callable[[int, Layer], Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                                                                    torch.Tensor]],
-                       normed: torch.Tensor | None = None) -> torch.Tensor:
+                       normed: torch.Tensor | None = None, offload: bool = False) -> torch.Tensor:
         """x (seq, n_embd) through every layer (`attend_for(i, layer)`: layer i's rotary and
         attention) -> the final-norm hidden states. Each layer hands the next its input already
         normalized where both are on one device; `normed`: x through the first layer's
-        attn_norm, where the caller has it."""
+        attn_norm, where the caller has it. `offload`: the CPU's layers run on the accelerator
+        from copies made for this pass (prefill_offload), one at a time."""
         for i, layer in enumerate(self.layers):
+            run = self._layer(i, self._accel) if offload and i < self.first_on_accel else layer
+            if normed is not None and normed.device != run.device:
+                normed = None
             nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
-            x, normed = self.layer_forward(layer, x.to(layer.device), attend_for(i, layer), normed,
-                                           nxt if nxt.device == layer.device else None)
+            x, normed = self.layer_forward(run, x.to(run.device), attend_for(i, run), normed,
+                                           nxt if nxt.device == run.device else None)
+            del run  # an offloaded copy goes before the next is made
         return normed if normed is not None else rms_norm(x.to(self.norm.device), self.norm, self.cfg.rms_eps)
 
     @staticmethod
@@ -383,6 +402,17 @@ class Decoder:
         v = v.transpose(0, 1)
         past = cache.length
         end = cache.write(i, k, v)
+        if layer is not self.layers[i]:  # a copy offloaded for this pass (prefill_offload): the cache stays put
+            keys, values = (t.to(layer.device).transpose(0, 1) for t in cache.read(i, end))
+            if layer.kernels:
+                from ..kernels.attention import attention
+
+                return attention(q.transpose(0, 1), keys, values, [0, seq], [0, end], causal=True,
+                                 dtype=self.attn_dtype)
+            mask = torch.ones(seq, end, dtype=torch.bool, device=q.device).tril(diagonal=past)
+            keys, values = keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype)
+            return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask[None, None],
+                                                  enable_gqa=cfg.n_head != cfg.n_head_kv)[0].float().transpose(0, 1)
         if layer.kernels:  # the cache read where it is stored (q8_0 included), no dequantized copy
             from ..kernels.attention import attention
             from ..kernels.decode_attention import decode_attention
@@ -417,7 +447,9 @@ class Decoder:
                 ropes[device] = ropes[CPU].to(device)
             return ropes[device]
 
-        out = self.layers_forward(x, lambda i, layer: partial(self._attend, i, layer, cache, rope_on(layer.device)))
+        offload = self.prefill_offload and x.shape[0] >= OFFLOAD_MIN_TOKENS
+        out = self.layers_forward(x, lambda i, layer: partial(self._attend, i, layer, cache, rope_on(layer.device)),
+                                  offload=offload)
         cache.length += x.shape[0]
         return out
 

@@ -97,7 +97,8 @@ class Model:
                            placement.kernels, placement.kv_type or "bf16",
                            dequant_slab_bytes(placement.accel, placement.kernels, fast))
             self.plan = make_plan(fp, plan_ctx, max_vram, placement.gpu_layers, placement.vision_on_accel,
-                                  placement.vision_max_pixels, placement.vision_stream)
+                                  placement.vision_max_pixels, placement.vision_stream,
+                                  placement.prefill_offload)
             if max_vram is not None:
                 placement = replace(placement, gpu_layers=self.plan.gpu_layers, vision_on_accel=self.plan.vision_on_gpu,
                                     vision_max_pixels=self.plan.vision_max_pixels,
@@ -106,7 +107,7 @@ class Model:
         self.on_warning: Callable[[str], None] = warnings.warn  # the CLI prints these on stderr
         accel = _indexed(torch.device(placement.accel)) if placement.accel is not None else None
         self.decoder = Decoder(self.cfg, Weights(text_file, mode=PACKED if fast else EXACT), accel,
-                               placement.gpu_layers, placement.kernels)
+                               placement.gpu_layers, placement.kernels, placement.prefill_offload)
         self.vision_cfg: VisionConfig | None = None
         self.vision: VisionTower | None = None
         if vision_file is not None:

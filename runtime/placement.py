@@ -14,7 +14,9 @@ transient parts are estimates from the model's dimensions:
   kernels/dequant.py decodes for each prefill / vision GEMM (32 MiB at most), beside either.
 
 The vision tower runs before prefill and frees its activations, so the budget must hold
-overhead + all weights + dequant slab + max(vision peak, KV cache + decoder activations).
+overhead + all weights + dequant slab + max(vision peak, KV cache + decoder activations + an
+offloaded layer). The last: with decoder layers left on the CPU, a prompt runs each of them on
+the GPU from a copy made for the pass (decoder.prefill_offload), one at a time.
 
 Policy under a budget: (1) the vision tower, when its weights and the peak of a 1024x1024
 image fit in half of what is left after the overhead and the decoder's activations; streamed
@@ -58,6 +60,7 @@ class Placement:
     vision_max_pixels: int | None = None  # larger images are downscaled (from a --max-vram plan)
     cuda_graph: bool = True  # decode captured in a CUDA graph when the whole decoder is on the GPU
     vision_stream: bool = False  # the vision tower on accel with its blocks' matrices in host memory
+    prefill_offload: bool = True  # prompts run the CPU's decoder layers on accel, each copied there for the pass
 
     def __post_init__(self) -> None:
         if self.kv_type is not None and self.kv_type not in KV_TYPES:
@@ -137,10 +140,12 @@ class Plan:
     vision_peak: int  # at vision_max_pixels, or at REFERENCE_PIXELS without a limit
     dequant_slab: int = 0
     vision_streamed: bool = False  # on the GPU with its blocks' matrices in host memory (vision_stream.py)
+    offload_layer: int = 0  # a CPU layer's copy while a prompt runs it on the GPU (decoder.prefill_offload)
 
     @property
     def total(self) -> int:
-        return CUDA_OVERHEAD + self.weights + self.dequant_slab + max(self.vision_peak, self.kv + self.activations)
+        return CUDA_OVERHEAD + self.weights + self.dequant_slab + max(self.vision_peak,
+                                                                       self.kv + self.activations + self.offload_layer)
 
     def table(self) -> str:
         """The plan, a line per part, for --verbose."""
@@ -157,6 +162,8 @@ class Plan:
             f"  weights      {gib(self.weights)}",
             f"  KV cache     {gib(self.kv)}  ({self.ctx} tokens)",
             f"  activations  {gib(self.activations)}",
+            *([f"  offload      {gib(self.offload_layer)}  (a CPU layer's copy while a prompt runs it here)"]
+              if self.offload_layer else []),
             f"  vision peak  {gib(self.vision_peak)}",
             *([f"  dequant slab {gib(self.dequant_slab)}  (float16 GEMMs without tensor cores in Triton)"]
               if self.dequant_slab else []),
@@ -168,10 +175,13 @@ class Plan:
 
 
 def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, want_vision: bool,
-              vision_max_pixels: int | None = None, vision_stream: bool = False) -> Plan:
+              vision_max_pixels: int | None = None, vision_stream: bool = False,
+              prefill_offload: bool = False) -> Plan:
     """Fit at most `want_layers` layers (as --gpu-layers counts) and the vision tower when
     `want_vision` (streamed when `vision_stream`, or when the plan finds that better) into
-    `budget` bytes; without a budget, exactly what was asked. See the module doc."""
+    `budget` bytes; without a budget, exactly what was asked. With `prefill_offload` and layers
+    left on the CPU, room for a copy of the largest layer beside the activations. See the
+    module doc."""
     n = len(fp.layer_bytes)
     want_layers = min(want_layers, n + 1)
     want_vision = want_vision and fp.vision_bytes > 0
@@ -180,6 +190,11 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
         return int(fp.vision_bytes_per_pixel * pixels)
 
     kv_layer = ctx * fp.kv_bytes_per_token
+    largest = max(fp.layer_bytes, default=0) if prefill_offload else 0
+
+    def offload(layers: int) -> int:  # with layers (as --gpu-layers counts) on the GPU
+        return largest if layers < n else 0
+
     if budget is None:
         weights = sum(fp.layer_bytes[n - 1 - i] for i in range(min(want_layers, n)))
         weights += fp.output_bytes if want_layers > n else 0
@@ -187,7 +202,7 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
         kv = min(want_layers, n) * kv_layer
         return Plan(None, ctx, n, want_layers, want_vision, vision_max_pixels, weights, kv, fp.activation_bytes,
                     peak(vision_max_pixels or REFERENCE_PIXELS) if want_vision else 0, fp.dequant_slab,
-                    want_vision and vision_stream)
+                    want_vision and vision_stream, offload(want_layers))
     fixed = CUDA_OVERHEAD + fp.dequant_slab  # present whatever runs where
     free = budget - fixed - fp.activation_bytes
     if free <= 0:
@@ -198,16 +213,20 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
     def layers_with(vision_weights: int | None) -> tuple[int, int, int]:
         """(layers as --gpu-layers counts, their weights, their KV cache) beside the vision tower's
         `vision_weights` and a 1024x1024 image's peak (None: the tower on the CPU)."""
-        left = free - (vision_weights + peak(REFERENCE_PIXELS) if vision_weights is not None else 0)
-        layers = weights = kv = 0
-        while layers < min(want_layers, n) and fp.layer_bytes[n - 1 - layers] + kv_layer <= left:
-            left -= fp.layer_bytes[n - 1 - layers] + kv_layer
-            weights += fp.layer_bytes[n - 1 - layers]
-            kv += kv_layer
-            layers += 1
-        if layers == n and want_layers > n and fp.output_bytes <= left:
-            layers += 1
-            weights += fp.output_bytes
+        room = free - (vision_weights + peak(REFERENCE_PIXELS) if vision_weights is not None else 0)
+        for reserve in (0, largest):  # all layers, else with room kept for an offloaded layer's copy
+            left = room - reserve
+            layers = weights = kv = 0
+            while layers < min(want_layers, n) and fp.layer_bytes[n - 1 - layers] + kv_layer <= left:
+                left -= fp.layer_bytes[n - 1 - layers] + kv_layer
+                weights += fp.layer_bytes[n - 1 - layers]
+                kv += kv_layer
+                layers += 1
+            if layers == n and want_layers > n and fp.output_bytes <= left:
+                layers += 1
+                weights += fp.output_bytes
+            if layers >= n or offload(layers) <= reserve:
+                break
         return layers, weights, kv
 
     def fits(vision_weights: int) -> bool:
@@ -232,4 +251,4 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
             max_pixels = min(max_pixels, vision_max_pixels)
         vision_peak = peak(max_pixels)
     return Plan(budget, ctx, n, layers, vision_weights is not None, max_pixels, weights, kv, fp.activation_bytes,
-                vision_peak, fp.dequant_slab, streamed)
+                vision_peak, fp.dequant_slab, streamed, offload(layers))

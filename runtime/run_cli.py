@@ -150,7 +150,7 @@ TRITON_MIN_CAPABILITY = (7, 0)  # Triton compiles for Volta and later; Pascal an
 
 def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: float | None, no_triton: bool,
                cache_type: str | None, no_cuda_graph: bool, int8: bool = False,
-               vision_stream: bool = False) -> tuple[str, Placement]:
+               vision_stream: bool = False, no_prefill_offload: bool = False) -> tuple[str, Placement]:
     """The device and placement the flags ask for; GPU flags without a GPU warn and run on the CPU.
     `int8` (--int8-activations) turns on the int8-activation GEMVs (kernels/q8_activations.ENABLED)
     where the Triton kernels run."""
@@ -168,7 +168,7 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
         _fail("--vision-stream streams the vision tower's weights to the GPU: not with --vision-device cpu")
     gpu_flags = [f for f, on in (("--gpu-layers", gpu_layers is not None), ("--max-vram", max_vram is not None),
                                  ("--vision-device cuda", vision_device == "cuda"), ("--int8-activations", int8),
-                                 ("--vision-stream", vision_stream))
+                                 ("--vision-stream", vision_stream), ("--no-prefill-offload", no_prefill_offload))
                  if on]
     if cpu and gpu_flags:
         _fail(f"--cpu with {', '.join(gpu_flags)}: choose one")
@@ -191,7 +191,8 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
     elif int8:
         typer.echo("qvl-run: warning: --int8-activations ignored: the Triton kernels do not run here", err=True)
     return "cuda", Placement("cuda", layers, vision_on_accel=vision_device != "cpu", kernels=kernels,
-                             kv_type=cache_type, cuda_graph=not no_cuda_graph, vision_stream=vision_stream)
+                             kv_type=cache_type, cuda_graph=not no_cuda_graph, vision_stream=vision_stream,
+                             prefill_offload=not no_prefill_offload)
 
 
 @app.command(help=HELP)
@@ -246,6 +247,11 @@ def run(
                                        "weights in host memory and copy each to the GPU while the block before it "
                                        "runs: ~1.1 GiB less GPU memory for the 3B / 7B towers, their 1.2 GiB copied "
                                        "over the bus an image (--max-vram chooses this by itself when it pays)."),
+    no_prefill_offload: bool = typer.Option(False, "--no-prefill-offload", "--no-op-offload",
+                                            help="With decoder layers on the CPU (--gpu-layers, --max-vram), read "
+                                            "prompts there too; by default a prompt of 32 tokens or more runs "
+                                            "each CPU layer on the GPU from a copy made for it, as llama.cpp's op "
+                                            "offload does (its KV cache stays on the CPU)."),
     max_vram: Optional[float] = typer.Option(
         None, "--max-vram", help="GPU memory budget in GB: fit layers, vision tower and KV cache into it "
         "(the plan is printed with --verbose; larger images are downscaled)."),
@@ -310,7 +316,7 @@ def run(
     if not model_path.exists() and mmproj is None:
         _pull_if_missing(str(model_path), no_pull, insecure)
     device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type, no_cuda_graph,
-                                   int8_activations, vision_stream)
+                                   int8_activations, vision_stream, no_prefill_offload)
     t0 = time.perf_counter()
     try:
         model = load(model_path, device=device, mmproj=mmproj, dtype=torch.float32 if f32 else None,

@@ -121,13 +121,6 @@ followup)
     timeout 60 python3 scripts/bench_kernels.py --int8 > "$out/int8.json" 2>&1
     cat "$out/int8.json"
     profiles
-    # the vision tower streamed from host memory (runtime/vision_stream.py): what the copies add to an encode
-    for size in 2530x1000 1024x1024; do
-        timeout 60 python3 scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size $size --stream \
-            > "$out/profile-vision-stream-$size.json" 2>&1
-        grep -E '"(encode_s_median|encode_s_runs|streamed|streamed_host_mib|model_allocated_gib|encode_peak_over_rest_gib)"' \
-            "$out/profile-vision-stream-$size.json"
-    done
     # VRAM: the default allocator, then expandable segments (less reserved beyond what is allocated)
     timeout 120 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
         > "$out/run-1024-ctx4096.json" 2>&1
@@ -135,6 +128,13 @@ followup)
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 90 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf \
         --device cuda --tokens 64 --size 1024 --ctx 4096 > "$out/run-expandable.json" 2>&1
     cat "$out/run-expandable.json"
+    # the vision tower streamed from host memory (runtime/vision_stream.py): what the copies add to an encode
+    for size in 2530x1000 1024x1024; do
+        timeout 60 python3 scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size $size --stream \
+            > "$out/profile-vision-stream-$size.json" 2>&1
+        grep -E '"(encode_s_median|encode_s_runs|streamed|streamed_host_mib|model_allocated_gib|encode_peak_over_rest_gib)"' \
+            "$out/profile-vision-stream-$size.json"
+    done
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time

@@ -186,11 +186,16 @@ def _tiny_footprint(tiny):
 def test_model_takes_the_planned_layers(tiny):
     fp = _tiny_footprint(tiny)
     kv = 4096 * fp.kv_bytes_per_token
-    budget = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + 1000  # two of three layers
+    # two of three layers, and room for the third's copy while a prompt runs it there (prefill_offload)
+    budget = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + max(fp.layer_bytes) + 1000
     model = load(tiny, device="cpu", dtype=torch.float32, placement=Placement("cpu", ALL_LAYERS, kv_type="f32"),
                  max_vram=budget / GIB)
-    assert model.plan == make_plan(fp, 4096, budget, ALL_LAYERS, False)
-    assert model.plan.gpu_layers == 2 and not model.plan.vision_on_gpu
+    assert model.plan == make_plan(fp, 4096, budget, ALL_LAYERS, False, prefill_offload=True)
+    assert model.plan.gpu_layers == 2 and not model.plan.vision_on_gpu and model.plan.offload_layer == max(fp.layer_bytes)
+    assert model.plan.total <= budget and model.decoder.prefill_offload
+    tight = budget - max(fp.layer_bytes)  # without that room: one layer fewer
+    assert make_plan(fp, 4096, tight, ALL_LAYERS, False, prefill_offload=True).gpu_layers == 1
+    assert make_plan(fp, 4096, tight, ALL_LAYERS, False).gpu_layers == 2
     assert [layer.kernels for layer in model.decoder.layers] == [False, True, True]
     assert not model.vision.kernels
 

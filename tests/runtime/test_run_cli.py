@@ -138,10 +138,11 @@ def test_bad_input(tmp_path, fixtures_dir, model_path, image_path, args, expect)
 def test_gpu_flags_without_a_gpu_warn_and_run_on_the_cpu(model_path):
     base = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6"])
     r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6", "--gpu-layers", "99",
-                            "--max-vram", "4", "--vision-device", "cuda", "--int8-activations", "--vision-stream"])
+                            "--max-vram", "4", "--vision-device", "cuda", "--int8-activations", "--vision-stream",
+                            "--no-op-offload"])
     assert r.exit_code == 0, r.stderr
-    assert r.stderr.strip() == ("qvl-run: warning: no CUDA GPU found; --gpu-layers, --max-vram, "
-                                "--vision-device cuda, --int8-activations, --vision-stream ignored, running on the CPU")
+    assert r.stderr.strip() == ("qvl-run: warning: no CUDA GPU found; --gpu-layers, --max-vram, --vision-device cuda, "
+                                "--int8-activations, --vision-stream, --no-prefill-offload ignored, running on the CPU")
     assert r.stdout == base.stdout
 
 
@@ -180,14 +181,16 @@ def test_int8_activations_where_the_kernels_run(monkeypatch, capsys, capability,
     assert ("--int8-activations ignored" in capsys.readouterr().err) != int8
 
 
-def test_vision_stream_on_a_gpu(monkeypatch):
+def test_vision_stream_and_prefill_offload_on_a_gpu(monkeypatch):
     from qvl.runtime import run_cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     device, placement = run_cli._placement(False, None, "auto", None, False, None, False, vision_stream=True)
-    assert device == "cuda" and placement.vision_stream and placement.vision_on_accel
-    assert not run_cli._placement(False, None, "auto", None, False, None, False)[1].vision_stream
+    assert device == "cuda" and placement.vision_stream and placement.vision_on_accel and placement.prefill_offload
+    default = run_cli._placement(False, None, "auto", None, False, None, False)[1]
+    assert not default.vision_stream and default.prefill_offload
+    assert not run_cli._placement(False, 20, "auto", None, False, None, False, no_prefill_offload=True)[1].prefill_offload
 
 
 def test_q8_0_cache_runs(model_path):

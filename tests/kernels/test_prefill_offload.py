@@ -1,0 +1,106 @@
+"""Prompts through the CPU's decoder layers on the accelerator (runtime/decoder.py's
+prefill_offload, as llama.cpp's op offload): with the last layer on the accelerator and the
+others on the CPU, a forward pass of OFFLOAD_MIN_TOKENS or more runs every CPU layer from a copy
+made for the pass, its KV cache left on the CPU; decode steps run where the layers live. The CPU
+stands in for the accelerator (the kernels in the interpreter).
+
+Tolerances: logits within 1e-4 of the largest, the KV cache within 1e-4 of its largest value,
+greedy tokens equal. Both runs are float32 (EXACT weights); an offloaded layer multiplies
+through the kernels' float32 products, the CPU's layer through torch, in another summation order
+(as the kernel-path tests' 1e-4). With a q8_0 cache, 5e-3 and 1e-2: a k or v that lands near a
+rounding boundary may round to the neighbouring code (1/127 of its block's largest value;
+measured 5.0e-4 of the largest logit).
+"""
+
+from __future__ import annotations
+
+import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
+import numpy as np
+import pytest
+import torch
+from interpret import ACCEL
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvl.convert.cli import app as convert_app
+import qvl.runtime.model as model_module
+from qvl.runtime import decoder as decoder_module
+from qvl.runtime.model import load
+from qvl.runtime.placement import Placement
+from tiny_models import TinySpec, make_checkpoint
+
+IMAGE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("offload")
+    spec = TinySpec(hidden=256, intermediate=512, heads=4, kv_heads=2, layers=3, vocab_size=1280,
+                    dtype=torch.float32, std=0.15, seed=5)
+    r = CliRunner().invoke(convert_app, [str(make_checkpoint(d / "ckpt", spec)), "-o", str(d / "m.gguf"),
+                                         "--type", "q8_0", "--vision-type", "f32", "-q"])
+    assert r.exit_code == 0, r.output
+    return d / "m.gguf"
+
+
+def _generate(path, offload: bool, kv_type: str, monkeypatch):
+    """(generation, logits the sampler saw, the CPU layers' caches, offloaded copies made per pass)."""
+    model = load(path, device=ACCEL, dtype=torch.float32,
+                 placement=Placement(ACCEL, 1, kv_type=kv_type, prefill_offload=offload))
+    made: list[int] = []
+    passes: list[list[int]] = []
+    real_layer, real_forward = model.decoder._layer, model.decoder.forward
+
+    def layer(i, accel):
+        made.append(i)
+        return real_layer(i, accel)
+
+    def forward(x, positions, cache):
+        made.clear()
+        out = real_forward(x, positions, cache)
+        passes.append([x.shape[0], *made])
+        return out
+
+    monkeypatch.setattr(model.decoder, "_layer", layer)
+    monkeypatch.setattr(model.decoder, "forward", forward)
+    seen = []
+    sample = model_module.sample
+
+    def recording(logits, history, params, gen):
+        seen.append(logits.clone())
+        return sample(logits, history, params, gen)
+
+    monkeypatch.setattr(model_module, "sample", recording)
+    try:
+        out = model.generate("Describe it.", [IMAGE], max_new_tokens=TOKENS)
+    finally:
+        monkeypatch.setattr(model_module, "sample", sample)
+    cache = model._kept
+    assert cache is not None
+    kv = [cache.read(i, cache.length) for i in range(2)]
+    return out, torch.stack(seen), kv, passes
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "q8_0"])
+def test_offloaded_prefill_equals_the_cpu_layers(path, monkeypatch, kv_type):
+    out, logits, kv, passes = _generate(path, True, kv_type, monkeypatch)
+    ref, ref_logits, ref_kv, ref_passes = _generate(path, False, kv_type, monkeypatch)
+    assert out.prompt_tokens >= decoder_module.OFFLOAD_MIN_TOKENS
+    assert passes[0] == [out.prompt_tokens, 0, 1]  # the prompt: the two CPU layers, each copied once
+    assert all(p == [1] for p in passes[1:]) and len(passes) > 1  # decode steps: none
+    assert all(p == [1] for p in ref_passes[1:]) and ref_passes[0] == [out.prompt_tokens]
+    assert out.token_ids == ref.token_ids and len(set(ref.token_ids)) > 1
+    tol = 1e-4 if kv_type == "f32" else 5e-3  # q8_0: a k or v near a rounding boundary may round the other way
+    assert (logits - ref_logits).abs().max() <= tol * ref_logits.abs().max()
+    for (k, v), (rk, rv) in zip(kv, ref_kv):  # what the offloaded layers left in the CPU's cache
+        assert k.device.type == "cpu" and k.shape == rk.shape
+        tol = 1e-4 if kv_type == "f32" else 1e-2  # q8_0: one step of 1/127 of a block's largest value
+        assert (k - rk).abs().max() <= tol * rk.abs().max() and (v - rv).abs().max() <= tol * rv.abs().max()
+
+
+def test_short_passes_stay_on_the_cpu(path, monkeypatch):
+    """A prompt under OFFLOAD_MIN_TOKENS is read by the CPU's layers where they are."""
+    monkeypatch.setattr(decoder_module, "OFFLOAD_MIN_TOKENS", 10_000)
+    _, _, _, passes = _generate(path, True, "f32", monkeypatch)
+    assert passes[0][1:] == [] and all(p == [1] for p in passes[1:])
