@@ -14,7 +14,8 @@ reserved bytes, and the device's used memory after the run, CUDA context include
 nvidia-smi counts it) and the vision tower's median over five more runs (`vision_s_median`:
 one run's wall clock is noisy); `--ctx 4096` adds a run decoding
 until the context holds 4096 tokens (peak VRAM with a 4k cache); `--size 2530x1000` for the
-issue's wide image. Each side runs in its own process so that its peak RSS is its own. Reference (issue 3, this
+issue's wide image; `--gpu-layers N` keeps only the last N decoder layers on the GPU (prompts
+through the CPU's layers on the GPU unless `--no-prefill-offload`). Each side runs in its own process so that its peak RSS is its own. Reference (issue 3, this
 machine, 2 threads): llama.cpp decodes 8.6 tok/s, prefills 17.4 tok/s, encodes the image in 78 s.
 """
 
@@ -34,10 +35,15 @@ from PIL import Image
 import qvl
 import torch
 model_path, image_path, n, device, ctx = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+gpu_layers, offload = int(sys.argv[6]), sys.argv[7] == "1"
 def used_gib():  # the whole device as nvidia-smi sees it: CUDA context, allocator pool, any other process
     free, total = torch.cuda.mem_get_info()
     return (total - free) / 2**30
-t0 = time.perf_counter(); m = qvl.load(model_path, device=device); load_s = time.perf_counter() - t0
+placement = None
+if gpu_layers >= 0 and device != "cpu":  # the last gpu_layers decoder layers on the GPU, the rest on the CPU
+    from qvl.runtime.placement import Placement
+    placement = Placement("cuda", gpu_layers, vision_on_accel=True, prefill_offload=offload)
+t0 = time.perf_counter(); m = qvl.load(model_path, device=device, placement=placement); load_s = time.perf_counter() - t0
 cuda = m.placement.accel == "cuda"
 capture_s = None
 if cuda:  # compile the Triton kernels for every shape first: a warm run, then the measured one. As
@@ -50,7 +56,8 @@ if cuda:  # compile the Triton kernels for every shape first: a warm run, then t
 out = m.generate("Describe this image in detail.", [image_path], max_new_tokens=n, cache_prompt=False)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 t = out.timings
-stats = {"device": device, "load_s": load_s, "vision_s": t.get("vision_ms", 0) / 1e3,
+stats = {"device": device, "gpu_layers": gpu_layers if gpu_layers >= 0 else None,
+         "prefill_offload": m.decoder.prefill_offload, "load_s": load_s, "vision_s": t.get("vision_ms", 0) / 1e3,
          "prefill_tok_s": out.prompt_tokens / t["prefill_s"],
          "decode_tok_s": len(out.token_ids) / t["decode_s"] if out.token_ids else None,
          "decode_capture_s": capture_s,
@@ -142,6 +149,10 @@ def main() -> None:
     ap.add_argument("--size", default="1008", help="test image: N (N x N pixels) or WxH, e.g. 2530x1000")
     ap.add_argument("--ctx", type=int, default=0, help="on a GPU, decode the same prompt on until this many "
                     "tokens too and report peak VRAM there (the issue's 4096)")
+    ap.add_argument("--gpu-layers", type=int, default=-1, help="on a GPU, only the last N decoder layers there "
+                    "(the rest on the CPU; default: all)")
+    ap.add_argument("--no-prefill-offload", action="store_true", help="with --gpu-layers, prompts through the CPU's "
+                    "layers on the CPU (default: each copied to the GPU for the prompt)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="qvl's device (llama.cpp runs only with --device cpu: the installed build is CPU-only)")
     args = ap.parse_args()
@@ -153,7 +164,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "bench.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)).save(image)
-        lines = _run_qvl([str(args.model), str(image), str(args.tokens), args.device, str(args.ctx)], Path(tmp))
+        lines = _run_qvl([str(args.model), str(image), str(args.tokens), args.device, str(args.ctx),
+                          str(args.gpu_layers), "0" if args.no_prefill_offload else "1"], Path(tmp))
         result = {"image": f"{size[1]}x{size[0]}", "qvl": lines[0]}
         if len(lines) > 1:
             result["qvl_to_ctx"] = lines[1]

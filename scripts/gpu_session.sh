@@ -135,6 +135,14 @@ followup)
         grep -E '"(encode_s_median|encode_s_runs|streamed|streamed_host_mib|model_allocated_gib|encode_peak_over_rest_gib)"' \
             "$out/profile-vision-stream-$size.json"
     done
+    # half the 7B's layers on the CPU: a 1396-token prompt with each CPU layer copied to the GPU for it
+    # (decoder.prefill_offload), then read on the CPU
+    timeout 100 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 8 --size 1024 \
+        --gpu-layers 14 > "$out/run-half-offload.json" 2>&1
+    grep '^qvl: ' "$out/run-half-offload.json" | head -c 1500
+    timeout 150 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 8 --size 1024 \
+        --gpu-layers 14 --no-prefill-offload > "$out/run-half-cpu.json" 2>&1
+    grep '^qvl: ' "$out/run-half-cpu.json" | head -c 1500
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time
