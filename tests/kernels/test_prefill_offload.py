@@ -34,20 +34,29 @@ TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    d = tmp_path_factory.mktemp("offload")
+def checkpoint(tmp_path_factory):
     spec = TinySpec(hidden=256, intermediate=512, heads=4, kv_heads=2, layers=3, vocab_size=1280,
                     dtype=torch.float32, std=0.15, seed=5)
-    r = CliRunner().invoke(convert_app, [str(make_checkpoint(d / "ckpt", spec)), "-o", str(d / "m.gguf"),
-                                         "--type", "q8_0", "--vision-type", "f32", "-q"])
+    return make_checkpoint(tmp_path_factory.mktemp("offload") / "ckpt", spec)
+
+
+def _convert(checkpoint, qtype: str):
+    out = checkpoint.parent / f"m-{qtype}.gguf"
+    r = CliRunner().invoke(convert_app, [str(checkpoint), "-o", str(out), "--type", qtype, "--vision-type", "f32",
+                                         "-q"])
     assert r.exit_code == 0, r.output
-    return d / "m.gguf"
+    return out
 
 
-def _generate(path, offload: bool, kv_type: str, monkeypatch):
+@pytest.fixture(scope="module")
+def path(checkpoint):
+    return _convert(checkpoint, "q8_0")
+
+
+def _generate(path, offload: bool, kv_type: str, monkeypatch, kernels: bool = True):
     """(generation, logits the sampler saw, the CPU layers' caches, offloaded copies made per pass)."""
     model = load(path, device=ACCEL, dtype=torch.float32,
-                 placement=Placement(ACCEL, 1, kv_type=kv_type, prefill_offload=offload))
+                 placement=Placement(ACCEL, 1, kv_type=kv_type, prefill_offload=offload, kernels=kernels))
     made: list[int] = []
     passes: list[list[int]] = []
     real_layer, real_forward = model.decoder._layer, model.decoder.forward
@@ -104,3 +113,15 @@ def test_short_passes_stay_on_the_cpu(path, monkeypatch):
     monkeypatch.setattr(decoder_module, "OFFLOAD_MIN_TOKENS", 10_000)
     _, _, _, passes = _generate(path, True, "f32", monkeypatch)
     assert passes[0][1:] == [] and all(p == [1] for p in passes[1:])
+
+
+def test_offloaded_prefill_through_torch(checkpoint, monkeypatch):
+    """--no-triton on a GPU (or one older than Triton supports): an offloaded layer multiplies
+    dense copies (float32 here: an F32 file) and attends through torch."""
+    f32 = _convert(checkpoint, "f32")
+    out, logits, kv, passes = _generate(f32, True, "f32", monkeypatch, kernels=False)
+    ref, ref_logits, ref_kv, _ = _generate(f32, False, "f32", monkeypatch, kernels=False)
+    assert passes[0] == [out.prompt_tokens, 0, 1] and out.token_ids == ref.token_ids
+    assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
+    for (k, v), (rk, rv) in zip(kv, ref_kv):
+        assert (k - rk).abs().max() <= 1e-4 * rk.abs().max() and (v - rv).abs().max() <= 1e-4 * rv.abs().max()
