@@ -5,7 +5,8 @@ holds through the whole conversation for the few moments an image is encoded. St
 block's matrices live in page-locked host memory; while block i runs, block i + 1's are copied
 to the GPU on a stream of their own, and block i's GPU copy is let go once its work is queued
 (the allocator reuses it when that work is done). The GPU holds two blocks' matrices (~78 MB)
-instead of 32, plus the norms and biases (small, kept there) and the patch embedding and merger.
+instead of 32, plus the placeholder blocks at rest view (below: their largest stack, ~17 MB), the
+norms and biases (small, kept there) and the patch embedding and merger.
 The cost is the copy: 1.26 GiB over the bus an encode (~50 ms at 25 GB/s), hidden behind the
 blocks' work where that is longer.
 
@@ -99,8 +100,8 @@ class _Storage:
 
 
 class BlockStream:
-    """The weights of `blocks` (on `device`) moved to host memory now; `each()` brings them back
-    a block at a time while the tower runs."""
+    """Blocks' matrices on `device` moved to host memory as each block is built (`offload`);
+    `each()` brings them back a block at a time while the tower runs."""
 
     def __init__(self, device: torch.device):
         self.device = device
