@@ -24,6 +24,9 @@ PREFILL_CHUNK = 512  # prompt tokens per forward pass (model.py's prefill; place
 # a forward pass of at least this many tokens runs the CPU's layers on the accelerator, each
 # copied there for the pass (Decoder.prefill_offload; llama.cpp offloads a batch of 32 or more)
 OFFLOAD_MIN_TOKENS = 32
+# prompt tokens whose passes go through the layers together when CPU layers are offloaded: each
+# layer copied once for them (Decoder.prompt_forward; placement.py keeps room for their hidden states)
+OFFLOAD_GROUP = 2048
 EMBED_CACHE_BYTES = 16 << 20  # decode's embedding rows kept (Decoder.embed_tokens): 1170 of the 7B's
 KV_TYPES = ("f32", "bf16", "f16", "q8_0")  # KV cache element types
 Q8_BLOCK = 32  # values per scale in a q8_0 cache (as ggml's Q8_0; a whole head when its dim is not a multiple)
@@ -371,15 +374,26 @@ class Decoder:
         normalized where both are on one device; `normed`: x through the first layer's
         attn_norm, where the caller has it. `offload`: the CPU's layers run on the accelerator
         from copies made for this pass (prefill_offload), one at a time."""
+        return self._passes_forward([x], lambda j, i, layer: attend_for(i, layer), [normed], offload)[0]
+
+    def _passes_forward(self, xs: Sequence[torch.Tensor],
+                        attend_for: Callable[[int, int, Layer], Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                                         torch.Tensor]],
+                        normed: Sequence[torch.Tensor | None], offload: bool) -> list[torch.Tensor]:
+        """Passes xs[j] through every layer, layer by layer: each layer takes every pass, in
+        order, before the next layer takes any (`attend_for(j, i, layer)`: pass j's attention
+        in layer i), so that an offloaded copy is made once for them all."""
+        xs, normed = list(xs), list(normed)
         for i, layer in enumerate(self.layers):
             run = self._layer(i, self._accel) if offload and i < self.first_on_accel else layer
-            if normed is not None and normed.device != run.device:
-                normed = None
             nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
-            x, normed = self.layer_forward(run, x.to(run.device), attend_for(i, run), normed,
-                                           nxt if nxt.device == run.device else None)
+            for j, x in enumerate(xs):
+                given = normed[j] if normed[j] is not None and normed[j].device == run.device else None
+                xs[j], normed[j] = self.layer_forward(run, x.to(run.device), attend_for(j, i, run), given,
+                                                      nxt if nxt.device == run.device else None)
             del run  # an offloaded copy goes before the next is made
-        return normed if normed is not None else rms_norm(x.to(self.norm.device), self.norm, self.cfg.rms_eps)
+        return [n if n is not None else rms_norm(x.to(self.norm.device), self.norm, self.cfg.rms_eps)
+                for x, n in zip(xs, normed)]
 
     @staticmethod
     def rotate(layer: Layer, rope: Rope, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,8 +452,8 @@ class Decoder:
                                              enable_gqa=cfg.n_head != cfg.n_head_kv)[0]
         return out.float().transpose(0, 1)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Embeddings (seq, n_embd) at positions (3, seq) -> final-norm hidden states (seq, n_embd)."""
+    def _ropes(self, positions: torch.Tensor) -> Callable[[torch.device], Rope]:
+        """Rotary for positions (3, seq) on a layer's device, moved there once."""
         ropes = {CPU: Rope.at(positions, self.cfg)}
 
         def rope_on(device: torch.device) -> Rope:
@@ -447,10 +461,61 @@ class Decoder:
                 ropes[device] = ropes[CPU].to(device)
             return ropes[device]
 
+        return rope_on
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Embeddings (seq, n_embd) at positions (3, seq) -> final-norm hidden states (seq, n_embd)."""
+        rope_on = self._ropes(positions)
         offload = self.prefill_offload and x.shape[0] >= OFFLOAD_MIN_TOKENS
         out = self.layers_forward(x, lambda i, layer: partial(self._attend, i, layer, cache, rope_on(layer.device)),
                                   offload=offload)
         cache.length += x.shape[0]
+        return out
+
+    def prompt_forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                       chunk: int = PREFILL_CHUNK) -> list[torch.Tensor]:
+        """Embeddings (seq, n_embd) at positions (3, seq) in passes of `chunk` tokens -> each
+        pass's final-norm hidden states. With prefill offload, up to OFFLOAD_GROUP tokens' passes
+        go through the layers together, layer by layer, so that each CPU layer is copied to the
+        accelerator once for them all rather than once a pass (llama.cpp's op offload copies
+        once a ubatch of 512). Their hidden states wait on the accelerator meanwhile."""
+        bounds = [(lo, min(lo + chunk, x.shape[0])) for lo in range(0, x.shape[0], chunk)]
+        if not self.prefill_offload or x.shape[0] < OFFLOAD_MIN_TOKENS:
+            return [self.forward(x[lo:hi], positions[:, lo:hi], cache) for lo, hi in bounds]
+        per = max(1, OFFLOAD_GROUP // chunk)
+        out: list[torch.Tensor] = []
+        for g in range(0, len(bounds), per):
+            group = bounds[g:g + per]
+            if len(group) == 1:
+                lo, hi = group[0]
+                out.append(self.forward(x[lo:hi], positions[:, lo:hi], cache))
+            else:
+                out += self._group_forward(x, positions, cache, group)
+        return out
+
+    def _group_forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                       group: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """The passes x[lo:hi] of `group` (consecutive, the first at the cache's end) layer by
+        layer, the CPU's layers offloaded: each pass attends to the cache up to its own start."""
+        base, first = cache.length, group[0][0]
+        ropes = [self._ropes(positions[:, lo:hi]) for lo, hi in group]
+
+        def attend_for(j: int, i: int, layer: Layer) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                                 torch.Tensor]:
+            attend = partial(self._attend, i, layer, cache, ropes[j](layer.device))
+
+            def at_start(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                cache.length = base + group[j][0] - first  # pass j's keys go after the passes before it
+                return attend(q, k, v)
+
+            return at_start
+
+        try:
+            out = self._passes_forward([x[lo:hi] for lo, hi in group], attend_for, [None] * len(group), offload=True)
+        except BaseException:
+            cache.length = base  # as a failed forward leaves it
+            raise
+        cache.length = base + group[-1][1] - first
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -267,12 +267,10 @@ class Model:
 
     def _prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  all_logits: bool) -> torch.Tensor:
-        outs = []
-        for lo in range(0, embeds.shape[0], PREFILL_CHUNK):
-            hi = min(lo + PREFILL_CHUNK, embeds.shape[0])
-            h = self.decoder.forward(embeds[lo:hi], positions[:, lo:hi], cache)
-            outs.append(self.decoder.logits(h if all_logits else h[-1:]))
-        return torch.cat(outs) if all_logits else outs[-1]
+        hidden = self.decoder.prompt_forward(embeds, positions, cache, PREFILL_CHUNK)
+        if all_logits:
+            return torch.cat([self.decoder.logits(h) for h in hidden])
+        return self.decoder.logits(hidden[-1][-1:])
 
     def _let_cache_go(self, capacity: int, reuse: int, always: bool) -> KVCache | None:
         """Before a generation's media are encoded: the kept cache stays when it holds `capacity`

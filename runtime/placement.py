@@ -16,7 +16,8 @@ transient parts are estimates from the model's dimensions:
 The vision tower runs before prefill and frees its activations, so the budget must hold
 overhead + all weights + dequant slab + max(vision peak, KV cache + decoder activations + an
 offloaded layer). The last: with decoder layers left on the CPU, a prompt runs each of them on
-the GPU from a copy made for the pass (decoder.prefill_offload), one at a time.
+the GPU from a copy made for it (decoder.prefill_offload), one at a time, and keeps the hidden
+states of up to OFFLOAD_GROUP prompt tokens there between layers.
 
 Policy under a budget: (1) the vision tower, when its weights and the peak of a 1024x1024
 image fit in half of what is left after the overhead and the decoder's activations; streamed
@@ -34,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import TextConfig
-from .decoder import KV_TYPES, PREFILL_CHUNK, kv_bytes_per_token
+from .decoder import KV_TYPES, OFFLOAD_GROUP, PREFILL_CHUNK, kv_bytes_per_token
 from .gguf_file import TensorInfo
 from .weights import device_bytes
 
@@ -81,6 +82,7 @@ class Footprint:
     vision_bytes_per_pixel: float  # transient, per image pixel
     dequant_slab: int = 0  # transient, the GEMMs' dequantized weight rows (sm_75's float16 prefill route)
     vision_stream_bytes: int = 0  # the tower streamed: all but its blocks' matrices, two blocks' and a placeholder
+    offload_group_bytes: int = 0  # prefill offload: the hidden states of OFFLOAD_GROUP prompt tokens, kept between layers
 
 
 def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[str, TensorInfo] | None,
@@ -122,8 +124,9 @@ def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[s
         per_pixel = 4 * (6 * embed + 3 * ffn) / PATCH_PIXELS
     width = 8 * cfg.n_embd + 3 * cfg.n_ff
     act = 4 * (PREFILL_CHUNK * width + 2 * cfg.n_vocab)
+    group = 2 * 4 * OFFLOAD_GROUP * cfg.n_embd  # float32 x and its norm (decoder.prompt_forward)
     return Footprint(tuple(layers), output, vis_bytes, kv_bytes_per_token(cfg, kv_type), act, per_pixel, dequant_slab,
-                     stream_bytes)
+                     stream_bytes, group)
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ class Plan:
     vision_peak: int  # at vision_max_pixels, or at REFERENCE_PIXELS without a limit
     dequant_slab: int = 0
     vision_streamed: bool = False  # on the GPU with its blocks' matrices in host memory (vision_stream.py)
-    offload_layer: int = 0  # a CPU layer's copy while a prompt runs it on the GPU (decoder.prefill_offload)
+    offload_layer: int = 0  # a CPU layer's copy and a prompt group's hidden states (decoder.prefill_offload)
 
     @property
     def total(self) -> int:
@@ -162,7 +165,7 @@ class Plan:
             f"  weights      {gib(self.weights)}",
             f"  KV cache     {gib(self.kv)}  ({self.ctx} tokens)",
             f"  activations  {gib(self.activations)}",
-            *([f"  offload      {gib(self.offload_layer)}  (a CPU layer's copy while a prompt runs it here)"]
+            *([f"  offload      {gib(self.offload_layer)}  (a CPU layer's copy and the prompt's hidden states while a prompt runs it here)"]
               if self.offload_layer else []),
             f"  vision peak  {gib(self.vision_peak)}",
             *([f"  dequant slab {gib(self.dequant_slab)}  (float16 GEMMs without tensor cores in Triton)"]
@@ -190,7 +193,7 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
         return int(fp.vision_bytes_per_pixel * pixels)
 
     kv_layer = ctx * fp.kv_bytes_per_token
-    largest = max(fp.layer_bytes, default=0) if prefill_offload else 0
+    largest = max(fp.layer_bytes, default=0) + fp.offload_group_bytes if prefill_offload else 0
 
     def offload(layers: int) -> int:  # with layers (as --gpu-layers counts) on the GPU
         return largest if layers < n else 0

@@ -53,16 +53,24 @@ def path(checkpoint):
     return _convert(checkpoint, "q8_0")
 
 
+@pytest.fixture(scope="module")
+def f32(checkpoint):
+    return _convert(checkpoint, "f32")
+
+
 def _generate(path, offload: bool, kv_type: str, monkeypatch, kernels: bool = True):
-    """(generation, logits the sampler saw, the CPU layers' caches, offloaded copies made per pass)."""
+    """(generation, logits the sampler saw, the CPU layers' caches, offloaded copies made per
+    Decoder.forward pass, every copy made)."""
     model = load(path, device=ACCEL, dtype=torch.float32,
                  placement=Placement(ACCEL, 1, kv_type=kv_type, prefill_offload=offload, kernels=kernels))
     made: list[int] = []
+    copies: list[int] = []
     passes: list[list[int]] = []
     real_layer, real_forward = model.decoder._layer, model.decoder.forward
 
     def layer(i, accel):
         made.append(i)
+        copies.append(i)
         return real_layer(i, accel)
 
     def forward(x, positions, cache):
@@ -88,13 +96,13 @@ def _generate(path, offload: bool, kv_type: str, monkeypatch, kernels: bool = Tr
     cache = model._kept
     assert cache is not None
     kv = [cache.read(i, cache.length) for i in range(2)]
-    return out, torch.stack(seen), kv, passes
+    return out, torch.stack(seen), kv, passes, copies
 
 
 @pytest.mark.parametrize("kv_type", ["f32", "q8_0"])
 def test_offloaded_prefill_equals_the_cpu_layers(path, monkeypatch, kv_type):
-    out, logits, kv, passes = _generate(path, True, kv_type, monkeypatch)
-    ref, ref_logits, ref_kv, ref_passes = _generate(path, False, kv_type, monkeypatch)
+    out, logits, kv, passes, _ = _generate(path, True, kv_type, monkeypatch)
+    ref, ref_logits, ref_kv, ref_passes, _ = _generate(path, False, kv_type, monkeypatch)
     assert out.prompt_tokens >= decoder_module.OFFLOAD_MIN_TOKENS
     assert passes[0] == [out.prompt_tokens, 0, 1]  # the prompt: the two CPU layers, each copied once
     assert all(p == [1] for p in passes[1:]) and len(passes) > 1  # decode steps: none
@@ -111,17 +119,38 @@ def test_offloaded_prefill_equals_the_cpu_layers(path, monkeypatch, kv_type):
 def test_short_passes_stay_on_the_cpu(path, monkeypatch):
     """A prompt under OFFLOAD_MIN_TOKENS is read by the CPU's layers where they are."""
     monkeypatch.setattr(decoder_module, "OFFLOAD_MIN_TOKENS", 10_000)
-    _, _, _, passes = _generate(path, True, "f32", monkeypatch)
+    _, _, _, passes, _ = _generate(path, True, "f32", monkeypatch)
     assert passes[0][1:] == [] and all(p == [1] for p in passes[1:])
 
 
-def test_offloaded_prefill_through_torch(checkpoint, monkeypatch):
+def test_offloaded_prefill_through_torch(f32, monkeypatch):
     """--no-triton on a GPU (or one older than Triton supports): an offloaded layer multiplies
     dense copies (float32 here: an F32 file) and attends through torch."""
-    f32 = _convert(checkpoint, "f32")
-    out, logits, kv, passes = _generate(f32, True, "f32", monkeypatch, kernels=False)
-    ref, ref_logits, ref_kv, _ = _generate(f32, False, "f32", monkeypatch, kernels=False)
+    out, logits, kv, passes, _ = _generate(f32, True, "f32", monkeypatch, kernels=False)
+    ref, ref_logits, ref_kv, _, _ = _generate(f32, False, "f32", monkeypatch, kernels=False)
     assert passes[0] == [out.prompt_tokens, 0, 1] and out.token_ids == ref.token_ids
+    assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
+    for (k, v), (rk, rv) in zip(kv, ref_kv):
+        assert (k - rk).abs().max() <= 1e-4 * rk.abs().max() and (v - rv).abs().max() <= 1e-4 * rv.abs().max()
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_prompt_passes_share_each_copy(path, f32, monkeypatch, kernels):
+    """A prompt of several passes goes through the layers a group of passes at a time, layer by
+    layer: each CPU layer copied once a group, not once a pass; each pass attends to the keys of
+    the passes before it, as the CPU's layers pass by pass do (same passes, same tolerances)."""
+    file = path if kernels else f32
+    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(decoder_module, "OFFLOAD_GROUP", 24)  # 3 passes a group
+    out, logits, kv, passes, copies = _generate(file, True, "f32", monkeypatch, kernels)
+    ref, ref_logits, ref_kv, ref_passes, _ = _generate(file, False, "f32", monkeypatch, kernels)
+    n = out.prompt_tokens
+    groups = -(-n // 24)
+    assert n > 24 and groups >= 2
+    assert ref_passes[:-(-n // 8)] == [[8]] * (n // 8) + ([[n % 8]] if n % 8 else [])  # the reference: pass by pass
+    # the prompt's groups, each copying both CPU layers once (a last group of one pass through forward)
+    assert copies == [0, 1] * groups
+    assert out.token_ids == ref.token_ids and len(set(ref.token_ids)) > 1
     assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
     for (k, v), (rk, rv) in zip(kv, ref_kv):
         assert (k - rk).abs().max() <= 1e-4 * rk.abs().max() and (v - rv).abs().max() <= 1e-4 * rv.abs().max()

@@ -19,6 +19,7 @@ from qvl.convert.layout import mmproj_tensors, text_tensors
 from qvl.convert.official import official_config
 from qvl.convert.plan import TEXT_TYPES, plan_text, plan_vision
 from qvl.runtime.config import TextConfig, text_config
+from qvl.runtime.decoder import OFFLOAD_GROUP
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.image import smart_resize
 from qvl.runtime.model import ALL_LAYERS, load
@@ -185,17 +186,20 @@ def _tiny_footprint(tiny):
 
 def test_model_takes_the_planned_layers(tiny):
     fp = _tiny_footprint(tiny)
-    kv = 4096 * fp.kv_bytes_per_token
-    # two of three layers, and room for the third's copy while a prompt runs it there (prefill_offload)
-    budget = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + max(fp.layer_bytes) + 1000
+    kv = 8192 * fp.kv_bytes_per_token  # a layer's cache larger than the hidden states kept for the offload
+    # two of three layers, and room for the third's copy and a prompt group's hidden states while a
+    # prompt runs it there (prefill_offload)
+    room = max(fp.layer_bytes) + fp.offload_group_bytes
+    budget = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + room + 1000
     model = load(tiny, device="cpu", dtype=torch.float32, placement=Placement("cpu", ALL_LAYERS, kv_type="f32"),
-                 max_vram=budget / GIB)
-    assert model.plan == make_plan(fp, 4096, budget, ALL_LAYERS, False, prefill_offload=True)
-    assert model.plan.gpu_layers == 2 and not model.plan.vision_on_gpu and model.plan.offload_layer == max(fp.layer_bytes)
+                 max_vram=budget / GIB, plan_ctx=8192)
+    assert model.plan == make_plan(fp, 8192, budget, ALL_LAYERS, False, prefill_offload=True)
+    assert fp.offload_group_bytes == 2 * 4 * OFFLOAD_GROUP * model.cfg.n_embd  # x and its norm, float32
+    assert model.plan.gpu_layers == 2 and not model.plan.vision_on_gpu and model.plan.offload_layer == room
     assert model.plan.total <= budget and model.decoder.prefill_offload
-    tight = budget - max(fp.layer_bytes)  # without that room: one layer fewer
-    assert make_plan(fp, 4096, tight, ALL_LAYERS, False, prefill_offload=True).gpu_layers == 1
-    assert make_plan(fp, 4096, tight, ALL_LAYERS, False).gpu_layers == 2
+    tight = budget - room  # without that room: one layer fewer
+    assert make_plan(fp, 8192, tight, ALL_LAYERS, False, prefill_offload=True).gpu_layers == 1
+    assert make_plan(fp, 8192, tight, ALL_LAYERS, False).gpu_layers == 2
     assert [layer.kernels for layer in model.decoder.layers] == [False, True, True]
     assert not model.vision.kernels
 
