@@ -92,14 +92,26 @@ class Model:
         self.tokenizer = tokenizer_from_gguf(text_file)
         self.chat_template: str | None = text_file.get("tokenizer.chat_template")
         self.plan: Plan | None = None
+        self.fit_note: str | None = None  # what placement.fit_free changed, for the CLI to print
         if placement.accel is not None:
             fp = footprint(self.cfg, text_file.tensors, vision_file.tensors if vision_file else None,
                            placement.kernels, placement.kv_type or "bf16",
                            dequant_slab_bytes(placement.accel, placement.kernels, fast))
-            self.plan = make_plan(fp, plan_ctx, max_vram, placement.gpu_layers, placement.vision_on_accel,
-                                  placement.vision_max_pixels, placement.vision_stream,
-                                  placement.prefill_offload)
-            if max_vram is not None:
+
+            def plan_for(budget: int | None) -> Plan:
+                return make_plan(fp, plan_ctx, budget, placement.gpu_layers, placement.vision_on_accel,
+                                 placement.vision_max_pixels, placement.vision_stream, placement.prefill_offload)
+
+            self.plan = plan_for(max_vram)
+            free = free_bytes(placement.accel) if max_vram is None and placement.fit_free else None
+            if free is not None and self.plan.total > free:
+                asked = self.plan
+                try:
+                    self.plan, max_vram = plan_for(free), free
+                except PlacementError:  # not even the context and activations: nothing goes there
+                    self.plan, placement = None, Placement(kv_type=placement.kv_type)
+                self.fit_note = _fit_note(asked, free, self.plan)
+            if max_vram is not None and self.plan is not None:
                 placement = replace(placement, gpu_layers=self.plan.gpu_layers, vision_on_accel=self.plan.vision_on_gpu,
                                     vision_max_pixels=self.plan.vision_max_pixels,
                                     vision_stream=self.plan.vision_streamed)
@@ -468,13 +480,37 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
+def free_bytes(accel: str) -> int | None:
+    """Bytes free on a CUDA device, after what other processes and this one's context hold
+    (torch.cuda.mem_get_info); None for another device (the tests' stand-in accelerator)."""
+    device = torch.device(accel)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def _fit_note(asked: Plan, free: int, plan: Plan | None) -> str:
+    """One line: what was asked for the GPU, what is free there, and where the model runs now."""
+    gib = 2**30
+    head = f"the model needs ~{asked.total / gib:.1f} GiB on the GPU ({asked.ctx}-token context), {free / gib:.1f} " \
+           "GiB is free there"
+    if plan is None:
+        return f"{head}: running on the CPU (--max-vram or --gpu-layers to choose)"
+    where = "GPU" if plan.vision_on_gpu else "CPU"
+    streamed = ", streamed" if plan.vision_streamed else ""
+    output = " and the output layer" if plan.gpu_layers > plan.n_layer else ""
+    return (f"{head}: {min(plan.gpu_layers, plan.n_layer)}/{plan.n_layer} decoder layers{output} on the GPU, the "
+            f"rest on the CPU, the vision tower on the {where}{streamed} (--max-vram or --gpu-layers to choose)")
+
+
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,
          mmproj: str | Path | None = None, placement: Placement | None = None,
          max_vram: float | None = None, plan_ctx: int = 4096) -> Model:
     """Load a GGUF model (llama.cpp pair, Ollama single file, or qvl-convert's output).
 
     device "auto" takes CUDA when torch sees a GPU. On CUDA the default placement is the whole
-    model on the GPU through the Triton kernels; `placement` says otherwise (layers, vision
+    model on the GPU through the Triton kernels, or as much of it as the GPU's free memory holds
+    (Placement.fit_free: `Model.fit_note` says what it changed); `placement` says otherwise (layers, vision
     tower, kernels, KV cache type) and `max_vram` (GB) fits it into a budget for a
     `plan_ctx`-token context."""
     if device not in ("auto", "cpu", "cuda"):
@@ -486,7 +522,7 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
         raise ModelError("device 'cuda': torch sees no CUDA GPU (torch.cuda.is_available() is False)")
     use_cuda = device == "cuda" or (device == "auto" and has_cuda)
     if placement is None:
-        placement = Placement("cuda", ALL_LAYERS, vision_on_accel=True) if use_cuda else Placement()
+        placement = Placement("cuda", ALL_LAYERS, vision_on_accel=True, fit_free=True) if use_cuda else Placement()
     if placement.accel == "cuda" and not use_cuda:
         raise ModelError(f"device {device!r} with a CUDA placement: choose device='cuda'")
     if max_vram is not None and placement.accel is None:

@@ -62,6 +62,9 @@ class Placement:
     cuda_graph: bool = True  # decode captured in a CUDA graph when the whole decoder is on the GPU
     vision_stream: bool = False  # the vision tower on accel with its blocks' matrices in host memory
     prefill_offload: bool = True  # prompts run the CPU's decoder layers on accel, each copied there for the pass
+    # without a budget: when what is asked does not fit in the GPU's free memory, plan for that
+    # memory instead (fewer layers there, or none), as Ollama and llama.cpp's --fit do
+    fit_free: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_type is not None and self.kv_type not in KV_TYPES:

@@ -51,6 +51,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _out_of_memory(while_: str) -> str:
+    """The one line for a GPU allocation that failed (torch.OutOfMemoryError), after giving back
+    what the allocator caches, so that a chat can go on with a smaller request."""
+    torch.cuda.empty_cache()
+    return (f"out of GPU memory {while_}: --max-vram GB plans for a budget (fewer layers on the GPU, "
+            "smaller images); --ctx-size, --cache-type q8_0, --max-pixels or --vision-device cpu take less")
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -110,6 +118,10 @@ def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Opti
                 sys.stdout.flush()
         except (ModelError, ImageError, VideoError) as e:
             typer.echo(f"qvl-run: error: {e}", err=True)
+            messages.pop()
+            continue
+        except torch.OutOfMemoryError:
+            typer.echo(f"\nqvl-run: error: {_out_of_memory('answering')}", err=True)
             messages.pop()
             continue
         except KeyboardInterrupt:
@@ -192,7 +204,8 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
         typer.echo("qvl-run: warning: --int8-activations ignored: the Triton kernels do not run here", err=True)
     return "cuda", Placement("cuda", layers, vision_on_accel=vision_device != "cpu", kernels=kernels,
                              kv_type=cache_type, cuda_graph=not no_cuda_graph, vision_stream=vision_stream,
-                             prefill_offload=not no_prefill_offload)
+                             prefill_offload=not no_prefill_offload,
+                             fit_free=gpu_layers is None and max_vram is None)
 
 
 @app.command(help=HELP)
@@ -324,8 +337,12 @@ def run(
                      plan_ctx=ctx_size or PLAN_CTX)
     except (GGUFError, ConfigError, TokenizerError, ModelError, KeyError, StoreError) as e:
         _fail(str(e).strip("'\""))
+    except torch.OutOfMemoryError:
+        _fail(_out_of_memory("loading the model"))
     load_s = time.perf_counter() - t0
     model.on_warning = lambda message: typer.echo(f"qvl-run: warning: {message}", err=True)
+    if model.fit_note is not None:
+        model.on_warning(model.fit_note)
     if verbose and model.plan is not None:
         typer.echo(model.plan.table(), err=True)
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -346,6 +363,9 @@ def run(
         out = model.generate(text, [str(p) for p in image], system=system, **gen_kwargs)
     except (ModelError, ImageError, VideoError) as e:
         _fail(str(e))
+    except torch.OutOfMemoryError:
+        sys.stdout.flush()
+        _fail(_out_of_memory("answering"))
     assert isinstance(out, Generation)
     timings = {"load_s": round(load_s, 3), **{k: round(v, 3) for k, v in out.timings.items()}}
     n_new = len(out.token_ids)

@@ -308,3 +308,35 @@ def test_cuda_is_resolved_to_the_current_gpu(monkeypatch):
     assert _indexed(torch.device("cuda")) == torch.device("cuda", 3)
     assert _indexed(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert _indexed(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_fitting_to_the_free_memory(tiny, monkeypatch):
+    """Placement.fit_free: when what is asked does not fit in the GPU's free memory
+    (model.free_bytes), the plan is the --max-vram plan for that memory, and fit_note says so;
+    when it fits, or without fit_free, what was asked; below the context's own share, the CPU."""
+    import qvl.runtime.model as model_module
+
+    fp = _tiny_footprint(tiny)
+    kv = 8192 * fp.kv_bytes_per_token
+    room = max(fp.layer_bytes) + fp.offload_group_bytes
+    two = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + room + 1000  # 2 of 3 layers
+    asked = Placement("cpu", ALL_LAYERS, kv_type="f32", fit_free=True)
+
+    def loaded(free: int, placement: Placement = asked):
+        monkeypatch.setattr(model_module, "free_bytes", lambda accel: free)
+        return load(tiny, device="cpu", dtype=torch.float32, placement=placement, plan_ctx=8192)
+
+    whole = loaded(1 << 40)
+    assert whole.plan.budget is None and whole.plan.gpu_layers == 4 and whole.fit_note is None  # 3 layers + output
+    fitted = loaded(two)
+    assert fitted.plan == make_plan(fp, 8192, two, ALL_LAYERS, False, prefill_offload=True)
+    assert fitted.plan.gpu_layers == 2 and fitted.placement.gpu_layers == 2
+    assert [layer.device.type for layer in fitted.decoder.layers] == ["cpu"] * 3  # the stand-in accelerator
+    assert [layer.kernels for layer in fitted.decoder.layers] == [False, True, True]
+    assert fitted.fit_note is not None and "2/3 decoder layers on the GPU" in fitted.fit_note
+    assert f"{two / GIB:.1f} GiB is free" in fitted.fit_note
+    kept = loaded(two, dataclasses.replace(asked, fit_free=False))
+    assert kept.plan.gpu_layers == 4 and kept.fit_note is None
+    none = loaded(CUDA_OVERHEAD // 2)
+    assert none.plan is None and none.placement.accel is None and "running on the CPU" in none.fit_note
+    assert not any(layer.kernels for layer in none.decoder.layers)

@@ -197,3 +197,57 @@ def test_q8_0_cache_runs(model_path):
     r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "6", "--cache-type", "q8_0", "--json"])
     assert r.exit_code == 0, r.stderr
     assert len(json.loads(r.stdout)["token_ids"]) == 6
+
+
+def test_fitting_to_free_memory_only_without_layer_or_budget_flags(monkeypatch):
+    """Without --gpu-layers or --max-vram the GPU placement fits what the GPU has free (Model
+    plans for it when the whole model does not fit); either flag says it, and is kept."""
+    from qvl.runtime import run_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert run_cli._placement(False, None, "auto", None, False, None, False)[1].fit_free
+    assert not run_cli._placement(False, 28, "auto", None, False, None, False)[1].fit_free
+    assert not run_cli._placement(False, None, "auto", 6.0, False, None, False)[1].fit_free
+
+
+@pytest.mark.parametrize("free_gib,note", [(1 << 10, None), (0.3, "running on the CPU")])
+def test_the_fit_is_reported_in_one_warning(model_path, monkeypatch, free_gib, note):
+    """What fitting to the GPU's free memory changed is one warning line; the answer is the same.
+    (The CPU stands in for the GPU: the placement's accelerator is the CPU.)"""
+    from qvl.runtime import model as model_module
+    from qvl.runtime import run_cli
+    from qvl.runtime.placement import Placement
+
+    monkeypatch.setattr(run_cli, "_placement", lambda *a, **k: ("cpu", Placement(
+        "cpu", 1 << 20, vision_on_accel=True, kernels=False, kv_type="f32", fit_free=True)))
+    monkeypatch.setattr(model_module, "free_bytes", lambda accel: int(free_gib * 2**30))
+    r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "4", "--json"])
+    assert r.exit_code == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("qvl-run: warning:")]
+    if note is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and note in warnings[0] and "GiB is free there" in warnings[0]
+    plain = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "4", "--json", "--cpu"])
+    assert json.loads(r.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+
+
+@pytest.mark.parametrize("where", ["load", "generate"])
+def test_out_of_gpu_memory_is_one_line(model_path, monkeypatch, where):
+    from qvl.runtime import run_cli
+    from qvl.runtime.model import Model
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    if where == "load":
+        monkeypatch.setattr(run_cli, "load", oom)
+    else:
+        monkeypatch.setattr(Model, "generate", oom)
+    r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "4"])
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qvl-run: error: out of GPU memory ")
+    assert ("loading the model" in lines[0]) == (where == "load") and "--max-vram" in lines[0]
+    assert "Traceback" not in r.output
