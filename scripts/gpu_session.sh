@@ -14,7 +14,8 @@
 #                                           # decode tok/s + peak VRAM (1024x1024, 4k context), a decode
 #                                           # token split into host / graph / kernels (profile_decode.py),
 #                                           # the 2530x1000 image's vision time split into parts, ops and
-#                                           # kernels (profile_vision.py), Q4_K/Q6_K GEMV bandwidth
+#                                           # kernels (profile_vision.py), a 1396-token prompt's parts and
+#                                           # kernels (profile_prefill.py), Q4_K/Q6_K GEMV bandwidth
 #                                           # (bench_kernels.py --quick). Failures end steps early; run it
 #                                           # with the time the session has left: what finished comes back
 #     bash scripts/gpu_session.sh followup  # ~6 min, after changes to what `targets` timed: the kernel
@@ -25,7 +26,9 @@
 #                                           # Q6_K GEMVs against the float ones; the vision and decode
 #                                           # splits; the vision tower streamed from host memory
 #                                           # (profile_vision --stream); bench_run (decode tok/s, VRAM),
-#                                           # and again with expandable segments (whole-device VRAM)
+#                                           # and again with expandable segments (whole-device VRAM);
+#                                           # a prompt with half the 7B's layers on the CPU, offloaded
+#                                           # or not (profile_prefill.py)
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -86,6 +89,10 @@ profiles() {
     timeout 100 python3 scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size 2530x1000 \
         > "$out/profile-vision.json" 2>&1
     cat "$out/profile-vision.json"
+    # a 1396-token prompt (a 1024x1024 image's): its parts and device time per kernel
+    timeout 90 python3 scripts/profile_prefill.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 1396 \
+        > "$out/profile-prefill.json" 2>&1
+    head -c 2500 "$out/profile-prefill.json"
 }
 
 case "$stage" in
@@ -136,13 +143,13 @@ followup)
             "$out/profile-vision-stream-$size.json"
     done
     # half the 7B's layers on the CPU: a 1396-token prompt with each CPU layer copied to the GPU for it
-    # (decoder.prefill_offload), then read on the CPU
-    timeout 100 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 8 --size 1024 \
-        --gpu-layers 14 > "$out/run-half-offload.json" 2>&1
-    grep '^qvl: ' "$out/run-half-offload.json" | head -c 1500
-    timeout 150 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 8 --size 1024 \
-        --gpu-layers 14 --no-prefill-offload > "$out/run-half-cpu.json" 2>&1
-    grep '^qvl: ' "$out/run-half-cpu.json" | head -c 1500
+    # (decoder.prefill_offload: once for the prompt), then read on the CPU
+    timeout 100 python3 scripts/profile_prefill.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 1396 \
+        --gpu-layers 14 > "$out/prefill-half-offload.json" 2>&1
+    head -c 1200 "$out/prefill-half-offload.json"
+    timeout 150 python3 scripts/profile_prefill.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 1396 \
+        --gpu-layers 14 --no-prefill-offload --runs 1 > "$out/prefill-half-cpu.json" 2>&1
+    head -c 1200 "$out/prefill-half-cpu.json"
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time

@@ -171,6 +171,27 @@ def test_profile_decode_splits_the_token_and_restores_the_runtime(converted):
     assert model_module.sample is sample and TextStream.push is push
 
 
+def test_profile_prefill_splits_the_prompt_and_restores_the_decoder(converted):
+    """scripts/profile_prefill.py on the CPU: a prompt of about the tokens asked, its parts
+    timed (no offload copies: every layer is where it runs), none negative, nothing left patched."""
+    import importlib.util
+
+    from paths import REPO
+    from qvl.runtime.decoder import Decoder
+
+    spec = importlib.util.spec_from_file_location("profile_prefill", REPO / "scripts" / "profile_prefill.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    saved = Decoder._attend, Decoder.layer_forward, Decoder._layer, Decoder.logits, Decoder.embed_tokens
+    report = script.profile(str(converted["qwen2.5-untied"][0]), "cpu", 80, runs=2)
+    assert 80 <= report["prompt_tokens"] <= 100 and len(report["prefill_s_runs"]) == 2 and "kernels" not in report
+    parts = report["parts_ms"]
+    assert set(parts) == {"embed", "attention", "projections", "logits", "other"}  # no offload_copy
+    assert all(parts[k] > 0 for k in ("embed", "attention", "projections", "logits")) and parts["other"] >= 0
+    assert abs(sum(parts.values()) - report["parts_total_ms"]) <= 0.05
+    assert (Decoder._attend, Decoder.layer_forward, Decoder._layer, Decoder.logits, Decoder.embed_tokens) == saved
+
+
 def test_profile_vision_splits_the_encode_and_restores_the_tower(converted):
     """scripts/profile_vision.py on the CPU: window and full attention, MLP and norms timed, none
     counted twice (`other`, the encode less the parts, is not negative: the residual add's norm
