@@ -33,7 +33,8 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -60,6 +61,24 @@ def timed(parts: dict[str, float], name: Callable[..., str] | str, fn: Callable,
         parts[name(*args) if callable(name) else name] += time.perf_counter() - start
         return out
     return wrapper
+
+
+@contextmanager
+def patched(patches: list[tuple[object, str, Callable]]) -> Iterator[None]:
+    """Each (object, name, fn): fn in place of the attribute inside the block, the attribute as it
+    was after (an instance's own attribute removed again, so its class's method shows)."""
+    missing = object()
+    saved = [(obj, name, obj.__dict__.get(name, missing)) for obj, name, _ in patches]
+    try:
+        for obj, name, fn in patches:
+            setattr(obj, name, fn)
+        yield
+    finally:
+        for obj, name, fn in saved:
+            if fn is missing:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, fn)
 
 
 def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a long story about a lighthouse.",
@@ -98,14 +117,8 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
                (model_module.Model, "_decode", timed(parts, "_decode", model_module.Model._decode, cuda))]
     if cuda:
         patches.append((torch.cuda.CUDAGraph, "replay", replay))
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    try:
-        for obj, name, fn in patches:
-            setattr(obj, name, fn)
+    with patched(patches):
         out = m.generate(prompt, max_new_tokens=tokens, cache_prompt=False)
-    finally:
-        for obj, name, fn in saved:
-            setattr(obj, name, fn)
     n = len(out.token_ids)
     decode_s = out.timings["decode_s"]
     per_token = {k: round(1e3 * v / max(n, 1), 3) for k, v in parts.items() if k not in ("_decode", "stage")}

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_decode import timed  # noqa: E402  (beside this script)
+from profile_decode import patched, timed  # noqa: E402  (beside this script)
 from profile_vision import op_tables  # noqa: E402
 
 
@@ -79,19 +79,10 @@ def profile(model_path: str, device: str, tokens: int, runs: int = 3, top: int =
                (Decoder, "layer_forward", timed(parts, "layers", Decoder.layer_forward, cuda)),
                (Decoder, "_layer", timed(parts, "offload_copy", Decoder._layer, cuda)),
                (Decoder, "logits", timed(parts, "logits", Decoder.logits, cuda))]
-    saved = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in patches]  # None: the instance's own
-    try:
-        for obj, name, fn in patches:
-            setattr(obj, name, fn)
+    with patched(patches):
         start = time.perf_counter()
         prefill()
         total = time.perf_counter() - start
-    finally:
-        for obj, name, fn in saved:
-            if fn is None:
-                delattr(obj, name)  # the instance attribute goes: the class's method shows again
-            else:
-                setattr(obj, name, fn)
     ms = {k: round(1e3 * v, 2) for k, v in sorted(parts.items())}
     ms["projections"] = round(ms.pop("layers", 0.0) - ms.get("attention", 0.0), 2)  # attention runs inside
     ms["other"] = round(1e3 * total - sum(ms.values()), 2)

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_decode import timed  # noqa: E402  (beside this script)
+from profile_decode import patched, timed  # noqa: E402  (beside this script)
 
 
 def op_tables(encode: Callable[[], object], top: int) -> dict[str, list[dict]]:
@@ -108,16 +108,10 @@ def profile(model_path: str, device: str, size: tuple[int, int], runs: int = 3, 
                 (VisionTower, "_mlp", timed(parts, "mlp", VisionTower._mlp, cuda, depth)),
                 (VisionTower, "_norm", timed(parts, "norm", VisionTower._norm, cuda, depth)),
                 (VisionTower, "_add_norm", timed(parts, "norm", VisionTower._add_norm, cuda, depth))]
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches_]
-    try:
-        for obj, name, fn in patches_:
-            setattr(obj, name, fn)
+    with patched(patches_):
         start = time.perf_counter()
         encode()
         total = time.perf_counter() - start
-    finally:
-        for obj, name, fn in saved:
-            setattr(obj, name, fn)
     ms = {k: round(1e3 * v, 2) for k, v in sorted(parts.items())}
     ms["other"] = round(1e3 * total - sum(ms.values()), 2)
     report = {"device": str(tower.device), "size": f"{size[0]}x{size[1]}", "grid_thw": list(pre.grid_thw),
