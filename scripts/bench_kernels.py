@@ -10,7 +10,9 @@ For the 3B and 7B shapes, each kernel in the precision the model runs it in by d
 - attention (bf16): vision windows and a full-attention image (head dim 80), causal prefill
   with GQA, against F.scaled_dot_product_attention in bf16;
 - decode attention over a 4k cache (bf16 and q8_0) against F.scaled_dot_product_attention on
-  the bf16 cache (enable_gqa).
+  the bf16 cache (enable_gqa);
+- rotary (q and k in one launch) and RMSNorm with its residual add, GB/s of what each reads and
+  writes and % of the copy bandwidth, against the same work in eager torch.
 Every kernel is checked against its reference before it is timed. Median of
 triton.testing.do_bench, except the GEMVs (M = 1, and the sweep's) and decode attention: their
 calls are replayed from a CUDA graph, as the runtime replays its decode step (`graph_ms`), each
@@ -186,6 +188,61 @@ def bench_attention(dev: str, timer: Timer, cases=ATTENTION_CASES) -> list[dict]
 
         base = timer(sdpa)
         rows.append({"kernel": f"attention {name}", "tokens": cu[-1], "ms": round(ms, 4), "vs_sdpa": round(base / ms, 2)})
+    return rows
+
+
+ROPE_CASES = (  # name, tokens, heads of q, heads of k, head dim: q and k rotated in one launch, bf16
+    ("vision 2530x1000 q+k", 12960, 16, 16, 80), ("7b prefill q+k", 512, 28, 4, 128), ("3b prefill q+k", 512, 16, 2, 128))
+NORM_CASES = (  # name, rows, width, x's type (the product's), normed output's type: the residual add fused
+    ("vision 2530x1000 add+norm", 12960, 1280, torch.bfloat16, torch.bfloat16),
+    ("7b prefill add+norm", 512, 3584, torch.bfloat16, torch.bfloat16),
+    ("7b decode add+norm", 1, 3584, torch.float32, torch.float32))
+
+
+def bench_rope_norm(dev: str, timer: Timer, rope_cases=ROPE_CASES, norm_cases=NORM_CASES) -> list[dict]:
+    """Rotary (kernels/rope.py) and RMSNorm with its residual add (kernels/rmsnorm.py): GB/s of
+    the bytes each reads and writes, against the same work in torch (the runtime's reference
+    functions, eager), each checked against its reference first."""
+    from qvl.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+    from qvl.kernels.rope import apply_rope_
+    from qvl.runtime.decoder import Rope, apply_rope, rms_norm
+
+    rows = []
+    for name, tokens, heads, kv_heads, d in rope_cases:
+        q = torch.randn(tokens, heads, d, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(tokens, kv_heads, d, device=dev, dtype=torch.bfloat16)
+        theta = torch.rand(tokens, d // 2, device=dev) * 100
+        rope = Rope(theta)
+        ref = apply_rope(q.float().transpose(0, 1), rope.cos, rope.sin).transpose(0, 1)
+        got = apply_rope_(q.clone(), theta, k.clone())
+        assert (got.float() - ref).abs().max().item() < 2e-2 * ref.abs().max().item(), name  # bf16 rounding
+        ms = timer(lambda: apply_rope_(q, theta, k))  # rotates in place, again each call: the same bytes
+
+        def torch_rope() -> None:
+            for x in (q, k):
+                apply_rope(x.transpose(0, 1), rope.cos.to(x.dtype), rope.sin.to(x.dtype))
+
+        moved = 2 * 2 * (q.numel() + k.numel()) + 4 * theta.numel()
+        rows.append({"kernel": f"rope {name}", "tokens": tokens, "ms": round(ms, 4),
+                     "GB_s": round(moved / ms / 1e6, 1), "vs_torch": round(timer(torch_rope) / ms, 2)})
+    for name, n_rows, width, x_type, out_type in norm_cases:
+        x = torch.randn(n_rows, width, device=dev, dtype=x_type)
+        res = torch.randn(n_rows, width, device=dev)
+        w = torch.rand(width, device=dev) + 0.5
+        y, h = rmsnorm(x, w, 1e-6, res, out_type, q8_out=False)
+        ref_y, ref_h = rmsnorm_ref(x, w, 1e-6, res)
+        assert (h - ref_h).abs().max().item() <= 1e-5 * ref_h.abs().max().item(), name
+        tol = 1e-5 if out_type == torch.float32 else 1e-2  # a bf16 output's rounding
+        assert (y.float() - ref_y).abs().max().item() <= tol * ref_y.abs().max().item(), name
+        ms = timer(lambda: rmsnorm(x, w, 1e-6, res, out_type, q8_out=False))
+
+        def torch_norm() -> None:
+            added = x.float() + res
+            rms_norm(added, w, 1e-6).to(out_type)
+
+        moved = x.numel() * x.element_size() + 4 * res.numel() + y.numel() * y.element_size() + 4 * h.numel()
+        rows.append({"kernel": f"rmsnorm {name}", "tokens": n_rows, "ms": round(ms, 4),
+                     "GB_s": round(moved / ms / 1e6, 1), "vs_torch": round(timer(torch_norm) / ms, 2)})
     return rows
 
 
@@ -391,9 +448,11 @@ def main() -> None:
         rows = bench_qmatmul(dev, triton.testing.do_bench, QMATMUL_SHAPES)
         rows += bench_attention(dev, triton.testing.do_bench)
         rows += bench_decode_attention(dev)
+        rows += bench_rope_norm(dev, triton.testing.do_bench)
     for row in rows:
-        if "weight_GB_s" in row:
-            row["pct_copy_bw"] = round(100 * row["weight_GB_s"] / copy_gbs, 1)
+        moved = row.get("weight_GB_s", row.get("GB_s"))
+        if moved is not None:
+            row["pct_copy_bw"] = round(100 * moved / copy_gbs, 1)
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GB_s": round(copy_gbs, 1), "rows": rows},
                      indent=1))
 

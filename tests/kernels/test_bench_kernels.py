@@ -90,3 +90,15 @@ def test_int8_rows(bench):
     assert [(r["kernel"].split()[1], r["n"], r["k"]) for r in rows] == [
         (t, n, k) for t in ("Q4_K", "Q5_K", "Q6_K") for n, k in ((16, 512), (40, 256))]
     assert all(r["ms"] > 0 and r["float_ms"] > 0 and 0 < r["rel_err_vs_float"] < 2 ** -5 for r in rows)
+
+
+def test_rope_and_norm_rows(bench):
+    """Rotary (head dim 80 and 128, GQA) and RMSNorm with its residual add (bf16 and float32
+    outputs), each checked against its reference before it is timed."""
+    import torch
+
+    rows = bench.bench_rope_norm(ACCEL, _timer, (("vision", 19, 3, 3, 80), ("text", 7, 4, 2, 128)),
+                                 (("bf16", 9, 96, torch.bfloat16, torch.bfloat16),
+                                  ("decode", 1, 64, torch.float32, torch.float32)))
+    assert [r["kernel"] for r in rows] == ["rope vision", "rope text", "rmsnorm bf16", "rmsnorm decode"]
+    assert all({"GB_s", "ms", "tokens"} <= set(r) and r["vs_torch"] == 1.0 for r in rows)
