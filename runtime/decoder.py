@@ -433,7 +433,8 @@ class Decoder:
 
             keys, values, k_scale, v_scale = cache.stored(i)
             if seq == 1:  # decode: split-K over the cache
-                n = torch.tensor([end], dtype=torch.int32, device=q.device)
+                # filled on the device: a tensor from a host list is a copy that waits for the GPU's queue
+                n = torch.full((1,), end, dtype=torch.int32, device=q.device)
                 return decode_attention(q[:, 0], keys, values, n, k_scale, v_scale)[None]
             # prefill: causal over the keys so far in one varlen call, on (tokens, heads, d) views
             keys, values, k_scale, v_scale = (t.transpose(0, 1)[:end] if t is not None else None
