@@ -1,19 +1,27 @@
-"""Prefill on GPUs where Triton's GEMM would run on CUDA cores: dequantize, then cuBLAS.
+"""Prefill by dequantizing, then cuBLAS: on GPUs where Triton's GEMM would run on CUDA cores,
+and on any GPU when asked (QVL_DEQUANT_GEMM=1).
 
 Triton 3.9 emits no tensor-core instructions for dots on sm_75 (T4, RTX 20xx; seen in the PTX
 by scripts/compile_kernels.py), so qmatmul.py's tiled GEMM runs there as FMA loops, at a
 fraction of the card's float16 tensor-core rate that cuBLAS reaches. There, prefill's
 `x @ dequant(W).T` (float16 x, M > 8) decodes a slab of weight rows to float16 with
 `dequant_kernel` (qmatmul.py's block decoders; values rounded to nearest float16, as the tiled
-GEMM rounds its decoded tile) and multiplies with torch.matmul, slab by slab so the decoded
-copy stays under SLAB_ELEMENTS (32 MiB in float16) whatever the matrix. Decode (M <= 8) keeps
-the GEMV, which has no dot. torch.matmul returns float16 here (float32 accumulation inside
-cuBLAS), widened to float32 after: a product beyond 65504 would overflow, as in llama.cpp's
-float16 cuBLAS path.
+GEMM rounds its decoded tile) and multiplies with cuBLAS, slab by slab so the decoded copy
+stays under SLAB_ELEMENTS (32 MiB in float16 or bfloat16) whatever the matrix. Decode (M <= 8)
+keeps the GEMV, which has no dot. cuBLAS accumulates in float32 and writes float32
+(`torch.mm`'s out_dtype; where torch lacks it, the product in x's type, widened after).
+
+On tensor-core GPUs the tiled GEMM reached 102-235 TFLOP/s at M = 2048 on an H200 (2026-12-04)
+while cuBLAS's bf16 GEMMs ran at ~700 in the same session's vision tower; `QVL_DEQUANT_GEMM=1`
+routes bf16 / float16 prefill through this file there too, so that one session can time both
+(scripts/profile_prefill.py) before either becomes the default. Same rounding as the tiled
+GEMM (the decoded weights to x's type), another summation order.
 Torch reference: gguf-py's dequantization (`dequant_ref`).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -25,8 +33,10 @@ from gguf.quants import dequantize
 
 from .qblocks import QTYPE_IDS, STEP, decode_tile
 from .qgrids import type_grid
+from .target import INTERPRETER, Target
 
 SLAB_ELEMENTS = 16 * 1024 * 1024
+ON_TENSOR_CORES = os.environ.get("QVL_DEQUANT_GEMM", "") == "1"  # this route on sm_80 and later too
 BLOCK_N = 32  # rows and elements of K per program
 BLOCK_K = 64
 
@@ -54,14 +64,36 @@ def dequant(raw: torch.Tensor, qtype: T, n: int, k: int, dtype: torch.dtype) -> 
     return out
 
 
+def takes_dequant(gpu: Target, dtype: torch.dtype) -> bool:
+    """Whether a prefill GEMM of x in `dtype` (M past the GEMV's, no tiles asked) goes through
+    dequant_matmul on `gpu`: float16 where Triton has no tensor cores (sm_75); bf16 / float16
+    anywhere with QVL_DEQUANT_GEMM=1; never in the interpreter (tests pretend a GPU)."""
+    if gpu == INTERPRETER:
+        return False
+    if not gpu.tensor_cores:
+        return dtype == torch.float16
+    return ON_TENSOR_CORES and dtype in (torch.bfloat16, torch.float16)
+
+
+def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of float16 / bfloat16 operands, float32: written so by cuBLAS where torch.mm takes
+    out_dtype (CUDA, torch 2.8 on), else the product in the operands' type, widened."""
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # an older torch, or a combination it refuses
+            pass
+    return (a @ b).float()
+
+
 def dequant_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int) -> torch.Tensor:
-    """x (M, K) float16 -> `x @ dequant(raw).T` (M, N) float32, a slab of weight rows at a time.
-    Checks are the caller's (qmatmul.qmatmul)."""
+    """x (M, K) float16 or bfloat16 -> `x @ dequant(raw).T` (M, N) float32, a slab of weight
+    rows at a time. Checks are the caller's (qmatmul.qmatmul)."""
     y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
     rows = max(1, SLAB_ELEMENTS // k)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        y[:, r0:r1] = x @ dequant(raw[r0:r1], qtype, r1 - r0, k, x.dtype).T
+        y[:, r0:r1] = mm_float32(x, dequant(raw[r0:r1], qtype, r1 - r0, k, x.dtype).T)
     return y
 
 

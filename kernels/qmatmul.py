@@ -117,8 +117,8 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     x `block_n` tiles, `block_k` elements of K a time: 64, 128 or 256; the epilogue in torch
     after it). Unset launch parameters take
     `gemm_tiles`' defaults for the GPU (or the interpreter). float16 x on a GPU where Triton
-    emits no tensor-core code (sm_75) and no tiles given: dequant.py's dequantize-then-cuBLAS
-    instead of the tiled GEMM."""
+    emits no tensor-core code (sm_75), or bf16 / float16 x with QVL_DEQUANT_GEMM=1, and no tiles
+    given: dequant.py's dequantize-then-cuBLAS instead of the tiled GEMM."""
     _check_weights(raw, qtype, n, k)
     blk, size = GGML_QUANT_SIZES[qtype]
     row_bytes = raw.stride(0)
@@ -134,10 +134,10 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
         return qgemv(x, raw, qtype, n, k, bias, residual, swiglu, block_n, split_k, num_warps, prefetch=prefetch,
                      q8_out=swiglu and q8_activations.ENABLED)[0]
     gpu = target(x.device)
-    if gpu != INTERPRETER and not gpu.tensor_cores and x.dtype == torch.float16 and block_m is None:
-        from .dequant import dequant_matmul  # sm_75: cuBLAS has the tensor cores Triton does not use
+    from . import dequant  # sm_75 (cuBLAS has the tensor cores Triton does not use), or QVL_DEQUANT_GEMM=1
 
-        y = dequant_matmul(x, raw, qtype, n, k)
+    if block_m is None and dequant.takes_dequant(gpu, x.dtype):
+        y = dequant.dequant_matmul(x, raw, qtype, n, k)
     else:
         block_m, block_n, block_k, num_warps, num_stages = (
             given or default for given, default in

@@ -58,15 +58,16 @@ class Generation:
 
 
 def dequant_slab_bytes(accel: str | None, kernels: bool, fast: bool) -> int:
-    """GPU memory for the float16 weight slab kernels/dequant.py decodes per prefill / vision
-    GEMM where Triton's dots get no tensor cores (sm_75); 0 elsewhere (and in float32, fast=False)."""
+    """GPU memory for the float16 / bf16 weight slab kernels/dequant.py decodes per prefill /
+    vision GEMM where Triton's dots get no tensor cores (sm_75), or anywhere with
+    QVL_DEQUANT_GEMM=1; 0 elsewhere (and in float32, fast=False)."""
     if accel != "cuda" or not kernels or not fast or not torch.cuda.is_available():
         return 0
-    if torch.cuda.get_device_capability()[0] >= 8:
-        return 0
-    from ..kernels.dequant import SLAB_ELEMENTS
+    from ..kernels import dequant
 
-    return 2 * SLAB_ELEMENTS
+    if torch.cuda.get_device_capability()[0] >= 8 and not dequant.ON_TENSOR_CORES:
+        return 0
+    return 2 * dequant.SLAB_ELEMENTS
 
 
 def find_mmproj(model: Path) -> Path | None:

@@ -28,7 +28,8 @@
 #                                           # (profile_vision --stream); bench_run (decode tok/s, VRAM),
 #                                           # and again with expandable segments (whole-device VRAM);
 #                                           # a prompt with half the 7B's layers on the CPU, offloaded
-#                                           # or not (profile_prefill.py)
+#                                           # or not, and prefill through dequantize + cuBLAS
+#                                           # (QVL_DEQUANT_GEMM=1; profile_prefill.py)
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -128,6 +129,10 @@ followup)
     timeout 60 python3 scripts/bench_kernels.py --int8 > "$out/int8.json" 2>&1
     cat "$out/int8.json"
     profiles
+    # the same prompt with prefill's GEMMs dequantized to bf16 slabs and multiplied by cuBLAS (kernels/dequant.py)
+    QVL_DEQUANT_GEMM=1 timeout 70 python3 scripts/profile_prefill.py /tmp/q7b-q4_k_m.gguf --device cuda \
+        --tokens 1396 > "$out/profile-prefill-dequant.json" 2>&1
+    head -c 2500 "$out/profile-prefill-dequant.json"
     # VRAM: the default allocator, then expandable segments (less reserved beyond what is allocated)
     timeout 120 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
         > "$out/run-1024-ctx4096.json" 2>&1

@@ -1,11 +1,13 @@
 """kernels/dequant.py: GGUF rows decoded by Triton against gguf-py's dequantization, and the
-dequantize-then-matmul route qmatmul takes for float16 prefill on sm_75 (pretended here).
+dequantize-then-matmul route qmatmul takes for float16 prefill on sm_75, and for bf16 / float16
+prefill on later GPUs with QVL_DEQUANT_GEMM=1 (pretended here).
 
 Tolerance table:
 | what | tolerance | why |
 | dequant, float32 | 1e-6 of max |w| | the same products (d * scale * q - dmin * m), fused or not |
 | dequant, float16 | 2^-11 rel. + 2^-24 | float32 rounded to nearest float16: half a unit; inf past 65504 |
 | sm_75 route | 1e-2 of max |y| | weights and x rounded to float16 (2^-11 each); as the bf16 GEMM's |
+| QVL_DEQUANT_GEMM route, bf16 | 2e-2 of max |y| | weights and x rounded to bf16 (2^-8 each), and here (the CPU's matmul, no out_dtype) the product too |
 """
 
 from __future__ import annotations
@@ -67,8 +69,45 @@ def test_other_gpus_and_float32_keep_the_tiled_gemm(monkeypatch):
     raw = quant_weights(16, 256, T.Q4_K, "normal", seed=0)
     x = torch.randn(9, 256)
     monkeypatch.setattr(dequant_module, "dequant_matmul", lambda *a: pytest.fail("dequant route taken"))
-    for gpu, dtype in ((Target(75, 1), torch.float32), (Target(80, 1), torch.float16)):
+    monkeypatch.setattr(dequant_module, "ON_TENSOR_CORES", False)
+    for gpu, dtype in ((Target(75, 1), torch.float32), (Target(80, 1), torch.float16),
+                       (Target(90, 132), torch.bfloat16)):
         with pretending(gpu):
             got = qmatmul(x.to(ACCEL, dtype), raw.to(ACCEL), T.Q4_K, 16, 256).cpu()
         ref = qmatmul_ref(x, raw, T.Q4_K)
         assert (got - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+def test_which_gemms_take_the_dequant_route(monkeypatch):
+    """sm_75: float16 only; later GPUs: bf16 and float16 with QVL_DEQUANT_GEMM=1 only; float32
+    and the interpreter never."""
+    from qvl.kernels.target import INTERPRETER
+
+    takes = dequant_module.takes_dequant
+    monkeypatch.setattr(dequant_module, "ON_TENSOR_CORES", False)
+    assert takes(Target(75, 40), torch.float16) and not takes(Target(75, 40), torch.bfloat16)
+    assert not any(takes(Target(90, 132), d) for d in (torch.float16, torch.bfloat16, torch.float32))
+    monkeypatch.setattr(dequant_module, "ON_TENSOR_CORES", True)
+    assert takes(Target(90, 132), torch.bfloat16) and takes(Target(80, 108), torch.float16)
+    assert not takes(Target(90, 132), torch.float32) and not takes(INTERPRETER, torch.bfloat16)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0, T.Q5_K, T.IQ4_XS], ids=lambda t: t.name)
+def test_bf16_prefill_through_dequant_when_asked(qtype, monkeypatch):
+    """QVL_DEQUANT_GEMM=1 on a (pretended) sm_90: bf16 x with M > 8 takes dequant_matmul in
+    slabs, float32 out, the bias after it; without it the tiled GEMM (checked in
+    test_other_gpus_and_float32_keep_the_tiled_gemm)."""
+    n, k, m = 40, 512, 11
+    raw = quant_weights(n, k, qtype, "normal", seed=7)
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((m, k)).astype(np.float32))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    calls = []
+    matmul = dequant_module.dequant_matmul
+    monkeypatch.setattr(dequant_module, "ON_TENSOR_CORES", True)
+    monkeypatch.setattr(dequant_module, "dequant_matmul", lambda *a: calls.append(a[3]) or matmul(*a))
+    monkeypatch.setattr(dequant_module, "SLAB_ELEMENTS", 16 * k)
+    with pretending(Target(90, 132)):
+        got = qmatmul(x.bfloat16().to(ACCEL), raw.to(ACCEL), qtype, n, k, bias=bias.to(ACCEL)).cpu()
+    assert calls == [n] and got.dtype == torch.float32
+    ref = qmatmul_ref(x, raw, qtype) + bias
+    assert (got - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
