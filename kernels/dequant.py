@@ -75,14 +75,21 @@ def takes_dequant(gpu: Target, dtype: torch.dtype) -> bool:
     return ON_TENSOR_CORES and dtype in (torch.bfloat16, torch.float16)
 
 
+_out_dtype_works: bool | None = None  # whether torch.mm(..., out_dtype=float32) ran here: tried once
+
+
 def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b of float16 / bfloat16 operands, float32: written so by cuBLAS where torch.mm takes
-    out_dtype (CUDA, torch 2.8 on), else the product in the operands' type, widened."""
-    if a.is_cuda:
+    out_dtype (CUDA, torch 2.8 on; tried once), else the product in the operands' type, widened."""
+    global _out_dtype_works
+    if a.is_cuda and _out_dtype_works is not False:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
+            out = torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):  # an older torch, or a combination it refuses
-            pass
+            _out_dtype_works = False
+        else:
+            _out_dtype_works = True
+            return out
     return (a @ b).float()
 
 

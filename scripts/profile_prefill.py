@@ -15,6 +15,9 @@ queued work is charged to the part that queued it):
 - `logits`: the last token's output layer;
 - `other`: the rest of the call (the chat template and tokenizer, the cache, positions).
 
+With QVL_DEQUANT_GEMM=1 the GEMMs decode slabs of weight rows and multiply them with cuBLAS
+(kernels/dequant.py); `dequant_gemm` and `mm_out_dtype_float32` in the report say so.
+
 Then (CUDA) one profiled prefill: device time per torch op and per kernel name, largest first
 (host-to-device copies appear as Memcpy rows), and the device's total against the wall time.
 One JSON object on stdout.
@@ -53,6 +56,7 @@ def prompt_of(tokenizer, tokens: int) -> str:
 def profile(model_path: str, device: str, tokens: int, runs: int = 3, top: int = 15,
             gpu_layers: int | None = None, offload: bool = True) -> dict:
     import qvl
+    from qvl.kernels import dequant
     from qvl.runtime.decoder import Decoder
     from qvl.runtime.model import ALL_LAYERS
     from qvl.runtime.placement import Placement
@@ -91,7 +95,9 @@ def profile(model_path: str, device: str, tokens: int, runs: int = 3, top: int =
     report = {"device": device, "prompt_tokens": n, "gpu_layers": min(m.placement.gpu_layers, m.cfg.n_layer + 1),
               "n_layer": m.cfg.n_layer, "prefill_offload": m.decoder.prefill_offload,
               "prefill_s_median": round(median, 4), "prefill_s_runs": [round(w, 4) for w in wall],
-              "prefill_tok_s": round(n / median, 1), "parts_ms": ms, "parts_total_ms": round(1e3 * total, 2)}
+              "prefill_tok_s": round(n / median, 1), "parts_ms": ms, "parts_total_ms": round(1e3 * total, 2),
+              # QVL_DEQUANT_GEMM=1: GEMMs through dequantized slabs and cuBLAS (float32 out where torch.mm took it)
+              "dequant_gemm": dequant.ON_TENSOR_CORES, "mm_out_dtype_float32": dequant._out_dtype_works}
     if cuda:
         tables = op_tables(prefill, top)
         report.update(tables)
