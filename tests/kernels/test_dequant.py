@@ -46,23 +46,33 @@ def test_dequant_matches_gguf(qtype, n, k, kind):
     assert ((half - ref).abs() <= ref.abs() * 2 ** -11 + 2 ** -24)[~big].all()
 
 
+ROUTES = {  # name: (the GPU pretended, x's type, QVL_DEQUANT_GEMM, tolerance of max |y|: the table above)
+    "sm75-float16": (Target(75, 1), torch.float16, False, 1e-2),
+    "sm90-bf16-asked": (Target(90, 132), torch.bfloat16, True, 2e-2),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_sm75_float16_prefill_goes_through_dequant(qtype, monkeypatch):
-    """On a (pretended) sm_75, float16 x with M > 8 takes dequant_matmul, a slab of rows at a
-    time (SLAB_ELEMENTS shrunk to make three slabs, the last one short), epilogue after it."""
+def test_prefill_goes_through_dequant(qtype, route, monkeypatch):
+    """On a (pretended) sm_75 float16 x with M > 8, and on sm_90 bf16 x with QVL_DEQUANT_GEMM=1,
+    takes dequant_matmul, a slab of rows at a time (SLAB_ELEMENTS shrunk to make three slabs,
+    the last one short), float32 out, the epilogue after it."""
+    gpu, dtype, asked, tol = ROUTES[route]
     n, k, m = 40, 512, 11
     raw = quant_weights(n, k, qtype, "normal", seed=5)
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((m, k)).astype(np.float32))
     bias = torch.randn(n, generator=torch.Generator().manual_seed(2))
     calls = []
     matmul = dequant_module.dequant_matmul
+    monkeypatch.setattr(dequant_module, "ON_TENSOR_CORES", asked)
     monkeypatch.setattr(dequant_module, "dequant_matmul", lambda *a: calls.append(a[3]) or matmul(*a))
     monkeypatch.setattr(dequant_module, "SLAB_ELEMENTS", 16 * k)  # 16 rows a slab: 16, 16, 8
-    with pretending(Target(75, 1)):
-        got = qmatmul(x.half().to(ACCEL), raw.to(ACCEL), qtype, n, k, bias=bias.to(ACCEL)).cpu()
-    assert calls == [n]
+    with pretending(gpu):
+        got = qmatmul(x.to(ACCEL, dtype), raw.to(ACCEL), qtype, n, k, bias=bias.to(ACCEL)).cpu()
+    assert calls == [n] and got.dtype == torch.float32
     ref = qmatmul_ref(x, raw, qtype) + bias
-    assert (got - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
 def test_other_gpus_and_float32_keep_the_tiled_gemm(monkeypatch):
@@ -90,24 +100,3 @@ def test_which_gemms_take_the_dequant_route(monkeypatch):
     monkeypatch.setattr(dequant_module, "ON_TENSOR_CORES", True)
     assert takes(Target(90, 132), torch.bfloat16) and takes(Target(80, 108), torch.float16)
     assert not takes(Target(90, 132), torch.float32) and not takes(INTERPRETER, torch.bfloat16)
-
-
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0, T.Q5_K, T.IQ4_XS], ids=lambda t: t.name)
-def test_bf16_prefill_through_dequant_when_asked(qtype, monkeypatch):
-    """QVL_DEQUANT_GEMM=1 on a (pretended) sm_90: bf16 x with M > 8 takes dequant_matmul in
-    slabs, float32 out, the bias after it; without it the tiled GEMM (checked in
-    test_other_gpus_and_float32_keep_the_tiled_gemm)."""
-    n, k, m = 40, 512, 11
-    raw = quant_weights(n, k, qtype, "normal", seed=7)
-    x = torch.from_numpy(np.random.default_rng(3).standard_normal((m, k)).astype(np.float32))
-    bias = torch.randn(n, generator=torch.Generator().manual_seed(4))
-    calls = []
-    matmul = dequant_module.dequant_matmul
-    monkeypatch.setattr(dequant_module, "ON_TENSOR_CORES", True)
-    monkeypatch.setattr(dequant_module, "dequant_matmul", lambda *a: calls.append(a[3]) or matmul(*a))
-    monkeypatch.setattr(dequant_module, "SLAB_ELEMENTS", 16 * k)
-    with pretending(Target(90, 132)):
-        got = qmatmul(x.bfloat16().to(ACCEL), raw.to(ACCEL), qtype, n, k, bias=bias.to(ACCEL)).cpu()
-    assert calls == [n] and got.dtype == torch.float32
-    ref = qmatmul_ref(x, raw, qtype) + bias
-    assert (got - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
