@@ -83,9 +83,9 @@ class Footprint:
     kv_bytes_per_token: int  # one layer, keys and values
     activation_bytes: int  # decoder, one prefill chunk
     vision_bytes_per_pixel: float  # transient, per image pixel
-    dequant_slab: int = 0  # transient, the GEMMs' dequantized weight rows (sm_75's float16 prefill route)
+    dequant_slab: int = 0  # transient, the GEMMs' dequantized weight rows (kernels/dequant.py's prefill route)
     vision_stream_bytes: int = 0  # the tower streamed: all but its blocks' matrices, two blocks' and a placeholder
-    offload_group_bytes: int = 0  # prefill offload: the hidden states of OFFLOAD_GROUP prompt tokens, kept between layers
+    offload_group_bytes: int = 0  # prefill offload: OFFLOAD_GROUP prompt tokens' hidden states, between layers
 
 
 def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[str, TensorInfo] | None,
@@ -168,10 +168,10 @@ class Plan:
             f"  weights      {gib(self.weights)}",
             f"  KV cache     {gib(self.kv)}  ({self.ctx} tokens)",
             f"  activations  {gib(self.activations)}",
-            *([f"  offload      {gib(self.offload_layer)}  (a CPU layer's copy and the prompt's hidden states while a prompt runs it here)"]
-              if self.offload_layer else []),
+            *([f"  offload      {gib(self.offload_layer)}  (a CPU layer's copy and the prompt's hidden "
+               "states while a prompt runs it here)"] if self.offload_layer else []),
             f"  vision peak  {gib(self.vision_peak)}",
-            *([f"  dequant slab {gib(self.dequant_slab)}  (float16 GEMMs without tensor cores in Triton)"]
+            *([f"  dequant slab {gib(self.dequant_slab)}  (weight rows decoded for cuBLAS's prefill GEMMs)"]
               if self.dequant_slab else []),
             f"  CUDA context {gib(CUDA_OVERHEAD)}  (estimate)",
             f"  total        {gib(self.total)}"

@@ -364,6 +364,8 @@ def run(
     except (ModelError, ImageError, VideoError) as e:
         _fail(str(e))
     except torch.OutOfMemoryError:
+        if stream and not json_out:
+            sys.stdout.write("\n")  # after the answer's part already written
         sys.stdout.flush()
         _fail(_out_of_memory("answering"))
     assert isinstance(out, Generation)

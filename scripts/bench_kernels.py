@@ -192,8 +192,9 @@ def bench_attention(dev: str, timer: Timer, cases=ATTENTION_CASES) -> list[dict]
 
 
 ROPE_CASES = (  # name, tokens, heads of q, heads of k, head dim: q and k rotated in one launch, bf16
-    ("vision 2530x1000 q+k", 12960, 16, 16, 80), ("7b prefill q+k", 512, 28, 4, 128), ("3b prefill q+k", 512, 16, 2, 128))
-NORM_CASES = (  # name, rows, width, x's type (the product's), normed output's type: the residual add fused
+    ("vision 2530x1000 q+k", 12960, 16, 16, 80), ("7b prefill q+k", 512, 28, 4, 128),
+    ("3b prefill q+k", 512, 16, 2, 128))
+NORM_CASES = (  # name, rows, width, x's type (the product's), the normed output's type; residual add fused
     ("vision 2530x1000 add+norm", 12960, 1280, torch.bfloat16, torch.bfloat16),
     ("7b prefill add+norm", 512, 3584, torch.bfloat16, torch.bfloat16),
     ("7b decode add+norm", 1, 3584, torch.float32, torch.float32))

@@ -12,8 +12,13 @@ import pytest
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
-from paths import FIXTURES
-from qvl.runtime import cpu_gemm
+# Without a GPU, Triton's kernels run in its interpreter: TRITON_INTERPRET must be set before any
+# @triton.jit kernel is defined, so before qvl is imported from any test module, whichever
+# directory pytest collects first (kernels/interpret.py sets it, and speeds the interpreter up).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "kernels"))
+import interpret  # noqa: E402,F401
+from paths import FIXTURES  # noqa: E402
+from qvl.runtime import cpu_gemm  # noqa: E402
 
 
 @pytest.fixture(scope="session")
