@@ -39,8 +39,9 @@ single qwen25vl file, or what qvl-convert wrote. Images come before the text unl
 places them with {image1}, {image2}, ... Without --prompt and with a terminal on stdin, an
 interactive chat starts.
 
-With a CUDA GPU the whole model runs there through qvl's Triton kernels; --gpu-layers,
---vision-device and --max-vram share it with the CPU when it is small.
+With a CUDA GPU the whole model runs there through qvl's Triton kernels, or as much of it
+as the GPU's free memory holds (one warning says what stays on the CPU); --gpu-layers,
+--vision-device and --max-vram choose how it is shared with the CPU.
 
 Example: qvl-run qwen2.5-vl-3b-q4_k_m.gguf --image cat.png --prompt "What is the cat doing?"
 """
@@ -253,7 +254,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", help="Load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
     gpu_layers: Optional[int] = typer.Option(
         None, "--gpu-layers", "-ngl", "--n-gpu-layers", help="Decoder layers on the GPU, counted from the last as llama.cpp's -ngl "
-        "(n_layer + 1 puts the output layer there too; default: all)."),
+        "(n_layer + 1 puts the output layer there too; default: all, or what the GPU's free memory holds)."),
     vision_device: str = typer.Option("auto", "--vision-device", help="Where the vision tower runs: auto (the GPU "
                                       "when there is one), cpu or cuda."),
     vision_stream: bool = typer.Option(False, "--vision-stream", help="On a GPU, keep the vision tower's block "
