@@ -28,7 +28,7 @@ from .decoder import PREFILL_CHUNK, Decoder, KVCache
 from .gguf_file import GGUFFile
 from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess, smart_resize
 from .memory import give_back_free_memory
-from .placement import Placement, PlacementError, Plan, footprint, make_plan
+from .placement import CUDA_OVERHEAD, Placement, PlacementError, Plan, footprint, make_plan
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
 from .sampling import SamplingError, SamplingParams, sample
@@ -112,6 +112,12 @@ class Model:
                 except PlacementError:  # not even the context and activations: nothing goes there
                     self.plan, placement = None, Placement(kv_type=placement.kv_type)
                 self.fit_note = _fit_note(asked, free, self.plan)
+            elif free is not None and self.plan.vision_on_gpu:  # it fits: images too large for what is left
+                # are downscaled, not out of memory (the kept cache may stay through an encode: counted)
+                rest = CUDA_OVERHEAD + self.plan.weights + self.plan.dequant_slab + self.plan.kv
+                pixels = max(0, int((free - rest) / fp.vision_bytes_per_pixel))
+                placement = replace(placement, vision_max_pixels=min(pixels, placement.vision_max_pixels or pixels))
+                self.plan = plan_for(None)
             if max_vram is not None and self.plan is not None:
                 placement = replace(placement, gpu_layers=self.plan.gpu_layers, vision_on_accel=self.plan.vision_on_gpu,
                                     vision_max_pixels=self.plan.vision_max_pixels,

@@ -340,3 +340,13 @@ def test_fitting_to_the_free_memory(tiny, monkeypatch):
     none = loaded(CUDA_OVERHEAD // 2)
     assert none.plan is None and none.placement.accel is None and "running on the CPU" in none.fit_note
     assert not any(layer.kernels for layer in none.decoder.layers)
+    # with the vision tower there: when everything fits, images are limited to what the memory
+    # left beside the weights and a kept KV cache holds (downscaled with a warning, not out of memory)
+    seeing = dataclasses.replace(asked, vision_on_accel=True)
+    rest = CUDA_OVERHEAD + sum(fp.layer_bytes) + fp.output_bytes + fp.vision_bytes + 3 * kv
+    room = make_plan(fp, 8192, None, ALL_LAYERS, True, prefill_offload=True).total + 3 * kv  # fits, with room to spare
+    limited = loaded(room, seeing)
+    assert limited.fit_note is None and limited.plan.gpu_layers == 4 and limited.plan.vision_on_gpu
+    assert limited.placement.vision_max_pixels == int((room - rest) / fp.vision_bytes_per_pixel)
+    assert limited.plan.vision_max_pixels == limited.placement.vision_max_pixels
+    assert loaded(room, dataclasses.replace(seeing, fit_free=False)).placement.vision_max_pixels is None
