@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import fit
 from .chat import render
 from .config import TextConfig, text_config
 from .decode_graph import DecodeGraph
@@ -28,7 +29,7 @@ from .decoder import PREFILL_CHUNK, Decoder, KVCache
 from .gguf_file import GGUFFile
 from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess, smart_resize
 from .memory import give_back_free_memory
-from .placement import CUDA_OVERHEAD, Placement, PlacementError, Plan, footprint, make_plan
+from .placement import CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, footprint, make_plan
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
 from .sampling import SamplingError, SamplingParams, sample
@@ -104,14 +105,14 @@ class Model:
                                  placement.vision_max_pixels, placement.vision_stream, placement.prefill_offload)
 
             self.plan = plan_for(max_vram)
-            free = free_bytes(placement.accel) if max_vram is None and placement.fit_free else None
+            free = fit.free_bytes(placement.accel) if max_vram is None and placement.fit_free else None
             if free is not None and self.plan.total > free:
                 asked = self.plan
                 try:
                     self.plan, max_vram = plan_for(free), free
                 except PlacementError:  # not even the context and activations: nothing goes there
                     self.plan, placement = None, Placement(kv_type=placement.kv_type)
-                self.fit_note = _fit_note(asked, free, self.plan)
+                self.fit_note = fit.note(asked, free, self.plan)
             elif free is not None and self.plan.vision_on_gpu:  # it fits: images too large for what is left
                 # are downscaled, not out of memory (the kept cache may stay through an encode: counted)
                 rest = CUDA_OVERHEAD + self.plan.weights + self.plan.dequant_slab + self.plan.kv
@@ -278,11 +279,30 @@ class Model:
                 continue
             assert self.vision is not None
             t0 = time.perf_counter()
-            pixels = torch.from_numpy(np.concatenate([m.pixels for m in items]))
-            feats = self.vision.forward(pixels, [m.grid_thw for m in items]).to(embeds.device)  # waits for it
+            feats = torch.cat([self.vision.forward(torch.from_numpy(np.concatenate([m.pixels for m in batch])),
+                                                   [m.grid_thw for m in batch]).to(embeds.device)  # waits for it
+                               for batch in self._encode_batches(items)])
             timings["vision_ms"] = timings.get("vision_ms", 0.0) + 1e3 * (time.perf_counter() - t0)
             embeds[ids_t == self.tokenizer.token_to_id(pad)] = feats
         return embeds, timings
+
+    def _encode_batches(self, items: list[MediaSpan]) -> list[list[MediaSpan]]:
+        """The media encoded together, in order: all at once, or under a memory limit
+        (placement.vision_max_pixels, which each was fitted to alone) as many at a time as it
+        holds, so that a prompt's pictures together do not take more than one may."""
+        limit = self.placement.vision_max_pixels
+        if limit is None:
+            return [items]
+        batches: list[list[MediaSpan]] = [[]]
+        size = 0
+        for m in items:
+            pixels = m.pixels.shape[0] * PATCH_PIXELS
+            if batches[-1] and size + pixels > limit:
+                batches.append([])
+                size = 0
+            batches[-1].append(m)
+            size += pixels
+        return batches
 
     def _prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  all_logits: bool) -> torch.Tensor:
@@ -485,29 +505,6 @@ def _indexed(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def free_bytes(accel: str) -> int | None:
-    """Bytes free on a CUDA device, after what other processes and this one's context hold
-    (torch.cuda.mem_get_info); None for another device (the tests' stand-in accelerator)."""
-    device = torch.device(accel)
-    if device.type != "cuda":
-        return None
-    return torch.cuda.mem_get_info(device)[0]
-
-
-def _fit_note(asked: Plan, free: int, plan: Plan | None) -> str:
-    """One line: what was asked for the GPU, what is free there, and where the model runs now."""
-    gib = 2**30
-    head = f"the model needs ~{asked.total / gib:.1f} GiB on the GPU ({asked.ctx}-token context), {free / gib:.1f} " \
-           "GiB is free there"
-    if plan is None:
-        return f"{head}: running on the CPU (--max-vram or --gpu-layers to choose)"
-    where = "GPU" if plan.vision_on_gpu else "CPU"
-    streamed = ", streamed" if plan.vision_streamed else ""
-    output = " and the output layer" if plan.gpu_layers > plan.n_layer else ""
-    return (f"{head}: {min(plan.gpu_layers, plan.n_layer)}/{plan.n_layer} decoder layers{output} on the GPU, the "
-            f"rest on the CPU, the vision tower on the {where}{streamed} (--max-vram or --gpu-layers to choose)")
 
 
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,

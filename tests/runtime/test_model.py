@@ -99,6 +99,35 @@ def test_placeholders_pick_the_named_image(converted):
     assert torch.equal(swapped, in_order)
 
 
+def test_pictures_over_a_memory_limit_are_encoded_in_turn(converted, monkeypatch):
+    """Under a memory limit on the vision tower's pixels (placement.vision_max_pixels: a
+    --max-vram plan, or the free memory's), a prompt's pictures that each fit but together do
+    not go through the tower one batch at a time: same logits (within float32 rounding of the
+    GEMMs' other row counts, 1e-5 of the largest), one forward a batch."""
+    import dataclasses
+
+    from qvl.runtime.image import MAX_PIXELS, MIN_PIXELS
+    from qvl.runtime.placement import PATCH_PIXELS
+    from qvl.runtime.vision import VisionTower
+
+    path, _ = converted["qwen2.5-untied"]
+    model = load(path)
+    prompt, images = PROMPTS["two images"]
+    whole = model.prompt_logits(prompt, images)
+    sizes = [p.pixels.shape[0] * PATCH_PIXELS for p in model._images(images, MIN_PIXELS, MAX_PIXELS)]
+    calls = []
+    forward = VisionTower.forward
+    monkeypatch.setattr(VisionTower, "forward", lambda self, px, grids: calls.append(len(grids)) or forward(
+        self, px, grids))
+    model.placement = dataclasses.replace(model.placement, vision_max_pixels=max(sizes))  # each fits, both do not
+    in_turn = model.prompt_logits(prompt, images)
+    assert calls == [1, 1]
+    assert (in_turn - whole).abs().max().item() <= 1e-5 * whole.abs().max().item()
+    calls.clear()
+    model.placement = dataclasses.replace(model.placement, vision_max_pixels=sum(sizes))  # both fit together
+    assert torch.equal(model.prompt_logits(prompt, images), whole) and calls == [2]
+
+
 def test_streaming_yields_the_same_text(converted):
     path, _ = converted["qwen2.5-untied"]
     model = load(path)

@@ -312,9 +312,9 @@ def test_cuda_is_resolved_to_the_current_gpu(monkeypatch):
 
 def test_fitting_to_the_free_memory(tiny, monkeypatch):
     """Placement.fit_free: when what is asked does not fit in the GPU's free memory
-    (model.free_bytes), the plan is the --max-vram plan for that memory, and fit_note says so;
+    (fit.free_bytes), the plan is the --max-vram plan for that memory, and fit_note says so;
     when it fits, or without fit_free, what was asked; below the context's own share, the CPU."""
-    import qvl.runtime.model as model_module
+    from qvl.runtime import fit
 
     fp = _tiny_footprint(tiny)
     kv = 8192 * fp.kv_bytes_per_token
@@ -323,7 +323,7 @@ def test_fitting_to_the_free_memory(tiny, monkeypatch):
     asked = Placement("cpu", ALL_LAYERS, kv_type="f32", fit_free=True)
 
     def loaded(free: int, placement: Placement = asked):
-        monkeypatch.setattr(model_module, "free_bytes", lambda accel: free)
+        monkeypatch.setattr(fit, "free_bytes", lambda accel: free)
         return load(tiny, device="cpu", dtype=torch.float32, placement=placement, plan_ctx=8192)
 
     whole = loaded(1 << 40)

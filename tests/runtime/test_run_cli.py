@@ -215,13 +215,13 @@ def test_fitting_to_free_memory_only_without_layer_or_budget_flags(monkeypatch):
 def test_the_fit_is_reported_in_one_warning(model_path, monkeypatch, free_gib, note):
     """What fitting to the GPU's free memory changed is one warning line; the answer is the same.
     (The CPU stands in for the GPU: the placement's accelerator is the CPU.)"""
-    from qvl.runtime import model as model_module
+    from qvl.runtime import fit
     from qvl.runtime import run_cli
     from qvl.runtime.placement import Placement
 
     monkeypatch.setattr(run_cli, "_placement", lambda *a, **k: ("cpu", Placement(
         "cpu", 1 << 20, vision_on_accel=True, kernels=False, kv_type="f32", fit_free=True)))
-    monkeypatch.setattr(model_module, "free_bytes", lambda accel: int(free_gib * 2**30))
+    monkeypatch.setattr(fit, "free_bytes", lambda accel: int(free_gib * 2**30))
     r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "4", "--json"])
     assert r.exit_code == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if line.startswith("qvl-run: warning:")]
