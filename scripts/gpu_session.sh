@@ -118,6 +118,14 @@ followup)
         tests/kernels/test_decode_inputs.py tests/kernels/test_rmsnorm_rope.py tests/kernels/test_vision_stream.py \
         tests/kernels/test_model_kernel_path.py 2>&1 | tee "$out/tests.log" | tail -15
     random_7b || exit 1
+    # the issue's figures first (decode tok/s and peak VRAM at a 4k context, after the 3584-row
+    # GEMVs' splits and the greedy step queued ahead), then with expandable segments (whole-device VRAM)
+    timeout 120 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
+        > "$out/run-1024-ctx4096.json" 2>&1
+    cat "$out/run-1024-ctx4096.json"
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 90 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf \
+        --device cuda --tokens 64 --size 1024 --ctx 4096 > "$out/run-expandable.json" 2>&1
+    cat "$out/run-expandable.json"
     # the Q4_K / Q6_K GEMVs on int8 activations (kernels/qgemv_q8.py; x's int8 form written by what
     # wrote x): decode end to end, and what they do to the logits (random weights: no real model travels)
     QVL_INT8_GEMV=1 timeout 70 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda \
@@ -128,18 +136,17 @@ followup)
     tail -c 600 "$out/int8-logits.json"
     timeout 60 python3 scripts/bench_kernels.py --int8 > "$out/int8.json" 2>&1
     cat "$out/int8.json"
+    # on CUDA: the prompt offload's groups (real streams, page-locked copies), and the dequantize +
+    # cuBLAS route's float32 output (torch.mm's out_dtype)
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_prefill_offload.py 2>&1 \
+        | tee "$out/tests-offload.log" | tail -5
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_dequant.py \
+        -k "prefill_goes_through and (Q4_K or Q6_K)" 2>&1 | tee "$out/tests-dequant.log" | tail -5
     profiles
     # the same prompt with prefill's GEMMs dequantized to bf16 slabs and multiplied by cuBLAS (kernels/dequant.py)
     QVL_DEQUANT_GEMM=1 timeout 70 python3 scripts/profile_prefill.py /tmp/q7b-q4_k_m.gguf --device cuda \
         --tokens 1396 > "$out/profile-prefill-dequant.json" 2>&1
     head -c 2500 "$out/profile-prefill-dequant.json"
-    # VRAM: the default allocator, then expandable segments (less reserved beyond what is allocated)
-    timeout 120 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64 --size 1024 --ctx 4096 \
-        > "$out/run-1024-ctx4096.json" 2>&1
-    cat "$out/run-1024-ctx4096.json"
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 90 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf \
-        --device cuda --tokens 64 --size 1024 --ctx 4096 > "$out/run-expandable.json" 2>&1
-    cat "$out/run-expandable.json"
     # the vision tower streamed from host memory (runtime/vision_stream.py): what the copies add to an encode
     for size in 2530x1000 1024x1024; do
         timeout 60 python3 scripts/profile_vision.py /tmp/q7b-q4_k_m.gguf --device cuda --size $size --stream \
