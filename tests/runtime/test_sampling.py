@@ -122,7 +122,10 @@ def test_candidates_match_the_filters_over_the_sorted_vocabulary(params, kept):
     logits = torch.randn(152_064, generator=gen) * 2  # Qwen's vocabulary, a spread-out distribution
     history = torch.randint(0, 152_064, (100,), generator=gen).tolist()
     want = bench.full_vocab_distribution(logits, history, params)
-    assert int((want > 0).sum()) == kept  # the case exercises what its comment says
+    # the case exercises what its comment says; under top-p, the oracle's own float32 running sum
+    # puts the cut one token either way on another CPU's vector code (AVX2: 8004, 146112, 18346;
+    # AVX-512: 8005, 146113, 18345), which leaves each case in its range
+    assert abs(int((want > 0).sum()) - kept) <= (1 if params.top_p else 0)
     ids, probs = candidates(logits, history, params)
     got = torch.zeros_like(want)
     if ids is None:
