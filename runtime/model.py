@@ -98,7 +98,7 @@ class Model:
         if placement.accel is not None:
             fp = footprint(self.cfg, text_file.tensors, vision_file.tensors if vision_file else None,
                            placement.kernels, placement.kv_type or "bf16",
-                           dequant_slab_bytes(placement.accel, placement.kernels, fast))
+                           dequant_slab_bytes(placement.accel, placement.kernels, fast), half=fast)
 
             def plan_for(budget: int | None) -> Plan:
                 return make_plan(fp, plan_ctx, budget, placement.gpu_layers, placement.vision_on_accel,

@@ -7,8 +7,8 @@ transient parts are estimates from the model's dimensions:
 
 - decoder activations: one prefill chunk of `PREFILL_CHUNK` tokens, float32, through the widest
   layer (residual, norm, q/k/v, attention output, gate/up/SwiGLU) plus one row of logits;
-- vision peak: per patch, float32, the residual, norm, q/k/v, attention output and the MLP's
-  up/gate/hidden (flash-style attention keeps no patches x patches matrix);
+- vision peak: per patch, the largest set of activations alive at once (flash-style attention
+  keeps no patches x patches matrix; `vision_bytes_per_pixel`);
 - `CUDA_OVERHEAD`: the CUDA context and allocator slack; an estimate, to be measured on a GPU;
 - on GPUs without tensor cores for Triton (sm_75: T4, RTX 20xx), the float16 weight slab that
   kernels/dequant.py decodes for each prefill / vision GEMM (32 MiB at most), beside either.
@@ -36,12 +36,15 @@ from dataclasses import dataclass
 
 from .config import TextConfig
 from .decoder import KV_TYPES, OFFLOAD_GROUP, PREFILL_CHUNK, kv_bytes_per_token
+from .dense_mlp import ALIGN
 from .gguf_file import TensorInfo
 from .weights import device_bytes
 
 CUDA_OVERHEAD = 512 * 2**20
 REFERENCE_PIXELS = 1024 * 1024  # the image the vision reservation is sized for
 PATCH_PIXELS = 14 * 14
+VISION_SLACK = 1.25  # the vision peak's estimate over the tensors it counts: the allocator's rounding and gaps
+ROTARY_BYTES = 2 * 4 * 64  # a patch's rotary angles (head_dim / 2 float32, head dims to 128) and their copy
 GIB = 2**30
 
 
@@ -88,10 +91,44 @@ class Footprint:
     offload_group_bytes: int = 0  # prefill offload: OFFLOAD_GROUP prompt tokens' hidden states, between layers
 
 
+def vision_bytes_per_pixel(vision: Mapping[str, TensorInfo], kernels: bool, half: bool) -> float:
+    """The vision encode's activations a pixel, at their peak (runtime/vision.py's forward).
+
+    On the kernel path with half products (dense bf16 / f16 copies of the tower's matrices, the
+    F16 mmproj's), each phase holds, a patch, with E the width and F the MLP's (zero-padded to
+    dense_mlp.ALIGN when gated): the image's float32 patches copied up beside x and its
+    window-ordered copy (float32, 8E); attention: x, its norm, q/k/v, the attention's and the o
+    projection's outputs (4E + 2E + 6E + 2E + 2E); the MLP: x, the norm, gate|up, the hidden
+    layer and the output (8E + 6F); the merger: the norm and three float32 products (14E).
+    Qwen2-VL's LayerNorm keeps the norm float32 and each GEMM converts it: 4E more in attention
+    and the MLP. The largest, plus the rotary's angles and their copy (ROTARY_BYTES), times
+    VISION_SLACK for the allocator's rounding and gaps. tests/kernels/test_vision_memory.py
+    counts every tensor an encode makes while it lives and finds the peak within that.
+    Otherwise (quantized tower weights, the torch path, float32): the float32 residual, norm,
+    q/k/v, attention output and the MLP's up / gate / hidden, 4 * (6E + 3F).
+    """
+    q, up, down = (vision[f"v.blk.0.{role}.weight"] for role in ("attn_q", "ffn_up", "ffn_down"))
+    embed, ffn = q.shape[0], up.shape[0]
+
+    def dense_half(info: TensorInfo) -> bool:  # Matrix.to_device's bf16 / f16 copy (2 bytes a weight)
+        return device_bytes(info, kernels) == 2 * info.shape[0] * info.shape[1]
+
+    if not (kernels and half and all(dense_half(i) for i in (q, up, down))):
+        return 4 * (6 * embed + 3 * ffn) / PATCH_PIXELS
+    patches_up = 4 * 2 * 3 * PATCH_PIXELS + 8 * embed  # float32, two frames of three channels
+    if "v.blk.0.ffn_gate.weight" in vision:  # Qwen2.5-VL
+        ffn = -(-ffn // ALIGN) * ALIGN
+        phases = (patches_up, 16 * embed, 8 * embed + 6 * ffn, 14 * embed)
+    else:  # Qwen2-VL: LayerNorm's float32 norm, converted for each GEMM (+2E + 2E), and float32 adds
+        phases = (patches_up, 20 * embed, 12 * embed + 6 * ffn, 18 * embed)
+    return (max(phases) + ROTARY_BYTES) * VISION_SLACK / PATCH_PIXELS
+
+
 def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[str, TensorInfo] | None,
-              kernels: bool = True, kv_type: str = "bf16", dequant_slab: int = 0) -> Footprint:
+              kernels: bool = True, kv_type: str = "bf16", dequant_slab: int = 0, half: bool = True) -> Footprint:
     """From the tensor tables of the text and vision files (`GGUFFile.tensors`); `dequant_slab`
-    bytes where the GPU's GEMMs dequantize weights first (model.dequant_slab_bytes)."""
+    bytes where the GPU's GEMMs dequantize weights first (model.dequant_slab_bytes); `half`:
+    bf16 / f16 products (False: float32 throughout, load's dtype=torch.float32)."""
     layers = [0] * cfg.n_layer
     output = 0
     for name, info in text.items():
@@ -122,9 +159,7 @@ def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[s
         if block_matrices:  # two blocks' matrices, and the placeholder blocks at rest view (the largest stack)
             stream_bytes += (min(2, len(block_matrices)) * max(block_matrices.values()) + max(stacks.values())
                              - sum(block_matrices.values()))
-        embed = vision["v.blk.0.attn_q.weight"].shape[0]
-        ffn = vision["v.blk.0.ffn_up.weight"].shape[0]
-        per_pixel = 4 * (6 * embed + 3 * ffn) / PATCH_PIXELS
+        per_pixel = vision_bytes_per_pixel(vision, kernels, half)
     width = 8 * cfg.n_embd + 3 * cfg.n_ff
     act = 4 * (PREFILL_CHUNK * width + 2 * cfg.n_vocab)
     group = 2 * 4 * OFFLOAD_GROUP * cfg.n_embd  # float32 x and its norm (decoder.prompt_forward)

@@ -1,0 +1,135 @@
+"""The vision peak that placement.py plans for (`vision_bytes_per_pixel`), against what an encode
+holds: every tensor the vision tower's forward makes, counted from its allocation until its
+storage is freed (views and in-place results add nothing), on the kernel path (the Triton
+kernels in the interpreter; on a GPU machine on the GPU, where the image's copy up counts too)
+and on the torch path.
+
+The towers are tiny but shaped like the real ones where it matters: the MLP is wider than the
+image's patches (Qwen2.5-VL 7B: 1280 -> 3420, here 128 -> 2044; Qwen2-VL's MLP ratio is 2 in
+the tiny models, so its width is 384), so that the MLP's phase sets the peak, as it does at
+full size.
+
+Bounds: the measured peak is at most the plan's estimate (an estimate below it would let a
+planned image run out of memory); on the kernel path it is at least 1 / 1.6 of it (the
+estimate's VISION_SLACK of 1.25 over its own count, and what the count rounds up: an estimate
+that far over downscales images that fit, as the float32 formula did: 366 bytes a pixel for the
+7B's tower against ~160 counted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import weakref
+
+import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from interpret import ACCEL
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from typer.testing import CliRunner
+
+from qvl.convert.cli import app as convert_app
+from qvl.runtime.gguf_file import GGUFFile
+from qvl.runtime.placement import PATCH_PIXELS, vision_bytes_per_pixel
+from qvl.runtime.vision import VisionTower, vision_config
+from qvl.runtime.weights import STREAMED, Weights
+from tiny_models import TinySpec, make_checkpoint
+
+DEVICE = torch.device(ACCEL, 0) if ACCEL == "cuda" else torch.device(ACCEL)
+SPECS = {
+    "qwen2_5_vl": TinySpec(hidden=64, intermediate=128, layers=1, vision_hidden=128, vision_width=2044,
+                           vision_heads=2, vision_depth=2, dtype=torch.float32),
+    "qwen2_vl": TinySpec(family="qwen2_vl", hidden=64, intermediate=128, layers=1, vision_hidden=384,
+                         vision_heads=4, vision_depth=2, dtype=torch.float32),
+}
+GRID = [(1, 8, 12), (1, 4, 6)]  # two images: a window of 8 x 8 patches and a part of one, and a small one
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors made while active and not yet freed, and their peak. A result
+    sharing storage with an input (a view, an in-place op, out=) is not new."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        seen = set()
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() in given or storage.data_ptr() in seen or storage.nbytes() == 0:
+                continue
+            seen.add(storage.data_ptr())
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._freed, storage.nbytes())
+        if self.live > self.peak:
+            # Triton's interpreter leaves a launch's arguments in reference cycles (numpy views
+            # of them in its own objects) until a collection; no GPU launch keeps them
+            gc.collect()
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+@pytest.fixture(scope="module")
+def mmprojs(tmp_path_factory):
+    out = {}
+    for family, spec in SPECS.items():
+        root = tmp_path_factory.mktemp(family)
+        src = make_checkpoint(root / "ckpt", spec)
+        path = root / "m.gguf"
+        r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", "f16", "--vision-type", "f16",
+                                             "-q"])
+        assert r.exit_code == 0, r.output
+        out[family] = root / "mmproj-m.gguf"
+    return out
+
+
+@pytest.mark.parametrize("family", SPECS)
+@pytest.mark.parametrize("kernels", [True, False])
+def test_an_encode_holds_at_most_the_planned_peak(mmprojs, family, kernels):
+    with GGUFFile(mmprojs[family]) as g:
+        tower = VisionTower(vision_config(g), Weights(g, mode=STREAMED), DEVICE, kernels)
+        n = sum(t * h * w for t, h, w in GRID)
+        pixels = torch.from_numpy(np.random.default_rng(0).standard_normal((n, tower.patch.shape[1]),
+                                                                           dtype=np.float32))
+        tower.forward(pixels, GRID)  # first calls: caches made once (rotary tables, compiled kernels)
+        counter = LiveBytes()
+        with counter:
+            y = tower.forward(pixels, GRID)
+        del y
+        gc.collect()
+        assert counter.live == 0  # what the encode made is freed with its output
+        planned = vision_bytes_per_pixel(g.tensors, kernels=kernels, half=True) * n * PATCH_PIXELS
+        measured = counter.peak
+        print(f"\n{family} kernels={kernels}: peak {measured / n:.0f} bytes a patch, planned {planned / n:.0f}")
+        assert measured <= planned
+        if kernels:
+            assert planned <= 1.6 * measured
+
+
+def test_the_float32_estimate_stays_for_what_the_half_count_does_not_cover(mmprojs):
+    """Quantized tower matrices and float32 products keep the float32 formula; the torch path too."""
+    with GGUFFile(mmprojs["qwen2_5_vl"]) as g:
+        tensors = dict(g.tensors)
+    half = vision_bytes_per_pixel(tensors, kernels=True, half=True)
+    e, f = 128, 2044
+    float32 = 4 * (6 * e + 3 * f) / PATCH_PIXELS
+    assert vision_bytes_per_pixel(tensors, kernels=True, half=False) == float32
+    assert vision_bytes_per_pixel(tensors, kernels=False, half=True) == float32
+    up = tensors["v.blk.0.ffn_up.weight"]  # Q8_0 in rows of 256, which the kernels read as blocks
+    tensors["v.blk.0.ffn_up.weight"] = dataclasses.replace(up, type=GGMLQuantizationType.Q8_0, ne=(256, up.shape[0]),
+                                                           nbytes=up.shape[0] * 256 // 32 * 34)
+    assert vision_bytes_per_pixel(tensors, kernels=True, half=True) == float32
+    assert half < 0.7 * float32  # 0.63 at these widths, 0.54 at the 7B's (test_placement)
