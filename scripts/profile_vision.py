@@ -14,7 +14,8 @@ On an H200 the 7B's tower took 0.20-0.27 s for a 2530x1000 image against the 0.1
 - `other`: the rest (patch embedding, rotary tables, window order, merger).
 
 Then (CUDA) one profiled encode: device time per torch op (its kernels' self time) and per
-kernel name, largest first, and the GPU memory the tower holds at rest and at its peak. With
+kernel name, largest first, and the GPU memory the tower holds at rest and at its peak (beside
+the peak that runtime/placement.py plans for the image: `peak_over_planned`). With
 `--stream` the tower's blocks stay in host memory and are copied in a block ahead
 (runtime/vision_stream.py): the encode's time then includes what the copies add. One JSON
 object on stdout.
@@ -61,6 +62,17 @@ def op_tables(encode: Callable[[], object], top: int) -> dict[str, list[dict]]:
         total = {key: "(all)", "calls": sum(r["calls"] for r in rows), "us": round(sum(r["us"] for r in rows), 1)}
         tables[name] = [total] + rows[:top]
     return tables
+
+
+def planned_peak(model_path: str, kernels: bool, patches: int) -> float:
+    """The encode's peak placement.py plans for this many patches (bf16 / f16 products)."""
+    from qvl.runtime.gguf_file import GGUFFile
+    from qvl.runtime.model import find_mmproj
+    from qvl.runtime.placement import PATCH_PIXELS, vision_bytes_per_pixel
+
+    mmproj = find_mmproj(Path(model_path))
+    with GGUFFile(mmproj if mmproj is not None else Path(model_path)) as g:  # an Ollama file holds both
+        return vision_bytes_per_pixel(g.tensors, kernels, half=True) * patches * PATCH_PIXELS
 
 
 def profile(model_path: str, device: str, size: tuple[int, int], runs: int = 3, top: int = 15,
@@ -122,6 +134,9 @@ def profile(model_path: str, device: str, size: tuple[int, int], runs: int = 3, 
     if cuda:
         report["model_allocated_gib"] = round(at_rest / 2**30, 3)  # text and vision weights, before the encode
         report["encode_peak_over_rest_gib"] = round(peak / 2**30, 3)
+        planned = planned_peak(model_path, tower.kernels, int(patches.shape[0]))
+        report["planned_peak_gib"] = round(planned / 2**30, 3)  # what --max-vram and the fit plan for it
+        report["peak_over_planned"] = round(peak / planned, 3)  # above 1: the plan lets this image run out
     if cuda:
         report.update(op_tables(encode, top))
     return report
