@@ -155,9 +155,12 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
 
 def _epilogue(y: torch.Tensor, n: int, bias: torch.Tensor | None, residual: torch.Tensor | None,
               swiglu: bool) -> torch.Tensor:
-    """y (M, N) float32 of a product -> + bias + residual, or SwiGLU over its [gate; up] halves, in torch."""
+    """y (M, N) float32 of a product -> + bias + residual, or SwiGLU over its [gate; up] halves, in torch.
+    SwiGLU is written over the gate half in place (a view with y's row stride, which the next
+    GEMM's operand conversion makes contiguous): no (M, N / 2) buffers of its own beside y,
+    whose halves a prompt's 512 tokens make 37 MiB each for the 7B."""
     if swiglu:
-        return torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]
+        return torch.nn.functional.silu(y[:, :n // 2], inplace=True).mul_(y[:, n // 2:])
     if bias is not None:
         y += bias
     if residual is not None:

@@ -91,6 +91,14 @@ class Footprint:
     offload_group_bytes: int = 0  # prefill offload: OFFLOAD_GROUP prompt tokens' hidden states, between layers
 
 
+def decoder_activation_bytes(cfg: TextConfig, tokens: int) -> int:
+    """A forward pass of `tokens` through a decoder layer, float32, at most: the residual, norm,
+    q/k/v, attention output and the next residual (8 n_embd), the gate / up product and the
+    SwiGLU's operand for down (3 n_ff), and the last token's logits (2 n_vocab).
+    tests/kernels/test_activation_memory.py counts what a pass holds against it."""
+    return 4 * (tokens * (8 * cfg.n_embd + 3 * cfg.n_ff) + 2 * cfg.n_vocab)
+
+
 def vision_bytes_per_pixel(vision: Mapping[str, TensorInfo], kernels: bool, half: bool) -> float:
     """The vision encode's activations a pixel, at their peak (runtime/vision.py's forward).
 
@@ -102,7 +110,7 @@ def vision_bytes_per_pixel(vision: Mapping[str, TensorInfo], kernels: bool, half
     layer and the output (8E + 6F); the merger: the norm and three float32 products (14E).
     Qwen2-VL's LayerNorm keeps the norm float32 and each GEMM converts it: 4E more in attention
     and the MLP. The largest, plus the rotary's angles and their copy (ROTARY_BYTES), times
-    VISION_SLACK for the allocator's rounding and gaps. tests/kernels/test_vision_memory.py
+    VISION_SLACK for the allocator's rounding and gaps. tests/kernels/test_activation_memory.py
     counts every tensor an encode makes while it lives and finds the peak within that.
     Otherwise (quantized tower weights, the torch path, float32): the float32 residual, norm,
     q/k/v, attention output and the MLP's up / gate / hidden, 4 * (6E + 3F).
@@ -160,8 +168,7 @@ def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[s
             stream_bytes += (min(2, len(block_matrices)) * max(block_matrices.values()) + max(stacks.values())
                              - sum(block_matrices.values()))
         per_pixel = vision_bytes_per_pixel(vision, kernels, half)
-    width = 8 * cfg.n_embd + 3 * cfg.n_ff
-    act = 4 * (PREFILL_CHUNK * width + 2 * cfg.n_vocab)
+    act = decoder_activation_bytes(cfg, PREFILL_CHUNK)
     group = 2 * 4 * OFFLOAD_GROUP * cfg.n_embd  # float32 x and its norm (decoder.prompt_forward)
     return Footprint(tuple(layers), output, vis_bytes, kv_bytes_per_token(cfg, kv_type), act, per_pixel, dequant_slab,
                      stream_bytes, group)

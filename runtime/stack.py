@@ -105,4 +105,4 @@ class Stack:
             if len(rows) == 2 and rows[0] == rows[1]:
                 return self.groups[0][0].matmul(x, swiglu=True)
         gate, up = self.matmul(x)
-        return F.silu(gate) * up
+        return F.silu(gate, inplace=True).mul_(up)  # over the gate's own product: no buffers beside it

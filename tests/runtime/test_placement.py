@@ -56,7 +56,7 @@ def test_7b_q4_k_m_footprint():
     assert 4.0 * GIB < weights < 4.6 * GIB  # llama.cpp's 7B Q4_K_M text file is 4.36 GiB with embeddings
     assert 1.2 * GIB < fp.vision_bytes < 1.4 * GIB  # the F16 mmproj (675M parameters)
     assert fp.kv_bytes_per_token == 2 * 4 * 128 * 2  # k and v, 4 KV heads of 128, bf16
-    # the encode's bf16 activations (tests/kernels/test_vision_memory.py measures them): about half
+    # the encode's bf16 activations (tests/kernels/test_activation_memory.py measures them): about half
     # of the float32 residual, norm, q/k/v, attention output and MLP that were planned before
     assert fp.vision_bytes_per_pixel < 0.55 * 4 * (6 * 1280 + 3 * 3420) / PATCH_PIXELS
     plan = make_plan(fp, 4096, None, ALL_LAYERS, True)
