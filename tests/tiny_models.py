@@ -166,3 +166,16 @@ def make_checkpoint(dst: Path, spec: TinySpec) -> Path:
         weight_map.update({n: fname for n in part})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
+
+
+def to_gguf(src: Path, out: Path, qtype: str = "f32", vision_type: str | None = None) -> Path:
+    """qvl-convert on a checkpoint folder, quietly (`vision_type`: --vision-type, or the
+    converter's default); the test fails with the converter's output if it fails. Returns `out`."""
+    from typer.testing import CliRunner
+
+    from qvl.convert.cli import app
+
+    args = [str(src), "-o", str(out), "--type", qtype, "-q"]
+    r = CliRunner().invoke(app, args + (["--vision-type", vision_type] if vision_type else []))
+    assert r.exit_code == 0, r.output
+    return out

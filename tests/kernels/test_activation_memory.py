@@ -32,15 +32,13 @@ from gguf import GGMLQuantizationType
 from interpret import ACCEL
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from typer.testing import CliRunner
 
-from qvl.convert.cli import app as convert_app
 from qvl.runtime.gguf_file import GGUFFile
 from qvl.runtime.model import ALL_LAYERS, load
 from qvl.runtime.placement import PATCH_PIXELS, Placement, decoder_activation_bytes, vision_bytes_per_pixel
 from qvl.runtime.vision import VisionTower, vision_config
 from qvl.runtime.weights import STREAMED, Weights
-from tiny_models import TinySpec, make_checkpoint
+from tiny_models import TinySpec, make_checkpoint, to_gguf
 
 DEVICE = torch.device(ACCEL, 0) if ACCEL == "cuda" else torch.device(ACCEL)
 SPECS = {
@@ -84,18 +82,13 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _convert(src, out, qtype: str) -> None:
-    r = CliRunner().invoke(convert_app, [str(src), "-o", str(out), "--type", qtype, "--vision-type", "f16", "-q"])
-    assert r.exit_code == 0, r.output
-
-
 @pytest.fixture(scope="module")
 def mmprojs(tmp_path_factory):
     out = {}
     for family, spec in SPECS.items():
         root = tmp_path_factory.mktemp(family)
         src = make_checkpoint(root / "ckpt", spec)
-        _convert(src, root / "m.gguf", "f16")
+        to_gguf(src, root / "m.gguf", "f16", "f16")
         out[family] = root / "mmproj-m.gguf"
     return out
 
@@ -144,8 +137,7 @@ def decoder_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("decoder")
     spec = TinySpec(hidden=256, intermediate=1024, heads=4, kv_heads=2, layers=1, vocab_size=1280,
                     dtype=torch.float32)
-    _convert(make_checkpoint(root / "ckpt", spec), root / "m.gguf", "q8_0")
-    return root / "m.gguf"
+    return to_gguf(make_checkpoint(root / "ckpt", spec), root / "m.gguf", "q8_0", "f16")
 
 
 @pytest.mark.parametrize("kernels", [True, False])

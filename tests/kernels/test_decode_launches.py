@@ -22,10 +22,8 @@ import sys
 import pytest
 import torch
 from paths import REPO
-from tiny_models import TinySpec, make_checkpoint
-from typer.testing import CliRunner
+from tiny_models import TinySpec, make_checkpoint, to_gguf
 
-from qvl.convert.cli import app as convert_app
 
 LAYERS = 3
 
@@ -35,11 +33,7 @@ def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("launches")
     spec = TinySpec(hidden=256, intermediate=512, heads=4, kv_heads=2, layers=LAYERS, vocab_size=1280,
                     dtype=torch.float32, std=0.15, seed=3)
-    path = d / "m.gguf"
-    r = CliRunner().invoke(convert_app, [str(make_checkpoint(d / "ckpt", spec)), "-o", str(path), "--type", "q8_0",
-                                         "-q"])
-    assert r.exit_code == 0, r.output
-    return path
+    return to_gguf(make_checkpoint(d / "ckpt", spec), d / "m.gguf", "q8_0")
 
 
 @pytest.mark.parametrize("arch,cache", [(90, "bf16"), (75, "q8_0")])
@@ -70,9 +64,7 @@ def test_int8_decode_step_launches(model, tmp_path):
     RMSNorm, decode attention, the SwiGLU GEMV, the norms after o and down), and a layer's q/k
     stack and v share one."""
     src = model.parent / "ckpt"
-    path = tmp_path / "m-q4_k_m.gguf"
-    r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", "q4_k_m", "-q"])
-    assert r.exit_code == 0, r.output
+    path = to_gguf(src, tmp_path / "m-q4_k_m.gguf", "q4_k_m")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"QVL_INT8_GEMV": "1"}
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "count_launches.py"), str(path), "--json"],
                          capture_output=True, text=True, env=env, timeout=900)

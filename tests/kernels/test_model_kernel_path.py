@@ -23,23 +23,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from qvl.convert.cli import app as convert_app
 from qvl.runtime.gguf_file import GGUFFile
 from qvl.runtime.model import ALL_LAYERS, Generation, load
 from qvl.runtime.placement import Placement
-from tiny_models import TinySpec, make_checkpoint
+from tiny_models import TinySpec, make_checkpoint, to_gguf
 
 IMAGE = Image.fromarray(np.random.default_rng(7).integers(0, 256, (60, 90, 3), dtype=np.uint8))
 PROMPT = "What is in this picture?"
 TOKENS = 8
-
-
-def _convert(src, path, qtype: str):
-    r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", qtype, "--vision-type", "f32", "-q"])
-    assert r.exit_code == 0, r.output
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +50,7 @@ def models(checkpoints):
     """The checkpoints in Q8_0; the vision tower in F32."""
     out = {}
     for name, src in checkpoints.items():
-        path = _convert(src, src.parent / "m.gguf", "q8_0")
+        path = to_gguf(src, src.parent / "m.gguf", "q8_0", "f32")
         with GGUFFile(path) as g:
             assert g.tensors["blk.0.ffn_up.weight"].type.name == "Q8_0"  # the kernel reads these
             assert ("output.weight" in g.tensors) == (name == "untied")
@@ -121,7 +113,7 @@ def test_other_quant_mixes_through_the_kernels(checkpoints, file_type, types):
     Q4_0 one (Q6_K output) wholly through the kernels, every matrix read from its blocks (none
     made a dense copy): the torch path's tokens, logits within 1e-4 (as above)."""
     src = checkpoints["untied"]
-    path = _convert(src, src.parent / f"m-{file_type}.gguf", file_type)
+    path = to_gguf(src, src.parent / f"m-{file_type}.gguf", file_type, "f32")
     with GGUFFile(path) as g:
         assert {t.type.name for n, t in g.tensors.items() if n.startswith(("blk.", "output."))
                 and n.endswith(".weight") and "norm" not in n} == types
@@ -149,7 +141,7 @@ def test_low_bit_and_iq_mixes_through_the_kernels(checkpoints, monkeypatch, mix)
     parts = getattr(quant_weights, mix)
     quant_weights.use_low_bit_types(monkeypatch, parts)
     src = checkpoints["untied"]
-    path = _convert(src, src.parent / f"m-{mix}.gguf", "q4_k_m")
+    path = to_gguf(src, src.parent / f"m-{mix}.gguf", "q4_k_m", "f32")
     names = {"attn_": ("attn_q", "attn_k", "attn_v"), "ffn_": ("ffn_gate", "ffn_up")}
     want = {}
     for part, qtype in parts:
@@ -189,7 +181,7 @@ def test_int8_activations_through_k_quant_models(checkpoints, monkeypatch, file_
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     src = checkpoints["untied"]
-    path = _convert(src, src.parent / f"m-int8-{file_type}.gguf", file_type)  # not the other tests' file
+    path = to_gguf(src, src.parent / f"m-int8-{file_type}.gguf", file_type, "f32")  # not the other tests' file
     calls = []
     real = q8.qgemv_q8
     monkeypatch.setattr(q8, "qgemv_q8", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
@@ -376,7 +368,7 @@ def test_rows_that_are_not_whole_steps_keep_their_blocks(tmp_path):
     the torch path's tokens, logits within 1e-4 (as above)."""
     spec = TinySpec(hidden=256, intermediate=288, heads=4, kv_heads=2, layers=2, vocab_size=1280,
                     dtype=torch.float32, std=0.15, seed=12)
-    path = _convert(make_checkpoint(tmp_path / "ckpt", spec), tmp_path / "m.gguf", "q8_0")
+    path = to_gguf(make_checkpoint(tmp_path / "ckpt", spec), tmp_path / "m.gguf", "q8_0", "f32")
     model = load(path, device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"])
     down = model.decoder.layers[0].down.kernel
     assert down is not None and down.head == 256 and down.tail is not None and down.tail.shape == (256, 32)

@@ -20,14 +20,12 @@ import pytest
 import torch
 from interpret import ACCEL
 from PIL import Image
-from typer.testing import CliRunner
 
-from qvl.convert.cli import app as convert_app
 import qvl.runtime.model as model_module
 from qvl.runtime import decoder as decoder_module
 from qvl.runtime.model import load
 from qvl.runtime.placement import Placement
-from tiny_models import TinySpec, make_checkpoint
+from tiny_models import TinySpec, make_checkpoint, to_gguf
 
 IMAGE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (60, 90, 3), dtype=np.uint8))
 TOKENS = 6
@@ -40,22 +38,14 @@ def checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("offload") / "ckpt", spec)
 
 
-def _convert(checkpoint, qtype: str):
-    out = checkpoint.parent / f"m-{qtype}.gguf"
-    r = CliRunner().invoke(convert_app, [str(checkpoint), "-o", str(out), "--type", qtype, "--vision-type", "f32",
-                                         "-q"])
-    assert r.exit_code == 0, r.output
-    return out
-
-
 @pytest.fixture(scope="module")
 def path(checkpoint):
-    return _convert(checkpoint, "q8_0")
+    return to_gguf(checkpoint, checkpoint.parent / "m-q8_0.gguf", "q8_0", "f32")
 
 
 @pytest.fixture(scope="module")
 def f32(checkpoint):
-    return _convert(checkpoint, "f32")
+    return to_gguf(checkpoint, checkpoint.parent / "m-f32.gguf", "f32", "f32")
 
 
 def _generate(path, offload: bool, kv_type: str, monkeypatch, kernels: bool = True):

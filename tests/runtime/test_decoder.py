@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from qvl.convert.cli import app as convert_app
 from qvl.runtime.config import ConfigError, text_config
 from qvl.runtime.decoder import Decoder, KVCache
 from qvl.runtime.gguf_file import GGUFFile
 from qvl.runtime.packed import DENSE_FROM_M, DENSE_FROM_M_F32
 from qvl.runtime.weights import EXACT, PACKED, Weights
-from tiny_models import TinySpec, build_model, make_checkpoint
+from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 
 SPECS = {
     "qwen2.5-untied": TinySpec(dtype=torch.float32),
@@ -28,10 +26,7 @@ SPECS = {
 
 def _convert(tmp_path, spec: TinySpec, type_name: str = "f32"):
     src = make_checkpoint(tmp_path / "ckpt", spec)
-    out = tmp_path / f"m-{type_name}.gguf"
-    r = CliRunner().invoke(convert_app, [str(src), "-o", str(out), "--type", type_name, "-q"])
-    assert r.exit_code == 0, r.output
-    return out
+    return to_gguf(src, tmp_path / f"m-{type_name}.gguf", type_name)
 
 
 def _ours(path, ids: torch.Tensor, chunks: int = 1, mode: str = EXACT) -> torch.Tensor:

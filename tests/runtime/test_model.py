@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from qvl.convert.cli import app as convert_app
 from qvl.runtime.chat import render
 from qvl.runtime.model import Generation, ModelError, load
-from tiny_models import TinySpec, build_model, make_checkpoint
+from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 
 rng = np.random.default_rng(0)
 IMG_A = Image.fromarray(rng.integers(0, 256, (120, 170, 3), dtype=np.uint8))  # 4x6 merged grid
@@ -43,10 +41,7 @@ def converted(tmp_path_factory):
     for name, spec in SPECS.items():
         d = tmp_path_factory.mktemp(name)
         src = make_checkpoint(d / "ckpt", spec)
-        r = CliRunner().invoke(convert_app, [str(src), "-o", str(d / "m.gguf"), "--type", "f32",
-                                             "--vision-type", "f32", "-q"])
-        assert r.exit_code == 0, r.output
-        out[name] = (d / "m.gguf", build_model(spec).float().eval())
+        out[name] = (to_gguf(src, d / "m.gguf", "f32", "f32"), build_model(spec).float().eval())
     return out
 
 

@@ -11,9 +11,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from PIL import Image
-from typer.testing import CliRunner
 
-from qvl.convert.cli import app as convert_app
 from qvl.convert.hf_config import parse_config
 from qvl.convert.layout import mmproj_tensors, text_tensors
 from qvl.convert.official import official_config
@@ -25,7 +23,7 @@ from qvl.runtime.image import smart_resize
 from qvl.runtime.model import ALL_LAYERS, load
 from qvl.runtime.placement import (CUDA_OVERHEAD, GIB, PATCH_PIXELS, REFERENCE_PIXELS, Placement, PlacementError,
                                    footprint, make_plan)
-from tiny_models import TinySpec, make_checkpoint
+from tiny_models import TinySpec, make_checkpoint, to_gguf
 
 
 def _official(name: str, kv_type: str = "bf16", dequant_slab: int = 0, file_type: str = "q4_k_m",
@@ -165,10 +163,7 @@ def test_q8_0_cache_and_longer_context():
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     src = make_checkpoint(d / "ckpt", TinySpec(dtype=torch.float32, layers=3, seed=2))
-    path = d / "m.gguf"
-    r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", "f32", "--vision-type", "f32", "-q"])
-    assert r.exit_code == 0, r.output
-    return path
+    return to_gguf(src, d / "m.gguf", "f32", "f32")
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +171,7 @@ def deep_vision(tmp_path_factory):
     """As `tiny` with 4 vision blocks: streaming keeps 2 of them on the accelerator."""
     d = tmp_path_factory.mktemp("deep")
     src = make_checkpoint(d / "ckpt", TinySpec(dtype=torch.float32, layers=3, vision_depth=4, seed=2))
-    path = d / "m.gguf"
-    r = CliRunner().invoke(convert_app, [str(src), "-o", str(path), "--type", "f32", "--vision-type", "f32", "-q"])
-    assert r.exit_code == 0, r.output
-    return path
+    return to_gguf(src, d / "m.gguf", "f32", "f32")
 
 
 def _tiny_footprint(tiny):

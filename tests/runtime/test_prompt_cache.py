@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import qvl.runtime.model as model_module
-from qvl.convert.cli import app as convert_app
 from qvl.runtime.chat import render
 from qvl.runtime.model import ModelError, load
 from qvl.runtime.prompt_cache import MediaSpan, PromptKeys
-from tiny_models import TinySpec, make_checkpoint
+from tiny_models import TinySpec, make_checkpoint, to_gguf
 
 rng = np.random.default_rng(1)
 IMG = Image.fromarray(rng.integers(0, 256, (120, 170, 3), dtype=np.uint8))
@@ -60,10 +58,7 @@ def test_reuse_stops_before_the_last_token_and_outside_pictures():
 def path(tmp_path_factory):
     d = tmp_path_factory.mktemp("reuse")
     src = make_checkpoint(d / "ckpt", TinySpec(dtype=torch.float32, vision_depth=4, seed=7))
-    r = CliRunner().invoke(convert_app, [str(src), "-o", str(d / "m.gguf"), "--type", "f32", "--vision-type", "f32",
-                                         "-q"])
-    assert r.exit_code == 0, r.output
-    return d / "m.gguf"
+    return to_gguf(src, d / "m.gguf", "f32", "f32")
 
 
 def _run(model, monkeypatch, messages):

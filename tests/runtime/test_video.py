@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from qvl.convert.cli import app as convert_app
 from qvl.runtime.model import load
 from qvl.runtime.video import VideoError, VideoOptions, frame_range, frame_size, load_video, sample_indices, smart_nframes
-from tiny_models import TinySpec, build_model, make_checkpoint
+from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +147,7 @@ def test_bad_videos(tmp_path):
 def test_video_prompt_logits_match_transformers(tmp_path, family):
     spec = TinySpec(family=family, dtype=torch.float32, seed=9)
     src = make_checkpoint(tmp_path / "ckpt", spec)
-    r = CliRunner().invoke(convert_app, [str(src), "-o", str(tmp_path / "m.gguf"), "--type", "f32",
-                                         "--vision-type", "f32", "-q"])
-    assert r.exit_code == 0, r.output
-    model = load(tmp_path / "m.gguf")
+    model = load(to_gguf(src, tmp_path / "m.gguf", "f32", "f32"))
     video = make_video(tmp_path / "v.mp4", frames=40, fps=8, size=(84, 112))
     from qvl.runtime.chat import render
 
