@@ -56,5 +56,6 @@ class DenseMLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, cols) -> (n, down rows) in the copies' dtype."""
         gu = dense_linear(x, self.gate_up, self.gate_up_b)
-        h = F.silu(gu[:, :self.width]).mul_(gu[:, self.width:])
+        # over the gate half in place: down's GEMM reads it with gu's row stride (16-byte aligned)
+        h = F.silu(gu[:, :self.width], inplace=True).mul_(gu[:, self.width:])
         return dense_linear(h, self.down, self.down_b)

@@ -106,10 +106,10 @@ def vision_bytes_per_pixel(vision: Mapping[str, TensorInfo], kernels: bool, half
     F16 mmproj's), each phase holds, a patch, with E the width and F the MLP's (zero-padded to
     dense_mlp.ALIGN when gated): the image's float32 patches copied up beside x and its
     window-ordered copy (float32, 8E); attention: x, its norm, q/k/v, the attention's and the o
-    projection's outputs (4E + 2E + 6E + 2E + 2E); the MLP: x, the norm, gate|up, the hidden
-    layer and the output (8E + 6F); the merger: the norm and three float32 products (14E).
-    Qwen2-VL's LayerNorm keeps the norm float32 and each GEMM converts it: 4E more in attention
-    and the MLP. The largest, plus the rotary's angles and their copy (ROTARY_BYTES), times
+    projection's outputs (4E + 2E + 6E + 2E + 2E); the MLP: x, the norm, gate|up (the hidden
+    layer written over its gate half) and the output (8E + 4F); the merger: the norm and three
+    float32 products (14E). Qwen2-VL's LayerNorm keeps the norm float32 (2E more), its MLP holds
+    up and quick GELU's product (4F), and the adds are float32. The largest, plus the rotary's angles and their copy (ROTARY_BYTES), times
     VISION_SLACK for the allocator's rounding and gaps. tests/kernels/test_activation_memory.py
     counts every tensor an encode makes while it lives and finds the peak within that.
     Otherwise (quantized tower weights, the torch path, float32): the float32 residual, norm,
@@ -126,9 +126,9 @@ def vision_bytes_per_pixel(vision: Mapping[str, TensorInfo], kernels: bool, half
     patches_up = 4 * 2 * 3 * PATCH_PIXELS + 8 * embed  # float32, two frames of three channels
     if "v.blk.0.ffn_gate.weight" in vision:  # Qwen2.5-VL
         ffn = -(-ffn // ALIGN) * ALIGN
-        phases = (patches_up, 16 * embed, 8 * embed + 6 * ffn, 14 * embed)
-    else:  # Qwen2-VL: LayerNorm's float32 norm, converted for each GEMM (+2E + 2E), and float32 adds
-        phases = (patches_up, 20 * embed, 12 * embed + 6 * ffn, 18 * embed)
+        phases = (patches_up, 16 * embed, 8 * embed + 4 * ffn, 14 * embed)
+    else:  # Qwen2-VL: LayerNorm's float32 norm (+2E, +2E converted for the GEMMs), float32 adds
+        phases = (patches_up, 18 * embed, 10 * embed + 4 * ffn, 18 * embed)
     return (max(phases) + ROTARY_BYTES) * VISION_SLACK / PATCH_PIXELS
 
 

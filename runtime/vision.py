@@ -299,10 +299,10 @@ class VisionTower:
         if b.mlp is not None:  # made on the kernel path only
             return b.mlp.forward(x)
         up = b.up.linear(x, b.up_b)
-        if b.gate is not None:
-            h = F.silu(b.gate.linear(x, b.gate_b)).mul_(up)
+        if b.gate is not None:  # over the gate's product, as below over 1.702 * up: no buffer beside it
+            h = F.silu(b.gate.linear(x, b.gate_b), inplace=True).mul_(up)
         else:
-            h = up * torch.sigmoid(1.702 * up)  # quick GELU
+            h = torch.sigmoid_(1.702 * up).mul_(up)  # quick GELU
         return b.down.linear(h, b.down_b) if self.kernels else b.down.matmul(h, b.down_b)
 
     def forward(self, pixels: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
