@@ -112,7 +112,7 @@ class DeviceBlocks:
         if self.tail is not None:
             y = self._with_tail(x)
             if swiglu:
-                y = torch.nn.functional.silu(y[..., :self.rows // 2]) * y[..., self.rows // 2:]
+                y = torch.nn.functional.silu(y[..., :self.rows // 2], inplace=True).mul_(y[..., self.rows // 2:])
             if bias is not None:
                 y = y + bias
             return y if residual is None else y + residual
