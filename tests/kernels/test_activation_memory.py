@@ -121,7 +121,7 @@ def test_the_float32_estimate_stays_for_what_the_half_count_does_not_cover(mmpro
     with GGUFFile(mmprojs["qwen2_5_vl"]) as g:
         tensors = dict(g.tensors)
     half = vision_bytes_per_pixel(tensors, kernels=True, half=True)
-    e, f = 128, 2044
+    e, f = SPECS["qwen2_5_vl"].vision_hidden, SPECS["qwen2_5_vl"].vision_width
     float32 = 4 * (6 * e + 3 * f) / PATCH_PIXELS
     assert vision_bytes_per_pixel(tensors, kernels=True, half=False) == float32
     assert vision_bytes_per_pixel(tensors, kernels=False, half=True) == float32
