@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import fit
+from . import fit, vision_oom
 from .chat import render
 from .config import TextConfig, text_config
 from .decode_graph import DecodeGraph
@@ -279,12 +279,29 @@ class Model:
                 continue
             assert self.vision is not None
             t0 = time.perf_counter()
-            feats = torch.cat([self.vision.forward(torch.from_numpy(np.concatenate([m.pixels for m in batch])),
-                                                   [m.grid_thw for m in batch]).to(embeds.device)  # waits for it
+            feats = torch.cat([self._encode(batch).to(embeds.device)  # waits for it
                                for batch in self._encode_batches(items)])
             timings["vision_ms"] = timings.get("vision_ms", 0.0) + 1e3 * (time.perf_counter() - t0)
             embeds[ids_t == self.tokenizer.token_to_id(pad)] = feats
         return embeds, timings
+
+    def _encode(self, batch: list[MediaSpan]) -> torch.Tensor:
+        """The vision tower's features of a batch of media; out of GPU memory, a VisionOutOfMemory."""
+        assert self.vision is not None
+        vision = self.vision
+        pixels = np.concatenate([m.pixels for m in batch])
+        return vision_oom.encode(lambda: vision.forward(torch.from_numpy(pixels), [m.grid_thw for m in batch]),
+                                 pixels.shape[0] * PATCH_PIXELS)
+
+    def _lower_vision_limit(self, error: vision_oom.VisionOutOfMemory, min_pixels: int) -> None:
+        """After an encode ran out of GPU memory: pictures limited to fewer pixels from now on
+        (vision_oom.py), with a warning; the error raised again where the limit cannot go lower."""
+        limit = vision_oom.lowered(self.placement.vision_max_pixels, error.pixels, min_pixels)
+        if limit is None:
+            raise error
+        self.on_warning(f"the vision tower ran out of GPU memory on {error.pixels:,} pixels: pictures are "
+                        f"now limited to {limit:,} pixels, and the prompt is read again")
+        self.placement = replace(self.placement, vision_max_pixels=limit)
 
     def _encode_batches(self, items: list[MediaSpan]) -> list[list[MediaSpan]]:
         """The media encoded together, in order: all at once, or under a memory limit
@@ -401,8 +418,12 @@ class Model:
             params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         except SamplingError as e:
             raise ModelError(str(e)) from None
-        text, images, vids = self._prepare(prompt, images, videos, video_options, system, template)
-        it = self._run(text, images, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids, cache_prompt)
+
+        def attempt() -> Iterator[str | Generation]:  # again, with pictures downscaled, after an encode's OOM
+            text, media, vids = self._prepare(prompt, images, videos, video_options, system, template)
+            return self._run(text, media, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids, cache_prompt)
+
+        it = vision_oom.retrying(attempt, lambda e: self._lower_vision_limit(e, min_pixels))
         if stream:
             return (piece for piece in it if isinstance(piece, str))
         result = None
