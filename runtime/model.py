@@ -418,9 +418,11 @@ class Model:
             params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         except SamplingError as e:
             raise ModelError(str(e)) from None
+        first = [self._prepare(prompt, images, videos, video_options, system, template)]  # its errors at once
 
         def attempt() -> Iterator[str | Generation]:  # again, with pictures downscaled, after an encode's OOM
-            text, media, vids = self._prepare(prompt, images, videos, video_options, system, template)
+            text, media, vids = first.pop() if first else self._prepare(prompt, images, videos, video_options,
+                                                                        system, template)
             return self._run(text, media, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids, cache_prompt)
 
         it = vision_oom.retrying(attempt, lambda e: self._lower_vision_limit(e, min_pixels))

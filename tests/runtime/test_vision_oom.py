@@ -192,3 +192,13 @@ def test_retrying_gives_up_after_attempts_or_when_lower_raises():
     with pytest.raises(VisionOutOfMemory):
         list(retrying(never, give_up))
     assert len(tries) == 1
+
+
+def test_a_bad_request_fails_at_generate_not_at_the_first_piece(fixtures_dir):
+    """The retry wraps the answer's pieces, not the request's checks: a streamed generate
+    still raises its ModelError when called."""
+    from qvl.runtime.model import ModelError
+
+    model, _ = _model(fixtures_dir)
+    with pytest.raises(ModelError, match=r"\{image2\}"):
+        model.generate("{image2}?", [_image(56, 56)], stream=True)
