@@ -55,19 +55,17 @@ def lowered(limit: int | None, failed: int, min_pixels: int) -> int | None:
 def retrying(attempt: Callable[[], Iterator[T]], lower: Callable[[VisionOutOfMemory], None]) -> Iterator[T]:
     """attempt()'s items; where it raises VisionOutOfMemory before its first item, lower(error)
     (which raises to give up) and attempt() again, up to ATTEMPTS tries."""
-    for left in range(ATTEMPTS - 1, -1, -1):
+    for tries in range(1, ATTEMPTS + 1):
         it = attempt()
         try:
             first = next(it)
         except VisionOutOfMemory as e:
-            if left == 0:
+            if tries == ATTEMPTS:
                 raise
-            failed: VisionOutOfMemory | None = e
+            error = e  # lowered outside the handler: the next try runs with no exception being handled
         else:
-            failed = None
-        if failed is None:
             yield first
             yield from it
             return
-        lower(failed)
-        del failed
+        lower(error)
+        del error
