@@ -20,8 +20,8 @@ generated with each part timed:
   - `launch` (CUDA only): the host's time in the replay call (cudaGraphLaunch);
 - `other`: the rest of the loop (the total minus the parts).
 
-Then, on CUDA, one profiled token per kernel (torch.profiler): the device time of each kernel
-name, largest first. One JSON object on stdout.
+Then one profiled token (torch.profiler), largest first: on CUDA the device time of each
+kernel name (`kernels_one_token`), on the CPU the self time of each op (`ops_one_token`). One JSON object on stdout.
 
     python scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 64
 """
@@ -137,26 +137,26 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
     report = {"device": device, "tokens": n, "decode_tok_s": round(n / decode_s, 2), "ms_per_token": per_token,
               "capture_ms": round(1e3 * warm.timings["capture_s"], 1) if "capture_s" in warm.timings else None,
               "int8_gemv": q8_activations.ENABLED}  # QVL_INT8_GEMV: Q4_K / Q6_K GEMVs on int8 activations
-    if cuda:
-        report["kernels_one_token"] = kernel_table(m, prompt, kernels)
+    report["kernels_one_token" if cuda else "ops_one_token"] = kernel_table(m, prompt, kernels, cuda)
     return report
 
 
-def kernel_table(m, prompt: str, top: int) -> list[dict]:
-    """Device time per kernel name over one generated token after the prompt (the prefill is
-    run before the profiler starts: the table is the decode step's)."""
+def kernel_table(m, prompt: str, top: int, cuda: bool) -> list[dict]:
+    """Device time per kernel name (on the CPU: self time per op) over one generated token after
+    the prompt (the prefill is run before the profiler starts: the table is the decode step's)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     stream = m.generate(prompt, max_new_tokens=3, stream=True, cache_prompt=False)
     next(stream)  # prefill and the first token: outside the profile
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         next(stream, None)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     for _ in stream:
         pass
-    rows = [{"kernel": e.key[:80], "calls": e.count, "us": round(e.device_time_total, 1)}
-            for e in prof.key_averages() if e.device_time_total > 0]
+    rows = [{"kernel": e.key[:80], "calls": e.count, "us": round(e.device_time_total if cuda else e.self_cpu_time_total, 1)}
+            for e in prof.key_averages() if (e.device_time_total if cuda else e.self_cpu_time_total) > 0]
     rows.sort(key=lambda r: -r["us"])
     total = sum(r["us"] for r in rows)
     return [{"kernel": "(all)", "calls": sum(r["calls"] for r in rows), "us": round(total, 1)}] + rows[:top]
