@@ -7,8 +7,9 @@ should come out downscaled with a warning, as one over the limit does, not as an
 encode's torch.OutOfMemoryError becomes a VisionOutOfMemory naming the pixels of the batch that
 failed, the model lowers its limit to SHRINK of them (Model._lower_vision_limit), and the
 generation starts again from its prompt: the pictures are resized to the new limit (so their
-token count changes), batches split under it, and nothing of the failed try is kept. A limit
-that cannot go below the prompt's min_pixels raises the error as it was.
+token count changes), batches split under it, and nothing of the failed try is kept. Where the
+pictures cannot shrink further (the limit would go below the prompt's min_pixels, or a batch
+already over the limit failed), the error is raised as it was.
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ def encode(forward: Callable[[], torch.Tensor], pixels: int) -> torch.Tensor:
 
 def lowered(limit: int | None, failed: int, min_pixels: int) -> int | None:
     """The new picture limit after a batch of `failed` pixels ran out of memory under `limit`
-    (None: no limit), or None where it cannot go lower: below min_pixels."""
-    new = int(SHRINK * (failed if limit is None else min(failed, limit)))
+    (None: no limit), or None where it cannot go lower: below min_pixels, or where the batch was
+    already over the limit (one picture at its floor, min_pixels, or a video's frames at theirs,
+    which a lower limit would not shrink)."""
+    if limit is not None and failed > limit:
+        return None
+    new = int(SHRINK * failed)
     return new if new >= min_pixels else None
 
 

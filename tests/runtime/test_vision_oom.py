@@ -30,12 +30,13 @@ def _image(w: int, h: int, seed: int = 0) -> Image.Image:
 
 @pytest.fixture()
 def gpu_of(monkeypatch):
-    """gpu_of(pixels): the tower's forward fails as out of GPU memory on batches of more pixels;
-    returns the list of (pixels, failed) of each forward."""
-    calls: list[tuple[int, bool]] = []
+    """gpu_of(pixels): the tower's forward fails as out of GPU memory on batches of more pixels
+    from now on; returns a list of (pixels, failed) of each forward after that."""
     forward = VisionTower.forward
 
     def install(room: int) -> list[tuple[int, bool]]:
+        calls: list[tuple[int, bool]] = []
+
         def limited(self, px, grids):
             pixels = px.shape[0] * PATCH_PIXELS
             calls.append((pixels, pixels > room))
@@ -140,8 +141,9 @@ def test_the_error_holds_no_frames_of_the_failed_encode():
 
 @pytest.mark.parametrize("limit, failed, min_pixels, expected", [
     (None, 1_000_000, 3136, 700_000),       # no limit yet: SHRINK of the batch
-    (800_000, 1_000_000, 3136, 560_000),    # a batch over the limit (one picture alone): SHRINK of the limit
+    (800_000, 1_000_000, 3136, None),       # a batch over the limit (a picture at its floor): no lower
     (2_000_000, 1_000_000, 3136, 700_000),  # a batch under the limit
+    (1_000_000, 1_000_000, 3136, 700_000),  # at it
     (None, 4_000, 3136, None),              # 2,800 < min_pixels: no lower
     (None, 4_480, 3136, 3136),              # exactly min_pixels
 ])
@@ -202,3 +204,26 @@ def test_a_bad_request_fails_at_generate_not_at_the_first_piece(fixtures_dir):
     model, _ = _model(fixtures_dir)
     with pytest.raises(ModelError, match=r"\{image2\}"):
         model.generate("{image2}?", [_image(56, 56)], stream=True)
+
+
+def test_a_video_is_sampled_again_smaller_or_the_error_comes_back(fixtures_dir, gpu_of, tmp_path):
+    """A video's frames shrink with the limit down to their floor (1.05 x --video-min-pixels
+    each, video.py); a video that fails at its floor is the error, after one more try."""
+    from test_video import make_video
+
+    path = make_video(tmp_path / "v.mp4", frames=8, fps=2, size=(448, 672))
+    reference, _ = _model(fixtures_dir)
+    whole = reference.generate(PROMPT, videos=[str(path)], max_new_tokens=3)
+    big = whole.videos[0].pixels.shape[0] * PATCH_PIXELS
+    calls = gpu_of(int(0.9 * big))
+    model, warnings = _model(fixtures_dir)
+    out = model.generate(PROMPT, videos=[str(path)], max_new_tokens=3)
+    assert [failed for _, failed in calls] == [True, False] and calls[0][0] == big
+    assert "ran out of GPU memory" in warnings[0] and "frames downscaled" in warnings[1]
+    assert out.videos[0].pixels.shape[0] * PATCH_PIXELS == calls[1][0] <= int(SHRINK * big)
+    assert out.prompt_tokens < whole.prompt_tokens
+    calls = gpu_of(1_000)
+    floor, _ = _model(fixtures_dir)
+    with pytest.raises(torch.OutOfMemoryError):
+        floor.generate(PROMPT, videos=[str(path)], max_new_tokens=3)
+    assert len(calls) < ATTEMPTS and all(failed for _, failed in calls)
