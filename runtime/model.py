@@ -27,7 +27,7 @@ from .config import TextConfig, text_config
 from .decode_graph import DecodeGraph
 from .decoder import PREFILL_CHUNK, Decoder, KVCache
 from .gguf_file import GGUFFile
-from .image import MAX_PIXELS, MIN_PIXELS, load_image, preprocess, smart_resize
+from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, preprocess, smart_resize
 from .memory import give_back_free_memory
 from .placement import CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, footprint, make_plan
 from .positions import Span, rope_positions
@@ -171,18 +171,21 @@ class Model:
                              "images need one (pass --mmproj)")
         out = []
         limit = self.placement.vision_max_pixels
-        for im in images:
+        for n, im in enumerate(images, 1):
             pil = im if isinstance(im, Image.Image) else load_image(im)
             assert self.vision_cfg is not None
-            use_max = max_pixels
-            if limit is not None and max_pixels > limit:
-                h, w = smart_resize(pil.height, pil.width, min_pixels=min_pixels, max_pixels=max_pixels)
-                if h * w > limit:
-                    use_max = max(limit, min_pixels)
-                    h2, w2 = smart_resize(pil.height, pil.width, min_pixels=min_pixels, max_pixels=use_max)
-                    self.on_warning(f"image {pil.width}x{pil.height} downscaled to {w2}x{h2} "
-                                    f"(instead of {w}x{h}) to fit the GPU memory budget")
-            out.append(preprocess(pil, min_pixels, use_max, self.vision_cfg.image_mean, self.vision_cfg.image_std))
+            try:
+                use_max = max_pixels
+                if limit is not None and max_pixels > limit:
+                    h, w = smart_resize(pil.height, pil.width, min_pixels=min_pixels, max_pixels=max_pixels)
+                    if h * w > limit:
+                        use_max = max(limit, min_pixels)
+                        h2, w2 = smart_resize(pil.height, pil.width, min_pixels=min_pixels, max_pixels=use_max)
+                        self.on_warning(f"image {pil.width}x{pil.height} downscaled to {w2}x{h2} "
+                                        f"(instead of {w}x{h}) to fit the GPU memory budget")
+                out.append(preprocess(pil, min_pixels, use_max, self.vision_cfg.image_mean, self.vision_cfg.image_std))
+            except ImageError as e:  # which picture: its file, or its place among the given ones
+                raise ImageError(f"{im if not isinstance(im, Image.Image) else f'image {n}'}: {e}") from None
         return out
 
     @staticmethod

@@ -85,6 +85,7 @@ def test_llama_cpp_flag_names(model_path):
 @pytest.mark.parametrize("args,expect", [
     (["{model}", "--image", "/nonexistent.png"], "image not found"),
     (["{model}", "--image", "{junk}"], "not a readable image"),
+    (["{model}", "--image", "{image}", "--image", "{thin}"], "thin.png: aspect ratio 667:1 is beyond 200:1"),
     (["{junk}", "--prompt", "x"], "not a GGUF"),
     (["{truncated}", "--prompt", "x"], "truncated"),
     (["{mmproj}", "--prompt", "x"], "not a Qwen2-VL text model"),
@@ -124,7 +125,9 @@ def test_bad_input(tmp_path, fixtures_dir, model_path, image_path, args, expect)
     junk.write_bytes(b"hello, not a thing")
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(open(model_path, "rb").read()[:20_000_000])
-    subst = {"model": model_path, "junk": str(junk), "truncated": str(truncated), "image": image_path,
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (2000, 3)).save(thin)
+    subst = {"model": model_path, "junk": str(junk), "truncated": str(truncated), "image": image_path, "thin": str(thin),
              "mmproj": str(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "mmproj-tiny-qwen2.5-vl-f16.gguf")}
     r = runner.invoke(app, [a.format(**subst) if a.startswith("{") and a.endswith("}") and a[1:-1] in subst else a
                             for a in args])
