@@ -155,8 +155,8 @@ def kernel_table(m, prompt: str, top: int, cuda: bool) -> list[dict]:
             torch.cuda.synchronize()
     for _ in stream:
         pass
-    rows = [{"kernel": e.key[:80], "calls": e.count, "us": round(e.device_time_total if cuda else e.self_cpu_time_total, 1)}
-            for e in prof.key_averages() if (e.device_time_total if cuda else e.self_cpu_time_total) > 0]
+    rows = [{"kernel": e.key[:80], "calls": e.count, "us": round(us, 1)} for e in prof.key_averages()
+            if (us := e.device_time_total if cuda else e.self_cpu_time_total) > 0]
     rows.sort(key=lambda r: -r["us"])
     total = sum(r["us"] for r in rows)
     return [{"kernel": "(all)", "calls": sum(r["calls"] for r in rows), "us": round(total, 1)}] + rows[:top]

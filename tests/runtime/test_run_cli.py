@@ -127,8 +127,8 @@ def test_bad_input(tmp_path, fixtures_dir, model_path, image_path, args, expect)
     truncated.write_bytes(open(model_path, "rb").read()[:20_000_000])
     thin = tmp_path / "thin.png"
     Image.new("RGB", (2000, 3)).save(thin)
-    subst = {"model": model_path, "junk": str(junk), "truncated": str(truncated), "image": image_path, "thin": str(thin),
-             "mmproj": str(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "mmproj-tiny-qwen2.5-vl-f16.gguf")}
+    subst = {"model": model_path, "junk": str(junk), "truncated": str(truncated), "image": image_path,
+             "thin": str(thin), "mmproj": str(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "mmproj-tiny-qwen2.5-vl-f16.gguf")}
     r = runner.invoke(app, [a.format(**subst) if a.startswith("{") and a.endswith("}") and a[1:-1] in subst else a
                             for a in args])
     assert r.exit_code == 2, (r.stdout, r.stderr)
