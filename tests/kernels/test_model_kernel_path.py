@@ -193,6 +193,12 @@ def test_int8_activations_through_k_quant_models(checkpoints, monkeypatch, file_
     # gate/up and down, and the output, every step
     assert len(calls) % steps == 0 and 2 * 4 + 1 <= len(calls) // steps <= 2 * 5 + 1
     assert 0 < got["max_abs_dlogit_rel"] <= 0.15 and got["top1_agreement"] >= 0.75, got
+    if file_type == "q4_k_m":  # --reference: the same file as its own reference measures no weights' error,
+        # and the int8 path against it what it measured against the float path (docs: an F32 reference)
+        own = script.compare(str(path), ACCEL, 2, prompt=16, seed=0, reference=str(path))
+        assert own["weights"] == {"max_abs_dlogit_rel": 0.0, "median_step_max_dlogit_rel": 0.0, "mean_kl": 0.0,
+                                  "top1_agreement": 1.0}
+        assert own["weights_and_int8"] == {k: own[k] for k in own["weights"]}
 
 
 def test_layers_are_where_the_placement_says(q8_model):
