@@ -29,7 +29,8 @@ from .decoder import PREFILL_CHUNK, Decoder, KVCache
 from .gguf_file import GGUFFile
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, preprocess, smart_resize
 from .memory import give_back_free_memory
-from .placement import CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, footprint, make_plan
+from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, dequant_slab_bytes, footprint,
+                        make_plan)
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
 from .sampling import SamplingError, SamplingParams, sample
@@ -56,19 +57,6 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
     videos: list[VideoInput] = field(default_factory=list)  # what was sampled, for --verbose
     reused_tokens: int = 0  # prompt tokens the last generation's cache already held (prompt_cache.py)
-
-
-def dequant_slab_bytes(accel: str | None, kernels: bool, fast: bool) -> int:
-    """GPU memory for the float16 / bf16 weight slab kernels/dequant.py decodes per prefill /
-    vision GEMM where Triton's dots get no tensor cores (sm_75), or anywhere with
-    QVL_DEQUANT_GEMM=1; 0 elsewhere (and in float32, fast=False)."""
-    if accel != "cuda" or not kernels or not fast or not torch.cuda.is_available():
-        return 0
-    from ..kernels import dequant
-
-    if torch.cuda.get_device_capability()[0] >= 8 and not dequant.ON_TENSOR_CORES:
-        return 0
-    return 2 * dequant.SLAB_ELEMENTS
 
 
 def find_mmproj(model: Path) -> Path | None:

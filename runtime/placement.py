@@ -34,6 +34,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
+
 from .config import TextConfig
 from .decoder import KV_TYPES, OFFLOAD_GROUP, PREFILL_CHUNK, kv_bytes_per_token
 from .dense_mlp import ALIGN
@@ -135,7 +137,7 @@ def vision_bytes_per_pixel(vision: Mapping[str, TensorInfo], kernels: bool, half
 def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[str, TensorInfo] | None,
               kernels: bool = True, kv_type: str = "bf16", dequant_slab: int = 0, half: bool = True) -> Footprint:
     """From the tensor tables of the text and vision files (`GGUFFile.tensors`); `dequant_slab`
-    bytes where the GPU's GEMMs dequantize weights first (model.dequant_slab_bytes); `half`:
+    bytes where the GPU's GEMMs dequantize weights first (dequant_slab_bytes); `half`:
     bf16 / f16 products (False: float32 throughout, load's dtype=torch.float32)."""
     layers = [0] * cfg.n_layer
     output = 0
@@ -300,3 +302,16 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
         vision_peak = peak(max_pixels)
     return Plan(budget, ctx, n, layers, vision_weights is not None, max_pixels, weights, kv, fp.activation_bytes,
                 vision_peak, fp.dequant_slab, streamed, offload(layers))
+
+
+def dequant_slab_bytes(accel: str | None, kernels: bool, fast: bool) -> int:
+    """GPU memory for the float16 / bf16 weight slab kernels/dequant.py decodes per prefill /
+    vision GEMM where Triton's dots get no tensor cores (sm_75), or anywhere with
+    QVL_DEQUANT_GEMM=1; 0 elsewhere (and in float32, fast=False)."""
+    if accel != "cuda" or not kernels or not fast or not torch.cuda.is_available():
+        return 0
+    from ..kernels import dequant
+
+    if torch.cuda.get_device_capability()[0] >= 8 and not dequant.ON_TENSOR_CORES:
+        return 0
+    return 2 * dequant.SLAB_ELEMENTS

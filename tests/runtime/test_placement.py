@@ -270,7 +270,7 @@ def test_dequant_slab_counted_where_the_gemms_use_it(monkeypatch):
     the plan counts it there, in its total, its budget and its table; not on sm_80+, nor in
     float32 or without the kernels."""
     from qvl.kernels.dequant import SLAB_ELEMENTS
-    from qvl.runtime.model import dequant_slab_bytes
+    from qvl.runtime.placement import dequant_slab_bytes
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
