@@ -1,6 +1,7 @@
 """The whole model through the accelerator path (Triton kernels, interpreted on the CPU) gives
-the torch path's tokens: decoder layers split between the two, the vision tower's windows through
-the varlen attention kernel, and a q8_0 KV cache close to the float one.
+the torch path's tokens: decoder layers split between the two, the vision tower's windows
+(Qwen2-VL's tower: full attention) through the varlen attention kernel, and a q8_0 KV cache
+close to the float one.
 
 Tolerances (logits, relative to max |logit| of the torch path):
 - kernel path vs torch float32: 1e-4. Both dequantize the same blocks exactly and accumulate in
@@ -36,11 +37,13 @@ TOKENS = 8
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Untied and tied, hidden 256 so the decoder's quantized rows are whole kernel steps."""
+    """Qwen2.5-VL untied and tied, and Qwen2-VL (its vision tower: LayerNorm, quick-GELU MLP, no
+    windows), hidden 256 so the decoder's quantized rows are whole kernel steps."""
     out = {}
-    for name in ("untied", "tied"):
-        spec = TinySpec(hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2, vocab_size=1280,
-                        tied=name == "tied", dtype=torch.float32, std=0.15, seed=11)
+    for name in ("untied", "tied", "qwen2-vl"):
+        spec = TinySpec(family="qwen2_vl" if name == "qwen2-vl" else "qwen2_5_vl", hidden=256, intermediate=512,
+                        heads=4, kv_heads=2, layers=2, vocab_size=1280, tied=name == "tied", dtype=torch.float32,
+                        std=0.15, seed=11)
         out[name] = make_checkpoint(tmp_path_factory.mktemp(name) / "ckpt", spec)
     return out
 
@@ -53,7 +56,7 @@ def models(checkpoints):
         path = to_gguf(src, src.parent / "m.gguf", "q8_0", "f32")
         with GGUFFile(path) as g:
             assert g.tensors["blk.0.ffn_up.weight"].type.name == "Q8_0"  # the kernel reads these
-            assert ("output.weight" in g.tensors) == (name == "untied")
+            assert ("output.weight" in g.tensors) == (name != "tied")
         out[name] = path
     return out
 
@@ -98,7 +101,7 @@ PLACEMENTS = {
 
 
 @pytest.mark.parametrize("model,name", [("untied", "all"), ("untied", "one-layer"), ("untied", "layers+output"),
-                                        ("tied", "layers+output")])
+                                        ("tied", "layers+output"), ("qwen2-vl", "all")])
 def test_kernel_path_matches_torch_path(models, model, name):
     tokens, logits = _run(models[model], PLACEMENTS[name])
     ref_tokens, ref_logits = _torch_path(models[model])
