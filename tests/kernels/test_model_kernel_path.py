@@ -28,7 +28,9 @@ from PIL import Image
 from qvl.runtime.gguf_file import GGUFFile
 from qvl.runtime.model import ALL_LAYERS, Generation, load
 from qvl.runtime.placement import Placement
+from qvl.runtime.video import VideoOptions
 from tiny_models import TinySpec, make_checkpoint, to_gguf
+from videos import make_video
 
 IMAGE = Image.fromarray(np.random.default_rng(7).integers(0, 256, (60, 90, 3), dtype=np.uint8))
 PROMPT = "What is in this picture?"
@@ -106,6 +108,28 @@ def test_kernel_path_matches_torch_path(models, model, name):
     tokens, logits = _run(models[model], PLACEMENTS[name])
     ref_tokens, ref_logits = _torch_path(models[model])
     assert len(set(ref_tokens)) > 2  # std-0.15 weights: not one repeated token
+    assert tokens == ref_tokens
+    assert _rel(logits, ref_logits) <= 1e-4
+
+
+@pytest.mark.parametrize("model", ["untied", "qwen2-vl"])
+def test_a_video_and_an_image_through_the_kernel_path(models, tmp_path, model):
+    """A video of two temporal steps (frames of 10 x 14 patches: Qwen2.5-VL's windows of 8 x 8
+    cut each frame unevenly, and its full-attention layers take a segment a frame) beside an
+    image, in one prompt: the kernel path's tokens and logits are the torch path's."""
+    video = str(make_video(tmp_path / "v.mp4", frames=16, fps=8, size=(140, 196)))
+    opts = VideoOptions(fps=2.0, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
+    prompt = "What happens in {video1}? Compare with {image1}."
+    runs = []
+    for placement in (None, PLACEMENTS["all"]):
+        m = load(models[model], device=ACCEL if placement else "cpu", dtype=torch.float32, placement=placement)
+        logits = m.prompt_logits(prompt, [IMAGE], videos=[video], video_options=opts)
+        out = m.generate(prompt, [IMAGE], max_new_tokens=TOKENS, videos=[video], video_options=opts)
+        assert isinstance(out, Generation)
+        runs.append((out.token_ids, logits))
+    (ref_tokens, ref_logits), (tokens, logits) = runs
+    assert m._videos([video], opts)[0].grid_thw == (2, 10, 14)
+    assert len(set(ref_tokens)) > 2
     assert tokens == ref_tokens
     assert _rel(logits, ref_logits) <= 1e-4
 

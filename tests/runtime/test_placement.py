@@ -245,7 +245,7 @@ def test_model_streams_the_vision_tower_the_plan_streams(deep_vision):
 def test_videos_over_the_planned_limit_are_downscaled(tiny, tmp_path):
     """The limit counts every frame pair's pixels (the vision tower takes them in one pass); it
     is kept above the frames' floor (1.05 x --video-min-pixels each), which wins over it."""
-    from test_video import make_video
+    from videos import make_video
 
     from qvl.runtime.video import VideoOptions
 

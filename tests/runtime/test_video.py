@@ -19,6 +19,7 @@ from PIL import Image
 from qvl.runtime.model import load
 from qvl.runtime.video import VideoError, VideoOptions, frame_range, frame_size, load_video, sample_indices, smart_nframes
 from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
+from videos import make_video
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +37,6 @@ def qvu():
         for name in stubs:
             sys.modules.pop(name, None)
     return vision_process
-
-
-def make_video(path, frames: int, fps: int, size=(96, 128), codec="mpeg4"):
-    h, w = size
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        rng = np.random.default_rng(frames)
-        for i in range(frames):
-            img = (rng.integers(0, 256, (h, w, 3)) // 64 * 64).astype(np.uint8)
-            img[: 8 + i % 40] = 255  # a moving bar so frames differ
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
 
 
 @pytest.mark.parametrize("total,video_fps,fps,max_frames,start,end", [

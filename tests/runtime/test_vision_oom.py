@@ -209,7 +209,7 @@ def test_a_bad_request_fails_at_generate_not_at_the_first_piece(fixtures_dir):
 def test_a_video_is_sampled_again_smaller_or_the_error_comes_back(fixtures_dir, gpu_of, tmp_path):
     """A video's frames shrink with the limit down to their floor (1.05 x --video-min-pixels
     each, video.py); a video that fails at its floor is the error, after one more try."""
-    from test_video import make_video
+    from videos import make_video
 
     path = make_video(tmp_path / "v.mp4", frames=8, fps=2, size=(448, 672))
     reference, _ = _model(fixtures_dir)
