@@ -112,6 +112,23 @@ def test_kernel_path_matches_torch_path(models, model, name):
     assert _rel(logits, ref_logits) <= 1e-4
 
 
+def test_sampled_and_streamed_generation_match_the_torch_path(q8_model):
+    """Sampling (temperature, top-k, top-p, repeat penalty, a seed) from the kernel path's
+    logits draws the torch path's tokens, and a streamed generation's pieces make the same text
+    (the graph path chooses tokens on the accelerator only when greedy)."""
+    kwargs = dict(max_new_tokens=10, temperature=0.9, top_p=0.95, top_k=40, repeat_penalty=1.1, seed=3)
+    runs = []
+    for placement in (None, PLACEMENTS["all"]):
+        m = load(q8_model, device=ACCEL if placement else "cpu", dtype=torch.float32, placement=placement)
+        out = m.generate(PROMPT, [IMAGE], **kwargs)
+        assert isinstance(out, Generation)
+        runs.append((out.token_ids, out.text, "".join(m.generate(PROMPT, [IMAGE], stream=True, **kwargs))))
+    assert runs[1] == runs[0]
+    assert runs[0][1] == runs[0][2]
+    greedy = _torch_path(q8_model)[0]
+    assert runs[0][0][:TOKENS] != greedy  # the draws are not the greedy tokens
+
+
 @pytest.mark.parametrize("model", ["untied", "qwen2-vl"])
 def test_a_video_and_an_image_through_the_kernel_path(models, tmp_path, model):
     """A video of two temporal steps (frames of 10 x 14 patches: Qwen2.5-VL's windows of 8 x 8
