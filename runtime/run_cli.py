@@ -197,6 +197,14 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
         typer.echo(f"qvl-run: warning: {name} (compute capability {major}.{minor}) is older than Triton supports "
                    f"(7.0); using torch matmuls on the GPU (as --no-triton)", err=True)
         kernels = False
+    if kernels:
+        from ..kernels import probe
+
+        why = probe.failure(torch.device("cuda"))
+        if why is not None:
+            typer.echo(f"qvl-run: warning: the Triton kernels do not run on {torch.cuda.get_device_name()} ({why}); "
+                       "using torch matmuls on the GPU (as --no-triton)", err=True)
+            kernels = False
     if int8 and kernels:
         from ..kernels import q8_activations
 

@@ -114,6 +114,9 @@ targets)
     cat "$out/bench-quick.json"
     ;;
 followup)
+    # the kernel qvl-run tries before it uses Triton (kernels/probe.py): None is what should print
+    timeout 60 python3 -c "import torch; from qvl.kernels import probe; print('probe:', probe.failure(torch.device('cuda')))" \
+        2>&1 | tee "$out/probe.txt"
     timeout 170 python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/kernels/test_qgemv_q8.py \
         tests/kernels/test_decode_inputs.py tests/kernels/test_rmsnorm_rope.py tests/kernels/test_vision_stream.py \
         tests/kernels/test_model_kernel_path.py tests/kernels/test_activation_memory.py 2>&1 \

@@ -149,15 +149,26 @@ def test_gpu_flags_without_a_gpu_warn_and_run_on_the_cpu(model_path):
     assert r.stdout == base.stdout
 
 
+def _fake_gpu(monkeypatch, capability=(8, 6), name="GPU", probe_failure=None) -> list:
+    """torch sees a GPU of `capability` named `name`, on which the Triton probe kernel
+    (kernels/probe.py) fails with `probe_failure` (None: it runs). Returns the probe's calls."""
+    from qvl.kernels import probe
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(probe, "failure", lambda device: calls.append(device) or probe_failure)
+    return calls
+
+
 @pytest.mark.parametrize("capability,kernels", [((6, 1), False), ((7, 0), True), ((9, 0), True)])
 def test_gpus_older_than_triton_take_the_torch_path(monkeypatch, capsys, capability, kernels):
     """A Pascal card (Triton compiles for 7.0 and later) runs torch matmuls on the GPU, with one
     warning that names it; newer ones keep the kernels."""
     from qvl.runtime import run_cli
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    _fake_gpu(monkeypatch, capability, "NVIDIA GeForce GTX 1080")
     device, placement = run_cli._placement(False, None, "auto", None, False, None, False)
     assert device == "cuda" and placement.accel == "cuda" and placement.kernels == kernels
     err = capsys.readouterr().err
@@ -168,6 +179,49 @@ def test_gpus_older_than_triton_take_the_torch_path(monkeypatch, capsys, capabil
                                "Triton supports (7.0); using torch matmuls on the GPU (as --no-triton)")
 
 
+def test_a_gpu_where_the_kernels_do_not_run_takes_the_torch_path(monkeypatch, capsys):
+    """Where Triton's probe kernel fails (no C compiler for its launcher, a GPU its ptxas does not
+    know), one warning names the GPU and the reason and the torch matmuls run on the GPU; with
+    --no-triton, or on a GPU Triton does not support, the probe is not tried."""
+    from qvl.runtime import run_cli
+
+    why = "RuntimeError: Failed to find C compiler. Please specify via CC environment variable."
+    calls = _fake_gpu(monkeypatch, (12, 0), "NVIDIA GeForce RTX 5090", why)
+    device, placement = run_cli._placement(False, None, "auto", None, False, None, False, int8=True)
+    assert device == "cuda" and placement.accel == "cuda" and not placement.kernels
+    assert [str(d) for d in calls] == ["cuda"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"qvl-run: warning: the Triton kernels do not run on NVIDIA GeForce RTX 5090 ({why}); using torch matmuls "
+        "on the GPU (as --no-triton)",
+        "qvl-run: warning: --int8-activations ignored: the Triton kernels do not run here"]
+    assert not run_cli._placement(False, None, "auto", None, True, None, False)[1].kernels  # --no-triton
+    calls = _fake_gpu(monkeypatch, (6, 1), "NVIDIA GeForce GTX 1080", why)
+    assert not run_cli._placement(False, None, "auto", None, False, None, False)[1].kernels
+    assert calls == []
+    calls = _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100", None)
+    assert run_cli._placement(False, None, "auto", None, False, None, False)[1].kernels and len(calls) == 1
+
+
+def test_the_probe_kernel_runs_and_reports_what_stops_it(monkeypatch):
+    """kernels/probe.py: here (Triton's interpreter) the probe computes its values; a launch that
+    raises, or a kernel that writes wrong values, is one line naming what went wrong."""
+    import interpret  # noqa: F401  (Triton's interpreter without a GPU)
+    from interpret import ACCEL
+
+    from qvl.kernels import probe
+
+    device = torch.device(ACCEL)
+    assert probe.failure(device) is None
+
+    def fails(x, y):
+        raise RuntimeError("ptxas fatal   : Value 'sm_120' is not defined for option 'gpu-name'\nmore")
+
+    monkeypatch.setattr(probe, "_launch", fails)
+    assert probe.failure(device) == "RuntimeError: ptxas fatal   : Value 'sm_120' is not defined for option 'gpu-name'"
+    monkeypatch.setattr(probe, "_launch", lambda x, y: y.copy_(x))
+    assert probe.failure(device) == "a test kernel computed wrong values"
+
+
 @pytest.mark.parametrize("capability,int8", [((9, 0), True), ((6, 1), False)])
 def test_int8_activations_where_the_kernels_run(monkeypatch, capsys, capability, int8):
     """--int8-activations turns on the int8-activation GEMVs (q8_activations.ENABLED) on a GPU
@@ -175,9 +229,7 @@ def test_int8_activations_where_the_kernels_run(monkeypatch, capsys, capability,
     from qvl.kernels import q8_activations
     from qvl.runtime import run_cli
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    _fake_gpu(monkeypatch, capability)
     monkeypatch.setattr(q8_activations, "ENABLED", False)
     device, placement = run_cli._placement(False, None, "auto", None, False, None, False, int8=True)
     assert device == "cuda" and q8_activations.ENABLED == int8 == placement.kernels
@@ -187,8 +239,7 @@ def test_int8_activations_where_the_kernels_run(monkeypatch, capsys, capability,
 def test_vision_stream_and_prefill_offload_on_a_gpu(monkeypatch):
     from qvl.runtime import run_cli
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    _fake_gpu(monkeypatch)
     device, placement = run_cli._placement(False, None, "auto", None, False, None, False, vision_stream=True)
     assert device == "cuda" and placement.vision_stream and placement.vision_on_accel and placement.prefill_offload
     default = run_cli._placement(False, None, "auto", None, False, None, False)[1]
@@ -207,8 +258,7 @@ def test_fitting_to_free_memory_only_without_layer_or_budget_flags(monkeypatch):
     plans for it when the whole model does not fit); either flag says it, and is kept."""
     from qvl.runtime import run_cli
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    _fake_gpu(monkeypatch)
     assert run_cli._placement(False, None, "auto", None, False, None, False)[1].fit_free
     assert not run_cli._placement(False, 28, "auto", None, False, None, False)[1].fit_free
     assert not run_cli._placement(False, None, "auto", 6.0, False, None, False)[1].fit_free

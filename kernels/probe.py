@@ -1,0 +1,43 @@
+"""Whether Triton's kernels run on a device at all: one tiny kernel, tried before a model is
+loaded onto the GPU.
+
+On first use Triton builds a small C launcher with the machine's C compiler and assembles its
+PTX with the ptxas it ships. A machine without a C compiler, a GPU newer than the installed
+Triton knows (its ptxas refuses the architecture), or a driver older than that ptxas fails
+there, at the first kernel of the first prompt, with a compiler's error. qvl-run tries this
+kernel first and, where it fails, runs torch's matmuls on the GPU with a warning that says why
+(as --no-triton) instead of a traceback halfway through an answer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+N = 5  # values the probe writes: fewer than its block, so the mask is exercised too
+
+
+@triton.jit
+def _probe_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask, other=0.0) * 2.0 + 1.0, mask=mask)
+
+
+def _launch(x: torch.Tensor, y: torch.Tensor) -> None:
+    _probe_kernel[(1,)](x, y, N, BLOCK=8)
+
+
+def failure(device: torch.device) -> str | None:
+    """None where the probe kernel runs on `device` and computes 2x + 1; otherwise why not, in
+    one line (the first line of the error)."""
+    try:
+        x = torch.arange(N, dtype=torch.float32, device=device)
+        y = torch.full((N,), -1.0, device=device)
+        _launch(x, y)
+        right = torch.equal(y.cpu(), torch.arange(N, dtype=torch.float32) * 2 + 1)
+    except Exception as e:  # any failure to build, load or launch is a reason not to use the kernels
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return f"{type(e).__name__}: {lines[0] if lines else 'no message'}"[:240]
+    return None if right else "a test kernel computed wrong values"
