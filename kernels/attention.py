@@ -162,7 +162,7 @@ def launch(gpu: Target, dtype: torch.dtype, q8_cache: bool) -> tuple[int, int, i
         return 32, 32, 8, 2
     if q8_cache:
         return 64, 64, 8, 1
-    return 64, 64, 4, 2 if gpu.arch >= 90 else 1
+    return 64, 64, 4, 2 if gpu.hopper else 1
 
 
 _BOUNDS_KEPT = 16  # segment-bound tensors kept on their device (bounds_on)

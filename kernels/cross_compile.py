@@ -38,6 +38,7 @@ ARCHS: dict[int, tuple[str, int, int]] = {
     86: ("RTX 3090, A10", 99 * 1024, 82),
     89: ("RTX 4090, L4", 99 * 1024, 128),
     90: ("H100, H200", 227 * 1024, 132),
+    120: ("RTX 50xx", 99 * 1024, 170),
 }
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, all of these GPUs: a block must fit
 # Stack bytes per thread let pass, a few registers' worth: ptxas 13.4, under the

@@ -333,6 +333,6 @@ def gemv_launch(gpu: Target, qtype: T, m: int, swiglu: bool = False) -> tuple[in
     `gpu` (`swiglu`: of a stacked [gate; up])."""
     if gpu == INTERPRETER:
         return INTERPRETED_BLOCK_N, NUM_WARPS, 0
-    if gpu.arch >= 90 and m == 1 and (qtype, swiglu) in SM90_LAUNCH:
+    if gpu.hopper and m == 1 and (qtype, swiglu) in SM90_LAUNCH:
         return SM90_LAUNCH[qtype, swiglu]
     return BLOCK_N, NUM_WARPS, PREFETCH

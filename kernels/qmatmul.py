@@ -96,7 +96,7 @@ def gemm_tiles(gpu: Target, dtype: torch.dtype, qtype: T | None = None) -> tuple
         return 32, 32, 64, 8, 1
     if not gpu.tensor_cores:
         return 16, 32, 64, 4, 1
-    return 128, 128, 64, 4 if gpu.arch >= 90 and qtype == T.Q4_K else 8, 3
+    return 128, 128, 64, 4 if gpu.hopper and qtype == T.Q4_K else 8, 3
 
 
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: torch.Tensor | None = None,

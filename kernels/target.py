@@ -29,6 +29,14 @@ class Target:
         On sm_75 it emits FMA loops (no mma in the PTX), so tiles must be FMA-sized."""
         return self.arch >= 80
 
+    @property
+    def hopper(self) -> bool:
+        """sm_90 (H100, H200): where the launches measured on an H200 apply (its GEMMs are wgmma
+        there). Later GPUs (sm_100, and sm_120's RTX 50xx: mma.sync as on sm_80-89, 99 KB of
+        shared memory) keep the general defaults: sm_90's 4-warp Q4_K GEMM spills 64 bytes a
+        thread on sm_120 (compile_kernels.py, Triton 3.9), the general 8-warp one none."""
+        return 90 <= self.arch < 100
+
 
 INTERPRETER = Target(0, 1, ptx=False)
 _pretended: list[Target] = []

@@ -1,6 +1,6 @@
 """Compile every Triton kernel for GPUs that are not here and print what each launch needs.
 
-    python scripts/compile_kernels.py            # sm_75, 80, 86, 89, 90
+    python scripts/compile_kernels.py            # sm_75, 80, 86, 89, 90, 120
     python scripts/compile_kernels.py --arch 90 --json
 
 Per launch (the runtime's calls at 3B / 7B shapes, kernels/cross_compile.py): registers per

@@ -1,4 +1,4 @@
-"""Every kernel compiled to a cubin for sm_75, 80, 86, 89 and 90 with the launches the runtime
+"""Every kernel compiled to a cubin for sm_75, 80, 86, 89, 90 and 120 with the launches the runtime
 makes (kernels/cross_compile.py, through scripts/compile_kernels.py in a process without
 TRITON_INTERPRET): the compiles succeed, and no launch needs more shared memory or registers
 than its GPU has, or spills registers. The interpreter tests check what the kernels compute;
@@ -120,6 +120,28 @@ def test_target_ptx_only_on_nvidia_unless_turned_off(monkeypatch):
     monkeypatch.delenv("QVL_NO_PTX")
     monkeypatch.setattr(torch.version, "hip", "6.2")
     assert target_module.target(cuda) == Target(89, 128, ptx=False)
+
+
+def test_launches_measured_on_hopper_stay_there():
+    """The H200's launch choices (4-warp Q4_K GEMM, 2-stage attention, the gate/up GEMV's 4 x 1)
+    are sm_90's; sm_100 and sm_120 (RTX 50xx) take sm_89's, which compile for sm_120 without
+    spills where sm_90's Q4_K GEMM spills (ARCHS includes 120: test_every_launch_compiles_and_fits)."""
+    from gguf import GGMLQuantizationType as T
+
+    from qvl.kernels.qgemv import gemv_launch
+
+    hopper, ada = Target(90, 132), Target(89, 128)
+    assert hopper.hopper and not ada.hopper
+    for later in (Target(100, 148), Target(120, 170)):
+        assert not later.hopper and later.tensor_cores
+        for qtype in (T.Q4_K, T.Q6_K):
+            assert gemm_tiles(later, torch.bfloat16, qtype) == gemm_tiles(ada, torch.bfloat16, qtype)
+            assert gemv_launch(later, qtype, 1, swiglu=True) == gemv_launch(ada, qtype, 1, swiglu=True)
+        assert launch(later, torch.bfloat16, False) == launch(ada, torch.bfloat16, False)
+    assert gemm_tiles(hopper, torch.bfloat16, T.Q4_K) != gemm_tiles(ada, torch.bfloat16, T.Q4_K)
+    assert gemv_launch(hopper, T.Q4_K, 1, swiglu=True) != gemv_launch(ada, T.Q4_K, 1, swiglu=True)
+    assert launch(hopper, torch.bfloat16, False) != launch(ada, torch.bfloat16, False)
+    assert 120 in ARCHS
 
 
 def test_every_kernel_is_compiled(compiled):
