@@ -29,7 +29,7 @@ import torch
 import triton
 from gguf import GGML_QUANT_SIZES
 
-from .target import Target, pretending
+from .target import PTX_TRITON, Target, pretending
 
 # compute capability -> (GPUs, shared memory a block may use in bytes from CUDA's tables, SMs of the first GPU named)
 ARCHS: dict[int, tuple[str, int, int]] = {
@@ -176,14 +176,17 @@ def compile_only(arch: int) -> Iterator[list[tuple[str, object]]]:
         launched.append((self.fn.__name__, kernel))
         return kernel
 
-    previous = driver._active  # None here without a GPU; reset_active() would then fail
+    # set_active's state as it is (reset_active() would make a real driver, and fail without a
+    # GPU): `_active` / `_default` since Triton 3.5, `active` / `default` (lazy proxies) before
+    previous = dict(vars(driver))
     driver.set_active(_TargetDriver(arch))
     JITFunction.run = compile_instead
     try:
         yield launched
     finally:
         JITFunction.run = run
-        driver._active = previous
+        vars(driver).clear()
+        vars(driver).update(previous)
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -355,7 +358,7 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None,
         raise ValueError(f"sm_{arch}: one of {', '.join(f'sm_{a}' for a in ARCHS)}")
     half = torch.bfloat16 if arch >= 80 else torch.float16  # as weights.half_dtype picks on the GPU
     results = []
-    with compile_only(arch) as launched, pretending(Target(arch, ARCHS[arch][2])):
+    with compile_only(arch) as launched, pretending(Target(arch, ARCHS[arch][2], ptx=PTX_TRITON)):
         for name, call in _cases(half):
             if progress:
                 progress(name)

@@ -542,7 +542,7 @@ def row_sums(acc, QTYPE: tl.constexpr):
     """lane_sums' accumulator after the K loop -> (1, BLOCK_N) sums a row."""
     if QTYPE >= 12:
         sums = tl.sum(acc, axis=1)
-    elif QTYPE == 0 or QTYPE == 10 or QTYPE == 11:
+    elif (QTYPE == 0 or QTYPE == 10) or QTYPE == 11:  # parenthesized: Triton 3.3 and before refuse A or B or C
         sums = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
     else:
         sums = tl.sum(tl.sum(acc, axis=2), axis=1)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from .dot import interpreted
 
@@ -39,6 +41,19 @@ class Target:
 
 
 INTERPRETER = Target(0, 1, ptx=False)
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (re.match(r"\d+", v) for v in text.split(".")[:2])
+    return int(major.group()) if major else 0, int(minor.group()) if minor else 0
+
+
+# Triton 3.3 and later hand a packed inline-assembly op runs of consecutive elements of a row
+# where the kernels' layouts make them; Triton 3.2 (torch 2.6's) scattered the packs of 71 GEMV
+# launches (compile_kernels.py --arch 90 with it), and assembly that reads a pack as a run
+# (qgemv's Q5_0: one qh shift for 4 codes) would compute wrong values. There the plain-Triton
+# code runs instead, as with QVL_NO_PTX=1.
+PTX_TRITON = _version(triton.__version__) >= (3, 3)
 _pretended: list[Target] = []
 
 
@@ -53,7 +68,7 @@ def target(device: torch.device) -> Target:
         raise ValueError(f"Triton kernels need a CUDA device or TRITON_INTERPRET=1, not {device}")
     props = torch.cuda.get_device_properties(device)
     return Target(props.major * 10 + props.minor, props.multi_processor_count,
-                  ptx=torch.version.hip is None and os.environ.get("QVL_NO_PTX", "") != "1")
+                  ptx=PTX_TRITON and torch.version.hip is None and os.environ.get("QVL_NO_PTX", "") != "1")
 
 
 @contextlib.contextmanager

@@ -103,7 +103,7 @@ def test_inline_ptx_only_for_nvidia():
 
 def test_target_ptx_only_on_nvidia_unless_turned_off(monkeypatch):
     """target() on a CUDA device (faked: compute capability 8.9, 128 SMs): inline PTX on an
-    NVIDIA build, not under ROCm's HIP, not with QVL_NO_PTX=1."""
+    NVIDIA build, not under ROCm's HIP, not with QVL_NO_PTX=1, not with a Triton before 3.3."""
     from types import SimpleNamespace
 
     import qvl.kernels.target as target_module
@@ -120,6 +120,15 @@ def test_target_ptx_only_on_nvidia_unless_turned_off(monkeypatch):
     monkeypatch.delenv("QVL_NO_PTX")
     monkeypatch.setattr(torch.version, "hip", "6.2")
     assert target_module.target(cuda) == Target(89, 128, ptx=False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(target_module, "PTX_TRITON", False)  # Triton 3.2: packs of inline assembly scattered
+    assert target_module.target(cuda) == Target(89, 128, ptx=False)
+
+
+def test_inline_assembly_from_triton_3_3_on():
+    from qvl.kernels.target import _version
+
+    assert _version("3.2.0") < (3, 3) <= _version("3.3.1") < _version("3.10.0+git4f3c") < _version("4.0")
 
 
 def test_launches_measured_on_hopper_stay_there():
