@@ -22,6 +22,7 @@ import triton.language as tl
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
+from triton.runtime.errors import OutOfResources
 
 from . import q8_activations
 from .dot import dot, interpreted
@@ -68,6 +69,12 @@ def qmatmul_kernel(
 
 
 GEMV_MAX_M = 8  # rows of x up to which qmatmul takes the split-K GEMV kernel (qgemv.py)
+# The pipeline stages a GEMM launch fitted the GPU's shared memory with, where its default did not
+# (key: device, weight type, x's type, tiles, warps). Older Tritons lay out the same tiles in more
+# shared memory: with Triton 3.2-3.4 the IQ1_S / IQ1_M / IQ2_S GEMMs' 3 stages take 114-120 KiB on
+# sm_86 and sm_120, which have 99 (compile_kernels.py; 3.9 fits them). A launch Triton refuses
+# for shared memory (OutOfResources, before it runs) is tried again with a stage fewer.
+_STAGES_THAT_FIT: dict[tuple, int] = {}
 
 
 def gemm_tiles(gpu: Target, dtype: torch.dtype, qtype: T | None = None) -> tuple[int, int, int, int, int]:
@@ -139,6 +146,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
     if block_m is None and dequant.takes_dequant(gpu, x.dtype):
         y = dequant.dequant_matmul(x, raw, qtype, n, k)
     else:
+        given_stages = num_stages
         block_m, block_n, block_k, num_warps, num_stages = (
             given or default for given, default in
             zip((block_m, block_n, block_k, num_warps, num_stages), gemm_tiles(gpu, x.dtype, qtype)))
@@ -146,10 +154,20 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: T, n: int, k: int, bias: 
             raise ValueError(f"block_k = {block_k}: one of 64, 128, 256")
         y = torch.empty(m, n, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        qmatmul_kernel[grid](x, raw, type_grid(qtype, raw.device, raw), y, m, n, k, row_bytes, STEP // blk * size,
-                             x.stride(0), y.stride(0),
-                             QTYPE=QTYPE_IDS[qtype], LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m,
-                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        key = (x.device, qtype, x.dtype, block_m, block_n, block_k, num_warps)
+        stages = _STAGES_THAT_FIT.get(key, num_stages) if given_stages is None else num_stages
+        while True:
+            try:
+                qmatmul_kernel[grid](x, raw, type_grid(qtype, raw.device, raw), y, m, n, k, row_bytes,
+                                     STEP // blk * size, x.stride(0), y.stride(0), QTYPE=QTYPE_IDS[qtype],
+                                     LOW=x.dtype != torch.float32, EMULATE=interpreted(), BLOCK_M=block_m,
+                                     BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=stages)
+                break
+            except OutOfResources:
+                if given_stages is not None or stages <= 1:
+                    raise
+                stages -= 1
+                _STAGES_THAT_FIT[key] = stages
     return _epilogue(y, n, bias, residual, swiglu)
 
 

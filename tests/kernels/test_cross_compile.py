@@ -334,6 +334,10 @@ def test_packed_runs_read_from_ttgir():
     assert packed_runs(head + op.replace("LAYOUT", "#blocked").replace("packed_element = 4", "packed_element = 8")) \
         == (1, 1)
     assert packed_runs(head + 2 * op.replace("LAYOUT", "#blocked")) == (2, 0)
+    # one element a call (qgemv_q8's dp4a): no pack to scatter, whatever the layout (Triton 3.3-3.6
+    # gave the int8 Q6_K GEMV's dp4a operands a layout whose fastest axis is not the last)
+    assert packed_runs(head + op.replace("LAYOUT", "#linear").replace("packed_element = 4", "packed_element = 1")) \
+        == (0, 0)
 
 
 def test_unordered_atomics_read_from_ptx():

@@ -254,3 +254,39 @@ def test_qmatmul_norm(m):
     assert (normed.cpu() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     with pytest.raises(ValueError, match="norm weight"):
         qmatmul_norm(x[:1].to(d), raw.to(d), T.Q4_K, n, k, w[:-1].to(d), 1e-6)
+
+
+def test_a_gemm_over_the_shared_memory_takes_fewer_stages(monkeypatch):
+    """A tiled-GEMM launch Triton refuses for shared memory (OutOfResources: older Tritons lay
+    the IQ1/IQ2_S tiles out in more than sm_86's 99 KiB at 3 stages) runs again with a stage
+    fewer, and later launches of that shape start there; stages the caller gave are not
+    changed. Here a stand-in kernel refuses more than one stage."""
+    from triton.runtime.errors import OutOfResources
+
+    from qvl.kernels import qmatmul as module
+
+    real, tried = module.qmatmul_kernel, []
+
+    class OneStage:
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kwargs):
+                tried.append(num_stages)
+                if num_stages > 1:
+                    raise OutOfResources(98304 * num_stages, 101376, "shared memory")
+                return real[grid](*args, num_stages=num_stages, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, "qmatmul_kernel", OneStage())
+    monkeypatch.setattr(module, "_STAGES_THAT_FIT", {})
+    monkeypatch.setattr(module, "gemm_tiles", lambda gpu, dtype, qtype=None: (32, 32, 256, 4, 3))
+    m, n, k = 9, 7, 256
+    raw = quant_weights(n, k, T.IQ2_S, "normal", seed=5)
+    x = torch.from_numpy(np.random.default_rng(6).standard_normal((m, k)).astype(np.float32))
+    ref = qmatmul_ref(x, raw, T.IQ2_S)
+    got = qmatmul(x.to(DEVICE), raw.to(DEVICE), T.IQ2_S, n, k).cpu()
+    assert (got - ref).abs().max().item() <= RTOL[T.IQ2_S] * ref.abs().max().item()
+    assert tried == [3, 2, 1]
+    assert torch.equal(qmatmul(x.to(DEVICE), raw.to(DEVICE), T.IQ2_S, n, k).cpu(), got)
+    assert tried == [3, 2, 1, 1]  # the shape's next launch starts at the stages that fitted
+    with pytest.raises(OutOfResources):
+        qmatmul(x.to(DEVICE), raw.to(DEVICE), T.IQ2_S, n, k, num_stages=2)
