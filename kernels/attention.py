@@ -116,6 +116,14 @@ def attention_kernel(
             tl.store(o_ptr + o_rows + rt[None, :], acc_t / norm, mask=q_valid & (rt[None, :] < head_dim))
 
 
+def _widened(gpu: Target) -> bool:
+    """Whether half-precision operands are widened to float32 before the products (dot.py's
+    EMULATE): in the interpreter, and where Triton has no tensor cores (sm_75), whose dots are
+    float32 FMA loops either way. Triton 3.3.1 fails to compile this kernel's float16 dots for
+    sm_75 ("Unsupported rounding mode for conversion"); widened, they compile with 3.3.1 and 3.9."""
+    return interpreted() or not gpu.tensor_cores
+
+
 def head_dim_split(d: int) -> tuple[int, int]:
     """(BLOCK_D, TAIL_D): the largest power of two in d (at least 16, tl.dot's least K), and
     what is left padded to a power of two of at least 16 (0 when nothing is left): 80 -> (64,
@@ -207,7 +215,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
     is_q8 = k.dtype == torch.int8
     if is_q8 != (k_scale is not None and v_scale is not None):
         raise ValueError("int8 (q8_0) keys and values need k_scale and v_scale, float ones none")
-    defaults = launch(target(q.device), dtype, is_q8)
+    gpu = target(q.device)
+    defaults = launch(gpu, dtype, is_q8)
     block_m, block_n, num_warps, num_stages = (given or default for given, default in
                                                zip((block_m, block_n, num_warps, num_stages), defaults))
     q = q.to(dtype)
@@ -228,7 +237,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int]
     attention_kernel[grid](q, k, v, ks, vs, out, cq, ck, d, heads // kv_heads, d ** -0.5,
                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), ks.stride(0), ks.stride(1),
                            out.stride(0), out.stride(1),
-                           CAUSAL=causal, LOW=dtype != torch.float32, EMULATE=interpreted(), IS_Q8=is_q8,
+                           CAUSAL=causal, LOW=dtype != torch.float32, EMULATE=_widened(gpu), IS_Q8=is_q8,
                            Q8_BLOCK=d // k_scale.shape[-1] if k_scale is not None else d,
                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, TAIL_D=tail_d,
                            num_warps=num_warps, num_stages=num_stages)

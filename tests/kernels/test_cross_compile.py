@@ -153,6 +153,16 @@ def test_launches_measured_on_hopper_stay_there():
     assert 120 in ARCHS
 
 
+def test_half_attention_widens_where_there_are_no_tensor_cores(monkeypatch):
+    """sm_75's attention products are float32 FMA loops: its half-precision operands are widened
+    first (Triton 3.3.1 cannot compile the float16 dots there); tensor-core GPUs keep them."""
+    from qvl.kernels import attention as module
+
+    monkeypatch.setattr(module, "interpreted", lambda: False)
+    assert module._widened(Target(75, 40))
+    assert not any(module._widened(Target(a, 100)) for a in (80, 86, 89, 90, 120))
+
+
 def test_every_kernel_is_compiled(compiled):
     """Each @triton.jit kernel the runtime launches (the *_kernel functions) is in the check, for every arch."""
     kernels = {name for module in KERNEL_MODULES
