@@ -44,8 +44,9 @@ INTERPRETER = Target(0, 1, ptx=False)
 
 
 def _version(text: str) -> tuple[int, int]:
-    major, minor = (re.match(r"\d+", v) for v in text.split(".")[:2])
-    return int(major.group()) if major else 0, int(minor.group()) if minor else 0
+    """(major, minor) of a version string: "3.10.0+git4f3c" -> (3, 10); parts without digits count 0."""
+    parts = [re.match(r"\d+", v) for v in text.split(".")[:2]] + [None]
+    return tuple(int(m.group()) if m else 0 for m in parts[:2])  # type: ignore[return-value]
 
 
 # Triton 3.3 and later hand a packed inline-assembly op runs of consecutive elements of a row

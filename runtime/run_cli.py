@@ -8,6 +8,7 @@ input is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import sys
@@ -58,6 +59,23 @@ def _out_of_memory(while_: str) -> str:
     torch.cuda.empty_cache()
     return (f"out of GPU memory {while_}: --max-vram GB plans for a budget (fewer layers on the GPU, "
             "smaller images); --ctx-size, --cache-type q8_0, --max-pixels or --vision-device cpu take less")
+
+
+def _triton_failure(error: BaseException) -> str | None:
+    """The one line for an error Triton raised compiling or launching a kernel (its type is
+    Triton's, or the innermost frame of its traceback is in Triton's package: a compiler pass
+    that fails on this GPU and Triton version), or None for any other error."""
+    import triton
+
+    tb, innermost = error.__traceback__, ""
+    while tb is not None:
+        innermost, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    if type(error).__module__.split(".")[0] != "triton" and not innermost.startswith(
+            os.path.dirname(triton.__file__) + os.sep):
+        return None
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "no message")
+    return (f"a Triton kernel failed on this GPU ({type(error).__name__}: {first[:200]}); --no-triton runs "
+            "torch's matmuls on the GPU instead")
 
 
 def _peak_rss_mib() -> float:
@@ -123,6 +141,13 @@ def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Opti
             continue
         except torch.OutOfMemoryError:
             typer.echo(f"\nqvl-run: error: {_out_of_memory('answering')}", err=True)
+            messages.pop()
+            continue
+        except Exception as e:
+            why = _triton_failure(e)
+            if why is None:
+                raise
+            typer.echo(f"\nqvl-run: error: {why}", err=True)
             messages.pop()
             continue
         except KeyboardInterrupt:
@@ -377,6 +402,14 @@ def run(
             sys.stdout.write("\n")  # after the answer's part already written
         sys.stdout.flush()
         _fail(_out_of_memory("answering"))
+    except Exception as e:
+        why = _triton_failure(e)
+        if why is None:
+            raise
+        if stream and not json_out:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        _fail(why)
     assert isinstance(out, Generation)
     timings = {"load_s": round(load_s, 3), **{k: round(v, 3) for k, v in out.timings.items()}}
     n_new = len(out.token_ids)

@@ -129,6 +129,7 @@ def test_inline_assembly_from_triton_3_3_on():
     from qvl.kernels.target import _version
 
     assert _version("3.2.0") < (3, 3) <= _version("3.3.1") < _version("3.10.0+git4f3c") < _version("4.0")
+    assert _version("4") == (4, 0) and _version("dev") == (0, 0)
 
 
 def test_launches_measured_on_hopper_stay_there():

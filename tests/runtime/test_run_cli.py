@@ -286,6 +286,40 @@ def test_the_fit_is_reported_in_one_warning(model_path, monkeypatch, free_gib, n
     assert json.loads(r.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
 
 
+@pytest.mark.parametrize("raised", ["triton's type", "in triton's code", "elsewhere"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_kernel_triton_cannot_build_is_one_line(model_path, monkeypatch, raised, stream):
+    """An error Triton raises compiling or launching a kernel (its own type, or from inside its
+    package: a compiler pass failing for this GPU) is one line naming it and --no-triton, exit 2;
+    any other error is not turned into one."""
+    import os
+
+    import triton
+    from triton.runtime.errors import OutOfResources
+
+    from qvl.runtime.model import Model
+
+    def fails(*args, **kwargs):
+        if raised == "triton's type":
+            raise OutOfResources(122880, 101376, "shared memory")
+        code = "raise RuntimeError('PassManager::run failed')"
+        where = os.path.join(os.path.dirname(triton.__file__), "compiler", "compiler.py")
+        exec(compile(code, where if raised == "in triton's code" else "elsewhere.py", "exec"))
+
+    monkeypatch.setattr(Model, "generate", fails)
+    r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "4"] + (["--stream"] if stream else []))
+    if raised == "elsewhere":
+        assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
+        return
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qvl-run: error: a Triton kernel failed on this GPU (")
+    assert ("OutOfResources" in lines[0]) == (raised == "triton's type")
+    assert ("PassManager::run failed" in lines[0]) == (raised == "in triton's code")
+    assert lines[0].endswith("--no-triton runs torch's matmuls on the GPU instead")
+    assert "Traceback" not in r.output
+
+
 @pytest.mark.parametrize("where", ["load", "generate"])
 def test_out_of_gpu_memory_is_one_line(model_path, monkeypatch, where):
     from qvl.runtime import run_cli
