@@ -78,6 +78,29 @@ def _triton_failure(error: BaseException) -> str | None:
             "torch's matmuls on the GPU instead")
 
 
+def _system_line(device: str, kernels: bool, f32: bool) -> str:
+    """What --verbose says first, as llama.cpp's system_info: versions, and where and how the
+    matmuls run."""
+    parts = [f"torch {torch.__version__}"]
+    if device == "cuda":
+        import triton
+
+        from ..kernels.target import target
+
+        gpu = target(torch.device("cuda"))
+        parts += [f"Triton {triton.__version__}", f"{torch.cuda.get_device_name()} (sm_{gpu.arch}, {gpu.cores} SMs)",
+                  ("Triton kernels" + (" with inline PTX" if gpu.ptx else ", plain Triton code")) if kernels
+                  else "torch matmuls (--no-triton)"]
+    else:
+        from .cpu_gemm import bf16_gemms
+
+        threads = torch.get_num_threads()
+        parts += [f"CPU, {threads} thread{'s' if threads != 1 else ''}",
+                  "float32 matmuls (--f32)" if f32 else
+                  "bf16 GEMMs (native bf16)" if bf16_gemms() else "float32 GEMMs (no native bf16)"]
+    return "qvl-run: " + ", ".join(parts)
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -284,7 +307,8 @@ def run(
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c", help="KV cache size in tokens (default or 0: prompt + --max-length; "
                                             f"with --max-length -1: {PLAN_CTX})."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, timings."),
-    verbose: bool = typer.Option(False, "--verbose", help="Load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", help="torch / Triton versions and where the matmuls run, "
+                                 "load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
     gpu_layers: Optional[int] = typer.Option(
         None, "--gpu-layers", "-ngl", "--n-gpu-layers", help="Decoder layers on the GPU, counted from the last as llama.cpp's -ngl "
         "(n_layer + 1 puts the output layer there too; default: all, or what the GPU's free memory holds)."),
@@ -377,6 +401,8 @@ def run(
     model.on_warning = lambda message: typer.echo(f"qvl-run: warning: {message}", err=True)
     if model.fit_note is not None:
         model.on_warning(model.fit_note)
+    if verbose:
+        typer.echo(_system_line(device, placement.kernels, f32), err=True)
     if verbose and model.plan is not None:
         typer.echo(model.plan.table(), err=True)
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,

@@ -42,6 +42,33 @@ def test_plain_output_is_only_the_answer(model_path):
     assert "decode_tok_s" in r.stderr and "peak RSS" in r.stderr
 
 
+@pytest.mark.parametrize("kernels,ptx,how", [(True, True, "Triton kernels with inline PTX"),
+                                              (True, False, "Triton kernels, plain Triton code"),
+                                              (False, True, "torch matmuls (--no-triton)")])
+def test_verbose_names_the_gpu_and_its_kernels(monkeypatch, kernels, ptx, how):
+    import triton
+
+    from qvl.kernels import target as target_module
+    from qvl.kernels.target import Target
+    from qvl.runtime import run_cli
+
+    monkeypatch.setattr(target_module, "target", lambda device: Target(90, 132, ptx=ptx))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert run_cli._system_line("cuda", kernels, False) == (
+        f"qvl-run: torch {torch.__version__}, Triton {triton.__version__}, NVIDIA H200 (sm_90, 132 SMs), {how}")
+
+
+@pytest.mark.parametrize("flags,how", [(["-t", "1"], "GEMMs ("), (["--f32", "-t", "2"], "float32 matmuls (--f32)")])
+def test_verbose_says_first_where_the_matmuls_run(model_path, flags, how):
+    """As llama.cpp's system_info: torch's version, the CPU threads and the GEMMs' type."""
+    r = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "2", "--verbose", "--cpu", *flags])
+    assert r.exit_code == 0, r.stderr
+    first = r.stderr.splitlines()[0]
+    threads = flags[flags.index("-t") + 1]
+    assert first.startswith(f"qvl-run: torch {torch.__version__}, CPU, {threads} thread")
+    assert how in first
+
+
 def test_greedy_is_deterministic_and_stream_matches(model_path):
     a = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "8"])
     b = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "8", "--stream"])
