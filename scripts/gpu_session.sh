@@ -117,9 +117,11 @@ followup)
     # the kernel qvl-run tries before it uses Triton (kernels/probe.py): None is what should print
     timeout 60 python3 -c "import torch; from qvl.kernels import probe; print('probe:', probe.failure(torch.device('cuda')))" \
         2>&1 | tee "$out/probe.txt"
-    timeout 170 python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/kernels/test_qgemv_q8.py \
+    # the activation counts (real allocations on CUDA) before the whole-model tests, which grew
+    # (Qwen2-VL, a video, sampling) and take the rest of the time limit
+    timeout 200 python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/kernels/test_qgemv_q8.py \
         tests/kernels/test_decode_inputs.py tests/kernels/test_rmsnorm_rope.py tests/kernels/test_vision_stream.py \
-        tests/kernels/test_model_kernel_path.py tests/kernels/test_activation_memory.py 2>&1 \
+        tests/kernels/test_activation_memory.py tests/kernels/test_model_kernel_path.py 2>&1 \
         | tee "$out/tests.log" | tail -15
     random_7b || exit 1
     # the figures first (decode tok/s and peak VRAM at a 4k context, after the 3584-row
