@@ -29,6 +29,12 @@ def _launch(x: torch.Tensor, y: torch.Tensor) -> None:
     _probe_kernel[(1,)](x, y, N, BLOCK=8)
 
 
+def first_line(error: BaseException) -> str:
+    """An error's type and the first non-blank line of its message (Triton's can run to pages)."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "no message")
+    return f"{type(error).__name__}: {line}"
+
+
 def failure(device: torch.device) -> str | None:
     """None where the probe kernel runs on `device` and computes 2x + 1; otherwise why not, in
     one line (the first line of the error)."""
@@ -38,6 +44,5 @@ def failure(device: torch.device) -> str | None:
         _launch(x, y)
         right = torch.equal(y.cpu(), torch.arange(N, dtype=torch.float32) * 2 + 1)
     except Exception as e:  # any failure to build, load or launch is a reason not to use the kernels
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return f"{type(e).__name__}: {lines[0] if lines else 'no message'}"[:240]
+        return first_line(e)[:240]
     return None if right else "a test kernel computed wrong values"

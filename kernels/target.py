@@ -45,8 +45,8 @@ INTERPRETER = Target(0, 1, ptx=False)
 
 def _version(text: str) -> tuple[int, int]:
     """(major, minor) of a version string: "3.10.0+git4f3c" -> (3, 10); parts without digits count 0."""
-    parts = [re.match(r"\d+", v) for v in text.split(".")[:2]] + [None]
-    return tuple(int(m.group()) if m else 0 for m in parts[:2])  # type: ignore[return-value]
+    major, minor = ([int(m.group()) if (m := re.match(r"\d+", v)) else 0 for v in text.split(".")[:2]] + [0, 0])[:2]
+    return major, minor
 
 
 # Triton 3.3 and later hand a packed inline-assembly op runs of consecutive elements of a row

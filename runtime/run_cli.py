@@ -67,14 +67,15 @@ def _triton_failure(error: BaseException) -> str | None:
     that fails on this GPU and Triton version), or None for any other error."""
     import triton
 
+    from ..kernels.probe import first_line
+
     tb, innermost = error.__traceback__, ""
     while tb is not None:
         innermost, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
     if type(error).__module__.split(".")[0] != "triton" and not innermost.startswith(
             os.path.dirname(triton.__file__) + os.sep):
         return None
-    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "no message")
-    return (f"a Triton kernel failed on this GPU ({type(error).__name__}: {first[:200]}); --no-triton runs "
+    return (f"a Triton kernel failed on this GPU ({first_line(error)[:240]}); --no-triton runs "
             "torch's matmuls on the GPU instead")
 
 
