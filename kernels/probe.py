@@ -4,9 +4,9 @@ loaded onto the GPU.
 On first use Triton builds a small C launcher with the machine's C compiler and assembles its
 PTX with the ptxas it ships. A machine without a C compiler, a GPU newer than the installed
 Triton knows (its ptxas refuses the architecture), or a driver older than that ptxas fails
-there, at the first kernel of the first prompt, with a compiler's error. qvl-run tries this
-kernel first and, where it fails, runs torch's matmuls on the GPU with a warning that says why
-(as --no-triton) instead of a traceback halfway through an answer.
+there, at the first kernel of the first prompt, with a compiler's error. qvl-run and qvl.load
+try this kernel first and, where it fails, run torch's matmuls on the GPU with a warning that
+says why (as --no-triton) instead of a traceback halfway through an answer.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+MIN_CAPABILITY = (7, 0)  # Triton compiles for Volta and later; Pascal and older run the torch path
 N = 5  # values the probe writes: fewer than its block, so the mask is exercised too
 
 
@@ -46,3 +47,14 @@ def failure(device: torch.device) -> str | None:
     except Exception as e:  # any failure to build, load or launch is a reason not to use the kernels
         return first_line(e)[:240]
     return None if right else "a test kernel computed wrong values"
+
+
+def why_not(device: torch.device) -> str | None:
+    """None where qvl's kernels can run on the CUDA GPU `device`; otherwise one line saying why
+    not (a GPU older than Triton supports, or the probe kernel's failure), for a warning."""
+    name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    if (major, minor) < MIN_CAPABILITY:
+        return (f"{name} (compute capability {major}.{minor}) is older than Triton supports "
+                f"({MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]})")
+    why = failure(device)
+    return None if why is None else f"the Triton kernels do not run on {name} ({why})"

@@ -530,7 +530,8 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
     model on the GPU through the Triton kernels, or as much of it as the GPU's free memory holds
     (Placement.fit_free: `Model.fit_note` says what it changed); `placement` says otherwise (layers, vision
     tower, kernels, KV cache type) and `max_vram` (GB) fits it into a budget for a
-    `plan_ctx`-token context."""
+    `plan_ctx`-token context. Where the Triton kernels cannot run on the GPU (kernels/probe.py),
+    a warning says why and torch's matmuls run there instead."""
     if device not in ("auto", "cpu", "cuda"):
         raise ModelError(f"device {device!r}: choose auto, cpu or cuda")
     if dtype not in (None, torch.bfloat16, torch.float32):
@@ -545,6 +546,13 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
         raise ModelError(f"device {device!r} with a CUDA placement: choose device='cuda'")
     if max_vram is not None and placement.accel is None:
         raise ModelError("max_vram plans GPU memory: it needs a GPU placement")
+    if placement.accel == "cuda" and placement.kernels:
+        from ..kernels import probe
+
+        why = probe.why_not(torch.device("cuda"))
+        if why is not None:  # as qvl-run: the torch path on the GPU, not a traceback at the first prompt
+            warnings.warn(f"{why}; using torch matmuls on the GPU (as kernels=False)", stacklevel=2)
+            placement = replace(placement, kernels=False)
     fast = dtype != torch.float32
     try:
         model = _open(Path(path), fast, mmproj, placement,

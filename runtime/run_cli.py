@@ -207,7 +207,6 @@ def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
 
 
 PLAN_CTX = 4096  # context a --max-vram plan reserves KV cache for when --ctx-size is absent
-TRITON_MIN_CAPABILITY = (7, 0)  # Triton compiles for Volta and later; Pascal and older run the torch path
 
 
 def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: float | None, no_triton: bool,
@@ -241,18 +240,12 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
         return "cpu", Placement(kv_type=cache_type)
     layers = ALL_LAYERS if gpu_layers is None else gpu_layers
     kernels = not no_triton
-    if kernels and torch.cuda.get_device_capability() < TRITON_MIN_CAPABILITY:
-        name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
-        typer.echo(f"qvl-run: warning: {name} (compute capability {major}.{minor}) is older than Triton supports "
-                   f"(7.0); using torch matmuls on the GPU (as --no-triton)", err=True)
-        kernels = False
     if kernels:
         from ..kernels import probe
 
-        why = probe.failure(torch.device("cuda"))
+        why = probe.why_not(torch.device("cuda"))
         if why is not None:
-            typer.echo(f"qvl-run: warning: the Triton kernels do not run on {torch.cuda.get_device_name()} ({why}); "
-                       "using torch matmuls on the GPU (as --no-triton)", err=True)
+            typer.echo(f"qvl-run: warning: {why}; using torch matmuls on the GPU (as --no-triton)", err=True)
             kernels = False
     if int8 and kernels:
         from ..kernels import q8_activations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -227,6 +228,37 @@ def test_a_gpu_where_the_kernels_do_not_run_takes_the_torch_path(monkeypatch, ca
     assert calls == []
     calls = _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100", None)
     assert run_cli._placement(False, None, "auto", None, False, None, False)[1].kernels and len(calls) == 1
+
+
+@pytest.mark.parametrize("capability,why", [((12, 0), "RuntimeError: Failed to find C compiler."),
+                                             ((6, 1), None), ((9, 0), None)])
+def test_load_in_python_falls_back_as_qvl_run_does(monkeypatch, capability, why):
+    """qvl.load(device="cuda") probes the GPU as qvl-run does: where the kernels cannot run there,
+    a warning that says why and a placement with torch's matmuls; where they can, the
+    placement asked for. A placement without the kernels is not probed."""
+    from qvl.runtime import model as model_mod
+
+    calls = _fake_gpu(monkeypatch, capability, "NVIDIA GeForce RTX 5090", why)
+    opened = []
+    monkeypatch.setattr(model_mod, "_open", lambda path, fast, mmproj, placement, budget, ctx: opened.append(placement))
+    monkeypatch.setattr(model_mod, "give_back_free_memory", lambda: None)
+    runs = capability >= (7, 0) and why is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model_mod.load("m.gguf", device="cuda")
+    assert opened[-1].accel == "cuda" and opened[-1].kernels == runs
+    assert len(calls) == (capability >= (7, 0))
+    messages = [str(w.message) for w in caught]
+    if runs:
+        assert messages == []
+    elif why is not None:
+        assert messages == [f"the Triton kernels do not run on NVIDIA GeForce RTX 5090 ({why}); using torch "
+                            "matmuls on the GPU (as kernels=False)"]
+    else:
+        assert messages == ["NVIDIA GeForce RTX 5090 (compute capability 6.1) is older than Triton supports (7.0); "
+                            "using torch matmuls on the GPU (as kernels=False)"]
+    model_mod.load("m.gguf", device="cuda", placement=model_mod.Placement("cuda", 4, kernels=False))
+    assert not opened[-1].kernels and len(calls) == (capability >= (7, 0))
 
 
 def test_the_probe_kernel_runs_and_reports_what_stops_it(monkeypatch):
