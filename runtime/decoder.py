@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TextConfig
+from .copy_ahead import CopiesAhead
 from .stack import Stack
 from .weights import EXACT, Matrix, Weights, half_dtype, kernel_dtype
 
@@ -265,11 +266,12 @@ class Decoder:
     on the accelerator take bf16 operands (float32 accumulation)."""
 
     def __init__(self, cfg: TextConfig, w: Weights, accel: torch.device | None = None, gpu_layers: int = 0,
-                 kernels: bool = True, prefill_offload: bool = True):
+                 kernels: bool = True, prefill_offload: bool = True, copy_ahead: bool = True):
         """`prefill_offload`: with layers on the CPU and the rest on `accel`, a forward pass of
         OFFLOAD_MIN_TOKENS or more (a prompt) runs each CPU layer on `accel` from a copy of its
         GGUF blocks made for the pass and let go after it, as llama.cpp's op offload does; the
-        layer's KV cache stays on the CPU. Decode steps stay where the layers live."""
+        layer's KV cache stays on the CPU. Decode steps stay where the layers live. `copy_ahead`:
+        each layer's copy is made while the one before runs (two on `accel` at once)."""
         self.cfg = cfg
         self._weights = w
         self._accel = accel
@@ -291,6 +293,7 @@ class Decoder:
         self.layers = [self._layer(i, accel if accel is not None and i >= first else None) for i in range(cfg.n_layer)]
         self.first_on_accel = first  # layers before it live on the CPU
         self.prefill_offload = prefill_offload and accel is not None and first > 0
+        self.copy_ahead = copy_ahead
 
     def _layer(self, i: int, accel: torch.device | None) -> Layer:
         """Decoder layer i from the file: on the CPU, or on `accel` (its GGUF blocks or dense
@@ -374,7 +377,8 @@ class Decoder:
         attention) -> the final-norm hidden states. Each layer hands the next its input already
         normalized where both are on one device; `normed`: x through the first layer's
         attn_norm, where the caller has it. `offload`: the CPU's layers run on the accelerator
-        from copies made for this pass (prefill_offload), one at a time."""
+        from copies made for this pass (prefill_offload), each made while the one before runs
+        where `copy_ahead` (copy_ahead.py)."""
         return self._passes_forward([x], lambda j, i, layer: attend_for(i, layer), [normed], offload)[0]
 
     def _passes_forward(self, xs: Sequence[torch.Tensor],
@@ -385,14 +389,22 @@ class Decoder:
         order, before the next layer takes any (`attend_for(j, i, layer)`: pass j's attention
         in layer i), so that an offloaded copy is made once for them all."""
         xs, normed = list(xs), list(normed)
-        for i, layer in enumerate(self.layers):
-            run = self._layer(i, self._accel) if offload and i < self.first_on_accel else layer
-            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
-            for j, x in enumerate(xs):
-                given = normed[j] if normed[j] is not None and normed[j].device == run.device else None
-                xs[j], normed[j] = self.layer_forward(run, x.to(run.device), attend_for(j, i, run), given,
-                                                      nxt if nxt.device == run.device else None)
-            del run  # an offloaded copy goes before the next is made
+        copies = None
+        if offload and self._accel is not None:  # each CPU layer's copy made while the one before runs
+            copies = CopiesAhead(partial(self._layer, accel=self._accel), range(self.first_on_accel), self._accel,
+                                 self.copy_ahead)
+        try:
+            for i, layer in enumerate(self.layers):
+                run = copies.take(i) if copies is not None and i < self.first_on_accel else layer
+                nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+                for j, x in enumerate(xs):
+                    given = normed[j] if normed[j] is not None and normed[j].device == run.device else None
+                    xs[j], normed[j] = self.layer_forward(run, x.to(run.device), attend_for(j, i, run), given,
+                                                          nxt if nxt.device == run.device else None)
+                del run  # an offloaded copy goes before the one after the next is made
+        finally:
+            if copies is not None:
+                copies.close()
         return [n if n is not None else rms_norm(x.to(self.norm.device), self.norm, self.cfg.rms_eps)
                 for x, n in zip(xs, normed)]
 

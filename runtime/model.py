@@ -110,12 +110,13 @@ class Model:
             if max_vram is not None and self.plan is not None:
                 placement = replace(placement, gpu_layers=self.plan.gpu_layers, vision_on_accel=self.plan.vision_on_gpu,
                                     vision_max_pixels=self.plan.vision_max_pixels,
-                                    vision_stream=self.plan.vision_streamed)
+                                    vision_stream=self.plan.vision_streamed, copy_ahead=self.plan.copies_ahead)
         self.placement = placement
         self.on_warning: Callable[[str], None] = warnings.warn  # the CLI prints these on stderr
         accel = _indexed(torch.device(placement.accel)) if placement.accel is not None else None
         self.decoder = Decoder(self.cfg, Weights(text_file, mode=PACKED if fast else EXACT), accel,
-                               placement.gpu_layers, placement.kernels, placement.prefill_offload)
+                               placement.gpu_layers, placement.kernels, placement.prefill_offload,
+                               placement.copy_ahead)
         self.vision_cfg: VisionConfig | None = None
         self.vision: VisionTower | None = None
         if vision_file is not None:

@@ -15,9 +15,10 @@ transient parts are estimates from the model's dimensions:
 
 The vision tower runs before prefill and frees its activations, so the budget must hold
 overhead + all weights + dequant slab + max(vision peak, KV cache + decoder activations + an
-offloaded layer). The last: with decoder layers left on the CPU, a prompt runs each of them on
-the GPU from a copy made for it (decoder.prefill_offload), one at a time, and keeps the hidden
-states of up to OFFLOAD_GROUP prompt tokens there between layers.
+offloaded layers). The last: with decoder layers left on the CPU, a prompt runs each of them on
+the GPU from a copy made for it (decoder.prefill_offload), the next one's copy made meanwhile
+where the budget has room for it after the layers (two at once, copy_ahead.py), and keeps the
+hidden states of up to OFFLOAD_GROUP prompt tokens there between layers.
 
 Policy under a budget: (1) the vision tower, when its weights and the peak of a 1024x1024
 image fit in half of what is left after the overhead and the decoder's activations; streamed
@@ -32,11 +33,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .config import TextConfig
+from .copy_ahead import OFFLOAD_COPIES
 from .decoder import KV_TYPES, OFFLOAD_GROUP, PREFILL_CHUNK, kv_bytes_per_token
 from .dense_mlp import ALIGN
 from .gguf_file import TensorInfo
@@ -67,6 +69,7 @@ class Placement:
     cuda_graph: bool = True  # decode captured in a CUDA graph when the whole decoder is on the GPU
     vision_stream: bool = False  # the vision tower on accel with its blocks' matrices in host memory
     prefill_offload: bool = True  # prompts run the CPU's decoder layers on accel, each copied there for the pass
+    copy_ahead: bool = True  # prefill_offload makes each layer's copy while the one before runs (two there at once)
     # without a budget: when what is asked does not fit in the GPU's free memory, plan for that
     # memory instead (fewer layers there, or none), as Ollama and llama.cpp's --fit do
     fit_free: bool = False
@@ -190,7 +193,8 @@ class Plan:
     vision_peak: int  # at vision_max_pixels, or at REFERENCE_PIXELS without a limit
     dequant_slab: int = 0
     vision_streamed: bool = False  # on the GPU with its blocks' matrices in host memory (vision_stream.py)
-    offload_layer: int = 0  # a CPU layer's copy and a prompt group's hidden states (decoder.prefill_offload)
+    offload_layer: int = 0  # CPU layers' copies and a prompt group's hidden states (decoder.prefill_offload)
+    copies_ahead: bool = False  # offload_layer holds two copies: the next made while one runs (copy_ahead.py)
 
     @property
     def total(self) -> int:
@@ -204,6 +208,7 @@ class Plan:
 
         layers = min(self.gpu_layers, self.n_layer)
         out = "yes" if self.gpu_layers > self.n_layer else "no"
+        copies = "two CPU layers' copies" if self.copies_ahead else "a CPU layer's copy"
         pixels = "no limit" if self.vision_max_pixels is None else f"{self.vision_max_pixels} pixels"
         lines = [
             f"plan: {layers}/{self.n_layer} decoder layers on the GPU (output layer: {out}), "
@@ -212,8 +217,8 @@ class Plan:
             f"  weights      {gib(self.weights)}",
             f"  KV cache     {gib(self.kv)}  ({self.ctx} tokens)",
             f"  activations  {gib(self.activations)}",
-            *([f"  offload      {gib(self.offload_layer)}  (a CPU layer's copy and the prompt's hidden "
-               "states while a prompt runs it here)"] if self.offload_layer else []),
+            *([f"  offload      {gib(self.offload_layer)}  ({copies} and the prompt's hidden states while a "
+               "prompt runs them here)"] if self.offload_layer else []),
             f"  vision peak  {gib(self.vision_peak)}",
             *([f"  dequant slab {gib(self.dequant_slab)}  (weight rows decoded for cuBLAS's prefill GEMMs)"]
               if self.dequant_slab else []),
@@ -230,7 +235,8 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
     """Fit at most `want_layers` layers (as --gpu-layers counts) and the vision tower when
     `want_vision` (streamed when `vision_stream`, or when the plan finds that better) into
     `budget` bytes; without a budget, exactly what was asked. With `prefill_offload` and layers
-    left on the CPU, room for a copy of the largest layer beside the activations. See the
+    left on the CPU, room for a copy of the largest layer beside the activations, and for a
+    second (copies made ahead) where the budget has it after the layers. See the
     module doc."""
     n = len(fp.layer_bytes)
     want_layers = min(want_layers, n + 1)
@@ -240,19 +246,28 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
         return int(fp.vision_bytes_per_pixel * pixels)
 
     kv_layer = ctx * fp.kv_bytes_per_token
-    largest = max(fp.layer_bytes, default=0) + fp.offload_group_bytes if prefill_offload else 0
+    one_copy = max(fp.layer_bytes, default=0)
+    largest = one_copy + fp.offload_group_bytes if prefill_offload else 0
 
-    def offload(layers: int) -> int:  # with layers (as --gpu-layers counts) on the GPU
+    def offload(layers: int) -> int:  # with layers (as --gpu-layers counts) on the GPU, one copy at a time
         return largest if layers < n else 0
+
+    def ahead(plan: Plan) -> Plan:
+        """The plan with room for a second copy (made while the first runs), where the budget
+        has it after the layers: a layer on the GPU needs no copy at all."""
+        more = replace(plan, offload_layer=plan.offload_layer + (OFFLOAD_COPIES - 1) * one_copy, copies_ahead=True)
+        if plan.offload_layer and (budget is None or more.total <= budget):
+            return more
+        return plan
 
     if budget is None:
         weights = sum(fp.layer_bytes[n - 1 - i] for i in range(min(want_layers, n)))
         weights += fp.output_bytes if want_layers > n else 0
         weights += (fp.vision_stream_bytes if vision_stream else fp.vision_bytes) if want_vision else 0
         kv = min(want_layers, n) * kv_layer
-        return Plan(None, ctx, n, want_layers, want_vision, vision_max_pixels, weights, kv, fp.activation_bytes,
-                    peak(vision_max_pixels or REFERENCE_PIXELS) if want_vision else 0, fp.dequant_slab,
-                    want_vision and vision_stream, offload(want_layers))
+        return ahead(Plan(None, ctx, n, want_layers, want_vision, vision_max_pixels, weights, kv, fp.activation_bytes,
+                          peak(vision_max_pixels or REFERENCE_PIXELS) if want_vision else 0, fp.dequant_slab,
+                          want_vision and vision_stream, offload(want_layers)))
     fixed = CUDA_OVERHEAD + fp.dequant_slab  # present whatever runs where
     free = budget - fixed - fp.activation_bytes
     if free <= 0:
@@ -300,8 +315,8 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
         if vision_max_pixels is not None:
             max_pixels = min(max_pixels, vision_max_pixels)
         vision_peak = peak(max_pixels)
-    return Plan(budget, ctx, n, layers, vision_weights is not None, max_pixels, weights, kv, fp.activation_bytes,
-                vision_peak, fp.dequant_slab, streamed, offload(layers))
+    return ahead(Plan(budget, ctx, n, layers, vision_weights is not None, max_pixels, weights, kv,
+                      fp.activation_bytes, vision_peak, fp.dequant_slab, streamed, offload(layers)))
 
 
 def dequant_slab_bytes(accel: str | None, kernels: bool, fast: bool) -> int:

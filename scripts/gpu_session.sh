@@ -165,6 +165,10 @@ followup)
     timeout 100 python3 scripts/profile_prefill.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 1396 \
         --gpu-layers 14 > "$out/prefill-half-offload.json" 2>&1
     head -c 1200 "$out/prefill-half-offload.json"
+    # the same with each copy made in turn, not while the layer before runs (runtime/copy_ahead.py)
+    QVL_COPY_IN_TURN=1 timeout 100 python3 scripts/profile_prefill.py /tmp/q7b-q4_k_m.gguf --device cuda \
+        --tokens 1396 --gpu-layers 14 > "$out/prefill-half-offload-in-turn.json" 2>&1
+    head -c 1200 "$out/prefill-half-offload-in-turn.json"
     timeout 150 python3 scripts/profile_prefill.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 1396 \
         --gpu-layers 14 --no-prefill-offload --runs 1 > "$out/prefill-half-cpu.json" 2>&1
     head -c 1200 "$out/prefill-half-cpu.json"

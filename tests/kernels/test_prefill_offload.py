@@ -14,6 +14,9 @@ measured 5.0e-4 of the largest logit).
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from PIL import Image
 
 import qvl.runtime.model as model_module
 from qvl.runtime import decoder as decoder_module
+from qvl.runtime.copy_ahead import OFFLOAD_COPIES
 from qvl.runtime.model import load
 from qvl.runtime.placement import Placement
 from tiny_models import TinySpec, make_checkpoint, to_gguf
@@ -144,3 +148,41 @@ def test_prompt_passes_share_each_copy(path, f32, monkeypatch, kernels):
     assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
     for (k, v), (rk, rv) in zip(kv, ref_kv):
         assert (k - rk).abs().max() <= 1e-4 * rk.abs().max() and (v - rv).abs().max() <= 1e-4 * rv.abs().max()
+
+
+def test_each_copy_is_made_while_the_layer_before_runs(path, monkeypatch):
+    """With every layer on the CPU (gpu_layers 0), a prompt's three copies are made in order,
+    each while the layer before it runs (copy_ahead.py), never more than OFFLOAD_COPIES alive, and
+    none after the prompt; the answer is the CPU layers' (tolerances as above)."""
+    model = load(path, device=ACCEL, dtype=torch.float32, placement=Placement(ACCEL, 0, kv_type="f32"))
+    ref = load(path, device=ACCEL, dtype=torch.float32,
+               placement=Placement(ACCEL, 0, kv_type="f32", prefill_offload=False))
+    alive: set[int] = set()
+    events: list[tuple[str, int, int]] = []  # (what, layer, copies alive)
+    real_layer, real_forward = model.decoder._layer, model.decoder.layer_forward
+
+    def layer(i, accel):
+        copy = real_layer(i, accel)
+        alive.add(i)
+        weakref.finalize(copy, alive.discard, i)
+        events.append(("made", i, len(alive)))
+        return copy
+
+    def layer_forward(run, x, *rest):
+        gc.collect()
+        events.append(("ran offloaded" if run.kernels else "ran on the CPU", -1, len(alive)))
+        return real_forward(run, x, *rest)
+
+    monkeypatch.setattr(model.decoder, "_layer", layer)
+    monkeypatch.setattr(model.decoder, "layer_forward", layer_forward)
+    out = model.generate("Describe it.", [IMAGE], max_new_tokens=TOKENS)
+    gc.collect()
+    expected = ref.generate("Describe it.", [IMAGE], max_new_tokens=TOKENS)
+    assert out.prompt_tokens >= decoder_module.OFFLOAD_MIN_TOKENS and out.token_ids == expected.token_ids
+    made = [e for e in events if e[0] == "made"]
+    assert [i for _, i, _ in made] == [0, 1, 2]  # the prompt's: decode steps run the CPU's layers
+    ran = [e[0] for e in events if e[0] != "made"]
+    assert ran[:3] == ["ran offloaded"] * 3 and set(ran[3:]) == {"ran on the CPU"}
+    assert max(n for *_, n in events) == OFFLOAD_COPIES == 2 and alive == set()
+    # copy 2 is made once layer 0's copy was let go: after layer 0 ran
+    assert events.index(made[2]) > [e[0] for e in events].index("ran offloaded")

@@ -17,6 +17,7 @@ from qvl.convert.layout import mmproj_tensors, text_tensors
 from qvl.convert.official import official_config
 from qvl.convert.plan import TEXT_TYPES, plan_text, plan_vision
 from qvl.runtime.config import TextConfig, text_config
+from qvl.runtime.copy_ahead import OFFLOAD_COPIES
 from qvl.runtime.decoder import OFFLOAD_GROUP
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.image import smart_resize
@@ -183,7 +184,7 @@ def test_model_takes_the_planned_layers(tiny):
     fp = _tiny_footprint(tiny)
     kv = 8192 * fp.kv_bytes_per_token  # a layer's cache larger than the hidden states kept for the offload
     # two of three layers, and room for the third's copy and a prompt group's hidden states while a
-    # prompt runs it there (prefill_offload)
+    # prompt runs it there (prefill_offload); no room for a second copy made ahead (copy_ahead.py)
     room = max(fp.layer_bytes) + fp.offload_group_bytes
     budget = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + room + 1000
     model = load(tiny, device="cpu", dtype=torch.float32, placement=Placement("cpu", ALL_LAYERS, kv_type="f32"),
@@ -192,6 +193,15 @@ def test_model_takes_the_planned_layers(tiny):
     assert fp.offload_group_bytes == 2 * 4 * OFFLOAD_GROUP * model.cfg.n_embd  # x and its norm, float32
     assert model.plan.gpu_layers == 2 and not model.plan.vision_on_gpu and model.plan.offload_layer == room
     assert model.plan.total <= budget and model.decoder.prefill_offload
+    assert not model.plan.copies_ahead and not model.decoder.copy_ahead  # each copy made in turn
+    # with room for a second copy after the layers: made while the one before runs (copy_ahead.py)
+    roomier = make_plan(fp, 8192, budget + max(fp.layer_bytes), ALL_LAYERS, False, prefill_offload=True)
+    assert roomier.gpu_layers == 2 and roomier.copies_ahead and roomier.offload_layer == room + max(fp.layer_bytes)
+    assert roomier.total <= budget + max(fp.layer_bytes) and "two CPU layers' copies" in roomier.table()
+    assert "a CPU layer's copy" in model.plan.table()
+    asked = make_plan(fp, 8192, None, 2, False, prefill_offload=True)  # --gpu-layers 2 without a budget
+    assert asked.copies_ahead and asked.offload_layer == room + max(fp.layer_bytes)
+    assert not make_plan(fp, 8192, None, ALL_LAYERS, False, prefill_offload=True).copies_ahead  # nothing to copy
     tight = budget - room  # without that room: one layer fewer
     assert make_plan(fp, 8192, tight, ALL_LAYERS, False, prefill_offload=True).gpu_layers == 1
     assert make_plan(fp, 8192, tight, ALL_LAYERS, False).gpu_layers == 2
