@@ -294,6 +294,7 @@ class Decoder:
         self.first_on_accel = first  # layers before it live on the CPU
         self.prefill_offload = prefill_offload and accel is not None and first > 0
         self.copy_ahead = copy_ahead
+        self.pass_share = 1  # prompt passes take chunk / pass_share tokens (prefill_oom.py halves them)
 
     def _layer(self, i: int, accel: torch.device | None) -> Layer:
         """Decoder layer i from the file: on the CPU, or on `accel` (its GGUF blocks or dense
@@ -492,11 +493,13 @@ class Decoder:
         pass's final-norm hidden states. With prefill offload, up to OFFLOAD_GROUP tokens' passes
         go through the layers together, layer by layer, so that each CPU layer is copied to the
         accelerator once for them all rather than once a pass (llama.cpp's op offload copies
-        once a ubatch of 512). Their hidden states wait on the accelerator meanwhile."""
+        once a ubatch of 512). Their hidden states wait on the accelerator meanwhile. Passes and
+        groups are `pass_share` times smaller after a prompt ran out of memory (prefill_oom.py)."""
+        per = max(1, OFFLOAD_GROUP // chunk)  # passes a group
+        chunk = max(1, chunk // self.pass_share)
         bounds = [(lo, min(lo + chunk, x.shape[0])) for lo in range(0, x.shape[0], chunk)]
         if not self.prefill_offload or x.shape[0] < OFFLOAD_MIN_TOKENS:
             return [self.forward(x[lo:hi], positions[:, lo:hi], cache) for lo, hi in bounds]
-        per = max(1, OFFLOAD_GROUP // chunk)
         out: list[torch.Tensor] = []
         for g in range(0, len(bounds), per):
             group = bounds[g:g + per]

@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import fit, vision_oom
+from . import fit, prefill_oom, vision_oom
 from .chat import render
 from .config import TextConfig, text_config
 from .decode_graph import DecodeGraph
@@ -315,7 +316,9 @@ class Model:
 
     def _prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  all_logits: bool) -> torch.Tensor:
-        hidden = self.decoder.prompt_forward(embeds, positions, cache, PREFILL_CHUNK)
+        start = cache.length
+        hidden = prefill_oom.retrying(lambda: self.decoder.prompt_forward(embeds, positions, cache, PREFILL_CHUNK),
+                                      self.decoder, partial(setattr, cache, "length", start), self.on_warning)
         if all_logits:
             return torch.cat([self.decoder.logits(h) for h in hidden])
         return self.decoder.logits(hidden[-1][-1:])

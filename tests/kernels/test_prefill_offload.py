@@ -186,3 +186,26 @@ def test_each_copy_is_made_while_the_layer_before_runs(path, monkeypatch):
     assert max(n for *_, n in events) == OFFLOAD_COPIES == 2 and alive == set()
     # copy 2 is made once layer 0's copy was let go: after layer 0 ran
     assert events.index(made[2]) > [e[0] for e in events].index("ran offloaded")
+
+
+def test_out_of_memory_first_makes_the_copies_one_at_a_time(path, monkeypatch):
+    """runtime/prefill_oom.py with layers on the CPU: a prompt that runs out of GPU memory while
+    two copies are made at once is read again with one at a time, before its passes shrink."""
+    model = load(path, device=ACCEL, dtype=torch.float32, placement=Placement(ACCEL, 1, kv_type="f32"))
+    ref = load(path, device=ACCEL, dtype=torch.float32, placement=Placement(ACCEL, 1, kv_type="f32"))
+    warnings: list[str] = []
+    model.on_warning = warnings.append
+    real_layer = model.decoder._layer
+
+    def layer(i, accel):
+        if model.decoder.copy_ahead and i == 1:  # the second copy does not fit beside the first
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 142.00 MiB")
+        return real_layer(i, accel)
+
+    monkeypatch.setattr(model.decoder, "_layer", layer)
+    assert model.decoder.copy_ahead and model.decoder.prefill_offload
+    out = model.generate("Describe it.", [IMAGE], max_new_tokens=TOKENS)
+    assert warnings == ["out of GPU memory reading the prompt; reading it again with the CPU layers' copies made "
+                        "one at a time"]
+    assert not model.decoder.copy_ahead and model.decoder.pass_share == 1
+    assert out.token_ids == ref.generate("Describe it.", [IMAGE], max_new_tokens=TOKENS).token_ids
