@@ -14,6 +14,15 @@ weights are 1, other vectors N(0, 0.02). The 7B Q4_K_M pair (4.36 + 1.26 GiB of 
 
     python scripts/make_random_gguf.py qwen2.5-vl-7b /tmp/q7b-q4_k_m.gguf --type q4_k_m
     #  -> /tmp/q7b-q4_k_m.gguf + /tmp/mmproj-q7b-q4_k_m.gguf
+
+`--mix low-bit` / `--mix grid` write the types of llama.cpp's files that qvl-convert does not
+write, where a Q4_K_M conversion plans Q4_K (the token embedding stays Q4_K): low-bit is Q3_K
+q/k/v, IQ4_NL attn_output, Q2_K gate/up and IQ4_XS ffn_down; grid is one of each of IQ3_S,
+IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M and IQ1_S (tests/quant_weights.py's mixes and its
+round-to-nearest encoders). The metadata still says Q4_K_M. For timing those types end to end
+(`bench_run.py`), as `bench_kernels.py --low-bit` times their GEMVs alone.
+
+    python scripts/make_random_gguf.py qwen2.5-vl-7b /tmp/q7b-grid.gguf --mix grid
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from qvl.convert.plan import PlannedTensor
 from qvl.convert.quant import quantize
 
 POOL_ROWS = 64
+MIXES = ("low-bit", "grid")  # tests/quant_weights.py's LOW_BIT and GRID_MIX
 
 
 def _seed(name: str, seed: int) -> int:
@@ -78,8 +88,25 @@ class RandomChunks:
 
 def make_random_gguf(config: dict, out: Path, type_name: str = "q4_k_m", vision_type: str = "f16",
                      layout: str = "llamacpp", seed: int = 0, tokenizer: Path = TOKENIZER_SRC,
-                     force: bool = False, name: str | None = None) -> Job:
-    """Plan as qvl-convert would for a checkpoint of `config` and write random weights."""
+                     force: bool = False, name: str | None = None, mix: str | None = None) -> Job:
+    """Plan as qvl-convert would for a checkpoint of `config` and write random weights; with
+    `mix` (one of MIXES, type_name q4_k_m), its types where Q4_K was planned."""
+    if mix is None:
+        return _make(config, out, type_name, vision_type, layout, seed, tokenizer, force, name)
+    if mix not in MIXES or type_name != "q4_k_m":
+        raise ConvertError(f"--mix {mix}: one of {', '.join(MIXES)}, with --type q4_k_m")
+    import pytest  # its MonkeyPatch puts the plan and the quantizers back afterwards
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from quant_weights import GRID_MIX, LOW_BIT, use_low_bit_types
+
+    with pytest.MonkeyPatch.context() as mp:
+        use_low_bit_types(mp, LOW_BIT if mix == "low-bit" else GRID_MIX)
+        return _make(config, out, type_name, vision_type, layout, seed, tokenizer, force, name)
+
+
+def _make(config: dict, out: Path, type_name: str, vision_type: str, layout: str, seed: int, tokenizer: Path,
+          force: bool, name: str | None) -> Job:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / (name or out.stem)
         write_config(config, folder, tokenizer)
@@ -103,12 +130,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", type=Path, default=TOKENIZER_SRC, help="folder with tokenizer files")
     ap.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    ap.add_argument("--mix", choices=MIXES, help="llama.cpp's types qvl-convert does not write, where Q4_K_M "
+                    "plans Q4_K (see above)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     try:
         job = make_random_gguf(load_model_config(args.model), args.out, args.type, args.vision_type, args.layout,
                                args.seed, args.tokenizer, args.force,
-                               name=args.model if args.model in MODELS else None)
+                               name=args.model if args.model in MODELS else None, mix=args.mix)
     except ConvertError as e:
         sys.exit(f"make_random_gguf: {e}")
     for f in job.files:

@@ -96,3 +96,33 @@ def test_existing_output_is_refused(script, checkpoint, tmp_path):
     with pytest.raises(ConvertError, match="already exists"):
         script.make_random_gguf(config, out, "q8_0", tokenizer=checkpoint)
     assert out.read_text() == "old"
+
+
+@pytest.mark.parametrize("mix", ["low-bit", "grid"])
+def test_mixes_of_the_types_qvl_convert_does_not_write(script, checkpoint, tmp_path, mix):
+    """--mix: llama.cpp's low-bit or grid types where Q4_K_M plans Q4_K, their values finite and
+    about the pool's N(0, 0.02), and a file qvl runs."""
+    import qvl
+    from gguf import GGMLQuantizationType as T
+
+    from quant_weights import GRID_MIX, LOW_BIT
+
+    out = tmp_path / "tiny.gguf"
+    config = json.loads((checkpoint / "config.json").read_text())
+    script.make_random_gguf(config, out, "q4_k_m", tokenizer=checkpoint, mix=mix)
+    want = dict(LOW_BIT if mix == "low-bit" else GRID_MIX)
+    seen = set()
+    with GGUFFile(out) as f:
+        for name, t in f.tensors.items():
+            part = next((p for p in want if f".{p}" in name), None)
+            if name.startswith("blk.") and part is not None and len(t.ne) >= 2:
+                if T(t.type) != T.Q6_K:  # Q4_K_M keeps some ffn_down and attn_v in Q6_K
+                    assert T(t.type) == want[part], name
+                    seen.add(want[part])
+                    values = dequantize(f.raw(name).reshape(-1, f.raw(name).shape[-1]), t.type).reshape(-1)
+                    assert np.isfinite(values).all() and 0.01 < values.std() < 0.04, (name, values.std())
+    assert seen == set(want.values())
+    model = qvl.load(out)
+    assert len(model.generate("Hello", max_new_tokens=3).token_ids) >= 1
+    with pytest.raises(ConvertError, match="--mix grid: one of low-bit, grid, with --type q4_k_m"):
+        script.make_random_gguf(config, tmp_path / "x.gguf", "q8_0", tokenizer=checkpoint, mix="grid")

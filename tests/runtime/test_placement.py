@@ -17,7 +17,6 @@ from qvl.convert.layout import mmproj_tensors, text_tensors
 from qvl.convert.official import official_config
 from qvl.convert.plan import TEXT_TYPES, plan_text, plan_vision
 from qvl.runtime.config import TextConfig, text_config
-from qvl.runtime.copy_ahead import OFFLOAD_COPIES
 from qvl.runtime.decoder import OFFLOAD_GROUP
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.image import smart_resize
