@@ -559,8 +559,9 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
             placement = replace(placement, kernels=False)
     fast = dtype != torch.float32
     try:
-        model = _open(Path(path), fast, mmproj, placement,
-                      None if max_vram is None else int(max_vram * 2**30), plan_ctx)
+        model = fit.retrying_load(lambda budget: _open(Path(path), fast, mmproj, placement, budget, plan_ctx),
+                                  None if max_vram is None else int(max_vram * 2**30),
+                                  placement.accel if placement.fit_free else None)
     except PlacementError as e:
         raise ModelError(str(e)) from None
     give_back_free_memory()

@@ -354,3 +354,38 @@ def test_fitting_to_the_free_memory(tiny, monkeypatch):
     assert limited.placement.vision_max_pixels == int((room - rest) / fp.vision_bytes_per_pixel)
     assert limited.plan.vision_max_pixels == limited.placement.vision_max_pixels
     assert loaded(room, dataclasses.replace(seeing, fit_free=False)).placement.vision_max_pixels is None
+
+
+def test_a_fitted_load_that_runs_out_of_memory_plans_again_smaller(tiny, monkeypatch):
+    """fit.retrying_load: where a load on the plan for the free memory runs out of GPU memory
+    (the plan's estimates fell short), the model is planned again for LOAD_RETRY_SHARE of what
+    is free then, and fit_note says so; with a budget (--max-vram), the error is raised."""
+    from qvl.runtime import fit
+    from qvl.runtime.weights import Matrix
+
+    fp = _tiny_footprint(tiny)
+    kv = 8192 * fp.kv_bytes_per_token
+    room = max(fp.layer_bytes) + fp.offload_group_bytes
+    two = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + room + 1000  # 2 of 3 layers
+    free = int(two / fit.LOAD_RETRY_SHARE) + 1
+    monkeypatch.setattr(fit, "free_bytes", lambda accel: free)
+    to_device, uploads = Matrix.to_device, []
+
+    def short_of_memory(self, *args, **kwargs):  # the first load runs out at its 10th weight
+        uploads.append(1)
+        if len(uploads) == 10:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return to_device(self, *args, **kwargs)
+
+    monkeypatch.setattr(Matrix, "to_device", short_of_memory)
+    asked = Placement("cpu", ALL_LAYERS, kv_type="f32", fit_free=True)
+    model = load(tiny, device="cpu", dtype=torch.float32, placement=asked, plan_ctx=8192)
+    budget = int(fit.LOAD_RETRY_SHARE * free)
+    assert model.plan == make_plan(fp, 8192, budget, ALL_LAYERS, False, prefill_offload=True)
+    assert model.plan.gpu_layers == 2 and [layer.kernels for layer in model.decoder.layers] == [False, True, True]
+    assert model.fit_note == ("out of GPU memory loading the model on its plan; planned again for 85% of the "
+                              f"{free / GIB:.1f} GiB free: 2/3 decoder layers on the GPU, the rest on the CPU, the "
+                              "vision tower on the CPU (--max-vram or --gpu-layers to choose)")
+    uploads.clear()
+    with pytest.raises(torch.OutOfMemoryError):  # a budget the user chose is not second-guessed
+        load(tiny, device="cpu", dtype=torch.float32, placement=asked, plan_ctx=8192, max_vram=1.0)
