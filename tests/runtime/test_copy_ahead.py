@@ -104,3 +104,33 @@ def test_in_turn_each_copy_is_made_when_taken(monkeypatch):
         gc.collect()
     copies.close()
     assert make.most == 1 and make.alive == set()
+
+
+DEVICES = [CPU] + ([torch.device("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_a_copy_is_not_overwritten_while_queued_work_reads_it(device):
+    """Copy i + 2 may take copy i's memory once the caller lets copy i go, while the GPU may
+    still be running the work queued on it: the copy's writes wait for that work. On a GPU,
+    each read waits behind ~25 ms of the GPU's time, while the worker makes the next copies into
+    the memory of the ones before (the test asserts that it does); without the copy stream's
+    wait, a sum would read a later copy's values."""
+    n, size = 6, 1 << 22
+
+    def make(i: int) -> torch.Tensor:
+        return torch.full((size,), float(i), device=device)
+
+    copies = CopiesAhead(make, range(n), device)
+    sums, addresses = [], []
+    for i in range(n):
+        copy = copies.take(i)
+        addresses.append(copy.data_ptr())
+        if device.type == "cuda":
+            torch.cuda._sleep(50_000_000)  # cycles of the GPU's, queued before the read
+        sums.append(copy.sum())
+        del copy
+    copies.close()
+    assert [s.item() for s in sums] == [float(i) * size for i in range(n)]
+    if device.type == "cuda":
+        assert len(set(addresses)) < n  # copies reused the memory of those let go
