@@ -6,13 +6,12 @@ in turn, each copy waits for the layer before it to finish and the layer waits f
 Here copy i + 1 is made on a worker thread, on a CUDA stream of its own, while the caller runs
 layer i; the caller's stream waits for a copy's event before its first kernel reads it.
 
-Two copies are on the GPU at once, where a `--max-vram` plan has room for the second after the
-layers it fits (placement.py: a layer on the GPU needs no copy at all, so layers come first);
-otherwise each copy is made when it is taken (`ahead` False). Copy i + 2 is
-made once the caller has let go of copy i, and may reuse its memory (the allocator hands freed
-blocks of the copy stream back to it at once): the copy stream first waits for an event the
-caller's stream records then, after all of layer i's work, so no write lands before that work
-is done. On the CPU (the tests' stand-in accelerator) the worker thread makes the copies with no
+Two copies are on the GPU at once, where the memory plan has room for the second after the
+layers it places (placement.py: a layer on the GPU needs no copy at all, so layers come first);
+otherwise each copy is made when it is taken (`ahead` False). Copy i + 2 is made once the
+caller has let go of copy i, and may reuse its memory (the allocator hands freed blocks of the
+copy stream back to it at once): the copy stream first waits for an event the caller's stream
+records then, after all of layer i's work, so no write lands before that work is done. On the CPU (the tests' stand-in accelerator) the worker thread makes the copies with no
 streams. QVL_COPY_IN_TURN=1 makes each copy when it is taken instead, on the caller's stream
 (as before this file: to time one against the other, `scripts/profile_prefill.py`).
 """
@@ -38,12 +37,11 @@ class CopiesAhead(Generic[T]):
 
     def __init__(self, make: Callable[[int], T], order: Sequence[int], device: torch.device, ahead: bool = True):
         self._make, self._order, self._device = make, list(order), device
-        self._ahead = ahead and AHEAD
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="qvl-copy")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="qvl-copy") if ahead and AHEAD else None
         self._next = 0  # index into order of the copy `take` hands out next
         self._pending: Future[tuple[T, torch.cuda.Event | None]] | None = None  # the copy being made
-        if self._order and self._ahead:
+        if self._order and self._pool is not None:
             self._pending = self._pool.submit(self._made, self._order[0], None)
 
     def _made(self, i: int, after: torch.cuda.Event | None) -> tuple[T, torch.cuda.Event | None]:
@@ -61,7 +59,7 @@ class CopiesAhead(Generic[T]):
         if self._next >= len(self._order) or self._order[self._next] != i:
             raise ValueError(f"copy {i} taken out of order (next: {self._order[self._next:][:1]})")
         self._next += 1
-        if not self._ahead:
+        if self._pool is None:
             return self._make(i)
         pending, self._pending = self._pending, None
         assert pending is not None
@@ -81,4 +79,5 @@ class CopiesAhead(Generic[T]):
                 pending.result()
             except Exception:  # a copy that failed after its caller stopped: its error is moot
                 pass
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

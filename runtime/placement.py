@@ -14,8 +14,8 @@ transient parts are estimates from the model's dimensions:
   kernels/dequant.py decodes for each prefill / vision GEMM (32 MiB at most), beside either.
 
 The vision tower runs before prefill and frees its activations, so the budget must hold
-overhead + all weights + dequant slab + max(vision peak, KV cache + decoder activations + an
-offloaded layers). The last: with decoder layers left on the CPU, a prompt runs each of them on
+overhead + all weights + dequant slab + max(vision peak, KV cache + decoder activations +
+offloaded layers' copies). The last: with decoder layers left on the CPU, a prompt runs each of them on
 the GPU from a copy made for it (decoder.prefill_offload), the next one's copy made meanwhile
 where the budget has room for it after the layers (two at once, copy_ahead.py), and keeps the
 hidden states of up to OFFLOAD_GROUP prompt tokens there between layers.
