@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import TextConfig
 from .copy_ahead import CopiesAhead
+from .offload_kv import KVMirror, Span
 from .stack import Stack
 from .weights import EXACT, Matrix, Weights, half_dtype, kernel_dtype
 
@@ -132,6 +133,7 @@ class Layer:
     down: Matrix
     device: torch.device = CPU
     kernels: bool = False  # Triton kernels for its norms, rotary and attention (the layer is on an accelerator)
+    kv: KVMirror | None = None  # a copy offloaded for a prompt: its cache's keys and values there (offload_kv.py)
 
     def __post_init__(self) -> None:
         # stacked where they are GGUF blocks of one type on an accelerator (stack.py)
@@ -160,8 +162,8 @@ class _Q8:
         self.q[:, start:start + x.shape[1]] = q
         self.d[:, start:start + x.shape[1]] = d
 
-    def read(self, end: int) -> torch.Tensor:
-        return (self.q[:, :end].float() * self.d[:, :end].float()).flatten(-2)
+    def read(self, end: int, start: int = 0) -> torch.Tensor:
+        return (self.q[:, start:end].float() * self.d[:, start:end].float()).flatten(-2)
 
     def values(self) -> torch.Tensor:
         """int8 (heads, capacity, dim), a view."""
@@ -240,10 +242,14 @@ class KVCache:
 
         kv_store(k, v, kc, vc, index, q, angles)
 
-    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of tokens [0, end), as stored (q8_0 dequantized to float32)."""
-        return tuple(s.read(end) if isinstance(s, _Q8) else s[:, :end]  # type: ignore[return-value]
+    def read(self, layer: int, end: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of tokens [start, end), as stored (q8_0 dequantized to float32)."""
+        return tuple(s.read(end, start) if isinstance(s, _Q8) else s[:, start:end]  # type: ignore[return-value]
                      for s in (self.k[layer], self.v[layer]))
+
+    def quantized(self, layer: int) -> bool:
+        """Whether layer's keys and values are stored as q8_0 (read back dequantized)."""
+        return isinstance(self.k[layer], _Q8)
 
     def stored(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The whole buffers as kernels/decode_attention.py reads them: k, v and, for q8_0, their scales."""
@@ -373,26 +379,27 @@ class Decoder:
     def layers_forward(self, x: torch.Tensor,
                        attend_for: Callable[[int, Layer], Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                                                                    torch.Tensor]],
-                       normed: torch.Tensor | None = None, offload: bool = False) -> torch.Tensor:
+                       normed: torch.Tensor | None = None, offload: Span | None = None) -> torch.Tensor:
         """x (seq, n_embd) through every layer (`attend_for(i, layer)`: layer i's rotary and
         attention) -> the final-norm hidden states. Each layer hands the next its input already
         normalized where both are on one device; `normed`: x through the first layer's
         attn_norm, where the caller has it. `offload`: the CPU's layers run on the accelerator
         from copies made for this pass (prefill_offload), each made while the one before runs
-        where `copy_ahead` (copy_ahead.py)."""
+        where `copy_ahead` (copy_ahead.py), with their caches' keys and values for the span's
+        tokens (offload_kv.py)."""
         return self._passes_forward([x], lambda j, i, layer: attend_for(i, layer), [normed], offload)[0]
 
     def _passes_forward(self, xs: Sequence[torch.Tensor],
                         attend_for: Callable[[int, int, Layer], Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                                                                          torch.Tensor]],
-                        normed: Sequence[torch.Tensor | None], offload: bool) -> list[torch.Tensor]:
+                        normed: Sequence[torch.Tensor | None], offload: Span | None) -> list[torch.Tensor]:
         """Passes xs[j] through every layer, layer by layer: each layer takes every pass, in
         order, before the next layer takes any (`attend_for(j, i, layer)`: pass j's attention
         in layer i), so that an offloaded copy is made once for them all."""
         xs, normed = list(xs), list(normed)
         copies = None
-        if offload and self._accel is not None:  # each CPU layer's copy made while the one before runs
-            copies = CopiesAhead(partial(self._layer, accel=self._accel), range(self.first_on_accel), self._accel,
+        if offload is not None and self._accel is not None:  # each CPU layer's copy made while the one before runs
+            copies = CopiesAhead(partial(self._offload_copy, offload), range(self.first_on_accel), self._accel,
                                  self.copy_ahead)
         try:
             for i, layer in enumerate(self.layers):
@@ -408,6 +415,13 @@ class Decoder:
                 copies.close()
         return [n if n is not None else rms_norm(x.to(self.norm.device), self.norm, self.cfg.rms_eps)
                 for x, n in zip(xs, normed)]
+
+    def _offload_copy(self, span: Span, i: int) -> Layer:
+        """Layer i on the accelerator for the passes that add `span` to its cache, with the keys
+        and values cached before them (offload_kv.py)."""
+        layer = self._layer(i, self._accel)
+        layer.kv = KVMirror(span, i, layer.device, self.attn_dtype if layer.kernels else None)
+        return layer
 
     @staticmethod
     def rotate(layer: Layer, rope: Rope, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -430,8 +444,8 @@ class Decoder:
         v = v.transpose(0, 1)
         past = cache.length
         end = cache.write(i, k, v)
-        if layer is not self.layers[i]:  # a copy offloaded for this pass (prefill_offload): the cache stays put
-            keys, values = (t.to(layer.device).transpose(0, 1) for t in cache.read(i, end))
+        if layer.kv is not None:  # a copy offloaded for the prompt (prefill_offload): the cache stays put
+            keys, values = (t.transpose(0, 1) for t in layer.kv.extend(past, end, k, v))
             if layer.kernels:
                 from ..kernels.attention import attention
 
@@ -481,7 +495,9 @@ class Decoder:
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embeddings (seq, n_embd) at positions (3, seq) -> final-norm hidden states (seq, n_embd)."""
         rope_on = self._ropes(positions)
-        offload = self.prefill_offload and x.shape[0] >= OFFLOAD_MIN_TOKENS
+        seq = x.shape[0]
+        offload = (Span(cache, cache.length, cache.length + seq)
+                   if self.prefill_offload and seq >= OFFLOAD_MIN_TOKENS else None)
         out = self.layers_forward(x, lambda i, layer: partial(self._attend, i, layer, cache, rope_on(layer.device)),
                                   offload=offload)
         cache.length += x.shape[0]
@@ -528,7 +544,8 @@ class Decoder:
             return at_start
 
         try:
-            out = self._passes_forward([x[lo:hi] for lo, hi in group], attend_for, [None] * len(group), offload=True)
+            out = self._passes_forward([x[lo:hi] for lo, hi in group], attend_for, [None] * len(group),
+                                       Span(cache, base, base + group[-1][1] - first))
         except BaseException:
             cache.length = base  # as a failed forward leaves it
             raise

@@ -17,8 +17,10 @@ The vision tower runs before prefill and frees its activations, so the budget mu
 overhead + all weights + dequant slab + max(vision peak, KV cache + decoder activations +
 offloaded layers' copies). The last: with decoder layers left on the CPU, a prompt runs each of them on
 the GPU from a copy made for it (decoder.prefill_offload), the next one's copy made meanwhile
-where the budget has room for it after the layers (two at once, copy_ahead.py), and keeps the
-hidden states of up to OFFLOAD_GROUP prompt tokens there between layers.
+where the budget has room for it after the layers (two at once, copy_ahead.py), each copy with
+its layer's keys and values up to the context's length (offload_kv.py; bf16 / f16 on the kernel
+path, float32 otherwise), and keeps the hidden states of up to OFFLOAD_GROUP prompt tokens there
+between layers.
 
 Policy under a budget: (1) the vision tower, when its weights and the peak of a 1024x1024
 image fit in half of what is left after the overhead and the decoder's activations; streamed
@@ -94,6 +96,7 @@ class Footprint:
     dequant_slab: int = 0  # transient, the GEMMs' dequantized weight rows (kernels/dequant.py's prefill route)
     vision_stream_bytes: int = 0  # the tower streamed: all but its blocks' matrices, two blocks' and a placeholder
     offload_group_bytes: int = 0  # prefill offload: OFFLOAD_GROUP prompt tokens' hidden states, between layers
+    offload_kv_bytes_per_token: int = 0  # prefill offload: a token of a copy's keys and values (offload_kv.py)
 
 
 def decoder_activation_bytes(cfg: TextConfig, tokens: int) -> int:
@@ -176,7 +179,7 @@ def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[s
     act = decoder_activation_bytes(cfg, PREFILL_CHUNK)
     group = 2 * 4 * OFFLOAD_GROUP * cfg.n_embd  # float32 x and its norm (decoder.prompt_forward)
     return Footprint(tuple(layers), output, vis_bytes, kv_bytes_per_token(cfg, kv_type), act, per_pixel, dequant_slab,
-                     stream_bytes, group)
+                     stream_bytes, group, kv_bytes_per_token(cfg, "bf16" if kernels and half else "f32"))
 
 
 @dataclass(frozen=True)
@@ -246,7 +249,7 @@ def make_plan(fp: Footprint, ctx: int, budget: int | None, want_layers: int, wan
         return int(fp.vision_bytes_per_pixel * pixels)
 
     kv_layer = ctx * fp.kv_bytes_per_token
-    one_copy = max(fp.layer_bytes, default=0)
+    one_copy = max(fp.layer_bytes, default=0) + ctx * fp.offload_kv_bytes_per_token  # and its keys and values
     largest = one_copy + fp.offload_group_bytes if prefill_offload else 0
 
     def offload(layers: int) -> int:  # with layers (as --gpu-layers counts) on the GPU, one copy at a time

@@ -209,3 +209,72 @@ def test_out_of_memory_first_makes_the_copies_one_at_a_time(path, monkeypatch):
                         "one at a time"]
     assert not model.decoder.copy_ahead and model.decoder.pass_share == 1
     assert out.token_ids == ref.generate("Describe it.", [IMAGE], max_new_tokens=TOKENS).token_ids
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "q8_0"])
+def test_each_group_reads_the_cpu_cache_once_a_layer(path, monkeypatch, kv_type):
+    """runtime/offload_kv.py: a prompt's passes through an offloaded layer read from the layer's
+    CPU cache only the tokens cached before their group, once (a q8_0 cache also each pass's own
+    tokens back, as it rounded them), not every key so far each pass; the hidden states and the
+    cache are the CPU layers' (tolerances as above)."""
+    monkeypatch.setattr(decoder_module, "OFFLOAD_GROUP", 24)  # passes of 8: three a group
+    n = 60  # groups [0, 24), [24, 48) and [48, 60): its two passes through _group_forward too
+    model = load(path, device=ACCEL, dtype=torch.float32, placement=Placement(ACCEL, 1, kv_type=kv_type))
+    ref = load(path, device=ACCEL, dtype=torch.float32,
+               placement=Placement(ACCEL, 1, kv_type=kv_type, prefill_offload=False))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, model.cfg.n_embd, generator=g)
+    positions = torch.arange(n).expand(3, n)
+    cache, ref_cache = model.decoder.new_cache(64, kv_type), ref.decoder.new_cache(64, kv_type)
+    reads: list[tuple[int, int, int]] = []
+    real_read = cache.read
+
+    def read(layer, end, start=0):
+        reads.append((layer, start, end))
+        return real_read(layer, end, start)
+
+    cache.read = read
+    out = torch.cat(model.decoder.prompt_forward(x, positions, cache, chunk=8))
+    want = torch.cat(ref.decoder.prompt_forward(x, positions, ref_cache, chunk=8))
+    # (layer, start, end), sorted: layer 1's prefix is read on the copy worker while layer 0 runs
+    want_reads = [(i, 0, base) for base in (0, 24, 48) for i in (0, 1)]
+    if kv_type == "q8_0":
+        want_reads += [(i, lo, min(lo + 8, n)) for lo in range(0, n, 8) for i in (0, 1)]
+    assert sorted(reads) == sorted(want_reads)
+    tol = 1e-4 if kv_type == "f32" else 5e-3
+    assert cache.length == ref_cache.length == n
+    assert (out - want).abs().max() <= tol * want.abs().max()
+    for i in range(3):
+        for mine, theirs in zip(real_read(i, n), ref_cache.read(i, n)):
+            assert (mine.cpu() - theirs.cpu()).abs().max() <= 2 * tol * theirs.abs().max()
+
+
+def test_offloaded_layers_attend_as_the_accelerators_own_in_bf16(path, monkeypatch):
+    """bf16 products (the default): an offloaded copy attends over its mirror, bf16 (offload_kv.py),
+    as a layer kept on the accelerator attends over its own cache, which kernels/attention.py
+    converts to bf16 as it reads: the same numbers, so a prompt's hidden states and the CPU
+    layers' caches are those of the model with every layer there (float32 caches on both)."""
+    monkeypatch.setattr(decoder_module, "OFFLOAD_GROUP", 24)
+    n = 60
+    model = load(path, device=ACCEL, placement=Placement(ACCEL, 1, kv_type="f32"))
+    whole = load(path, device=ACCEL, placement=Placement(ACCEL, 3, kv_type="f32"))
+    assert model.decoder.attn_dtype == torch.bfloat16 and model.decoder.prefill_offload
+    mirrors = []
+    real_copy = model.decoder._offload_copy
+
+    def offload_copy(span, i):
+        copy = real_copy(span, i)
+        mirrors.append(copy.kv.k.dtype)
+        return copy
+
+    monkeypatch.setattr(model.decoder, "_offload_copy", offload_copy)
+    x = torch.randn(n, model.cfg.n_embd, generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(n).expand(3, n)
+    cache, whole_cache = model.decoder.new_cache(64, "f32"), whole.decoder.new_cache(64, "f32")
+    out = torch.cat(model.decoder.prompt_forward(x, positions, cache, chunk=8))
+    want = torch.cat(whole.decoder.prompt_forward(x, positions, whole_cache, chunk=8))
+    assert mirrors == [torch.bfloat16] * 6  # two CPU layers, three groups
+    assert (out - want).abs().max() <= 1e-6 * want.abs().max()
+    for i in range(3):
+        for mine, theirs in zip(cache.read(i, n), whole_cache.read(i, n)):
+            assert (mine.cpu() - theirs.cpu()).abs().max() <= 1e-6 * theirs.abs().max()

@@ -54,6 +54,7 @@ def test_7b_q4_k_m_footprint():
     assert 4.0 * GIB < weights < 4.6 * GIB  # llama.cpp's 7B Q4_K_M text file is 4.36 GiB with embeddings
     assert 1.2 * GIB < fp.vision_bytes < 1.4 * GIB  # the F16 mmproj (675M parameters)
     assert fp.kv_bytes_per_token == 2 * 4 * 128 * 2  # k and v, 4 KV heads of 128, bf16
+    assert fp.offload_kv_bytes_per_token == fp.kv_bytes_per_token  # an offloaded copy's, bf16 as the products
     # the encode's bf16 activations (tests/kernels/test_activation_memory.py measures them): about half
     # of the float32 residual, norm, q/k/v, attention output and MLP that were planned before
     assert fp.vision_bytes_per_pixel < 0.5 * 4 * (6 * 1280 + 3 * 3420) / PATCH_PIXELS
@@ -176,35 +177,49 @@ def deep_vision(tmp_path_factory):
 
 def _tiny_footprint(tiny):
     with GGUFFile(tiny) as g, GGUFFile(tiny.with_name("mmproj-m.gguf")) as v:
-        return footprint(text_config(g), dict(g.tensors), dict(v.tensors), kernels=True, kv_type="f32")
+        # float32 products and cache, as the tests load it (dtype=torch.float32)
+        return footprint(text_config(g), dict(g.tensors), dict(v.tensors), kernels=True, kv_type="f32", half=False)
+
+
+def _copy(fp, ctx: int = 8192) -> int:
+    """A CPU layer's copy for a prompt: its weights, and its keys and values to the context's
+    length (runtime/offload_kv.py; float32 here, as the products)."""
+    return max(fp.layer_bytes) + ctx * fp.offload_kv_bytes_per_token
 
 
 def test_model_takes_the_planned_layers(tiny):
     fp = _tiny_footprint(tiny)
-    kv = 8192 * fp.kv_bytes_per_token  # a layer's cache larger than the hidden states kept for the offload
-    # two of three layers, and room for the third's copy and a prompt group's hidden states while a
-    # prompt runs it there (prefill_offload); no room for a second copy made ahead (copy_ahead.py)
-    room = max(fp.layer_bytes) + fp.offload_group_bytes
-    budget = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + room + 1000
+    kv = 8192 * fp.kv_bytes_per_token
+    # one of three layers, and room for a copy of another and a prompt group's hidden states while a
+    # prompt runs the CPU's layers there (prefill_offload); no room for a second copy made ahead
+    # (copy_ahead.py). A copy, with its keys and values, takes more than a layer kept there with its
+    # cache: the room costs a layer (1.4 of the 7B Q4_K_M's at 4096 tokens), so a plan that keeps it
+    # has at most one layer fewer than the layers that fit without it.
+    room = _copy(fp) + fp.offload_group_bytes
+    assert room > max(fp.layer_bytes) + kv
+    budget = CUDA_OVERHEAD + fp.activation_bytes + fp.layer_bytes[2] + kv + room + 1000
     model = load(tiny, device="cpu", dtype=torch.float32, placement=Placement("cpu", ALL_LAYERS, kv_type="f32"),
                  max_vram=budget / GIB, plan_ctx=8192)
     assert model.plan == make_plan(fp, 8192, budget, ALL_LAYERS, False, prefill_offload=True)
     assert fp.offload_group_bytes == 2 * 4 * OFFLOAD_GROUP * model.cfg.n_embd  # x and its norm, float32
-    assert model.plan.gpu_layers == 2 and not model.plan.vision_on_gpu and model.plan.offload_layer == room
+    assert fp.offload_kv_bytes_per_token == 2 * 4 * model.cfg.n_head_kv * model.cfg.head_dim  # k and v, float32
+    assert model.plan.gpu_layers == 1 and not model.plan.vision_on_gpu and model.plan.offload_layer == room
     assert model.plan.total <= budget and model.decoder.prefill_offload
     assert not model.plan.copies_ahead and not model.decoder.copy_ahead  # each copy made in turn
-    # with room for a second copy after the layers: made while the one before runs (copy_ahead.py)
-    roomier = make_plan(fp, 8192, budget + max(fp.layer_bytes), ALL_LAYERS, False, prefill_offload=True)
-    assert roomier.gpu_layers == 2 and roomier.copies_ahead and roomier.offload_layer == room + max(fp.layer_bytes)
-    assert roomier.total <= budget + max(fp.layer_bytes) and "two CPU layers' copies" in roomier.table()
+    # with room for a second copy after the layers: made while the one before runs (copy_ahead.py);
+    # --gpu-layers 1 as well, since that room would otherwise hold every layer
+    roomier = make_plan(fp, 8192, budget + _copy(fp), 1, False, prefill_offload=True)
+    assert roomier.gpu_layers == 1 and roomier.copies_ahead and roomier.offload_layer == room + _copy(fp)
+    assert roomier.total <= budget + _copy(fp) and "two CPU layers' copies" in roomier.table()
     assert "a CPU layer's copy" in model.plan.table()
     asked = make_plan(fp, 8192, None, 2, False, prefill_offload=True)  # --gpu-layers 2 without a budget
-    assert asked.copies_ahead and asked.offload_layer == room + max(fp.layer_bytes)
+    assert asked.copies_ahead and asked.offload_layer == room + _copy(fp)
     assert not make_plan(fp, 8192, None, ALL_LAYERS, False, prefill_offload=True).copies_ahead  # nothing to copy
     tight = budget - room  # without that room: one layer fewer
-    assert make_plan(fp, 8192, tight, ALL_LAYERS, False, prefill_offload=True).gpu_layers == 1
-    assert make_plan(fp, 8192, tight, ALL_LAYERS, False).gpu_layers == 2
-    assert [layer.kernels for layer in model.decoder.layers] == [False, True, True]
+    assert make_plan(fp, 8192, tight, ALL_LAYERS, False, prefill_offload=True).gpu_layers == 0
+    assert make_plan(fp, 8192, tight, ALL_LAYERS, False).gpu_layers == 1
+    assert make_plan(fp, 8192, budget, ALL_LAYERS, False).gpu_layers == 2  # no offload: the room holds a layer
+    assert [layer.kernels for layer in model.decoder.layers] == [False, False, True]
     assert not model.vision.kernels
 
 
@@ -322,8 +337,8 @@ def test_fitting_to_the_free_memory(tiny, monkeypatch):
 
     fp = _tiny_footprint(tiny)
     kv = 8192 * fp.kv_bytes_per_token
-    room = max(fp.layer_bytes) + fp.offload_group_bytes
-    two = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + room + 1000  # 2 of 3 layers
+    room = _copy(fp) + fp.offload_group_bytes
+    one = CUDA_OVERHEAD + fp.activation_bytes + fp.layer_bytes[2] + kv + room + 1000  # 1 of 3 layers and a copy
     asked = Placement("cpu", ALL_LAYERS, kv_type="f32", fit_free=True)
 
     def loaded(free: int, placement: Placement = asked):
@@ -332,14 +347,14 @@ def test_fitting_to_the_free_memory(tiny, monkeypatch):
 
     whole = loaded(1 << 40)
     assert whole.plan.budget is None and whole.plan.gpu_layers == 4 and whole.fit_note is None  # 3 layers + output
-    fitted = loaded(two)
-    assert fitted.plan == make_plan(fp, 8192, two, ALL_LAYERS, False, prefill_offload=True)
-    assert fitted.plan.gpu_layers == 2 and fitted.placement.gpu_layers == 2
+    fitted = loaded(one)
+    assert fitted.plan == make_plan(fp, 8192, one, ALL_LAYERS, False, prefill_offload=True)
+    assert fitted.plan.gpu_layers == 1 and fitted.placement.gpu_layers == 1
     assert [layer.device.type for layer in fitted.decoder.layers] == ["cpu"] * 3  # the stand-in accelerator
-    assert [layer.kernels for layer in fitted.decoder.layers] == [False, True, True]
-    assert fitted.fit_note is not None and "2/3 decoder layers on the GPU" in fitted.fit_note
-    assert f"{two / GIB:.1f} GiB is free" in fitted.fit_note
-    kept = loaded(two, dataclasses.replace(asked, fit_free=False))
+    assert [layer.kernels for layer in fitted.decoder.layers] == [False, False, True]
+    assert fitted.fit_note is not None and "1/3 decoder layers on the GPU" in fitted.fit_note
+    assert f"{one / GIB:.1f} GiB is free" in fitted.fit_note
+    kept = loaded(one, dataclasses.replace(asked, fit_free=False))
     assert kept.plan.gpu_layers == 4 and kept.fit_note is None
     none = loaded(CUDA_OVERHEAD // 2)
     assert none.plan is None and none.placement.accel is None and "running on the CPU" in none.fit_note
@@ -365,9 +380,9 @@ def test_a_fitted_load_that_runs_out_of_memory_plans_again_smaller(tiny, monkeyp
 
     fp = _tiny_footprint(tiny)
     kv = 8192 * fp.kv_bytes_per_token
-    room = max(fp.layer_bytes) + fp.offload_group_bytes
-    two = CUDA_OVERHEAD + fp.activation_bytes + sum(fp.layer_bytes[1:]) + 2 * kv + room + 1000  # 2 of 3 layers
-    free = int(two / fit.LOAD_RETRY_SHARE) + 1
+    room = _copy(fp) + fp.offload_group_bytes
+    one = CUDA_OVERHEAD + fp.activation_bytes + fp.layer_bytes[2] + kv + room + 1000  # 1 of 3 layers and a copy
+    free = int(one / fit.LOAD_RETRY_SHARE) + 1
     monkeypatch.setattr(fit, "free_bytes", lambda accel: free)
     to_device, uploads = Matrix.to_device, []
 
@@ -382,9 +397,9 @@ def test_a_fitted_load_that_runs_out_of_memory_plans_again_smaller(tiny, monkeyp
     model = load(tiny, device="cpu", dtype=torch.float32, placement=asked, plan_ctx=8192)
     budget = int(fit.LOAD_RETRY_SHARE * free)
     assert model.plan == make_plan(fp, 8192, budget, ALL_LAYERS, False, prefill_offload=True)
-    assert model.plan.gpu_layers == 2 and [layer.kernels for layer in model.decoder.layers] == [False, True, True]
+    assert model.plan.gpu_layers == 1 and [layer.kernels for layer in model.decoder.layers] == [False, False, True]
     assert model.fit_note == ("out of GPU memory loading the model on its plan; planned again for 85% of the "
-                              f"{free / GIB:.1f} GiB free: 2/3 decoder layers on the GPU, the rest on the CPU, the "
+                              f"{free / GIB:.1f} GiB free: 1/3 decoder layers on the GPU, the rest on the CPU, the "
                               "vision tower on the CPU (--max-vram or --gpu-layers to choose)")
     uploads.clear()
     with pytest.raises(torch.OutOfMemoryError):  # a budget the user chose is not second-guessed
