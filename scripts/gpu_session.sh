@@ -29,7 +29,8 @@
 #                                           # and again with expandable segments (whole-device VRAM);
 #                                           # a prompt with half the 7B's layers on the CPU, offloaded
 #                                           # (copies a layer ahead, or in turn) or not, the copies'
-#                                           # stream ordering (test_copy_ahead), and prefill through dequantize + cuBLAS
+#                                           # stream ordering (test_copy_ahead), the offloaded layers' KV
+#                                           # mirrors converted on CUDA (test_offload_kv), and prefill through dequantize + cuBLAS
 #                                           # (QVL_DEQUANT_GEMM=1; profile_prefill.py)
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
@@ -146,7 +147,7 @@ followup)
     # on CUDA: the prompt offload's groups (real streams, page-locked copies), and the dequantize +
     # cuBLAS route's float32 output (torch.mm's out_dtype)
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_prefill_offload.py \
-        tests/runtime/test_copy_ahead.py 2>&1 \
+        tests/runtime/test_copy_ahead.py tests/runtime/test_offload_kv.py 2>&1 \
         | tee "$out/tests-offload.log" | tail -5
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_dequant.py \
         -k "prefill_goes_through and (Q4_K or Q6_K)" 2>&1 | tee "$out/tests-dequant.log" | tail -5
