@@ -146,8 +146,8 @@ followup)
     cat "$out/int8.json"
     # on CUDA: the prompt offload's groups (real streams, page-locked copies), and the dequantize +
     # cuBLAS route's float32 output (torch.mm's out_dtype)
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_prefill_offload.py \
-        tests/runtime/test_copy_ahead.py tests/runtime/test_offload_kv.py 2>&1 \
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_copy_ahead.py \
+        tests/runtime/test_offload_kv.py tests/kernels/test_prefill_offload.py 2>&1 \
         | tee "$out/tests-offload.log" | tail -5
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_dequant.py \
         -k "prefill_goes_through and (Q4_K or Q6_K)" 2>&1 | tee "$out/tests-dequant.log" | tail -5
