@@ -220,8 +220,8 @@ class Plan:
             f"  weights      {gib(self.weights)}",
             f"  KV cache     {gib(self.kv)}  ({self.ctx} tokens)",
             f"  activations  {gib(self.activations)}",
-            *([f"  offload      {gib(self.offload_layer)}  ({copies} with their keys and values, and the "
-               "prompt's hidden states while a prompt runs them here)"] if self.offload_layer else []),
+            *([f"  offload      {gib(self.offload_layer)}  ({copies}, keys and values included, and "
+               "the prompt's hidden states while a prompt runs them here)"] if self.offload_layer else []),
             f"  vision peak  {gib(self.vision_peak)}",
             *([f"  dequant slab {gib(self.dequant_slab)}  (weight rows decoded for cuBLAS's prefill GEMMs)"]
               if self.dequant_slab else []),
