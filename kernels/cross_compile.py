@@ -233,9 +233,10 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
+def _cases(half: torch.dtype, types: tuple | None = None) -> list[tuple[str, Callable[[], object]]]:
     """(name, call) for each launch worth compiling: the runtime's calls at 3B / 7B shapes,
-    activations in `half` (bfloat16, or float16 below sm_80) where the runtime uses it."""
+    activations in `half` (bfloat16, or float16 below sm_80) where the runtime uses it; the
+    type-dependent GEMV / GEMM / dequantize launches for `types` (default: every supported type)."""
     from gguf import GGMLQuantizationType as T
 
     from .attention import attention
@@ -258,7 +259,7 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
 
     cases: list[tuple[str, Callable[[], object]]] = []
     hidden, inter = 3584, 18944  # 7B
-    for qt in SUPPORTED:
+    for qt in SUPPORTED if types is None else types:
         cases += [
             (f"{qt.name} GEMV M=1, bias + residual", lambda qt=qt: qmatmul(
                 z(1, hidden), raw(qt, 4608, hidden), qt, 4608, hidden, z(4608), z(1, 4608))),
@@ -352,8 +353,9 @@ def _cases(half: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
 
 
 def cross_compile(arch: int, progress: Callable[[str], None] | None = None,
-                  loops_of: tuple[str, ...] | None = None) -> list[Compiled]:
-    """Compile every case's launches for sm_`arch` (a key of ARCHS); one Compiled per launch.
+                  loops_of: tuple[str, ...] | None = None, types: tuple | None = None) -> list[Compiled]:
+    """Compile every case's launches for sm_`arch` (a key of ARCHS); one Compiled per launch;
+    the type-dependent launches for `types` (GGML types; default: every supported one).
     The main loop's counts are read (a SASS disassembly: ~0.5 s a launch, most of the time
     taken) for the launches of the kernels named in `loops_of`, or all of them without it."""
     if arch not in ARCHS:
@@ -361,7 +363,7 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None,
     half = torch.bfloat16 if arch >= 80 else torch.float16  # as weights.half_dtype picks on the GPU
     results = []
     with compile_only(arch) as launched, pretending(Target(arch, ARCHS[arch][2], ptx=PTX_TRITON)):
-        for name, call in _cases(half):
+        for name, call in _cases(half, types):
             if progress:
                 progress(name)
             launched.clear()

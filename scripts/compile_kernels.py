@@ -2,6 +2,7 @@
 
     python scripts/compile_kernels.py            # sm_75, 80, 86, 89, 90, 120
     python scripts/compile_kernels.py --arch 90 --json
+    python scripts/compile_kernels.py --arch 89 --types Q4_K,Q6_K   # the type-dependent launches of two types
 
 Per launch (the runtime's calls at 3B / 7B shapes, kernels/cross_compile.py): registers per
 thread, stack bytes (spills), shared memory against the GPU's limit, tensor-core instructions
@@ -24,6 +25,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are imported: com
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from qvl.kernels.cross_compile import ARCHS, cross_compile  # noqa: E402
+from qvl.kernels.qblocks import SUPPORTED  # noqa: E402
 
 
 def main() -> int:
@@ -34,12 +36,22 @@ def main() -> int:
     parser.add_argument("--loops-of", metavar="KERNEL", action="append",
                         help="read the main loop (a SASS disassembly, ~0.5 s a launch: most of the time taken) "
                              "only for this kernel's launches (repeatable; default: every kernel's); 0 for the rest")
+    parser.add_argument("--types", metavar="Q4_K,Q6_K,...",
+                        help="compile the type-dependent launches (GEMV, GEMM, dequantize) for these quantization types "
+                             "only (default: every supported type)")
     args = parser.parse_args()
+    types = None
+    if args.types:
+        names = [n.strip().upper() for n in args.types.split(",") if n.strip()]
+        unknown = [n for n in names if n not in {t.name for t in SUPPORTED}]
+        if unknown or not names:
+            parser.error(f"--types: {', '.join(unknown) or 'empty'}: not one of {', '.join(t.name for t in SUPPORTED)}")
+        types = tuple(t for t in SUPPORTED if t.name in names)
     bad = 0
     for arch in args.arch or sorted(ARCHS):
         start = time.perf_counter()
         results = cross_compile(arch, None if args.json else lambda name: print(f"  compiling {name}", file=sys.stderr),
-                                loops_of=tuple(args.loops_of) if args.loops_of else None)
+                                loops_of=tuple(args.loops_of) if args.loops_of else None, types=types)
         if not args.json:
             gpus, shared, cores = ARCHS[arch]
             print(f"\nsm_{arch} ({gpus}; {shared // 1024} KiB shared a block, {cores} SMs): "

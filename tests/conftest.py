@@ -21,6 +21,28 @@ from paths import FIXTURES  # noqa: E402
 from qvl.runtime import cpu_gemm  # noqa: E402
 
 
+CROSS_COMPILE = "test_cross_compile.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The cross-compile tests last: their compiles run in the background meanwhile."""
+    items.sort(key=lambda item: item.path.name == CROSS_COMPILE)  # stable: the rest keep their order
+
+
+def pytest_collection_finish(session):
+    """Start the cross-compile check's compiles if a collected test waits for them."""
+    if any(item.path.name == CROSS_COMPILE and "compiled" in getattr(item, "fixturenames", ())
+           for item in session.items):
+        import cross_compile_jobs
+
+        cross_compile_jobs.start()
+
+
+def pytest_unconfigure(config):
+    if "cross_compile_jobs" in sys.modules:
+        sys.modules["cross_compile_jobs"].stop()
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():

@@ -2,20 +2,22 @@
 makes (kernels/cross_compile.py, through scripts/compile_kernels.py in a process without
 TRITON_INTERPRET): the compiles succeed, and no launch needs more shared memory or registers
 than its GPU has, or spills registers. The interpreter tests check what the kernels compute;
-these check what the interpreter cannot: that they build for the GPUs, and fit there."""
+these check what the interpreter cannot: that they build for the GPUs, and fit there. The
+compiles start in the background once pytest has collected these tests, and the suite runs
+them last (cross_compile_jobs.py: which types each architecture compiles, and why)."""
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import subprocess
 import sys
 
+import cross_compile_jobs
 import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import pytest
+from cross_compile_jobs import types_for
 import torch
-from paths import REPO
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -31,20 +33,9 @@ KERNEL_MODULES = ("attention", "decode_attention", "decode_inputs", "dequant", "
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[int, tuple[int, list[dict], str]]:
-    """arch -> (exit status, one record per launch, stderr); the arches compile concurrently."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # the main loops (a SASS disassembly each) of the decode GEMVs' launches only: the loops the tests check
-    procs = {arch: subprocess.Popen([sys.executable, str(REPO / "scripts" / "compile_kernels.py"), "--json",
-                                     "--arch", str(arch), "--loops-of", "qgemv_kernel", "--loops-of",
-                                     "qgemv_q8_kernel"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=env)
-             for arch in ARCHS}
-    out = {}
-    for arch, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=900)
-        out[arch] = proc.returncode, [json.loads(line) for line in stdout.splitlines()], stderr
-    return out
+    """arch -> (exit status, one record per launch, stderr): the compiles cross_compile_jobs.py
+    started in the background once pytest collected these tests."""
+    return cross_compile_jobs.results()
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -71,7 +62,7 @@ def test_split_launches_count_arrivals_with_ordering(compiled, arch):
     gemv = {r["case"]: r for r in records if r["kernel"] == "qgemv_kernel"}
     split = [r for case, r in gemv.items() if "K split" in case]
     single = [r for case, r in gemv.items() if "one split" in case]
-    n_types = len(SUPPORTED)
+    n_types = len(types_for(arch))
     assert len(split) == 2 * n_types and all(r["atomics"] == 1 and r["unordered_atomics"] == 0 for r in split)
     assert len(single) == n_types and all(r["atomics"] == 0 for r in single)
     normed = [r for case, r in gemv.items() if "RMSNorm" in case and "int8 output" not in case]  # the launch's count
@@ -184,13 +175,14 @@ def test_half_precision_products_use_tensor_cores(compiled, arch):
     products = [r for r in records if r["kernel"] in ("qmatmul_kernel", "attention_kernel")]
     half = [r for r in products if "float16" in r["case"]]  # bfloat16 or float16
     full = [r for r in products if "float32" in r["case"]]
-    assert len(full) == len(SUPPORTED) + 2 and not any(r["tensor_core_ops"] for r in full)  # GEMMs, 2 attentions
+    n_types = len(types_for(arch))
+    assert len(full) == n_types + 2 and not any(r["tensor_core_ops"] for r in full)  # GEMMs, 2 attentions
     if arch >= 80:
-        assert len(half) == len(SUPPORTED) + 3 and all(r["tensor_core_ops"] > 0 for r in half)
+        assert len(half) == n_types + 3 and all(r["tensor_core_ops"] > 0 for r in half)
     else:  # float16 GEMMs go to dequant.py (then cuBLAS); attention stays, on CUDA cores
         assert len(half) == 3 and not any(r["tensor_core_ops"] for r in half)
         routed = [r for r in records if "GEMM" in r["case"] and "float16" in r["case"]]
-        assert len(routed) == len(SUPPORTED) and {r["kernel"] for r in routed} == {"dequant_kernel"}
+        assert len(routed) == n_types and {r["kernel"] for r in routed} == {"dequant_kernel"}
 
 
 @pytest.mark.parametrize("arch", [a for a in sorted(ARCHS) if a >= 80])
@@ -210,7 +202,7 @@ def test_tensor_cores_do_only_the_tiles_work(compiled, arch):
         assert attn[case]["tensor_core_macs"] == 2 * block_m * block_n * sum(head_dim_split(d)), case
     tm, tn, tk, _, _ = gemm_tiles(gpu, torch.bfloat16)
     gemms = [r for r in records if r["kernel"] == "qmatmul_kernel" and "bfloat16" in r["case"]]
-    assert len(gemms) == len(SUPPORTED) and all(r["tensor_core_macs"] == tm * tn * tk for r in gemms)
+    assert len(gemms) == len(types_for(arch)) and all(r["tensor_core_macs"] == tm * tn * tk for r in gemms)
 
 
 def test_tensor_core_macs_read_from_ptx():
@@ -280,8 +272,9 @@ def test_decode_gemv_loop_has_no_barrier(compiled, arch):
     _, records, _ = compiled[arch]
     m1 = [r for r in records if r["kernel"] == "qgemv_kernel" and "M=1" in r["case"]
           and "int8 output" not in r["case"]]  # those: the same K loop (a norm's loop may be longer)
-    assert {r["case"].split()[0] for r in m1} == set(LOOP_CEILING)
-    assert len(m1) == 5 * len(LOOP_CEILING)
+    assert set(LOOP_CEILING) == {t.name for t in SUPPORTED}
+    assert {r["case"].split()[0] for r in m1} == {t.name for t in types_for(arch)}
+    assert len(m1) == 5 * len(types_for(arch))
     for r in m1:
         qtype = r["case"].split()[0]
         assert r["loop_barriers"] == 0 and 0 < r["loop_instructions"] <= LOOP_CEILING[qtype], r
