@@ -233,10 +233,13 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def _cases(half: torch.dtype, types: tuple | None = None) -> list[tuple[str, Callable[[], object]]]:
+def _cases(half: torch.dtype, types: tuple | None = None,
+           split_types: tuple | None = None) -> list[tuple[str, Callable[[], object]]]:
     """(name, call) for each launch worth compiling: the runtime's calls at 3B / 7B shapes,
     activations in `half` (bfloat16, or float16 below sm_80) where the runtime uses it; the
-    type-dependent GEMV / GEMM / dequantize launches for `types` (default: every supported type)."""
+    type-dependent GEMV / GEMM / dequantize launches for `types` (default: every supported type),
+    and the GEMVs with K split as asked (one split, 2, or 4 at M=5) for those of `split_types`
+    too (default: all of them)."""
     from gguf import GGMLQuantizationType as T
 
     from .attention import attention
@@ -263,16 +266,10 @@ def _cases(half: torch.dtype, types: tuple | None = None) -> list[tuple[str, Cal
         cases += [
             (f"{qt.name} GEMV M=1, bias + residual", lambda qt=qt: qmatmul(
                 z(1, hidden), raw(qt, 4608, hidden), qt, 4608, hidden, z(4608), z(1, 4608))),
-            (f"{qt.name} GEMV M=1, one split, bias + residual", lambda qt=qt: qmatmul(
-                z(1, hidden), raw(qt, 4608, hidden), qt, 4608, hidden, z(4608), z(1, 4608), split_k=1)),
             (f"{qt.name} GEMV M=1, SwiGLU", lambda qt=qt: qmatmul(
                 z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True)),
-            (f"{qt.name} GEMV M=1, SwiGLU, K split in 2", lambda qt=qt: qmatmul(
-                z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True, split_k=2)),
             (f"{qt.name} GEMV M=1, residual + RMSNorm", lambda qt=qt: qmatmul_norm(
                 z(1, hidden), raw(qt, hidden, hidden), qt, hidden, hidden, z(hidden), 1e-6, residual=z(1, hidden))),
-            (f"{qt.name} GEMV M=5, K split in 4", lambda qt=qt: qmatmul(
-                z(5, inter), raw(qt, hidden, inter), qt, hidden, inter, split_k=4)),
             (f"{qt.name} GEMM M=64 {half}", lambda qt=qt: qmatmul(  # sm_75: dequant.py's route
                 z(64, hidden, dtype=half), raw(qt, hidden, hidden), qt, hidden, hidden)),
             (f"{qt.name} GEMM M=64 float32", lambda qt=qt: qmatmul(
@@ -280,6 +277,15 @@ def _cases(half: torch.dtype, types: tuple | None = None) -> list[tuple[str, Cal
             (f"{qt.name} dequantize to float16", lambda qt=qt: dequant(raw(qt, 64, hidden), qt, 64, hidden,
                                                                       torch.float16)),
         ]
+        if split_types is None or qt in split_types:  # the splits the runtime's defaults may not pick here
+            cases += [
+                (f"{qt.name} GEMV M=1, one split, bias + residual", lambda qt=qt: qmatmul(
+                    z(1, hidden), raw(qt, 4608, hidden), qt, 4608, hidden, z(4608), z(1, 4608), split_k=1)),
+                (f"{qt.name} GEMV M=1, SwiGLU, K split in 2", lambda qt=qt: qmatmul(
+                    z(1, hidden), raw(qt, 2 * inter, hidden), qt, 2 * inter, hidden, swiglu=True, split_k=2)),
+                (f"{qt.name} GEMV M=5, K split in 4", lambda qt=qt: qmatmul(
+                    z(5, inter), raw(qt, hidden, inter), qt, hidden, inter, split_k=4)),
+            ]
     for dtype in (half, torch.float32):
         cases += [
             (f"vision window attention d=80 {dtype}", lambda dtype=dtype: attention(
@@ -353,9 +359,11 @@ def _cases(half: torch.dtype, types: tuple | None = None) -> list[tuple[str, Cal
 
 
 def cross_compile(arch: int, progress: Callable[[str], None] | None = None,
-                  loops_of: tuple[str, ...] | None = None, types: tuple | None = None) -> list[Compiled]:
+                  loops_of: tuple[str, ...] | None = None, types: tuple | None = None,
+                  split_types: tuple | None = None) -> list[Compiled]:
     """Compile every case's launches for sm_`arch` (a key of ARCHS); one Compiled per launch;
-    the type-dependent launches for `types` (GGML types; default: every supported one).
+    the type-dependent launches for `types` (GGML types; default: every supported one), the
+    GEMVs with K split as asked for those of `split_types` (default: all of them).
     The main loop's counts are read (a SASS disassembly: ~0.5 s a launch, most of the time
     taken) for the launches of the kernels named in `loops_of`, or all of them without it."""
     if arch not in ARCHS:
@@ -363,7 +371,7 @@ def cross_compile(arch: int, progress: Callable[[str], None] | None = None,
     half = torch.bfloat16 if arch >= 80 else torch.float16  # as weights.half_dtype picks on the GPU
     results = []
     with compile_only(arch) as launched, pretending(Target(arch, ARCHS[arch][2], ptx=PTX_TRITON)):
-        for name, call in _cases(half, types):
+        for name, call in _cases(half, types, split_types):
             if progress:
                 progress(name)
             launched.clear()

@@ -39,19 +39,27 @@ def main() -> int:
     parser.add_argument("--types", metavar="Q4_K,Q6_K,...",
                         help="compile the type-dependent launches (GEMV, GEMM, dequantize) for these quantization types "
                              "only (default: every supported type)")
+    parser.add_argument("--split-types", metavar="Q4_K,Q6_K,...",
+                        help="of those, the types whose GEMVs are also compiled with K split as asked (one split, 2, "
+                             "or 4 at M=5; default: all of them)")
     args = parser.parse_args()
-    types = None
-    if args.types:
-        names = [n.strip().upper() for n in args.types.split(",") if n.strip()]
+
+    def type_list(option: str, text: str | None) -> tuple | None:
+        if text is None:
+            return None
+        names = [n.strip().upper() for n in text.split(",") if n.strip()]
         unknown = [n for n in names if n not in {t.name for t in SUPPORTED}]
         if unknown or not names:
-            parser.error(f"--types: {', '.join(unknown) or 'empty'}: not one of {', '.join(t.name for t in SUPPORTED)}")
-        types = tuple(t for t in SUPPORTED if t.name in names)
+            parser.error(f"{option}: {', '.join(unknown) or 'empty'}: not one of {', '.join(t.name for t in SUPPORTED)}")
+        return tuple(t for t in SUPPORTED if t.name in names)
+
+    types, split_types = type_list("--types", args.types), type_list("--split-types", args.split_types)
     bad = 0
     for arch in args.arch or sorted(ARCHS):
         start = time.perf_counter()
         results = cross_compile(arch, None if args.json else lambda name: print(f"  compiling {name}", file=sys.stderr),
-                                loops_of=tuple(args.loops_of) if args.loops_of else None, types=types)
+                                loops_of=tuple(args.loops_of) if args.loops_of else None, types=types,
+                                split_types=split_types)
         if not args.json:
             gpus, shared, cores = ARCHS[arch]
             print(f"\nsm_{arch} ({gpus}; {shared // 1024} KiB shared a block, {cores} SMs): "

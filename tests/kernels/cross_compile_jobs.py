@@ -8,13 +8,17 @@ pytest's own process, writing to files (a pipe nobody reads would fill and stall
 collection, most of that is done by the time test_cross_compile.py runs (the suite orders it
 last: tests/conftest.py).
 
-Each type-dependent launch is compiled for every quantization type on the architectures where
-their code differs most (FULL_TYPES_ON: sm_86, the smallest shared memory of the tensor-core
-GPUs and the launches most GPUs get; sm_90, the launches measured on an H200). The others
-(sm_75's FMA products, sm_80 and sm_89 beside sm_86, sm_120's ptxas) compile every kernel,
-but the per-type launches only for SAMPLED_TYPES: the types of the Q4_K_M and Q8_0 files and
-Q5_0, whose inline assembly reads packs of codes as runs. `scripts/compile_kernels.py` with no
---types compiles every type everywhere (about 7 minutes an architecture on such a machine).
+Each type-dependent launch the runtime's defaults make (the batch-1 GEMVs with bias and
+residual, SwiGLU, or the next RMSNorm; the GEMMs; the dequantization) is compiled for every
+quantization type on the architectures of the two launch tables (FULL_TYPES_ON: sm_86, the
+smallest shared memory of the tensor-core GPUs and the general launches, which sm_80, 89 and
+120 get too; sm_90, the launches measured on an H200, some per type). The GEMVs with K split
+as asked (one split, 2, or 4 at M=5: their split epilogue is the same code whatever the type)
+are compiled for SAMPLED_TYPES there. The other architectures (sm_75's FMA products, sm_80 and
+sm_89 beside sm_86, sm_120's ptxas) compile every kernel with SAMPLED_TYPES' launches: the types
+of the Q4_K_M and Q8_0 files and Q5_0, whose inline assembly reads packs of codes as runs.
+`scripts/compile_kernels.py` with neither --types nor --split-types compiles every type's every
+launch everywhere (about 7 minutes an architecture on such a machine).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ WAIT_S = 1800  # for the last of them, from when a test first asks
 
 
 def types_for(arch: int) -> tuple[T, ...]:
-    """The quantization types whose launches are compiled for sm_`arch`."""
+    """The quantization types whose launches are compiled for sm_`arch` (the GEMVs with K split
+    as asked: SAMPLED_TYPES' only)."""
     return tuple(SUPPORTED) if arch in FULL_TYPES_ON else SAMPLED_TYPES
 
 
@@ -66,7 +71,9 @@ def start() -> None:
     env["OMP_NUM_THREADS"] = "1"
     for arch in sorted(ARCHS):
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        types = [] if arch in FULL_TYPES_ON else ["--types", ",".join(t.name for t in types_for(arch))]
+        types = ["--split-types", ",".join(t.name for t in SAMPLED_TYPES)]
+        if arch not in FULL_TYPES_ON:
+            types += ["--types", ",".join(t.name for t in types_for(arch))]
         # the main loops (a SASS disassembly each) of the decode GEMVs' launches only: the loops the tests check
         cmd = [sys.executable, str(REPO / "scripts" / "compile_kernels.py"), "--json", "--arch", str(arch),
                "--loops-of", "qgemv_kernel", "--loops-of", "qgemv_q8_kernel", *types]

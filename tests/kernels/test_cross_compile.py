@@ -16,8 +16,9 @@ import sys
 import cross_compile_jobs
 import interpret  # noqa: F401  (sets TRITON_INTERPRET before triton is used)
 import pytest
-from cross_compile_jobs import types_for
+from cross_compile_jobs import SAMPLED_TYPES, types_for
 import torch
+from paths import REPO
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -62,15 +63,16 @@ def test_split_launches_count_arrivals_with_ordering(compiled, arch):
     gemv = {r["case"]: r for r in records if r["kernel"] == "qgemv_kernel"}
     split = [r for case, r in gemv.items() if "K split" in case]
     single = [r for case, r in gemv.items() if "one split" in case]
-    n_types = len(types_for(arch))
-    assert len(split) == 2 * n_types and all(r["atomics"] == 1 and r["unordered_atomics"] == 0 for r in split)
-    assert len(single) == n_types and all(r["atomics"] == 0 for r in single)
+    n_types, n_split = len(types_for(arch)), len(SAMPLED_TYPES)  # K split as asked: SAMPLED_TYPES'
+    assert len(split) == 2 * n_split and all(r["atomics"] == 1 and r["unordered_atomics"] == 0 for r in split)
+    assert len(single) == n_split and all(r["atomics"] == 0 for r in single)
     normed = [r for case, r in gemv.items() if "RMSNorm" in case and "int8 output" not in case]  # the launch's count
     assert len(normed) == n_types and all(r["atomics"] >= 1 and r["unordered_atomics"] == 0 for r in normed)
 
 
 NO_PTX_PROBE = """
 import torch
+from paths import REPO
 from gguf import GGMLQuantizationType as T
 from qvl.kernels.cross_compile import compile_only
 from qvl.kernels.qmatmul import qmatmul
@@ -274,7 +276,7 @@ def test_decode_gemv_loop_has_no_barrier(compiled, arch):
           and "int8 output" not in r["case"]]  # those: the same K loop (a norm's loop may be longer)
     assert set(LOOP_CEILING) == {t.name for t in SUPPORTED}
     assert {r["case"].split()[0] for r in m1} == {t.name for t in types_for(arch)}
-    assert len(m1) == 5 * len(types_for(arch))
+    assert len(m1) == 3 * len(types_for(arch)) + 2 * len(SAMPLED_TYPES)  # the K splits as asked: 2 a sampled type
     for r in m1:
         qtype = r["case"].split()[0]
         assert r["loop_barriers"] == 0 and 0 < r["loop_instructions"] <= LOOP_CEILING[qtype], r
@@ -349,3 +351,12 @@ def test_unordered_atomics_read_from_ptx():
     assert unordered_atomics("atom.global.gpu.relaxed.add.u32 %r1, [%rd1], %r2;") == 1
     assert unordered_atomics("atom.global.cta.acq_rel.add.u32 %r1, [%rd1], %r2;") == 1
     assert unordered_atomics("st.shared::cta.b32 [%r1], %r2; bar.sync 0;") == 0
+
+
+def test_compile_kernels_names_an_unknown_type():
+    """--types / --split-types take GGML type names; one it does not know is named, exit status 2."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for option in ("--types", "--split-types"):
+        out = subprocess.run([sys.executable, str(REPO / "scripts" / "compile_kernels.py"), "--arch", "90", option,
+                              "Q4_K,Q9_X"], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 2 and f"{option}: Q9_X: not one of" in out.stderr and "Traceback" not in out.stderr
