@@ -31,6 +31,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     """Start the cross-compile check's compiles if a collected test waits for them."""
+    if session.config.option.collectonly:
+        return
     if any(item.path.name == CROSS_COMPILE and "compiled" in getattr(item, "fixturenames", ())
            for item in session.items):
         import cross_compile_jobs
