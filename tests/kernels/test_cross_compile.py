@@ -72,7 +72,6 @@ def test_split_launches_count_arrivals_with_ordering(compiled, arch):
 
 NO_PTX_PROBE = """
 import torch
-from paths import REPO
 from gguf import GGMLQuantizationType as T
 from qvl.kernels.cross_compile import compile_only
 from qvl.kernels.qmatmul import qmatmul
