@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+_checked: dict[str, str | None] = {}  # device -> failure(device): tried once a process (qvl-run, then load)
 MIN_CAPABILITY = (7, 0)  # Triton compiles for Volta and later; Pascal and older run the torch path
 N = 5  # values the probe writes: fewer than its block, so the mask is exercised too
 
@@ -51,10 +52,13 @@ def failure(device: torch.device) -> str | None:
 
 def why_not(device: torch.device) -> str | None:
     """None where qvl's kernels can run on the CUDA GPU `device`; otherwise one line saying why
-    not (a GPU older than Triton supports, or the probe kernel's failure), for a warning."""
+    not (a GPU older than Triton supports, or the probe kernel's failure), for a warning. The
+    kernel is tried once a process and device: qvl-run asks before it loads, and load again."""
     name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
     if (major, minor) < MIN_CAPABILITY:
         return (f"{name} (compute capability {major}.{minor}) is older than Triton supports "
                 f"({MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]})")
-    why = failure(device)
+    if str(device) not in _checked:
+        _checked[str(device)] = failure(device)
+    why = _checked[str(device)]
     return None if why is None else f"the Triton kernels do not run on {name} ({why})"

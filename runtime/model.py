@@ -29,6 +29,7 @@ from .decode_graph import DecodeGraph
 from .decoder import PREFILL_CHUNK, Decoder, KVCache
 from .gguf_file import GGUFFile
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, preprocess, smart_resize
+from .kernel_failure import one_line, one_line_items
 from .memory import give_back_free_memory
 from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, dequant_slab_bytes, footprint,
                         make_plan)
@@ -116,8 +117,7 @@ class Model:
         self.on_warning: Callable[[str], None] = warnings.warn  # the CLI prints these on stderr
         accel = _indexed(torch.device(placement.accel)) if placement.accel is not None else None
         self.decoder = Decoder(self.cfg, Weights(text_file, mode=PACKED if fast else EXACT), accel,
-                               placement.gpu_layers, placement.kernels, placement.prefill_offload,
-                               placement.copy_ahead)
+                               placement.gpu_layers, placement.kernels, placement.prefill_offload, placement.copy_ahead)
         self.vision_cfg: VisionConfig | None = None
         self.vision: VisionTower | None = None
         if vision_file is not None:
@@ -314,8 +314,7 @@ class Model:
             size += pixels
         return batches
 
-    def _prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                 all_logits: bool) -> torch.Tensor:
+    def _prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool) -> torch.Tensor:
         start = cache.length
         hidden = prefill_oom.retrying(lambda: self.decoder.prompt_forward(embeds, positions, cache, PREFILL_CHUNK),
                                       self.decoder, partial(setattr, cache, "length", start), self.on_warning)
@@ -384,6 +383,7 @@ class Model:
     # --- public API ---------------------------------------------------------------------------
 
     @torch.no_grad()
+    @one_line()  # a Triton kernel failing on the GPU: a KernelFailure (kernel_failure.py), as in generate
     def prompt_logits(self, prompt: str, images: list[ImageLike] | None = None, *, template: bool = True,
                       min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                       videos: list[str | Path] | None = None,
@@ -420,7 +420,7 @@ class Model:
                                                                         system, template)
             return self._run(text, media, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids, cache_prompt)
 
-        it = vision_oom.retrying(attempt, lambda e: self._lower_vision_limit(e, min_pixels))
+        it = one_line_items(vision_oom.retrying(attempt, lambda e: self._lower_vision_limit(e, min_pixels)))
         if stream:
             return (piece for piece in it if isinstance(piece, str))
         result = None

@@ -8,7 +8,6 @@ input is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import json
-import os
 import re
 import resource
 import sys
@@ -22,6 +21,7 @@ import typer
 from .config import ConfigError
 from .gguf_file import GGUFError
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, pixel_limits_ok
+from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
 from .model import ALL_LAYERS, Generation, Model, ModelError, load
 from .placement import Placement
@@ -62,21 +62,13 @@ def _out_of_memory(while_: str) -> str:
 
 
 def _triton_failure(error: BaseException) -> str | None:
-    """The one line for an error Triton raised compiling or launching a kernel (its type is
-    Triton's, or the innermost frame of its traceback is in Triton's package: a compiler pass
-    that fails on this GPU and Triton version), or None for any other error."""
-    import triton
-
-    from ..kernels.probe import first_line
-
-    tb, innermost = error.__traceback__, ""
-    while tb is not None:
-        innermost, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
-    if type(error).__module__.split(".")[0] != "triton" and not innermost.startswith(
-            os.path.dirname(triton.__file__) + os.sep):
-        return None
-    return (f"a Triton kernel failed on this GPU ({first_line(error)[:240]}); --no-triton runs "
-            "torch's matmuls on the GPU instead")
+    """The one line for an error Triton raised compiling or launching a kernel (a KernelFailure
+    from the model, or Triton's own), or None for any other error."""
+    if not isinstance(error, KernelFailure):
+        if not is_tritons(error):
+            return None
+        error = KernelFailure(error)
+    return f"a Triton kernel failed on this GPU ({error.line}); --no-triton runs torch's matmuls on the GPU instead"
 
 
 def _system_line(device: str, kernels: bool, f32: bool) -> str:

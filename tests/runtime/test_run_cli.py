@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -187,6 +188,7 @@ def _fake_gpu(monkeypatch, capability=(8, 6), name="GPU", probe_failure=None) ->
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(probe, "failure", lambda device: calls.append(device) or probe_failure)
+    monkeypatch.setattr(probe, "_checked", {})
     return calls
 
 
@@ -228,6 +230,27 @@ def test_a_gpu_where_the_kernels_do_not_run_takes_the_torch_path(monkeypatch, ca
     assert calls == []
     calls = _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100", None)
     assert run_cli._placement(False, None, "auto", None, False, None, False)[1].kernels and len(calls) == 1
+
+
+def test_qvl_run_tries_the_probe_kernel_once(model_path, monkeypatch):
+    """qvl-run asks whether the kernels run before it loads the model, and load asks again: the
+    probe kernel is launched once, and both take its answer."""
+    from qvl.runtime import model as model_mod
+    from qvl.runtime import run_cli
+
+    why = "RuntimeError: Failed to find C compiler."
+    calls = _fake_gpu(monkeypatch, (12, 0), "NVIDIA GeForce RTX 5090", why)
+    opened = []
+    monkeypatch.setattr(model_mod, "_open", lambda path, fast, mmproj, placement, budget, ctx: opened.append(placement))
+    monkeypatch.setattr(model_mod, "give_back_free_memory", lambda: None)
+    _, placement = run_cli._placement(False, None, "auto", None, False, None, False)
+    with pytest.warns(UserWarning, match="Failed to find C compiler"):  # the same answer, not tried again
+        model_mod.load(model_path, device="cuda", placement=replace(placement, kernels=True))
+    assert len(calls) == 1 and not placement.kernels and not opened[-1].kernels
+    calls = _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100", None)
+    _, placement = run_cli._placement(False, None, "auto", None, False, None, False)
+    model_mod.load(model_path, device="cuda", placement=placement)
+    assert len(calls) == 1 and placement.kernels and opened[-1].kernels
 
 
 @pytest.mark.parametrize("capability,why", [((12, 0), "RuntimeError: Failed to find C compiler."),
@@ -345,22 +368,25 @@ def test_the_fit_is_reported_in_one_warning(model_path, monkeypatch, free_gib, n
     assert json.loads(r.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
 
 
-@pytest.mark.parametrize("raised", ["triton's type", "in triton's code", "elsewhere"])
+@pytest.mark.parametrize("raised", ["triton's type", "in triton's code", "the model's KernelFailure", "elsewhere"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_kernel_triton_cannot_build_is_one_line(model_path, monkeypatch, raised, stream):
     """An error Triton raises compiling or launching a kernel (its own type, or from inside its
-    package: a compiler pass failing for this GPU) is one line naming it and --no-triton, exit 2;
-    any other error is not turned into one."""
+    package: a compiler pass failing for this GPU; or the model's KernelFailure made of one) is
+    one line naming it and --no-triton, exit 2; any other error is not turned into one."""
     import os
 
     import triton
     from triton.runtime.errors import OutOfResources
 
+    from qvl.runtime.kernel_failure import KernelFailure
     from qvl.runtime.model import Model
 
     def fails(*args, **kwargs):
         if raised == "triton's type":
             raise OutOfResources(122880, 101376, "shared memory")
+        if raised == "the model's KernelFailure":
+            raise KernelFailure(OutOfResources(122880, 101376, "shared memory"))
         code = "raise RuntimeError('PassManager::run failed')"
         where = os.path.join(os.path.dirname(triton.__file__), "compiler", "compiler.py")
         exec(compile(code, where if raised == "in triton's code" else "elsewhere.py", "exec"))
@@ -373,7 +399,7 @@ def test_a_kernel_triton_cannot_build_is_one_line(model_path, monkeypatch, raise
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qvl-run: error: a Triton kernel failed on this GPU (")
-    assert ("OutOfResources" in lines[0]) == (raised == "triton's type")
+    assert ("OutOfResources" in lines[0]) == (raised in ("triton's type", "the model's KernelFailure"))
     assert ("PassManager::run failed" in lines[0]) == (raised == "in triton's code")
     assert lines[0].endswith("--no-triton runs torch's matmuls on the GPU instead")
     assert "Traceback" not in r.output
