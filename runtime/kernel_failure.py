@@ -35,10 +35,8 @@ class KernelFailure(RuntimeError):
 def is_tritons(error: BaseException) -> bool:
     """Whether Triton raised `error` compiling or launching a kernel: its type is Triton's, or
     the innermost frame of its traceback is in Triton's package."""
-    try:
-        import triton
-    except ImportError:
-        return False
+    import triton
+
     if type(error).__module__.split(".")[0] == "triton":
         return True
     tb, innermost = error.__traceback__, ""
