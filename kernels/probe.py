@@ -58,7 +58,8 @@ def why_not(device: torch.device) -> str | None:
     if (major, minor) < MIN_CAPABILITY:
         return (f"{name} (compute capability {major}.{minor}) is older than Triton supports "
                 f"({MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]})")
-    if str(device) not in _checked:
-        _checked[str(device)] = failure(device)
-    why = _checked[str(device)]
+    key = str(device)
+    if key not in _checked:
+        _checked[key] = failure(device)
+    why = _checked[key]
     return None if why is None else f"the Triton kernels do not run on {name} ({why})"

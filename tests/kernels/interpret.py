@@ -99,9 +99,10 @@ def _shapes_kept() -> None:
     """Every value the interpreter makes is a `tl.tensor`, most of a `tl.block_type`, and both
     rebuild their shape on each construction: the block type a `tl.tuple` of its unwrapped,
     validated ints (with a `tuple_type`) and its name, the tensor a `tl.tuple` of `constexpr`s
-    (an interpreted model test's call took 20.3 s with them, 13.4 s without). Here a block type whose shape is whole ints
-    that Triton validated before shares that shape's objects: the same values Triton's own
-    constructor built the first time, kept per shape; anything else goes through Triton's code."""
+    (an interpreted model test's call took 20.3 s with them, 13.4 s without). Here a block type
+    whose shape is whole ints that Triton validated before shares that shape's objects: the same
+    values Triton's own constructor built the first time, kept per shape; anything else goes
+    through Triton's code."""
     import builtins
     import math
 
@@ -185,7 +186,8 @@ def _no_unused_overflow_checks() -> None:
     """Triton's `+`, `-` and `*` on int32 values build an overflow check (both sides cast to
     int64, the operation again, two comparisons) for `device_assert`, which drops it unless the
     launch is in debug mode; the interpreter built it anyway for every integer operation (the
-    model test above: 13.4 s with it, 10.2 s without). Here it is built only where `device_assert` would use it."""
+    model test of `_shapes_kept`: 13.4 s with it, 10.2 s without). Here it is built only where
+    `device_assert` would use it."""
     try:
         from triton.language.semantic import TritonSemantic  # Triton 3.4 and later
     except ImportError:
