@@ -125,11 +125,16 @@ def pull_any(text: str, store: Store, insecure: bool = False,
 
 
 def pull_with_progress(text: str, store: Store, insecure: bool = False) -> ModelName:
-    """pull_any with a byte progress bar on stderr."""
+    """pull_any with a byte progress bar on stderr when it is a terminal (piped, the bar's closing
+    line would come before the error message or the caller's own output)."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    bar = Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True, console=Console(stderr=True))
+    ModelName.parse(text.removeprefix("ollama://"))  # a bad name fails before anything is drawn
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return pull_any(text, store, insecure)
+    bar = Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True, console=console)
     with bar:
         task = bar.add_task("pull", total=None)
         return pull_any(text, store, insecure, lambda got, total: bar.update(task, completed=got, total=total))

@@ -151,6 +151,15 @@ def test_run_pulls_missing_names_unless_no_pull(store, tmp_path):
     assert r.exit_code == 2 and "pulling" in r.stderr and "failed" in r.stderr
 
 
+@pytest.mark.parametrize("bad", ["", "a::b", "ollama://a::b"])
+def test_pull_of_a_bad_name_prints_one_line(store, bad):
+    """Piped stderr gets no progress bar: the error is its only line, nothing drawn before it."""
+    r = runner.invoke(app, ["pull", bad])
+    assert r.exit_code == 2
+    assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith("qvl: error: invalid model name")
+    assert not store.root.exists() or not any(store.root.rglob("*.json"))
+
+
 def test_hf_gguf_repo_is_downloaded_as_is(store, fixtures_dir, monkeypatch):
     import huggingface_hub
 
