@@ -130,7 +130,6 @@ def pull_with_progress(text: str, store: Store, insecure: bool = False) -> Model
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    ModelName.parse(text.removeprefix("ollama://"))  # a bad name fails before anything is drawn
     console = Console(stderr=True)
     if not console.is_terminal:
         return pull_any(text, store, insecure)
