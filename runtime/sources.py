@@ -131,9 +131,8 @@ def pull_with_progress(text: str, store: Store, insecure: bool = False) -> Model
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     console = Console(stderr=True)
-    if not console.is_terminal:
-        return pull_any(text, store, insecure)
-    bar = Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True, console=console)
+    bar = Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True, console=console,
+                   disable=not console.is_terminal)
     with bar:
         task = bar.add_task("pull", total=None)
         return pull_any(text, store, insecure, lambda got, total: bar.update(task, completed=got, total=total))
