@@ -139,7 +139,8 @@ def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Opti
                     pending.append(str(path))
                     typer.echo(f"(attached {path}: it goes with your next message)", err=True)
                 else:
-                    typer.echo(f"qvl-run: error: {path}: image not found", err=True)
+                    why = "is a folder, not an image" if path.is_dir() else "image not found"
+                    typer.echo(f"qvl-run: error: {path}: {why}", err=True)
             else:
                 typer.echo(f"unknown command {line!r}; /help lists them", err=True)
             continue
@@ -343,14 +344,12 @@ def run(
         hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) is not None and not model_id.startswith("hf.co/")
         model_path = Path(f"hf.co/{model_id}" if hub_id else model_id)
     assert model_path is not None
-    for p in image:
-        if not p.is_file():
-            _fail(f"{p}: image not found")
-    for p in video:
-        if not p.is_file():
-            _fail(f"{p}: video not found")
-    if mmproj is not None and not mmproj.is_file():
-        _fail(f"{mmproj}: mmproj file not found")
+    for kind, paths in (("image", image), ("video", video), ("mmproj file", [mmproj] if mmproj else [])):
+        for p in paths:
+            if p.is_dir():
+                _fail(f"{p}: is a folder, not {'an' if kind == 'image' else 'a'} {kind}")
+            if not p.is_file():
+                _fail(f"{p}: {kind} not found")
     if max_length < -1:
         _fail(f"--max-length {max_length}: 0 or more, or -1 (until the answer ends or the context is full)")
     if max_length == -1:  # llama.cpp's -n -1: the context bounds the answer

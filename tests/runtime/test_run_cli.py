@@ -119,6 +119,10 @@ def test_llama_cpp_flag_names(model_path):
     (["{truncated}", "--prompt", "x"], "truncated"),
     (["{mmproj}", "--prompt", "x"], "not a Qwen2-VL text model"),
     (["{model}", "--video", "clip.mp4"], "video not found"),
+    (["{model}", "--image", "{tmp}"], "is a folder, not an image"),
+    (["{model}", "--video", "{tmp}"], "is a folder, not a video"),
+    (["{model}", "--prompt", "x", "--mmproj", "{tmp}"], "is a folder, not a mmproj file"),
+    (["{model}", "--prompt", "x", "--mmproj", "/nowhere/mmproj.gguf"], "mmproj file not found"),
     (["{model}", "--video", "{junk}"], "not a readable video"),
     (["{model}", "--prompt", "word " * 300, "--ctx-size", "64"], "does not fit a context of 64"),
     (["{model}", "--prompt", "{image2} here", "--image", "{image}"], "refers to {image2}"),
@@ -156,7 +160,7 @@ def test_bad_input(tmp_path, fixtures_dir, model_path, image_path, args, expect)
     truncated.write_bytes(open(model_path, "rb").read()[:20_000_000])
     thin = tmp_path / "thin.png"
     Image.new("RGB", (2000, 3)).save(thin)
-    subst = {"model": model_path, "junk": str(junk), "truncated": str(truncated), "image": image_path,
+    subst = {"model": model_path, "tmp": str(tmp_path), "junk": str(junk), "truncated": str(truncated), "image": image_path,
              "thin": str(thin), "mmproj": str(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "mmproj-tiny-qwen2.5-vl-f16.gguf")}
     r = runner.invoke(app, [a.format(**subst) if a.startswith("{") and a.endswith("}") and a[1:-1] in subst else a
                             for a in args])
