@@ -105,7 +105,7 @@ def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool, store_name: Optio
 def command(
     src: str = typer.Argument(..., help="Checkpoint folder or Hugging Face repo id.", show_default=False),
     out_path: Optional[Path] = typer.Option(None, "-o", "--out", "--outfile",
-                                             help="Output GGUF (default: ./<name>-<TYPE>.gguf)."),
+                                             help="Output GGUF, or a folder to write the default name in (default: ./<name>-<TYPE>.gguf)."),
     type_: str = typer.Option("f16", "--type", "--outtype",
                               help="f32|f16|bf16|q8_0|q4_0|q4_k|q4_k_m|q5_k_m|q6_k"),
     layout: str = typer.Option("llamacpp", "--layout", help="llamacpp (model + mmproj) | ollama (one file)"),

@@ -137,7 +137,9 @@ def plan_files(folder: Path, cfg: CheckpointConfig, name: str, opts: ConvertOpti
     vocab = load_vocab(folder, cfg.text.vocab_size, cfg.text.bos_token_id)
     kind = TEXT_TYPES[opts.type]
     out = (opts.out or default_out(name, opts.type)).expanduser()
-    if out.suffix != ".gguf":
+    if out.is_dir():  # as llama.cpp's converter: the default name, in that folder
+        out = out / default_out(name, opts.type).name
+    elif out.suffix != ".gguf":
         out = out.with_name(out.name + ".gguf")
     n_layer = cfg.text.num_hidden_layers
     if opts.layout == "ollama":

@@ -176,6 +176,25 @@ def test_convert_hf_to_gguf_flag_names(fixtures_dir, tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_out_names(fixtures_dir, tmp_path, monkeypatch):
+    """-o FOLDER writes the default names in it (as convert_hf_to_gguf.py does); -o NAME without
+    .gguf gets it; no -o writes the default names in the working folder."""
+    src = str(fixtures_dir / "tiny-qwen2.5-vl" / "hf")
+    folder, cwd = tmp_path / "models", tmp_path / "cwd"
+    folder.mkdir()
+    cwd.mkdir()
+    assert convert(src, "-o", str(folder), "--type", "q8_0").exit_code == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["hf-Q8_0.gguf", "mmproj-hf-Q8_0.gguf"]
+    assert convert(src, "-o", str(tmp_path / "plain"), "--type", "q8_0").exit_code == 0
+    assert (tmp_path / "plain.gguf").read_bytes() == (folder / "hf-Q8_0.gguf").read_bytes()
+    assert (tmp_path / "mmproj-plain.gguf").is_file()
+    monkeypatch.chdir(cwd)
+    assert convert(src, "--type", "q8_0").exit_code == 0
+    assert sorted(p.name for p in cwd.iterdir()) == ["hf-Q8_0.gguf", "mmproj-hf-Q8_0.gguf"]
+    r = convert(src, "-o", str(folder), "--type", "q8_0")  # the same names again
+    assert r.exit_code == 2 and "hf-Q8_0.gguf: already exists" in r.output
+
+
 def test_threads_do_not_change_the_bytes(tmp_path, quant_checkpoint):
     """--threads quantizes chunks in parallel; the files are the same byte for byte."""
     outs = []
