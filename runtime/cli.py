@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -43,25 +43,48 @@ def _store_fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-@app.command("create", help="Store local GGUF files under a name (like `ollama create`).\n\n"
-                            "Example: qvl create qwen2.5-vl:3b-q4_k_m model.gguf --mmproj mmproj-model.gguf")
+@app.command("create", help="Store local GGUF files under a name (like `ollama create`): MODEL (its mmproj "
+                            "found beside it), or an Ollama Modelfile with -f (FROM, PARAMETER, SYSTEM, TEMPLATE, "
+                            "LICENSE; its PARAMETERs and SYSTEM become qvl-run's defaults for that name).\n\n"
+                            "Example: qvl create qwen2.5-vl:3b-q4_k_m model.gguf --mmproj mmproj-model.gguf\n\n"
+                            "Example: qvl create terse -f Modelfile")
 def create_cmd(
     name: str = typer.Argument(..., help="[host/][namespace/]model[:tag]"),
-    model: Path = typer.Argument(..., help="Text model GGUF."),
+    model: Optional[Path] = typer.Argument(None, help="Text model GGUF (or give -f)."),
+    modelfile: Optional[Path] = typer.Option(None, "-f", "--file", help="Ollama Modelfile to build from."),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF (default: found beside MODEL)."),
     template: Optional[Path] = typer.Option(None, "--template", help="Chat template file."),
-    params: Optional[str] = typer.Option(None, "--params", help="Default parameters as JSON."),
+    params: Optional[str] = typer.Option(None, "--params", help="Default parameters as JSON, Ollama's names "
+                                         '(e.g. \'{"temperature": 0.2, "num_ctx": 8192}\').'),
 ) -> None:
     from .model import find_mmproj
+    from .modelfile import Creation, ModelfileError, check_params, parse, resolve
     from .store import ModelName, Store, StoreError
 
+    if (model is None) == (modelfile is None):
+        _store_fail("give MODEL or -f Modelfile" if model is None else "MODEL and -f: choose one")
+    if modelfile is not None and (mmproj or template or params):
+        _store_fail("-f with --mmproj / --template / --params: the Modelfile says those")
     try:
         ModelName.parse(name)
-        projector = mmproj or find_mmproj(model)
-        extra = json.loads(params) if params else None
-        entry = Store().create(name, model, projector, template.read_text() if template else None, extra,
-                               config=_model_config(model))
-    except (StoreError, GGUFError, OSError, json.JSONDecodeError) as e:
+        store = Store()
+        if modelfile is not None:
+            try:
+                text = modelfile.read_text()
+            except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+                why = "file not found" if isinstance(e, FileNotFoundError) else "not a Modelfile"
+                raise ModelfileError(f"{modelfile}: {why}") from None
+            job = resolve(parse(text), modelfile.parent, store)
+        else:
+            assert model is not None
+            extra = json.loads(params) if params else {}
+            if not isinstance(extra, dict):
+                raise ModelfileError(f"--params {params}: a JSON object")
+            extra = check_params(extra, strict=True)
+            job = Creation(model, mmproj, extra, template.read_text() if template else None, None, None)
+        entry = store.create(name, job.model, job.projector or find_mmproj(job.model), job.template,
+                             job.params or None, job.license, config=_model_config(job.model), system=job.system)
+    except (StoreError, GGUFError, OSError, json.JSONDecodeError, ModelfileError) as e:
         _store_fail(e)
     typer.echo(f"created {entry.name} ({len(entry.manifest['layers'])} layers, {human_bytes(entry.size)})", err=True)
 
@@ -90,14 +113,23 @@ def list_cmd() -> None:
         typer.echo(f"{str(e.name):<{width}}  {e.digest[7:19]:<12}  {human_bytes(e.size):>10}  {human_time(e.modified)}")
 
 
-@app.command("show", help="Architecture, parameters, quantization, context, projector, template, license of a stored model.")
-def show_cmd(name: str = typer.Argument(...)) -> None:
+@app.command("show", help="Architecture, parameters, quantization, context, projector, template, system, "
+                          "params, license of a stored model.\n\nExample: qvl show qwen2.5-vl:3b --modelfile")
+def show_cmd(
+    name: str = typer.Argument(...),
+    modelfile: bool = typer.Option(False, "--modelfile", help="Print a Modelfile that rebuilds the model "
+                                   "(qvl create NEW -f it)."),
+) -> None:
     from gguf import LlamaFileType
 
+    from .modelfile import modelfile_of
     from .store import Store, StoreError
 
     try:
         store = Store()
+        if modelfile:
+            typer.echo(modelfile_of(store, name), nl=False)
+            return
         entry = store.get(name)
         model, proj = store.resolve(name)
         with GGUFFile(model) as g:
@@ -114,10 +146,10 @@ def show_cmd(name: str = typer.Argument(...)) -> None:
             rows.append(("projector", "in the model file (Ollama layout)"))
         else:
             rows.append(("projector", "none (text only)"))
-        for kind in ("template", "license", "params"):
-            layer = entry.layer(kind)
-            if layer is not None:
-                text = store.blob_path(layer["digest"]).read_text(errors="replace")
+        for kind in ("template", "system", "params", "license"):
+            text = store.text(entry, kind)
+            if text is not None:
+                text = " ".join(text.split())  # one line of the table
                 rows.append((kind, text if len(text) < 70 else text[:67] + "..."))
     except (StoreError, GGUFError) as e:
         _store_fail(e)
@@ -125,15 +157,19 @@ def show_cmd(name: str = typer.Argument(...)) -> None:
         typer.echo(f"  {k:<18}{v}")
 
 
-@app.command("rm", help="Remove a stored model; blobs go when no other model uses them.")
-def rm_cmd(name: str = typer.Argument(...)) -> None:
+@app.command("rm", help="Remove stored models; blobs go when no other model uses them. Every name is checked "
+                        "before any is removed.\n\nExample: qvl rm qwen2.5-vl:3b qwen2.5-vl:7b")
+def rm_cmd(names: List[str] = typer.Argument(..., metavar="NAME...")) -> None:
     from .store import Store, StoreError
 
+    store = Store()
     try:
-        removed = Store().remove(name)
+        named = {store.get(name).name: name for name in names}  # `a` and `a:latest` are one model
+        for name in named.values():
+            removed = store.remove(name)
+            typer.echo(f"deleted {name} ({len(removed)} blobs freed)", err=True)
     except StoreError as e:
         _store_fail(e)
-    typer.echo(f"deleted {name} ({len(removed)} blobs freed)", err=True)
 
 
 @app.command("cp", help="Copy a stored model to another name (no data is copied).")

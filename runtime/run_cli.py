@@ -174,6 +174,34 @@ def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Opti
         messages.append({"role": "assistant", "content": answer})
 
 
+# a stored parameter (Ollama's name) -> run()'s argument it stands in for
+_STORED = {"num_ctx": "ctx_size", "num_predict": "max_length", "temperature": "temperature", "top_k": "top_k",
+           "top_p": "top_p", "min_p": "min_p", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+           "seed": "seed"}
+
+
+def _stored_defaults(ctx: typer.Context, name: str) -> tuple[dict[str, object], str | None]:
+    """A stored model's parameters, keyed by run()'s argument, for the options not given on the
+    command line (as Ollama: a request's options win over the model's), and its system prompt."""
+    from .modelfile import stored_defaults
+    from .store import Store
+
+    store = Store()
+    try:
+        store.get(name)
+    except StoreError:
+        return {}, None  # not a stored model: load() says what is wrong with the name
+    try:
+        params, system = stored_defaults(store, name)
+    except StoreError as e:
+        _fail(str(e))
+    def unset(arg: str) -> bool:  # typer vendors click: its ParameterSource is not click's own
+        source = ctx.get_parameter_source(arg)
+        return source is None or source.name == "DEFAULT"
+
+    return {_STORED[k]: v for k, v in params.items() if k in _STORED and unset(_STORED[k])}, system
+
+
 def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
     """A store name that is not in the store is pulled first (unless --no-pull)."""
     from .sources import pull_with_progress
@@ -254,6 +282,7 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
 
 @app.command(help=HELP)
 def run(
+    ctx: typer.Context,
     model_path: Optional[Path] = typer.Argument(
         None, metavar="MODEL", help="GGUF model file or store name (qwen2.5-vl:3b, hf.co/org/repo:q4_k_m...)."),
     image: List[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
@@ -352,9 +381,6 @@ def run(
                 _fail(f"{p}: {kind} not found")
     if max_length < -1:
         _fail(f"--max-length {max_length}: 0 or more, or -1 (until the answer ends or the context is full)")
-    if max_length == -1:  # llama.cpp's -n -1: the context bounds the answer
-        ctx_size = ctx_size or PLAN_CTX
-        max_length = ctx_size
     if ctx_size is not None and ctx_size < 0:
         _fail(f"--ctx-size {ctx_size}: 0 (prompt + --max-length) or more")
     if threads is not None:
@@ -371,6 +397,22 @@ def run(
         _fail(str(e))
     if not model_path.exists() and mmproj is None:
         _pull_if_missing(str(model_path), no_pull, insecure)
+    if not model_path.exists():  # a store name: its stored PARAMETERs and SYSTEM stand in for flags not given
+        stored, stored_system = _stored_defaults(ctx, str(model_path))
+        if verbose and (stored or stored_system is not None):
+            typer.echo(f"qvl-run: defaults stored with {model_path}: "
+                       + ", ".join([f"{k} {v}" for k, v in stored.items()]
+                                   + (["system prompt"] if stored_system is not None else [])), err=True)
+        temperature, top_k = stored.get("temperature", temperature), stored.get("top_k", top_k)
+        top_p, min_p = stored.get("top_p", top_p), stored.get("min_p", min_p)
+        repeat_penalty = stored.get("repeat_penalty", repeat_penalty)
+        repeat_last_n = stored.get("repeat_last_n", repeat_last_n)
+        seed, ctx_size = stored.get("seed", seed), stored.get("ctx_size", ctx_size)
+        max_length = stored.get("max_length", max_length)
+        system = system if system is not None else stored_system
+    if max_length == -1:  # llama.cpp's -n -1: the context bounds the answer
+        ctx_size = ctx_size or PLAN_CTX
+        max_length = ctx_size
     device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type, no_cuda_graph,
                                    int8_activations, vision_stream, no_prefill_offload)
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@
       blobs/sha256-<64 hex>                        content, named by its sha256
 
 A model is a `application/vnd.ollama.image.model` layer (the text GGUF), optionally a
-`...projector` layer (the mmproj GGUF) and `template` / `params` / `license` layers, plus a
+`...projector` layer (the mmproj GGUF) and `template` / `system` / `params` / `license` layers, plus a
 config blob. Blobs are written to a temporary file, hashed, and renamed into place; the manifest
 is written last, so an interrupted `create` leaves the store as it was.
 """
@@ -130,6 +130,9 @@ class Store:
             if not self.blob_path(digest).exists():
                 self._atomic_write(self.blob_path(digest), source)
             return digest, len(source)
+        source = Path(source)
+        if source.parent.resolve() == self.blobs.resolve() and re.fullmatch(r"sha256-[0-9a-f]{64}", source.name):
+            return source.name.replace("-", ":"), source.stat().st_size  # a blob of this store (FROM a stored model)
         h = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".partial-")
         try:
@@ -153,7 +156,7 @@ class Store:
 
     def create(self, name: str, model: Path, mmproj: Path | None = None, template: str | None = None,
                params: dict[str, Any] | None = None, license_text: str | None = None,
-               config: dict[str, Any] | None = None) -> Entry:
+               config: dict[str, Any] | None = None, system: str | None = None) -> Entry:
         parsed = ModelName.parse(name)
         for p in [model] + ([mmproj] if mmproj else []):
             with open(p, "rb") as f:
@@ -164,7 +167,7 @@ class Store:
             if src is not None:
                 digest, size = self.add_blob(Path(src))
                 layers.append({"mediaType": LAYER + kind, "digest": digest, "size": size})
-        for kind, text in (("template", template), ("license", license_text)):
+        for kind, text in (("template", template), ("system", system), ("license", license_text)):
             if text is not None:
                 digest, size = self.add_blob(text.encode())
                 layers.append({"mediaType": LAYER + kind, "digest": digest, "size": size})
@@ -178,6 +181,28 @@ class Store:
                     "config": {"mediaType": CONFIG_TYPE, "digest": cdigest, "size": csize}, "layers": layers}
         self.write_manifest(parsed, manifest)
         return self.get(str(parsed))
+
+    def text(self, entry: Entry, kind: str) -> str | None:
+        """The text of a model's `kind` layer (template, system, license, params), or None."""
+        layer = entry.layer(kind)
+        if layer is None:
+            return None
+        try:
+            return self.blob_path(layer["digest"]).read_text(errors="replace")
+        except FileNotFoundError:
+            raise StoreError(f"{self.blob_path(layer['digest'])}: blob missing from the store "
+                             "(pull the model again)") from None
+
+    def params(self, entry: Entry) -> dict[str, Any]:
+        """A model's params layer as JSON ({} without one)."""
+        text = self.text(entry, "params")
+        try:
+            params = json.loads(text) if text is not None else {}
+        except json.JSONDecodeError:
+            params = None
+        if not isinstance(params, dict):
+            raise StoreError(f"model {str(entry.name)!r}: damaged params layer")
+        return params
 
     def write_manifest(self, name: ModelName, manifest: dict[str, Any]) -> None:
         self._atomic_write(self.manifests / name.path, json.dumps(manifest).encode())
