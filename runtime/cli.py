@@ -159,7 +159,7 @@ def show_cmd(
 
 @app.command("rm", help="Remove stored models; blobs go when no other model uses them. Every name is checked "
                         "before any is removed.\n\nExample: qvl rm qwen2.5-vl:3b qwen2.5-vl:7b")
-def rm_cmd(names: List[str] = typer.Argument(..., metavar="NAME...")) -> None:
+def rm_cmd(names: List[str] = typer.Argument(..., metavar="NAME", help="One or more stored model names.")) -> None:
     from .store import Store, StoreError
 
     store = Store()
