@@ -22,28 +22,29 @@ from pathlib import Path
 from typing import Any
 
 from .gguf_file import GGUFFile
+from .model import STOP_TOKENS
 from .sampling import SamplingError, SamplingParams
 from .store import ModelName, Store, StoreError
 
-# Ollama's parameter -> (type, qvl-run's flag it stands in for)
-USED: dict[str, tuple[type, str]] = {
-    "num_ctx": (int, "--ctx-size"),
-    "num_predict": (int, "--max-length"),
-    "temperature": (float, "--temperature"),
-    "top_k": (int, "--top-k"),
-    "top_p": (float, "--top-p"),
-    "min_p": (float, "--min-p"),
-    "repeat_penalty": (float, "--repeat-penalty"),
-    "repeat_last_n": (int, "--repeat-last-n"),
-    "seed": (int, "--seed"),
-    "stop": (str, "(the end-of-turn tokens)"),
+# Ollama's parameter -> (its type, the argument of qvl-run's run() it stands in for)
+USED: dict[str, tuple[type, str | None]] = {
+    "num_ctx": (int, "ctx_size"),
+    "num_predict": (int, "max_length"),
+    "temperature": (float, "temperature"),
+    "top_k": (int, "top_k"),
+    "top_p": (float, "top_p"),
+    "min_p": (float, "min_p"),
+    "repeat_penalty": (float, "repeat_penalty"),
+    "repeat_last_n": (int, "repeat_last_n"),
+    "seed": (int, "seed"),
+    "stop": (str, None),  # END_TOKENS only: where qvl stops anyway
 }
 # Ollama's other options: known, so named as unused rather than unknown
 NOT_USED = ("num_keep", "typical_p", "presence_penalty", "frequency_penalty", "penalize_newline", "mirostat",
             "mirostat_tau", "mirostat_eta", "tfs_z", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap",
             "use_mlock", "numa", "low_vram", "f16_kv", "logits_all", "vocab_only")
 # qvl always stops at these; a `stop` parameter may name them (Ollama's qwen2.5vl does), nothing else
-END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+END_TOKENS = STOP_TOKENS
 COMMANDS = ("from", "parameter", "template", "system", "license", "adapter", "message", "requires")
 
 

@@ -174,16 +174,10 @@ def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Opti
         messages.append({"role": "assistant", "content": answer})
 
 
-# a stored parameter (Ollama's name) -> run()'s argument it stands in for
-_STORED = {"num_ctx": "ctx_size", "num_predict": "max_length", "temperature": "temperature", "top_k": "top_k",
-           "top_p": "top_p", "min_p": "min_p", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
-           "seed": "seed"}
-
-
 def _stored_defaults(ctx: typer.Context, name: str) -> tuple[dict[str, object], str | None]:
     """A stored model's parameters, keyed by run()'s argument, for the options not given on the
     command line (as Ollama: a request's options win over the model's), and its system prompt."""
-    from .modelfile import stored_defaults
+    from .modelfile import USED, stored_defaults
     from .store import Store
 
     store = Store()
@@ -199,7 +193,7 @@ def _stored_defaults(ctx: typer.Context, name: str) -> tuple[dict[str, object], 
         source = ctx.get_parameter_source(arg)
         return source is None or source.name == "DEFAULT"
 
-    return {_STORED[k]: v for k, v in params.items() if k in _STORED and unset(_STORED[k])}, system
+    return {arg: v for k, v in params.items() if (arg := USED[k][1]) is not None and unset(arg)}, system
 
 
 def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:

@@ -3,6 +3,7 @@ qvl-run's defaults (flags given on the command line win)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 
@@ -10,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
-from qvl.runtime.modelfile import ModelfileError, check_params, parse, render
+from qvl.runtime import run_cli
+from qvl.runtime.modelfile import USED, ModelfileError, check_params, parse, render
 from qvl.runtime.run_cli import app as run_app
 from qvl.runtime.store import Store
 
@@ -96,6 +98,11 @@ def test_pulled_params_keep_what_qvl_uses():
         check_params({"top_k": 40.5}, strict=False)
     with pytest.raises(ModelfileError, match="PARAMETER temperature True"):
         check_params({"temperature": True}, strict=False)
+
+
+def test_used_parameters_name_run_arguments():
+    args = inspect.signature(run_cli.run).parameters
+    assert [arg for _, arg in USED.values() if arg is not None and arg not in args] == []
 
 
 def _tokens(args: list[str]) -> list[int]:
