@@ -98,18 +98,60 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-CHAT_HELP = """/image PATH  attach a picture to your next message
-/clear       forget the conversation (and pictures not yet sent)
-/bye         leave (also /exit, /quit, Ctrl-D)
-/help        this list
+CHAT_HELP = """/image PATH                 attach a picture to your next message
+/set parameter NAME VALUE   e.g. temperature 0.7, num_predict 256 (Ollama's names, as in a Modelfile)
+/set system TEXT            the system prompt, from the next answer on
+/show parameters            the parameters in force
+/clear                      forget the conversation (and pictures not yet sent)
+/bye                        leave (also /exit, /quit, Ctrl-D)
+/help                       this list
 Ctrl-C stops an answer; earlier turns' prompt is reused, not read again."""
+
+
+def _chat_set(arg: str, gen_kwargs: dict, messages: list[dict]) -> str:
+    """`/set parameter NAME VALUE` or `/set system TEXT`: changes gen_kwargs or the conversation's
+    system message in place; returns what to say."""
+    from .modelfile import USED, ModelfileError, check_params
+
+    what, _, rest = arg.strip().partition(" ")
+    if what == "system" and rest.strip():
+        system = {"role": "system", "content": rest.strip()}
+        messages[:] = [system] + [m for m in messages if m["role"] != "system"]
+        return "(system prompt set)"
+    name, _, value = rest.strip().partition(" ")
+    if what != "parameter" or not value.strip():
+        return "usage: /set parameter NAME VALUE, or /set system TEXT"
+    try:
+        typed = check_params({name.lower(): value.strip()}, strict=True)
+    except ModelfileError as e:
+        return f"qvl-run: error: {e}"
+    for key, v in typed.items():
+        arg_name = USED[key][1]
+        if arg_name is None:
+            return f"(stop: qvl stops at {', '.join(v)} anyway)"
+        if arg_name == "max_length" and v == -1:  # as -n -1: the context bounds the answer
+            gen_kwargs["ctx_size"] = gen_kwargs["ctx_size"] or PLAN_CTX
+            v = gen_kwargs["ctx_size"]
+        gen_kwargs["max_new_tokens" if arg_name == "max_length" else arg_name] = v
+    return f"(set {name.lower()} to {value.strip()})"
+
+
+def _chat_parameters(gen_kwargs: dict) -> str:
+    """`/show parameters`: the sampling and length settings, by Ollama's names."""
+    from .modelfile import USED
+
+    rows = []
+    for name, (_, arg_name) in USED.items():
+        if arg_name is not None:
+            value = gen_kwargs["max_new_tokens" if arg_name == "max_length" else arg_name]
+            rows.append(f"{name:<16}{'(default)' if value is None else value}")
+    return "\n".join(rows)
 
 
 def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str]) -> None:
     """A chat on the terminal, as `ollama run`: answers stream, commands start with a slash."""
     gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "videos"}
-    first: list[dict] = [{"role": "system", "content": system}] if system else []
-    messages = list(first)
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
     pending = list(images)
     typer.echo("qvl chat: type a message; /image PATH attaches a picture, /help lists commands, /bye leaves",
                err=True)
@@ -131,8 +173,12 @@ def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Opti
             if command in ("/help", "/?"):
                 typer.echo(CHAT_HELP, err=True)
             elif command == "/clear":
-                messages, pending = list(first), []
+                messages, pending = [m for m in messages if m["role"] == "system"], []
                 typer.echo("(conversation cleared)", err=True)
+            elif command == "/set":
+                typer.echo(_chat_set(arg, gen_kwargs, messages), err=True)
+            elif command == "/show" and arg.strip() == "parameters":
+                typer.echo(_chat_parameters(gen_kwargs), err=True)
             elif command == "/image" and arg.strip():
                 path = Path(arg.strip()).expanduser()
                 if path.is_file():

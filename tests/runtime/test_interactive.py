@@ -1,0 +1,81 @@
+"""qvl-run's terminal chat (`_interactive`): its slash commands and what each turn hands the model.
+The model is a stand-in that records its calls: this checks the chat loop, not generation."""
+
+from __future__ import annotations
+
+import builtins
+
+from PIL import Image
+
+from qvl.runtime import run_cli
+
+
+class Recorder:
+    """Model.chat's signature; answers "ok" and keeps each call's messages and keyword arguments."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[dict], dict]] = []
+
+    def chat(self, messages, stream=False, **kwargs):
+        self.calls.append(([dict(m) for m in messages], dict(kwargs)))
+        yield "ok"
+
+
+def _chat(monkeypatch, capsys, lines, system=None, images=()):
+    feed = iter(lines)
+
+    def fake_input(prompt=""):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    model = Recorder()
+    gen_kwargs = dict(max_new_tokens=512, temperature=None, top_p=None, top_k=None, min_p=None, repeat_penalty=1.0,
+                      repeat_last_n=64, seed=1, ctx_size=None, min_pixels=1, max_pixels=2, videos=[])
+    run_cli._interactive(model, gen_kwargs, list(images), system)
+    out = capsys.readouterr()
+    return model.calls, out.out, out.err
+
+
+def test_set_parameter_and_show(monkeypatch, capsys):
+    calls, out, err = _chat(monkeypatch, capsys, [
+        "/set parameter temperature 0.5", "/set parameter NUM_PREDICT 7", "/set parameter top_k 2.5",
+        "/set parameter mirostat 1", "/set parameter stop <|im_end|>", "/set parameter seed", "/show parameters",
+        "hello", "/set parameter num_predict -1", "again"])
+    assert out == "ok\nok\n"
+    (_, first), (_, second) = calls
+    assert first["temperature"] == 0.5 and first["max_new_tokens"] == 7 and first["top_k"] is None
+    assert "videos" not in first
+    assert second["max_new_tokens"] == second["ctx_size"] == run_cli.PLAN_CTX  # as -n -1
+    assert "(set temperature to 0.5)" in err and "(set num_predict to 7)" in err
+    assert "qvl-run: error: PARAMETER top_k '2.5': an integer" in err
+    assert "qvl-run: error: PARAMETER mirostat: qvl does not use it" in err
+    assert "(stop: qvl stops at <|im_end|> anyway)" in err
+    assert "usage: /set parameter NAME VALUE" in err
+    assert "temperature     0.5" in err and "num_predict     7" in err and "top_p           (default)" in err
+
+
+def test_system_image_clear_bye(monkeypatch, capsys, tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(img)
+    calls, out, err = _chat(monkeypatch, capsys, [
+        "first", "/set system Be brief.", "second", f"/image {tmp_path}", f"/image {tmp_path / 'none.png'}",
+        f"/image {img}", "third", "/clear", "fourth", "/nonsense", "/bye", "never read"], system="Old.")
+    assert [c[0][0] for c in calls] == [{"role": "system", "content": "Old."}] + \
+        [{"role": "system", "content": "Be brief."}] * 3  # /set system replaces it; /clear keeps it
+    assert [m["role"] for m in calls[1][0]] == ["system", "user", "assistant", "user"]  # the turns stay
+    third = calls[2][0][-1]["content"]
+    assert third == [{"type": "image", "image": str(img)}, {"type": "text", "text": "third"}]
+    assert [m["role"] for m in calls[3][0]] == ["system", "user"]
+    assert calls[3][0][-1]["content"] == [{"type": "text", "text": "fourth"}]  # the image went with "third"
+    assert f"{tmp_path}: is a folder, not an image" in err and "none.png: image not found" in err
+    assert "unknown command '/nonsense'" in err
+    assert len(calls) == 4 and out == "ok\n" * 4
+
+
+def test_pictures_given_on_the_command_line_go_with_the_first_message(monkeypatch, capsys, tmp_path):
+    calls, _, _ = _chat(monkeypatch, capsys, ["look", "more"], images=["x.png"])
+    assert calls[0][0][-1]["content"][0] == {"type": "image", "image": "x.png"}
+    assert all(c.get("type") != "image" for c in calls[1][0][-1]["content"])
