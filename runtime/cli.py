@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -83,20 +84,10 @@ def create_cmd(
             extra = check_params(extra, strict=True)
             job = Creation(model, mmproj, extra, template.read_text() if template else None, None, None)
         entry = store.create(name, job.model, job.projector or find_mmproj(job.model), job.template,
-                             job.params or None, job.license, config=_model_config(job.model), system=job.system)
+                             job.params or None, job.license, system=job.system)
     except (StoreError, GGUFError, OSError, json.JSONDecodeError, ModelfileError) as e:
         _store_fail(e)
     typer.echo(f"created {entry.name} ({len(entry.manifest['layers'])} layers, {human_bytes(entry.size)})", err=True)
-
-
-def _model_config(model: Path) -> dict:
-    from gguf import LlamaFileType
-
-    with GGUFFile(model) as g:
-        ft = g.get("general.file_type")
-        return {"model_family": g.architecture, "model_families": [g.architecture],
-                "model_type": g.get("general.size_label", ""),
-                "file_type": LlamaFileType(ft).name.replace("MOSTLY_", "").replace("ALL_", "") if ft is not None else ""}
 
 
 @app.command("list", help="List stored models: name, id, size, modified.")
@@ -219,3 +210,70 @@ def push_cmd(
     except StoreError as e:
         _store_fail(e)
     typer.echo(f"pushed {name} to {target} ({human_bytes(sent)} uploaded)", err=True)
+
+
+@app.command("serve", help="Answer Ollama's HTTP API (/api/generate, /api/chat, /api/tags, /api/show) and "
+                           "OpenAI's chat completions (/v1/chat/completions, /v1/models) for the stored models, "
+                           "one loaded at a time; a stored model's PARAMETERs and SYSTEM are its defaults.\n\n"
+                           "Example: qvl serve qwen2.5-vl:3b --port 11434, then\n\n"
+                           "curl localhost:11434/api/generate -d '{\"model\": \"qwen2.5-vl:3b\", \"prompt\": \"Hi\"}'")
+def serve_cmd(
+    model: Optional[str] = typer.Argument(None, help="Stored name or GGUF file to load now and answer requests "
+                                          "that name no model (any stored model may be named)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(11434, "--port", help="Port (Ollama's by default)."),
+    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a CUDA GPU is there."),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", "-ngl", help="Decoder layers on the GPU "
+                                             "(default: all, or what the GPU's free memory holds)."),
+    max_vram: Optional[float] = typer.Option(None, "--max-vram", help="GPU memory budget in GB."),
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c", help="Context when a request and the model "
+                                           "give no num_ctx (default 4096)."),
+) -> None:
+    import torch
+
+    from .server import ServeConfig, Service, serve
+
+    def fail(message: str) -> None:
+        typer.echo(f"qvl serve: error: {message}", err=True)
+        raise typer.Exit(2)
+
+    if not 0 <= port <= 65535:
+        fail(f"--port {port}: 0 to 65535")
+    if ctx_size is not None and ctx_size < 1:
+        fail(f"--ctx-size {ctx_size}: 1 or more")
+    if gpu_layers is not None and gpu_layers < 0:
+        fail(f"--gpu-layers {gpu_layers}: 0 or more")
+    if max_vram is not None and max_vram <= 0:
+        fail(f"--max-vram {max_vram}: a budget above 0 GB")
+    gpu_flags = [f for f, on in (("--gpu-layers", gpu_layers is not None), ("--max-vram", max_vram is not None)) if on]
+    if cpu and gpu_flags:
+        fail(f"--cpu with {', '.join(gpu_flags)}: choose one")
+    if gpu_flags and not torch.cuda.is_available():
+        typer.echo(f"qvl serve: warning: no CUDA GPU found; {', '.join(gpu_flags)} ignored, running on the CPU",
+                   err=True)
+        gpu_layers = max_vram = None
+    device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, None, False)
+    config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model)
+    service = Service(config)
+    if model is not None:
+        from .server import RequestError
+
+        try:
+            service.use(model)
+        except RequestError as e:
+            fail(e.message)
+
+    def log(line: str) -> None:
+        typer.echo(f"qvl serve: {time.strftime('%H:%M:%S')} {line}", err=True)
+
+    def ready(server) -> None:
+        bound_host, bound_port = server.server_address[:2]
+        typer.echo(f"qvl serve: listening on http://{bound_host}:{bound_port} (Ollama's API; OpenAI's under /v1); "
+                   "Ctrl-C stops", err=True)
+
+    try:
+        serve(service, host, port, log, ready)
+    except OSError as e:
+        fail(f"{host}:{port}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        typer.echo("qvl serve: stopped", err=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -69,16 +70,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, img).convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file, apply its EXIF orientation and convert it to RGB."""
+def load_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open an image file (or an open binary stream, called `name` in errors), apply its EXIF
+    orientation and convert it to RGB."""
+    name = name or str(path)
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
     except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"{path}: not a readable image ({e})") from None
+        raise ImageError(f"{name}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: not a readable image ({e})") from None
     return to_rgb(img)
 
 

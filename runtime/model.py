@@ -45,6 +45,7 @@ IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 _PADS = re.compile(r"(<\|image_pad\|>|<\|video_pad\|>)")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+PLAN_CTX = 4096  # the context a GPU plan reserves KV cache for, and an open-ended answer's, when none is given
 
 
 class ModelError(ValueError):
@@ -59,6 +60,7 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
     videos: list[VideoInput] = field(default_factory=list)  # what was sampled, for --verbose
     reused_tokens: int = 0  # prompt tokens the last generation's cache already held (prompt_cache.py)
+    ended: bool = False  # an end-of-turn token ended it (else the token limit or the context did)
 
 
 def find_mmproj(model: Path) -> Path | None:
@@ -75,7 +77,7 @@ ImageLike = str | Path | Image.Image
 
 class Model:
     def __init__(self, text_file: GGUFFile, vision_file: GGUFFile | None, fast: bool = True,
-                 placement: Placement = Placement(), max_vram: int | None = None, plan_ctx: int = 4096):
+                 placement: Placement = Placement(), max_vram: int | None = None, plan_ctx: int = PLAN_CTX):
         """fast: bf16 matmuls on non-F32 CPU weights (False: float32 throughout). `placement`
         puts layers and the vision tower on an accelerator; with `max_vram` (bytes) a plan for
         a `plan_ctx`-token cache decides how many layers and whether the vision tower go there."""
@@ -129,6 +131,7 @@ class Model:
         self._kept: KVCache | None = None  # without a graph: the last generation's cache, for the next
         self._prompt_keys = PromptKeys()  # what the kept cache holds (prompt_cache.py)
         self._generation = 0  # counts generations: a stale one neither continues nor records its cache
+        self.last_generation: Generation | None = None  # a finished stream's Generation (_pieces)
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
 
@@ -422,13 +425,22 @@ class Model:
 
         it = one_line_items(vision_oom.retrying(attempt, lambda e: self._lower_vision_limit(e, min_pixels)))
         if stream:
-            return (piece for piece in it if isinstance(piece, str))
+            return self._pieces(it)
         result = None
         for item in it:
             if isinstance(item, Generation):
                 result = item
         assert result is not None
         return result
+
+    def _pieces(self, items: Iterator[str | Generation]) -> Iterator[str]:
+        """A stream's text pieces; its Generation (counts, timings) is kept as `last_generation`."""
+        self.last_generation = None
+        for item in items:
+            if isinstance(item, Generation):
+                self.last_generation = item
+            else:
+                yield item
 
     def chat(self, messages: list[dict[str, Any]], stream: bool = False, **kwargs: Any) -> Generation | Iterator[str]:
         """Multi-turn chat in transformers' message format; images as {"type": "image", "image": path}.
@@ -466,6 +478,7 @@ class Model:
         encodes = self.vision is not None and any(m.start >= reuse for m in media)
         staged = self._let_cache_go(limit, reuse, encodes and self._vision_planned_alone())
         out_ids: list[int] = []
+        ended = False
         cache: KVCache | None = None
         try:
             embeds, timings = self._embed(ids, media, reuse)
@@ -485,6 +498,7 @@ class Model:
             for i in range(max_new_tokens):
                 tok = chosen if chosen is not None else sample(logits, out_ids, params, gen)
                 if tok in self.stop_ids:
+                    ended = True
                     break
                 out_ids.append(tok)
                 piece = answer.push(tok)
@@ -510,7 +524,7 @@ class Model:
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         if final != answer.text:  # a character the answer ended inside of
             yield final[len(answer.text):]
-        yield Generation(final, out_ids, n_prompt, timings, list(videos), reused_tokens=reuse)
+        yield Generation(final, out_ids, n_prompt, timings, list(videos), reused_tokens=reuse, ended=ended)
 
 
 ALL_LAYERS = 1 << 20  # --gpu-layers default on a GPU: every layer and the output layer
@@ -527,7 +541,7 @@ def _indexed(device: torch.device) -> torch.device:
 
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,
          mmproj: str | Path | None = None, placement: Placement | None = None,
-         max_vram: float | None = None, plan_ctx: int = 4096) -> Model:
+         max_vram: float | None = None, plan_ctx: int = PLAN_CTX) -> Model:
     """Load a GGUF model (llama.cpp pair, Ollama single file, or qvl-convert's output).
 
     device "auto" takes CUDA when torch sees a GPU. On CUDA the default placement is the whole

@@ -23,7 +23,7 @@ from .gguf_file import GGUFError
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, pixel_limits_ok
 from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
-from .model import ALL_LAYERS, Generation, Model, ModelError, load
+from .model import ALL_LAYERS, PLAN_CTX, Generation, Model, ModelError, load
 from .placement import Placement
 from .sampling import SamplingError, SamplingParams
 from .store import StoreError
@@ -267,7 +267,6 @@ def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
         _fail(str(e))
 
 
-PLAN_CTX = 4096  # context a --max-vram plan reserves KV cache for when --ctx-size is absent
 
 
 def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: float | None, no_triton: bool,

@@ -162,6 +162,13 @@ class Store:
             with open(p, "rb") as f:
                 if f.read(4) != b"GGUF":
                     raise StoreError(f"{p}: not a GGUF file")
+        if config is None:
+            from .gguf_file import GGUFError
+
+            try:
+                config = gguf_config(model)
+            except GGUFError as e:
+                raise StoreError(str(e)) from None
         layers = []
         for kind, src in (("model", model), ("projector", mmproj)):
             if src is not None:
@@ -267,6 +274,19 @@ class Store:
                 self.blob_path(layer["digest"]).unlink()
                 removed.append(layer["digest"])
         return removed
+
+
+def gguf_config(model: Path) -> dict[str, Any]:
+    """The config blob's description of a model GGUF, as Ollama writes it (family, size, file type)."""
+    from gguf import LlamaFileType
+
+    from .gguf_file import GGUFFile
+
+    with GGUFFile(model) as g:
+        ft = g.get("general.file_type")
+        return {"model_family": g.architecture, "model_families": [g.architecture],
+                "model_type": g.get("general.size_label", ""),
+                "file_type": LlamaFileType(ft).name.replace("MOSTLY_", "").replace("ALL_", "") if ft is not None else ""}
 
 
 def human_time(ts: float) -> str:

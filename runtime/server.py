@@ -1,0 +1,493 @@
+"""`qvl serve`: Ollama's HTTP API, and OpenAI's chat completions, over the model store.
+
+    GET  /                      "qvl is running"
+    GET  /api/version           {"version"}
+    GET  /api/tags              the stored models, as Ollama lists them
+    POST /api/show              {"model"}: details, parameters, template, system, modelfile
+    POST /api/generate          {"model", "prompt", "images": [base64], "system", "raw", "stream", "options"}
+    POST /api/chat              {"model", "messages": [{"role", "content", "images"}], "stream", "options"}
+    GET  /v1/models             OpenAI's model list
+    POST /v1/chat/completions   OpenAI's chat: content parts "text" and "image_url" (data: URLs)
+
+One model is loaded at a time: a request naming another stored model replaces it. Requests are
+answered one at a time (the model has one KV cache, whose prompt cache keeps a conversation's
+earlier turns from being read again). A stored model's PARAMETERs and SYSTEM are defaults that a
+request's options and system prompt override, as in Ollama; without num_predict an answer runs
+to its end or the context's (num_ctx, default `qvl serve --ctx-size`, else 4096). Streams are
+Ollama's JSON lines or OpenAI's server-sent events. Errors are {"error": message} with 400 (a bad
+request), 404 (no such model or endpoint) or 500; an error in the middle of a stream is its last
+event. Only stored models and the one file named to `qvl serve` are opened: a request cannot
+make the server read another file, and images come inline (base64), never fetched.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gc
+import io
+import itertools
+import json
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .gguf_file import GGUFError
+from .image import ImageError, load_image
+from .model import PLAN_CTX, Model, ModelError, load
+from .modelfile import ModelfileError, check_params, modelfile_of, stored_defaults
+from .placement import Placement
+from .sampling import SamplingParams
+from .store import Store, StoreError
+from .video import VideoError
+
+VERSION = "0.1.0"
+DEFAULT_PORT = 11434  # Ollama's
+
+
+class RequestError(Exception):
+    """A request answered with an HTTP error status and {"error": message}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    device: str = "cpu"
+    placement: Placement = Placement()
+    max_vram: float | None = None
+    ctx_size: int | None = None  # num_ctx when neither the request nor the model says
+    default_model: str | None = None  # MODEL given to `qvl serve`: a GGUF file or a stored name
+
+
+@dataclass
+class Reply:
+    """A JSON body, a text body, or a stream of JSON events (JSON lines, or server-sent events)."""
+
+    body: Any = None
+    events: Iterator[dict[str, Any]] | None = None
+    sse: bool = False
+    status: int = 200
+
+
+@dataclass
+class Loaded:
+    key: str  # the stored model's full name, or the file's path
+    model: Model
+    params: dict[str, Any] = field(default_factory=dict)  # stored PARAMETERs (checked)
+    system: str | None = None  # stored SYSTEM
+    load_s: float = 0.0  # for the request that loaded it
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def decode_image(data: Any, where: str) -> Image.Image:
+    """A base64 image (Ollama's `images`) or an OpenAI data: URL, as an RGB picture."""
+    if not isinstance(data, str):
+        raise RequestError(400, f"{where}: a base64 string")
+    if data.startswith(("http://", "https://")):
+        raise RequestError(400, f"{where}: qvl serve fetches nothing; send the image inline (base64 or a data: URL)")
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if not header.endswith(";base64"):
+            raise RequestError(400, f"{where}: a data: URL wants ;base64")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"{where}: not base64") from None
+    try:
+        return load_image(io.BytesIO(raw), where)
+    except ImageError as e:
+        raise RequestError(400, str(e)) from None
+
+
+def generation_options(stored: dict[str, Any], options: Any, default_ctx: int | None) -> dict[str, Any]:
+    """Model.generate's keyword arguments from the model's stored parameters and a request's
+    `options` (Ollama's names; the request's win, names qvl does not use are ignored)."""
+    if not isinstance(options, dict):
+        raise RequestError(400, "options: a JSON object")
+    try:
+        merged = {**stored, **check_params(options, strict=False)}
+    except ModelfileError as e:
+        raise RequestError(400, f"options: {e}") from None
+    ctx = merged.get("num_ctx") or default_ctx
+    n = merged.get("num_predict", -1)
+    if n == -1:  # Ollama's default: until the answer ends or the context is full
+        ctx = ctx or PLAN_CTX
+        n = ctx
+    kwargs: dict[str, Any] = {k: v for k, v in merged.items() if k in SamplingParams.__dataclass_fields__}
+    return {"max_new_tokens": n, "ctx_size": ctx, **kwargs}
+
+
+def _messages(raw: Any, images_key: str | None) -> list[dict[str, Any]]:
+    """Ollama's (`images_key` "images") or OpenAI's (None: content parts) messages in the
+    transformers format Model.chat takes."""
+    if not isinstance(raw, list) or not raw:
+        raise RequestError(400, "messages: a non-empty list")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(400, f"messages[{i}]: an object with role system, user or assistant")
+        content = m.get("content") or ""
+        parts: list[dict[str, Any]] = []
+        if isinstance(content, list) and images_key is None:
+            for j, p in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind == "text" and isinstance(p.get("text"), str):
+                    parts.append({"type": "text", "text": p["text"]})
+                elif kind == "image_url":
+                    url = p.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    parts.append({"type": "image", "image": decode_image(url, where)})
+                else:
+                    raise RequestError(400, f"{where}: a part of type text or image_url")
+        elif isinstance(content, str):
+            images = m.get(images_key, []) if images_key else []
+            if not isinstance(images, list):
+                raise RequestError(400, f"messages[{i}].{images_key}: a list of base64 strings")
+            parts = [{"type": "image", "image": decode_image(b, f"messages[{i}].{images_key}[{j}]")}
+                     for j, b in enumerate(images)]
+            parts.append({"type": "text", "text": content})
+        else:
+            raise RequestError(400, f"messages[{i}].content: a string")
+        only_text = all(p["type"] == "text" for p in parts)
+        out.append({"role": m["role"],
+                    "content": "".join(p["text"] for p in parts) if only_text else parts})
+    return out
+
+
+class Service:
+    """The endpoints, over one loaded model at a time. Callers hold `lock` from a request's
+    start to its reply's last byte."""
+
+    def __init__(self, config: ServeConfig, store: Store | None = None,
+                 loader: Callable[..., Model] = load):
+        self.config = config
+        self.store = store or Store()
+        self.loader = loader
+        self.lock = threading.Lock()
+        self.loaded: Loaded | None = None
+        self._ids = itertools.count(1)
+
+    # -- models -------------------------------------------------------------------------------
+
+    def use(self, name: Any) -> Loaded:
+        """The model a request names (loading it, in place of the one loaded before)."""
+        name = name if name else self.config.default_model
+        if not isinstance(name, str) or not name:
+            raise RequestError(400, "model: required (a stored model's name)")
+        if name == self.config.default_model and Path(name).is_file():
+            key, params, system = name, {}, None
+            path, projector = Path(name), None  # load() finds the mmproj beside it
+        else:
+            try:
+                entry = self.store.get(name)
+            except StoreError:
+                raise RequestError(404, f"model '{name}' not found (qvl pull it first)") from None
+            key = str(entry.name)
+            try:
+                params, system = stored_defaults(self.store, name)
+                path, projector = self.store.resolve(name)
+            except StoreError as e:
+                raise RequestError(500, str(e)) from None
+        if self.loaded is not None and self.loaded.key == key:
+            self.loaded.load_s = 0.0
+            return self.loaded
+        self.loaded = None  # the old model's memory goes before the new one is read
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        try:
+            model = self.loader(path, mmproj=projector, device=self.config.device, placement=self.config.placement,
+                                max_vram=self.config.max_vram, plan_ctx=self.config.ctx_size or PLAN_CTX)
+        except (GGUFError, ModelError, StoreError, KeyError, ValueError) as e:
+            raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
+        self.loaded = Loaded(key, model, params, system, time.perf_counter() - t0)
+        return self.loaded
+
+    def _name(self, loaded: Loaded) -> str:
+        return loaded.key if loaded.key != self.config.default_model else Path(loaded.key).name
+
+    # -- Ollama ---------------------------------------------------------------------------------
+
+    def tags(self, body: dict[str, Any]) -> Reply:
+        models = []
+        for e in self.store.list():
+            config = {}
+            try:
+                config = json.loads(self.store.blob_path(e.manifest["config"]["digest"]).read_text())
+            except (OSError, ValueError):
+                pass
+            models.append({"name": str(e.name), "model": str(e.name),
+                           "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.modified)),
+                           "size": e.size, "digest": e.digest.removeprefix("sha256:"),
+                           "details": {"format": "gguf", "family": config.get("model_family", ""),
+                                       "families": config.get("model_families", []),
+                                       "parameter_size": config.get("model_type", ""),
+                                       "quantization_level": config.get("file_type", "")}})
+        return Reply({"models": models})
+
+    def show(self, body: dict[str, Any]) -> Reply:
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError(400, "model: required")
+        try:
+            entry = self.store.get(name)
+            params, system = stored_defaults(self.store, name)
+            out = {"modelfile": modelfile_of(self.store, name),
+                   "parameters": "\n".join(f"{k} {json.dumps(x) if isinstance(x, str) else x}"
+                                           for k, v in params.items() for x in (v if isinstance(v, list) else [v])),
+                   "template": self.store.text(entry, "template") or ""}
+        except StoreError as e:
+            raise RequestError(404 if "not found" in str(e) else 500, str(e)) from None
+        if system is not None:
+            out["system"] = system
+        out["details"] = next((m["details"] for m in self.tags({}).body["models"] if m["name"] == str(entry.name)), {})
+        return Reply(out)
+
+    def generate(self, body: dict[str, Any]) -> Reply:
+        loaded = self.use(body.get("model"))
+        prompt = body.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise RequestError(400, "prompt: a string")
+        images = body.get("images") or []
+        if not isinstance(images, list):
+            raise RequestError(400, "images: a list of base64 strings")
+        pictures = [decode_image(b, f"images[{i}]") for i, b in enumerate(images)]
+        kwargs = generation_options(loaded.params, body.get("options") or {}, self.config.ctx_size)
+        name = self._name(loaded)
+        if not prompt and not pictures:  # Ollama's way to load a model
+            return Reply({"model": name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"})
+        system = body.get("system") if isinstance(body.get("system"), str) else loaded.system
+        pieces = loaded.model.generate(prompt, pictures, stream=True, system=system,
+                                       template=not body.get("raw", False), **kwargs)
+        return self._ollama(loaded, name, pieces, body.get("stream", True), "response")
+
+    def chat(self, body: dict[str, Any]) -> Reply:
+        loaded = self.use(body.get("model"))
+        messages = _messages(body.get("messages"), "images")
+        if loaded.system is not None and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": loaded.system})
+        kwargs = generation_options(loaded.params, body.get("options") or {}, self.config.ctx_size)
+        pieces = loaded.model.chat(messages, stream=True, **kwargs)
+        return self._ollama(loaded, self._name(loaded), pieces, body.get("stream", True), "message")
+
+    def _ollama(self, loaded: Loaded, name: str, pieces: Iterator[str], stream: Any, key: str) -> Reply:
+        started = time.perf_counter() - loaded.load_s
+
+        def wrap(text: str) -> Any:
+            return text if key == "response" else {"role": "assistant", "content": text}
+
+        def final(text: str) -> dict[str, Any]:
+            g = loaded.model.last_generation
+            assert g is not None
+            return {"model": name, "created_at": _now(), key: wrap(text), "done": True,
+                    "done_reason": "stop" if g.ended else "length",
+                    "total_duration": _ns(time.perf_counter() - started), "load_duration": _ns(loaded.load_s),
+                    "prompt_eval_count": g.prompt_tokens,
+                    "prompt_eval_duration": _ns(g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3),
+                    "eval_count": len(g.token_ids), "eval_duration": _ns(g.timings.get("decode_s", 0.0))}
+
+        if stream is False:
+            return Reply(final("".join(pieces)))
+
+        def events() -> Iterator[dict[str, Any]]:
+            for piece in pieces:
+                yield {"model": name, "created_at": _now(), key: wrap(piece), "done": False}
+            yield final("")
+
+        return Reply(events=events())
+
+    # -- OpenAI ---------------------------------------------------------------------------------
+
+    def openai_models(self, body: dict[str, Any]) -> Reply:
+        return Reply({"object": "list", "data": [{"id": str(e.name), "object": "model", "created": int(e.modified),
+                                                  "owned_by": "library"} for e in self.store.list()]})
+
+    def openai_chat(self, body: dict[str, Any]) -> Reply:
+        loaded = self.use(body.get("model"))
+        messages = _messages(body.get("messages"), None)
+        if loaded.system is not None and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": loaded.system})
+        options = {k: body[k] for k in ("temperature", "top_p", "seed") if body.get(k) is not None}
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if limit is not None:
+            options["num_predict"] = limit
+        kwargs = generation_options(loaded.params, options, self.config.ctx_size)
+        pieces = loaded.model.chat(messages, stream=True, **kwargs)
+        name, created, cid = self._name(loaded), int(time.time()), f"chatcmpl-{next(self._ids)}"
+
+        def finish() -> str:
+            g = loaded.model.last_generation
+            assert g is not None
+            return "stop" if g.ended else "length"
+
+        if not body.get("stream", False):
+            text = "".join(pieces)
+            g = loaded.model.last_generation
+            assert g is not None
+            return Reply({"id": cid, "object": "chat.completion", "created": created, "model": name,
+                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                       "finish_reason": finish()}],
+                          "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids),
+                                    "total_tokens": g.prompt_tokens + len(g.token_ids)}})
+
+        def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+        def events() -> Iterator[dict[str, Any]]:
+            yield chunk({"role": "assistant", "content": ""}, None)
+            for piece in pieces:
+                yield chunk({"content": piece}, None)
+            yield chunk({}, finish())
+
+        return Reply(events=events(), sse=True)
+
+
+ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
+    ("GET", "/"): lambda s, b: Reply("qvl is running"),
+    ("GET", "/api/version"): lambda s, b: Reply({"version": VERSION}),
+    ("GET", "/api/tags"): Service.tags,
+    ("POST", "/api/show"): Service.show,
+    ("POST", "/api/generate"): Service.generate,
+    ("POST", "/api/chat"): Service.chat,
+    ("GET", "/v1/models"): Service.openai_models,
+    ("POST", "/v1/chat/completions"): Service.openai_chat,
+}
+
+
+def _failure(e: BaseException) -> RequestError:
+    """What a request's error is answered with; a bug's traceback goes to the server's stderr."""
+    if isinstance(e, RequestError):
+        return e
+    if isinstance(e, (ModelError, ImageError, VideoError)):
+        return RequestError(400, str(e))
+    if isinstance(e, torch.OutOfMemoryError):
+        return RequestError(500, "out of memory; a smaller num_ctx, fewer or smaller images, or a smaller model")
+    traceback.print_exc(file=sys.stderr)
+    return RequestError(500, f"{type(e).__name__}: {e}")
+
+
+def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = f"qvl/{VERSION}"
+
+        def do_GET(self) -> None:
+            self._answer("GET")
+
+        def do_HEAD(self) -> None:
+            self._send_head(200, "text/plain; charset=utf-8", 0)
+
+        def do_POST(self) -> None:
+            self._answer("POST")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line a request, written by _answer
+
+        def _send_head(self, status: int, kind: str, length: int | None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            if length is not None:
+                self.send_header("Content-Length", str(length))
+            self.end_headers()
+
+        def _body(self) -> dict[str, Any]:
+            size = int(self.headers.get("Content-Length") or 0)
+            try:
+                body = json.loads(self.rfile.read(size) or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise RequestError(400, "request body: not JSON") from None
+            if not isinstance(body, dict):
+                raise RequestError(400, "request body: a JSON object")
+            return body
+
+        def _answer(self, method: str) -> None:
+            t0 = time.perf_counter()
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            status = 200
+            try:
+                route = ROUTES.get((method, path))
+                if route is None:
+                    raise RequestError(404, f"{method} {path}: no such endpoint")
+                body = self._body() if method == "POST" else {}
+                with service.lock:
+                    try:
+                        reply = route(service, body)
+                    except Exception as e:  # noqa: BLE001 - every error is the request's answer
+                        raise _failure(e) from None
+                    status = reply.status
+                    self._write(reply)
+            except RequestError as e:
+                status = e.status
+                data = json.dumps({"error": e.message}).encode()
+                self._send_head(e.status, "application/json; charset=utf-8", len(data))
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                status = 499  # the client went away; the generation stopped with it
+            log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
+
+        def _write(self, reply: Reply) -> None:
+            if reply.events is None:
+                text = reply.body if isinstance(reply.body, str) else json.dumps(reply.body, ensure_ascii=False)
+                data = text.encode()
+                kind = "text/plain" if isinstance(reply.body, str) else "application/json"
+                self._send_head(reply.status, f"{kind}; charset=utf-8", len(data))
+                self.wfile.write(data)
+                return
+            self._send_head(reply.status, "text/event-stream" if reply.sse else "application/x-ndjson", None)
+            events = reply.events
+            try:
+                for event in events:
+                    self._event(event, reply.sse)
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as e:  # noqa: BLE001 - headers are out: the error is the stream's last event
+                self._event({"error": _failure(e).message}, reply.sse)
+            finally:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()  # a generation the client left stops here
+            if reply.sse:
+                self.wfile.write(b"data: [DONE]\n\n")
+
+        def _event(self, event: dict[str, Any], sse: bool) -> None:
+            line = json.dumps(event, ensure_ascii=False)
+            self.wfile.write((f"data: {line}\n\n" if sse else line + "\n").encode())
+            self.wfile.flush()
+
+    return Handler
+
+
+def serve(service: Service, host: str, port: int, log: Callable[[str], None],
+          ready: Callable[[ThreadingHTTPServer], None] | None = None) -> None:
+    """Answer requests until interrupted; `ready` gets the bound server (its port, for port 0)."""
+    server = ThreadingHTTPServer((host, port), make_handler(service, log))
+    server.daemon_threads = True
+    if ready is not None:
+        ready(server)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+

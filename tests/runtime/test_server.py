@@ -1,0 +1,224 @@
+"""`qvl serve`: Ollama's and OpenAI's HTTP APIs on a loopback port, answered by the tiny model and
+checked against the same model called in Python (greedy, so the texts must be identical)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvl.runtime.cli import app
+from qvl.runtime.model import ModelError, load
+from qvl.runtime.server import RequestError, ServeConfig, Service, serve
+from qvl.runtime.store import Store
+
+MODEL = "tiny-qwen2.5-vl-f16.gguf"
+
+
+def _png(color=(200, 30, 30), size=(56, 84)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files(fixtures_dir):
+    return fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, files):
+    store = Store(tmp_path_factory.mktemp("models"))
+    store.create("tiny:1", files / MODEL, files / f"mmproj-{MODEL}")
+    store.create("terse:1", files / MODEL, files / f"mmproj-{MODEL}", params={"num_predict": 3, "seed": 5},
+                 system="Answer in one word.")
+    return store
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    return load(files / MODEL)
+
+
+class Running:
+    def __init__(self, service: Service):
+        self.service = service
+        self.log: list[str] = []
+        started = threading.Event()
+
+        def ready(server):
+            self.server = server
+            started.set()
+
+        threading.Thread(target=serve, args=(service, "127.0.0.1", 0, self.log.append, ready), daemon=True).start()
+        assert started.wait(10)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def request(self, path: str, body=None, raw: bytes | None = None):
+        """(status, body bytes) of a GET (no body) or POST."""
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def json(self, path: str, body=None):
+        status, data = self.request(path, body)
+        assert status == 200, data
+        return json.loads(data)
+
+    def lines(self, path: str, body):
+        status, data = self.request(path, body)
+        assert status == 200, data
+        return [json.loads(line) for line in data.decode().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def running(store, files):
+    r = Running(Service(ServeConfig(default_model=str(files / MODEL)), store))
+    yield r
+    r.server.shutdown()
+
+
+def test_generate_equals_the_library(running, reference):
+    want = reference.generate("Describe it.", max_new_tokens=6)
+    got = running.json("/api/generate", {"model": "tiny:1", "prompt": "Describe it.", "stream": False,
+                                         "options": {"num_predict": 6}})
+    assert got["response"] == want.text and got["eval_count"] == 6 and got["done"] is True
+    assert got["prompt_eval_count"] == want.prompt_tokens and got["done_reason"] == "length"
+    assert got["model"] == "tiny:1" and got["total_duration"] >= got["eval_duration"] > 0
+    events = running.lines("/api/generate", {"model": "tiny:1", "prompt": "Describe it.",
+                                             "options": {"num_predict": 6}})  # streamed by default
+    assert all(not e["done"] for e in events[:-1]) and events[-1]["done"] is True
+    assert "".join(e["response"] for e in events) == want.text and len(events) >= 3
+    # no model named: the one given to `qvl serve` (a file), called by its file name
+    plain = running.json("/api/generate", {"prompt": "Describe it.", "stream": False, "options": {"num_predict": 6}})
+    assert plain["response"] == want.text and plain["model"] == MODEL
+
+
+def test_chat_with_an_image_equals_the_library(running, reference):
+    png = _png()
+    picture = Image.open(io.BytesIO(png)).convert("RGB")
+    want = reference.chat([{"role": "user", "content": [{"type": "image", "image": picture},
+                                                        {"type": "text", "text": "What colour?"}]}], max_new_tokens=5)
+    got = running.json("/api/chat", {"model": "tiny:1", "stream": False, "options": {"num_predict": 5},
+                                     "messages": [{"role": "user", "content": "What colour?",
+                                                   "images": [base64.b64encode(png).decode()]}]})
+    assert got["message"] == {"role": "assistant", "content": want.text}
+    assert got["prompt_eval_count"] == want.prompt_tokens > 20  # the picture's tokens are in
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    body = {"model": "tiny:1", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What colour?"}]}]}
+    openai = running.json("/v1/chat/completions", body)
+    assert openai["object"] == "chat.completion" and openai["choices"][0]["finish_reason"] == "length"
+    assert openai["choices"][0]["message"] == {"role": "assistant", "content": want.text}
+    assert openai["usage"] == {"prompt_tokens": want.prompt_tokens, "completion_tokens": 5,
+                               "total_tokens": want.prompt_tokens + 5}
+    status, data = running.request("/v1/chat/completions", {**body, "stream": True})
+    assert status == 200
+    frames = data.decode().split("\n\n")
+    assert frames[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(f.removeprefix("data: ")) for f in frames[:-2]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stored_parameters_and_system_are_defaults(running, reference):
+    want = reference.generate("Hi", max_new_tokens=3, seed=5, system="Answer in one word.")
+    got = running.json("/api/generate", {"model": "terse:1", "prompt": "Hi", "stream": False})
+    assert got["response"] == want.text and got["eval_count"] == 3
+    mine = running.json("/api/generate", {"model": "terse:1", "prompt": "Hi", "stream": False, "system": "Be long.",
+                                          "options": {"num_predict": 2}})  # the request's win
+    assert mine["response"] == reference.generate("Hi", max_new_tokens=2, system="Be long.").text
+    assert mine["eval_count"] == 2
+    chat = running.json("/api/chat", {"model": "terse:1", "stream": False, "messages": [
+        {"role": "user", "content": "Hi"}]})
+    assert chat["message"]["content"] == want.text  # the stored SYSTEM goes first
+
+
+def test_tags_show_and_models(running):
+    names = [m["name"] for m in running.json("/api/tags")["models"]]
+    assert names == ["terse:1", "tiny:1"]
+    shown = running.json("/api/show", {"model": "terse:1"})
+    assert shown["system"] == "Answer in one word." and "num_predict 3" in shown["parameters"]
+    assert shown["details"]["family"] == "qwen2vl" and "FROM " in shown["modelfile"]
+    assert [m["id"] for m in running.json("/v1/models")["data"]] == names
+    assert running.request("/")[1] == b"qvl is running"
+    assert running.json("/api/version")["version"]
+
+
+@pytest.mark.parametrize("path,body,status,expect", [
+    ("/api/nothing", {}, 404, "POST /api/nothing: no such endpoint"),
+    ("/api/generate", b"{not json", 400, "request body: not JSON"),
+    ("/api/generate", [1], 400, "request body: a JSON object"),
+    ("/api/generate", {"model": "nope:1", "prompt": "x"}, 404, "model 'nope:1' not found"),
+    ("/api/generate", {"model": "/etc/passwd", "prompt": "x"}, 404, "model '/etc/passwd' not found"),
+    ("/api/generate", {"model": "tiny:1", "prompt": "x", "images": ["@@"]}, 400, "images[0]: not base64"),
+    ("/api/generate", {"model": "tiny:1", "prompt": "x", "images": ["aGVsbG8="]}, 400,
+     "images[0]: not a readable image"),
+    ("/api/generate", {"model": "tiny:1", "prompt": 3}, 400, "prompt: a string"),
+    ("/api/generate", {"model": "tiny:1", "prompt": "x", "options": {"top_k": -1}}, 400, "options: PARAMETER top_k"),
+    ("/api/generate", {"model": "tiny:1", "prompt": "{image2}", "images": [base64.b64encode(_png()).decode()]}, 400,
+     "refers to {image2}"),
+    ("/api/chat", {"model": "tiny:1", "messages": []}, 400, "messages: a non-empty list"),
+    ("/api/chat", {"model": "tiny:1", "messages": [{"role": "tool", "content": "x"}]}, 400,
+     "messages[0]: an object with role"),
+    ("/v1/chat/completions", {"model": "tiny:1", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, 400, "fetches nothing"),
+    ("/v1/chat/completions", {"model": "tiny:1", "messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+     400, "content[0]: a part of type text or image_url"),
+    ("/api/show", {"model": "nope:1"}, 404, "not found"),
+])
+def test_errors(running, path, body, status, expect):
+    got_status, data = running.request(path, raw=body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert got_status == status, data
+    assert expect in json.loads(data)["error"]
+
+
+class Stand:
+    """A model that says "a", then fails: a stream's error is its last event."""
+
+    last_generation = None
+
+    def generate(self, prompt, images, stream, **kwargs):
+        def pieces():
+            yield "a"
+            raise ModelError("the context is full")
+        return pieces()
+
+
+def test_an_error_inside_a_stream_is_its_last_event(store):
+    loads = []
+    running = Running(Service(ServeConfig(), store, loader=lambda name, **kw: loads.append(name) or Stand()))
+    events = running.lines("/api/generate", {"model": "tiny:1", "prompt": "x"})
+    assert events[0]["response"] == "a" and events[-1] == {"error": "the context is full"}
+    running.json("/api/generate", {"model": "tiny:1", "prompt": ""})  # loaded: not again
+    running.json("/api/generate", {"model": "library/tiny:1", "prompt": ""})  # the same model
+    assert loads == [store.resolve("tiny:1")[0]]
+    running.json("/api/generate", {"model": "terse:1", "prompt": ""})  # another model replaces it
+    assert len(loads) == 2 and running.service.loaded.key == "terse:1"
+    assert running.log[0].startswith("POST /api/generate 200")
+    with pytest.raises(RequestError, match="model: required"):
+        running.service.generate({"prompt": "x"})  # no model named, none given to qvl serve
+    running.server.shutdown()
+
+
+def test_serve_command_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVL_MODELS", str(tmp_path))
+    runner = CliRunner()
+    for args, expect in ((["--port", "70000"], "--port 70000: 0 to 65535"),
+                         (["--cpu", "--gpu-layers", "3"], "--cpu with --gpu-layers: choose one"),
+                         (["--ctx-size", "0"], "--ctx-size 0: 1 or more"),
+                         (["nope:1"], "model 'nope:1' not found")):
+        r = runner.invoke(app, ["serve", *args])
+        assert r.exit_code == 2 and r.stderr.startswith(f"qvl serve: error: {expect}"), r.stderr
+        assert r.stderr.count("\n") == 1
