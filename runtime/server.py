@@ -6,6 +6,9 @@
     POST /api/show              {"model"}: details, parameters, template, system, modelfile
     POST /api/generate          {"model", "prompt", "images": [base64], "system", "raw", "stream", "options"}
     POST /api/chat              {"model", "messages": [{"role", "content", "images"}], "stream", "options"}
+    GET  /api/ps                the loaded model
+    POST /api/copy              {"source", "destination"}
+    DELETE /api/delete          {"model"}
     GET  /v1/models             OpenAI's model list
     POST /v1/chat/completions   OpenAI's chat: content parts "text" and "image_url" (data: URLs)
 
@@ -89,6 +92,10 @@ class Loaded:
     params: dict[str, Any] = field(default_factory=dict)  # stored PARAMETERs (checked)
     system: str | None = None  # stored SYSTEM
     load_s: float = 0.0  # for the request that loaded it
+
+
+def _vram() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
 
 def _ns(seconds: float) -> int:
@@ -318,6 +325,39 @@ class Service:
 
         return Reply(events=events())
 
+    def ps(self, body: dict[str, Any]) -> Reply:
+        """The loaded model, as Ollama's `ps` lists running ones."""
+        if self.loaded is None:
+            return Reply({"models": []})
+        name = self._name(self.loaded)
+        details = next((m for m in self.tags({}).body["models"] if m["name"] == self.loaded.key), {})
+        return Reply({"models": [{"name": name, "model": name, "size": details.get("size", 0),
+                                  "digest": details.get("digest", ""), "details": details.get("details", {}),
+                                  "expires_at": "0001-01-01T00:00:00Z", "size_vram": _vram()}]})
+
+    def copy(self, body: dict[str, Any]) -> Reply:
+        source, target = body.get("source"), body.get("destination")
+        if not isinstance(source, str) or not isinstance(target, str):
+            raise RequestError(400, "source and destination: model names")
+        try:
+            self.store.copy(source, target)
+        except StoreError as e:
+            raise RequestError(404 if "not found" in str(e) else 400, str(e)) from None
+        return Reply("")
+
+    def delete(self, body: dict[str, Any]) -> Reply:
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError(400, "model: required")
+        try:
+            key = str(self.store.get(name).name)
+            self.store.remove(name)
+        except StoreError as e:
+            raise RequestError(404 if "not found" in str(e) else 400, str(e)) from None
+        if self.loaded is not None and self.loaded.key == key:
+            self.loaded = None  # its blobs are gone
+        return Reply("")
+
     # -- OpenAI ---------------------------------------------------------------------------------
 
     def openai_models(self, body: dict[str, Any]) -> Reply:
@@ -372,6 +412,9 @@ ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("POST", "/api/show"): Service.show,
     ("POST", "/api/generate"): Service.generate,
     ("POST", "/api/chat"): Service.chat,
+    ("GET", "/api/ps"): Service.ps,
+    ("POST", "/api/copy"): Service.copy,
+    ("DELETE", "/api/delete"): Service.delete,
     ("GET", "/v1/models"): Service.openai_models,
     ("POST", "/v1/chat/completions"): Service.openai_chat,
 }
@@ -402,6 +445,9 @@ def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPR
         def do_POST(self) -> None:
             self._answer("POST")
 
+        def do_DELETE(self) -> None:
+            self._answer("DELETE")
+
         def log_message(self, format: str, *args: Any) -> None:
             pass  # one line a request, written by _answer
 
@@ -430,7 +476,7 @@ def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPR
                 route = ROUTES.get((method, path))
                 if route is None:
                     raise RequestError(404, f"{method} {path}: no such endpoint")
-                body = self._body() if method == "POST" else {}
+                body = self._body() if method != "GET" else {}
                 with service.lock:
                     try:
                         reply = route(service, body)

@@ -61,10 +61,11 @@ class Running:
         assert started.wait(10)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def request(self, path: str, body=None, raw: bytes | None = None):
-        """(status, body bytes) of a GET (no body) or POST."""
+    def request(self, path: str, body=None, raw: bytes | None = None, method: str | None = None):
+        """(status, body bytes) of a GET (no body), a POST or `method`."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None else "GET")
+        method = method or ("POST" if data is not None else "GET")
+        req = urllib.request.Request(self.url + path, data=data, method=method)
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, r.read()
@@ -222,3 +223,22 @@ def test_serve_command_errors(tmp_path, monkeypatch):
         r = runner.invoke(app, ["serve", *args])
         assert r.exit_code == 2 and r.stderr.startswith(f"qvl serve: error: {expect}"), r.stderr
         assert r.stderr.count("\n") == 1
+
+
+def test_ps_copy_delete(tmp_path, files):
+    store = Store(tmp_path)
+    store.create("a:1", files / MODEL, files / f"mmproj-{MODEL}")
+    running = Running(Service(ServeConfig(), store, loader=lambda name, **kw: Stand()))
+    assert running.json("/api/ps") == {"models": []}
+    running.json("/api/generate", {"model": "a:1", "prompt": ""})
+    [ps] = running.json("/api/ps")["models"]
+    assert ps["name"] == "a:1" and ps["details"]["family"] == "qwen2vl" and ps["size"] == store.get("a:1").size
+    assert running.request("/api/copy", {"source": "a:1", "destination": "b:2"})[0] == 200
+    assert [str(e.name) for e in store.list()] == ["a:1", "b:2"]
+    status, data = running.request("/api/copy", {"source": "zz:1", "destination": "c:1"})
+    assert status == 404 and "not found" in json.loads(data)["error"]
+    assert running.request("/api/delete", {"model": "a:1"}, method="DELETE")[0] == 200
+    assert running.json("/api/ps") == {"models": []}  # the deleted model was unloaded
+    assert [str(e.name) for e in store.list()] == ["b:2"] and store.resolve("b:2")[0].is_file()
+    assert running.request("/api/delete", {"model": "a:1"}, method="DELETE")[0] == 404
+    running.server.shutdown()
