@@ -13,8 +13,11 @@
     POST /v1/chat/completions   OpenAI's chat: content parts "text" and "image_url" (data: URLs)
 
 One model is loaded at a time: a request naming another stored model replaces it. Requests are
-answered one at a time (the model has one KV cache, whose prompt cache keeps a conversation's
-earlier turns from being read again). A stored model's PARAMETERs and SYSTEM are defaults that a
+answered one at a time, in the thread that calls `serve` (the model has one KV cache, whose
+prompt cache keeps a conversation's earlier turns from being read again; and torch's CPU ops,
+called from a second thread, ran slower on a 2-core machine: a 3B Q4_K_M decoded 1.21x slower,
+the int4 op at 2048 x 2048 1.4x, small bf16 products 4.7x; likely libgomp, which spin-waits less
+once two OpenMP teams' threads outnumber the cores). A stored model's PARAMETERs and SYSTEM are defaults that a
 request's options and system prompt override, as in Ollama; without num_predict an answer runs
 to its end or the context's (num_ctx, default `qvl serve --ctx-size`, else 4096). Streams are
 Ollama's JSON lines or OpenAI's server-sent events. Errors are {"error": message} with 400 (a bad
@@ -32,12 +35,11 @@ import io
 import itertools
 import json
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ from .video import VideoError
 
 VERSION = "0.1.0"
 DEFAULT_PORT = 11434  # Ollama's
+CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 
 
 class RequestError(Exception):
@@ -183,15 +186,13 @@ def _messages(raw: Any, images_key: str | None) -> list[dict[str, Any]]:
 
 
 class Service:
-    """The endpoints, over one loaded model at a time. Callers hold `lock` from a request's
-    start to its reply's last byte."""
+    """The endpoints, over one loaded model at a time."""
 
     def __init__(self, config: ServeConfig, store: Store | None = None,
                  loader: Callable[..., Model] = load):
         self.config = config
         self.store = store or Store()
         self.loader = loader
-        self.lock = threading.Lock()
         self.loaded: Loaded | None = None
         self._ids = itertools.count(1)
 
@@ -435,6 +436,7 @@ def _failure(e: BaseException) -> RequestError:
 def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = f"qvl/{VERSION}"
+        timeout = CLIENT_TIMEOUT_S
 
         def do_GET(self) -> None:
             self._answer("GET")
@@ -477,20 +479,19 @@ def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPR
                 if route is None:
                     raise RequestError(404, f"{method} {path}: no such endpoint")
                 body = self._body() if method != "GET" else {}
-                with service.lock:
-                    try:
-                        reply = route(service, body)
-                    except Exception as e:  # noqa: BLE001 - every error is the request's answer
-                        raise _failure(e) from None
-                    status = reply.status
-                    self._write(reply)
+                try:
+                    reply = route(service, body)
+                except Exception as e:  # noqa: BLE001 - every error is the request's answer
+                    raise _failure(e) from None
+                status = reply.status
+                self._write(reply)
             except RequestError as e:
                 status = e.status
                 data = json.dumps({"error": e.message}).encode()
                 self._send_head(e.status, "application/json; charset=utf-8", len(data))
                 self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                status = 499  # the client went away; the generation stopped with it
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                status = 499  # the client went away (or stalled); the generation stopped with it
             log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
 
         def _write(self, reply: Reply) -> None:
@@ -506,7 +507,7 @@ def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPR
             try:
                 for event in events:
                     self._event(event, reply.sse)
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 raise
             except Exception as e:  # noqa: BLE001 - headers are out: the error is the stream's last event
                 self._event({"error": _failure(e).message}, reply.sse)
@@ -526,10 +527,10 @@ def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPR
 
 
 def serve(service: Service, host: str, port: int, log: Callable[[str], None],
-          ready: Callable[[ThreadingHTTPServer], None] | None = None) -> None:
-    """Answer requests until interrupted; `ready` gets the bound server (its port, for port 0)."""
-    server = ThreadingHTTPServer((host, port), make_handler(service, log))
-    server.daemon_threads = True
+          ready: Callable[[HTTPServer], None] | None = None) -> None:
+    """Answer requests one at a time in this thread until interrupted (or `shutdown` from
+    another); `ready` gets the bound server (its port, for port 0)."""
+    server = HTTPServer((host, port), make_handler(service, log))
     if ready is not None:
         ready(server)
     try:

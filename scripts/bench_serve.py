@@ -1,11 +1,13 @@
 """What `qvl serve` costs over calling the model in Python: the same greedy answers, timed both ways
-in one run, on the same loaded model.
+in one run, on the same loaded model, the model always called from the main thread (as `qvl serve`
+does; the client is another process).
 
     python scripts/bench_serve.py MODEL.gguf [--tokens 64] [--runs 5]
 
-Prints, per way, the median wall time of a request (a new prompt each time, so both ways reuse
-only the chat template's shared start from the KV cache) and the tokens a second that gives,
-then the server's time over the direct call's.
+Prints the median wall time of a request (a new prompt each time, so that both ways reuse only
+the chat template's shared start from the KV cache) and the tokens a second that gives: called
+directly before the server starts, through /api/generate (streamed JSON lines), and directly
+again after it stops; then the server's time over the direct calls'.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
-import urllib.request
 
 from qvl.runtime.model import load
 from qvl.runtime.server import ServeConfig, Service, serve
@@ -28,43 +31,51 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     model = load(args.model)
-    service = Service(ServeConfig(default_model=args.model), loader=lambda *a, **k: model)
-    started = threading.Event()
-    box = {}
+    prompts = [f"Count from {i} upwards." for i in range(args.runs)]
+    times: dict[str, list[float]] = {"direct, before": [], "served": [], "direct, after": []}
+    counts: dict[str, list[int]] = {k: [] for k in times}
 
-    def ready(server):
-        box["port"] = server.server_address[1]
-        started.set()
-
-    threading.Thread(target=serve, args=(service, "127.0.0.1", 0, lambda line: None, ready), daemon=True).start()
-    started.wait()
-    url = f"http://127.0.0.1:{box['port']}/api/generate"
-    prompts = [f"Count from {i} upwards." for i in range(args.runs + 1)]  # a new prompt each time
+    def timed(way: str, call) -> None:
+        for p in prompts:
+            t0 = time.perf_counter()
+            counts[way].append(call(p))
+            times[way].append(time.perf_counter() - t0)
 
     def direct(prompt: str) -> int:
         return len(model.generate(prompt, max_new_tokens=args.tokens).token_ids)
 
-    def served(prompt: str) -> int:
-        body = json.dumps({"prompt": prompt, "options": {"num_predict": args.tokens}}).encode()
-        with urllib.request.urlopen(urllib.request.Request(url, data=body)) as r:
-            events = [json.loads(line) for line in r.read().decode().splitlines()]
-        return events[-1]["eval_count"]
+    model.generate("warm-up", max_new_tokens=args.tokens)
+    timed("direct, before", direct)
 
-    ways = {"direct": direct, "served": served}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    counts: dict[str, list[int]] = {name: [] for name in ways}
-    for way in ways.values():
-        way(prompts[-1])  # warm-up
-    for i, p in enumerate(prompts[:-1]):  # the two ways alternate, so that a busy machine slows both
-        for name in (("direct", "served") if i % 2 == 0 else ("served", "direct")):
-            t0 = time.perf_counter()
-            counts[name].append(ways[name](p))
-            times[name].append(time.perf_counter() - t0)
-    results = {name: statistics.median(t) for name, t in times.items()}
-    for name, t in results.items():
-        n = statistics.median(counts[name])
-        print(f"{name:>7}: {t * 1e3:8.1f} ms a request, {n} tokens, {n / t:7.1f} tok/s")
-    print(f"served / direct: {results['served'] / results['direct']:.3f}x the time")
+    def client(server) -> None:
+        """Requests from another process, as a real client sends them (no GIL shared with the server)."""
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/generate"
+        code = ("import json, sys, time, urllib.request\n"
+                "url, n, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])\n"
+                "for p in ['warm-up'] + prompts:\n"
+                "    body = json.dumps({'prompt': p, 'options': {'num_predict': n}}).encode()\n"
+                "    t0 = time.perf_counter()\n"
+                "    with urllib.request.urlopen(urllib.request.Request(url, data=body)) as r:\n"
+                "        last = json.loads(r.read().decode().splitlines()[-1])\n"
+                "    print(json.dumps([time.perf_counter() - t0, last['eval_count']]))\n")
+        out = subprocess.run([sys.executable, "-c", code, url, str(args.tokens), json.dumps(prompts)],
+                             capture_output=True, text=True, check=True).stdout.splitlines()[1:]
+        for line in out:
+            t, n = json.loads(line)
+            times["served"].append(t)
+            counts["served"].append(n)
+        server.shutdown()
+
+    service = Service(ServeConfig(default_model=args.model), loader=lambda *a, **k: model)
+    serve(service, "127.0.0.1", 0, lambda line: None,
+          lambda server: threading.Thread(target=client, args=(server,), daemon=True).start())
+    timed("direct, after", direct)
+    results = {way: statistics.median(t) for way, t in times.items()}
+    for way, t in results.items():
+        n = statistics.median(counts[way])
+        print(f"{way:>14}: {t * 1e3:8.1f} ms a request, {n:.0f} tokens, {n / t:7.1f} tok/s")
+    direct_s = (results["direct, before"] + results["direct, after"]) / 2
+    print(f"served / direct: {results['served'] / direct_s:.3f}x the time")
 
 
 if __name__ == "__main__":
