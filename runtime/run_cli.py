@@ -235,6 +235,7 @@ def _stored_defaults(ctx: typer.Context, name: str) -> tuple[dict[str, object], 
         params, system = stored_defaults(store, name)
     except StoreError as e:
         _fail(str(e))
+
     def unset(arg: str) -> bool:  # typer vendors click: its ParameterSource is not click's own
         source = ctx.get_parameter_source(arg)
         return source is None or source.name == "DEFAULT"

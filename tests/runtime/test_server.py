@@ -242,3 +242,21 @@ def test_ps_copy_delete(tmp_path, files):
     assert [str(e.name) for e in store.list()] == ["b:2"] and store.resolve("b:2")[0].is_file()
     assert running.request("/api/delete", {"model": "a:1"}, method="DELETE")[0] == 404
     running.server.shutdown()
+
+
+def test_an_end_of_turn_token_is_done_reason_stop(running, reference):
+    first = reference.generate("Describe it.", max_new_tokens=8).token_ids
+    k = next(i for i, t in enumerate(first) if i >= 1 and first.index(t) == i)  # a token new at k
+    running.json("/api/generate", {"model": "tiny:1", "prompt": ""})  # loaded
+    model = running.service.loaded.model
+    saved = model.stop_ids
+    model.stop_ids = saved | {first[k]}  # that token now ends the answer
+    try:
+        got = running.json("/api/generate", {"model": "tiny:1", "prompt": "Describe it.", "stream": False,
+                                             "options": {"num_predict": 8}})
+        openai = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 8, "messages": [
+            {"role": "user", "content": "Describe it."}]})
+    finally:
+        model.stop_ids = saved
+    assert got["done_reason"] == "stop" and got["eval_count"] == k
+    assert openai["choices"][0]["finish_reason"] == "stop" and openai["usage"]["completion_tokens"] == k
