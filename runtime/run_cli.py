@@ -327,7 +327,10 @@ def run(
         None, metavar="MODEL", help="GGUF model file or store name (qwen2.5-vl:3b, hf.co/org/repo:q4_k_m...)."),
     image: List[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
     video: List[Path] = typer.Option([], "--video", help="Video file (any container/codec PyAV reads); repeatable."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help=f"Question (default: {DEFAULT_PROMPT!r})."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Question (default: what stdin holds when it "
+                                         f"is not a terminal, as `echo ... | ollama run`; else {DEFAULT_PROMPT!r})."),
+    prompt_file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the question from this file "
+                                               "(llama.cpp's -f)."),
     model_id: Optional[str] = typer.Option(
         None, "--model-id", help="Instead of MODEL: a Hugging Face id (Qwen/Qwen2.5-VL-3B-Instruct, pulled and "
         "converted to q4_k_m into the store) or a store name."),
@@ -419,6 +422,16 @@ def run(
                 _fail(f"{p}: is a folder, not {'an' if kind == 'image' else 'a'} {kind}")
             if not p.is_file():
                 _fail(f"{p}: {kind} not found")
+    if prompt_file is not None:
+        if prompt is not None:
+            _fail("--prompt and --file: choose one")
+        try:
+            prompt = prompt_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            why = "file not found" if isinstance(e, FileNotFoundError) else getattr(e, "strerror", None) or "not text"
+            _fail(f"{prompt_file}: {why}")
+    elif prompt is None and sys.stdin is not None and not sys.stdin.isatty():  # `echo question | qvl-run m`
+        prompt = sys.stdin.read().strip() or None
     if max_length < -1:
         _fail(f"--max-length {max_length}: 0 or more, or -1 (until the answer ends or the context is full)")
     if ctx_size is not None and ctx_size < 0:

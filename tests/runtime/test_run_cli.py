@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from qvl.runtime.run_cli import app
+from qvl.runtime.run_cli import DEFAULT_PROMPT, app
 
 runner = CliRunner()
 
@@ -71,6 +71,20 @@ def test_verbose_says_first_where_the_matmuls_run(model_path, flags, how):
     assert how in first
 
 
+def test_prompt_from_stdin_or_a_file(model_path, tmp_path):
+    """`echo question | qvl-run MODEL` (Ollama) and `-f FILE` (llama.cpp) ask what --prompt asks."""
+    def ids(args, stdin=""):
+        r = runner.invoke(app, [model_path, "-n", "4", "--json", *args], input=stdin)
+        assert r.exit_code == 0, r.stderr
+        return json.loads(r.stdout)["token_ids"], json.loads(r.stdout)["prompt_tokens"]
+
+    asked = ids(["-p", "Why is the sky blue?"])
+    assert ids([], stdin="Why is the sky blue?\n") == asked
+    (tmp_path / "q.txt").write_text("Why is the sky blue?")
+    assert ids(["-f", str(tmp_path / "q.txt")], stdin="ignored") == asked
+    assert ids([], stdin="") == ids(["-p", DEFAULT_PROMPT])  # nothing piped: the default question
+
+
 def test_greedy_is_deterministic_and_stream_matches(model_path):
     a = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "8"])
     b = runner.invoke(app, [model_path, "--prompt", "Hi", "--max-length", "8", "--stream"])
@@ -119,6 +133,9 @@ def test_llama_cpp_flag_names(model_path):
     (["{truncated}", "--prompt", "x"], "truncated"),
     (["{mmproj}", "--prompt", "x"], "not a Qwen2-VL text model"),
     (["{model}", "--video", "clip.mp4"], "video not found"),
+    (["{model}", "-p", "x", "-f", "{junk}"], "--prompt and --file: choose one"),
+    (["{model}", "-f", "/nowhere/q.txt"], "/nowhere/q.txt: file not found"),
+    (["{model}", "-f", "{tmp}"], "Is a directory"),
     (["{model}", "--image", "{tmp}"], "is a folder, not an image"),
     (["{model}", "--video", "{tmp}"], "is a folder, not a video"),
     (["{model}", "--prompt", "x", "--mmproj", "{tmp}"], "is a folder, not a mmproj file"),
