@@ -8,6 +8,7 @@
     POST /api/chat              {"model", "messages": [{"role", "content", "images"}], "stream", "options"}
     GET  /api/ps                the loaded model
     POST /api/copy              {"source", "destination"}
+    POST /api/pull              {"model", "insecure", "stream"}: as `qvl pull`
     DELETE /api/delete          {"model"}
     GET  /v1/models             OpenAI's model list
     POST /v1/chat/completions   OpenAI's chat: content parts "text" and "image_url" (data: URLs)
@@ -34,7 +35,9 @@ import gc
 import io
 import itertools
 import json
+import queue
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -57,6 +60,7 @@ from .video import VideoError
 
 VERSION = "0.1.0"
 DEFAULT_PORT = 11434  # Ollama's
+PULL_EVENT_S = 0.2  # a pull's progress events come at most this often
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 
 
@@ -359,6 +363,45 @@ class Service:
             self.loaded = None  # its blobs are gone
         return Reply("")
 
+    def pull(self, body: dict[str, Any]) -> Reply:
+        """Ollama's pull: `qvl pull`'s sources (registries, hf.co/..., aliases, ollama://). The
+        download runs in a thread of its own (I/O; a client that leaves does not stop it); the
+        stream says "pulling NAME" with bytes done and total, at most every 0.2 s, then "success"."""
+        from .sources import pull_any
+
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError(400, "model: required")
+        events: queue.Queue[dict[str, Any] | BaseException | None] = queue.Queue()
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PULL_EVENT_S or done == total:
+                last[0] = now
+                events.put({"status": f"pulling {name}", "total": total, "completed": done})
+
+        def work() -> None:
+            try:
+                pull_any(name, self.store, bool(body.get("insecure", False)), progress)
+                events.put({"status": "success"})
+            except BaseException as e:  # noqa: BLE001 - handed to the request's thread
+                events.put(e)
+            events.put(None)
+
+        threading.Thread(target=work, name="qvl-pull", daemon=True).start()
+
+        def stream() -> Iterator[dict[str, Any]]:
+            yield {"status": "pulling manifest"}
+            while (event := events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+
+        if body.get("stream", True) is False:
+            return Reply([e for e in stream()][-1])
+        return Reply(events=stream())
+
     # -- OpenAI ---------------------------------------------------------------------------------
 
     def openai_models(self, body: dict[str, Any]) -> Reply:
@@ -416,6 +459,7 @@ ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("GET", "/api/ps"): Service.ps,
     ("POST", "/api/copy"): Service.copy,
     ("DELETE", "/api/delete"): Service.delete,
+    ("POST", "/api/pull"): Service.pull,
     ("GET", "/v1/models"): Service.openai_models,
     ("POST", "/v1/chat/completions"): Service.openai_chat,
 }
@@ -425,7 +469,7 @@ def _failure(e: BaseException) -> RequestError:
     """What a request's error is answered with; a bug's traceback goes to the server's stderr."""
     if isinstance(e, RequestError):
         return e
-    if isinstance(e, (ModelError, ImageError, VideoError)):
+    if isinstance(e, (ModelError, ImageError, VideoError, StoreError)):
         return RequestError(400, str(e))
     if isinstance(e, torch.OutOfMemoryError):
         return RequestError(500, "out of memory; a smaller num_ctx, fewer or smaller images, or a smaller model")

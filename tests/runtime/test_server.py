@@ -260,3 +260,20 @@ def test_an_end_of_turn_token_is_done_reason_stop(running, reference):
         model.stop_ids = saved
     assert got["done_reason"] == "stop" and got["eval_count"] == k
     assert openai["choices"][0]["finish_reason"] == "stop" and openai["usage"]["completion_tokens"] == k
+
+
+def test_pull(tmp_path, files, monkeypatch):
+    ollama = Store(tmp_path / "ollama")
+    ollama.create("tiny:latest", files / MODEL, files / f"mmproj-{MODEL}")
+    monkeypatch.setenv("OLLAMA_MODELS", str(ollama.root))
+    store = Store(tmp_path / "ours")
+    running = Running(Service(ServeConfig(), store, loader=lambda name, **kw: Stand()))
+    events = running.lines("/api/pull", {"model": "ollama://tiny"})
+    assert events[0] == {"status": "pulling manifest"} and events[-1] == {"status": "success"}
+    assert [m["name"] for m in running.json("/api/tags")["models"]] == ["tiny:latest"]
+    events = running.lines("/api/pull", {"model": "a::b"})
+    assert events[-1]["error"].startswith("invalid model name 'a::b'") and len(events) == 2
+    status, data = running.request("/api/pull", {"model": "a::b", "stream": False})
+    assert status == 400 and json.loads(data)["error"] == events[-1]["error"]
+    assert running.json("/api/pull", {"model": "ollama://tiny", "stream": False}) == {"status": "success"}
+    running.server.shutdown()
