@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .gguf_file import GGUFError
+from .gguf_file import GGUFError, GGUFFile
 from .image import ImageError, load_image
 from .model import PLAN_CTX, Model, ModelError, load
 from .modelfile import ModelfileError, check_params, modelfile_of, stored_defaults
@@ -275,7 +275,23 @@ class Service:
         if system is not None:
             out["system"] = system
         out["details"] = next((m["details"] for m in self.tags({}).body["models"] if m["name"] == str(entry.name)), {})
+        out["model_info"], vision = self._model_info(name)
+        out["capabilities"] = ["completion"] + (["vision"] if vision else [])
+        out["modified_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.modified))
         return Reply(out)
+
+    def _model_info(self, name: str) -> tuple[dict[str, Any], bool]:
+        """The model GGUF's metadata as Ollama's show gives it (long arrays as null), and whether
+        the model sees pictures (a projector, or Ollama's one-file layout)."""
+        model, projector = self.store.resolve(name)
+        try:
+            with GGUFFile(model) as g:
+                info = {k: (None if isinstance(v.value, list) and len(v.value) > 64 else v.value)
+                        for k, v in g.fields.items()}
+                vision = projector is not None or g.architecture == "qwen25vl"
+        except GGUFError as e:
+            raise RequestError(500, str(e)) from None
+        return info, vision
 
     def generate(self, body: dict[str, Any]) -> Reply:
         loaded = self.use(body.get("model"))

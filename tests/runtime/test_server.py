@@ -152,6 +152,10 @@ def test_tags_show_and_models(running):
     shown = running.json("/api/show", {"model": "terse:1"})
     assert shown["system"] == "Answer in one word." and "num_predict 3" in shown["parameters"]
     assert shown["details"]["family"] == "qwen2vl" and "FROM " in shown["modelfile"]
+    info = shown["model_info"]  # the GGUF's metadata, long arrays as null (as Ollama's)
+    assert info["qwen2vl.block_count"] == 3 and info["tokenizer.ggml.tokens"] is None
+    assert info["qwen2vl.rope.dimension_sections"] == [2, 3, 3, 0]
+    assert shown["capabilities"] == ["completion", "vision"]
     assert [m["id"] for m in running.json("/v1/models")["data"]] == names
     assert running.request("/")[1] == b"qvl is running"
     assert running.json("/api/version")["version"]
