@@ -224,10 +224,7 @@ class Service:
         if self.loaded is not None and self.loaded.key == key:
             self.loaded.load_s = 0.0
             return self.loaded
-        self.loaded = None  # the old model's memory goes before the new one is read
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self._free()  # the old model's memory goes before the new one is read
         t0 = time.perf_counter()
         try:
             model = self.loader(path, mmproj=projector, device=self.config.device, placement=self.config.placement,
@@ -236,6 +233,12 @@ class Service:
             raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
         self.loaded = Loaded(key, model, params, system, time.perf_counter() - t0)
         return self.loaded
+
+    def _free(self) -> None:
+        self.loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _name(self, loaded: Loaded) -> str:
         return loaded.key if loaded.key != self.config.default_model else Path(loaded.key).name
@@ -294,6 +297,8 @@ class Service:
         return info, vision
 
     def generate(self, body: dict[str, Any]) -> Reply:
+        if not body.get("prompt") and not body.get("images") and body.get("keep_alive") in (0, "0", "0s"):
+            return self._unload(body.get("model"))  # Ollama's way to unload a model
         loaded = self.use(body.get("model"))
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):
@@ -310,6 +315,20 @@ class Service:
         pieces = loaded.model.generate(prompt, pictures, stream=True, system=system,
                                        template=not body.get("raw", False), **kwargs)
         return self._ollama(loaded, name, pieces, body.get("stream", True), "response")
+
+    def _unload(self, name: Any) -> Reply:
+        loaded = self.loaded
+        if loaded is not None and (not name or name in (loaded.key, self._name(loaded))
+                                   or (isinstance(name, str) and self._stored_key(name) == loaded.key)):
+            self._free()
+        return Reply({"model": name or "", "created_at": _now(), "response": "", "done": True,
+                      "done_reason": "unload"})
+
+    def _stored_key(self, name: str) -> str | None:
+        try:
+            return str(self.store.get(name).name)
+        except StoreError:
+            return None
 
     def chat(self, body: dict[str, Any]) -> Reply:
         loaded = self.use(body.get("model"))
@@ -376,7 +395,7 @@ class Service:
         except StoreError as e:
             raise RequestError(404 if "not found" in str(e) else 400, str(e)) from None
         if self.loaded is not None and self.loaded.key == key:
-            self.loaded = None  # its blobs are gone
+            self._free()  # its blobs are gone
         return Reply("")
 
     def pull(self, body: dict[str, Any]) -> Reply:

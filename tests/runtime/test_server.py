@@ -241,6 +241,11 @@ def test_ps_copy_delete(tmp_path, files):
     assert [str(e.name) for e in store.list()] == ["a:1", "b:2"]
     status, data = running.request("/api/copy", {"source": "zz:1", "destination": "c:1"})
     assert status == 404 and "not found" in json.loads(data)["error"]
+    unloaded = running.json("/api/generate", {"model": "library/a:1", "keep_alive": 0})  # Ollama's unload
+    assert unloaded["done_reason"] == "unload" and running.json("/api/ps") == {"models": []}
+    running.json("/api/generate", {"model": "a:1", "prompt": ""})
+    running.json("/api/generate", {"model": "b:2", "keep_alive": "0"})  # another model: a:1 stays
+    assert [m["name"] for m in running.json("/api/ps")["models"]] == ["a:1"]
     assert running.request("/api/delete", {"model": "a:1"}, method="DELETE")[0] == 200
     assert running.json("/api/ps") == {"models": []}  # the deleted model was unloaded
     assert [str(e.name) for e in store.list()] == ["b:2"] and store.resolve("b:2")[0].is_file()
