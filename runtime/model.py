@@ -36,7 +36,7 @@ from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, 
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
 from .sampling import SamplingError, SamplingParams, sample
-from .tokenizer import TextStream, tokenizer_from_gguf
+from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
 from .video import VideoInput, VideoOptions, frame_size, load_video
 from .vision import VisionConfig, VisionTower, vision_config
 from .weights import EXACT, PACKED, STREAMED, Weights
@@ -403,11 +403,12 @@ class Model:
                  seed: int = 299792458, stream: bool = False, system: str | None = None, template: bool = True,
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
-                 cache_prompt: bool = True) -> Generation | Iterator[str]:
+                 cache_prompt: bool = True, stop: list[str] | None = None) -> Generation | Iterator[str]:
         """An answer to `prompt` (a user turn, rendered with the chat template unless `template`
         is False) about `images` and `videos`: a Generation, or with `stream` an iterator of text
         pieces. With `cache_prompt` the prompt's start that the last generation's KV cache holds
-        is not read again (Generation.reused_tokens says how much)."""
+        is not read again (Generation.reused_tokens says how much). The answer ends before the
+        first of the `stop` strings it comes to (as at an end-of-turn token: Generation.ended)."""
         if max_new_tokens < 0:
             raise ModelError(f"max_new_tokens {max_new_tokens}: 0 or more")
         if ctx_size is not None and ctx_size < 0:
@@ -421,7 +422,8 @@ class Model:
         def attempt() -> Iterator[str | Generation]:  # again, with pictures downscaled, after an encode's OOM
             text, media, vids = first.pop() if first else self._prepare(prompt, images, videos, video_options,
                                                                         system, template)
-            return self._run(text, media, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids, cache_prompt)
+            return self._run(text, media, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids, cache_prompt,
+                             StopStrings(stop or []))
 
         it = one_line_items(vision_oom.retrying(attempt, lambda e: self._lower_vision_limit(e, min_pixels)))
         if stream:
@@ -455,7 +457,7 @@ class Model:
     @torch.no_grad()
     def _run(self, text: str, images: list[ImageLike], max_new_tokens: int, params: SamplingParams,
              ctx_size: int | None, min_pixels: int, max_pixels: int,
-             videos: list[VideoInput], cache_prompt: bool) -> Iterator[str | Generation]:
+             videos: list[VideoInput], cache_prompt: bool, stops: StopStrings) -> Iterator[str | Generation]:
         """Generation from a rendered prompt; with `cache_prompt` on the part of the last
         generation's cache that the prompt starts with (prompt_cache.py)."""
         t0 = time.perf_counter()
@@ -503,7 +505,11 @@ class Model:
                 out_ids.append(tok)
                 piece = answer.push(tok)
                 if piece is not None:  # None: the token ends inside a multi-byte character
-                    yield piece
+                    if shown := (stops.feed(answer.text) if stops.stops else piece):
+                        yield shown
+                    if stops.hit is not None:
+                        ended = True
+                        break
                 if cache.length >= limit:
                     break
                 if self._generation != this:
@@ -522,8 +528,11 @@ class Model:
             if self._generation == this and cache is not None:  # it holds the prompt and the answer fed so far
                 self._prompt_keys.kept = (keys + out_ids)[:cache.length]
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-        if final != answer.text:  # a character the answer ended inside of
-            yield final[len(answer.text):]
+        if stops.hit is not None:
+            final = answer.text[:stops.hit]
+        shown = stops.sent if stops.stops else len(answer.text)
+        if final[shown:]:  # text held back for a stop string, or a character the answer ended inside of
+            yield final[shown:]
         yield Generation(final, out_ids, n_prompt, timings, list(videos), reused_tokens=reuse, ended=ended)
 
 

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from .gguf_file import GGUFFile
-from .model import STOP_TOKENS
 from .sampling import SamplingError, SamplingParams
 from .store import ModelName, Store, StoreError
 
 # Ollama's parameter -> (its type, the argument of qvl-run's run() it stands in for)
-USED: dict[str, tuple[type, str | None]] = {
+USED: dict[str, tuple[type, str]] = {
     "num_ctx": (int, "ctx_size"),
     "num_predict": (int, "max_length"),
     "temperature": (float, "temperature"),
@@ -37,14 +36,12 @@ USED: dict[str, tuple[type, str | None]] = {
     "repeat_penalty": (float, "repeat_penalty"),
     "repeat_last_n": (int, "repeat_last_n"),
     "seed": (int, "seed"),
-    "stop": (str, None),  # END_TOKENS only: where qvl stops anyway
+    "stop": (str, "stop"),  # a list: the answer ends before the first it comes to
 }
 # Ollama's other options: known, so named as unused rather than unknown
 NOT_USED = ("num_keep", "typical_p", "presence_penalty", "frequency_penalty", "penalize_newline", "mirostat",
             "mirostat_tau", "mirostat_eta", "tfs_z", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap",
             "use_mlock", "numa", "low_vram", "f16_kv", "logits_all", "vocab_only")
-# qvl always stops at these; a `stop` parameter may name them (Ollama's qwen2.5vl does), nothing else
-END_TOKENS = STOP_TOKENS
 COMMANDS = ("from", "parameter", "template", "system", "license", "adapter", "message", "requires")
 
 
@@ -152,11 +149,7 @@ def check_params(params: dict[str, Any], strict: bool) -> dict[str, Any]:
             stops = [value] if isinstance(value, str) else value
             if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
                 raise ModelfileError(f"PARAMETER stop {value!r}: strings")
-            other = [s for s in stops if s not in END_TOKENS]
-            if other and strict:
-                raise ModelfileError(f"PARAMETER stop {other[0]!r}: qvl stops at the end-of-turn tokens "
-                                     f"({', '.join(END_TOKENS)}) only")
-            out[name] = [s for s in stops if s in END_TOKENS]
+            out[name] = list(stops)
             continue
         try:
             typed = _typed(value, kind)

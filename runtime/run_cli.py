@@ -127,8 +127,6 @@ def _chat_set(arg: str, gen_kwargs: dict, messages: list[dict]) -> str:
         return f"qvl-run: error: {e}"
     for key, v in typed.items():
         arg_name = USED[key][1]
-        if arg_name is None:
-            return f"(stop: qvl stops at {', '.join(v)} anyway)"
         if arg_name == "max_length" and v == -1:  # as -n -1: the context bounds the answer
             gen_kwargs["ctx_size"] = gen_kwargs["ctx_size"] or PLAN_CTX
             v = gen_kwargs["ctx_size"]
@@ -142,9 +140,9 @@ def _chat_parameters(gen_kwargs: dict) -> str:
 
     rows = []
     for name, (_, arg_name) in USED.items():
-        if arg_name is not None:
-            value = gen_kwargs["max_new_tokens" if arg_name == "max_length" else arg_name]
-            rows.append(f"{name:<16}{'(default)' if value is None else value}")
+        value = gen_kwargs["max_new_tokens" if arg_name == "max_length" else arg_name]
+        shown = " ".join(json.dumps(s) for s in value) if isinstance(value, list) else value
+        rows.append(f"{name:<16}{'(default)' if value is None or value == [] else shown}")
     return "\n".join(rows)
 
 
@@ -240,7 +238,7 @@ def _stored_defaults(ctx: typer.Context, name: str) -> tuple[dict[str, object], 
         source = ctx.get_parameter_source(arg)
         return source is None or source.name == "DEFAULT"
 
-    return {arg: v for k, v in params.items() if (arg := USED[k][1]) is not None and unset(arg)}, system
+    return {USED[k][1]: v for k, v in params.items() if unset(USED[k][1])}, system
 
 
 def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
@@ -348,6 +346,8 @@ def run(
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for repeated tokens (above 0; 1.0 = none)."),
     repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Last generated tokens the repeat penalty sees (0 = off, -1 = all)."),
     seed: int = typer.Option(299792458, "--seed", "-s", help="Random seed for sampling."),
+    stop: List[str] = typer.Option([], "--stop", "-r", "--reverse-prompt", help="End the answer before this text "
+                                   "(repeatable; Ollama's stop, llama.cpp's reverse prompt)."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they come."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Accepted for candle compatibility: attention is always flash-style on a GPU (Triton) and SDPA on the CPU."),
     sliding_window: bool = typer.Option(False, "--sliding-window", help="Accepted for candle compatibility (Qwen2-VL/2.5-VL checkpoints do not use it)."),
@@ -462,6 +462,7 @@ def run(
         repeat_last_n = stored.get("repeat_last_n", repeat_last_n)
         seed, ctx_size = stored.get("seed", seed), stored.get("ctx_size", ctx_size)
         max_length = stored.get("max_length", max_length)
+        stop = stored.get("stop", stop)
         system = system if system is not None else stored_system
     if max_length == -1:  # llama.cpp's -n -1: the context bounds the answer
         ctx_size = ctx_size or PLAN_CTX
@@ -487,7 +488,7 @@ def run(
         typer.echo(model.plan.table(), err=True)
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, ctx_size=ctx_size,
-                      min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
+                      stop=list(stop), min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
                       video_options=video_options)
     if prompt is None and sys.stdin.isatty() and not json_out:
         _interactive(model, gen_kwargs, [str(p) for p in image], system)

@@ -147,7 +147,7 @@ def generation_options(stored: dict[str, Any], options: Any, default_ctx: int | 
     if n == -1:  # Ollama's default: until the answer ends or the context is full
         ctx = ctx or PLAN_CTX
         n = ctx
-    kwargs: dict[str, Any] = {k: v for k, v in merged.items() if k in SamplingParams.__dataclass_fields__}
+    kwargs: dict[str, Any] = {k: v for k, v in merged.items() if k in SamplingParams.__dataclass_fields__ or k == "stop"}
     return {"max_new_tokens": n, "ctx_size": ctx, **kwargs}
 
 
@@ -448,7 +448,7 @@ class Service:
         messages = _messages(body.get("messages"), None)
         if loaded.system is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": loaded.system})
-        options = {k: body[k] for k in ("temperature", "top_p", "seed") if body.get(k) is not None}
+        options = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if body.get(k) is not None}
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None:
             options["num_predict"] = limit

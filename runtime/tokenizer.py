@@ -83,3 +83,27 @@ class TextStream:
         self.pending = []
         self.text += piece
         return piece
+
+
+class StopStrings:
+    """Cuts a growing answer at the first of `stops` (Ollama's and OpenAI's `stop`, llama.cpp's
+    reverse prompts). `feed` takes the whole answer so far and returns the text that can be
+    shown: what follows the last shown text, less any end that may begin a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.sent = 0  # characters shown
+        self.hit: int | None = None  # where the first stop string begins, once one is found
+
+    def feed(self, text: str) -> str:
+        hits = [i for s in self.stops if (i := text.find(s, self.sent)) >= 0]
+        if hits:
+            self.hit = min(hits)
+            return self._show(text, self.hit)
+        held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._show(text, len(text) - held)
+
+    def _show(self, text: str, upto: int) -> str:
+        out = text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return out

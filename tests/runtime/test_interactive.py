@@ -33,7 +33,7 @@ def _chat(monkeypatch, capsys, lines, system=None, images=()):
     monkeypatch.setattr(builtins, "input", fake_input)
     model = Recorder()
     gen_kwargs = dict(max_new_tokens=512, temperature=None, top_p=None, top_k=None, min_p=None, repeat_penalty=1.0,
-                      repeat_last_n=64, seed=1, ctx_size=None, min_pixels=1, max_pixels=2, videos=[])
+                      repeat_last_n=64, seed=1, ctx_size=None, stop=[], min_pixels=1, max_pixels=2, videos=[])
     run_cli._interactive(model, gen_kwargs, list(images), system)
     out = capsys.readouterr()
     return model.calls, out.out, out.err
@@ -47,12 +47,13 @@ def test_set_parameter_and_show(monkeypatch, capsys):
     assert out == "ok\nok\n"
     (_, first), (_, second) = calls
     assert first["temperature"] == 0.5 and first["max_new_tokens"] == 7 and first["top_k"] is None
+    assert first["stop"] == ["<|im_end|>"]
     assert "videos" not in first
     assert second["max_new_tokens"] == second["ctx_size"] == run_cli.PLAN_CTX  # as -n -1
     assert "(set temperature to 0.5)" in err and "(set num_predict to 7)" in err
     assert "qvl-run: error: PARAMETER top_k '2.5': an integer" in err
     assert "qvl-run: error: PARAMETER mirostat: qvl does not use it" in err
-    assert "(stop: qvl stops at <|im_end|> anyway)" in err
+    assert "(set stop to <|im_end|>)" in err and 'stop            "<|im_end|>"' in err
     assert "usage: /set parameter NAME VALUE" in err
     assert "temperature     0.5" in err and "num_predict     7" in err and "top_p           (default)" in err
 

@@ -67,7 +67,6 @@ def test_parse():
     ("FROM m.gguf\nPARAMETER temperature warm", "PARAMETER temperature 'warm': a number"),
     ("FROM m.gguf\nPARAMETER top_p 2", "PARAMETER top_p 2.0: between 0 and 1"),
     ("FROM m.gguf\nPARAMETER num_predict -2", "PARAMETER num_predict -2: 0 or more, or -1"),
-    ("FROM m.gguf\nPARAMETER stop User:", "PARAMETER stop 'User:': qvl stops at the end-of-turn tokens"),
     ("FROM m.gguf\nPARAMETER seed 1\nPARAMETER seed 2", "PARAMETER seed: given twice"),
     ("FROM m.gguf\nPARAMETER\nSYSTEM x", "line 2: PARAMETER wants a name and a value"),
     ('FROM m.gguf\nSYSTEM """never closed', 'line 2: """ not closed'),
@@ -90,9 +89,11 @@ def test_render_reads_back():
 
 
 def test_pulled_params_keep_what_qvl_uses():
-    """A registry's params layer: unused names and other stop strings are dropped, JSON numbers typed."""
+    """A registry's params layer: names qvl does not use are dropped, JSON numbers typed."""
     got = check_params({"temperature": 1, "top_k": 40.0, "mirostat": 2, "stop": ["<|im_end|>", "User:"]}, strict=False)
-    assert got == {"temperature": 1.0, "top_k": 40, "stop": ["<|im_end|>"]}
+    assert got == {"temperature": 1.0, "top_k": 40, "stop": ["<|im_end|>", "User:"]}
+    with pytest.raises(ModelfileError, match="PARAMETER stop 3: strings"):
+        check_params({"stop": 3}, strict=False)
     assert isinstance(got["temperature"], float) and isinstance(got["top_k"], int)
     with pytest.raises(ModelfileError, match="top_k 40.5"):
         check_params({"top_k": 40.5}, strict=False)
@@ -102,7 +103,7 @@ def test_pulled_params_keep_what_qvl_uses():
 
 def test_used_parameters_name_run_arguments():
     args = inspect.signature(run_cli.run).parameters
-    assert [arg for _, arg in USED.values() if arg is not None and arg not in args] == []
+    assert [arg for _, arg in USED.values() if arg not in args] == []
 
 
 def _tokens(args: list[str]) -> list[int]:

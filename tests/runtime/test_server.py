@@ -286,3 +286,20 @@ def test_pull(tmp_path, files, monkeypatch):
     assert status == 400 and json.loads(data)["error"] == events[-1]["error"]
     assert running.json("/api/pull", {"model": "ollama://tiny", "stream": False}) == {"status": "success"}
     running.server.shutdown()
+
+
+def test_stop_strings_from_options_and_openai(running, reference):
+    full = reference.generate("Describe it.", max_new_tokens=16).text
+    k = next(k for k in range(1, len(full) - 2) if full.find(full[k:k + 2]) == k and full[k:k + 2].strip())
+    stop = full[k:k + 2]
+    got = running.json("/api/generate", {"model": "tiny:1", "prompt": "Describe it.", "stream": False,
+                                         "options": {"num_predict": 16, "stop": [stop]}})
+    assert got["response"] == full[:k] and got["done_reason"] == "stop"
+    events = running.lines("/api/generate", {"model": "tiny:1", "prompt": "Describe it.",
+                                             "options": {"num_predict": 16, "stop": [stop]}})
+    assert "".join(e["response"] for e in events) == full[:k]
+    for value in (stop, [stop, "never there"]):  # OpenAI's stop: a string or a list
+        openai = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 16, "stop": value,
+                                                       "messages": [{"role": "user", "content": "Describe it."}]})
+        assert openai["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": full[:k]},
+                                        "finish_reason": "stop"}
