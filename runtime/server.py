@@ -14,17 +14,19 @@
     POST /v1/chat/completions   OpenAI's chat: content parts "text" and "image_url" (data: URLs)
 
 One model is loaded at a time: a request naming another stored model replaces it. Requests are
-answered one at a time, in the thread that calls `serve` (the model has one KV cache, whose
-prompt cache keeps a conversation's earlier turns from being read again; and torch's CPU ops,
-called from a second thread, ran slower on a 2-core machine: a 3B Q4_K_M decoded 1.21x slower,
-the int4 op at 2048 x 2048 1.4x, small bf16 products 4.7x; likely libgomp, which spin-waits less
-once two OpenMP teams' threads outnumber the cores). A stored model's PARAMETERs and SYSTEM are defaults that a
-request's options and system prompt override, as in Ollama; without num_predict an answer runs
-to its end or the context's (num_ctx, default `qvl serve --ctx-size`, else 4096). Streams are
-Ollama's JSON lines or OpenAI's server-sent events. Errors are {"error": message} with 400 (a bad
-request), 404 (no such model or endpoint) or 500; an error in the middle of a stream is its last
-event. Only stored models and the one file named to `qvl serve` are opened: a request cannot
-make the server read another file, and images come inline (base64), never fetched.
+answered one at a time, in the thread that calls `serve`: the model has one KV cache (whose
+prompt cache keeps a conversation's earlier turns from being read again), and torch's CPU ops
+ran slower from a second thread on a 2-core machine (a 3B Q4_K_M decoded 1.21x slower, the int4
+op at 2048 x 2048 1.4x, small bf16 products 4.7x; likely libgomp, which spin-waits less once two
+OpenMP teams' threads outnumber the cores).
+
+A stored model's PARAMETERs and SYSTEM are defaults that a request's options and system prompt
+override, as in Ollama; without num_predict an answer runs to its end or the context's (num_ctx,
+default `qvl serve --ctx-size`, else 4096). Streams are Ollama's JSON lines or OpenAI's
+server-sent events. Errors are {"error": message} with 400 (a bad request), 404 (no such model
+or endpoint) or 500; an error in the middle of a stream is its last event. Only stored models and
+the one file named to `qvl serve` are opened: a request cannot make the server read another
+file, and images come inline (base64), never fetched.
 """
 
 from __future__ import annotations
