@@ -185,6 +185,12 @@ def _quote(text: str) -> str:
     return f'"""{text}"""' if '"""' not in text and not text.endswith('"') else json.dumps(text)
 
 
+def parameter_lines(params: dict[str, Any]) -> list[str]:
+    """`name value` a parameter (a line each of a list's values; strings quoted), as Ollama shows them."""
+    return [f"{key} {json.dumps(v) if isinstance(v, str) else v}"
+            for key, value in params.items() for v in (value if isinstance(value, list) else [value])]
+
+
 def render(sources: list[str], params: dict[str, Any], template: str | None, system: str | None,
            license_text: str | None, name: str) -> str:
     """A Modelfile that `parse` reads back to the same model (`qvl show --modelfile`)."""
@@ -195,9 +201,7 @@ def render(sources: list[str], params: dict[str, Any], template: str | None, sys
         lines.append(f"TEMPLATE {_quote(template)}")
     if system is not None:
         lines.append(f"SYSTEM {_quote(system)}")
-    for key, value in params.items():
-        for v in (value if isinstance(value, list) else [value]):
-            lines.append(f"PARAMETER {key} {json.dumps(v) if isinstance(v, str) else v}")
+    lines += [f"PARAMETER {line}" for line in parameter_lines(params)]
     if license_text is not None:
         lines.append(f"LICENSE {_quote(license_text)}")
     return "\n".join(lines) + "\n"

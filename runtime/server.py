@@ -54,7 +54,7 @@ from PIL import Image
 from .gguf_file import GGUFError, GGUFFile
 from .image import ImageError, load_image
 from .model import PLAN_CTX, Model, ModelError, load
-from .modelfile import ModelfileError, check_params, modelfile_of, stored_defaults
+from .modelfile import ModelfileError, check_params, modelfile_of, parameter_lines, stored_defaults
 from .placement import Placement
 from .sampling import SamplingParams
 from .store import Store, StoreError
@@ -113,6 +113,18 @@ def _ns(seconds: float) -> int:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _named(body: dict[str, Any]) -> str:
+    """The model a request names (Ollama's `model`, or its older `name`)."""
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError(400, "model: required")
+    return name
+
+
+def _store_error(e: StoreError) -> RequestError:
+    return RequestError(404 if "not found" in str(e) else 400, str(e))
 
 
 def decode_image(data: Any, where: str) -> Image.Image:
@@ -265,15 +277,12 @@ class Service:
         return Reply({"models": models})
 
     def show(self, body: dict[str, Any]) -> Reply:
-        name = body.get("model") or body.get("name")
-        if not isinstance(name, str) or not name:
-            raise RequestError(400, "model: required")
+        name = _named(body)
         try:
             entry = self.store.get(name)
             params, system = stored_defaults(self.store, name)
             out = {"modelfile": modelfile_of(self.store, name),
-                   "parameters": "\n".join(f"{k} {json.dumps(x) if isinstance(x, str) else x}"
-                                           for k, v in params.items() for x in (v if isinstance(v, list) else [v])),
+                   "parameters": "\n".join(parameter_lines(params)),
                    "template": self.store.text(entry, "template") or ""}
         except StoreError as e:
             raise RequestError(404 if "not found" in str(e) else 500, str(e)) from None
@@ -384,18 +393,16 @@ class Service:
         try:
             self.store.copy(source, target)
         except StoreError as e:
-            raise RequestError(404 if "not found" in str(e) else 400, str(e)) from None
+            raise _store_error(e) from None
         return Reply("")
 
     def delete(self, body: dict[str, Any]) -> Reply:
-        name = body.get("model") or body.get("name")
-        if not isinstance(name, str) or not name:
-            raise RequestError(400, "model: required")
+        name = _named(body)
         try:
             key = str(self.store.get(name).name)
             self.store.remove(name)
         except StoreError as e:
-            raise RequestError(404 if "not found" in str(e) else 400, str(e)) from None
+            raise _store_error(e) from None
         if self.loaded is not None and self.loaded.key == key:
             self._free()  # its blobs are gone
         return Reply("")
@@ -406,9 +413,7 @@ class Service:
         stream says "pulling NAME" with bytes done and total, at most every 0.2 s, then "success"."""
         from .sources import pull_any
 
-        name = body.get("model") or body.get("name")
-        if not isinstance(name, str) or not name:
-            raise RequestError(400, "model: required")
+        name = _named(body)
         events: queue.Queue[dict[str, Any] | BaseException | None] = queue.Queue()
         last = [0.0]
 
