@@ -365,7 +365,9 @@ def run(
     max_pixels: int = typer.Option(MAX_PIXELS, "--max-pixels", help="Largest image area after resizing."),
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c", help="KV cache size in tokens (default or 0: prompt + --max-length; "
                                             f"with --max-length -1: {PLAN_CTX})."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, timings."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, "
+                                  "done_reason (stop: an end-of-turn token or a --stop string; length: -n or the "
+                                  "context), timings."),
     verbose: bool = typer.Option(False, "--verbose", help="torch / Triton versions and where the matmuls run, "
                                  "load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
     gpu_layers: Optional[int] = typer.Option(
@@ -526,7 +528,8 @@ def run(
         timings["decode_tok_s"] = round(n_new / out.timings["decode_s"], 2)
     if json_out:
         typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
-                               "timings": timings}, ensure_ascii=False))
+                               "done_reason": "stop" if out.ended else "length", "timings": timings},
+                              ensure_ascii=False))
     else:
         typer.echo(out.text)
     if verbose:

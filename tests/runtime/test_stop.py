@@ -64,11 +64,11 @@ def test_qvl_run_stop_and_a_stored_stop(answer, path, tmp_path, monkeypatch):
     runner = CliRunner()
     r = runner.invoke(app, [str(path), "-p", prompt, "-n", "16", "--stop", stop, "-r", "never there", "--json"])
     assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["text"] == full.text[:k]
+    assert json.loads(r.stdout)["text"] == full.text[:k] and json.loads(r.stdout)["done_reason"] == "stop"
     monkeypatch.setenv("QVL_MODELS", str(tmp_path))
     Store().create("cut:1", path, params={"stop": [stop]})
     r = runner.invoke(app, ["cut:1", "-p", prompt, "-n", "16", "--json"])
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["text"] == full.text[:k]
     r = runner.invoke(app, ["cut:1", "-p", prompt, "-n", "16", "--json", "--stop", "never there"])  # the flag wins
-    assert json.loads(r.stdout)["text"] == full.text
+    assert json.loads(r.stdout)["text"] == full.text and json.loads(r.stdout)["done_reason"] == "length"
