@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -277,4 +278,5 @@ def serve_cmd(
     except OSError as e:
         fail(f"{host}:{port}: {e.strerror or e}")
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting is no traceback
         typer.echo("qvl serve: stopped", err=True)
