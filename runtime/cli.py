@@ -233,7 +233,8 @@ def serve_cmd(
 ) -> None:
     import torch
 
-    from .server import ServeConfig, Service, serve
+    from .http_serve import serve
+    from .server import RequestError, ServeConfig, Service
 
     def fail(message: str) -> None:
         typer.echo(f"qvl serve: error: {message}", err=True)
@@ -258,8 +259,6 @@ def serve_cmd(
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model)
     service = Service(config)
     if model is not None:
-        from .server import RequestError
-
         try:
             service.use(model)
         except RequestError as e:

@@ -21,7 +21,8 @@ import threading
 import time
 
 from qvl.runtime.model import load
-from qvl.runtime.server import ServeConfig, Service, serve
+from qvl.runtime.http_serve import serve
+from qvl.runtime.server import ServeConfig, Service
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
 from qvl.runtime.model import ModelError, load
-from qvl.runtime.server import RequestError, ServeConfig, Service, serve
+from qvl.runtime.http_serve import serve
+from qvl.runtime.server import RequestError, ServeConfig, Service
 from qvl.runtime.store import Store
 
 MODEL = "tiny-qwen2.5-vl-f16.gguf"
