@@ -596,26 +596,10 @@ def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placemen
     def model(text: GGUFFile, vision: GGUFFile | None) -> Model:
         return Model(text, vision, fast, placement, max_vram, plan_ctx)
 
-    if not path.exists() and mmproj is None:
-        from .store import ModelName, Store, StoreError
+    if not path.exists() and mmproj is None:  # a store name (pulled when missing), else the missing file's error
+        from .sources import stored_or_pulled
 
-        try:
-            ModelName.parse(str(path))
-        except StoreError:
-            pass
-        else:  # a store name: qwen2.5-vl:3b, library/x:tag, host/ns/x:tag; pulled when missing
-            store = Store()
-            try:
-                store.get(str(path))
-            except StoreError:
-                from .sources import pull_any
-
-                pull_any(str(path), store)
-            stored, stored_proj = store.resolve(str(path))
-            text = GGUFFile(stored)
-            if text.architecture == "qwen25vl":
-                return model(text, text)
-            return model(text, GGUFFile(stored_proj) if stored_proj else None)
+        path, mmproj = stored_or_pulled(str(path)) or (path, None)
     text = GGUFFile(path)
     if text.architecture == "qwen25vl":
         return model(text, text)  # Ollama: vision in the same file

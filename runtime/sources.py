@@ -122,6 +122,19 @@ def pull_any(text: str, store: Store, insecure: bool = False,
 
     return pull(text, store, insecure, progress)
 
+def stored_or_pulled(text: str) -> tuple[Path, Path | None] | None:
+    """The (model, projector or None) GGUF blobs of a store name (qwen2.5-vl:3b, library/x:tag,
+    host/ns/x:tag), pulled first when the store lacks it; None when `text` is not a store name."""
+    try:
+        ModelName.parse(text)
+    except StoreError:
+        return None
+    store = Store()
+    try:
+        store.get(text)
+    except StoreError:
+        pull_any(text, store)
+    return store.resolve(text)
 
 
 def pull_with_progress(text: str, store: Store, insecure: bool = False) -> ModelName:
