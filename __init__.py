@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 
 
 def load(path, device="auto", dtype=None, mmproj=None, placement=None, max_vram=None, plan_ctx=4096):
-    """Load a GGUF model; see qvl.runtime.model.load (imported lazily: the converter needs no torch)."""
-    from .runtime.model import load as _load
+    """Load a GGUF model; see qvl.runtime.loader.load (imported lazily: the converter needs no torch)."""
+    from .runtime.loader import load as _load
 
     return _load(path, device=device, dtype=dtype, mmproj=mmproj, placement=placement, max_vram=max_vram,
                  plan_ctx=plan_ctx)

@@ -1,4 +1,4 @@
-"""`qvl.load(...)` and the Model: prompts with images -> logits, generation, chat.
+"""The Model: prompts with images -> logits, generation, chat.
 
 A prompt is a chat turn rendered with the model's own template; each image becomes
 `<|vision_start|><|image_pad|>...<|vision_end|>` with one pad per merged patch, the pads'
@@ -29,13 +29,13 @@ from .decode_graph import DecodeGraph
 from .decoder import PREFILL_CHUNK, Decoder, KVCache
 from .gguf_file import GGUFFile
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, preprocess, smart_resize
+from .json_format import JsonConstraint, TokenTable, token_table
 from .kernel_failure import one_line, one_line_items
-from .memory import give_back_free_memory
 from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, dequant_slab_bytes, footprint,
                         make_plan)
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
-from .sampling import SamplingError, SamplingParams, sample
+from .sampling import SamplingError, SamplingParams, sample, sample_allowed
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
 from .video import VideoInput, VideoOptions, frame_size, load_video
 from .vision import VisionConfig, VisionTower, vision_config
@@ -134,6 +134,7 @@ class Model:
         self.last_generation: Generation | None = None  # a finished stream's Generation (_pieces)
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
+        self._token_table: TokenTable | None = None  # format="json"'s view of the vocabulary, made once
 
     # --- prompt building ---------------------------------------------------------------------
 
@@ -403,16 +404,20 @@ class Model:
                  seed: int = 299792458, stream: bool = False, system: str | None = None, template: bool = True,
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
-                 cache_prompt: bool = True, stop: list[str] | None = None) -> Generation | Iterator[str]:
+                 cache_prompt: bool = True, stop: list[str] | None = None,
+                 format: str | None = None) -> Generation | Iterator[str]:
         """An answer to `prompt` (a user turn, rendered with the chat template unless `template`
         is False) about `images` and `videos`: a Generation, or with `stream` an iterator of text
         pieces. With `cache_prompt` the prompt's start that the last generation's KV cache holds
         is not read again (Generation.reused_tokens says how much). The answer ends before the
-        first of the `stop` strings it comes to (as at an end-of-turn token: Generation.ended)."""
+        first of the `stop` strings it comes to (as at an end-of-turn token: Generation.ended).
+        `format="json"` keeps the answer to one JSON object (json_format.py)."""
         if max_new_tokens < 0:
             raise ModelError(f"max_new_tokens {max_new_tokens}: 0 or more")
         if ctx_size is not None and ctx_size < 0:
             raise ModelError(f"ctx_size {ctx_size}: 0 (the prompt plus max_new_tokens) or more")
+        if format not in (None, "json"):
+            raise ModelError(f"format {format!r}: only 'json' (the answer one JSON object) or None")
         try:
             params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         except SamplingError as e:
@@ -423,7 +428,7 @@ class Model:
             text, media, vids = first.pop() if first else self._prepare(prompt, images, videos, video_options,
                                                                         system, template)
             return self._run(text, media, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids, cache_prompt,
-                             StopStrings(stop or []))
+                             StopStrings(stop or []), None if format is None else self._json_constraint())
 
         it = one_line_items(vision_oom.retrying(attempt, lambda e: self._lower_vision_limit(e, min_pixels)))
         if stream:
@@ -434,6 +439,11 @@ class Model:
                 result = item
         assert result is not None
         return result
+
+    def _json_constraint(self) -> JsonConstraint:
+        if self._token_table is None:
+            self._token_table = token_table(self.tokenizer, self.cfg.n_vocab)
+        return JsonConstraint(self._token_table, self.stop_ids)
 
     def _pieces(self, items: Iterator[str | Generation]) -> Iterator[str]:
         """A stream's text pieces; its Generation (counts, timings) is kept as `last_generation`."""
@@ -457,9 +467,11 @@ class Model:
     @torch.no_grad()
     def _run(self, text: str, images: list[ImageLike], max_new_tokens: int, params: SamplingParams,
              ctx_size: int | None, min_pixels: int, max_pixels: int,
-             videos: list[VideoInput], cache_prompt: bool, stops: StopStrings) -> Iterator[str | Generation]:
+             videos: list[VideoInput], cache_prompt: bool, stops: StopStrings,
+             form: JsonConstraint | None) -> Iterator[str | Generation]:
         """Generation from a rendered prompt; with `cache_prompt` on the part of the last
-        generation's cache that the prompt starts with (prompt_cache.py)."""
+        generation's cache that the prompt starts with (prompt_cache.py); with `form` only the
+        tokens it allows."""
         t0 = time.perf_counter()
         ids, spans, pre = self.tokenize(text, images, min_pixels, max_pixels, videos)
         media = self._media(ids, spans, pre, videos)
@@ -494,11 +506,17 @@ class Model:
             graph = self._graph if self._graph is not None and self._graph.cache is cache else None
             fresh = graph is not None and graph.graph is None  # captured on this generation's first step
             # greedy with no penalty: the step's own argmax, the next step queued before it is read
-            ahead = graph is not None and params.greedy and params.repeat_penalty == 1.0
+            ahead = graph is not None and params.greedy and params.repeat_penalty == 1.0 and form is None
             chosen: int | None = None
             t1 = time.perf_counter()
             for i in range(max_new_tokens):
-                tok = chosen if chosen is not None else sample(logits, out_ids, params, gen)
+                if chosen is not None:
+                    tok = chosen
+                elif form is not None:
+                    tok = sample_allowed(logits, out_ids, params, gen, form)
+                    form.accept(tok)
+                else:
+                    tok = sample(logits, out_ids, params, gen)
                 if tok in self.stop_ids:
                     ended = True
                     break
@@ -546,62 +564,3 @@ def _indexed(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,
-         mmproj: str | Path | None = None, placement: Placement | None = None,
-         max_vram: float | None = None, plan_ctx: int = PLAN_CTX) -> Model:
-    """Load a GGUF model (llama.cpp pair, Ollama single file, or qvl-convert's output).
-
-    device "auto" takes CUDA when torch sees a GPU. On CUDA the default placement is the whole
-    model on the GPU through the Triton kernels, or as much of it as the GPU's free memory holds
-    (Placement.fit_free: `Model.fit_note` says what it changed); `placement` says otherwise (layers, vision
-    tower, kernels, KV cache type) and `max_vram` (GB) fits it into a budget for a
-    `plan_ctx`-token context. Where the Triton kernels cannot run on the GPU (kernels/probe.py),
-    a warning says why and torch's matmuls run there instead."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ModelError(f"device {device!r}: choose auto, cpu or cuda")
-    if dtype not in (None, torch.bfloat16, torch.float32):
-        raise ModelError(f"dtype {dtype}: choose torch.bfloat16 (the default) or torch.float32")
-    has_cuda = torch.cuda.is_available()
-    if device == "cuda" and not has_cuda:
-        raise ModelError("device 'cuda': torch sees no CUDA GPU (torch.cuda.is_available() is False)")
-    use_cuda = device == "cuda" or (device == "auto" and has_cuda)
-    if placement is None:
-        placement = Placement("cuda", ALL_LAYERS, vision_on_accel=True, fit_free=True) if use_cuda else Placement()
-    if placement.accel == "cuda" and not use_cuda:
-        raise ModelError(f"device {device!r} with a CUDA placement: choose device='cuda'")
-    if max_vram is not None and placement.accel is None:
-        raise ModelError("max_vram plans GPU memory: it needs a GPU placement")
-    if placement.accel == "cuda" and placement.kernels:
-        from ..kernels import probe
-
-        why = probe.why_not(torch.device("cuda"))
-        if why is not None:  # as qvl-run: the torch path on the GPU, not a traceback at the first prompt
-            warnings.warn(f"{why}; using torch matmuls on the GPU (as kernels=False)", stacklevel=2)
-            placement = replace(placement, kernels=False)
-    fast = dtype != torch.float32
-    try:
-        model = fit.retrying_load(lambda budget: _open(Path(path), fast, mmproj, placement, budget, plan_ctx),
-                                  None if max_vram is None else int(max_vram * 2**30),
-                                  placement.accel if placement.fit_free else None)
-    except PlacementError as e:
-        raise ModelError(str(e)) from None
-    give_back_free_memory()
-    return model
-
-
-def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placement, max_vram: int | None,
-          plan_ctx: int) -> Model:
-    def model(text: GGUFFile, vision: GGUFFile | None) -> Model:
-        return Model(text, vision, fast, placement, max_vram, plan_ctx)
-
-    if not path.exists() and mmproj is None:  # a store name (pulled when missing), else the missing file's error
-        from .sources import stored_or_pulled
-
-        path, mmproj = stored_or_pulled(str(path)) or (path, None)
-    text = GGUFFile(path)
-    if text.architecture == "qwen25vl":
-        return model(text, text)  # Ollama: vision in the same file
-    vision_path = Path(mmproj) if mmproj else find_mmproj(path)
-    return model(text, GGUFFile(vision_path) if vision_path else None)

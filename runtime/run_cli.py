@@ -23,7 +23,8 @@ from .gguf_file import GGUFError
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, pixel_limits_ok
 from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
-from .model import ALL_LAYERS, PLAN_CTX, Generation, Model, ModelError, load
+from .model import ALL_LAYERS, PLAN_CTX, Generation, Model, ModelError
+from .loader import load
 from .placement import Placement
 from .sampling import SamplingError, SamplingParams
 from .store import StoreError
@@ -101,11 +102,17 @@ def _peak_rss_mib() -> float:
 CHAT_HELP = """/image PATH                 attach a picture to your next message
 /set parameter NAME VALUE   e.g. temperature 0.7, num_predict 256 (Ollama's names, as in a Modelfile)
 /set system TEXT            the system prompt, from the next answer on
+/set format json            answers that are one JSON object (/set noformat: free text again)
 /show parameters            the parameters in force
 /clear                      forget the conversation (and pictures not yet sent)
 /bye                        leave (also /exit, /quit, Ctrl-D)
 /help                       this list
 Ctrl-C stops an answer; earlier turns' prompt is reused, not read again."""
+
+
+def _gen_key(arg_name: str) -> str:
+    """Model.generate's keyword for a qvl-run argument that modelfile.USED names (-n is max_new_tokens)."""
+    return "max_new_tokens" if arg_name == "max_length" else arg_name
 
 
 def _chat_set(arg: str, gen_kwargs: dict, messages: list[dict]) -> str:
@@ -114,13 +121,16 @@ def _chat_set(arg: str, gen_kwargs: dict, messages: list[dict]) -> str:
     from .modelfile import USED, ModelfileError, check_params
 
     what, _, rest = arg.strip().partition(" ")
+    if (what, rest.strip()) in (("format", "json"), ("noformat", "")):
+        gen_kwargs["format"] = "json" if what == "format" else None
+        return "(answers are one JSON object)" if what == "format" else "(answers are free text)"
     if what == "system" and rest.strip():
         system = {"role": "system", "content": rest.strip()}
         messages[:] = [system] + [m for m in messages if m["role"] != "system"]
         return "(system prompt set)"
     name, _, value = rest.strip().partition(" ")
     if what != "parameter" or not value.strip():
-        return "usage: /set parameter NAME VALUE, or /set system TEXT"
+        return "usage: /set parameter NAME VALUE, /set system TEXT, /set format json or /set noformat"
     try:
         typed = check_params({name.lower(): value.strip()}, strict=True)
     except ModelfileError as e:
@@ -130,7 +140,7 @@ def _chat_set(arg: str, gen_kwargs: dict, messages: list[dict]) -> str:
         if arg_name == "max_length" and v == -1:  # as -n -1: the context bounds the answer
             gen_kwargs["ctx_size"] = gen_kwargs["ctx_size"] or PLAN_CTX
             v = gen_kwargs["ctx_size"]
-        gen_kwargs["max_new_tokens" if arg_name == "max_length" else arg_name] = v
+        gen_kwargs[_gen_key(arg_name)] = v
     return f"(set {name.lower()} to {value.strip()})"
 
 
@@ -140,7 +150,7 @@ def _chat_parameters(gen_kwargs: dict) -> str:
 
     rows = []
     for name, (_, arg_name) in USED.items():
-        value = gen_kwargs["max_new_tokens" if arg_name == "max_length" else arg_name]
+        value = gen_kwargs[_gen_key(arg_name)]
         shown = " ".join(json.dumps(s) for s in value) if isinstance(value, list) else value
         rows.append(f"{name:<16}{'(default)' if value is None or value == [] else shown}")
     return "\n".join(rows)
@@ -348,6 +358,8 @@ def run(
     seed: int = typer.Option(299792458, "--seed", "-s", help="Random seed for sampling."),
     stop: List[str] = typer.Option([], "--stop", "-r", "--reverse-prompt", help="End the answer before this text "
                                    "(repeatable; Ollama's stop, llama.cpp's reverse prompt)."),
+    answer_format: Optional[str] = typer.Option(None, "--format", help="json: the answer is one JSON object, kept so "
+                                                "token by token (Ollama's --format json, llama.cpp's json grammar)."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they come."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Accepted for candle compatibility: attention is always flash-style on a GPU (Triton) and SDPA on the CPU."),
     sliding_window: bool = typer.Option(False, "--sliding-window", help="Accepted for candle compatibility (Qwen2-VL/2.5-VL checkpoints do not use it)."),
@@ -434,6 +446,8 @@ def run(
             _fail(f"{prompt_file}: {why}")
     elif prompt is None and sys.stdin is not None and not sys.stdin.isatty():  # `echo question | qvl-run m`
         prompt = sys.stdin.read().strip() or None
+    if answer_format not in (None, "", "json"):
+        _fail(f"--format {answer_format}: json (the answer one JSON object) is the one format")
     if max_length < -1:
         _fail(f"--max-length {max_length}: 0 or more, or -1 (until the answer ends or the context is full)")
     if ctx_size is not None and ctx_size < 0:
@@ -491,7 +505,7 @@ def run(
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, ctx_size=ctx_size,
                       stop=list(stop), min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
-                      video_options=video_options)
+                      video_options=video_options, format=answer_format or None)
     if prompt is None and sys.stdin.isatty() and not json_out:
         _interactive(model, gen_kwargs, [str(p) for p in image], system)
         return

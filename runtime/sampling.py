@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -130,6 +131,16 @@ def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams) -> t
     return ids, probs
 
 
+def _draw(probs: torch.Tensor, gen: torch.Generator) -> int:
+    """An index into `probs` (not all zero), drawn with one uniform number from `gen`."""
+    cdf = torch.cumsum(probs, 0)
+    u = float(torch.rand(1, generator=gen, dtype=torch.float64))
+    pick = int(torch.searchsorted(cdf, cdf.new_tensor([u * float(cdf[-1])]), right=True))
+    if pick >= len(cdf):  # u * total rounded up to the total: the last token that can be drawn
+        pick = int(torch.nonzero(probs).max())
+    return pick
+
+
 def sample(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: torch.Generator) -> int:
     """One token id from float32 logits (vocab,), on any device: the argmax, or one uniform number from `gen`
     against the cumulative probabilities of the `candidates` (a multinomial draw over the
@@ -137,9 +148,62 @@ def sample(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: tor
     if p.greedy:
         return int(torch.argmax(_penalized(logits, history, p)))
     ids, probs = candidates(logits, history, p)
-    cdf = torch.cumsum(probs, 0)
-    u = float(torch.rand(1, generator=gen, dtype=torch.float64))
-    pick = int(torch.searchsorted(cdf, cdf.new_tensor([u * float(cdf[-1])]), right=True))
-    if pick >= len(cdf):  # u * total rounded up to the total: the last token that can be drawn
-        pick = int(torch.nonzero(probs).max())
+    pick = _draw(probs, gen)
     return pick if ids is None else int(ids[pick])
+
+
+LOOKS = 64  # a format's greedy choice: the likeliest tokens checked one by one before the whole vocabulary is
+REDRAWS = 32  # a format's draw: refused draws before the whole vocabulary is checked
+
+
+class Format(Protocol):
+    """What a format (json_format.JsonConstraint) tells the sampler."""
+
+    def allows(self, token: int) -> bool: ...
+
+    def admitted(self, n_vocab: int) -> torch.Tensor: ...  # bool, (n_vocab,): the tokens it allows
+
+
+class FormatError(ValueError):
+    """No token of the vocabulary continues the answer in its format."""
+
+
+def _admitted(form: Format, logits: torch.Tensor) -> torch.Tensor:
+    ok = form.admitted(logits.numel()).to(logits.device)
+    if not bool(ok.any()):
+        raise FormatError("no token of the vocabulary continues the answer in its format")
+    return ok
+
+
+def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: torch.Generator,
+                   form: Format) -> int:
+    """`sample` among the tokens `form` allows, the likeliest checked first, so that a model
+    keeping to the format costs a check or two a token. Greedy: the likeliest allowed token
+    after the repeat penalty. A draw: from what the filters keep, renormalized over the allowed
+    ones (a refused draw is taken out and the draw made again, which gives exactly that
+    distribution; after REDRAWS refusals the whole vocabulary is checked at once); where the
+    filters keep no allowed token, they run again with the refused ones' logits at -inf."""
+    if p.greedy:
+        scores = _penalized(logits, history, p)
+        for tok in torch.topk(scores, min(LOOKS, scores.numel())).indices.tolist():
+            if form.allows(tok):
+                return tok
+        return int(torch.argmax(scores.masked_fill(~_admitted(form, logits), float("-inf"))))
+    ids, probs = candidates(logits, history, p)
+
+    def token(i: int) -> int:
+        return i if ids is None else int(ids[i])
+
+    probs = probs.double()
+    for _ in range(REDRAWS):
+        if not float(probs.sum()) > 0:
+            break
+        pick = _draw(probs, gen)
+        if form.allows(token(pick)):
+            return token(pick)
+        probs[pick] = 0
+    ok = _admitted(form, logits)
+    kept = probs * (ok if ids is None else ok[ids])
+    if float(kept.sum()) > 0:
+        return token(_draw(kept, gen))
+    return sample(logits.float().masked_fill(~ok, float("-inf")), history, p, gen)

@@ -50,7 +50,8 @@ from PIL import Image
 
 from .gguf_file import GGUFError, GGUFFile
 from .image import ImageError, load_image
-from .model import PLAN_CTX, Model, ModelError, load
+from .model import PLAN_CTX, Model, ModelError
+from .loader import load
 from .modelfile import ModelfileError, check_params, modelfile_of, parameter_lines, stored_defaults
 from .placement import Placement
 from .sampling import SamplingParams
@@ -158,6 +159,24 @@ def generation_options(stored: dict[str, Any], options: Any, default_ctx: int | 
         n = ctx
     kwargs: dict[str, Any] = {k: v for k, v in merged.items() if k in SamplingParams.__dataclass_fields__ or k == "stop"}
     return {"max_new_tokens": n, "ctx_size": ctx, **kwargs}
+
+
+def answer_format(body: dict[str, Any]) -> str | None:
+    """Model.generate's `format` from Ollama's `format` ("json"; "" or none: free text) or
+    OpenAI's `response_format` ({"type": "json_object"}; "text": free text)."""
+    if "response_format" in body:
+        kind = body["response_format"].get("type") if isinstance(body["response_format"], dict) else None
+        if kind in ("text", "json_object"):
+            return "json" if kind == "json_object" else None
+        raise RequestError(400, "response_format: {\"type\": \"json_object\"} or {\"type\": \"text\"} "
+                                "(qvl keeps to no JSON schema)")
+    value = body.get("format")
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return "json"
+    raise RequestError(400, 'format: "json" (qvl keeps to no JSON schema)' if isinstance(value, dict)
+                       else f'format {value!r}: "json" or none')
 
 
 def _messages(raw: Any, images_key: str | None) -> list[dict[str, Any]]:
@@ -319,7 +338,7 @@ class Service:
             return Reply({"model": name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"})
         system = body.get("system") if isinstance(body.get("system"), str) else loaded.system
         pieces = loaded.model.generate(prompt, pictures, stream=True, system=system,
-                                       template=not body.get("raw", False), **kwargs)
+                                       template=not body.get("raw", False), format=answer_format(body), **kwargs)
         return self._ollama(loaded, name, pieces, body.get("stream", True), "response")
 
     def _unload(self, name: Any) -> Reply:
@@ -342,7 +361,7 @@ class Service:
         if loaded.system is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": loaded.system})
         kwargs = generation_options(loaded.params, body.get("options") or {}, self.config.ctx_size)
-        pieces = loaded.model.chat(messages, stream=True, **kwargs)
+        pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), **kwargs)
         return self._ollama(loaded, self._name(loaded), pieces, body.get("stream", True), "message")
 
     def _ollama(self, loaded: Loaded, name: str, pieces: Iterator[str], stream: Any, key: str) -> Reply:
@@ -455,7 +474,7 @@ class Service:
         if limit is not None:
             options["num_predict"] = limit
         kwargs = generation_options(loaded.params, options, self.config.ctx_size)
-        pieces = loaded.model.chat(messages, stream=True, **kwargs)
+        pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), **kwargs)
         name, created, cid = self._name(loaded), int(time.time()), f"chatcmpl-{next(self._ids)}"
 
         def finish() -> str:

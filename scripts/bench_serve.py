@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from qvl.runtime.model import load
+from qvl.runtime.loader import load
 from qvl.runtime.http_serve import serve
 from qvl.runtime.server import ServeConfig, Service
 

@@ -54,7 +54,8 @@ def count(path: str, arch: int, cache_type: str) -> dict:
 
     from qvl.runtime.decode_graph import DecodeGraph
     from qvl.runtime.image import preprocess
-    from qvl.runtime.model import ALL_LAYERS, load
+    from qvl.runtime.model import ALL_LAYERS
+    from qvl.runtime.loader import load
     from qvl.runtime.placement import Placement
 
     with compile_only(arch) as launched, pretending(Target(arch, ARCHS[arch][2])):

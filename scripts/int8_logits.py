@@ -45,7 +45,8 @@ def _stats(pairs: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> dict
 def compare(path: str, device: str, steps: int, prompt: int, seed: int, reference: str | None = None) -> dict:
     import qvl.kernels.q8_activations as q8
     from qvl.runtime.decode_graph import DecodeGraph
-    from qvl.runtime.model import ALL_LAYERS, load
+    from qvl.runtime.model import ALL_LAYERS
+    from qvl.runtime.loader import load
     from qvl.runtime.placement import Placement
 
     def prefilled(gguf: str, ids: torch.Tensor | None = None) -> tuple[object, object, torch.Tensor]:

@@ -34,7 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from qvl.runtime.gguf_file import GGUFFile
-from qvl.runtime.model import ALL_LAYERS, load
+from qvl.runtime.model import ALL_LAYERS
+from qvl.runtime.loader import load
 from qvl.runtime.placement import PATCH_PIXELS, Placement, decoder_activation_bytes, vision_bytes_per_pixel
 from qvl.runtime.vision import VisionTower, vision_config
 from qvl.runtime.weights import STREAMED, Weights

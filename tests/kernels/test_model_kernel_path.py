@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from qvl.runtime.gguf_file import GGUFFile
-from qvl.runtime.model import ALL_LAYERS, Generation, load
+from qvl.runtime.model import ALL_LAYERS, Generation
+from qvl.runtime.loader import load
 from qvl.runtime.placement import Placement
 from qvl.runtime.video import VideoOptions
 from tiny_models import TinySpec, make_checkpoint, to_gguf

@@ -27,7 +27,7 @@ from PIL import Image
 import qvl.runtime.model as model_module
 from qvl.runtime import decoder as decoder_module
 from qvl.runtime.copy_ahead import OFFLOAD_COPIES
-from qvl.runtime.model import load
+from qvl.runtime.loader import load
 from qvl.runtime.placement import Placement
 from tiny_models import TinySpec, make_checkpoint, to_gguf
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from qvl.runtime.chat import render
 from qvl.runtime.gguf_file import GGUFFile
-from qvl.runtime.model import load
+from qvl.runtime.loader import load
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],

@@ -80,3 +80,11 @@ def test_pictures_given_on_the_command_line_go_with_the_first_message(monkeypatc
     calls, _, _ = _chat(monkeypatch, capsys, ["look", "more"], images=["x.png"])
     assert calls[0][0][-1]["content"][0] == {"type": "image", "image": "x.png"}
     assert all(c.get("type") != "image" for c in calls[1][0][-1]["content"])
+
+
+def test_set_format_json_and_noformat(monkeypatch, capsys):
+    calls, out, err = _chat(monkeypatch, capsys, ["one", "/set format json", "two", "/set format yaml",
+                                                  "/set noformat", "three"])
+    assert [kwargs.get("format") for _, kwargs in calls] == [None, "json", None]
+    assert "(answers are one JSON object)" in err and "(answers are free text)" in err
+    assert "usage: /set parameter NAME VALUE, /set system TEXT, /set format json or /set noformat" in err

@@ -12,7 +12,8 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from qvl.runtime.kernel_failure import KernelFailure, is_tritons
-from qvl.runtime.model import Model, load
+from qvl.runtime.model import Model
+from qvl.runtime.loader import load
 
 PAGES = "PassManager::run failed\n" + "\n".join(f"  %{i} = tt.load ... loc(#loc{i})" for i in range(300))
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from qvl.runtime.chat import render
-from qvl.runtime.model import Generation, ModelError, load
+from qvl.runtime.model import Generation, ModelError
+from qvl.runtime.loader import load
 from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 
 rng = np.random.default_rng(0)

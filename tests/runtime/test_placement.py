@@ -20,7 +20,8 @@ from qvl.runtime.config import TextConfig, text_config
 from qvl.runtime.decoder import OFFLOAD_GROUP
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.image import smart_resize
-from qvl.runtime.model import ALL_LAYERS, load
+from qvl.runtime.model import ALL_LAYERS
+from qvl.runtime.loader import load
 from qvl.runtime.placement import (CUDA_OVERHEAD, GIB, PATCH_PIXELS, REFERENCE_PIXELS, Placement, PlacementError,
                                    footprint, make_plan)
 from tiny_models import TinySpec, make_checkpoint, to_gguf

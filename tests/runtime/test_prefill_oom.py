@@ -15,7 +15,7 @@ from PIL import Image
 
 from qvl.runtime import prefill_oom
 from qvl.runtime.decoder import PREFILL_CHUNK, Decoder
-from qvl.runtime.model import load
+from qvl.runtime.loader import load
 
 PAIR = ("tiny-qwen2.5-vl", "llamacpp", "tiny-qwen2.5-vl-f16.gguf")
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))

@@ -14,7 +14,8 @@ from PIL import Image
 
 import qvl.runtime.model as model_module
 from qvl.runtime.chat import render
-from qvl.runtime.model import ModelError, load
+from qvl.runtime.model import ModelError
+from qvl.runtime.loader import load
 from qvl.runtime.prompt_cache import MediaSpan, PromptKeys
 from tiny_models import TinySpec, make_checkpoint, to_gguf
 

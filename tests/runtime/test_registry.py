@@ -87,7 +87,7 @@ def test_push_then_pull_into_an_empty_store_and_run(registry_host, stores, monke
     model_path, proj = dst.resolve(f"{registry_host}/me/tiny:v1")
     assert proj is not None
     monkeypatch.setenv("QVL_MODELS", str(dst.root))
-    from qvl.runtime.model import load
+    from qvl.runtime.loader import load
 
     logits = load(f"{registry_host}/me/tiny:v1").prompt_logits("hi")
     assert logits.shape[1] == 151936

@@ -256,21 +256,21 @@ def test_a_gpu_where_the_kernels_do_not_run_takes_the_torch_path(monkeypatch, ca
 def test_qvl_run_tries_the_probe_kernel_once(model_path, monkeypatch):
     """qvl-run asks whether the kernels run before it loads the model, and load asks again: the
     probe kernel is launched once, and both take its answer."""
-    from qvl.runtime import model as model_mod
+    from qvl.runtime import loader as loader_mod
     from qvl.runtime import run_cli
 
     why = "RuntimeError: Failed to find C compiler."
     calls = _fake_gpu(monkeypatch, (12, 0), "NVIDIA GeForce RTX 5090", why)
     opened = []
-    monkeypatch.setattr(model_mod, "_open", lambda path, fast, mmproj, placement, budget, ctx: opened.append(placement))
-    monkeypatch.setattr(model_mod, "give_back_free_memory", lambda: None)
+    monkeypatch.setattr(loader_mod, "_open", lambda path, fast, mmproj, placement, budget, ctx: opened.append(placement))
+    monkeypatch.setattr(loader_mod, "give_back_free_memory", lambda: None)
     _, placement = run_cli._placement(False, None, "auto", None, False, None, False)
     with pytest.warns(UserWarning, match="Failed to find C compiler"):  # the same answer, not tried again
-        model_mod.load(model_path, device="cuda", placement=replace(placement, kernels=True))
+        loader_mod.load(model_path, device="cuda", placement=replace(placement, kernels=True))
     assert len(calls) == 1 and not placement.kernels and not opened[-1].kernels
     calls = _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100", None)
     _, placement = run_cli._placement(False, None, "auto", None, False, None, False)
-    model_mod.load(model_path, device="cuda", placement=placement)
+    loader_mod.load(model_path, device="cuda", placement=placement)
     assert len(calls) == 1 and placement.kernels and opened[-1].kernels
 
 
@@ -280,16 +280,16 @@ def test_load_in_python_falls_back_as_qvl_run_does(monkeypatch, capability, why)
     """qvl.load(device="cuda") probes the GPU as qvl-run does: where the kernels cannot run there,
     a warning that says why and a placement with torch's matmuls; where they can, the
     placement asked for. A placement without the kernels is not probed."""
-    from qvl.runtime import model as model_mod
+    from qvl.runtime import loader as loader_mod
 
     calls = _fake_gpu(monkeypatch, capability, "NVIDIA GeForce RTX 5090", why)
     opened = []
-    monkeypatch.setattr(model_mod, "_open", lambda path, fast, mmproj, placement, budget, ctx: opened.append(placement))
-    monkeypatch.setattr(model_mod, "give_back_free_memory", lambda: None)
+    monkeypatch.setattr(loader_mod, "_open", lambda path, fast, mmproj, placement, budget, ctx: opened.append(placement))
+    monkeypatch.setattr(loader_mod, "give_back_free_memory", lambda: None)
     runs = capability >= (7, 0) and why is None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model_mod.load("m.gguf", device="cuda")
+        loader_mod.load("m.gguf", device="cuda")
     assert opened[-1].accel == "cuda" and opened[-1].kernels == runs
     assert len(calls) == (capability >= (7, 0))
     messages = [str(w.message) for w in caught]
@@ -301,7 +301,7 @@ def test_load_in_python_falls_back_as_qvl_run_does(monkeypatch, capability, why)
     else:
         assert messages == ["NVIDIA GeForce RTX 5090 (compute capability 6.1) is older than Triton supports (7.0); "
                             "using torch matmuls on the GPU (as kernels=False)"]
-    model_mod.load("m.gguf", device="cuda", placement=model_mod.Placement("cuda", 4, kernels=False))
+    loader_mod.load("m.gguf", device="cuda", placement=loader_mod.Placement("cuda", 4, kernels=False))
     assert not opened[-1].kernels and len(calls) == (capability >= (7, 0))
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
-from qvl.runtime.model import ModelError, load
+from qvl.runtime.model import ModelError
+from qvl.runtime.loader import load
 from qvl.runtime.http_serve import serve
 from qvl.runtime.server import RequestError, ServeConfig, Service
 from qvl.runtime.store import Store
@@ -304,3 +305,33 @@ def test_stop_strings_from_options_and_openai(running, reference):
                                                        "messages": [{"role": "user", "content": "Describe it."}]})
         assert openai["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": full[:k]},
                                         "finish_reason": "stop"}
+
+
+def test_format_json_from_ollama_and_openai(running, reference):
+    """Ollama's format "json" and OpenAI's response_format json_object give what generate and
+    chat give with format="json"; a JSON schema is refused with a 400, not ignored."""
+    want = reference.generate("Describe it.", max_new_tokens=8, format="json")
+    assert want.text.startswith("{")
+    got = running.json("/api/generate", {"model": "tiny:1", "prompt": "Describe it.", "stream": False,
+                                         "format": "json", "options": {"num_predict": 8}})
+    assert got["response"] == want.text
+    messages = [{"role": "user", "content": "Describe it."}]
+    chat = reference.chat(messages, max_new_tokens=8, format="json").text
+    assert chat.startswith("{")
+    got = running.json("/api/chat", {"model": "tiny:1", "stream": False, "format": "json", "messages": messages,
+                                     "options": {"num_predict": 8}})
+    assert got["message"]["content"] == chat
+    openai = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 8, "messages": messages,
+                                                   "response_format": {"type": "json_object"}})
+    assert openai["choices"][0]["message"]["content"] == chat
+    plain = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 8, "messages": messages,
+                                                  "response_format": {"type": "text"}})
+    assert plain["choices"][0]["message"]["content"] == reference.chat(messages, max_new_tokens=8).text
+    for path, extra, expect in [
+            ("/api/generate", {"format": {"type": "object"}}, 'format: "json" (qvl keeps to no JSON schema)'),
+            ("/api/generate", {"format": "xml"}, "format 'xml': \"json\" or none"),
+            ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {}}},
+             "response_format: {\"type\": \"json_object\"}")]:
+        body = {"model": "tiny:1", "prompt": "x", "messages": messages, **extra}
+        status, data = running.request(path, body)
+        assert status == 400 and expect in json.loads(data)["error"], data

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from qvl.runtime.model import load
+from qvl.runtime.loader import load
 from qvl.runtime.run_cli import app
 from qvl.runtime.store import Store
 from qvl.runtime.tokenizer import StopStrings

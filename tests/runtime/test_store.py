@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
-from qvl.runtime.model import load
+from qvl.runtime.loader import load
 from qvl.runtime.store import MANIFEST_TYPE, ModelName, Store, StoreError
 
 runner = CliRunner()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qvl.runtime.model import load
+from qvl.runtime.loader import load
 from qvl.runtime.video import VideoError, VideoOptions, frame_range, frame_size, load_video, sample_indices, smart_nframes
 from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 from videos import make_video

@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qvl.runtime import vision_oom
-from qvl.runtime.model import load
+from qvl.runtime.loader import load
 from qvl.runtime.placement import PATCH_PIXELS
 from qvl.runtime.run_cli import app
 from qvl.runtime.vision import VisionTower

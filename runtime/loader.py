@@ -1,0 +1,74 @@
+"""`qvl.load(...)`: a GGUF file, pair or store name opened as a Model on the CPU or a GPU."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import fit
+from .gguf_file import GGUFFile
+from .memory import give_back_free_memory
+from .model import ALL_LAYERS, PLAN_CTX, Model, ModelError, find_mmproj
+from .placement import Placement, PlacementError
+
+
+def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,
+         mmproj: str | Path | None = None, placement: Placement | None = None,
+         max_vram: float | None = None, plan_ctx: int = PLAN_CTX) -> Model:
+    """Load a GGUF model (llama.cpp pair, Ollama single file, or qvl-convert's output).
+
+    device "auto" takes CUDA when torch sees a GPU. On CUDA the default placement is the whole
+    model on the GPU through the Triton kernels, or as much of it as the GPU's free memory holds
+    (Placement.fit_free: `Model.fit_note` says what it changed); `placement` says otherwise (layers, vision
+    tower, kernels, KV cache type) and `max_vram` (GB) fits it into a budget for a
+    `plan_ctx`-token context. Where the Triton kernels cannot run on the GPU (kernels/probe.py),
+    a warning says why and torch's matmuls run there instead."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ModelError(f"device {device!r}: choose auto, cpu or cuda")
+    if dtype not in (None, torch.bfloat16, torch.float32):
+        raise ModelError(f"dtype {dtype}: choose torch.bfloat16 (the default) or torch.float32")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise ModelError("device 'cuda': torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    use_cuda = device == "cuda" or (device == "auto" and has_cuda)
+    if placement is None:
+        placement = Placement("cuda", ALL_LAYERS, vision_on_accel=True, fit_free=True) if use_cuda else Placement()
+    if placement.accel == "cuda" and not use_cuda:
+        raise ModelError(f"device {device!r} with a CUDA placement: choose device='cuda'")
+    if max_vram is not None and placement.accel is None:
+        raise ModelError("max_vram plans GPU memory: it needs a GPU placement")
+    if placement.accel == "cuda" and placement.kernels:
+        from ..kernels import probe
+
+        why = probe.why_not(torch.device("cuda"))
+        if why is not None:  # as qvl-run: the torch path on the GPU, not a traceback at the first prompt
+            warnings.warn(f"{why}; using torch matmuls on the GPU (as kernels=False)", stacklevel=2)
+            placement = replace(placement, kernels=False)
+    fast = dtype != torch.float32
+    try:
+        model = fit.retrying_load(lambda budget: _open(Path(path), fast, mmproj, placement, budget, plan_ctx),
+                                  None if max_vram is None else int(max_vram * 2**30),
+                                  placement.accel if placement.fit_free else None)
+    except PlacementError as e:
+        raise ModelError(str(e)) from None
+    give_back_free_memory()
+    return model
+
+
+def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placement, max_vram: int | None,
+          plan_ctx: int) -> Model:
+    def model(text: GGUFFile, vision: GGUFFile | None) -> Model:
+        return Model(text, vision, fast, placement, max_vram, plan_ctx)
+
+    if not path.exists() and mmproj is None:  # a store name (pulled when missing), else the missing file's error
+        from .sources import stored_or_pulled
+
+        path, mmproj = stored_or_pulled(str(path)) or (path, None)
+    text = GGUFFile(path)
+    if text.architecture == "qwen25vl":
+        return model(text, text)  # Ollama: vision in the same file
+    vision_path = Path(mmproj) if mmproj else find_mmproj(path)
+    return model(text, GGUFFile(vision_path) if vision_path else None)
