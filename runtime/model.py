@@ -29,7 +29,8 @@ from .decode_graph import DecodeGraph
 from .decoder import PREFILL_CHUNK, Decoder, KVCache
 from .gguf_file import GGUFFile
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, preprocess, smart_resize
-from .json_format import JsonConstraint, TokenTable, token_table
+from .json_format import JsonConstraint, TokenTable, format_grammar, token_table
+from .json_grammar import Grammar
 from .kernel_failure import one_line, one_line_items
 from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, dequant_slab_bytes, footprint,
                         make_plan)
@@ -405,19 +406,22 @@ class Model:
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
                  cache_prompt: bool = True, stop: list[str] | None = None,
-                 format: str | None = None) -> Generation | Iterator[str]:
+                 format: str | dict[str, Any] | None = None) -> Generation | Iterator[str]:
         """An answer to `prompt` (a user turn, rendered with the chat template unless `template`
         is False) about `images` and `videos`: a Generation, or with `stream` an iterator of text
         pieces. With `cache_prompt` the prompt's start that the last generation's KV cache holds
         is not read again (Generation.reused_tokens says how much). The answer ends before the
         first of the `stop` strings it comes to (as at an end-of-turn token: Generation.ended).
-        `format="json"` keeps the answer to one JSON object (json_format.py)."""
+        `format` "json" keeps the answer to one JSON object, a JSON schema (a dict) to what it allows
+        (json_format.py)."""
         if max_new_tokens < 0:
             raise ModelError(f"max_new_tokens {max_new_tokens}: 0 or more")
         if ctx_size is not None and ctx_size < 0:
             raise ModelError(f"ctx_size {ctx_size}: 0 (the prompt plus max_new_tokens) or more")
-        if format not in (None, "json"):
-            raise ModelError(f"format {format!r}: only 'json' (the answer one JSON object) or None")
+        try:
+            grammar = None if format is None else format_grammar(format)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
         try:
             params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         except SamplingError as e:
@@ -428,7 +432,7 @@ class Model:
             text, media, vids = first.pop() if first else self._prepare(prompt, images, videos, video_options,
                                                                         system, template)
             return self._run(text, media, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids, cache_prompt,
-                             StopStrings(stop or []), None if format is None else self._json_constraint())
+                             StopStrings(stop or []), None if grammar is None else self._json_constraint(grammar))
 
         it = one_line_items(vision_oom.retrying(attempt, lambda e: self._lower_vision_limit(e, min_pixels)))
         if stream:
@@ -440,10 +444,10 @@ class Model:
         assert result is not None
         return result
 
-    def _json_constraint(self) -> JsonConstraint:
+    def _json_constraint(self, grammar: Grammar) -> JsonConstraint:
         if self._token_table is None:
             self._token_table = token_table(self.tokenizer, self.cfg.n_vocab)
-        return JsonConstraint(self._token_table, self.stop_ids)
+        return JsonConstraint(self._token_table, self.stop_ids, grammar)
 
     def _pieces(self, items: Iterator[str | Generation]) -> Iterator[str]:
         """A stream's text pieces; its Generation (counts, timings) is kept as `last_generation`."""

@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 import typer
@@ -108,6 +108,26 @@ CHAT_HELP = """/image PATH                 attach a picture to your next message
 /bye                        leave (also /exit, /quit, Ctrl-D)
 /help                       this list
 Ctrl-C stops an answer; earlier turns' prompt is reused, not read again."""
+
+
+def _answer_format(value: Optional[str]) -> Union[str, dict, None]:
+    """--format: None, "json", or a JSON schema read from the file it names or inline; checked before loading."""
+    from .json_format import format_grammar
+
+    if not value or value == "json":
+        return value or None
+    where = "--format"
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            _fail(f"--format {value}: json, a JSON schema file or a schema inline ('{{...}}'); no such file")
+        where, value = str(path), path.read_text(errors="replace")
+    try:
+        schema = json.loads(value)
+        format_grammar(schema)
+    except ValueError as e:  # json.JSONDecodeError, SchemaError
+        _fail(f"{where}: {'not JSON' if isinstance(e, json.JSONDecodeError) else e}")
+    return schema
 
 
 def _gen_key(arg_name: str) -> str:
@@ -359,7 +379,8 @@ def run(
     stop: List[str] = typer.Option([], "--stop", "-r", "--reverse-prompt", help="End the answer before this text "
                                    "(repeatable; Ollama's stop, llama.cpp's reverse prompt)."),
     answer_format: Optional[str] = typer.Option(None, "--format", help="json: the answer is one JSON object, kept so "
-                                                "token by token (Ollama's --format json, llama.cpp's json grammar)."),
+                                                "token by token (Ollama's --format json, llama.cpp's json grammar); "
+                                                "a JSON schema file, or a schema inline ('{...}'): what it allows."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they come."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Accepted for candle compatibility: attention is always flash-style on a GPU (Triton) and SDPA on the CPU."),
     sliding_window: bool = typer.Option(False, "--sliding-window", help="Accepted for candle compatibility (Qwen2-VL/2.5-VL checkpoints do not use it)."),
@@ -446,8 +467,7 @@ def run(
             _fail(f"{prompt_file}: {why}")
     elif prompt is None and sys.stdin is not None and not sys.stdin.isatty():  # `echo question | qvl-run m`
         prompt = sys.stdin.read().strip() or None
-    if answer_format not in (None, "", "json"):
-        _fail(f"--format {answer_format}: json (the answer one JSON object) is the one format")
+    fmt = _answer_format(answer_format)
     if max_length < -1:
         _fail(f"--max-length {max_length}: 0 or more, or -1 (until the answer ends or the context is full)")
     if ctx_size is not None and ctx_size < 0:
@@ -505,7 +525,7 @@ def run(
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, ctx_size=ctx_size,
                       stop=list(stop), min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
-                      video_options=video_options, format=answer_format or None)
+                      video_options=video_options, format=fmt)
     if prompt is None and sys.stdin.isatty() and not json_out:
         _interactive(model, gen_kwargs, [str(p) for p in image], system)
         return

@@ -50,8 +50,9 @@ from PIL import Image
 
 from .gguf_file import GGUFError, GGUFFile
 from .image import ImageError, load_image
-from .model import PLAN_CTX, Model, ModelError
+from .json_format import format_grammar
 from .loader import load
+from .model import PLAN_CTX, Model, ModelError
 from .modelfile import ModelfileError, check_params, modelfile_of, parameter_lines, stored_defaults
 from .placement import Placement
 from .sampling import SamplingParams
@@ -161,22 +162,32 @@ def generation_options(stored: dict[str, Any], options: Any, default_ctx: int | 
     return {"max_new_tokens": n, "ctx_size": ctx, **kwargs}
 
 
-def answer_format(body: dict[str, Any]) -> str | None:
-    """Model.generate's `format` from Ollama's `format` ("json"; "" or none: free text) or
-    OpenAI's `response_format` ({"type": "json_object"}; "text": free text)."""
+def answer_format(body: dict[str, Any]) -> str | dict[str, Any] | None:
+    """Model.generate's `format` from Ollama's `format` ("json", a JSON schema; "" or none: free
+    text) or OpenAI's `response_format` (json_object, json_schema; text: free text)."""
     if "response_format" in body:
-        kind = body["response_format"].get("type") if isinstance(body["response_format"], dict) else None
-        if kind in ("text", "json_object"):
-            return "json" if kind == "json_object" else None
-        raise RequestError(400, "response_format: {\"type\": \"json_object\"} or {\"type\": \"text\"} "
-                                "(qvl keeps to no JSON schema)")
-    value = body.get("format")
-    if value in (None, ""):
-        return None
-    if value == "json":
-        return "json"
-    raise RequestError(400, 'format: "json" (qvl keeps to no JSON schema)' if isinstance(value, dict)
-                       else f'format {value!r}: "json" or none')
+        rf = body["response_format"]
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return "json"
+        spec = rf.get("json_schema") if kind == "json_schema" else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise RequestError(400, "response_format: {\"type\": \"json_object\"}, {\"type\": \"json_schema\", "
+                                    "\"json_schema\": {\"schema\": {...}}} or {\"type\": \"text\"}")
+        value, where = spec["schema"], "response_format.json_schema.schema"
+    else:
+        value, where = body.get("format"), "format"
+        if value in (None, ""):
+            return None
+    if value != "json" and not isinstance(value, dict):
+        raise RequestError(400, f'{where} {value!r}: "json" or a JSON schema')
+    try:
+        format_grammar(value)
+    except ValueError as e:
+        raise RequestError(400, f"{where}: {e}") from None
+    return value
 
 
 def _messages(raw: Any, images_key: str | None) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
-"""format="json": the grammar (llama.cpp's json.gbnf, byte by byte), the vocabulary's bytes, the
-sampler's choice among the allowed tokens, and the tiny model's answers through generate, the CLI
-and the server."""
+"""format="json": the grammar of any object (llama.cpp's json.gbnf, byte by byte), the
+vocabulary's bytes, the sampler's choice among the allowed tokens, and the tiny model's answers
+through generate and the CLI (schemas: test_json_schema.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ import torch
 from typer.testing import CliRunner
 
 import qvl.runtime.model as model_module
-from qvl.runtime.json_format import INITIAL, MAX_INT_DIGITS, MAX_WS_INDENT, JsonConstraint, advance, complete, step, \
-    token_table
+from qvl.runtime.json_format import JsonConstraint, token_table
+from qvl.runtime.json_grammar import MAX_INT_DIGITS, MAX_WS_INDENT, any_object
 from qvl.runtime.loader import load
 from qvl.runtime.run_cli import app as run_app
 from qvl.runtime.sampling import FormatError, SamplingParams, _penalized, candidates, sample, sample_allowed
 
 MODEL = "tiny-qwen2.5-vl-f16.gguf"
+OBJECT = any_object()  # format="json"
+INITIAL = OBJECT.initial
+advance, complete, step = OBJECT.advance, OBJECT.complete, OBJECT.step
 
 
 def _value(rng: random.Random, depth: int):
@@ -131,7 +134,7 @@ def test_added_tokens_are_never_text(model, table):
                                     '{"key": [tr', '{"key": 1}', '{"key": 1}\n '])
 def test_admitted_is_every_token_allows(model, table, prefix):
     """The mask (first bytes, plain string text) says of each token what checking it says."""
-    form = JsonConstraint(table, model.stop_ids)
+    form = JsonConstraint(table, model.stop_ids, OBJECT)
     form.state = advance(INITIAL, prefix.encode())
     mask = form.admitted(model.cfg.n_vocab)
     brute = [form.allows(t) for t in range(model.cfg.n_vocab)]
@@ -242,7 +245,7 @@ def test_the_models_answer_is_json(model, monkeypatch, kwargs):
 
 
 def test_a_format_other_than_json_is_refused(model):
-    with pytest.raises(model_module.ModelError, match="format 'xml'"):
+    with pytest.raises(model_module.ModelError, match="format 'xml': 'json'"):
         model.generate("x", format="xml")
 
 
@@ -254,4 +257,4 @@ def test_qvl_run_format_json(fixtures_dir, model):
     assert result.stdout.strip() == want.text.strip() and want.text.startswith("{")
     bad = CliRunner().invoke(run_app, [str(path), "-p", "x", "--format", "yaml"])
     assert bad.exit_code == 2 and bad.output.strip() == \
-        "qvl-run: error: --format yaml: json (the answer one JSON object) is the one format"
+        "qvl-run: error: --format yaml: json, a JSON schema file or a schema inline ('{...}'); no such file"

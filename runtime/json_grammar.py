@@ -1,0 +1,328 @@
+"""JSON grammars read byte by byte: any JSON object (`format="json"`, llama.cpp's json.gbnf) or
+what a JSON schema allows (json_schema.py builds those nodes).
+
+A grammar is a table of nodes (object, array, string, number, literals, alternatives, the root).
+A parse is a set of stacks of (node, local state) frames: alternatives (an enum's values, anyOf,
+which declared key comes next) are followed side by side until the bytes tell them apart, as an
+Earley parser would, and a set of stacks is a hashable state (`JsonConstraint` keeps what each
+token does to each state it met). As llama.cpp's grammars have it: no whitespace before the root
+value; after `{ [ , :` and after each value, nothing, one space, or a newline and up to 20 spaces
+or tabs (so a model cannot pad forever); strings hold no control bytes and only JSON's escapes;
+integers have at most 16 digits; an object's keys come in the order declared, the required
+ones first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_INT_DIGITS = 16
+MAX_WS_INDENT = 20
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = frozenset(b'"\\/bfnrt')
+_DIGITS = frozenset(b"0123456789")
+
+Frame = tuple[int, tuple[int, ...]]  # (node id, the node's local state)
+Stack = tuple[Frame, ...]
+State = frozenset[Stack]
+
+# what a node does with a byte
+STAY, PUSH, DONE, END = range(4)  # STAY (local); PUSH (its local after the child, child id): the byte is
+# the child's first; DONE: the byte was its last; END: it ended before the byte, which goes to its parent
+
+
+def _ws(ws: int, byte: int) -> int | None:
+    """Whitespace count after one more whitespace byte (0: none yet, 1: one space, 2 + n: a newline
+    and n indents), or None where no more may come."""
+    if ws == 0:
+        return 1 if byte == 0x20 else 2 if byte == 0x0A else None
+    if ws >= 2 and byte in (0x20, 0x09) and ws - 2 < MAX_WS_INDENT:
+        return ws + 1
+    return None
+
+
+def _is_ws(byte: int) -> bool:
+    return byte in (0x20, 0x0A, 0x09)
+
+
+@dataclass(frozen=True)
+class Literal:
+    """One of a few fixed byte strings (true, null, an enum's values as JSON, an object's keys)."""
+
+    options: tuple[bytes, ...]
+
+    def starts(self) -> list[tuple[int, ...]]:
+        return [(i, 0) for i in range(len(self.options))]
+
+    def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
+        i, pos = local
+        if self.options[i][pos] != byte:
+            return []
+        return [(DONE,)] if pos + 1 == len(self.options[i]) else [(STAY, (i, pos + 1))]
+
+
+@dataclass(frozen=True)
+class String:
+    """A JSON string of min_len..max_len characters (an escape is one, as is a UTF-8 character)."""
+
+    min_len: int = 0
+    max_len: int | None = None
+
+    def starts(self) -> list[tuple[int, ...]]:
+        return [(0, 0, 0)]
+
+    def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
+        phase, count, esc = local  # phase 0: before the opening quote; esc: 1 after \, 11..14 in \uXXXX
+        if phase == 0:
+            return [(STAY, (1, 0, 0))] if byte == 0x22 else []
+        if esc == 0:
+            if byte == 0x22:
+                return [(DONE,)] if count >= self.min_len else []
+            if byte == 0x5C:
+                return [(STAY, (1, count, 1))]
+            if byte < 0x20 or byte == 0x7F:
+                return []
+            counted = count + (byte & 0xC0 != 0x80)  # a UTF-8 continuation byte is no new character
+        elif esc == 1:
+            if byte == 0x75:
+                return self._count(count + 1, 14)
+            return self._count(count + 1, 0) if byte in _ESCAPES else []
+        else:
+            return [(STAY, (1, count, 0 if esc == 11 else esc - 1))] if byte in _HEX else []
+        return self._count(counted, 0)
+
+    def _count(self, count: int, esc: int) -> list[tuple]:
+        if self.max_len is not None and count > self.max_len:
+            return []
+        return [(STAY, (1, count, esc))]
+
+    @property
+    def free(self) -> bool:
+        """Any text may go inside (no length bounds): JsonConstraint lets plain tokens through unchecked."""
+        return self.max_len is None
+
+
+# number parts: before it, after "-", after a leading 0, integer digits, after ".", fraction digits,
+# after e/E, after the exponent's sign, exponent digits
+_START, _MINUS, _ZERO, _INT, _DOT, _FRAC, _EXP, _EXP_SIGN, _EXP_DIGITS = range(9)
+_NUMBER_ENDS = frozenset((_ZERO, _INT, _FRAC, _EXP_DIGITS))
+
+
+@dataclass(frozen=True)
+class Number:
+    integer: bool = False
+
+    def starts(self) -> list[tuple[int, ...]]:
+        return [(_START, 0)]
+
+    def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
+        part, n = local
+        digit = byte in _DIGITS
+        nxt: tuple[int, int] | None = None
+        if part in (_START, _MINUS) and digit:
+            nxt = (_ZERO if byte == 0x30 else _INT, 1)
+        elif part == _START and byte == 0x2D:
+            nxt = (_MINUS, 0)
+        elif part == _INT and digit:
+            nxt = (_INT, n + 1) if n < MAX_INT_DIGITS else None
+        elif not self.integer and part in (_ZERO, _INT) and byte == 0x2E:
+            nxt = (_DOT, 0)
+        elif part in (_DOT, _FRAC) and digit:
+            nxt = (_FRAC, 1)
+        elif not self.integer and part in (_ZERO, _INT, _FRAC) and byte in (0x65, 0x45):
+            nxt = (_EXP, 0)
+        elif part == _EXP and byte in (0x2B, 0x2D):
+            nxt = (_EXP_SIGN, 0)
+        elif part in (_EXP, _EXP_SIGN, _EXP_DIGITS) and digit:
+            nxt = (_EXP_DIGITS, n + 1) if n < MAX_INT_DIGITS else None
+        if nxt is not None:
+            return [(STAY, nxt)]
+        return [(END,)] if part in _NUMBER_ENDS else []
+
+    @staticmethod
+    def can_end(local: tuple[int, ...]) -> bool:
+        return local[0] in _NUMBER_ENDS
+
+
+@dataclass(frozen=True)
+class Array:
+    item: int
+    min_items: int = 0
+    max_items: int | None = None
+
+    def starts(self) -> list[tuple[int, ...]]:
+        return [(0, 0, 0)]
+
+    def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
+        phase, count, ws = local  # 0 before [, 1 after [, 2 after an item, 3 after a comma
+        if phase == 0:
+            return [(STAY, (1, 0, 0))] if byte == 0x5B else []
+        if _is_ws(byte):
+            w = _ws(ws, byte)
+            return [] if w is None else [(STAY, (phase, count, w))]
+        if byte == 0x5D and phase in (1, 2) and count >= self.min_items:
+            return [(DONE,)]
+        if phase == 2:
+            more = self.max_items is None or count < self.max_items
+            return [(STAY, (3, count, 0))] if byte == 0x2C and more else []
+        if phase == 1 and self.max_items == 0:
+            return []
+        return [(PUSH, (2, count + 1, 0), self.item)]
+
+
+@dataclass(frozen=True)
+class Object:
+    """Declared keys (each a Literal node with its value's node) in order, the first `required` of
+    them required and the rest optional; then, with `extra`, any further key (a String node,
+    `extra_key`) with a value of node `extra`."""
+
+    keys: tuple[tuple[int, int], ...]
+    required: int
+    extra: int | None = None
+    extra_key: int | None = None
+
+    def starts(self) -> list[tuple[int, ...]]:
+        return [(0, 0, 0, -1)]
+
+    def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
+        # phase 0 before {, 1 after {, 2 after a value, 3 after a comma, 4 after a key, 5 after the colon;
+        # nxt: the first declared key that may still come; chosen: the key whose value comes next
+        phase, nxt, ws, chosen = local
+        if phase == 0:
+            return [(STAY, (1, 0, 0, -1))] if byte == 0x7B else []
+        if _is_ws(byte):
+            w = _ws(ws, byte)
+            return [] if w is None else [(STAY, (phase, nxt, w, chosen))]
+        if phase in (1, 3):
+            out = self._keys(nxt, byte)
+            if phase == 1 and byte == 0x7D and nxt >= self.required:
+                out.append((DONE,))
+            return out
+        if phase == 2:
+            if byte == 0x7D and nxt >= self.required:
+                return [(DONE,)]
+            more = nxt < len(self.keys) or self.extra is not None
+            return [(STAY, (3, nxt, 0, -1))] if byte == 0x2C and more else []
+        if phase == 4:
+            return [(STAY, (5, nxt, 0, chosen))] if byte == 0x3A else []
+        value = self.keys[chosen][1] if chosen < len(self.keys) else self.extra
+        assert value is not None
+        return [(PUSH, (2, nxt, 0, -1), value)]
+
+    def _keys(self, nxt: int, byte: int) -> list[tuple]:
+        if byte != 0x22:
+            return []
+        last = nxt + 1 if nxt < self.required else len(self.keys)  # the required keys one by one, in order
+        out: list[tuple] = [(PUSH, (4, j + 1, 0, j), self.keys[j][0]) for j in range(nxt, last)]
+        if self.extra is not None and nxt >= self.required and self.extra_key is not None:
+            out.append((PUSH, (4, len(self.keys), 0, len(self.keys)), self.extra_key))
+        return out
+
+
+@dataclass(frozen=True)
+class Either:
+    """Any of the nodes `options` (anyOf, a list of types): followed side by side."""
+
+    options: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Root:
+    value: int
+
+    def starts(self) -> list[tuple[int, ...]]:
+        return [(0, 0)]
+
+    def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
+        phase, ws = local
+        if phase == 0:
+            return [(PUSH, (1, 0), self.value)]
+        w = _ws(ws, byte) if _is_ws(byte) else None
+        return [] if w is None else [(STAY, (1, w))]
+
+
+Node = Literal | String | Number | Array | Object | Either | Root
+
+
+class Grammar:
+    """Nodes by id, the last one the Root. `step`, `advance` and `complete` work on States."""
+
+    def __init__(self, nodes: list[Node]):
+        self.nodes = nodes
+        assert isinstance(nodes[-1], Root)
+        self.initial: State = frozenset(((len(nodes) - 1, s),) for s in nodes[-1].starts())
+
+    def _enter(self, nid: int, seen: frozenset[int] = frozenset()) -> list[Frame]:
+        node = self.nodes[nid]
+        if isinstance(node, Either):
+            if nid in seen:  # anyOf that leads back to itself before any byte: nothing more to follow
+                return []
+            return [f for o in node.options for f in self._enter(o, seen | {nid})]
+        return [(nid, s) for s in node.starts()]
+
+    def _feed(self, stack: Stack, byte: int) -> list[Stack]:
+        if not stack:
+            return []
+        nid, local = stack[-1]
+        node = self.nodes[nid]
+        assert not isinstance(node, Either)
+        out: list[Stack] = []
+        for act in node.step(local, byte):
+            if act[0] == STAY:
+                out.append(stack[:-1] + ((nid, act[1]),))
+            elif act[0] == PUSH:
+                base = stack[:-1] + ((nid, act[1]),)
+                for frame in self._enter(act[2]):
+                    out.extend(self._feed(base + (frame,), byte))
+            elif act[0] == DONE:
+                out.append(stack[:-1])
+            else:  # END
+                out.extend(self._feed(stack[:-1], byte))
+        return out
+
+    def step(self, state: State, byte: int) -> State | None:
+        nxt = frozenset(s for stack in state for s in self._feed(stack, byte))
+        return nxt or None
+
+    def advance(self, state: State | None, data: bytes) -> State | None:
+        for byte in data:
+            if state is None:
+                return None
+            state = self.step(state, byte)
+        return state
+
+    def _ended(self, stack: Stack) -> bool:
+        while stack and isinstance(self.nodes[stack[-1][0]], Number) and Number.can_end(stack[-1][1]):
+            stack = stack[:-1]  # a number ends where its value may
+        return len(stack) == 1 and isinstance(self.nodes[stack[0][0]], Root) and stack[0][1][0] == 1
+
+    def complete(self, state: State) -> bool:
+        """The root value may end here (whitespace may still follow)."""
+        return any(self._ended(stack) for stack in state)
+
+    def in_free_string(self, state: State) -> bool:
+        """Every parse is inside a string that takes any text, not after a backslash."""
+        for stack in state:
+            nid, local = stack[-1]
+            node = self.nodes[nid]
+            if not (isinstance(node, String) and node.free and local[0] == 1 and local[2] == 0):
+                return False
+        return True
+
+
+def any_value(nodes: list[Node]) -> int:
+    """Adds the nodes of any JSON value to `nodes`; returns its id (the Either)."""
+    base = len(nodes)
+    # base: Either; +1 object; +2 array; +3 string; +4 number; +5 true/false/null
+    nodes.extend([Either((base + 1, base + 2, base + 3, base + 4, base + 5)),
+                  Object((), 0, extra=base, extra_key=base + 3), Array(base), String(), Number(),
+                  Literal((b"true", b"false", b"null"))])
+    return base
+
+
+def any_object() -> Grammar:
+    """`format="json"`: one JSON object, any keys and values (llama.cpp's json.gbnf)."""
+    nodes: list[Node] = []
+    value = any_value(nodes)
+    nodes.append(Root(value + 1))
+    return Grammar(nodes)

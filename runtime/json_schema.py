@@ -1,0 +1,146 @@
+"""A JSON schema (Ollama's `format: {...}`, OpenAI's `response_format: json_schema`) as a
+json_grammar.Grammar, with llama.cpp's json-schema-to-grammar's reading of it: an object's
+declared properties come in the schema's order, the required ones first, and no others unless
+`additionalProperties` allows them; `type` (one or a list), `enum`, `const`, `anyOf` / `oneOf`,
+`$ref` into `$defs` / `definitions` (recursion included), `items`, `minItems` / `maxItems`,
+`minLength` / `maxLength`. Keywords that would constrain what this does not follow (`pattern`,
+`format`, `minimum`, ...) are refused by name rather than ignored; descriptive ones (`title`,
+`description`, `default`, `examples`) are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .json_grammar import Array, Either, Grammar, Literal, Node, Number, Object, Root, String, any_value
+
+UNSUPPORTED = ("pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+               "allOf", "not", "if", "then", "else", "prefixItems", "uniqueItems", "contains", "patternProperties",
+               "propertyNames", "minProperties", "maxProperties", "dependentRequired", "dependentSchemas")
+TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
+
+
+class SchemaError(ValueError):
+    """A schema qvl cannot follow; the message names where in it."""
+
+
+def _literal(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": ")).encode()
+
+
+class _Builder:
+    def __init__(self, root: dict[str, Any]):
+        self.root = root
+        self.nodes: list[Node] = []
+        self.refs: dict[str, int] = {}
+        self._any: int | None = None
+
+    def add(self, node: Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def any(self) -> int:
+        if self._any is None:
+            self._any = any_value(self.nodes)
+        return self._any
+
+    def ref(self, ref: Any, where: str) -> int:
+        if ref in self.refs:
+            return self.refs[ref]
+        if not isinstance(ref, str) or not ref.startswith(("#/$defs/", "#/definitions/")):
+            raise SchemaError(f"{where}.$ref {ref!r}: only #/$defs/NAME or #/definitions/NAME")
+        section, _, name = ref[2:].partition("/")
+        target = self.root.get(section, {}).get(name) if isinstance(self.root.get(section), dict) else None
+        if target is None:
+            raise SchemaError(f"{where}.$ref {ref!r}: no such definition")
+        nid = self.add(Either(()))  # a placeholder, so that a definition may refer to itself
+        self.refs[ref] = nid
+        self.nodes[nid] = Either((self.node(target, f"#/{section}/{name}"),))
+        return nid
+
+    def node(self, s: Any, where: str) -> int:
+        if s is True or s == {}:
+            return self.any()
+        if not isinstance(s, dict):
+            raise SchemaError(f"{where}: a schema is a JSON object")
+        for key in UNSUPPORTED:
+            if key in s:
+                raise SchemaError(f"{where}: {key!r} is not followed by qvl")
+        if "$ref" in s:
+            return self.ref(s["$ref"], where)
+        if "const" in s:
+            return self.add(Literal((_literal(s["const"]),)))
+        if "enum" in s:
+            if not isinstance(s["enum"], list) or not s["enum"]:
+                raise SchemaError(f"{where}.enum: a non-empty list")
+            return self.add(Literal(tuple(dict.fromkeys(_literal(v) for v in s["enum"]))))
+        for key in ("anyOf", "oneOf"):
+            if key in s:
+                if not isinstance(s[key], list) or not s[key]:
+                    raise SchemaError(f"{where}.{key}: a non-empty list")
+                return self.add(Either(tuple(self.node(x, f"{where}.{key}[{i}]") for i, x in enumerate(s[key]))))
+        kind = s.get("type")
+        if isinstance(kind, list):
+            if not kind:
+                raise SchemaError(f"{where}.type: a non-empty list")
+            return self.add(Either(tuple(self.node({**s, "type": k}, where) for k in kind)))
+        if kind is None:
+            kind = "object" if "properties" in s else "array" if "items" in s else None
+        if kind is None:
+            return self.any()
+        if kind not in TYPES:
+            raise SchemaError(f"{where}.type {kind!r}: one of {', '.join(TYPES)}")
+        return getattr(self, f"_{kind}")(s, where)
+
+    def _object(self, s: dict[str, Any], where: str) -> int:
+        props = s.get("properties", {})
+        required = s.get("required", [])
+        if not isinstance(props, dict) or not isinstance(required, list):
+            raise SchemaError(f"{where}: properties an object, required a list")
+        for r in required:
+            if r not in props:
+                raise SchemaError(f"{where}.required: {r!r} is not among the properties")
+        extra_schema = s.get("additionalProperties", None if props else True)
+        order = [k for k in props if k in required] + [k for k in props if k not in required]
+        keys = tuple((self.add(Literal((_literal(k),))), self.node(props[k], f"{where}.properties.{k}"))
+                     for k in order)
+        extra = extra_key = None
+        if extra_schema is not None and extra_schema is not False:
+            extra = self.node(extra_schema, f"{where}.additionalProperties")
+            extra_key = self.add(String())
+        return self.add(Object(keys, len(set(required)), extra, extra_key))
+
+    def _array(self, s: dict[str, Any], where: str) -> int:
+        lo, hi = s.get("minItems", 0), s.get("maxItems")
+        if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
+            raise SchemaError(f"{where}: minItems / maxItems are integers, 0 <= minItems <= maxItems")
+        return self.add(Array(self.node(s.get("items", True), f"{where}.items"), lo, hi))
+
+    def _string(self, s: dict[str, Any], where: str) -> int:
+        lo, hi = s.get("minLength", 0), s.get("maxLength")
+        if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
+            raise SchemaError(f"{where}: minLength / maxLength are integers, 0 <= minLength <= maxLength")
+        return self.add(String(lo, hi))
+
+    def _integer(self, s: dict[str, Any], where: str) -> int:
+        return self.add(Number(integer=True))
+
+    def _number(self, s: dict[str, Any], where: str) -> int:
+        return self.add(Number())
+
+    def _boolean(self, s: dict[str, Any], where: str) -> int:
+        return self.add(Literal((b"true", b"false")))
+
+    def _null(self, s: dict[str, Any], where: str) -> int:
+        return self.add(Literal((b"null",)))
+
+
+def schema_grammar(schema: Any) -> Grammar:
+    """The Grammar of the values `schema` allows, or a SchemaError naming what it cannot follow."""
+    if not isinstance(schema, dict):
+        raise SchemaError("a JSON schema is a JSON object")
+    b = _Builder(schema)
+    value = b.node(schema, "#")
+    b.add(Root(value))
+    return Grammar(b.nodes)
