@@ -36,7 +36,17 @@ class TokenTable:
 
     pieces: list[bytes | None]  # each id's bytes; None: an added token, never allowed as text
     first: torch.Tensor  # each id's first byte, 256 for none
-    plain: torch.Tensor  # bool: bytes a string may hold as they are (no quote, backslash or control byte)
+    plain: torch.Tensor  # bool: whole UTF-8 characters a string may hold as they are (no quote, backslash, control)
+
+
+def _plain(piece: bytes) -> bool:
+    if any(b < 0x20 or b in (0x22, 0x5C, 0x7F) for b in piece):
+        return False
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def token_table(tokenizer: Tokenizer, n_vocab: int) -> TokenTable:
@@ -49,7 +59,7 @@ def token_table(tokenizer: Tokenizer, n_vocab: int) -> TokenTable:
         if i < n_vocab:
             pieces[i] = None
     first = torch.tensor([p[0] if p else 256 for p in pieces])
-    plain = torch.tensor([bool(p) and not any(b < 0x20 or b in (0x22, 0x5C, 0x7F) for b in p) for p in pieces])
+    plain = torch.tensor([bool(p) and _plain(p) for p in pieces])
     return TokenTable(pieces, first, plain)
 
 

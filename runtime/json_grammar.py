@@ -61,45 +61,68 @@ class Literal:
         return [(DONE,)] if pos + 1 == len(self.options[i]) else [(STAY, (i, pos + 1))]
 
 
+# a UTF-8 lead byte: (continuation bytes to come, the first one's range as in Unicode's table 3-7)
+_UTF8_LEADS = {**{b: (1, (0x80, 0xBF)) for b in range(0xC2, 0xE0)}, 0xE0: (2, (0xA0, 0xBF)),
+               **{b: (2, (0x80, 0xBF)) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)}, 0xED: (2, (0x80, 0x9F)),
+               0xF0: (3, (0x90, 0xBF)), 0xF1: (3, (0x80, 0xBF)), 0xF2: (3, (0x80, 0xBF)), 0xF3: (3, (0x80, 0xBF)),
+               0xF4: (3, (0x80, 0x8F))}
+
+
 @dataclass(frozen=True)
 class String:
-    """A JSON string of min_len..max_len characters (an escape is one, as is a UTF-8 character)."""
+    """A JSON string of min_len..max_len characters (an escape is one, as is a UTF-8 character) in
+    valid UTF-8 (a token that is part of a character is taken only where the rest can follow),
+    other than the `exclude`d ones (an object's declared keys, as additional keys; written as
+    they are, not through escapes)."""
 
     min_len: int = 0
     max_len: int | None = None
+    exclude: tuple[bytes, ...] = ()
 
     def starts(self) -> list[tuple[int, ...]]:
-        return [(0, 0, 0)]
+        return [(0, 0, 0, 0, 0x80, 0xBF, 0, (1 << len(self.exclude)) - 1)]
 
     def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
-        phase, count, esc = local  # phase 0: before the opening quote; esc: 1 after \, 11..14 in \uXXXX
+        # phase 0: before the opening quote; esc: 1 after a backslash, 11..14 in a \u escape's hex
+        # digits; need: UTF-8 continuation bytes to come, the next one in lo..hi; pos: bytes so
+        # far and alive: a bit for each excluded string they still spell (both 0 without any)
+        phase, count, esc, need, lo, hi, pos, alive = local
         if phase == 0:
-            return [(STAY, (1, 0, 0))] if byte == 0x22 else []
+            return [(STAY, (1, 0, 0, 0, 0x80, 0xBF, 0, alive))] if byte == 0x22 else []
+        if byte == 0x22 and esc == 0 and need == 0:
+            spelled = any(alive >> i & 1 and len(x) == pos for i, x in enumerate(self.exclude))
+            return [(DONE,)] if count >= self.min_len and not spelled else []
+        if alive:
+            alive = sum(1 << i for i, x in enumerate(self.exclude) if alive >> i & 1 and pos < len(x) and x[pos] == byte)
+        more = (pos + 1, alive) if self.exclude else (0, 0)
+        if need:
+            return [(STAY, (1, count, 0, need - 1, 0x80, 0xBF, *more))] if lo <= byte <= hi else []
         if esc == 0:
-            if byte == 0x22:
-                return [(DONE,)] if count >= self.min_len else []
             if byte == 0x5C:
-                return [(STAY, (1, count, 1))]
+                return [(STAY, (1, count, 1, 0, 0x80, 0xBF, *more))]
             if byte < 0x20 or byte == 0x7F:
                 return []
-            counted = count + (byte & 0xC0 != 0x80)  # a UTF-8 continuation byte is no new character
-        elif esc == 1:
+            if byte < 0x80:
+                return self._count(count + 1, 0, (0, 0x80, 0xBF, *more))
+            if byte not in _UTF8_LEADS:
+                return []
+            n, (first_lo, first_hi) = _UTF8_LEADS[byte]
+            return self._count(count + 1, 0, (n, first_lo, first_hi, *more))
+        if esc == 1:
             if byte == 0x75:
-                return self._count(count + 1, 14)
-            return self._count(count + 1, 0) if byte in _ESCAPES else []
-        else:
-            return [(STAY, (1, count, 0 if esc == 11 else esc - 1))] if byte in _HEX else []
-        return self._count(counted, 0)
+                return self._count(count + 1, 14, (0, 0x80, 0xBF, *more))
+            return self._count(count + 1, 0, (0, 0x80, 0xBF, *more)) if byte in _ESCAPES else []
+        return [(STAY, (1, count, 0 if esc == 11 else esc - 1, 0, 0x80, 0xBF, *more))] if byte in _HEX else []
 
-    def _count(self, count: int, esc: int) -> list[tuple]:
+    def _count(self, count: int, esc: int, rest: tuple[int, ...]) -> list[tuple]:
         if self.max_len is not None and count > self.max_len:
             return []
-        return [(STAY, (1, count, esc))]
+        return [(STAY, (1, count, esc, *rest))]
 
     @property
     def free(self) -> bool:
-        """Any text may go inside (no length bounds): JsonConstraint lets plain tokens through unchecked."""
-        return self.max_len is None
+        """Any text may go inside (no bounds, nothing excluded): JsonConstraint lets plain tokens through."""
+        return self.max_len is None and not self.exclude
 
 
 # number parts: before it, after "-", after a leading 0, integer digits, after ".", fraction digits,
@@ -301,11 +324,11 @@ class Grammar:
         return any(self._ended(stack) for stack in state)
 
     def in_free_string(self, state: State) -> bool:
-        """Every parse is inside a string that takes any text, not after a backslash."""
+        """Every parse is inside a string that takes any text, not after a backslash nor inside a character."""
         for stack in state:
             nid, local = stack[-1]
             node = self.nodes[nid]
-            if not (isinstance(node, String) and node.free and local[0] == 1 and local[2] == 0):
+            if not (isinstance(node, String) and node.free and local[0] == 1 and local[2] == 0 and local[3] == 0):
                 return False
         return True
 

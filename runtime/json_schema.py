@@ -1,7 +1,7 @@
 """A JSON schema (Ollama's `format: {...}`, OpenAI's `response_format: json_schema`) as a
 json_grammar.Grammar, with llama.cpp's json-schema-to-grammar's reading of it: an object's
 declared properties come in the schema's order, the required ones first, and no others unless
-`additionalProperties` allows them; `type` (one or a list), `enum`, `const`, `anyOf` / `oneOf`,
+`additionalProperties` allows them (and then not under a declared key's name); `type` (one or a list), `enum`, `const`, `anyOf` / `oneOf`,
 `$ref` into `$defs` / `definitions` (recursion included), `items`, `minItems` / `maxItems`,
 `minLength` / `maxLength`. Keywords that would constrain what this does not follow (`pattern`,
 `format`, `minimum`, ...) are refused by name rather than ignored; descriptive ones (`title`,
@@ -108,7 +108,7 @@ class _Builder:
         extra = extra_key = None
         if extra_schema is not None and extra_schema is not False:
             extra = self.node(extra_schema, f"{where}.additionalProperties")
-            extra_key = self.add(String())
+            extra_key = self.add(String(exclude=tuple(_literal(k)[1:-1] for k in order)))
         return self.add(Object(keys, len(set(required)), extra, extra_key))
 
     def _array(self, s: dict[str, Any], where: str) -> int:

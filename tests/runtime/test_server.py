@@ -308,8 +308,8 @@ def test_stop_strings_from_options_and_openai(running, reference):
 
 
 def test_format_json_from_ollama_and_openai(running, reference):
-    """Ollama's format "json" and OpenAI's response_format json_object give what generate and
-    chat give with format="json"; a JSON schema is refused with a 400, not ignored."""
+    """Ollama's format ("json", a schema) and OpenAI's response_format (json_object, json_schema) give
+    what generate and chat give with that format; a schema qvl cannot follow is a 400."""
     want = reference.generate("Describe it.", max_new_tokens=8, format="json")
     assert want.text.startswith("{")
     got = running.json("/api/generate", {"model": "tiny:1", "prompt": "Describe it.", "stream": False,
@@ -327,10 +327,22 @@ def test_format_json_from_ollama_and_openai(running, reference):
     plain = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 8, "messages": messages,
                                                   "response_format": {"type": "text"}})
     assert plain["choices"][0]["message"]["content"] == reference.chat(messages, max_new_tokens=8).text
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}}, "required": ["colour"]}
+    want = reference.chat(messages, max_new_tokens=8, format=schema).text
+    assert want.startswith("{")
+    got = running.json("/api/chat", {"model": "tiny:1", "stream": False, "format": schema, "messages": messages,
+                                     "options": {"num_predict": 8}})
+    assert got["message"]["content"] == want
+    openai = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 8, "messages": messages,
+                                                   "response_format": {"type": "json_schema", "json_schema": {
+                                                       "name": "c", "schema": schema, "strict": True}}})
+    assert openai["choices"][0]["message"]["content"] == want
     for path, extra, expect in [
-            ("/api/generate", {"format": {"type": "object"}}, 'format: "json" (qvl keeps to no JSON schema)'),
-            ("/api/generate", {"format": "xml"}, "format 'xml': \"json\" or none"),
-            ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {}}},
+            ("/api/generate", {"format": {"type": "string", "pattern": "a"}}, "format: #: 'pattern' is not followed"),
+            ("/api/generate", {"format": "xml"}, "format 'xml': \"json\" or a JSON schema"),
+            ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"schema": {
+                "type": "date"}}}}, "response_format.json_schema.schema: #.type 'date'"),
+            ("/v1/chat/completions", {"response_format": {"type": "json_schema"}},
              "response_format: {\"type\": \"json_object\"}")]:
         body = {"model": "tiny:1", "prompt": "x", "messages": messages, **extra}
         status, data = running.request(path, body)
