@@ -115,7 +115,9 @@ class String:
         return [(STAY, (1, count, 0 if esc == 11 else esc - 1, 0, 0x80, 0xBF, *more))] if byte in _HEX else []
 
     def _count(self, count: int, esc: int, rest: tuple[int, ...]) -> list[tuple]:
-        if self.max_len is not None and count > self.max_len:
+        if self.max_len is None:
+            count = min(count, self.min_len)  # counted only as far as it matters: a string's states repeat
+        elif count > self.max_len:
             return []
         return [(STAY, (1, count, esc, *rest))]
 

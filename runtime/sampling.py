@@ -185,6 +185,9 @@ def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, 
     filters keep no allowed token, they run again with the refused ones' logits at -inf."""
     if p.greedy:
         scores = _penalized(logits, history, p)
+        best = int(torch.argmax(scores))
+        if form.allows(best):
+            return best
         for tok in torch.topk(scores, min(LOOKS, scores.numel())).indices.tolist():
             if form.allows(tok):
                 return tok
