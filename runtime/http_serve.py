@@ -1,17 +1,23 @@
 """`qvl serve`'s HTTP side: requests read, routed to server.Service's endpoints and answered,
-one at a time in the thread that calls `serve` (server.py says why), with one log line each.
-A reply is JSON, text, or a stream (JSON lines, or server-sent events); an error before the
-reply starts is {"error"} with its status, one inside a stream is the stream's last event; a
-client that leaves ends its generation."""
+with one log line each. Each connection has a thread of its own, which reads the request and
+writes the reply; the endpoints that only read the store or the server's state (`LIGHT`:
+/api/tags, /api/ps, /api/show, /api/version, /v1/models; and /api/pull) answer there at once,
+the others (a model's work) are queued to the thread that calls `serve` and run there one at a
+time, in order (torch's CPU ops run slower from a second thread: server.py). A reply is JSON, text, or a stream (JSON lines,
+or server-sent events); an error before the reply starts is {"error"} with its status, one
+inside a stream is the stream's last event; a client that leaves ends its generation."""
 
 from __future__ import annotations
 
 import json
+import queue
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any
 
 import torch
@@ -23,6 +29,49 @@ from .store import StoreError
 from .video import VideoError
 
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
+# answered in the connection's thread, even while a model works: they read the store, a GGUF's
+# header or the server's state, or (a pull) wait on a download thread of their own
+LIGHT = frozenset({("GET", "/"), ("GET", "/api/version"), ("GET", "/api/tags"), ("GET", "/api/ps"),
+                   ("GET", "/v1/models"), ("POST", "/api/show"), ("POST", "/api/pull")})
+MAX_WAITING = 64  # requests queued for the serving thread beyond this are answered 503, as Ollama's queue
+
+
+@dataclass
+class Job:
+    """A request for the serving thread; what it makes of it comes back through `out`: ("error",
+    RequestError), ("reply", Reply) or ("stream", Reply), then ("event", dict)... ("end", None)."""
+
+    route: Callable[[Service, dict[str, Any]], Reply]
+    body: dict[str, Any]
+    out: queue.Queue = field(default_factory=queue.Queue)
+    left: threading.Event = field(default_factory=threading.Event)  # the client went away
+
+
+def _run(service: Service, job: Job) -> None:
+    """A queued request, in the serving thread; a stream's events are made here, one by one,
+    until its end or until its client has gone."""
+    try:
+        reply = job.route(service, job.body)
+    except Exception as e:  # noqa: BLE001 - every error is the request's answer
+        job.out.put(("error", _failure(e)))
+        return
+    if reply.events is None:
+        job.out.put(("reply", reply))
+        return
+    job.out.put(("stream", reply))
+    events = reply.events
+    try:
+        for event in events:
+            if job.left.is_set():
+                break
+            job.out.put(("event", event))
+    except Exception as e:  # noqa: BLE001 - headers are out: the error is the stream's last event
+        job.out.put(("event", {"error": _failure(e).message}))
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # a generation the client left stops here
+        job.out.put(("end", None))
 
 
 def _failure(e: BaseException) -> RequestError:
@@ -37,7 +86,11 @@ def _failure(e: BaseException) -> RequestError:
     return RequestError(500, f"{type(e).__name__}: {e}")
 
 
-def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPRequestHandler]:
+def make_handler(service: Service, log: Callable[[str], None],
+                 jobs: queue.Queue | None = None) -> type[BaseHTTPRequestHandler]:
+    """The request handler; with `jobs`, requests other than LIGHT ones go there for the serving
+    thread (`serve`), without, every request is answered in the handler's thread."""
+
     class Handler(BaseHTTPRequestHandler):
         server_version = f"qvl/{VERSION}"
         timeout = CLIENT_TIMEOUT_S
@@ -83,12 +136,15 @@ def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPR
                 if route is None:
                     raise RequestError(404, f"{method} {path}: no such endpoint")
                 body = self._body() if method != "GET" else {}
-                try:
-                    reply = route(service, body)
-                except Exception as e:  # noqa: BLE001 - every error is the request's answer
-                    raise _failure(e) from None
-                status = reply.status
-                self._write(reply)
+                job = Job(route, body)
+                if jobs is None or (method, path) in LIGHT:
+                    _run(service, job)
+                else:
+                    try:
+                        jobs.put_nowait(job)
+                    except queue.Full:
+                        raise RequestError(503, f"server busy: {MAX_WAITING} requests are waiting") from None
+                status = self._write(job)
             except RequestError as e:
                 status = e.status
                 data = json.dumps({"error": e.message}).encode()
@@ -98,29 +154,29 @@ def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPR
                 status = 499  # the client went away (or stalled); the generation stopped with it
             log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
 
-        def _write(self, reply: Reply) -> None:
-            if reply.events is None:
+        def _write(self, job: Job) -> int:
+            """Writes what the serving thread makes of `job`; returns the status."""
+            kind, item = job.out.get()
+            if kind == "error":
+                raise item
+            reply: Reply = item
+            if kind == "reply":
                 text = reply.body if isinstance(reply.body, str) else json.dumps(reply.body, ensure_ascii=False)
                 data = text.encode()
-                kind = "text/plain" if isinstance(reply.body, str) else "application/json"
-                self._send_head(reply.status, f"{kind}; charset=utf-8", len(data))
+                ctype = "text/plain" if isinstance(reply.body, str) else "application/json"
+                self._send_head(reply.status, f"{ctype}; charset=utf-8", len(data))
                 self.wfile.write(data)
-                return
+                return reply.status
             self._send_head(reply.status, "text/event-stream" if reply.sse else "application/x-ndjson", None)
-            events = reply.events
             try:
-                for event in events:
-                    self._event(event, reply.sse)
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                while (got := job.out.get())[0] != "end":
+                    self._event(got[1], reply.sse)
+            except BaseException:
+                job.left.set()  # the serving thread stops the generation at its next token
                 raise
-            except Exception as e:  # noqa: BLE001 - headers are out: the error is the stream's last event
-                self._event({"error": _failure(e).message}, reply.sse)
-            finally:
-                close = getattr(events, "close", None)
-                if close is not None:
-                    close()  # a generation the client left stops here
             if reply.sse:
                 self.wfile.write(b"data: [DONE]\n\n")
+            return reply.status
 
         def _event(self, event: dict[str, Any], sse: bool) -> None:
             line = json.dumps(event, ensure_ascii=False)
@@ -132,13 +188,23 @@ def make_handler(service: Service, log: Callable[[str], None]) -> type[BaseHTTPR
 
 def serve(service: Service, host: str, port: int, log: Callable[[str], None],
           ready: Callable[[HTTPServer], None] | None = None) -> None:
-    """Answer requests one at a time in this thread until interrupted (or `shutdown` from
-    another); `ready` gets the bound server (its port, for port 0)."""
-    server = HTTPServer((host, port), make_handler(service, log))
+    """Answer requests until interrupted (or the server's `shutdown` from another thread): the
+    connections in threads of their own, the queued requests in this thread; `ready` gets the
+    bound server (its port, for port 0)."""
+    jobs: queue.Queue[Job] = queue.Queue(MAX_WAITING)
+    server = ThreadingHTTPServer((host, port), make_handler(service, log, jobs))
+    server.daemon_threads = True
+    listening = threading.Thread(target=server.serve_forever, name="qvl-serve-http", daemon=True)
+    listening.start()
     if ready is not None:
         ready(server)
     try:
-        server.serve_forever()
+        while listening.is_alive():
+            try:
+                job = jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            _run(service, job)
     finally:
+        server.shutdown()
         server.server_close()
-

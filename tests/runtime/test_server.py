@@ -347,3 +347,58 @@ def test_format_json_from_ollama_and_openai(running, reference):
         body = {"model": "tiny:1", "prompt": "x", "messages": messages, **extra}
         status, data = running.request(path, body)
         assert status == 400 and expect in json.loads(data)["error"], data
+
+
+class Gate:
+    """A model whose answers wait for `go`: a generation that is still running. Records the thread
+    each generation runs in."""
+
+    last_generation = None
+
+    def __init__(self):
+        self.go = threading.Event()
+        self.threads: list[str] = []
+
+    def generate(self, prompt, images, stream, **kwargs):
+        from qvl.runtime.model import Generation
+
+        def pieces():
+            self.threads.append(threading.current_thread().name)
+            yield f"<{prompt}>"
+            assert self.go.wait(30)
+            self.last_generation = Generation(f"<{prompt}>", [1], 3, ended=True)
+        return pieces()
+
+
+def test_a_running_generation_does_not_hold_up_tags_ps_and_show(store):
+    """While a generation runs, /api/tags, /api/ps, /api/show and /api/version answer; generations
+    queue and run one at a time in the thread that called serve, in order."""
+    gate = Gate()
+    running = Running(Service(ServeConfig(), store, loader=lambda name, **kw: gate))
+    served_by = [t for t in threading.enumerate() if t.name != "MainThread" and t.is_alive()]
+    answers: dict[str, list] = {}
+
+    def ask(prompt: str) -> None:
+        answers[prompt] = running.lines("/api/generate", {"model": "tiny:1", "prompt": prompt})
+
+    first = threading.Thread(target=ask, args=("one",))
+    first.start()
+    for _ in range(500):
+        if gate.threads:
+            break
+        threading.Event().wait(0.01)
+    second = threading.Thread(target=ask, args=("two",))
+    second.start()
+    assert [m["name"] for m in running.json("/api/tags")["models"]] == ["terse:1", "tiny:1"]
+    assert [m["name"] for m in running.json("/api/ps")["models"]] == ["tiny:1"]
+    assert running.json("/api/show", {"model": "tiny:1"})["details"]["family"] == "qwen2vl"
+    assert running.json("/api/version")["version"]
+    assert gate.threads == [gate.threads[0]] and "one" not in answers  # the first still runs, the second waits
+    gate.go.set()
+    first.join(30)
+    second.join(30)
+    assert answers["one"][0]["response"] == "<one>" and answers["two"][0]["response"] == "<two>"
+    assert answers["one"][-1]["done"] is True and answers["two"][-1]["done_reason"] == "stop"
+    assert len(gate.threads) == 2 and gate.threads[0] == gate.threads[1]  # both in the serving thread
+    assert gate.threads[0] in [t.name for t in served_by]
+    running.server.shutdown()
