@@ -240,23 +240,30 @@ def resolve(mf: Modelfile, folder: Path, store: Store) -> Creation:
                 raise ModelfileError(f"FROM {source}: a second {'projector' if is_projector else 'text model'}")
             projector, model = (path, model) if is_projector else (projector, path)
             continue
-        try:
-            ModelName.parse(source)
-            entry = store.get(source)
-        except StoreError:
-            raise ModelfileError(f"FROM {source}: no such file, nor a stored model of that name") from None
+        stored = stored_creation(store, source, "no such file, nor a stored model of that name")
         if model is not None:
             raise ModelfileError(f"FROM {source}: a second text model")
-        model, stored_projector = store.resolve(source)
-        projector = projector or stored_projector
-        base = check_params(store.params(entry), strict=False)
-        texts = {kind: store.text(entry, kind) for kind in texts}
+        model, projector = stored.model, projector or stored.projector
+        base, texts = stored.params, {"template": stored.template, "system": stored.system, "license": stored.license}
     if model is None:
         raise ModelfileError("FROM names only a projector: add the text model GGUF")
     return Creation(model, projector, {**base, **mf.params},
                     mf.template if mf.template is not None else texts["template"],
                     mf.system if mf.system is not None else texts["system"],
                     mf.license if mf.license is not None else texts["license"])
+
+
+def stored_creation(store: Store, source: str, missing: str) -> Creation:
+    """A stored model as what a new one starts from: its files, PARAMETERs, TEMPLATE, SYSTEM and
+    LICENSE; a ModelfileError "FROM source: `missing`" where there is none of that name."""
+    try:
+        ModelName.parse(source)
+        entry = store.get(source)
+    except StoreError:
+        raise ModelfileError(f"FROM {source}: {missing}") from None
+    model, projector = store.resolve(source)
+    texts = [store.text(entry, kind) for kind in ("template", "system", "license")]
+    return Creation(model, projector, check_params(store.params(entry), strict=False), *texts)
 
 
 def stored_defaults(store: Store, name: str) -> tuple[dict[str, Any], str | None]:

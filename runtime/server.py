@@ -4,17 +4,22 @@
     GET  /api/version           {"version"}
     GET  /api/tags              the stored models, as Ollama lists them
     POST /api/show              {"model"}: details, parameters, template, system, modelfile
-    POST /api/generate          {"model", "prompt", "images": [base64], "system", "raw", "stream", "options"}
-    POST /api/chat              {"model", "messages": [{"role", "content", "images"}], "stream", "options"}
+    POST /api/generate          {"model", "prompt", "images": [base64], "system", "raw", "format", "stream",
+                                 "options"}
+    POST /api/chat              {"model", "messages": [{"role", "content", "images"}], "format", "stream", "options"}
     GET  /api/ps                the loaded model
     POST /api/copy              {"source", "destination"}
     POST /api/pull              {"model", "insecure", "stream"}: as `qvl pull`
+    POST /api/create            {"model", "from", "system", "template", "license", "parameters"} or {"model",
+                                 "modelfile"}: a stored model with other defaults
     DELETE /api/delete          {"model"}
     GET  /v1/models             OpenAI's model list
-    POST /v1/chat/completions   OpenAI's chat: content parts "text" and "image_url" (data: URLs)
+    POST /v1/chat/completions   OpenAI's chat: content parts "text" and "image_url" (data: URLs),
+                                response_format
 
-One model is loaded at a time: a request naming another stored model replaces it. Requests are
-answered one at a time, in the thread that calls `serve` (http_serve.py): the model has one KV cache (whose
+One model is loaded at a time: a request naming another stored model replaces it. Requests for
+the model are answered one at a time, in the thread that calls `serve` (http_serve.py; the
+endpoints that only read answer from their connection's thread): the model has one KV cache (whose
 prompt cache keeps a conversation's earlier turns from being read again), and torch's CPU ops
 ran slower from a second thread on a 2-core machine (a 3B Q4_K_M decoded 1.21x slower, the int4
 op at 2048 x 2048 1.4x, small bf16 products 4.7x; likely libgomp, which spin-waits less once two
@@ -432,6 +437,52 @@ class Service:
             self._free()  # its blobs are gone
         return Reply("")
 
+    def create(self, body: dict[str, Any]) -> Reply:
+        """Ollama's create from a stored model: `from` with `system`, `template`, `license` and
+        `parameters`, or the older `modelfile` text whose FROM is a stored model. No files: the
+        server opens none a request names (`qvl create NAME -f Modelfile` on its machine does)."""
+        from .modelfile import Creation, parse, stored_creation
+
+        name = _named(body)
+        for key in ("files", "adapters", "quantize"):
+            if body.get(key):
+                raise RequestError(400, f"{key}: qvl serve creates from stored models only; on the server's machine, "
+                                        "qvl create NAME -f Modelfile takes GGUF files")
+        try:
+            if isinstance(body.get("modelfile"), str):
+                mf = parse(body["modelfile"])
+                sources, params, texts = mf.sources, mf.params, (mf.template, mf.system, mf.license)
+            else:
+                source = body.get("from")
+                if not isinstance(source, str) or not source:
+                    raise RequestError(400, "from: the stored model to create from (or modelfile)")
+                options = body.get("parameters") or {}
+                if not isinstance(options, dict):
+                    raise RequestError(400, "parameters: a JSON object")
+                license_text = body.get("license")
+                if isinstance(license_text, list):
+                    license_text = "\n".join(str(t) for t in license_text)
+                sources, params = (source,), check_params(options, strict=True)
+                texts = tuple(t if isinstance(t, str) else None
+                              for t in (body.get("template"), body.get("system"), license_text))
+            if len(sources) != 1:
+                raise RequestError(400, "FROM: one stored model")
+            base = stored_creation(self.store, sources[0], "not a stored model (qvl serve opens no file a request "
+                                                           "names)")
+            job = Creation(base.model, base.projector, {**base.params, **params},
+                           *(new if new is not None else old for new, old in
+                             zip(texts, (base.template, base.system, base.license))))
+            entry = self.store.create(name, job.model, job.projector, job.template, job.params or None, job.license,
+                                      system=job.system)
+        except ModelfileError as e:
+            raise RequestError(404 if "not a stored model" in str(e) else 400, str(e)) from None
+        except StoreError as e:
+            raise _store_error(e) from None
+        if self.loaded is not None and self.loaded.key == str(entry.name):  # its defaults are the new ones
+            self.loaded.params, self.loaded.system = stored_defaults(self.store, str(entry.name))
+        done = [{"status": "using existing layers"}, {"status": "writing manifest"}, {"status": "success"}]
+        return Reply(done[-1]) if body.get("stream", True) is False else Reply(events=iter(done))
+
     def pull(self, body: dict[str, Any]) -> Reply:
         """Ollama's pull: `qvl pull`'s sources (registries, hf.co/..., aliases, ollama://). The
         download runs in a thread of its own (I/O; a client that leaves does not stop it); the
@@ -527,6 +578,7 @@ ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("POST", "/api/copy"): Service.copy,
     ("DELETE", "/api/delete"): Service.delete,
     ("POST", "/api/pull"): Service.pull,
+    ("POST", "/api/create"): Service.create,
     ("GET", "/v1/models"): Service.openai_models,
     ("POST", "/v1/chat/completions"): Service.openai_chat,
 }

@@ -402,3 +402,37 @@ def test_a_running_generation_does_not_hold_up_tags_ps_and_show(store):
     assert len(gate.threads) == 2 and gate.threads[0] == gate.threads[1]  # both in the serving thread
     assert gate.threads[0] in [t.name for t in served_by]
     running.server.shutdown()
+
+
+def test_create_from_a_stored_model(tmp_path, files):
+    """Ollama's create: `from` a stored model with new parameters and system prompt, or the older
+    `modelfile`; the new name shares the blobs; files, paths and unknown parameters are refused."""
+    store = Store(tmp_path)
+    store.create("a:1", files / MODEL, files / f"mmproj-{MODEL}", params={"seed": 4})
+    running = Running(Service(ServeConfig(), store, loader=lambda name, **kw: Stand()))
+    events = running.lines("/api/create", {"model": "short:1", "from": "a:1", "system": "Be brief.",
+                                           "parameters": {"num_predict": 2, "temperature": 0.5}})
+    assert events[-1] == {"status": "success"}
+    shown = running.json("/api/show", {"model": "short:1"})
+    assert shown["system"] == "Be brief."
+    assert sorted(shown["parameters"].splitlines()) == ["num_predict 2", "seed 4", "temperature 0.5"]
+    assert store.resolve("short:1") == store.resolve("a:1")  # the same GGUF blobs
+    assert running.json("/api/create", {"model": "old:1", "stream": False,
+                                        "modelfile": "FROM a:1\nPARAMETER top_k 7\nSYSTEM hi"}) == {"status": "success"}
+    shown = running.json("/api/show", {"model": "old:1"})
+    assert shown["system"] == "hi" and "top_k 7" in shown["parameters"] and "seed 4" in shown["parameters"]
+    running.json("/api/generate", {"model": "short:1", "prompt": ""})  # loaded: its defaults change with it
+    running.json("/api/create", {"model": "short:1", "from": "a:1", "stream": False, "system": "Be long."})
+    assert running.service.loaded.system == "Be long." and running.service.loaded.params == {"seed": 4}
+    for body, status, expect in [
+            ({"model": "x:1", "from": "nope:1"}, 404, "FROM nope:1: not a stored model"),
+            ({"model": "x:1", "from": str(files / MODEL)}, 404, "not a stored model (qvl serve opens no file"),
+            ({"model": "x:1", "modelfile": f"FROM {files / MODEL}"}, 404, "not a stored model"),
+            ({"model": "x:1", "from": "a:1", "files": {"m.gguf": "sha256:00"}}, 400, "files: qvl serve creates"),
+            ({"model": "x:1", "from": "a:1", "parameters": {"mirostat": 1}}, 400, "mirostat: qvl does not use it"),
+            ({"model": "x:1"}, 400, "from: the stored model to create from"),
+            ({"model": "x:1", "modelfile": "FROM a:1\nFROM old:1"}, 400, "FROM: one stored model")]:
+        got, data = running.request("/api/create", {**body, "stream": False})
+        assert got == status and expect in json.loads(data)["error"], data
+    assert "x:1" not in [str(e.name) for e in store.list()]
+    running.server.shutdown()
