@@ -213,6 +213,44 @@ def push_cmd(
     typer.echo(f"pushed {name} to {target} ({human_bytes(sent)} uploaded)", err=True)
 
 
+HOST_HELP = "The server: [http://]HOST[:PORT] (default $QVL_HOST, else 127.0.0.1:11434)."
+
+
+@app.command("ps", help="List the models a running qvl serve (or Ollama) has loaded: name, id, size, processor.\n\n"
+                        "Example: qvl ps --host 127.0.0.1:11434")
+def ps_cmd(host: Optional[str] = typer.Option(None, "--host", help=HOST_HELP)) -> None:
+    from .client import ClientError, ask, processor, server_url
+
+    try:
+        models = ask(server_url(host), "/api/ps").get("models", [])
+    except ClientError as e:
+        _store_fail(e)
+    width = max([len(m.get("name", "")) for m in models] + [4])
+    typer.echo(f"{'NAME':<{width}}  {'ID':<12}  {'SIZE':>10}  {'PROCESSOR':<16}  UNTIL")
+    for m in models:
+        size, until = int(m.get("size") or 0), m.get("expires_at", "")
+        typer.echo(f"{m.get('name', ''):<{width}}  {m.get('digest', '')[-64:][:12]:<12}  {human_bytes(size):>10}  "
+                   f"{processor(size, int(m.get('size_vram') or 0)):<16}  "
+                   f"{'Forever' if until.startswith('0001-') else until}")
+
+
+@app.command("stop", help="Unload a model from a running qvl serve (or Ollama), as `ollama stop`.\n\n"
+                          "Example: qvl stop qwen2.5-vl:3b")
+def stop_cmd(name: str = typer.Argument(..., help="A loaded model's name (see qvl ps)."),
+             host: Optional[str] = typer.Option(None, "--host", help=HOST_HELP)) -> None:
+    from .client import ClientError, ask, server_url
+
+    try:
+        base = server_url(host)
+        loaded = [m.get("name") for m in ask(base, "/api/ps").get("models", [])]
+        if name not in loaded and f"{name}:latest" not in loaded:
+            raise ClientError(f"model {name!r} is not loaded" + (f" (loaded: {', '.join(loaded)})" if loaded else ""))
+        ask(base, "/api/generate", {"model": name, "keep_alive": 0})
+    except ClientError as e:
+        _store_fail(e)
+    typer.echo(f"stopped {name}", err=True)
+
+
 @app.command("serve", help="Answer Ollama's HTTP API (/api/generate, /api/chat, /api/tags, /api/show, /api/ps, "
                            "/api/pull, /api/create, /api/copy, /api/delete) and "
                            "OpenAI's chat completions (/v1/chat/completions, /v1/models) for the stored models, "

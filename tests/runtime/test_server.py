@@ -436,3 +436,32 @@ def test_create_from_a_stored_model(tmp_path, files):
         assert got == status and expect in json.loads(data)["error"], data
     assert "x:1" not in [str(e.name) for e in store.list()]
     running.server.shutdown()
+
+
+def test_qvl_ps_and_stop_ask_the_server(tmp_path, files, monkeypatch):
+    from qvl.runtime.client import processor, server_url
+
+    store = Store(tmp_path)
+    store.create("a:1", files / MODEL, files / f"mmproj-{MODEL}")
+    running = Running(Service(ServeConfig(), store, loader=lambda name, **kw: Stand()))
+    host = running.url.removeprefix("http://")
+    runner = CliRunner()
+    r = runner.invoke(app, ["ps", "--host", host])
+    assert r.exit_code == 0 and r.stdout.split() == ["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL"]
+    running.json("/api/generate", {"model": "a:1", "prompt": ""})
+    monkeypatch.setenv("QVL_HOST", host)  # the default host
+    r = runner.invoke(app, ["ps"])
+    row = r.stdout.splitlines()[1].split()
+    assert r.exit_code == 0 and row[0] == "a:1" and row[1] == store.get("a:1").digest[7:19]
+    assert row[-3:] == ["100%", "CPU", "Forever"]
+    r = runner.invoke(app, ["stop", "b:1"])
+    assert r.exit_code == 2 and r.stderr.strip() == "qvl: error: model 'b:1' is not loaded (loaded: a:1)"
+    r = runner.invoke(app, ["stop", "a:1"])
+    assert r.exit_code == 0 and running.json("/api/ps") == {"models": []}
+    running.server.shutdown()
+    r = runner.invoke(app, ["ps", "--host", "127.0.0.1:9"])
+    assert r.exit_code == 2 and r.stderr.startswith("qvl: error: no server at http://127.0.0.1:9 (")
+    assert r.stderr.strip().endswith("start one with qvl serve") and r.stderr.count("\n") == 1
+    assert server_url("0.0.0.0") == "http://127.0.0.1:11434" and server_url("h:80/") == "http://h:80"
+    assert server_url("https://[::1]") == "https://[::1]:11434"
+    assert [processor(100, v) for v in (0, 100, 150, 25)] == ["100% CPU", "100% GPU", "100% GPU", "75%/25% CPU/GPU"]
