@@ -24,7 +24,8 @@ import torch
 
 from .image import ImageError
 from .model import ModelError
-from .server import ROUTES, VERSION, Reply, RequestError, Service
+from .openai_api import ROUTES
+from .server import VERSION, Reply, RequestError, Service
 from .store import StoreError
 from .video import VideoError
 

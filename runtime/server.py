@@ -13,9 +13,7 @@
     POST /api/create            {"model", "from", "system", "template", "license", "parameters"} or {"model",
                                  "modelfile"}: a stored model with other defaults
     DELETE /api/delete          {"model"}
-    GET  /v1/models             OpenAI's model list
-    POST /v1/chat/completions   OpenAI's chat: content parts "text" and "image_url" (data: URLs),
-                                response_format
+    GET  /v1/models, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
 
 One model is loaded at a time: a request naming another stored model replaces it. Requests for
 the model are answered one at a time, in the thread that calls `serve` (http_serve.py; the
@@ -520,52 +518,6 @@ class Service:
             return Reply([e for e in stream()][-1])
         return Reply(events=stream())
 
-    # -- OpenAI ---------------------------------------------------------------------------------
-
-    def openai_models(self, body: dict[str, Any]) -> Reply:
-        return Reply({"object": "list", "data": [{"id": str(e.name), "object": "model", "created": int(e.modified),
-                                                  "owned_by": "library"} for e in self.store.list()]})
-
-    def openai_chat(self, body: dict[str, Any]) -> Reply:
-        loaded = self.use(body.get("model"))
-        messages = _messages(body.get("messages"), None)
-        if loaded.system is not None and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": loaded.system})
-        options = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if body.get(k) is not None}
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        if limit is not None:
-            options["num_predict"] = limit
-        kwargs = generation_options(loaded.params, options, self.config.ctx_size)
-        pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), **kwargs)
-        name, created, cid = self._name(loaded), int(time.time()), f"chatcmpl-{next(self._ids)}"
-
-        def finish() -> str:
-            g = loaded.model.last_generation
-            assert g is not None
-            return "stop" if g.ended else "length"
-
-        if not body.get("stream", False):
-            text = "".join(pieces)
-            g = loaded.model.last_generation
-            assert g is not None
-            return Reply({"id": cid, "object": "chat.completion", "created": created, "model": name,
-                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                       "finish_reason": finish()}],
-                          "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids),
-                                    "total_tokens": g.prompt_tokens + len(g.token_ids)}})
-
-        def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-
-        def events() -> Iterator[dict[str, Any]]:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            for piece in pieces:
-                yield chunk({"content": piece}, None)
-            yield chunk({}, finish())
-
-        return Reply(events=events(), sse=True)
-
 
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("GET", "/"): lambda s, b: Reply("qvl is running"),
@@ -579,6 +531,4 @@ ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("DELETE", "/api/delete"): Service.delete,
     ("POST", "/api/pull"): Service.pull,
     ("POST", "/api/create"): Service.create,
-    ("GET", "/v1/models"): Service.openai_models,
-    ("POST", "/v1/chat/completions"): Service.openai_chat,
 }

@@ -465,3 +465,25 @@ def test_qvl_ps_and_stop_ask_the_server(tmp_path, files, monkeypatch):
     assert server_url("0.0.0.0") == "http://127.0.0.1:11434" and server_url("h:80/") == "http://h:80"
     assert server_url("https://[::1]") == "https://[::1]:11434"
     assert [processor(100, v) for v in (0, 100, 150, 25)] == ["100% CPU", "100% GPU", "100% GPU", "75%/25% CPU/GPU"]
+
+
+def test_openai_completions_continue_the_prompt_as_it_is(running, reference):
+    """/v1/completions: the prompt without the chat template, 16 tokens unless max_tokens says."""
+    want = reference.generate("The cat sat on", template=False, max_new_tokens=16)
+    got = running.json("/v1/completions", {"model": "tiny:1", "prompt": "The cat sat on"})
+    assert got["object"] == "text_completion" and got["id"].startswith("cmpl-")
+    assert got["choices"] == [{"index": 0, "text": want.text, "logprobs": None, "finish_reason": "length"}]
+    assert got["usage"]["prompt_tokens"] == want.prompt_tokens == 4 and got["usage"]["completion_tokens"] == 16
+    short = reference.generate("The cat sat on", template=False, max_new_tokens=5).text
+    status, data = running.request("/v1/completions", {"model": "tiny:1", "prompt": ["The cat sat on"],
+                                                       "max_tokens": 5, "stream": True})
+    frames = data.decode().split("\n\n")
+    assert status == 200 and frames[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(f.removeprefix("data: ")) for f in frames[:-2]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == short
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[0]["object"] == "text_completion"
+    for body, expect in [({"prompt": ["a", "b"]}, "prompt: a string (one prompt a request)"),
+                         ({"prompt": "a", "suffix": "z"}, "suffix: not supported"),
+                         ({"prompt": "a", "n": 2}, "n: one completion a request")]:
+        status, data = running.request("/v1/completions", {"model": "tiny:1", **body})
+        assert status == 400 and expect in json.loads(data)["error"], data

@@ -1,0 +1,112 @@
+"""`qvl serve`'s OpenAI endpoints: /v1/models, /v1/chat/completions (content parts "text" and
+"image_url" as data: URLs, response_format) and /v1/completions (a prompt continued as it is,
+no chat template), on server.Service's loaded model. Streams are server-sent events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .server import ROUTES as OLLAMA_ROUTES
+from .server import Loaded, Reply, RequestError, Service, _messages, answer_format, generation_options
+
+
+def models(service: Service, body: dict[str, Any]) -> Reply:
+    return Reply({"object": "list", "data": [{"id": str(e.name), "object": "model", "created": int(e.modified),
+                                              "owned_by": "library"} for e in service.store.list()]})
+
+
+def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tokens: int | None) -> dict[str, Any]:
+    """Model.generate's keyword arguments from OpenAI's names over the stored parameters."""
+    options = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if body.get(k) is not None}
+    limit = body.get("max_completion_tokens", body.get("max_tokens", default_tokens))
+    if limit is not None:
+        options["num_predict"] = limit
+    return generation_options(loaded.params, options, service.config.ctx_size)
+
+
+def _answer(service: Service, loaded: Loaded, pieces: Iterator[str], body: dict[str, Any], kind: str,
+            choice: Callable[[str, str | None, bool], dict[str, Any]]) -> Reply:
+    """A chat.completion / text_completion reply, or its stream of chunks; `choice(text, reason,
+    first)` is a choice (a chunk's when streaming) with that text."""
+    name, created = service._name(loaded), int(time.time())
+    cid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{next(service._ids)}"
+
+    def finish() -> str:
+        g = loaded.model.last_generation
+        assert g is not None
+        return "stop" if g.ended else "length"
+
+    if not body.get("stream", False):
+        text = "".join(pieces)
+        g = loaded.model.last_generation
+        assert g is not None
+        return Reply({"id": cid, "object": kind, "created": created, "model": name,
+                      "choices": [choice(text, finish(), False)],
+                      "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids),
+                                "total_tokens": g.prompt_tokens + len(g.token_ids)}})
+
+    def chunk(part: dict[str, Any]) -> dict[str, Any]:
+        return {"id": cid, "object": f"{kind}.chunk" if kind == "chat.completion" else kind, "created": created,
+                "model": name, "choices": [part]}
+
+    def events() -> Iterator[dict[str, Any]]:
+        if kind == "chat.completion":
+            yield chunk(choice("", None, True))
+        for piece in pieces:
+            yield chunk(choice(piece, None, False))
+        yield chunk(choice("", finish(), False))
+
+    return Reply(events=events(), sse=True)
+
+
+def chat(service: Service, body: dict[str, Any]) -> Reply:
+    loaded = service.use(body.get("model"))
+    messages = _messages(body.get("messages"), None)
+    if loaded.system is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": loaded.system})
+    kwargs = _options(loaded, service, body, None)
+    pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), **kwargs)
+    streaming = bool(body.get("stream", False))
+
+    def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
+        if not streaming:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        delta = {"role": "assistant", "content": ""} if first else {} if reason else {"content": text}
+        return {"index": 0, "delta": delta, "finish_reason": reason}
+
+    return _answer(service, loaded, pieces, body, "chat.completion", choice)
+
+
+COMPLETION_TOKENS = 16  # OpenAI's max_tokens default for /v1/completions
+
+
+def complete(service: Service, body: dict[str, Any]) -> Reply:
+    """The legacy completions: the prompt continued as it is (no chat template, no system prompt)."""
+    loaded = service.use(body.get("model"))
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise RequestError(400, "prompt: a string (one prompt a request)")
+    for key in ("suffix", "echo", "best_of", "logprobs"):
+        if body.get(key) not in (None, False, 1, 0, ""):
+            raise RequestError(400, f"{key}: not supported by qvl serve")
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "n: one completion a request")
+    kwargs = _options(loaded, service, body, COMPLETION_TOKENS)
+    pieces = loaded.model.generate(prompt, stream=True, template=False, format=answer_format(body), **kwargs)
+
+    def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+
+    return _answer(service, loaded, pieces, body, "text_completion", choice)
+
+
+ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
+    **OLLAMA_ROUTES,
+    ("GET", "/v1/models"): models,
+    ("POST", "/v1/chat/completions"): chat,
+    ("POST", "/v1/completions"): complete,
+}
