@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import signal
 import sys
@@ -231,7 +232,22 @@ def ps_cmd(host: Optional[str] = typer.Option(None, "--host", help=HOST_HELP)) -
         size, until = int(m.get("size") or 0), m.get("expires_at", "")
         typer.echo(f"{m.get('name', ''):<{width}}  {m.get('digest', '')[-64:][:12]:<12}  {human_bytes(size):>10}  "
                    f"{processor(size, int(m.get('size_vram') or 0)):<16}  "
-                   f"{'Forever' if until.startswith('0001-') else until}")
+                   f"{_until(until)}")
+
+
+def _until(expires_at: str) -> str:
+    """Ollama's UNTIL column from an ISO time: Forever, N minutes from now, Stopping..."""
+    try:
+        left = calendar.timegm(time.strptime(expires_at[:19], "%Y-%m-%dT%H:%M:%S")) - time.time()
+    except ValueError:
+        return expires_at
+    if expires_at.startswith("0001-") or left > 100 * 365 * 86400:
+        return "Forever"
+    if left < 1:
+        return "Stopping..."
+    if left < 90:
+        return f"{int(left)} seconds from now"
+    return f"{round(left / 60)} minutes from now" if left < 5400 else f"{round(left / 3600)} hours from now"
 
 
 @app.command("stop", help="Unload a model from a running qvl serve (or Ollama), as `ollama stop`.\n\n"
@@ -268,11 +284,14 @@ def serve_cmd(
     max_vram: Optional[float] = typer.Option(None, "--max-vram", help="GPU memory budget in GB."),
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c", help="Context when a request and the model "
                                            "give no num_ctx (default 4096)."),
+    keep_alive: str = typer.Option("5m", "--keep-alive", help="How long a model stays loaded after its last "
+                                   "request, as Ollama's keep_alive (a request's own wins): 30s, 5m, 1h, 0 (unload "
+                                   "at once), -1 (until another replaces it)."),
 ) -> None:
     import torch
 
     from .http_serve import serve
-    from .server import RequestError, ServeConfig, Service
+    from .server import RequestError, ServeConfig, Service, keep_alive_seconds
 
     def fail(message: str) -> None:
         typer.echo(f"qvl serve: error: {message}", err=True)
@@ -293,14 +312,19 @@ def serve_cmd(
         typer.echo(f"qvl serve: warning: no CUDA GPU found; {', '.join(gpu_flags)} ignored, running on the CPU",
                    err=True)
         gpu_layers = max_vram = None
+    try:
+        keep_s = keep_alive_seconds(keep_alive, "--keep-alive")
+    except RequestError as e:
+        fail(e.message)
     device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, None, False)
-    config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model)
+    config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s)
     service = Service(config)
     if model is not None:
         try:
             service.use(model)
         except RequestError as e:
             fail(e.message)
+        service.settle(time.time())
 
     def log(line: str) -> None:
         typer.echo(f"qvl serve: {time.strftime('%H:%M:%S')} {line}", err=True)

@@ -190,8 +190,8 @@ def make_handler(service: Service, log: Callable[[str], None],
 def serve(service: Service, host: str, port: int, log: Callable[[str], None],
           ready: Callable[[HTTPServer], None] | None = None) -> None:
     """Answer requests until interrupted (or the server's `shutdown` from another thread): the
-    connections in threads of their own, the queued requests in this thread; `ready` gets the
-    bound server (its port, for port 0)."""
+    connections in threads of their own, the queued requests in this thread, which also unloads
+    a model idle for its keep_alive; `ready` gets the bound server (its port, for port 0)."""
     jobs: queue.Queue[Job] = queue.Queue(MAX_WAITING)
     server = ThreadingHTTPServer((host, port), make_handler(service, log, jobs))
     server.daemon_threads = True
@@ -204,8 +204,11 @@ def serve(service: Service, host: str, port: int, log: Callable[[str], None],
             try:
                 job = jobs.get(timeout=0.2)
             except queue.Empty:
+                if (gone := service.expire(time.time())) is not None:
+                    log(f"unloaded {gone} (idle for its keep_alive)")
                 continue
             _run(service, job)
+            service.settle(time.time())
     finally:
         server.shutdown()
         server.server_close()

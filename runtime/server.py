@@ -40,7 +40,9 @@ import gc
 import io
 import itertools
 import json
+import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -82,6 +84,32 @@ class ServeConfig:
     max_vram: float | None = None
     ctx_size: int | None = None  # num_ctx when neither the request nor the model says
     default_model: str | None = None  # MODEL given to `qvl serve`: a GGUF file or a stored name
+    keep_alive_s: float = 300.0  # how long a model stays loaded after its last request (inf: until replaced)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+FOREVER_S = 292 * 365.25 * 86400  # Ollama's "forever": its largest duration, about 292 years
+
+
+def keep_alive_seconds(value: Any, where: str = "keep_alive") -> float:
+    """Ollama's keep_alive: seconds (a number, or a string of one), or a Go duration ("5m",
+    "1h30m", "0"); negative: forever (math.inf)."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            body = text.removeprefix("-")
+            parts = _DURATION.findall(body)
+            if parts and "".join(n + u for n, u in parts) == body:
+                seconds = sum(float(n) * _UNIT_S[u] for n, u in parts) * (-1 if text.startswith("-") else 1)
+    if seconds is None or seconds != seconds:
+        raise RequestError(400, f"{where} {value!r}: seconds, or a duration like 5m, 30s or 1h; -1 for forever")
+    return math.inf if seconds < 0 else seconds
 
 
 @dataclass
@@ -241,11 +269,16 @@ class Service:
         self.loader = loader
         self.loaded: Loaded | None = None
         self._ids = itertools.count(1)
+        self._keep_s = config.keep_alive_s  # the last request's keep_alive
+        self.expires: float | None = None  # time.time() at which the idle model is unloaded; None while in use
 
     # -- models -------------------------------------------------------------------------------
 
-    def use(self, name: Any) -> Loaded:
-        """The model a request names (loading it, in place of the one loaded before)."""
+    def use(self, name: Any, keep_alive: Any = None) -> Loaded:
+        """The model a request names (loading it, in place of the one loaded before), kept
+        `keep_alive` (the server's default when None) after the request is done (`settle`)."""
+        self._keep_s = self.config.keep_alive_s if keep_alive is None else keep_alive_seconds(keep_alive)
+        self.expires = None
         name = name if name else self.config.default_model
         if not isinstance(name, str) or not name:
             raise RequestError(400, "model: required (a stored model's name)")
@@ -276,8 +309,22 @@ class Service:
         self.loaded = Loaded(key, model, params, system, time.perf_counter() - t0)
         return self.loaded
 
+    def settle(self, now: float) -> None:
+        """A request is done: the idle model's time to go starts."""
+        if self.loaded is not None and self.expires is None:
+            self.expires = now + self._keep_s
+
+    def expire(self, now: float) -> str | None:
+        """Unloads the model if it has been idle its keep_alive; the name of the one it unloaded."""
+        if self.loaded is None or self.expires is None or now < self.expires:
+            return None
+        name = self._name(self.loaded)
+        self._free()
+        return name
+
     def _free(self) -> None:
         self.loaded = None
+        self.expires = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -338,7 +385,7 @@ class Service:
     def generate(self, body: dict[str, Any]) -> Reply:
         if not body.get("prompt") and not body.get("images") and body.get("keep_alive") in (0, "0", "0s"):
             return self._unload(body.get("model"))  # Ollama's way to unload a model
-        loaded = self.use(body.get("model"))
+        loaded = self.use(body.get("model"), body.get("keep_alive"))
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):
             raise RequestError(400, "prompt: a string")
@@ -370,7 +417,7 @@ class Service:
             return None
 
     def chat(self, body: dict[str, Any]) -> Reply:
-        loaded = self.use(body.get("model"))
+        loaded = self.use(body.get("model"), body.get("keep_alive"))
         messages = _messages(body.get("messages"), "images")
         if loaded.system is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": loaded.system})
@@ -410,9 +457,11 @@ class Service:
             return Reply({"models": []})
         name = self._name(self.loaded)
         details = next((m for m in self.tags({}).body["models"] if m["name"] == self.loaded.key), {})
+        until = (self.expires if self.expires is not None else time.time() + self._keep_s)
+        expires_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + min(until - time.time(), FOREVER_S)))
         return Reply({"models": [{"name": name, "model": name, "size": details.get("size", 0),
                                   "digest": details.get("digest", ""), "details": details.get("details", {}),
-                                  "expires_at": "0001-01-01T00:00:00Z", "size_vram": _vram()}]})
+                                  "expires_at": expires_at, "size_vram": _vram()}]})
 
     def copy(self, body: dict[str, Any]) -> Reply:
         source, target = body.get("source"), body.get("destination")

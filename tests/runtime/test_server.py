@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import threading
 import urllib.error
 import urllib.request
@@ -18,7 +19,7 @@ from qvl.runtime.cli import app
 from qvl.runtime.model import ModelError
 from qvl.runtime.loader import load
 from qvl.runtime.http_serve import serve
-from qvl.runtime.server import RequestError, ServeConfig, Service
+from qvl.runtime.server import RequestError, ServeConfig, Service, keep_alive_seconds
 from qvl.runtime.store import Store
 
 MODEL = "tiny-qwen2.5-vl-f16.gguf"
@@ -225,6 +226,7 @@ def test_serve_command_errors(tmp_path, monkeypatch):
     for args, expect in ((["--port", "70000"], "--port 70000: 0 to 65535"),
                          (["--cpu", "--gpu-layers", "3"], "--cpu with --gpu-layers: choose one"),
                          (["--ctx-size", "0"], "--ctx-size 0: 1 or more"),
+                         (["--keep-alive", "soon"], "--keep-alive 'soon': seconds, or a duration like 5m"),
                          (["nope:1"], "model 'nope:1' not found")):
         r = runner.invoke(app, ["serve", *args])
         assert r.exit_code == 2 and r.stderr.startswith(f"qvl serve: error: {expect}"), r.stderr
@@ -453,7 +455,7 @@ def test_qvl_ps_and_stop_ask_the_server(tmp_path, files, monkeypatch):
     r = runner.invoke(app, ["ps"])
     row = r.stdout.splitlines()[1].split()
     assert r.exit_code == 0 and row[0] == "a:1" and row[1] == store.get("a:1").digest[7:19]
-    assert row[-3:] == ["100%", "CPU", "Forever"]
+    assert row[-6:] == ["100%", "CPU", "5", "minutes", "from", "now"]  # qvl serve's keep_alive: 5m
     r = runner.invoke(app, ["stop", "b:1"])
     assert r.exit_code == 2 and r.stderr.strip() == "qvl: error: model 'b:1' is not loaded (loaded: a:1)"
     r = runner.invoke(app, ["stop", "a:1"])
@@ -487,3 +489,48 @@ def test_openai_completions_continue_the_prompt_as_it_is(running, reference):
                          ({"prompt": "a", "n": 2}, "n: one completion a request")]:
         status, data = running.request("/v1/completions", {"model": "tiny:1", **body})
         assert status == 400 and expect in json.loads(data)["error"], data
+
+
+@pytest.mark.parametrize("value,seconds", [("5m", 300), ("1h30m", 5400), ("300ms", 0.3), ("1.5s", 1.5), (10, 10),
+                                           ("10", 10), (0, 0), ("0", 0), (-1, math.inf), ("-1m", math.inf),
+                                           ("-1", math.inf)])
+def test_keep_alive_durations(value, seconds):
+    assert keep_alive_seconds(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["5 minutes", "m", "5x", "", True, [5], None, "1h 5m"])
+def test_keep_alive_refused(value):
+    with pytest.raises(RequestError, match="a duration like 5m"):
+        keep_alive_seconds(value)
+
+
+def test_an_idle_model_is_unloaded_after_its_keep_alive(tmp_path, files):
+    """The model goes keep_alive after its last request is done (the server's default, or the
+    request's own); never while a request uses it; -1 keeps it; /api/ps says until when."""
+    store = Store(tmp_path)
+    store.create("a:1", files / MODEL, files / f"mmproj-{MODEL}")
+    service = Service(ServeConfig(keep_alive_s=60.0), store, loader=lambda name, **kw: Stand())
+    service.generate({"model": "a:1", "prompt": ""})
+    assert service.expire(1e12) is None  # in use: not settled yet
+    service.settle(1000.0)
+    assert service.expires == 1060.0 and service.expire(1059.0) is None and service.loaded is not None
+    assert service.expire(1060.0) == "a:1" and service.loaded is None
+    service.generate({"model": "a:1", "prompt": "", "keep_alive": "2h"})
+    service.settle(0.0)
+    assert service.expires == 7200.0
+    service.generate({"model": "a:1", "prompt": "", "keep_alive": -1})
+    service.settle(0.0)
+    assert service.expire(1e15) is None and service.loaded is not None
+    assert service.ps({}).body["models"][0]["expires_at"] > "2300"  # Ollama's forever, about 292 years
+    with pytest.raises(RequestError, match="keep_alive 'soon'"):
+        service.generate({"model": "a:1", "prompt": "", "keep_alive": "soon"})
+    running = Running(Service(ServeConfig(), store, loader=lambda name, **kw: Stand()))
+    running.json("/api/generate", {"model": "a:1", "prompt": ""})
+    assert [m["name"] for m in running.json("/api/ps")["models"]] == ["a:1"]
+    running.lines("/api/generate", {"model": "a:1", "prompt": "x", "keep_alive": 0})  # answered, then unloaded
+    for _ in range(50):
+        if running.json("/api/ps") == {"models": []}:
+            break
+        threading.Event().wait(0.1)
+    assert running.json("/api/ps") == {"models": []} and "unloaded a:1 (idle for its keep_alive)" in running.log
+    running.server.shutdown()
