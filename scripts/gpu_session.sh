@@ -151,6 +151,9 @@ followup)
         | tee "$out/tests-offload.log" | tail -5
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_dequant.py \
         -k "prefill_goes_through and (Q4_K or Q6_K)" 2>&1 | tee "$out/tests-dequant.log" | tail -5
+    # format="json" / a schema with the tiny model on the GPU (logits on the device, the grammar on the host)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_json_format.py \
+        tests/runtime/test_json_schema.py -k "model or qvl_run" 2>&1 | tee "$out/tests-format.log" | tail -5
     profiles
     # the same prompt with prefill's GEMMs dequantized to bf16 slabs and multiplied by cuBLAS (kernels/dequant.py)
     QVL_DEQUANT_GEMM=1 timeout 70 python3 scripts/profile_prefill.py /tmp/q7b-q4_k_m.gguf --device cuda \
