@@ -83,6 +83,7 @@ class Model:
         puts layers and the vision tower on an accelerator; with `max_vram` (bytes) a plan for
         a `plan_ctx`-token cache decides how many layers and whether the vision tower go there."""
         self.text_file = text_file
+        self.files = [text_file] + ([vision_file] if vision_file is not None and vision_file is not text_file else [])
         self.cfg: TextConfig = text_config(text_file)
         self.tokenizer = tokenizer_from_gguf(text_file)
         self.chat_template: str | None = text_file.get("tokenizer.chat_template")
