@@ -452,12 +452,14 @@ class Service:
         return Reply(events=events())
 
     def ps(self, body: dict[str, Any]) -> Reply:
-        """The loaded model, as Ollama's `ps` lists running ones."""
-        if self.loaded is None:
+        """The loaded model, as Ollama's `ps` lists running ones (read in a connection's thread
+        while the serving thread may unload it: from one look at it)."""
+        loaded, expires = self.loaded, self.expires
+        if loaded is None:
             return Reply({"models": []})
-        name = self._name(self.loaded)
-        details = next((m for m in self.tags({}).body["models"] if m["name"] == self.loaded.key), {})
-        until = (self.expires if self.expires is not None else time.time() + self._keep_s)
+        name = self._name(loaded)
+        details = next((m for m in self.tags({}).body["models"] if m["name"] == loaded.key), {})
+        until = expires if expires is not None else time.time() + self._keep_s
         expires_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + min(until - time.time(), FOREVER_S)))
         return Reply({"models": [{"name": name, "model": name, "size": details.get("size", 0),
                                   "digest": details.get("digest", ""), "details": details.get("details", {}),
