@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,15 +61,42 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
 
 def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placement, max_vram: int | None,
           plan_ctx: int) -> Model:
+    defaults: dict[str, Any] = {}
+
     def model(text: GGUFFile, vision: GGUFFile | None) -> Model:
-        return Model(text, vision, fast, placement, max_vram, plan_ctx)
+        m = Model(text, vision, fast, placement, max_vram, plan_ctx)
+        m.defaults = defaults
+        return m
 
     if not path.exists() and mmproj is None:  # a store name (pulled when missing), else the missing file's error
         from .sources import stored_or_pulled
 
-        path, mmproj = stored_or_pulled(str(path)) or (path, None)
+        name = str(path)
+        path, mmproj = stored_or_pulled(name) or (path, None)
+        if path.exists():
+            defaults = stored_generate_defaults(name)
     text = GGUFFile(path)
     if text.architecture == "qwen25vl":
         return model(text, text)  # Ollama: vision in the same file
     vision_path = Path(mmproj) if mmproj else find_mmproj(path)
     return model(text, GGUFFile(vision_path) if vision_path else None)
+
+
+def stored_generate_defaults(name: str) -> dict[str, Any]:
+    """A stored model's PARAMETERs and SYSTEM as Model.generate's keyword arguments (its defaults:
+    Model.defaults); num_predict -1 as qvl-run's -n -1, the context bounding the answer."""
+    from .modelfile import USED, stored_defaults
+    from .store import Store, StoreError
+
+    try:
+        params, system = stored_defaults(Store(), name)
+    except StoreError as e:
+        raise ModelError(str(e)) from None
+    out: dict[str, Any] = {("max_new_tokens" if USED[k][1] == "max_length" else USED[k][1]): v
+                           for k, v in params.items()}
+    if out.get("max_new_tokens") == -1:
+        out["ctx_size"] = out.get("ctx_size") or PLAN_CTX
+        out["max_new_tokens"] = out["ctx_size"]
+    if system is not None:
+        out["system"] = system
+    return out

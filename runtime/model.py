@@ -134,6 +134,7 @@ class Model:
         self._prompt_keys = PromptKeys()  # what the kept cache holds (prompt_cache.py)
         self._generation = 0  # counts generations: a stale one neither continues nor records its cache
         self.last_generation: Generation | None = None  # a finished stream's Generation (_pieces)
+        self.defaults: dict[str, Any] = {}  # generate's defaults (a stored model's PARAMETERs, SYSTEM): loader.py
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
         self._token_table: TokenTable | None = None  # format="json"'s view of the vocabulary, made once
@@ -400,10 +401,10 @@ class Model:
         cache = self.decoder.new_cache(embeds.shape[0], self.placement.kv_type)
         return self._prefill(embeds, positions, cache, all_logits=True)
 
-    def generate(self, prompt: str, images: list[ImageLike] | None = None, *, max_new_tokens: int = 512,
+    def generate(self, prompt: str, images: list[ImageLike] | None = None, *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                 min_p: float | None = None, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
-                 seed: int = 299792458, stream: bool = False, system: str | None = None, template: bool = True,
+                 min_p: float | None = None, repeat_penalty: float | None = None, repeat_last_n: int | None = None,
+                 seed: int | None = None, stream: bool = False, system: str | None = None, template: bool = True,
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
                  cache_prompt: bool = True, stop: list[str] | None = None,
@@ -414,7 +415,19 @@ class Model:
         is not read again (Generation.reused_tokens says how much). The answer ends before the
         first of the `stop` strings it comes to (as at an end-of-turn token: Generation.ended).
         `format` "json" keeps the answer to one JSON object, a JSON schema (a dict) to what it allows
-        (json_format.py)."""
+        (json_format.py). An argument left None takes `self.defaults`' value (a stored model's
+        PARAMETERs and SYSTEM), else the built-in one: 512 new tokens, no repeat penalty over the
+        last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 / min_p 0 turn a
+        stored sampler off)."""
+        d = self.defaults
+        temperature, top_p, top_k, min_p, ctx_size, system, stop = (
+            v if v is not None else d.get(k) for k, v in (("temperature", temperature), ("top_p", top_p),
+                                                           ("top_k", top_k), ("min_p", min_p), ("ctx_size", ctx_size),
+                                                           ("system", system), ("stop", stop)))
+        max_new_tokens = max_new_tokens if max_new_tokens is not None else d.get("max_new_tokens", 512)
+        repeat_penalty = repeat_penalty if repeat_penalty is not None else d.get("repeat_penalty", 1.0)
+        repeat_last_n = repeat_last_n if repeat_last_n is not None else d.get("repeat_last_n", 64)
+        seed = seed if seed is not None else d.get("seed", 299792458)
         if max_new_tokens < 0:
             raise ModelError(f"max_new_tokens {max_new_tokens}: 0 or more")
         if ctx_size is not None and ctx_size < 0:
@@ -461,7 +474,10 @@ class Model:
 
     def chat(self, messages: list[dict[str, Any]], stream: bool = False, **kwargs: Any) -> Generation | Iterator[str]:
         """Multi-turn chat in transformers' message format; images as {"type": "image", "image": path}.
-        Takes generate's keyword arguments; with `stream`, an iterator of text pieces."""
+        Takes generate's keyword arguments; with `stream`, an iterator of text pieces. A stored
+        SYSTEM (`defaults`) goes first where the messages have no system message."""
+        if self.defaults.get("system") is not None and (not messages or messages[0].get("role") != "system"):
+            messages = [{"role": "system", "content": self.defaults["system"]}, *messages]
         parts = [c for m in messages if isinstance(m["content"], list) for c in m["content"]]
         images = [c.get("image") or c.get("image_url") for c in parts
                   if c.get("type") == "image" or "image" in c or "image_url" in c]

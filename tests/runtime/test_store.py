@@ -203,3 +203,29 @@ def test_run_model_id_pulls_a_hub_id_or_runs_a_store_name(store, fixtures_dir, m
                          (["--model-id", "a/b", "--bf16", "--f32", "--prompt", "x"], "choose one")):
         r = runner.invoke(run_app, args)
         assert r.exit_code == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_load_by_name_takes_the_stored_parameters_and_system_as_defaults(store, fixtures_dir):
+    """qvl.load(name): the stored PARAMETERs and SYSTEM are generate's and chat's defaults; an
+    argument given wins (temperature 0: greedy over a stored temperature)."""
+    src = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp"
+    store.create("terse:1", src / "tiny-qwen2.5-vl-f16.gguf", src / "mmproj-tiny-qwen2.5-vl-f16.gguf",
+                 params={"num_predict": 4, "seed": 5, "temperature": 0.9, "top_k": 20},
+                 system="Answer in one word.")
+    named, plain = load("terse:1"), load(src / "tiny-qwen2.5-vl-f16.gguf")
+    assert named.defaults == {"max_new_tokens": 4, "seed": 5, "temperature": 0.9, "top_k": 20,
+                              "system": "Answer in one word."} and plain.defaults == {}
+    want = plain.generate("Describe it.", max_new_tokens=4, seed=5, temperature=0.9, top_k=20,
+                          system="Answer in one word.", cache_prompt=False)
+    got = named.generate("Describe it.", cache_prompt=False)
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 4
+    greedy = named.generate("Describe it.", temperature=0, max_new_tokens=6, system="Be long.", cache_prompt=False)
+    assert greedy.token_ids == plain.generate("Describe it.", max_new_tokens=6, system="Be long.",
+                                              cache_prompt=False).token_ids
+    messages = [{"role": "user", "content": "Describe it."}]
+    chat = named.chat(messages, temperature=0)
+    assert chat.token_ids == plain.chat([{"role": "system", "content": "Answer in one word."}, *messages],
+                                        max_new_tokens=4).token_ids
+    store.create("long:1", src / "tiny-qwen2.5-vl-f16.gguf", src / "mmproj-tiny-qwen2.5-vl-f16.gguf",
+                 params={"num_predict": -1, "num_ctx": 64})
+    assert load("long:1").defaults == {"max_new_tokens": 64, "ctx_size": 64}  # as -n -1: the context bounds it
