@@ -134,6 +134,10 @@ followup)
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 90 python3 scripts/bench_run.py /tmp/q7b-q4_k_m.gguf \
         --device cuda --tokens 64 --size 1024 --ctx 4096 > "$out/run-expandable.json" 2>&1
     cat "$out/run-expandable.json"
+    # qvl bench's llama-bench table for the same file (pp512, tg128, img1024x1024; 2 runs each)
+    timeout 90 python3 -c "import sys; from qvl.runtime.entry import qvl; sys.argv = ['qvl', 'bench', \
+        '/tmp/q7b-q4_k_m.gguf', '-r', '2']; qvl()" > "$out/qvl-bench.md" 2>&1
+    cat "$out/qvl-bench.md"
     # the Q4_K / Q6_K GEMVs on int8 activations (kernels/qgemv_q8.py; x's int8 form written by what
     # wrote x): decode end to end, and what they do to the logits (random weights: no real model travels)
     QVL_INT8_GEMV=1 timeout 70 python3 scripts/profile_decode.py /tmp/q7b-q4_k_m.gguf --device cuda \
