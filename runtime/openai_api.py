@@ -38,30 +38,43 @@ def _answer(service: Service, loaded: Loaded, pieces: Iterator[str], body: dict[
         assert g is not None
         return "stop" if g.ended else "length"
 
-    if not body.get("stream", False):
-        text = "".join(pieces)
+    def usage() -> dict[str, int]:
         g = loaded.model.last_generation
         assert g is not None
-        return Reply({"id": cid, "object": kind, "created": created, "model": name,
-                      "choices": [choice(text, finish(), False)],
-                      "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids),
-                                "total_tokens": g.prompt_tokens + len(g.token_ids)}})
+        return {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids),
+                "total_tokens": g.prompt_tokens + len(g.token_ids)}
 
-    def chunk(part: dict[str, Any]) -> dict[str, Any]:
+    if not body.get("stream", False):
+        text = "".join(pieces)
+        return Reply({"id": cid, "object": kind, "created": created, "model": name,
+                      "choices": [choice(text, finish(), False)], "usage": usage()})
+
+    def chunk(parts: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": cid, "object": f"{kind}.chunk" if kind == "chat.completion" else kind, "created": created,
-                "model": name, "choices": [part]}
+                "model": name, "choices": parts}
+
+    stream_options = body.get("stream_options")
+    with_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
 
     def events() -> Iterator[dict[str, Any]]:
         if kind == "chat.completion":
-            yield chunk(choice("", None, True))
+            yield chunk([choice("", None, True)])
         for piece in pieces:
-            yield chunk(choice(piece, None, False))
-        yield chunk(choice("", finish(), False))
+            yield chunk([choice(piece, None, False)])
+        yield chunk([choice("", finish(), False)])
+        if with_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
+            yield {**chunk([]), "usage": usage()}
 
     return Reply(events=events(), sse=True)
 
 
+def _one_choice(body: dict[str, Any]) -> None:
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "n: one choice a request")
+
+
 def chat(service: Service, body: dict[str, Any]) -> Reply:
+    _one_choice(body)
     loaded = service.use(body.get("model"))
     messages = _messages(body.get("messages"), None)
     if loaded.system is not None and messages[0]["role"] != "system":
@@ -93,8 +106,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     for key in ("suffix", "echo", "best_of", "logprobs"):
         if body.get(key) not in (None, False, 1, 0, ""):
             raise RequestError(400, f"{key}: not supported by qvl serve")
-    if body.get("n", 1) != 1:
-        raise RequestError(400, "n: one completion a request")
+    _one_choice(body)
     kwargs = _options(loaded, service, body, COMPLETION_TOKENS)
     pieces = loaded.model.generate(prompt, stream=True, template=False, format=answer_format(body), **kwargs)
 

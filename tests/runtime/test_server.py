@@ -486,7 +486,7 @@ def test_openai_completions_continue_the_prompt_as_it_is(running, reference):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[0]["object"] == "text_completion"
     for body, expect in [({"prompt": ["a", "b"]}, "prompt: a string (one prompt a request)"),
                          ({"prompt": "a", "suffix": "z"}, "suffix: not supported"),
-                         ({"prompt": "a", "n": 2}, "n: one completion a request")]:
+                         ({"prompt": "a", "n": 2}, "n: one choice a request")]:
         status, data = running.request("/v1/completions", {"model": "tiny:1", **body})
         assert status == 400 and expect in json.loads(data)["error"], data
 
@@ -534,3 +534,16 @@ def test_an_idle_model_is_unloaded_after_its_keep_alive(tmp_path, files):
         threading.Event().wait(0.1)
     assert running.json("/api/ps") == {"models": []} and "unloaded a:1 (idle for its keep_alive)" in running.log
     running.server.shutdown()
+
+
+def test_openai_stream_usage_and_one_choice(running, reference):
+    want = reference.chat([{"role": "user", "content": "Describe it."}], max_new_tokens=4)
+    body = {"model": "tiny:1", "max_tokens": 4, "messages": [{"role": "user", "content": "Describe it."}],
+            "stream": True, "stream_options": {"include_usage": True}}
+    status, data = running.request("/v1/chat/completions", body)
+    chunks = [json.loads(f.removeprefix("data: ")) for f in data.decode().split("\n\n")[:-2]]
+    assert status == 200 and chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": want.prompt_tokens, "completion_tokens": 4, "total_tokens": want.prompt_tokens + 4}
+    assert "usage" not in chunks[-2] and chunks[-2]["choices"][0]["finish_reason"] == "length"
+    status, data = running.request("/v1/chat/completions", {**body, "n": 3})
+    assert status == 400 and "n: one choice a request" in json.loads(data)["error"]
