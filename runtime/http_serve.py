@@ -3,9 +3,10 @@ with one log line each. Each connection has a thread of its own, which reads the
 writes the reply; the endpoints that only read the store or the server's state (`LIGHT`:
 /api/tags, /api/ps, /api/show, /api/version, /v1/models; and /api/pull) answer there at once,
 the others (a model's work) are queued to the thread that calls `serve` and run there one at a
-time, in order (torch's CPU ops run slower from a second thread: server.py). A reply is JSON, text, or a stream (JSON lines,
-or server-sent events); an error before the reply starts is {"error"} with its status, one
-inside a stream is the stream's last event; a client that leaves ends its generation."""
+time, in order (torch's CPU ops run slower from a second thread: server.py). A reply is JSON,
+text, or a stream (JSON lines, or server-sent events); an error before the reply starts is
+{"error"} with its status, one inside a stream is the stream's last event; a client that leaves
+ends its generation."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from .json_grammar import Grammar, State, any_object
 from .json_schema import schema_grammar
 
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet backwards: the character a token's text uses for each byte."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
@@ -52,6 +53,7 @@ def _plain(piece: bytes) -> bool:
 
 
 def token_table(tokenizer: Tokenizer, n_vocab: int) -> TokenTable:
+    """The table of the ids below n_vocab (the logits' length)."""
     decoder = _byte_decoder()
     pieces: list[bytes | None] = [None] * n_vocab
     for text, i in tokenizer.get_vocab(with_added_tokens=False).items():

@@ -93,7 +93,8 @@ class String:
             spelled = any(alive >> i & 1 and len(x) == pos for i, x in enumerate(self.exclude))
             return [(DONE,)] if count >= self.min_len and not spelled else []
         if alive:
-            alive = sum(1 << i for i, x in enumerate(self.exclude) if alive >> i & 1 and pos < len(x) and x[pos] == byte)
+            alive = sum(1 << i for i, x in enumerate(self.exclude)
+                        if alive >> i & 1 and pos < len(x) and x[pos] == byte)
         more = (pos + 1, alive) if self.exclude else (0, 0)
         if need:
             return [(STAY, (1, count, 0, need - 1, 0x80, 0xBF, *more))] if lo <= byte <= hi else []

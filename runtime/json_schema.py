@@ -1,11 +1,11 @@
 """A JSON schema (Ollama's `format: {...}`, OpenAI's `response_format: json_schema`) as a
 json_grammar.Grammar, with llama.cpp's json-schema-to-grammar's reading of it: an object's
 declared properties come in the schema's order, the required ones first, and no others unless
-`additionalProperties` allows them (and then not under a declared key's name); `type` (one or a list), `enum`, `const`, `anyOf` / `oneOf`,
-`$ref` into `$defs` / `definitions` (recursion included), `items`, `minItems` / `maxItems`,
-`minLength` / `maxLength`. Keywords that would constrain what this does not follow (`pattern`,
-`format`, `minimum`, ...) are refused by name rather than ignored; descriptive ones (`title`,
-`description`, `default`, `examples`) are ignored.
+`additionalProperties` allows them (and then not under a declared key's name); `type` (one or a
+list), `enum`, `const`, `anyOf` / `oneOf`, `$ref` into `$defs` / `definitions` (recursion
+included), `items`, `minItems` / `maxItems`, `minLength` / `maxLength`. Keywords that would
+constrain what this does not follow (`pattern`, `format`, `minimum`, ...) are refused by name
+rather than ignored; descriptive ones (`title`, `description`, `default`, `examples`) are ignored.
 """
 
 from __future__ import annotations

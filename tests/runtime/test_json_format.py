@@ -118,7 +118,8 @@ def table(model):
     return token_table(model.tokenizer, model.cfg.n_vocab)
 
 
-@pytest.mark.parametrize("text", ['{"name": "Ünïcode 😀 中文", "n": [1, 2.5e3]}', "  \n\tx\r\u00a0", "日本語のテキスト"])
+@pytest.mark.parametrize("text", ['{"name": "Ünïcode 😀 中文", "n": [1, 2.5e3]}', "  \n\tx\r\u00a0",
+                                  "日本語のテキスト"])
 def test_token_bytes_spell_the_text(model, table, text):
     ids = model.tokenizer.encode(text).ids
     assert b"".join(table.pieces[i] for i in ids) == text.encode()
@@ -235,8 +236,8 @@ def test_the_models_answer_is_json(model, monkeypatch, kwargs):
     for logits, history, _, tok in seen:  # tok is taken, every token scored above it is refused
         scores = _penalized(logits, history, SamplingParams(repeat_penalty=kwargs.get("repeat_penalty", 1.0)))
         above = torch.nonzero(scores > scores[tok]).flatten().tolist()
-        assert all(not complete(state) if t in model.stop_ids else pieces[t] is None or advance(state, pieces[t]) is None
-                   for t in above)
+        assert all(not complete(state) if t in model.stop_ids
+                   else pieces[t] is None or advance(state, pieces[t]) is None for t in above)
         if tok in model.stop_ids:
             assert complete(state)
         else:
