@@ -261,14 +261,24 @@ def bench_cmd(
         fail(str(e).strip("'\""))
     info = gguf_config(Path(loaded.text_file.path))
     name = " ".join(v for v in (info["model_family"], info["model_type"], info["file_type"]) if v)
-    loaded.generate("Hi", template=False, max_new_tokens=2, cache_prompt=False)  # warm-up
+    def status(text: str) -> None:  # on a terminal: what runs now (a 7B's tests take minutes on a CPU)
+        if sys.stderr.isatty():
+            typer.echo(f"\r\033[Kqvl bench: {text}", err=True, nl=False)
+
+    status("warm-up")
+    loaded.generate("Hi", template=False, max_new_tokens=2, cache_prompt=False)
     tests = []
     if prompt_tokens:
+        status(f"pp{prompt_tokens}, {reps} runs")
         tests.append(bench.prompt_processing(loaded, prompt_tokens, reps, 1))
     if gen_tokens:
+        status(f"tg{gen_tokens}, {reps} runs")
         tests.append(bench.text_generation(loaded, gen_tokens, reps))
     if size is not None and loaded.vision is not None:
+        status(f"img{size[0]}x{size[1]}, {reps} runs")
         tests.append(bench.image_encoding(loaded, size[0], size[1], reps, 2))
+    if sys.stderr.isatty():
+        typer.echo("\r\033[K", err=True, nl=False)
     total = sum(Path(f.path).stat().st_size for f in loaded.files)
     if json_out:
         typer.echo(json.dumps({"model": name, "size": total, "params": bench.params_of(loaded),
