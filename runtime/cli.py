@@ -86,7 +86,7 @@ def create_cmd(
             extra = check_params(extra, strict=True)
             job = Creation(model, mmproj, extra, template.read_text() if template else None, None, None)
         entry = store.create(name, job.model, job.projector or find_mmproj(job.model), job.template,
-                             job.params or None, job.license, system=job.system)
+                             job.params or None, job.license, system=job.system, messages=job.messages)
     except (StoreError, GGUFError, OSError, json.JSONDecodeError, ModelfileError) as e:
         _store_fail(e)
     typer.echo(f"created {entry.name} ({len(entry.manifest['layers'])} layers, {human_bytes(entry.size)})", err=True)
@@ -144,6 +144,8 @@ def show_cmd(
             if text is not None:
                 text = " ".join(text.split())  # one line of the table
                 rows.append((kind, text if len(text) < 70 else text[:67] + "..."))
+        if messages := store.messages(entry):
+            rows.append(("messages", f"{len(messages)} ({', '.join(m['role'] for m in messages)})"))
     except (StoreError, GGUFError) as e:
         _store_fail(e)
     for k, v in rows:

@@ -83,13 +83,16 @@ def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placemen
 
 
 def stored_generate_defaults(name: str) -> dict[str, Any]:
-    """A stored model's PARAMETERs and SYSTEM as Model.generate's keyword arguments (its defaults:
-    Model.defaults); num_predict -1 as qvl-run's -n -1, the context bounding the answer."""
+    """A stored model's PARAMETERs and SYSTEM as Model.generate's keyword arguments, and its
+    MESSAGE lines as "messages" (its defaults: Model.defaults); num_predict -1 as qvl-run's -n -1,
+    the context bounding the answer."""
     from .modelfile import USED, stored_defaults
     from .store import Store, StoreError
 
+    store = Store()
     try:
-        params, system = stored_defaults(Store(), name)
+        params, system = stored_defaults(store, name)
+        messages = store.messages(store.get(name))
     except StoreError as e:
         raise ModelError(str(e)) from None
     out: dict[str, Any] = {("max_new_tokens" if USED[k][1] == "max_length" else USED[k][1]): v
@@ -99,4 +102,6 @@ def stored_generate_defaults(name: str) -> dict[str, Any]:
         out["max_new_tokens"] = out["ctx_size"]
     if system is not None:
         out["system"] = system
+    if messages:
+        out["messages"] = messages
     return out

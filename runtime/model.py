@@ -143,7 +143,8 @@ class Model:
 
     def messages_for(self, prompt: str, n_images: int, system: str | None = None,
                      n_videos: int = 0) -> list[dict[str, Any]]:
-        """A user turn with images then videos first, or where `{image1}` / `{video1}`... say."""
+        """A user turn with images then videos first, or where `{image1}` / `{video1}`... say,
+        after the system prompt and the stored conversation (`defaults["messages"]`) if any."""
         content: list[dict[str, Any]] = []
         parts = re.split(r"\{(image|video)(\d+)\}", prompt)
         if len(parts) == 1:
@@ -160,7 +161,7 @@ class Model:
                         raise ModelError(f"prompt refers to {{{kind}{idx}}} but {have} {kind}(s) were given")
                     content.append({"type": kind})
         messages = [{"role": "system", "content": system}] if system else []
-        return messages + [{"role": "user", "content": content}]
+        return messages + list(self.defaults.get("messages", [])) + [{"role": "user", "content": content}]
 
     def _images(self, images: list[ImageLike], min_pixels: int, max_pixels: int):
         if images and self.vision is None:
@@ -475,9 +476,13 @@ class Model:
     def chat(self, messages: list[dict[str, Any]], stream: bool = False, **kwargs: Any) -> Generation | Iterator[str]:
         """Multi-turn chat in transformers' message format; images as {"type": "image", "image": path}.
         Takes generate's keyword arguments; with `stream`, an iterator of text pieces. A stored
-        SYSTEM (`defaults`) goes first where the messages have no system message."""
+        SYSTEM (`defaults`) goes first where the messages have no system message, and the stored
+        conversation (MESSAGE lines) after the system message."""
         if self.defaults.get("system") is not None and (not messages or messages[0].get("role") != "system"):
             messages = [{"role": "system", "content": self.defaults["system"]}, *messages]
+        if self.defaults.get("messages"):
+            head = 1 if messages and messages[0].get("role") == "system" else 0
+            messages = [*messages[:head], *self.defaults["messages"], *messages[head:]]
         parts = [c for m in messages if isinstance(m["content"], list) for c in m["content"]]
         images = [c.get("image") or c.get("image_url") for c in parts
                   if c.get("type") == "image" or "image" in c or "image_url" in c]

@@ -283,7 +283,7 @@ class Service:
         if not isinstance(name, str) or not name:
             raise RequestError(400, "model: required (a stored model's name)")
         if name == self.config.default_model and Path(name).is_file():
-            key, params, system = name, {}, None
+            key, params, system, messages = name, {}, None, []
             path, projector = Path(name), None  # load() finds the mmproj beside it
         else:
             try:
@@ -293,6 +293,7 @@ class Service:
             key = str(entry.name)
             try:
                 params, system = stored_defaults(self.store, name)
+                messages = self.store.messages(entry)
                 path, projector = self.store.resolve(name)
             except StoreError as e:
                 raise RequestError(500, str(e)) from None
@@ -306,6 +307,8 @@ class Service:
                                 max_vram=self.config.max_vram, plan_ctx=self.config.ctx_size or PLAN_CTX)
         except (GGUFError, ModelError, StoreError, KeyError, ValueError) as e:
             raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
+        if messages:  # the stored MESSAGE lines: every prompt follows that conversation (Model.defaults)
+            model.defaults = {"messages": messages}
         self.loaded = Loaded(key, model, params, system, time.perf_counter() - t0)
         return self.loaded
 
@@ -363,6 +366,8 @@ class Service:
             raise RequestError(404 if "not found" in str(e) else 500, str(e)) from None
         if system is not None:
             out["system"] = system
+        if messages := self.store.messages(entry):
+            out["messages"] = messages
         out["details"] = next((m["details"] for m in self.tags({}).body["models"] if m["name"] == str(entry.name)), {})
         out["model_info"], vision = self._model_info(name)
         out["capabilities"] = ["completion"] + (["vision"] if vision else [])
@@ -487,8 +492,8 @@ class Service:
         return Reply("")
 
     def create(self, body: dict[str, Any]) -> Reply:
-        """Ollama's create from a stored model: `from` with `system`, `template`, `license` and
-        `parameters`, or the older `modelfile` text whose FROM is a stored model. No files: the
+        """Ollama's create from a stored model: `from` with `system`, `template`, `license`,
+        `parameters` and `messages`, or the older `modelfile` text whose FROM is a stored model. No files: the
         server opens none a request names (`qvl create NAME -f Modelfile` on its machine does)."""
         from .modelfile import Creation, parse, stored_creation
 
@@ -501,6 +506,7 @@ class Service:
             if isinstance(body.get("modelfile"), str):
                 mf = parse(body["modelfile"])
                 sources, params, texts = mf.sources, mf.params, (mf.template, mf.system, mf.license)
+                messages = list(mf.messages)
             else:
                 source = body.get("from")
                 if not isinstance(source, str) or not source:
@@ -514,21 +520,28 @@ class Service:
                 sources, params = (source,), check_params(options, strict=True)
                 texts = tuple(t if isinstance(t, str) else None
                               for t in (body.get("template"), body.get("system"), license_text))
+                messages = body.get("messages") or []
+                if not isinstance(messages, list) or not all(
+                        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                        and isinstance(m.get("content"), str) for m in messages):
+                    raise RequestError(400, "messages: a list of {role: system, user or assistant, content: text}")
+                messages = [{"role": m["role"], "content": m["content"]} for m in messages]
             if len(sources) != 1:
                 raise RequestError(400, "FROM: one stored model")
             base = stored_creation(self.store, sources[0], "not a stored model (qvl serve opens no file a request "
                                                            "names)")
             job = Creation(base.model, base.projector, {**base.params, **params},
                            *(new if new is not None else old for new, old in
-                             zip(texts, (base.template, base.system, base.license))))
+                             zip(texts, (base.template, base.system, base.license))), tuple(messages) or base.messages)
             entry = self.store.create(name, job.model, job.projector, job.template, job.params or None, job.license,
-                                      system=job.system)
+                                      system=job.system, messages=job.messages)
         except ModelfileError as e:
             raise RequestError(404 if "not a stored model" in str(e) else 400, str(e)) from None
         except StoreError as e:
             raise _store_error(e) from None
         if self.loaded is not None and self.loaded.key == str(entry.name):  # its defaults are the new ones
             self.loaded.params, self.loaded.system = stored_defaults(self.store, str(entry.name))
+            self.loaded.model.defaults = {"messages": list(job.messages)} if job.messages else {}
         done = [{"status": "using existing layers"}, {"status": "writing manifest"}, {"status": "success"}]
         return Reply(done[-1]) if body.get("stream", True) is False else Reply(events=iter(done))
 

@@ -156,7 +156,8 @@ class Store:
 
     def create(self, name: str, model: Path, mmproj: Path | None = None, template: str | None = None,
                params: dict[str, Any] | None = None, license_text: str | None = None,
-               config: dict[str, Any] | None = None, system: str | None = None) -> Entry:
+               config: dict[str, Any] | None = None, system: str | None = None,
+               messages: list[dict[str, str]] | tuple = ()) -> Entry:
         parsed = ModelName.parse(name)
         for p in [model] + ([mmproj] if mmproj else []):
             with open(p, "rb") as f:
@@ -181,6 +182,9 @@ class Store:
         if params is not None:
             digest, size = self.add_blob(json.dumps(params).encode())
             layers.append({"mediaType": LAYER + "params", "digest": digest, "size": size})
+        if messages:  # Ollama's MESSAGE lines: [{"role", "content"}]
+            digest, size = self.add_blob(json.dumps(list(messages)).encode())
+            layers.append({"mediaType": LAYER + "messages", "digest": digest, "size": size})
         cfg = {"model_format": "gguf", "architecture": "amd64", "os": "linux", **(config or {}),
                "rootfs": {"type": "layers", "diff_ids": [x["digest"] for x in layers]}}
         cdigest, csize = self.add_blob(json.dumps(cfg).encode())
@@ -210,6 +214,19 @@ class Store:
         if not isinstance(params, dict):
             raise StoreError(f"model {str(entry.name)!r}: damaged params layer")
         return params
+
+    def messages(self, entry: Entry) -> list[dict[str, str]]:
+        """A model's messages layer ([] without one): the conversation its prompts follow."""
+        text = self.text(entry, "messages")
+        try:
+            messages = json.loads(text) if text is not None else []
+        except json.JSONDecodeError:
+            messages = None
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise StoreError(f"model {str(entry.name)!r}: damaged messages layer")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
 
     def write_manifest(self, name: ModelName, manifest: dict[str, Any]) -> None:
         self._atomic_write(self.manifests / name.path, json.dumps(manifest).encode())

@@ -60,7 +60,8 @@ def test_parse():
     ("PARAMETER temperature 1", "no FROM line"),
     ("FROM m.gguf\nSTOP x", "line 2: 'STOP': an instruction is one of FROM"),
     ("FROM m.gguf\nADAPTER lora.gguf", "line 2: ADAPTER: not supported"),
-    ("FROM m.gguf\nMESSAGE user hi", "MESSAGE: not supported"),
+    ("FROM m.gguf\nMESSAGE robot hi", "line 2: MESSAGE wants a role (system, user, assistant) and a text"),
+    ("FROM m.gguf\nMESSAGE\nSYSTEM x", "line 2: MESSAGE wants a role"),
     ("FROM m.gguf\nPARAMETER mirostat 2", "PARAMETER mirostat: qvl does not use it"),
     ("FROM m.gguf\nPARAMETER colour 2", "PARAMETER colour: unknown parameter"),
     ("FROM m.gguf\nPARAMETER top_k 1.5", "PARAMETER top_k '1.5': an integer"),
@@ -82,10 +83,42 @@ def test_parse_errors(text, expect):
 def test_render_reads_back():
     for system in ("plain", "two\nlines", 'has """ in it\nand a line', "trailing quote\""):
         params = {"temperature": 0.5, "num_predict": -1, "stop": ["<|im_end|>"]}
-        text = render(["/a/m.gguf", "/a/p.gguf"], params, "{{ .Prompt }}", system, "MIT", "m:1")
+        messages = ({"role": "user", "content": system}, {"role": "assistant", "content": "ok"})
+        text = render(["/a/m.gguf", "/a/p.gguf"], params, "{{ .Prompt }}", system, "MIT", "m:1", messages)
         mf = parse(text)
-        assert (mf.sources, mf.params, mf.template, mf.system, mf.license) == \
-               (("/a/m.gguf", "/a/p.gguf"), params, "{{ .Prompt }}", system, "MIT")
+        assert (mf.sources, mf.params, mf.template, mf.system, mf.license, mf.messages) == \
+               (("/a/m.gguf", "/a/p.gguf"), params, "{{ .Prompt }}", system, "MIT", messages)
+
+
+def test_message_lines():
+    mf = parse('FROM m.gguf\nMESSAGE user Is it blue?\nmessage ASSISTANT """Yes,\nblue."""\nMESSAGE system "be brief"\n')
+    assert mf.messages == ({"role": "user", "content": "Is it blue?"}, {"role": "assistant", "content": "Yes,\nblue."},
+                           {"role": "system", "content": "be brief"})
+
+
+def test_stored_messages_come_before_every_prompt(store, folder):
+    """MESSAGE lines are stored (Ollama's messages layer), shown, inherited by FROM the stored
+    model, and every prompt follows them: generate and chat of the model loaded by name render
+    the same conversation as the file's model given them in full."""
+    from qvl.runtime.loader import load
+
+    (folder / "Modelfile").write_text('FROM tiny-qwen2.5-vl-f16.gguf\nSYSTEM terse\nMESSAGE user Is the sky blue?\n'
+                                      'MESSAGE assistant Yes.\n')
+    assert runner.invoke(app, ["create", "fewshot:1", "-f", str(folder / "Modelfile")]).exit_code == 0
+    shown = runner.invoke(app, ["show", "fewshot:1", "--modelfile"]).stdout
+    assert 'MESSAGE user """Is the sky blue?"""' in shown and 'MESSAGE assistant """Yes."""' in shown
+    assert "messages          2 (user, assistant)" in runner.invoke(app, ["show", "fewshot:1"]).stdout
+    (folder / "Child").write_text("FROM fewshot:1\nPARAMETER seed 3\n")
+    assert runner.invoke(app, ["create", "child:1", "-f", str(folder / "Child")]).exit_code == 0
+    assert store.messages(store.get("child:1")) == [{"role": "user", "content": "Is the sky blue?"},
+                                                    {"role": "assistant", "content": "Yes."}]
+    named, plain = load("child:1"), load(folder / "tiny-qwen2.5-vl-f16.gguf")
+    history = [{"role": "system", "content": "terse"}, {"role": "user", "content": "Is the sky blue?"},
+               {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Is grass green?"}]
+    want = plain.chat(history, max_new_tokens=6)
+    assert named.generate("Is grass green?", max_new_tokens=6).token_ids == want.token_ids
+    assert named.chat([{"role": "user", "content": "Is grass green?"}], max_new_tokens=6).token_ids == want.token_ids
+    assert want.prompt_tokens > plain.generate("Is grass green?", system="terse", max_new_tokens=1).prompt_tokens
 
 
 def test_pulled_params_keep_what_qvl_uses():

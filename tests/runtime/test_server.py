@@ -547,3 +547,26 @@ def test_openai_stream_usage_and_one_choice(running, reference):
     assert "usage" not in chunks[-2] and chunks[-2]["choices"][0]["finish_reason"] == "length"
     status, data = running.request("/v1/chat/completions", {**body, "n": 3})
     assert status == 400 and "n: one choice a request" in json.loads(data)["error"]
+
+
+def test_a_models_messages_come_before_each_request(tmp_path, files, reference):
+    """/api/create's messages (Ollama's MESSAGE lines) are stored, shown, and every chat and
+    generate of the model follows them."""
+    store = Store(tmp_path)
+    store.create("tiny:1", files / MODEL, files / f"mmproj-{MODEL}")
+    running = Running(Service(ServeConfig(), store))
+    few = [{"role": "user", "content": "Is the sky blue?"}, {"role": "assistant", "content": "Yes."}]
+    assert running.json("/api/create", {"model": "few:1", "from": "tiny:1", "messages": few,
+                                        "stream": False}) == {"status": "success"}
+    assert running.json("/api/show", {"model": "few:1"})["messages"] == few
+    ask = [{"role": "user", "content": "Is grass green?"}]
+    want = reference.chat(few + ask, max_new_tokens=5).text
+    got = running.json("/api/chat", {"model": "few:1", "messages": ask, "stream": False,
+                                     "options": {"num_predict": 5}})
+    assert got["message"]["content"] == want
+    got = running.json("/api/generate", {"model": "few:1", "prompt": "Is grass green?", "stream": False,
+                                         "options": {"num_predict": 5}})
+    assert got["response"] == want
+    status, data = running.request("/api/create", {"model": "x:1", "from": "tiny:1", "messages": [{"role": "bot"}]})
+    assert status == 400 and "messages: a list of {role" in json.loads(data)["error"]
+    running.server.shutdown()
