@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .server import ROUTES as OLLAMA_ROUTES
 from .server import Loaded, Reply, RequestError, Service, _messages, answer_format, generation_options
 
 
@@ -117,7 +116,6 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
 
 
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
-    **OLLAMA_ROUTES,
     ("GET", "/v1/models"): models,
     ("POST", "/v1/chat/completions"): chat,
     ("POST", "/v1/completions"): complete,

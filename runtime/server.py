@@ -9,9 +9,9 @@
     POST /api/chat              {"model", "messages": [{"role", "content", "images"}], "format", "stream", "options"}
     GET  /api/ps                the loaded model
     POST /api/copy              {"source", "destination"}
-    POST /api/pull              {"model", "insecure", "stream"}: as `qvl pull`
-    POST /api/create            {"model", "from", "system", "template", "license", "parameters"} or {"model",
-                                 "modelfile"}: a stored model with other defaults
+    POST /api/pull, /api/push   {"model", "insecure", "stream"}: as `qvl pull` / `qvl push` (store_api.py)
+    POST /api/create            {"model", "from", "system", "template", "license", "parameters", "messages"}
+                                 or {"model", "modelfile"}: a stored model with other defaults (store_api.py)
     DELETE /api/delete          {"model"}
     GET  /v1/models, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
 
@@ -41,9 +41,7 @@ import io
 import itertools
 import json
 import math
-import queue
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,7 +63,6 @@ from .store import Store, StoreError
 
 VERSION = "0.1.0"
 DEFAULT_PORT = 11434  # Ollama's
-PULL_EVENT_S = 0.2  # a pull's progress events come at most this often
 
 
 class RequestError(Exception):
@@ -491,97 +488,6 @@ class Service:
             self._free()  # its blobs are gone
         return Reply("")
 
-    def create(self, body: dict[str, Any]) -> Reply:
-        """Ollama's create from a stored model: `from` with `system`, `template`, `license`,
-        `parameters` and `messages`, or the older `modelfile` text whose FROM is a stored model. No files: the
-        server opens none a request names (`qvl create NAME -f Modelfile` on its machine does)."""
-        from .modelfile import Creation, parse, stored_creation
-
-        name = _named(body)
-        for key in ("files", "adapters", "quantize"):
-            if body.get(key):
-                raise RequestError(400, f"{key}: qvl serve creates from stored models only; on the server's machine, "
-                                        "qvl create NAME -f Modelfile takes GGUF files")
-        try:
-            if isinstance(body.get("modelfile"), str):
-                mf = parse(body["modelfile"])
-                sources, params, texts = mf.sources, mf.params, (mf.template, mf.system, mf.license)
-                messages = list(mf.messages)
-            else:
-                source = body.get("from")
-                if not isinstance(source, str) or not source:
-                    raise RequestError(400, "from: the stored model to create from (or modelfile)")
-                options = body.get("parameters") or {}
-                if not isinstance(options, dict):
-                    raise RequestError(400, "parameters: a JSON object")
-                license_text = body.get("license")
-                if isinstance(license_text, list):
-                    license_text = "\n".join(str(t) for t in license_text)
-                sources, params = (source,), check_params(options, strict=True)
-                texts = tuple(t if isinstance(t, str) else None
-                              for t in (body.get("template"), body.get("system"), license_text))
-                messages = body.get("messages") or []
-                if not isinstance(messages, list) or not all(
-                        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                        and isinstance(m.get("content"), str) for m in messages):
-                    raise RequestError(400, "messages: a list of {role: system, user or assistant, content: text}")
-                messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-            if len(sources) != 1:
-                raise RequestError(400, "FROM: one stored model")
-            base = stored_creation(self.store, sources[0], "not a stored model (qvl serve opens no file a request "
-                                                           "names)")
-            job = Creation(base.model, base.projector, {**base.params, **params},
-                           *(new if new is not None else old for new, old in
-                             zip(texts, (base.template, base.system, base.license))), tuple(messages) or base.messages)
-            entry = self.store.create(name, job.model, job.projector, job.template, job.params or None, job.license,
-                                      system=job.system, messages=job.messages)
-        except ModelfileError as e:
-            raise RequestError(404 if "not a stored model" in str(e) else 400, str(e)) from None
-        except StoreError as e:
-            raise _store_error(e) from None
-        if self.loaded is not None and self.loaded.key == str(entry.name):  # its defaults are the new ones
-            self.loaded.params, self.loaded.system = stored_defaults(self.store, str(entry.name))
-            self.loaded.model.defaults = {"messages": list(job.messages)} if job.messages else {}
-        done = [{"status": "using existing layers"}, {"status": "writing manifest"}, {"status": "success"}]
-        return Reply(done[-1]) if body.get("stream", True) is False else Reply(events=iter(done))
-
-    def pull(self, body: dict[str, Any]) -> Reply:
-        """Ollama's pull: `qvl pull`'s sources (registries, hf.co/..., aliases, ollama://). The
-        download runs in a thread of its own (I/O; a client that leaves does not stop it); the
-        stream says "pulling NAME" with bytes done and total, at most every 0.2 s, then "success"."""
-        from .sources import pull_any
-
-        name = _named(body)
-        events: queue.Queue[dict[str, Any] | BaseException | None] = queue.Queue()
-        last = [0.0]
-
-        def progress(done: int, total: int) -> None:
-            now = time.monotonic()
-            if now - last[0] >= PULL_EVENT_S or done == total:
-                last[0] = now
-                events.put({"status": f"pulling {name}", "total": total, "completed": done})
-
-        def work() -> None:
-            try:
-                pull_any(name, self.store, bool(body.get("insecure", False)), progress)
-                events.put({"status": "success"})
-            except BaseException as e:  # noqa: BLE001 - handed to the request's thread
-                events.put(e)
-            events.put(None)
-
-        threading.Thread(target=work, name="qvl-pull", daemon=True).start()
-
-        def stream() -> Iterator[dict[str, Any]]:
-            yield {"status": "pulling manifest"}
-            while (event := events.get()) is not None:
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-
-        if body.get("stream", True) is False:
-            return Reply([e for e in stream()][-1])
-        return Reply(events=stream())
-
 
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("GET", "/"): lambda s, b: Reply("qvl is running"),
@@ -593,6 +499,4 @@ ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("GET", "/api/ps"): Service.ps,
     ("POST", "/api/copy"): Service.copy,
     ("DELETE", "/api/delete"): Service.delete,
-    ("POST", "/api/pull"): Service.pull,
-    ("POST", "/api/create"): Service.create,
 }

@@ -241,3 +241,25 @@ def test_bearer_token_challenge(tmp_path, stores):
         server.shutdown()
     assert seen["token_requests"] >= 1 and seen["unauthorized"] >= 1
     assert dst.get(f"{host}/me/tiny:v1").manifest == entry.manifest
+
+
+def test_api_push_and_pull(registry_host, stores):
+    """qvl serve's /api/push and /api/pull (store_api.py): a stored model pushed under its
+    registry name, pulled into another store; the streams end in success, a missing model is 404."""
+    from qvl.runtime import store_api
+    from qvl.runtime.server import RequestError, ServeConfig, Service
+
+    src, dst = stores
+    name = f"{registry_host}/me/api:v1"
+    src.copy("tiny:f16", name)
+    events = list(store_api.push(Service(ServeConfig(), src), {"model": name, "insecure": True}).events)
+    assert events[0] == {"status": "retrieving manifest"} and events[-1] == {"status": "success"}
+    done = store_api.pull(Service(ServeConfig(), dst), {"model": name, "insecure": True, "stream": False})
+    assert done.body == {"status": "success"}
+    assert dst.get(name).manifest == src.get(name).manifest
+    with pytest.raises(RequestError, match="not found"):
+        store_api.push(Service(ServeConfig(), src), {"model": f"{registry_host}/me/none:v1"})
+    bad = store_api.push(Service(ServeConfig(), src), {"model": name}).events  # https to a plain-HTTP registry
+    assert next(bad) == {"status": "retrieving manifest"}
+    with pytest.raises(RegistryError, match="failed after"):  # the stream's last event, over HTTP
+        next(bad)
