@@ -57,8 +57,8 @@ def create(service: Service, body: dict[str, Any]) -> Reply:
         job = Creation(base.model, base.projector, {**base.params, **params},
                        *(new if new is not None else old for new, old in
                          zip(texts, (base.template, base.system, base.license))), tuple(messages) or base.messages)
-        entry = service.store.create(name, job.model, job.projector, job.template, job.params or None, job.license,
-                                  system=job.system, messages=job.messages)
+        entry = service.store.create(name, job.model, job.projector, job.template, job.params or None,
+                                     job.license, system=job.system, messages=job.messages)
     except ModelfileError as e:
         raise RequestError(404 if "not a stored model" in str(e) else 400, str(e)) from None
     except StoreError as e:
