@@ -36,7 +36,7 @@ from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, 
                         make_plan)
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
-from .sampling import SamplingError, SamplingParams, sample, sample_allowed
+from .sampling import FormatError, SamplingError, SamplingParams, sample, sample_allowed
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
 from .video import VideoInput, VideoOptions, frame_size, load_video
 from .vision import VisionConfig, VisionTower, vision_config
@@ -539,7 +539,10 @@ class Model:
                 if chosen is not None:
                     tok = chosen
                 elif form is not None:
-                    tok = sample_allowed(logits, out_ids, params, gen, form)
+                    try:
+                        tok = sample_allowed(logits, out_ids, params, gen, form)
+                    except FormatError as e:  # a schema nothing can satisfy (a $ref to itself alone)
+                        raise ModelError(str(e)) from None
                     form.accept(tok)
                 else:
                     tok = sample(logits, out_ids, params, gen)

@@ -150,6 +150,8 @@ def test_the_models_answer_keeps_to_the_schema(model, kwargs):
 def test_a_bad_schema_is_a_model_error(model):
     with pytest.raises(ModelError, match="#.properties.when: 'format' is not followed"):
         model.generate("x", format={"properties": {"when": {"type": "string", "format": "date"}}})
+    with pytest.raises(ModelError, match="no token of the vocabulary continues the answer"):  # nothing satisfies it
+        model.generate("x", format={"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}})
 
 
 def test_qvl_run_format_schema_file_and_inline(model, model_path, tmp_path):
