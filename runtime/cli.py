@@ -60,7 +60,7 @@ def create_cmd(
     params: Optional[str] = typer.Option(None, "--params", help="Default parameters as JSON, Ollama's names "
                                          '(e.g. \'{"temperature": 0.2, "num_ctx": 8192}\').'),
 ) -> None:
-    from .model import find_mmproj
+    from .loader import find_mmproj
     from .modelfile import Creation, ModelfileError, check_params, parse, resolve
     from .store import ModelName, Store, StoreError
 

@@ -19,7 +19,7 @@ from .json_grammar import Grammar, State, any_object
 from .json_schema import schema_grammar
 
 
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet backwards: the character a token's text uses for each byte."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     chars = {b: chr(b) for b in printable}
@@ -29,6 +29,9 @@ def _byte_decoder() -> dict[str, int]:
             chars[b] = chr(256 + extra)
             extra += 1
     return {c: b for b, c in chars.items()}
+
+
+BYTE_OF = byte_decoder()
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def _plain(piece: bytes) -> bool:
 
 def token_table(tokenizer: Tokenizer, n_vocab: int) -> TokenTable:
     """The table of the ids below n_vocab (the logits' length)."""
-    decoder = _byte_decoder()
+    decoder = BYTE_OF
     pieces: list[bytes | None] = [None] * n_vocab
     for text, i in tokenizer.get_vocab(with_added_tokens=False).items():
         if i < n_vocab and all(c in decoder for c in text):

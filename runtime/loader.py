@@ -12,8 +12,17 @@ import torch
 from . import fit
 from .gguf_file import GGUFFile
 from .memory import give_back_free_memory
-from .model import ALL_LAYERS, PLAN_CTX, Model, ModelError, find_mmproj
+from .model import ALL_LAYERS, PLAN_CTX, Model, ModelError
 from .placement import Placement, PlacementError
+
+
+def find_mmproj(model: Path) -> Path | None:
+    """llama.cpp's pairing: mmproj-<stem>.gguf beside the model, else the folder's single mmproj*.gguf."""
+    named = model.with_name(f"mmproj-{model.name}")
+    if named.exists():
+        return named
+    candidates = sorted(p for p in model.parent.glob("mmproj*.gguf") if p != model)
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,

@@ -32,6 +32,7 @@ from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, preprocess, s
 from .json_format import JsonConstraint, TokenTable, format_grammar, token_table
 from .json_grammar import Grammar
 from .kernel_failure import one_line, one_line_items
+from .logprobs import MAX_TOP, TokenLogprob, token_logprob
 from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, dequant_slab_bytes, footprint,
                         make_plan)
 from .positions import Span, rope_positions
@@ -62,15 +63,7 @@ class Generation:
     videos: list[VideoInput] = field(default_factory=list)  # what was sampled, for --verbose
     reused_tokens: int = 0  # prompt tokens the last generation's cache already held (prompt_cache.py)
     ended: bool = False  # an end-of-turn token ended it (else the token limit or the context did)
-
-
-def find_mmproj(model: Path) -> Path | None:
-    """llama.cpp's pairing: mmproj-<stem>.gguf beside the model, else the folder's single mmproj*.gguf."""
-    named = model.with_name(f"mmproj-{model.name}")
-    if named.exists():
-        return named
-    candidates = sorted(p for p in model.parent.glob("mmproj*.gguf") if p != model)
-    return candidates[0] if len(candidates) == 1 else None
+    logprobs: list[TokenLogprob] | None = None  # each token's, with `logprobs=` (logprobs.py)
 
 
 ImageLike = str | Path | Image.Image
@@ -409,14 +402,15 @@ class Model:
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
                  cache_prompt: bool = True, stop: list[str] | None = None,
-                 format: str | dict[str, Any] | None = None) -> Generation | Iterator[str]:
+                 format: str | dict[str, Any] | None = None, logprobs: int | None = None) -> Generation | Iterator[str]:
         """An answer to `prompt` (a user turn, rendered with the chat template unless `template`
         is False) about `images` and `videos`: a Generation, or with `stream` an iterator of text
         pieces. With `cache_prompt` the prompt's start that the last generation's KV cache holds
         is not read again (Generation.reused_tokens says how much). The answer ends before the
         first of the `stop` strings it comes to (as at an end-of-turn token: Generation.ended).
         `format` "json" keeps the answer to one JSON object, a JSON schema (a dict) to what it allows
-        (json_format.py). An argument left None takes `self.defaults`' value (a stored model's
+        (json_format.py). `logprobs` (0 to 20 alternatives) records each token's log-probability
+        (Generation.logprobs). An argument left None takes `self.defaults`' value (a stored model's
         PARAMETERs and SYSTEM), else the built-in one: 512 new tokens, no repeat penalty over the
         last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 / min_p 0 turn a
         stored sampler off)."""
@@ -433,6 +427,8 @@ class Model:
             raise ModelError(f"max_new_tokens {max_new_tokens}: 0 or more")
         if ctx_size is not None and ctx_size < 0:
             raise ModelError(f"ctx_size {ctx_size}: 0 (the prompt plus max_new_tokens) or more")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP:
+            raise ModelError(f"logprobs {logprobs}: 0 to {MAX_TOP} alternatives")
         try:
             grammar = None if format is None else format_grammar(format)
         except ValueError as e:
@@ -447,7 +443,8 @@ class Model:
             text, media, vids = first.pop() if first else self._prepare(prompt, images, videos, video_options,
                                                                         system, template)
             return self._run(text, media, max_new_tokens, params, ctx_size, min_pixels, max_pixels, vids, cache_prompt,
-                             StopStrings(stop or []), None if grammar is None else self._json_constraint(grammar))
+                             StopStrings(stop or []), None if grammar is None else self._json_constraint(grammar),
+                             logprobs)
 
         it = one_line_items(vision_oom.retrying(attempt, lambda e: self._lower_vision_limit(e, min_pixels)))
         if stream:
@@ -494,10 +491,10 @@ class Model:
     def _run(self, text: str, images: list[ImageLike], max_new_tokens: int, params: SamplingParams,
              ctx_size: int | None, min_pixels: int, max_pixels: int,
              videos: list[VideoInput], cache_prompt: bool, stops: StopStrings,
-             form: JsonConstraint | None) -> Iterator[str | Generation]:
+             form: JsonConstraint | None, top: int | None) -> Iterator[str | Generation]:
         """Generation from a rendered prompt; with `cache_prompt` on the part of the last
         generation's cache that the prompt starts with (prompt_cache.py); with `form` only the
-        tokens it allows."""
+        tokens it allows; with `top`, each token's log-probability and `top` alternatives."""
         t0 = time.perf_counter()
         ids, spans, pre = self.tokenize(text, images, min_pixels, max_pixels, videos)
         media = self._media(ids, spans, pre, videos)
@@ -532,7 +529,8 @@ class Model:
             graph = self._graph if self._graph is not None and self._graph.cache is cache else None
             fresh = graph is not None and graph.graph is None  # captured on this generation's first step
             # greedy with no penalty: the step's own argmax, the next step queued before it is read
-            ahead = graph is not None and params.greedy and params.repeat_penalty == 1.0 and form is None
+            ahead = graph is not None and params.greedy and params.repeat_penalty == 1.0 and form is None and top is None
+            scored: list[TokenLogprob] | None = None if top is None else []
             chosen: int | None = None
             t1 = time.perf_counter()
             for i in range(max_new_tokens):
@@ -549,6 +547,8 @@ class Model:
                 if tok in self.stop_ids:
                     ended = True
                     break
+                if scored is not None:
+                    scored.append(token_logprob(logits, tok, top or 0))
                 out_ids.append(tok)
                 piece = answer.push(tok)
                 if piece is not None:  # None: the token ends inside a multi-byte character
@@ -580,7 +580,8 @@ class Model:
         shown = stops.sent if stops.stops else len(answer.text)
         if final[shown:]:  # text held back for a stop string, or a character the answer ended inside of
             yield final[shown:]
-        yield Generation(final, out_ids, n_prompt, timings, list(videos), reused_tokens=reuse, ended=ended)
+        yield Generation(final, out_ids, n_prompt, timings, list(videos), reused_tokens=reuse, ended=ended,
+                         logprobs=scored)
 
 
 ALL_LAYERS = 1 << 20  # --gpu-layers default on a GPU: every layer and the output layer

@@ -1,6 +1,8 @@
 """`qvl serve`'s OpenAI endpoints: /v1/models, /v1/chat/completions (content parts "text" and
-"image_url" as data: URLs, response_format) and /v1/completions (a prompt continued as it is,
-no chat template), on server.Service's loaded model. Streams are server-sent events."""
+"image_url" as data: URLs, response_format, logprobs / top_logprobs) and /v1/completions (a
+prompt continued as it is, no chat template; logprobs and echo, so that a prompt can be scored),
+on server.Service's loaded model. Streams are server-sent events (a stream's logprobs come in
+its last chunk)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .json_format import BYTE_OF
+from .logprobs import MAX_TOP, TokenLogprob, prompt_logprobs
+from .model import Model
 from .server import Loaded, Reply, RequestError, Service, _messages, answer_format, generation_options
 
 
@@ -72,6 +77,34 @@ def _one_choice(body: dict[str, Any]) -> None:
         raise RequestError(400, "n: one choice a request")
 
 
+def _top(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP:
+        raise RequestError(400, f"{where} {value!r}: 0 to {MAX_TOP}")
+    return value
+
+
+def _piece(model: Model, token: int) -> tuple[str, bytes]:
+    """A token's text and its bytes (a byte-level token may hold part of a character)."""
+    text = model.tokenizer.id_to_token(token) or ""
+    if token in model.tokenizer.get_added_tokens_decoder() or not all(c in BYTE_OF for c in text):
+        return text, text.encode()
+    data = bytes(BYTE_OF[c] for c in text)
+    return data.decode(errors="replace"), data
+
+
+def _chat_logprobs(model: Model) -> dict[str, Any]:
+    """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]} of the last generation."""
+    g = model.last_generation
+    assert g is not None and g.logprobs is not None
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text, data = _piece(model, token)
+        return {"token": text, "logprob": logprob, "bytes": list(data)}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
+                        for t in g.logprobs]}
+
+
 def chat(service: Service, body: dict[str, Any]) -> Reply:
     _one_choice(body)
     loaded = service.use(body.get("model"))
@@ -79,14 +112,17 @@ def chat(service: Service, body: dict[str, Any]) -> Reply:
     if loaded.system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": loaded.system})
     kwargs = _options(loaded, service, body, None)
-    pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), **kwargs)
+    top = _top(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
+    pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), logprobs=top, **kwargs)
     streaming = bool(body.get("stream", False))
 
     def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
+        scores = _chat_logprobs(loaded.model) if top is not None and reason is not None else None
         if not streaming:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": scores,
+                    "finish_reason": reason}
         delta = {"role": "assistant", "content": ""} if first else {} if reason else {"content": text}
-        return {"index": 0, "delta": delta, "finish_reason": reason}
+        return {"index": 0, "delta": delta, "logprobs": scores, "finish_reason": reason}
 
     return _answer(service, loaded, pieces, body, "chat.completion", choice)
 
@@ -102,17 +138,45 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise RequestError(400, "prompt: a string (one prompt a request)")
-    for key in ("suffix", "echo", "best_of", "logprobs"):
-        if body.get(key) not in (None, False, 1, 0, ""):
+    for key in ("suffix", "best_of"):
+        if body.get(key) not in (None, 1, ""):
             raise RequestError(400, f"{key}: not supported by qvl serve")
     _one_choice(body)
+    top = None if body.get("logprobs") is None else _top(body["logprobs"], "logprobs")
+    echo = bool(body.get("echo", False))
+    if echo and body.get("stream", False):
+        raise RequestError(400, "echo: not with stream")
     kwargs = _options(loaded, service, body, COMPLETION_TOKENS)
-    pieces = loaded.model.generate(prompt, stream=True, template=False, format=answer_format(body), **kwargs)
+    model = loaded.model
+    # echo: the prompt's own tokens scored first (a separate pass over it, every position's logits)
+    prompt_ids, prompt_scores = prompt_logprobs(model, prompt, top or 0) if echo and top is not None else ([], [])
+    if echo and kwargs["max_new_tokens"] == 0:  # scoring only, as lm-evaluation-harness asks
+        ids = prompt_ids or model.tokenize(prompt, [])[0]
+        return Reply({"id": f"cmpl-{next(service._ids)}", "object": "text_completion", "created": int(time.time()),
+                      "model": service._name(loaded),
+                      "choices": [{"index": 0, "text": prompt, "finish_reason": "length",
+                                   "logprobs": _legacy(model, prompt_ids, prompt_scores) if top is not None else None}],
+                      "usage": {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}})
+    pieces = model.generate(prompt, stream=True, template=False, format=answer_format(body), logprobs=top, **kwargs)
 
     def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        scores = None
+        if top is not None and reason is not None:
+            g = model.last_generation
+            assert g is not None and g.logprobs is not None
+            scores = _legacy(model, prompt_ids + g.token_ids, prompt_scores + list(g.logprobs))
+        return {"index": 0, "text": (prompt if echo else "") + text, "logprobs": scores, "finish_reason": reason}
 
     return _answer(service, loaded, pieces, body, "text_completion", choice)
+
+
+def _legacy(model: Model, ids: list[int], scores: list[TokenLogprob | None]) -> dict[str, Any]:
+    """The completions API's logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [_piece(model, t)[0] for t in ids]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [None if s is None else s.logprob for s in scores],
+            "top_logprobs": [None if s is None else {_piece(model, i)[0]: v for i, v in s.top} for s in scores],
+            "text_offset": offsets}
 
 
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {

@@ -176,7 +176,7 @@ def main() -> None:
         if result["qvl"]["device"] != "cpu":
             result["llama.cpp"] = "not run: compare on the CPU (--device cpu)"
         elif "llama.cpp" not in result:
-            from qvl.runtime.model import find_mmproj
+            from qvl.runtime.loader import find_mmproj
 
             ll = subprocess.run([sys.executable, "-c", LLAMA, str(args.model), str(find_mmproj(args.model)),
                                  str(image), str(args.tokens)],

@@ -67,7 +67,7 @@ def op_tables(encode: Callable[[], object], top: int) -> dict[str, list[dict]]:
 def planned_peak(model_path: str, kernels: bool, patches: int) -> float:
     """The encode's peak placement.py plans for this many patches (bf16 / f16 products)."""
     from qvl.runtime.gguf_file import GGUFFile
-    from qvl.runtime.model import find_mmproj
+    from qvl.runtime.loader import find_mmproj
     from qvl.runtime.placement import PATCH_PIXELS, vision_bytes_per_pixel
 
     mmproj = find_mmproj(Path(model_path))

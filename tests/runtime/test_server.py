@@ -570,3 +570,42 @@ def test_a_models_messages_come_before_each_request(tmp_path, files, reference):
     status, data = running.request("/api/create", {"model": "x:1", "from": "tiny:1", "messages": [{"role": "bot"}]})
     assert status == 400 and "messages: a list of {role" in json.loads(data)["error"]
     running.server.shutdown()
+
+
+def test_openai_logprobs_and_echo(running, reference):
+    """/v1/completions with echo and logprobs scores a prompt (lm-evaluation-harness's way): each
+    token's log-probability given the ones before it, from the model's own logits; generated
+    tokens carry theirs, the likeliest alternatives first; chat's logprobs spell its text."""
+    import torch
+
+    prompt = "The cat sat on the mat"
+    got = running.json("/v1/completions", {"model": "tiny:1", "prompt": prompt, "max_tokens": 0, "echo": True,
+                                           "logprobs": 2})
+    lp = got["choices"][0]["logprobs"]
+    ids = reference.tokenizer.encode(prompt).ids
+    want = torch.log_softmax(reference.prompt_logits(prompt, template=False).float(), -1)
+    assert got["choices"][0]["text"] == prompt and "".join(lp["tokens"]) == prompt
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][1:] == pytest.approx([float(want[i - 1, ids[i]]) for i in range(1, len(ids))],
+                                                     abs=1e-5)
+    assert all(len(t) == 2 and max(t.values()) >= lp["token_logprobs"][i]
+               for i, t in enumerate(lp["top_logprobs"][1:], 1))
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(ids))]
+    assert got["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    # a greedy continuation: each token the likeliest, its log-probability the first alternative's
+    got = running.json("/v1/completions", {"model": "tiny:1", "prompt": prompt, "max_tokens": 4, "logprobs": 3})
+    lp = got["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == 4 and "".join(lp["tokens"]) == got["choices"][0]["text"]
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 3 and top[token] == pytest.approx(value) and value == pytest.approx(max(top.values()))
+    first = float(want[-1].max())  # the first generated token's, from the prompt's last logits
+    assert lp["token_logprobs"][0] == pytest.approx(first, abs=1e-3)
+    chat = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 5, "logprobs": True,
+                                                 "top_logprobs": 1, "messages": [{"role": "user", "content": "Hi"}]})
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 5 and all(len(c["top_logprobs"]) == 1 for c in content)
+    assert bytes(b for c in content for b in c["bytes"]).decode() == chat["choices"][0]["message"]["content"]
+    for body, expect in [({"logprobs": 21}, "logprobs 21: 0 to 20"), ({"echo": True, "stream": True},
+                                                                      "echo: not with stream")]:
+        status, data = running.request("/v1/completions", {"model": "tiny:1", "prompt": "x", **body})
+        assert status == 400 and expect in json.loads(data)["error"], data

@@ -1,0 +1,56 @@
+"""Generation.logprobs (logprobs.py): each generated token's log-probability under the raw
+logits, as the prompt's logits give it when the answer so far is read as a prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qvl.runtime.loader import load
+from qvl.runtime.logprobs import prompt_logprobs
+from qvl.runtime.model import ModelError
+
+
+@pytest.fixture(scope="module")
+def model(fixtures_dir):
+    return load(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")
+
+
+def _prompt_logits(model, ids: list[int]) -> torch.Tensor:
+    """Every position's logits for token ids read as a text-only prompt (as prompt_logits does for
+    a text, without its tokenization: a sampled answer need not tokenize back to its ids)."""
+    embeds = model.decoder.embed_tokens(torch.tensor(ids))
+    positions = torch.arange(len(ids)).expand(3, len(ids))
+    cache = model.decoder.new_cache(len(ids), model.placement.kv_type)
+    with torch.no_grad():
+        return model._prefill(embeds, positions, cache, all_logits=True).float()
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(temperature=0.9, seed=4, repeat_penalty=1.3)])
+def test_each_tokens_logprob_is_the_models(model, kwargs):
+    """Sampled or greedy, penalized or not: the log-softmax of the raw logits at each step (checked
+    by reading prompt + answer as one prompt, within 2e-3: the generation's decode steps against
+    one prefill in bf16), the top alternatives sorted and holding the greedy choice."""
+    prompt = "Count: one two"
+    g = model.generate(prompt, template=False, max_new_tokens=6, logprobs=3, cache_prompt=False, **kwargs)
+    assert g.logprobs is not None and [t.token for t in g.logprobs] == g.token_ids
+    ids = model.tokenize(prompt, [])[0]
+    full = torch.log_softmax(_prompt_logits(model, ids + g.token_ids), -1)
+    for i, t in enumerate(g.logprobs):
+        assert t.logprob == pytest.approx(float(full[len(ids) - 1 + i, t.token]), abs=2e-3)
+    for t in g.logprobs:
+        values = [v for _, v in t.top]
+        assert len(t.top) == 3 and values == sorted(values, reverse=True) and t.logprob <= values[0] + 1e-6
+        if not kwargs:
+            assert t.top[0][0] == t.token
+    assert model.generate(prompt, template=False, max_new_tokens=2).logprobs is None
+    with pytest.raises(ModelError, match="logprobs 21: 0 to 20"):
+        model.generate(prompt, logprobs=21)
+
+
+def test_prompt_logprobs(model):
+    ids, scores = prompt_logprobs(model, "a b c d", 1)
+    assert ids == model.tokenize("a b c d", [])[0] and scores[0] is None and len(scores) == len(ids)
+    assert all(s.token == i and len(s.top) == 1 and s.logprob <= s.top[0][1] + 1e-6
+               for s, i in zip(scores[1:], ids[1:]))
+    assert prompt_logprobs(model, "", 1) == ([], [])
