@@ -1,0 +1,80 @@
+"""`qvl serve`'s OpenAI endpoints (openai_api.py): completions, stream usage, logprobs and echo,
+checked against the same model called in Python."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+def test_openai_completions_continue_the_prompt_as_it_is(running, reference):
+    """/v1/completions: the prompt without the chat template, 16 tokens unless max_tokens says."""
+    want = reference.generate("The cat sat on", template=False, max_new_tokens=16)
+    got = running.json("/v1/completions", {"model": "tiny:1", "prompt": "The cat sat on"})
+    assert got["object"] == "text_completion" and got["id"].startswith("cmpl-")
+    assert got["choices"] == [{"index": 0, "text": want.text, "logprobs": None, "finish_reason": "length"}]
+    assert got["usage"]["prompt_tokens"] == want.prompt_tokens == 4 and got["usage"]["completion_tokens"] == 16
+    short = reference.generate("The cat sat on", template=False, max_new_tokens=5).text
+    status, data = running.request("/v1/completions", {"model": "tiny:1", "prompt": ["The cat sat on"],
+                                                       "max_tokens": 5, "stream": True})
+    frames = data.decode().split("\n\n")
+    assert status == 200 and frames[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(f.removeprefix("data: ")) for f in frames[:-2]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == short
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[0]["object"] == "text_completion"
+    for body, expect in [({"prompt": ["a", "b"]}, "prompt: a string (one prompt a request)"),
+                         ({"prompt": "a", "suffix": "z"}, "suffix: not supported"),
+                         ({"prompt": "a", "n": 2}, "n: one choice a request")]:
+        status, data = running.request("/v1/completions", {"model": "tiny:1", **body})
+        assert status == 400 and expect in json.loads(data)["error"], data
+
+
+def test_openai_stream_usage_and_one_choice(running, reference):
+    want = reference.chat([{"role": "user", "content": "Describe it."}], max_new_tokens=4)
+    body = {"model": "tiny:1", "max_tokens": 4, "messages": [{"role": "user", "content": "Describe it."}],
+            "stream": True, "stream_options": {"include_usage": True}}
+    status, data = running.request("/v1/chat/completions", body)
+    chunks = [json.loads(f.removeprefix("data: ")) for f in data.decode().split("\n\n")[:-2]]
+    assert status == 200 and chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": want.prompt_tokens, "completion_tokens": 4, "total_tokens": want.prompt_tokens + 4}
+    assert "usage" not in chunks[-2] and chunks[-2]["choices"][0]["finish_reason"] == "length"
+    status, data = running.request("/v1/chat/completions", {**body, "n": 3})
+    assert status == 400 and "n: one choice a request" in json.loads(data)["error"]
+
+
+def test_openai_logprobs_and_echo(running, reference):
+    """/v1/completions with echo and logprobs scores a prompt (lm-evaluation-harness's way): each
+    token's log-probability given the ones before it, from the model's own logits; generated
+    tokens carry theirs, the likeliest alternatives first; chat's logprobs spell its text."""
+    import torch
+
+    prompt = "The cat sat on the mat"
+    got = running.json("/v1/completions", {"model": "tiny:1", "prompt": prompt, "max_tokens": 0, "echo": True,
+                                           "logprobs": 2})
+    lp = got["choices"][0]["logprobs"]
+    ids = reference.tokenizer.encode(prompt).ids
+    want = torch.log_softmax(reference.prompt_logits(prompt, template=False).float(), -1)
+    assert got["choices"][0]["text"] == prompt and "".join(lp["tokens"]) == prompt
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][1:] == pytest.approx([float(want[i - 1, ids[i]]) for i in range(1, len(ids))],
+                                                     abs=1e-5)
+    assert all(len(t) == 2 and max(t.values()) >= lp["token_logprobs"][i]
+               for i, t in enumerate(lp["top_logprobs"][1:], 1))
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(ids))]
+    assert got["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    # a greedy continuation: each token the likeliest, its log-probability the first alternative's
+    got = running.json("/v1/completions", {"model": "tiny:1", "prompt": prompt, "max_tokens": 4, "logprobs": 3})
+    lp = got["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == 4 and "".join(lp["tokens"]) == got["choices"][0]["text"]
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 3 and top[token] == pytest.approx(value) and value == pytest.approx(max(top.values()))
+    first = float(want[-1].max())  # the first generated token's, from the prompt's last logits
+    assert lp["token_logprobs"][0] == pytest.approx(first, abs=1e-3)
+    chat = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 5, "logprobs": True,
+                                                 "top_logprobs": 1, "messages": [{"role": "user", "content": "Hi"}]})
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 5 and all(len(c["top_logprobs"]) == 1 for c in content)
+    assert bytes(b for c in content for b in c["bytes"]).decode() == chat["choices"][0]["message"]["content"]
+    for body, expect in [({"logprobs": 21}, "logprobs 21: 0 to 20"), ({"echo": True, "stream": True},
+                                                                      "echo: not with stream")]:
+        status, data = running.request("/v1/completions", {"model": "tiny:1", "prompt": "x", **body})
+        assert status == 400 and expect in json.loads(data)["error"], data
