@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from . import openai_api, server, store_api
 from .image import ImageError
 from .model import ModelError
-from . import openai_api, server, store_api
 from .server import VERSION, Reply, RequestError, Service
 from .store import StoreError
 from .video import VideoError
@@ -33,7 +33,7 @@ from .video import VideoError
 ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES}
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
-# header or the server's state, or (a pull) wait on a download thread of their own
+# header or the server's state, or (a pull, a push) wait on a transfer thread of their own
 LIGHT = frozenset({("GET", "/"), ("GET", "/api/version"), ("GET", "/api/tags"), ("GET", "/api/ps"),
                    ("GET", "/v1/models"), ("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push")})
 MAX_WAITING = 64  # requests queued for the serving thread beyond this are answered 503, as Ollama's queue
