@@ -401,6 +401,9 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, "
                                   "done_reason (stop: an end-of-turn token or a --stop string; length: -n or the "
                                   "context), timings."),
+    logprobs: Optional[int] = typer.Option(None, "--logprobs", help="With --json: each answer token's "
+                                           "log-probability under the model's raw logits and its N likeliest "
+                                           "rivals (0 to 20), to compare with another runtime's."),
     verbose: bool = typer.Option(False, "--verbose", help="torch / Triton versions and where the matmuls run, "
                                  "load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
     gpu_layers: Optional[int] = typer.Option(
@@ -468,6 +471,8 @@ def run(
     elif prompt is None and sys.stdin is not None and not sys.stdin.isatty():  # `echo question | qvl-run m`
         prompt = sys.stdin.read().strip() or None
     fmt = _answer_format(answer_format)
+    if logprobs is not None and (not json_out or not 0 <= logprobs <= 20):
+        _fail(f"--logprobs {logprobs}: 0 to 20, with --json" if json_out else "--logprobs: with --json")
     if max_length < -1:
         _fail(f"--max-length {max_length}: 0 or more, or -1 (until the answer ends or the context is full)")
     if ctx_size is not None and ctx_size < 0:
@@ -537,7 +542,7 @@ def run(
                 sys.stdout.flush()
             sys.stdout.write("\n")
             return
-        out = model.generate(text, [str(p) for p in image], system=system, **gen_kwargs)
+        out = model.generate(text, [str(p) for p in image], system=system, logprobs=logprobs, **gen_kwargs)
     except (ModelError, ImageError, VideoError) as e:
         _fail(str(e))
     except torch.OutOfMemoryError:
@@ -561,8 +566,10 @@ def run(
     if n_new and out.timings.get("decode_s"):
         timings["decode_tok_s"] = round(n_new / out.timings["decode_s"], 2)
     if json_out:
+        extra = {} if out.logprobs is None else {"logprobs": [
+            {"token": t.token, "logprob": t.logprob, "top": [[i, v] for i, v in t.top]} for t in out.logprobs]}
         typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
-                               "done_reason": "stop" if out.ended else "length", "timings": timings},
+                               "done_reason": "stop" if out.ended else "length", "timings": timings, **extra},
                               ensure_ascii=False))
     else:
         typer.echo(out.text)

@@ -54,3 +54,24 @@ def test_prompt_logprobs(model):
     assert all(s.token == i and len(s.top) == 1 and s.logprob <= s.top[0][1] + 1e-6
                for s, i in zip(scores[1:], ids[1:]))
     assert prompt_logprobs(model, "", 1) == ([], [])
+
+
+def test_qvl_run_json_logprobs(model, fixtures_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from qvl.runtime.run_cli import app
+
+    path = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"
+    r = CliRunner().invoke(app, [str(path), "-p", "Hi", "-n", "4", "--json", "--logprobs", "2"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    want = model.generate("Hi", max_new_tokens=4, logprobs=2)
+    assert [t["token"] for t in out["logprobs"]] == out["token_ids"] == want.token_ids
+    assert [t["logprob"] for t in out["logprobs"]] == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    assert all(len(t["top"]) == 2 and t["top"][0][0] == t["token"] for t in out["logprobs"])
+    for args, line in [(["--logprobs", "2"], "--logprobs: with --json"),
+                       (["--json", "--logprobs", "21"], "--logprobs 21: 0 to 20, with --json")]:
+        r = CliRunner().invoke(app, [str(path), "-p", "Hi", *args])
+        assert r.exit_code == 2 and r.output.strip() == f"qvl-run: error: {line}"
