@@ -34,6 +34,11 @@ def byte_decoder() -> dict[str, int]:
 BYTE_OF = byte_decoder()
 
 
+def piece_bytes(text: str) -> bytes | None:
+    """The bytes a vocabulary token's text stands for (None: not byte-level text)."""
+    return bytes(BYTE_OF[c] for c in text) if all(c in BYTE_OF for c in text) else None
+
+
 @dataclass(frozen=True)
 class TokenTable:
     """The vocabulary as bytes, made once per model (152k tokens: ~1 s)."""
@@ -57,11 +62,10 @@ def _plain(piece: bytes) -> bool:
 
 def token_table(tokenizer: Tokenizer, n_vocab: int) -> TokenTable:
     """The table of the ids below n_vocab (the logits' length)."""
-    decoder = BYTE_OF
     pieces: list[bytes | None] = [None] * n_vocab
     for text, i in tokenizer.get_vocab(with_added_tokens=False).items():
-        if i < n_vocab and all(c in decoder for c in text):
-            pieces[i] = bytes(decoder[c] for c in text)
+        if i < n_vocab:
+            pieces[i] = piece_bytes(text)
     for i in tokenizer.get_added_tokens_decoder():
         if i < n_vocab:
             pieces[i] = None

@@ -95,7 +95,7 @@ def stored_generate_defaults(name: str) -> dict[str, Any]:
     """A stored model's PARAMETERs and SYSTEM as Model.generate's keyword arguments, and its
     MESSAGE lines as "messages" (its defaults: Model.defaults); num_predict -1 as qvl-run's -n -1,
     the context bounding the answer."""
-    from .modelfile import USED, stored_defaults
+    from .modelfile import generate_key, stored_defaults
     from .store import Store, StoreError
 
     store = Store()
@@ -104,8 +104,7 @@ def stored_generate_defaults(name: str) -> dict[str, Any]:
         messages = store.messages(store.get(name))
     except StoreError as e:
         raise ModelError(str(e)) from None
-    out: dict[str, Any] = {("max_new_tokens" if USED[k][1] == "max_length" else USED[k][1]): v
-                           for k, v in params.items()}
+    out: dict[str, Any] = {generate_key(k): v for k, v in params.items()}
     if out.get("max_new_tokens") == -1:
         out["ctx_size"] = out.get("ctx_size") or PLAN_CTX
         out["max_new_tokens"] = out["ctx_size"]

@@ -38,6 +38,14 @@ USED: dict[str, tuple[type, str]] = {
     "seed": (int, "seed"),
     "stop": (str, "stop"),  # a list: the answer ends before the first it comes to
 }
+
+
+def generate_key(name: str) -> str:
+    """Model.generate's keyword for a PARAMETER qvl uses (num_predict: max_new_tokens)."""
+    arg = USED[name][1]
+    return "max_new_tokens" if arg == "max_length" else arg
+
+
 # Ollama's other options: known, so named as unused rather than unknown
 NOT_USED = ("num_keep", "typical_p", "presence_penalty", "frequency_penalty", "penalize_newline", "mirostat",
             "mirostat_tau", "mirostat_eta", "tfs_z", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap",

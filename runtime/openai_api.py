@@ -6,11 +6,12 @@ its last chunk)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .json_format import BYTE_OF
+from .json_format import piece_bytes
 from .logprobs import MAX_TOP, TokenLogprob, prompt_logprobs
 from .model import Model
 from .server import Loaded, Reply, RequestError, Service, _messages, answer_format, generation_options
@@ -83,22 +84,27 @@ def _top(value: Any, where: str) -> int:
     return value
 
 
-def _piece(model: Model, token: int) -> tuple[str, bytes]:
-    """A token's text and its bytes (a byte-level token may hold part of a character)."""
-    text = model.tokenizer.id_to_token(token) or ""
-    if token in model.tokenizer.get_added_tokens_decoder() or not all(c in BYTE_OF for c in text):
-        return text, text.encode()
-    data = bytes(BYTE_OF[c] for c in text)
-    return data.decode(errors="replace"), data
+def _spell(model: Model) -> Callable[[int], tuple[str, bytes]]:
+    """A token's text and its bytes (a byte-level token may hold part of a character); the
+    tokenizer's added tokens (their text as it is) looked up once, not a token at a time."""
+    added = set(model.tokenizer.get_added_tokens_decoder())
+
+    def piece(token: int) -> tuple[str, bytes]:
+        text = model.tokenizer.id_to_token(token) or ""
+        data = None if token in added else piece_bytes(text)
+        return (text, text.encode()) if data is None else (data.decode(errors="replace"), data)
+
+    return piece
 
 
 def _chat_logprobs(model: Model) -> dict[str, Any]:
     """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]} of the last generation."""
     g = model.last_generation
     assert g is not None and g.logprobs is not None
+    piece = _spell(model)
 
     def entry(token: int, logprob: float) -> dict[str, Any]:
-        text, data = _piece(model, token)
+        text, data = piece(token)
         return {"token": text, "logprob": logprob, "bytes": list(data)}
 
     return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
@@ -172,10 +178,11 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
 
 def _legacy(model: Model, ids: list[int], scores: list[TokenLogprob | None]) -> dict[str, Any]:
     """The completions API's logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-    tokens = [_piece(model, t)[0] for t in ids]
-    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    piece = _spell(model)
+    tokens = [piece(t)[0] for t in ids]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
     return {"tokens": tokens, "token_logprobs": [None if s is None else s.logprob for s in scores],
-            "top_logprobs": [None if s is None else {_piece(model, i)[0]: v for i, v in s.top} for s in scores],
+            "top_logprobs": [None if s is None else {piece(i)[0]: v for i, v in s.top} for s in scores],
             "text_offset": offsets}
 
 

@@ -130,15 +130,10 @@ def _answer_format(value: Optional[str]) -> Union[str, dict, None]:
     return schema
 
 
-def _gen_key(arg_name: str) -> str:
-    """Model.generate's keyword for a qvl-run argument that modelfile.USED names (-n is max_new_tokens)."""
-    return "max_new_tokens" if arg_name == "max_length" else arg_name
-
-
 def _chat_set(arg: str, gen_kwargs: dict, messages: list[dict]) -> str:
     """`/set parameter NAME VALUE` or `/set system TEXT`: changes gen_kwargs or the conversation's
     system message in place; returns what to say."""
-    from .modelfile import USED, ModelfileError, check_params
+    from .modelfile import ModelfileError, check_params, generate_key
 
     what, _, rest = arg.strip().partition(" ")
     if (what, rest.strip()) in (("format", "json"), ("noformat", "")):
@@ -156,21 +151,20 @@ def _chat_set(arg: str, gen_kwargs: dict, messages: list[dict]) -> str:
     except ModelfileError as e:
         return f"qvl-run: error: {e}"
     for key, v in typed.items():
-        arg_name = USED[key][1]
-        if arg_name == "max_length" and v == -1:  # as -n -1: the context bounds the answer
+        if key == "num_predict" and v == -1:  # as -n -1: the context bounds the answer
             gen_kwargs["ctx_size"] = gen_kwargs["ctx_size"] or PLAN_CTX
             v = gen_kwargs["ctx_size"]
-        gen_kwargs[_gen_key(arg_name)] = v
+        gen_kwargs[generate_key(key)] = v
     return f"(set {name.lower()} to {value.strip()})"
 
 
 def _chat_parameters(gen_kwargs: dict) -> str:
     """`/show parameters`: the sampling and length settings, by Ollama's names."""
-    from .modelfile import USED
+    from .modelfile import USED, generate_key
 
     rows = []
-    for name, (_, arg_name) in USED.items():
-        value = gen_kwargs[_gen_key(arg_name)]
+    for name in USED:
+        value = gen_kwargs[generate_key(name)]
         shown = " ".join(json.dumps(s) for s in value) if isinstance(value, list) else value
         rows.append(f"{name:<16}{'(default)' if value is None or value == [] else shown}")
     return "\n".join(rows)
