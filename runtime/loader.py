@@ -12,7 +12,7 @@ import torch
 from . import fit
 from .gguf_file import GGUFFile
 from .memory import give_back_free_memory
-from .model import ALL_LAYERS, PLAN_CTX, Model, ModelError
+from .model import ALL_LAYERS, PLAN_CTX, Model, ModelError, open_ended
 from .placement import Placement, PlacementError
 
 
@@ -106,8 +106,7 @@ def stored_generate_defaults(name: str) -> dict[str, Any]:
         raise ModelError(str(e)) from None
     out: dict[str, Any] = {generate_key(k): v for k, v in params.items()}
     if out.get("max_new_tokens") == -1:
-        out["ctx_size"] = out.get("ctx_size") or PLAN_CTX
-        out["max_new_tokens"] = out["ctx_size"]
+        out["max_new_tokens"], out["ctx_size"] = open_ended(-1, out.get("ctx_size"))
     if system is not None:
         out["system"] = system
     if messages:

@@ -50,6 +50,15 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 PLAN_CTX = 4096  # the context a GPU plan reserves KV cache for, and an open-ended answer's, when none is given
 
 
+def open_ended(max_new_tokens: int, ctx_size: int | None) -> tuple[int, int | None]:
+    """(max_new_tokens, ctx_size) with llama.cpp's -n -1 / Ollama's num_predict -1 read as "until
+    the answer ends or the context is full": the context (PLAN_CTX where none is given) bounds it."""
+    if max_new_tokens != -1:
+        return max_new_tokens, ctx_size
+    ctx_size = ctx_size or PLAN_CTX
+    return ctx_size, ctx_size
+
+
 class ModelError(ValueError):
     """A model that cannot be loaded or a request it cannot serve; one line, names the file."""
 

@@ -23,7 +23,7 @@ from .gguf_file import GGUFError
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, pixel_limits_ok
 from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
-from .model import ALL_LAYERS, PLAN_CTX, Generation, Model, ModelError
+from .model import ALL_LAYERS, PLAN_CTX, Generation, Model, ModelError, open_ended
 from .loader import load
 from .placement import Placement
 from .sampling import SamplingError, SamplingParams
@@ -151,9 +151,8 @@ def _chat_set(arg: str, gen_kwargs: dict, messages: list[dict]) -> str:
     except ModelfileError as e:
         return f"qvl-run: error: {e}"
     for key, v in typed.items():
-        if key == "num_predict" and v == -1:  # as -n -1: the context bounds the answer
-            gen_kwargs["ctx_size"] = gen_kwargs["ctx_size"] or PLAN_CTX
-            v = gen_kwargs["ctx_size"]
+        if key == "num_predict":
+            v, gen_kwargs["ctx_size"] = open_ended(v, gen_kwargs["ctx_size"])
         gen_kwargs[generate_key(key)] = v
     return f"(set {name.lower()} to {value.strip()})"
 
@@ -499,9 +498,7 @@ def run(
         max_length = stored.get("max_length", max_length)
         stop = stored.get("stop", stop)
         system = system if system is not None else stored_system
-    if max_length == -1:  # llama.cpp's -n -1: the context bounds the answer
-        ctx_size = ctx_size or PLAN_CTX
-        max_length = ctx_size
+    max_length, ctx_size = open_ended(max_length, ctx_size)
     device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type, no_cuda_graph,
                                    int8_activations, vision_stream, no_prefill_offload)
     t0 = time.perf_counter()

@@ -55,7 +55,7 @@ from .gguf_file import GGUFError, GGUFFile
 from .image import ImageError, load_image
 from .json_format import format_grammar
 from .loader import load
-from .model import PLAN_CTX, Model, ModelError
+from .model import PLAN_CTX, Model, ModelError, open_ended
 from .modelfile import ModelfileError, check_params, modelfile_of, parameter_lines, stored_defaults
 from .placement import Placement
 from .sampling import SamplingParams
@@ -181,11 +181,8 @@ def generation_options(stored: dict[str, Any], options: Any, default_ctx: int | 
         merged = {**stored, **check_params(options, strict=False)}
     except ModelfileError as e:
         raise RequestError(400, f"options: {e}") from None
-    ctx = merged.get("num_ctx") or default_ctx
-    n = merged.get("num_predict", -1)
-    if n == -1:  # Ollama's default: until the answer ends or the context is full
-        ctx = ctx or PLAN_CTX
-        n = ctx
+    # Ollama's default num_predict -1: until the answer ends or the context is full
+    n, ctx = open_ended(merged.get("num_predict", -1), merged.get("num_ctx") or default_ctx)
     kwargs: dict[str, Any] = {k: v for k, v in merged.items() if k in SamplingParams.__dataclass_fields__ or k == "stop"}
     return {"max_new_tokens": n, "ctx_size": ctx, **kwargs}
 
