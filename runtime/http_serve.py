@@ -1,9 +1,9 @@
 """`qvl serve`'s HTTP side: requests read, routed to server.Service's endpoints and answered,
 with one log line each. Each connection has a thread of its own, which reads the request and
 writes the reply; the endpoints that only read the store or the server's state (`LIGHT`:
-/api/tags, /api/ps, /api/show, /api/version, /v1/models; and /api/pull, /api/push) answer there at once,
-the others (a model's work) are queued to the thread that calls `serve` and run there one at a
-time, in order (torch's CPU ops run slower from a second thread: server.py). A reply is JSON,
+/api/tags, /api/ps, /api/show, /api/version, /v1/models; and /api/pull, /api/push, /api/blobs/)
+answer there at once, the others (a model's work) are queued to the thread that calls `serve` and
+run there one at a time, in order (torch's CPU ops run slower from a second thread: server.py). A reply is JSON,
 text, or a stream (JSON lines, or server-sent events); an error before the reply starts is
 {"error"} with its status, one inside a stream is the stream's last event; a client that leaves
 ends its generation."""
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import openai_api, server, store_api
+from . import blob_upload, openai_api, server, store_api
 from .image import ImageError
 from .model import ModelError
 from .server import VERSION, Reply, RequestError, Service
@@ -102,7 +102,7 @@ def make_handler(service: Service, log: Callable[[str], None],
             self._answer("GET")
 
         def do_HEAD(self) -> None:
-            self._send_head(200, "text/plain; charset=utf-8", 0)
+            self._answer("HEAD")
 
         def do_POST(self) -> None:
             self._answer("POST")
@@ -135,6 +135,10 @@ def make_handler(service: Service, log: Callable[[str], None],
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             status = 200
             try:
+                if method == "HEAD" or path.startswith(blob_upload.PREFIX):
+                    status = self._blob_or_head(method, path)
+                    log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
+                    return
                 route = ROUTES.get((method, path))
                 if route is None:
                     raise RequestError(404, f"{method} {path}: no such endpoint")
@@ -152,10 +156,25 @@ def make_handler(service: Service, log: Callable[[str], None],
                 status = e.status
                 data = json.dumps({"error": e.message}).encode()
                 self._send_head(e.status, "application/json; charset=utf-8", len(data))
-                self.wfile.write(data)
+                if method != "HEAD":
+                    self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 status = 499  # the client went away (or stalled); the generation stopped with it
             log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
+
+        def _blob_or_head(self, method: str, path: str) -> int:
+            """HEAD and POST /api/blobs/DIGEST (blob_upload.py), in this thread: I/O, no model;
+            HEAD of any other path: 200, as Ollama's server answers one (a client's probe)."""
+            if method == "POST":
+                status = blob_upload.upload(service.store, path, self.headers, self.rfile)
+            elif method == "HEAD" and path.startswith(blob_upload.PREFIX):
+                status = blob_upload.head(service.store, path)
+            elif method == "HEAD":
+                status = 200
+            else:
+                raise RequestError(405, f"{method} {path}: blobs take HEAD and POST")
+            self._send_head(status, "text/plain; charset=utf-8", 0)
+            return status
 
         def _write(self, job: Job) -> int:
             """Writes what the serving thread makes of `job`; returns the status."""

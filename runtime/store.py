@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,26 +134,46 @@ class Store:
         source = Path(source)
         if source.parent.resolve() == self.blobs.resolve() and re.fullmatch(r"sha256-[0-9a-f]{64}", source.name):
             return source.name.replace("-", ":"), source.stat().st_size  # a blob of this store (FROM a stored model)
+        try:
+            with open(source, "rb") as src:
+                digest, final = self._take(iter(lambda: src.read(16 << 20), b""))
+        except FileNotFoundError:
+            raise StoreError(f"{source}: file not found") from None
+        return digest, final.stat().st_size
+
+    def _take(self, chunks: Iterable[bytes], expect: str | None = None) -> tuple[str, Path]:
+        """Write `chunks` to a temporary file in the blob folder, hashing them, then rename it to
+        its digest (or drop it where that blob is there already); (digest, its path). With
+        `expect`, a different digest is a StoreError and nothing is kept."""
+        self.blobs.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".partial-")
         try:
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-                while chunk := src.read(16 << 20):
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
                     h.update(chunk)
                     out.write(chunk)
             digest = "sha256:" + h.hexdigest()
+            if expect is not None and digest != expect:
+                raise StoreError(f"digest mismatch, expected {expect!r}, got {digest!r}")
             final = self.blob_path(digest)
             if final.exists():
                 Path(tmp).unlink()
             else:
                 os.replace(tmp, final)
-            return digest, final.stat().st_size
-        except FileNotFoundError:
-            Path(tmp).unlink(missing_ok=True)
-            raise StoreError(f"{source}: file not found") from None
+            return digest, final
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def receive_blob(self, digest: str, chunks: Iterable[bytes]) -> None:
+        """A blob sent by its digest (Ollama's POST /api/blobs/DIGEST): kept only where its
+        bytes hash to `digest` (else a StoreError, nothing left behind)."""
+        self.blob_path(digest)  # an invalid digest is refused before a byte is read
+        self._take(chunks, expect=digest)
 
     def create(self, name: str, model: Path, mmproj: Path | None = None, template: str | None = None,
                params: dict[str, Any] | None = None, license_text: str | None = None,

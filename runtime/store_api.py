@@ -1,4 +1,4 @@
-"""`qvl serve`'s store endpoints: /api/create (from stored models), /api/pull and /api/push
+"""`qvl serve`'s store endpoints: /api/create (from stored models or uploaded GGUF blobs), /api/pull and /api/push
 (registries; the transfer in a thread of its own, its progress streamed)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .modelfile import Creation, ModelfileError, check_params, parse, stored_creation, stored_defaults
+from .gguf_file import GGUFError
+from .modelfile import Modelfile, ModelfileError, check_params, parse, resolve, stored_defaults
 from .server import Reply, RequestError, Service, _named, _store_error
 from .store import StoreError
 
@@ -17,50 +18,25 @@ PROGRESS_EVENT_S = 0.2  # a transfer's progress events come at most this often
 
 
 def create(service: Service, body: dict[str, Any]) -> Reply:
-    """Ollama's create from a stored model: `from` with `system`, `template`, `license`,
-    `parameters` and `messages`, or the older `modelfile` text whose FROM is a stored model. No
-    files: the server opens none a request names (`qvl create NAME -f Modelfile` on its machine
-    does)."""
+    """Ollama's create: `from` a stored model, or `files` ({file name: digest} of GGUF blobs sent
+    first to /api/blobs/, a `clip` one the projector), with `system`, `template`, `license`,
+    `parameters` and `messages`; or the older `modelfile` text, whose FROMs are stored models or
+    @sha256:... blobs. The server opens no file a request names (`qvl create NAME -f Modelfile`
+    on its machine does)."""
     name = _named(body)
-    for key in ("files", "adapters", "quantize"):
+    for key in ("adapters", "quantize"):
         if body.get(key):
-            raise RequestError(400, f"{key}: qvl serve creates from stored models only; on the server's machine, "
-                                    "qvl create NAME -f Modelfile takes GGUF files")
+            raise RequestError(400, f"{key}: qvl serve does not take it (qvl convert --type q4_k_m quantizes)")
     try:
-        if isinstance(body.get("modelfile"), str):
-            mf = parse(body["modelfile"])
-            sources, params, texts = mf.sources, mf.params, (mf.template, mf.system, mf.license)
-            messages = list(mf.messages)
-        else:
-            source = body.get("from")
-            if not isinstance(source, str) or not source:
-                raise RequestError(400, "from: the stored model to create from (or modelfile)")
-            options = body.get("parameters") or {}
-            if not isinstance(options, dict):
-                raise RequestError(400, "parameters: a JSON object")
-            license_text = body.get("license")
-            if isinstance(license_text, list):
-                license_text = "\n".join(str(t) for t in license_text)
-            sources, params = (source,), check_params(options, strict=True)
-            texts = tuple(t if isinstance(t, str) else None
-                          for t in (body.get("template"), body.get("system"), license_text))
-            messages = body.get("messages") or []
-            if not isinstance(messages, list) or not all(
-                    isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                    and isinstance(m.get("content"), str) for m in messages):
-                raise RequestError(400, "messages: a list of {role: system, user or assistant, content: text}")
-            messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if len(sources) != 1:
-            raise RequestError(400, "FROM: one stored model")
-        base = stored_creation(service.store, sources[0], "not a stored model (qvl serve opens no file a request "
-                                                       "names)")
-        job = Creation(base.model, base.projector, {**base.params, **params},
-                       *(new if new is not None else old for new, old in
-                         zip(texts, (base.template, base.system, base.license))), tuple(messages) or base.messages)
+        mf = parse(body["modelfile"]) if isinstance(body.get("modelfile"), str) else _asked(body)
+        job = resolve(Modelfile(tuple(_source(service, s) for s in mf.sources), mf.params, mf.template, mf.system,
+                                mf.license, mf.messages), service.store.blobs, service.store)
         entry = service.store.create(name, job.model, job.projector, job.template, job.params or None,
                                      job.license, system=job.system, messages=job.messages)
     except ModelfileError as e:
         raise RequestError(404 if "not a stored model" in str(e) else 400, str(e)) from None
+    except GGUFError as e:
+        raise RequestError(400, f"files: {e} (qvl serve creates from GGUF files; qvl convert makes them)") from None
     except StoreError as e:
         raise _store_error(e) from None
     if service.loaded is not None and service.loaded.key == str(entry.name):  # its defaults are the new ones
@@ -68,6 +44,55 @@ def create(service: Service, body: dict[str, Any]) -> Reply:
         service.loaded.model.defaults = {"messages": list(job.messages)} if job.messages else {}
     done = [{"status": "using existing layers"}, {"status": "writing manifest"}, {"status": "success"}]
     return Reply(done[-1]) if body.get("stream", True) is False else Reply(events=iter(done))
+
+
+def _asked(body: dict[str, Any]) -> Modelfile:
+    """The Modelfile a JSON create request stands for: FROM its `from` or its `files`' blobs."""
+    files, source = body.get("files"), body.get("from")
+    if files and source:
+        raise RequestError(400, "from or files: one of them, not both")
+    if files:
+        if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+            raise RequestError(400, "files: {file name: sha256 digest of a blob sent to /api/blobs/}")
+        sources = tuple("@" + d for d in files.values())
+    elif isinstance(source, str) and source:
+        sources = (source,)
+    else:
+        raise RequestError(400, "from: the stored model to create from (or files, or modelfile)")
+    options = body.get("parameters") or {}
+    if not isinstance(options, dict):
+        raise RequestError(400, "parameters: a JSON object")
+    license_text = body.get("license")
+    if isinstance(license_text, list):
+        license_text = "\n".join(str(t) for t in license_text)
+    messages = body.get("messages") or []
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str) for m in messages):
+        raise RequestError(400, "messages: a list of {role: system, user or assistant, content: text}")
+    texts = (t if isinstance(t, str) else None for t in (body.get("template"), body.get("system"), license_text))
+    return Modelfile(sources, check_params(options, strict=True), *texts,
+                     tuple({"role": m["role"], "content": m["content"]} for m in messages))
+
+
+def _source(service: Service, source: str) -> str:
+    """A FROM of a served create as modelfile.resolve takes it: a @sha256:... blob as its path
+    in the store, a stored model's name as it is; any other (a path) is refused unopened."""
+    if source.startswith("@"):
+        digest = source[1:]
+        try:
+            there = service.store.has_blob(digest)
+        except StoreError as e:
+            raise RequestError(400, f"files: {e}") from None
+        if not there:
+            raise RequestError(400, f"files: blob {digest!r} not in the store; send it first "
+                                    f"(POST /api/blobs/{digest})")
+        return str(service.store.blob_path(digest))
+    try:
+        service.store.get(source)
+    except StoreError:
+        raise ModelfileError(f"FROM {source}: not a stored model (qvl serve opens no file a request names)") from None
+    return source
 
 
 def _in_background(work: Callable[[Callable[[int, int], None]], None], status: str, first: str,
