@@ -5,15 +5,20 @@ filters), with the likeliest alternatives; and of each prompt token given the on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from tokenizers import Tokenizer
+
+from .json_format import piece_bytes
 
 if TYPE_CHECKING:
     from .model import Model
 
-MAX_TOP = 20  # OpenAI's limit on top_logprobs
+MAX_TOP = 20  # OpenAI's (and Ollama's) limit on top_logprobs
+Speller = Callable[[int], tuple[str, bytes]]  # a token id -> its text and its bytes
 
 
 @dataclass(frozen=True)
@@ -39,3 +44,35 @@ def prompt_logprobs(model: Model, text: str, top: int) -> tuple[list[int], list[
         return [], []
     logits = model.prompt_logits(text, template=False)
     return ids, [None] + [token_logprob(logits[i - 1], ids[i], top) for i in range(1, len(ids))]
+
+
+def speller(tokenizer: Tokenizer) -> Speller:
+    """A token's text and its bytes (a byte-level token may hold part of a character); the
+    tokenizer's added tokens (their text as it is) looked up once, not a token at a time."""
+    added = set(tokenizer.get_added_tokens_decoder())
+
+    def piece(token: int) -> tuple[str, bytes]:
+        text = tokenizer.id_to_token(token) or ""
+        data = None if token in added else piece_bytes(text)
+        return (text, text.encode()) if data is None else (data.decode(errors="replace"), data)
+
+    return piece
+
+
+def entries(piece: Speller, scored: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Tokens' logprobs as OpenAI's chat `logprobs.content` and Ollama's `logprobs` spell them:
+    [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text, data = piece(token)
+        return {"token": text, "logprob": logprob, "bytes": list(data)}
+
+    return [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]} for t in scored]
+
+
+def new_scores(model: Model, sent: list[int]) -> list[TokenLogprob]:
+    """The tokens a stream (generate/chat with logprobs=) scored since its last chunk; sent[0]
+    of them went out before, and counts these too."""
+    new = model.scored[sent[0]:]
+    sent[0] += len(new)
+    return new

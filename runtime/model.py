@@ -136,6 +136,7 @@ class Model:
         self._prompt_keys = PromptKeys()  # what the kept cache holds (prompt_cache.py)
         self._generation = 0  # counts generations: a stale one neither continues nor records its cache
         self.last_generation: Generation | None = None  # a finished stream's Generation (_pieces)
+        self.scored: list[TokenLogprob] = []  # with logprobs=: the tokens' so far, while a stream runs
         self.defaults: dict[str, Any] = {}  # generate's defaults (a stored model's PARAMETERs, SYSTEM): loader.py
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
@@ -540,6 +541,7 @@ class Model:
             # greedy with no penalty: the step's own argmax, the next step queued before it is read
             ahead = graph is not None and params.greedy and params.repeat_penalty == 1.0 and form is None and top is None
             scored: list[TokenLogprob] | None = None if top is None else []
+            self.scored = scored if scored is not None else []
             chosen: int | None = None
             t1 = time.perf_counter()
             for i in range(max_new_tokens):

@@ -1,8 +1,8 @@
 """`qvl serve`'s OpenAI endpoints: /v1/models, /v1/chat/completions (content parts "text" and
 "image_url" as data: URLs, response_format, logprobs / top_logprobs) and /v1/completions (a
 prompt continued as it is, no chat template; logprobs and echo, so that a prompt can be scored),
-on server.Service's loaded model. Streams are server-sent events (a stream's logprobs come in
-its last chunk)."""
+on server.Service's loaded model. Streams are server-sent events, each chunk with the logprobs of
+the tokens scored since the one before."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .json_format import piece_bytes
-from .logprobs import MAX_TOP, TokenLogprob, prompt_logprobs
-from .model import Model
-from .server import Loaded, Reply, RequestError, Service, _messages, answer_format, generation_options
+from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
+from .server import (Loaded, Reply, RequestError, Service, _messages, answer_format, generation_options,
+                     top_logprobs)
 
 
 def models(service: Service, body: dict[str, Any]) -> Reply:
@@ -78,39 +77,6 @@ def _one_choice(body: dict[str, Any]) -> None:
         raise RequestError(400, "n: one choice a request")
 
 
-def _top(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP:
-        raise RequestError(400, f"{where} {value!r}: 0 to {MAX_TOP}")
-    return value
-
-
-def _spell(model: Model) -> Callable[[int], tuple[str, bytes]]:
-    """A token's text and its bytes (a byte-level token may hold part of a character); the
-    tokenizer's added tokens (their text as it is) looked up once, not a token at a time."""
-    added = set(model.tokenizer.get_added_tokens_decoder())
-
-    def piece(token: int) -> tuple[str, bytes]:
-        text = model.tokenizer.id_to_token(token) or ""
-        data = None if token in added else piece_bytes(text)
-        return (text, text.encode()) if data is None else (data.decode(errors="replace"), data)
-
-    return piece
-
-
-def _chat_logprobs(model: Model) -> dict[str, Any]:
-    """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]} of the last generation."""
-    g = model.last_generation
-    assert g is not None and g.logprobs is not None
-    piece = _spell(model)
-
-    def entry(token: int, logprob: float) -> dict[str, Any]:
-        text, data = piece(token)
-        return {"token": text, "logprob": logprob, "bytes": list(data)}
-
-    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
-                        for t in g.logprobs]}
-
-
 def chat(service: Service, body: dict[str, Any]) -> Reply:
     _one_choice(body)
     loaded = service.use(body.get("model"))
@@ -118,12 +84,20 @@ def chat(service: Service, body: dict[str, Any]) -> Reply:
     if loaded.system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": loaded.system})
     kwargs = _options(loaded, service, body, None)
-    top = _top(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
+    top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
     pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), logprobs=top, **kwargs)
     streaming = bool(body.get("stream", False))
 
+    piece, sent = speller(loaded.model.tokenizer), [0]
+
     def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
-        scores = _chat_logprobs(loaded.model) if top is not None and reason is not None else None
+        scores = None
+        if top is not None and not streaming:
+            g = loaded.model.last_generation
+            assert g is not None and g.logprobs is not None
+            scores = {"content": entries(piece, g.logprobs)}
+        elif top is not None and not first and (new := new_scores(loaded.model, sent)):
+            scores = {"content": entries(piece, new)}  # a chunk's: the tokens scored since the last chunk
         if not streaming:
             return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": scores,
                     "finish_reason": reason}
@@ -148,7 +122,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         if body.get(key) not in (None, 1, ""):
             raise RequestError(400, f"{key}: not supported by qvl serve")
     _one_choice(body)
-    top = None if body.get("logprobs") is None else _top(body["logprobs"], "logprobs")
+    top = None if body.get("logprobs") is None else top_logprobs(body["logprobs"], "logprobs")
     echo = bool(body.get("echo", False))
     if echo and body.get("stream", False):
         raise RequestError(400, "echo: not with stream")
@@ -161,26 +135,32 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         return Reply({"id": f"cmpl-{next(service._ids)}", "object": "text_completion", "created": int(time.time()),
                       "model": service._name(loaded),
                       "choices": [{"index": 0, "text": prompt, "finish_reason": "length",
-                                   "logprobs": _legacy(model, prompt_ids, prompt_scores) if top is not None else None}],
+                                   "logprobs": _legacy(speller(model.tokenizer), prompt_ids, prompt_scores)
+                                   if top is not None else None}],
                       "usage": {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}})
     pieces = model.generate(prompt, stream=True, template=False, format=answer_format(body), logprobs=top, **kwargs)
+    piece, sent, offset = speller(model.tokenizer), [0], [0]
+    streaming = bool(body.get("stream", False))
 
     def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
         scores = None
-        if top is not None and reason is not None:
+        if top is not None and not streaming:
             g = model.last_generation
             assert g is not None and g.logprobs is not None
-            scores = _legacy(model, prompt_ids + g.token_ids, prompt_scores + list(g.logprobs))
+            scores = _legacy(piece, prompt_ids + g.token_ids, prompt_scores + list(g.logprobs))
+        elif top is not None and (new := new_scores(model, sent)):  # a chunk's, text_offset running on
+            scores = _legacy(piece, [s.token for s in new], list(new), offset[0])
+            offset[0] = scores["text_offset"][-1] + len(scores["tokens"][-1])
         return {"index": 0, "text": (prompt if echo else "") + text, "logprobs": scores, "finish_reason": reason}
 
     return _answer(service, loaded, pieces, body, "text_completion", choice)
 
 
-def _legacy(model: Model, ids: list[int], scores: list[TokenLogprob | None]) -> dict[str, Any]:
-    """The completions API's logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-    piece = _spell(model)
+def _legacy(piece: Speller, ids: list[int], scores: list[TokenLogprob | None],
+            start: int = 0) -> dict[str, Any]:
+    """The completions API's logprobs: tokens, token_logprobs, top_logprobs, text_offset (from `start`)."""
     tokens = [piece(t)[0] for t in ids]
-    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=start)) if tokens else []
     return {"tokens": tokens, "token_logprobs": [None if s is None else s.logprob for s in scores],
             "top_logprobs": [None if s is None else {piece(i)[0]: v for i, v in s.top} for s in scores],
             "text_offset": offsets}

@@ -5,13 +5,15 @@
     GET  /api/tags              the stored models, as Ollama lists them
     POST /api/show              {"model"}: details, parameters, template, system, modelfile
     POST /api/generate          {"model", "prompt", "images": [base64], "system", "raw", "format", "stream",
-                                 "options"}
-    POST /api/chat              {"model", "messages": [{"role", "content", "images"}], "format", "stream", "options"}
+                                 "options", "logprobs", "top_logprobs"}
+    POST /api/chat              {"model", "messages": [{"role", "content", "images"}], "format", "stream", "options",
+                                 "logprobs", "top_logprobs"}
     GET  /api/ps                the loaded model
     POST /api/copy              {"source", "destination"}
     POST /api/pull, /api/push   {"model", "insecure", "stream"}: as `qvl pull` / `qvl push` (store_api.py)
-    POST /api/create            {"model", "from", "system", "template", "license", "parameters", "messages"}
-                                 or {"model", "modelfile"}: a stored model with other defaults (store_api.py)
+    POST /api/create            {"model", "from" or "files", "system", "template", "license", "parameters",
+                                 "messages"} or {"model", "modelfile"} (store_api.py)
+    HEAD, POST /api/blobs/DIGEST  a GGUF for create's "files", sent first (blob_upload.py)
     DELETE /api/delete          {"model"}
     GET  /v1/models, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
 
@@ -55,6 +57,7 @@ from .gguf_file import GGUFError, GGUFFile
 from .image import ImageError, load_image
 from .json_format import format_grammar
 from .loader import load
+from .logprobs import MAX_TOP, entries, new_scores, speller
 from .model import PLAN_CTX, Model, ModelError, open_ended
 from .modelfile import ModelfileError, check_params, modelfile_of, parameter_lines, stored_defaults
 from .placement import Placement
@@ -185,6 +188,13 @@ def generation_options(stored: dict[str, Any], options: Any, default_ctx: int | 
     n, ctx = open_ended(merged.get("num_predict", -1), merged.get("num_ctx") or default_ctx)
     kwargs: dict[str, Any] = {k: v for k, v in merged.items() if k in SamplingParams.__dataclass_fields__ or k == "stop"}
     return {"max_new_tokens": n, "ctx_size": ctx, **kwargs}
+
+
+def top_logprobs(value: Any, where: str) -> int:
+    """A request's count of alternatives to each token's logprob (OpenAI's and Ollama's 0 to 20)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP:
+        raise RequestError(400, f"{where} {value!r}: 0 to {MAX_TOP}")
+    return value
 
 
 def answer_format(body: dict[str, Any]) -> str | dict[str, Any] | None:
@@ -397,9 +407,10 @@ class Service:
         if not prompt and not pictures:  # Ollama's way to load a model
             return Reply({"model": name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"})
         system = body.get("system") if isinstance(body.get("system"), str) else loaded.system
-        pieces = loaded.model.generate(prompt, pictures, stream=True, system=system,
-                                       template=not body.get("raw", False), format=answer_format(body), **kwargs)
-        return self._ollama(loaded, name, pieces, body.get("stream", True), "response")
+        top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
+        pieces = loaded.model.generate(prompt, pictures, stream=True, system=system, template=not body.get("raw", False),
+                                       format=answer_format(body), logprobs=top, **kwargs)
+        return self._ollama(loaded, name, pieces, body.get("stream", True), "response", top is not None)
 
     def _unload(self, name: Any) -> Reply:
         loaded = self.loaded
@@ -421,11 +432,20 @@ class Service:
         if loaded.system is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": loaded.system})
         kwargs = generation_options(loaded.params, body.get("options") or {}, self.config.ctx_size)
-        pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), **kwargs)
-        return self._ollama(loaded, self._name(loaded), pieces, body.get("stream", True), "message")
+        top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
+        pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), logprobs=top, **kwargs)
+        return self._ollama(loaded, self._name(loaded), pieces, body.get("stream", True), "message", top is not None)
 
-    def _ollama(self, loaded: Loaded, name: str, pieces: Iterator[str], stream: Any, key: str) -> Reply:
+    def _ollama(self, loaded: Loaded, name: str, pieces: Iterator[str], stream: Any, key: str,
+                scoring: bool) -> Reply:
+        """Ollama's reply: one object, or a stream of them; with `scoring` (logprobs), each
+        carries the logprobs of the tokens scored since the one before (the whole answer's, unstreamed)."""
         started = time.perf_counter() - loaded.load_s
+        spell, sent = speller(loaded.model.tokenizer), [0]
+
+        def scores() -> dict[str, Any]:
+            new = new_scores(loaded.model, sent) if scoring else []
+            return {"logprobs": entries(spell, new)} if new else {}
 
         def wrap(text: str) -> Any:
             return text if key == "response" else {"role": "assistant", "content": text}
@@ -438,14 +458,14 @@ class Service:
                     "total_duration": _ns(time.perf_counter() - started), "load_duration": _ns(loaded.load_s),
                     "prompt_eval_count": g.prompt_tokens,
                     "prompt_eval_duration": _ns(g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3),
-                    "eval_count": len(g.token_ids), "eval_duration": _ns(g.timings.get("decode_s", 0.0))}
+                    "eval_count": len(g.token_ids), "eval_duration": _ns(g.timings.get("decode_s", 0.0)), **scores()}
 
         if stream is False:
             return Reply(final("".join(pieces)))
 
         def events() -> Iterator[dict[str, Any]]:
             for piece in pieces:
-                yield {"model": name, "created_at": _now(), key: wrap(piece), "done": False}
+                yield {"model": name, "created_at": _now(), key: wrap(piece), "done": False, **scores()}
             yield final("")
 
         return Reply(events=events())

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+
 def test_openai_completions_continue_the_prompt_as_it_is(running, reference):
     """/v1/completions: the prompt without the chat template, 16 tokens unless max_tokens says."""
     want = reference.generate("The cat sat on", template=False, max_new_tokens=16)
@@ -78,3 +80,32 @@ def test_openai_logprobs_and_echo(running, reference):
                                                                       "echo: not with stream")]:
         status, data = running.request("/v1/completions", {"model": "tiny:1", "prompt": "x", **body})
         assert status == 400 and expect in json.loads(data)["error"], data
+
+
+def sse(data: bytes) -> list[dict]:
+    frames = data.decode().split("\n\n")
+    assert frames[-2:] == ["data: [DONE]", ""]
+    return [json.loads(f.removeprefix("data: ")) for f in frames[:-2]]
+
+
+def test_streamed_logprobs_come_with_their_chunks(running):
+    """A stream's chunks each carry the logprobs of the tokens scored since the chunk before:
+    together they are the unstreamed answer's, and (chat) their bytes spell the chunks' text."""
+    body = {"model": "tiny:1", "max_tokens": 6, "logprobs": True, "top_logprobs": 2,
+            "messages": [{"role": "user", "content": "Hi"}]}
+    whole = running.json("/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
+    status, data = running.request("/v1/chat/completions", {**body, "stream": True})
+    chunks = [c["choices"][0] for c in sse(data)]
+    assert status == 200 and chunks[0]["logprobs"] is None  # the role's chunk
+    parts = [c["logprobs"]["content"] for c in chunks if c["logprobs"] is not None]
+    assert len(parts) >= 3 and [e for p in parts for e in p] == whole
+    for c in chunks[1:]:
+        scored = c["logprobs"]["content"] if c["logprobs"] else []
+        assert bytes(b for e in scored for b in e["bytes"]) == c["delta"].get("content", "").encode()
+    body = {"model": "tiny:1", "prompt": "The cat sat on", "max_tokens": 6, "logprobs": 1}
+    whole = running.json("/v1/completions", body)["choices"][0]["logprobs"]
+    status, data = running.request("/v1/completions", {**body, "stream": True})
+    parts = [c["choices"][0]["logprobs"] for c in sse(data) if c["choices"][0]["logprobs"] is not None]
+    assert len(parts) >= 3
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):  # offsets run on across chunks
+        assert [v for p in parts for v in p[key]] == whole[key], key

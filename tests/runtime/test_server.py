@@ -465,3 +465,28 @@ def test_a_models_messages_come_before_each_request(tmp_path, files, reference):
     running.server.shutdown()
 
 
+
+
+def test_ollama_logprobs(running, reference):
+    """Ollama's logprobs / top_logprobs: each answer token's log-probability (the library's, to
+    1e-6), spelled with its bytes, its alternatives likeliest first; a stream's objects carry their
+    own tokens', which together are the unstreamed answer's."""
+    want = reference.generate("Describe it.", max_new_tokens=5, logprobs=2)
+    body = {"model": "tiny:1", "prompt": "Describe it.", "options": {"num_predict": 5}, "logprobs": True,
+            "top_logprobs": 2}
+    got = running.json("/api/generate", {**body, "stream": False})
+    lp = got["logprobs"]
+    assert [e["logprob"] for e in lp] == pytest.approx([t.logprob for t in want.logprobs], abs=1e-6)
+    assert bytes(b for e in lp for b in e["bytes"]).decode() == got["response"] == want.text
+    assert all([a["logprob"] for a in e["top_logprobs"]] == pytest.approx([v for _, v in t.top], abs=1e-6)
+               for e, t in zip(lp, want.logprobs))
+    events = running.lines("/api/generate", body)
+    assert sum(1 for e in events if "logprobs" in e) >= 3 and [x for e in events for x in e.get("logprobs", [])] == lp
+    chat = {"model": "tiny:1", "messages": [{"role": "user", "content": "Hi"}], "options": {"num_predict": 4},
+            "logprobs": True}
+    whole = running.json("/api/chat", {**chat, "stream": False})
+    assert len(whole["logprobs"]) == 4 and all(e["top_logprobs"] == [] for e in whole["logprobs"])
+    assert [x for e in running.lines("/api/chat", chat) for x in e.get("logprobs", [])] == whole["logprobs"]
+    assert "logprobs" not in running.json("/api/chat", {**chat, "logprobs": False, "stream": False})
+    status, data = running.request("/api/chat", {**chat, "top_logprobs": 21})
+    assert status == 400 and "top_logprobs 21: 0 to 20" in json.loads(data)["error"]
