@@ -3,6 +3,7 @@ transformers' `apply_chat_template` renders it."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jinja2
@@ -32,3 +33,29 @@ def render(template: str | None, messages: list[dict[str, Any]], add_generation_
     env.globals["raise_exception"] = _raise
     tpl = env.from_string(template or DEFAULT_TEMPLATE)
     return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
+
+
+def user_content(prompt: str, n_images: int, n_videos: int) -> list[dict[str, Any]]:
+    """A user turn's content parts: the images then the videos, then the text; or, where the
+    prompt says `{image1}` / `{video2}`..., each in its place (a ValueError for one not given)."""
+    parts = re.split(r"\{(image|video)(\d+)\}", prompt)
+    if len(parts) == 1:
+        media = ["image"] * n_images + ["video"] * n_videos
+        return [{"type": kind} for kind in media] + [{"type": "text", "text": prompt}]
+    content: list[dict[str, Any]] = []
+    for k in range(0, len(parts), 3):
+        if parts[k]:
+            content.append({"type": "text", "text": parts[k]})
+        if k + 2 < len(parts):
+            kind, idx = parts[k + 1], int(parts[k + 2])
+            have = n_images if kind == "image" else n_videos
+            if not 1 <= idx <= have:
+                raise ValueError(f"prompt refers to {{{kind}{idx}}} but {have} {kind}(s) were given")
+            content.append({"type": kind})
+    return content
+
+
+def media_order(prompt: str, items: list, kind: str) -> list:
+    """Media in the order the prompt's `{image2}`/`{video1}`... placeholders use them."""
+    order = [int(m) - 1 for m in re.findall(r"\{" + kind + r"(\d+)\}", prompt)]
+    return [items[i] for i in order if 0 <= i < len(items)] if order else items

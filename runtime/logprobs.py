@@ -36,14 +36,21 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(lp[token]), alternatives)
 
 
+LOGIT_ROWS = 128  # prompt positions made logits at a time when scoring one: 128 x 152k float32, 78 MB
+
+
 def prompt_logprobs(model: Model, text: str, top: int) -> tuple[list[int], list[TokenLogprob | None]]:
     """A raw prompt's token ids and each token's log-probability given the ones before it (the
-    first has none). Holds the prompt's logits at once: (tokens x 152k) float32."""
+    first has none); the logits made LOGIT_ROWS positions at a time, never all of them at once."""
     ids = model.tokenize(text, [])[0]
     if not ids:
         return [], []
-    logits = model.prompt_logits(text, template=False)
-    return ids, [None] + [token_logprob(logits[i - 1], ids[i], top) for i in range(1, len(ids))]
+    hidden = torch.cat(model.prompt_hidden(text, template=False))
+    scores: list[TokenLogprob | None] = [None]
+    for start in range(0, len(ids) - 1, LOGIT_ROWS):
+        logits = model.decoder.logits(hidden[start:min(start + LOGIT_ROWS, len(ids) - 1)])
+        scores += [token_logprob(row, ids[start + j + 1], top) for j, row in enumerate(logits)]
+    return ids, scores
 
 
 def speller(tokenizer: Tokenizer) -> Speller:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from . import fit, prefill_oom, vision_oom
-from .chat import render
+from .chat import media_order, render, user_content
 from .config import TextConfig, text_config
 from .decode_graph import DecodeGraph
 from .decoder import PREFILL_CHUNK, Decoder, KVCache
@@ -148,21 +148,10 @@ class Model:
                      n_videos: int = 0) -> list[dict[str, Any]]:
         """A user turn with images then videos first, or where `{image1}` / `{video1}`... say,
         after the system prompt and the stored conversation (`defaults["messages"]`) if any."""
-        content: list[dict[str, Any]] = []
-        parts = re.split(r"\{(image|video)(\d+)\}", prompt)
-        if len(parts) == 1:
-            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "video"} for _ in range(n_videos)]
-            content.append({"type": "text", "text": prompt})
-        else:
-            for k in range(0, len(parts), 3):
-                if parts[k]:
-                    content.append({"type": "text", "text": parts[k]})
-                if k + 2 < len(parts):
-                    kind, idx = parts[k + 1], int(parts[k + 2])
-                    have = n_images if kind == "image" else n_videos
-                    if not 1 <= idx <= have:
-                        raise ModelError(f"prompt refers to {{{kind}{idx}}} but {have} {kind}(s) were given")
-                    content.append({"type": kind})
+        try:
+            content = user_content(prompt, n_images, n_videos)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
         messages = [{"role": "system", "content": system}] if system else []
         return messages + list(self.defaults.get("messages", [])) + [{"role": "user", "content": content}]
 
@@ -188,12 +177,6 @@ class Model:
             except ImageError as e:  # which picture: its file, or its place among the given ones
                 raise ImageError(f"{im if not isinstance(im, Image.Image) else f'image {n}'}: {e}") from None
         return out
-
-    @staticmethod
-    def media_order(prompt: str, items: list, kind: str) -> list:
-        """Media in the order the prompt's `{image2}`/`{video1}`... placeholders use them."""
-        order = [int(m) - 1 for m in re.findall(r"\{" + kind + r"(\d+)\}", prompt)]
-        return [items[i] for i in order if 0 <= i < len(items)] if order else items
 
     def _videos(self, videos: list[str | Path], opts: VideoOptions) -> list[VideoInput]:
         if videos and self.vision is None:
@@ -325,10 +308,13 @@ class Model:
             size += pixels
         return batches
 
-    def _prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool) -> torch.Tensor:
+    def _prefill_hidden(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> list[torch.Tensor]:
         start = cache.length
-        hidden = prefill_oom.retrying(lambda: self.decoder.prompt_forward(embeds, positions, cache, PREFILL_CHUNK),
-                                      self.decoder, partial(setattr, cache, "length", start), self.on_warning)
+        return prefill_oom.retrying(lambda: self.decoder.prompt_forward(embeds, positions, cache, PREFILL_CHUNK),
+                                    self.decoder, partial(setattr, cache, "length", start), self.on_warning)
+
+    def _prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool) -> torch.Tensor:
+        hidden = self._prefill_hidden(embeds, positions, cache)
         if all_logits:
             return torch.cat([self.decoder.logits(h) for h in hidden])
         return self.decoder.logits(hidden[-1][-1:])
@@ -389,7 +375,7 @@ class Model:
         if not template:
             return prompt, images, vids
         text = render(self.chat_template, self.messages_for(prompt, len(images), system, len(vids)))
-        return text, self.media_order(prompt, images, "image"), self.media_order(prompt, vids, "video")
+        return text, media_order(prompt, images, "image"), media_order(prompt, vids, "video")
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -404,6 +390,15 @@ class Model:
         embeds, positions, _ = self.encode(text, images, min_pixels, max_pixels, vids)
         cache = self.decoder.new_cache(embeds.shape[0], self.placement.kv_type)
         return self._prefill(embeds, positions, cache, all_logits=True)
+
+    @torch.no_grad()
+    @one_line()
+    def prompt_hidden(self, prompt: str, *, template: bool = True) -> list[torch.Tensor]:
+        """A text prompt's final hidden states, every position's, in prefill chunks (decoder.logits
+        makes logits of a slice): to score a long prompt without its (tokens x vocab) logits at once."""
+        text, _, _ = self._prepare(prompt, None, None, VideoOptions(), None, template)
+        embeds, positions, _ = self.encode(text, [], MIN_PIXELS, MAX_PIXELS, [])
+        return self._prefill_hidden(embeds, positions, self.decoder.new_cache(embeds.shape[0], self.placement.kv_type))
 
     def generate(self, prompt: str, images: list[ImageLike] | None = None, *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,

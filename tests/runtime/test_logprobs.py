@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qvl.runtime.loader import load
+from qvl.runtime import logprobs
 from qvl.runtime.logprobs import prompt_logprobs
 from qvl.runtime.model import ModelError
 
@@ -48,11 +49,19 @@ def test_each_tokens_logprob_is_the_models(model, kwargs):
         model.generate(prompt, logprobs=21)
 
 
-def test_prompt_logprobs(model):
-    ids, scores = prompt_logprobs(model, "a b c d", 1)
-    assert ids == model.tokenize("a b c d", [])[0] and scores[0] is None and len(scores) == len(ids)
-    assert all(s.token == i and len(s.top) == 1 and s.logprob <= s.top[0][1] + 1e-6
-               for s, i in zip(scores[1:], ids[1:]))
+@pytest.mark.parametrize("rows", [1, 4, 128])
+def test_prompt_logprobs(model, monkeypatch, rows):
+    """A prompt's tokens scored from its logits made `rows` positions at a time: the same values
+    as the whole prompt's logits at once (to 1e-5), whatever the slices (the last one short)."""
+    monkeypatch.setattr(logprobs, "LOGIT_ROWS", rows)
+    text = "a b c d e f g"
+    ids, scores = prompt_logprobs(model, text, 2)
+    assert ids == model.tokenize(text, [])[0] and scores[0] is None and len(scores) == len(ids) == 7
+    want = torch.log_softmax(model.prompt_logits(text, template=False).float(), -1)
+    for i, s in enumerate(scores[1:], 1):
+        best = torch.topk(want[i - 1], 2)
+        assert s.token == ids[i] and s.logprob == pytest.approx(float(want[i - 1, ids[i]]), abs=1e-5)
+        assert [t for t, _ in s.top] == best.indices.tolist()
     assert prompt_logprobs(model, "", 1) == ([], [])
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from qvl.runtime.chat import media_order
 from qvl.runtime.loader import load
 from qvl.runtime.video import VideoError, VideoOptions, frame_range, frame_size, load_video, sample_indices, smart_nframes
 from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
@@ -230,7 +231,7 @@ def test_two_videos_and_placeholders(tmp_path, fixtures_dir):
 
     text = render(model.chat_template, model.messages_for("First {video2}, then {video1}.", 0, None, 2))
     assert text.count("<|video_pad|>") == 2
-    assert model.media_order("First {video2}, then {video1}.", vids, "video") == [vids[1], vids[0]]
+    assert media_order("First {video2}, then {video1}.", vids, "video") == [vids[1], vids[0]]
     ids, spans, _ = model.tokenize(text, [], videos=[vids[1], vids[0]])
     pads = sum(1 for i in ids if i == model.tokenizer.token_to_id("<|video_pad|>"))
     assert pads == sum(t * (h // 2) * (w // 2) for t, h, w in (v.grid_thw for v in vids))
