@@ -45,7 +45,7 @@ def prompt_logprobs(model: Model, text: str, top: int) -> tuple[list[int], list[
     ids = model.tokenize(text, [])[0]
     if not ids:
         return [], []
-    hidden = torch.cat(model.prompt_hidden(text, template=False))
+    hidden = torch.cat(model.token_hidden(ids))
     scores: list[TokenLogprob | None] = [None]
     for start in range(0, len(ids) - 1, LOGIT_ROWS):
         logits = model.decoder.logits(hidden[start:min(start + LOGIT_ROWS, len(ids) - 1)])

@@ -393,12 +393,12 @@ class Model:
 
     @torch.no_grad()
     @one_line()
-    def prompt_hidden(self, prompt: str, *, template: bool = True) -> list[torch.Tensor]:
-        """A text prompt's final hidden states, every position's, in prefill chunks (decoder.logits
-        makes logits of a slice): to score a long prompt without its (tokens x vocab) logits at once."""
-        text, _, _ = self._prepare(prompt, None, None, VideoOptions(), None, template)
-        embeds, positions, _ = self.encode(text, [], MIN_PIXELS, MAX_PIXELS, [])
-        return self._prefill_hidden(embeds, positions, self.decoder.new_cache(embeds.shape[0], self.placement.kv_type))
+    def token_hidden(self, ids: list[int]) -> list[torch.Tensor]:
+        """Text tokens' final-norm hidden states, every position's, in prefill chunks (decoder.logits
+        makes a slice's logits): a long prompt scored without its (tokens x vocab) logits at once."""
+        embeds, _ = self._embed(ids, [], 0)
+        cache = self.decoder.new_cache(len(ids), self.placement.kv_type)
+        return self._prefill_hidden(embeds, rope_positions([Span(len(ids))]), cache)
 
     def generate(self, prompt: str, images: list[ImageLike] | None = None, *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,

@@ -33,14 +33,16 @@ def model(fixtures_dir) -> Model:
 
 
 @pytest.mark.parametrize("kind", ["triton's type", "in triton's code", "elsewhere", "out of memory"])
-@pytest.mark.parametrize("call", ["generate", "stream", "prompt_logits", "prompt_hidden"])
+@pytest.mark.parametrize("call", ["generate", "stream", "prompt_logits", "token_hidden"])
 def test_tritons_errors_are_one_line_the_rest_as_they_were(model, monkeypatch, kind, call):
     before = model.generate("Hi", max_new_tokens=3).token_ids
-    inner = {"prompt_logits": "_prefill", "prompt_hidden": "_prefill_hidden"}.get(call, "_run")
+    inner = {"prompt_logits": "_prefill", "token_hidden": "_prefill_hidden"}.get(call, "_run")
     monkeypatch.setattr(Model, inner, lambda *args, **kwargs: _raise(kind))
     with pytest.raises(Exception) as raised:
-        if call.startswith("prompt_"):
-            getattr(model, call)("Hi")
+        if call == "prompt_logits":
+            model.prompt_logits("Hi")
+        elif call == "token_hidden":
+            model.token_hidden([9707])
         else:
             list(model.generate("Hi", max_new_tokens=3, stream=call == "stream"))
     error = raised.value
