@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from . import blob_upload, openai_api, server, store_api
+from . import blob_upload, embed_api, openai_api, server, store_api
 from .image import ImageError
 from .model import ModelError
 from .server import VERSION, Reply, RequestError, Service
 from .store import StoreError
 from .video import VideoError
 
-ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES}
+ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **embed_api.ROUTES}
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
 # header or the server's state, or (a pull, a push) wait on a transfer thread of their own

@@ -15,6 +15,7 @@
                                  "messages"} or {"model", "modelfile"} (store_api.py)
     HEAD, POST /api/blobs/DIGEST  a GGUF for create's "files", sent first (blob_upload.py)
     DELETE /api/delete          {"model"}
+    POST /api/embed, /api/embeddings, /v1/embeddings: a text's embedding (embed_api.py)
     GET  /v1/models, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
 
 One model is loaded at a time: a request naming another stored model replaces it. Requests for

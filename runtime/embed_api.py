@@ -1,0 +1,141 @@
+"""`qvl serve`'s embeddings: Ollama's /api/embed (and its older /api/embeddings) and OpenAI's
+/v1/embeddings. A text's embedding is its last token's final-norm hidden state (the decoder's
+output before the vocabulary projection: llama.cpp's last-token pooling, the one Qwen-based
+embedding models use), L2-normalized as Ollama's /api/embed and OpenAI's are (the older
+/api/embeddings gives it as it is). The text is read as it is, no chat template; one longer than
+the context is cut to its first num_ctx tokens (Ollama's `truncate`, true by default; false:
+a 400). `dimensions` keeps the first N values, normalized again."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .model import PLAN_CTX, Model
+from .modelfile import ModelfileError, check_params
+from .server import Loaded, Reply, RequestError, Service, _ns
+
+
+def embedding(model: Model, ids: list[int], normalize: bool, dimensions: int | None) -> list[float]:
+    """Token ids' embedding: the last position's final-norm hidden state, as float32 values."""
+    last = model.token_hidden(ids)[-1][-1].float().cpu().numpy()
+    if dimensions is not None:
+        last = last[:dimensions]
+    if normalize:
+        norm = float(np.linalg.norm(last))
+        last = last / norm if norm > 0 else last
+    return [float(v) for v in last]
+
+
+def _context(loaded: Loaded, service: Service, options: Any) -> int:
+    """The tokens a text may have: the request's num_ctx, the model's stored one, `qvl serve
+    --ctx-size`, else PLAN_CTX."""
+    if not isinstance(options, dict):
+        raise RequestError(400, "options: a JSON object")
+    try:
+        merged = {**loaded.params, **check_params(options, strict=False)}
+    except ModelfileError as e:
+        raise RequestError(400, f"options: {e}") from None
+    return merged.get("num_ctx") or service.config.ctx_size or PLAN_CTX
+
+
+def _dimensions(value: Any, width: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= width:
+        raise RequestError(400, f"dimensions {value!r}: 1 to the model's {width}")
+    return value
+
+
+def _token_ids(model: Model, item: Any, where: str) -> list[int]:
+    """A text's token ids, or (OpenAI) a list of token ids as given."""
+    if isinstance(item, str):
+        if not item:
+            raise RequestError(400, f"{where}: an empty text has no embedding")
+        return model.tokenize(item, [])[0]
+    vocab = model.cfg.n_vocab
+    if (isinstance(item, list) and item and
+            all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in item)):
+        return item
+    raise RequestError(400, f"{where}: a text (or a list of token ids below {vocab})")
+
+
+def _embed_all(service: Service, body: dict[str, Any], texts: list[Any], normalize: bool,
+               where: str) -> tuple[Loaded, list[list[float]], int]:
+    """Each input's embedding, cut to the context unless `truncate` is false; (loaded, vectors,
+    tokens read in all)."""
+    loaded = service.use(body.get("model"), body.get("keep_alive"))
+    ctx = _context(loaded, service, body.get("options") or {})
+    dims = _dimensions(body.get("dimensions"), loaded.model.cfg.n_embd)
+    truncate = body.get("truncate", True) is not False
+    vectors, tokens = [], 0
+    for i, item in enumerate(texts):
+        ids = _token_ids(loaded.model, item, f"{where}[{i}]" if len(texts) > 1 else where)
+        if len(ids) > ctx and not truncate:
+            raise RequestError(400, f"{where}: {len(ids)} tokens, more than the context ({ctx}; "
+                                    "truncate: true cuts it, or a larger num_ctx)")
+        ids = ids[:ctx]
+        tokens += len(ids)
+        vectors.append(embedding(loaded.model, ids, normalize, dims))
+    return loaded, vectors, tokens
+
+
+def _inputs(value: Any, where: str) -> list[Any]:
+    """One input or a list of them (OpenAI: a list of ints is one input of token ids)."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(t, int) for t in value)):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise RequestError(400, f"{where}: a text or a list of texts")
+
+
+def embed(service: Service, body: dict[str, Any]) -> Reply:
+    """Ollama's /api/embed: {"model", "input": text or [texts], "truncate", "dimensions",
+    "options", "keep_alive"} -> {"embeddings": [[...]], "prompt_eval_count", durations}."""
+    started = time.perf_counter()
+    texts = [] if body.get("input") in (None, "") else _inputs(body.get("input"), "input")
+    loaded, vectors, tokens = _embed_all(service, body, texts, True, "input")
+    return Reply({"model": service._name(loaded), "embeddings": vectors,
+                  "total_duration": _ns(time.perf_counter() - started), "load_duration": _ns(loaded.load_s),
+                  "prompt_eval_count": tokens})
+
+
+def embeddings(service: Service, body: dict[str, Any]) -> Reply:
+    """Ollama's older /api/embeddings: {"model", "prompt"} -> {"embedding": [...]}, not normalized."""
+    prompt = body.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise RequestError(400, "prompt: a text")
+    if not prompt:
+        service.use(body.get("model"), body.get("keep_alive"))
+        return Reply({"embedding": []})
+    _, vectors, _ = _embed_all(service, body, [prompt], False, "prompt")
+    return Reply({"embedding": vectors[0]})
+
+
+def openai_embeddings(service: Service, body: dict[str, Any]) -> Reply:
+    """OpenAI's /v1/embeddings: {"model", "input": text, [texts], [token ids] or [[token ids]],
+    "encoding_format": float or base64, "dimensions"} -> {"data": [{"embedding", "index"}], "usage"}."""
+    texts = _inputs(body.get("input"), "input")
+    if not texts:
+        raise RequestError(400, "input: a text or a list of texts")
+    kind = body.get("encoding_format") or "float"
+    if kind not in ("float", "base64"):
+        raise RequestError(400, f"encoding_format {kind!r}: float or base64")
+    loaded, vectors, tokens = _embed_all(service, body, texts, True, "input")
+    spell: Callable[[list[float]], Any] = (
+        (lambda v: base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()) if kind == "base64"
+        else (lambda v: v))
+    return Reply({"object": "list", "model": service._name(loaded),
+                  "data": [{"object": "embedding", "embedding": spell(v), "index": i} for i, v in enumerate(vectors)],
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
+    ("POST", "/api/embed"): embed,
+    ("POST", "/api/embeddings"): embeddings,
+    ("POST", "/v1/embeddings"): openai_embeddings,
+}
