@@ -442,10 +442,12 @@ class Service:
         """Ollama's reply: one object, or a stream of them; with `scoring` (logprobs), each
         carries the logprobs of the tokens scored since the one before (the whole answer's, unstreamed)."""
         started = time.perf_counter() - loaded.load_s
-        spell, sent = speller(loaded.model.tokenizer), [0]
+        spell, sent = speller(loaded.model.tokenizer) if scoring else None, [0]
 
         def scores() -> dict[str, Any]:
-            new = new_scores(loaded.model, sent) if scoring else []
+            if spell is None:
+                return {}
+            new = new_scores(loaded.model, sent)
             return {"logprobs": entries(spell, new)} if new else {}
 
         def wrap(text: str) -> Any:
