@@ -15,6 +15,7 @@ from ..runtime.inspect import human_bytes
 from .errors import ConvertError
 from .pipeline import ConvertOptions, Job, check_destination, plan_job, run_job
 from .plan import PlannedTensor
+from .writer import ChunkSource
 
 err = Console(stderr=True)
 out = Console()
@@ -52,19 +53,8 @@ def print_plan(job: Job) -> None:
     out.print(f"total: {human_bytes(job.nbytes)} in {len(job.files)} file(s)", markup=False, highlight=False)
 
 
-def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool, store_name: Optional[str] = None) -> None:
-    if store_name is not None:
-        from ..runtime.store import ModelName, StoreError
-
-        try:
-            ModelName.parse(store_name)
-        except StoreError as e:
-            raise ConvertError(str(e)) from None
-    job = plan_job(opts)
-    if dry_run:
-        print_plan(job)
-        return
-    check_destination(job, opts.force)
+def write_job(job: Job, workers: int, quiet: bool, verb: str, chunks: ChunkSource | None = None) -> None:
+    """Write the job's files with two progress bars (tensors, bytes), then their sizes and the time."""
     n_tensors = sum(len(f.plan) for f in job.files)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -79,7 +69,7 @@ def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool, store_name: Optio
     t0 = time.perf_counter()
     done: dict[str, int] = {}
     with progress, bytes_progress:
-        tensors_task = progress.add_task("converting", total=n_tensors)
+        tensors_task = progress.add_task(verb, total=n_tensors)
         bytes_task = bytes_progress.add_task("bytes", total=job.nbytes)
 
         def on_bytes(p: PlannedTensor, n: int) -> None:
@@ -88,11 +78,27 @@ def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool, store_name: Optio
             if done[p.tensor.name] == p.nbytes:
                 progress.update(tensors_task, advance=1, description=p.tensor.name)
 
-        run_job(job, on_bytes, opts.workers)
+        run_job(job, on_bytes, workers, chunks)
     dt = time.perf_counter() - t0
     for f in job.files:
-        err.print(f"wrote {f.path} ({human_bytes(f.path.stat().st_size)})")
+        err.print(f"wrote {f.path} ({human_bytes(f.path.stat().st_size)})", markup=False, highlight=False)
     err.print(f"done in {dt:.1f} s")
+
+
+def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool, store_name: Optional[str] = None) -> None:
+    if store_name is not None:
+        from ..runtime.store import ModelName, StoreError
+
+        try:
+            ModelName.parse(store_name)
+        except StoreError as e:
+            raise ConvertError(str(e)) from None
+    job = plan_job(opts)
+    if dry_run:
+        print_plan(job)
+        return
+    check_destination(job, opts.force)
+    write_job(job, opts.workers, quiet, "converting")
     if store_name is not None:
         from ..runtime.store import Store
 
@@ -131,6 +137,63 @@ def command(
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("qvl-convert: interrupted; nothing was written", markup=False)
+        raise typer.Exit(130) from None
+
+
+QUANTIZE_HELP = """Write a GGUF text model in another type, as llama-quantize does.
+
+MODEL is a text model GGUF (qvl-convert's, llama.cpp's or Ollama's one-file layout; its vision
+tensors are copied as they are). TYPE is one of q8_0, q4_0, q4_k (Q4_K_S), q4_k_m, q5_k_m, q6_k,
+f16, bf16, f32: the per-tensor plan and the quantized bytes are qvl-convert's (llama-quantize's
+rules, ggml's bytes). Metadata is copied, with general.file_type set. A matrix quantized already
+is refused unless --allow-requantize. The projector (mmproj) is not touched: it pairs with the
+new file as with the old (copy or link it beside the new name).
+
+Example: qvl quantize qwen2.5-vl-3b-bf16.gguf q4_k_m    (writes qwen2.5-vl-3b-Q4_K_M.gguf)
+"""
+
+
+def quantize_command(
+    model: Path = typer.Argument(..., help="Text model GGUF (f32, f16 or bf16 matrices)."),
+    type_: str = typer.Argument(..., metavar="TYPE", help="q8_0|q4_0|q4_k|q4_k_m|q5_k_m|q6_k|f16|bf16|f32"),
+    out_path: Optional[Path] = typer.Option(None, "-o", "--out", help="Output GGUF (default: <name>-<TYPE>.gguf "
+                                            "beside MODEL)."),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Quantize matrices that are "
+                                          "quantized already (dequantized first: the errors add up)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print every tensor's type and size; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+    threads: Optional[int] = typer.Option(None, "-t", "--threads", help="Quantizing threads (default: the CPU "
+                                          "count, at most 4).", show_default=False),
+) -> None:
+    from .requantize import default_quantized_out, plan_quantize
+
+    def fail(message: str) -> None:
+        err.print(f"qvl quantize: error: {message}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+    if threads is not None and threads < 1:
+        fail(f"--threads {threads}: 1 or more")
+    kind = type_.lower()
+    out = out_path or default_quantized_out(model, kind)
+    if out.is_dir():
+        out = out / default_quantized_out(model, kind).name
+    if out.resolve() == model.resolve():
+        fail(f"{out}: the output would overwrite MODEL")
+    try:
+        job, source = plan_quantize(model, out, kind, allow_requantize)
+        try:
+            if dry_run:
+                print_plan(job)
+                return
+            check_destination(job, force)
+            write_job(job, threads or ConvertOptions.workers, quiet, "quantizing", source.chunks)
+        finally:
+            source.source.close()
+    except ConvertError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err.print("qvl quantize: interrupted; nothing was written", markup=False)
         raise typer.Exit(130) from None
 
 

@@ -56,7 +56,7 @@ class OutputFile:
 @dataclass(frozen=True)
 class Job:
     folder: Path
-    config: CheckpointConfig
+    config: CheckpointConfig | None  # None: the source is a GGUF (requantize.py)
     files: list[OutputFile]
 
     @property

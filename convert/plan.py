@@ -82,7 +82,7 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _keeps_float(t: OutTensor) -> bool:
+def keeps_float(t: OutTensor) -> bool:
     return not t.is_matrix or t.name.endswith("_norm.weight") or not t.name.endswith(".weight")
 
 
@@ -94,7 +94,7 @@ def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int) -> list[Pl
     i_ffn_down = 0
     plan = []
     for t in tensors:
-        if _keeps_float(t):
+        if keeps_float(t):
             plan.append(PlannedTensor(t, T.F32))
             continue
         qtype = kind.default
@@ -133,7 +133,7 @@ def plan_vision(tensors: list[OutTensor], vision_type: str) -> list[PlannedTenso
     for t in tensors:
         if "patch_embd" in t.name:  # forced before the name checks, as llama.cpp does
             qtype = T.F16 if target == T.F16 else T.F32
-        elif _keeps_float(t):
+        elif keeps_float(t):
             qtype = T.F32
         elif not can_hold(target, t.row_length):
             qtype = T.F16

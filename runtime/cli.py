@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,6 +22,7 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=T
                   help="qvl: a local runtime for Qwen2-VL and Qwen2.5-VL.")
 
 app.command("convert", help=convert_cli.HELP)(convert_cli.command)
+app.command("quantize", help=convert_cli.QUANTIZE_HELP)(convert_cli.quantize_command)
 
 
 @app.command("inspect", help="Show a GGUF file's metadata (long arrays summarised) and tensor table.\n\n"
@@ -59,7 +61,10 @@ def create_cmd(
     template: Optional[Path] = typer.Option(None, "--template", help="Chat template file."),
     params: Optional[str] = typer.Option(None, "--params", help="Default parameters as JSON, Ollama's names "
                                          '(e.g. \'{"temperature": 0.2, "num_ctx": 8192}\').'),
+    quantize: Optional[str] = typer.Option(None, "-q", "--quantize", help="Store the text model quantized to this "
+                                           "type (q4_K_M, q4_K_S, q8_0, ... as `qvl quantize`; from f16/bf16/f32)."),
 ) -> None:
+    from ..convert.errors import ConvertError
     from .loader import find_mmproj
     from .modelfile import Creation, ModelfileError, check_params, parse, resolve
     from .store import ModelName, Store, StoreError
@@ -85,11 +90,37 @@ def create_cmd(
                 raise ModelfileError(f"--params {params}: a JSON object")
             extra = check_params(extra, strict=True)
             job = Creation(model, mmproj, extra, template.read_text() if template else None, None, None)
-        entry = store.create(name, job.model, job.projector or find_mmproj(job.model), job.template,
-                             job.params or None, job.license, system=job.system, messages=job.messages)
-    except (StoreError, GGUFError, OSError, json.JSONDecodeError, ModelfileError) as e:
+        job = replace(job, projector=job.projector or find_mmproj(job.model))
+        if quantize is not None:
+            entry = _create_quantized(store, name, job, quantize)
+        else:
+            entry = store.create(name, job.model, job.projector, job.template, job.params or None, job.license,
+                                 system=job.system, messages=job.messages)
+    except (StoreError, GGUFError, OSError, json.JSONDecodeError, ModelfileError, ConvertError) as e:
         _store_fail(e)
     typer.echo(f"created {entry.name} ({len(entry.manifest['layers'])} layers, {human_bytes(entry.size)})", err=True)
+
+
+def _create_quantized(store, name: str, job, kind: str):
+    """`qvl create --quantize`: the text model quantized (a bytes bar on stderr), then stored."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..convert.requantize import Quantization
+    from .store import ModelName
+
+    ModelName.parse(name)
+    quantization = Quantization(store, job, kind)
+    try:
+        bar = Progress(TextColumn(f"quantizing {quantization.source_type} to {kind.upper()}"), BarColumn(),
+                       DownloadColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        with bar:
+            task = bar.add_task("", total=quantization.total)
+            quantized = quantization.run(lambda done, total: bar.update(task, completed=done))
+        return store.create(name, quantized.model, quantized.projector, quantized.template, quantized.params or None,
+                            quantized.license, system=quantized.system, messages=quantized.messages)
+    finally:
+        quantization.close()
 
 
 @app.command("list", help="List stored models: name, id, size, modified.")

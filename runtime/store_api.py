@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .gguf_file import GGUFError
-from .modelfile import Modelfile, ModelfileError, check_params, parse, resolve, stored_defaults
+from .modelfile import Creation, Modelfile, ModelfileError, check_params, parse, resolve, stored_defaults
 from .server import Reply, RequestError, Service, _named, _store_error
-from .store import StoreError
+from .store import ModelName, StoreError
 
 PROGRESS_EVENT_S = 0.2  # a transfer's progress events come at most this often
 
@@ -23,27 +23,51 @@ def create(service: Service, body: dict[str, Any]) -> Reply:
     `parameters` and `messages`; or the older `modelfile` text, whose FROMs are stored models or
     @sha256:... blobs. The server opens no file a request names (`qvl create NAME -f Modelfile`
     on its machine does)."""
+    from ..convert.errors import ConvertError
+    from ..convert.requantize import Quantization
+
     name = _named(body)
-    for key in ("adapters", "quantize"):
-        if body.get(key):
-            raise RequestError(400, f"{key}: qvl serve does not take it (qvl convert --type q4_k_m quantizes)")
+    if body.get("adapters"):
+        raise RequestError(400, "adapters: qvl serve does not take them")
+    kind = body.get("quantize") or None
+    if kind is not None and not isinstance(kind, str):
+        raise RequestError(400, "quantize: a type name such as q4_K_M, q4_K_S or q8_0")
     try:
+        ModelName.parse(name)
         mf = parse(body["modelfile"]) if isinstance(body.get("modelfile"), str) else _asked(body)
         job = resolve(Modelfile(tuple(_source(service, s) for s in mf.sources), mf.params, mf.template, mf.system,
                                 mf.license, mf.messages), service.store.blobs, service.store)
-        entry = service.store.create(name, job.model, job.projector, job.template, job.params or None,
-                                     job.license, system=job.system, messages=job.messages)
+        if kind is not None:  # planned here (a refusal is the request's 400), written in a thread of its own
+            quantization = Quantization(service.store, job, kind)
+
+            def work(progress: Callable[[int, int], None]) -> None:
+                try:
+                    _store(service, name, quantization.run(progress))
+                finally:
+                    quantization.close()
+
+            return _in_background(work, f"quantizing {quantization.source_type} model to {kind.upper()}",
+                                  "parsing GGUF", body)
+        _store(service, name, job)
     except ModelfileError as e:
         raise RequestError(404 if "not a stored model" in str(e) else 400, str(e)) from None
     except GGUFError as e:
         raise RequestError(400, f"files: {e} (qvl serve creates from GGUF files; qvl convert makes them)") from None
+    except ConvertError as e:
+        raise RequestError(400, f"quantize: {e}") from None
     except StoreError as e:
         raise _store_error(e) from None
+    done = [{"status": "using existing layers"}, {"status": "writing manifest"}, {"status": "success"}]
+    return Reply(done[-1]) if body.get("stream", True) is False else Reply(events=iter(done))
+
+
+def _store(service: Service, name: str, job: Creation) -> None:
+    """Store `job` as `name`; a loaded model of that name takes its new defaults."""
+    entry = service.store.create(name, job.model, job.projector, job.template, job.params or None,
+                                 job.license, system=job.system, messages=job.messages)
     if service.loaded is not None and service.loaded.key == str(entry.name):  # its defaults are the new ones
         service.loaded.params, service.loaded.system = stored_defaults(service.store, str(entry.name))
         service.loaded.model.defaults = {"messages": list(job.messages)} if job.messages else {}
-    done = [{"status": "using existing layers"}, {"status": "writing manifest"}, {"status": "success"}]
-    return Reply(done[-1]) if body.get("stream", True) is False else Reply(events=iter(done))
 
 
 def _asked(body: dict[str, Any]) -> Modelfile:

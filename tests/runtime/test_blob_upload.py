@@ -35,7 +35,10 @@ def raw_exchange(running: Running, request: bytes) -> bytes:
     host, port = running.server.server_address[:2]
     with socket.create_connection((host, port), timeout=30) as s:
         s.sendall(request)
-        s.shutdown(socket.SHUT_WR)
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError:  # the server answered and closed first
+            pass
         answer = b""
         while chunk := s.recv(65536):
             answer += chunk
@@ -94,7 +97,7 @@ def test_a_bad_body_leaves_nothing(served):
     answer = raw_exchange(running, f"POST /api/blobs/{digest(data)} HTTP/1.1\r\nHost: x\r\n"
                                    "Transfer-Encoding: chunked\r\n\r\n1000\r\n".encode() + data[:100])
     assert answer.startswith(b"HTTP/1.0 400") and b"ended inside a chunk" in answer
-    answer = raw_exchange(running, f"POST /api/blobs/{digest(data)} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + data)
+    answer = raw_exchange(running, f"POST /api/blobs/{digest(data)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.0 411")
     answer = raw_exchange(running, f"POST /api/blobs/{digest(data)} HTTP/1.1\r\nHost: x\r\n"
                                    f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:-1])
@@ -123,3 +126,31 @@ def test_create_from_files_refuses_what_is_not_a_gguf_pair(served, files):
         status, answer = running.request("/api/create", {"model": "x:1", "files": files_, "stream": False})
         assert status == 400 and expect in json.loads(answer)["error"], answer
     assert store.list() == []
+
+
+def test_create_quantize(served, files, tmp_path):
+    """/api/create with `quantize` (ollama-python's create(quantize=...)): progress events while
+    the text model is quantized, then the stored model, its GGUF `qvl quantize`'s to the byte; a
+    refusal is a 400 before any work, and nothing is stored or left behind."""
+    from typer.testing import CliRunner
+
+    from qvl.runtime.cli import app
+
+    store, running = served
+    model = (files / MODEL).read_bytes()
+    assert running.request(f"/api/blobs/{digest(model)}", raw=model)[0] == 201
+    events = running.lines("/api/create", {"model": "up:q8", "files": {"m.gguf": digest(model)}, "quantize": "q8_0"})
+    assert events[0] == {"status": "parsing GGUF"} and events[-1] == {"status": "success"}
+    steps = [e for e in events if e["status"] == "quantizing F16 model to Q8_0"]
+    assert steps and steps[-1]["completed"] == steps[-1]["total"] > 0
+    r = CliRunner().invoke(app, ["quantize", str(files / MODEL), "q8_0", "-o", str(tmp_path / "want.gguf"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert store.resolve("up:q8")[0].read_bytes() == (tmp_path / "want.gguf").read_bytes()
+    for body, expect in [({"from": "up:q8", "quantize": "q4_K_M"}, "is Q8_0 already; quantizing starts from f16"),
+                         ({"from": "up:q8", "quantize": "q9"}, "type 'q9': choose one of"),
+                         ({"from": "up:q8", "quantize": 4}, "quantize: a type name"),
+                         ({"from": "up:q8", "quantize": "q8_0", "model": "bad name!"}, "invalid")]:
+        status, answer = running.request("/api/create", {"model": "x:1", "stream": False, **body})
+        assert status == 400 and expect in json.loads(answer)["error"], answer
+    assert [str(e.name) for e in store.list()] == ["up:q8"]
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []

@@ -1,0 +1,175 @@
+"""A GGUF text model -> the same model in another type, as llama-quantize does (`qvl quantize`).
+
+The types are qvl-convert's `--type` choices, with the same per-tensor plan (plan.py: llama.cpp's
+`llama_tensor_get_type`) and the same quantizers (bytes identical to ggml's), so quantizing
+qvl-convert's bf16 or f32 output gives the very bytes that converting the checkpoint straight to
+that type gives. As llama-quantize: the metadata is copied (general.file_type and
+general.quantization_version set), vectors and norms are copied as they are, a matrix whose type
+does not change is copied, and a matrix that is quantized already is refused unless requantizing
+is allowed (it is dequantized first: its error adds to the new one's). As Ollama's quantizer: in
+a one-file model (Ollama's layout) the vision tensors (`v.*`, `mm.*`) are copied untouched. A
+vision projector alone (mmproj) is refused: qvl-convert --vision-type q8_0 makes a quantized one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as V
+
+from ..runtime.gguf_file import GGUFError, GGUFFile
+from ..runtime.modelfile import Creation
+from ..runtime.store import Store
+from .errors import ConvertError
+from .layout import OutTensor
+from .metadata import KV
+from .pipeline import ConvertOptions, Job, OutputFile, run_job
+from .plan import TEXT_TYPES, PlannedTensor, keeps_float, plan_text
+from .quant import dequantize, quantize
+
+QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
+FLOATS = (T.F32, T.F16, T.BF16)
+# written by the GGUF writer itself, or not copied (the writer lays data out at its own alignment)
+NOT_COPIED = ("general.architecture", "general.size_label", "general.alignment")
+
+
+def _vision(name: str) -> bool:
+    return name.startswith(("v.", "mm."))
+
+
+@dataclass(frozen=True)
+class Requantize:
+    """What `chunks` needs: the source file, and which tensors are copied as they are."""
+
+    source: GGUFFile
+    copied: frozenset[str]
+
+    def chunks(self, p: PlannedTensor, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a planned tensor in its new type (uint8), from the source."""
+        raw = self.source.raw(p.tensor.name)
+        if raw.ndim != 2:  # a vector, or a >2-D tensor: one piece (writer._chunks)
+            return raw.reshape(-1) if p.tensor.name in self.copied else quantize(
+                as_float32(raw.reshape(-1, raw.shape[-1]), self.source.tensors[p.tensor.name].type),
+                p.qtype).reshape(-1)
+        rows = raw[start:stop]
+        if p.tensor.name in self.copied:
+            return rows.reshape(-1)
+        return quantize(as_float32(rows, self.source.tensors[p.tensor.name].type), p.qtype).reshape(-1)
+
+
+def as_float32(rows: np.ndarray, qtype: T) -> np.ndarray:
+    """Rows of a tensor's bytes (uint8, (rows, row bytes)) as float32 values."""
+    if qtype == T.F32:
+        return rows.view(np.float32)
+    if qtype == T.F16:
+        return rows.view(np.float16).astype(np.float32)
+    if qtype == T.BF16:
+        return (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return dequantize(rows, qtype)
+
+
+def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: bool) -> tuple[Job, Requantize]:
+    """The job of writing `source` in `type_name` to `out`; every refusal before a byte is written."""
+    kind = TEXT_TYPES.get(type_name)
+    if kind is None:
+        raise ConvertError(f"type {type_name!r}: choose one of {', '.join(TEXT_TYPES)}")
+    try:
+        src = GGUFFile(source)
+    except GGUFError as e:
+        raise ConvertError(str(e)) from None
+    arch = src.architecture
+    if arch == "clip" or arch is None:
+        src.close()
+        raise ConvertError(f"{source}: {'a vision projector (mmproj)' if arch else 'no general.architecture'}; "
+                           "qvl quantize takes a text model (qvl-convert --vision-type q8_0 quantizes a projector)")
+    n_layer = src.get(f"{arch}.block_count")
+    if not isinstance(n_layer, int):
+        src.close()
+        raise ConvertError(f"{source}: missing metadata key '{arch}.block_count'")
+    tensors = {name: OutTensor(name, info.shape, name) for name, info in src.tensors.items()}
+    text = plan_text([t for t in tensors.values() if not _vision(t.name)], kind, n_layer)
+    planned = {p.tensor.name: p for p in text}
+    plan, copied = [], set()
+    for name, t in tensors.items():
+        have = src.tensors[name].type
+        p = planned.get(name)
+        if p is None or p.qtype == have or keeps_float(t):  # vision, unchanged, or a vector / norm: as it is
+            plan.append(PlannedTensor(t, have))
+            copied.add(name)
+            continue
+        if have not in FLOATS and not allow_requantize:
+            src.close()
+            raise ConvertError(f"{source}: tensor '{name}' is {have.name} already; quantizing starts from f16, "
+                               "bf16 or f32 (qvl quantize --allow-requantize adds a second quantization's error)")
+        plan.append(p)
+    kvs = [KV(key, kv.value, kv.type, kv.sub_type) for key, kv in src.fields.items() if key not in NOT_COPIED]
+    kvs = [KV(kv.key, int(kind.file_type), V.UINT32) if kv.key == "general.file_type" else kv for kv in kvs]
+    if not any(kv.key == "general.file_type" for kv in kvs):
+        kvs.append(KV("general.file_type", int(kind.file_type), V.UINT32))
+    kvs = [kv for kv in kvs if kv.key != "general.quantization_version"]
+    kvs.append(KV("general.quantization_version", QUANTIZATION_VERSION, V.UINT32))
+    job = Job(source.parent, None, [OutputFile(out, arch, kvs, plan)])
+    return job, Requantize(src, frozenset(copied))
+
+
+def default_quantized_out(source: Path, type_name: str) -> Path:
+    """`<name>-<TYPE>.gguf` beside the source, its own type's suffix (-f16, -bf16, -f32) dropped."""
+    stem = source.stem
+    for suffix in ("-f16", "-bf16", "-f32", "_f16", "_bf16", "_f32"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return source.with_name(f"{stem}-{type_name.upper()}.gguf")
+
+
+def type_name(name: str) -> str:
+    """A TYPE as qvl-convert's --type names it, from it or from Ollama's (q4_K_M, q4_K_S: q4_k)."""
+    name = name.lower()
+    return "q4_k" if name == "q4_k_s" else name
+
+
+class Quantization:
+    """A stored model's text GGUF quantized (`qvl create --quantize`, /api/create's `quantize`):
+    planned on creation (every refusal a ConvertError, nothing written), written by `run` to a
+    temporary file in the store's folder, which `close` removes once the model is stored."""
+
+    def __init__(self, store: Store, job: Creation, kind: str):
+        store.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=store.root, prefix=".quantize-", suffix=".gguf")
+        os.close(fd)
+        self.out = Path(tmp)
+        self.out.unlink()  # run_job writes <out>.partial, then renames it to `out`
+        self.creation = job
+        self.job, self.source = plan_quantize(job.model, self.out, type_name(kind), allow_requantize=False)
+        self.total = self.job.nbytes
+        self.source_type = _mostly(self.source.source)
+
+    def run(self, progress: Callable[[int, int], None], workers: int = ConvertOptions.workers) -> Creation:
+        """Write the quantized file (progress: bytes done, bytes in all); the Creation that stores it."""
+        done = [0]
+
+        def on_bytes(p: PlannedTensor, n: int) -> None:
+            done[0] += n
+            progress(done[0], self.total)
+
+        run_job(self.job, on_bytes, workers, self.source.chunks)
+        return replace(self.creation, model=self.out)
+
+    def close(self) -> None:
+        self.source.source.close()
+        self.out.unlink(missing_ok=True)
+
+
+def _mostly(g: GGUFFile) -> str:
+    """The type most of a file's matrix bytes are in (F16, BF16, F32...), as Ollama's status names it."""
+    sizes: dict[str, int] = {}
+    for t in g.tensors.values():
+        if len(t.ne) >= 2:
+            sizes[t.type.name] = sizes.get(t.type.name, 0) + t.nbytes
+    return max(sizes, key=lambda k: sizes[k]) if sizes else "F32"

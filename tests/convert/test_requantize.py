@@ -1,0 +1,138 @@
+"""`qvl quantize` (convert/requantize.py): a bf16 or f32 GGUF quantized to a type is, tensor for
+tensor and byte for byte, what qvl-convert writes converting the checkpoint straight to that type
+(whose plan and bytes test_plan.py and test_quant.py check against llama.cpp); refusals leave
+nothing on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from typer.testing import CliRunner
+
+from gguf_compare import differences
+from qvl.convert.cli import app as convert_app
+from qvl.convert.quant import dequantize
+from qvl.runtime.cli import app
+from qvl.runtime.gguf_file import GGUFFile
+from tiny_models import TinySpec, make_checkpoint
+
+runner = CliRunner()
+SPEC = TinySpec(hidden=256, intermediate=512, heads=4, kv_heads=2, layers=3, vision_hidden=64, vision_width=96,
+                vocab_size=1280)  # rows of 256 and 512: every k-quant holds them
+
+
+def convert(*args: str):
+    r = runner.invoke(convert_app, [*args, "-q"])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def quantize(*args: str):
+    return runner.invoke(app, ["quantize", *args, "-q"])
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The tiny bf16 checkpoint as bf16 and f32 GGUFs (both exact), llama.cpp's layout and Ollama's."""
+    folder = tmp_path_factory.mktemp("requantize")
+    ckpt = make_checkpoint(folder / "ckpt", SPEC)
+    for kind in ("bf16", "f32"):
+        convert(str(ckpt), "-o", str(folder / f"m-{kind}.gguf"), "--type", kind)
+    convert(str(ckpt), "-o", str(folder / "ollama-bf16.gguf"), "--type", "bf16", "--layout", "ollama")
+    return ckpt, folder
+
+
+@pytest.mark.parametrize("kind,source", [("q4_k_m", "bf16"), ("q4_k_m", "f32"), ("q8_0", "bf16"),
+                                         ("q6_k", "bf16"), ("q4_k", "bf16"), ("q5_k_m", "f32"), ("q4_0", "bf16")])
+def test_quantized_gguf_equals_the_direct_conversion(sources, tmp_path, kind, source):
+    ckpt, folder = sources
+    direct = tmp_path / "direct.gguf"
+    convert(str(ckpt), "-o", str(direct), "--type", kind)
+    r = quantize(str(folder / f"m-{source}.gguf"), kind, "-o", str(tmp_path / "q.gguf"))
+    assert r.exit_code == 0, r.output
+    assert differences(tmp_path / "q.gguf", direct) == []
+
+
+def test_ollama_layout_keeps_its_vision_tensors(sources, tmp_path):
+    ckpt, folder = sources
+    direct = tmp_path / "direct.gguf"
+    convert(str(ckpt), "-o", str(direct), "--type", "q4_k_m", "--layout", "ollama")
+    r = quantize(str(folder / "ollama-bf16.gguf"), "q4_k_m", "-o", str(tmp_path / "q.gguf"))
+    assert r.exit_code == 0, r.output
+    assert differences(tmp_path / "q.gguf", direct) == []
+    with GGUFFile(tmp_path / "q.gguf") as g:
+        assert g.tensors["v.blk.0.attn_v.weight"].type == T.F16 and g.tensors["blk.2.attn_v.weight"].type == T.Q6_K
+
+
+def test_the_default_name_and_the_dry_run(sources, tmp_path):
+    _, folder = sources
+    src = tmp_path / "m-bf16.gguf"
+    src.write_bytes((folder / "m-bf16.gguf").read_bytes())
+    r = runner.invoke(app, ["quantize", str(src), "q8_0", "--dry-run"])
+    assert r.exit_code == 0 and "blk.0.ffn_down.weight" in r.stdout and "Q8_0" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-bf16.gguf"]  # nothing written
+    assert quantize(str(src), "Q8_0").exit_code == 0
+    assert (tmp_path / "m-Q8_0.gguf").exists()
+
+
+def test_requantizing_is_refused_unless_allowed(sources, tmp_path):
+    _, folder = sources
+    q8 = tmp_path / "m-q8.gguf"
+    assert quantize(str(folder / "m-bf16.gguf"), "q8_0", "-o", str(q8)).exit_code == 0
+    r = quantize(str(q8), "q4_k_m", "-o", str(tmp_path / "again.gguf"))
+    assert r.exit_code == 2 and "tensor 'output.weight' is Q8_0 already" in r.output
+    assert "qvl quantize --allow-requantize" in r.output and not (tmp_path / "again.gguf").exists()
+    r = quantize(str(q8), "q4_k_m", "-o", str(tmp_path / "again.gguf"), "--allow-requantize")
+    assert r.exit_code == 0, r.output
+    with GGUFFile(q8) as a, GGUFFile(tmp_path / "again.gguf") as b, GGUFFile(folder / "m-f32.gguf") as f:
+        info = b.tensors["blk.1.ffn_up.weight"]
+        assert info.type == T.Q4_K
+        values = dequantize(b.raw(info.name), T.Q4_K)
+        want = f.raw(info.name).view(np.float32)
+        assert np.abs(values - want).max() / np.abs(want).max() < 0.2  # Q8_0's error and Q4_K's
+        assert a.tensors["blk.0.attn_norm.weight"].type == b.tensors["blk.0.attn_norm.weight"].type == T.F32
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("mmproj", "a vision projector (mmproj); qvl quantize takes a text model"),
+    ("type", "type 'q3_k': choose one of"),
+    ("missing", "file not found"),
+    ("same", "the output would overwrite MODEL"),
+    ("exists", "already exists (use --force to overwrite)"),
+])
+def test_refusals_write_nothing(fixtures_dir, sources, tmp_path, case, expect):
+    _, folder = sources
+    model = folder / "m-bf16.gguf"
+    (tmp_path / "taken.gguf").write_bytes(b"not ours")
+    args = {"mmproj": [str(fixtures_dir / "tiny-qwen2.5-vl/llamacpp/mmproj-tiny-qwen2.5-vl-f16.gguf"), "q8_0"],
+            "type": [str(model), "q3_k"], "missing": [str(tmp_path / "nope.gguf"), "q8_0"],
+            "same": [str(model), "q8_0", "-o", str(model)],
+            "exists": [str(model), "q8_0", "-o", str(tmp_path / "taken.gguf")]}[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = quantize(*args) if case != "mmproj" else quantize(*args, "-o", str(tmp_path / "x.gguf"))
+    assert r.exit_code == 2 and expect in r.output and "Traceback" not in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "taken.gguf").read_bytes() == b"not ours"
+
+
+def test_qvl_create_quantize_stores_the_quantized_file(sources, tmp_path, monkeypatch):
+    """`qvl create NAME MODEL --quantize TYPE` (Ollama's -q): the stored text model is `qvl
+    quantize`'s output, byte for byte, and no temporary file is left in the store."""
+    from qvl.runtime.store import Store
+
+    _, folder = sources
+    monkeypatch.setenv("QVL_MODELS", str(tmp_path / "models"))
+    assert quantize(str(folder / "m-bf16.gguf"), "q4_k_m", "-o", str(tmp_path / "want.gguf")).exit_code == 0
+    r = runner.invoke(app, ["create", "small:q4", str(folder / "m-bf16.gguf"), "--quantize", "q4_K_M"])
+    assert r.exit_code == 0, r.output
+    store = Store()
+    model, projector = store.resolve("small:q4")
+    assert model.read_bytes() == (tmp_path / "want.gguf").read_bytes()
+    assert projector is not None and projector.read_bytes() == (folder / "mmproj-m-bf16.gguf").read_bytes()
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []
+    for kind, expect in [("q3_k", "type 'q3_k': choose one of"), ("q8_0", None)]:
+        r = runner.invoke(app, ["create", f"small:{kind}", str(tmp_path / "want.gguf"), "--quantize", kind])
+        assert r.exit_code == 2 and (expect or "tensor 'output.weight' is Q6_K already") in r.output, r.output
+    assert [str(e.name) for e in store.list()] == ["small:q4"]
+
