@@ -154,7 +154,7 @@ Example: qvl quantize qwen2.5-vl-3b-bf16.gguf q4_k_m    (writes qwen2.5-vl-3b-Q4
 
 
 def quantize_command(
-    model: Path = typer.Argument(..., help="Text model GGUF (f32, f16 or bf16 matrices)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="Text model GGUF (f32, f16 or bf16 matrices)."),
     type_: str = typer.Argument(..., metavar="TYPE", help="q8_0|q4_0|q4_k|q4_k_m|q5_k_m|q6_k|f16|bf16|f32"),
     out_path: Optional[Path] = typer.Option(None, "-o", "--out", help="Output GGUF (default: <name>-<TYPE>.gguf "
                                             "beside MODEL)."),
