@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +150,9 @@ class Quantization:
         self.total = self.job.nbytes
         self.source_type = _mostly(self.source.source)
 
-    def run(self, progress: Callable[[int, int], None], workers: int = ConvertOptions.workers) -> Creation:
-        """Write the quantized file (progress: bytes done, bytes in all); the Creation that stores it."""
+    def run(self, progress: Callable[[int, int], None], workers: int = ConvertOptions.workers
+            ) -> tuple[Path, Path | None]:
+        """Write the quantized file (progress: bytes done, bytes in all); (text model, projector)."""
         done = [0]
 
         def on_bytes(p: PlannedTensor, n: int) -> None:
@@ -159,7 +160,7 @@ class Quantization:
             progress(done[0], self.total)
 
         run_job(self.job, on_bytes, workers, self.source.chunks)
-        return replace(self.creation, model=self.out)
+        return self.out, self.creation.projector
 
     def close(self) -> None:
         self.source.source.close()

@@ -65,6 +65,8 @@ def create_cmd(
                                            "type (q4_K_M, q4_K_S, q8_0, ... as `qvl quantize`; from f16/bf16/f32)."),
 ) -> None:
     from ..convert.errors import ConvertError
+    from ..convert.for_store import Conversion, checked_name
+    from ..convert.requantize import Quantization
     from .loader import find_mmproj
     from .modelfile import Creation, ModelfileError, check_params, parse, resolve
     from .store import ModelName, Store, StoreError
@@ -82,7 +84,12 @@ def create_cmd(
             except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
                 why = "file not found" if isinstance(e, FileNotFoundError) else "not a Modelfile"
                 raise ModelfileError(f"{modelfile}: {why}") from None
-            job = resolve(parse(text), modelfile.parent, store)
+            mf = parse(text)
+            folders = [Path(s) for s in mf.sources if (modelfile.parent / Path(s).expanduser()).is_dir()]
+            if folders and len(mf.sources) > 1:
+                raise ModelfileError(f"FROM {folders[0]}: a checkpoint folder is the only FROM")
+            job = (Creation(modelfile.parent / folders[0].expanduser(), None, mf.params, mf.template, mf.system,
+                            mf.license, mf.messages) if folders else resolve(mf, modelfile.parent, store))
         else:
             assert model is not None
             extra = json.loads(params) if params else {}
@@ -90,10 +97,15 @@ def create_cmd(
                 raise ModelfileError(f"--params {params}: a JSON object")
             extra = check_params(extra, strict=True)
             job = Creation(model, mmproj, extra, template.read_text() if template else None, None, None)
-        job = replace(job, projector=job.projector or find_mmproj(job.model))
-        if quantize is not None:
-            entry = _create_quantized(store, name, job, quantize)
+        if job.model.is_dir():  # a checkpoint folder: converted as qvl-convert does (f16, or --quantize's type)
+            entry = _create_made(store, name, job, Conversion(store, job.model, checked_name(name), quantize),
+                                 f"converting to {(quantize or 'f16').upper()}")
+        elif quantize is not None:
+            job = replace(job, projector=job.projector or find_mmproj(job.model))
+            made = Quantization(store, job, quantize)
+            entry = _create_made(store, name, job, made, f"quantizing {made.source_type} to {quantize.upper()}")
         else:
+            job = replace(job, projector=job.projector or find_mmproj(job.model))
             entry = store.create(name, job.model, job.projector, job.template, job.params or None, job.license,
                                  system=job.system, messages=job.messages)
     except (StoreError, GGUFError, OSError, json.JSONDecodeError, ModelfileError, ConvertError) as e:
@@ -101,26 +113,22 @@ def create_cmd(
     typer.echo(f"created {entry.name} ({len(entry.manifest['layers'])} layers, {human_bytes(entry.size)})", err=True)
 
 
-def _create_quantized(store, name: str, job, kind: str):
-    """`qvl create --quantize`: the text model quantized (a bytes bar on stderr), then stored."""
+def _create_made(store, name: str, job, made, label: str):
+    """`qvl create` of a model made first (a Conversion or a Quantization: a bytes bar on stderr),
+    stored with `job`'s defaults; the made files removed after."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..convert.requantize import Quantization
-    from .store import ModelName
-
-    ModelName.parse(name)
-    quantization = Quantization(store, job, kind)
     try:
-        bar = Progress(TextColumn(f"quantizing {quantization.source_type} to {kind.upper()}"), BarColumn(),
-                       DownloadColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                       console=Console(stderr=True))
         with bar:
-            task = bar.add_task("", total=quantization.total)
-            quantized = quantization.run(lambda done, total: bar.update(task, completed=done))
-        return store.create(name, quantized.model, quantized.projector, quantized.template, quantized.params or None,
-                            quantized.license, system=quantized.system, messages=quantized.messages)
+            task = bar.add_task("", total=made.total)
+            model, projector = made.run(lambda done, total: bar.update(task, completed=done))
+        return store.create(name, model, projector, job.template, job.params or None, job.license,
+                            system=job.system, messages=job.messages)
     finally:
-        quantization.close()
+        made.close()
 
 
 @app.command("list", help="List stored models: name, id, size, modified.")

@@ -1,5 +1,6 @@
-"""`qvl serve`'s store endpoints: /api/create (from stored models or uploaded GGUF blobs), /api/pull and /api/push
-(registries; the transfer in a thread of its own, its progress streamed)."""
+"""`qvl serve`'s store endpoints: /api/create (from stored models, uploaded GGUF blobs or an
+uploaded checkpoint, quantized or not), /api/pull and /api/push (registries); the long ones
+(a transfer, a conversion) in a thread of their own, their progress streamed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from .gguf_file import GGUFError
@@ -24,6 +27,7 @@ def create(service: Service, body: dict[str, Any]) -> Reply:
     @sha256:... blobs. The server opens no file a request names (`qvl create NAME -f Modelfile`
     on its machine does)."""
     from ..convert.errors import ConvertError
+    from ..convert.for_store import is_checkpoint
     from ..convert.requantize import Quantization
 
     name = _named(body)
@@ -34,6 +38,9 @@ def create(service: Service, body: dict[str, Any]) -> Reply:
         raise RequestError(400, "quantize: a type name such as q4_K_M, q4_K_S or q8_0")
     try:
         ModelName.parse(name)
+        files = body.get("files")
+        if "modelfile" not in body and isinstance(files, dict) and is_checkpoint(list(files)):
+            return _convert_uploads(service, name, body, kind)
         mf = parse(body["modelfile"]) if isinstance(body.get("modelfile"), str) else _asked(body)
         job = resolve(Modelfile(tuple(_source(service, s) for s in mf.sources), mf.params, mf.template, mf.system,
                                 mf.license, mf.messages), service.store.blobs, service.store)
@@ -42,7 +49,8 @@ def create(service: Service, body: dict[str, Any]) -> Reply:
 
             def work(progress: Callable[[int, int], None]) -> None:
                 try:
-                    _store(service, name, quantization.run(progress))
+                    model, projector = quantization.run(progress)
+                    _store(service, name, replace(job, model=model, projector=projector))
                 finally:
                     quantization.close()
 
@@ -59,6 +67,26 @@ def create(service: Service, body: dict[str, Any]) -> Reply:
         raise _store_error(e) from None
     done = [{"status": "using existing layers"}, {"status": "writing manifest"}, {"status": "success"}]
     return Reply(done[-1]) if body.get("stream", True) is False else Reply(events=iter(done))
+
+
+def _convert_uploads(service: Service, name: str, body: dict[str, Any], kind: str | None) -> Reply:
+    """/api/create from a checkpoint's files (as `ollama create` sends a safetensors folder):
+    converted as qvl-convert does (f16, or `quantize`'s type), in a thread of its own, then stored."""
+    from ..convert.for_store import Conversion, checked_name
+
+    asked = _asked(body)  # the defaults it is stored with; its FROMs are the files' digests
+    blobs = {file: Path(_source(service, "@" + digest)) for file, digest in body["files"].items()}
+    conversion = Conversion.of_uploads(service.store, blobs, checked_name(name), kind)
+
+    def work(progress: Callable[[int, int], None]) -> None:
+        try:
+            model, projector = conversion.run(progress)
+            _store(service, name, Creation(model, projector, asked.params, asked.template, asked.system,
+                                           asked.license, asked.messages))
+        finally:
+            conversion.close()
+
+    return _in_background(work, "converting model", "parsing checkpoint", body)
 
 
 def _store(service: Service, name: str, job: Creation) -> None:

@@ -206,7 +206,9 @@ def test_rm_several(store, folder):
     (["x", "-f", "{mf}", "--params", "{}"], "FROM m.gguf", "-f with --mmproj / --template / --params"),
     (["x", "-f", "{folder}/none"], None, "none: file not found"),
     (["x", "-f", "{mf}"], "FROM ./nothing.gguf", "FROM ./nothing.gguf: no such file, nor a stored model"),
-    (["x", "-f", "{mf}"], "FROM .", "FROM .: a folder"),
+    (["x", "-f", "{mf}"], "FROM .", "files/config.json: file not found"),  # a folder: a checkpoint's, or nothing
+    (["x", "-f", "{mf}"], "FROM .\nFROM tiny-qwen2.5-vl-f16.gguf", "FROM .: a checkpoint folder is the only FROM"),
+    (["x", "{folder}", "--quantize", "q3_k"], None, "type 'q3_k': choose one of"),
     (["x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf\nFROM tiny-qwen2.5-vl-f16.gguf", "a second text model"),
     (["x", "-f", "{mf}"], "FROM mmproj-tiny-qwen2.5-vl-f16.gguf", "FROM names only a projector"),
     (["x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf\nPARAMETER num_gpu 20", "PARAMETER num_gpu: qvl does not"),
@@ -232,3 +234,27 @@ def test_damaged_stored_params_fail_the_run_in_one_line(store, folder):
     assert r.exit_code == 2
     assert r.stderr == "qvl-run: error: model 'odd:1': stored PARAMETER top_p 7.0: between 0 and 1 (1: off)\n"
     assert entry.layer("params") is not None
+
+
+def test_create_from_a_checkpoint_folder(store, fixtures_dir, tmp_path):
+    """`qvl create` from a Hugging Face checkpoint folder (MODEL, or a Modelfile's FROM, as
+    `ollama create` takes a safetensors folder): converted as qvl-convert converts it (f16, or
+    --quantize's type straight from the checkpoint), stored with the Modelfile's defaults, no
+    temporary file left in the store."""
+    from gguf_compare import differences
+    from qvl.convert.cli import app as convert_app
+
+    hf = fixtures_dir / "tiny-qwen2.5-vl" / "hf"
+    (tmp_path / "Modelfile").write_text(f"FROM {hf}\nSYSTEM Be brief.\nPARAMETER temperature 0.3\n")
+    r = runner.invoke(app, ["create", "hf:f16", "-f", str(tmp_path / "Modelfile")])
+    assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, ["create", "hf:q8", str(hf), "--quantize", "q8_0"])
+    assert r.exit_code == 0, r.stderr
+    for name, kind in (("hf:f16", "f16"), ("hf:q8", "q8_0")):
+        want = tmp_path / f"{kind}.gguf"
+        assert runner.invoke(convert_app, [str(hf), "-o", str(want), "--type", kind, "-q"]).exit_code == 0
+        model, projector = store.resolve(name)
+        assert differences(model, want) == [] and differences(projector, tmp_path / f"mmproj-{kind}.gguf") == []
+    shown = runner.invoke(app, ["show", "hf:f16", "--modelfile"]).stdout
+    assert "SYSTEM \"\"\"Be brief.\"\"\"" in shown and "PARAMETER temperature 0.3" in shown
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []
