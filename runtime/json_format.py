@@ -132,7 +132,7 @@ class JsonConstraint:
             return
         after = self._after(token)
         if after is None:
-            raise ValueError(f"token {token} does not continue the JSON answer")
+            raise ValueError(f"token {token} does not continue the answer in its format")
         self.state = after
 
     @property
@@ -141,8 +141,10 @@ class JsonConstraint:
 
 
 def format_grammar(format: Any) -> Grammar:
-    """"json" (any JSON object) or a JSON schema (a dict) as a Grammar; a SchemaError or a
-    ValueError for anything else."""
+    """"json" (any JSON object) or a JSON schema (a dict) as a Grammar, or a Grammar as it is
+    (gbnf.parse_gbnf's); a SchemaError or a ValueError for anything else."""
+    if isinstance(format, Grammar):
+        return format
     if format == "json":
         return any_object()
     if isinstance(format, dict):

@@ -254,7 +254,10 @@ class Either:
 
 @dataclass(frozen=True)
 class Root:
+    """The whole answer: node `value`, then (a JSON value's) whitespace, or (a GBNF root) nothing."""
+
     value: int
+    trailing_ws: bool = True
 
     def starts(self) -> list[tuple[int, ...]]:
         return [(0, 0)]
@@ -263,7 +266,7 @@ class Root:
         phase, ws = local
         if phase == 0:
             return [(PUSH, (1, 0), self.value)]
-        w = _ws(ws, byte) if _is_ws(byte) else None
+        w = _ws(ws, byte) if _is_ws(byte) and self.trailing_ws else None
         return [] if w is None else [(STAY, (1, w))]
 
 
@@ -318,9 +321,13 @@ class Grammar:
         return state
 
     def _ended(self, stack: Stack) -> bool:
-        while stack and isinstance(self.nodes[stack[-1][0]], Number) and Number.can_end(stack[-1][1]):
-            stack = stack[:-1]  # a number ends where its value may
-        return len(stack) == 1 and isinstance(self.nodes[stack[0][0]], Root) and stack[0][1][0] == 1
+        """Every frame above the root may end here (a number where its value may; gbnf.py's
+        sequences and repetitions where what is left of them may be empty), the root's value read."""
+        for nid, local in stack[1:]:
+            can_end = getattr(self.nodes[nid], "can_end", None)
+            if can_end is None or not can_end(local):
+                return False
+        return bool(stack) and isinstance(self.nodes[stack[0][0]], Root) and stack[0][1][0] == 1
 
     def complete(self, state: State) -> bool:
         """The root value may end here (whitespace may still follow)."""

@@ -407,14 +407,15 @@ class Model:
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
                  cache_prompt: bool = True, stop: list[str] | None = None,
-                 format: str | dict[str, Any] | None = None, logprobs: int | None = None) -> Generation | Iterator[str]:
+                 format: str | dict[str, Any] | Grammar | None = None,
+                 logprobs: int | None = None) -> Generation | Iterator[str]:
         """An answer to `prompt` (a user turn, rendered with the chat template unless `template`
         is False) about `images` and `videos`: a Generation, or with `stream` an iterator of text
         pieces. With `cache_prompt` the prompt's start that the last generation's KV cache holds
         is not read again (Generation.reused_tokens says how much). The answer ends before the
         first of the `stop` strings it comes to (as at an end-of-turn token: Generation.ended).
         `format` "json" keeps the answer to one JSON object, a JSON schema (a dict) to what it allows
-        (json_format.py). `logprobs` (0 to 20 alternatives) records each token's log-probability
+        (json_format.py), a Grammar (gbnf.parse_gbnf of llama.cpp's GBNF) to its root rule. `logprobs` (0 to 20 alternatives) records each token's log-probability
         (Generation.logprobs). An argument left None takes `self.defaults`' value (a stored model's
         PARAMETERs and SYSTEM), else the built-in one: 512 new tokens, no repeat penalty over the
         last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 / min_p 0 turn a

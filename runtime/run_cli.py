@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Any, List, Optional, Union
 
 import torch
 import typer
@@ -108,6 +108,23 @@ CHAT_HELP = """/image PATH                 attach a picture to your next message
 /bye                        leave (also /exit, /quit, Ctrl-D)
 /help                       this list
 Ctrl-C stops an answer; earlier turns' prompt is reused, not read again."""
+
+
+def _grammar(text: Optional[str], path: Optional[Path]) -> Any:
+    """--grammar / --grammar-file (llama.cpp's): a GBNF grammar, read and checked before loading."""
+    from .gbnf import GrammarError, parse_gbnf
+
+    if text is not None and path is not None:
+        _fail("--grammar and --grammar-file: choose one")
+    if path is not None:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"{path}: {'file not found' if isinstance(e, FileNotFoundError) else 'not a grammar file'}")
+    try:
+        return None if text is None else parse_gbnf(text)
+    except GrammarError as e:
+        _fail(f"{path or '--grammar'}: {e}")
 
 
 def _answer_format(value: Optional[str]) -> Union[str, dict, None]:
@@ -374,6 +391,10 @@ def run(
     answer_format: Optional[str] = typer.Option(None, "--format", help="json: the answer is one JSON object, kept so "
                                                 "token by token (Ollama's --format json, llama.cpp's json grammar); "
                                                 "a JSON schema file, or a schema inline ('{...}'): what it allows."),
+    grammar: Optional[str] = typer.Option(None, "--grammar", help="A GBNF grammar (llama.cpp's) the answer keeps "
+                                          "to, token by token: its root rule is the whole answer."),
+    grammar_file: Optional[Path] = typer.Option(None, "--grammar-file", help="A GBNF grammar from a file (llama.cpp's "
+                                                "grammars/*.gbnf read as they are)."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they come."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Accepted for candle compatibility: attention is always flash-style on a GPU (Triton) and SDPA on the CPU."),
     sliding_window: bool = typer.Option(False, "--sliding-window", help="Accepted for candle compatibility (Qwen2-VL/2.5-VL checkpoints do not use it)."),
@@ -464,6 +485,10 @@ def run(
     elif prompt is None and sys.stdin is not None and not sys.stdin.isatty():  # `echo question | qvl-run m`
         prompt = sys.stdin.read().strip() or None
     fmt = _answer_format(answer_format)
+    if grammar is not None or grammar_file is not None:
+        if fmt is not None:
+            _fail("--format and --grammar: choose one")
+        fmt = _grammar(grammar, grammar_file)
     if logprobs is not None and (not json_out or not 0 <= logprobs <= 20):
         _fail(f"--logprobs {logprobs}: 0 to 20, with --json" if json_out else "--logprobs: with --json")
     if max_length < -1:

@@ -198,9 +198,19 @@ def top_logprobs(value: Any, where: str) -> int:
     return value
 
 
-def answer_format(body: dict[str, Any]) -> str | dict[str, Any] | None:
+def answer_format(body: dict[str, Any]) -> Any:
     """Model.generate's `format` from Ollama's `format` ("json", a JSON schema; "" or none: free
-    text) or OpenAI's `response_format` (json_object, json_schema; text: free text)."""
+    text), OpenAI's `response_format` (json_object, json_schema; text: free text) or llama.cpp's
+    server's `grammar` (GBNF text: a gbnf Grammar)."""
+    if body.get("grammar") not in (None, ""):
+        from .gbnf import GrammarError, parse_gbnf
+
+        if not isinstance(body["grammar"], str) or body.get("format") or body.get("response_format"):
+            raise RequestError(400, "grammar: GBNF text, without format or response_format")
+        try:
+            return parse_gbnf(body["grammar"])
+        except GrammarError as e:
+            raise RequestError(400, str(e)) from None
     if "response_format" in body:
         rf = body["response_format"]
         kind = rf.get("type") if isinstance(rf, dict) else None
