@@ -108,7 +108,8 @@ class CharSet:
             cp = cp << 6 | byte & 0x3F
             if n == 0:
                 return [(DONE,)] if self._has(cp) else []
-        if not self._may(cp << 6 * n, (cp + 1 << 6 * n) - 1):
+        shift = 6 * (n - 1)  # the characters these bytes may still become: the next byte in first_lo..first_hi
+        if not self._may((cp << 6 | first_lo & 0x3F) << shift, ((cp << 6 | first_hi & 0x3F) + 1 << shift) - 1):
             return []
         return [(STAY, (n, cp, first_lo, first_hi))]
 

@@ -86,6 +86,7 @@ def test_a_character_is_read_as_utf8():
     # a character's first byte only where a character of the class starts with it
     digit, wide = parse_gbnf("root ::= [0-9]\n"), parse_gbnf("root ::= [^\\x00-\\x7F\\u00C0-\\u00FF]\n")
     assert digit.advance(digit.initial, b"\xc3") is None and accepts(digit, "7")
+    assert digit.advance(digit.initial, b"\xe0") is None  # U+0800.. only: no digit (its low bits said 0..)
     assert wide.advance(wide.initial, b"\xc3") is None and accepts(wide, "ā") and not accepts(wide, "é")
 
 
@@ -124,6 +125,18 @@ def test_an_answer_keeps_to_the_grammar(model):
     allowed = torch.tensor([form.allows(t) for t in range(model.cfg.n_vocab)])
     logits = model.prompt_logits("Is it red?")[-1].float()
     assert int(torch.where(allowed, logits, -torch.inf).argmax()) == g.token_ids[0]
+
+
+@pytest.mark.parametrize("grammar", [JSON, ARITHMETIC, MISC])
+def test_sampled_answers_keep_to_the_grammar(model, grammar):
+    """Drawn at temperature 1 (the random model's tokens mostly refused): every answer is a
+    prefix the grammar takes, a whole one where it ended on its end-of-turn token."""
+    g = parse_gbnf(grammar)
+    for seed in range(3):
+        out = model.generate("Write.", format=g, max_new_tokens=24, temperature=1.0, seed=seed)
+        state = g.advance(g.initial, out.text.encode())
+        assert state is not None, out.text
+        assert not out.ended or g.complete(state), out.text
 
 
 def test_qvl_run_grammar_flags(model, fixtures_dir, tmp_path):
