@@ -18,6 +18,36 @@ from dataclasses import dataclass
 from .json_grammar import _UTF8_LEADS, DONE, END, PUSH, STAY, Either, Grammar, Literal, Node, Root
 
 
+# llama.cpp's grammars/json.gbnf, in its layout (what format="json" follows natively, json_grammar.py)
+JSON_GBNF = r'''
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+
+# Optional space: by convention, applied in this grammar after literal chars when allowed
+ws ::= | " " | "\n" [ \t]{0,20}
+'''
+
+
 class GrammarError(ValueError):
     """A GBNF grammar qvl cannot read or follow; one line, naming the line or the rule."""
 

@@ -1,7 +1,8 @@
 """What `format` ("json" or a schema) adds to a token's choice, against the free choice measured in
 the same run.
 
-Two cases: (1) a model that keeps to the format: logits that favour the next token of a JSON
+Formats: "json", a JSON schema, and llama.cpp's json.gbnf read by gbnf.py (the same documents as
+"json", through the general grammar engine). Two cases: (1) a model that keeps to the format: logits that favour the next token of a JSON
 document (the allowed token is the likeliest: one check a token); (2) the tiny random model of
 the fixtures, whose likeliest tokens are rarely allowed (the worst case: many checks and masks
 over the 152k vocabulary). Prints milliseconds a token and the difference.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from qvl.runtime.gbnf import JSON_GBNF, parse_gbnf
 from qvl.runtime.json_format import JsonConstraint, format_grammar, token_table
 from qvl.runtime.loader import load
 from qvl.runtime.sampling import SamplingParams, sample, sample_allowed
@@ -77,7 +79,7 @@ def main() -> None:
     model = load(FIXTURE, device="cpu")
     model.generate("warm up", max_new_tokens=2, format="json")  # the token table, once
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms a token (free -> with the format)")
-    for name, fmt in (("json", "json"), ("schema", SCHEMA)):
+    for name, fmt in (("json", "json"), ("schema", SCHEMA), ("gbnf", parse_gbnf(JSON_GBNF))):
         for label, params in (("greedy", SamplingParams()), ("temperature 0.8", SamplingParams(temperature=0.8))):
             free, constrained = following(model, fmt, params)
             print(f"  {name:7s} following model, {label:16s} {free:7.2f} -> {constrained:7.2f}  (+{constrained - free:.2f})")

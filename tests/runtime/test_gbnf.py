@@ -10,39 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from qvl.runtime.gbnf import JSON_GBNF as JSON
 from qvl.runtime.gbnf import GrammarError, parse_gbnf
 from qvl.runtime.json_format import JsonConstraint, token_table
 from qvl.runtime.loader import load
 from qvl.runtime.run_cli import app as run_app
 
-# llama.cpp's grammars/json.gbnf, in its own layout (a rule over lines, `#` comments, `ws ::= |`)
-JSON = r'''
-root   ::= object
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-
-object ::=
-  "{" ws (
-            string ":" ws value
-    ("," ws string ":" ws value)*
-  )? "}" ws
-
-array  ::=
-  "[" ws (
-            value
-    ("," ws value)*
-  )? "]" ws
-
-string ::=
-  "\"" (
-    [^"\\\x7F\x00-\x1F] |
-    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
-  )* "\"" ws
-
-number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
-
-# Optional space: by convention, applied in this grammar after literal chars when allowed
-ws ::= | " " | "\n" [ \t]{0,20}
-'''
 ARITHMETIC = '''root ::= expr
 expr ::= term (("+" | "-") term)*
 term ::= num | "(" expr ")"
@@ -174,3 +147,48 @@ def test_serve_takes_llama_cpp_servers_grammar(running):
                            "grammar: GBNF text, without format")]:
         status, data = running.request("/v1/chat/completions", {**body, **extra})
         assert status == 400 and expect in json.loads(data)["error"], data
+
+
+def test_json_gbnf_reads_as_format_json_does():
+    """llama.cpp's json.gbnf through gbnf.py against format="json"'s own JSON grammar (written
+    apart, json_grammar.py): the same verdict, prefix by prefix, on documents and on mutants of
+    them (a byte dropped, doubled or replaced). Exponents are left out: json.gbnf's are odd."""
+    import random
+
+    from qvl.runtime.json_grammar import any_object
+
+    ours, theirs = any_object(), parse_gbnf(JSON)
+    rng = random.Random(7)
+
+    def value(depth: int):
+        kind = rng.choice(["s", "n", "b", "o", "a"] if depth < 3 else ["s", "n", "b"])
+        if kind == "s":
+            return "".join(rng.choice('ab é"\\\n\t☺') for _ in range(rng.randint(0, 4)))
+        if kind == "n":
+            return rng.choice([0, -3, 12, 4.5, -0.25, 10**15])
+        if kind == "b":
+            return rng.choice([True, False, None])
+        if kind == "o":
+            return {f"k{i}": value(depth + 1) for i in range(rng.randint(0, 3))}
+        return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+
+    docs = []
+    for _ in range(40):
+        text = json.dumps({f"k{i}": value(1) for i in range(rng.randint(0, 3))}, ensure_ascii=rng.random() < 0.5,
+                          indent=rng.choice([None, 2]), separators=rng.choice([None, (",", ":")]))
+        docs.append(text.encode())
+    for doc in list(docs):
+        i = rng.randrange(len(doc))
+        docs += [doc[:i] + doc[i + 1:], doc[:i] + doc[i:i + 1] * 2 + doc[i + 1:],
+                 doc[:i] + bytes([rng.choice(b'{}[]",:0 \n-.ex\\')]) + doc[i + 1:], doc + b" ", doc + b"\n\n"]
+    checked = 0
+    for doc in docs:
+        a, b = ours.initial, theirs.initial
+        for byte in doc:
+            a, b = ours.step(a, byte) if a else None, theirs.step(b, byte) if b else None
+            assert (a is None) == (b is None), doc
+            if a is None:
+                break
+            assert ours.complete(a) == theirs.complete(b), doc
+            checked += 1
+    assert checked > 3000
