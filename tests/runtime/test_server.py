@@ -335,7 +335,7 @@ def test_a_running_generation_does_not_hold_up_tags_ps_and_show(store):
 
 def test_create_from_a_stored_model(tmp_path, files):
     """Ollama's create: `from` a stored model with new parameters and system prompt, or the older
-    `modelfile`; the new name shares the blobs; paths, quantize and unknown parameters are refused."""
+    `modelfile`; the new name shares the blobs; paths, unknown types and parameters are refused."""
     store = Store(tmp_path)
     store.create("a:1", files / MODEL, files / f"mmproj-{MODEL}", params={"seed": 4})
     running = Running(Service(ServeConfig(), store, loader=lambda name, **kw: Stand()))
@@ -360,7 +360,7 @@ def test_create_from_a_stored_model(tmp_path, files):
             ({"model": "x:1", "from": "a:1", "files": {"m.gguf": "sha256:00"}}, 400, "from or files: one of them"),
             ({"model": "x:1", "from": "a:1", "parameters": {"mirostat": 1}}, 400, "mirostat: qvl does not use it"),
             ({"model": "x:1"}, 400, "from: the stored model to create from"),
-            ({"model": "x:1", "from": "a:1", "quantize": "q4_K_M"}, 400, "quantize: qvl serve does not take it"),
+            ({"model": "x:1", "from": "a:1", "quantize": "q9"}, 400, "quantize: type 'q9': choose one of"),
             ({"model": "x:1", "modelfile": "FROM a:1\nFROM old:1"}, 400, "FROM old:1: a second text model")]:
         got, data = running.request("/api/create", {**body, "stream": False})
         assert got == status and expect in json.loads(data)["error"], data
