@@ -16,8 +16,7 @@ from pathlib import Path
 
 from ..runtime.store import Store
 from .errors import ConvertError
-from .pipeline import ConvertOptions, plan_job, run_job
-from .plan import PlannedTensor
+from .pipeline import ConvertOptions, plan_job, run_counted
 from .requantize import type_name
 
 CHECKPOINT_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.(safetensors|json|jinja|txt|model)")
@@ -66,13 +65,7 @@ class Conversion:
     def run(self, progress: Callable[[int, int], None], workers: int = ConvertOptions.workers
             ) -> tuple[Path, Path | None]:
         """Write the files (progress: bytes done, bytes in all); (text model, projector or None)."""
-        done = [0]
-
-        def on_bytes(p: PlannedTensor, n: int) -> None:
-            done[0] += n
-            progress(done[0], self.total)
-
-        run_job(self.job, on_bytes, workers)
+        run_counted(self.job, progress, workers)
         paths = [f.path for f in self.job.files]
         return paths[0], paths[1] if len(paths) > 1 else None
 

@@ -204,6 +204,18 @@ def run_job(job: Job, on_bytes: Callable[[PlannedTensor, int], None], workers: i
             ckpt.close()
 
 
+def run_counted(job: Job, progress: Callable[[int, int], None], workers: int,
+                chunks: ChunkSource | None = None) -> None:
+    """run_job, its progress told as (bytes written, bytes in all)."""
+    done = [0]
+
+    def on_bytes(p: PlannedTensor, n: int) -> None:
+        done[0] += n
+        progress(done[0], job.nbytes)
+
+    run_job(job, on_bytes, workers, chunks)
+
+
 def _remove(paths: list[Path]) -> None:
     for p in paths:
         try:

@@ -29,7 +29,7 @@ from ..runtime.store import Store
 from .errors import ConvertError
 from .layout import OutTensor
 from .metadata import KV
-from .pipeline import ConvertOptions, Job, OutputFile, run_job
+from .pipeline import ConvertOptions, Job, OutputFile, run_counted
 from .plan import TEXT_TYPES, PlannedTensor, keeps_float, plan_text
 from .quant import dequantize, quantize
 
@@ -153,13 +153,7 @@ class Quantization:
     def run(self, progress: Callable[[int, int], None], workers: int = ConvertOptions.workers
             ) -> tuple[Path, Path | None]:
         """Write the quantized file (progress: bytes done, bytes in all); (text model, projector)."""
-        done = [0]
-
-        def on_bytes(p: PlannedTensor, n: int) -> None:
-            done[0] += n
-            progress(done[0], self.total)
-
-        run_job(self.job, on_bytes, workers, self.source.chunks)
+        run_counted(self.job, progress, workers, self.source.chunks)
         return self.out, self.creation.projector
 
     def close(self) -> None:
