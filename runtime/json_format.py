@@ -87,7 +87,17 @@ class JsonConstraint:
         self.grammar = grammar
         self.state: State = grammar.initial
         self._next: dict[tuple[State, int], State | None] = {}
+        self._steps: dict[tuple[State, int], State | None] = {}  # a byte's step, shared by tokens' common starts
         self._masks: dict[State, torch.Tensor] = {}  # admitted's, by state (a string's repeat)
+
+    def _step(self, state: State, byte: int) -> State | None:
+        key = (state, byte)
+        got = self._steps.get(key, self)
+        if got is self:
+            if len(self._steps) > 1 << 20:
+                self._steps.clear()
+            got = self._steps[key] = self.grammar.step(state, byte)
+        return got  # type: ignore[return-value]
 
     def _after(self, token: int) -> State | None:
         key = (self.state, token)
@@ -95,7 +105,12 @@ class JsonConstraint:
             if len(self._next) > 1 << 20:
                 self._next.clear()
             piece = self.pieces[token] if 0 <= token < len(self.pieces) else None
-            self._next[key] = self.grammar.advance(self.state, piece) if piece else None
+            state: State | None = self.state if piece else None
+            for byte in piece or b"":
+                state = self._step(state, byte)
+                if state is None:
+                    break
+            self._next[key] = state
         return self._next[key]
 
     def allows(self, token: int) -> bool:
@@ -110,9 +125,9 @@ class JsonConstraint:
         if self.state in self._masks:
             return self._masks[self.state]
         mask = torch.zeros(n_vocab, dtype=torch.bool)
-        after = [self.grammar.step(self.state, b) for b in range(256)]
+        after = [self._step(self.state, b) for b in range(256)]
         starts = torch.tensor([s is not None for s in after] + [False])
-        pairs = torch.tensor([(a := after[p[0]]) is not None and self.grammar.step(a, p[1]) is not None
+        pairs = torch.tensor([(a := after[p[0]]) is not None and self._step(a, p[1]) is not None
                               for p in self.table.pairs] + [True])  # the last: tokens of one byte
         maybe = starts[self.table.first] & pairs[self.table.pair]
         if self.grammar.in_free_string(self.state):

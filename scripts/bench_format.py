@@ -74,6 +74,8 @@ def random_model(model, fmt, kwargs: dict, tokens: int) -> tuple[float, float, i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--grammar-file", nargs="*", default=[], help="GBNF files (llama.cpp's grammars/*.gbnf) to "
+                    "time on the random tiny model too, drawn at temperature 0.8")
     args = ap.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     model = load(FIXTURE, device="cpu")
@@ -87,6 +89,11 @@ def main() -> None:
             free, constrained, n = random_model(model, fmt, kwargs, args.tokens)
             print(f"  {name:7s} random tiny model, {label:15s} {free:7.2f} -> {constrained:7.2f}  "
                   f"(+{constrained - free:.2f}; {n} tokens)")
+    for path in args.grammar_file:
+        grammar = parse_gbnf(Path(path).read_text())
+        free, constrained, n = random_model(model, grammar, {"temperature": 0.8, "seed": 1}, args.tokens)
+        print(f"  {Path(path).name:16s} random tiny model, temperature 0.8 {free:7.2f} -> {constrained:7.2f}  "
+              f"(+{constrained - free:.2f}; {n} tokens)")
 
 
 if __name__ == "__main__":
