@@ -115,6 +115,12 @@ def main() -> None:
                 results[t]["tensors_identical_to_llama_quantize"] = not diffs
                 if diffs:
                     results[t]["differences"] = diffs[:10]
+                requantized = Path(tmp) / f"qvl-quantize-{t}.gguf"  # `qvl quantize` of the same F16 file
+                subprocess.run([sys.executable, "-c", "from qvl.runtime.entry import qvl; qvl()", "quantize",
+                                str(FIXTURE / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"), t, "-o", str(requantized),
+                                "-q"], check=True, capture_output=True)
+                diffs = tensor_differences(requantized, theirs)
+                results[t]["qvl_quantize_identical_to_llama_quantize"] = not diffs
             if t == "f16" and ids != reference:
                 sys.exit(f"F16 conversion differs from llama.cpp's own file: {ids} vs {reference}")
     for path in args.extra:

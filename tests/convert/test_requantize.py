@@ -136,3 +136,14 @@ def test_qvl_create_quantize_stores_the_quantized_file(sources, tmp_path, monkey
         assert r.exit_code == 2 and (expect or "tensor 'output.weight' is Q6_K already") in r.output, r.output
     assert [str(e.name) for e in store.list()] == ["small:q4"]
 
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_k_m", "q6_k", "q4_0"])
+def test_llama_cpps_own_f16_file(fixtures_dir, tmp_path, kind):
+    """The fixture's F16 file, made by llama.cpp's converter, quantized: what qvl-convert makes of
+    the checkpoint (which scripts/check_llamacpp.py found byte-identical, tensor for tensor, to
+    llama-quantize's output of that same F16 file)."""
+    model = fixtures_dir / "tiny-qwen2.5-vl"
+    assert quantize(str(model / "llamacpp/tiny-qwen2.5-vl-f16.gguf"), kind, "-o", str(tmp_path / "q.gguf")).exit_code == 0
+    convert(str(model / "hf"), "-o", str(tmp_path / "c.gguf"), "--type", kind)
+    assert differences(tmp_path / "q.gguf", tmp_path / "c.gguf") == []
