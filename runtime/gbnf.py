@@ -387,7 +387,7 @@ def parse_gbnf(text: str) -> Grammar:
             raise GrammarError(f"grammar: a repetition ({'*' if n.min == 0 else '+'}) of something that can be "
                                "empty never has to end; make its item read at least one character")
     _no_left_recursion(nodes, empty, names)
-    nodes.append(Root(p.rules["root"], trailing_ws=False))
+    nodes.append(Root(p.rules["root"], trailing_ws=False, nullable=empty[p.rules["root"]]))
     return Grammar(nodes)
 
 

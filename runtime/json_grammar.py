@@ -258,6 +258,7 @@ class Root:
 
     value: int
     trailing_ws: bool = True
+    nullable: bool = False  # a GBNF root that may match nothing: complete before any byte
 
     def starts(self) -> list[tuple[int, ...]]:
         return [(0, 0)]
@@ -327,7 +328,8 @@ class Grammar:
             can_end = getattr(self.nodes[nid], "can_end", None)
             if can_end is None or not can_end(local):
                 return False
-        return bool(stack) and isinstance(self.nodes[stack[0][0]], Root) and stack[0][1][0] == 1
+        root = self.nodes[stack[0][0]] if stack else None
+        return isinstance(root, Root) and (stack[0][1][0] == 1 or root.nullable)
 
     def complete(self, state: State) -> bool:
         """The root value may end here (whitespace may still follow)."""

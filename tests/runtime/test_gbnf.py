@@ -50,6 +50,12 @@ def test_what_a_grammar_accepts(grammar, text, ok):
     assert accepts(parse_gbnf(grammar), text) is ok
 
 
+def test_a_root_that_may_be_empty():
+    g = parse_gbnf('root ::= "a"*\n')
+    assert g.complete(g.initial) and accepts(g, "aaa") and not accepts(g, "ab")
+    assert not parse_gbnf('root ::= "a"+\n').complete(parse_gbnf('root ::= "a"+\n').initial)
+
+
 def test_a_character_is_read_as_utf8():
     g = parse_gbnf('root ::= [^a-z] [α-ω]\n')  # a class over Unicode characters, not bytes
     assert accepts(g, "Éβ") and accepts(g, "1ω") and not accepts(g, "aβ") and not accepts(g, "1a")
