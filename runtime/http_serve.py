@@ -1,8 +1,8 @@
 """`qvl serve`'s HTTP side: requests read, routed to server.Service's endpoints and answered,
 with one log line each. Each connection has a thread of its own, which reads the request and
 writes the reply; the endpoints that only read the store or the server's state (`LIGHT`:
-/api/tags, /api/ps, /api/show, /api/version, /v1/models; and /api/pull, /api/push, /api/blobs/)
-answer there at once, the others (a model's work) are queued to the thread that calls `serve` and
+/api/tags, /api/ps, /api/show, /api/version, /v1/models; and /api/pull, /api/push, /api/create,
+/api/blobs/) answer there at once, the others (a model's work) are queued to the thread that calls `serve` and
 run there one at a time, in order (torch's CPU ops run slower from a second thread: server.py). A reply is JSON,
 text, or a stream (JSON lines, or server-sent events); an error before the reply starts is
 {"error"} with its status, one inside a stream is the stream's last event; a client that leaves
@@ -34,9 +34,11 @@ from .video import VideoError
 ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **embed_api.ROUTES}
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
-# header or the server's state, or (a pull, a push) wait on a transfer thread of their own
+# header or the server's state, or (a pull, a push, a create that quantizes or converts) wait on a
+# thread of their own
 LIGHT = frozenset({("GET", "/"), ("GET", "/api/version"), ("GET", "/api/tags"), ("GET", "/api/ps"),
-                   ("GET", "/v1/models"), ("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push")})
+                   ("GET", "/v1/models"), ("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push"),
+                   ("POST", "/api/create")})
 MAX_WAITING = 64  # requests queued for the serving thread beyond this are answered 503, as Ollama's queue
 
 
