@@ -23,7 +23,7 @@ from .gguf_file import GGUFError
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, pixel_limits_ok
 from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
-from .model import ALL_LAYERS, PLAN_CTX, Generation, Model, ModelError, open_ended
+from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError, open_ended
 from .loader import load
 from .placement import Placement
 from .sampling import SamplingError, SamplingParams
@@ -99,17 +99,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-CHAT_HELP = """/image PATH                 attach a picture to your next message
-/set parameter NAME VALUE   e.g. temperature 0.7, num_predict 256 (Ollama's names, as in a Modelfile)
-/set system TEXT            the system prompt, from the next answer on
-/set format json            answers that are one JSON object (/set noformat: free text again)
-/show parameters            the parameters in force
-/clear                      forget the conversation (and pictures not yet sent)
-/bye                        leave (also /exit, /quit, Ctrl-D)
-/help                       this list
-Ctrl-C stops an answer; earlier turns' prompt is reused, not read again."""
-
-
 def _grammar(text: Optional[str], path: Optional[Path]) -> Any:
     """--grammar / --grammar-file (llama.cpp's): a GBNF grammar, read and checked before loading."""
     from .gbnf import GrammarError, parse_gbnf
@@ -145,117 +134,6 @@ def _answer_format(value: Optional[str]) -> Union[str, dict, None]:
     except ValueError as e:  # json.JSONDecodeError, SchemaError
         _fail(f"{where}: {'not JSON' if isinstance(e, json.JSONDecodeError) else e}")
     return schema
-
-
-def _chat_set(arg: str, gen_kwargs: dict, messages: list[dict]) -> str:
-    """`/set parameter NAME VALUE` or `/set system TEXT`: changes gen_kwargs or the conversation's
-    system message in place; returns what to say."""
-    from .modelfile import ModelfileError, check_params, generate_key
-
-    what, _, rest = arg.strip().partition(" ")
-    if (what, rest.strip()) in (("format", "json"), ("noformat", "")):
-        gen_kwargs["format"] = "json" if what == "format" else None
-        return "(answers are one JSON object)" if what == "format" else "(answers are free text)"
-    if what == "system" and rest.strip():
-        system = {"role": "system", "content": rest.strip()}
-        messages[:] = [system] + [m for m in messages if m["role"] != "system"]
-        return "(system prompt set)"
-    name, _, value = rest.strip().partition(" ")
-    if what != "parameter" or not value.strip():
-        return "usage: /set parameter NAME VALUE, /set system TEXT, /set format json or /set noformat"
-    try:
-        typed = check_params({name.lower(): value.strip()}, strict=True)
-    except ModelfileError as e:
-        return f"qvl-run: error: {e}"
-    for key, v in typed.items():
-        if key == "num_predict":
-            v, gen_kwargs["ctx_size"] = open_ended(v, gen_kwargs["ctx_size"])
-        gen_kwargs[generate_key(key)] = v
-    return f"(set {name.lower()} to {value.strip()})"
-
-
-def _chat_parameters(gen_kwargs: dict) -> str:
-    """`/show parameters`: the sampling and length settings, by Ollama's names."""
-    from .modelfile import USED, generate_key
-
-    rows = []
-    for name in USED:
-        value = gen_kwargs[generate_key(name)]
-        shown = " ".join(json.dumps(s) for s in value) if isinstance(value, list) else value
-        rows.append(f"{name:<16}{'(default)' if value is None or value == [] else shown}")
-    return "\n".join(rows)
-
-
-def _interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str]) -> None:
-    """A chat on the terminal, as `ollama run`: answers stream, commands start with a slash."""
-    gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "videos"}
-    messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    pending = list(images)
-    typer.echo("qvl chat: type a message; /image PATH attaches a picture, /help lists commands, /bye leaves",
-               err=True)
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            typer.echo("", err=True)
-            return
-        except KeyboardInterrupt:
-            typer.echo("\n(use /bye or Ctrl-D to leave)", err=True)
-            continue
-        if not line:
-            continue
-        if line.startswith("/"):
-            command, _, arg = line.partition(" ")
-            if command in ("/bye", "/exit", "/quit"):
-                return
-            if command in ("/help", "/?"):
-                typer.echo(CHAT_HELP, err=True)
-            elif command == "/clear":
-                messages, pending = [m for m in messages if m["role"] == "system"], []
-                typer.echo("(conversation cleared)", err=True)
-            elif command == "/set":
-                typer.echo(_chat_set(arg, gen_kwargs, messages), err=True)
-            elif command == "/show" and arg.strip() == "parameters":
-                typer.echo(_chat_parameters(gen_kwargs), err=True)
-            elif command == "/image" and arg.strip():
-                path = Path(arg.strip()).expanduser()
-                if path.is_file():
-                    pending.append(str(path))
-                    typer.echo(f"(attached {path}: it goes with your next message)", err=True)
-                else:
-                    why = "is a folder, not an image" if path.is_dir() else "image not found"
-                    typer.echo(f"qvl-run: error: {path}: {why}", err=True)
-            else:
-                typer.echo(f"unknown command {line!r}; /help lists them", err=True)
-            continue
-        content = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
-        messages.append({"role": "user", "content": content})
-        answer = ""
-        try:
-            for piece in model.chat(messages, stream=True, **gen_kwargs):
-                answer += piece
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except (ModelError, ImageError, VideoError) as e:
-            typer.echo(f"qvl-run: error: {e}", err=True)
-            messages.pop()
-            continue
-        except torch.OutOfMemoryError:
-            typer.echo(f"\nqvl-run: error: {_out_of_memory('answering')}", err=True)
-            messages.pop()
-            continue
-        except Exception as e:
-            why = _triton_failure(e)
-            if why is None:
-                raise
-            typer.echo(f"\nqvl-run: error: {why}", err=True)
-            messages.pop()
-            continue
-        except KeyboardInterrupt:
-            typer.echo("\n(stopped)", err=True)
-        sys.stdout.write("\n")
-        pending = []
-        messages.append({"role": "assistant", "content": answer})
 
 
 def _stored_defaults(ctx: typer.Context, name: str) -> tuple[dict[str, object], str | None]:
@@ -548,7 +426,9 @@ def run(
                       stop=list(stop), min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
                       video_options=video_options, format=fmt)
     if prompt is None and sys.stdin.isatty() and not json_out:
-        _interactive(model, gen_kwargs, [str(p) for p in image], system)
+        from .chat_cli import interactive
+
+        interactive(model, gen_kwargs, [str(p) for p in image], system)
         return
     text = prompt if prompt is not None else DEFAULT_PROMPT
     try:

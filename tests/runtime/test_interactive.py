@@ -1,27 +1,30 @@
-"""qvl-run's terminal chat (`_interactive`): its slash commands and what each turn hands the model.
+"""qvl-run's terminal chat (chat_cli.interactive): its slash commands and what each turn hands the model.
 The model is a stand-in that records its calls: this checks the chat loop, not generation."""
 
 from __future__ import annotations
 
 import builtins
+from types import SimpleNamespace
 
 from PIL import Image
 
-from qvl.runtime import run_cli
+from qvl.runtime import chat_cli, run_cli
 
 
 class Recorder:
     """Model.chat's signature; answers "ok" and keeps each call's messages and keyword arguments."""
 
-    def __init__(self):
+    def __init__(self, files=()):
         self.calls: list[tuple[list[dict], dict]] = []
+        self.files = [SimpleNamespace(path=f) for f in files]  # the GGUFs /save stores
+        self.defaults = {"messages": [{"role": "user", "content": "stored first"}]}
 
     def chat(self, messages, stream=False, **kwargs):
         self.calls.append(([dict(m) for m in messages], dict(kwargs)))
         yield "ok"
 
 
-def _chat(monkeypatch, capsys, lines, system=None, images=()):
+def _chat(monkeypatch, capsys, lines, system=None, images=(), files=()):
     feed = iter(lines)
 
     def fake_input(prompt=""):
@@ -31,10 +34,10 @@ def _chat(monkeypatch, capsys, lines, system=None, images=()):
             raise EOFError from None
 
     monkeypatch.setattr(builtins, "input", fake_input)
-    model = Recorder()
+    model = Recorder(files)
     gen_kwargs = dict(max_new_tokens=512, temperature=None, top_p=None, top_k=None, min_p=None, repeat_penalty=1.0,
                       repeat_last_n=64, seed=1, ctx_size=None, stop=[], min_pixels=1, max_pixels=2, videos=[])
-    run_cli._interactive(model, gen_kwargs, list(images), system)
+    chat_cli.interactive(model, gen_kwargs, list(images), system)
     out = capsys.readouterr()
     return model.calls, out.out, out.err
 
@@ -88,3 +91,26 @@ def test_set_format_json_and_noformat(monkeypatch, capsys):
     assert [kwargs.get("format") for _, kwargs in calls] == [None, "json", None]
     assert "(answers are one JSON object)" in err and "(answers are free text)" in err
     assert "usage: /set parameter NAME VALUE, /set system TEXT, /set format json or /set noformat" in err
+
+
+def test_save_stores_the_conversation(monkeypatch, capsys, tmp_path, fixtures_dir):
+    """`/save NAME` (Ollama's): this model's files under a new name, with the stored conversation
+    and this one's turns as MESSAGEs (their text), the system prompt and the /set parameters."""
+    from qvl.runtime.store import Store
+
+    monkeypatch.setenv("QVL_MODELS", str(tmp_path / "models"))
+    gguf = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp"
+    img = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(img)
+    _, _, err = _chat(monkeypatch, capsys, [
+        "/set system Be brief.", "/set parameter temperature 0.3", f"/image {img}", "hello", "/save me/chat:1",
+        "/save ../bad"], files=[gguf / "tiny-qwen2.5-vl-f16.gguf", gguf / "mmproj-tiny-qwen2.5-vl-f16.gguf"])
+    assert "(saved as me/chat:1; its pictures are not kept)" in err, err
+    assert "qvl-run: error:" in err and "invalid" in err
+    store = Store()
+    entry = store.get("me/chat:1")
+    assert store.messages(entry) == [{"role": "user", "content": "stored first"}, {"role": "user", "content": "hello"},
+                                     {"role": "assistant", "content": "ok"}]
+    assert store.text(entry, "system") == "Be brief." and store.params(entry) == {"temperature": 0.3}
+    model, projector = store.resolve("me/chat:1")
+    assert model.read_bytes() == (gguf / "tiny-qwen2.5-vl-f16.gguf").read_bytes() and projector is not None
