@@ -34,7 +34,7 @@ from .json_grammar import Grammar
 from .kernel_failure import one_line, one_line_items
 from .logprobs import MAX_TOP, TokenLogprob, token_logprob
 from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, dequant_slab_bytes, footprint,
-                        make_plan)
+                        indexed, make_plan)
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
 from .sampling import FormatError, SamplingError, SamplingParams, sample, sample_allowed
@@ -121,7 +121,7 @@ class Model:
                                     vision_stream=self.plan.vision_streamed, copy_ahead=self.plan.copies_ahead)
         self.placement = placement
         self.on_warning: Callable[[str], None] = warnings.warn  # the CLI prints these on stderr
-        accel = _indexed(torch.device(placement.accel)) if placement.accel is not None else None
+        accel = indexed(torch.device(placement.accel)) if placement.accel is not None else None
         self.decoder = Decoder(self.cfg, Weights(text_file, mode=PACKED if fast else EXACT), accel,
                                placement.gpu_layers, placement.kernels, placement.prefill_offload, placement.copy_ahead)
         self.vision_cfg: VisionConfig | None = None
@@ -593,11 +593,3 @@ class Model:
 
 ALL_LAYERS = 1 << 20  # --gpu-layers default on a GPU: every layer and the output layer
 
-
-def _indexed(device: torch.device) -> torch.device:
-    """`cuda` as `cuda:N` (the current GPU): tensors report their device with its index, and
-    placement checks compare them with the layers' device (`cuda` != `cuda:0`: compared
-    unindexed, the first H200 run never captured decode in a CUDA graph nor fused the norms)."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device

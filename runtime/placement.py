@@ -333,3 +333,12 @@ def dequant_slab_bytes(accel: str | None, kernels: bool, fast: bool) -> int:
     if torch.cuda.get_device_capability()[0] >= 8 and not dequant.ON_TENSOR_CORES:
         return 0
     return 2 * dequant.SLAB_ELEMENTS
+
+
+def indexed(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:N` (the current GPU): tensors report their device with its index, and
+    placement checks compare them with the layers' device (`cuda` != `cuda:0`: compared
+    unindexed, the first H200 run never captured decode in a CUDA graph nor fused the norms)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

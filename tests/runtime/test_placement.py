@@ -321,13 +321,13 @@ def test_cuda_is_resolved_to_the_current_gpu(monkeypatch):
     fused norms: decode at 51 tok/s instead of 133 on an H200)."""
     import torch
 
-    from qvl.runtime.model import _indexed
+    from qvl.runtime.placement import indexed
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert torch.device("cuda") != torch.device("cuda", 3)  # why it matters
-    assert _indexed(torch.device("cuda")) == torch.device("cuda", 3)
-    assert _indexed(torch.device("cuda", 1)) == torch.device("cuda", 1)
-    assert _indexed(torch.device("cpu")) == torch.device("cpu")
+    assert indexed(torch.device("cuda")) == torch.device("cuda", 3)
+    assert indexed(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert indexed(torch.device("cpu")) == torch.device("cpu")
 
 
 def test_fitting_to_the_free_memory(tiny, monkeypatch):
