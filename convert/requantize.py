@@ -4,7 +4,8 @@ The types are qvl-convert's `--type` choices, with the same per-tensor plan (pla
 `llama_tensor_get_type`) and the same quantizers (bytes identical to ggml's), so quantizing
 qvl-convert's bf16 or f32 output gives the very bytes that converting the checkpoint straight to
 that type gives. As llama-quantize: the metadata is copied (general.file_type and
-general.quantization_version set), vectors and norms are copied as they are, a matrix whose type
+general.quantization_version set, at the end), the tensors come in its order, vectors and norms
+are copied as they are, a matrix whose type
 does not change is copied, and a matrix that is quantized already is refused unless requantizing
 is allowed (it is dequantized first: its error adds to the new one's). As Ollama's quantizer: in
 a one-file model (Ollama's layout) the vision tensors (`v.*`, `mm.*`) are copied untouched. A
@@ -14,6 +15,7 @@ vision projector alone (mmproj) is refused: qvl-convert --vision-type q8_0 makes
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +38,14 @@ from .quant import dequantize, quantize
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 FLOATS = (T.F32, T.F16, T.BF16)
 # written by the GGUF writer itself, or not copied (the writer lays data out at its own alignment)
-NOT_COPIED = ("general.architecture", "general.size_label", "general.alignment")
+NOT_COPIED = ("general.architecture", "general.alignment")
+
+
+def _llama_order(name: str) -> tuple[int, str]:
+    """llama-quantize's tensor order (llama_model_loader's weight_name_comparer): the tensors
+    outside the blocks first, then block by block, by name within each."""
+    m = re.match(r"blk\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
 
 
 def _vision(name: str) -> bool:
@@ -92,7 +101,7 @@ def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: boo
     if not isinstance(n_layer, int):
         src.close()
         raise ConvertError(f"{source}: missing metadata key '{arch}.block_count'")
-    tensors = {name: OutTensor(name, info.shape, name) for name, info in src.tensors.items()}
+    tensors = {name: OutTensor(name, src.tensors[name].shape, name) for name in sorted(src.tensors, key=_llama_order)}
     text = plan_text([t for t in tensors.values() if not _vision(t.name)], kind, n_layer)
     planned = {p.tensor.name: p for p in text}
     plan, copied = [], set()
@@ -108,12 +117,11 @@ def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: boo
             raise ConvertError(f"{source}: tensor '{name}' is {have.name} already; quantizing starts from f16, "
                                "bf16 or f32 (qvl quantize --allow-requantize adds a second quantization's error)")
         plan.append(p)
-    kvs = [KV(key, kv.value, kv.type, kv.sub_type) for key, kv in src.fields.items() if key not in NOT_COPIED]
-    kvs = [KV(kv.key, int(kind.file_type), V.UINT32) if kv.key == "general.file_type" else kv for kv in kvs]
-    if not any(kv.key == "general.file_type" for kv in kvs):
-        kvs.append(KV("general.file_type", int(kind.file_type), V.UINT32))
-    kvs = [kv for kv in kvs if kv.key != "general.quantization_version"]
-    kvs.append(KV("general.quantization_version", QUANTIZATION_VERSION, V.UINT32))
+    # llama-quantize's order: the source's keys in place, then these two (gguf_set_val moves a key it sets to the end)
+    updated = {"general.quantization_version": QUANTIZATION_VERSION, "general.file_type": int(kind.file_type)}
+    kvs = [KV(key, kv.value, kv.type, kv.sub_type) for key, kv in src.fields.items()
+           if key not in NOT_COPIED and key not in updated]
+    kvs += [KV(key, value, V.UINT32) for key, value in updated.items()]
     job = Job(source.parent, None, [OutputFile(out, arch, kvs, plan)])
     return job, Requantize(src, frozenset(copied))
 

@@ -65,8 +65,8 @@ class GGUFStream:
             self.writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub)
         for p in plan:
             self.writer.add_tensor_info(p.tensor.name, _byte_shape(p), np.dtype(np.uint8), p.nbytes, raw_dtype=p.qtype)
-        total = self.writer.get_total_parameter_count()
-        self.writer.add_size_label(size_label(*total))
+        if not any(kv.key == "general.size_label" for kv in kvs):  # a requantized file keeps its source's, in place
+            self.writer.add_size_label(size_label(*self.writer.get_total_parameter_count()))
 
     def write(self, chunks: ChunkSource, on_bytes: Callable[[PlannedTensor, int], None], workers: int) -> None:
         w = self.writer

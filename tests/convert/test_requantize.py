@@ -147,3 +147,22 @@ def test_llama_cpps_own_f16_file(fixtures_dir, tmp_path, kind):
     assert quantize(str(model / "llamacpp/tiny-qwen2.5-vl-f16.gguf"), kind, "-o", str(tmp_path / "q.gguf")).exit_code == 0
     convert(str(model / "hf"), "-o", str(tmp_path / "c.gguf"), "--type", kind)
     assert differences(tmp_path / "q.gguf", tmp_path / "c.gguf") == []
+
+
+def test_llama_quantizes_layout(fixtures_dir, tmp_path):
+    """The order llama-quantize writes (with which scripts/check_llamacpp.py found our files
+    byte-identical to its own, 2026-12-06): the source's keys in place but general.quantization_version
+    and general.file_type, which come last; tensors outside the blocks first, then block by block
+    (blk.2 before blk.10), by name within each."""
+    import re
+
+    source = fixtures_dir / "tiny-qwen2.5-vl/llamacpp/tiny-qwen2.5-vl-f16.gguf"
+    assert quantize(str(source), "q4_k_m", "-o", str(tmp_path / "q.gguf")).exit_code == 0
+    with GGUFFile(source) as src, GGUFFile(tmp_path / "q.gguf") as out:
+        moved = ["general.quantization_version", "general.file_type"]
+        assert list(out.fields) == [k for k in src.fields if k not in moved] + moved
+        names = list(out.tensors)
+        blocks = [int(m.group(1)) if (m := re.match(r"blk\.(\d+)\.", n)) else -1 for n in names]
+        assert names[:2] == ["output_norm.weight", "token_embd.weight"] and blocks == sorted(blocks)
+        assert all(a < b for a, b, x, y in zip(names, names[1:], blocks, blocks[1:]) if x == y)
+        assert out.get("general.file_type") == 15 and out.get("general.size_label") == src.get("general.size_label")
