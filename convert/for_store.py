@@ -49,7 +49,7 @@ class Conversion:
         """A checkpoint sent as blobs: linked under their file names in a folder named `name`."""
         for file in files:
             if not CHECKPOINT_FILE.fullmatch(file):
-                raise ConvertError(f"files: {file!r}: a checkpoint's file name (config.json, *.safetensors, "
+                raise ConvertError(f"{file!r}: a checkpoint's file name (config.json, *.safetensors, "
                                    "tokenizer files), no folders")
         store.root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(dir=store.root, prefix=".upload-")) / name

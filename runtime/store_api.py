@@ -40,7 +40,10 @@ def create(service: Service, body: dict[str, Any]) -> Reply:
         ModelName.parse(name)
         files = body.get("files")
         if "modelfile" not in body and isinstance(files, dict) and is_checkpoint(list(files)):
-            return _convert_uploads(service, name, body, kind)
+            try:
+                return _convert_uploads(service, name, body, kind)
+            except ConvertError as e:
+                raise RequestError(400, f"files: {e}") from None
         mf = parse(body["modelfile"]) if isinstance(body.get("modelfile"), str) else _asked(body)
         job = resolve(Modelfile(tuple(_source(service, s) for s in mf.sources), mf.params, mf.template, mf.system,
                                 mf.license, mf.messages), service.store.blobs, service.store)

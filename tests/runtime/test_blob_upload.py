@@ -187,7 +187,7 @@ def test_create_from_an_uploaded_checkpoint(served, fixtures_dir, tmp_path):
         assert differences(model, want) == [] and differences(projector, tmp_path / f"mmproj-want-{kind}.gguf") == []
         assert running.json("/api/show", {"model": name})["system"] == "Be brief."
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []
-    for files, expect in [({**sent, "../x.json": sent["config.json"]}, "'../x.json': a checkpoint's file name"),
+    for files, expect in [({**sent, "../x.json": sent["config.json"]}, "files: '../x.json': a checkpoint's file name"),
                           ({**sent, "model.safetensors": digest(b"never")}, "not in the store; send it first")]:
         status, answer = running.request("/api/create", {"model": "x:1", "files": files, "stream": False})
         assert status == 400 and expect in json.loads(answer)["error"], answer
