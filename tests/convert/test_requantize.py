@@ -138,7 +138,7 @@ def test_qvl_create_quantize_stores_the_quantized_file(sources, tmp_path, monkey
 
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_k_m", "q6_k", "q4_0"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_k_m"])  # the other four by hand, 2026-12-06 (docs/benchmarks.md)
 def test_llama_cpps_own_f16_file(fixtures_dir, tmp_path, kind):
     """The fixture's F16 file, made by llama.cpp's converter, quantized: what qvl-convert makes of
     the checkpoint (which scripts/check_llamacpp.py found byte-identical, tensor for tensor, to

@@ -158,9 +158,9 @@ def test_create_quantize(served, files, tmp_path):
 
 def test_create_from_an_uploaded_checkpoint(served, fixtures_dir, tmp_path):
     """/api/create whose `files` are a checkpoint's (as `ollama create` sends a safetensors
-    folder): converted as qvl-convert converts the folder (f16, or the `quantize` type), stored
-    with the request's defaults, the temporary files gone; a file that is not a checkpoint's, or
-    one never sent, is a 400."""
+    folder): converted as qvl-convert converts the folder, here straight to the `quantize` type
+    (f16 without one: test_modelfile.py's folder), stored with the request's defaults, the
+    temporary files gone; a file that is not a checkpoint's, or one never sent, is a 400."""
     from typer.testing import CliRunner
 
     from gguf_compare import differences
@@ -173,23 +173,20 @@ def test_create_from_an_uploaded_checkpoint(served, fixtures_dir, tmp_path):
         data = path.read_bytes()
         assert running.request(f"/api/blobs/{digest(data)}", raw=data)[0] == 201
         sent[path.name] = digest(data)
-    for kind in (None, "q8_0"):
-        name = f"hf:{kind or 'f16'}"
-        events = running.lines("/api/create", {"model": name, "files": sent, "system": "Be brief.",
-                                               **({"quantize": kind} if kind else {})})
-        assert events[0] == {"status": "parsing checkpoint"} and events[-1] == {"status": "success"}, events
-        steps = [e for e in events if e["status"] == "converting model"]
-        assert steps and steps[-1]["completed"] == steps[-1]["total"] > 0
-        want = tmp_path / f"want-{kind}.gguf"
-        r = CliRunner().invoke(convert_app, [str(folder), "-o", str(want), "--type", kind or "f16", "-q"])
-        assert r.exit_code == 0, r.output
-        model, projector = store.resolve(name)
-        assert differences(model, want) == [] and differences(projector, tmp_path / f"mmproj-want-{kind}.gguf") == []
-        assert running.json("/api/show", {"model": name})["system"] == "Be brief."
+    events = running.lines("/api/create", {"model": "hf:q8_0", "files": sent, "system": "Be brief.",
+                                           "quantize": "q8_0"})
+    assert events[0] == {"status": "parsing checkpoint"} and events[-1] == {"status": "success"}, events
+    steps = [e for e in events if e["status"] == "converting model"]
+    assert steps and steps[-1]["completed"] == steps[-1]["total"] > 0
+    r = CliRunner().invoke(convert_app, [str(folder), "-o", str(tmp_path / "want.gguf"), "--type", "q8_0", "-q"])
+    assert r.exit_code == 0, r.output
+    model, projector = store.resolve("hf:q8_0")
+    assert differences(model, tmp_path / "want.gguf") == [] and differences(projector, tmp_path / "mmproj-want.gguf") == []
+    assert running.json("/api/show", {"model": "hf:q8_0"})["system"] == "Be brief."
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []
     for files, expect in [({**sent, "../x.json": sent["config.json"]}, "files: '../x.json': a checkpoint's file name"),
                           ({**sent, "model.safetensors": digest(b"never")}, "not in the store; send it first")]:
         status, answer = running.request("/api/create", {"model": "x:1", "files": files, "stream": False})
         assert status == 400 and expect in json.loads(answer)["error"], answer
-    assert sorted(str(e.name) for e in store.list()) == ["hf:f16", "hf:q8_0"]
+    assert sorted(str(e.name) for e in store.list()) == ["hf:q8_0"]
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []
