@@ -64,23 +64,12 @@ class Requantize:
         raw = self.source.raw(p.tensor.name)
         if raw.ndim != 2:  # a vector, or a >2-D tensor: one piece (writer._chunks)
             return raw.reshape(-1) if p.tensor.name in self.copied else quantize(
-                as_float32(raw.reshape(-1, raw.shape[-1]), self.source.tensors[p.tensor.name].type),
+                dequantize(raw.reshape(-1, raw.shape[-1]), self.source.tensors[p.tensor.name].type),
                 p.qtype).reshape(-1)
         rows = raw[start:stop]
         if p.tensor.name in self.copied:
             return rows.reshape(-1)
-        return quantize(as_float32(rows, self.source.tensors[p.tensor.name].type), p.qtype).reshape(-1)
-
-
-def as_float32(rows: np.ndarray, qtype: T) -> np.ndarray:
-    """Rows of a tensor's bytes (uint8, (rows, row bytes)) as float32 values."""
-    if qtype == T.F32:
-        return rows.view(np.float32)
-    if qtype == T.F16:
-        return rows.view(np.float16).astype(np.float32)
-    if qtype == T.BF16:
-        return (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return dequantize(rows, qtype)
+        return quantize(dequantize(rows, self.source.tensors[p.tensor.name].type), p.qtype).reshape(-1)
 
 
 def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: bool) -> tuple[Job, Requantize]:
