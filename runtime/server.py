@@ -5,7 +5,8 @@
     GET  /api/tags              the stored models, as Ollama lists them
     POST /api/show              {"model"}: details, parameters, template, system, modelfile
     POST /api/generate          {"model", "prompt", "images": [base64], "system", "raw", "format", "stream",
-                                 "options", "logprobs", "top_logprobs"}
+                                 "options", "logprobs", "top_logprobs", "context"}: the reply's "context"
+                                 sent back goes on from it (generate_context.py)
     POST /api/chat              {"model", "messages": [{"role", "content", "images"}], "format", "stream", "options",
                                  "logprobs", "top_logprobs"}
     GET  /api/ps                the loaded model
@@ -54,6 +55,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .generate_context import ContextError, Prompt, context_ids, continued, rendered, reply_context
 from .gguf_file import GGUFError, GGUFFile
 from .image import ImageError, load_image
 from .json_format import format_grammar
@@ -419,9 +421,18 @@ class Service:
             return Reply({"model": name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"})
         system = body.get("system") if isinstance(body.get("system"), str) else loaded.system
         top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
-        pieces = loaded.model.generate(prompt, pictures, stream=True, system=system, template=not body.get("raw", False),
-                                       format=answer_format(body), logprobs=top, **kwargs)
-        return self._ollama(loaded, name, pieces, body.get("stream", True), "response", top is not None)
+        model, raw = loaded.model, bool(body.get("raw", False))
+        try:
+            context = context_ids(body.get("context"), model.cfg.n_vocab)
+            asked = (continued(model, context, prompt, pictures, raw) if context
+                     else Prompt(prompt, not raw, pictures))
+        except ContextError as e:
+            raise RequestError(400, str(e)) from None
+        pieces = model.generate(asked.text, asked.images, stream=True, system=system, template=asked.template,
+                                format=answer_format(body), logprobs=top, **kwargs)
+        text = rendered(model, asked, system)
+        return self._ollama(loaded, name, pieces, body.get("stream", True), "response", top is not None,
+                            lambda answer: {"context": reply_context(model, text, answer)})
 
     def _unload(self, name: Any) -> Reply:
         loaded = self.loaded
@@ -448,9 +459,10 @@ class Service:
         return self._ollama(loaded, self._name(loaded), pieces, body.get("stream", True), "message", top is not None)
 
     def _ollama(self, loaded: Loaded, name: str, pieces: Iterator[str], stream: Any, key: str,
-                scoring: bool) -> Reply:
+                scoring: bool, extra: Callable[[str], dict[str, Any]] | None = None) -> Reply:
         """Ollama's reply: one object, or a stream of them; with `scoring` (logprobs), each
-        carries the logprobs of the tokens scored since the one before (the whole answer's, unstreamed)."""
+        carries the logprobs of the tokens scored since the one before (the whole answer's, unstreamed);
+        the last one `extra`'s fields for the whole answer (/api/generate's context)."""
         started = time.perf_counter() - loaded.load_s
         spell, sent = speller(loaded.model.tokenizer) if scoring else None, [0]
 
@@ -471,7 +483,8 @@ class Service:
                     "total_duration": _ns(time.perf_counter() - started), "load_duration": _ns(loaded.load_s),
                     "prompt_eval_count": g.prompt_tokens,
                     "prompt_eval_duration": _ns(g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3),
-                    "eval_count": len(g.token_ids), "eval_duration": _ns(g.timings.get("decode_s", 0.0)), **scores()}
+                    "eval_count": len(g.token_ids), "eval_duration": _ns(g.timings.get("decode_s", 0.0)), **scores(),
+                    **(extra(g.text) if extra is not None else {})}
 
         if stream is False:
             return Reply(final("".join(pieces)))
