@@ -39,15 +39,12 @@ class Prompt:
     images: list[Any]
 
 
-def context_ids(value: Any, n_vocab: int) -> list[int]:
+def context_ids(value: Any) -> list[int]:
     """The request's `context`: a list of token ids (empty, null or absent: none)."""
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise ContextError("context: a list of token ids, as a reply's context gives them")
-    bad = next((t for t in value if not 0 <= t < n_vocab), None)
-    if bad is not None:
-        raise ContextError(f"context: token id {bad} is not in the model's vocabulary (0 to {n_vocab - 1})")
     return value
 
 
@@ -65,6 +62,10 @@ def next_turn(template: str | None, content: list[dict[str, Any]]) -> str:
 
 def continued(model: Model, context: list[int], prompt: str, images: list[Any], raw: bool) -> Prompt:
     """The prompt of a request that sends back `context` (non-empty)."""
+    n_vocab = model.cfg.n_vocab
+    bad = next((t for t in context if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise ContextError(f"context: token id {bad} is not in the model's vocabulary (0 to {n_vocab - 1})")
     head = model.tokenizer.decode(context, skip_special_tokens=False)
     pad = model.tokenizer.token_to_id(IMAGE_PAD)
     old = sum(1 for t in context if t == pad)

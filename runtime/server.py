@@ -423,16 +423,15 @@ class Service:
         top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
         model, raw = loaded.model, bool(body.get("raw", False))
         try:
-            context = context_ids(body.get("context"), model.cfg.n_vocab)
+            context = context_ids(body.get("context"))
             asked = (continued(model, context, prompt, pictures, raw) if context
                      else Prompt(prompt, not raw, pictures))
         except ContextError as e:
             raise RequestError(400, str(e)) from None
         pieces = model.generate(asked.text, asked.images, stream=True, system=system, template=asked.template,
                                 format=answer_format(body), logprobs=top, **kwargs)
-        text = rendered(model, asked, system)
         return self._ollama(loaded, name, pieces, body.get("stream", True), "response", top is not None,
-                            lambda answer: {"context": reply_context(model, text, answer)})
+                            lambda answer: {"context": reply_context(model, rendered(model, asked, system), answer)})
 
     def _unload(self, name: Any) -> Reply:
         loaded = self.loaded

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import threading
+import types
 
 import pytest
 from PIL import Image
@@ -283,10 +284,19 @@ class Gate:
     each generation runs in."""
 
     last_generation = None
+    defaults: dict = {}
+    chat_template = None
 
     def __init__(self):
         self.go = threading.Event()
         self.threads: list[str] = []
+        self.tokenizer = self  # a reply's context: the ids of the rendered prompt and answer
+
+    def messages_for(self, prompt, n_images, system=None):
+        return [{"role": "user", "content": prompt}]
+
+    def encode(self, text, add_special_tokens):
+        return types.SimpleNamespace(ids=[ord(c) for c in text])
 
     def generate(self, prompt, images, stream, **kwargs):
         from qvl.runtime.model import Generation
@@ -328,6 +338,7 @@ def test_a_running_generation_does_not_hold_up_tags_ps_and_show(store):
     second.join(30)
     assert answers["one"][0]["response"] == "<one>" and answers["two"][0]["response"] == "<two>"
     assert answers["one"][-1]["done"] is True and answers["two"][-1]["done_reason"] == "stop"
+    assert "".join(map(chr, answers["two"][-1]["context"])).endswith("user\ntwo<|im_end|>\n<|im_start|>assistant\n<two>")
     assert len(gate.threads) == 2 and gate.threads[0] == gate.threads[1]  # both in the serving thread
     assert gate.threads[0] in [t.name for t in served_by]
     running.server.shutdown()
