@@ -1,5 +1,5 @@
 """Chat prompts: the model's own Jinja template (from `tokenizer.chat_template`), rendered as
-transformers' `apply_chat_template` renders it."""
+transformers' `apply_chat_template` renders it, or a stored TEMPLATE (ollama_template.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .ollama_template import OllamaTemplate
 
 DEFAULT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
@@ -27,8 +29,12 @@ def _raise(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def render(template: str | None, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+def render(template: str | OllamaTemplate | None, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
            add_vision_id: bool = False) -> str:
+    """The prompt of `messages` by the model's chat template (Jinja), or by a stored TEMPLATE
+    (ollama_template.py: always up to the assistant's turn)."""
+    if isinstance(template, OllamaTemplate):
+        return template.render(messages)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
     tpl = env.from_string(template or DEFAULT_TEMPLATE)

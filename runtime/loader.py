@@ -71,10 +71,13 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
 def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placement, max_vram: int | None,
           plan_ctx: int) -> Model:
     defaults: dict[str, Any] = {}
+    template: list[Any] = []  # a stored model's TEMPLATE, if it has one
 
     def model(text: GGUFFile, vision: GGUFFile | None) -> Model:
         m = Model(text, vision, fast, placement, max_vram, plan_ctx)
         m.defaults = defaults
+        if template and template[0] is not None:
+            m.chat_template = template[0]
         return m
 
     if not path.exists() and mmproj is None:  # a store name (pulled when missing), else the missing file's error
@@ -84,11 +87,23 @@ def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placemen
         path, mmproj = stored_or_pulled(name) or (path, None)
         if path.exists():
             defaults = stored_generate_defaults(name)
+            template.append(stored_template_of(name))
     text = GGUFFile(path)
     if text.architecture == "qwen25vl":
         return model(text, text)  # Ollama: vision in the same file
     vision_path = Path(mmproj) if mmproj else find_mmproj(path)
     return model(text, GGUFFile(vision_path) if vision_path else None)
+
+
+def stored_template_of(name: str) -> Any:
+    """A stored model's TEMPLATE (ollama_template.OllamaTemplate), or None."""
+    from .modelfile import stored_chat_template
+    from .store import Store, StoreError
+
+    try:
+        return stored_chat_template(Store(), name)
+    except StoreError as e:
+        raise ModelError(str(e)) from None
 
 
 def stored_generate_defaults(name: str) -> dict[str, Any]:

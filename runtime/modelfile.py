@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .go_template import TemplateError
 from .gguf_file import GGUFFile
+from .ollama_template import OllamaTemplate, stored_template
 from .sampling import SamplingError, SamplingParams
 from .store import ModelName, Store, StoreError
 
@@ -299,6 +302,18 @@ def stored_defaults(store: Store, name: str) -> tuple[dict[str, Any], str | None
     except ModelfileError as e:
         raise StoreError(f"model {str(entry.name)!r}: stored {e}") from None
     return params, store.text(entry, "system")
+
+
+def stored_chat_template(store: Store, name: str) -> OllamaTemplate | None:
+    """A stored model's TEMPLATE, to render its prompts (None without one). One that does not
+    parse or run here (a pulled model's: qvl create checks its own) is left for the GGUF's chat
+    template, with a warning."""
+    entry = store.get(name)
+    try:
+        return stored_template(store.text(entry, "template"), f"model {str(entry.name)!r}: TEMPLATE")
+    except TemplateError as e:
+        warnings.warn(f"{e}; the GGUF's chat template renders its prompts instead", stacklevel=2)
+        return None
 
 
 def modelfile_of(store: Store, name: str) -> str:

@@ -62,7 +62,8 @@ from .json_format import format_grammar
 from .loader import load
 from .logprobs import MAX_TOP, entries, new_scores, speller
 from .model import PLAN_CTX, Model, ModelError, open_ended
-from .modelfile import ModelfileError, check_params, modelfile_of, parameter_lines, stored_defaults
+from .modelfile import (ModelfileError, check_params, modelfile_of, parameter_lines, stored_chat_template,
+                        stored_defaults)
 from .placement import Placement
 from .sampling import SamplingParams
 from .store import Store, StoreError
@@ -300,7 +301,7 @@ class Service:
         if not isinstance(name, str) or not name:
             raise RequestError(400, "model: required (a stored model's name)")
         if name == self.config.default_model and Path(name).is_file():
-            key, params, system, messages = name, {}, None, []
+            key, params, system, messages, template = name, {}, None, [], None
             path, projector = Path(name), None  # load() finds the mmproj beside it
         else:
             try:
@@ -311,6 +312,7 @@ class Service:
             try:
                 params, system = stored_defaults(self.store, name)
                 messages = self.store.messages(entry)
+                template = stored_chat_template(self.store, name)
                 path, projector = self.store.resolve(name)
             except StoreError as e:
                 raise RequestError(500, str(e)) from None
@@ -326,6 +328,8 @@ class Service:
             raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
         if messages:  # the stored MESSAGE lines: every prompt follows that conversation (Model.defaults)
             model.defaults = {"messages": messages}
+        if template is not None:  # a stored TEMPLATE renders its prompts (ollama_template.py)
+            model.chat_template = template
         self.loaded = Loaded(key, model, params, system, time.perf_counter() - t0)
         return self.loaded
 

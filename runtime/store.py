@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .go_template import TemplateError
+from .ollama_template import stored_template
+
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
@@ -180,6 +183,10 @@ class Store:
                config: dict[str, Any] | None = None, system: str | None = None,
                messages: list[dict[str, str]] | tuple = ()) -> Entry:
         parsed = ModelName.parse(name)
+        try:
+            stored_template(template, "TEMPLATE")  # one that would not render is refused, not stored
+        except TemplateError as e:
+            raise StoreError(str(e)) from None
         for p in [model] + ([mmproj] if mmproj else []):
             with open(p, "rb") as f:
                 if f.read(4) != b"GGUF":
