@@ -58,7 +58,9 @@ def create_cmd(
     model: Optional[Path] = typer.Argument(None, help="Text model GGUF (or give -f)."),
     modelfile: Optional[Path] = typer.Option(None, "-f", "--file", help="Ollama Modelfile to build from."),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF (default: found beside MODEL)."),
-    template: Optional[Path] = typer.Option(None, "--template", help="Chat template file."),
+    template: Optional[Path] = typer.Option(None, "--template", help="A prompt template file in Ollama's TEMPLATE syntax (Go's text/template: .Messages, "
+                                          ".System, .Prompt, .Response); it renders the model's prompts in place of the "
+                                          "GGUF's chat template."),
     params: Optional[str] = typer.Option(None, "--params", help="Default parameters as JSON, Ollama's names "
                                          '(e.g. \'{"temperature": 0.2, "num_ctx": 8192}\').'),
     quantize: Optional[str] = typer.Option(None, "-q", "--quantize", help="Store the text model quantized to this "

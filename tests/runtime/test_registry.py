@@ -68,7 +68,7 @@ def stores(tmp_path, fixtures_dir):
     src = Store(tmp_path / "src")
     f = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp"
     src.create("tiny:f16", f / "tiny-qwen2.5-vl-f16.gguf", f / "mmproj-tiny-qwen2.5-vl-f16.gguf",
-               template="{{ x }}")
+               template="{{ .Prompt }}")
     return src, Store(tmp_path / "dst")
 
 

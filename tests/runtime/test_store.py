@@ -42,7 +42,7 @@ def test_bad_names(bad):
 def test_layout_is_ollamas(store, fixtures_dir):
     f = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp"
     entry = store.create("tiny:f16", f / "tiny-qwen2.5-vl-f16.gguf", f / "mmproj-tiny-qwen2.5-vl-f16.gguf",
-                         template="{{ messages }}", params={"temperature": 0.1})
+                         template="{{ range .Messages }}{{ .Content }}{{ end }}", params={"temperature": 0.1})
     path = store.root / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "f16"
     manifest = json.loads(path.read_text())
     assert manifest["schemaVersion"] == 2 and manifest["mediaType"] == MANIFEST_TYPE
