@@ -5,8 +5,9 @@
     GET  /api/tags              the stored models, as Ollama lists them
     POST /api/show              {"model"}: details, parameters, template, system, modelfile
     POST /api/generate          {"model", "prompt", "images": [base64], "system", "raw", "format", "stream",
-                                 "options", "logprobs", "top_logprobs", "context"}: the reply's "context"
-                                 sent back goes on from it (generate_context.py)
+                                 "options", "logprobs", "top_logprobs", "context", "template"}: the reply's
+                                 "context" sent back goes on from it; "template" (Ollama's) renders the prompt
+                                 in place of the model's (generate_context.py)
     POST /api/chat              {"model", "messages": [{"role", "content", "images"}], "format", "stream", "options",
                                  "logprobs", "top_logprobs"}
     GET  /api/ps                the loaded model
@@ -55,7 +56,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .generate_context import ContextError, Prompt, context_ids, continued, rendered, reply_context
+from .generate_context import PromptError, context_ids, rendered, reply_context, request_prompt
+from .go_template import TemplateError
+from .ollama_template import stored_template
 from .gguf_file import GGUFError, GGUFFile
 from .image import ImageError, load_image
 from .json_format import format_grammar
@@ -427,10 +430,12 @@ class Service:
         top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
         model, raw = loaded.model, bool(body.get("raw", False))
         try:
-            context = context_ids(body.get("context"))
-            asked = (continued(model, context, prompt, pictures, raw) if context
-                     else Prompt(prompt, not raw, pictures))
-        except ContextError as e:
+            template = body.get("template")
+            if template is not None and not isinstance(template, str):
+                raise PromptError("template: a string, Ollama's template syntax")
+            asked = request_prompt(model, context_ids(body.get("context")), prompt, pictures, raw, system,
+                                   None if raw else stored_template(template, "template"))
+        except (PromptError, TemplateError) as e:
             raise RequestError(400, str(e)) from None
         pieces = model.generate(asked.text, asked.images, stream=True, system=system, template=asked.template,
                                 format=answer_format(body), logprobs=top, **kwargs)

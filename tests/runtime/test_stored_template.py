@@ -82,6 +82,18 @@ def test_serve_renders_with_it_and_a_context_goes_on_with_it(store, plain):
         text = ("<|im_start|>system\nterse<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
                 "Hi<|im_end|>\n<|im_start|>assistant\nSure:")
         assert chat["message"]["content"] == plain.generate(text, [picture], template=False, max_new_tokens=5).text
+        # a request's template (Ollama's /api/generate field) in place of the stored one
+        mine = running.json("/api/generate", {"model": "sure:1", "prompt": "Hi", "stream": False,
+                                              "template": "Q: {{ .Prompt }}\nA:{{ .Response }}\n",
+                                              "options": {"num_predict": 5}})
+        assert mine["response"] == plain.generate("Q: Hi\nA:", template=False, max_new_tokens=5).text
+        more = running.json("/api/generate", {"model": "sure:1", "prompt": "So?", "stream": False,
+                                              "template": "Q: {{ .Prompt }}\nA:{{ .Response }}\n",
+                                              "context": mine["context"], "options": {"num_predict": 5}})
+        text = "Q: Hi\nA:" + mine["response"] + "\nQ: So?\nA:"
+        assert more["response"] == plain.generate(text, template=False, max_new_tokens=5).text
+        status, body = running.request("/api/generate", {"model": "sure:1", "prompt": "Hi", "template": "{{ if 1 }}"})
+        assert status == 400 and json.loads(body)["error"] == "template: line 1: {{if}} without {{end}}"
     finally:
         running.server.shutdown()
 
