@@ -8,6 +8,7 @@ the last `[2]` by the width (rotate-half layout).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -82,6 +83,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (heads, seq, head_dim)."""
     return x * cos + rotate_half(x) * sin
+
+
+def causal_mask(seq: int, end: int, past: int, segments: Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    """(seq, end) bool: query j (absolute past + j) sees keys 0..past + j; with `segments`
+    (past 0) only those of its own segment."""
+    mask = torch.ones(seq, end, dtype=torch.bool, device=device).tril(diagonal=past)
+    if segments is not None:
+        owner = torch.repeat_interleave(torch.arange(len(segments), device=device),
+                                        torch.tensor(list(segments), device=device))
+        mask &= owner[:, None] == owner[None, :]
+    return mask
 
 
 @dataclass(frozen=True)
@@ -435,23 +447,24 @@ class Decoder:
         return apply_rope(q.transpose(0, 1), rope.cos, rope.sin), apply_rope(k.transpose(0, 1), rope.cos, rope.sin)
 
     def _attend(self, i: int, layer: Layer, cache: KVCache, rope: Rope, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
+                v: torch.Tensor, segments: Sequence[int] | None = None) -> torch.Tensor:
         """M-RoPE, then causal attention over the cache after storing k, v there -> (seq,
-        n_head, head_dim)."""
+        n_head, head_dim). With `segments` (lengths, in an empty cache) each segment of the
+        tokens attends only to itself: several prompts side by side (embeddings)."""
         cfg = self.cfg
         seq = q.shape[0]
         q, k = self.rotate(layer, rope, q, k)
         v = v.transpose(0, 1)
         past = cache.length
         end = cache.write(i, k, v)
+        cu_q, cu_k = ([0, seq], [0, end]) if segments is None else ([0, *itertools.accumulate(segments)],) * 2
         if layer.kv is not None:  # a copy offloaded for the prompt (prefill_offload): the cache stays put
             keys, values = (t.transpose(0, 1) for t in layer.kv.extend(past, end, k, v))
             if layer.kernels:
                 from ..kernels.attention import attention
 
-                return attention(q.transpose(0, 1), keys, values, [0, seq], [0, end], causal=True,
-                                 dtype=self.attn_dtype)
-            mask = torch.ones(seq, end, dtype=torch.bool, device=q.device).tril(diagonal=past)
+                return attention(q.transpose(0, 1), keys, values, cu_q, cu_k, causal=True, dtype=self.attn_dtype)
+            mask = causal_mask(seq, end, past, segments, q.device)
             keys, values = keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype)
             return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask[None, None],
                                                   enable_gqa=cfg.n_head != cfg.n_head_kv)[0].float().transpose(0, 1)
@@ -467,7 +480,7 @@ class Decoder:
             # prefill: causal over the keys so far in one varlen call, on (tokens, heads, d) views
             keys, values, k_scale, v_scale = (t.transpose(0, 1)[:end] if t is not None else None
                                               for t in (keys, values, k_scale, v_scale))
-            return attention(q.transpose(0, 1), keys, values, [0, seq], [0, end], causal=True, dtype=self.attn_dtype,
+            return attention(q.transpose(0, 1), keys, values, cu_q, cu_k, causal=True, dtype=self.attn_dtype,
                              k_scale=k_scale, v_scale=v_scale)
         keys, values = cache.read(i, end)
         kd = keys.dtype  # float32, or bf16 / f16 in an accelerator's cache
@@ -475,8 +488,7 @@ class Decoder:
             qg = q.reshape(cfg.n_head_kv, -1, cfg.head_dim).to(kd)  # heads h*g..h*g+g-1 use KV head h
             probs = torch.softmax((qg @ keys.transpose(1, 2)).float() * cfg.head_dim ** -0.5, dim=-1)
             return (probs.to(kd) @ values).float().reshape(cfg.n_head, 1, cfg.head_dim).transpose(0, 1)
-        # causal over the whole cache: query j (absolute past + j) sees keys 0..past + j
-        mask = torch.ones(seq, end, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        mask = causal_mask(seq, end, past, segments, q.device)
         out = F.scaled_dot_product_attention(q.to(kd)[None], keys[None], values[None], attn_mask=mask[None, None],
                                              enable_gqa=cfg.n_head != cfg.n_head_kv)[0]
         return out.float().transpose(0, 1)
@@ -492,14 +504,18 @@ class Decoder:
 
         return rope_on
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Embeddings (seq, n_embd) at positions (3, seq) -> final-norm hidden states (seq, n_embd)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                segments: Sequence[int] | None = None) -> torch.Tensor:
+        """Embeddings (seq, n_embd) at positions (3, seq) -> final-norm hidden states (seq, n_embd);
+        with `segments` (lengths, into an empty cache) several prompts, each attending to itself."""
         rope_on = self._ropes(positions)
         seq = x.shape[0]
+        if segments is not None and (cache.length or sum(segments) != seq):
+            raise ValueError(f"segments {list(segments)}: lengths of all {seq} tokens, into an empty cache")
         offload = (Span(cache, cache.length, cache.length + seq)
                    if self.prefill_offload and seq >= OFFLOAD_MIN_TOKENS else None)
-        out = self.layers_forward(x, lambda i, layer: partial(self._attend, i, layer, cache, rope_on(layer.device)),
-                                  offload=offload)
+        out = self.layers_forward(x, lambda i, layer: partial(self._attend, i, layer, cache, rope_on(layer.device),
+                                                              segments=segments), offload=offload)
         cache.length += x.shape[0]
         return out
 

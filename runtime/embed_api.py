@@ -4,25 +4,73 @@ output before the vocabulary projection: llama.cpp's last-token pooling, the one
 embedding models use), L2-normalized as Ollama's /api/embed and OpenAI's are (the older
 /api/embeddings gives it as it is). The text is read as it is, no chat template; one longer than
 the context is cut to its first num_ctx tokens (Ollama's `truncate`, true by default; false:
-a 400). `dimensions` keeps the first N values, normalized again."""
+a 400). `dimensions` keeps the first N values, normalized again. A request's texts are read side
+by side, up to PACK_TOKENS tokens a pass, each attending only to itself (last_hidden)."""
 
 from __future__ import annotations
 
 import base64
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
+from .decoder import PREFILL_CHUNK
+from .kernel_failure import one_line
 from .model import PLAN_CTX, Model
+from .positions import Span, rope_positions
 from .modelfile import ModelfileError, check_params
 from .server import Loaded, Reply, RequestError, Service, _ns
 
 
-def embedding(model: Model, ids: list[int], normalize: bool, dimensions: int | None) -> list[float]:
-    """Token ids' embedding: the last position's final-norm hidden state, as float32 values."""
-    last = model.token_hidden(ids)[-1][-1].float().cpu().numpy()
+PACK_TOKENS = PREFILL_CHUNK  # texts read side by side in one pass: up to a prefill pass's tokens
+
+
+@torch.no_grad()
+@one_line()  # a Triton kernel failing on the GPU: a KernelFailure (kernel_failure.py), as in Model
+def last_hidden(model: Model, texts: list[list[int]]) -> torch.Tensor:
+    """Each token list's last final-norm hidden state, (len(texts), n_embd) float32 on the CPU:
+    the lists side by side in one pass of the decoder, each attending only to its own tokens
+    (at positions from 0, as alone), so that the weights are read once for them all."""
+    lengths = [len(ids) for ids in texts]
+    embeds = model.decoder.embed_tokens(torch.tensor([t for ids in texts for t in ids], dtype=torch.long))
+    positions = torch.cat([rope_positions([Span(n)]) for n in lengths], dim=1)
+    cache = model.decoder.new_cache(sum(lengths), model.placement.kv_type)
+    hidden = model.decoder.forward(embeds, positions, cache, segments=lengths)
+    return hidden[[end - 1 for end in itertools.accumulate(lengths)]].float().cpu()
+
+
+def packs(lengths: list[int], budget: int) -> list[list[int]]:
+    """The texts' indexes in order, in runs of at most `budget` tokens (a longer text alone)."""
+    out: list[list[int]] = []
+    total = budget + 1
+    for i, n in enumerate(lengths):
+        if total + n > budget:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += n
+    return out
+
+
+def embeddings_of(model: Model, texts: list[list[int]]) -> list[np.ndarray]:
+    """Each token list's last final-norm hidden state: packed side by side (last_hidden), a list
+    longer than a pack read alone in prefill passes (Model.token_hidden)."""
+    out: list[np.ndarray] = [np.empty(0)] * len(texts)
+    for pack in packs([len(ids) for ids in texts], PACK_TOKENS):
+        if len(pack) == 1 and len(texts[pack[0]]) > PACK_TOKENS:
+            out[pack[0]] = model.token_hidden(texts[pack[0]])[-1][-1].float().cpu().numpy()
+            continue
+        for i, row in zip(pack, last_hidden(model, [texts[i] for i in pack]).numpy()):
+            out[i] = row
+    return out
+
+
+def embedding(last: np.ndarray, normalize: bool, dimensions: int | None) -> list[float]:
+    """A text's embedding from its last final-norm hidden state, as float32 values."""
     if dimensions is not None:
         last = last[:dimensions]
     if normalize:
@@ -72,16 +120,15 @@ def _embed_all(service: Service, body: dict[str, Any], texts: list[Any], normali
     ctx = _context(loaded, service, body.get("options") or {})
     dims = _dimensions(body.get("dimensions"), loaded.model.cfg.n_embd)
     truncate = body.get("truncate", True) is not False
-    vectors, tokens = [], 0
+    cut: list[list[int]] = []
     for i, item in enumerate(texts):
         ids = _token_ids(loaded.model, item, f"{where}[{i}]" if len(texts) > 1 else where)
         if len(ids) > ctx and not truncate:
             raise RequestError(400, f"{where}: {len(ids)} tokens, more than the context ({ctx}; "
                                     "truncate: true cuts it, or a larger num_ctx)")
-        ids = ids[:ctx]
-        tokens += len(ids)
-        vectors.append(embedding(loaded.model, ids, normalize, dims))
-    return loaded, vectors, tokens
+        cut.append(ids[:ctx])
+    vectors = [embedding(last, normalize, dims) for last in embeddings_of(loaded.model, cut)]
+    return loaded, vectors, sum(len(ids) for ids in cut)
 
 
 def _inputs(value: Any, where: str) -> list[Any]:

@@ -113,6 +113,23 @@ def test_kernel_path_matches_torch_path(models, model, name):
     assert _rel(logits, ref_logits) <= 1e-4
 
 
+def test_texts_side_by_side_through_the_kernels(q8_model):
+    """Embeddings' packed pass (texts side by side, each attending to itself: the varlen attention
+    kernel's segments) gives each text's last hidden state as it alone gives it, on the kernel
+    path as on the torch path (tolerance 1e-4 of the largest |value|, as the logits above)."""
+    from qvl.runtime.embed_api import last_hidden
+
+    texts = [[5, 17, 300, 9], [44], [7, 7, 7, 1000, 2, 3, 81]]
+    for placement in (PLACEMENTS["all"], PLACEMENTS["one-layer"]):
+        m = load(q8_model, device=ACCEL, dtype=torch.float32, placement=placement)
+        packed = last_hidden(m, texts)
+        for row, ids in zip(packed, texts):
+            alone = torch.cat(m.token_hidden(ids))[-1].float().cpu()
+            assert (row - alone).abs().max() <= 1e-4 * alone.abs().max()
+    cpu = load(q8_model, device="cpu", dtype=torch.float32)
+    assert (last_hidden(cpu, texts) - packed).abs().max() <= 1e-4 * packed.abs().max()
+
+
 def test_sampled_and_streamed_generation_match_the_torch_path(q8_model):
     """Sampling (temperature, top-k, top-p, repeat penalty, a seed) from the kernel path's
     logits draws the torch path's tokens, and a streamed generation's pieces make the same text

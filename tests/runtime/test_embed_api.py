@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from qvl.runtime import embed_api
+
 
 def last_hidden(model, text: str, cut: int | None = None) -> np.ndarray:
     ids = model.tokenize(text, [])[0][:cut]
@@ -70,3 +72,25 @@ def test_openai_embeddings(running, reference):
                          ({"input": "x", "encoding_format": "int8"}, "encoding_format 'int8': float or base64")]:
         status, data = running.request("/v1/embeddings", {"model": "tiny:1", **body})
         assert status == 400 and expect in json.loads(data)["error"], data
+
+
+def test_packs():
+    assert embed_api.packs([5, 3, 4, 20, 1, 12], 12) == [[0, 1, 2], [3], [4], [5]]
+    assert embed_api.packs([1] * 5, 2) == [[0, 1], [2, 3], [4]] and embed_api.packs([], 4) == []
+
+
+def test_texts_side_by_side_are_read_as_alone(reference, monkeypatch):
+    """Texts packed into one pass, each attending to itself from position 0, give the hidden
+    states each gives alone; a text longer than a pack is read alone. Tolerance 1e-5 of the
+    largest |value|: the same float32 sums over rows of a taller matrix (the attention masked
+    rather than cut); measured 0 here."""
+    texts = ["The cat sat on the mat", "A dog", "x", "Some longer text that goes on for a while, past a pack", "Ok"]
+    ids = [reference.tokenize(t, [])[0] for t in texts]
+    monkeypatch.setattr(embed_api, "PACK_TOKENS", 12)
+    assert embed_api.packs([len(i) for i in ids], 12) == [[0, 1, 2], [3], [4]]
+    got = embed_api.embeddings_of(reference, ids)
+    for vector, one in zip(got, ids):
+        want = torch.cat(reference.token_hidden(one))[-1].float().numpy()
+        assert np.abs(vector - want).max() <= 1e-5 * np.abs(want).max()
+    swapped = embed_api.embeddings_of(reference, [ids[1], ids[0]])  # a text's place in a pack does not matter
+    assert np.abs(swapped[1] - got[0]).max() <= 1e-5 * np.abs(got[0]).max()
