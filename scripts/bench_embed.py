@@ -31,8 +31,9 @@ def main() -> None:
     ap.add_argument("model", help="a text model GGUF")
     ap.add_argument("--texts", type=int, default=32, help="how many texts (6-19 words each)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--float32", action="store_true", help="float32 matmuls throughout (load's dtype), not bf16")
     args = ap.parse_args()
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=args.device, dtype=torch.float32 if args.float32 else torch.bfloat16)
     ids = [model.tokenize(t, [])[0] for t in texts(args.texts)]
     n_tokens = sum(map(len, ids))
     embeddings_of(model, ids[:2])  # warm-up: first-call allocations and kernel builds
