@@ -153,10 +153,15 @@ def show_cmd(
     name: str = typer.Argument(...),
     modelfile: bool = typer.Option(False, "--modelfile", help="Print a Modelfile that rebuilds the model "
                                    "(qvl create NEW -f it)."),
+    template: bool = typer.Option(False, "--template", help="Print the prompt template: the stored TEMPLATE, "
+                                  "else the GGUF's chat template (Jinja), whichever renders its prompts."),
+    system: bool = typer.Option(False, "--system", help="Print the stored system prompt."),
+    parameters: bool = typer.Option(False, "--parameters", help="Print the stored parameters, one a line."),
+    license_: bool = typer.Option(False, "--license", help="Print the stored license."),
 ) -> None:
     from gguf import LlamaFileType
 
-    from .modelfile import modelfile_of
+    from .modelfile import modelfile_of, parameter_lines
     from .store import Store, StoreError
 
     try:
@@ -165,6 +170,17 @@ def show_cmd(
             typer.echo(modelfile_of(store, name), nl=False)
             return
         entry = store.get(name)
+        if template or system or parameters or license_:  # as ollama show's: each asked part as it is
+            if parameters:
+                typer.echo("\n".join(parameter_lines(store.params(entry))))
+            for asked, kind in ((template, "template"), (system, "system"), (license_, "license")):
+                text = store.text(entry, kind) if asked else None
+                if asked and text is None and kind == "template":
+                    with GGUFFile(store.resolve(name)[0]) as g:
+                        text = g.get("tokenizer.chat_template")
+                if asked:
+                    typer.echo(text if text is not None else f"(no {kind})")
+            return
         model, proj = store.resolve(name)
         with GGUFFile(model) as g:
             arch = g.architecture

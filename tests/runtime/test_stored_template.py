@@ -16,6 +16,7 @@ from serving import Running, png
 from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
+from qvl.runtime.gguf_file import GGUFFile
 from qvl.runtime.loader import load
 from qvl.runtime.server import ServeConfig, Service
 from qvl.runtime.store import Store, StoreError
@@ -127,3 +128,18 @@ def test_a_pulled_template_that_cannot_run_leaves_the_ggufs(store, plain):
         named = load("pulled:1")
     assert named.generate("Hi", max_new_tokens=6).token_ids == \
         plain.generate("Hi", system="terse", max_new_tokens=6).token_ids
+
+
+def test_show_prints_the_template_that_renders(store, files):
+    out = runner.invoke(app, ["show", "sure:1", "--template"])
+    assert out.exit_code == 0 and out.stdout == TEMPLATE + "\n"
+    out = runner.invoke(app, ["show", "sure:1", "--system", "--license"])
+    assert out.exit_code == 0 and out.stdout == "terse\n(no license)\n"
+    assert runner.invoke(app, ["create", "plain:1", str(files / "tiny-qwen2.5-vl-f16.gguf"), "--params",
+                               '{"temperature": 0.5, "stop": ["a", "b"]}']).exit_code == 0
+    out = runner.invoke(app, ["show", "plain:1", "--template", "--parameters"])
+    with GGUFFile(files / "tiny-qwen2.5-vl-f16.gguf") as g:
+        jinja = g.get("tokenizer.chat_template")
+    assert out.exit_code == 0 and out.stdout == 'temperature 0.5\nstop "a"\nstop "b"\n' + jinja + "\n"
+    out = runner.invoke(app, ["show", "nosuch:1", "--template"])
+    assert out.exit_code == 2 and "nosuch" in out.output and len(out.output.strip().splitlines()) == 1
