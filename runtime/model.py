@@ -403,7 +403,7 @@ class Model:
     def generate(self, prompt: str, images: list[ImageLike] | None = None, *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  min_p: float | None = None, repeat_penalty: float | None = None, repeat_last_n: int | None = None,
-                 seed: int | None = None, stream: bool = False, system: str | None = None, template: bool = True,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None, seed: int | None = None, stream: bool = False, system: str | None = None, template: bool = True,
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
                  cache_prompt: bool = True, stop: list[str] | None = None,
@@ -421,10 +421,12 @@ class Model:
         last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 / min_p 0 turn a
         stored sampler off)."""
         d = self.defaults
-        temperature, top_p, top_k, min_p, ctx_size, system, stop = (
+        temperature, top_p, top_k, min_p, ctx_size, system, stop, presence, frequency = (
             v if v is not None else d.get(k) for k, v in (("temperature", temperature), ("top_p", top_p),
                                                            ("top_k", top_k), ("min_p", min_p), ("ctx_size", ctx_size),
-                                                           ("system", system), ("stop", stop)))
+                                                           ("system", system), ("stop", stop),
+                                                           ("presence_penalty", presence_penalty),
+                                                           ("frequency_penalty", frequency_penalty)))
         max_new_tokens = max_new_tokens if max_new_tokens is not None else d.get("max_new_tokens", 512)
         repeat_penalty = repeat_penalty if repeat_penalty is not None else d.get("repeat_penalty", 1.0)
         repeat_last_n = repeat_last_n if repeat_last_n is not None else d.get("repeat_last_n", 64)
@@ -440,7 +442,8 @@ class Model:
         except ValueError as e:
             raise ModelError(str(e)) from None
         try:
-            params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+            params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
+                                    presence or 0.0, frequency or 0.0)
         except SamplingError as e:
             raise ModelError(str(e)) from None
         first = [self._prepare(prompt, images, videos, video_options, system, template)]  # its errors at once
@@ -535,7 +538,7 @@ class Model:
             graph = self._graph if self._graph is not None and self._graph.cache is cache else None
             fresh = graph is not None and graph.graph is None  # captured on this generation's first step
             # greedy with no penalty: the step's own argmax, the next step queued before it is read
-            ahead = graph is not None and params.greedy and params.repeat_penalty == 1.0 and form is None and top is None
+            ahead = graph is not None and params.greedy and not params.penalized and form is None and top is None
             scored: list[TokenLogprob] | None = None if top is None else []
             self.scored = scored if scored is not None else []
             chosen: int | None = None

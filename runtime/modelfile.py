@@ -38,6 +38,8 @@ USED: dict[str, tuple[type, str]] = {
     "min_p": (float, "min_p"),
     "repeat_penalty": (float, "repeat_penalty"),
     "repeat_last_n": (int, "repeat_last_n"),
+    "presence_penalty": (float, "presence_penalty"),
+    "frequency_penalty": (float, "frequency_penalty"),
     "seed": (int, "seed"),
     "stop": (str, "stop"),  # a list: the answer ends before the first it comes to
 }
@@ -50,7 +52,7 @@ def generate_key(name: str) -> str:
 
 
 # Ollama's other options: known, so named as unused rather than unknown
-NOT_USED = ("num_keep", "typical_p", "presence_penalty", "frequency_penalty", "penalize_newline", "mirostat",
+NOT_USED = ("num_keep", "typical_p", "penalize_newline", "mirostat",
             "mirostat_tau", "mirostat_eta", "tfs_z", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap",
             "use_mlock", "numa", "low_vram", "f16_kv", "logits_all", "vocab_only")
 COMMANDS = ("from", "parameter", "template", "system", "license", "adapter", "message", "requires")

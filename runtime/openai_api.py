@@ -23,7 +23,8 @@ def models(service: Service, body: dict[str, Any]) -> Reply:
 
 def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tokens: int | None) -> dict[str, Any]:
     """Model.generate's keyword arguments from OpenAI's names over the stored parameters."""
-    options = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if body.get(k) is not None}
+    options = {k: body[k] for k in ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty")
+               if body.get(k) is not None}
     limit = body.get("max_completion_tokens", body.get("max_tokens", default_tokens))
     if limit is not None:
         options["num_predict"] = limit

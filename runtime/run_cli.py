@@ -262,7 +262,11 @@ def run(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
     min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability (0..1; 0 = off)."),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for repeated tokens (above 0; 1.0 = none)."),
-    repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Last generated tokens the repeat penalty sees (0 = off, -1 = all)."),
+    repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Last generated tokens the penalties see (0 = off, -1 = all)."),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="Subtracted from the logit of each token "
+                                           "among those (OpenAI's presence penalty; 0 = off)."),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="Subtracted from a token's logit once "
+                                            "for each time it is among those (OpenAI's frequency penalty; 0 = off)."),
     seed: int = typer.Option(299792458, "--seed", "-s", help="Random seed for sampling."),
     stop: List[str] = typer.Option([], "--stop", "-r", "--reverse-prompt", help="End the answer before this text "
                                    "(repeatable; Ollama's stop, llama.cpp's reverse prompt)."),
@@ -380,7 +384,8 @@ def run(
     if not pixel_limits_ok(min_pixels, max_pixels):
         _fail(f"--min-pixels {min_pixels}, --max-pixels {max_pixels}: want 0 < max and min <= max")
     try:  # the options' own checks, before a model is loaded
-        SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, presence_penalty,
+                       frequency_penalty)
         video_options = VideoOptions(fps=video_fps, max_frames=max_frames, start=video_start, end=video_end,
                                      min_pixels=video_min_pixels, max_pixels=video_max_pixels)
     except (SamplingError, VideoError) as e:
@@ -397,6 +402,8 @@ def run(
         top_p, min_p = stored.get("top_p", top_p), stored.get("min_p", min_p)
         repeat_penalty = stored.get("repeat_penalty", repeat_penalty)
         repeat_last_n = stored.get("repeat_last_n", repeat_last_n)
+        presence_penalty = stored.get("presence_penalty", presence_penalty)
+        frequency_penalty = stored.get("frequency_penalty", frequency_penalty)
         seed, ctx_size = stored.get("seed", seed), stored.get("ctx_size", ctx_size)
         max_length = stored.get("max_length", max_length)
         stop = stored.get("stop", stop)
@@ -422,7 +429,8 @@ def run(
     if verbose and model.plan is not None:
         typer.echo(model.plan.table(), err=True)
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                      repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, ctx_size=ctx_size,
+                      repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+                      frequency_penalty=frequency_penalty, seed=seed, ctx_size=ctx_size,
                       stop=list(stop), min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
                       video_options=video_options, format=fmt)
     if prompt is None and sys.stdin.isatty() and not json_out:

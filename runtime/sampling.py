@@ -1,7 +1,8 @@
-"""Next-token choice: greedy, or temperature with top-k / top-p / min-p, and a repeat penalty.
+"""Next-token choice: greedy, or temperature with top-k / top-p / min-p, and the penalties.
 
-Order as in llama.cpp's and candle's samplers: repeat penalty on the raw logits, then
-temperature, top-k, top-p, min-p, then a draw from the remaining distribution.
+Order as in llama.cpp's and candle's samplers: the penalties on the raw logits (the repeat
+penalty, then the frequency and presence penalties: OpenAI's logit - count * frequency -
+presence), then temperature, top-k, top-p, min-p, then a draw from the remaining distribution.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class SamplingError(ValueError):
 class SamplingParams:
     """As llama.cpp reads them: temperature None or <= 0 is greedy; top_k None or 0, top_p None
     or 1, min_p None or 0 turn their filter off (top_p 0 keeps only the most likely token);
-    repeat_last_n 0 turns the penalty off and -1 covers every generated token."""
+    repeat_last_n 0 turns the penalties off and -1 covers every generated token; the frequency
+    and presence penalties (0: off) see the same tokens as the repeat penalty, as llama.cpp's."""
 
     temperature: float | None = None
     top_k: int | None = None
@@ -30,6 +32,8 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int = 299792458
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         def fail(name: str, value: object, allowed: str) -> None:
@@ -47,6 +51,15 @@ class SamplingParams:
             fail("repeat_penalty", self.repeat_penalty, "above 0 (1: off)")
         if self.repeat_last_n < -1:
             fail("repeat_last_n", self.repeat_last_n, "-1 (every generated token), 0 (off) or more")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                fail(name, getattr(self, name), "a finite number (0: off)")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty changes the logits (else the argmax of the raw logits is greedy's token)."""
+        return self.repeat_last_n != 0 and (self.repeat_penalty != 1.0 or self.presence_penalty != 0
+                                            or self.frequency_penalty != 0)
 
     @property
     def greedy(self) -> bool:
@@ -68,10 +81,22 @@ LOG_BINS = 1024
 LOG_RANGE = 32.0
 
 
+def apply_count_penalties(logits: torch.Tensor, recent: list[int], frequency: float, presence: float) -> torch.Tensor:
+    """logit - count * frequency - presence for each token in `recent` (OpenAI's penalties)."""
+    if (frequency == 0 and presence == 0) or not recent:
+        return logits
+    ids, counts = torch.unique(torch.tensor(recent), return_counts=True)
+    ids = ids.to(logits.device)
+    logits = logits.clone()
+    logits[ids] -= counts.to(logits.device, logits.dtype) * frequency + presence
+    return logits
+
+
 def _penalized(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:
-    """float32 logits after the repeat penalty over the last `repeat_last_n` tokens of history."""
+    """float32 logits after the penalties over the last `repeat_last_n` tokens of history."""
     recent = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:] if p.repeat_last_n > 0 else []
-    return apply_repeat_penalty(logits.float(), recent, p.repeat_penalty)
+    logits = apply_repeat_penalty(logits.float(), recent, p.repeat_penalty)
+    return apply_count_penalties(logits, recent, p.frequency_penalty, p.presence_penalty)
 
 
 def _top_p_keep(vals: torch.Tensor, log_norm: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -103,6 +103,18 @@ def test_negative_temperature_is_greedy_and_max_length_zero_only_reads_the_promp
         "prompt_tokens"]
 
 
+def test_frequency_and_presence_penalty_flags(model_path):
+    """llama.cpp's --frequency-penalty / --presence-penalty: the tokens of Model.generate given them."""
+    from qvl.runtime.loader import load
+
+    got = runner.invoke(app, [model_path, "-p", "Hi", "-n", "6", "--json", "--frequency-penalty", "1.5",
+                              "--presence-penalty", "0.5"])
+    assert got.exit_code == 0, got.stderr
+    model = load(model_path)
+    want = model.generate("Hi", max_new_tokens=6, frequency_penalty=1.5, presence_penalty=0.5)
+    assert json.loads(got.stdout)["token_ids"] == want.token_ids != model.generate("Hi", max_new_tokens=6).token_ids
+
+
 def test_llama_cpp_flag_names(model_path):
     """llama.cpp's names (-p, -n/--n-predict, --temp, -s, -c, -sys, -t, -ngl) do what the long
     ones do; -n -1 generates until the answer ends or the context is full."""
@@ -158,6 +170,7 @@ def test_llama_cpp_flag_names(model_path):
     (["{model}", "--prompt", "x", "--repeat-penalty", "0"], "repeat_penalty 0.0: above 0"),
     (["{model}", "--prompt", "x", "--repeat-last-n", "-2"], "repeat_last_n -2: -1"),
     (["{model}", "--prompt", "x", "--temperature", "nan"], "temperature nan: a finite number"),
+    (["{model}", "--prompt", "x", "--presence-penalty", "inf"], "presence_penalty inf: a finite number"),
     (["{model}", "--prompt", "x", "--max-length", "-3"], "--max-length -3: 0 or more, or -1"),
     (["{model}", "--prompt", "x", "-t", "0"], "--threads 0: 1 or more"),
     (["{model}", "--prompt", "x", "--ctx-size", "-5"], "--ctx-size -5: 0"),

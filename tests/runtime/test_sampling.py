@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qvl.runtime.sampling import SamplingError, SamplingParams, apply_repeat_penalty, candidates, sample
+from qvl.runtime.sampling import (SamplingError, SamplingParams, apply_count_penalties, apply_repeat_penalty, candidates,
+                                  sample)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,7 +84,32 @@ def test_repeat_last_n_picks_the_window(last_n, penalized):
         assert sample(torch.tensor(logits), [0, 1, 2], params, torch.Generator()) == best
 
 
+def test_frequency_and_presence_penalties_subtract_per_count_and_once():
+    """OpenAI's: logit - count * frequency - (count > 0) * presence, after the repeat penalty (llama.cpp's order)."""
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    out = apply_count_penalties(logits, [0, 1, 1, 1], frequency=0.5, presence=0.25)
+    assert out.tolist() == [2.0 - 0.5 - 0.25, -2.0 - 1.5 - 0.25, 1.0, 0.5]
+    assert logits.tolist() == [2.0, -2.0, 1.0, 0.5]  # not in place
+    assert apply_count_penalties(logits, [0, 1], 0.0, 0.0) is logits
+    both = SamplingParams(repeat_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25, repeat_last_n=3)
+    # history 3, 0, 1, 1 and a window of 3: token 0 once, token 1 twice; 3 is outside it
+    want = torch.tensor([2.0 / 2 - 0.5 - 0.25, -2.0 * 2 - 1.0 - 0.25, 1.0, 0.5])
+    for sign in (1, -1):  # greedy: the argmax of the penalized logits, for either order of the unpenalized ones
+        raw = torch.tensor([2.0, -2.0, 1.0, 0.5 * 3 ** (sign > 0)])
+        expect = want.clone()
+        expect[3] = raw[3]
+        assert sample(raw, [3, 0, 1, 1], both, torch.Generator()) == int(torch.argmax(expect))
+    assert sample(torch.tensor([2.0, 1.9, 0.0]), [0], SamplingParams(presence_penalty=0.2), torch.Generator()) == 1
+    assert sample(torch.tensor([2.0, 1.9, 0.0]), [0], SamplingParams(presence_penalty=0.05), torch.Generator()) == 0
+    assert sample(torch.tensor([2.0, 1.0, 0.0]), [0, 0, 0], SamplingParams(frequency_penalty=0.4),
+                  torch.Generator()) == 1  # 2.0 - 3 * 0.4 = 0.8 < 1.0
+    assert SamplingParams(presence_penalty=-0.5).penalized and not SamplingParams().penalized
+    assert not SamplingParams(frequency_penalty=1.0, repeat_last_n=0).penalized  # no window: nothing penalized
+
+
 @pytest.mark.parametrize("kwargs,name", [
+    ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"frequency_penalty": float("-inf")}, "frequency_penalty"),
     ({"temperature": float("nan")}, "temperature"),
     ({"temperature": float("inf")}, "temperature"),
     ({"top_k": -1}, "top_k"),

@@ -1,0 +1,48 @@
+"""Frequency and presence penalties (OpenAI's, llama.cpp's --frequency-penalty / --presence-penalty)
+in a whole generation: greedy tokens equal a step-by-step replay that penalizes the raw logits by
+hand, and they reach the model from qvl-run, Ollama's options, a Modelfile and OpenAI's fields."""
+
+from __future__ import annotations
+
+import torch
+
+from qvl.runtime.modelfile import check_params
+
+PROMPT = "<|im_start|>user\nCount: one two three<|im_end|>\n<|im_start|>assistant\n"
+
+
+def replay(model, n: int, frequency: float, presence: float) -> list[int]:
+    ids = model.tokenize(PROMPT, [])[0]
+    out: list[int] = []
+    for _ in range(n):
+        logits = model.decoder.logits(torch.cat(model.token_hidden(ids + out))[-1:])[0].float()
+        recent = out[-64:]  # the default window: the last 64 generated tokens
+        for tok in set(recent):
+            logits[tok] -= recent.count(tok) * frequency + presence
+        out.append(int(torch.argmax(logits)))
+    return out
+
+
+def test_greedy_with_penalties_is_the_replay(reference):
+    plain = reference.generate(PROMPT, template=False, max_new_tokens=8).token_ids
+    assert len(set(plain)) < len(plain)  # the tiny model repeats itself: there is something to penalize
+    for frequency, presence in ((1.5, 0.0), (0.0, 2.0), (0.7, 0.7)):
+        got = reference.generate(PROMPT, template=False, max_new_tokens=8, frequency_penalty=frequency,
+                                 presence_penalty=presence).token_ids
+        assert got == replay(reference, 8, frequency, presence) and got != plain
+
+
+def test_the_penalties_reach_the_model_from_every_door(running, reference):
+    want = reference.chat([{"role": "user", "content": "Count: one two three"}], max_new_tokens=6,
+                          frequency_penalty=1.5, presence_penalty=0.5).text
+    assert want != reference.chat([{"role": "user", "content": "Count: one two three"}], max_new_tokens=6).text
+    openai = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 6, "frequency_penalty": 1.5,
+                                                   "presence_penalty": 0.5,
+                                                   "messages": [{"role": "user", "content": "Count: one two three"}]})
+    assert openai["choices"][0]["message"]["content"] == want
+    ollama = running.json("/api/chat", {"model": "tiny:1", "stream": False, "messages": [
+        {"role": "user", "content": "Count: one two three"}],
+        "options": {"num_predict": 6, "frequency_penalty": 1.5, "presence_penalty": 0.5}})
+    assert ollama["message"]["content"] == want
+    assert check_params({"presence_penalty": "0.5", "frequency_penalty": 1}, strict=True) == {
+        "presence_penalty": 0.5, "frequency_penalty": 1.0}  # a Modelfile's PARAMETERs
