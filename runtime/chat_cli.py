@@ -62,7 +62,7 @@ def chat_parameters(gen_kwargs: dict) -> str:
 
     rows = []
     for name in USED:
-        value = gen_kwargs[generate_key(name)]
+        value = gen_kwargs.get(generate_key(name))
         shown = " ".join(json.dumps(s) for s in value) if isinstance(value, list) else value
         rows.append(f"{name:<16}{'(default)' if value is None or value == [] else shown}")
     return "\n".join(rows)
