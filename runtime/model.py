@@ -37,7 +37,7 @@ from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, 
                         indexed, make_plan)
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
-from .sampling import FormatError, SamplingError, SamplingParams, sample, sample_allowed
+from .sampling import FormatError, SamplingError, SamplingParams, sample, sample_allowed, sampling_params
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
 from .video import VideoInput, VideoOptions, frame_size, load_video
 from .vision import VisionConfig, VisionTower, vision_config
@@ -403,7 +403,9 @@ class Model:
     def generate(self, prompt: str, images: list[ImageLike] | None = None, *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  min_p: float | None = None, repeat_penalty: float | None = None, repeat_last_n: int | None = None,
-                 presence_penalty: float | None = None, frequency_penalty: float | None = None, seed: int | None = None, stream: bool = False, system: str | None = None, template: bool = True,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 logit_bias: dict[int, float] | None = None, seed: int | None = None, stream: bool = False,
+                 system: str | None = None, template: bool = True,
                  ctx_size: int | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
                  cache_prompt: bool = True, stop: list[str] | None = None,
@@ -416,21 +418,15 @@ class Model:
         first of the `stop` strings it comes to (as at an end-of-turn token: Generation.ended).
         `format` "json" keeps the answer to one JSON object, a JSON schema (a dict) to what it allows
         (json_format.py), a Grammar (gbnf.parse_gbnf of llama.cpp's GBNF) to its root rule. `logprobs` (0 to 20 alternatives) records each token's log-probability
-        (Generation.logprobs). An argument left None takes `self.defaults`' value (a stored model's
+        (Generation.logprobs). `logit_bias` {token id: bias} is added to those tokens' logits
+        (-inf bans one). An argument left None takes `self.defaults`' value (a stored model's
         PARAMETERs and SYSTEM), else the built-in one: 512 new tokens, no repeat penalty over the
         last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 / min_p 0 turn a
         stored sampler off)."""
         d = self.defaults
-        temperature, top_p, top_k, min_p, ctx_size, system, stop, presence, frequency = (
-            v if v is not None else d.get(k) for k, v in (("temperature", temperature), ("top_p", top_p),
-                                                           ("top_k", top_k), ("min_p", min_p), ("ctx_size", ctx_size),
-                                                           ("system", system), ("stop", stop),
-                                                           ("presence_penalty", presence_penalty),
-                                                           ("frequency_penalty", frequency_penalty)))
+        ctx_size, system, stop = (v if v is not None else d.get(k)
+                                  for k, v in (("ctx_size", ctx_size), ("system", system), ("stop", stop)))
         max_new_tokens = max_new_tokens if max_new_tokens is not None else d.get("max_new_tokens", 512)
-        repeat_penalty = repeat_penalty if repeat_penalty is not None else d.get("repeat_penalty", 1.0)
-        repeat_last_n = repeat_last_n if repeat_last_n is not None else d.get("repeat_last_n", 64)
-        seed = seed if seed is not None else d.get("seed", 299792458)
         if max_new_tokens < 0:
             raise ModelError(f"max_new_tokens {max_new_tokens}: 0 or more")
         if ctx_size is not None and ctx_size < 0:
@@ -442,8 +438,10 @@ class Model:
         except ValueError as e:
             raise ModelError(str(e)) from None
         try:
-            params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
-                                    presence or 0.0, frequency or 0.0)
+            params = sampling_params(d, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+                                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                             logit_bias=logit_bias), self.cfg.n_vocab)
         except SamplingError as e:
             raise ModelError(str(e)) from None
         first = [self._prepare(prompt, images, videos, video_options, system, template)]  # its errors at once
@@ -538,7 +536,7 @@ class Model:
             graph = self._graph if self._graph is not None and self._graph.cache is cache else None
             fresh = graph is not None and graph.graph is None  # captured on this generation's first step
             # greedy with no penalty: the step's own argmax, the next step queued before it is read
-            ahead = graph is not None and params.greedy and not params.penalized and form is None and top is None
+            ahead = graph is not None and params.greedy and not params.adjusted and form is None and top is None
             scored: list[TokenLogprob] | None = None if top is None else []
             self.scored = scored if scored is not None else []
             chosen: int | None = None

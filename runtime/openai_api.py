@@ -28,7 +28,12 @@ def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tok
     limit = body.get("max_completion_tokens", body.get("max_tokens", default_tokens))
     if limit is not None:
         options["num_predict"] = limit
-    return generation_options(loaded.params, options, service.config.ctx_size)
+    kwargs = generation_options(loaded.params, options, service.config.ctx_size)
+    if body.get("logit_bias") is not None:  # {"token id": bias}: Model.generate checks it
+        if not isinstance(body["logit_bias"], dict):
+            raise RequestError(400, "logit_bias: a map of token ids to biases")
+        kwargs["logit_bias"] = body["logit_bias"]
+    return kwargs
 
 
 def _answer(service: Service, loaded: Loaded, pieces: Iterator[str], body: dict[str, Any], kind: str,

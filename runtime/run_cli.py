@@ -49,6 +49,17 @@ Example: qvl-run qwen2.5-vl-3b-q4_k_m.gguf --image cat.png --prompt "What is the
 """
 
 
+def logit_biases(items: list[str]) -> dict[int, float]:
+    """llama.cpp's --logit-bias TOKEN_ID(+/-)BIAS values as {token id: bias}."""
+    out: dict[int, float] = {}
+    for item in items:
+        m = re.fullmatch(r"\s*(\d+)\s*([+-])\s*(inf|\d+(?:\.\d*)?|\.\d+)\s*", item)
+        if m is None:
+            _fail(f"--logit-bias {item!r}: TOKEN_ID(+/-)BIAS, e.g. 15043+1 or 15043-inf")
+        out[int(m.group(1))] = float(m.group(3)) * (-1 if m.group(2) == "-" else 1)
+    return out
+
+
 def _fail(message: str) -> None:
     typer.echo(f"qvl-run: error: {message}", err=True)
     raise typer.Exit(2)
@@ -267,6 +278,8 @@ def run(
                                            "among those (OpenAI's presence penalty; 0 = off)."),
     frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="Subtracted from a token's logit once "
                                             "for each time it is among those (OpenAI's frequency penalty; 0 = off)."),
+    logit_bias: List[str] = typer.Option([], "--logit-bias", "-l", help="TOKEN_ID(+/-)BIAS added to that token's "
+                                         "logit (llama.cpp's; repeatable): 15043+1, 15043-inf bans it."),
     seed: int = typer.Option(299792458, "--seed", "-s", help="Random seed for sampling."),
     stop: List[str] = typer.Option([], "--stop", "-r", "--reverse-prompt", help="End the answer before this text "
                                    "(repeatable; Ollama's stop, llama.cpp's reverse prompt)."),
@@ -383,6 +396,7 @@ def run(
         torch.set_num_threads(threads)
     if not pixel_limits_ok(min_pixels, max_pixels):
         _fail(f"--min-pixels {min_pixels}, --max-pixels {max_pixels}: want 0 < max and min <= max")
+    biases = logit_biases(logit_bias)
     try:  # the options' own checks, before a model is loaded
         SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, presence_penalty,
                        frequency_penalty)
@@ -430,7 +444,7 @@ def run(
         typer.echo(model.plan.table(), err=True)
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
-                      frequency_penalty=frequency_penalty, seed=seed, ctx_size=ctx_size,
+                      frequency_penalty=frequency_penalty, logit_bias=biases, seed=seed, ctx_size=ctx_size,
                       stop=list(stop), min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
                       video_options=video_options, format=fmt)
     if prompt is None and sys.stdin.isatty() and not json_out:

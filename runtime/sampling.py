@@ -1,15 +1,16 @@
 """Next-token choice: greedy, or temperature with top-k / top-p / min-p, and the penalties.
 
-Order as in llama.cpp's and candle's samplers: the penalties on the raw logits (the repeat
-penalty, then the frequency and presence penalties: OpenAI's logit - count * frequency -
-presence), then temperature, top-k, top-p, min-p, then a draw from the remaining distribution.
+Order as in llama.cpp's sampler chain: the logit bias (OpenAI's logit_bias, llama.cpp's
+--logit-bias: added to the raw logits), the penalties (the repeat penalty, then the frequency and
+presence penalties: OpenAI's logit - count * frequency - presence), then temperature, top-k,
+top-p, min-p, then a draw from the remaining distribution.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Protocol
 
 import torch
 
@@ -34,6 +35,7 @@ class SamplingParams:
     seed: int = 299792458
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): -inf bans it
 
     def __post_init__(self) -> None:
         def fail(name: str, value: object, allowed: str) -> None:
@@ -54,16 +56,36 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 fail(name, getattr(self, name), "a finite number (0: off)")
+        for token, bias in self.logit_bias:
+            if token < 0 or math.isnan(bias) or bias == math.inf:
+                fail("logit_bias", f"{token}: {bias}", "a token id of 0 or more, and a number or -inf (banned)")
 
     @property
-    def penalized(self) -> bool:
-        """Whether a penalty changes the logits (else the argmax of the raw logits is greedy's token)."""
-        return self.repeat_last_n != 0 and (self.repeat_penalty != 1.0 or self.presence_penalty != 0
-                                            or self.frequency_penalty != 0)
+    def adjusted(self) -> bool:
+        """Whether the bias or a penalty changes the logits (else greedy's token is the raw argmax)."""
+        return bool(self.logit_bias) or self.repeat_last_n != 0 and (
+            self.repeat_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0)
 
     @property
     def greedy(self) -> bool:
         return self.temperature is None or self.temperature <= 0
+
+
+def sampling_params(defaults: dict[str, Any], given: dict[str, Any], n_vocab: int) -> SamplingParams:
+    """SamplingParams of Model.generate's arguments: one given as None takes `defaults`' value (a
+    stored model's), else the built-in one; `logit_bias` a {token id: bias} dict (ids below n_vocab)."""
+    values = {}
+    for f in fields(SamplingParams):
+        v = given.get(f.name)
+        values[f.name] = v if v is not None else defaults.get(f.name, None if f.default is MISSING else f.default)
+    try:
+        values["logit_bias"] = tuple(sorted((int(k), float(b)) for k, b in dict(values["logit_bias"]).items()))
+    except (TypeError, ValueError):
+        raise SamplingError(f"logit_bias {values['logit_bias']!r}: {{token id: bias}}") from None
+    for token, _ in values["logit_bias"]:
+        if token >= n_vocab:
+            raise SamplingError(f"logit_bias {token}: not a token id of this model (0 to {n_vocab - 1})")
+    return SamplingParams(**values)
 
 
 def apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
@@ -93,9 +115,14 @@ def apply_count_penalties(logits: torch.Tensor, recent: list[int], frequency: fl
 
 
 def _penalized(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:
-    """float32 logits after the penalties over the last `repeat_last_n` tokens of history."""
+    """float32 logits after the bias, and the penalties over the last `repeat_last_n` tokens of history."""
     recent = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:] if p.repeat_last_n > 0 else []
-    logits = apply_repeat_penalty(logits.float(), recent, p.repeat_penalty)
+    logits = logits.float()
+    if p.logit_bias:
+        logits = logits.clone()
+        for token, bias in p.logit_bias:
+            logits[token] += bias
+    logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
     return apply_count_penalties(logits, recent, p.frequency_penalty, p.presence_penalty)
 
 

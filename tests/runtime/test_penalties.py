@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from qvl.runtime.chat import render
 from qvl.runtime.modelfile import check_params
 
 PROMPT = "<|im_start|>user\nCount: one two three<|im_end|>\n<|im_start|>assistant\n"
@@ -46,3 +47,22 @@ def test_the_penalties_reach_the_model_from_every_door(running, reference):
     assert ollama["message"]["content"] == want
     assert check_params({"presence_penalty": "0.5", "frequency_penalty": 1}, strict=True) == {
         "presence_penalty": 0.5, "frequency_penalty": 1.0}  # a Modelfile's PARAMETERs
+
+
+def test_logit_bias_from_openai_fields(running, reference):
+    messages = [{"role": "user", "content": "Count: one two three"}]
+    plain = reference.chat(messages, max_new_tokens=4)
+    first = plain.token_ids[0]
+    want = reference.chat(messages, max_new_tokens=4, logit_bias={first: -float("inf")})
+    assert want.token_ids[0] != first and first not in want.token_ids  # banned everywhere
+    for path, body in (("/v1/chat/completions", {"messages": messages}),
+                       ("/v1/completions", {"prompt": render(reference.chat_template, messages)})):
+        got = running.json(path, {"model": "tiny:1", "max_tokens": 4, "logit_bias": {str(first): -100}, **body})
+        choice = got["choices"][0]
+        assert choice.get("message", {}).get("content", choice.get("text")) == want.text
+    status, data = running.request("/v1/chat/completions", {"model": "tiny:1", "messages": messages,
+                                                            "logit_bias": {"x": 1}})
+    assert status == 400 and "logit_bias" in data.decode()
+    status, data = running.request("/v1/chat/completions", {"model": "tiny:1", "messages": messages,
+                                                            "logit_bias": {"99999999": 1}})
+    assert status == 400 and "not a token id of this model" in data.decode()

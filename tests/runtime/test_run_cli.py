@@ -115,6 +115,19 @@ def test_frequency_and_presence_penalty_flags(model_path):
     assert json.loads(got.stdout)["token_ids"] == want.token_ids != model.generate("Hi", max_new_tokens=6).token_ids
 
 
+def test_logit_bias_flag(model_path):
+    """llama.cpp's -l/--logit-bias: -inf bans a token (the greedy answer's first), +N and -N move it."""
+    from qvl.runtime.loader import load
+
+    model = load(model_path)
+    plain = model.generate("Hi", max_new_tokens=4).token_ids
+    got = runner.invoke(app, [model_path, "-p", "Hi", "-n", "4", "--json", "-l", f"{plain[0]}-inf",
+                              "--logit-bias", "7+0.5"])
+    assert got.exit_code == 0, got.stderr
+    want = model.generate("Hi", max_new_tokens=4, logit_bias={plain[0]: float("-inf"), 7: 0.5}).token_ids
+    assert json.loads(got.stdout)["token_ids"] == want and plain[0] not in want
+
+
 def test_llama_cpp_flag_names(model_path):
     """llama.cpp's names (-p, -n/--n-predict, --temp, -s, -c, -sys, -t, -ngl) do what the long
     ones do; -n -1 generates until the answer ends or the context is full."""
@@ -171,6 +184,8 @@ def test_llama_cpp_flag_names(model_path):
     (["{model}", "--prompt", "x", "--repeat-last-n", "-2"], "repeat_last_n -2: -1"),
     (["{model}", "--prompt", "x", "--temperature", "nan"], "temperature nan: a finite number"),
     (["{model}", "--prompt", "x", "--presence-penalty", "inf"], "presence_penalty inf: a finite number"),
+    (["{model}", "--prompt", "x", "--logit-bias", "12x3"], "--logit-bias '12x3': TOKEN_ID(+/-)BIAS"),
+    (["{model}", "--prompt", "x", "--logit-bias", "99999999+1"], "logit_bias 99999999: not a token id of this model"),
     (["{model}", "--prompt", "x", "--max-length", "-3"], "--max-length -3: 0 or more, or -1"),
     (["{model}", "--prompt", "x", "-t", "0"], "--threads 0: 1 or more"),
     (["{model}", "--prompt", "x", "--ctx-size", "-5"], "--ctx-size -5: 0"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qvl.runtime.sampling import (SamplingError, SamplingParams, apply_count_penalties, apply_repeat_penalty, candidates,
-                                  sample)
+                                  sample, sampling_params)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,12 +103,31 @@ def test_frequency_and_presence_penalties_subtract_per_count_and_once():
     assert sample(torch.tensor([2.0, 1.9, 0.0]), [0], SamplingParams(presence_penalty=0.05), torch.Generator()) == 0
     assert sample(torch.tensor([2.0, 1.0, 0.0]), [0, 0, 0], SamplingParams(frequency_penalty=0.4),
                   torch.Generator()) == 1  # 2.0 - 3 * 0.4 = 0.8 < 1.0
-    assert SamplingParams(presence_penalty=-0.5).penalized and not SamplingParams().penalized
-    assert not SamplingParams(frequency_penalty=1.0, repeat_last_n=0).penalized  # no window: nothing penalized
+    assert SamplingParams(presence_penalty=-0.5).adjusted and not SamplingParams().adjusted
+    assert not SamplingParams(frequency_penalty=1.0, repeat_last_n=0).adjusted  # no window: nothing penalized
+
+
+def test_logit_bias_is_added_first_and_minus_inf_bans():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    greedy = SamplingParams(logit_bias=((0, -1.5),))
+    assert sample(logits, [], greedy, torch.Generator()) == 1  # 0.5 < 1.0
+    assert SamplingParams(logit_bias=((3, 4.0),)).adjusted
+    banned = SamplingParams(temperature=1.0, logit_bias=((0, -math.inf), (1, -math.inf)), seed=4)
+    assert set(draws(banned, 300, logits)) == {2, 3}
+    # before the repeat penalty (llama.cpp's chain): 2.0 - 3.0 = -1.0, then x 2 = -2.0 < -1.0 of token 3
+    both = SamplingParams(logit_bias=((0, -3.0), (1, -5.0), (2, -5.0)), repeat_penalty=2.0)
+    assert sample(logits, [0], both, torch.Generator()) == 3
+    params = sampling_params({"seed": 7, "logit_bias": {1: 2.0}}, {"temperature": None, "logit_bias": {"5": -1}}, 10)
+    assert params.logit_bias == ((5, -1.0),) and params.seed == 7  # given wins; JSON's string keys read as ids
+    with pytest.raises(SamplingError, match="logit_bias 10: not a token id of this model"):
+        sampling_params({}, {"logit_bias": {10: 1.0}}, 10)
 
 
 @pytest.mark.parametrize("kwargs,name", [
     ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"logit_bias": ((1, math.inf),)}, "logit_bias"),
+    ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
+    ({"logit_bias": ((1, math.nan),)}, "logit_bias"),
     ({"frequency_penalty": float("-inf")}, "frequency_penalty"),
     ({"temperature": float("nan")}, "temperature"),
     ({"temperature": float("inf")}, "temperature"),
