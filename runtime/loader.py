@@ -71,13 +71,13 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
 def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placement, max_vram: int | None,
           plan_ctx: int) -> Model:
     defaults: dict[str, Any] = {}
-    template: list[Any] = []  # a stored model's TEMPLATE, if it has one
+    template: Any = None  # a stored model's TEMPLATE (ollama_template.OllamaTemplate), if it has one
 
     def model(text: GGUFFile, vision: GGUFFile | None) -> Model:
         m = Model(text, vision, fast, placement, max_vram, plan_ctx)
         m.defaults = defaults
-        if template and template[0] is not None:
-            m.chat_template = template[0]
+        if template is not None:
+            m.chat_template = template
         return m
 
     if not path.exists() and mmproj is None:  # a store name (pulled when missing), else the missing file's error
@@ -87,7 +87,7 @@ def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placemen
         path, mmproj = stored_or_pulled(name) or (path, None)
         if path.exists():
             defaults = stored_generate_defaults(name)
-            template.append(stored_template_of(name))
+            template = stored_template_of(name)
     text = GGUFFile(path)
     if text.architecture == "qwen25vl":
         return model(text, text)  # Ollama: vision in the same file
