@@ -33,6 +33,8 @@ def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tok
         if not isinstance(body["logit_bias"], dict):
             raise RequestError(400, "logit_bias: a map of token ids to biases")
         kwargs["logit_bias"] = body["logit_bias"]
+    if body.get("ignore_eos"):  # llama.cpp server's and vLLM's: the end-of-turn tokens never chosen
+        kwargs["logit_bias"] = {**kwargs.get("logit_bias", {}), **{str(t): float("-inf") for t in loaded.model.stop_ids}}
     return kwargs
 
 

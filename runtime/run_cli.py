@@ -280,6 +280,8 @@ def run(
                                             "for each time it is among those (OpenAI's frequency penalty; 0 = off)."),
     logit_bias: List[str] = typer.Option([], "--logit-bias", "-l", help="TOKEN_ID(+/-)BIAS added to that token's "
                                          "logit (llama.cpp's; repeatable): 15043+1, 15043-inf bans it."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Never end at an end-of-turn token: the answer runs "
+                                    "to --max-length (llama.cpp's; -inf logit bias on those tokens)."),
     seed: int = typer.Option(299792458, "--seed", "-s", help="Random seed for sampling."),
     stop: List[str] = typer.Option([], "--stop", "-r", "--reverse-prompt", help="End the answer before this text "
                                    "(repeatable; Ollama's stop, llama.cpp's reverse prompt)."),
@@ -397,6 +399,8 @@ def run(
     if not pixel_limits_ok(min_pixels, max_pixels):
         _fail(f"--min-pixels {min_pixels}, --max-pixels {max_pixels}: want 0 < max and min <= max")
     biases = logit_biases(logit_bias)
+    if ignore_eos and (answer_format is not None or grammar is not None or grammar_file is not None):
+        _fail("--ignore-eos with --format or --grammar: a constrained answer ends at its end-of-turn token")
     try:  # the options' own checks, before a model is loaded
         SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, presence_penalty,
                        frequency_penalty)
@@ -442,6 +446,8 @@ def run(
         typer.echo(_system_line(device, placement.kernels, f32), err=True)
     if verbose and model.plan is not None:
         typer.echo(model.plan.table(), err=True)
+    if ignore_eos:
+        biases.update({token: float("-inf") for token in model.stop_ids})
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
                       frequency_penalty=frequency_penalty, logit_bias=biases, seed=seed, ctx_size=ctx_size,

@@ -66,3 +66,11 @@ def test_logit_bias_from_openai_fields(running, reference):
     status, data = running.request("/v1/chat/completions", {"model": "tiny:1", "messages": messages,
                                                             "logit_bias": {"99999999": 1}})
     assert status == 400 and "not a token id of this model" in data.decode()
+
+
+def test_ignore_eos_from_openai_fields(running):
+    body = {"model": "tiny:1", "prompt": "Hi", "max_tokens": 3, "logit_bias": {"151645": 100}}
+    ended = running.json("/v1/completions", body)["choices"][0]
+    assert ended["text"] == "" and ended["finish_reason"] == "stop"
+    kept = running.json("/v1/completions", {**body, "ignore_eos": True})
+    assert kept["choices"][0]["finish_reason"] == "length" and kept["usage"]["completion_tokens"] == 3

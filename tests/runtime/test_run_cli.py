@@ -128,6 +128,17 @@ def test_logit_bias_flag(model_path):
     assert json.loads(got.stdout)["token_ids"] == want and plain[0] not in want
 
 
+def test_ignore_eos_runs_to_the_length(model_path):
+    """--ignore-eos (llama.cpp's): an answer that a +100 bias on <|im_end|> ends at once runs to -n instead."""
+    ended = runner.invoke(app, [model_path, "-p", "Hi", "-n", "4", "--json", "-l", "151645+100"])
+    assert ended.exit_code == 0 and json.loads(ended.stdout)["token_ids"] == []
+    assert json.loads(ended.stdout)["done_reason"] == "stop"
+    kept = runner.invoke(app, [model_path, "-p", "Hi", "-n", "4", "--json", "-l", "151645+100", "--ignore-eos"])
+    out = json.loads(kept.stdout)
+    assert kept.exit_code == 0 and len(out["token_ids"]) == 4 and out["done_reason"] == "length"
+    assert not {151643, 151645} & set(out["token_ids"])
+
+
 def test_llama_cpp_flag_names(model_path):
     """llama.cpp's names (-p, -n/--n-predict, --temp, -s, -c, -sys, -t, -ngl) do what the long
     ones do; -n -1 generates until the answer ends or the context is full."""
@@ -185,6 +196,7 @@ def test_llama_cpp_flag_names(model_path):
     (["{model}", "--prompt", "x", "--temperature", "nan"], "temperature nan: a finite number"),
     (["{model}", "--prompt", "x", "--presence-penalty", "inf"], "presence_penalty inf: a finite number"),
     (["{model}", "--prompt", "x", "--logit-bias", "12x3"], "--logit-bias '12x3': TOKEN_ID(+/-)BIAS"),
+    (["{model}", "--prompt", "x", "--ignore-eos", "--format", "json"], "--ignore-eos with --format or --grammar"),
     (["{model}", "--prompt", "x", "--logit-bias", "99999999+1"], "logit_bias 99999999: not a token id of this model"),
     (["{model}", "--prompt", "x", "--max-length", "-3"], "--max-length -3: 0 or more, or -1"),
     (["{model}", "--prompt", "x", "-t", "0"], "--threads 0: 1 or more"),
