@@ -1,17 +1,20 @@
 """`qvl serve`'s OpenAI endpoints: /v1/models, /v1/chat/completions (content parts "text" and
 "image_url" as data: URLs, response_format, logprobs / top_logprobs) and /v1/completions (a
 prompt continued as it is, no chat template; logprobs and echo, so that a prompt can be scored),
-on server.Service's loaded model. Streams are server-sent events, each chunk with the logprobs of
-the tokens scored since the one before."""
+on server.Service's loaded model. `n` choices are made one after another, each with the seed one
+more than the one before. Streams are server-sent events, each chunk with the logprobs of the
+tokens scored since the one before; choices stream one after another, each chunk with its index."""
 
 from __future__ import annotations
 
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
+from .sampling import SamplingParams
 from .server import (Loaded, Reply, RequestError, Service, _messages, answer_format, generation_options,
                      top_logprobs)
 
@@ -38,28 +41,37 @@ def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tok
     return kwargs
 
 
-def _answer(service: Service, loaded: Loaded, pieces: Iterator[str], body: dict[str, Any], kind: str,
-            choice: Callable[[str, str | None, bool], dict[str, Any]]) -> Reply:
-    """A chat.completion / text_completion reply, or its stream of chunks; `choice(text, reason,
-    first)` is a choice (a chunk's when streaming) with that text."""
+Choice = Callable[[str, "str | None", bool], dict[str, Any]]  # (text, finish reason, first chunk) -> a choice
+MAX_CHOICES = 16  # OpenAI's n: choices a request, made one after another
+
+
+def _answer(service: Service, loaded: Loaded, runs: list[Callable[[], tuple[Iterator[str], Choice]]],
+            body: dict[str, Any], kind: str) -> Reply:
+    """A chat.completion / text_completion reply, or its stream of chunks, of `runs` (one a choice,
+    made one after another on the model's one cache): each starts a generation and gives its
+    pieces and `choice(text, reason, first)`, a choice (a chunk's when streaming) with that text."""
     name, created = service._name(loaded), int(time.time())
     cid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{next(service._ids)}"
+    counts = {"prompt_tokens": 0, "completion_tokens": 0}
 
-    def finish() -> str:
+    def finish() -> str:  # the run just made's; its tokens counted
         g = loaded.model.last_generation
         assert g is not None
+        counts["prompt_tokens"] = g.prompt_tokens
+        counts["completion_tokens"] += len(g.token_ids)
         return "stop" if g.ended else "length"
 
     def usage() -> dict[str, int]:
-        g = loaded.model.last_generation
-        assert g is not None
-        return {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids),
-                "total_tokens": g.prompt_tokens + len(g.token_ids)}
+        return {**counts, "total_tokens": counts["prompt_tokens"] + counts["completion_tokens"]}
 
     if not body.get("stream", False):
-        text = "".join(pieces)
-        return Reply({"id": cid, "object": kind, "created": created, "model": name,
-                      "choices": [choice(text, finish(), False)], "usage": usage()})
+        choices = []
+        for run in runs:
+            pieces, choice = run()
+            text = "".join(pieces)
+            choices.append(choice(text, finish(), False))
+        return Reply({"id": cid, "object": kind, "created": created, "model": name, "choices": choices,
+                      "usage": usage()})
 
     def chunk(parts: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": cid, "object": f"{kind}.chunk" if kind == "chat.completion" else kind, "created": created,
@@ -69,50 +81,60 @@ def _answer(service: Service, loaded: Loaded, pieces: Iterator[str], body: dict[
     with_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
 
     def events() -> Iterator[dict[str, Any]]:
-        if kind == "chat.completion":
-            yield chunk([choice("", None, True)])
-        for piece in pieces:
-            yield chunk([choice(piece, None, False)])
-        yield chunk([choice("", finish(), False)])
+        for run in runs:
+            pieces, choice = run()
+            if kind == "chat.completion":
+                yield chunk([choice("", None, True)])
+            for piece in pieces:
+                yield chunk([choice(piece, None, False)])
+            yield chunk([choice("", finish(), False)])
         if with_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
             yield {**chunk([]), "usage": usage()}
 
     return Reply(events=events(), sse=True)
 
 
-def _one_choice(body: dict[str, Any]) -> None:
-    if body.get("n", 1) != 1:
-        raise RequestError(400, "n: one choice a request")
+def _choices(body: dict[str, Any], kwargs: dict[str, Any], defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """Model.generate's keyword arguments for each of OpenAI's `n` choices: the seed one more for
+    each choice after the first (the request's, else the model's stored one, else qvl's)."""
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise RequestError(400, f"n {n!r}: 1 to {MAX_CHOICES} choices")
+    seed = kwargs.get("seed", defaults.get("seed", SamplingParams.seed))
+    return [{**kwargs, "seed": seed + i} if i else kwargs for i in range(n)]
 
 
 def chat(service: Service, body: dict[str, Any]) -> Reply:
-    _one_choice(body)
     loaded = service.use(body.get("model"))
     messages = _messages(body.get("messages"), None)
     if loaded.system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": loaded.system})
-    kwargs = _options(loaded, service, body, None)
+    each = _choices(body, _options(loaded, service, body, None), loaded.model.defaults)
     top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
-    pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), logprobs=top, **kwargs)
+    form = answer_format(body)
     streaming = bool(body.get("stream", False))
 
-    piece, sent = speller(loaded.model.tokenizer), [0]
+    def run(index: int) -> tuple[Iterator[str], Choice]:
+        pieces = loaded.model.chat(messages, stream=True, format=form, logprobs=top, **each[index])
+        piece, sent = speller(loaded.model.tokenizer), [0]
 
-    def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
-        scores = None
-        if top is not None and not streaming:
-            g = loaded.model.last_generation
-            assert g is not None and g.logprobs is not None
-            scores = {"content": entries(piece, g.logprobs)}
-        elif top is not None and not first and (new := new_scores(loaded.model, sent)):
-            scores = {"content": entries(piece, new)}  # a chunk's: the tokens scored since the last chunk
-        if not streaming:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": scores,
-                    "finish_reason": reason}
-        delta = {"role": "assistant", "content": ""} if first else {} if reason else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": scores, "finish_reason": reason}
+        def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
+            scores = None
+            if top is not None and not streaming:
+                g = loaded.model.last_generation
+                assert g is not None and g.logprobs is not None
+                scores = {"content": entries(piece, g.logprobs)}
+            elif top is not None and not first and (new := new_scores(loaded.model, sent)):
+                scores = {"content": entries(piece, new)}  # a chunk's: the tokens scored since the last chunk
+            if not streaming:
+                return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": scores,
+                        "finish_reason": reason}
+            delta = {"role": "assistant", "content": ""} if first else {} if reason else {"content": text}
+            return {"index": index, "delta": delta, "logprobs": scores, "finish_reason": reason}
 
-    return _answer(service, loaded, pieces, body, "chat.completion", choice)
+        return pieces, choice
+
+    return _answer(service, loaded, [partial(run, i) for i in range(len(each))], body, "chat.completion")
 
 
 COMPLETION_TOKENS = 16  # OpenAI's max_tokens default for /v1/completions
@@ -129,13 +151,13 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     for key in ("suffix", "best_of"):
         if body.get(key) not in (None, 1, ""):
             raise RequestError(400, f"{key}: not supported by qvl serve")
-    _one_choice(body)
     top = None if body.get("logprobs") is None else top_logprobs(body["logprobs"], "logprobs")
     echo = bool(body.get("echo", False))
     if echo and body.get("stream", False):
         raise RequestError(400, "echo: not with stream")
     kwargs = _options(loaded, service, body, COMPLETION_TOKENS)
     model = loaded.model
+    each = _choices(body, kwargs, model.defaults)
     # echo: the prompt's own tokens scored first (a separate pass over it, every position's logits)
     prompt_ids, prompt_scores = prompt_logprobs(model, prompt, top or 0) if echo and top is not None else ([], [])
     if echo and kwargs["max_new_tokens"] == 0:  # scoring only, as lm-evaluation-harness asks
@@ -146,22 +168,28 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                                    "logprobs": _legacy(speller(model.tokenizer), prompt_ids, prompt_scores)
                                    if top is not None else None}],
                       "usage": {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}})
-    pieces = model.generate(prompt, stream=True, template=False, format=answer_format(body), logprobs=top, **kwargs)
-    piece, sent, offset = speller(model.tokenizer), [0], [0]
+    form = answer_format(body)
     streaming = bool(body.get("stream", False))
 
-    def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
-        scores = None
-        if top is not None and not streaming:
-            g = model.last_generation
-            assert g is not None and g.logprobs is not None
-            scores = _legacy(piece, prompt_ids + g.token_ids, prompt_scores + list(g.logprobs))
-        elif top is not None and (new := new_scores(model, sent)):  # a chunk's, text_offset running on
-            scores = _legacy(piece, [s.token for s in new], list(new), offset[0])
-            offset[0] = scores["text_offset"][-1] + len(scores["tokens"][-1])
-        return {"index": 0, "text": (prompt if echo else "") + text, "logprobs": scores, "finish_reason": reason}
+    def run(index: int) -> tuple[Iterator[str], Choice]:
+        pieces = model.generate(prompt, stream=True, template=False, format=form, logprobs=top, **each[index])
+        piece, sent, offset = speller(model.tokenizer), [0], [0]
 
-    return _answer(service, loaded, pieces, body, "text_completion", choice)
+        def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
+            scores = None
+            if top is not None and not streaming:
+                g = model.last_generation
+                assert g is not None and g.logprobs is not None
+                scores = _legacy(piece, prompt_ids + g.token_ids, prompt_scores + list(g.logprobs))
+            elif top is not None and (new := new_scores(model, sent)):  # a chunk's, text_offset running on
+                scores = _legacy(piece, [s.token for s in new], list(new), offset[0])
+                offset[0] = scores["text_offset"][-1] + len(scores["tokens"][-1])
+            return {"index": index, "text": (prompt if echo else "") + text, "logprobs": scores,
+                    "finish_reason": reason}
+
+        return pieces, choice
+
+    return _answer(service, loaded, [partial(run, i) for i in range(len(each))], body, "text_completion")
 
 
 def _legacy(piece: Speller, ids: list[int], scores: list[TokenLogprob | None],

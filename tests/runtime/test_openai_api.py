@@ -25,12 +25,13 @@ def test_openai_completions_continue_the_prompt_as_it_is(running, reference):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[0]["object"] == "text_completion"
     for body, expect in [({"prompt": ["a", "b"]}, "prompt: a string (one prompt a request)"),
                          ({"prompt": "a", "suffix": "z"}, "suffix: not supported"),
-                         ({"prompt": "a", "n": 2}, "n: one choice a request")]:
+                         ({"prompt": "a", "n": 0}, "n 0: 1 to 16 choices"),
+                         ({"prompt": "a", "n": "2"}, "n '2': 1 to 16 choices")]:
         status, data = running.request("/v1/completions", {"model": "tiny:1", **body})
         assert status == 400 and expect in json.loads(data)["error"], data
 
 
-def test_openai_stream_usage_and_one_choice(running, reference):
+def test_openai_stream_usage(running, reference):
     want = reference.chat([{"role": "user", "content": "Describe it."}], max_new_tokens=4)
     body = {"model": "tiny:1", "max_tokens": 4, "messages": [{"role": "user", "content": "Describe it."}],
             "stream": True, "stream_options": {"include_usage": True}}
@@ -39,8 +40,33 @@ def test_openai_stream_usage_and_one_choice(running, reference):
     assert status == 200 and chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
         "prompt_tokens": want.prompt_tokens, "completion_tokens": 4, "total_tokens": want.prompt_tokens + 4}
     assert "usage" not in chunks[-2] and chunks[-2]["choices"][0]["finish_reason"] == "length"
-    status, data = running.request("/v1/chat/completions", {**body, "n": 3})
-    assert status == 400 and "n: one choice a request" in json.loads(data)["error"]
+    status, data = running.request("/v1/chat/completions", {**body, "n": 17})
+    assert status == 400 and "n 17: 1 to 16 choices" in json.loads(data)["error"]
+
+
+def test_n_choices_one_after_another(running, reference):
+    """OpenAI's n: choice i is the generation with the seed + i (sampled: different texts), each
+    with its index and finish reason, the usage counting every choice's tokens; streamed, the
+    choices follow one another, each chunk naming its index."""
+    messages = [{"role": "user", "content": "Describe it."}]
+    want = [reference.chat(messages, max_new_tokens=5, temperature=1.5, seed=7 + i).text for i in range(3)]
+    assert len(set(want)) == 3
+    body = {"model": "tiny:1", "max_tokens": 5, "messages": messages, "temperature": 1.5, "seed": 7, "n": 3}
+    got = running.json("/v1/chat/completions", body)
+    assert [c["message"]["content"] for c in got["choices"]] == want
+    assert [c["index"] for c in got["choices"]] == [0, 1, 2] and got["usage"]["completion_tokens"] == 15
+    assert got["usage"]["prompt_tokens"] == reference.chat(messages, max_new_tokens=1).prompt_tokens
+    status, data = running.request("/v1/chat/completions", {**body, "stream": True})
+    chunks = [json.loads(f.removeprefix("data: ")) for f in data.decode().split("\n\n")[:-2]]
+    texts = ["".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"][0]["index"] == i)
+             for i in range(3)]
+    assert status == 200 and texts == want
+    ends = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert [(e["index"], e["finish_reason"]) for e in ends] == [(0, "length"), (1, "length"), (2, "length")]
+    plain = running.json("/v1/completions", {"model": "tiny:1", "prompt": "Once", "max_tokens": 4, "n": 2,
+                                             "temperature": 1.5, "seed": 3})
+    assert [c["text"] for c in plain["choices"]] == [
+        reference.generate("Once", template=False, max_new_tokens=4, temperature=1.5, seed=s).text for s in (3, 4)]
 
 
 def test_openai_logprobs_and_echo(running, reference):
