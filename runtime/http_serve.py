@@ -24,19 +24,19 @@ from typing import Any
 import torch
 
 from ..convert.errors import ConvertError
-from . import blob_upload, embed_api, openai_api, server, store_api
+from . import blob_upload, embed_api, llamacpp_api, openai_api, server, store_api
 from .image import ImageError
 from .model import ModelError
 from .server import VERSION, Reply, RequestError, Service
 from .store import StoreError
 from .video import VideoError
 
-ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **embed_api.ROUTES}
+ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **embed_api.ROUTES, **llamacpp_api.ROUTES}
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
 # header or the server's state, or (a pull, a push, a create that quantizes or converts) wait on a
 # thread of their own
-LIGHT = frozenset({("GET", "/"), ("GET", "/api/version"), ("GET", "/api/tags"), ("GET", "/api/ps"),
+LIGHT = frozenset({("GET", "/"), ("GET", "/health"), ("GET", "/api/version"), ("GET", "/api/tags"), ("GET", "/api/ps"),
                    ("GET", "/v1/models"), ("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push"),
                    ("POST", "/api/create")})
 MAX_WAITING = 64  # requests queued for the serving thread beyond this are answered 503, as Ollama's queue

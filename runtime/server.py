@@ -19,6 +19,7 @@
     DELETE /api/delete          {"model"}
     POST /api/embed, /api/embeddings, /v1/embeddings: a text's embedding (embed_api.py)
     GET  /v1/models, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
+    GET  /health, POST /tokenize, POST /detokenize: llama.cpp server's (llamacpp_api.py)
 
 One model is loaded at a time: a request naming another stored model replaces it. Requests for
 the model are answered one at a time, in the thread that calls `serve` (http_serve.py; the
