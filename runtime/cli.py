@@ -403,8 +403,8 @@ def stop_cmd(name: str = typer.Argument(..., help="A loaded model's name (see qv
 
 @app.command("serve", help="Answer Ollama's HTTP API (/api/generate, /api/chat, /api/embed, /api/tags, /api/show, "
                            "/api/ps, /api/pull, /api/push, /api/create, /api/blobs, /api/copy, /api/delete) and "
-                           "OpenAI's (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models) for the "
-                           "stored models, "
+                           "OpenAI's (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models), and "
+                           "llama.cpp server's /health, /tokenize, /detokenize, for the stored models, "
                            "one loaded at a time; a stored model's PARAMETERs and SYSTEM are its defaults.\n\n"
                            "Example: qvl serve qwen2.5-vl:3b --port 11434, then\n\n"
                            "curl localhost:11434/api/generate -d '{\"model\": \"qwen2.5-vl:3b\", \"prompt\": \"Hi\"}'")
