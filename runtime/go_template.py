@@ -90,13 +90,14 @@ class Loop:
 
 # --- lexing and parsing ---------------------------------------------------------------------------
 
-_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
+_ACTION = re.compile(r"\{\{(-[ \t\r\n])?(.*?)([ \t\r\n]-)?\}\}", re.S)
 _TOKEN = re.compile(r"""\s*(?:
     (?P<str>"(?:[^"\\]|\\.)*") | (?P<raw>`[^`]*`) | (?P<num>-?\d+(?:\.\d+)?) |
     (?P<var>\$\w*(?:\.\w+)*) | (?P<field>(?:\.\w+)+|\.) | (?P<chain>\)(?:\.\w+)+) |
     (?P<decl>:=|=) | (?P<punct>[(),|]) | (?P<ident>\w+)
     )""", re.X)
 _COMMENT = re.compile(r"/\*.*\*/", re.S)
+_SPACE = " \t\r\n"  # what a trim marker trims: Go's white space
 _KEYWORDS = ("if", "else", "end", "range", "with", "break", "continue", "define", "template", "block")
 
 
@@ -130,9 +131,9 @@ class _Parser:
         for m in _ACTION.finditer(text):
             chunk = text[at:m.start()]
             if trim_next:
-                chunk = chunk.lstrip()
+                chunk = chunk.lstrip(_SPACE)
             if m.group(1):
-                chunk = chunk.rstrip()
+                chunk = chunk.rstrip(_SPACE)
             if chunk:
                 self.items.append(("text", chunk, ""))
             where = _line(text, m.start())
@@ -144,7 +145,7 @@ class _Parser:
         if "{{" in rest:
             raise TemplateError(f"{_line(text, at + rest.index('{{'))}: an unclosed action ({{{{ without }}}})")
         if trim_next:
-            rest = rest.lstrip()
+            rest = rest.lstrip(_SPACE)
         if rest:
             self.items.append(("text", rest, ""))
         self.pos = 0
