@@ -12,6 +12,7 @@ import torch
 import typer
 
 from .image import ImageError
+from .go_template import TemplateError
 from .model import Model, ModelError, open_ended
 from .run_cli import _out_of_memory, _triton_failure
 from .video import VideoError
@@ -145,7 +146,7 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
                 answer += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except (ModelError, ImageError, VideoError) as e:
+        except (ModelError, ImageError, VideoError, TemplateError) as e:
             typer.echo(f"qvl-run: error: {e}", err=True)
             messages.pop()
             continue

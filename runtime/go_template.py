@@ -225,6 +225,8 @@ def _pipe(tokens: list[tuple[str, str]], where: str) -> Pipe:
         if kind == "punct" and text == ")":
             if not groups:
                 raise TemplateError(f"{where}: unexpected )")
+            if not cmds and not args:
+                raise TemplateError(f"{where}: missing value for parenthesized pipeline")
             inner = Pipe(cmds + [Command(args)] if args else cmds)
             cmds, args = groups.pop()
             if i < len(tokens) and tokens[i][0] == "chainfields":
@@ -251,7 +253,10 @@ def _pipe(tokens: list[tuple[str, str]], where: str) -> Pipe:
 
 def _operand(kind: str, text: str, where: str) -> Any:
     if kind == "str":
-        return Literal(json.loads(text))
+        try:
+            return Literal(json.loads(text))
+        except ValueError:  # Go's escapes that JSON lacks (\x41, \'): not read here
+            raise TemplateError(f"{where}: cannot read the string {text}") from None
     if kind == "raw":
         return Literal(text[1:-1])
     if kind == "num":

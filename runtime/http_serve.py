@@ -25,6 +25,7 @@ import torch
 
 from ..convert.errors import ConvertError
 from . import blob_upload, embed_api, llamacpp_api, openai_api, server, store_api
+from .go_template import TemplateError
 from .image import ImageError
 from .model import ModelError
 from .server import VERSION, Reply, RequestError, Service
@@ -84,7 +85,7 @@ def _failure(e: BaseException) -> RequestError:
     """What a request's error is answered with; a bug's traceback goes to the server's stderr."""
     if isinstance(e, RequestError):
         return e
-    if isinstance(e, (ModelError, ImageError, VideoError, StoreError, ConvertError)):
+    if isinstance(e, (ModelError, ImageError, VideoError, StoreError, ConvertError, TemplateError)):
         return RequestError(400, str(e))
     if isinstance(e, torch.OutOfMemoryError):
         return RequestError(500, "out of memory; a smaller num_ctx, fewer or smaller images, or a smaller model")

@@ -116,6 +116,12 @@ class OllamaTemplate:
                 collated[-1]["Content"] += "\n\n" + text
             else:
                 collated.append({"Role": role, "Content": text, "Images": [], "ToolCalls": None, "Thinking": ""})
+        try:
+            return self._render(collated, system)
+        except TemplateError as e:
+            raise TemplateError(f"TEMPLATE: {e}") from None
+
+    def _render(self, collated: list[dict[str, Any]], system: list[str]) -> str:
         if self.reads_messages:
             return execute(self.nodes, {"System": "\n\n".join(system), "Messages": collated, "Tools": None,
                                         "Response": "", "Think": False, "IsThinkSet": False})
@@ -141,5 +147,5 @@ def stored_template(text: str | None, where: str) -> OllamaTemplate | None:
         template.render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                          {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}])
     except TemplateError as e:
-        raise TemplateError(f"{where}: {e}") from None
+        raise TemplateError(f"{where}: {str(e).removeprefix('TEMPLATE: ')}") from None  # said once
     return template

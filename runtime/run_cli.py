@@ -23,6 +23,7 @@ from .gguf_file import GGUFError
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, pixel_limits_ok
 from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
+from .go_template import TemplateError
 from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError, open_ended
 from .loader import load
 from .placement import Placement
@@ -467,7 +468,7 @@ def run(
             sys.stdout.write("\n")
             return
         out = model.generate(text, [str(p) for p in image], system=system, logprobs=logprobs, **gen_kwargs)
-    except (ModelError, ImageError, VideoError) as e:
+    except (ModelError, ImageError, VideoError, TemplateError) as e:
         _fail(str(e))
     except torch.OutOfMemoryError:
         if stream and not json_out:

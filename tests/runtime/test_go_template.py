@@ -62,5 +62,19 @@ def test_a_template_that_cannot_run_is_refused_with_its_line(text, says):
         stored_template(text, "TEMPLATE")
 
 
+def test_an_error_as_it_runs_names_the_template():
+    """A template that parses but fails on a conversation (at a request, not at create's trial)
+    says TEMPLATE once, as the server's 400 and qvl-run's one line show it."""
+    template = stored_template("{{ range .Messages }}{{ index $.Messages 3 }}{{ end }}", "TEMPLATE")
+    with pytest.raises(TemplateError, match=r"^TEMPLATE: index 3 out of range$"):
+        template.render([{"role": "user", "content": "hi"}])
+    with pytest.raises(TemplateError, match=r"^TEMPLATE: can't evaluate field Role in"):
+        stored_template("{{ .Messages.Role }}", "TEMPLATE")
+    with pytest.raises(TemplateError, match=r"^TEMPLATE: line 1: cannot read the string"):
+        stored_template('{{ "\\x41" }}', "TEMPLATE")
+    with pytest.raises(TemplateError, match=r"missing value for parenthesized pipeline"):
+        stored_template("{{ () }}", "TEMPLATE")
+
+
 def test_no_template_is_none():
     assert stored_template(None, "x") is None and stored_template("  \n", "x") is None

@@ -143,3 +143,20 @@ def test_show_prints_the_template_that_renders(store, files):
     assert out.exit_code == 0 and out.stdout == 'temperature 0.5\nstop "a"\nstop "b"\n' + jinja + "\n"
     out = runner.invoke(app, ["show", "nosuch:1", "--template"])
     assert out.exit_code == 2 and "nosuch" in out.output and len(out.output.strip().splitlines()) == 1
+
+
+def test_a_template_failing_at_a_request_is_its_answer(store, files):
+    """A template that passed create's trial but fails on this conversation: a 400 saying so, and
+    qvl-run's one line (exit 2), not a traceback."""
+    store.create("short:1", files / "tiny-qwen2.5-vl-f16.gguf", template="{{ index .Messages 3 }}")
+    running = Running(Service(ServeConfig(), store))
+    try:
+        status, body = running.request("/api/chat", {"model": "short:1", "stream": False,
+                                                     "messages": [{"role": "user", "content": "Hi"}]})
+        assert status == 400 and json.loads(body)["error"] == "TEMPLATE: index 3 out of range"
+    finally:
+        running.server.shutdown()
+    from qvl.runtime.run_cli import app as run_app
+
+    out = runner.invoke(run_app, ["short:1", "-p", "Hi", "-n", "2"])
+    assert out.exit_code == 2 and out.stderr.strip() == "qvl-run: error: TEMPLATE: index 3 out of range"
