@@ -16,7 +16,7 @@ from typing import Any
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
 from .sampling import SamplingParams
 from .server import (Loaded, Reply, RequestError, Service, _messages, answer_format, generation_options,
-                     top_logprobs)
+                     top_logprobs, unsupported)
 
 
 def models(service: Service, body: dict[str, Any]) -> Reply:
@@ -106,6 +106,7 @@ def _choices(body: dict[str, Any], kwargs: dict[str, Any], defaults: dict[str, A
 
 def chat(service: Service, body: dict[str, Any]) -> Reply:
     loaded = service.use(body.get("model"))
+    unsupported({"tools": body.get("tools")}, service._name(loaded))
     messages = _messages(body.get("messages"), None)
     if loaded.system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": loaded.system})

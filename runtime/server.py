@@ -205,6 +205,18 @@ def top_logprobs(value: Any, where: str) -> int:
     return value
 
 
+def unsupported(body: dict[str, Any], name: str) -> None:
+    """A 400 for what a Qwen2-VL / Qwen2.5-VL model cannot do that a request asks, as Ollama answers
+    a model without the capability, rather than an answer that silently lacks it: tools (the
+    chat template writes none), thinking, fill-in-the-middle (no FIM tokens)."""
+    if body.get("tools"):
+        raise RequestError(400, f"{name} does not support tools")
+    if body.get("think") not in (None, False):  # true, or a level ("low", "medium", "high")
+        raise RequestError(400, f"{name} does not support thinking")
+    if body.get("suffix"):
+        raise RequestError(400, f"{name} does not support insert (suffix: no fill-in-the-middle tokens)")
+
+
 def answer_format(body: dict[str, Any]) -> Any:
     """Model.generate's `format` from Ollama's `format` ("json", a JSON schema; "" or none: free
     text), OpenAI's `response_format` (json_object, json_schema; text: free text) or llama.cpp's
@@ -416,6 +428,7 @@ class Service:
         if not body.get("prompt") and not body.get("images") and body.get("keep_alive") in (0, "0", "0s"):
             return self._unload(body.get("model"))  # Ollama's way to unload a model
         loaded = self.use(body.get("model"), body.get("keep_alive"))
+        unsupported(body, self._name(loaded))
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):
             raise RequestError(400, "prompt: a string")
@@ -459,6 +472,7 @@ class Service:
 
     def chat(self, body: dict[str, Any]) -> Reply:
         loaded = self.use(body.get("model"), body.get("keep_alive"))
+        unsupported(body, self._name(loaded))
         messages = _messages(body.get("messages"), "images")
         if loaded.system is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": loaded.system})

@@ -501,3 +501,23 @@ def test_ollama_logprobs(running, reference):
     assert "logprobs" not in running.json("/api/chat", {**chat, "logprobs": False, "stream": False})
     status, data = running.request("/api/chat", {**chat, "top_logprobs": 21})
     assert status == 400 and "top_logprobs 21: 0 to 20" in json.loads(data)["error"]
+
+
+@pytest.mark.parametrize("path, extra, says", [
+    ("/api/chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tiny:1 does not support tools"),
+    ("/api/chat", {"think": True}, "tiny:1 does not support thinking"),
+    ("/api/generate", {"think": "high"}, "tiny:1 does not support thinking"),
+    ("/api/generate", {"suffix": "return x"}, "tiny:1 does not support insert"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tiny:1 does not support tools"),
+])
+def test_what_the_model_cannot_do_is_a_400(running, path, extra, says):
+    """Tools, thinking and fill-in-the-middle asked of a model without them: Ollama's 400, not an
+    answer that silently lacks them; asked for as empty or false, they are no error."""
+    body = {"model": "tiny:1", "stream": False, "options": {"num_predict": 1}, "max_tokens": 1,
+            "messages": [{"role": "user", "content": "Hi"}], "prompt": "Hi"}
+    status, data = running.request(path, {**body, **extra})
+    assert status == 400 and json.loads(data)["error"].startswith(says)
+    off = {k: ([] if isinstance(v, list) else False if k == "think" else "") for k, v in extra.items()}
+    status, data = running.request(path, {**body, **off})
+    assert status == 200, data
