@@ -9,6 +9,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .go_template import TemplateError
 from .ollama_template import OllamaTemplate
 
 DEFAULT_TEMPLATE = (
@@ -37,8 +38,11 @@ def render(template: str | OllamaTemplate | None, messages: list[dict[str, Any]]
         return template.render(messages)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
-    tpl = env.from_string(template or DEFAULT_TEMPLATE)
-    return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
+    try:
+        tpl = env.from_string(template or DEFAULT_TEMPLATE)
+        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
+    except jinja2.exceptions.TemplateError as e:  # its raise_exception, or a template that does not parse
+        raise TemplateError(f"chat template (tokenizer.chat_template): {e}") from None
 
 
 def user_content(prompt: str, n_images: int, n_videos: int) -> list[dict[str, Any]]:

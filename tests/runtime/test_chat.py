@@ -88,3 +88,15 @@ def test_ollama_single_file_gives_the_same_logits(fixtures_dir, tmp_path):
     a = single.prompt_logits("Look: {image1} ok?", [img])
     b = pair.prompt_logits("Look: {image1} ok?", [img])
     assert torch.equal(a, b)
+
+
+def test_a_chat_template_error_is_one_line():
+    """The chat template's raise_exception, or one that does not parse: a TemplateError naming it,
+    which qvl-run prints as one line and qvl serve answers with a 400."""
+    from qvl.runtime.go_template import TemplateError
+
+    messages = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(TemplateError, match=r"^chat template \(tokenizer.chat_template\): roles must alternate$"):
+        render("{{ raise_exception('roles must alternate') }}", messages)
+    with pytest.raises(TemplateError, match=r"^chat template \(tokenizer.chat_template\): "):
+        render("{% for m in messages %}", messages)
