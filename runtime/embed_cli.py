@@ -15,11 +15,6 @@ HELP = ("Print texts' embeddings as JSON ({\"model\", \"embeddings\", \"prompt_e
         "one text a line from standard input.\n\nExample: qvl embed qwen2.5-vl:3b \"a cat\" \"a dog\"")
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"qvl: error: {message}", err=True)
-    raise typer.Exit(2)
-
-
 def embed_command(
     model: str = typer.Argument(..., help="A GGUF file or a stored model's name."),
     texts: Optional[List[str]] = typer.Argument(None, help="Texts to embed (none: one a line from standard input)."),
@@ -28,6 +23,7 @@ def embed_command(
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even where a GPU is."),
 ) -> None:
     from ..convert.errors import ConvertError
+    from .cli import _store_fail as _fail  # qvl's one line and exit 2
     from .config import ConfigError
     from .embed_api import embedding, embeddings_of
     from .gguf_file import GGUFError

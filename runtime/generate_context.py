@@ -70,12 +70,19 @@ def request_prompt(model: Model, context: list[int], prompt: str, images: list[A
         return continued(model, context, prompt, images, raw, template or model.chat_template)
     if raw or template is None:
         return Prompt(prompt, not raw, images)
-    system = system if system is not None else model.defaults.get("system")  # as model.generate takes it
     try:
-        messages = model.messages_for(prompt, len(images), system)
+        text = _user_turn(model, template, prompt, len(images), system)
     except ModelError as e:
         raise PromptError(str(e)) from None
-    return Prompt(render(template, messages), False, media_order(prompt, images, "image"))
+    return Prompt(text, False, media_order(prompt, images, "image"))
+
+
+def _user_turn(model: Model, template: str | OllamaTemplate | None, prompt: str, n_images: int,
+               system: str | None) -> str:
+    """A user turn rendered by `template` as model.generate renders one: the model's stored
+    SYSTEM where the request gives none, and its stored conversation first (Model.messages_for)."""
+    system = system if system is not None else model.defaults.get("system")
+    return render(template, model.messages_for(prompt, n_images, system))
 
 
 def continued(model: Model, context: list[int], prompt: str, images: list[Any], raw: bool,
@@ -109,8 +116,7 @@ def rendered(model: Model, prompt: Prompt, system: str | None) -> str:
     """The prompt's text as the model reads it (the chat template's, unless given rendered)."""
     if not prompt.template:
         return prompt.text
-    system = system if system is not None else model.defaults.get("system")  # as model.generate takes it
-    return render(model.chat_template, model.messages_for(prompt.text, len(prompt.images), system))
+    return _user_turn(model, model.chat_template, prompt.text, len(prompt.images), system)
 
 
 def reply_context(model: Model, text: str, answer: str) -> list[int]:

@@ -36,22 +36,22 @@ def content_text(content: Any) -> str:
     return "".join(out)
 
 
-def _fields(nodes: Any, found: set[str]) -> None:
+def _names_read(nodes: Any, found: set[str]) -> None:
     """Every field name the nodes read (lowercased), as Ollama's Template.Vars."""
     if isinstance(nodes, list):
         for n in nodes:
-            _fields(n, found)
+            _names_read(n, found)
     elif isinstance(nodes, (Field, Variable)):
         found.update(x.lower() for x in nodes.names)
     elif isinstance(nodes, Chain):
         found.update(x.lower() for x in nodes.names)
-        _fields(nodes.node, found)
+        _names_read(nodes.node, found)
     elif isinstance(nodes, Pipe):
-        _fields([a for c in nodes.cmds for a in c.args], found)
+        _names_read([a for c in nodes.cmds for a in c.args], found)
     elif isinstance(nodes, Action):
-        _fields(nodes.pipe, found)
+        _names_read(nodes.pipe, found)
     elif isinstance(nodes, Branch):
-        _fields([nodes.pipe, nodes.body, nodes.other or []], found)
+        _names_read([nodes.pipe, nodes.body, nodes.other or []], found)
 
 
 class _Cut:
@@ -101,7 +101,7 @@ class OllamaTemplate:
     def __post_init__(self):
         self.nodes = parse(self.source)
         found: set[str] = set()
-        _fields(self.nodes, found)
+        _names_read(self.nodes, found)
         self.reads_messages = "messages" in found
         self.last_turn = _Cut().nodes(copy.deepcopy(self.nodes))
 

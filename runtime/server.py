@@ -317,24 +317,27 @@ class Service:
         if not isinstance(name, str) or not name:
             raise RequestError(400, "model: required (a stored model's name)")
         if name == self.config.default_model and Path(name).is_file():
-            key, params, system, messages, template = name, {}, None, [], None
+            key, params, system, messages, stored = name, {}, None, [], False
             path, projector = Path(name), None  # load() finds the mmproj beside it
         else:
             try:
                 entry = self.store.get(name)
             except StoreError:
                 raise RequestError(404, f"model '{name}' not found (qvl pull it first)") from None
-            key = str(entry.name)
+            key, stored = str(entry.name), True
             try:
                 params, system = stored_defaults(self.store, name)
                 messages = self.store.messages(entry)
-                template = stored_chat_template(self.store, name)
                 path, projector = self.store.resolve(name)
             except StoreError as e:
                 raise RequestError(500, str(e)) from None
         if self.loaded is not None and self.loaded.key == key:
             self.loaded.load_s = 0.0
             return self.loaded
+        try:  # a stored TEMPLATE: parsed (and tried) when its model is loaded, not at every request
+            template = stored_chat_template(self.store, name) if stored else None
+        except StoreError as e:
+            raise RequestError(500, str(e)) from None
         self._free()  # the old model's memory goes before the new one is read
         t0 = time.perf_counter()
         try:
