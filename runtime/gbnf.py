@@ -5,7 +5,9 @@ The language is llama.cpp's grammar-parser's: rules `name ::= alternatives` (the
 `root`), alternatives split by `|`, sequences of "literals" (escapes \\t \\n \\r \\\\ \\" \\[ \\]
 \\xHH \\uHHHH \\UHHHHHHHH), character classes `[a-z0-9_]` and `[^"\\\\]` (over Unicode characters,
 read as UTF-8), `.` (any character), rule names, groups `( ... )`, and the repetitions `*` `+` `?`
-`{m}` `{m,}` `{m,n}`; `#` comments; a rule goes on over new lines inside a group or after `|`
+`{m}` `{m,}` `{m,n}`; tokens, whole: `<[151648]>` by id, `<|box_start|>` by its text (what the model's
+tokenizer makes one token of; resolve_tokens, when the grammar meets a model), and `!<[id]>` /
+`!<text>` for any token but that one (a token's bytes then are not read); `#` comments; a rule goes on over new lines inside a group or after `|`
 or `::=`. Nothing may follow the root (llama.cpp's grammars end there too). Refused, with the
 line or rule named: an undefined rule, no `root`, left recursion (a rule that can reach itself
 before a byte), and an unbounded repetition of something that can be empty.
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .json_grammar import _UTF8_LEADS, DONE, END, PUSH, STAY, Either, Grammar, Literal, Node, Root
+from tokenizers import Tokenizer
+
+from .json_grammar import _UTF8_LEADS, DONE, END, PUSH, STAY, Either, Grammar, Literal, Node, Root, TokenRef
 
 
 # llama.cpp's grammars/json.gbnf, in its layout (what format="json" follows natively, json_grammar.py)
@@ -243,6 +247,26 @@ class _Parser:
         self.pos += 1
         return self.add(CharSet(tuple(ranges), negated))
 
+    def token_ref(self) -> int:
+        """`<[id]>` or `<text>`, after a `!` for any token but it."""
+        negated = self.text[self.pos] == "!"
+        self.pos += negated
+        if self.text[self.pos:self.pos + 1] != "<":
+            raise self.fail("expected '<' after '!' (a token: !<[id]> or !<text>)")
+        if self.text.startswith("<[", self.pos):
+            self.pos += 2
+            token = self.number()
+            if not self.text.startswith("]>", self.pos):
+                raise self.fail("expected ']>' after a token id")
+            self.pos += 2
+            return self.add(TokenRef((token,), negated))
+        end = self.text.find(">", self.pos + 1)
+        if end < 0 or any(c in "\r\n" for c in self.text[self.pos:end]):
+            raise self.fail("a token <...> ends on its line with '>'")
+        text = self.text[self.pos:end + 1]
+        self.pos = end + 1
+        return self.add(TokenRef((), negated, text))
+
     def repeat_bounds(self) -> tuple[int, int | None]:
         self.pos += 1  # {
         self.space(True)
@@ -287,6 +311,8 @@ class _Parser:
                 if self.text[self.pos:self.pos + 1] != ")":
                     raise self.fail("expected ')'")
                 self.pos += 1
+            elif c == "<" or c == "!":
+                item = self.token_ref()
             elif c.isalnum() or c in "-_":
                 item = self.rule_node(self.name())
             else:
@@ -388,6 +414,29 @@ def parse_gbnf(text: str) -> Grammar:
                                "empty never has to end; make its item read at least one character")
     _no_left_recursion(nodes, empty, names)
     nodes.append(Root(p.rules["root"], trailing_ws=False, nullable=empty[p.rules["root"]]))
+    return Grammar(nodes)
+
+
+def resolve_tokens(grammar: Grammar, tokenizer: Tokenizer) -> Grammar:
+    """`grammar` with its `<text>` tokens made ids by `tokenizer` (as llama.cpp does, the text
+    must be one token, special ones included) and every id checked against the vocabulary; a
+    GrammarError names the one at fault. A grammar without token references comes back as it is."""
+    if grammar.named_tokens is None:
+        return grammar
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    nodes = list(grammar.nodes)
+    for i, node in enumerate(nodes):
+        if not isinstance(node, TokenRef):
+            continue
+        if node.text is not None:
+            ids = tokenizer.encode(node.text, add_special_tokens=False).ids
+            if len(ids) != 1:
+                raise GrammarError(f"grammar: token {node.text} is {len(ids)} tokens of this model's vocabulary, "
+                                   "not one (write <[id]> for a token by its id)")
+            nodes[i] = TokenRef((ids[0],), node.negated)
+        elif any(not 0 <= t < size for t in node.ids):
+            raise GrammarError(f"grammar: token <[{node.ids[0]}]> is not in this model's vocabulary "
+                               f"(ids 0 to {size - 1})")
     return Grammar(nodes)
 
 

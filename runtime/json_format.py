@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from .json_grammar import Grammar, State, any_object
+from .json_grammar import OTHER_TOKEN, TOKEN_BASE, Grammar, State, any_object
 from .json_schema import schema_grammar
 
 
@@ -48,6 +48,7 @@ class TokenTable:
     pairs: list[bytes]  # the distinct first two bytes of the tokens of two bytes or more
     pair: torch.Tensor  # each id's index into `pairs`, -1 for a token shorter than two bytes
     plain: torch.Tensor  # bool: whole UTF-8 characters a string may hold as they are (no quote, backslash, control)
+    n_tokens: int  # ids below it are tokens (the rest of the logits are padding)
 
 
 def _plain(piece: bytes) -> bool:
@@ -73,7 +74,8 @@ def token_table(tokenizer: Tokenizer, n_vocab: int) -> TokenTable:
     index: dict[bytes, int] = {}
     pair = torch.tensor([index.setdefault(p[:2], len(index)) if p and len(p) > 1 else -1 for p in pieces])
     plain = torch.tensor([bool(p) and _plain(p) for p in pieces])
-    return TokenTable(pieces, first, list(index), pair, plain)
+    return TokenTable(pieces, first, list(index), pair, plain,
+                      min(n_vocab, tokenizer.get_vocab_size(with_added_tokens=True)))
 
 
 class JsonConstraint:
@@ -110,12 +112,25 @@ class JsonConstraint:
                 state = self._step(state, byte)
                 if state is None:
                     break
+            if (whole := self._whole(token)) is not None:  # taken whole by a token reference
+                state = whole if state is None else state | whole
             self._next[key] = state
         return self._next[key]
 
+    def _whole(self, token: int) -> State | None:
+        """The parses after `token` taken whole by a GBNF token reference (None: none takes it)."""
+        named = self.grammar.named_tokens
+        if named is None or not 0 <= token < self.table.n_tokens:
+            return None
+        return self._taken(token if token in named else OTHER_TOKEN)
+
+    def _taken(self, key: int) -> State | None:
+        return self._step(self.state, TOKEN_BASE + key)
+
     def allows(self, token: int) -> bool:
-        if token in self.stop_ids:
-            return self.done
+        if token in self.stop_ids:  # the answer ends: where the grammar may, or where a reference names it
+            named = self.grammar.named_tokens  # (not where a negated one takes any token, as in llama.cpp)
+            return self.done or named is not None and token in named and self._whole(token) is not None
         return self._after(token) is not None
 
     def admitted(self, n_vocab: int) -> torch.Tensor:
@@ -135,8 +150,16 @@ class JsonConstraint:
             maybe &= ~self.table.plain
         for tok in torch.nonzero(maybe).flatten().tolist():
             mask[tok] = self._after(tok) is not None
-        if self.done:
-            mask[[t for t in self.stop_ids if t < n_vocab]] = True
+        named = self.grammar.named_tokens
+        if named is not None:  # token references: the tokens they name, and with a negated one all others
+            if self._taken(OTHER_TOKEN) is not None:
+                mask[:self.table.n_tokens] = True
+            for tok in named:
+                if tok < n_vocab:
+                    mask[tok] = self._after(tok) is not None
+        for tok in self.stop_ids:
+            if tok < n_vocab:
+                mask[tok] = self.allows(tok)
         if len(self._masks) >= 64:
             self._masks.clear()
         self._masks[self.state] = mask
@@ -155,11 +178,16 @@ class JsonConstraint:
         return self.grammar.complete(self.state)
 
 
-def format_grammar(format: Any) -> Grammar:
+def format_grammar(format: Any, tokenizer: Tokenizer | None = None) -> Grammar:
     """"json" (any JSON object) or a JSON schema (a dict) as a Grammar, or a Grammar as it is
-    (gbnf.parse_gbnf's); a SchemaError or a ValueError for anything else."""
+    (gbnf.parse_gbnf's; with `tokenizer`, its token references resolved by it); a SchemaError or
+    a ValueError (gbnf.GrammarError) for anything else."""
     if isinstance(format, Grammar):
-        return format
+        if tokenizer is None:
+            return format
+        from .gbnf import resolve_tokens
+
+        return resolve_tokens(format, tokenizer)
     if format == "json":
         return any_object()
     if isinstance(format, dict):

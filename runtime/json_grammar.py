@@ -245,6 +245,31 @@ class Object:
         return out
 
 
+# Grammar.step's "byte" for a whole token (a GBNF token reference's): TOKEN_BASE + its id; byte
+# nodes take none of them. OTHER_TOKEN stands for every token no reference names.
+TOKEN_BASE = 256
+OTHER_TOKEN = 1 << 40
+
+
+@dataclass(frozen=True)
+class TokenRef:
+    """One whole token (GBNF's `<[id]>`, or `<text>`: the token that text is): one of `ids`, or
+    with `negated` any token but them (`!<[id]>`). `text`: as written, until gbnf.resolve_tokens
+    turns it into an id with the model's tokenizer."""
+
+    ids: tuple[int, ...]
+    negated: bool = False
+    text: str | None = None
+
+    def starts(self) -> list[tuple[int, ...]]:
+        return [()]
+
+    def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
+        if byte < TOKEN_BASE:
+            return []
+        return [(DONE,)] if ((byte - TOKEN_BASE) in self.ids) != self.negated else []
+
+
 @dataclass(frozen=True)
 class Either:
     """Any of the nodes `options` (anyOf, a list of types): followed side by side."""
@@ -271,7 +296,7 @@ class Root:
         return [] if w is None else [(STAY, (1, w))]
 
 
-Node = Literal | String | Number | Array | Object | Either | Root
+Node = Literal | String | Number | Array | Object | TokenRef | Either | Root
 
 
 class Grammar:
@@ -281,6 +306,9 @@ class Grammar:
         self.nodes = nodes
         assert isinstance(nodes[-1], Root)
         self.initial: State = frozenset(((len(nodes) - 1, s),) for s in nodes[-1].starts())
+        refs = [n for n in nodes if isinstance(n, TokenRef)]
+        # the token ids references name (None: no references, tokens are their bytes alone)
+        self.named_tokens: frozenset[int] | None = frozenset(i for n in refs for i in n.ids) if refs else None
 
     def _enter(self, nid: int, seen: frozenset[int] = frozenset()) -> list[Frame]:
         node = self.nodes[nid]
@@ -311,6 +339,7 @@ class Grammar:
         return out
 
     def step(self, state: State, byte: int) -> State | None:
+        """The parses after `byte` (or, TOKEN_BASE + id, a whole token taken by a reference)."""
         nxt = frozenset(s for stack in state for s in self._feed(stack, byte))
         return nxt or None
 

@@ -73,6 +73,7 @@ class Generation:
     reused_tokens: int = 0  # prompt tokens the last generation's cache already held (prompt_cache.py)
     ended: bool = False  # an end-of-turn token ended it (else the token limit or the context did)
     logprobs: list[TokenLogprob] | None = None  # each token's, with `logprobs=` (logprobs.py)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) each picture was seen at
 
 
 ImageLike = str | Path | Image.Image
@@ -434,7 +435,7 @@ class Model:
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP:
             raise ModelError(f"logprobs {logprobs}: 0 to {MAX_TOP} alternatives")
         try:
-            grammar = None if format is None else format_grammar(format)
+            grammar = None if format is None else format_grammar(format, self.tokenizer)
         except ValueError as e:
             raise ModelError(str(e)) from None
         try:
@@ -589,7 +590,7 @@ class Model:
         if final[shown:]:  # text held back for a stop string, or a character the answer ended inside of
             yield final[shown:]
         yield Generation(final, out_ids, n_prompt, timings, list(videos), reused_tokens=reuse, ended=ended,
-                         logprobs=scored)
+                         logprobs=scored, image_sizes=[p.size for p in pre])
 
 
 ALL_LAYERS = 1 << 20  # --gpu-layers default on a GPU: every layer and the output layer

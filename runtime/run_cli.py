@@ -17,13 +17,15 @@ from typing import Any, List, Optional, Union
 
 import torch
 import typer
+from PIL import Image
 
 from .config import ConfigError
 from .gguf_file import GGUFError
-from .image import MAX_PIXELS, MIN_PIXELS, ImageError, pixel_limits_ok
+from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, pixel_limits_ok
 from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
 from .go_template import TemplateError
+from .grounding import GroundingError, answer_boxes, draw_boxes
 from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError, open_ended
 from .loader import load
 from .placement import Placement
@@ -316,6 +318,10 @@ def run(
     logprobs: Optional[int] = typer.Option(None, "--logprobs", help="With --json: each answer token's "
                                            "log-probability under the model's raw logits and its N likeliest "
                                            "rivals (0 to 20), to compare with another runtime's."),
+    boxes: Optional[Path] = typer.Option(None, "--boxes", help="Draw the boxes and points the answer gives "
+        "(ask e.g. \"Outline every car as JSON.\": Qwen2.5-VL's bbox_2d / point_2d JSON, Qwen2-VL's <|box_start|>"
+        "(x1,y1),(x2,y2)<|box_end|>) on the picture and write it to this file (PNG, JPEG, ... by its extension); "
+        "with --json the answer's \"boxes\" in the picture's pixels. Needs one --image."),
     verbose: bool = typer.Option(False, "--verbose", help="torch / Triton versions and where the matmuls run, "
                                  "load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
     gpu_layers: Optional[int] = typer.Option(
@@ -399,6 +405,8 @@ def run(
         torch.set_num_threads(threads)
     if not pixel_limits_ok(min_pixels, max_pixels):
         _fail(f"--min-pixels {min_pixels}, --max-pixels {max_pixels}: want 0 < max and min <= max")
+    if boxes is not None:
+        _check_boxes_file(boxes, image, prompt)
     biases = logit_biases(logit_bias)
     if ignore_eos and (answer_format is not None or grammar is not None or grammar_file is not None):
         _fail("--ignore-eos with --format or --grammar: a constrained answer ends at its end-of-turn token")
@@ -466,6 +474,8 @@ def run(
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+            if boxes is not None and isinstance(model.last_generation, Generation):
+                _draw_answer_boxes(model, model.last_generation, image[0], boxes)
             return
         out = model.generate(text, [str(p) for p in image], system=system, logprobs=logprobs, **gen_kwargs)
     except (ModelError, ImageError, VideoError, TemplateError) as e:
@@ -484,6 +494,7 @@ def run(
         sys.stdout.flush()
         _fail(why)
     assert isinstance(out, Generation)
+    found = None if boxes is None else _draw_answer_boxes(model, out, image[0], boxes)
     timings = {"load_s": round(load_s, 3), **{k: round(v, 3) for k, v in out.timings.items()}}
     n_new = len(out.token_ids)
     if out.timings.get("prefill_s"):
@@ -493,6 +504,8 @@ def run(
     if json_out:
         extra = {} if out.logprobs is None else {"logprobs": [
             {"token": t.token, "logprob": t.logprob, "top": [[i, v] for i, v in t.top]} for t in out.logprobs]}
+        if found is not None:
+            extra["boxes"] = [b.as_json() for b in found]
         typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
                                "done_reason": "stop" if out.ended else "length", "timings": timings, **extra},
                               ensure_ascii=False))
@@ -507,6 +520,37 @@ def run(
         figures = ", ".join(f"{k} {v}" for k, v in timings.items())
         vram = f", peak VRAM {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device == "cuda" else ""
         typer.echo(f"qvl-run: {figures}, peak RSS {_peak_rss_mib():.0f} MiB{vram}", err=True)
+
+
+def _check_boxes_file(path: Path, images: list[Path], prompt: Optional[str]) -> None:
+    """--boxes' own checks, before a model is loaded."""
+    if len(images) != 1:
+        _fail(f"--boxes: give one --image (got {len(images)})")
+    if prompt is None and sys.stdin.isatty():
+        _fail("--boxes: give the question with --prompt or --file (not in the interactive chat)")
+    if path.is_dir():
+        _fail(f"--boxes {path}: is a folder")
+    if not path.parent.is_dir():
+        _fail(f"--boxes {path}: folder {path.parent} not found")
+    if path.suffix.lower() not in Image.registered_extensions():
+        _fail(f"--boxes {path}: no image format has the extension {path.suffix or '(none)'!r} (try .png or .jpg)")
+
+
+def _draw_answer_boxes(model: Any, out: Generation, picture_path: Path, path: Path) -> list:
+    """The answer's boxes in the picture's pixels, drawn on it into `path` (nothing written when there are none)."""
+    try:
+        picture = load_image(picture_path)
+        found = answer_boxes(model, out, picture)
+        if found:
+            draw_boxes(picture, found, path)
+    except (ImageError, GroundingError) as e:
+        _fail(str(e))
+    points = sum(b.point for b in found)
+    what = ", ".join(f"{n} {k}{'' if n == 1 else 'es' if k == 'box' else 's'}"
+                     for n, k in ((len(found) - points, "box"), (points, "point")) if n)
+    typer.echo(f"qvl-run: {what} drawn on {path}" if found else
+               f"qvl-run: the answer gives no boxes or points; {path} not written", err=True)
+    return found
 
 
 def main() -> None:
