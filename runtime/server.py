@@ -40,10 +40,7 @@ file, and images come inline (base64), never fetched.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import gc
-import io
 import itertools
 import json
 import math
@@ -55,13 +52,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from .generate_context import PromptError, context_ids, rendered, reply_context, request_prompt
 from .go_template import TemplateError
 from .ollama_template import stored_template
 from .gguf_file import GGUFError, GGUFFile
-from .image import ImageError, load_image
+from .inline_media import decode_image, decode_video
 from .json_format import format_grammar
 from .loader import load
 from .logprobs import MAX_TOP, entries, new_scores, speller
@@ -163,26 +159,6 @@ def _store_error(e: StoreError) -> RequestError:
     return RequestError(404 if "not found" in str(e) else 400, str(e))
 
 
-def decode_image(data: Any, where: str) -> Image.Image:
-    """A base64 image (Ollama's `images`) or an OpenAI data: URL, as an RGB picture."""
-    if not isinstance(data, str):
-        raise RequestError(400, f"{where}: a base64 string")
-    if data.startswith(("http://", "https://")):
-        raise RequestError(400, f"{where}: qvl serve fetches nothing; send the image inline (base64 or a data: URL)")
-    if data.startswith("data:"):
-        header, _, data = data.partition(",")
-        if not header.endswith(";base64"):
-            raise RequestError(400, f"{where}: a data: URL wants ;base64")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(400, f"{where}: not base64") from None
-    try:
-        return load_image(io.BytesIO(raw), where)
-    except ImageError as e:
-        raise RequestError(400, str(e)) from None
-
-
 def generation_options(stored: dict[str, Any], options: Any, default_ctx: int | None) -> dict[str, Any]:
     """Model.generate's keyword arguments from the model's stored parameters and a request's
     `options` (Ollama's names; the request's win, names qvl does not use are ignored)."""
@@ -272,12 +248,13 @@ def _messages(raw: Any, images_key: str | None) -> list[dict[str, Any]]:
                 kind = p.get("type") if isinstance(p, dict) else None
                 if kind == "text" and isinstance(p.get("text"), str):
                     parts.append({"type": "text", "text": p["text"]})
-                elif kind == "image_url":
-                    url = p.get("image_url")
+                elif kind in ("image_url", "video_url"):  # video_url: vLLM's part for a video
+                    url = p.get(kind)
                     url = url.get("url") if isinstance(url, dict) else url
-                    parts.append({"type": "image", "image": decode_image(url, where)})
+                    parts.append({"type": "image", "image": decode_image(url, where)} if kind == "image_url" else
+                                 {"type": "video", "video": decode_video(url, where)})
                 else:
-                    raise RequestError(400, f"{where}: a part of type text or image_url")
+                    raise RequestError(400, f"{where}: a part of type text, image_url or video_url")
         elif isinstance(content, str):
             images = m.get(images_key, []) if images_key else []
             if not isinstance(images, list):

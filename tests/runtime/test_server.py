@@ -111,7 +111,7 @@ def test_tags_show_and_models(running):
     ("/v1/chat/completions", {"model": "tiny:1", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, 400, "fetches nothing"),
     ("/v1/chat/completions", {"model": "tiny:1", "messages": [{"role": "user", "content": [{"type": "audio"}]}]},
-     400, "content[0]: a part of type text or image_url"),
+     400, "content[0]: a part of type text, image_url or video_url"),
     ("/api/show", {"model": "nope:1"}, 404, "not found"),
 ])
 def test_errors(running, path, body, status, expect):
