@@ -82,6 +82,10 @@ def test_a_character_is_read_as_utf8():
     ('root ::= [z-a]\n', "character range 'z'-'a' runs backwards"),
     ('root ::= "a"{3,1}\n', "the most below the least"),
     ('root ::= "\\q"\n', "unknown escape \\q"),
+    ('root ::= !"a"\n', "grammar line 1: expected '<' after '!'"),  # token references (test_gbnf_tokens.py)
+    ('root ::= <[12>\n', "expected ']>' after a token id"),
+    ('root ::= <[]>\n', "expected a number"),
+    ('root ::= "a"\nx ::= <abc\n', "grammar line 2: a token <...> ends on its line with '>'"),
 ])
 def test_grammars_refused(text, expect):
     with pytest.raises(GrammarError, match=None) as e:
