@@ -1,7 +1,7 @@
 """`qvl serve`'s HTTP side: requests read, routed to server.Service's endpoints and answered,
 with one log line each. Each connection has a thread of its own, which reads the request and
 writes the reply; the endpoints that only read the store or the server's state (`LIGHT`:
-/api/tags, /api/ps, /api/show, /api/version, /v1/models; and /api/pull, /api/push, /api/create,
+/api/tags, /api/ps, /api/show, /api/version, /v1/models, /v1/models/NAME; and /api/pull, /api/push, /api/create,
 /api/blobs/) answer there at once, the others (a model's work) are queued to the thread that calls `serve` and
 run there one at a time, in order (torch's CPU ops run slower from a second thread: server.py). A reply is JSON,
 text, or a stream (JSON lines, or server-sent events); an error before the reply starts is
@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from urllib.parse import unquote
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from ..convert.errors import ConvertError
-from . import blob_upload, embed_api, llamacpp_api, openai_api, server, store_api
+from . import blob_upload, embed_api, llamacpp_api, openai_api, responses_api, server, store_api
 from .go_template import TemplateError
 from .image import ImageError
 from .model import ModelError
@@ -32,7 +33,8 @@ from .server import VERSION, Reply, RequestError, Service
 from .store import StoreError
 from .video import VideoError
 
-ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **embed_api.ROUTES, **llamacpp_api.ROUTES}
+ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **responses_api.ROUTES, **embed_api.ROUTES,
+          **llamacpp_api.ROUTES}
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
 # header or the server's state, or (a pull, a push, a create that quantizes or converts) wait on a
@@ -144,11 +146,15 @@ def make_handler(service: Service, log: Callable[[str], None],
                     log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
                     return
                 route = ROUTES.get((method, path))
+                body: dict[str, Any] = {}
+                if route is None and method == "GET" and path.startswith(openai_api.MODEL_PATH):
+                    route, body = openai_api.model, {"model": unquote(path[len(openai_api.MODEL_PATH):])}
                 if route is None:
                     raise RequestError(404, f"{method} {path}: no such endpoint")
-                body = self._body() if method != "GET" else {}
+                if method != "GET":
+                    body = self._body()
                 job = Job(route, body)
-                if jobs is None or (method, path) in LIGHT:
+                if jobs is None or (method, path) in LIGHT or route is openai_api.model:
                     _run(service, job)
                 else:
                     try:
@@ -196,17 +202,18 @@ def make_handler(service: Service, log: Callable[[str], None],
             self._send_head(reply.status, "text/event-stream" if reply.sse else "application/x-ndjson", None)
             try:
                 while (got := job.out.get())[0] != "end":
-                    self._event(got[1], reply.sse)
+                    self._event(got[1], reply)
             except BaseException:
                 job.left.set()  # the serving thread stops the generation at its next token
                 raise
-            if reply.sse:
+            if reply.sse and not reply.named_events:
                 self.wfile.write(b"data: [DONE]\n\n")
             return reply.status
 
-        def _event(self, event: dict[str, Any], sse: bool) -> None:
+        def _event(self, event: dict[str, Any], reply: Reply) -> None:
             line = json.dumps(event, ensure_ascii=False)
-            self.wfile.write((f"data: {line}\n\n" if sse else line + "\n").encode())
+            name = f"event: {event.get('type')}\n" if reply.named_events else ""
+            self.wfile.write((f"{name}data: {line}\n\n" if reply.sse else line + "\n").encode())
             self.wfile.flush()
 
     return Handler

@@ -15,13 +15,26 @@ from typing import Any
 
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
 from .sampling import SamplingParams
-from .server import (Loaded, Reply, RequestError, Service, _messages, answer_format, generation_options,
-                     top_logprobs, unsupported)
+from .server import (Loaded, Reply, RequestError, Service, _messages, _store_error, answer_format,
+                     generation_options, top_logprobs, unsupported)
+from .store import StoreError
 
 
 def models(service: Service, body: dict[str, Any]) -> Reply:
     return Reply({"object": "list", "data": [{"id": str(e.name), "object": "model", "created": int(e.modified),
                                               "owned_by": "library"} for e in service.store.list()]})
+
+
+MODEL_PATH = "/v1/models/"  # GET /v1/models/NAME: one model (http_serve.py routes it)
+
+
+def model(service: Service, body: dict[str, Any]) -> Reply:
+    """A stored model, as /v1/models lists it; 404 when there is none by that name."""
+    try:
+        entry = service.store.get(body["model"])
+    except StoreError as e:
+        raise _store_error(e) from None
+    return Reply({"id": str(entry.name), "object": "model", "created": int(entry.modified), "owned_by": "library"})
 
 
 def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tokens: int | None) -> dict[str, Any]:

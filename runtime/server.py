@@ -18,7 +18,8 @@
     HEAD, POST /api/blobs/DIGEST  a GGUF for create's "files", sent first (blob_upload.py)
     DELETE /api/delete          {"model"}
     POST /api/embed, /api/embeddings, /v1/embeddings: a text's embedding (embed_api.py)
-    GET  /v1/models, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
+    GET  /v1/models, /v1/models/NAME, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
+    POST /v1/responses: OpenAI's Responses API, stateless (responses_api.py)
     GET  /health, POST /tokenize, POST /detokenize: llama.cpp server's (llamacpp_api.py)
 
 One model is loaded at a time: a request naming another stored model replaces it. Requests for
@@ -124,6 +125,7 @@ class Reply:
     events: Iterator[dict[str, Any]] | None = None
     sse: bool = False
     status: int = 200
+    named_events: bool = False  # server-sent events named by their `type`, no [DONE] (OpenAI's Responses API)
 
 
 @dataclass
@@ -231,20 +233,20 @@ def answer_format(body: dict[str, Any]) -> Any:
     return value
 
 
-def _messages(raw: Any, images_key: str | None) -> list[dict[str, Any]]:
+def _messages(raw: Any, images_key: str | None, name: str = "messages") -> list[dict[str, Any]]:
     """Ollama's (`images_key` "images") or OpenAI's (None: content parts) messages in the
-    transformers format Model.chat takes."""
+    transformers format Model.chat takes; errors name the list `name` (the Responses API's "input")."""
     if not isinstance(raw, list) or not raw:
-        raise RequestError(400, "messages: a non-empty list")
+        raise RequestError(400, f"{name}: a non-empty list")
     out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(400, f"messages[{i}]: an object with role system, user or assistant")
+            raise RequestError(400, f"{name}[{i}]: an object with role system, user or assistant")
         content = m.get("content") or ""
         parts: list[dict[str, Any]] = []
         if isinstance(content, list) and images_key is None:
             for j, p in enumerate(content):
-                where = f"messages[{i}].content[{j}]"
+                where = f"{name}[{i}].content[{j}]"
                 kind = p.get("type") if isinstance(p, dict) else None
                 if kind == "text" and isinstance(p.get("text"), str):
                     parts.append({"type": "text", "text": p["text"]})
@@ -258,12 +260,12 @@ def _messages(raw: Any, images_key: str | None) -> list[dict[str, Any]]:
         elif isinstance(content, str):
             images = m.get(images_key, []) if images_key else []
             if not isinstance(images, list):
-                raise RequestError(400, f"messages[{i}].{images_key}: a list of base64 strings")
-            parts = [{"type": "image", "image": decode_image(b, f"messages[{i}].{images_key}[{j}]")}
+                raise RequestError(400, f"{name}[{i}].{images_key}: a list of base64 strings")
+            parts = [{"type": "image", "image": decode_image(b, f"{name}[{i}].{images_key}[{j}]")}
                      for j, b in enumerate(images)]
             parts.append({"type": "text", "text": content})
         else:
-            raise RequestError(400, f"messages[{i}].content: a string")
+            raise RequestError(400, f"{name}[{i}].content: a string")
         only_text = all(p["type"] == "text" for p in parts)
         out.append({"role": m["role"],
                     "content": "".join(p["text"] for p in parts) if only_text else parts})
