@@ -1,5 +1,5 @@
 """qvl-run's terminal chat, as `ollama run`'s: answers stream, commands start with a slash
-(`/image`, `/set`, `/show parameters`, `/save`, `/clear`, `/bye`)."""
+(`/image`, `/set`, `/show parameters`, `/save`, `/boxes`, `/clear`, `/bye`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 import typer
 
-from .image import ImageError
+from .grounding import GroundingError, answer_boxes, counted, draw_boxes
+from .image import ImageError, load_image
 from .go_template import TemplateError
 from .model import Model, ModelError, open_ended
 from .run_cli import _out_of_memory, _triton_failure
@@ -22,6 +23,7 @@ CHAT_HELP = """/image PATH                 attach a picture to your next message
 /set system TEXT            the system prompt, from the next answer on
 /set format json            answers that are one JSON object (/set noformat: free text again)
 /show parameters            the parameters in force
+/boxes FILE                 draw the boxes and points of the last answer on the last picture, into FILE
 /save NAME                  store this model with the conversation, system prompt and /set parameters
 /clear                      forget the conversation (and pictures not yet sent)
 /bye                        leave (also /exit, /quit, Ctrl-D)
@@ -94,6 +96,24 @@ def save(model: Model, name: str, messages: list[dict], params: dict) -> str:
     return f"(saved as {entry.name}{'; its pictures are not kept' if pictures else ''})"
 
 
+def draw_last(model: Model, messages: list[dict], path: Path) -> str:
+    """/boxes FILE: the last answer's boxes and points drawn on the conversation's last picture."""
+    pictures = [c["image"] for m in messages if isinstance(m["content"], list) for c in m["content"]
+                if c.get("type") == "image"]
+    answer = model.last_generation
+    if not pictures or answer is None or not answer.image_sizes:
+        return "(no answer about a picture yet)"
+    try:
+        picture = load_image(pictures[-1])
+        found = answer_boxes(model, answer, picture, index=len(answer.image_sizes) - 1)
+        if not found:
+            return f"(the last answer gives no boxes or points; {path} not written)"
+        draw_boxes(picture, found, path)
+    except (ImageError, GroundingError) as e:
+        return f"qvl-run: error: {e}"
+    return f"({counted(found)} drawn on {path})"
+
+
 def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str]) -> None:
     """A chat on the terminal, as `ollama run`: answers stream, commands start with a slash."""
     gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "videos"}
@@ -127,6 +147,8 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
                 typer.echo(save(model, arg.strip(), messages, saved), err=True)
             elif command == "/show" and arg.strip() == "parameters":
                 typer.echo(chat_parameters(gen_kwargs), err=True)
+            elif command == "/boxes" and arg.strip():
+                typer.echo(draw_last(model, messages, Path(arg.strip()).expanduser()), err=True)
             elif command == "/image" and arg.strip():
                 path = Path(arg.strip()).expanduser()
                 if path.is_file():

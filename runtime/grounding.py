@@ -124,6 +124,13 @@ def find_boxes(raw: str, frame: Frame) -> list[Box]:
     return _token_boxes(raw, frame) + _json_boxes(raw, frame)
 
 
+def counted(boxes: list[Box]) -> str:
+    """"2 boxes, 1 point": what `boxes` holds, for a message."""
+    points = sum(b.point for b in boxes)
+    return ", ".join(f"{n} {kind}{'' if n == 1 else 'es' if kind == 'box' else 's'}"
+                     for n, kind in ((len(boxes) - points, "box"), (points, "point")) if n)
+
+
 def answer_boxes(model: Model, out: Generation, picture: Image.Image, index: int = 0) -> list[Box]:
     """The boxes `out` (an answer of `model` about pictures, `picture` the `index`th of them in the
     prompt) gives, in `picture`'s pixels."""

@@ -25,7 +25,7 @@ from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, pixel_limits_
 from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
 from .go_template import TemplateError
-from .grounding import GroundingError, answer_boxes, draw_boxes
+from .grounding import GroundingError, answer_boxes, counted, draw_boxes
 from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError, open_ended
 from .loader import load
 from .placement import Placement
@@ -545,10 +545,7 @@ def _draw_answer_boxes(model: Any, out: Generation, picture_path: Path, path: Pa
             draw_boxes(picture, found, path)
     except (ImageError, GroundingError) as e:
         _fail(str(e))
-    points = sum(b.point for b in found)
-    what = ", ".join(f"{n} {k}{'' if n == 1 else 'es' if k == 'box' else 's'}"
-                     for n, k in ((len(found) - points, "box"), (points, "point")) if n)
-    typer.echo(f"qvl-run: {what} drawn on {path}" if found else
+    typer.echo(f"qvl-run: {counted(found)} drawn on {path}" if found else
                f"qvl-run: the answer gives no boxes or points; {path} not written", err=True)
     return found
 

@@ -114,3 +114,40 @@ def test_save_stores_the_conversation(monkeypatch, capsys, tmp_path, fixtures_di
     assert store.text(entry, "system") == "Be brief." and store.params(entry) == {"temperature": 0.3}
     model, projector = store.resolve("me/chat:1")
     assert model.read_bytes() == (gguf / "tiny-qwen2.5-vl-f16.gguf").read_bytes() and projector is not None
+
+
+def test_boxes_draws_the_last_answers_boxes_on_the_last_picture(monkeypatch, capsys, tmp_path):
+    """/boxes FILE: the stand-in's last answer gives one box in the seen picture's pixels (140x84
+    for a 130x90 picture); it is drawn on the last picture in that picture's pixels."""
+    from qvl.runtime.grounding import PALETTE
+    from qvl.runtime.model import Generation
+
+    first, last = tmp_path / "first.png", tmp_path / "last.png"
+    Image.new("RGB", (40, 40), (0, 0, 0)).save(first)
+    Image.new("RGB", (130, 90), (128, 128, 128)).save(last)
+    answer = '[{"bbox_2d": [28, 14, 84, 70], "label": "cat"}]'
+    monkeypatch.setattr(Recorder, "vision_cfg", SimpleNamespace(qwen2_5=True), raising=False)
+    monkeypatch.setattr(Recorder, "tokenizer", SimpleNamespace(decode=lambda ids, skip_special_tokens: answer),
+                        raising=False)
+    monkeypatch.setattr(Recorder, "last_generation", None, raising=False)
+    out_png = tmp_path / "out.png"
+    lines = ["/boxes " + str(out_png), f"/image {first}", "one", f"/image {last}", "two",
+             "/boxes " + str(out_png), "/boxes " + str(tmp_path / "out.nope")]
+    feed = iter(lines)
+
+    def fake_input(prompt=""):
+        line = next(feed, None)
+        if line is None:
+            raise EOFError
+        if line == "two":  # what the model answered about both pictures
+            Recorder.last_generation = Generation(answer, [1, 2, 3], 40, image_sizes=[(56, 56), (84, 140)])
+        return line
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    chat_cli.interactive(Recorder(), dict(seed=1), [], None)
+    err = capsys.readouterr().err
+    assert "(no answer about a picture yet)" in err
+    assert f"(1 box drawn on {out_png})" in err
+    assert "qvl-run: error: " in err and "no image format has the extension '.nope'" in err
+    img = Image.open(out_png).convert("RGB")
+    assert img.size == (130, 90) and img.getpixel((26, 45)) == PALETTE[0] and img.getpixel((52, 45)) == (128,) * 3
