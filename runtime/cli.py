@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 import signal
 import sys
 import time
@@ -423,10 +424,15 @@ def serve_cmd(
     keep_alive: str = typer.Option("5m", "--keep-alive", help="How long a model stays loaded after its last "
                                    "request, as Ollama's keep_alive (a request's own wins): 30s, 5m, 1h, 0 (unload "
                                    "at once), -1 (until another replaces it)."),
+    origins: Optional[str] = typer.Option(None, "--origins", help="Web origins whose pages may call the server, "
+                                          "comma-separated, besides localhost's, apps' and browser extensions' "
+                                          "(as OLLAMA_ORIGINS): e.g. https://chat.example.com,http://192.168.1.*:*; "
+                                          "* for any (default $QVL_ORIGINS)."),
 ) -> None:
     import torch
 
     from .http_serve import serve
+    from .origins import parse_origins
     from .server import RequestError, ServeConfig, Service, keep_alive_seconds
 
     def fail(message: str) -> None:
@@ -453,7 +459,8 @@ def serve_cmd(
     except RequestError as e:
         fail(e.message)
     device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, None, False)
-    config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s)
+    allowed = parse_origins(origins if origins is not None else os.environ.get("QVL_ORIGINS"))
+    config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed)
     service = Service(config)
     if model is not None:
         try:

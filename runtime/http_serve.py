@@ -26,6 +26,7 @@ import torch
 
 from ..convert.errors import ConvertError
 from . import blob_upload, embed_api, llamacpp_api, openai_api, responses_api, server, store_api
+from .origins import PREFLIGHT_HEADERS, host_allowed, is_loopback, origin_allowed
 from .go_template import TemplateError
 from .image import ImageError
 from .model import ModelError
@@ -116,11 +117,18 @@ def make_handler(service: Service, log: Callable[[str], None],
         def do_DELETE(self) -> None:
             self._answer("DELETE")
 
+        def do_OPTIONS(self) -> None:  # a browser's CORS preflight
+            self._answer("OPTIONS")
+
         def log_message(self, format: str, *args: Any) -> None:
             pass  # one line a request, written by _answer
 
         def _send_head(self, status: int, kind: str, length: int | None) -> None:
             self.send_response(status)
+            origin = self.headers.get("Origin")
+            if origin is not None and origin_allowed(origin, service.config.origins):
+                self.send_header("Access-Control-Allow-Origin", origin)
+                self.send_header("Vary", "Origin")
             self.send_header("Content-Type", kind)
             if length is not None:
                 self.send_header("Content-Length", str(length))
@@ -141,6 +149,11 @@ def make_handler(service: Service, log: Callable[[str], None],
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             status = 200
             try:
+                self._check_caller()
+                if method == "OPTIONS":
+                    status = self._preflight()
+                    log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
+                    return
                 if method == "HEAD" or path.startswith(blob_upload.PREFIX):
                     status = self._blob_or_head(method, path)
                     log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
@@ -171,6 +184,32 @@ def make_handler(service: Service, log: Callable[[str], None],
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 status = 499  # the client went away (or stalled); the generation stopped with it
             log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
+
+        def _check_caller(self) -> None:
+            """A page of another site, or a name that is not this server's: 403 (origins.py)."""
+            host = self.headers.get("Host")
+            if not host_allowed(host, is_loopback(str(self.server.server_address[0]))):
+                raise RequestError(403, f"host {host!r} is not this server's name (qvl serve answers local names "
+                                        "on a loopback address)")
+            origin = self.headers.get("Origin")
+            if origin is not None and not origin_allowed(origin, service.config.origins):
+                raise RequestError(403, f"origin {origin!r} may not call qvl serve (allow it with qvl serve --origins "
+                                        "or $QVL_ORIGINS)")
+
+        def _preflight(self) -> int:
+            """OPTIONS: the methods and headers a page of an allowed origin may use."""
+            self.send_response(204)
+            origin = self.headers.get("Origin")
+            if origin is not None:
+                self.send_header("Access-Control-Allow-Origin", origin)
+                self.send_header("Vary", "Origin")
+            for key, value in PREFLIGHT_HEADERS.items():
+                self.send_header(key, value)
+            asked = self.headers.get("Access-Control-Request-Headers")
+            self.send_header("Access-Control-Allow-Headers", asked or "Authorization, Content-Type")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return 204
 
         def _blob_or_head(self, method: str, path: str) -> int:
             """HEAD and POST /api/blobs/DIGEST (blob_upload.py), in this thread: I/O, no model;

@@ -90,6 +90,7 @@ class ServeConfig:
     ctx_size: int | None = None  # num_ctx when neither the request nor the model says
     default_model: str | None = None  # MODEL given to `qvl serve`: a GGUF file or a stored name
     keep_alive_s: float = 300.0  # how long a model stays loaded after its last request (inf: until replaced)
+    origins: tuple[str, ...] = ()  # web origins allowed besides the local ones (origins.py; --origins)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
