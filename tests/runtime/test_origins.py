@@ -87,3 +87,27 @@ def test_a_local_page_gets_cors_headers_and_its_preflight(running):
     assert status == 403 and "Access-Control-Allow-Origin" not in headers
     status, headers, _ = _ask(running, "GET", "/api/version", {})  # no Origin (curl, SDKs): no CORS headers
     assert status == 200 and "Access-Control-Allow-Origin" not in headers
+
+
+@pytest.mark.parametrize("args,env,want", [
+    (["--origins", "https://a.example, http://b.example:*"], None, ("https://a.example", "http://b.example:*")),
+    ([], "https://c.example", ("https://c.example",)),
+    (["--origins", ""], "https://c.example", ()),  # the flag wins over the variable
+    ([], None, ()),
+])
+def test_serve_origins_option_and_variable(monkeypatch, tmp_path, args, env, want):
+    from typer.testing import CliRunner
+
+    from qvl.runtime import http_serve
+    from qvl.runtime.cli import app
+
+    monkeypatch.setenv("QVL_MODELS", str(tmp_path))
+    if env is None:
+        monkeypatch.delenv("QVL_ORIGINS", raising=False)
+    else:
+        monkeypatch.setenv("QVL_ORIGINS", env)
+    got = []
+    monkeypatch.setattr(http_serve, "serve", lambda service, *a, **k: got.append(service.config.origins))
+    r = CliRunner().invoke(app, ["serve", "--cpu", *args])
+    assert r.exit_code == 0, r.stderr
+    assert got == [want]
