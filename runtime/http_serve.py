@@ -207,6 +207,8 @@ def make_handler(service: Service, log: Callable[[str], None],
                 self.send_header(key, value)
             asked = self.headers.get("Access-Control-Request-Headers")
             self.send_header("Access-Control-Allow-Headers", asked or "Authorization, Content-Type")
+            if self.headers.get("Access-Control-Request-Private-Network") == "true":  # a public page (--origins)
+                self.send_header("Access-Control-Allow-Private-Network", "true")  # calling this machine: Chrome's PNA
             self.send_header("Content-Length", "0")
             self.end_headers()
             return 204

@@ -526,7 +526,7 @@ def _check_boxes_file(path: Path, images: list[Path], prompt: Optional[str]) -> 
     """--boxes' own checks, before a model is loaded."""
     if len(images) != 1:
         _fail(f"--boxes: give one --image (got {len(images)})")
-    if prompt is None and sys.stdin.isatty():
+    if prompt is None and sys.stdin is not None and sys.stdin.isatty():
         _fail("--boxes: give the question with --prompt or --file (not in the interactive chat)")
     if path.is_dir():
         _fail(f"--boxes {path}: is a folder")

@@ -83,6 +83,10 @@ def test_a_local_page_gets_cors_headers_and_its_preflight(running):
     assert status == 204 and headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
     assert "POST" in headers["Access-Control-Allow-Methods"]
     assert headers["Access-Control-Allow-Headers"] == "content-type, x-stainless-os"
+    assert "Access-Control-Allow-Private-Network" not in headers
+    status, headers, _ = _ask(running, "OPTIONS", "/api/chat", {"Origin": "http://localhost:5173",
+                                                               "Access-Control-Request-Private-Network": "true"})
+    assert status == 204 and headers["Access-Control-Allow-Private-Network"] == "true"
     status, headers, _ = _ask(running, "OPTIONS", "/api/chat", {"Origin": "https://evil.example"})
     assert status == 403 and "Access-Control-Allow-Origin" not in headers
     status, headers, _ = _ask(running, "GET", "/api/version", {})  # no Origin (curl, SDKs): no CORS headers
