@@ -253,7 +253,7 @@ def make_handler(service: Service, log: Callable[[str], None],
 
         def _event(self, event: dict[str, Any], reply: Reply) -> None:
             line = json.dumps(event, ensure_ascii=False)
-            name = f"event: {event.get('type')}\n" if reply.named_events else ""
+            name = f"event: {event.get('type') or 'error'}\n" if reply.named_events else ""  # an error: {"error"}
             self.wfile.write((f"{name}data: {line}\n\n" if reply.sse else line + "\n").encode())
             self.wfile.flush()
 

@@ -125,3 +125,30 @@ def test_one_model_by_name(running):
     assert running.json("/v1/models/tiny%3A1") == one
     status, data = running.request("/v1/models/nope:9")
     assert status == 404 and "not found" in json.loads(data)["error"]
+
+
+class Failing:
+    """A model that says "a", then fails."""
+
+    last_generation = None
+    defaults: dict = {}
+
+    def chat(self, messages, stream, **kwargs):
+        def pieces():
+            yield "a"
+            from qvl.runtime.model import ModelError
+            raise ModelError("the context is full")
+        return pieces()
+
+
+def test_an_error_inside_the_stream_is_a_named_error_event(store):
+    from serving import Running
+
+    from qvl.runtime.server import ServeConfig, Service
+
+    running = Running(Service(ServeConfig(), store, loader=lambda name, **kw: Failing()))
+    status, data = running.request("/v1/responses", {"model": "tiny:1", "input": "x", "stream": True})
+    events = _events(data)
+    assert events[4][1]["delta"] == "a"
+    assert events[-1] == ("error", {"error": "the context is full"})
+    running.server.shutdown()
