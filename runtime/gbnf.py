@@ -417,6 +417,24 @@ def parse_gbnf(text: str) -> Grammar:
     return Grammar(nodes)
 
 
+def embed_gbnf(text: str, nodes: list[Node]) -> int:
+    """The GBNF grammar `text`'s nodes appended to `nodes` (another grammar's: json_schema.py's
+    string formats and patterns), their ids moved along; returns its root rule's node."""
+    g = parse_gbnf(text)
+    root = g.nodes[-1]
+    assert isinstance(root, Root)
+    base = len(nodes)
+    for n in g.nodes[:-1]:
+        if isinstance(n, Seq):
+            n = Seq(tuple(i + base for i in n.items), n.tail)
+        elif isinstance(n, Repeat):
+            n = Repeat(n.item + base, n.min, n.max)
+        elif isinstance(n, Either):
+            n = Either(tuple(i + base for i in n.options))
+        nodes.append(n)
+    return root.value + base
+
+
 def resolve_tokens(grammar: Grammar, tokenizer: Tokenizer) -> Grammar:
     """`grammar` with its `<text>` tokens made ids by `tokenizer` (as llama.cpp does, the text
     must be one token, special ones included) and every id checked against the vocabulary; a

@@ -171,6 +171,48 @@ class Number:
 
 
 @dataclass(frozen=True)
+class IntRange:
+    """A JSON integer in lo..hi (None: no bound; a schema's minimum / maximum), of at most
+    MAX_INT_DIGITS digits, "-0" not among them: a digit is taken only where some integer of the
+    range starts with the digits so far."""
+
+    lo: int | None
+    hi: int | None
+
+    def starts(self) -> list[tuple[int, ...]]:
+        return [(0, 0, 0, 0)]  # (phase: 0 before it, 1 after "-", 2 in its digits; negative; value; digits)
+
+    def _holds(self, x: int) -> bool:
+        return (self.lo is None or x >= self.lo) and (self.hi is None or x <= self.hi)
+
+    def _possible(self, negative: int, value: int, digits: int) -> bool:
+        """Some integer of the range has this sign and starts with these digits."""
+        more = [0] if value == 0 else range(MAX_INT_DIGITS - digits + 1)  # nothing follows a leading 0
+        for k in more:
+            a, b = value * 10 ** k, value * 10 ** k + 10 ** k - 1
+            x, y = (-b, -a) if negative else (a, b)
+            if (self.lo is None or y >= self.lo) and (self.hi is None or x <= self.hi):
+                return True
+        return False
+
+    def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
+        phase, negative, value, digits = local
+        if byte in _DIGITS:
+            d = byte - 0x30
+            if phase == 2 and (value == 0 or digits >= MAX_INT_DIGITS) or phase == 1 and d == 0:
+                return []
+            nxt = (2, negative, value * 10 + d, digits + 1) if phase == 2 else (2, negative, d, 1)
+            return [(STAY, nxt)] if self._possible(*nxt[1:]) else []
+        if phase == 0 and byte == 0x2D and (self.lo is None or self.lo < 0):
+            return [(STAY, (1, 1, 0, 0))]
+        return [(END,)] if self.can_end(local) else []
+
+    def can_end(self, local: tuple[int, ...]) -> bool:
+        phase, negative, value, _ = local
+        return phase == 2 and self._holds(-value if negative else value)
+
+
+@dataclass(frozen=True)
 class Array:
     item: int
     min_items: int = 0
@@ -296,7 +338,7 @@ class Root:
         return [] if w is None else [(STAY, (1, w))]
 
 
-Node = Literal | String | Number | Array | Object | TokenRef | Either | Root
+Node = Literal | String | Number | IntRange | Array | Object | TokenRef | Either | Root
 
 
 class Grammar:

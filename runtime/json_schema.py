@@ -3,22 +3,28 @@ json_grammar.Grammar, with llama.cpp's json-schema-to-grammar's reading of it: a
 declared properties come in the schema's order, the required ones first, and no others unless
 `additionalProperties` allows them (and then not under a declared key's name); `type` (one or a
 list), `enum`, `const`, `anyOf` / `oneOf`, `$ref` into `$defs` / `definitions` (recursion
-included), `items`, `minItems` / `maxItems`, `minLength` / `maxLength`. Keywords that would
-constrain what this does not follow (`pattern`, `format`, `minimum`, ...) are refused by name
-rather than ignored; descriptive ones (`title`, `description`, `default`, `examples`) are ignored.
+included), `items`, `minItems` / `maxItems`, `minLength` / `maxLength`; an integer's `minimum`,
+`maximum`, `exclusiveMinimum`, `exclusiveMaximum` (json_grammar.IntRange); a string's `pattern`
+and its `format` date, time, date-time and uuid (schema_strings.py; another format is an
+annotation). Keywords that would constrain what this does not follow (a number's `minimum`,
+`multipleOf`, `allOf`, a pattern together with lengths, ...) are refused by name rather than
+ignored; descriptive ones (`title`, `description`, `default`, `examples`) are ignored.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
-from .json_grammar import Array, Either, Grammar, Literal, Node, Number, Object, Root, String, any_value
+from .gbnf import embed_gbnf
+from .json_grammar import Array, Either, Grammar, IntRange, Literal, Node, Number, Object, Root, String, any_value
+from .schema_strings import PatternError, format_gbnf, pattern_gbnf
 
-UNSUPPORTED = ("pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-               "allOf", "not", "if", "then", "else", "prefixItems", "uniqueItems", "contains", "patternProperties",
+UNSUPPORTED = ("multipleOf", "allOf", "not", "if", "then", "else", "prefixItems", "uniqueItems", "contains", "patternProperties",
                "propertyNames", "minProperties", "maxProperties", "dependentRequired", "dependentSchemas")
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # an integer's
 
 
 class SchemaError(ValueError):
@@ -88,6 +94,9 @@ class _Builder:
         if kind is None:
             kind = "object" if "properties" in s else "array" if "items" in s else None
         if kind is None:
+            for key in (*BOUNDS, "pattern"):
+                if key in s:
+                    raise SchemaError(f"{where}: {key!r} without a type is not followed by qvl")
             return self.any()
         if kind not in TYPES:
             raise SchemaError(f"{where}.type {kind!r}: one of {', '.join(TYPES)}")
@@ -121,12 +130,43 @@ class _Builder:
         lo, hi = s.get("minLength", 0), s.get("maxLength")
         if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
             raise SchemaError(f"{where}: minLength / maxLength are integers, 0 <= minLength <= maxLength")
-        return self.add(String(lo, hi))
+        fmt = s.get("format")
+        if fmt is not None and not isinstance(fmt, str):
+            raise SchemaError(f"{where}.format: a string")
+        shape = format_gbnf(fmt) if fmt is not None else None
+        if "pattern" in s:
+            if not isinstance(s["pattern"], str):
+                raise SchemaError(f"{where}.pattern: a string")
+            try:
+                shape = pattern_gbnf(s["pattern"]) if shape is None else ""
+            except PatternError as e:
+                raise SchemaError(f"{where}: {e}") from None
+            if not shape:
+                raise SchemaError(f"{where}: a pattern together with format {fmt!r} is not followed by qvl")
+        if shape is None:
+            return self.add(String(lo, hi))
+        if "minLength" in s or "maxLength" in s:
+            what = "a pattern" if "pattern" in s else f"format {fmt!r}"
+            raise SchemaError(f"{where}: minLength / maxLength together with {what} are not followed by qvl")
+        return embed_gbnf(shape, self.nodes)
 
     def _integer(self, s: dict[str, Any], where: str) -> int:
-        return self.add(Number(integer=True))
+        bounds = {k: s[k] for k in BOUNDS if k in s}
+        for k, v in bounds.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise SchemaError(f"{where}.{k}: a number")
+        lo = math.ceil(bounds["minimum"]) if "minimum" in bounds else (
+            math.floor(bounds["exclusiveMinimum"]) + 1 if "exclusiveMinimum" in bounds else None)
+        hi = math.floor(bounds["maximum"]) if "maximum" in bounds else (
+            math.ceil(bounds["exclusiveMaximum"]) - 1 if "exclusiveMaximum" in bounds else None)
+        if lo is not None and hi is not None and lo > hi:
+            raise SchemaError(f"{where}: no integer is between its bounds ({lo} > {hi})")
+        return self.add(Number(integer=True) if lo is None and hi is None else IntRange(lo, hi))
 
     def _number(self, s: dict[str, Any], where: str) -> int:
+        for key in BOUNDS:
+            if key in s:
+                raise SchemaError(f"{where}: {key!r} is not followed by qvl for a number (for an integer it is)")
         return self.add(Number())
 
     def _boolean(self, s: dict[str, Any], where: str) -> int:

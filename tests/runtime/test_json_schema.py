@@ -111,9 +111,16 @@ def test_schema_keywords(schema, takes, refuses):
 
 
 @pytest.mark.parametrize("schema,message", [
-    ({"type": "string", "pattern": "^a+$"}, "#: 'pattern' is not followed by qvl"),
-    ({"properties": {"when": {"type": "string", "format": "date-time"}}}, "#.properties.when: 'format' is not"),
-    ({"type": "integer", "minimum": 0}, "#: 'minimum' is not followed by qvl"),
+    ({"type": "number", "minimum": 0}, "#: 'minimum' is not followed by qvl for a number (for an integer it is)"),
+    ({"properties": {"n": {"exclusiveMaximum": 3}}}, "#.properties.n: 'exclusiveMaximum' without a type is not"),
+    ({"type": "integer", "minimum": 5, "maximum": 4.5}, "#: no integer is between its bounds (5 > 4)"),
+    ({"type": "integer", "minimum": "0"}, "#.minimum: a number"),
+    ({"type": "integer", "multipleOf": 2}, "#: 'multipleOf' is not followed by qvl"),
+    ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "#: minLength / maxLength together with a pattern"),
+    ({"type": "string", "format": "date", "minLength": 1}, "#: minLength / maxLength together with format 'date'"),
+    ({"type": "string", "pattern": "^a$", "format": "uuid"}, "#: a pattern together with format 'uuid'"),
+    ({"type": "string", "pattern": "^(a)\\1$"}, "#: pattern '^(a)\\\\1$': \\1 is not followed"),
+    ({"type": "string", "pattern": "^a(?=b)$"}, "look-arounds and other (?...) groups are not followed"),
     ({"$ref": "#/$defs/Nope"}, "#.$ref '#/$defs/Nope': no such definition"),
     ({"$ref": "https://example.com/s.json"}, "only #/$defs/NAME or #/definitions/NAME"),
     ({"properties": {"a": {}}, "required": ["b"]}, "#.required: 'b' is not among the properties"),
@@ -148,8 +155,8 @@ def test_the_models_answer_keeps_to_the_schema(model, kwargs):
 
 
 def test_a_bad_schema_is_a_model_error(model):
-    with pytest.raises(ModelError, match="#.properties.when: 'format' is not followed"):
-        model.generate("x", format={"properties": {"when": {"type": "string", "format": "date"}}})
+    with pytest.raises(ModelError, match="#.properties.n: 'multipleOf' is not followed"):
+        model.generate("x", format={"properties": {"n": {"type": "integer", "multipleOf": 3}}})
     with pytest.raises(ModelError, match="no token of the vocabulary continues the answer"):  # nothing satisfies it
         model.generate("x", format={"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}})
 
@@ -162,9 +169,9 @@ def test_qvl_run_format_schema_file_and_inline(model, model_path, tmp_path):
         r = CliRunner().invoke(run_app, [str(model_path), "-p", "Who are you?", "-n", "12", "--format", value])
         assert r.exit_code == 0, r.output
         assert r.stdout.strip() == want.strip()
-    (tmp_path / "bad.json").write_text('{"type": "string", "pattern": "x"}')
+    (tmp_path / "bad.json").write_text('{"type": "number", "minimum": 0}')
     (tmp_path / "broken.json").write_text('{"type": ')
-    for value, line in [(str(tmp_path / "bad.json"), f"{tmp_path / 'bad.json'}: #: 'pattern' is not followed by qvl"),
+    for value, line in [(str(tmp_path / "bad.json"), f"{tmp_path / 'bad.json'}: #: 'minimum' is not followed by qvl"),
                         (str(tmp_path / "broken.json"), f"{tmp_path / 'broken.json'}: not JSON"),
                         ('{"type": 1}', "--format: #.type 1: one of object")]:
         r = CliRunner().invoke(run_app, [str(model_path), "-p", "x", "--format", value])
