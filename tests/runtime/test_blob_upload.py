@@ -94,12 +94,12 @@ def test_a_bad_body_leaves_nothing(served):
     assert status == 400 and "invalid digest" in json.loads(answer)["error"]
     assert leftovers(store) == []
     # a chunked body whose client goes away inside a chunk
-    answer = raw_exchange(running, f"POST /api/blobs/{digest(data)} HTTP/1.1\r\nHost: x\r\n"
+    answer = raw_exchange(running, f"POST /api/blobs/{digest(data)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                    "Transfer-Encoding: chunked\r\n\r\n1000\r\n".encode() + data[:100])
     assert answer.startswith(b"HTTP/1.0 400") and b"ended inside a chunk" in answer
-    answer = raw_exchange(running, f"POST /api/blobs/{digest(data)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    answer = raw_exchange(running, f"POST /api/blobs/{digest(data)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.0 411")
-    answer = raw_exchange(running, f"POST /api/blobs/{digest(data)} HTTP/1.1\r\nHost: x\r\n"
+    answer = raw_exchange(running, f"POST /api/blobs/{digest(data)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                    f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:-1])
     assert answer.startswith(b"HTTP/1.0 400") and b"1 bytes short" in answer
     assert leftovers(store) == []  # no partial file
