@@ -214,12 +214,20 @@ class IntRange:
 
 @dataclass(frozen=True)
 class Array:
-    item: int
+    """Items of node `item` (None: none), the first ones of the nodes `prefix` (a schema's
+    prefixItems), min_items..max_items of them (max None: any number; the count is then kept
+    only as far as it matters, so that the parse states repeat)."""
+
+    item: int | None
     min_items: int = 0
     max_items: int | None = None
+    prefix: tuple[int, ...] = ()
 
     def starts(self) -> list[tuple[int, ...]]:
         return [(0, 0, 0)]
+
+    def _more(self, count: int) -> bool:
+        return (self.max_items is None or count < self.max_items) and (count < len(self.prefix) or self.item is not None)
 
     def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
         phase, count, ws = local  # 0 before [, 1 after [, 2 after an item, 3 after a comma
@@ -231,11 +239,13 @@ class Array:
         if byte == 0x5D and phase in (1, 2) and count >= self.min_items:
             return [(DONE,)]
         if phase == 2:
-            more = self.max_items is None or count < self.max_items
-            return [(STAY, (3, count, 0))] if byte == 0x2C and more else []
-        if phase == 1 and self.max_items == 0:
+            return [(STAY, (3, count, 0))] if byte == 0x2C and self._more(count) else []
+        if phase == 1 and not self._more(0):
             return []
-        return [(PUSH, (2, count + 1, 0), self.item)]
+        nid = self.prefix[count] if count < len(self.prefix) else self.item
+        assert nid is not None
+        nxt = count + 1 if self.max_items is not None else min(count + 1, max(len(self.prefix), self.min_items))
+        return [(PUSH, (2, nxt, 0), nid)]
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ list), `enum`, `const`, `anyOf` / `oneOf`, `$ref` into `$defs` / `definitions` (
 included), `items`, `minItems` / `maxItems`, `minLength` / `maxLength`; an integer's `minimum`,
 `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (json_grammar.IntRange); a string's `pattern`
 and its `format` date, time, date-time and uuid (schema_strings.py; another format is an
-annotation). Keywords that would constrain what this does not follow (a number's `minimum`,
-`multipleOf`, `allOf`, a pattern together with lengths, ...) are refused by name rather than
-ignored; descriptive ones (`title`, `description`, `default`, `examples`) are ignored.
+annotation); `prefixItems` (tuples); `allOf` of one schema, of object schemas (merged) or of
+enums (intersected). Keywords that would constrain what this does not follow (a number's
+`minimum`, `multipleOf`, other `allOf`s, a pattern together with lengths, ...) are refused by
+name rather than ignored; descriptive ones (`title`, `description`, `default`, `examples`) are ignored.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from .gbnf import embed_gbnf
 from .json_grammar import Array, Either, Grammar, IntRange, Literal, Node, Number, Object, Root, String, any_value
 from .schema_strings import PatternError, format_gbnf, pattern_gbnf
 
-UNSUPPORTED = ("multipleOf", "allOf", "not", "if", "then", "else", "prefixItems", "uniqueItems", "contains", "patternProperties",
+UNSUPPORTED = ("multipleOf", "not", "if", "then", "else", "uniqueItems", "contains", "patternProperties",
                "propertyNames", "minProperties", "maxProperties", "dependentRequired", "dependentSchemas")
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # an integer's
+# what says nothing of the value (allOf's siblings may be these and still be one schema)
+ANNOTATIONS = ("title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly",
+               "$defs", "definitions", "$schema", "$id")
 
 
 class SchemaError(ValueError):
@@ -41,6 +45,7 @@ class _Builder:
         self.nodes: list[Node] = []
         self.refs: dict[str, int] = {}
         self._any: int | None = None
+        self._merging: set[int] = set()  # the allOf schemas being merged (one reached again: a loop)
 
     def add(self, node: Node) -> int:
         self.nodes.append(node)
@@ -73,6 +78,14 @@ class _Builder:
         for key in UNSUPPORTED:
             if key in s:
                 raise SchemaError(f"{where}: {key!r} is not followed by qvl")
+        if "allOf" in s:
+            if id(s) in self._merging:
+                raise SchemaError(f"{where}.allOf: refers to itself through allOf")
+            self._merging.add(id(s))
+            try:
+                return self.node(self._all_of(s, where), where)
+            finally:
+                self._merging.discard(id(s))
         if "$ref" in s:
             return self.ref(s["$ref"], where)
         if "const" in s:
@@ -124,7 +137,54 @@ class _Builder:
         lo, hi = s.get("minItems", 0), s.get("maxItems")
         if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
             raise SchemaError(f"{where}: minItems / maxItems are integers, 0 <= minItems <= maxItems")
-        return self.add(Array(self.node(s.get("items", True), f"{where}.items"), lo, hi))
+        prefix = s.get("prefixItems", [])
+        if not isinstance(prefix, list):
+            raise SchemaError(f"{where}.prefixItems: a list of schemas")
+        first = tuple(self.node(x, f"{where}.prefixItems[{i}]") for i, x in enumerate(prefix))
+        rest = s.get("items", True)
+        item = None if rest is False else self.node(rest, f"{where}.items")
+        return self.add(Array(item, lo, hi, first))
+
+    def _resolved(self, s: Any, where: str, seen: frozenset[str] = frozenset()) -> Any:
+        """A schema with its $ref followed (to a definition, which may be another $ref)."""
+        if isinstance(s, dict) and set(s) - set(ANNOTATIONS) == {"$ref"}:
+            ref = s["$ref"]
+            if ref in seen:
+                raise SchemaError(f"{where}.$ref {ref!r}: refers to itself through allOf")
+            self.ref(ref, where)  # checks it
+            section, _, name = ref[2:].partition("/")
+            return self._resolved(self.root[section][name], where, seen | {ref})
+        return s
+
+    def _all_of(self, s: dict[str, Any], where: str) -> Any:
+        """allOf as the one schema it comes to: its only schema; object schemas merged (their
+        properties in order, required ones all required); or enums intersected."""
+        parts = s["allOf"]
+        if not isinstance(parts, list) or not parts:
+            raise SchemaError(f"{where}.allOf: a non-empty list")
+        rest = {k: v for k, v in s.items() if k != "allOf" and k not in ANNOTATIONS}
+        comps = [self._resolved(p, f"{where}.allOf[{i}]") for i, p in enumerate(parts)] + ([rest] if rest else [])
+        if len(comps) == 1:
+            return comps[0]
+        if all(isinstance(c, dict) and set(c) <= {"enum", *ANNOTATIONS} and "enum" in c for c in comps):
+            keep = [v for v in comps[0]["enum"] if all(_literal(v) in {_literal(w) for w in c["enum"]} for c in comps)]
+            if not keep:
+                raise SchemaError(f"{where}.allOf: no value is in every enum")
+            return {"enum": keep}
+        merged: dict[str, Any] = {"type": "object", "properties": {}, "required": []}
+        for i, c in enumerate(comps):
+            known = {"type", "properties", "required", "additionalProperties", *ANNOTATIONS}
+            if not isinstance(c, dict) or c.get("type", "object") != "object" or set(c) - known:
+                raise SchemaError(f"{where}.allOf[{i}]: allOf of object schemas (merged) or enums (intersected) "
+                                  "is what qvl follows")
+            for key, value in c.get("properties", {}).items():
+                if merged["properties"].setdefault(key, value) != value:
+                    raise SchemaError(f"{where}.allOf[{i}].properties.{key}: a second, different schema for it")
+            merged["required"] += [r for r in c.get("required", []) if r not in merged["required"]]
+            if "additionalProperties" in c:
+                if merged.setdefault("additionalProperties", c["additionalProperties"]) != c["additionalProperties"]:
+                    raise SchemaError(f"{where}.allOf[{i}].additionalProperties: differs from another's")
+        return merged
 
     def _string(self, s: dict[str, Any], where: str) -> int:
         lo, hi = s.get("minLength", 0), s.get("maxLength")

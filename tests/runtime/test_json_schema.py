@@ -102,6 +102,20 @@ def test_what_the_schema_refuses_and_where(text, at, why):
                 {"type": "object", "properties": {"car": {"type": "integer"}}, "required": ["car"]}]},
      ['{"cat": "x"}', '{"car": 3}'], ['{"cat": 3}', '{"car": "x"}', '{"cow": 1}']),
     ({}, ['1', '"s"', '[{}]', 'null'], ['nil', "'s'"]),
+    # prefixItems: pydantic's tuple[int, str] (min = max = 2), and a tuple with more items of a type
+    ({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2},
+     ['[1, "a"]', '[ 7,"x" ]'], ['[1]', '["a", 1]', '[1, "a", 2]', '[]']),
+    ({"type": "array", "prefixItems": [{"type": "string"}], "items": {"type": "integer"}},
+     ['[]', '["a"]', '["a", 1, 2, 3]'], ['[1]', '["a", "b"]']),
+    ({"type": "array", "prefixItems": [{"type": "null"}], "items": False}, ['[]', '[null]'], ['[null, null]']),
+    # allOf: one schema (pydantic v1's field with a description), objects merged, enums intersected
+    ({"properties": {"pet": {"allOf": [{"$ref": "#/$defs/Pet"}], "description": "the pet"}}, "required": ["pet"],
+      "$defs": {"Pet": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}},
+     ['{"pet": {"name": "Rex"}}'], ['{"pet": {}}', '{"pet": "Rex"}']),
+    ({"allOf": [{"$ref": "#/$defs/A"}, {"properties": {"b": {"type": "integer"}}, "required": ["b"]}],
+      "$defs": {"A": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}},
+     ['{"a": "x", "b": 1}'], ['{"a": "x"}', '{"b": 1}', '{"b": 1, "a": "x"}']),
+    ({"allOf": [{"enum": ["a", "b", "c"]}, {"enum": ["c", "b", "z"]}]}, ['"b"', '"c"'], ['"a"', '"z"']),
 ])
 def test_schema_keywords(schema, takes, refuses):
     for text in takes:
@@ -116,6 +130,13 @@ def test_schema_keywords(schema, takes, refuses):
     ({"type": "integer", "minimum": 5, "maximum": 4.5}, "#: no integer is between its bounds (5 > 4)"),
     ({"type": "integer", "minimum": "0"}, "#.minimum: a number"),
     ({"type": "integer", "multipleOf": 2}, "#: 'multipleOf' is not followed by qvl"),
+    ({"allOf": [{"type": "string"}, {"minLength": 2}]}, "#.allOf[0]: allOf of object schemas (merged) or enums"),
+    ({"allOf": [{"properties": {"a": {"type": "string"}}}, {"properties": {"a": {"type": "integer"}}}]},
+     "#.allOf[1].properties.a: a second, different schema for it"),
+    ({"allOf": [{"enum": [1]}, {"enum": [2]}]}, "#.allOf: no value is in every enum"),
+    ({"allOf": [{"$ref": "#/$defs/A"}], "$defs": {"A": {"allOf": [{"$ref": "#/$defs/A"}]}}},
+     "refers to itself through allOf"),
+    ({"type": "array", "prefixItems": {"type": "integer"}}, "#.prefixItems: a list of schemas"),
     ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "#: minLength / maxLength together with a pattern"),
     ({"type": "string", "format": "date", "minLength": 1}, "#: minLength / maxLength together with format 'date'"),
     ({"type": "string", "pattern": "^a$", "format": "uuid"}, "#: a pattern together with format 'uuid'"),

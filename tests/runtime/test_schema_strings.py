@@ -133,3 +133,42 @@ def test_the_models_answer_keeps_to_bounds_formats_and_patterns(fixtures_dir):
             doc = json.loads(out.text)
             assert re.fullmatch(r"\d{4}-\d\d-\d\d", doc["when"]) and 18 <= doc["age"] <= 65
             assert re.fullmatch(r"[A-Z]{2}-\d{3}", doc["code"]) and len(doc["id"]) == 36
+
+
+def test_pydantic_models_schemas_are_followed():
+    """pydantic's schemas of datetime, date, UUID, bounded int, tuple, enum, nested and optional
+    fields (typer needs pydantic: it is always here): followed, and an instance's JSON taken."""
+    import datetime
+    import enum
+    import uuid
+    from typing import Annotated, Optional
+
+    from pydantic import BaseModel, Field
+
+    class Colour(enum.Enum):
+        RED = "red"
+        BLUE = "blue"
+
+    class Pet(BaseModel):
+        name: Annotated[str, Field(pattern=r"^[A-Z][a-z]+$")]
+        age: Annotated[int, Field(ge=0, le=30)]
+
+    class Person(BaseModel):
+        id: uuid.UUID
+        born: datetime.date
+        seen: datetime.datetime
+        size: tuple[int, str]
+        colour: Colour
+        pet: Pet
+        note: Optional[str]
+        tags: list[Annotated[str, Field(max_length=5)]]
+
+    g = schema_grammar(Person.model_json_schema())
+    person = Person(id=uuid.UUID("123e4567-e89b-12d3-a456-426614174000"), born=datetime.date(1990, 5, 17),
+                    seen=datetime.datetime(2026, 12, 6, 16, 30, tzinfo=datetime.timezone.utc), size=(180, "cm"),
+                    colour=Colour.BLUE, pet=Pet(name="Rex", age=3), note=None, tags=["a", "bb"])
+    assert _takes(g, person.model_dump_json()), person.model_dump_json()
+    bad = json.loads(person.model_dump_json())
+    for key, value in [("born", "1990-5-17"), ("size", [180]), ("colour", "green"), ("pet", {"name": "rex", "age": 3}),
+                       ("pet", {"name": "Rex", "age": 31}), ("tags", ["toolong"]), ("id", "123")]:
+        assert not _takes(g, json.dumps({**bad, key: value})), key
