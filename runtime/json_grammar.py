@@ -15,6 +15,7 @@ ones first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 MAX_INT_DIGITS = 16
 MAX_WS_INDENT = 20
@@ -213,6 +214,75 @@ class IntRange:
 
 
 @dataclass(frozen=True)
+class NumberRange:
+    """A JSON number between lo and hi (None: no bound; `lo_open` / `hi_open`: the bound itself
+    excluded; a schema's minimum / exclusiveMinimum / ...), written without an exponent, with at
+    most MAX_INT_DIGITS digits before the point and after it: a byte is taken only where some
+    number of the range starts with what has been written."""
+
+    lo: Fraction | None
+    hi: Fraction | None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def starts(self) -> list[tuple[int, ...]]:
+        return [(0, 0, 0, 0, 0, 0)]  # (phase: 0 before it, 1 after "-", 2 integer digits, 3 after ".",
+        # 4 fraction digits; negative; integer part; its digits; fraction digits as an integer; their count)
+
+    def _meets(self, negative: int, a: Fraction, b: Fraction) -> bool:
+        """Some number of this sign whose magnitude is in [a, b) is in the range: every lower
+        bound below every upper one (or equal, both taken), the values being (-b, -a] or [a, b)."""
+        lows = [(-b, False) if negative else (a, True)]
+        highs = [(-a, True) if negative else (b, False)]
+        if self.lo is not None:
+            lows.append((self.lo, not self.lo_open))
+        if self.hi is not None:
+            highs.append((self.hi, not self.hi_open))
+        return all(low < high or low == high and taken and taken_too for low, taken in lows for high, taken_too in highs)
+
+    def _possible(self, local: tuple[int, ...]) -> bool:
+        phase, negative, whole, digits, frac, places = local
+        if phase == 4:
+            unit = Fraction(1, 10 ** places)
+            return self._meets(negative, whole + frac * unit, whole + (frac + 1) * unit)
+        if phase == 3 or whole == 0:  # after the point, or after a leading 0: only a fraction may follow
+            return self._meets(negative, Fraction(whole), Fraction(whole + 1))
+        return any(self._meets(negative, Fraction(whole * 10 ** k), Fraction((whole + 1) * 10 ** k))
+                   for k in range(MAX_INT_DIGITS - digits + 1))
+
+    def _value(self, local: tuple[int, ...]) -> Fraction:
+        _, negative, whole, _, frac, places = local
+        v = whole + Fraction(frac, 10 ** places)
+        return -v if negative else v
+
+    def step(self, local: tuple[int, ...], byte: int) -> list[tuple]:
+        phase, negative, whole, digits, frac, places = local
+        nxt: tuple[int, ...] | None = None
+        if byte in _DIGITS:
+            d = byte - 0x30
+            if phase in (0, 1):
+                nxt = (2, negative, d, 1, 0, 0)
+            elif phase == 2 and whole != 0 and digits < MAX_INT_DIGITS:
+                nxt = (2, negative, whole * 10 + d, digits + 1, 0, 0)
+            elif phase in (3, 4) and places < MAX_INT_DIGITS:
+                nxt = (4, negative, whole, digits, frac * 10 + d, places + 1)
+        elif byte == 0x2E and phase == 2:
+            nxt = (3, negative, whole, digits, 0, 0)
+        elif byte == 0x2D and phase == 0:
+            return [(STAY, (1, 1, 0, 0, 0, 0))] if self._meets(1, Fraction(0), Fraction(10 ** MAX_INT_DIGITS)) else []
+        if nxt is not None:
+            return [(STAY, nxt)] if self._possible(nxt) else []
+        return [(END,)] if byte not in _DIGITS and self.can_end(local) else []
+
+    def can_end(self, local: tuple[int, ...]) -> bool:
+        if local[0] not in (2, 4):
+            return False
+        v = self._value(local)
+        return ((self.lo is None or v > self.lo or v == self.lo and not self.lo_open)
+                and (self.hi is None or v < self.hi or v == self.hi and not self.hi_open))
+
+
+@dataclass(frozen=True)
 class Array:
     """Items of node `item` (None: none), the first ones of the nodes `prefix` (a schema's
     prefixItems), min_items..max_items of them (max None: any number; the count is then kept
@@ -348,7 +418,7 @@ class Root:
         return [] if w is None else [(STAY, (1, w))]
 
 
-Node = Literal | String | Number | IntRange | Array | Object | TokenRef | Either | Root
+Node = Literal | String | Number | IntRange | NumberRange | Array | Object | TokenRef | Either | Root
 
 
 class Grammar:

@@ -3,23 +3,26 @@ json_grammar.Grammar, with llama.cpp's json-schema-to-grammar's reading of it: a
 declared properties come in the schema's order, the required ones first, and no others unless
 `additionalProperties` allows them (and then not under a declared key's name); `type` (one or a
 list), `enum`, `const`, `anyOf` / `oneOf`, `$ref` into `$defs` / `definitions` (recursion
-included), `items`, `minItems` / `maxItems`, `minLength` / `maxLength`; an integer's `minimum`,
-`maximum`, `exclusiveMinimum`, `exclusiveMaximum` (json_grammar.IntRange); a string's `pattern`
-and its `format` date, time, date-time and uuid (schema_strings.py; another format is an
-annotation); `prefixItems` (tuples); `allOf` of one schema, of object schemas (merged) or of
-enums (intersected). Keywords that would constrain what this does not follow (a number's
-`minimum`, `multipleOf`, other `allOf`s, a pattern together with lengths, ...) are refused by
-name rather than ignored; descriptive ones (`title`, `description`, `default`, `examples`) are ignored.
+included), `items`, `minItems` / `maxItems`, `minLength` / `maxLength`; an integer's or a
+number's `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (json_grammar.IntRange,
+NumberRange); a string's `pattern` and its `format` date, time, date-time and uuid
+(schema_strings.py; another format is an annotation); `prefixItems` (tuples); `allOf` of one
+schema, of object schemas (merged) or of enums (intersected). Keywords that would constrain
+what this does not follow (`multipleOf`, other `allOf`s, a pattern together with lengths, ...)
+are refused by name rather than ignored; descriptive ones (`title`, `description`, `default`,
+`examples`) are ignored.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 from typing import Any
 
 from .gbnf import embed_gbnf
-from .json_grammar import Array, Either, Grammar, IntRange, Literal, Node, Number, Object, Root, String, any_value
+from .json_grammar import (Array, Either, Grammar, IntRange, Literal, Node, Number, NumberRange, Object, Root, String,
+                           any_value)
 from .schema_strings import PatternError, format_gbnf, pattern_gbnf
 
 UNSUPPORTED = ("multipleOf", "not", "if", "then", "else", "uniqueItems", "contains", "patternProperties",
@@ -215,19 +218,31 @@ class _Builder:
         for k, v in bounds.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise SchemaError(f"{where}.{k}: a number")
-        lo = math.ceil(bounds["minimum"]) if "minimum" in bounds else (
-            math.floor(bounds["exclusiveMinimum"]) + 1 if "exclusiveMinimum" in bounds else None)
-        hi = math.floor(bounds["maximum"]) if "maximum" in bounds else (
-            math.ceil(bounds["exclusiveMaximum"]) - 1 if "exclusiveMaximum" in bounds else None)
+        lows = [math.ceil(bounds["minimum"])] if "minimum" in bounds else []
+        lows += [math.floor(bounds["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in bounds else []
+        highs = [math.floor(bounds["maximum"])] if "maximum" in bounds else []
+        highs += [math.ceil(bounds["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in bounds else []
+        lo, hi = max(lows, default=None), min(highs, default=None)  # both of a kind: the tighter
         if lo is not None and hi is not None and lo > hi:
             raise SchemaError(f"{where}: no integer is between its bounds ({lo} > {hi})")
         return self.add(Number(integer=True) if lo is None and hi is None else IntRange(lo, hi))
 
     def _number(self, s: dict[str, Any], where: str) -> int:
-        for key in BOUNDS:
-            if key in s:
-                raise SchemaError(f"{where}: {key!r} is not followed by qvl for a number (for an integer it is)")
-        return self.add(Number())
+        bounds = {k: s[k] for k in BOUNDS if k in s}
+        if not bounds:
+            return self.add(Number())
+        for k, v in bounds.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise SchemaError(f"{where}.{k}: a number")
+        exact = {k: Fraction(repr(v)) if isinstance(v, float) else Fraction(v) for k, v in bounds.items()}
+        # the tighter of minimum and exclusiveMinimum (and of the maxima), as both must hold
+        lows = [(exact[k], k == "exclusiveMinimum") for k in ("minimum", "exclusiveMinimum") if k in exact]
+        highs = [(exact[k], k == "exclusiveMaximum") for k in ("maximum", "exclusiveMaximum") if k in exact]
+        lo, lo_open = max(lows, key=lambda b: (b[0], b[1])) if lows else (None, False)
+        hi, hi_open = min(highs, key=lambda b: (b[0], not b[1])) if highs else (None, False)
+        if lo is not None and hi is not None and (lo > hi or lo == hi and (lo_open or hi_open)):
+            raise SchemaError(f"{where}: no number is between its bounds")
+        return self.add(NumberRange(lo, hi, lo_open, hi_open))
 
     def _boolean(self, s: dict[str, Any], where: str) -> int:
         return self.add(Literal((b"true", b"false")))

@@ -125,7 +125,7 @@ def test_schema_keywords(schema, takes, refuses):
 
 
 @pytest.mark.parametrize("schema,message", [
-    ({"type": "number", "minimum": 0}, "#: 'minimum' is not followed by qvl for a number (for an integer it is)"),
+    ({"type": "number", "minimum": 2, "maximum": 1}, "#: no number is between its bounds"),
     ({"properties": {"n": {"exclusiveMaximum": 3}}}, "#.properties.n: 'exclusiveMaximum' without a type is not"),
     ({"type": "integer", "minimum": 5, "maximum": 4.5}, "#: no integer is between its bounds (5 > 4)"),
     ({"type": "integer", "minimum": "0"}, "#.minimum: a number"),
@@ -190,9 +190,9 @@ def test_qvl_run_format_schema_file_and_inline(model, model_path, tmp_path):
         r = CliRunner().invoke(run_app, [str(model_path), "-p", "Who are you?", "-n", "12", "--format", value])
         assert r.exit_code == 0, r.output
         assert r.stdout.strip() == want.strip()
-    (tmp_path / "bad.json").write_text('{"type": "number", "minimum": 0}')
+    (tmp_path / "bad.json").write_text('{"type": "number", "multipleOf": 2}')
     (tmp_path / "broken.json").write_text('{"type": ')
-    for value, line in [(str(tmp_path / "bad.json"), f"{tmp_path / 'bad.json'}: #: 'minimum' is not followed by qvl"),
+    for value, line in [(str(tmp_path / "bad.json"), f"{tmp_path / 'bad.json'}: #: 'multipleOf' is not followed by qvl"),
                         (str(tmp_path / "broken.json"), f"{tmp_path / 'broken.json'}: not JSON"),
                         ('{"type": 1}', "--format: #.type 1: one of object")]:
         r = CliRunner().invoke(run_app, [str(model_path), "-p", "x", "--format", value])

@@ -1,7 +1,5 @@
-"""A schema's integer bounds, string formats and patterns, kept to byte by byte: integer ranges
-against brute force (every prefix taken exactly when some integer of the range starts with it),
-patterns against Python's own `re` on the string the JSON holds, formats against llama.cpp's
-rules' examples."""
+"""A schema's string formats and patterns, kept to byte by byte: patterns against Python's own
+`re` on the string the JSON holds, formats against llama.cpp's rules' examples."""
 
 from __future__ import annotations
 
@@ -22,41 +20,6 @@ def _state(grammar, text: str):
 def _takes(grammar, text: str) -> bool:
     state = _state(grammar, text)
     return state is not None and grammar.complete(state)
-
-
-@pytest.mark.parametrize("bounds,lo,hi", [
-    ({"minimum": 0, "maximum": 150}, 0, 150), ({"minimum": -40, "maximum": 5}, -40, 5),
-    ({"exclusiveMinimum": -3.5, "exclusiveMaximum": 12}, -3, 11), ({"minimum": 1.2, "maximum": 7.9}, 2, 7),
-    ({"minimum": 95}, 95, None), ({"maximum": -7}, None, -7), ({"minimum": 0, "maximum": 0}, 0, 0),
-    ({"minimum": 10, "maximum": 19}, 10, 19),
-])
-def test_integer_bounds_against_brute_force(bounds, lo, hi):
-    g = schema_grammar({"type": "integer", **bounds})
-    values = range(-300, 301)
-    inside = {x for x in values if (lo is None or x >= lo) and (hi is None or x <= hi)}
-    for x in values:
-        assert _takes(g, str(x)) is (x in inside), x
-    texts = {str(x) for x in values} | {"-0", "00", "01", "-", "--1", "1-"}
-    for s in sorted(texts):  # a prefix is taken when some integer of the range starts with it
-        for cut in range(1, len(s) + 1):
-            prefix = s[:cut]
-            ok = any(str(x).startswith(prefix) for x in inside) or (
-                hi is None and prefix.lstrip("-").isdigit() and not prefix.startswith("-") and prefix != "0"
-                and not prefix.startswith("0")) or (
-                lo is None and prefix.startswith("-") and prefix[1:2] not in ("0",) and prefix[1:].isdigit())
-            if lo is None or hi is None:  # unbounded on a side: the brute-force window is not enough
-                if ok:
-                    assert _state(g, prefix) is not None, prefix
-                continue
-            assert (_state(g, prefix) is not None) is ok, prefix
-    assert not _takes(g, "1" * 17)  # at most 16 digits, as every JSON integer here
-
-
-def test_a_bounded_integer_inside_an_object():
-    g = schema_grammar({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 150}},
-                        "required": ["age"]})
-    assert _takes(g, '{"age": 42}') and _takes(g, '{"age": 150 }') and _takes(g, '{"age":0}')
-    assert not _takes(g, '{"age": 151}') and not _takes(g, '{"age": -1}') and not _takes(g, '{"age": 4.5}')
 
 
 @pytest.mark.parametrize("fmt,takes,refuses", [
@@ -123,16 +86,17 @@ def test_the_models_answer_keeps_to_bounds_formats_and_patterns(fixtures_dir):
     model = load(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")
     schema = {"type": "object", "properties": {
         "when": {"type": "string", "format": "date"}, "age": {"type": "integer", "minimum": 18, "maximum": 65},
-        "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"}, "id": {"type": "string", "format": "uuid"}},
-        "required": ["when", "age", "code", "id"]}
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"}, "id": {"type": "string", "format": "uuid"},
+        "score": {"type": "number", "minimum": 0, "maximum": 1}},
+        "required": ["when", "age", "code", "id", "score"]}
     g = schema_grammar(schema)
     for seed in range(2):
-        out = model.generate("Fill it in.", format=schema, max_new_tokens=100, temperature=1.0, seed=seed)
+        out = model.generate("Fill it in.", format=schema, max_new_tokens=120, temperature=1.0, seed=seed)
         assert _state(g, out.text) is not None, out.text
         if out.ended:
             doc = json.loads(out.text)
             assert re.fullmatch(r"\d{4}-\d\d-\d\d", doc["when"]) and 18 <= doc["age"] <= 65
-            assert re.fullmatch(r"[A-Z]{2}-\d{3}", doc["code"]) and len(doc["id"]) == 36
+            assert re.fullmatch(r"[A-Z]{2}-\d{3}", doc["code"]) and len(doc["id"]) == 36 and 0 <= doc["score"] <= 1
 
 
 def test_pydantic_models_schemas_are_followed():

@@ -1,0 +1,107 @@
+"""A schema's integer and number bounds, kept to byte by byte, against brute force: a full
+number taken exactly when it is in the range, a prefix exactly when some number of the range
+starts with it (integers), and never a prefix that no number of the range completes."""
+
+from __future__ import annotations
+
+import random
+from fractions import Fraction
+
+import pytest
+
+from qvl.runtime.json_schema import schema_grammar
+
+
+def _state(grammar, text: str):
+    return grammar.advance(grammar.initial, text.encode())
+
+
+def _takes(grammar, text: str) -> bool:
+    state = _state(grammar, text)
+    return state is not None and grammar.complete(state)
+
+
+@pytest.mark.parametrize("bounds,lo,hi", [
+    ({"minimum": 0, "maximum": 150}, 0, 150), ({"minimum": -40, "maximum": 5}, -40, 5),
+    ({"exclusiveMinimum": -3.5, "exclusiveMaximum": 12}, -3, 11), ({"minimum": 1.2, "maximum": 7.9}, 2, 7),
+    ({"minimum": 95}, 95, None), ({"maximum": -7}, None, -7), ({"minimum": 0, "maximum": 0}, 0, 0),
+    ({"minimum": 10, "maximum": 19}, 10, 19),
+])
+def test_integer_bounds_against_brute_force(bounds, lo, hi):
+    g = schema_grammar({"type": "integer", **bounds})
+    values = range(-300, 301)
+    inside = {x for x in values if (lo is None or x >= lo) and (hi is None or x <= hi)}
+    for x in values:
+        assert _takes(g, str(x)) is (x in inside), x
+    texts = {str(x) for x in values} | {"-0", "00", "01", "-", "--1", "1-"}
+    for s in sorted(texts):  # a prefix is taken when some integer of the range starts with it
+        for cut in range(1, len(s) + 1):
+            prefix = s[:cut]
+            ok = any(str(x).startswith(prefix) for x in inside) or (
+                hi is None and prefix.lstrip("-").isdigit() and not prefix.startswith("-") and prefix != "0"
+                and not prefix.startswith("0")) or (
+                lo is None and prefix.startswith("-") and prefix[1:2] not in ("0",) and prefix[1:].isdigit())
+            if lo is None or hi is None:  # unbounded on a side: the brute-force window is not enough
+                if ok:
+                    assert _state(g, prefix) is not None, prefix
+                continue
+            assert (_state(g, prefix) is not None) is ok, prefix
+    assert not _takes(g, "1" * 17)  # at most 16 digits, as every JSON integer here
+
+
+def test_a_bounded_integer_inside_an_object():
+    g = schema_grammar({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 150}},
+                        "required": ["age"]})
+    assert _takes(g, '{"age": 42}') and _takes(g, '{"age": 150 }') and _takes(g, '{"age":0}')
+    assert not _takes(g, '{"age": 151}') and not _takes(g, '{"age": -1}') and not _takes(g, '{"age": 4.5}')
+
+
+def _completable(grammar, state, depth: int = 24) -> bool:
+    """Some bytes of a number (digits, a point) complete the value from `state`."""
+    if grammar.complete(state):
+        return True
+    if depth == 0:
+        return False
+    return any(_completable(grammar, nxt, depth - 1) for b in b"0123456789."
+               if (nxt := grammar.step(state, b)) is not None)
+
+
+NUMBER_RANGES = [
+    ({"minimum": 0, "maximum": 1}, Fraction(0), False, Fraction(1), False),
+    ({"exclusiveMinimum": 0, "exclusiveMaximum": 1}, Fraction(0), True, Fraction(1), True),
+    ({"minimum": -2.5, "maximum": 10.25}, Fraction(-5, 2), False, Fraction(41, 4), False),
+    ({"minimum": 0.1, "exclusiveMaximum": 0.1001}, Fraction(1, 10), False, Fraction(1001, 10000), True),
+    ({"exclusiveMinimum": -1}, Fraction(-1), True, None, False),
+    ({"maximum": -0.5}, None, False, Fraction(-1, 2), False),
+    ({"minimum": 3, "exclusiveMinimum": 3, "maximum": 5}, Fraction(3), True, Fraction(5), False),  # the tighter
+]
+
+
+def _inside(x: Fraction, lo, lo_open, hi, hi_open) -> bool:
+    return ((lo is None or x > lo or x == lo and not lo_open) and (hi is None or x < hi or x == hi and not hi_open))
+
+
+@pytest.mark.parametrize("bounds,lo,lo_open,hi,hi_open", NUMBER_RANGES)
+def test_number_bounds_against_brute_force(bounds, lo, lo_open, hi, hi_open):
+    g = schema_grammar({"type": "number", **bounds})
+    rng = random.Random(str(bounds))
+    texts = {f"{i}" for i in range(-12, 13)} | {f"{i}.{f:0{n}d}" for i in range(-3, 12) for n in (1, 2, 4)
+                                                   for f in rng.sample(range(10 ** n), min(10 ** n, 12))}
+    texts |= {"0.1", "0.1001", "0.10009", "0.1000999", "-1.0", "-0.99", "-0.5", "-0.50", "-0.49", "3.0", "3.0001"}
+    for text in sorted(texts):
+        x = Fraction(text)
+        assert _takes(g, text) is _inside(x, lo, lo_open, hi, hi_open), text
+        for cut in range(1, len(text) + 1):  # no prefix taken that nothing completes
+            state = _state(g, text[:cut])
+            if state is not None:
+                assert _completable(g, state), text[:cut]
+    for text in ("1e3", ".5", "01", "+1", "1.", "--1"):
+        assert not _takes(g, text), text
+
+
+def test_a_number_range_with_no_number_is_refused():
+    from qvl.runtime.json_schema import SchemaError
+
+    for bounds in ({"minimum": 2, "maximum": 1}, {"exclusiveMinimum": 1, "maximum": 1}, {"maximum": float("inf")}):
+        with pytest.raises(SchemaError):
+            schema_grammar({"type": "number", **bounds})
