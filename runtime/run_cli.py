@@ -130,17 +130,19 @@ def _grammar(text: Optional[str], path: Optional[Path]) -> Any:
         _fail(f"{path or '--grammar'}: {e}")
 
 
-def _answer_format(value: Optional[str]) -> Union[str, dict, None]:
-    """--format: None, "json", or a JSON schema read from the file it names or inline; checked before loading."""
+def _answer_format(value: Optional[str], flag: str = "--format") -> Union[str, dict, None]:
+    """--format (or llama.cpp's --json-schema / --json-schema-file, `flag`): None, "json", or a JSON
+    schema read from the file it names or inline; checked before loading."""
     from .json_format import format_grammar
 
-    if not value or value == "json":
+    if not value or value == "json" and flag == "--format":
         return value or None
-    where = "--format"
+    where = flag
     if not value.lstrip().startswith("{"):
         path = Path(value)
         if not path.is_file():
-            _fail(f"--format {value}: json, a JSON schema file or a schema inline ('{{...}}'); no such file")
+            what = "json, a JSON schema file or a schema inline ('{...}')" if flag == "--format" else "a JSON schema"
+            _fail(f"{flag} {value}: {what}; no such file")
         where, value = str(path), path.read_text(errors="replace")
     try:
         schema = json.loads(value)
@@ -291,6 +293,10 @@ def run(
     answer_format: Optional[str] = typer.Option(None, "--format", help="json: the answer is one JSON object, kept so "
                                                 "token by token (Ollama's --format json, llama.cpp's json grammar); "
                                                 "a JSON schema file, or a schema inline ('{...}'): what it allows."),
+    json_schema: Optional[str] = typer.Option(None, "--json-schema", "-j", help="A JSON schema inline, as "
+                                              "llama.cpp's -j: the answer is what it allows (as --format '{...}')."),
+    json_schema_file: Optional[Path] = typer.Option(None, "--json-schema-file", help="A JSON schema from a file "
+                                                    "(llama.cpp's; as --format FILE)."),
     grammar: Optional[str] = typer.Option(None, "--grammar", help="A GBNF grammar (llama.cpp's) the answer keeps "
                                           "to, token by token: its root rule is the whole answer."),
     grammar_file: Optional[Path] = typer.Option(None, "--grammar-file", help="A GBNF grammar from a file (llama.cpp's "
@@ -389,9 +395,15 @@ def run(
     elif prompt is None and sys.stdin is not None and not sys.stdin.isatty():  # `echo question | qvl-run m`
         prompt = sys.stdin.read().strip() or None
     fmt = _answer_format(answer_format)
+    schema_flags = [f for f, v in (("--format", answer_format), ("--json-schema", json_schema),
+                                   ("--json-schema-file", json_schema_file)) if v is not None]
+    if len(schema_flags) > 1:
+        _fail(f"{' and '.join(schema_flags)}: choose one")
+    if json_schema is not None or json_schema_file is not None:
+        fmt = _answer_format(json_schema if json_schema is not None else str(json_schema_file), schema_flags[0])
     if grammar is not None or grammar_file is not None:
         if fmt is not None:
-            _fail("--format and --grammar: choose one")
+            _fail(f"{schema_flags[0]} and --grammar: choose one")
         fmt = _grammar(grammar, grammar_file)
     if logprobs is not None and (not json_out or not 0 <= logprobs <= 20):
         _fail(f"--logprobs {logprobs}: 0 to 20, with --json" if json_out else "--logprobs: with --json")
@@ -408,7 +420,7 @@ def run(
     if boxes is not None:
         _check_boxes_file(boxes, image, prompt)
     biases = logit_biases(logit_bias)
-    if ignore_eos and (answer_format is not None or grammar is not None or grammar_file is not None):
+    if ignore_eos and fmt is not None:
         _fail("--ignore-eos with --format or --grammar: a constrained answer ends at its end-of-turn token")
     try:  # the options' own checks, before a model is loaded
         SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, presence_penalty,

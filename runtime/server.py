@@ -199,7 +199,7 @@ def unsupported(body: dict[str, Any], name: str) -> None:
 def answer_format(body: dict[str, Any]) -> Any:
     """Model.generate's `format` from Ollama's `format` ("json", a JSON schema; "" or none: free
     text), OpenAI's `response_format` (json_object, json_schema; text: free text) or llama.cpp's
-    server's `grammar` (GBNF text: a gbnf Grammar)."""
+    server's `grammar` (GBNF text: a gbnf Grammar) or `json_schema`."""
     if body.get("grammar") not in (None, ""):
         from .gbnf import GrammarError, parse_gbnf
 
@@ -209,7 +209,13 @@ def answer_format(body: dict[str, Any]) -> Any:
             return parse_gbnf(body["grammar"])
         except GrammarError as e:
             raise RequestError(400, str(e)) from None
-    if "response_format" in body:
+    if body.get("json_schema") is not None:  # llama.cpp server's field
+        if body.get("format") or body.get("response_format"):
+            raise RequestError(400, "json_schema: a JSON schema, without format or response_format")
+        value, where = body["json_schema"], "json_schema"
+        if not isinstance(value, dict):
+            raise RequestError(400, "json_schema: a JSON schema (an object)")
+    elif "response_format" in body:
         rf = body["response_format"]
         kind = rf.get("type") if isinstance(rf, dict) else None
         if kind == "text":

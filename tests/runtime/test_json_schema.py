@@ -197,3 +197,33 @@ def test_qvl_run_format_schema_file_and_inline(model, model_path, tmp_path):
                         ('{"type": 1}', "--format: #.type 1: one of object")]:
         r = CliRunner().invoke(run_app, [str(model_path), "-p", "x", "--format", value])
         assert r.exit_code == 2 and r.output.strip().startswith(f"qvl-run: error: {line}"), r.output
+
+
+def test_llama_cpps_json_schema_flags_and_field(model, model_path, tmp_path, running):
+    """qvl-run's -j / --json-schema-file and the server's json_schema field (llama.cpp's names)
+    answer as --format / response_format do; clashes and bad ones are one line / a 400."""
+    want = model.generate("Who are you?", max_new_tokens=12, format=PERSON).text
+    schema_file = tmp_path / "person.json"
+    schema_file.write_text(json.dumps(PERSON))
+    for args in (["-j", json.dumps(PERSON)], ["--json-schema-file", str(schema_file)]):
+        r = CliRunner().invoke(run_app, [str(model_path), "-p", "Who are you?", "-n", "12", *args])
+        assert r.exit_code == 0, r.output
+        assert r.stdout.strip() == want.strip()
+    for args, line in [(["-j", "{}", "--format", "json"], "--format and --json-schema: choose one"),
+                       (["--json-schema-file", str(tmp_path / "nope.json")],
+                        f"--json-schema-file {tmp_path / 'nope.json'}: a JSON schema; no such file"),
+                       (["-j", '{"type": 1}'], "--json-schema: #.type 1: one of object"),
+                       (["-j", "{}", "--grammar", 'root ::= "a"'], "--json-schema and --grammar: choose one")]:
+        r = CliRunner().invoke(run_app, [str(model_path), "-p", "x", *args])
+        assert r.exit_code == 2 and r.output.strip().startswith(f"qvl-run: error: {line}"), r.output
+    messages = [{"role": "user", "content": "Who are you?"}]
+    by_field = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 12, "messages": messages,
+                                                     "json_schema": PERSON})
+    by_format = running.json("/v1/chat/completions", {"model": "tiny:1", "max_tokens": 12, "messages": messages,
+                                                      "response_format": {"type": "json_schema",
+                                                                          "json_schema": {"schema": PERSON}}})
+    assert by_field["choices"][0]["message"]["content"] == by_format["choices"][0]["message"]["content"]
+    for extra, expect in [({"json_schema": PERSON, "response_format": {"type": "json_object"}},
+                           "json_schema: a JSON schema, without format"), ({"json_schema": [1]}, "json_schema: a JSON")]:
+        status, data = running.request("/v1/completions", {"model": "tiny:1", "prompt": "x", **extra})
+        assert status == 400 and expect in json.loads(data)["error"], data
