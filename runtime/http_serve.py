@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..convert.errors import ConvertError
-from . import blob_upload, embed_api, llamacpp_api, openai_api, responses_api, server, store_api
+from . import (blob_upload, embed_api, llamacpp_api, llamacpp_completion, openai_api, responses_api, server,
+               store_api)
 from .origins import PREFLIGHT_HEADERS, host_allowed, is_loopback, origin_allowed
 from .go_template import TemplateError
 from .image import ImageError
@@ -35,7 +36,7 @@ from .store import StoreError
 from .video import VideoError
 
 ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **responses_api.ROUTES, **embed_api.ROUTES,
-          **llamacpp_api.ROUTES}
+          **llamacpp_api.ROUTES, **llamacpp_completion.ROUTES}
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
 # header or the server's state, or (a pull, a push, a create that quantizes or converts) wait on a
@@ -247,7 +248,7 @@ def make_handler(service: Service, log: Callable[[str], None],
             except BaseException:
                 job.left.set()  # the serving thread stops the generation at its next token
                 raise
-            if reply.sse and not reply.named_events:
+            if reply.sse and reply.sse_done:
                 self.wfile.write(b"data: [DONE]\n\n")
             return reply.status
 

@@ -114,7 +114,7 @@ def respond(service: Service, body: dict[str, Any]) -> Reply:
 
     if not body.get("stream", False):
         return Reply(finished("".join(pieces)))
-    return Reply(events=_events(head, message, pieces, finished), sse=True, named_events=True)
+    return Reply(events=_events(head, message, pieces, finished), sse=True, named_events=True, sse_done=False)
 
 
 def _events(head: dict[str, Any], message: Callable[[str, str], dict[str, Any]], pieces: Iterator[str],

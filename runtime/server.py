@@ -20,6 +20,7 @@
     POST /api/embed, /api/embeddings, /v1/embeddings: a text's embedding (embed_api.py)
     GET  /v1/models, /v1/models/NAME, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
     POST /v1/responses: OpenAI's Responses API, stateless (responses_api.py)
+    POST /completion: llama.cpp server's own completions (llamacpp_completion.py)
     GET  /health, POST /tokenize, POST /detokenize: llama.cpp server's (llamacpp_api.py)
 
 One model is loaded at a time: a request naming another stored model replaces it. Requests for
@@ -126,7 +127,8 @@ class Reply:
     events: Iterator[dict[str, Any]] | None = None
     sse: bool = False
     status: int = 200
-    named_events: bool = False  # server-sent events named by their `type`, no [DONE] (OpenAI's Responses API)
+    named_events: bool = False  # server-sent events named by their `type` (OpenAI's Responses API)
+    sse_done: bool = True  # server-sent events end with `data: [DONE]` (OpenAI's chat and completions)
 
 
 @dataclass

@@ -1,0 +1,165 @@
+"""`qvl serve`'s POST /completion: llama.cpp server's own completion endpoint (SillyTavern's,
+Continue's and the llama.cpp web UI's older way in), the prompt continued as it is.
+
+`prompt` is a string, or llama.cpp's multimodal object {"prompt_string", "multimodal_data":
+[base64 picture, ...]} whose `<__media__>` markers place the pictures. Read: n_predict,
+temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+frequency_penalty, seed (-1: a random one), stop, ignore_eos, logit_bias (llama.cpp's [[id or
+text, bias or false], ...] or {"id or text": bias}), n_probs, grammar, json_schema, cache_prompt,
+return_tokens, stream. Unset, a sampler takes the model's stored PARAMETER, else qvl's default
+(greedy), as qvl's other endpoints do (llama.cpp's server samples at 0.8 by default). Samplers
+qvl does not have (mirostat, DRY, XTC, typical-p, dynamic temperature) are refused when asked
+for, not ignored; left at their off values they are fine. Several prompts, token-id prompts and
+n_cmpl > 1 are refused.
+
+The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
+tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (prompt_* and predicted_*:
+n, ms, per token ms, per second), generation_settings, completion_probabilities with n_probs;
+a stream is server-sent `data:` events of {content, stop: false} (tokens left empty), then the
+whole reply's fields with stop true, and no [DONE] (llama.cpp's own endpoint sends none).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .inline_media import decode_image
+from .logprobs import entries, speller
+from .server import Loaded, Reply, RequestError, Service, answer_format, generation_options, top_logprobs
+
+MEDIA_MARKER = "<__media__>"  # mtmd's default marker: one picture's place in the prompt
+PICTURE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"  # what a picture is in a Qwen2-VL prompt
+NAMES = {"n_predict": "num_predict", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+         "min_p": "min_p", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+         "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
+         "stop": "stop"}
+# samplers qvl does not have, and the values at which they are off
+OFF = {"mirostat": 0, "dry_multiplier": 0.0, "xtc_probability": 0.0, "typical_p": 1.0, "dynatemp_range": 0.0,
+       "n_indent": 0, "t_max_predict_ms": 0}
+
+
+def _prompt(body: dict[str, Any]) -> tuple[str, list[Any]]:
+    """The prompt's text, each picture's marker made a picture's slot, and its pictures."""
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        text, data = prompt, []
+    elif isinstance(prompt, dict) and isinstance(prompt.get("prompt_string"), str):
+        text, data = prompt["prompt_string"], prompt.get("multimodal_data", [])
+        if not isinstance(data, list):
+            raise RequestError(400, "prompt.multimodal_data: a list of base64 pictures")
+    else:
+        raise RequestError(400, "prompt: a string or {\"prompt_string\", \"multimodal_data\"} (one prompt; "
+                                "token ids are not taken)")
+    if text.count(MEDIA_MARKER) != len(data):
+        raise RequestError(400, f"prompt: {text.count(MEDIA_MARKER)} {MEDIA_MARKER} markers for {len(data)} "
+                                "pictures in multimodal_data")
+    pictures = [decode_image(d, f"prompt.multimodal_data[{i}]") for i, d in enumerate(data)]
+    return text.replace(MEDIA_MARKER, PICTURE_SLOT), pictures
+
+
+def _biases(value: Any, model: Any) -> dict[int, float]:
+    """llama.cpp's logit_bias: [[id or text, bias or false], ...] or {"id or text": bias}; a text's
+    tokens each get the bias; false bans."""
+    pairs = list(value.items()) if isinstance(value, dict) else value
+    if not isinstance(pairs, list):
+        raise RequestError(400, "logit_bias: [[token id or text, bias or false], ...] or {\"id or text\": bias}")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise RequestError(400, f"logit_bias: {pair!r} is not a [token, bias] pair")
+        key, bias = pair
+        if bias is False:
+            bias = float("-inf")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise RequestError(400, f"logit_bias: {pair!r}: the bias is a number or false")
+        if isinstance(key, str) and key.lstrip("-").isdigit():
+            key = int(key)
+        ids = [key] if isinstance(key, int) and not isinstance(key, bool) else (
+            model.tokenizer.encode(key, add_special_tokens=False).ids if isinstance(key, str) else None)
+        if ids is None:
+            raise RequestError(400, f"logit_bias: {pair!r}: the token is an id or a text")
+        out.update({t: float(bias) for t in ids})
+    return out
+
+
+def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    for key, off in OFF.items():
+        if body.get(key, off) not in (off, None):
+            raise RequestError(400, f"{key} {body[key]!r}: a sampler qvl does not have (leave it at {off})")
+    if body.get("n_cmpl", 1) != 1 or body.get("post_sampling_probs"):
+        raise RequestError(400, "n_cmpl and post_sampling_probs: not supported by qvl serve")
+    options = {NAMES[k]: v for k, v in body.items() if k in NAMES and v is not None}
+    if options.get("seed") == -1:  # llama.cpp's random seed
+        options["seed"] = int.from_bytes(os.urandom(4), "little")
+    kwargs = generation_options(loaded.params, options, service.config.ctx_size)
+    bias = _biases(body.get("logit_bias") or [], loaded.model)
+    if body.get("ignore_eos"):
+        bias.update({t: float("-inf") for t in loaded.model.stop_ids})
+    if bias:
+        kwargs["logit_bias"] = bias
+    kwargs["cache_prompt"] = bool(body.get("cache_prompt", True))
+    return kwargs
+
+
+def complete(service: Service, body: dict[str, Any]) -> Reply:
+    loaded = service.use(body.get("model"))
+    model = loaded.model
+    text, pictures = _prompt(body)
+    kwargs = _kwargs(loaded, service, body)
+    top = top_logprobs(body["n_probs"], "n_probs") if body.get("n_probs") else None
+    settings = {k: body[k] for k in NAMES if k in body} | {"n_ctx": kwargs.get("ctx_size"), "model": service._name(loaded)}
+    stops = list(kwargs.get("stop") or [])
+    t0 = time.perf_counter()
+    pieces = model.generate(text, pictures, stream=True, template=False, format=answer_format(body), logprobs=top,
+                            **kwargs)
+    tokens_too = bool(body.get("return_tokens"))
+
+    def whole(content: str) -> dict[str, Any]:
+        g = model.last_generation
+        assert g is not None
+        said = model.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+        word = next((s for s in stops if g.ended and said[len(content):].startswith(s)), None)
+        prompt_s = g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3
+        decode_s = g.timings.get("decode_s", max(time.perf_counter() - t0 - prompt_s, 0.0))
+        n, m = g.prompt_tokens - g.reused_tokens, len(g.token_ids)
+        out = {"index": 0, "content": content, "tokens": g.token_ids if tokens_too else [], "id_slot": 0,
+               "stop": True, "model": service._name(loaded), "tokens_predicted": m,
+               "tokens_evaluated": g.prompt_tokens, "tokens_cached": g.reused_tokens,
+               "generation_settings": settings, "prompt": text, "truncated": False,
+               "stop_type": "word" if word is not None else "eos" if g.ended else "limit",
+               "stopping_word": word or "",
+               "timings": {"prompt_n": n, "prompt_ms": prompt_s * 1e3,
+                           "prompt_per_token_ms": prompt_s * 1e3 / n if n else 0.0,
+                           "prompt_per_second": n / prompt_s if prompt_s else 0.0,
+                           "predicted_n": m, "predicted_ms": decode_s * 1e3,
+                           "predicted_per_token_ms": decode_s * 1e3 / m if m else 0.0,
+                           "predicted_per_second": m / decode_s if decode_s else 0.0}}
+        if top is not None and g.logprobs is not None:
+            spell = speller(model.tokenizer)
+            out["completion_probabilities"] = [{"id": s.token, **e, "top_logprobs": [
+                {"id": i, **t} for (i, _), t in zip(s.top, e["top_logprobs"])]}
+                for s, e in zip(g.logprobs, entries(spell, g.logprobs))]
+        return out
+
+    if not body.get("stream", False):
+        return Reply(whole("".join(pieces)))
+    return Reply(events=_stream(pieces, whole), sse=True, sse_done=False)
+
+
+def _stream(pieces: Iterator[str], whole: Callable[[str], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    said = []
+    for piece in pieces:
+        said.append(piece)
+        yield {"index": 0, "content": piece, "tokens": [], "stop": False, "id_slot": 0}
+    yield {**whole("".join(said)), "content": ""}
+
+
+ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
+    ("POST", "/completion"): complete,
+    ("POST", "/completions"): complete,  # llama.cpp's alias
+}

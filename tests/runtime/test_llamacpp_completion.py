@@ -1,0 +1,98 @@
+"""POST /completion, llama.cpp server's own endpoint: answered as /v1/completions answers the
+same prompt (the prompt continued as it is), with llama.cpp's reply fields, its stream, its
+multimodal prompt object, its logit_bias forms and stop types; what it cannot do refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from serving import png
+
+
+def _done(running, body):
+    return running.json("/completion", {"model": "tiny:1", **body})
+
+
+def test_a_string_prompt_is_continued_as_v1_completions_does(running):
+    got = _done(running, {"prompt": "The sky is", "n_predict": 6, "return_tokens": True})
+    want = running.json("/v1/completions", {"model": "tiny:1", "prompt": "The sky is", "max_tokens": 6})
+    assert got["content"] == want["choices"][0]["text"] and got["stop"] is True
+    assert got["tokens_predicted"] == 6 == len(got["tokens"]) and got["stop_type"] == "limit"
+    assert got["tokens_evaluated"] == want["usage"]["prompt_tokens"]
+    t = got["timings"]
+    assert t["predicted_n"] == 6 and t["predicted_ms"] > 0 and t["predicted_per_second"] > 0
+    assert t["prompt_n"] == got["tokens_evaluated"] - got["tokens_cached"]
+    assert got["generation_settings"]["n_predict"] == 6 and got["model"] == "tiny:1"
+
+
+def test_stream_chunks_then_the_whole_reply(running):
+    body = {"prompt": "The sky is", "n_predict": 5}
+    whole = _done(running, body)
+    status, data = running.request("/completion", {"model": "tiny:1", **body, "stream": True})
+    assert status == 200 and b"[DONE]" not in data
+    events = [json.loads(block[len("data: "):]) for block in data.decode().strip().split("\n\n")]
+    assert all(not e["stop"] for e in events[:-1]) and events[-1]["stop"] is True
+    assert "".join(e["content"] for e in events[:-1]) == whole["content"] and events[-1]["content"] == ""
+    assert events[-1]["tokens_predicted"] == 5 and events[-1]["stop_type"] == "limit"
+
+
+def test_a_stop_word_and_an_end_of_turn(running):
+    free = _done(running, {"prompt": "Count:", "n_predict": 8, "return_tokens": True})
+    text = free["content"]
+    cut = next(i for i in range(1, len(text)) if text[i:i + 2].strip() and text[:i].strip())
+    word = text[cut:cut + 2]
+    got = _done(running, {"prompt": "Count:", "n_predict": 8, "stop": [word]})
+    assert got["stop_type"] == "word" and got["stopping_word"] == word and got["content"] == text[:text.index(word)]
+    first = free["tokens"][0]  # that token banned by llama.cpp's logit_bias forms: the answer changes
+    for bias in ([[first, False]], {str(first): -1e9}):
+        assert _done(running, {"prompt": "Count:", "n_predict": 2, "logit_bias": bias, "return_tokens": True}
+                     )["tokens"][0] != first
+    ended = _done(running, {"prompt": "Hi", "n_predict": 8, "grammar": 'root ::= "ok"'})
+    assert ended["content"] == "ok" and ended["stop_type"] == "eos"
+
+
+def test_a_picture_in_llama_cpps_multimodal_prompt(running, reference):
+    prompt = "<|im_start|>user\n<__media__>What colour?<|im_end|>\n<|im_start|>assistant\n"
+    data = png()
+    got = _done(running, {"prompt": {"prompt_string": prompt, "multimodal_data": [base64.b64encode(data).decode()]},
+                          "n_predict": 4})
+    from io import BytesIO
+
+    from PIL import Image
+
+    picture = Image.open(BytesIO(data)).convert("RGB")
+    want = reference.generate(prompt.replace("<__media__>", "<|vision_start|><|image_pad|><|vision_end|>"),
+                              [picture], template=False, max_new_tokens=4)
+    assert got["content"] == want.text and got["tokens_evaluated"] == want.prompt_tokens
+    assert want.image_sizes == [(84, 56)]  # the picture went in: 6 of the prompt's tokens
+
+
+def test_n_probs_gives_completion_probabilities(running):
+    got = _done(running, {"prompt": "The sky is", "n_predict": 3, "n_probs": 2, "return_tokens": True})
+    probs = got["completion_probabilities"]
+    assert [p["id"] for p in probs] == got["tokens"]
+    assert all(len(p["top_logprobs"]) == 2 and p["logprob"] <= 0 and isinstance(p["bytes"], list) for p in probs)
+    assert all(p["top_logprobs"][0]["logprob"] >= p["top_logprobs"][1]["logprob"] for p in probs)
+
+
+@pytest.mark.parametrize("extra,expect", [
+    ({"prompt": [1, 2, 3]}, "prompt: a string or"), ({"prompt": ["a", "b"]}, "prompt: a string or"),
+    ({"prompt": {"prompt_string": "<__media__>", "multimodal_data": []}}, "1 <__media__> markers for 0 pictures"),
+    ({"prompt": {"prompt_string": "x<__media__>", "multimodal_data": ["@@"]}}, "prompt.multimodal_data[0]: not base64"),
+    ({"prompt": "x", "mirostat": 2}, "mirostat 2: a sampler qvl does not have"),
+    ({"prompt": "x", "dry_multiplier": 0.8}, "dry_multiplier 0.8: a sampler qvl does not have"),
+    ({"prompt": "x", "n_cmpl": 2}, "n_cmpl and post_sampling_probs"),
+    ({"prompt": "x", "logit_bias": [[1, "a"]]}, "the bias is a number or false"),
+    ({"prompt": "x", "logit_bias": 3}, "logit_bias: [[token id or text"),
+])
+def test_refused(running, extra, expect):
+    status, data = running.request("/completion", {"model": "tiny:1", **extra})
+    assert status == 400 and expect in json.loads(data)["error"], data
+
+
+def test_samplers_left_off_are_fine(running):
+    got = _done(running, {"prompt": "Hi", "n_predict": 2, "mirostat": 0, "typical_p": 1.0, "dry_multiplier": 0.0,
+                          "xtc_probability": 0, "seed": -1, "temperature": 0.7})
+    assert got["tokens_predicted"] == 2
