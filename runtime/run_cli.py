@@ -324,6 +324,10 @@ def run(
     logprobs: Optional[int] = typer.Option(None, "--logprobs", help="With --json: each answer token's "
                                            "log-probability under the model's raw logits and its N likeliest "
                                            "rivals (0 to 20), to compare with another runtime's."),
+    each: bool = typer.Option(False, "--each", help="Ask the question of each --image on its own, the model "
+                              "loaded once (captioning a folder): a \"PATH: answer\" line each, or with --json one "
+                              "JSON object a line with its \"image\"; a picture that fails is reported and skipped "
+                              "(exit code 1 at the end)."),
     boxes: Optional[Path] = typer.Option(None, "--boxes", help="Draw the boxes and points the answer gives "
         "(ask e.g. \"Outline every car as JSON.\": Qwen2.5-VL's bbox_2d / point_2d JSON, Qwen2-VL's <|box_start|>"
         "(x1,y1),(x2,y2)<|box_end|>) on the picture and write it to this file (PNG, JPEG, ... by its extension); "
@@ -417,6 +421,9 @@ def run(
         torch.set_num_threads(threads)
     if not pixel_limits_ok(min_pixels, max_pixels):
         _fail(f"--min-pixels {min_pixels}, --max-pixels {max_pixels}: want 0 < max and min <= max")
+    if each and (not image or video or boxes is not None):
+        _fail("--each: one question of each --image, with no --video or --boxes" if image else
+              "--each: give the pictures with --image")
     if boxes is not None:
         _check_boxes_file(boxes, image, prompt)
     biases = logit_biases(logit_bias)
@@ -474,6 +481,13 @@ def run(
                       frequency_penalty=frequency_penalty, logit_bias=biases, seed=seed, ctx_size=ctx_size,
                       stop=list(stop), min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
                       video_options=video_options, format=fmt)
+    if each:
+        from .run_each import ask_each
+
+        if ask_each(model, prompt if prompt is not None else DEFAULT_PROMPT, image, system, gen_kwargs, json_out,
+                    stream, logprobs, load_s):
+            raise typer.Exit(1)
+        return
     if prompt is None and sys.stdin.isatty() and not json_out:
         from .chat_cli import interactive
 
@@ -507,20 +521,12 @@ def run(
         _fail(why)
     assert isinstance(out, Generation)
     found = None if boxes is None else _draw_answer_boxes(model, out, image[0], boxes)
-    timings = {"load_s": round(load_s, 3), **{k: round(v, 3) for k, v in out.timings.items()}}
-    n_new = len(out.token_ids)
-    if out.timings.get("prefill_s"):
-        timings["prefill_tok_s"] = round(out.prompt_tokens / out.timings["prefill_s"], 2)
-    if n_new and out.timings.get("decode_s"):
-        timings["decode_tok_s"] = round(n_new / out.timings["decode_s"], 2)
+    timings = answer_timings(out, load_s)
     if json_out:
-        extra = {} if out.logprobs is None else {"logprobs": [
-            {"token": t.token, "logprob": t.logprob, "top": [[i, v] for i, v in t.top]} for t in out.logprobs]}
+        reply = answer_json(out, timings)
         if found is not None:
-            extra["boxes"] = [b.as_json() for b in found]
-        typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
-                               "done_reason": "stop" if out.ended else "length", "timings": timings, **extra},
-                              ensure_ascii=False))
+            reply["boxes"] = [b.as_json() for b in found]
+        typer.echo(json.dumps(reply, ensure_ascii=False))
     else:
         typer.echo(out.text)
     if verbose:
@@ -532,6 +538,26 @@ def run(
         figures = ", ".join(f"{k} {v}" for k, v in timings.items())
         vram = f", peak VRAM {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device == "cuda" else ""
         typer.echo(f"qvl-run: {figures}, peak RSS {_peak_rss_mib():.0f} MiB{vram}", err=True)
+
+
+def answer_timings(out: Generation, load_s: float) -> dict[str, float]:
+    """--json's and --verbose's figures of an answer: seconds, and prefill / decode tokens a second."""
+    timings = {"load_s": round(load_s, 3), **{k: round(v, 3) for k, v in out.timings.items()}}
+    if out.timings.get("prefill_s"):
+        timings["prefill_tok_s"] = round(out.prompt_tokens / out.timings["prefill_s"], 2)
+    if out.token_ids and out.timings.get("decode_s"):
+        timings["decode_tok_s"] = round(len(out.token_ids) / out.timings["decode_s"], 2)
+    return timings
+
+
+def answer_json(out: Generation, timings: dict[str, float]) -> dict[str, Any]:
+    """--json's object of an answer: text, token ids, prompt tokens, done_reason, timings (and logprobs)."""
+    reply: dict[str, Any] = {"text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
+                             "done_reason": "stop" if out.ended else "length", "timings": timings}
+    if out.logprobs is not None:
+        reply["logprobs"] = [{"token": t.token, "logprob": t.logprob, "top": [[i, v] for i, v in t.top]}
+                             for t in out.logprobs]
+    return reply
 
 
 def _check_boxes_file(path: Path, images: list[Path], prompt: Optional[str]) -> None:
