@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ..convert.errors import ConvertError
-from . import (blob_upload, embed_api, llamacpp_api, llamacpp_completion, openai_api, responses_api, server,
-               store_api)
+from . import (anthropic_api, blob_upload, embed_api, llamacpp_api, llamacpp_completion, openai_api, responses_api,
+               server, store_api)
 from .origins import PREFLIGHT_HEADERS, host_allowed, is_loopback, origin_allowed
 from .go_template import TemplateError
 from .image import ImageError
@@ -36,7 +36,7 @@ from .store import StoreError
 from .video import VideoError
 
 ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **responses_api.ROUTES, **embed_api.ROUTES,
-          **llamacpp_api.ROUTES, **llamacpp_completion.ROUTES}
+          **llamacpp_api.ROUTES, **llamacpp_completion.ROUTES, **anthropic_api.ROUTES}
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
 # header or the server's state, or (a pull, a push, a create that quantizes or converts) wait on a

@@ -29,6 +29,7 @@ from typing import Any
 from .inline_media import decode_image
 from .logprobs import entries, speller
 from .server import Loaded, Reply, RequestError, Service, answer_format, generation_options, top_logprobs
+from .tokenizer import stop_word
 
 MEDIA_MARKER = "<__media__>"  # mtmd's default marker: one picture's place in the prompt
 PICTURE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"  # what a picture is in a Qwen2-VL prompt
@@ -123,7 +124,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         g = model.last_generation
         assert g is not None
         said = model.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-        word = next((s for s in stops if g.ended and said[len(content):].startswith(s)), None)
+        word = stop_word(said, content, stops) if g.ended else None
         prompt_s = g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3
         decode_s = g.timings.get("decode_s", max(time.perf_counter() - t0 - prompt_s, 0.0))
         n, m = g.prompt_tokens - g.reused_tokens, len(g.token_ids)

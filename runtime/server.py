@@ -21,6 +21,7 @@
     GET  /v1/models, /v1/models/NAME, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
     POST /v1/responses: OpenAI's Responses API, stateless (responses_api.py)
     POST /completion: llama.cpp server's own completions (llamacpp_completion.py)
+    POST /v1/messages: Anthropic's Messages API (anthropic_api.py)
     GET  /health, POST /tokenize, POST /detokenize: llama.cpp server's (llamacpp_api.py)
 
 One model is loaded at a time: a request naming another stored model replaces it. Requests for

@@ -107,3 +107,10 @@ class StopStrings:
         out = text[self.sent:upto] if upto > self.sent else ""
         self.sent = max(self.sent, upto)
         return out
+
+
+def stop_word(said: str, shown: str, stops: list[str]) -> str | None:
+    """The stop string that ended an answer: `said` is its whole decoded text, `shown` the text
+    cut before the stop string (Generation.text); None when no stop string cut it."""
+    rest = said[len(shown):] if said.startswith(shown) else ""
+    return next((s for s in stops if s and rest.startswith(s)), None)
