@@ -1,4 +1,4 @@
-"""Fixtures of the serve tests (test_server.py, test_openai_api.py): the tiny model's files, a
+"""Fixtures of the serve and qvl-run tests: the tiny model's files (and its GGUF's path), a
 store holding it twice (one with stored defaults), the model called in Python, and a running
 `qvl serve` over that store. A test module's own fixture of the same name wins."""
 
@@ -15,6 +15,12 @@ from qvl.runtime.store import Store
 @pytest.fixture(scope="module")
 def files(fixtures_dir):
     return fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(files) -> str:
+    """The tiny Qwen2.5-VL text GGUF's path (its mmproj beside it), as qvl-run takes it."""
+    return str(files / MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -113,11 +113,6 @@ def test_answer_boxes_reads_qwen2_vl_special_tokens_from_the_token_ids(fixtures_
 # --- qvl-run --boxes: a grammar makes the tiny random model answer a box -----------------------
 
 @pytest.fixture(scope="module")
-def model_path(fixtures_dir):
-    return str(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")
-
-
-@pytest.fixture(scope="module")
 def picture(tmp_path_factory):
     p = tmp_path_factory.mktemp("pic") / "grey.png"
     _grey().save(p)
@@ -128,10 +123,10 @@ def _forced(text: str) -> str:
     return "root ::= " + json.dumps(text)
 
 
-def test_run_draws_the_answers_box_in_the_pictures_pixels(model_path, picture, tmp_path):
+def test_run_draws_the_answers_box_in_the_pictures_pixels(tiny_gguf, picture, tmp_path):
     out = tmp_path / "boxes.png"
     answer = '[{"bbox_2d": [28, 14, 84, 70], "label": "cat"}]'
-    r = runner.invoke(app, [model_path, "--image", picture, "-p", "Outline the cat.", "-n", "60",
+    r = runner.invoke(app, [tiny_gguf, "--image", picture, "-p", "Outline the cat.", "-n", "60",
                             "--grammar", _forced(answer), "--boxes", str(out), "--json"])
     assert r.exit_code == 0, r.stderr
     reply = json.loads(r.stdout)
@@ -144,9 +139,9 @@ def test_run_draws_the_answers_box_in_the_pictures_pixels(model_path, picture, t
     assert img.getpixel((52, 45)) == GREY and img.getpixel((25, 80)) == GREY
 
 
-def test_run_streamed_draws_too(model_path, picture, tmp_path):
+def test_run_streamed_draws_too(tiny_gguf, picture, tmp_path):
     out = tmp_path / "boxes.png"
-    r = runner.invoke(app, [model_path, "--image", picture, "-p", "Point at it.", "-n", "60", "--stream",
+    r = runner.invoke(app, [tiny_gguf, "--image", picture, "-p", "Point at it.", "-n", "60", "--stream",
                             "--grammar", _forced('{"point_2d": [70, 42]}'), "--boxes", str(out)])
     assert r.exit_code == 0, r.stderr
     assert r.stdout == '{"point_2d": [70, 42]}\n'
@@ -154,9 +149,9 @@ def test_run_streamed_draws_too(model_path, picture, tmp_path):
     assert Image.open(out).convert("RGB").getpixel((65, 45)) == PALETTE[0]
 
 
-def test_run_without_boxes_in_the_answer_writes_nothing(model_path, picture, tmp_path):
+def test_run_without_boxes_in_the_answer_writes_nothing(tiny_gguf, picture, tmp_path):
     out = tmp_path / "boxes.png"
-    r = runner.invoke(app, [model_path, "--image", picture, "-p", "Any cats?", "-n", "10",
+    r = runner.invoke(app, [tiny_gguf, "--image", picture, "-p", "Any cats?", "-n", "10",
                             "--grammar", _forced("No."), "--boxes", str(out), "--json"])
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["boxes"] == []
@@ -171,22 +166,22 @@ def test_run_without_boxes_in_the_answer_writes_nothing(model_path, picture, tmp
     (1, "nowhere/b.png", "nowhere not found"),
     (1, ".", "is a folder"),
 ])
-def test_run_refuses_bad_boxes_options_in_one_line(model_path, picture, tmp_path, images, target, message):
+def test_run_refuses_bad_boxes_options_in_one_line(tiny_gguf, picture, tmp_path, images, target, message):
     target_path = tmp_path if target == "." else tmp_path / target
-    r = runner.invoke(app, [model_path, *["--image", picture] * images, "-p", "x", "--boxes", str(target_path)])
+    r = runner.invoke(app, [tiny_gguf, *["--image", picture] * images, "-p", "x", "--boxes", str(target_path)])
     assert r.exit_code == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 
-def test_run_boxes_picture_under_exif_rotation_uses_the_upright_size(model_path, tmp_path):
+def test_run_boxes_picture_under_exif_rotation_uses_the_upright_size(tiny_gguf, tmp_path):
     """A photo stored sideways (EXIF orientation 6) is seen upright: boxes land in the upright picture."""
     src = tmp_path / "sideways.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to show
     Image.fromarray(np.full((130, 90, 3), 128, np.uint8)).save(src, exif=exif, quality=95)  # stored 90x130
     out = tmp_path / "boxes.png"
-    r = runner.invoke(app, [model_path, "--image", str(src), "-p", "x", "-n", "60", "--json",
+    r = runner.invoke(app, [tiny_gguf, "--image", str(src), "-p", "x", "-n", "60", "--json",
                             "--grammar", _forced('{"bbox_2d": [0, 0, 140, 84]}'), "--boxes", str(out)])
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["boxes"] == [{"label": "", "bbox_2d": [0.0, 0.0, 130.0, 90.0]}]

@@ -16,11 +16,6 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model_path(fixtures_dir):
-    return str(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")
-
-
-@pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pics")
     rng = np.random.default_rng(3)
@@ -32,20 +27,20 @@ def pictures(tmp_path_factory):
     return paths
 
 
-def _alone(model_path, picture):
-    r = runner.invoke(app, [model_path, "--image", picture, "-p", "What is it?", "-n", "5", "--json"])
+def _alone(tiny_gguf, picture):
+    r = runner.invoke(app, [tiny_gguf, "--image", picture, "-p", "What is it?", "-n", "5", "--json"])
     assert r.exit_code == 0, r.stderr
     return json.loads(r.stdout)
 
 
-def test_each_picture_answered_as_alone(model_path, pictures):
-    args = [model_path, *[a for p in pictures for a in ("--image", p)], "-p", "What is it?", "-n", "5"]
+def test_each_picture_answered_as_alone(tiny_gguf, pictures):
+    args = [tiny_gguf, *[a for p in pictures for a in ("--image", p)], "-p", "What is it?", "-n", "5"]
     r = runner.invoke(app, [*args, "--each", "--json"])
     assert r.exit_code == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["image"] for x in lines] == pictures
     for line, picture in zip(lines, pictures):
-        alone = _alone(model_path, picture)
+        alone = _alone(tiny_gguf, picture)
         assert line["text"] == alone["text"] and line["token_ids"] == alone["token_ids"]
         assert line["prompt_tokens"] == alone["prompt_tokens"]
     assert lines[0]["timings"]["load_s"] > 0 and lines[1]["timings"]["load_s"] == 0
@@ -55,10 +50,10 @@ def test_each_picture_answered_as_alone(model_path, pictures):
     assert streamed.stdout == plain.stdout
 
 
-def test_a_picture_that_fails_is_skipped(model_path, pictures, tmp_path):
+def test_a_picture_that_fails_is_skipped(tiny_gguf, pictures, tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a picture")
-    r = runner.invoke(app, [model_path, "--image", pictures[0], "--image", str(junk), "--image", pictures[1],
+    r = runner.invoke(app, [tiny_gguf, "--image", pictures[0], "--image", str(junk), "--image", pictures[1],
                             "-p", "What is it?", "-n", "3", "--each"])
     assert r.exit_code == 1
     assert [line.split(": ")[0] for line in r.stdout.splitlines()] == [pictures[0], pictures[1]]
@@ -69,7 +64,7 @@ def test_a_picture_that_fails_is_skipped(model_path, pictures, tmp_path):
     ([], "--each: give the pictures with --image"),
     (["--image", "{p}", "--boxes", "{out}"], "--each: one question of each --image, with no --video or --boxes"),
 ])
-def test_each_refuses(model_path, pictures, tmp_path, extra, message):
+def test_each_refuses(tiny_gguf, pictures, tmp_path, extra, message):
     extra = [a.replace("{p}", pictures[0]).replace("{out}", str(tmp_path / "b.png")) for a in extra]
-    r = runner.invoke(app, [model_path, "-p", "x", "--each", *extra])
+    r = runner.invoke(app, [tiny_gguf, "-p", "x", "--each", *extra])
     assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1

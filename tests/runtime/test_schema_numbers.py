@@ -8,17 +8,10 @@ import random
 from fractions import Fraction
 
 import pytest
+from grammar_checks import state_after as _state
+from grammar_checks import takes as _takes
 
 from qvl.runtime.json_schema import schema_grammar
-
-
-def _state(grammar, text: str):
-    return grammar.advance(grammar.initial, text.encode())
-
-
-def _takes(grammar, text: str) -> bool:
-    state = _state(grammar, text)
-    return state is not None and grammar.complete(state)
 
 
 @pytest.mark.parametrize("bounds,lo,hi", [
