@@ -331,7 +331,8 @@ def run(
     boxes: Optional[Path] = typer.Option(None, "--boxes", help="Draw the boxes and points the answer gives "
         "(ask e.g. \"Outline every car as JSON.\": Qwen2.5-VL's bbox_2d / point_2d JSON, Qwen2-VL's <|box_start|>"
         "(x1,y1),(x2,y2)<|box_end|>) on the picture and write it to this file (PNG, JPEG, ... by its extension); "
-        "with --json the answer's \"boxes\" in the picture's pixels. Needs one --image."),
+        "with --json the answer's \"boxes\" in the picture's pixels. One --image, or with --each a file each "
+        "named with {stem} or {name}: boxes/{stem}.png."),
     verbose: bool = typer.Option(False, "--verbose", help="torch / Triton versions and where the matmuls run, "
                                  "load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
     gpu_layers: Optional[int] = typer.Option(
@@ -421,11 +422,11 @@ def run(
         torch.set_num_threads(threads)
     if not pixel_limits_ok(min_pixels, max_pixels):
         _fail(f"--min-pixels {min_pixels}, --max-pixels {max_pixels}: want 0 < max and min <= max")
-    if each and (not image or video or boxes is not None):
-        _fail("--each: one question of each --image, with no --video or --boxes" if image else
+    if each and (not image or video):
+        _fail("--each: one question of each --image, with no --video" if image else
               "--each: give the pictures with --image")
     if boxes is not None:
-        _check_boxes_file(boxes, image, prompt)
+        _check_boxes_file(boxes, image, prompt, each)
     biases = logit_biases(logit_bias)
     if ignore_eos and fmt is not None:
         _fail("--ignore-eos with --format or --grammar: a constrained answer ends at its end-of-turn token")
@@ -485,7 +486,7 @@ def run(
         from .run_each import ask_each
 
         if ask_each(model, prompt if prompt is not None else DEFAULT_PROMPT, image, system, gen_kwargs, json_out,
-                    stream, logprobs, load_s):
+                    stream, logprobs, load_s, boxes):
             raise typer.Exit(1)
         return
     if prompt is None and sys.stdin.isatty() and not json_out:
@@ -560,10 +561,20 @@ def answer_json(out: Generation, timings: dict[str, float]) -> dict[str, Any]:
     return reply
 
 
-def _check_boxes_file(path: Path, images: list[Path], prompt: Optional[str]) -> None:
+def boxes_path(template: Path, picture: Path) -> Path:
+    """--boxes' file for a picture: with --each, {stem} and {name} stand for the picture's."""
+    return Path(str(template).replace("{stem}", picture.stem).replace("{name}", picture.name))
+
+
+def _check_boxes_file(path: Path, images: list[Path], prompt: Optional[str], each: bool) -> None:
     """--boxes' own checks, before a model is loaded."""
-    if len(images) != 1:
-        _fail(f"--boxes: give one --image (got {len(images)})")
+    if each:
+        if "{stem}" not in str(path) and "{name}" not in str(path):
+            _fail(f"--boxes {path} with --each: name each picture's file with {{stem}} or {{name}}, "
+                  "e.g. boxes/{stem}.png")
+        path = boxes_path(path, images[0])
+    elif len(images) != 1:
+        _fail(f"--boxes: give one --image (got {len(images)}), or each with --each")
     if prompt is None and sys.stdin is not None and sys.stdin.isatty():
         _fail("--boxes: give the question with --prompt or --file (not in the interactive chat)")
     if path.is_dir():

@@ -4,7 +4,8 @@ folder of photos captioned, pages read one by one). Answers come in the pictures
 (JSON Lines) with its "image". Each answer starts from the same rendered prompt up to the
 picture, which the KV cache keeps (prompt_cache.py): the system prompt is not read again. A
 picture that cannot be read or answered is one line on stderr and the next one goes on; the
-run's exit code is then 1. Running out of memory or a failing GPU kernel ends the run."""
+run's exit code is then 1. Running out of memory or a failing GPU kernel ends the run. With
+--boxes FILE (named with {stem} or {name}), each answer's boxes are drawn on its picture."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ import typer
 from .go_template import TemplateError
 from .image import ImageError
 from .model import Generation, Model, ModelError
-from .run_cli import _fail, _out_of_memory, _triton_failure, answer_json, answer_timings
+from .run_cli import (_draw_answer_boxes, _fail, _out_of_memory, _triton_failure, answer_json, answer_timings,
+                      boxes_path)
 
 
 def ask_each(model: Model, text: str, images: list[Path], system: str | None, gen_kwargs: dict[str, Any],
-             json_out: bool, stream: bool, logprobs: int | None, load_s: float) -> int:
-    """Answers each picture in turn; returns how many failed."""
+             json_out: bool, stream: bool, logprobs: int | None, load_s: float, boxes: Path | None = None) -> int:
+    """Answers each picture in turn (with `boxes`, a file name with {stem} or {name}: each
+    answer's boxes drawn on its picture); returns how many failed."""
     failed = 0
     for path in images:
         streamed = stream and not json_out
@@ -35,6 +38,8 @@ def ask_each(model: Model, text: str, images: list[Path], system: str | None, ge
                     sys.stdout.write(piece)
                     sys.stdout.flush()
                 sys.stdout.write("\n")
+                if boxes is not None and isinstance(model.last_generation, Generation):
+                    _draw_answer_boxes(model, model.last_generation, path, boxes_path(boxes, path))
                 continue
             out = model.generate(text, [str(path)], system=system, logprobs=logprobs, **gen_kwargs)
         except (ModelError, ImageError, TemplateError) as e:
@@ -54,9 +59,12 @@ def ask_each(model: Model, text: str, images: list[Path], system: str | None, ge
             sys.stdout.flush()
             _fail(why)
         assert isinstance(out, Generation)
+        found = None if boxes is None else _draw_answer_boxes(model, out, path, boxes_path(boxes, path))
         if json_out:
-            typer.echo(json.dumps({"image": str(path), **answer_json(out, answer_timings(out, load_s))},
-                                  ensure_ascii=False))
+            reply = {"image": str(path), **answer_json(out, answer_timings(out, load_s))}
+            if found is not None:
+                reply["boxes"] = [b.as_json() for b in found]
+            typer.echo(json.dumps(reply, ensure_ascii=False))
         else:
             typer.echo(f"{path}: {out.text}")
         load_s = 0.0  # the model was loaded once, before the first

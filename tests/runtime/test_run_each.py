@@ -62,9 +62,22 @@ def test_a_picture_that_fails_is_skipped(tiny_gguf, pictures, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     ([], "--each: give the pictures with --image"),
-    (["--image", "{p}", "--boxes", "{out}"], "--each: one question of each --image, with no --video or --boxes"),
+    (["--image", "{p}", "--boxes", "{out}"], "with --each: name each picture's file with {stem} or {name}"),
 ])
 def test_each_refuses(tiny_gguf, pictures, tmp_path, extra, message):
     extra = [a.replace("{p}", pictures[0]).replace("{out}", str(tmp_path / "b.png")) for a in extra]
     r = runner.invoke(app, [tiny_gguf, "-p", "x", "--each", *extra])
     assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_each_pictures_boxes_in_a_file_of_its_own(tiny_gguf, pictures, tmp_path):
+    answer = '[{"bbox_2d": [0, 0, 28, 28], "label": "x"}]'
+    r = runner.invoke(app, [tiny_gguf, "--image", pictures[0], "--image", pictures[1], "-p", "Outline it.", "-n", "40",
+                            "--grammar", "root ::= " + json.dumps(answer), "--each", "--json",
+                            "--boxes", str(tmp_path / "{stem}-boxes.png")])
+    assert r.exit_code == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [len(x["boxes"]) for x in lines] == [1, 1]
+    for picture in pictures[:2]:
+        drawn = Image.open(tmp_path / f"{picture.rsplit('/', 1)[1][:-4]}-boxes.png")
+        assert drawn.size == Image.open(picture).size
