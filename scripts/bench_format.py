@@ -1,8 +1,9 @@
 """What `format` ("json" or a schema) adds to a token's choice, against the free choice measured in
 the same run.
 
-Formats: "json", a JSON schema, and llama.cpp's json.gbnf read by gbnf.py (the same documents as
-"json", through the general grammar engine). Two cases: (1) a model that keeps to the format: logits that favour the next token of a JSON
+Formats: "json", a JSON schema, llama.cpp's json.gbnf read by gbnf.py (the same documents as
+"json", through the general grammar engine), and a typed schema (a date, bounded numbers, a
+pattern, a uuid: grammars embedded from GBNF). Two cases: (1) a model that keeps to the format: logits that favour the next token of a JSON
 document (the allowed token is the likeliest: one check a token); (2) the tiny random model of
 the fixtures, whose likeliest tokens are rarely allowed (the worst case: many checks and masks
 over the 152k vocabulary). Prints milliseconds a token and the difference.
@@ -36,12 +37,21 @@ SCHEMA = {"type": "object", "properties": {
 DOC = {"shop": "Bäckerei Müller", "date": "2026-12-06", "items": [
     {"name": "Brötchen", "price": 0.45}, {"name": "Kaffee, groß", "price": 3.2}, {"name": "Laugenbrezel", "price": 1.1}],
     "total": 4.75}
+# the same receipt with typed fields (a pydantic model's schema): a date, bounded numbers, a pattern, a uuid
+TYPED = {"type": "object", "properties": {
+    "shop": {"type": "string"}, "date": {"type": "string", "format": "date"},
+    "items": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "price": {"type": "number", "minimum": 0, "maximum": 1000}},
+        "required": ["name", "price"]}},
+    "total": {"type": "number", "exclusiveMinimum": 0}, "till": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"},
+    "id": {"type": "string", "format": "uuid"}}, "required": ["shop", "date", "items", "total", "till", "id"]}
+TYPED_DOC = {**DOC, "till": "KA-042", "id": "123e4567-e89b-12d3-a456-426614174000"}
 
 
-def following(model, fmt, params: SamplingParams) -> tuple[float, float]:
-    """ms a token, (free, with the format), over the tokens of DOC written as json.dumps does."""
+def following(model, fmt, params: SamplingParams, doc: dict = DOC) -> tuple[float, float]:
+    """ms a token, (free, with the format), over the tokens of `doc` written as json.dumps does."""
     table = token_table(model.tokenizer, model.cfg.n_vocab)
-    ids = model.tokenizer.encode(json.dumps(DOC, ensure_ascii=False)).ids
+    ids = model.tokenizer.encode(json.dumps(doc, ensure_ascii=False)).ids
     n = model.cfg.n_vocab
     rows = []
     for t in ids:
@@ -81,9 +91,10 @@ def main() -> None:
     model = load(FIXTURE, device="cpu")
     model.generate("warm up", max_new_tokens=2, format="json")  # the token table, once
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms a token (free -> with the format)")
-    for name, fmt in (("json", "json"), ("schema", SCHEMA), ("gbnf", parse_gbnf(JSON_GBNF))):
+    for name, fmt, doc in (("json", "json", DOC), ("schema", SCHEMA, DOC), ("gbnf", parse_gbnf(JSON_GBNF), DOC),
+                           ("typed", TYPED, TYPED_DOC)):
         for label, params in (("greedy", SamplingParams()), ("temperature 0.8", SamplingParams(temperature=0.8))):
-            free, constrained = following(model, fmt, params)
+            free, constrained = following(model, fmt, params, doc)
             print(f"  {name:7s} following model, {label:16s} {free:7.2f} -> {constrained:7.2f}  (+{constrained - free:.2f})")
         for label, kwargs in (("greedy", {}), ("temperature 0.8", {"temperature": 0.8, "seed": 1})):
             free, constrained, n = random_model(model, fmt, kwargs, args.tokens)
