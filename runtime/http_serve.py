@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
@@ -147,7 +147,8 @@ def make_handler(service: Service, log: Callable[[str], None],
 
         def _answer(self, method: str) -> None:
             t0 = time.perf_counter()
-            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            path, _, query = self.path.partition("?")
+            path = path.rstrip("/") or "/"
             status = 200
             try:
                 self._check_caller()
@@ -160,7 +161,7 @@ def make_handler(service: Service, log: Callable[[str], None],
                     log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
                     return
                 route = ROUTES.get((method, path))
-                body: dict[str, Any] = {}
+                body: dict[str, Any] = dict(parse_qsl(query))  # a GET's arguments: /props?model=NAME
                 if route is None and method == "GET" and path.startswith(openai_api.MODEL_PATH):
                     route, body = openai_api.model, {"model": unquote(path[len(openai_api.MODEL_PATH):])}
                 if route is None:

@@ -16,7 +16,8 @@ The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), s
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (prompt_* and predicted_*:
 n, ms, per token ms, per second), generation_settings, completion_probabilities with n_probs;
 a stream is server-sent `data:` events of {content, stop: false} (tokens left empty), then the
-whole reply's fields with stop true, and no [DONE] (llama.cpp's own endpoint sends none).
+whole reply's fields with stop true, and no [DONE] (llama.cpp's own endpoint sends none). GET /props tells a
+client the default model's settings, whether it sees pictures and the picture marker.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from typing import Any
 
 from .inline_media import decode_image
 from .logprobs import entries, speller
-from .server import Loaded, Reply, RequestError, Service, answer_format, generation_options, top_logprobs
+from .model import PLAN_CTX
+from .sampling import SamplingParams
+from .server import (VERSION, Loaded, Reply, RequestError, Service, answer_format, generation_options,
+                     top_logprobs)
 from .tokenizer import stop_word
 
 MEDIA_MARKER = "<__media__>"  # mtmd's default marker: one picture's place in the prompt
@@ -160,7 +164,30 @@ def _stream(pieces: Iterator[str], whole: Callable[[str], dict[str, Any]]) -> It
     yield {**whole("".join(said)), "content": ""}
 
 
+def props(service: Service, body: dict[str, Any]) -> Reply:
+    """GET /props, llama.cpp server's: the default model's settings for /completion (its stored
+    PARAMETERs over qvl's defaults; temperature 0: greedy), its chat template, whether it sees
+    pictures, and the marker that places a picture in a /completion prompt."""
+    loaded = service.use(body.get("model"))
+    kwargs = generation_options(loaded.params, {}, service.config.ctx_size)
+    base = SamplingParams()
+    params = {k: kwargs.get(k, getattr(base, k)) for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                                                            "repeat_last_n", "seed", "presence_penalty",
+                                                            "frequency_penalty")}
+    params = {**params, "temperature": params["temperature"] or 0.0, "top_k": params["top_k"] or 0,
+              "top_p": 1.0 if params["top_p"] is None else params["top_p"], "min_p": params["min_p"] or 0.0,
+              "n_predict": -1, "stop": list(kwargs.get("stop") or []), "n_probs": 0, "grammar": "", "stream": True}
+    model = loaded.model
+    return Reply({"default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": kwargs.get("ctx_size") or PLAN_CTX,
+                                                  "is_processing": False, "params": params},
+                  "total_slots": 1, "model_path": str(model.text_file.path), "model_alias": service._name(loaded),
+                  "chat_template": model.chat_template or "", "chat_template_caps": {},
+                  "modalities": {"vision": model.vision is not None, "audio": False},
+                  "media_marker": MEDIA_MARKER, "build_info": f"qvl {VERSION}", "is_sleeping": False})
+
+
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
+    ("GET", "/props"): props,
     ("POST", "/completion"): complete,
     ("POST", "/completions"): complete,  # llama.cpp's alias
 }

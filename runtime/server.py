@@ -20,7 +20,7 @@
     POST /api/embed, /api/embeddings, /v1/embeddings: a text's embedding (embed_api.py)
     GET  /v1/models, /v1/models/NAME, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
     POST /v1/responses: OpenAI's Responses API, stateless (responses_api.py)
-    POST /completion: llama.cpp server's own completions (llamacpp_completion.py)
+    POST /completion, GET /props: llama.cpp server's own completions and settings (llamacpp_completion.py)
     POST /v1/messages: Anthropic's Messages API (anthropic_api.py)
     GET  /health, POST /tokenize, POST /detokenize: llama.cpp server's (llamacpp_api.py)
 

@@ -96,3 +96,18 @@ def test_samplers_left_off_are_fine(running):
     got = _done(running, {"prompt": "Hi", "n_predict": 2, "mirostat": 0, "typical_p": 1.0, "dry_multiplier": 0.0,
                           "xtc_probability": 0, "seed": -1, "temperature": 0.7})
     assert got["tokens_predicted"] == 2
+
+
+def test_props_tells_the_default_models_settings_and_marker(running):
+    got = running.json("/props")
+    assert got["modalities"] == {"vision": True, "audio": False} and got["media_marker"] == "<__media__>"
+    assert got["total_slots"] == 1 and got["model_path"].endswith("tiny-qwen2.5-vl-f16.gguf")
+    assert "<|im_start|>" in got["chat_template"] and got["build_info"].startswith("qvl ")
+    params = got["default_generation_settings"]["params"]
+    assert params["temperature"] == 0.0 and params["n_predict"] == -1 and params["seed"] == 299792458
+    assert got["default_generation_settings"]["n_ctx"] == 4096
+
+
+def test_props_of_a_model_named_in_the_query(running):
+    got = running.json("/props?model=terse:1")  # stored with num_predict 3, seed 5
+    assert got["default_generation_settings"]["params"]["seed"] == 5 and got["model_alias"].startswith("terse:1")
