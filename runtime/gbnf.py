@@ -5,10 +5,10 @@ The language is llama.cpp's grammar-parser's: rules `name ::= alternatives` (the
 `root`), alternatives split by `|`, sequences of "literals" (escapes \\t \\n \\r \\\\ \\" \\[ \\]
 \\xHH \\uHHHH \\UHHHHHHHH), character classes `[a-z0-9_]` and `[^"\\\\]` (over Unicode characters,
 read as UTF-8), `.` (any character), rule names, groups `( ... )`, and the repetitions `*` `+` `?`
-`{m}` `{m,}` `{m,n}`; tokens, whole: `<[151648]>` by id, `<|box_start|>` by its text (what the model's
-tokenizer makes one token of; resolve_tokens, when the grammar meets a model), and `!<[id]>` /
-`!<text>` for any token but that one (a token's bytes then are not read); `#` comments; a rule goes on over new lines inside a group or after `|`
-or `::=`. Nothing may follow the root (llama.cpp's grammars end there too). Refused, with the
+`{m}` `{m,}` `{m,n}`; tokens, whole: `<[151648]>` by id, `<|box_start|>` by its text (what the
+model's tokenizer makes one token of; resolve_tokens, when the grammar meets a model), and
+`!<[id]>` / `!<text>` for any token but that one (a token's bytes then are not read); `#`
+comments; a rule goes on over new lines inside a group or after `|` or `::=`. Nothing may follow the root (llama.cpp's grammars end there too). Refused, with the
 line or rule named: an undefined rule, no `root`, left recursion (a rule that can reach itself
 before a byte), and an unbounded repetition of something that can be empty.
 """
