@@ -13,19 +13,19 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, List, NoReturn, Optional, Union
 
 import torch
 import typer
-from PIL import Image
 
 from .config import ConfigError
 from .gguf_file import GGUFError
-from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, pixel_limits_ok
+from .image import MAX_PIXELS, MIN_PIXELS, ImageError, pixel_limits_ok
 from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
 from .go_template import TemplateError
-from .grounding import GroundingError, answer_boxes, counted, draw_boxes
+from .boxes_cli import boxes_problem, draw_answer_boxes
+from .grounding import GroundingError
 from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError, open_ended
 from .loader import load
 from .placement import Placement
@@ -63,7 +63,7 @@ def logit_biases(items: list[str]) -> dict[int, float]:
     return out
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"qvl-run: error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -425,8 +425,8 @@ def run(
     if each and (not image or video):
         _fail("--each: one question of each --image, with no --video" if image else
               "--each: give the pictures with --image")
-    if boxes is not None:
-        _check_boxes_file(boxes, image, prompt, each)
+    if boxes is not None and (why := boxes_problem(boxes, image, prompt, each)) is not None:
+        _fail(why)
     biases = logit_biases(logit_bias)
     if ignore_eos and fmt is not None:
         _fail("--ignore-eos with --format or --grammar: a constrained answer ends at its end-of-turn token")
@@ -561,42 +561,12 @@ def answer_json(out: Generation, timings: dict[str, float]) -> dict[str, Any]:
     return reply
 
 
-def boxes_path(template: Path, picture: Path) -> Path:
-    """--boxes' file for a picture: with --each, {stem} and {name} stand for the picture's."""
-    return Path(str(template).replace("{stem}", picture.stem).replace("{name}", picture.name))
-
-
-def _check_boxes_file(path: Path, images: list[Path], prompt: Optional[str], each: bool) -> None:
-    """--boxes' own checks, before a model is loaded."""
-    if each:
-        if "{stem}" not in str(path) and "{name}" not in str(path):
-            _fail(f"--boxes {path} with --each: name each picture's file with {{stem}} or {{name}}, "
-                  "e.g. boxes/{stem}.png")
-        path = boxes_path(path, images[0])
-    elif len(images) != 1:
-        _fail(f"--boxes: give one --image (got {len(images)}), or each with --each")
-    if prompt is None and sys.stdin is not None and sys.stdin.isatty():
-        _fail("--boxes: give the question with --prompt or --file (not in the interactive chat)")
-    if path.is_dir():
-        _fail(f"--boxes {path}: is a folder")
-    if not path.parent.is_dir():
-        _fail(f"--boxes {path}: folder {path.parent} not found")
-    if path.suffix.lower() not in Image.registered_extensions():
-        _fail(f"--boxes {path}: no image format has the extension {path.suffix or '(none)'!r} (try .png or .jpg)")
-
-
 def _draw_answer_boxes(model: Any, out: Generation, picture_path: Path, path: Path) -> list:
-    """The answer's boxes in the picture's pixels, drawn on it into `path` (nothing written when there are none)."""
+    """--boxes after an answer (boxes_cli.py), its failure one line."""
     try:
-        picture = load_image(picture_path)
-        found = answer_boxes(model, out, picture)
-        if found:
-            draw_boxes(picture, found, path)
+        return draw_answer_boxes(model, out, picture_path, path)
     except (ImageError, GroundingError) as e:
         _fail(str(e))
-    typer.echo(f"qvl-run: {counted(found)} drawn on {path}" if found else
-               f"qvl-run: the answer gives no boxes or points; {path} not written", err=True)
-    return found
 
 
 def main() -> None:

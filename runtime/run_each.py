@@ -20,8 +20,8 @@ import typer
 from .go_template import TemplateError
 from .image import ImageError
 from .model import Generation, Model, ModelError
-from .run_cli import (_draw_answer_boxes, _fail, _out_of_memory, _triton_failure, answer_json, answer_timings,
-                      boxes_path)
+from .boxes_cli import boxes_path
+from .run_cli import _draw_answer_boxes, _fail, _out_of_memory, _triton_failure, answer_json, answer_timings
 
 
 def ask_each(model: Model, text: str, images: list[Path], system: str | None, gen_kwargs: dict[str, Any],
