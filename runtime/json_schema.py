@@ -213,11 +213,17 @@ class _Builder:
             raise SchemaError(f"{where}: minLength / maxLength together with {what} are not followed by qvl")
         return embed_gbnf(shape, self.nodes)
 
-    def _integer(self, s: dict[str, Any], where: str) -> int:
+    @staticmethod
+    def _bounds(s: dict[str, Any], where: str) -> dict[str, Fraction]:
+        """An integer's or number's minimum / maximum / exclusive ones, exact (a float as the decimal it is written)."""
         bounds = {k: s[k] for k in BOUNDS if k in s}
         for k, v in bounds.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise SchemaError(f"{where}.{k}: a number")
+        return {k: Fraction(repr(v)) if isinstance(v, float) else Fraction(v) for k, v in bounds.items()}
+
+    def _integer(self, s: dict[str, Any], where: str) -> int:
+        bounds = self._bounds(s, where)
         lows = [math.ceil(bounds["minimum"])] if "minimum" in bounds else []
         lows += [math.floor(bounds["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in bounds else []
         highs = [math.floor(bounds["maximum"])] if "maximum" in bounds else []
@@ -228,13 +234,9 @@ class _Builder:
         return self.add(Number(integer=True) if lo is None and hi is None else IntRange(lo, hi))
 
     def _number(self, s: dict[str, Any], where: str) -> int:
-        bounds = {k: s[k] for k in BOUNDS if k in s}
-        if not bounds:
+        exact = self._bounds(s, where)
+        if not exact:
             return self.add(Number())
-        for k, v in bounds.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise SchemaError(f"{where}.{k}: a number")
-        exact = {k: Fraction(repr(v)) if isinstance(v, float) else Fraction(v) for k, v in bounds.items()}
         # the tighter of minimum and exclusiveMinimum (and of the maxima), as both must hold
         lows = [(exact[k], k == "exclusiveMinimum") for k in ("minimum", "exclusiveMinimum") if k in exact]
         highs = [(exact[k], k == "exclusiveMaximum") for k in ("maximum", "exclusiveMaximum") if k in exact]

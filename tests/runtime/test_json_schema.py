@@ -129,6 +129,7 @@ def test_schema_keywords(schema, takes, refuses):
     ({"properties": {"n": {"exclusiveMaximum": 3}}}, "#.properties.n: 'exclusiveMaximum' without a type is not"),
     ({"type": "integer", "minimum": 5, "maximum": 4.5}, "#: no integer is between its bounds (5 > 4)"),
     ({"type": "integer", "minimum": "0"}, "#.minimum: a number"),
+    ({"type": "integer", "maximum": float("inf")}, "#.maximum: a number"),  # json.loads reads Infinity
     ({"type": "integer", "multipleOf": 2}, "#: 'multipleOf' is not followed by qvl"),
     ({"allOf": [{"type": "string"}, {"minLength": 2}]}, "#.allOf[0]: allOf of object schemas (merged) or enums"),
     ({"allOf": [{"properties": {"a": {"type": "string"}}}, {"properties": {"a": {"type": "integer"}}}]},
