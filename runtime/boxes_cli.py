@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import typer
 from PIL import Image
 
-from .grounding import Box, answer_boxes, counted, draw_boxes
+from .grounding import Box, answer_boxes, draw_boxes
 from .image import load_image
 from .model import Generation
 
@@ -41,13 +40,11 @@ def boxes_problem(path: Path, images: list[Path], prompt: str | None, each: bool
     return None
 
 
-def draw_answer_boxes(model: Any, out: Generation, picture_path: Path, path: Path) -> list[Box]:
-    """The answer's boxes in the picture's pixels, drawn on it into `path` (nothing written when
-    there are none; a line on stderr says which); ImageError / GroundingError when it cannot be."""
+def draw_answer_boxes(model: Any, out: Generation, picture_path: str | Path, path: Path, index: int = 0) -> list[Box]:
+    """The answer's boxes in the pixels of its `index`th picture (at `picture_path`), drawn on it
+    into `path` (nothing written when there are none); ImageError / GroundingError when it cannot be."""
     picture = load_image(picture_path)
-    found = answer_boxes(model, out, picture)
+    found = answer_boxes(model, out, picture, index)
     if found:
         draw_boxes(picture, found, path)
-    typer.echo(f"qvl-run: {counted(found)} drawn on {path}" if found else
-               f"qvl-run: the answer gives no boxes or points; {path} not written", err=True)
     return found

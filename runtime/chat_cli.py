@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 import typer
 
-from .grounding import GroundingError, answer_boxes, counted, draw_boxes
-from .image import ImageError, load_image
+from .boxes_cli import draw_answer_boxes
+from .grounding import GroundingError, counted
+from .image import ImageError
 from .go_template import TemplateError
 from .model import Model, ModelError, open_ended
 from .run_cli import _out_of_memory, _triton_failure
@@ -104,14 +105,11 @@ def draw_last(model: Model, messages: list[dict], path: Path) -> str:
     if not pictures or answer is None or not answer.image_sizes:
         return "(no answer about a picture yet)"
     try:
-        picture = load_image(pictures[-1])
-        found = answer_boxes(model, answer, picture, index=len(answer.image_sizes) - 1)
-        if not found:
-            return f"(the last answer gives no boxes or points; {path} not written)"
-        draw_boxes(picture, found, path)
+        found = draw_answer_boxes(model, answer, pictures[-1], path, index=len(answer.image_sizes) - 1)
     except (ImageError, GroundingError) as e:
         return f"qvl-run: error: {e}"
-    return f"({counted(found)} drawn on {path})"
+    return (f"({counted(found)} drawn on {path})" if found else
+            f"(the last answer gives no boxes or points; {path} not written)")
 
 
 def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str]) -> None:

@@ -25,7 +25,7 @@ from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
 from .go_template import TemplateError
 from .boxes_cli import boxes_problem, draw_answer_boxes
-from .grounding import GroundingError
+from .grounding import GroundingError, counted
 from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError, open_ended
 from .loader import load
 from .placement import Placement
@@ -562,11 +562,14 @@ def answer_json(out: Generation, timings: dict[str, float]) -> dict[str, Any]:
 
 
 def _draw_answer_boxes(model: Any, out: Generation, picture_path: Path, path: Path) -> list:
-    """--boxes after an answer (boxes_cli.py), its failure one line."""
+    """--boxes after an answer (boxes_cli.py): a line on stderr says what was drawn; its failure one line."""
     try:
-        return draw_answer_boxes(model, out, picture_path, path)
+        found = draw_answer_boxes(model, out, picture_path, path)
     except (ImageError, GroundingError) as e:
         _fail(str(e))
+    typer.echo(f"qvl-run: {counted(found)} drawn on {path}" if found else
+               f"qvl-run: the answer gives no boxes or points; {path} not written", err=True)
+    return found
 
 
 def main() -> None:
