@@ -124,12 +124,16 @@ def make_handler(service: Service, log: Callable[[str], None],
         def log_message(self, format: str, *args: Any) -> None:
             pass  # one line a request, written by _answer
 
-        def _send_head(self, status: int, kind: str, length: int | None) -> None:
-            self.send_response(status)
+        def _allow_origin(self) -> None:
+            """CORS: a page of an allowed origin may read the reply (origins.py)."""
             origin = self.headers.get("Origin")
             if origin is not None and origin_allowed(origin, service.config.origins):
                 self.send_header("Access-Control-Allow-Origin", origin)
                 self.send_header("Vary", "Origin")
+
+        def _send_head(self, status: int, kind: str, length: int | None) -> None:
+            self.send_response(status)
+            self._allow_origin()
             self.send_header("Content-Type", kind)
             if length is not None:
                 self.send_header("Content-Length", str(length))
@@ -201,10 +205,7 @@ def make_handler(service: Service, log: Callable[[str], None],
         def _preflight(self) -> int:
             """OPTIONS: the methods and headers a page of an allowed origin may use."""
             self.send_response(204)
-            origin = self.headers.get("Origin")
-            if origin is not None:
-                self.send_header("Access-Control-Allow-Origin", origin)
-                self.send_header("Vary", "Origin")
+            self._allow_origin()
             for key, value in PREFLIGHT_HEADERS.items():
                 self.send_header(key, value)
             asked = self.headers.get("Access-Control-Request-Headers")
