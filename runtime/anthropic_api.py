@@ -8,14 +8,15 @@ an image by URL (the server fetches nothing). The reply is Anthropic's message o
 one text block; stop_reason end_turn, max_tokens or stop_sequence; usage with
 cache_read_input_tokens: the prompt tokens the KV cache held); a stream is its named events
 (message_start, content_block_start, ping, content_block_delta..., content_block_stop,
-message_delta, message_stop)."""
+message_delta, message_stop). POST /v1/messages/count_tokens answers {"input_tokens": n} for
+the same body (max_tokens not needed): the prompt's tokens, pictures' included, nothing run."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .server import Reply, RequestError, Service, _messages, generation_options, unsupported
+from .server import Loaded, Reply, RequestError, Service, _messages, generation_options, unsupported
 from .tokenizer import stop_word
 
 
@@ -40,14 +41,11 @@ def _system(value: Any) -> str | None:
     raise RequestError(400, "system: a string or a list of text blocks")
 
 
-def messages(service: Service, body: dict[str, Any]) -> Reply:
-    loaded = service.use(body.get("model"))
+def _conversation(service: Service, loaded: Loaded, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """`system` and `messages` as the chat API's messages (tools and thinking refused)."""
     thinking = body.get("thinking")
     unsupported({"tools": body.get("tools"), "think": isinstance(thinking, dict) and thinking.get("type") == "enabled"},
                 service._name(loaded))
-    limit = body.get("max_tokens")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise RequestError(400, "max_tokens: required, a whole number of tokens above 0")
     raw = body.get("messages")
     if isinstance(raw, list):
         raw = [{**m, "content": [_block(b, f"messages[{i}].content[{j}]") for j, b in enumerate(m["content"])]}
@@ -58,6 +56,21 @@ def messages(service: Service, body: dict[str, Any]) -> Reply:
         system = loaded.system
     if system is not None:
         chat.insert(0, {"role": "system", "content": system})
+    return chat
+
+
+def count_tokens(service: Service, body: dict[str, Any]) -> Reply:
+    """POST /v1/messages/count_tokens: the input tokens /v1/messages would read for the same body."""
+    loaded = service.use(body.get("model"))
+    return Reply({"input_tokens": loaded.model.count_chat_tokens(_conversation(service, loaded, body))})
+
+
+def messages(service: Service, body: dict[str, Any]) -> Reply:
+    loaded = service.use(body.get("model"))
+    limit = body.get("max_tokens")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise RequestError(400, "max_tokens: required, a whole number of tokens above 0")
+    chat = _conversation(service, loaded, body)
     stops = body.get("stop_sequences") or []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise RequestError(400, "stop_sequences: a list of strings")
@@ -104,4 +117,5 @@ def _events(head: dict[str, Any], pieces: Iterator[str],
 
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("POST", "/v1/messages"): messages,
+    ("POST", "/v1/messages/count_tokens"): count_tokens,
 }

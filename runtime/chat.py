@@ -69,3 +69,22 @@ def media_order(prompt: str, items: list, kind: str) -> list:
     """Media in the order the prompt's `{image2}`/`{video1}`... placeholders use them."""
     order = [int(m) - 1 for m in re.findall(r"\{" + kind + r"(\d+)\}", prompt)]
     return [items[i] for i in order if 0 <= i < len(items)] if order else items
+
+
+def with_stored(defaults: dict[str, Any], messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` with a stored model's SYSTEM first (where they have no system message) and its
+    stored conversation (MESSAGE lines) after the system message."""
+    if defaults.get("system") is not None and (not messages or messages[0].get("role") != "system"):
+        messages = [{"role": "system", "content": defaults["system"]}, *messages]
+    if defaults.get("messages"):
+        head = 1 if messages and messages[0].get("role") == "system" else 0
+        messages = [*messages[:head], *defaults["messages"], *messages[head:]]
+    return messages
+
+
+def chat_media(messages: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """The images and the videos of the messages' content parts, in their order."""
+    parts = [c for m in messages if isinstance(m["content"], list) for c in m["content"]]
+    images = [c.get("image") or c.get("image_url") for c in parts
+              if c.get("type") == "image" or "image" in c or "image_url" in c]
+    return images, [c["video"] for c in parts if c.get("type") == "video" or "video" in c]

@@ -6,6 +6,9 @@
                         -> {"tokens": [id, ...]} or, with_pieces, [{"id", "piece"}, ...] (a piece
                         that is not whole UTF-8: its bytes as a list of numbers, as llama.cpp's)
     POST /detokenize    {"tokens": [id, ...], "model"} -> {"content"}
+    POST /apply-template {"messages", "model"} (a chat completion's) -> {"prompt"}: the prompt the
+                        chat template makes, each picture's place a <__media__> marker, to edit
+                        and send to /completion with the pictures as its multimodal_data
 
 The model is the request's `model`, else the one given to `qvl serve`. Qwen's tokenizer adds no
 BOS, so add_special changes nothing; special tokens in the text (`<|im_start|>`) are read as
@@ -16,7 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .chat import chat_media, render, with_stored
+from .llamacpp_completion import MEDIA_MARKER, PICTURE_SLOT
 from .logprobs import speller
+from .openai_api import conversation
 from .server import Reply, RequestError, Service
 
 
@@ -61,8 +67,17 @@ def detokenize(service: Service, body: dict[str, Any]) -> Reply:
     return Reply({"content": model.tokenizer.decode(tokens, skip_special_tokens=False)})
 
 
+def apply_template(service: Service, body: dict[str, Any]) -> Reply:
+    loaded = service.use(body.get("model"))
+    messages = with_stored(loaded.model.defaults, conversation(service, loaded, body))
+    if chat_media(messages)[1]:
+        raise RequestError(400, "messages: a video part (/completion takes pictures only)")
+    return Reply({"prompt": render(loaded.model.chat_template, messages).replace(PICTURE_SLOT, MEDIA_MARKER)})
+
+
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("GET", "/health"): lambda s, b: Reply({"status": "ok"}),
     ("POST", "/tokenize"): tokenize,
     ("POST", "/detokenize"): detokenize,
+    ("POST", "/apply-template"): apply_template,
 }

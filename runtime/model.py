@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from . import fit, prefill_oom, vision_oom
-from .chat import media_order, render, user_content
+from .chat import chat_media, media_order, render, user_content, with_stored
 from .config import TextConfig, text_config
 from .decode_graph import DecodeGraph
 from .decoder import PREFILL_CHUNK, Decoder, KVCache
@@ -479,21 +479,23 @@ class Model:
                 yield item
 
     def chat(self, messages: list[dict[str, Any]], stream: bool = False, **kwargs: Any) -> Generation | Iterator[str]:
-        """Multi-turn chat in transformers' message format; images as {"type": "image", "image": path}.
-        Takes generate's keyword arguments; with `stream`, an iterator of text pieces. A stored
-        SYSTEM (`defaults`) goes first where the messages have no system message, and the stored
-        conversation (MESSAGE lines) after the system message."""
-        if self.defaults.get("system") is not None and (not messages or messages[0].get("role") != "system"):
-            messages = [{"role": "system", "content": self.defaults["system"]}, *messages]
-        if self.defaults.get("messages"):
-            head = 1 if messages and messages[0].get("role") == "system" else 0
-            messages = [*messages[:head], *self.defaults["messages"], *messages[head:]]
-        parts = [c for m in messages if isinstance(m["content"], list) for c in m["content"]]
-        images = [c.get("image") or c.get("image_url") for c in parts
-                  if c.get("type") == "image" or "image" in c or "image_url" in c]
-        videos = [c["video"] for c in parts if c.get("type") == "video" or "video" in c]
-        text = render(self.chat_template, messages)
+        """Multi-turn chat in transformers' message format; images as {"type": "image", "image": path}, the
+        stored SYSTEM / MESSAGEs put in by chat.with_stored. generate's keyword arguments; `stream` as there."""
+        text, images, videos = self._chat_prompt(messages)
         return self.generate(text, images, template=False, videos=videos, stream=stream, **kwargs)
+
+    def _chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[str, list[Any], list[Any]]:
+        """The rendered prompt of `messages` (with the stored SYSTEM / MESSAGEs) and its media."""
+        messages = with_stored(self.defaults, messages)
+        return (render(self.chat_template, messages), *chat_media(messages))
+
+    def count_chat_tokens(self, messages: list[dict[str, Any]], min_pixels: int = MIN_PIXELS,
+                          max_pixels: int = MAX_PIXELS, video_options: VideoOptions = VideoOptions()) -> int:
+        """The prompt tokens `chat(messages)` reads, each picture's and video frame's counted as the
+        vision tower would make them; nothing is run through the model."""
+        text, images, videos = self._chat_prompt(messages)
+        text, images, vids = self._prepare(text, images, videos, video_options, None, False)
+        return len(self.tokenize(text, images, min_pixels, max_pixels, vids)[0])
 
     @torch.no_grad()
     def _run(self, text: str, images: list[ImageLike], max_new_tokens: int, params: SamplingParams,

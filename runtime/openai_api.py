@@ -117,12 +117,15 @@ def _choices(body: dict[str, Any], kwargs: dict[str, Any], defaults: dict[str, A
     return [{**kwargs, "seed": seed + i} if i else kwargs for i in range(n)]
 
 
+def conversation(service: Service, loaded: Loaded, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat request's messages, the stored system message first where they have none (tools refused)."""
+    unsupported({"tools": body.get("tools")}, service._name(loaded))
+    return loaded.with_system(_messages(body.get("messages"), None))
+
+
 def chat(service: Service, body: dict[str, Any]) -> Reply:
     loaded = service.use(body.get("model"))
-    unsupported({"tools": body.get("tools")}, service._name(loaded))
-    messages = _messages(body.get("messages"), None)
-    if loaded.system is not None and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": loaded.system})
+    messages = conversation(service, loaded, body)
     each = _choices(body, _options(loaded, service, body, None), loaded.model.defaults)
     top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
     form = answer_format(body)

@@ -9,7 +9,8 @@ developer; `content` a string or parts: `input_text`, `input_image` with a data:
 `usage.input_tokens_details.cached_tokens` the prompt tokens the KV cache already held; a stream
 is the named server-sent events OpenAI's SDKs read (`response.created` ...
 `response.output_text.delta` ... `response.completed`). previous_response_id, conversation,
-tools and background are refused (400), not ignored."""
+tools and background are refused (400), not ignored. POST /v1/responses/input_tokens counts the
+input tokens of the same body (OpenAI's `responses.input_tokens.count`), pictures' included."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .openai_api import _options
-from .server import Reply, RequestError, Service, _messages, answer_format, unsupported
+from .server import Loaded, Reply, RequestError, Service, _messages, answer_format, unsupported
 
 _PARTS = {"input_text": "text", "output_text": "text", "text": "text", "input_image": "image_url"}
 
@@ -76,15 +77,25 @@ def _format_body(body: dict[str, Any]) -> dict[str, Any]:
                             '{"type": "json_schema", "name": ..., "schema": {...}}')
 
 
-def respond(service: Service, body: dict[str, Any]) -> Reply:
-    loaded = service.use(body.get("model"))
+def _conversation(service: Service, loaded: Loaded, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's messages, the stored system message first where it has none; state and tools refused."""
     for key in ("previous_response_id", "conversation", "background"):
         if body.get(key):
             raise RequestError(400, f"{key}: qvl serve's responses are stateless (as Ollama's)")
     unsupported({"tools": body.get("tools")}, service._name(loaded))
-    messages = chat_messages(body)
-    if loaded.system is not None and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": loaded.system})
+    return loaded.with_system(chat_messages(body))
+
+
+def input_tokens(service: Service, body: dict[str, Any]) -> Reply:
+    """POST /v1/responses/input_tokens: the input tokens /v1/responses would read for the same body."""
+    loaded = service.use(body.get("model"))
+    count = loaded.model.count_chat_tokens(_conversation(service, loaded, body))
+    return Reply({"object": "response.input_tokens", "input_tokens": count})
+
+
+def respond(service: Service, body: dict[str, Any]) -> Reply:
+    loaded = service.use(body.get("model"))
+    messages = _conversation(service, loaded, body)
     kwargs = _options(loaded, service, {**body, "max_tokens": body.get("max_output_tokens")}, None)
     form = answer_format(_format_body(body))
     n = next(service._ids)
@@ -147,4 +158,5 @@ def _events(head: dict[str, Any], message: Callable[[str, str], dict[str, Any]],
 
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("POST", "/v1/responses"): respond,
+    ("POST", "/v1/responses/input_tokens"): input_tokens,
 }

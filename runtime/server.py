@@ -140,6 +140,12 @@ class Loaded:
     system: str | None = None  # stored SYSTEM
     load_s: float = 0.0  # for the request that loaded it
 
+    def with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`messages` with the stored SYSTEM first where they have no system message."""
+        if self.system is None or messages[0]["role"] == "system":
+            return messages
+        return [{"role": "system", "content": self.system}, *messages]
+
 
 def _vram() -> int:
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
@@ -465,9 +471,7 @@ class Service:
     def chat(self, body: dict[str, Any]) -> Reply:
         loaded = self.use(body.get("model"), body.get("keep_alive"))
         unsupported(body, self._name(loaded))
-        messages = _messages(body.get("messages"), "images")
-        if loaded.system is not None and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": loaded.system})
+        messages = loaded.with_system(_messages(body.get("messages"), "images"))
         kwargs = generation_options(loaded.params, body.get("options") or {}, self.config.ctx_size)
         top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
         pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), logprobs=top, **kwargs)

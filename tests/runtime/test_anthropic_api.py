@@ -58,6 +58,26 @@ def test_the_stream_is_anthropics_named_events(running):
     assert events[-2][1]["delta"]["stop_reason"] == "max_tokens" and events[-2][1]["usage"]["output_tokens"] == 6
 
 
+def test_count_tokens_is_what_messages_reads(running):
+    """/v1/messages/count_tokens: the input tokens (KV-cache reads included) /v1/messages reports
+    for the same body; a picture's (56x84: 2x3 merged patches and its start / end) counted."""
+    data = base64.b64encode(png()).decode()
+    text = [{"role": "user", "content": "What colour?"}]
+    picture = [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+        {"type": "text", "text": "What colour?"}]}]
+    counts = []
+    for messages in (text, picture):
+        body = {"model": "tiny:1", "system": [{"type": "text", "text": "Be brief."}], "messages": messages}
+        counts.append(running.json("/v1/messages/count_tokens", body)["input_tokens"])
+        usage = _ask(running, max_tokens=1, **body)["usage"]
+        assert counts[-1] == usage["input_tokens"] + usage["cache_read_input_tokens"]
+    assert counts[1] - counts[0] == 6 + 2
+    status, data = running.request("/v1/messages/count_tokens", {"model": "tiny:1", "messages": text,
+                                                                 "tools": [{"name": "f"}]})
+    assert status == 400 and "does not support tools" in json.loads(data)["error"]
+
+
 @pytest.mark.parametrize("body,expect", [
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": None}, "max_tokens: required"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"name": "f"}]}, "does not support tools"),

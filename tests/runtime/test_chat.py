@@ -100,3 +100,27 @@ def test_a_chat_template_error_is_one_line():
         render("{{ raise_exception('roles must alternate') }}", messages)
     with pytest.raises(TemplateError, match=r"^chat template \(tokenizer.chat_template\): "):
         render("{% for m in messages %}", messages)
+
+
+def test_count_chat_tokens_is_what_chat_reads(fixtures_dir, tmp_path):
+    """count_chat_tokens (the token-count endpoints') equals the prompt_tokens chat reports, for
+    text, pictures of two sizes, a video and a stored SYSTEM, without running the model."""
+    from videos import make_video
+
+    model = load(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf")
+    small, big = tmp_path / "s.png", tmp_path / "b.png"
+    Image.fromarray(np.zeros((56, 84, 3), dtype=np.uint8)).save(small)
+    Image.fromarray(np.zeros((112, 140, 3), dtype=np.uint8)).save(big)
+    video = make_video(tmp_path / "v.mp4", frames=8, fps=4, size=(56, 84))
+    text = [{"role": "user", "content": "Hi"}]
+    pictures = [{"role": "user", "content": [{"type": "image", "image": str(small)}, {"type": "text", "text": "Hi"},
+                                             {"type": "image", "image": str(big)}]}]
+    film = [{"role": "user", "content": [{"type": "video", "video": str(video)}, {"type": "text", "text": "Hi"}]}]
+    counts = {}
+    for name, msgs in (("text", text), ("pictures", pictures), ("video", film)):
+        counts[name] = model.count_chat_tokens(msgs)
+        assert counts[name] == model.chat(msgs, max_new_tokens=1).prompt_tokens, name
+    # each picture: its merged patches ((56/28)*(84/28) = 6 and (112/28)*(140/28) = 20) and its start / end tokens
+    assert counts["pictures"] - counts["text"] == (6 + 2) + (20 + 2)
+    model.defaults = {**model.defaults, "system": "Be terse."}
+    assert model.count_chat_tokens(text) == model.chat(text, max_new_tokens=1).prompt_tokens

@@ -53,6 +53,23 @@ def test_instructions_developer_and_picture_parts(running):
     assert got["instructions"] == "Answer briefly."
 
 
+def test_input_tokens_counts_what_responses_reads(running):
+    """/v1/responses/input_tokens (openai-python's responses.input_tokens.count): the usage's
+    input_tokens of the same body, the picture's included; state and tools refused as there."""
+    url = "data:image/png;base64," + base64.b64encode(png()).decode()
+    body = {"model": "tiny:1", "instructions": "Answer briefly.", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": url}, {"type": "input_text", "text": "What colour?"}]}]}
+    got = running.json("/v1/responses/input_tokens", body)
+    assert got["object"] == "response.input_tokens"
+    assert got["input_tokens"] == running.json("/v1/responses", {**body, "max_output_tokens": 1})["usage"]["input_tokens"]
+    text = running.json("/v1/responses/input_tokens", {"model": "tiny:1", "instructions": "Answer briefly.",
+                                                        "input": [{"role": "user", "content": "What colour?"}]})
+    assert got["input_tokens"] - text["input_tokens"] == 6 + 2  # 56x84: 2x3 merged patches, start and end
+    for extra, expect in (({"previous_response_id": "resp_1"}, "stateless"), ({"tools": [{"name": "f"}]}, "tools")):
+        status, data = running.request("/v1/responses/input_tokens", {**body, **extra})
+        assert status == 400 and expect in json.loads(data)["error"], data
+
+
 def test_cached_tokens_are_the_prompt_the_cache_held(running):
     body = {"model": "tiny:1", "input": "Count to three, slowly.", "max_output_tokens": 3}
     running.json("/v1/responses", body)
