@@ -1,0 +1,111 @@
+"""`qvl perplexity MODEL -f TEXT`: a text's perplexity under a model, and with `--base` the KL
+divergence from the base model's next-token distributions (llama.cpp's llama-perplexity and its
+--kl-divergence, in one run; perplexity.py measures). Each chunk's running figures go to standard
+error as it is read; the result, in llama-perplexity's words (or one JSON object), to standard
+output."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+
+HELP = ("A text's perplexity under a model, as llama-perplexity measures it: the text cut into chunks of "
+        "--ctx-size tokens, each read alone, the second half of each scored. With --base (the same model at a "
+        "higher precision, e.g. its F16 or Q8_0) also the KL divergence of the model's next-token "
+        "probabilities from the base's, the change in the right token's probability and how often both put "
+        "the same token first: how much a quantization lost. Both models are held in memory together.\n\n"
+        "Example: qvl perplexity qwen2.5-vl-7b-q4_k_m.gguf -f wiki.test.raw --base qwen2.5-vl-7b-f16.gguf")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"qvl perplexity: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _lines(s: dict) -> list[str]:
+    """The result as llama-perplexity prints its statistics."""
+    out = [f"Final estimate: PPL = {s['ppl']:.4f} +/- {s['ppl_uncertainty']:.5f} ({s['tokens']} tokens scored)"]
+    if "kld" not in s:
+        return out
+    pct = s["kld_percentiles"]
+    out += ["", "====== Perplexity statistics ======",
+            f"Mean PPL(Q)                   : {s['ppl']:10.6f} ± {s['ppl_uncertainty']:10.6f}",
+            f"Mean PPL(base)                : {s['ppl_base']:10.6f} ± {s['ppl_base_uncertainty']:10.6f}",
+            f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * s['ln_ppl_correlation']:6.2f}%",
+            f"Mean ln(PPL(Q)/PPL(base))     : {s['ln_ppl_ratio']:10.6f} ± {s['ln_ppl_ratio_uncertainty']:10.6f}",
+            "", "====== KL divergence statistics ======",
+            f"Mean    KLD: {s['kld']:10.6f} ± {s['kld_uncertainty']:10.6f}",
+            f"Maximum KLD: {s['kld_max']:10.6f}"]
+    out += [f"{'Median ' if k == '50.0' else f'{float(k):4.1f}%  '} KLD: {v:10.6f}" for k, v in pct.items()]
+    out += [f"Minimum KLD: {s['kld_min']:10.6f}", "", "====== Token probability statistics ======",
+            f"Mean    Δp: {100 * s['p_diff']:6.3f} ± {100 * s['p_diff_uncertainty']:5.3f} %",
+            f"RMS Δp    : {100 * s['p_diff_rms']:6.3f} ± {100 * s['p_diff_rms_uncertainty']:5.3f} %",
+            f"Same top p: {100 * s['same_top']:6.3f} ± {100 * s['same_top_uncertainty']:5.3f} %"]
+    return out
+
+
+def perplexity_command(
+    model: str = typer.Argument(..., help="A GGUF file or a stored model's name."),
+    file: Path = typer.Option(..., "-f", "--file", help="The text to score (UTF-8), e.g. wikitext-2's wiki.test.raw."),
+    ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="Tokens a chunk (llama-perplexity's -c)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Read only the first N chunks (default: all)."),
+    base: Optional[str] = typer.Option(None, "--base", help="The base model (GGUF file or stored name) for the KL "
+                                                            "divergence: the same model, less quantized."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object: the figures, and each chunk's PPL."),
+    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even where a GPU is."),
+) -> None:
+    from ..convert.errors import ConvertError
+    from .config import ConfigError
+    from .gguf_file import GGUFError
+    from .loader import load
+    from .model import ModelError
+    from .perplexity import PerplexityError, chunk_count, measure, summary
+    from .store import StoreError
+    from .tokenizer import TokenizerError
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        _fail(f"{file}: not UTF-8 text")
+    except OSError as e:
+        _fail(f"{file}: {e.strerror or e}")
+    device = "cpu" if cpu else "auto"
+    try:
+        loaded = load(model, device=device, plan_ctx=ctx_size)
+        ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
+        n = chunk_count(len(ids), ctx_size, chunks)  # its errors before the base is loaded
+        reference = None
+        if base is not None:
+            reference = load(base, device=device, plan_ctx=ctx_size)
+            if reference.tokenizer.encode(text, add_special_tokens=False).ids != ids:
+                _fail(f"{base} reads the text as other tokens than {model}: not the same model")
+        started, per_chunk = time.perf_counter(), []
+
+        def each(i: int, total: int, so_far) -> None:
+            figures = summary(so_far)
+            per_chunk.append(figures["ppl"])
+            if i == 0:
+                seconds = time.perf_counter() - started
+                typer.echo(f"qvl perplexity: {total} chunks of {ctx_size} tokens, {seconds:.2f} s a chunk, "
+                           f"ETA {seconds * (total - 1) / 60:.2f} min", err=True)
+            line = f"[{i + 1}/{total}] PPL {figures['ppl']:.4f}"
+            if "kld" in figures:
+                line += (f"  ln(PPL(Q)/PPL(base)) {figures['ln_ppl_ratio']:.5f}  KLD {figures['kld']:.6f}"
+                         f"  same top {100 * figures['same_top']:.2f}%")
+            typer.echo(line, err=True)
+
+        scores = measure(loaded, ids, ctx_size, n, reference, each)
+    except (GGUFError, ConfigError, TokenizerError, ModelError, StoreError, ConvertError, PerplexityError,
+            KeyError) as e:
+        _fail(str(e).strip("'\""))
+    result = summary(scores)
+    if json_out:
+        typer.echo(json.dumps({"model": model, "base": base, "ctx_size": ctx_size, "chunks": n, **result,
+                               "chunk_ppl": per_chunk}))
+    else:
+        sys.stdout.write("\n".join(_lines(result)) + "\n")
