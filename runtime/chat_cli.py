@@ -15,7 +15,8 @@ from .boxes_cli import draw_answer_boxes
 from .grounding import GroundingError, counted
 from .image import ImageError
 from .go_template import TemplateError
-from .model import Model, ModelError, open_ended
+from .loader import open_ended
+from .model import Model, ModelError
 from .run_cli import _out_of_memory, _triton_failure
 from .video import VideoError
 

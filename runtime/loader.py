@@ -12,8 +12,17 @@ import torch
 from . import fit
 from .gguf_file import GGUFFile
 from .memory import give_back_free_memory
-from .model import ALL_LAYERS, PLAN_CTX, Model, ModelError, open_ended
+from .model import ALL_LAYERS, PLAN_CTX, Model, ModelError
 from .placement import Placement, PlacementError
+
+
+def open_ended(max_new_tokens: int, ctx_size: int | None) -> tuple[int, int | None]:
+    """(max_new_tokens, ctx_size) with llama.cpp's -n -1 / Ollama's num_predict -1 read as "until
+    the answer ends or the context is full": the context (PLAN_CTX where none is given) bounds it."""
+    if max_new_tokens != -1:
+        return max_new_tokens, ctx_size
+    ctx_size = ctx_size or PLAN_CTX
+    return ctx_size, ctx_size
 
 
 def find_mmproj(model: Path) -> Path | None:

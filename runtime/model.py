@@ -1,11 +1,9 @@
 """The Model: prompts with images -> logits, generation, chat.
 
 A prompt is a chat turn rendered with the model's own template; each image becomes
-`<|vision_start|><|image_pad|>...<|vision_end|>` with one pad per merged patch, the pads'
-embeddings are replaced by the vision tower's output, and positions follow M-RoPE
-(`positions.py`). Torch on the CPU; on a GPU (placement.py) the Triton kernels, with decode
-through a captured CUDA graph when the whole decoder is there (decode_graph.py).
-"""
+`<|vision_start|><|image_pad|>...<|vision_end|>` with one pad per merged patch, the pads' embeddings
+are replaced by the vision tower's output, and positions follow M-RoPE (`positions.py`). Torch on
+the CPU; on a GPU (placement.py) the Triton kernels, decode in a CUDA graph (decode_graph.py)."""
 
 from __future__ import annotations
 
@@ -48,15 +46,6 @@ VIDEO_PAD = "<|video_pad|>"
 _PADS = re.compile(r"(<\|image_pad\|>|<\|video_pad\|>)")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 PLAN_CTX = 4096  # the context a GPU plan reserves KV cache for, and an open-ended answer's, when none is given
-
-
-def open_ended(max_new_tokens: int, ctx_size: int | None) -> tuple[int, int | None]:
-    """(max_new_tokens, ctx_size) with llama.cpp's -n -1 / Ollama's num_predict -1 read as "until
-    the answer ends or the context is full": the context (PLAN_CTX where none is given) bounds it."""
-    if max_new_tokens != -1:
-        return max_new_tokens, ctx_size
-    ctx_size = ctx_size or PLAN_CTX
-    return ctx_size, ctx_size
 
 
 class ModelError(ValueError):
@@ -352,6 +341,17 @@ class Model:
         else:
             self._kept = cache
         return cache
+
+    def kept_prompt(self) -> tuple[KVCache | None, list[int], list[str]]:
+        """The cache the last generation left, what it holds (PromptKeys.export) and its pictures' hashes."""
+        return (self._graph.cache if self._graph is not None else self._kept, *self._prompt_keys.export())
+
+    def keep_prompt(self, cache: KVCache, keys: list[int], hashes: list[str]) -> None:
+        """Take `cache`, holding kept_prompt's `keys` and `hashes`, as the last generation's (kv_file.py)."""
+        if self._graph is not None:
+            self._graph.drain()  # a step the last generation queued ahead
+        self._graph, self._kept = None, cache
+        self._prompt_keys.adopt(keys, hashes)
 
     def _vision_planned_alone(self) -> bool:
         """Whether a --max-vram plan counted the vision tower's peak instead of the KV cache (the

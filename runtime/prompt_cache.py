@@ -42,7 +42,10 @@ class PromptKeys:
         digest = hashlib.blake2b(np.ascontiguousarray(span.pixels).view(np.uint8).data,
                                  digest_size=16, person=b"video" if span.video else b"image")
         digest.update(np.asarray(span.grid_thw, dtype=np.int64).tobytes())
-        key = digest.digest()
+        return self._index(digest.digest())
+
+    def _index(self, key: bytes) -> int:
+        """A picture's identity by its hash, a new one for a hash not seen before."""
         if key not in self._media:
             if len(self._media) >= MAX_MEDIA:
                 self._media.clear()
@@ -70,3 +73,30 @@ class PromptKeys:
             if span.start < n < span.start + span.length:
                 n = span.start
         return n
+
+    def export(self) -> tuple[list[int], list[str]]:
+        """What the kept cache holds, apart from this table: its keys with each picture's identity
+        made an index into the list of pictures' hashes (hex) returned beside them."""
+        table = {index: key for key, index in self._media.items()}
+        found: dict[int, int] = {}
+        out = []
+        for k in self.kept:
+            if k < 0:
+                index, offset = divmod(-k - 1, 1 << 20)
+                local = found.setdefault(index, len(found))
+                k = -(1 + (1 << 20) * local + offset)
+            out.append(k)
+        return out, [table[i].hex() for i in found]
+
+    def adopt(self, keys: list[int], hashes: list[str]) -> None:
+        """The kept cache holds `keys` of `export` with these pictures' hashes (from another process)."""
+        if len(self._media) + len(hashes) > MAX_MEDIA:
+            self._media.clear()  # the table starts again before, not among, these pictures
+        indices = [self._index(bytes.fromhex(h)) for h in hashes]
+        out = []
+        for k in keys:
+            if k < 0:
+                local, offset = divmod(-k - 1, 1 << 20)
+                k = -(1 + (1 << 20) * indices[local] + offset)
+            out.append(k)
+        self.kept = out

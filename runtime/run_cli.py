@@ -24,10 +24,11 @@ from .image import MAX_PIXELS, MIN_PIXELS, ImageError, pixel_limits_ok
 from .kernel_failure import KernelFailure, is_tritons
 from .decoder import KV_TYPES
 from .go_template import TemplateError
+from . import kv_file
 from .boxes_cli import boxes_problem, draw_answer_boxes
 from .grounding import GroundingError, counted
-from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError, open_ended
-from .loader import load
+from .loader import load, open_ended
+from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError
 from .placement import Placement
 from .sampling import SamplingError, SamplingParams
 from .store import StoreError
@@ -333,6 +334,10 @@ def run(
         "(x1,y1),(x2,y2)<|box_end|>) on the picture and write it to this file (PNG, JPEG, ... by its extension); "
         "with --json the answer's \"boxes\" in the picture's pixels. One --image, or with --each a file each "
         "named with {stem} or {name}: boxes/{stem}.png."),
+    prompt_cache: Optional[Path] = typer.Option(None, "--prompt-cache", help="Keep the KV cache in this file "
+        "(llama.cpp's): a later run whose prompt starts the same (the same picture, another question) reads only the "
+        "rest, its pictures not encoded again; a file made with another model or settings is not used."),
+    prompt_cache_ro: bool = typer.Option(False, "--prompt-cache-ro", help="With --prompt-cache: use it, leave it."),
     verbose: bool = typer.Option(False, "--verbose", help="torch / Triton versions and where the matmuls run, "
                                  "load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
     gpu_layers: Optional[int] = typer.Option(
@@ -427,6 +432,9 @@ def run(
               "--each: give the pictures with --image")
     if boxes is not None and (why := boxes_problem(boxes, image, prompt, each)) is not None:
         _fail(why)
+    chat = prompt is None and sys.stdin is not None and sys.stdin.isatty() and not json_out and not each
+    if prompt_cache is not None and (why := kv_file.problem(prompt_cache, each, chat)) is not None:
+        _fail(why)
     biases = logit_biases(logit_bias)
     if ignore_eos and fmt is not None:
         _fail("--ignore-eos with --format or --grammar: a constrained answer ends at its end-of-turn token")
@@ -477,6 +485,8 @@ def run(
         typer.echo(model.plan.table(), err=True)
     if ignore_eos:
         biases.update({token: float("-inf") for token in model.stop_ids})
+    if prompt_cache is not None and (why := kv_file.restore(model, prompt_cache)[1]) is not None:
+        model.on_warning(why)
     gen_kwargs = dict(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
                       frequency_penalty=frequency_penalty, logit_bias=biases, seed=seed, ctx_size=ctx_size,
@@ -489,7 +499,7 @@ def run(
                     stream, logprobs, load_s, boxes):
             raise typer.Exit(1)
         return
-    if prompt is None and sys.stdin.isatty() and not json_out:
+    if chat:
         from .chat_cli import interactive
 
         interactive(model, gen_kwargs, [str(p) for p in image], system)
@@ -503,8 +513,10 @@ def run(
             sys.stdout.write("\n")
             if boxes is not None and isinstance(model.last_generation, Generation):
                 _draw_answer_boxes(model, model.last_generation, image[0], boxes)
+            _keep_prompt(model, prompt_cache, prompt_cache_ro)
             return
         out = model.generate(text, [str(p) for p in image], system=system, logprobs=logprobs, **gen_kwargs)
+        _keep_prompt(model, prompt_cache, prompt_cache_ro)
     except (ModelError, ImageError, VideoError, TemplateError) as e:
         _fail(str(e))
     except torch.OutOfMemoryError:
@@ -559,6 +571,15 @@ def answer_json(out: Generation, timings: dict[str, float]) -> dict[str, Any]:
         reply["logprobs"] = [{"token": t.token, "logprob": t.logprob, "top": [[i, v] for i, v in t.top]}
                              for t in out.logprobs]
     return reply
+
+
+def _keep_prompt(model: Any, path: Path | None, read_only: bool) -> None:
+    """--prompt-cache after an answer: the cache written to its file (one line if it cannot be)."""
+    if path is not None and not read_only:
+        try:
+            kv_file.save(model, path)
+        except OSError as e:
+            _fail(f"--prompt-cache {path}: cannot write it ({e.strerror or e})")
 
 
 def _draw_answer_boxes(model: Any, out: Generation, picture_path: Path, path: Path) -> list:

@@ -62,9 +62,9 @@ from .ollama_template import stored_template
 from .gguf_file import GGUFError, GGUFFile
 from .inline_media import decode_image, decode_video
 from .json_format import format_grammar
-from .loader import load
+from .loader import load, open_ended
 from .logprobs import MAX_TOP, entries, new_scores, speller
-from .model import PLAN_CTX, Model, ModelError, open_ended
+from .model import PLAN_CTX, Model, ModelError
 from .modelfile import (ModelfileError, check_params, modelfile_of, parameter_lines, stored_chat_template,
                         stored_defaults)
 from .placement import Placement
