@@ -14,6 +14,7 @@ ones first.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -173,26 +174,31 @@ class Number:
 
 @dataclass(frozen=True)
 class IntRange:
-    """A JSON integer in lo..hi (None: no bound; a schema's minimum / maximum), of at most
-    MAX_INT_DIGITS digits, "-0" not among them: a digit is taken only where some integer of the
-    range starts with the digits so far."""
+    """A JSON integer in lo..hi (None: no bound; a schema's minimum / maximum) that is a multiple
+    of `multiple` (a schema's multipleOf), of at most MAX_INT_DIGITS digits, "-0" not among them: a
+    digit is taken only where some integer of the range starts with the digits so far."""
 
     lo: int | None
     hi: int | None
+    multiple: int = 1
 
     def starts(self) -> list[tuple[int, ...]]:
         return [(0, 0, 0, 0)]  # (phase: 0 before it, 1 after "-", 2 in its digits; negative; value; digits)
 
     def _holds(self, x: int) -> bool:
-        return (self.lo is None or x >= self.lo) and (self.hi is None or x <= self.hi)
+        return (self.lo is None or x >= self.lo) and (self.hi is None or x <= self.hi) and x % self.multiple == 0
+
+    def _any_in(self, x: int, y: int) -> bool:
+        """Some integer of the range is in x..y."""
+        x, y = max(x, self.lo) if self.lo is not None else x, min(y, self.hi) if self.hi is not None else y
+        return x <= y and y // self.multiple * self.multiple >= x
 
     def _possible(self, negative: int, value: int, digits: int) -> bool:
         """Some integer of the range has this sign and starts with these digits."""
         more = [0] if value == 0 else range(MAX_INT_DIGITS - digits + 1)  # nothing follows a leading 0
         for k in more:
             a, b = value * 10 ** k, value * 10 ** k + 10 ** k - 1
-            x, y = (-b, -a) if negative else (a, b)
-            if (self.lo is None or y >= self.lo) and (self.hi is None or x <= self.hi):
+            if self._any_in(*((-b, -a) if negative else (a, b))):
                 return True
         return False
 
@@ -204,7 +210,7 @@ class IntRange:
                 return []
             nxt = (2, negative, value * 10 + d, digits + 1) if phase == 2 else (2, negative, d, 1)
             return [(STAY, nxt)] if self._possible(*nxt[1:]) else []
-        if phase == 0 and byte == 0x2D and (self.lo is None or self.lo < 0):
+        if phase == 0 and byte == 0x2D and self._any_in(-10 ** MAX_INT_DIGITS + 1, -1):
             return [(STAY, (1, 1, 0, 0))]
         return [(END,)] if self.can_end(local) else []
 
@@ -218,27 +224,43 @@ class NumberRange:
     """A JSON number between lo and hi (None: no bound; `lo_open` / `hi_open`: the bound itself
     excluded; a schema's minimum / exclusiveMinimum / ...), written without an exponent, with at
     most MAX_INT_DIGITS digits before the point and after it: a byte is taken only where some
-    number of the range starts with what has been written."""
+    number of the range starts with what has been written. With `places`, at most that many
+    digits after the point (a schema's multipleOf 0.01 is 2 places)."""
 
     lo: Fraction | None
     hi: Fraction | None
     lo_open: bool = False
     hi_open: bool = False
+    places: int | None = None
 
     def starts(self) -> list[tuple[int, ...]]:
         return [(0, 0, 0, 0, 0, 0)]  # (phase: 0 before it, 1 after "-", 2 integer digits, 3 after ".",
         # 4 fraction digits; negative; integer part; its digits; fraction digits as an integer; their count)
 
     def _meets(self, negative: int, a: Fraction, b: Fraction) -> bool:
-        """Some number of this sign whose magnitude is in [a, b) is in the range: every lower
-        bound below every upper one (or equal, both taken), the values being (-b, -a] or [a, b)."""
+        """Some number of this sign whose magnitude is in [a, b) is in the range (the values being
+        (-b, -a] or [a, b)): every lower bound below every upper one (or equal, both taken); with
+        `places`, a number of that many decimals between the tightest two."""
         lows = [(-b, False) if negative else (a, True)]
         highs = [(-a, True) if negative else (b, False)]
         if self.lo is not None:
             lows.append((self.lo, not self.lo_open))
         if self.hi is not None:
             highs.append((self.hi, not self.hi_open))
-        return all(low < high or low == high and taken and taken_too for low, taken in lows for high, taken_too in highs)
+        if self.places is None:
+            return all(low < high or low == high and taken and taken_too
+                       for low, taken in lows for high, taken_too in highs)
+        low, taken = max(lows, key=lambda b: (b[0], not b[1]))  # the tightest bounds
+        high, taken_too = min(highs, key=lambda b: (b[0], b[1]))
+        unit = Fraction(1, 10 ** self.places)  # the first number of `places` decimals above the lower bound
+        first = math.ceil(low / unit) * unit
+        first += unit if first == low and not taken else 0
+        return first < high or first == high and taken_too
+
+    def any(self) -> bool:
+        """Whether any number can be written in the range."""
+        top = Fraction(10 ** MAX_INT_DIGITS)
+        return self._meets(0, Fraction(0), top) or self._meets(1, Fraction(0), top)
 
     def _possible(self, local: tuple[int, ...]) -> bool:
         phase, negative, whole, digits, frac, places = local
@@ -264,7 +286,7 @@ class NumberRange:
                 nxt = (2, negative, d, 1, 0, 0)
             elif phase == 2 and whole != 0 and digits < MAX_INT_DIGITS:
                 nxt = (2, negative, whole * 10 + d, digits + 1, 0, 0)
-            elif phase in (3, 4) and places < MAX_INT_DIGITS:
+            elif phase in (3, 4) and places < (MAX_INT_DIGITS if self.places is None else self.places):
                 nxt = (4, negative, whole, digits, frac * 10 + d, places + 1)
         elif byte == 0x2E and phase == 2:
             nxt = (3, negative, whole, digits, 0, 0)

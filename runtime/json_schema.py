@@ -7,8 +7,9 @@ included), `items`, `minItems` / `maxItems`, `minLength` / `maxLength`; an integ
 number's `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (json_grammar.IntRange,
 NumberRange); a string's `pattern` and its `format` date, time, date-time and uuid
 (schema_strings.py; another format is an annotation); `prefixItems` (tuples); `allOf` of one
-schema, of object schemas (merged) or of enums (intersected). Keywords that would constrain
-what this does not follow (`multipleOf`, other `allOf`s, a pattern together with lengths, ...)
+schema, of object schemas (merged) or of enums (intersected); `multipleOf` of an integer, or of a
+number where it is an integer (its integers) or 0.1, 0.01, ... (that many decimals). Keywords that
+would constrain what this does not follow (other `allOf`s, a pattern together with lengths, ...)
 are refused by name rather than ignored; descriptive ones (`title`, `description`, `default`,
 `examples`) are ignored.
 """
@@ -25,7 +26,7 @@ from .json_grammar import (Array, Either, Grammar, IntRange, Literal, Node, Numb
                            any_value)
 from .schema_strings import PatternError, format_gbnf, pattern_gbnf
 
-UNSUPPORTED = ("multipleOf", "not", "if", "then", "else", "uniqueItems", "contains", "patternProperties",
+UNSUPPORTED = ("not", "if", "then", "else", "uniqueItems", "contains", "patternProperties",
                "propertyNames", "minProperties", "maxProperties", "dependentRequired", "dependentSchemas")
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # an integer's
@@ -81,6 +82,11 @@ class _Builder:
         for key in UNSUPPORTED:
             if key in s:
                 raise SchemaError(f"{where}: {key!r} is not followed by qvl")
+        types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
+        if "multipleOf" in s and (not {"integer", "number"} & set(types) or
+                                  any(k in s for k in ("const", "enum", "anyOf", "oneOf", "$ref", "allOf"))):
+            raise SchemaError(f"{where}: multipleOf is followed by qvl with type integer or number, and no const, "
+                              "enum, anyOf, oneOf, $ref or allOf beside it")
         if "allOf" in s:
             if id(s) in self._merging:
                 raise SchemaError(f"{where}.allOf: refers to itself through allOf")
@@ -222,7 +228,19 @@ class _Builder:
                 raise SchemaError(f"{where}.{k}: a number")
         return {k: Fraction(repr(v)) if isinstance(v, float) else Fraction(v) for k, v in bounds.items()}
 
+    @staticmethod
+    def _multiple(s: dict[str, Any], where: str) -> Fraction | None:
+        """multipleOf, exact (a float as the decimal it is written), or None."""
+        if "multipleOf" not in s:
+            return None
+        v = s["multipleOf"]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise SchemaError(f"{where}.multipleOf: a number above 0")
+        return Fraction(repr(v)) if isinstance(v, float) else Fraction(v)
+
     def _integer(self, s: dict[str, Any], where: str) -> int:
+        multiple = self._multiple(s, where)
+        step = 1 if multiple is None else multiple.numerator  # v = k * p / q, p and q coprime: p divides v
         bounds = self._bounds(s, where)
         lows = [math.ceil(bounds["minimum"])] if "minimum" in bounds else []
         lows += [math.floor(bounds["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in bounds else []
@@ -231,11 +249,24 @@ class _Builder:
         lo, hi = max(lows, default=None), min(highs, default=None)  # both of a kind: the tighter
         if lo is not None and hi is not None and lo > hi:
             raise SchemaError(f"{where}: no integer is between its bounds ({lo} > {hi})")
-        return self.add(Number(integer=True) if lo is None and hi is None else IntRange(lo, hi))
+        if lo is not None and hi is not None and hi // step * step < lo:
+            raise SchemaError(f"{where}: no multiple of {step} is between its bounds ({lo} and {hi})")
+        if lo is None and hi is None and step == 1:
+            return self.add(Number(integer=True))
+        return self.add(IntRange(lo, hi, step))
 
     def _number(self, s: dict[str, Any], where: str) -> int:
+        multiple = self._multiple(s, where)
+        places = None
+        if multiple is not None and multiple.denominator == 1:
+            return self._integer(s, where)  # the integers it allows (not 10.0 for 10: a part of what it allows)
+        if multiple is not None:
+            places = len(str(multiple.denominator)) - 1
+            if multiple.numerator != 1 or multiple.denominator != 10 ** places:
+                raise SchemaError(f"{where}.multipleOf {s['multipleOf']}: of a number, qvl follows an integer or "
+                                  "0.1, 0.01, ... (a number of that many decimals)")
         exact = self._bounds(s, where)
-        if not exact:
+        if not exact and places is None:
             return self.add(Number())
         # the tighter of minimum and exclusiveMinimum (and of the maxima), as both must hold
         lows = [(exact[k], k == "exclusiveMinimum") for k in ("minimum", "exclusiveMinimum") if k in exact]
@@ -244,7 +275,10 @@ class _Builder:
         hi, hi_open = min(highs, key=lambda b: (b[0], not b[1])) if highs else (None, False)
         if lo is not None and hi is not None and (lo > hi or lo == hi and (lo_open or hi_open)):
             raise SchemaError(f"{where}: no number is between its bounds")
-        return self.add(NumberRange(lo, hi, lo_open, hi_open))
+        numbers = NumberRange(lo, hi, lo_open, hi_open, places)
+        if not numbers.any():
+            raise SchemaError(f"{where}: no number of {places} decimals is between its bounds")
+        return self.add(numbers)
 
     def _boolean(self, s: dict[str, Any], where: str) -> int:
         return self.add(Literal((b"true", b"false")))

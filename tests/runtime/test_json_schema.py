@@ -130,7 +130,8 @@ def test_schema_keywords(schema, takes, refuses):
     ({"type": "integer", "minimum": 5, "maximum": 4.5}, "#: no integer is between its bounds (5 > 4)"),
     ({"type": "integer", "minimum": "0"}, "#.minimum: a number"),
     ({"type": "integer", "maximum": float("inf")}, "#.maximum: a number"),  # json.loads reads Infinity
-    ({"type": "integer", "multipleOf": 2}, "#: 'multipleOf' is not followed by qvl"),
+    ({"type": "number", "multipleOf": 0.25}, "#.multipleOf 0.25: of a number, qvl follows an integer or 0.1"),
+    ({"type": "array", "uniqueItems": True}, "#: 'uniqueItems' is not followed by qvl"),
     ({"allOf": [{"type": "string"}, {"minLength": 2}]}, "#.allOf[0]: allOf of object schemas (merged) or enums"),
     ({"allOf": [{"properties": {"a": {"type": "string"}}}, {"properties": {"a": {"type": "integer"}}}]},
      "#.allOf[1].properties.a: a second, different schema for it"),
@@ -177,8 +178,8 @@ def test_the_models_answer_keeps_to_the_schema(model, kwargs):
 
 
 def test_a_bad_schema_is_a_model_error(model):
-    with pytest.raises(ModelError, match="#.properties.n: 'multipleOf' is not followed"):
-        model.generate("x", format={"properties": {"n": {"type": "integer", "multipleOf": 3}}})
+    with pytest.raises(ModelError, match="#.properties.n: 'uniqueItems' is not followed"):
+        model.generate("x", format={"properties": {"n": {"type": "array", "uniqueItems": True}}})
     with pytest.raises(ModelError, match="no token of the vocabulary continues the answer"):  # nothing satisfies it
         model.generate("x", format={"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}})
 
@@ -191,9 +192,9 @@ def test_qvl_run_format_schema_file_and_inline(model, model_path, tmp_path):
         r = CliRunner().invoke(run_app, [str(model_path), "-p", "Who are you?", "-n", "12", "--format", value])
         assert r.exit_code == 0, r.output
         assert r.stdout.strip() == want.strip()
-    (tmp_path / "bad.json").write_text('{"type": "number", "multipleOf": 2}')
+    (tmp_path / "bad.json").write_text('{"type": "array", "uniqueItems": true}')
     (tmp_path / "broken.json").write_text('{"type": ')
-    for value, line in [(str(tmp_path / "bad.json"), f"{tmp_path / 'bad.json'}: #: 'multipleOf' is not followed by qvl"),
+    for value, line in [(str(tmp_path / "bad.json"), f"{tmp_path / 'bad.json'}: #: 'uniqueItems' is not followed by qvl"),
                         (str(tmp_path / "broken.json"), f"{tmp_path / 'broken.json'}: not JSON"),
                         ('{"type": 1}', "--format: #.type 1: one of object")]:
         r = CliRunner().invoke(run_app, [str(model_path), "-p", "x", "--format", value])

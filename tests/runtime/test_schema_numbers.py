@@ -98,3 +98,72 @@ def test_a_number_range_with_no_number_is_refused():
     for bounds in ({"minimum": 2, "maximum": 1}, {"exclusiveMinimum": 1, "maximum": 1}, {"maximum": float("inf")}):
         with pytest.raises(SchemaError):
             schema_grammar({"type": "number", **bounds})
+
+
+@pytest.mark.parametrize("schema,lo,hi,multiple", [
+    ({"type": "integer", "multipleOf": 5}, None, None, 5),
+    ({"type": "integer", "multipleOf": 7, "minimum": -40, "maximum": 100}, -40, 100, 7),
+    ({"type": "integer", "multipleOf": 25, "exclusiveMinimum": 0, "maximum": 260}, 1, 260, 25),
+    ({"type": "integer", "multipleOf": 1.5, "minimum": 0, "maximum": 50}, 0, 50, 3),  # 1.5k is an integer: 3 | it
+    ({"type": "integer", "multipleOf": 10, "minimum": 95, "maximum": 105}, 95, 105, 10),
+    ({"type": "number", "multipleOf": 4, "maximum": 30.5}, None, 30, 4),  # a number's integer multiples
+])
+def test_integer_multiples_against_brute_force(schema, lo, hi, multiple):
+    """multipleOf: a whole integer taken exactly when it is a multiple in the range; a prefix
+    exactly when some such integer (of up to 3 digits, or any, where unbounded) starts with it."""
+    g = schema_grammar(schema)
+    window = range(-999, 1000)
+    inside = [x for x in window if (lo is None or x >= lo) and (hi is None or x <= hi) and x % multiple == 0]
+    for x in window:
+        assert _takes(g, str(x)) is (x in inside), x
+    for x in window:
+        s = str(x)
+        for cut in range(1, len(s) + 1):
+            prefix = s[:cut]
+            ok = any(str(y).startswith(prefix) for y in inside)
+            if not ok and (lo is None or hi is None):  # longer integers: some multiple starts with any prefix
+                continue
+            assert (_state(g, prefix) is not None) is ok, prefix
+
+
+@pytest.mark.parametrize("schema,places,lo,hi", [
+    ({"type": "number", "multipleOf": 0.01}, 2, None, None),
+    ({"type": "number", "multipleOf": 0.1, "minimum": -1.25, "maximum": 2}, 1, Fraction(-5, 4), Fraction(2)),
+    ({"type": "number", "multipleOf": 0.01, "exclusiveMinimum": 0, "exclusiveMaximum": 0.05}, 2, Fraction(0),
+     Fraction(1, 20)),
+    ({"type": "number", "multipleOf": 0.001, "minimum": 0.0004, "maximum": 0.0021}, 3, Fraction(4, 10000),
+     Fraction(21, 10000)),
+])
+def test_decimal_multiples_against_brute_force(schema, places, lo, hi):
+    """multipleOf 0.1, 0.01, ...: a number taken exactly when it has at most that many decimals
+    and is in the range; no prefix taken that nothing completes."""
+    g = schema_grammar(schema)
+    lo_open, hi_open = "exclusiveMinimum" in schema, "exclusiveMaximum" in schema
+    texts = {f"{i}" for i in range(-3, 4)} | {f"{i}.{f:0{n}d}" for i in range(-2, 3) for n in (1, 2, 3, 4)
+                                               for f in range(0, 10 ** n, max(1, 10 ** n // 40))}
+    texts |= {"0.0004", "0.0005", "0.002", "0.0021", "0.0022", "-1.2", "-1.3", "0.04", "0.05", "0.01", "0.010"}
+    for text in sorted(texts):
+        x = Fraction(text)
+        decimals = len(text.split(".")[1]) if "." in text else 0
+        want = decimals <= places and _inside(x, lo, lo_open, hi, hi_open)
+        assert _takes(g, text) is want, text
+        for cut in range(1, len(text) + 1):
+            state = _state(g, text[:cut])
+            if state is not None:
+                assert _completable(g, state), text[:cut]
+
+
+@pytest.mark.parametrize("schema,expect", [
+    ({"type": "integer", "multipleOf": 5, "minimum": 1, "maximum": 4}, "no multiple of 5 is between its bounds"),
+    ({"type": "number", "multipleOf": 0.01, "minimum": 0.001, "maximum": 0.009}, "no number of 2 decimals"),
+    ({"type": "number", "multipleOf": 0.05}, "multipleOf 0.05: of a number, qvl follows an integer or 0.1, 0.01"),
+    ({"type": "integer", "multipleOf": 0}, "multipleOf: a number above 0"),
+    ({"type": "integer", "multipleOf": "5"}, "multipleOf: a number above 0"),
+    ({"multipleOf": 3}, "multipleOf is followed by qvl with type integer or number"),
+    ({"type": "integer", "multipleOf": 3, "enum": [3, 6]}, "and no const, enum"),
+])
+def test_multiples_refused(schema, expect):
+    from qvl.runtime.json_schema import SchemaError
+
+    with pytest.raises(SchemaError, match=expect.replace("(", r"\(").replace(".", r"\.")):
+        schema_grammar(schema)

@@ -93,7 +93,7 @@ def test_the_models_answer_keeps_to_bounds_formats_and_patterns(fixtures_dir):
 
 
 def test_pydantic_models_schemas_are_followed():
-    """pydantic's schemas of datetime, date, UUID, bounded int, tuple, enum, nested and optional
+    """pydantic's schemas of datetime, date, UUID, bounded int, multiple_of, tuple, enum, nested and optional
     fields (typer needs pydantic: it is always here): followed, and an instance's JSON taken."""
     import datetime
     import enum
@@ -109,6 +109,8 @@ def test_pydantic_models_schemas_are_followed():
     class Pet(BaseModel):
         name: Annotated[str, Field(pattern=r"^[A-Z][a-z]+$")]
         age: Annotated[int, Field(ge=0, le=30)]
+        weight: Annotated[int, Field(multiple_of=5)]
+        price: Annotated[float, Field(multiple_of=0.01, ge=0)]
 
     class Person(BaseModel):
         id: uuid.UUID
@@ -123,9 +125,11 @@ def test_pydantic_models_schemas_are_followed():
     g = schema_grammar(Person.model_json_schema())
     person = Person(id=uuid.UUID("123e4567-e89b-12d3-a456-426614174000"), born=datetime.date(1990, 5, 17),
                     seen=datetime.datetime(2026, 12, 6, 16, 30, tzinfo=datetime.timezone.utc), size=(180, "cm"),
-                    colour=Colour.BLUE, pet=Pet(name="Rex", age=3), note=None, tags=["a", "bb"])
+                    colour=Colour.BLUE, pet=Pet(name="Rex", age=3, weight=25, price=9.99), note=None, tags=["a", "bb"])
     assert _takes(g, person.model_dump_json()), person.model_dump_json()
     bad = json.loads(person.model_dump_json())
-    for key, value in [("born", "1990-5-17"), ("size", [180]), ("colour", "green"), ("pet", {"name": "rex", "age": 3}),
-                       ("pet", {"name": "Rex", "age": 31}), ("tags", ["toolong"]), ("id", "123")]:
+    pet = {"name": "Rex", "age": 3, "weight": 25, "price": 9.99}
+    for key, value in [("born", "1990-5-17"), ("size", [180]), ("colour", "green"), ("pet", {**pet, "name": "rex"}),
+                       ("pet", {**pet, "age": 31}), ("pet", {**pet, "weight": 24}), ("pet", {**pet, "price": 9.999}),
+                       ("pet", {**pet, "price": -1.0}), ("tags", ["toolong"]), ("id", "123")]:
         assert not _takes(g, json.dumps({**bad, key: value})), key

@@ -268,7 +268,7 @@ def test_format_json_from_ollama_and_openai(running, reference):
                                                        "name": "c", "schema": schema, "strict": True}}})
     assert openai["choices"][0]["message"]["content"] == want
     for path, extra, expect in [
-            ("/api/generate", {"format": {"type": "number", "multipleOf": 2}}, "format: #: 'multipleOf' is not followed"),
+            ("/api/generate", {"format": {"type": "array", "uniqueItems": True}}, "format: #: 'uniqueItems' is not followed"),
             ("/api/generate", {"format": "xml"}, "format 'xml': \"json\" or a JSON schema"),
             ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"schema": {
                 "type": "date"}}}}, "response_format.json_schema.schema: #.type 'date'"),
