@@ -1,5 +1,5 @@
 """qvl-run's terminal chat, as `ollama run`'s: answers stream, commands start with a slash
-(`/image`, `/set`, `/show parameters`, `/save`, `/boxes`, `/clear`, `/bye`)."""
+(`/image`, `/set`, `/show`, `/save`, `/boxes`, `/clear`, `/bye`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ CHAT_HELP = """/image PATH                 attach a picture to your next message
 /set parameter NAME VALUE   e.g. temperature 0.7, num_predict 256 (Ollama's names, as in a Modelfile)
 /set system TEXT            the system prompt, from the next answer on
 /set format json            answers that are one JSON object (/set noformat: free text again)
-/show parameters            the parameters in force
+/show info|parameters       the model (architecture, size, quantization, ...); the parameters in force
+/show system|template       the system prompt; the prompt template
 /boxes FILE                 draw the boxes and points of the last answer on the last picture, into FILE
 /save NAME                  store this model with the conversation, system prompt and /set parameters
 /clear                      forget the conversation (and pictures not yet sent)
@@ -71,6 +72,24 @@ def chat_parameters(gen_kwargs: dict) -> str:
         shown = " ".join(json.dumps(s) for s in value) if isinstance(value, list) else value
         rows.append(f"{name:<16}{'(default)' if value is None or value == [] else shown}")
     return "\n".join(rows)
+
+
+def chat_show(model: Model, what: str, gen_kwargs: dict, messages: list[dict]) -> str:
+    """`/show info|parameters|system|template`, as Ollama's."""
+    from .inspect import model_rows
+
+    if what == "parameters":
+        return chat_parameters(gen_kwargs)
+    if what == "info":
+        vision = model.files[1] if len(model.files) > 1 else model.text_file if model.vision is not None else None
+        return "\n".join(f"  {k:<18}{v}" for k, v in model_rows(model.text_file, vision))
+    if what == "system":
+        stored = model.defaults.get("system") or "(no system prompt)"  # chat.with_stored puts it in
+        return next((m["content"] for m in messages if m["role"] == "system"), stored)
+    if what == "template":
+        template = model.chat_template
+        return getattr(template, "source", template) or "(the built-in Qwen2-VL template)"
+    return "usage: /show info, /show parameters, /show system or /show template"
 
 
 def save(model: Model, name: str, messages: list[dict], params: dict) -> str:
@@ -144,8 +163,8 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
                 typer.echo(chat_set(arg, gen_kwargs, messages, saved), err=True)
             elif command == "/save" and arg.strip():
                 typer.echo(save(model, arg.strip(), messages, saved), err=True)
-            elif command == "/show" and arg.strip() == "parameters":
-                typer.echo(chat_parameters(gen_kwargs), err=True)
+            elif command == "/show":
+                typer.echo(chat_show(model, arg.strip(), gen_kwargs, messages), err=True)
             elif command == "/boxes" and arg.strip():
                 typer.echo(draw_last(model, messages, Path(arg.strip()).expanduser()), err=True)
             elif command == "/image" and arg.strip():

@@ -17,7 +17,7 @@ import typer
 from ..convert import cli as convert_cli
 from . import embed_cli, perplexity_cli, run_cli
 from .gguf_file import GGUFError, GGUFFile
-from .inspect import human_bytes, inspect_file
+from .inspect import human_bytes, inspect_file, model_rows
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True,
                   help="qvl: a local runtime for Qwen2-VL and Qwen2.5-VL.")
@@ -162,8 +162,6 @@ def show_cmd(
     parameters: bool = typer.Option(False, "--parameters", help="Print the stored parameters, one a line."),
     license_: bool = typer.Option(False, "--license", help="Print the stored license."),
 ) -> None:
-    from gguf import LlamaFileType
-
     from .modelfile import modelfile_of, parameter_lines
     from .store import Store, StoreError
 
@@ -186,19 +184,11 @@ def show_cmd(
             return
         model, proj = store.resolve(name)
         with GGUFFile(model) as g:
-            arch = g.architecture
-            ft = g.get("general.file_type")
-            rows = [("architecture", arch), ("parameters", g.get("general.size_label", "?")),
-                    ("quantization", LlamaFileType(ft).name if ft is not None else "?"),
-                    ("context length", g.get(f"{arch}.context_length", "?")),
-                    ("embedding length", g.get(f"{arch}.embedding_length", "?"))]
-        if proj is not None:
-            with GGUFFile(proj) as p:
-                rows.append(("projector", p.get("clip.projector_type", p.architecture)))
-        elif arch == "qwen25vl":
-            rows.append(("projector", "in the model file (Ollama layout)"))
-        else:
-            rows.append(("projector", "none (text only)"))
+            if proj is None:
+                rows = model_rows(g, None)
+            else:
+                with GGUFFile(proj) as p:
+                    rows = model_rows(g, p)
         for kind in ("template", "system", "params", "license"):
             text = store.text(entry, kind)
             if text is not None:

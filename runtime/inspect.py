@@ -63,3 +63,23 @@ def inspect_file(path: str, out: TextIO, full: bool = False) -> None:
             types[t.type.name] += 1
         mix = ", ".join(f"{k} {v}" for k, v in sorted(types.items()))
         out.write(f"\n{len(f.tensors)} tensors, {human_bytes(total)} ({mix})\n")
+
+
+def model_rows(text: GGUFFile, projector: GGUFFile | None) -> list[tuple[str, Any]]:
+    """`qvl show`'s and the chat's `/show info` rows of a text model GGUF and its projector (if any):
+    architecture, parameters, quantization, context and embedding lengths, projector."""
+    from gguf import LlamaFileType
+
+    arch = text.architecture
+    ft = text.get("general.file_type")
+    rows = [("architecture", arch), ("parameters", text.get("general.size_label", "?")),
+            ("quantization", LlamaFileType(ft).name if ft is not None else "?"),
+            ("context length", text.get(f"{arch}.context_length", "?")),
+            ("embedding length", text.get(f"{arch}.embedding_length", "?"))]
+    if projector is not None and projector is not text:
+        rows.append(("projector", projector.get("clip.projector_type", projector.architecture)))
+    elif arch == "qwen25vl":
+        rows.append(("projector", "in the model file (Ollama layout)"))
+    else:
+        rows.append(("projector", "none (text only)"))
+    return rows

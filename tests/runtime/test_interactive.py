@@ -151,3 +151,24 @@ def test_boxes_draws_the_last_answers_boxes_on_the_last_picture(monkeypatch, cap
     assert "qvl-run: error: " in err and "no image format has the extension '.nope'" in err
     img = Image.open(out_png).convert("RGB")
     assert img.size == (130, 90) and img.getpixel((26, 45)) == PALETTE[0] and img.getpixel((52, 45)) == (128,) * 3
+
+
+def test_show_info_system_template(monkeypatch, capsys, fixtures_dir):
+    """/show info (qvl show's rows, from the loaded files), system, template, as Ollama's."""
+    from qvl.runtime.loader import load
+    from qvl.runtime.ollama_template import OllamaTemplate
+
+    model = load(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf", device="cpu")
+    info = chat_cli.chat_show(model, "info", {}, [])
+    assert "architecture      qwen2vl" in info and "quantization      MOSTLY_F16" in info
+    assert "projector         qwen2.5vl_merger" in info and "parameters        10M" in info
+    assert chat_cli.chat_show(model, "system", {}, []) == "(no system prompt)"
+    model.defaults = {"system": "Stored."}
+    assert chat_cli.chat_show(model, "system", {}, []) == "Stored."
+    assert chat_cli.chat_show(model, "system", {}, [{"role": "system", "content": "Mine."}]) == "Mine."
+    assert chat_cli.chat_show(model, "template", {}, []) == model.chat_template and "im_start" in model.chat_template
+    model.chat_template = OllamaTemplate("{{ .Prompt }}")
+    assert chat_cli.chat_show(model, "template", {}, []) == "{{ .Prompt }}"
+    assert chat_cli.chat_show(model, "license", {}, []).startswith("usage: /show info")
+    _, _, err = _chat(monkeypatch, capsys, ["/show system", "/show"], system="Old.")
+    assert "Old.\n" in err and "usage: /show info, /show parameters" in err
