@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def save(model: Model, path: Path) -> int:
     n = min(len(keys), cache.length) if cache is not None else 0
     if cache is None or n == 0:
         return 0
-    layers = [[t[:, :n].clone().cpu() for t in _parts(s)] for s in cache.k + cache.v]
+    layers = [[t[:, :n].to("cpu", copy=True) for t in _parts(s)] for s in cache.k + cache.v]
     data = {"format": FORMAT, "settings": settings(model), "keys": keys[:n], "hashes": hashes, "layers": layers}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
@@ -87,7 +88,11 @@ def restore(model: Model, path: Path) -> tuple[int, str | None]:
         return 0, f"{path}: not a qvl prompt cache"
     if data.get("settings") != settings(model):
         return 0, f"{path}: made with another model file or other settings; the prompt is read whole"
-    keys, layers = data["keys"], data["layers"]
+    keys, layers, hashes = data.get("keys"), data.get("layers"), data.get("hashes")
+    if not (isinstance(keys, list) and all(isinstance(k, int) for k in keys) and isinstance(hashes, list)
+            and all(isinstance(h, str) and re.fullmatch("[0-9a-f]{32}", h) for h in hashes) and isinstance(layers, list)
+            and all(isinstance(parts, list) and all(isinstance(t, torch.Tensor) for t in parts) for parts in layers)):
+        return 0, f"{path}: not a qvl prompt cache"
     n = len(keys)
     cache = model.decoder.new_cache(max(n, 1), model.placement.kv_type)
     stores = cache.k + cache.v
@@ -101,5 +106,5 @@ def restore(model: Model, path: Path) -> tuple[int, str | None]:
         for a, b in zip(mine, saved):
             a[:, :n] = b
     cache.length = n
-    model.keep_prompt(cache, keys, data["hashes"])
+    model.keep_prompt(cache, keys, hashes)
     return n, None

@@ -161,3 +161,19 @@ def test_misuses_are_one_line(model_path, tmp_path, picture):
         r = runner.invoke(app, [str(model_path), "--image", str(image), "-p", "Hi", "-n", "2", *flags])
         assert r.exit_code == 2 and r.stderr.startswith("qvl-run: error: ") and expect in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
+
+
+def test_a_tampered_file_is_not_used(model_path, picture, tmp_path):
+    """A file in the format whose parts are not what they should be: one reason, no traceback."""
+    import torch
+
+    path = tmp_path / "t.kv"
+    model = load(model_path, device="cpu")
+    model.generate("What is this?", [picture], max_new_tokens=2)
+    kv_file.save(model, path)
+    good = torch.load(path, weights_only=True)
+    for change in ({"keys": "abc"}, {"hashes": ["zz" * 16]}, {"layers": [[1]]}, {"layers": good["layers"][:-1]},
+                   {"layers": [[t.half() for t in p] for p in good["layers"]]}, {"format": "other/1"}):
+        torch.save({**good, **change}, path)
+        n, why = kv_file.restore(load(model_path, device="cpu"), path)
+        assert n == 0 and why is not None and why.startswith(f"{path}: "), change
