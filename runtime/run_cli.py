@@ -320,8 +320,8 @@ def run(
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c", help="KV cache size in tokens (default or 0: prompt + --max-length; "
                                             f"with --max-length -1: {PLAN_CTX})."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, token ids, prompt tokens, "
-                                  "done_reason (stop: an end-of-turn token or a --stop string; length: -n or the "
-                                  "context), timings."),
+                                  "reused_tokens (those --prompt-cache held), done_reason (stop: an end-of-turn token "
+                                  "or a --stop string; length: -n or the context), timings."),
     logprobs: Optional[int] = typer.Option(None, "--logprobs", help="With --json: each answer token's "
                                            "log-probability under the model's raw logits and its N likeliest "
                                            "rivals (0 to 20), to compare with another runtime's."),
@@ -566,7 +566,8 @@ def answer_timings(out: Generation, load_s: float) -> dict[str, float]:
 def answer_json(out: Generation, timings: dict[str, float]) -> dict[str, Any]:
     """--json's object of an answer: text, token ids, prompt tokens, done_reason, timings (and logprobs)."""
     reply: dict[str, Any] = {"text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
-                             "done_reason": "stop" if out.ended else "length", "timings": timings}
+                             "reused_tokens": out.reused_tokens, "done_reason": "stop" if out.ended else "length",
+                             "timings": timings}
     if out.logprobs is not None:
         reply["logprobs"] = [{"token": t.token, "logprob": t.logprob, "top": [[i, v] for i, v in t.top]}
                              for t in out.logprobs]

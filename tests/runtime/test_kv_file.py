@@ -114,6 +114,7 @@ def test_the_flag_across_runs(model_path, picture, tmp_path):
     written = cache.read_bytes()
     r, second = _run(model_path, image, "What colour?", "--prompt-cache", str(cache), "--prompt-cache-ro")
     assert r.exit_code == 0 and "vision_ms" not in second["timings"] and r.stderr == "", r.stderr
+    assert first["reused_tokens"] == 0 and 0 < second["reused_tokens"] < second["prompt_tokens"]
     assert cache.read_bytes() == written  # -ro: used, not updated
     _, alone = _run(model_path, image, "What colour?")
     assert second["token_ids"] == alone["token_ids"] and second["prompt_tokens"] == alone["prompt_tokens"]
