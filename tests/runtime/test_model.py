@@ -189,7 +189,9 @@ def test_profile_decode_splits_the_token_and_restores_the_runtime(converted):
     report = script.profile(str(converted["qwen2.5-untied"][0]), "cpu", 6)
     assert 0 < report["tokens"] <= 6 and "kernels_one_token" not in report
     ops = report["ops_one_token"]  # the CPU's ops over one profiled token, the largest first
-    assert ops[0]["kernel"] == "(all)" and len(ops) > 2 and all(r["kernel"].startswith("aten::") for r in ops[1:]), ops
+    assert ops[0]["kernel"] == "(all)" and len(ops) > 2
+    odd = [r["kernel"] for r in ops[1:] if not r["kernel"].startswith("aten::")]
+    assert not odd, odd  # named: a flaky CI run once found an op that was not aten's
     assert [r["us"] for r in ops[1:]] == sorted((r["us"] for r in ops[1:]), reverse=True)
     assert ops[0]["us"] >= sum(r["us"] for r in ops[1:]) - 0.1 * len(ops)  # rounding to 0.1 us a row
     parts = report["ms_per_token"]
