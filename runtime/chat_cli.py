@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import typer
@@ -132,8 +132,10 @@ def draw_last(model: Model, messages: list[dict], path: Path) -> str:
             f"(the last answer gives no boxes or points; {path} not written)")
 
 
-def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str]) -> None:
-    """A chat on the terminal, as `ollama run`: answers stream, commands start with a slash."""
+def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str],
+                keep: Optional[Callable[[], None]] = None) -> None:
+    """A chat on the terminal, as `ollama run`: answers stream, commands start with a slash;
+    `keep()` after each answer (--prompt-cache: the KV cache written to its file)."""
     gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "videos"}
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     pending, saved = list(images), {}
@@ -206,3 +208,5 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
         sys.stdout.write("\n")
         pending = []
         messages.append({"role": "assistant", "content": answer})
+        if keep is not None:
+            keep()

@@ -28,13 +28,10 @@ from .model import Model
 FORMAT = "qvl-prompt-cache/1"
 
 
-def problem(path: Path, each: bool, chat: bool) -> str | None:
-    """What is wrong with `--prompt-cache path` for this run (`chat`: the terminal chat's), before the
-    model is loaded; None: nothing."""
+def problem(path: Path, each: bool) -> str | None:
+    """What is wrong with `--prompt-cache path` for this run, before the model is loaded; None: nothing."""
     if each:
         return "--prompt-cache with --each: one question a run (the pictures differ: nothing to reuse)"
-    if chat:
-        return "--prompt-cache: with one question (--prompt, --file or standard input), not the terminal chat"
     if path.is_dir():
         return f"--prompt-cache {path}: is a folder"
     if not path.parent.is_dir():

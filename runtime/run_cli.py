@@ -336,7 +336,8 @@ def run(
         "named with {stem} or {name}: boxes/{stem}.png."),
     prompt_cache: Optional[Path] = typer.Option(None, "--prompt-cache", help="Keep the KV cache in this file "
         "(llama.cpp's): a later run whose prompt starts the same (the same picture, another question) reads only the "
-        "rest, its pictures not encoded again; a file made with another model or settings is not used."),
+        "rest, its pictures not encoded again (the terminal chat writes it after each answer); a file made with "
+        "another model or settings is not used."),
     prompt_cache_ro: bool = typer.Option(False, "--prompt-cache-ro", help="With --prompt-cache: use it, leave it."),
     verbose: bool = typer.Option(False, "--verbose", help="torch / Triton versions and where the matmuls run, "
                                  "load time, vision ms, prefill and decode tok/s, peak memory on stderr."),
@@ -433,7 +434,7 @@ def run(
     if boxes is not None and (why := boxes_problem(boxes, image, prompt, each)) is not None:
         _fail(why)
     chat = prompt is None and sys.stdin is not None and sys.stdin.isatty() and not json_out and not each
-    if prompt_cache is not None and (why := kv_file.problem(prompt_cache, each, chat)) is not None:
+    if prompt_cache is not None and (why := kv_file.problem(prompt_cache, each)) is not None:
         _fail(why)
     biases = logit_biases(logit_bias)
     if ignore_eos and fmt is not None:
@@ -502,7 +503,8 @@ def run(
     if chat:
         from .chat_cli import interactive
 
-        interactive(model, gen_kwargs, [str(p) for p in image], system)
+        interactive(model, gen_kwargs, [str(p) for p in image], system,
+                    lambda: _keep_prompt(model, prompt_cache, prompt_cache_ro))
         return
     text = prompt if prompt is not None else DEFAULT_PROMPT
     try:

@@ -151,6 +151,39 @@ def test_a_q8_0_cache_round_trip(model_path, picture, tmp_path):
     assert "other settings" in r.stderr and "vision_ms" in third["timings"]
 
 
+def test_the_terminal_chat_writes_it_after_each_answer(model_path, picture, tmp_path, monkeypatch, capsys):
+    """A chat with --prompt-cache: the file written after each answer; the next chat about the same
+    picture reads its first question after the picture from the file (the picture not encoded)."""
+    import builtins
+
+    from qvl.runtime import chat_cli
+
+    image = tmp_path / "p.png"
+    picture.save(image)
+    path = tmp_path / "chat.kv"
+    gen = dict(max_new_tokens=3)
+
+    def chat(lines, model):
+        feed = iter(lines)
+        monkeypatch.setattr(builtins, "input", lambda prompt="": next(feed))
+        try:
+            chat_cli.interactive(model, gen, [str(image)], None, lambda: kv_file.save(model, path))
+        except StopIteration:  # the lines ran out
+            pass
+
+    first = load(model_path, device="cpu")
+    chat(["What is this?"], first)
+    written = path.read_bytes()
+    chat(["And the colour?"], first)  # the second turn: the file now holds both
+    assert path.read_bytes() != written and first.last_generation.reused_tokens > 0
+    second = load(model_path, device="cpu")
+    assert kv_file.restore(second, path)[1] is None
+    chat(["Who made it?"], second)
+    g = second.last_generation
+    assert "vision_ms" not in g.timings and g.reused_tokens == _prompt_ids(second, "x", picture).index(
+        second.image_pad_id) + _prompt_ids(second, "x", picture).count(second.image_pad_id) + 1  # and vision_end
+
+
 def test_misuses_are_one_line(model_path, tmp_path, picture):
     image = tmp_path / "p.png"
     picture.save(image)
