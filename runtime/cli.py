@@ -419,6 +419,9 @@ def serve_cmd(
                                           "comma-separated, besides localhost's, apps' and browser extensions' "
                                           "(as OLLAMA_ORIGINS): e.g. https://chat.example.com,http://192.168.1.*:*; "
                                           "* for any (default $QVL_ORIGINS)."),
+    cache_pool: float = typer.Option(1.0, "--cache-pool", help="GB of host memory for other conversations' KV "
+                                     "caches: a client coming back to its conversation (its pictures) after another's "
+                                     "goes on from its own cache instead of reading it all again (0: off)."),
 ) -> None:
     import torch
 
@@ -438,6 +441,8 @@ def serve_cmd(
         fail(f"--gpu-layers {gpu_layers}: 0 or more")
     if max_vram is not None and max_vram <= 0:
         fail(f"--max-vram {max_vram}: a budget above 0 GB")
+    if not cache_pool >= 0:
+        fail(f"--cache-pool {cache_pool}: 0 (off) or more GB")
     gpu_flags = [f for f, on in (("--gpu-layers", gpu_layers is not None), ("--max-vram", max_vram is not None)) if on]
     if cpu and gpu_flags:
         fail(f"--cpu with {', '.join(gpu_flags)}: choose one")
@@ -451,7 +456,8 @@ def serve_cmd(
         fail(e.message)
     device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, None, False)
     allowed = parse_origins(origins if origins is not None else os.environ.get("QVL_ORIGINS"))
-    config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed)
+    config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
+                         int(cache_pool * 1e9))
     service = Service(config)
     if model is not None:
         try:

@@ -124,6 +124,7 @@ class Model:
         self._graph: DecodeGraph | None = None  # the last generation's cache and captured decode step
         self._kept: KVCache | None = None  # without a graph: the last generation's cache, for the next
         self._prompt_keys = PromptKeys()  # what the kept cache holds (prompt_cache.py)
+        self.cache_pool: Any = None  # qvl serve's CachePool: other conversations' caches (cache_pool.py)
         self._generation = 0  # counts generations: a stale one neither continues nor records its cache
         self.last_generation: Generation | None = None  # a finished stream's Generation (_pieces)
         self.scored: list[TokenLogprob] = []  # with logprobs=: the tokens' so far, while a stream runs
@@ -131,8 +132,6 @@ class Model:
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
         self._token_table: TokenTable | None = None  # format="json"'s view of the vocabulary, made once
-
-    # --- prompt building ---------------------------------------------------------------------
 
     def messages_for(self, prompt: str, n_images: int, system: str | None = None,
                      n_videos: int = 0) -> list[dict[str, Any]]:
@@ -343,11 +342,13 @@ class Model:
         return cache
 
     def kept_prompt(self) -> tuple[KVCache | None, list[int], list[str]]:
-        """The cache the last generation left, what it holds (PromptKeys.export) and its pictures' hashes."""
+        """The last generation's cache (its queued step done), its PromptKeys.export and pictures' hashes."""
+        if self._graph is not None:
+            self._graph.drain()
         return (self._graph.cache if self._graph is not None else self._kept, *self._prompt_keys.export())
 
     def keep_prompt(self, cache: KVCache, keys: list[int], hashes: list[str]) -> None:
-        """Take `cache`, holding kept_prompt's `keys` and `hashes`, as the last generation's (kv_file.py)."""
+        """Take `cache`, holding kept_prompt's `keys` and `hashes`, as the last generation's."""
         if self._graph is not None:
             self._graph.drain()  # a step the last generation queued ahead
         self._graph, self._kept = None, cache
@@ -377,8 +378,6 @@ class Model:
             return prompt, images, vids
         text = render(self.chat_template, self.messages_for(prompt, len(images), system, len(vids)))
         return text, media_order(prompt, images, "image"), media_order(prompt, vids, "video")
-
-    # --- public API ---------------------------------------------------------------------------
 
     @torch.no_grad()
     @one_line()  # a Triton kernel failing on the GPU: a KernelFailure (kernel_failure.py), as in generate
@@ -491,8 +490,7 @@ class Model:
 
     def count_chat_tokens(self, messages: list[dict[str, Any]], min_pixels: int = MIN_PIXELS,
                           max_pixels: int = MAX_PIXELS, video_options: VideoOptions = VideoOptions()) -> int:
-        """The prompt tokens `chat(messages)` reads, each picture's and video frame's counted as the
-        vision tower would make them; nothing is run through the model."""
+        """The prompt tokens `chat(messages)` reads (pictures' and videos' too), nothing run through the model."""
         text, images, videos = self._chat_prompt(messages)
         text, images, vids = self._prepare(text, images, videos, video_options, None, False)
         return len(self.tokenize(text, images, min_pixels, max_pixels, vids)[0])
@@ -515,6 +513,8 @@ class Model:
         limit = min(capacity, n_prompt + max_new_tokens)
         keys = self._prompt_keys.keys(ids, media)
         reuse = self._prompt_keys.reusable(keys, media) if cache_prompt else 0
+        if cache_prompt and self.cache_pool is not None:  # other conversations' caches (cache_pool.py)
+            reuse = self.cache_pool.before(self, self._prompt_keys, keys, media, reuse)
         self._generation += 1
         this = self._generation
         self._prompt_keys.kept = []  # until this generation says what its cache holds

@@ -62,12 +62,13 @@ class PromptKeys:
             out[span.start:span.start + span.length] = [-(base + i) for i in range(span.length)]
         return out
 
-    def reusable(self, keys: list[int], media: list[MediaSpan]) -> int:
-        """How many leading tokens of a prompt with these keys the kept cache already holds, at
-        most all but the prompt's last, never ending inside a picture."""
-        limit = min(len(keys) - 1, len(self.kept))
+    def reusable(self, keys: list[int], media: list[MediaSpan], kept: list[int] | None = None) -> int:
+        """How many leading tokens of a prompt with these keys the kept cache (or one holding `kept`)
+        already holds, at most all but the prompt's last, never ending inside a picture."""
+        kept = self.kept if kept is None else kept
+        limit = min(len(keys) - 1, len(kept))
         n = 0
-        while n < limit and keys[n] == self.kept[n]:
+        while n < limit and keys[n] == kept[n]:
             n += 1
         for span in media:
             if span.start < n < span.start + span.length:
@@ -92,11 +93,17 @@ class PromptKeys:
         """The kept cache holds `keys` of `export` with these pictures' hashes (from another process)."""
         if len(self._media) + len(hashes) > MAX_MEDIA:
             self._media.clear()  # the table starts again before, not among, these pictures
-        indices = [self._index(bytes.fromhex(h)) for h in hashes]
+        self.kept = self.local(keys, hashes, register=True)
+
+    def local(self, keys: list[int], hashes: list[str], register: bool = False) -> list[int]:
+        """`export`'s keys with this table's identities; a picture the table has not seen gets one
+        that no prompt's key has (unless `register`: then it is entered)."""
+        indices = [self._index(bytes.fromhex(h)) if register else self._media.get(bytes.fromhex(h), MAX_MEDIA + j)
+                   for j, h in enumerate(hashes)]
         out = []
         for k in keys:
             if k < 0:
                 local, offset = divmod(-k - 1, 1 << 20)
                 k = -(1 + (1 << 20) * indices[local] + offset)
             out.append(k)
-        self.kept = out
+        return out

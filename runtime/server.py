@@ -62,6 +62,7 @@ from .ollama_template import stored_template
 from .gguf_file import GGUFError, GGUFFile
 from .inline_media import decode_image, decode_video
 from .json_format import format_grammar
+from .cache_pool import CachePool
 from .loader import load, open_ended
 from .logprobs import MAX_TOP, entries, new_scores, speller
 from .model import PLAN_CTX, Model, ModelError
@@ -93,6 +94,7 @@ class ServeConfig:
     default_model: str | None = None  # MODEL given to `qvl serve`: a GGUF file or a stored name
     keep_alive_s: float = 300.0  # how long a model stays loaded after its last request (inf: until replaced)
     origins: tuple[str, ...] = ()  # web origins allowed besides the local ones (origins.py; --origins)
+    cache_pool_bytes: int = 0  # host memory for other conversations' KV caches (cache_pool.py; --cache-pool)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -340,6 +342,8 @@ class Service:
                                 max_vram=self.config.max_vram, plan_ctx=self.config.ctx_size or PLAN_CTX)
         except (GGUFError, ModelError, StoreError, KeyError, ValueError) as e:
             raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
+        if self.config.cache_pool_bytes > 0:  # conversations taking turns keep their caches (cache_pool.py)
+            model.cache_pool = CachePool(self.config.cache_pool_bytes)
         if messages:  # the stored MESSAGE lines: every prompt follows that conversation (Model.defaults)
             model.defaults = {"messages": messages}
         if template is not None:  # a stored TEMPLATE renders its prompts (ollama_template.py)
