@@ -64,7 +64,8 @@ class CachePool:
             self._add(_Entry(copy, kept[:held], hashes, _nbytes(copy)), table)
         if chosen is None:
             return reuse
-        e = chosen
+        e, cache = chosen, None
+        model.keep_prompt(KVCache(model.cfg, 0), [], [])  # its cache goes before the chosen one takes device memory
         restored = model.decoder.new_cache(len(e.keys), model.placement.kv_type)
         restored.take_prefix(e.cache, len(e.keys))
         model.keep_prompt(restored, e.keys, e.hashes)
