@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .decoder import KVCache
+from .kv_file import parts
 from .prompt_cache import MediaSpan, PromptKeys
 
 MIN_LOST = 32  # tokens a generation would cut from the kept cache for it to be copied aside first
@@ -30,8 +31,7 @@ class _Entry:
 
 
 def _nbytes(cache: KVCache) -> int:
-    parts = [p for s in cache.k + cache.v for p in ([s] if hasattr(s, "nbytes") else [s.q, s.d])]
-    return sum(p.nbytes for p in parts)
+    return sum(p.nbytes for s in cache.k + cache.v for p in parts(s))
 
 
 class CachePool:

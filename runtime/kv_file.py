@@ -46,7 +46,7 @@ def settings(model: Model) -> str:
                        "cpu_gemm": str(gemm_dtype()), "torch": torch.__version__})
 
 
-def _parts(store: Any) -> list[torch.Tensor]:
+def parts(store: Any) -> list[torch.Tensor]:
     """A layer's keys or values as tensors: the tensor, or a q8_0 cache's values and scales."""
     return [store] if isinstance(store, torch.Tensor) else [store.q, store.d]
 
@@ -58,7 +58,7 @@ def save(model: Model, path: Path) -> int:
     n = min(len(keys), cache.length) if cache is not None else 0
     if cache is None or n == 0:
         return 0
-    layers = [[t[:, :n].to("cpu", copy=True) for t in _parts(s)] for s in cache.k + cache.v]
+    layers = [[t[:, :n].to("cpu", copy=True) for t in parts(s)] for s in cache.k + cache.v]
     data = {"format": FORMAT, "settings": settings(model), "keys": keys[:n], "hashes": hashes, "layers": layers}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
@@ -88,7 +88,7 @@ def restore(model: Model, path: Path) -> tuple[int, str | None]:
     keys, layers, hashes = data.get("keys"), data.get("layers"), data.get("hashes")
     if not (isinstance(keys, list) and all(isinstance(k, int) for k in keys) and isinstance(hashes, list)
             and all(isinstance(h, str) and re.fullmatch("[0-9a-f]{32}", h) for h in hashes) and isinstance(layers, list)
-            and all(isinstance(parts, list) and all(isinstance(t, torch.Tensor) for t in parts) for parts in layers)):
+            and all(isinstance(layer, list) and all(isinstance(t, torch.Tensor) for t in layer) for layer in layers)):
         return 0, f"{path}: not a qvl prompt cache"
     n = len(keys)
     cache = model.decoder.new_cache(max(n, 1), model.placement.kv_type)
@@ -96,7 +96,7 @@ def restore(model: Model, path: Path) -> tuple[int, str | None]:
     if len(layers) != len(stores):
         return 0, f"{path}: holds {len(layers) // 2} layers, the model {len(stores) // 2}"
     for store, saved in zip(stores, layers):
-        mine = _parts(store)
+        mine = parts(store)
         if len(saved) != len(mine) or any(a.dtype != b.dtype or a.shape[:1] + a.shape[2:] != b.shape[:1] + b.shape[2:]
                                           or b.shape[1] != n for a, b in zip(mine, saved)):
             return 0, f"{path}: its keys and values are not this cache's type or shape"
