@@ -66,16 +66,19 @@ def _answer(service: Service, loaded: Loaded, runs: list[Callable[[], tuple[Iter
     name, created = service._name(loaded), int(time.time())
     cid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{next(service._ids)}"
     counts = {"prompt_tokens": 0, "completion_tokens": 0}
+    cached: list[int] = []  # the prompt tokens the KV cache held when the request came (the first run's)
 
     def finish() -> str:  # the run just made's; its tokens counted
         g = loaded.model.last_generation
         assert g is not None
         counts["prompt_tokens"] = g.prompt_tokens
         counts["completion_tokens"] += len(g.token_ids)
+        cached.append(g.reused_tokens)
         return "stop" if g.ended else "length"
 
-    def usage() -> dict[str, int]:
-        return {**counts, "total_tokens": counts["prompt_tokens"] + counts["completion_tokens"]}
+    def usage() -> dict[str, Any]:
+        return {**counts, "total_tokens": counts["prompt_tokens"] + counts["completion_tokens"],
+                "prompt_tokens_details": {"cached_tokens": cached[0] if cached else 0}}
 
     if not body.get("stream", False):
         choices = []

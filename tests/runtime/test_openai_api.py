@@ -35,10 +35,12 @@ def test_openai_stream_usage(running, reference):
     want = reference.chat([{"role": "user", "content": "Describe it."}], max_new_tokens=4)
     body = {"model": "tiny:1", "max_tokens": 4, "messages": [{"role": "user", "content": "Describe it."}],
             "stream": True, "stream_options": {"include_usage": True}}
+    running.json("/v1/chat/completions", {**body, "stream": False})  # the cache then holds the prompt
     status, data = running.request("/v1/chat/completions", body)
     chunks = [json.loads(f.removeprefix("data: ")) for f in data.decode().split("\n\n")[:-2]]
     assert status == 200 and chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
-        "prompt_tokens": want.prompt_tokens, "completion_tokens": 4, "total_tokens": want.prompt_tokens + 4}
+        "prompt_tokens": want.prompt_tokens, "completion_tokens": 4, "total_tokens": want.prompt_tokens + 4,
+        "prompt_tokens_details": {"cached_tokens": want.prompt_tokens - 1}}  # all but the last, read again
     assert "usage" not in chunks[-2] and chunks[-2]["choices"][0]["finish_reason"] == "length"
     status, data = running.request("/v1/chat/completions", {**body, "n": 17})
     assert status == 400 and "n 17: 1 to 16 choices" in json.loads(data)["error"]
