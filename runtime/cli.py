@@ -422,6 +422,8 @@ def serve_cmd(
     cache_pool: float = typer.Option(1.0, "--cache-pool", help="GB of host memory for other conversations' KV "
                                      "caches: a client coming back to its conversation (its pictures) after another's "
                                      "goes on from its own cache instead of reading it all again (0: off)."),
+    slot_save_path: Optional[Path] = typer.Option(None, "--slot-save-path", help="Folder for llama.cpp's POST "
+                                                  "/slots/0?action=save|restore files (the KV cache kept on disk)."),
 ) -> None:
     import torch
 
@@ -443,6 +445,8 @@ def serve_cmd(
         fail(f"--max-vram {max_vram}: a budget above 0 GB")
     if not cache_pool >= 0:
         fail(f"--cache-pool {cache_pool}: 0 (off) or more GB")
+    if slot_save_path is not None and not slot_save_path.is_dir():
+        fail(f"--slot-save-path {slot_save_path}: not a folder")
     gpu_flags = [f for f, on in (("--gpu-layers", gpu_layers is not None), ("--max-vram", max_vram is not None)) if on]
     if cpu and gpu_flags:
         fail(f"--cpu with {', '.join(gpu_flags)}: choose one")
@@ -457,7 +461,7 @@ def serve_cmd(
     device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, None, False)
     allowed = parse_origins(origins if origins is not None else os.environ.get("QVL_ORIGINS"))
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
-                         int(cache_pool * 1e9))
+                         int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None)
     service = Service(config)
     if model is not None:
         try:

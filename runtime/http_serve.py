@@ -26,7 +26,7 @@ import torch
 
 from ..convert.errors import ConvertError
 from . import (anthropic_api, blob_upload, embed_api, llamacpp_api, llamacpp_completion, openai_api, responses_api,
-               server, store_api)
+               server, slots_api, store_api)
 from .origins import PREFLIGHT_HEADERS, host_allowed, is_loopback, origin_allowed
 from .go_template import TemplateError
 from .image import ImageError
@@ -36,7 +36,7 @@ from .store import StoreError
 from .video import VideoError
 
 ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **responses_api.ROUTES, **embed_api.ROUTES,
-          **llamacpp_api.ROUTES, **llamacpp_completion.ROUTES, **anthropic_api.ROUTES}
+          **llamacpp_api.ROUTES, **llamacpp_completion.ROUTES, **anthropic_api.ROUTES, **slots_api.ROUTES}
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
 # header or the server's state, or (a pull, a push, a create that quantizes or converts) wait on a
@@ -168,10 +168,13 @@ def make_handler(service: Service, log: Callable[[str], None],
                 body: dict[str, Any] = dict(parse_qsl(query))  # a GET's arguments: /props?model=NAME
                 if route is None and method == "GET" and path.startswith(openai_api.MODEL_PATH):
                     route, body = openai_api.model, {"model": unquote(path[len(openai_api.MODEL_PATH):])}
+                slot = route is None and method == "POST" and path.startswith(slots_api.PREFIX)
+                if slot:  # llama.cpp's POST /slots/ID?action=...: the id and the query beside the body
+                    route = slots_api.slot_action
                 if route is None:
                     raise RequestError(404, f"{method} {path}: no such endpoint")
                 if method != "GET":
-                    body = self._body()
+                    body = {**self._body(), **body, "id_slot": path[len(slots_api.PREFIX):]} if slot else self._body()
                 job = Job(route, body)
                 if jobs is None or (method, path) in LIGHT or route is openai_api.model:
                     _run(service, job)

@@ -95,6 +95,7 @@ class ServeConfig:
     keep_alive_s: float = 300.0  # how long a model stays loaded after its last request (inf: until replaced)
     origins: tuple[str, ...] = ()  # web origins allowed besides the local ones (origins.py; --origins)
     cache_pool_bytes: int = 0  # host memory for other conversations' KV caches (cache_pool.py; --cache-pool)
+    slot_save_path: str | None = None  # where POST /slots/0?action=save|restore keeps its files (slots_api.py)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
