@@ -69,3 +69,12 @@ def test_a_file_of_another_model_is_refused(slotted, store, files):
 def test_without_a_save_path(running):
     got, data = running.request("/slots/0?action=save", {"filename": "x.bin"})
     assert got == 501 and "--slot-save-path" in json.loads(data)["error"]
+
+
+def test_the_serve_flag_wants_a_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from qvl.runtime.cli import app
+
+    r = CliRunner().invoke(app, ["serve", "--slot-save-path", str(tmp_path / "none")])
+    assert r.exit_code == 2 and f"--slot-save-path {tmp_path / 'none'}: not a folder" in r.stderr
