@@ -43,11 +43,13 @@ class Scores:
     same_top: np.ndarray | None = None
 
 
-def chunk_count(n_tokens: int, ctx: int, chunks: int | None) -> int:
+def chunk_count(n_tokens: int, ctx: int, chunks: int | None, max_ctx: int | None = None) -> int:
     """The chunks of `ctx` tokens to read: every whole one, or the first `chunks`; llama.cpp's
-    floor of two chunks' tokens (a PerplexityError below it)."""
+    floor of two chunks' tokens, and the model's context `max_ctx` (a PerplexityError past them)."""
     if ctx < MIN_CTX:
         raise PerplexityError(f"context {ctx}: {MIN_CTX} tokens or more")
+    if max_ctx is not None and ctx > max_ctx:
+        raise PerplexityError(f"context {ctx}: the model reads at most {max_ctx} tokens")
     if n_tokens < 2 * ctx:
         raise PerplexityError(f"the text is {n_tokens} tokens: a context of {ctx} needs {2 * ctx} or more "
                               "(a longer text, or a smaller --ctx-size)")
@@ -153,7 +155,7 @@ def measure(model: Model, ids: list[int], ctx: int, chunks: int | None = None, b
     if base is not None and base.cfg.n_vocab != model.cfg.n_vocab:
         raise PerplexityError(f"the base's vocabulary is {base.cfg.n_vocab} tokens, the model's "
                               f"{model.cfg.n_vocab}: not the same model")
-    n = chunk_count(len(ids), ctx, chunks)
+    n = chunk_count(len(ids), ctx, chunks, model.cfg.context_length)
     done: list[Scores] = []
     for i in range(n):
         done.append(score_chunk(model, ids[i * ctx:(i + 1) * ctx], base))

@@ -78,7 +78,7 @@ def perplexity_command(
     try:
         loaded = load(model, device=device, plan_ctx=ctx_size)
         ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
-        n = chunk_count(len(ids), ctx_size, chunks)  # its errors before the base is loaded
+        n = chunk_count(len(ids), ctx_size, chunks, loaded.cfg.context_length)  # errors before the base loads
         reference = None
         if base is not None:
             reference = load(base, device=device, plan_ctx=ctx_size)

@@ -172,6 +172,7 @@ def test_errors_are_one_line(tiny, text_file, tmp_path, fixtures_dir):
         (["-f", str(short)], "a context of 512 needs 1024 or more (a longer text, or a smaller --ctx-size)"),
         (["-f", str(text_file), "-c", "64", "--chunks", "0"], "chunks 0: 1 or more"),
         (["-f", str(text_file), "-c", "64", "--base", str(other)], "not the same model"),
+        (["-f", str(text_file), "-c", "40000"], "context 40000: the model reads at most 4096 tokens"),  # TinySpec's
     ):
         r = CliRunner().invoke(app, ["perplexity", str(tiny["q8_0"]), *args])
         assert r.exit_code == 2 and isinstance(r.exception, (SystemExit, type(None))), r.output
