@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .decoder import KVCache
-from .kv_file import parts
+from .kv_file import let_go, parts
 from .prompt_cache import MediaSpan, PromptKeys
 
 MIN_LOST = 32  # tokens a generation would cut from the kept cache for it to be copied aside first
@@ -64,8 +64,9 @@ class CachePool:
             self._add(_Entry(copy, kept[:held], hashes, _nbytes(copy)), table)
         if chosen is None:
             return reuse
-        e, cache = chosen, None
-        model.keep_prompt(KVCache(model.cfg, 0), [], [])  # its cache goes before the chosen one takes device memory
+        e = chosen
+        del cache
+        let_go(model)  # its cache goes before the chosen one takes device memory
         restored = model.decoder.new_cache(len(e.keys), model.placement.kv_type)
         restored.take_prefix(e.cache, len(e.keys))
         model.keep_prompt(restored, e.keys, e.hashes)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .cpu_gemm import gemm_dtype
+from .decoder import KVCache
 from .model import Model
 
 FORMAT = "qvl-prompt-cache/1"
@@ -49,6 +50,12 @@ def settings(model: Model) -> str:
 def parts(store: Any) -> list[torch.Tensor]:
     """A layer's keys or values as tensors: the tensor, or a q8_0 cache's values and scales."""
     return [store] if isinstance(store, torch.Tensor) else [store.q, store.d]
+
+
+def let_go(model: Model) -> None:
+    """The model's kept cache dropped (its memory freed before another is made): the next
+    generation reads its prompt whole."""
+    model.keep_prompt(KVCache(model.cfg, 0), [], [])
 
 
 def save(model: Model, path: Path) -> int:

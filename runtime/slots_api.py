@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from . import kv_file
-from .decoder import KVCache
 from .server import Reply, RequestError, Service
 
 PREFIX = "/slots/"  # POST /slots/ID?action=...: http_serve.py routes it here
@@ -55,7 +54,7 @@ def slot_action(service: Service, body: dict[str, Any]) -> Reply:
     model = service.use(body.get("model") or (loaded.key if loaded is not None else None)).model
     if action == "erase":
         _, kept, _ = model.kept_prompt()
-        model.keep_prompt(KVCache(model.cfg, 0), [], [])
+        kv_file.let_go(model)
         return Reply({"id_slot": 0, "n_erased": len(kept)})
     name, path = _file(service, body)
     t0 = time.perf_counter()
