@@ -80,7 +80,9 @@ def save(model: Model, path: Path) -> int:
 
 def restore(model: Model, path: Path) -> tuple[int, str | None]:
     """Give the model the cache `path` holds: (its tokens, None), or (0, why it was not used);
-    a missing file is (0, None), as for a first run."""
+    a missing file is (0, None), as for a first run. The model's kept cache is let go first, so
+    that a GPU never holds both; a file whose layers then do not fit leaves the model none, as a
+    failed restore empties llama.cpp's slot."""
     path = Path(path)
     if not path.exists():
         return 0, None
@@ -98,6 +100,7 @@ def restore(model: Model, path: Path) -> tuple[int, str | None]:
             and all(isinstance(layer, list) and all(isinstance(t, torch.Tensor) for t in layer) for layer in layers)):
         return 0, f"{path}: not a qvl prompt cache"
     n = len(keys)
+    let_go(model)  # the old cache's memory freed before the new one takes it (a failed restore: none kept)
     cache = model.decoder.new_cache(max(n, 1), model.placement.kv_type)
     stores = cache.k + cache.v
     if len(layers) != len(stores):

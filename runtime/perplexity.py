@@ -8,9 +8,10 @@ scored token has at least ctx/2 tokens before it. Perplexity is exp of the mean 
 log-likelihood; its uncertainty is llama.cpp's (the standard error of that mean, times the
 perplexity). With a base (the same model, less quantized) every scored position also gives
 KL(base || model) of the two next-token distributions, Δp (the model's probability of the right
-token less the base's) and whether both put the same token on top; llama.cpp reads the base's
-log-probabilities back from a file stored as 16-bit steps and leaves out those below e^-16, where
-here both models' log-probabilities are float32 and the sums are over every token.
+token less the base's) and whether both put the same token on top. The base is either run beside
+the model (both models' log-probabilities float32, the sums over every token) or read back from
+llama-perplexity's file of the base's log-probabilities (logits_file.py: 16-bit steps, those at
+e^-16 or below left out, as llama.cpp leaves them), which a run of the base writes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
+from .logits_file import FLOOR, Stored
 from .logprobs import LOGIT_ROWS
 from .model import Model
 
@@ -43,46 +46,57 @@ class Scores:
     same_top: np.ndarray | None = None
 
 
-def chunk_count(n_tokens: int, ctx: int, chunks: int | None, max_ctx: int | None = None) -> int:
+def chunk_count(n_tokens: int, ctx: int, chunks: int | None, max_ctx: int | None = None, at_least: int = 2) -> int:
     """The chunks of `ctx` tokens to read: every whole one, or the first `chunks`; llama.cpp's
-    floor of two chunks' tokens, and the model's context `max_ctx` (a PerplexityError past them)."""
+    floor of two chunks' tokens (`at_least`), and the model's context `max_ctx` (a PerplexityError
+    past them)."""
     if ctx < MIN_CTX:
         raise PerplexityError(f"context {ctx}: {MIN_CTX} tokens or more")
     if max_ctx is not None and ctx > max_ctx:
         raise PerplexityError(f"context {ctx}: the model reads at most {max_ctx} tokens")
-    if n_tokens < 2 * ctx:
-        raise PerplexityError(f"the text is {n_tokens} tokens: a context of {ctx} needs {2 * ctx} or more "
+    if n_tokens < at_least * ctx:
+        raise PerplexityError(f"the text is {n_tokens} tokens: a context of {ctx} needs {at_least * ctx} or more "
                               "(a longer text, or a smaller --ctx-size)")
     if chunks is not None and chunks < 1:
         raise PerplexityError(f"chunks {chunks}: 1 or more")
     return min(n_tokens // ctx, chunks or n_tokens)
 
 
-def _log_probs(model: Model, ids: list[int], first: int) -> Iterator[torch.Tensor]:
-    """float32 log-softmax rows of positions first..len(ids)-2, LOGIT_ROWS at a time."""
+def _logits(model: Model, ids: list[int], first: int) -> Iterator[torch.Tensor]:
+    """float32 logits rows of positions first..len(ids)-2, LOGIT_ROWS at a time."""
     hidden = torch.cat(model.token_hidden(ids))
     for start in range(first, len(ids) - 1, LOGIT_ROWS):
-        logits = model.decoder.logits(hidden[start:min(start + LOGIT_ROWS, len(ids) - 1)])
-        yield torch.log_softmax(logits.float(), dim=-1)
+        yield model.decoder.logits(hidden[start:min(start + LOGIT_ROWS, len(ids) - 1)]).float()
 
 
-def score_chunk(model: Model, ids: list[int], base: Model | None = None) -> Scores:
-    """One chunk's scores: its second half's tokens, under `model` (and `base`)."""
+StoredRows = Callable[[int, int], torch.Tensor]  # a chunk's base log-probabilities, scored rows start..stop
+
+
+def score_chunk(model: Model, ids: list[int], base: Model | None = None, stored: StoredRows | None = None,
+                keep: Callable[[torch.Tensor], None] | None = None) -> Scores:
+    """One chunk's scores: its second half's tokens, under `model`, and against the base's
+    distributions (`base` run beside it, or `stored` rows read from a file, whose log-probabilities
+    at FLOOR or lower are left out of the KL divergence, as llama.cpp leaves them); `keep` is given
+    each batch of the model's logits (for a file of them)."""
     first = len(ids) // 2
-    rows = _log_probs(model, ids, first)
-    base_rows = _log_probs(base, ids, first) if base is not None else None
+    base_rows = _logits(base, ids, first) if base is not None else None
+    floor = FLOOR if stored is not None else -math.inf
     at = first
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("nll", "nll_base", "kld", "p_diff", "same_top")}
-    for lp in rows:
+    for logits in _logits(model, ids, first):
+        if keep is not None:
+            keep(logits)
+        lp = torch.log_softmax(logits, dim=-1)
         target = torch.tensor(ids[at + 1:at + 1 + lp.shape[0]])
         right = lp.gather(1, target[:, None])[:, 0]
         parts["nll"].append((-right).double().numpy())
-        if base_rows is not None:
-            lb = next(base_rows)
+        lb = (torch.log_softmax(next(base_rows), dim=-1) if base_rows is not None
+              else stored(at - first, at - first + lp.shape[0]) if stored is not None else None)
+        if lb is not None:
             right_base = lb.gather(1, target[:, None])[:, 0]
             parts["nll_base"].append((-right_base).double().numpy())
-            kld = (lb.exp() * (lb - lp)).sum(dim=-1, dtype=torch.float64)
-            parts["kld"].append(kld.numpy())
+            terms = torch.where(lb > floor, lb.exp() * (lb - lp), 0.0)
+            parts["kld"].append(terms.sum(dim=-1, dtype=torch.float64).numpy())
             parts["p_diff"].append((right.double().exp() - right_base.double().exp()).numpy())
             parts["same_top"].append((lp.argmax(dim=-1) == lb.argmax(dim=-1)).numpy())
         at += lp.shape[0]
@@ -150,15 +164,26 @@ def summary(scores: Scores) -> dict[str, float | dict[str, float]]:
 
 
 def measure(model: Model, ids: list[int], ctx: int, chunks: int | None = None, base: Model | None = None,
-            each: Callable[[int, int, Scores], None] | None = None) -> Scores:
-    """Every scored token's scores over the text's chunks; `each(i, n, so_far)` after chunk i of n."""
-    if base is not None and base.cfg.n_vocab != model.cfg.n_vocab:
-        raise PerplexityError(f"the base's vocabulary is {base.cfg.n_vocab} tokens, the model's "
+            each: Callable[[int, int, Scores], None] | None = None, stored: Stored | None = None,
+            keep: Callable[[torch.Tensor], None] | None = None) -> Scores:
+    """Every scored token's scores over the text's chunks, against `base` run beside the model or the
+    `stored` file's chunks (whose tokens are then the text); `keep` is given the model's logits rows
+    in order; `each(i, n, so_far)` after chunk i of n."""
+    n_vocab = stored.n_vocab if stored is not None else base.cfg.n_vocab if base is not None else None
+    if n_vocab is not None and n_vocab != model.cfg.n_vocab:
+        raise PerplexityError(f"the base's vocabulary is {n_vocab} tokens, the model's "
                               f"{model.cfg.n_vocab}: not the same model")
-    n = chunk_count(len(ids), ctx, chunks, model.cfg.context_length)
+    if stored is not None:
+        if ctx != stored.n_ctx:
+            raise PerplexityError(f"context {ctx}: {stored.path} was made with chunks of {stored.n_ctx} tokens")
+        if chunks is not None and chunks > stored.n_chunk:
+            raise PerplexityError(f"chunks {chunks}: {stored.path} holds {stored.n_chunk}")
+        ids = stored.tokens
+    n = chunk_count(len(ids), ctx, chunks, model.cfg.context_length, at_least=1 if stored is not None else 2)
     done: list[Scores] = []
     for i in range(n):
-        done.append(score_chunk(model, ids[i * ctx:(i + 1) * ctx], base))
+        rows = partial(stored.log_probs, i) if stored is not None else None
+        done.append(score_chunk(model, ids[i * ctx:(i + 1) * ctx], base, rows, keep))
         if each is not None:
             each(i, n, _join(done))
     return _join(done)

@@ -1,8 +1,9 @@
 """`qvl perplexity MODEL -f TEXT`: a text's perplexity under a model, and with `--base` the KL
 divergence from the base model's next-token distributions (llama.cpp's llama-perplexity and its
---kl-divergence, in one run; perplexity.py measures). Each chunk's running figures go to standard
-error as it is read; the result, in llama-perplexity's words (or one JSON object), to standard
-output."""
+--kl-divergence, in one run; perplexity.py measures), or in llama.cpp's two runs with a file of
+the base's log-probabilities between them (`--kl-divergence-base FILE [--kl-divergence]`,
+logits_file.py). Each chunk's running figures go to standard error as it is read; the result, in
+llama-perplexity's words (or one JSON object), to standard output."""
 
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ HELP = ("A text's perplexity under a model, as llama-perplexity measures it: the
         "--ctx-size tokens, each read alone, the second half of each scored. With --base (the same model at a "
         "higher precision, e.g. its F16 or Q8_0) also the KL divergence of the model's next-token "
         "probabilities from the base's, the change in the right token's probability and how often both put "
-        "the same token first: how much a quantization lost. Both models are held in memory together.\n\n"
-        "Example: qvl perplexity qwen2.5-vl-7b-q4_k_m.gguf -f wiki.test.raw --base qwen2.5-vl-7b-f16.gguf")
+        "the same token first: how much a quantization lost. With --base both models are held in memory "
+        "together; llama-perplexity's two runs need one at a time: the base's run writes its log-probabilities "
+        "(--kl-divergence-base FILE), the model's run reads them (--kl-divergence-base FILE --kl-divergence). "
+        "llama.cpp's files of them read here, and ours there.\n\n"
+        "Example: qvl perplexity qwen2.5-vl-7b-q4_k_m.gguf -f wiki.test.raw --base qwen2.5-vl-7b-f16.gguf\n\n"
+        "Or: qvl perplexity qwen2.5-vl-7b-f16.gguf -f wiki.test.raw --kl-divergence-base f16.kld; "
+        "qvl perplexity qwen2.5-vl-7b-q4_k_m.gguf --kl-divergence-base f16.kld --kl-divergence")
 
 
 def _fail(message: str) -> NoReturn:
@@ -49,13 +55,31 @@ def _lines(s: dict) -> list[str]:
     return out
 
 
+def _text_ids(file: Path, tokenizer) -> list[int]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        _fail(f"{file}: not UTF-8 text")
+    except OSError as e:
+        _fail(f"{file}: {e.strerror or e}")
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
 def perplexity_command(
     model: str = typer.Argument(..., help="A GGUF file or a stored model's name."),
-    file: Path = typer.Option(..., "-f", "--file", help="The text to score (UTF-8), e.g. wikitext-2's wiki.test.raw."),
-    ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="Tokens a chunk (llama-perplexity's -c)."),
+    file: Optional[Path] = typer.Option(None, "-f", "--file", help="The text to score (UTF-8), e.g. wikitext-2's "
+                                                                   "wiki.test.raw (not with --kl-divergence)."),
+    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size", help="Tokens a chunk (llama-perplexity's -c; "
+                                                                          "default 512, or the file's)."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Read only the first N chunks (default: all)."),
     base: Optional[str] = typer.Option(None, "--base", help="The base model (GGUF file or stored name) for the KL "
                                                             "divergence: the same model, less quantized."),
+    kl_base: Optional[Path] = typer.Option(
+        None, "--kl-divergence-base", help="llama-perplexity's file of the base's log-probabilities: a run of the "
+                                           "base writes it (with -f), a run of the model with --kl-divergence reads "
+                                           "it (its tokens are the text; llama.cpp's files too)."),
+    kl_divergence: bool = typer.Option(False, "--kl-divergence", help="Measure against --kl-divergence-base's "
+                                                                      "file instead of a base in memory."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object: the figures, and each chunk's PPL."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even where a GPU is."),
 ) -> None:
@@ -63,26 +87,32 @@ def perplexity_command(
     from .config import ConfigError
     from .gguf_file import GGUFError
     from .loader import load
+    from .logits_file import LogitsFileError, read, writing
     from .model import ModelError
     from .perplexity import PerplexityError, chunk_count, measure, summary
     from .store import StoreError
     from .tokenizer import TokenizerError
 
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        _fail(f"{file}: not UTF-8 text")
-    except OSError as e:
-        _fail(f"{file}: {e.strerror or e}")
+    if kl_divergence and kl_base is None:
+        _fail("--kl-divergence reads the base's log-probabilities from --kl-divergence-base FILE")
+    if kl_base is not None and base is not None:
+        _fail("--base and --kl-divergence-base: one base or the other")
+    if kl_divergence and file is not None:
+        _fail(f"-f and --kl-divergence: the text is the one {kl_base} was made of")
+    if not kl_divergence and file is None:
+        _fail("the text to score: -f FILE")
     device = "cpu" if cpu else "auto"
     try:
-        loaded = load(model, device=device, plan_ctx=ctx_size)
-        ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
-        n = chunk_count(len(ids), ctx_size, chunks, loaded.cfg.context_length)  # errors before the base loads
+        stored = read(kl_base) if kl_divergence else None
+        ctx = ctx_size or (stored.n_ctx if stored is not None else 512)
+        loaded = load(model, device=device, plan_ctx=ctx)
+        ids = stored.tokens if stored is not None else _text_ids(file, loaded.tokenizer)
+        n = chunk_count(len(ids), ctx, chunks, loaded.cfg.context_length,
+                        at_least=1 if stored is not None else 2)  # errors before the base loads
         reference = None
         if base is not None:
-            reference = load(base, device=device, plan_ctx=ctx_size)
-            if reference.tokenizer.encode(text, add_special_tokens=False).ids != ids:
+            reference = load(base, device=device, plan_ctx=ctx)
+            if _text_ids(file, reference.tokenizer) != ids:
                 _fail(f"{base} reads the text as other tokens than {model}: not the same model")
         started, per_chunk = time.perf_counter(), []
 
@@ -91,7 +121,7 @@ def perplexity_command(
             per_chunk.append(figures["ppl"])
             if i == 0:
                 seconds = time.perf_counter() - started
-                typer.echo(f"qvl perplexity: {total} chunks of {ctx_size} tokens, {seconds:.2f} s a chunk, "
+                typer.echo(f"qvl perplexity: {total} chunks of {ctx} tokens, {seconds:.2f} s a chunk, "
                            f"ETA {seconds * (total - 1) / 60:.2f} min", err=True)
             line = f"[{i + 1}/{total}] PPL {figures['ppl']:.4f}"
             if "kld" in figures:
@@ -99,13 +129,18 @@ def perplexity_command(
                          f"  same top {100 * figures['same_top']:.2f}%")
             typer.echo(line, err=True)
 
-        scores = measure(loaded, ids, ctx_size, n, reference, each)
+        if kl_base is not None and stored is None:
+            with writing(kl_base, ctx, loaded.cfg.n_vocab, ids[:n * ctx]) as keep:
+                scores = measure(loaded, ids, ctx, n, None, each, keep=keep)
+            typer.echo(f"qvl perplexity: the log-probabilities written to {kl_base}", err=True)
+        else:
+            scores = measure(loaded, ids, ctx, chunks, reference, each, stored)
     except (GGUFError, ConfigError, TokenizerError, ModelError, StoreError, ConvertError, PerplexityError,
-            KeyError) as e:
+            LogitsFileError, KeyError) as e:
         _fail(str(e).strip("'\""))
     result = summary(scores)
     if json_out:
-        typer.echo(json.dumps({"model": model, "base": base, "ctx_size": ctx_size, "chunks": n, **result,
-                               "chunk_ppl": per_chunk}))
+        typer.echo(json.dumps({"model": model, "base": base or (str(kl_base) if stored is not None else None),
+                               "ctx_size": ctx, "chunks": len(per_chunk), **result, "chunk_ppl": per_chunk}))
     else:
         sys.stdout.write("\n".join(_lines(result)) + "\n")

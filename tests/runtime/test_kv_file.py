@@ -211,3 +211,23 @@ def test_a_tampered_file_is_not_used(model_path, picture, tmp_path):
         torch.save({**good, **change}, path)
         n, why = kv_file.restore(load(model_path, device="cpu"), path)
         assert n == 0 and why is not None and why.startswith(f"{path}: "), change
+
+
+def test_the_old_cache_goes_before_the_restored_one_is_made(model_path, picture, tmp_path, monkeypatch):
+    """On a GPU both would be there for a moment: the restored cache is allocated after the kept
+    one is let go (held elements counted when new_cache is called)."""
+    path = tmp_path / "a.kv"
+    model = load(model_path, device="cpu")
+    model.generate("What is this?", [picture], max_new_tokens=2)
+    n = kv_file.save(model, path)
+    model.generate("Something else entirely, and longer.", [], max_new_tokens=2)
+    held, make = [], model.decoder.new_cache
+
+    def new_cache(*args):
+        cache, keys, _ = model.kept_prompt()
+        held.append((len(keys), sum(t.numel() for s in cache.k + cache.v for t in kv_file.parts(s))))
+        return make(*args)
+
+    monkeypatch.setattr(model.decoder, "new_cache", new_cache)
+    assert kv_file.restore(model, path) == (n, None)
+    assert held == [(0, 0)] and len(model.kept_prompt()[1]) == n
