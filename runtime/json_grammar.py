@@ -225,13 +225,15 @@ class NumberRange:
     excluded; a schema's minimum / exclusiveMinimum / ...), written without an exponent, with at
     most MAX_INT_DIGITS digits before the point and after it: a byte is taken only where some
     number of the range starts with what has been written. With `places`, at most that many
-    digits after the point (a schema's multipleOf 0.01 is 2 places)."""
+    digits after the point, and a multiple of `units` of the last place (a schema's multipleOf
+    0.01 is 2 places, 1 unit; 0.25 is 2 places, 25 units; 2.5 is 1 place, 25 units)."""
 
     lo: Fraction | None
     hi: Fraction | None
     lo_open: bool = False
     hi_open: bool = False
     places: int | None = None
+    units: int = 1
 
     def starts(self) -> list[tuple[int, ...]]:
         return [(0, 0, 0, 0, 0, 0)]  # (phase: 0 before it, 1 after "-", 2 integer digits, 3 after ".",
@@ -240,7 +242,7 @@ class NumberRange:
     def _meets(self, negative: int, a: Fraction, b: Fraction) -> bool:
         """Some number of this sign whose magnitude is in [a, b) is in the range (the values being
         (-b, -a] or [a, b)): every lower bound below every upper one (or equal, both taken); with
-        `places`, a number of that many decimals between the tightest two."""
+        `places`, a multiple of `units` of that many decimals between the tightest two."""
         lows = [(-b, False) if negative else (a, True)]
         highs = [(-a, True) if negative else (b, False)]
         if self.lo is not None:
@@ -252,7 +254,7 @@ class NumberRange:
                        for low, taken in lows for high, taken_too in highs)
         low, taken = max(lows, key=lambda b: (b[0], not b[1]))  # the tightest bounds
         high, taken_too = min(highs, key=lambda b: (b[0], b[1]))
-        unit = Fraction(1, 10 ** self.places)  # the first number of `places` decimals above the lower bound
+        unit = Fraction(self.units, 10 ** self.places)  # the first multiple above the lower bound
         first = math.ceil(low / unit) * unit
         first += unit if first == low and not taken else 0
         return first < high or first == high and taken_too
@@ -300,6 +302,8 @@ class NumberRange:
         if local[0] not in (2, 4):
             return False
         v = self._value(local)
+        if self.places is not None and (v * 10 ** self.places / self.units).denominator != 1:
+            return False
         return ((self.lo is None or v > self.lo or v == self.lo and not self.lo_open)
                 and (self.hi is None or v < self.hi or v == self.hi and not self.hi_open))
 

@@ -8,7 +8,8 @@ number's `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (json_gram
 NumberRange); a string's `pattern` and its `format` date, time, date-time and uuid
 (schema_strings.py; another format is an annotation); `prefixItems` (tuples); `allOf` of one
 schema, of object schemas (merged) or of enums (intersected); `multipleOf` of an integer, or of a
-number where it is an integer (its integers) or 0.1, 0.01, ... (that many decimals). Keywords that
+number (where it is an integer: its integers; 0.01: at most 2 decimals; 0.25: 0, 0.25, 0.5, ...,
+of at most 2 decimals; written without an exponent). Keywords that
 would constrain what this does not follow (other `allOf`s, a pattern together with lengths, ...)
 are refused by name rather than ignored; descriptive ones (`title`, `description`, `default`,
 `examples`) are ignored.
@@ -22,8 +23,8 @@ from fractions import Fraction
 from typing import Any
 
 from .gbnf import embed_gbnf
-from .json_grammar import (Array, Either, Grammar, IntRange, Literal, Node, Number, NumberRange, Object, Root, String,
-                           any_value)
+from .json_grammar import (MAX_INT_DIGITS, Array, Either, Grammar, IntRange, Literal, Node, Number, NumberRange,
+                           Object, Root, String, any_value)
 from .schema_strings import PatternError, format_gbnf, pattern_gbnf
 
 UNSUPPORTED = ("not", "if", "then", "else", "uniqueItems", "contains", "patternProperties",
@@ -257,14 +258,15 @@ class _Builder:
 
     def _number(self, s: dict[str, Any], where: str) -> int:
         multiple = self._multiple(s, where)
-        places = None
+        places, units = None, 1
         if multiple is not None and multiple.denominator == 1:
             return self._integer(s, where)  # the integers it allows (not 10.0 for 10: a part of what it allows)
-        if multiple is not None:
-            places = len(str(multiple.denominator)) - 1
-            if multiple.numerator != 1 or multiple.denominator != 10 ** places:
-                raise SchemaError(f"{where}.multipleOf {s['multipleOf']}: of a number, qvl follows an integer or "
-                                  "0.1, 0.01, ... (a number of that many decimals)")
+        if multiple is not None:  # a decimal (a float as written): units of its last place
+            places = next((k for k in range(MAX_INT_DIGITS + 1) if (multiple * 10 ** k).denominator == 1), None)
+            if places is None:
+                raise SchemaError(f"{where}.multipleOf {s['multipleOf']}: qvl writes at most {MAX_INT_DIGITS} "
+                                  "decimals")
+            units = (multiple * 10 ** places).numerator
         exact = self._bounds(s, where)
         if not exact and places is None:
             return self.add(Number())
@@ -275,9 +277,9 @@ class _Builder:
         hi, hi_open = min(highs, key=lambda b: (b[0], not b[1])) if highs else (None, False)
         if lo is not None and hi is not None and (lo > hi or lo == hi and (lo_open or hi_open)):
             raise SchemaError(f"{where}: no number is between its bounds")
-        numbers = NumberRange(lo, hi, lo_open, hi_open, places)
+        numbers = NumberRange(lo, hi, lo_open, hi_open, places, units)
         if not numbers.any():
-            raise SchemaError(f"{where}: no number of {places} decimals is between its bounds")
+            raise SchemaError(f"{where}: no multiple of {s['multipleOf']} is between its bounds")
         return self.add(numbers)
 
     def _boolean(self, s: dict[str, Any], where: str) -> int:

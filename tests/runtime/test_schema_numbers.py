@@ -128,6 +128,11 @@ def test_integer_multiples_against_brute_force(schema, lo, hi, multiple):
 
 @pytest.mark.parametrize("schema,places,lo,hi", [
     ({"type": "number", "multipleOf": 0.01}, 2, None, None),
+    ({"type": "number", "multipleOf": 0.05, "minimum": -1}, 2, Fraction(-1), None),
+    ({"type": "number", "multipleOf": 0.25, "exclusiveMinimum": -0.5, "maximum": 1.9}, 2, Fraction(-1, 2),
+     Fraction(19, 10)),
+    ({"type": "number", "multipleOf": 2.5, "maximum": 5}, 1, None, Fraction(5)),
+    ({"type": "number", "multipleOf": 0.003, "minimum": 0, "maximum": 0.02}, 3, Fraction(0), Fraction(1, 50)),
     ({"type": "number", "multipleOf": 0.1, "minimum": -1.25, "maximum": 2}, 1, Fraction(-5, 4), Fraction(2)),
     ({"type": "number", "multipleOf": 0.01, "exclusiveMinimum": 0, "exclusiveMaximum": 0.05}, 2, Fraction(0),
      Fraction(1, 20)),
@@ -135,17 +140,20 @@ def test_integer_multiples_against_brute_force(schema, lo, hi, multiple):
      Fraction(21, 10000)),
 ])
 def test_decimal_multiples_against_brute_force(schema, places, lo, hi):
-    """multipleOf 0.1, 0.01, ...: a number taken exactly when it has at most that many decimals
-    and is in the range; no prefix taken that nothing completes."""
+    """multipleOf of a decimal (0.1, 0.05, 2.5, ...): a number taken exactly when it is written with
+    at most the multiple's decimals, is a multiple and is in the range; no prefix taken that nothing
+    completes."""
     g = schema_grammar(schema)
+    multiple = Fraction(repr(schema["multipleOf"]))
     lo_open, hi_open = "exclusiveMinimum" in schema, "exclusiveMaximum" in schema
     texts = {f"{i}" for i in range(-3, 4)} | {f"{i}.{f:0{n}d}" for i in range(-2, 3) for n in (1, 2, 3, 4)
                                                for f in range(0, 10 ** n, max(1, 10 ** n // 40))}
-    texts |= {"0.0004", "0.0005", "0.002", "0.0021", "0.0022", "-1.2", "-1.3", "0.04", "0.05", "0.01", "0.010"}
+    texts |= {"0.0004", "0.0005", "0.002", "0.0021", "0.0022", "-1.2", "-1.3", "0.04", "0.05", "0.01", "0.010",
+              "-0.25", "-0.5", "1.75", "2.5", "5", "5.0", "7.5", "-2.5", "0.006", "0.018", "0.021", "0.0180", "-1.00"}
     for text in sorted(texts):
         x = Fraction(text)
         decimals = len(text.split(".")[1]) if "." in text else 0
-        want = decimals <= places and _inside(x, lo, lo_open, hi, hi_open)
+        want = decimals <= places and (x / multiple).denominator == 1 and _inside(x, lo, lo_open, hi, hi_open)
         assert _takes(g, text) is want, text
         for cut in range(1, len(text) + 1):
             state = _state(g, text[:cut])
@@ -155,8 +163,9 @@ def test_decimal_multiples_against_brute_force(schema, places, lo, hi):
 
 @pytest.mark.parametrize("schema,expect", [
     ({"type": "integer", "multipleOf": 5, "minimum": 1, "maximum": 4}, "no multiple of 5 is between its bounds"),
-    ({"type": "number", "multipleOf": 0.01, "minimum": 0.001, "maximum": 0.009}, "no number of 2 decimals"),
-    ({"type": "number", "multipleOf": 0.05}, "multipleOf 0.05: of a number, qvl follows an integer or 0.1, 0.01"),
+    ({"type": "number", "multipleOf": 0.01, "minimum": 0.001, "maximum": 0.009}, "no multiple of 0.01 is between"),
+    ({"type": "number", "multipleOf": 0.25, "minimum": 0.3, "maximum": 0.45}, "no multiple of 0.25 is between"),
+    ({"type": "number", "multipleOf": 1e-20}, "multipleOf 1e-20: qvl writes at most 16 decimals"),
     ({"type": "integer", "multipleOf": 0}, "multipleOf: a number above 0"),
     ({"type": "integer", "multipleOf": "5"}, "multipleOf: a number above 0"),
     ({"multipleOf": 3}, "multipleOf is followed by qvl with type integer or number"),
