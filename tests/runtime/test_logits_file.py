@@ -132,7 +132,8 @@ def tiny(tmp_path_factory):
     return {t: to_gguf(src, d / f"m-{t}.gguf", t, "f32") for t in ("f32", "q4_k_m")}
 
 
-STEP_TOL = 2e-4  # nats: half a 16-bit step of a 16-nat span (1.2e-4), and float32 sums
+STEP_TOL = 2e-4  # nats: half a 16-bit step of a 16-nat span (1.2e-4), and float32 sums (measured 5.7e-5)
+KLD_TOL = 5e-5  # a token's KL divergence: the steps' errors weighted by the base's probabilities (measured 5.2e-6)
 
 
 def test_the_file_gives_what_the_base_beside_the_model_gives(tiny, tmp_path):
@@ -146,15 +147,15 @@ def test_the_file_gives_what_the_base_beside_the_model_gives(tiny, tmp_path):
     itself = measure(f32, ids, 32, stored=stored)
     np.testing.assert_array_equal(itself.nll, written.nll)
     assert np.abs(itself.nll_base - itself.nll).max() <= STEP_TOL and itself.same_top.all()
-    assert np.abs(itself.kld).max() <= STEP_TOL
+    assert np.abs(itself.kld).max() <= KLD_TOL
     beside, from_file = measure(q4, ids, 32, base=f32), measure(q4, ids, 32, stored=stored)
     np.testing.assert_array_equal(from_file.nll, beside.nll)
     assert np.abs(from_file.nll_base - beside.nll_base).max() <= STEP_TOL
-    assert np.abs(from_file.kld - beside.kld).max() <= 5 * STEP_TOL, np.abs(from_file.kld - beside.kld).max()
-    assert np.abs(from_file.p_diff - beside.p_diff).max() <= STEP_TOL
+    assert np.abs(from_file.kld - beside.kld).max() <= KLD_TOL, np.abs(from_file.kld - beside.kld).max()
+    assert np.abs(from_file.p_diff - beside.p_diff).max() <= KLD_TOL  # probabilities: measured 2.2e-7
     np.testing.assert_array_equal(from_file.same_top, beside.same_top)
     s_file, s_beside = summary(from_file), summary(beside)
-    assert s_beside["kld"] > 50 * STEP_TOL and abs(s_file["kld"] - s_beside["kld"]) <= STEP_TOL
+    assert s_beside["kld"] > 100 * KLD_TOL and abs(s_file["kld"] - s_beside["kld"]) <= KLD_TOL
     two = measure(q4, ids, 32, chunks=2, stored=stored)
     np.testing.assert_array_equal(two.kld, from_file.kld[:2 * scored(32)])
 
