@@ -1,7 +1,8 @@
 """ggml-exact quantizers: one table of formats, one entry point.
 
 `quantize(rows, qtype)` turns float32 rows into the bytes ggml's reference quantizer writes
-(`quantize_row_*_ref`, no importance matrix). Block sizes and bytes come from gguf-py's
+(`quantize_row_*_ref`); `quantize(rows, qtype, imatrix)` into those ggml writes with an
+importance matrix (`quantize_row_*_impl`, as llama-quantize --imatrix calls them). Block sizes and bytes come from gguf-py's
 `GGML_QUANT_SIZES`, the single source of truth; `dequantize` is gguf-py's.
 """
 
@@ -13,8 +14,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
 
+from .common import F32, seq_sum
 from .k_minmax import quantize_q4_k, quantize_q5_k
-from .legacy import quantize_q4_0, quantize_q4_1, quantize_q5_0, quantize_q5_1, quantize_q8_0
+from .legacy import (quantize_q4_0, quantize_q4_0_weighted, quantize_q4_1, quantize_q4_1_weighted, quantize_q5_0,
+                     quantize_q5_0_weighted, quantize_q5_1, quantize_q5_1_weighted, quantize_q8_0, row_weights)
 from .q6_k import quantize_q6_k
 
 T = GGMLQuantizationType
@@ -28,6 +31,21 @@ BLOCK_QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]]
     T.Q4_K: quantize_q4_k,
     T.Q5_K: quantize_q5_k,
     T.Q6_K: quantize_q6_k,
+}
+
+# With an importance matrix: the K-types weigh each element by its value (and the block's
+# statistics); the 32-element types by its value and the row's mean square (row_weights); Q8_0
+# takes none, as in ggml.
+K_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    T.Q4_K: quantize_q4_k,
+    T.Q5_K: quantize_q5_k,
+    T.Q6_K: quantize_q6_k,
+}
+ROW_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    T.Q4_0: quantize_q4_0_weighted,
+    T.Q4_1: quantize_q4_1_weighted,
+    T.Q5_0: quantize_q5_0_weighted,
+    T.Q5_1: quantize_q5_1_weighted,
 }
 
 FLOAT_TYPES: dict[GGMLQuantizationType, np.dtype] = {
@@ -71,27 +89,44 @@ def to_bf16(rows: np.ndarray) -> np.ndarray:
     return out.view(np.uint8).reshape(*rows.shape[:-1], rows.shape[-1] * 2)
 
 
-def quantize(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """float32 `(n_rows, n_per_row)` -> uint8 `(n_rows, row_bytes)` in `qtype`'s ggml layout."""
+def _blocks(chunk: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None) -> np.ndarray:
+    """One chunk of rows as `qtype`'s blocks, with the importance matrix where given and taken."""
+    blk = block_size(qtype)
+    x = chunk.reshape(-1, blk)
+    if imatrix is None or qtype == T.Q8_0:
+        return BLOCK_QUANTIZERS[qtype](x)
+    qw = np.broadcast_to(imatrix, chunk.shape).reshape(-1, blk)
+    if qtype in K_WEIGHTED:
+        return K_WEIGHTED[qtype](x, qw)
+    # the row's sum of squares in ggml's order, then its mean, for each of the row's blocks
+    sigma2 = (seq_sum(np.ascontiguousarray(chunk.T) ** 2) / F32(chunk.shape[1])).astype(F32)
+    return ROW_WEIGHTED[qtype](x, row_weights(x, qw, np.repeat(sigma2, chunk.shape[1] // blk)))
+
+
+def quantize(rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 `(n_rows, n_per_row)` -> uint8 `(n_rows, row_bytes)` in `qtype`'s ggml layout;
+    with `imatrix` (float32 `(n_per_row,)`: an importance matrix's values for the columns) as
+    ggml_quantize_chunk weighs them (Q8_0 and the float types take none)."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n_rows, n_per_row = rows.shape
     if qtype in FLOAT_TYPES:
         return rows.astype(FLOAT_TYPES[qtype]).view(np.uint8).reshape(n_rows, -1)
     if qtype == T.BF16:
         return to_bf16(rows)
-    fn = BLOCK_QUANTIZERS.get(qtype)
-    if fn is None:
-        raise QuantError(f"qvl has no quantizer for {qtype.name}")
+    if qtype not in BLOCK_QUANTIZERS or imatrix is not None and qtype not in K_WEIGHTED | ROW_WEIGHTED | {T.Q8_0: 0}:
+        raise QuantError(f"qvl has no quantizer for {qtype.name}" + (" with an importance matrix" * (imatrix is not None)))
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (n_per_row,):
+            raise QuantError(f"an importance matrix of {imatrix.size} values for rows of {n_per_row}")
     nbytes = row_bytes(qtype, n_per_row)
-    blk = block_size(qtype)
     out = np.empty((n_rows, nbytes), dtype=np.uint8)
     step = max(1, CHUNK_ELEMENTS // n_per_row)
     # Zero, huge and flat groups divide by zero on purpose (ggml's branches pick the result).
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for start in range(0, n_rows, step):
             chunk = rows[start : start + step]
-            blocks = fn(chunk.reshape(-1, blk))
-            out[start : start + step] = blocks.reshape(chunk.shape[0], nbytes)
+            out[start : start + step] = _blocks(chunk, qtype, imatrix).reshape(chunk.shape[0], nbytes)
     return out
 
 

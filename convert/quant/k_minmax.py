@@ -1,6 +1,7 @@
 """ggml's Q4_K and Q5_K: 256-element super-blocks of eight 32-element sub-blocks with a scale
-and a min each (ports of `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref` and
-`make_qkx2_quants`).
+and a min each (ports of `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref`, of their `_impl`s
+with an importance matrix, and of `make_qkx2_quants` / `make_qkx3_quants` (the same fit given
+weights) and `make_qp_quants`).
 
     Q4_K (144 B): f16 d | f16 dmin | u8 scales[12] | u8 qs[128]
     Q5_K (176 B): f16 d | f16 dmin | u8 scales[12] | u8 qh[32] | u8 qs[128]
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, f16_round, nearest_int, seq_sum, to_f16_bits, u16_bytes
+from .common import F32, GROUP_MAX_EPS, f16_round, nearest_int, seq_sum, to_f16_bits, u16_bytes
 
 QK_K = 256
 
@@ -52,7 +53,9 @@ def make_qkx2_quants(
     x, w: float32 `(n, groups)`. Returns (scale, the_min, L) with L uint8 `(n, groups)`.
     """
     mx = x.max(axis=0)
-    mn = x.min(axis=0)
+    # `if (x[i] < min) min = x[i]` keeps the first of equal minima: a flat group's min is its
+    # first element, -0 or +0 (Q4_1 / Q5_1 with an importance matrix store it)
+    mn = np.take_along_axis(x, np.argmin(x, axis=0)[None], axis=0)[0]
     sum_w = seq_sum(w)
     sum_x = seq_sum(w * x)
     mn = np.where(mn > 0, F32(0), mn).astype(F32)
@@ -113,41 +116,112 @@ def _pack_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return s.T
 
 
+def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`make_qp_quants(n, nmax, x, L, quant_weights)` over element-major groups `(n, g)`: the
+    non-negative levels of a weighted fit of x, then ggml's five passes of moving one level at a
+    time where that improves the fit. Returns (scale (g,), L (n, g) as ggml's uint8 holds them).
+
+    Every pass is run for every group: a pass that changes nothing leaves the state as it was,
+    so the passes after it (where ggml stops) change nothing either."""
+    mx = np.maximum(F32(0), x.max(axis=0)).astype(F32)
+    zero = mx < GROUP_MAX_EPS
+    safe = np.where(zero, F32(1), mx).astype(F32)
+    iscale = (F32(nmax) / safe).astype(F32)
+    stored = (nearest_int(iscale * x) & 0xFF).astype(F32)  # ggml's uint8 L, unclamped the first time
+    scale = (F32(1) / iscale).astype(F32)
+    diff = x - scale * stored
+    best = seq_sum(w * diff * diff)
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        trial = ((F32(0.1) * F32(step) + F32(nmax)) / safe).astype(F32)
+        diff = x - (F32(1) / trial).astype(F32) * np.minimum(nmax, nearest_int(trial * x)).astype(F32)
+        mse = seq_sum(w * diff * diff)
+        better = mse < best
+        best = np.where(better, mse, best)
+        iscale = np.where(better, trial, iscale).astype(F32)
+    levels = np.minimum(nmax, nearest_int(iscale * x)).astype(F32)  # ints: the sums take them signed
+    sumlx, suml2 = seq_sum(w * x * levels), seq_sum(w * levels * levels)
+    stored = (levels.astype(np.int64) & 0xFF).astype(F32)
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            wi, xi, li = w[i], x[i], stored[i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = np.minimum(nmax, nearest_int(np.where(ok, xi * sl2 / slx, F32(0)))).astype(F32)
+            slx_new = slx + wi * xi * new
+            sl2_new = sl2 + wi * new * new
+            take = ok & (new != li) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            stored[i] = np.where(take, (new.astype(np.int64) & 0xFF).astype(F32), li)
+            sumlx = np.where(take, slx_new, sumlx).astype(F32)
+            suml2 = np.where(take, sl2_new, suml2).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    out = np.where(zero, F32(0), out).astype(F32)
+    stored[:, zero] = 0
+    return out, stored.astype(np.uint8)
+
+
+def _scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's get_scale_min_k4 for j = 0..7: packed (nb, 12) -> (sc, m), each (nb, 8) uint8."""
+    q = packed.astype(np.uint8)
+    sc = np.concatenate([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, m
+
+
 def _quantize_minmax(
-    x: np.ndarray, nmax: int, rmin: float, nstep: int
+    x: np.ndarray, nmax: int, rmin: float, nstep: int, qw: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Shared body of Q4_K/Q5_K: returns (header bytes (nb, 16), levels L (nb, 256))."""
+    """Shared body of Q4_K/Q5_K: returns (header bytes (nb, 16), levels L (nb, 256)). Without `qw`
+    quantize_row_q4_K_ref's fit (each element weighted by the sub-block's RMS plus its size, the
+    six-bit scales by the largest); with `qw` (the importance matrix's values, x's shape)
+    quantize_row_q4_K_impl's (weighted by qw * sqrt(sigma2 + x^2), sigma2 twice the super-block's
+    mean square; the six-bit scales fitted too, make_qp_quants)."""
     nb = x.shape[0]
     # element-major and contiguous: strided views make every pass below ~3x slower
     sub = np.ascontiguousarray(x.reshape(nb * 8, 32).T)  # (32, nb*8)
-    sum_x2 = seq_sum(sub * sub)
-    av_x = np.sqrt(sum_x2 / F32(32)).astype(F32)
-    weights = av_x + np.abs(sub)
-    scales, mins, L = make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
-    scales = scales.reshape(nb, 8)
-    mins = mins.reshape(nb, 8)
+    if qw is None:
+        sum_x2 = seq_sum(sub * sub)
+        av_x = np.sqrt(sum_x2 / F32(32)).astype(F32)
+        weights = av_x + np.abs(sub)
+        scales, mins, L = make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
+        scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+        max_scale = np.maximum(scales.max(axis=1), F32(0))
+        max_min = np.maximum(mins.max(axis=1), F32(0))
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
+            inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
+        ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)  # (nb, 8)
+        lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
+        d = (max_scale / F32(63)).astype(F32)
+        dmin = (max_min / F32(63)).astype(F32)
+    else:
+        whole = np.ascontiguousarray(x.T)  # (256, nb): the super-block's sum of squares, in order
+        sigma2 = (F32(2) * seq_sum(whole * whole) / F32(QK_K)).astype(F32)
+        sigma2 = np.repeat(sigma2, 8)[None, :]  # per sub-block, as sub's columns run
+        weights = (np.ascontiguousarray(qw.reshape(nb * 8, 32).T) * np.sqrt(sigma2 + sub * sub)).astype(F32)
+        scales, mins, L = make_qkx2_quants(sub, weights, nmax, -0.9, 0.05, 36)
+        sw = seq_sum(weights).reshape(nb, 8).T  # (8, nb)
+        d, ls = make_qp_quants(np.ascontiguousarray(scales.reshape(nb, 8).T), 63, sw)
+        dmin, lm = make_qp_quants(np.ascontiguousarray(mins.reshape(nb, 8).T), 63, sw)
+        ls, lm = ls.T, lm.T
+        if nmax == 31:  # Q5_K's impl clamps them; Q4_K's packs them as they are
+            ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
     L = L.T.reshape(nb, 8, 32)
+    packed = _pack_scales(ls.T, lm.T)
 
-    max_scale = np.maximum(scales.max(axis=1), F32(0))
-    max_min = np.maximum(mins.max(axis=1), F32(0))
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
-        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
-    ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)  # (nb, 8)
-    lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
-    d = (max_scale / F32(63)).astype(F32)
-    dmin = (max_min / F32(63)).astype(F32)
-
-    # Second pass with the 6-bit scales as stored (get_scale_min_k4 returns ls/lm again).
-    dj = f16_round(d)[:, None] * ls.astype(F32)  # (nb, 8)
-    dmj = f16_round(dmin)[:, None] * lm.astype(F32)
+    # Second pass with the 6-bit scales as stored (get_scale_min_k4).
+    sc, m = _scale_min_k4(packed)
+    dj = f16_round(d)[:, None] * sc.astype(F32)  # (nb, 8)
+    dmj = f16_round(dmin)[:, None] * m.astype(F32)
     with np.errstate(divide="ignore", invalid="ignore"):
         requant = np.clip(nearest_int((x.reshape(nb, 8, 32) + dmj[:, :, None]) / dj[:, :, None]), 0, nmax)
     L = np.where((dj != 0)[:, :, None], requant, L).astype(np.uint8).reshape(nb, QK_K)
 
-    header = np.concatenate(
-        [u16_bytes(to_f16_bits(d)), u16_bytes(to_f16_bits(dmin)), _pack_scales(ls.T, lm.T)], axis=1
-    )
+    header = np.concatenate([u16_bytes(to_f16_bits(d)), u16_bytes(to_f16_bits(dmin)), packed], axis=1)
     return header, L
 
 
@@ -157,13 +231,13 @@ def _low_nibbles(L: np.ndarray) -> np.ndarray:
     return ((c[:, :, 0] & 0xF) | ((c[:, :, 1] & 0xF) << 4)).reshape(-1, 128).astype(np.uint8)
 
 
-def quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    header, L = _quantize_minmax(x, 15, -1.0, 20)
+def quantize_q4_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    header, L = _quantize_minmax(x, 15, -1.0, 20, qw)
     return np.concatenate([header, _low_nibbles(L)], axis=1)
 
 
-def quantize_q5_k(x: np.ndarray) -> np.ndarray:
-    header, L = _quantize_minmax(x, 31, -0.5, 15)
+def quantize_q5_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    header, L = _quantize_minmax(x, 31, -0.5, 15, qw)
     c = L.reshape(-1, 4, 2, 32)
     hi = (c >> 4) & 1  # (nb, 4, 2, 32)
     shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)  # (4, 2)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from .common import F32, roundf, to_f16_bits, u16_bytes, u32_bytes
+from .k_minmax import make_qkx2_quants
+from .q6_k import make_qx_quants_rmse1
 
 
 def _signed_absmax(x: np.ndarray) -> np.ndarray:
@@ -86,4 +88,48 @@ def quantize_q5_1(x: np.ndarray) -> np.ndarray:
     q = np.trunc(xs + F32(0.5)).astype(np.int32) & 0xFF  # C: (uint8_t)(x0 + 0.5f)
     lo, hi = q[:, :16], q[:, 16:]
     head = np.concatenate([u16_bytes(to_f16_bits(d)), u16_bytes(to_f16_bits(mn))], axis=1)
+    return np.concatenate([head, u32_bytes(_fifth_bits(lo, hi)), _nibbles(lo, hi)], axis=1)
+
+
+# With an importance matrix (quantize_row_q4_0_impl and its kin): each element weighted by
+# qw * sqrt(sigma2 + x^2), sigma2 the mean square of the element's whole row; the 0-types fit a
+# scale (make_qx_quants), the 1-types a scale and a min (make_qkx3_quants), and no
+# rounding pass follows.
+
+def row_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """qw * sqrtf(sigma2 + x*x) for blocks x, qw `(nb, 32)` and their rows' sigma2 `(nb,)`."""
+    return (qw * np.sqrt(sigma2[:, None] + x * x)).astype(F32)
+
+
+def _fit_scale(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    scale, L = make_qx_quants_rmse1(np.ascontiguousarray(x.T), nmax, np.ascontiguousarray(w.T))
+    return scale, L.T
+
+
+def _fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scale, the_min, L = make_qkx2_quants(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), nmax, -0.9, 0.05, 36)
+    return scale, (-the_min).astype(F32), L.T.astype(np.int32)
+
+
+def quantize_q4_0_weighted(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    d, q = _fit_scale(x, w, 8)
+    return np.concatenate([u16_bytes(to_f16_bits(d)), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+
+
+def quantize_q5_0_weighted(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    d, q = _fit_scale(x, w, 16)
+    lo, hi = q[:, :16], q[:, 16:]
+    return np.concatenate([u16_bytes(to_f16_bits(d)), u32_bytes(_fifth_bits(lo, hi)), _nibbles(lo, hi)], axis=1)
+
+
+def quantize_q4_1_weighted(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    d, m, q = _fit_scale_min(x, w, 15)
+    head = np.concatenate([u16_bytes(to_f16_bits(d)), u16_bytes(to_f16_bits(m))], axis=1)
+    return np.concatenate([head, _nibbles(q[:, :16], q[:, 16:])], axis=1)
+
+
+def quantize_q5_1_weighted(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    d, m, q = _fit_scale_min(x, w, 31)
+    lo, hi = q[:, :16], q[:, 16:]
+    head = np.concatenate([u16_bytes(to_f16_bits(d)), u16_bytes(to_f16_bits(m))], axis=1)
     return np.concatenate([head, u32_bytes(_fifth_bits(lo, hi)), _nibbles(lo, hi)], axis=1)

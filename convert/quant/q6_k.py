@@ -1,5 +1,6 @@
 """ggml's Q6_K: 256-element super-blocks of sixteen 16-element sub-blocks with an int8 scale
-each (port of `quantize_row_q6_K_ref` and `make_qx_quants` with rmse_type 1).
+each (port of `quantize_row_q6_K_ref`, `quantize_row_q6_K_impl` with an importance matrix, and
+`make_qx_quants` with rmse_type 1).
 
     Q6_K (210 B): u8 ql[128] | u8 qh[64] | int8 scales[16] | f16 d
 x = d * scale[i // 16] * (q - 32), q in 0..63. For half h (0..1) of 128 elements and l in
@@ -23,15 +24,16 @@ def _first_absmax(v: np.ndarray, axis: int) -> np.ndarray:
     return np.where(picked == 0, F32(0), picked).astype(F32)
 
 
-def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """`make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)` over element-major groups `(n, g)`.
+def make_qx_quants_rmse1(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`make_qx_quants(n, nmax, x, L, rmse_type=1, qw)` over element-major groups `(n, g)`: each
+    element weighted by x*x, or by `qw` (an importance matrix's weights, same shape) where given.
 
     Returns (scale (g,), L int32 (n, g) in 0..2*nmax-1).
     """
     mx = _first_absmax(x, axis=0)
     zero = np.abs(mx) < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), mx).astype(F32)
-    w = x * x
+    w = x * x if qw is None else qw
     wx = w * x
     # |iscale * x| <= nmax + 1 here, where round-half-even `rint` equals ggml's nearest_int
     sums = np.empty((x.shape[0], 2, x.shape[1]), dtype=F32)  # w*x*l and w*l*l, summed in one pass
@@ -74,10 +76,13 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     return scale, L
 
 
-def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+def quantize_q6_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Q6_K blocks of x `(nb, 256)`; with `qw` (the importance matrix's values for these elements,
+    same shape) as quantize_row_q6_K_impl weighs them (each sub-block's fit weighted by them)."""
     nb = x.shape[0]
     sub = np.ascontiguousarray(x.reshape(nb * 16, 16).T)  # (16, nb*16), contiguous
-    scales, L = make_qx_quants_rmse1(sub, 32)
+    qsub = None if qw is None else np.ascontiguousarray(qw.reshape(nb * 16, 16).T)
+    scales, L = make_qx_quants_rmse1(sub, 32, qsub)
     scales = scales.reshape(nb, 16)  # (nb, 16)
     L = L.T.reshape(nb, 16, 16)
 

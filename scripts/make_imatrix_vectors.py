@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Write tests/convert/ggml-imatrix-vectors.npz: the bytes ggml's own quantizers make of the shared
+fixture's rows with an importance matrix, for the tests of qvl's quantizers with one.
+
+ggml's `ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix)` is called through
+ctypes from a libggml-base built from llama.cpp's sources (llama-cpp-python 0.3.36's sdist:
+`cmake -B build -DGGML_NATIVE=OFF && cmake --build build --target ggml-base`). The library is
+first checked against the shared fixture's bytes without an importance matrix (the same build of
+the reference quantizers). Two importance matrices over the 512 columns: log-normal values, and
+the same with every eighth column 0 and three columns a million times larger; half of the rows
+(8 of each kind) take each.
+
+    python scripts/make_imatrix_vectors.py --lib llama.cpp/build/bin/libggml-base.so
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "fixtures" / "ggml-quant-vectors.npz"
+OUT = REPO / "tests" / "convert" / "ggml-imatrix-vectors.npz"
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+PER_KIND = 16
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lib", required=True, help="libggml-base.so built from llama.cpp's sources")
+    ap.add_argument("--shared", type=Path, default=SHARED)
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args()
+    lib = ctypes.CDLL(a.lib)
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+
+    def ggml(rows: np.ndarray, t: int, n_bytes: int, imatrix: np.ndarray | None) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, np.float32)
+        out = np.zeros((rows.shape[0], n_bytes), np.uint8)
+        lib.ggml_quantize_chunk(t, rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], rows.shape[1],
+                                None if imatrix is None else np.ascontiguousarray(imatrix, np.float32).ctypes.data)
+        return out
+
+    shared = np.load(a.shared)
+    x = shared["input"]
+    for name, t in TYPES.items():  # the library is the reference the shared bytes came from
+        if not (ggml(x, t, shared[name].shape[1], None) == shared[name]).all():
+            raise SystemExit(f"{a.lib}: its {name} without an importance matrix is not the shared fixture's")
+    kinds = shared["kind"]
+    rows = np.concatenate([np.flatnonzero(kinds == k)[:PER_KIND] for k in sorted(set(kinds.tolist()))])
+    rng = np.random.default_rng(20261206)
+    first = np.exp(rng.normal(0, 1.5, x.shape[1])).astype(np.float32)
+    second = first.copy()
+    second[::8] = 0
+    second[[5, 77, 300]] *= 1e6
+    imatrix = np.stack([first, second])
+    which = np.tile(np.repeat([0, 1], PER_KIND // 2), len(rows) // PER_KIND)
+    out = {"rows": rows, "imatrix": imatrix, "which": which}
+    for name, t in TYPES.items():
+        got = np.zeros((len(rows), shared[name].shape[1]), np.uint8)
+        for m in (0, 1):
+            got[which == m] = ggml(x[rows[which == m]], t, got.shape[1], imatrix[m])
+        out[name] = got
+        print(f"{name}: {int((got != shared[name][rows]).any(axis=1).sum())} of {len(rows)} rows differ from "
+              "the bytes without an importance matrix")
+    np.savez_compressed(a.out, **out)
+    print(f"wrote {a.out} ({a.out.stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()

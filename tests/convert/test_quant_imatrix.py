@@ -1,0 +1,56 @@
+"""Our quantizers with an importance matrix against the bytes ggml's own wrote with it
+(tests/convert/ggml-imatrix-vectors.npz, made by scripts/make_imatrix_vectors.py through ctypes
+from a libggml-base built from llama.cpp's sources: ggml_quantize_chunk with the imatrix, the
+function llama-quantize --imatrix calls). The rows are the shared fixture's, eight of each kind
+(zeros, constant, tiny, huge, outlier, sparse, ...) under each of two importance matrices (one
+log-normal, one with zero and enormous columns)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from qvl.convert.quant import QuantError, quantize
+
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.fixture(scope="module")
+def ggml(fixtures_dir):
+    made = np.load(Path(__file__).parent / "ggml-imatrix-vectors.npz")
+    shared = np.load(fixtures_dir / "ggml-quant-vectors.npz")
+    return made, shared["input"][made["rows"]], shared
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("name", TYPES)
+def test_bytes_equal_ggml_with_an_importance_matrix(ggml, name, which):
+    made, x, shared = ggml
+    rows = made["which"] == which
+    got = quantize(x[rows], T[name], made["imatrix"][which])
+    bad = np.flatnonzero((got != made[name][rows]).any(axis=1))
+    kinds = sorted(set(shared["kind"][made["rows"][rows][bad]].tolist()))
+    assert bad.size == 0, f"{name}: {bad.size} rows differ from ggml, kinds {kinds}"
+    plain = quantize(x[rows], T[name])
+    assert (plain != got).any(axis=1).mean() > 0.5  # the matrix did change most rows
+
+
+def test_the_vectors_cover_the_hard_kinds(ggml):
+    made, _, shared = ggml
+    assert {"zeros", "constant", "tiny", "huge", "outlier", "sparse"} <= set(shared["kind"][made["rows"]].tolist())
+    assert (made["imatrix"][1] == 0).any() and made["imatrix"][1].max() > 1e5 * np.median(made["imatrix"][1])
+
+
+def test_q8_0_and_float_types_take_none(ggml):
+    made, x, _ = ggml
+    for t in (T.Q8_0, T.F16, T.F32):
+        np.testing.assert_array_equal(quantize(x, t, made["imatrix"][0]), quantize(x, t))
+
+
+def test_an_importance_matrix_of_another_width_is_refused(ggml):
+    made, x, _ = ggml
+    with pytest.raises(QuantError, match="an importance matrix of 256 values for rows of 512"):
+        quantize(x, T.Q4_K, made["imatrix"][0][:256])
