@@ -147,7 +147,9 @@ tensors are copied as they are). TYPE is one of q8_0, q4_0, q4_k (Q4_K_S), q4_k_
 f16, bf16, f32: the per-tensor plan and the quantized bytes are qvl-convert's (llama-quantize's
 rules, ggml's bytes). Metadata is copied, with general.file_type set. A matrix quantized already
 is refused unless --allow-requantize. The projector (mmproj) is not touched: it pairs with the
-new file as with the old (copy or link it beside the new name).
+new file as with the old (copy or link it beside the new name). With --imatrix FILE (llama-imatrix's
+or qvl imatrix's importance matrix, GGUF or the legacy .dat) the quantizers weigh each column by it,
+as llama-quantize --imatrix does (the same bytes), and Q4_0 gives the first eighth of ffn_down Q4_1.
 
 Example: qvl quantize qwen2.5-vl-3b-bf16.gguf q4_k_m    (writes qwen2.5-vl-3b-Q4_K_M.gguf)
 """
@@ -160,6 +162,8 @@ def quantize_command(
                                             "beside MODEL)."),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Quantize matrices that are "
                                           "quantized already (dequantized first: the errors add up)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix's file, "
+                                           "GGUF or .dat) weighing the quantizers, as llama-quantize's."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every tensor's type and size; write nothing."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
@@ -181,7 +185,7 @@ def quantize_command(
     if out.resolve() == model.resolve():
         fail(f"{out}: the output would overwrite MODEL")
     try:
-        job, source = plan_quantize(model, out, kind, allow_requantize)
+        job, source = plan_quantize(model, out, kind, allow_requantize, imatrix)
         try:
             if dry_run:
                 print_plan(job)

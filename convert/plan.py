@@ -86,8 +86,9 @@ def keeps_float(t: OutTensor) -> bool:
     return not t.is_matrix or t.name.endswith("_norm.weight") or not t.name.endswith(".weight")
 
 
-def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int) -> list[PlannedTensor]:
-    """Port of llama_tensor_get_type for the file types qvl writes (tensors in file order)."""
+def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int, imatrix: bool = False) -> list[PlannedTensor]:
+    """Port of llama_tensor_get_type for the file types qvl writes (tensors in file order); with
+    an importance matrix Q4_0's first eighth of ffn_down takes Q4_1, as llama.cpp's does."""
     tied = not any(t.name == "output.weight" for t in tensors)
     n_attn_v = sum(1 for t in tensors if "attn_v.weight" in t.name)
     i_attn_v = 0
@@ -120,6 +121,8 @@ def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int) -> list[Pl
                 qtype = T.Q6_K
             elif ft == FT.MOSTLY_Q4_K_S and i_ffn_down < n_layer // 8:
                 qtype = T.Q5_K
+            elif ft == FT.MOSTLY_Q4_0 and imatrix and i_ffn_down < n_layer // 8:
+                qtype = T.Q4_1
             i_ffn_down += 1
         plan.append(PlannedTensor(t, fallback(qtype, t.row_length)))
     return plan

@@ -7,7 +7,10 @@ that type gives. As llama-quantize: the metadata is copied (general.file_type an
 general.quantization_version set, at the end), the tensors come in its order, vectors and norms
 are copied as they are, a matrix whose type
 does not change is copied, and a matrix that is quantized already is refused unless requantizing
-is allowed (it is dequantized first: its error adds to the new one's). As Ollama's quantizer: in
+is allowed (it is dequantized first: its error adds to the new one's); with an importance matrix
+(--imatrix: llama-imatrix's file, imatrix.py) its values weigh each matrix's columns in the
+quantizers as ggml's weigh them, and its four quantize.imatrix.* keys are written after those
+two. As Ollama's quantizer: in
 a one-file model (Ollama's layout) the vision tensors (`v.*`, `mm.*`) are copied untouched. A
 vision projector alone (mmproj) is refused: qvl-convert --vision-type q8_0 makes a quantized one.
 """
@@ -18,7 +21,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from ..runtime.gguf_file import GGUFError, GGUFFile
 from ..runtime.modelfile import Creation
 from ..runtime.store import Store
 from .errors import ConvertError
+from .imatrix import ImportanceMatrix, read_imatrix
 from .layout import OutTensor
 from .metadata import KV
 from .pipeline import ConvertOptions, Job, OutputFile, run_counted
@@ -54,10 +58,12 @@ def _vision(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Requantize:
-    """What `chunks` needs: the source file, and which tensors are copied as they are."""
+    """What `chunks` needs: the source file, which tensors are copied as they are, and the
+    importance matrix's values of the tensors it has (by name)."""
 
     source: GGUFFile
     copied: frozenset[str]
+    importance: dict[str, np.ndarray] = field(default_factory=dict)
 
     def chunks(self, p: PlannedTensor, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a planned tensor in its new type (uint8), from the source."""
@@ -69,14 +75,52 @@ class Requantize:
         rows = raw[start:stop]
         if p.tensor.name in self.copied:
             return rows.reshape(-1)
-        return quantize(dequantize(rows, self.source.tensors[p.tensor.name].type), p.qtype).reshape(-1)
+        return quantize(dequantize(rows, self.source.tensors[p.tensor.name].type), p.qtype,
+                        self.importance.get(p.tensor.name)).reshape(-1)
 
 
-def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: bool) -> tuple[Job, Requantize]:
-    """The job of writing `source` in `type_name` to `out`; every refusal before a byte is written."""
+def _importance(imatrix: ImportanceMatrix, tensors: dict[str, OutTensor]) -> dict[str, np.ndarray]:
+    """The matrix's values of the tensors it names, as llama-quantize takes them: a matrix whose
+    row length they do not match is refused (the token embedding, which it reads by rows, aside)."""
+    taken = {}
+    for name, t in tensors.items():
+        v = imatrix.values.get(name)
+        if v is None or not t.is_matrix:
+            continue
+        experts = t.shape[0] if len(t.shape) == 3 else 1
+        if v.size != t.row_length * experts:
+            if name == "token_embd.weight":
+                continue
+            raise ConvertError(f"{imatrix.path}: {v.size} values for '{name}', whose rows are {t.row_length} "
+                               "long: an importance matrix of another model")
+        if experts > 1:
+            raise ConvertError(f"{imatrix.path}: '{name}' has {experts} experts: qvl quantizes none")
+        taken[name] = v
+    if not taken:
+        raise ConvertError(f"{imatrix.path}: no tensor of the model is in it: an importance matrix of another model")
+    return taken
+
+
+def _imatrix_kvs(imatrix: ImportanceMatrix, given: str) -> list[KV]:
+    """llama-quantize's four keys (its kv overrides, in its order; strings cut at 127 bytes)."""
+    kvs = [KV("quantize.imatrix.file", given.encode()[:127].decode("utf-8", "ignore"), V.STRING)]
+    if imatrix.datasets:
+        kvs.append(KV("quantize.imatrix.dataset", imatrix.datasets[0].encode()[:127].decode("utf-8", "ignore"),
+                      V.STRING))
+    kvs.append(KV("quantize.imatrix.entries_count", len(imatrix.values), V.UINT32))
+    if imatrix.chunk_count > 0:
+        kvs.append(KV("quantize.imatrix.chunks_count", imatrix.chunk_count, V.UINT32))
+    return kvs
+
+
+def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: bool,
+                  imatrix: Path | None = None) -> tuple[Job, Requantize]:
+    """The job of writing `source` in `type_name` to `out` (with `imatrix`'s importance matrix,
+    llama-quantize --imatrix's); every refusal before a byte is written."""
     kind = TEXT_TYPES.get(type_name)
     if kind is None:
         raise ConvertError(f"type {type_name!r}: choose one of {', '.join(TEXT_TYPES)}")
+    matrix = read_imatrix(imatrix) if imatrix is not None else None
     try:
         src = GGUFFile(source)
     except GGUFError as e:
@@ -91,7 +135,12 @@ def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: boo
         src.close()
         raise ConvertError(f"{source}: missing metadata key '{arch}.block_count'")
     tensors = {name: OutTensor(name, src.tensors[name].shape, name) for name in sorted(src.tensors, key=_llama_order)}
-    text = plan_text([t for t in tensors.values() if not _vision(t.name)], kind, n_layer)
+    try:
+        importance = _importance(matrix, tensors) if matrix is not None else {}
+    except ConvertError:
+        src.close()
+        raise
+    text = plan_text([t for t in tensors.values() if not _vision(t.name)], kind, n_layer, matrix is not None)
     planned = {p.tensor.name: p for p in text}
     plan, copied = [], set()
     for name, t in tensors.items():
@@ -111,8 +160,11 @@ def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: boo
     kvs = [KV(key, kv.value, kv.type, kv.sub_type) for key, kv in src.fields.items()
            if key not in NOT_COPIED and key not in updated]
     kvs += [KV(key, value, V.UINT32) for key, value in updated.items()]
+    if matrix is not None:
+        imatrix_keys = _imatrix_kvs(matrix, str(imatrix))
+        kvs = [kv for kv in kvs if kv.key not in {k.key for k in imatrix_keys}] + imatrix_keys
     job = Job(source.parent, None, [OutputFile(out, arch, kvs, plan)])
-    return job, Requantize(src, frozenset(copied))
+    return job, Requantize(src, frozenset(copied), importance)
 
 
 def default_quantized_out(source: Path, type_name: str) -> Path:

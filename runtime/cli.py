@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from ..convert import cli as convert_cli
-from . import embed_cli, perplexity_cli, run_cli
+from . import embed_cli, imatrix_cli, perplexity_cli, run_cli
 from .gguf_file import GGUFError, GGUFFile
 from .inspect import human_bytes, inspect_file, model_rows
 
@@ -26,6 +26,7 @@ app.command("convert", help=convert_cli.HELP)(convert_cli.command)
 app.command("quantize", help=convert_cli.QUANTIZE_HELP)(convert_cli.quantize_command)
 app.command("embed", help=embed_cli.HELP)(embed_cli.embed_command)
 app.command("perplexity", help=perplexity_cli.HELP)(perplexity_cli.perplexity_command)
+app.command("imatrix", help=imatrix_cli.HELP)(imatrix_cli.imatrix_command)
 
 
 @app.command("inspect", help="Show a GGUF file's metadata (long arrays summarised) and tensor table.\n\n"

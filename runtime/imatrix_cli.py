@@ -1,0 +1,74 @@
+"""`qvl imatrix MODEL -f TEXT`: an importance matrix of a model over a text (llama-imatrix's file,
+imatrix.py computes it), for `qvl quantize --imatrix` or llama-quantize --imatrix."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+
+HELP = ("An importance matrix of a model over a text, as llama-imatrix computes it: for each weight matrix "
+        "of the decoder, how large each of its input columns runs over the text (the mean of its square). "
+        "qvl quantize --imatrix (or llama-quantize --imatrix) then spends a quantization's precision where "
+        "the inputs are large. Run it on the model at its best precision (F16, BF16 or Q8_0) over text like "
+        "what it will read; the file is llama-imatrix's GGUF, so either tool reads the other's.\n\n"
+        "Example: qvl imatrix qwen2.5-vl-7b-f16.gguf -f calibration.txt -o 7b.imatrix.gguf; "
+        "qvl quantize qwen2.5-vl-7b-f16.gguf q4_k_m --imatrix 7b.imatrix.gguf")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"qvl imatrix: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def imatrix_command(
+    model: str = typer.Argument(..., help="A GGUF file or a stored model's name."),
+    file: Path = typer.Option(..., "-f", "--file", help="The text to run (UTF-8)."),
+    out: Path = typer.Option(Path("imatrix.gguf"), "-o", "--output", help="The importance matrix to write "
+                                                                          "(llama-imatrix's GGUF)."),
+    ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="Tokens a chunk, each read alone (llama-imatrix's -c)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Read only the first N chunks (default: all)."),
+    process_output: bool = typer.Option(False, "--process-output", help="Also output.weight's inputs "
+                                                                        "(llama-imatrix's flag; off by default)."),
+    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even where a GPU is."),
+) -> None:
+    from ..convert.errors import ConvertError
+    from .config import ConfigError
+    from .gguf_file import GGUFError
+    from .imatrix import ImatrixError, collect, write
+    from .loader import load
+    from .model import ModelError
+    from .perplexity import PerplexityError, chunk_count
+    from .store import StoreError
+    from .tokenizer import TokenizerError
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        _fail(f"{file}: not UTF-8 text")
+    except OSError as e:
+        _fail(f"{file}: {e.strerror or e}")
+    if out.is_dir():
+        _fail(f"-o {out}: is a folder")
+    if not out.parent.is_dir():
+        _fail(f"-o {out}: no folder {out.parent}")
+    try:
+        loaded = load(model, device="cpu" if cpu else "auto", plan_ctx=ctx_size)
+        ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
+        n = chunk_count(len(ids), ctx_size, chunks, loaded.cfg.context_length, at_least=1)
+        started = time.perf_counter()
+
+        def each(i: int, total: int) -> None:
+            seconds = time.perf_counter() - started
+            typer.echo(f"[{i + 1}/{total}] {seconds / (i + 1):.2f} s a chunk, ETA "
+                       f"{seconds / (i + 1) * (total - i - 1) / 60:.2f} min", err=True)
+
+        sums = collect(loaded, ids, ctx_size, n, process_output, each)
+        write(out, sums, [str(file)], n, ctx_size)
+    except (GGUFError, ConfigError, TokenizerError, ModelError, StoreError, ConvertError, PerplexityError,
+            ImatrixError, KeyError) as e:
+        _fail(str(e).strip("'\""))
+    typer.echo(f"qvl imatrix: {len(sums.squares)} matrices over {n} chunks of {ctx_size} tokens written to {out}",
+               err=True)
