@@ -89,8 +89,8 @@ def _legacy(path: Path, data: bytes) -> ImportanceMatrix:
         ncall, nval = take("<ii")
         if nval < 1:
             raise ConvertError(f"{path}: '{name}' has {nval} values")
-        v = np.frombuffer(data, np.float32, nval, at).copy()
-        take(f"<{4 * nval}x")
+        take(f"<{4 * nval}x")  # cut short: an error before the values are read
+        v = np.frombuffer(data, np.float32, nval, at - 4 * nval).copy()
         values[name] = (v / np.float32(ncall)).astype(np.float32) if ncall > 0 else v
     chunk_count, datasets = 0, ()
     if at < len(data):

@@ -80,6 +80,21 @@ def test_q4_0_plan():
     assert tied["token_embd.weight"] == T.Q6_K
 
 
+@pytest.mark.parametrize("type_name", list(TEXT_TYPES))
+def test_an_importance_matrix_changes_only_q4_0s_first_ffn_downs(type_name):
+    """llama-quantize with --imatrix: Q4_0's ffn_down on the first n_layer/8 layers takes Q4_1
+    (llama_tensor_get_type's guard); every other type's plan is the same as without one."""
+    cfg = parse_config(official_config("qwen2.5-vl-7b"))  # 28 layers: blk.0-2 (28 // 8 = 3)
+    n = cfg.text.num_hidden_layers
+    plain = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-7b", type_name)}
+    weighted = {p.tensor.name: p.qtype for p in plan_text(text_tensors(cfg), TEXT_TYPES[type_name], n, imatrix=True)}
+    changed = {k: (plain[k], weighted[k]) for k in plain if plain[k] != weighted[k]}
+    if type_name != "q4_0":
+        assert changed == {}
+    else:
+        assert changed == {f"blk.{i}.ffn_down.weight": (T.Q4_0, T.Q4_1) for i in range(n // 8)}
+
+
 def test_tied_embedding_takes_output_type():
     plan = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-3b", "q4_k_m")}
     assert "output.weight" not in plan
