@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from qvl.convert.quant import QuantError, quantize
+from qvl.convert.quant import QuantError, dequantize, quantize
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -54,3 +54,19 @@ def test_an_importance_matrix_of_another_width_is_refused(ggml):
     made, x, _ = ggml
     with pytest.raises(QuantError, match="an importance matrix of 256 values for rows of 512"):
         quantize(x, T.Q4_K, made["imatrix"][0][:256])
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_the_matrix_lowers_the_error_it_weighs(name):
+    """What an importance matrix is for: with inputs whose mean squares are its values (a few
+    columns much larger, as real activations have), the expected squared error of a row's
+    product, sum_j imatrix_j * (w_j - q_j)^2, is lower than without it (measured 0.38-0.62 of it
+    for these types on this draw; a loose 0.8 here)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.02, (64, 512)).astype(np.float32)
+    imatrix = np.exp(rng.normal(0, 2, 512)).astype(np.float32)
+    err = {}
+    for kind, m in (("plain", None), ("weighted", imatrix)):
+        back = dequantize(quantize(w, T[name], m), T[name])
+        err[kind] = float(((back - w) ** 2 * imatrix).sum())
+    assert err["weighted"] < 0.8 * err["plain"], err
