@@ -16,7 +16,6 @@ imatrix.chunk_count, imatrix.chunk_size, and per weight `<name>.in_sum2` (F32 [n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import replacing
 from .model import Model
 
 MIN_ROWS = 16  # llama-imatrix's: smaller products are not counted
@@ -101,25 +101,20 @@ def write(path: Path, sums: Sums, datasets: list[str], chunk_count: int, chunk_s
     """llama-imatrix's GGUF file of the sums: a temporary name beside `path`, renamed when whole."""
     from gguf import GGUFWriter, GGUFValueType
 
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        w = GGUFWriter(part, "imatrix")
-        w.kv_data[0].pop("general.architecture", None)  # llama-imatrix's file has none
-        w.add_key_value("general.type", "imatrix", GGUFValueType.STRING)
-        w.add_key_value("imatrix.datasets", datasets, GGUFValueType.ARRAY, GGUFValueType.STRING)
-        w.add_key_value("imatrix.chunk_count", chunk_count, GGUFValueType.UINT32)
-        w.add_key_value("imatrix.chunk_size", chunk_size, GGUFValueType.UINT32)
-        for name in sorted(sums.squares):
-            w.add_tensor(f"{name}.in_sum2", sums.squares[name].float().numpy())  # [n_in]: one matrix, no experts
-            w.add_tensor(f"{name}.counts", np.array([sums.rows[name]], np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(part, path)
+        with replacing(path) as part:
+            w = GGUFWriter(part, "imatrix")
+            w.kv_data[0].pop("general.architecture", None)  # llama-imatrix's file has none
+            w.add_key_value("general.type", "imatrix", GGUFValueType.STRING)
+            w.add_key_value("imatrix.datasets", datasets, GGUFValueType.ARRAY, GGUFValueType.STRING)
+            w.add_key_value("imatrix.chunk_count", chunk_count, GGUFValueType.UINT32)
+            w.add_key_value("imatrix.chunk_size", chunk_size, GGUFValueType.UINT32)
+            for name in sorted(sums.squares):
+                w.add_tensor(f"{name}.in_sum2", sums.squares[name].float().numpy())  # [n_in]: one matrix
+                w.add_tensor(f"{name}.counts", np.array([sums.rows[name]], np.float32))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
     except OSError as e:
-        part.unlink(missing_ok=True)
         raise ImatrixError(f"{path}: {e.strerror or e}") from None
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise

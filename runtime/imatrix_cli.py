@@ -41,15 +41,11 @@ def imatrix_command(
     from .loader import load
     from .model import ModelError
     from .perplexity import PerplexityError, chunk_count
+    from .perplexity_cli import read_text
     from .store import StoreError
     from .tokenizer import TokenizerError
 
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        _fail(f"{file}: not UTF-8 text")
-    except OSError as e:
-        _fail(f"{file}: {e.strerror or e}")
+    text = read_text(file, _fail)
     if out.is_dir():
         _fail(f"-o {out}: is a folder")
     if not out.parent.is_dir():

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .atomic import replacing
 from .cpu_gemm import gemm_dtype
 from .decoder import KVCache
 from .model import Model
@@ -67,14 +68,8 @@ def save(model: Model, path: Path) -> int:
         return 0
     layers = [[t[:, :n].to("cpu", copy=True) for t in parts(s)] for s in cache.k + cache.v]
     data = {"format": FORMAT, "settings": settings(model), "keys": keys[:n], "hashes": hashes, "layers": layers}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(Path(path)) as part:
+        torch.save(data, part)
     return n
 
 

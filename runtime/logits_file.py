@@ -15,7 +15,6 @@ whole or not at all (a temporary name beside it, renamed at the end).
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from .atomic import replacing
 
 MAGIC = b"_logits_"
 HEADER = len(MAGIC) + 3 * 4
@@ -131,27 +132,22 @@ def writing(path: Path, n_ctx: int, n_vocab: int, tokens: list[int]) -> Iterator
     if want > free:
         raise LogitsFileError(f"{path}: the log-probabilities of {n_chunk} chunks take {want / 2**30:.2f} GiB, "
                               f"{free / 2**30:.2f} GiB free there (fewer --chunks)")
-    part = folder / f".{path.name}.part"
     rows = [0]
     try:
-        with open(part, "wb") as f:
-            f.write(MAGIC + np.array([n_ctx, n_vocab, n_chunk], np.int32).tobytes())
-            f.write(np.asarray(tokens[:n_chunk * n_ctx], np.int32).tobytes())
+        with replacing(path) as part:
+            with open(part, "wb") as f:
+                f.write(MAGIC + np.array([n_ctx, n_vocab, n_chunk], np.int32).tobytes())
+                f.write(np.asarray(tokens[:n_chunk * n_ctx], np.int32).tobytes())
 
-            def add(logits: torch.Tensor) -> None:
-                if logits.shape[1] != n_vocab:
-                    raise LogitsFileError(f"{path}: rows of {logits.shape[1]} logits, the file's vocabulary "
-                                          f"is {n_vocab}")
-                f.write(encode(logits).tobytes())
-                rows[0] += logits.shape[0]
+                def add(logits: torch.Tensor) -> None:
+                    if logits.shape[1] != n_vocab:
+                        raise LogitsFileError(f"{path}: rows of {logits.shape[1]} logits, the file's vocabulary "
+                                              f"is {n_vocab}")
+                    f.write(encode(logits).tobytes())
+                    rows[0] += logits.shape[0]
 
-            yield add
-        if rows[0] != n_chunk * scored(n_ctx):
-            raise LogitsFileError(f"{path}: {rows[0]} rows written of {n_chunk * scored(n_ctx)}")
-        os.replace(part, path)
+                yield add
+            if rows[0] != n_chunk * scored(n_ctx):
+                raise LogitsFileError(f"{path}: {rows[0]} rows written of {n_chunk * scored(n_ctx)}")
     except OSError as e:
-        part.unlink(missing_ok=True)
         raise LogitsFileError(f"{path}: {e.strerror or e}") from None
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 import typer
 
@@ -55,14 +55,18 @@ def _lines(s: dict) -> list[str]:
     return out
 
 
-def _text_ids(file: Path, tokenizer) -> list[int]:
+def read_text(file: Path, fail: Callable[[str], NoReturn]) -> str:
+    """A UTF-8 text file's text; `fail(one line)` where it cannot be read (qvl perplexity's, imatrix's)."""
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        _fail(f"{file}: not UTF-8 text")
+        fail(f"{file}: not UTF-8 text")
     except OSError as e:
-        _fail(f"{file}: {e.strerror or e}")
-    return tokenizer.encode(text, add_special_tokens=False).ids
+        fail(f"{file}: {e.strerror or e}")
+
+
+def _text_ids(file: Path, tokenizer) -> list[int]:
+    return tokenizer.encode(read_text(file, _fail), add_special_tokens=False).ids
 
 
 def perplexity_command(
