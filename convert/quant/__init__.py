@@ -2,8 +2,9 @@
 
 `quantize(rows, qtype)` turns float32 rows into the bytes ggml's reference quantizer writes
 (`quantize_row_*_ref`); `quantize(rows, qtype, imatrix)` into those ggml writes with an
-importance matrix (`quantize_row_*_impl`, as llama-quantize --imatrix calls them). Block sizes and bytes come from gguf-py's
-`GGML_QUANT_SIZES`, the single source of truth; `dequantize` is gguf-py's.
+importance matrix (`quantize_row_*_impl`, as llama-quantize --imatrix calls them). Block sizes
+and bytes come from gguf-py's `GGML_QUANT_SIZES`, the single source of truth; `dequantize` is
+gguf-py's.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ def quantize(rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray 
         return rows.astype(FLOAT_TYPES[qtype]).view(np.uint8).reshape(n_rows, -1)
     if qtype == T.BF16:
         return to_bf16(rows)
-    if qtype not in BLOCK_QUANTIZERS or imatrix is not None and qtype not in K_WEIGHTED | ROW_WEIGHTED | {T.Q8_0: 0}:
-        raise QuantError(f"qvl has no quantizer for {qtype.name}" + (" with an importance matrix" * (imatrix is not None)))
+    if qtype not in BLOCK_QUANTIZERS:  # every one of them takes an importance matrix (or, Q8_0, ignores it)
+        raise QuantError(f"qvl has no quantizer for {qtype.name}")
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         if imatrix.shape != (n_per_row,):
