@@ -126,6 +126,8 @@ def writing(path: Path, n_ctx: int, n_vocab: int, tokens: list[int]) -> Iterator
     n_chunk = len(tokens) // n_ctx
     want = file_bytes(n_ctx, n_vocab, n_chunk)
     folder = path.resolve().parent
+    if path.is_dir():
+        raise LogitsFileError(f"{path}: is a folder")
     if not folder.is_dir():
         raise LogitsFileError(f"{path}: no folder {folder}")
     free = shutil.disk_usage(folder).free

@@ -102,6 +102,9 @@ def test_a_run_cut_short_leaves_nothing(tmp_path):
     with pytest.raises(LogitsFileError, match="no folder"):
         with writing(tmp_path / "none" / "base.kld", 10, 5, list(range(10))):
             pass
+    with pytest.raises(LogitsFileError, match="is a folder"):
+        with writing(tmp_path, 10, 5, list(range(10))):
+            pass
 
 
 def test_files_that_are_not_whole_are_refused(tmp_path):
