@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -164,12 +164,20 @@ def quantize_command(
                                           "quantized already (dequantized first: the errors add up)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix's file, "
                                            "GGUF or .dat) weighing the quantizers, as llama-quantize's."),
+    pure: bool = typer.Option(False, "--pure", help="No mix: every matrix in TYPE's own type (llama-quantize's)."),
+    leave_output: bool = typer.Option(False, "--leave-output-tensor", help="Copy output.weight as it is."),
+    output_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="output.weight's type (e.g. q8_0)."),
+    embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="token_embd.weight's type."),
+    tensor_types: Optional[List[str]] = typer.Option(None, "--tensor-type", help="NAME=TYPE: tensors whose name "
+                                                     "NAME (a regex) is found in take TYPE (repeatable; the first "
+                                                     "that matches wins), e.g. attn_v=q8_0."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every tensor's type and size; write nothing."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
     threads: Optional[int] = typer.Option(None, "-t", "--threads", help="Quantizing threads (default: the CPU "
                                           "count, at most 4).", show_default=False),
 ) -> None:
+    from .plan import Overrides, ggml_type, tensor_type
     from .requantize import default_quantized_out, plan_quantize
 
     def fail(message: str) -> None:
@@ -185,7 +193,10 @@ def quantize_command(
     if out.resolve() == model.resolve():
         fail(f"{out}: the output would overwrite MODEL")
     try:
-        job, source = plan_quantize(model, out, kind, allow_requantize, imatrix)
+        overrides = Overrides(pure, ggml_type(output_type) if output_type else None,
+                              ggml_type(embedding_type) if embedding_type else None,
+                              tuple(tensor_type(o) for o in tensor_types or ()))
+        job, source = plan_quantize(model, out, kind, allow_requantize, imatrix, overrides, leave_output)
         try:
             if dry_run:
                 print_plan(job)

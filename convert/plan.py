@@ -14,6 +14,7 @@ quantized and a row that Q8_0 cannot hold (Qwen2.5-VL's 3420-wide ffn_down) stay
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType as T
@@ -86,46 +87,105 @@ def keeps_float(t: OutTensor) -> bool:
     return not t.is_matrix or t.name.endswith("_norm.weight") or not t.name.endswith(".weight")
 
 
-def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int, imatrix: bool = False) -> list[PlannedTensor]:
+@dataclass(frozen=True)
+class Overrides:
+    """llama-quantize's per-tensor choices: `pure` (no mix: every matrix the type's default),
+    `output` / `token_embd` (--output-tensor-type / --token-embedding-type: that type as it is,
+    no fallback), `patterns` (--tensor-type NAME=TYPE: the first pattern found in a tensor's name,
+    as a regex search, gives its type instead of the mix; a fallback still applies)."""
+
+    pure: bool = False
+    output: T | None = None
+    token_embd: T | None = None
+    patterns: tuple[tuple[str, T], ...] = ()
+
+
+FLOAT_DEFAULTS = (T.F32, T.F16, T.BF16)
+WRITABLE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+
+
+def ggml_type(name: str) -> T:
+    """A ggml type by its name, any case (llama-quantize's parse_ggml_type), among those qvl writes."""
+    for t in WRITABLE:
+        if t.name.lower() == name.lower():
+            return t
+    raise ConvertError(f"type {name!r}: qvl writes {', '.join(t.name.lower() for t in WRITABLE)}")
+
+
+def tensor_type(option: str) -> tuple[str, T]:
+    """--tensor-type NAME=TYPE as llama-quantize reads it: the name lower-cased, a regex."""
+    name, sep, type_name = option.partition("=")
+    if not sep or not name or not type_name:
+        raise ConvertError(f"--tensor-type {option!r}: NAME=TYPE (e.g. attn_v=q8_0)")
+    try:
+        re.compile(name.lower())
+    except re.error as e:
+        raise ConvertError(f"--tensor-type {option!r}: {name!r} is not a regular expression ({e})") from None
+    return name.lower(), ggml_type(type_name)
+
+
+def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int, imatrix: bool = False,
+              overrides: Overrides = Overrides()) -> list[PlannedTensor]:
     """Port of llama_tensor_get_type for the file types qvl writes (tensors in file order); with
-    an importance matrix Q4_0's first eighth of ffn_down takes Q4_1, as llama.cpp's does."""
+    an importance matrix Q4_0's first eighth of ffn_down takes Q4_1, as llama.cpp's does. The
+    mix's counters move only where the mix is consulted (not for a tensor a pattern names)."""
     tied = not any(t.name == "output.weight" for t in tensors)
     n_attn_v = sum(1 for t in tensors if "attn_v.weight" in t.name)
-    i_attn_v = 0
-    i_ffn_down = 0
+    counters = {"attn_v": 0, "ffn_down": 0}
     plan = []
     for t in tensors:
         if keeps_float(t):
             plan.append(PlannedTensor(t, T.F32))
             continue
+        if overrides.token_embd is not None and t.name == "token_embd.weight":
+            plan.append(PlannedTensor(t, overrides.token_embd))
+            continue
+        if overrides.output is not None and t.name == "output.weight":
+            plan.append(PlannedTensor(t, overrides.output))
+            continue
         qtype = kind.default
-        if not kind.mixed:
-            if not can_hold(qtype, t.row_length):
-                qtype = T.F16  # convert_hf_to_gguf.py's QuantError fallback
+        if qtype in FLOAT_DEFAULTS:
             plan.append(PlannedTensor(t, qtype))
             continue
-        ft = kind.file_type
-        if t.name == "output.weight" or (tied and t.name == "token_embd.weight"):
-            if t.row_length % block_size(qtype):
-                qtype = T.Q8_0
-            elif qtype != T.Q8_0:
-                qtype = T.Q6_K
-        elif "attn_v.weight" in t.name:
-            if ft in _MORE_BITS and _use_more_bits(i_attn_v, n_attn_v):
-                qtype = T.Q6_K
-            elif ft == FT.MOSTLY_Q4_K_S and i_attn_v < 4:
-                qtype = T.Q5_K
-            i_attn_v += 1
-        elif "ffn_down" in t.name:
-            if ft in _MORE_BITS and _use_more_bits(i_ffn_down, n_layer):
-                qtype = T.Q6_K
-            elif ft == FT.MOSTLY_Q4_K_S and i_ffn_down < n_layer // 8:
-                qtype = T.Q5_K
-            elif ft == FT.MOSTLY_Q4_0 and imatrix and i_ffn_down < n_layer // 8:
-                qtype = T.Q4_1
-            i_ffn_down += 1
+        manual = next((q for pattern, q in overrides.patterns if re.search(pattern, t.name)), None)
+        if manual is not None:
+            qtype = manual
+        elif kind.mixed and not overrides.pure:
+            qtype = _mixed(t, qtype, kind.file_type, tied, n_attn_v, n_layer, imatrix, overrides, counters)
+        elif not kind.mixed and not overrides.pure and overrides.output is not None and tied \
+                and t.name == "token_embd.weight":
+            qtype = overrides.output  # the tied embedding takes the output's type (Q8_0's mix is its default)
         plan.append(PlannedTensor(t, fallback(qtype, t.row_length)))
     return plan
+
+
+def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, n_attn_v: int, n_layer: int, imatrix: bool,
+           overrides: Overrides, counters: dict[str, int]) -> T:
+    """llama_tensor_get_type_impl for qvl's file types: the output (or tied embedding), attn_v and
+    ffn_down take more bits where llama.cpp gives them more."""
+    if t.name == "output.weight" or (tied and t.name == "token_embd.weight"):
+        if overrides.output is not None:
+            return overrides.output
+        if t.row_length % block_size(qtype):
+            return T.Q8_0
+        return T.Q6_K if qtype != T.Q8_0 else qtype
+    if "attn_v.weight" in t.name:
+        i = counters["attn_v"]
+        counters["attn_v"] += 1
+        if ft in _MORE_BITS and _use_more_bits(i, n_attn_v):
+            return T.Q6_K
+        if ft == FT.MOSTLY_Q4_K_S and i < 4:
+            return T.Q5_K
+    elif "ffn_down" in t.name:
+        i = counters["ffn_down"]
+        counters["ffn_down"] += 1
+        if ft in _MORE_BITS and _use_more_bits(i, n_layer):
+            return T.Q6_K
+        if ft == FT.MOSTLY_Q4_K_S and i < n_layer // 8:
+            return T.Q5_K
+        if ft == FT.MOSTLY_Q4_0 and imatrix and i < n_layer // 8:
+            return T.Q4_1
+    return qtype
 
 
 def plan_vision(tensors: list[OutTensor], vision_type: str) -> list[PlannedTensor]:

@@ -36,8 +36,8 @@ from .imatrix import ImportanceMatrix, read_imatrix
 from .layout import OutTensor
 from .metadata import KV
 from .pipeline import ConvertOptions, Job, OutputFile, run_counted
-from .plan import TEXT_TYPES, PlannedTensor, keeps_float, plan_text
-from .quant import dequantize, quantize
+from .plan import TEXT_TYPES, Overrides, PlannedTensor, keeps_float, plan_text
+from .quant import block_size, can_hold, dequantize, quantize
 
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 FLOATS = (T.F32, T.F16, T.BF16)
@@ -114,9 +114,11 @@ def _imatrix_kvs(imatrix: ImportanceMatrix, given: str) -> list[KV]:
 
 
 def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: bool,
-                  imatrix: Path | None = None) -> tuple[Job, Requantize]:
+                  imatrix: Path | None = None, overrides: Overrides = Overrides(),
+                  leave_output: bool = False) -> tuple[Job, Requantize]:
     """The job of writing `source` in `type_name` to `out` (with `imatrix`'s importance matrix,
-    llama-quantize --imatrix's); every refusal before a byte is written."""
+    llama-quantize --imatrix's; its per-tensor `overrides`; `leave_output`: output.weight copied
+    as it is, --leave-output-tensor); every refusal before a byte is written."""
     kind = TEXT_TYPES.get(type_name)
     if kind is None:
         raise ConvertError(f"type {type_name!r}: choose one of {', '.join(TEXT_TYPES)}")
@@ -140,16 +142,21 @@ def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: boo
     except ConvertError:
         src.close()
         raise
-    text = plan_text([t for t in tensors.values() if not _vision(t.name)], kind, n_layer, matrix is not None)
+    text = plan_text([t for t in tensors.values() if not _vision(t.name)], kind, n_layer, matrix is not None,
+                     overrides)
     planned = {p.tensor.name: p for p in text}
     plan, copied = [], set()
     for name, t in tensors.items():
         have = src.tensors[name].type
         p = planned.get(name)
-        if p is None or p.qtype == have or keeps_float(t):  # vision, unchanged, or a vector / norm: as it is
-            plan.append(PlannedTensor(t, have))
+        if p is None or p.qtype == have or keeps_float(t) or leave_output and name == "output.weight":
+            plan.append(PlannedTensor(t, have))  # vision, unchanged, a vector / norm, or left: as it is
             copied.add(name)
             continue
+        if not can_hold(p.qtype, t.row_length):  # a type given for it by name, which takes no fallback
+            src.close()
+            raise ConvertError(f"tensor '{name}': rows of {t.row_length} do not fill {p.qtype.name}'s blocks of "
+                               f"{block_size(p.qtype)}")
         if have not in FLOATS and not allow_requantize:
             src.close()
             raise ConvertError(f"{source}: tensor '{name}' is {have.name} already; quantizing starts from f16, "

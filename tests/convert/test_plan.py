@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as T
 from qvl.convert.hf_config import parse_config
 from qvl.convert.layout import OutTensor, mmproj_tensors, text_tensors
 from qvl.convert.official import MODELS, official_config
-from qvl.convert.plan import TEXT_TYPES, fallback, plan_text, plan_vision
+from qvl.convert.plan import TEXT_TYPES, Overrides, fallback, plan_text, plan_vision
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,32 @@ def test_an_importance_matrix_changes_only_q4_0s_first_ffn_downs(type_name):
         assert changed == {}
     else:
         assert changed == {f"blk.{i}.ffn_down.weight": (T.Q4_0, T.Q4_1) for i in range(n // 8)}
+
+
+def _with(model: str, type_name: str, overrides: Overrides) -> dict[str, T]:
+    cfg = parse_config(official_config(model))
+    return {p.tensor.name: p.qtype for p in plan_text(text_tensors(cfg), TEXT_TYPES[type_name],
+                                                      cfg.text.num_hidden_layers, overrides=overrides)}
+
+
+def test_llama_quantizes_overrides():
+    """--pure: every matrix the default (norms F32); --output-tensor-type / --token-embedding-type:
+    that type; --tensor-type: the first pattern found wins, and the mix's counters skip the
+    tensors it names (llama-quantize's; byte-checked against it in docs/benchmarks.md)."""
+    pure = _with("qwen2.5-vl-7b", "q4_k_m", Overrides(pure=True))
+    assert {q for n, q in pure.items() if not n.endswith("norm.weight") and n.endswith(".weight")} == {T.Q4_K}
+    typed = _with("qwen2.5-vl-7b", "q4_k_m", Overrides(output=T.Q8_0, token_embd=T.Q5_K))
+    assert typed["output.weight"] == T.Q8_0 and typed["token_embd.weight"] == T.Q5_K
+    plain = _with("qwen2.5-vl-7b", "q4_k_m", Overrides())
+    assert plain["blk.5.ffn_down.weight"] == T.Q6_K and plain["blk.6.ffn_down.weight"] == T.Q4_K
+    named = _with("qwen2.5-vl-7b", "q4_k_m", Overrides(patterns=((r"blk\.0\.ffn_down", T.Q8_0), ("ffn", T.Q5_K))))
+    assert named["blk.0.ffn_down.weight"] == T.Q8_0 and named["blk.3.ffn_up.weight"] == T.Q5_K
+    assert named["blk.5.ffn_down.weight"] == T.Q5_K  # every ffn_down named: the mix never runs for them
+    one = _with("qwen2.5-vl-7b", "q4_k_m", Overrides(patterns=((r"blk\.0\.ffn_down", T.Q8_0),)))
+    assert one["blk.5.ffn_down.weight"] == T.Q4_K and one["blk.6.ffn_down.weight"] == T.Q6_K  # counted from blk.1
+    tied = _with("qwen2.5-vl-3b", "q8_0", Overrides(output=T.Q6_K))  # Q8_0's mix: a tied embedding takes it
+    assert tied["token_embd.weight"] == T.Q6_K and tied["blk.0.attn_q.weight"] == T.Q8_0
+    assert _with("qwen2.5-vl-3b", "f16", Overrides(patterns=(("attn", T.Q8_0),)))["blk.0.attn_q.weight"] == T.F16
 
 
 def test_tied_embedding_takes_output_type():

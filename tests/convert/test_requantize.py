@@ -166,3 +166,43 @@ def test_llama_quantizes_layout(fixtures_dir, tmp_path):
         assert names[:2] == ["output_norm.weight", "token_embd.weight"] and blocks == sorted(blocks)
         assert all(a < b for a, b, x, y in zip(names, names[1:], blocks, blocks[1:]) if x == y)
         assert out.get("general.file_type") == 15 and out.get("general.size_label") == src.get("general.size_label")
+
+
+def test_llama_quantizes_per_tensor_options(sources, tmp_path):
+    _, folder = sources
+    model = folder / "m-bf16.gguf"
+    r = quantize(str(model), "q4_k_m", "-o", str(tmp_path / "a.gguf"), "--output-tensor-type", "Q8_0",
+                 "--token-embedding-type", "q6_k", "--tensor-type", "attn_v=q5_k", "--tensor-type", "ATTN=q8_0")
+    assert r.exit_code == 0, r.output
+    with GGUFFile(tmp_path / "a.gguf") as a, GGUFFile(model) as src:
+        assert a.tensors["output.weight"].type == T.Q8_0 and a.tensors["token_embd.weight"].type == T.Q6_K
+        assert a.tensors["blk.2.attn_v.weight"].type == T.Q5_K and a.tensors["blk.0.attn_q.weight"].type == T.Q8_0
+        assert a.tensors["blk.2.ffn_down.weight"].type == T.Q6_K  # the mix, where no pattern names it
+    r = quantize(str(model), "q4_k_m", "-o", str(tmp_path / "b.gguf"), "--leave-output-tensor", "--pure")
+    assert r.exit_code == 0, r.output
+    with GGUFFile(tmp_path / "b.gguf") as b, GGUFFile(model) as src:
+        assert b.tensors["output.weight"].type == T.BF16
+        assert (b.raw("output.weight") == src.raw("output.weight")).all()  # copied as it is
+        assert b.tensors["blk.0.ffn_down.weight"].type == T.Q4_K and b.tensors["token_embd.weight"].type == T.Q4_K
+    for args, expect in (
+        (["--output-tensor-type", "q3_k"], "type 'q3_k': qvl writes f32, f16, bf16, q8_0"),
+        (["--tensor-type", "attn_v"], "--tensor-type 'attn_v': NAME=TYPE"),
+        (["--tensor-type", "attn_v="], "NAME=TYPE"),
+        (["--tensor-type", "(attn=q8_0"], "is not a regular expression"),
+        (["--token-embedding-type", "q4_0", "--tensor-type", "ffn_down=q4_k"], None),
+    ):
+        r = quantize(str(model), "q4_k_m", "-o", str(tmp_path / "c.gguf"), *args)
+        if expect is None:
+            assert r.exit_code == 0, r.output
+            (tmp_path / "c.gguf").unlink()
+            continue
+        assert r.exit_code == 2 and expect in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "c.gguf").exists()
+
+
+def test_a_named_type_that_cannot_hold_the_rows_is_refused(fixtures_dir, tmp_path):
+    """llama-quantize aborts (no fallback for a type given by name); here one line, nothing written."""
+    model = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"  # 64-wide rows
+    r = quantize(str(model), "q4_k_m", "-o", str(tmp_path / "x.gguf"), "--token-embedding-type", "q4_k")
+    assert r.exit_code == 2 and "tensor 'token_embd.weight': rows of 64 do not fill Q4_K's blocks of 256" in r.output
+    assert list(tmp_path.iterdir()) == []
