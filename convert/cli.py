@@ -171,6 +171,14 @@ def quantize_command(
     tensor_types: Optional[List[str]] = typer.Option(None, "--tensor-type", help="NAME=TYPE: tensors whose name "
                                                      "NAME (a regex) is found in take TYPE (repeatable; the first "
                                                      "that matches wins), e.g. attn_v=q8_0."),
+    tensor_type_file: Optional[Path] = typer.Option(None, "--tensor-type-file", help="A file of NAME=TYPE entries "
+                                                    "(separated by spaces or lines), after any --tensor-type."),
+    include_weights: Optional[List[str]] = typer.Option(None, "--include-weights", help="Use the importance matrix "
+                                                        "only for tensors whose name holds this (repeatable)."),
+    exclude_weights: Optional[List[str]] = typer.Option(None, "--exclude-weights", help="Do not use it for tensors "
+                                                        "whose name holds this (repeatable)."),
+    override_kv: Optional[List[str]] = typer.Option(None, "--override-kv", help="KEY=TYPE:VALUE written into the "
+                                                    "file (TYPE int, float, bool or str; repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every tensor's type and size; write nothing."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
@@ -178,7 +186,7 @@ def quantize_command(
                                           "count, at most 4).", show_default=False),
 ) -> None:
     from .plan import Overrides, ggml_type, tensor_type
-    from .requantize import default_quantized_out, plan_quantize
+    from .requantize import QuantizeOptions, default_quantized_out, kv_override, plan_quantize
 
     def fail(message: str) -> None:
         err.print(f"qvl quantize: error: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -193,10 +201,19 @@ def quantize_command(
     if out.resolve() == model.resolve():
         fail(f"{out}: the output would overwrite MODEL")
     try:
+        patterns = list(tensor_types or ())
+        if tensor_type_file is not None:
+            try:
+                patterns += tensor_type_file.read_text(encoding="utf-8").split()
+            except (OSError, UnicodeDecodeError) as e:
+                fail(f"--tensor-type-file {tensor_type_file}: {getattr(e, 'strerror', None) or e}")
         overrides = Overrides(pure, ggml_type(output_type) if output_type else None,
                               ggml_type(embedding_type) if embedding_type else None,
-                              tuple(tensor_type(o) for o in tensor_types or ()))
-        job, source = plan_quantize(model, out, kind, allow_requantize, imatrix, overrides, leave_output)
+                              tuple(tensor_type(o) for o in patterns))
+        options = QuantizeOptions(allow_requantize, imatrix, tuple(include_weights or ()),
+                                  tuple(exclude_weights or ()), overrides, leave_output,
+                                  tuple(kv_override(o) for o in override_kv or ()))
+        job, source = plan_quantize(model, out, kind, options)
         try:
             if dry_run:
                 print_plan(job)

@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from .imatrix import ImportanceMatrix, read_imatrix
 from .layout import OutTensor
 from .metadata import KV
 from .pipeline import ConvertOptions, Job, OutputFile, run_counted
-from .plan import TEXT_TYPES, Overrides, PlannedTensor, keeps_float, plan_text
+from .plan import TEXT_TYPES, Overrides, PlannedTensor, TextType, keeps_float, plan_text
 from .quant import block_size, can_hold, dequantize, quantize
 
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
@@ -113,65 +113,116 @@ def _imatrix_kvs(imatrix: ImportanceMatrix, given: str) -> list[KV]:
     return kvs
 
 
-def plan_quantize(source: Path, out: Path, type_name: str, allow_requantize: bool,
-                  imatrix: Path | None = None, overrides: Overrides = Overrides(),
-                  leave_output: bool = False) -> tuple[Job, Requantize]:
-    """The job of writing `source` in `type_name` to `out` (with `imatrix`'s importance matrix,
-    llama-quantize --imatrix's; its per-tensor `overrides`; `leave_output`: output.weight copied
-    as it is, --leave-output-tensor); every refusal before a byte is written."""
+def kv_override(option: str) -> KV:
+    """--override-kv KEY=TYPE:VALUE as llama-quantize reads it (TYPE int, float, bool or str; an int
+    is written as its magnitude, a uint32, as llama-quantize writes it)."""
+    key, sep, rest = option.partition("=")
+    kind, colon, value = rest.partition(":")
+    if not sep or not key or len(key) >= 128 or not colon:
+        raise ConvertError(f"--override-kv {option!r}: KEY=TYPE:VALUE (TYPE int, float, bool or str)")
+    try:
+        if kind == "int":
+            return KV(key, abs(int(value)) & 0xFFFFFFFF, V.UINT32)
+        if kind == "float":
+            return KV(key, float(value), V.FLOAT32)
+    except ValueError:
+        raise ConvertError(f"--override-kv {option!r}: {value!r} is not a {kind}") from None
+    if kind == "bool" and value in ("true", "false"):
+        return KV(key, value == "true", V.BOOL)
+    if kind == "str" and len(value) <= 127:
+        return KV(key, value, V.STRING)
+    raise ConvertError(f"--override-kv {option!r}: " + ("a bool is true or false" if kind == "bool" else
+                       "a str is at most 127 characters" if kind == "str" else "TYPE is int, float, bool or str"))
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """llama-quantize's options beside the type: requantizing, an importance matrix (and the
+    substrings of the names whose entries it keeps or drops: --include-weights /
+    --exclude-weights), the per-tensor choices, output.weight left as it is, and keys set."""
+
+    allow_requantize: bool = False
+    imatrix: Path | None = None
+    include_weights: tuple[str, ...] = ()
+    exclude_weights: tuple[str, ...] = ()
+    overrides: Overrides = Overrides()
+    leave_output: bool = False
+    kv: tuple[KV, ...] = ()
+
+
+def _matrix(o: QuantizeOptions) -> ImportanceMatrix | None:
+    """The importance matrix with llama-quantize's filters applied (entries whose name holds an
+    excluded string dropped, then only those holding an included one kept); None if none is left."""
+    if o.imatrix is None:
+        return None
+    m = read_imatrix(o.imatrix)
+    kept = {k: v for k, v in m.values.items() if not any(x in k for x in o.exclude_weights)}
+    if o.include_weights:
+        kept = {k: v for k, v in kept.items() if any(x in k for x in o.include_weights)}
+    return replace(m, values=kept) if kept else None
+
+
+def plan_quantize(source: Path, out: Path, type_name: str,
+                  options: QuantizeOptions = QuantizeOptions()) -> tuple[Job, Requantize]:
+    """The job of writing `source` in `type_name` to `out` with llama-quantize's `options`;
+    every refusal before a byte is written."""
     kind = TEXT_TYPES.get(type_name)
     if kind is None:
         raise ConvertError(f"type {type_name!r}: choose one of {', '.join(TEXT_TYPES)}")
-    matrix = read_imatrix(imatrix) if imatrix is not None else None
+    matrix = _matrix(options)
     try:
         src = GGUFFile(source)
     except GGUFError as e:
         raise ConvertError(str(e)) from None
+    try:
+        job, copied, importance = _plan(src, source, out, kind, options, matrix)
+    except ConvertError:
+        src.close()
+        raise
+    return job, Requantize(src, frozenset(copied), importance)
+
+
+def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOptions,
+          matrix: ImportanceMatrix | None) -> tuple[Job, set[str], dict[str, np.ndarray]]:
     arch = src.architecture
     if arch == "clip" or arch is None:
-        src.close()
         raise ConvertError(f"{source}: {'a vision projector (mmproj)' if arch else 'no general.architecture'}; "
                            "qvl quantize takes a text model (qvl-convert --vision-type q8_0 quantizes a projector)")
     n_layer = src.get(f"{arch}.block_count")
     if not isinstance(n_layer, int):
-        src.close()
         raise ConvertError(f"{source}: missing metadata key '{arch}.block_count'")
     tensors = {name: OutTensor(name, src.tensors[name].shape, name) for name in sorted(src.tensors, key=_llama_order)}
-    try:
-        importance = _importance(matrix, tensors) if matrix is not None else {}
-    except ConvertError:
-        src.close()
-        raise
+    importance = _importance(matrix, tensors) if matrix is not None else {}
     text = plan_text([t for t in tensors.values() if not _vision(t.name)], kind, n_layer, matrix is not None,
-                     overrides)
+                     o.overrides)
     planned = {p.tensor.name: p for p in text}
     plan, copied = [], set()
     for name, t in tensors.items():
         have = src.tensors[name].type
         p = planned.get(name)
-        if p is None or p.qtype == have or keeps_float(t) or leave_output and name == "output.weight":
+        if p is None or p.qtype == have or keeps_float(t) or o.leave_output and name == "output.weight":
             plan.append(PlannedTensor(t, have))  # vision, unchanged, a vector / norm, or left: as it is
             copied.add(name)
             continue
         if not can_hold(p.qtype, t.row_length):  # a type given for it by name, which takes no fallback
-            src.close()
             raise ConvertError(f"tensor '{name}': rows of {t.row_length} do not fill {p.qtype.name}'s blocks of "
                                f"{block_size(p.qtype)}")
-        if have not in FLOATS and not allow_requantize:
-            src.close()
+        if have not in FLOATS and not o.allow_requantize:
             raise ConvertError(f"{source}: tensor '{name}' is {have.name} already; quantizing starts from f16, "
                                "bf16 or f32 (qvl quantize --allow-requantize adds a second quantization's error)")
         plan.append(p)
-    # llama-quantize's order: the source's keys in place, then these two (gguf_set_val moves a key it sets to the end)
-    updated = {"general.quantization_version": QUANTIZATION_VERSION, "general.file_type": int(kind.file_type)}
-    kvs = [KV(key, kv.value, kv.type, kv.sub_type) for key, kv in src.fields.items()
-           if key not in NOT_COPIED and key not in updated]
-    kvs += [KV(key, value, V.UINT32) for key, value in updated.items()]
+    # llama-quantize's order: the source's keys in place, then these two, then its kv overrides (the
+    # user's, then the importance matrix's): gguf_set_val moves a key it sets to the end
+    updated = [KV("general.quantization_version", QUANTIZATION_VERSION, V.UINT32),
+               KV("general.file_type", int(kind.file_type), V.UINT32), *o.kv]
     if matrix is not None:
-        imatrix_keys = _imatrix_kvs(matrix, str(imatrix))
-        kvs = [kv for kv in kvs if kv.key not in {k.key for k in imatrix_keys}] + imatrix_keys
-    job = Job(source.parent, None, [OutputFile(out, arch, kvs, plan)])
-    return job, Requantize(src, frozenset(copied), importance)
+        updated += _imatrix_kvs(matrix, str(o.imatrix))
+    last = {kv.key: kv for kv in updated}  # a key set twice: its last value, at its last place
+    ordered = [kv for i, kv in enumerate(updated) if all(u.key != kv.key for u in updated[i + 1:])]
+    kvs = [KV(key, kv.value, kv.type, kv.sub_type) for key, kv in src.fields.items()
+           if key not in NOT_COPIED and key not in last]
+    job = Job(source.parent, None, [OutputFile(out, arch, kvs + ordered, plan)])
+    return job, copied, importance
 
 
 def default_quantized_out(source: Path, type_name: str) -> Path:
@@ -202,7 +253,7 @@ class Quantization:
         self.out = Path(tmp)
         self.out.unlink()  # run_job writes <out>.partial, then renames it to `out`
         self.creation = job
-        self.job, self.source = plan_quantize(job.model, self.out, type_name(kind), allow_requantize=False)
+        self.job, self.source = plan_quantize(job.model, self.out, type_name(kind))
         self.total = self.job.nbytes
         self.source_type = _mostly(self.source.source)
 

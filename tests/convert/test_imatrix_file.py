@@ -101,3 +101,50 @@ def test_quantize_refuses_another_models_matrix(tmp_path, fixtures_dir):
         r = CliRunner().invoke(app, ["quantize", str(model), "q4_k_m", "-o", str(out), "--imatrix", str(matrix)])
         assert r.exit_code == 2 and expect in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert not out.exists() and not any(p.name.startswith("out.gguf") for p in tmp_path.iterdir())
+
+
+def test_include_and_exclude_weights(tmp_path, fixtures_dir):
+    """llama-quantize's filters: entries whose name holds an excluded string dropped, then only those
+    holding an included one kept (the entries count says how many); none left: no matrix at all."""
+    from qvl.runtime.gguf_file import GGUFFile
+
+    model = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"  # 3 layers, 64-wide
+    matrix = tmp_path / "m.gguf"
+    rng = np.random.default_rng(1)
+    _gguf(matrix, {f"blk.{i}.{n}.weight": (np.exp(rng.normal(0, 2, 320 if n == "ffn_down" else 64)), [1.0])
+                   for i in range(3) for n in ("attn_q", "attn_v", "ffn_up", "ffn_down")})
+    runs = {"plain": [], "all": ["--imatrix", str(matrix)],
+            "ffn": ["--imatrix", str(matrix), "--include-weights", "ffn"],
+            "no_v": ["--imatrix", str(matrix), "--exclude-weights", "attn_v", "--exclude-weights", "blk.2"],
+            "none": ["--imatrix", str(matrix), "--include-weights", "nothing"]}
+    files = {}
+    for name, args in runs.items():
+        files[name] = tmp_path / f"{name}.gguf"
+        r = CliRunner().invoke(app, ["quantize", str(model), "q4_0", "-o", str(files[name]), "-q", *args])
+        assert r.exit_code == 0, r.output
+    g = {name: GGUFFile(path) for name, path in files.items()}
+    assert [g[n].get("quantize.imatrix.entries_count") for n in runs] == [None, 12, 6, 6, None]
+
+    def same(a: str, b: str, tensor: str) -> bool:
+        return bool((g[a].raw(tensor) == g[b].raw(tensor)).all())
+
+    assert not same("all", "plain", "blk.0.attn_q.weight") and not same("all", "plain", "blk.0.ffn_up.weight")
+    assert same("ffn", "plain", "blk.0.attn_q.weight") and same("ffn", "all", "blk.0.ffn_up.weight")
+    assert same("no_v", "plain", "blk.0.attn_v.weight") and same("no_v", "plain", "blk.2.ffn_up.weight")
+    assert same("no_v", "all", "blk.1.attn_q.weight")
+    assert files["none"].read_bytes() == files["plain"].read_bytes()
+
+
+def test_override_kv():
+    from gguf import GGUFValueType as V
+
+    from qvl.convert.requantize import kv_override
+
+    assert (kv_override("general.name=str:mine").value, kv_override("general.name=str:mine").vtype) == ("mine", V.STRING)
+    assert (kv_override("a.b=int:-7").value, kv_override("a.b=int:-7").vtype) == (7, V.UINT32)  # llama-quantize's abs
+    assert kv_override("a.f=float:0.5").value == 0.5 and kv_override("a.t=bool:true").value is True
+    for bad, expect in (("nokey", "KEY=TYPE:VALUE"), ("a=str", "KEY=TYPE:VALUE"), ("a=int:x", "'x' is not a int"),
+                        ("a=bool:yes", "true or false"), ("a=str:" + "x" * 128, "at most 127"),
+                        ("a=list:1", "TYPE is int, float, bool or str")):
+        with pytest.raises(ConvertError, match=expect):
+            kv_override(bad)

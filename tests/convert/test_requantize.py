@@ -206,3 +206,19 @@ def test_a_named_type_that_cannot_hold_the_rows_is_refused(fixtures_dir, tmp_pat
     r = quantize(str(model), "q4_k_m", "-o", str(tmp_path / "x.gguf"), "--token-embedding-type", "q4_k")
     assert r.exit_code == 2 and "tensor 'token_embd.weight': rows of 64 do not fill Q4_K's blocks of 256" in r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tensor_type_file(sources, tmp_path):
+    """--tensor-type-file: NAME=TYPE entries separated by spaces or lines, after any --tensor-type."""
+    _, folder = sources
+    listing = tmp_path / "types.txt"
+    listing.write_text("attn_v=q8_0\nffn_down=q5_k  attn=q6_k\n", encoding="utf-8")
+    r = quantize(str(folder / "m-bf16.gguf"), "q4_k_m", "-o", str(tmp_path / "a.gguf"), "--tensor-type", "attn_q=q4_0",
+                 "--tensor-type-file", str(listing))
+    assert r.exit_code == 0, r.output
+    with GGUFFile(tmp_path / "a.gguf") as a:
+        got = {n: a.tensors[f"blk.1.{n}.weight"].type for n in ("attn_q", "attn_v", "ffn_down", "attn_k", "ffn_up")}
+    assert got == {"attn_q": T.Q4_0, "attn_v": T.Q8_0, "ffn_down": T.Q5_K, "attn_k": T.Q6_K, "ffn_up": T.Q4_K}
+    r = quantize(str(folder / "m-bf16.gguf"), "q4_k_m", "-o", str(tmp_path / "b.gguf"), "--tensor-type-file",
+                 str(tmp_path / "none.txt"))
+    assert r.exit_code == 2 and "--tensor-type-file" in r.output and "No such file" in r.output
