@@ -19,6 +19,7 @@ from .common import F32, seq_sum
 from .k_minmax import quantize_q4_k, quantize_q5_k
 from .legacy import (quantize_q4_0, quantize_q4_0_weighted, quantize_q4_1, quantize_q4_1_weighted, quantize_q5_0,
                      quantize_q5_0_weighted, quantize_q5_1, quantize_q5_1_weighted, quantize_q8_0, row_weights)
+from .low_k import quantize_q2_k, quantize_q3_k
 from .q6_k import quantize_q6_k
 
 T = GGMLQuantizationType
@@ -32,6 +33,8 @@ BLOCK_QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]]
     T.Q4_K: quantize_q4_k,
     T.Q5_K: quantize_q5_k,
     T.Q6_K: quantize_q6_k,
+    T.Q3_K: quantize_q3_k,
+    T.Q2_K: quantize_q2_k,
 }
 
 # With an importance matrix: the K-types weigh each element by its value (and the block's
@@ -41,6 +44,8 @@ K_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.nda
     T.Q4_K: quantize_q4_k,
     T.Q5_K: quantize_q5_k,
     T.Q6_K: quantize_q6_k,
+    T.Q3_K: quantize_q3_k,
+    T.Q2_K: quantize_q2_k,
 }
 ROW_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     T.Q4_0: quantize_q4_0_weighted,

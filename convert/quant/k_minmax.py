@@ -35,20 +35,23 @@ def _levels(x: np.ndarray, mn: np.ndarray, iscale: np.ndarray, nmax: int, out: n
 
 
 def _weighted_error(x: np.ndarray, w: np.ndarray, L: np.ndarray, scale: np.ndarray, mn: np.ndarray,
-                    out: np.ndarray) -> np.ndarray:
-    """Sequential sum of w * (scale*L + min - x)^2, evaluated in ggml's order."""
+                    out: np.ndarray, use_mad: bool = False) -> np.ndarray:
+    """Sequential sum of w * (scale*L + min - x)^2 (use_mad: w * |scale*L + min - x|), in ggml's order."""
     np.multiply(L, scale, out=out)
     np.add(out, mn, out=out)
     np.subtract(out, x, out=out)
-    np.multiply(out, out, out=out)
+    if use_mad:
+        np.abs(out, out=out)
+    else:
+        np.multiply(out, out, out=out)
     np.multiply(out, w, out=out)
     return seq_sum(out)
 
 
 def make_qkx2_quants(
-    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`make_qkx2_quants` with use_mad = false, vectorized over groups.
+    """`make_qkx2_quants` (use_mad: the absolute error, as Q2_K fits), vectorized over groups.
 
     x, w: float32 `(n, groups)`. Returns (scale, the_min, L) with L uint8 `(n, groups)`.
     """
@@ -68,7 +71,7 @@ def make_qkx2_quants(
     tmp = np.empty_like(x)
     laux = np.empty_like(x)
     _levels(x, mn, iscale, nmax, laux)
-    best_error = _weighted_error(x, w, laux, scale, mn, tmp)
+    best_error = _weighted_error(x, w, laux, scale, mn, tmp, use_mad)
     # L is a pure function of (min, iscale): remember the winning pair, build L once at the end.
     l_min, l_iscale = mn, iscale
     # w*L, w*L*L, w*L*x side by side so one sequential pass sums all three
@@ -90,7 +93,7 @@ def make_qkx2_quants(
         clamp = this_min > 0
         this_scale = np.where(clamp, sum_xl / sum_l2, this_scale).astype(F32)
         this_min = np.where(clamp, F32(0), this_min).astype(F32)
-        cur_error = _weighted_error(x, w, laux, this_scale, this_min, tmp)
+        cur_error = _weighted_error(x, w, laux, this_scale, this_min, tmp, use_mad)
         better = (det > 0) & (cur_error < best_error)
         l_min = np.where(better, mn, l_min)
         l_iscale = np.where(better, iscale, l_iscale)

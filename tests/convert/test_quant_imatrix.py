@@ -1,9 +1,9 @@
-"""Our quantizers with an importance matrix against the bytes ggml's own wrote with it
-(tests/convert/ggml-imatrix-vectors.npz, made by scripts/make_imatrix_vectors.py through ctypes
-from a libggml-base built from llama.cpp's sources: ggml_quantize_chunk with the imatrix, the
-function llama-quantize --imatrix calls). The rows are the shared fixture's, eight of each kind
-(zeros, constant, tiny, huge, outlier, sparse, ...) under each of two importance matrices (one
-log-normal, one with zero and enormous columns)."""
+"""Our quantizers with an importance matrix against the bytes ggml's own wrote with it, and
+Q3_K's and Q2_K's without one (tests/convert/ggml-extra-vectors.npz, made by
+scripts/make_ggml_vectors.py through ctypes from a libggml-base built from llama.cpp's sources:
+ggml_quantize_chunk with the imatrix, the function llama-quantize --imatrix calls). The rows are
+the shared fixture's, eight of each kind (zeros, constant, tiny, huge, outlier, sparse, ...)
+under each of two importance matrices (one log-normal, one with zero and enormous columns)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from gguf import GGMLQuantizationType as T
 
 from qvl.convert.quant import QuantError, dequantize, quantize
 
-TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"]
 
 
 @pytest.fixture(scope="module")
 def ggml(fixtures_dir):
-    made = np.load(Path(__file__).parent / "ggml-imatrix-vectors.npz")
+    made = np.load(Path(__file__).parent / "ggml-extra-vectors.npz")
     shared = np.load(fixtures_dir / "ggml-quant-vectors.npz")
     return made, shared["input"][made["rows"]], shared
 
@@ -36,6 +36,15 @@ def test_bytes_equal_ggml_with_an_importance_matrix(ggml, name, which):
     assert bad.size == 0, f"{name}: {bad.size} rows differ from ggml, kinds {kinds}"
     plain = quantize(x[rows], T[name])
     assert (plain != got).any(axis=1).mean() > 0.5  # the matrix did change most rows
+
+
+@pytest.mark.parametrize("name", ["Q3_K", "Q2_K"])
+def test_q3_k_and_q2_k_bytes_equal_ggml(ggml, name):
+    """The two types the shared fixture has no bytes of, without an importance matrix."""
+    made, x, shared = ggml
+    got = quantize(x, T[name])
+    bad = np.flatnonzero((got != made[f"{name}_plain"]).any(axis=1))
+    assert bad.size == 0, f"{name}: rows of kinds {sorted(set(shared['kind'][made['rows'][bad]].tolist()))} differ"
 
 
 def test_the_vectors_cover_the_hard_kinds(ggml):

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Write tests/convert/ggml-imatrix-vectors.npz: the bytes ggml's own quantizers make of the shared
-fixture's rows with an importance matrix, for the tests of qvl's quantizers with one.
+"""Write tests/convert/ggml-extra-vectors.npz: the bytes ggml's own quantizers make of the shared
+fixture's rows where the shared fixture has none: with an importance matrix (every type qvl
+writes) and, for Q3_K and Q2_K, without one too.
 
 ggml's `ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix)` is called through
 ctypes from a libggml-base built from llama.cpp's sources (llama-cpp-python 0.3.36's sdist:
@@ -10,7 +11,7 @@ the reference quantizers). Two importance matrices over the 512 columns: log-nor
 the same with every eighth column 0 and three columns a million times larger; half of the rows
 (8 of each kind) take each.
 
-    python scripts/make_imatrix_vectors.py --lib llama.cpp/build/bin/libggml-base.so
+    python scripts/make_ggml_vectors.py --lib llama.cpp/build/bin/libggml-base.so
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "fixtures" / "ggml-quant-vectors.npz"
-OUT = REPO / "tests" / "convert" / "ggml-imatrix-vectors.npz"
-TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+OUT = REPO / "tests" / "convert" / "ggml-extra-vectors.npz"
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q3_K": 11, "Q2_K": 10}
+BLOCK = {"Q3_K": 110, "Q2_K": 84}  # bytes a 256-element block, for the types the shared fixture lacks
 PER_KIND = 16
 
 
@@ -48,8 +50,9 @@ def main() -> None:
 
     shared = np.load(a.shared)
     x = shared["input"]
+    width = {name: shared[name].shape[1] if name in shared else x.shape[1] // 256 * BLOCK[name] for name in TYPES}
     for name, t in TYPES.items():  # the library is the reference the shared bytes came from
-        if not (ggml(x, t, shared[name].shape[1], None) == shared[name]).all():
+        if name in shared and not (ggml(x, t, width[name], None) == shared[name]).all():
             raise SystemExit(f"{a.lib}: its {name} without an importance matrix is not the shared fixture's")
     kinds = shared["kind"]
     rows = np.concatenate([np.flatnonzero(kinds == k)[:PER_KIND] for k in sorted(set(kinds.tolist()))])
@@ -62,11 +65,14 @@ def main() -> None:
     which = np.tile(np.repeat([0, 1], PER_KIND // 2), len(rows) // PER_KIND)
     out = {"rows": rows, "imatrix": imatrix, "which": which}
     for name, t in TYPES.items():
-        got = np.zeros((len(rows), shared[name].shape[1]), np.uint8)
+        got = np.zeros((len(rows), width[name]), np.uint8)
         for m in (0, 1):
-            got[which == m] = ggml(x[rows[which == m]], t, got.shape[1], imatrix[m])
+            got[which == m] = ggml(x[rows[which == m]], t, width[name], imatrix[m])
         out[name] = got
-        print(f"{name}: {int((got != shared[name][rows]).any(axis=1).sum())} of {len(rows)} rows differ from "
+        plain = shared[name][rows] if name in shared else ggml(x[rows], t, width[name], None)
+        if name not in shared:
+            out[f"{name}_plain"] = plain
+        print(f"{name}: {int((got != plain).any(axis=1).sum())} of {len(rows)} rows differ from "
               "the bytes without an importance matrix")
     np.savez_compressed(a.out, **out)
     print(f"wrote {a.out} ({a.out.stat().st_size} bytes)")

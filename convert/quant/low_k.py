@@ -1,0 +1,145 @@
+"""ggml's Q3_K and Q2_K: 256-element super-blocks of sixteen 16-element sub-blocks (ports of
+`quantize_row_q3_K_ref`, `make_q3_quants` and `quantize_row_q2_K_ref`, and of their `_impl`s with
+an importance matrix).
+
+    Q3_K (110 B): u8 hmask[32] | u8 qs[64] | u8 scales[12] | f16 d
+        x = d * (sc - 32) * (q - 4), q 3 bits: the low two in qs, the third in hmask; the six-bit
+        sc of sub-block j: its low four bits in scales[j % 8] (j < 8: low nibble, else high),
+        its high two in scales[8 + j % 4] at bit 2 * (j / 4).
+    Q2_K (84 B): u8 scales[16] | u8 qs[64] | f16 d | f16 dmin
+        x = d * (scales[j] & 15) * q - dmin * (scales[j] >> 4), q 2 bits.
+Both put element 128h + 32k + l's low two bits at bit 2k of qs[32h + l]; Q3_K's third bit of
+element e in bit e / 32 of hmask[e % 32].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .common import F32, GROUP_MAX_EPS, f16_round, nearest_int, seq_sum, to_f16_bits, u16_bytes
+from .k_minmax import make_qkx2_quants, make_qp_quants
+from .q6_k import _first_absmax, make_qx_quants_rmse1
+
+QK_K = 256
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """`make_q3_quants(n, nmax, x, L, do_rmse=true)` over element-major groups `(n, g)`: the levels
+    of the largest value, then five passes moving one level at a time where the x^2-weighted fit
+    improves. Returns (scale (g,), L (n, g) in 0..2*nmax-1; 0 where a group is all zero).
+
+    Every pass runs for every group: one that changes nothing leaves the state as it was."""
+    mx = _first_absmax(x, axis=0)
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    iscale = (F32(-nmax) / np.where(zero, F32(1), mx)).astype(F32)
+    L = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
+    w = x * x
+    sumlx, suml2 = seq_sum(w * x * L), seq_sum(w * L * L)
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            wi, xi, li = w[i], x[i], L[i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            ok = slx > 0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = np.clip(nearest_int(np.where(ok, xi * sl2 / slx, F32(0))), -nmax, nmax - 1).astype(F32)
+            slx_new = slx + wi * xi * new
+            sl2_new = sl2 + wi * new * new
+            take = ok & (new != li) & (sl2_new > 0) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            L[i] = np.where(take, new, li)
+            sumlx = np.where(take, slx_new, sumlx).astype(F32)
+            suml2 = np.where(take, sl2_new, suml2).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    L = (L + nmax).astype(np.int32)
+    L[:, zero] = 0
+    return np.where(zero, F32(0), scale).astype(F32), L
+
+
+def _two_bit_codes(L: np.ndarray) -> np.ndarray:
+    """(nb, 256) levels 0..3 -> (nb, 64): element 128h + 32k + l at bits 2k of byte 32h + l."""
+    c = L.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _sigma2_weights(x: np.ndarray, qw: np.ndarray, sub: np.ndarray, times: int) -> np.ndarray:
+    """qw * sqrtf(sigma2 + x^2) over the sub-blocks `sub` (16, nb*16): sigma2 `times` the
+    super-block's mean square (its sum in ggml's order)."""
+    nb = x.shape[0]
+    whole = np.ascontiguousarray(x.T)  # (256, nb)
+    sigma2 = (F32(times) * seq_sum(whole * whole) / F32(QK_K)).astype(F32)  # 1 * s is s: Q2_K's sumx2/QK_K
+    qsub = np.ascontiguousarray(qw.reshape(nb * 16, 16).T)
+    return (qsub * np.sqrt(np.repeat(sigma2, 16)[None, :] + sub * sub)).astype(F32)
+
+
+def quantize_q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Q3_K blocks of x `(nb, 256)`; with `qw` (the importance matrix's values, x's shape) as
+    quantize_row_q3_K_impl weighs them: each sub-block's levels fitted with qw * sqrt(sigma2 + x^2)
+    (sigma2 twice the super-block's mean square), the six-bit scales fitted too."""
+    nb = x.shape[0]
+    sub = np.ascontiguousarray(x.reshape(nb * 16, 16).T)  # (16, nb*16)
+    if qw is None:
+        scales, L = make_q3_quants(sub, 4)
+        scales = scales.reshape(nb, 16)
+        max_scale = _first_absmax(scales, axis=1)  # the first of the largest magnitude, 0 if all are 0
+        some = max_scale != 0
+        iscale = (F32(-32) / np.where(some, max_scale, F32(1))).astype(F32)
+        ls = np.clip(nearest_int(iscale[:, None] * scales).astype(np.int8).astype(np.int32), -32, 31) + 32
+        ls = np.where(some[:, None], ls, 0).astype(np.uint8)  # (nb, 16): six bits each
+        d = np.where(some, (F32(1) / iscale).astype(F32), F32(0)).astype(F32)
+    else:
+        weights = _sigma2_weights(x, qw, sub, 2)
+        scales, L = make_qx_quants_rmse1(sub, 4, weights)
+        sw = seq_sum(weights).reshape(nb, 16).T  # (16, nb)
+        d, ls = make_qx_quants_rmse1(np.ascontiguousarray(scales.reshape(nb, 16).T), 32, sw)
+        ls = ls.T.astype(np.uint8)
+    L = L.T.reshape(nb, 16, 16)
+    packed = np.zeros((nb, 12), np.uint8)
+    packed[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    high = (ls >> 4).reshape(nb, 4, 4)  # [j // 4, j % 4]
+    packed[:, 8:] = high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)
+    sc = ls.astype(np.int32) - 32  # as read back from the packed bytes
+    dj = f16_round(d)[:, None] * sc.astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int(x.reshape(nb, 16, 16) / dj[:, :, None]), -4, 3) + 4
+    L = np.where((dj != 0)[:, :, None], requant, L).reshape(nb, QK_K)
+    hi = (L > 3).astype(np.uint8).reshape(nb, 8, 32)  # element 32b + m: bit b of hmask[m]
+    hmask = (hi << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1).astype(np.uint8)
+    L = np.where(L > 3, L - 4, L)
+    return np.concatenate([hmask, _two_bit_codes(L), packed, u16_bytes(to_f16_bits(d))], axis=1)
+
+
+def quantize_q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Q2_K blocks of x `(nb, 256)`; with `qw` as quantize_row_q2_K_impl weighs them (the fit
+    weighted by qw * sqrt(sigma2 + x^2), sigma2 the super-block's mean square; the four-bit
+    scales and mins fitted too, make_qp_quants)."""
+    nb = x.shape[0]
+    sub = np.ascontiguousarray(x.reshape(nb * 16, 16).T)  # (16, nb*16)
+    if qw is None:
+        scales, mins, L = make_qkx2_quants(sub, np.abs(sub), 3, -0.5, 0.1, 15, use_mad=True)
+        scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+        max_scale = np.maximum(scales.max(axis=1), F32(0))
+        max_min = np.maximum(mins.max(axis=1), F32(0))
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, F32(15) / max_scale, F32(0)).astype(F32)
+            inv_min = np.where(max_min > 0, F32(15) / max_min, F32(0)).astype(F32)
+        low = np.where((max_scale > 0)[:, None], nearest_int(inv_scale[:, None] * scales), 0)
+        high = np.where((max_min > 0)[:, None], nearest_int(inv_min[:, None] * mins), 0)
+        d = np.where(max_scale > 0, (max_scale / F32(15)).astype(F32), F32(0)).astype(F32)
+        dmin = np.where(max_min > 0, (max_min / F32(15)).astype(F32), F32(0)).astype(F32)
+    else:
+        weights = _sigma2_weights(x, qw, sub, 1)
+        scales, mins, L = make_qkx2_quants(sub, weights, 3, -0.9, 0.05, 36)
+        sw = seq_sum(weights).reshape(nb, 16).T  # (16, nb)
+        d, low = make_qp_quants(np.ascontiguousarray(scales.reshape(nb, 16).T), 15, sw)
+        dmin, high = make_qp_quants(np.ascontiguousarray(mins.reshape(nb, 16).T), 15, sw)
+        low, high = low.T.astype(np.int32), high.T.astype(np.int32)
+    packed = ((low & 0xFF) | ((high << 4) & 0xFF)).astype(np.uint8)  # (nb, 16)
+    L = L.T.reshape(nb, 16, 16)
+    dj = f16_round(d)[:, None] * (packed & 0xF).astype(F32)
+    dmj = f16_round(dmin)[:, None] * (packed >> 4).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int((x.reshape(nb, 16, 16) + dmj[:, :, None]) / dj[:, :, None]), 0, 3)
+    L = np.where((dj != 0)[:, :, None], requant, L).reshape(nb, QK_K)
+    return np.concatenate([packed, _two_bit_codes(L), u16_bytes(to_f16_bits(d)), u16_bytes(to_f16_bits(dmin))],
+                          axis=1)
