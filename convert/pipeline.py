@@ -142,16 +142,17 @@ def plan_files(folder: Path, cfg: CheckpointConfig, name: str, opts: ConvertOpti
     elif out.suffix != ".gguf":
         out = out.with_name(out.name + ".gguf")
     n_layer = cfg.text.num_hidden_layers
+    n_gqa = cfg.text.num_attention_heads // cfg.text.num_key_value_heads
     if opts.layout == "ollama":
         tensors = ollama_tensors(cfg)
         text_part = [t for t in tensors if not t.name.startswith("v.")]
         vision_part = [t for t in tensors if t.name.startswith("v.")]
-        plan = plan_text(text_part, kind, n_layer) + plan_vision(vision_part, opts.vision_type)
+        plan = plan_text(text_part, kind, n_layer, n_gqa=n_gqa) + plan_vision(vision_part, opts.vision_type)
         return [OutputFile(out, "qwen25vl", ollama_kv(cfg, vocab, kind.file_type, name), plan)]
     vft = VISION_TYPES[opts.vision_type][0]
     return [
         OutputFile(out, "qwen2vl", text_kv(cfg, vocab, kind.file_type, name),
-                   plan_text(text_tensors(cfg), kind, n_layer)),
+                   plan_text(text_tensors(cfg), kind, n_layer, n_gqa=n_gqa)),
         OutputFile(mmproj_path(out), "clip", mmproj_kv(cfg, vft, name),
                    plan_vision(mmproj_tensors(cfg), opts.vision_type)),
     ]

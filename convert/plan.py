@@ -45,6 +45,14 @@ TEXT_TYPES: dict[str, TextType] = {
     "q4_k_m": TextType("q4_k_m", FT.MOSTLY_Q4_K_M, T.Q4_K, True),
     "q5_k_m": TextType("q5_k_m", FT.MOSTLY_Q5_K_M, T.Q5_K, True),
     "q6_k": TextType("q6_k", FT.MOSTLY_Q6_K, T.Q6_K, True),
+    "q5_k_s": TextType("q5_k_s", FT.MOSTLY_Q5_K_S, T.Q5_K, True),
+    "q3_k_l": TextType("q3_k_l", FT.MOSTLY_Q3_K_L, T.Q3_K, True),
+    "q3_k_m": TextType("q3_k_m", FT.MOSTLY_Q3_K_M, T.Q3_K, True),
+    "q3_k_s": TextType("q3_k_s", FT.MOSTLY_Q3_K_S, T.Q3_K, True),
+    "q2_k": TextType("q2_k", FT.MOSTLY_Q2_K, T.Q2_K, True),
+    "q4_1": TextType("q4_1", FT.MOSTLY_Q4_1, T.Q4_1, True),
+    "q5_0": TextType("q5_0", FT.MOSTLY_Q5_0, T.Q5_0, True),
+    "q5_1": TextType("q5_1", FT.MOSTLY_Q5_1, T.Q5_1, True),
 }
 
 VISION_TYPES: dict[str, tuple[FT, T]] = {
@@ -53,7 +61,7 @@ VISION_TYPES: dict[str, tuple[FT, T]] = {
     "q8_0": (FT.MOSTLY_Q8_0, T.Q8_0),
 }
 
-_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q3_K: T.Q4_0, T.Q2_K: T.Q4_0}
 _MORE_BITS = (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M)  # Q6_K for attn_v / ffn_down on use_more_bits' layers
 
 
@@ -125,7 +133,7 @@ def tensor_type(option: str) -> tuple[str, T]:
 
 
 def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int, imatrix: bool = False,
-              overrides: Overrides = Overrides()) -> list[PlannedTensor]:
+              overrides: Overrides = Overrides(), n_gqa: int = 1) -> list[PlannedTensor]:
     """Port of llama_tensor_get_type for the file types qvl writes (tensors in file order); with
     an importance matrix Q4_0's first eighth of ffn_down takes Q4_1, as llama.cpp's does. The
     mix's counters move only where the mix is consulted (not for a tensor a pattern names)."""
@@ -151,7 +159,7 @@ def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int, imatrix: b
         if manual is not None:
             qtype = manual
         elif kind.mixed and not overrides.pure:
-            qtype = _mixed(t, qtype, kind.file_type, tied, n_attn_v, n_layer, imatrix, overrides, counters)
+            qtype = _mixed(t, qtype, kind.file_type, tied, (n_attn_v, n_layer, n_gqa), imatrix, overrides, counters)
         elif not kind.mixed and not overrides.pure and overrides.output is not None and tied \
                 and t.name == "token_embd.weight":
             qtype = overrides.output  # the tied embedding takes the output's type (Q8_0's mix is its default)
@@ -159,10 +167,12 @@ def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int, imatrix: b
     return plan
 
 
-def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, n_attn_v: int, n_layer: int, imatrix: bool,
+def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, shape: tuple[int, int, int], imatrix: bool,
            overrides: Overrides, counters: dict[str, int]) -> T:
-    """llama_tensor_get_type_impl for qvl's file types: the output (or tied embedding), attn_v and
-    ffn_down take more bits where llama.cpp gives them more."""
+    """llama_tensor_get_type_impl for qvl's file types (a dense model, not Falcon; `shape`: the
+    attn_v count, the layer count and heads per KV head): the output (or tied embedding), attn_v,
+    ffn_down and attn_output take more bits where llama.cpp gives them more."""
+    n_attn_v, n_layer, n_gqa = shape
     if t.name == "output.weight" or (tied and t.name == "token_embd.weight"):
         if overrides.output is not None:
             return overrides.output
@@ -172,6 +182,12 @@ def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, n_attn_v: int, n_layer: i
     if "attn_v.weight" in t.name:
         i = counters["attn_v"]
         counters["attn_v"] += 1
+        if ft == FT.MOSTLY_Q2_K:
+            return T.Q4_K if n_gqa >= 4 else T.Q3_K
+        if ft == FT.MOSTLY_Q3_K_M:
+            return T.Q5_K if i < 2 else T.Q4_K
+        if ft == FT.MOSTLY_Q3_K_L:
+            return T.Q5_K
         if ft in _MORE_BITS and _use_more_bits(i, n_attn_v):
             return T.Q6_K
         if ft == FT.MOSTLY_Q4_K_S and i < 4:
@@ -179,12 +195,20 @@ def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, n_attn_v: int, n_layer: i
     elif "ffn_down" in t.name:
         i = counters["ffn_down"]
         counters["ffn_down"] += 1
+        if ft == FT.MOSTLY_Q2_K:
+            return T.Q3_K
+        if ft == FT.MOSTLY_Q3_K_M:
+            return T.Q5_K if i < n_layer // 16 else T.Q4_K
+        if ft == FT.MOSTLY_Q3_K_L:
+            return T.Q5_K
         if ft in _MORE_BITS and _use_more_bits(i, n_layer):
             return T.Q6_K
         if ft == FT.MOSTLY_Q4_K_S and i < n_layer // 8:
             return T.Q5_K
-        if ft == FT.MOSTLY_Q4_0 and imatrix and i < n_layer // 8:
-            return T.Q4_1
+        if ft in (FT.MOSTLY_Q4_0, FT.MOSTLY_Q5_0) and imatrix and i < n_layer // 8:
+            return T.Q4_1 if ft == FT.MOSTLY_Q4_0 else T.Q5_1
+    elif "attn_output.weight" in t.name:
+        return {FT.MOSTLY_Q2_K: T.Q3_K, FT.MOSTLY_Q3_K_M: T.Q4_K, FT.MOSTLY_Q3_K_L: T.Q5_K}.get(ft, qtype)
     return qtype
 
 

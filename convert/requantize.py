@@ -193,8 +193,11 @@ def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOpt
         raise ConvertError(f"{source}: missing metadata key '{arch}.block_count'")
     tensors = {name: OutTensor(name, src.tensors[name].shape, name) for name in sorted(src.tensors, key=_llama_order)}
     importance = _importance(matrix, tensors) if matrix is not None else {}
+    heads, kv_heads = (src.get(f"{arch}.attention.{k}") for k in ("head_count", "head_count_kv"))
+    heads, kv_heads = (v[0] if isinstance(v, list) and v else v for v in (heads, kv_heads))
+    n_gqa = heads // kv_heads if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 else 1
     text = plan_text([t for t in tensors.values() if not _vision(t.name)], kind, n_layer, matrix is not None,
-                     o.overrides)
+                     o.overrides, n_gqa)
     planned = {p.tensor.name: p for p in text}
     plan, copied = [], set()
     for name, t in tensors.items():

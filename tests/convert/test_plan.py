@@ -20,7 +20,8 @@ def llama_plans(fixtures_dir):
 
 def _plan(model: str, type_name: str):
     cfg = parse_config(official_config(model))
-    return plan_text(text_tensors(cfg), TEXT_TYPES[type_name], cfg.text.num_hidden_layers)
+    return plan_text(text_tensors(cfg), TEXT_TYPES[type_name], cfg.text.num_hidden_layers,
+                     n_gqa=cfg.text.num_attention_heads // cfg.text.num_key_value_heads)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -82,17 +83,16 @@ def test_q4_0_plan():
 
 @pytest.mark.parametrize("type_name", list(TEXT_TYPES))
 def test_an_importance_matrix_changes_only_q4_0s_first_ffn_downs(type_name):
-    """llama-quantize with --imatrix: Q4_0's ffn_down on the first n_layer/8 layers takes Q4_1
-    (llama_tensor_get_type's guard); every other type's plan is the same as without one."""
+    """llama-quantize with --imatrix: Q4_0's (Q5_0's) ffn_down on the first n_layer/8 layers takes
+    Q4_1 (Q5_1: llama_tensor_get_type's guard); every other type's plan is the same as without one."""
     cfg = parse_config(official_config("qwen2.5-vl-7b"))  # 28 layers: blk.0-2 (28 // 8 = 3)
     n = cfg.text.num_hidden_layers
     plain = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-7b", type_name)}
-    weighted = {p.tensor.name: p.qtype for p in plan_text(text_tensors(cfg), TEXT_TYPES[type_name], n, imatrix=True)}
+    weighted = {p.tensor.name: p.qtype for p in plan_text(text_tensors(cfg), TEXT_TYPES[type_name], n, imatrix=True,
+                                                          n_gqa=7)}
     changed = {k: (plain[k], weighted[k]) for k in plain if plain[k] != weighted[k]}
-    if type_name != "q4_0":
-        assert changed == {}
-    else:
-        assert changed == {f"blk.{i}.ffn_down.weight": (T.Q4_0, T.Q4_1) for i in range(n // 8)}
+    guard = {"q4_0": (T.Q4_0, T.Q4_1), "q5_0": (T.Q5_0, T.Q5_1)}.get(type_name)
+    assert changed == ({f"blk.{i}.ffn_down.weight": guard for i in range(n // 8)} if guard else {})
 
 
 def _with(model: str, type_name: str, overrides: Overrides) -> dict[str, T]:
@@ -119,6 +119,31 @@ def test_llama_quantizes_overrides():
     tied = _with("qwen2.5-vl-3b", "q8_0", Overrides(output=T.Q6_K))  # Q8_0's mix: a tied embedding takes it
     assert tied["token_embd.weight"] == T.Q6_K and tied["blk.0.attn_q.weight"] == T.Q8_0
     assert _with("qwen2.5-vl-3b", "f16", Overrides(patterns=(("attn", T.Q8_0),)))["blk.0.attn_q.weight"] == T.F16
+
+
+def test_the_low_bit_mixes():
+    """llama_tensor_get_type_impl's Q3_K_S / Q3_K_M / Q3_K_L / Q2_K / Q5_K_S rules on the 7B's
+    shapes (28 layers, 7 heads per KV head; byte-checked against llama-quantize in
+    docs/benchmarks.md on other shapes)."""
+    plans = {k: _plan("qwen2.5-vl-7b", k) for k in ("q3_k_s", "q3_k_m", "q3_k_l", "q2_k", "q5_k_s")}
+    got = {k: {p.tensor.name: p.qtype for p in v} for k, v in plans.items()}
+    for k in got:
+        assert got[k]["output.weight"] == T.Q6_K and got[k]["blk.0.attn_norm.weight"] == T.F32
+    assert {got["q3_k_s"][f"blk.{i}.{n}.weight"] for i in range(28) for n in ("attn_v", "ffn_down", "attn_output")} \
+        == {T.Q3_K}
+    m = got["q3_k_m"]
+    assert [m[f"blk.{i}.attn_v.weight"] for i in range(3)] == [T.Q5_K, T.Q5_K, T.Q4_K]
+    assert [m[f"blk.{i}.ffn_down.weight"] for i in range(2)] == [T.Q5_K, T.Q4_K]  # 28 // 16 = 1
+    assert m["blk.5.attn_output.weight"] == T.Q4_K and m["blk.5.ffn_up.weight"] == T.Q3_K
+    assert {got["q3_k_l"][f"blk.3.{n}.weight"] for n in ("attn_v", "ffn_down", "attn_output")} == {T.Q5_K}
+    q2 = got["q2_k"]
+    assert q2["blk.0.attn_v.weight"] == T.Q4_K  # 7 heads per KV head: Q4_K (Q3_K under 4)
+    assert q2["blk.0.ffn_down.weight"] == q2["blk.0.attn_output.weight"] == T.Q3_K and q2["blk.0.attn_q.weight"] == T.Q2_K
+    cfg = parse_config(official_config("qwen2.5-vl-7b"))
+    few = {p.tensor.name: p.qtype for p in plan_text(text_tensors(cfg), TEXT_TYPES["q2_k"], 28, n_gqa=2)}
+    assert few["blk.0.attn_v.weight"] == T.Q3_K
+    assert {got["q5_k_s"][f"blk.{i}.{n}.weight"] for i in range(28) for n in ("attn_v", "ffn_down")} == {T.Q5_K}
+    assert fallback(T.Q3_K, 64) == T.Q4_0 and fallback(T.Q2_K, 96) == T.Q4_0
 
 
 def test_tied_embedding_takes_output_type():

@@ -44,7 +44,8 @@ def sources(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind,source", [("q4_k_m", "bf16"), ("q4_k_m", "f32"), ("q8_0", "bf16"),
-                                         ("q6_k", "bf16"), ("q4_k", "bf16"), ("q5_k_m", "f32"), ("q4_0", "bf16")])
+                                         ("q6_k", "bf16"), ("q4_k", "bf16"), ("q5_k_m", "f32"), ("q4_0", "bf16"),
+                                         ("q3_k_m", "bf16"), ("q2_k", "f32"), ("q5_k_s", "bf16"), ("q5_1", "bf16")])
 def test_quantized_gguf_equals_the_direct_conversion(sources, tmp_path, kind, source):
     ckpt, folder = sources
     direct = tmp_path / "direct.gguf"
