@@ -53,6 +53,8 @@ TEXT_TYPES: dict[str, TextType] = {
     "q4_1": TextType("q4_1", FT.MOSTLY_Q4_1, T.Q4_1, True),
     "q5_0": TextType("q5_0", FT.MOSTLY_Q5_0, T.Q5_0, True),
     "q5_1": TextType("q5_1", FT.MOSTLY_Q5_1, T.Q5_1, True),
+    "iq4_nl": TextType("iq4_nl", FT.MOSTLY_IQ4_NL, T.IQ4_NL, True),
+    "iq4_xs": TextType("iq4_xs", FT.MOSTLY_IQ4_XS, T.IQ4_XS, True),
 }
 
 VISION_TYPES: dict[str, tuple[FT, T]] = {
@@ -61,7 +63,8 @@ VISION_TYPES: dict[str, tuple[FT, T]] = {
     "q8_0": (FT.MOSTLY_Q8_0, T.Q8_0),
 }
 
-_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q3_K: T.Q4_0, T.Q2_K: T.Q4_0}
+_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q3_K: T.Q4_0, T.Q2_K: T.Q4_0, T.IQ4_XS: T.IQ4_NL}
+_IQ4 = (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS)
 _MORE_BITS = (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M)  # Q6_K for attn_v / ffn_down on use_more_bits' layers
 
 
@@ -109,7 +112,8 @@ class Overrides:
 
 
 FLOAT_DEFAULTS = (T.F32, T.F16, T.BF16)
-WRITABLE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+WRITABLE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+            T.IQ4_NL, T.IQ4_XS)
 
 
 def ggml_type(name: str) -> T:
@@ -186,7 +190,7 @@ def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, shape: tuple[int, int, in
             return T.Q4_K if n_gqa >= 4 else T.Q3_K
         if ft == FT.MOSTLY_Q3_K_M:
             return T.Q5_K if i < 2 else T.Q4_K
-        if ft == FT.MOSTLY_Q3_K_L:
+        if ft == FT.MOSTLY_Q3_K_L or ft in _IQ4 and n_gqa >= 4:
             return T.Q5_K
         if ft in _MORE_BITS and _use_more_bits(i, n_attn_v):
             return T.Q6_K
@@ -203,6 +207,8 @@ def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, shape: tuple[int, int, in
             return T.Q5_K
         if ft in _MORE_BITS and _use_more_bits(i, n_layer):
             return T.Q6_K
+        if ft in _IQ4 and not imatrix and i < n_layer // 8:
+            return T.Q5_K
         if ft == FT.MOSTLY_Q4_K_S and i < n_layer // 8:
             return T.Q5_K
         if ft in (FT.MOSTLY_Q4_0, FT.MOSTLY_Q5_0) and imatrix and i < n_layer // 8:

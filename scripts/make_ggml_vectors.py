@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write tests/convert/ggml-extra-vectors.npz: the bytes ggml's own quantizers make of the shared
 fixture's rows where the shared fixture has none: with an importance matrix (every type qvl
-writes) and, for Q3_K and Q2_K, without one too.
+writes) and, for Q3_K, Q2_K, IQ4_NL and IQ4_XS, without one too.
 
 ggml's `ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix)` is called through
 ctypes from a libggml-base built from llama.cpp's sources (llama-cpp-python 0.3.36's sdist:
@@ -25,8 +25,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "fixtures" / "ggml-quant-vectors.npz"
 OUT = REPO / "tests" / "convert" / "ggml-extra-vectors.npz"
-TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q3_K": 11, "Q2_K": 10}
-BLOCK = {"Q3_K": 110, "Q2_K": 84}  # bytes a 256-element block, for the types the shared fixture lacks
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q3_K": 11, "Q2_K": 10,
+         "IQ4_NL": 20, "IQ4_XS": 23}
+BLOCK = {"Q3_K": 110, "Q2_K": 84, "IQ4_NL": 144, "IQ4_XS": 136}  # bytes a 256 elements take, where the shared
+# fixture has none
 PER_KIND = 16
 
 

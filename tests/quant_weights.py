@@ -168,7 +168,8 @@ def encode_iq4(w: np.ndarray, xs: bool) -> np.ndarray:
                            qs.reshape(n, k // 256, 128)], axis=-1).reshape(n, -1)
 
 
-# The encoders of the types qvl-convert does not write, float32 rows -> blocks
+# Simple encoders of the low-bit types (float32 rows -> blocks), independent of qvl's quantizers:
+# the grid types qvl does not write, and Q2_K, Q3_K, IQ4_NL, IQ4_XS (which it writes since 2026-12-06)
 ENCODERS = {T.Q2_K: encode_q2_k, T.Q3_K: encode_q3_k, T.IQ4_NL: partial(encode_iq4, xs=False),
             T.IQ4_XS: partial(encode_iq4, xs=True), **{qt: partial(encode_grid, qtype=qt) for qt in GRID_TYPES}}
 
@@ -194,6 +195,6 @@ def use_low_bit_types(monkeypatch, mix: tuple[tuple[str, T], ...] = LOW_BIT) -> 
             return p
         return PlannedTensor(p.tensor, next((qt for part, qt in mix if f".{part}" in p.tensor.name), p.qtype))
 
-    monkeypatch.setattr(pipeline, "plan_text", lambda *args: [low_bit(p) for p in plan_text(*args)])
+    monkeypatch.setattr(pipeline, "plan_text", lambda *args, n_gqa=1: [low_bit(p) for p in plan_text(*args, n_gqa=n_gqa)])
     for _, qt in mix:
         monkeypatch.setitem(BLOCK_QUANTIZERS, qt, ENCODERS[qt])

@@ -16,6 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
 
 from .common import F32, seq_sum
+from .iq4 import quantize_iq4_nl, quantize_iq4_xs
 from .k_minmax import quantize_q4_k, quantize_q5_k
 from .legacy import (quantize_q4_0, quantize_q4_0_weighted, quantize_q4_1, quantize_q4_1_weighted, quantize_q5_0,
                      quantize_q5_0_weighted, quantize_q5_1, quantize_q5_1_weighted, quantize_q8_0, row_weights)
@@ -35,6 +36,8 @@ BLOCK_QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]]
     T.Q6_K: quantize_q6_k,
     T.Q3_K: quantize_q3_k,
     T.Q2_K: quantize_q2_k,
+    T.IQ4_NL: quantize_iq4_nl,
+    T.IQ4_XS: quantize_iq4_xs,
 }
 
 # With an importance matrix: the K-types weigh each element by its value (and the block's
@@ -46,6 +49,8 @@ K_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.nda
     T.Q6_K: quantize_q6_k,
     T.Q3_K: quantize_q3_k,
     T.Q2_K: quantize_q2_k,
+    T.IQ4_NL: quantize_iq4_nl,
+    T.IQ4_XS: quantize_iq4_xs,
 }
 ROW_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     T.Q4_0: quantize_q4_0_weighted,

@@ -84,14 +84,16 @@ def test_q4_0_plan():
 @pytest.mark.parametrize("type_name", list(TEXT_TYPES))
 def test_an_importance_matrix_changes_only_q4_0s_first_ffn_downs(type_name):
     """llama-quantize with --imatrix: Q4_0's (Q5_0's) ffn_down on the first n_layer/8 layers takes
-    Q4_1 (Q5_1: llama_tensor_get_type's guard); every other type's plan is the same as without one."""
+    Q4_1 (Q5_1: llama_tensor_get_type's guard), IQ4's keep their type there (Q5_K without one);
+    every other type's plan is the same as without one."""
     cfg = parse_config(official_config("qwen2.5-vl-7b"))  # 28 layers: blk.0-2 (28 // 8 = 3)
     n = cfg.text.num_hidden_layers
     plain = {p.tensor.name: p.qtype for p in _plan("qwen2.5-vl-7b", type_name)}
     weighted = {p.tensor.name: p.qtype for p in plan_text(text_tensors(cfg), TEXT_TYPES[type_name], n, imatrix=True,
                                                           n_gqa=7)}
     changed = {k: (plain[k], weighted[k]) for k in plain if plain[k] != weighted[k]}
-    guard = {"q4_0": (T.Q4_0, T.Q4_1), "q5_0": (T.Q5_0, T.Q5_1)}.get(type_name)
+    guard = {"q4_0": (T.Q4_0, T.Q4_1), "q5_0": (T.Q5_0, T.Q5_1), "iq4_nl": (T.Q5_K, T.IQ4_NL),
+             "iq4_xs": (T.Q5_K, T.IQ4_XS)}.get(type_name)  # IQ4: the guard is there without a matrix
     assert changed == ({f"blk.{i}.ffn_down.weight": guard for i in range(n // 8)} if guard else {})
 
 
@@ -144,6 +146,24 @@ def test_the_low_bit_mixes():
     assert few["blk.0.attn_v.weight"] == T.Q3_K
     assert {got["q5_k_s"][f"blk.{i}.{n}.weight"] for i in range(28) for n in ("attn_v", "ffn_down")} == {T.Q5_K}
     assert fallback(T.Q3_K, 64) == T.Q4_0 and fallback(T.Q2_K, 96) == T.Q4_0
+
+
+@pytest.mark.parametrize("type_name,kind", [("iq4_xs", T.IQ4_XS), ("iq4_nl", T.IQ4_NL)])
+def test_the_iq4_mixes(type_name, kind):
+    """IQ4_NL / IQ4_XS: attn_v Q5_K where 4 or more heads share a KV head, the first eighth of
+    ffn_down Q5_K without an importance matrix (not with one), the output Q6_K."""
+    cfg = parse_config(official_config("qwen2.5-vl-7b"))
+    n = cfg.text.num_hidden_layers
+
+    def plan(n_gqa: int, imatrix: bool) -> dict[str, T]:
+        return {p.tensor.name: p.qtype for p in plan_text(text_tensors(cfg), TEXT_TYPES[type_name], n,
+                                                          imatrix, n_gqa=n_gqa)}
+
+    p = plan(7, False)
+    assert p["output.weight"] == T.Q6_K and p["blk.9.attn_v.weight"] == T.Q5_K and p["blk.9.attn_q.weight"] == kind
+    assert [p[f"blk.{i}.ffn_down.weight"] for i in (2, 3)] == [T.Q5_K, kind]  # 28 // 8 = 3
+    assert plan(2, False)["blk.9.attn_v.weight"] == kind and plan(7, True)["blk.0.ffn_down.weight"] == kind
+    assert fallback(T.IQ4_XS, 64) == T.IQ4_NL and fallback(T.IQ4_NL, 48) == T.F16
 
 
 def test_tied_embedding_takes_output_type():

@@ -1,5 +1,5 @@
 """Our quantizers with an importance matrix against the bytes ggml's own wrote with it, and
-Q3_K's and Q2_K's without one (tests/convert/ggml-extra-vectors.npz, made by
+Q3_K's, Q2_K's, IQ4_NL's and IQ4_XS's without one (tests/convert/ggml-extra-vectors.npz, made by
 scripts/make_ggml_vectors.py through ctypes from a libggml-base built from llama.cpp's sources:
 ggml_quantize_chunk with the imatrix, the function llama-quantize --imatrix calls). The rows are
 the shared fixture's, eight of each kind (zeros, constant, tiny, huge, outlier, sparse, ...)
@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 
 from qvl.convert.quant import QuantError, dequantize, quantize
 
-TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"]
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,10 @@ def test_bytes_equal_ggml_with_an_importance_matrix(ggml, name, which):
     assert (plain != got).any(axis=1).mean() > 0.5  # the matrix did change most rows
 
 
-@pytest.mark.parametrize("name", ["Q3_K", "Q2_K"])
-def test_q3_k_and_q2_k_bytes_equal_ggml(ggml, name):
-    """The two types the shared fixture has no bytes of, without an importance matrix."""
+@pytest.mark.parametrize("name", ["Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"])
+def test_the_other_types_bytes_equal_ggml(ggml, name):
+    """The types the shared fixture has no bytes of, without an importance matrix (IQ4_NL and
+    IQ4_XS as quantize_iq4_nl / quantize_iq4_xs write them, llama-quantize's: 7 trial scales)."""
     made, x, shared = ggml
     got = quantize(x, T[name])
     bad = np.flatnonzero((got != made[f"{name}_plain"]).any(axis=1))

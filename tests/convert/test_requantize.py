@@ -45,7 +45,8 @@ def sources(tmp_path_factory):
 
 @pytest.mark.parametrize("kind,source", [("q4_k_m", "bf16"), ("q4_k_m", "f32"), ("q8_0", "bf16"),
                                          ("q6_k", "bf16"), ("q4_k", "bf16"), ("q5_k_m", "f32"), ("q4_0", "bf16"),
-                                         ("q3_k_m", "bf16"), ("q2_k", "f32"), ("q5_k_s", "bf16"), ("q5_1", "bf16")])
+                                         ("q3_k_m", "bf16"), ("q2_k", "f32"), ("q5_k_s", "bf16"), ("q5_1", "bf16"),
+                                         ("iq4_xs", "bf16")])
 def test_quantized_gguf_equals_the_direct_conversion(sources, tmp_path, kind, source):
     ckpt, folder = sources
     direct = tmp_path / "direct.gguf"
@@ -186,7 +187,7 @@ def test_llama_quantizes_per_tensor_options(sources, tmp_path):
         assert (b.raw("output.weight") == src.raw("output.weight")).all()  # copied as it is
         assert b.tensors["blk.0.ffn_down.weight"].type == T.Q4_K and b.tensors["token_embd.weight"].type == T.Q4_K
     for args, expect in (
-        (["--output-tensor-type", "q3_k"], "type 'q3_k': qvl writes f32, f16, bf16, q8_0"),
+        (["--output-tensor-type", "iq2_xs"], "type 'iq2_xs': qvl writes f32, f16, bf16, q8_0"),
         (["--tensor-type", "attn_v"], "--tensor-type 'attn_v': NAME=TYPE"),
         (["--tensor-type", "attn_v="], "NAME=TYPE"),
         (["--tensor-type", "(attn=q8_0"], "is not a regular expression"),
