@@ -44,14 +44,8 @@ BLOCK_QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]]
 # statistics); the 32-element types by its value and the row's mean square (row_weights); Q8_0
 # takes none, as in ggml.
 K_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    T.Q4_K: quantize_q4_k,
-    T.Q5_K: quantize_q5_k,
-    T.Q6_K: quantize_q6_k,
-    T.Q3_K: quantize_q3_k,
-    T.Q2_K: quantize_q2_k,
-    T.IQ4_NL: quantize_iq4_nl,
-    T.IQ4_XS: quantize_iq4_xs,
-}
+    t: BLOCK_QUANTIZERS[t] for t in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS)
+}  # their block quantizers take the matrix's values as a second argument
 ROW_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     T.Q4_0: quantize_q4_0_weighted,
     T.Q4_1: quantize_q4_1_weighted,

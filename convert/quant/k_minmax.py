@@ -167,6 +167,15 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     return out, stored.astype(np.uint8)
 
 
+def scale_levels(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """A super-block's sub-block scales (or mins) `(nb, n)` as ggml's reference K-quants store
+    them: the nearest multiples of the largest (or 0) over `levels`; (those integers, the unit)."""
+    top = np.maximum(values.max(axis=1), F32(0))
+    with np.errstate(divide="ignore"):
+        inv = np.where(top > 0, F32(levels) / top, F32(0)).astype(F32)
+    return nearest_int(inv[:, None] * values), (top / F32(levels)).astype(F32)
+
+
 def _scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ggml's get_scale_min_k4 for j = 0..7: packed (nb, 12) -> (sc, m), each (nb, 8) uint8."""
     q = packed.astype(np.uint8)
@@ -191,16 +200,9 @@ def _quantize_minmax(
         av_x = np.sqrt(sum_x2 / F32(32)).astype(F32)
         weights = av_x + np.abs(sub)
         scales, mins, L = make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
-        scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-        max_scale = np.maximum(scales.max(axis=1), F32(0))
-        max_min = np.maximum(mins.max(axis=1), F32(0))
-        with np.errstate(divide="ignore"):
-            inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
-            inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
-        ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)  # (nb, 8)
-        lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
-        d = (max_scale / F32(63)).astype(F32)
-        dmin = (max_min / F32(63)).astype(F32)
+        ls, d = scale_levels(scales.reshape(nb, 8), 63)
+        lm, dmin = scale_levels(mins.reshape(nb, 8), 63)
+        ls, lm = (np.minimum(63, v & 0xFF).astype(np.uint8) for v in (ls, lm))  # (nb, 8)
     else:
         whole = np.ascontiguousarray(x.T)  # (256, nb): the super-block's sum of squares, in order
         sigma2 = (F32(2) * seq_sum(whole * whole) / F32(QK_K)).astype(F32)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .common import F32, GROUP_MAX_EPS, f16_round, nearest_int, seq_sum, to_f16_bits, u16_bytes
-from .k_minmax import make_qkx2_quants, make_qp_quants
+from .k_minmax import make_qkx2_quants, make_qp_quants, scale_levels
 from .q6_k import _first_absmax, make_qx_quants_rmse1
 
 QK_K = 256
@@ -117,16 +117,8 @@ def quantize_q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     sub = np.ascontiguousarray(x.reshape(nb * 16, 16).T)  # (16, nb*16)
     if qw is None:
         scales, mins, L = make_qkx2_quants(sub, np.abs(sub), 3, -0.5, 0.1, 15, use_mad=True)
-        scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
-        max_scale = np.maximum(scales.max(axis=1), F32(0))
-        max_min = np.maximum(mins.max(axis=1), F32(0))
-        with np.errstate(divide="ignore"):
-            inv_scale = np.where(max_scale > 0, F32(15) / max_scale, F32(0)).astype(F32)
-            inv_min = np.where(max_min > 0, F32(15) / max_min, F32(0)).astype(F32)
-        low = np.where((max_scale > 0)[:, None], nearest_int(inv_scale[:, None] * scales), 0)
-        high = np.where((max_min > 0)[:, None], nearest_int(inv_min[:, None] * mins), 0)
-        d = np.where(max_scale > 0, (max_scale / F32(15)).astype(F32), F32(0)).astype(F32)
-        dmin = np.where(max_min > 0, (max_min / F32(15)).astype(F32), F32(0)).astype(F32)
+        low, d = scale_levels(scales.reshape(nb, 16), 15)
+        high, dmin = scale_levels(mins.reshape(nb, 16), 15)
     else:
         weights = _sigma2_weights(x, qw, sub, 1)
         scales, mins, L = make_qkx2_quants(sub, weights, 3, -0.9, 0.05, 36)
