@@ -22,12 +22,19 @@ _LV = LEVELS.astype(F32)
 NTRY = 7
 
 
+_MIDPOINTS = ((LEVELS[:-1].astype(np.float64) + LEVELS[1:]) / 2).astype(F32)  # whole or half numbers: exact
+
+
 def best_index(x: np.ndarray) -> np.ndarray:
-    """ggml's best_index_int8(16, kvalues_iq4nl, x): the nearest level's index (the upper on a tie)."""
-    mu = np.clip(np.searchsorted(_LV, x, side="right"), 1, 15)  # first level above x, as its binary search ends
-    nearer_lower = (x - _LV[mu - 1]) < (_LV[mu] - x)
-    idx = np.where(nearer_lower, mu - 1, mu)
-    return np.where(x <= _LV[0], 0, np.where(x >= _LV[15], 15, idx))
+    """ggml's best_index_int8(16, kvalues_iq4nl, x): the nearest level's index, the upper on a tie.
+
+    Its `x - v[mu-1] < v[mu] - x` is `x < (v[mu-1] + v[mu]) / 2` exactly: near a midpoint both
+    differences are under 16, and float32 holds them exactly there. So the index is the count of
+    midpoints at or below x (15 comparisons: ~15x faster than numpy's binary search here)."""
+    out = np.zeros(x.shape, np.int8)
+    for m in _MIDPOINTS:
+        out += x >= m
+    return out
 
 
 def _fit(x: np.ndarray, w: np.ndarray) -> np.ndarray:
