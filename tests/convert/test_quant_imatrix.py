@@ -80,3 +80,28 @@ def test_the_matrix_lowers_the_error_it_weighs(name):
         back = dequantize(quantize(w, T[name], m), T[name])
         err[kind] = float(((back - w) ** 2 * imatrix).sum())
     assert err["weighted"] < 0.8 * err["plain"], err
+
+
+def test_iq4_nearest_level_is_ggmls_binary_search():
+    """best_index counts midpoints; ggml's best_index_int8 searches and compares two float32
+    differences: the same index for every value, at and beside each midpoint and level too."""
+    from qvl.convert.quant.iq4 import LEVELS, best_index
+
+    levels = LEVELS.astype(np.float32)
+
+    def ggml_index(v: np.float32) -> int:
+        if v <= levels[0]:
+            return 0
+        if v >= levels[15]:
+            return 15
+        lo, hi = 0, 15
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            hi, lo = (mid, lo) if v < levels[mid] else (hi, mid)
+        return hi - 1 if np.float32(v - levels[hi - 1]) < np.float32(levels[hi] - v) else hi
+
+    mids = (levels[:-1] + levels[1:]) / 2
+    xs = np.concatenate([np.random.default_rng(0).uniform(-140, 130, 20000), mids, levels,
+                         *(np.nextafter(a, np.float32(s * 1e9)) for a in (mids, levels) for s in (-1, 1)),
+                         [-1e30, 1e30, 0.0, -0.0, 114.5, -128.5]]).astype(np.float32)
+    np.testing.assert_array_equal(best_index(xs), [ggml_index(v) for v in xs])
