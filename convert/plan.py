@@ -1,12 +1,15 @@
 """The ggml type of every output tensor: llama.cpp's rules, ported.
 
 Text model: `--type` picks a llama.cpp file type. f32/f16/bf16/q8_0 convert every matrix to that
-type, as convert_hf_to_gguf.py does. q4_0, q4_k (llama.cpp's Q4_K_S), q4_k_m, q5_k_m and q6_k
-follow `llama_tensor_get_type` in llama-quant.cpp: the output (or the tied token embedding) takes
-Q6_K, `attn_v` and `ffn_down` take more bits on the layers llama.cpp picks (Q4_K_S: Q5_K on the
-first ones; Q4_K_M, Q5_K_M: Q6_K on use_more_bits' layers), and a row length that is not
-a multiple of the block falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, else F16).
-Vectors and norms stay F32 in every mode.
+type, as convert_hf_to_gguf.py does. The other types (q4_0, q4_1, q5_0, q5_1, q4_k = llama.cpp's
+Q4_K_S, q4_k_m, q5_k_s, q5_k_m, q6_k, q3_k_s/m/l, q2_k, iq4_nl, iq4_xs) follow
+`llama_tensor_get_type` in llama-quant.cpp for a dense model: the output (or the tied token
+embedding) takes Q6_K, `attn_v`, `ffn_down` and `attn_output` take more bits on the layers
+llama.cpp picks (Q4_K_S: Q5_K on the first ones; Q4_K_M, Q5_K_M: Q6_K on use_more_bits' layers;
+Q3_K_M, Q3_K_L, Q2_K, IQ4: their own), and a row length that is not a multiple of the block
+falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q3_K / Q2_K -> Q4_0, IQ4_XS -> IQ4_NL, else
+F16). llama-quantize's per-tensor options are `Overrides`. Vectors and norms stay F32 in every
+mode.
 
 Vision projector: `--vision-type` f16 (default), f32 or q8_0; the patch embedding is never
 quantized and a row that Q8_0 cannot hold (Qwen2.5-VL's 3420-wide ffn_down) stays F16.
