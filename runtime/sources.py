@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..convert.official import HUB_REPOS
+from ..convert.plan import TEXT_TYPES
 from .store import ModelName, Store, StoreError
 
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q4_k_m", "q5_k_m", "q6_k")
+QUANTS = tuple(TEXT_TYPES)  # qvl-convert's --type choices
 DEFAULT_QUANT = "q4_k_m"
 
 

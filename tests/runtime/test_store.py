@@ -107,8 +107,9 @@ def test_aliases():
     assert alias_source("me/model:3b") is None
     with pytest.raises(StoreError, match="no official model"):
         alias_source("qwen2.5-vl:5b")
-    with pytest.raises(StoreError, match="quantization"):
-        alias_source("qwen2.5-vl:3b-q2_k")
+    assert alias_source("qwen2.5-vl:7b-q3_k_m") == ("Qwen/Qwen2.5-VL-7B-Instruct", "q3_k_m")  # any --type
+    with pytest.raises(StoreError, match="quantization 'iq2_xs'"):
+        alias_source("qwen2.5-vl:3b-iq2_xs")
 
 
 def test_ollama_import_hard_links(store, fixtures_dir, tmp_path, monkeypatch):
