@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..convert.imatrix import ImportanceMatrix
 from .atomic import replacing
 from .model import Model
 
@@ -69,10 +70,27 @@ class _Watched:
         return watched
 
 
+def merge(sums: Sums, matrix: ImportanceMatrix, chunk_size: int) -> None:
+    """Add an importance matrix file's sums and counts to `sums`, as llama-imatrix --in-file
+    does: a GGUF one's as they are (float32 additions), a legacy one's means times ncall times
+    `chunk_size` (its sums rebuilt); ImatrixError where a matrix's width differs or it has experts."""
+    for name, (s, c) in matrix.raw.items():
+        if c.size != 1:
+            raise ImatrixError(f"{matrix.path}: '{name}' has {c.size} experts: qvl's models have none")
+        add = torch.from_numpy(s.astype(np.float32) * (np.float32(chunk_size) if matrix.legacy else np.float32(1)))
+        count = int(c[0]) * (chunk_size if matrix.legacy else 1)
+        have = sums.squares.get(name)
+        if have is not None and have.numel() != add.numel():
+            raise ImatrixError(f"{matrix.path}: '{name}' has {add.numel()} sums, the others {have.numel()}")
+        sums.squares[name] = add.double() if have is None else (have.float() + add).double()  # float32 adds
+        sums.rows[name] = sums.rows.get(name, 0) + count
+
+
 def collect(model: Model, ids: list[int], ctx: int, n_chunks: int, output: bool = False,
-            each: Callable[[int, int], None] | None = None) -> Sums:
-    """The sums over the first `n_chunks` chunks of `ctx` tokens of `ids`; `each(i, n)` after chunk i."""
-    sums = Sums({}, {})
+            each: Callable[[int, int], None] | None = None, sums: Sums | None = None) -> Sums:
+    """The sums over the first `n_chunks` chunks of `ctx` tokens of `ids` (added to `sums`, e.g.
+    merged files'); `each(i, n)` after chunk i."""
+    sums = sums if sums is not None else Sums({}, {})
     layers = model.decoder.layers
     kept = [{attr: getattr(layer, attr) for attr in WATCHED} for layer in layers]
     try:
@@ -95,6 +113,11 @@ def collect(model: Model, ids: list[int], ctx: int, n_chunks: int, output: bool 
         raise ImatrixError(f"no input reached {missing[0]} (and {len(missing) - 1} more): "
                            "its layer ran outside what qvl imatrix watches (run with --cpu)")
     return sums
+
+
+def chunk_count(sums: Sums, chunk_size: int) -> int:
+    """llama-imatrix's imatrix.chunk_count: the largest count over the chunk size."""
+    return max(sums.rows.values(), default=0) // chunk_size
 
 
 def write(path: Path, sums: Sums, datasets: list[str], chunk_count: int, chunk_size: int) -> None:

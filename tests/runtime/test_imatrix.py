@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from qvl.convert.imatrix import read_imatrix
 from qvl.runtime.cli import app
 from qvl.runtime.gguf_file import GGUFFile
-from qvl.runtime.imatrix import ImatrixError, collect
+from qvl.runtime.imatrix import ImatrixError, Sums, collect, merge
 from qvl.runtime.loader import load
 from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 
@@ -126,3 +126,47 @@ def test_errors_are_one_line(tiny, tmp_path):
         assert r.exit_code == 2 and r.stderr.startswith("qvl imatrix: error: ") and expect in r.stderr \
             and r.stderr.count("\n") == 1, (args, r.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_in_files_add_up(tiny, tmp_path):
+    """--in-file: matrices made before added in (llama-imatrix's: GGUF sums and counts as they are,
+    float32 additions; a legacy .dat's means times ncall times -c), with -f or alone (byte-checked
+    against llama-imatrix --in-file in docs/benchmarks.md)."""
+    import struct
+
+    words = "a page of text about cats dogs hills and the weather over the sea".split()
+    texts = []
+    for seed in (1, 2):
+        texts.append(tmp_path / f"t{seed}.txt")
+        texts[-1].write_text(" ".join(np.random.default_rng(seed).choice(words, 200)), encoding="utf-8")
+    a, b, both, combined = (tmp_path / f"{n}.gguf" for n in ("a", "b", "both", "combined"))
+    for args in ([str(tiny), "-f", str(texts[0]), "-o", str(a)], [str(tiny), "-f", str(texts[1]), "-o", str(b)],
+                 [str(tiny), "-f", str(texts[1]), "--in-file", str(a), "-o", str(both)],
+                 ["--in-file", str(a), "--in-file", str(b), "-o", str(combined)]):
+        r = CliRunner().invoke(app, ["imatrix", "-c", "64", *args])
+        assert r.exit_code == 0, r.output
+    g = {n: GGUFFile(p) for n, p in (("a", a), ("b", b), ("both", both), ("combined", combined))}
+    name = "blk.1.ffn_down.weight"
+
+    def sums(k: str) -> np.ndarray:
+        return g[k].raw(f"{name}.in_sum2").view(np.float32)
+
+    def count(k: str) -> float:
+        return float(g[k].raw(f"{name}.counts").view(np.float32)[0])
+
+    np.testing.assert_array_equal(sums("combined"), sums("a") + sums("b"))  # float32 additions
+    np.testing.assert_allclose(sums("both"), sums("a") + sums("b"), rtol=1e-6)  # b's own sums in float64
+    assert count("combined") == count("both") == count("a") + count("b")
+    assert g["both"].get("imatrix.datasets") == [str(texts[0]), str(texts[1])]
+    assert g["combined"].get("imatrix.chunk_count") == int(count("combined")) // 64
+    dat = tmp_path / "old.dat"  # a legacy file: int32 count, name, ncall, nval, the means times ncall
+    dat.write_bytes(struct.pack("<i", 1) + struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", 3, 2)
+                    + np.array([6.0, 9.0], np.float32).tobytes())
+    sums_ = Sums({}, {})
+    merge(sums_, read_imatrix(dat), 64)
+    assert sums_.squares[name].tolist() == [384.0, 576.0] and sums_.rows[name] == 192
+    for args, expect in ((["-o", str(tmp_path / "x.gguf")], "nothing to do"),
+                         (["-f", str(texts[0])], "-f runs a model: give MODEL"),
+                         (["--in-file", str(a), "--in-file", str(dat)], "'blk.1.ffn_down.weight' has 2 sums, the others")):
+        r = CliRunner().invoke(app, ["imatrix", *args])
+        assert r.exit_code == 2 and expect in r.stderr and r.stderr.count("\n") == 1, r.stderr
