@@ -61,8 +61,9 @@ def _fit(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _weights(x: np.ndarray, qw: np.ndarray | None, super_size: int) -> np.ndarray:
-    """x*x, or qw * sqrtf(sigma2 + x^2) with sigma2 twice the super-block's mean square; blocks
-    `(nb, super_size)` in, element-major `(32, nb * super_size / 32)` out."""
+    """x*x, or qw * sqrtf(sigma2 + x^2) with sigma2 twice the super-block's mean square (ggml's
+    `sigma2 *= 2.f/size` here, not the K-quants' 2 * s / QK_K of k_minmax.sigma2_weights: the
+    roundings differ); blocks `(nb, super_size)` in, element-major `(32, nb * super_size / 32)` out."""
     sub = np.ascontiguousarray(x.reshape(-1, 32).T)
     if qw is None:
         return sub * sub

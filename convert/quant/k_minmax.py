@@ -167,6 +167,17 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     return out, stored.astype(np.uint8)
 
 
+def sigma2_weights(x: np.ndarray, qw: np.ndarray, sub: np.ndarray, times: int) -> np.ndarray:
+    """The K-quants' importance weights qw * sqrtf(sigma2 + x^2) over the element-major sub-blocks
+    `sub` of super-blocks x `(nb, 256)`: sigma2 `times` the super-block's mean square (its sum in
+    ggml's order; `times` * s / QK_K, as Q4_K / Q5_K / Q3_K (2) and Q2_K (1) compute it)."""
+    group = sub.shape[0]
+    whole = np.ascontiguousarray(x.T)  # (256, nb)
+    sigma2 = (F32(times) * seq_sum(whole * whole) / F32(QK_K)).astype(F32)  # 1 * s is s: Q2_K's sumx2/QK_K
+    qsub = np.ascontiguousarray(qw.reshape(-1, group).T)
+    return (qsub * np.sqrt(np.repeat(sigma2, QK_K // group)[None, :] + sub * sub)).astype(F32)
+
+
 def scale_levels(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     """A super-block's sub-block scales (or mins) `(nb, n)` as ggml's reference K-quants store
     them: the nearest multiples of the largest (or 0) over `levels`; (those integers, the unit)."""
@@ -204,10 +215,7 @@ def _quantize_minmax(
         lm, dmin = scale_levels(mins.reshape(nb, 8), 63)
         ls, lm = (np.minimum(63, v & 0xFF).astype(np.uint8) for v in (ls, lm))  # (nb, 8)
     else:
-        whole = np.ascontiguousarray(x.T)  # (256, nb): the super-block's sum of squares, in order
-        sigma2 = (F32(2) * seq_sum(whole * whole) / F32(QK_K)).astype(F32)
-        sigma2 = np.repeat(sigma2, 8)[None, :]  # per sub-block, as sub's columns run
-        weights = (np.ascontiguousarray(qw.reshape(nb * 8, 32).T) * np.sqrt(sigma2 + sub * sub)).astype(F32)
+        weights = sigma2_weights(x, qw, sub, 2)
         scales, mins, L = make_qkx2_quants(sub, weights, nmax, -0.9, 0.05, 36)
         sw = seq_sum(weights).reshape(nb, 8).T  # (8, nb)
         d, ls = make_qp_quants(np.ascontiguousarray(scales.reshape(nb, 8).T), 63, sw)

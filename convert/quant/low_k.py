@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .common import F32, GROUP_MAX_EPS, f16_round, nearest_int, seq_sum, to_f16_bits, u16_bytes
-from .k_minmax import make_qkx2_quants, make_qp_quants, scale_levels
+from .k_minmax import make_qkx2_quants, make_qp_quants, scale_levels, sigma2_weights
 from .q6_k import _first_absmax, make_qx_quants_rmse1
 
 QK_K = 256
@@ -62,16 +62,6 @@ def _two_bit_codes(L: np.ndarray) -> np.ndarray:
     return (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(-1, 64)
 
 
-def _sigma2_weights(x: np.ndarray, qw: np.ndarray, sub: np.ndarray, times: int) -> np.ndarray:
-    """qw * sqrtf(sigma2 + x^2) over the sub-blocks `sub` (16, nb*16): sigma2 `times` the
-    super-block's mean square (its sum in ggml's order)."""
-    nb = x.shape[0]
-    whole = np.ascontiguousarray(x.T)  # (256, nb)
-    sigma2 = (F32(times) * seq_sum(whole * whole) / F32(QK_K)).astype(F32)  # 1 * s is s: Q2_K's sumx2/QK_K
-    qsub = np.ascontiguousarray(qw.reshape(nb * 16, 16).T)
-    return (qsub * np.sqrt(np.repeat(sigma2, 16)[None, :] + sub * sub)).astype(F32)
-
-
 def quantize_q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """Q3_K blocks of x `(nb, 256)`; with `qw` (the importance matrix's values, x's shape) as
     quantize_row_q3_K_impl weighs them: each sub-block's levels fitted with qw * sqrt(sigma2 + x^2)
@@ -88,7 +78,7 @@ def quantize_q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
         ls = np.where(some[:, None], ls, 0).astype(np.uint8)  # (nb, 16): six bits each
         d = np.where(some, (F32(1) / iscale).astype(F32), F32(0)).astype(F32)
     else:
-        weights = _sigma2_weights(x, qw, sub, 2)
+        weights = sigma2_weights(x, qw, sub, 2)
         scales, L = make_qx_quants_rmse1(sub, 4, weights)
         sw = seq_sum(weights).reshape(nb, 16).T  # (16, nb)
         d, ls = make_qx_quants_rmse1(np.ascontiguousarray(scales.reshape(nb, 16).T), 32, sw)
@@ -120,7 +110,7 @@ def quantize_q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
         low, d = scale_levels(scales.reshape(nb, 16), 15)
         high, dmin = scale_levels(mins.reshape(nb, 16), 15)
     else:
-        weights = _sigma2_weights(x, qw, sub, 1)
+        weights = sigma2_weights(x, qw, sub, 1)
         scales, mins, L = make_qkx2_quants(sub, weights, 3, -0.9, 0.05, 36)
         sw = seq_sum(weights).reshape(nb, 16).T  # (16, nb)
         d, low = make_qp_quants(np.ascontiguousarray(scales.reshape(nb, 16).T), 15, sw)
