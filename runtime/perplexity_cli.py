@@ -65,10 +65,6 @@ def read_text(file: Path, fail: Callable[[str], NoReturn]) -> str:
         fail(f"{file}: {e.strerror or e}")
 
 
-def _text_ids(file: Path, tokenizer) -> list[int]:
-    return tokenizer.encode(read_text(file, _fail), add_special_tokens=False).ids
-
-
 def perplexity_command(
     model: str = typer.Argument(..., help="A GGUF file or a stored model's name."),
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="The text to score (UTF-8), e.g. wikitext-2's "
@@ -105,18 +101,19 @@ def perplexity_command(
         _fail(f"-f and --kl-divergence: the text is the one {kl_base} was made of")
     if not kl_divergence and file is None:
         _fail("the text to score: -f FILE")
+    text = read_text(file, _fail) if file is not None else None  # before a model loads, and once
     device = "cpu" if cpu else "auto"
     try:
         stored = read(kl_base) if kl_divergence else None
         ctx = ctx_size or (stored.n_ctx if stored is not None else 512)
         loaded = load(model, device=device, plan_ctx=ctx)
-        ids = stored.tokens if stored is not None else _text_ids(file, loaded.tokenizer)
+        ids = stored.tokens if stored is not None else loaded.tokenizer.encode(text, add_special_tokens=False).ids
         n = chunk_count(len(ids), ctx, chunks, loaded.cfg.context_length,
                         at_least=1 if stored is not None else 2)  # errors before the base loads
         reference = None
         if base is not None:
             reference = load(base, device=device, plan_ctx=ctx)
-            if _text_ids(file, reference.tokenizer) != ids:
+            if reference.tokenizer.encode(text, add_special_tokens=False).ids != ids:
                 _fail(f"{base} reads the text as other tokens than {model}: not the same model")
         started, per_chunk = time.perf_counter(), []
 
