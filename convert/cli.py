@@ -114,7 +114,7 @@ def command(
                                              help="Output GGUF, or a folder to write the default name in (default: ./<name>-<TYPE>.gguf)."),
     type_: str = typer.Option("f16", "--type", "--outtype",
                               help="f32|f16|bf16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q5_k_s|q5_k_m|q6_k|"
-                                   "q3_k_s|q3_k_m|q3_k_l|q2_k|iq4_nl|iq4_xs"),
+                                   "q3_k_s|q3_k_m|q3_k_l|q2_k|iq4_nl|iq4_xs (q2_k_s: qvl quantize)"),
     layout: str = typer.Option("llamacpp", "--layout", help="llamacpp (model + mmproj) | ollama (one file)"),
     vision_type: str = typer.Option("f16", "--vision-type", help="f16|f32|q8_0 for the vision projector"),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
@@ -145,8 +145,9 @@ QUANTIZE_HELP = """Write a GGUF text model in another type, as llama-quantize do
 
 MODEL is a text model GGUF (qvl-convert's, llama.cpp's or Ollama's one-file layout; its vision
 tensors are copied as they are). TYPE is one of q8_0, q4_0, q4_1, q5_0, q5_1, q4_k (Q4_K_S),
-q4_k_m, q5_k_s, q5_k_m, q6_k, q3_k_s, q3_k_m, q3_k_l, q2_k, iq4_nl, iq4_xs, f16, bf16, f32: the
-per-tensor plan and the quantized bytes are qvl-convert's (llama-quantize's rules, ggml's bytes). Metadata is copied, with general.file_type set. A matrix quantized already
+q4_k_m, q5_k_s, q5_k_m, q6_k, q3_k_s, q3_k_m, q3_k_l, q2_k, q2_k_s, iq4_nl, iq4_xs, f16, bf16, f32:
+the per-tensor plan and the quantized bytes are qvl-convert's (llama-quantize's rules, ggml's bytes;
+q2_k_s, llama.cpp's Q2_K_S, needs --imatrix). Metadata is copied, with general.file_type set. A matrix quantized already
 is refused unless --allow-requantize. The projector (mmproj) is not touched: it pairs with the
 new file as with the old (copy or link it beside the new name). With --imatrix FILE (llama-imatrix's
 or qvl imatrix's importance matrix, GGUF or the legacy .dat) the quantizers weigh each column by it,
@@ -159,7 +160,8 @@ Example: qvl quantize qwen2.5-vl-3b-bf16.gguf q4_k_m    (writes qwen2.5-vl-3b-Q4
 def quantize_command(
     model: Path = typer.Argument(..., metavar="MODEL", help="Text model GGUF (f32, f16 or bf16 matrices)."),
     type_: str = typer.Argument(..., metavar="TYPE", help="q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q5_k_s|q5_k_m|"
-                                                          "q6_k|q3_k_s|q3_k_m|q3_k_l|q2_k|iq4_nl|iq4_xs|f16|bf16|f32"),
+                                                          "q6_k|q3_k_s|q3_k_m|q3_k_l|q2_k|q2_k_s|iq4_nl|iq4_xs|f16|bf16|"
+                                                          "f32"),
     out_path: Optional[Path] = typer.Option(None, "-o", "--out", help="Output GGUF (default: <name>-<TYPE>.gguf "
                                             "beside MODEL)."),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Quantize matrices that are "
@@ -215,10 +217,15 @@ def quantize_command(
         options = QuantizeOptions(allow_requantize, imatrix, tuple(include_weights or ()),
                                   tuple(exclude_weights or ()), overrides, leave_output,
                                   tuple(kv_override(o) for o in override_kv or ()))
-        job, source = plan_quantize(model, out, kind, options)
+        job, source = plan_quantize(model, out, kind, options, dry_run)
         try:
             if dry_run:
                 print_plan(job)
+                if source.unweighted:  # llama-quantize's warning after its dry run
+                    where = "their values in the importance matrix" if source.importance else "--imatrix FILE"
+                    err.print(f"qvl quantize: warning: {kind} quantizes {len(source.unweighted)} tensors "
+                              f"('{source.unweighted[0]}' first) to a type that takes importance values: writing "
+                              f"the file needs {where}", markup=False, highlight=False, soft_wrap=True)
                 return
             check_destination(job, force)
             write_job(job, threads or ConvertOptions.workers, quiet, "quantizing", source.chunks)

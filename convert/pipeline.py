@@ -21,7 +21,7 @@ from .errors import ConvertError
 from .hf_config import CheckpointConfig, load_config
 from .layout import check_tensors, mmproj_tensors, ollama_tensors, text_tensors
 from .metadata import KV, mmproj_kv, ollama_kv, text_kv
-from .plan import TEXT_TYPES, VISION_TYPES, PlannedTensor, plan_text, plan_vision
+from .plan import CONVERT_TYPES, TEXT_TYPES, VISION_TYPES, PlannedTensor, plan_text, plan_vision
 from .safetensors_io import Checkpoint
 from .vocab import load_vocab
 from .writer import ChunkSource, GGUFStream, tensor_bytes
@@ -105,8 +105,11 @@ def mmproj_path(out: Path) -> Path:
 
 
 def check_options(opts: ConvertOptions) -> None:
-    if opts.type not in TEXT_TYPES:
-        raise ConvertError(f"--type {opts.type!r}: choose one of {', '.join(TEXT_TYPES)}")
+    if opts.type in TEXT_TYPES and TEXT_TYPES[opts.type].needs_imatrix:
+        raise ConvertError(f"--type {opts.type}: needs an importance matrix; convert to f16, make one with qvl "
+                           f"imatrix, then qvl quantize MODEL-F16.gguf {opts.type} --imatrix imatrix.gguf")
+    if opts.type not in CONVERT_TYPES:
+        raise ConvertError(f"--type {opts.type!r}: choose one of {', '.join(CONVERT_TYPES)}")
     if opts.vision_type not in VISION_TYPES:
         raise ConvertError(f"--vision-type {opts.vision_type!r}: choose one of {', '.join(VISION_TYPES)}")
     if opts.layout not in LAYOUTS:

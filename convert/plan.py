@@ -2,11 +2,11 @@
 
 Text model: `--type` picks a llama.cpp file type. f32/f16/bf16/q8_0 convert every matrix to that
 type, as convert_hf_to_gguf.py does. The other types (q4_0, q4_1, q5_0, q5_1, q4_k = llama.cpp's
-Q4_K_S, q4_k_m, q5_k_s, q5_k_m, q6_k, q3_k_s/m/l, q2_k, iq4_nl, iq4_xs) follow
+Q4_K_S, q4_k_m, q5_k_s, q5_k_m, q6_k, q3_k_s/m/l, q2_k, q2_k_s, iq4_nl, iq4_xs) follow
 `llama_tensor_get_type` in llama-quant.cpp for a dense model: the output (or the tied token
 embedding) takes Q6_K, `attn_v`, `ffn_down` and `attn_output` take more bits on the layers
 llama.cpp picks (Q4_K_S: Q5_K on the first ones; Q4_K_M, Q5_K_M: Q6_K on use_more_bits' layers;
-Q3_K_M, Q3_K_L, Q2_K, IQ4: their own), and a row length that is not a multiple of the block
+Q3_K_M, Q3_K_L, Q2_K, Q2_K_S, IQ4: their own), and a row length that is not a multiple of the block
 falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q3_K / Q2_K -> Q4_0, IQ4_XS -> IQ4_NL, else
 F16). llama-quantize's per-tensor options are `Overrides`. Vectors and norms stay F32 in every
 mode.
@@ -36,6 +36,7 @@ class TextType:
     file_type: FT
     default: T
     mixed: bool  # follows llama-quantize's per-tensor rules
+    needs_imatrix: bool = False  # its default-type matrices need an importance matrix (qvl quantize --imatrix)
 
 
 TEXT_TYPES: dict[str, TextType] = {
@@ -53,12 +54,23 @@ TEXT_TYPES: dict[str, TextType] = {
     "q3_k_m": TextType("q3_k_m", FT.MOSTLY_Q3_K_M, T.Q3_K, True),
     "q3_k_s": TextType("q3_k_s", FT.MOSTLY_Q3_K_S, T.Q3_K, True),
     "q2_k": TextType("q2_k", FT.MOSTLY_Q2_K, T.Q2_K, True),
+    "q2_k_s": TextType("q2_k_s", FT.MOSTLY_Q2_K_S, T.Q2_K, True, needs_imatrix=True),
     "q4_1": TextType("q4_1", FT.MOSTLY_Q4_1, T.Q4_1, True),
     "q5_0": TextType("q5_0", FT.MOSTLY_Q5_0, T.Q5_0, True),
     "q5_1": TextType("q5_1", FT.MOSTLY_Q5_1, T.Q5_1, True),
     "iq4_nl": TextType("iq4_nl", FT.MOSTLY_IQ4_NL, T.IQ4_NL, True),
     "iq4_xs": TextType("iq4_xs", FT.MOSTLY_IQ4_XS, T.IQ4_XS, True),
 }
+
+# the types qvl-convert writes from a checkpoint: not those that need an importance matrix
+CONVERT_TYPES = tuple(k for k, v in TEXT_TYPES.items() if not v.needs_imatrix)
+
+
+def requires_imatrix(kind: TextType, name: str, qtype: T) -> bool:
+    """llama-quant.cpp `tensor_requires_imatrix` for qvl's types: in a Q2_K_S file a Q2_K matrix
+    other than the token embedding and the output is not quantized without importance values."""
+    return kind.needs_imatrix and qtype == T.Q2_K and name not in ("token_embd.weight", "output.weight")
+
 
 VISION_TYPES: dict[str, tuple[FT, T]] = {
     "f16": (FT.MOSTLY_F16, T.F16),
@@ -191,6 +203,8 @@ def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, shape: tuple[int, int, in
         counters["attn_v"] += 1
         if ft == FT.MOSTLY_Q2_K:
             return T.Q4_K if n_gqa >= 4 else T.Q3_K
+        if ft == FT.MOSTLY_Q2_K_S and n_gqa >= 4:
+            return T.Q4_K
         if ft == FT.MOSTLY_Q3_K_M:
             return T.Q5_K if i < 2 else T.Q4_K
         if ft == FT.MOSTLY_Q3_K_L or ft in _IQ4 and n_gqa >= 4:
@@ -204,6 +218,8 @@ def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, shape: tuple[int, int, in
         counters["ffn_down"] += 1
         if ft == FT.MOSTLY_Q2_K:
             return T.Q3_K
+        if ft == FT.MOSTLY_Q2_K_S:
+            return T.Q4_K if i < n_layer // 8 else qtype
         if ft == FT.MOSTLY_Q3_K_M:
             return T.Q5_K if i < n_layer // 16 else T.Q4_K
         if ft == FT.MOSTLY_Q3_K_L:

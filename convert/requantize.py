@@ -36,7 +36,7 @@ from .imatrix import ImportanceMatrix, read_imatrix
 from .layout import OutTensor
 from .metadata import KV
 from .pipeline import ConvertOptions, Job, OutputFile, run_counted
-from .plan import TEXT_TYPES, Overrides, PlannedTensor, TextType, keeps_float, plan_text
+from .plan import TEXT_TYPES, Overrides, PlannedTensor, TextType, keeps_float, plan_text, requires_imatrix
 from .quant import block_size, can_hold, dequantize, quantize
 
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
@@ -64,6 +64,7 @@ class Requantize:
     source: GGUFFile
     copied: frozenset[str]
     importance: dict[str, np.ndarray] = field(default_factory=dict)
+    unweighted: tuple[str, ...] = ()  # matrices the type quantizes only with importance values, without them
 
     def chunks(self, p: PlannedTensor, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a planned tensor in its new type (uint8), from the source."""
@@ -162,10 +163,11 @@ def _matrix(o: QuantizeOptions) -> ImportanceMatrix | None:
     return replace(m, values=kept) if kept else None
 
 
-def plan_quantize(source: Path, out: Path, type_name: str,
-                  options: QuantizeOptions = QuantizeOptions()) -> tuple[Job, Requantize]:
+def plan_quantize(source: Path, out: Path, type_name: str, options: QuantizeOptions = QuantizeOptions(),
+                  dry_run: bool = False) -> tuple[Job, Requantize]:
     """The job of writing `source` in `type_name` to `out` with llama-quantize's `options`;
-    every refusal before a byte is written."""
+    every refusal before a byte is written. A dry run plans a type that needs an importance matrix
+    without one (Requantize.unweighted names what it lacks), as llama-quantize --dry-run does."""
     kind = TEXT_TYPES.get(type_name)
     if kind is None:
         raise ConvertError(f"type {type_name!r}: choose one of {', '.join(TEXT_TYPES)}")
@@ -176,10 +178,22 @@ def plan_quantize(source: Path, out: Path, type_name: str,
         raise ConvertError(str(e)) from None
     try:
         job, copied, importance = _plan(src, source, out, kind, options, matrix)
+        unweighted = tuple(p.tensor.name for p in job.files[0].plan if p.tensor.name not in copied
+                           and requires_imatrix(kind, p.tensor.name, p.qtype) and p.tensor.name not in importance)
+        if unweighted and not dry_run:
+            raise ConvertError(unweighted_message(kind, unweighted[0], options.imatrix if matrix else None))
     except ConvertError:
         src.close()
         raise
-    return job, Requantize(src, frozenset(copied), importance)
+    return job, Requantize(src, frozenset(copied), importance, unweighted)
+
+
+def unweighted_message(kind: TextType, name: str, imatrix: Path | None) -> str:
+    """Why a tensor is not quantized: llama-quantize's refusal of a very low-bit type without importance values."""
+    if imatrix is None:
+        return (f"{kind.name} quantizes '{name}' to {kind.default.name}, which takes importance values: give "
+                "--imatrix FILE (qvl imatrix makes one from an f16 model and a text)")
+    return f"{imatrix}: no values for '{name}', which {kind.name} quantizes to {kind.default.name} (it takes them)"
 
 
 def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOptions,

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..convert.official import HUB_REPOS
-from ..convert.plan import TEXT_TYPES
+from ..convert.plan import CONVERT_TYPES
 from .store import ModelName, Store, StoreError
 
-QUANTS = tuple(TEXT_TYPES)  # qvl-convert's --type choices
+QUANTS = CONVERT_TYPES  # qvl-convert's --type choices
 DEFAULT_QUANT = "q4_k_m"
 
 

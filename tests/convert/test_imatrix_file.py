@@ -9,30 +9,12 @@ import struct
 
 import numpy as np
 import pytest
-from gguf import GGUFValueType, GGUFWriter
 from typer.testing import CliRunner
 
+from imatrix_files import write_imatrix
 from qvl.convert.errors import ConvertError
 from qvl.convert.imatrix import read_imatrix
 from qvl.runtime.cli import app
-
-
-def _gguf(path, entries: dict[str, tuple[np.ndarray, list[float]]], keys: bool = True) -> None:
-    w = GGUFWriter(path, "imatrix")
-    w.kv_data[0].pop("general.architecture", None)
-    if keys:
-        w.add_key_value("imatrix.datasets", ["wiki.txt"], GGUFValueType.ARRAY, GGUFValueType.STRING)
-        w.add_key_value("imatrix.chunk_count", 7, GGUFValueType.UINT32)
-        w.add_key_value("imatrix.chunk_size", 512, GGUFValueType.UINT32)
-    for name, (sums, counts) in entries.items():
-        if sums is not None:
-            w.add_tensor(f"{name}.in_sum2", sums.astype(np.float32))
-        if counts is not None:
-            w.add_tensor(f"{name}.counts", np.array(counts, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def _dat(entries: dict[str, tuple[int, np.ndarray]], tail: bytes = b"") -> bytes:
@@ -45,7 +27,7 @@ def _dat(entries: dict[str, tuple[int, np.ndarray]], tail: bytes = b"") -> bytes
 
 def test_gguf_values_are_sums_over_counts(tmp_path):
     path = tmp_path / "m.imatrix.gguf"
-    _gguf(path, {"blk.0.ffn_up.weight": (np.array([2.0, 4.0, 6.0]), [2.0]),
+    write_imatrix(path, {"blk.0.ffn_up.weight": (np.array([2.0, 4.0, 6.0]), [2.0]),
                  "blk.1.ffn_up.weight": (np.array([5.0, 7.0]), [0.0]),
                  "blk.2.ffn_up.weight": (np.array([[1.0, 2.0], [9.0, 12.0]]), [1.0, 3.0])})  # two experts
     m = read_imatrix(path)
@@ -70,13 +52,13 @@ def test_legacy_values_are_over_ncall(tmp_path):
 def test_bad_files_are_refused(tmp_path):
     cases = []
     p = tmp_path / "nokeys.gguf"
-    _gguf(p, {"a.weight": (np.ones(2), [1.0])}, keys=False)
+    write_imatrix(p, {"a.weight": (np.ones(2), [1.0])}, keys=False)
     cases.append((p, "without imatrix.datasets"))
     p = tmp_path / "nocounts.gguf"
-    _gguf(p, {"a.weight": (np.ones(2), None)})
+    write_imatrix(p, {"a.weight": (np.ones(2), None)})
     cases.append((p, "'a.weight' has no .counts"))
     p = tmp_path / "nan.gguf"
-    _gguf(p, {"a.weight": (np.array([1.0, np.nan]), [1.0])})
+    write_imatrix(p, {"a.weight": (np.array([1.0, np.nan]), [1.0])})
     cases.append((p, "not finite"))
     p = tmp_path / "short.dat"
     p.write_bytes(_dat({"a.weight": (1, np.ones(4))})[:-3])
@@ -93,8 +75,8 @@ def test_bad_files_are_refused(tmp_path):
 def test_quantize_refuses_another_models_matrix(tmp_path, fixtures_dir):
     model = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"  # 64-wide rows
     wrong, unrelated = tmp_path / "wrong.gguf", tmp_path / "unrelated.gguf"
-    _gguf(wrong, {"blk.0.attn_q.weight": (np.ones(128), [1.0])})
-    _gguf(unrelated, {"blk.99.attn_q.weight": (np.ones(64), [1.0])})
+    write_imatrix(wrong, {"blk.0.attn_q.weight": (np.ones(128), [1.0])})
+    write_imatrix(unrelated, {"blk.99.attn_q.weight": (np.ones(64), [1.0])})
     for matrix, expect in ((wrong, "128 values for 'blk.0.attn_q.weight', whose rows are 64 long"),
                            (unrelated, "no tensor of the model is in it")):
         out = tmp_path / "out.gguf"
@@ -111,7 +93,7 @@ def test_include_and_exclude_weights(tmp_path, fixtures_dir):
     model = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"  # 3 layers, 64-wide
     matrix = tmp_path / "m.gguf"
     rng = np.random.default_rng(1)
-    _gguf(matrix, {f"blk.{i}.{n}.weight": (np.exp(rng.normal(0, 2, 320 if n == "ffn_down" else 64)), [1.0])
+    write_imatrix(matrix, {f"blk.{i}.{n}.weight": (np.exp(rng.normal(0, 2, 320 if n == "ffn_down" else 64)), [1.0])
                    for i in range(3) for n in ("attn_q", "attn_v", "ffn_up", "ffn_down")})
     runs = {"plain": [], "all": ["--imatrix", str(matrix)],
             "ffn": ["--imatrix", str(matrix), "--include-weights", "ffn"],

@@ -124,7 +124,7 @@ def test_llama_quantizes_overrides():
 
 
 def test_the_low_bit_mixes():
-    """llama_tensor_get_type_impl's Q3_K_S / Q3_K_M / Q3_K_L / Q2_K / Q5_K_S rules on the 7B's
+    """llama_tensor_get_type_impl's Q3_K_S / Q3_K_M / Q3_K_L / Q2_K / Q2_K_S / Q5_K_S rules on the 7B's
     shapes (28 layers, 7 heads per KV head; byte-checked against llama-quantize in
     docs/benchmarks.md on other shapes)."""
     plans = {k: _plan("qwen2.5-vl-7b", k) for k in ("q3_k_s", "q3_k_m", "q3_k_l", "q2_k", "q5_k_s")}
@@ -145,6 +145,12 @@ def test_the_low_bit_mixes():
     few = {p.tensor.name: p.qtype for p in plan_text(text_tensors(cfg), TEXT_TYPES["q2_k"], 28, n_gqa=2)}
     assert few["blk.0.attn_v.weight"] == T.Q3_K
     assert {got["q5_k_s"][f"blk.{i}.{n}.weight"] for i in range(28) for n in ("attn_v", "ffn_down")} == {T.Q5_K}
+    q2s = {g: {p.tensor.name: p.qtype for p in plan_text(text_tensors(cfg), TEXT_TYPES["q2_k_s"], 28, n_gqa=g)}
+           for g in (7, 2)}  # Q2_K_S: attn_v Q4_K from 4 heads per KV head, the first eighth of ffn_down Q4_K
+    assert [q2s[7][f"blk.{i}.ffn_down.weight"] for i in (2, 3)] == [T.Q4_K, T.Q2_K]  # 28 // 8 = 3
+    assert q2s[7]["blk.0.attn_v.weight"] == T.Q4_K and q2s[2]["blk.0.attn_v.weight"] == T.Q2_K
+    assert q2s[7]["blk.0.attn_output.weight"] == q2s[7]["token_embd.weight"] == T.Q2_K
+    assert q2s[7]["output.weight"] == T.Q6_K
     assert fallback(T.Q3_K, 64) == T.Q4_0 and fallback(T.Q2_K, 96) == T.Q4_0
 
 

@@ -224,3 +224,48 @@ def test_a_tensor_type_file(sources, tmp_path):
     r = quantize(str(folder / "m-bf16.gguf"), "q4_k_m", "-o", str(tmp_path / "b.gguf"), "--tensor-type-file",
                  str(tmp_path / "none.txt"))
     assert r.exit_code == 2 and "--tensor-type-file" in r.output and "No such file" in r.output
+
+
+def test_q2_k_s_takes_an_importance_matrix(sources, tmp_path):
+    """llama.cpp's Q2_K_S quantizes its Q2_K matrices only with importance values: without a
+    matrix, or with one that lacks a tensor's, qvl quantize refuses with one line and writes
+    nothing (llama-quantize refuses too); a dry run plans it and warns. With them, a Q2_K matrix is
+    the very bytes q2_k's weighted Q2_K gives it; qvl-convert and the store's tags refuse the type.
+    (Whole files byte-identical to llama-quantize --imatrix Q2_K_S: docs/benchmarks.md.)"""
+    from imatrix_files import write_imatrix
+    from qvl.runtime.sources import alias_source
+    from qvl.runtime.store import StoreError
+
+    ckpt, folder = sources
+    src = folder / "m-f32.gguf"
+    with GGUFFile(src) as g:
+        rows = {n: t.ne[0] for n, t in g.tensors.items() if n.startswith("blk.") and n.endswith("weight")
+                and len(t.ne) == 2}
+    rng = np.random.default_rng(3)
+    matrix = tmp_path / "m.imatrix.gguf"
+    write_imatrix(matrix, {n: (np.exp(rng.normal(0, 2, k)), [1.0]) for n, k in rows.items()})
+    out = tmp_path / "q.gguf"
+    for args, expect in (((), "which takes importance values: give --imatrix FILE"),
+                         (("--imatrix", str(matrix), "--exclude-weights", "blk.1.ffn_up"),
+                          "no values for 'blk.1.ffn_up.weight', which q2_k_s quantizes to Q2_K")):
+        r = quantize(str(src), "q2_k_s", "-o", str(out), *args)
+        assert r.exit_code == 2 and expect in r.stderr and r.stderr.count("\n") == 1, r.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.imatrix.gguf"]
+    r = runner.invoke(app, ["quantize", str(src), "q2_k_s", "--dry-run"])
+    assert r.exit_code == 0 and "blk.0.attn_q.weight" in r.stdout and "Q2_K" in r.stdout
+    assert f"q2_k_s quantizes {len(rows)} tensors" in r.stderr and "needs --imatrix FILE" in r.stderr
+    files = {}
+    for kind in ("q2_k_s", "q2_k"):
+        files[kind] = tmp_path / f"{kind}.gguf"
+        assert quantize(str(src), kind, "-o", str(files[kind]), "--imatrix", str(matrix)).exit_code == 0
+    with GGUFFile(files["q2_k_s"]) as s, GGUFFile(files["q2_k"]) as k:
+        assert s.get("general.file_type") == 21 and s.tensors["output.weight"].type == T.Q6_K
+        both = [n for n in rows if s.tensors[n].type == k.tensors[n].type == T.Q2_K]
+        assert {n.split(".")[2] for n in both} == {"attn_q", "attn_k", "ffn_gate", "ffn_up"}
+        assert all((s.raw(n) == k.raw(n)).all() for n in both)
+        # 2 heads per KV head, 3 layers (3 // 8 = 0): attn_v and ffn_down stay Q2_K (q2_k: Q3_K)
+        assert s.tensors["blk.0.attn_v.weight"].type == s.tensors["blk.0.ffn_down.weight"].type == T.Q2_K
+    r = runner.invoke(convert_app, [str(ckpt), "--type", "q2_k_s", "-o", str(tmp_path / "c.gguf")])
+    assert r.exit_code == 2 and "needs an importance matrix" in r.stderr and not (tmp_path / "c.gguf").exists()
+    with pytest.raises(StoreError, match="quantization 'q2_k_s'"):
+        alias_source("qwen2.5-vl:3b-q2_k_s")
