@@ -393,12 +393,12 @@ class Model:
 
     @torch.no_grad()
     @one_line()
-    def token_hidden(self, ids: list[int]) -> list[torch.Tensor]:
-        """Text tokens' final-norm hidden states, every position's, in prefill chunks (decoder.logits
-        makes a slice's logits): a long prompt scored without its (tokens x vocab) logits at once."""
-        embeds, _ = self._embed(ids, [], 0)
-        cache = self.decoder.new_cache(len(ids), self.placement.kv_type)
-        return self._prefill_hidden(embeds, rope_positions([Span(len(ids))]), cache)
+    def token_hidden(self, ids: list[int], cache: KVCache | None = None) -> list[torch.Tensor]:
+        """Text tokens' final-norm hidden states, every position's, in prefill chunks (decoder.logits makes a
+        slice's logits); with a `cache` holding ids' first cache.length tokens, those of the tokens after them."""
+        cache = cache if cache is not None else self.decoder.new_cache(len(ids), self.placement.kv_type)
+        embeds, _ = self._embed(ids, [], cache.length)
+        return self._prefill_hidden(embeds, rope_positions([Span(len(ids) - cache.length)], cache.length), cache)
 
     def generate(self, prompt: str, images: list[ImageLike] | None = None, *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,

@@ -1,0 +1,148 @@
+"""HellaSwag's commonsense score as llama-perplexity's --hellaswag computes it (acc_norm).
+
+The file is llama.cpp's: six lines a task (the context, the index of the right ending, then the
+four endings), e.g. klosax/hellaswag_text_data's hellaswag_val_full.txt. llama.cpp takes
+`tasks` of them in a random order: std::mt19937 seeded with 1, each task drawn by
+uniform_int_distribution<size_t>(0, left - 1) from those left (libstdc++'s: GCC 11's and later,
+Lemire's method on the generator's 32-bit words), which this module draws the same way. Each
+ending is scored as the mean log-probability of its tokens after the context ("context ending",
+tokenized whole); the context's shared tokens are read once and each ending's after them, from
+the same cache. The task counts when the right ending has the highest mean (the first among
+equals); the running accuracy comes with the Wilson score interval at 95%.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .model import Model
+
+TASKS = 400  # llama-perplexity's --hellaswag-tasks default
+_WORD = 0xFFFFFFFF
+
+
+class HellaswagError(ValueError):
+    """A task file that is not llama.cpp's layout, or a task the model cannot read; one line."""
+
+
+@dataclass(frozen=True)
+class Task:
+    context: str
+    gold: int
+    endings: tuple[str, str, str, str]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A task's endings' mean log-probabilities and the one picked (the first of the highest)."""
+    task: Task
+    logprobs: tuple[float, ...]
+    picked: int
+
+    @property
+    def right(self) -> bool:
+        return self.picked == self.task.gold
+
+
+def parse_tasks(text: str) -> list[Task]:
+    """llama.cpp's six lines a task (split on newlines, as std::getline: no trailing empty line)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines or len(lines) % 6:
+        raise HellaswagError(f"{len(lines)} lines: a HellaSwag file has six a task (context, the right ending's "
+                             "index, four endings)")
+    tasks = []
+    for i in range(0, len(lines), 6):
+        label = lines[i + 1].strip()
+        if label not in ("0", "1", "2", "3"):
+            raise HellaswagError(f"line {i + 2}: the right ending's index is 0-3, not {label!r}")
+        tasks.append(Task(lines[i], int(label), (lines[i + 2], lines[i + 3], lines[i + 4], lines[i + 5])))
+    return tasks
+
+
+class StdMt19937:
+    """std::mt19937(seed)'s 32-bit words (CPython's generator is MT19937: its state set as
+    init_genrand(seed) leaves it, getrandbits(32) is genrand_uint32)."""
+
+    def __init__(self, seed: int):
+        state = [seed & _WORD]
+        for i in range(1, 624):
+            state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) & _WORD)
+        self._r = random.Random()
+        self._r.setstate((3, (*state, 624), None))
+
+    def __call__(self) -> int:
+        return self._r.getrandbits(32)
+
+
+def uniform_below(gen: StdMt19937, n: int) -> int:
+    """libstdc++'s uniform_int_distribution(0, n - 1) on a 32-bit generator (n < 2^32): Lemire's
+    nearly divisionless method, as its _S_nd does it."""
+    product = gen() * n
+    if product & _WORD < n:
+        threshold = ((1 << 32) - n) % n
+        while product & _WORD < threshold:
+            product = gen() * n
+    return product >> 32
+
+
+def select(tasks: list[Task], n: int) -> list[Task]:
+    """llama-perplexity's pick of min(n, all) tasks: drawn at random from those left, seed 1."""
+    left, gen, picked = list(tasks), StdMt19937(1), []
+    for _ in range(min(n, len(tasks))):
+        picked.append(left.pop(uniform_below(gen, len(left))))
+    return picked
+
+
+def score_task(model: Model, task: Task) -> Scored:
+    """Each ending's mean log-probability after the context (the shared tokens read once)."""
+    seqs = [model.tokenizer.encode(f"{task.context} {e}", add_special_tokens=False).ids for e in task.endings]
+    common = 0
+    while all(common < len(s) for s in seqs) and len({s[common] for s in seqs}) == 1:
+        common += 1
+    if common == 0 or any(len(s) == common for s in seqs):
+        raise HellaswagError(f"task {task.context[:40]!r}: its endings share no first token, or one adds none")
+    if max(len(s) for s in seqs) > model.cfg.context_length:
+        raise HellaswagError(f"task {task.context[:40]!r}: {max(len(s) for s in seqs)} tokens, more than the "
+                             f"model reads ({model.cfg.context_length})")
+    cache = model.decoder.new_cache(max(len(s) for s in seqs), model.placement.kv_type)
+    last = model.token_hidden(seqs[0][:common], cache)[-1][-1:]
+    first = torch.log_softmax(model.decoder.logits(last).float(), -1)[0]
+    means = []
+    for s in seqs:
+        cache.length = common
+        total = float(first[s[common]])
+        if len(s) > common + 1:
+            hidden = torch.cat(model.token_hidden(s[:-1], cache))
+            rows = torch.log_softmax(model.decoder.logits(hidden).float(), -1)
+            total += float(rows.gather(1, torch.tensor(s[common + 1:], device=rows.device)[:, None]).double().sum())
+        means.append(total / (len(s) - common))
+    best = max(range(4), key=lambda i: (means[i], -i))
+    return Scored(task, tuple(means), best)
+
+
+def wilson(right: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of right / n, as llama-perplexity computes it."""
+    za = 1.95996398454
+    freq, z = right / n, za * za / n
+    cnf = z * math.sqrt(n * (4.0 * freq * (1 - freq) + z)) / (za + za)
+    return (freq + z * 0.5 - cnf) / (1.0 + z), (freq + z * 0.5 + cnf) / (1.0 + z)
+
+
+def hellaswag(model: Model, tasks: list[Task], n: int,
+              each: Callable[[int, Scored, int], None] | None = None) -> list[Scored]:
+    """Score llama-perplexity's selection of `n` tasks; `each(i, scored, right so far)` after each."""
+    out, right = [], 0
+    for i, task in enumerate(select(tasks, n)):
+        scored = score_task(model, task)
+        right += scored.right
+        out.append(scored)
+        if each is not None:
+            each(i, scored, right)
+    return out
