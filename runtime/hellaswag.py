@@ -14,16 +14,15 @@ equals); the running accuracy comes with the Wilson score interval at 95%.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .model import Model
+from .task_scoring import StdMt19937, choices_log_probs, common_prefix
 
 TASKS = 400  # llama-perplexity's --hellaswag-tasks default
-_WORD = 0xFFFFFFFF
 
 
 class HellaswagError(ValueError):
@@ -66,28 +65,13 @@ def parse_tasks(text: str) -> list[Task]:
     return tasks
 
 
-class StdMt19937:
-    """std::mt19937(seed)'s 32-bit words (CPython's generator is MT19937: its state set as
-    init_genrand(seed) leaves it, getrandbits(32) is genrand_uint32)."""
-
-    def __init__(self, seed: int):
-        state = [seed & _WORD]
-        for i in range(1, 624):
-            state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) & _WORD)
-        self._r = random.Random()
-        self._r.setstate((3, (*state, 624), None))
-
-    def __call__(self) -> int:
-        return self._r.getrandbits(32)
-
-
 def uniform_below(gen: StdMt19937, n: int) -> int:
     """libstdc++'s uniform_int_distribution(0, n - 1) on a 32-bit generator (n < 2^32): Lemire's
     nearly divisionless method, as its _S_nd does it."""
     product = gen() * n
-    if product & _WORD < n:
+    if product & StdMt19937.max < n:
         threshold = ((1 << 32) - n) % n
-        while product & _WORD < threshold:
+        while product & StdMt19937.max < threshold:
             product = gen() * n
     return product >> 32
 
@@ -103,26 +87,17 @@ def select(tasks: list[Task], n: int) -> list[Task]:
 def score_task(model: Model, task: Task) -> Scored:
     """Each ending's mean log-probability after the context (the shared tokens read once)."""
     seqs = [model.tokenizer.encode(f"{task.context} {e}", add_special_tokens=False).ids for e in task.endings]
-    common = 0
-    while all(common < len(s) for s in seqs) and len({s[common] for s in seqs}) == 1:
-        common += 1
+    common = common_prefix(seqs)
     if common == 0 or any(len(s) == common for s in seqs):
         raise HellaswagError(f"task {task.context[:40]!r}: its endings share no first token, or one adds none")
     if max(len(s) for s in seqs) > model.cfg.context_length:
         raise HellaswagError(f"task {task.context[:40]!r}: {max(len(s) for s in seqs)} tokens, more than the "
                              f"model reads ({model.cfg.context_length})")
-    cache = model.decoder.new_cache(max(len(s) for s in seqs), model.placement.kv_type)
-    last = model.token_hidden(seqs[0][:common], cache)[-1][-1:]
-    first = torch.log_softmax(model.decoder.logits(last).float(), -1)[0]
+    first, rows = choices_log_probs(model, seqs, common, last=False)
     means = []
-    for s in seqs:
-        cache.length = common
-        total = float(first[s[common]])
-        if len(s) > common + 1:
-            hidden = torch.cat(model.token_hidden(s[:-1], cache))
-            rows = torch.log_softmax(model.decoder.logits(hidden).float(), -1)
-            total += float(rows.gather(1, torch.tensor(s[common + 1:], device=rows.device)[:, None]).double().sum())
-        means.append(total / (len(s) - common))
+    for s, r in zip(seqs, rows):
+        rest = r.gather(1, torch.tensor(s[common + 1:], dtype=torch.long, device=r.device)[:, None])
+        means.append((float(first[0, s[common]]) + float(rest.double().sum())) / (len(s) - common))
     best = max(range(4), key=lambda i: (means[i], -i))
     return Scored(task, tuple(means), best)
 

@@ -1,5 +1,5 @@
-"""`qvl perplexity MODEL -f TEXT`: a text's perplexity under a model (or with `--hellaswag` the
-HellaSwag score: hellaswag.py), and with `--base` the KL divergence from the base model's
+"""`qvl perplexity MODEL -f TEXT`: a text's perplexity under a model (or with `--hellaswag` /
+`--winogrande` those scores: tasks_cli.py), and with `--base` the KL divergence from the base model's
 next-token distributions (llama.cpp's llama-perplexity and its --kl-divergence, in one run;
 perplexity.py measures), or in llama.cpp's two runs with a file of the base's log-probabilities
 between them (`--kl-divergence-base FILE [--kl-divergence]`, logits_file.py). Each chunk's
@@ -27,7 +27,8 @@ HELP = ("A text's perplexity under a model, as llama-perplexity measures it: the
         "Example: qvl perplexity qwen2.5-vl-7b-q4_k_m.gguf -f wiki.test.raw --base qwen2.5-vl-7b-f16.gguf\n\n"
         "Or: qvl perplexity qwen2.5-vl-7b-f16.gguf -f wiki.test.raw --kl-divergence-base f16.kld; "
         "qvl perplexity qwen2.5-vl-7b-q4_k_m.gguf --kl-divergence-base f16.kld --kl-divergence\n\n"
-        "HellaSwag (llama-perplexity --hellaswag): qvl perplexity MODEL -f hellaswag_val_full.txt --hellaswag")
+        "HellaSwag, WinoGrande (llama-perplexity's): qvl perplexity MODEL -f hellaswag_val_full.txt --hellaswag; "
+        "qvl perplexity MODEL -f winogrande-debiased-eval.csv --winogrande")
 
 
 def _fail(message: str) -> NoReturn:
@@ -87,6 +88,10 @@ def perplexity_command(
                                                               "llama-perplexity --hellaswag's acc_norm."),
     hellaswag_tasks: int = typer.Option(400, "--hellaswag-tasks", help="How many tasks --hellaswag scores, drawn "
                                                                        "as llama-perplexity draws them."),
+    winogrande: bool = typer.Option(False, "--winogrande", help="Score WinoGrande's tasks in -f FILE instead "
+                                                                "(llama.cpp's CSV): llama-perplexity --winogrande's."),
+    winogrande_tasks: int = typer.Option(0, "--winogrande-tasks", help="How many tasks --winogrande scores, drawn "
+                                                                       "as llama-perplexity draws them (0: all)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object: the figures, and each chunk's PPL."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even where a GPU is."),
 ) -> None:
@@ -100,10 +105,15 @@ def perplexity_command(
     from .store import StoreError
     from .tokenizer import TokenizerError
 
-    if hellaswag and (base is not None or kl_base is not None):
-        _fail("--hellaswag scores one model: not with --base or --kl-divergence-base")
+    if hellaswag and winogrande:
+        _fail("--hellaswag and --winogrande: one at a time")
+    if (hellaswag or winogrande) and (base is not None or kl_base is not None):
+        _fail(f"--{'hellaswag' if hellaswag else 'winogrande'} scores one model: not with --base or "
+              "--kl-divergence-base")
     if hellaswag_tasks < 1:
         _fail(f"--hellaswag-tasks {hellaswag_tasks}: 1 or more")
+    if winogrande_tasks < 0:
+        _fail(f"--winogrande-tasks {winogrande_tasks}: 0 (all) or more")
     if kl_divergence and kl_base is None:
         _fail("--kl-divergence reads the base's log-probabilities from --kl-divergence-base FILE")
     if kl_base is not None and base is not None:
@@ -114,8 +124,11 @@ def perplexity_command(
         _fail("the text to score: -f FILE")
     text = read_text(file, _fail) if file is not None else None  # before a model loads, and once
     device = "cpu" if cpu else "auto"
-    if hellaswag:
-        return _hellaswag(model, text, hellaswag_tasks, device, json_out)
+    if hellaswag or winogrande:
+        from .tasks_cli import run_hellaswag, run_winogrande
+
+        run = run_hellaswag if hellaswag else run_winogrande
+        return run(model, text, hellaswag_tasks if hellaswag else winogrande_tasks, device, json_out, _fail)
     try:
         stored = read(kl_base) if kl_divergence else None
         ctx = ctx_size or (stored.n_ctx if stored is not None else 512)
@@ -159,38 +172,3 @@ def perplexity_command(
     else:
         sys.stdout.write("\n".join(_lines(result)) + "\n")
 
-
-def _hellaswag(model: str, text: str, n: int, device: str, json_out: bool) -> None:
-    """llama-perplexity --hellaswag: the running acc_norm and its 95% interval, a line a task."""
-    from .config import ConfigError
-    from .gguf_file import GGUFError
-    from .hellaswag import HellaswagError, hellaswag, parse_tasks, wilson
-    from .loader import load
-    from .model import ModelError
-    from .store import StoreError
-    from .tokenizer import TokenizerError
-
-    def each(i: int, scored, right: int) -> None:
-        low, high = wilson(right, i + 1)
-        line = f"{i + 1}\t{100 * right / (i + 1):3.8f}%\t[{100 * low:3.4f}%, {100 * high:3.4f}%]"
-        typer.echo(line, err=json_out)
-
-    try:
-        tasks = parse_tasks(text)
-        loaded = load(model, device=device)
-        typer.echo(f"qvl perplexity: {len(tasks)} tasks in the file, {min(n, len(tasks))} drawn as "
-                   "llama-perplexity draws them", err=True)
-        if not json_out:
-            typer.echo("\ntask\tacc_norm\t95% confidence interval")
-        scored = hellaswag(loaded, tasks, n, each)
-    except (GGUFError, ConfigError, TokenizerError, ModelError, StoreError, HellaswagError) as e:
-        _fail(str(e).strip("'\""))
-    right = sum(s.right for s in scored)
-    if json_out:
-        low, high = wilson(right, len(scored))
-        typer.echo(json.dumps({"model": model, "tasks": len(scored), "acc_norm": 100 * right / len(scored),
-                               "ci95": [100 * low, 100 * high], "picked": [s.picked for s in scored],
-                               "gold": [s.task.gold for s in scored],
-                               "logprobs": [list(s.logprobs) for s in scored]}))
-    else:
-        typer.echo("")

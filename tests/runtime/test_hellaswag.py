@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
-from qvl.runtime.hellaswag import (HellaswagError, StdMt19937, Task, parse_tasks, score_task, select, uniform_below,
-                                   wilson)
+from qvl.runtime.hellaswag import HellaswagError, Task, parse_tasks, score_task, select, uniform_below, wilson
 from qvl.runtime.loader import load
+from qvl.runtime.task_scoring import StdMt19937
 from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 
 SPEC = TinySpec(dtype=torch.float32, seed=11)
