@@ -17,16 +17,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from .model import Model
-from .task_scoring import StdMt19937, choices_log_probs, common_prefix
-
-TASKS = 400  # llama-perplexity's --hellaswag-tasks default
-
-
-class HellaswagError(ValueError):
-    """A task file that is not llama.cpp's layout, or a task the model cannot read; one line."""
+from .task_scoring import StdMt19937, TaskError, endings_mean_log_probs, first_best
 
 
 @dataclass(frozen=True)
@@ -54,13 +46,13 @@ def parse_tasks(text: str) -> list[Task]:
     if lines and lines[-1] == "":
         lines.pop()
     if not lines or len(lines) % 6:
-        raise HellaswagError(f"{len(lines)} lines: a HellaSwag file has six a task (context, the right ending's "
+        raise TaskError(f"{len(lines)} lines: a HellaSwag file has six a task (context, the right ending's "
                              "index, four endings)")
     tasks = []
     for i in range(0, len(lines), 6):
         label = lines[i + 1].strip()
         if label not in ("0", "1", "2", "3"):
-            raise HellaswagError(f"line {i + 2}: the right ending's index is 0-3, not {label!r}")
+            raise TaskError(f"line {i + 2}: the right ending's index is 0-3, not {label!r}")
         tasks.append(Task(lines[i], int(label), (lines[i + 2], lines[i + 3], lines[i + 4], lines[i + 5])))
     return tasks
 
@@ -86,20 +78,8 @@ def select(tasks: list[Task], n: int) -> list[Task]:
 
 def score_task(model: Model, task: Task) -> Scored:
     """Each ending's mean log-probability after the context (the shared tokens read once)."""
-    seqs = [model.tokenizer.encode(f"{task.context} {e}", add_special_tokens=False).ids for e in task.endings]
-    common = common_prefix(seqs)
-    if common == 0 or any(len(s) == common for s in seqs):
-        raise HellaswagError(f"task {task.context[:40]!r}: its endings share no first token, or one adds none")
-    if max(len(s) for s in seqs) > model.cfg.context_length:
-        raise HellaswagError(f"task {task.context[:40]!r}: {max(len(s) for s in seqs)} tokens, more than the "
-                             f"model reads ({model.cfg.context_length})")
-    first, rows = choices_log_probs(model, seqs, common, last=False)
-    means = []
-    for s, r in zip(seqs, rows):
-        rest = r.gather(1, torch.tensor(s[common + 1:], dtype=torch.long, device=r.device)[:, None])
-        means.append((float(first[0, s[common]]) + float(rest.double().sum())) / (len(s) - common))
-    best = max(range(4), key=lambda i: (means[i], -i))
-    return Scored(task, tuple(means), best)
+    means = endings_mean_log_probs(model, task.context, task.endings)
+    return Scored(task, means, first_best(means))
 
 
 def wilson(right: int, n: int) -> tuple[float, float]:

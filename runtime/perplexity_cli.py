@@ -1,10 +1,10 @@
-"""`qvl perplexity MODEL -f TEXT`: a text's perplexity under a model (or with `--hellaswag` /
-`--winogrande` those scores: tasks_cli.py), and with `--base` the KL divergence from the base model's
-next-token distributions (llama.cpp's llama-perplexity and its --kl-divergence, in one run;
-perplexity.py measures), or in llama.cpp's two runs with a file of the base's log-probabilities
-between them (`--kl-divergence-base FILE [--kl-divergence]`, logits_file.py). Each chunk's
-running figures go to standard error as it is read; the result, in llama-perplexity's words (or
-one JSON object), to standard output."""
+"""`qvl perplexity MODEL -f TEXT`: a text's perplexity under a model (or with `--hellaswag`,
+`--winogrande` or `--multiple-choice` those scores: tasks_cli.py), and with `--base` the KL
+divergence from the base model's next-token distributions (llama.cpp's llama-perplexity and its
+--kl-divergence, in one run; perplexity.py measures), or in llama.cpp's two runs with a file of
+the base's log-probabilities between them (`--kl-divergence-base FILE [--kl-divergence]`,
+logits_file.py). Each chunk's running figures go to standard error as it is read; the result, in
+llama-perplexity's words (or one JSON object), to standard output."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ HELP = ("A text's perplexity under a model, as llama-perplexity measures it: the
         "Example: qvl perplexity qwen2.5-vl-7b-q4_k_m.gguf -f wiki.test.raw --base qwen2.5-vl-7b-f16.gguf\n\n"
         "Or: qvl perplexity qwen2.5-vl-7b-f16.gguf -f wiki.test.raw --kl-divergence-base f16.kld; "
         "qvl perplexity qwen2.5-vl-7b-q4_k_m.gguf --kl-divergence-base f16.kld --kl-divergence\n\n"
-        "HellaSwag, WinoGrande (llama-perplexity's): qvl perplexity MODEL -f hellaswag_val_full.txt --hellaswag; "
-        "qvl perplexity MODEL -f winogrande-debiased-eval.csv --winogrande")
+        "HellaSwag, WinoGrande, multiple choice (llama-perplexity's): qvl perplexity MODEL -f hellaswag_val_full.txt --hellaswag; "
+        "qvl perplexity MODEL -f winogrande-debiased-eval.csv --winogrande; qvl perplexity MODEL -f "
+        "arc-easy-validation.bin --multiple-choice")
 
 
 def _fail(message: str) -> NoReturn:
@@ -92,6 +93,12 @@ def perplexity_command(
                                                                 "(llama.cpp's CSV): llama-perplexity --winogrande's."),
     winogrande_tasks: int = typer.Option(0, "--winogrande-tasks", help="How many tasks --winogrande scores, drawn "
                                                                        "as llama-perplexity draws them (0: all)."),
+    multiple_choice: bool = typer.Option(False, "--multiple-choice", help="Score the multiple-choice tasks in -f "
+                                                                          "FILE instead (llama.cpp's binary files: "
+                                                                          "ARC, MMLU, TruthfulQA)."),
+    multiple_choice_tasks: int = typer.Option(0, "--multiple-choice-tasks", help="How many --multiple-choice "
+                                                                                 "scores, drawn as llama-perplexity "
+                                                                                 "draws them (0: all)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object: the figures, and each chunk's PPL."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even where a GPU is."),
 ) -> None:
@@ -105,15 +112,17 @@ def perplexity_command(
     from .store import StoreError
     from .tokenizer import TokenizerError
 
-    if hellaswag and winogrande:
-        _fail("--hellaswag and --winogrande: one at a time")
-    if (hellaswag or winogrande) and (base is not None or kl_base is not None):
-        _fail(f"--{'hellaswag' if hellaswag else 'winogrande'} scores one model: not with --base or "
-              "--kl-divergence-base")
+    scores = [name for name, on in (("hellaswag", hellaswag), ("winogrande", winogrande),
+                                    ("multiple-choice", multiple_choice)) if on]
+    if len(scores) > 1:
+        _fail(f"--{' and --'.join(scores)}: one at a time")
+    if scores and (base is not None or kl_base is not None):
+        _fail(f"--{scores[0]} scores one model: not with --base or --kl-divergence-base")
     if hellaswag_tasks < 1:
         _fail(f"--hellaswag-tasks {hellaswag_tasks}: 1 or more")
-    if winogrande_tasks < 0:
-        _fail(f"--winogrande-tasks {winogrande_tasks}: 0 (all) or more")
+    for name, n in (("winogrande", winogrande_tasks), ("multiple-choice", multiple_choice_tasks)):
+        if n < 0:
+            _fail(f"--{name}-tasks {n}: 0 (all) or more")
     if kl_divergence and kl_base is None:
         _fail("--kl-divergence reads the base's log-probabilities from --kl-divergence-base FILE")
     if kl_base is not None and base is not None:
@@ -122,8 +131,12 @@ def perplexity_command(
         _fail(f"-f and --kl-divergence: the text is the one {kl_base} was made of")
     if not kl_divergence and file is None:
         _fail("the text to score: -f FILE")
-    text = read_text(file, _fail) if file is not None else None  # before a model loads, and once
     device = "cpu" if cpu else "auto"
+    if multiple_choice:
+        from .tasks_cli import run_multiple_choice
+
+        return run_multiple_choice(model, file, multiple_choice_tasks, device, json_out, _fail)
+    text = read_text(file, _fail) if file is not None else None  # before a model loads, and once
     if hellaswag or winogrande:
         from .tasks_cli import run_hellaswag, run_winogrande
 

@@ -1,5 +1,6 @@
-"""What llama-perplexity's multiple-choice scores share (hellaswag.py, winogrande.py): its random
-generator, and a task's choices read after their shared first tokens, those read once.
+"""What llama-perplexity's task scores share (hellaswag.py, winogrande.py, multiple_choice.py): its
+random generator and draws, and a task's choices read after their shared first tokens, those
+read once.
 
 llama.cpp reads a task's choices as sequences of one batch, the shared tokens once for all; here
 the shared tokens go into a cache once and each choice's own tokens after them, from that cache:
@@ -8,12 +9,18 @@ the same logits, a choice at a time."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .model import Model
 
 _WORD = 0xFFFFFFFF
+
+
+class TaskError(ValueError):
+    """A task file that is not llama.cpp's layout, or a task the model cannot read; one line."""
 
 
 class StdMt19937:
@@ -31,6 +38,20 @@ class StdMt19937:
 
     def __call__(self) -> int:
         return self._r.getrandbits(32)
+
+
+def swap_draws(total: int, n: int) -> list[int]:
+    """llama-perplexity's --winogrande-tasks / --multiple-choice-tasks draw of n of `total` indices:
+    std::mt19937 seeded with 1, j = int(float(word) * 2^-32 * float(left)) in float32, the index
+    at j taken and the last moved there."""
+    gen, aux, picked = StdMt19937(1), list(range(total)), []
+    scale = np.float32(1) / (np.float32(1) + np.float32(StdMt19937.max))
+    for _ in range(n):
+        j = min(int(scale * np.float32(gen()) * np.float32(len(aux))), len(aux) - 1)
+        picked.append(aux[j])
+        aux[j] = aux[-1]
+        aux.pop()
+    return picked
 
 
 def common_prefix(seqs: list[list[int]]) -> int:
@@ -58,3 +79,27 @@ def choices_log_probs(model: Model, seqs: list[list[int]], common: int,
         hidden = torch.cat(model.token_hidden(own, cache))
         rows.append(torch.log_softmax(model.decoder.logits(hidden).float(), -1))
     return first, rows
+
+
+def endings_mean_log_probs(model: Model, context: str, endings: Sequence[str]) -> tuple[float, ...]:
+    """Each ending's mean log-probability of its tokens after those all share ("context ending",
+    tokenized whole), the first of them from the shared tokens' last row: llama-perplexity's
+    --hellaswag and --multiple-choice score."""
+    seqs = [model.tokenizer.encode(f"{context} {e}", add_special_tokens=False).ids for e in endings]
+    common = common_prefix(seqs)
+    if common == 0 or any(len(s) == common for s in seqs):
+        raise TaskError(f"task {context[:40]!r}: its endings share no first token, or one adds none")
+    if max(len(s) for s in seqs) > model.cfg.context_length:
+        raise TaskError(f"task {context[:40]!r}: {max(len(s) for s in seqs)} tokens, more than the model reads "
+                        f"({model.cfg.context_length})")
+    first, rows = choices_log_probs(model, seqs, common, last=False)
+    means = []
+    for s, r in zip(seqs, rows):
+        rest = r.gather(1, torch.tensor(s[common + 1:], dtype=torch.long, device=r.device)[:, None])
+        means.append((float(first[0, s[common]]) + float(rest.double().sum())) / (len(s) - common))
+    return tuple(means)
+
+
+def first_best(values: Sequence[float]) -> int:
+    """The index of the highest value, the first of equals (llama.cpp's strict >)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))

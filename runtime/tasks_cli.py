@@ -1,6 +1,7 @@
-"""`qvl perplexity --hellaswag` / `--winogrande`: llama-perplexity's task scores, its running line a
-task on standard output in its format (hellaswag.py, winogrande.py score them); `--json`: one
-object at the end, the running lines on standard error instead."""
+"""`qvl perplexity --hellaswag` / `--winogrande` / `--multiple-choice`: llama-perplexity's task
+scores, its running line a task on standard output in its format (hellaswag.py, winogrande.py,
+multiple_choice.py score them); `--json`: one object at the end, the running lines on standard
+error instead."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -22,16 +24,15 @@ def _loaded(model: str, device: str, fail: Fail) -> Iterator[Callable[[], Model]
     """The model, loaded when asked (after the file is read); any refusal one line through `fail`."""
     from .config import ConfigError
     from .gguf_file import GGUFError
-    from .hellaswag import HellaswagError
     from .loader import load
     from .model import ModelError
     from .store import StoreError
+    from .task_scoring import TaskError
     from .tokenizer import TokenizerError
-    from .winogrande import WinograndeError
 
     try:
         yield lambda: load(model, device=device)
-    except (GGUFError, ConfigError, TokenizerError, ModelError, StoreError, HellaswagError, WinograndeError) as e:
+    except (GGUFError, ConfigError, TokenizerError, ModelError, StoreError, TaskError) as e:
         fail(str(e).strip("'\""))
 
 
@@ -86,3 +87,33 @@ def run_winogrande(model: str, text: str, n: int, device: str, json_out: bool, f
                            "uncertainty": None if math.isnan(sigma) else sigma,
                            "picked": [s.picked for s in scored], "answer": [s.task.answer for s in scored],
                            "scores": [list(s.scores) for s in scored]}))
+
+
+def run_multiple_choice(model: str, path: Path, n: int, device: str, json_out: bool, fail: Fail) -> None:
+    """llama-perplexity --multiple-choice: the running acc_norm a line a task, then the final result
+    and what random choices would score."""
+    from .multiple_choice import final_scores, multiple_choice, read_tasks
+
+    def each(i: int, scored, right: int) -> None:
+        typer.echo(f"{i + 1}\t{100.0 * right / (i + 1):.8f}", err=json_out)
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        fail(f"{path}: {e.strerror or e}")
+    with _loaded(model, device, fail) as load:
+        tasks, count = read_tasks(data, n)
+        loaded = load()
+        typer.echo(f"qvl perplexity: {count} tasks in the file, {len(tasks)} "
+                   f"{'drawn as llama-perplexity draws them' if len(tasks) < count else 'in order'}", err=True)
+        if not json_out:
+            typer.echo("\ntask\tacc_norm")
+        scored = multiple_choice(loaded, tasks, each)
+    (score, sigma), (chance, chance_sigma) = final_scores(scored)
+    if not json_out:
+        typer.echo(f"\nFinal result: {score:.4f} +/- {sigma:.4f}\nRandom chance: {chance:.4f} +/- {chance_sigma:.4f}")
+        return
+    typer.echo(json.dumps({"model": model, "tasks": len(scored), "score": score,
+                           "uncertainty": None if math.isnan(sigma) else sigma, "random_chance": chance,
+                           "picked": [s.picked for s in scored], "right": [s.right for s in scored],
+                           "logprobs": [list(s.logprobs) for s in scored]}))

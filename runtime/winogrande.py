@@ -23,17 +23,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .model import Model
-from .task_scoring import StdMt19937, choices_log_probs, common_prefix
+from .task_scoring import TaskError, choices_log_probs, common_prefix, swap_draws
 
 MIN_TRAILING = 3  # llama.cpp's k_min_trailing_ctx
-
-
-class WinograndeError(ValueError):
-    """A file with no task llama.cpp would read, or a task the model cannot read; one line."""
 
 
 @dataclass(frozen=True)
@@ -87,23 +82,14 @@ def parse_tasks(text: str) -> tuple[list[Task], int]:
         tasks.append(Task(sentence[:where], sentence[where + 1:], (line[c[1] + 1:c[2]], line[c[2] + 1:c[3]]),
                           int(answer.group(1))))
     if not tasks:
-        raise WinograndeError(f"no task in {len(lines)} lines (the last is never read): a WinoGrande CSV has "
+        raise TaskError(f"no task in {len(lines)} lines (the last is never read): a WinoGrande CSV has "
                               "lines of index,sentence with _,choice 1,choice 2,answer (1 or 2)")
     return tasks, skipped
 
 
 def select(tasks: list[Task], n: int) -> list[Task]:
     """llama-perplexity's pick of n tasks when n is fewer than all (all, in order, otherwise)."""
-    if n <= 0 or n >= len(tasks):
-        return list(tasks)
-    gen, aux, picked = StdMt19937(1), list(range(len(tasks))), []
-    scale = np.float32(1) / (np.float32(1) + np.float32(StdMt19937.max))
-    for _ in range(n):
-        j = min(int(scale * np.float32(gen()) * np.float32(len(aux))), len(aux) - 1)
-        picked.append(tasks[aux[j]])
-        aux[j] = aux[-1]
-        aux.pop()
-    return picked
+    return list(tasks) if n <= 0 or n >= len(tasks) else [tasks[i] for i in swap_draws(len(tasks), n)]
 
 
 def score_task(model: Model, task: Task) -> Scored:
@@ -114,7 +100,7 @@ def score_task(model: Model, task: Task) -> Scored:
     seqs = [ids(task.first + c + task.second) for c in task.choices]
     common = common_prefix(seqs)
     if common == 0 or max(map(len, seqs)) > model.cfg.context_length:
-        raise WinograndeError(f"task {(task.first + '_' + task.second)[:40]!r}: its sentences share no first token"
+        raise TaskError(f"task {(task.first + '_' + task.second)[:40]!r}: its sentences share no first token"
                               " or are longer than the model reads")
     skip_choice = all(len(s) - common > MIN_TRAILING for s in seqs)
     first, own = choices_log_probs(model, seqs, common)
@@ -126,7 +112,7 @@ def score_task(model: Model, task: Task) -> Scored:
         row = base - common + (len(seqs[0]) - common if k == 1 else 0)
         positions = range(base - 1, len(s) - 1 - last)
         if base < common or not positions:
-            raise WinograndeError(f"task {(task.first + '_' + task.second)[:40]!r}: nothing of choice {k + 1} to "
+            raise TaskError(f"task {(task.first + '_' + task.second)[:40]!r}: nothing of choice {k + 1} to "
                                   "score")
         rows = flat[row:row + len(positions)]
         picked = rows.gather(1, torch.tensor([s[j + 1] for j in positions], device=rows.device)[:, None])

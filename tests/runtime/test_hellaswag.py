@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
-from qvl.runtime.hellaswag import HellaswagError, Task, parse_tasks, score_task, select, uniform_below, wilson
+from qvl.runtime.hellaswag import Task, parse_tasks, score_task, select, uniform_below, wilson
 from qvl.runtime.loader import load
-from qvl.runtime.task_scoring import StdMt19937
+from qvl.runtime.task_scoring import StdMt19937, TaskError
 from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 
 SPEC = TinySpec(dtype=torch.float32, seed=11)
@@ -104,7 +104,7 @@ def test_parse_refuses_what_is_not_six_lines_a_task():
     for text, expect in (("a\nb\n", "2 lines: a HellaSwag file has six a task"),
                          ("ctx\n4\na\nb\nc\nd\n", "line 2: the right ending's index is 0-3, not '4'"),
                          ("", "0 lines")):
-        with pytest.raises(HellaswagError, match=expect):
+        with pytest.raises(TaskError, match=expect):
             parse_tasks(text)
 
 

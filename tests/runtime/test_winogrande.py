@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
 from qvl.runtime.loader import load
-from qvl.runtime.winogrande import Scored, Task, WinograndeError, parse_tasks, score_task, select
+from qvl.runtime.task_scoring import TaskError
+from qvl.runtime.winogrande import Scored, Task, parse_tasks, score_task, select
 from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 
 SPEC = TinySpec(dtype=torch.float32, seed=13)
@@ -47,7 +48,7 @@ def test_the_csv_as_llama_cpp_reads_it():
     # quotes stripped from the sentence's ends only; the answer read as a leading integer
     assert tasks[2] == Task('Tom said ""hi"", then ', " left the room quietly and slowly.", ("he", "she"), 2)
     assert len(tasks) == 3  # the last line is not read (llama-perplexity's -f and getline)
-    with pytest.raises(WinograndeError, match="no task in 1 lines"):
+    with pytest.raises(TaskError, match="no task in 1 lines"):
         parse_tasks("a,b\nc\n")
 
 
