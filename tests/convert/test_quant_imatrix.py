@@ -84,7 +84,8 @@ def test_the_matrix_lowers_the_error_it_weighs(name):
 
 def test_iq4_nearest_level_is_ggmls_binary_search():
     """best_index counts midpoints; ggml's best_index_int8 searches and compares two float32
-    differences: the same index for every value, at and beside each midpoint and level too."""
+    differences: the same index for every value, at and beside each midpoint and level too, and
+    for infinities and NaN (every comparison false: its search ends at 15)."""
     from qvl.convert.quant.iq4 import LEVELS, best_index
 
     levels = LEVELS.astype(np.float32)
@@ -103,5 +104,5 @@ def test_iq4_nearest_level_is_ggmls_binary_search():
     mids = (levels[:-1] + levels[1:]) / 2
     xs = np.concatenate([np.random.default_rng(0).uniform(-140, 130, 20000), mids, levels,
                          *(np.nextafter(a, np.float32(s * 1e9)) for a in (mids, levels) for s in (-1, 1)),
-                         [-1e30, 1e30, 0.0, -0.0, 114.5, -128.5]]).astype(np.float32)
+                         [-1e30, 1e30, 0.0, -0.0, 114.5, -128.5, np.inf, -np.inf, np.nan]]).astype(np.float32)
     np.testing.assert_array_equal(best_index(xs), [ggml_index(v) for v in xs])
