@@ -16,7 +16,8 @@ A value that is not finite is refused, as llama-quantize refuses it.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +30,30 @@ SUMS, COUNTS = ".in_sum2", ".counts"
 
 @dataclass(frozen=True)
 class ImportanceMatrix:
-    """Per weight name, the float32 value of each of its input columns (experts one after another);
-    `raw`: the file's own sums and counts per name (to add up with others: llama-imatrix --in-file),
-    as stored (`legacy`: the .dat's means times ncall, and [ncall])."""
+    """`raw`: the file's own sums and counts per weight name, as stored (`legacy`: the .dat's means
+    times ncall, and [ncall]); llama-imatrix --in-file adds them up. `values`, derived from them:
+    the float32 value of each input column (experts one after another), as llama-quantize takes it."""
     path: Path
-    values: dict[str, np.ndarray]
+    raw: dict[str, tuple[np.ndarray, np.ndarray]]
     datasets: tuple[str, ...]
     chunk_count: int
-    raw: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     legacy: bool = False
+
+    @cached_property
+    def values(self) -> dict[str, np.ndarray]:
+        return {name: _legacy_values(s, c) if self.legacy else _gguf_values(s, c) for name, (s, c) in self.raw.items()}
+
+
+def _gguf_values(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each expert's sums over its count (1 where the count is 0)."""
+    count = counts.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(count > 0, sums.reshape(counts.size, -1) / count, np.float32(1)).astype(np.float32).reshape(-1)
+
+
+def _legacy_values(sums: np.ndarray, ncall: np.ndarray) -> np.ndarray:
+    """The .dat's values over its ncall (as they are where ncall is 0)."""
+    return (sums / np.float32(ncall[0])).astype(np.float32) if ncall[0] > 0 else sums
 
 
 def _gguf(path: Path, g: GGUFFile) -> ImportanceMatrix:
@@ -49,7 +65,7 @@ def _gguf(path: Path, g: GGUFFile) -> ImportanceMatrix:
                                                                         if n.endswith(COUNTS)}
     if not names:
         raise ConvertError(f"{path}: no {SUMS} / {COUNTS} tensors: not an importance matrix")
-    values, raw = {}, {}
+    raw = {}
     for name in sorted(names):
         sums, counts = g.tensors.get(name + SUMS), g.tensors.get(name + COUNTS)
         if sums is None or counts is None:
@@ -61,13 +77,9 @@ def _gguf(path: Path, g: GGUFFile) -> ImportanceMatrix:
         if c.size == 0 or s.size % c.size:
             raise ConvertError(f"{path}: '{name}': {s.size} sums for {c.size} counts")
         raw[name] = (s.copy(), c.astype(np.int64))
-        per = s.reshape(c.size, -1)
-        count = c.astype(np.float32)[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            values[name] = np.where(count > 0, per / count, np.float32(1)).astype(np.float32).reshape(-1)
     datasets = g.get("imatrix.datasets")
-    return ImportanceMatrix(path, values, tuple(datasets) if isinstance(datasets, list) else (),
-                            int(g.get("imatrix.chunk_count") or 0), raw)
+    return ImportanceMatrix(path, raw, tuple(datasets) if isinstance(datasets, list) else (),
+                            int(g.get("imatrix.chunk_count") or 0))
 
 
 def _legacy(path: Path, data: bytes) -> ImportanceMatrix:
@@ -85,7 +97,7 @@ def _legacy(path: Path, data: bytes) -> ImportanceMatrix:
     (n_entries,) = take("<i")
     if n_entries < 1 or n_entries > len(data):
         raise ConvertError(f"{path}: not an importance matrix (GGUF or llama-imatrix's .dat)")
-    values, raw = {}, {}
+    raw = {}
     for _ in range(n_entries):
         (length,) = take("<i")
         if length < 0 or length > 4096:
@@ -95,9 +107,7 @@ def _legacy(path: Path, data: bytes) -> ImportanceMatrix:
         if nval < 1:
             raise ConvertError(f"{path}: '{name}' has {nval} values")
         take(f"<{4 * nval}x")  # cut short: an error before the values are read
-        v = np.frombuffer(data, np.float32, nval, at - 4 * nval).copy()
-        values[name] = (v / np.float32(ncall)).astype(np.float32) if ncall > 0 else v
-        raw[name] = (v, np.array([ncall], np.int64))
+        raw[name] = (np.frombuffer(data, np.float32, nval, at - 4 * nval).copy(), np.array([ncall], np.int64))
     chunk_count, datasets = 0, ()
     if at < len(data):
         (chunk_count,) = take("<i")
@@ -105,7 +115,7 @@ def _legacy(path: Path, data: bytes) -> ImportanceMatrix:
             (length,) = take("<i")
             if 0 < length <= len(data) - at:
                 datasets = (take(f"<{length}s")[0].split(b"\0", 1)[0].decode("utf-8", "replace"),)
-    return ImportanceMatrix(path, values, datasets, chunk_count, raw, legacy=True)
+    return ImportanceMatrix(path, raw, datasets, chunk_count, legacy=True)
 
 
 def read_imatrix(path: Path) -> ImportanceMatrix:

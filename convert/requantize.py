@@ -157,10 +157,10 @@ def _matrix(o: QuantizeOptions) -> ImportanceMatrix | None:
     if o.imatrix is None:
         return None
     m = read_imatrix(o.imatrix)
-    kept = {k: v for k, v in m.values.items() if not any(x in k for x in o.exclude_weights)}
+    kept = {k: v for k, v in m.raw.items() if not any(x in k for x in o.exclude_weights)}
     if o.include_weights:
         kept = {k: v for k, v in kept.items() if any(x in k for x in o.include_weights)}
-    return replace(m, values=kept) if kept else None
+    return replace(m, raw=kept) if kept else None
 
 
 def plan_quantize(source: Path, out: Path, type_name: str, options: QuantizeOptions = QuantizeOptions(),
