@@ -41,8 +41,9 @@ from .quant import block_size, can_hold, dequantize, quantize
 
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 FLOATS = (T.F32, T.F16, T.BF16)
-# written by the GGUF writer itself, or not copied (the writer lays data out at its own alignment)
-NOT_COPIED = ("general.architecture", "general.alignment")
+# written by the GGUF writer itself, or not copied (the writer lays data out at its own alignment;
+# a split source's keys, which llama-quantize drops too: the output is one file)
+NOT_COPIED = ("general.architecture", "general.alignment", "split.no", "split.count", "split.tensors.count")
 
 
 def _llama_order(name: str) -> tuple[int, str]:

@@ -332,7 +332,7 @@ def bench_cmd(
         tests.append(bench.image_encoding(loaded, size[0], size[1], reps, 2))
     if sys.stderr.isatty():
         typer.echo("\r\033[K", err=True, nl=False)
-    total = sum(Path(f.path).stat().st_size for f in loaded.files)
+    total = sum(p.stat().st_size for f in loaded.files for p in f.paths)
     if json_out:
         typer.echo(json.dumps({"model": name, "size": total, "params": bench.params_of(loaded),
                                "backend": bench.backend(loaded),

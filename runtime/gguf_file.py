@@ -7,11 +7,17 @@ maps tensor data lazily; values come back as plain Python objects (arrays of num
 Layout (little-endian): magic "GGUF", u32 version (2 or 3), u64 tensor count, u64 kv count;
 kv: string key, u32 type, value; tensor info: string name, u32 n_dims, u64 ne[n_dims],
 u32 ggml type, u64 offset (relative to the aligned start of the data section).
+
+A split model (llama.cpp's gguf-split, or convert_hf_to_gguf.py --split-max-size) is opened by
+its first part, `NAME-00001-of-0000N.gguf`, as llama.cpp opens it: the metadata is the first
+part's, the tensors are every part's (each part found by that name with its own number; its
+split.no must say so; no name twice; split.tensors.count of them in all).
 """
 
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +51,7 @@ class TensorInfo:
     ne: tuple[int, ...]  # ggml order: ne[0] is the row length
     offset: int  # absolute offset in the file
     nbytes: int
+    part: int = 0  # which file of a split model holds it (0: the first)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -104,8 +111,9 @@ class _Cursor:
 class GGUFFile:
     """Metadata and tensor table of a GGUF file; tensor data memory-mapped on demand."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, part: int = 0):
         self.path = Path(path)
+        self.parts: list[GGUFFile] = [self]  # a split model's files, this one first
         try:
             self._file = open(self.path, "rb")
         except FileNotFoundError:
@@ -126,6 +134,43 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: malformed GGUF header ({e})") from None
         finally:
             view.release()
+        try:
+            self._open_parts(part)
+        except GGUFError:
+            self.close()
+            raise
+
+    def _open_parts(self, part: int) -> None:
+        """A split model's other parts, as llama.cpp's loader finds and checks them."""
+        count, no = self.get("split.count", 0), self.get("split.no", 0)
+        if count <= 1:
+            return
+        m = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", self.path.name)
+        first = f"{m.group(1) if m else 'NAME'}-00001-of-{count:05d}.gguf"
+        if no != part:
+            raise GGUFError(f"{self.path}: part {no + 1} of {count} of a split model" + (
+                f", not part {part + 1}" if part else f": open its first part, {first}"))
+        if part:
+            return
+        if m is None or int(m.group(2)) != 1 or int(m.group(3)) != count:
+            raise GGUFError(f"{self.path}: the first part of a split model of {count}: its name must be {first}, "
+                            "its parts found by that name")
+        for i in range(1, count):
+            other = GGUFFile(self.path.with_name(f"{m.group(1)}-{i + 1:05d}-of-{count:05d}.gguf"), i)
+            self.parts.append(other)
+            for name, t in other.tensors.items():
+                if name in self.tensors:
+                    raise GGUFError(f"{other.path}: tensor '{name}' is in another part too")
+                self.tensors[name] = TensorInfo(t.name, t.type, t.ne, t.offset, t.nbytes, i)
+        expected = self.get("split.tensors.count")
+        if expected != len(self.tensors):
+            raise GGUFError(f"{self.path}: a split model of {expected} tensors, its {count} parts hold "
+                            f"{len(self.tensors)}")
+
+    @property
+    def paths(self) -> list[Path]:
+        """The model's files: this one, or a split model's parts in order."""
+        return [f.path for f in self.parts]
 
     def _parse(self, c: _Cursor, size: int) -> None:
         if bytes(c.buf[:4]) != b"GGUF":
@@ -172,7 +217,7 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes (uint8, read-only view of the mapping), rows as the first axis."""
         t = self.tensors[name]
-        data = np.frombuffer(self._map, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        data = np.frombuffer(self.parts[t.part]._map, dtype=np.uint8, count=t.nbytes, offset=t.offset)
         return data.reshape(*t.shape[:-1], -1) if len(t.ne) > 1 else data
 
     def release(self, name: str) -> None:
@@ -180,13 +225,15 @@ class GGUFFile:
         cache; a later read faults them back in). For weights that were copied elsewhere."""
         t = self.tensors[name]
         start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+        self.parts[t.part]._map.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
 
     @property
     def architecture(self) -> str | None:
         return self.get("general.architecture")
 
     def close(self) -> None:
+        for f in self.parts[1:]:
+            f.close()
         try:
             self._map.close()
         except BufferError:  # views from raw() still alive: the mapping closes when they go

@@ -47,7 +47,9 @@ def human_bytes(n: float) -> str:
 
 def inspect_file(path: str, out: TextIO, full: bool = False) -> None:
     with GGUFFile(path) as f:
-        out.write(f"{f.path}: GGUF v{f.version}, {len(f.fields)} metadata keys, {len(f.tensors)} tensors, "
+        split = len(f.parts) > 1
+        parts = f" in {len(f.parts)} files ({', '.join(p.name for p in f.paths[1:])} after it)" if split else ""
+        out.write(f"{f.path}: GGUF v{f.version}, {len(f.fields)} metadata keys, {len(f.tensors)} tensors{parts}, "
                   f"data at byte {f.data_start}\n\nmetadata:\n")
         width = max((len(k) for k in f.fields), default=0)
         for key, kv in f.fields.items():
@@ -58,7 +60,9 @@ def inspect_file(path: str, out: TextIO, full: bool = False) -> None:
         total = 0
         types: Counter[str] = Counter()
         for name, t in f.tensors.items():
-            out.write(f"  {name:<{nwidth}}  {t.type.name:<{twidth}} {str(list(t.ne)):<24} {human_bytes(t.nbytes):>10}\n")
+            where = f"  part {t.part + 1}" if split else ""
+            out.write(f"  {name:<{nwidth}}  {t.type.name:<{twidth}} {str(list(t.ne)):<24} "
+                      f"{human_bytes(t.nbytes):>10}{where}\n")
             total += t.nbytes
             types[t.type.name] += 1
         mix = ", ".join(f"{k} {v}" for k, v in sorted(types.items()))

@@ -43,7 +43,7 @@ def problem(path: Path, each: bool) -> str | None:
 
 def settings(model: Model) -> str:
     """What the cached keys and values depend on, besides the tokens: one string."""
-    files = [(Path(f.path).name, os.stat(f.path).st_size, os.stat(f.path).st_mtime_ns) for f in model.files]
+    files = [(p.name, os.stat(p).st_size, os.stat(p).st_mtime_ns) for f in model.files for p in f.paths]
     return json.dumps({"files": files, "placement": repr(model.placement), "attn": str(model.decoder.attn_dtype),
                        "cpu_gemm": str(gemm_dtype()), "torch": torch.__version__})
 

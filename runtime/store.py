@@ -325,9 +325,13 @@ def gguf_config(model: Path) -> dict[str, Any]:
     """The config blob's description of a model GGUF, as Ollama writes it (family, size, file type)."""
     from gguf import LlamaFileType
 
-    from .gguf_file import GGUFFile
+    from .gguf_file import GGUFError, GGUFFile
 
     with GGUFFile(model) as g:
+        if len(g.parts) > 1:
+            raise GGUFError(f"{model}: a split model of {len(g.parts)} files: the store keeps a model in one; "
+                            f"merge them first (llama-gguf-split --merge {model.name} OUT.gguf), or qvl create "
+                            "--quantize writes one")
         ft = g.get("general.file_type")
         return {"model_family": g.architecture, "model_families": [g.architecture],
                 "model_type": g.get("general.size_label", ""),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from qvl.runtime.gguf_file import GGUFFile
 
 # Descriptive keys whose values may differ between converters.
@@ -29,3 +31,22 @@ def differences(ours: Path, theirs: Path) -> list[str]:
             if ma[key] != mb[key]:
                 problems.append(f"{key}: ours {str(ma[key])[:120]}, theirs {str(mb[key])[:120]}")
     return problems
+
+
+def split_gguf(src: Path, out: Path, max_tensors: int) -> list[Path]:
+    """`src` written again as a split model (gguf-py's writer, as convert_hf_to_gguf.py
+    --split-max-tensors writes one): OUT's stem-0000i-of-0000N.gguf, the metadata in the first."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    with GGUFFile(src) as g:
+        w = GGUFWriter(out, g.architecture or "", split_max_tensors=max_tensors)
+        for key, kv in g.fields.items():
+            if key not in ("general.architecture", "general.alignment"):
+                w.add_key_value(key, kv.value, kv.type, kv.sub_type if kv.type == GGUFValueType.ARRAY else None)
+        for name, t in g.tensors.items():
+            w.add_tensor(name, np.array(g.raw(name)), raw_dtype=t.type)  # bytes: rows x row bytes
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return sorted(out.parent.glob(f"{out.stem}-*-of-*.gguf"))

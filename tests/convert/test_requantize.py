@@ -269,3 +269,18 @@ def test_q2_k_s_takes_an_importance_matrix(sources, tmp_path):
     assert r.exit_code == 2 and "needs an importance matrix" in r.stderr and not (tmp_path / "c.gguf").exists()
     with pytest.raises(StoreError, match="quantization 'q2_k_s'"):
         alias_source("qwen2.5-vl:3b-q2_k_s")
+
+
+def test_a_split_source_quantizes_as_the_whole(sources, tmp_path):
+    """Its first part given, a 4-part model quantizes to the very file the whole one does (its
+    split.* keys dropped, as llama-quantize drops them: byte-identical to it, docs/benchmarks.md)."""
+    from gguf_compare import split_gguf
+
+    _, folder = sources
+    parts = split_gguf(folder / "m-bf16.gguf", tmp_path / "m.gguf", 12)
+    first = parts[0]
+    assert len(parts) == 4 and first.name == "m-00001-of-00004.gguf"
+    for src, out in ((first, "split.gguf"), (folder / "m-bf16.gguf", "whole.gguf")):
+        r = quantize(str(src), "q4_k_m", "-o", str(tmp_path / out))
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "split.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()

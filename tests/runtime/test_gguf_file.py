@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGUFReader, GGUFValueType
 
 from qvl.runtime.gguf_file import GGUFError, GGUFFile
@@ -54,3 +55,46 @@ def test_bad_files(tmp_path, fixtures_dir):
     cut.write_bytes(src[:3000])
     with pytest.raises(GGUFError, match="truncated"):
         GGUFFile(cut)
+
+
+def test_a_split_model_reads_as_one(fixtures_dir, tmp_path):
+    """A model in 4 parts (gguf-py's split writer, as convert_hf_to_gguf.py --split-max-tensors
+    writes one; llama.cpp reads these, docs/benchmarks.md) opened by its first part: every tensor
+    of the whole file, the same bytes, the metadata the first part's; the parts' faults named."""
+    import shutil
+
+    from gguf_compare import differences, split_gguf
+
+    src = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"
+    parts = split_gguf(src, tmp_path / "m.gguf", 12)
+    assert [p.name for p in parts] == [f"m-{i:05d}-of-00004.gguf" for i in range(1, 5)]
+    with GGUFFile(parts[0]) as g, GGUFFile(src) as whole:
+        assert g.paths == parts and {t.part for t in g.tensors.values()} == {0, 1, 2, 3}
+        assert len(g.tensors) == len(whole.tensors) == g.get("split.tensors.count")
+    assert differences(parts[0], src) == [
+        "metadata keys differ: only ours ['split.count', 'split.no', 'split.tensors.count'], only theirs []"]
+    with pytest.raises(GGUFError, match="part 2 of 4 of a split model: open its first part, m-00001-of-00004.gguf"):
+        GGUFFile(parts[1])
+    renamed = tmp_path / "other.gguf"
+    shutil.copy(parts[0], renamed)
+    with pytest.raises(GGUFError, match="its name must be NAME-00001-of-00004.gguf"):
+        GGUFFile(renamed)
+    parts[2].rename(tmp_path / "gone.gguf")
+    with pytest.raises(GGUFError, match="m-00003-of-00004.gguf: file not found"):
+        GGUFFile(parts[0])
+    (tmp_path / "gone.gguf").rename(parts[2])
+    shutil.copy(parts[3], parts[2])  # part 4 where part 3 should be
+    with pytest.raises(GGUFError, match="m-00003-of-00004.gguf: part 4 of 4 of a split model, not part 3"):
+        GGUFFile(parts[0])
+
+
+def test_a_split_model_runs_as_the_whole(fixtures_dir, tmp_path):
+    """Loaded by its first part, the 4-part model's logits are the whole file's, bit for bit."""
+    from gguf_compare import split_gguf
+    from qvl.runtime.loader import load
+
+    src = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"
+    first = split_gguf(src, tmp_path / "m.gguf", 12)[0]
+    want = load(src, device="cpu").prompt_logits("Tell me a story about a fox.")
+    got = load(first, device="cpu").prompt_logits("Tell me a story about a fox.")
+    assert got.shape == want.shape and torch.equal(got, want)

@@ -20,6 +20,20 @@ def test_inspect_llama_cpp_file(fixtures_dir):
     assert "38 tensors" in r.output
 
 
+def test_inspect_a_split_model(fixtures_dir, tmp_path):
+    """Its first part: every part's tensors, each with the part that holds it."""
+    from gguf_compare import split_gguf
+
+    first = split_gguf(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf", tmp_path / "m.gguf",
+                       12)[0]
+    r = runner.invoke(app, ["inspect", str(first)])
+    assert r.exit_code == 0, r.output
+    assert "38 tensors in 4 files (m-00002-of-00004.gguf, m-00003-of-00004.gguf, m-00004-of-00004.gguf after" in r.output
+    rows = [line for line in r.output.splitlines() if " MiB  part " in line or " KiB  part " in line or " B  part " in line]
+    assert len(rows) == 38 and {row.split()[-1] for row in rows} == {"1", "2", "3", "4"}
+    assert "token_embd.weight" in rows[0] and rows[0].endswith("part 1")
+
+
 def test_inspect_full_prints_arrays(fixtures_dir):
     r = runner.invoke(app, ["inspect", "--full", str(fixtures_dir / "tiny-qwen2-vl" / "llamacpp" / "mmproj-tiny-qwen2-vl-f16.gguf")])
     assert r.exit_code == 0, r.output

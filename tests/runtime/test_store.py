@@ -230,3 +230,14 @@ def test_load_by_name_takes_the_stored_parameters_and_system_as_defaults(store, 
     store.create("long:1", src / "tiny-qwen2.5-vl-f16.gguf", src / "mmproj-tiny-qwen2.5-vl-f16.gguf",
                  params={"num_predict": -1, "num_ctx": 64})
     assert load("long:1").defaults == {"max_new_tokens": 64, "ctx_size": 64}  # as -n -1: the context bounds it
+
+
+def test_a_split_model_is_refused(store, fixtures_dir, tmp_path):
+    """The store keeps a model in one file: a split one (its first part) is refused in one line."""
+    from gguf_compare import split_gguf
+
+    first = split_gguf(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf", tmp_path / "m.gguf",
+                       12)[0]
+    with pytest.raises(StoreError, match="a split model of 4 files: the store keeps a model in one; merge them"):
+        store.create("split:latest", first)
+    assert store.list() == []
