@@ -40,7 +40,7 @@ Example: qvl-convert Qwen/Qwen2.5-VL-3B-Instruct --type q4_k_m -o qwen2.5-vl-3b-
 def print_plan(job: Job) -> None:
     """Every tensor with its type, ggml shape and size, then per-file and overall totals."""
     for f in job.files:
-        out.print(f"{f.path}  ({f.arch})", markup=False, highlight=False)
+        out.print(f"{f.path}" + (f"  ({f.arch})" if f.arch else ""), markup=False, highlight=False)
         width = max(len(p.tensor.name) for p in f.plan)
         counts: dict[str, int] = {}
         for p in f.plan:
@@ -235,6 +235,67 @@ def quantize_command(
         fail(str(e))
     except KeyboardInterrupt:
         err.print("qvl quantize: interrupted; nothing was written", markup=False)
+        raise typer.Exit(130) from None
+
+
+GGUF_SPLIT_HELP = """Cut a GGUF into parts, or join a split model's parts into one file, as llama.cpp's
+llama-gguf-split does (the same files, byte for byte).
+
+Split (the default): IN is a GGUF, OUT a name: the parts are OUT-00001-of-0000N.gguf..., a new
+one every --split-max-tensors tensors (128) or before a tensor that would take a part past
+--split-max-size (e.g. 4G, 500M: 10^9 and 10^6 bytes). qvl, llama.cpp and Ollama... read a
+split model by its first part (Ollama: not at all; qvl's store keeps one file). Merge: IN is the
+first part, OUT the one file.
+
+Example: qvl gguf-split --split-max-size 4G qwen2.5-vl-72b-q4_k_m.gguf qwen2.5-vl-72b-q4_k_m
+         qvl gguf-split --merge qwen2.5-vl-72b-q4_k_m-00001-of-00012.gguf qwen2.5-vl-72b-q4_k_m.gguf
+"""
+
+
+def gguf_split_command(
+    source: Path = typer.Argument(..., metavar="IN", help="The GGUF to split, or with --merge a split model's "
+                                                            "first part."),
+    target: Path = typer.Argument(..., metavar="OUT", help="The parts' name (OUT-0000i-of-0000N.gguf), or with "
+                                                             "--merge the file."),
+    merge: bool = typer.Option(False, "--merge", help="Join a split model's parts into one file."),
+    split: bool = typer.Option(False, "--split", help="Split IN into parts (the default)."),
+    max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", help="Tensors a part (default 128)."),
+    max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Bytes a part's tensors may take: N "
+                                                                          "followed by M or G (e.g. 4G)."),
+    no_tensor_first: bool = typer.Option(False, "--no-tensor-first-split", help="The first part holds the "
+                                         "metadata alone."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the parts' tensors and sizes; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+) -> None:
+    from .gguf_split import copied_bytes, open_source, plan_merge, plan_split, split_size
+
+    def fail(message: str) -> None:
+        err.print(f"qvl gguf-split: error: {message}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+    if merge and (split or max_tensors is not None or max_size is not None or no_tensor_first):
+        fail("--merge: not with --split, --split-max-tensors, --split-max-size or --no-tensor-first-split")
+    if max_tensors is not None and max_size is not None:
+        fail("--split-max-tensors or --split-max-size: one of them")
+    if max_tensors is not None and max_tensors < 1:
+        fail(f"--split-max-tensors {max_tensors}: 1 or more")
+    try:
+        size = split_size(max_size) if max_size is not None else None
+        g = open_source(source)
+        try:
+            job = plan_merge(g, target) if merge else plan_split(g, target, max_tensors, size, no_tensor_first)
+            if dry_run:
+                print_plan(job)
+                return
+            check_destination(job, force)
+            write_job(job, ConvertOptions.workers, quiet, "merging" if merge else "splitting", copied_bytes(g))
+        finally:
+            g.close()
+    except ConvertError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err.print("qvl gguf-split: interrupted; nothing was written", markup=False)
         raise typer.Exit(130) from None
 
 

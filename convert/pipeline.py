@@ -44,7 +44,7 @@ class ConvertOptions:
 @dataclass(frozen=True)
 class OutputFile:
     path: Path
-    arch: str
+    arch: str | None  # None: the metadata is `kvs` alone, in their order (writer.GGUFStream)
     kvs: list[KV]
     plan: list[PlannedTensor]
 

@@ -57,16 +57,19 @@ class GGUFStream:
     order, rows [start, stop) at a time as `chunks(planned, start, stop)` gives them (with
     `tensor_bytes`: read from a checkpoint and quantized)."""
 
-    def __init__(self, path: Path, arch: str, kvs: list[KV], plan: list[PlannedTensor]):
+    def __init__(self, path: Path, arch: str | None, kvs: list[KV], plan: list[PlannedTensor]):
+        """arch None: the file's metadata is `kvs` alone, in their order (a split model's part)."""
         self.path = path
         self.plan = plan
-        self.writer = GGUFWriter(path, arch)
+        self.writer = GGUFWriter(path, arch or "")
+        if arch is None:
+            self.writer.kv_data[0].pop("general.architecture", None)
         for kv in kvs:
             self.writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub)
         for p in plan:
             self.writer.add_tensor_info(p.tensor.name, _byte_shape(p), np.dtype(np.uint8), p.nbytes, raw_dtype=p.qtype)
-        if not any(kv.key == "general.size_label" for kv in kvs):  # a requantized file keeps its source's, in place
-            self.writer.add_size_label(size_label(*self.writer.get_total_parameter_count()))
+        if arch is not None and not any(kv.key == "general.size_label" for kv in kvs):  # a requantized file keeps
+            self.writer.add_size_label(size_label(*self.writer.get_total_parameter_count()))  # its source's, in place
 
     def write(self, chunks: ChunkSource, on_bytes: Callable[[PlannedTensor, int], None], workers: int) -> None:
         w = self.writer
@@ -74,6 +77,7 @@ class GGUFStream:
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         fout = w.fout[0]
+        w.write_padding(fout, fout.tell())  # the metadata padded to the alignment, as ggml pads it (no tensor too)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for p in self.plan:
                 w.write_padding(fout, fout.tell())

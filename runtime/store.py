@@ -330,7 +330,7 @@ def gguf_config(model: Path) -> dict[str, Any]:
     with GGUFFile(model) as g:
         if len(g.parts) > 1:
             raise GGUFError(f"{model}: a split model of {len(g.parts)} files: the store keeps a model in one; "
-                            f"merge them first (llama-gguf-split --merge {model.name} OUT.gguf), or qvl create "
+                            f"merge them first (qvl gguf-split --merge {model.name} OUT.gguf), or qvl create "
                             "--quantize writes one")
         ft = g.get("general.file_type")
         return {"model_family": g.architecture, "model_families": [g.architecture],
