@@ -243,8 +243,8 @@ llama-gguf-split does (the same files, byte for byte).
 
 Split (the default): IN is a GGUF, OUT a name: the parts are OUT-00001-of-0000N.gguf..., a new
 one every --split-max-tensors tensors (128) or before a tensor that would take a part past
---split-max-size (e.g. 4G, 500M: 10^9 and 10^6 bytes). qvl, llama.cpp and Ollama... read a
-split model by its first part (Ollama: not at all; qvl's store keeps one file). Merge: IN is the
+--split-max-size (e.g. 4G, 500M: 10^9 and 10^6 bytes). qvl and llama.cpp read a split model by
+its first part (Ollama reads none, and qvl's store keeps a model in one file). Merge: IN is the
 first part, OUT the one file.
 
 Example: qvl gguf-split --split-max-size 4G qwen2.5-vl-72b-q4_k_m.gguf qwen2.5-vl-72b-q4_k_m
@@ -268,7 +268,8 @@ def gguf_split_command(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
 ) -> None:
-    from .gguf_split import copied_bytes, open_source, plan_merge, plan_split, split_size
+    from .gguf_split import open_source, plan_merge, plan_split, split_size
+    from .requantize import Requantize
 
     def fail(message: str) -> None:
         err.print(f"qvl gguf-split: error: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -289,7 +290,8 @@ def gguf_split_command(
                 print_plan(job)
                 return
             check_destination(job, force)
-            write_job(job, ConvertOptions.workers, quiet, "merging" if merge else "splitting", copied_bytes(g))
+            copied = Requantize(g, frozenset(g.tensors))  # every tensor's bytes as they are
+            write_job(job, ConvertOptions.workers, quiet, "merging" if merge else "splitting", copied.chunks)
         finally:
             g.close()
     except ConvertError as e:

@@ -16,14 +16,13 @@ from pathlib import Path
 
 from gguf import GGUFValueType as V
 
-from ..runtime.gguf_file import GGUFError, GGUFFile
+from ..runtime.gguf_file import SPLIT_KEYS, GGUFError, GGUFFile
 from .errors import ConvertError
 from .layout import OutTensor
 from .metadata import KV
 from .pipeline import Job, OutputFile
 from .plan import PlannedTensor
 
-SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 DEFAULT_MAX_TENSORS = 128  # llama-gguf-split's default
 ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT
 
@@ -92,11 +91,3 @@ def open_source(path: Path) -> GGUFFile:
         return GGUFFile(path)
     except GGUFError as e:
         raise ConvertError(str(e)) from None
-
-
-def copied_bytes(g: GGUFFile):
-    """The chunk source of a split or merge job: each tensor's bytes as they are."""
-    def chunks(p: PlannedTensor, start: int, stop: int):
-        raw = g.raw(p.tensor.name)
-        return raw.reshape(-1) if raw.ndim != 2 else raw[start:stop].reshape(-1)
-    return chunks

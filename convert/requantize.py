@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
-from ..runtime.gguf_file import GGUFError, GGUFFile
+from ..runtime.gguf_file import SPLIT_KEYS, GGUFError, GGUFFile
 from ..runtime.modelfile import Creation
 from ..runtime.store import Store
 from .errors import ConvertError
@@ -43,7 +43,7 @@ QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 FLOATS = (T.F32, T.F16, T.BF16)
 # written by the GGUF writer itself, or not copied (the writer lays data out at its own alignment;
 # a split source's keys, which llama-quantize drops too: the output is one file)
-NOT_COPIED = ("general.architecture", "general.alignment", "split.no", "split.count", "split.tensors.count")
+NOT_COPIED = ("general.architecture", "general.alignment", *SPLIT_KEYS)
 
 
 def _llama_order(name: str) -> tuple[int, str]:

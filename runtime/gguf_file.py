@@ -40,6 +40,9 @@ _NUMPY = {
 }
 
 
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")  # a split model's part: its number, the parts, tensors
+
+
 class GGUFError(ValueError):
     """Not a GGUF file, or a truncated / inconsistent one; the message names the file."""
 
