@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gguf import GGUFValueType as V
 
-from ..runtime.gguf_file import SPLIT_KEYS, GGUFError, GGUFFile
+from ..runtime.gguf_file import SPLIT_KEYS, GGUFError, GGUFFile, part_name
 from .errors import ConvertError
 from .layout import OutTensor
 from .metadata import KV
@@ -44,11 +44,6 @@ def _kvs(g: GGUFFile, skip: tuple[str, ...] = ()) -> list[KV]:
     return [KV(k, kv.value, kv.type, kv.sub_type) for k, kv in g.fields.items() if k not in skip]
 
 
-def part_path(out: Path, i: int, n: int) -> Path:
-    """llama.cpp's name of part i (from 0) of n: OUT-0000{i+1}-of-0000n.gguf."""
-    return out.with_name(f"{out.name}-{i + 1:05d}-of-{n:05d}.gguf")
-
-
 def plan_split(g: GGUFFile, out: Path, max_tensors: int | None = None, max_size: int | None = None,
                no_tensor_first: bool = False) -> Job:
     """The parts of `g` (a whole file) as llama-gguf-split --split writes them to OUT-*-of-*.gguf."""
@@ -74,7 +69,8 @@ def plan_split(g: GGUFFile, out: Path, max_tensors: int | None = None, max_size:
     for i, group in enumerate(groups):
         kvs = (_kvs(g, SPLIT_KEYS) if i == 0 else []) + [
             KV("split.no", i, V.UINT16), KV("split.tensors.count", len(names), V.INT32), KV("split.count", n, V.UINT16)]
-        files.append(OutputFile(part_path(out, i, n), None, kvs, [_planned(g, name) for name in group]))
+        planned = [_planned(g, name) for name in group]
+        files.append(OutputFile(out.with_name(part_name(out.name, i, n)), None, kvs, planned))
     return Job(g.path.parent, None, files)
 
 

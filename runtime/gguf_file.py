@@ -43,6 +43,11 @@ _NUMPY = {
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")  # a split model's part: its number, the parts, tensors
 
 
+def part_name(prefix: str, i: int, n: int) -> str:
+    """llama.cpp's name of a split model's part i (from 0) of n: PREFIX-0000{i+1}-of-0000n.gguf."""
+    return f"{prefix}-{i + 1:05d}-of-{n:05d}.gguf"
+
+
 class GGUFError(ValueError):
     """Not a GGUF file, or a truncated / inconsistent one; the message names the file."""
 
@@ -149,7 +154,7 @@ class GGUFFile:
         if count <= 1:
             return
         m = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", self.path.name)
-        first = f"{m.group(1) if m else 'NAME'}-00001-of-{count:05d}.gguf"
+        first = part_name(m.group(1) if m else "NAME", 0, count)
         if no != part:
             raise GGUFError(f"{self.path}: part {no + 1} of {count} of a split model" + (
                 f", not part {part + 1}" if part else f": open its first part, {first}"))
@@ -159,7 +164,7 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: the first part of a split model of {count}: its name must be {first}, "
                             "its parts found by that name")
         for i in range(1, count):
-            other = GGUFFile(self.path.with_name(f"{m.group(1)}-{i + 1:05d}-of-{count:05d}.gguf"), i)
+            other = GGUFFile(self.path.with_name(part_name(m.group(1), i, count)), i)
             self.parts.append(other)
             for name, t in other.tensors.items():
                 if name in self.tensors:
