@@ -15,29 +15,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from .model import Model
-from .task_scoring import StdMt19937, TaskError, endings_mean_log_probs, first_best
-
-
-@dataclass(frozen=True)
-class Task:
-    context: str
-    gold: int
-    endings: tuple[str, str, str, str]
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A task's endings' mean log-probabilities and the one picked (the first of the highest)."""
-    task: Task
-    logprobs: tuple[float, ...]
-    picked: int
-
-    @property
-    def right(self) -> bool:
-        return self.picked == self.task.gold
+from .multiple_choice import Scored, Task, multiple_choice
+from .task_scoring import StdMt19937, TaskError
 
 
 def parse_tasks(text: str) -> list[Task]:
@@ -47,13 +28,13 @@ def parse_tasks(text: str) -> list[Task]:
         lines.pop()
     if not lines or len(lines) % 6:
         raise TaskError(f"{len(lines)} lines: a HellaSwag file has six a task (context, the right ending's "
-                             "index, four endings)")
+                        "index, four endings)")
     tasks = []
     for i in range(0, len(lines), 6):
         label = lines[i + 1].strip()
         if label not in ("0", "1", "2", "3"):
             raise TaskError(f"line {i + 2}: the right ending's index is 0-3, not {label!r}")
-        tasks.append(Task(lines[i], int(label), (lines[i + 2], lines[i + 3], lines[i + 4], lines[i + 5])))
+        tasks.append(Task(lines[i], tuple(lines[i + 2:i + 6]), tuple(int(k == int(label)) for k in range(4))))
     return tasks
 
 
@@ -76,12 +57,6 @@ def select(tasks: list[Task], n: int) -> list[Task]:
     return picked
 
 
-def score_task(model: Model, task: Task) -> Scored:
-    """Each ending's mean log-probability after the context (the shared tokens read once)."""
-    means = endings_mean_log_probs(model, task.context, task.endings)
-    return Scored(task, means, first_best(means))
-
-
 def wilson(right: int, n: int) -> tuple[float, float]:
     """The 95% Wilson score interval of right / n, as llama-perplexity computes it."""
     za = 1.95996398454
@@ -92,12 +67,6 @@ def wilson(right: int, n: int) -> tuple[float, float]:
 
 def hellaswag(model: Model, tasks: list[Task], n: int,
               each: Callable[[int, Scored, int], None] | None = None) -> list[Scored]:
-    """Score llama-perplexity's selection of `n` tasks; `each(i, scored, right so far)` after each."""
-    out, right = [], 0
-    for i, task in enumerate(select(tasks, n)):
-        scored = score_task(model, task)
-        right += scored.right
-        out.append(scored)
-        if each is not None:
-            each(i, scored, right)
-    return out
+    """Score llama-perplexity's selection of `n` tasks, each as a multiple-choice task is scored;
+    `each(i, scored, right so far)` after each."""
+    return multiple_choice(model, select(tasks, n), each)

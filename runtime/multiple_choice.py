@@ -7,9 +7,9 @@ the question (u32 length, bytes), then two answer sets (mc1, one right answer; m
 scored): the answer count (u32, at most 100), each answer (u32 length, bytes), each one's label
 (i32, 1 = right). As llama-perplexity reads -f, a last byte that is a newline is not part of it.
 All tasks are scored in order, or `tasks` of them drawn as llama.cpp draws them (task_scoring's
-swap_draws, each read at its offset). Each answer is scored as HellaSwag's endings are
-("question answer", the mean log-probability of its tokens after those all share); the task
-counts when the highest (the first of equals) is labelled 1.
+swap_draws, each read at its offset). Each answer is scored by the mean log-probability of its
+tokens after those all share ("question answer", tokenized whole); the task counts when the
+highest (the first of equals) is labelled 1. hellaswag.py's tasks are these, four answers each.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def run_hellaswag(model: str, text: str, n: int, device: str, json_out: bool, fa
     low, high = wilson(right, len(scored))
     typer.echo(json.dumps({"model": model, "tasks": len(scored), "acc_norm": 100 * right / len(scored),
                            "ci95": [100 * low, 100 * high], "picked": [s.picked for s in scored],
-                           "gold": [s.task.gold for s in scored], "logprobs": [list(s.logprobs) for s in scored]}))
+                           "gold": [s.task.labels.index(1) for s in scored], "logprobs": [list(s.logprobs) for s in scored]}))
 
 
 def run_winogrande(model: str, text: str, n: int, device: str, json_out: bool, fail: Fail) -> None:

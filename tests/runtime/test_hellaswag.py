@@ -13,24 +13,28 @@ import torch
 from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
-from qvl.runtime.hellaswag import Task, parse_tasks, score_task, select, uniform_below, wilson
+from choice_reference import reference_means
+from qvl.runtime.hellaswag import parse_tasks, select, uniform_below, wilson
 from qvl.runtime.loader import load
+from qvl.runtime.multiple_choice import Task, score_task
 from qvl.runtime.task_scoring import StdMt19937, TaskError
 from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 
 SPEC = TinySpec(dtype=torch.float32, seed=11)
 LOGPROB_TOL = 1e-5  # nats: the same float32 math in another order (test_perplexity.py's NLL_TOL)
 TASKS = [
-    Task("Cooking: She cracks two eggs into the bowl and", 2,
-         ("flies to the moon.", "sings the anthem loudly.", "whisks them with a fork.", "paints the fence blue.")),
-    Task("Sports: The runner ties his shoes, then", 0,
-         ("he starts to jog down the road.", "the cake rises.", "a cat sleeps.", "it rains on the sea.")),
-    Task("Music: A man sits at the piano and", 1, ("eats", "plays a slow song for the crowd.", "swims.", "x")),
+    Task("Cooking: She cracks two eggs into the bowl and",
+         ("flies to the moon.", "sings the anthem loudly.", "whisks them with a fork.", "paints the fence blue."),
+         (0, 0, 1, 0)),
+    Task("Sports: The runner ties his shoes, then",
+         ("he starts to jog down the road.", "the cake rises.", "a cat sleeps.", "it rains on the sea."), (1, 0, 0, 0)),
+    Task("Music: A man sits at the piano and", ("eats", "plays a slow song for the crowd.", "swims.", "x"),
+         (0, 1, 0, 0)),
 ]
 
 
 def _text(tasks: list[Task]) -> str:
-    return "".join(f"{t.context}\n{t.gold}\n" + "".join(e + "\n" for e in t.endings) for t in tasks)
+    return "".join(f"{t.question}\n{t.labels.index(1)}\n" + "".join(e + "\n" for e in t.answers) for t in tasks)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +59,12 @@ def test_select_draws_as_llama_perplexity():
     """llama-perplexity's loop: std::mt19937 rng(1); for left = 50 down to 1, d(0, left - 1)(rng)
     picks among the tasks left; g++ printed 20 48 34 43 0 5 13 42 6 9 3 15 7 14 12 23 13 30 17 26 ..."""
     draws = [20, 48, 34, 43, 0, 5, 13, 42, 6, 9, 3, 15, 7, 14, 12, 23, 13, 30, 17, 26]
-    tasks = [Task(str(i), 0, ("a", "b", "c", "d")) for i in range(50)]
+    tasks = [Task(str(i), ("a", "b", "c", "d"), (1, 0, 0, 0)) for i in range(50)]
     left, want = list(tasks), []
     for d in draws:
         want.append(left.pop(d))
     assert select(tasks, 20) == want
-    assert sorted(select(tasks, 400), key=lambda t: int(t.context)) == tasks  # more asked than there are: all
+    assert sorted(select(tasks, 400), key=lambda t: int(t.question)) == tasks  # more asked than there are: all
 
 
 def test_wilson_interval_is_llama_perplexitys():
@@ -77,14 +81,7 @@ def test_endings_scores_equal_transformers(tiny):
     model = load(tiny, device="cpu")
     reference = build_model(SPEC).float().eval()
     for task in TASKS:
-        got = score_task(model, task)
-        seqs = [model.tokenizer.encode(f"{task.context} {e}", add_special_tokens=False).ids for e in task.endings]
-        common = next(i for i in range(min(map(len, seqs))) if len({s[i] for s in seqs}) > 1)
-        want = []
-        for s in seqs:
-            with torch.no_grad():
-                lp = torch.log_softmax(reference(input_ids=torch.tensor([s])).logits[0].double(), -1)
-            want.append(float(lp[torch.arange(common - 1, len(s) - 1), torch.tensor(s[common:])].mean()))
+        got, want = score_task(model, task), reference_means(model, reference, task.question, task.answers)
         assert max(abs(a - b) for a, b in zip(got.logprobs, want)) <= LOGPROB_TOL, (got.logprobs, want)
         assert got.picked == max(range(4), key=lambda i: (want[i], -i))
     # the shared tokens' cache is reused: scoring again from a fresh model gives the same
@@ -93,7 +90,8 @@ def test_endings_scores_equal_transformers(tiny):
 
 def test_a_tie_picks_the_first(tiny):
     """Two endings alike score alike, and the first of the highest is picked (llama.cpp's strict >)."""
-    twin = Task("Cooking: She cracks two eggs into the bowl and", 2, ("whisks them.", "flies.", "whisks them.", "x"))
+    twin = Task("Cooking: She cracks two eggs into the bowl and", ("whisks them.", "flies.", "whisks them.", "x"),
+                (0, 0, 1, 0))
     got = score_task(load(tiny, device="cpu"), twin)
     assert got.logprobs[0] == got.logprobs[2]
     assert got.picked == max(range(4), key=lambda i: (got.logprobs[i], -i)) and got.picked != 2

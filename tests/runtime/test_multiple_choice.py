@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from choice_reference import reference_means
 from qvl.runtime.cli import app
 from qvl.runtime.loader import load
 from qvl.runtime.multiple_choice import Scored, Task, final_scores, read_tasks, score_task
@@ -78,14 +79,7 @@ def test_answers_scores_equal_transformers(tiny):
     model = load(tiny, device="cpu")
     reference = build_model(SPEC).float().eval()
     for task in TASKS:
-        got = score_task(model, task)
-        seqs = [model.tokenizer.encode(f"{task.question} {a}", add_special_tokens=False).ids for a in task.answers]
-        common = next(i for i in range(min(map(len, seqs))) if len({s[i] for s in seqs}) > 1)
-        want = []
-        for s in seqs:
-            with torch.no_grad():
-                lp = torch.log_softmax(reference(input_ids=torch.tensor([s])).logits[0].double(), -1)
-            want.append(float(lp[torch.arange(common - 1, len(s) - 1), torch.tensor(s[common:])].mean()))
+        got, want = score_task(model, task), reference_means(model, reference, task.question, task.answers)
         assert max(abs(a - b) for a, b in zip(got.logprobs, want)) <= LOGPROB_TOL, (got.logprobs, want)
         assert got.picked == max(range(len(want)), key=lambda i: (want[i], -i))
         assert got.right == (task.labels[got.picked] == 1)
