@@ -170,6 +170,8 @@ def quantize_command(
                                            "GGUF or .dat) weighing the quantizers, as llama-quantize's."),
     pure: bool = typer.Option(False, "--pure", help="No mix: every matrix in TYPE's own type (llama-quantize's)."),
     leave_output: bool = typer.Option(False, "--leave-output-tensor", help="Copy output.weight as it is."),
+    keep_split: bool = typer.Option(False, "--keep-split", help="A split MODEL written in the same parts: "
+                                    "OUT-00001-of-0000N.gguf... (OUT's .gguf dropped)."),
     output_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="output.weight's type (e.g. q8_0)."),
     embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="token_embd.weight's type."),
     tensor_types: Optional[List[str]] = typer.Option(None, "--tensor-type", help="NAME=TYPE: tensors whose name "
@@ -216,7 +218,7 @@ def quantize_command(
                               tuple(tensor_type(o) for o in patterns))
         options = QuantizeOptions(allow_requantize, imatrix, tuple(include_weights or ()),
                                   tuple(exclude_weights or ()), overrides, leave_output,
-                                  tuple(kv_override(o) for o in override_kv or ()))
+                                  tuple(kv_override(o) for o in override_kv or ()), keep_split)
         job, source = plan_quantize(model, out, kind, options, dry_run)
         try:
             if dry_run:

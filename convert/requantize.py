@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
-from ..runtime.gguf_file import SPLIT_KEYS, GGUFError, GGUFFile
+from ..runtime.gguf_file import SPLIT_KEYS, GGUFError, GGUFFile, part_name
 from ..runtime.modelfile import Creation
 from ..runtime.store import Store
 from .errors import ConvertError
@@ -150,6 +150,7 @@ class QuantizeOptions:
     overrides: Overrides = Overrides()
     leave_output: bool = False
     kv: tuple[KV, ...] = ()
+    keep_split: bool = False  # a split source's parts kept: one output part per input part
 
 
 def _matrix(o: QuantizeOptions) -> ImportanceMatrix | None:
@@ -206,7 +207,9 @@ def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOpt
     n_layer = src.get(f"{arch}.block_count")
     if not isinstance(n_layer, int):
         raise ConvertError(f"{source}: missing metadata key '{arch}.block_count'")
-    tensors = {name: OutTensor(name, src.tensors[name].shape, name) for name in sorted(src.tensors, key=_llama_order)}
+    # llama-quantize's order: by layer and name, or with --keep-split each part's tensors as they lie
+    order = (lambda n: (src.tensors[n].part, src.tensors[n].offset)) if o.keep_split else _llama_order
+    tensors = {name: OutTensor(name, src.tensors[name].shape, name) for name in sorted(src.tensors, key=order)}
     importance = _importance(matrix, tensors) if matrix is not None else {}
     heads, kv_heads = (src.get(f"{arch}.attention.{k}") for k in ("head_count", "head_count_kv"))
     heads, kv_heads = (v[0] if isinstance(v, list) and v else v for v in (heads, kv_heads))
@@ -239,13 +242,26 @@ def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOpt
     ordered = [kv for i, kv in enumerate(updated) if all(u.key != kv.key for u in updated[i + 1:])]
     kvs = [KV(key, kv.value, kv.type, kv.sub_type) for key, kv in src.fields.items()
            if key not in NOT_COPIED and key not in last]
-    job = Job(source.parent, None, [OutputFile(out, arch, kvs + ordered, plan)])
-    return job, copied, importance
+    if not o.keep_split:
+        return Job(source.parent, None, [OutputFile(out, arch, kvs + ordered, plan)]), copied, importance
+    # --keep-split: part i of the source's n gives OUT-0000{i+1}-of-0000n.gguf, its split keys last
+    # (no split keys for one part, still so named); the first part holds the metadata
+    n = len(src.parts)
+    prefix = out.name.removesuffix(".gguf")
+    files = []
+    for i in range(n):
+        keys = [KV("split.no", i, V.UINT16), KV("split.count", n, V.UINT16),
+                KV("split.tensors.count", len(plan), V.INT32)] if n > 1 else []
+        files.append(OutputFile(out.with_name(part_name(prefix, i, n)), arch if i == 0 else None,
+                                (kvs + ordered if i == 0 else []) + keys,
+                                [p for p in plan if src.tensors[p.tensor.name].part == i]))
+    return Job(source.parent, None, files), copied, importance
 
 
 def default_quantized_out(source: Path, type_name: str) -> Path:
-    """`<name>-<TYPE>.gguf` beside the source, its own type's suffix (-f16, -bf16, -f32) dropped."""
-    stem = source.stem
+    """`<name>-<TYPE>.gguf` beside the source, its own type's suffix (-f16, -bf16, -f32) and a split
+    part's (-00001-of-00003) dropped."""
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", source.stem)
     for suffix in ("-f16", "-bf16", "-f32", "_f16", "_bf16", "_f32"):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]

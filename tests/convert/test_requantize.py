@@ -284,3 +284,37 @@ def test_a_split_source_quantizes_as_the_whole(sources, tmp_path):
         r = quantize(str(src), "q4_k_m", "-o", str(tmp_path / out))
         assert r.exit_code == 0, r.output
     assert (tmp_path / "split.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+
+
+def test_keep_split(sources, tmp_path):
+    """--keep-split: each part of the source gives a part of the output, OUT-0000i-of-0000N.gguf
+    (OUT's .gguf dropped), the metadata in the first, split.no / split.count / split.tensors.count
+    last (alone in the others); read by its first part, the very tensors of the one-file output.
+    A one-file source: OUT-00001-of-00001.gguf, no split keys. (Byte-identical to llama-quantize
+    --keep-split: docs/benchmarks.md.)"""
+    from gguf import GGUFReader
+
+    from gguf_compare import differences, split_gguf
+
+    _, folder = sources
+    parts = split_gguf(folder / "m-bf16.gguf", tmp_path / "m.gguf", 12)
+    assert quantize(str(parts[0]), "q4_k_m", "-o", str(tmp_path / "one.gguf")).exit_code == 0
+    r = quantize(str(parts[0]), "q4_k_m", "-o", str(tmp_path / "out.gguf"), "--keep-split")
+    assert r.exit_code == 0, r.output
+    out = [tmp_path / f"out-{i:05d}-of-00004.gguf" for i in range(1, 5)]
+    assert all(p.exists() for p in out) and not (tmp_path / "out.gguf").exists()
+    assert differences(out[0], tmp_path / "one.gguf") == [
+        "metadata keys differ: only ours ['split.count', 'split.no', 'split.tensors.count'], only theirs []"]
+    for i, (p, q) in enumerate(zip(parts, out)):
+        mine, source = GGUFReader(q), GGUFReader(p)
+        assert [t.name for t in mine.tensors] == [t.name for t in source.tensors]
+        assert list(mine.fields)[-3:] == ["split.no", "split.count", "split.tensors.count"]
+        if i:
+            assert len(mine.fields) == 6  # GGUF's own three and the split keys
+    r = quantize(str(folder / "m-bf16.gguf"), "q4_k_m", "-o", str(tmp_path / "single.gguf"), "--keep-split")
+    assert r.exit_code == 0, r.output
+    with GGUFFile(tmp_path / "single-00001-of-00001.gguf") as g, GGUFFile(tmp_path / "one.gguf") as one:
+        assert "split.count" not in g.fields and list(g.tensors) != list(one.tensors)  # the file's order
+        assert sorted(g.tensors) == sorted(one.tensors)
+    assert quantize(str(parts[0]), "q8_0").exit_code == 0  # the default name: the part's number dropped
+    assert (tmp_path / "m-Q8_0.gguf").exists()
