@@ -180,7 +180,7 @@ def plan_quantize(source: Path, out: Path, type_name: str, options: QuantizeOpti
         raise ConvertError(str(e)) from None
     try:
         job, copied, importance = _plan(src, source, out, kind, options, matrix)
-        unweighted = tuple(p.tensor.name for p in job.files[0].plan if p.tensor.name not in copied
+        unweighted = tuple(p.tensor.name for f in job.files for p in f.plan if p.tensor.name not in copied
                            and requires_imatrix(kind, p.tensor.name, p.qtype) and p.tensor.name not in importance)
         if unweighted and not dry_run:
             raise ConvertError(unweighted_message(kind, unweighted[0], options.imatrix if matrix else None))

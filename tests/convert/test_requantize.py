@@ -318,3 +318,12 @@ def test_keep_split(sources, tmp_path):
         assert sorted(g.tensors) == sorted(one.tensors)
     assert quantize(str(parts[0]), "q8_0").exit_code == 0  # the default name: the part's number dropped
     assert (tmp_path / "m-Q8_0.gguf").exists()
+    from imatrix_files import write_imatrix
+
+    last = [t.name for t in GGUFReader(parts[-1]).tensors if len(t.shape) == 2][-1]  # the last part's: no values
+    with GGUFFile(parts[0]) as g:
+        rows = {n: t.ne[0] for n, t in g.tensors.items() if len(t.ne) == 2 and n.startswith("blk.") and n != last}
+    write_imatrix(tmp_path / "m.imatrix.gguf", {n: (np.ones(k), [1.0]) for n, k in rows.items()})
+    r = quantize(str(parts[0]), "q2_k_s", "-o", str(tmp_path / "low.gguf"), "--keep-split", "--imatrix",
+                 str(tmp_path / "m.imatrix.gguf"))
+    assert r.exit_code == 2 and f"no values for '{last}'" in r.stderr and not list(tmp_path.glob("low*"))
