@@ -246,8 +246,8 @@ llama-gguf-split does (the same files, byte for byte).
 Split (the default): IN is a GGUF, OUT a name: the parts are OUT-00001-of-0000N.gguf..., a new
 one every --split-max-tensors tensors (128) or before a tensor that would take a part past
 --split-max-size (e.g. 4G, 500M: 10^9 and 10^6 bytes). qvl and llama.cpp read a split model by
-its first part (Ollama reads none, and qvl's store keeps a model in one file). Merge: IN is the
-first part, OUT the one file.
+its first part (Ollama reads none; qvl create stores one merged). Merge: IN is the first part,
+OUT the one file.
 
 Example: qvl gguf-split --split-max-size 4G qwen2.5-vl-72b-q4_k_m.gguf qwen2.5-vl-72b-q4_k_m
          qvl gguf-split --merge qwen2.5-vl-72b-q4_k_m-00001-of-00012.gguf qwen2.5-vl-72b-q4_k_m.gguf

@@ -17,9 +17,7 @@ vision projector alone (mmproj) is refused: qvl-convert --vision-type q8_0 makes
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -281,11 +279,7 @@ class Quantization:
     temporary file in the store's folder, which `close` removes once the model is stored."""
 
     def __init__(self, store: Store, job: Creation, kind: str):
-        store.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=store.root, prefix=".quantize-", suffix=".gguf")
-        os.close(fd)
-        self.out = Path(tmp)
-        self.out.unlink()  # run_job writes <out>.partial, then renames it to `out`
+        self.out = store.scratch_path(".quantize-")
         self.creation = job
         self.job, self.source = plan_quantize(job.model, self.out, type_name(kind))
         self.total = self.job.nbytes

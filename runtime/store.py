@@ -191,6 +191,51 @@ class Store:
             with open(p, "rb") as f:
                 if f.read(4) != b"GGUF":
                     raise StoreError(f"{p}: not a GGUF file")
+        merged = self._merged(Path(model))
+        try:
+            return self._create(parsed, merged or model, mmproj, template, params, license_text, config, system,
+                                messages)
+        finally:
+            if merged is not None:
+                merged.unlink(missing_ok=True)
+
+    def scratch_path(self, prefix: str) -> Path:
+        """A free name for a GGUF written in the store's folder (not there yet: run_job writes
+        <name>.partial and renames it), on the blobs' file system."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=prefix, suffix=".gguf")
+        os.close(fd)
+        Path(tmp).unlink()
+        return Path(tmp)
+
+    def _merged(self, model: Path) -> Path | None:
+        """A split model's parts joined into one file (llama-gguf-split --merge's) in the store's
+        folder, to be stored as one blob; None for a model in one file."""
+        from ..convert.errors import ConvertError
+        from ..convert.gguf_split import plan_merge
+        from ..convert.pipeline import ConvertOptions, run_job
+        from ..convert.requantize import Requantize
+        from .gguf_file import GGUFError, GGUFFile
+
+        try:
+            g = GGUFFile(model)
+        except GGUFError as e:
+            raise StoreError(str(e)) from None
+        try:
+            if len(g.parts) < 2:
+                return None
+            out = self.scratch_path(".merge-")
+            copied = Requantize(g, frozenset(g.tensors))  # every tensor's bytes as they are
+            run_job(plan_merge(g, out), lambda p, n: None, ConvertOptions.workers, copied.chunks)
+            return out
+        except ConvertError as e:
+            raise StoreError(str(e)) from None
+        finally:
+            g.close()
+
+    def _create(self, parsed: ModelName, model: Path, mmproj: Path | None, template: str | None,
+                params: dict[str, Any] | None, license_text: str | None, config: dict[str, Any] | None,
+                system: str | None, messages: list[dict[str, str]] | tuple) -> Entry:
         if config is None:
             from .gguf_file import GGUFError
 
@@ -325,13 +370,9 @@ def gguf_config(model: Path) -> dict[str, Any]:
     """The config blob's description of a model GGUF, as Ollama writes it (family, size, file type)."""
     from gguf import LlamaFileType
 
-    from .gguf_file import GGUFError, GGUFFile
+    from .gguf_file import GGUFFile
 
     with GGUFFile(model) as g:
-        if len(g.parts) > 1:
-            raise GGUFError(f"{model}: a split model of {len(g.parts)} files: the store keeps a model in one; "
-                            f"merge them first (qvl gguf-split --merge {model.name} OUT.gguf), or qvl create "
-                            "--quantize writes one")
         ft = g.get("general.file_type")
         return {"model_family": g.architecture, "model_families": [g.architecture],
                 "model_type": g.get("general.size_label", ""),

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
+from qvl.runtime.gguf_file import GGUFFile
 from qvl.runtime.loader import load
 from qvl.runtime.store import MANIFEST_TYPE, ModelName, Store, StoreError
 
@@ -232,12 +233,19 @@ def test_load_by_name_takes_the_stored_parameters_and_system_as_defaults(store, 
     assert load("long:1").defaults == {"max_new_tokens": 64, "ctx_size": 64}  # as -n -1: the context bounds it
 
 
-def test_a_split_model_is_refused(store, fixtures_dir, tmp_path):
-    """The store keeps a model in one file: a split one (its first part) is refused in one line."""
-    from gguf_compare import split_gguf
+def test_a_split_model_is_stored_merged(store, fixtures_dir, tmp_path):
+    """The store keeps a model in one file: a split one (given by its first part) is stored as its
+    parts merged (llama-gguf-split --merge's file), its tensors and metadata the whole file's; no
+    scratch file is left in the store's folder."""
+    from gguf_compare import differences, split_gguf
+    from qvl.runtime.gguf_file import SPLIT_KEYS
 
-    first = split_gguf(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf", tmp_path / "m.gguf",
-                       12)[0]
-    with pytest.raises(StoreError, match="a split model of 4 files: the store keeps a model in one; merge them"):
-        store.create("split:latest", first)
-    assert store.list() == []
+    whole = fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"
+    first = split_gguf(whole, tmp_path / "m.gguf", 12)[0]
+    entry = store.create("split:latest", first)
+    blob = store.blob_path(entry.layer("model")["digest"])
+    assert differences(blob, whole) == [f"metadata keys differ: only ours {sorted(SPLIT_KEYS)}, only theirs []"]
+    with GGUFFile(blob) as g:
+        assert len(g.parts) == 1 and g.get("split.count") == 0
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []
+    assert [e.name for e in store.list()] == [entry.name]
