@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .model import Model
-from .task_scoring import TaskError, endings_mean_log_probs, first_best, swap_draws
+from .task_scoring import TaskError, endings_mean_log_probs, first_best, score_all, swap_draws
 
 MAX_ANSWERS = 100  # llama.cpp's bound on an answer set
 
@@ -115,11 +115,4 @@ def final_scores(scored: list[Scored]) -> tuple[tuple[float, float], tuple[float
 def multiple_choice(model: Model, tasks: list[Task], each: Callable[[int, Scored, int], None] | None = None
                     ) -> list[Scored]:
     """Score the tasks in order; `each(i, scored, right so far)` after each."""
-    out, right = [], 0
-    for i, task in enumerate(tasks):
-        scored = score_task(model, task)
-        right += scored.right
-        out.append(scored)
-        if each is not None:
-            each(i, scored, right)
-    return out
+    return score_all(model, tasks, score_task, each)

@@ -9,7 +9,8 @@ the same logits, a choice at a time."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ import torch
 from .model import Model
 
 _WORD = 0xFFFFFFFF
+T = TypeVar("T")
+S = TypeVar("S")  # a scored task: has `right`
 
 
 class TaskError(ValueError):
@@ -103,3 +106,17 @@ def endings_mean_log_probs(model: Model, context: str, endings: Sequence[str]) -
 def first_best(values: Sequence[float]) -> int:
     """The index of the highest value, the first of equals (llama.cpp's strict >)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def score_all(model: Model, tasks: Sequence[T], score: Callable[[Model, T], S],
+              each: Callable[[int, S, int], None] | None = None) -> list[S]:
+    """Each task's `score` in order (each scored result has `right`); `each(i, scored, right so
+    far)` after each: the running line llama-perplexity prints."""
+    out, right = [], 0
+    for i, task in enumerate(tasks):
+        scored = score(model, task)
+        right += scored.right
+        out.append(scored)
+        if each is not None:
+            each(i, scored, right)
+    return out

@@ -78,7 +78,7 @@ def run_winogrande(model: str, text: str, n: int, device: str, json_out: bool, f
         typer.echo(f"qvl perplexity: {len(tasks)} tasks in the file ({skipped} lines not read), {chosen} "
                    f"{'drawn as llama-perplexity draws them' if chosen < len(tasks) else 'in order'}", err=True)
         scored = winogrande(loaded, tasks, n, each)
-    right = sum(s.picked == s.task.answer for s in scored)
+    right = sum(s.right for s in scored)
     score, sigma = final_score(right, len(scored))
     if not json_out:
         typer.echo(f"\nFinal Winogrande score({len(scored)} tasks): {score:.4f} +/- {sigma:.4f}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import Model
-from .task_scoring import TaskError, choices_log_probs, common_prefix, swap_draws
+from .task_scoring import TaskError, choices_log_probs, common_prefix, score_all, swap_draws
 
 MIN_TRAILING = 3  # llama.cpp's k_min_trailing_ctx
 
@@ -47,6 +47,10 @@ class Scored:
     @property
     def picked(self) -> int:
         return 1 if self.scores[0] > self.scores[1] else 2
+
+    @property
+    def right(self) -> bool:
+        return self.picked == self.task.answer
 
 
 def _commas(line: str) -> list[int]:
@@ -83,7 +87,7 @@ def parse_tasks(text: str) -> tuple[list[Task], int]:
                           int(answer.group(1))))
     if not tasks:
         raise TaskError(f"no task in {len(lines)} lines (the last is never read): a WinoGrande CSV has "
-                              "lines of index,sentence with _,choice 1,choice 2,answer (1 or 2)")
+                        "lines of index,sentence with _,choice 1,choice 2,answer (1 or 2)")
     return tasks, skipped
 
 
@@ -101,7 +105,7 @@ def score_task(model: Model, task: Task) -> Scored:
     common = common_prefix(seqs)
     if common == 0 or max(map(len, seqs)) > model.cfg.context_length:
         raise TaskError(f"task {(task.first + '_' + task.second)[:40]!r}: its sentences share no first token"
-                              " or are longer than the model reads")
+                        " or are longer than the model reads")
     skip_choice = all(len(s) - common > MIN_TRAILING for s in seqs)
     first, own = choices_log_probs(model, seqs, common)
     flat = torch.cat([first, *own])  # llama.cpp's rows: the shared last, choice 1's, choice 2's
@@ -113,7 +117,7 @@ def score_task(model: Model, task: Task) -> Scored:
         positions = range(base - 1, len(s) - 1 - last)
         if base < common or not positions:
             raise TaskError(f"task {(task.first + '_' + task.second)[:40]!r}: nothing of choice {k + 1} to "
-                                  "score")
+                            "score")
         rows = flat[row:row + len(positions)]
         picked = rows.gather(1, torch.tensor([s[j + 1] for j in positions], device=rows.device)[:, None])
         scores.append(float(picked.double().sum()) / len(positions))
@@ -129,11 +133,4 @@ def final_score(right: int, n: int) -> tuple[float, float]:
 def winogrande(model: Model, tasks: list[Task], n: int,
                each: Callable[[int, Scored, int], None] | None = None) -> list[Scored]:
     """Score llama-perplexity's selection of `n` tasks (0: all); `each(i, scored, right so far)` after each."""
-    out, right = [], 0
-    for i, task in enumerate(select(tasks, n)):
-        scored = score_task(model, task)
-        right += scored.picked == task.answer
-        out.append(scored)
-        if each is not None:
-            each(i, scored, right)
-    return out
+    return score_all(model, select(tasks, n), score_task, each)
