@@ -60,16 +60,31 @@ TEXT_TYPES: dict[str, TextType] = {
     "q5_1": TextType("q5_1", FT.MOSTLY_Q5_1, T.Q5_1, True),
     "iq4_nl": TextType("iq4_nl", FT.MOSTLY_IQ4_NL, T.IQ4_NL, True),
     "iq4_xs": TextType("iq4_xs", FT.MOSTLY_IQ4_XS, T.IQ4_XS, True),
+    "iq3_m": TextType("iq3_m", FT.MOSTLY_IQ3_M, T.IQ3_S, True),
+    "iq3_s": TextType("iq3_s", FT.MOSTLY_IQ3_S, T.IQ3_S, True),
+    "iq3_xs": TextType("iq3_xs", FT.MOSTLY_IQ3_XS, T.IQ3_S, True, needs_imatrix=True),
+    "iq3_xxs": TextType("iq3_xxs", FT.MOSTLY_IQ3_XXS, T.IQ3_XXS, True, needs_imatrix=True),
+    "iq2_m": TextType("iq2_m", FT.MOSTLY_IQ2_M, T.IQ2_S, True, needs_imatrix=True),
+    "iq2_s": TextType("iq2_s", FT.MOSTLY_IQ2_S, T.IQ2_XS, True, needs_imatrix=True),
+    "iq2_xs": TextType("iq2_xs", FT.MOSTLY_IQ2_XS, T.IQ2_XS, True, needs_imatrix=True),
+    "iq2_xxs": TextType("iq2_xxs", FT.MOSTLY_IQ2_XXS, T.IQ2_XXS, True, needs_imatrix=True),
 }
 
 # the types qvl-convert writes from a checkpoint: not those that need an importance matrix
 CONVERT_TYPES = tuple(k for k, v in TEXT_TYPES.items() if not v.needs_imatrix)
 
 
+# the types llama-quantize does not write without importance values (but for the token embedding and the output)
+IMATRIX_TYPES = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S)
+
+
 def requires_imatrix(kind: TextType, name: str, qtype: T) -> bool:
-    """llama-quant.cpp `tensor_requires_imatrix` for qvl's types: in a Q2_K_S file a Q2_K matrix
-    other than the token embedding and the output is not quantized without importance values."""
-    return kind.needs_imatrix and qtype == T.Q2_K and name not in ("token_embd.weight", "output.weight")
+    """llama-quant.cpp `tensor_requires_imatrix` for qvl's types: an IQ3_XXS or IQ2 matrix, and in
+    a Q2_K_S file a Q2_K one, other than the token embedding and the output, is not quantized
+    without importance values."""
+    if name in ("token_embd.weight", "output.weight"):
+        return False
+    return qtype in IMATRIX_TYPES or qtype == T.Q2_K and kind.file_type == FT.MOSTLY_Q2_K_S
 
 
 VISION_TYPES: dict[str, tuple[FT, T]] = {
@@ -78,9 +93,15 @@ VISION_TYPES: dict[str, tuple[FT, T]] = {
     "q8_0": (FT.MOSTLY_Q8_0, T.Q8_0),
 }
 
-_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q3_K: T.Q4_0, T.Q2_K: T.Q4_0, T.IQ4_XS: T.IQ4_NL}
+_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q3_K: T.Q4_0, T.Q2_K: T.Q4_0, T.IQ4_XS: T.IQ4_NL,
+             T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL}
 _IQ4 = (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS)
 _MORE_BITS = (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M)  # Q6_K for attn_v / ffn_down on use_more_bits' layers
+_IQ2 = (FT.MOSTLY_IQ2_XXS, FT.MOSTLY_IQ2_XS, FT.MOSTLY_IQ2_S, FT.MOSTLY_IQ2_M)  # their own rules, before the others
+_IQ2_SM = (FT.MOSTLY_IQ2_S, FT.MOSTLY_IQ2_M)
+# a matrix's role: the first of these its name holds (llama-quant.cpp tensor_get_category's order)
+_ROLES = {"attn_v.weight": "attn_v", "attn_k.weight": "attn_k", "attn_q.weight": "attn_q",
+          "attn_output.weight": "attn_output", "ffn_up": "ffn_up", "ffn_gate": "ffn_gate", "ffn_down": "ffn_down"}
 
 
 @dataclass(frozen=True)
@@ -128,7 +149,7 @@ class Overrides:
 
 FLOAT_DEFAULTS = (T.F32, T.F16, T.BF16)
 WRITABLE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
-            T.IQ4_NL, T.IQ4_XS)
+            T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS)
 
 
 def ggml_type(name: str) -> T:
@@ -158,7 +179,7 @@ def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int, imatrix: b
     mix's counters move only where the mix is consulted (not for a tensor a pattern names)."""
     tied = not any(t.name == "output.weight" for t in tensors)
     n_attn_v = sum(1 for t in tensors if "attn_v.weight" in t.name)
-    counters = {"attn_v": 0, "ffn_down": 0}
+    counters = {"attn_v": 0, "ffn_down": 0, "ffn_gate": 0, "ffn_up": 0}
     plan = []
     for t in tensors:
         if keeps_float(t):
@@ -189,21 +210,40 @@ def plan_text(tensors: list[OutTensor], kind: TextType, n_layer: int, imatrix: b
 def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, shape: tuple[int, int, int], imatrix: bool,
            overrides: Overrides, counters: dict[str, int]) -> T:
     """llama_tensor_get_type_impl for qvl's file types (a dense model, not Falcon; `shape`: the
-    attn_v count, the layer count and heads per KV head): the output (or tied embedding), attn_v,
-    ffn_down and attn_output take more bits where llama.cpp gives them more."""
+    attn_v count, the layer count and heads per KV head): the output (or tied embedding), the
+    token embedding, attn_v, attn_k, attn_q, ffn_down, attn_output, ffn_gate and ffn_up take
+    other types where llama.cpp gives them others."""
     n_attn_v, n_layer, n_gqa = shape
     if t.name == "output.weight" or (tied and t.name == "token_embd.weight"):
         if overrides.output is not None:
             return overrides.output
         if t.row_length % block_size(qtype):
             return T.Q8_0
+        if ft in _IQ2 or ft == FT.MOSTLY_IQ3_XXS:
+            return T.Q5_K
         return T.Q6_K if qtype != T.Q8_0 else qtype
-    if "attn_v.weight" in t.name:
-        i = counters["attn_v"]
-        counters["attn_v"] += 1
+    if t.name == "token_embd.weight":
+        if ft in (FT.MOSTLY_IQ2_XXS, FT.MOSTLY_IQ2_XS):
+            return T.Q2_K
+        return T.IQ3_S if ft in _IQ2_SM or ft == FT.MOSTLY_IQ3_XXS else qtype
+    role = next((r for key, r in _ROLES.items() if key in t.name), None)
+    i = counters.get(role, 0)
+    if role in counters:
+        counters[role] += 1
+    if ft in _IQ2:
+        if role == "attn_v":
+            return T.Q4_K if n_gqa >= 4 else T.IQ3_S if ft in _IQ2_SM else T.Q2_K
+        if role == "ffn_down" and i < n_layer // 8 or role == "attn_output" and ft in _IQ2_SM:
+            return T.IQ3_S if ft in _IQ2_SM else T.Q2_K
+        return qtype
+    if role == "attn_v":
         if ft == FT.MOSTLY_Q2_K:
             return T.Q4_K if n_gqa >= 4 else T.Q3_K
         if ft == FT.MOSTLY_Q2_K_S and n_gqa >= 4:
+            return T.Q4_K
+        if ft == FT.MOSTLY_IQ3_XXS:
+            return T.Q4_K if n_gqa >= 4 else T.IQ3_XXS if imatrix else T.IQ3_S
+        if ft in (FT.MOSTLY_IQ3_XS, FT.MOSTLY_IQ3_S) and n_gqa >= 4 or ft == FT.MOSTLY_IQ3_M:
             return T.Q4_K
         if ft == FT.MOSTLY_Q3_K_M:
             return T.Q5_K if i < 2 else T.Q4_K
@@ -213,15 +253,19 @@ def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, shape: tuple[int, int, in
             return T.Q6_K
         if ft == FT.MOSTLY_Q4_K_S and i < 4:
             return T.Q5_K
-    elif "ffn_down" in t.name:
-        i = counters["ffn_down"]
-        counters["ffn_down"] += 1
+    elif role in ("attn_k", "attn_q"):
+        return {FT.MOSTLY_IQ3_XS: T.IQ3_XXS, FT.MOSTLY_IQ3_XXS: T.IQ2_S}.get(ft, qtype)
+    elif role == "ffn_down":
         if ft == FT.MOSTLY_Q2_K:
             return T.Q3_K
         if ft == FT.MOSTLY_Q2_K_S:
             return T.Q4_K if i < n_layer // 8 else qtype
+        if ft == FT.MOSTLY_IQ3_XXS and not imatrix:
+            return T.Q4_K if i < n_layer // 8 else T.Q3_K
         if ft == FT.MOSTLY_Q3_K_M:
             return T.Q5_K if i < n_layer // 16 else T.Q4_K
+        if ft == FT.MOSTLY_IQ3_M and i < n_layer // 8:
+            return T.Q4_K
         if ft == FT.MOSTLY_Q3_K_L:
             return T.Q5_K
         if ft in _MORE_BITS and _use_more_bits(i, n_layer):
@@ -232,8 +276,11 @@ def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, shape: tuple[int, int, in
             return T.Q5_K
         if ft in (FT.MOSTLY_Q4_0, FT.MOSTLY_Q5_0) and imatrix and i < n_layer // 8:
             return T.Q4_1 if ft == FT.MOSTLY_Q4_0 else T.Q5_1
-    elif "attn_output.weight" in t.name:
-        return {FT.MOSTLY_Q2_K: T.Q3_K, FT.MOSTLY_Q3_K_M: T.Q4_K, FT.MOSTLY_Q3_K_L: T.Q5_K}.get(ft, qtype)
+    elif role == "attn_output":
+        return {FT.MOSTLY_Q2_K: T.Q3_K, FT.MOSTLY_IQ3_XXS: T.IQ3_S, FT.MOSTLY_Q3_K_M: T.Q4_K,
+                FT.MOSTLY_Q3_K_L: T.Q5_K, FT.MOSTLY_IQ3_M: T.Q4_K}.get(ft, qtype)
+    elif role in ("ffn_gate", "ffn_up") and ft == FT.MOSTLY_IQ3_XS and n_layer // 8 <= i < 7 * n_layer // 8:
+        return T.IQ3_XXS
     return qtype
 
 

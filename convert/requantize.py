@@ -178,22 +178,23 @@ def plan_quantize(source: Path, out: Path, type_name: str, options: QuantizeOpti
         raise ConvertError(str(e)) from None
     try:
         job, copied, importance = _plan(src, source, out, kind, options, matrix)
-        unweighted = tuple(p.tensor.name for f in job.files for p in f.plan if p.tensor.name not in copied
-                           and requires_imatrix(kind, p.tensor.name, p.qtype) and p.tensor.name not in importance)
-        if unweighted and not dry_run:
-            raise ConvertError(unweighted_message(kind, unweighted[0], options.imatrix if matrix else None))
+        lacking = [p for f in job.files for p in f.plan if p.tensor.name not in copied
+                   and requires_imatrix(kind, p.tensor.name, p.qtype) and p.tensor.name not in importance]
+        if lacking and not dry_run:
+            raise ConvertError(unweighted_message(lacking[0], options.imatrix if matrix else None))
     except ConvertError:
         src.close()
         raise
-    return job, Requantize(src, frozenset(copied), importance, unweighted)
+    return job, Requantize(src, frozenset(copied), importance, tuple(p.tensor.name for p in lacking))
 
 
-def unweighted_message(kind: TextType, name: str, imatrix: Path | None) -> str:
+def unweighted_message(p: PlannedTensor, imatrix: Path | None) -> str:
     """Why a tensor is not quantized: llama-quantize's refusal of a very low-bit type without importance values."""
+    name, qtype = p.tensor.name, p.qtype.name
     if imatrix is None:
-        return (f"{kind.name} quantizes '{name}' to {kind.default.name}, which takes importance values: give "
-                "--imatrix FILE (qvl imatrix makes one from an f16 model and a text)")
-    return f"{imatrix}: no values for '{name}', which {kind.name} quantizes to {kind.default.name} (it takes them)"
+        return (f"'{name}' is quantized to {qtype}, which takes importance values: give --imatrix FILE "
+                "(qvl imatrix makes one from an f16 model and a text)")
+    return f"{imatrix}: no values for '{name}', which is quantized to {qtype} (it takes them)"
 
 
 def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOptions,

@@ -16,6 +16,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
 
 from .common import F32, seq_sum
+from .iq2 import quantize_iq2_s, quantize_iq2_xs, quantize_iq2_xxs
+from .iq3 import quantize_iq3_s, quantize_iq3_xxs
 from .iq4 import quantize_iq4_nl, quantize_iq4_xs
 from .k_minmax import quantize_q4_k, quantize_q5_k
 from .legacy import (quantize_q4_0, quantize_q4_0_weighted, quantize_q4_1, quantize_q4_1_weighted, quantize_q5_0,
@@ -38,13 +40,19 @@ BLOCK_QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]]
     T.Q2_K: quantize_q2_k,
     T.IQ4_NL: quantize_iq4_nl,
     T.IQ4_XS: quantize_iq4_xs,
+    T.IQ3_XXS: quantize_iq3_xxs,
+    T.IQ3_S: quantize_iq3_s,
+    T.IQ2_XXS: quantize_iq2_xxs,
+    T.IQ2_XS: quantize_iq2_xs,
+    T.IQ2_S: quantize_iq2_s,
 }
 
 # With an importance matrix: the K-types weigh each element by its value (and the block's
 # statistics); the 32-element types by its value and the row's mean square (row_weights); Q8_0
 # takes none, as in ggml.
 K_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    t: BLOCK_QUANTIZERS[t] for t in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS)
+    t: BLOCK_QUANTIZERS[t] for t in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S,
+                    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S)
 }  # their block quantizers take the matrix's values as a second argument
 ROW_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     T.Q4_0: quantize_q4_0_weighted,
@@ -52,6 +60,8 @@ ROW_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.n
     T.Q5_0: quantize_q5_0_weighted,
     T.Q5_1: quantize_q5_1_weighted,
 }
+
+NEEDS_IMATRIX = (T.IQ2_XXS, T.IQ2_XS)  # ggml_quantize_requires_imatrix (of qvl's types)
 
 FLOAT_TYPES: dict[GGMLQuantizationType, np.dtype] = {
     T.F32: np.dtype(np.float32),
@@ -120,6 +130,8 @@ def quantize(rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray 
         return to_bf16(rows)
     if qtype not in BLOCK_QUANTIZERS:  # every one of them takes an importance matrix (or, Q8_0, ignores it)
         raise QuantError(f"qvl has no quantizer for {qtype.name}")
+    if imatrix is None and qtype in NEEDS_IMATRIX:
+        raise QuantError(f"{qtype.name} is quantized only with an importance matrix (ggml's has no other way)")
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         if imatrix.shape != (n_per_row,):

@@ -84,7 +84,8 @@ def test_q4_0_plan():
 @pytest.mark.parametrize("type_name", list(TEXT_TYPES))
 def test_an_importance_matrix_changes_only_q4_0s_first_ffn_downs(type_name):
     """llama-quantize with --imatrix: Q4_0's (Q5_0's) ffn_down on the first n_layer/8 layers takes
-    Q4_1 (Q5_1: llama_tensor_get_type's guard), IQ4's keep their type there (Q5_K without one);
+    Q4_1 (Q5_1: llama_tensor_get_type's guard), IQ4's keep their type there (Q5_K without one),
+    IQ3_XXS's ffn_down keep theirs everywhere (without one: Q4_K on the first eighth, Q3_K after);
     every other type's plan is the same as without one."""
     cfg = parse_config(official_config("qwen2.5-vl-7b"))  # 28 layers: blk.0-2 (28 // 8 = 3)
     n = cfg.text.num_hidden_layers
@@ -94,6 +95,9 @@ def test_an_importance_matrix_changes_only_q4_0s_first_ffn_downs(type_name):
     changed = {k: (plain[k], weighted[k]) for k in plain if plain[k] != weighted[k]}
     guard = {"q4_0": (T.Q4_0, T.Q4_1), "q5_0": (T.Q5_0, T.Q5_1), "iq4_nl": (T.Q5_K, T.IQ4_NL),
              "iq4_xs": (T.Q5_K, T.IQ4_XS)}.get(type_name)  # IQ4: the guard is there without a matrix
+    if type_name == "iq3_xxs":
+        assert changed == {f"blk.{i}.ffn_down.weight": (T.Q4_K if i < n // 8 else T.Q3_K, T.IQ3_XXS) for i in range(n)}
+        return
     assert changed == ({f"blk.{i}.ffn_down.weight": guard for i in range(n // 8)} if guard else {})
 
 

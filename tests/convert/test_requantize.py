@@ -247,7 +247,7 @@ def test_q2_k_s_takes_an_importance_matrix(sources, tmp_path):
     out = tmp_path / "q.gguf"
     for args, expect in (((), "which takes importance values: give --imatrix FILE"),
                          (("--imatrix", str(matrix), "--exclude-weights", "blk.1.ffn_up"),
-                          "no values for 'blk.1.ffn_up.weight', which q2_k_s quantizes to Q2_K")):
+                          "no values for 'blk.1.ffn_up.weight', which is quantized to Q2_K")):
         r = quantize(str(src), "q2_k_s", "-o", str(out), *args)
         assert r.exit_code == 2 and expect in r.stderr and r.stderr.count("\n") == 1, r.output
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.imatrix.gguf"]
