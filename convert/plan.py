@@ -2,13 +2,14 @@
 
 Text model: `--type` picks a llama.cpp file type. f32/f16/bf16/q8_0 convert every matrix to that
 type, as convert_hf_to_gguf.py does. The other types (q4_0, q4_1, q5_0, q5_1, q4_k = llama.cpp's
-Q4_K_S, q4_k_m, q5_k_s, q5_k_m, q6_k, q3_k_s/m/l, q2_k, q2_k_s, iq4_nl, iq4_xs) follow
-`llama_tensor_get_type` in llama-quant.cpp for a dense model: the output (or the tied token
-embedding) takes Q6_K, `attn_v`, `ffn_down` and `attn_output` take more bits on the layers
-llama.cpp picks (Q4_K_S: Q5_K on the first ones; Q4_K_M, Q5_K_M: Q6_K on use_more_bits' layers;
-Q3_K_M, Q3_K_L, Q2_K, Q2_K_S, IQ4: their own), and a row length that is not a multiple of the block
-falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q3_K / Q2_K -> Q4_0, IQ4_XS -> IQ4_NL, else
-F16). llama-quantize's per-tensor options are `Overrides`. Vectors and norms stay F32 in every
+Q4_K_S, q4_k_m, q5_k_s, q5_k_m, q6_k, q3_k_s/m/l, q2_k, q2_k_s, iq4_nl, iq4_xs, iq3_m/s/xs/xxs,
+iq2_m/s/xs/xxs, iq1_m/s) follow `llama_tensor_get_type` in llama-quant.cpp for a dense model: the
+output (or the tied token embedding) takes Q6_K (the IQ1/IQ2 mixes and IQ3_XXS: Q5_K), `attn_v`,
+`ffn_down` and `attn_output` take more bits on the layers llama.cpp picks (Q4_K_S: Q5_K on the
+first ones; Q4_K_M, Q5_K_M: Q6_K on use_more_bits' layers; Q3_K_M, Q3_K_L, Q2_K, Q2_K_S, IQ4 and
+the IQ1-IQ3 mixes: their own; the IQ3_XXS / IQ3_XS mixes also move attn_q, attn_k, ffn_gate and
+ffn_up), and a row length that is not a multiple of the block falls back (Q4_K -> Q5_0, Q5_K ->
+Q5_1, Q6_K -> Q8_0, Q3_K / Q2_K -> Q4_0, IQ4_XS and the grid types -> IQ4_NL, else F16). llama-quantize's per-tensor options are `Overrides`. Vectors and norms stay F32 in every
 mode.
 
 Vision projector: `--vision-type` f16 (default), f32 or q8_0; the patch embedding is never
@@ -68,6 +69,8 @@ TEXT_TYPES: dict[str, TextType] = {
     "iq2_s": TextType("iq2_s", FT.MOSTLY_IQ2_S, T.IQ2_XS, True, needs_imatrix=True),
     "iq2_xs": TextType("iq2_xs", FT.MOSTLY_IQ2_XS, T.IQ2_XS, True, needs_imatrix=True),
     "iq2_xxs": TextType("iq2_xxs", FT.MOSTLY_IQ2_XXS, T.IQ2_XXS, True, needs_imatrix=True),
+    "iq1_m": TextType("iq1_m", FT.MOSTLY_IQ1_M, T.IQ1_M, True, needs_imatrix=True),
+    "iq1_s": TextType("iq1_s", FT.MOSTLY_IQ1_S, T.IQ1_S, True, needs_imatrix=True),
 }
 
 # the types qvl-convert writes from a checkpoint: not those that need an importance matrix
@@ -75,7 +78,7 @@ CONVERT_TYPES = tuple(k for k, v in TEXT_TYPES.items() if not v.needs_imatrix)
 
 
 # the types llama-quantize does not write without importance values (but for the token embedding and the output)
-IMATRIX_TYPES = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S)
+IMATRIX_TYPES = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S)
 
 
 def requires_imatrix(kind: TextType, name: str, qtype: T) -> bool:
@@ -94,10 +97,13 @@ VISION_TYPES: dict[str, tuple[FT, T]] = {
 }
 
 _FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q3_K: T.Q4_0, T.Q2_K: T.Q4_0, T.IQ4_XS: T.IQ4_NL,
-             T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL}
+             T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL,
+             T.IQ1_M: T.IQ4_NL, T.IQ1_S: T.IQ4_NL}
 _IQ4 = (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS)
 _MORE_BITS = (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M)  # Q6_K for attn_v / ffn_down on use_more_bits' layers
-_IQ2 = (FT.MOSTLY_IQ2_XXS, FT.MOSTLY_IQ2_XS, FT.MOSTLY_IQ2_S, FT.MOSTLY_IQ2_M)  # their own rules, before the others
+_IQ2 = (FT.MOSTLY_IQ2_XXS, FT.MOSTLY_IQ2_XS, FT.MOSTLY_IQ2_S, FT.MOSTLY_IQ2_M, FT.MOSTLY_IQ1_S,
+        FT.MOSTLY_IQ1_M)  # their own rules, before the others
+_IQ1 = (FT.MOSTLY_IQ1_S, FT.MOSTLY_IQ1_M)
 _IQ2_SM = (FT.MOSTLY_IQ2_S, FT.MOSTLY_IQ2_M)
 # a matrix's role: the first of these its name holds (llama-quant.cpp tensor_get_category's order)
 _ROLES = {"attn_v.weight": "attn_v", "attn_k.weight": "attn_k", "attn_q.weight": "attn_q",
@@ -149,7 +155,7 @@ class Overrides:
 
 FLOAT_DEFAULTS = (T.F32, T.F16, T.BF16)
 WRITABLE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
-            T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS)
+            T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_M, T.IQ1_S)
 
 
 def ggml_type(name: str) -> T:
@@ -223,7 +229,7 @@ def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, shape: tuple[int, int, in
             return T.Q5_K
         return T.Q6_K if qtype != T.Q8_0 else qtype
     if t.name == "token_embd.weight":
-        if ft in (FT.MOSTLY_IQ2_XXS, FT.MOSTLY_IQ2_XS):
+        if ft in (FT.MOSTLY_IQ2_XXS, FT.MOSTLY_IQ2_XS) or ft in _IQ1:
             return T.Q2_K
         return T.IQ3_S if ft in _IQ2_SM or ft == FT.MOSTLY_IQ3_XXS else qtype
     role = next((r for key, r in _ROLES.items() if key in t.name), None)
@@ -235,7 +241,7 @@ def _mixed(t: OutTensor, qtype: T, ft: FT, tied: bool, shape: tuple[int, int, in
             return T.Q4_K if n_gqa >= 4 else T.IQ3_S if ft in _IQ2_SM else T.Q2_K
         if role == "ffn_down" and i < n_layer // 8 or role == "attn_output" and ft in _IQ2_SM:
             return T.IQ3_S if ft in _IQ2_SM else T.Q2_K
-        return qtype
+        return T.IQ2_XXS if role == "attn_output" and ft in _IQ1 else qtype
     if role == "attn_v":
         if ft == FT.MOSTLY_Q2_K:
             return T.Q4_K if n_gqa >= 4 else T.Q3_K

@@ -16,6 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
 
 from .common import F32, seq_sum
+from .iq1 import quantize_iq1_m, quantize_iq1_s
 from .iq2 import quantize_iq2_s, quantize_iq2_xs, quantize_iq2_xxs
 from .iq3 import quantize_iq3_s, quantize_iq3_xxs
 from .iq4 import quantize_iq4_nl, quantize_iq4_xs
@@ -45,6 +46,8 @@ BLOCK_QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]]
     T.IQ2_XXS: quantize_iq2_xxs,
     T.IQ2_XS: quantize_iq2_xs,
     T.IQ2_S: quantize_iq2_s,
+    T.IQ1_S: quantize_iq1_s,
+    T.IQ1_M: quantize_iq1_m,
 }
 
 # With an importance matrix: the K-types weigh each element by its value (and the block's
@@ -52,7 +55,7 @@ BLOCK_QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]]
 # takes none, as in ggml.
 K_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     t: BLOCK_QUANTIZERS[t] for t in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S,
-                    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S)
+                    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)
 }  # their block quantizers take the matrix's values as a second argument
 ROW_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     T.Q4_0: quantize_q4_0_weighted,
@@ -61,7 +64,7 @@ ROW_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.n
     T.Q5_1: quantize_q5_1_weighted,
 }
 
-NEEDS_IMATRIX = (T.IQ2_XXS, T.IQ2_XS)  # ggml_quantize_requires_imatrix (of qvl's types)
+NEEDS_IMATRIX = (T.IQ2_XXS, T.IQ2_XS, T.IQ1_S)  # ggml_quantize_requires_imatrix (of qvl's types)
 
 FLOAT_TYPES: dict[GGMLQuantizationType, np.dtype] = {
     T.F32: np.dtype(np.float32),

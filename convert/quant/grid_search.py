@@ -14,7 +14,7 @@ type's grid_map.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -38,8 +38,12 @@ class GridTables:
     start: np.ndarray  # (n_points,) int64: where a point's candidates begin in flat (ggml's order)
     count: np.ndarray  # (n_points,) int64: how many (0 on the grid)
     flat: np.ndarray  # (N,) int32: grid indices
-    flat_q: np.ndarray  # (width, N) float32: their q = 2l + 1
     bits: int
+
+    @cached_property
+    def flat_q(self) -> np.ndarray:
+        """(N, width) float32: the candidates' q = 2l + 1."""
+        return 2 * self.levels[self.flat].astype(np.float32) + 1
 
     @property
     def width(self) -> int:
@@ -55,6 +59,8 @@ class GridTables:
 
 @cache
 def grid_tables(qtype: T) -> GridTables:
+    if qtype == T.IQ1_M:  # IQ1_S's grid and search
+        return grid_tables(T.IQ1_S)
     cls = _CLASS[qtype]
     cls.init_grid()
     values = np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)
@@ -80,16 +86,15 @@ def grid_tables(qtype: T) -> GridTables:
     count = np.zeros(n_points, dtype=np.int64)
     count[off] = [len(x) for x in lists]
     start = np.cumsum(count) - count
-    flat = np.concatenate(lists).astype(np.int32)
-    flat_q = np.ascontiguousarray((2 * levels[flat].astype(np.float32) + 1).T)
-    return GridTables(levels, kmap, start, count, flat, flat_q, bits)
+    return GridTables(levels, kmap, start, count, np.concatenate(lists).astype(np.int32), bits)
 
 
 def best_neighbours(tables: GridTables, u: np.ndarray, xval: np.ndarray, weight: np.ndarray,
-                    scale: np.ndarray) -> np.ndarray:
+                    scale: np.ndarray, level_values: np.ndarray | None = None) -> np.ndarray:
     """ggml's find_best_neighbour for m off-grid vectors at once: u (m,) their points, xval and
     weight (m, width), scale (m,) -> (m,) the grid index of the candidate with the least
-    sum_i weight_i (scale q_i - xval_i)^2, summed in order in float32; the first of equals, as
+    sum_i weight_i (scale q_i - xval_i)^2, summed in order in float32 (q = 2l + 1, or with
+    level_values IQ1's value of level l: iq1_find_best_neighbour2); the first of equals, as
     `d2 < best_d2` keeps it (a NaN or infinite distance never wins). The candidates of all m
     are one flat run (their counts differ: 1 to 292)."""
     count = tables.count[u]
@@ -97,12 +102,17 @@ def best_neighbours(tables: GridTables, u: np.ndarray, xval: np.ndarray, weight:
     owner = np.repeat(np.arange(len(u)), count)
     at = (tables.start[u] - first).take(owner)
     at += np.arange(at.size)  # places in tables.flat
-    d2 = np.zeros(at.size, dtype=F32)
-    s = scale.take(owner)
-    xval, weight = np.ascontiguousarray(xval.T), np.ascontiguousarray(weight.T)
-    for i in range(tables.width):
-        diff = s * tables.flat_q[i].take(at) - xval[i].take(owner)
-        d2 += weight[i].take(owner) * diff * diff
+    if level_values is None:
+        q = tables.flat_q.take(at, axis=0)  # (run, width)
+    else:
+        q = level_values[tables.levels[tables.flat.take(at)]]
+    diff = scale.take(owner)[:, None] * q
+    diff -= xval.take(owner, axis=0)
+    t = weight.take(owner, axis=0) * diff
+    t *= diff
+    d2 = t[:, 0].copy()  # 0 + the first term: the first term
+    for i in range(1, tables.width):
+        d2 += t[:, i]
     d2[~(d2 < np.finfo(np.float32).max)] = np.inf
     hits = np.flatnonzero(d2 == np.minimum.reduceat(d2, first).take(owner))
     keep = np.ones(hits.size, dtype=bool)

@@ -46,7 +46,7 @@ def sources(tmp_path_factory):
 @pytest.mark.parametrize("kind,source", [("q4_k_m", "bf16"), ("q4_k_m", "f32"), ("q8_0", "bf16"),
                                          ("q6_k", "bf16"), ("q4_k", "bf16"), ("q5_k_m", "f32"), ("q4_0", "bf16"),
                                          ("q3_k_m", "bf16"), ("q2_k", "f32"), ("q5_k_s", "bf16"), ("q5_1", "bf16"),
-                                         ("iq4_xs", "bf16")])
+                                         ("iq4_xs", "bf16"), ("iq3_m", "bf16")])
 def test_quantized_gguf_equals_the_direct_conversion(sources, tmp_path, kind, source):
     ckpt, folder = sources
     direct = tmp_path / "direct.gguf"
@@ -269,6 +269,56 @@ def test_q2_k_s_takes_an_importance_matrix(sources, tmp_path):
     assert r.exit_code == 2 and "needs an importance matrix" in r.stderr and not (tmp_path / "c.gguf").exists()
     with pytest.raises(StoreError, match="quantization 'q2_k_s'"):
         alias_source("qwen2.5-vl:3b-q2_k_s")
+
+
+# llama-quant.cpp's choices for a 3-layer model, 2 heads per KV head, untied (3 // 8 = 0 layers take
+# ffn_down's first-eighth types; IQ3_XS's ffn_gate / ffn_up: layers 0 and 1 of [0, 7 * 3 // 8 = 2)):
+# (token_embd, output, attn_q/k, attn_v, attn_output, ffn_down, ffn_gate/up of layers 0-1, of layer 2)
+IQ_MIXES = {
+    "iq3_xxs": (T.IQ3_S, T.Q5_K, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ3_XXS, T.IQ3_XXS, T.IQ3_XXS),
+    "iq3_xs": (T.IQ3_S, T.Q6_K, T.IQ3_XXS, T.IQ3_S, T.IQ3_S, T.IQ3_S, T.IQ3_XXS, T.IQ3_S),
+    "iq2_m": (T.IQ3_S, T.Q5_K, T.IQ2_S, T.IQ3_S, T.IQ3_S, T.IQ2_S, T.IQ2_S, T.IQ2_S),
+    "iq2_s": (T.IQ3_S, T.Q5_K, T.IQ2_XS, T.IQ3_S, T.IQ3_S, T.IQ2_XS, T.IQ2_XS, T.IQ2_XS),
+    "iq2_xs": (T.Q2_K, T.Q5_K, T.IQ2_XS, T.Q2_K, T.IQ2_XS, T.IQ2_XS, T.IQ2_XS, T.IQ2_XS),
+    "iq2_xxs": (T.Q2_K, T.Q5_K, T.IQ2_XXS, T.Q2_K, T.IQ2_XXS, T.IQ2_XXS, T.IQ2_XXS, T.IQ2_XXS),
+    "iq1_m": (T.Q2_K, T.Q5_K, T.IQ1_M, T.Q2_K, T.IQ2_XXS, T.IQ1_M, T.IQ1_M, T.IQ1_M),
+    "iq1_s": (T.Q2_K, T.Q5_K, T.IQ1_S, T.Q2_K, T.IQ2_XXS, T.IQ1_S, T.IQ1_S, T.IQ1_S),
+}
+
+
+@pytest.mark.parametrize("kind", list(IQ_MIXES))
+def test_iq_mixes_take_an_importance_matrix(sources, tmp_path, kind):
+    """llama.cpp's IQ3_XXS, IQ3_XS, IQ2 and IQ1 mixes: refused without importance values (one line,
+    nothing written), as llama-quantize refuses them; with them each matrix takes the mix's type
+    and its bytes are quantize()'s of its rows with its values (ggml's bytes: test_quant_imatrix.py;
+    whole files byte-identical to llama-quantize --imatrix's: docs/benchmarks.md)."""
+    from imatrix_files import write_imatrix
+    from qvl.convert.quant import quantize as quantize_rows
+    from qvl.convert.imatrix import read_imatrix
+
+    _, folder = sources
+    src = folder / "m-f32.gguf"
+    with GGUFFile(src) as g:
+        rows = {n: t.ne[0] for n, t in g.tensors.items() if n.startswith("blk.") and n.endswith("weight")
+                and len(t.ne) == 2}
+    rng = np.random.default_rng(4)
+    matrix = tmp_path / "m.imatrix.gguf"
+    write_imatrix(matrix, {n: (np.exp(rng.normal(0, 2, k)), [1.0]) for n, k in rows.items()})
+    out = tmp_path / "q.gguf"
+    r = quantize(str(src), kind, "-o", str(out))
+    assert r.exit_code == 2 and "which takes importance values: give --imatrix FILE" in r.stderr, r.output
+    assert r.stderr.count("\n") == 1 and not out.exists()
+    assert quantize(str(src), kind, "-o", str(out), "--imatrix", str(matrix)).exit_code == 0
+    embd, output, qk, v, attn_output, down, early, late = IQ_MIXES[kind]
+    values = read_imatrix(matrix).values
+    with GGUFFile(out) as q, GGUFFile(src) as f:
+        role = {"attn_q": qk, "attn_k": qk, "attn_v": v, "attn_output": attn_output, "ffn_down": down}
+        want = {n: role.get(n.split(".")[2], early if n.startswith(("blk.0.", "blk.1.")) else late) for n in rows}
+        want |= {"token_embd.weight": embd, "output.weight": output}
+        assert {n: q.tensors[n].type for n in want} == want
+        for name in ("blk.2.attn_q.weight", "blk.0.ffn_up.weight", "blk.1.attn_v.weight", "blk.1.attn_output.weight"):
+            np.testing.assert_array_equal(q.raw(name), quantize_rows(f.raw(name).view(np.float32), want[name],
+                                                                     values[name]), err_msg=name)
 
 
 def test_a_split_source_quantizes_as_the_whole(sources, tmp_path):
