@@ -30,9 +30,9 @@ Needs CUDA.
     python scripts/bench_kernels.py --int8    # the Q4_K / Q5_K / Q6_K GEMVs on int8 activations against qgemv
 
 `--low-bit` times the batch-1 GEMV of the types of Q2_K / Q3_K_M / IQ4_XS / Q4_1 / Q5_K_M files
-and of llama.cpp's IQ1-IQ3 files (the grid types) on the 3B and 7B shapes. qvl writes none of
-Q2_K, Q3_K, IQ4 and the grid types: those weights are random blocks with set scales
-(tests/quant_weights.py), which a GEMV streams as it streams any.
+and of llama.cpp's IQ1-IQ3 files (the grid types) on the 3B and 7B shapes. Those weights are
+random blocks with set scales (tests/quant_weights.py; ggml's own searches, which qvl quantize
+runs, take minutes at these shapes), which a GEMV streams as it streams any.
 
 `--sweep` times the 7B's largest decode GEMVs (Q4_K gate/up stacked, Q6_K down) over rows per
 program, warps, L2 prefetch distance and K splits, and its prefill GEMM over tile shapes, as GB/s (GEMV) or TFLOP/s

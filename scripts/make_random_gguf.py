@@ -19,7 +19,7 @@ weights are 1, other vectors N(0, 0.02). The 7B Q4_K_M pair (4.36 + 1.26 GiB of 
 write, where a Q4_K_M conversion plans Q4_K (the token embedding stays Q4_K): low-bit is Q3_K
 q/k/v, IQ4_NL attn_output, Q2_K gate/up and IQ4_XS ffn_down; grid is one of each of IQ3_S,
 IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M and IQ1_S (tests/quant_weights.py's mixes and its
-round-to-nearest encoders). The metadata still says Q4_K_M. For timing those types end to end
+round-to-nearest encoders, seconds where ggml's searches take minutes). The metadata still says Q4_K_M. For timing those types end to end
 (`bench_run.py`), as `bench_kernels.py --low-bit` times their GEMVs alone.
 
     python scripts/make_random_gguf.py qwen2.5-vl-7b /tmp/q7b-grid.gguf --mix grid

@@ -1,6 +1,6 @@
 """Round-to-nearest encoders for llama.cpp's grid types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
-IQ3_XXS, IQ3_S), in the layouts runtime/iq_grids.py documents. Not ggml's searches (qvl writes
-none of these types): each scale group's scale maps its largest |w| to the largest level, each
+IQ3_XXS, IQ3_S), in the layouts runtime/iq_grids.py documents. Not ggml's searches (those are
+convert/quant's grid_fit.py and iq1.py, far slower): each scale group's scale maps its largest |w| to the largest level, each
 8 (IQ3: 4) weights take the nearest grid vector to their magnitudes (IQ1: to w / dl less the
 nearer of the two deltas), and where a type stores 7 sign bits for 8 weights (the 8th is their
 parity) an odd count of negatives flips the sign of the group's smallest |w|, as ggml does.

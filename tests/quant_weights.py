@@ -1,6 +1,7 @@
-"""GGUF weight rows for tests and benchmarks: quantized by qvl's ggml-exact quantizers, or (the
-types qvl does not write: Q2_K, Q3_K, IQ4_NL, IQ4_XS) random blocks and round-to-nearest
-encoders in llama.cpp's layouts (the grid types IQ1_S ... IQ3_S: grid_encoders.py)."""
+"""GGUF weight rows for tests and benchmarks: quantized by qvl's ggml-exact quantizers, or (Q2_K,
+Q3_K, IQ4_NL, IQ4_XS and the grid types IQ1_S ... IQ3_S, where speed matters more than ggml's
+choices) random blocks and round-to-nearest encoders in llama.cpp's layouts (the grid types:
+grid_encoders.py)."""
 
 from __future__ import annotations
 
@@ -168,8 +169,9 @@ def encode_iq4(w: np.ndarray, xs: bool) -> np.ndarray:
                            qs.reshape(n, k // 256, 128)], axis=-1).reshape(n, -1)
 
 
-# Simple encoders of the low-bit types (float32 rows -> blocks), independent of qvl's quantizers:
-# the grid types qvl does not write, and Q2_K, Q3_K, IQ4_NL, IQ4_XS (which it writes since 2026-12-06)
+# Simple encoders of the low-bit types (float32 rows -> blocks), independent of qvl's quantizers (which
+# write Q2_K, Q3_K, IQ4_NL, IQ4_XS since 2026-12-06 and the grid types since 2026-12-07, the grid types
+# by ggml's searches: minutes for a 7B's matrices where these take seconds)
 ENCODERS = {T.Q2_K: encode_q2_k, T.Q3_K: encode_q3_k, T.IQ4_NL: partial(encode_iq4, xs=False),
             T.IQ4_XS: partial(encode_iq4, xs=True), **{qt: partial(encode_grid, qtype=qt) for qt in GRID_TYPES}}
 
@@ -186,7 +188,7 @@ GRID_MIX = (("attn_q", T.IQ3_S), ("attn_k", T.IQ3_XXS), ("attn_v", T.IQ2_S), ("a
 def use_low_bit_types(monkeypatch, mix: tuple[tuple[str, T], ...] = LOW_BIT) -> None:
     """Make a q4_k_m conversion write `mix`'s types where it plans Q4_K, with this module's
     encoders (pytest's monkeypatch undoes it after the test)."""
-    from qvl.convert import pipeline
+    from qvl.convert import pipeline, quant
     from qvl.convert.plan import PlannedTensor, plan_text
     from qvl.convert.quant import BLOCK_QUANTIZERS
 
@@ -198,3 +200,4 @@ def use_low_bit_types(monkeypatch, mix: tuple[tuple[str, T], ...] = LOW_BIT) -> 
     monkeypatch.setattr(pipeline, "plan_text", lambda *args, n_gqa=1: [low_bit(p) for p in plan_text(*args, n_gqa=n_gqa)])
     for _, qt in mix:
         monkeypatch.setitem(BLOCK_QUANTIZERS, qt, ENCODERS[qt])
+    monkeypatch.setattr(quant, "NEEDS_IMATRIX", ())  # the encoders take no importance values

@@ -20,7 +20,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-
 _CLASS = {T.IQ2_XXS: quants.IQ2_XXS, T.IQ2_XS: quants.IQ2_XS, T.IQ2_S: quants.IQ2_S, T.IQ3_XXS: quants.IQ3_XXS,
           T.IQ3_S: quants.IQ3_S, T.IQ1_S: quants.IQ1_S, T.IQ1_M: quants.IQ1_M}
 # per type: (bits a position in a point's index, points in ggml's kmap, nwant)
