@@ -26,7 +26,7 @@ from gguf import LlamaFileType as FT
 
 from .errors import ConvertError
 from .layout import OutTensor
-from .quant import block_size, can_hold, row_bytes
+from .quant import NEEDS_IMATRIX, block_size, can_hold, row_bytes
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,12 @@ IMATRIX_TYPES = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S)
 
 
 def requires_imatrix(kind: TextType, name: str, qtype: T) -> bool:
-    """llama-quant.cpp `tensor_requires_imatrix` for qvl's types: an IQ3_XXS or IQ2 matrix, and in
-    a Q2_K_S file a Q2_K one, other than the token embedding and the output, is not quantized
-    without importance values."""
+    """llama-quant.cpp `tensor_requires_imatrix` for qvl's types: an IQ3_XXS, IQ2 or IQ1 matrix, and
+    in a Q2_K_S file a Q2_K one, other than the token embedding and the output, is not quantized
+    without importance values; nor is any IQ2_XXS, IQ2_XS or IQ1_S one (ggml's quantizer asserts
+    them: llama-quantize aborts where --output-tensor-type names one of those without them)."""
+    if qtype in NEEDS_IMATRIX:
+        return True
     if name in ("token_embd.weight", "output.weight"):
         return False
     return qtype in IMATRIX_TYPES or qtype == T.Q2_K and kind.file_type == FT.MOSTLY_Q2_K_S

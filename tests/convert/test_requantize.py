@@ -187,7 +187,8 @@ def test_llama_quantizes_per_tensor_options(sources, tmp_path):
         assert (b.raw("output.weight") == src.raw("output.weight")).all()  # copied as it is
         assert b.tensors["blk.0.ffn_down.weight"].type == T.Q4_K and b.tensors["token_embd.weight"].type == T.Q4_K
     for args, expect in (
-        (["--output-tensor-type", "iq2_xs"], "type 'iq2_xs': qvl writes f32, f16, bf16, q8_0"),
+        (["--output-tensor-type", "tq1_0"], "type 'tq1_0': qvl writes f32, f16, bf16, q8_0"),
+        (["--output-tensor-type", "iq2_xs"], "'output.weight' is quantized to IQ2_XS, which takes importance values"),
         (["--tensor-type", "attn_v"], "--tensor-type 'attn_v': NAME=TYPE"),
         (["--tensor-type", "attn_v="], "NAME=TYPE"),
         (["--tensor-type", "(attn=q8_0"], "is not a regular expression"),
