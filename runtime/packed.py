@@ -386,7 +386,9 @@ class PackedMatrix:
         return DENSE_FROM_M_F32[self.qtype] if self.int4 else DENSE_TILES_FROM_M
 
     def int4_product(self, flat: torch.Tensor) -> torch.Tensor:
-        """flat (M, cols) bf16 -> (M, padded rows) bf16 through torch's int4 op."""
+        """flat (M, cols) bf16 -> (M, padded rows) bf16 through torch's int4 op (which takes a
+        contiguous x only: a tiled product's output, the layer after's input, is transposed)."""
+        flat = flat.contiguous()
         if self.qtype in DOUBLED:
             sub = flat.reshape(flat.shape[0], -1, DOUBLED[self.qtype])
             flat = torch.cat([sub, sub * SECOND_HALF_X[self.qtype]], dim=-1).reshape(flat.shape[0], -1)

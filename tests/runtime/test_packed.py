@@ -148,6 +148,19 @@ def test_packed_matmul_matches_dequantized(qtype, rows, cols, m, cpu_gemms):
 
 
 @pytest.mark.parametrize("qtype", INT4_TYPES, ids=lambda t: t.name)
+def test_a_transposed_input_takes_the_int4_op_too(qtype):
+    """x as a tiled product leaves it (its transpose's view: a matrix of another type fed by one
+    whose rows went through tiles, e.g. an IQ2_M file's IQ3_S ffn_down after IQ2_S gate/up) gives
+    what the contiguous x gives: the int4 op takes only a contiguous one."""
+    raw, _ = _raw(qtype, 64, 256)
+    packed = PackedMatrix(qtype, raw, 64, 256)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2))
+    xt = x.T.contiguous().T  # column-major, as tiled_product's out.T
+    assert not xt.is_contiguous()
+    assert torch.equal(packed.matmul(xt), packed.matmul(x))
+
+
+@pytest.mark.parametrize("qtype", INT4_TYPES, ids=lambda t: t.name)
 def test_tiles_are_the_int4_ops_weights(qtype, cpu_gemms):
     """The prefill path's tiles hold exactly the weights the int4 op multiplies by (its product
     with the identity, rounded to bf16), for whole and partial tiles, padding rows included: bf16
