@@ -58,14 +58,13 @@ def _scan(sumqx: np.ndarray, sumq2: np.ndarray, first_scale: np.ndarray) -> tupl
     return scale, taken
 
 
-def _sorted_prefix(xs: np.ndarray, ws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sub-blocks (size, n) -> (each element's rank in its sub-block's sorted order, and the
-    weighted products w x and weights in that order (size, n))."""
+def _sorted(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-blocks (size, n) -> (the sorted order: position j holds element order[j], stable as
+    glibc's merge sort; each element's rank in it)."""
     order = np.argsort(xs, axis=0, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(xs.shape[0])[:, None], axis=0)
-    wx = np.take_along_axis(ws * xs, order, axis=0)
-    return rank, wx, np.take_along_axis(ws, order, axis=0)
+    return order, rank
 
 
 def _pairs(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +102,32 @@ def _refit(index: np.ndarray, xs: np.ndarray, ws: np.ndarray, minus: np.ndarray)
     return seq_sum(ws * q * xs), seq_sum(ws * q * q)
 
 
+def _flipped(L: np.ndarray, scale: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A negative best scale: levels mirrored (2 - L), the scale made positive (ggml's way)."""
+    flip = live & (scale < 0)
+    return np.where(flip, 2 - L, L), np.where(flip, -scale, scale).astype(F32), flip
+
+
+def _fit_grid(L: np.ndarray, xs: np.ndarray, ws: np.ndarray, scale: np.ndarray, minus: np.ndarray,
+              live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Levels snapped to the grid (_snap), and where a vector was off it the scale refitted (when
+    sum w q x and sum w q^2 are both positive). Returns (index (groups, n), scale (n,), 0 where dead)."""
+    index, any_off = _snap(L, xs, ws, scale, minus, live)
+    qx, q2 = _refit(index, xs, ws, minus)
+    refit = live & any_off & (qx > 0) & (q2 > 0)
+    scale = np.where(refit, qx / np.where(refit, q2, F32(1)), scale).astype(F32)
+    return index, np.where(live, scale, F32(0)).astype(F32)
+
+
+def _block_scales(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nb, subs) sub-block scales -> (d = the largest / 15 (nb,), 3-bit ls (nb, subs): the nearest
+    (2 ls + 1) d, empty blocks (nb,))."""
+    max_scale = scale.max(1)
+    empty = max_scale == 0
+    d = (np.where(empty, F32(1), max_scale) / F32(15)).astype(F32)
+    return d, np.clip(nearest_int(F32(0.5) * ((F32(1) / d)[:, None] * scale - F32(1))), 0, 7), empty
+
+
 def quantize_iq1_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     """(nb, 256) float32 and importance values -> (nb, 50) uint8."""
     nb = x.shape[0]
@@ -110,10 +135,10 @@ def quantize_iq1_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     xs = np.ascontiguousarray(x.reshape(-1, 32).T)  # (32, n)
     ws = np.ascontiguousarray(w.reshape(-1, 32).T)
     live = np.abs(xs).max(0) >= F32(1e-12)  # GROUP_MAX_EPS_IQ1_S
-    rank, wx, wsort = _sorted_prefix(xs, ws)
+    order, rank = _sorted(xs)
     zero = np.zeros((1, xs.shape[1]), dtype=F32)
-    sumx = np.add.accumulate(np.concatenate([zero, wx]), axis=0)  # (33, n), sequential
-    sumw = np.add.accumulate(np.concatenate([zero, wsort]), axis=0)
+    sumx = np.add.accumulate(np.concatenate([zero, np.take_along_axis(ws * xs, order, axis=0)]), axis=0)  # sequential
+    sumw = np.add.accumulate(np.concatenate([zero, np.take_along_axis(ws, order, axis=0)]), axis=0)
     i1, i2 = _pairs(32)
     a, b, c = sumx[i1], sumx[i2] - sumx[i1], sumx[32] - sumx[i2]
     aw, bw, cw = sumw[i1], sumw[i2] - sumw[i1], sumw[32] - sumw[i2]
@@ -126,21 +151,10 @@ def quantize_iq1_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     scale, taken = _scan(sumqx, sumq2, np.abs(xs).max(0))
     live &= taken >= 0
     pair, minus = np.maximum(taken, 0) // 2, taken % 2 == 1
-    L = _levels(rank, i1[pair], i2[pair])
-    flip = live & (scale < 0)
-    L = np.where(flip, 2 - L, L)
-    scale = np.where(flip, -scale, scale).astype(F32)
+    L, scale, flip = _flipped(_levels(rank, i1[pair], i2[pair]), scale, live)
     minus ^= flip
-    groups_minus = np.broadcast_to(minus, (4, xs.shape[1]))
-    index, any_off = _snap(L, xs, ws, scale, groups_minus, live)
-    qx, q2 = _refit(index, xs, ws, groups_minus)
-    refit = live & any_off & (qx > 0) & (q2 > 0)
-    scale = np.where(refit, qx / np.where(refit, q2, F32(1)), scale).astype(F32)
-    scale = np.where(live, scale, F32(0)).reshape(nb, 8)
-    max_scale = scale.max(1)
-    empty = max_scale == 0
-    d = (np.where(empty, F32(1), max_scale) / F32(15)).astype(F32)
-    ls = np.clip(nearest_int(F32(0.5) * ((F32(1) / d)[:, None] * scale - F32(1))), 0, 7)
+    index, scale = _fit_grid(L, xs, ws, scale, np.broadcast_to(minus, (4, xs.shape[1])), live)
+    d, ls, empty = _block_scales(scale.reshape(nb, 8))
     index = index.T.reshape(nb, 8, 4)
     qh = (index >> 8 << (3 * np.arange(4))).sum(2) | ls << 12 | (minus & live).reshape(nb, 8) << 15
     out = np.concatenate([u16_bytes(to_f16_bits(d * F32(1.125))), (index & 255).reshape(nb, 32).astype(np.uint8),
@@ -157,8 +171,7 @@ def quantize_iq1_m(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     ws = np.ascontiguousarray(w.reshape(-1, 16).T)
     n = xs.shape[1]
     live = np.abs(xs).max(0) >= F32(1e-7)  # GROUP_MAX_EPS_IQ1_M
-    rank, _, _ = _sorted_prefix(xs, ws)
-    order = np.argsort(rank, axis=0)  # the sorted order again: position j holds element order[j]
+    order, rank = _sorted(xs)
     zero = np.zeros((1, n), dtype=F32)
     px, pw = [], []
     for h in (0, 1):  # prefix sums of each half over the sorted run (the other half's elements add nothing)
@@ -183,22 +196,11 @@ def quantize_iq1_m(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     scale, taken = _scan(sumqx, sumq2, np.abs(xs).max(0))
     live &= taken >= 0
     pair, k = np.maximum(taken, 0) // 4, taken % 4
-    L = _levels(rank, i1[pair], i2[pair])
-    flip = live & (scale < 0)
-    L = np.where(flip, 2 - L, L)
-    scale = np.where(flip, -scale, scale).astype(F32)
-    k = np.where(flip, 3 - k, k)
-    k = np.where(live, k, 0)
+    L, scale, flip = _flipped(_levels(rank, i1[pair], i2[pair]), scale, live)
+    k = np.where(live, np.where(flip, 3 - k, k), 0)  # the flip swaps the shifts: (+,+) <-> (-,-), (+,-) <-> (-,+)
     minus = np.stack([k >= 2, k % 2 == 1])  # (2, n): each half's shift
-    index, any_off = _snap(L, xs, ws, scale, minus, live)
-    qx, q2 = _refit(index, xs, ws, minus)
-    refit = live & any_off & (qx > 0) & (q2 > 0)
-    scale = np.where(refit, qx / np.where(refit, q2, F32(1)), scale).astype(F32)
-    scale = np.where(live, scale, F32(0)).reshape(nb, 16)
-    max_scale = scale.max(1)
-    empty = max_scale == 0
-    d = (np.where(empty, F32(1), max_scale) / F32(15)).astype(F32)
-    ls = np.clip(nearest_int(F32(0.5) * ((F32(1) / d)[:, None] * scale - F32(1))), 0, 7)  # (nb, 16)
+    index, scale = _fit_grid(L, xs, ws, scale, minus, live)
+    d, ls, empty = _block_scales(scale.reshape(nb, 16))
     # d refitted over the block: every sub-block's levels times its 2 ls + 1 (dead ones too, as ggml's loop)
     levels = grid_tables(T.IQ1_S).levels[index]  # (2, n, 8)
     q = np.where(minus[..., None], X_M[levels], X_P[levels]).transpose(1, 0, 2).reshape(nb, 256)

@@ -227,24 +227,32 @@ def test_a_tensor_type_file(sources, tmp_path):
     assert r.exit_code == 2 and "--tensor-type-file" in r.output and "No such file" in r.output
 
 
+def _with_a_matrix(folder, tmp_path, seed: int):
+    """The f32 source, its block matrices' row lengths, and an importance matrix of log-normal
+    values for each of them."""
+    from imatrix_files import write_imatrix
+
+    src = folder / "m-f32.gguf"
+    with GGUFFile(src) as g:
+        rows = {n: t.ne[0] for n, t in g.tensors.items() if n.startswith("blk.") and n.endswith("weight")
+                and len(t.ne) == 2}
+    rng = np.random.default_rng(seed)
+    matrix = tmp_path / "m.imatrix.gguf"
+    write_imatrix(matrix, {n: (np.exp(rng.normal(0, 2, k)), [1.0]) for n, k in rows.items()})
+    return src, rows, matrix
+
+
 def test_q2_k_s_takes_an_importance_matrix(sources, tmp_path):
     """llama.cpp's Q2_K_S quantizes its Q2_K matrices only with importance values: without a
     matrix, or with one that lacks a tensor's, qvl quantize refuses with one line and writes
     nothing (llama-quantize refuses too); a dry run plans it and warns. With them, a Q2_K matrix is
     the very bytes q2_k's weighted Q2_K gives it; qvl-convert and the store's tags refuse the type.
     (Whole files byte-identical to llama-quantize --imatrix Q2_K_S: docs/benchmarks.md.)"""
-    from imatrix_files import write_imatrix
     from qvl.runtime.sources import alias_source
     from qvl.runtime.store import StoreError
 
     ckpt, folder = sources
-    src = folder / "m-f32.gguf"
-    with GGUFFile(src) as g:
-        rows = {n: t.ne[0] for n, t in g.tensors.items() if n.startswith("blk.") and n.endswith("weight")
-                and len(t.ne) == 2}
-    rng = np.random.default_rng(3)
-    matrix = tmp_path / "m.imatrix.gguf"
-    write_imatrix(matrix, {n: (np.exp(rng.normal(0, 2, k)), [1.0]) for n, k in rows.items()})
+    src, rows, matrix = _with_a_matrix(folder, tmp_path, seed=3)
     out = tmp_path / "q.gguf"
     for args, expect in (((), "which takes importance values: give --imatrix FILE"),
                          (("--imatrix", str(matrix), "--exclude-weights", "blk.1.ffn_up"),
@@ -293,18 +301,11 @@ def test_iq_mixes_take_an_importance_matrix(sources, tmp_path, kind):
     nothing written), as llama-quantize refuses them; with them each matrix takes the mix's type
     and its bytes are quantize()'s of its rows with its values (ggml's bytes: test_quant_imatrix.py;
     whole files byte-identical to llama-quantize --imatrix's: docs/benchmarks.md)."""
-    from imatrix_files import write_imatrix
     from qvl.convert.quant import quantize as quantize_rows
     from qvl.convert.imatrix import read_imatrix
 
     _, folder = sources
-    src = folder / "m-f32.gguf"
-    with GGUFFile(src) as g:
-        rows = {n: t.ne[0] for n, t in g.tensors.items() if n.startswith("blk.") and n.endswith("weight")
-                and len(t.ne) == 2}
-    rng = np.random.default_rng(4)
-    matrix = tmp_path / "m.imatrix.gguf"
-    write_imatrix(matrix, {n: (np.exp(rng.normal(0, 2, k)), [1.0]) for n, k in rows.items()})
+    src, rows, matrix = _with_a_matrix(folder, tmp_path, seed=4)
     out = tmp_path / "q.gguf"
     r = quantize(str(src), kind, "-o", str(out))
     assert r.exit_code == 2 and "which takes importance values: give --imatrix FILE" in r.stderr, r.output
