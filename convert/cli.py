@@ -115,7 +115,7 @@ def command(
     type_: str = typer.Option("f16", "--type", "--outtype",
                               help="f32|f16|bf16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q5_k_s|q5_k_m|q6_k|"
                                    "q3_k_s|q3_k_m|q3_k_l|q2_k|iq4_nl|iq4_xs|iq3_m|iq3_s (q2_k_s, iq3_xs, iq3_xxs "
-                                   "and the iq2 types: qvl quantize --imatrix)"),
+                                   "and the iq2 and iq1 types: qvl quantize --imatrix)"),
     layout: str = typer.Option("llamacpp", "--layout", help="llamacpp (model + mmproj) | ollama (one file)"),
     vision_type: str = typer.Option("f16", "--vision-type", help="f16|f32|q8_0 for the vision projector"),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
@@ -147,9 +147,9 @@ QUANTIZE_HELP = """Write a GGUF text model in another type, as llama-quantize do
 MODEL is a text model GGUF (qvl-convert's, llama.cpp's or Ollama's one-file layout; its vision
 tensors are copied as they are). TYPE is one of q8_0, q4_0, q4_1, q5_0, q5_1, q4_k (Q4_K_S),
 q4_k_m, q5_k_s, q5_k_m, q6_k, q3_k_s, q3_k_m, q3_k_l, q2_k, q2_k_s, iq4_nl, iq4_xs, iq3_m, iq3_s,
-iq3_xs, iq3_xxs, iq2_m, iq2_s, iq2_xs, iq2_xxs, f16, bf16, f32: the per-tensor plan and the quantized
-bytes are llama-quantize's (its rules, ggml's bytes; q2_k_s, iq3_xs, iq3_xxs and the iq2 types need
---imatrix, as llama-quantize's do). Metadata is copied, with general.file_type set. A matrix quantized already
+iq3_xs, iq3_xxs, iq2_m, iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s, f16, bf16, f32: the per-tensor plan and
+the quantized bytes are llama-quantize's (its rules, ggml's bytes; q2_k_s, iq3_xs, iq3_xxs and the
+iq2 and iq1 types need --imatrix, as llama-quantize's do). Metadata is copied, with general.file_type set. A matrix quantized already
 is refused unless --allow-requantize. The projector (mmproj) is not touched: it pairs with the
 new file as with the old (copy or link it beside the new name). With --imatrix FILE (llama-imatrix's
 or qvl imatrix's importance matrix, GGUF or the legacy .dat) the quantizers weigh each column by it,
@@ -163,7 +163,8 @@ def quantize_command(
     model: Path = typer.Argument(..., metavar="MODEL", help="Text model GGUF (f32, f16 or bf16 matrices)."),
     type_: str = typer.Argument(..., metavar="TYPE", help="q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q5_k_s|q5_k_m|"
                                                           "q6_k|q3_k_s|q3_k_m|q3_k_l|q2_k|q2_k_s|iq4_nl|iq4_xs|iq3_m|"
-                                                          "iq3_s|iq3_xs|iq3_xxs|iq2_m|iq2_s|iq2_xs|iq2_xxs|f16|bf16|f32"),
+                                                          "iq3_s|iq3_xs|iq3_xxs|iq2_m|iq2_s|iq2_xs|iq2_xxs|iq1_m|iq1_s|"
+                                                          "f16|bf16|f32"),
     out_path: Optional[Path] = typer.Option(None, "-o", "--out", help="Output GGUF (default: <name>-<TYPE>.gguf "
                                             "beside MODEL)."),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Quantize matrices that are "

@@ -9,8 +9,8 @@ output (or the tied token embedding) takes Q6_K (the IQ1/IQ2 mixes and IQ3_XXS: 
 first ones; Q4_K_M, Q5_K_M: Q6_K on use_more_bits' layers; Q3_K_M, Q3_K_L, Q2_K, Q2_K_S, IQ4 and
 the IQ1-IQ3 mixes: their own; the IQ3_XXS / IQ3_XS mixes also move attn_q, attn_k, ffn_gate and
 ffn_up), and a row length that is not a multiple of the block falls back (Q4_K -> Q5_0, Q5_K ->
-Q5_1, Q6_K -> Q8_0, Q3_K / Q2_K -> Q4_0, IQ4_XS and the grid types -> IQ4_NL, else F16). llama-quantize's per-tensor options are `Overrides`. Vectors and norms stay F32 in every
-mode.
+Q5_1, Q6_K -> Q8_0, Q3_K / Q2_K -> Q4_0, IQ4_XS and the grid types -> IQ4_NL, else F16).
+llama-quantize's per-tensor options are `Overrides`. Vectors and norms stay F32 in every mode.
 
 Vision projector: `--vision-type` f16 (default), f32 or q8_0; the patch embedding is never
 quantized and a row that Q8_0 cannot hold (Qwen2.5-VL's 3420-wide ffn_down) stays F16.

@@ -54,9 +54,8 @@ BLOCK_QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]]
 # statistics); the 32-element types by its value and the row's mean square (row_weights); Q8_0
 # takes none, as in ggml.
 K_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    t: BLOCK_QUANTIZERS[t] for t in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S,
-                    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M)
-}  # their block quantizers take the matrix's values as a second argument
+    t: q for t, q in BLOCK_QUANTIZERS.items() if t not in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+}  # their block quantizers take the matrix's values as a second argument (K-quants, IQ4 and the grid types)
 ROW_WEIGHTED: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     T.Q4_0: quantize_q4_0_weighted,
     T.Q4_1: quantize_q4_1_weighted,

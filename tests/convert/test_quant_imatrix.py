@@ -1,9 +1,10 @@
 """Our quantizers with an importance matrix against the bytes ggml's own wrote with it, and
-Q3_K's, Q2_K's, IQ4_NL's, IQ4_XS's, IQ3_XXS's, IQ3_S's, IQ2_S's and IQ1_M's without one (tests/convert/ggml-extra-vectors.npz, made by
-scripts/make_ggml_vectors.py through ctypes from a libggml-base built from llama.cpp's sources:
-ggml_quantize_chunk with the imatrix, the function llama-quantize --imatrix calls). The rows are
-the shared fixture's, eight of each kind (zeros, constant, tiny, huge, outlier, sparse, ...)
-under each of two importance matrices (one log-normal, one with zero and enormous columns)."""
+Q3_K's, Q2_K's, IQ4_NL's, IQ4_XS's, IQ3_XXS's, IQ3_S's, IQ2_S's and IQ1_M's without one
+(tests/convert/ggml-extra-vectors.npz, made by scripts/make_ggml_vectors.py through ctypes from a
+libggml-base built from llama.cpp's sources: ggml_quantize_chunk with the imatrix, the function
+llama-quantize --imatrix calls). The rows are the shared fixture's, eight of each kind (zeros,
+constant, tiny, huge, outlier, sparse, ...) under each of two importance matrices (one
+log-normal, one with zero and enormous columns), and eight made with holes for the grid types."""
 
 from __future__ import annotations
 
