@@ -9,6 +9,7 @@ error (a full disk included) the partial files are removed and existing outputs 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from .hf_config import CheckpointConfig, load_config
 from .layout import check_tensors, mmproj_tensors, ollama_tensors, text_tensors
 from .metadata import KV, mmproj_kv, ollama_kv, text_kv
 from .plan import CONVERT_TYPES, TEXT_TYPES, VISION_TYPES, PlannedTensor, plan_text, plan_vision
+from .quant import BLOCK_QUANTIZERS, pool
+from .quant.pool import worker_processes
 from .safetensors_io import Checkpoint
 from .vocab import load_vocab
 from .writer import ChunkSource, GGUFStream, tensor_bytes
@@ -186,13 +189,15 @@ def run_job(job: Job, on_bytes: Callable[[PlannedTensor, int], None], workers: i
     partials = [f.path.with_name(f.path.name + ".partial") for f in job.files]
     ckpt = Checkpoint(job.folder) if chunks is None else None
     source = chunks if chunks is not None else partial(tensor_bytes, ckpt)
+    quantized = sum(math.prod(p.tensor.shape) for f in job.files for p in f.plan if p.qtype in BLOCK_QUANTIZERS)
     try:
-        for f, tmp in zip(job.files, partials):
-            stream = GGUFStream(tmp, f.arch, f.kvs, f.plan)
-            try:
-                stream.write(source, on_bytes, workers)
-            finally:
-                stream.abort()
+        with worker_processes(workers if quantized >= pool.MIN_ELEMENTS else 1):
+            for f, tmp in zip(job.files, partials):
+                stream = GGUFStream(tmp, f.arch, f.kvs, f.plan)
+                try:
+                    stream.write(source, on_bytes, workers)
+                finally:
+                    stream.abort()
         for f, tmp in zip(job.files, partials):
             os.replace(tmp, f.path)
     except OSError as e:

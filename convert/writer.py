@@ -9,7 +9,7 @@ into place by the caller only when every file of the conversion is complete.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -78,17 +78,21 @@ class GGUFStream:
         w.write_ti_data_to_file()
         fout = w.fout[0]
         w.write_padding(fout, fout.tell())  # the metadata padded to the alignment, as ggml pads it (no tensor too)
+        written: dict[str, int] = {}
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for p in self.plan:
-                w.write_padding(fout, fout.tell())
-                written = 0
-                for data in _ordered_results(pool, chunks, p, 2 * workers):
-                    data.tofile(fout)
-                    written += data.nbytes
-                    on_bytes(p, data.nbytes)
-                if written != p.nbytes:
-                    raise AssertionError(f"{p.tensor.name}: wrote {written} bytes, planned {p.nbytes}")
-                w.write_padding(fout, written)
+            for p, data in _ordered_results(pool, chunks, self.plan, 2 * workers):
+                if p.tensor.name not in written:  # a tensor's first chunk
+                    w.write_padding(fout, fout.tell())
+                    written[p.tensor.name] = 0
+                data.tofile(fout)
+                written[p.tensor.name] += data.nbytes
+                on_bytes(p, data.nbytes)
+                if written[p.tensor.name] == p.nbytes:
+                    w.write_padding(fout, p.nbytes)
+        for p in self.plan:
+            if written.get(p.tensor.name) != p.nbytes:
+                raise AssertionError(f"{p.tensor.name}: wrote {written.get(p.tensor.name, 0)} bytes, "
+                                     f"planned {p.nbytes}")
         fout.flush()
         os.fsync(fout.fileno())
         w.close()
@@ -97,13 +101,17 @@ class GGUFStream:
         self.writer.close()
 
 
-def _ordered_results(pool: ThreadPoolExecutor, chunks: ChunkSource, p: PlannedTensor,
-                     window: int) -> Iterator[np.ndarray]:
-    """Make chunks in parallel (numpy releases the GIL while it quantizes) and yield them in order."""
-    pending = []
-    for start, stop in _chunks(p):
-        pending.append(pool.submit(chunks, p, start, stop))
-        if len(pending) >= window:
-            yield pending.pop(0).result()
-    for fut in pending:
-        yield fut.result()
+def _ordered_results(pool: ThreadPoolExecutor, chunks: ChunkSource, plan: list[PlannedTensor],
+                     window: int) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
+    """Make the plan's chunks in parallel, up to `window` at a time across tensors (numpy releases
+    the GIL while it quantizes; inside quant.pool.worker_processes processes do), and yield them
+    in order."""
+    pending: list[tuple[PlannedTensor, Future]] = []
+    for p in plan:
+        for start, stop in _chunks(p):
+            pending.append((p, pool.submit(chunks, p, start, stop)))
+            if len(pending) >= window:
+                q, fut = pending.pop(0)
+                yield q, fut.result()
+    for q, fut in pending:
+        yield q, fut.result()

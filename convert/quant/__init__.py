@@ -15,6 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
 
+from . import pool
 from .common import F32, seq_sum
 from .iq1 import quantize_iq1_m, quantize_iq1_s
 from .iq2 import quantize_iq2_s, quantize_iq2_xs, quantize_iq2_xxs
@@ -123,7 +124,17 @@ def _blocks(chunk: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray 
 def quantize(rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
     """float32 `(n_rows, n_per_row)` -> uint8 `(n_rows, row_bytes)` in `qtype`'s ggml layout;
     with `imatrix` (float32 `(n_per_row,)`: an importance matrix's values for the columns) as
-    ggml_quantize_chunk weighs them (Q8_0 and the float types take none)."""
+    ggml_quantize_chunk weighs them (Q8_0 and the float types take none). Inside
+    pool.worker_processes, a block type's rows are quantized in a worker process."""
+    if qtype in BLOCK_QUANTIZERS:
+        done = pool.submit(quantize_here, rows, qtype, imatrix)
+        if done is not None:
+            return done.result()
+    return quantize_here(rows, qtype, imatrix)
+
+
+def quantize_here(rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """quantize() in this process."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n_rows, n_per_row = rows.shape
     if qtype in FLOAT_TYPES:

@@ -5,6 +5,8 @@ nothing on disk."""
 
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -54,6 +56,27 @@ def test_quantized_gguf_equals_the_direct_conversion(sources, tmp_path, kind, so
     r = quantize(str(folder / f"m-{source}.gguf"), kind, "-o", str(tmp_path / "q.gguf"))
     assert r.exit_code == 0, r.output
     assert differences(tmp_path / "q.gguf", direct) == []
+
+
+def test_worker_processes_write_the_same_file(sources, tmp_path, monkeypatch):
+    """A job big enough for worker processes (here: any, the threshold lowered) quantizes its
+    chunks there, and the file is the one the threads write: q4_k_m, and iq3_m's grid search."""
+    from qvl.convert.quant import pool
+
+    _, folder = sources
+    for kind in ("q4_k_m", "iq3_m"):
+        here = tmp_path / f"here-{kind}.gguf"
+        assert quantize(str(folder / "m-bf16.gguf"), kind, "-o", str(here), "-t", "2").exit_code == 0
+        monkeypatch.setattr(pool, "MIN_ELEMENTS", 0)
+        started = []
+        monkeypatch.setattr(pool, "ProcessPoolExecutor",
+                            lambda *a, **k: started.append(1) or ProcessPoolExecutor(*a, **k))
+        there = tmp_path / f"there-{kind}.gguf"
+        r = quantize(str(folder / "m-bf16.gguf"), kind, "-o", str(there), "-t", "2")
+        assert r.exit_code == 0, r.output
+        assert started == [1] and pool._POOL is None  # one pool, gone with the job
+        assert there.read_bytes() == here.read_bytes()
+        monkeypatch.undo()
 
 
 def test_ollama_layout_keeps_its_vision_tensors(sources, tmp_path):
