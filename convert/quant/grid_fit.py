@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as T
 
 from .common import F32, nearest_int, seq_sum, to_f16_bits
 from .grid_search import GridTables, best_neighbours, grid_tables
-from .k_minmax import make_qp_quants
+from .k_minmax import block_sigma2, make_qp_quants, sigma2_weights
 
 QK_K = 256
 
@@ -78,15 +78,16 @@ class Fitted:
         return (bits & 127 if parity else bits).T.astype(np.int64)
 
 
-def _weights(x: np.ndarray, qw: np.ndarray | None, fit: GridFit) -> np.ndarray:
-    """(nb, 256) -> each element's weight."""
-    sumx2 = seq_sum(np.ascontiguousarray(x.T) ** 2)
-    sigma2 = ((F32(2) * sumx2 if fit.sigma == 2 else sumx2) / F32(QK_K)).astype(F32)[:, None]
+def subblock_weights(x: np.ndarray, xs: np.ndarray, qw: np.ndarray | None, sigma: int = 2,
+                     quarter: bool = False) -> np.ndarray:
+    """Each element's weight over the element-major sub-blocks xs (sub, n) of blocks x (nb, 256):
+    with importance values k_minmax.sigma2_weights' qw * sqrt(sigma2 + x^2); without, x^2 (IQ2_S's,
+    quarter: sigma2 / 4 + x^2); sigma2 = `sigma` times the block's mean square."""
     if qw is not None:
-        return qw * np.sqrt(sigma2 + x * x)
-    if fit.qtype == T.IQ2_S:
-        return F32(0.25) * sigma2 + x * x
-    return x * x
+        return sigma2_weights(x, qw, xs, sigma)
+    if quarter:
+        return F32(0.25) * np.repeat(block_sigma2(x, sigma), QK_K // xs.shape[0])[None, :] + xs * xs
+    return xs * xs
 
 
 def _snap(fit: GridFit, xval: np.ndarray, waux: np.ndarray, inv: np.ndarray, scale: np.ndarray,
@@ -113,9 +114,8 @@ def _fit(weight: np.ndarray, xval: np.ndarray, L: np.ndarray) -> tuple[np.ndarra
 
 def fit_subblocks(x: np.ndarray, qw: np.ndarray | None, fit: GridFit) -> Fitted:
     """(nb, 256) float32 blocks (and the importance values, or None) -> their sub-blocks' fit."""
-    w = _weights(x, qw, fit)
     xs = np.ascontiguousarray(x.reshape(-1, fit.sub).T)  # (sub, n)
-    ws = np.ascontiguousarray(w.reshape(-1, fit.sub).T)
+    ws = subblock_weights(x, xs, qw, fit.sigma, quarter=fit.qtype == T.IQ2_S)
     negative = xs < 0
     xval = np.abs(xs)
     if fit.parity:

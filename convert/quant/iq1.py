@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .common import F32, nearest_int, seq_sum, to_f16_bits, u16_bytes
+from .grid_fit import subblock_weights
 from .grid_search import best_neighbours, grid_tables
 
 QK_K = 256
@@ -30,14 +31,6 @@ DELTA = F32(0.125)  # IQ1S_DELTA, IQ1M_DELTA
 X_P = np.array([F32(-1) + DELTA, DELTA, F32(1) + DELTA], dtype=F32)
 X_M = np.array([F32(-1) - DELTA, -DELTA, F32(1) - DELTA], dtype=F32)
 FLT_MAX = F32(np.finfo(np.float32).max)
-
-
-def _weights(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    """(nb, 256) -> weights: qw * sqrt(2 * mean x^2 + x^2), or x^2 without importance values."""
-    if qw is None:
-        return x * x
-    sigma2 = (F32(2) * seq_sum(np.ascontiguousarray(x.T) ** 2) / F32(QK_K)).astype(F32)
-    return qw * np.sqrt(sigma2[:, None] + x * x)
 
 
 def _scan(sumqx: np.ndarray, sumq2: np.ndarray, first_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,9 +124,8 @@ def _block_scales(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def quantize_iq1_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     """(nb, 256) float32 and importance values -> (nb, 50) uint8."""
     nb = x.shape[0]
-    w = _weights(x, qw)
     xs = np.ascontiguousarray(x.reshape(-1, 32).T)  # (32, n)
-    ws = np.ascontiguousarray(w.reshape(-1, 32).T)
+    ws = subblock_weights(x, xs, qw)
     live = np.abs(xs).max(0) >= F32(1e-12)  # GROUP_MAX_EPS_IQ1_S
     order, rank = _sorted(xs)
     zero = np.zeros((1, xs.shape[1]), dtype=F32)
@@ -166,9 +158,8 @@ def quantize_iq1_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
 def quantize_iq1_m(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """(nb, 256) float32 -> (nb, 56) uint8."""
     nb = x.shape[0]
-    w = _weights(x, qw)
     xs = np.ascontiguousarray(x.reshape(-1, 16).T)  # (16, n)
-    ws = np.ascontiguousarray(w.reshape(-1, 16).T)
+    ws = subblock_weights(x, xs, qw)
     n = xs.shape[1]
     live = np.abs(xs).max(0) >= F32(1e-7)  # GROUP_MAX_EPS_IQ1_M
     order, rank = _sorted(xs)
@@ -205,7 +196,7 @@ def quantize_iq1_m(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     levels = grid_tables(T.IQ1_S).levels[index]  # (2, n, 8)
     q = np.where(minus[..., None], X_M[levels], X_P[levels]).transpose(1, 0, 2).reshape(nb, 256)
     q = q * np.repeat((2 * ls + 1).astype(F32), 16, axis=1)
-    xb, wb = x.T, w.T
+    xb, wb = x.T, ws.T.reshape(nb, QK_K).T  # (256, nb): each block's elements in order
     qT = np.ascontiguousarray(q.T)
     sumqx_f, sumq2_f = seq_sum(wb * qT * xb), seq_sum(wb * qT * qT)
     d = np.where(sumq2_f > 0, sumqx_f / np.where(sumq2_f > 0, sumq2_f, F32(1)), d).astype(F32)

@@ -172,10 +172,14 @@ def sigma2_weights(x: np.ndarray, qw: np.ndarray, sub: np.ndarray, times: int) -
     `sub` of super-blocks x `(nb, 256)`: sigma2 `times` the super-block's mean square (its sum in
     ggml's order; `times` * s / QK_K, as Q4_K / Q5_K / Q3_K (2) and Q2_K (1) compute it)."""
     group = sub.shape[0]
-    whole = np.ascontiguousarray(x.T)  # (256, nb)
-    sigma2 = (F32(times) * seq_sum(whole * whole) / F32(QK_K)).astype(F32)  # 1 * s is s: Q2_K's sumx2/QK_K
     qsub = np.ascontiguousarray(qw.reshape(-1, group).T)
-    return (qsub * np.sqrt(np.repeat(sigma2, QK_K // group)[None, :] + sub * sub)).astype(F32)
+    return (qsub * np.sqrt(np.repeat(block_sigma2(x, times), QK_K // group)[None, :] + sub * sub)).astype(F32)
+
+
+def block_sigma2(x: np.ndarray, times: int) -> np.ndarray:
+    """(nb, 256) -> (nb,) `times` * the sum of x^2 (in ggml's order) / QK_K."""
+    whole = np.ascontiguousarray(x.T)  # (256, nb)
+    return (F32(times) * seq_sum(whole * whole) / F32(QK_K)).astype(F32)  # 1 * s is s: Q2_K's sumx2/QK_K
 
 
 def scale_levels(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
