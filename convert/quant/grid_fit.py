@@ -73,9 +73,16 @@ class Fitted:
         return np.where(self.live[:, None], index, 0)
 
     def sign_bits(self, parity: bool) -> np.ndarray:
-        """(n, sub / 8) the sign byte of each 8 weights (bit i: weight i); & 127 where 7 are kept."""
+        """(n, sub / 8) the sign byte of each 8 weights (bit i: weight i); & 127 where 7 are kept;
+        0 for a dead sub-block (ggml writes none)."""
         bits = (self.negative.reshape(-1, 8, self.negative.shape[1]) * (1 << np.arange(8))[None, :, None]).sum(1)
-        return (bits & 127 if parity else bits).T.astype(np.int64)
+        return np.where(self.live[:, None], (bits & 127 if parity else bits).T, 0).astype(np.int64)
+
+    def sign_words(self) -> np.ndarray:
+        """(n,) uint32: a 32-weight sub-block's four 7-bit sign indices at bits 0, 7, 14, 21 (IQ2_XXS,
+        IQ3_XXS; its ls goes in bits 28-31)."""
+        signs = self.sign_bits(parity=True)
+        return (signs[:, 0] | signs[:, 1] << 7 | signs[:, 2] << 14 | signs[:, 3] << 21).astype(np.uint32)
 
 
 def subblock_weights(x: np.ndarray, xs: np.ndarray, qw: np.ndarray | None, sigma: int = 2,
@@ -162,6 +169,11 @@ def fit_subblocks(x: np.ndarray, qw: np.ndarray | None, fit: GridFit) -> Fitted:
     negative ^= live & (scale < 0)  # never in practice: ggml flips the signs to keep the scale positive
     scale = np.where(live, np.abs(scale), F32(0)).astype(F32)
     return Fitted(scale, L, negative, live)
+
+
+def nibble_pairs(ls: np.ndarray) -> np.ndarray:
+    """(nb, 2k) 4-bit values -> (nb, k) bytes, the even one in the low nibble."""
+    return (ls[:, 0::2] | ls[:, 1::2] << 4).astype(np.uint8)
 
 
 def block_scales(scales: np.ndarray, fudge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

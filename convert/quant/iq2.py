@@ -17,19 +17,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .common import u16_bytes, u32_bytes
-from .grid_fit import FITS, block_scales, fit_subblocks
-
-
-def _nibbles(ls: np.ndarray) -> np.ndarray:
-    return (ls[:, 0::2] | ls[:, 1::2] << 4).astype(np.uint8)
+from .grid_fit import FITS, block_scales, fit_subblocks, nibble_pairs
 
 
 def quantize_iq2_xxs(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     """(nb, 256) float32 and importance values -> (nb, 66) uint8."""
     nb, fit = x.shape[0], FITS[T.IQ2_XXS]
     f = fit_subblocks(x, qw, fit)
-    signs = np.where(f.live[:, None], f.sign_bits(parity=True), 0)  # (n, 4)
-    aux = (signs[:, 0] | signs[:, 1] << 7 | signs[:, 2] << 14 | signs[:, 3] << 21).astype(np.uint32)
+    aux = f.sign_words()
     dh, ls, empty = block_scales(f.scale.reshape(nb, 8), fit.fudge)
     aux = (aux.reshape(nb, 8) | (ls.astype(np.uint32) << 28)).reshape(-1)
     index = f.grid_indices(fit.tables).astype(np.uint8)  # (n, 4)
@@ -43,10 +38,9 @@ def quantize_iq2_xs(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     """(nb, 256) float32 and importance values -> (nb, 74) uint8."""
     nb, fit = x.shape[0], FITS[T.IQ2_XS]
     f = fit_subblocks(x, qw, fit)
-    signs = np.where(f.live[:, None], f.sign_bits(parity=True), 0)  # (n, 2)
-    qs = f.grid_indices(fit.tables) | signs << 9  # (n, 2)
+    qs = f.grid_indices(fit.tables) | f.sign_bits(parity=True) << 9  # (n, 2)
     dh, ls, empty = block_scales(f.scale.reshape(nb, 16), fit.fudge)
-    out = np.concatenate([u16_bytes(dh), u16_bytes(qs.reshape(-1)).reshape(nb, 64), _nibbles(ls)], axis=1)
+    out = np.concatenate([u16_bytes(dh), u16_bytes(qs.reshape(-1)).reshape(nb, 64), nibble_pairs(ls)], axis=1)
     out[empty] = 0
     return out
 
@@ -56,9 +50,9 @@ def quantize_iq2_s(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     nb, fit = x.shape[0], FITS[T.IQ2_S]
     f = fit_subblocks(x, qw, fit)
     index = f.grid_indices(fit.tables).reshape(nb, 32)
-    signs = np.where(f.live[:, None], f.sign_bits(parity=False), 0).reshape(nb, 32).astype(np.uint8)
+    signs = f.sign_bits(parity=False).reshape(nb, 32).astype(np.uint8)
     qh = ((index >> 8).reshape(nb, 8, 4) << (2 * np.arange(4))).sum(2).astype(np.uint8)
     dh, ls, empty = block_scales(f.scale.reshape(nb, 16), fit.fudge)
-    out = np.concatenate([u16_bytes(dh), (index & 255).astype(np.uint8), signs, qh, _nibbles(ls)], axis=1)
+    out = np.concatenate([u16_bytes(dh), (index & 255).astype(np.uint8), signs, qh, nibble_pairs(ls)], axis=1)
     out[empty] = 0
     return out

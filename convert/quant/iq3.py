@@ -17,15 +17,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .common import u16_bytes, u32_bytes
-from .grid_fit import FITS, block_scales, fit_subblocks
+from .grid_fit import FITS, block_scales, fit_subblocks, nibble_pairs
 
 
 def quantize_iq3_xxs(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """(nb, 256) float32 -> (nb, 98) uint8."""
     nb, fit = x.shape[0], FITS[T.IQ3_XXS]
     f = fit_subblocks(x, qw, fit)
-    signs = np.where(f.live[:, None], f.sign_bits(parity=True), 0)  # (n, 4)
-    aux = (signs[:, 0] | signs[:, 1] << 7 | signs[:, 2] << 14 | signs[:, 3] << 21).astype(np.uint32)
+    aux = f.sign_words()
     dh, ls, empty = block_scales(f.scale.reshape(nb, 8), fit.fudge)
     aux = aux.reshape(nb, 8) | (ls.astype(np.uint32) << 28)
     qs = f.grid_indices(fit.tables).reshape(nb, 64).astype(np.uint8)
@@ -48,7 +47,6 @@ def quantize_iq3_s(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     qs[b, slot[b, ib]] = (index[b, ib] & 255).astype(np.uint8)
     signs[b, slot[b, ib]] = f.sign_bits(parity=False).reshape(nb, 8, 4)[b, ib]
     dh, ls, empty = block_scales(f.scale.reshape(nb, 8), fit.fudge)
-    scales = (ls[:, 0::2] | ls[:, 1::2] << 4).astype(np.uint8)
-    out = np.concatenate([u16_bytes(dh), qs.reshape(nb, 64), qh, signs.reshape(nb, 32), scales], axis=1)
+    out = np.concatenate([u16_bytes(dh), qs.reshape(nb, 64), qh, signs.reshape(nb, 32), nibble_pairs(ls)], axis=1)
     out[empty] = 0
     return out
