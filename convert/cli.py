@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,12 +34,20 @@ Types (--type): f32, f16, bf16, q8_0 convert every matrix; q4_0, q4_k (llama.cpp
 mix), q4_k_m, q5_k_m and q6_k pick per-tensor types exactly as llama-quantize does. Quantized bytes are
 identical to ggml's reference quantizers. Norms and biases stay F32.
 
+With --lora ADAPTER (a PEFT LoRA folder: adapter_config.json + adapter_model.safetensors, as
+peft, LLaMA-Factory or unsloth save a fine-tune) the adapter is merged into the weights before
+they are quantized, as peft's merge_and_unload would (repeat --lora for several; --lora-scale
+scales their deltas).
+
 Example: qvl-convert Qwen/Qwen2.5-VL-3B-Instruct --type q4_k_m -o qwen2.5-vl-3b-q4_k_m.gguf
 """
 
 
 def print_plan(job: Job) -> None:
-    """Every tensor with its type, ggml shape and size, then per-file and overall totals."""
+    """The adapters merged, every tensor with its type, ggml shape and size, then per-file and
+    overall totals."""
+    for adapter in job.lora:
+        out.print(f"merging LoRA {adapter.describe()}", markup=False, highlight=False, soft_wrap=True)
     for f in job.files:
         out.print(f"{f.path}" + (f"  ({f.arch})" if f.arch else ""), markup=False, highlight=False)
         width = max(len(p.tensor.name) for p in f.plan)
@@ -94,6 +103,9 @@ def _convert(opts: ConvertOptions, dry_run: bool, quiet: bool, store_name: Optio
         except StoreError as e:
             raise ConvertError(str(e)) from None
     job = plan_job(opts)
+    if not quiet and not dry_run:
+        for adapter in job.lora:
+            err.print(f"merging LoRA {adapter.describe()}", markup=False, highlight=False, soft_wrap=True)
     if dry_run:
         print_plan(job)
         return
@@ -125,13 +137,19 @@ def command(
     name: Optional[str] = typer.Option(None, "--name", help="Also store the result in the model store under NAME."),
     threads: Optional[int] = typer.Option(None, "-t", "--threads", help="Quantizing threads (default: the CPU "
                                           "count, at most 4).", show_default=False),
+    lora: Optional[List[Path]] = typer.Option(None, "--lora", help="A PEFT LoRA adapter folder to merge into the "
+                                              "weights (repeatable).", show_default=False),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiplies every --lora adapter's delta."),
 ) -> None:
     if threads is not None and threads < 1:
         err.print(f"qvl-convert: error: --threads {threads}: 1 or more", markup=False)
         raise typer.Exit(2)
+    if not math.isfinite(lora_scale):
+        err.print(f"qvl-convert: error: --lora-scale {lora_scale}: a finite number", markup=False)
+        raise typer.Exit(2)
     opts = ConvertOptions(source=src, out=out_path, type=type_.lower(), layout=layout.lower(),
                           vision_type=vision_type.lower(), revision=revision, force=force,
-                          workers=threads or ConvertOptions.workers)
+                          workers=threads or ConvertOptions.workers, lora=tuple(lora or ()), lora_scale=lora_scale)
     try:
         _convert(opts, dry_run, quiet, name)
     except ConvertError as e:

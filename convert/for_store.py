@@ -31,13 +31,14 @@ class Conversion:
     """A checkpoint folder planned for the store (every refusal a ConvertError, nothing written);
     `run` writes the text model and projector, `close` removes them (and the upload's links)."""
 
-    def __init__(self, store: Store, folder: Path, name: str, kind: str | None, links: bool = False):
+    def __init__(self, store: Store, folder: Path, name: str, kind: str | None, lora: tuple[Path, ...] = (),
+                 links: bool = False):
         store.root.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=store.root, prefix=".convert-"))
         self.links = folder if links else None
         try:
             opts = ConvertOptions(source=str(folder), out=self.tmp / f"{name}.gguf",
-                                  type=type_name(kind) if kind else "f16")
+                                  type=type_name(kind) if kind else "f16", lora=lora)
             self.job = plan_job(opts)
         except BaseException:
             self.close()

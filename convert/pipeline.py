@@ -20,7 +20,8 @@ from typing import Callable
 
 from .errors import ConvertError
 from .hf_config import CheckpointConfig, load_config
-from .layout import check_tensors, mmproj_tensors, ollama_tensors, text_tensors
+from .layout import check_tensors, expected_hf_tensors, mmproj_tensors, ollama_tensors, text_tensors
+from .lora import Adapter, open_merged, plan_adapters
 from .metadata import KV, mmproj_kv, ollama_kv, text_kv
 from .plan import CONVERT_TYPES, TEXT_TYPES, VISION_TYPES, PlannedTensor, plan_text, plan_vision
 from .quant import BLOCK_QUANTIZERS, pool
@@ -42,6 +43,8 @@ class ConvertOptions:
     revision: str | None = None
     force: bool = False
     workers: int = max(1, min(4, os.cpu_count() or 1))
+    lora: tuple[Path, ...] = ()  # PEFT LoRA folders merged into the weights (lora.py)
+    lora_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Job:
     folder: Path
     config: CheckpointConfig | None  # None: the source is a GGUF (requantize.py)
     files: list[OutputFile]
+    lora: tuple[Adapter, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -127,10 +131,12 @@ def plan_job(opts: ConvertOptions) -> Job:
     cfg = load_config(folder)
     ckpt = Checkpoint(folder)
     try:
-        check_tensors(cfg, {n: ckpt.shape(n) for n in ckpt.names()}, str(folder))
+        found = {n: ckpt.shape(n) for n in ckpt.names()}
+        check_tensors(cfg, found, str(folder))
     finally:
         ckpt.close()
-    return Job(folder, cfg, plan_files(folder, cfg, name, opts))
+    adapters = plan_adapters(opts.lora, opts.lora_scale, expected_hf_tensors(cfg), found)
+    return Job(folder, cfg, plan_files(folder, cfg, name, opts), adapters)
 
 
 def plan_files(folder: Path, cfg: CheckpointConfig, name: str, opts: ConvertOptions) -> list[OutputFile]:
@@ -187,7 +193,7 @@ def run_job(job: Job, on_bytes: Callable[[PlannedTensor, int], None], workers: i
     """Write every file of the job; rename into place only when all are complete. Tensor data
     comes from the checkpoint's safetensors, quantized, unless `chunks` gives it."""
     partials = [f.path.with_name(f.path.name + ".partial") for f in job.files]
-    ckpt = Checkpoint(job.folder) if chunks is None else None
+    ckpt = open_merged(job.folder, job.lora) if chunks is None else None
     source = chunks if chunks is not None else partial(tensor_bytes, ckpt)
     quantized = sum(math.prod(p.tensor.shape) for f in job.files for p in f.plan if p.qtype in BLOCK_QUANTIZERS)
     try:

@@ -90,11 +90,12 @@ def _natural_key(name: str) -> list[object]:
 class Checkpoint:
     """All tensors of a checkpoint folder, by canonical (legacy hub) name."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, shards: list[Path] | None = None):
+        """The folder's model.safetensors (or its shards), or the given files."""
         self.folder = folder
         self.entries: dict[str, TensorEntry] = {}
         self._maps: dict[Path, mmap.mmap] = {}
-        for shard in self._shards():
+        for shard in self._shards() if shards is None else shards:
             for name, entry in read_header(shard).items():
                 key = canonical_name(name)
                 if key in self.entries:

@@ -97,6 +97,7 @@ def create_cmd(
                 raise ModelfileError(f"FROM {folders[0]}: a checkpoint folder is the only FROM")
             job = (Creation(modelfile.parent / folders[0].expanduser(), None, mf.params, mf.template, mf.system,
                             mf.license, mf.messages) if folders else resolve(mf, modelfile.parent, store))
+            adapters = tuple(modelfile.parent / Path(a).expanduser() for a in mf.adapters)
         else:
             assert model is not None
             extra = json.loads(params) if params else {}
@@ -104,9 +105,10 @@ def create_cmd(
                 raise ModelfileError(f"--params {params}: a JSON object")
             extra = check_params(extra, strict=True)
             job = Creation(model, mmproj, extra, template.read_text() if template else None, None, None)
+            adapters = ()
         if job.model.is_dir():  # a checkpoint folder: converted as qvl-convert does (f16, or --quantize's type)
-            entry = _create_made(store, name, job, Conversion(store, job.model, checked_name(name), quantize),
-                                 f"converting to {(quantize or 'f16').upper()}")
+            made = Conversion(store, job.model, checked_name(name), quantize, adapters)
+            entry = _create_made(store, name, job, made, f"converting to {(quantize or 'f16').upper()}")
         elif quantize is not None:
             job = replace(job, projector=job.projector or find_mmproj(job.model))
             made = Quantization(store, job, quantize)

@@ -70,6 +70,7 @@ class Modelfile:
     system: str | None = None
     license: str | None = None
     messages: tuple[dict[str, str], ...] = ()  # MESSAGE lines: a conversation every prompt follows
+    adapters: tuple[str, ...] = ()  # ADAPTER lines: PEFT LoRA folders merged as a checkpoint FROM converts
 
 
 ROLES = ("system", "user", "assistant")
@@ -100,6 +101,7 @@ def _value(text: str, pos: int, line: int) -> tuple[str, int]:
 def parse(text: str) -> Modelfile:
     """A Modelfile's instructions (case-insensitive), as Ollama reads them."""
     sources: list[str] = []
+    adapters: list[str] = []
     raw: list[tuple[str, str]] = []
     texts: dict[str, str] = {}
     messages: list[dict[str, str]] = []
@@ -134,14 +136,14 @@ def parse(text: str) -> Modelfile:
             messages.append({"role": role.group(1).lower(), "content": value})
             continue
         value, pos = _value(text, pos, line)
-        if command == "adapter":
-            raise ModelfileError(f"line {line}: {command.upper()}: not supported by qvl")
         if command == "requires":
             continue
         if not value:
             raise ModelfileError(f"line {line}: {command.upper()} wants a value")
         if command == "from":
             sources.append(value)
+        elif command == "adapter":
+            adapters.append(value)
         else:
             texts[command] = value
     if not sources:
@@ -155,7 +157,7 @@ def parse(text: str) -> Modelfile:
         else:
             params[name] = value
     return Modelfile(tuple(sources), check_params(params, strict=True), texts.get("template"),
-                     texts.get("system"), texts.get("license"), tuple(messages))
+                     texts.get("system"), texts.get("license"), tuple(messages), tuple(adapters))
 
 
 def check_params(params: dict[str, Any], strict: bool) -> dict[str, Any]:
@@ -255,6 +257,9 @@ def resolve(mf: Modelfile, folder: Path, store: Store) -> Creation:
     base: dict[str, Any] = {}
     texts: dict[str, str | None] = {"template": None, "system": None, "license": None}
     inherited: tuple[dict[str, str], ...] = ()
+    if mf.adapters:
+        raise ModelfileError(f"ADAPTER {mf.adapters[0]}: qvl merges a LoRA adapter (a PEFT folder) while it "
+                             "converts: FROM must be the base model's checkpoint folder")
     for source in mf.sources:
         path = Path(source).expanduser()
         path = path if path.is_absolute() else folder / path

@@ -179,3 +179,20 @@ def to_gguf(src: Path, out: Path, qtype: str = "f32", vision_type: str | None = 
     r = CliRunner().invoke(app, args + (["--vision-type", vision_type] if vision_type else []))
     assert r.exit_code == 0, r.output
     return out
+
+
+def reference_inputs(model, prompt, images) -> dict:
+    """transformers' inputs for qvl's `model` asked `prompt` about `images`: the same input_ids,
+    pixel_values and image_grid_thw, and mm_token_type_ids (1 on image pads; without them
+    transformers 5 silently uses 1-D positions, docs/testing.md)."""
+    import numpy as np
+    from qvl.runtime.chat import render
+
+    text = render(model.chat_template, model.messages_for(prompt, len(images)))
+    ids, _, pre = model.tokenize(text, images)
+    input_ids = torch.tensor([ids])
+    kwargs = {"input_ids": input_ids, "mm_token_type_ids": (input_ids == model.image_pad_id).int()}
+    if pre:
+        kwargs["pixel_values"] = torch.from_numpy(np.concatenate([p.pixels for p in pre]))
+        kwargs["image_grid_thw"] = torch.tensor([p.grid_thw for p in pre])
+    return kwargs

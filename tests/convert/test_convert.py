@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType as T
 from typer.testing import CliRunner
 
 from gguf_compare import differences
+from hf_tensors import expected_gguf_tensors, read_tensors
 from qvl.runtime.gguf_file import GGUFFile
 from qvl.convert.cli import app
 from qvl.convert.quant import dequantize, quantize
@@ -34,51 +35,6 @@ def test_f16_equals_llama_cpp_converter(fixtures_dir, tmp_path, model):
     assert differences(tmp_path / f"mmproj-{model}.gguf", theirs / f"mmproj-{model}-f16.gguf") == []
 
 
-def _expected_pairs(sd: dict, family: str) -> dict[str, np.ndarray]:
-    """GGUF name -> float32 data, written out by hand from formats.md (independent of qvl's tables)."""
-    f = {k: v.float().numpy() for k, v in sd.items()}
-    out = {"token_embd.weight": f["model.embed_tokens.weight"], "output_norm.weight": f["model.norm.weight"]}
-    if "lm_head.weight" in f:
-        out["output.weight"] = f["lm_head.weight"]
-    text = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-            "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-            "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
-    for x in "qkv":
-        for kind in ("weight", "bias"):
-            text[f"self_attn.{x}_proj.{kind}"] = f"attn_{x}.{kind}"
-    vis = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn_out", "mlp.gate_proj": "ffn_gate",
-           "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
-    for name, data in f.items():
-        parts = name.split(".")
-        if name.startswith("model.layers."):
-            out[f"blk.{parts[2]}.{text['.'.join(parts[3:])]}"] = data
-        elif name.startswith("visual.blocks."):
-            rest, kind = ".".join(parts[3:-1]), parts[-1]
-            if rest == "attn.qkv":
-                for k, x in enumerate(np.split(data, 3, axis=0)):
-                    out[f"v.blk.{parts[2]}.attn_{'qkv'[k]}.{kind}"] = x
-            else:
-                out[f"v.blk.{parts[2]}.{vis[rest]}.{kind}"] = data
-    out["v.patch_embd.weight"] = f["visual.patch_embed.proj.weight"][:, :, 0]
-    out["v.patch_embd.weight.1"] = f["visual.patch_embed.proj.weight"][:, :, 1]
-    for kind in ("weight", "bias"):
-        if f"visual.merger.ln_q.{kind}" in f:
-            out[f"v.post_ln.{kind}"] = f[f"visual.merger.ln_q.{kind}"]
-        out[f"mm.0.{kind}"] = f[f"visual.merger.mlp.0.{kind}"]
-        out[f"mm.2.{kind}"] = f[f"visual.merger.mlp.2.{kind}"]
-    return out
-
-
-def _read(path) -> dict[str, tuple[T, np.ndarray]]:
-    f = GGUFFile(path)
-    out = {}
-    for name, t in f.tensors.items():
-        raw = f.raw(name)
-        out[name] = (t.type, raw.copy().view(np.float32) if t.type == T.F32 else raw.copy())
-    f.close()
-    return out
-
-
 def _meta(path) -> dict:
     with GGUFFile(path) as f:
         return {k: kv.value for k, kv in f.fields.items()}
@@ -100,10 +56,10 @@ def test_f32_conversion_is_lossless(tmp_path, name):
     out = tmp_path / "m.gguf"
     r = convert(str(src), "-o", str(out), "--type", "f32", "--vision-type", "f32")
     assert r.exit_code == 0, r.output
-    expected = _expected_pairs(legacy_state_dict(build_model(spec).to(spec.dtype)), spec.family)
+    expected = expected_gguf_tensors(legacy_state_dict(build_model(spec).to(spec.dtype)), spec.family)
     if spec.tied:
         expected.pop("output.weight", None)
-    got = {**_read(out), **_read(tmp_path / "m.gguf".replace("m.", "mmproj-m."))}
+    got = {**read_tensors(out), **read_tensors(tmp_path / "m.gguf".replace("m.", "mmproj-m."))}
     assert set(got) == set(expected)
     for key, want in expected.items():
         qtype, data = got[key]
@@ -144,7 +100,7 @@ def test_quantized_conversion(tmp_path, quant_checkpoint, type_name, file_type, 
     out = tmp_path / "m.gguf"
     r = convert(str(quant_checkpoint), "-o", str(out), "--type", type_name, "--vision-type", "q8_0")
     assert r.exit_code == 0, r.output
-    got = _read(out)
+    got = read_tensors(out)
     meta = _meta(out)
     assert meta["general.file_type"] == file_type
     state = {k: v.float().numpy() for k, v in legacy_state_dict(build_model(QUANT_SPEC).to(torch.bfloat16)).items()}
@@ -160,7 +116,7 @@ def test_quantized_conversion(tmp_path, quant_checkpoint, type_name, file_type, 
         rel = np.abs(approx - want).max() / np.abs(want).max()
         assert rel < {T.Q8_0: 0.01, T.Q6_K: 0.03, T.Q4_K: 0.15, T.Q5_K: 0.08, T.Q4_0: 0.1, T.BF16: 0.01}[qtype], \
             (name, rel)
-    vision = _read(tmp_path / "mmproj-m.gguf")
+    vision = read_tensors(tmp_path / "mmproj-m.gguf")
     assert vision["v.blk.0.attn_q.weight"][0] == T.Q8_0
     assert vision["v.blk.0.ffn_down.weight"][0] == T.Q8_0  # 96 is a multiple of 32
     assert vision["v.patch_embd.weight"][0] == T.F32

@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from qvl.runtime.chat import render
 from qvl.runtime.model import Generation, ModelError
 from qvl.runtime.loader import load
-from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
+from tiny_models import TinySpec, build_model, make_checkpoint, reference_inputs, to_gguf
 
 rng = np.random.default_rng(0)
 IMG_A = Image.fromarray(rng.integers(0, 256, (120, 170, 3), dtype=np.uint8))  # 4x6 merged grid
@@ -46,17 +45,6 @@ def converted(tmp_path_factory):
     return out
 
 
-def _reference_inputs(model, prompt, images):
-    text = render(model.chat_template, model.messages_for(prompt, len(images)))
-    ids, _, pre = model.tokenize(text, images)
-    input_ids = torch.tensor([ids])
-    kwargs = {"input_ids": input_ids, "mm_token_type_ids": (input_ids == model.image_pad_id).int()}
-    if pre:
-        kwargs["pixel_values"] = torch.from_numpy(np.concatenate([p.pixels for p in pre]))
-        kwargs["image_grid_thw"] = torch.tensor([p.grid_thw for p in pre])
-    return kwargs
-
-
 @pytest.mark.parametrize("prompt_name", PROMPTS)
 @pytest.mark.parametrize("spec_name", SPECS)
 def test_prompt_logits_match_transformers(converted, spec_name, prompt_name):
@@ -65,7 +53,7 @@ def test_prompt_logits_match_transformers(converted, spec_name, prompt_name):
     prompt, images = PROMPTS[prompt_name]
     ours = model.prompt_logits(prompt, images)
     with torch.no_grad():
-        ref = hf(**_reference_inputs(model, prompt, images)).logits[0]
+        ref = hf(**reference_inputs(model, prompt, images)).logits[0]
     assert ours.shape == ref.shape
     err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
     assert err <= 1e-3 * scale, (err, scale)
@@ -78,7 +66,7 @@ def test_greedy_generation_matches_transformers(converted, spec_name):
     prompt, images = PROMPTS["two images"]
     out = model.generate(prompt, images, max_new_tokens=32)
     assert isinstance(out, Generation)
-    kwargs = _reference_inputs(model, prompt, images)
+    kwargs = reference_inputs(model, prompt, images)
     with torch.no_grad():
         ref = hf.generate(**kwargs, max_new_tokens=32, do_sample=False, eos_token_id=sorted(model.stop_ids))
     ref_new = ref[0, kwargs["input_ids"].shape[1]:].tolist()

@@ -59,7 +59,7 @@ def test_parse():
 @pytest.mark.parametrize("text,expect", [
     ("PARAMETER temperature 1", "no FROM line"),
     ("FROM m.gguf\nSTOP x", "line 2: 'STOP': an instruction is one of FROM"),
-    ("FROM m.gguf\nADAPTER lora.gguf", "line 2: ADAPTER: not supported"),
+    ("FROM m.gguf\nADAPTER", "line 2: ADAPTER wants a value"),
     ("FROM m.gguf\nMESSAGE robot hi", "line 2: MESSAGE wants a role (system, user, assistant) and a text"),
     ("FROM m.gguf\nMESSAGE\nSYSTEM x", "line 2: MESSAGE wants a role"),
     ("FROM m.gguf\nPARAMETER mirostat 2", "PARAMETER mirostat: qvl does not use it"),
@@ -212,6 +212,8 @@ def test_rm_several(store, folder):
     (["x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf\nFROM tiny-qwen2.5-vl-f16.gguf", "a second text model"),
     (["x", "-f", "{mf}"], "FROM mmproj-tiny-qwen2.5-vl-f16.gguf", "FROM names only a projector"),
     (["x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf\nPARAMETER num_gpu 20", "PARAMETER num_gpu: qvl does not"),
+    (["x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf\nADAPTER ./lora", "ADAPTER ./lora: qvl merges a LoRA "
+     "adapter (a PEFT folder) while it converts: FROM must be the base model's checkpoint folder"),
     (["x", "{model}", "--params", "[1]"], None, "--params [1]: a JSON object"),
     (["x", "{model}", "--params", '{"top_p": 3}'], None, "PARAMETER top_p 3.0: between 0 and 1"),
     (["../x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf", "invalid model name"),
