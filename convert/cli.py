@@ -324,6 +324,43 @@ def gguf_split_command(
         raise typer.Exit(130) from None
 
 
+CONVERT_LORA_HELP = """Write a PEFT LoRA adapter folder as llama.cpp's LoRA adapter GGUF.
+
+ADAPTER is a PEFT folder (adapter_config.json + adapter_model.safetensors, as peft, LLaMA-Factory
+or unsloth save a fine-tune of Qwen2-VL / Qwen2.5-VL). The file is convert_lora_to_gguf.py's
+layout: llama.cpp's --lora, Ollama's ADAPTER and qvl-run --lora apply it to the base model at run
+time, whatever the base's type. peft's per-module factors (alpha_pattern, rank_pattern,
+use_rslora) are folded into B, so the deltas are peft's. The vision tower's pairs are left out
+with a warning (no run-time adapter reaches the projector: merge them with qvl-convert --lora).
+
+Example: qvl convert-lora ./my-finetune -o my-finetune-lora.gguf
+         qvl-run qwen2.5-vl-7b-q4_k_m.gguf --lora my-finetune-lora.gguf --image a.png --prompt "..."
+"""
+
+
+def convert_lora_command(
+    adapter: Path = typer.Argument(..., metavar="ADAPTER", help="PEFT LoRA folder."),
+    out_path: Optional[Path] = typer.Option(None, "-o", "--out", "--outfile", help="Output GGUF (default: "
+                                            "./<ADAPTER's name>-<TYPE>-LoRA.gguf)."),
+    outtype: str = typer.Option("f32", "--outtype", help="f32 (as llama.cpp's converter), f16 or bf16."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+) -> None:
+    from .lora_gguf import default_lora_out, write_lora_gguf
+
+    outtype = outtype.lower()
+    try:
+        written = write_lora_gguf(adapter, out_path or default_lora_out(adapter, outtype), outtype, force)
+    except ConvertError as e:
+        err.print(f"qvl convert-lora: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if written.left_out:
+        err.print(f"qvl convert-lora: warning: {len(written.left_out)} vision tower weights' pairs left out (first: "
+                  f"{written.left_out[0]}); merge them with qvl-convert --lora", markup=False, highlight=False,
+                  soft_wrap=True)
+    err.print(f"wrote {written.path} ({written.pairs} adapted weights, "
+              f"{human_bytes(written.path.stat().st_size)})", markup=False, highlight=False)
+
+
 app = typer.Typer(add_completion=False, help=HELP, rich_markup_mode=None)
 app.command(help=HELP)(command)
 

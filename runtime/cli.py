@@ -25,6 +25,7 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=T
 app.command("convert", help=convert_cli.HELP)(convert_cli.command)
 app.command("quantize", help=convert_cli.QUANTIZE_HELP)(convert_cli.quantize_command)
 app.command("gguf-split", help=convert_cli.GGUF_SPLIT_HELP)(convert_cli.gguf_split_command)
+app.command("convert-lora", help=convert_cli.CONVERT_LORA_HELP)(convert_cli.convert_lora_command)
 app.command("embed", help=embed_cli.HELP)(embed_cli.embed_command)
 app.command("perplexity", help=perplexity_cli.HELP)(perplexity_cli.perplexity_command)
 app.command("imatrix", help=imatrix_cli.HELP)(imatrix_cli.imatrix_command)

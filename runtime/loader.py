@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 
 from . import fit
 from .gguf_file import GGUFFile
+from .lora import LoraError, LoraSource
 from .memory import give_back_free_memory
 from .model import ALL_LAYERS, PLAN_CTX, Model, ModelError
 from .placement import Placement, PlacementError
@@ -36,7 +38,7 @@ def find_mmproj(model: Path) -> Path | None:
 
 def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,
          mmproj: str | Path | None = None, placement: Placement | None = None,
-         max_vram: float | None = None, plan_ctx: int = PLAN_CTX) -> Model:
+         max_vram: float | None = None, plan_ctx: int = PLAN_CTX, lora: Sequence[LoraSource] = ()) -> Model:
     """Load a GGUF model (llama.cpp pair, Ollama single file, or qvl-convert's output).
 
     device "auto" takes CUDA when torch sees a GPU. On CUDA the default placement is the whole
@@ -44,7 +46,9 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
     (Placement.fit_free: `Model.fit_note` says what it changed); `placement` says otherwise (layers, vision
     tower, kernels, KV cache type) and `max_vram` (GB) fits it into a budget for a
     `plan_ctx`-token context. Where the Triton kernels cannot run on the GPU (kernels/probe.py),
-    a warning says why and torch's matmuls run there instead."""
+    a warning says why and torch's matmuls run there instead. `lora`: LoRA adapters applied at
+    run time, (an adapter GGUF or PEFT folder, its scale) each (lora.py); an adapter that does not
+    fit the model is a ModelError."""
     if device not in ("auto", "cpu", "cuda"):
         raise ModelError(f"device {device!r}: choose auto, cpu or cuda")
     if dtype not in (None, torch.bfloat16, torch.float32):
@@ -68,22 +72,22 @@ def load(path: str | Path, device: str = "auto", dtype: torch.dtype | None = Non
             placement = replace(placement, kernels=False)
     fast = dtype != torch.float32
     try:
-        model = fit.retrying_load(lambda budget: _open(Path(path), fast, mmproj, placement, budget, plan_ctx),
+        model = fit.retrying_load(lambda budget: _open(Path(path), fast, mmproj, placement, budget, plan_ctx, lora),
                                   None if max_vram is None else int(max_vram * 2**30),
                                   placement.accel if placement.fit_free else None)
-    except PlacementError as e:
+    except (PlacementError, LoraError) as e:
         raise ModelError(str(e)) from None
     give_back_free_memory()
     return model
 
 
 def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placement, max_vram: int | None,
-          plan_ctx: int) -> Model:
+          plan_ctx: int, lora: Sequence[LoraSource] = ()) -> Model:
     defaults: dict[str, Any] = {}
     template: Any = None  # a stored model's TEMPLATE (ollama_template.OllamaTemplate), if it has one
 
     def model(text: GGUFFile, vision: GGUFFile | None) -> Model:
-        m = Model(text, vision, fast, placement, max_vram, plan_ctx)
+        m = Model(text, vision, fast, placement, max_vram, plan_ctx, lora)
         m.defaults = defaults
         if template is not None:
             m.chat_template = template

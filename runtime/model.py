@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -30,6 +30,7 @@ from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, preprocess, s
 from .json_format import JsonConstraint, TokenTable, format_grammar, token_table
 from .json_grammar import Grammar
 from .kernel_failure import one_line, one_line_items
+from .lora import LoraSource, load_loras
 from .logprobs import MAX_TOP, TokenLogprob, token_logprob
 from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, dequant_slab_bytes, footprint,
                         indexed, make_plan)
@@ -69,11 +70,11 @@ ImageLike = str | Path | Image.Image
 
 
 class Model:
-    def __init__(self, text_file: GGUFFile, vision_file: GGUFFile | None, fast: bool = True,
-                 placement: Placement = Placement(), max_vram: int | None = None, plan_ctx: int = PLAN_CTX):
-        """fast: bf16 matmuls on non-F32 CPU weights (False: float32 throughout). `placement`
-        puts layers and the vision tower on an accelerator; with `max_vram` (bytes) a plan for
-        a `plan_ctx`-token cache decides how many layers and whether the vision tower go there."""
+    def __init__(self, text_file: GGUFFile, vision_file: GGUFFile | None, fast: bool = True, placement: Placement =
+                 Placement(), max_vram: int | None = None, plan_ctx: int = PLAN_CTX, lora: Sequence[LoraSource] = ()):
+        """fast: bf16 matmuls on non-F32 CPU weights (False: float32 throughout). `placement` puts layers and the
+        vision tower on an accelerator; with `max_vram` (bytes) a plan for a `plan_ctx`-token cache decides how
+        many layers and whether the vision tower go there. `lora`: run-time adapters (lora.py)."""
         self.text_file = text_file
         self.files = [text_file] + ([vision_file] if vision_file is not None and vision_file is not text_file else [])
         self.cfg: TextConfig = text_config(text_file)
@@ -112,7 +113,8 @@ class Model:
         self.placement = placement
         self.on_warning: Callable[[str], None] = warnings.warn  # the CLI prints these on stderr
         accel = indexed(torch.device(placement.accel)) if placement.accel is not None else None
-        self.decoder = Decoder(self.cfg, Weights(text_file, mode=PACKED if fast else EXACT), accel,
+        weights = Weights(text_file, mode=PACKED if fast else EXACT, loras=load_loras(lora, text_file.tensors))
+        self.decoder = Decoder(self.cfg, weights, accel,
                                placement.gpu_layers, placement.kernels, placement.prefill_offload, placement.copy_ahead)
         self.vision_cfg: VisionConfig | None = None
         self.vision: VisionTower | None = None
@@ -133,8 +135,7 @@ class Model:
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
         self._token_table: TokenTable | None = None  # format="json"'s view of the vocabulary, made once
 
-    def messages_for(self, prompt: str, n_images: int, system: str | None = None,
-                     n_videos: int = 0) -> list[dict[str, Any]]:
+    def messages_for(self, prompt: str, n_images: int, system: str | None = None, n_videos: int = 0) -> list[dict]:
         """A user turn with images then videos first, or where `{image1}` / `{video1}`... say,
         after the system prompt and the stored conversation (`defaults["messages"]`) if any."""
         try:

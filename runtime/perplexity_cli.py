@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Optional
+from typing import Callable, List, NoReturn, Optional
 
 import typer
 
@@ -101,12 +101,17 @@ def perplexity_command(
                                                                                  "draws them (0: all)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object: the figures, and each chunk's PPL."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even where a GPU is."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help="LoRA adapter applied to MODEL at run time (GGUF "
+                                             "or PEFT folder; repeatable), as llama-perplexity's --lora."),
+    lora_scaled: Optional[List[str]] = typer.Option(None, "--lora-scaled", help="FILE:SCALE: --lora with its term "
+                                                    "scaled (repeatable)."),
 ) -> None:
     from ..convert.errors import ConvertError
     from .config import ConfigError
     from .gguf_file import GGUFError
     from .loader import load
     from .logits_file import LogitsFileError, read, writing
+    from .lora import LoraError, lora_sources
     from .model import ModelError
     from .perplexity import PerplexityError, chunk_count, measure, summary
     from .store import StoreError
@@ -132,20 +137,24 @@ def perplexity_command(
     if not kl_divergence and file is None:
         _fail("the text to score: -f FILE")
     device = "cpu" if cpu else "auto"
+    try:
+        adapters = lora_sources(lora or [], lora_scaled or [])
+    except LoraError as e:
+        _fail(str(e))
     if multiple_choice:
         from .tasks_cli import run_multiple_choice
 
-        return run_multiple_choice(model, file, multiple_choice_tasks, device, json_out, _fail)
+        return run_multiple_choice(model, file, multiple_choice_tasks, device, json_out, _fail, adapters)
     text = read_text(file, _fail) if file is not None else None  # before a model loads, and once
     if hellaswag or winogrande:
         from .tasks_cli import run_hellaswag, run_winogrande
 
         run = run_hellaswag if hellaswag else run_winogrande
-        return run(model, text, hellaswag_tasks if hellaswag else winogrande_tasks, device, json_out, _fail)
+        return run(model, text, hellaswag_tasks if hellaswag else winogrande_tasks, device, json_out, _fail, adapters)
     try:
         stored = read(kl_base) if kl_divergence else None
         ctx = ctx_size or (stored.n_ctx if stored is not None else 512)
-        loaded = load(model, device=device, plan_ctx=ctx)
+        loaded = load(model, device=device, plan_ctx=ctx, lora=adapters)
         ids = stored.tokens if stored is not None else loaded.tokenizer.encode(text, add_special_tokens=False).ids
         n = chunk_count(len(ids), ctx, chunks, loaded.cfg.context_length,
                         at_least=1 if stored is not None else 2)  # errors before the base loads

@@ -28,6 +28,7 @@ from . import kv_file
 from .boxes_cli import boxes_problem, draw_answer_boxes
 from .grounding import GroundingError, counted
 from .loader import load, open_ended
+from .lora import LoraError, lora_sources
 from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError
 from .placement import Placement
 from .sampling import SamplingError, SamplingParams
@@ -201,8 +202,6 @@ def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
         _fail(str(e))
 
 
-
-
 def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: float | None, no_triton: bool,
                cache_type: str | None, no_cuda_graph: bool, int8: bool = False,
                vision_stream: bool = False, no_prefill_offload: bool = False) -> tuple[str, Placement]:
@@ -249,8 +248,7 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
         typer.echo("qvl-run: warning: --int8-activations ignored: the Triton kernels do not run here", err=True)
     return "cuda", Placement("cuda", layers, vision_on_accel=vision_device != "cpu", kernels=kernels,
                              kv_type=cache_type, cuda_graph=not no_cuda_graph, vision_stream=vision_stream,
-                             prefill_offload=not no_prefill_offload,
-                             fit_free=gpu_layers is None and max_vram is None)
+                             prefill_offload=not no_prefill_offload, fit_free=gpu_layers is None and max_vram is None)
 
 
 @app.command(help=HELP)
@@ -358,9 +356,8 @@ def run(
     max_vram: Optional[float] = typer.Option(
         None, "--max-vram", help="GPU memory budget in GB: fit layers, vision tower and KV cache into it "
         "(the plan is printed with --verbose; larger images are downscaled)."),
-    no_triton: bool = typer.Option(False, "--no-triton", help="On a GPU, torch matmuls on 16-bit weights "
-                                   "(bf16; f16 before Ampere) instead "
-                                   "of the Triton kernels (more memory; for comparison)."),
+    no_triton: bool = typer.Option(False, "--no-triton", help="On a GPU, torch matmuls on 16-bit weights (bf16; f16 "
+                                   "before Ampere) instead of the Triton kernels (more memory; for comparison)."),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="On a GPU, launch each decode step's kernels "
                                        "one by one instead of replaying a captured CUDA graph (for comparison)."),
     cache_type: Optional[str] = typer.Option(None, "--cache-type", help="KV cache type: f32, bf16, f16 or q8_0 "
@@ -374,6 +371,10 @@ def run(
         False, "--int8-activations", help="On a GPU, decode's Q4_K / Q6_K matrix-vector products on activations "
         "rounded to int8 per 32 values (dp4a, as llama.cpp's CUDA kernels do): fewer instructions a weight; the "
         "logits move slightly, so greedy tokens can differ from the default's exact float32 products."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help="LoRA adapter applied at run time: a GGUF (qvl "
+                                             "convert-lora's or llama.cpp's) or a PEFT folder (repeatable; or A,B)."),
+    lora_scaled: Optional[List[str]] = typer.Option(None, "--lora-scaled", help="FILE:SCALE: a --lora adapter with "
+                                                    "its term scaled (repeatable; or A:0.5,B:2), as llama.cpp's."),
 ) -> None:
     del flash_attn, sliding_window_size, max_window_layers
     if sliding_window:
@@ -461,8 +462,7 @@ def run(
         presence_penalty = stored.get("presence_penalty", presence_penalty)
         frequency_penalty = stored.get("frequency_penalty", frequency_penalty)
         seed, ctx_size = stored.get("seed", seed), stored.get("ctx_size", ctx_size)
-        max_length = stored.get("max_length", max_length)
-        stop = stored.get("stop", stop)
+        max_length, stop = stored.get("max_length", max_length), stored.get("stop", stop)
         system = system if system is not None else stored_system
     max_length, ctx_size = open_ended(max_length, ctx_size)
     device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type, no_cuda_graph,
@@ -471,8 +471,8 @@ def run(
     try:
         model = load(model_path, device=device, mmproj=mmproj, dtype=torch.float32 if f32 else None,
                      placement=placement, max_vram=max_vram if device == "cuda" else None,
-                     plan_ctx=ctx_size or PLAN_CTX)
-    except (GGUFError, ConfigError, TokenizerError, ModelError, KeyError, StoreError) as e:
+                     plan_ctx=ctx_size or PLAN_CTX, lora=lora_sources(lora or [], lora_scaled or []))
+    except (GGUFError, ConfigError, TokenizerError, ModelError, KeyError, StoreError, LoraError) as e:
         _fail(str(e).strip("'\""))
     except torch.OutOfMemoryError:
         _fail(_out_of_memory("loading the model"))

@@ -59,7 +59,7 @@ class Stack:
 
     @staticmethod
     def _joins(prev: Matrix, mat: Matrix, prev_bias: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
-        if (prev_bias is None) != (bias is None):
+        if (prev_bias is None) != (bias is None) or prev.loras or mat.loras:  # an adapter's term: alone
             return False
         a, b = prev.kernel, mat.kernel
         if a is not None and b is not None:

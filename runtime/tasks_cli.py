@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
 import typer
 
+from .lora import LoraSource
 from .model import Model
 
 Fail = Callable[[str], NoReturn]
 
 
 @contextmanager
-def _loaded(model: str, device: str, fail: Fail) -> Iterator[Callable[[], Model]]:
+def _loaded(model: str, device: str, fail: Fail, lora: Sequence[LoraSource] = ()) -> Iterator[Callable[[], Model]]:
     """The model, loaded when asked (after the file is read); any refusal one line through `fail`."""
     from .config import ConfigError
     from .gguf_file import GGUFError
@@ -31,12 +32,13 @@ def _loaded(model: str, device: str, fail: Fail) -> Iterator[Callable[[], Model]
     from .tokenizer import TokenizerError
 
     try:
-        yield lambda: load(model, device=device)
+        yield lambda: load(model, device=device, lora=lora)
     except (GGUFError, ConfigError, TokenizerError, ModelError, StoreError, TaskError) as e:
         fail(str(e).strip("'\""))
 
 
-def run_hellaswag(model: str, text: str, n: int, device: str, json_out: bool, fail: Fail) -> None:
+def run_hellaswag(model: str, text: str, n: int, device: str, json_out: bool, fail: Fail,
+                  lora: Sequence[LoraSource] = ()) -> None:
     """llama-perplexity --hellaswag: the running acc_norm and its 95% interval, a line a task."""
     from .hellaswag import hellaswag, parse_tasks, wilson
 
@@ -44,7 +46,7 @@ def run_hellaswag(model: str, text: str, n: int, device: str, json_out: bool, fa
         low, high = wilson(right, i + 1)
         typer.echo(f"{i + 1}\t{100 * right / (i + 1):3.8f}%\t[{100 * low:3.4f}%, {100 * high:3.4f}%]", err=json_out)
 
-    with _loaded(model, device, fail) as load:
+    with _loaded(model, device, fail, lora) as load:
         tasks = parse_tasks(text)
         loaded = load()
         typer.echo(f"qvl perplexity: {len(tasks)} tasks in the file, {min(n, len(tasks))} drawn as "
@@ -62,7 +64,8 @@ def run_hellaswag(model: str, text: str, n: int, device: str, json_out: bool, fa
                            "gold": [s.task.labels.index(1) for s in scored], "logprobs": [list(s.logprobs) for s in scored]}))
 
 
-def run_winogrande(model: str, text: str, n: int, device: str, json_out: bool, fail: Fail) -> None:
+def run_winogrande(model: str, text: str, n: int, device: str, json_out: bool, fail: Fail,
+                   lora: Sequence[LoraSource] = ()) -> None:
     """llama-perplexity --winogrande: a line a task (running accuracy, both choices' scores, the
     pick, the answer), then the final score and its standard error."""
     from .winogrande import final_score, parse_tasks, winogrande
@@ -71,7 +74,7 @@ def run_winogrande(model: str, text: str, n: int, device: str, json_out: bool, f
         typer.echo(f"{i + 1}\t{100.0 * right / (i + 1):.4f}\t{scored.scores[0]:10.6f}  {scored.scores[1]:10.6f}  "
                    f"{scored.picked}  {scored.task.answer}", err=json_out)
 
-    with _loaded(model, device, fail) as load:
+    with _loaded(model, device, fail, lora) as load:
         tasks, skipped = parse_tasks(text)
         loaded = load()
         chosen = len(tasks) if n == 0 or n >= len(tasks) else n
@@ -89,7 +92,8 @@ def run_winogrande(model: str, text: str, n: int, device: str, json_out: bool, f
                            "scores": [list(s.scores) for s in scored]}))
 
 
-def run_multiple_choice(model: str, path: Path, n: int, device: str, json_out: bool, fail: Fail) -> None:
+def run_multiple_choice(model: str, path: Path, n: int, device: str, json_out: bool, fail: Fail,
+                        lora: Sequence[LoraSource] = ()) -> None:
     """llama-perplexity --multiple-choice: the running acc_norm a line a task, then the final result
     and what random choices would score."""
     from .multiple_choice import final_scores, multiple_choice, read_tasks
@@ -101,7 +105,7 @@ def run_multiple_choice(model: str, path: Path, n: int, device: str, json_out: b
         data = path.read_bytes()
     except OSError as e:
         fail(f"{path}: {e.strerror or e}")
-    with _loaded(model, device, fail) as load:
+    with _loaded(model, device, fail, lora) as load:
         tasks, count = read_tasks(data, n)
         loaded = load()
         typer.echo(f"qvl perplexity: {count} tasks in the file, {len(tasks)} "

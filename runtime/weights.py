@@ -21,6 +21,7 @@ from gguf.quants import dequantize
 
 from .cpu_gemm import gemm_dtype
 from .gguf_file import GGUFFile, TensorInfo
+from .lora import LoraFactor
 from .packed import PackedMatrix, as_torch
 
 # Rows dequantized per step of a quantized matmul: ~16 MB of float32 for a 4096-wide weight.
@@ -189,6 +190,7 @@ class Matrix:
         self.device = torch.device("cpu")
         self._packed: PackedMatrix | None = None
         self._release = release
+        self.loras: list[LoraFactor] = []  # run-time adapters' terms (lora.py), on this weight's device
         self.mode = EXACT if self.qtype == T.F32 else mode
         if self.mode == PACKED:
             self._packed = PackedMatrix(self.qtype, self.raw, self.rows, self.cols)
@@ -232,6 +234,8 @@ class Matrix:
             self._device_dense = dense
         if self._release is not None:
             self._release()
+        self.loras = [f.to(self.device, torch.float32 if dtype == torch.float32 else half_dtype(self.device))
+                      for f in self.loras]
         return self
 
     def rows_f32(self, start: int, stop: int) -> torch.Tensor:
@@ -250,13 +254,18 @@ class Matrix:
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., cols) float32 -> `x @ W.T + bias + residual` (..., rows) float32, on this
-        weight's device (bias and residual added by the kernel on the kernel path)."""
+        weight's device (bias and residual added by the kernel on the kernel path), plus any
+        run-time adapter's term."""
         if self.kernel is not None:
-            return self.kernel.matmul(x, bias, residual)
-        y = self._product(x)
-        if bias is not None:
-            y = y + bias
-        return y if residual is None else residual + y
+            y = self.kernel.matmul(x, bias, residual)
+        else:
+            y = self._product(x)
+            if bias is not None:
+                y = y + bias
+            y = y if residual is None else residual + y
+        for f in self.loras:
+            y = f.add_to(y, x)
+        return y
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`x @ W.T + bias` (..., rows) left in the product's own precision: bf16 / f16 where
@@ -264,16 +273,17 @@ class Matrix:
         kernels), the bias added by the GEMM (one rounding, no float32 pass over the output);
         float32 otherwise, as `matmul`. For activations that feed the next matmul (the vision
         MLP's hidden layer), which rounds them to its half type anyway."""
-        half = None
-        if self.kernel is None and self._packed is None:
+        if self.kernel is None and self._packed is None and not self.loras:
             if self._device_dense is not None and self._device_dense.dtype != torch.float32:
-                half = self._device_dense
-            elif self.mode == STREAMED and self.qtype != T.F32:
-                half = self._streamed()
-        if half is None:
-            return self.matmul(x, bias)
-        y = dense_linear(x, half, bias)
-        if half is not self._device_dense and self._release is not None:
+                return dense_linear(x, self._device_dense, bias)
+            if self.mode == STREAMED and self.qtype != T.F32:
+                return self._streamed_linear(x, bias)
+        return self.matmul(x, bias)
+
+    def _streamed_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`linear` by a copy made for this call (`_streamed`), the mapping's pages let go after."""
+        y = dense_linear(x, self._streamed(), bias)
+        if self._release is not None:
             self._release()
         return y
 
@@ -288,12 +298,17 @@ class Matrix:
     def matmul_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, rms_norm(y) * norm_weight) for y = `self.matmul(x, residual=residual)`: the
-        residual stream and the norm that reads it next, fused on the kernel path."""
-        if self.kernel is not None:
+        residual stream and the norm that reads it next, fused on the kernel path (without a
+        run-time adapter: its term comes after the product)."""
+        if self.kernel is not None and not self.loras:
             return self.kernel.matmul_norm(x, norm_weight, eps, residual)
+        y = self.matmul(x, residual=residual)
+        if self.kernel is not None:
+            from ..kernels.rmsnorm import rmsnorm
+
+            return y, rmsnorm(y.reshape(-1, self.rows), norm_weight, eps)[0].reshape(y.shape)
         from .decoder import rms_norm
 
-        y = self.matmul(x, residual=residual)
         return y, rms_norm(y, norm_weight, eps)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,7 +317,7 @@ class Matrix:
         if self._packed is not None:
             return self._packed.matmul(x)
         if self.mode == STREAMED:
-            return self.linear(x).float()
+            return self._streamed_linear(x).float()
         if self._dense is not None and self._dense.dtype == torch.float32:
             return x @ self._dense.T
         out = torch.empty(*x.shape[:-1], self.rows, dtype=torch.float32)
@@ -315,11 +330,13 @@ class Matrix:
 class Weights:
     """Named tensors of one or more GGUF files."""
 
-    def __init__(self, *files: GGUFFile, mode: str = EXACT):
+    def __init__(self, *files: GGUFFile, mode: str = EXACT, loras: dict[str, list[LoraFactor]] | None = None):
+        """`loras`: run-time adapters' terms by tensor name (lora.load_loras), given to those matrices."""
         if mode not in MODES:
             raise ValueError(f"weights mode {mode!r}: one of {', '.join(MODES)}")
         self.files = files
         self.mode = mode
+        self.loras = loras or {}
 
     def _find(self, name: str) -> tuple[GGUFFile, TensorInfo]:
         for f in self.files:
@@ -333,7 +350,9 @@ class Weights:
     def matrix(self, name: str, mode: str | None = None) -> Matrix:
         """A weight in this set's mode, or in `mode` (EXACT for one that moves to a device)."""
         f, info = self._find(name)
-        return Matrix(info, f.raw(name), mode or self.mode, lambda: f.release(name))
+        m = Matrix(info, f.raw(name), mode or self.mode, lambda: f.release(name))
+        m.loras = list(self.loras.get(name, ()))
+        return m
 
     def vector(self, name: str) -> torch.Tensor:
         """A small tensor (norm weight, bias, patch embedding) as float32, any shape."""

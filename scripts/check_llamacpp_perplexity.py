@@ -8,7 +8,8 @@ For each model: both tools' PPL of the text (same chunks), and the ratio. Then, 
 model as the base, the KL divergence of every other model measured four ways: each tool reading
 the file of the base's log-probabilities that it wrote itself, and each reading the other's (the
 files are the same format: `--kl-divergence-base FILE`). The files' tokens are compared too (the
-two tokenizers on the same text).
+two tokenizers on the same text). With --lora ADAPTER.gguf each model's PPL is measured again
+with the adapter applied at run time by both tools (llama-perplexity's --lora, qvl's --lora).
 
     python scripts/check_llamacpp_perplexity.py --llama-perplexity BIN --text wiki.txt -c 128 --chunks 4 \\
         base-f16.gguf model-q8_0.gguf model-q4_k_m.gguf
@@ -59,16 +60,19 @@ def main() -> None:
     ap.add_argument("-c", "--ctx-size", type=int, default=128)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lora", type=Path, help="a LoRA adapter GGUF: each model's PPL again with it")
     a = ap.parse_args()
     common = ["-c", str(a.ctx_size), "--chunks", str(a.chunks)]
     lc_common = [*common, "-b", str(a.ctx_size), "-ub", str(a.ctx_size)]
     print(f"text {a.text}, {a.chunks} chunks of {a.ctx_size} tokens")
     print(f"{'model':40} {'PPL llama.cpp':>14} {'PPL qvl':>12} {'qvl/llama.cpp':>14}")
     for m in a.models:
-        lc = llama_figure(llama(a.llama_perplexity, m, ["-f", str(a.text), *lc_common], a.threads),
-                          r"Final estimate: PPL = ([0-9.]+)")
-        ours = qvl(m, ["-f", str(a.text), *common])["ppl"]
-        print(f"{m.name:40} {lc:14.4f} {ours:12.4f} {ours / lc:14.6f}")
+        for adapter in [[], ["--lora", str(a.lora)]] if a.lora else [[]]:
+            lc = llama_figure(llama(a.llama_perplexity, m, ["-f", str(a.text), *lc_common, *adapter], a.threads),
+                              r"Final estimate: PPL = ([0-9.]+)")
+            ours = qvl(m, ["-f", str(a.text), *common, *adapter])["ppl"]
+            label = m.name + (f" + {a.lora.name}" if adapter else "")
+            print(f"{label:40} {lc:14.4f} {ours:12.4f} {ours / lc:14.6f}")
     if len(a.models) < 2:
         return
     with tempfile.TemporaryDirectory() as d:
