@@ -76,7 +76,7 @@ def create_cmd(
     from ..convert.for_store import Conversion, checked_name
     from ..convert.requantize import Quantization
     from .loader import find_mmproj
-    from .modelfile import Creation, ModelfileError, check_params, parse, resolve
+    from .modelfile import Creation, ModelfileError, adapter_files, check_params, parse, resolve
     from .store import ModelName, Store, StoreError
 
     if (model is None) == (modelfile is None):
@@ -96,9 +96,12 @@ def create_cmd(
             folders = [Path(s) for s in mf.sources if (modelfile.parent / Path(s).expanduser()).is_dir()]
             if folders and len(mf.sources) > 1:
                 raise ModelfileError(f"FROM {folders[0]}: a checkpoint folder is the only FROM")
-            job = (Creation(modelfile.parent / folders[0].expanduser(), None, mf.params, mf.template, mf.system,
-                            mf.license, mf.messages) if folders else resolve(mf, modelfile.parent, store))
             adapters = tuple(modelfile.parent / Path(a).expanduser() for a in mf.adapters)
+            if folders and not all(a.is_dir() for a in adapters):  # merged as it converts: PEFT folders
+                raise ModelfileError(f"ADAPTER {next(a for a in adapters if not a.is_dir())}: with a checkpoint "
+                                     "folder FROM, an ADAPTER is a PEFT folder (merged as it converts)")
+            job = (Creation(modelfile.parent / folders[0].expanduser(), None, mf.params, mf.template, mf.system,
+                            mf.license, mf.messages, adapters) if folders else resolve(mf, modelfile.parent, store))
         else:
             assert model is not None
             extra = json.loads(params) if params else {}
@@ -106,18 +109,20 @@ def create_cmd(
                 raise ModelfileError(f"--params {params}: a JSON object")
             extra = check_params(extra, strict=True)
             job = Creation(model, mmproj, extra, template.read_text() if template else None, None, None)
-            adapters = ()
         if job.model.is_dir():  # a checkpoint folder: converted as qvl-convert does (f16, or --quantize's type)
-            made = Conversion(store, job.model, checked_name(name), quantize, adapters)
-            entry = _create_made(store, name, job, made, f"converting to {(quantize or 'f16').upper()}")
-        elif quantize is not None:
-            job = replace(job, projector=job.projector or find_mmproj(job.model))
-            made = Quantization(store, job, quantize)
-            entry = _create_made(store, name, job, made, f"quantizing {made.source_type} to {quantize.upper()}")
+            made = Conversion(store, job.model, checked_name(name), quantize, job.adapters)  # merged in
+            entry = _create_made(store, name, replace(job, adapters=()), made,
+                                 f"converting to {(quantize or 'f16').upper()}")
         else:
-            job = replace(job, projector=job.projector or find_mmproj(job.model))
-            entry = store.create(name, job.model, job.projector, job.template, job.params or None, job.license,
-                                 system=job.system, messages=job.messages)
+            with adapter_files(store, job.adapters) as files:  # stored as layers, applied at run time
+                job = replace(job, projector=job.projector or find_mmproj(job.model), adapters=files)
+                if quantize is not None:
+                    made = Quantization(store, job, quantize)
+                    entry = _create_made(store, name, job, made,
+                                         f"quantizing {made.source_type} to {quantize.upper()}")
+                else:
+                    entry = store.create(name, job.model, job.projector, job.template, job.params or None,
+                                         job.license, system=job.system, messages=job.messages, adapters=job.adapters)
     except (StoreError, GGUFError, OSError, json.JSONDecodeError, ModelfileError, ConvertError) as e:
         _store_fail(e)
     typer.echo(f"created {entry.name} ({len(entry.manifest['layers'])} layers, {human_bytes(entry.size)})", err=True)
@@ -136,7 +141,7 @@ def _create_made(store, name: str, job, made, label: str):
             task = bar.add_task("", total=made.total)
             model, projector = made.run(lambda done, total: bar.update(task, completed=done))
         return store.create(name, model, projector, job.template, job.params or None, job.license,
-                            system=job.system, messages=job.messages)
+                            system=job.system, messages=job.messages, adapters=job.adapters)
     finally:
         made.close()
 

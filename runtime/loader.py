@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -85,9 +85,10 @@ def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placemen
           plan_ctx: int, lora: Sequence[LoraSource] = ()) -> Model:
     defaults: dict[str, Any] = {}
     template: Any = None  # a stored model's TEMPLATE (ollama_template.OllamaTemplate), if it has one
+    adapters = list(lora)  # a stored model's ADAPTER layers first
 
     def model(text: GGUFFile, vision: GGUFFile | None) -> Model:
-        m = Model(text, vision, fast, placement, max_vram, plan_ctx, lora)
+        m = Model(text, vision, fast, placement, max_vram, plan_ctx, adapters)
         m.defaults = defaults
         if template is not None:
             m.chat_template = template
@@ -101,6 +102,7 @@ def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placemen
         if path.exists():
             defaults = stored_generate_defaults(name)
             template = stored_template_of(name)
+            adapters = [(a, 1.0) for a in _stored(lambda store: store.adapters(store.get(name)))] + adapters
     text = GGUFFile(path)
     if text.architecture == "qwen25vl":
         return model(text, text)  # Ollama: vision in the same file
@@ -111,10 +113,16 @@ def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placemen
 def stored_template_of(name: str) -> Any:
     """A stored model's TEMPLATE (ollama_template.OllamaTemplate), or None."""
     from .modelfile import stored_chat_template
+
+    return _stored(lambda store: stored_chat_template(store, name))
+
+
+def _stored(read: Callable[[Any], Any]) -> Any:
+    """`read(Store())`, a StoreError as a ModelError."""
     from .store import Store, StoreError
 
     try:
-        return stored_chat_template(Store(), name)
+        return read(Store())
     except StoreError as e:
         raise ModelError(str(e)) from None
 

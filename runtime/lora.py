@@ -91,6 +91,10 @@ def _from_peft(folder: Path, scale: float) -> dict[str, tuple[np.ndarray, np.nda
     except ConvertError as e:
         raise LoraError(str(e)) from None
     try:
+        embedding = [name for name, pair in adapter.pairs.items() if pair.embedding]
+        if embedding:
+            raise LoraError(f"{folder / WEIGHTS}: adapts the token embeddings '{embedding[0]}': merge it with "
+                            "qvl-convert --lora")
         if adapter.replaced:
             name = next(iter(adapter.replaced))
             raise LoraError(f"{folder / WEIGHTS}: replaces '{name}' whole: merge it with qvl-convert --lora")
@@ -101,9 +105,6 @@ def _from_peft(folder: Path, scale: float) -> dict[str, tuple[np.ndarray, np.nda
             except ConvertError:
                 raise LoraError(f"{folder / WEIGHTS}: adapts '{name}', not a text model matrix: merge it with "
                                 "qvl-convert --lora") from None
-            if pair.embedding:
-                raise LoraError(f"{folder / WEIGHTS}: adapts the token embeddings '{name}': merge it with "
-                                "qvl-convert --lora")
             out[gguf] = (file.read(pair.a), file.read(pair.b), pair.scale)
     finally:
         file.close()

@@ -316,7 +316,7 @@ class Service:
             raise RequestError(400, "model: required (a stored model's name)")
         if name == self.config.default_model and Path(name).is_file():
             key, params, system, messages, stored = name, {}, None, [], False
-            path, projector = Path(name), None  # load() finds the mmproj beside it
+            path, projector, adapters = Path(name), None, []  # load() finds the mmproj beside it
         else:
             try:
                 entry = self.store.get(name)
@@ -327,6 +327,7 @@ class Service:
                 params, system = stored_defaults(self.store, name)
                 messages = self.store.messages(entry)
                 path, projector = self.store.resolve(name)
+                adapters = self.store.adapters(entry)
             except StoreError as e:
                 raise RequestError(500, str(e)) from None
         if self.loaded is not None and self.loaded.key == key:
@@ -340,7 +341,8 @@ class Service:
         t0 = time.perf_counter()
         try:
             model = self.loader(path, mmproj=projector, device=self.config.device, placement=self.config.placement,
-                                max_vram=self.config.max_vram, plan_ctx=self.config.ctx_size or PLAN_CTX)
+                                max_vram=self.config.max_vram, plan_ctx=self.config.ctx_size or PLAN_CTX,
+                                lora=[(a, 1.0) for a in adapters])
         except (GGUFError, ModelError, StoreError, KeyError, ValueError) as e:
             raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
         if self.config.cache_pool_bytes > 0:  # conversations taking turns keep their caches (cache_pool.py)

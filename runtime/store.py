@@ -5,9 +5,10 @@
       blobs/sha256-<64 hex>                        content, named by its sha256
 
 A model is a `application/vnd.ollama.image.model` layer (the text GGUF), optionally a
-`...projector` layer (the mmproj GGUF) and `template` / `system` / `params` / `license` layers, plus a
-config blob. Blobs are written to a temporary file, hashed, and renamed into place; the manifest
-is written last, so an interrupted `create` leaves the store as it was.
+`...projector` layer (the mmproj GGUF), `...adapter` layers (LoRA adapter GGUFs, applied at run
+time) and `template` / `system` / `params` / `license` layers, plus a config blob. Blobs are
+written to a temporary file, hashed, and renamed into place; the manifest is written last, so an
+interrupted `create` leaves the store as it was.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,20 +182,20 @@ class Store:
     def create(self, name: str, model: Path, mmproj: Path | None = None, template: str | None = None,
                params: dict[str, Any] | None = None, license_text: str | None = None,
                config: dict[str, Any] | None = None, system: str | None = None,
-               messages: list[dict[str, str]] | tuple = ()) -> Entry:
+               messages: list[dict[str, str]] | tuple = (), adapters: Sequence[Path] = ()) -> Entry:
         parsed = ModelName.parse(name)
         try:
             stored_template(template, "TEMPLATE")  # one that would not render is refused, not stored
         except TemplateError as e:
             raise StoreError(str(e)) from None
-        for p in [model] + ([mmproj] if mmproj else []):
+        for p in [model] + ([mmproj] if mmproj else []) + list(adapters):
             with open(p, "rb") as f:
                 if f.read(4) != b"GGUF":
                     raise StoreError(f"{p}: not a GGUF file")
         merged = self._merged(Path(model))
         try:
             return self._create(parsed, merged or model, mmproj, template, params, license_text, config, system,
-                                messages)
+                                messages, adapters)
         finally:
             if merged is not None:
                 merged.unlink(missing_ok=True)
@@ -235,7 +236,7 @@ class Store:
 
     def _create(self, parsed: ModelName, model: Path, mmproj: Path | None, template: str | None,
                 params: dict[str, Any] | None, license_text: str | None, config: dict[str, Any] | None,
-                system: str | None, messages: list[dict[str, str]] | tuple) -> Entry:
+                system: str | None, messages: list[dict[str, str]] | tuple, adapters: Sequence[Path] = ()) -> Entry:
         if config is None:
             from .gguf_file import GGUFError
 
@@ -244,7 +245,7 @@ class Store:
             except GGUFError as e:
                 raise StoreError(str(e)) from None
         layers = []
-        for kind, src in (("model", model), ("projector", mmproj)):
+        for kind, src in (("model", model), ("projector", mmproj), *(("adapter", a) for a in adapters)):
             if src is not None:
                 digest, size = self.add_blob(Path(src))
                 layers.append({"mediaType": LAYER + kind, "digest": digest, "size": size})
@@ -338,6 +339,14 @@ class Store:
             if not p.exists():
                 raise StoreError(f"{p}: blob missing from the store (pull the model again)")
         return paths[0], (paths[1] if proj else None)
+
+    def adapters(self, entry: Entry) -> list[Path]:
+        """A model's adapter GGUFs, in their layers' order (Ollama's ADAPTER lines)."""
+        paths = [self.blob_path(x["digest"]) for x in entry.manifest["layers"] if x["mediaType"] == LAYER + "adapter"]
+        for p in paths:
+            if not p.exists():
+                raise StoreError(f"{p}: blob missing from the store (pull the model again)")
+        return paths
 
     def copy(self, src: str, dst: str) -> Entry:
         entry = self.get(src)

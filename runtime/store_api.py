@@ -31,8 +31,9 @@ def create(service: Service, body: dict[str, Any]) -> Reply:
     from ..convert.requantize import Quantization
 
     name = _named(body)
-    if body.get("adapters"):
-        raise RequestError(400, "adapters: qvl serve does not take them")
+    adapters = body.get("adapters") or {}
+    if not isinstance(adapters, dict) or not all(isinstance(d, str) for d in adapters.values()):
+        raise RequestError(400, "adapters: {file name: sha256 digest of a LoRA adapter GGUF sent to /api/blobs/}")
     kind = body.get("quantize") or None
     if kind is not None and not isinstance(kind, str):
         raise RequestError(400, "quantize: a type name such as q4_K_M, q4_K_S or q8_0")
@@ -45,8 +46,9 @@ def create(service: Service, body: dict[str, Any]) -> Reply:
             except ConvertError as e:
                 raise RequestError(400, f"files: {e}") from None
         mf = parse(body["modelfile"]) if isinstance(body.get("modelfile"), str) else _asked(body)
+        lora = tuple(_adapter_blob(service, a) for a in (*mf.adapters, *("@" + d for d in adapters.values())))
         job = resolve(Modelfile(tuple(_source(service, s) for s in mf.sources), mf.params, mf.template, mf.system,
-                                mf.license, mf.messages), service.store.blobs, service.store)
+                                mf.license, mf.messages, lora), service.store.blobs, service.store)
         if kind is not None:  # planned here (a refusal is the request's 400), written in a thread of its own
             quantization = Quantization(service.store, job, kind)
 
@@ -95,7 +97,7 @@ def _convert_uploads(service: Service, name: str, body: dict[str, Any], kind: st
 def _store(service: Service, name: str, job: Creation) -> None:
     """Store `job` as `name`; a loaded model of that name takes its new defaults."""
     entry = service.store.create(name, job.model, job.projector, job.template, job.params or None,
-                                 job.license, system=job.system, messages=job.messages)
+                                 job.license, system=job.system, messages=job.messages, adapters=job.adapters)
     if service.loaded is not None and service.loaded.key == str(entry.name):  # its defaults are the new ones
         service.loaded.params, service.loaded.system = stored_defaults(service.store, str(entry.name))
         service.loaded.model.defaults = {"messages": list(job.messages)} if job.messages else {}
@@ -148,6 +150,14 @@ def _source(service: Service, source: str) -> str:
     except StoreError:
         raise ModelfileError(f"FROM {source}: not a stored model (qvl serve opens no file a request names)") from None
     return source
+
+
+def _adapter_blob(service: Service, adapter: str) -> str:
+    """An ADAPTER of a served create: a @sha256:... blob sent first (a LoRA adapter GGUF), as its path."""
+    if not adapter.startswith("@"):
+        raise ModelfileError(f"ADAPTER {adapter}: a blob sent to /api/blobs/ (qvl serve opens no file a request "
+                             "names)")
+    return _source(service, adapter)
 
 
 def _in_background(work: Callable[[Callable[[int, int], None]], None], status: str, first: str,

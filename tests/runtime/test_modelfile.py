@@ -212,8 +212,10 @@ def test_rm_several(store, folder):
     (["x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf\nFROM tiny-qwen2.5-vl-f16.gguf", "a second text model"),
     (["x", "-f", "{mf}"], "FROM mmproj-tiny-qwen2.5-vl-f16.gguf", "FROM names only a projector"),
     (["x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf\nPARAMETER num_gpu 20", "PARAMETER num_gpu: qvl does not"),
-    (["x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf\nADAPTER ./lora", "ADAPTER ./lora: qvl merges a LoRA "
-     "adapter (a PEFT folder) while it converts: FROM must be the base model's checkpoint folder"),
+    (["x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf\nADAPTER ./lora", "ADAPTER ./lora: "
+     "{folder}/lora: no such LoRA adapter (a GGUF file or a PEFT folder)"),
+    (["x", "-f", "{mf}"], "FROM .\nADAPTER ./tiny-qwen2.5-vl-f16.gguf", "ADAPTER {folder}/tiny-qwen2.5-vl-f16.gguf: "
+     "with a checkpoint folder FROM, an ADAPTER is a PEFT folder (merged as it converts)"),
     (["x", "{model}", "--params", "[1]"], None, "--params [1]: a JSON object"),
     (["x", "{model}", "--params", '{"top_p": 3}'], None, "PARAMETER top_p 3.0: between 0 and 1"),
     (["../x", "-f", "{mf}"], "FROM tiny-qwen2.5-vl-f16.gguf", "invalid model name"),
@@ -226,6 +228,7 @@ def test_create_errors(store, folder, args, modelfile, expect):
     r = runner.invoke(app, ["create", *[a.replace("{model}", subst["model"]).replace("{mf}", subst["mf"])
                                         .replace("{folder}", subst["folder"]) for a in args]])
     assert r.exit_code == 2, r.stdout
+    expect = expect.replace("{folder}", subst["folder"])
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("qvl: error:") and expect in r.stderr, r.stderr
     assert store.list() == []
 

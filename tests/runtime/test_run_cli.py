@@ -302,7 +302,8 @@ def test_qvl_run_tries_the_probe_kernel_once(model_path, monkeypatch):
     why = "RuntimeError: Failed to find C compiler."
     calls = _fake_gpu(monkeypatch, (12, 0), "NVIDIA GeForce RTX 5090", why)
     opened = []
-    monkeypatch.setattr(loader_mod, "_open", lambda path, fast, mmproj, placement, budget, ctx: opened.append(placement))
+    monkeypatch.setattr(loader_mod, "_open", lambda path, fast, mmproj, placement, budget, ctx, lora:
+                        opened.append(placement))
     monkeypatch.setattr(loader_mod, "give_back_free_memory", lambda: None)
     _, placement = run_cli._placement(False, None, "auto", None, False, None, False)
     with pytest.warns(UserWarning, match="Failed to find C compiler"):  # the same answer, not tried again
@@ -324,7 +325,8 @@ def test_load_in_python_falls_back_as_qvl_run_does(monkeypatch, capability, why)
 
     calls = _fake_gpu(monkeypatch, capability, "NVIDIA GeForce RTX 5090", why)
     opened = []
-    monkeypatch.setattr(loader_mod, "_open", lambda path, fast, mmproj, placement, budget, ctx: opened.append(placement))
+    monkeypatch.setattr(loader_mod, "_open", lambda path, fast, mmproj, placement, budget, ctx, lora:
+                        opened.append(placement))
     monkeypatch.setattr(loader_mod, "give_back_free_memory", lambda: None)
     runs = capability >= (7, 0) and why is None
     with warnings.catch_warnings(record=True) as caught:
