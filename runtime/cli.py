@@ -161,7 +161,7 @@ def list_cmd() -> None:
 
 
 @app.command("show", help="Architecture, parameters, quantization, context, projector, template, system, "
-                          "params, license of a stored model.\n\nExample: qvl show qwen2.5-vl:3b --modelfile")
+                          "params, license, adapters of a stored model.\n\nExample: qvl show qwen2.5-vl:3b --modelfile")
 def show_cmd(
     name: str = typer.Argument(...),
     modelfile: bool = typer.Option(False, "--modelfile", help="Print a Modelfile that rebuilds the model "
@@ -206,6 +206,10 @@ def show_cmd(
                 rows.append((kind, text if len(text) < 70 else text[:67] + "..."))
         if messages := store.messages(entry):
             rows.append(("messages", f"{len(messages)} ({', '.join(m['role'] for m in messages)})"))
+        for adapter in store.adapters(entry):
+            with GGUFFile(adapter) as a:
+                rows.append(("adapter", f"{a.get('general.name', adapter.name)} (LoRA, alpha "
+                                        f"{a.get('adapter.lora.alpha', 0):g}, {len(a.tensors) // 2} matrices)"))
     except (StoreError, GGUFError) as e:
         _store_fail(e)
     for k, v in rows:

@@ -105,8 +105,9 @@ def test_adapter_gguf_layout_is_llama_cpps(tiny):
     assert tensors["blk.0.ffn_down.weight.lora_a"].shape.tolist() == [SPEC.intermediate, 4]
     assert {t.tensor_type.name for t in tensors.values()} == {"F32"}
     layers = tiny["tuned"]["patterns"].base_model.model.model.language_model.layers
-    for module, name, rank in ((layers[1].self_attn.v_proj, "blk.1.attn_v", 4), (layers[0].mlp.up_proj, "blk.0.ffn_up", 2),
-                               (layers[0].self_attn.q_proj, "blk.0.attn_q", 4)):
+    checked = ((layers[1].self_attn.v_proj, "blk.1.attn_v", 4), (layers[0].mlp.up_proj, "blk.0.ffn_up", 2),
+               (layers[0].self_attn.q_proj, "blk.0.attn_q", 4))
+    for module, name, rank in checked:
         b = module.lora_B["default"].weight.detach().numpy()
         ratio = module.scaling["default"] / (8.0 / rank)  # llama.cpp applies alpha / r
         np.testing.assert_allclose(tensors[name + ".weight.lora_b"].data, b * ratio, rtol=1e-6, err_msg=name)
@@ -241,7 +242,8 @@ def test_modelfile_adapters_are_stored_and_applied(tiny, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     store = Store()
     layers = [x for x in store.get("tuned:1").manifest["layers"] if x["mediaType"] == ADAPTER_LAYER]
-    assert len(layers) == 2 and store.adapters(store.get("tuned:1"))[0].read_bytes() == (d / "patterns.gguf").read_bytes()
+    assert len(layers) == 2
+    assert store.adapters(store.get("tuned:1"))[0].read_bytes() == (d / "patterns.gguf").read_bytes()
     assert not [p for p in store.root.iterdir() if p.name.startswith("adapter-")]  # the folder's GGUF, removed
 
     def answer(model: str, *flags: str) -> str:
@@ -254,6 +256,9 @@ def test_modelfile_adapters_are_stored_and_applied(tiny, tmp_path, monkeypatch):
     (tmp_path / "Child").write_text("FROM tuned:1\nSYSTEM Be brief.\n")
     assert runner.invoke(qvl_app, ["create", "child:1", "-f", str(tmp_path / "Child")]).exit_code == 0
     assert store.adapters(store.get("child:1")) == store.adapters(store.get("tuned:1"))
+    table = runner.invoke(qvl_app, ["show", "tuned:1"]).stdout
+    assert "adapter           patterns (LoRA, alpha 8, 14 matrices)" in table
+    assert "adapter           rslora (LoRA, alpha 3, 4 matrices)" in table
     shown = runner.invoke(qvl_app, ["show", "tuned:1", "--modelfile"]).stdout
     assert [line for line in shown.splitlines() if line.startswith("ADAPTER ")] == [
         f"ADAPTER {p}" for p in store.adapters(store.get("tuned:1"))]
