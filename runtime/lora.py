@@ -45,9 +45,16 @@ class LoraFactor:
         return LoraFactor(self.a.to(device, dtype), self.b.to(device, dtype), self.scale)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y (..., rows) float32 + this term for x (..., cols)."""
+        """y (..., rows) float32, a product made for this call (contiguous, not used elsewhere),
+        with this term for x (..., cols) added in place: one addmm where the factors are float32."""
         t = x.reshape(-1, self.a.shape[1]).to(self.a.dtype) @ self.a.T
-        return y + (self.scale * (t @ self.b.T).float()).reshape(y.shape)
+        y = y if y.is_contiguous() else y.contiguous()
+        out = y.view(-1, y.shape[-1])
+        if self.b.dtype == out.dtype:
+            out.addmm_(t, self.b.T, alpha=self.scale)
+        else:
+            out += self.scale * (t @ self.b.T).float()
+        return y
 
     @property
     def nbytes(self) -> int:
