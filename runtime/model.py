@@ -82,10 +82,11 @@ class Model:
         self.chat_template: str | None = text_file.get("tokenizer.chat_template")
         self.plan: Plan | None = None
         self.fit_note: str | None = None  # what placement.fit_free changed, for the CLI to print
+        loras = load_loras(lora, text_file.tensors)
         if placement.accel is not None:
             fp = footprint(self.cfg, text_file.tensors, vision_file.tensors if vision_file else None,
                            placement.kernels, placement.kv_type or "bf16",
-                           dequant_slab_bytes(placement.accel, placement.kernels, fast), half=fast)
+                           dequant_slab_bytes(placement.accel, placement.kernels, fast), half=fast, loras=loras)
 
             def plan_for(budget: int | None) -> Plan:
                 return make_plan(fp, plan_ctx, budget, placement.gpu_layers, placement.vision_on_accel,
@@ -113,8 +114,7 @@ class Model:
         self.placement = placement
         self.on_warning: Callable[[str], None] = warnings.warn  # the CLI prints these on stderr
         accel = indexed(torch.device(placement.accel)) if placement.accel is not None else None
-        weights = Weights(text_file, mode=PACKED if fast else EXACT, loras=load_loras(lora, text_file.tensors))
-        self.decoder = Decoder(self.cfg, weights, accel,
+        self.decoder = Decoder(self.cfg, Weights(text_file, mode=PACKED if fast else EXACT, loras=loras), accel,
                                placement.gpu_layers, placement.kernels, placement.prefill_offload, placement.copy_ahead)
         self.vision_cfg: VisionConfig | None = None
         self.vision: VisionTower | None = None

@@ -34,7 +34,7 @@ budget leaves for the vision peak are downscaled (`vision_max_pixels`).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -44,6 +44,7 @@ from .copy_ahead import OFFLOAD_COPIES
 from .decoder import KV_TYPES, OFFLOAD_GROUP, PREFILL_CHUNK, kv_bytes_per_token
 from .dense_mlp import ALIGN
 from .gguf_file import TensorInfo
+from .lora import LoraFactor
 from .weights import device_bytes
 
 CUDA_OVERHEAD = 512 * 2**20
@@ -141,21 +142,26 @@ def vision_bytes_per_pixel(vision: Mapping[str, TensorInfo], kernels: bool, half
 
 
 def footprint(cfg: TextConfig, text: Mapping[str, TensorInfo], vision: Mapping[str, TensorInfo] | None,
-              kernels: bool = True, kv_type: str = "bf16", dequant_slab: int = 0, half: bool = True) -> Footprint:
+              kernels: bool = True, kv_type: str = "bf16", dequant_slab: int = 0, half: bool = True,
+              loras: Mapping[str, Sequence[LoraFactor]] | None = None) -> Footprint:
     """From the tensor tables of the text and vision files (`GGUFFile.tensors`); `dequant_slab`
     bytes where the GPU's GEMMs dequantize weights first (dequant_slab_bytes); `half`:
-    bf16 / f16 products (False: float32 throughout, load's dtype=torch.float32)."""
+    bf16 / f16 products (False: float32 throughout, load's dtype=torch.float32); `loras`: run-time
+    adapters' factors by tensor name (lora.load_loras), which go up with their matrices."""
     layers = [0] * cfg.n_layer
     output = 0
+    loras = loras or {}
     for name, info in text.items():
         if name.startswith("v.") or name.startswith("mm."):
             continue
+        size = device_bytes(info, kernels) + sum(f.a.numel() + f.b.numel() for f in loras.get(name, ())) * (
+            2 if half else 4)
         m = re.match(r"blk\.(\d+)\.", name)
         if m:
-            layers[int(m.group(1))] += device_bytes(info, kernels)
+            layers[int(m.group(1))] += size
         elif name in ("output.weight", "output_norm.weight") or (
                 name == "token_embd.weight" and "output.weight" not in text):
-            output += device_bytes(info, kernels)  # tied: a second copy of the embeddings goes up
+            output += size  # tied: a second copy of the embeddings goes up
     vis_bytes, per_pixel, stream_bytes = 0, 0.0, 0
     if vision is not None:
         names = [n for n in vision if n.startswith("v.") or n.startswith("mm.")]

@@ -283,3 +283,21 @@ def test_served_create_takes_adapters(tiny, tmp_path):
         create(service, {"model": "y:1", "files": {"q.gguf": model}, "adapters": ["a.gguf"]})
     with pytest.raises(RequestError, match="ADAPTER ./x.gguf: a blob sent to /api/blobs/"):
         create(service, {"model": "y:1", "modelfile": f"FROM @{model}\nADAPTER ./x.gguf\n"})
+
+
+def test_gpu_plan_counts_the_adapters(tiny):
+    """--max-vram's plan: each layer's adapter factors go up with it (bf16, float32 with --f32)."""
+    from qvl.runtime.config import text_config
+    from qvl.runtime.placement import footprint
+
+    with GGUFFile(tiny["q8_0"]) as f:
+        cfg = text_config(f)
+        loras = load_loras([(tiny["dir"] / "patterns", 1.0), (tiny["dir"] / "rslora", 1.0)], f.tensors)
+        for half, size in ((True, 2), (False, 4)):
+            plain = footprint(cfg, f.tensors, None, half=half)
+            adapted = footprint(cfg, f.tensors, None, half=half, loras=loras)
+            for i in range(cfg.n_layer):
+                values = sum(x.a.numel() + x.b.numel() for name, fs in loras.items() if name.startswith(f"blk.{i}.")
+                             for x in fs)
+                assert values > 0 and adapted.layer_bytes[i] - plain.layer_bytes[i] == size * values
+            assert adapted.output_bytes == plain.output_bytes
