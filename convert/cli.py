@@ -169,7 +169,9 @@ iq3_xs, iq3_xxs, iq2_m, iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s, f16, bf16, f32: th
 the quantized bytes are llama-quantize's (its rules, ggml's bytes; q2_k_s, iq3_xs, iq3_xxs and the
 iq2 and iq1 types need --imatrix, as llama-quantize's do). Metadata is copied, with general.file_type set. A matrix quantized already
 is refused unless --allow-requantize. The projector (mmproj) is not touched: it pairs with the
-new file as with the old (copy or link it beside the new name). With --imatrix FILE (llama-imatrix's
+new file as with the old (copy or link it beside the new name). With --lora ADAPTER (a LoRA GGUF or
+a PEFT folder) its deltas are added to the weights before they are quantized (llama-export-lora's
+merge, in any type). With --imatrix FILE (llama-imatrix's
 or qvl imatrix's importance matrix, GGUF or the legacy .dat) the quantizers weigh each column by it,
 as llama-quantize --imatrix does (the same bytes), and Q4_0 gives the first eighth of ffn_down Q4_1.
 
@@ -211,7 +213,13 @@ def quantize_command(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
     threads: Optional[int] = typer.Option(None, "-t", "--threads", help="Quantizing threads (default: the CPU "
                                           "count, at most 4).", show_default=False),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help="A LoRA adapter (GGUF or PEFT folder) merged into "
+                                             "the weights before they are quantized, as llama-export-lora merges "
+                                             "(repeatable; or A,B)."),
+    lora_scaled: Optional[List[str]] = typer.Option(None, "--lora-scaled", help="FILE:SCALE: --lora with its delta "
+                                                    "scaled (repeatable)."),
 ) -> None:
+    from ..runtime.lora import LoraError, lora_sources
     from .plan import Overrides, ggml_type, tensor_type
     from .requantize import QuantizeOptions, default_quantized_out, kv_override, plan_quantize
 
@@ -237,9 +245,13 @@ def quantize_command(
         overrides = Overrides(pure, ggml_type(output_type) if output_type else None,
                               ggml_type(embedding_type) if embedding_type else None,
                               tuple(tensor_type(o) for o in patterns))
+        try:
+            adapters = tuple(lora_sources(lora or [], lora_scaled or []))
+        except LoraError as e:
+            fail(str(e))
         options = QuantizeOptions(allow_requantize, imatrix, tuple(include_weights or ()),
                                   tuple(exclude_weights or ()), overrides, leave_output,
-                                  tuple(kv_override(o) for o in override_kv or ()), keep_split)
+                                  tuple(kv_override(o) for o in override_kv or ()), keep_split, adapters)
         job, source = plan_quantize(model, out, kind, options, dry_run)
         try:
             if dry_run:

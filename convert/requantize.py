@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
 from ..runtime.gguf_file import SPLIT_KEYS, GGUFError, GGUFFile, part_name
+from ..runtime.lora import LoraError, LoraFactor, LoraSource, load_loras
 from ..runtime.modelfile import Creation
 from ..runtime.store import Store
 from .errors import ConvertError
@@ -64,6 +65,7 @@ class Requantize:
     copied: frozenset[str]
     importance: dict[str, np.ndarray] = field(default_factory=dict)
     unweighted: tuple[str, ...] = ()  # matrices the type quantizes only with importance values, without them
+    loras: dict[str, list[LoraFactor]] = field(default_factory=dict)  # --lora: merged before quantizing
 
     def chunks(self, p: PlannedTensor, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a planned tensor in its new type (uint8), from the source."""
@@ -75,8 +77,10 @@ class Requantize:
         rows = raw[start:stop]
         if p.tensor.name in self.copied:
             return rows.reshape(-1)
-        return quantize(dequantize(rows, self.source.tensors[p.tensor.name].type), p.qtype,
-                        self.importance.get(p.tensor.name)).reshape(-1)
+        data = dequantize(rows, self.source.tensors[p.tensor.name].type)
+        for f in self.loras.get(p.tensor.name, ()):  # W + s (B A), a slice of B's rows at a time
+            data = data + np.float32(f.scale) * (f.b[start:stop] @ f.a).numpy()
+        return quantize(data, p.qtype, self.importance.get(p.tensor.name)).reshape(-1)
 
 
 def _importance(imatrix: ImportanceMatrix, tensors: dict[str, OutTensor]) -> dict[str, np.ndarray]:
@@ -149,6 +153,7 @@ class QuantizeOptions:
     leave_output: bool = False
     kv: tuple[KV, ...] = ()
     keep_split: bool = False  # a split source's parts kept: one output part per input part
+    lora: tuple[LoraSource, ...] = ()  # LoRA adapters (GGUF or PEFT folder, scale) merged in, as llama-export-lora
 
 
 def _matrix(o: QuantizeOptions) -> ImportanceMatrix | None:
@@ -177,7 +182,11 @@ def plan_quantize(source: Path, out: Path, type_name: str, options: QuantizeOpti
     except GGUFError as e:
         raise ConvertError(str(e)) from None
     try:
-        job, copied, importance = _plan(src, source, out, kind, options, matrix)
+        try:
+            loras = load_loras(options.lora, src.tensors)
+        except LoraError as e:
+            raise ConvertError(str(e)) from None
+        job, copied, importance = _plan(src, source, out, kind, options, matrix, frozenset(loras))
         lacking = [p for f in job.files for p in f.plan if p.tensor.name not in copied
                    and requires_imatrix(kind, p.tensor.name, p.qtype) and p.tensor.name not in importance]
         if lacking and not dry_run:
@@ -185,7 +194,7 @@ def plan_quantize(source: Path, out: Path, type_name: str, options: QuantizeOpti
     except ConvertError:
         src.close()
         raise
-    return job, Requantize(src, frozenset(copied), importance, tuple(p.tensor.name for p in lacking))
+    return job, Requantize(src, frozenset(copied), importance, tuple(p.tensor.name for p in lacking), loras)
 
 
 def unweighted_message(p: PlannedTensor, imatrix: Path | None) -> str:
@@ -198,7 +207,8 @@ def unweighted_message(p: PlannedTensor, imatrix: Path | None) -> str:
 
 
 def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOptions,
-          matrix: ImportanceMatrix | None) -> tuple[Job, set[str], dict[str, np.ndarray]]:
+          matrix: ImportanceMatrix | None, adapted: frozenset[str] = frozenset()
+          ) -> tuple[Job, set[str], dict[str, np.ndarray]]:
     arch = src.architecture
     if arch == "clip" or arch is None:
         raise ConvertError(f"{source}: {'a vision projector (mmproj)' if arch else 'no general.architecture'}; "
@@ -220,7 +230,11 @@ def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOpt
     for name, t in tensors.items():
         have = src.tensors[name].type
         p = planned.get(name)
-        if p is None or p.qtype == have or keeps_float(t) or o.leave_output and name == "output.weight":
+        if o.leave_output and name == "output.weight" and name in adapted:
+            raise ConvertError("--leave-output-tensor keeps output.weight as it is, and --lora adapts it: one or the "
+                               "other")
+        if p is None or p.qtype == have and name not in adapted or keeps_float(t) or (
+                o.leave_output and name == "output.weight"):
             plan.append(PlannedTensor(t, have))  # vision, unchanged, a vector / norm, or left: as it is
             copied.add(name)
             continue

@@ -301,3 +301,29 @@ def test_gpu_plan_counts_the_adapters(tiny):
                              for x in fs)
                 assert values > 0 and adapted.layer_bytes[i] - plain.layer_bytes[i] == size * values
             assert adapted.output_bytes == plain.output_bytes
+
+
+def test_quantize_merges_an_adapter(tiny, tmp_path):
+    """qvl quantize --lora (llama-export-lora's merge, then the type): the F32 file's adapted
+    matrices are W + s (B A) (1e-6 of the largest), its logits the run-time adapter's (1e-4 of the
+    largest); a quantized base needs --allow-requantize, as any requantizing does."""
+    d = tiny["dir"]
+    out = tmp_path / "merged.gguf"
+    r = runner.invoke(qvl_app, ["quantize", str(tiny["f32"]), "f32", "--lora", str(d / "patterns.gguf"), "-o", str(out),
+                                "-q"])
+    assert r.exit_code == 0, r.output
+    with GGUFFile(tiny["f32"]) as base, GGUFFile(out) as merged:
+        loras = load_loras([(d / "patterns.gguf", 1.0)], base.tensors)
+        for name in ("blk.0.attn_q.weight", "blk.1.ffn_up.weight"):
+            f = loras[name][0]
+            want = base.raw(name).view(np.float32).reshape(f.b.shape[0], -1) + f.scale * (f.b @ f.a).numpy()
+            got = merged.raw(name).view(np.float32).reshape(want.shape)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=name)
+        assert merged.raw("blk.0.attn_norm.weight").tobytes() == base.raw("blk.0.attn_norm.weight").tobytes()
+    runtime = load(tiny["f32"], device="cpu", dtype=torch.float32, lora=[(d / "patterns.gguf", 1.0)])
+    ours = runtime.prompt_logits(PROMPT, [IMAGE])
+    theirs = load(out, device="cpu", dtype=torch.float32, mmproj=d / "mmproj-m.gguf").prompt_logits(PROMPT, [IMAGE])
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4 * ours.abs().max().item())
+    r = runner.invoke(qvl_app, ["quantize", str(tiny["q8_0"]), "q8_0", "--lora", str(d / "rslora"), "-o",
+                                str(tmp_path / "x.gguf"), "-q"])
+    assert r.exit_code == 2 and "is Q8_0 already" in r.stderr and not (tmp_path / "x.gguf").exists()
