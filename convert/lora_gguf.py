@@ -13,7 +13,6 @@ and whole saved tensors (modules_to_save) are refused, as llama.cpp's converter 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
+from ..runtime.atomic import replacing
 from .errors import ConvertError
 from .layout import text_name
 from .lora import WEIGHTS, load_adapter
@@ -50,7 +50,7 @@ def _typed(data: np.ndarray, outtype: str) -> tuple[np.ndarray, T]:
 
 
 def write_lora_gguf(folder: Path, out: Path, outtype: str = "f32", force: bool = False) -> LoraFile:
-    """Write `folder`'s adapter as a GGUF at `out` (whole, or nothing: a `.partial` renamed)."""
+    """Write `folder`'s adapter as a GGUF at `out` (whole, or nothing: runtime/atomic.py)."""
     if outtype not in OUT_TYPES:
         raise ConvertError(f"--outtype {outtype!r}: choose one of {', '.join(OUT_TYPES)}")
     folder = folder.expanduser()
@@ -83,26 +83,21 @@ def write_lora_gguf(folder: Path, out: Path, outtype: str = "f32", force: bool =
         raise ConvertError(f"{out}: already exists (use --force to overwrite)")
     if not out.parent.is_dir():
         raise ConvertError(f"{out.parent}: output folder does not exist")
-    tmp = out.with_name(out.name + ".partial")
     try:
-        writer = GGUFWriter(tmp, "qwen2vl")
-        writer.add_type("adapter")
-        writer.add_string("adapter.type", "lora")
-        writer.add_name(folder.resolve().name)
-        writer.add_float32("adapter.lora.alpha", adapter.alpha)
-        writer.add_quantization_version(2)
-        for name, data in tensors:
-            typed, qtype = _typed(data, outtype)
-            writer.add_tensor(name, typed, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
+        with replacing(out) as tmp:
+            writer = GGUFWriter(tmp, "qwen2vl")
+            writer.add_type("adapter")
+            writer.add_string("adapter.type", "lora")
+            writer.add_name(folder.resolve().name)
+            writer.add_float32("adapter.lora.alpha", adapter.alpha)
+            writer.add_quantization_version(2)
+            for name, data in tensors:
+                typed, qtype = _typed(data, outtype)
+                writer.add_tensor(name, typed, raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ConvertError(f"writing {out}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return LoraFile(out, len(tensors) // 2, left_out)

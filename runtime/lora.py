@@ -56,10 +56,6 @@ class LoraFactor:
             out += self.scale * (t @ self.b.T).float()
         return y
 
-    @property
-    def nbytes(self) -> int:
-        return (self.a.numel() + self.b.numel()) * self.a.element_size()
-
 
 def _float(f: GGUFFile, info: TensorInfo) -> np.ndarray:
     raw = f.raw(info.name)
