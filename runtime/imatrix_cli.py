@@ -38,6 +38,11 @@ def imatrix_command(
     process_output: bool = typer.Option(False, "--process-output", help="Also output.weight's inputs "
                                                                         "(llama-imatrix's flag; off by default)."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even where a GPU is."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help="LoRA adapter applied to MODEL at run time (GGUF "
+                                             "or PEFT folder; repeatable): the fine-tune's matrix, for qvl quantize "
+                                             "--lora --imatrix."),
+    lora_scaled: Optional[List[str]] = typer.Option(None, "--lora-scaled", help="FILE:SCALE: --lora with its term "
+                                                    "scaled (repeatable)."),
 ) -> None:
     from ..convert.errors import ConvertError
     from ..convert.imatrix import read_imatrix
@@ -45,6 +50,7 @@ def imatrix_command(
     from .gguf_file import GGUFError
     from .imatrix import ImatrixError, Sums, chunk_count, collect, merge, write
     from .loader import load
+    from .lora import LoraError, lora_sources
     from .model import ModelError
     from .perplexity import PerplexityError
     from .perplexity import chunk_count as text_chunks
@@ -68,7 +74,8 @@ def imatrix_command(
             merge(sums, matrix, ctx_size)
             datasets += matrix.datasets
         if text is not None:
-            loaded = load(model, device="cpu" if cpu else "auto", plan_ctx=ctx_size)
+            loaded = load(model, device="cpu" if cpu else "auto", plan_ctx=ctx_size,
+                          lora=lora_sources(lora or [], lora_scaled or []))
             ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
             n = text_chunks(len(ids), ctx_size, chunks, loaded.cfg.context_length, at_least=1)
             started = time.perf_counter()
@@ -83,7 +90,7 @@ def imatrix_command(
         n_chunks = chunk_count(sums, ctx_size)
         write(out, sums, datasets, n_chunks, ctx_size)
     except (GGUFError, ConfigError, TokenizerError, ModelError, StoreError, ConvertError, PerplexityError,
-            ImatrixError, KeyError) as e:
+            ImatrixError, LoraError, KeyError) as e:
         _fail(str(e).strip("'\""))
     typer.echo(f"qvl imatrix: {len(sums.squares)} matrices, {n_chunks} chunks of {ctx_size} tokens, written to {out}",
                err=True)

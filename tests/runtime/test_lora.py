@@ -327,3 +327,27 @@ def test_quantize_merges_an_adapter(tiny, tmp_path):
     r = runner.invoke(qvl_app, ["quantize", str(tiny["q8_0"]), "q8_0", "--lora", str(d / "rslora"), "-o",
                                 str(tmp_path / "x.gguf"), "-q"])
     assert r.exit_code == 2 and "is Q8_0 already" in r.stderr and not (tmp_path / "x.gguf").exists()
+
+
+def test_imatrix_of_the_adapted_model(tiny, tmp_path):
+    """qvl imatrix --lora: the fine-tune's importance matrix (for qvl quantize --lora --imatrix):
+    the first layer's inputs are the base's (an adapter changes what comes after its matrices),
+    a later layer's are not; then quantizing with both runs."""
+    from qvl.convert.imatrix import read_imatrix
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    d = tiny["dir"]
+    values = {}
+    for label, flags in (("base", []), ("adapted", ["--lora", str(d / "patterns.gguf")])):
+        out = tmp_path / f"{label}.imatrix.gguf"
+        r = runner.invoke(qvl_app, ["imatrix", str(tiny["f32"]), "-f", str(text), "-c", "32", "-o", str(out), "--cpu",
+                                    *flags])
+        assert r.exit_code == 0, r.output
+        values[label] = read_imatrix(out).values
+    np.testing.assert_allclose(values["adapted"]["blk.0.attn_q.weight"], values["base"]["blk.0.attn_q.weight"],
+                               rtol=1e-5)
+    assert not np.allclose(values["adapted"]["blk.1.attn_q.weight"], values["base"]["blk.1.attn_q.weight"], rtol=1e-2)
+    r = runner.invoke(qvl_app, ["quantize", str(tiny["f32"]), "q4_0", "--lora", str(d / "patterns.gguf"), "--imatrix",
+                                str(tmp_path / "adapted.imatrix.gguf"), "-o", str(tmp_path / "q.gguf"), "-q"])
+    assert r.exit_code == 0, r.output
