@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFWriter
 
-from ..runtime.atomic import replacing
+from ..runtime.atomic import gguf_written
 from .errors import ConvertError
 from .layout import text_name
 from .lora import WEIGHTS, load_adapter
@@ -50,7 +49,7 @@ def _typed(data: np.ndarray, outtype: str) -> tuple[np.ndarray, T]:
 
 
 def write_lora_gguf(folder: Path, out: Path, outtype: str = "f32", force: bool = False) -> LoraFile:
-    """Write `folder`'s adapter as a GGUF at `out` (whole, or nothing: runtime/atomic.py)."""
+    """Write `folder`'s adapter as a GGUF at `out` (whole, or nothing: atomic.gguf_written)."""
     if outtype not in OUT_TYPES:
         raise ConvertError(f"--outtype {outtype!r}: choose one of {', '.join(OUT_TYPES)}")
     folder = folder.expanduser()
@@ -84,8 +83,7 @@ def write_lora_gguf(folder: Path, out: Path, outtype: str = "f32", force: bool =
     if not out.parent.is_dir():
         raise ConvertError(f"{out.parent}: output folder does not exist")
     try:
-        with replacing(out) as tmp:
-            writer = GGUFWriter(tmp, "qwen2vl")
+        with gguf_written(out, "qwen2vl") as writer:
             writer.add_type("adapter")
             writer.add_string("adapter.type", "lora")
             writer.add_name(folder.resolve().name)
@@ -94,10 +92,6 @@ def write_lora_gguf(folder: Path, out: Path, outtype: str = "f32", force: bool =
             for name, data in tensors:
                 typed, qtype = _typed(data, outtype)
                 writer.add_tensor(name, typed, raw_dtype=qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
     except OSError as e:
         raise ConvertError(f"writing {out}: {e.strerror or e}") from None
     return LoraFile(out, len(tensors) // 2, left_out)

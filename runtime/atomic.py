@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gguf import GGUFWriter
+
 
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
@@ -19,3 +21,16 @@ def replacing(path: Path) -> Iterator[Path]:
     except BaseException:
         part.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def gguf_written(path: Path, arch: str) -> Iterator[GGUFWriter]:
+    """A GGUFWriter for `path`: what the block adds to it is written (header, metadata, tensors)
+    when it ends, whole or not at all (`replacing`)."""
+    with replacing(path) as part:
+        writer = GGUFWriter(part, arch)
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..convert.imatrix import ImportanceMatrix
-from .atomic import replacing
+from .atomic import gguf_written
 from .model import Model
 
 MIN_ROWS = 16  # llama-imatrix's: smaller products are not counted
@@ -122,11 +122,10 @@ def chunk_count(sums: Sums, chunk_size: int) -> int:
 
 def write(path: Path, sums: Sums, datasets: list[str], chunk_count: int, chunk_size: int) -> None:
     """llama-imatrix's GGUF file of the sums: a temporary name beside `path`, renamed when whole."""
-    from gguf import GGUFWriter, GGUFValueType
+    from gguf import GGUFValueType
 
     try:
-        with replacing(path) as part:
-            w = GGUFWriter(part, "imatrix")
+        with gguf_written(path, "imatrix") as w:
             w.kv_data[0].pop("general.architecture", None)  # llama-imatrix's file has none
             w.add_key_value("general.type", "imatrix", GGUFValueType.STRING)
             w.add_key_value("imatrix.datasets", datasets, GGUFValueType.ARRAY, GGUFValueType.STRING)
@@ -135,9 +134,5 @@ def write(path: Path, sums: Sums, datasets: list[str], chunk_count: int, chunk_s
             for name in sorted(sums.squares):
                 w.add_tensor(f"{name}.in_sum2", sums.squares[name].float().numpy())  # [n_in]: one matrix
                 w.add_tensor(f"{name}.counts", np.array([sums.rows[name]], np.float32))
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-            w.close()
     except OSError as e:
         raise ImatrixError(f"{path}: {e.strerror or e}") from None

@@ -334,19 +334,18 @@ class Store:
         if model is None:
             raise StoreError(f"model {str(entry.name)!r} has no model layer")
         proj = entry.layer("projector")
-        paths = [self.blob_path(model["digest"])] + ([self.blob_path(proj["digest"])] if proj else [])
-        for p in paths:
-            if not p.exists():
-                raise StoreError(f"{p}: blob missing from the store (pull the model again)")
-        return paths[0], (paths[1] if proj else None)
+        return self._stored_blob(model), (self._stored_blob(proj) if proj else None)
 
     def adapters(self, entry: Entry) -> list[Path]:
         """A model's adapter GGUFs, in their layers' order (Ollama's ADAPTER lines)."""
-        paths = [self.blob_path(x["digest"]) for x in entry.manifest["layers"] if x["mediaType"] == LAYER + "adapter"]
-        for p in paths:
-            if not p.exists():
-                raise StoreError(f"{p}: blob missing from the store (pull the model again)")
-        return paths
+        return [self._stored_blob(x) for x in entry.manifest["layers"] if x["mediaType"] == LAYER + "adapter"]
+
+    def _stored_blob(self, layer: dict[str, Any]) -> Path:
+        """A layer's blob, a StoreError where the store lacks it."""
+        path = self.blob_path(layer["digest"])
+        if not path.exists():
+            raise StoreError(f"{path}: blob missing from the store (pull the model again)")
+        return path
 
     def copy(self, src: str, dst: str) -> Entry:
         entry = self.get(src)
