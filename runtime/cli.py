@@ -411,8 +411,9 @@ def stop_cmd(name: str = typer.Argument(..., help="A loaded model's name (see qv
 @app.command("serve", help="Answer Ollama's HTTP API (/api/generate, /api/chat, /api/embed, /api/tags, /api/show, "
                            "/api/ps, /api/pull, /api/push, /api/create, /api/blobs, /api/copy, /api/delete) and "
                            "OpenAI's (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models), and "
-                           "llama.cpp server's /health, /tokenize, /detokenize, for the stored models, "
-                           "one loaded at a time; a stored model's PARAMETERs and SYSTEM are its defaults.\n\n"
+                           "llama.cpp server's /completion, /health, /tokenize, /detokenize, /slots, /lora-adapters, "
+                           "for the stored models, one loaded at a time; a stored model's PARAMETERs and SYSTEM are its "
+                           "defaults.\n\n"
                            "Example: qvl serve qwen2.5-vl:3b --port 11434, then\n\n"
                            "curl localhost:11434/api/generate -d '{\"model\": \"qwen2.5-vl:3b\", \"prompt\": \"Hi\"}'")
 def serve_cmd(
@@ -438,10 +439,18 @@ def serve_cmd(
                                      "goes on from its own cache instead of reading it all again (0: off)."),
     slot_save_path: Optional[Path] = typer.Option(None, "--slot-save-path", help="Folder for llama.cpp's POST "
                                                   "/slots/0?action=save|restore files (the KV cache kept on disk)."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help="LoRA adapter applied to MODEL at run time: a GGUF "
+                                             "or a PEFT folder (repeatable; or A,B); GET / POST /lora-adapters list "
+                                             "them and set their scales, a request's `lora` its own."),
+    lora_scaled: Optional[List[str]] = typer.Option(None, "--lora-scaled", help="FILE:SCALE: a --lora adapter at "
+                                                    "that scale (repeatable; or A:S,B:T)."),
+    lora_off: bool = typer.Option(False, "--lora-init-without-apply", help="Load --lora's adapters at scale 0 (off "
+                                  "until POST /lora-adapters or a request's `lora` sets one), as llama-server's."),
 ) -> None:
     import torch
 
     from .http_serve import serve
+    from .lora import LoraError, lora_sources
     from .origins import parse_origins
     from .server import RequestError, ServeConfig, Service, keep_alive_seconds
 
@@ -461,6 +470,12 @@ def serve_cmd(
         fail(f"--cache-pool {cache_pool}: 0 (off) or more GB")
     if slot_save_path is not None and not slot_save_path.is_dir():
         fail(f"--slot-save-path {slot_save_path}: not a folder")
+    try:
+        adapters = tuple((path, 0.0 if lora_off else s) for path, s in lora_sources(lora or [], lora_scaled or []))
+    except LoraError as e:
+        fail(str(e))
+    if adapters and model is None:
+        fail("--lora / --lora-scaled: adapters of the MODEL given to qvl serve; name one")
     gpu_flags = [f for f, on in (("--gpu-layers", gpu_layers is not None), ("--max-vram", max_vram is not None)) if on]
     if cpu and gpu_flags:
         fail(f"--cpu with {', '.join(gpu_flags)}: choose one")
@@ -475,7 +490,7 @@ def serve_cmd(
     device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, None, False)
     allowed = parse_origins(origins if origins is not None else os.environ.get("QVL_ORIGINS"))
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
-                         int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None)
+                         int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters)
     service = Service(config)
     if model is not None:
         try:

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ..convert.errors import ConvertError
-from . import (anthropic_api, blob_upload, embed_api, llamacpp_api, llamacpp_completion, openai_api, responses_api,
-               server, slots_api, store_api)
+from . import (anthropic_api, blob_upload, embed_api, llamacpp_api, llamacpp_completion, lora_api, openai_api,
+               responses_api, server, slots_api, store_api)
 from .origins import PREFLIGHT_HEADERS, host_allowed, is_loopback, origin_allowed
 from .go_template import TemplateError
 from .image import ImageError
@@ -36,7 +36,8 @@ from .store import StoreError
 from .video import VideoError
 
 ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **responses_api.ROUTES, **embed_api.ROUTES,
-          **llamacpp_api.ROUTES, **llamacpp_completion.ROUTES, **anthropic_api.ROUTES, **slots_api.ROUTES}
+          **llamacpp_api.ROUTES, **llamacpp_completion.ROUTES, **anthropic_api.ROUTES, **slots_api.ROUTES,
+          **lora_api.ROUTES}
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
 # header or the server's state, or (a pull, a push, a create that quantizes or converts) wait on a
@@ -139,12 +140,14 @@ def make_handler(service: Service, log: Callable[[str], None],
                 self.send_header("Content-Length", str(length))
             self.end_headers()
 
-        def _body(self) -> dict[str, Any]:
+        def _body(self, path: str, query: dict[str, Any]) -> dict[str, Any]:
             size = int(self.headers.get("Content-Length") or 0)
             try:
                 body = json.loads(self.rfile.read(size) or b"{}")
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise RequestError(400, "request body: not JSON") from None
+            if path == lora_api.PATH:  # llama.cpp's JSON array, the model in the query
+                return {**query, lora_api.LIST_KEY: body}
             if not isinstance(body, dict):
                 raise RequestError(400, "request body: a JSON object")
             return body
@@ -174,7 +177,8 @@ def make_handler(service: Service, log: Callable[[str], None],
                 if route is None:
                     raise RequestError(404, f"{method} {path}: no such endpoint")
                 if method != "GET":
-                    body = {**self._body(), **body, "id_slot": path[len(slots_api.PREFIX):]} if slot else self._body()
+                    body = ({**self._body(path, body), **body, "id_slot": path[len(slots_api.PREFIX):]} if slot
+                            else self._body(path, body))
                 job = Job(route, body)
                 if jobs is None or (method, path) in LIGHT or route is openai_api.model:
                     _run(service, job)

@@ -6,8 +6,9 @@ Continue's and the llama.cpp web UI's older way in), the prompt continued as it 
 temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
 frequency_penalty, seed (-1: a random one), stop, ignore_eos, logit_bias (llama.cpp's [[id or
 text, bias or false], ...] or {"id or text": bias}), n_probs, grammar, json_schema, cache_prompt,
-return_tokens, stream. Unset, a sampler takes the model's stored PARAMETER, else qvl's default
-(greedy), as qvl's other endpoints do (llama.cpp's server samples at 0.8 by default). Samplers
+return_tokens, stream, lora (the request's adapter scales, lora_api.py). Unset, a sampler
+takes the model's stored PARAMETER, else qvl's default (greedy), as qvl's other endpoints do
+(llama.cpp's server samples at 0.8 by default). Samplers
 qvl does not have (mirostat, DRY, XTC, typical-p, dynamic temperature) are refused when asked
 for, not ignored; left at their off values they are fine. Several prompts, token-id prompts and
 n_cmpl > 1 are refused.
@@ -112,7 +113,7 @@ def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str,
 
 
 def complete(service: Service, body: dict[str, Any]) -> Reply:
-    loaded = service.use(body.get("model"))
+    loaded = service.use(body.get("model"), lora=body.get("lora"))
     model = loaded.model
     text, pictures = _prompt(body)
     kwargs = _kwargs(loaded, service, body)

@@ -10,14 +10,22 @@ peft's factor for each module, its alpha_pattern, rank_pattern and use_rslora in
 named as the converter names the text model's tensors. The token embeddings and the vision
 tower take no run-time adapter (llama.cpp's mmproj takes none either): those adapters are merged
 by `qvl-convert --lora` instead, and refused here in one line.
+
+An adapter's scale can change while the model is loaded (qvl serve's POST /lora-adapters and a
+request's `lora`, as llama.cpp's server): every factor reads its adapter's `AdapterScale`, on
+the CPU as a number (a term at scale 0 is skipped), on a GPU as a tensor a captured CUDA graph
+reads at each replay.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,28 +41,121 @@ class LoraError(ValueError):
     """An adapter qvl cannot apply to this model; the message names the file and tensor."""
 
 
+class AdapterScale:
+    """One adapter's scale at run time, shared by its factors; on each accelerator also a 0-dim
+    tensor, which `set` fills (a CUDA graph captured with it reads the new value)."""
+
+    def __init__(self, value: float):
+        self.value = float(value)
+        self._tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._tensors:
+            self._tensors[key] = torch.full((), self.value, dtype=dtype, device=device)
+        return self._tensors[key]
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+        for t in self._tensors.values():
+            t.fill_(self.value)
+
+
 @dataclass(frozen=True)
 class LoraFactor:
-    """One adapter's term on one weight: `scale * (x @ a.T) @ b.T`."""
+    """One adapter's term on one weight: `gain * knob.value * (x @ a.T) @ b.T`; `gain` is the
+    adapter's own factor for it (alpha / r, peft's patterns), `knob` the adapter's scale."""
 
     a: torch.Tensor  # (r, cols)
     b: torch.Tensor  # (rows, r)
-    scale: float
+    gain: float
+    knob: AdapterScale = field(default_factory=lambda: AdapterScale(1.0))
+    on_device: bool = False  # moved with its matrix to the accelerator's side: the scale is read there
+
+    @property
+    def scale(self) -> float:
+        return self.gain * self.knob.value
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LoraFactor:
-        return LoraFactor(self.a.to(device, dtype), self.b.to(device, dtype), self.scale)
+        self.knob.tensor(device, dtype)  # made now: not inside a CUDA graph's capture
+        return LoraFactor(self.a.to(device, dtype), self.b.to(device, dtype), self.gain, self.knob, True)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y (..., rows) float32, a product made for this call (contiguous, not used elsewhere),
-        with this term for x (..., cols) added in place: one addmm where the factors are float32."""
+        with this term for x (..., cols) added in place: one addmm where the factors are float32.
+        On the CPU a term at scale 0 adds nothing; on the accelerator's side the scale is read on
+        the device (a graph replays whatever the scale is then)."""
+        if not self.on_device and self.scale == 0:
+            return y
         t = x.reshape(-1, self.a.shape[1]).to(self.a.dtype) @ self.a.T
+        alpha = self.scale
+        if self.on_device:
+            t.mul_(self.knob.tensor(self.a.device, self.a.dtype))
+            alpha = self.gain
         y = y if y.is_contiguous() else y.contiguous()
         out = y.view(-1, y.shape[-1])
         if self.b.dtype == out.dtype:
-            out.addmm_(t, self.b.T, alpha=self.scale)
+            out.addmm_(t, self.b.T, alpha=alpha)
         else:
-            out += self.scale * (t @ self.b.T).float()
+            out += alpha * (t @ self.b.T).float()
         return y
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A loaded adapter, as qvl serve's GET /lora-adapters lists it."""
+
+    path: str
+    scale: AdapterScale
+    task_name: str = ""  # adapter.lora.task_name / prompt_prefix of an adapter GGUF, else empty
+    prompt_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """A model's run-time adapters, in the order given, and their factors by tensor name."""
+
+    adapters: tuple[Adapter, ...] = ()
+    factors: dict[str, list[LoraFactor]] = field(default_factory=dict)
+
+    def scales(self) -> list[float]:
+        return [a.scale.value for a in self.adapters]
+
+    def set_scales(self, scales: Sequence[float]) -> None:
+        for adapter, value in zip(self.adapters, scales, strict=True):
+            if adapter.scale.value != value:
+                adapter.scale.set(value)
+
+    def asked(self, entries: Any, where: str = "lora") -> list[float]:
+        """llama.cpp server's [{"id": 0, "scale": 0.5}, ...]: those adapters' scales, 0 for each it
+        leaves out (its construct_lora_list); an id the model has no adapter for is refused."""
+        if not isinstance(entries, list):
+            raise LoraError(f'{where}: a list of {{"id": N, "scale": S}} objects')
+        scales = [0.0] * len(self.adapters)
+        for i, entry in enumerate(entries):
+            got = entry.get("id") if isinstance(entry, dict) else None
+            if not isinstance(got, int) or isinstance(got, bool) or not 0 <= got < len(scales):
+                have = f"ids 0 to {len(scales) - 1}" if scales else "none"
+                raise LoraError(f"{where}[{i}]: an object with an adapter's id (the model's adapters: {have}; "
+                                "GET /lora-adapters lists them)")
+            value = entry.get("scale", 0.0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise LoraError(f"{where}[{i}].scale: a number")
+            scales[got] = float(value)
+        return scales
+
+    @property
+    def salt(self) -> int:
+        """0 where no adapter adds a term, else a number from the adapters' paths and scales: a
+        prompt's cache identities carry it (prompt_cache.py), so that keys and values computed
+        under other adapters or scales are not reused."""
+        on = [(a.path, a.scale.value) for a in self.adapters if a.scale.value != 0]
+        if not on:
+            return 0
+        digest = hashlib.blake2b(digest_size=8)
+        for path, value in on:
+            digest.update(path.encode() + b"\0" + struct.pack("<d", value))
+        return 1 + int.from_bytes(digest.digest(), "little") % ((1 << 20) - 1)
 
 
 def _float(f: GGUFFile, info: TensorInfo) -> np.ndarray:
@@ -62,7 +163,11 @@ def _float(f: GGUFFile, info: TensorInfo) -> np.ndarray:
     return dequantize(np.ascontiguousarray(raw), info.type).reshape(info.shape).astype(np.float32)
 
 
-def _from_gguf(path: Path, scale: float) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+Found = dict[str, tuple[np.ndarray, np.ndarray, float]]  # tensor name -> (A, B, the adapter's own factor)
+
+
+def _from_gguf(path: Path) -> tuple[Found, str, str]:
+    """The pairs, and the file's task name and prompt prefix."""
     with GGUFFile(path) as f:
         if f.get("general.type") != "adapter" or f.get("adapter.type") != "lora":
             raise LoraError(f"{path}: not a LoRA adapter GGUF (general.type {f.get('general.type')!r}, "
@@ -80,17 +185,17 @@ def _from_gguf(path: Path, scale: float) -> dict[str, tuple[np.ndarray, np.ndarr
                 raise LoraError(f"{path}: '{base}' has only {next(iter(ab))}")
             a, b = _float(f, ab["lora_a"]), _float(f, ab["lora_b"])
             rank = a.shape[0]
-            out[base] = (a, b, scale * alpha / rank if alpha else scale)
-    return out
+            out[base] = (a, b, alpha / rank if alpha else 1.0)
+        return out, str(f.get("adapter.lora.task_name", "")), str(f.get("adapter.lora.prompt_prefix", ""))
 
 
-def _from_peft(folder: Path, scale: float) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+def _from_peft(folder: Path) -> Found:
     from ..convert.errors import ConvertError
     from ..convert.layout import text_name
     from ..convert.lora import WEIGHTS, load_adapter
 
     try:
-        adapter, file = load_adapter(folder, scale)
+        adapter, file = load_adapter(folder, 1.0)
     except ConvertError as e:
         raise LoraError(str(e)) from None
     try:
@@ -133,14 +238,21 @@ def load_loras(adapters: Sequence[LoraSource],
                tensors: dict[str, TensorInfo]) -> dict[str, list[LoraFactor]]:
     """Adapters (a GGUF file or a PEFT folder, and the scale of each) -> their factors by the
     model's tensor name, checked against the model's `tensors` (names and shapes)."""
+    return load_adapters(adapters, tensors).factors
+
+
+def load_adapters(adapters: Sequence[LoraSource], tensors: dict[str, TensorInfo]) -> Adapters:
+    """`load_loras`, with the adapters themselves (their paths and scales, which may change)."""
     out: dict[str, list[LoraFactor]] = {}
+    loaded = []
     for source, scale in adapters:
         path = Path(source).expanduser()
+        task = prefix = ""
         if path.is_dir():
-            found = _from_peft(path, scale)
+            found = _from_peft(path)
         elif path.is_file():
             try:
-                found = _from_gguf(path, scale)
+                found, task, prefix = _from_gguf(path)
             except GGUFError as e:
                 raise LoraError(str(e)) from None
         else:
@@ -155,5 +267,8 @@ def load_loras(adapters: Sequence[LoraSource],
             if a.ndim != 2 or b.ndim != 2 or a.shape[1] != cols or b.shape[0] != rows or a.shape[0] != b.shape[1]:
                 raise LoraError(f"{path}: '{name}' is {rows} x {cols}; the adapter's A is {list(a.shape)} and B "
                                 f"{list(b.shape)}")
-            out.setdefault(name, []).append(LoraFactor(torch.from_numpy(a), torch.from_numpy(b), s))
-    return out
+        knob = AdapterScale(scale)
+        for name, (a, b, s) in found.items():
+            out.setdefault(name, []).append(LoraFactor(torch.from_numpy(a), torch.from_numpy(b), s, knob))
+        loaded.append(Adapter(str(source), knob, task, prefix))
+    return Adapters(tuple(loaded), out)

@@ -30,7 +30,7 @@ from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, preprocess, s
 from .json_format import JsonConstraint, TokenTable, format_grammar, token_table
 from .json_grammar import Grammar
 from .kernel_failure import one_line, one_line_items
-from .lora import LoraSource, load_loras
+from .lora import LoraSource, load_adapters
 from .logprobs import MAX_TOP, TokenLogprob, token_logprob
 from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, dequant_slab_bytes, footprint,
                         indexed, make_plan)
@@ -82,7 +82,8 @@ class Model:
         self.chat_template: str | None = text_file.get("tokenizer.chat_template")
         self.plan: Plan | None = None
         self.fit_note: str | None = None  # what placement.fit_free changed, for the CLI to print
-        loras = load_loras(lora, text_file.tensors)
+        self.adapters = load_adapters(lora, text_file.tensors)  # their scales may change (lora.py)
+        loras = self.adapters.factors
         if placement.accel is not None:
             fp = footprint(self.cfg, text_file.tensors, vision_file.tensors if vision_file else None,
                            placement.kernels, placement.kv_type or "bf16",
@@ -245,8 +246,7 @@ class Model:
         return out
 
     def _embed(self, ids: list[int], media: list[MediaSpan], start: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Embeddings of prompt tokens `start`.. (never inside a picture), the vision tower run on
-        the pictures among them: (embeddings, timings)."""
+        """Embeddings of prompt tokens `start`.. (never inside a picture), the vision tower run on its pictures."""
         timings: dict[str, float] = {}
         ids_t = torch.tensor(ids[start:], dtype=torch.long)
         embeds = self.decoder.embed_tokens(ids_t)
@@ -512,7 +512,7 @@ class Model:
         if n_prompt >= capacity:
             raise ModelError(f"prompt of {n_prompt} tokens does not fit a context of {capacity}")
         limit = min(capacity, n_prompt + max_new_tokens)
-        keys = self._prompt_keys.keys(ids, media)
+        keys = self._prompt_keys.keys(ids, media, self.adapters.salt)
         reuse = self._prompt_keys.reusable(keys, media) if cache_prompt else 0
         if cache_prompt and self.cache_pool is not None:  # other conversations' caches (cache_pool.py)
             reuse = self.cache_pool.before(self, self._prompt_keys, keys, media, reuse)

@@ -3,7 +3,8 @@
 prompt continued as it is, no chat template; logprobs and echo, so that a prompt can be scored),
 on server.Service's loaded model. `n` choices are made one after another, each with the seed one
 more than the one before. Streams are server-sent events, each chunk with the logprobs of the
-tokens scored since the one before; choices stream one after another, each chunk with its index."""
+tokens scored since the one before; choices stream one after another, each chunk with its index.
+As llama.cpp's server, both completions take `lora`: the request's run-time adapter scales (lora_api.py)."""
 
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def conversation(service: Service, loaded: Loaded, body: dict[str, Any]) -> list
 
 
 def chat(service: Service, body: dict[str, Any]) -> Reply:
-    loaded = service.use(body.get("model"))
+    loaded = service.use(body.get("model"), lora=body.get("lora"))
     messages = conversation(service, loaded, body)
     each = _choices(body, _options(loaded, service, body, None), loaded.model.defaults)
     top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
@@ -162,7 +163,7 @@ COMPLETION_TOKENS = 16  # OpenAI's max_tokens default for /v1/completions
 
 def complete(service: Service, body: dict[str, Any]) -> Reply:
     """The legacy completions: the prompt continued as it is (no chat template, no system prompt)."""
-    loaded = service.use(body.get("model"))
+    loaded = service.use(body.get("model"), lora=body.get("lora"))
     prompt = body.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]

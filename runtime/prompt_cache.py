@@ -53,10 +53,13 @@ class PromptKeys:
             self._media[key] = len(self._media)
         return self._media[key]
 
-    def keys(self, ids: list[int], media: list[MediaSpan]) -> list[int]:
+    def keys(self, ids: list[int], media: list[MediaSpan], salt: int = 0) -> list[int]:
         """Token ids (>= 0) with each picture's pads replaced by its own negative identities:
-        -(1 + 2**20 * picture + offset) for the pad at `offset` in the picture."""
-        out = list(ids)
+        -(1 + 2**20 * picture + offset) for the pad at `offset` in the picture. A `salt` (run-time
+        LoRA adapters' Adapters.salt: what else the keys and values depend on) is added to the text
+        tokens' as salt * 2**32: a cache made under other adapters or scales is not reused, as
+        llama.cpp's server clears its cache when a request's adapters differ."""
+        out = [i + (salt << 32) for i in ids] if salt else list(ids)
         for span in media:
             base = 1 + (1 << 20) * self._media_key(span)
             out[span.start:span.start + span.length] = [-(base + i) for i in range(span.length)]

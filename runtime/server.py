@@ -65,6 +65,7 @@ from .json_format import format_grammar
 from .cache_pool import CachePool
 from .loader import load, open_ended
 from .logprobs import MAX_TOP, entries, new_scores, speller
+from .lora import LoraError, LoraSource
 from .model import PLAN_CTX, Model, ModelError
 from .modelfile import (ModelfileError, check_params, modelfile_of, parameter_lines, stored_chat_template,
                         stored_defaults)
@@ -96,6 +97,7 @@ class ServeConfig:
     origins: tuple[str, ...] = ()  # web origins allowed besides the local ones (origins.py; --origins)
     cache_pool_bytes: int = 0  # host memory for other conversations' KV caches (cache_pool.py; --cache-pool)
     slot_save_path: str | None = None  # where POST /slots/0?action=save|restore keeps its files (slots_api.py)
+    lora: tuple[LoraSource, ...] = ()  # run-time adapters of default_model (--lora, --lora-scaled; lora_api.py)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -303,12 +305,27 @@ class Service:
         self._ids = itertools.count(1)
         self._keep_s = config.keep_alive_s  # the last request's keep_alive
         self.expires: float | None = None  # time.time() at which the idle model is unloaded; None while in use
+        self.lora_scales: dict[str, list[float]] = {}  # each model's adapter scales, as POST /lora-adapters set them
 
     # -- models -------------------------------------------------------------------------------
 
-    def use(self, name: Any, keep_alive: Any = None) -> Loaded:
+    def use(self, name: Any, keep_alive: Any = None, lora: Any = None) -> Loaded:
         """The model a request names (loading it, in place of the one loaded before), kept
-        `keep_alive` (the server's default when None) after the request is done (`settle`)."""
+        `keep_alive` (the server's default when None) after the request is done (`settle`), its
+        run-time adapters at the request's `lora` scales (llama.cpp's [{"id", "scale"}]: those
+        left out at 0) or, without, at the model's own (lora_api.py)."""
+        loaded = self._use(name, keep_alive)
+        adapters = loaded.model.adapters
+        scales = self.lora_scales.get(loaded.key)
+        if scales is None or len(scales) != len(adapters.adapters):
+            scales = self.lora_scales[loaded.key] = adapters.scales()
+        try:
+            adapters.set_scales(scales if lora is None or lora == [] else adapters.asked(lora))
+        except LoraError as e:
+            raise RequestError(400, str(e)) from None
+        return loaded
+
+    def _use(self, name: Any, keep_alive: Any) -> Loaded:
         self._keep_s = self.config.keep_alive_s if keep_alive is None else keep_alive_seconds(keep_alive)
         self.expires = None
         name = name if name else self.config.default_model
@@ -342,7 +359,7 @@ class Service:
         try:
             model = self.loader(path, mmproj=projector, device=self.config.device, placement=self.config.placement,
                                 max_vram=self.config.max_vram, plan_ctx=self.config.ctx_size or PLAN_CTX,
-                                lora=[(a, 1.0) for a in adapters])
+                                lora=[(a, 1.0) for a in adapters] + list(self._default_lora(key)))
         except (GGUFError, ModelError, StoreError, KeyError, ValueError) as e:
             raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
         if self.config.cache_pool_bytes > 0:  # conversations taking turns keep their caches (cache_pool.py)
@@ -468,6 +485,13 @@ class Service:
             self._free()
         return Reply({"model": name or "", "created_at": _now(), "response": "", "done": True,
                       "done_reason": "unload"})
+
+    def _default_lora(self, key: str) -> tuple[LoraSource, ...]:
+        """qvl serve's --lora adapters where `key` is its MODEL's."""
+        default = self.config.default_model
+        if not self.config.lora or default is None:
+            return ()
+        return self.config.lora if key in (default, self._stored_key(default)) else ()
 
     def _stored_key(self, name: str) -> str | None:
         try:

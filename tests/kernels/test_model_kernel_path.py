@@ -138,6 +138,13 @@ def test_lora_through_the_kernels(models, tmp_path):
         tokens, logits = _run(models["untied"], PLACEMENTS[name], lora=lora)
         assert tokens == ref_tokens
         assert _rel(logits, ref_logits) <= 1e-4
+    # a scale changed after the load (qvl serve's POST /lora-adapters) is read on the device
+    model = load(models["untied"], device=ACCEL, dtype=torch.float32, placement=PLACEMENTS["all"], lora=lora)
+    model.adapters.set_scales([0.5])
+    half = load(models["untied"], device="cpu", dtype=torch.float32, lora=[(tmp_path / "adapter", 0.5)])
+    want = half.prompt_logits(PROMPT, [IMAGE])
+    assert _rel(want, ref_logits) > 0.01
+    assert _rel(model.prompt_logits(PROMPT, [IMAGE]), want) <= 1e-4
 
 
 def test_texts_side_by_side_through_the_kernels(q8_model):

@@ -10,6 +10,8 @@ import json
 import pytest
 from serving import png
 
+from qvl.runtime.lora import Adapters
+
 
 def _chat(running, messages, max_tokens, **extra):
     got = running.json("/v1/chat/completions", {"model": "tiny:1", "messages": messages, "max_tokens": max_tokens,
@@ -148,6 +150,7 @@ class Failing:
     """A model that says "a", then fails."""
 
     last_generation = None
+    adapters = Adapters()  # no run-time LoRA adapters
     defaults: dict = {}
 
     def chat(self, messages, stream, **kwargs):

@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qvl.runtime.cli import app
+from qvl.runtime.lora import Adapters
 from qvl.runtime.model import ModelError
 from qvl.runtime.server import RequestError, ServeConfig, Service, keep_alive_seconds
 from qvl.runtime.store import Store
@@ -125,6 +126,7 @@ class Stand:
     """A model that says "a", then fails: a stream's error is its last event."""
 
     last_generation = None
+    adapters = Adapters()  # no run-time LoRA adapters
 
     def generate(self, prompt, images, stream, **kwargs):
         def pieces():
@@ -285,6 +287,7 @@ class Gate:
     each generation runs in."""
 
     last_generation = None
+    adapters = Adapters()
     defaults: dict = {}
     chat_template = None
 
