@@ -13,8 +13,9 @@ by `qvl-convert --lora` instead, and refused here in one line.
 
 An adapter's scale can change while the model is loaded (qvl serve's POST /lora-adapters and a
 request's `lora`, as llama.cpp's server): every factor reads its adapter's `AdapterScale`, on
-the CPU as a number (a term at scale 0 is skipped), on a GPU as a tensor a captured CUDA graph
-reads at each replay.
+the CPU as a number (a term at scale 0 is skipped), on a GPU through its A, kept there
+multiplied by the scale and written again in place when it changes (a captured CUDA graph reads
+the new values; no extra launch a product).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,56 +44,60 @@ class LoraError(ValueError):
 
 
 class AdapterScale:
-    """One adapter's scale at run time, shared by its factors; on each accelerator also a 0-dim
-    tensor, which `set` fills (a CUDA graph captured with it reads the new value)."""
+    """One adapter's scale at run time, shared by its factors. On the accelerator's side each
+    factor's A is kept multiplied by it (`scaled`), so a product there costs no more than at a
+    fixed scale; `set` writes those copies again in place (from the host's A), where a captured
+    CUDA graph reads them at its next replay."""
 
     def __init__(self, value: float):
         self.value = float(value)
-        self._tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._scaled: list[tuple[torch.Tensor, weakref.ref]] = []  # (A on the host, its scaled copy)
 
-    def tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
-        if key not in self._tensors:
-            self._tensors[key] = torch.full((), self.value, dtype=dtype, device=device)
-        return self._tensors[key]
+    def scaled(self, a: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`a` (on the host) on `device` in `dtype`, times the scale: a copy `set` rewrites."""
+        out = a.to(device, dtype) * self.value
+        self._scaled = [(h, r) for h, r in self._scaled if r() is not None]  # layer copies that are gone
+        self._scaled.append((a, weakref.ref(out)))
+        return out
 
     def set(self, value: float) -> None:
         self.value = float(value)
-        for t in self._tensors.values():
-            t.fill_(self.value)
+        for a, ref in self._scaled:
+            out = ref()
+            if out is not None:
+                out.copy_(a.to(out.device, out.dtype) * self.value)
 
 
 @dataclass(frozen=True)
 class LoraFactor:
     """One adapter's term on one weight: `gain * knob.value * (x @ a.T) @ b.T`; `gain` is the
-    adapter's own factor for it (alpha / r, peft's patterns), `knob` the adapter's scale."""
+    adapter's own factor for it (alpha / r, peft's patterns), `knob` the adapter's scale. On the
+    accelerator's side (`to`), `a` is the knob's scaled copy and the term `gain * (x @ a.T) @ b.T`."""
 
     a: torch.Tensor  # (r, cols)
     b: torch.Tensor  # (rows, r)
     gain: float
     knob: AdapterScale = field(default_factory=lambda: AdapterScale(1.0))
-    on_device: bool = False  # moved with its matrix to the accelerator's side: the scale is read there
+    on_device: bool = False  # moved with its matrix to the accelerator's side: `a` carries the scale
 
     @property
     def scale(self) -> float:
         return self.gain * self.knob.value
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LoraFactor:
-        self.knob.tensor(device, dtype)  # made now: not inside a CUDA graph's capture
-        return LoraFactor(self.a.to(device, dtype), self.b.to(device, dtype), self.gain, self.knob, True)
+        if self.on_device:
+            raise ValueError("LoraFactor.to: already moved (its A carries the scale); move the host's factor")
+        return LoraFactor(self.knob.scaled(self.a, device, dtype), self.b.to(device, dtype), self.gain, self.knob,
+                          True)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y (..., rows) float32, a product made for this call (contiguous, not used elsewhere),
         with this term for x (..., cols) added in place: one addmm where the factors are float32.
-        On the CPU a term at scale 0 adds nothing; on the accelerator's side the scale is read on
-        the device (a graph replays whatever the scale is then)."""
+        On the CPU a term at scale 0 adds nothing."""
         if not self.on_device and self.scale == 0:
             return y
+        alpha = self.gain if self.on_device else self.scale
         t = x.reshape(-1, self.a.shape[1]).to(self.a.dtype) @ self.a.T
-        alpha = self.scale
-        if self.on_device:
-            t.mul_(self.knob.tensor(self.a.device, self.a.dtype))
-            alpha = self.gain
         y = y if y.is_contiguous() else y.contiguous()
         out = y.view(-1, y.shape[-1])
         if self.b.dtype == out.dtype:

@@ -31,7 +31,8 @@
 #                                           # (copies a layer ahead, or in turn) or not, the copies'
 #                                           # stream ordering (test_copy_ahead), the offloaded layers' KV
 #                                           # mirrors converted on CUDA (test_offload_kv), and prefill through dequantize + cuBLAS
-#                                           # (QVL_DEQUANT_GEMM=1; profile_prefill.py)
+#                                           # (QVL_DEQUANT_GEMM=1; profile_prefill.py), a run-time LoRA
+#                                           # adapter's decode cost (bench_lora.py)
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -182,6 +183,10 @@ followup)
     timeout 150 python3 scripts/profile_prefill.py /tmp/q7b-q4_k_m.gguf --device cuda --tokens 1396 \
         --gpu-layers 14 --no-prefill-offload --runs 1 > "$out/prefill-half-cpu.json" 2>&1
     head -c 1200 "$out/prefill-half-cpu.json"
+    # a run-time LoRA adapter (rank 16, every text matrix) against none: decode tok/s in turns
+    timeout 120 python3 scripts/bench_lora.py /tmp/q7b-q4_k_m.gguf --rank 16 --tokens 64 --rounds 2 \
+        > "$out/bench-lora.json" 2>&1
+    tail -c 800 "$out/bench-lora.json"
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time

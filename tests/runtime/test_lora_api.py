@@ -106,8 +106,9 @@ def test_a_cache_made_at_other_scales_is_not_reused(files, adapters):
 @pytest.mark.parametrize("side", ["cpu", "device"])
 def test_a_matrix_reads_the_scale_at_each_product(files, adapters, side):
     """A matrix's product follows its adapter's scale as it changes, on the CPU (the number; 0
-    skips the term) and on the accelerator's side (a 0-dim tensor on the device, filled by
-    set_scales, as a captured CUDA graph reads it; here a dense copy on the CPU takes that path).
+    skips the term) and on the accelerator's side (A kept there times the scale, written again in
+    place by set_scales, where a captured CUDA graph reads it: the same storage throughout; here a
+    dense copy on the CPU takes that path).
     The F16 weight's device copy and its factors are bf16 there: the term within 1e-2 of its
     largest value (x, A, the rank-r product and B each rounded to 8 bits, 2**-8 = 0.4 % each);
     float32 on the CPU: 1e-5. Scale 0 adds nothing on either side."""
@@ -124,10 +125,12 @@ def test_a_matrix_reads_the_scale_at_each_product(files, adapters, side):
         term = fa.gain * (x @ fa.a.T) @ fa.b.T
         base = plain.matmul(x)
         tol = (1e-2 if side == "device" else 1e-5) * term.abs().max().item()
+        storage = adapted.loras[0].a.data_ptr()
         for scale in (1.0, -0.5, 0.0, 2.0):
             model.set_scales([scale])
             got = adapted.matmul(x)
             torch.testing.assert_close(got - base, scale * term, rtol=0, atol=abs(scale) * tol)
+        assert adapted.loras[0].a.data_ptr() == storage
 
 
 @pytest.fixture(scope="module")
