@@ -15,7 +15,7 @@ F32 = np.float32
 
 # Bias of ggml's `nearest_int`: 1.5 * 2**23. Adding it pushes the rounded integer into the low
 # mantissa bits of a float32.
-_MAGIC = F32(12582912.0)
+MAGIC = F32(12582912.0)
 
 # ggml-quants.c: GROUP_MAX_EPS
 GROUP_MAX_EPS = F32(1e-15)
@@ -27,7 +27,7 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     Bit-exact with the C code for every input, including values beyond 2**22 where the C
     function returns garbage (its assert is compiled out in release builds).
     """
-    biased = (np.asarray(v, dtype=F32) + _MAGIC).astype(F32)
+    biased = (np.asarray(v, dtype=F32) + MAGIC).astype(F32)
     bits = biased.view(np.int32)
     return (bits & 0x007FFFFF) - 0x00400000
 
