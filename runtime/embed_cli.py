@@ -21,6 +21,9 @@ def embed_command(
     no_normalize: bool = typer.Option(False, "--no-normalize", help="The hidden states as they are."),
     dimensions: Optional[int] = typer.Option(None, "--dimensions", help="Keep the first N values (normalized again)."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even where a GPU is."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help="LoRA adapter applied at run time (GGUF or PEFT "
+                                             "folder; repeatable, or A,B), as llama-embedding's --lora."),
+    lora_scaled: Optional[List[str]] = typer.Option(None, "--lora-scaled", help="FILE:SCALE: --lora at that scale."),
 ) -> None:
     from ..convert.errors import ConvertError
     from .cli import _store_fail as _fail  # qvl's one line and exit 2
@@ -28,6 +31,7 @@ def embed_command(
     from .embed_api import embedding, embeddings_of
     from .gguf_file import GGUFError
     from .loader import load
+    from .lora import LoraError, lora_sources
     from .model import ModelError
     from .store import StoreError
     from .tokenizer import TokenizerError
@@ -38,12 +42,12 @@ def embed_command(
     if any(not t for t in items):
         _fail("an empty text has no embedding")
     try:
-        loaded = load(model, device="cpu" if cpu else "auto")
+        loaded = load(model, device="cpu" if cpu else "auto", lora=lora_sources(lora or [], lora_scaled or []))
         width = loaded.cfg.n_embd
         if dimensions is not None and not 1 <= dimensions <= width:
             _fail(f"--dimensions {dimensions}: 1 to the model's {width}")
         ids = [loaded.tokenize(t, [])[0] for t in items]
         vectors = [embedding(last, not no_normalize, dimensions) for last in embeddings_of(loaded, ids)]
-    except (GGUFError, ConfigError, TokenizerError, ModelError, StoreError, ConvertError, KeyError) as e:
+    except (GGUFError, ConfigError, TokenizerError, ModelError, StoreError, ConvertError, LoraError, KeyError) as e:
         _fail(str(e).strip("'\""))
     typer.echo(json.dumps({"model": model, "embeddings": vectors, "prompt_eval_count": sum(map(len, ids))}))

@@ -181,6 +181,25 @@ def test_a_requests_lora_is_its_own(served):
     assert _chat(served, [{"id": 0, "scale": 1.0}, {"id": 1, "scale": 0.5}]) != _chat(served, [{"id": 1, "scale": 0}])
 
 
+def test_qvl_embed_lora_is_the_servers(served, files, adapters):
+    """`qvl embed --lora` (llama-embedding's flags) gives the vectors /api/embed gives with the
+    same adapters at the same scales; without them, other vectors."""
+    a, b = adapters
+    served.json("/lora-adapters", [{"id": 0, "scale": 1.0}, {"id": 1, "scale": 0.5}])
+    texts = ["a red fox", "a story"]
+    want = served.json("/api/embed", {"input": texts})["embeddings"]
+
+    def embed(*flags: str) -> list:
+        r = runner.invoke(qvl_app, ["embed", str(files / MODEL), *texts, "--cpu", *flags])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["embeddings"]
+
+    assert np.allclose(embed("--lora", str(a), "--lora-scaled", f"{b}:0.5"), want, atol=1e-6)
+    assert not np.allclose(embed(), want, atol=1e-2)
+    r = runner.invoke(qvl_app, ["embed", str(files / MODEL), "x", "--cpu", "--lora-scaled", "x.gguf"])
+    assert r.exit_code == 2 and "--lora-scaled 'x.gguf': FILE:SCALE" in r.output and "Traceback" not in r.output
+
+
 @pytest.mark.parametrize("path,body,expect", [
     ("/lora-adapters", {"id": 0, "scale": 1}, "request body: a list of"),
     ("/lora-adapters", [{"id": 2, "scale": 1}], "request body[0]: an object with an adapter's id (the model's "
