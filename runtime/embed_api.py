@@ -5,7 +5,8 @@ embedding models use), L2-normalized as Ollama's /api/embed and OpenAI's are (th
 /api/embeddings gives it as it is). The text is read as it is, no chat template; one longer than
 the context is cut to its first num_ctx tokens (Ollama's `truncate`, true by default; false:
 a 400). `dimensions` keeps the first N values, normalized again. A request's texts are read side
-by side, up to PACK_TOKENS tokens a pass, each attending only to itself (last_hidden)."""
+by side, up to PACK_TOKENS tokens a pass, each attending only to itself (last_hidden). Also
+llama.cpp server's own /embedding and /embeddings (its reply's shape, its embd_normalize)."""
 
 from __future__ import annotations
 
@@ -181,8 +182,44 @@ def openai_embeddings(service: Service, body: dict[str, Any]) -> Reply:
                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
+def normalized(v: list[float], kind: Any) -> list[float]:
+    """llama.cpp's common_embd_normalize: -1 as it is, 0 scaled to int16's range (largest
+    |value| 32760), 2 Euclidean, any other p the p-norm (1: taxicab); sums in double."""
+    if isinstance(kind, bool) or not isinstance(kind, int) or kind < -1:
+        raise RequestError(400, f"embd_normalize {kind!r}: -1 (none), 0 (int16 range), 1, 2 (Euclidean) or p > 2")
+    x = np.asarray(v, dtype=np.float64)
+    if kind == -1:
+        total = 1.0
+    elif kind == 0:
+        total = float(np.abs(x).max(initial=0.0)) / 32760.0
+    elif kind == 2:
+        total = float(np.sqrt(np.sum(x * x)))
+    else:
+        total = float(np.sum(np.abs(x) ** kind) ** (1.0 / kind))
+    scale = np.float32(1.0 / total if total > 0 else 0.0)
+    return [float(f) for f in np.asarray(v, dtype=np.float32) * scale]
+
+
+def llamacpp_embeddings(service: Service, body: dict[str, Any]) -> Reply:
+    """llama.cpp server's own POST /embedding and /embeddings: {"content" (or "input"): a text,
+    texts or token ids, "embd_normalize": 2} -> [{"index": i, "embedding": [[...]]}] (one
+    vector a text: last-token pooling), each normalized as embd_normalize says."""
+    key = "input" if "input" in body else "content"
+    if key not in body:
+        raise RequestError(400, '"input" or "content" must be provided')
+    texts = _inputs(body.get(key), key)
+    if not texts:
+        raise RequestError(400, f"{key}: a text or a list of texts")
+    kind = body.get("embd_normalize", 2)
+    normalized([], kind)  # checked before the model reads
+    _, vectors, _ = _embed_all(service, body, texts, False, key)
+    return Reply([{"index": i, "embedding": [normalized(v, kind)]} for i, v in enumerate(vectors)])
+
+
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("POST", "/api/embed"): embed,
     ("POST", "/api/embeddings"): embeddings,
     ("POST", "/v1/embeddings"): openai_embeddings,
+    ("POST", "/embedding"): llamacpp_embeddings,
+    ("POST", "/embeddings"): llamacpp_embeddings,
 }

@@ -42,9 +42,9 @@ CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, read
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
 # header or the server's state, or (a pull, a push, a create that quantizes or converts) wait on a
 # thread of their own
-LIGHT = frozenset({("GET", "/"), ("GET", "/health"), ("GET", "/api/version"), ("GET", "/api/tags"), ("GET", "/api/ps"),
-                   ("GET", "/v1/models"), ("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push"),
-                   ("POST", "/api/create")})
+LIGHT = frozenset({("GET", "/"), ("GET", "/health"), ("GET", "/v1/health"), ("GET", "/api/version"),
+                   ("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/v1/models"), ("GET", "/models"),
+                   ("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push"), ("POST", "/api/create")})
 MAX_WAITING = 64  # requests queued for the serving thread beyond this are answered 503, as Ollama's queue
 
 

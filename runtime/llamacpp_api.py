@@ -77,6 +77,7 @@ def apply_template(service: Service, body: dict[str, Any]) -> Reply:
 
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("GET", "/health"): lambda s, b: Reply({"status": "ok"}),
+    ("GET", "/v1/health"): lambda s, b: Reply({"status": "ok"}),
     ("POST", "/tokenize"): tokenize,
     ("POST", "/detokenize"): detokenize,
     ("POST", "/apply-template"): apply_template,

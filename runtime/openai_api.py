@@ -121,6 +121,14 @@ def _choices(body: dict[str, Any], kwargs: dict[str, Any], defaults: dict[str, A
     return [{**kwargs, "seed": seed + i} if i else kwargs for i in range(n)]
 
 
+def chat_input_tokens(service: Service, body: dict[str, Any]) -> Reply:
+    """llama.cpp server's POST /v1/chat/completions/input_tokens: the prompt tokens a chat
+    completion of the same body would read (pictures' included), nothing run."""
+    loaded = service.use(body.get("model"))
+    count = loaded.model.count_chat_tokens(conversation(service, loaded, body))
+    return Reply({"object": "response.input_tokens", "input_tokens": count})
+
+
 def conversation(service: Service, loaded: Loaded, body: dict[str, Any]) -> list[dict[str, Any]]:
     """A chat request's messages, the stored system message first where they have none (tools refused)."""
     unsupported({"tools": body.get("tools")}, service._name(loaded))
@@ -227,4 +235,9 @@ ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("GET", "/v1/models"): models,
     ("POST", "/v1/chat/completions"): chat,
     ("POST", "/v1/completions"): complete,
+    ("POST", "/v1/chat/completions/input_tokens"): chat_input_tokens,
+    # llama.cpp server's paths without /v1, for clients whose base URL lacks it
+    ("GET", "/models"): models,
+    ("POST", "/chat/completions"): chat,
+    ("POST", "/chat/completions/input_tokens"): chat_input_tokens,
 }

@@ -159,4 +159,6 @@ def _events(head: dict[str, Any], message: Callable[[str, str], dict[str, Any]],
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {
     ("POST", "/v1/responses"): respond,
     ("POST", "/v1/responses/input_tokens"): input_tokens,
+    ("POST", "/responses"): respond,  # llama.cpp server's paths without /v1
+    ("POST", "/responses/input_tokens"): input_tokens,
 }

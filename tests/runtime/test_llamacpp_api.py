@@ -1,5 +1,5 @@
 """llama.cpp server's /health, /tokenize and /detokenize on `qvl serve` (llamacpp_api.py), against
-the model's own tokenizer."""
+the model's own tokenizer; its paths without /v1, and its own /embedding and /embeddings."""
 
 from __future__ import annotations
 
@@ -65,3 +65,44 @@ def test_apply_template_then_completion_answers_as_chat_completions(running, tmp
     status, data = running.request("/apply-template", {"model": "tiny:1", "messages": [
         {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + video}}]}]})
     assert status == 400 and "takes pictures only" in json.loads(data)["error"], data
+
+
+def test_paths_without_v1_are_the_v1_ones(running):
+    """llama.cpp server's paths for clients whose base URL lacks /v1: the same replies."""
+    assert running.json("/v1/health") == {"status": "ok"}
+    assert running.json("/models") == running.json("/v1/models")
+    chat = {"model": "tiny:1", "max_tokens": 5, "messages": [{"role": "user", "content": "Hi there"}]}
+    a, b = running.json("/chat/completions", chat), running.json("/v1/chat/completions", chat)
+    assert a["choices"][0]["message"] == b["choices"][0]["message"]
+    assert a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"]  # the second read from the cache
+    counted = running.json("/chat/completions/input_tokens", chat)
+    assert counted == {"object": "response.input_tokens", "input_tokens": b["usage"]["prompt_tokens"]}
+    assert running.json("/v1/chat/completions/input_tokens", chat) == counted
+    asked = {"model": "tiny:1", "input": "Hi there", "max_output_tokens": 5}
+    answers = [running.json(path, asked)["output"][0]["content"] for path in ("/responses", "/v1/responses")]
+    assert answers[0] == answers[1]
+    assert running.json("/responses/input_tokens", asked) == running.json("/v1/responses/input_tokens", asked)
+
+
+def test_llamacpp_embeddings(running):
+    """/embedding and /embeddings: llama.cpp's [{"index", "embedding": [[...]]}], normalized as
+    embd_normalize says (2: Euclidean, as /v1/embeddings; -1: as it is, as /api/embeddings; 0:
+    the largest |value| 32760; 1 and p > 2: the p-norm 1), within float32 rounding (1e-6)."""
+    import numpy as np
+
+    texts = ["a red fox", "a story"]
+    unit = [d["embedding"] for d in running.json("/v1/embeddings", {"model": "tiny:1", "input": texts})["data"]]
+    got = running.json("/embedding", {"content": texts})
+    assert [g["index"] for g in got] == [0, 1] and all(len(g["embedding"]) == 1 for g in got)
+    assert np.allclose([g["embedding"][0] for g in got], unit, atol=1e-6)
+    raw = running.json("/api/embeddings", {"model": "tiny:1", "prompt": texts[0]})["embedding"]
+    one = running.json("/embeddings", {"input": texts[0], "embd_normalize": -1})
+    assert len(one) == 1 and np.allclose(one[0]["embedding"][0], raw, atol=1e-6)
+    x = np.asarray(raw, dtype=np.float64)
+    for kind, norm in ((0, np.abs(x).max() / 32760), (1, np.abs(x).sum()), (3, (np.abs(x) ** 3).sum() ** (1 / 3))):
+        v = running.json("/embedding", {"content": texts[0], "embd_normalize": kind})[0]["embedding"][0]
+        assert np.allclose(v, x / norm, rtol=1e-5, atol=1e-6 * np.abs(x / norm).max()), kind
+    for body, says in (({}, '"input" or "content" must be provided'), ({"content": []}, "content: a text or"),
+                       ({"content": "x", "embd_normalize": -2}, "embd_normalize -2: -1 (none)")):
+        status, data = running.request("/embedding", body)
+        assert status == 400 and says in json.loads(data)["error"], data
