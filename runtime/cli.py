@@ -411,9 +411,9 @@ def stop_cmd(name: str = typer.Argument(..., help="A loaded model's name (see qv
 @app.command("serve", help="Answer Ollama's HTTP API (/api/generate, /api/chat, /api/embed, /api/tags, /api/show, "
                            "/api/ps, /api/pull, /api/push, /api/create, /api/blobs, /api/copy, /api/delete) and "
                            "OpenAI's (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models), and "
-                           "llama.cpp server's /completion, /health, /tokenize, /detokenize, /slots, /lora-adapters, "
-                           "for the stored models, one loaded at a time; a stored model's PARAMETERs and SYSTEM are its "
-                           "defaults.\n\n"
+                           "llama.cpp server's /completion, /embedding, /health, /tokenize, /detokenize, /slots, "
+                           "/lora-adapters, /metrics, for the stored models, one loaded at a time; a stored model's "
+                           "PARAMETERs and SYSTEM are its defaults.\n\n"
                            "Example: qvl serve qwen2.5-vl:3b --port 11434, then\n\n"
                            "curl localhost:11434/api/generate -d '{\"model\": \"qwen2.5-vl:3b\", \"prompt\": \"Hi\"}'")
 def serve_cmd(
@@ -446,6 +446,8 @@ def serve_cmd(
                                                     "that scale (repeatable; or A:S,B:T)."),
     lora_off: bool = typer.Option(False, "--lora-init-without-apply", help="Load --lora's adapters at scale 0 (off "
                                   "until POST /lora-adapters or a request's `lora` sets one), as llama-server's."),
+    metrics: bool = typer.Option(False, "--metrics", help="Answer GET /metrics: llama-server's Prometheus counters "
+                                 "(tokens read and generated, their seconds, throughput, requests waiting)."),
 ) -> None:
     import torch
 
@@ -490,7 +492,7 @@ def serve_cmd(
     device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, None, False)
     allowed = parse_origins(origins if origins is not None else os.environ.get("QVL_ORIGINS"))
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
-                         int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters)
+                         int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters, metrics)
     service = Service(config)
     if model is not None:
         try:

@@ -1,7 +1,7 @@
 """`qvl serve`'s HTTP side: requests read, routed to server.Service's endpoints and answered,
 with one log line each. Each connection has a thread of its own, which reads the request and
 writes the reply; the endpoints that only read the store or the server's state (`LIGHT`:
-/api/tags, /api/ps, /api/show, /api/version, /v1/models, /v1/models/NAME; and /api/pull, /api/push, /api/create,
+/api/tags, /api/ps, /api/show, /api/version, /v1/models, /v1/models/NAME, /metrics; and /api/pull, /api/push, /api/create,
 /api/blobs/) answer there at once, the others (a model's work) are queued to the thread that calls `serve` and
 run there one at a time, in order (torch's CPU ops run slower from a second thread: server.py). A reply is JSON,
 text, or a stream (JSON lines, or server-sent events); an error before the reply starts is
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ..convert.errors import ConvertError
-from . import (anthropic_api, blob_upload, embed_api, llamacpp_api, llamacpp_completion, lora_api, openai_api,
-               responses_api, server, slots_api, store_api)
+from . import (anthropic_api, blob_upload, embed_api, llamacpp_api, llamacpp_completion, lora_api, metrics_api,
+               openai_api, responses_api, server, slots_api, store_api)
 from .origins import PREFLIGHT_HEADERS, host_allowed, is_loopback, origin_allowed
 from .go_template import TemplateError
 from .image import ImageError
@@ -37,14 +37,15 @@ from .video import VideoError
 
 ROUTES = {**server.ROUTES, **store_api.ROUTES, **openai_api.ROUTES, **responses_api.ROUTES, **embed_api.ROUTES,
           **llamacpp_api.ROUTES, **llamacpp_completion.ROUTES, **anthropic_api.ROUTES, **slots_api.ROUTES,
-          **lora_api.ROUTES}
+          **lora_api.ROUTES, **metrics_api.ROUTES}
 CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, reading a stream) is dropped
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
 # header or the server's state, or (a pull, a push, a create that quantizes or converts) wait on a
 # thread of their own
 LIGHT = frozenset({("GET", "/"), ("GET", "/health"), ("GET", "/v1/health"), ("GET", "/api/version"),
                    ("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/v1/models"), ("GET", "/models"),
-                   ("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push"), ("POST", "/api/create")})
+                   ("GET", "/metrics"), ("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push"),
+                   ("POST", "/api/create")})
 MAX_WAITING = 64  # requests queued for the serving thread beyond this are answered 503, as Ollama's queue
 
 
@@ -282,6 +283,7 @@ def serve(service: Service, host: str, port: int, log: Callable[[str], None],
     listening.start()
     if ready is not None:
         ready(server)
+    service.usage.waiting = jobs.qsize
     try:
         while listening.is_alive():
             try:
@@ -290,7 +292,11 @@ def serve(service: Service, host: str, port: int, log: Callable[[str], None],
                 if (gone := service.expire(time.time())) is not None:
                     log(f"unloaded {gone} (idle for its keep_alive)")
                 continue
-            _run(service, job)
+            service.usage.working = True
+            try:
+                _run(service, job)
+            finally:
+                service.usage.working = False
             service.settle(time.time())
     finally:
         server.shutdown()

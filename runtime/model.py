@@ -38,6 +38,7 @@ from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
 from .sampling import FormatError, SamplingError, SamplingParams, sample, sample_allowed, sampling_params
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
+from .usage import Usage
 from .video import VideoInput, VideoOptions, frame_size, load_video
 from .vision import VisionConfig, VisionTower, vision_config
 from .weights import EXACT, PACKED, STREAMED, Weights
@@ -131,6 +132,7 @@ class Model:
         self._generation = 0  # counts generations: a stale one neither continues nor records its cache
         self.last_generation: Generation | None = None  # a finished stream's Generation (_pieces)
         self.scored: list[TokenLogprob] = []  # with logprobs=: the tokens' so far, while a stream runs
+        self.usage = Usage()  # finished generations' token counts and times (usage.py; qvl serve's /metrics)
         self.defaults: dict[str, Any] = {}  # generate's defaults (a stored model's PARAMETERs, SYSTEM): loader.py
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
@@ -310,11 +312,10 @@ class Model:
         return self.decoder.logits(hidden[-1][-1:])
 
     def _let_cache_go(self, capacity: int, reuse: int, always: bool) -> KVCache | None:
-        """Before a generation's media are encoded: the kept cache stays when it holds `capacity`
-        tokens (unless `always`); otherwise its first `reuse` tokens are copied to host memory
-        (returned, or None) and it is let go, so that the vision tower's work and the old and new
-        caches never take accelerator memory at once (placement.py's plan counts the vision
-        tower's peak or the cache, not both)."""
+        """Before a generation's media are encoded: the kept cache stays when it holds `capacity` tokens
+        (unless `always`); otherwise its first `reuse` tokens are copied to host memory (returned, or None)
+        and it is let go: the vision tower's work and the old and new caches never take accelerator memory
+        at once (placement.py's plan counts the vision tower's peak or the cache, not both)."""
         old = self._graph.cache if self._graph is not None else self._kept
         if old is None or (old.capacity >= capacity and not always):
             return None
@@ -326,9 +327,8 @@ class Model:
         return staged
 
     def _generation_cache(self, capacity: int, reuse: int, staged: KVCache | None) -> KVCache:
-        """A cache for one generation holding the first `reuse` tokens of the kept cache, or after
-        `_let_cache_go` of `staged`. The cache is kept for the next generation. A decoder wholly
-        on the accelerator decodes through a DecodeGraph captured on its cache."""
+        """A cache for one generation holding the first `reuse` tokens of the kept cache, or after `_let_cache_go`
+        of `staged`, kept for the next. A decoder wholly on the accelerator decodes through a DecodeGraph."""
         old = self._graph.cache if self._graph is not None else self._kept
         if old is not None:  # _let_cache_go kept it: it holds `capacity`
             old.length = reuse
@@ -356,8 +356,7 @@ class Model:
         self._prompt_keys.adopt(keys, hashes)
 
     def _vision_planned_alone(self) -> bool:
-        """Whether a --max-vram plan counted the vision tower's peak instead of the KV cache (the
-        tower on the accelerator): then the two must not hold its memory at once."""
+        """Whether a --max-vram plan counted the vision tower's (on the accelerator) peak instead of the KV cache."""
         return (self.plan is not None and self.plan.budget is not None and self.vision is not None
                 and self.vision.device.type != "cpu")
 
@@ -418,12 +417,12 @@ class Model:
         is not read again (Generation.reused_tokens says how much). The answer ends before the
         first of the `stop` strings it comes to (as at an end-of-turn token: Generation.ended).
         `format` "json" keeps the answer to one JSON object, a JSON schema (a dict) to what it allows
-        (json_format.py), a Grammar (gbnf.parse_gbnf of llama.cpp's GBNF) to its root rule. `logprobs` (0 to 20 alternatives) records each token's log-probability
-        (Generation.logprobs). `logit_bias` {token id: bias} is added to those tokens' logits
-        (-inf bans one). An argument left None takes `self.defaults`' value (a stored model's
-        PARAMETERs and SYSTEM), else the built-in one: 512 new tokens, no repeat penalty over the
-        last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 / min_p 0 turn a
-        stored sampler off)."""
+        (json_format.py), a Grammar (gbnf.parse_gbnf of llama.cpp's GBNF) to its root rule. `logprobs`
+        (0 to 20 alternatives) records each token's log-probability (Generation.logprobs). `logit_bias`
+        {token id: bias} is added to those tokens' logits (-inf bans one). An argument left None takes
+        `self.defaults`' value (a stored model's PARAMETERs and SYSTEM), else the built-in one: 512 new
+        tokens, no repeat penalty over the last 64, seed 299792458, greedy (temperature 0 / top_k 0 /
+        top_p 1 / min_p 0 turn a stored sampler off)."""
         d = self.defaults
         ctx_size, system, stop = (v if v is not None else d.get(k)
                                   for k, v in (("ctx_size", ctx_size), ("system", system), ("stop", stop)))
@@ -592,6 +591,7 @@ class Model:
         shown = stops.sent if stops.stops else len(answer.text)
         if final[shown:]:  # text held back for a stop string, or a character the answer ended inside of
             yield final[shown:]
+        self.usage.add(n_prompt, reuse, timings.get("prefill_s", 0.0), len(out_ids), timings.get("decode_s", 0.0))
         yield Generation(final, out_ids, n_prompt, timings, list(videos), reused_tokens=reuse, ended=ended,
                          logprobs=scored, image_sizes=[p.size for p in pre])
 

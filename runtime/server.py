@@ -72,6 +72,7 @@ from .modelfile import (ModelfileError, check_params, modelfile_of, parameter_li
 from .placement import Placement
 from .sampling import SamplingParams
 from .store import Store, StoreError
+from .usage import ServerUsage
 
 VERSION = "0.1.0"
 DEFAULT_PORT = 11434  # Ollama's
@@ -98,6 +99,7 @@ class ServeConfig:
     cache_pool_bytes: int = 0  # host memory for other conversations' KV caches (cache_pool.py; --cache-pool)
     slot_save_path: str | None = None  # where POST /slots/0?action=save|restore keeps its files (slots_api.py)
     lora: tuple[LoraSource, ...] = ()  # run-time adapters of default_model (--lora, --lora-scaled; lora_api.py)
+    metrics: bool = False  # GET /metrics answers (--metrics; metrics_api.py)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -306,6 +308,7 @@ class Service:
         self._keep_s = config.keep_alive_s  # the last request's keep_alive
         self.expires: float | None = None  # time.time() at which the idle model is unloaded; None while in use
         self.lora_scales: dict[str, list[float]] = {}  # each model's adapter scales, as POST /lora-adapters set them
+        self.usage = ServerUsage()  # every loaded model's generations counted (usage.py; GET /metrics)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -362,6 +365,7 @@ class Service:
                                 lora=[(a, 1.0) for a in adapters] + list(self._default_lora(key)))
         except (GGUFError, ModelError, StoreError, KeyError, ValueError) as e:
             raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
+        model.usage = self.usage.total
         if self.config.cache_pool_bytes > 0:  # conversations taking turns keep their caches (cache_pool.py)
             model.cache_pool = CachePool(self.config.cache_pool_bytes)
         if messages:  # the stored MESSAGE lines: every prompt follows that conversation (Model.defaults)

@@ -1,0 +1,49 @@
+"""What generations have read and written: the counts llama.cpp's server keeps for its GET
+/metrics (metrics_api.py). A Model counts its own finished generations into its `usage`; `qvl
+serve` gives every model it loads one Usage, so the counts run on through model swaps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from .decoder import PREFILL_CHUNK
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0  # prompt tokens read (those the KV cache already held not counted)
+    cached_tokens: int = 0  # prompt tokens the KV cache held
+    prompt_s: float = 0.0  # time reading prompts (vision encodes not counted)
+    predicted_tokens: int = 0
+    predicted_s: float = 0.0
+    passes: int = 0  # decoder passes: prompt passes of up to PREFILL_CHUNK tokens, one step a new token
+    max_tokens: int = 0  # the longest sequence, prompt and answer
+    generations: int = 0
+
+    def add(self, prompt: int, cached: int, prompt_s: float, predicted: int, predicted_s: float) -> None:
+        """One finished generation: a prompt of `prompt` tokens of which `cached` came from the cache."""
+        read = prompt - cached
+        self.prompt_tokens += read
+        self.cached_tokens += cached
+        self.prompt_s += prompt_s
+        self.predicted_tokens += predicted
+        self.predicted_s += predicted_s
+        self.passes += math.ceil(read / PREFILL_CHUNK) + predicted
+        self.max_tokens = max(self.max_tokens, prompt + predicted)
+        self.generations += 1
+
+    def copy(self) -> Usage:
+        return replace(self)
+
+
+@dataclass
+class ServerUsage:
+    """`qvl serve`'s counts for GET /metrics: every model's generations it loaded, the counts at
+    the last scrape (the window its gauges average over), and the serving thread's state."""
+
+    total: Usage = field(default_factory=Usage)
+    scraped: Usage = field(default_factory=Usage)
+    working: bool = False  # the serving thread runs a request
+    waiting: Callable[[], int] = lambda: 0  # requests queued for it
