@@ -63,10 +63,14 @@ class Job:
 def _run(service: Service, job: Job) -> None:
     """A queued request, in the serving thread; a stream's events are made here, one by one,
     until its end or until its client has gone."""
+    failure = None
     try:
         reply = job.route(service, job.body)
     except Exception as e:  # noqa: BLE001 - every error is the request's answer
-        job.out.put(("error", _failure(e)))
+        failure = _failure(e)
+        failure = RequestError(failure.status, failure.message)  # without the frames its traceback held
+    if failure is not None:  # answered once the exception and what its frames held (a request's
+        job.out.put(("error", failure))  # video in a temporary file) are gone
         return
     if reply.events is None:
         job.out.put(("reply", reply))
