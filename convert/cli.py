@@ -171,7 +171,8 @@ iq2 and iq1 types need --imatrix, as llama-quantize's do). Metadata is copied, w
 is refused unless --allow-requantize. The projector (mmproj) is not touched: it pairs with the
 new file as with the old (copy or link it beside the new name). With --lora ADAPTER (a LoRA GGUF or
 a PEFT folder) its deltas are added to the weights before they are quantized (llama-export-lora's
-merge, in any type). With --imatrix FILE (llama-imatrix's
+merge, in any type). --prune-layers 20,21 leaves decoder layers out, the rest renumbered and the
+block count set (the mix's choices as llama-quantize makes them then). With --imatrix FILE (llama-imatrix's
 or qvl imatrix's importance matrix, GGUF or the legacy .dat) the quantizers weigh each column by it,
 as llama-quantize --imatrix does (the same bytes), and Q4_0 gives the first eighth of ffn_down Q4_1.
 
@@ -195,6 +196,8 @@ def quantize_command(
     leave_output: bool = typer.Option(False, "--leave-output-tensor", help="Copy output.weight as it is."),
     keep_split: bool = typer.Option(False, "--keep-split", help="A split MODEL written in the same parts: "
                                     "OUT-00001-of-0000N.gguf... (OUT's .gguf dropped)."),
+    prune_layers: Optional[str] = typer.Option(None, "--prune-layers", metavar="L0,L1,...", help="Decoder layers to "
+                                               "leave out (numbered from 0), the rest renumbered, as llama-quantize's."),
     output_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="output.weight's type (e.g. q8_0)."),
     embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="token_embd.weight's type."),
     tensor_types: Optional[List[str]] = typer.Option(None, "--tensor-type", help="NAME=TYPE: tensors whose name "
@@ -249,9 +252,15 @@ def quantize_command(
             adapters = tuple(lora_sources(lora or [], lora_scaled or []))
         except LoraError as e:
             fail(str(e))
+        pruned = ()
+        if prune_layers is not None:
+            try:
+                pruned = tuple(sorted({int(i) for i in prune_layers.split(",")}))
+            except ValueError:
+                fail(f"--prune-layers {prune_layers!r}: layer numbers separated by commas, e.g. 20,21,22")
         options = QuantizeOptions(allow_requantize, imatrix, tuple(include_weights or ()),
                                   tuple(exclude_weights or ()), overrides, leave_output,
-                                  tuple(kv_override(o) for o in override_kv or ()), keep_split, adapters)
+                                  tuple(kv_override(o) for o in override_kv or ()), keep_split, pruned, adapters)
         job, source = plan_quantize(model, out, kind, options, dry_run)
         try:
             if dry_run:

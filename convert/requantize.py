@@ -26,7 +26,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
-from ..runtime.gguf_file import SPLIT_KEYS, GGUFError, GGUFFile, part_name
+from ..runtime.gguf_file import SPLIT_KEYS, GGUFError, GGUFFile, TensorInfo, part_name
 from ..runtime.lora import LoraError, LoraFactor, LoraSource, load_loras
 from ..runtime.modelfile import Creation
 from ..runtime.store import Store
@@ -52,6 +52,22 @@ def _llama_order(name: str) -> tuple[int, str]:
     return (int(m.group(1)) if m else -1, name)
 
 
+_BLOCK = re.compile(r"blk\.(\d+)\.")  # a decoder layer's tensor (a vision block's is v.blk.N)
+
+
+def _renumbered(tensors: dict[str, TensorInfo], prune: tuple[int, ...], n_layer: int) -> dict[int, int]:
+    """--prune-layers: each kept block's new number (the kept ones counted in order), as
+    llama-quantize's remap_layer; every block kept as it is without."""
+    found = sorted({int(m.group(1)) for name in tensors if (m := _BLOCK.match(name))})
+    for i in prune:
+        if not 0 <= i < n_layer:
+            raise ConvertError(f"--prune-layers {i}: the model's layers are 0 to {n_layer - 1}")
+    kept = [i for i in found if i not in set(prune)]
+    if prune and not kept:
+        raise ConvertError(f"--prune-layers: all {n_layer} layers; at least one has to stay")
+    return {old: new for new, old in enumerate(kept)} if prune else {i: i for i in found}
+
+
 def _vision(name: str) -> bool:
     return name.startswith(("v.", "mm."))
 
@@ -69,16 +85,16 @@ class Requantize:
 
     def chunks(self, p: PlannedTensor, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a planned tensor in its new type (uint8), from the source."""
-        raw = self.source.raw(p.tensor.name)
+        raw = self.source.raw(p.tensor.source)  # the source's name (--prune-layers renumbers the blocks)
         if raw.ndim != 2:  # a vector, or a >2-D tensor: one piece (writer._chunks)
             return raw.reshape(-1) if p.tensor.name in self.copied else quantize(
-                dequantize(raw.reshape(-1, raw.shape[-1]), self.source.tensors[p.tensor.name].type),
+                dequantize(raw.reshape(-1, raw.shape[-1]), self.source.tensors[p.tensor.source].type),
                 p.qtype).reshape(-1)
         rows = raw[start:stop]
         if p.tensor.name in self.copied:
             return rows.reshape(-1)
-        data = dequantize(rows, self.source.tensors[p.tensor.name].type)
-        for f in self.loras.get(p.tensor.name, ()):  # W + s (B A), a slice of B's rows at a time
+        data = dequantize(rows, self.source.tensors[p.tensor.source].type)
+        for f in self.loras.get(p.tensor.source, ()):  # W + s (B A), a slice of B's rows at a time
             data = data + np.float32(f.scale) * (f.b[start:stop] @ f.a).numpy()
         return quantize(data, p.qtype, self.importance.get(p.tensor.name)).reshape(-1)
 
@@ -88,7 +104,7 @@ def _importance(imatrix: ImportanceMatrix, tensors: dict[str, OutTensor]) -> dic
     row length they do not match is refused (the token embedding, which it reads by rows, aside)."""
     taken = {}
     for name, t in tensors.items():
-        v = imatrix.values.get(name)
+        v = imatrix.values.get(t.source)  # a pruned model's blocks: the source's layers' values, as llama.cpp's
         if v is None or not t.is_matrix:
             continue
         experts = t.shape[0] if len(t.shape) == 3 else 1
@@ -153,6 +169,7 @@ class QuantizeOptions:
     leave_output: bool = False
     kv: tuple[KV, ...] = ()
     keep_split: bool = False  # a split source's parts kept: one output part per input part
+    prune_layers: tuple[int, ...] = ()  # decoder layers left out, the rest renumbered (llama-quantize's --prune-layers)
     lora: tuple[LoraSource, ...] = ()  # LoRA adapters (GGUF or PEFT folder, scale) merged in, as llama-export-lora
 
 
@@ -218,7 +235,14 @@ def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOpt
         raise ConvertError(f"{source}: missing metadata key '{arch}.block_count'")
     # llama-quantize's order: by layer and name, or with --keep-split each part's tensors as they lie
     order = (lambda n: (src.tensors[n].part, src.tensors[n].offset)) if o.keep_split else _llama_order
-    tensors = {name: OutTensor(name, src.tensors[name].shape, name) for name in sorted(src.tensors, key=order)}
+    blocks = _renumbered(src.tensors, o.prune_layers, n_layer)
+    tensors = {}
+    for name in sorted(src.tensors, key=order):
+        m = _BLOCK.match(name)
+        if m is not None and int(m.group(1)) not in blocks:
+            continue  # pruned
+        new = name if m is None else f"blk.{blocks[int(m.group(1))]}.{name[m.end():]}"
+        tensors[new] = OutTensor(new, src.tensors[name].shape, name)
     importance = _importance(matrix, tensors) if matrix is not None else {}
     heads, kv_heads = (src.get(f"{arch}.attention.{k}") for k in ("head_count", "head_count_kv"))
     heads, kv_heads = (v[0] if isinstance(v, list) and v else v for v in (heads, kv_heads))
@@ -228,12 +252,12 @@ def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOpt
     planned = {p.tensor.name: p for p in text}
     plan, copied = [], set()
     for name, t in tensors.items():
-        have = src.tensors[name].type
+        have = src.tensors[t.source].type
         p = planned.get(name)
-        if o.leave_output and name == "output.weight" and name in adapted:
+        if o.leave_output and name == "output.weight" and t.source in adapted:
             raise ConvertError("--leave-output-tensor keeps output.weight as it is, and --lora adapts it: one or the "
                                "other")
-        if p is None or p.qtype == have and name not in adapted or keeps_float(t) or (
+        if p is None or p.qtype == have and t.source not in adapted or keeps_float(t) or (
                 o.leave_output and name == "output.weight"):
             plan.append(PlannedTensor(t, have))  # vision, unchanged, a vector / norm, or left: as it is
             copied.add(name)
@@ -251,6 +275,8 @@ def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOpt
                KV("general.file_type", int(kind.file_type), V.UINT32), *o.kv]
     if matrix is not None:
         updated += _imatrix_kvs(matrix, str(o.imatrix))
+    if o.prune_layers:  # set last, as llama-quantize sets it once the blocks are renumbered
+        updated.append(KV(f"{arch}.block_count", len(set(blocks.values())), V.UINT32))
     last = {kv.key: kv for kv in updated}  # a key set twice: its last value, at its last place
     ordered = [kv for i, kv in enumerate(updated) if all(u.key != kv.key for u in updated[i + 1:])]
     kvs = [KV(key, kv.value, kv.type, kv.sub_type) for key, kv in src.fields.items()
@@ -267,7 +293,7 @@ def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOpt
                 KV("split.tensors.count", len(plan), V.INT32)] if n > 1 else []
         files.append(OutputFile(out.with_name(part_name(prefix, i, n)), arch if i == 0 else None,
                                 (kvs + ordered if i == 0 else []) + keys,
-                                [p for p in plan if src.tensors[p.tensor.name].part == i]))
+                                [p for p in plan if src.tensors[p.tensor.source].part == i]))
     return Job(source.parent, None, files), copied, importance
 
 
