@@ -62,7 +62,8 @@ def _renumbered(tensors: dict[str, TensorInfo], prune: tuple[int, ...], n_layer:
     for i in prune:
         if not 0 <= i < n_layer:
             raise ConvertError(f"--prune-layers {i}: the model's layers are 0 to {n_layer - 1}")
-    kept = [i for i in found if i not in set(prune)]
+    pruned = set(prune)
+    kept = [i for i in found if i not in pruned]
     if prune and not kept:
         raise ConvertError(f"--prune-layers: all {n_layer} layers; at least one has to stay")
     return {old: new for new, old in enumerate(kept)} if prune else {i: i for i in found}
@@ -276,7 +277,7 @@ def _plan(src: GGUFFile, source: Path, out: Path, kind: TextType, o: QuantizeOpt
     if matrix is not None:
         updated += _imatrix_kvs(matrix, str(o.imatrix))
     if o.prune_layers:  # set last, as llama-quantize sets it once the blocks are renumbered
-        updated.append(KV(f"{arch}.block_count", len(set(blocks.values())), V.UINT32))
+        updated.append(KV(f"{arch}.block_count", len(blocks), V.UINT32))
     last = {kv.key: kv for kv in updated}  # a key set twice: its last value, at its last place
     ordered = [kv for i, kv in enumerate(updated) if all(u.key != kv.key for u in updated[i + 1:])]
     kvs = [KV(key, kv.value, kv.type, kv.sub_type) for key, kv in src.fields.items()

@@ -182,11 +182,16 @@ def openai_embeddings(service: Service, body: dict[str, Any]) -> Reply:
                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-def normalized(v: list[float], kind: Any) -> list[float]:
-    """llama.cpp's common_embd_normalize: -1 as it is, 0 scaled to int16's range (largest
-    |value| 32760), 2 Euclidean, any other p the p-norm (1: taxicab); sums in double."""
+def _normalize_kind(body: dict[str, Any]) -> int:
+    kind = body.get("embd_normalize", 2)
     if isinstance(kind, bool) or not isinstance(kind, int) or kind < -1:
         raise RequestError(400, f"embd_normalize {kind!r}: -1 (none), 0 (int16 range), 1, 2 (Euclidean) or p > 2")
+    return kind
+
+
+def normalized(v: list[float], kind: int) -> list[float]:
+    """llama.cpp's common_embd_normalize: -1 as it is, 0 scaled to int16's range (largest
+    |value| 32760), 2 Euclidean, any other p the p-norm (1: taxicab); sums in double."""
     x = np.asarray(v, dtype=np.float64)
     if kind == -1:
         total = 1.0
@@ -210,8 +215,7 @@ def llamacpp_embeddings(service: Service, body: dict[str, Any]) -> Reply:
     texts = _inputs(body.get(key), key)
     if not texts:
         raise RequestError(400, f"{key}: a text or a list of texts")
-    kind = body.get("embd_normalize", 2)
-    normalized([], kind)  # checked before the model reads
+    kind = _normalize_kind(body)
     _, vectors, _ = _embed_all(service, body, texts, False, key)
     return Reply([{"index": i, "embedding": [normalized(v, kind)]} for i, v in enumerate(vectors)])
 
