@@ -62,11 +62,13 @@ def embeddings_of(model: Model, texts: list[list[int]]) -> list[np.ndarray]:
     longer than a pack read alone in prefill passes (Model.token_hidden)."""
     out: list[np.ndarray] = [np.empty(0)] * len(texts)
     for pack in packs([len(ids) for ids in texts], PACK_TOKENS):
+        t0 = time.perf_counter()
         if len(pack) == 1 and len(texts[pack[0]]) > PACK_TOKENS:
             out[pack[0]] = model.token_hidden(texts[pack[0]])[-1][-1].float().cpu().numpy()
-            continue
-        for i, row in zip(pack, last_hidden(model, [texts[i] for i in pack]).numpy()):
-            out[i] = row
+        else:
+            for i, row in zip(pack, last_hidden(model, [texts[i] for i in pack]).numpy()):
+                out[i] = row
+        model.usage.read([len(texts[i]) for i in pack], time.perf_counter() - t0)  # qvl serve's /metrics
     return out
 
 

@@ -4,14 +4,15 @@ Continue's and the llama.cpp web UI's older way in), the prompt continued as it 
 `prompt` is a string, or llama.cpp's multimodal object {"prompt_string", "multimodal_data":
 [base64 picture, ...]} whose `<__media__>` markers place the pictures. Read: n_predict,
 temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
-frequency_penalty, seed (-1: a random one), stop, ignore_eos, logit_bias (llama.cpp's [[id or
-text, bias or false], ...] or {"id or text": bias}), n_probs, grammar, json_schema, cache_prompt,
-return_tokens, stream, lora (the request's adapter scales, lora_api.py). Unset, a sampler
-takes the model's stored PARAMETER, else qvl's default (greedy), as qvl's other endpoints do
-(llama.cpp's server samples at 0.8 by default). Samplers
-qvl does not have (mirostat, DRY, XTC, typical-p, dynamic temperature) are refused when asked
-for, not ignored; left at their off values they are fine. Several prompts, token-id prompts and
-n_cmpl > 1 are refused.
+frequency_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
+dynatemp_exponent, samplers (the order: names or characters; by default llama.cpp's, temperature
+last: sampler_chain.ORDER_LLAMACPP), seed (-1: a random one), stop, ignore_eos, logit_bias
+(llama.cpp's [[id or text, bias or false], ...] or {"id or text": bias}), n_probs, grammar,
+json_schema, cache_prompt, return_tokens, stream, lora (the request's adapter scales,
+lora_api.py). Unset, a sampler takes the model's stored PARAMETER, else qvl's default (greedy),
+as qvl's other endpoints do (llama.cpp's server samples at 0.8 by default). Samplers qvl does
+not have (mirostat, DRY) are refused when asked for, not ignored; left at their off values they
+are fine. Several prompts, token-id prompts and n_cmpl > 1 are refused.
 
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (prompt_* and predicted_*:
@@ -31,7 +32,8 @@ from typing import Any
 from .inline_media import decode_image
 from .logprobs import entries, speller
 from .model import PLAN_CTX
-from .sampling import SamplingParams
+from .sampler_chain import ORDER_LLAMACPP, ChainOptions, chain_options
+from .sampling import SamplingError, SamplingParams
 from .server import (VERSION, Loaded, Reply, RequestError, Service, answer_format, generation_options,
                      top_logprobs)
 from .tokenizer import stop_word
@@ -42,9 +44,9 @@ NAMES = {"n_predict": "num_predict", "temperature": "temperature", "top_k": "top
          "min_p": "min_p", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
          "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
          "stop": "stop"}
+CHAIN = ("typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent")
 # samplers qvl does not have, and the values at which they are off
-OFF = {"mirostat": 0, "dry_multiplier": 0.0, "xtc_probability": 0.0, "typical_p": 1.0, "dynatemp_range": 0.0,
-       "n_indent": 0, "t_max_predict_ms": 0}
+OFF = {"mirostat": 0, "dry_multiplier": 0.0, "n_indent": 0, "t_max_predict_ms": 0}
 
 
 def _prompt(body: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -109,7 +111,28 @@ def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str,
     if bias:
         kwargs["logit_bias"] = bias
     kwargs["cache_prompt"] = bool(body.get("cache_prompt", True))
+    kwargs["chain"] = _chain(body)
     return kwargs
+
+
+def _chain_settings(chain: ChainOptions) -> dict[str, Any]:
+    """The chain's settings as llama.cpp's generation_settings give them (typical_p 1 and
+    top_n_sigma -1: off)."""
+    off = {"typical_p": 1.0, "top_n_sigma": -1.0}
+    values = {k: off[k] if getattr(chain, k) is None else getattr(chain, k) for k in CHAIN}
+    return {**values, "samplers": list(chain.order)}
+
+
+def _chain(body: dict[str, Any]) -> ChainOptions:
+    """The request's sampler chain: its `samplers` order (llama.cpp's by default) and options."""
+    given = {k: body[k] for k in CHAIN if body.get(k) is not None}
+    for key, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(400, f"{key} {value!r}: a number")
+    try:
+        return chain_options({"samplers": body.get("samplers") or ORDER_LLAMACPP, **given})
+    except SamplingError as e:
+        raise RequestError(400, str(e)) from None
 
 
 def complete(service: Service, body: dict[str, Any]) -> Reply:
@@ -118,7 +141,9 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     text, pictures = _prompt(body)
     kwargs = _kwargs(loaded, service, body)
     top = top_logprobs(body["n_probs"], "n_probs") if body.get("n_probs") else None
-    settings = {k: body[k] for k in NAMES if k in body} | {"n_ctx": kwargs.get("ctx_size"), "model": service._name(loaded)}
+    chain = kwargs["chain"]
+    settings = ({k: body[k] for k in NAMES if k in body} | _chain_settings(chain) |
+                {"n_ctx": kwargs.get("ctx_size"), "model": service._name(loaded)})
     stops = list(kwargs.get("stop") or [])
     t0 = time.perf_counter()
     pieces = model.generate(text, pictures, stream=True, template=False, format=answer_format(body), logprobs=top,
@@ -177,7 +202,8 @@ def props(service: Service, body: dict[str, Any]) -> Reply:
                                                             "frequency_penalty")}
     params = {**params, "temperature": params["temperature"] or 0.0, "top_k": params["top_k"] or 0,
               "top_p": 1.0 if params["top_p"] is None else params["top_p"], "min_p": params["min_p"] or 0.0,
-              "n_predict": -1, "stop": list(kwargs.get("stop") or []), "n_probs": 0, "grammar": "", "stream": True}
+              "n_predict": -1, "stop": list(kwargs.get("stop") or []), "n_probs": 0, "grammar": "", "stream": True,
+              **_chain_settings(ChainOptions(ORDER_LLAMACPP))}
     model = loaded.model
     return Reply({"default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": kwargs.get("ctx_size") or PLAN_CTX,
                                                   "is_processing": False, "params": params},

@@ -9,8 +9,10 @@ answer), and the speculative-decoding counters at 0 (qvl drafts nothing). Gauges
 prompt_tokens_seconds and predicted_tokens_seconds (tokens a second over the generations since
 the last scrape, as llama.cpp averages over that window), requests_processing (0 or 1: qvl serve
 runs one request at a time), requests_deferred (requests waiting for it), n_busy_slots_per_decode
-(1 once a generation ran). Finished generations are counted (a stream its client left is not);
-embeddings are not. Without --metrics the endpoint answers 501, as llama.cpp's does.
+(1 once a generation ran). A generation is counted once its prompt was read, a stream its client
+left and one that failed included (llama.cpp flushes a slot's counts when it is reset), and the
+texts read for embeddings as prompt tokens and passes. Without --metrics the endpoint answers 501,
+as llama.cpp's does.
 """
 
 from __future__ import annotations

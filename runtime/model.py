@@ -36,7 +36,7 @@ from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, 
                         indexed, make_plan)
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
-from .sampling import FormatError, SamplingError, SamplingParams, sample, sample_allowed, sampling_params
+from .sampling import ChainOptions, FormatError, SamplingError, SamplingParams, sample, sample_allowed, sampling_params
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
 from .usage import Usage
 from .video import VideoInput, VideoOptions, frame_size, load_video
@@ -132,7 +132,7 @@ class Model:
         self._generation = 0  # counts generations: a stale one neither continues nor records its cache
         self.last_generation: Generation | None = None  # a finished stream's Generation (_pieces)
         self.scored: list[TokenLogprob] = []  # with logprobs=: the tokens' so far, while a stream runs
-        self.usage = Usage()  # finished generations' token counts and times (usage.py; qvl serve's /metrics)
+        self.usage = Usage()  # generations' and embeddings' token counts and times (usage.py; serve's /metrics)
         self.defaults: dict[str, Any] = {}  # generate's defaults (a stored model's PARAMETERs, SYSTEM): loader.py
         self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
@@ -410,19 +410,17 @@ class Model:
                  videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
                  cache_prompt: bool = True, stop: list[str] | None = None,
                  format: str | dict[str, Any] | Grammar | None = None,
-                 logprobs: int | None = None) -> Generation | Iterator[str]:
-        """An answer to `prompt` (a user turn, rendered with the chat template unless `template`
-        is False) about `images` and `videos`: a Generation, or with `stream` an iterator of text
-        pieces. With `cache_prompt` the prompt's start that the last generation's KV cache holds
-        is not read again (Generation.reused_tokens says how much). The answer ends before the
-        first of the `stop` strings it comes to (as at an end-of-turn token: Generation.ended).
-        `format` "json" keeps the answer to one JSON object, a JSON schema (a dict) to what it allows
-        (json_format.py), a Grammar (gbnf.parse_gbnf of llama.cpp's GBNF) to its root rule. `logprobs`
-        (0 to 20 alternatives) records each token's log-probability (Generation.logprobs). `logit_bias`
-        {token id: bias} is added to those tokens' logits (-inf bans one). An argument left None takes
-        `self.defaults`' value (a stored model's PARAMETERs and SYSTEM), else the built-in one: 512 new
-        tokens, no repeat penalty over the last 64, seed 299792458, greedy (temperature 0 / top_k 0 /
-        top_p 1 / min_p 0 turn a stored sampler off)."""
+                 logprobs: int | None = None, chain: ChainOptions | None = None) -> Generation | Iterator[str]:
+        """An answer to `prompt` (a user turn, in the chat template unless `template` is False) about `images` and
+        `videos`: a Generation, or with `stream` an iterator of text pieces. With `cache_prompt` the prompt's start
+        that the last generation's KV cache holds is not read again (Generation.reused_tokens). The answer ends before
+        the first of the `stop` strings it comes to (Generation.ended). `format` "json" keeps the answer to one JSON
+        object, a JSON schema (a dict) to what it allows (json_format.py), a Grammar (gbnf.parse_gbnf of llama.cpp's
+        GBNF) to its root rule. `logprobs` (0-20 alternatives): each token's log-probability (Generation.logprobs).
+        `logit_bias` {token id: bias} is added to those tokens' logits (-inf bans one). An argument left None takes
+        `self.defaults`' value (a stored model's PARAMETERs and SYSTEM), else the built-in one: 512 new tokens, no
+        repeat penalty over the last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 / min_p 0 turn a
+        stored sampler off). `chain`: the sampler order and llama.cpp's other samplers (ChainOptions)."""
         d = self.defaults
         ctx_size, system, stop = (v if v is not None else d.get(k)
                                   for k, v in (("ctx_size", ctx_size), ("system", system), ("stop", stop)))
@@ -441,7 +439,7 @@ class Model:
             params = sampling_params(d, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                              repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
                                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                             logit_bias=logit_bias), self.cfg.n_vocab)
+                                             logit_bias=logit_bias, chain=chain), self.cfg.n_vocab)
         except SamplingError as e:
             raise ModelError(str(e)) from None
         first = [self._prepare(prompt, images, videos, video_options, system, template)]  # its errors at once
@@ -527,12 +525,13 @@ class Model:
         out_ids: list[int] = []
         ended = False
         cache: KVCache | None = None
+        timings: dict[str, float] = {}
         try:
             embeds, timings = self._embed(ids, media, reuse)
             cache = self._generation_cache(limit, reuse, staged)
             positions = rope_positions(spans)
             logits = self._prefill(embeds, positions[:, reuse:], cache, all_logits=False)[-1]
-            timings["prefill_s"] = time.perf_counter() - t0 - timings.get("vision_ms", 0.0) / 1e3
+            timings["prefill_s"] = (t1 := time.perf_counter()) - t0 - timings.get("vision_ms", 0.0) / 1e3
             next_pos = int(positions.max()) + 1 if n_prompt else 0
             gen = torch.Generator().manual_seed(params.seed)
             answer = TextStream(self.tokenizer)
@@ -543,7 +542,6 @@ class Model:
             scored: list[TokenLogprob] | None = None if top is None else []
             self.scored = scored if scored is not None else []
             chosen: int | None = None
-            t1 = time.perf_counter()
             for i in range(max_new_tokens):
                 if chosen is not None:
                     tok = chosen
@@ -585,13 +583,15 @@ class Model:
                 self._graph.drain()  # a greedy step queued past the answer's end
             if self._generation == this and cache is not None:  # it holds the prompt and the answer fed so far
                 self._prompt_keys.kept = (keys + out_ids)[:cache.length]
+            if "prefill_s" in timings:  # the prompt was read: counted, as llama.cpp's /metrics, answer left or not
+                self.usage.add(n_prompt, reuse, timings["prefill_s"], len(out_ids),
+                               timings.get("decode_s", time.perf_counter() - t1))
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         if stops.hit is not None:
             final = answer.text[:stops.hit]
         shown = stops.sent if stops.stops else len(answer.text)
         if final[shown:]:  # text held back for a stop string, or a character the answer ended inside of
             yield final[shown:]
-        self.usage.add(n_prompt, reuse, timings.get("prefill_s", 0.0), len(out_ids), timings.get("decode_s", 0.0))
         yield Generation(final, out_ids, n_prompt, timings, list(videos), reused_tokens=reuse, ended=ended,
                          logprobs=scored, image_sizes=[p.size for p in pre])
 

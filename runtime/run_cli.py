@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, NoReturn, Optional, Union
+from typing import Any, List, Optional
 
 import torch
 import typer
@@ -31,6 +31,8 @@ from .loader import load, open_ended
 from .lora import LoraError, lora_sources
 from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError
 from .placement import Placement
+from .run_flags import answer_format_flag as _answer_format, chain_flags, fail as _fail, grammar_flag as _grammar
+from .run_flags import logit_biases
 from .sampling import SamplingError, SamplingParams
 from .store import StoreError
 from .tokenizer import TokenizerError
@@ -52,22 +54,6 @@ as the GPU's free memory holds (one warning says what stays on the CPU); --gpu-l
 
 Example: qvl-run qwen2.5-vl-3b-q4_k_m.gguf --image cat.png --prompt "What is the cat doing?"
 """
-
-
-def logit_biases(items: list[str]) -> dict[int, float]:
-    """llama.cpp's --logit-bias TOKEN_ID(+/-)BIAS values as {token id: bias}."""
-    out: dict[int, float] = {}
-    for item in items:
-        m = re.fullmatch(r"\s*(\d+)\s*([+-])\s*(inf|\d+(?:\.\d*)?|\.\d+)\s*", item)
-        if m is None:
-            _fail(f"--logit-bias {item!r}: TOKEN_ID(+/-)BIAS, e.g. 15043+1 or 15043-inf")
-        out[int(m.group(1))] = float(m.group(3)) * (-1 if m.group(2) == "-" else 1)
-    return out
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"qvl-run: error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 def _out_of_memory(while_: str) -> str:
@@ -113,45 +99,6 @@ def _system_line(device: str, kernels: bool, f32: bool) -> str:
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _grammar(text: Optional[str], path: Optional[Path]) -> Any:
-    """--grammar / --grammar-file (llama.cpp's): a GBNF grammar, read and checked before loading."""
-    from .gbnf import GrammarError, parse_gbnf
-
-    if text is not None and path is not None:
-        _fail("--grammar and --grammar-file: choose one")
-    if path is not None:
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            _fail(f"{path}: {'file not found' if isinstance(e, FileNotFoundError) else 'not a grammar file'}")
-    try:
-        return None if text is None else parse_gbnf(text)
-    except GrammarError as e:
-        _fail(f"{path or '--grammar'}: {e}")
-
-
-def _answer_format(value: Optional[str], flag: str = "--format") -> Union[str, dict, None]:
-    """--format (or llama.cpp's --json-schema / --json-schema-file, `flag`): None, "json", or a JSON
-    schema read from the file it names or inline; checked before loading."""
-    from .json_format import format_grammar
-
-    if not value or value == "json" and flag == "--format":
-        return value or None
-    where = flag
-    if not value.lstrip().startswith("{"):
-        path = Path(value)
-        if not path.is_file():
-            what = "json, a JSON schema file or a schema inline ('{...}')" if flag == "--format" else "a JSON schema"
-            _fail(f"{flag} {value}: {what}; no such file")
-        where, value = str(path), path.read_text(errors="replace")
-    try:
-        schema = json.loads(value)
-        format_grammar(schema)
-    except ValueError as e:  # json.JSONDecodeError, SchemaError
-        _fail(f"{where}: {'not JSON' if isinstance(e, json.JSONDecodeError) else e}")
-    return schema
 
 
 def _stored_defaults(ctx: typer.Context, name: str) -> tuple[dict[str, object], str | None]:
@@ -276,6 +223,21 @@ def run(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this probability (0..1; 1 = off)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
     min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability (0..1; 0 = off)."),
+    samplers: Optional[str] = typer.Option(None, "--samplers", help="The samplers' order, names split by ';' "
+                                           "(llama.cpp's; default: penalties;temperature;top_n_sigma;top_k;typ_p;"
+                                           "top_p;min_p;xtc, temperature first as Ollama samples)."),
+    sampling_seq: Optional[str] = typer.Option(None, "--sampling-seq", "--sampler-seq", help="The order as "
+                                               "llama.cpp's characters (e s k y p m x t), e.g. eskypmxt."),
+    typical: Optional[float] = typer.Option(None, "--typical", "--typical-p", help="Locally typical sampling "
+                                            "(llama.cpp's): keep tokens closest to the entropy up to this mass (1 = off)."),
+    top_n_sigma: Optional[float] = typer.Option(None, "--top-nsigma", "--top-n-sigma", help="Keep tokens within N "
+                                                "standard deviations of the top logit (0 or below = off)."),
+    xtc_probability: float = typer.Option(0.0, "--xtc-probability", help="XTC: the chance a step drops its top "
+                                          "choices, all at or above --xtc-threshold but the least likely (0 = off)."),
+    xtc_threshold: float = typer.Option(0.1, "--xtc-threshold", help="XTC's probability threshold (above 0.5 = off)."),
+    dynatemp_range: float = typer.Option(0.0, "--dynatemp-range", help="Dynamic temperature: between temperature - "
+                                         "and + this range by the candidates' entropy (0 = off)."),
+    dynatemp_exp: float = typer.Option(1.0, "--dynatemp-exp", help="Dynamic temperature's exponent on the entropy."),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for repeated tokens (above 0; 1.0 = none)."),
     repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Last generated tokens the penalties see (0 = off, -1 = all)."),
     presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="Subtracted from the logit of each token "
@@ -438,6 +400,8 @@ def run(
     if prompt_cache is not None and (why := kv_file.problem(prompt_cache, each)) is not None:
         _fail(why)
     biases = logit_biases(logit_bias)
+    chain = chain_flags(samplers, sampling_seq, typical, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
+                        dynatemp_exp)
     if ignore_eos and fmt is not None:
         _fail("--ignore-eos with --format or --grammar: a constrained answer ends at its end-of-turn token")
     try:  # the options' own checks, before a model is loaded
@@ -492,7 +456,7 @@ def run(
                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
                       frequency_penalty=frequency_penalty, logit_bias=biases, seed=seed, ctx_size=ctx_size,
                       stop=list(stop), min_pixels=min_pixels, max_pixels=max_pixels, videos=[str(p) for p in video],
-                      video_options=video_options, format=fmt)
+                      video_options=video_options, format=fmt, chain=chain)
     if each:
         from .run_each import ask_each
 

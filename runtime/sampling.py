@@ -1,9 +1,11 @@
-"""Next-token choice: greedy, or temperature with top-k / top-p / min-p, and the penalties.
+"""Next-token choice: greedy, or a draw from what the sampler chain keeps.
 
-Order as in llama.cpp's sampler chain: the logit bias (OpenAI's logit_bias, llama.cpp's
---logit-bias: added to the raw logits), the penalties (the repeat penalty, then the frequency and
-presence penalties: OpenAI's logit - count * frequency - presence), then temperature, top-k,
-top-p, min-p, then a draw from the remaining distribution.
+The logit bias first (OpenAI's logit_bias, llama.cpp's --logit-bias: added to the raw logits),
+then the chain's samplers in their order (sampler_chain.py; by default the penalties: the repeat
+penalty, then the frequency and presence penalties, OpenAI's logit - count * frequency -
+presence; temperature; top-n-sigma, top-k, typical, top-p, min-p, XTC), then a draw from the
+remaining distribution. Greedy (temperature 0 or below) takes the argmax after the bias and the
+penalties, the other samplers off.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-
-class SamplingError(ValueError):
-    """A sampling parameter out of its range."""
+from .sampler_chain import ChainOptions, Kept, SamplingError, run_chain
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): -inf bans it
+    chain: ChainOptions = ChainOptions()  # the samplers' order, typical / top-n-sigma / XTC / dynamic temperature
 
     def __post_init__(self) -> None:
         def fail(name: str, value: object, allowed: str) -> None:
@@ -63,7 +64,7 @@ class SamplingParams:
     @property
     def adjusted(self) -> bool:
         """Whether the bias or a penalty changes the logits (else greedy's token is the raw argmax)."""
-        return bool(self.logit_bias) or self.repeat_last_n != 0 and (
+        return bool(self.logit_bias) or self.repeat_last_n != 0 and "penalties" in self.chain.order and (
             self.repeat_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0)
 
     @property
@@ -98,11 +99,6 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float
     return logits
 
 
-# top-p's bins (`_top_p_prefix`): 1024 over 32 nats below the most likely token
-LOG_BINS = 1024
-LOG_RANGE = 32.0
-
-
 def apply_count_penalties(logits: torch.Tensor, recent: list[int], frequency: float, presence: float) -> torch.Tensor:
     """logit - count * frequency - presence for each token in `recent` (OpenAI's penalties)."""
     if (frequency == 0 and presence == 0) or not recent:
@@ -114,73 +110,44 @@ def apply_count_penalties(logits: torch.Tensor, recent: list[int], frequency: fl
     return logits
 
 
-def _penalized(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:
-    """float32 logits after the bias, and the penalties over the last `repeat_last_n` tokens of history."""
-    recent = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:] if p.repeat_last_n > 0 else []
+def _biased(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """float32 logits with the logit bias added."""
     logits = logits.float()
     if p.logit_bias:
         logits = logits.clone()
         for token, bias in p.logit_bias:
             logits[token] += bias
+    return logits
+
+
+def _penalties(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:
+    """The repeat, frequency and presence penalties over the last `repeat_last_n` tokens of history."""
+    recent = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:] if p.repeat_last_n > 0 else []
     logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
     return apply_count_penalties(logits, recent, p.frequency_penalty, p.presence_penalty)
 
 
-def _top_p_keep(vals: torch.Tensor, log_norm: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Which of the logits `vals` (most likely first) top-p keeps: those whose predecessors'
-    probability is below top_p, and always the first."""
-    probs = torch.exp(vals - log_norm)
-    keep = torch.cumsum(probs, 0) - probs < top_p
-    keep[0] = True
-    return keep
+def _penalized(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:
+    """float32 logits after the bias, and the penalties where the sampler order has them (greedy's scores)."""
+    biased = _biased(logits, p)
+    return _penalties(biased, history, p) if "penalties" in p.chain.order else biased
 
 
-def _top_p_prefix(scaled: torch.Tensor, log_norm: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, ids), most likely first, of a prefix of the vocabulary's sorted order that holds
-    at least top_p of the probability, so top-p's cut falls inside it: tokens go to LOG_BINS bins
-    by log-probability below the most likely (bincount adds each bin's mass), and the bins down
-    to the one where the mass reaches top_p, and one more against rounding, are sorted."""
-    log_p = scaled - log_norm
-    below = (log_p.max() - log_p) * (LOG_BINS / LOG_RANGE)
-    bins = below.clamp(max=LOG_BINS - 1).long()  # the last bin: everything below the range
-    mass = torch.cumsum(torch.bincount(bins, weights=torch.exp(log_p).double(), minlength=LOG_BINS), 0)
-    last = min(int(torch.searchsorted(mass, mass.new_tensor([top_p]))) + 1, LOG_BINS - 1)
-    ids = torch.nonzero(bins <= last).flatten()
-    vals, order = torch.sort(scaled[ids], descending=True)
-    return vals, ids[order]
+def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
+               gen: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """For a non-greedy `p`: (ids, probabilities) of the tokens the sampler chain keeps (ids None:
+    the whole vocabulary, in id order), the probabilities the softmax over them (sampler_chain.py:
+    the bias first, then each sampler of the order). `gen` draws XTC's chance (a fresh one if None)."""
+    biased = _biased(logits, p)
 
+    def penalize(c: Kept) -> Kept:
+        if c.ids is None:
+            return Kept(None, _penalties(c.logits, history, p))
+        full = torch.full_like(biased, float("-inf")).index_copy(0, c.ids, c.logits)
+        return Kept(c.ids, _penalties(full, history, p)[c.ids])
 
-def _kept(scaled: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(ids, tempered logits) of the tokens top-k and top-p keep, most likely first (ids None:
-    the whole vocabulary, `scaled` itself), and the log of the softmax's normalizer over what
-    top-k keeps. Neither sorts the vocabulary (152k logits: 10-40 ms a token on a CPU): top-k
-    takes its k with torch.topk (and any tied with the k-th, which its filter keeps), top-p
-    sorts a prefix that holds its cut (`_top_p_prefix`)."""
-    vocab = scaled.numel()
-    ids = vals = None
-    if p.top_k is not None and 0 < p.top_k < vocab:
-        vals, ids = torch.topk(scaled, p.top_k)
-        tied = int((scaled >= vals[-1]).sum())
-        if tied > p.top_k:
-            vals, ids = torch.topk(scaled, tied)
-    log_norm = torch.logsumexp(scaled if vals is None else vals, 0)
-    if p.top_p is not None and p.top_p < 1:
-        if vals is None:
-            vals, ids = _top_p_prefix(scaled, log_norm, p.top_p)
-        keep = _top_p_keep(vals, log_norm, p.top_p)
-        ids, vals = ids[keep], vals[keep]
-    return ids, (scaled if vals is None else vals), log_norm
-
-
-def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """For a non-greedy `p`: (ids, probabilities) of the tokens the filters keep (ids None: the
-    whole vocabulary, in id order), probabilities before min-p's cut as the softmax over what
-    top-k keeps gives them, zero where min-p drops one."""
-    ids, vals, log_norm = _kept(_penalized(logits, history, p) / p.temperature, p)
-    probs = torch.exp(vals - log_norm)
-    if p.min_p is not None and p.min_p > 0:
-        probs = torch.where(probs >= p.min_p * probs.max(), probs, torch.zeros_like(probs))
-    return ids, probs
+    kept = run_chain(Kept(None, biased), p, penalize, gen if gen is not None else torch.Generator())
+    return kept.ids, kept.probs()
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> int:
@@ -199,7 +166,7 @@ def sample(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: tor
     whole vocabulary costs ~5-25 ms on a CPU)."""
     if p.greedy:
         return int(torch.argmax(_penalized(logits, history, p)))
-    ids, probs = candidates(logits, history, p)
+    ids, probs = candidates(logits, history, p, gen)
     pick = _draw(probs, gen)
     return pick if ids is None else int(ids[pick])
 
@@ -244,7 +211,7 @@ def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, 
             if form.allows(tok):
                 return tok
         return int(torch.argmax(scores.masked_fill(~_admitted(form, logits), float("-inf"))))
-    ids, probs = candidates(logits, history, p)
+    ids, probs = candidates(logits, history, p, gen)
 
     def token(i: int) -> int:
         return i if ids is None else int(ids[i])

@@ -1,5 +1,6 @@
 """What generations have read and written: the counts llama.cpp's server keeps for its GET
-/metrics (metrics_api.py). A Model counts its own finished generations into its `usage`; `qvl
+/metrics (metrics_api.py). A Model counts its own generations into its `usage` (one its reader
+left, or that failed, once its prompt was read), and the texts it reads for embeddings; `qvl
 serve` gives every model it loads one Usage, so the counts run on through model swaps."""
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class Usage:
         self.passes += math.ceil(read / PREFILL_CHUNK) + predicted
         self.max_tokens = max(self.max_tokens, prompt + predicted)
         self.generations += 1
+
+    def read(self, lengths: list[int], seconds: float) -> None:
+        """Texts read side by side for their embeddings in one pass (one longer than PREFILL_CHUNK
+        alone, in its passes): prompt tokens, none cached, nothing predicted, as llama.cpp counts
+        an embedding request's batches."""
+        total = sum(lengths)
+        self.prompt_tokens += total
+        self.prompt_s += seconds
+        self.passes += math.ceil(total / PREFILL_CHUNK)
+        self.max_tokens = max(self.max_tokens, *lengths)
 
     def copy(self) -> Usage:
         return replace(self)

@@ -128,6 +128,25 @@ def test_logit_bias_flag(model_path):
     assert json.loads(got.stdout)["token_ids"] == want and plain[0] not in want
 
 
+def test_sampler_chain_flags(model_path):
+    """llama.cpp's --sampling-seq / --samplers, --typical, --top-nsigma, --xtc-*, --dynatemp-*:
+    the answer generate gives with the same ChainOptions and seed (and unlike qvl's order's)."""
+    from qvl.runtime.loader import load
+    from qvl.runtime.sampler_chain import ORDER_LLAMACPP, ChainOptions
+
+    model = load(model_path)
+    flags = ["--temperature", "1.5", "--seed", "11", "--top-k", "50", "--typical", "0.9", "--top-nsigma", "3",
+             "--xtc-probability", "0.5", "--xtc-threshold", "0.05", "--dynatemp-range", "0.5", "--dynatemp-exp", "2"]
+    chain = ChainOptions(ORDER_LLAMACPP, 0.9, 3.0, 0.5, 0.05, 0.5, 2.0)
+    want = model.generate("Hi", max_new_tokens=12, temperature=1.5, seed=11, top_k=50, chain=chain).token_ids
+    for order in (["--sampling-seq", "eskypmxt"], ["--samplers", ";".join(ORDER_LLAMACPP)]):
+        got = runner.invoke(app, [model_path, "-p", "Hi", "-n", "12", "--json", *order, *flags])
+        assert got.exit_code == 0, got.stderr
+        assert json.loads(got.stdout)["token_ids"] == want
+    ours = ChainOptions(None, 0.9, 3.0, 0.5, 0.05, 0.5, 2.0)
+    assert model.generate("Hi", max_new_tokens=12, temperature=1.5, seed=11, top_k=50, chain=ours).token_ids != want
+
+
 def test_ignore_eos_runs_to_the_length(model_path):
     """--ignore-eos (llama.cpp's): an answer that a +100 bias on <|im_end|> ends at once runs to -n instead."""
     ended = runner.invoke(app, [model_path, "-p", "Hi", "-n", "4", "--json", "-l", "151645+100"])
@@ -196,6 +215,10 @@ def test_llama_cpp_flag_names(model_path):
     (["{model}", "--prompt", "x", "--temperature", "nan"], "temperature nan: a finite number"),
     (["{model}", "--prompt", "x", "--presence-penalty", "inf"], "presence_penalty inf: a finite number"),
     (["{model}", "--prompt", "x", "--logit-bias", "12x3"], "--logit-bias '12x3': TOKEN_ID(+/-)BIAS"),
+    (["{model}", "--prompt", "x", "--samplers", "top_k;dry"], "--samplers: dry is a sampler qvl does not have"),
+    (["{model}", "--prompt", "x", "--sampling-seq", "kz"], "--sampling-seq 'kz': 'z' is not a sampler's character"),
+    (["{model}", "--prompt", "x", "--samplers", "top_k", "--sampling-seq", "k"], "--samplers and --sampling-seq"),
+    (["{model}", "--prompt", "x", "--xtc-probability", "2"], "xtc_probability 2.0: between 0 and 1"),
     (["{model}", "--prompt", "x", "--ignore-eos", "--format", "json"], "--ignore-eos with --format or --grammar"),
     (["{model}", "--prompt", "x", "--logit-bias", "99999999+1"], "logit_bias 99999999: not a token id of this model"),
     (["{model}", "--prompt", "x", "--max-length", "-3"], "--max-length -3: 0 or more, or -1"),

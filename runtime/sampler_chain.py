@@ -1,0 +1,284 @@
+"""The sampler chain: the filters a sampled token's candidates go through, in an order, each as
+llama.cpp's sampler of that name does it (src/llama-sampler.cpp), and the options of those
+llama.cpp has beside top-k / top-p / min-p: locally typical sampling (typ_p), top-n-sigma, XTC
+and dynamic temperature.
+
+A step takes the candidates (token ids and their logits; ids None: the whole vocabulary in id
+order) and gives those it keeps. Steps that need probabilities take the softmax over the
+candidates they are given, as llama.cpp's do. A filter drops a token rather than setting its
+logit to -inf (top-n-sigma sets -inf in llama.cpp: the same distribution after it). The order is
+qvl's by default (ORDER: temperature first, as Ollama samples); llama.cpp's server and CLI order
+(ORDER_LLAMACPP: temperature last) is what `qvl serve`'s /completion uses, and any order can be
+asked for by llama.cpp's names (`samplers`, parse_order) or characters (its --sampling-seq).
+The logit bias always comes first, and a draw from what is left last (sampling.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+ORDER = ("penalties", "temperature", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc")
+ORDER_LLAMACPP = ("penalties", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
+CHARS = {"e": "penalties", "s": "top_n_sigma", "k": "top_k", "y": "typ_p", "p": "top_p", "m": "min_p", "x": "xtc",
+         "t": "temperature", "d": "dry", "i": "infill", "a": "adaptive_p"}
+NOT_HAD = ("dry", "infill", "adaptive_p")  # llama.cpp's samplers qvl does not have
+
+
+def _aliases() -> dict[str, str]:
+    """llama.cpp's names for its samplers: canonical, kebab-case, without the underscore, and
+    nucleus / temp / typ (common_sampler_types_from_names)."""
+    out = {"nucleus": "top_p", "temp": "temperature", "typ": "typ_p"}
+    for name in CHARS.values():
+        out.update({name: name, name.replace("_", "-"): name, name.replace("_", ""): name})
+    return out
+
+
+ALIASES = _aliases()
+
+
+class SamplingError(ValueError):
+    """A sampling parameter out of its range, or a sampler order qvl cannot follow."""
+
+
+def parse_order(value: str | list[str] | tuple[str, ...], where: str = "samplers") -> tuple[str, ...]:
+    """An order of samplers from llama.cpp's forms: a list of names (any case, its aliases) or a
+    string of its characters ("eskypmxt"). Names it has that qvl does not (dry, infill,
+    adaptive_p) and unknown ones are refused (llama.cpp warns and leaves an unknown one out)."""
+    if isinstance(value, str):
+        names = []
+        for c in value:
+            if c not in CHARS:
+                raise SamplingError(f"{where} {value!r}: {c!r} is not a sampler's character (one of "
+                                 f"{''.join(CHARS)})")
+            names.append(CHARS[c])
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        names = []
+        for v in value:
+            if v.lower() not in ALIASES:
+                raise SamplingError(f"{where}: {v!r} is not a sampler (one of {', '.join(ORDER)})")
+            names.append(ALIASES[v.lower()])
+    else:
+        raise SamplingError(f"{where} {value!r}: a list of sampler names or a string of their characters")
+    for name in names:
+        if name in NOT_HAD:
+            raise SamplingError(f"{where}: {name} is a sampler qvl does not have")
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class ChainOptions:
+    """The chain's order (None: ORDER) and the options of its samplers beyond top-k / top-p /
+    min-p, llama.cpp's names and off values: typical_p 1 (or None), top_n_sigma <= 0 (or None),
+    xtc_probability 0 (or xtc_threshold above 0.5), dynatemp_range 0."""
+
+    samplers: tuple[str, ...] | None = None
+    typical_p: float | None = None
+    top_n_sigma: float | None = None
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.samplers is not None:
+            object.__setattr__(self, "samplers", parse_order(self.samplers))
+        for name in ("typical_p", "top_n_sigma", "dynatemp_range", "dynatemp_exponent"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise SamplingError(f"{name} {value}: a finite number")
+        for name in ("xtc_probability", "xtc_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SamplingError(f"{name} {getattr(self, name)}: between 0 and 1")
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        return ORDER if self.samplers is None else self.samplers
+
+
+def chain_options(value: dict[str, Any]) -> ChainOptions:
+    """ChainOptions from a request's or a CLI's values by llama.cpp's names (None: unset)."""
+    given = {k: v for k, v in value.items() if v is not None}
+    try:
+        return ChainOptions(**given)
+    except TypeError as e:
+        raise SamplingError(f"sampler options: {e}") from None
+
+
+class Params(Protocol):
+    """What the steps read of sampling.SamplingParams."""
+
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    chain: ChainOptions
+
+
+@dataclass
+class Kept:
+    """Candidate tokens: ids (None: the whole vocabulary in id order) and their logits."""
+
+    ids: torch.Tensor | None
+    logits: torch.Tensor
+
+    def take(self, index: torch.Tensor) -> Kept:
+        """The candidates at `index` (positions in this set, a bool mask or indices)."""
+        if self.ids is None:  # the vocabulary: the positions are the ids
+            ids = torch.nonzero(index).flatten() if index.dtype == torch.bool else index
+            return Kept(ids, self.logits[ids])
+        return Kept(self.ids[index], self.logits[index])
+
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits, 0)
+
+
+# top-p's bins (`_top_p_prefix`): 1024 over 32 nats below the most likely token
+LOG_BINS = 1024
+LOG_RANGE = 32.0
+
+
+def _top_p_keep(vals: torch.Tensor, log_norm: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which of the logits `vals` (most likely first) top-p keeps: those whose predecessors'
+    probability is below top_p, and always the first."""
+    probs = torch.exp(vals - log_norm)
+    keep = torch.cumsum(probs, 0) - probs < top_p
+    keep[0] = True
+    return keep
+
+
+def _top_p_prefix(scaled: torch.Tensor, log_norm: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, ids), most likely first, of a prefix of the vocabulary's sorted order that holds
+    at least top_p of the probability, so top-p's cut falls inside it: tokens go to LOG_BINS bins
+    by log-probability below the most likely (bincount adds each bin's mass), and the bins down
+    to the one where the mass reaches top_p, and one more against rounding, are sorted."""
+    log_p = scaled - log_norm
+    below = (log_p.max() - log_p) * (LOG_BINS / LOG_RANGE)
+    bins = below.clamp(max=LOG_BINS - 1).long()  # the last bin: everything below the range
+    mass = torch.cumsum(torch.bincount(bins, weights=torch.exp(log_p).double(), minlength=LOG_BINS), 0)
+    last = min(int(torch.searchsorted(mass, mass.new_tensor([top_p]))) + 1, LOG_BINS - 1)
+    ids = torch.nonzero(bins <= last).flatten()
+    vals, order = torch.sort(scaled[ids], descending=True)
+    return vals, ids[order]
+
+
+Step = Callable[[Kept, Params, Callable[[Kept], Kept], torch.Generator], Kept]
+
+
+def _top_k(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+    """The k likeliest, and any tied with the k-th (torch.topk, no sort of the rest)."""
+    n = c.logits.numel()
+    if p.top_k is None or not 0 < p.top_k < n:
+        return c
+    vals, index = torch.topk(c.logits, p.top_k)
+    tied = int((c.logits >= vals[-1]).sum())
+    if tied > p.top_k:
+        vals, index = torch.topk(c.logits, tied)
+    return c.take(index)
+
+
+def _top_p(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+    """The likeliest tokens whose probabilities before them add up to less than top_p (the first
+    always); over the whole vocabulary only a prefix that holds the cut is sorted."""
+    if p.top_p is None or p.top_p >= 1:
+        return c
+    log_norm = torch.logsumexp(c.logits, 0)
+    if c.ids is None:
+        vals, ids = _top_p_prefix(c.logits, log_norm, p.top_p)
+        sorted_c = Kept(ids, vals)
+    else:
+        vals, order = torch.sort(c.logits, descending=True)
+        sorted_c = Kept(c.ids[order], vals)
+    keep = _top_p_keep(sorted_c.logits, log_norm, p.top_p)
+    return Kept(sorted_c.ids[keep], sorted_c.logits[keep])
+
+
+def _min_p(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+    """Tokens whose logit is at least the largest plus log(min_p): probability at least min_p
+    times the likeliest's (llama.cpp compares logits)."""
+    if p.min_p is None or p.min_p <= 0:
+        return c
+    return c.take(c.logits >= c.logits.max() + math.log(p.min_p))
+
+
+def _typical(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+    """Locally typical sampling: tokens by how far their surprise -log p is from the entropy,
+    closest first, until their probabilities add up to more than typical_p (llama.cpp's order of
+    ties may differ)."""
+    typical = p.chain.typical_p
+    if typical is None or typical >= 1 or c.logits.numel() < 2:
+        return c
+    probs = c.probs()
+    log_p = torch.log(probs)
+    entropy = -(probs * log_p).nan_to_num(0.0).sum()
+    order = torch.argsort((-log_p - entropy).abs(), stable=True)
+    over = torch.nonzero(torch.cumsum(probs[order], 0) > typical)
+    last = int(over[0]) + 1 if len(over) else len(order)
+    return c.take(order[:last])
+
+
+def _top_n_sigma(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+    """Tokens whose logit is at least the largest minus n standard deviations of the logits
+    (the population's, over the finite ones)."""
+    n = p.chain.top_n_sigma
+    if n is None or n <= 0 or c.logits.numel() < 2:
+        return c
+    finite = c.logits[torch.isfinite(c.logits)]
+    if not len(finite):
+        return c
+    std = float(torch.sqrt(((finite - finite.mean()) ** 2).mean()))
+    return c.take(c.logits >= finite.max() - n * std)
+
+
+def _xtc(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+    """Exclude top choices: with probability xtc_probability (a uniform draw from `gen`), every
+    token at or above xtc_threshold but the least likely of them is dropped."""
+    o = p.chain
+    if o.xtc_probability <= 0 or o.xtc_threshold > 0.5 or c.logits.numel() < 2:
+        return c
+    if float(torch.rand(1, generator=gen)) > o.xtc_probability:
+        return c
+    probs = c.probs()
+    above = probs >= o.xtc_threshold
+    if int(above.sum()) < 2:
+        return c
+    last = int(torch.argmin(torch.where(above, probs, probs.new_tensor(float("inf")))))
+    return c.take(~above | (torch.arange(len(probs), device=probs.device) == last))
+
+
+def _temperature(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+    """Logits over the temperature; with dynatemp_range d > 0 the temperature is t - d (at least
+    0) plus 2d times (the candidates' entropy over its largest, log n) to the dynatemp_exponent;
+    a temperature of 0 keeps the likeliest token alone."""
+    o = p.chain
+    temp = float(p.temperature or 0.0)
+    if o.dynatemp_range > 0:
+        n = c.logits.numel()
+        if n <= 1:
+            return c
+        low, high = max(0.0, temp - o.dynatemp_range), temp + o.dynatemp_range
+        probs = c.probs()
+        entropy = float(-(probs * torch.log(probs)).nan_to_num(0.0).sum())
+        temp = low + (high - low) * (entropy / math.log(n)) ** o.dynatemp_exponent
+    if temp <= 0:
+        return c.take(torch.argmax(c.logits).reshape(1))
+    return Kept(c.ids, c.logits / temp)
+
+
+def _penalties(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+    return penalize(c)
+
+
+STEPS: dict[str, Step] = {"penalties": _penalties, "temperature": _temperature, "top_n_sigma": _top_n_sigma,
+                          "top_k": _top_k, "typ_p": _typical, "top_p": _top_p, "min_p": _min_p, "xtc": _xtc}
+
+
+def run_chain(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+    """The candidates each step of p.chain's order keeps, in turn; `penalize` is the penalties' step."""
+    for name in p.chain.order:
+        c = STEPS[name](c, p, penalize, gen)
+    return c

@@ -1,0 +1,176 @@
+"""Build tests/runtime/llamacpp-sampler-vectors.npz: what llama.cpp's own samplers keep of given
+logits, the oracle of qvl's sampler chain (runtime/sampler_chain.py) in
+tests/runtime/test_sampler_chain.py.
+
+Each case is a chain of llama.cpp samplers (typical, top-n-sigma, XTC at probability 1, dynamic
+temperature, top-k, top-p, min-p, temperature, penalties) applied in turn, through ctypes, to a
+llama_token_data_array of the case's logits, as llama_sampler_chain applies them; what is left
+(ids and logits) is stored with the case's input. min_keep is 0, as llama.cpp's CLI and server
+pass it. Left out: typical sampling of logits with -inf among them (llama.cpp's entropy takes
+0 x log 0, a NaN, and its order is then undefined; qvl leaves those tokens out of the entropy, as
+llama.cpp's dynamic temperature does) and of a near-uniform distribution inside a chain (which
+tokens it keeps there is float rounding: scores 3e-6 apart). Needs libllama from llama.cpp's sources (llama-cpp-python's sdist carries them):
+
+    cmake -B build -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF && cmake --build build --target llama
+    python scripts/build_sampler_vectors.py --libllama build/bin/libllama.so
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "tests" / "runtime" / "llamacpp-sampler-vectors.npz"
+
+
+class TokenData(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int32), ("logit", ctypes.c_float), ("p", ctypes.c_float)]
+
+
+class TokenDataArray(ctypes.Structure):
+    _fields_ = [("data", ctypes.POINTER(TokenData)), ("size", ctypes.c_size_t), ("selected", ctypes.c_int64),
+                ("sorted", ctypes.c_bool)]
+
+
+def _lib(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    p = ctypes.c_void_p
+    f, i, z, u = ctypes.c_float, ctypes.c_int32, ctypes.c_size_t, ctypes.c_uint32
+    for name, args in {"llama_sampler_init_typical": [f, z], "llama_sampler_init_top_n_sigma": [f],
+                       "llama_sampler_init_xtc": [f, f, z, u], "llama_sampler_init_temp_ext": [f, f, f],
+                       "llama_sampler_init_top_k": [i], "llama_sampler_init_top_p": [f, z],
+                       "llama_sampler_init_min_p": [f, z], "llama_sampler_init_temp": [f],
+                       "llama_sampler_init_penalties": [i, i, f, f, f]}.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, p
+    lib.llama_sampler_apply.argtypes, lib.llama_sampler_apply.restype = [p, ctypes.POINTER(TokenDataArray)], None
+    lib.llama_sampler_accept.argtypes, lib.llama_sampler_accept.restype = [p, i], None
+    lib.llama_sampler_free.argtypes, lib.llama_sampler_free.restype = [p], None
+    return lib
+
+
+def _sampler(lib: ctypes.CDLL, step: dict, n_vocab: int, history: list[int]) -> int:
+    kind = step["sampler"]
+    if kind == "typ_p":
+        return lib.llama_sampler_init_typical(step["typical_p"], 0)
+    if kind == "top_n_sigma":
+        return lib.llama_sampler_init_top_n_sigma(step["top_n_sigma"])
+    if kind == "xtc":
+        return lib.llama_sampler_init_xtc(step["xtc_probability"], step["xtc_threshold"], 0, 1234)
+    if kind == "temperature":
+        return lib.llama_sampler_init_temp_ext(step["temperature"], step.get("dynatemp_range", 0.0),
+                                               step.get("dynatemp_exponent", 1.0))
+    if kind == "top_k":
+        return lib.llama_sampler_init_top_k(step["top_k"])
+    if kind == "top_p":
+        return lib.llama_sampler_init_top_p(step["top_p"], 0)
+    if kind == "min_p":
+        return lib.llama_sampler_init_min_p(step["min_p"], 0)
+    if kind == "penalties":
+        s = lib.llama_sampler_init_penalties(n_vocab, step["repeat_last_n"], step["repeat_penalty"],
+                                             step["frequency_penalty"], step["presence_penalty"])
+        for token in history:
+            lib.llama_sampler_accept(s, token)
+        return s
+    raise ValueError(kind)
+
+
+def run_chain(lib: ctypes.CDLL, logits: np.ndarray, steps: list[dict], history: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, logits) llama.cpp's samplers leave of `logits`, in its array's order."""
+    n = len(logits)
+    data = (TokenData * n)(*[TokenData(i, float(v), 0.0) for i, v in enumerate(logits)])
+    arr = TokenDataArray(data, n, -1, False)
+    for step in steps:
+        s = _sampler(lib, step, n, history)
+        lib.llama_sampler_apply(s, ctypes.byref(arr))
+        lib.llama_sampler_free(s)
+    left = [arr.data[i] for i in range(arr.size)]
+    return (np.array([t.id for t in left], dtype=np.int32), np.array([t.logit for t in left], dtype=np.float32))
+
+
+def _logits(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "normal":
+        return (rng.standard_normal(n) * 2).astype(np.float32)
+    if kind == "peaked":  # one token with most of the mass
+        x = rng.standard_normal(n).astype(np.float32)
+        x[rng.integers(n)] += 9.0
+        return x
+    if kind == "two":  # two likely tokens, for XTC's threshold
+        x = (rng.standard_normal(n) - 4).astype(np.float32)
+        x[rng.choice(n, 2, replace=False)] = [3.0, 2.6]
+        return x
+    if kind == "flat":  # nearly uniform: high entropy
+        return (rng.standard_normal(n) * 0.05).astype(np.float32)
+    if kind == "banned":  # some tokens at -inf (a logit bias's ban)
+        x = (rng.standard_normal(n) * 2).astype(np.float32)
+        x[rng.choice(n, n // 4, replace=False)] = -np.inf
+        return x
+    raise ValueError(kind)
+
+
+def cases() -> list[dict]:
+    """The cases: each a logits recipe, a history for the penalties, and a chain of steps."""
+    out = []
+    for kind in ("normal", "peaked", "flat", "banned"):
+        for n in (2, 7, 300):
+            for p in (0.2, 0.5, 0.9, 0.99) if kind != "banned" else ():  # llama.cpp: 0 * log 0, a NaN entropy
+                out.append({"logits": kind, "n": n, "steps": [{"sampler": "typ_p", "typical_p": p}]})
+            for s in (0.5, 1.0, 2.5):
+                out.append({"logits": kind, "n": n, "steps": [{"sampler": "top_n_sigma", "top_n_sigma": s}]})
+            for t, d, e in ((0.8, 0.5, 1.0), (1.0, 1.5, 2.0), (0.3, 0.5, 0.5)):
+                out.append({"logits": kind, "n": n, "steps": [{"sampler": "temperature", "temperature": t,
+                                                                "dynatemp_range": d, "dynatemp_exponent": e}]})
+    for kind in ("two", "peaked", "normal", "flat"):
+        for n in (2, 7, 300):
+            for thr in (0.05, 0.1, 0.3, 0.5):
+                out.append({"logits": kind, "n": n, "steps": [{"sampler": "xtc", "xtc_probability": 1.0,
+                                                                "xtc_threshold": thr}]})
+    # whole chains: llama.cpp's default order, and others (the history for the penalties)
+    pen = {"sampler": "penalties", "repeat_last_n": 64, "repeat_penalty": 1.3, "frequency_penalty": 0.2,
+           "presence_penalty": 0.1}
+    chains = [
+        [pen, {"sampler": "top_n_sigma", "top_n_sigma": 2.0}, {"sampler": "top_k", "top_k": 40},
+         {"sampler": "typ_p", "typical_p": 0.95}, {"sampler": "top_p", "top_p": 0.9}, {"sampler": "min_p", "min_p": 0.05},
+         {"sampler": "xtc", "xtc_probability": 1.0, "xtc_threshold": 0.1}, {"sampler": "temperature", "temperature": 0.8}],
+        [pen, {"sampler": "top_k", "top_k": 40}, {"sampler": "top_p", "top_p": 0.95}, {"sampler": "min_p", "min_p": 0.05},
+         {"sampler": "temperature", "temperature": 0.7}],
+        [{"sampler": "temperature", "temperature": 0.6}, {"sampler": "top_p", "top_p": 0.9},
+         {"sampler": "min_p", "min_p": 0.1}, pen],
+        [{"sampler": "typ_p", "typical_p": 0.7}, {"sampler": "temperature", "temperature": 1.3,
+                                                  "dynatemp_range": 0.7, "dynatemp_exponent": 1.0},
+         {"sampler": "top_k", "top_k": 5}],
+        [{"sampler": "min_p", "min_p": 0.02}, {"sampler": "xtc", "xtc_probability": 1.0, "xtc_threshold": 0.02},
+         {"sampler": "top_p", "top_p": 0.8}],
+    ]
+    # not "flat": typical's order of a near-uniform distribution is float rounding (scores 3e-6 apart)
+    for kind in ("normal", "peaked", "two"):
+        for steps in chains:
+            out.append({"logits": kind, "n": 1000, "steps": steps})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--libllama", required=True, help="libllama.so built from llama.cpp's sources")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    lib = _lib(args.libllama)
+    rng = np.random.default_rng(20261207)
+    arrays: dict[str, np.ndarray] = {}
+    specs = cases()
+    for i, case in enumerate(specs):
+        logits = _logits(case["logits"], case["n"], rng)
+        history = rng.integers(0, case["n"], 80).tolist()
+        ids, left = run_chain(lib, logits, case["steps"], history)
+        arrays |= {f"{i}.logits": logits, f"{i}.history": np.array(history, dtype=np.int32), f"{i}.ids": ids,
+                   f"{i}.left": left}
+    np.savez_compressed(args.out, cases=np.array(json.dumps(specs)), **arrays)
+    print(f"{args.out}: {len(specs)} cases")
+
+
+if __name__ == "__main__":
+    main()

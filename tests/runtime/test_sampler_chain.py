@@ -1,0 +1,140 @@
+"""The sampler chain (runtime/sampler_chain.py) against llama.cpp's own samplers: for each case of
+llamacpp-sampler-vectors.npz (scripts/build_sampler_vectors.py: libllama's typical, top-n-sigma,
+XTC, dynamic temperature, top-k, top-p, min-p, temperature and penalties, through ctypes, alone
+and in chains of several orders) qvl keeps the same tokens with the same probabilities; the
+order's names and characters as llama.cpp reads them; the flags and /completion fields."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qvl.runtime.sampler_chain import ORDER, ORDER_LLAMACPP, ChainOptions, SamplingError, parse_order
+from qvl.runtime.sampling import SamplingParams, candidates, sample
+
+VECTORS = np.load(Path(__file__).with_name("llamacpp-sampler-vectors.npz"))
+CASES = json.loads(str(VECTORS["cases"]))
+
+
+def _params(steps: list[dict]) -> SamplingParams:
+    """SamplingParams whose chain is the case's steps in their order (temperature 1 where the
+    chain has none: a draw, not greedy)."""
+    values: dict = {"temperature": 1.0}
+    chain: dict = {}
+    for step in steps:
+        for key, value in step.items():
+            if key in ("typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "dynatemp_range",
+                       "dynatemp_exponent"):
+                chain[key] = value
+            elif key != "sampler":
+                values[key] = value
+    return SamplingParams(**values, chain=ChainOptions(tuple(s["sampler"] for s in steps), **chain))
+
+
+def _case_id(i: int) -> str:
+    c = CASES[i]
+    return f"{i}-{c['logits']}-{c['n']}-" + "+".join(s["sampler"] for s in c["steps"])
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=_case_id)
+def test_the_chain_keeps_what_llama_cpps_samplers_keep(i):
+    case = CASES[i]
+    logits = torch.from_numpy(VECTORS[f"{i}.logits"])
+    history = VECTORS[f"{i}.history"].tolist()
+    want_ids = VECTORS[f"{i}.ids"]
+    left = torch.from_numpy(VECTORS[f"{i}.left"]).double()
+    want = dict(zip(want_ids.tolist(), torch.softmax(left, 0).tolist()))
+    ids, probs = candidates(logits, history, _params(case["steps"]), torch.Generator().manual_seed(0))
+    ids = torch.arange(len(logits)) if ids is None else ids
+    got = {t: p for t, p in zip(ids.tolist(), probs.double().tolist()) if p > 0}
+    want = {t: p for t, p in want.items() if p > 0}  # a -inf token llama.cpp keeps has no probability
+    assert not set(got) - set(want), (sorted(set(got) - set(want))[:10], len(got), len(want))
+    # a token kept with a probability float32 cannot hold (a low dynamic temperature: e^-100 and less)
+    assert all(want[t] < 1e-37 for t in set(want) - set(got)), sorted(set(want) - set(got))[:10]
+    # float32 softmax against llama.cpp's logits through float64 here; dynamic temperature's
+    # entropy in float32 in both, summed in another order: 1e-5 relative
+    for t in got:
+        assert got[t] == pytest.approx(want[t], rel=1e-5, abs=1e-9), t
+
+
+def test_the_vectors_cover_every_sampler_and_its_effect():
+    """Each filter drops tokens in some case (the oracle does not only keep everything)."""
+    dropped: set[str] = set()
+    for i, case in enumerate(CASES):
+        if len(case["steps"]) == 1 and np.isfinite(VECTORS[f"{i}.left"]).sum() < np.isfinite(VECTORS[f"{i}.logits"]).sum():
+            dropped.add(case["steps"][0]["sampler"])
+    assert dropped == {"typ_p", "top_n_sigma", "xtc"}
+
+
+@pytest.mark.parametrize("value, order", [
+    (["top_k", "Top-P", "minp", "temp", "nucleus", "typ", "top-n-sigma", "PENALTIES", "xtc"],
+     ("top_k", "top_p", "min_p", "temperature", "top_p", "typ_p", "top_n_sigma", "penalties", "xtc")),
+    ("eskypmxt", ORDER_LLAMACPP),
+    ("", ()),
+])
+def test_orders_read_as_llama_cpp_reads_them(value, order):
+    assert parse_order(value) == order
+
+
+@pytest.mark.parametrize("value, message", [
+    (["top_k", "dry"], "dry is a sampler qvl does not have"),
+    ("kd", "dry is a sampler qvl does not have"),
+    (["top_k", "beam"], "'beam' is not a sampler"),
+    ("kz", "'z' is not a sampler's character"),
+    (3, "a list of sampler names or a string"),
+])
+def test_orders_qvl_cannot_follow_are_refused_by_name(value, message):
+    with pytest.raises(SamplingError, match=message):
+        parse_order(value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"xtc_probability": 1.5}, "xtc_probability 1.5: between 0 and 1"),
+    ({"typical_p": math.nan}, "typical_p nan: a finite number"),
+    ({"dynatemp_exponent": math.inf}, "dynatemp_exponent inf"),
+])
+def test_bad_options_are_refused_by_name(kwargs, message):
+    with pytest.raises(SamplingError, match=message):
+        ChainOptions(**kwargs)
+
+
+def test_temperature_first_by_default_and_last_in_llama_cpps_order():
+    """qvl's order tempers before top-p (as Ollama samples), llama.cpp's after: probabilities 0.5 /
+    0.3 / 0.15 / 0.05 at temperature 0.5 are 0.685 / 0.247 / 0.062 / 0.007, so top-p 0.65 keeps
+    the first token alone in qvl's order and the first two (0.5 < 0.65) in llama.cpp's."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert ChainOptions().order == ORDER and ORDER.index("temperature") < ORDER.index("top_p")
+    ours = SamplingParams(temperature=0.5, top_p=0.65)
+    theirs = SamplingParams(temperature=0.5, top_p=0.65, chain=ChainOptions(ORDER_LLAMACPP))
+    ids, probs = candidates(logits, [], ours)
+    assert ids.tolist() == [0] and probs.tolist() == [1.0]
+    ids, probs = candidates(logits, [], theirs)
+    assert ids.tolist() == [0, 1]
+    assert probs.tolist() == pytest.approx([0.25 / 0.34, 0.09 / 0.34])  # tempered after the cut
+
+
+def test_xtc_drops_top_choices_as_often_as_its_probability():
+    """XTC at probability 0.3 and threshold 0.2 over probabilities 0.5 / 0.3 / 0.15 / 0.05: the two
+    top tokens go to the likelier's loss 30 % of the time (the second kept), so token 0's share is
+    0.7 x 0.5 = 0.35 and token 2's 0.7 x 0.15 + 0.3 x 0.15 / 0.5 = 0.195."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    p = SamplingParams(temperature=1.0, chain=ChainOptions(xtc_probability=0.3, xtc_threshold=0.2))
+    gen = torch.Generator().manual_seed(5)
+    picks = torch.tensor([sample(logits, [], p, gen) for _ in range(20_000)])
+    share = torch.bincount(picks, minlength=4).double() / len(picks)
+    want = torch.tensor([0.35, 0.7 * 0.3 + 0.3 * 0.6, 0.195, 0.7 * 0.05 + 0.3 * 0.1], dtype=torch.float64)
+    assert (share - want).abs().max() < 0.015, share
+
+
+def test_penalties_left_out_of_the_order_do_not_apply():
+    logits = torch.tensor([2.0, 1.9, 0.0])
+    with_pen = SamplingParams(temperature=None, repeat_penalty=2.0)
+    without = SamplingParams(temperature=None, repeat_penalty=2.0, chain=ChainOptions(("top_k", "temperature")))
+    assert sample(logits, [0], with_pen, torch.Generator()) == 1
+    assert sample(logits, [0], without, torch.Generator()) == 0
+    assert with_pen.adjusted and not without.adjusted
