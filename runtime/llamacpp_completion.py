@@ -5,13 +5,14 @@ Continue's and the llama.cpp web UI's older way in), the prompt continued as it 
 [base64 picture, ...]} whose `<__media__>` markers place the pictures. Read: n_predict,
 temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
 frequency_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
-dynatemp_exponent, samplers (the order: names or characters; by default llama.cpp's, temperature
-last: sampler_chain.ORDER_LLAMACPP), seed (-1: a random one), stop, ignore_eos, logit_bias
+dynatemp_exponent, dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n,
+dry_sequence_breakers, samplers (the order: names or characters; by default llama.cpp's,
+temperature last: sampler_chain.ORDER_LLAMACPP), seed (-1: a random one), stop, ignore_eos, logit_bias
 (llama.cpp's [[id or text, bias or false], ...] or {"id or text": bias}), n_probs, grammar,
 json_schema, cache_prompt, return_tokens, stream, lora (the request's adapter scales,
 lora_api.py). Unset, a sampler takes the model's stored PARAMETER, else qvl's default (greedy),
 as qvl's other endpoints do (llama.cpp's server samples at 0.8 by default). Samplers qvl does
-not have (mirostat, DRY) are refused when asked for, not ignored; left at their off values they
+not have (mirostat) are refused when asked for, not ignored; left at their off values they
 are fine. Several prompts, token-id prompts and n_cmpl > 1 are refused.
 
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
@@ -44,9 +45,10 @@ NAMES = {"n_predict": "num_predict", "temperature": "temperature", "top_k": "top
          "min_p": "min_p", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
          "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
          "stop": "stop"}
-CHAIN = ("typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent")
+CHAIN = ("typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent",
+         "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n")
 # samplers qvl does not have, and the values at which they are off
-OFF = {"mirostat": 0, "dry_multiplier": 0.0, "n_indent": 0, "t_max_predict_ms": 0}
+OFF = {"mirostat": 0, "n_indent": 0, "t_max_predict_ms": 0}
 
 
 def _prompt(body: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -120,7 +122,7 @@ def _chain_settings(chain: ChainOptions) -> dict[str, Any]:
     top_n_sigma -1: off)."""
     off = {"typical_p": 1.0, "top_n_sigma": -1.0}
     values = {k: off[k] if getattr(chain, k) is None else getattr(chain, k) for k in CHAIN}
-    return {**values, "samplers": list(chain.order)}
+    return {**values, "dry_sequence_breakers": list(chain.dry_sequence_breakers), "samplers": list(chain.order)}
 
 
 def _chain(body: dict[str, Any]) -> ChainOptions:
@@ -129,6 +131,15 @@ def _chain(body: dict[str, Any]) -> ChainOptions:
     for key, value in given.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RequestError(400, f"{key} {value!r}: a number")
+        if key in ("dry_allowed_length", "dry_penalty_last_n") and (value != int(value) or value < 0):
+            raise RequestError(400, f"{key} {value!r}: a whole number, 0 or more")
+    if given.get("dry_base", 1.75) < 1:  # llama.cpp's server keeps its default then
+        given["dry_base"] = 1.75
+    breakers = body.get("dry_sequence_breakers")
+    if breakers is not None:
+        if not isinstance(breakers, list) or not breakers or not all(isinstance(b, str) for b in breakers):
+            raise RequestError(400, "dry_sequence_breakers: a non-empty list of texts")
+        given["dry_sequence_breakers"] = tuple(breakers)
     try:
         return chain_options({"samplers": body.get("samplers") or ORDER_LLAMACPP, **given})
     except SamplingError as e:

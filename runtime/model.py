@@ -439,7 +439,7 @@ class Model:
             params = sampling_params(d, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                              repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
                                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                             logit_bias=logit_bias, chain=chain), self.cfg.n_vocab)
+                                             logit_bias=logit_bias, chain=chain), self.cfg.n_vocab, self.tokenizer)
         except SamplingError as e:
             raise ModelError(str(e)) from None
         first = [self._prepare(prompt, images, videos, video_options, system, template)]  # its errors at once

@@ -32,7 +32,7 @@ from .lora import LoraError, lora_sources
 from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError
 from .placement import Placement
 from .run_flags import answer_format_flag as _answer_format, chain_flags, fail as _fail, grammar_flag as _grammar
-from .run_flags import logit_biases
+from .run_flags import DryFlags, logit_biases
 from .sampling import SamplingError, SamplingParams
 from .store import StoreError
 from .tokenizer import TokenizerError
@@ -224,12 +224,13 @@ def run(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
     min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability (0..1; 0 = off)."),
     samplers: Optional[str] = typer.Option(None, "--samplers", help="The samplers' order, names split by ';' "
-                                           "(llama.cpp's; default: penalties;temperature;top_n_sigma;top_k;typ_p;"
-                                           "top_p;min_p;xtc, temperature first as Ollama samples)."),
+                                           "(llama.cpp's; default: penalties;dry;temperature;top_n_sigma;top_k;"
+                                           "typ_p;top_p;min_p;xtc, temperature first as Ollama samples)."),
     sampling_seq: Optional[str] = typer.Option(None, "--sampling-seq", "--sampler-seq", help="The order as "
-                                               "llama.cpp's characters (e s k y p m x t), e.g. eskypmxt."),
+                                               "llama.cpp's characters (e d s k y p m x t), e.g. edskypmxt."),
     typical: Optional[float] = typer.Option(None, "--typical", "--typical-p", help="Locally typical sampling "
-                                            "(llama.cpp's): keep tokens closest to the entropy up to this mass (1 = off)."),
+                                            "(llama.cpp's): keep tokens closest to the entropy up to this mass "
+                                            "(1 = off)."),
     top_n_sigma: Optional[float] = typer.Option(None, "--top-nsigma", "--top-n-sigma", help="Keep tokens within N "
                                                 "standard deviations of the top logit (0 or below = off)."),
     xtc_probability: float = typer.Option(0.0, "--xtc-probability", help="XTC: the chance a step drops its top "
@@ -238,6 +239,14 @@ def run(
     dynatemp_range: float = typer.Option(0.0, "--dynatemp-range", help="Dynamic temperature: between temperature - "
                                          "and + this range by the candidates' entropy (0 = off)."),
     dynatemp_exp: float = typer.Option(1.0, "--dynatemp-exp", help="Dynamic temperature's exponent on the entropy."),
+    dry_multiplier: float = typer.Option(0.0, "--dry-multiplier", help="DRY (llama.cpp's): a token extending a "
+                                         "repeated run loses multiplier x base^(run - allowed length) (0 = off)."),
+    dry_base: float = typer.Option(1.75, "--dry-base", help="DRY's base (below 1: kept at 1.75)."),
+    dry_allowed_length: int = typer.Option(2, "--dry-allowed-length", help="DRY: runs this long are not penalized."),
+    dry_penalty_last_n: int = typer.Option(64, "--dry-penalty-last-n", help="DRY: the last generated tokens it "
+                                           "scans (0 = off, -1 = all)."),
+    dry_sequence_breaker: List[str] = typer.Option([], "--dry-sequence-breaker", help="A text that ends a run "
+                                                   "(repeatable; replaces the default \\n : \" *; none: no breakers)."),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for repeated tokens (above 0; 1.0 = none)."),
     repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Last generated tokens the penalties see (0 = off, -1 = all)."),
     presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="Subtracted from the logit of each token "
@@ -401,7 +410,8 @@ def run(
         _fail(why)
     biases = logit_biases(logit_bias)
     chain = chain_flags(samplers, sampling_seq, typical, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
-                        dynatemp_exp)
+                        dynatemp_exp, DryFlags(dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n,
+                                               tuple(dry_sequence_breaker)))
     if ignore_eos and fmt is not None:
         _fail("--ignore-eos with --format or --grammar: a constrained answer ends at its end-of-turn token")
     try:  # the options' own checks, before a model is loaded

@@ -1,17 +1,19 @@
 """qvl-run's flags for how an answer is sampled and what form it takes, read and checked before
 a model is loaded: llama.cpp's --logit-bias, --grammar / --grammar-file, --format and --json-schema,
 and its sampler chain's flags (--samplers, --sampling-seq, --typical, --top-nsigma, --xtc-*,
---dynatemp-*: sampler_chain.py). A bad value is one line on stderr and exit code 2 (`fail`)."""
+--dynatemp-*, --dry-*: sampler_chain.py). A bad value is one line on stderr and exit code 2 (`fail`)."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Union
 
 import typer
 
+from .dry import DEFAULT_BREAKERS
 from .sampler_chain import ChainOptions, SamplingError, parse_order
 
 
@@ -70,21 +72,35 @@ def answer_format_flag(value: Optional[str], flag: str = "--format") -> Union[st
     return schema
 
 
+@dataclass(frozen=True)
+class DryFlags:
+    """llama.cpp's --dry-* flags as given (breakers: --dry-sequence-breaker's, "none" for none)."""
+
+    multiplier: float
+    base: float
+    allowed_length: int
+    penalty_last_n: int
+    breakers: tuple[str, ...]
+
+
 def chain_flags(samplers: Optional[str], sequence: Optional[str], typical: Optional[float],
                 top_n_sigma: Optional[float], xtc_probability: float, xtc_threshold: float,
-                dynatemp_range: float, dynatemp_exp: float) -> ChainOptions | None:
+                dynatemp_range: float, dynatemp_exp: float, dry: DryFlags) -> ChainOptions | None:
     """The sampler chain of llama.cpp's flags: --samplers "top_k;top_p;..." (names split at ';')
     or --sampling-seq "kypmxt" (characters) for the order, and the samplers' own options; None
-    when none is given (qvl's order, those samplers off)."""
+    when none is given (qvl's order, those samplers off). A --dry-base below 1 is left at its
+    default, as llama.cpp leaves it."""
     if samplers is not None and sequence is not None:
         fail("--samplers and --sampling-seq: choose one")
     given = (samplers, sequence, typical, top_n_sigma)
-    if all(v is None for v in given) and (xtc_probability, dynatemp_range) == (0.0, 0.0):
+    if all(v is None for v in given) and (xtc_probability, dynatemp_range, dry.multiplier) == (0.0, 0.0, 0.0):
         return None
+    breakers = () if "none" in dry.breakers else dry.breakers or DEFAULT_BREAKERS
     try:
         order = (parse_order([n for n in samplers.split(";") if n.strip()], "--samplers") if samplers is not None
                  else parse_order(sequence, "--sampling-seq") if sequence is not None else None)
         return ChainOptions(order, typical, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
-                            dynatemp_exp)
+                            dynatemp_exp, dry.multiplier, dry.base if dry.base >= 1 else 1.75, dry.allowed_length,
+                            dry.penalty_last_n, breakers)
     except SamplingError as e:
         fail(str(e))

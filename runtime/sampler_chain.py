@@ -1,7 +1,7 @@
 """The sampler chain: the filters a sampled token's candidates go through, in an order, each as
 llama.cpp's sampler of that name does it (src/llama-sampler.cpp), and the options of those
-llama.cpp has beside top-k / top-p / min-p: locally typical sampling (typ_p), top-n-sigma, XTC
-and dynamic temperature.
+llama.cpp has beside top-k / top-p / min-p: locally typical sampling (typ_p), top-n-sigma, XTC,
+dynamic temperature and DRY (dry.py).
 
 A step takes the candidates (token ids and their logits; ids None: the whole vocabulary in id
 order) and gives those it keeps. Steps that need probabilities take the softmax over the
@@ -10,7 +10,8 @@ logit to -inf (top-n-sigma sets -inf in llama.cpp: the same distribution after i
 qvl's by default (ORDER: temperature first, as Ollama samples); llama.cpp's server and CLI order
 (ORDER_LLAMACPP: temperature last) is what `qvl serve`'s /completion uses, and any order can be
 asked for by llama.cpp's names (`samplers`, parse_order) or characters (its --sampling-seq).
-The logit bias always comes first, and a draw from what is left last (sampling.py).
+The logit bias always comes first, and a draw from what is left last (sampling.py); the
+penalties and DRY, which change logits by the tokens before, are sampling.py's steps.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from typing import Any, Protocol
 
 import torch
 
-ORDER = ("penalties", "temperature", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc")
-ORDER_LLAMACPP = ("penalties", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
+from .dry import DEFAULT_BREAKERS
+
+ORDER = ("penalties", "dry", "temperature", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc")
+ORDER_LLAMACPP = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
 CHARS = {"e": "penalties", "s": "top_n_sigma", "k": "top_k", "y": "typ_p", "p": "top_p", "m": "min_p", "x": "xtc",
          "t": "temperature", "d": "dry", "i": "infill", "a": "adaptive_p"}
-NOT_HAD = ("dry", "infill", "adaptive_p")  # llama.cpp's samplers qvl does not have
+NOT_HAD = ("infill", "adaptive_p")  # llama.cpp's samplers qvl does not have
 
 
 def _aliases() -> dict[str, str]:
@@ -73,8 +76,9 @@ def parse_order(value: str | list[str] | tuple[str, ...], where: str = "samplers
 @dataclass(frozen=True)
 class ChainOptions:
     """The chain's order (None: ORDER) and the options of its samplers beyond top-k / top-p /
-    min-p, llama.cpp's names and off values: typical_p 1 (or None), top_n_sigma <= 0 (or None),
-    xtc_probability 0 (or xtc_threshold above 0.5), dynatemp_range 0."""
+    min-p, llama.cpp's names, defaults and off values: typical_p 1 (or None), top_n_sigma <= 0
+    (or None), xtc_probability 0 (or xtc_threshold above 0.5), dynatemp_range 0, dry_multiplier
+    0 (dry.py; dry_penalty_last_n -1: every generated token)."""
 
     samplers: tuple[str, ...] | None = None
     typical_p: float | None = None
@@ -83,10 +87,27 @@ class ChainOptions:
     xtc_threshold: float = 0.1
     dynatemp_range: float = 0.0
     dynatemp_exponent: float = 1.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
+    dry_sequence_breakers: tuple[str, ...] = DEFAULT_BREAKERS
 
     def __post_init__(self) -> None:
         if self.samplers is not None:
             object.__setattr__(self, "samplers", parse_order(self.samplers))
+        breakers = self.dry_sequence_breakers
+        if isinstance(breakers, str) or not all(isinstance(b, str) for b in breakers):
+            raise SamplingError(f"dry_sequence_breakers {self.dry_sequence_breakers!r}: a list of texts")
+        object.__setattr__(self, "dry_sequence_breakers", tuple(self.dry_sequence_breakers))
+        for name in ("dry_multiplier", "dry_base"):
+            if not math.isfinite(getattr(self, name)):
+                raise SamplingError(f"{name} {getattr(self, name)}: a finite number")
+        if self.dry_allowed_length < 0:
+            raise SamplingError(f"dry_allowed_length {self.dry_allowed_length}: 0 or more")
+        if self.dry_penalty_last_n < -1:
+            raise SamplingError(f"dry_penalty_last_n {self.dry_penalty_last_n}: -1 (every generated token), 0 (off) "
+                                "or more")
         for name in ("typical_p", "top_n_sigma", "dynatemp_range", "dynatemp_exponent"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -166,10 +187,10 @@ def _top_p_prefix(scaled: torch.Tensor, log_norm: torch.Tensor, top_p: float) ->
     return vals, ids[order]
 
 
-Step = Callable[[Kept, Params, Callable[[Kept], Kept], torch.Generator], Kept]
+Step = Callable[[Kept, Params, torch.Generator], Kept]
 
 
-def _top_k(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+def _top_k(c: Kept, p: Params, gen: torch.Generator) -> Kept:
     """The k likeliest, and any tied with the k-th (torch.topk, no sort of the rest)."""
     n = c.logits.numel()
     if p.top_k is None or not 0 < p.top_k < n:
@@ -181,7 +202,7 @@ def _top_k(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Gene
     return c.take(index)
 
 
-def _top_p(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+def _top_p(c: Kept, p: Params, gen: torch.Generator) -> Kept:
     """The likeliest tokens whose probabilities before them add up to less than top_p (the first
     always); over the whole vocabulary only a prefix that holds the cut is sorted."""
     if p.top_p is None or p.top_p >= 1:
@@ -197,7 +218,7 @@ def _top_p(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Gene
     return Kept(sorted_c.ids[keep], sorted_c.logits[keep])
 
 
-def _min_p(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+def _min_p(c: Kept, p: Params, gen: torch.Generator) -> Kept:
     """Tokens whose logit is at least the largest plus log(min_p): probability at least min_p
     times the likeliest's (llama.cpp compares logits)."""
     if p.min_p is None or p.min_p <= 0:
@@ -205,7 +226,7 @@ def _min_p(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Gene
     return c.take(c.logits >= c.logits.max() + math.log(p.min_p))
 
 
-def _typical(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+def _typical(c: Kept, p: Params, gen: torch.Generator) -> Kept:
     """Locally typical sampling: tokens by how far their surprise -log p is from the entropy,
     closest first, until their probabilities add up to more than typical_p (llama.cpp's order of
     ties may differ)."""
@@ -221,7 +242,7 @@ def _typical(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Ge
     return c.take(order[:last])
 
 
-def _top_n_sigma(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+def _top_n_sigma(c: Kept, p: Params, gen: torch.Generator) -> Kept:
     """Tokens whose logit is at least the largest minus n standard deviations of the logits
     (the population's, over the finite ones)."""
     n = p.chain.top_n_sigma
@@ -234,7 +255,7 @@ def _top_n_sigma(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torc
     return c.take(c.logits >= finite.max() - n * std)
 
 
-def _xtc(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+def _xtc(c: Kept, p: Params, gen: torch.Generator) -> Kept:
     """Exclude top choices: with probability xtc_probability (a uniform draw from `gen`), every
     token at or above xtc_threshold but the least likely of them is dropped."""
     o = p.chain
@@ -250,7 +271,7 @@ def _xtc(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Genera
     return c.take(~above | (torch.arange(len(probs), device=probs.device) == last))
 
 
-def _temperature(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
+def _temperature(c: Kept, p: Params, gen: torch.Generator) -> Kept:
     """Logits over the temperature; with dynatemp_range d > 0 the temperature is t - d (at least
     0) plus 2d times (the candidates' entropy over its largest, log n) to the dynatemp_exponent;
     a temperature of 0 keeps the likeliest token alone."""
@@ -269,16 +290,14 @@ def _temperature(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torc
     return Kept(c.ids, c.logits / temp)
 
 
-def _penalties(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
-    return penalize(c)
+STEPS: dict[str, Step] = {"temperature": _temperature, "top_n_sigma": _top_n_sigma, "top_k": _top_k, "typ_p": _typical,
+                          "top_p": _top_p, "min_p": _min_p, "xtc": _xtc}
+MODIFIERS = ("penalties", "dry")  # the steps that change logits by the tokens before (sampling.py's)
 
 
-STEPS: dict[str, Step] = {"penalties": _penalties, "temperature": _temperature, "top_n_sigma": _top_n_sigma,
-                          "top_k": _top_k, "typ_p": _typical, "top_p": _top_p, "min_p": _min_p, "xtc": _xtc}
-
-
-def run_chain(c: Kept, p: Params, penalize: Callable[[Kept], Kept], gen: torch.Generator) -> Kept:
-    """The candidates each step of p.chain's order keeps, in turn; `penalize` is the penalties' step."""
+def run_chain(c: Kept, p: Params, modify: Callable[[str, Kept], Kept], gen: torch.Generator) -> Kept:
+    """The candidates each step of p.chain's order keeps, in turn; `modify(name, c)` is the
+    penalties' and DRY's step."""
     for name in p.chain.order:
-        c = STEPS[name](c, p, penalize, gen)
+        c = modify(name, c) if name in MODIFIERS else STEPS[name](c, p, gen)
     return c

@@ -11,12 +11,13 @@ penalties, the other samplers off.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
 
-from .sampler_chain import ChainOptions, Kept, SamplingError, run_chain
+from .dry import Breakers, breakers, dry_penalties
+from .sampler_chain import MODIFIERS, ChainOptions, Kept, SamplingError, run_chain
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): -inf bans it
-    chain: ChainOptions = ChainOptions()  # the samplers' order, typical / top-n-sigma / XTC / dynamic temperature
+    chain: ChainOptions = ChainOptions()  # the samplers' order, typical / top-n-sigma / XTC / dynamic temperature / DRY
+    dry_breakers: Breakers | None = field(default=None, compare=False, repr=False)  # DRY's (None: none)
 
     def __post_init__(self) -> None:
         def fail(name: str, value: object, allowed: str) -> None:
@@ -64,7 +66,8 @@ class SamplingParams:
     @property
     def adjusted(self) -> bool:
         """Whether the bias or a penalty changes the logits (else greedy's token is the raw argmax)."""
-        return bool(self.logit_bias) or self.repeat_last_n != 0 and "penalties" in self.chain.order and (
+        dry = self.chain.dry_multiplier != 0 and "dry" in self.chain.order
+        return bool(self.logit_bias) or dry or self.repeat_last_n != 0 and "penalties" in self.chain.order and (
             self.repeat_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0)
 
     @property
@@ -72,9 +75,11 @@ class SamplingParams:
         return self.temperature is None or self.temperature <= 0
 
 
-def sampling_params(defaults: dict[str, Any], given: dict[str, Any], n_vocab: int) -> SamplingParams:
+def sampling_params(defaults: dict[str, Any], given: dict[str, Any], n_vocab: int,
+                    tokenizer: Any = None) -> SamplingParams:
     """SamplingParams of Model.generate's arguments: one given as None takes `defaults`' value (a
-    stored model's), else the built-in one; `logit_bias` a {token id: bias} dict (ids below n_vocab)."""
+    stored model's), else the built-in one; `logit_bias` a {token id: bias} dict (ids below n_vocab).
+    With DRY on, its sequence breakers are found in `tokenizer`'s vocabulary (dry.breakers)."""
     values = {}
     for f in fields(SamplingParams):
         v = given.get(f.name)
@@ -86,6 +91,9 @@ def sampling_params(defaults: dict[str, Any], given: dict[str, Any], n_vocab: in
     for token, _ in values["logit_bias"]:
         if token >= n_vocab:
             raise SamplingError(f"logit_bias {token}: not a token id of this model (0 to {n_vocab - 1})")
+    chain = values["chain"]
+    if chain.dry_multiplier != 0 and tokenizer is not None:
+        values["dry_breakers"] = breakers(tokenizer, chain.dry_sequence_breakers)
     return SamplingParams(**values)
 
 
@@ -127,10 +135,33 @@ def _penalties(logits: torch.Tensor, history: list[int], p: SamplingParams) -> t
     return apply_count_penalties(logits, recent, p.frequency_penalty, p.presence_penalty)
 
 
+def _modified(name: str, c: Kept, history: list[int], p: SamplingParams, vocab: int) -> Kept:
+    """The penalties' or DRY's step on the candidates (those of the whole vocabulary, or the
+    candidates' logits set in a vocabulary of -inf for the step and read back)."""
+    if name == "dry":
+        o = p.chain
+        cut = dry_penalties(history, o.dry_multiplier, o.dry_base, o.dry_allowed_length, o.dry_penalty_last_n,
+                            p.dry_breakers or {})
+        if not cut:
+            return c
+    full = c.logits if c.ids is None else torch.full((vocab,), float("-inf")).index_copy(0, c.ids, c.logits)
+    if name == "penalties":
+        full = _penalties(full, history, p)
+    else:
+        full = full.clone()
+        tokens = torch.tensor([t for t in cut if t < len(full)], dtype=torch.long)
+        full[tokens] -= torch.tensor([cut[t] for t in tokens.tolist()], dtype=full.dtype)
+    return Kept(None, full) if c.ids is None else Kept(c.ids, full[c.ids])
+
+
 def _penalized(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:
-    """float32 logits after the bias, and the penalties where the sampler order has them (greedy's scores)."""
-    biased = _biased(logits, p)
-    return _penalties(biased, history, p) if "penalties" in p.chain.order else biased
+    """float32 logits after the bias, and the penalties and DRY where the sampler order has them
+    (greedy's scores)."""
+    c = Kept(None, _biased(logits, p))
+    for name in p.chain.order:
+        if name in MODIFIERS:
+            c = _modified(name, c, history, p, logits.numel())
+    return c.logits
 
 
 def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
@@ -138,15 +169,8 @@ def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
     """For a non-greedy `p`: (ids, probabilities) of the tokens the sampler chain keeps (ids None:
     the whole vocabulary, in id order), the probabilities the softmax over them (sampler_chain.py:
     the bias first, then each sampler of the order). `gen` draws XTC's chance (a fresh one if None)."""
-    biased = _biased(logits, p)
-
-    def penalize(c: Kept) -> Kept:
-        if c.ids is None:
-            return Kept(None, _penalties(c.logits, history, p))
-        full = torch.full_like(biased, float("-inf")).index_copy(0, c.ids, c.logits)
-        return Kept(c.ids, _penalties(full, history, p)[c.ids])
-
-    kept = run_chain(Kept(None, biased), p, penalize, gen if gen is not None else torch.Generator())
+    kept = run_chain(Kept(None, _biased(logits, p)), p, lambda name, c: _modified(name, c, history, p, logits.numel()),
+                     gen if gen is not None else torch.Generator())
     return kept.ids, kept.probs()
 
 

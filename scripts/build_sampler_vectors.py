@@ -13,6 +13,11 @@ tokens it keeps there is float rounding: scores 3e-6 apart). Needs libllama from
 
     cmake -B build -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF && cmake --build build --target llama
     python scripts/build_sampler_vectors.py --libllama build/bin/libllama.so
+
+DRY (llama_sampler_dry) needs a vocabulary: the tiny fixture's text GGUF is loaded vocab-only by
+libllama through a few lines of C compiled here (its model parameters are a struct passed by
+value), and DRY's cases are histories of that tokenizer's tokens (repeated phrases, sequence
+breakers, breakers split over tokens); what it leaves of zero logits (its penalties) is stored.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +97,89 @@ def run_chain(lib: ctypes.CDLL, logits: np.ndarray, steps: list[dict], history: 
         lib.llama_sampler_free(s)
     left = [arr.data[i] for i in range(arr.size)]
     return (np.array([t.id for t in left], dtype=np.int32), np.array([t.logit for t in left], dtype=np.float32))
+
+
+SHIM = """
+#include "llama.h"
+const struct llama_vocab * qvl_load_vocab(const char * path) {
+    llama_backend_init();
+    struct llama_model_params mp = llama_model_default_params();
+    mp.vocab_only = 1;
+    struct llama_model * m = llama_model_load_from_file(path, mp);
+    return m ? llama_model_get_vocab(m) : 0;
+}
+int32_t qvl_n_tokens(const struct llama_vocab * v) { return llama_vocab_n_tokens(v); }
+"""
+FIXTURE = REPO.parent / "shared" / "fixtures" / "tiny-qwen2.5-vl"
+
+
+def _vocab(lib_path: str) -> tuple[ctypes.CDLL, int, int]:
+    """(the shim, a llama_vocab pointer, its token count) of the fixture's text GGUF."""
+    lib_dir = Path(lib_path).resolve().parent
+    source = lib_dir.parents[1]  # llama.cpp's tree: build/bin/libllama.so
+    work = Path(tempfile.mkdtemp())
+    (work / "shim.c").write_text(SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", str(work / "shim.c"), "-o", str(work / "shim.so"),
+                    f"-I{source / 'include'}", f"-I{source / 'ggml' / 'include'}", f"-L{lib_dir}", "-lllama",
+                    f"-Wl,-rpath,{lib_dir}"], check=True)
+    shim = ctypes.CDLL(str(work / "shim.so"))
+    shim.qvl_load_vocab.argtypes, shim.qvl_load_vocab.restype = [ctypes.c_char_p], ctypes.c_void_p
+    shim.qvl_n_tokens.argtypes, shim.qvl_n_tokens.restype = [ctypes.c_void_p], ctypes.c_int32
+    vocab = shim.qvl_load_vocab(str(FIXTURE / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf").encode())
+    assert vocab, "the fixture's GGUF did not load"
+    return shim, vocab, shim.qvl_n_tokens(vocab)
+
+
+def dry_cases(tokenizer) -> list[dict]:
+    """DRY's cases: histories of the tokenizer's tokens, its options and sequence breakers."""
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    texts = {
+        "phrase": "The cat sat on the mat. " * 4 + "The cat sat on",
+        "lines": "Item: apple\nItem: apple\nItem: apple\nItem:",
+        "quoted": '"a b c" "a b c" "a b c" "a b',
+        "stars": "*bold* word *bold* word *bold* word *bold",
+        "user": "User: hi there User: hi there User: hi there User: hi",
+        "long": " ".join(["alpha beta gamma delta"] * 30),
+        "mixed": "x y z x y z : x y z x y z\n x y z x y",
+        "split breaker": "one two three User: one two three User: one two",  # " User" + ":" ends the run
+    }
+    options = [
+        {"dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": 64},
+        {"dry_multiplier": 1.5, "dry_base": 1.1, "dry_allowed_length": 1, "dry_penalty_last_n": 20},
+        {"dry_multiplier": 0.5, "dry_base": 3.0, "dry_allowed_length": 3, "dry_penalty_last_n": 500},
+        {"dry_multiplier": 2.0, "dry_base": 1.0, "dry_allowed_length": 0, "dry_penalty_last_n": 64},
+    ]
+    breaker_sets = [["\n", ":", '"', "*"], ["User:", " there", "\n\n"], ["User:"], []]
+    out = []
+    for name, text in texts.items():
+        for o in options:
+            for b in breaker_sets:
+                out.append({"dry": {**o, "dry_sequence_breakers": b}, "history": ids(text), "text": name})
+    out.append({"dry": {**options[0], "dry_sequence_breakers": ["\n"]}, "history": list(range(50, 70)) * 6,
+                "text": "ids"})
+    out.append({"dry": {**options[0], "dry_sequence_breakers": ["\n"]}, "history": [5, 6] * 3000,
+                "text": "exponent cap"})
+    return out
+
+
+def run_dry(lib: ctypes.CDLL, vocab: int, n_tokens: int, case: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, penalties) llama_sampler_dry takes from zero logits after the case's history."""
+    o = case["dry"]
+    breakers = [b.encode() for b in o["dry_sequence_breakers"]]
+    arr = (ctypes.c_char_p * max(len(breakers), 1))(*breakers)
+    s = lib.llama_sampler_init_dry(vocab, o["dry_multiplier"], o["dry_base"], o["dry_allowed_length"],
+                                   o["dry_penalty_last_n"], arr, len(breakers))
+    for token in case["history"]:
+        lib.llama_sampler_accept(s, token)
+    data = (TokenData * n_tokens)(*[TokenData(i, 0.0, 0.0) for i in range(n_tokens)])
+    cur = TokenDataArray(data, n_tokens, -1, False)
+    lib.llama_sampler_apply(s, ctypes.byref(cur))
+    lib.llama_sampler_free(s)
+    logits = np.ctypeslib.as_array(ctypes.cast(cur.data, ctypes.POINTER(ctypes.c_float)), (n_tokens * 3,))[1::3]
+    ids = np.nonzero(logits)[0]
+    return ids.astype(np.int32), (-logits[ids]).astype(np.float32)
 
 
 def _logits(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -168,8 +258,18 @@ def main() -> None:
         ids, left = run_chain(lib, logits, case["steps"], history)
         arrays |= {f"{i}.logits": logits, f"{i}.history": np.array(history, dtype=np.int32), f"{i}.ids": ids,
                    f"{i}.left": left}
-    np.savez_compressed(args.out, cases=np.array(json.dumps(specs)), **arrays)
-    print(f"{args.out}: {len(specs)} cases")
+    from tokenizers import Tokenizer
+
+    shim, vocab, n_tokens = _vocab(args.libllama)
+    lib.llama_sampler_init_dry.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_int32,
+                                           ctypes.c_int32, ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t]
+    lib.llama_sampler_init_dry.restype = ctypes.c_void_p
+    dry = dry_cases(Tokenizer.from_file(str(FIXTURE / "hf" / "tokenizer.json")))
+    for i, case in enumerate(dry):
+        ids, cut = run_dry(lib, vocab, n_tokens, case)
+        arrays |= {f"dry{i}.ids": ids, f"dry{i}.cut": cut}
+    np.savez_compressed(args.out, cases=np.array(json.dumps(specs)), dry=np.array(json.dumps(dry)), **arrays)
+    print(f"{args.out}: {len(specs)} cases, {len(dry)} DRY cases ({n_tokens} tokens)")
 
 
 if __name__ == "__main__":

@@ -82,11 +82,12 @@ def test_n_probs_gives_completion_probabilities(running):
     ({"prompt": {"prompt_string": "<__media__>", "multimodal_data": []}}, "1 <__media__> markers for 0 pictures"),
     ({"prompt": {"prompt_string": "x<__media__>", "multimodal_data": ["@@"]}}, "prompt.multimodal_data[0]: not base64"),
     ({"prompt": "x", "mirostat": 2}, "mirostat 2: a sampler qvl does not have"),
-    ({"prompt": "x", "samplers": ["top_k", "dry"]}, "samplers: dry is a sampler qvl does not have"),
+    ({"prompt": "x", "samplers": ["top_k", "infill"]}, "samplers: infill is a sampler qvl does not have"),
     ({"prompt": "x", "samplers": "kq"}, "'q' is not a sampler's character"),
     ({"prompt": "x", "typical_p": "0.5"}, "typical_p '0.5': a number"),
     ({"prompt": "x", "xtc_probability": 3}, "xtc_probability 3: between 0 and 1"),
-    ({"prompt": "x", "dry_multiplier": 0.8}, "dry_multiplier 0.8: a sampler qvl does not have"),
+    ({"prompt": "x", "dry_sequence_breakers": []}, "dry_sequence_breakers: a non-empty list of texts"),
+    ({"prompt": "x", "dry_penalty_last_n": -1}, "dry_penalty_last_n -1: a whole number, 0 or more"),
     ({"prompt": "x", "n_cmpl": 2}, "n_cmpl and post_sampling_probs"),
     ({"prompt": "x", "logit_bias": [[1, "a"]]}, "the bias is a number or false"),
     ({"prompt": "x", "logit_bias": 3}, "logit_bias: [[token id or text"),
@@ -109,17 +110,20 @@ def test_the_sampler_chain_is_llama_cpps(running):
 
     model = running.service.use("tiny:1", None).model
     body = {"prompt": "Hi", "n_predict": 8, "temperature": 0.9, "top_p": 0.7, "typical_p": 0.95, "top_n_sigma": 2.5,
-            "dynatemp_range": 0.3, "seed": 4, "return_tokens": True}
+            "dynatemp_range": 0.3, "dry_multiplier": 0.7, "dry_base": 0.5, "dry_sequence_breakers": ["\n"], "seed": 4,
+            "return_tokens": True}
     got = _done(running, body)
     want = model.generate("Hi", template=False, max_new_tokens=8, temperature=0.9, top_p=0.7, seed=4,
-                          chain=ChainOptions(ORDER_LLAMACPP, typical_p=0.95, top_n_sigma=2.5, dynatemp_range=0.3))
+                          chain=ChainOptions(ORDER_LLAMACPP, typical_p=0.95, top_n_sigma=2.5, dynatemp_range=0.3,
+                                             dry_multiplier=0.7, dry_sequence_breakers=("\n",)))
     assert got["tokens"] == want.token_ids
     settings = got["generation_settings"]
     assert settings["samplers"] == list(ORDER_LLAMACPP) and settings["typical_p"] == 0.95
     assert settings["xtc_probability"] == 0.0 and settings["xtc_threshold"] == 0.1
+    assert settings["dry_base"] == 1.75 and settings["dry_sequence_breakers"] == ["\n"]  # a base below 1: its default
     # top_k 1 first leaves the likeliest token alone: the greedy answer at any temperature
     greedy = _done(running, {"prompt": "Hi", "n_predict": 8, "temperature": 0, "return_tokens": True})["tokens"]
-    for order in (["top_k", "temperature"], "kt"):
+    for order in (["top_k", "temperature"], "kt"):  # without dry or the penalties
         hot = _done(running, {"prompt": "Hi", "n_predict": 8, "temperature": 5.0, "top_k": 1, "samplers": order,
                               "return_tokens": True})
         assert hot["tokens"] == greedy and hot["generation_settings"]["samplers"] == ["top_k", "temperature"]

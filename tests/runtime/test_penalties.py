@@ -74,3 +74,26 @@ def test_ignore_eos_from_openai_fields(running):
     assert ended["text"] == "" and ended["finish_reason"] == "stop"
     kept = running.json("/v1/completions", {**body, "ignore_eos": True})
     assert kept["choices"][0]["finish_reason"] == "length" and kept["usage"]["completion_tokens"] == 3
+
+
+def test_greedy_with_dry_is_the_replay(reference):
+    """DRY (llama.cpp's, in the greedy answer too, as llama.cpp's chain runs it before its
+    temperature): greedy tokens equal a replay that takes dry_penalties from the raw logits."""
+    from qvl.runtime.dry import DEFAULT_BREAKERS, breakers, dry_penalties
+    from qvl.runtime.sampler_chain import ChainOptions
+
+    n = 16
+    plain = reference.generate(PROMPT, template=False, max_new_tokens=n).token_ids
+    chain = ChainOptions(dry_multiplier=2.0, dry_allowed_length=1)
+    got = reference.generate(PROMPT, template=False, max_new_tokens=n, chain=chain).token_ids
+    found = breakers(reference.tokenizer, DEFAULT_BREAKERS)
+    ids = reference.tokenize(PROMPT, [])[0]
+    out: list[int] = []
+    cut_any = False
+    for _ in range(n):
+        logits = reference.decoder.logits(torch.cat(reference.token_hidden(ids + out))[-1:])[0].float()
+        for tok, cut in dry_penalties(out, 2.0, 1.75, 1, 64, found).items():
+            logits[tok] -= cut
+            cut_any = True
+        out.append(int(torch.argmax(logits)))
+    assert cut_any and got == out and got != plain

@@ -129,21 +129,23 @@ def test_logit_bias_flag(model_path):
 
 
 def test_sampler_chain_flags(model_path):
-    """llama.cpp's --sampling-seq / --samplers, --typical, --top-nsigma, --xtc-*, --dynatemp-*:
+    """llama.cpp's --sampling-seq / --samplers, --typical, --top-nsigma, --xtc-*, --dynatemp-*, --dry-*:
     the answer generate gives with the same ChainOptions and seed (and unlike qvl's order's)."""
     from qvl.runtime.loader import load
     from qvl.runtime.sampler_chain import ORDER_LLAMACPP, ChainOptions
 
     model = load(model_path)
     flags = ["--temperature", "1.5", "--seed", "11", "--top-k", "50", "--typical", "0.9", "--top-nsigma", "3",
-             "--xtc-probability", "0.5", "--xtc-threshold", "0.05", "--dynatemp-range", "0.5", "--dynatemp-exp", "2"]
-    chain = ChainOptions(ORDER_LLAMACPP, 0.9, 3.0, 0.5, 0.05, 0.5, 2.0)
+             "--xtc-probability", "0.5", "--xtc-threshold", "0.05", "--dynatemp-range", "0.5", "--dynatemp-exp", "2",
+             "--dry-multiplier", "0.8", "--dry-base", "2", "--dry-allowed-length", "1", "--dry-penalty-last-n", "30",
+             "--dry-sequence-breaker", ":", "--dry-sequence-breaker", "ab"]
+    chain = ChainOptions(ORDER_LLAMACPP, 0.9, 3.0, 0.5, 0.05, 0.5, 2.0, 0.8, 2.0, 1, 30, (":", "ab"))
     want = model.generate("Hi", max_new_tokens=12, temperature=1.5, seed=11, top_k=50, chain=chain).token_ids
-    for order in (["--sampling-seq", "eskypmxt"], ["--samplers", ";".join(ORDER_LLAMACPP)]):
+    for order in (["--sampling-seq", "edskypmxt"], ["--samplers", ";".join(ORDER_LLAMACPP)]):
         got = runner.invoke(app, [model_path, "-p", "Hi", "-n", "12", "--json", *order, *flags])
         assert got.exit_code == 0, got.stderr
         assert json.loads(got.stdout)["token_ids"] == want
-    ours = ChainOptions(None, 0.9, 3.0, 0.5, 0.05, 0.5, 2.0)
+    ours = ChainOptions(None, 0.9, 3.0, 0.5, 0.05, 0.5, 2.0, 0.8, 2.0, 1, 30, (":", "ab"))
     assert model.generate("Hi", max_new_tokens=12, temperature=1.5, seed=11, top_k=50, chain=ours).token_ids != want
 
 
@@ -215,7 +217,8 @@ def test_llama_cpp_flag_names(model_path):
     (["{model}", "--prompt", "x", "--temperature", "nan"], "temperature nan: a finite number"),
     (["{model}", "--prompt", "x", "--presence-penalty", "inf"], "presence_penalty inf: a finite number"),
     (["{model}", "--prompt", "x", "--logit-bias", "12x3"], "--logit-bias '12x3': TOKEN_ID(+/-)BIAS"),
-    (["{model}", "--prompt", "x", "--samplers", "top_k;dry"], "--samplers: dry is a sampler qvl does not have"),
+    (["{model}", "--prompt", "x", "--samplers", "top_k;infill"], "--samplers: infill is a sampler qvl does not have"),
+    (["{model}", "--prompt", "x", "--dry-multiplier", "1", "--dry-penalty-last-n", "-2"], "dry_penalty_last_n -2: -1"),
     (["{model}", "--prompt", "x", "--sampling-seq", "kz"], "--sampling-seq 'kz': 'z' is not a sampler's character"),
     (["{model}", "--prompt", "x", "--samplers", "top_k", "--sampling-seq", "k"], "--samplers and --sampling-seq"),
     (["{model}", "--prompt", "x", "--xtc-probability", "2"], "xtc_probability 2.0: between 0 and 1"),

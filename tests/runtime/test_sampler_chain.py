@@ -1,8 +1,10 @@
 """The sampler chain (runtime/sampler_chain.py) against llama.cpp's own samplers: for each case of
 llamacpp-sampler-vectors.npz (scripts/build_sampler_vectors.py: libllama's typical, top-n-sigma,
 XTC, dynamic temperature, top-k, top-p, min-p, temperature and penalties, through ctypes, alone
-and in chains of several orders) qvl keeps the same tokens with the same probabilities; the
-order's names and characters as llama.cpp reads them; the flags and /completion fields."""
+and in chains of several orders) qvl keeps the same tokens with the same probabilities; DRY
+(runtime/dry.py) takes what libllama's takes after the same histories of the fixture's
+tokenizer, with its sequence breakers found in the same vocabulary; the order's names and
+characters as llama.cpp reads them."""
 
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from qvl.runtime.dry import breakers, dry_penalties
+from qvl.runtime.gguf_file import GGUFFile
 from qvl.runtime.sampler_chain import ORDER, ORDER_LLAMACPP, ChainOptions, SamplingError, parse_order
 from qvl.runtime.sampling import SamplingParams, candidates, sample
 
 VECTORS = np.load(Path(__file__).with_name("llamacpp-sampler-vectors.npz"))
 CASES = json.loads(str(VECTORS["cases"]))
+DRY = json.loads(str(VECTORS["dry"]))
 
 
 def _params(steps: list[dict]) -> SamplingParams:
@@ -62,6 +67,36 @@ def test_the_chain_keeps_what_llama_cpps_samplers_keep(i):
         assert got[t] == pytest.approx(want[t], rel=1e-5, abs=1e-9), t
 
 
+@pytest.fixture(scope="module")
+def tokenizer(fixtures_dir):
+    from qvl.runtime.tokenizer import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(GGUFFile(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"))
+
+
+@pytest.mark.parametrize("i", range(len(DRY)), ids=lambda i: f"{i}-{DRY[i]['text']}")
+def test_dry_takes_what_llama_cpps_takes(i, tokenizer):
+    case = DRY[i]
+    o = case["dry"]
+    cut = dry_penalties(case["history"], o["dry_multiplier"], o["dry_base"], o["dry_allowed_length"],
+                        o["dry_penalty_last_n"], breakers(tokenizer, tuple(o["dry_sequence_breakers"])))
+    want = dict(zip(VECTORS[f"dry{i}.ids"].tolist(), VECTORS[f"dry{i}.cut"].tolist()))
+    assert sorted(cut) == sorted(want)
+    for token, value in want.items():  # float32 there: multiplier x base^n rounded once
+        assert cut[token] == pytest.approx(value, rel=1e-6), token
+
+
+def test_the_dry_vectors_penalize_and_break():
+    """The DRY cases are not all empty, and the breakers change what is taken (the oracle is
+    not trivially matched)."""
+    by_breakers: dict[tuple, dict[str, int]] = {}
+    for i, case in enumerate(DRY):
+        key = (case["text"], json.dumps({k: v for k, v in case["dry"].items() if k != "dry_sequence_breakers"}))
+        by_breakers.setdefault(key, {})[json.dumps(case["dry"]["dry_sequence_breakers"])] = len(VECTORS[f"dry{i}.ids"])
+    assert sum(len(VECTORS[f"dry{i}.ids"]) > 0 for i in range(len(DRY))) > len(DRY) // 2
+    assert sum(len(set(counts.values())) > 1 for counts in by_breakers.values()) >= 5
+
+
 def test_the_vectors_cover_every_sampler_and_its_effect():
     """Each filter drops tokens in some case (the oracle does not only keep everything)."""
     dropped: set[str] = set()
@@ -74,7 +109,7 @@ def test_the_vectors_cover_every_sampler_and_its_effect():
 @pytest.mark.parametrize("value, order", [
     (["top_k", "Top-P", "minp", "temp", "nucleus", "typ", "top-n-sigma", "PENALTIES", "xtc"],
      ("top_k", "top_p", "min_p", "temperature", "top_p", "typ_p", "top_n_sigma", "penalties", "xtc")),
-    ("eskypmxt", ORDER_LLAMACPP),
+    ("edskypmxt", ORDER_LLAMACPP),
     ("", ()),
 ])
 def test_orders_read_as_llama_cpp_reads_them(value, order):
@@ -82,8 +117,8 @@ def test_orders_read_as_llama_cpp_reads_them(value, order):
 
 
 @pytest.mark.parametrize("value, message", [
-    (["top_k", "dry"], "dry is a sampler qvl does not have"),
-    ("kd", "dry is a sampler qvl does not have"),
+    (["top_k", "infill"], "infill is a sampler qvl does not have"),
+    ("ka", "adaptive_p is a sampler qvl does not have"),
     (["top_k", "beam"], "'beam' is not a sampler"),
     ("kz", "'z' is not a sampler's character"),
     (3, "a list of sampler names or a string"),
