@@ -1,19 +1,19 @@
 """`qvl serve`'s POST /completion: llama.cpp server's own completion endpoint (SillyTavern's,
 Continue's and the llama.cpp web UI's older way in), the prompt continued as it is.
 
-`prompt` is a string, or llama.cpp's multimodal object {"prompt_string", "multimodal_data":
-[base64 picture, ...]} whose `<__media__>` markers place the pictures. Read: n_predict,
-temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
-frequency_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
-dynatemp_exponent, dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n,
-dry_sequence_breakers, samplers (the order: names or characters; by default llama.cpp's,
-temperature last: sampler_chain.ORDER_LLAMACPP), seed (-1: a random one), stop, ignore_eos, logit_bias
-(llama.cpp's [[id or text, bias or false], ...] or {"id or text": bias}), n_probs, grammar,
-json_schema, cache_prompt, return_tokens, stream, lora (the request's adapter scales,
-lora_api.py). Unset, a sampler takes the model's stored PARAMETER, else qvl's default (greedy),
-as qvl's other endpoints do (llama.cpp's server samples at 0.8 by default). Samplers qvl does
-not have (mirostat) are refused when asked for, not ignored; left at their off values they
-are fine. Several prompts, token-id prompts and n_cmpl > 1 are refused.
+`prompt` is a string, or llama.cpp's multimodal object {"prompt_string", "multimodal_data": [base64
+picture, ...]} whose `<__media__>` markers place the pictures. Read: n_predict, temperature, top_k,
+top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, typical_p,
+top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent, dry_multiplier,
+dry_base, dry_allowed_length, dry_penalty_last_n, dry_sequence_breakers, mirostat, mirostat_tau,
+mirostat_eta, samplers (the order: names or characters; by default llama.cpp's, temperature last:
+sampler_chain.ORDER_LLAMACPP), seed (-1: a random one), stop, ignore_eos, logit_bias (llama.cpp's
+[[id or text, bias or false], ...] or {"id or text": bias}), n_probs, grammar, json_schema,
+cache_prompt, return_tokens, stream, lora (the request's adapter scales, lora_api.py). Unset, a
+sampler takes the model's stored PARAMETER, else qvl's default (greedy), as qvl's other endpoints
+do (llama.cpp's server samples at 0.8 by default). n_indent and t_max_predict_ms are refused when
+asked for, not ignored; left at 0 they are fine. Several prompts, token-id prompts and n_cmpl > 1
+are refused.
 
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (prompt_* and predicted_*:
@@ -46,9 +46,10 @@ NAMES = {"n_predict": "num_predict", "temperature": "temperature", "top_k": "top
          "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
          "stop": "stop"}
 CHAIN = ("typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent",
-         "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n")
-# samplers qvl does not have, and the values at which they are off
-OFF = {"mirostat": 0, "n_indent": 0, "t_max_predict_ms": 0}
+         "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "mirostat", "mirostat_tau",
+         "mirostat_eta")
+# what qvl does not do, and the values at which it is off
+OFF = {"n_indent": 0, "t_max_predict_ms": 0}
 
 
 def _prompt(body: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -100,7 +101,7 @@ def _biases(value: Any, model: Any) -> dict[int, float]:
 def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str, Any]:
     for key, off in OFF.items():
         if body.get(key, off) not in (off, None):
-            raise RequestError(400, f"{key} {body[key]!r}: a sampler qvl does not have (leave it at {off})")
+            raise RequestError(400, f"{key} {body[key]!r}: not done by qvl serve (leave it at {off})")
     if body.get("n_cmpl", 1) != 1 or body.get("post_sampling_probs"):
         raise RequestError(400, "n_cmpl and post_sampling_probs: not supported by qvl serve")
     options = {NAMES[k]: v for k, v in body.items() if k in NAMES and v is not None}
@@ -131,7 +132,7 @@ def _chain(body: dict[str, Any]) -> ChainOptions:
     for key, value in given.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RequestError(400, f"{key} {value!r}: a number")
-        if key in ("dry_allowed_length", "dry_penalty_last_n") and (value != int(value) or value < 0):
+        if key in ("dry_allowed_length", "dry_penalty_last_n", "mirostat") and (value != int(value) or value < 0):
             raise RequestError(400, f"{key} {value!r}: a whole number, 0 or more")
     if given.get("dry_base", 1.75) < 1:  # llama.cpp's server keeps its default then
         given["dry_base"] = 1.75
@@ -140,6 +141,7 @@ def _chain(body: dict[str, Any]) -> ChainOptions:
         if not isinstance(breakers, list) or not breakers or not all(isinstance(b, str) for b in breakers):
             raise RequestError(400, "dry_sequence_breakers: a non-empty list of texts")
         given["dry_sequence_breakers"] = tuple(breakers)
+    given.update({k: int(given[k]) for k in ("dry_allowed_length", "dry_penalty_last_n", "mirostat") if k in given})
     try:
         return chain_options({"samplers": body.get("samplers") or ORDER_LLAMACPP, **given})
     except SamplingError as e:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from .dry import DEFAULT_BREAKERS
@@ -78,7 +79,8 @@ class ChainOptions:
     """The chain's order (None: ORDER) and the options of its samplers beyond top-k / top-p /
     min-p, llama.cpp's names, defaults and off values: typical_p 1 (or None), top_n_sigma <= 0
     (or None), xtc_probability 0 (or xtc_threshold above 0.5), dynatemp_range 0, dry_multiplier
-    0 (dry.py; dry_penalty_last_n -1: every generated token)."""
+    0 (dry.py; dry_penalty_last_n -1: every generated token), mirostat 0 (1 or 2: its version, in
+    place of the order, `mirostat_kept`)."""
 
     samplers: tuple[str, ...] | None = None
     typical_p: float | None = None
@@ -92,6 +94,9 @@ class ChainOptions:
     dry_allowed_length: int = 2
     dry_penalty_last_n: int = 64
     dry_sequence_breakers: tuple[str, ...] = DEFAULT_BREAKERS
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
 
     def __post_init__(self) -> None:
         if self.samplers is not None:
@@ -101,6 +106,11 @@ class ChainOptions:
             raise SamplingError(f"dry_sequence_breakers {self.dry_sequence_breakers!r}: a list of texts")
         object.__setattr__(self, "dry_sequence_breakers", tuple(self.dry_sequence_breakers))
         for name in ("dry_multiplier", "dry_base"):
+            if not math.isfinite(getattr(self, name)):
+                raise SamplingError(f"{name} {getattr(self, name)}: a finite number")
+        if self.mirostat not in (0, 1, 2):
+            raise SamplingError(f"mirostat {self.mirostat}: 0 (off), 1 or 2")
+        for name in ("mirostat_tau", "mirostat_eta"):
             if not math.isfinite(getattr(self, name)):
                 raise SamplingError(f"{name} {getattr(self, name)}: a finite number")
         if self.dry_allowed_length < 0:
@@ -301,3 +311,41 @@ def run_chain(c: Kept, p: Params, modify: Callable[[str, Kept], Kept], gen: torc
     for name in p.chain.order:
         c = modify(name, c) if name in MODIFIERS else STEPS[name](c, p, gen)
     return c
+
+
+MIROSTAT_M = 100  # llama.cpp's m: the likeliest tokens mirostat 1 estimates the Zipf exponent from
+
+
+def mirostat_kept(c: Kept, o: ChainOptions, mu: float, n_vocab: int) -> Kept:
+    """Mirostat's truncation at surprise target `mu` (llama.cpp's, which runs it after the bias and
+    the temperature alone): version 2 keeps the tokens whose surprise -log2 p is at most mu (the
+    likeliest always), version 1 the k likeliest, k from the Zipf exponent s estimated over the
+    first MIROSTAT_M (float32 as llama.cpp reckons it: the cut is a whole number of a power)."""
+    probs = c.probs()
+    if o.mirostat == 2:
+        index = torch.nonzero(-torch.log2(probs) <= mu).flatten()
+        if not len(index):
+            index = torch.argmax(probs).reshape(1)
+        return c.take(index)
+    top = torch.topk(probs, min(MIROSTAT_M, len(probs))).values.numpy()
+    f = np.float32
+    num = den = f(0.0)
+    for i in range(len(top) - 1):
+        t = f(np.log(f(i + 2) / f(i + 1)))
+        b = f(np.log(top[i] / top[i + 1]))
+        num, den = f(num + t * b), f(den + t * t)
+    s_hat = f(num / den)
+    eps = f(s_hat - 1)
+    with np.errstate(all="ignore"):
+        k = f(np.power(f(eps * np.power(f(2), f(mu))) / f(1 - np.power(f(n_vocab), -eps)), f(1) / s_hat))
+    # llama.cpp's int(k) on x86: INT_MIN for a NaN, an infinity or one past int32's range, so 1
+    k = max(int(k), 1) if np.isfinite(k) and abs(k) < 2**31 else 1
+    return c.take(torch.topk(c.logits, min(k, len(probs))).indices)
+
+
+def mirostat_mu(mu: float, p_chosen: float, o: ChainOptions) -> float:
+    """Mirostat's target after a token of probability p_chosen (among those it kept) was drawn:
+    mu - eta x (its surprise - tau), in float32 as llama.cpp keeps it."""
+    f = np.float32
+    surprise = -np.log2(f(p_chosen))
+    return float(f(f(mu) - f(o.mirostat_eta) * f(surprise - f(o.mirostat_tau))))

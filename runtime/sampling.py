@@ -11,13 +11,14 @@ penalties, the other samplers off.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
 
 from .dry import Breakers, breakers, dry_penalties
-from .sampler_chain import MODIFIERS, ChainOptions, Kept, SamplingError, run_chain
+from .sampler_chain import MODIFIERS, ChainOptions, Kept, SamplingError, mirostat_kept, mirostat_mu, run_chain
 
 
 @dataclass(frozen=True)
@@ -164,11 +165,26 @@ def _penalized(logits: torch.Tensor, history: list[int], p: SamplingParams) -> t
     return c.logits
 
 
+_MU: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mirostat's target in a generation: by its generator
+
+
+def _drew(gen: torch.Generator, p: SamplingParams, probs: torch.Tensor, pick: int) -> None:
+    """Mirostat's target moved by the surprise of the token drawn (`pick` among the kept `probs`)."""
+    if p.chain.mirostat and not p.greedy:
+        _MU[gen] = mirostat_mu(_MU.get(gen, 2 * p.chain.mirostat_tau), float(probs[pick]), p.chain)
+
+
 def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
                gen: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """For a non-greedy `p`: (ids, probabilities) of the tokens the sampler chain keeps (ids None:
     the whole vocabulary, in id order), the probabilities the softmax over them (sampler_chain.py:
-    the bias first, then each sampler of the order). `gen` draws XTC's chance (a fresh one if None)."""
+    the bias first, then each sampler of the order). `gen` draws XTC's chance (a fresh one if None)
+    and holds a generation's mirostat target: with mirostat on, llama.cpp's chain is the bias, the
+    temperature and mirostat's truncation (sampler_chain.mirostat_kept), the order not run."""
+    if p.chain.mirostat:
+        mu = _MU.get(gen, 2 * p.chain.mirostat_tau) if gen is not None else 2 * p.chain.mirostat_tau
+        kept = mirostat_kept(Kept(None, _biased(logits, p) / p.temperature), p.chain, mu, logits.numel())
+        return kept.ids, kept.probs()
     kept = run_chain(Kept(None, _biased(logits, p)), p, lambda name, c: _modified(name, c, history, p, logits.numel()),
                      gen if gen is not None else torch.Generator())
     return kept.ids, kept.probs()
@@ -192,6 +208,7 @@ def sample(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: tor
         return int(torch.argmax(_penalized(logits, history, p)))
     ids, probs = candidates(logits, history, p, gen)
     pick = _draw(probs, gen)
+    _drew(gen, p, probs, pick)
     return pick if ids is None else int(ids[pick])
 
 
@@ -235,17 +252,21 @@ def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, 
             if form.allows(tok):
                 return tok
         return int(torch.argmax(scores.masked_fill(~_admitted(form, logits), float("-inf"))))
-    ids, probs = candidates(logits, history, p, gen)
+    ids, first = candidates(logits, history, p, gen)
 
-    def token(i: int) -> int:
+    def tid(i: int) -> int:
         return i if ids is None else int(ids[i])
 
-    probs = probs.double()
+    def token(i: int) -> int:  # the one chosen
+        _drew(gen, p, first, i)
+        return tid(i)
+
+    probs = first.double()
     for _ in range(REDRAWS):
         if not float(probs.sum()) > 0:
             break
         pick = _draw(probs, gen)
-        if form.allows(token(pick)):
+        if form.allows(tid(pick)):
             return token(pick)
         probs[pick] = 0
     ok = _admitted(form, logits)

@@ -18,6 +18,9 @@ DRY (llama_sampler_dry) needs a vocabulary: the tiny fixture's text GGUF is load
 libllama through a few lines of C compiled here (its model parameters are a struct passed by
 value), and DRY's cases are histories of that tokenizer's tokens (repeated phrases, sequence
 breakers, breakers split over tokens); what it leaves of zero logits (its penalties) is stored.
+Mirostat (versions 1 and 2) runs a sampler over 10 steps of logits: each step's kept tokens and
+the token it drew (its own random draw), so that a replay drawing the same tokens checks the
+truncation and the target's updates.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def _lib(path: str) -> ctypes.CDLL:
                        "llama_sampler_init_xtc": [f, f, z, u], "llama_sampler_init_temp_ext": [f, f, f],
                        "llama_sampler_init_top_k": [i], "llama_sampler_init_top_p": [f, z],
                        "llama_sampler_init_min_p": [f, z], "llama_sampler_init_temp": [f],
-                       "llama_sampler_init_penalties": [i, i, f, f, f]}.items():
+                       "llama_sampler_init_penalties": [i, i, f, f, f], "llama_sampler_init_mirostat": [i, u, f, f, i],
+                       "llama_sampler_init_mirostat_v2": [u, f, f]}.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, p
     lib.llama_sampler_apply.argtypes, lib.llama_sampler_apply.restype = [p, ctypes.POINTER(TokenDataArray)], None
     lib.llama_sampler_accept.argtypes, lib.llama_sampler_accept.restype = [p, i], None
@@ -182,6 +186,30 @@ def run_dry(lib: ctypes.CDLL, vocab: int, n_tokens: int, case: dict) -> tuple[np
     return ids.astype(np.int32), (-logits[ids]).astype(np.float32)
 
 
+def mirostat_cases() -> list[dict]:
+    """Mirostat's cases: a version, tau and eta, and steps of logits (a generation's tokens)."""
+    return [{"mirostat": v, "mirostat_tau": tau, "mirostat_eta": eta, "kind": kind, "n": n, "steps": 10}
+            for v in (1, 2) for tau, eta in ((5.0, 0.1), (3.0, 0.3), (8.0, 0.05), (1.0, 0.5))
+            for kind, n in (("normal", 400), ("peaked", 200), ("flat", 200))]
+
+
+def run_mirostat(lib: ctypes.CDLL, case: dict, steps: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+    """Each step's (ids mirostat kept, the id it drew) from one sampler over the steps' logits."""
+    if case["mirostat"] == 1:
+        s = lib.llama_sampler_init_mirostat(case["n"], 77, case["mirostat_tau"], case["mirostat_eta"], 100)
+    else:
+        s = lib.llama_sampler_init_mirostat_v2(77, case["mirostat_tau"], case["mirostat_eta"])
+    out = []
+    for logits in steps:
+        n = len(logits)
+        data = (TokenData * n)(*[TokenData(i, float(v), 0.0) for i, v in enumerate(logits)])
+        arr = TokenDataArray(data, n, -1, False)
+        lib.llama_sampler_apply(s, ctypes.byref(arr))
+        out.append((np.array([arr.data[i].id for i in range(arr.size)], dtype=np.int32), arr.data[arr.selected].id))
+    lib.llama_sampler_free(s)
+    return out
+
+
 def _logits(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "normal":
         return (rng.standard_normal(n) * 2).astype(np.float32)
@@ -268,8 +296,15 @@ def main() -> None:
     for i, case in enumerate(dry):
         ids, cut = run_dry(lib, vocab, n_tokens, case)
         arrays |= {f"dry{i}.ids": ids, f"dry{i}.cut": cut}
-    np.savez_compressed(args.out, cases=np.array(json.dumps(specs)), dry=np.array(json.dumps(dry)), **arrays)
-    print(f"{args.out}: {len(specs)} cases, {len(dry)} DRY cases ({n_tokens} tokens)")
+    miro = mirostat_cases()
+    for i, case in enumerate(miro):
+        steps = [_logits(case["kind"], case["n"], rng) for _ in range(case["steps"])]
+        for j, (kept, chosen) in enumerate(run_mirostat(lib, case, steps)):
+            arrays |= {f"miro{i}.{j}.logits": steps[j], f"miro{i}.{j}.kept": kept,
+                       f"miro{i}.{j}.chosen": np.array(chosen, dtype=np.int32)}
+    np.savez_compressed(args.out, cases=np.array(json.dumps(specs)), dry=np.array(json.dumps(dry)),
+                        mirostat=np.array(json.dumps(miro)), **arrays)
+    print(f"{args.out}: {len(specs)} cases, {len(dry)} DRY cases ({n_tokens} tokens), {len(miro)} mirostat runs")
 
 
 if __name__ == "__main__":

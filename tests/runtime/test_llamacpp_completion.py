@@ -81,7 +81,8 @@ def test_n_probs_gives_completion_probabilities(running):
     ({"prompt": [1, 2, 3]}, "prompt: a string or"), ({"prompt": ["a", "b"]}, "prompt: a string or"),
     ({"prompt": {"prompt_string": "<__media__>", "multimodal_data": []}}, "1 <__media__> markers for 0 pictures"),
     ({"prompt": {"prompt_string": "x<__media__>", "multimodal_data": ["@@"]}}, "prompt.multimodal_data[0]: not base64"),
-    ({"prompt": "x", "mirostat": 2}, "mirostat 2: a sampler qvl does not have"),
+    ({"prompt": "x", "mirostat": 3}, "mirostat 3: 0 (off), 1 or 2"),
+    ({"prompt": "x", "n_indent": 2}, "n_indent 2: not done by qvl serve"),
     ({"prompt": "x", "samplers": ["top_k", "infill"]}, "samplers: infill is a sampler qvl does not have"),
     ({"prompt": "x", "samplers": "kq"}, "'q' is not a sampler's character"),
     ({"prompt": "x", "typical_p": "0.5"}, "typical_p '0.5': a number"),
@@ -123,6 +124,11 @@ def test_the_sampler_chain_is_llama_cpps(running):
     assert settings["dry_base"] == 1.75 and settings["dry_sequence_breakers"] == ["\n"]  # a base below 1: its default
     # top_k 1 first leaves the likeliest token alone: the greedy answer at any temperature
     greedy = _done(running, {"prompt": "Hi", "n_predict": 8, "temperature": 0, "return_tokens": True})["tokens"]
+    mirostat = {"prompt": "Hi", "n_predict": 8, "temperature": 0.8, "mirostat": 2, "mirostat_tau": 3.0,
+                "mirostat_eta": 0.2, "seed": 6, "return_tokens": True}
+    want = model.generate("Hi", template=False, max_new_tokens=8, temperature=0.8, seed=6,
+                          chain=ChainOptions(ORDER_LLAMACPP, mirostat=2, mirostat_tau=3.0, mirostat_eta=0.2))
+    assert _done(running, mirostat)["tokens"] == want.token_ids
     for order in (["top_k", "temperature"], "kt"):  # without dry or the penalties
         hot = _done(running, {"prompt": "Hi", "n_predict": 8, "temperature": 5.0, "top_k": 1, "samplers": order,
                               "return_tokens": True})

@@ -129,7 +129,7 @@ def test_logit_bias_flag(model_path):
 
 
 def test_sampler_chain_flags(model_path):
-    """llama.cpp's --sampling-seq / --samplers, --typical, --top-nsigma, --xtc-*, --dynatemp-*, --dry-*:
+    """llama.cpp's --sampling-seq / --samplers, --typical, --top-nsigma, --xtc-*, --dynatemp-*, --dry-*, --mirostat*:
     the answer generate gives with the same ChainOptions and seed (and unlike qvl's order's)."""
     from qvl.runtime.loader import load
     from qvl.runtime.sampler_chain import ORDER_LLAMACPP, ChainOptions
@@ -147,6 +147,11 @@ def test_sampler_chain_flags(model_path):
         assert json.loads(got.stdout)["token_ids"] == want
     ours = ChainOptions(None, 0.9, 3.0, 0.5, 0.05, 0.5, 2.0, 0.8, 2.0, 1, 30, (":", "ab"))
     assert model.generate("Hi", max_new_tokens=12, temperature=1.5, seed=11, top_k=50, chain=ours).token_ids != want
+    want = model.generate("Hi", max_new_tokens=12, temperature=0.7, seed=2,
+                          chain=ChainOptions(mirostat=1, mirostat_tau=4.0, mirostat_eta=0.3)).token_ids
+    got = runner.invoke(app, [model_path, "-p", "Hi", "-n", "12", "--json", "--temperature", "0.7", "--seed", "2",
+                              "--mirostat", "1", "--mirostat-ent", "4", "--mirostat-lr", "0.3"])
+    assert got.exit_code == 0 and json.loads(got.stdout)["token_ids"] == want
 
 
 def test_ignore_eos_runs_to_the_length(model_path):
@@ -222,6 +227,7 @@ def test_llama_cpp_flag_names(model_path):
     (["{model}", "--prompt", "x", "--sampling-seq", "kz"], "--sampling-seq 'kz': 'z' is not a sampler's character"),
     (["{model}", "--prompt", "x", "--samplers", "top_k", "--sampling-seq", "k"], "--samplers and --sampling-seq"),
     (["{model}", "--prompt", "x", "--xtc-probability", "2"], "xtc_probability 2.0: between 0 and 1"),
+    (["{model}", "--prompt", "x", "--mirostat", "3"], "mirostat 3: 0 (off), 1 or 2"),
     (["{model}", "--prompt", "x", "--ignore-eos", "--format", "json"], "--ignore-eos with --format or --grammar"),
     (["{model}", "--prompt", "x", "--logit-bias", "99999999+1"], "logit_bias 99999999: not a token id of this model"),
     (["{model}", "--prompt", "x", "--max-length", "-3"], "--max-length -3: 0 or more, or -1"),

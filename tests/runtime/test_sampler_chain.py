@@ -3,8 +3,8 @@ llamacpp-sampler-vectors.npz (scripts/build_sampler_vectors.py: libllama's typic
 XTC, dynamic temperature, top-k, top-p, min-p, temperature and penalties, through ctypes, alone
 and in chains of several orders) qvl keeps the same tokens with the same probabilities; DRY
 (runtime/dry.py) takes what libllama's takes after the same histories of the fixture's
-tokenizer, with its sequence breakers found in the same vocabulary; the order's names and
-characters as llama.cpp reads them."""
+tokenizer, with its sequence breakers found in the same vocabulary; mirostat 1 and 2 keep what
+libllama's keep at each step of a run; the order's names and characters as llama.cpp reads them."""
 
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ import torch
 
 from qvl.runtime.dry import breakers, dry_penalties
 from qvl.runtime.gguf_file import GGUFFile
-from qvl.runtime.sampler_chain import ORDER, ORDER_LLAMACPP, ChainOptions, SamplingError, parse_order
+from qvl.runtime.sampler_chain import (ORDER, ORDER_LLAMACPP, ChainOptions, Kept, SamplingError, mirostat_kept,
+                                       mirostat_mu, parse_order)
 from qvl.runtime.sampling import SamplingParams, candidates, sample
 
 VECTORS = np.load(Path(__file__).with_name("llamacpp-sampler-vectors.npz"))
 CASES = json.loads(str(VECTORS["cases"]))
 DRY = json.loads(str(VECTORS["dry"]))
+MIROSTAT = json.loads(str(VECTORS["mirostat"]))
 
 
 def _params(steps: list[dict]) -> SamplingParams:
@@ -97,11 +99,52 @@ def test_the_dry_vectors_penalize_and_break():
     assert sum(len(set(counts.values())) > 1 for counts in by_breakers.values()) >= 5
 
 
+@pytest.mark.parametrize("i", range(len(MIROSTAT)), ids=lambda i: "v{mirostat}-tau{mirostat_tau}-{kind}".format(
+    **MIROSTAT[i]))
+def test_mirostat_keeps_what_llama_cpps_keeps_step_by_step(i):
+    """A replay of llama.cpp's mirostat run drawing the tokens it drew: at each step the same
+    tokens kept, so the target moved as llama.cpp's did."""
+    case = MIROSTAT[i]
+    o = ChainOptions(mirostat=case["mirostat"], mirostat_tau=case["mirostat_tau"], mirostat_eta=case["mirostat_eta"])
+    mu = 2 * o.mirostat_tau
+    for j in range(case["steps"]):
+        logits = torch.from_numpy(VECTORS[f"miro{i}.{j}.logits"])
+        kept = mirostat_kept(Kept(None, logits), o, mu, case["n"])
+        want = VECTORS[f"miro{i}.{j}.kept"]
+        assert sorted(kept.ids.tolist()) == sorted(want.tolist()), (j, len(kept.ids), len(want))
+        chosen = int(VECTORS[f"miro{i}.{j}.chosen"])
+        mu = mirostat_mu(mu, float(kept.probs()[kept.ids.tolist().index(chosen)]), o)
+
+
+def test_the_mirostat_runs_move_their_cut():
+    """In most runs of each version the cut moves from step to step (the replay is not trivial)."""
+    for version in (1, 2):
+        runs = [i for i, c in enumerate(MIROSTAT) if c["mirostat"] == version]
+        moving = [i for i in runs if len({len(VECTORS[f"miro{i}.{j}.kept"]) for j in range(MIROSTAT[i]["steps"])}) > 1]
+        assert len(moving) >= len(runs) // 2, (version, moving)
+
+
+def test_mirostat_in_a_generation_holds_its_target_per_generator():
+    """sample() keeps each generation's target by its generator: two generators from one seed draw
+    the same tokens, and the target moves away from 2 tau once a token is drawn."""
+    from qvl.runtime import sampling
+
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(1)) * 2
+    p = SamplingParams(temperature=1.0, chain=ChainOptions(mirostat=2, mirostat_tau=3.0))
+    runs = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(9)
+        runs.append([sample(logits, [], p, gen) for _ in range(30)])
+        assert sampling._MU[gen] != 6.0
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+
+
 def test_the_vectors_cover_every_sampler_and_its_effect():
     """Each filter drops tokens in some case (the oracle does not only keep everything)."""
     dropped: set[str] = set()
     for i, case in enumerate(CASES):
-        if len(case["steps"]) == 1 and np.isfinite(VECTORS[f"{i}.left"]).sum() < np.isfinite(VECTORS[f"{i}.logits"]).sum():
+        finite_left, finite_in = np.isfinite(VECTORS[f"{i}.left"]).sum(), np.isfinite(VECTORS[f"{i}.logits"]).sum()
+        if len(case["steps"]) == 1 and finite_left < finite_in:
             dropped.add(case["steps"][0]["sampler"])
     assert dropped == {"typ_p", "top_n_sigma", "xtc"}
 
