@@ -239,17 +239,31 @@ def _min_p(c: Kept, p: Params, gen: torch.Generator) -> Kept:
 def _typical(c: Kept, p: Params, gen: torch.Generator) -> Kept:
     """Locally typical sampling: tokens by how far their surprise -log p is from the entropy,
     closest first, until their probabilities add up to more than typical_p (llama.cpp's order of
-    ties may differ)."""
+    ties may differ). Only the tokens in a prefix of that order that holds the cut are sorted
+    (`_closest`), as top-p sorts a prefix."""
     typical = p.chain.typical_p
     if typical is None or typical >= 1 or c.logits.numel() < 2:
         return c
     probs = c.probs()
     log_p = torch.log(probs)
     entropy = -(probs * log_p).nan_to_num(0.0).sum()
-    order = torch.argsort((-log_p - entropy).abs(), stable=True)
-    over = torch.nonzero(torch.cumsum(probs[order], 0) > typical)
-    last = int(over[0]) + 1 if len(over) else len(order)
-    return c.take(order[:last])
+    shifted = (-log_p - entropy).abs()
+    for sort in (lambda: _closest(shifted, probs, typical), lambda: torch.argsort(shifted, stable=True)):
+        order = sort()  # the prefix first; the whole order where the prefix's mass stays at typical_p
+        over = torch.nonzero(torch.cumsum(probs[order], 0) > typical)
+        if len(over):
+            return c.take(order[:int(over[0]) + 1])
+    return c
+
+
+def _closest(shifted: torch.Tensor, probs: torch.Tensor, mass: float) -> torch.Tensor:
+    """The positions of the smallest `shifted` scores, in their stable sorted order, down to a
+    bin (LOG_BINS over LOG_RANGE) past the one where their probabilities reach `mass`."""
+    bins = (shifted * (LOG_BINS / LOG_RANGE)).nan_to_num(LOG_BINS).clamp(max=LOG_BINS - 1).long()
+    cum = torch.cumsum(torch.bincount(bins, weights=probs.double(), minlength=LOG_BINS), 0)
+    last = min(int(torch.searchsorted(cum, cum.new_tensor([mass]), right=True)) + 1, LOG_BINS - 1)
+    index = torch.nonzero(bins <= last).flatten()
+    return index[torch.argsort(shifted[index], stable=True)]
 
 
 def _top_n_sigma(c: Kept, p: Params, gen: torch.Generator) -> Kept:

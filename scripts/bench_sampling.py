@@ -7,6 +7,8 @@ for top-p and draws over all of it), measured in the same run on random logits.
 
 One line a parameter set: milliseconds a draw (median) for each, and the ratio. The sorted
 version is also the tests' oracle for which tokens the filters keep (tests/runtime/test_sampling.py).
+Then llama.cpp's other samplers (typical, top-n-sigma, XTC, dynamic temperature, DRY without
+sequence breakers, mirostat), each against llama.cpp's default chain timed in the same run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+from qvl.runtime.sampler_chain import ORDER_LLAMACPP, ChainOptions
 from qvl.runtime.sampling import SamplingParams, apply_repeat_penalty, sample
 
 VOCAB = 152_064
@@ -25,6 +28,18 @@ CASES = {
     "top-k 40": SamplingParams(temperature=0.8, top_k=40),
     "top-p 0.9": SamplingParams(temperature=0.7, top_p=0.9),
     "llama.cpp's defaults": SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1),
+}
+LLAMACPP = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1,
+                          chain=ChainOptions(ORDER_LLAMACPP))
+# llama.cpp's other samplers (sampler_chain.py), each over the whole vocabulary after the temperature
+EXTRA = {
+    "typical 0.95": ChainOptions(typical_p=0.95),
+    "top-n-sigma 1.5": ChainOptions(top_n_sigma=1.5),
+    "xtc 1.0 / 0.001": ChainOptions(xtc_probability=1.0, xtc_threshold=0.001),
+    "dynatemp 0.5": ChainOptions(dynatemp_range=0.5),
+    "dry 0.8, last 64": ChainOptions(dry_multiplier=0.8),
+    "mirostat 1": ChainOptions(mirostat=1),
+    "mirostat 2": ChainOptions(mirostat=2),
 }
 
 
@@ -70,6 +85,14 @@ def main() -> None:
         first = median_ms(lambda: int(torch.multinomial(full_vocab_distribution(logits, history, p), 1,
                                                         generator=gen)), args.repeat)
         print(f"{name:22s} sample {ours:8.3f} ms   full vocabulary {first:8.3f} ms   {first / ours:6.1f}x")
+    base = median_ms(lambda: sample(logits, history, LLAMACPP, gen), args.repeat)
+    print(f"llama.cpp's defaults in its order (temperature last): {base:.3f} ms; its other samplers, alone at "
+          "temperature 0.8 (x: over those defaults' time):")
+    repeats = (history[:20] * 4)[:64]  # DRY: a history that repeats itself
+    for name, chain in EXTRA.items():
+        p = SamplingParams(temperature=0.8, chain=chain)
+        ms = median_ms(lambda: sample(logits, repeats, p, torch.Generator().manual_seed(1)), args.repeat)
+        print(f"{name:22s} sample {ms:8.3f} ms   {ms / base:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -216,3 +216,13 @@ def test_penalties_left_out_of_the_order_do_not_apply():
     assert sample(logits, [0], with_pen, torch.Generator()) == 1
     assert sample(logits, [0], without, torch.Generator()) == 0
     assert with_pen.adjusted and not without.adjusted
+
+
+def test_typical_that_its_sum_never_passes_keeps_every_token():
+    """typical_p just below 1 (1.0 in float32): the running sum never passes it, so every token is
+    kept, as llama.cpp's loop ends without a cut (the binned prefix falls back to the whole order)."""
+    logits = torch.randn(3000, generator=torch.Generator().manual_seed(4))
+    p = SamplingParams(temperature=1.0, chain=ChainOptions(typical_p=0.99999999))
+    ids, probs = candidates(logits, [], p)
+    assert ids is None or sorted(ids.tolist()) == list(range(3000))
+    assert probs.numel() == 3000
