@@ -114,7 +114,7 @@ def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str,
     if bias:
         kwargs["logit_bias"] = bias
     kwargs["cache_prompt"] = bool(body.get("cache_prompt", True))
-    kwargs["chain"] = _chain(body)
+    kwargs["chain"] = request_chain(body, ORDER_LLAMACPP)
     return kwargs
 
 
@@ -126,8 +126,9 @@ def _chain_settings(chain: ChainOptions) -> dict[str, Any]:
     return {**values, "dry_sequence_breakers": list(chain.dry_sequence_breakers), "samplers": list(chain.order)}
 
 
-def _chain(body: dict[str, Any]) -> ChainOptions:
-    """The request's sampler chain: its `samplers` order (llama.cpp's by default) and options."""
+def request_chain(body: dict[str, Any], order: tuple[str, ...] | None) -> ChainOptions:
+    """A request's sampler chain by llama.cpp's field names: its `samplers` order (else `order`;
+    None: qvl's) and its samplers' options."""
     given = {k: body[k] for k in CHAIN if body.get(k) is not None}
     for key, value in given.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -143,7 +144,7 @@ def _chain(body: dict[str, Any]) -> ChainOptions:
         given["dry_sequence_breakers"] = tuple(breakers)
     given.update({k: int(given[k]) for k in ("dry_allowed_length", "dry_penalty_last_n", "mirostat") if k in given})
     try:
-        return chain_options({"samplers": body.get("samplers") or ORDER_LLAMACPP, **given})
+        return chain_options({"samplers": body.get("samplers") or order, **given})
     except SamplingError as e:
         raise RequestError(400, str(e)) from None
 

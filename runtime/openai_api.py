@@ -4,7 +4,10 @@ prompt continued as it is, no chat template; logprobs and echo, so that a prompt
 on server.Service's loaded model. `n` choices are made one after another, each with the seed one
 more than the one before. Streams are server-sent events, each chunk with the logprobs of the
 tokens scored since the one before; choices stream one after another, each chunk with its index.
-As llama.cpp's server, both completions take `lora`: the request's run-time adapter scales (lora_api.py)."""
+As llama.cpp's server, both completions take `lora`: the request's run-time adapter scales (lora_api.py),
+and its samplers' fields: top_k, min_p, repeat_penalty, repeat_last_n, typical_p, top_n_sigma,
+xtc_*, dynatemp_*, dry_*, mirostat* and `samplers` (the order; qvl's, temperature first, unless
+given: llamacpp_completion.request_chain)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
+from .llamacpp_completion import request_chain
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
 from .sampling import SamplingParams
 from .server import (Loaded, Reply, RequestError, Service, _messages, _store_error, answer_format,
@@ -40,8 +44,8 @@ def model(service: Service, body: dict[str, Any]) -> Reply:
 
 def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tokens: int | None) -> dict[str, Any]:
     """Model.generate's keyword arguments from OpenAI's names over the stored parameters."""
-    options = {k: body[k] for k in ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty")
-               if body.get(k) is not None}
+    options = {k: body[k] for k in ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty",
+                                    "top_k", "min_p", "repeat_penalty", "repeat_last_n") if body.get(k) is not None}
     limit = body.get("max_completion_tokens", body.get("max_tokens", default_tokens))
     if limit is not None:
         options["num_predict"] = limit
@@ -50,6 +54,7 @@ def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tok
         if not isinstance(body["logit_bias"], dict):
             raise RequestError(400, "logit_bias: a map of token ids to biases")
         kwargs["logit_bias"] = body["logit_bias"]
+    kwargs["chain"] = request_chain(body, None)  # llama.cpp server's samplers, in qvl's order unless `samplers`
     if body.get("ignore_eos"):  # llama.cpp server's and vLLM's: the end-of-turn tokens never chosen
         kwargs["logit_bias"] = {**kwargs.get("logit_bias", {}), **{str(t): float("-inf") for t in loaded.model.stop_ids}}
     return kwargs

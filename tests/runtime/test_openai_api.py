@@ -137,3 +137,25 @@ def test_streamed_logprobs_come_with_their_chunks(running):
     assert len(parts) >= 3
     for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):  # offsets run on across chunks
         assert [v for p in parts for v in p[key]] == whole[key], key
+
+
+def test_llama_cpp_sampler_fields(running, reference):
+    """As llama.cpp's server reads them on its OpenAI endpoints: top_k, min_p, the repeat penalty,
+    typical_p, DRY, mirostat and `samplers`; qvl's order unless `samplers` names one."""
+    from qvl.runtime.sampler_chain import ChainOptions
+
+    messages = [{"role": "user", "content": "Count: one two three"}]
+    want = reference.chat(messages, max_new_tokens=8, temperature=0.9, top_k=30, min_p=0.01, seed=3,
+                          repeat_penalty=1.2, chain=ChainOptions(typical_p=0.9, dry_multiplier=0.6)).text
+    got = running.json("/v1/chat/completions", {"model": "tiny:1", "messages": messages, "max_tokens": 8,
+                                                "temperature": 0.9, "top_k": 30, "min_p": 0.01, "seed": 3,
+                                                "repeat_penalty": 1.2, "typical_p": 0.9, "dry_multiplier": 0.6})
+    assert got["choices"][0]["message"]["content"] == want
+    assert want != reference.chat(messages, max_new_tokens=8, temperature=0.9, seed=3).text  # the fields count
+    greedy = reference.generate("The cat sat on", template=False, max_new_tokens=6).text
+    hot = running.json("/v1/completions", {"model": "tiny:1", "prompt": "The cat sat on", "max_tokens": 6,
+                                           "temperature": 4.0, "top_k": 1, "samplers": "kt"})
+    assert hot["choices"][0]["text"] == greedy  # top_k 1 before the temperature: the likeliest token
+    status, data = running.request("/v1/chat/completions", {"model": "tiny:1", "messages": messages,
+                                                            "mirostat": 4})
+    assert status == 400 and "mirostat 4: 0 (off), 1 or 2" in json.loads(data)["error"]
