@@ -51,8 +51,8 @@ class SamplingError(ValueError):
 
 def parse_order(value: str | list[str] | tuple[str, ...], where: str = "samplers") -> tuple[str, ...]:
     """An order of samplers from llama.cpp's forms: a list of names (any case, its aliases) or a
-    string of its characters ("eskypmxt"). Names it has that qvl does not (dry, infill,
-    adaptive_p) and unknown ones are refused (llama.cpp warns and leaves an unknown one out)."""
+    string of its characters ("edskypmxt"). Names it has that qvl does not (infill, adaptive_p)
+    and unknown ones are refused (llama.cpp warns and leaves an unknown one out)."""
     if isinstance(value, str):
         names = []
         for c in value:
@@ -341,7 +341,7 @@ def mirostat_kept(c: Kept, o: ChainOptions, mu: float, n_vocab: int) -> Kept:
         if not len(index):
             index = torch.argmax(probs).reshape(1)
         return c.take(index)
-    top = torch.topk(probs, min(MIROSTAT_M, len(probs))).values.numpy()
+    top = torch.topk(probs, min(MIROSTAT_M, len(probs))).values.cpu().numpy()
     f = np.float32
     num = den = f(0.0)
     for i in range(len(top) - 1):

@@ -3,9 +3,10 @@
 The logit bias first (OpenAI's logit_bias, llama.cpp's --logit-bias: added to the raw logits),
 then the chain's samplers in their order (sampler_chain.py; by default the penalties: the repeat
 penalty, then the frequency and presence penalties, OpenAI's logit - count * frequency -
-presence; temperature; top-n-sigma, top-k, typical, top-p, min-p, XTC), then a draw from the
-remaining distribution. Greedy (temperature 0 or below) takes the argmax after the bias and the
-penalties, the other samplers off.
+presence; DRY, dry.py; temperature; top-n-sigma, top-k, typical, top-p, min-p, XTC), then a draw
+from the remaining distribution; with mirostat, the temperature and its truncation alone. Greedy
+(temperature 0 or below) takes the argmax after the bias, the penalties and DRY, the other
+samplers off. The logits may be on any device.
 """
 
 from __future__ import annotations
@@ -145,13 +146,15 @@ def _modified(name: str, c: Kept, history: list[int], p: SamplingParams, vocab: 
                             p.dry_breakers or {})
         if not cut:
             return c
-    full = c.logits if c.ids is None else torch.full((vocab,), float("-inf")).index_copy(0, c.ids, c.logits)
+    full = c.logits if c.ids is None else torch.full((vocab,), float("-inf"), device=c.logits.device).index_copy(
+        0, c.ids, c.logits)
     if name == "penalties":
         full = _penalties(full, history, p)
     else:
         full = full.clone()
-        tokens = torch.tensor([t for t in cut if t < len(full)], dtype=torch.long)
-        full[tokens] -= torch.tensor([cut[t] for t in tokens.tolist()], dtype=full.dtype)
+        tokens = [t for t in cut if t < len(full)]
+        index = torch.tensor(tokens, dtype=torch.long, device=full.device)
+        full[index] -= torch.tensor([cut[t] for t in tokens], dtype=full.dtype, device=full.device)
     return Kept(None, full) if c.ids is None else Kept(c.ids, full[c.ids])
 
 
