@@ -7,7 +7,8 @@ top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty
 top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent, dry_multiplier,
 dry_base, dry_allowed_length, dry_penalty_last_n, dry_sequence_breakers, mirostat, mirostat_tau,
 mirostat_eta, samplers (the order: names or characters; by default llama.cpp's, temperature last:
-sampler_chain.ORDER_LLAMACPP), seed (-1: a random one), stop, ignore_eos, logit_bias (llama.cpp's
+sampler_chain.ORDER_LLAMACPP; the penalties and DRY see the prompt's text tokens before the
+answer's, as llama-server's do), seed (-1: a random one), stop, ignore_eos, logit_bias (llama.cpp's
 [[id or text, bias or false], ...] or {"id or text": bias}), n_probs, grammar, json_schema,
 cache_prompt, return_tokens, stream, lora (the request's adapter scales, lora_api.py). Unset, a
 sampler takes the model's stored PARAMETER, else qvl's default (greedy), as qvl's other endpoints
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -114,7 +116,7 @@ def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str,
     if bias:
         kwargs["logit_bias"] = bias
     kwargs["cache_prompt"] = bool(body.get("cache_prompt", True))
-    kwargs["chain"] = request_chain(body, ORDER_LLAMACPP)
+    kwargs["chain"] = replace(request_chain(body, ORDER_LLAMACPP), prompt_seen=True)
     return kwargs
 
 

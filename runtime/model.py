@@ -134,7 +134,7 @@ class Model:
         self.scored: list[TokenLogprob] = []  # with logprobs=: the tokens' so far, while a stream runs
         self.usage = Usage()  # generations' and embeddings' token counts and times (usage.py; serve's /metrics)
         self.defaults: dict[str, Any] = {}  # generate's defaults (a stored model's PARAMETERs, SYSTEM): loader.py
-        self.image_pad_id = self.tokenizer.token_to_id(IMAGE_PAD)
+        self.image_pad_id, self.video_pad_id = (self.tokenizer.token_to_id(pad) for pad in (IMAGE_PAD, VIDEO_PAD))
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
         self._token_table: TokenTable | None = None  # format="json"'s view of the vocabulary, made once
 
@@ -533,8 +533,8 @@ class Model:
             logits = self._prefill(embeds, positions[:, reuse:], cache, all_logits=False)[-1]
             timings["prefill_s"] = (t1 := time.perf_counter()) - t0 - timings.get("vision_ms", 0.0) / 1e3
             next_pos = int(positions.max()) + 1 if n_prompt else 0
-            gen = torch.Generator().manual_seed(params.seed)
-            answer = TextStream(self.tokenizer)
+            gen, answer = torch.Generator().manual_seed(params.seed), TextStream(self.tokenizer)
+            seen = [t for t in ids if t not in (self.image_pad_id, self.video_pad_id)] * params.chain.prompt_seen
             graph = self._graph if self._graph is not None and self._graph.cache is cache else None
             fresh = graph is not None and graph.graph is None  # captured on this generation's first step
             # greedy with no penalty: the step's own argmax, the next step queued before it is read
@@ -547,12 +547,12 @@ class Model:
                     tok = chosen
                 elif form is not None:
                     try:
-                        tok = sample_allowed(logits, out_ids, params, gen, form)
+                        tok = sample_allowed(logits, seen + out_ids, params, gen, form)
                     except FormatError as e:  # a schema nothing can satisfy (a $ref to itself alone)
                         raise ModelError(str(e)) from None
                     form.accept(tok)
                 else:
-                    tok = sample(logits, out_ids, params, gen)
+                    tok = sample(logits, seen + out_ids, params, gen)
                 if tok in self.stop_ids:
                     ended = True
                     break

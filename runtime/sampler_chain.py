@@ -97,6 +97,7 @@ class ChainOptions:
     mirostat: int = 0
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
+    prompt_seen: bool = False  # the penalties and DRY see the prompt's text tokens too, as llama-server's do
 
     def __post_init__(self) -> None:
         if self.samplers is not None:

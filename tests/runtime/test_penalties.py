@@ -97,3 +97,51 @@ def test_greedy_with_dry_is_the_replay(reference):
             cut_any = True
         out.append(int(torch.argmax(logits)))
     assert cut_any and got == out and got != plain
+
+
+def test_llama_servers_penalties_see_the_prompt(reference, running):
+    """/completion's penalties (and DRY) see the prompt's text tokens before the answer's, as
+    llama-server's sampler accepts the prompt: its greedy tokens are a replay whose repeat penalty
+    covers prompt + answer; the picture's pad tokens are not among them."""
+    from qvl.runtime.sampler_chain import ChainOptions
+
+    plain = reference.generate(PROMPT, template=False, max_new_tokens=3).token_ids
+    prompt = PROMPT + reference.tokenizer.decode(plain)  # an answer begun: what it repeats is in the prompt
+    ids = reference.tokenize(prompt, [])[0]
+    out: list[int] = []
+    for _ in range(8):
+        logits = reference.decoder.logits(torch.cat(reference.token_hidden(ids + out))[-1:])[0].float()
+        recent = (ids + out)[-64:]
+        for tok in set(recent):
+            logits[tok] = logits[tok] / 3.0 if logits[tok] > 0 else logits[tok] * 3.0
+        out.append(int(torch.argmax(logits)))
+    seen = reference.generate(prompt, template=False, max_new_tokens=8, repeat_penalty=3.0,
+                              chain=ChainOptions(prompt_seen=True)).token_ids
+    assert seen == out
+    assert seen != reference.generate(prompt, template=False, max_new_tokens=8, repeat_penalty=3.0).token_ids
+    got = running.json("/completion", {"model": "tiny:1", "prompt": prompt, "n_predict": 8, "repeat_penalty": 3.0,
+                                       "return_tokens": True})
+    assert got["tokens"] == out
+
+
+def test_the_prompt_the_penalties_see_has_no_picture_pads(reference, monkeypatch):
+    """With a picture in the prompt, the history the sampler gets holds the prompt's text tokens
+    (its vision start and end included, as mtmd's text chunks), not the picture's pad tokens."""
+    from PIL import Image
+
+    from qvl.runtime import model as model_module
+    from qvl.runtime.sampler_chain import ChainOptions
+
+    histories: list[list[int]] = []
+    real = model_module.sample
+    monkeypatch.setattr(model_module, "sample", lambda logits, history, p, gen: (
+        histories.append(list(history)), real(logits, history, p, gen))[1])
+    picture = Image.new("RGB", (56, 56), (200, 30, 30))
+    ids = reference.tokenize("<|vision_start|><|image_pad|><|vision_end|>What is it?", [picture])[0]
+    text = [t for t in ids if t != reference.image_pad_id]
+    assert len(text) < len(ids)
+    for seen, want in ((True, text), (False, [])):
+        histories.clear()
+        reference.generate("<|vision_start|><|image_pad|><|vision_end|>What is it?", [picture], template=False,
+                           max_new_tokens=2, repeat_penalty=1.5, chain=ChainOptions(prompt_seen=seen))
+        assert histories[0] == want and histories[1][:-1] == want
