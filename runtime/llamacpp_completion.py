@@ -6,15 +6,15 @@ picture, ...]} whose `<__media__>` markers place the pictures. Read: n_predict, 
 top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, typical_p,
 top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent, dry_multiplier,
 dry_base, dry_allowed_length, dry_penalty_last_n, dry_sequence_breakers, mirostat, mirostat_tau,
-mirostat_eta, samplers (the order: names or characters; by default llama.cpp's, temperature last:
-sampler_chain.ORDER_LLAMACPP; the penalties and DRY see the prompt's text tokens before the
-answer's, as llama-server's do), seed (-1: a random one), stop, ignore_eos, logit_bias (llama.cpp's
-[[id or text, bias or false], ...] or {"id or text": bias}), n_probs, grammar, json_schema,
-cache_prompt, return_tokens, stream, lora (the request's adapter scales, lora_api.py). Unset, a
-sampler takes the model's stored PARAMETER, else qvl's default (greedy), as qvl's other endpoints
-do (llama.cpp's server samples at 0.8 by default). n_indent and t_max_predict_ms are refused when
-asked for, not ignored; left at 0 they are fine. Several prompts, token-id prompts and n_cmpl > 1
-are refused.
+mirostat_eta, adaptive_target, adaptive_decay, samplers (the order: names or characters; by default
+llama.cpp's, temperature last: sampler_chain.ORDER_LLAMACPP; the penalties and DRY see the prompt's
+text tokens before the answer's, as llama-server's do), seed (-1: a random one), stop, ignore_eos,
+logit_bias (llama.cpp's [[id or text, bias or false], ...] or {"id or text": bias}), n_probs,
+grammar, json_schema, cache_prompt, return_tokens, stream, lora (the request's adapter scales,
+lora_api.py). Unset, a sampler takes the model's stored PARAMETER, else qvl's default (greedy), as
+qvl's other endpoints do (llama.cpp's server samples at 0.8 by default). n_indent and
+t_max_predict_ms are refused when asked for, not ignored; left at 0 they are fine. Several prompts,
+token-id prompts and n_cmpl > 1 are refused.
 
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (prompt_* and predicted_*:
@@ -49,7 +49,7 @@ NAMES = {"n_predict": "num_predict", "temperature": "temperature", "top_k": "top
          "stop": "stop"}
 CHAIN = ("typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent",
          "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "mirostat", "mirostat_tau",
-         "mirostat_eta")
+         "mirostat_eta", "adaptive_target", "adaptive_decay")
 # what qvl does not do, and the values at which it is off
 OFF = {"n_indent": 0, "t_max_predict_ms": 0}
 

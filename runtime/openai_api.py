@@ -6,7 +6,7 @@ more than the one before. Streams are server-sent events, each chunk with the lo
 tokens scored since the one before; choices stream one after another, each chunk with its index.
 As llama.cpp's server, both completions take `lora`: the request's run-time adapter scales (lora_api.py),
 and its samplers' fields: top_k, min_p, repeat_penalty, repeat_last_n, typical_p, top_n_sigma,
-xtc_*, dynatemp_*, dry_*, mirostat* and `samplers` (the order; qvl's, temperature first, unless
+xtc_*, dynatemp_*, dry_*, mirostat*, adaptive_* and `samplers` (the order; qvl's, temperature first, unless
 given: llamacpp_completion.request_chain)."""
 
 from __future__ import annotations

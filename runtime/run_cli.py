@@ -251,6 +251,11 @@ def run(
                                  "after the temperature (0 = off)."),
     mirostat_lr: float = typer.Option(0.1, "--mirostat-lr", help="Mirostat's learning rate (eta)."),
     mirostat_ent: float = typer.Option(5.0, "--mirostat-ent", help="Mirostat's target entropy (tau)."),
+    adaptive_target: float = typer.Option(-1.0, "--adaptive-target", help="adaptive-p (llama.cpp's; with "
+                                          "adaptive_p in --samplers): draw tokens near this probability "
+                                          "(below 0 = off)."),
+    adaptive_decay: float = typer.Option(0.9, "--adaptive-decay", help="adaptive-p's decay of its average "
+                                         "(0 to 0.99)."),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for repeated tokens (above 0; 1.0 = none)."),
     repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Last generated tokens the penalties see (0 = off, -1 = all)."),
     presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="Subtracted from the logit of each token "
@@ -415,7 +420,8 @@ def run(
     biases = logit_biases(logit_bias)
     chain = chain_flags(samplers, sampling_seq, typical, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
                         dynatemp_exp, DryFlags(dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n,
-                                               tuple(dry_sequence_breaker)), (mirostat, mirostat_ent, mirostat_lr))
+                                               tuple(dry_sequence_breaker)), (mirostat, mirostat_ent, mirostat_lr),
+                        (adaptive_target, adaptive_decay))
     if ignore_eos and fmt is not None:
         _fail("--ignore-eos with --format or --grammar: a constrained answer ends at its end-of-turn token")
     try:  # the options' own checks, before a model is loaded

@@ -86,15 +86,17 @@ class DryFlags:
 def chain_flags(samplers: Optional[str], sequence: Optional[str], typical: Optional[float],
                 top_n_sigma: Optional[float], xtc_probability: float, xtc_threshold: float,
                 dynatemp_range: float, dynatemp_exp: float, dry: DryFlags,
-                mirostat: tuple[int, float, float]) -> ChainOptions | None:
+                mirostat: tuple[int, float, float], adaptive: tuple[float, float]) -> ChainOptions | None:
     """The sampler chain of llama.cpp's flags: --samplers "top_k;top_p;..." (names split at ';')
     or --sampling-seq "kypmxt" (characters) for the order, and the samplers' own options; None
     when none is given (qvl's order, those samplers off). A --dry-base below 1 is left at its
-    default, as llama.cpp leaves it. `mirostat`: --mirostat, --mirostat-ent (tau), --mirostat-lr (eta)."""
+    default, as llama.cpp leaves it. `mirostat`: --mirostat, --mirostat-ent (tau), --mirostat-lr (eta);
+    `adaptive`: --adaptive-target, --adaptive-decay."""
     if samplers is not None and sequence is not None:
         fail("--samplers and --sampling-seq: choose one")
     given = (samplers, sequence, typical, top_n_sigma)
-    if all(v is None for v in given) and (xtc_probability, dynatemp_range, dry.multiplier, mirostat[0]) == (0, 0, 0, 0):
+    off = (xtc_probability, dynatemp_range, dry.multiplier, mirostat[0]) == (0, 0, 0, 0) and adaptive[0] < 0
+    if all(v is None for v in given) and off:
         return None
     breakers = () if "none" in dry.breakers else dry.breakers or DEFAULT_BREAKERS
     try:
@@ -102,6 +104,6 @@ def chain_flags(samplers: Optional[str], sequence: Optional[str], typical: Optio
                  else parse_order(sequence, "--sampling-seq") if sequence is not None else None)
         return ChainOptions(order, typical, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
                             dynatemp_exp, dry.multiplier, dry.base if dry.base >= 1 else 1.75, dry.allowed_length,
-                            dry.penalty_last_n, breakers, *mirostat)
+                            dry.penalty_last_n, breakers, *mirostat, *adaptive)
     except SamplingError as e:
         fail(str(e))

@@ -30,7 +30,7 @@ ORDER = ("penalties", "dry", "temperature", "top_n_sigma", "top_k", "typ_p", "to
 ORDER_LLAMACPP = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
 CHARS = {"e": "penalties", "s": "top_n_sigma", "k": "top_k", "y": "typ_p", "p": "top_p", "m": "min_p", "x": "xtc",
          "t": "temperature", "d": "dry", "i": "infill", "a": "adaptive_p"}
-NOT_HAD = ("infill", "adaptive_p")  # llama.cpp's samplers qvl does not have
+NOT_HAD = ("infill",)  # llama.cpp's samplers qvl does not have (fill-in-the-middle)
 
 
 def _aliases() -> dict[str, str]:
@@ -51,8 +51,8 @@ class SamplingError(ValueError):
 
 def parse_order(value: str | list[str] | tuple[str, ...], where: str = "samplers") -> tuple[str, ...]:
     """An order of samplers from llama.cpp's forms: a list of names (any case, its aliases) or a
-    string of its characters ("edskypmxt"). Names it has that qvl does not (infill, adaptive_p)
-    and unknown ones are refused (llama.cpp warns and leaves an unknown one out)."""
+    string of its characters ("edskypmxt"). A name it has that qvl does not (infill) and unknown
+    ones are refused (llama.cpp warns and leaves an unknown one out)."""
     if isinstance(value, str):
         names = []
         for c in value:
@@ -80,7 +80,8 @@ class ChainOptions:
     min-p, llama.cpp's names, defaults and off values: typical_p 1 (or None), top_n_sigma <= 0
     (or None), xtc_probability 0 (or xtc_threshold above 0.5), dynatemp_range 0, dry_multiplier
     0 (dry.py; dry_penalty_last_n -1: every generated token), mirostat 0 (1 or 2: its version, in
-    place of the order, `mirostat_kept`)."""
+    place of the order, `mirostat_kept`), adaptive_target below 0 (adaptive-p, where the order
+    names adaptive_p: last, whatever its place, `adaptive_logits`)."""
 
     samplers: tuple[str, ...] | None = None
     typical_p: float | None = None
@@ -97,6 +98,8 @@ class ChainOptions:
     mirostat: int = 0
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
+    adaptive_target: float = -1.0
+    adaptive_decay: float = 0.9
     prompt_seen: bool = False  # the penalties and DRY see the prompt's text tokens too, as llama-server's do
 
     def __post_init__(self) -> None:
@@ -114,6 +117,10 @@ class ChainOptions:
         for name in ("mirostat_tau", "mirostat_eta"):
             if not math.isfinite(getattr(self, name)):
                 raise SamplingError(f"{name} {getattr(self, name)}: a finite number")
+        if not (math.isfinite(self.adaptive_target) and self.adaptive_target <= 1):
+            raise SamplingError(f"adaptive_target {self.adaptive_target}: 1 or below (below 0: off)")
+        if not 0 <= self.adaptive_decay <= 0.99:
+            raise SamplingError(f"adaptive_decay {self.adaptive_decay}: between 0 and 0.99")
         if self.dry_allowed_length < 0:
             raise SamplingError(f"dry_allowed_length {self.dry_allowed_length}: 0 or more")
         if self.dry_penalty_last_n < -1:
@@ -324,7 +331,8 @@ def run_chain(c: Kept, p: Params, modify: Callable[[str, Kept], Kept], gen: torc
     """The candidates each step of p.chain's order keeps, in turn; `modify(name, c)` is the
     penalties' and DRY's step."""
     for name in p.chain.order:
-        c = modify(name, c) if name in MODIFIERS else STEPS[name](c, p, gen)
+        if name != "adaptive_p":  # llama.cpp puts it last, in place of the draw (sampling.py)
+            c = modify(name, c) if name in MODIFIERS else STEPS[name](c, p, gen)
     return c
 
 
@@ -364,3 +372,38 @@ def mirostat_mu(mu: float, p_chosen: float, o: ChainOptions) -> float:
     f = np.float32
     surprise = -np.log2(f(p_chosen))
     return float(f(f(mu) - f(o.mirostat_eta) * f(surprise - f(o.mirostat_tau))))
+
+
+# adaptive-p's transform (llama.cpp's DISTRIBUTION_WIDTH, PEAK_LOGIT_VALUE, SHARPNESS), float32
+ADAPTIVE_INV_WIDTH = np.float32(1) / np.float32(0.3)
+ADAPTIVE_PEAK = 5.0
+ADAPTIVE_SHARPNESS = 10.0
+
+
+def adaptive_start(o: ChainOptions) -> tuple[float, float]:
+    """adaptive-p's moving average at a generation's start: (weighted sum, total weight) as if
+    the target had been drawn for ever."""
+    decay = np.float32(o.adaptive_decay)
+    return float(np.float32(o.adaptive_target) / (1 - decay)), float(np.float32(1) / (1 - decay))
+
+
+def adaptive_logits(c: Kept, o: ChainOptions, state: tuple[float, float]) -> Kept:
+    """adaptive-p (llama.cpp's): each candidate's new logit 5 - 10 d^2 / (1 + d), d its
+    probability's distance from the adapted target over 0.3; the target moved against the
+    average probability of the tokens drawn so far (`state`), so that they average the target."""
+    probs = c.probs()
+    f = np.float32
+    weighted, total = state
+    target = f(min(max(o.adaptive_target, 0.0), 1.0))
+    adapted = target if total == 0 else f(f(2) * target - f(weighted) / f(total))
+    adapted = f(min(max(adapted, f(0)), f(1)))
+    d = ((probs - float(adapted)) * float(ADAPTIVE_INV_WIDTH)).abs()
+    logits = ADAPTIVE_PEAK - ADAPTIVE_SHARPNESS * d * d / (1 + d)
+    return Kept(c.ids, torch.where(torch.isfinite(c.logits), logits, c.logits))
+
+
+def adaptive_next(state: tuple[float, float], p_original: float, o: ChainOptions) -> tuple[float, float]:
+    """The moving average after a token of (untransformed) probability p_original was drawn."""
+    f = np.float32
+    decay = f(o.adaptive_decay)
+    return float(f(f(p_original) + decay * f(state[0]))), float(f(f(1) + decay * f(state[1])))

@@ -4,7 +4,8 @@ The logit bias first (OpenAI's logit_bias, llama.cpp's --logit-bias: added to th
 then the chain's samplers in their order (sampler_chain.py; by default the penalties: the repeat
 penalty, then the frequency and presence penalties, OpenAI's logit - count * frequency -
 presence; DRY, dry.py; temperature; top-n-sigma, top-k, typical, top-p, min-p, XTC), then a draw
-from the remaining distribution; with mirostat, the temperature and its truncation alone. Greedy
+from the remaining distribution (adaptive-p's transform of it where the order names it); with
+mirostat, the temperature and its truncation alone. Greedy
 (temperature 0 or below) takes the argmax after the bias, the penalties and DRY, the other
 samplers off. The logits may be on any device.
 """
@@ -19,7 +20,8 @@ from typing import Any, Protocol
 import torch
 
 from .dry import Breakers, breakers, dry_penalties
-from .sampler_chain import MODIFIERS, ChainOptions, Kept, SamplingError, mirostat_kept, mirostat_mu, run_chain
+from .sampler_chain import (MODIFIERS, ChainOptions, Kept, SamplingError, adaptive_logits, adaptive_next,
+                            adaptive_start, mirostat_kept, mirostat_mu, run_chain)
 
 
 @dataclass(frozen=True)
@@ -168,13 +170,26 @@ def _penalized(logits: torch.Tensor, history: list[int], p: SamplingParams) -> t
     return c.logits
 
 
-_MU: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mirostat's target in a generation: by its generator
+# a generation's state, by its generator: mirostat's target; adaptive-p's average and the last
+# draw's untransformed probabilities
+_MU: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ADAPTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _adaptive(p: SamplingParams) -> bool:
+    return "adaptive_p" in p.chain.order and p.chain.adaptive_target >= 0 and not p.chain.mirostat
 
 
 def _drew(gen: torch.Generator, p: SamplingParams, probs: torch.Tensor, pick: int) -> None:
-    """Mirostat's target moved by the surprise of the token drawn (`pick` among the kept `probs`)."""
-    if p.chain.mirostat and not p.greedy:
+    """Mirostat's target moved by the surprise of the token drawn (`pick` among the kept `probs`),
+    or adaptive-p's average by its probability before the transform."""
+    if p.greedy:
+        return
+    if p.chain.mirostat:
         _MU[gen] = mirostat_mu(_MU.get(gen, 2 * p.chain.mirostat_tau), float(probs[pick]), p.chain)
+    elif _adaptive(p) and gen in _ADAPTIVE:
+        state, original = _ADAPTIVE[gen]
+        _ADAPTIVE[gen] = (adaptive_next(state, float(original[pick]), p.chain), original)
 
 
 def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
@@ -182,14 +197,20 @@ def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
     """For a non-greedy `p`: (ids, probabilities) of the tokens the sampler chain keeps (ids None:
     the whole vocabulary, in id order), the probabilities the softmax over them (sampler_chain.py:
     the bias first, then each sampler of the order). `gen` draws XTC's chance (a fresh one if None)
-    and holds a generation's mirostat target: with mirostat on, llama.cpp's chain is the bias, the
-    temperature and mirostat's truncation (sampler_chain.mirostat_kept), the order not run."""
+    and holds a generation's mirostat target and adaptive-p average: with mirostat on, llama.cpp's
+    chain is the bias, the temperature and mirostat's truncation (sampler_chain.mirostat_kept), the
+    order not run; with adaptive-p, the probabilities are its transform of what the order kept."""
     if p.chain.mirostat:
         mu = _MU.get(gen, 2 * p.chain.mirostat_tau) if gen is not None else 2 * p.chain.mirostat_tau
         kept = mirostat_kept(Kept(None, _biased(logits, p) / p.temperature), p.chain, mu, logits.numel())
         return kept.ids, kept.probs()
+    gen = gen if gen is not None else torch.Generator()
     kept = run_chain(Kept(None, _biased(logits, p)), p, lambda name, c: _modified(name, c, history, p, logits.numel()),
-                     gen if gen is not None else torch.Generator())
+                     gen)
+    if _adaptive(p):  # adaptive-p: the draw's distribution transformed, the moving average kept by `gen`
+        state = _ADAPTIVE[gen][0] if gen in _ADAPTIVE else adaptive_start(p.chain)
+        _ADAPTIVE[gen] = (state, kept.probs())
+        kept = adaptive_logits(kept, p.chain, state)
     return kept.ids, kept.probs()
 
 

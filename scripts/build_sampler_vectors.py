@@ -20,7 +20,7 @@ value), and DRY's cases are histories of that tokenizer's tokens (repeated phras
 breakers, breakers split over tokens); what it leaves of zero logits (its penalties) is stored.
 Mirostat (versions 1 and 2) runs a sampler over 10 steps of logits: each step's kept tokens and
 the token it drew (its own random draw), so that a replay drawing the same tokens checks the
-truncation and the target's updates.
+truncation and the target's updates; adaptive-p likewise, each step's transformed probabilities.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _lib(path: str) -> ctypes.CDLL:
                        "llama_sampler_init_top_k": [i], "llama_sampler_init_top_p": [f, z],
                        "llama_sampler_init_min_p": [f, z], "llama_sampler_init_temp": [f],
                        "llama_sampler_init_penalties": [i, i, f, f, f], "llama_sampler_init_mirostat": [i, u, f, f, i],
-                       "llama_sampler_init_mirostat_v2": [u, f, f]}.items():
+                       "llama_sampler_init_mirostat_v2": [u, f, f], "llama_sampler_init_adaptive_p": [f, f, u]}.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, p
     lib.llama_sampler_apply.argtypes, lib.llama_sampler_apply.restype = [p, ctypes.POINTER(TokenDataArray)], None
     lib.llama_sampler_accept.argtypes, lib.llama_sampler_accept.restype = [p, i], None
@@ -210,6 +210,31 @@ def run_mirostat(lib: ctypes.CDLL, case: dict, steps: list[np.ndarray]) -> list[
     return out
 
 
+def adaptive_cases() -> list[dict]:
+    """adaptive-p's cases: target and decay, and steps of logits."""
+    return [{"adaptive_target": t, "adaptive_decay": d, "kind": kind, "n": n, "steps": 10}
+            for t, d in ((0.5, 0.9), (0.1, 0.5), (0.9, 0.99), (0.0, 0.0)) for kind, n in (("normal", 300), ("peaked", 100))]
+
+
+def run_adaptive(lib: ctypes.CDLL, case: dict, steps: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Each step's (ids, probabilities after the transform, the id drawn), the drawn id accepted
+    before the next step, as llama.cpp's chain accepts it."""
+    s = lib.llama_sampler_init_adaptive_p(case["adaptive_target"], case["adaptive_decay"], 99)
+    out = []
+    for logits in steps:
+        n = len(logits)
+        data = (TokenData * n)(*[TokenData(i, float(v), 0.0) for i, v in enumerate(logits)])
+        arr = TokenDataArray(data, n, -1, False)
+        lib.llama_sampler_apply(s, ctypes.byref(arr))
+        left = [arr.data[i] for i in range(arr.size)]
+        chosen = arr.data[arr.selected].id
+        out.append((np.array([t.id for t in left], dtype=np.int32), np.array([t.p for t in left], dtype=np.float32),
+                    chosen))
+        lib.llama_sampler_accept(s, chosen)
+    lib.llama_sampler_free(s)
+    return out
+
+
 def _logits(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "normal":
         return (rng.standard_normal(n) * 2).astype(np.float32)
@@ -302,9 +327,16 @@ def main() -> None:
         for j, (kept, chosen) in enumerate(run_mirostat(lib, case, steps)):
             arrays |= {f"miro{i}.{j}.logits": steps[j], f"miro{i}.{j}.kept": kept,
                        f"miro{i}.{j}.chosen": np.array(chosen, dtype=np.int32)}
+    adaptive = adaptive_cases()
+    for i, case in enumerate(adaptive):
+        steps = [_logits(case["kind"], case["n"], rng) for _ in range(case["steps"])]
+        for j, (ids, probs, chosen) in enumerate(run_adaptive(lib, case, steps)):
+            arrays |= {f"adaptive{i}.{j}.logits": steps[j], f"adaptive{i}.{j}.ids": ids,
+                       f"adaptive{i}.{j}.probs": probs, f"adaptive{i}.{j}.chosen": np.array(chosen, dtype=np.int32)}
     np.savez_compressed(args.out, cases=np.array(json.dumps(specs)), dry=np.array(json.dumps(dry)),
-                        mirostat=np.array(json.dumps(miro)), **arrays)
-    print(f"{args.out}: {len(specs)} cases, {len(dry)} DRY cases ({n_tokens} tokens), {len(miro)} mirostat runs")
+                        mirostat=np.array(json.dumps(miro)), adaptive=np.array(json.dumps(adaptive)), **arrays)
+    print(f"{args.out}: {len(specs)} cases, {len(dry)} DRY cases ({n_tokens} tokens), {len(miro)} mirostat runs, "
+          f"{len(adaptive)} adaptive-p runs")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def test_n_probs_gives_completion_probabilities(running):
     ({"prompt": {"prompt_string": "<__media__>", "multimodal_data": []}}, "1 <__media__> markers for 0 pictures"),
     ({"prompt": {"prompt_string": "x<__media__>", "multimodal_data": ["@@"]}}, "prompt.multimodal_data[0]: not base64"),
     ({"prompt": "x", "mirostat": 3}, "mirostat 3: 0 (off), 1 or 2"),
+    ({"prompt": "x", "adaptive_decay": 1.5}, "adaptive_decay 1.5: between 0 and 0.99"),
     ({"prompt": "x", "n_indent": 2}, "n_indent 2: not done by qvl serve"),
     ({"prompt": "x", "samplers": ["top_k", "infill"]}, "samplers: infill is a sampler qvl does not have"),
     ({"prompt": "x", "samplers": "kq"}, "'q' is not a sampler's character"),
@@ -129,6 +130,12 @@ def test_the_sampler_chain_is_llama_cpps(running):
     want = model.generate("Hi", template=False, max_new_tokens=8, temperature=0.8, seed=6,
                           chain=ChainOptions(ORDER_LLAMACPP, mirostat=2, mirostat_tau=3.0, mirostat_eta=0.2))
     assert _done(running, mirostat)["tokens"] == want.token_ids
+    adaptive = {"prompt": "Hi", "n_predict": 8, "temperature": 0.8, "samplers": ["top_k", "adaptive_p", "temperature"],
+                "top_k": 20, "adaptive_target": 0.3, "adaptive_decay": 0.5, "seed": 6, "return_tokens": True}
+    want = model.generate("Hi", template=False, max_new_tokens=8, temperature=0.8, top_k=20, seed=6,
+                          chain=ChainOptions(("top_k", "adaptive_p", "temperature"), adaptive_target=0.3,
+                                             adaptive_decay=0.5))
+    assert _done(running, adaptive)["tokens"] == want.token_ids
     for order in (["top_k", "temperature"], "kt"):  # without dry or the penalties
         hot = _done(running, {"prompt": "Hi", "n_predict": 8, "temperature": 5.0, "top_k": 1, "samplers": order,
                               "return_tokens": True})

@@ -152,6 +152,13 @@ def test_sampler_chain_flags(model_path):
     got = runner.invoke(app, [model_path, "-p", "Hi", "-n", "12", "--json", "--temperature", "0.7", "--seed", "2",
                               "--mirostat", "1", "--mirostat-ent", "4", "--mirostat-lr", "0.3"])
     assert got.exit_code == 0 and json.loads(got.stdout)["token_ids"] == want
+    want = model.generate("Hi", max_new_tokens=12, temperature=0.7, seed=2,
+                          chain=ChainOptions(("temperature", "adaptive_p"), adaptive_target=0.4, adaptive_decay=0.8))
+    got = runner.invoke(app, [model_path, "-p", "Hi", "-n", "12", "--json", "--temperature", "0.7", "--seed", "2",
+                              "--samplers", "temperature;adaptive_p", "--adaptive-target", "0.4",
+                              "--adaptive-decay", "0.8"])
+    assert got.exit_code == 0 and json.loads(got.stdout)["token_ids"] == want.token_ids
+    assert want.token_ids != model.generate("Hi", max_new_tokens=12, temperature=0.7, seed=2).token_ids
 
 
 def test_ignore_eos_runs_to_the_length(model_path):
@@ -228,6 +235,7 @@ def test_llama_cpp_flag_names(model_path):
     (["{model}", "--prompt", "x", "--samplers", "top_k", "--sampling-seq", "k"], "--samplers and --sampling-seq"),
     (["{model}", "--prompt", "x", "--xtc-probability", "2"], "xtc_probability 2.0: between 0 and 1"),
     (["{model}", "--prompt", "x", "--mirostat", "3"], "mirostat 3: 0 (off), 1 or 2"),
+    (["{model}", "--prompt", "x", "--adaptive-target", "2"], "adaptive_target 2.0: 1 or below"),
     (["{model}", "--prompt", "x", "--ignore-eos", "--format", "json"], "--ignore-eos with --format or --grammar"),
     (["{model}", "--prompt", "x", "--logit-bias", "99999999+1"], "logit_bias 99999999: not a token id of this model"),
     (["{model}", "--prompt", "x", "--max-length", "-3"], "--max-length -3: 0 or more, or -1"),

@@ -26,6 +26,7 @@ VECTORS = np.load(Path(__file__).with_name("llamacpp-sampler-vectors.npz"))
 CASES = json.loads(str(VECTORS["cases"]))
 DRY = json.loads(str(VECTORS["dry"]))
 MIROSTAT = json.loads(str(VECTORS["mirostat"]))
+ADAPTIVE = json.loads(str(VECTORS["adaptive"]))
 
 
 def _params(steps: list[dict]) -> SamplingParams:
@@ -116,6 +117,28 @@ def test_mirostat_keeps_what_llama_cpps_keeps_step_by_step(i):
         mu = mirostat_mu(mu, float(kept.probs()[kept.ids.tolist().index(chosen)]), o)
 
 
+@pytest.mark.parametrize("i", range(len(ADAPTIVE)), ids=lambda i: "target{adaptive_target}-decay{adaptive_decay}-{kind}"
+                         .format(**ADAPTIVE[i]))
+def test_adaptive_p_transforms_as_llama_cpps_step_by_step(i):
+    """A replay of llama.cpp's adaptive-p run drawing the tokens it drew: each step's transformed
+    distribution within 1e-5 (relative, float32 both) of libllama's, the average moved alike."""
+    from qvl.runtime import sampling
+
+    case = ADAPTIVE[i]
+    p = SamplingParams(temperature=1.0, chain=ChainOptions(("adaptive_p",), adaptive_target=case["adaptive_target"],
+                                                           adaptive_decay=case["adaptive_decay"]))
+    gen = torch.Generator()
+    for j in range(case["steps"]):
+        ids, probs = candidates(torch.from_numpy(VECTORS[f"adaptive{i}.{j}.logits"]), [], p, gen)
+        ids = torch.arange(len(probs)) if ids is None else ids
+        got = dict(zip(ids.tolist(), probs.tolist()))
+        want = dict(zip(VECTORS[f"adaptive{i}.{j}.ids"].tolist(), VECTORS[f"adaptive{i}.{j}.probs"].tolist()))
+        assert set(got) == set(want)
+        for t, w in want.items():
+            assert got[t] == pytest.approx(w, rel=1e-5, abs=1e-12), (j, t)
+        sampling._drew(gen, p, probs, ids.tolist().index(int(VECTORS[f"adaptive{i}.{j}.chosen"])))
+
+
 def test_the_mirostat_runs_move_their_cut():
     """In most runs of each version the cut moves from step to step (the replay is not trivial)."""
     for version in (1, 2):
@@ -161,7 +184,7 @@ def test_orders_read_as_llama_cpp_reads_them(value, order):
 
 @pytest.mark.parametrize("value, message", [
     (["top_k", "infill"], "infill is a sampler qvl does not have"),
-    ("ka", "adaptive_p is a sampler qvl does not have"),
+    ("ki", "infill is a sampler qvl does not have"),
     (["top_k", "beam"], "'beam' is not a sampler"),
     ("kz", "'z' is not a sampler's character"),
     (3, "a list of sampler names or a string"),
@@ -175,6 +198,8 @@ def test_orders_qvl_cannot_follow_are_refused_by_name(value, message):
     ({"xtc_probability": 1.5}, "xtc_probability 1.5: between 0 and 1"),
     ({"typical_p": math.nan}, "typical_p nan: a finite number"),
     ({"dynatemp_exponent": math.inf}, "dynatemp_exponent inf"),
+    ({"adaptive_decay": 1.0}, "adaptive_decay 1.0: between 0 and 0.99"),
+    ({"adaptive_target": 1.5}, "adaptive_target 1.5: 1 or below"),
 ])
 def test_bad_options_are_refused_by_name(kwargs, message):
     with pytest.raises(SamplingError, match=message):
