@@ -9,12 +9,13 @@ dry_base, dry_allowed_length, dry_penalty_last_n, dry_sequence_breakers, mirosta
 mirostat_eta, adaptive_target, adaptive_decay, samplers (the order: names or characters; by default
 llama.cpp's, temperature last: sampler_chain.ORDER_LLAMACPP; the penalties and DRY see the prompt's
 text tokens before the answer's, as llama-server's do), seed (-1: a random one), stop, ignore_eos,
-logit_bias (llama.cpp's [[id or text, bias or false], ...] or {"id or text": bias}), n_probs,
-grammar, json_schema, cache_prompt, return_tokens, stream, lora (the request's adapter scales,
-lora_api.py). Unset, a sampler takes the model's stored PARAMETER, else qvl's default (greedy), as
-qvl's other endpoints do (llama.cpp's server samples at 0.8 by default). n_indent and
-t_max_predict_ms are refused when asked for, not ignored; left at 0 they are fine. Several prompts,
-token-id prompts and n_cmpl > 1 are refused.
+logit_bias (llama.cpp's [[id or text, bias or false], ...] or {"id or text": bias}), n_probs (any
+number, or its alias logprobs; post_sampling_probs: the sampler chain's probabilities), grammar,
+json_schema, cache_prompt, return_tokens, stream, lora (the request's adapter scales, lora_api.py).
+Unset, a sampler takes the model's stored PARAMETER, else qvl's default (greedy), as qvl's other
+endpoints do (llama.cpp's server samples at 0.8 by default). n_indent and t_max_predict_ms are
+refused when asked for, not ignored; left at 0 they are fine. Several prompts, token-id prompts and
+n_cmpl > 1 are refused.
 
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (prompt_* and predicted_*:
@@ -26,6 +27,7 @@ client the default model's settings, whether it sees pictures and the picture ma
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import replace
@@ -37,8 +39,7 @@ from .logprobs import entries, speller
 from .model import PLAN_CTX
 from .sampler_chain import ORDER_LLAMACPP, ChainOptions, chain_options
 from .sampling import SamplingError, SamplingParams
-from .server import (VERSION, Loaded, Reply, RequestError, Service, answer_format, generation_options,
-                     top_logprobs)
+from .server import VERSION, Loaded, Reply, RequestError, Service, answer_format, generation_options
 from .tokenizer import stop_word
 
 MEDIA_MARKER = "<__media__>"  # mtmd's default marker: one picture's place in the prompt
@@ -104,8 +105,8 @@ def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str,
     for key, off in OFF.items():
         if body.get(key, off) not in (off, None):
             raise RequestError(400, f"{key} {body[key]!r}: not done by qvl serve (leave it at {off})")
-    if body.get("n_cmpl", 1) != 1 or body.get("post_sampling_probs"):
-        raise RequestError(400, "n_cmpl and post_sampling_probs: not supported by qvl serve")
+    if body.get("n_cmpl", 1) != 1:
+        raise RequestError(400, "n_cmpl: not supported by qvl serve")
     options = {NAMES[k]: v for k, v in body.items() if k in NAMES and v is not None}
     if options.get("seed") == -1:  # llama.cpp's random seed
         options["seed"] = int.from_bytes(os.urandom(4), "little")
@@ -116,7 +117,8 @@ def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str,
     if bias:
         kwargs["logit_bias"] = bias
     kwargs["cache_prompt"] = bool(body.get("cache_prompt", True))
-    kwargs["chain"] = replace(request_chain(body, ORDER_LLAMACPP), prompt_seen=True)
+    kwargs["chain"] = replace(request_chain(body, ORDER_LLAMACPP), prompt_seen=True,
+                              post_sampling_probs=bool(body.get("post_sampling_probs")))
     return kwargs
 
 
@@ -156,7 +158,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     model = loaded.model
     text, pictures = _prompt(body)
     kwargs = _kwargs(loaded, service, body)
-    top = top_logprobs(body["n_probs"], "n_probs") if body.get("n_probs") else None
+    top = _n_probs(body, model.cfg.n_vocab)
     chain = kwargs["chain"]
     settings = ({k: body[k] for k in NAMES if k in body} | _chain_settings(chain) |
                 {"n_ctx": kwargs.get("ctx_size"), "model": service._name(loaded)})
@@ -187,15 +189,40 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                            "predicted_per_token_ms": decode_s * 1e3 / m if m else 0.0,
                            "predicted_per_second": m / decode_s if decode_s else 0.0}}
         if top is not None and g.logprobs is not None:
-            spell = speller(model.tokenizer)
-            out["completion_probabilities"] = [{"id": s.token, **e, "top_logprobs": [
-                {"id": i, **t} for (i, _), t in zip(s.top, e["top_logprobs"])]}
-                for s, e in zip(g.logprobs, entries(spell, g.logprobs))]
+            out["completion_probabilities"] = _probabilities(speller(model.tokenizer), g.logprobs,
+                                                             chain.post_sampling_probs)
         return out
 
     if not body.get("stream", False):
         return Reply(whole("".join(pieces)))
     return Reply(events=_stream(pieces, whole), sse=True, sse_done=False)
+
+
+def _n_probs(body: dict[str, Any], n_vocab: int) -> int | None:
+    """llama.cpp's n_probs (or its alias `logprobs`): the alternatives reported a token, none at 0."""
+    value = body.get("n_probs", body.get("logprobs"))
+    if value is None or value is False or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RequestError(400, f"n_probs {value!r}: a whole number, 0 or more")
+    return min(value, n_vocab)
+
+
+def _probabilities(spell: Any, scored: list[Any], post_sampling: bool) -> list[dict[str, Any]]:
+    """completion_probabilities as llama.cpp's server writes them: each token's id, text, bytes and
+    logprob with its top_logprobs; with post_sampling_probs, probabilities from the sampler chain's
+    distribution instead ("prob", "top_probs")."""
+    out = []
+    for s, e in zip(scored, entries(spell, scored)):
+        tops = [{"id": i, **t} for (i, _), t in zip(s.top, e["top_logprobs"])]
+        if post_sampling:
+            e = {"token": e["token"], "bytes": e["bytes"], "prob": math.exp(e["logprob"])}
+            tops = [{"id": t["id"], "token": t["token"], "bytes": t["bytes"], "prob": math.exp(t["logprob"])}
+                    for t in tops]
+            out.append({"id": s.token, **e, "top_probs": tops})
+        else:
+            out.append({"id": s.token, **e, "top_logprobs": tops})
+    return out
 
 
 def _stream(pieces: Iterator[str], whole: Callable[[str], dict[str, Any]]) -> Iterator[dict[str, Any]]:

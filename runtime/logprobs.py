@@ -5,6 +5,7 @@ filters), with the likeliest alternatives; and of each prompt token given the on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,8 +29,20 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # the `top` likeliest tokens at that step and their log-probabilities, likeliest first
 
 
-def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """`token`'s log-probability under logits (vocab,) and the `top` likeliest ones."""
+def token_logprob(logits: torch.Tensor, token: int, top: int,
+                  drawn: tuple[torch.Tensor | None, torch.Tensor] | None = None) -> TokenLogprob:
+    """`token`'s log-probability under logits (vocab,) and the `top` likeliest ones; with `drawn`
+    (ids, probabilities; ids None: the vocabulary), under that distribution instead (llama-server's
+    post_sampling_probs: the sampler chain's), its tokens of probability 0 left out."""
+    if drawn is not None:
+        ids, probs = drawn
+        probs = probs.float().cpu()
+        ids = torch.arange(len(probs)) if ids is None else ids.cpu()
+        values, order = torch.sort(probs, descending=True, stable=True)
+        ranked = [(int(ids[i]), float(v)) for i, v in zip(order[:top], values[:top]) if v > 0]
+        where = torch.nonzero(ids == token).flatten()
+        p = float(probs[where[0]]) if len(where) else 0.0
+        return TokenLogprob(token, math.log(p) if p > 0 else -math.inf, [(i, math.log(v)) for i, v in ranked])
     lp = torch.log_softmax(logits.float(), -1)
     best = torch.topk(lp, top) if top else None
     alternatives = [(int(i), float(v)) for v, i in zip(best.values, best.indices)] if best is not None else []

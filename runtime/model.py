@@ -31,12 +31,13 @@ from .json_format import JsonConstraint, TokenTable, format_grammar, token_table
 from .json_grammar import Grammar
 from .kernel_failure import one_line, one_line_items
 from .lora import LoraSource, load_adapters
-from .logprobs import MAX_TOP, TokenLogprob, token_logprob
+from .logprobs import TokenLogprob, token_logprob
 from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, dequant_slab_bytes, footprint,
                         indexed, make_plan)
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
-from .sampling import ChainOptions, FormatError, SamplingError, SamplingParams, sample, sample_allowed, sampling_params
+from .sampling import (ChainOptions, FormatError, SamplingError, SamplingParams, drawn_from, sample, sample_allowed,
+                       sampling_params)
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
 from .usage import Usage
 from .video import VideoInput, VideoOptions, frame_size, load_video
@@ -283,9 +284,8 @@ class Model:
         self.placement = replace(self.placement, vision_max_pixels=limit)
 
     def _encode_batches(self, items: list[MediaSpan]) -> list[list[MediaSpan]]:
-        """The media encoded together, in order: all at once, or under a memory limit
-        (placement.vision_max_pixels, which each was fitted to alone) as many at a time as it
-        holds, so that a prompt's pictures together do not take more than one may."""
+        """The media encoded together, in order: all at once, or under a memory limit (placement.vision_max_pixels,
+        which each was fitted to alone) as many at a time as it holds: a prompt's pictures take no more than one may."""
         limit = self.placement.vision_max_pixels
         if limit is None:
             return [items]
@@ -429,8 +429,8 @@ class Model:
             raise ModelError(f"max_new_tokens {max_new_tokens}: 0 or more")
         if ctx_size is not None and ctx_size < 0:
             raise ModelError(f"ctx_size {ctx_size}: 0 (the prompt plus max_new_tokens) or more")
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP:
-            raise ModelError(f"logprobs {logprobs}: 0 to {MAX_TOP} alternatives")
+        if logprobs is not None and not 0 <= logprobs <= self.cfg.n_vocab:
+            raise ModelError(f"logprobs {logprobs}: 0 to {self.cfg.n_vocab} alternatives")
         try:
             grammar = None if format is None else format_grammar(format, self.tokenizer)
         except ValueError as e:
@@ -557,7 +557,7 @@ class Model:
                     ended = True
                     break
                 if scored is not None:
-                    scored.append(token_logprob(logits, tok, top or 0))
+                    scored.append(token_logprob(logits, tok, top or 0, drawn_from(gen, params)))
                 out_ids.append(tok)
                 piece = answer.push(tok)
                 if piece is not None:  # None: the token ends inside a multi-byte character

@@ -101,6 +101,7 @@ class ChainOptions:
     adaptive_target: float = -1.0
     adaptive_decay: float = 0.9
     prompt_seen: bool = False  # the penalties and DRY see the prompt's text tokens too, as llama-server's do
+    post_sampling_probs: bool = False  # logprobs reported from the chain's distribution (llama-server's)
 
     def __post_init__(self) -> None:
         if self.samplers is not None:

@@ -174,6 +174,18 @@ def _penalized(logits: torch.Tensor, history: list[int], p: SamplingParams) -> t
 # draw's untransformed probabilities
 _MU: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ADAPTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DRAWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the last draw's (ids, probabilities)
+
+
+def drawn_from(gen: torch.Generator, p: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """With post_sampling_probs, the distribution the last token of `gen`'s generation was drawn
+    from (ids None: the vocabulary; greedy: its token alone at 1), else None."""
+    return _DRAWN.get(gen) if p.chain.post_sampling_probs else None
+
+
+def _report(gen: torch.Generator, p: SamplingParams, ids: torch.Tensor | None, probs: torch.Tensor) -> None:
+    if p.chain.post_sampling_probs:
+        _DRAWN[gen] = (ids, probs)
 
 
 def _adaptive(p: SamplingParams) -> bool:
@@ -229,10 +241,13 @@ def sample(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: tor
     against the cumulative probabilities of the `candidates` (a multinomial draw over the
     whole vocabulary costs ~5-25 ms on a CPU)."""
     if p.greedy:
-        return int(torch.argmax(_penalized(logits, history, p)))
+        tok = int(torch.argmax(_penalized(logits, history, p)))
+        _report(gen, p, torch.tensor([tok]), torch.ones(1))
+        return tok
     ids, probs = candidates(logits, history, p, gen)
     pick = _draw(probs, gen)
     _drew(gen, p, probs, pick)
+    _report(gen, p, ids, probs)
     return pick if ids is None else int(ids[pick])
 
 
@@ -283,6 +298,7 @@ def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, 
 
     def token(i: int) -> int:  # the one chosen
         _drew(gen, p, first, i)
+        _report(gen, p, ids, first)  # the chain's distribution, as llama.cpp's when its draw keeps to the grammar
         return tid(i)
 
     probs = first.double()

@@ -90,7 +90,8 @@ def test_n_probs_gives_completion_probabilities(running):
     ({"prompt": "x", "xtc_probability": 3}, "xtc_probability 3: between 0 and 1"),
     ({"prompt": "x", "dry_sequence_breakers": []}, "dry_sequence_breakers: a non-empty list of texts"),
     ({"prompt": "x", "dry_penalty_last_n": -1}, "dry_penalty_last_n -1: a whole number, 0 or more"),
-    ({"prompt": "x", "n_cmpl": 2}, "n_cmpl and post_sampling_probs"),
+    ({"prompt": "x", "n_cmpl": 2}, "n_cmpl: not supported"),
+    ({"prompt": "x", "n_probs": -1}, "n_probs -1: a whole number"),
     ({"prompt": "x", "logit_bias": [[1, "a"]]}, "the bias is a number or false"),
     ({"prompt": "x", "logit_bias": 3}, "logit_bias: [[token id or text"),
 ])
@@ -157,3 +158,27 @@ def test_props_tells_the_default_models_settings_and_marker(running):
 def test_props_of_a_model_named_in_the_query(running):
     got = running.json("/props?model=terse:1")  # stored with num_predict 3, seed 5
     assert got["default_generation_settings"]["params"]["seed"] == 5 and got["model_alias"].startswith("terse:1")
+
+
+def test_n_probs_past_twenty_and_post_sampling_probs(running):
+    """llama.cpp's n_probs has no cap of 20 (its alias `logprobs` too); post_sampling_probs reports
+    the sampler chain's distribution: "prob" and "top_probs", the kept tokens only (top_k 3: at most
+    three, adding to 1 with the token drawn among them), greedy's token alone at 1."""
+    many = _done(running, {"prompt": "The sky is", "n_predict": 2, "logprobs": 50, "return_tokens": True})
+    assert all(len(p["top_logprobs"]) == 50 for p in many["completion_probabilities"])
+    body = {"prompt": "The sky is", "n_predict": 4, "n_probs": 5, "post_sampling_probs": True, "temperature": 1.0,
+            "top_k": 3, "seed": 2, "return_tokens": True}
+    got = _done(running, body)
+    probs = got["completion_probabilities"]
+    assert [p["id"] for p in probs] == got["tokens"]
+    for p in probs:
+        assert "logprob" not in p and 1 <= len(p["top_probs"]) <= 3
+        assert sum(t["prob"] for t in p["top_probs"]) == pytest.approx(1.0, abs=1e-5)
+        assert p["prob"] == pytest.approx(next(t["prob"] for t in p["top_probs"] if t["id"] == p["id"]))
+        assert [t["prob"] for t in p["top_probs"]] == sorted((t["prob"] for t in p["top_probs"]), reverse=True)
+    # the same draw as without the report
+    assert _done(running, {**body, "post_sampling_probs": False})["tokens"] == got["tokens"]
+    greedy = _done(running, {"prompt": "The sky is", "n_predict": 2, "n_probs": 5, "post_sampling_probs": True,
+                             "temperature": 0, "return_tokens": True})
+    assert all(p["prob"] == 1.0 and p["top_probs"] == [{"id": p["id"], "token": p["token"], "bytes": p["bytes"],
+                                                       "prob": 1.0}] for p in greedy["completion_probabilities"])
