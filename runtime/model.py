@@ -416,7 +416,7 @@ class Model:
         that the last generation's KV cache holds is not read again (Generation.reused_tokens). The answer ends before
         the first of the `stop` strings it comes to (Generation.ended). `format` "json" keeps the answer to one JSON
         object, a JSON schema (a dict) to what it allows (json_format.py), a Grammar (gbnf.parse_gbnf of llama.cpp's
-        GBNF) to its root rule. `logprobs` (0-20 alternatives): each token's log-probability (Generation.logprobs).
+        GBNF) to its root rule. `logprobs` (N alternatives): each token's log-probability (Generation.logprobs).
         `logit_bias` {token id: bias} is added to those tokens' logits (-inf bans one). An argument left None takes
         `self.defaults`' value (a stored model's PARAMETERs and SYSTEM), else the built-in one: 512 new tokens, no
         repeat penalty over the last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 / min_p 0 turn a
