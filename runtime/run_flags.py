@@ -100,7 +100,8 @@ def chain_flags(samplers: Optional[str], sequence: Optional[str], typical: Optio
         return None
     breakers = () if "none" in dry.breakers else dry.breakers or DEFAULT_BREAKERS
     try:
-        order = (parse_order([n.strip() for n in samplers.split(";") if n.strip()], "--samplers") if samplers is not None
+        names = None if samplers is None else [n.strip() for n in samplers.split(";") if n.strip()]
+        order = (parse_order(names, "--samplers") if names is not None
                  else parse_order(sequence, "--sampling-seq") if sequence is not None else None)
         return ChainOptions(order, typical, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
                             dynatemp_exp, dry.multiplier, dry.base if dry.base >= 1 else 1.75, dry.allowed_length,
