@@ -20,8 +20,9 @@ n_cmpl > 1 are refused.
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (prompt_* and predicted_*:
 n, ms, per token ms, per second), generation_settings, completion_probabilities with n_probs;
-a stream is server-sent `data:` events of {content, stop: false} (tokens left empty), then the
-whole reply's fields with stop true, and no [DONE] (llama.cpp's own endpoint sends none). GET /props tells a
+a stream is server-sent `data:` events of {content, stop: false} (tokens left empty;
+completion_probabilities of the chunk's tokens with n_probs), then the whole reply's fields with
+stop true, and no [DONE] (llama.cpp's own endpoint sends none). GET /props tells a
 client the default model's settings, whether it sees pictures and the picture marker.
 """
 
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .inline_media import decode_image
-from .logprobs import entries, speller
+from .logprobs import entries, new_scores, speller
 from .model import PLAN_CTX
 from .sampler_chain import ORDER_LLAMACPP, ChainOptions, chain_options
 from .sampling import SamplingError, SamplingParams
@@ -195,7 +196,9 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
 
     if not body.get("stream", False):
         return Reply(whole("".join(pieces)))
-    return Reply(events=_stream(pieces, whole), sse=True, sse_done=False)
+    sent, spell = [0], speller(model.tokenizer)
+    chunk = None if top is None else (lambda: _probabilities(spell, new_scores(model, sent), chain.post_sampling_probs))
+    return Reply(events=_stream(pieces, whole, chunk), sse=True, sse_done=False)
 
 
 def _n_probs(body: dict[str, Any], n_vocab: int) -> int | None:
@@ -225,12 +228,21 @@ def _probabilities(spell: Any, scored: list[Any], post_sampling: bool) -> list[d
     return out
 
 
-def _stream(pieces: Iterator[str], whole: Callable[[str], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def _stream(pieces: Iterator[str], whole: Callable[[str], dict[str, Any]],
+            probabilities: Callable[[], list[dict[str, Any]]] | None) -> Iterator[dict[str, Any]]:
+    """The stream's events: each piece, with (n_probs) the probabilities of the tokens scored since
+    the one before, as llama-server sends them a chunk at a time; then the whole reply's fields
+    without them."""
     said = []
     for piece in pieces:
         said.append(piece)
-        yield {"index": 0, "content": piece, "tokens": [], "stop": False, "id_slot": 0}
-    yield {**whole("".join(said)), "content": ""}
+        event = {"index": 0, "content": piece, "tokens": [], "stop": False, "id_slot": 0}
+        if probabilities is not None and (new := probabilities()):
+            event["completion_probabilities"] = new
+        yield event
+    last = {**whole("".join(said)), "content": ""}
+    last.pop("completion_probabilities", None)
+    yield last
 
 
 def props(service: Service, body: dict[str, Any]) -> Reply:

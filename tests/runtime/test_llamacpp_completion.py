@@ -182,3 +182,17 @@ def test_n_probs_past_twenty_and_post_sampling_probs(running):
                              "temperature": 0, "return_tokens": True})
     assert all(p["prob"] == 1.0 and p["top_probs"] == [{"id": p["id"], "token": p["token"], "bytes": p["bytes"],
                                                        "prob": 1.0}] for p in greedy["completion_probabilities"])
+
+
+def test_a_streams_probabilities_come_with_their_chunks(running):
+    """With n_probs a stream's chunks carry their own tokens' completion_probabilities (llama-server's
+    partial results), together the whole reply's, and its last event none."""
+    body = {"prompt": "The sky is", "n_predict": 6, "n_probs": 3}
+    whole = _done(running, body)["completion_probabilities"]
+    status, data = running.request("/completion", {"model": "tiny:1", **body, "stream": True})
+    events = [json.loads(block[len("data: "):]) for block in data.decode().strip().split("\n\n")]
+    assert status == 200 and "completion_probabilities" not in events[-1]
+    streamed = [p for e in events[:-1] for p in e.get("completion_probabilities", [])]
+    assert [p["id"] for p in streamed] == [p["id"] for p in whole] and len(streamed) == 6
+    for got, want in zip(streamed, whole):
+        assert got["logprob"] == pytest.approx(want["logprob"], abs=1e-5)
