@@ -64,7 +64,8 @@ def parse_order(value: str | list[str] | tuple[str, ...], where: str = "samplers
         names = []
         for v in value:
             if v.lower() not in ALIASES:
-                raise SamplingError(f"{where}: {v!r} is not a sampler (one of {', '.join(ORDER)})")
+                known = ", ".join(n for n in CHARS.values() if n not in NOT_HAD)
+                raise SamplingError(f"{where}: {v!r} is not a sampler (one of {known})")
             names.append(ALIASES[v.lower()])
     else:
         raise SamplingError(f"{where} {value!r}: a list of sampler names or a string of their characters")
