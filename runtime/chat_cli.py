@@ -37,7 +37,7 @@ def chat_set(arg: str, gen_kwargs: dict, messages: list[dict], saved: dict) -> s
     """`/set parameter NAME VALUE` or `/set system TEXT`: changes gen_kwargs or the conversation's
     system message in place (and `saved`, the parameters /save stores, by Ollama's names);
     returns what to say."""
-    from .modelfile import ModelfileError, check_params, generate_key
+    from .modelfile import ModelfileError, check_params, generate_kwargs
 
     what, _, rest = arg.strip().partition(" ")
     if (what, rest.strip()) in (("format", "json"), ("noformat", "")):
@@ -55,20 +55,23 @@ def chat_set(arg: str, gen_kwargs: dict, messages: list[dict], saved: dict) -> s
     except ModelfileError as e:
         return f"qvl-run: error: {e}"
     saved.update(typed)
-    for key, v in typed.items():
-        if key == "num_predict":
-            v, gen_kwargs["ctx_size"] = open_ended(v, gen_kwargs["ctx_size"])
-        gen_kwargs[generate_key(key)] = v
+    if "num_predict" in typed:
+        typed["num_predict"], gen_kwargs["ctx_size"] = open_ended(typed["num_predict"], gen_kwargs["ctx_size"])
+    gen_kwargs.update(generate_kwargs(typed, gen_kwargs.get("chain")))
     return f"(set {name.lower()} to {value.strip()})"
 
 
 def chat_parameters(gen_kwargs: dict) -> str:
     """`/show parameters`: the sampling and length settings, by Ollama's names."""
-    from .modelfile import USED, generate_key
+    from .modelfile import CHAIN_PARAMS, USED, generate_key
+    from .sampler_chain import ChainOptions
 
     rows = []
     for name in USED:
         value = gen_kwargs.get(generate_key(name))
+        if name in CHAIN_PARAMS:  # the chain's, where it differs from llama.cpp's default
+            value = getattr(value, name) if value is not None and getattr(value, name) != getattr(
+                ChainOptions(), name) else None
         shown = " ".join(json.dumps(s) for s in value) if isinstance(value, list) else value
         rows.append(f"{name:<16}{'(default)' if value is None or value == [] else shown}")
     return "\n".join(rows)

@@ -37,6 +37,7 @@ from typing import Any
 
 from .inline_media import decode_image
 from .logprobs import entries, new_scores, speller
+from .modelfile import CHAIN_PARAMS
 from .model import PLAN_CTX
 from .sampler_chain import ORDER_LLAMACPP, ChainOptions, chain_options
 from .sampling import SamplingError, SamplingParams
@@ -118,7 +119,7 @@ def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str,
     if bias:
         kwargs["logit_bias"] = bias
     kwargs["cache_prompt"] = bool(body.get("cache_prompt", True))
-    kwargs["chain"] = replace(request_chain(body, ORDER_LLAMACPP), prompt_seen=True,
+    kwargs["chain"] = replace(request_chain(body, ORDER_LLAMACPP, kwargs.get("chain")), prompt_seen=True,
                               post_sampling_probs=bool(body.get("post_sampling_probs")))
     return kwargs
 
@@ -131,9 +132,10 @@ def _chain_settings(chain: ChainOptions) -> dict[str, Any]:
     return {**values, "dry_sequence_breakers": list(chain.dry_sequence_breakers), "samplers": list(chain.order)}
 
 
-def request_chain(body: dict[str, Any], order: tuple[str, ...] | None) -> ChainOptions:
+def request_chain(body: dict[str, Any], order: tuple[str, ...] | None, stored: ChainOptions | None) -> ChainOptions:
     """A request's sampler chain by llama.cpp's field names: its `samplers` order (else `order`;
-    None: qvl's) and its samplers' options."""
+    None: qvl's) and its samplers' options, over a stored model's (its typical_p and mirostat
+    PARAMETERs: `stored`)."""
     given = {k: body[k] for k in CHAIN if body.get(k) is not None}
     for key, value in given.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -149,7 +151,8 @@ def request_chain(body: dict[str, Any], order: tuple[str, ...] | None) -> ChainO
         given["dry_sequence_breakers"] = tuple(breakers)
     given.update({k: int(given[k]) for k in ("dry_allowed_length", "dry_penalty_last_n", "mirostat") if k in given})
     try:
-        return chain_options({"samplers": body.get("samplers") or order, **given})
+        base = {} if stored is None else {k: getattr(stored, k) for k in CHAIN_PARAMS}
+        return chain_options({**base, "samplers": body.get("samplers") or order, **given})
     except SamplingError as e:
         raise RequestError(400, str(e)) from None
 

@@ -131,7 +131,7 @@ def stored_generate_defaults(name: str) -> dict[str, Any]:
     """A stored model's PARAMETERs and SYSTEM as Model.generate's keyword arguments, and its
     MESSAGE lines as "messages" (its defaults: Model.defaults); num_predict -1 as qvl-run's -n -1,
     the context bounding the answer."""
-    from .modelfile import generate_key, stored_defaults
+    from .modelfile import generate_kwargs, stored_defaults
     from .store import Store, StoreError
 
     store = Store()
@@ -140,7 +140,7 @@ def stored_generate_defaults(name: str) -> dict[str, Any]:
         messages = store.messages(store.get(name))
     except StoreError as e:
         raise ModelError(str(e)) from None
-    out: dict[str, Any] = {generate_key(k): v for k, v in params.items()}
+    out: dict[str, Any] = generate_kwargs(params)
     if out.get("max_new_tokens") == -1:
         out["max_new_tokens"], out["ctx_size"] = open_ended(-1, out.get("ctx_size"))
     if system is not None:

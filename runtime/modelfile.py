@@ -11,8 +11,10 @@ and the stored parameters a run takes as its defaults.
     TEMPLATE ... / LICENSE ...
 
 Parameters are Ollama's names. qvl uses those below (a run's command-line flags win over them);
-the others Ollama knows (mirostat, num_gpu, ...) are refused at create, as a parameter a run would
-silently drop is worse than none, and ignored in a pulled model's params.
+the others Ollama knows (num_gpu, tfs_z, ...) are refused at create, as a parameter a run would
+silently drop is worse than none, and ignored in a pulled model's params. typical_p and mirostat,
+mirostat_tau, mirostat_eta are llama.cpp's samplers (sampler_chain.py), which Ollama's own engine
+leaves out: qvl runs them.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .go_template import TemplateError
 from .gguf_file import GGUFFile
 from .ollama_template import OllamaTemplate, stored_template
-from .sampling import SamplingError, SamplingParams
+from .sampling import ChainOptions, SamplingError, SamplingParams
 from .store import ModelName, Store, StoreError
 
 # Ollama's parameter -> (its type, the argument of qvl-run's run() it stands in for)
@@ -46,18 +48,32 @@ USED: dict[str, tuple[type, str]] = {
     "frequency_penalty": (float, "frequency_penalty"),
     "seed": (int, "seed"),
     "stop": (str, "stop"),  # a list: the answer ends before the first it comes to
+    "typical_p": (float, "typical"),  # the sampler chain's (sampler_chain.ChainOptions: the same names)
+    "mirostat": (int, "mirostat"),
+    "mirostat_tau": (float, "mirostat_ent"),
+    "mirostat_eta": (float, "mirostat_lr"),
 }
+CHAIN_PARAMS = ("typical_p", "mirostat", "mirostat_tau", "mirostat_eta")  # Model.generate's `chain`, not a keyword
 
 
 def generate_key(name: str) -> str:
-    """Model.generate's keyword for a PARAMETER qvl uses (num_predict: max_new_tokens)."""
+    """Model.generate's keyword for a PARAMETER qvl uses (num_predict: max_new_tokens; the sampler
+    chain's, `chain`)."""
     arg = USED[name][1]
-    return "max_new_tokens" if arg == "max_length" else arg
+    return "chain" if name in CHAIN_PARAMS else "max_new_tokens" if arg == "max_length" else arg
+
+
+def generate_kwargs(params: dict[str, Any], chain: ChainOptions | None = None) -> dict[str, Any]:
+    """Model.generate's keyword arguments of checked PARAMETERs: the sampler chain's in `chain`
+    (over the given one's)."""
+    out = {generate_key(k): v for k, v in params.items() if k not in CHAIN_PARAMS}
+    if any(k in params for k in CHAIN_PARAMS):
+        out["chain"] = replace(chain or ChainOptions(), **{k: params[k] for k in CHAIN_PARAMS if k in params})
+    return out
 
 
 # Ollama's other options: known, so named as unused rather than unknown
-NOT_USED = ("num_keep", "typical_p", "penalize_newline", "mirostat",
-            "mirostat_tau", "mirostat_eta", "tfs_z", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap",
+NOT_USED = ("num_keep", "penalize_newline", "tfs_z", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap",
             "use_mlock", "numa", "low_vram", "f16_kv", "logits_all", "vocab_only")
 COMMANDS = ("from", "parameter", "template", "system", "license", "adapter", "message", "requires")
 
@@ -189,6 +205,7 @@ def check_params(params: dict[str, Any], strict: bool) -> dict[str, Any]:
         out[name] = typed
     try:
         SamplingParams(**{k: v for k, v in out.items() if k in SamplingParams.__dataclass_fields__})
+        ChainOptions(**{k: out[k] for k in CHAIN_PARAMS if k in out})
     except SamplingError as e:
         raise ModelfileError(f"PARAMETER {e}") from None
     if out.get("num_ctx", 0) < 0:

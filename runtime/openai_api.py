@@ -54,7 +54,7 @@ def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tok
         if not isinstance(body["logit_bias"], dict):
             raise RequestError(400, "logit_bias: a map of token ids to biases")
         kwargs["logit_bias"] = body["logit_bias"]
-    kwargs["chain"] = request_chain(body, None)  # llama.cpp server's samplers, in qvl's order unless `samplers`
+    kwargs["chain"] = request_chain(body, None, kwargs.get("chain"))  # llama-server's samplers, qvl's order
     if body.get("ignore_eos"):  # llama.cpp server's and vLLM's: the end-of-turn tokens never chosen
         kwargs["logit_bias"] = {**kwargs.get("logit_bias", {}), **{str(t): float("-inf") for t in loaded.model.stop_ids}}
     return kwargs

@@ -418,10 +418,14 @@ def run(
     if prompt_cache is not None and (why := kv_file.problem(prompt_cache, each)) is not None:
         _fail(why)
     biases = logit_biases(logit_bias)
-    chain = chain_flags(samplers, sampling_seq, typical, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
-                        dynatemp_exp, DryFlags(dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n,
-                                               tuple(dry_sequence_breaker)), (mirostat, mirostat_ent, mirostat_lr),
-                        (adaptive_target, adaptive_decay))
+
+    def sampler_chain() -> Any:  # the flags' sampler chain (checked now; again with a stored model's PARAMETERs)
+        return chain_flags(samplers, sampling_seq, typical, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range,
+                           dynatemp_exp, DryFlags(dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n,
+                                                  tuple(dry_sequence_breaker)), (mirostat, mirostat_ent, mirostat_lr),
+                           (adaptive_target, adaptive_decay))
+
+    chain = sampler_chain()
     if ignore_eos and fmt is not None:
         _fail("--ignore-eos with --format or --grammar: a constrained answer ends at its end-of-turn token")
     try:  # the options' own checks, before a model is loaded
@@ -447,6 +451,9 @@ def run(
         frequency_penalty = stored.get("frequency_penalty", frequency_penalty)
         seed, ctx_size = stored.get("seed", seed), stored.get("ctx_size", ctx_size)
         max_length, stop = stored.get("max_length", max_length), stored.get("stop", stop)
+        typical, mirostat = stored.get("typical", typical), stored.get("mirostat", mirostat)
+        mirostat_ent, mirostat_lr = stored.get("mirostat_ent", mirostat_ent), stored.get("mirostat_lr", mirostat_lr)
+        chain = sampler_chain()
         system = system if system is not None else stored_system
     max_length, ctx_size = open_ended(max_length, ctx_size)
     device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type, no_cuda_graph,

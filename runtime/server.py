@@ -67,8 +67,8 @@ from .loader import load, open_ended
 from .logprobs import MAX_TOP, entries, new_scores, speller
 from .lora import LoraError, LoraSource
 from .model import PLAN_CTX, Model, ModelError
-from .modelfile import (ModelfileError, check_params, modelfile_of, parameter_lines, stored_chat_template,
-                        stored_defaults)
+from .modelfile import (CHAIN_PARAMS, ModelfileError, check_params, generate_kwargs, modelfile_of, parameter_lines,
+                        stored_chat_template, stored_defaults)
 from .placement import Placement
 from .sampling import SamplingParams
 from .store import Store, StoreError
@@ -189,8 +189,8 @@ def generation_options(stored: dict[str, Any], options: Any, default_ctx: int | 
         raise RequestError(400, f"options: {e}") from None
     # Ollama's default num_predict -1: until the answer ends or the context is full
     n, ctx = open_ended(merged.get("num_predict", -1), merged.get("num_ctx") or default_ctx)
-    kwargs: dict[str, Any] = {k: v for k, v in merged.items() if k in SamplingParams.__dataclass_fields__ or k == "stop"}
-    return {"max_new_tokens": n, "ctx_size": ctx, **kwargs}
+    keep = (*SamplingParams.__dataclass_fields__, "stop", *CHAIN_PARAMS)  # the sampler chain's as `chain`
+    return {"max_new_tokens": n, "ctx_size": ctx, **generate_kwargs({k: v for k, v in merged.items() if k in keep})}
 
 
 def top_logprobs(value: Any, where: str) -> int:

@@ -45,7 +45,8 @@ def _chat(monkeypatch, capsys, lines, system=None, images=(), files=()):
 def test_set_parameter_and_show(monkeypatch, capsys):
     calls, out, err = _chat(monkeypatch, capsys, [
         "/set parameter temperature 0.5", "/set parameter NUM_PREDICT 7", "/set parameter top_k 2.5",
-        "/set parameter mirostat 1", "/set parameter stop <|im_end|>", "/set parameter seed", "/show parameters",
+        "/set parameter mirostat 1", "/set parameter tfs_z 1", "/set parameter stop <|im_end|>", "/set parameter seed",
+        "/show parameters",
         "hello", "/set parameter num_predict -1", "again"])
     assert out == "ok\nok\n"
     (_, first), (_, second) = calls
@@ -55,7 +56,9 @@ def test_set_parameter_and_show(monkeypatch, capsys):
     assert second["max_new_tokens"] == second["ctx_size"] == run_cli.PLAN_CTX  # as -n -1
     assert "(set temperature to 0.5)" in err and "(set num_predict to 7)" in err
     assert "qvl-run: error: PARAMETER top_k '2.5': an integer" in err
-    assert "qvl-run: error: PARAMETER mirostat: qvl does not use it" in err
+    assert "qvl-run: error: PARAMETER tfs_z: qvl does not use it" in err
+    assert first["chain"].mirostat == 1 and "(set mirostat to 1)" in err and "mirostat        1" in err
+    assert "typical_p       (default)" in err
     assert "(set stop to <|im_end|>)" in err and 'stop            "<|im_end|>"' in err
     assert "usage: /set parameter NAME VALUE" in err
     assert "temperature     0.5" in err and "num_predict     7" in err and "top_p           (default)" in err

@@ -62,7 +62,8 @@ def test_parse():
     ("FROM m.gguf\nADAPTER", "line 2: ADAPTER wants a value"),
     ("FROM m.gguf\nMESSAGE robot hi", "line 2: MESSAGE wants a role (system, user, assistant) and a text"),
     ("FROM m.gguf\nMESSAGE\nSYSTEM x", "line 2: MESSAGE wants a role"),
-    ("FROM m.gguf\nPARAMETER mirostat 2", "PARAMETER mirostat: qvl does not use it"),
+    ("FROM m.gguf\nPARAMETER tfs_z 2", "PARAMETER tfs_z: qvl does not use it"),
+    ("FROM m.gguf\nPARAMETER mirostat 3", "PARAMETER mirostat 3: 0 (off), 1 or 2"),
     ("FROM m.gguf\nPARAMETER colour 2", "PARAMETER colour: unknown parameter"),
     ("FROM m.gguf\nPARAMETER top_k 1.5", "PARAMETER top_k '1.5': an integer"),
     ("FROM m.gguf\nPARAMETER temperature warm", "PARAMETER temperature 'warm': a number"),
@@ -123,8 +124,9 @@ def test_stored_messages_come_before_every_prompt(store, folder):
 
 def test_pulled_params_keep_what_qvl_uses():
     """A registry's params layer: names qvl does not use are dropped, JSON numbers typed."""
-    got = check_params({"temperature": 1, "top_k": 40.0, "mirostat": 2, "stop": ["<|im_end|>", "User:"]}, strict=False)
-    assert got == {"temperature": 1.0, "top_k": 40, "stop": ["<|im_end|>", "User:"]}
+    got = check_params({"temperature": 1, "top_k": 40.0, "tfs_z": 2, "mirostat": 2, "stop": ["<|im_end|>", "User:"]},
+                       strict=False)
+    assert got == {"temperature": 1.0, "top_k": 40, "mirostat": 2, "stop": ["<|im_end|>", "User:"]}
     with pytest.raises(ModelfileError, match="PARAMETER stop 3: strings"):
         check_params({"stop": 3}, strict=False)
     assert isinstance(got["temperature"], float) and isinstance(got["top_k"], int)
@@ -166,6 +168,33 @@ def test_create_from_modelfile_and_run_with_its_defaults(store, folder):
                                                                    *explicit[6:]])
     assert _tokens(["terse", "-p", "Hi", "--temp", "0", "--system", "x"]) == \
         _tokens([model, "-p", "Hi", "-n", "5", "--system", "x"])
+
+
+def test_stored_typical_p_and_mirostat_are_run(store, folder, fixtures_dir):
+    """Ollama's typical_p and mirostat / mirostat_tau / mirostat_eta PARAMETERs (its engine leaves
+    them out; qvl runs llama.cpp's samplers): a stored model's answer is the one given them
+    explicitly, from Python, qvl-run (a flag wins over the stored value) and Ollama's options."""
+    from qvl.runtime.loader import load
+    from qvl.runtime.sampler_chain import ChainOptions
+
+    (folder / "Modelfile").write_text("FROM tiny-qwen2.5-vl-f16.gguf\nPARAMETER temperature 1.2\nPARAMETER seed 5\n"
+                                      "PARAMETER typical_p 0.6\nPARAMETER mirostat 2\nPARAMETER mirostat_tau 2.5\n"
+                                      "PARAMETER mirostat_eta 0.3\n")
+    assert runner.invoke(app, ["create", "miro:1", "-f", str(folder / "Modelfile")]).exit_code == 0
+    plain = load(folder / "tiny-qwen2.5-vl-f16.gguf")
+    chain = ChainOptions(typical_p=0.6, mirostat=2, mirostat_tau=2.5, mirostat_eta=0.3)
+    want = plain.generate("Hi", max_new_tokens=8, temperature=1.2, seed=5, chain=chain).token_ids
+    assert want != plain.generate("Hi", max_new_tokens=8, temperature=1.2, seed=5).token_ids
+    assert load("miro:1").generate("Hi", max_new_tokens=8).token_ids == want
+    assert _tokens(["miro:1", "-p", "Hi", "-n", "8"]) == want
+    assert _tokens(["miro:1", "-p", "Hi", "-n", "8", "--mirostat", "0"]) == plain.generate(
+        "Hi", max_new_tokens=8, temperature=1.2, seed=5, chain=ChainOptions(typical_p=0.6)).token_ids
+    from qvl.runtime.server import generation_options
+
+    kwargs = generation_options({}, {"typical_p": 0.6, "mirostat": 2, "mirostat_tau": 2.5, "mirostat_eta": 0.3}, None)
+    assert kwargs["chain"] == chain
+    assert generation_options({"mirostat": 2}, {"mirostat_eta": 0.5}, None)["chain"] == ChainOptions(
+        mirostat=2, mirostat_eta=0.5)  # the request's over the stored ones, one by one
 
 
 def test_show_modelfile_rebuilds_the_model(store, folder):

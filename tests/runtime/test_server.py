@@ -373,7 +373,7 @@ def test_create_from_a_stored_model(tmp_path, files):
             ({"model": "x:1", "from": str(files / MODEL)}, 404, "not a stored model (qvl serve opens no file"),
             ({"model": "x:1", "modelfile": f"FROM {files / MODEL}"}, 404, "not a stored model"),
             ({"model": "x:1", "from": "a:1", "files": {"m.gguf": "sha256:00"}}, 400, "from or files: one of them"),
-            ({"model": "x:1", "from": "a:1", "parameters": {"mirostat": 1}}, 400, "mirostat: qvl does not use it"),
+            ({"model": "x:1", "from": "a:1", "parameters": {"num_gpu": 1}}, 400, "num_gpu: qvl does not use it"),
             ({"model": "x:1"}, 400, "from: the stored model to create from"),
             ({"model": "x:1", "from": "a:1", "quantize": "q9"}, 400, "quantize: type 'q9': choose one of"),
             ({"model": "x:1", "modelfile": "FROM a:1\nFROM old:1"}, 400, "FROM old:1: a second text model")]:
