@@ -47,6 +47,13 @@ class TokenDataArray(ctypes.Structure):
                 ("sorted", ctypes.c_bool)]
 
 
+def token_array(logits: np.ndarray) -> TokenDataArray:
+    """A llama_token_data_array of `logits`, ids 0..n-1, unsorted (it keeps its data alive)."""
+    n = len(logits)
+    data = (TokenData * n)(*[TokenData(i, float(v), 0.0) for i, v in enumerate(logits)])
+    return TokenDataArray(data, n, -1, False)
+
+
 def _lib(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     p = ctypes.c_void_p
@@ -92,11 +99,9 @@ def _sampler(lib: ctypes.CDLL, step: dict, n_vocab: int, history: list[int]) -> 
 
 def run_chain(lib: ctypes.CDLL, logits: np.ndarray, steps: list[dict], history: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """(ids, logits) llama.cpp's samplers leave of `logits`, in its array's order."""
-    n = len(logits)
-    data = (TokenData * n)(*[TokenData(i, float(v), 0.0) for i, v in enumerate(logits)])
-    arr = TokenDataArray(data, n, -1, False)
+    arr = token_array(logits)
     for step in steps:
-        s = _sampler(lib, step, n, history)
+        s = _sampler(lib, step, len(logits), history)
         lib.llama_sampler_apply(s, ctypes.byref(arr))
         lib.llama_sampler_free(s)
     left = [arr.data[i] for i in range(arr.size)]
@@ -177,8 +182,7 @@ def run_dry(lib: ctypes.CDLL, vocab: int, n_tokens: int, case: dict) -> tuple[np
                                    o["dry_penalty_last_n"], arr, len(breakers))
     for token in case["history"]:
         lib.llama_sampler_accept(s, token)
-    data = (TokenData * n_tokens)(*[TokenData(i, 0.0, 0.0) for i in range(n_tokens)])
-    cur = TokenDataArray(data, n_tokens, -1, False)
+    cur = token_array(np.zeros(n_tokens, np.float32))
     lib.llama_sampler_apply(s, ctypes.byref(cur))
     lib.llama_sampler_free(s)
     logits = np.ctypeslib.as_array(ctypes.cast(cur.data, ctypes.POINTER(ctypes.c_float)), (n_tokens * 3,))[1::3]
@@ -201,9 +205,7 @@ def run_mirostat(lib: ctypes.CDLL, case: dict, steps: list[np.ndarray]) -> list[
         s = lib.llama_sampler_init_mirostat_v2(77, case["mirostat_tau"], case["mirostat_eta"])
     out = []
     for logits in steps:
-        n = len(logits)
-        data = (TokenData * n)(*[TokenData(i, float(v), 0.0) for i, v in enumerate(logits)])
-        arr = TokenDataArray(data, n, -1, False)
+        arr = token_array(logits)
         lib.llama_sampler_apply(s, ctypes.byref(arr))
         out.append((np.array([arr.data[i].id for i in range(arr.size)], dtype=np.int32), arr.data[arr.selected].id))
     lib.llama_sampler_free(s)
@@ -222,9 +224,7 @@ def run_adaptive(lib: ctypes.CDLL, case: dict, steps: list[np.ndarray]) -> list[
     s = lib.llama_sampler_init_adaptive_p(case["adaptive_target"], case["adaptive_decay"], 99)
     out = []
     for logits in steps:
-        n = len(logits)
-        data = (TokenData * n)(*[TokenData(i, float(v), 0.0) for i, v in enumerate(logits)])
-        arr = TokenDataArray(data, n, -1, False)
+        arr = token_array(logits)
         lib.llama_sampler_apply(s, ctypes.byref(arr))
         left = [arr.data[i] for i in range(arr.size)]
         chosen = arr.data[arr.selected].id
