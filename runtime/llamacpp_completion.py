@@ -39,7 +39,7 @@ from .inline_media import decode_image
 from .logprobs import entries, new_scores, speller
 from .modelfile import CHAIN_PARAMS
 from .model import PLAN_CTX
-from .sampler_chain import ORDER_LLAMACPP, ChainOptions, chain_options
+from .sampler_chain import ORDER_LLAMACPP, ChainOptions
 from .sampling import SamplingError, SamplingParams
 from .server import VERSION, Loaded, Reply, RequestError, Service, answer_format, generation_options
 from .tokenizer import stop_word
@@ -152,7 +152,7 @@ def request_chain(body: dict[str, Any], order: tuple[str, ...] | None, stored: C
     given.update({k: int(given[k]) for k in ("dry_allowed_length", "dry_penalty_last_n", "mirostat") if k in given})
     try:
         base = {} if stored is None else {k: getattr(stored, k) for k in CHAIN_PARAMS}
-        return chain_options({**base, "samplers": body.get("samplers") or order, **given})
+        return ChainOptions(**{**base, "samplers": body.get("samplers") or order, **given})
     except SamplingError as e:
         raise RequestError(400, str(e)) from None
 
@@ -172,7 +172,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                             **kwargs)
     tokens_too = bool(body.get("return_tokens"))
 
-    def whole(content: str) -> dict[str, Any]:
+    def whole(content: str, probabilities: bool = True) -> dict[str, Any]:
         g = model.last_generation
         assert g is not None
         said = model.tokenizer.decode(g.token_ids, skip_special_tokens=True)
@@ -192,7 +192,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                            "predicted_n": m, "predicted_ms": decode_s * 1e3,
                            "predicted_per_token_ms": decode_s * 1e3 / m if m else 0.0,
                            "predicted_per_second": m / decode_s if decode_s else 0.0}}
-        if top is not None and g.logprobs is not None:
+        if probabilities and top is not None and g.logprobs is not None:
             out["completion_probabilities"] = _probabilities(speller(model.tokenizer), g.logprobs,
                                                              chain.post_sampling_probs)
         return out
@@ -231,7 +231,7 @@ def _probabilities(spell: Any, scored: list[Any], post_sampling: bool) -> list[d
     return out
 
 
-def _stream(pieces: Iterator[str], whole: Callable[[str], dict[str, Any]],
+def _stream(pieces: Iterator[str], whole: Callable[[str, bool], dict[str, Any]],
             probabilities: Callable[[], list[dict[str, Any]]] | None) -> Iterator[dict[str, Any]]:
     """The stream's events: each piece, with (n_probs) the probabilities of the tokens scored since
     the one before, as llama-server sends them a chunk at a time; then the whole reply's fields
@@ -243,9 +243,7 @@ def _stream(pieces: Iterator[str], whole: Callable[[str], dict[str, Any]],
         if probabilities is not None and (new := probabilities()):
             event["completion_probabilities"] = new
         yield event
-    last = {**whole("".join(said)), "content": ""}
-    last.pop("completion_probabilities", None)
-    yield last
+    yield {**whole("".join(said), False), "content": ""}
 
 
 def props(service: Service, body: dict[str, Any]) -> Reply:

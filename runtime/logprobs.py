@@ -38,8 +38,8 @@ def token_logprob(logits: torch.Tensor, token: int, top: int,
         ids, probs = drawn
         probs = probs.float().cpu()
         ids = torch.arange(len(probs)) if ids is None else ids.cpu()
-        values, order = torch.sort(probs, descending=True, stable=True)
-        ranked = [(int(ids[i]), float(v)) for i, v in zip(order[:top], values[:top]) if v > 0]
+        values, order = torch.topk(probs, min(top, len(probs)))
+        ranked = [(int(ids[i]), float(v)) for i, v in zip(order, values) if v > 0]
         where = torch.nonzero(ids == token).flatten()
         p = float(probs[where[0]]) if len(where) else 0.0
         return TokenLogprob(token, math.log(p) if p > 0 else -math.inf, [(i, math.log(v)) for i, v in ranked])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -139,15 +139,6 @@ class ChainOptions:
     @property
     def order(self) -> tuple[str, ...]:
         return ORDER if self.samplers is None else self.samplers
-
-
-def chain_options(value: dict[str, Any]) -> ChainOptions:
-    """ChainOptions from a request's or a CLI's values by llama.cpp's names (None: unset)."""
-    given = {k: v for k, v in value.items() if v is not None}
-    try:
-        return ChainOptions(**given)
-    except TypeError as e:
-        raise SamplingError(f"sampler options: {e}") from None
 
 
 class Params(Protocol):

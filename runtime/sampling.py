@@ -183,22 +183,26 @@ def drawn_from(gen: torch.Generator, p: SamplingParams) -> tuple[torch.Tensor | 
     return _DRAWN.get(gen) if p.chain.post_sampling_probs else None
 
 
-def _report(gen: torch.Generator, p: SamplingParams, ids: torch.Tensor | None, probs: torch.Tensor) -> None:
-    if p.chain.post_sampling_probs:
-        _DRAWN[gen] = (ids, probs)
-
-
 def _adaptive(p: SamplingParams) -> bool:
     return "adaptive_p" in p.chain.order and p.chain.adaptive_target >= 0 and not p.chain.mirostat
 
 
-def _drew(gen: torch.Generator, p: SamplingParams, probs: torch.Tensor, pick: int) -> None:
-    """Mirostat's target moved by the surprise of the token drawn (`pick` among the kept `probs`),
-    or adaptive-p's average by its probability before the transform."""
+def _mu(gen: torch.Generator | None, p: SamplingParams) -> float:
+    """Mirostat's target in `gen`'s generation: 2 tau before its first token."""
+    start = 2 * p.chain.mirostat_tau
+    return _MU.get(gen, start) if gen is not None else start
+
+
+def _drew(gen: torch.Generator, p: SamplingParams, ids: torch.Tensor | None, probs: torch.Tensor, pick: int) -> None:
+    """A token drawn, `pick` among the kept `probs` (ids None: the vocabulary): with
+    post_sampling_probs the distribution kept for its report (drawn_from); mirostat's target moved
+    by its surprise, or adaptive-p's average by its probability before the transform."""
+    if p.chain.post_sampling_probs:
+        _DRAWN[gen] = (ids, probs)
     if p.greedy:
         return
     if p.chain.mirostat:
-        _MU[gen] = mirostat_mu(_MU.get(gen, 2 * p.chain.mirostat_tau), float(probs[pick]), p.chain)
+        _MU[gen] = mirostat_mu(_mu(gen, p), float(probs[pick]), p.chain)
     elif _adaptive(p) and gen in _ADAPTIVE:
         state, original = _ADAPTIVE[gen]
         _ADAPTIVE[gen] = (adaptive_next(state, float(original[pick]), p.chain), original)
@@ -213,8 +217,7 @@ def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
     chain is the bias, the temperature and mirostat's truncation (sampler_chain.mirostat_kept), the
     order not run; with adaptive-p, the probabilities are its transform of what the order kept."""
     if p.chain.mirostat:
-        mu = _MU.get(gen, 2 * p.chain.mirostat_tau) if gen is not None else 2 * p.chain.mirostat_tau
-        kept = mirostat_kept(Kept(None, _biased(logits, p) / p.temperature), p.chain, mu, logits.numel())
+        kept = mirostat_kept(Kept(None, _biased(logits, p) / p.temperature), p.chain, _mu(gen, p), logits.numel())
         return kept.ids, kept.probs()
     gen = gen if gen is not None else torch.Generator()
     kept = run_chain(Kept(None, _biased(logits, p)), p, lambda name, c: _modified(name, c, history, p, logits.numel()),
@@ -242,12 +245,11 @@ def sample(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: tor
     whole vocabulary costs ~5-25 ms on a CPU)."""
     if p.greedy:
         tok = int(torch.argmax(_penalized(logits, history, p)))
-        _report(gen, p, torch.tensor([tok]), torch.ones(1))
+        _drew(gen, p, torch.tensor([tok]), torch.ones(1), 0)  # greedy's report: its token alone
         return tok
     ids, probs = candidates(logits, history, p, gen)
     pick = _draw(probs, gen)
-    _drew(gen, p, probs, pick)
-    _report(gen, p, ids, probs)
+    _drew(gen, p, ids, probs, pick)
     return pick if ids is None else int(ids[pick])
 
 
@@ -297,8 +299,7 @@ def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, 
         return i if ids is None else int(ids[i])
 
     def token(i: int) -> int:  # the one chosen
-        _drew(gen, p, first, i)
-        _report(gen, p, ids, first)  # the chain's distribution, as llama.cpp's when its draw keeps to the grammar
+        _drew(gen, p, ids, first, i)  # the chain's distribution, as llama.cpp's when its draw keeps to the grammar
         return tid(i)
 
     probs = first.double()

@@ -136,7 +136,7 @@ def test_adaptive_p_transforms_as_llama_cpps_step_by_step(i):
         assert set(got) == set(want)
         for t, w in want.items():
             assert got[t] == pytest.approx(w, rel=1e-5, abs=1e-12), (j, t)
-        sampling._drew(gen, p, probs, ids.tolist().index(int(VECTORS[f"adaptive{i}.{j}.chosen"])))
+        sampling._drew(gen, p, ids, probs, ids.tolist().index(int(VECTORS[f"adaptive{i}.{j}.chosen"])))
 
 
 def test_the_mirostat_runs_move_their_cut():
