@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from .llama_random import StdMt19937
 from .model import Model
 from .multiple_choice import Scored, Task, multiple_choice
-from .task_scoring import StdMt19937, TaskError
+from .task_scoring import TaskError
 
 
 def parse_tasks(text: str) -> list[Task]:

@@ -6,7 +6,10 @@ dynamic temperature and DRY (dry.py).
 A step takes the candidates (token ids and their logits; ids None: the whole vocabulary in id
 order) and gives those it keeps. Steps that need probabilities take the softmax over the
 candidates they are given, as llama.cpp's do. A filter drops a token rather than setting its
-logit to -inf (top-n-sigma sets -inf in llama.cpp: the same distribution after it). The order is
+logit to -inf (top-n-sigma sets -inf in llama.cpp: the same distribution after it). The
+candidates stay in the order llama.cpp's array holds them (its draw runs over that order,
+llama_random.py): the vocabulary's, until top-k, top-p, XTC that fires or dynamic temperature
+sorts them most likely first, or typical puts them in its own order. The order is
 qvl's by default (ORDER: temperature first, as Ollama samples); llama.cpp's server and CLI order
 (ORDER_LLAMACPP: temperature last) is what `qvl serve`'s /completion uses, and any order can be
 asked for by llama.cpp's names (`samplers`, parse_order) or characters (its --sampling-seq).
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from .dry import DEFAULT_BREAKERS
+from .llama_random import canonical_f32, streams
 
 ORDER = ("penalties", "dry", "temperature", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc")
 ORDER_LLAMACPP = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
@@ -153,20 +157,39 @@ class Params(Protocol):
 
 @dataclass
 class Kept:
-    """Candidate tokens: ids (None: the whole vocabulary in id order) and their logits."""
+    """Candidate tokens: ids (None: the whole vocabulary in id order) and their logits; `key` set
+    where llama.cpp's array is sorted by those values (most first) and this one not yet: the
+    sort waits for the draw (`in_order`), and a later top-k or top-p makes it needless."""
 
     ids: torch.Tensor | None
     logits: torch.Tensor
+    key: torch.Tensor | None = None
 
     def take(self, index: torch.Tensor) -> Kept:
         """The candidates at `index` (positions in this set, a bool mask or indices)."""
+        key = None if self.key is None else self.key[index]
         if self.ids is None:  # the vocabulary: the positions are the ids
             ids = torch.nonzero(index).flatten() if index.dtype == torch.bool else index
-            return Kept(ids, self.logits[ids])
-        return Kept(self.ids[index], self.logits[index])
+            return Kept(ids, self.logits[ids], key)
+        return Kept(self.ids[index], self.logits[index], key)
+
+    def with_logits(self, logits: torch.Tensor) -> Kept:
+        """The same candidates, in the same order, with new logits."""
+        return Kept(self.ids, logits, self.key)
 
     def probs(self) -> torch.Tensor:
         return torch.softmax(self.logits, 0)
+
+    def descending(self) -> Kept:
+        """The candidates most likely first, as llama.cpp's softmax sorts them (the sort itself
+        waits: `in_order`)."""
+        return Kept(self.ids, self.logits, self.logits)
+
+    def in_order(self) -> Kept:
+        """The candidates in llama.cpp's order (its sorts made; ties in their order)."""
+        if self.key is None:
+            return self
+        return Kept(self.ids, self.logits).take(torch.argsort(self.key, descending=True, stable=True))
 
 
 # top-p's bins (`_top_p_prefix`): 1024 over 32 nats below the most likely token
@@ -210,7 +233,7 @@ def _top_k(c: Kept, p: Params, gen: torch.Generator) -> Kept:
     tied = int((c.logits >= vals[-1]).sum())
     if tied > p.top_k:
         vals, index = torch.topk(c.logits, tied)
-    return c.take(index)
+    return Kept(c.ids, c.logits).take(index)  # most likely first: no sort due
 
 
 def _top_p(c: Kept, p: Params, gen: torch.Generator) -> Kept:
@@ -253,8 +276,8 @@ def _typical(c: Kept, p: Params, gen: torch.Generator) -> Kept:
         order = sort()  # the prefix first; the whole order where the prefix's mass stays at typical_p
         over = torch.nonzero(torch.cumsum(probs[order], 0) > typical)
         if len(over):
-            return c.take(order[:int(over[0]) + 1])
-    return c
+            return Kept(c.ids, c.logits).take(order[:int(over[0]) + 1])  # typical's order, no sort due
+    return Kept(c.ids, c.logits).take(order)  # none cut: all of them, in typical's order
 
 
 def _closest(shifted: torch.Tensor, probs: torch.Tensor, mass: float) -> torch.Tensor:
@@ -281,13 +304,15 @@ def _top_n_sigma(c: Kept, p: Params, gen: torch.Generator) -> Kept:
 
 
 def _xtc(c: Kept, p: Params, gen: torch.Generator) -> Kept:
-    """Exclude top choices: with probability xtc_probability (a uniform draw from `gen`), every
-    token at or above xtc_threshold but the least likely of them is dropped."""
+    """Exclude top choices: with probability xtc_probability (a float drawn from the generation's
+    XTC generator, llama_random.streams), every token at or above xtc_threshold but the least
+    likely of them is dropped; the candidates sorted, most likely first, whenever it fires."""
     o = p.chain
     if o.xtc_probability <= 0 or o.xtc_threshold > 0.5 or c.logits.numel() < 2:
         return c
-    if float(torch.rand(1, generator=gen)) > o.xtc_probability:
+    if canonical_f32(streams(gen)["xtc"]) > np.float32(o.xtc_probability):
         return c
+    c = c.descending()
     probs = c.probs()
     above = probs >= o.xtc_threshold
     if int(above.sum()) < 2:
@@ -299,20 +324,21 @@ def _xtc(c: Kept, p: Params, gen: torch.Generator) -> Kept:
 def _temperature(c: Kept, p: Params, gen: torch.Generator) -> Kept:
     """Logits over the temperature; with dynatemp_range d > 0 the temperature is t - d (at least
     0) plus 2d times (the candidates' entropy over its largest, log n) to the dynatemp_exponent;
-    a temperature of 0 keeps the likeliest token alone."""
+    a temperature of 0 keeps the likeliest token alone. Dynamic temperature sorts the candidates."""
     o = p.chain
     temp = float(p.temperature or 0.0)
     if o.dynatemp_range > 0:
         n = c.logits.numel()
         if n <= 1:
             return c
+        c = c.descending()
         low, high = max(0.0, temp - o.dynatemp_range), temp + o.dynatemp_range
         probs = c.probs()
         entropy = float(-(probs * torch.log(probs)).nan_to_num(0.0).sum())
         temp = low + (high - low) * (entropy / math.log(n)) ** o.dynatemp_exponent
     if temp <= 0:
         return c.take(torch.argmax(c.logits).reshape(1))
-    return Kept(c.ids, c.logits / temp)
+    return c.with_logits(c.logits / temp)
 
 
 STEPS: dict[str, Step] = {"temperature": _temperature, "top_n_sigma": _top_n_sigma, "top_k": _top_k, "typ_p": _typical,
@@ -336,13 +362,14 @@ def mirostat_kept(c: Kept, o: ChainOptions, mu: float, n_vocab: int) -> Kept:
     """Mirostat's truncation at surprise target `mu` (llama.cpp's, which runs it after the bias and
     the temperature alone): version 2 keeps the tokens whose surprise -log2 p is at most mu (the
     likeliest always), version 1 the k likeliest, k from the Zipf exponent s estimated over the
-    first MIROSTAT_M (float32 as llama.cpp reckons it: the cut is a whole number of a power)."""
+    first MIROSTAT_M (float32 as llama.cpp reckons it: the cut is a whole number of a power); the
+    kept most likely first, as llama.cpp sorts them."""
     probs = c.probs()
     if o.mirostat == 2:
         index = torch.nonzero(-torch.log2(probs) <= mu).flatten()
         if not len(index):
             index = torch.argmax(probs).reshape(1)
-        return c.take(index)
+        return c.take(index).descending()
     top = torch.topk(probs, min(MIROSTAT_M, len(probs))).values.cpu().numpy()
     f = np.float32
     num = den = f(0.0)
@@ -392,7 +419,7 @@ def adaptive_logits(c: Kept, o: ChainOptions, state: tuple[float, float]) -> Kep
     adapted = f(min(max(adapted, f(0)), f(1)))
     d = ((probs - float(adapted)) * float(ADAPTIVE_INV_WIDTH)).abs()
     logits = ADAPTIVE_PEAK - ADAPTIVE_SHARPNESS * d * d / (1 + d)
-    return Kept(c.ids, torch.where(torch.isfinite(c.logits), logits, c.logits))
+    return c.with_logits(torch.where(torch.isfinite(c.logits), logits, c.logits))
 
 
 def adaptive_next(state: tuple[float, float], p_original: float, o: ChainOptions) -> tuple[float, float]:

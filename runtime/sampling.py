@@ -8,6 +8,11 @@ from the remaining distribution (adaptive-p's transform of it where the order na
 mirostat, the temperature and its truncation alone. Greedy
 (temperature 0 or below) takes the argmax after the bias, the penalties and DRY, the other
 samplers off. The logits may be on any device.
+
+The draw is llama.cpp's (llama_random.py): the seed's std::mt19937 and llama_sampler_dist's
+running sum over the candidates in llama.cpp's order (mirostat's and adaptive-p's
+std::discrete_distribution from their own), so that the same seed and the same logits give the
+tokens llama.cpp gives.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from .dry import Breakers, breakers, dry_penalties
+from .llama_random import discrete, dist_pick, softmax_f32, streams
 from .sampler_chain import (MODIFIERS, ChainOptions, Kept, SamplingError, adaptive_logits, adaptive_next,
                             adaptive_start, mirostat_kept, mirostat_mu, run_chain)
 
@@ -157,7 +163,7 @@ def _modified(name: str, c: Kept, history: list[int], p: SamplingParams, vocab: 
         tokens = [t for t in cut if t < len(full)]
         index = torch.tensor(tokens, dtype=torch.long, device=full.device)
         full[index] -= torch.tensor([cut[t] for t in tokens], dtype=full.dtype, device=full.device)
-    return Kept(None, full) if c.ids is None else Kept(c.ids, full[c.ids])
+    return c.with_logits(full if c.ids is None else full[c.ids])
 
 
 def _penalized(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:
@@ -208,49 +214,62 @@ def _drew(gen: torch.Generator, p: SamplingParams, ids: torch.Tensor | None, pro
         _ADAPTIVE[gen] = (adaptive_next(state, float(original[pick]), p.chain), original)
 
 
-def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
-               gen: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """For a non-greedy `p`: (ids, probabilities) of the tokens the sampler chain keeps (ids None:
-    the whole vocabulary, in id order), the probabilities the softmax over them (sampler_chain.py:
-    the bias first, then each sampler of the order). `gen` draws XTC's chance (a fresh one if None)
-    and holds a generation's mirostat target and adaptive-p average: with mirostat on, llama.cpp's
-    chain is the bias, the temperature and mirostat's truncation (sampler_chain.mirostat_kept), the
-    order not run; with adaptive-p, the probabilities are its transform of what the order kept."""
+def _kept(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: torch.Generator) -> Kept:
+    """What the sampler chain keeps of `logits` for a non-greedy `p`, in llama.cpp's order: with
+    mirostat on, llama.cpp's chain is the bias, the temperature and mirostat's truncation
+    (sampler_chain.mirostat_kept), the order not run; with adaptive-p, its transform of what the
+    order kept. `gen` stands for the generation: its XTC draws, mirostat target and adaptive-p average."""
     if p.chain.mirostat:
         kept = mirostat_kept(Kept(None, _biased(logits, p) / p.temperature), p.chain, _mu(gen, p), logits.numel())
-        return kept.ids, kept.probs()
-    gen = gen if gen is not None else torch.Generator()
+        return kept.in_order()  # its draw takes them in order (few: sorting them costs little)
     kept = run_chain(Kept(None, _biased(logits, p)), p, lambda name, c: _modified(name, c, history, p, logits.numel()),
                      gen)
     if _adaptive(p):  # adaptive-p: the draw's distribution transformed, the moving average kept by `gen`
         state = _ADAPTIVE[gen][0] if gen in _ADAPTIVE else adaptive_start(p.chain)
         _ADAPTIVE[gen] = (state, kept.probs())
         kept = adaptive_logits(kept, p.chain, state)
+    return kept.in_order() if "adaptive_p" in p.chain.order else kept  # dist's draw sorts what it must
+
+
+def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
+               gen: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """For a non-greedy `p`: (ids, probabilities) of the tokens the sampler chain keeps (ids None:
+    the whole vocabulary, in id order; else in llama.cpp's order), the probabilities the softmax
+    over them (sampler_chain.py: the bias first, then each sampler of the order; `_kept`). `gen`
+    is the generation's (a fresh one if None)."""
+    kept = _kept(logits, history, p, gen if gen is not None else torch.Generator())
     return kept.ids, kept.probs()
 
 
-def _draw(probs: torch.Tensor, gen: torch.Generator) -> int:
-    """An index into `probs` (not all zero), drawn with one uniform number from `gen`."""
-    cdf = torch.cumsum(probs, 0)
-    u = float(torch.rand(1, generator=gen, dtype=torch.float64))
-    pick = int(torch.searchsorted(cdf, cdf.new_tensor([u * float(cdf[-1])]), right=True))
-    if pick >= len(cdf):  # u * total rounded up to the total: the last token that can be drawn
-        pick = int(torch.nonzero(probs).max())
-    return pick
+def _pick(kept: Kept, logits: torch.Tensor, gen: torch.Generator, p: SamplingParams) -> int:
+    """An index into the candidates `kept`, drawn from their float32 `logits` (-inf: never drawn,
+    not all) as llama.cpp draws from the generation's generators: mirostat's or adaptive-p's
+    discrete_distribution over softmax_impl's probabilities where the chain ends in them (the
+    candidates in order, `_kept`), else llama_sampler_dist's draw (in the order of kept.key where set)."""
+    if p.chain.mirostat:
+        return discrete(streams(gen)["mirostat"], softmax_f32(logits.cpu().numpy()))
+    if "adaptive_p" in p.chain.order:  # llama.cpp's adaptive-p sampler draws in place of dist, its target below 0 too
+        return discrete(streams(gen)["adaptive_p"], softmax_f32(logits.cpu().numpy()))
+    return dist_pick(streams(gen)["dist"], logits, kept.key)
+
+
+def _chosen(gen: torch.Generator, p: SamplingParams, kept: Kept, pick: int) -> int:
+    """The id drawn at `pick`, its updates made (`_drew`; mirostat's from softmax_impl's float32
+    probability of it, as llama.cpp's)."""
+    probs = torch.from_numpy(softmax_f32(kept.logits.cpu().numpy())) if p.chain.mirostat else kept.probs()
+    _drew(gen, p, kept.ids, probs, pick)
+    return pick if kept.ids is None else int(kept.ids[pick])
 
 
 def sample(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: torch.Generator) -> int:
-    """One token id from float32 logits (vocab,), on any device: the argmax, or one uniform number from `gen`
-    against the cumulative probabilities of the `candidates` (a multinomial draw over the
-    whole vocabulary costs ~5-25 ms on a CPU)."""
+    """One token id from float32 logits (vocab,), on any device: the argmax, or llama.cpp's draw
+    (`_pick`) among the candidates the chain keeps."""
     if p.greedy:
         tok = int(torch.argmax(_penalized(logits, history, p)))
         _drew(gen, p, torch.tensor([tok]), torch.ones(1), 0)  # greedy's report: its token alone
         return tok
-    ids, probs = candidates(logits, history, p, gen)
-    pick = _draw(probs, gen)
-    _drew(gen, p, ids, probs, pick)
-    return pick if ids is None else int(ids[pick])
+    kept = _kept(logits, history, p, gen)
+    return _chosen(gen, p, kept, _pick(kept, kept.logits, gen, p))
 
 
 LOOKS = 64  # a format's greedy choice: the likeliest tokens checked one by one before the whole vocabulary is
@@ -283,7 +302,9 @@ def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, 
     after the repeat penalty. A draw: from what the filters keep, renormalized over the allowed
     ones (a refused draw is taken out and the draw made again, which gives exactly that
     distribution; after REDRAWS refusals the whole vocabulary is checked at once); where the
-    filters keep no allowed token, they run again with the refused ones' logits at -inf."""
+    filters keep no allowed token, they run again with the refused ones' logits at -inf. A first
+    draw the format allows is llama.cpp's; after a refusal the tokens part from llama.cpp's (it
+    runs the whole chain again over the grammar's tokens)."""
     if p.greedy:
         scores = _penalized(logits, history, p)
         best = int(torch.argmax(scores))
@@ -293,25 +314,21 @@ def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, 
             if form.allows(tok):
                 return tok
         return int(torch.argmax(scores.masked_fill(~_admitted(form, logits), float("-inf"))))
-    ids, first = candidates(logits, history, p, gen)
+    kept = _kept(logits, history, p, gen)
 
     def tid(i: int) -> int:
-        return i if ids is None else int(ids[i])
+        return i if kept.ids is None else int(kept.ids[i])
 
-    def token(i: int) -> int:  # the one chosen
-        _drew(gen, p, ids, first, i)  # the chain's distribution, as llama.cpp's when its draw keeps to the grammar
-        return tid(i)
-
-    probs = first.double()
+    left = kept.logits.clone()  # the chain's distribution is reported, as llama.cpp's where the draw keeps to it
     for _ in range(REDRAWS):
-        if not float(probs.sum()) > 0:
+        if not bool(torch.isfinite(left).any()):
             break
-        pick = _draw(probs, gen)
+        pick = _pick(kept, left, gen, p)
         if form.allows(tid(pick)):
-            return token(pick)
-        probs[pick] = 0
+            return _chosen(gen, p, kept, pick)
+        left[pick] = float("-inf")
     ok = _admitted(form, logits)
-    kept = probs * (ok if ids is None else ok[ids])
-    if float(kept.sum()) > 0:
-        return token(_draw(kept, gen))
+    left = left.masked_fill(~(ok if kept.ids is None else ok[kept.ids]), float("-inf"))
+    if bool(torch.isfinite(left).any()):
+        return _chosen(gen, p, kept, _pick(kept, left, gen, p))
     return sample(logits.float().masked_fill(~ok, float("-inf")), history, p, gen)

@@ -8,39 +8,21 @@ the same logits, a choice at a time."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
 import torch
 
+from .llama_random import StdMt19937
 from .model import Model
 
-_WORD = 0xFFFFFFFF
 T = TypeVar("T")
 S = TypeVar("S")  # a scored task: has `right`
 
 
 class TaskError(ValueError):
     """A task file that is not llama.cpp's layout, or a task the model cannot read; one line."""
-
-
-class StdMt19937:
-    """std::mt19937(seed)'s 32-bit words (CPython's generator is MT19937: its state set as
-    init_genrand(seed) leaves it, getrandbits(32) is genrand_uint32)."""
-
-    max = _WORD
-
-    def __init__(self, seed: int):
-        state = [seed & _WORD]
-        for i in range(1, 624):
-            state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) & _WORD)
-        self._r = random.Random()
-        self._r.setstate((3, (*state, 624), None))
-
-    def __call__(self) -> int:
-        return self._r.getrandbits(32)
 
 
 def swap_draws(total: int, n: int) -> list[int]:

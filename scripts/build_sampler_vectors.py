@@ -21,6 +21,9 @@ breakers, breakers split over tokens); what it leaves of zero logits (its penalt
 Mirostat (versions 1 and 2) runs a sampler over 10 steps of logits: each step's kept tokens and
 the token it drew (its own random draw), so that a replay drawing the same tokens checks the
 truncation and the target's updates; adaptive-p likewise, each step's transformed probabilities.
+Seeded draws: chains of samplers ending in llama_sampler_dist(seed), run DRAWS times over a
+case's logits (each drawn token accepted, as llama_sampler_chain accepts it), the drawn ids
+stored: qvl's draws (runtime/llama_random.py) must give the same ids with the same seed.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def _lib(path: str) -> ctypes.CDLL:
                        "llama_sampler_init_top_k": [i], "llama_sampler_init_top_p": [f, z],
                        "llama_sampler_init_min_p": [f, z], "llama_sampler_init_temp": [f],
                        "llama_sampler_init_penalties": [i, i, f, f, f], "llama_sampler_init_mirostat": [i, u, f, f, i],
-                       "llama_sampler_init_mirostat_v2": [u, f, f], "llama_sampler_init_adaptive_p": [f, f, u]}.items():
+                       "llama_sampler_init_mirostat_v2": [u, f, f], "llama_sampler_init_adaptive_p": [f, f, u],
+                       "llama_sampler_init_dist": [u]}.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, p
     lib.llama_sampler_apply.argtypes, lib.llama_sampler_apply.restype = [p, ctypes.POINTER(TokenDataArray)], None
     lib.llama_sampler_accept.argtypes, lib.llama_sampler_accept.restype = [p, i], None
@@ -71,14 +75,14 @@ def _lib(path: str) -> ctypes.CDLL:
     return lib
 
 
-def _sampler(lib: ctypes.CDLL, step: dict, n_vocab: int, history: list[int]) -> int:
+def _sampler(lib: ctypes.CDLL, step: dict, n_vocab: int, history: list[int], seed: int = 1234) -> int:
     kind = step["sampler"]
     if kind == "typ_p":
         return lib.llama_sampler_init_typical(step["typical_p"], 0)
     if kind == "top_n_sigma":
         return lib.llama_sampler_init_top_n_sigma(step["top_n_sigma"])
     if kind == "xtc":
-        return lib.llama_sampler_init_xtc(step["xtc_probability"], step["xtc_threshold"], 0, 1234)
+        return lib.llama_sampler_init_xtc(step["xtc_probability"], step["xtc_threshold"], 0, seed)
     if kind == "temperature":
         return lib.llama_sampler_init_temp_ext(step["temperature"], step.get("dynatemp_range", 0.0),
                                                step.get("dynatemp_exponent", 1.0))
@@ -235,6 +239,64 @@ def run_adaptive(lib: ctypes.CDLL, case: dict, steps: list[np.ndarray]) -> list[
     return out
 
 
+def draw_cases() -> list[dict]:
+    """Seeded draws: a chain (llama.cpp's server order and defaults, qvl's order, samplers alone
+    that leave the candidates in the vocabulary's order, sort them or put them in typical's
+    order, XTC firing half the time), a seed, and logits drawn from DRAWS times."""
+    pen = {"sampler": "penalties", "repeat_last_n": 64, "repeat_penalty": 1.3, "frequency_penalty": 0.2,
+           "presence_penalty": 0.1}
+    t = {"sampler": "temperature", "temperature": 0.8}
+    dyn = {"sampler": "temperature", "temperature": 1.0, "dynatemp_range": 0.5, "dynatemp_exponent": 1.0}
+    chains = {
+        "llama-server": [pen, {"sampler": "top_k", "top_k": 40}, {"sampler": "top_p", "top_p": 0.95},
+                         {"sampler": "min_p", "min_p": 0.05}, t],
+        "qvl": [pen, t, {"sampler": "top_k", "top_k": 40}, {"sampler": "top_p", "top_p": 0.9},
+                {"sampler": "min_p", "min_p": 0.05}],
+        "temperature": [{"sampler": "temperature", "temperature": 1.0}],
+        "min_p": [{"sampler": "min_p", "min_p": 0.05}, t],
+        "lone_min_p": [{"sampler": "min_p", "min_p": 0.3}, t],  # often one candidate: a draw all the same
+        "top_p": [{"sampler": "top_p", "top_p": 0.9}, {"sampler": "temperature", "temperature": 1.0}],
+        "typ_p": [{"sampler": "typ_p", "typical_p": 0.9}, t],
+        "xtc": [{"sampler": "xtc", "xtc_probability": 0.5, "xtc_threshold": 0.05}, t],
+        "dynatemp": [dyn],
+        "top_n_sigma": [{"sampler": "top_n_sigma", "top_n_sigma": 1.0}, t],
+        # sorted by dynamic temperature, then re-sorted by top-k, or kept in the order of the logits
+        # before the penalties (llama.cpp's array stays as it was sorted)
+        "dynatemp_top_k": [dyn, {"sampler": "top_k", "top_k": 40}],
+        "dynatemp_penalties": [dyn, pen, {"sampler": "min_p", "min_p": 0.02}],
+        # top-n-sigma left out: its -inf before typical gives llama.cpp a NaN entropy, its order then undefined
+        "all": [pen, {"sampler": "top_k", "top_k": 100},
+                {"sampler": "typ_p", "typical_p": 0.95}, {"sampler": "top_p", "top_p": 0.95},
+                {"sampler": "min_p", "min_p": 0.01},
+                {"sampler": "xtc", "xtc_probability": 0.5, "xtc_threshold": 0.1}, t],
+    }
+    return [{"chain": name, "steps": steps, "seed": seed, "logits": kind, "n": n, "draws": DRAWS}
+            for name, steps in chains.items() for seed, (kind, n) in ((0, ("normal", 300)), (299792458, ("two", 300)),
+                                                                      (3000000001, ("normal", 2000)))]
+
+
+DRAWS = 16
+
+
+def run_draws(lib: ctypes.CDLL, case: dict, logits: np.ndarray) -> list[int]:
+    """The ids llama.cpp's chain of the case's samplers and llama_sampler_dist(seed) draws from
+    `logits`, DRAWS times, each drawn id accepted (the penalties' history), as llama_sampler_chain
+    runs them."""
+    chain = [_sampler(lib, step, len(logits), [], case["seed"]) for step in case["steps"]]
+    dist = lib.llama_sampler_init_dist(case["seed"])
+    out = []
+    for _ in range(case["draws"]):
+        arr = token_array(logits)
+        for s in (*chain, dist):
+            lib.llama_sampler_apply(s, ctypes.byref(arr))
+        out.append(arr.data[arr.selected].id)
+        for s in chain:
+            lib.llama_sampler_accept(s, out[-1])
+    for s in (*chain, dist):
+        lib.llama_sampler_free(s)
+    return out
+
+
 def _logits(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "normal":
         return (rng.standard_normal(n) * 2).astype(np.float32)
@@ -333,10 +395,15 @@ def main() -> None:
         for j, (ids, probs, chosen) in enumerate(run_adaptive(lib, case, steps)):
             arrays |= {f"adaptive{i}.{j}.logits": steps[j], f"adaptive{i}.{j}.ids": ids,
                        f"adaptive{i}.{j}.probs": probs, f"adaptive{i}.{j}.chosen": np.array(chosen, dtype=np.int32)}
+    draws = draw_cases()
+    for i, case in enumerate(draws):
+        logits = _logits(case["logits"], case["n"], rng)
+        arrays |= {f"draw{i}.logits": logits, f"draw{i}.ids": np.array(run_draws(lib, case, logits), dtype=np.int32)}
     np.savez_compressed(args.out, cases=np.array(json.dumps(specs)), dry=np.array(json.dumps(dry)),
-                        mirostat=np.array(json.dumps(miro)), adaptive=np.array(json.dumps(adaptive)), **arrays)
+                        mirostat=np.array(json.dumps(miro)), adaptive=np.array(json.dumps(adaptive)),
+                        draws=np.array(json.dumps(draws)), **arrays)
     print(f"{args.out}: {len(specs)} cases, {len(dry)} DRY cases ({n_tokens} tokens), {len(miro)} mirostat runs, "
-          f"{len(adaptive)} adaptive-p runs")
+          f"{len(adaptive)} adaptive-p runs, {len(draws)} seeded runs of {DRAWS} draws")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from choice_reference import reference_means
 from qvl.runtime.hellaswag import parse_tasks, select, uniform_below, wilson
 from qvl.runtime.loader import load
 from qvl.runtime.multiple_choice import Task, score_task
-from qvl.runtime.task_scoring import StdMt19937, TaskError
+from qvl.runtime.llama_random import StdMt19937
+from qvl.runtime.task_scoring import TaskError
 from tiny_models import TinySpec, build_model, make_checkpoint, to_gguf
 
 SPEC = TinySpec(dtype=torch.float32, seed=11)
