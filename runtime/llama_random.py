@@ -46,7 +46,7 @@ class StdMt19937:
 def canonical(gen: StdMt19937) -> float:
     """generate_canonical<double, 53>: two words, (w1 + w2 x 2^32) / 2^64 in double, below 1."""
     total = float(gen())
-    total += float(gen()) * TWO_32 + 1
+    total += float(gen()) * TWO_32
     u = total / (TWO_32 * TWO_32)
     return u if u < 1.0 else float(np.nextafter(1.0, 0.0))
 
