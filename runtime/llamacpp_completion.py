@@ -20,8 +20,9 @@ n_cmpl > 1 are refused.
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (prompt_* and predicted_*:
 n, ms, per token ms, per second), generation_settings, completion_probabilities with n_probs;
-a stream is server-sent `data:` events of {content, stop: false} (tokens left empty;
-completion_probabilities of the chunk's tokens with n_probs), then the whole reply's fields with
+a stream is server-sent `data:` events of {content, tokens (the chunk's ids), stop: false,
+tokens_predicted, tokens_evaluated} (completion_probabilities of the chunk's tokens with
+n_probs), then the whole reply's fields with
 stop true, and no [DONE] (llama.cpp's own endpoint sends none). GET /props tells a
 client the default model's settings, whether it sees pictures and the picture marker.
 """
@@ -201,7 +202,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         return Reply(whole("".join(pieces)))
     sent, spell = [0], speller(model.tokenizer)
     chunk = None if top is None else (lambda: _probabilities(spell, new_scores(model, sent), chain.post_sampling_probs))
-    return Reply(events=_stream(pieces, whole, chunk), sse=True, sse_done=False)
+    return Reply(events=_stream(pieces, whole, chunk, lambda: model.live), sse=True, sse_done=False)
 
 
 def _n_probs(body: dict[str, Any], n_vocab: int) -> int | None:
@@ -232,14 +233,19 @@ def _probabilities(spell: Any, scored: list[Any], post_sampling: bool) -> list[d
 
 
 def _stream(pieces: Iterator[str], whole: Callable[[str, bool], dict[str, Any]],
-            probabilities: Callable[[], list[dict[str, Any]]] | None) -> Iterator[dict[str, Any]]:
-    """The stream's events: each piece, with (n_probs) the probabilities of the tokens scored since
-    the one before, as llama-server sends them a chunk at a time; then the whole reply's fields
-    without them."""
-    said = []
+            probabilities: Callable[[], list[dict[str, Any]]] | None,
+            live: Callable[[], tuple[int, list[int]]]) -> Iterator[dict[str, Any]]:
+    """The stream's events: each piece with the ids of the tokens made since the one before, the
+    count made so far (tokens_predicted) and the prompt's (tokens_evaluated), and (n_probs) those
+    tokens' probabilities, as llama-server sends them a chunk at a time; then the whole reply's
+    fields without them. `live`: the generation's (prompt tokens, answer ids so far)."""
+    said, sent = [], 0
     for piece in pieces:
         said.append(piece)
-        event = {"index": 0, "content": piece, "tokens": [], "stop": False, "id_slot": 0}
+        n_prompt, ids = live()
+        event = {"index": 0, "content": piece, "tokens": ids[sent:], "stop": False, "id_slot": 0,
+                 "tokens_predicted": len(ids), "tokens_evaluated": n_prompt}
+        sent = len(ids)
         if probabilities is not None and (new := probabilities()):
             event["completion_probabilities"] = new
         yield event

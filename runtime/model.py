@@ -133,6 +133,7 @@ class Model:
         self._generation = 0  # counts generations: a stale one neither continues nor records its cache
         self.last_generation: Generation | None = None  # a finished stream's Generation (_pieces)
         self.scored: list[TokenLogprob] = []  # with logprobs=: the tokens' so far, while a stream runs
+        self.live: tuple[int, list[int]] = (0, [])  # while a stream runs: its prompt's tokens, the answer's ids so far
         self.usage = Usage()  # generations' and embeddings' token counts and times (usage.py; serve's /metrics)
         self.defaults: dict[str, Any] = {}  # generate's defaults (a stored model's PARAMETERs, SYSTEM): loader.py
         self.image_pad_id, self.video_pad_id = (self.tokenizer.token_to_id(pad) for pad in (IMAGE_PAD, VIDEO_PAD))
@@ -518,12 +519,11 @@ class Model:
         self._prompt_keys.kept = []  # until this generation says what its cache holds
         if self._graph is not None:
             self._graph.drain()  # a step the last generation queued ahead (it may not have finished)
-        # media are encoded before the cache is made; a kept cache stays through the encoding,
-        # except under a --max-vram plan with the vision tower on the accelerator
+        # media are encoded before the cache is made (a kept cache stays, unless a --max-vram plan puts vision there)
         encodes = self.vision is not None and any(m.start >= reuse for m in media)
         staged = self._let_cache_go(limit, reuse, encodes and self._vision_planned_alone())
         out_ids: list[int] = []
-        ended = False
+        self.live, ended = (n_prompt, out_ids), False
         cache: KVCache | None = None
         timings: dict[str, float] = {}
         try:

@@ -38,6 +38,21 @@ def test_stream_chunks_then_the_whole_reply(running):
     assert events[-1]["tokens_predicted"] == 5 and events[-1]["stop_type"] == "limit"
 
 
+def test_stream_chunks_carry_their_tokens_and_the_counts(running):
+    """As llama-server's chunks: each its own tokens' ids (together the answer's, as return_tokens
+    gives them), the tokens made so far and the prompt's."""
+    body = {"prompt": "Count to ten:", "n_predict": 7}
+    whole = _done(running, {**body, "return_tokens": True})
+    status, data = running.request("/completion", {"model": "tiny:1", **body, "stream": True})
+    events = [json.loads(block[len("data: "):]) for block in data.decode().strip().split("\n\n")]
+    chunks = events[:-1]
+    assert [t for e in chunks for t in e["tokens"]] == whole["tokens"] and len(whole["tokens"]) == 7
+    counts = [e["tokens_predicted"] for e in chunks]
+    assert counts == sorted(counts) and counts[-1] == 7
+    assert all(e["tokens_predicted"] == sum(len(c["tokens"]) for c in chunks[:i + 1]) for i, e in enumerate(chunks))
+    assert all(e["tokens_evaluated"] == whole["tokens_evaluated"] > 0 for e in chunks)
+
+
 def test_a_stop_word_and_an_end_of_turn(running):
     free = _done(running, {"prompt": "Count:", "n_predict": 8, "return_tokens": True})
     text = free["content"]
