@@ -126,16 +126,22 @@ int32_t qvl_n_tokens(const struct llama_vocab * v) { return llama_vocab_n_tokens
 FIXTURE = REPO.parent / "shared" / "fixtures" / "tiny-qwen2.5-vl"
 
 
-def _vocab(lib_path: str) -> tuple[ctypes.CDLL, int, int]:
-    """(the shim, a llama_vocab pointer, its token count) of the fixture's text GGUF."""
+def compile_shim(lib_path: str | Path, code: str) -> ctypes.CDLL:
+    """C `code` calling libllama (llama.h), compiled against the llama.cpp tree `lib_path`
+    (build/bin/libllama.so) was built in, and loaded."""
     lib_dir = Path(lib_path).resolve().parent
-    source = lib_dir.parents[1]  # llama.cpp's tree: build/bin/libllama.so
+    source = lib_dir.parents[1]
     work = Path(tempfile.mkdtemp())
-    (work / "shim.c").write_text(SHIM)
+    (work / "shim.c").write_text(code)
     subprocess.run(["cc", "-shared", "-fPIC", str(work / "shim.c"), "-o", str(work / "shim.so"),
                     f"-I{source / 'include'}", f"-I{source / 'ggml' / 'include'}", f"-L{lib_dir}", "-lllama",
                     f"-Wl,-rpath,{lib_dir}"], check=True)
-    shim = ctypes.CDLL(str(work / "shim.so"))
+    return ctypes.CDLL(str(work / "shim.so"))
+
+
+def _vocab(lib_path: str) -> tuple[ctypes.CDLL, int, int]:
+    """(the shim, a llama_vocab pointer, its token count) of the fixture's text GGUF."""
+    shim = compile_shim(lib_path, SHIM)
     shim.qvl_load_vocab.argtypes, shim.qvl_load_vocab.restype = [ctypes.c_char_p], ctypes.c_void_p
     shim.qvl_n_tokens.argtypes, shim.qvl_n_tokens.restype = [ctypes.c_void_p], ctypes.c_int32
     vocab = shim.qvl_load_vocab(str(FIXTURE / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf").encode())

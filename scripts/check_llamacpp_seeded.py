@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from build_sampler_vectors import compile_shim  # scripts/: the C shim's build
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf"
@@ -78,14 +77,7 @@ SAVED = "top-k 5"  # its candidates lie far apart beside the logits' differences
 
 
 def _shim(lib_path: Path) -> ctypes.CDLL:
-    lib_dir = lib_path.resolve().parent
-    source = lib_dir.parents[1]  # llama.cpp's tree: build/bin/libllama.so
-    work = Path(tempfile.mkdtemp())
-    (work / "shim.c").write_text(SHIM)
-    subprocess.run(["cc", "-shared", "-fPIC", str(work / "shim.c"), "-o", str(work / "shim.so"),
-                    f"-I{source / 'include'}", f"-I{source / 'ggml' / 'include'}", f"-L{lib_dir}", "-lllama",
-                    f"-Wl,-rpath,{lib_dir}"], check=True)
-    shim = ctypes.CDLL(str(work / "shim.so"))
+    shim = compile_shim(lib_path, SHIM)
     i32p, f32p = ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)
     shim.qvl_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
     shim.qvl_tokenize.argtypes = [ctypes.c_char_p, i32p, ctypes.c_int]
