@@ -218,7 +218,9 @@ def _kept(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: torc
     """What the sampler chain keeps of `logits` for a non-greedy `p`, in llama.cpp's order: with
     mirostat on, llama.cpp's chain is the bias, the temperature and mirostat's truncation
     (sampler_chain.mirostat_kept), the order not run; with adaptive-p, its transform of what the
-    order kept. `gen` stands for the generation: its XTC draws, mirostat target and adaptive-p average."""
+    order kept. `gen` stands for the generation: its XTC draws, mirostat target and adaptive-p average.
+    Where the draw is a discrete_distribution (mirostat, adaptive-p) they are sorted as llama.cpp's
+    are; dist's draw (llama_random.dist_pick) sorts only what it must of a sort still due."""
     if p.chain.mirostat:
         kept = mirostat_kept(Kept(None, _biased(logits, p) / p.temperature), p.chain, _mu(gen, p), logits.numel())
         return kept.in_order()  # its draw takes them in order (few: sorting them costs little)
@@ -228,7 +230,7 @@ def _kept(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: torc
         state = _ADAPTIVE[gen][0] if gen in _ADAPTIVE else adaptive_start(p.chain)
         _ADAPTIVE[gen] = (state, kept.probs())
         kept = adaptive_logits(kept, p.chain, state)
-    return kept.in_order() if "adaptive_p" in p.chain.order else kept  # dist's draw sorts what it must
+    return kept.in_order() if "adaptive_p" in p.chain.order else kept
 
 
 def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
@@ -256,7 +258,8 @@ def _pick(kept: Kept, logits: torch.Tensor, gen: torch.Generator, p: SamplingPar
 def _chosen(gen: torch.Generator, p: SamplingParams, kept: Kept, pick: int) -> int:
     """The id drawn at `pick`, its updates made (`_drew`; mirostat's from softmax_impl's float32
     probability of it, as llama.cpp's)."""
-    probs = torch.from_numpy(softmax_f32(kept.logits.cpu().numpy())) if p.chain.mirostat else kept.probs()
+    probs = (torch.from_numpy(softmax_f32(kept.logits.cpu().numpy())).to(kept.logits.device) if p.chain.mirostat
+             else kept.probs())
     _drew(gen, p, kept.ids, probs, pick)
     return pick if kept.ids is None else int(kept.ids[pick])
 
