@@ -30,7 +30,6 @@ client the default model's settings, whether it sees pictures and the picture ma
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import replace
 from collections.abc import Callable, Iterator
@@ -111,8 +110,6 @@ def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str,
     if body.get("n_cmpl", 1) != 1:
         raise RequestError(400, "n_cmpl: not supported by qvl serve")
     options = {NAMES[k]: v for k, v in body.items() if k in NAMES and v is not None}
-    if options.get("seed") == -1:  # llama.cpp's random seed
-        options["seed"] = int.from_bytes(os.urandom(4), "little")
     kwargs = generation_options(loaded.params, options, service.config.ctx_size)
     bias = _biases(body.get("logit_bias") or [], loaded.model)
     if body.get("ignore_eos"):

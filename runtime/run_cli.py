@@ -266,7 +266,7 @@ def run(
                                          "logit (llama.cpp's; repeatable): 15043+1, 15043-inf bans it."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Never end at an end-of-turn token: the answer runs "
                                     "to --max-length (llama.cpp's; -inf logit bias on those tokens)."),
-    seed: int = typer.Option(299792458, "--seed", "-s", help="Random seed for sampling."),
+    seed: int = typer.Option(299792458, "--seed", "-s", help="Random seed for sampling (-1: a random one)."),
     stop: List[str] = typer.Option([], "--stop", "-r", "--reverse-prompt", help="End the answer before this text "
                                    "(repeatable; Ollama's stop, llama.cpp's reverse prompt)."),
     answer_format: Optional[str] = typer.Option(None, "--format", help="json: the answer is one JSON object, kept so "

@@ -18,6 +18,7 @@ tokens llama.cpp gives.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Protocol
@@ -28,6 +29,9 @@ from .dry import Breakers, breakers, dry_penalties
 from .llama_random import discrete, dist_pick, softmax_f32, streams
 from .sampler_chain import (MODIFIERS, ChainOptions, Kept, SamplingError, adaptive_logits, adaptive_next,
                             adaptive_start, mirostat_kept, mirostat_mu, run_chain)
+
+
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED (and -1): a random seed a generation
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,9 @@ def sampling_params(defaults: dict[str, Any], given: dict[str, Any], n_vocab: in
                     tokenizer: Any = None) -> SamplingParams:
     """SamplingParams of Model.generate's arguments: one given as None takes `defaults`' value (a
     stored model's), else the built-in one; `logit_bias` a {token id: bias} dict (ids below n_vocab).
-    With DRY on, its sequence breakers are found in `tokenizer`'s vocabulary (dry.breakers)."""
+    With DRY on, its sequence breakers are found in `tokenizer`'s vocabulary (dry.breakers). A seed
+    of -1 (or its 32 bits, 4294967295: llama.cpp's LLAMA_DEFAULT_SEED) is a random one, as llama.cpp
+    and Ollama take it."""
     values = {}
     for f in fields(SamplingParams):
         v = given.get(f.name)
@@ -101,6 +107,8 @@ def sampling_params(defaults: dict[str, Any], given: dict[str, Any], n_vocab: in
     for token, _ in values["logit_bias"]:
         if token >= n_vocab:
             raise SamplingError(f"logit_bias {token}: not a token id of this model (0 to {n_vocab - 1})")
+    if values["seed"] in (-1, RANDOM_SEED):
+        values["seed"] = int.from_bytes(os.urandom(4), "little") % RANDOM_SEED  # never the random seed itself
     chain = values["chain"]
     if chain.dry_multiplier != 0 and tokenizer is not None:
         values["dry_breakers"] = breakers(tokenizer, chain.dry_sequence_breakers)

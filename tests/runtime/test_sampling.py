@@ -200,3 +200,12 @@ def test_a_draw_never_picks_a_token_min_p_dropped():
     params = SamplingParams(temperature=1.0, min_p=0.5)
     gen = torch.Generator().manual_seed(0)
     assert {sample(logits, [], params, gen) for _ in range(2000)} == {0, 1}
+
+
+def test_seed_minus_one_is_a_random_seed_as_llama_cpps():
+    """-1 and 4294967295 (llama.cpp's LLAMA_DEFAULT_SEED) each become a random seed below it; any
+    other seed is kept."""
+    seeds = {sampling_params({}, {"seed": s, "temperature": 1.0}, 10).seed for s in (-1, 0xFFFFFFFF) * 8}
+    assert len(seeds) >= 15 and all(0 <= s < 0xFFFFFFFF for s in seeds)
+    assert sampling_params({"seed": -1}, {}, 10).seed != -1  # a stored model's seed -1 too
+    assert sampling_params({}, {"seed": 0xFFFFFFFE}, 10).seed == 0xFFFFFFFE
