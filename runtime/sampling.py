@@ -284,7 +284,6 @@ def sample(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: tor
 
 
 LOOKS = 64  # a format's greedy choice: the likeliest tokens checked one by one before the whole vocabulary is
-REDRAWS = 32  # a format's draw: refused draws before the whole vocabulary is checked
 
 
 class Format(Protocol):
@@ -308,14 +307,12 @@ def _admitted(form: Format, logits: torch.Tensor) -> torch.Tensor:
 
 def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: torch.Generator,
                    form: Format) -> int:
-    """`sample` among the tokens `form` allows, the likeliest checked first, so that a model
-    keeping to the format costs a check or two a token. Greedy: the likeliest allowed token
-    after the repeat penalty. A draw: from what the filters keep, renormalized over the allowed
-    ones (a refused draw is taken out and the draw made again, which gives exactly that
-    distribution; after REDRAWS refusals the whole vocabulary is checked at once); where the
-    filters keep no allowed token, they run again with the refused ones' logits at -inf. A first
-    draw the format allows is llama.cpp's; after a refusal the tokens part from llama.cpp's (it
-    runs the whole chain again over the grammar's tokens)."""
+    """`sample` among the tokens `form` allows, as llama.cpp's common_sampler keeps to a grammar:
+    the token drawn from the whole chain is taken if the format allows it (a check a token for a
+    model that keeps to it); else the chain runs again over the allowed tokens alone (the others'
+    logits at -inf) and draws again, from the same generators (mirostat's target moved by the
+    refused draw too, as llama.cpp's mirostat moves it at each draw). Greedy: the likeliest
+    allowed token after the bias, the penalties and DRY."""
     if p.greedy:
         scores = _penalized(logits, history, p)
         best = int(torch.argmax(scores))
@@ -326,20 +323,9 @@ def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, 
                 return tok
         return int(torch.argmax(scores.masked_fill(~_admitted(form, logits), float("-inf"))))
     kept = _kept(logits, history, p, gen)
-
-    def tid(i: int) -> int:
-        return i if kept.ids is None else int(kept.ids[i])
-
-    left = kept.logits.clone()  # the chain's distribution is reported, as llama.cpp's where the draw keeps to it
-    for _ in range(REDRAWS):
-        if not bool(torch.isfinite(left).any()):
-            break
-        pick = _pick(kept, left, gen, p)
-        if form.allows(tid(pick)):
-            return _chosen(gen, p, kept, pick)
-        left[pick] = float("-inf")
-    ok = _admitted(form, logits)
-    left = left.masked_fill(~(ok if kept.ids is None else ok[kept.ids]), float("-inf"))
-    if bool(torch.isfinite(left).any()):
-        return _chosen(gen, p, kept, _pick(kept, left, gen, p))
-    return sample(logits.float().masked_fill(~ok, float("-inf")), history, p, gen)
+    pick = _pick(kept, kept.logits, gen, p)
+    if form.allows(pick if kept.ids is None else int(kept.ids[pick])):
+        return _chosen(gen, p, kept, pick)
+    if p.chain.mirostat:
+        _chosen(gen, p, kept, pick)
+    return sample(logits.float().masked_fill(~_admitted(form, logits), float("-inf")), history, p, gen)

@@ -177,22 +177,32 @@ def test_greedy_is_the_likeliest_allowed_token(penalty):
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=6),
-                                    SamplingParams(temperature=1.2, top_p=0.8, min_p=0.05)])
-def test_draws_follow_the_kept_distribution_over_the_allowed_tokens(params):
-    """10,000 draws over 12 tokens: each allowed token's share within 0.02 of what the filters keep,
-    renormalized over the allowed ones (the refused ones never drawn)."""
+                                    SamplingParams(temperature=1.2, top_p=0.8, min_p=0.05),
+                                    SamplingParams(temperature=1.0, top_k=3)])
+def test_draws_follow_llama_cpps_rejection_sampling(params):
+    """10,000 draws over 12 tokens, as llama.cpp's common_sampler keeps to a grammar: a token the
+    chain keeps, taken if allowed; else one from the chain run over the allowed tokens alone. Each
+    token's share within 0.015 of P_kept(t) [t allowed] + P_kept(refused) x P_allowed-chain(t)
+    (top-k 3 keeps 0, 1, 2 of which only 1 is allowed: 4 and 7 are drawn too, after a refusal)."""
     logits = torch.tensor([2.0, 1.5, 1.4, 1.0, 0.5, 0.3, 0.0, -0.5, -1.0, -2.0, -3.0, -4.0])
-    ok = {1, 2, 4, 7, 10, 11}
-    ids, probs = candidates(logits, [], params)
-    kept = torch.zeros(12, dtype=torch.float64)
-    kept[ids if ids is not None else torch.arange(12)] = probs.double()
-    want = torch.tensor([float(kept[t]) if t in ok else 0.0 for t in range(12)], dtype=torch.float64)
-    want /= want.sum()
+    ok = {1, 4, 7, 10, 11} if params.top_k == 3 else {1, 2, 4, 7, 10, 11}
+
+    def shares(x: torch.Tensor) -> torch.Tensor:
+        ids, probs = candidates(x, [], params)
+        out = torch.zeros(12, dtype=torch.float64)
+        out[ids if ids is not None else torch.arange(12)] = probs.double()
+        return out
+
+    first = shares(logits)
+    allowed = torch.tensor([t in ok for t in range(12)])
+    want = first * allowed + float(first[~allowed].sum()) * shares(logits.masked_fill(~allowed, float("-inf")))
     gen = torch.Generator().manual_seed(7)
     counts = torch.zeros(12)
     for _ in range(10_000):
         counts[sample_allowed(logits, [], params, gen, Allowed(ok))] += 1
-    assert (counts / 10_000 - want).abs().max() < 0.02, (counts, want)
+    assert (counts / 10_000 - want).abs().max() < 0.015, (counts, want)
+    if params.top_k == 3:
+        assert counts[7] > 400  # outside the first top-k, drawn after a refusal (top-k 3 of the allowed: 1, 4, 7)
 
 
 def test_filters_that_keep_no_allowed_token_run_over_the_allowed_ones():
