@@ -112,7 +112,9 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
              for name in ("step", "decode_greedy")]
     patches = [(model_module, "sample", timed(parts, "sample", model_module.sample, False)),
                (TextStream, "push", timed(parts, "text", TextStream.push, False)),
-               (m.decoder, "embed_tokens", timed(parts, "embed", m.decoder.embed_tokens, cuda)), *steps,
+               # a step embeds its one token; the prompt's embedding (its own part, left out) is not a token's
+               (m.decoder, "embed_tokens", timed(parts, lambda ids: "embed" if ids.numel() == 1 else "prompt",
+                                                 m.decoder.embed_tokens, cuda)), *steps,
                (DecodeGraph, "stage", timed(parts, "stage", DecodeGraph.stage, False)),
                (model_module.Model, "_decode", timed(parts, "_decode", model_module.Model._decode, cuda))]
     if cuda:
@@ -121,7 +123,8 @@ def profile(model_path: str, device: str, tokens: int, prompt: str = "Write a lo
         out = m.generate(prompt, max_new_tokens=tokens, cache_prompt=False)
     n = len(out.token_ids)
     decode_s = out.timings["decode_s"]
-    per_token = {k: round(1e3 * v / max(n, 1), 3) for k, v in parts.items() if k not in ("_decode", "stage")}
+    per_token = {k: round(1e3 * v / max(n, 1), 3) for k, v in parts.items()
+                 if k not in ("_decode", "stage", "prompt")}
     per_token["embed"] = per_token.get("embed", 0.0)
     if "step" not in parts:  # no DecodeGraph (part of the decoder off the accelerator): _decode less its embedding
         per_token["step"] = round(1e3 * parts["_decode"] / max(n, 1) - per_token["embed"], 3)
