@@ -3,7 +3,7 @@
 as first written (`full_vocab_distribution` + a multinomial draw: it sorts the whole vocabulary
 for top-p and draws over all of it), measured in the same run on random logits.
 
-    python scripts/bench_sampling.py --repeat 30
+    python scripts/bench_sampling.py --repeat 30 [--device cuda]
 
 One line a parameter set: milliseconds a draw (median) for each, and the ratio. The sorted
 version is also the tests' oracle for which tokens the filters keep (tests/runtime/test_sampling.py).
@@ -75,15 +75,17 @@ def median_ms(fn, repeat: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=30, help="draws timed per sampler and case (median reported)")
+    ap.add_argument("--device", default="cpu", help="the logits' device: cpu or cuda (a draw reads its token back)")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(VOCAB, generator=gen) * 2
+    logits = (torch.randn(VOCAB, generator=gen) * 2).to(args.device)
     history = torch.randint(0, VOCAB, (64,), generator=gen).tolist()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary {VOCAB}")
+    drawn = torch.Generator(device=args.device).manual_seed(0)  # the first sampler's multinomial, on the device
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary {VOCAB}, logits on {args.device}")
     for name, p in CASES.items():
         ours = median_ms(lambda: sample(logits, history, p, gen), args.repeat)
         first = median_ms(lambda: int(torch.multinomial(full_vocab_distribution(logits, history, p), 1,
-                                                        generator=gen)), args.repeat)
+                                                        generator=drawn)), args.repeat)
         print(f"{name:22s} sample {ours:8.3f} ms   full vocabulary {first:8.3f} ms   {first / ours:6.1f}x")
     base = median_ms(lambda: sample(logits, history, LLAMACPP, gen), args.repeat)
     print(f"llama.cpp's defaults in its order (temperature last): {base:.3f} ms; its other samplers, alone at "
