@@ -191,14 +191,15 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                            "predicted_per_token_ms": decode_s * 1e3 / m if m else 0.0,
                            "predicted_per_second": m / decode_s if decode_s else 0.0}}
         if probabilities and top is not None and g.logprobs is not None:
-            out["completion_probabilities"] = _probabilities(speller(model.tokenizer), g.logprobs,
+            out["completion_probabilities"] = completion_probabilities(speller(model.tokenizer), g.logprobs,
                                                              chain.post_sampling_probs)
         return out
 
     if not body.get("stream", False):
         return Reply(whole("".join(pieces)))
     sent, spell = [0], speller(model.tokenizer)
-    chunk = None if top is None else (lambda: _probabilities(spell, new_scores(model, sent), chain.post_sampling_probs))
+    chunk = None if top is None else (lambda: completion_probabilities(spell, new_scores(model, sent),
+                                                                       chain.post_sampling_probs))
     return Reply(events=_stream(pieces, whole, chunk, lambda: model.live), sse=True, sse_done=False)
 
 
@@ -212,7 +213,7 @@ def _n_probs(body: dict[str, Any], n_vocab: int) -> int | None:
     return min(value, n_vocab)
 
 
-def _probabilities(spell: Any, scored: list[Any], post_sampling: bool) -> list[dict[str, Any]]:
+def completion_probabilities(spell: Any, scored: list[Any], post_sampling: bool) -> list[dict[str, Any]]:
     """completion_probabilities as llama.cpp's server writes them: each token's id, text, bytes and
     logprob with its top_logprobs; with post_sampling_probs, probabilities from the sampler chain's
     distribution instead ("prob", "top_probs")."""

@@ -7,17 +7,19 @@ tokens scored since the one before; choices stream one after another, each chunk
 As llama.cpp's server, both completions take `lora`: the request's run-time adapter scales (lora_api.py),
 and its samplers' fields: top_k, min_p, repeat_penalty, repeat_last_n, typical_p, top_n_sigma,
 xtc_*, dynatemp_*, dry_*, mirostat*, adaptive_* and `samplers` (the order; qvl's, temperature first, unless
-given: llamacpp_completion.request_chain)."""
+given: llamacpp_completion.request_chain), and post_sampling_probs: the log-probabilities from the
+chain's distribution, a chat's in llama-server's fields (id, token, bytes, prob, top_probs)."""
 
 from __future__ import annotations
 
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from .llamacpp_completion import request_chain
+from .llamacpp_completion import completion_probabilities, request_chain
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
 from .sampling import SamplingParams
 from .server import (Loaded, Reply, RequestError, Service, _messages, _store_error, answer_format,
@@ -54,7 +56,8 @@ def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tok
         if not isinstance(body["logit_bias"], dict):
             raise RequestError(400, "logit_bias: a map of token ids to biases")
         kwargs["logit_bias"] = body["logit_bias"]
-    kwargs["chain"] = request_chain(body, None, kwargs.get("chain"))  # llama-server's samplers, qvl's order
+    chain = request_chain(body, None, kwargs.get("chain"))  # llama-server's samplers, qvl's order
+    kwargs["chain"] = replace(chain, post_sampling_probs=bool(body.get("post_sampling_probs")))
     if body.get("ignore_eos"):  # llama.cpp server's and vLLM's: the end-of-turn tokens never chosen
         kwargs["logit_bias"] = {**kwargs.get("logit_bias", {}), **{str(t): float("-inf") for t in loaded.model.stop_ids}}
     return kwargs
@@ -151,15 +154,18 @@ def chat(service: Service, body: dict[str, Any]) -> Reply:
     def run(index: int) -> tuple[Iterator[str], Choice]:
         pieces = loaded.model.chat(messages, stream=True, format=form, logprobs=top, **each[index])
         piece, sent = speller(loaded.model.tokenizer), [0]
+        # llama-server's post_sampling_probs: the chain's probabilities, in its fields (id, prob, top_probs)
+        listed = (partial(completion_probabilities, post_sampling=True) if body.get("post_sampling_probs")
+                  else entries)
 
         def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
             scores = None
             if top is not None and not streaming:
                 g = loaded.model.last_generation
                 assert g is not None and g.logprobs is not None
-                scores = {"content": entries(piece, g.logprobs)}
+                scores = {"content": listed(piece, g.logprobs)}
             elif top is not None and not first and (new := new_scores(loaded.model, sent)):
-                scores = {"content": entries(piece, new)}  # a chunk's: the tokens scored since the last chunk
+                scores = {"content": listed(piece, new)}  # a chunk's: the tokens scored since the last chunk
             if not streaming:
                 return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": scores,
                         "finish_reason": reason}

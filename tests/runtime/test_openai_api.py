@@ -110,6 +110,33 @@ def test_openai_logprobs_and_echo(running, reference):
         assert status == 400 and expect in json.loads(data)["error"], data
 
 
+def test_post_sampling_probs_are_the_chains_in_llama_servers_fields(running, reference):
+    """llama-server's post_sampling_probs on a chat: each token's id, bytes, prob and top_probs from
+    the distribution the sampler chain drew it from (top-k 3: three alternatives at most, summing
+    to 1 with the rest; greedy: the token alone at 1), as Model.chat reports it with the chain's
+    post_sampling_probs; /v1/completions' log-probabilities come from the same distribution."""
+    import math
+
+    from qvl.runtime.sampler_chain import ChainOptions
+
+    messages = [{"role": "user", "content": "Hi"}]
+    body = {"model": "tiny:1", "max_tokens": 5, "logprobs": True, "top_logprobs": 4, "messages": messages,
+            "temperature": 0.9, "top_k": 3, "seed": 11, "post_sampling_probs": True}
+    content = running.json("/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
+    want = reference.chat(messages, max_new_tokens=5, temperature=0.9, top_k=3, seed=11, logprobs=4,
+                          chain=ChainOptions(post_sampling_probs=True))
+    assert [c["id"] for c in content] == want.token_ids and "logprob" not in content[0]
+    for c, scored in zip(content, want.logprobs):
+        assert c["prob"] == pytest.approx(math.exp(scored.logprob), rel=1e-6) and 0 < c["prob"] <= 1
+        assert 1 <= len(c["top_probs"]) <= 3 and sum(t["prob"] for t in c["top_probs"]) == pytest.approx(1, abs=1e-5)
+        assert c["id"] in [t["id"] for t in c["top_probs"]]
+    greedy = running.json("/v1/chat/completions", {**body, "temperature": 0})["choices"][0]["logprobs"]["content"]
+    assert all(c["prob"] == 1 and [t["prob"] for t in c["top_probs"]] == [1] for c in greedy)
+    legacy = running.json("/v1/completions", {"model": "tiny:1", "prompt": "Hi", "max_tokens": 4, "logprobs": 2,
+                                              "temperature": 0, "post_sampling_probs": True})
+    assert legacy["choices"][0]["logprobs"]["token_logprobs"] == [0.0] * 4  # greedy's token alone, at 1
+
+
 def sse(data: bytes) -> list[dict]:
     frames = data.decode().split("\n\n")
     assert frames[-2:] == ["data: [DONE]", ""]
