@@ -251,16 +251,16 @@ def candidates(logits: torch.Tensor, history: list[int], p: SamplingParams,
     return kept.ids, kept.probs()
 
 
-def _pick(kept: Kept, logits: torch.Tensor, gen: torch.Generator, p: SamplingParams) -> int:
-    """An index into the candidates `kept`, drawn from their float32 `logits` (-inf: never drawn,
-    not all) as llama.cpp draws from the generation's generators: mirostat's or adaptive-p's
+def _pick(kept: Kept, gen: torch.Generator, p: SamplingParams) -> int:
+    """An index into the candidates `kept`, drawn from their float32 logits (-inf: never drawn, not
+    all) as llama.cpp draws from the generation's generators: mirostat's or adaptive-p's
     discrete_distribution over softmax_impl's probabilities where the chain ends in them (the
     candidates in order, `_kept`), else llama_sampler_dist's draw (in the order of kept.key where set)."""
     if p.chain.mirostat:
-        return discrete(streams(gen)["mirostat"], softmax_f32(logits.cpu().numpy()))
+        return discrete(streams(gen)["mirostat"], softmax_f32(kept.logits.cpu().numpy()))
     if "adaptive_p" in p.chain.order:  # llama.cpp's adaptive-p sampler draws in place of dist, its target below 0 too
-        return discrete(streams(gen)["adaptive_p"], softmax_f32(logits.cpu().numpy()))
-    return dist_pick(streams(gen)["dist"], logits, kept.key)
+        return discrete(streams(gen)["adaptive_p"], softmax_f32(kept.logits.cpu().numpy()))
+    return dist_pick(streams(gen)["dist"], kept.logits, kept.key)
 
 
 def _chosen(gen: torch.Generator, p: SamplingParams, kept: Kept, pick: int) -> int:
@@ -280,7 +280,7 @@ def sample(logits: torch.Tensor, history: list[int], p: SamplingParams, gen: tor
         _drew(gen, p, torch.tensor([tok]), torch.ones(1), 0)  # greedy's report: its token alone
         return tok
     kept = _kept(logits, history, p, gen)
-    return _chosen(gen, p, kept, _pick(kept, kept.logits, gen, p))
+    return _chosen(gen, p, kept, _pick(kept, gen, p))
 
 
 LOOKS = 64  # a format's greedy choice: the likeliest tokens checked one by one before the whole vocabulary is
@@ -323,7 +323,7 @@ def sample_allowed(logits: torch.Tensor, history: list[int], p: SamplingParams, 
                 return tok
         return int(torch.argmax(scores.masked_fill(~_admitted(form, logits), float("-inf"))))
     kept = _kept(logits, history, p, gen)
-    pick = _pick(kept, kept.logits, gen, p)
+    pick = _pick(kept, gen, p)
     if form.allows(pick if kept.ids is None else int(kept.ids[pick])):
         return _chosen(gen, p, kept, pick)
     if p.chain.mirostat:
