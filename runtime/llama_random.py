@@ -107,15 +107,14 @@ def dist_pick(gen: StdMt19937, logits: torch.Tensor, key: torch.Tensor | None = 
     cum = torch.cumsum(sums, 0)
     target = float(cum[-1]) * u
     g = min(int(torch.searchsorted(cum, cum.new_tensor([target]))), len(cum) - 1)
-    if key is None:
-        index = torch.arange(g * BLOCK, min(g * BLOCK + BLOCK, n), device=p.device)
-    else:
-        index = torch.nonzero(group == g).flatten()
-        index = index[torch.argsort(key[index], descending=True, stable=True)]
     before = float(cum[g - 1]) if g else 0.0
-    run = torch.cumsum((wide if key is None else p)[index].double(), 0) + before
-    i = min(int(torch.searchsorted(run, run.new_tensor([target]))), len(run) - 1)
-    return int(index[i])
+    if key is None:  # the block itself, in order
+        run = torch.cumsum(wide[g * BLOCK:g * BLOCK + BLOCK], 0) + before
+        return g * BLOCK + min(int(torch.searchsorted(run, run.new_tensor([target]))), len(run) - 1)
+    index = torch.nonzero(group == g).flatten()
+    index = index[torch.argsort(key[index], descending=True, stable=True)]
+    run = torch.cumsum(p[index].double(), 0) + before
+    return int(index[min(int(torch.searchsorted(run, run.new_tensor([target]))), len(run) - 1)])
 
 
 @dataclass

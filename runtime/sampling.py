@@ -207,8 +207,10 @@ def _mu(gen: torch.Generator | None, p: SamplingParams) -> float:
     return _MU.get(gen, start) if gen is not None else start
 
 
-def _drew(gen: torch.Generator, p: SamplingParams, ids: torch.Tensor | None, probs: torch.Tensor, pick: int) -> None:
-    """A token drawn, `pick` among the kept `probs` (ids None: the vocabulary): with
+def _drew(gen: torch.Generator, p: SamplingParams, ids: torch.Tensor | None, probs: torch.Tensor | None,
+          pick: int) -> None:
+    """A token drawn, `pick` among the kept `probs` (ids None: the vocabulary; probs None where
+    neither post_sampling_probs nor mirostat is on, the only readers of them): with
     post_sampling_probs the distribution kept for its report (drawn_from); mirostat's target moved
     by its surprise, or adaptive-p's average by its probability before the transform."""
     if p.chain.post_sampling_probs:
@@ -216,6 +218,7 @@ def _drew(gen: torch.Generator, p: SamplingParams, ids: torch.Tensor | None, pro
     if p.greedy:
         return
     if p.chain.mirostat:
+        assert probs is not None
         _MU[gen] = mirostat_mu(_mu(gen, p), float(probs[pick]), p.chain)
     elif _adaptive(p) and gen in _ADAPTIVE:
         state, original = _ADAPTIVE[gen]
@@ -265,9 +268,13 @@ def _pick(kept: Kept, gen: torch.Generator, p: SamplingParams) -> int:
 
 def _chosen(gen: torch.Generator, p: SamplingParams, kept: Kept, pick: int) -> int:
     """The id drawn at `pick`, its updates made (`_drew`; mirostat's from softmax_impl's float32
-    probability of it, as llama.cpp's)."""
-    probs = (torch.from_numpy(softmax_f32(kept.logits.cpu().numpy())).to(kept.logits.device) if p.chain.mirostat
-             else kept.probs())
+    probability of it, as llama.cpp's). The candidates' probabilities are taken only where mirostat
+    or the post-sampling report reads them (llama.cpp's draw needs none)."""
+    probs = None
+    if p.chain.mirostat:
+        probs = torch.from_numpy(softmax_f32(kept.logits.cpu().numpy())).to(kept.logits.device)
+    elif p.chain.post_sampling_probs:
+        probs = kept.probs()
     _drew(gen, p, kept.ids, probs, pick)
     return pick if kept.ids is None else int(kept.ids[pick])
 
