@@ -448,6 +448,12 @@ def serve_cmd(
                                   "until POST /lora-adapters or a request's `lora` sets one), as llama-server's."),
     metrics: bool = typer.Option(False, "--metrics", help="Answer GET /metrics: llama-server's Prometheus counters "
                                  "(tokens read and generated, their seconds, throughput, requests waiting)."),
+    spec_type: Optional[str] = typer.Option(None, "--spec-type", help="ngram-simple: llama.cpp's self-speculative "
+                                            "decoding for every answer (qvl-run --help; none: off)."),
+    spec_size_n: int = typer.Option(12, "--spec-ngram-simple-size-n", help="ngram-simple: tokens looked up."),
+    spec_size_m: int = typer.Option(48, "--spec-ngram-simple-size-m", help="ngram-simple: most tokens drafted."),
+    spec_n_max: Optional[int] = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks "
+                                             "(default: 3 on a CPU, 7 on a GPU)."),
 ) -> None:
     import torch
 
@@ -455,6 +461,7 @@ def serve_cmd(
     from .lora import LoraError, lora_sources
     from .origins import parse_origins
     from .server import RequestError, ServeConfig, Service, keep_alive_seconds
+    from .speculative import SpeculationError, speculation
 
     def fail(message: str) -> None:
         typer.echo(f"qvl serve: error: {message}", err=True)
@@ -476,6 +483,10 @@ def serve_cmd(
         adapters = tuple((path, 0.0 if lora_off else s) for path, s in lora_sources(lora or [], lora_scaled or []))
     except LoraError as e:
         fail(str(e))
+    try:
+        spec = speculation(spec_type, spec_size_n, spec_size_m, spec_n_max)
+    except SpeculationError as e:
+        fail(str(e))
     if adapters and model is None:
         fail("--lora / --lora-scaled: adapters of the MODEL given to qvl serve; name one")
     gpu_flags = [f for f, on in (("--gpu-layers", gpu_layers is not None), ("--max-vram", max_vram is not None)) if on]
@@ -492,7 +503,8 @@ def serve_cmd(
     device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, None, False)
     allowed = parse_origins(origins if origins is not None else os.environ.get("QVL_ORIGINS"))
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
-                         int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters, metrics)
+                         int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters, metrics,
+                         spec)
     service = Service(config)
     if model is not None:
         try:

@@ -19,7 +19,7 @@ n_cmpl > 1 are refused.
 
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (prompt_* and predicted_*:
-n, ms, per token ms, per second), generation_settings, completion_probabilities with n_probs;
+n, ms, per token ms, per second; draft_n and draft_n_accepted under --spec-type), generation_settings, completion_probabilities with n_probs;
 a stream is server-sent `data:` events of {content, tokens (the chunk's ids), stop: false,
 tokens_predicted, tokens_evaluated} (completion_probabilities of the chunk's tokens with
 n_probs), then the whole reply's fields with
@@ -189,7 +189,8 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                            "prompt_per_second": n / prompt_s if prompt_s else 0.0,
                            "predicted_n": m, "predicted_ms": decode_s * 1e3,
                            "predicted_per_token_ms": decode_s * 1e3 / m if m else 0.0,
-                           "predicted_per_second": m / decode_s if decode_s else 0.0}}
+                           "predicted_per_second": m / decode_s if decode_s else 0.0,
+                           **{k: int(v) for k, v in g.timings.items() if k.startswith("draft_n")}}}  # --spec-type
         if probabilities and top is not None and g.logprobs is not None:
             out["completion_probabilities"] = completion_probabilities(speller(model.tokenizer), g.logprobs,
                                                              chain.post_sampling_probs)

@@ -11,7 +11,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from .chat import chat_media, media_order, render, user_content, with_stored
 from .config import TextConfig, text_config
 from .decode_graph import DecodeGraph
 from .decoder import PREFILL_CHUNK, Decoder, KVCache
+from .generation import Generation
 from .gguf_file import GGUFFile
 from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, preprocess, smart_resize
 from .json_format import JsonConstraint, TokenTable, format_grammar, token_table
@@ -36,6 +37,7 @@ from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, 
                         indexed, make_plan)
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
+from .speculative import Drafts, Speculation
 from .sampling import (ChainOptions, FormatError, SamplingError, SamplingParams, drawn_from, sample, sample_allowed,
                        sampling_params)
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
@@ -53,19 +55,6 @@ PLAN_CTX = 4096  # the context a GPU plan reserves KV cache for, and an open-end
 
 class ModelError(ValueError):
     """A model that cannot be loaded or a request it cannot serve; one line, names the file."""
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)
-    videos: list[VideoInput] = field(default_factory=list)  # what was sampled, for --verbose
-    reused_tokens: int = 0  # prompt tokens the last generation's cache already held (prompt_cache.py)
-    ended: bool = False  # an end-of-turn token ended it (else the token limit or the context did)
-    logprobs: list[TokenLogprob] | None = None  # each token's, with `logprobs=` (logprobs.py)
-    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) each picture was seen at
 
 
 ImageLike = str | Path | Image.Image
@@ -139,6 +128,7 @@ class Model:
         self.image_pad_id, self.video_pad_id = (self.tokenizer.token_to_id(pad) for pad in (IMAGE_PAD, VIDEO_PAD))
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
         self._token_table: TokenTable | None = None  # format="json"'s view of the vocabulary, made once
+        self.speculation: Speculation | None = None  # drafts from the text itself (--spec-type; speculative.py)
 
     def messages_for(self, prompt: str, n_images: int, system: str | None = None, n_videos: int = 0) -> list[dict]:
         """A user turn with images then videos first, or where `{image1}` / `{video1}`... say,
@@ -361,13 +351,14 @@ class Model:
         return (self.plan is not None and self.plan.budget is not None and self.vision is not None
                 and self.vision.device.type != "cpu")
 
-    def _decode(self, cache: KVCache, token: int, position: int) -> torch.Tensor:
-        """Logits (vocab,) of the token after `token`, a text token at `position`."""
-        if self._graph is not None and self._graph.cache is cache:
-            return self._graph.step(token, position)[-1]
-        embedding = self.decoder.embed_tokens(torch.tensor([token]))
-        pos = torch.full((3, 1), position, dtype=torch.long)
-        return self.decoder.logits(self.decoder.forward(embedding, pos, cache))[-1]
+    def _decode(self, cache: KVCache, tokens: list[int], position: int) -> torch.Tensor:
+        """Logits (len(tokens), vocab) after each of `tokens`, text tokens from `position`, in one pass
+        (one token: the captured step where the cache is the graph's)."""
+        if len(tokens) == 1 and self._graph is not None and self._graph.cache is cache:
+            return self._graph.step(tokens[0], position)
+        embedding = self.decoder.embed_tokens(torch.tensor(tokens))
+        pos = torch.arange(position, position + len(tokens)).expand(3, -1).contiguous()
+        return self.decoder.logits(self.decoder.forward(embedding, pos, cache))
 
     def _prepare(self, prompt: str, images: list[ImageLike] | None, videos: list[str | Path] | None,
                  video_options: VideoOptions, system: str | None,
@@ -525,6 +516,7 @@ class Model:
         out_ids: list[int] = []
         self.live, ended = (n_prompt, out_ids), False
         cache: KVCache | None = None
+        drafts: Drafts | None = None
         timings: dict[str, float] = {}
         try:
             embeds, timings = self._embed(ids, media, reuse)
@@ -534,11 +526,15 @@ class Model:
             timings["prefill_s"] = (t1 := time.perf_counter()) - t0 - timings.get("vision_ms", 0.0) / 1e3
             next_pos = int(positions.max()) + 1 if n_prompt else 0
             gen, answer = torch.Generator().manual_seed(params.seed), TextStream(self.tokenizer)
-            seen = [t for t in ids if t not in (self.image_pad_id, self.video_pad_id)] * params.chain.prompt_seen
+            text_ids = [t for t in ids if t not in (self.image_pad_id, self.video_pad_id)]
+            seen = text_ids * params.chain.prompt_seen
             graph = self._graph if self._graph is not None and self._graph.cache is cache else None
             fresh = graph is not None and graph.graph is None  # captured on this generation's first step
             # greedy with no penalty: the step's own argmax, the next step queued before it is read
             ahead = graph is not None and params.greedy and not params.adjusted and form is None and top is None
+            if self.speculation is not None:  # drafts from the text itself (speculative.py)
+                ahead, drafts = False, Drafts(self.speculation, self.decoder.first_on_accel < self.cfg.n_layer,
+                                              text_ids, limit, cache, partial(self._decode, cache))
             scored: list[TokenLogprob] | None = None if top is None else []
             self.scored = scored if scored is not None else []
             chosen: int | None = None
@@ -572,10 +568,13 @@ class Model:
                     raise ModelError("another generation started on this model; this one cannot go on")
                 if ahead and graph is not None:
                     chosen = graph.decode_greedy(tok, next_pos, i + 1 < max_new_tokens and cache.length + 1 < limit)
+                elif drafts is not None:  # room: draft tokens whose logits could still be used
+                    logits = drafts.next(tok, next_pos, min(limit - cache.length - 1, max_new_tokens - i - 2))
                 else:
-                    logits = self._decode(cache, tok, next_pos)
+                    logits = self._decode(cache, [tok], next_pos)[-1]
                 next_pos += 1
             timings["decode_s"] = time.perf_counter() - t1
+            timings.update(drafts.timings() if drafts is not None else {})
             if fresh and graph is not None and graph.capture_s is not None:
                 timings["capture_s"] = graph.capture_s  # inside decode_s
         finally:

@@ -29,11 +29,13 @@ from .boxes_cli import boxes_problem, draw_answer_boxes
 from .grounding import GroundingError, counted
 from .loader import load, open_ended
 from .lora import LoraError, lora_sources
-from .model import ALL_LAYERS, PLAN_CTX, Generation, ModelError
+from .generation import Generation, answer_json, answer_timings
+from .model import ALL_LAYERS, PLAN_CTX, ModelError
 from .placement import Placement
 from .run_flags import answer_format_flag as _answer_format, chain_flags, fail as _fail, grammar_flag as _grammar
 from .run_flags import DryFlags, logit_biases
 from .sampling import SamplingError, SamplingParams
+from .speculative import SpeculationError, speculation
 from .store import StoreError
 from .tokenizer import TokenizerError
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VideoError, VideoOptions
@@ -355,6 +357,13 @@ def run(
                                              "convert-lora's or llama.cpp's) or a PEFT folder (repeatable; or A,B)."),
     lora_scaled: Optional[List[str]] = typer.Option(None, "--lora-scaled", help="FILE:SCALE: a --lora adapter with "
                                                     "its term scaled (repeatable; or A:0.5,B:2), as llama.cpp's."),
+    spec_type: Optional[str] = typer.Option(None, "--spec-type", help="ngram-simple: llama.cpp's self-speculative "
+                                            "decoding: tokens the text already holds after the last few are drafted "
+                                            "and checked in one pass, the answer's tokens kept (none: off)."),
+    spec_size_n: int = typer.Option(12, "--spec-ngram-simple-size-n", help="ngram-simple: tokens looked up."),
+    spec_size_m: int = typer.Option(48, "--spec-ngram-simple-size-m", help="ngram-simple: most tokens drafted."),
+    spec_n_max: Optional[int] = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks "
+                                             "(default: 3 on a CPU, 7 on a GPU)."),
 ) -> None:
     del flash_attn, sliding_window_size, max_window_layers
     if sliding_window:
@@ -433,7 +442,8 @@ def run(
                        frequency_penalty)
         video_options = VideoOptions(fps=video_fps, max_frames=max_frames, start=video_start, end=video_end,
                                      min_pixels=video_min_pixels, max_pixels=video_max_pixels)
-    except (SamplingError, VideoError) as e:
+        spec = speculation(spec_type, spec_size_n, spec_size_m, spec_n_max)
+    except (SamplingError, VideoError, SpeculationError) as e:
         _fail(str(e))
     if not model_path.exists() and mmproj is None:
         _pull_if_missing(str(model_path), no_pull, insecure)
@@ -469,6 +479,7 @@ def run(
         _fail(_out_of_memory("loading the model"))
     load_s = time.perf_counter() - t0
     model.on_warning = lambda message: typer.echo(f"qvl-run: warning: {message}", err=True)
+    model.speculation = spec
     if model.fit_note is not None:
         model.on_warning(model.fit_note)
     if verbose:
@@ -544,27 +555,6 @@ def run(
         figures = ", ".join(f"{k} {v}" for k, v in timings.items())
         vram = f", peak VRAM {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device == "cuda" else ""
         typer.echo(f"qvl-run: {figures}, peak RSS {_peak_rss_mib():.0f} MiB{vram}", err=True)
-
-
-def answer_timings(out: Generation, load_s: float) -> dict[str, float]:
-    """--json's and --verbose's figures of an answer: seconds, and prefill / decode tokens a second."""
-    timings = {"load_s": round(load_s, 3), **{k: round(v, 3) for k, v in out.timings.items()}}
-    if out.timings.get("prefill_s"):
-        timings["prefill_tok_s"] = round(out.prompt_tokens / out.timings["prefill_s"], 2)
-    if out.token_ids and out.timings.get("decode_s"):
-        timings["decode_tok_s"] = round(len(out.token_ids) / out.timings["decode_s"], 2)
-    return timings
-
-
-def answer_json(out: Generation, timings: dict[str, float]) -> dict[str, Any]:
-    """--json's object of an answer: text, token ids, prompt tokens, done_reason, timings (and logprobs)."""
-    reply: dict[str, Any] = {"text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
-                             "reused_tokens": out.reused_tokens, "done_reason": "stop" if out.ended else "length",
-                             "timings": timings}
-    if out.logprobs is not None:
-        reply["logprobs"] = [{"token": t.token, "logprob": t.logprob, "top": [[i, v] for i, v in t.top]}
-                             for t in out.logprobs]
-    return reply
 
 
 def _keep_prompt(model: Any, path: Path | None, read_only: bool) -> None:

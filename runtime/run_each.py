@@ -21,7 +21,8 @@ from .go_template import TemplateError
 from .image import ImageError
 from .model import Generation, Model, ModelError
 from .boxes_cli import boxes_path
-from .run_cli import _draw_answer_boxes, _fail, _out_of_memory, _triton_failure, answer_json, answer_timings
+from .generation import answer_json, answer_timings
+from .run_cli import _draw_answer_boxes, _fail, _out_of_memory, _triton_failure
 
 
 def ask_each(model: Model, text: str, images: list[Path], system: str | None, gen_kwargs: dict[str, Any],

@@ -63,6 +63,7 @@ from .gguf_file import GGUFError, GGUFFile
 from .inline_media import decode_image, decode_video
 from .json_format import format_grammar
 from .cache_pool import CachePool
+from .speculative import Speculation
 from .loader import load, open_ended
 from .logprobs import MAX_TOP, entries, new_scores, speller
 from .lora import LoraError, LoraSource
@@ -100,6 +101,7 @@ class ServeConfig:
     slot_save_path: str | None = None  # where POST /slots/0?action=save|restore keeps its files (slots_api.py)
     lora: tuple[LoraSource, ...] = ()  # run-time adapters of default_model (--lora, --lora-scaled; lora_api.py)
     metrics: bool = False  # GET /metrics answers (--metrics; metrics_api.py)
+    speculation: Speculation | None = None  # every model's drafts from the text itself (--spec-type; speculative.py)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -300,9 +302,7 @@ class Service:
 
     def __init__(self, config: ServeConfig, store: Store | None = None,
                  loader: Callable[..., Model] = load):
-        self.config = config
-        self.store = store or Store()
-        self.loader = loader
+        self.config, self.store, self.loader = config, store or Store(), loader
         self.loaded: Loaded | None = None
         self._ids = itertools.count(1)
         self._keep_s = config.keep_alive_s  # the last request's keep_alive
@@ -365,7 +365,7 @@ class Service:
                                 lora=[(a, 1.0) for a in adapters] + list(self._default_lora(key)))
         except (GGUFError, ModelError, StoreError, KeyError, ValueError) as e:
             raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
-        model.usage = self.usage.total
+        model.usage, model.speculation = self.usage.total, self.config.speculation
         if self.config.cache_pool_bytes > 0:  # conversations taking turns keep their caches (cache_pool.py)
             model.cache_pool = CachePool(self.config.cache_pool_bytes)
         if messages:  # the stored MESSAGE lines: every prompt follows that conversation (Model.defaults)
@@ -389,8 +389,7 @@ class Service:
         return name
 
     def _free(self) -> None:
-        self.loaded = None
-        self.expires = None
+        self.loaded, self.expires = None, None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""What self-speculative decoding (--spec-type ngram-simple, runtime/speculative.py) gains and costs,
+every figure against plain decoding in the same process:
+
+1. A pass's cost by its tokens: one decoder pass over 1, 2, 3, 4, 5, 8 and 16 tokens after a
+   256-token prompt (median of --rounds), as a multiple of the one-token pass. A draft of d tokens
+   taken whole gives d + 1 tokens for that multiple.
+2. An answer that repeats text: a sentence the prompt holds, written three times (held to the
+   sentence's own tokens by a grammar of their ids, so a random-weight model writes it as a
+   trained one would), greedy; plain and with drafts at --spec-draft-n-max 3 (the CPU default),
+   7 (the GPU default) and 16, timed in turns: tok/s, the ratio, drafts made and taken, and whether the tokens are
+   the same.
+3. An answer whose drafts are all refused: the sentence's first p distinct tokens (p the largest
+   prime their number allows) three times, in steps of 1, 2 and 3 (held by a grammar), so that a
+   token seen before is followed by another token each time. With size_n 1 every token after the first copy is drafted from and the draft
+   refused (what a refused draft costs); with the default size_n 12 no 12 tokens recur and
+   nothing is drafted (what looking costs).
+
+    python scripts/bench_speculative.py model-q4_k_m.gguf --tokens 75 --rounds 3 [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from qvl.runtime.gbnf import parse_gbnf
+from qvl.runtime.loader import load
+from qvl.runtime.speculative import Speculation
+
+SENTENCE = ("The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the green valley "
+            "below the old stone bridge.\n")
+PASS_SIZES = (1, 2, 3, 4, 5, 8, 16)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def pass_costs(model, rounds: int, device: str) -> dict[int, float]:
+    """ms of one pass over n tokens at the end of a 256-token cache, each n."""
+    dec = model.decoder
+    cache = dec.new_cache(256 + max(PASS_SIZES), model.placement.kv_type)
+    emb = dec.embed_tokens(torch.arange(1000, 1256 + max(PASS_SIZES)))
+    pos = torch.arange(256 + max(PASS_SIZES)).expand(3, -1).contiguous()
+    dec.forward(emb[:256], pos[:, :256], cache)
+    out = {}
+    for n in PASS_SIZES:
+        times = []
+        for _ in range(rounds + 1):
+            cache.length = 256
+            sync(device)
+            t = time.perf_counter()
+            dec.logits(dec.forward(emb[256:256 + n], pos[:, 256:256 + n], cache))
+            sync(device)
+            times.append(time.perf_counter() - t)
+        out[n] = statistics.median(times[1:]) * 1e3
+    return out
+
+
+def answers(model, prompt: str, specs: dict[str, Speculation | None], rounds: int, **kwargs) -> dict[str, dict]:
+    """Each setting's answer, timed in turns; decode tok/s (median), drafts, tokens."""
+    runs: dict[str, list] = {k: [] for k in specs}
+    for _ in range(rounds):
+        for name, spec in specs.items():
+            model.speculation = spec
+            runs[name].append(model.generate(prompt, cache_prompt=False, **kwargs))
+    model.speculation = None
+    out = {}
+    for name, gens in runs.items():
+        g = gens[-1]
+        rate = statistics.median(len(x.token_ids) / x.timings["decode_s"] for x in gens)
+        out[name] = {"tok_s": round(rate, 2), "tokens": len(g.token_ids), "ids": g.token_ids,
+                     "draft_n": int(g.timings.get("draft_n", 0)), "draft_n_accepted": int(g.timings.get("draft_n_accepted", 0))}
+    return out
+
+
+def report(title: str, res: dict[str, dict]) -> None:
+    base = res["plain"]
+    print(title)
+    for name, r in res.items():
+        same = "same tokens" if r["ids"] == base["ids"] else "OTHER TOKENS"
+        print(f"  {name:22s} {r['tok_s']:8.2f} tok/s  x{r['tok_s'] / base['tok_s']:.2f}  {r['tokens']} tokens, "
+              f"drafted {r['draft_n']}, taken {r['draft_n_accepted']}  ({same})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, default=75, help="most answer tokens (the three copies: 75 on Qwen's tokens)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--json", dest="json_out", help="write the figures here too")
+    args = ap.parse_args()
+    model = load(args.model, device=args.device)
+    costs = pass_costs(model, args.rounds, args.device)
+    print(f"pass over n tokens after 256 ({args.device}, {torch.get_num_threads()} threads): "
+          + ", ".join(f"{n}: {ms:.1f} ms (x{ms / costs[1]:.2f})" for n, ms in costs.items()))
+    ids = model.tokenizer.encode(SENTENCE, add_special_tokens=False).ids
+    copies = parse_gbnf("root ::= (" + " ".join(f"<[{t}]>" for t in ids) + "){3}")
+    prompt = "Copy this sentence three times, one a line: " + SENTENCE
+    specs = {"plain": None, "ngram-simple max 3": Speculation(n_max=3), "ngram-simple max 7": Speculation(n_max=7),
+             "ngram-simple max 16": Speculation(n_max=16)}
+    repeated = answers(model, prompt, specs, args.rounds, max_new_tokens=args.tokens, format=copies)
+    report(f"an answer that repeats a {len(ids)}-token sentence the prompt holds, three times (greedy):", repeated)
+    distinct = list(dict.fromkeys(ids))
+    p = max(n for n in range(5, len(distinct) + 1) if all(n % d for d in range(2, n)))
+    steps = [distinct[(i * step) % p] for step in (1, 2, 3) for i in range(p)]
+    shuffled = parse_gbnf("root ::= " + " ".join(f"<[{t}]>" for t in steps))
+    free = answers(model, "Say these words.", {"plain": None, "size_n 12, max 3": Speculation(n_max=3),
+                                               "size_n 1, max 3": Speculation(1, 48, 3)},
+                   args.rounds, max_new_tokens=len(steps), format=shuffled)
+    report(f"an answer whose drafts are all refused, {len(steps)} tokens (greedy):", free)
+    if args.json_out:
+        def strip(res: dict[str, dict]) -> dict[str, dict]:
+            return {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in res.items()}
+
+        with open(args.json_out, "w") as f:
+            json.dump({"pass_ms": costs, "repeated": strip(repeated), "free": strip(free)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
