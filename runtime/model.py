@@ -37,9 +37,9 @@ from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, 
                         indexed, make_plan)
 from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
-from .speculative import Drafts, Speculation
 from .sampling import (ChainOptions, FormatError, SamplingError, SamplingParams, drawn_from, sample, sample_allowed,
                        sampling_params)
+from .speculative import Drafts, Speculation
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
 from .usage import Usage
 from .video import VideoInput, VideoOptions, frame_size, load_video
@@ -533,7 +533,7 @@ class Model:
             # greedy with no penalty: the step's own argmax, the next step queued before it is read
             ahead = graph is not None and params.greedy and not params.adjusted and form is None and top is None
             if self.speculation is not None:  # drafts from the text itself (speculative.py)
-                ahead, drafts = False, Drafts(self.speculation, self.decoder.first_on_accel < self.cfg.n_layer,
+                ahead, drafts = False, Drafts(self.speculation, self.decoder.first_on_accel == 0,
                                               text_ids, limit, cache, partial(self._decode, cache))
             scored: list[TokenLogprob] | None = None if top is None else []
             self.scored = scored if scored is not None else []

@@ -363,7 +363,7 @@ def run(
     spec_size_n: int = typer.Option(12, "--spec-ngram-simple-size-n", help="ngram-simple: tokens looked up."),
     spec_size_m: int = typer.Option(48, "--spec-ngram-simple-size-m", help="ngram-simple: most tokens drafted."),
     spec_n_max: Optional[int] = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks "
-                                             "(default: 3 on a CPU, 7 on a GPU)."),
+                                             "(default: 3; 7 with every layer on a GPU)."),
 ) -> None:
     del flash_attn, sliding_window_size, max_window_layers
     if sliding_window:

@@ -42,7 +42,8 @@ class SpeculationError(ValueError):
 @dataclass(frozen=True)
 class Speculation:
     """llama.cpp's ngram-simple settings (`--spec-ngram-simple-size-n`, `-size-m`; its defaults)
-    and `--spec-draft-n-max` (None: CPU_DRAFT_MAX on a CPU, ACCEL_DRAFT_MAX on a GPU)."""
+    and `--spec-draft-n-max` (None: ACCEL_DRAFT_MAX where the whole decoder is on a GPU, else
+    CPU_DRAFT_MAX: a layer on the CPU costs a pass what the CPU's int4 op does)."""
 
     size_n: int = 12
     size_m: int = 48
