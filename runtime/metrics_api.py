@@ -5,7 +5,8 @@ Counters (since the server started, every model it loaded): prompt_tokens_total 
 read, those the KV cache held not counted), prompt_tokens_cached_total, prompt_seconds_total,
 tokens_predicted_total, tokens_predicted_seconds_total, n_decode_total (decoder passes: a
 prompt's passes of up to 512 tokens, one step a new token), n_tokens_max (the longest prompt and
-answer), and the speculative-decoding counters at 0 (qvl drafts nothing). Gauges:
+answer; a token taken from a draft rode on another's pass), and the speculative-decoding
+counters (`--spec-type`: draft tokens made, those taken, the passes that checked them). Gauges:
 prompt_tokens_seconds and predicted_tokens_seconds (tokens a second over the generations since
 the last scrape, as llama.cpp averages over that window), requests_processing (0 or 1: qvl serve
 runs one request at a time), requests_deferred (requests waiting for it), n_busy_slots_per_decode
@@ -44,9 +45,11 @@ def metrics(service: Service, body: dict[str, Any]) -> Reply:
         ("n_decode_total", "Total number of decoder passes (prompt passes of up to 512 tokens, one a new token)",
          now.passes),
         ("n_tokens_max", "Largest observed sequence length (prompt + generation)", now.max_tokens),
-        ("spec_decode_num_draft_tokens_total", "Speculative: Total draft tokens generated", 0),
-        ("spec_decode_num_accepted_tokens_total", "Speculative: Total draft tokens accepted by the target model", 0),
-        ("spec_decode_num_drafts_total", "Speculative: Total speculative decoding verification steps", 0),
+        ("spec_decode_num_draft_tokens_total", "Speculative: Total draft tokens generated", now.drafted),
+        ("spec_decode_num_accepted_tokens_total", "Speculative: Total draft tokens accepted by the target model",
+         now.accepted),
+        ("spec_decode_num_drafts_total", "Speculative: Total speculative decoding verification steps",
+         now.draft_passes),
     ]
     gauges = [
         ("prompt_tokens_seconds", "Average prompt throughput in tokens/s",

@@ -583,8 +583,8 @@ class Model:
             if self._generation == this and cache is not None:  # it holds the prompt and the answer fed so far
                 self._prompt_keys.kept = (keys + out_ids)[:cache.length]
             if "prefill_s" in timings:  # the prompt was read: counted, as llama.cpp's /metrics, answer left or not
-                self.usage.add(n_prompt, reuse, timings["prefill_s"], len(out_ids),
-                               timings.get("decode_s", time.perf_counter() - t1))
+                self.usage.add(n_prompt, reuse, timings["prefill_s"], len(out_ids), timings.get(
+                    "decode_s", time.perf_counter() - t1), drafts.counts if drafts is not None else (0, 0, 0))
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         if stops.hit is not None:
             final = answer.text[:stops.hit]

@@ -7,16 +7,17 @@ there (at most `size_m`, and none unless at least `size_n` follow) are the draft
 then reads the sampled token and the draft together, and the answer goes on as it would have:
 each position's logits are sampled in turn by the same sampler (penalties, grammar, seed and all);
 while the sampled token is the draft's next one, the logits after it are already there; at the
-first other token the rest of the draft is dropped (the next pass writes over its keys) and decoding goes on from that token.
+first other token the rest of the draft is dropped (the next pass writes over its keys) and
+decoding goes on from that token.
 
 So the tokens are the ones decoding one token at a time gives, up to how a pass over several
 tokens rounds differently from a pass over one (float32 on a CPU: logits within ~1e-5 of the
 single pass's; bf16: within ~2 % of the largest logit, so a near tie can go the other way, as
 in llama.cpp's batches). It pays where answers repeat text (a list, a table, code, an earlier
 answer reworded). `n_max` caps a pass's draft: by default 3 on a CPU, where a pass over 2, 3, 4
-tokens costs 1.3, 1.5, 1.7x a one-token pass and over 5 to 8 3.3x (torch's int4 matmul takes x's
-rows in fours; 3B Q4_K_M, 2 cores, scripts/bench_speculative.py); 7 on a GPU, where a pass of up
-to 8 tokens keeps to the decode GEMV kernel (kernels/qmatmul.GEMV_MAX_M), which reads each weight
+tokens costs 1.1-1.3, 1.4-1.5, 1.6-1.7x a one-token pass and over 5 to 8 3.1-3.3x (torch's int4 matmul takes x's
+rows in fours; 3B Q4_K_M, 2 cores, scripts/bench_speculative.py); 7 with every layer on a GPU,
+where a pass of up to 8 tokens keeps to the decode GEMV kernel (kernels/qmatmul.GEMV_MAX_M), which reads each weight
 once for all of them (not yet timed on a GPU).
 """
 
@@ -141,6 +142,11 @@ class Drafts:
             self._history = np.concatenate([self._history, np.zeros_like(self._history)])
         self._history[self._n] = token
         self._n += 1
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """Draft tokens, those taken, passes that read a draft (llama-server's /metrics counters)."""
+        return self.drafted, self.accepted, self.passes
 
     def timings(self) -> dict[str, float]:
         """llama-server's counts: draft tokens read, and those taken."""

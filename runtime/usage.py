@@ -22,18 +22,25 @@ class Usage:
     passes: int = 0  # decoder passes: prompt passes of up to PREFILL_CHUNK tokens, one step a new token
     max_tokens: int = 0  # the longest sequence, prompt and answer
     generations: int = 0
+    drafted: int = 0  # --spec-type's draft tokens, those taken, and the passes that checked them (speculative.py)
+    accepted: int = 0
+    draft_passes: int = 0
 
-    def add(self, prompt: int, cached: int, prompt_s: float, predicted: int, predicted_s: float) -> None:
-        """One finished generation: a prompt of `prompt` tokens of which `cached` came from the cache."""
+    def add(self, prompt: int, cached: int, prompt_s: float, predicted: int, predicted_s: float,
+            drafts: tuple[int, int, int] = (0, 0, 0)) -> None:
+        """One finished generation: a prompt of `prompt` tokens of which `cached` came from the cache;
+        `drafts`: its draft tokens, those taken (each rode on another token's pass) and the passes."""
         read = prompt - cached
         self.prompt_tokens += read
         self.cached_tokens += cached
         self.prompt_s += prompt_s
         self.predicted_tokens += predicted
         self.predicted_s += predicted_s
-        self.passes += math.ceil(read / PREFILL_CHUNK) + predicted
+        self.passes += math.ceil(read / PREFILL_CHUNK) + predicted - drafts[1]
         self.max_tokens = max(self.max_tokens, prompt + predicted)
         self.generations += 1
+        self.drafted, self.accepted, self.draft_passes = (a + b for a, b in zip(
+            (self.drafted, self.accepted, self.draft_passes), drafts))
 
     def read(self, lengths: list[int], seconds: float) -> None:
         """Texts read side by side for their embeddings in one pass (one longer than PREFILL_CHUNK

@@ -8,13 +8,13 @@ every figure against plain decoding in the same process:
 2. An answer that repeats text: a sentence the prompt holds, written three times (held to the
    sentence's own tokens by a grammar of their ids, so a random-weight model writes it as a
    trained one would), greedy; plain and with drafts at --spec-draft-n-max 3 (the CPU default),
-   7 (the GPU default) and 16, timed in turns: tok/s, the ratio, drafts made and taken, and whether the tokens are
-   the same.
+   7 (the GPU default) and 16, timed in turns: tok/s, the ratio, drafts made and taken, and
+   whether the tokens are the same.
 3. An answer whose drafts are all refused: the sentence's first p distinct tokens (p the largest
    prime their number allows) three times, in steps of 1, 2 and 3 (held by a grammar), so that a
-   token seen before is followed by another token each time. With size_n 1 every token after the first copy is drafted from and the draft
-   refused (what a refused draft costs); with the default size_n 12 no 12 tokens recur and
-   nothing is drafted (what looking costs).
+   token seen before is followed by another token each time. With size_n 1 every token after the
+   first copy is drafted from and the draft refused (what a refused draft costs); with the
+   default size_n 12 no 12 tokens recur and nothing is drafted (what looking costs).
 
     python scripts/bench_speculative.py model-q4_k_m.gguf --tokens 75 --rounds 3 [--device cuda]
 """
@@ -77,7 +77,8 @@ def answers(model, prompt: str, specs: dict[str, Speculation | None], rounds: in
         g = gens[-1]
         rate = statistics.median(len(x.token_ids) / x.timings["decode_s"] for x in gens)
         out[name] = {"tok_s": round(rate, 2), "tokens": len(g.token_ids), "ids": g.token_ids,
-                     "draft_n": int(g.timings.get("draft_n", 0)), "draft_n_accepted": int(g.timings.get("draft_n_accepted", 0))}
+                     "draft_n": int(g.timings.get("draft_n", 0)),
+                     "draft_n_accepted": int(g.timings.get("draft_n_accepted", 0))}
     return out
 
 

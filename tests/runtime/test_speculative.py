@@ -183,12 +183,24 @@ def test_qvl_run_flags(fixtures_dir):
 
 
 def test_serve_drafts_and_reports_them(store, files):
-    running = Running(Service(ServeConfig(default_model=str(files / MODEL), speculation=Speculation(1, 8)), store))
+    """/completion's timings carry the draft counts, /metrics llama-server's speculative counters;
+    a token taken from a draft is no decoder pass of its own."""
+    config = ServeConfig(default_model=str(files / MODEL), speculation=Speculation(1, 8), metrics=True)
+    running = Running(Service(config, store))
     try:
         got = running.json("/completion", {"model": "tiny:1", "prompt": PROMPT, "n_predict": 24,
                                            "return_tokens": True})
+        status, data = running.request("/metrics")
     finally:
         running.server.shutdown()
     plain = load(files / MODEL).generate(PROMPT, template=False, max_new_tokens=24)
     assert got["tokens"] == plain.token_ids
-    assert got["timings"]["draft_n"] >= got["timings"]["draft_n_accepted"] > 0
+    t = got["timings"]
+    assert t["draft_n"] >= t["draft_n_accepted"] > 0
+    assert status == 200
+    metrics = {line.split(" ")[0].removeprefix("llamacpp:"): float(line.split(" ")[1])
+               for line in data.decode().splitlines() if not line.startswith("#")}
+    assert metrics["spec_decode_num_draft_tokens_total"] == t["draft_n"]
+    assert metrics["spec_decode_num_accepted_tokens_total"] == t["draft_n_accepted"]
+    assert 0 < metrics["spec_decode_num_drafts_total"] <= t["draft_n"]
+    assert metrics["n_decode_total"] == 1 + 24 - t["draft_n_accepted"]  # a prompt pass, a step a token not taken
