@@ -497,3 +497,23 @@ def test_step_reads_embeddings_where_they_are(models):
         else:
             assert not dec.output_is_embed and torch.equal(table.cpu(), as_torch(dec.embed.raw))
         assert embedding_table(dec, dev) is table
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "q8_0"])
+def test_speculative_drafts_through_the_kernels(q8_model, kv_type):
+    """--spec-type ngram-simple on the accelerator path (runtime/speculative.py): a draft's pass of
+    up to 8 tokens through the decode GEMVs (M <= GEMV_MAX_M) and the prefill attention over the
+    cache, the captured step for tokens without a draft, after the cache's length was moved back:
+    the tokens of plain decoding there. Answers held to six tokens, cycling (a logit bias and a
+    repeat penalty over the last 4), so that drafts are made, taken and refused."""
+    from qvl.runtime.speculative import Speculation
+
+    placement = Placement(ACCEL, ALL_LAYERS, vision_on_accel=True, kv_type=kv_type)
+    model = load(q8_model, device=ACCEL, dtype=torch.float32, placement=placement)
+    kwargs = dict(max_new_tokens=16, repeat_penalty=1.5, repeat_last_n=4, cache_prompt=False,
+                  logit_bias={t: 8.0 for t in range(300, 306)})
+    plain = model.generate("Hello", **kwargs)
+    model.speculation = Speculation(1, 8, n_max=7)
+    fast = model.generate("Hello", **kwargs)
+    assert model._graph is not None and fast.token_ids == plain.token_ids
+    assert 0 < fast.timings["draft_n_accepted"] < fast.timings["draft_n"]
