@@ -33,7 +33,8 @@
 #                                           # mirrors converted on CUDA (test_offload_kv), and prefill through dequantize + cuBLAS
 #                                           # (QVL_DEQUANT_GEMM=1; profile_prefill.py), a run-time LoRA
 #                                           # adapter's decode cost (bench_lora.py), a token's draw
-#                                           # from logits on the GPU (bench_sampling.py --device cuda)
+#                                           # from logits on the GPU (bench_sampling.py --device cuda),
+#                                           # self-speculative decoding (bench_speculative.py --device cuda)
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -191,6 +192,10 @@ followup)
     # a sampled token's draw (llama.cpp's: its running sum on the device) over logits on the GPU
     timeout 60 python3 scripts/bench_sampling.py --device cuda --repeat 20 > "$out/bench-sampling.txt" 2>&1
     tail -c 1500 "$out/bench-sampling.txt"
+    # --spec-type ngram-simple: a pass's cost by its tokens, an answer that repeats, drafts refused
+    timeout 90 python3 scripts/bench_speculative.py /tmp/q7b-q4_k_m.gguf --device cuda --rounds 2 \
+        --json "$out/bench-speculative.json" > "$out/bench-speculative.txt" 2>&1
+    tail -c 1500 "$out/bench-speculative.txt"
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time
