@@ -163,7 +163,8 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     top = _n_probs(body, model.cfg.n_vocab)
     chain = kwargs["chain"]
     settings = ({k: body[k] for k in NAMES if k in body} | _chain_settings(chain) |
-                {"n_ctx": kwargs.get("ctx_size"), "model": service._name(loaded)})
+                {"n_ctx": kwargs.get("ctx_size"), "model": service._name(loaded),
+                 "speculative.types": "ngram-simple" if model.speculation is not None else "none"})
     stops = list(kwargs.get("stop") or [])
     t0 = time.perf_counter()
     pieces = model.generate(text, pictures, stream=True, template=False, format=answer_format(body), logprobs=top,
@@ -266,6 +267,7 @@ def props(service: Service, body: dict[str, Any]) -> Reply:
               "n_predict": -1, "stop": list(kwargs.get("stop") or []), "n_probs": 0, "grammar": "", "stream": True,
               **_chain_settings(ChainOptions(ORDER_LLAMACPP))}
     model = loaded.model
+    params["speculative.types"] = "ngram-simple" if model.speculation is not None else "none"  # --spec-type
     return Reply({"default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": kwargs.get("ctx_size") or PLAN_CTX,
                                                   "is_processing": False, "params": params},
                   "total_slots": 1, "model_path": str(model.text_file.path), "model_alias": service._name(loaded),

@@ -25,6 +25,7 @@ def test_a_string_prompt_is_continued_as_v1_completions_does(running):
     assert t["predicted_n"] == 6 and t["predicted_ms"] > 0 and t["predicted_per_second"] > 0
     assert t["prompt_n"] == got["tokens_evaluated"] - got["tokens_cached"]
     assert got["generation_settings"]["n_predict"] == 6 and got["model"] == "tiny:1"
+    assert got["generation_settings"]["speculative.types"] == "none"  # no --spec-type
 
 
 def test_stream_chunks_then_the_whole_reply(running):

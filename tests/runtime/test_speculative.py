@@ -191,12 +191,15 @@ def test_serve_drafts_and_reports_them(store, files):
         got = running.json("/completion", {"model": "tiny:1", "prompt": PROMPT, "n_predict": 24,
                                            "return_tokens": True})
         status, data = running.request("/metrics")
+        props = running.json("/props")
     finally:
         running.server.shutdown()
     plain = load(files / MODEL).generate(PROMPT, template=False, max_new_tokens=24)
     assert got["tokens"] == plain.token_ids
     t = got["timings"]
     assert t["draft_n"] >= t["draft_n_accepted"] > 0
+    assert got["generation_settings"]["speculative.types"] == "ngram-simple"
+    assert props["default_generation_settings"]["params"]["speculative.types"] == "ngram-simple"
     assert status == 200
     metrics = {line.split(" ")[0].removeprefix("llamacpp:"): float(line.split(" ")[1])
                for line in data.decode().splitlines() if not line.startswith("#")}
