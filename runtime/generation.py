@@ -41,3 +41,20 @@ def answer_json(out: Generation, timings: dict[str, float]) -> dict[str, Any]:
         reply["logprobs"] = [{"token": t.token, "logprob": t.logprob, "top": [[i, v] for i, v in t.top]}
                              for t in out.logprobs]
     return reply
+
+
+def llama_timings(g: Generation, decode_s: float | None = None) -> dict[str, Any]:
+    """llama-server's `timings` of an answer (its /completion's, and its OpenAI replies' last
+    chunk's): prompt tokens the cache held, those read and their ms, tokens made and their ms, and
+    with --spec-type the draft tokens and those taken. `decode_s`: when the answer has no decode
+    time of its own (it failed before one was taken)."""
+    prompt_s = g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3
+    decode_s = g.timings.get("decode_s", decode_s or 0.0)
+    n, m = g.prompt_tokens - g.reused_tokens, len(g.token_ids)
+    return {"cache_n": g.reused_tokens, "prompt_n": n, "prompt_ms": prompt_s * 1e3,
+            "prompt_per_token_ms": prompt_s * 1e3 / n if n else 0.0,
+            "prompt_per_second": n / prompt_s if prompt_s else 0.0,
+            "predicted_n": m, "predicted_ms": decode_s * 1e3,
+            "predicted_per_token_ms": decode_s * 1e3 / m if m else 0.0,
+            "predicted_per_second": m / decode_s if decode_s else 0.0,
+            **{k: int(v) for k, v in g.timings.items() if k.startswith("draft_n")}}

@@ -18,8 +18,9 @@ refused when asked for, not ignored; left at 0 they are fine. Several prompts, t
 n_cmpl > 1 are refused.
 
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
-tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (prompt_* and predicted_*:
-n, ms, per token ms, per second; draft_n and draft_n_accepted under --spec-type), generation_settings, completion_probabilities with n_probs;
+tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (cache_n; prompt_* and
+predicted_*: n, ms, per token ms, per second; draft_n and draft_n_accepted under --spec-type),
+generation_settings, completion_probabilities with n_probs;
 a stream is server-sent `data:` events of {content, tokens (the chunk's ids), stop: false,
 tokens_predicted, tokens_evaluated} (completion_probabilities of the chunk's tokens with
 n_probs), then the whole reply's fields with
@@ -35,6 +36,7 @@ from dataclasses import replace
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .generation import llama_timings
 from .inline_media import decode_image
 from .logprobs import entries, new_scores, speller
 from .modelfile import CHAIN_PARAMS
@@ -177,21 +179,15 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         said = model.tokenizer.decode(g.token_ids, skip_special_tokens=True)
         word = stop_word(said, content, stops) if g.ended else None
         prompt_s = g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3
-        decode_s = g.timings.get("decode_s", max(time.perf_counter() - t0 - prompt_s, 0.0))
-        n, m = g.prompt_tokens - g.reused_tokens, len(g.token_ids)
+        decode_s = max(time.perf_counter() - t0 - prompt_s, 0.0)  # where the answer took none
+        m = len(g.token_ids)
         out = {"index": 0, "content": content, "tokens": g.token_ids if tokens_too else [], "id_slot": 0,
                "stop": True, "model": service._name(loaded), "tokens_predicted": m,
                "tokens_evaluated": g.prompt_tokens, "tokens_cached": g.reused_tokens,
                "generation_settings": settings, "prompt": text, "truncated": False,
                "stop_type": "word" if word is not None else "eos" if g.ended else "limit",
                "stopping_word": word or "",
-               "timings": {"prompt_n": n, "prompt_ms": prompt_s * 1e3,
-                           "prompt_per_token_ms": prompt_s * 1e3 / n if n else 0.0,
-                           "prompt_per_second": n / prompt_s if prompt_s else 0.0,
-                           "predicted_n": m, "predicted_ms": decode_s * 1e3,
-                           "predicted_per_token_ms": decode_s * 1e3 / m if m else 0.0,
-                           "predicted_per_second": m / decode_s if decode_s else 0.0,
-                           **{k: int(v) for k, v in g.timings.items() if k.startswith("draft_n")}}}  # --spec-type
+               "timings": llama_timings(g, decode_s)}
         if probabilities and top is not None and g.logprobs is not None:
             out["completion_probabilities"] = completion_probabilities(speller(model.tokenizer), g.logprobs,
                                                              chain.post_sampling_probs)

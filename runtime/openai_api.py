@@ -8,7 +8,8 @@ As llama.cpp's server, both completions take `lora`: the request's run-time adap
 and its samplers' fields: top_k, min_p, repeat_penalty, repeat_last_n, typical_p, top_n_sigma,
 xtc_*, dynatemp_*, dry_*, mirostat*, adaptive_* and `samplers` (the order; qvl's, temperature first, unless
 given: llamacpp_completion.request_chain), and post_sampling_probs: the log-probabilities from the
-chain's distribution, a chat's in llama-server's fields (id, token, bytes, prob, top_probs)."""
+chain's distribution, a chat's in llama-server's fields (id, token, bytes, prob, top_probs). Replies
+(a stream: its last chunk) carry llama-server's `timings` (generation.llama_timings)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from .generation import Generation, llama_timings
 from .llamacpp_completion import completion_probabilities, request_chain
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
 from .sampling import SamplingParams
@@ -76,10 +78,12 @@ def _answer(service: Service, loaded: Loaded, runs: list[Callable[[], tuple[Iter
     cid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{next(service._ids)}"
     counts = {"prompt_tokens": 0, "completion_tokens": 0}
     cached: list[int] = []  # the prompt tokens the KV cache held when the request came (the first run's)
+    last: list[Generation] = []
 
     def finish() -> str:  # the run just made's; its tokens counted
         g = loaded.model.last_generation
         assert g is not None
+        last[:] = [g]
         counts["prompt_tokens"] = g.prompt_tokens
         counts["completion_tokens"] += len(g.token_ids)
         cached.append(g.reused_tokens)
@@ -96,7 +100,7 @@ def _answer(service: Service, loaded: Loaded, runs: list[Callable[[], tuple[Iter
             text = "".join(pieces)
             choices.append(choice(text, finish(), False))
         return Reply({"id": cid, "object": kind, "created": created, "model": name, "choices": choices,
-                      "usage": usage()})
+                      "usage": usage(), "timings": llama_timings(last[0])})  # llama-server's, the last choice's
 
     def chunk(parts: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": cid, "object": f"{kind}.chunk" if kind == "chat.completion" else kind, "created": created,
@@ -106,15 +110,16 @@ def _answer(service: Service, loaded: Loaded, runs: list[Callable[[], tuple[Iter
     with_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
 
     def events() -> Iterator[dict[str, Any]]:
-        for run in runs:
+        for i, run in enumerate(runs):
             pieces, choice = run()
             if kind == "chat.completion":
                 yield chunk([choice("", None, True)])
             for piece in pieces:
                 yield chunk([choice(piece, None, False)])
-            yield chunk([choice("", finish(), False)])
+            end = chunk([choice("", finish(), False)])
+            yield end if with_usage or i + 1 < len(runs) else {**end, "timings": llama_timings(last[0])}
         if with_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
-            yield {**chunk([]), "usage": usage()}
+            yield {**chunk([]), "usage": usage(), "timings": llama_timings(last[0])}
 
     return Reply(events=events(), sse=True)
 

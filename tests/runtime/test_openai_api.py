@@ -186,3 +186,25 @@ def test_llama_cpp_sampler_fields(running, reference):
     status, data = running.request("/v1/chat/completions", {"model": "tiny:1", "messages": messages,
                                                             "mirostat": 4})
     assert status == 400 and "mirostat 4: 0 (off), 1 or 2" in json.loads(data)["error"]
+
+
+def test_replies_carry_llama_servers_timings(running):
+    """As llama-server's OpenAI replies: `timings` (cache_n, prompt_* and predicted_* n, ms, per
+    token, per second) on a reply, or on a stream's last chunk alone (the usage chunk, when asked)."""
+    body = {"model": "tiny:1", "max_tokens": 5, "messages": [{"role": "user", "content": "Timings?"}]}
+    got = running.json("/v1/chat/completions", body)
+    t, usage = got["timings"], got["usage"]
+    assert t["predicted_n"] == usage["completion_tokens"] == 5 and t["cache_n"] == usage["prompt_tokens_details"][
+        "cached_tokens"]
+    assert t["prompt_n"] + t["cache_n"] == usage["prompt_tokens"] and t["predicted_ms"] > 0
+    assert t["predicted_per_second"] == pytest.approx(5 / t["predicted_ms"] * 1e3)
+    assert "draft_n" not in t  # no --spec-type
+    text = running.json("/v1/completions", {"model": "tiny:1", "prompt": "Timings", "max_tokens": 3})
+    tt = text["timings"]
+    assert tt["predicted_n"] == 3 and tt["prompt_n"] + tt["cache_n"] == text["usage"]["prompt_tokens"]
+    for options in ({}, {"stream_options": {"include_usage": True}}):
+        status, data = running.request("/v1/chat/completions", {**body, "stream": True, **options})
+        chunks = [json.loads(f.removeprefix("data: ")) for f in data.decode().split("\n\n")[:-2]]
+        assert status == 200 and [i for i, c in enumerate(chunks) if "timings" in c] == [len(chunks) - 1]
+        assert chunks[-1]["timings"]["predicted_n"] == 5 and ("usage" in chunks[-1]) == bool(options)
+        assert chunks[-1]["choices"] == [] if options else chunks[-1]["choices"][0]["finish_reason"] == "length"
