@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from serving import MODEL, Running
 from typer.testing import CliRunner
 
@@ -28,6 +29,7 @@ from qvl.runtime.speculative import Speculation, SpeculationError, ngram_simple_
 from tiny_models import TinySpec, make_checkpoint, to_gguf
 
 VECTORS = Path(__file__).with_name("llamacpp-ngram-drafts.npz")
+IMAGE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (56, 84, 3), dtype=np.uint8))  # its pads: no text
 PROMPT = "one two three four five one two three four five one two three four five"
 BIAS = {t: 8.0 for t in range(300, 306)}
 GREEDY: dict = {}
@@ -111,8 +113,9 @@ def test_drafts_are_taken_and_refused(model):
 
 
 @pytest.mark.parametrize("kwargs", [{"format": "json"}, {"logprobs": 3}, {"max_new_tokens": 7},
-                                    {"max_new_tokens": 200, "ctx_size": 80}, {"stop": ["elnd"]}],
-                         ids=["json", "logprobs", "limit", "context", "stop"])
+                                    {"max_new_tokens": 200, "ctx_size": 80}, {"stop": ["elnd"]},
+                                    {"images": [IMAGE]}],
+                         ids=["json", "logprobs", "limit", "context", "stop", "image"])
 def test_same_answer_with_a_format_logprobs_and_limits(model, kwargs):
     spec = Speculation(1, 8, n_max=8)
     plain, fast = _answer(model, None, **SEEDED, **kwargs), _answer(model, spec, **SEEDED, **kwargs)
