@@ -124,10 +124,9 @@ class Drafts:
             self._push(token)
             return self._queue.popleft()[1]
         self._queue.clear()
-        draft: list[int] = []
-        if min(self.cap, room) > 0:
-            draft = ngram_simple_draft(self._history[:self._n], token, self.spec.size_n,
-                                       self.spec.size_m)[:min(self.cap, room)]
+        most = min(self.cap, room)
+        draft = ngram_simple_draft(self._history[:self._n], token, self.spec.size_n,
+                                   self.spec.size_m)[:most] if most > 0 else []
         self._push(token)
         logits = self._decode([token] + draft, position)
         if draft:
