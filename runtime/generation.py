@@ -43,13 +43,14 @@ def answer_json(out: Generation, timings: dict[str, float]) -> dict[str, Any]:
     return reply
 
 
-def llama_timings(g: Generation, decode_s: float | None = None) -> dict[str, Any]:
+def llama_timings(g: Generation, elapsed_s: float = 0.0) -> dict[str, Any]:
     """llama-server's `timings` of an answer (its /completion's, and its OpenAI replies' last
     chunk's): prompt tokens the cache held, those read and their ms, tokens made and their ms, and
-    with --spec-type the draft tokens and those taken. `decode_s`: when the answer has no decode
-    time of its own (it failed before one was taken)."""
+    with --spec-type the draft tokens and those taken. `elapsed_s`: seconds since the request
+    began, whose part after the prompt counts as decoding where the answer took no decode time
+    of its own (it failed before one was taken)."""
     prompt_s = g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3
-    decode_s = g.timings.get("decode_s", decode_s or 0.0)
+    decode_s = g.timings.get("decode_s", max(elapsed_s - prompt_s, 0.0))
     n, m = g.prompt_tokens - g.reused_tokens, len(g.token_ids)
     return {"cache_n": g.reused_tokens, "prompt_n": n, "prompt_ms": prompt_s * 1e3,
             "prompt_per_token_ms": prompt_s * 1e3 / n if n else 0.0,

@@ -178,8 +178,6 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         assert g is not None
         said = model.tokenizer.decode(g.token_ids, skip_special_tokens=True)
         word = stop_word(said, content, stops) if g.ended else None
-        prompt_s = g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3
-        decode_s = max(time.perf_counter() - t0 - prompt_s, 0.0)  # where the answer took none
         m = len(g.token_ids)
         out = {"index": 0, "content": content, "tokens": g.token_ids if tokens_too else [], "id_slot": 0,
                "stop": True, "model": service._name(loaded), "tokens_predicted": m,
@@ -187,7 +185,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                "generation_settings": settings, "prompt": text, "truncated": False,
                "stop_type": "word" if word is not None else "eos" if g.ended else "limit",
                "stopping_word": word or "",
-               "timings": llama_timings(g, decode_s)}
+               "timings": llama_timings(g, time.perf_counter() - t0)}
         if probabilities and top is not None and g.logprobs is not None:
             out["completion_probabilities"] = completion_probabilities(speller(model.tokenizer), g.logprobs,
                                                              chain.post_sampling_probs)
