@@ -448,10 +448,15 @@ def serve_cmd(
                                   "until POST /lora-adapters or a request's `lora` sets one), as llama-server's."),
     metrics: bool = typer.Option(False, "--metrics", help="Answer GET /metrics: llama-server's Prometheus counters "
                                  "(tokens read and generated, their seconds, throughput, requests waiting)."),
-    spec_type: Optional[str] = typer.Option(None, "--spec-type", help="ngram-simple: llama.cpp's self-speculative "
-                                            "decoding for every answer (qvl-run --help; none: off)."),
+    spec_type: Optional[str] = typer.Option(None, "--spec-type", help="ngram-simple, ngram-mod or both (a,b): "
+                                            "llama.cpp's self-speculative decoding for every answer, ngram-mod's "
+                                            "table shared by a model's requests (qvl-run --help; none: off)."),
     spec_size_n: int = typer.Option(12, "--spec-ngram-simple-size-n", help="ngram-simple: tokens looked up."),
     spec_size_m: int = typer.Option(48, "--spec-ngram-simple-size-m", help="ngram-simple: most tokens drafted."),
+    spec_mod_match: int = typer.Option(24, "--spec-ngram-mod-n-match", help="ngram-mod: n-gram size looked up."),
+    spec_mod_max: int = typer.Option(64, "--spec-ngram-mod-n-max", help="ngram-mod: most tokens drafted."),
+    spec_mod_min: int = typer.Option(48, "--spec-ngram-mod-n-min", help="ngram-mod: fewest tokens drafted "
+                                     "(a chain ending sooner drafts none)."),
     spec_n_max: Optional[int] = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks "
                                              "(default: 3; 7 with every layer on a GPU)."),
 ) -> None:
@@ -484,7 +489,8 @@ def serve_cmd(
     except LoraError as e:
         fail(str(e))
     try:
-        spec = speculation(spec_type, spec_size_n, spec_size_m, spec_n_max)
+        spec = speculation(spec_type, spec_size_n, spec_size_m, spec_n_max, spec_mod_match, spec_mod_max,
+                           spec_mod_min)
     except SpeculationError as e:
         fail(str(e))
     if adapters and model is None:

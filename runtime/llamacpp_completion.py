@@ -157,6 +157,11 @@ def request_chain(body: dict[str, Any], order: tuple[str, ...] | None, stored: C
         raise RequestError(400, str(e)) from None
 
 
+def spec_types(model: Any) -> str:
+    """llama-server's `speculative.types`: --spec-type's drafters, ',' between (none: off)."""
+    return ",".join(model.speculation.types) if model.speculation is not None else "none"
+
+
 def complete(service: Service, body: dict[str, Any]) -> Reply:
     loaded = service.use(body.get("model"), lora=body.get("lora"))
     model = loaded.model
@@ -166,7 +171,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     chain = kwargs["chain"]
     settings = ({k: body[k] for k in NAMES if k in body} | _chain_settings(chain) |
                 {"n_ctx": kwargs.get("ctx_size"), "model": service._name(loaded),
-                 "speculative.types": "ngram-simple" if model.speculation is not None else "none"})
+                 "speculative.types": spec_types(model)})
     stops = list(kwargs.get("stop") or [])
     t0 = time.perf_counter()
     pieces = model.generate(text, pictures, stream=True, template=False, format=answer_format(body), logprobs=top,
@@ -261,7 +266,7 @@ def props(service: Service, body: dict[str, Any]) -> Reply:
               "n_predict": -1, "stop": list(kwargs.get("stop") or []), "n_probs": 0, "grammar": "", "stream": True,
               **_chain_settings(ChainOptions(ORDER_LLAMACPP))}
     model = loaded.model
-    params["speculative.types"] = "ngram-simple" if model.speculation is not None else "none"  # --spec-type
+    params["speculative.types"] = spec_types(model)  # --spec-type
     return Reply({"default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": kwargs.get("ctx_size") or PLAN_CTX,
                                                   "is_processing": False, "params": params},
                   "total_slots": 1, "model_path": str(model.text_file.path), "model_alias": service._name(loaded),

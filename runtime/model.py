@@ -39,7 +39,7 @@ from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
 from .sampling import (ChainOptions, FormatError, SamplingError, SamplingParams, drawn_from, sample, sample_allowed,
                        sampling_params)
-from .speculative import Drafts, Speculation
+from .speculative import Drafter, Drafts, Speculation
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
 from .usage import Usage
 from .video import VideoInput, VideoOptions, frame_size, load_video
@@ -129,6 +129,7 @@ class Model:
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
         self._token_table: TokenTable | None = None  # format="json"'s view of the vocabulary, made once
         self.speculation: Speculation | None = None  # drafts from the text itself (--spec-type; speculative.py)
+        self.drafter = Drafter()  # ngram-mod's table: kept from one answer to the next, as llama-server's
 
     def messages_for(self, prompt: str, n_images: int, system: str | None = None, n_videos: int = 0) -> list[dict]:
         """A user turn with images then videos first, or where `{image1}` / `{video1}`... say,
@@ -533,8 +534,8 @@ class Model:
             # greedy with no penalty: the step's own argmax, the next step queued before it is read
             ahead = graph is not None and params.greedy and not params.adjusted and form is None and top is None
             if self.speculation is not None:  # drafts from the text itself (speculative.py)
-                ahead, drafts = False, Drafts(self.speculation, self.decoder.first_on_accel == 0,
-                                              text_ids, limit, cache, partial(self._decode, cache))
+                ahead, drafts = False, Drafts(self.speculation, self.decoder.first_on_accel == 0, text_ids, limit,
+                                              cache, partial(self._decode, cache), self.drafter)
             scored: list[TokenLogprob] | None = None if top is None else []
             self.scored = scored if scored is not None else []
             chosen: int | None = None

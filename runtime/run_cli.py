@@ -359,9 +359,15 @@ def run(
                                                     "its term scaled (repeatable; or A:0.5,B:2), as llama.cpp's."),
     spec_type: Optional[str] = typer.Option(None, "--spec-type", help="ngram-simple: llama.cpp's self-speculative "
                                             "decoding: tokens the text already holds after the last few are drafted "
-                                            "and checked in one pass, the answer's tokens kept (none: off)."),
+                                            "and checked in one pass, the answer's tokens kept; ngram-mod: drafts "
+                                            "from a table of what followed each n-gram; both: ngram-simple,ngram-mod "
+                                            "(none: off)."),
     spec_size_n: int = typer.Option(12, "--spec-ngram-simple-size-n", help="ngram-simple: tokens looked up."),
     spec_size_m: int = typer.Option(48, "--spec-ngram-simple-size-m", help="ngram-simple: most tokens drafted."),
+    spec_mod_match: int = typer.Option(24, "--spec-ngram-mod-n-match", help="ngram-mod: n-gram size looked up."),
+    spec_mod_max: int = typer.Option(64, "--spec-ngram-mod-n-max", help="ngram-mod: most tokens drafted."),
+    spec_mod_min: int = typer.Option(48, "--spec-ngram-mod-n-min", help="ngram-mod: fewest tokens drafted "
+                                     "(a chain ending sooner drafts none)."),
     spec_n_max: Optional[int] = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks "
                                              "(default: 3; 7 with every layer on a GPU)."),
 ) -> None:
@@ -442,7 +448,8 @@ def run(
                        frequency_penalty)
         video_options = VideoOptions(fps=video_fps, max_frames=max_frames, start=video_start, end=video_end,
                                      min_pixels=video_min_pixels, max_pixels=video_max_pixels)
-        spec = speculation(spec_type, spec_size_n, spec_size_m, spec_n_max)
+        spec = speculation(spec_type, spec_size_n, spec_size_m, spec_n_max, spec_mod_match, spec_mod_max,
+                           spec_mod_min)
     except (SamplingError, VideoError, SpeculationError) as e:
         _fail(str(e))
     if not model_path.exists() and mmproj is None:

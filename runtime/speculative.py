@@ -1,4 +1,4 @@
-"""Self-speculative decoding: llama.cpp's `--spec-type ngram-simple`, drafts from the text itself.
+"""Self-speculative decoding: llama.cpp's `--spec-type ngram-simple` and `ngram-mod`, drafts from the text itself.
 
 After each sampled token, the last `size_n` tokens (the sampled one last) are looked for earlier
 in the text: the prompt's text tokens (pictures and videos left out, as llama-server's history
@@ -8,7 +8,9 @@ then reads the sampled token and the draft together, and the answer goes on as i
 each position's logits are sampled in turn by the same sampler (penalties, grammar, seed and all);
 while the sampled token is the draft's next one, the logits after it are already there; at the
 first other token the rest of the draft is dropped (the next pass writes over its keys) and
-decoding goes on from that token.
+decoding goes on from that token. `ngram-mod` (ngram_mod.py) drafts from a hashed table of what
+followed each 24-token n-gram instead, kept from one answer to the next; with both, as in llama.cpp,
+ngram-simple drafts first and ngram-mod where it has none.
 
 So the tokens are the ones decoding one token at a time gives, up to how a pass over several
 tokens rounds differently from a pass over one (float32 on a CPU: logits within ~1e-5 of the
@@ -31,7 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-SPEC_TYPES = ("none", "ngram-simple")
+from .ngram_mod import NgramMod
+
+SPEC_TYPES = ("none", "ngram-simple", "ngram-mod")  # the drafters in llama.cpp's order of preference
 CPU_DRAFT_MAX = 3
 ACCEL_DRAFT_MAX = 7  # a pass of 8 tokens: qmatmul.GEMV_MAX_M
 
@@ -42,20 +46,32 @@ class SpeculationError(ValueError):
 
 @dataclass(frozen=True)
 class Speculation:
-    """llama.cpp's ngram-simple settings (`--spec-ngram-simple-size-n`, `-size-m`; its defaults)
-    and `--spec-draft-n-max` (None: ACCEL_DRAFT_MAX where the whole decoder is on a GPU, else
-    CPU_DRAFT_MAX: a layer on the CPU costs a pass what the CPU's int4 op does)."""
+    """llama.cpp's ngram-simple settings (`--spec-ngram-simple-size-n`, `-size-m`; its defaults),
+    `--spec-draft-n-max` (None: ACCEL_DRAFT_MAX where the whole decoder is on a GPU, else
+    CPU_DRAFT_MAX: a layer on the CPU costs a pass what the CPU's int4 op does), the drafters
+    (`types`, in llama.cpp's order) and ngram-mod's settings (`--spec-ngram-mod-n-match`, `-n-max`,
+    `-n-min`; its defaults: a draft's chain runs to the smaller of mod_n_max and the pass's cap)."""
 
     size_n: int = 12
     size_m: int = 48
     n_max: int | None = None
+    types: tuple[str, ...] = ("ngram-simple",)
+    mod_n_match: int = 24
+    mod_n_max: int = 64
+    mod_n_min: int = 48
 
     def __post_init__(self) -> None:
-        for flag, value in (("--spec-ngram-simple-size-n", self.size_n), ("--spec-ngram-simple-size-m", self.size_m)):
-            if not 1 <= value <= 1024:
-                raise SpeculationError(f"{flag} {value}: 1 to 1024")
+        for flag, value, low in (("--spec-ngram-simple-size-n", self.size_n, 1),
+                                 ("--spec-ngram-simple-size-m", self.size_m, 1),
+                                 ("--spec-ngram-mod-n-match", self.mod_n_match, 1),
+                                 ("--spec-ngram-mod-n-max", self.mod_n_max, 0),
+                                 ("--spec-ngram-mod-n-min", self.mod_n_min, 0)):
+            if not low <= value <= 1024:
+                raise SpeculationError(f"{flag} {value}: {low} to 1024")
         if self.n_max is not None and self.n_max < 0:
             raise SpeculationError(f"--spec-draft-n-max {self.n_max}: 0 or more")
+        if not self.types or any(t not in SPEC_TYPES[1:] for t in self.types):
+            raise SpeculationError(f"--spec-type {','.join(self.types)}: {' and/or '.join(SPEC_TYPES[1:])}")
 
     def draft_max(self, on_accel: bool) -> int:
         if self.n_max is not None:
@@ -63,15 +79,16 @@ class Speculation:
         return ACCEL_DRAFT_MAX if on_accel else CPU_DRAFT_MAX
 
 
-def speculation(spec_type: str | None, size_n: int = 12, size_m: int = 48,
-                n_max: int | None = None) -> Speculation | None:
-    """The CLI's flags: `--spec-type` none or ngram-simple (llama.cpp's names; several split by
-    ',' as llama.cpp takes them, of which qvl has the one)."""
+def speculation(spec_type: str | None, size_n: int = 12, size_m: int = 48, n_max: int | None = None,
+                mod_n_match: int = 24, mod_n_max: int = 64, mod_n_min: int = 48) -> Speculation | None:
+    """The CLI's flags: `--spec-type` none, ngram-simple, ngram-mod or several split by ','
+    (llama.cpp's names; tried in llama.cpp's order whatever the order given)."""
     names = [t.strip() for t in (spec_type or "none").split(",") if t.strip()]
     for name in names:
         if name not in SPEC_TYPES:
-            raise SpeculationError(f"--spec-type {name}: {' or '.join(SPEC_TYPES)} (qvl has no draft models)")
-    return Speculation(size_n, size_m, n_max) if "ngram-simple" in names else None
+            raise SpeculationError(f"--spec-type {name}: {', '.join(SPEC_TYPES)} (qvl has no draft models)")
+    types = tuple(t for t in SPEC_TYPES[1:] if t in names)
+    return Speculation(size_n, size_m, n_max, types, mod_n_match, mod_n_max, mod_n_min) if types else None
 
 
 def ngram_simple_draft(history: np.ndarray, sampled: int, size_n: int, size_m: int) -> list[int]:
@@ -97,6 +114,47 @@ def ngram_simple_draft(history: np.ndarray, sampled: int, size_n: int, size_m: i
     return [int(t) for t in history[at:at + copy]]
 
 
+class Drafter:
+    """A model's drafters from one answer to the next, as llama.cpp's common_speculative: ngram-mod's
+    table (made when first asked for, made anew when its n-gram size changes), and the count of
+    taken tokens of ngram-mod's last draft, given to it (its accept) before the next draft or the
+    next answer's start."""
+
+    def __init__(self) -> None:
+        self.mod: NgramMod | None = None
+        self._taken: int | None = None  # of ngram-mod's last draft, while it is checked
+
+    def begin(self, spec: Speculation, prompt: np.ndarray) -> None:
+        self._settle()
+        if "ngram-mod" in spec.types:
+            if self.mod is None or self.mod.n != spec.mod_n_match:
+                self.mod = NgramMod(spec.mod_n_match)
+            self.mod.begin(prompt)
+
+    def draft(self, spec: Speculation, history: np.ndarray, sampled: int, cap: int, most: int) -> list[int]:
+        """The first drafter's draft that is not empty, at most `most` tokens (ngram-mod's chain
+        runs to the smaller of its n_max and `cap`, the cut to `most` after, as llama.cpp's room)."""
+        self._settle()
+        if "ngram-simple" in spec.types:
+            if draft := ngram_simple_draft(history, sampled, spec.size_n, spec.size_m):
+                return draft[:most]
+        if "ngram-mod" in spec.types and self.mod is not None:
+            if draft := self.mod.draft(history, sampled, min(spec.mod_n_max, cap), spec.mod_n_min):
+                self._taken = 0
+                return draft[:most]
+        return []
+
+    def took(self) -> None:
+        """The last draft's next token was taken."""
+        if self._taken is not None:
+            self._taken += 1
+
+    def _settle(self) -> None:
+        if self._taken is not None and self.mod is not None:
+            self.mod.accept(self._taken)
+        self._taken = None
+
+
 class Drafts:
     """A generation's drafting and verifying. `next(token, position, room)` gives the logits
     after `token` (sampled, at `position`): from the logits a pass already made when `token` is
@@ -106,13 +164,16 @@ class Drafts:
     overwritten by the next pass."""
 
     def __init__(self, spec: Speculation, on_accel: bool, prompt: Sequence[int], capacity: int, cache: Any,
-                 decode: Callable[[list[int], int], torch.Tensor]):
+                 decode: Callable[[list[int], int], torch.Tensor], drafter: Drafter | None = None):
         """`prompt`: its text tokens; `capacity`: room for prompt and answer; `cache`: the KV
-        cache (its `length`); `decode(tokens, position)`: one pass, logits (len(tokens), vocab)."""
+        cache (its `length`); `decode(tokens, position)`: one pass, logits (len(tokens), vocab);
+        `drafter`: the model's, kept across its answers (None: one for this answer alone)."""
         self.spec, self.cap = spec, spec.draft_max(on_accel)
         self._history = np.zeros(max(capacity, len(prompt)) + 1, np.int64)
         self._history[:len(prompt)] = prompt
         self._n = len(prompt)
+        self._drafter = drafter if drafter is not None else Drafter()
+        self._drafter.begin(spec, self._history[:self._n])
         self._cache, self._decode = cache, decode
         self._queue: deque[tuple[int, torch.Tensor]] = deque()
         self.drafted = self.accepted = self.passes = 0
@@ -120,13 +181,13 @@ class Drafts:
     def next(self, token: int, position: int, room: int) -> torch.Tensor:
         if self._queue and self._queue[0][0] == token:
             self.accepted += 1
+            self._drafter.took()
             self._cache.length += 1  # its keys and values are there
             self._push(token)
             return self._queue.popleft()[1]
         self._queue.clear()
         most = min(self.cap, room)
-        draft = ngram_simple_draft(self._history[:self._n], token, self.spec.size_n,
-                                   self.spec.size_m)[:most] if most > 0 else []
+        draft = self._drafter.draft(self.spec, self._history[:self._n], token, self.cap, most) if most > 0 else []
         self._push(token)
         logits = self._decode([token] + draft, position)
         if draft:

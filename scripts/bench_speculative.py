@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What self-speculative decoding (--spec-type ngram-simple, runtime/speculative.py) gains and costs,
+"""What self-speculative decoding (--spec-type ngram-simple / ngram-mod, runtime/speculative.py) gains and costs,
 every figure against plain decoding in the same process:
 
 1. A pass's cost by its tokens: one decoder pass over 1, 2, 3, 4, 5, 8 and 16 tokens after a
@@ -15,6 +15,10 @@ every figure against plain decoding in the same process:
    token seen before is followed by another token each time. With size_n 1 every token after the
    first copy is drafted from and the draft refused (what a refused draft costs); with the
    default size_n 12 no 12 tokens recur and nothing is drafted (what looking costs).
+4. An answer given before: a paragraph with no run of tokens repeated (held by a grammar), which
+   the prompt does not hold, asked for again: ngram-simple finds nothing to draft; ngram-mod
+   (llama.cpp's defaults, at --spec-draft-n-max 3) drafts from the table the first asking left
+   (asked once untimed, then timed in turns with the others).
 
     python scripts/bench_speculative.py model-q4_k_m.gguf --tokens 75 --rounds 3 [--device cuda]
 """
@@ -30,10 +34,13 @@ import torch
 
 from qvl.runtime.gbnf import parse_gbnf
 from qvl.runtime.loader import load
-from qvl.runtime.speculative import Speculation
+from qvl.runtime.speculative import Drafter, Speculation
 
 SENTENCE = ("The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the green valley "
             "below the old stone bridge.\n")
+PARAGRAPH = ("Rivers carry sediment from mountains toward the sea, building deltas where currents slow. Farmers "
+             "value such plains because floods renew soil each spring, although levees now restrict that gift. "
+             "Engineers debate whether controlled releases could restore balance without risking towns.")
 PASS_SIZES = (1, 2, 3, 4, 5, 8, 16)
 
 
@@ -118,12 +125,23 @@ def main() -> None:
                                                "size_n 1, max 3": Speculation(1, 48, 3)},
                    args.rounds, max_new_tokens=len(steps), format=shuffled)
     report(f"an answer whose drafts are all refused, {len(steps)} tokens (greedy):", free)
+    para = model.tokenizer.encode(PARAGRAPH, add_special_tokens=False).ids
+    held = parse_gbnf("root ::= " + " ".join(f"<[{t}]>" for t in para))
+    again_specs = {"plain": None, "ngram-simple max 3": Speculation(n_max=3),
+                   "ngram-mod max 3": Speculation(n_max=3, types=("ngram-mod",)),
+                   "both max 3": Speculation(n_max=3, types=("ngram-simple", "ngram-mod"))}
+    model.drafter, model.speculation = Drafter(), again_specs["ngram-mod max 3"]
+    model.generate("Write the paragraph about rivers.", cache_prompt=False, max_new_tokens=len(para), format=held)
+    again = answers(model, "Write the paragraph about rivers.", again_specs, args.rounds,
+                    max_new_tokens=len(para), format=held)
+    report(f"a {len(para)}-token answer given before, asked for again (greedy):", again)
     if args.json_out:
         def strip(res: dict[str, dict]) -> dict[str, dict]:
             return {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in res.items()}
 
         with open(args.json_out, "w") as f:
-            json.dump({"pass_ms": costs, "repeated": strip(repeated), "free": strip(free)}, f, indent=1)
+            json.dump({"pass_ms": costs, "repeated": strip(repeated), "free": strip(free), "again": strip(again)},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import qvl.runtime.model as model_module
 from qvl.runtime.loader import load
 from qvl.runtime.run_cli import app
 from qvl.runtime.server import ServeConfig, Service
-from qvl.runtime.speculative import Speculation, SpeculationError, ngram_simple_draft, speculation
+from qvl.runtime.speculative import Drafter, Speculation, SpeculationError, ngram_simple_draft, speculation
 from tiny_models import TinySpec, make_checkpoint, to_gguf
 
 VECTORS = Path(__file__).with_name("llamacpp-ngram-drafts.npz")
@@ -37,6 +37,8 @@ CYCLING = {"repeat_penalty": 1.5, "repeat_last_n": 4}
 SEEDED = {"temperature": 0.9, "top_k": 20, "seed": 5}
 PENALIZED = {"temperature": 0.7, "min_p": 0.02, "repeat_penalty": 1.3, "repeat_last_n": 16, "seed": 11}
 N1_M4, N2_M8, N1_M48 = Speculation(1, 4), Speculation(2, 8, n_max=5), Speculation(1, 48, n_max=40)
+MOD = Speculation(n_max=4, types=("ngram-mod",), mod_n_match=2, mod_n_min=1)  # ngram_mod.py
+BOTH = Speculation(2, 8, n_max=5, types=("ngram-simple", "ngram-mod"), mod_n_match=3, mod_n_min=0)
 
 
 def test_drafts_are_llamacpps():
@@ -95,11 +97,13 @@ def _answer(model, spec, **kwargs):
 
 @pytest.mark.parametrize("sampling,spec", [
     (GREEDY, N1_M4), (GREEDY, N1_M48), (CYCLING, N1_M4), (CYCLING, N2_M8), (SEEDED, N1_M4), (SEEDED, N2_M8),
-    (SEEDED, N1_M48), (PENALIZED, N1_M4), (PENALIZED, N2_M8), (PENALIZED, N1_M48)],
+    (SEEDED, N1_M48), (PENALIZED, N1_M4), (PENALIZED, N2_M8), (PENALIZED, N1_M48), (GREEDY, MOD), (SEEDED, MOD),
+    (CYCLING, BOTH), (PENALIZED, BOTH)],
     ids=["greedy-n1-m4", "greedy-n1-m48-max40", "cycling-n1-m4", "cycling-n2-m8-max5", "seeded-n1-m4",
          "seeded-n2-m8-max5", "seeded-n1-m48-max40", "penalties-n1-m4", "penalties-n2-m8-max5",
-         "penalties-n1-m48-max40"])
+         "penalties-n1-m48-max40", "greedy-mod", "seeded-mod", "cycling-simple-and-mod", "penalties-simple-and-mod"])
 def test_same_answer_as_one_token_at_a_time(model, sampling, spec):
+    model.drafter = Drafter()  # ngram-mod's table from this answer's text alone
     plain, fast = _answer(model, None, **sampling), _answer(model, spec, **sampling)
     assert fast.token_ids == plain.token_ids and fast.text == plain.text and fast.ended == plain.ended
     assert fast.timings["draft_n"] > 0, "no draft was made: the case checks nothing"
@@ -110,6 +114,17 @@ def test_drafts_are_taken_and_refused(model):
     for sampling in (CYCLING, SEEDED):
         out = _answer(model, Speculation(1, 8, n_max=8), **sampling)
         assert 0 < out.timings["draft_n_accepted"] < out.timings["draft_n"]
+
+
+def test_ngram_mod_drafts_from_an_earlier_answer(model):
+    """The model's drafter keeps ngram-mod's table: asked again, the answer drafts from the last
+    one's text (which its own prompt does not hold), its tokens unchanged."""
+    spec = Speculation(n_max=4, types=("ngram-mod",), mod_n_match=3, mod_n_min=1)
+    model.drafter = Drafter()
+    plain = _answer(model, None, **SEEDED)
+    first, again = _answer(model, spec, **SEEDED), _answer(model, spec, **SEEDED)
+    assert first.token_ids == plain.token_ids == again.token_ids
+    assert again.timings["draft_n_accepted"] > first.timings.get("draft_n_accepted", 0) + 5
 
 
 @pytest.mark.parametrize("kwargs", [{"format": "json"}, {"logprobs": 3}, {"max_new_tokens": 7},
@@ -177,7 +192,12 @@ def test_qvl_run_flags(fixtures_dir):
     assert plain.exit_code == 0 and fast.exit_code == 0, fast.stderr
     a, b = json.loads(plain.stdout), json.loads(fast.stdout)
     assert b["token_ids"] == a["token_ids"] and b["timings"]["draft_n"] > 0 and "draft_n" not in a["timings"]
-    for flags, says in ((["--spec-type", "eagle3"], "--spec-type eagle3: none or ngram-simple"),
+    mod = runner.invoke(app, args + ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "1",
+                                     "--spec-ngram-mod-n-min", "0", "--spec-ngram-mod-n-max", "3"])
+    assert mod.exit_code == 0 and json.loads(mod.stdout)["token_ids"] == a["token_ids"], mod.stderr
+    for flags, says in ((["--spec-type", "eagle3"], "--spec-type eagle3: none, ngram-simple, ngram-mod"),
+                        (["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "0"],
+                         "--spec-ngram-mod-n-match 0: 1 to 1024"),
                         (["--spec-type", "ngram-simple", "--spec-ngram-simple-size-m", "0"],
                          "--spec-ngram-simple-size-m 0: 1 to 1024"),
                         (["--spec-type", "ngram-simple", "--spec-draft-n-max", "-2"], "--spec-draft-n-max -2")):
@@ -210,3 +230,19 @@ def test_serve_drafts_and_reports_them(store, files):
     assert metrics["spec_decode_num_accepted_tokens_total"] == t["draft_n_accepted"]
     assert 0 < metrics["spec_decode_num_drafts_total"] <= t["draft_n"]
     assert metrics["n_decode_total"] == 1 + 24 - t["draft_n_accepted"]  # a prompt pass, a step a token not taken
+
+
+def test_serve_ngram_mod_table_serves_every_request(store, files):
+    """qvl serve's model keeps ngram-mod's table between requests, as llama-server's: asked again,
+    the answer is drafted from the first one's text (llama.cpp's defaults, n-grams of 24 tokens)."""
+    config = ServeConfig(default_model=str(files / MODEL), speculation=Speculation(n_max=4, types=("ngram-mod",)))
+    running = Running(Service(config, store))
+    try:
+        body = {"model": "tiny:1", "prompt": PROMPT, "n_predict": 48, "return_tokens": True, "cache_prompt": False}
+        first, again = running.json("/completion", body), running.json("/completion", body)
+    finally:
+        running.server.shutdown()
+    plain = load(files / MODEL).generate(PROMPT, template=False, max_new_tokens=48)
+    assert first["tokens"] == plain.token_ids == again["tokens"]
+    assert again["generation_settings"]["speculative.types"] == "ngram-mod"
+    assert again["timings"]["draft_n_accepted"] >= 8 > first["timings"].get("draft_n_accepted", 0)
