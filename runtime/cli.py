@@ -448,15 +448,23 @@ def serve_cmd(
                                   "until POST /lora-adapters or a request's `lora` sets one), as llama-server's."),
     metrics: bool = typer.Option(False, "--metrics", help="Answer GET /metrics: llama-server's Prometheus counters "
                                  "(tokens read and generated, their seconds, throughput, requests waiting)."),
-    spec_type: Optional[str] = typer.Option(None, "--spec-type", help="ngram-simple, ngram-mod or both (a,b): "
-                                            "llama.cpp's self-speculative decoding for every answer, ngram-mod's "
-                                            "table shared by a model's requests (qvl-run --help; none: off)."),
+    spec_type: Optional[str] = typer.Option(None, "--spec-type", help="ngram-simple, ngram-map-k, ngram-map-k4v, "
+                                            "ngram-mod or several (a,b): llama.cpp's self-speculative decoding for "
+                                            "every answer, what the last three keep shared by a model's requests "
+                                            "(qvl-run --help; none: off)."),
     spec_size_n: int = typer.Option(12, "--spec-ngram-simple-size-n", help="ngram-simple: tokens looked up."),
     spec_size_m: int = typer.Option(48, "--spec-ngram-simple-size-m", help="ngram-simple: most tokens drafted."),
     spec_mod_match: int = typer.Option(24, "--spec-ngram-mod-n-match", help="ngram-mod: n-gram size looked up."),
     spec_mod_max: int = typer.Option(64, "--spec-ngram-mod-n-max", help="ngram-mod: most tokens drafted."),
     spec_mod_min: int = typer.Option(48, "--spec-ngram-mod-n-min", help="ngram-mod: fewest tokens drafted "
                                      "(a chain ending sooner drafts none)."),
+    spec_k_n: int = typer.Option(12, "--spec-ngram-map-k-size-n", help="ngram-map-k: tokens looked up."),
+    spec_k_m: int = typer.Option(48, "--spec-ngram-map-k-size-m", help="ngram-map-k: most tokens drafted."),
+    spec_k_hits: int = typer.Option(1, "--spec-ngram-map-k-min-hits", help="ngram-map-k: sightings before a draft."),
+    spec_k4v_n: int = typer.Option(12, "--spec-ngram-map-k4v-size-n", help="ngram-map-k4v: tokens looked up."),
+    spec_k4v_m: int = typer.Option(48, "--spec-ngram-map-k4v-size-m", help="ngram-map-k4v: most tokens drafted."),
+    spec_k4v_hits: int = typer.Option(1, "--spec-ngram-map-k4v-min-hits", help="ngram-map-k4v: sightings of a "
+                                      "key before its most frequent follower is drafted."),
     spec_n_max: Optional[int] = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks "
                                              "(default: 3; 7 with every layer on a GPU)."),
 ) -> None:
@@ -490,7 +498,7 @@ def serve_cmd(
         fail(str(e))
     try:
         spec = speculation(spec_type, spec_size_n, spec_size_m, spec_n_max, spec_mod_match, spec_mod_max,
-                           spec_mod_min)
+                           spec_mod_min, (spec_k_n, spec_k_m, spec_k_hits), (spec_k4v_n, spec_k4v_m, spec_k4v_hits))
     except SpeculationError as e:
         fail(str(e))
     if adapters and model is None:

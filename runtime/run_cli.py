@@ -359,8 +359,9 @@ def run(
                                                     "its term scaled (repeatable; or A:0.5,B:2), as llama.cpp's."),
     spec_type: Optional[str] = typer.Option(None, "--spec-type", help="ngram-simple: llama.cpp's self-speculative "
                                             "decoding: tokens the text already holds after the last few are drafted "
-                                            "and checked in one pass, the answer's tokens kept; ngram-mod: drafts "
-                                            "from a table of what followed each n-gram; both: ngram-simple,ngram-mod "
+                                            "and checked in one pass, the answer's tokens kept; ngram-map-k, "
+                                            "ngram-map-k4v: keys met before, each drafting what its last draft had "
+                                            "taken; ngram-mod: a table of what followed each n-gram; several: a,b "
                                             "(none: off)."),
     spec_size_n: int = typer.Option(12, "--spec-ngram-simple-size-n", help="ngram-simple: tokens looked up."),
     spec_size_m: int = typer.Option(48, "--spec-ngram-simple-size-m", help="ngram-simple: most tokens drafted."),
@@ -368,6 +369,13 @@ def run(
     spec_mod_max: int = typer.Option(64, "--spec-ngram-mod-n-max", help="ngram-mod: most tokens drafted."),
     spec_mod_min: int = typer.Option(48, "--spec-ngram-mod-n-min", help="ngram-mod: fewest tokens drafted "
                                      "(a chain ending sooner drafts none)."),
+    spec_k_n: int = typer.Option(12, "--spec-ngram-map-k-size-n", help="ngram-map-k: tokens looked up."),
+    spec_k_m: int = typer.Option(48, "--spec-ngram-map-k-size-m", help="ngram-map-k: most tokens drafted."),
+    spec_k_hits: int = typer.Option(1, "--spec-ngram-map-k-min-hits", help="ngram-map-k: sightings before a draft."),
+    spec_k4v_n: int = typer.Option(12, "--spec-ngram-map-k4v-size-n", help="ngram-map-k4v: tokens looked up."),
+    spec_k4v_m: int = typer.Option(48, "--spec-ngram-map-k4v-size-m", help="ngram-map-k4v: most tokens drafted."),
+    spec_k4v_hits: int = typer.Option(1, "--spec-ngram-map-k4v-min-hits", help="ngram-map-k4v: sightings of a "
+                                      "key before its most frequent follower is drafted."),
     spec_n_max: Optional[int] = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks "
                                              "(default: 3; 7 with every layer on a GPU)."),
 ) -> None:
@@ -449,7 +457,7 @@ def run(
         video_options = VideoOptions(fps=video_fps, max_frames=max_frames, start=video_start, end=video_end,
                                      min_pixels=video_min_pixels, max_pixels=video_max_pixels)
         spec = speculation(spec_type, spec_size_n, spec_size_m, spec_n_max, spec_mod_match, spec_mod_max,
-                           spec_mod_min)
+                           spec_mod_min, (spec_k_n, spec_k_m, spec_k_hits), (spec_k4v_n, spec_k4v_m, spec_k4v_hits))
     except (SamplingError, VideoError, SpeculationError) as e:
         _fail(str(e))
     if not model_path.exists() and mmproj is None:

@@ -1,4 +1,4 @@
-"""Self-speculative decoding: llama.cpp's `--spec-type ngram-simple` and `ngram-mod`, drafts from the text itself.
+"""Self-speculative decoding: llama.cpp's `--spec-type ngram-simple` and its kin, drafts from the text itself.
 
 After each sampled token, the last `size_n` tokens (the sampled one last) are looked for earlier
 in the text: the prompt's text tokens (pictures and videos left out, as llama-server's history
@@ -8,9 +8,10 @@ then reads the sampled token and the draft together, and the answer goes on as i
 each position's logits are sampled in turn by the same sampler (penalties, grammar, seed and all);
 while the sampled token is the draft's next one, the logits after it are already there; at the
 first other token the rest of the draft is dropped (the next pass writes over its keys) and
-decoding goes on from that token. `ngram-mod` (ngram_mod.py) drafts from a hashed table of what
-followed each 24-token n-gram instead, kept from one answer to the next; with both, as in llama.cpp,
-ngram-simple drafts first and ngram-mod where it has none.
+decoding goes on from that token. `ngram-map-k` and `ngram-map-k4v` (ngram_map.py) keep the keys
+they met and what their drafts had taken; `ngram-mod` (ngram_mod.py) drafts from a hashed table of
+what followed each 24-token n-gram, kept from one answer to the next. With several, as in
+llama.cpp, the first in SPEC_TYPES' order that has a draft drafts.
 
 So the tokens are the ones decoding one token at a time gives, up to how a pass over several
 tokens rounds differently from a pass over one (float32 on a CPU: logits within ~1e-5 of the
@@ -33,9 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .ngram_map import NgramMap
 from .ngram_mod import NgramMod
 
-SPEC_TYPES = ("none", "ngram-simple", "ngram-mod")  # the drafters in llama.cpp's order of preference
+# the drafters in llama.cpp's order of preference
+SPEC_TYPES = ("none", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod")
+MAP_TYPES = ("ngram-map-k", "ngram-map-k4v")
 CPU_DRAFT_MAX = 3
 ACCEL_DRAFT_MAX = 7  # a pass of 8 tokens: qmatmul.GEMV_MAX_M
 
@@ -49,8 +53,9 @@ class Speculation:
     """llama.cpp's ngram-simple settings (`--spec-ngram-simple-size-n`, `-size-m`; its defaults),
     `--spec-draft-n-max` (None: ACCEL_DRAFT_MAX where the whole decoder is on a GPU, else
     CPU_DRAFT_MAX: a layer on the CPU costs a pass what the CPU's int4 op does), the drafters
-    (`types`, in llama.cpp's order) and ngram-mod's settings (`--spec-ngram-mod-n-match`, `-n-max`,
-    `-n-min`; its defaults: a draft's chain runs to the smaller of mod_n_max and the pass's cap)."""
+    (`types`, in llama.cpp's order), ngram-mod's settings (`--spec-ngram-mod-n-match`, `-n-max`,
+    `-n-min`; its defaults: a draft's chain runs to the smaller of mod_n_max and the pass's cap) and
+    ngram-map-k's and ngram-map-k4v's (`--spec-ngram-map-k-size-n`, `-size-m`, `-min-hits`)."""
 
     size_n: int = 12
     size_m: int = 48
@@ -59,6 +64,8 @@ class Speculation:
     mod_n_match: int = 24
     mod_n_max: int = 64
     mod_n_min: int = 48
+    map_k: tuple[int, int, int] = (12, 48, 1)  # size_n, size_m, min_hits
+    map_k4v: tuple[int, int, int] = (12, 48, 1)
 
     def __post_init__(self) -> None:
         for flag, value, low in (("--spec-ngram-simple-size-n", self.size_n, 1),
@@ -68,6 +75,10 @@ class Speculation:
                                  ("--spec-ngram-mod-n-min", self.mod_n_min, 0)):
             if not low <= value <= 1024:
                 raise SpeculationError(f"{flag} {value}: {low} to 1024")
+        for kind, (n, m, hits) in (("map-k", self.map_k), ("map-k4v", self.map_k4v)):
+            for flag, value, high in (("size-n", n, 1024), ("size-m", m, 1024), ("min-hits", hits, 65535)):
+                if not 1 <= value <= high:
+                    raise SpeculationError(f"--spec-ngram-{kind}-{flag} {value}: 1 to {high}")
         if self.n_max is not None and self.n_max < 0:
             raise SpeculationError(f"--spec-draft-n-max {self.n_max}: 0 or more")
         if not self.types or any(t not in SPEC_TYPES[1:] for t in self.types):
@@ -80,15 +91,19 @@ class Speculation:
 
 
 def speculation(spec_type: str | None, size_n: int = 12, size_m: int = 48, n_max: int | None = None,
-                mod_n_match: int = 24, mod_n_max: int = 64, mod_n_min: int = 48) -> Speculation | None:
-    """The CLI's flags: `--spec-type` none, ngram-simple, ngram-mod or several split by ','
-    (llama.cpp's names; tried in llama.cpp's order whatever the order given)."""
+                mod_n_match: int = 24, mod_n_max: int = 64, mod_n_min: int = 48,
+                map_k: tuple[int, int, int] = (12, 48, 1),
+                map_k4v: tuple[int, int, int] = (12, 48, 1)) -> Speculation | None:
+    """The CLI's flags: `--spec-type` none, ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod or
+    several split by ',' (llama.cpp's names; tried in llama.cpp's order whatever the order given)."""
     names = [t.strip() for t in (spec_type or "none").split(",") if t.strip()]
     for name in names:
         if name not in SPEC_TYPES:
             raise SpeculationError(f"--spec-type {name}: {', '.join(SPEC_TYPES)} (qvl has no draft models)")
     types = tuple(t for t in SPEC_TYPES[1:] if t in names)
-    return Speculation(size_n, size_m, n_max, types, mod_n_match, mod_n_max, mod_n_min) if types else None
+    if not types:
+        return None
+    return Speculation(size_n, size_m, n_max, types, mod_n_match, mod_n_max, mod_n_min, map_k, map_k4v)
 
 
 def ngram_simple_draft(history: np.ndarray, sampled: int, size_n: int, size_m: int) -> list[int]:
@@ -115,14 +130,15 @@ def ngram_simple_draft(history: np.ndarray, sampled: int, size_n: int, size_m: i
 
 
 class Drafter:
-    """A model's drafters from one answer to the next, as llama.cpp's common_speculative: ngram-mod's
-    table (made when first asked for, made anew when its n-gram size changes), and the count of
-    taken tokens of ngram-mod's last draft, given to it (its accept) before the next draft or the
-    next answer's start."""
+    """A model's drafters from one answer to the next, as llama.cpp's common_speculative: the state
+    of those that keep one (ngram-mod's table, ngram-map-k's and -k4v's keys; made when first asked
+    for, made anew when their settings change), and the count of taken tokens of the last draft,
+    given to the drafter that made it (its accept) before the next draft or the next answer's start."""
 
     def __init__(self) -> None:
         self.mod: NgramMod | None = None
-        self._taken: int | None = None  # of ngram-mod's last draft, while it is checked
+        self.maps: dict[str, NgramMap] = {}
+        self._pending: tuple[NgramMod | NgramMap | None, int] | None = None  # (drafter, tokens taken)
 
     def begin(self, spec: Speculation, prompt: np.ndarray) -> None:
         self._settle()
@@ -130,29 +146,42 @@ class Drafter:
             if self.mod is None or self.mod.n != spec.mod_n_match:
                 self.mod = NgramMod(spec.mod_n_match)
             self.mod.begin(prompt)
+        for kind in MAP_TYPES:
+            if kind in spec.types:
+                n, m, hits = spec.map_k if kind == "ngram-map-k" else spec.map_k4v
+                kept = self.maps.get(kind)
+                if kept is None or (kept.n, kept.m, kept.min_hits) != (n, m, hits):
+                    kept = self.maps[kind] = NgramMap(n, m, kind == "ngram-map-k", hits)
+                kept.begin(prompt)
 
     def draft(self, spec: Speculation, history: np.ndarray, sampled: int, cap: int, most: int) -> list[int]:
         """The first drafter's draft that is not empty, at most `most` tokens (ngram-mod's chain
         runs to the smaller of its n_max and `cap`, the cut to `most` after, as llama.cpp's room)."""
         self._settle()
-        if "ngram-simple" in spec.types:
-            if draft := ngram_simple_draft(history, sampled, spec.size_n, spec.size_m):
-                return draft[:most]
-        if "ngram-mod" in spec.types and self.mod is not None:
-            if draft := self.mod.draft(history, sampled, min(spec.mod_n_max, cap), spec.mod_n_min):
-                self._taken = 0
+        for kind in spec.types:
+            state: NgramMod | NgramMap | None = None  # begin made the states of spec's drafters
+            if kind == "ngram-simple":
+                draft = ngram_simple_draft(history, sampled, spec.size_n, spec.size_m)
+            elif kind == "ngram-mod":
+                state = self.mod
+                draft = self.mod.draft(history, sampled, min(spec.mod_n_max, cap), spec.mod_n_min) if self.mod else []
+            else:
+                state = self.maps[kind]
+                draft = state.draft(history, sampled)
+            if draft:
+                self._pending = (state, 0)
                 return draft[:most]
         return []
 
     def took(self) -> None:
         """The last draft's next token was taken."""
-        if self._taken is not None:
-            self._taken += 1
+        if self._pending is not None:
+            self._pending = (self._pending[0], self._pending[1] + 1)
 
     def _settle(self) -> None:
-        if self._taken is not None and self.mod is not None:
-            self.mod.accept(self._taken)
-        self._taken = None
+        if self._pending is not None and self._pending[0] is not None:
+            self._pending[0].accept(self._pending[1])
+        self._pending = None
 
 
 class Drafts:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""What self-speculative decoding (--spec-type ngram-simple / ngram-mod, runtime/speculative.py) gains and costs,
-every figure against plain decoding in the same process:
+"""What self-speculative decoding (--spec-type ngram-simple, ngram-map-k, ngram-mod: runtime/speculative.py)
+gains and costs, every figure against plain decoding in the same process:
 
 1. A pass's cost by its tokens: one decoder pass over 1, 2, 3, 4, 5, 8 and 16 tokens after a
    256-token prompt (median of --rounds), as a multiple of the one-token pass. A draft of d tokens
@@ -8,8 +8,8 @@ every figure against plain decoding in the same process:
 2. An answer that repeats text: a sentence the prompt holds, written three times (held to the
    sentence's own tokens by a grammar of their ids, so a random-weight model writes it as a
    trained one would), greedy; plain and with drafts at --spec-draft-n-max 3 (the CPU default),
-   7 (the GPU default) and 16, timed in turns: tok/s, the ratio, drafts made and taken, and
-   whether the tokens are the same.
+   7 (the GPU default) and 16, and ngram-map-k and ngram-map-k4v at 3, timed in turns: tok/s, the
+   ratio, drafts made and taken, and whether the tokens are the same.
 3. An answer whose drafts are all refused: the sentence's first p distinct tokens (p the largest
    prime their number allows) three times, in steps of 1, 2 and 3 (held by a grammar), so that a
    token seen before is followed by another token each time. With size_n 1 every token after the
@@ -114,7 +114,9 @@ def main() -> None:
     copies = parse_gbnf("root ::= (" + " ".join(f"<[{t}]>" for t in ids) + "){3}")
     prompt = "Copy this sentence three times, one a line: " + SENTENCE
     specs = {"plain": None, "ngram-simple max 3": Speculation(n_max=3), "ngram-simple max 7": Speculation(n_max=7),
-             "ngram-simple max 16": Speculation(n_max=16)}
+             "ngram-simple max 16": Speculation(n_max=16),
+             "ngram-map-k max 3": Speculation(n_max=3, types=("ngram-map-k",)),
+             "ngram-map-k4v max 3": Speculation(n_max=3, types=("ngram-map-k4v",))}
     repeated = answers(model, prompt, specs, args.rounds, max_new_tokens=args.tokens, format=copies)
     report(f"an answer that repeats a {len(ids)}-token sentence the prompt holds, three times (greedy):", repeated)
     distinct = list(dict.fromkeys(ids))

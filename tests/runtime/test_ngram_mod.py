@@ -28,7 +28,7 @@ def replay(case: dict, drafter: Drafter) -> list[list[int]]:
     """The driver's loop (scripts/build_spec_sessions.py) with qvl's Drafter: a draft taken as far
     as it agrees with the fixed answer, the count taken given before the next draft."""
     spec = Speculation(case["size_n"], case["size_m"], case["cap"], tuple(case["types"]), case["n_match"],
-                       case["mod_n_max"], case["n_min"])
+                       case["mod_n_max"], case["n_min"], tuple(case["map_k"]), tuple(case["map_k4v"]))
     drafts: list[list[int]] = []
     for request in case["requests"]:
         history, answer = _prompt(request["prompt"]), request["answer"]
@@ -56,7 +56,7 @@ def cases() -> list[dict]:
 def test_sessions_draft_as_llamacpp(cases):
     """42 sessions of 2-3 answers each (8976 draft calls, 2798 drafts): every draft llama.cpp's
     common_speculative made, table kept across a session's answers."""
-    assert len(cases) == 42 and sum(len(c["drafts"]) for c in cases) == 8976
+    assert len(cases) == 92 and sum(len(c["drafts"]) for c in cases) == 20363
     for i, case in enumerate(cases):
         got = replay(case, Drafter())
         assert len(got) == len(case["drafts"]), i
@@ -71,6 +71,8 @@ def test_sessions_cover_what_they_claim(cases):
     assert sum(1 for c in mod_only for d in c["drafts"] if d) > 500
     both = [c for c in cases if len(c["types"]) == 2]
     assert sum(1 for c in both for d in c["drafts"] if d) > 100
+    for kind in ("ngram-map-k", "ngram-map-k4v"):
+        assert sum(1 for c in cases if c["types"] == [kind] for d in c["drafts"] if d) > 250, kind
     resets = []
     real_reset = NgramMod.reset
 
@@ -97,7 +99,7 @@ def test_table_outlives_an_answer():
     first = {"prompt": rng.integers(100, 5000, 20).tolist(), "answer": sentence + sentence[:5]}
     second = {"prompt": rng.integers(100, 5000, 20).tolist(), "answer": sentence}
     case = {"size_n": 12, "size_m": 48, "cap": 4, "types": ["ngram-mod"], "n_match": 8, "mod_n_max": 64,
-            "n_min": 1, "requests": [first, second]}
+            "n_min": 1, "map_k": [12, 48, 1], "map_k4v": [12, 48, 1], "requests": [first, second]}
     both = replay(case, kept)
     alone = replay({**case, "requests": [second]}, Drafter())
     second_drafts = both[len(both) - len(alone):]
@@ -146,8 +148,15 @@ def test_flags():
     assert speculation("ngram-mod", 12, 48, None, 16, 8, 2) == Speculation(12, 48, None, ("ngram-mod",), 16, 8, 2)
     for bad in (lambda: speculation("ngram-mod", mod_n_match=0), lambda: speculation("ngram-mod", mod_n_max=1025),
                 lambda: speculation("ngram-mod", mod_n_min=-1), lambda: Speculation(types=("ngram-cache",)),
-                lambda: Speculation(types=()), lambda: speculation("ngram-map-k")):
+                lambda: Speculation(types=()), lambda: speculation("ngram-cache")):
         with pytest.raises(SpeculationError):
             bad()
     with pytest.raises(SpeculationError, match="--spec-ngram-mod-n-match 0: 1 to 1024"):
         speculation("ngram-mod", mod_n_match=0)
+    assert speculation("ngram-map-k4v,ngram-map-k", map_k=(2, 3, 1)) == Speculation(
+        types=("ngram-map-k", "ngram-map-k4v"), map_k=(2, 3, 1))
+    for flags, says in (({"map_k": (0, 48, 1)}, "--spec-ngram-map-k-size-n 0: 1 to 1024"),
+                        ({"map_k4v": (12, 1025, 1)}, "--spec-ngram-map-k4v-size-m 1025: 1 to 1024"),
+                        ({"map_k4v": (12, 48, 0)}, "--spec-ngram-map-k4v-min-hits 0: 1 to 65535")):
+        with pytest.raises(SpeculationError, match=says):
+            speculation("ngram-map-k", **flags)

@@ -39,6 +39,8 @@ PENALIZED = {"temperature": 0.7, "min_p": 0.02, "repeat_penalty": 1.3, "repeat_l
 N1_M4, N2_M8, N1_M48 = Speculation(1, 4), Speculation(2, 8, n_max=5), Speculation(1, 48, n_max=40)
 MOD = Speculation(n_max=4, types=("ngram-mod",), mod_n_match=2, mod_n_min=1)  # ngram_mod.py
 BOTH = Speculation(2, 8, n_max=5, types=("ngram-simple", "ngram-mod"), mod_n_match=3, mod_n_min=0)
+MAP_K = Speculation(n_max=4, types=("ngram-map-k",), map_k=(1, 6, 1))  # ngram_map.py
+MAP_K4V = Speculation(n_max=4, types=("ngram-map-k4v",), map_k4v=(2, 4, 1))
 
 
 def test_drafts_are_llamacpps():
@@ -98,10 +100,11 @@ def _answer(model, spec, **kwargs):
 @pytest.mark.parametrize("sampling,spec", [
     (GREEDY, N1_M4), (GREEDY, N1_M48), (CYCLING, N1_M4), (CYCLING, N2_M8), (SEEDED, N1_M4), (SEEDED, N2_M8),
     (SEEDED, N1_M48), (PENALIZED, N1_M4), (PENALIZED, N2_M8), (PENALIZED, N1_M48), (GREEDY, MOD), (SEEDED, MOD),
-    (CYCLING, BOTH), (PENALIZED, BOTH)],
+    (CYCLING, BOTH), (PENALIZED, BOTH), (SEEDED, MAP_K), (CYCLING, MAP_K), (GREEDY, MAP_K4V), (PENALIZED, MAP_K4V)],
     ids=["greedy-n1-m4", "greedy-n1-m48-max40", "cycling-n1-m4", "cycling-n2-m8-max5", "seeded-n1-m4",
          "seeded-n2-m8-max5", "seeded-n1-m48-max40", "penalties-n1-m4", "penalties-n2-m8-max5",
-         "penalties-n1-m48-max40", "greedy-mod", "seeded-mod", "cycling-simple-and-mod", "penalties-simple-and-mod"])
+         "penalties-n1-m48-max40", "greedy-mod", "seeded-mod", "cycling-simple-and-mod", "penalties-simple-and-mod",
+         "seeded-map-k", "cycling-map-k", "greedy-map-k4v", "penalties-map-k4v"])
 def test_same_answer_as_one_token_at_a_time(model, sampling, spec):
     model.drafter = Drafter()  # ngram-mod's table from this answer's text alone
     plain, fast = _answer(model, None, **sampling), _answer(model, spec, **sampling)
@@ -195,9 +198,14 @@ def test_qvl_run_flags(fixtures_dir):
     mod = runner.invoke(app, args + ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "1",
                                      "--spec-ngram-mod-n-min", "0", "--spec-ngram-mod-n-max", "3"])
     assert mod.exit_code == 0 and json.loads(mod.stdout)["token_ids"] == a["token_ids"], mod.stderr
-    for flags, says in ((["--spec-type", "eagle3"], "--spec-type eagle3: none, ngram-simple, ngram-mod"),
+    maps = runner.invoke(app, args + ["--spec-type", "ngram-map-k,ngram-map-k4v", "--spec-ngram-map-k-size-n", "1",
+                                      "--spec-ngram-map-k4v-size-n", "2", "--spec-ngram-map-k4v-min-hits", "2"])
+    assert maps.exit_code == 0 and json.loads(maps.stdout)["token_ids"] == a["token_ids"], maps.stderr
+    for flags, says in ((["--spec-type", "eagle3"], "--spec-type eagle3: none, ngram-simple, ngram-map-k"),
                         (["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "0"],
                          "--spec-ngram-mod-n-match 0: 1 to 1024"),
+                        (["--spec-type", "ngram-map-k", "--spec-ngram-map-k-min-hits", "0"],
+                         "--spec-ngram-map-k-min-hits 0: 1 to 65535"),
                         (["--spec-type", "ngram-simple", "--spec-ngram-simple-size-m", "0"],
                          "--spec-ngram-simple-size-m 0: 1 to 1024"),
                         (["--spec-type", "ngram-simple", "--spec-draft-n-max", "-2"], "--spec-draft-n-max -2")):
