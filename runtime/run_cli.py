@@ -35,6 +35,7 @@ from .placement import Placement
 from .run_flags import answer_format_flag as _answer_format, chain_flags, fail as _fail, grammar_flag as _grammar
 from .run_flags import DryFlags, logit_biases
 from .sampling import SamplingError, SamplingParams
+from . import spec_flags
 from .speculative import SpeculationError, speculation
 from .store import StoreError
 from .tokenizer import TokenizerError
@@ -363,21 +364,18 @@ def run(
                                             "ngram-map-k4v: keys met before, each drafting what its last draft had "
                                             "taken; ngram-mod: a table of what followed each n-gram; several: a,b "
                                             "(none: off)."),
-    spec_size_n: int = typer.Option(12, "--spec-ngram-simple-size-n", help="ngram-simple: tokens looked up."),
-    spec_size_m: int = typer.Option(48, "--spec-ngram-simple-size-m", help="ngram-simple: most tokens drafted."),
-    spec_mod_match: int = typer.Option(24, "--spec-ngram-mod-n-match", help="ngram-mod: n-gram size looked up."),
-    spec_mod_max: int = typer.Option(64, "--spec-ngram-mod-n-max", help="ngram-mod: most tokens drafted."),
-    spec_mod_min: int = typer.Option(48, "--spec-ngram-mod-n-min", help="ngram-mod: fewest tokens drafted "
-                                     "(a chain ending sooner drafts none)."),
-    spec_k_n: int = typer.Option(12, "--spec-ngram-map-k-size-n", help="ngram-map-k: tokens looked up."),
-    spec_k_m: int = typer.Option(48, "--spec-ngram-map-k-size-m", help="ngram-map-k: most tokens drafted."),
-    spec_k_hits: int = typer.Option(1, "--spec-ngram-map-k-min-hits", help="ngram-map-k: sightings before a draft."),
-    spec_k4v_n: int = typer.Option(12, "--spec-ngram-map-k4v-size-n", help="ngram-map-k4v: tokens looked up."),
-    spec_k4v_m: int = typer.Option(48, "--spec-ngram-map-k4v-size-m", help="ngram-map-k4v: most tokens drafted."),
-    spec_k4v_hits: int = typer.Option(1, "--spec-ngram-map-k4v-min-hits", help="ngram-map-k4v: sightings of a "
-                                      "key before its most frequent follower is drafted."),
-    spec_n_max: Optional[int] = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks "
-                                             "(default: 3; 7 with every layer on a GPU)."),
+    spec_size_n: int = spec_flags.SIZE_N,
+    spec_size_m: int = spec_flags.SIZE_M,
+    spec_mod_match: int = spec_flags.MOD_MATCH,
+    spec_mod_max: int = spec_flags.MOD_MAX,
+    spec_mod_min: int = spec_flags.MOD_MIN,
+    spec_k_n: int = spec_flags.K_N,
+    spec_k_m: int = spec_flags.K_M,
+    spec_k_hits: int = spec_flags.K_HITS,
+    spec_k4v_n: int = spec_flags.K4V_N,
+    spec_k4v_m: int = spec_flags.K4V_M,
+    spec_k4v_hits: int = spec_flags.K4V_HITS,
+    spec_n_max: Optional[int] = spec_flags.N_MAX,
 ) -> None:
     del flash_attn, sliding_window_size, max_window_layers
     if sliding_window:

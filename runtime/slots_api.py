@@ -30,7 +30,8 @@ _NAME = re.compile(r"[\w][\w.\-]{0,254}")
 def slots(service: Service, body: dict[str, Any]) -> Reply:
     loaded = service.loaded
     ctx = service.config.ctx_size or (loaded.model.cfg.context_length if loaded is not None else 0)
-    return Reply([{"id": 0, "id_task": -1, "n_ctx": ctx, "speculative": False, "is_processing": False}])
+    speculative = service.config.speculation is not None  # --spec-type: llama-server's can_speculate()
+    return Reply([{"id": 0, "id_task": -1, "n_ctx": ctx, "speculative": speculative, "is_processing": False}])
 
 
 def _file(service: Service, body: dict[str, Any]) -> tuple[str, Path]:

@@ -8,8 +8,9 @@ gains and costs, every figure against plain decoding in the same process:
 2. An answer that repeats text: a sentence the prompt holds, written three times (held to the
    sentence's own tokens by a grammar of their ids, so a random-weight model writes it as a
    trained one would), greedy; plain and with drafts at --spec-draft-n-max 3 (the CPU default),
-   7 (the GPU default) and 16, and ngram-map-k and ngram-map-k4v at 3, timed in turns: tok/s, the
-   ratio, drafts made and taken, and whether the tokens are the same.
+   7 (the GPU default) and 16, and ngram-map-k (size_m 48, its default: a key's match needs 48
+   tokens after it, and 8) and ngram-map-k4v (size_m 8) at 3, timed in turns: tok/s, the ratio,
+   drafts made and taken, and whether the tokens are the same.
 3. An answer whose drafts are all refused: the sentence's first p distinct tokens (p the largest
    prime their number allows) three times, in steps of 1, 2 and 3 (held by a grammar), so that a
    token seen before is followed by another token each time. With size_n 1 every token after the
@@ -116,7 +117,8 @@ def main() -> None:
     specs = {"plain": None, "ngram-simple max 3": Speculation(n_max=3), "ngram-simple max 7": Speculation(n_max=7),
              "ngram-simple max 16": Speculation(n_max=16),
              "ngram-map-k max 3": Speculation(n_max=3, types=("ngram-map-k",)),
-             "ngram-map-k4v max 3": Speculation(n_max=3, types=("ngram-map-k4v",))}
+             "ngram-map-k size_m 8": Speculation(n_max=3, types=("ngram-map-k",), map_k=(12, 8, 1)),
+             "ngram-map-k4v size_m 8": Speculation(n_max=3, types=("ngram-map-k4v",), map_k4v=(12, 8, 1))}
     repeated = answers(model, prompt, specs, args.rounds, max_new_tokens=args.tokens, format=copies)
     report(f"an answer that repeats a {len(ids)}-token sentence the prompt holds, three times (greedy):", repeated)
     distinct = list(dict.fromkeys(ids))

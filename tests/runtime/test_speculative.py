@@ -223,6 +223,7 @@ def test_serve_drafts_and_reports_them(store, files):
                                            "return_tokens": True})
         status, data = running.request("/metrics")
         props = running.json("/props")
+        slots = running.json("/slots")
     finally:
         running.server.shutdown()
     plain = load(files / MODEL).generate(PROMPT, template=False, max_new_tokens=24)
@@ -231,6 +232,7 @@ def test_serve_drafts_and_reports_them(store, files):
     assert t["draft_n"] >= t["draft_n_accepted"] > 0
     assert got["generation_settings"]["speculative.types"] == "ngram-simple"
     assert props["default_generation_settings"]["params"]["speculative.types"] == "ngram-simple"
+    assert slots[0]["speculative"] is True
     assert status == 200
     metrics = {line.split(" ")[0].removeprefix("llamacpp:"): float(line.split(" ")[1])
                for line in data.decode().splitlines() if not line.startswith("#")}
