@@ -129,7 +129,7 @@ class Model:
         self.stop_ids = {i for t in STOP_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
         self._token_table: TokenTable | None = None  # format="json"'s view of the vocabulary, made once
         self.speculation: Speculation | None = None  # drafts from the text itself (--spec-type; speculative.py)
-        self.drafter = Drafter()  # ngram-mod's table: kept from one answer to the next, as llama-server's
+        self.drafter = Drafter()  # ngram-mod's table, ngram-map's keys: kept across answers, as llama-server's
 
     def messages_for(self, prompt: str, n_images: int, system: str | None = None, n_videos: int = 0) -> list[dict]:
         """A user turn with images then videos first, or where `{image1}` / `{video1}`... say,

@@ -1,4 +1,5 @@
-"""--spec-type ngram-mod (runtime/ngram_mod.py) and several drafters at once (speculative.Drafter):
+"""--spec-type ngram-mod (runtime/ngram_mod.py), ngram-map-k / -k4v (runtime/ngram_map.py) and
+several drafters at once (speculative.Drafter):
 the drafts llama.cpp's own speculative decoding makes over whole sessions of answers
 (scripts/build_spec_sessions.py), the table's own rules, and answers that keep their tokens."""
 
