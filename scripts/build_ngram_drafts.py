@@ -55,18 +55,27 @@ int main() {
 """
 
 
-def build_driver(libggml: Path) -> Path:
-    """llama.cpp's ngram-map.cpp and the driver, compiled (the tree is libggml's build's)."""
-    lib_dir = libggml.resolve().parent
+def compile_driver(lib: Path, driver: str, files: dict[str, str], libs: list[str]) -> Path:
+    """`driver` and `files` (name -> text: more sources, and headers found before the tree's) compiled
+    in a new folder against the llama.cpp tree whose build/bin holds `lib`, linked to `libs` there."""
+    lib_dir = lib.resolve().parent
     source = lib_dir.parents[1]
     work = Path(tempfile.mkdtemp())
-    (work / "ngram-map.cpp").write_text((source / "common" / "ngram-map.cpp").read_text())
-    (work / "log.h").write_text(LOG_STUB)  # found before common/log.h: the file's own folder comes first
-    (work / "drive.cpp").write_text(DRIVER)
+    for name, text in {"drive.cpp": driver, **files}.items():
+        (work / name).write_text(text)
+    sources = [str(work / name) for name in ("drive.cpp", *files) if name.endswith(".cpp")]
     subprocess.run(["c++", "-O1", "-std=c++17", f"-I{work}", f"-I{source / 'common'}", f"-I{source / 'include'}",
-                    f"-I{source / 'ggml' / 'include'}", str(work / "drive.cpp"), str(work / "ngram-map.cpp"),
-                    "-o", str(work / "drive"), f"-L{lib_dir}", "-lggml-base", f"-Wl,-rpath,{lib_dir}"], check=True)
+                    f"-I{source / 'ggml' / 'include'}", *sources, "-o", str(work / "drive"), f"-L{lib_dir}",
+                    *(f"-l{name}" for name in libs), f"-Wl,-rpath,{lib_dir}"], check=True)
     return work / "drive"
+
+
+def build_driver(libggml: Path) -> Path:
+    """llama.cpp's ngram-map.cpp and the driver, compiled (the tree is libggml's build's; the log
+    stub is found before common/log.h: the file's own folder comes first)."""
+    source = libggml.resolve().parents[2]
+    return compile_driver(libggml, DRIVER, {"ngram-map.cpp": (source / "common" / "ngram-map.cpp").read_text(),
+                                            "log.h": LOG_STUB}, ["ggml-base"])
 
 
 def histories(rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:

@@ -24,10 +24,10 @@ import argparse
 import gzip
 import json
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
+from build_ngram_drafts import compile_driver  # scripts/: a llama.cpp driver's build
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "tests" / "runtime" / "llamacpp-spec-sessions.json.gz"
@@ -112,14 +112,7 @@ int main() {
 
 def build_driver(libcommon: Path) -> Path:
     """The driver, compiled against the llama.cpp tree libllama-common was built from."""
-    lib_dir = libcommon.resolve().parent
-    source = lib_dir.parents[1]
-    work = Path(tempfile.mkdtemp())
-    (work / "drive.cpp").write_text(DRIVER)
-    subprocess.run(["c++", "-O1", "-std=c++17", f"-I{source / 'common'}", f"-I{source / 'include'}",
-                    f"-I{source / 'ggml' / 'include'}", str(work / "drive.cpp"), "-o", str(work / "drive"),
-                    f"-L{lib_dir}", "-lllama-common", "-lllama", "-lggml-base", f"-Wl,-rpath,{lib_dir}"], check=True)
-    return work / "drive"
+    return compile_driver(libcommon, DRIVER, {}, ["llama-common", "llama", "ggml-base"])
 
 
 def sessions(rng: np.random.Generator) -> list[dict]:
@@ -204,8 +197,8 @@ def main() -> None:
             at += 1
         at += 1
     assert at == len(lines), (at, len(lines))
-    with gzip.open(args.out, "wt") as f:
-        json.dump(cases, f, separators=(",", ":"))
+    with open(args.out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:  # the same bytes each run
+        f.write(json.dumps(cases, separators=(",", ":")).encode())
     drafts = [d for c in cases for d in c["drafts"]]
     print(f"wrote {args.out}: {len(cases)} sessions, {len(drafts)} draft calls, "
           f"{sum(1 for d in drafts if d)} drafts, {sum(len(d) for d in drafts)} draft tokens")
