@@ -20,8 +20,12 @@ gains and costs, every figure against plain decoding in the same process:
    the prompt does not hold, asked for again: ngram-simple finds nothing to draft; ngram-mod
    (llama.cpp's defaults, at --spec-draft-n-max 3) drafts from the table the first asking left
    (asked once untimed, then timed in turns with the others).
+5. Drafting's own cost, no model: each drafter's begin and its draft call per token (median, 99th
+   percentile, most) over a 500-token answer after a random prompt of 1000 and 8000 tokens, the
+   answer copying 200-token stretches of the prompt (--drafting-only: this alone).
 
     python scripts/bench_speculative.py model-q4_k_m.gguf --tokens 75 --rounds 3 [--device cuda]
+    python scripts/bench_speculative.py --drafting-only
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ import json
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from qvl.runtime.gbnf import parse_gbnf
 from qvl.runtime.loader import load
-from qvl.runtime.speculative import Drafter, Speculation
+from qvl.runtime.speculative import SPEC_TYPES, Drafter, Speculation
 
 SENTENCE = ("The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the green valley "
             "below the old stone bridge.\n")
@@ -90,6 +95,33 @@ def answers(model, prompt: str, specs: dict[str, Speculation | None], rounds: in
     return out
 
 
+def drafting_costs() -> dict[str, dict[str, float]]:
+    """ms of a Drafter's begin and of each draft call, per drafter and prompt length (section 5)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for kind in SPEC_TYPES[1:]:
+        spec = Speculation(n_max=3, types=(kind,))
+        for n_prompt in (1000, 8000):
+            prompt = rng.integers(100, 50000, n_prompt)
+            answer = np.concatenate([prompt[100:300], rng.integers(100, 50000, 100), prompt[500:700]])
+            drafter, history = Drafter(), np.zeros(n_prompt + len(answer), np.int64)
+            history[:n_prompt] = prompt
+            t = time.perf_counter()
+            drafter.begin(spec, prompt)
+            begin, times = time.perf_counter() - t, []
+            for i, token in enumerate(answer):
+                t = time.perf_counter()
+                drafter.draft(spec, history[:n_prompt + i], int(token), 3, 3)
+                times.append(time.perf_counter() - t)
+                history[n_prompt + i] = token
+            out[f"{kind} {n_prompt}"] = {"begin_ms": begin * 1e3, "median_ms": float(np.median(times)) * 1e3,
+                                         "p99_ms": float(np.quantile(times, 0.99)) * 1e3, "max_ms": max(times) * 1e3}
+            r = out[f"{kind} {n_prompt}"]
+            print(f"  {kind:14s} prompt {n_prompt:5d}: begin {r['begin_ms']:6.2f} ms, a draft call median "
+                  f"{r['median_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, most {r['max_ms']:.2f} ms")
+    return out
+
+
 def report(title: str, res: dict[str, dict]) -> None:
     base = res["plain"]
     print(title)
@@ -101,12 +133,19 @@ def report(title: str, res: dict[str, dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
+    ap.add_argument("model", nargs="?", help="the GGUF (sections 1-4)")
     ap.add_argument("--tokens", type=int, default=75, help="most answer tokens (the three copies: 75 on Qwen's tokens)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", dest="json_out", help="write the figures here too")
+    ap.add_argument("--drafting-only", action="store_true", help="section 5 alone (no model)")
     args = ap.parse_args()
+    if args.model is None and not args.drafting_only:
+        ap.error("a model GGUF, or --drafting-only")
+    print("drafting's own cost, a 500-token answer (no model):")
+    drafting = drafting_costs()
+    if args.drafting_only:
+        return
     model = load(args.model, device=args.device)
     costs = pass_costs(model, args.rounds, args.device)
     print(f"pass over n tokens after 256 ({args.device}, {torch.get_num_threads()} threads): "
@@ -144,8 +183,8 @@ def main() -> None:
             return {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in res.items()}
 
         with open(args.json_out, "w") as f:
-            json.dump({"pass_ms": costs, "repeated": strip(repeated), "free": strip(free), "again": strip(again)},
-                      f, indent=1)
+            json.dump({"pass_ms": costs, "repeated": strip(repeated), "free": strip(free), "again": strip(again),
+                       "drafting": drafting}, f, indent=1)
 
 
 if __name__ == "__main__":
