@@ -67,9 +67,9 @@ class NgramMap:
         self.n, self.m, self.key_only, self.min_hits = n, m, key_only, min_hits
         self.keys: list[Key] = []
         self.key_map = np.zeros(HASH_SLOTS, np.int64)  # slot -> the index of an n-gram (0: empty)
-        self.key_map_last_idx = 0
-        self.size_last_begin = 0
-        self.idx_last_check = 0
+        self.key_map_last_idx = 0  # the n-grams starting after it are not hashed yet
+        self.size_last_begin = 0  # the prompt's length at this answer's start
+        self.idx_last_check = 0  # the history's length at the last begin or draft
         self.last_draft: tuple[int, int] | None = None  # (key, value) of the last draft made
 
     def _hashes(self, tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -133,7 +133,7 @@ class NgramMap:
         if self.size_last_begin > n + m + 1:
             self._add_hashes(tokens, self.key_map_last_idx, early)
         self._add_hashes(tokens, max(self.size_last_begin, self.key_map_last_idx), top)
-        self.key_map_last_idx = max(top & 0xFFFFFFFF, self.key_map_last_idx)
+        self.key_map_last_idx = max(top, self.key_map_last_idx)
         if match == 0:
             return []
         offset = next((i for i, k in enumerate(self.keys) if (tokens[k.key_idx:k.key_idx + n] == key).all()), None)
