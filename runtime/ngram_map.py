@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .ngram_mod import window_hashes
+
 HASH_SLOTS = 262144  # COMMON_NGRAM_HASH_MAP_SIZE, a power of two: the hash's low 18 bits
 LCG_FACTOR = 2654435761  # hash = hash * LCG_FACTOR + token, in 32 bits
 MAX_VALUES = 4  # COMMON_NGRAM_MAX_VALUES
@@ -73,11 +75,7 @@ class NgramMap:
         self.last_draft: tuple[int, int] | None = None  # (key, value) of the last draft made
 
     def _hashes(self, tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        res = np.zeros(len(starts), np.int64)
-        for k in range(self.n):  # mod 2**18 all along: the low bits of the 32-bit hash
-            res = (res * LCG_FACTOR + tokens[starts + k]) & (HASH_SLOTS - 1)
-        return res
-
+        return window_hashes(tokens, starts, self.n, LCG_FACTOR, HASH_SLOTS)  # of the 32-bit hash
     def begin(self, tokens: np.ndarray) -> None:
         """An answer begins after `tokens`: entries past a history that got shorter are dropped."""
         size_begin = len(tokens)

@@ -26,6 +26,16 @@ FULL = 0.25  # at an answer's start, a table fuller than this is emptied
 LOW_ACCEPTANCE, LOW_STREAK = 0.25, 5  # drafts taken below this fraction, this many times running: emptied
 
 
+def window_hashes(tokens: np.ndarray, starts: np.ndarray, n: int, factor: int, slots: int) -> np.ndarray:
+    """The slot of each n-token window starting at `starts`: hash = hash * factor + token over the
+    window, in unsigned wrap-around arithmetic, its low bits (`slots` a power of two). Kept mod
+    `slots` all along, the factor too, which gives the same low bits and never overflows int64."""
+    res = np.zeros(len(starts), np.int64)
+    for k in range(n):
+        res = (res * (factor & (slots - 1)) + tokens[starts + k]) & (slots - 1)
+    return res
+
+
 class NgramMod:
     """The table and the drafting state of one model (`n`: the n-gram's tokens, --spec-ngram-mod-n-match)."""
 
@@ -46,23 +56,16 @@ class NgramMod:
         if hi <= lo:
             return
         starts = np.arange(lo, hi)
-        slots = self._slots(tokens, starts)
+        slots = window_hashes(tokens, starts, self.n, HASH_FACTOR, SLOTS)
         # the last n-gram of each slot wins, as the sequential writes leave it
         rev_slots, first = np.unique(slots[::-1], return_index=True)
         values = tokens[starts + self.n][::-1][first]
         self.used += int((self.entries[rev_slots] == EMPTY).sum())
         self.entries[rev_slots] = values
 
-    def _slots(self, tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        res = np.zeros(len(starts), np.uint64)
-        with np.errstate(over="ignore"):
-            for k in range(self.n):
-                res = res * np.uint64(HASH_FACTOR) + tokens[starts + k].astype(np.uint64)
-        return (res & np.uint64(SLOTS - 1)).astype(np.int64)
-
     def _get(self, window: list[int]) -> int:
         res = 0
-        for t in window:  # mod 2**22 all along: the low bits of the 64-bit hash
+        for t in window:  # window_hashes' arithmetic, one window
             res = (res * HASH_FACTOR + t) & (SLOTS - 1)
         return int(self.entries[res])
 

@@ -193,15 +193,15 @@ class Drafts:
     overwritten by the next pass."""
 
     def __init__(self, spec: Speculation, on_accel: bool, prompt: Sequence[int], capacity: int, cache: Any,
-                 decode: Callable[[list[int], int], torch.Tensor], drafter: Drafter | None = None):
+                 decode: Callable[[list[int], int], torch.Tensor], drafter: Drafter):
         """`prompt`: its text tokens; `capacity`: room for prompt and answer; `cache`: the KV
         cache (its `length`); `decode(tokens, position)`: one pass, logits (len(tokens), vocab);
-        `drafter`: the model's, kept across its answers (None: one for this answer alone)."""
+        `drafter`: the model's, kept across its answers."""
         self.spec, self.cap = spec, spec.draft_max(on_accel)
         self._history = np.zeros(max(capacity, len(prompt)) + 1, np.int64)
         self._history[:len(prompt)] = prompt
         self._n = len(prompt)
-        self._drafter = drafter if drafter is not None else Drafter()
+        self._drafter = drafter
         self._drafter.begin(spec, self._history[:self._n])
         self._cache, self._decode = cache, decode
         self._queue: deque[tuple[int, torch.Tensor]] = deque()

@@ -161,3 +161,23 @@ def test_flags():
                         ({"map_k4v": (12, 48, 0)}, "--spec-ngram-map-k4v-min-hits 0: 1 to 65535")):
         with pytest.raises(SpeculationError, match=says):
             speculation("ngram-map-k", **flags)
+
+
+def test_window_hashes_are_llamacpps_wraparound_hashes():
+    """window_hashes' low bits equal those of llama.cpp's hashes in their own widths: ngram-mod's
+    64-bit common_ngram_mod::idx and ngram-map's 32-bit common_ngram_map_hash (whose value the
+    session oracle sees only through collisions)."""
+    from qvl.runtime.ngram_map import HASH_SLOTS, LCG_FACTOR
+    from qvl.runtime.ngram_mod import HASH_FACTOR, window_hashes
+
+    tokens = np.random.default_rng(5).integers(0, 152064, 400)
+    starts = np.arange(0, 370, 7)
+    kinds = [(24, HASH_FACTOR, 64, SLOTS), (12, LCG_FACTOR, 32, HASH_SLOTS), (1, LCG_FACTOR, 32, HASH_SLOTS)]
+    for n, factor, bits, slots in kinds:
+        want = []
+        for s in starts:
+            h = 0
+            for t in tokens[s:s + n]:
+                h = (h * factor + int(t)) % 2 ** bits
+            want.append(h % slots)
+        assert window_hashes(tokens, starts, n, factor, slots).tolist() == want
