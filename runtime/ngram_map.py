@@ -53,11 +53,11 @@ def _windows_equal(tokens: np.ndarray, starts: np.ndarray, pattern: np.ndarray) 
     return (tokens[starts[:, None] + np.arange(len(pattern))] == pattern).all(axis=1)
 
 
-def _last_match(tokens: np.ndarray, lo: int, hi: int, pattern: np.ndarray) -> int:
-    """The largest j with lo < j <= hi where `pattern` starts, or 0."""
+def last_match(tokens: np.ndarray, lo: int, hi: int, pattern: np.ndarray) -> int:
+    """The largest j with lo < j <= hi where `pattern` starts, or 0 (ngram-simple's search too)."""
     if hi <= lo:
         return 0
-    starts = np.arange(lo + 1, hi + 1)
+    starts = np.flatnonzero(tokens[lo + 1:hi + 1] == pattern[0]) + lo + 1  # the windows worth comparing
     found = starts[_windows_equal(tokens, starts, pattern)]
     return int(found[-1]) if len(found) else 0
 
@@ -125,9 +125,9 @@ class NgramMap:
             match = at
         early = self.size_last_begin - n - m - 1  # the prompt's part
         if match == 0 and self.size_last_begin > n + m + 1:
-            match = _last_match(tokens, self.key_map_last_idx, early, key)
+            match = last_match(tokens, self.key_map_last_idx, early, key)
         if match == 0:
-            match = _last_match(tokens, max(self.size_last_begin, self.key_map_last_idx), top, key)
+            match = last_match(tokens, max(self.size_last_begin, self.key_map_last_idx), top, key)
         if self.size_last_begin > n + m + 1:
             self._add_hashes(tokens, self.key_map_last_idx, early)
         self._add_hashes(tokens, max(self.size_last_begin, self.key_map_last_idx), top)
@@ -157,7 +157,7 @@ class NgramMap:
                 break
         entry.stat_idx = match
         nums = [v.num for v in entry.values]
-        best = int(np.argmax(nums)) if max(nums) > 0 else 0
+        best = int(np.argmax(nums))  # the first of the most frequent (the first slot when none counted)
         others = sum(nums) - nums[best]
         if others > 0 and nums[best] < 2 * others:
             return []

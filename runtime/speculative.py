@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ngram_map import NgramMap
+from .ngram_map import NgramMap, last_match
 from .ngram_mod import NgramMod
 
 # the drafters in llama.cpp's order of preference
@@ -115,14 +115,10 @@ def ngram_simple_draft(history: np.ndarray, sampled: int, size_n: int, size_m: i
     if cur <= size_n + size_m + 1:
         return []
     pattern = np.append(history[cur - size_n + 1:], sampled)
-    last = cur - size_n - 1  # the latest start searched
-    starts = np.flatnonzero(history[1:last + 1] == pattern[0]) + 1
-    if size_n > 1 and len(starts):
-        windows = np.lib.stride_tricks.sliding_window_view(history[:last + size_n], size_n)[starts]
-        starts = starts[(windows == pattern).all(axis=1)]
-    if not len(starts):
+    match = last_match(history, 0, cur - size_n - 1, pattern)  # position 0 is never searched: 0 is none
+    if match == 0:
         return []
-    at = int(starts[-1]) + size_n
+    at = match + size_n
     copy = min(size_m, cur - at)
     if copy < size_n:
         return []
