@@ -449,21 +449,19 @@ def serve_cmd(
     metrics: bool = typer.Option(False, "--metrics", help="Answer GET /metrics: llama-server's Prometheus counters "
                                  "(tokens read and generated, their seconds, throughput, requests waiting)."),
     spec_type: Optional[str] = typer.Option(None, "--spec-type", help="ngram-simple, ngram-map-k, ngram-map-k4v, "
-                                            "ngram-mod or several (a,b): llama.cpp's self-speculative decoding for "
-                                            "every answer, what the last three keep shared by a model's requests "
-                                            "(qvl-run --help; none: off)."),
+                                            "ngram-mod, draft-simple or several (a,b): llama.cpp's speculative "
+                                            "decoding for every answer, what the last four keep shared by a model's "
+                                            "requests (qvl-run --help; none: off)."),
     spec_size_n: int = spec_flags.SIZE_N,
     spec_size_m: int = spec_flags.SIZE_M,
     spec_mod_match: int = spec_flags.MOD_MATCH,
     spec_mod_max: int = spec_flags.MOD_MAX,
     spec_mod_min: int = spec_flags.MOD_MIN,
-    spec_k_n: int = spec_flags.K_N,
-    spec_k_m: int = spec_flags.K_M,
-    spec_k_hits: int = spec_flags.K_HITS,
-    spec_k4v_n: int = spec_flags.K4V_N,
-    spec_k4v_m: int = spec_flags.K4V_M,
-    spec_k4v_hits: int = spec_flags.K4V_HITS,
+    spec_k_n: int = spec_flags.K_N, spec_k_m: int = spec_flags.K_M, spec_k_hits: int = spec_flags.K_HITS,
+    spec_k4v_n: int = spec_flags.K4V_N, spec_k4v_m: int = spec_flags.K4V_M, spec_k4v_hits: int = spec_flags.K4V_HITS,
     spec_n_max: Optional[int] = spec_flags.N_MAX,
+    spec_draft_model: Optional[Path] = spec_flags.DRAFT_MODEL,
+    spec_p_min: float = spec_flags.P_MIN, spec_n_min: int = spec_flags.N_MIN,
 ) -> None:
     import torch
 
@@ -495,9 +493,12 @@ def serve_cmd(
         fail(str(e))
     try:
         spec = speculation(spec_type, spec_size_n, spec_size_m, spec_n_max, spec_mod_match, spec_mod_max,
-                           spec_mod_min, (spec_k_n, spec_k_m, spec_k_hits), (spec_k4v_n, spec_k4v_m, spec_k4v_hits))
+                           spec_mod_min, (spec_k_n, spec_k_m, spec_k_hits), (spec_k4v_n, spec_k4v_m, spec_k4v_hits),
+                           spec_p_min, spec_n_min, spec_draft_model is not None)
     except SpeculationError as e:
         fail(str(e))
+    if spec_draft_model is not None and not spec_draft_model.exists():
+        fail(f"--spec-draft-model {spec_draft_model}: no such file")
     if adapters and model is None:
         fail("--lora / --lora-scaled: adapters of the MODEL given to qvl serve; name one")
     gpu_flags = [f for f, on in (("--gpu-layers", gpu_layers is not None), ("--max-vram", max_vram is not None)) if on]
@@ -515,7 +516,7 @@ def serve_cmd(
     allowed = parse_origins(origins if origins is not None else os.environ.get("QVL_ORIGINS"))
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
                          int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters, metrics,
-                         spec)
+                         spec, str(spec_draft_model) if spec_draft_model else None)
     service = Service(config)
     if model is not None:
         try:

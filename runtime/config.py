@@ -1,7 +1,9 @@
 """Model configuration read from GGUF metadata into typed, frozen dataclasses.
 
 Reads llama.cpp's `qwen2vl` text model and Ollama's single-file `qwen25vl` (whose text keys are
-the same under another prefix). A missing key is an error that names it and the file.
+the same under another prefix), and a text-only `qwen2` (Qwen2 / Qwen2.5: a draft model for
+--spec-draft-model), whose 1D rotary is M-RoPE with every pair in the first section (its three
+positions are equal for text). A missing key is an error that names it and the file.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 from .gguf_file import GGUFFile
 
-TEXT_ARCHES = ("qwen2vl", "qwen25vl")
+TEXT_ARCHES = ("qwen2vl", "qwen25vl", "qwen2")
 
 
 class ConfigError(ValueError):
@@ -42,11 +44,14 @@ def text_config(g: GGUFFile) -> TextConfig:
         raise ConfigError(f"{g.path}: architecture {arch!r} is not a Qwen2-VL text model "
                           f"(expected one of {', '.join(TEXT_ARCHES)})")
     p = arch
-    if arch == "qwen2vl":
+    if arch == "qwen2":  # one section: the temporal position, which is the token's
+        head_dim = int(g.require(f"{p}.embedding_length")) // int(g.require(f"{p}.attention.head_count"))
+        sections = [head_dim // 2, 0, 0]
+    elif arch == "qwen2vl":
         sections = list(g.require(f"{p}.rope.dimension_sections"))
     else:
         sections = list(g.require(f"{p}.rope.mrope_section"))
-    sections = [int(s) for s in sections if s][:3]  # llama.cpp pads to four with 0
+    sections = [int(s) for s in sections if s or arch == "qwen2"][:3]  # llama.cpp pads to four with 0
     if len(sections) != 3:
         raise ConfigError(f"{g.path}: rope sections {sections} are not three M-RoPE sections")
     tokens = g.require("tokenizer.ggml.tokens")

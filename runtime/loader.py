@@ -106,6 +106,8 @@ def _open(path: Path, fast: bool, mmproj: str | Path | None, placement: Placemen
     text = GGUFFile(path)
     if text.architecture == "qwen25vl":
         return model(text, text)  # Ollama: vision in the same file
+    if text.architecture == "qwen2" and not mmproj:  # a text-only model: a folder's mmproj is another model's
+        return model(text, None)
     vision_path = Path(mmproj) if mmproj else find_mmproj(path)
     return model(text, GGUFFile(vision_path) if vision_path else None)
 

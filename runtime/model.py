@@ -1,9 +1,8 @@
 """The Model: prompts with images -> logits, generation, chat.
 
-A prompt is a chat turn rendered with the model's own template; each image becomes
-`<|vision_start|><|image_pad|>...<|vision_end|>` with one pad per merged patch, the pads' embeddings
-are replaced by the vision tower's output, and positions follow M-RoPE (`positions.py`). Torch on
-the CPU; on a GPU (placement.py) the Triton kernels, decode in a CUDA graph (decode_graph.py)."""
+A prompt is a chat turn rendered with the model's own template; each image becomes one pad per merged patch
+between <|vision_start|> and <|vision_end|>, the pads' embeddings replaced by the vision tower's output, positions
+M-RoPE's (`positions.py`). Torch on the CPU; on a GPU (placement.py) the Triton kernels, decode in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ from .positions import Span, rope_positions
 from .prompt_cache import MediaSpan, PromptKeys
 from .sampling import (ChainOptions, FormatError, SamplingError, SamplingParams, drawn_from, sample, sample_allowed,
                        sampling_params)
-from .speculative import Drafter, Drafts, Speculation
+from .speculative import DraftPrompt, Drafter, Drafts, Speculation
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
 from .usage import Usage
 from .video import VideoInput, VideoOptions, frame_size, load_video
@@ -533,9 +532,10 @@ class Model:
             fresh = graph is not None and graph.graph is None  # captured on this generation's first step
             # greedy with no penalty: the step's own argmax, the next step queued before it is read
             ahead = graph is not None and params.greedy and not params.adjusted and form is None and top is None
-            if self.speculation is not None:  # drafts from the text itself (speculative.py)
+            if self.speculation is not None:  # drafts from the text itself or a draft model (speculative.py)
                 ahead, drafts = False, Drafts(self.speculation, self.decoder.first_on_accel == 0, text_ids, limit,
-                                              cache, partial(self._decode, cache), self.drafter)
+                                              cache, partial(self._decode, cache), self.drafter,
+                                              DraftPrompt(ids, positions, media, keys, next_pos))
             scored: list[TokenLogprob] | None = None if top is None else []
             self.scored = scored if scored is not None else []
             chosen: int | None = None

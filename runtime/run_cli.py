@@ -36,7 +36,8 @@ from .run_flags import answer_format_flag as _answer_format, chain_flags, fail a
 from .run_flags import DryFlags, logit_biases
 from .sampling import SamplingError, SamplingParams
 from . import spec_flags
-from .speculative import SpeculationError, speculation
+from .draft_model import load_draft
+from .speculative import Drafter, SpeculationError, speculation
 from .store import StoreError
 from .tokenizer import TokenizerError
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VideoError, VideoOptions
@@ -362,20 +363,19 @@ def run(
                                             "decoding: tokens the text already holds after the last few are drafted "
                                             "and checked in one pass, the answer's tokens kept; ngram-map-k, "
                                             "ngram-map-k4v: keys met before, each drafting what its last draft had "
-                                            "taken; ngram-mod: a table of what followed each n-gram; several: a,b "
-                                            "(none: off)."),
+                                            "taken; ngram-mod: a table of what followed each n-gram; draft-simple: "
+                                            "a draft model's guesses (the default with --spec-draft-model); "
+                                            "several: a,b (none: off)."),
     spec_size_n: int = spec_flags.SIZE_N,
     spec_size_m: int = spec_flags.SIZE_M,
     spec_mod_match: int = spec_flags.MOD_MATCH,
     spec_mod_max: int = spec_flags.MOD_MAX,
     spec_mod_min: int = spec_flags.MOD_MIN,
-    spec_k_n: int = spec_flags.K_N,
-    spec_k_m: int = spec_flags.K_M,
-    spec_k_hits: int = spec_flags.K_HITS,
-    spec_k4v_n: int = spec_flags.K4V_N,
-    spec_k4v_m: int = spec_flags.K4V_M,
-    spec_k4v_hits: int = spec_flags.K4V_HITS,
+    spec_k_n: int = spec_flags.K_N, spec_k_m: int = spec_flags.K_M, spec_k_hits: int = spec_flags.K_HITS,
+    spec_k4v_n: int = spec_flags.K4V_N, spec_k4v_m: int = spec_flags.K4V_M, spec_k4v_hits: int = spec_flags.K4V_HITS,
     spec_n_max: Optional[int] = spec_flags.N_MAX,
+    spec_draft_model: Optional[Path] = spec_flags.DRAFT_MODEL,
+    spec_p_min: float = spec_flags.P_MIN, spec_n_min: int = spec_flags.N_MIN,
 ) -> None:
     del flash_attn, sliding_window_size, max_window_layers
     if sliding_window:
@@ -455,7 +455,8 @@ def run(
         video_options = VideoOptions(fps=video_fps, max_frames=max_frames, start=video_start, end=video_end,
                                      min_pixels=video_min_pixels, max_pixels=video_max_pixels)
         spec = speculation(spec_type, spec_size_n, spec_size_m, spec_n_max, spec_mod_match, spec_mod_max,
-                           spec_mod_min, (spec_k_n, spec_k_m, spec_k_hits), (spec_k4v_n, spec_k4v_m, spec_k4v_hits))
+                           spec_mod_min, (spec_k_n, spec_k_m, spec_k_hits), (spec_k4v_n, spec_k4v_m, spec_k4v_hits),
+                           spec_p_min, spec_n_min, spec_draft_model is not None)
     except (SamplingError, VideoError, SpeculationError) as e:
         _fail(str(e))
     if not model_path.exists() and mmproj is None:
@@ -486,6 +487,7 @@ def run(
         model = load(model_path, device=device, mmproj=mmproj, dtype=torch.float32 if f32 else None,
                      placement=placement, max_vram=max_vram if device == "cuda" else None,
                      plan_ctx=ctx_size or PLAN_CTX, lora=lora_sources(lora or [], lora_scaled or []))
+        model.drafter = Drafter(load_draft(model, spec_draft_model, device, f32) if spec_draft_model else None)
     except (GGUFError, ConfigError, TokenizerError, ModelError, KeyError, StoreError, LoraError) as e:
         _fail(str(e).strip("'\""))
     except torch.OutOfMemoryError:

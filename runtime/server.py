@@ -21,23 +21,21 @@
     GET  /v1/models, /v1/models/NAME, POST /v1/chat/completions, POST /v1/completions: OpenAI's (openai_api.py)
     POST /v1/responses: OpenAI's Responses API, stateless (responses_api.py)
     POST /completion, GET /props: llama.cpp server's own completions and settings (llamacpp_completion.py)
-    POST /v1/messages: Anthropic's Messages API (anthropic_api.py)
-    GET  /health, POST /tokenize, POST /detokenize: llama.cpp server's (llamacpp_api.py)
+    POST /v1/messages: Anthropic's (anthropic_api.py); GET /health, POST /tokenize, /detokenize (llamacpp_api.py)
 
-One model is loaded at a time: a request naming another stored model replaces it. Requests for
-the model are answered one at a time, in the thread that calls `serve` (http_serve.py; the
-endpoints that only read answer from their connection's thread): the model has one KV cache (whose
-prompt cache keeps a conversation's earlier turns from being read again), and torch's CPU ops
-ran slower from a second thread on a 2-core machine (a 3B Q4_K_M decoded 1.21x slower, the int4
-op at 2048 x 2048 1.4x, small bf16 products 4.7x; likely libgomp, which spin-waits less once two
-OpenMP teams' threads outnumber the cores).
+One model is loaded at a time: a request naming another stored model replaces it. Requests for the model are
+answered one at a time, in the thread that calls `serve` (http_serve.py; the endpoints that only read answer from
+their connection's thread): the model has one KV cache (whose prompt cache keeps a conversation's earlier turns from
+being read again), and torch's CPU ops ran slower from a second thread on a 2-core machine (a 3B Q4_K_M decoded
+1.21x slower, the int4 op at 2048 x 2048 1.4x, small bf16 products 4.7x; likely libgomp, which spin-waits less once
+two OpenMP teams' threads outnumber the cores).
 
 A stored model's PARAMETERs and SYSTEM are defaults that a request's options and system prompt
 override, as in Ollama; without num_predict an answer runs to its end or the context's (num_ctx,
 default `qvl serve --ctx-size`, else 4096). Streams are Ollama's JSON lines or OpenAI's
 server-sent events. Errors are {"error": message} with 400 (a bad request), 404 (no such model
 or endpoint) or 500; an error in the middle of a stream is its last event. Only stored models and
-the one file named to `qvl serve` are opened: a request cannot make the server read another
+the one file named to `qvl serve` (and its draft model) are opened: a request cannot make the server read another
 file, and images come inline (base64), never fetched.
 """
 
@@ -63,7 +61,8 @@ from .gguf_file import GGUFError, GGUFFile
 from .inline_media import decode_image, decode_video
 from .json_format import format_grammar
 from .cache_pool import CachePool
-from .speculative import Speculation
+from .draft_model import load_draft
+from .speculative import Drafter, Speculation  # draft_model.py: --spec-draft-model
 from .loader import load, open_ended
 from .logprobs import MAX_TOP, entries, new_scores, speller
 from .lora import LoraError, LoraSource
@@ -101,7 +100,8 @@ class ServeConfig:
     slot_save_path: str | None = None  # where POST /slots/0?action=save|restore keeps its files (slots_api.py)
     lora: tuple[LoraSource, ...] = ()  # run-time adapters of default_model (--lora, --lora-scaled; lora_api.py)
     metrics: bool = False  # GET /metrics answers (--metrics; metrics_api.py)
-    speculation: Speculation | None = None  # every model's drafts from the text itself (--spec-type; speculative.py)
+    speculation: Speculation | None = None  # every model's drafts (--spec-type; speculative.py)
+    draft_model: str | None = None  # every model's draft model (--spec-draft-model; draft_model.py)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -363,6 +363,8 @@ class Service:
             model = self.loader(path, mmproj=projector, device=self.config.device, placement=self.config.placement,
                                 max_vram=self.config.max_vram, plan_ctx=self.config.ctx_size or PLAN_CTX,
                                 lora=[(a, 1.0) for a in adapters] + list(self._default_lora(key)))
+            if self.config.draft_model is not None:  # loaded (and checked) with each model
+                model.drafter = Drafter(load_draft(model, self.config.draft_model, self.config.device, False))
         except (GGUFError, ModelError, StoreError, KeyError, ValueError) as e:
             raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
         model.usage, model.speculation = self.usage.total, self.config.speculation

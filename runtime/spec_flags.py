@@ -1,7 +1,10 @@
-"""The self-speculative decoding flags qvl-run and qvl serve share: llama.cpp's names and defaults
+"""The speculative decoding flags qvl-run and qvl serve share: llama.cpp's names and defaults
 (runtime/speculative.py reads them; each command has its own --spec-type help)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -20,3 +23,10 @@ K4V_HITS = typer.Option(1, "--spec-ngram-map-k4v-min-hits", help="ngram-map-k4v:
                         "frequent follower is drafted.")
 N_MAX = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks (default: 3; 7 with every "
                      "layer on a GPU).")
+DRAFT_MODEL: Optional[Path] = typer.Option(None, "--spec-draft-model", "-md", "--model-draft", help="Draft model "
+                                           "(a smaller GGUF with the same vocabulary, its mmproj beside it or none): "
+                                           "its greedy guesses are checked in one pass of the model (--spec-type "
+                                           "draft-simple, llama.cpp's).")
+P_MIN = typer.Option(0.0, "--spec-draft-p-min", "--draft-p-min", help="draft-simple: a guess whose probability among "
+                     "the draft model's 10 likeliest is below this ends the draft.")
+N_MIN = typer.Option(0, "--spec-draft-n-min", help="draft-simple: fewest tokens drafted (a shorter draft is none).")

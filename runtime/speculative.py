@@ -10,8 +10,9 @@ while the sampled token is the draft's next one, the logits after it are already
 first other token the rest of the draft is dropped (the next pass writes over its keys) and
 decoding goes on from that token. `ngram-map-k` and `ngram-map-k4v` (ngram_map.py) keep the keys
 they met and what their drafts had taken; `ngram-mod` (ngram_mod.py) drafts from a hashed table of
-what followed each 24-token n-gram, kept from one answer to the next. With several, as in
-llama.cpp, the first in SPEC_TYPES' order that has a draft drafts.
+what followed each 24-token n-gram, kept from one answer to the next; `draft-simple`
+(draft_model.py) asks a smaller model with the same vocabulary. With several, as in llama.cpp, the
+first in SPEC_TYPES' order that has a draft drafts.
 
 So the tokens are the ones decoding one token at a time gives, up to how a pass over several
 tokens rounds differently from a pass over one (float32 on a CPU: logits within ~1e-5 of the
@@ -34,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .draft_model import DraftModel, DraftPrompt
 from .ngram_map import NgramMap, last_match
 from .ngram_mod import NgramMod
 
 # the drafters in llama.cpp's order of preference
-SPEC_TYPES = ("none", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod")
+SPEC_TYPES = ("none", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "draft-simple")
 MAP_TYPES = ("ngram-map-k", "ngram-map-k4v")
 CPU_DRAFT_MAX = 3
 ACCEL_DRAFT_MAX = 7  # a pass of 8 tokens: qmatmul.GEMV_MAX_M
@@ -54,8 +56,9 @@ class Speculation:
     `--spec-draft-n-max` (None: ACCEL_DRAFT_MAX where the whole decoder is on a GPU, else
     CPU_DRAFT_MAX: a layer on the CPU costs a pass what the CPU's int4 op does), the drafters
     (`types`, in llama.cpp's order), ngram-mod's settings (`--spec-ngram-mod-n-match`, `-n-max`,
-    `-n-min`; its defaults: a draft's chain runs to the smaller of mod_n_max and the pass's cap) and
-    ngram-map-k's and ngram-map-k4v's (`--spec-ngram-map-k-size-n`, `-size-m`, `-min-hits`)."""
+    `-n-min`; its defaults: a draft's chain runs to the smaller of mod_n_max and the pass's cap),
+    ngram-map-k's and ngram-map-k4v's (`--spec-ngram-map-k-size-n`, `-size-m`, `-min-hits`) and
+    the draft model's (`--spec-draft-p-min`, `--spec-draft-n-min`; llama.cpp's defaults)."""
 
     size_n: int = 12
     size_m: int = 48
@@ -66,6 +69,8 @@ class Speculation:
     mod_n_min: int = 48
     map_k: tuple[int, int, int] = (12, 48, 1)  # size_n, size_m, min_hits
     map_k4v: tuple[int, int, int] = (12, 48, 1)
+    draft_p_min: float = 0.0
+    draft_n_min: int = 0
 
     def __post_init__(self) -> None:
         for flag, value, low in (("--spec-ngram-simple-size-n", self.size_n, 1),
@@ -81,6 +86,10 @@ class Speculation:
                     raise SpeculationError(f"--spec-ngram-{kind}-{flag} {value}: 1 to {high}")
         if self.n_max is not None and self.n_max < 0:
             raise SpeculationError(f"--spec-draft-n-max {self.n_max}: 0 or more")
+        if not 0.0 <= self.draft_p_min <= 1.0:
+            raise SpeculationError(f"--spec-draft-p-min {self.draft_p_min}: 0 to 1")
+        if self.draft_n_min < 0:
+            raise SpeculationError(f"--spec-draft-n-min {self.draft_n_min}: 0 or more")
         if not self.types or any(t not in SPEC_TYPES[1:] for t in self.types):
             raise SpeculationError(f"--spec-type {','.join(self.types)}: {' and/or '.join(SPEC_TYPES[1:])}")
 
@@ -93,17 +102,24 @@ class Speculation:
 def speculation(spec_type: str | None, size_n: int = 12, size_m: int = 48, n_max: int | None = None,
                 mod_n_match: int = 24, mod_n_max: int = 64, mod_n_min: int = 48,
                 map_k: tuple[int, int, int] = (12, 48, 1),
-                map_k4v: tuple[int, int, int] = (12, 48, 1)) -> Speculation | None:
-    """The CLI's flags: `--spec-type` none, ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod or
-    several split by ',' (llama.cpp's names; tried in llama.cpp's order whatever the order given)."""
-    names = [t.strip() for t in (spec_type or "none").split(",") if t.strip()]
+                map_k4v: tuple[int, int, int] = (12, 48, 1), draft_p_min: float = 0.0, draft_n_min: int = 0,
+                draft_model: bool = False) -> Speculation | None:
+    """The CLI's flags: `--spec-type` none, ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod,
+    draft-simple or several split by ',' (llama.cpp's names; tried in llama.cpp's order whatever the
+    order given). `draft_model`: a --spec-draft-model was given (draft-simple needs one; with none
+    of the types named, it is draft-simple)."""
+    names = [t.strip() for t in (spec_type or ("draft-simple" if draft_model else "none")).split(",") if t.strip()]
     for name in names:
         if name not in SPEC_TYPES:
-            raise SpeculationError(f"--spec-type {name}: {', '.join(SPEC_TYPES)} (qvl has no draft models)")
+            raise SpeculationError(f"--spec-type {name}: {', '.join(SPEC_TYPES)}")
+    if ("draft-simple" in names) != draft_model:
+        raise SpeculationError(f"--spec-draft-model drafts with --spec-type draft-simple (not {spec_type})"
+                               if draft_model else "--spec-type draft-simple needs --spec-draft-model FILE")
     types = tuple(t for t in SPEC_TYPES[1:] if t in names)
     if not types:
         return None
-    return Speculation(size_n, size_m, n_max, types, mod_n_match, mod_n_max, mod_n_min, map_k, map_k4v)
+    return Speculation(size_n, size_m, n_max, types, mod_n_match, mod_n_max, mod_n_min, map_k, map_k4v,
+                       draft_p_min, draft_n_min)
 
 
 def ngram_simple_draft(history: np.ndarray, sampled: int, size_n: int, size_m: int) -> list[int]:
@@ -128,16 +144,25 @@ def ngram_simple_draft(history: np.ndarray, sampled: int, size_n: int, size_m: i
 class Drafter:
     """A model's drafters from one answer to the next, as llama.cpp's common_speculative: the state
     of those that keep one (ngram-mod's table, ngram-map-k's and -k4v's keys; made when first asked
-    for, made anew when their settings change), and the count of taken tokens of the last draft,
-    given to the drafter that made it (its accept) before the next draft or the next answer's start."""
+    for, made anew when their settings change; the draft model's cache), and the count of taken
+    tokens of the last draft, given to the drafter that made it (its accept) before the next draft
+    or the next answer's start. `model`: draft-simple's draft model (--spec-draft-model)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: DraftModel | None = None) -> None:
         self.mod: NgramMod | None = None
         self.maps: dict[str, NgramMap] = {}
+        self.model = model
         self._pending: tuple[NgramMod | NgramMap | None, int] | None = None  # (drafter, tokens taken)
+        self._n_prompt = 0
 
-    def begin(self, spec: Speculation, prompt: np.ndarray) -> None:
+    def begin(self, spec: Speculation, prompt: np.ndarray, full: DraftPrompt | None = None, capacity: int = 0) -> None:
+        """`prompt`: its text tokens; `full`: as the draft model reads it, with room for `capacity` tokens."""
         self._settle()
+        self._n_prompt = len(prompt)
+        if "draft-simple" in spec.types:
+            if self.model is None or full is None:
+                raise SpeculationError("--spec-type draft-simple needs --spec-draft-model FILE")
+            self.model.begin(full, capacity)
         if "ngram-mod" in spec.types:
             if self.mod is None or self.mod.n != spec.mod_n_match:
                 self.mod = NgramMod(spec.mod_n_match)
@@ -161,6 +186,10 @@ class Drafter:
             elif kind == "ngram-mod":
                 state = self.mod
                 draft = self.mod.draft(history, sampled, min(spec.mod_n_max, cap), spec.mod_n_min) if self.mod else []
+            elif kind == "draft-simple":
+                assert self.model is not None  # begin said so
+                answer = [int(t) for t in history[self._n_prompt:]] + [sampled]
+                draft = self.model.draft(answer, most, spec.draft_p_min, spec.draft_n_min)
             else:
                 state = self.maps[kind]
                 draft = state.draft(history, sampled)
@@ -189,16 +218,17 @@ class Drafts:
     overwritten by the next pass."""
 
     def __init__(self, spec: Speculation, on_accel: bool, prompt: Sequence[int], capacity: int, cache: Any,
-                 decode: Callable[[list[int], int], torch.Tensor], drafter: Drafter):
+                 decode: Callable[[list[int], int], torch.Tensor], drafter: Drafter, full: DraftPrompt | None = None):
         """`prompt`: its text tokens; `capacity`: room for prompt and answer; `cache`: the KV
         cache (its `length`); `decode(tokens, position)`: one pass, logits (len(tokens), vocab);
-        `drafter`: the model's, kept across its answers."""
+        `drafter`: the model's, kept across its answers; `full`: the prompt as a draft model reads it."""
         self.spec, self.cap = spec, spec.draft_max(on_accel)
         self._history = np.zeros(max(capacity, len(prompt)) + 1, np.int64)
         self._history[:len(prompt)] = prompt
         self._n = len(prompt)
         self._drafter = drafter
-        self._drafter.begin(spec, self._history[:self._n])
+        room = max(capacity, len(full.ids) if full else 0) + self.cap + 1  # the draft model's guesses past the answer
+        self._drafter.begin(spec, self._history[:self._n], full, room)
         self._cache, self._decode = cache, decode
         self._queue: deque[tuple[int, torch.Tensor]] = deque()
         self.drafted = self.accepted = self.passes = 0

@@ -50,3 +50,25 @@ def split_gguf(src: Path, out: Path, max_tensors: int) -> list[Path]:
         w.write_tensors_to_file()
         w.close()
     return sorted(out.parent.glob(f"{out.stem}-*-of-*.gguf"))
+
+
+def as_qwen2(src: Path, out: Path) -> Path:
+    """A Qwen2-VL text GGUF written again as llama.cpp's text-only `qwen2` (a Qwen2 / Qwen2.5 LLM's
+    layout: the same tensors and tokenizer, `qwen2.*` keys, no rope sections). Returns `out`."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    with GGUFFile(src) as g:
+        arch = g.architecture or ""
+        w = GGUFWriter(out, "qwen2")
+        for key, kv in g.fields.items():
+            if key in ("general.architecture", "general.alignment", f"{arch}.rope.dimension_sections"):
+                continue
+            name = "qwen2" + key[len(arch):] if key.startswith(arch + ".") else key
+            w.add_key_value(name, kv.value, kv.type, kv.sub_type if kv.type == GGUFValueType.ARRAY else None)
+        for name, t in g.tensors.items():
+            w.add_tensor(name, np.array(g.raw(name)), raw_dtype=t.type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out
