@@ -4,10 +4,12 @@ A smaller model with the target's vocabulary (Qwen2.5-VL-3B for 7B, or a text-on
 reads the same prompt and answer as the target, at the same positions, in its own KV cache; asked
 for a draft after the target sampled a token, it reads the answer tokens its cache lacks (the
 sampled one last) and then guesses greedily, as llama.cpp's common_speculative_impl_draft_simple:
-each guess the argmax of its logits, kept while its probability among the 10 largest logits is at
-least `p_min` (0 by default: every guess is kept), until `n_max` guesses or the room left; a draft
-shorter than `n_min` is none. The target's pass over the sampled token and the draft decides which
-are taken (speculative.Drafts); the draft model's cache goes back to what the answer took.
+each guess the argmax of its logits (the first of tied ones, as qvl's greedy sampler takes: a
+random-weight model's bf16 logits often tie at the top), kept while its probability among the 10
+largest logits is at least `p_min` (0 by default: every guess is kept), until `n_max` guesses or the
+room left; a draft shorter than `n_min` is none. The target's pass over the sampled token and the
+draft decides which are taken (speculative.Drafts); the draft model's cache goes back to what the
+answer took.
 
 Pictures and videos: a draft model with a vision tower that cuts pictures as the target's does
 (patch size, pixel mean and std) encodes them itself; one without, or with another cut, reads zero
@@ -158,10 +160,10 @@ class DraftModel:
         self._held += answer[k:]
         out: list[int] = []
         while True:
-            top = torch.topk(logits.float(), min(TOP_K, logits.shape[-1]))
-            if torch.softmax(top.values, 0)[0].item() < p_min:
+            top = torch.topk(logits.float(), min(TOP_K, logits.shape[-1])).values
+            if torch.softmax(top, 0)[0].item() < p_min:
                 break
-            out.append(int(top.indices[0]))
+            out.append(int(torch.argmax(logits)))  # the first of tied ones, as the greedy sampler's
             if len(out) >= most:
                 break
             position = self._answer_position + len(self._held) - self._n_prompt

@@ -157,8 +157,9 @@ def test_p_min_and_n_min(model, drafts, monkeypatch):
 
 
 def test_a_guess_is_the_argmax_and_its_probability_among_ten(drafts, monkeypatch):
-    """draft-simple's guess and p_min test, by hand on fixed logits: the argmax is the guess, its
-    softmax over the 10 largest logits (not the whole vocabulary) is what p_min is held to."""
+    """draft-simple's guess and p_min test, by hand on fixed logits: the argmax is the guess (the
+    first of tied ones), its softmax over the 10 largest logits (not the whole vocabulary) is what
+    p_min is held to."""
     logits = torch.full((1, 50), -30.0)
     logits[0, 7], logits[0, 3] = 2.0, 2.0 - np.log(9.0)  # p(7) = 0.9 among these two; the rest ~0
     draft = DraftModel(drafts["self"].model, False)
@@ -171,6 +172,10 @@ def test_a_guess_is_the_argmax_and_its_probability_among_ten(drafts, monkeypatch
     monkeypatch.setattr(draft.model, "_decode", lambda cache, tokens, position: many)
     p = np.e / (np.e + 9)
     assert draft.draft([1], 2, p - 1e-4, 0) == [7, 7] and draft.draft([1], 2, p + 1e-4, 0) == []
+    tied = torch.zeros((1, 50))
+    tied[0, [31, 9, 40]] = 1.0  # a tie at the top: the first, as the greedy sampler's argmax
+    monkeypatch.setattr(draft.model, "_decode", lambda cache, tokens, position: tied)
+    assert draft.draft([1], 2, 0.0, 0) == [9, 9]
 
 
 class _Vocab:
