@@ -295,7 +295,8 @@ class PackedMatrix:
 
     def __init__(self, qtype: T, raw: np.ndarray, rows: int, cols: int):
         self.qtype, self.rows, self.cols = qtype, rows, cols
-        self.int4 = qtype in INT4_TYPES and cols % 256 == 0 and int4_layout() is not None
+        # widths of 64s (the tiles' squares): Qwen2.5-0.5B's 896 too (Q5_0 / Q8_0 rows, a draft model's)
+        self.int4 = qtype in INT4_TYPES and cols % 64 == 0 and int4_layout() is not None
         packs, scales, zeros, dense = [], [], [], []
         for start in range(0, rows, ROWS_PER_STEP):
             part = raw[start:start + ROWS_PER_STEP]

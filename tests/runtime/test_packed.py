@@ -147,6 +147,21 @@ def test_packed_matmul_matches_dequantized(qtype, rows, cols, m, cpu_gemms):
     assert err <= TOL[qtype], err
 
 
+@pytest.mark.parametrize("m", [1, 5, 200])
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL], ids=lambda t: t.name)
+def test_rows_of_32_weight_blocks_not_a_multiple_of_256(qtype, m, cpu_gemms):
+    """Rows of 192 and 896 weights (Qwen2.5-0.5B's width, whose matrices llama.cpp writes in 32-weight
+    types): the int4 op and its tiles (m = 200), as wide rows'."""
+    for rows, cols in ((70, 192), (64, 896)):
+        raw, w = _raw(qtype, rows, cols, seed=cols)
+        packed = PackedMatrix(qtype, raw, rows, cols)
+        assert packed.int4
+        x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
+        y, ref = packed.matmul(x), x @ w.T
+        err = ((y - ref).abs() / (x.abs() @ w.abs().T).clamp_min(1e-30)).max().item()
+        assert y.shape == (m, rows) and err <= TOL[qtype], err
+
+
 @pytest.mark.parametrize("qtype", INT4_TYPES, ids=lambda t: t.name)
 def test_a_transposed_input_takes_the_int4_op_too(qtype):
     """x as a tiled product leaves it (its transpose's view: a matrix of another type fed by one
