@@ -154,6 +154,8 @@ class DraftModel:
         k = 0
         while k < min(len(fed), len(answer) - 1) and fed[k] == answer[k]:
             k += 1
+        if max(answer[k:]) >= self.model.cfg.n_vocab:  # a token past its vocabulary (a bigger one's padding)
+            return []
         self._cache.length = self._n_prompt + k  # a guess the target refused is written over
         del self._held[self._n_prompt + k:]
         logits = self.model._decode(self._cache, answer[k:], self._answer_position + k)[-1]

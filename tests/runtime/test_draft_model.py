@@ -176,6 +176,8 @@ def test_a_guess_is_the_argmax_and_its_probability_among_ten(drafts, monkeypatch
     tied[0, [31, 9, 40]] = 1.0  # a tie at the top: the first, as the greedy sampler's argmax
     monkeypatch.setattr(draft.model, "_decode", lambda cache, tokens, position: tied)
     assert draft.draft([1], 2, 0.0, 0) == [9, 9]
+    # a token the draft's vocabulary lacks (the 7B's 152064 against a 0.5B's 151936: padding ids): no draft
+    assert draft.draft([1, draft.model.cfg.n_vocab], 2, 0.0, 0) == []
 
 
 class _Vocab:
