@@ -82,9 +82,14 @@ def sees_pictures(target: Model, draft: Model) -> bool:
 
 
 def load_draft(target: Model, path: str | Path, device: str, f32: bool) -> DraftModel:
-    """`path` (a GGUF, beside its mmproj if it has one) loaded as `target`'s draft model on `device`
-    (on a GPU: what its free memory holds after the target); a file that cannot draft for the target
-    is a ModelError that names it."""
+    """`path` loaded (open_draft) as `target`'s draft model (draft_for)."""
+    return draft_for(target, open_draft(path, device, f32))
+
+
+def open_draft(path: str | Path, device: str, f32: bool) -> Model:
+    """`path` (a GGUF, beside its mmproj if it has one) loaded as a draft model on `device` (on a
+    GPU: what its free memory holds; loaded before the target, the target's plan, KV cache
+    included, fits what it leaves); a file that cannot be read is a ModelError that names it."""
     from .config import ConfigError
     from .gguf_file import GGUFError
     from .loader import load
@@ -94,12 +99,18 @@ def load_draft(target: Model, path: str | Path, device: str, f32: bool) -> Draft
     if not Path(path).is_file():
         raise ModelError(f"--spec-draft-model {path}: no such file")
     try:
-        draft = load(path, device=device, dtype=torch.float32 if f32 else None)
+        return load(path, device=device, dtype=torch.float32 if f32 else None)
     except (GGUFError, ConfigError, TokenizerError, KeyError) as e:
         raise ModelError(f"--spec-draft-model: {str(e).strip(chr(39) + chr(34))}") from None
+
+
+def draft_for(target: Model, draft: Model) -> DraftModel:
+    """`draft` as `target`'s draft model; a ModelError naming both files where its vocabulary differs."""
+    from .model import ModelError
+
     why = vocab_mismatch(target.text_file, draft.text_file)
     if why is not None:
-        raise ModelError(f"--spec-draft-model {path}: cannot draft for {target.text_file.path}: {why}")
+        raise ModelError(f"--spec-draft-model {draft.text_file.path}: cannot draft for {target.text_file.path}: {why}")
     return DraftModel(draft, sees_pictures(target, draft))
 
 

@@ -36,7 +36,7 @@ from .run_flags import answer_format_flag as _answer_format, chain_flags, fail a
 from .run_flags import DryFlags, logit_biases
 from .sampling import SamplingError, SamplingParams
 from . import spec_flags
-from .draft_model import load_draft
+from .draft_model import draft_for, open_draft
 from .speculative import Drafter, SpeculationError, speculation
 from .store import StoreError
 from .tokenizer import TokenizerError
@@ -483,11 +483,12 @@ def run(
     device, placement = _placement(cpu, gpu_layers, vision_device, max_vram, no_triton, cache_type, no_cuda_graph,
                                    int8_activations, vision_stream, no_prefill_offload)
     t0 = time.perf_counter()
-    try:
+    try:  # a draft model first: on a GPU the model's plan (its KV cache too) fits in what the draft leaves
+        draft = open_draft(spec_draft_model, device, f32) if spec_draft_model else None
         model = load(model_path, device=device, mmproj=mmproj, dtype=torch.float32 if f32 else None,
                      placement=placement, max_vram=max_vram if device == "cuda" else None,
                      plan_ctx=ctx_size or PLAN_CTX, lora=lora_sources(lora or [], lora_scaled or []))
-        model.drafter = Drafter(load_draft(model, spec_draft_model, device, f32) if spec_draft_model else None)
+        model.drafter = Drafter(draft_for(model, draft) if draft else None)
     except (GGUFError, ConfigError, TokenizerError, ModelError, KeyError, StoreError, LoraError) as e:
         _fail(str(e).strip("'\""))
     except torch.OutOfMemoryError:

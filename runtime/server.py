@@ -61,7 +61,7 @@ from .gguf_file import GGUFError, GGUFFile
 from .inline_media import decode_image, decode_video
 from .json_format import format_grammar
 from .cache_pool import CachePool
-from .draft_model import load_draft
+from .draft_model import draft_for, open_draft
 from .speculative import Drafter, Speculation  # draft_model.py: --spec-draft-model
 from .loader import load, open_ended
 from .logprobs import MAX_TOP, entries, new_scores, speller
@@ -359,12 +359,12 @@ class Service:
             raise RequestError(500, str(e)) from None
         self._free()  # the old model's memory goes before the new one is read
         t0 = time.perf_counter()
-        try:
+        try:  # the draft model first: on a GPU the model's plan fits in what it leaves
+            draft = open_draft(self.config.draft_model, self.config.device, False) if self.config.draft_model else None
             model = self.loader(path, mmproj=projector, device=self.config.device, placement=self.config.placement,
                                 max_vram=self.config.max_vram, plan_ctx=self.config.ctx_size or PLAN_CTX,
                                 lora=[(a, 1.0) for a in adapters] + list(self._default_lora(key)))
-            if self.config.draft_model is not None:  # loaded (and checked) with each model
-                model.drafter = Drafter(load_draft(model, self.config.draft_model, self.config.device, False))
+            model.drafter = Drafter(draft_for(model, draft) if draft else None)
         except (GGUFError, ModelError, StoreError, KeyError, ValueError) as e:
             raise RequestError(500, f"model '{name}': {str(e).strip(chr(39) + chr(34))}") from None
         model.usage, model.speculation = self.usage.total, self.config.speculation
