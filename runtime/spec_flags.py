@@ -22,7 +22,7 @@ K4V_M = typer.Option(48, "--spec-ngram-map-k4v-size-m", help="ngram-map-k4v: mos
 K4V_HITS = typer.Option(1, "--spec-ngram-map-k4v-min-hits", help="ngram-map-k4v: sightings of a key before its most "
                         "frequent follower is drafted.")
 N_MAX = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks (default: 3; 7 with every "
-                     "layer on a GPU).")
+                     "layer on a GPU and no draft model).")
 DRAFT_MODEL: Optional[Path] = typer.Option(None, "--spec-draft-model", "-md", "--model-draft", help="Draft model "
                                            "(a smaller GGUF with the same vocabulary, its mmproj beside it or none): "
                                            "its greedy guesses are checked in one pass of the model (--spec-type "

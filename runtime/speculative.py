@@ -53,8 +53,8 @@ class SpeculationError(ValueError):
 @dataclass(frozen=True)
 class Speculation:
     """llama.cpp's ngram-simple settings (`--spec-ngram-simple-size-n`, `-size-m`; its defaults),
-    `--spec-draft-n-max` (None: ACCEL_DRAFT_MAX where the whole decoder is on a GPU, else
-    CPU_DRAFT_MAX: a layer on the CPU costs a pass what the CPU's int4 op does), the drafters
+    `--spec-draft-n-max` (None: ACCEL_DRAFT_MAX where the whole decoder is on a GPU and no draft
+    model drafts, else CPU_DRAFT_MAX: a layer on the CPU costs a pass what the CPU's int4 op does), the drafters
     (`types`, in llama.cpp's order), ngram-mod's settings (`--spec-ngram-mod-n-match`, `-n-max`,
     `-n-min`; its defaults: a draft's chain runs to the smaller of mod_n_max and the pass's cap),
     ngram-map-k's and ngram-map-k4v's (`--spec-ngram-map-k-size-n`, `-size-m`, `-min-hits`) and
@@ -96,7 +96,8 @@ class Speculation:
     def draft_max(self, on_accel: bool) -> int:
         if self.n_max is not None:
             return self.n_max
-        return ACCEL_DRAFT_MAX if on_accel else CPU_DRAFT_MAX
+        # a draft model's guess costs one of its passes: llama.cpp's default 3 on any device
+        return ACCEL_DRAFT_MAX if on_accel and "draft-simple" not in self.types else CPU_DRAFT_MAX
 
 
 def speculation(spec_type: str | None, size_n: int = 12, size_m: int = 48, n_max: int | None = None,

@@ -241,6 +241,8 @@ def test_qwen2_text_model_reads_as_transformers_qwen2(tiny):
 
 def test_flags():
     assert speculation(None, draft_model=True) == Speculation(types=("draft-simple",))
+    assert Speculation(types=("draft-simple",)).draft_max(True) == 3  # a guess costs a draft pass: llama.cpp's 3
+    assert Speculation(types=("ngram-mod",)).draft_max(True) == 7
     assert speculation("ngram-simple,draft-simple", draft_model=True).types == ("ngram-simple", "draft-simple")
     for bad, says in ((lambda: speculation("draft-simple"), "needs --spec-draft-model"),
                       (lambda: speculation("ngram-mod", draft_model=True), "with --spec-type draft-simple"),
