@@ -12,9 +12,10 @@ draft decides which are taken (speculative.Drafts); the draft model's cache goes
 answer took.
 
 Pictures and videos: a draft model with a vision tower that cuts pictures as the target's does
-(patch size, pixel mean and std) encodes them itself; one without, or with another cut, reads zero
-rows in their place (llama.cpp gives a draft of another width zeros too), at the same positions,
-so it drafts from the text around them. The draft model keeps its cache from one answer to the
+(patch size, pixel mean and std) encodes them itself (llama.cpp's draft never does: a 3B drafting
+for the 7B gets zeros there); one without reads the target's picture rows where its width is the
+target's, as llama.cpp's does, else zero rows, at the same positions, so it drafts from the text
+around them. The draft model keeps its cache from one answer to the
 next and reads again only from where the new prompt departs from the last (pictures compared by
 their pixels, as the target's prompt cache does).
 
@@ -46,13 +47,16 @@ TOP_K = 10  # the draft sampler's top-k: a guess's probability is among this man
 class DraftPrompt:
     """A generation's prompt as the draft model reads it: token ids (a picture's pads each), the
     M-RoPE positions (3, n), the pictures and videos, the prompt cache's keys (pictures by their
-    pixels) and the answer's first position."""
+    pixels), the answer's first position, and the target's input rows (n - embeds_from, its width)
+    of the tokens from `embeds_from` on (those it read: its prompt cache held the rest)."""
 
     ids: list[int]
     positions: torch.Tensor
     media: list[MediaSpan]
     keys: list[int]
     answer_position: int
+    embeds: torch.Tensor | None = None
+    embeds_from: int = 0
 
 
 def vocab_mismatch(target: GGUFFile, draft: GGUFFile) -> str | None:
@@ -147,11 +151,17 @@ class DraftModel:
         if reuse < len(prompt.ids):
             if self.sees:
                 embeds = m._embed(prompt.ids, prompt.media, reuse)[0]
-            else:  # zero rows for the pictures (llama.cpp's for a draft that cannot read the target's)
+            else:  # the target's rows for the pictures where the widths agree, else zeros (llama.cpp's)
                 embeds = m.decoder.embed_tokens(torch.tensor(prompt.ids[reuse:], dtype=torch.long))
+                theirs, since = prompt.embeds, prompt.embeds_from
                 for span in prompt.media:
-                    if span.start + span.length > reuse:
-                        embeds[max(span.start - reuse, 0):span.start + span.length - reuse] = 0
+                    start, stop = max(span.start, reuse), span.start + span.length
+                    if stop <= start:
+                        continue
+                    if theirs is not None and theirs.shape[-1] == embeds.shape[-1] and start >= since:
+                        embeds[start - reuse:stop - reuse] = theirs[start - since:stop - since].to(embeds)
+                    else:
+                        embeds[start - reuse:stop - reuse] = 0
             m._prefill_hidden(embeds, prompt.positions[:, reuse:], self._cache)
             self._held = list(prompt.keys)
         self._n_prompt = len(prompt.ids)

@@ -535,7 +535,7 @@ class Model:
             if self.speculation is not None:  # drafts from the text itself or a draft model (speculative.py)
                 ahead, drafts = False, Drafts(self.speculation, self.decoder.first_on_accel == 0, text_ids, limit,
                                               cache, partial(self._decode, cache), self.drafter,
-                                              DraftPrompt(ids, positions, media, keys, next_pos))
+                                              DraftPrompt(ids, positions, media, keys, next_pos, embeds, reuse))
             scored: list[TokenLogprob] | None = None if top is None else []
             self.scored = scored if scored is not None else []
             chosen: int | None = None

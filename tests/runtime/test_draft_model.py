@@ -2,8 +2,9 @@
 draft-simple): an answer's tokens are those of decoding one token at a time, whatever the draft
 model and the sampler, on float32 tiny models; a draft model that is the target itself (or its
 text-only `qwen2` twin) guesses the target's greedy tokens, so every guess is taken: the draft
-model read the same prompt, picture and answer at the same positions. A text-only qwen2 GGUF reads
-as transformers' Qwen2ForCausalLM does.
+model read the same prompt, picture and answer at the same positions (a picture through its own
+vision tower, or, without one, the target's rows as llama.cpp hands them over). A text-only qwen2
+GGUF reads as transformers' Qwen2ForCausalLM does.
 
 Tolerances: logits within 1e-4 of transformers' (float32 on both sides; the sums run in another
 order, ~1e-6 apart here); drafts are compared as token ids, exactly.
@@ -23,6 +24,7 @@ from serving import Running
 from typer.testing import CliRunner
 
 from gguf_compare import as_qwen2
+from qvl.runtime.chat import render
 from qvl.runtime.draft_model import DraftModel, load_draft, vocab_mismatch
 from qvl.runtime.loader import load
 from qvl.runtime.model import ModelError
@@ -43,8 +45,9 @@ BIASED = {"logit_bias": {t: 8.0 for t in range(300, 306)}, "temperature": 0.8, "
 @dataclass(frozen=True)
 class Files:
     target: Path  # with mmproj-m.gguf beside it
-    other: Path  # another tiny model (other weights, one layer), same tokenizer
+    other: Path  # another tiny model (other weights, one layer, 48 wide), same tokenizer
     text: Path  # the target's text model as a text-only qwen2 GGUF
+    narrow: Path  # the other model's, text-only: another width than the target's
     ckpt: Path  # the target's checkpoint
 
 
@@ -53,11 +56,12 @@ def tiny(tmp_path_factory) -> Files:
     d = tmp_path_factory.mktemp("draft")
     ckpt = make_checkpoint(d / "ckpt", TinySpec(dtype=torch.float32, seed=11))
     target = to_gguf(ckpt, d / "m.gguf", "f32", "f32")
-    (d / "other").mkdir()
-    other = to_gguf(make_checkpoint(d / "ckpt2", TinySpec(dtype=torch.float32, seed=12, layers=1)),
+    for sub in ("other", "text", "narrow"):
+        (d / sub).mkdir()
+    other = to_gguf(make_checkpoint(d / "ckpt2", TinySpec(dtype=torch.float32, seed=12, layers=1, hidden=48)),
                     d / "other" / "o.gguf", "f32", "f32")
-    (d / "text").mkdir()
-    return Files(target, other, as_qwen2(target, d / "text" / "q.gguf"), ckpt)
+    return Files(target, other, as_qwen2(target, d / "text" / "q.gguf"), as_qwen2(other, d / "narrow" / "n.gguf"),
+                 ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +72,8 @@ def model(tiny):
 @pytest.fixture(scope="module")
 def drafts(model, tiny) -> dict[str, DraftModel]:
     return {name: load_draft(model, path, "cpu", True)
-            for name, path in (("self", tiny.target), ("other", tiny.other), ("text", tiny.text))}
+            for name, path in (("self", tiny.target), ("other", tiny.other), ("text", tiny.text),
+                               ("narrow", tiny.narrow))}
 
 
 def _answer(model, draft: DraftModel | None, spec: Speculation = DRAFT, **kwargs):
@@ -89,15 +94,26 @@ def test_same_answer_as_one_token_at_a_time(model, drafts, name, sampling):
         assert fast.timings["draft_n_accepted"] == fast.timings["draft_n"] >= 20
 
 
-def test_the_draft_model_reads_the_picture(model, drafts):
+def test_the_draft_model_reads_the_picture(model, drafts, monkeypatch):
     """With a picture, the target itself as draft model (its own vision tower encoding the picture)
-    guesses every greedy token; the text-only twin reads zeros there and still gives the same answer."""
+    guesses every greedy token; so does the text-only twin, which reads the target's rows for the
+    picture (its width is the target's); a text-only draft of another width reads zeros there. The
+    answers are the same."""
     plain = _answer(model, None, images=[IMAGE])
-    seeing = _answer(model, drafts["self"], images=[IMAGE])
-    blind = _answer(model, drafts["text"], images=[IMAGE])
-    assert drafts["self"].sees and not drafts["text"].sees
-    assert seeing.token_ids == plain.token_ids == blind.token_ids and seeing.prompt_tokens > 20
-    assert seeing.timings["draft_n_accepted"] == seeing.timings["draft_n"] >= 20
+    seeing, twin = _answer(model, drafts["self"], images=[IMAGE]), _answer(model, drafts["text"], images=[IMAGE])
+    rows: list[torch.Tensor] = []
+    narrow = drafts["narrow"]
+    real = narrow.model._prefill_hidden
+    monkeypatch.setattr(narrow.model, "_prefill_hidden", lambda e, p, c: rows.append(e.clone()) or real(e, p, c))
+    narrow._held = []  # the whole prompt read again
+    blind = _answer(model, narrow, images=[IMAGE])
+    assert drafts["self"].sees and not drafts["text"].sees and not narrow.sees
+    assert seeing.token_ids == plain.token_ids == twin.token_ids == blind.token_ids and seeing.prompt_tokens > 20
+    for out in (seeing, twin):
+        assert out.timings["draft_n_accepted"] == out.timings["draft_n"] >= 20
+    ids = model.tokenize(render(model.chat_template, model.messages_for(PROMPT, 1)), [IMAGE])[0]
+    pads = [i for i, t in enumerate(ids) if t == model.image_pad_id]
+    assert len(rows) == 1 and len(pads) > 4 and rows[0][pads].abs().max() == 0 and rows[0].abs().max() > 0
     assert blind.timings["draft_n"] > 0
 
 
