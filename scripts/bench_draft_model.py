@@ -31,7 +31,7 @@ import torch
 
 from bench_speculative import pass_costs
 from qvl.runtime.gbnf import parse_gbnf
-from make_random_checkpoint import load_model_config
+from make_random_checkpoint import TOKENIZER_SRC, load_model_config
 from make_random_gguf import make_random_gguf
 from qvl.runtime.draft_model import DraftModel, load_draft
 from qvl.runtime.loader import load
@@ -43,15 +43,15 @@ SMALL = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
 ACCEPTANCE = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def make(folder: Path) -> None:
+def make(folder: Path, tokenizer: Path) -> None:
     """A random Qwen2.5-VL-3B Q4_K_M and a random draft of Qwen2.5-0.5B's shape (a two-block vision tower)."""
     folder.mkdir(parents=True, exist_ok=True)
-    make_random_gguf(load_model_config("qwen2.5-vl-3b"), folder / "target.gguf", force=True)
+    make_random_gguf(load_model_config("qwen2.5-vl-3b"), folder / "target.gguf", force=True, tokenizer=tokenizer)
     small = load_model_config("qwen2.5-vl-3b")
     small.update(SMALL)
     small["rope_scaling"] = {"type": "mrope", "mrope_section": [8, 12, 12]}  # head dim 64
     small["vision_config"].update({"depth": 2, "fullatt_block_indexes": [1], "out_hidden_size": SMALL["hidden_size"]})
-    make_random_gguf(small, folder / "draft.gguf", force=True, seed=1)
+    make_random_gguf(small, folder / "draft.gguf", force=True, seed=1, tokenizer=tokenizer)
 
 
 def predicted(costs: dict[int, float], draft_ms: float, n: int, a: float) -> float:
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("target", nargs="?", type=Path)
     ap.add_argument("draft", nargs="?", type=Path)
     ap.add_argument("--make", type=Path, help="write target.gguf and draft.gguf (random weights) into this folder")
+    ap.add_argument("--tokenizer", type=Path, default=TOKENIZER_SRC, help="--make's tokenizer files")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n-max", type=int, default=3, help="guesses a cycle (--spec-draft-n-max)")
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out", help="write the figures here too")
     args = ap.parse_args()
     if args.make:
-        make(args.make)
+        make(args.make, args.tokenizer)
         return
     if args.target is None or args.draft is None:
         ap.error("TARGET and DRAFT GGUFs, or --make FOLDER")

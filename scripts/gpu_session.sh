@@ -34,7 +34,8 @@
 #                                           # (QVL_DEQUANT_GEMM=1; profile_prefill.py), a run-time LoRA
 #                                           # adapter's decode cost (bench_lora.py), a token's draw
 #                                           # from logits on the GPU (bench_sampling.py --device cuda),
-#                                           # self-speculative decoding (bench_speculative.py --device cuda)
+#                                           # self-speculative decoding (bench_speculative.py --device cuda),
+#                                           # a draft model's (bench_draft_model.py --device cuda)
 #     bash scripts/gpu_session.sh kernels   # tests/kernels compiled on CUDA (each shape compiles: minutes)
 #     bash scripts/gpu_session.sh bench     # scripts/bench_kernels.py (then its --low-bit GEMVs)
 #     bash scripts/gpu_session.sh sweep     # GEMV / GEMM launch parameters (bench_kernels.py --sweep)
@@ -196,6 +197,13 @@ followup)
     timeout 90 python3 scripts/bench_speculative.py /tmp/q7b-q4_k_m.gguf --device cuda --rounds 2 \
         --json "$out/bench-speculative.json" > "$out/bench-speculative.txt" 2>&1
     tail -c 1500 "$out/bench-speculative.txt"
+    # --spec-draft-model: a 0.5B-shaped random draft for the 7B (its pass's cost against the 7B's, the
+    # speedup by acceptance those give, answers with guesses all refused / all taken)
+    timeout 40 python3 scripts/bench_draft_model.py --make /tmp/bd --tokenizer .gpu/shared/fixtures/tiny-qwen2.5-vl/hf \
+        > /dev/null 2>&1
+    timeout 90 python3 scripts/bench_draft_model.py /tmp/q7b-q4_k_m.gguf /tmp/bd/draft.gguf --device cuda \
+        --rounds 2 --json "$out/bench-draft-model.json" > "$out/bench-draft-model.txt" 2>&1
+    tail -c 1500 "$out/bench-draft-model.txt"
     ;;
 kernels)
     # the cross-compile and launch-count tests compile for GPUs on the CPU: CI runs them, not the GPU's time
