@@ -129,6 +129,13 @@ class DraftModel:
         self._n_prompt = 0
         self._answer_position = 0
 
+    def describe(self, target_width: int) -> str:
+        """One line for --verbose: the file, its shape, what it reads in a picture's place."""
+        cfg = self.model.cfg
+        pictures = ("its own vision tower" if self.sees else "the model's rows" if cfg.n_embd == target_width
+                    else "zero rows")
+        return f"draft model {self.model.text_file.path}: layers {cfg.n_layer}, width {cfg.n_embd}; pictures: {pictures}"
+
     def begin(self, prompt: DraftPrompt, capacity: int) -> None:
         """Read the prompt (what the cache does not already hold of it); room for `capacity` tokens."""
         m = self.model

@@ -502,6 +502,8 @@ def run(
         typer.echo(_system_line(device, placement.kernels, f32), err=True)
     if verbose and model.plan is not None:
         typer.echo(model.plan.table(), err=True)
+    if verbose and model.drafter.model is not None:
+        typer.echo(f"qvl-run: {model.drafter.model.describe(model.cfg.n_embd)}", err=True)
     if ignore_eos:
         biases.update({token: float("-inf") for token in model.stop_ids})
     if prompt_cache is not None and (why := kv_file.restore(model, prompt_cache)[1]) is not None:

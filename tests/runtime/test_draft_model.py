@@ -278,6 +278,10 @@ def test_qvl_run_with_a_draft_model(tiny):
     assert plain.exit_code == 0 and fast.exit_code == 0, fast.stderr
     a, b = json.loads(plain.stdout), json.loads(fast.stdout)
     assert b["token_ids"] == a["token_ids"] and b["timings"]["draft_n"] > 0
+    told = runner.invoke(app, args + ["-md", str(tiny.narrow), "--verbose"])
+    assert told.exit_code == 0 and "layers 1, width 48; pictures: zero rows" in told.stderr, told.stderr
+    told = runner.invoke(app, args + ["-md", str(tiny.target), "--verbose"])
+    assert "pictures: its own vision tower" in told.stderr
     for flags, says, code in ((["--spec-type", "draft-simple"], "--spec-type draft-simple needs", 2),
                               (["--spec-draft-model", str(tiny.text), "--spec-draft-p-min", "2"],
                                "--spec-draft-p-min 2.0: 0 to 1", 2),
