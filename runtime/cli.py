@@ -497,8 +497,6 @@ def serve_cmd(
                            spec_p_min, spec_n_min, spec_draft_model is not None)
     except SpeculationError as e:
         fail(str(e))
-    if spec_draft_model is not None and not spec_draft_model.exists():
-        fail(f"--spec-draft-model {spec_draft_model}: no such file")
     if adapters and model is None:
         fail("--lora / --lora-scaled: adapters of the MODEL given to qvl serve; name one")
     gpu_flags = [f for f, on in (("--gpu-layers", gpu_layers is not None), ("--max-vram", max_vram is not None)) if on]

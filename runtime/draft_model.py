@@ -91,19 +91,26 @@ def load_draft(target: Model, path: str | Path, device: str, f32: bool) -> Draft
 
 
 def open_draft(path: str | Path, device: str, f32: bool) -> Model:
-    """`path` (a GGUF, beside its mmproj if it has one) loaded as a draft model on `device` (on a
-    GPU: what its free memory holds; loaded before the target, the target's plan, KV cache
-    included, fits what it leaves); a file that cannot be read is a ModelError that names it."""
+    """`path` (a GGUF, beside its mmproj if it has one, or a pulled model's name) loaded as a draft
+    model on `device` (on a GPU: what its free memory holds; loaded before the target, the target's
+    plan, KV cache included, fits what it leaves); a file that cannot be read is a ModelError that
+    names it."""
     from .config import ConfigError
     from .gguf_file import GGUFError
     from .loader import load
     from .model import ModelError
+    from .store import ModelName, Store, StoreError
     from .tokenizer import TokenizerError
 
+    mmproj = None
     if not Path(path).is_file():
-        raise ModelError(f"--spec-draft-model {path}: no such file")
+        try:
+            ModelName.parse(str(path))
+            path, mmproj = Store().resolve(str(path))
+        except StoreError:
+            raise ModelError(f"--spec-draft-model {path}: no such file, nor a pulled model (qvl list)") from None
     try:
-        return load(path, device=device, dtype=torch.float32 if f32 else None)
+        return load(path, device=device, dtype=torch.float32 if f32 else None, mmproj=mmproj)
     except (GGUFError, ConfigError, TokenizerError, KeyError) as e:
         raise ModelError(f"--spec-draft-model: {str(e).strip(chr(39) + chr(34))}") from None
 
@@ -134,7 +141,8 @@ class DraftModel:
         cfg = self.model.cfg
         pictures = ("its own vision tower" if self.sees else "the model's rows" if cfg.n_embd == target_width
                     else "zero rows")
-        return f"draft model {self.model.text_file.path}: layers {cfg.n_layer}, width {cfg.n_embd}; pictures: {pictures}"
+        shape = f"layers {cfg.n_layer}, width {cfg.n_embd}"
+        return f"draft model {self.model.text_file.path}: {shape}; pictures: {pictures}"
 
     def begin(self, prompt: DraftPrompt, capacity: int) -> None:
         """Read the prompt (what the cache does not already hold of it); room for `capacity` tokens."""

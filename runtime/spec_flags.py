@@ -24,7 +24,8 @@ K4V_HITS = typer.Option(1, "--spec-ngram-map-k4v-min-hits", help="ngram-map-k4v:
 N_MAX = typer.Option(None, "--spec-draft-n-max", help="Most draft tokens one pass checks (default: 3; 7 with every "
                      "layer on a GPU and no draft model).")
 DRAFT_MODEL: Optional[Path] = typer.Option(None, "--spec-draft-model", "-md", "--model-draft", help="Draft model "
-                                           "(a smaller GGUF with the same vocabulary, its mmproj beside it or none): "
+                                           "(a smaller GGUF with the same vocabulary, its mmproj beside it or none, "
+                                           "or a pulled model's name): "
                                            "its greedy guesses are checked in one pass of the model (--spec-type "
                                            "draft-simple, llama.cpp's).")
 P_MIN = typer.Option(0.0, "--spec-draft-p-min", "--draft-p-min", help="draft-simple: a guess whose probability among "

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serving import Running
+from serving import MODEL, Running
 from typer.testing import CliRunner
 
 from gguf_compare import as_qwen2
@@ -226,6 +226,20 @@ def test_a_draft_of_another_vocabulary_is_refused(model, fixtures_dir):
     path = next(p for p in sorted(real.glob("*.gguf")) if not p.name.startswith("mmproj"))
     with pytest.raises(ModelError, match="cannot draft for .*its vocabulary has 151"):
         load_draft(model, path, "cpu", True)
+
+
+def test_a_pulled_model_drafts_by_its_name(store, files, monkeypatch):
+    """--spec-draft-model NAME: a model in the store (its projector with it), as qvl-run MODEL takes one."""
+    monkeypatch.setenv("QVL_MODELS", str(store.root))
+    target = load(files / MODEL)
+    draft = load_draft(target, "tiny:1", "cpu", False)
+    assert draft.sees and draft.model.text_file.path != files / MODEL  # the store's blob, its projector paired
+    plain = target.generate(PROMPT, max_new_tokens=16, cache_prompt=False)
+    target.drafter, target.speculation = Drafter(draft), DRAFT
+    fast = target.generate(PROMPT, max_new_tokens=16, cache_prompt=False)
+    assert fast.token_ids == plain.token_ids and fast.timings["draft_n"] > 0
+    with pytest.raises(ModelError, match="nothere:1: no such file, nor a pulled model"):
+        load_draft(target, "nothere:1", "cpu", False)
 
 
 def test_qwen2_text_model_reads_as_transformers_qwen2(tiny):
