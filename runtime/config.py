@@ -47,11 +47,9 @@ def text_config(g: GGUFFile) -> TextConfig:
     if arch == "qwen2":  # one section: the temporal position, which is the token's
         head_dim = int(g.require(f"{p}.embedding_length")) // int(g.require(f"{p}.attention.head_count"))
         sections = [head_dim // 2, 0, 0]
-    elif arch == "qwen2vl":
-        sections = list(g.require(f"{p}.rope.dimension_sections"))
     else:
-        sections = list(g.require(f"{p}.rope.mrope_section"))
-    sections = [int(s) for s in sections if s or arch == "qwen2"][:3]  # llama.cpp pads to four with 0
+        given = g.require(f"{p}.rope.dimension_sections" if arch == "qwen2vl" else f"{p}.rope.mrope_section")
+        sections = [int(s) for s in given if s][:3]  # llama.cpp pads to four with 0
     if len(sections) != 3:
         raise ConfigError(f"{g.path}: rope sections {sections} are not three M-RoPE sections")
     tokens = g.require("tokenizer.ggml.tokens")
