@@ -197,9 +197,8 @@ class DraftModel:
         logits = self.model._decode(self._cache, answer[k:], self._answer_position + k)[-1]
         self._held += answer[k:]
         out: list[int] = []
-        while True:
-            top = torch.topk(logits.float(), min(TOP_K, logits.shape[-1])).values
-            if torch.softmax(top, 0)[0].item() < p_min:
+        while True:  # with p_min 0 (llama.cpp's default) no guess is below it: no top-k to take
+            if p_min > 0 and torch.softmax(torch.topk(logits.float(), min(TOP_K, len(logits))).values, 0)[0] < p_min:
                 break
             out.append(int(torch.argmax(logits)))  # the first of tied ones, as the greedy sampler's
             if len(out) >= most:
