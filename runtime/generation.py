@@ -45,17 +45,27 @@ def answer_json(out: Generation, timings: dict[str, float]) -> dict[str, Any]:
 
 def llama_timings(g: Generation, elapsed_s: float = 0.0) -> dict[str, Any]:
     """llama-server's `timings` of an answer (its /completion's, and its OpenAI replies' last
-    chunk's): prompt tokens the cache held, those read and their ms, tokens made and their ms, and
-    with --spec-type the draft tokens and those taken. `elapsed_s`: seconds since the request
-    began, whose part after the prompt counts as decoding where the answer took no decode time
-    of its own (it failed before one was taken)."""
+    chunk's): server_timings of its prompt (pictures' encodes in) and of its tokens, from the
+    prompt's end to the last token's choice (`sampled_s`). `elapsed_s`: seconds since the request
+    began, whose part after the prompt counts as decoding where the answer took no decode time of
+    its own (it failed before one was taken)."""
     prompt_s = g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3
-    decode_s = g.timings.get("decode_s", max(elapsed_s - prompt_s, 0.0))
-    n, m = g.prompt_tokens - g.reused_tokens, len(g.token_ids)
-    return {"cache_n": g.reused_tokens, "prompt_n": n, "prompt_ms": prompt_s * 1e3,
-            "prompt_per_token_ms": prompt_s * 1e3 / n if n else 0.0,
-            "prompt_per_second": n / prompt_s if prompt_s else 0.0,
-            "predicted_n": m, "predicted_ms": decode_s * 1e3,
-            "predicted_per_token_ms": decode_s * 1e3 / m if m else 0.0,
-            "predicted_per_second": m / decode_s if decode_s else 0.0,
-            **{k: int(v) for k, v in g.timings.items() if k.startswith("draft_n")}}
+    decode_s = g.timings.get("sampled_s", g.timings.get("decode_s", max(elapsed_s - prompt_s, 0.0)))
+    return server_timings(g.reused_tokens, g.prompt_tokens - g.reused_tokens, prompt_s, len(g.token_ids), decode_s,
+                          g.timings)
+
+
+def server_timings(cached: int, read: int, prompt_s: float, made: int, decode_s: float,
+                   drafts: dict[str, float]) -> dict[str, Any]:
+    """llama-server's `timings` (server_slot_stats::to_json): prompt tokens the cache held, those
+    read and their ms, tokens made and their ms, and under --spec-type `drafts`' draft_n and
+    draft_n_accepted. The rates are over decode steps, as llama.cpp's: the first token comes from
+    the prompt's last pass, so one token has none (0 a token, 0 a second)."""
+    steps = max(made - 1, 0)
+    return {"cache_n": cached, "prompt_n": read, "prompt_ms": prompt_s * 1e3,
+            "prompt_per_token_ms": prompt_s * 1e3 / read if read else 0.0,
+            "prompt_per_second": read / prompt_s if prompt_s else 0.0,
+            "predicted_n": made, "predicted_ms": decode_s * 1e3,
+            "predicted_per_token_ms": decode_s * 1e3 / steps if steps else 0.0,
+            "predicted_per_second": steps / decode_s if decode_s and steps else 0.0,
+            **{k: int(v) for k, v in drafts.items() if k.startswith("draft_n")}}

@@ -11,7 +11,8 @@ llama.cpp's, temperature last: sampler_chain.ORDER_LLAMACPP; the penalties and D
 text tokens before the answer's, as llama-server's do), seed (-1: a random one), stop, ignore_eos,
 logit_bias (llama.cpp's [[id or text, bias or false], ...] or {"id or text": bias}), n_probs (any
 number, or its alias logprobs; post_sampling_probs: the sampler chain's probabilities), grammar,
-json_schema, cache_prompt, return_tokens, stream, lora (the request's adapter scales, lora_api.py).
+json_schema, cache_prompt, return_tokens, stream, timings_per_token, return_progress, lora (the
+request's adapter scales, lora_api.py).
 Unset, a sampler takes the model's stored PARAMETER, else qvl's default (greedy), as qvl's other
 endpoints do (llama.cpp's server samples at 0.8 by default). n_indent and t_max_predict_ms are
 refused when asked for, not ignored; left at 0 they are fine. Several prompts, token-id prompts and
@@ -23,7 +24,9 @@ predicted_*: n, ms, per token ms, per second; draft_n and draft_n_accepted under
 generation_settings, completion_probabilities with n_probs;
 a stream is server-sent `data:` events of {content, tokens (the chunk's ids), stop: false,
 tokens_predicted, tokens_evaluated} (completion_probabilities of the chunk's tokens with
-n_probs), then the whole reply's fields with
+n_probs; with timings_per_token the timings so far, live.py; with return_progress, events of no
+content with prompt_progress {total, cache, processed, time_ms} before the prompt is read, after
+each 2048 of its tokens and at its end), then the whole reply's fields with
 stop true, and no [DONE] (llama.cpp's own endpoint sends none). GET /props tells a
 client the default model's settings, whether it sees pictures and the picture marker.
 """
@@ -38,6 +41,7 @@ from typing import Any
 
 from .generation import llama_timings
 from .inline_media import decode_image
+from .live import Live, PromptProgress
 from .logprobs import entries, new_scores, speller
 from .modelfile import CHAIN_PARAMS
 from .model import PLAN_CTX
@@ -174,8 +178,9 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                  "speculative.types": spec_types(model)})
     stops = list(kwargs.get("stop") or [])
     t0 = time.perf_counter()
+    streaming = bool(body.get("stream", False))
     pieces = model.generate(text, pictures, stream=True, template=False, format=answer_format(body), logprobs=top,
-                            **kwargs)
+                            progress=streaming and bool(body.get("return_progress")), **kwargs)
     tokens_too = bool(body.get("return_tokens"))
 
     def whole(content: str, probabilities: bool = True) -> dict[str, Any]:
@@ -196,12 +201,13 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                                                              chain.post_sampling_probs)
         return out
 
-    if not body.get("stream", False):
+    if not streaming:
         return Reply(whole("".join(pieces)))
     sent, spell = [0], speller(model.tokenizer)
     chunk = None if top is None else (lambda: completion_probabilities(spell, new_scores(model, sent),
                                                                        chain.post_sampling_probs))
-    return Reply(events=_stream(pieces, whole, chunk, lambda: model.live), sse=True, sse_done=False)
+    return Reply(events=_stream(pieces, whole, chunk, lambda: model.live, bool(body.get("timings_per_token"))),
+                 sse=True, sse_done=False)
 
 
 def _n_probs(body: dict[str, Any], n_vocab: int) -> int | None:
@@ -231,21 +237,27 @@ def completion_probabilities(spell: Any, scored: list[Any], post_sampling: bool)
     return out
 
 
-def _stream(pieces: Iterator[str], whole: Callable[[str, bool], dict[str, Any]],
-            probabilities: Callable[[], list[dict[str, Any]]] | None,
-            live: Callable[[], tuple[int, list[int]]]) -> Iterator[dict[str, Any]]:
+def _stream(pieces: Iterator[str | PromptProgress], whole: Callable[[str, bool], dict[str, Any]],
+            probabilities: Callable[[], list[dict[str, Any]]] | None, live: Callable[[], Live],
+            per_token: bool) -> Iterator[dict[str, Any]]:
     """The stream's events: each piece with the ids of the tokens made since the one before, the
-    count made so far (tokens_predicted) and the prompt's (tokens_evaluated), and (n_probs) those
-    tokens' probabilities, as llama-server sends them a chunk at a time; then the whole reply's
-    fields without them. `live`: the generation's (prompt tokens, answer ids so far)."""
+    count made so far (tokens_predicted) and the prompt's (tokens_evaluated), with `per_token` the
+    timings so far, and (n_probs) those tokens' probabilities, as llama-server sends them a chunk
+    at a time; a PromptProgress as an event of no content; then the whole reply's fields without
+    them. `live`: the running generation (Model.live)."""
     said, sent = [], 0
     for piece in pieces:
-        said.append(piece)
-        n_prompt, ids = live()
-        event = {"index": 0, "content": piece, "tokens": ids[sent:], "stop": False, "id_slot": 0,
-                 "tokens_predicted": len(ids), "tokens_evaluated": n_prompt}
-        sent = len(ids)
-        if probabilities is not None and (new := probabilities()):
+        now = live()
+        text = "" if isinstance(piece, PromptProgress) else piece
+        said.append(text)
+        event = {"index": 0, "content": text, "tokens": now.ids[sent:], "stop": False, "id_slot": 0,
+                 "tokens_predicted": len(now.ids), "tokens_evaluated": now.n_prompt}
+        sent = len(now.ids)
+        if per_token:
+            event["timings"] = now.timings()
+        if isinstance(piece, PromptProgress):
+            event["prompt_progress"] = piece.to_json()
+        elif probabilities is not None and (new := probabilities()):
             event["completion_probabilities"] = new
         yield event
     yield {**whole("".join(said), False), "content": ""}

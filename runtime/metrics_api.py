@@ -6,9 +6,12 @@ read, those the KV cache held not counted), prompt_tokens_cached_total, prompt_s
 tokens_predicted_total, tokens_predicted_seconds_total, n_decode_total (decoder passes: a
 prompt's passes of up to 512 tokens, one step a new token), n_tokens_max (the longest prompt and
 answer; a token taken from a draft rode on another's pass), and the speculative-decoding
-counters (`--spec-type`: draft tokens made, those taken, the passes that checked them). Gauges:
-prompt_tokens_seconds and predicted_tokens_seconds (tokens a second over the generations since
-the last scrape, as llama.cpp averages over that window), requests_processing (0 or 1: qvl serve
+counters (`--spec-type`: draft tokens made, those taken, the passes that checked them, and once a
+draft was checked spec_decode_num_accepted_tokens_per_pos_total{position="i"}: the drafts whose
+token at place i was taken). Gauges: prompt_tokens_seconds and predicted_tokens_seconds (tokens a
+second over the generations since the last scrape, as llama.cpp averages over that window; the
+predicted rate over decode steps, each answer's first token, which its prompt's last pass gave,
+not counted), requests_processing (0 or 1: qvl serve
 runs one request at a time), requests_deferred (requests waiting for it), n_busy_slots_per_decode
 (1 once a generation ran). A generation is counted once its prompt was read, a stream its client
 left and one that failed included (llama.cpp flushes a slot's counts when it is reset), and the
@@ -55,7 +58,7 @@ def metrics(service: Service, body: dict[str, Any]) -> Reply:
         ("prompt_tokens_seconds", "Average prompt throughput in tokens/s",
          _rate(now.prompt_tokens - then.prompt_tokens, now.prompt_s - then.prompt_s)),
         ("predicted_tokens_seconds", "Average generation throughput in tokens/s",
-         _rate(now.predicted_tokens - then.predicted_tokens, now.predicted_s - then.predicted_s)),
+         _rate(now.predicted_steps - then.predicted_steps, now.predicted_s - then.predicted_s)),
         ("requests_processing", "Number of requests processing", int(usage.working)),
         ("requests_deferred", "Number of requests deferred", usage.waiting()),
         ("n_busy_slots_per_decode", "Average number of busy slots per decoder pass", 1 if now.passes else 0),
@@ -65,6 +68,10 @@ def metrics(service: Service, body: dict[str, Any]) -> Reply:
         for name, text, value in items:
             shown = value if isinstance(value, int) else repr(float(value))
             lines += [f"# HELP llamacpp:{name} {text}", f"# TYPE llamacpp:{name} {kind}", f"llamacpp:{name} {shown}"]
+    if now.accepted_at:  # a labelled counter: one series a draft position
+        name = "llamacpp:spec_decode_num_accepted_tokens_per_pos_total"
+        lines += [f"# HELP {name} Accepted tokens per draft position", f"# TYPE {name} counter"]
+        lines += [f'{name}{{position="{i}"}} {n}' for i, n in enumerate(now.accepted_at)]
     return Reply("\n".join(lines) + "\n")
 
 

@@ -26,11 +26,13 @@ from .decode_graph import DecodeGraph
 from .decoder import PREFILL_CHUNK, Decoder, KVCache
 from .generation import Generation
 from .gguf_file import GGUFFile
-from .image import MAX_PIXELS, MIN_PIXELS, ImageError, load_image, preprocess, smart_resize
+from .image import MAX_PIXELS, MIN_PIXELS
 from .json_format import JsonConstraint, TokenTable, format_grammar, token_table
 from .json_grammar import Grammar
 from .kernel_failure import one_line, one_line_items
+from .live import PROGRESS_TOKENS, Live, PromptProgress
 from .lora import LoraSource, load_adapters
+from .media_input import read_pictures, read_videos
 from .logprobs import TokenLogprob, token_logprob
 from .placement import (CUDA_OVERHEAD, PATCH_PIXELS, Placement, PlacementError, Plan, dequant_slab_bytes, footprint,
                         indexed, make_plan)
@@ -40,8 +42,8 @@ from .sampling import (ChainOptions, FormatError, SamplingError, SamplingParams,
                        sampling_params)
 from .speculative import DraftPrompt, Drafter, Drafts, Speculation
 from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
-from .usage import Usage
-from .video import VideoInput, VideoOptions, frame_size, load_video
+from .usage import DraftCounts, Usage
+from .video import VideoInput, VideoOptions
 from .vision import VisionConfig, VisionTower, vision_config
 from .weights import EXACT, PACKED, STREAMED, Weights
 
@@ -121,7 +123,7 @@ class Model:
         self._generation = 0  # counts generations: a stale one neither continues nor records its cache
         self.last_generation: Generation | None = None  # a finished stream's Generation (_pieces)
         self.scored: list[TokenLogprob] = []  # with logprobs=: the tokens' so far, while a stream runs
-        self.live: tuple[int, list[int]] = (0, [])  # while a stream runs: its prompt's tokens, the answer's ids so far
+        self.live = Live()  # while a stream runs: its prompt's tokens, the answer's ids so far, its times (live.py)
         self.usage = Usage()  # generations' and embeddings' token counts and times (usage.py; serve's /metrics)
         self.defaults: dict[str, Any] = {}  # generate's defaults (a stored model's PARAMETERs, SYSTEM): loader.py
         self.image_pad_id, self.video_pad_id = (self.tokenizer.token_to_id(pad) for pad in (IMAGE_PAD, VIDEO_PAD))
@@ -141,48 +143,19 @@ class Model:
         return messages + list(self.defaults.get("messages", [])) + [{"role": "user", "content": content}]
 
     def _images(self, images: list[ImageLike], min_pixels: int, max_pixels: int):
-        if images and self.vision is None:
-            raise ModelError(f"{self.text_file.path}: this model has no vision projector (mmproj); "
-                             "images need one (pass --mmproj)")
-        out = []
-        limit = self.placement.vision_max_pixels
-        for n, im in enumerate(images, 1):
-            pil = im if isinstance(im, Image.Image) else load_image(im)
-            assert self.vision_cfg is not None
-            try:
-                use_max = max_pixels
-                if limit is not None and max_pixels > limit:
-                    h, w = smart_resize(pil.height, pil.width, min_pixels=min_pixels, max_pixels=max_pixels)
-                    if h * w > limit:
-                        use_max = max(limit, min_pixels)
-                        h2, w2 = smart_resize(pil.height, pil.width, min_pixels=min_pixels, max_pixels=use_max)
-                        self.on_warning(f"image {pil.width}x{pil.height} downscaled to {w2}x{h2} "
-                                        f"(instead of {w}x{h}) to fit the GPU memory budget")
-                out.append(preprocess(pil, min_pixels, use_max, self.vision_cfg.image_mean, self.vision_cfg.image_std))
-            except ImageError as e:  # which picture: its file, or its place among the given ones
-                raise ImageError(f"{im if not isinstance(im, Image.Image) else f'image {n}'}: {e}") from None
-        return out
+        self._seeing(images, "images")
+        return read_pictures(images, self.vision_cfg, min_pixels, max_pixels, self.placement.vision_max_pixels,
+                             self.on_warning) if images else []
 
     def _videos(self, videos: list[str | Path], opts: VideoOptions) -> list[VideoInput]:
-        if videos and self.vision is None:
+        self._seeing(videos, "videos")
+        return read_videos(videos, self.vision_cfg, opts, self.placement.vision_max_pixels,
+                           self.on_warning) if videos else []
+
+    def _seeing(self, media: list[Any], what: str) -> None:
+        if media and self.vision_cfg is None:
             raise ModelError(f"{self.text_file.path}: this model has no vision projector (mmproj); "
-                             "videos need one (pass --mmproj)")
-        if not videos:
-            return []
-        assert self.vision_cfg is not None
-        mean, std = self.vision_cfg.image_mean, self.vision_cfg.image_std
-        limit = self.placement.vision_max_pixels  # pixels the vision tower's peak may take, over all frame pairs
-        limited = limit is not None and limit < opts.total_pixels
-        use = replace(opts, total_pixels=limit) if limited else opts
-        out = []
-        for v in videos:
-            item = load_video(v, use, mean, std)
-            h, w = frame_size(*item.source_size, len(item.frame_indices), opts)
-            if limited and (h, w) != item.size:
-                self.on_warning(f"video {v}: frames downscaled to {item.size[1]}x{item.size[0]} (instead of "
-                                f"{w}x{h}) to fit the GPU memory budget")
-            out.append(item)
-        return out
+                             f"{what} need one (pass --mmproj)")
 
     def tokenize(self, text: str, images: list[ImageLike], min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS, videos: list[VideoInput] | None = None
@@ -402,7 +375,8 @@ class Model:
                  videos: list[str | Path] | None = None, video_options: VideoOptions = VideoOptions(),
                  cache_prompt: bool = True, stop: list[str] | None = None,
                  format: str | dict[str, Any] | Grammar | None = None,
-                 logprobs: int | None = None, chain: ChainOptions | None = None) -> Generation | Iterator[str]:
+                 logprobs: int | None = None, chain: ChainOptions | None = None,
+                 progress: bool = False) -> Generation | Iterator[str | PromptProgress]:
         """An answer to `prompt` (a user turn, in the chat template unless `template` is False) about `images` and
         `videos`: a Generation, or with `stream` an iterator of text pieces. With `cache_prompt` the prompt's start
         that the last generation's KV cache holds is not read again (Generation.reused_tokens). The answer ends before
@@ -412,7 +386,8 @@ class Model:
         `logit_bias` {token id: bias} is added to those tokens' logits (-inf bans one). An argument left None takes
         `self.defaults`' value (a stored model's PARAMETERs and SYSTEM), else the built-in one: 512 new tokens, no
         repeat penalty over the last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 / min_p 0 turn a
-        stored sampler off). `chain`: the sampler order and llama.cpp's other samplers (ChainOptions)."""
+        stored sampler off). `chain`: the sampler order and llama.cpp's other samplers (ChainOptions).
+        `progress` (with `stream`): PromptProgress items among the pieces as the prompt is read (return_progress)."""
         d = self.defaults
         ctx_size, system, stop = (v if v is not None else d.get(k)
                                   for k, v in (("ctx_size", ctx_size), ("system", system), ("stop", stop)))
@@ -445,7 +420,7 @@ class Model:
 
         it = one_line_items(vision_oom.retrying(attempt, lambda e: self._lower_vision_limit(e, min_pixels)))
         if stream:
-            return self._pieces(it)
+            return self._pieces(it, progress)
         result = None
         for item in it:
             if isinstance(item, Generation):
@@ -458,13 +433,14 @@ class Model:
             self._token_table = token_table(self.tokenizer, self.cfg.n_vocab)
         return JsonConstraint(self._token_table, self.stop_ids, grammar)
 
-    def _pieces(self, items: Iterator[str | Generation]) -> Iterator[str]:
-        """A stream's text pieces; its Generation (counts, timings) is kept as `last_generation`."""
+    def _pieces(self, items: Iterator[str | Generation | PromptProgress], progress: bool) -> Iterator[Any]:
+        """A stream's text pieces (and with `progress` its PromptProgress items); its Generation (counts,
+        timings) is kept as `last_generation`."""
         self.last_generation = None
         for item in items:
             if isinstance(item, Generation):
                 self.last_generation = item
-            else:
+            elif progress or not isinstance(item, PromptProgress):
                 yield item
 
     def chat(self, messages: list[dict[str, Any]], stream: bool = False, **kwargs: Any) -> Generation | Iterator[str]:
@@ -489,10 +465,11 @@ class Model:
     def _run(self, text: str, images: list[ImageLike], max_new_tokens: int, params: SamplingParams,
              ctx_size: int | None, min_pixels: int, max_pixels: int,
              videos: list[VideoInput], cache_prompt: bool, stops: StopStrings,
-             form: JsonConstraint | None, top: int | None) -> Iterator[str | Generation]:
+             form: JsonConstraint | None, top: int | None) -> Iterator[str | Generation | PromptProgress]:
         """Generation from a rendered prompt; with `cache_prompt` on the part of the last
         generation's cache that the prompt starts with (prompt_cache.py); with `form` only the
-        tokens it allows; with `top`, each token's log-probability and `top` alternatives."""
+        tokens it allows; with `top`, each token's log-probability and `top` alternatives. The prompt
+        is read PROGRESS_TOKENS at a time, a PromptProgress before it (media encoded) and after each part."""
         t0 = time.perf_counter()
         ids, spans, pre = self.tokenize(text, images, min_pixels, max_pixels, videos)
         media = self._media(ids, spans, pre, videos)
@@ -514,7 +491,7 @@ class Model:
         encodes = self.vision is not None and any(m.start >= reuse for m in media)
         staged = self._let_cache_go(limit, reuse, encodes and self._vision_planned_alone())
         out_ids: list[int] = []
-        self.live, ended = (n_prompt, out_ids), False
+        self.live, ended = Live(n_prompt, out_ids, reuse, t0), False
         cache: KVCache | None = None
         drafts: Drafts | None = None
         timings: dict[str, float] = {}
@@ -522,8 +499,15 @@ class Model:
             embeds, timings = self._embed(ids, media, reuse)
             cache = self._generation_cache(limit, reuse, staged)
             positions = rope_positions(spans)
-            logits = self._prefill(embeds, positions[:, reuse:], cache, all_logits=False)[-1]
+            yield self.live.progress(reuse)
+            for lo in range(0, len(embeds), PROGRESS_TOKENS):  # a prefill_oom retry reads this part again
+                hi = min(lo + PROGRESS_TOKENS, len(embeds))
+                hidden = self._prefill_hidden(embeds[lo:hi], positions[:, reuse + lo:reuse + hi], cache)
+                if hi < len(embeds):
+                    yield self.live.progress(reuse + hi)
+            logits = self.decoder.logits(hidden[-1][-1:])[-1]
             timings["prefill_s"] = (t1 := time.perf_counter()) - t0 - timings.get("vision_ms", 0.0) / 1e3
+            yield self.live.progress(n_prompt, t1)
             next_pos = int(positions.max()) + 1 if n_prompt else 0
             gen, answer = torch.Generator().manual_seed(params.seed), TextStream(self.tokenizer)
             text_ids = [t for t in ids if t not in (self.image_pad_id, self.video_pad_id)]
@@ -536,6 +520,7 @@ class Model:
                 ahead, drafts = False, Drafts(self.speculation, self.decoder.first_on_accel == 0, text_ids, limit,
                                               cache, partial(self._decode, cache), self.drafter,
                                               DraftPrompt(ids, positions, media, keys, next_pos, embeds, reuse))
+                self.live.drafts = drafts
             scored: list[TokenLogprob] | None = None if top is None else []
             self.scored = scored if scored is not None else []
             chosen: int | None = None
@@ -556,6 +541,7 @@ class Model:
                 if scored is not None:
                     scored.append(token_logprob(logits, tok, top or 0, drawn_from(gen, params)))
                 out_ids.append(tok)
+                self.live.chose()
                 piece = answer.push(tok)
                 if piece is not None:  # None: the token ends inside a multi-byte character
                     if shown := (stops.feed(answer.text) if stops.stops else piece):
@@ -575,6 +561,7 @@ class Model:
                     logits = self._decode(cache, [tok], next_pos)[-1]
                 next_pos += 1
             timings["decode_s"] = time.perf_counter() - t1
+            timings["sampled_s"] = self.live.t_last - t1 if self.live.t_last is not None else 0.0
             timings.update(drafts.timings() if drafts is not None else {})
             if fresh and graph is not None and graph.capture_s is not None:
                 timings["capture_s"] = graph.capture_s  # inside decode_s
@@ -584,8 +571,9 @@ class Model:
             if self._generation == this and cache is not None:  # it holds the prompt and the answer fed so far
                 self._prompt_keys.kept = (keys + out_ids)[:cache.length]
             if "prefill_s" in timings:  # the prompt was read: counted, as llama.cpp's /metrics, answer left or not
-                self.usage.add(n_prompt, reuse, timings["prefill_s"], len(out_ids), timings.get(
-                    "decode_s", time.perf_counter() - t1), drafts.counts if drafts is not None else (0, 0, 0))
+                made_s = self.live.t_last - t1 if self.live.t_last is not None else 0.0  # to the last token chosen
+                self.usage.add(n_prompt, reuse, timings["prefill_s"], len(out_ids), made_s,
+                               drafts.counts if drafts is not None else DraftCounts())
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         if stops.hit is not None:
             final = answer.text[:stops.hit]

@@ -9,7 +9,10 @@ and its samplers' fields: top_k, min_p, repeat_penalty, repeat_last_n, typical_p
 xtc_*, dynatemp_*, dry_*, mirostat*, adaptive_* and `samplers` (the order; qvl's, temperature first, unless
 given: llamacpp_completion.request_chain), and post_sampling_probs: the log-probabilities from the
 chain's distribution, a chat's in llama-server's fields (id, token, bytes, prob, top_probs). Replies
-(a stream: its last chunk) carry llama-server's `timings` (generation.llama_timings)."""
+(a stream: its last chunk) carry llama-server's `timings` (generation.llama_timings); a stream asked
+with llama-server's timings_per_token carries the timings so far on each chunk of text, and one
+asked with return_progress a chunk of no text with prompt_progress {total, cache, processed,
+time_ms} before the prompt is read, after each 2048 of its tokens and at its end (live.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from .generation import Generation, llama_timings
+from .live import PromptProgress
 from .llamacpp_completion import completion_probabilities, request_chain
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
 from .sampling import SamplingParams
@@ -109,13 +113,19 @@ def _answer(service: Service, loaded: Loaded, runs: list[Callable[[], tuple[Iter
     stream_options = body.get("stream_options")
     with_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
 
+    per_token = bool(body.get("timings_per_token"))
+
     def events() -> Iterator[dict[str, Any]]:
         for i, run in enumerate(runs):
             pieces, choice = run()
             if kind == "chat.completion":
                 yield chunk([choice("", None, True)])
             for piece in pieces:
-                yield chunk([choice(piece, None, False)])
+                if isinstance(piece, PromptProgress):  # llama-server's: a chat's with its role again
+                    out = {**chunk([choice("", None, kind == "chat.completion")]), "prompt_progress": piece.to_json()}
+                else:
+                    out = chunk([choice(piece, None, False)])
+                yield {**out, "timings": loaded.model.live.timings()} if per_token else out
             end = chunk([choice("", finish(), False)])
             yield end if with_usage or i + 1 < len(runs) else {**end, "timings": llama_timings(last[0])}
         if with_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
@@ -155,9 +165,10 @@ def chat(service: Service, body: dict[str, Any]) -> Reply:
     top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
     form = answer_format(body)
     streaming = bool(body.get("stream", False))
+    progress = streaming and bool(body.get("return_progress"))  # llama-server's
 
     def run(index: int) -> tuple[Iterator[str], Choice]:
-        pieces = loaded.model.chat(messages, stream=True, format=form, logprobs=top, **each[index])
+        pieces = loaded.model.chat(messages, stream=True, format=form, logprobs=top, progress=progress, **each[index])
         piece, sent = speller(loaded.model.tokenizer), [0]
         # llama-server's post_sampling_probs: the chain's probabilities, in its fields (id, prob, top_probs)
         listed = (partial(completion_probabilities, post_sampling=True) if body.get("post_sampling_probs")
@@ -215,9 +226,11 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                       "usage": {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}})
     form = answer_format(body)
     streaming = bool(body.get("stream", False))
+    progress = streaming and bool(body.get("return_progress"))  # llama-server's
 
     def run(index: int) -> tuple[Iterator[str], Choice]:
-        pieces = model.generate(prompt, stream=True, template=False, format=form, logprobs=top, **each[index])
+        pieces = model.generate(prompt, stream=True, template=False, format=form, logprobs=top, progress=progress,
+                                **each[index])
         piece, sent, offset = speller(model.tokenizer), [0], [0]
 
         def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import torch
 from .draft_model import DraftModel, DraftPrompt
 from .ngram_map import NgramMap, last_match
 from .ngram_mod import NgramMod
+from .usage import DraftCounts
 
 # the drafters in llama.cpp's order of preference
 SPEC_TYPES = ("none", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "draft-simple")
@@ -233,10 +234,14 @@ class Drafts:
         self._cache, self._decode = cache, decode
         self._queue: deque[tuple[int, torch.Tensor]] = deque()
         self.drafted = self.accepted = self.passes = 0
+        self._at = [0] * self.cap  # drafts whose i-th token was taken, each i
+        self._taken = 0  # the pending draft's tokens taken so far
 
     def next(self, token: int, position: int, room: int) -> torch.Tensor:
         if self._queue and self._queue[0][0] == token:
             self.accepted += 1
+            self._at[self._taken] += 1
+            self._taken += 1
             self._drafter.took()
             self._cache.length += 1  # its keys and values are there
             self._push(token)
@@ -247,6 +252,7 @@ class Drafts:
         self._push(token)
         logits = self._decode([token] + draft, position)
         if draft:
+            self._taken = 0
             self.drafted += len(draft)
             self.passes += 1
             self._cache.length -= len(draft)
@@ -260,9 +266,9 @@ class Drafts:
         self._n += 1
 
     @property
-    def counts(self) -> tuple[int, int, int]:
-        """Draft tokens, those taken, passes that read a draft (llama-server's /metrics counters)."""
-        return self.drafted, self.accepted, self.passes
+    def counts(self) -> DraftCounts:
+        """Draft tokens, those taken, passes that read a draft, taken at each place (llama-server's /metrics')."""
+        return DraftCounts(self.drafted, self.accepted, self.passes, tuple(self._at) if self.passes else ())
 
     def timings(self) -> dict[str, float]:
         """llama-server's counts: draft tokens read, and those taken."""

@@ -50,7 +50,10 @@ def test_metrics_count_what_the_requests_report(metered):
     assert got["n_tokens_max"] == max(r["tokens_evaluated"] + r["tokens_predicted"] for r in runs)
     assert got["n_decode_total"] == 2 + 12  # a prompt pass each (under 512 tokens), a step a token
     assert got["prompt_seconds_total"] > 0 and got["tokens_predicted_seconds_total"] > 0
-    assert got["predicted_tokens_seconds"] == pytest.approx(12 / got["tokens_predicted_seconds_total"])
+    # from each prompt's end to its last token, as the replies' timings say
+    assert got["tokens_predicted_seconds_total"] == pytest.approx(sum(r["timings"]["predicted_ms"] for r in runs) / 1e3)
+    # over decode steps, as llama.cpp's: each answer's first token came from its prompt's pass
+    assert got["predicted_tokens_seconds"] == pytest.approx((6 + 4) / got["tokens_predicted_seconds_total"])
     assert got["requests_deferred"] == 0 and got["n_busy_slots_per_decode"] == 1
     assert got["spec_decode_num_drafts_total"] == 0
     again = _scrape(metered)  # nothing since the last scrape: the window's rates are 0, the counters stay

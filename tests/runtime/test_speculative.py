@@ -240,6 +240,10 @@ def test_serve_drafts_and_reports_them(store, files):
     assert metrics["spec_decode_num_accepted_tokens_total"] == t["draft_n_accepted"]
     assert 0 < metrics["spec_decode_num_drafts_total"] <= t["draft_n"]
     assert metrics["n_decode_total"] == 1 + 24 - t["draft_n_accepted"]  # a prompt pass, a step a token not taken
+    # llama-server's labelled counter: drafts whose token at each place (of at most 3, the CPU's cap) was taken
+    at = [metrics[f'spec_decode_num_accepted_tokens_per_pos_total{{position="{i}"}}'] for i in range(3)]
+    assert sum(at) == t["draft_n_accepted"] and at == sorted(at, reverse=True)
+    assert at[0] <= metrics["spec_decode_num_drafts_total"] and 'position="3"' not in data.decode()
 
 
 def test_serve_ngram_mod_table_serves_every_request(store, files):
