@@ -5,7 +5,8 @@ twice float32's speed. Without them (x86 with AVX2 only: Intel's client chips, A
 bf16 is widened in software: on a 2-core AVX2 EPYC (2026-12-04, torch 2.13, 2 threads) a 2048 x
 2048 weight times 512 rows took 262 ms in bf16 against 30 ms in float32 (8.8x), 8.1 against 2.6
 ms at 16 rows, and 0.53 against 0.65 ms at one row (bf16 reads half the bytes). So weights kept
-as bf16 or 4-bit codes are decoded to float32 tiles for the GEMMs of many rows there.
+as bf16 or 4-bit codes are decoded to float32 tiles for the GEMMs of many rows there (of bf16's
+values, x and the products rounded to bf16 too: the numbers of a bf16 GEMM, packed.tiled_product).
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ fraction of their memory) but does about 2.6x the work of a bf16 GEMM per row; f
 DENSE_FROM_M rows on (prefill chunks), a call decodes TILE_ROWS weight rows at a time back to
 bf16 (float32 arithmetic, one rounding) and runs bf16 GEMMs on them: 2-3x faster at 512 rows,
 with one tile of extra memory (scripts/bench_packed.py). On CPUs without native bf16 GEMMs
-(cpu_gemm.py: AVX2) the tiles stay float32 and so do their GEMMs, from DENSE_FROM_M_F32 rows.
+(cpu_gemm.py: AVX2) the GEMMs run in float32, from DENSE_FROM_M_F32 rows, on bf16 tiles widened
+and x rounded to bf16, their products rounded to bf16: a bf16 GEMM's numbers, so that every CPU
+gives the same logits, and a prompt read whole those it gives a token at a time.
 
 torch's int4 layout depends on the CPU's vector width (int4_layout: 64-row blocks for AVX-512,
 32 for AVX2); pack_int4 and the tiles read it off torch's own converter once per process.
@@ -396,16 +398,23 @@ class PackedMatrix:
         return torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scale_zero)
 
     def tiled_product(self, flat: torch.Tensor) -> torch.Tensor:
-        """flat (M, cols) -> (M, padded rows) through GEMMs in gemm_dtype on TILE_ROWS-row tiles."""
+        """flat (M, cols) -> (M, padded rows) through GEMMs in gemm_dtype on TILE_ROWS-row tiles.
+        Where they run in float32, x, the decoded tiles and the products are rounded to bf16's
+        values, as a bf16 GEMM's are: the numbers of a CPU with bf16 GEMMs, and of the int4 op and
+        the bf16 GEMM of fewer rows (a prompt read whole or a token at a time, cached or not, gives
+        the same logits up to the order of the sums), whatever the CPU."""
         dtype = gemm_dtype()
+        as_bf16 = dtype == torch.float32
         total = self.padded_rows
         out = torch.empty(total, flat.shape[0], dtype=dtype)
-        work = _TileWork(min(TILE_ROWS, total), self.cols, DOUBLED.get(self.qtype, 0), dtype) if self.int4 else None
-        xt = flat.to(dtype).T
+        # int4 tiles decoded to bf16 (a bf16 weight's rows are), widened for float32 GEMMs
+        work = _TileWork(min(TILE_ROWS, total), self.cols, DOUBLED.get(self.qtype, 0),
+                         torch.bfloat16) if self.int4 else None
+        xt = (flat.to(torch.bfloat16) if as_bf16 else flat).to(dtype).T
         for start in range(0, total, TILE_ROWS):
             stop = min(start + TILE_ROWS, total)
-            torch.mm(self.tile(start, stop, work), xt, out=out[start:stop])
-        return out.T
+            torch.mm(self.tile(start, stop, work).to(dtype), xt, out=out[start:stop])
+        return out.T.to(torch.bfloat16) if as_bf16 else out.T
 
     def tile(self, start: int, stop: int, work: _TileWork | None = None) -> torch.Tensor:
         """Weight rows [start, stop) of the padded matrix (multiples of 64) in gemm_dtype (stop -

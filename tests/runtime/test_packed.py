@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 from quant_weights import ENCODERS, random_grid_blocks
 from qvl.convert.quant import quantize
+from qvl.runtime import cpu_gemm
 from qvl.runtime.cpu_gemm import cpu_flags
 from qvl.runtime.gguf_file import GGUFFile, TensorInfo
 from qvl.runtime.iq_grids import GRID_TYPES, SCALE_GROUP, grid_fields
@@ -273,3 +274,30 @@ def test_int4_layout_of_each_cpu_kernel(capability, block):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [str(block)]
+
+
+@pytest.mark.parametrize("qtype", list(TOL), ids=lambda t: t.name)
+def test_the_same_numbers_whatever_the_cpus_gemms(qtype, monkeypatch):
+    """Float32 GEMMs (a CPU without bf16 instructions) multiply bf16's values and round their
+    products to bf16, as bf16 GEMMs do: 200 rows (tiles on both) give the same outputs on either
+    kind of CPU, but for the order of the sums (at most one bf16 rounding apart, and seldom);
+    and for bf16 / F16 weights, whose GEMMs run in float32 from 3 rows there but in bf16 below,
+    rows multiplied together give what each gives alone (a prompt read whole or a token at a
+    time, cached or not: the same logits). Before, float32 tiles kept x and the products in
+    float32: under 0.01 % of the outputs were equal."""
+    raw, w = _raw(qtype, 300, 512, seed=3)
+    x = torch.randn(200, 512, generator=torch.Generator().manual_seed(4))
+    scale = x.abs() @ w.abs().T
+    out = {}
+    for kind in ("1", "0"):
+        monkeypatch.setenv(cpu_gemm.ENV, kind)
+        cpu_gemm.bf16_gemms.cache_clear()
+        packed = PackedMatrix(qtype, raw, 300, 512)
+        out[kind] = packed.matmul(x)
+        if qtype in (T.F16, T.BF16):
+            alone = torch.cat([packed.matmul(x[i:i + 1]) for i in range(len(x))])
+            assert (alone == out[kind]).float().mean() >= 0.99
+            assert ((alone - out[kind]).abs() / scale).max() <= 2**-8
+    cpu_gemm.bf16_gemms.cache_clear()
+    assert (out["0"] == out["1"]).float().mean() >= 0.99
+    assert ((out["0"] - out["1"]).abs() / scale).max() <= 2**-8
