@@ -5,6 +5,7 @@ on server.Service's loaded model. `n` choices are made one after another, each w
 more than the one before. Streams are server-sent events, each chunk with the logprobs of the
 tokens scored since the one before; choices stream one after another, each chunk with its index.
 As llama.cpp's server, both completions take `lora`: the request's run-time adapter scales (lora_api.py),
+`cache_prompt` (false: the prompt read anew, not from the KV cache of the last answer),
 and its samplers' fields: top_k, min_p, repeat_penalty, repeat_last_n, typical_p, top_n_sigma,
 xtc_*, dynatemp_*, dry_*, mirostat*, adaptive_* and `samplers` (the order; qvl's, temperature first, unless
 given: llamacpp_completion.request_chain), and post_sampling_probs: the log-probabilities from the
@@ -64,6 +65,7 @@ def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tok
         kwargs["logit_bias"] = body["logit_bias"]
     chain = request_chain(body, None, kwargs.get("chain"))  # llama-server's samplers, qvl's order
     kwargs["chain"] = replace(chain, post_sampling_probs=bool(body.get("post_sampling_probs")))
+    kwargs["cache_prompt"] = bool(body.get("cache_prompt", True))  # llama-server's: false reads the prompt anew
     if body.get("ignore_eos"):  # llama.cpp server's and vLLM's: the end-of-turn tokens never chosen
         kwargs["logit_bias"] = {**kwargs.get("logit_bias", {}), **{str(t): float("-inf") for t in loaded.model.stop_ids}}
     return kwargs

@@ -210,3 +210,22 @@ def test_replies_carry_llama_servers_timings(running):
         assert status == 200 and [i for i, c in enumerate(chunks) if "timings" in c] == [len(chunks) - 1]
         assert chunks[-1]["timings"]["predicted_n"] == 5 and ("usage" in chunks[-1]) == bool(options)
         assert chunks[-1]["choices"] == [] if options else chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_cache_prompt_false_reads_the_prompt_anew(running):
+    """llama-server's cache_prompt on the OpenAI endpoints: false reads the whole prompt again (no
+    cached tokens), giving the logprobs a cached read gives up to the order of sums; by default
+    the same chat again reads only what the cache lacks."""
+    body = {"model": "tiny:1", "max_tokens": 3, "logprobs": True, "messages": [{"role": "user", "content": "Cache?"}]}
+    running.json("/v1/chat/completions", body)
+    cached = running.json("/v1/chat/completions", body)
+    anew = running.json("/v1/chat/completions", {**body, "cache_prompt": False})
+    assert cached["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert anew["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 == anew["timings"]["cache_n"]
+    assert anew["timings"]["prompt_n"] == anew["usage"]["prompt_tokens"]
+    got, want = (r["choices"][0]["logprobs"]["content"] for r in (anew, cached))
+    assert [c["token"] for c in got] == [c["token"] for c in want]
+    assert [c["logprob"] for c in got] == pytest.approx([c["logprob"] for c in want], abs=1e-3)
+    text = running.json("/v1/completions", {"model": "tiny:1", "prompt": "Cache?", "max_tokens": 2,
+                                            "cache_prompt": False})
+    assert text["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
