@@ -1,8 +1,9 @@
 """`qvl serve`'s POST /completion: llama.cpp server's own completion endpoint (SillyTavern's,
 Continue's and the llama.cpp web UI's older way in), the prompt continued as it is.
 
-`prompt` is a string, or llama.cpp's multimodal object {"prompt_string", "multimodal_data": [base64
-picture, ...]} whose `<__media__>` markers place the pictures. Read: n_predict, temperature, top_k,
+`prompt` is a string, token ids ([12, 34, ...], or mixed with texts: [12, "text", 34]), or llama.cpp's
+multimodal object {"prompt_string", "multimodal_data": [base64 picture, ...]} whose `<__media__>`
+markers place the pictures. Read: n_predict, temperature, top_k,
 top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, typical_p,
 top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent, dry_multiplier,
 dry_base, dry_allowed_length, dry_penalty_last_n, dry_sequence_breakers, mirostat, mirostat_tau,
@@ -15,8 +16,8 @@ json_schema, cache_prompt, return_tokens, stream, timings_per_token, return_prog
 request's adapter scales, lora_api.py).
 Unset, a sampler takes the model's stored PARAMETER, else qvl's default (greedy), as qvl's other
 endpoints do (llama.cpp's server samples at 0.8 by default). n_indent and t_max_predict_ms are
-refused when asked for, not ignored; left at 0 they are fine. Several prompts, token-id prompts and
-n_cmpl > 1 are refused.
+refused when asked for, not ignored; left at 0 they are fine. Several prompts and n_cmpl > 1
+are refused.
 
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (cache_n; prompt_* and
@@ -63,11 +64,30 @@ CHAIN = ("typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "dynate
 OFF = {"n_indent": 0, "t_max_predict_ms": 0}
 
 
-def _prompt(body: dict[str, Any]) -> tuple[str, list[Any]]:
-    """The prompt's text, each picture's marker made a picture's slot, and its pictures."""
+def token_ids(prompt: Any, tokenizer: Any) -> list[int] | None:
+    """llama-server's prompt of token ids, or of texts and ids ([12, "text", 34]: each text's tokens
+    in its place, special tokens' names read as those tokens), as one list of ids; None for a prompt
+    of no ids (a string, or a list of strings: several prompts)."""
+    if not isinstance(prompt, list) or not any(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return None
+    ids: list[int] = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            ids += tokenizer.encode(p, add_special_tokens=False).ids
+        elif isinstance(p, int) and not isinstance(p, bool):
+            ids.append(p)
+        else:
+            raise RequestError(400, f"prompt[{i}]: a token id or a string, in a prompt of token ids")
+    return ids
+
+
+def _prompt(body: dict[str, Any], tokenizer: Any) -> tuple[str | list[int], list[Any]]:
+    """The prompt's text, each picture's marker made a picture's slot, and its pictures; or its token ids."""
     prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and len(prompt) == 1:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list, dict)):
         prompt = prompt[0]
+    if (ids := token_ids(prompt, tokenizer)) is not None:
+        return ids, []
     if isinstance(prompt, str):
         text, data = prompt, []
     elif isinstance(prompt, dict) and isinstance(prompt.get("prompt_string"), str):
@@ -75,8 +95,8 @@ def _prompt(body: dict[str, Any]) -> tuple[str, list[Any]]:
         if not isinstance(data, list):
             raise RequestError(400, "prompt.multimodal_data: a list of base64 pictures")
     else:
-        raise RequestError(400, "prompt: a string or {\"prompt_string\", \"multimodal_data\"} (one prompt; "
-                                "token ids are not taken)")
+        raise RequestError(400, "prompt: a string, token ids or {\"prompt_string\", \"multimodal_data\"} (one "
+                                "prompt)")
     if text.count(MEDIA_MARKER) != len(data):
         raise RequestError(400, f"prompt: {text.count(MEDIA_MARKER)} {MEDIA_MARKER} markers for {len(data)} "
                                 "pictures in multimodal_data")
@@ -169,7 +189,7 @@ def spec_types(model: Any) -> str:
 def complete(service: Service, body: dict[str, Any]) -> Reply:
     loaded = service.use(body.get("model"), lora=body.get("lora"))
     model = loaded.model
-    text, pictures = _prompt(body)
+    text, pictures = _prompt(body, model.tokenizer)
     kwargs = _kwargs(loaded, service, body)
     top = _n_probs(body, model.cfg.n_vocab)
     chain = kwargs["chain"]
@@ -192,7 +212,8 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         out = {"index": 0, "content": content, "tokens": g.token_ids if tokens_too else [], "id_slot": 0,
                "stop": True, "model": service._name(loaded), "tokens_predicted": m,
                "tokens_evaluated": g.prompt_tokens, "tokens_cached": g.reused_tokens,
-               "generation_settings": settings, "prompt": text, "truncated": False,
+               "generation_settings": settings, "prompt": text if isinstance(text, str) else model.tokenizer.decode(text, skip_special_tokens=False),
+               "truncated": False,
                "stop_type": "word" if word is not None else "eos" if g.ended else "limit",
                "stopping_word": word or "",
                "timings": llama_timings(g, time.perf_counter() - t0)}

@@ -157,10 +157,16 @@ class Model:
             raise ModelError(f"{self.text_file.path}: this model has no vision projector (mmproj); "
                              f"{what} need one (pass --mmproj)")
 
-    def tokenize(self, text: str, images: list[ImageLike], min_pixels: int = MIN_PIXELS,
+    def tokenize(self, text: str | list[int], images: list[ImageLike], min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS, videos: list[VideoInput] | None = None
                  ) -> tuple[list[int], list[Span], list]:
-        """Rendered prompt (one pad per image / video) -> ids with pads expanded, spans, images."""
+        """Rendered prompt (one pad per image / video) -> ids with pads expanded, spans, images; token ids as given."""
+        if not isinstance(text, str):  # llama-server's token-id prompts: no pictures, no pads
+            pads = (self.image_pad_id, self.video_pad_id)
+            if not text or images or videos or any(not 0 <= t < self.cfg.n_vocab or t in pads for t in text):
+                raise ModelError(f"a prompt of token ids: 1 or more of 0 to {self.cfg.n_vocab - 1}, no picture's "
+                                 "pad, no pictures")
+            return list(text), [Span(len(text))], []
         pre = self._images(images, min_pixels, max_pixels)
         videos = list(videos or [])
         pieces = _PADS.split(text)
@@ -333,9 +339,9 @@ class Model:
         pos = torch.arange(position, position + len(tokens)).expand(3, -1).contiguous()
         return self.decoder.logits(self.decoder.forward(embedding, pos, cache))
 
-    def _prepare(self, prompt: str, images: list[ImageLike] | None, videos: list[str | Path] | None,
+    def _prepare(self, prompt: str | list[int], images: list[ImageLike] | None, videos: list[str | Path] | None,
                  video_options: VideoOptions, system: str | None,
-                 template: bool) -> tuple[str, list[ImageLike], list[VideoInput]]:
+                 template: bool) -> tuple[str | list[int], list[ImageLike], list[VideoInput]]:
         """The rendered prompt and the media in the order its slots use them."""
         images = list(images or [])
         vids = self._videos(list(videos or []), video_options)
@@ -365,7 +371,8 @@ class Model:
         embeds, _ = self._embed(ids, [], cache.length)
         return self._prefill_hidden(embeds, rope_positions([Span(len(ids) - cache.length)], cache.length), cache)
 
-    def generate(self, prompt: str, images: list[ImageLike] | None = None, *, max_new_tokens: int | None = None,
+    def generate(self, prompt: str | list[int], images: list[ImageLike] | None = None, *,
+                 max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  min_p: float | None = None, repeat_penalty: float | None = None, repeat_last_n: int | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
@@ -377,16 +384,16 @@ class Model:
                  format: str | dict[str, Any] | Grammar | None = None,
                  logprobs: int | None = None, chain: ChainOptions | None = None,
                  progress: bool = False) -> Generation | Iterator[str | PromptProgress]:
-        """An answer to `prompt` (a user turn, in the chat template unless `template` is False) about `images` and
-        `videos`: a Generation, or with `stream` an iterator of text pieces. With `cache_prompt` the prompt's start
-        that the last generation's KV cache holds is not read again (Generation.reused_tokens). The answer ends before
-        the first of the `stop` strings it comes to (Generation.ended). `format` "json" keeps the answer to one JSON
-        object, a JSON schema (a dict) to what it allows (json_format.py), a Grammar (gbnf.parse_gbnf of llama.cpp's
-        GBNF) to its root rule. `logprobs` (N alternatives): each token's log-probability (Generation.logprobs).
-        `logit_bias` {token id: bias} is added to those tokens' logits (-inf bans one). An argument left None takes
-        `self.defaults`' value (a stored model's PARAMETERs and SYSTEM), else the built-in one: 512 new tokens, no
-        repeat penalty over the last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 / min_p 0 turn a
-        stored sampler off). `chain`: the sampler order and llama.cpp's other samplers (ChainOptions).
+        """An answer to `prompt` (a user turn, in the chat template unless `template` is False: then token ids, too)
+        about `images` and `videos`: a Generation, or with `stream` an iterator of text pieces. With `cache_prompt` the
+        prompt's start that the last generation's KV cache holds is not read again (Generation.reused_tokens). The
+        answer ends before the first of the `stop` strings it comes to (Generation.ended). `format` "json" keeps the
+        answer to one JSON object, a JSON schema (a dict) to what it allows (json_format.py), a Grammar (gbnf.parse_gbnf
+        of llama.cpp's GBNF) to its root rule. `logprobs` (N alternatives): each token's log-probability
+        (Generation.logprobs). `logit_bias` {token id: bias} is added to those tokens' logits (-inf bans one). An
+        argument left None takes `self.defaults`' value (a stored model's PARAMETERs and SYSTEM), else the built-in one:
+        512 new tokens, no repeat penalty over the last 64, seed 299792458, greedy (temperature 0 / top_k 0 / top_p 1 /
+        min_p 0 turn a stored sampler off). `chain`: the sampler order and llama.cpp's other samplers (ChainOptions).
         `progress` (with `stream`): PromptProgress items among the pieces as the prompt is read (return_progress)."""
         d = self.defaults
         ctx_size, system, stop = (v if v is not None else d.get(k)
@@ -409,6 +416,10 @@ class Model:
                                              logit_bias=logit_bias, chain=chain), self.cfg.n_vocab, self.tokenizer)
         except SamplingError as e:
             raise ModelError(str(e)) from None
+        if not isinstance(prompt, str):  # token ids: checked at once
+            if template:
+                raise ModelError("a prompt of token ids is read as it is (template=False)")
+            self.tokenize(prompt, list(images or []), videos=list(videos or []))  # type: ignore[arg-type]
         first = [self._prepare(prompt, images, videos, video_options, system, template)]  # its errors at once
 
         def attempt() -> Iterator[str | Generation]:  # again, with pictures downscaled, after an encode's OOM
@@ -462,7 +473,7 @@ class Model:
         return len(self.tokenize(text, images, min_pixels, max_pixels, vids)[0])
 
     @torch.no_grad()
-    def _run(self, text: str, images: list[ImageLike], max_new_tokens: int, params: SamplingParams,
+    def _run(self, text: str | list[int], images: list[ImageLike], max_new_tokens: int, params: SamplingParams,
              ctx_size: int | None, min_pixels: int, max_pixels: int,
              videos: list[VideoInput], cache_prompt: bool, stops: StopStrings,
              form: JsonConstraint | None, top: int | None) -> Iterator[str | Generation | PromptProgress]:

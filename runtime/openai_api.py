@@ -26,7 +26,7 @@ from typing import Any
 
 from .generation import Generation, llama_timings
 from .live import PromptProgress
-from .llamacpp_completion import completion_probabilities, request_chain
+from .llamacpp_completion import completion_probabilities, request_chain, token_ids
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
 from .sampling import SamplingParams
 from .server import (Loaded, Reply, RequestError, Service, _messages, _store_error, answer_format,
@@ -201,11 +201,15 @@ COMPLETION_TOKENS = 16  # OpenAI's max_tokens default for /v1/completions
 def complete(service: Service, body: dict[str, Any]) -> Reply:
     """The legacy completions: the prompt continued as it is (no chat template, no system prompt)."""
     loaded = service.use(body.get("model"), lora=body.get("lora"))
+    model = loaded.model
     prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise RequestError(400, "prompt: a string (one prompt a request)")
+    ids = token_ids(prompt, model.tokenizer)  # OpenAI's token array (llama-server's, mixed with texts too)
+    prompt = ids if ids is not None else prompt
+    if not isinstance(prompt, str) and ids is None:
+        raise RequestError(400, "prompt: a string or token ids (one prompt a request)")
+    said = prompt if isinstance(prompt, str) else model.tokenizer.decode(prompt, skip_special_tokens=False)
     for key in ("suffix", "best_of"):
         if body.get(key) not in (None, 1, ""):
             raise RequestError(400, f"{key}: not supported by qvl serve")
@@ -214,7 +218,6 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     if echo and body.get("stream", False):
         raise RequestError(400, "echo: not with stream")
     kwargs = _options(loaded, service, body, COMPLETION_TOKENS)
-    model = loaded.model
     each = _choices(body, kwargs, model.defaults)
     # echo: the prompt's own tokens scored first (a separate pass over it, every position's logits)
     prompt_ids, prompt_scores = prompt_logprobs(model, prompt, top or 0) if echo and top is not None else ([], [])
@@ -222,7 +225,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         ids = prompt_ids or model.tokenize(prompt, [])[0]
         return Reply({"id": f"cmpl-{next(service._ids)}", "object": "text_completion", "created": int(time.time()),
                       "model": service._name(loaded),
-                      "choices": [{"index": 0, "text": prompt, "finish_reason": "length",
+                      "choices": [{"index": 0, "text": said, "finish_reason": "length",
                                    "logprobs": _legacy(speller(model.tokenizer), prompt_ids, prompt_scores)
                                    if top is not None else None}],
                       "usage": {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}})
@@ -244,7 +247,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
             elif top is not None and (new := new_scores(model, sent)):  # a chunk's, text_offset running on
                 scores = _legacy(piece, [s.token for s in new], list(new), offset[0])
                 offset[0] = scores["text_offset"][-1] + len(scores["tokens"][-1])
-            return {"index": index, "text": (prompt if echo else "") + text, "logprobs": scores,
+            return {"index": index, "text": (said if echo else "") + text, "logprobs": scores,
                     "finish_reason": reason}
 
         return pieces, choice

@@ -94,7 +94,8 @@ def test_n_probs_gives_completion_probabilities(running):
 
 
 @pytest.mark.parametrize("extra,expect", [
-    ({"prompt": [1, 2, 3]}, "prompt: a string or"), ({"prompt": ["a", "b"]}, "prompt: a string or"),
+    ({"prompt": [1, 2.5]}, "prompt[1]: a token id or a string"), ({"prompt": ["a", "b"]}, "prompt: a string, token"),
+    ({"prompt": [1, 10**9]}, "a prompt of token ids: 1 or more of 0 to"), ({"prompt": [[]]}, "prompt: a string, token"),
     ({"prompt": {"prompt_string": "<__media__>", "multimodal_data": []}}, "1 <__media__> markers for 0 pictures"),
     ({"prompt": {"prompt_string": "x<__media__>", "multimodal_data": ["@@"]}}, "prompt.multimodal_data[0]: not base64"),
     ({"prompt": "x", "mirostat": 3}, "mirostat 3: 0 (off), 1 or 2"),
@@ -212,3 +213,25 @@ def test_a_streams_probabilities_come_with_their_chunks(running):
     assert [p["id"] for p in streamed] == [p["id"] for p in whole] and len(streamed) == 6
     for got, want in zip(streamed, whole):
         assert got["logprob"] == pytest.approx(want["logprob"], abs=1e-5)
+
+
+def test_token_id_prompts_as_llama_server_takes_them(running):
+    """A prompt of token ids (as /tokenize gives them) is read as those tokens: the string's own
+    answer; ids mixed with texts are the texts' tokens in their places; [[ids]] is one prompt;
+    a picture's pad id, which needs its picture, is refused."""
+    text = "The sky is blue and the"
+    ids = running.json("/tokenize", {"content": text})["tokens"]
+    want = _done(running, {"prompt": text, "n_predict": 5, "return_tokens": True})
+    for prompt in (ids, [ids], ids[:2] + [running.json("/detokenize", {"tokens": ids[2:]})["content"]]):
+        got = _done(running, {"prompt": prompt, "n_predict": 5, "return_tokens": True})
+        assert got["tokens"] == want["tokens"] and got["tokens_evaluated"] == len(ids), prompt
+        assert got["prompt"] == text
+    pad = running.json("/tokenize", {"content": "<|image_pad|>"})["tokens"]
+    status, data = running.request("/completion", {"model": "tiny:1", "prompt": ids + pad})
+    assert status == 400 and "no picture's pad" in json.loads(data)["error"]
+    text_ids = running.json("/v1/completions", {"model": "tiny:1", "prompt": ids, "max_tokens": 5})
+    assert text_ids["choices"][0]["text"] == want["content"] and text_ids["usage"]["prompt_tokens"] == len(ids)
+    echoed = running.json("/v1/completions", {"model": "tiny:1", "prompt": [ids], "max_tokens": 0, "echo": True,
+                                              "logprobs": 1})
+    scored = echoed["choices"][0]
+    assert scored["text"] == text and len(scored["logprobs"]["tokens"]) == len(ids)

@@ -142,6 +142,22 @@ def test_generation_parameters_are_checked(converted):
     assert out.token_ids == [] and out.text == "" and out.prompt_tokens > 0
 
 
+def test_a_prompt_of_token_ids_is_read_as_it_is(converted):
+    """generate(token ids, template=False): the tokens of the same text read as they are, the same
+    answer; in a chat template, or with a picture's pad or an id past the vocabulary, a ModelError
+    at once (before any stream is read)."""
+    model = load(converted["qwen2.5-untied"][0])
+    text = "Hello there, <|im_start|>friend"
+    ids = model.tokenize(text, [])[0]
+    want = model.generate(text, template=False, max_new_tokens=6, cache_prompt=False)
+    got = model.generate(ids, template=False, max_new_tokens=6, cache_prompt=False)
+    assert got.token_ids == want.token_ids and got.prompt_tokens == len(ids) == want.prompt_tokens
+    for bad, says in ((ids, "read as it is"), (ids + [model.image_pad_id], "no picture's pad"),
+                      ([model.cfg.n_vocab], "1 or more of 0 to"), ([], "1 or more of 0 to")):
+        with pytest.raises(ModelError, match=says):
+            model.generate(bad, template=bad is ids, stream=True)
+
+
 def test_text_only_model_refuses_images(converted, tmp_path):
     path, _ = converted["qwen2.5-untied"]
     lone = tmp_path / "lone.gguf"

@@ -23,7 +23,7 @@ def test_openai_completions_continue_the_prompt_as_it_is(running, reference):
     chunks = [json.loads(f.removeprefix("data: ")) for f in frames[:-2]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == short
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[0]["object"] == "text_completion"
-    for body, expect in [({"prompt": ["a", "b"]}, "prompt: a string (one prompt a request)"),
+    for body, expect in [({"prompt": ["a", "b"]}, "prompt: a string or token ids (one prompt a request)"),
                          ({"prompt": "a", "suffix": "z"}, "suffix: not supported"),
                          ({"prompt": "a", "n": 0}, "n 0: 1 to 16 choices"),
                          ({"prompt": "a", "n": "2"}, "n '2': 1 to 16 choices")]:
