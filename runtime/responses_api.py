@@ -8,7 +8,9 @@ developer; `content` a string or parts: `input_text`, `input_image` with a data:
 `stream`. The reply is a response object whose one output item is the assistant's message,
 `usage.input_tokens_details.cached_tokens` the prompt tokens the KV cache already held; a stream
 is the named server-sent events OpenAI's SDKs read (`response.created` ...
-`response.output_text.delta` ... `response.completed`). previous_response_id, conversation,
+`response.output_text.delta` ... `response.completed`, which carries llama-server's `timings`; its
+`timings_per_token` puts the timings so far on each delta, its `return_progress` sends
+`response.in_progress` events with `prompt_progress` as the prompt is read). previous_response_id, conversation,
 tools and background are refused (400), not ignored. POST /v1/responses/input_tokens counts the
 input tokens of the same body (OpenAI's `responses.input_tokens.count`), pictures' included."""
 
@@ -18,6 +20,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .generation import llama_timings
+from .live import PromptProgress
 from .openai_api import _options
 from .server import Loaded, Reply, RequestError, Service, _messages, answer_format, unsupported
 
@@ -105,7 +109,9 @@ def respond(service: Service, body: dict[str, Any]) -> Reply:
             "parallel_tool_calls": False, "text": body.get("text") or {"format": {"type": "text"}},
             "metadata": body.get("metadata") or {}, "error": None}
     message_id = f"msg_{n}"
-    pieces = loaded.model.chat(messages, stream=True, format=form, **kwargs)
+    streaming = bool(body.get("stream", False))
+    pieces = loaded.model.chat(messages, stream=True, format=form, progress=streaming and bool(
+        body.get("return_progress")), **kwargs)
 
     def message(text: str, status: str) -> dict[str, Any]:
         return {"type": "message", "id": message_id, "status": status, "role": "assistant",
@@ -123,14 +129,24 @@ def respond(service: Service, body: dict[str, Any]) -> Reply:
                           "input_tokens_details": {"cached_tokens": g.reused_tokens},
                           "output_tokens_details": {"reasoning_tokens": 0}}}
 
-    if not body.get("stream", False):
+    if not streaming:
         return Reply(finished("".join(pieces)))
-    return Reply(events=_events(head, message, pieces, finished), sse=True, named_events=True, sse_done=False)
+
+    def timings(final: bool) -> dict[str, Any]:  # llama-server's, on the last event and with timings_per_token
+        g = loaded.model.last_generation
+        if final and g is not None:
+            return {"timings": llama_timings(g)}
+        return {"timings": loaded.model.live.timings()} if body.get("timings_per_token") else {}
+
+    return Reply(events=_events(head, message, pieces, finished, timings), sse=True, named_events=True,
+                 sse_done=False)
 
 
-def _events(head: dict[str, Any], message: Callable[[str, str], dict[str, Any]], pieces: Iterator[str],
-            finished: Callable[[str], dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """The stream of a response: its events, numbered, each with its `type` (the SSE event name)."""
+def _events(head: dict[str, Any], message: Callable[[str, str], dict[str, Any]], pieces: Iterator[Any],
+            finished: Callable[[str], dict[str, Any]],
+            timings: Callable[[bool], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The stream of a response: its events, numbered, each with its `type` (the SSE event name);
+    `timings(final)`: the llama-server timings an event carries."""
     count = iter(range(1 << 62))
     at = {"output_index": 0, "content_index": 0}
 
@@ -146,14 +162,17 @@ def _events(head: dict[str, Any], message: Callable[[str, str], dict[str, Any]],
     yield event("content_part.added", item_id=item_id, **at, part=empty)
     text = []
     for piece in pieces:
+        if isinstance(piece, PromptProgress):
+            yield event("in_progress", response=start, prompt_progress=piece.to_json(), **timings(False))
+            continue
         text.append(piece)
-        yield event("output_text.delta", item_id=item_id, **at, delta=piece, logprobs=[])
+        yield event("output_text.delta", item_id=item_id, **at, delta=piece, logprobs=[], **timings(False))
     whole = "".join(text)
     done = finished(whole)
     yield event("output_text.done", item_id=item_id, **at, text=whole, logprobs=[])
     yield event("content_part.done", item_id=item_id, **at, part={**empty, "text": whole})
     yield event("output_item.done", output_index=0, item=done["output"][0])
-    yield event("completed" if done["status"] == "completed" else "incomplete", response=done)
+    yield event("completed" if done["status"] == "completed" else "incomplete", response=done, **timings(True))
 
 
 ROUTES: dict[tuple[str, str], Callable[[Service, dict[str, Any]], Reply]] = {

@@ -149,3 +149,23 @@ def test_metrics_count_accepted_tokens_per_draft_position():
     u.add(10, 4, 0.1, 1, 0.0, DraftCounts(4, 1, 1, (1, 0, 0, 0)))
     assert u.accepted_at == (4, 2, 0, 0) and u.accepted == 6 == sum(u.accepted_at)
     assert u.predicted_steps == 7 and u.predicted_tokens == 9
+
+
+def test_responses_stream_with_timings_per_token_and_progress(running):
+    """/v1/responses as llama-server streams it: the last event carries the answer's timings, each
+    delta the timings so far with timings_per_token, and return_progress adds response.in_progress
+    events with prompt_progress (before the prompt is read and at its end)."""
+    body = {"model": "tiny:1", "input": "Hi there", "max_output_tokens": 5, "stream": True}
+    blocks = running.request("/v1/responses", {**body, "timings_per_token": True, "return_progress": True})[1]
+    events = [json.loads(b.split("\n")[1][len("data: "):]) for b in blocks.decode().strip().split("\n\n")]
+    final = events[-1]
+    assert final["type"] == "response.incomplete" and final["timings"]["predicted_n"] == 5
+    progress = [e for e in events if "prompt_progress" in e]
+    total = final["response"]["usage"]["input_tokens"]
+    assert [e["type"] for e in progress] == ["response.in_progress"] * 2
+    assert progress[-1]["prompt_progress"]["processed"] == total and "timings" in progress[0]
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    made = [e["timings"]["predicted_n"] for e in deltas]
+    assert made == sorted(made) and made[-1] == 5
+    plain = running.request("/v1/responses", body)[1].decode()
+    assert plain.count('"timings"') == 1 and "prompt_progress" not in plain  # the last event's alone
