@@ -1,6 +1,7 @@
 """`qvl serve`'s OpenAI endpoints: /v1/models, /v1/chat/completions (content parts "text" and
 "image_url" as data: URLs, response_format, logprobs / top_logprobs) and /v1/completions (a
-prompt continued as it is, no chat template; logprobs and echo, so that a prompt can be scored),
+prompt continued as it is, no chat template; a string or token ids, or a list of them answered in
+turn; logprobs and echo, so that prompts can be scored),
 on server.Service's loaded model. `n` choices are made one after another, each with the seed one
 more than the one before. Streams are server-sent events, each chunk with the logprobs of the
 tokens scored since the one before; choices stream one after another, each chunk with its index.
@@ -73,38 +74,42 @@ def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tok
 
 Choice = Callable[[str, "str | None", bool], dict[str, Any]]  # (text, finish reason, first chunk) -> a choice
 MAX_CHOICES = 16  # OpenAI's n: choices a request, made one after another
+MAX_PROMPTS = 256  # /v1/completions' prompts a request (lm-evaluation-harness batches them), read in turn
 
 
 def _answer(service: Service, loaded: Loaded, runs: list[Callable[[], tuple[Iterator[str], Choice]]],
-            body: dict[str, Any], kind: str) -> Reply:
+            body: dict[str, Any], kind: str, prompt_of: list[int] | None = None) -> Reply:
     """A chat.completion / text_completion reply, or its stream of chunks, of `runs` (one a choice,
     made one after another on the model's one cache): each starts a generation and gives its
-    pieces and `choice(text, reason, first)`, a choice (a chunk's when streaming) with that text."""
+    pieces and `choice(text, reason, first)`, a choice (a chunk's when streaming) with that text.
+    `prompt_of`: each run's prompt (several prompts: /v1/completions'), whose tokens count once."""
     name, created = service._name(loaded), int(time.time())
     cid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{next(service._ids)}"
     counts = {"prompt_tokens": 0, "completion_tokens": 0}
-    cached: list[int] = []  # the prompt tokens the KV cache held when the request came (the first run's)
+    cached: dict[int, int] = {}  # each prompt's tokens the KV cache held when its first run began
     last: list[Generation] = []
+    prompt_of = prompt_of or [0] * len(runs)
 
-    def finish() -> str:  # the run just made's; its tokens counted
+    def finish(i: int) -> str:  # run i's, just made; its tokens counted
         g = loaded.model.last_generation
         assert g is not None
         last[:] = [g]
-        counts["prompt_tokens"] = g.prompt_tokens
+        if prompt_of[i] not in cached:
+            counts["prompt_tokens"] += g.prompt_tokens
+            cached[prompt_of[i]] = g.reused_tokens
         counts["completion_tokens"] += len(g.token_ids)
-        cached.append(g.reused_tokens)
         return "stop" if g.ended else "length"
 
     def usage() -> dict[str, Any]:
         return {**counts, "total_tokens": counts["prompt_tokens"] + counts["completion_tokens"],
-                "prompt_tokens_details": {"cached_tokens": cached[0] if cached else 0}}
+                "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
     if not body.get("stream", False):
         choices = []
-        for run in runs:
+        for i, run in enumerate(runs):
             pieces, choice = run()
             text = "".join(pieces)
-            choices.append(choice(text, finish(), False))
+            choices.append(choice(text, finish(i), False))
         return Reply({"id": cid, "object": kind, "created": created, "model": name, "choices": choices,
                       "usage": usage(), "timings": llama_timings(last[0])})  # llama-server's, the last choice's
 
@@ -128,7 +133,7 @@ def _answer(service: Service, loaded: Loaded, runs: list[Callable[[], tuple[Iter
                 else:
                     out = chunk([choice(piece, None, False)])
                 yield {**out, "timings": loaded.model.live.timings()} if per_token else out
-            end = chunk([choice("", finish(), False)])
+            end = chunk([choice("", finish(i), False)])
             yield end if with_usage or i + 1 < len(runs) else {**end, "timings": llama_timings(last[0])}
         if with_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
             yield {**chunk([]), "usage": usage(), "timings": llama_timings(last[0])}
@@ -198,18 +203,31 @@ def chat(service: Service, body: dict[str, Any]) -> Reply:
 COMPLETION_TOKENS = 16  # OpenAI's max_tokens default for /v1/completions
 
 
+def prompts(value: Any, tokenizer: Any) -> list[str | list[int]]:
+    """OpenAI's completions prompt: a string, token ids (llama-server's: mixed with texts too), or a
+    list of up to MAX_PROMPTS of either: several prompts, answered in turn."""
+    if isinstance(value, str):
+        return [value]
+    if (ids := token_ids(value, tokenizer)) is not None:
+        return [ids]
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_PROMPTS:
+        raise RequestError(400, f"prompt: a string, token ids, or a list of 1 to {MAX_PROMPTS} of them")
+    out: list[str | list[int]] = []
+    for i, p in enumerate(value):
+        one = p if isinstance(p, str) else token_ids(p, tokenizer)
+        if one is None:
+            raise RequestError(400, f"prompt[{i}]: a string or token ids")
+        out.append(one)
+    return out
+
+
 def complete(service: Service, body: dict[str, Any]) -> Reply:
-    """The legacy completions: the prompt continued as it is (no chat template, no system prompt)."""
+    """The legacy completions: each prompt continued as it is (no chat template, no system prompt),
+    its `n` choices one after another, the choices of prompt k at indexes k * n ... k * n + n - 1."""
     loaded = service.use(body.get("model"), lora=body.get("lora"))
     model = loaded.model
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    ids = token_ids(prompt, model.tokenizer)  # OpenAI's token array (llama-server's, mixed with texts too)
-    prompt = ids if ids is not None else prompt
-    if not isinstance(prompt, str) and ids is None:
-        raise RequestError(400, "prompt: a string or token ids (one prompt a request)")
-    said = prompt if isinstance(prompt, str) else model.tokenizer.decode(prompt, skip_special_tokens=False)
+    asked = prompts(body.get("prompt", ""), model.tokenizer)
+    said = [p if isinstance(p, str) else model.tokenizer.decode(p, skip_special_tokens=False) for p in asked]
     for key in ("suffix", "best_of"):
         if body.get(key) not in (None, 1, ""):
             raise RequestError(400, f"{key}: not supported by qvl serve")
@@ -219,24 +237,25 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         raise RequestError(400, "echo: not with stream")
     kwargs = _options(loaded, service, body, COMPLETION_TOKENS)
     each = _choices(body, kwargs, model.defaults)
-    # echo: the prompt's own tokens scored first (a separate pass over it, every position's logits)
-    prompt_ids, prompt_scores = prompt_logprobs(model, prompt, top or 0) if echo and top is not None else ([], [])
+    # echo: each prompt's own tokens scored first (a separate pass over it, every position's logits)
+    scored = [prompt_logprobs(model, p, top or 0) if echo and top is not None else ([], []) for p in asked]
     if echo and kwargs["max_new_tokens"] == 0:  # scoring only, as lm-evaluation-harness asks
-        ids = prompt_ids or model.tokenize(prompt, [])[0]
+        lengths = [len(ids or model.tokenize(p, [])[0]) for p, (ids, _) in zip(asked, scored)]
         return Reply({"id": f"cmpl-{next(service._ids)}", "object": "text_completion", "created": int(time.time()),
                       "model": service._name(loaded),
-                      "choices": [{"index": 0, "text": said, "finish_reason": "length",
-                                   "logprobs": _legacy(speller(model.tokenizer), prompt_ids, prompt_scores)
-                                   if top is not None else None}],
-                      "usage": {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}})
+                      "choices": [{"index": k, "text": said[k], "finish_reason": "length",
+                                   "logprobs": _legacy(speller(model.tokenizer), *scored[k]) if top is not None
+                                   else None} for k in range(len(asked))],
+                      "usage": {"prompt_tokens": sum(lengths), "completion_tokens": 0, "total_tokens": sum(lengths)}})
     form = answer_format(body)
     streaming = bool(body.get("stream", False))
     progress = streaming and bool(body.get("return_progress"))  # llama-server's
 
-    def run(index: int) -> tuple[Iterator[str], Choice]:
-        pieces = model.generate(prompt, stream=True, template=False, format=form, logprobs=top, progress=progress,
+    def run(k: int, index: int) -> tuple[Iterator[str], Choice]:
+        pieces = model.generate(asked[k], stream=True, template=False, format=form, logprobs=top, progress=progress,
                                 **each[index])
         piece, sent, offset = speller(model.tokenizer), [0], [0]
+        prompt_ids, prompt_scores = scored[k]
 
         def choice(text: str, reason: str | None, first: bool) -> dict[str, Any]:
             scores = None
@@ -247,12 +266,14 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
             elif top is not None and (new := new_scores(model, sent)):  # a chunk's, text_offset running on
                 scores = _legacy(piece, [s.token for s in new], list(new), offset[0])
                 offset[0] = scores["text_offset"][-1] + len(scores["tokens"][-1])
-            return {"index": index, "text": (said if echo else "") + text, "logprobs": scores,
+            return {"index": k * len(each) + index, "text": (said[k] if echo else "") + text, "logprobs": scores,
                     "finish_reason": reason}
 
         return pieces, choice
 
-    return _answer(service, loaded, [partial(run, i) for i in range(len(each))], body, "text_completion")
+    runs = [(k, i) for k in range(len(asked)) for i in range(len(each))]
+    return _answer(service, loaded, [partial(run, k, i) for k, i in runs], body, "text_completion",
+                   [k for k, _ in runs])
 
 
 def _legacy(piece: Speller, ids: list[int], scores: list[TokenLogprob | None],

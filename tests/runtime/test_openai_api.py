@@ -23,7 +23,8 @@ def test_openai_completions_continue_the_prompt_as_it_is(running, reference):
     chunks = [json.loads(f.removeprefix("data: ")) for f in frames[:-2]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == short
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[0]["object"] == "text_completion"
-    for body, expect in [({"prompt": ["a", "b"]}, "prompt: a string or token ids (one prompt a request)"),
+    for body, expect in [({"prompt": []}, "prompt: a string, token ids, or a list of 1 to 256 of them"),
+                         ({"prompt": ["a", 2.5]}, "prompt[1]: a string or token ids"),
                          ({"prompt": "a", "suffix": "z"}, "suffix: not supported"),
                          ({"prompt": "a", "n": 0}, "n 0: 1 to 16 choices"),
                          ({"prompt": "a", "n": "2"}, "n '2': 1 to 16 choices")]:
@@ -229,3 +230,31 @@ def test_cache_prompt_false_reads_the_prompt_anew(running):
     text = running.json("/v1/completions", {"model": "tiny:1", "prompt": "Cache?", "max_tokens": 2,
                                             "cache_prompt": False})
     assert text["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_several_prompts_are_answered_in_turn(running):
+    """/v1/completions with a list of prompts (strings and token ids), as OpenAI and lm-evaluation-
+    harness send them: prompt k's n choices at indexes k*n.., each what the prompt alone gets;
+    usage counts each prompt's tokens once; echo scoring scores each; a stream's chunks say their
+    choice's index."""
+    texts = ["The cat sat on", "A dog", "Hi there"]
+    ids = running.json("/tokenize", {"content": texts[1]})["tokens"]
+    body = {"model": "tiny:1", "max_tokens": 3, "temperature": 0.9, "seed": 4, "n": 2, "cache_prompt": False}
+    alone = [running.json("/v1/completions", {**body, "prompt": t}) for t in texts]
+    both = running.json("/v1/completions", {**body, "prompt": [texts[0], ids, texts[2]]})
+    assert [c["index"] for c in both["choices"]] == list(range(6))
+    assert [c["text"] for c in both["choices"]] == [c["text"] for a in alone for c in a["choices"]]
+    assert both["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert both["usage"]["completion_tokens"] == 6 * 3
+    score = {"model": "tiny:1", "max_tokens": 0, "echo": True, "logprobs": 1}
+    each = [running.json("/v1/completions", {**score, "prompt": t})["choices"][0] for t in texts]
+    together = running.json("/v1/completions", {**score, "prompt": texts})
+    assert [c["text"] for c in together["choices"]] == texts
+    assert [c["logprobs"]["tokens"] for c in together["choices"]] == [c["logprobs"]["tokens"] for c in each]
+    for c, e in zip(together["choices"], each):
+        assert c["logprobs"]["token_logprobs"][1:] == pytest.approx(e["logprobs"]["token_logprobs"][1:], abs=1e-4)
+    status, data = running.request("/v1/completions", {**body, "n": 1, "prompt": texts[:2], "stream": True})
+    chunks = [c["choices"][0] for c in sse(data)]
+    for k in (0, 1):
+        text = "".join(c["text"] for c in chunks if c["index"] == k)
+        assert text == alone[k]["choices"][0]["text"]
