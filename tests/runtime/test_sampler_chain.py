@@ -121,7 +121,9 @@ def test_mirostat_keeps_what_llama_cpps_keeps_step_by_step(i):
                          .format(**ADAPTIVE[i]))
 def test_adaptive_p_transforms_as_llama_cpps_step_by_step(i):
     """A replay of llama.cpp's adaptive-p run drawing the tokens it drew: each step's transformed
-    distribution within 1e-5 (relative, float32 both) of libllama's, the average moved alike."""
+    distribution within 3e-5 (relative, float32 both) of libllama's, the average moved alike: torch's
+    float32 exp and sums differ by CPU kernel (AVX-512 within 1e-5; AVX2's, ATEN_CPU_CAPABILITY=avx2,
+    1.1e-5 by a run's fifth step, its moving average carrying the difference on)."""
     from qvl.runtime import sampling
 
     case = ADAPTIVE[i]
@@ -135,7 +137,7 @@ def test_adaptive_p_transforms_as_llama_cpps_step_by_step(i):
         want = dict(zip(VECTORS[f"adaptive{i}.{j}.ids"].tolist(), VECTORS[f"adaptive{i}.{j}.probs"].tolist()))
         assert set(got) == set(want)
         for t, w in want.items():
-            assert got[t] == pytest.approx(w, rel=1e-5, abs=1e-12), (j, t)
+            assert got[t] == pytest.approx(w, rel=3e-5, abs=1e-12), (j, t)
         sampling._drew(gen, p, ids, probs, ids.tolist().index(int(VECTORS[f"adaptive{i}.{j}.chosen"])))
 
 
