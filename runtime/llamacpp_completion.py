@@ -81,6 +81,11 @@ def token_ids(prompt: Any, tokenizer: Any) -> list[int] | None:
     return ids
 
 
+def prompt_text(prompt: str | list[int], tokenizer: Any) -> str:
+    """A prompt as text: token ids decoded, special tokens' names kept."""
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
+
+
 def _prompt(body: dict[str, Any], tokenizer: Any) -> tuple[str | list[int], list[Any]]:
     """The prompt's text, each picture's marker made a picture's slot, and its pictures; or its token ids."""
     prompt = body.get("prompt", "")
@@ -212,7 +217,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         out = {"index": 0, "content": content, "tokens": g.token_ids if tokens_too else [], "id_slot": 0,
                "stop": True, "model": service._name(loaded), "tokens_predicted": m,
                "tokens_evaluated": g.prompt_tokens, "tokens_cached": g.reused_tokens,
-               "generation_settings": settings, "prompt": text if isinstance(text, str) else model.tokenizer.decode(text, skip_special_tokens=False),
+               "generation_settings": settings, "prompt": prompt_text(text, model.tokenizer),
                "truncated": False,
                "stop_type": "word" if word is not None else "eos" if g.ended else "limit",
                "stopping_word": word or "",

@@ -27,7 +27,7 @@ from typing import Any
 
 from .generation import Generation, llama_timings
 from .live import PromptProgress
-from .llamacpp_completion import completion_probabilities, request_chain, token_ids
+from .llamacpp_completion import completion_probabilities, prompt_text, request_chain, token_ids
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
 from .sampling import SamplingParams
 from .server import (Loaded, Reply, RequestError, Service, _messages, _store_error, answer_format,
@@ -227,7 +227,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     loaded = service.use(body.get("model"), lora=body.get("lora"))
     model = loaded.model
     asked = prompts(body.get("prompt", ""), model.tokenizer)
-    said = [p if isinstance(p, str) else model.tokenizer.decode(p, skip_special_tokens=False) for p in asked]
+    said = [prompt_text(p, model.tokenizer) for p in asked]
     for key in ("suffix", "best_of"):
         if body.get(key) not in (None, 1, ""):
             raise RequestError(400, f"{key}: not supported by qvl serve")
