@@ -14,6 +14,11 @@ from .generation import server_timings
 PROGRESS_TOKENS = 2048  # prompt tokens read between two progress reports: llama-server's default batch (-b)
 
 
+def asks_progress(body: dict[str, Any]) -> bool:
+    """A request's llama-server `return_progress`, on a stream (a whole reply has no place for it)."""
+    return bool(body.get("stream", False)) and bool(body.get("return_progress"))
+
+
 @dataclass(frozen=True)
 class PromptProgress:
     """llama-server's prompt_progress: the prompt's tokens, those the KV cache held, those read so
@@ -57,12 +62,15 @@ class Live:
         """A token was chosen (appended to `ids`) now."""
         self.t_last = time.perf_counter()
 
+    def answer_s(self) -> float:
+        """Seconds from the prompt's end to the last token chosen (0 before one)."""
+        return self.t_last - self.t_prompt if self.t_last is not None and self.t_prompt is not None else 0.0
+
     def timings(self) -> dict[str, Any]:
         """llama-server's `timings` so far: the prompt's tokens read and the milliseconds until the
         last pass over them ended (0 before), the tokens chosen and the milliseconds from the
         prompt's end to the last of them."""
         prompt_s = self.t_prompt - self.t0 if self.t_prompt is not None else 0.0
-        made = len(self.ids)
-        gen_s = self.t_last - self.t_prompt if made and self.t_last is not None and self.t_prompt is not None else 0.0
         drafts = self.drafts.timings() if self.drafts is not None else {}
-        return server_timings(self.cached, self.processed - self.cached, prompt_s, made, gen_s, drafts)
+        return server_timings(self.cached, self.processed - self.cached, prompt_s, len(self.ids), self.answer_s(),
+                              drafts)

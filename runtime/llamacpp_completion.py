@@ -42,7 +42,7 @@ from typing import Any
 
 from .generation import llama_timings
 from .inline_media import decode_image
-from .live import Live, PromptProgress
+from .live import Live, PromptProgress, asks_progress
 from .logprobs import entries, new_scores, speller
 from .modelfile import CHAIN_PARAMS
 from .model import PLAN_CTX
@@ -205,7 +205,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     t0 = time.perf_counter()
     streaming = bool(body.get("stream", False))
     pieces = model.generate(text, pictures, stream=True, template=False, format=answer_format(body), logprobs=top,
-                            progress=streaming and bool(body.get("return_progress")), **kwargs)
+                            progress=asks_progress(body), **kwargs)
     tokens_too = bool(body.get("return_tokens"))
 
     def whole(content: str, probabilities: bool = True) -> dict[str, Any]:

@@ -572,7 +572,7 @@ class Model:
                     logits = self._decode(cache, [tok], next_pos)[-1]
                 next_pos += 1
             timings["decode_s"] = time.perf_counter() - t1
-            timings["sampled_s"] = self.live.t_last - t1 if self.live.t_last is not None else 0.0
+            timings["sampled_s"] = self.live.answer_s()
             timings.update(drafts.timings() if drafts is not None else {})
             if fresh and graph is not None and graph.capture_s is not None:
                 timings["capture_s"] = graph.capture_s  # inside decode_s
@@ -582,8 +582,7 @@ class Model:
             if self._generation == this and cache is not None:  # it holds the prompt and the answer fed so far
                 self._prompt_keys.kept = (keys + out_ids)[:cache.length]
             if "prefill_s" in timings:  # the prompt was read: counted, as llama.cpp's /metrics, answer left or not
-                made_s = self.live.t_last - t1 if self.live.t_last is not None else 0.0  # to the last token chosen
-                self.usage.add(n_prompt, reuse, timings["prefill_s"], len(out_ids), made_s,
+                self.usage.add(n_prompt, reuse, timings["prefill_s"], len(out_ids), self.live.answer_s(),
                                drafts.counts if drafts is not None else DraftCounts())
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         if stops.hit is not None:

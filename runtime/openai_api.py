@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any
 
 from .generation import Generation, llama_timings
-from .live import PromptProgress
+from .live import PromptProgress, asks_progress
 from .llamacpp_completion import completion_probabilities, prompt_text, request_chain, token_ids
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
 from .sampling import SamplingParams
@@ -172,7 +172,7 @@ def chat(service: Service, body: dict[str, Any]) -> Reply:
     top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
     form = answer_format(body)
     streaming = bool(body.get("stream", False))
-    progress = streaming and bool(body.get("return_progress"))  # llama-server's
+    progress = asks_progress(body)  # llama-server's return_progress
 
     def run(index: int) -> tuple[Iterator[str], Choice]:
         pieces = loaded.model.chat(messages, stream=True, format=form, logprobs=top, progress=progress, **each[index])
@@ -249,7 +249,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                       "usage": {"prompt_tokens": sum(lengths), "completion_tokens": 0, "total_tokens": sum(lengths)}})
     form = answer_format(body)
     streaming = bool(body.get("stream", False))
-    progress = streaming and bool(body.get("return_progress"))  # llama-server's
+    progress = asks_progress(body)  # llama-server's return_progress
 
     def run(k: int, index: int) -> tuple[Iterator[str], Choice]:
         pieces = model.generate(asked[k], stream=True, template=False, format=form, logprobs=top, progress=progress,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .generation import llama_timings
-from .live import PromptProgress
+from .live import PromptProgress, asks_progress
 from .openai_api import _options
 from .server import Loaded, Reply, RequestError, Service, _messages, answer_format, unsupported
 
@@ -110,8 +110,7 @@ def respond(service: Service, body: dict[str, Any]) -> Reply:
             "metadata": body.get("metadata") or {}, "error": None}
     message_id = f"msg_{n}"
     streaming = bool(body.get("stream", False))
-    pieces = loaded.model.chat(messages, stream=True, format=form, progress=streaming and bool(
-        body.get("return_progress")), **kwargs)
+    pieces = loaded.model.chat(messages, stream=True, format=form, progress=asks_progress(body), **kwargs)
 
     def message(text: str, status: str) -> dict[str, Any]:
         return {"type": "message", "id": message_id, "status": status, "role": "assistant",
