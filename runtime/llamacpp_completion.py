@@ -16,8 +16,12 @@ json_schema, cache_prompt, return_tokens, stream, timings_per_token, return_prog
 request's adapter scales, lora_api.py).
 Unset, a sampler takes the model's stored PARAMETER, else qvl's default (greedy), as qvl's other
 endpoints do (llama.cpp's server samples at 0.8 by default). n_indent and t_max_predict_ms are
-refused when asked for, not ignored; left at 0 they are fine. Several prompts and n_cmpl > 1
-are refused.
+refused when asked for, not ignored; left at 0 they are fine. Several prompts (a list of
+prompts, as llama-server's batch: strings, token-id lists or multimodal objects; up to MAX_PROMPTS)
+and n_cmpl (or its alias n: completions a prompt, up to MAX_COMPLETIONS; each after the first with
+the seed one more, as llama-server's child tasks) are answered one after another, prompt k's
+completions at index k * n_cmpl ...: an array of replies where there are several (one: the reply
+alone), a stream of all of their events, each with its index.
 
 The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (cache_n; prompt_* and
@@ -47,7 +51,7 @@ from .logprobs import entries, new_scores, speller
 from .modelfile import CHAIN_PARAMS
 from .model import PLAN_CTX
 from .sampler_chain import ORDER_LLAMACPP, ChainOptions
-from .sampling import SamplingError, SamplingParams
+from .sampling import RANDOM_SEED, SamplingError, SamplingParams
 from .server import VERSION, Loaded, Reply, RequestError, Service, answer_format, generation_options
 from .tokenizer import stop_word
 
@@ -62,6 +66,8 @@ CHAIN = ("typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "dynate
          "mirostat_eta", "adaptive_target", "adaptive_decay")
 # what qvl does not do, and the values at which it is off
 OFF = {"n_indent": 0, "t_max_predict_ms": 0}
+MAX_COMPLETIONS = 16  # OpenAI's n and llama-server's n_cmpl: completions a prompt, made one after another
+MAX_PROMPTS = 256  # prompts a request (lm-evaluation-harness batches them), read in turn
 
 
 def token_ids(prompt: Any, tokenizer: Any) -> list[int] | None:
@@ -86,11 +92,41 @@ def prompt_text(prompt: str | list[int], tokenizer: Any) -> str:
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
 
 
-def _prompt(body: dict[str, Any], tokenizer: Any) -> tuple[str | list[int], list[Any]]:
-    """The prompt's text, each picture's marker made a picture's slot, and its pictures; or its token ids."""
+def each_completion(n: Any, key: str, kwargs: dict[str, Any], defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """Model.generate's keyword arguments for each of a prompt's `n` completions (OpenAI's n,
+    llama-server's n_cmpl), made one after another: as llama-server's child tasks, each after the
+    first with the seed one more than the one before (the request's, else the model's stored one,
+    else qvl's; modulo 2^32), a random seed (-1) left random."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_COMPLETIONS:
+        raise RequestError(400, f"{key} {n!r}: 1 to {MAX_COMPLETIONS} choices")
+    seed = kwargs.get("seed", defaults.get("seed", SamplingParams.seed))
+    if seed in (-1, RANDOM_SEED):
+        return [kwargs] * n
+    return [{**kwargs, "seed": (seed + i) % 2**32} if i else kwargs for i in range(n)]
+
+
+def _prompts(body: dict[str, Any], model: Any) -> list[tuple[str | list[int], list[Any]]]:
+    """The request's prompts: one, or several (a list with no token id in it: llama-server's batch),
+    each checked before any is answered."""
     prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list, dict)):
-        prompt = prompt[0]
+    several = isinstance(prompt, list) and not any(_is_id(p) for p in prompt)
+    if several and not 0 < len(prompt) <= MAX_PROMPTS:
+        raise RequestError(400, f"prompt: a list of 1 to {MAX_PROMPTS} prompts")
+    out = [_prompt(p, model.tokenizer, f"prompt[{i}]" if several else "prompt")
+           for i, p in enumerate(prompt if several else [prompt])]
+    for ids, _ in out:
+        if not isinstance(ids, str):
+            model.tokenize(ids, [])  # a bad id: refused now (ModelError), not after the prompts before it
+    return out
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompt(prompt: Any, tokenizer: Any, where: str) -> tuple[str | list[int], list[Any]]:
+    """One prompt's text, each picture's marker made a picture's slot, and its pictures; or its
+    token ids. `where`: its name in errors."""
     if (ids := token_ids(prompt, tokenizer)) is not None:
         return ids, []
     if isinstance(prompt, str):
@@ -98,14 +134,13 @@ def _prompt(body: dict[str, Any], tokenizer: Any) -> tuple[str | list[int], list
     elif isinstance(prompt, dict) and isinstance(prompt.get("prompt_string"), str):
         text, data = prompt["prompt_string"], prompt.get("multimodal_data", [])
         if not isinstance(data, list):
-            raise RequestError(400, "prompt.multimodal_data: a list of base64 pictures")
+            raise RequestError(400, f"{where}.multimodal_data: a list of base64 pictures")
     else:
-        raise RequestError(400, "prompt: a string, token ids or {\"prompt_string\", \"multimodal_data\"} (one "
-                                "prompt)")
+        raise RequestError(400, f"{where}: a string, token ids or {{\"prompt_string\", \"multimodal_data\"}}")
     if text.count(MEDIA_MARKER) != len(data):
-        raise RequestError(400, f"prompt: {text.count(MEDIA_MARKER)} {MEDIA_MARKER} markers for {len(data)} "
+        raise RequestError(400, f"{where}: {text.count(MEDIA_MARKER)} {MEDIA_MARKER} markers for {len(data)} "
                                 "pictures in multimodal_data")
-    pictures = [decode_image(d, f"prompt.multimodal_data[{i}]") for i, d in enumerate(data)]
+    pictures = [decode_image(d, f"{where}.multimodal_data[{i}]") for i, d in enumerate(data)]
     return text.replace(MEDIA_MARKER, PICTURE_SLOT), pictures
 
 
@@ -138,8 +173,6 @@ def _kwargs(loaded: Loaded, service: Service, body: dict[str, Any]) -> dict[str,
     for key, off in OFF.items():
         if body.get(key, off) not in (off, None):
             raise RequestError(400, f"{key} {body[key]!r}: not done by qvl serve (leave it at {off})")
-    if body.get("n_cmpl", 1) != 1:
-        raise RequestError(400, "n_cmpl: not supported by qvl serve")
     options = {NAMES[k]: v for k, v in body.items() if k in NAMES and v is not None}
     kwargs = generation_options(loaded.params, options, service.config.ctx_size)
     bias = _biases(body.get("logit_bias") or [], loaded.model)
@@ -194,46 +227,62 @@ def spec_types(model: Any) -> str:
 def complete(service: Service, body: dict[str, Any]) -> Reply:
     loaded = service.use(body.get("model"), lora=body.get("lora"))
     model = loaded.model
-    text, pictures = _prompt(body, model.tokenizer)
+    asked = _prompts(body, model)
     kwargs = _kwargs(loaded, service, body)
+    key = "n_cmpl" if "n_cmpl" in body else "n"  # llama-server's alias
+    each = each_completion(body.get(key, 1), key, kwargs, model.defaults)
     top = _n_probs(body, model.cfg.n_vocab)
     chain = kwargs["chain"]
     settings = ({k: body[k] for k in NAMES if k in body} | _chain_settings(chain) |
                 {"n_ctx": kwargs.get("ctx_size"), "model": service._name(loaded),
                  "speculative.types": spec_types(model)})
     stops = list(kwargs.get("stop") or [])
-    t0 = time.perf_counter()
-    streaming = bool(body.get("stream", False))
-    pieces = model.generate(text, pictures, stream=True, template=False, format=answer_format(body), logprobs=top,
-                            progress=asks_progress(body), **kwargs)
-    tokens_too = bool(body.get("return_tokens"))
+    form, progress, tokens_too = answer_format(body), asks_progress(body), bool(body.get("return_tokens"))
+    spell = speller(model.tokenizer)
+    runs = [(k, j) for k in range(len(asked)) for j in range(len(each))]  # prompt k's completion j
 
-    def whole(content: str, probabilities: bool = True) -> dict[str, Any]:
-        g = model.last_generation
-        assert g is not None
-        said = model.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-        word = stop_word(said, content, stops) if g.ended else None
-        m = len(g.token_ids)
-        out = {"index": 0, "content": content, "tokens": g.token_ids if tokens_too else [], "id_slot": 0,
-               "stop": True, "model": service._name(loaded), "tokens_predicted": m,
-               "tokens_evaluated": g.prompt_tokens, "tokens_cached": g.reused_tokens,
-               "generation_settings": settings, "prompt": prompt_text(text, model.tokenizer),
-               "truncated": False,
-               "stop_type": "word" if word is not None else "eos" if g.ended else "limit",
-               "stopping_word": word or "",
-               "timings": llama_timings(g, time.perf_counter() - t0)}
-        if probabilities and top is not None and g.logprobs is not None:
-            out["completion_probabilities"] = completion_probabilities(speller(model.tokenizer), g.logprobs,
-                                                             chain.post_sampling_probs)
-        return out
+    def run(k: int, j: int) -> tuple[Iterator[str | PromptProgress], Callable[[str, bool], dict[str, Any]]]:
+        text, pictures = asked[k]
+        t0 = time.perf_counter()
+        pieces = model.generate(text, pictures, stream=True, template=False, format=form, logprobs=top,
+                                progress=progress, **each[j])
 
-    if not streaming:
-        return Reply(whole("".join(pieces)))
-    sent, spell = [0], speller(model.tokenizer)
-    chunk = None if top is None else (lambda: completion_probabilities(spell, new_scores(model, sent),
-                                                                       chain.post_sampling_probs))
-    return Reply(events=_stream(pieces, whole, chunk, lambda: model.live, bool(body.get("timings_per_token"))),
-                 sse=True, sse_done=False)
+        def whole(content: str, probabilities: bool = True) -> dict[str, Any]:
+            g = model.last_generation
+            assert g is not None
+            said = model.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            word = stop_word(said, content, stops) if g.ended else None
+            out = {"index": k * len(each) + j, "content": content, "tokens": g.token_ids if tokens_too else [],
+                   "id_slot": 0, "stop": True, "model": service._name(loaded), "tokens_predicted": len(g.token_ids),
+                   "tokens_evaluated": g.prompt_tokens, "tokens_cached": g.reused_tokens,
+                   "generation_settings": settings, "prompt": prompt_text(text, model.tokenizer),
+                   "truncated": False,
+                   "stop_type": "word" if word is not None else "eos" if g.ended else "limit",
+                   "stopping_word": word or "",
+                   "timings": llama_timings(g, time.perf_counter() - t0)}
+            if probabilities and top is not None and g.logprobs is not None:
+                out["completion_probabilities"] = completion_probabilities(spell, g.logprobs,
+                                                                           chain.post_sampling_probs)
+            return out
+
+        return pieces, whole
+
+    if not body.get("stream", False):
+        replies = []
+        for k, j in runs:  # each reply made as soon as its generation ends (model.last_generation)
+            pieces, whole = run(k, j)
+            replies.append(whole("".join(pieces)))
+        return Reply(replies[0] if len(replies) == 1 else replies)  # llama-server's: one alone, several a list
+
+    def events() -> Iterator[dict[str, Any]]:
+        for k, j in runs:
+            sent = [0]
+            chunk = None if top is None else (lambda: completion_probabilities(spell, new_scores(model, sent),
+                                                                               chain.post_sampling_probs))
+            yield from _stream(*run(k, j), chunk, lambda: model.live, bool(body.get("timings_per_token")),
+                               k * len(each) + j)
+
+    return Reply(events=events(), sse=True, sse_done=False)
 
 
 def _n_probs(body: dict[str, Any], n_vocab: int) -> int | None:
@@ -265,18 +314,18 @@ def completion_probabilities(spell: Any, scored: list[Any], post_sampling: bool)
 
 def _stream(pieces: Iterator[str | PromptProgress], whole: Callable[[str, bool], dict[str, Any]],
             probabilities: Callable[[], list[dict[str, Any]]] | None, live: Callable[[], Live],
-            per_token: bool) -> Iterator[dict[str, Any]]:
+            per_token: bool, index: int = 0) -> Iterator[dict[str, Any]]:
     """The stream's events: each piece with the ids of the tokens made since the one before, the
     count made so far (tokens_predicted) and the prompt's (tokens_evaluated), with `per_token` the
     timings so far, and (n_probs) those tokens' probabilities, as llama-server sends them a chunk
     at a time; a PromptProgress as an event of no content; then the whole reply's fields without
-    them. `live`: the running generation (Model.live)."""
+    them. `live`: the running generation (Model.live); `index`: the completion's, in a batch."""
     said, sent = [], 0
     for piece in pieces:
         now = live()
         text = "" if isinstance(piece, PromptProgress) else piece
         said.append(text)
-        event = {"index": 0, "content": text, "tokens": now.ids[sent:], "stop": False, "id_slot": 0,
+        event = {"index": index, "content": text, "tokens": now.ids[sent:], "stop": False, "id_slot": 0,
                  "tokens_predicted": len(now.ids), "tokens_evaluated": now.n_prompt}
         sent = len(now.ids)
         if per_token:

@@ -27,9 +27,9 @@ from typing import Any
 
 from .generation import Generation, llama_timings
 from .live import PromptProgress, asks_progress
-from .llamacpp_completion import completion_probabilities, prompt_text, request_chain, token_ids
+from .llamacpp_completion import (MAX_PROMPTS, completion_probabilities, each_completion, prompt_text, request_chain,
+                                  token_ids)
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
-from .sampling import SamplingParams
 from .server import (Loaded, Reply, RequestError, Service, _messages, _store_error, answer_format,
                      generation_options, top_logprobs, unsupported)
 from .store import StoreError
@@ -73,8 +73,6 @@ def _options(loaded: Loaded, service: Service, body: dict[str, Any], default_tok
 
 
 Choice = Callable[[str, "str | None", bool], dict[str, Any]]  # (text, finish reason, first chunk) -> a choice
-MAX_CHOICES = 16  # OpenAI's n: choices a request, made one after another
-MAX_PROMPTS = 256  # /v1/completions' prompts a request (lm-evaluation-harness batches them), read in turn
 
 
 def _answer(service: Service, loaded: Loaded, runs: list[Callable[[], tuple[Iterator[str], Choice]]],
@@ -141,16 +139,6 @@ def _answer(service: Service, loaded: Loaded, runs: list[Callable[[], tuple[Iter
     return Reply(events=events(), sse=True)
 
 
-def _choices(body: dict[str, Any], kwargs: dict[str, Any], defaults: dict[str, Any]) -> list[dict[str, Any]]:
-    """Model.generate's keyword arguments for each of OpenAI's `n` choices: the seed one more for
-    each choice after the first (the request's, else the model's stored one, else qvl's)."""
-    n = body.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
-        raise RequestError(400, f"n {n!r}: 1 to {MAX_CHOICES} choices")
-    seed = kwargs.get("seed", defaults.get("seed", SamplingParams.seed))
-    return [{**kwargs, "seed": seed + i} if i else kwargs for i in range(n)]
-
-
 def chat_input_tokens(service: Service, body: dict[str, Any]) -> Reply:
     """llama.cpp server's POST /v1/chat/completions/input_tokens: the prompt tokens a chat
     completion of the same body would read (pictures' included), nothing run."""
@@ -168,7 +156,7 @@ def conversation(service: Service, loaded: Loaded, body: dict[str, Any]) -> list
 def chat(service: Service, body: dict[str, Any]) -> Reply:
     loaded = service.use(body.get("model"), lora=body.get("lora"))
     messages = conversation(service, loaded, body)
-    each = _choices(body, _options(loaded, service, body, None), loaded.model.defaults)
+    each = each_completion(body.get("n", 1), "n", _options(loaded, service, body, None), loaded.model.defaults)
     top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
     form = answer_format(body)
     streaming = bool(body.get("stream", False))
@@ -203,20 +191,24 @@ def chat(service: Service, body: dict[str, Any]) -> Reply:
 COMPLETION_TOKENS = 16  # OpenAI's max_tokens default for /v1/completions
 
 
-def prompts(value: Any, tokenizer: Any) -> list[str | list[int]]:
+def prompts(value: Any, model: Any) -> list[str | list[int]]:
     """OpenAI's completions prompt: a string, token ids (llama-server's: mixed with texts too), or a
-    list of up to MAX_PROMPTS of either: several prompts, answered in turn."""
+    list of up to MAX_PROMPTS of either: several prompts, answered in turn; token ids checked
+    before any is answered (Model.tokenize's ModelError)."""
     if isinstance(value, str):
         return [value]
-    if (ids := token_ids(value, tokenizer)) is not None:
+    if (ids := token_ids(value, model.tokenizer)) is not None:
+        model.tokenize(ids, [])
         return [ids]
     if not isinstance(value, list) or not 0 < len(value) <= MAX_PROMPTS:
         raise RequestError(400, f"prompt: a string, token ids, or a list of 1 to {MAX_PROMPTS} of them")
     out: list[str | list[int]] = []
     for i, p in enumerate(value):
-        one = p if isinstance(p, str) else token_ids(p, tokenizer)
+        one = p if isinstance(p, str) else token_ids(p, model.tokenizer)
         if one is None:
             raise RequestError(400, f"prompt[{i}]: a string or token ids")
+        if not isinstance(one, str):
+            model.tokenize(one, [])
         out.append(one)
     return out
 
@@ -226,7 +218,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     its `n` choices one after another, the choices of prompt k at indexes k * n ... k * n + n - 1."""
     loaded = service.use(body.get("model"), lora=body.get("lora"))
     model = loaded.model
-    asked = prompts(body.get("prompt", ""), model.tokenizer)
+    asked = prompts(body.get("prompt", ""), model)
     said = [prompt_text(p, model.tokenizer) for p in asked]
     for key in ("suffix", "best_of"):
         if body.get(key) not in (None, 1, ""):
@@ -236,7 +228,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     if echo and body.get("stream", False):
         raise RequestError(400, "echo: not with stream")
     kwargs = _options(loaded, service, body, COMPLETION_TOKENS)
-    each = _choices(body, kwargs, model.defaults)
+    each = each_completion(body.get("n", 1), "n", kwargs, model.defaults)
     # echo: each prompt's own tokens scored first (a separate pass over it, every position's logits)
     scored = [prompt_logprobs(model, p, top or 0) if echo and top is not None else ([], []) for p in asked]
     if echo and kwargs["max_new_tokens"] == 0:  # scoring only, as lm-evaluation-harness asks

@@ -156,16 +156,23 @@ def _events(head: dict[str, Any], message: Callable[[str, str], dict[str, Any]],
     yield event("created", response=start)
     yield event("in_progress", response=start)
     item_id = message("", "in_progress")["id"]
-    yield event("output_item.added", output_index=0, item=message("", "in_progress") | {"content": []})
     empty = {"type": "output_text", "text": "", "annotations": []}
-    yield event("content_part.added", item_id=item_id, **at, part=empty)
-    text = []
+
+    def opened() -> Iterator[dict[str, Any]]:  # the message's item and part, at its first text (llama-server's)
+        yield event("output_item.added", output_index=0, item=message("", "in_progress") | {"content": []})
+        yield event("content_part.added", item_id=item_id, **at, part=empty)
+
+    text: list[str] = []
     for piece in pieces:
-        if isinstance(piece, PromptProgress):
+        if isinstance(piece, PromptProgress):  # before the message's item, as llama-server's
             yield event("in_progress", response=start, prompt_progress=piece.to_json(), **timings(False))
             continue
+        if not text:
+            yield from opened()
         text.append(piece)
         yield event("output_text.delta", item_id=item_id, **at, delta=piece, logprobs=[], **timings(False))
+    if not text:  # no text: the item and part still opened before they are done
+        yield from opened()
     whole = "".join(text)
     done = finished(whole)
     yield event("output_text.done", item_id=item_id, **at, text=whole, logprobs=[])

@@ -154,7 +154,8 @@ def test_metrics_count_accepted_tokens_per_draft_position():
 def test_responses_stream_with_timings_per_token_and_progress(running):
     """/v1/responses as llama-server streams it: the last event carries the answer's timings, each
     delta the timings so far with timings_per_token, and return_progress adds response.in_progress
-    events with prompt_progress (before the prompt is read and at its end)."""
+    events with prompt_progress (before the prompt is read and at its end) before the message's
+    output item is added."""
     body = {"model": "tiny:1", "input": "Hi there", "max_output_tokens": 5, "stream": True}
     blocks = running.request("/v1/responses", {**body, "timings_per_token": True, "return_progress": True})[1]
     events = [json.loads(b.split("\n")[1][len("data: "):]) for b in blocks.decode().strip().split("\n\n")]
@@ -164,6 +165,10 @@ def test_responses_stream_with_timings_per_token_and_progress(running):
     total = final["response"]["usage"]["input_tokens"]
     assert [e["type"] for e in progress] == ["response.in_progress"] * 2
     assert progress[-1]["prompt_progress"]["processed"] == total and "timings" in progress[0]
+    types = [e["type"] for e in events]  # llama-server's order: the progress before the message's item opens
+    assert types[:6] == ["response.created", "response.in_progress", "response.in_progress", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert types[6] == "response.output_text.delta" and [e["sequence_number"] for e in events] == list(range(len(events)))
     deltas = [e for e in events if e["type"] == "response.output_text.delta"]
     made = [e["timings"]["predicted_n"] for e in deltas]
     assert made == sorted(made) and made[-1] == 5

@@ -94,8 +94,11 @@ def test_n_probs_gives_completion_probabilities(running):
 
 
 @pytest.mark.parametrize("extra,expect", [
-    ({"prompt": [1, 2.5]}, "prompt[1]: a token id or a string"), ({"prompt": ["a", "b"]}, "prompt: a string, token"),
-    ({"prompt": [1, 10**9]}, "a prompt of token ids: 1 or more of 0 to"), ({"prompt": [[]]}, "prompt: a string, token"),
+    ({"prompt": [1, 2.5]}, "prompt[1]: a token id or a string"), ({"prompt": ["a", ["b"]]}, "prompt[1]: a string, tok"),
+    ({"prompt": [1, 10**9]}, "a prompt of token ids: 1 or more of 0 to"), ({"prompt": [[]]}, "prompt[0]: a string, to"),
+    ({"prompt": ["a", [1, 10**9]]}, "a prompt of token ids: 1 or more"), ({"prompt": []}, "a list of 1 to 256 prompts"),
+    ({"prompt": ["a"] * 257}, "prompt: a list of 1 to 256 prompts"),
+    ({"prompt": ["a", {"prompt_string": "<__media__>"}]}, "prompt[1]: 1 <__media__> markers for 0 pictures"),
     ({"prompt": {"prompt_string": "<__media__>", "multimodal_data": []}}, "1 <__media__> markers for 0 pictures"),
     ({"prompt": {"prompt_string": "x<__media__>", "multimodal_data": ["@@"]}}, "prompt.multimodal_data[0]: not base64"),
     ({"prompt": "x", "mirostat": 3}, "mirostat 3: 0 (off), 1 or 2"),
@@ -107,7 +110,8 @@ def test_n_probs_gives_completion_probabilities(running):
     ({"prompt": "x", "xtc_probability": 3}, "xtc_probability 3: between 0 and 1"),
     ({"prompt": "x", "dry_sequence_breakers": []}, "dry_sequence_breakers: a non-empty list of texts"),
     ({"prompt": "x", "dry_penalty_last_n": -1}, "dry_penalty_last_n -1: a whole number, 0 or more"),
-    ({"prompt": "x", "n_cmpl": 2}, "n_cmpl: not supported"),
+    ({"prompt": "x", "n_cmpl": 0}, "n_cmpl 0: 1 to 16 choices"), ({"prompt": "x", "n": 17}, "n 17: 1 to 16 choices"),
+    ({"prompt": "x", "n_cmpl": True}, "n_cmpl True: 1 to 16 choices"),
     ({"prompt": "x", "n_probs": -1}, "n_probs -1: a whole number"),
     ({"prompt": "x", "logit_bias": [[1, "a"]]}, "the bias is a number or false"),
     ({"prompt": "x", "logit_bias": 3}, "logit_bias: [[token id or text"),
@@ -235,3 +239,61 @@ def test_token_id_prompts_as_llama_server_takes_them(running):
                                               "logprobs": 1})
     scored = echoed["choices"][0]
     assert scored["text"] == text and len(scored["logprobs"]["tokens"]) == len(ids)
+
+
+def _events(running, body):
+    status, data = running.request("/completion", {"model": "tiny:1", **body, "stream": True})
+    assert status == 200, data
+    return [json.loads(block[len("data: "):]) for block in data.decode().strip().split("\n\n")]
+
+
+def test_several_prompts_are_llama_servers_batch(running):
+    """A list of prompts with no token id in it (strings, id lists, multimodal objects) is several
+    prompts: an array of replies, each the one a request of that prompt alone gets, in order and
+    indexed; streamed, each prompt's events in turn, named by its index, each ending with its stop."""
+    ids = running.json("/tokenize", {"content": "Count to ten:"})["tokens"]
+    prompts = ["The sky is", ids, {"prompt_string": "Hello there"}]
+    alone = [_done(running, {"prompt": p, "n_predict": 4, "return_tokens": True}) for p in prompts]
+    got = _done(running, {"prompt": prompts, "n_predict": 4, "return_tokens": True})
+    assert isinstance(got, list) and [r["index"] for r in got] == [0, 1, 2]
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in alone]
+    assert [r["content"] for r in got] == [r["content"] for r in alone]
+    assert [r["prompt"] for r in got] == ["The sky is", "Count to ten:", "Hello there"]
+    assert len({r["tokens_evaluated"] for r in got}) == 3
+    one = _done(running, {"prompt": ["The sky is"], "n_predict": 4, "return_tokens": True})
+    assert isinstance(one, dict) and one["tokens"] == alone[0]["tokens"]  # one prompt: the reply alone
+    events = _events(running, {"prompt": prompts, "n_predict": 4})
+    indexes = [e["index"] for e in events]
+    assert indexes == sorted(indexes) and set(indexes) == {0, 1, 2}
+    for i in range(3):
+        mine = [e for e in events if e["index"] == i]
+        assert [e["stop"] for e in mine] == [False] * (len(mine) - 1) + [True]
+        assert "".join(e["content"] for e in mine) == alone[i]["content"] and mine[-1]["tokens_predicted"] == 4
+
+
+def test_n_cmpl_completions_take_the_next_seeds(running):
+    """n_cmpl (or its alias n): completion j of a prompt is the one made with the seed + j, as
+    llama-server's child tasks are; prompt k's at index k * n_cmpl + j; a random seed stays random."""
+    body = {"n_predict": 5, "temperature": 1.5, "return_tokens": True}
+    want = {(p, s): _done(running, {**body, "prompt": p, "seed": s})["tokens"] for p in ("Hi", "Count:")
+            for s in (7, 8)}
+    assert want[("Hi", 7)] != want[("Hi", 8)]
+    got = _done(running, {**body, "prompt": ["Hi", "Count:"], "seed": 7, "n_cmpl": 2})
+    assert [r["index"] for r in got] == [0, 1, 2, 3]
+    assert [r["tokens"] for r in got] == [want[("Hi", 7)], want[("Hi", 8)], want[("Count:", 7)], want[("Count:", 8)]]
+    alias = _done(running, {**body, "prompt": "Hi", "seed": 7, "n": 2})
+    assert [r["tokens"] for r in alias] == [want[("Hi", 7)], want[("Hi", 8)]]
+    events = _events(running, {**body, "prompt": "Hi", "seed": 7, "n_cmpl": 2})
+    for j in (0, 1):
+        assert [t for e in events if e["index"] == j and not e["stop"] for t in e["tokens"]] == want[("Hi", 7 + j)]
+
+
+def test_each_completions_seed():
+    from qvl.runtime.llamacpp_completion import each_completion
+    from qvl.runtime.sampling import RANDOM_SEED
+
+    seeds = [k.get("seed") for k in each_completion(3, "n", {"seed": 5}, {})]
+    assert seeds == [5, 6, 7]
+    assert [k["seed"] for k in each_completion(3, "n", {"seed": 2**32 - 2}, {})] == [2**32 - 2, RANDOM_SEED, 0]
+    assert [k["seed"] for k in each_completion(2, "n", {"seed": -1}, {})] == [-1, -1]  # random, each its own
+    assert [k.get("seed") for k in each_completion(2, "n", {}, {"seed": 40})] == [None, 41]  # the stored seed on

@@ -25,6 +25,7 @@ def test_openai_completions_continue_the_prompt_as_it_is(running, reference):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[0]["object"] == "text_completion"
     for body, expect in [({"prompt": []}, "prompt: a string, token ids, or a list of 1 to 256 of them"),
                          ({"prompt": ["a", 2.5]}, "prompt[1]: a string or token ids"),
+                         ({"prompt": ["a", [5, 10**9]], "stream": True}, "a prompt of token ids: 1 or more"),
                          ({"prompt": "a", "suffix": "z"}, "suffix: not supported"),
                          ({"prompt": "a", "n": 0}, "n 0: 1 to 16 choices"),
                          ({"prompt": "a", "n": "2"}, "n '2': 1 to 16 choices")]:

@@ -172,3 +172,18 @@ def test_an_error_inside_the_stream_is_a_named_error_event(store):
     assert events[4][1]["delta"] == "a"
     assert events[-1] == ("error", {"error": "the context is full"})
     running.server.shutdown()
+
+
+def test_an_answer_of_no_text_still_opens_its_item_before_closing_it():
+    from qvl.runtime.responses_api import _events
+
+    def message(text, status):
+        return {"type": "message", "id": "msg_1", "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+    done = {"status": "completed", "output": [message("", "completed")]}
+    events = list(_events({"id": "resp_1"}, message, iter([]), lambda text: done, lambda final: {}))
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert [e["sequence_number"] for e in events] == list(range(8))
