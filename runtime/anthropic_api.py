@@ -2,9 +2,9 @@
 answer it (clients written for Anthropic's SDK, pointed at ANTHROPIC_BASE_URL).
 
 Read: `messages` (user / assistant; content a string or blocks: `text`, `image` with a base64
-`source`), `system` (a string or text blocks), `max_tokens` (required, as Anthropic's),
-`temperature`, `top_p`, `top_k`, `stop_sequences`, `stream`. Refused by name: tools, thinking,
-an image by URL (the server fetches nothing). The reply is Anthropic's message object (content:
+`source`, or a `url` source fetched as OpenAI's image URLs are, media_fetch.py), `system` (a
+string or text blocks), `max_tokens` (required, as Anthropic's), `temperature`, `top_p`, `top_k`,
+`stop_sequences`, `stream`. Refused by name: tools, thinking. The reply is Anthropic's message object (content:
 one text block; stop_reason end_turn, max_tokens or stop_sequence; usage with
 cache_read_input_tokens: the prompt tokens the KV cache held); a stream is its named events
 (message_start, content_block_start, ping, content_block_delta..., content_block_stop,
@@ -16,20 +16,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .server import Loaded, Reply, RequestError, Service, _messages, generation_options, unsupported
+from .request_messages import request_messages
+from .server import Loaded, Reply, RequestError, Service, generation_options, unsupported
 from .tokenizer import stop_word
 
 
 def _block(block: Any, where: str) -> dict[str, Any]:
-    """An Anthropic content block as the chat API's part (server._messages reads those)."""
+    """An Anthropic content block as the chat API's part (request_messages reads those)."""
     kind = block.get("type") if isinstance(block, dict) else None
     if kind == "text":
         return {"type": "text", "text": block.get("text")}
     if kind == "image":
         source = block.get("source")
-        if not isinstance(source, dict) or source.get("type") != "base64":
-            raise RequestError(400, f"{where}.source: base64 data (qvl serve fetches nothing)")
-        return {"type": "image_url", "image_url": {"url": source.get("data")}}
+        kind = source.get("type") if isinstance(source, dict) else None
+        if kind not in ("base64", "url"):
+            raise RequestError(400, f"{where}.source: of type base64 or url")
+        return {"type": "image_url", "image_url": {"url": source.get("data" if kind == "base64" else "url")}}
     raise RequestError(400, f"{where}: a block of type text or image")
 
 
@@ -50,7 +52,7 @@ def _conversation(service: Service, loaded: Loaded, body: dict[str, Any]) -> lis
     if isinstance(raw, list):
         raw = [{**m, "content": [_block(b, f"messages[{i}].content[{j}]") for j, b in enumerate(m["content"])]}
                if isinstance(m, dict) and isinstance(m.get("content"), list) else m for i, m in enumerate(raw)]
-    chat = _messages(raw, None)
+    chat = request_messages(raw, None, service.config.media)
     system = _system(body.get("system"))
     if system is None:
         system = loaded.system

@@ -439,6 +439,11 @@ def serve_cmd(
                                      "goes on from its own cache instead of reading it all again (0: off)."),
     slot_save_path: Optional[Path] = typer.Option(None, "--slot-save-path", help="Folder for llama.cpp's POST "
                                                   "/slots/0?action=save|restore files (the KV cache kept on disk)."),
+    media_path: Optional[Path] = typer.Option(None, "--media-path", help="Folder whose files requests may name as "
+                                              "file:// URLs relative to it (llama-server's; default: none may)."),
+    no_remote_media: bool = typer.Option(False, "--no-remote-media", help="Refuse http(s) URLs of pictures and "
+                                         "videos in requests (by default fetched, as llama-server does: 10 MiB, "
+                                         "10 s)."),
     lora: Optional[List[str]] = typer.Option(None, "--lora", help="LoRA adapter applied to MODEL at run time: a GGUF "
                                              "or a PEFT folder (repeatable; or A,B); GET / POST /lora-adapters list "
                                              "them and set their scales, a request's `lora` its own."),
@@ -467,6 +472,7 @@ def serve_cmd(
 
     from .http_serve import serve
     from .lora import LoraError, lora_sources
+    from .media_fetch import MediaAccess
     from .origins import parse_origins
     from .server import RequestError, ServeConfig, Service, keep_alive_seconds
     from .speculative import SpeculationError, speculation
@@ -487,6 +493,8 @@ def serve_cmd(
         fail(f"--cache-pool {cache_pool}: 0 (off) or more GB")
     if slot_save_path is not None and not slot_save_path.is_dir():
         fail(f"--slot-save-path {slot_save_path}: not a folder")
+    if media_path is not None and not media_path.is_dir():
+        fail(f"--media-path {media_path}: not a folder")
     try:
         adapters = tuple((path, 0.0 if lora_off else s) for path, s in lora_sources(lora or [], lora_scaled or []))
     except LoraError as e:
@@ -514,7 +522,8 @@ def serve_cmd(
     allowed = parse_origins(origins if origins is not None else os.environ.get("QVL_ORIGINS"))
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
                          int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters, metrics,
-                         spec, str(spec_draft_model) if spec_draft_model else None)
+                         spec, str(spec_draft_model) if spec_draft_model else None,
+                         MediaAccess(not no_remote_media, media_path))
     service = Service(config)
     if model is not None:
         try:

@@ -1,5 +1,6 @@
-"""Pictures and videos sent inside a request to `qvl serve`: base64 (Ollama's `images`) or
-data: URLs (OpenAI's `image_url`, vLLM's `video_url` parts). qvl serve fetches nothing.
+"""Pictures and videos sent with a request to `qvl serve`: base64 (Ollama's `images`), data: URLs
+(OpenAI's `image_url`, vLLM's `video_url` parts), or, as llama-server takes them, http(s) and
+file:// URLs where the server's MediaAccess allows (media_fetch.py).
 
 A video goes to a temporary file (PyAV seeks in files) that is deleted once nothing refers to
 its path any more, that is when the request's messages are let go; messages name it by its
@@ -16,15 +17,17 @@ from typing import IO, Any
 from PIL import Image
 
 from .image import ImageError, load_image
+from .media_fetch import MediaAccess, is_url, url_bytes
 from .video import VideoError, probe
 
 
-def inline_bytes(data: Any, where: str, error: type[ValueError]) -> bytes:
-    """The bytes of a base64 string or a data: URL; `error` (ImageError, VideoError) names `where`."""
+def inline_bytes(data: Any, where: str, error: type[ValueError], access: MediaAccess) -> bytes:
+    """The bytes of a base64 string, a data: URL, or an http(s) / file:// URL as `access` allows;
+    `error` (ImageError, VideoError) names `where`."""
     if not isinstance(data, str):
-        raise error(f"{where}: a base64 string")
-    if data.startswith(("http://", "https://", "file:")):
-        raise error(f"{where}: qvl serve fetches nothing; send it inline (base64 or a data: URL)")
+        raise error(f"{where}: a base64 string or a URL")
+    if is_url(data):
+        return url_bytes(data, where, error, access)
     if data.startswith("data:"):
         header, _, data = data.partition(",")
         if not header.endswith(";base64"):
@@ -35,9 +38,9 @@ def inline_bytes(data: Any, where: str, error: type[ValueError]) -> bytes:
         raise error(f"{where}: not base64") from None
 
 
-def decode_image(data: Any, where: str) -> Image.Image:
-    """A base64 image or a data: URL, as an RGB picture (ImageError naming `where`)."""
-    return load_image(io.BytesIO(inline_bytes(data, where, ImageError)), where)
+def decode_image(data: Any, where: str, access: MediaAccess) -> Image.Image:
+    """A base64 image or a URL (inline_bytes), as an RGB picture (ImageError naming `where`)."""
+    return load_image(io.BytesIO(inline_bytes(data, where, ImageError, access)), where)
 
 
 class UploadedVideo(str):
@@ -56,10 +59,10 @@ class UploadedVideo(str):
         return format(self.name, spec)
 
 
-def decode_video(data: Any, where: str) -> UploadedVideo:
-    """A base64 video or a data: URL in a temporary file, checked to be a video PyAV decodes
-    (VideoError naming `where`)."""
-    raw = inline_bytes(data, where, VideoError)
+def decode_video(data: Any, where: str, access: MediaAccess) -> UploadedVideo:
+    """A base64 video or a URL (inline_bytes) in a temporary file, checked to be a video PyAV
+    decodes (VideoError naming `where`)."""
+    raw = inline_bytes(data, where, VideoError, access)
     file = tempfile.NamedTemporaryFile(prefix="qvl-video-")
     try:
         file.write(raw)

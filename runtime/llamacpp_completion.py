@@ -47,6 +47,7 @@ from typing import Any
 from .generation import llama_timings
 from .inline_media import decode_image
 from .live import Live, PromptProgress, asks_progress
+from .media_fetch import MediaAccess
 from .logprobs import entries, new_scores, speller
 from .modelfile import CHAIN_PARAMS
 from .model import PLAN_CTX
@@ -105,14 +106,14 @@ def each_completion(n: Any, key: str, kwargs: dict[str, Any], defaults: dict[str
     return [{**kwargs, "seed": (seed + i) % 2**32} if i else kwargs for i in range(n)]
 
 
-def _prompts(body: dict[str, Any], model: Any) -> list[tuple[str | list[int], list[Any]]]:
+def _prompts(body: dict[str, Any], model: Any, access: MediaAccess) -> list[tuple[str | list[int], list[Any]]]:
     """The request's prompts: one, or several (a list with no token id in it: llama-server's batch),
-    each checked before any is answered."""
+    each checked before any is answered; pictures by URL as `access` allows."""
     prompt = body.get("prompt", "")
     several = isinstance(prompt, list) and not any(_is_id(p) for p in prompt)
     if several and not 0 < len(prompt) <= MAX_PROMPTS:
         raise RequestError(400, f"prompt: a list of 1 to {MAX_PROMPTS} prompts")
-    out = [_prompt(p, model.tokenizer, f"prompt[{i}]" if several else "prompt")
+    out = [_prompt(p, model.tokenizer, f"prompt[{i}]" if several else "prompt", access)
            for i, p in enumerate(prompt if several else [prompt])]
     for ids, _ in out:
         if not isinstance(ids, str):
@@ -124,7 +125,7 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _prompt(prompt: Any, tokenizer: Any, where: str) -> tuple[str | list[int], list[Any]]:
+def _prompt(prompt: Any, tokenizer: Any, where: str, access: MediaAccess) -> tuple[str | list[int], list[Any]]:
     """One prompt's text, each picture's marker made a picture's slot, and its pictures; or its
     token ids. `where`: its name in errors."""
     if (ids := token_ids(prompt, tokenizer)) is not None:
@@ -140,7 +141,7 @@ def _prompt(prompt: Any, tokenizer: Any, where: str) -> tuple[str | list[int], l
     if text.count(MEDIA_MARKER) != len(data):
         raise RequestError(400, f"{where}: {text.count(MEDIA_MARKER)} {MEDIA_MARKER} markers for {len(data)} "
                                 "pictures in multimodal_data")
-    pictures = [decode_image(d, f"{where}.multimodal_data[{i}]") for i, d in enumerate(data)]
+    pictures = [decode_image(d, f"{where}.multimodal_data[{i}]", access) for i, d in enumerate(data)]
     return text.replace(MEDIA_MARKER, PICTURE_SLOT), pictures
 
 
@@ -227,7 +228,7 @@ def spec_types(model: Any) -> str:
 def complete(service: Service, body: dict[str, Any]) -> Reply:
     loaded = service.use(body.get("model"), lora=body.get("lora"))
     model = loaded.model
-    asked = _prompts(body, model)
+    asked = _prompts(body, model, service.config.media)
     kwargs = _kwargs(loaded, service, body)
     key = "n_cmpl" if "n_cmpl" in body else "n"  # llama-server's alias
     each = each_completion(body.get(key, 1), key, kwargs, model.defaults)

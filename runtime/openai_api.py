@@ -30,7 +30,8 @@ from .live import PromptProgress, asks_progress
 from .llamacpp_completion import (MAX_PROMPTS, completion_probabilities, each_completion, prompt_text, request_chain,
                                   token_ids)
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
-from .server import (Loaded, Reply, RequestError, Service, _messages, _store_error, answer_format,
+from .request_messages import request_messages
+from .server import (Loaded, Reply, RequestError, Service, _store_error, answer_format,
                      generation_options, top_logprobs, unsupported)
 from .store import StoreError
 
@@ -150,7 +151,7 @@ def chat_input_tokens(service: Service, body: dict[str, Any]) -> Reply:
 def conversation(service: Service, loaded: Loaded, body: dict[str, Any]) -> list[dict[str, Any]]:
     """A chat request's messages, the stored system message first where they have none (tools refused)."""
     unsupported({"tools": body.get("tools")}, service._name(loaded))
-    return loaded.with_system(_messages(body.get("messages"), None))
+    return loaded.with_system(request_messages(body.get("messages"), None, service.config.media))
 
 
 def chat(service: Service, body: dict[str, Any]) -> Reply:

@@ -23,13 +23,15 @@ from typing import Any
 from .generation import llama_timings
 from .live import PromptProgress, asks_progress
 from .openai_api import _options
-from .server import Loaded, Reply, RequestError, Service, _messages, answer_format, unsupported
+from .media_fetch import MediaAccess
+from .request_messages import request_messages
+from .server import Loaded, Reply, RequestError, Service, answer_format, unsupported
 
 _PARTS = {"input_text": "text", "output_text": "text", "text": "text", "input_image": "image_url"}
 
 
 def _part(part: Any, where: str) -> dict[str, Any]:
-    """A Responses content part as the chat API's (server._messages reads those)."""
+    """A Responses content part as the chat API's (request_messages reads those)."""
     kind = _PARTS.get(part.get("type")) if isinstance(part, dict) else None
     if kind == "text":
         return {"type": "text", "text": part.get("text")}
@@ -39,8 +41,9 @@ def _part(part: Any, where: str) -> dict[str, Any]:
     raise RequestError(400, f"{where}: a part of type input_text, input_image or output_text")
 
 
-def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """`instructions` and `input` as the chat API's messages, in transformers' format."""
+def chat_messages(body: dict[str, Any], access: MediaAccess) -> list[dict[str, Any]]:
+    """`instructions` and `input` as the chat API's messages, in transformers' format; pictures by
+    URL as `access` allows."""
     given = body.get("input")
     if isinstance(given, str):
         given = [{"role": "user", "content": given}]
@@ -55,7 +58,7 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(content, list):
             content = [_part(p, f"input[{i}].content[{j}]") for j, p in enumerate(content)]
         raw.append({"role": "system" if item.get("role") == "developer" else item.get("role"), "content": content})
-    messages = _messages(raw, None, "input")
+    messages = request_messages(raw, None, access, "input")
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
@@ -87,7 +90,7 @@ def _conversation(service: Service, loaded: Loaded, body: dict[str, Any]) -> lis
         if body.get(key):
             raise RequestError(400, f"{key}: qvl serve's responses are stateless (as Ollama's)")
     unsupported({"tools": body.get("tools")}, service._name(loaded))
-    return loaded.with_system(chat_messages(body))
+    return loaded.with_system(chat_messages(body, service.config.media))
 
 
 def input_tokens(service: Service, body: dict[str, Any]) -> Reply:

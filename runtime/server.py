@@ -58,7 +58,8 @@ from .generate_context import PromptError, context_ids, rendered, reply_context,
 from .go_template import TemplateError
 from .ollama_template import stored_template
 from .gguf_file import GGUFError, GGUFFile
-from .inline_media import decode_image, decode_video
+from .inline_media import decode_image
+from .media_fetch import MediaAccess
 from .json_format import format_grammar
 from .cache_pool import CachePool
 from .draft_model import draft_for, open_draft
@@ -70,21 +71,14 @@ from .model import PLAN_CTX, Model, ModelError
 from .modelfile import (CHAIN_PARAMS, ModelfileError, check_params, generate_kwargs, modelfile_of, parameter_lines,
                         stored_chat_template, stored_defaults)
 from .placement import Placement
+from .request_error import RequestError
+from .request_messages import request_messages
 from .sampling import SamplingParams
 from .store import Store, StoreError
 from .usage import ServerUsage
 
 VERSION = "0.1.0"
 DEFAULT_PORT = 11434  # Ollama's
-
-
-class RequestError(Exception):
-    """A request answered with an HTTP error status and {"error": message}."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -102,6 +96,7 @@ class ServeConfig:
     metrics: bool = False  # GET /metrics answers (--metrics; metrics_api.py)
     speculation: Speculation | None = None  # every model's drafts (--spec-type; speculative.py)
     draft_model: str | None = None  # every model's draft model (--spec-draft-model; draft_model.py)
+    media: MediaAccess = MediaAccess()  # URLs a request's pictures may come by (--no-remote-media, --media-path)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -256,45 +251,6 @@ def answer_format(body: dict[str, Any]) -> Any:
     except ValueError as e:
         raise RequestError(400, f"{where}: {e}") from None
     return value
-
-
-def _messages(raw: Any, images_key: str | None, name: str = "messages") -> list[dict[str, Any]]:
-    """Ollama's (`images_key` "images") or OpenAI's (None: content parts) messages in the
-    transformers format Model.chat takes; errors name the list `name` (the Responses API's "input")."""
-    if not isinstance(raw, list) or not raw:
-        raise RequestError(400, f"{name}: a non-empty list")
-    out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(400, f"{name}[{i}]: an object with role system, user or assistant")
-        content = m.get("content") or ""
-        parts: list[dict[str, Any]] = []
-        if isinstance(content, list) and images_key is None:
-            for j, p in enumerate(content):
-                where = f"{name}[{i}].content[{j}]"
-                kind = p.get("type") if isinstance(p, dict) else None
-                if kind == "text" and isinstance(p.get("text"), str):
-                    parts.append({"type": "text", "text": p["text"]})
-                elif kind in ("image_url", "video_url"):  # video_url: vLLM's part for a video
-                    url = p.get(kind)
-                    url = url.get("url") if isinstance(url, dict) else url
-                    parts.append({"type": "image", "image": decode_image(url, where)} if kind == "image_url" else
-                                 {"type": "video", "video": decode_video(url, where)})
-                else:
-                    raise RequestError(400, f"{where}: a part of type text, image_url or video_url")
-        elif isinstance(content, str):
-            images = m.get(images_key, []) if images_key else []
-            if not isinstance(images, list):
-                raise RequestError(400, f"{name}[{i}].{images_key}: a list of base64 strings")
-            parts = [{"type": "image", "image": decode_image(b, f"{name}[{i}].{images_key}[{j}]")}
-                     for j, b in enumerate(images)]
-            parts.append({"type": "text", "text": content})
-        else:
-            raise RequestError(400, f"{name}[{i}].content: a string")
-        only_text = all(p["type"] == "text" for p in parts)
-        out.append({"role": m["role"],
-                    "content": "".join(p["text"] for p in parts) if only_text else parts})
-    return out
 
 
 class Service:
@@ -462,7 +418,7 @@ class Service:
         images = body.get("images") or []
         if not isinstance(images, list):
             raise RequestError(400, "images: a list of base64 strings")
-        pictures = [decode_image(b, f"images[{i}]") for i, b in enumerate(images)]
+        pictures = [decode_image(b, f"images[{i}]", self.config.media) for i, b in enumerate(images)]
         kwargs = generation_options(loaded.params, body.get("options") or {}, self.config.ctx_size)
         name = self._name(loaded)
         if not prompt and not pictures:  # Ollama's way to load a model
@@ -507,7 +463,7 @@ class Service:
     def chat(self, body: dict[str, Any]) -> Reply:
         loaded = self.use(body.get("model"), body.get("keep_alive"))
         unsupported(body, self._name(loaded))
-        messages = loaded.with_system(_messages(body.get("messages"), "images"))
+        messages = loaded.with_system(request_messages(body.get("messages"), "images", self.config.media))
         kwargs = generation_options(loaded.params, body.get("options") or {}, self.config.ctx_size)
         top = top_logprobs(body.get("top_logprobs") or 0, "top_logprobs") if body.get("logprobs") else None
         pieces = loaded.model.chat(messages, stream=True, format=answer_format(body), logprobs=top, **kwargs)

@@ -15,6 +15,7 @@ import pytest
 
 from qvl.runtime.image import ImageError
 from qvl.runtime.inline_media import UploadedVideo, decode_image, decode_video, inline_bytes
+from qvl.runtime.media_fetch import NO_ACCESS
 from qvl.runtime.video import VideoError
 from videos import make_video
 
@@ -50,7 +51,7 @@ def test_video_url_part_answers_as_the_file_does(running, reference, clip):
 @pytest.mark.parametrize("url,expect", [
     ("data:video/mp4;base64," + base64.b64encode(b"not a video at all").decode(),
      "messages[0].content[1]: not a readable video"),
-    ("https://example.com/a.mp4", "messages[0].content[1]: qvl serve fetches nothing"),
+    ("file:///a.mp4", "messages[0].content[1]: file:///a.mp4: file:// URLs are read only with qvl serve --media-path"),
     ("data:video/mp4,abc", "messages[0].content[1]: a data: URL wants ;base64"),
     ("@@", "messages[0].content[1]: not base64"),
 ])
@@ -64,7 +65,7 @@ def test_bad_video_urls(running, url, expect):
 
 
 def test_uploaded_video_reads_as_its_place_in_messages(clip):
-    video = decode_video(_url(clip), "messages[2].content[0]")
+    video = decode_video(_url(clip), "messages[2].content[0]", NO_ACCESS)
     assert isinstance(video, UploadedVideo) and os.path.isfile(video)
     assert f"{video}: x" == "messages[2].content[0]: x" and str(video) == video.file.name
     path = str(video)
@@ -74,11 +75,12 @@ def test_uploaded_video_reads_as_its_place_in_messages(clip):
 
 
 def test_inline_bytes_and_images():
-    assert inline_bytes("aGk=", "w", ImageError) == b"hi"
-    assert inline_bytes("data:text/plain;base64,aGk=", "w", VideoError) == b"hi"
-    for bad, expect, error in [(3, "w: a base64 string", ImageError), ("file:///etc/passwd", "fetches nothing",
-                                                                      VideoError)]:
+    assert inline_bytes("aGk=", "w", ImageError, NO_ACCESS) == b"hi"
+    assert inline_bytes("data:text/plain;base64,aGk=", "w", VideoError, NO_ACCESS) == b"hi"
+    for bad, expect, error in [(3, "w: a base64 string or a URL", ImageError),
+                               ("file:///etc/passwd", "file:// URLs are read only", VideoError),
+                               ("https://example.com/a.png", "this qvl serve fetches no URLs", ImageError)]:
         with pytest.raises(error, match=expect):
-            inline_bytes(bad, "w", error)
+            inline_bytes(bad, "w", error, NO_ACCESS)
     with pytest.raises(ImageError, match="images\\[0\\]: not a readable image"):
-        decode_image("aGVsbG8=", "images[0]")
+        decode_image("aGVsbG8=", "images[0]", NO_ACCESS)

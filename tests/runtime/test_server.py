@@ -111,7 +111,7 @@ def test_tags_show_and_models(running):
     ("/api/chat", {"model": "tiny:1", "messages": [{"role": "tool", "content": "x"}]}, 400,
      "messages[0]: an object with role"),
     ("/v1/chat/completions", {"model": "tiny:1", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, 400, "fetches nothing"),
+        {"type": "image_url", "image_url": {"url": "file://a.png"}}]}]}, 400, "file:// URLs are read only with"),
     ("/v1/chat/completions", {"model": "tiny:1", "messages": [{"role": "user", "content": [{"type": "audio"}]}]},
      400, "content[0]: a part of type text, image_url or video_url"),
     ("/api/show", {"model": "nope:1"}, 404, "not found"),

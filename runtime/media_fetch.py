@@ -1,0 +1,81 @@
+"""A request's picture or video given by URL, as llama-server takes them: an http(s) URL fetched
+(at most FETCH_MAX_BYTES, FETCH_TIMEOUT_S without a byte; `qvl serve --no-remote-media` refuses
+them instead), a file:// URL read from the folder `qvl serve --media-path DIR` names (a path
+relative to it, never out of it; refused without the option), as llama-server's --media-path."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+FETCH_MAX_BYTES = 10 * 1024 * 1024  # llama-server's limit on a downloaded picture
+FETCH_TIMEOUT_S = 10.0  # llama-server's
+USER_AGENT = "qvl-serve"
+
+
+@dataclass(frozen=True)
+class MediaAccess:
+    """Where a request's media may come from besides its own bytes."""
+
+    remote: bool = True  # http(s) URLs fetched (llama-server's default); False: refused
+    media_path: Path | None = None  # file:// URLs read below this folder; None: refused
+
+
+NO_ACCESS = MediaAccess(remote=False)  # the request's own bytes only (base64, data: URLs)
+
+
+def is_url(data: str) -> bool:
+    return data.startswith(("http://", "https://", "file:"))
+
+
+def url_bytes(url: str, where: str, error: type[ValueError], access: MediaAccess) -> bytes:
+    """The bytes an http(s) or file:// URL names, as `access` allows; `error` (ImageError,
+    VideoError) names `where` and the URL."""
+    shown = url if len(url) <= 120 else url[:117] + "..."
+    if url.startswith("file:"):
+        return _local(url, shown, where, error, access.media_path)
+    if not access.remote:
+        raise error(f"{where}: {shown}: this qvl serve fetches no URLs (--no-remote-media); send the file inline "
+                    "(base64 or a data: URL)")
+    return _fetch(url, shown, where, error)
+
+
+def _fetch(url: str, shown: str, where: str, error: type[ValueError]) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    limit = f"{FETCH_MAX_BYTES / 2**20:g} MiB"
+    try:
+        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as reply:
+            length = reply.headers.get("Content-Length") or ""
+            # a file said to be too large is not read
+            data = b"" if length.isdigit() and int(length) > FETCH_MAX_BYTES else reply.read(FETCH_MAX_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        raise error(f"{where}: fetching {shown}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise error(f"{where}: fetching {shown}: {e.reason}") from None
+    except TimeoutError:
+        raise error(f"{where}: fetching {shown}: no reply in {FETCH_TIMEOUT_S:g} s") from None
+    except (OSError, ValueError) as e:  # a reset connection, a malformed URL
+        raise error(f"{where}: fetching {shown}: {e}") from None
+    if len(data) > FETCH_MAX_BYTES or (length.isdigit() and int(length) > FETCH_MAX_BYTES):
+        raise error(f"{where}: {shown} is over the {limit} a fetched file may be")
+    return data
+
+
+def _local(url: str, shown: str, where: str, error: type[ValueError], folder: Path | None) -> bytes:
+    if folder is None:
+        raise error(f"{where}: {shown}: file:// URLs are read only with qvl serve --media-path DIR")
+    relative = urllib.parse.unquote(url[len("file://"):] if url.startswith("file://") else url[len("file:"):])
+    parts = PurePosixPath(relative).parts
+    if not relative or relative.startswith(("/", "\\")) or ".." in parts or "\\" in relative or ":" in relative:
+        raise error(f"{where}: {shown}: a path relative to --media-path, without '..'")
+    root = folder.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):  # a link out of the folder
+        raise error(f"{where}: {shown}: outside --media-path")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise error(f"{where}: {shown}: {e.strerror}") from None
