@@ -13,7 +13,8 @@ text tokens before the answer's, as llama-server's do), seed (-1: a random one),
 logit_bias (llama.cpp's [[id or text, bias or false], ...] or {"id or text": bias}), n_probs (any
 number, or its alias logprobs; post_sampling_probs: the sampler chain's probabilities), grammar,
 json_schema, cache_prompt, return_tokens, stream, timings_per_token, return_progress, lora (the
-request's adapter scales, lora_api.py).
+request's adapter scales, lora_api.py), response_fields (the reply's fields kept, llama-server's:
+"generation_settings/n_predict" brings a nested one up under that name).
 Unset, a sampler takes the model's stored PARAMETER, else qvl's default (greedy), as qvl's other
 endpoints do (llama.cpp's server samples at 0.8 by default). n_indent and t_max_predict_ms are
 refused when asked for, not ignored; left at 0 they are fine. Several prompts (a list of
@@ -23,7 +24,7 @@ the seed one more, as llama-server's child tasks) are answered one after another
 completions at index k * n_cmpl ...: an array of replies where there are several (one: the reply
 alone), a stream of all of their events, each with its index.
 
-The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word,
+The reply is llama.cpp's: content, tokens, stop, stop_type (eos, limit, word), stopping_word, has_new_line,
 tokens_predicted, tokens_evaluated, tokens_cached, truncated, timings (cache_n; prompt_* and
 predicted_*: n, ms, per token ms, per second; draft_n and draft_n_accepted under --spec-type),
 generation_settings, completion_probabilities with n_probs;
@@ -41,6 +42,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
+from functools import partial
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -241,6 +243,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
     form, progress, tokens_too = answer_format(body), asks_progress(body), bool(body.get("return_tokens"))
     spell = speller(model.tokenizer)
     runs = [(k, j) for k in range(len(asked)) for j in range(len(each))]  # prompt k's completion j
+    kept = partial(response_fields, _field_paths(body.get("response_fields")))
 
     def run(k: int, j: int) -> tuple[Iterator[str | PromptProgress], Callable[[str, bool], dict[str, Any]]]:
         text, pictures = asked[k]
@@ -257,7 +260,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
                    "id_slot": 0, "stop": True, "model": service._name(loaded), "tokens_predicted": len(g.token_ids),
                    "tokens_evaluated": g.prompt_tokens, "tokens_cached": g.reused_tokens,
                    "generation_settings": settings, "prompt": prompt_text(text, model.tokenizer),
-                   "truncated": False,
+                   "has_new_line": "\n" in content, "truncated": False,
                    "stop_type": "word" if word is not None else "eos" if g.ended else "limit",
                    "stopping_word": word or "",
                    "timings": llama_timings(g, time.perf_counter() - t0)}
@@ -272,7 +275,7 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
         replies = []
         for k, j in runs:  # each reply made as soon as its generation ends (model.last_generation)
             pieces, whole = run(k, j)
-            replies.append(whole("".join(pieces)))
+            replies.append(kept(whole("".join(pieces))))
         return Reply(replies[0] if len(replies) == 1 else replies)  # llama-server's: one alone, several a list
 
     def events() -> Iterator[dict[str, Any]]:
@@ -281,9 +284,34 @@ def complete(service: Service, body: dict[str, Any]) -> Reply:
             chunk = None if top is None else (lambda: completion_probabilities(spell, new_scores(model, sent),
                                                                                chain.post_sampling_probs))
             yield from _stream(*run(k, j), chunk, lambda: model.live, bool(body.get("timings_per_token")),
-                               k * len(each) + j)
+                               k * len(each) + j, kept)
 
     return Reply(events=events(), sse=True, sse_done=False)
+
+
+def _field_paths(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RequestError(400, "response_fields: a list of field names (a/b: field b of a)")
+    return value
+
+
+def response_fields(paths: list[str], reply: dict[str, Any]) -> dict[str, Any]:
+    """llama-server's response_fields: the reply's fields at `paths` ("a/b": field b of a, under
+    the name "a/b"), those it lacks left out; no paths: the whole reply."""
+    if not paths:
+        return reply
+    out = {}
+    for path in paths:
+        value: Any = reply
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            out[path] = value
+    return out
 
 
 def _n_probs(body: dict[str, Any], n_vocab: int) -> int | None:
@@ -315,12 +343,14 @@ def completion_probabilities(spell: Any, scored: list[Any], post_sampling: bool)
 
 def _stream(pieces: Iterator[str | PromptProgress], whole: Callable[[str, bool], dict[str, Any]],
             probabilities: Callable[[], list[dict[str, Any]]] | None, live: Callable[[], Live],
-            per_token: bool, index: int = 0) -> Iterator[dict[str, Any]]:
+            per_token: bool, index: int = 0,
+            kept: Callable[[dict[str, Any]], dict[str, Any]] = lambda reply: reply) -> Iterator[dict[str, Any]]:
     """The stream's events: each piece with the ids of the tokens made since the one before, the
     count made so far (tokens_predicted) and the prompt's (tokens_evaluated), with `per_token` the
     timings so far, and (n_probs) those tokens' probabilities, as llama-server sends them a chunk
     at a time; a PromptProgress as an event of no content; then the whole reply's fields without
-    them. `live`: the running generation (Model.live); `index`: the completion's, in a batch."""
+    them (`kept`: the fields response_fields keeps). `live`: the running generation (Model.live);
+    `index`: the completion's, in a batch."""
     said, sent = [], 0
     for piece in pieces:
         now = live()
@@ -336,7 +366,7 @@ def _stream(pieces: Iterator[str | PromptProgress], whole: Callable[[str, bool],
         elif probabilities is not None and (new := probabilities()):
             event["completion_probabilities"] = new
         yield event
-    yield {**whole("".join(said), False), "content": ""}
+    yield kept({**whole("".join(said), False), "content": ""})
 
 
 def props(service: Service, body: dict[str, Any]) -> Reply:

@@ -113,6 +113,7 @@ def test_n_probs_gives_completion_probabilities(running):
     ({"prompt": "x", "n_cmpl": 0}, "n_cmpl 0: 1 to 16 choices"), ({"prompt": "x", "n": 17}, "n 17: 1 to 16 choices"),
     ({"prompt": "x", "n_cmpl": True}, "n_cmpl True: 1 to 16 choices"),
     ({"prompt": "x", "n_probs": -1}, "n_probs -1: a whole number"),
+    ({"prompt": "x", "response_fields": "content"}, "response_fields: a list of field names"),
     ({"prompt": "x", "logit_bias": [[1, "a"]]}, "the bias is a number or false"),
     ({"prompt": "x", "logit_bias": 3}, "logit_bias: [[token id or text"),
 ])
@@ -297,3 +298,19 @@ def test_each_completions_seed():
     assert [k["seed"] for k in each_completion(3, "n", {"seed": 2**32 - 2}, {})] == [2**32 - 2, RANDOM_SEED, 0]
     assert [k["seed"] for k in each_completion(2, "n", {"seed": -1}, {})] == [-1, -1]  # random, each its own
     assert [k.get("seed") for k in each_completion(2, "n", {}, {"seed": 40})] == [None, 41]  # the stored seed on
+
+
+def test_response_fields_keep_those_fields(running):
+    """llama-server's response_fields: only the fields named, a nested one brought up under its
+    path's name, one the reply lacks left out; a stream's last event alike, its chunks whole."""
+    body = {"prompt": "Count:", "n_predict": 6, "return_tokens": True}
+    whole = _done(running, body)
+    assert whole["has_new_line"] == ("\n" in whole["content"])
+    paths = ["content", "generation_settings/n_predict", "timings/predicted_n", "nope", "timings/nope/x"]
+    got = _done(running, {**body, "response_fields": paths})
+    assert got == {"content": whole["content"], "generation_settings/n_predict": 6, "timings/predicted_n": 6}
+    events = _events(running, {**body, "response_fields": ["stop_type", "tokens_predicted"]})
+    assert events[-1] == {"stop_type": "limit", "tokens_predicted": 6}
+    assert all("content" in e and "tokens" in e for e in events[:-1])
+    several = _done(running, {**body, "prompt": ["Count:", "Hi"], "response_fields": ["index", "tokens_predicted"]})
+    assert several == [{"index": 0, "tokens_predicted": 6}, {"index": 1, "tokens_predicted": 6}]
