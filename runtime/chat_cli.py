@@ -17,10 +17,12 @@ from .image import ImageError
 from .go_template import TemplateError
 from .loader import open_ended
 from .model import Model, ModelError
+from .prompt_paths import pictures_in
 from .run_cli import _out_of_memory, _triton_failure
 from .video import VideoError
 
-CHAT_HELP = """/image PATH                 attach a picture to your next message
+CHAT_HELP = """/image PATH                 attach a picture to your next message (or name it in the message:
+                            ./cat.png, /home/me/cat.jpg, as in `ollama run`)
 /set parameter NAME VALUE   e.g. temperature 0.7, num_predict 256 (Ollama's names, as in a Modelfile)
 /set system TEXT            the system prompt, from the next answer on
 /set format json            answers that are one JSON object (/set noformat: free text again)
@@ -183,6 +185,11 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
             else:
                 typer.echo(f"unknown command {line!r}; /help lists them", err=True)
             continue
+        if model.vision is not None:  # image files the line names go with it, as in `ollama run`
+            line, named = pictures_in(line)
+            for p in named:
+                typer.echo(f"Added image '{p}'", err=True)
+            pending += named
         content = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
         messages.append({"role": "user", "content": content})
         answer = ""

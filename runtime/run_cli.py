@@ -38,6 +38,8 @@ from .sampling import SamplingError, SamplingParams
 from . import spec_flags
 from .draft_model import draft_for, open_draft
 from .speculative import Drafter, SpeculationError, speculation
+from .prompt_paths import pictures_in
+from .run_store import pull_if_missing, stored_run_defaults
 from .store import StoreError
 from .tokenizer import TokenizerError
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VideoError, VideoOptions
@@ -105,54 +107,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _stored_defaults(ctx: typer.Context, name: str) -> tuple[dict[str, object], str | None]:
-    """A stored model's parameters, keyed by run()'s argument, for the options not given on the
-    command line (as Ollama: a request's options win over the model's), and its system prompt."""
-    from .modelfile import USED, stored_defaults
-    from .store import Store
-
-    store = Store()
-    try:
-        store.get(name)
-    except StoreError:
-        return {}, None  # not a stored model: load() says what is wrong with the name
-    try:
-        params, system = stored_defaults(store, name)
-    except StoreError as e:
-        _fail(str(e))
-
-    def unset(arg: str) -> bool:  # typer vendors click: its ParameterSource is not click's own
-        source = ctx.get_parameter_source(arg)
-        return source is None or source.name == "DEFAULT"
-
-    return {USED[k][1]: v for k, v in params.items() if unset(USED[k][1])}, system
-
-
-def _pull_if_missing(name: str, no_pull: bool, insecure: bool) -> None:
-    """A store name that is not in the store is pulled first (unless --no-pull)."""
-    from .sources import pull_with_progress
-    from .store import ModelName, Store
-
-    if name.lower().endswith(".gguf") or name.startswith(("/", "./", "../", "~")):
-        _fail(f"{name}: file not found")
-    try:
-        ModelName.parse(name)
-    except StoreError:
-        return  # not a name: load() reports the missing file
-    store = Store()
-    try:
-        store.get(name)
-        return
-    except StoreError:
-        if no_pull:
-            _fail(f"model {name!r} is not in the store {store.root} (and --no-pull was given)")
-    typer.echo(f"qvl-run: pulling {name}", err=True)
-    try:
-        pull_with_progress(name, store, insecure)
-    except StoreError as e:
-        _fail(str(e))
-
-
 def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: float | None, no_triton: bool,
                cache_type: str | None, no_cuda_graph: bool, int8: bool = False,
                vision_stream: bool = False, no_prefill_offload: bool = False) -> tuple[str, Placement]:
@@ -205,8 +159,11 @@ def _placement(cpu: bool, gpu_layers: int | None, vision_device: str, max_vram: 
 @app.command(help=HELP)
 def run(
     ctx: typer.Context,
-    model_path: Optional[Path] = typer.Argument(
+    model_arg: Optional[str] = typer.Argument(
         None, metavar="MODEL", help="GGUF model file or store name (qwen2.5-vl:3b, hf.co/org/repo:q4_k_m...)."),
+    words: Optional[List[str]] = typer.Argument(
+        None, metavar="[PROMPT]...", help="The question, as `ollama run MODEL PROMPT` takes it (or --prompt); image "
+        "files it names (./cat.png, /home/me/a b.jpg) are attached and leave the text, as Ollama's."),
     image: List[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
     video: List[Path] = typer.Option([], "--video", help="Video file (any container/codec PyAV reads); repeatable."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Question (default: what stdin holds when it "
@@ -382,9 +339,21 @@ def run(
         _fail("--sliding-window: Qwen2-VL / Qwen2.5-VL checkpoints set use_sliding_window false; not supported")
     if bf16 and f32:
         _fail("--bf16 and --f32: choose one")
-    if (model_path is None) == (model_id is None):
-        _fail("give a MODEL (GGUF file or store name) or --model-id, not both" if model_path else
-              "no model: give a GGUF file or store name, or --model-id (see --help)")
+    if model_id is not None and model_arg is not None:  # `qvl-run --model-id ID "question"`
+        if prompt is not None or prompt_file is not None:
+            _fail("give a MODEL (GGUF file or store name) or --model-id, not both")
+        words, model_arg = [model_arg, *(words or [])], None
+    if model_arg is None and model_id is None:
+        _fail("no model: give a GGUF file or store name, or --model-id (see --help)")
+    model_path = Path(model_arg) if model_arg is not None else None
+    if words:
+        if prompt is not None or prompt_file is not None:
+            _fail(f"a PROMPT after MODEL and {'--prompt' if prompt is not None else '--file'}: choose one")
+        text, named = pictures_in(" ".join(words))
+        prompt = text or DEFAULT_PROMPT  # `qvl-run MODEL ./cat.png`: the picture alone
+        for p in named:
+            typer.echo(f"Added image '{p}'", err=True)  # as ollama run says it
+        image = [*image, *map(Path, named)]
     if revision not in (None, "main"):
         _fail(f"--revision {revision}: only the hub's default branch can be pulled")
     if model_id is not None:
@@ -460,9 +429,9 @@ def run(
     except (SamplingError, VideoError, SpeculationError) as e:
         _fail(str(e))
     if not model_path.exists() and mmproj is None:
-        _pull_if_missing(str(model_path), no_pull, insecure)
+        pull_if_missing(str(model_path), no_pull, insecure)
     if not model_path.exists():  # a store name: its stored PARAMETERs and SYSTEM stand in for flags not given
-        stored, stored_system = _stored_defaults(ctx, str(model_path))
+        stored, stored_system = stored_run_defaults(ctx, str(model_path))
         if verbose and (stored or stored_system is not None):
             typer.echo(f"qvl-run: defaults stored with {model_path}: "
                        + ", ".join([f"{k} {v}" for k, v in stored.items()]

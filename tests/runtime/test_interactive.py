@@ -18,6 +18,7 @@ class Recorder:
         self.calls: list[tuple[list[dict], dict]] = []
         self.files = [SimpleNamespace(path=f) for f in files]  # the GGUFs /save stores
         self.defaults = {"messages": [{"role": "user", "content": "stored first"}]}
+        self.vision = object()  # a model that sees pictures
 
     def chat(self, messages, stream=False, **kwargs):
         self.calls.append(([dict(m) for m in messages], dict(kwargs)))
@@ -175,3 +176,31 @@ def test_show_info_system_template(monkeypatch, capsys, fixtures_dir):
     assert chat_cli.chat_show(model, "license", {}, []).startswith("usage: /show info")
     _, _, err = _chat(monkeypatch, capsys, ["/show system", "/show"], system="Old.")
     assert "Old.\n" in err and "usage: /show info, /show parameters" in err
+
+
+def test_image_files_named_in_a_line_go_with_it(monkeypatch, capsys, tmp_path):
+    """As `ollama run`: a typed line's image paths (escaped spaces too) are attached and leave the
+    text; a path that names no file stays text; a model without vision takes the line as it is."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a b.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.JPG")
+    spaced = str(tmp_path / "a b.png").replace(" ", "\\ ")
+    calls, out, err = _chat(monkeypatch, capsys, [f"compare {spaced} and {tmp_path}/c.JPG please",
+                                                  f"and {tmp_path}/none.png?"])
+    (first, _), (second, _) = calls
+    assert first[0]["content"] == [{"type": "image", "image": str(tmp_path / "a b.png")},
+                                   {"type": "image", "image": f"{tmp_path}/c.JPG"},
+                                   {"type": "text", "text": "compare  and  please"}]
+    assert second[-1]["content"] == [{"type": "text", "text": f"and {tmp_path}/none.png?"}]
+    assert err.count("Added image") == 2 and f"Added image '{tmp_path / 'a b.png'}'" in err
+    monkeypatch.setattr(Recorder, "__init__", _blind_init)
+    calls, _, err = _chat(monkeypatch, capsys, [f"what is {tmp_path}/c.JPG"])
+    assert calls[0][0][-1]["content"] == [{"type": "text", "text": f"what is {tmp_path}/c.JPG"}]
+    assert "Added image" not in err
+
+
+_init = Recorder.__init__
+
+
+def _blind_init(self, files=()):
+    _init(self, files)
+    self.vision = None

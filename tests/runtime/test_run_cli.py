@@ -526,3 +526,20 @@ def test_out_of_gpu_memory_is_one_line(model_path, monkeypatch, where):
     assert len(lines) == 1 and lines[0].startswith("qvl-run: error: out of GPU memory ")
     assert ("loading the model" in lines[0]) == (where == "load") and "--max-vram" in lines[0]
     assert "Traceback" not in r.output
+
+
+def test_a_prompt_after_the_model_as_ollama_run_takes_it(model_path, image_path):
+    """`qvl-run MODEL "question ./a.png"`: the words are the question, the image file they name is
+    attached (as --image) and leaves the text; a picture alone is asked the default question."""
+    def ids(args):
+        r = runner.invoke(app, [model_path, "-n", "4", "--json", *args])
+        assert r.exit_code == 0, r.stderr
+        return json.loads(r.stdout)["token_ids"], json.loads(r.stdout)["prompt_tokens"], r.stderr
+
+    want = ids(["--image", image_path, "--prompt", "What colour is it?"])[:2]
+    got = ids(["What colour", f"is it? {image_path}"])
+    assert got[:2] == want and f"Added image '{image_path}'" in got[2]
+    assert ids([image_path])[:2] == ids(["--image", image_path, "--prompt", DEFAULT_PROMPT])[:2]
+    assert ids(["Why is the sky blue?"])[:2] == ids(["--prompt", "Why is the sky blue?"])[:2]
+    r = runner.invoke(app, [model_path, "Hi", "--prompt", "Hi"])
+    assert r.exit_code == 2 and "a PROMPT after MODEL and --prompt: choose one" in r.stderr
