@@ -51,8 +51,9 @@ HELP = """Run a Qwen2-VL / Qwen2.5-VL GGUF on images and a prompt.
 
 MODEL is a GGUF file: llama.cpp's text model (its mmproj-*.gguf is found beside it), Ollama's
 single qwen25vl file, or what qvl-convert wrote. Images come before the text unless the prompt
-places them with {image1}, {image2}, ... Without --prompt and with a terminal on stdin, an
-interactive chat starts.
+places them with {image1}, {image2}, ... The question may follow MODEL, as in `ollama run`,
+image files it names attached (qvl-run m.gguf "What is in ./cat.png?"). Without a question and
+with a terminal on stdin, an interactive chat starts.
 
 With a CUDA GPU the whole model runs there through qvl's Triton kernels, or as much of it
 as the GPU's free memory holds (one warning says what stays on the CPU); --gpu-layers,
@@ -162,7 +163,7 @@ def run(
     model_arg: Optional[str] = typer.Argument(
         None, metavar="MODEL", help="GGUF model file or store name (qwen2.5-vl:3b, hf.co/org/repo:q4_k_m...)."),
     words: Optional[List[str]] = typer.Argument(
-        None, metavar="[PROMPT]...", help="The question, as `ollama run MODEL PROMPT` takes it (or --prompt); image "
+        None, metavar="PROMPT", help="The question, as `ollama run MODEL PROMPT` takes it (or --prompt); image "
         "files it names (./cat.png, /home/me/a b.jpg) are attached and leave the text, as Ollama's."),
     image: List[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
     video: List[Path] = typer.Option([], "--video", help="Video file (any container/codec PyAV reads); repeatable."),
