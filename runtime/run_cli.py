@@ -350,7 +350,8 @@ def run(
     if words:
         if prompt is not None or prompt_file is not None:
             _fail(f"a PROMPT after MODEL and {'--prompt' if prompt is not None else '--file'}: choose one")
-        text, named = pictures_in(" ".join(words))
+        piped = sys.stdin.read().strip() if sys.stdin is not None and not sys.stdin.isatty() else ""
+        text, named = pictures_in(" ".join([piped, *words] if piped else words))  # `cat a.txt | ollama run m Sum it up`
         prompt = text or DEFAULT_PROMPT  # `qvl-run MODEL ./cat.png`: the picture alone
         for p in named:
             typer.echo(f"Added image '{p}'", err=True)  # as ollama run says it

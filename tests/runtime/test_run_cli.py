@@ -541,5 +541,7 @@ def test_a_prompt_after_the_model_as_ollama_run_takes_it(model_path, image_path)
     assert got[:2] == want and f"Added image '{image_path}'" in got[2]
     assert ids([image_path])[:2] == ids(["--image", image_path, "--prompt", DEFAULT_PROMPT])[:2]
     assert ids(["Why is the sky blue?"])[:2] == ids(["--prompt", "Why is the sky blue?"])[:2]
+    piped = runner.invoke(app, [model_path, "-n", "4", "--json", "Why is it blue?"], input="The sky.\n")
+    assert json.loads(piped.stdout)["token_ids"] == ids(["--prompt", "The sky. Why is it blue?"])[0]  # stdin first
     r = runner.invoke(app, [model_path, "Hi", "--prompt", "Hi"])
     assert r.exit_code == 2 and "a PROMPT after MODEL and --prompt: choose one" in r.stderr
