@@ -1,17 +1,21 @@
 """qvl-run's terminal chat, as `ollama run`'s: answers stream, commands start with a slash
-(`/image`, `/set`, `/show`, `/save`, `/boxes`, `/clear`, `/bye`)."""
+(`/image`, `/set`, `/show`, `/save`, `/boxes`, `/clear`, `/bye`), a message of several lines
+goes between \"\"\"s, and `/set verbose` (or qvl-run --verbose) prints each answer's figures as
+Ollama's do (chat_input.py reads the lines)."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import typer
 
 from .boxes_cli import draw_answer_boxes
+from .chat_input import LineReader
 from .grounding import GroundingError, counted
 from .image import ImageError
 from .go_template import TemplateError
@@ -26,6 +30,7 @@ CHAT_HELP = """/image PATH                 attach a picture to your next message
 /set parameter NAME VALUE   e.g. temperature 0.7, num_predict 256 (Ollama's names, as in a Modelfile)
 /set system TEXT            the system prompt, from the next answer on
 /set format json            answers that are one JSON object (/set noformat: free text again)
+/set verbose                each answer's token counts and rates after it (/set quiet: none)
 /show info|parameters       the model (architecture, size, quantization, ...); the parameters in force
 /show system|template       the system prompt; the prompt template
 /boxes FILE                 draw the boxes and points of the last answer on the last picture, into FILE
@@ -33,6 +38,7 @@ CHAT_HELP = """/image PATH                 attach a picture to your next message
 /clear                      forget the conversation (and pictures not yet sent)
 /bye                        leave (also /exit, /quit, Ctrl-D)
 /help                       this list
+\"\"\" ... \"\"\"                 a message of several lines
 Ctrl-C stops an answer; earlier turns' prompt is reused, not read again."""
 
 def chat_set(arg: str, gen_kwargs: dict, messages: list[dict], saved: dict) -> str:
@@ -138,9 +144,43 @@ def draw_last(model: Model, messages: list[dict], path: Path) -> str:
 
 
 def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str],
-                keep: Optional[Callable[[], None]] = None) -> None:
+                keep: Optional[Callable[[], None]] = None, history: Optional[Path] = None,
+                verbose: bool = False) -> None:
     """A chat on the terminal, as `ollama run`: answers stream, commands start with a slash;
-    `keep()` after each answer (--prompt-cache: the KV cache written to its file)."""
+    `keep()` after each answer (--prompt-cache: the KV cache written to its file); `history`: the
+    file of earlier lines (chat_input.py; None: none kept); `verbose`: each answer's figures."""
+    reader = LineReader(history)
+    try:
+        _chat_loop(model, gen_kwargs, images, system, keep, reader, verbose)
+    finally:
+        reader.close()
+
+
+def summary(g: Any, total_s: float) -> str:
+    """An answer's figures as `ollama run --verbose` prints them (api.Metrics' Summary)."""
+    prompt_s = g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3
+    decode_s, n = g.timings.get("decode_s", 0.0), len(g.token_ids)
+    lines = [f"total duration:       {go_duration(total_s)}", f"prompt eval count:    {g.prompt_tokens} token(s)"]
+    if prompt_s > 0:
+        lines += [f"prompt eval duration: {go_duration(prompt_s)}",
+                  f"prompt eval rate:     {g.prompt_tokens / prompt_s:.2f} tokens/s"]
+    lines.append(f"eval count:           {n} token(s)")
+    if decode_s > 0:
+        lines += [f"eval duration:        {go_duration(decode_s)}",
+                  f"eval rate:            {n / decode_s:.2f} tokens/s"]
+    return "\n".join(lines)
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds as Go prints a time.Duration: 1.25s, 131.2ms, 45µs (to the microsecond)."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3)):
+        if seconds >= scale:
+            return f"{seconds / scale:.6f}".rstrip("0").rstrip(".") + unit
+    return f"{round(seconds * 1e6)}µs"
+
+
+def _chat_loop(model: Model, gen_kwargs: dict, images: list[str], system: Optional[str],
+               keep: Optional[Callable[[], None]], reader: LineReader, verbose: bool) -> None:
     gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "videos"}
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     pending, saved = list(images), {}
@@ -148,7 +188,7 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
                err=True)
     while True:
         try:
-            line = input("> ").strip()
+            line, quoted = reader.read()
         except EOFError:
             typer.echo("", err=True)
             return
@@ -157,7 +197,7 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
             continue
         if not line:
             continue
-        if line.startswith("/"):
+        if line.startswith("/") and not quoted:
             command, _, arg = line.partition(" ")
             if command in ("/bye", "/exit", "/quit"):
                 return
@@ -166,6 +206,9 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
             elif command == "/clear":
                 messages, pending = [m for m in messages if m["role"] == "system"], []
                 typer.echo("(conversation cleared)", err=True)
+            elif command == "/set" and arg.strip() in ("verbose", "quiet"):
+                verbose = arg.strip() == "verbose"
+                typer.echo(f"Set '{arg.strip()}' mode.", err=True)  # Ollama's words
             elif command == "/set":
                 typer.echo(chat_set(arg, gen_kwargs, messages, saved), err=True)
             elif command == "/save" and arg.strip():
@@ -192,7 +235,7 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
             pending += named
         content = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
         messages.append({"role": "user", "content": content})
-        answer = ""
+        answer, started = "", time.perf_counter()
         try:
             for piece in model.chat(messages, stream=True, **gen_kwargs):
                 answer += piece
@@ -216,6 +259,8 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
         except KeyboardInterrupt:
             typer.echo("\n(stopped)", err=True)
         sys.stdout.write("\n")
+        if verbose and model.last_generation is not None:
+            typer.echo(summary(model.last_generation, time.perf_counter() - started), err=True)
         pending = []
         messages.append({"role": "assistant", "content": answer})
         if keep is not None:

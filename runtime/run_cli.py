@@ -493,9 +493,10 @@ def run(
         return
     if chat:
         from .chat_cli import interactive
+        from .chat_input import history_path
 
         interactive(model, gen_kwargs, [str(p) for p in image], system,
-                    lambda: _keep_prompt(model, prompt_cache, prompt_cache_ro))
+                    lambda: _keep_prompt(model, prompt_cache, prompt_cache_ro), history_path(), verbose)
         return
     text = prompt if prompt is not None else DEFAULT_PROMPT
     try:

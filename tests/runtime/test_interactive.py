@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 from types import SimpleNamespace
 
+import pytest
 from PIL import Image
 
 from qvl.runtime import chat_cli, run_cli
@@ -25,7 +26,7 @@ class Recorder:
         yield "ok"
 
 
-def _chat(monkeypatch, capsys, lines, system=None, images=(), files=()):
+def _chat(monkeypatch, capsys, lines, system=None, images=(), files=(), verbose=False, history=None):
     feed = iter(lines)
 
     def fake_input(prompt=""):
@@ -38,7 +39,7 @@ def _chat(monkeypatch, capsys, lines, system=None, images=(), files=()):
     model = Recorder(files)
     gen_kwargs = dict(max_new_tokens=512, temperature=None, top_p=None, top_k=None, min_p=None, repeat_penalty=1.0,
                       repeat_last_n=64, seed=1, ctx_size=None, stop=[], min_pixels=1, max_pixels=2, videos=[])
-    chat_cli.interactive(model, gen_kwargs, list(images), system)
+    chat_cli.interactive(model, gen_kwargs, list(images), system, history=history, verbose=verbose)
     out = capsys.readouterr()
     return model.calls, out.out, out.err
 
@@ -204,3 +205,53 @@ _init = Recorder.__init__
 def _blind_init(self, files=()):
     _init(self, files)
     self.vision = None
+
+
+def test_a_message_of_several_lines_between_triple_quotes(monkeypatch, capsys):
+    """As in `ollama run`: \"\"\" opens a message of several lines and \"\"\" ends it; one between
+    quotes on one line is text too, never a command."""
+    calls, out, _ = _chat(monkeypatch, capsys, ['"""first line', "  second", 'third"""', '"""/bye"""', "  last  "])
+    texts = [c[0][-1]["content"][-1]["text"] for c in calls]
+    assert texts == ["first line\n  second\nthird", "/bye", "last"] and out == "ok\nok\nok\n"
+
+
+def test_set_verbose_prints_ollamas_figures(monkeypatch, capsys):
+    made = SimpleNamespace(prompt_tokens=40, token_ids=[1, 2, 3],
+                           timings={"prefill_s": 0.5, "vision_ms": 300.0, "decode_s": 0.25})
+    monkeypatch.setattr(Recorder, "last_generation", made, raising=False)
+    _, _, quiet = _chat(monkeypatch, capsys, ["hello"])
+    assert "eval rate" not in quiet
+    _, _, err = _chat(monkeypatch, capsys, ["/set verbose", "hello", "/set quiet", "again"])
+    assert "Set 'verbose' mode." in err and "Set 'quiet' mode." in err and err.count("\neval rate:") == 1
+    for line in ("prompt eval count:    40 token(s)", "prompt eval duration: 800ms",
+                 "prompt eval rate:     50.00 tokens/s", "eval count:           3 token(s)",
+                 "eval duration:        250ms", "eval rate:            12.00 tokens/s"):
+        assert line in err, err
+    assert "total duration:" in err
+    _, _, err = _chat(monkeypatch, capsys, ["hello"], verbose=True)  # qvl-run --verbose
+    assert err.count("\neval rate:") == 1
+
+
+def test_go_durations():
+    assert [chat_cli.go_duration(s) for s in (2.0, 1.25, 0.1312, 4.5e-5, 0.0)] == ["2s", "1.25s", "131.2ms", "45µs",
+                                                                                    "0µs"]
+
+
+def test_the_history_file(monkeypatch, tmp_path):
+    from qvl.runtime import chat_input
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("QVL_NOHISTORY", raising=False)
+    assert chat_input.history_path() == tmp_path / ".qvl" / "history"
+    monkeypatch.setenv("QVL_NOHISTORY", "1")
+    assert chat_input.history_path() is None
+    if chat_input._readline() is None:
+        pytest.skip("this Python has no readline")
+    history = tmp_path / "new" / "history"
+    reader = chat_input.LineReader(history)
+    reader._readline.add_history("an earlier message")
+    reader.close()
+    assert "an earlier message" in history.read_text()
+    reader._readline.clear_history()
+    chat_input.LineReader(history)  # read back
+    assert reader._readline.get_history_item(reader._readline.get_current_history_length()) == "an earlier message"
