@@ -31,26 +31,27 @@ def is_url(data: str) -> bool:
     return data.startswith(("http://", "https://", "file:"))
 
 
-def url_bytes(url: str, where: str, error: type[ValueError], access: MediaAccess) -> bytes:
-    """The bytes an http(s) or file:// URL names, as `access` allows; `error` (ImageError,
-    VideoError) names `where` and the URL."""
+def url_bytes(url: str, where: str, error: type[ValueError], access: MediaAccess,
+              limit: int | None = None) -> bytes:
+    """The bytes an http(s) or file:// URL names, as `access` allows, an http(s) one at most
+    `limit` bytes (None: FETCH_MAX_BYTES); `error` (ImageError, VideoError) names `where` and the URL."""
     shown = url if len(url) <= 120 else url[:117] + "..."
     if url.startswith("file:"):
         return _local(url, shown, where, error, access.media_path)
     if not access.remote:
         raise error(f"{where}: {shown}: this qvl serve fetches no URLs (--no-remote-media); send the file inline "
                     "(base64 or a data: URL)")
-    return _fetch(url, shown, where, error)
+    return _fetch(url, shown, where, error, FETCH_MAX_BYTES if limit is None else limit)
 
 
-def _fetch(url: str, shown: str, where: str, error: type[ValueError]) -> bytes:
+def _fetch(url: str, shown: str, where: str, error: type[ValueError], most: int) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    limit = f"{FETCH_MAX_BYTES / 2**20:g} MiB"
+    limit = f"{most / 2**20:g} MiB"
     try:
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as reply:
             length = reply.headers.get("Content-Length") or ""
             # a file said to be too large is not read
-            data = b"" if length.isdigit() and int(length) > FETCH_MAX_BYTES else reply.read(FETCH_MAX_BYTES + 1)
+            data = b"" if length.isdigit() and int(length) > most else reply.read(most + 1)
     except urllib.error.HTTPError as e:
         raise error(f"{where}: fetching {shown}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
@@ -59,7 +60,7 @@ def _fetch(url: str, shown: str, where: str, error: type[ValueError]) -> bytes:
         raise error(f"{where}: fetching {shown}: no reply in {FETCH_TIMEOUT_S:g} s") from None
     except (OSError, ValueError) as e:  # a reset connection, a malformed URL
         raise error(f"{where}: fetching {shown}: {e}") from None
-    if len(data) > FETCH_MAX_BYTES or (length.isdigit() and int(length) > FETCH_MAX_BYTES):
+    if len(data) > most or (length.isdigit() and int(length) > most):
         raise error(f"{where}: {shown} is over the {limit} a fetched file may be")
     return data
 

@@ -11,6 +11,7 @@ import json
 import re
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, List, Optional
@@ -38,6 +39,7 @@ from .sampling import SamplingError, SamplingParams
 from . import spec_flags
 from .draft_model import draft_for, open_draft
 from .speculative import Drafter, SpeculationError, speculation
+from .media_args import is_remote, local_paths
 from .prompt_paths import pictures_in
 from .run_store import pull_if_missing, stored_run_defaults
 from .store import StoreError
@@ -165,8 +167,9 @@ def run(
     words: Optional[List[str]] = typer.Argument(
         None, metavar="PROMPT", help="The question, as `ollama run MODEL PROMPT` takes it (or --prompt); image "
         "files it names (./cat.png, /home/me/a b.jpg) are attached and leave the text, as Ollama's."),
-    image: List[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
-    video: List[Path] = typer.Option([], "--video", help="Video file (any container/codec PyAV reads); repeatable."),
+    image_args: List[str] = typer.Option([], "--image", help="Image file or http(s) URL; repeat for several."),
+    video_args: List[str] = typer.Option([], "--video", help="Video file (any container/codec PyAV reads) or http(s) "
+                                         "URL; repeatable."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Question (default: what stdin holds when it "
                                          f"is not a terminal, as `echo ... | ollama run`; else {DEFAULT_PROMPT!r})."),
     prompt_file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the question from this file "
@@ -347,6 +350,12 @@ def run(
     if model_arg is None and model_id is None:
         _fail("no model: give a GGUF file or store name, or --model-id (see --help)")
     model_path = Path(model_arg) if model_arg is not None else None
+    remote = any(map(is_remote, [*image_args, *video_args]))  # fetched first, into a folder gone at exit
+    folder = Path(ctx.with_resource(tempfile.TemporaryDirectory(prefix="qvl-run-"))) if remote else Path()
+    try:
+        image, video = local_paths(image_args, "image", folder), local_paths(video_args, "video", folder)
+    except (ImageError, VideoError) as e:
+        _fail(str(e))
     if words:
         if prompt is not None or prompt_file is not None:
             _fail(f"a PROMPT after MODEL and {'--prompt' if prompt is not None else '--file'}: choose one")

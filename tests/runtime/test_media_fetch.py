@@ -156,3 +156,30 @@ def test_the_serve_flags(tmp_path, monkeypatch):
         assert r.exit_code == 0 and got.pop() == want, r.output
     r = CliRunner().invoke(app, ["serve", "--media-path", str(tmp_path / "none")])
     assert r.exit_code == 2 and f"--media-path {tmp_path / 'none'}: not a folder" in r.stderr
+
+
+def test_qvl_run_takes_image_urls(pages, tiny_gguf, tmp_path):
+    """qvl-run --image URL (as mlx-vlm takes one): the answer the file itself gets; the fetched
+    copy gone when qvl-run ends; a URL that fails is one line, exit 2."""
+    import glob
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from qvl.runtime.run_cli import app
+
+    (tmp_path / "pic.png").write_bytes(PICTURE)
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "qvl-run-*")))
+
+    def run(picture):
+        r = CliRunner().invoke(app, [tiny_gguf, "--image", picture, "-p", "What colour?", "-n", "4", "--json"])
+        return r.exit_code, r.stdout, r.stderr
+
+    code, out, err = run(f"{pages}/pic.png")
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == json.loads(run(str(tmp_path / "pic.png"))[1])["token_ids"]
+    assert json.loads(out)["prompt_tokens"] > 20
+    code, _, err = run(f"{pages}/missing.png")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("qvl-run: error: --image: fetching http://")
+    assert "HTTP 404" in err
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "qvl-run-*"))) == before

@@ -1,0 +1,34 @@
+"""qvl-run's --image and --video given as http(s) URLs, as mlx-vlm and transformers take them:
+each fetched once (at most CLI_MAX_BYTES, media_fetch.py) into a temporary folder that goes when
+qvl-run ends, kept under its own name, then read as the file it now is."""
+
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+
+from .image import ImageError
+from .media_fetch import MediaAccess, url_bytes
+from .video import VideoError
+
+CLI_MAX_BYTES = 512 * 2**20  # a picture or a video fetched for qvl-run
+
+
+def is_remote(arg: str) -> bool:
+    return arg.startswith(("http://", "https://"))
+
+
+def local_paths(args: list[str], kind: str, folder: Path) -> list[Path]:
+    """`args` (--image or --video values) as files: paths as they are, URLs fetched into `folder`
+    (ImageError / VideoError naming the flag and the URL when one cannot be)."""
+    out = []
+    for i, arg in enumerate(args):
+        if not is_remote(arg):
+            out.append(Path(arg))
+            continue
+        name = Path(urllib.parse.unquote(urllib.parse.urlparse(arg).path)).name or kind
+        target = folder / f"{kind}{i + 1}-{name}"
+        error = ImageError if kind == "image" else VideoError
+        target.write_bytes(url_bytes(arg, f"--{kind}", error, MediaAccess(), CLI_MAX_BYTES))
+        out.append(target)
+    return out
