@@ -18,17 +18,21 @@ def is_remote(arg: str) -> bool:
     return arg.startswith(("http://", "https://"))
 
 
-def local_paths(args: list[str], kind: str, folder: Path) -> list[Path]:
+def local_paths(args: list[str], kind: str, folder: Path, urls: dict[Path, str]) -> list[Path]:
     """`args` (--image or --video values) as files: paths as they are, URLs fetched into `folder`
-    (ImageError / VideoError naming the flag and the URL when one cannot be)."""
+    under their own names (each fetched file's URL put in `urls`, for what qvl-run prints);
+    ImageError / VideoError naming the flag and the URL when one cannot be fetched."""
     out = []
     for i, arg in enumerate(args):
         if not is_remote(arg):
             out.append(Path(arg))
             continue
         name = Path(urllib.parse.unquote(urllib.parse.urlparse(arg).path)).name or kind
-        target = folder / f"{kind}{i + 1}-{name}"
+        target = folder / f"{kind}{i + 1}" / name  # its own name: --boxes' {stem} and {name} read it
         error = ImageError if kind == "image" else VideoError
-        target.write_bytes(url_bytes(arg, f"--{kind}", error, MediaAccess(), CLI_MAX_BYTES))
+        data = url_bytes(arg, f"--{kind}", error, MediaAccess(), CLI_MAX_BYTES)
+        target.parent.mkdir()
+        target.write_bytes(data)
+        urls[target] = arg
         out.append(target)
     return out

@@ -352,8 +352,9 @@ def run(
     model_path = Path(model_arg) if model_arg is not None else None
     remote = any(map(is_remote, [*image_args, *video_args]))  # fetched first, into a folder gone at exit
     folder = Path(ctx.with_resource(tempfile.TemporaryDirectory(prefix="qvl-run-"))) if remote else Path()
+    urls: dict[Path, str] = {}  # each fetched file's URL
     try:
-        image, video = local_paths(image_args, "image", folder), local_paths(video_args, "video", folder)
+        image, video = local_paths(image_args, "image", folder, urls), local_paths(video_args, "video", folder, urls)
     except (ImageError, VideoError) as e:
         _fail(str(e))
     if words:
@@ -497,7 +498,7 @@ def run(
         from .run_each import ask_each
 
         if ask_each(model, prompt if prompt is not None else DEFAULT_PROMPT, image, system, gen_kwargs, json_out,
-                    stream, logprobs, load_s, boxes):
+                    stream, logprobs, load_s, boxes, urls):
             raise typer.Exit(1)
         return
     if chat:

@@ -26,15 +26,18 @@ from .run_cli import _draw_answer_boxes, _fail, _out_of_memory, _triton_failure
 
 
 def ask_each(model: Model, text: str, images: list[Path], system: str | None, gen_kwargs: dict[str, Any],
-             json_out: bool, stream: bool, logprobs: int | None, load_s: float, boxes: Path | None = None) -> int:
+             json_out: bool, stream: bool, logprobs: int | None, load_s: float, boxes: Path | None = None,
+             urls: dict[Path, str] | None = None) -> int:
     """Answers each picture in turn (with `boxes`, a file name with {stem} or {name}: each
-    answer's boxes drawn on its picture); returns how many failed."""
+    answer's boxes drawn on its picture); returns how many failed. `urls`: the URL a fetched
+    picture is named by (media_args.py)."""
     failed = 0
     for path in images:
+        shown = (urls or {}).get(path, str(path))
         streamed = stream and not json_out
         try:
             if streamed:
-                sys.stdout.write(f"{path}: ")
+                sys.stdout.write(f"{shown}: ")
                 for piece in model.generate(text, [str(path)], stream=True, system=system, **gen_kwargs):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
@@ -52,7 +55,7 @@ def ask_each(model: Model, text: str, images: list[Path], system: str | None, ge
             continue
         except torch.OutOfMemoryError:
             sys.stdout.flush()
-            _fail(_out_of_memory(f"answering about {path}"))
+            _fail(_out_of_memory(f"answering about {shown}"))
         except Exception as e:
             why = _triton_failure(e)
             if why is None:
@@ -62,11 +65,11 @@ def ask_each(model: Model, text: str, images: list[Path], system: str | None, ge
         assert isinstance(out, Generation)
         found = None if boxes is None else _draw_answer_boxes(model, out, path, boxes_path(boxes, path))
         if json_out:
-            reply = {"image": str(path), **answer_json(out, answer_timings(out, load_s))}
+            reply = {"image": shown, **answer_json(out, answer_timings(out, load_s))}
             if found is not None:
                 reply["boxes"] = [b.as_json() for b in found]
             typer.echo(json.dumps(reply, ensure_ascii=False))
         else:
-            typer.echo(f"{path}: {out.text}")
+            typer.echo(f"{shown}: {out.text}")
         load_s = 0.0  # the model was loaded once, before the first
     return failed

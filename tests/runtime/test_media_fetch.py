@@ -179,6 +179,11 @@ def test_qvl_run_takes_image_urls(pages, tiny_gguf, tmp_path):
     assert code == 0, err
     assert json.loads(out)["token_ids"] == json.loads(run(str(tmp_path / "pic.png"))[1])["token_ids"]
     assert json.loads(out)["prompt_tokens"] > 20
+    r = CliRunner().invoke(app, [tiny_gguf, "--each", "--image", f"{pages}/pic.png", "--image",
+                                 str(tmp_path / "pic.png"), "-p", "What colour?", "-n", "4", "--json"])
+    replies = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.exit_code == 0 and [a["image"] for a in replies] == [f"{pages}/pic.png", str(tmp_path / "pic.png")]
+    assert replies[0]["token_ids"] == replies[1]["token_ids"] == json.loads(out)["token_ids"]
     code, _, err = run(f"{pages}/missing.png")
     assert code == 2 and err.strip().splitlines()[-1].startswith("qvl-run: error: --image: fetching http://")
     assert "HTTP 404" in err
