@@ -33,6 +33,7 @@ CHAT_HELP = """/image PATH                 attach a picture to your next message
 /set verbose                each answer's token counts and rates after it (/set quiet: none)
 /show info|parameters       the model (architecture, size, quantization, ...); the parameters in force
 /show system|template       the system prompt; the prompt template
+/show modelfile|license     this chat's Modelfile (as /save would store it); the GGUF's license
 /boxes FILE                 draw the boxes and points of the last answer on the last picture, into FILE
 /save NAME                  store this model with the conversation, system prompt and /set parameters
 /clear                      forget the conversation (and pictures not yet sent)
@@ -85,9 +86,11 @@ def chat_parameters(gen_kwargs: dict) -> str:
     return "\n".join(rows)
 
 
-def chat_show(model: Model, what: str, gen_kwargs: dict, messages: list[dict]) -> str:
-    """`/show info|parameters|system|template`, as Ollama's."""
+def chat_show(model: Model, what: str, gen_kwargs: dict, messages: list[dict], saved: dict) -> str:
+    """`/show info|license|modelfile|parameters|system|template`, as Ollama's (`saved`: the
+    parameters /set in this chat, which its Modelfile carries as Ollama's does)."""
     from .inspect import model_rows
+    from .modelfile import render
 
     if what == "parameters":
         return chat_parameters(gen_kwargs)
@@ -100,7 +103,27 @@ def chat_show(model: Model, what: str, gen_kwargs: dict, messages: list[dict]) -
     if what == "template":
         template = model.chat_template
         return getattr(template, "source", template) or "(the built-in Qwen2-VL template)"
-    return "usage: /show info, /show parameters, /show system or /show template"
+    if what == "license":  # the GGUF's general.license (qvl-run reads a stored LICENSE nowhere else)
+        return str(model.text_file.get("general.license") or "No license was specified for this model.")
+    if what == "modelfile":
+        system, turns = _session(model, messages)
+        files = [str(f.path) for f in model.files]
+        return render(files, saved, getattr(model.chat_template, "source", None), system,
+                      model.text_file.get("general.license"), Path(files[0]).name, turns)
+    return "usage: /show info, license, modelfile, parameters, system or template"
+
+
+def _session(model: Model, messages: list[dict]) -> tuple[str | None, list[dict]]:
+    """The chat's system prompt, and its turns as text (the stored conversation first; pictures left
+    out), as /save stores them and /show modelfile shows them."""
+    def text(content: object) -> str:
+        if isinstance(content, str):
+            return content
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))  # type: ignore[union-attr]
+
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    return system, list(model.defaults.get("messages", [])) + [
+        {"role": m["role"], "content": text(m["content"])} for m in messages if m["role"] != "system"]
 
 
 def save(model: Model, name: str, messages: list[dict], params: dict) -> str:
@@ -109,15 +132,8 @@ def save(model: Model, name: str, messages: list[dict], params: dict) -> str:
     parameters set in this chat as its PARAMETERs."""
     from .store import Store, StoreError
 
-    def text(content: object) -> str:
-        if isinstance(content, str):
-            return content
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))  # type: ignore[union-attr]
-
     files = [Path(f.path) for f in model.files]
-    system = next((m["content"] for m in messages if m["role"] == "system"), None)
-    turns = list(model.defaults.get("messages", [])) + [
-        {"role": m["role"], "content": text(m["content"])} for m in messages if m["role"] != "system"]
+    system, turns = _session(model, messages)
     try:
         entry = Store().create(name, files[0], files[1] if len(files) > 1 else None, params=params or None,
                                system=system, messages=turns)
@@ -214,7 +230,7 @@ def _chat_loop(model: Model, gen_kwargs: dict, images: list[str], system: Option
             elif command == "/save" and arg.strip():
                 typer.echo(save(model, arg.strip(), messages, saved), err=True)
             elif command == "/show":
-                typer.echo(chat_show(model, arg.strip(), gen_kwargs, messages), err=True)
+                typer.echo(chat_show(model, arg.strip(), gen_kwargs, messages, saved), err=True)
             elif command == "/boxes" and arg.strip():
                 typer.echo(draw_last(model, messages, Path(arg.strip()).expanduser()), err=True)
             elif command == "/image" and arg.strip():

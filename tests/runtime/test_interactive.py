@@ -164,19 +164,38 @@ def test_show_info_system_template(monkeypatch, capsys, fixtures_dir):
     from qvl.runtime.ollama_template import OllamaTemplate
 
     model = load(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf", device="cpu")
-    info = chat_cli.chat_show(model, "info", {}, [])
+    info = chat_cli.chat_show(model, "info", {}, [], {})
     assert "architecture      qwen2vl" in info and "quantization      MOSTLY_F16" in info
     assert "projector         qwen2.5vl_merger" in info and "parameters        10M" in info
-    assert chat_cli.chat_show(model, "system", {}, []) == "(no system prompt)"
+    assert chat_cli.chat_show(model, "system", {}, [], {}) == "(no system prompt)"
     model.defaults = {"system": "Stored."}
-    assert chat_cli.chat_show(model, "system", {}, []) == "Stored."
-    assert chat_cli.chat_show(model, "system", {}, [{"role": "system", "content": "Mine."}]) == "Mine."
-    assert chat_cli.chat_show(model, "template", {}, []) == model.chat_template and "im_start" in model.chat_template
+    assert chat_cli.chat_show(model, "system", {}, [], {}) == "Stored."
+    assert chat_cli.chat_show(model, "system", {}, [{"role": "system", "content": "Mine."}], {}) == "Mine."
+    shown = chat_cli.chat_show(model, "template", {}, [], {})
+    assert shown == model.chat_template and "im_start" in model.chat_template
     model.chat_template = OllamaTemplate("{{ .Prompt }}")
-    assert chat_cli.chat_show(model, "template", {}, []) == "{{ .Prompt }}"
-    assert chat_cli.chat_show(model, "license", {}, []).startswith("usage: /show info")
+    assert chat_cli.chat_show(model, "template", {}, [], {}) == "{{ .Prompt }}"
+    assert chat_cli.chat_show(model, "nope", {}, [], {}).startswith("usage: /show info")
+    assert chat_cli.chat_show(model, "license", {}, [], {}) == "No license was specified for this model."
     _, _, err = _chat(monkeypatch, capsys, ["/show system", "/show"], system="Old.")
-    assert "Old.\n" in err and "usage: /show info, /show parameters" in err
+    assert "Old.\n" in err and "usage: /show info, license, modelfile, parameters" in err
+
+
+def test_show_modelfile_reads_back_to_this_chat(fixtures_dir):
+    """/show modelfile: FROM the loaded files, the /set parameters, the system prompt and the
+    conversation's text as MESSAGEs; the Modelfile parser reads it back to the same."""
+    from qvl.runtime.loader import load
+    from qvl.runtime.modelfile import parse
+
+    model = load(fixtures_dir / "tiny-qwen2.5-vl" / "llamacpp" / "tiny-qwen2.5-vl-f16.gguf", device="cpu")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": "Hello."}]
+    text = chat_cli.chat_show(model, "modelfile", {}, messages, {"temperature": 0.5, "stop": ["x"]})
+    mf = parse(text)
+    assert mf.sources == tuple(str(f.path) for f in model.files) and len(mf.sources) == 2
+    assert mf.system == "Be brief." and mf.params == {"temperature": 0.5, "stop": ["x"]}
+    assert mf.messages == ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."})
 
 
 def test_image_files_named_in_a_line_go_with_it(monkeypatch, capsys, tmp_path):
