@@ -1,8 +1,10 @@
 """`qvl bench`: llama-bench's table for a model: prompt processing (ppN: a prompt of N tokens
-read), text generation (tgN: N tokens decoded, end-of-turn tokens not ending it) and, for a
-model with a vision tower, image encoding (imgWxH: merged image tokens a second); each the mean
-and standard deviation over repetitions, after one warm-up (Triton's compiles, the CPU's
-repacking caches)."""
+read), text generation (tgN: N tokens decoded, end-of-turn tokens not ending it), both (ppN+tgM:
+their tokens over their time together), each at a depth (" @ dD": after D tokens already in the
+cache, read once untimed) and, for a model with a vision tower, image encoding (imgWxH: merged
+image tokens a second); each the mean and standard deviation over repetitions, after one warm-up
+(Triton's compiles, the CPU's repacking caches). The prompts are random ordinary token ids.
+Reported as llama-bench's markdown table, or its csv / json / jsonl records (`records`)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,12 @@ MERGE = 28  # pixels a side of one merged image token (14-pixel patches, 2x2 mer
 
 @dataclass(frozen=True)
 class Test:
-    name: str  # pp512, tg128, img1024x1024
+    name: str  # pp512, tg128, pp512+tg128 @ d4096, img1024x1024
     tokens: int
     seconds: list[float] = field(default_factory=list)
+    n_prompt: int = 0
+    n_gen: int = 0
+    n_depth: int = 0
 
     @property
     def rates(self) -> list[float]:
@@ -38,36 +43,50 @@ class Test:
         return f"{statistics.mean(rates):.2f} ± {sd:.2f}"
 
 
-def _prompt(model: Model, n: int, rng: np.random.Generator) -> str:
-    """Text of about n tokens: random ordinary tokens (as llama-bench's random prompt), decoded."""
-    special = set(model.tokenizer.get_added_tokens_decoder())
-    ids = [int(i) for i in rng.integers(0, model.tokenizer.get_vocab_size(with_added_tokens=False), 4 * n + 16)
-           if int(i) not in special]
-    text = model.tokenizer.decode(ids[:n])
-    # decoding and encoding again may merge or split: trim to n tokens of the re-encoded text
-    again = model.tokenizer.encode(text, add_special_tokens=False).ids
-    return model.tokenizer.decode(again[:n])
+def test_name(n_prompt: int, n_gen: int, n_depth: int) -> str:
+    """llama-bench's: pp512, tg128, pp512+tg128, with " @ d4096" at a depth."""
+    name = "+".join(f"{k}{n}" for k, n in (("pp", n_prompt), ("tg", n_gen)) if n)
+    return f"{name} @ d{n_depth}" if n_depth else name
 
 
-def prompt_processing(model: Model, n: int, reps: int, seed: int) -> Test:
+def _ids(model: Model, n: int, rng: np.random.Generator) -> list[int]:
+    """n random ordinary token ids (no special or added token), as llama-bench's random prompt."""
+    return [int(i) for i in rng.integers(0, model.tokenizer.get_vocab_size(with_added_tokens=False), n)]
+
+
+def measured(model: Model, n_prompt: int, n_gen: int, n_depth: int, reps: int, seed: int) -> Test:
+    """One of llama-bench's tests: at each repetition n_prompt new tokens read and n_gen tokens
+    generated (end-of-turn tokens not ending them), after n_depth tokens already in the cache;
+    the seconds are the reading's and the generation's (not the depth's)."""
     rng = np.random.default_rng(seed)
-    test = Test(f"pp{n}", n)
-    for _ in range(reps):
-        g = model.generate(_prompt(model, n, rng), template=False, max_new_tokens=1, cache_prompt=False)
-        test.seconds.append(g.timings["prefill_s"] * n / max(g.prompt_tokens, 1))
-    return test
-
-
-def text_generation(model: Model, n: int, reps: int) -> Test:
-    test = Test(f"tg{n}", n)
+    test = Test(test_name(n_prompt, n_gen, n_depth), n_prompt + n_gen, [], n_prompt, n_gen, n_depth)
+    ctx = n_depth + n_prompt + max(n_gen, 1) + 1
+    depth = _ids(model, n_depth, rng)
     stops, model.stop_ids = model.stop_ids, set()  # as llama-bench: n tokens, whatever they are
     try:
+        if depth:  # the context the test runs at, read once, untimed; each repetition reuses it
+            model.generate(depth, template=False, max_new_tokens=0, ctx_size=ctx)
         for _ in range(reps):
-            g = model.generate("Once upon a time", template=False, max_new_tokens=n, cache_prompt=False)
-            test.seconds.append(g.timings["decode_s"] * n / max(len(g.token_ids), 1))
+            prompt = depth + _ids(model, n_prompt or (0 if depth else 1), rng)
+            g = model.generate(prompt, template=False, max_new_tokens=max(n_gen, 1), ctx_size=ctx,
+                               cache_prompt=bool(depth))
+            seconds = 0.0
+            if n_prompt:  # the tokens read, the depth's reused ones not among them
+                seconds += g.timings["prefill_s"] * n_prompt / max(g.prompt_tokens - g.reused_tokens, 1)
+            if n_gen:
+                seconds += g.timings["decode_s"] * n_gen / max(len(g.token_ids), 1)
+            test.seconds.append(seconds)
     finally:
         model.stop_ids = stops
     return test
+
+
+def prompt_processing(model: Model, n: int, reps: int, seed: int) -> Test:
+    return measured(model, n, 0, 0, reps, seed)
+
+
+def text_generation(model: Model, n: int, reps: int) -> Test:
+    return measured(model, 0, n, 0, reps, 0)
 
 
 def image_encoding(model: Model, width: int, height: int, reps: int, seed: int) -> Test:
@@ -106,3 +125,39 @@ def table(model_name: str, size: int, model: Model, tests: list[Test]) -> str:
              for r in rows]
     lines.insert(1, "| " + " | ".join("-" * w if i < 5 else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |")
     return "\n".join(lines)
+
+
+FIELDS = ("model_filename", "model_type", "model_size", "model_n_params", "backends", "n_threads", "n_gpu_layers",
+          "n_prompt", "n_gen", "n_depth", "test", "test_time", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts")
+
+
+def records(model: Model, name: str, size: int, tests: list[Test], when: str) -> list[dict[str, object]]:
+    """Each test as llama-bench's -o json / jsonl / csv record (its field names; `test` is qvl's
+    own, for the image tests llama-bench has not; `backends`: qvl's backend line), the samples last."""
+    gpu_layers = model.cfg.n_layer - model.decoder.first_on_accel if model.placement.accel is not None else 0
+    out = []
+    for t in tests:
+        ns = [round(s * 1e9) for s in t.seconds]
+        rates = t.rates
+        out.append({"model_filename": str(model.text_file.path), "model_type": name, "model_size": size,
+                    "model_n_params": params_of(model), "backends": backend(model),
+                    "n_threads": torch.get_num_threads(), "n_gpu_layers": gpu_layers, "n_prompt": t.n_prompt,
+                    "n_gen": t.n_gen, "n_depth": t.n_depth, "test": t.name, "test_time": when,
+                    "avg_ns": round(statistics.mean(ns)) if ns else 0,
+                    "stddev_ns": round(statistics.stdev(ns)) if len(ns) > 1 else 0,
+                    "avg_ts": statistics.mean(rates) if rates else 0.0,
+                    "stddev_ts": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+                    "samples_ns": ns, "samples_ts": rates})
+    return out
+
+
+def csv_text(rows: list[dict[str, object]]) -> str:
+    """llama-bench's -o csv: a header of the fields, then a row a test (no samples)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(FIELDS)
+    writer.writerows([[r[f] for f in FIELDS] for r in rows])
+    return buf.getvalue().rstrip("\n")

@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from ..convert import cli as convert_cli
-from . import embed_cli, imatrix_cli, perplexity_cli, run_cli, spec_flags
+from . import bench_cli, embed_cli, imatrix_cli, perplexity_cli, run_cli, spec_flags
 from .gguf_file import GGUFError, GGUFFile
 from .inspect import human_bytes, inspect_file, model_rows
 
@@ -29,6 +29,7 @@ app.command("convert-lora", help=convert_cli.CONVERT_LORA_HELP)(convert_cli.conv
 app.command("embed", help=embed_cli.HELP)(embed_cli.embed_command)
 app.command("perplexity", help=perplexity_cli.HELP)(perplexity_cli.perplexity_command)
 app.command("imatrix", help=imatrix_cli.HELP)(imatrix_cli.imatrix_command)
+app.command("bench", help=bench_cli.HELP)(bench_cli.bench_command)
 
 
 @app.command("inspect", help="Show a GGUF file's metadata (long arrays summarised) and tensor table.\n\n"
@@ -278,81 +279,6 @@ def push_cmd(
     except StoreError as e:
         _store_fail(e)
     typer.echo(f"pushed {name} to {target} ({human_bytes(sent)} uploaded)", err=True)
-
-
-@app.command("bench", help="Time a model as llama-bench does: a prompt read (ppN), tokens generated (tgN) and, "
-                           "with a vision tower, an image encoded (imgWxH); tokens a second, mean ± sd over "
-                           "repetitions, after a warm-up.\n\nExample: qvl bench qwen2.5-vl-3b-q4_k_m.gguf -p 512 -n 128")
-def bench_cmd(
-    model: Path = typer.Argument(..., help="GGUF file (its mmproj found beside it) or stored name."),
-    prompt_tokens: int = typer.Option(512, "-p", "--n-prompt", help="Prompt tokens for ppN (0: skip)."),
-    gen_tokens: int = typer.Option(128, "-n", "--n-gen", help="Tokens for tgN (0: skip)."),
-    image: str = typer.Option("1024x1024", "--image-size", help="WxH of the random picture for imgWxH (none: skip)."),
-    reps: int = typer.Option(3, "-r", "--repetitions", help="Runs of each test."),
-    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a CUDA GPU is there."),
-    gpu_layers: Optional[int] = typer.Option(None, "-ngl", "--gpu-layers", help="Decoder layers on the GPU."),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads", help="CPU threads (default: one a physical core)."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object: each test's tokens and seconds a run."),
-) -> None:
-    import torch
-
-    from . import bench
-    from .loader import load
-    from .model import ModelError
-    from .store import StoreError, gguf_config
-    from .tokenizer import TokenizerError
-
-    def fail(message: str) -> None:
-        typer.echo(f"qvl bench: error: {message}", err=True)
-        raise typer.Exit(2)
-
-    size = None
-    if image != "none":
-        try:
-            width, height = (int(v) for v in image.lower().split("x"))
-            assert width >= 28 and height >= 28
-            size = (width, height)
-        except (ValueError, AssertionError):
-            fail(f"--image-size {image}: WIDTHxHEIGHT, each 28 or more, or none")
-    for flag, value, least in (("-p", prompt_tokens, 0), ("-n", gen_tokens, 0), ("-r", reps, 1),
-                               ("-t", threads or 1, 1), ("-ngl", 0 if gpu_layers is None else gpu_layers, 0)):
-        if value < least:
-            fail(f"{flag} {value}: {least} or more")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    device, placement = run_cli._placement(cpu, gpu_layers, "auto", None, False, None, False)
-    try:
-        loaded = load(model, device=device, placement=placement)
-    except (GGUFError, TokenizerError, ModelError, KeyError, StoreError, OSError) as e:
-        fail(str(e).strip("'\""))
-    info = gguf_config(Path(loaded.text_file.path))
-    name = " ".join(v for v in (info["model_family"], info["model_type"], info["file_type"]) if v)
-    def status(text: str) -> None:  # on a terminal: what runs now (a 7B's tests take minutes on a CPU)
-        if sys.stderr.isatty():
-            typer.echo(f"\r\033[Kqvl bench: {text}", err=True, nl=False)
-
-    status("warm-up")
-    loaded.generate("Hi", template=False, max_new_tokens=2, cache_prompt=False)
-    tests = []
-    if prompt_tokens:
-        status(f"pp{prompt_tokens}, {reps} runs")
-        tests.append(bench.prompt_processing(loaded, prompt_tokens, reps, 1))
-    if gen_tokens:
-        status(f"tg{gen_tokens}, {reps} runs")
-        tests.append(bench.text_generation(loaded, gen_tokens, reps))
-    if size is not None and loaded.vision is not None:
-        status(f"img{size[0]}x{size[1]}, {reps} runs")
-        tests.append(bench.image_encoding(loaded, size[0], size[1], reps, 2))
-    if sys.stderr.isatty():
-        typer.echo("\r\033[K", err=True, nl=False)
-    total = sum(p.stat().st_size for f in loaded.files for p in f.paths)
-    if json_out:
-        typer.echo(json.dumps({"model": name, "size": total, "params": bench.params_of(loaded),
-                               "backend": bench.backend(loaded),
-                               "tests": [{"test": t.name, "tokens": t.tokens, "seconds": t.seconds,
-                                          "tok_s": t.rates} for t in tests]}))
-    else:
-        typer.echo(bench.table(name, total, loaded, tests))
 
 
 HOST_HELP = "The server: [http://]HOST[:PORT] (default $QVL_HOST, else 127.0.0.1:11434)."

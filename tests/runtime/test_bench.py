@@ -60,6 +60,9 @@ def test_text_generation_runs_past_end_of_turn_tokens(path):
     (["--image-size", "10x10"], "--image-size 10x10: WIDTHxHEIGHT, each 28 or more, or none"),
     (["-r", "0"], "-r 0: 1 or more"),
     (["-p", "-1"], "-p -1: 0 or more"),
+    (["-n", "8,x"], "-n 8,x: whole numbers, comma-separated"),
+    (["-pg", "8"], "-pg 8: P,G (prompt tokens, generated tokens)"),
+    (["-o", "sql"], "-o sql: one of md, csv, json, jsonl"),
 ])
 def test_bench_errors(path, args, message):
     r = CliRunner().invoke(app, ["bench", str(path), *args])
@@ -70,3 +73,50 @@ def test_bench_missing_model(tmp_path, monkeypatch):
     monkeypatch.setenv("QVL_MODELS", str(tmp_path))
     r = CliRunner().invoke(app, ["bench", str(tmp_path / "nope.gguf"), "--image-size", "none"])
     assert r.exit_code == 2 and r.stderr.startswith("qvl bench: error: ") and r.stderr.count("\n") == 1
+
+
+def test_lists_depths_and_llama_benchs_outputs(path):
+    """-p / -n / -d lists and -pg, named and ordered as llama-bench's (" @ dD", by depth); -o json's
+    records carry its fields, csv its header, jsonl a record a line."""
+    args = ["bench", str(path), "-p", "8,16", "-n", "4", "-pg", "8,4", "-d", "0,24", "-r", "2", "--image-size", "none"]
+    r = CliRunner().invoke(app, [*args, "-o", "json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["test"] for row in rows] == ["pp8", "pp16", "tg4", "pp8+tg4", "pp8 @ d24", "pp16 @ d24", "tg4 @ d24",
+                                             "pp8+tg4 @ d24"]
+    assert [(row["n_prompt"], row["n_gen"], row["n_depth"]) for row in rows][3:5] == [(8, 4, 0), (8, 0, 24)]
+    for row in rows:
+        assert set(bench.FIELDS) <= set(row) and len(row["samples_ns"]) == len(row["samples_ts"]) == 2
+        tokens = row["n_prompt"] + row["n_gen"]
+        assert row["samples_ts"] == pytest.approx([tokens * 1e9 / ns for ns in row["samples_ns"]], rel=1e-6)
+        assert row["avg_ts"] == pytest.approx(sum(row["samples_ts"]) / 2) and row["n_gpu_layers"] == 0
+    r = CliRunner().invoke(app, [*args[:-4], "-d", "24", "-r", "1", "--image-size", "none", "-o", "csv"])
+    lines = r.stdout.splitlines()
+    assert r.exit_code == 0 and lines[0] == ",".join(bench.FIELDS) and len(lines) == 1 + 4
+    assert [line.split(",")[bench.FIELDS.index("test")] for line in lines[1:]] == [
+        "pp8 @ d24", "pp16 @ d24", "tg4 @ d24", "pp8+tg4 @ d24"]
+    r = CliRunner().invoke(app, ["bench", str(path), "-p", "8", "-n", "0", "-r", "1", "--image-size", "none",
+                                 "-o", "jsonl"])
+    assert r.exit_code == 0 and [json.loads(line)["test"] for line in r.stdout.splitlines()] == ["pp8"]
+
+
+def test_a_depth_is_read_once_and_not_timed(path):
+    """At a depth, the context is read once before the repetitions, each of which reuses it: the
+    timed prompt reads only the test's own tokens."""
+    model = load(path)
+    seen = []
+    real = model.generate
+
+    def recording(prompt, *args, **kwargs):
+        g = real(prompt, *args, **kwargs)
+        seen.append((len(prompt), kwargs["max_new_tokens"], g.prompt_tokens - g.reused_tokens))
+        return g
+
+    model.generate = recording
+    test = bench.measured(model, 8, 0, 24, 2, 1)
+    assert test.name == "pp8 @ d24" and seen[0] == (24, 0, 24)
+    assert [(n, m) for n, m, _ in seen[1:]] == [(32, 1), (32, 1)] and all(read <= 9 for _, _, read in seen[1:])
+    seen.clear()
+    test = bench.measured(model, 0, 5, 24, 2, 1)
+    assert test.name == "tg5 @ d24" and [(n, m) for n, m, _ in seen] == [(24, 0), (24, 5), (24, 5)]
+    assert all(read <= 1 for _, _, read in seen[1:])  # the depth reused: at most its last token read again
