@@ -367,6 +367,11 @@ def serve_cmd(
                                                   "/slots/0?action=save|restore files (the KV cache kept on disk)."),
     media_path: Optional[Path] = typer.Option(None, "--media-path", help="Folder whose files requests may name as "
                                               "file:// URLs relative to it (llama-server's; default: none may)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Answer only requests carrying this key "
+                                          "(Authorization: Bearer KEY, or X-Api-Key), as llama-server's; several: "
+                                          "A,B (default $QVL_API_KEY; /health stays open)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="A file of keys, one a line (# "
+                                                "comments), as llama-server's."),
     no_remote_media: bool = typer.Option(False, "--no-remote-media", help="Refuse http(s) URLs of pictures and "
                                          "videos in requests (by default fetched, as llama-server does: 10 MiB, "
                                          "10 s)."),
@@ -397,9 +402,10 @@ def serve_cmd(
     import torch
 
     from .http_serve import serve
+    from .api_keys import ENV, KeyFileError, server_keys
     from .lora import LoraError, lora_sources
     from .media_fetch import MediaAccess
-    from .origins import parse_origins
+    from .origins import is_loopback, parse_origins
     from .server import RequestError, ServeConfig, Service, keep_alive_seconds
     from .speculative import SpeculationError, speculation
 
@@ -421,6 +427,12 @@ def serve_cmd(
         fail(f"--slot-save-path {slot_save_path}: not a folder")
     if media_path is not None and not media_path.is_dir():
         fail(f"--media-path {media_path}: not a folder")
+    try:
+        keys = server_keys(api_key if api_key is not None else os.environ.get(ENV), api_key_file)
+    except KeyFileError as e:
+        fail(str(e))
+    if (api_key is not None or api_key_file is not None) and not keys:
+        fail("--api-key / --api-key-file: no key given")
     try:
         adapters = tuple((path, 0.0 if lora_off else s) for path, s in lora_sources(lora or [], lora_scaled or []))
     except LoraError as e:
@@ -449,7 +461,7 @@ def serve_cmd(
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
                          int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters, metrics,
                          spec, str(spec_draft_model) if spec_draft_model else None,
-                         MediaAccess(not no_remote_media, media_path))
+                         MediaAccess(not no_remote_media, media_path), keys)
     service = Service(config)
     if model is not None:
         try:
@@ -465,6 +477,9 @@ def serve_cmd(
         bound_host, bound_port = server.server_address[:2]
         typer.echo(f"qvl serve: listening on http://{bound_host}:{bound_port} (Ollama's API; OpenAI's under /v1); "
                    "Ctrl-C stops", err=True)
+        if not keys and not is_loopback(str(bound_host)):
+            typer.echo(f"qvl serve: warning: {bound_host} is reachable from other machines and no --api-key is "
+                       "set: whoever reaches it may use, pull and delete models", err=True)
 
     try:
         serve(service, host, port, log, ready)

@@ -8,6 +8,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from . import api_keys
+
 DEFAULT_HOST = "127.0.0.1:11434"
 TIMEOUT_S = 10
 
@@ -34,8 +36,11 @@ def server_url(host: str | None) -> str:
 def ask(base: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON answer to GET `path` (or a POST of `body`)."""
     data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if key := os.environ.get(api_keys.ENV):  # a server started with --api-key
+        headers["Authorization"] = f"Bearer {key.split(',')[0].strip()}"
     req = urllib.request.Request(base + path, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
             return json.loads(r.read() or b"{}")

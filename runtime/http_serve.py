@@ -27,6 +27,7 @@ import torch
 from ..convert.errors import ConvertError
 from . import (anthropic_api, blob_upload, embed_api, llamacpp_api, llamacpp_completion, lora_api, metrics_api,
                openai_api, responses_api, server, slots_api, store_api)
+from .api_keys import UNAUTHORIZED, allowed
 from .origins import PREFLIGHT_HEADERS, host_allowed, is_loopback, origin_allowed
 from .go_template import TemplateError
 from .image import ImageError
@@ -166,6 +167,14 @@ def make_handler(service: Service, log: Callable[[str], None],
                 self._check_caller()
                 if method == "OPTIONS":
                     status = self._preflight()
+                    log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
+                    return
+                if not allowed(service.config.api_keys, path, self.headers):  # --api-key (api_keys.py)
+                    status = 401
+                    data = json.dumps(UNAUTHORIZED).encode()
+                    self._send_head(401, "application/json; charset=utf-8", len(data))
+                    if method != "HEAD":
+                        self.wfile.write(data)
                     log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
                     return
                 if method == "HEAD" or path.startswith(blob_upload.PREFIX):

@@ -97,6 +97,7 @@ class ServeConfig:
     speculation: Speculation | None = None  # every model's drafts (--spec-type; speculative.py)
     draft_model: str | None = None  # every model's draft model (--spec-draft-model; draft_model.py)
     media: MediaAccess = MediaAccess()  # URLs a request's pictures may come by (--no-remote-media, --media-path)
+    api_keys: tuple[str, ...] = ()  # a request must carry one (--api-key; api_keys.py); none: no check
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")

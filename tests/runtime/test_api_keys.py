@@ -1,0 +1,101 @@
+"""qvl serve --api-key: requests without one of the keys are a 401 with llama-server's body, the
+health checks and preflights open; keys from the flag, $QVL_API_KEY or a file; qvl ps sends
+$QVL_API_KEY."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+from serving import MODEL, Running
+from typer.testing import CliRunner
+
+from qvl.runtime import http_serve
+from qvl.runtime.api_keys import UNAUTHORIZED, KeyFileError, allowed, server_keys
+from qvl.runtime.cli import app
+from qvl.runtime.server import ServeConfig, Service
+
+
+@pytest.fixture(scope="module")
+def keyed(store, files):
+    r = Running(Service(ServeConfig(default_model=str(files / MODEL), api_keys=("k1", "secret two")), store))
+    yield r
+    r.server.shutdown()
+
+
+def _call(running, path, headers=None, body=None, method=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(running.url + path, data=data, headers=headers or {},
+                                 method=method or ("POST" if data is not None else "GET"))
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_requests_want_a_key(keyed):
+    for path in ("/api/tags", "/v1/models", "/props", "/metrics"):
+        status, data = _call(keyed, path)
+        assert status == 401 and json.loads(data) == UNAUTHORIZED, path
+    assert _call(keyed, "/api/tags", {"Authorization": "Bearer wrong"})[0] == 401
+    assert _call(keyed, "/api/tags", {"Authorization": "Bearer secret two"})[0] == 200
+    assert _call(keyed, "/api/tags", {"Authorization": "k1"})[0] == 200  # llama-server takes it bare too
+    assert _call(keyed, "/v1/models", {"X-Api-Key": "k1"})[0] == 200  # Anthropic's header
+    for path in ("/health", "/v1/health", "/"):
+        assert _call(keyed, path)[0] == 200, path
+    assert _call(keyed, "/api/tags", {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "GET"},
+                 method="OPTIONS")[0] == 204  # a browser's preflight carries no key
+    status, data = _call(keyed, "/v1/chat/completions", {"Authorization": "Bearer k1"},
+                         {"model": "tiny:1", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 200 and json.loads(data)["usage"]["completion_tokens"] == 2
+    status, _ = _call(keyed, "/v1/chat/completions", None,
+                      {"model": "tiny:1", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 401
+
+
+def test_qvl_ps_sends_the_environments_key(keyed, monkeypatch):
+    host = keyed.url.removeprefix("http://")
+    monkeypatch.delenv("QVL_API_KEY", raising=False)
+    r = CliRunner().invoke(app, ["ps", "--host", host])
+    assert r.exit_code != 0 and "401" in r.stderr
+    monkeypatch.setenv("QVL_API_KEY", "secret two")
+    r = CliRunner().invoke(app, ["ps", "--host", host])
+    assert r.exit_code == 0 and r.stdout.startswith("NAME"), r.output
+
+
+def test_keys_from_the_flag_and_a_file(tmp_path):
+    (tmp_path / "keys").write_text("# ours\nalpha\n\n beta \nalpha\n")
+    assert server_keys("x, y,,x", None) == ("x", "y")
+    assert server_keys(None, tmp_path / "keys") == ("alpha", "beta")
+    assert server_keys("x", tmp_path / "keys") == ("x", "alpha", "beta")
+    with pytest.raises(KeyFileError, match="--api-key-file .*none: No such file"):
+        server_keys(None, tmp_path / "none")
+    assert allowed((), "/api/tags", {}) and allowed(("a",), "/health", {})
+    assert not allowed(("a",), "/api/tags", {"Authorization": "Bearer b"})
+
+
+def test_the_serve_flags(tmp_path, monkeypatch):
+    got = []
+
+    def fake_serve(service, host, port, log, ready):
+        got.append(service.config.api_keys)
+        ready(SimpleNamespace(server_address=(host, 11434)))
+
+    monkeypatch.setattr(http_serve, "serve", fake_serve)
+    monkeypatch.setenv("QVL_API_KEY", "from-env")
+    r = CliRunner().invoke(app, ["serve", "--cpu"])
+    assert r.exit_code == 0 and got.pop() == ("from-env",) and "warning" not in r.stderr
+    r = CliRunner().invoke(app, ["serve", "--cpu", "--api-key", "a,b", "--host", "0.0.0.0"])
+    assert r.exit_code == 0 and got.pop() == ("a", "b") and "warning" not in r.stderr
+    monkeypatch.delenv("QVL_API_KEY")
+    r = CliRunner().invoke(app, ["serve", "--cpu", "--host", "0.0.0.0"])
+    assert r.exit_code == 0 and got.pop() == () and "no --api-key is set" in r.stderr
+    r = CliRunner().invoke(app, ["serve", "--api-key-file", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "--api-key-file" in r.stderr and "No such file" in r.stderr
+    (tmp_path / "empty").write_text("# nothing\n")
+    r = CliRunner().invoke(app, ["serve", "--api-key-file", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "no key given" in r.stderr
