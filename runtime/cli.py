@@ -372,6 +372,9 @@ def serve_cmd(
                                           "A,B (default $QVL_API_KEY; /health stays open)."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="A file of keys, one a line (# "
                                                 "comments), as llama-server's."),
+    ssl_cert: Optional[Path] = typer.Option(None, "--ssl-cert-file", help="HTTPS: the server's PEM certificate "
+                                            "(with --ssl-key-file), as llama-server's."),
+    ssl_key: Optional[Path] = typer.Option(None, "--ssl-key-file", help="HTTPS: the certificate's PEM private key."),
     no_remote_media: bool = typer.Option(False, "--no-remote-media", help="Refuse http(s) URLs of pictures and "
                                          "videos in requests (by default fetched, as llama-server does: 10 MiB, "
                                          "10 s)."),
@@ -401,7 +404,9 @@ def serve_cmd(
 ) -> None:
     import torch
 
-    from .http_serve import serve
+    import ssl
+
+    from .http_serve import serve, tls_context
     from .api_keys import ENV, KeyFileError, server_keys
     from .lora import LoraError, lora_sources
     from .media_fetch import MediaAccess
@@ -433,6 +438,15 @@ def serve_cmd(
         fail(str(e))
     if (api_key is not None or api_key_file is not None) and not keys:
         fail("--api-key / --api-key-file: no key given")
+    tls = None
+    if (ssl_cert is None) != (ssl_key is None):
+        fail("--ssl-cert-file and --ssl-key-file: give both")
+    if ssl_cert is not None and ssl_key is not None:
+        tls = (str(ssl_cert), str(ssl_key))
+        try:
+            tls_context(*tls)
+        except (OSError, ssl.SSLError) as e:
+            fail(f"--ssl-cert-file {ssl_cert}, --ssl-key-file {ssl_key}: {getattr(e, 'strerror', None) or e}")
     try:
         adapters = tuple((path, 0.0 if lora_off else s) for path, s in lora_sources(lora or [], lora_scaled or []))
     except LoraError as e:
@@ -461,7 +475,7 @@ def serve_cmd(
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
                          int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters, metrics,
                          spec, str(spec_draft_model) if spec_draft_model else None,
-                         MediaAccess(not no_remote_media, media_path), keys)
+                         MediaAccess(not no_remote_media, media_path), keys, tls)
     service = Service(config)
     if model is not None:
         try:
@@ -475,7 +489,8 @@ def serve_cmd(
 
     def ready(server) -> None:
         bound_host, bound_port = server.server_address[:2]
-        typer.echo(f"qvl serve: listening on http://{bound_host}:{bound_port} (Ollama's API; OpenAI's under /v1); "
+        scheme = "https" if tls else "http"
+        typer.echo(f"qvl serve: listening on {scheme}://{bound_host}:{bound_port} (Ollama's API; OpenAI's under /v1); "
                    "Ctrl-C stops", err=True)
         if not keys and not is_loopback(str(bound_host)):
             typer.echo(f"qvl serve: warning: {bound_host} is reachable from other machines and no --api-key is "

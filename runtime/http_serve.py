@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import queue
+import ssl
 import sys
 import threading
 import time
@@ -284,6 +285,14 @@ def make_handler(service: Service, log: Callable[[str], None],
     return Handler
 
 
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """qvl serve --ssl-cert-file / --ssl-key-file (llama-server's): a server's TLS context from PEM
+    files (ssl.SSLError or OSError when they cannot be read or do not match)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 def serve(service: Service, host: str, port: int, log: Callable[[str], None],
           ready: Callable[[HTTPServer], None] | None = None) -> None:
     """Answer requests until interrupted (or the server's `shutdown` from another thread): the
@@ -292,6 +301,19 @@ def serve(service: Service, host: str, port: int, log: Callable[[str], None],
     jobs: queue.Queue[Job] = queue.Queue(MAX_WAITING)
     server = ThreadingHTTPServer((host, port), make_handler(service, log, jobs))
     server.daemon_threads = True
+    if service.config.tls is not None:  # HTTPS: each connection's handshake in its own thread, at its first read
+        context = tls_context(*service.config.tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        plain = server.handle_error
+
+        def handle_error(request: Any, client: Any) -> None:  # a client not speaking TLS: one line, no traceback
+            error = sys.exc_info()[1]
+            if isinstance(error, (ssl.SSLError, ConnectionError)):
+                log(f"{client[0]}: connection dropped ({error})")
+            else:
+                plain(request, client)
+
+        server.handle_error = handle_error  # type: ignore[method-assign]
     listening = threading.Thread(target=server.serve_forever, name="qvl-serve-http", daemon=True)
     listening.start()
     if ready is not None:

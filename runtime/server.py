@@ -98,6 +98,7 @@ class ServeConfig:
     draft_model: str | None = None  # every model's draft model (--spec-draft-model; draft_model.py)
     media: MediaAccess = MediaAccess()  # URLs a request's pictures may come by (--no-remote-media, --media-path)
     api_keys: tuple[str, ...] = ()  # a request must carry one (--api-key; api_keys.py); none: no check
+    tls: tuple[str, str] | None = None  # HTTPS from these PEM files: certificate, key (--ssl-cert-file, --ssl-key-file)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")

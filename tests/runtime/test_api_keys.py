@@ -4,9 +4,13 @@ $QVL_API_KEY."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -99,3 +103,45 @@ def test_the_serve_flags(tmp_path, monkeypatch):
     (tmp_path / "empty").write_text("# nothing\n")
     r = CliRunner().invoke(app, ["serve", "--api-key-file", str(tmp_path / "empty")])
     assert r.exit_code == 2 and "no key given" in r.stderr
+
+
+CERT = Path(__file__).with_name("tls-localhost-cert.pem")  # self-signed for localhost / 127.0.0.1, test-only
+KEY = Path(__file__).with_name("tls-localhost-key.pem")
+
+
+def test_https_with_a_certificate(store, files):
+    """--ssl-cert-file / --ssl-key-file: the server speaks TLS (a client trusting the certificate
+    gets its answers, a plain-HTTP one gets none), keys checked inside it as before."""
+    config = ServeConfig(default_model=str(files / MODEL), api_keys=("k1",), tls=(str(CERT), str(KEY)))
+    r = Running(Service(config, store))
+    try:
+        url = r.url.replace("http://", "https://")
+        trusted = ssl.create_default_context(cafile=str(CERT))
+        req = urllib.request.Request(url + "/api/tags", headers={"Authorization": "Bearer k1"})
+        with urllib.request.urlopen(req, timeout=60, context=trusted) as reply:
+            assert reply.status == 200 and "models" in json.loads(reply.read())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url + "/api/tags", timeout=60, context=trusted)
+        assert refused.value.code == 401
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(r.url + "/health", timeout=10)  # plain HTTP on a TLS port
+        for _ in range(50):  # the server's log says so in one line (no traceback)
+            if any("connection dropped" in line for line in r.log):
+                break
+            time.sleep(0.1)
+        assert any("connection dropped" in line for line in r.log), r.log
+    finally:
+        r.server.shutdown()
+
+
+def test_tls_flags(tmp_path, monkeypatch):
+    got = []
+    monkeypatch.setattr(http_serve, "serve", lambda service, host, port, log, ready: (
+        got.append(service.config.tls), ready(SimpleNamespace(server_address=(host, 443)))))
+    r = CliRunner().invoke(app, ["serve", "--cpu", "--ssl-cert-file", str(CERT), "--ssl-key-file", str(KEY)])
+    assert r.exit_code == 0 and got.pop() == (str(CERT), str(KEY)) and "https://127.0.0.1:443" in r.stderr
+    r = CliRunner().invoke(app, ["serve", "--ssl-cert-file", str(CERT)])
+    assert r.exit_code == 2 and "--ssl-cert-file and --ssl-key-file: give both" in r.stderr
+    (tmp_path / "bad.pem").write_text("not a key")
+    r = CliRunner().invoke(app, ["serve", "--ssl-cert-file", str(CERT), "--ssl-key-file", str(tmp_path / "bad.pem")])
+    assert r.exit_code == 2 and r.stderr.startswith("qvl serve: error: --ssl-cert-file") and r.stderr.count("\n") == 1
