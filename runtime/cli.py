@@ -345,17 +345,19 @@ def stop_cmd(name: str = typer.Argument(..., help="A loaded model's name (see qv
 def serve_cmd(
     model: Optional[str] = typer.Argument(None, help="Stored name or GGUF file to load now and answer requests "
                                           "that name no model (any stored model may be named)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(11434, "--port", help="Port (Ollama's by default)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (0.0.0.0: every interface; "
+                                       "default: $QVL_HOST's, as ollama serve reads $OLLAMA_HOST, else 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default: $QVL_HOST's, else Ollama's 11434)."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a CUDA GPU is there."),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", "-ngl", help="Decoder layers on the GPU "
                                              "(default: all, or what the GPU's free memory holds)."),
     max_vram: Optional[float] = typer.Option(None, "--max-vram", help="GPU memory budget in GB."),
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c", help="Context when a request and the model "
                                            "give no num_ctx (default 4096)."),
-    keep_alive: str = typer.Option("5m", "--keep-alive", help="How long a model stays loaded after its last "
-                                   "request, as Ollama's keep_alive (a request's own wins): 30s, 5m, 1h, 0 (unload "
-                                   "at once), -1 (until another replaces it)."),
+    keep_alive: Optional[str] = typer.Option(None, "--keep-alive", help="How long a model stays loaded after its "
+                                             "last request (default $QVL_KEEP_ALIVE, else 5m), as Ollama's keep_alive "
+                                             "(a request's own wins): 30s, 5m, 1h, 0 (unload at once), -1 "
+                                             "(until another replaces it)."),
     origins: Optional[str] = typer.Option(None, "--origins", help="Web origins whose pages may call the server, "
                                           "comma-separated, besides localhost's, apps' and browser extensions' "
                                           "(as OLLAMA_ORIGINS): e.g. https://chat.example.com,http://192.168.1.*:*; "
@@ -408,6 +410,7 @@ def serve_cmd(
 
     from .http_serve import serve, tls_context
     from .api_keys import ENV, KeyFileError, server_keys
+    from .client import listen_address
     from .lora import LoraError, lora_sources
     from .media_fetch import MediaAccess
     from .origins import is_loopback, parse_origins
@@ -418,6 +421,11 @@ def serve_cmd(
         typer.echo(f"qvl serve: error: {message}", err=True)
         raise typer.Exit(2)
 
+    try:
+        env_host, env_port = listen_address(os.environ.get("QVL_HOST") or "127.0.0.1")
+    except ValueError:
+        fail(f"$QVL_HOST {os.environ.get('QVL_HOST')!r}: [http://]HOST[:PORT]")
+    host, port = host or env_host, env_port if port is None else port
     if not 0 <= port <= 65535:
         fail(f"--port {port}: 0 to 65535")
     if ctx_size is not None and ctx_size < 1:
@@ -467,7 +475,8 @@ def serve_cmd(
                    err=True)
         gpu_layers = max_vram = None
     try:
-        keep_s = keep_alive_seconds(keep_alive, "--keep-alive")
+        keep_s = (keep_alive_seconds(keep_alive, "--keep-alive") if keep_alive is not None else
+                  keep_alive_seconds(os.environ.get("QVL_KEEP_ALIVE") or "5m", "$QVL_KEEP_ALIVE"))
     except RequestError as e:
         fail(e.message)
     device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, None, False)

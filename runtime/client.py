@@ -33,6 +33,16 @@ def server_url(host: str | None) -> str:
     return f"{scheme}://{address}{slash}{path}"
 
 
+def listen_address(value: str) -> tuple[str, int]:
+    """$QVL_HOST as `qvl serve` binds it, as ollama serve reads $OLLAMA_HOST: [http://]HOST[:PORT]
+    ([::1]:PORT for IPv6), port 11434 unless given (ValueError for a port that is not a number)."""
+    rest = value.split("://", 1)[-1].split("/", 1)[0]
+    host, colon, port = rest.rpartition(":")
+    if not colon or "]" in port:  # no port, or a bracketed IPv6 address without one
+        host, port = rest, ""
+    return host.strip("[]") or "127.0.0.1", int(port) if port else int(DEFAULT_HOST.rsplit(":", 1)[1])
+
+
 def ask(base: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON answer to GET `path` (or a POST of `body`)."""
     data = json.dumps(body).encode() if body is not None else None

@@ -145,3 +145,33 @@ def test_tls_flags(tmp_path, monkeypatch):
     (tmp_path / "bad.pem").write_text("not a key")
     r = CliRunner().invoke(app, ["serve", "--ssl-cert-file", str(CERT), "--ssl-key-file", str(tmp_path / "bad.pem")])
     assert r.exit_code == 2 and r.stderr.startswith("qvl serve: error: --ssl-cert-file") and r.stderr.count("\n") == 1
+
+
+def test_serve_reads_qvl_host_and_keep_alive(monkeypatch):
+    """As ollama serve reads $OLLAMA_HOST and $OLLAMA_KEEP_ALIVE: $QVL_HOST is where it listens
+    (the flags win), $QVL_KEEP_ALIVE how long a model stays."""
+    got = []
+    monkeypatch.setattr(http_serve, "serve", lambda service, host, port, log, ready: got.append(
+        (host, port, service.config.keep_alive_s)))
+    monkeypatch.delenv("QVL_API_KEY", raising=False)
+    for env, args, want in [(None, [], ("127.0.0.1", 11434, 300.0)),
+                            ("0.0.0.0:8080", [], ("0.0.0.0", 8080, 300.0)),
+                            ("http://[::1]:9000/", [], ("::1", 9000, 300.0)),
+                            ("10.0.0.5", ["--port", "7000"], ("10.0.0.5", 7000, 300.0)),
+                            ("0.0.0.0:8080", ["--host", "127.0.0.1"], ("127.0.0.1", 8080, 300.0))]:
+        if env is None:
+            monkeypatch.delenv("QVL_HOST", raising=False)
+        else:
+            monkeypatch.setenv("QVL_HOST", env)
+        r = CliRunner().invoke(app, ["serve", "--cpu", *args])
+        assert r.exit_code == 0 and got.pop() == want, (env, r.output)
+    monkeypatch.delenv("QVL_HOST")
+    monkeypatch.setenv("QVL_KEEP_ALIVE", "1h")
+    assert CliRunner().invoke(app, ["serve", "--cpu"]).exit_code == 0 and got.pop()[2] == 3600.0
+    assert CliRunner().invoke(app, ["serve", "--cpu", "--keep-alive", "30s"]).exit_code == 0 and got.pop()[2] == 30.0
+    monkeypatch.setenv("QVL_KEEP_ALIVE", "soon")
+    r = CliRunner().invoke(app, ["serve", "--cpu"])
+    assert r.exit_code == 2 and "$QVL_KEEP_ALIVE 'soon'" in r.stderr
+    monkeypatch.setenv("QVL_HOST", "host:port")
+    r = CliRunner().invoke(app, ["serve", "--cpu"])
+    assert r.exit_code == 2 and "$QVL_HOST 'host:port': [http://]HOST[:PORT]" in r.stderr
