@@ -354,6 +354,9 @@ def serve_cmd(
     max_vram: Optional[float] = typer.Option(None, "--max-vram", help="GPU memory budget in GB."),
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c", help="Context when a request and the model "
                                            "give no num_ctx (default 4096)."),
+    cache_type: Optional[str] = typer.Option(None, "--cache-type", help="KV cache type: f32, bf16, f16 or q8_0 "
+                                             "(default $QVL_KV_CACHE_TYPE, as Ollama's OLLAMA_KV_CACHE_TYPE, else "
+                                             "f32 on the CPU, bf16 on the GPU)."),
     keep_alive: Optional[str] = typer.Option(None, "--keep-alive", help="How long a model stays loaded after its "
                                              "last request (default $QVL_KEEP_ALIVE, else 5m), as Ollama's keep_alive "
                                              "(a request's own wins): 30s, 5m, 1h, 0 (unload at once), -1 "
@@ -411,6 +414,7 @@ def serve_cmd(
     from .http_serve import serve, tls_context
     from .api_keys import ENV, KeyFileError, server_keys
     from .client import listen_address
+    from .decoder import KV_TYPES
     from .lora import LoraError, lora_sources
     from .media_fetch import MediaAccess
     from .origins import is_loopback, parse_origins
@@ -479,7 +483,10 @@ def serve_cmd(
                   keep_alive_seconds(os.environ.get("QVL_KEEP_ALIVE") or "5m", "$QVL_KEEP_ALIVE"))
     except RequestError as e:
         fail(e.message)
-    device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, None, False)
+    kv_type = cache_type or os.environ.get("QVL_KV_CACHE_TYPE") or None
+    if kv_type is not None and kv_type not in KV_TYPES:
+        fail(f"{'--cache-type' if cache_type else '$QVL_KV_CACHE_TYPE'} {kv_type}: choose {', '.join(KV_TYPES)}")
+    device, placement = run_cli._placement(cpu, gpu_layers, "auto", max_vram, False, kv_type, False)
     allowed = parse_origins(origins if origins is not None else os.environ.get("QVL_ORIGINS"))
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
                          int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters, metrics,

@@ -175,3 +175,16 @@ def test_serve_reads_qvl_host_and_keep_alive(monkeypatch):
     monkeypatch.setenv("QVL_HOST", "host:port")
     r = CliRunner().invoke(app, ["serve", "--cpu"])
     assert r.exit_code == 2 and "$QVL_HOST 'host:port': [http://]HOST[:PORT]" in r.stderr
+
+
+def test_serve_cache_type(monkeypatch):
+    """--cache-type (or $QVL_KV_CACHE_TYPE, as Ollama's OLLAMA_KV_CACHE_TYPE): the KV cache's type."""
+    got = []
+    monkeypatch.setattr(http_serve, "serve", lambda service, *a: got.append(service.config.placement.kv_type))
+    monkeypatch.delenv("QVL_KV_CACHE_TYPE", raising=False)
+    assert CliRunner().invoke(app, ["serve", "--cpu"]).exit_code == 0 and got.pop() is None
+    assert CliRunner().invoke(app, ["serve", "--cpu", "--cache-type", "q8_0"]).exit_code == 0 and got.pop() == "q8_0"
+    monkeypatch.setenv("QVL_KV_CACHE_TYPE", "f16")
+    assert CliRunner().invoke(app, ["serve", "--cpu"]).exit_code == 0 and got.pop() == "f16"
+    r = CliRunner().invoke(app, ["serve", "--cpu", "--cache-type", "q4_0"])
+    assert r.exit_code == 2 and "--cache-type q4_0: choose f32, bf16, f16, q8_0" in r.stderr
