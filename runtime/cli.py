@@ -353,7 +353,8 @@ def serve_cmd(
                                              "(default: all, or what the GPU's free memory holds)."),
     max_vram: Optional[float] = typer.Option(None, "--max-vram", help="GPU memory budget in GB."),
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", "-c", help="Context when a request and the model "
-                                           "give no num_ctx (default 4096)."),
+                                           "give no num_ctx (default $QVL_CONTEXT_LENGTH, as Ollama's "
+                                           "OLLAMA_CONTEXT_LENGTH, else 4096)."),
     cache_type: Optional[str] = typer.Option(None, "--cache-type", help="KV cache type: f32, bf16, f16 or q8_0 "
                                              "(default $QVL_KV_CACHE_TYPE, as Ollama's OLLAMA_KV_CACHE_TYPE, else "
                                              "f32 on the CPU, bf16 on the GPU)."),
@@ -432,6 +433,10 @@ def serve_cmd(
     host, port = host or env_host, env_port if port is None else port
     if not 0 <= port <= 65535:
         fail(f"--port {port}: 0 to 65535")
+    if ctx_size is None and (env_ctx := os.environ.get("QVL_CONTEXT_LENGTH")):  # as OLLAMA_CONTEXT_LENGTH
+        if not env_ctx.strip().isdigit():
+            fail(f"$QVL_CONTEXT_LENGTH {env_ctx!r}: a number of tokens")
+        ctx_size = int(env_ctx)
     if ctx_size is not None and ctx_size < 1:
         fail(f"--ctx-size {ctx_size}: 1 or more")
     if gpu_layers is not None and gpu_layers < 0:

@@ -1,6 +1,7 @@
-"""qvl serve --api-key: requests without one of the keys are a 401 with llama-server's body, the
-health checks and preflights open; keys from the flag, $QVL_API_KEY or a file; qvl ps sends
-$QVL_API_KEY."""
+"""qvl serve's options for where and to whom it answers: --api-key (requests without one of the
+keys a 401 with llama-server's body, the health checks and preflights open; keys from the flag,
+$QVL_API_KEY or a file; qvl ps sends $QVL_API_KEY), HTTPS, and Ollama's environment variables'
+counterparts ($QVL_HOST, $QVL_KEEP_ALIVE, $QVL_KV_CACHE_TYPE, $QVL_CONTEXT_LENGTH)."""
 
 from __future__ import annotations
 
@@ -188,3 +189,14 @@ def test_serve_cache_type(monkeypatch):
     assert CliRunner().invoke(app, ["serve", "--cpu"]).exit_code == 0 and got.pop() == "f16"
     r = CliRunner().invoke(app, ["serve", "--cpu", "--cache-type", "q4_0"])
     assert r.exit_code == 2 and "--cache-type q4_0: choose f32, bf16, f16, q8_0" in r.stderr
+
+
+def test_serve_context_length(monkeypatch):
+    got = []
+    monkeypatch.setattr(http_serve, "serve", lambda service, *a: got.append(service.config.ctx_size))
+    monkeypatch.setenv("QVL_CONTEXT_LENGTH", "8192")
+    assert CliRunner().invoke(app, ["serve", "--cpu"]).exit_code == 0 and got.pop() == 8192
+    assert CliRunner().invoke(app, ["serve", "--cpu", "-c", "2048"]).exit_code == 0 and got.pop() == 2048
+    monkeypatch.setenv("QVL_CONTEXT_LENGTH", "lots")
+    r = CliRunner().invoke(app, ["serve", "--cpu"])
+    assert r.exit_code == 2 and "$QVL_CONTEXT_LENGTH 'lots': a number of tokens" in r.stderr
