@@ -1,18 +1,22 @@
 """A request's picture or video given by URL, as llama-server takes them: an http(s) URL fetched
-(at most FETCH_MAX_BYTES, FETCH_TIMEOUT_S without a byte; `qvl serve --no-remote-media` refuses
+(at most FETCH_MAX_BYTES, FETCH_TIMEOUT_S without a byte, FETCH_TOTAL_S in all; `qvl serve --no-remote-media` refuses
 them instead), a file:// URL read from the folder `qvl serve --media-path DIR` names (a path
 relative to it, never out of it; refused without the option), as llama-server's --media-path."""
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 FETCH_MAX_BYTES = 10 * 1024 * 1024  # llama-server's limit on a downloaded picture
-FETCH_TIMEOUT_S = 10.0  # llama-server's
+FETCH_TIMEOUT_S = 10.0  # llama-server's: the longest wait for a byte
+FETCH_TOTAL_S = 60.0  # the longest a fetch takes in all
+CHUNK = 1 << 16
 USER_AGENT = "qvl-serve"
 
 
@@ -51,11 +55,13 @@ def _fetch(url: str, shown: str, where: str, error: type[ValueError], most: int)
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as reply:
             length = reply.headers.get("Content-Length") or ""
             # a file said to be too large is not read
-            data = b"" if length.isdigit() and int(length) > most else reply.read(most + 1)
+            data = b"" if length.isdigit() and int(length) > most else _read(reply, most + 1, FETCH_TOTAL_S)
     except urllib.error.HTTPError as e:
         raise error(f"{where}: fetching {shown}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
         raise error(f"{where}: fetching {shown}: {e.reason}") from None
+    except _TooSlow:
+        raise error(f"{where}: fetching {shown}: not all there after {FETCH_TOTAL_S:g} s") from None
     except TimeoutError:
         raise error(f"{where}: fetching {shown}: no reply in {FETCH_TIMEOUT_S:g} s") from None
     except (OSError, ValueError) as e:  # a reset connection, a malformed URL
@@ -63,6 +69,22 @@ def _fetch(url: str, shown: str, where: str, error: type[ValueError], most: int)
     if len(data) > most or (length.isdigit() and int(length) > most):
         raise error(f"{where}: {shown} is over the {limit} a fetched file may be")
     return data
+
+
+class _TooSlow(Exception):
+    """A fetch past FETCH_TOTAL_S."""
+
+
+def _read(reply: Any, most: int, total_s: float) -> bytes:
+    """Up to `most` bytes of `reply`, a piece at a time, within `total_s` seconds in all (a server
+    sending a byte now and then holds a request no longer than that)."""
+    deadline, parts, size = time.monotonic() + total_s, [], 0
+    while size < most and (piece := reply.read1(min(CHUNK, most - size))):  # what has come, not a full CHUNK
+        parts.append(piece)
+        size += len(piece)
+        if time.monotonic() > deadline:
+            raise _TooSlow
+    return b"".join(parts)
 
 
 def _local(url: str, shown: str, where: str, error: type[ValueError], folder: Path | None) -> bytes:

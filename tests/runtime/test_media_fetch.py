@@ -35,6 +35,16 @@ class _Pages(http.server.BaseHTTPRequestHandler):
         elif self.path == "/slow":
             time.sleep(1.5)
             self._send(PICTURE, len(PICTURE))
+        elif self.path == "/drip":  # a byte now and then, never long enough apart for the timeout
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(40):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
         else:
             self.send_error(404, "Not Found")
 
@@ -81,10 +91,12 @@ def test_an_http_url_is_fetched(pages):
     ("/said-big", "is over the 0.00390625 MiB a fetched file may be"),
     ("/unsaid-big", "is over the 0.00390625 MiB a fetched file may be"),
     ("/slow", "fetching http://127.0.0.1:\\d+/slow: .*timed out|no reply in 0.3 s"),
+    ("/drip", "fetching http://127.0.0.1:\\d+/drip: not all there after 1 s"),
 ])
 def test_fetch_failures_are_one_line(pages, monkeypatch, path, expect):
     monkeypatch.setattr(media_fetch, "FETCH_MAX_BYTES", 4096)
     monkeypatch.setattr(media_fetch, "FETCH_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(media_fetch, "FETCH_TOTAL_S", 1.0)
     with pytest.raises(ImageError, match=expect):
         url_bytes(pages + path, "w", ImageError, MediaAccess())
 
