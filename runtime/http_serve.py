@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, unquote
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ CLIENT_TIMEOUT_S = 60  # a client that stalls this long (sending a request, read
 # answered in the connection's thread, even while a model works: they read the store, a GGUF's
 # header or the server's state, or (a pull, a push, a create that quantizes or converts) wait on a
 # thread of their own
+WEB_CHAT = Path(__file__).with_name("web_chat.html")  # the page a browser gets at /
 LIGHT = frozenset({("GET", "/"), ("GET", "/health"), ("GET", "/v1/health"), ("GET", "/api/version"),
                    ("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/v1/models"), ("GET", "/models"),
                    ("GET", "/metrics"), ("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push"),
@@ -170,6 +172,10 @@ def make_handler(service: Service, log: Callable[[str], None],
                     status = self._preflight()
                     log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
                     return
+                if method in ("GET", "HEAD") and path == "/" and "text/html" in (self.headers.get("Accept") or ""):
+                    status = self._web_chat(method)  # a browser: the chat page; a client: "qvl is running"
+                    log(f"{method} {path} {status} {time.perf_counter() - t0:.2f}s")
+                    return
                 if not allowed(service.config.api_keys, path, self.headers):  # --api-key (api_keys.py)
                     status = 401
                     data = json.dumps(UNAUTHORIZED).encode()
@@ -223,6 +229,19 @@ def make_handler(service: Service, log: Callable[[str], None],
             if origin is not None and not origin_allowed(origin, service.config.origins):
                 raise RequestError(403, f"origin {origin!r} may not call qvl serve (allow it with qvl serve --origins "
                                         "or $QVL_ORIGINS)")
+
+        def _web_chat(self, method: str) -> int:
+            """GET / from a browser: the chat page (web_chat.html: pictures and videos asked about
+            through /v1/chat/completions), framed by no other site's page."""
+            data = WEB_CHAT.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if method == "GET":
+                self.wfile.write(data)
+            return 200
 
         def _preflight(self) -> int:
             """OPTIONS: the methods and headers a page of an allowed origin may use."""

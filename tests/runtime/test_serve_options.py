@@ -52,6 +52,8 @@ def test_requests_want_a_key(keyed):
     assert _call(keyed, "/v1/models", {"X-Api-Key": "k1"})[0] == 200  # Anthropic's header
     for path in ("/health", "/v1/health", "/"):
         assert _call(keyed, path)[0] == 200, path
+    status, page = _call(keyed, "/", {"Accept": "text/html"})  # the chat page (it asks for the key on a 401)
+    assert status == 200 and page.startswith(b"<!doctype html>")
     assert _call(keyed, "/api/tags", {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "GET"},
                  method="OPTIONS")[0] == 204  # a browser's preflight carries no key
     status, data = _call(keyed, "/v1/chat/completions", {"Authorization": "Bearer k1"},
