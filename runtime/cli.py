@@ -345,6 +345,8 @@ def stop_cmd(name: str = typer.Argument(..., help="A loaded model's name (see qv
 def serve_cmd(
     model: Optional[str] = typer.Argument(None, help="Stored name or GGUF file to load now and answer requests "
                                           "that name no model (any stored model may be named)."),
+    alias: Optional[str] = typer.Option(None, "--alias", "-a", help="The name MODEL (a GGUF file) answers to and is "
+                                        "listed by in /v1/models (default: its file name), as llama-server's."),
     host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (0.0.0.0: every interface; "
                                        "default: $QVL_HOST's, as ollama serve reads $OLLAMA_HOST, else 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, "--port", help="Port (default: $QVL_HOST's, else Ollama's 11434)."),
@@ -496,7 +498,7 @@ def serve_cmd(
     config = ServeConfig(device, placement, max_vram if device == "cuda" else None, ctx_size, model, keep_s, allowed,
                          int(cache_pool * 1e9), str(slot_save_path) if slot_save_path else None, adapters, metrics,
                          spec, str(spec_draft_model) if spec_draft_model else None,
-                         MediaAccess(not no_remote_media, media_path), keys, tls)
+                         MediaAccess(not no_remote_media, media_path), keys, tls, alias or None)
     service = Service(config)
     if model is not None:
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
@@ -37,15 +38,30 @@ from .store import StoreError
 
 
 def models(service: Service, body: dict[str, Any]) -> Reply:
-    return Reply({"object": "list", "data": [{"id": str(e.name), "object": "model", "created": int(e.modified),
-                                              "owned_by": "library"} for e in service.store.list()]})
+    """The stored models, after the GGUF file qvl serve was given (by its --alias or file name), as
+    llama-server lists its own."""
+    return Reply({"object": "list", "data": _given(service) + [
+        {"id": str(e.name), "object": "model", "created": int(e.modified), "owned_by": "library"}
+        for e in service.store.list()]})
+
+
+def _given(service: Service) -> list[dict[str, Any]]:
+    name = service.default_file_name()
+    if name is None:
+        return []
+    created = int(Path(str(service.config.default_model)).stat().st_mtime)
+    return [{"id": name, "object": "model", "created": created, "owned_by": "qvl"}]
 
 
 MODEL_PATH = "/v1/models/"  # GET /v1/models/NAME: one model (http_serve.py routes it)
 
 
 def model(service: Service, body: dict[str, Any]) -> Reply:
-    """A stored model, as /v1/models lists it; 404 when there is none by that name."""
+    """A stored model (or the file qvl serve was given), as /v1/models lists it; 404 when there is
+    none by that name."""
+    given = _given(service)
+    if given and body["model"] == given[0]["id"]:
+        return Reply(given[0])
     try:
         entry = service.store.get(body["model"])
     except StoreError as e:

@@ -99,6 +99,7 @@ class ServeConfig:
     media: MediaAccess = MediaAccess()  # URLs a request's pictures may come by (--no-remote-media, --media-path)
     api_keys: tuple[str, ...] = ()  # a request must carry one (--api-key; api_keys.py); none: no check
     tls: tuple[str, str] | None = None  # HTTPS from these PEM files: certificate, key (--ssl-cert-file, --ssl-key-file)
+    alias: str | None = None  # the name default_model (a GGUF file) answers to and is listed by (--alias)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -292,6 +293,8 @@ class Service:
         name = name if name else self.config.default_model
         if not isinstance(name, str) or not name:
             raise RequestError(400, "model: required (a stored model's name)")
+        if name == self.default_file_name():  # the GGUF file qvl serve was given, by the name it shows
+            name = self.config.default_model
         if name == self.config.default_model and Path(name).is_file():
             key, params, system, messages, stored = name, {}, None, [], False
             path, projector, adapters = Path(name), None, []  # load() finds the mmproj beside it
@@ -355,7 +358,15 @@ class Service:
             torch.cuda.empty_cache()
 
     def _name(self, loaded: Loaded) -> str:
-        return loaded.key if loaded.key != self.config.default_model else Path(loaded.key).name
+        return loaded.key if loaded.key != self.config.default_model else self.default_file_name() or loaded.key
+
+    def default_file_name(self) -> str | None:
+        """The name the GGUF file given to qvl serve shows and answers to: its --alias, else the
+        file's name (None: no file given, or a stored model's name)."""
+        default = self.config.default_model
+        if default is None or not Path(default).is_file():
+            return None
+        return self.config.alias or Path(default).name
 
     # -- Ollama ---------------------------------------------------------------------------------
 

@@ -202,3 +202,30 @@ def test_serve_context_length(monkeypatch):
     monkeypatch.setenv("QVL_CONTEXT_LENGTH", "lots")
     r = CliRunner().invoke(app, ["serve", "--cpu"])
     assert r.exit_code == 2 and "$QVL_CONTEXT_LENGTH 'lots': a number of tokens" in r.stderr
+
+
+def test_the_given_file_by_its_name_or_alias(running, store, files):
+    """The GGUF file qvl serve was given answers to the name it shows (its file name, or --alias),
+    is listed first by /v1/models and found by /v1/models/NAME, as llama-server's model is."""
+    body = {"max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]}
+    unnamed = running.json("/v1/chat/completions", body)
+    named = running.json("/v1/chat/completions", {**body, "model": MODEL})
+    assert named["choices"] == unnamed["choices"] and named["model"] == unnamed["model"] == MODEL
+    assert running.json(f"/v1/models/{MODEL}")["owned_by"] == "qvl"
+    r = Running(Service(ServeConfig(default_model=str(files / MODEL), alias="qwen-tiny"), store))
+    try:
+        listed = r.json("/v1/models")["data"]
+        assert listed[0]["id"] == "qwen-tiny" and r.json("/v1/models/qwen-tiny") == listed[0]
+        aliased = r.json("/v1/chat/completions", {**body, "model": "qwen-tiny"})
+        assert aliased["choices"] == unnamed["choices"] and aliased["model"] == "qwen-tiny"
+        assert r.json("/props")["model_alias"] == "qwen-tiny"
+        assert r.request("/v1/chat/completions", {**body, "model": MODEL})[0] == 404  # the alias replaces it
+    finally:
+        r.server.shutdown()
+
+
+def test_the_alias_flag(monkeypatch):
+    got = []
+    monkeypatch.setattr(http_serve, "serve", lambda service, *a: got.append(service.config.alias))
+    assert CliRunner().invoke(app, ["serve", "--cpu", "-a", "mine"]).exit_code == 0 and got.pop() == "mine"
+    assert CliRunner().invoke(app, ["serve", "--cpu"]).exit_code == 0 and got.pop() is None

@@ -89,7 +89,8 @@ def test_tags_show_and_models(running):
     assert info["qwen2vl.block_count"] == 3 and info["tokenizer.ggml.tokens"] is None
     assert info["qwen2vl.rope.dimension_sections"] == [2, 3, 3, 0]
     assert shown["capabilities"] == ["completion", "vision"]
-    assert [m["id"] for m in running.json("/v1/models")["data"]] == names
+    # the GGUF file qvl serve was given first, by its file name, as llama-server lists its model
+    assert [m["id"] for m in running.json("/v1/models")["data"]] == ["tiny-qwen2.5-vl-f16.gguf", *names]
     assert running.request("/")[1] == b"qvl is running"
     assert running.json("/api/version")["version"]
 
