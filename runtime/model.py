@@ -45,6 +45,7 @@ from .tokenizer import StopStrings, TextStream, tokenizer_from_gguf
 from .usage import DraftCounts, Usage
 from .video import VideoInput, VideoOptions
 from .vision import VisionConfig, VisionTower, vision_config
+from .vision_cache import VisionCache, cached_features
 from .weights import EXACT, PACKED, STREAMED, Weights
 
 IMAGE_PAD = "<|image_pad|>"
@@ -116,6 +117,7 @@ class Model:
             on_accel = accel if placement.vision_on_accel else None
             self.vision = VisionTower(self.vision_cfg, Weights(vision_file, mode=STREAMED if fast else EXACT),
                                       on_accel, placement.kernels, placement.vision_stream and on_accel is not None)
+        self.vision_cache = VisionCache()  # pictures' features seen lately (vision_cache.py)
         self._graph: DecodeGraph | None = None  # the last generation's cache and captured decode step
         self._kept: KVCache | None = None  # without a graph: the last generation's cache, for the next
         self._prompt_keys = PromptKeys()  # what the kept cache holds (prompt_cache.py)
@@ -229,8 +231,8 @@ class Model:
                 continue
             assert self.vision is not None
             t0 = time.perf_counter()
-            feats = torch.cat([self._encode(batch).to(embeds.device)  # waits for it
-                               for batch in self._encode_batches(items)])
+            feats = cached_features(items, self.vision_cache, embeds.device, lambda todo: torch.cat(
+                [self._encode(batch).to(embeds.device) for batch in self._encode_batches(todo)]))  # waits for it
             timings["vision_ms"] = timings.get("vision_ms", 0.0) + 1e3 * (time.perf_counter() - t0)
             embeds[ids_t == self.tokenizer.token_to_id(pad)] = feats
         return embeds, timings

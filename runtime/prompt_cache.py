@@ -31,6 +31,14 @@ class MediaSpan:
     grid_thw: tuple[int, int, int]
 
 
+def media_digest(span: MediaSpan) -> bytes:
+    """What the vision tower sees of a picture or video: a hash of its pixel patches and grid."""
+    digest = hashlib.blake2b(np.ascontiguousarray(span.pixels).view(np.uint8).data,
+                             digest_size=16, person=b"video" if span.video else b"image")
+    digest.update(np.asarray(span.grid_thw, dtype=np.int64).tobytes())
+    return digest.digest()
+
+
 class PromptKeys:
     """Per-token identities of prompts, and the identities of what a kept cache holds."""
 
@@ -39,10 +47,7 @@ class PromptKeys:
         self.kept: list[int] = []  # identities of the kept cache's tokens, in order
 
     def _media_key(self, span: MediaSpan) -> int:
-        digest = hashlib.blake2b(np.ascontiguousarray(span.pixels).view(np.uint8).data,
-                                 digest_size=16, person=b"video" if span.video else b"image")
-        digest.update(np.asarray(span.grid_thw, dtype=np.int64).tobytes())
-        return self._index(digest.digest())
+        return self._index(media_digest(span))
 
     def _index(self, key: bytes) -> int:
         """A picture's identity by its hash, a new one for a hash not seen before."""

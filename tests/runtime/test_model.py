@@ -94,8 +94,11 @@ def test_pictures_over_a_memory_limit_are_encoded_in_turn(converted, monkeypatch
     from qvl.runtime.placement import PATCH_PIXELS
     from qvl.runtime.vision import VisionTower
 
+    from qvl.runtime.vision_cache import VisionCache
+
     path, _ = converted["qwen2.5-untied"]
     model = load(path)
+    model.vision_cache = VisionCache(budget=0)  # each prompt's pictures encoded: this counts the forwards
     prompt, images = PROMPTS["two images"]
     whole = model.prompt_logits(prompt, images)
     sizes = [p.pixels.shape[0] * PATCH_PIXELS for p in model._images(images, MIN_PIXELS, MAX_PIXELS)]

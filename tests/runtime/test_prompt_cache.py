@@ -17,6 +17,7 @@ from qvl.runtime.chat import render
 from qvl.runtime.model import ModelError
 from qvl.runtime.loader import load
 from qvl.runtime.prompt_cache import MediaSpan, PromptKeys
+from qvl.runtime.vision_cache import VisionCache
 from tiny_models import TinySpec, make_checkpoint, to_gguf
 
 rng = np.random.default_rng(1)
@@ -176,6 +177,7 @@ def test_the_vision_tower_runs_before_a_new_cache_is_made(path, monkeypatch, pla
     kept cache large enough stays, unless a --max-vram plan counted the vision tower alone
     (forced here: the CPU has no plan). The answers equal fresh generations'."""
     model = load(path)
+    model.vision_cache = VisionCache(budget=0)  # the picture read again is encoded again: what this watches
     monkeypatch.setattr(model, "_vision_planned_alone", lambda: planned_alone)
     held = _caches_held_while_encoding(model, monkeypatch)
     before = [_user("Describe it.", IMG)]

@@ -18,6 +18,7 @@ from qvl.runtime.loader import load
 from qvl.runtime.placement import PATCH_PIXELS
 from qvl.runtime.run_cli import app
 from qvl.runtime.vision import VisionTower
+from qvl.runtime.vision_cache import VisionCache
 from qvl.runtime.vision_oom import ATTEMPTS, SHRINK, VisionOutOfMemory, lowered, retrying
 
 PAIR = ("tiny-qwen2.5-vl", "llamacpp", "tiny-qwen2.5-vl-f16.gguf")
@@ -53,6 +54,7 @@ def gpu_of(monkeypatch):
 def _model(fixtures_dir, limit: int | None = None):
     model = load(fixtures_dir.joinpath(*PAIR), device="cpu")
     model.placement = dataclasses.replace(model.placement, vision_max_pixels=limit)
+    model.vision_cache = VisionCache(budget=0)  # each picture encoded each time: these tests count the encodes
     warnings: list[str] = []
     model.on_warning = warnings.append
     return model, warnings
