@@ -55,15 +55,19 @@ def _ids(model: Model, n: int, rng: np.random.Generator) -> list[int]:
 
 
 def measured(model: Model, n_prompt: int, n_gen: int, n_depth: int, reps: int, seed: int) -> Test:
-    """One of llama-bench's tests: at each repetition n_prompt new tokens read and n_gen tokens
-    generated (end-of-turn tokens not ending them), after n_depth tokens already in the cache;
-    the seconds are the reading's and the generation's (not the depth's)."""
+    """One of llama-bench's tests: after a warm-up of its shape, at each repetition n_prompt new
+    tokens read and n_gen tokens generated (end-of-turn tokens not ending them), after n_depth
+    tokens already in the cache; the seconds are the reading's and the generation's (not the
+    depth's)."""
     rng = np.random.default_rng(seed)
     test = Test(test_name(n_prompt, n_gen, n_depth), n_prompt + n_gen, [], n_prompt, n_gen, n_depth)
     ctx = n_depth + n_prompt + max(n_gen, 1) + 1
     depth = _ids(model, n_depth, rng)
     stops, model.stop_ids = model.stop_ids, set()  # as llama-bench: n tokens, whatever they are
     try:
+        # llama-bench's warm-up of each test: a prompt of its size read, a token generated, untimed
+        model.generate(_ids(model, max(n_prompt, 1), rng), template=False, max_new_tokens=1, ctx_size=ctx,
+                       cache_prompt=False)
         if depth:  # the context the test runs at, read once, untimed; each repetition reuses it
             model.generate(depth, template=False, max_new_tokens=0, ctx_size=ctx)
         for _ in range(reps):
