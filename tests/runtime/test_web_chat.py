@@ -52,7 +52,8 @@ function element(tag) {
   const listeners = {};
   const el = { tag, children: [], className: "", value: "", src: "", selected: false, scrollTop: 0, scrollHeight: 0,
     classList: { add() {}, remove() {} }, files: [],
-    set textContent(v) { this._text = String(v); if (v === "") this.children = []; },
+    set textContent(v) { this._text = String(v); this.said = [...(this.said || []), this._text];
+                         if (v === "") this.children = []; },
     get textContent() { return this._text !== undefined && !this.children.length ? this._text
                               : (this._text || "") + this.children.map((c) => c.textContent).join(""); },
     appendChild(c) { this.children.push(c); return c; },
@@ -100,6 +101,7 @@ const settle = () => new Promise((done) => {
     out.answers.push({ text: shown[shown.length - 1].textContent, kind: shown[shown.length - 1].className });
   }
   out.status = elements.status.textContent;
+  out.statuses = elements.status.said;
   out.requested = [...requested];
   console.log(JSON.stringify(out));
 })().catch((e) => { console.error(e); process.exit(1); });
@@ -127,7 +129,8 @@ def _run_page(node_page, running, asked) -> dict:
 def test_the_page_asks_the_server_as_a_browser_would(node_page, running):
     """The page's own script: the stored models in its list (the one qvl serve was started with
     first), a picture attached (a text file is not), its question streamed into the page as the
-    server answers it unstreamed, a second turn with the first in its conversation."""
+    server answers it unstreamed (its reading shown as it goes), a second turn with the first in its
+    conversation."""
     asked = {"model": "terse:1", "questions": ["What colour is it?", "And now?"]}
     out = _run_page(node_page, running, asked)
     assert out["pending"] == 1 and "tiny:1" in out["options"] and "terse:1" in out["options"], out
@@ -142,6 +145,9 @@ def test_the_page_asks_the_server_as_a_browser_would(node_page, running):
     want2 = running.json("/v1/chat/completions", {"model": "terse:1", "messages": second})["choices"][0]
     assert out["answers"][1]["text"] == want2["message"]["content"]
     assert out["status"].startswith("3 tokens")  # terse:1 is stored with num_predict 3
+    # while the prompt was read: llama-server's prompt_progress, shown as the page gets it
+    reading = [s for s in out["statuses"] if s.startswith("reading the prompt: ")]
+    assert reading and reading[-1].split(": ")[1].split(" of ")[0] == reading[-1].split(" of ")[1].split(" ")[0]
     ids = set(re.findall(r'id="([a-z]+)"', PAGE.read_text()))
     assert set(out["requested"]) <= ids, set(out["requested"]) - ids  # every element the script uses is there
 
