@@ -40,6 +40,7 @@ from . import spec_flags
 from .draft_model import draft_for, open_draft
 from .speculative import Drafter, SpeculationError, speculation
 from .media_args import is_remote, local_paths
+from . import answer_stream
 from .prompt_paths import pictures_in
 from .run_store import pull_if_missing, stored_run_defaults
 from .store import StoreError
@@ -245,7 +246,8 @@ def run(
                                           "to, token by token: its root rule is the whole answer."),
     grammar_file: Optional[Path] = typer.Option(None, "--grammar-file", help="A GBNF grammar from a file (llama.cpp's "
                                                 "grammars/*.gbnf read as they are)."),
-    stream: bool = typer.Option(False, "--stream", help="Print tokens as they come."),
+    stream: bool = typer.Option(False, "--stream", help="Print tokens as they come (on a terminal they always do, "
+                                "the prompt's reading shown on stderr meanwhile, as ollama run)."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Accepted for candle compatibility: attention is always flash-style on a GPU (Triton) and SDPA on the CPU."),
     sliding_window: bool = typer.Option(False, "--sliding-window", help="Accepted for candle compatibility (Qwen2-VL/2.5-VL checkpoints do not use it)."),
     sliding_window_size: int = typer.Option(4096, "--sliding-window-size", help="With --sliding-window."),
@@ -509,22 +511,21 @@ def run(
                     lambda: _keep_prompt(model, prompt_cache, prompt_cache_ro), history_path(), verbose)
         return
     text = prompt if prompt is not None else DEFAULT_PROMPT
+    # a terminal sees the answer as it comes (ollama run), and the prompt's reading on stderr meanwhile
+    shown = (stream or answer_stream.on_terminal(sys.stdout)) and not json_out
     try:
-        if stream and not json_out:
-            for piece in model.generate(text, [str(p) for p in image], stream=True, system=system, **gen_kwargs):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            if boxes is not None and isinstance(model.last_generation, Generation):
-                _draw_answer_boxes(model, model.last_generation, image[0], boxes)
-            _keep_prompt(model, prompt_cache, prompt_cache_ro)
-            return
-        out = model.generate(text, [str(p) for p in image], system=system, logprobs=logprobs, **gen_kwargs)
+        if shown:
+            status = sys.stderr if answer_stream.on_terminal(sys.stderr) else None
+            answer_stream.write_answer(model.generate(text, [str(p) for p in image], stream=True, system=system,
+                                                      progress=status is not None, **gen_kwargs), sys.stdout, status)
+            out = model.last_generation
+        else:
+            out = model.generate(text, [str(p) for p in image], system=system, logprobs=logprobs, **gen_kwargs)
         _keep_prompt(model, prompt_cache, prompt_cache_ro)
     except (ModelError, ImageError, VideoError, TemplateError) as e:
         _fail(str(e))
     except torch.OutOfMemoryError:
-        if stream and not json_out:
+        if shown:
             sys.stdout.write("\n")  # after the answer's part already written
         sys.stdout.flush()
         _fail(_out_of_memory("answering"))
@@ -532,7 +533,7 @@ def run(
         why = _triton_failure(e)
         if why is None:
             raise
-        if stream and not json_out:
+        if shown:
             sys.stdout.write("\n")
         sys.stdout.flush()
         _fail(why)
@@ -544,7 +545,7 @@ def run(
         if found is not None:
             reply["boxes"] = [b.as_json() for b in found]
         typer.echo(json.dumps(reply, ensure_ascii=False))
-    else:
+    elif not shown:
         typer.echo(out.text)
     if verbose:
         for k, v in enumerate(out.videos):
