@@ -9,11 +9,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import torch
 import typer
 
+from . import answer_stream
 from .boxes_cli import draw_answer_boxes
 from .chat_input import LineReader
 from .grounding import GroundingError, counted
@@ -172,6 +174,14 @@ def interactive(model: Model, gen_kwargs: dict, images: list[str], system: Optio
         reader.close()
 
 
+def _kept(pieces: Iterator[Any], said: list[str]) -> Iterator[Any]:
+    """`pieces` as they come, the answer's text ones also put in `said`."""
+    for piece in pieces:
+        if isinstance(piece, str):
+            said.append(piece)
+        yield piece
+
+
 def summary(g: Any, total_s: float) -> str:
     """An answer's figures as `ollama run --verbose` prints them (api.Metrics' Summary)."""
     prompt_s = g.timings.get("prefill_s", 0.0) + g.timings.get("vision_ms", 0.0) / 1e3
@@ -251,12 +261,12 @@ def _chat_loop(model: Model, gen_kwargs: dict, images: list[str], system: Option
             pending += named
         content = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
         messages.append({"role": "user", "content": content})
-        answer, started = "", time.perf_counter()
+        said: list[str] = []
+        started = time.perf_counter()
+        status = sys.stderr if answer_stream.on_terminal(sys.stderr) else None  # the prompt's reading shown there
         try:
-            for piece in model.chat(messages, stream=True, **gen_kwargs):
-                answer += piece
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            pieces = model.chat(messages, stream=True, **gen_kwargs, **({"progress": True} if status else {}))
+            answer_stream.write_answer(_kept(pieces, said), sys.stdout, status)
         except (ModelError, ImageError, VideoError, TemplateError) as e:
             typer.echo(f"qvl-run: error: {e}", err=True)
             messages.pop()
@@ -274,7 +284,8 @@ def _chat_loop(model: Model, gen_kwargs: dict, images: list[str], system: Option
             continue
         except KeyboardInterrupt:
             typer.echo("\n(stopped)", err=True)
-        sys.stdout.write("\n")
+            sys.stdout.write("\n")
+        answer = "".join(said)
         if verbose and model.last_generation is not None:
             typer.echo(summary(model.last_generation, time.perf_counter() - started), err=True)
         pending = []

@@ -274,3 +274,22 @@ def test_the_history_file(monkeypatch, tmp_path):
     reader._readline.clear_history()
     chat_input.LineReader(history)  # read back
     assert reader._readline.get_history_item(reader._readline.get_current_history_length()) == "an earlier message"
+
+
+def test_on_a_terminal_the_prompts_reading_is_shown(monkeypatch, capsys):
+    """Where stderr is a terminal the chat asks for the prompt's progress and shows it until the
+    answer's first piece; the answer kept in the conversation is its text alone."""
+    from qvl.runtime import answer_stream
+    from qvl.runtime.live import PromptProgress
+
+    def chat(self, messages, stream=False, **kwargs):
+        self.calls.append(([dict(m) for m in messages], dict(kwargs)))
+        yield PromptProgress(40, 0, 40, 5)
+        yield "ok"
+
+    monkeypatch.setattr(Recorder, "chat", chat)
+    monkeypatch.setattr(answer_stream, "on_terminal", lambda stream: True)
+    calls, out, err = _chat(monkeypatch, capsys, ["hello", "again"])
+    assert out == "ok\nok\n" and calls[0][1]["progress"] is True
+    assert "reading the prompt: 40 of 40 tokens" in err
+    assert calls[1][0][-2] == {"role": "assistant", "content": "ok"}
