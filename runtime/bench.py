@@ -2,8 +2,8 @@
 read), text generation (tgN: N tokens decoded, end-of-turn tokens not ending it), both (ppN+tgM:
 their tokens over their time together), each at a depth (" @ dD": after D tokens already in the
 cache, read once untimed) and, for a model with a vision tower, image encoding (imgWxH: merged
-image tokens a second); each the mean and standard deviation over repetitions, after one warm-up
-(Triton's compiles, the CPU's repacking caches). The prompts are random ordinary token ids.
+image tokens a second); each the mean and standard deviation over repetitions, after a warm-up
+of its own shape (Triton's compiles, the CPU's repacking caches). The prompts are random ordinary token ids.
 Reported as llama-bench's markdown table, or its csv / json / jsonl records (`records`)."""
 
 from __future__ import annotations
@@ -36,11 +36,17 @@ class Test:
         return [self.tokens / s for s in self.seconds if s > 0]
 
     def summary(self) -> str:
-        rates = self.rates
-        if not rates:
+        if not self.rates:
             return "-"
-        sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
-        return f"{statistics.mean(rates):.2f} ± {sd:.2f}"
+        mean, sd = _mean_sd(self.rates)
+        return f"{mean:.2f} ± {sd:.2f}"
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (0 for one value; both 0 for none), as llama-bench's."""
+    if not values:
+        return 0.0, 0.0
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def test_name(n_prompt: int, n_gen: int, n_depth: int) -> str:
@@ -139,19 +145,17 @@ def records(model: Model, name: str, size: int, tests: list[Test], when: str) ->
     """Each test as llama-bench's -o json / jsonl / csv record (its field names; `test` is qvl's
     own, for the image tests llama-bench has not; `backends`: qvl's backend line), the samples last."""
     gpu_layers = model.cfg.n_layer - model.decoder.first_on_accel if model.placement.accel is not None else 0
+    same = {"model_filename": str(model.text_file.path), "model_type": name, "model_size": size,
+            "model_n_params": params_of(model), "backends": backend(model), "n_threads": torch.get_num_threads(),
+            "n_gpu_layers": gpu_layers}
     out = []
     for t in tests:
         ns = [round(s * 1e9) for s in t.seconds]
-        rates = t.rates
-        out.append({"model_filename": str(model.text_file.path), "model_type": name, "model_size": size,
-                    "model_n_params": params_of(model), "backends": backend(model),
-                    "n_threads": torch.get_num_threads(), "n_gpu_layers": gpu_layers, "n_prompt": t.n_prompt,
-                    "n_gen": t.n_gen, "n_depth": t.n_depth, "test": t.name, "test_time": when,
-                    "avg_ns": round(statistics.mean(ns)) if ns else 0,
-                    "stddev_ns": round(statistics.stdev(ns)) if len(ns) > 1 else 0,
-                    "avg_ts": statistics.mean(rates) if rates else 0.0,
-                    "stddev_ts": statistics.stdev(rates) if len(rates) > 1 else 0.0,
-                    "samples_ns": ns, "samples_ts": rates})
+        avg_ns, sd_ns = _mean_sd(ns)
+        avg_ts, sd_ts = _mean_sd(t.rates)
+        out.append({**same, "n_prompt": t.n_prompt, "n_gen": t.n_gen, "n_depth": t.n_depth, "test": t.name,
+                    "test_time": when, "avg_ns": round(avg_ns), "stddev_ns": round(sd_ns), "avg_ts": avg_ts,
+                    "stddev_ts": sd_ts, "samples_ns": ns, "samples_ts": t.rates})
     return out
 
 

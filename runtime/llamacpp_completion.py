@@ -117,10 +117,16 @@ def _prompts(body: dict[str, Any], model: Any, access: MediaAccess) -> list[tupl
         raise RequestError(400, f"prompt: a list of 1 to {MAX_PROMPTS} prompts")
     out = [_prompt(p, model.tokenizer, f"prompt[{i}]" if several else "prompt", access)
            for i, p in enumerate(prompt if several else [prompt])]
-    for ids, _ in out:
-        if not isinstance(ids, str):
-            model.tokenize(ids, [])  # a bad id: refused now (ModelError), not after the prompts before it
+    check_ids([p for p, _ in out], model)
     return out
+
+
+def check_ids(prompts: list[str | list[int]], model: Any) -> None:
+    """Each token-id prompt checked (Model.tokenize's ModelError for a bad id) before any prompt is
+    answered, not after the prompts before it."""
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            model.tokenize(prompt, [])
 
 
 def _is_id(value: Any) -> bool:

@@ -8,14 +8,10 @@ import urllib.parse
 from pathlib import Path
 
 from .image import ImageError
-from .media_fetch import MediaAccess, url_bytes
+from .media_fetch import MediaAccess, is_remote, url_bytes
 from .video import VideoError
 
 CLI_MAX_BYTES = 512 * 2**20  # a picture or a video fetched for qvl-run
-
-
-def is_remote(arg: str) -> bool:
-    return arg.startswith(("http://", "https://"))
 
 
 def local_paths(args: list[str], kind: str, folder: Path, urls: dict[Path, str]) -> list[Path]:

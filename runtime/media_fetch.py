@@ -31,8 +31,12 @@ class MediaAccess:
 NO_ACCESS = MediaAccess(remote=False)  # the request's own bytes only (base64, data: URLs)
 
 
+def is_remote(data: str) -> bool:
+    return data.startswith(("http://", "https://"))
+
+
 def is_url(data: str) -> bool:
-    return data.startswith(("http://", "https://", "file:"))
+    return is_remote(data) or data.startswith("file:")
 
 
 def url_bytes(url: str, where: str, error: type[ValueError], access: MediaAccess,
@@ -54,8 +58,8 @@ def _fetch(url: str, shown: str, where: str, error: type[ValueError], most: int)
     try:
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as reply:
             length = reply.headers.get("Content-Length") or ""
-            # a file said to be too large is not read
-            data = b"" if length.isdigit() and int(length) > most else _read(reply, most + 1, FETCH_TOTAL_S)
+            said_too_big = length.isdigit() and int(length) > most  # such a file is not read
+            data = b"" if said_too_big else _read(reply, most + 1, FETCH_TOTAL_S)
     except urllib.error.HTTPError as e:
         raise error(f"{where}: fetching {shown}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
@@ -66,7 +70,7 @@ def _fetch(url: str, shown: str, where: str, error: type[ValueError], most: int)
         raise error(f"{where}: fetching {shown}: no reply in {FETCH_TIMEOUT_S:g} s") from None
     except (OSError, ValueError) as e:  # a reset connection, a malformed URL
         raise error(f"{where}: fetching {shown}: {e}") from None
-    if len(data) > most or (length.isdigit() and int(length) > most):
+    if said_too_big or len(data) > most:
         raise error(f"{where}: {shown} is over the {limit} a fetched file may be")
     return data
 

@@ -28,8 +28,8 @@ from typing import Any
 
 from .generation import Generation, llama_timings
 from .live import PromptProgress, asks_progress
-from .llamacpp_completion import (MAX_PROMPTS, completion_probabilities, each_completion, prompt_text, request_chain,
-                                  token_ids)
+from .llamacpp_completion import (MAX_PROMPTS, check_ids, completion_probabilities, each_completion, prompt_text,
+                                  request_chain, token_ids)
 from .logprobs import Speller, TokenLogprob, entries, new_scores, prompt_logprobs, speller
 from .request_messages import request_messages
 from .server import (Loaded, Reply, RequestError, Service, _store_error, answer_format,
@@ -212,21 +212,21 @@ def prompts(value: Any, model: Any) -> list[str | list[int]]:
     """OpenAI's completions prompt: a string, token ids (llama-server's: mixed with texts too), or a
     list of up to MAX_PROMPTS of either: several prompts, answered in turn; token ids checked
     before any is answered (Model.tokenize's ModelError)."""
+    out: list[str | list[int]]
     if isinstance(value, str):
-        return [value]
-    if (ids := token_ids(value, model.tokenizer)) is not None:
-        model.tokenize(ids, [])
-        return [ids]
-    if not isinstance(value, list) or not 0 < len(value) <= MAX_PROMPTS:
+        out = [value]
+    elif (ids := token_ids(value, model.tokenizer)) is not None:
+        out = [ids]
+    elif not isinstance(value, list) or not 0 < len(value) <= MAX_PROMPTS:
         raise RequestError(400, f"prompt: a string, token ids, or a list of 1 to {MAX_PROMPTS} of them")
-    out: list[str | list[int]] = []
-    for i, p in enumerate(value):
-        one = p if isinstance(p, str) else token_ids(p, model.tokenizer)
-        if one is None:
-            raise RequestError(400, f"prompt[{i}]: a string or token ids")
-        if not isinstance(one, str):
-            model.tokenize(one, [])
-        out.append(one)
+    else:
+        out = []
+        for i, p in enumerate(value):
+            one = p if isinstance(p, str) else token_ids(p, model.tokenizer)
+            if one is None:
+                raise RequestError(400, f"prompt[{i}]: a string or token ids")
+            out.append(one)
+    check_ids(out, model)
     return out
 
 

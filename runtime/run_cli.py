@@ -39,7 +39,8 @@ from .sampling import SamplingError, SamplingParams
 from . import spec_flags
 from .draft_model import draft_for, open_draft
 from .speculative import Drafter, SpeculationError, speculation
-from .media_args import is_remote, local_paths
+from .media_args import local_paths
+from .media_fetch import is_remote
 from . import answer_stream
 from .prompt_paths import pictures_in
 from .run_store import pull_if_missing, stored_run_defaults
